@@ -1,0 +1,247 @@
+"""The pipeline contract: arrays and a small metadata object in, typed outputs out.
+
+Pipelines never touch sockets, the spool, the database or DICOM files. The node
+(``dicom_node.runs``) decodes a run into a :class:`Run`; a pipeline returns a
+:class:`PipelineResult` whose outputs ``dicom_node.encode`` turns into DICOM
+objects (Secondary Capture, SEG, Parametric Map, SR, derived volumes).
+
+Geometry of the outputs:
+
+- ``"canvas"``: one 2D plane aligned with the run's pixel grid. The node
+  delivers a MinIP Secondary Capture canvas (with its own Frame of Reference)
+  alongside, and SEG / Parametric Map objects reference that canvas, because
+  legacy XA has no Frame of Reference and highdicom cannot use it as a source.
+- ``"frames"``: one plane per frame of the run (T, H, W).
+- ``"volume"``: (Z, Y, X) on the source volume's own grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+Geometry = Literal["canvas", "frames", "volume"]
+
+
+class PipelineError(Exception):
+    """A run that a pipeline cannot process, with a reason a person can act on."""
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept, kept free of highdicom so pipelines stay pure."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+# Codes used by several pipelines (SNOMED CT unless noted).
+ARTERY = Code("51114001", "SCT", "Artery")
+VEIN = Code("29092000", "SCT", "Vein")
+ICA = Code("86117002", "SCT", "Internal carotid artery")
+BLOOD_VESSEL = Code("59820001", "SCT", "Blood vessel")
+BONE = Code("272673000", "SCT", "Bone")
+SOFT_TISSUE = Code("87784001", "SCT", "Soft tissue")
+ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
+TISSUE = Code("85756007", "SCT", "Tissue")
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What a pipeline may know about a run, decoded from its headers."""
+
+    modality: str
+    sop_class_uid: str
+    rows: int
+    columns: int
+    number_of_frames: int
+    # Acquisition time of every frame in seconds, relative to the first frame;
+    # None when the run carries no timing (never guessed).
+    frame_times_s: np.ndarray | None = None
+    # (row, column) spacing in mm at the detector or in the volume plane.
+    pixel_spacing_mm: tuple[float, float] | None = None
+    slice_spacing_mm: float | None = None
+    image_type: tuple[str, ...] = ()
+    body_part: str = ""
+    series_description: str = ""
+    # True when the pixels are a subtraction (vessels dark on a flat field).
+    subtracted: bool = False
+    # True when the run is a volume (Z, Y, X) rather than 2D+t (T, H, W).
+    is_volume: bool = False
+    # Cine rate in frames/s when known.
+    frame_rate: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A decoded run. ``pixels`` is float32: (T, H, W) for 2D+t, (Z, Y, X) for volumes.
+
+    For volumes the values are rescaled (Hounsfield-like for CT).
+    For 2D runs the values are the stored values after the Modality LUT;
+    native runs with a Mask Subtraction Sequence are already log-subtracted.
+    """
+
+    pixels: np.ndarray
+    meta: RunMeta
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """Recorded in every result object (SEG Algorithm Identification, series text)."""
+
+    name: str
+    version: str
+    family: Literal["classical", "model"]
+    model_package: str | None = None
+    model_version: str | None = None
+
+    def describe(self) -> str:
+        if self.family == "model":
+            return f"{self.name} {self.version} (model {self.model_package} {self.model_version})"
+        return f"{self.name} {self.version} (classical)"
+
+
+@dataclass(frozen=True)
+class Segment:
+    label: str
+    code: Code
+    category: Code = ANATOMICAL_STRUCTURE
+    color_rgb: tuple[int, int, int] = (255, 255, 0)
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """A grayscale derived image (a MinIP, a derived volume), float pixels."""
+
+    key: str
+    pixels: np.ndarray
+    description: str
+    geometry: Geometry = "canvas"
+    # When set, the value to use as 'air' / background in derived volumes.
+    derivation: str = ""
+
+
+@dataclass(frozen=True)
+class SegmentationOutput:
+    """Binary masks, shape (S, H, W) for canvas, (S, T, H, W) for frames, (S, Z, Y, X) for volume."""
+
+    key: str
+    masks: np.ndarray
+    segments: Sequence[Segment]
+    algorithm: AlgorithmInfo
+    geometry: Geometry = "canvas"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ParametricMapOutput:
+    """A float map on the canvas. ``label`` is the Real World Value Mapping LUT Label."""
+
+    key: str
+    values: np.ndarray
+    label: str
+    quantity: Code
+    unit: Code
+    algorithm: AlgorithmInfo
+    description: str = ""
+    # NaN-free mask of where the values are meaningful (the rest is 0).
+    valid: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class RenderingOutput:
+    """An RGB uint8 rendering (H, W, 3) or cine (T, H, W, 3) for any viewer."""
+
+    key: str
+    rgb: np.ndarray
+    description: str
+    burned_in_text: bool = True
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: Code
+    value: float
+    unit: Code
+
+
+@dataclass(frozen=True)
+class MeasurementsOutput:
+    """Measurements for a TID 1500 structured report."""
+
+    key: str
+    title: str
+    measurements: Sequence[Measurement]
+    algorithm: AlgorithmInfo
+    finding_site: Code | None = None
+
+
+Output = ImageOutput | SegmentationOutput | ParametricMapOutput | RenderingOutput | MeasurementsOutput
+
+
+@dataclass
+class PipelineResult:
+    outputs: list[Output] = field(default_factory=list)
+    # Human-readable notes (flags, quality warnings) kept in the job record.
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """What the node gives a pipeline besides the run."""
+
+    device: str = "cpu"
+    # Model package folder chosen by the node's settings, if any.
+    model_package: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    name: str
+
+    def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult: ...
+
+
+_REGISTRY: dict[str, Callable[[], Pipeline]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipeline]]:
+    """Register a pipeline factory under ``name`` (explicit, never name scanning)."""
+
+    def deco(factory: Callable[[], Pipeline]) -> Callable[[], Pipeline]:
+        if name in _REGISTRY:
+            raise ValueError(f"pipeline {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def get(name: str) -> Pipeline:
+    import pipelines  # noqa: F401  (ensures the built-in pipelines are registered)
+
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise PipelineError(
+            f"unknown pipeline {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def names() -> list[str]:
+    import pipelines  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+def minip(frames: np.ndarray) -> np.ndarray:
+    """Minimum-intensity projection over time (vessels are dark in subtracted DSA)."""
+    if frames.ndim != 3:
+        raise PipelineError(f"expected (T, H, W) frames, got shape {frames.shape}")
+    return frames.min(axis=0)
