@@ -1,0 +1,72 @@
+"""Result encoding: pipeline outputs in, valid DICOM objects out.
+
+Each output type has one encoder, registered here explicitly. 2D runs whose
+outputs live on the ``canvas`` geometry get the MinIP canvas (see
+``dicom_node.encode.canvas``) first; SEG and Parametric Map encoders reference it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+
+from dicom_node.encode.canvas import make_canvas
+from dicom_node.encode.common import EncodeContext
+from dicom_node.encode.rendering import encode_rendering
+from pipelines.base import ImageOutput, Output, PipelineResult, RenderingOutput, Run, minip
+
+Encoder = Callable[[Output, EncodeContext, Run], list[Dataset]]
+_ENCODERS: dict[type, Encoder] = {}
+
+
+def encoder(output_type: type) -> Callable[[Encoder], Encoder]:
+    def deco(fn: Encoder) -> Encoder:
+        if output_type in _ENCODERS:
+            raise ValueError(f"encoder for {output_type.__name__} registered twice")
+        _ENCODERS[output_type] = fn
+        return fn
+
+    return deco
+
+
+def _frame_time_ms(run: Run) -> float | None:
+    times = run.meta.frame_times_s
+    if times is None or len(times) < 2:
+        return None
+    return float((times[-1] - times[0]) / (len(times) - 1) * 1000.0)
+
+
+def _needs_canvas(result: PipelineResult) -> bool:
+    return any(getattr(o, "geometry", None) == "canvas" for o in result.outputs)
+
+
+def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[Dataset]:
+    """All DICOM objects for one pipeline result, canvas first."""
+    datasets: list[Dataset] = []
+    if not run.meta.is_volume and _needs_canvas(result):
+        canvas_image = next(
+            (o.pixels for o in result.outputs if isinstance(o, ImageOutput) and o.key == "minip"),
+            None,
+        )
+        ctx.canvas = make_canvas(ctx, canvas_image if canvas_image is not None else minip(run.pixels))
+        datasets.append(ctx.canvas)
+    for out in result.outputs:
+        if isinstance(out, ImageOutput) and out.key == "minip":
+            continue  # it is the canvas
+        try:
+            fn = _ENCODERS[type(out)]
+        except KeyError:
+            raise TypeError(f"no encoder registered for {type(out).__name__}") from None
+        datasets.extend(fn(out, ctx, run))
+    return datasets
+
+
+@encoder(RenderingOutput)
+def _rendering(out: Output, ctx: EncodeContext, run: Run) -> list[Dataset]:
+    assert isinstance(out, RenderingOutput)
+    return encode_rendering(out, ctx, _frame_time_ms(run))
+
+
+# Encoders living in their own modules register themselves on import.
+# (Add one line per module: SEG, Parametric Map, SR, derived volumes.)
