@@ -1,0 +1,172 @@
+"""Self-describing model packages: a folder the training package writes and the node reads.
+
+Layout of a package folder::
+
+    package.json   name, version, architecture, architecture config, pipeline,
+                   training command, dataset manifest hash, created
+    weights.pt     a plain state_dict, loaded with torch.load(weights_only=True)
+    metrics.json   held-out metrics (per case and aggregated)
+    data.json      training-data summary (counts, sources, synthetic or not)
+    MODEL_CARD.md  intended use and limits
+
+Architectures register a builder by name (explicit registry, no name scanning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipelines.base import AlgorithmInfo, PipelineError
+
+FORMAT_VERSION = 1
+REQUIRED_FILES = ("package.json", "weights.pt", "metrics.json", "data.json", "MODEL_CARD.md")
+
+_ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {}
+
+
+def architecture(name: str) -> Callable[[Callable[[Mapping[str, Any]], nn.Module]],
+                                         Callable[[Mapping[str, Any]], nn.Module]]:
+    """Register ``builder(config) -> nn.Module`` under ``name``."""
+
+    def deco(builder: Callable[[Mapping[str, Any]], nn.Module]) -> Callable[[Mapping[str, Any]], nn.Module]:
+        if name in _ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} registered twice")
+        _ARCHITECTURES[name] = builder
+        return builder
+
+    return deco
+
+
+def build(name: str, config: Mapping[str, Any]) -> nn.Module:
+    import pipelines.models  # noqa: F401  (registers the built-in architectures)
+
+    try:
+        builder = _ARCHITECTURES[name]
+    except KeyError:
+        raise PipelineError(
+            f"unknown architecture {name!r}; known: {', '.join(sorted(_ARCHITECTURES))}"
+        ) from None
+    return builder(config)
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    path: Path
+    name: str
+    version: str
+    architecture: str
+    config: Mapping[str, Any]
+    pipeline: str
+    metrics: Mapping[str, Any]
+    data: Mapping[str, Any]
+    meta: Mapping[str, Any]
+
+    def algorithm(self, algorithm_name: str, algorithm_version: str) -> AlgorithmInfo:
+        return AlgorithmInfo(
+            name=algorithm_name,
+            version=algorithm_version,
+            family="model",
+            model_package=self.name,
+            model_version=self.version,
+        )
+
+    def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """Build the architecture and load the weights safely (``weights_only=True``)."""
+        model = build(self.architecture, self.config)
+        state = torch.load(self.path / "weights.pt", map_location=device, weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise PipelineError(
+                f"model package {self.path}: weights do not fit architecture {self.architecture!r} "
+                f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
+            )
+        return model.to(device).eval()
+
+
+def load_package(path: str | Path, pipeline: str | None = None) -> ModelPackage:
+    """Read and check a package folder; ``pipeline`` guards against a package
+    configured for the wrong pipeline."""
+    root = Path(path)
+    missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
+    if missing:
+        raise PipelineError(f"model package {root} is incomplete: missing {', '.join(missing)}")
+    try:
+        meta = json.loads((root / "package.json").read_text())
+        metrics = json.loads((root / "metrics.json").read_text())
+        data = json.loads((root / "data.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"model package {root}: invalid JSON ({exc})") from exc
+    for key in ("name", "version", "architecture", "config", "pipeline", "format"):
+        if key not in meta:
+            raise PipelineError(f"model package {root}: package.json lacks {key!r}")
+    if meta["format"] != FORMAT_VERSION:
+        raise PipelineError(
+            f"model package {root}: format {meta['format']} not supported (expected {FORMAT_VERSION})"
+        )
+    if pipeline is not None and meta["pipeline"] != pipeline:
+        raise PipelineError(
+            f"model package {root} is for pipeline {meta['pipeline']!r}, not {pipeline!r}"
+        )
+    return ModelPackage(
+        path=root,
+        name=str(meta["name"]),
+        version=str(meta["version"]),
+        architecture=str(meta["architecture"]),
+        config=meta["config"],
+        pipeline=str(meta["pipeline"]),
+        metrics=metrics,
+        data=data,
+        meta=meta,
+    )
+
+
+def write_package(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    name: str,
+    version: str,
+    architecture_name: str,
+    config: Mapping[str, Any],
+    pipeline: str,
+    metrics: Mapping[str, Any],
+    data: Mapping[str, Any],
+    model_card: str,
+    training_command: str,
+    dataset_manifest_hash: str,
+) -> Path:
+    """Write a package folder; refuses to overwrite an existing version."""
+    root = Path(path)
+    if (root / "package.json").exists():
+        raise FileExistsError(f"{root} already holds a model package; bump the version")
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, root / "weights.pt")
+    digest = hashlib.sha256((root / "weights.pt").read_bytes()).hexdigest()
+    meta = {
+        "format": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "architecture": architecture_name,
+        "config": dict(config),
+        "pipeline": pipeline,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_command": training_command,
+        "dataset_manifest_sha256": dataset_manifest_hash,
+        "weights_sha256": digest,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (root / "package.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (root / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (root / "data.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (root / "MODEL_CARD.md").write_text(model_card.rstrip() + "\n")
+    return root
