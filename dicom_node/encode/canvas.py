@@ -23,6 +23,7 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
+    set_laterality,
     set_equipment,
     source_image_reference,
 )
@@ -82,7 +83,7 @@ def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.Laterality = src.get("Laterality", "")
+    set_laterality(ds, src)
     ds.PatientOrientation = src.get("PatientOrientation", "")
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = src.get("LossyImageCompression", "00")

@@ -105,6 +105,26 @@ def copy_identity(target: Dataset, source: Dataset) -> None:
             setattr(target, kw, "")  # type 2: present, possibly empty
 
 
+def set_laterality(target: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality as the source has them.
+
+    Laterality is type 2C (paired body parts); dciodvfy wants it present, and
+    empty only when unknown, so an unknown side is written empty and a known
+    unpaired part (head) leaves it out.
+    """
+    part = str(source.get("BodyPartExamined", "") or "")
+    if part:
+        target.BodyPartExamined = part
+    if source.get("Laterality"):
+        target.Laterality = source.Laterality
+    elif part.upper() not in UNPAIRED:
+        target.Laterality = ""
+
+
+UNPAIRED = {"HEAD", "BRAIN", "SKULL", "NECK", "HEART", "CHEST", "ABDOMEN", "PELVIS", "SPINE",
+            "CSPINE", "TSPINE", "LSPINE", "AORTA", "WHOLEBODY", "CORONARY", "THORAX"}
+
+
 def set_equipment(target: Dataset, description: str, series_uid: str, series_number: int,
                   modality: str, now: datetime) -> None:
     target.Manufacturer = MANUFACTURER

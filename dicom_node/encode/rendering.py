@@ -15,6 +15,7 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
+    set_laterality,
     set_equipment,
     source_image_reference,
 )
@@ -38,7 +39,7 @@ def encode_rendering(out: RenderingOutput, ctx: EncodeContext,
     copy_identity(ds, src)
     set_equipment(ds, out.description, ctx.series_uid(out.key), ctx.series_number(out.key), "OT",
                   ctx.now)
-    ds.Laterality = src.get("Laterality", "")
+    set_laterality(ds, src)
     ds.PatientOrientation = src.get("PatientOrientation", "")
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1

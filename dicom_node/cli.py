@@ -1,0 +1,254 @@
+"""``dicom-node``: serve, process offline, explain routing, status, synthetic phantoms, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node import __version__
+from dicom_node.errors import NodeError
+from pipelines.base import PipelineError
+
+
+def _files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise NodeError(f"{p} does not exist")
+    return out
+
+
+def group_runs(paths: Sequence[str]) -> tuple[dict[str, list[Path]], list[str]]:
+    """Group DICOM files into runs exactly as the spool does; returns runs and skipped files."""
+    from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D
+
+    runs: dict[str, list[Path]] = defaultdict(list)
+    skipped: list[str] = []
+    for f in _files(paths):
+        try:
+            ds = dcmread(f, stop_before_pixels=True)
+            sop_class = str(ds.SOPClassUID)
+        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+            skipped.append(f"{f}: not a readable DICOM instance ({exc.__class__.__name__})")
+            continue
+        if sop_class not in ACCEPTED_SOP_CLASSES:
+            skipped.append(f"{f}: SOP Class {sop_class} not accepted")
+            continue
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        key = str(ds.SOPInstanceUID) if sop_class in CINE_2D and frames > 1 else str(ds.SeriesInstanceUID)
+        runs[key].append(f)
+    return dict(runs), skipped
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    node = Node(settings).start()
+    print(f"dicom-node {__version__}: AE {settings.ae_title} on {settings.host}:{node.port}"
+          + (f", REST API on http://{settings.api.host}:{node.api_port}" if node.api else ""), flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from dicom_node.processing import run_pipeline, write_dataset
+    from dicom_node.routing import RunFeatures, route
+    from dicom_node.runs import load_run
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    runs, skipped = group_runs(args.paths)
+    for s in skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    out = Path(args.output)
+    produced = 0
+    for run_id, files in runs.items():
+        if args.pipeline:
+            names = [args.pipeline]
+        else:
+            headers = [dcmread(f, stop_before_pixels=True) for f in files]
+            decision = route(settings.effective_rules(), RunFeatures.from_headers(headers))
+            names = decision.pipelines
+            if not names:
+                print(f"run {run_id}: not routed (use `dicom-node route --explain`)", file=sys.stderr)
+                continue
+        try:
+            loaded = load_run(files)
+        except NodeError as exc:
+            print(f"run {run_id}: {exc}", file=sys.stderr)
+            continue
+        for name in names:
+            try:
+                datasets, notes = run_pipeline(loaded, name, settings)
+            except (PipelineError, NodeError) as exc:
+                print(f"run {run_id}: {name} failed: {exc}", file=sys.stderr)
+                continue
+            for ds in datasets:
+                path = write_dataset(ds, out)
+                produced += 1
+                print(f"{name}\t{ds.SOPClassUID.name}\t{ds.get('SeriesDescription', '')}\t{path}")
+            for note in notes:
+                print(f"run {run_id}: {name}: {note}", file=sys.stderr)
+    if produced == 0:
+        print("error: nothing could be processed", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from dicom_node.routing import RunFeatures, route
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    runs, skipped = group_runs(args.paths)
+    for s in skipped:
+        print(f"skipped {s}")
+    for run_id, files in runs.items():
+        headers = [dcmread(f, stop_before_pixels=True) for f in files]
+        feats = RunFeatures.from_headers(headers)
+        decision = route(settings.effective_rules(), feats)
+        print(f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
+              f"{feats.number_of_frames} frame(s), {headers[0].get('SeriesDescription', '')!s})")
+        if args.explain:
+            print(decision.explain())
+        else:
+            print(f"  -> {decision.rule.name if decision.rule else 'unrouted'}: {decision.pipelines}")
+    return 0 if runs else 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.db import Database
+    from dicom_node.service import status_summary
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    if not settings.db_path.exists():
+        print(f"no node database at {settings.db_path}", file=sys.stderr)
+        return 2
+    summary = status_summary(Database(settings.db_path))
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
+    print(f"instances: {summary['instances']}")
+    for key in ("runs", "jobs", "outbox"):
+        print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
+    for f in summary["failed_jobs"]:  # type: ignore[attr-defined]
+        print(f"failed job {f['id']} {f['pipeline']} run {f['run_id']}: {f['error']}")
+    for b in summary["outbox_backlog"]:  # type: ignore[attr-defined]
+        print(f"backlog to {b['destination']}: {b['n']} object(s), last error: {b['error']}")
+    for u in summary["unrouted_runs"]:  # type: ignore[attr-defined]
+        print(f"unrouted run {u['run_id']}: {u['reason']}")
+    return 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    import requests
+
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    body = {"series_uid": args.series} if args.series else {"study_uid": args.study}
+    url = f"http://{settings.api.host}:{settings.api.port}/{'reprocess' if args.reprocess else 'trigger'}"
+    resp = requests.post(url, json=body, timeout=30)
+    print(resp.text)
+    return 0 if resp.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicom_node.demo import run_demo
+
+    return run_demo(Path(args.workdir), keep_running=args.keep_running)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the node (storage SCP, workers, outbox, REST API)")
+    p.add_argument("--config", help="TOML settings file")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("process", help="offline: process DICOM files or folders into result files")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--output", required=True)
+    p.add_argument("--pipeline", help="force this pipeline instead of routing")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser("route", help="show which rule matches each run")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--explain", action="store_true", help="show every condition of every rule")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("status", help="runs, jobs, failures and outbox backlog")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("trigger", help="complete (or --reprocess) a series or study on a running node")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--series")
+    g.add_argument("--study")
+    p.add_argument("--reprocess", action="store_true")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_trigger)
+
+    p = sub.add_parser("synth", help="write synthetic angiography phantoms with ground truth")
+    try:
+        from training.phantoms import cli as phantom_cli
+    except ImportError as exc:  # the phantom package is part of this distribution
+        p.set_defaults(func=lambda _a, exc=exc: _missing("synth", exc))
+    else:
+        phantom_cli.configure_parser(p)
+        p.set_defaults(func=phantom_cli.run)
+
+    p = sub.add_parser("demo", help="end-to-end demo: Orthanc + node + synthetic runs over DICOM")
+    p.add_argument("--workdir", default="demo-output")
+    p.add_argument("--keep-running", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _missing(cmd: str, exc: Exception) -> int:
+    print(f"error: `{cmd}` is unavailable: {exc}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    if args.command == "serve":
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

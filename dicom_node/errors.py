@@ -1,0 +1,53 @@
+"""The node's exceptions, converted to a DIMSE status, an HTTP status or a failed
+job record in exactly one place each (``scp``, ``api``, ``jobs``)::
+
+    NodeError
+    ├── ConfigError          bad settings; names the key and what is allowed
+    ├── RejectedInstance     a received instance we refuse (carries a DIMSE status)
+    │   └── OutOfResources   no disk space: 0xA700
+    ├── RunError             a run that cannot be decoded or processed (job fails, no retry)
+    └── DeliveryError        a destination that is down or refused (outbox retries)
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    pass
+
+
+class RejectedInstance(NodeError):
+    """``status`` is the DIMSE status the C-STORE response carries."""
+
+    # PS3.4 Annex B.2.3 / PS3.7 C: storage service statuses
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    CANNOT_UNDERSTAND = 0xC000
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    OUT_OF_RESOURCES = 0xA700
+    PROCESSING_FAILURE = 0x0110
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class OutOfResources(RejectedInstance):
+    def __init__(self, reason: str) -> None:
+        super().__init__(RejectedInstance.OUT_OF_RESOURCES, reason)
+
+
+class RunError(NodeError):
+    """Permanent: retrying the same run will not help."""
+
+
+class DeliveryError(NodeError):
+    """Transient by default: the outbox retries with backoff."""
+
+    def __init__(self, reason: str, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent

@@ -1,0 +1,225 @@
+"""Declarative routing: the first rule whose conditions all hold names the pipelines and
+destinations of a run. Conditions compare header values and a few derived run
+features (subtracted, volume, frame rate); regexes are compiled, never ``eval``'d.
+A run no rule matches goes to no pipeline and is reported as unrouted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from dicom_node.settings import Match, Rule, TagPattern
+from dicom_node.sopclasses import CINE_2D, VOLUME, resolve_sop_class
+
+
+@dataclass(frozen=True)
+class RunFeatures:
+    """What routing looks at: the first instance's header and derived facts."""
+
+    header: Dataset
+    calling_aet: str
+    instance_count: int
+    sop_class_uid: str
+    modality: str
+    image_type: tuple[str, ...]
+    subtracted: bool
+    is_volume: bool
+    number_of_frames: int
+    frame_rate: float | None
+
+    @classmethod
+    def from_headers(cls, headers: Sequence[Dataset], calling_aet: str = "") -> RunFeatures:
+        first = headers[0]
+        sop = str(first.get("SOPClassUID", ""))
+        image_type = tuple(str(v).upper() for v in (first.get("ImageType") or []))
+        frames = int(first.get("NumberOfFrames", 1) or 1)
+        subtracted = (
+            "SUBTRACTION" in image_type
+            or "MaskSubtractionSequence" in first
+            or str(first.get("RecommendedViewingMode", "")).upper() == "SUB"
+        )
+        is_volume = sop in VOLUME and (frames > 1 or len(headers) > 1)
+        return cls(
+            header=first,
+            calling_aet=calling_aet,
+            instance_count=len(headers),
+            sop_class_uid=sop,
+            modality=str(first.get("Modality", "")),
+            image_type=image_type,
+            subtracted=subtracted,
+            is_volume=is_volume,
+            number_of_frames=frames if len(headers) == 1 else len(headers),
+            frame_rate=frame_rate(first) if sop in CINE_2D else None,
+        )
+
+
+def frame_rate(ds: Dataset) -> float | None:
+    """Acquisition frame rate from Frame Time, Frame Time Vector or Cine Rate (frames/s)."""
+    if ds.get("FrameTime"):
+        ft = float(ds.FrameTime)
+        return 1000.0 / ft if ft > 0 else None
+    ftv = ds.get("FrameTimeVector")
+    if ftv and len(ftv) > 1:
+        steps = [float(v) for v in list(ftv)[1:] if float(v) > 0]
+        if steps:
+            return 1000.0 * len(steps) / sum(steps)
+    if ds.get("CineRate"):
+        return float(ds.CineRate)
+    return None
+
+
+@dataclass
+class Check:
+    condition: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Decision:
+    rule: Rule | None
+    checks: list[tuple[str, list[Check]]] = field(default_factory=list)
+
+    @property
+    def pipelines(self) -> list[str]:
+        return list(self.rule.pipelines) if self.rule else []
+
+    def explain(self) -> str:
+        lines = []
+        for name, checks in self.checks:
+            verdict = "MATCH" if all(c.ok for c in checks) else "no match"
+            lines.append(f"  rule {name!r}: {verdict}")
+            for c in checks:
+                lines.append(f"    [{'x' if c.ok else ' '}] {c.condition}: {c.detail}")
+        if self.rule is None:
+            lines.append("  -> no rule matched: the run goes to no pipeline (reported as unrouted)")
+        else:
+            lines.append(f"  -> rule {self.rule.name!r}: pipelines {self.rule.pipelines or 'none'}, "
+                         f"destinations {self.rule.destinations}")
+        return "\n".join(lines)
+
+
+def _tag_value(header: Dataset, keyword: str) -> list[str]:
+    if keyword not in header:
+        return [""]
+    value = header.data_element(keyword).value  # type: ignore[union-attr]
+    if value is None:
+        return [""]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value] or [""]
+    return [str(value)]
+
+
+def _check_tag(header: Dataset, keyword: str, want: str | list[str] | TagPattern) -> Check:
+    got = _tag_value(header, keyword)
+    if isinstance(want, TagPattern):
+        ok = any(re.search(want.regex, g) for g in got)
+        return Check(f"{keyword} ~ /{want.regex}/", ok, f"value {got}")
+    options = [want] if isinstance(want, str) else want
+    ok = any(g in options for g in got)
+    return Check(f"{keyword} in {options}", ok, f"value {got}")
+
+
+def evaluate(match: Match, f: RunFeatures) -> list[Check]:
+    checks: list[Check] = []
+    if match.sop_class_uid:
+        uids = [resolve_sop_class(s) for s in match.sop_class_uid]
+        checks.append(Check("SOP Class UID", f.sop_class_uid in uids, f.sop_class_uid))
+    if match.modality:
+        checks.append(Check(f"Modality in {match.modality}", f.modality in match.modality, f.modality))
+    if match.image_type:
+        ok = all(v.upper() in f.image_type for v in match.image_type)
+        checks.append(Check(f"Image Type has {match.image_type}", ok, "\\".join(f.image_type)))
+    if match.not_image_type:
+        ok = not any(v.upper() in f.image_type for v in match.not_image_type)
+        checks.append(Check(f"Image Type lacks {match.not_image_type}", ok, "\\".join(f.image_type)))
+    if match.calling_aet:
+        checks.append(Check(f"calling AE in {match.calling_aet}", f.calling_aet in match.calling_aet,
+                            f.calling_aet))
+    if match.subtracted is not None:
+        checks.append(Check(f"subtracted is {match.subtracted}", f.subtracted == match.subtracted,
+                            "SUBTRACTION in Image Type or a Mask Subtraction Sequence"
+                            if f.subtracted else "no subtraction"))
+    if match.is_volume is not None:
+        checks.append(Check(f"volume is {match.is_volume}", f.is_volume == match.is_volume,
+                            f"{f.instance_count} instance(s), {f.number_of_frames} frame(s)"))
+    rate = f.frame_rate
+    if match.frame_rate_min is not None:
+        ok = rate is not None and rate >= match.frame_rate_min
+        checks.append(Check(f"frame rate >= {match.frame_rate_min}/s", ok, f"{rate}"))
+    if match.frame_rate_max is not None:
+        ok = rate is not None and rate <= match.frame_rate_max
+        checks.append(Check(f"frame rate <= {match.frame_rate_max}/s", ok, f"{rate}"))
+    if match.min_frames is not None:
+        checks.append(Check(f"frames >= {match.min_frames}", f.number_of_frames >= match.min_frames,
+                            str(f.number_of_frames)))
+    for keyword, want in match.tags.items():
+        checks.append(_check_tag(f.header, keyword, want))
+    return checks
+
+
+def route(rules: Sequence[Rule], features: RunFeatures) -> Decision:
+    decision = Decision(rule=None)
+    for rule in rules:
+        checks = evaluate(rule.match, features)
+        decision.checks.append((rule.name, checks))
+        if all(c.ok for c in checks):
+            decision.rule = rule
+            break
+    return decision
+
+
+_CEREBRAL = TagPattern(regex=r"(?i)^$|HEAD|BRAIN|SKULL|NECK|CAROTID|CEREBR|CRAN")
+_CARDIAC = TagPattern(regex=r"(?i)HEART|CORONARY|CARDIAC|CHEST|THORAX")
+
+
+def default_rules() -> list[Rule]:
+    """Rules that tell the kinds of angiography apart with no configuration.
+
+    - 3D: X-Ray 3D Angiographic or CT volumes -> mask-free 3D angiography.
+    - Coronary cine: unsubtracted XA of the heart, or fast unsubtracted cine.
+    - Cerebral DSA: subtracted XA (or native with a Mask Subtraction Sequence)
+      of the head and neck, or with no body part given.
+    Anything else (single frames, SEG annotations, other body parts) is stored
+    and reported as unrouted.
+    """
+    import pipelines
+
+    known = set(pipelines.names())
+
+    def available(*names: str) -> list[str]:
+        return [n for n in names if n in known]
+
+    xa = ["XRayAngiographicImageStorage", "EnhancedXAImageStorage"]
+    return [
+        Rule(
+            name="rotational-3d",
+            match=Match(
+                sop_class_uid=["XRay3DAngiographicImageStorage", "CTImageStorage", "EnhancedCTImageStorage"],
+                is_volume=True,
+                tags={"BodyPartExamined": _CEREBRAL},
+            ),
+            pipelines=available("rotational_dla"),
+        ),
+        Rule(
+            name="coronary-cine",
+            match=Match(sop_class_uid=xa, subtracted=False, min_frames=2,
+                        tags={"BodyPartExamined": _CARDIAC}),
+            pipelines=available("xa_coronary"),
+        ),
+        Rule(
+            name="coronary-cine-by-rate",
+            match=Match(sop_class_uid=xa, subtracted=False, min_frames=2, frame_rate_min=12.5),
+            pipelines=available("xa_coronary"),
+        ),
+        Rule(
+            name="cerebral-dsa",
+            match=Match(sop_class_uid=xa, subtracted=True, min_frames=2,
+                        tags={"BodyPartExamined": _CEREBRAL}),
+            pipelines=available("minip", "dsa_av", "dsa_perfusion"),
+        ),
+    ]

@@ -1,0 +1,229 @@
+"""Decode a stored run into ``pipelines.base.Run``: pixels, timing and geometry.
+
+Tolerant when reading: small defects are logged, unusable runs raise RunError
+with the reason (the job fails without retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+from pydicom.valuerep import DT
+
+from dicom_node.errors import RunError
+from dicom_node.routing import frame_rate
+from dicom_node.sopclasses import CINE_2D, VOLUME
+from pipelines.base import Run, RunMeta
+
+log = logging.getLogger(__name__)
+
+# Log-subtraction scale for native runs: stored = MID + GAIN * ln(live / mask),
+# so vessels come out dark on a flat mid-grey field, as in a subtracted run.
+SUB_MID = 2048.0
+SUB_GAIN = 1024.0
+
+
+@dataclass
+class LoadedRun:
+    run: Run
+    headers: list[Dataset]  # pixel data removed, in run order
+
+
+def frame_times_s(ds: Dataset, frames: int) -> np.ndarray | None:
+    """Acquisition times (s, from the first frame) from Frame Time Vector or Frame Time.
+
+    The Frame Time Vector holds increments in ms (its first value is 0).
+    Returns None when the header has no timing: callers must not guess.
+    """
+    ftv = ds.get("FrameTimeVector")
+    if ftv is not None and len(ftv) == frames:
+        inc = np.asarray([float(v) for v in ftv], dtype=np.float64)
+        inc[0] = 0.0
+        return np.cumsum(inc) / 1000.0
+    if ds.get("FrameTime"):
+        return np.arange(frames, dtype=np.float64) * float(ds.FrameTime) / 1000.0
+    pf = ds.get("PerFrameFunctionalGroupsSequence")
+    if pf is not None and len(pf) == frames:
+        stamps = []
+        for item in pf:
+            content = item.get("FrameContentSequence")
+            stamp = content[0].get("FrameAcquisitionDateTime") if content else None
+            if not stamp:
+                break
+            stamps.append(DT(str(stamp)).timestamp())
+        if len(stamps) == frames:
+            return np.asarray(stamps) - stamps[0]
+    if ftv is not None:
+        log.warning("Frame Time Vector has %d values for %d frames; ignoring it", len(ftv), frames)
+    return None
+
+
+def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
+    """Log-subtract native frames with the mask the Mask Subtraction Sequence names."""
+    msq = ds.get("MaskSubtractionSequence")
+    if not msq:
+        return frames, False
+    item = msq[0]
+    op = str(item.get("MaskOperation", "")).upper()
+    if op not in ("AVG_SUB", "TID"):
+        log.warning("Mask Operation %r not supported; using frames unsubtracted", op)
+        return frames, False
+    numbers = item.get("MaskFrameNumbers")
+    if op == "TID" or numbers is None:
+        numbers = [1]
+    numbers = [int(n) for n in (numbers if not isinstance(numbers, (int, str)) else [numbers])]
+    idx = [n - 1 for n in numbers if 1 <= n <= frames.shape[0]]
+    if not idx:
+        raise RunError(f"Mask Frame Numbers {numbers} are outside the run's {frames.shape[0]} frames")
+    mask = frames[idx].mean(axis=0)
+    sub = SUB_MID + SUB_GAIN * (np.log1p(np.maximum(frames, 0)) - np.log1p(np.maximum(mask, 0)))
+    return sub.astype(np.float32), True
+
+
+def _decode(ds: Dataset, path: Path) -> np.ndarray:
+    try:
+        arr = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
+        raise RunError(f"cannot decode pixel data of {path.name} "
+                       f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
+    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+
+
+def _strip(ds: Dataset) -> Dataset:
+    header = ds.copy()
+    for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if kw in header:
+            del header[kw]
+    return header
+
+
+def _slice_position(ds: Dataset) -> float:
+    ipp = np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])])
+    iop = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])])
+    normal = np.cross(iop[:3], iop[3:])
+    return float(ipp @ normal)
+
+
+def load_run(paths: Sequence[Path]) -> LoadedRun:
+    """Read the files of one run (one multi-frame instance, or a series) into a Run."""
+    if not paths:
+        raise RunError("run has no instances")
+    datasets = []
+    for p in paths:
+        try:
+            datasets.append(dcmread(p))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"cannot read {p}: {exc}") from None
+    first = datasets[0]
+    sop = str(first.SOPClassUID)
+    if sop in VOLUME:
+        return _load_volume(datasets, [Path(p) for p in paths])
+    if sop not in CINE_2D and int(first.get("NumberOfFrames", 1) or 1) == 1 and len(datasets) == 1:
+        raise RunError(f"a single {first.get('Modality', '?')} frame is not a run")
+    return _load_cine(datasets, [Path(p) for p in paths])
+
+
+def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
+    if len(datasets) > 1:
+        order = np.argsort([int(ds.get("InstanceNumber", i) or i) for i, ds in enumerate(datasets)])
+        datasets = [datasets[i] for i in order]
+        paths = [paths[i] for i in order]
+        frames = np.stack([_decode(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
+                           for ds, p in zip(datasets, paths, strict=True)])
+        times = _instance_times(datasets)
+    else:
+        ds = datasets[0]
+        arr = _decode(ds, paths[0])
+        frames = arr.reshape(-1, int(ds.Rows), int(ds.Columns))
+        times = frame_times_s(ds, frames.shape[0])
+    first = datasets[0]
+    if str(first.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+        frames = frames.max() - frames  # keep 'vessels dark' meaning of MONOCHROME2
+    frames, mask_subtracted = _mask_subtract(frames, first)
+    image_type = tuple(str(v).upper() for v in (first.get("ImageType") or []))
+    spacing = None
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        if kw in first:
+            spacing = (float(first[kw].value[0]), float(first[kw].value[1]))
+            break
+    meta = RunMeta(
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.SOPClassUID),
+        rows=int(first.Rows),
+        columns=int(first.Columns),
+        number_of_frames=frames.shape[0],
+        frame_times_s=times,
+        pixel_spacing_mm=spacing,
+        image_type=image_type,
+        body_part=str(first.get("BodyPartExamined", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        subtracted=mask_subtracted or "SUBTRACTION" in image_type,
+        is_volume=False,
+        frame_rate=frame_rate(first),
+        extra={"mask_subtracted": mask_subtracted},
+    )
+    return LoadedRun(Run(pixels=frames.astype(np.float32), meta=meta), [_strip(d) for d in datasets])
+
+
+def _instance_times(datasets: list[Dataset]) -> np.ndarray | None:
+    stamps = []
+    for ds in datasets:
+        t = ds.get("AcquisitionTime") or ds.get("ContentTime")
+        if not t:
+            return None
+        s = str(t)
+        stamps.append(int(s[0:2]) * 3600 + int(s[2:4]) * 60 + float(s[4:] or 0))
+    times = np.asarray(stamps) - stamps[0]
+    return times if np.all(np.diff(times) >= 0) else None
+
+
+def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
+    first = datasets[0]
+    if len(datasets) == 1:
+        vol = _decode(first, paths[0])
+        if vol.ndim == 2:
+            raise RunError("a single 2D slice is not a volume")
+        sfg = first.get("SharedFunctionalGroupsSequence")
+        measures = sfg[0].get("PixelMeasuresSequence") if sfg else None
+        spacing = (float(measures[0].PixelSpacing[0]), float(measures[0].PixelSpacing[1])) if measures else None
+        slice_spacing = float(measures[0].get("SpacingBetweenSlices") or measures[0].get("SliceThickness") or 0) if measures else None
+        headers = [_strip(first)]
+        pf = first.get("PerFrameFunctionalGroupsSequence")
+        if pf is not None and len(pf) == vol.shape[0] and "PlanePositionSequence" in pf[0]:
+            iop = sfg[0].PlaneOrientationSequence[0].ImageOrientationPatient if sfg and "PlaneOrientationSequence" in sfg[0] else [1, 0, 0, 0, 1, 0]
+            normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+            pos = [float(np.asarray(it.PlanePositionSequence[0].ImagePositionPatient, float) @ normal) for it in pf]
+            order = np.argsort(pos)
+            if not np.array_equal(order, np.arange(len(order))):
+                vol = vol[order]
+                log.info("reordered %d frames of %s by plane position", len(order), paths[0].name)
+    else:
+        order = np.argsort([_slice_position(ds) for ds in datasets])
+        datasets = [datasets[i] for i in order]
+        paths = [paths[i] for i in order]
+        vol = np.stack([_decode(ds, p) for ds, p in zip(datasets, paths, strict=True)])
+        spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1])) if "PixelSpacing" in first else None
+        pos = sorted(_slice_position(ds) for ds in datasets)
+        slice_spacing = float(np.median(np.diff(pos))) if len(pos) > 1 else None
+        headers = [_strip(d) for d in datasets]
+    meta = RunMeta(
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.SOPClassUID),
+        rows=int(first.Rows),
+        columns=int(first.Columns),
+        number_of_frames=vol.shape[0],
+        pixel_spacing_mm=spacing,
+        slice_spacing_mm=slice_spacing,
+        image_type=tuple(str(v).upper() for v in (first.get("ImageType") or [])),
+        body_part=str(first.get("BodyPartExamined", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        is_volume=True,
+    )
+    return LoadedRun(Run(pixels=vol.astype(np.float32), meta=meta), headers)

@@ -1,0 +1,256 @@
+"""One typed settings object, loaded from a TOML file plus ``DICOM_NODE_...`` environment
+overrides, validated at start. A bad value fails with the key and what is allowed.
+
+Environment overrides use ``__`` for nesting and JSON for non-strings, e.g.
+``DICOM_NODE_PORT=11113``, ``DICOM_NODE_COMPLETION__QUIET_PERIOD_S=3``,
+``DICOM_NODE_ALLOWED_CALLING_AETS='["ORTHANC"]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "DICOM_NODE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no control
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1-16 printable ASCII characters, not only spaces, no backslash")
+    return value.strip()
+
+
+def _url(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("a URL starting with http:// or https://")
+    return value.rstrip("/")
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Url = Annotated[str, AfterValidator(_url)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CompletionSettings(Strict):
+    quiet_period_s: float = Field(10.0, gt=0, description="idle time after which a multi-instance series is complete")
+    sweep_interval_s: float = Field(1.0, gt=0)
+
+
+class WorkerSettings(Strict):
+    concurrency: int = Field(1, ge=1, le=64)
+    max_attempts: int = Field(3, ge=1, le=100)
+    backoff_base_s: float = Field(5.0, gt=0)
+    backoff_max_s: float = Field(600.0, gt=0)
+    lease_s: float = Field(900.0, gt=0, description="a running job whose lease expires is taken again")
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class OutboxSettings(Strict):
+    backoff_base_s: float = Field(2.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class ApiSettings(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8780
+
+
+class DimseDestination(Strict):
+    kind: Literal["dimse"] = "dimse"
+    name: str
+    host: str
+    port: Port
+    ae_title: AETitle
+
+
+class DicomwebDestination(Strict):
+    kind: Literal["dicomweb"] = "dicomweb"
+    name: str
+    url: Url = Field(description="DICOMweb base URL; STOW-RS posts to {url}/studies")
+    username: str | None = None
+    password: str | None = None
+    bearer_token: str | None = None
+
+
+Destination = Annotated[DimseDestination | DicomwebDestination, Field(discriminator="kind")]
+
+
+class TagPattern(Strict):
+    regex: str
+
+    @model_validator(mode="after")
+    def _compiles(self) -> TagPattern:
+        try:
+            re.compile(self.regex)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {self.regex!r}: {exc}") from None
+        return self
+
+
+class Match(Strict):
+    """Every condition given must hold. Lists mean 'any of'; ``image_type`` means 'all of'."""
+
+    sop_class_uid: list[str] = []
+    modality: list[str] = []
+    image_type: list[str] = []
+    not_image_type: list[str] = []
+    calling_aet: list[str] = []
+    subtracted: bool | None = None
+    is_volume: bool | None = None
+    frame_rate_min: float | None = None
+    frame_rate_max: float | None = None
+    min_frames: int | None = None
+    tags: dict[str, str | list[str] | TagPattern] = {}
+
+
+class Rule(Strict):
+    name: str
+    match: Match = Match()
+    pipelines: list[str] = []
+    # Destination names, or ["*"] for every configured destination.
+    destinations: list[str] = ["*"]
+
+
+class Settings(Strict):
+    ae_title: AETitle = "ANGIO_NODE"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112
+    storage_dir: Path = Path("var")
+    allowed_calling_aets: list[AETitle] = []
+    min_free_bytes: int = Field(256 * 2**20, ge=0, description="refuse instances below this free space")
+    max_uid_length: int = 64
+    completion: CompletionSettings = CompletionSettings()
+    workers: WorkerSettings = WorkerSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    api: ApiSettings = ApiSettings()
+    destinations: list[Destination] = []
+    # Model package folder per pipeline name; a pipeline without one uses its classical path.
+    models: dict[str, Path] = {}
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    rules: list[Rule] | None = Field(None, description="None means the built-in default rules")
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"destination names must be unique: {sorted(dupes)}")
+        for i, rule in enumerate(self.rules or []):
+            for dest in rule.destinations:
+                if dest != "*" and dest not in names:
+                    raise ValueError(
+                        f"rules[{i}] ({rule.name}) names destination {dest!r}; configured: {names or 'none'}"
+                    )
+        return self
+
+    def effective_rules(self) -> list[Rule]:
+        from dicom_node.routing import default_rules
+
+        return self.rules if self.rules is not None else default_rules()
+
+    def destinations_for(self, rule: Rule) -> list[Destination]:
+        if "*" in rule.destinations:
+            return list(self.destinations)
+        return [d for d in self.destinations if d.name in rule.destinations]
+
+    @property
+    def db_path(self) -> Path:
+        return self.storage_dir / "node.sqlite"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Settings from ``path`` (TOML), then the environment, then ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    _merge(data, _env_overrides(os.environ if environ is None else environ))
+    _merge(data, overrides)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    _check_pipelines(settings)
+    return settings
+
+
+def _check_pipelines(settings: Settings) -> None:
+    import pipelines
+
+    known = set(pipelines.names())
+    for i, rule in enumerate(settings.effective_rules()):
+        for name in rule.pipelines:
+            if name not in known:
+                raise ConfigError(
+                    f"invalid settings:\n  rules.{i}.pipelines: unknown pipeline {name!r} "
+                    f"(allowed: {', '.join(sorted(known))})"
+                )
+    for name, pkg in settings.models.items():
+        if name not in known:
+            raise ConfigError(
+                f"invalid settings:\n  models.{name}: unknown pipeline (allowed: {', '.join(sorted(known))})"
+            )
+        if not Path(pkg).is_dir():
+            raise ConfigError(f"invalid settings:\n  models.{name}: {pkg} is not a model package folder")

@@ -1,0 +1,66 @@
+"""What the storage SCP accepts, and how the node classifies instances."""
+
+from __future__ import annotations
+
+from pydicom import uid
+
+# Storage SOP classes accepted from modalities and PACS.
+ACCEPTED_SOP_CLASSES: dict[str, str] = {
+    uid.XRayAngiographicImageStorage: "XA",
+    uid.EnhancedXAImageStorage: "Enhanced XA",
+    uid.XRayRadiofluoroscopicImageStorage: "XRF",
+    uid.EnhancedXRFImageStorage: "Enhanced XRF",
+    uid.XRay3DAngiographicImageStorage: "X-Ray 3D Angiographic",
+    uid.XRay3DCraniofacialImageStorage: "X-Ray 3D Craniofacial",
+    uid.CTImageStorage: "CT",
+    uid.EnhancedCTImageStorage: "Enhanced CT",
+    uid.SecondaryCaptureImageStorage: "Secondary Capture",
+    uid.MultiFrameSingleBitSecondaryCaptureImageStorage: "MF Single Bit SC",
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage: "MF Grayscale Byte SC",
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "MF Grayscale Word SC",
+    uid.MultiFrameTrueColorSecondaryCaptureImageStorage: "MF True Color SC",
+    uid.SegmentationStorage: "Segmentation",
+}
+
+# Classes that are runs of 2D frames over time.
+CINE_2D = {
+    uid.XRayAngiographicImageStorage,
+    uid.EnhancedXAImageStorage,
+    uid.XRayRadiofluoroscopicImageStorage,
+    uid.EnhancedXRFImageStorage,
+}
+# Classes that are (parts of) volumes.
+VOLUME = {
+    uid.XRay3DAngiographicImageStorage,
+    uid.XRay3DCraniofacialImageStorage,
+    uid.CTImageStorage,
+    uid.EnhancedCTImageStorage,
+}
+# Classes that carry no pixel data of their own to check.
+NON_IMAGE = {uid.SegmentationStorage}
+
+TRANSFER_SYNTAXES: list[str] = [
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,  # process 14
+    uid.JPEGLosslessSV1,  # process 14, selection value 1
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.RLELossless,
+]
+
+
+def resolve_sop_class(name_or_uid: str) -> str:
+    """A SOP Class UID from a UID or a pydicom keyword (e.g. 'XRayAngiographicImageStorage')."""
+    if name_or_uid and name_or_uid[0].isdigit():
+        return name_or_uid
+    value = getattr(uid, name_or_uid, None)
+    if value is None:
+        raise ValueError(f"unknown SOP class keyword {name_or_uid!r}")
+    return str(value)
