@@ -39,7 +39,7 @@ class RunFeatures:
         frames = int(first.get("NumberOfFrames", 1) or 1)
         subtracted = (
             "SUBTRACTION" in image_type
-            or "MaskSubtractionSequence" in first
+            or mask_operation(first) in SUBTRACTING_MASK_OPERATIONS
             or str(first.get("RecommendedViewingMode", "")).upper() == "SUB"
         )
         is_volume = sop in VOLUME and (frames > 1 or len(headers) > 1)
@@ -55,6 +55,18 @@ class RunFeatures:
             number_of_frames=frames if len(headers) == 1 else len(headers),
             frame_rate=frame_rate(first) if sop in CINE_2D else None,
         )
+
+
+SUBTRACTING_MASK_OPERATIONS = ("AVG_SUB", "TID")
+
+
+def mask_operation(ds: Dataset) -> str:
+    """The first Mask Subtraction Sequence item's Mask Operation ('' when none).
+
+    'NONE' (seen in real cardiac XA) means the run is not to be subtracted.
+    """
+    msq = ds.get("MaskSubtractionSequence")
+    return str(msq[0].get("MaskOperation", "")).upper() if msq else ""
 
 
 def frame_rate(ds: Dataset) -> float | None:

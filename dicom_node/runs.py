@@ -18,7 +18,7 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.valuerep import DT
 
 from dicom_node.errors import RunError
-from dicom_node.routing import frame_rate
+from dicom_node.routing import SUBTRACTING_MASK_OPERATIONS, frame_rate, mask_operation
 from dicom_node.sopclasses import CINE_2D, VOLUME
 from pipelines.base import Run, RunMeta
 
@@ -67,14 +67,13 @@ def frame_times_s(ds: Dataset, frames: int) -> np.ndarray | None:
 
 def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
     """Log-subtract native frames with the mask the Mask Subtraction Sequence names."""
-    msq = ds.get("MaskSubtractionSequence")
-    if not msq:
+    op = mask_operation(ds)
+    if op in ("", "NONE"):
         return frames, False
-    item = msq[0]
-    op = str(item.get("MaskOperation", "")).upper()
-    if op not in ("AVG_SUB", "TID"):
+    if op not in SUBTRACTING_MASK_OPERATIONS:
         log.warning("Mask Operation %r not supported; using frames unsubtracted", op)
         return frames, False
+    item = ds.MaskSubtractionSequence[0]
     numbers = item.get("MaskFrameNumbers")
     if op == "TID" or numbers is None:
         numbers = [1]

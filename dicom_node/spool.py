@@ -107,10 +107,10 @@ def inspect(data: bytes, requested_sop_class: str, max_uid_length: int = 64) -> 
         if expected is None:
             raise RejectedInstance(RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
                                    "image lacks Rows, Columns or Bits Allocated")
-        if not encapsulated and len(pixel.value or b"") < expected:
+        if not encapsulated and len(pixel or b"") < expected:
             raise RejectedInstance(
                 RejectedInstance.CANNOT_UNDERSTAND,
-                f"Pixel Data is truncated: {len(pixel.value or b'')} of {expected} bytes",
+                f"Pixel Data is truncated: {len(pixel or b'')} of {expected} bytes",
             )
     return ds
 

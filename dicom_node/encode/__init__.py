@@ -70,3 +70,5 @@ def _rendering(out: Output, ctx: EncodeContext, run: Run) -> list[Dataset]:
 
 # Encoders living in their own modules register themselves on import.
 # (Add one line per module: SEG, Parametric Map, SR, derived volumes.)
+from dicom_node.encode import seg as _seg  # noqa: E402,F401  (SegmentationOutput -> DICOM SEG)
+from dicom_node.encode import volume as _volume  # noqa: E402,F401  (ImageOutput volume -> CT series)

@@ -1,0 +1,156 @@
+"""DICOM Segmentation (BINARY, highdicom) for ``SegmentationOutput``.
+
+Sources by geometry:
+
+- ``canvas``: the MinIP canvas (``ctx.canvas``), delivered before the SEG.
+- ``frames``: a frames canvas built here from the run (one source frame per
+  mask frame), returned before the SEG so every reference resolves.
+- ``volume``: the source images themselves (they have a Frame of Reference).
+
+For 2D runs the SEG also lists the XA run in its Source Image Sequence and in
+the Common Instance Reference module: the derivation chain reads SEG -> canvas
+-> XA both ways, and the XA run is already at the destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.encode import encoder
+from dicom_node.encode.common import (
+    PURPOSE_SOURCE_FOR_PROCESSING,
+    SERIES_PREFIX,
+    EncodeContext,
+    source_image_reference,
+)
+from dicom_node.encode.frames_canvas import make_frames_canvas
+from pipelines.base import AlgorithmInfo, Code, Output, Run, SegmentationOutput
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def algorithm_identification(info: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
+    """Name, version and family; a model package's name and version go into both
+    the version string and the parameters, so a viewer shows them either way."""
+    if info.family == "model":
+        family = codes.cid7162.ArtificialIntelligence
+        version = f"{info.version} ({info.model_package} {info.model_version})"
+        parameters = {"model_package": str(info.model_package),
+                      "model_version": str(info.model_version)}
+    else:
+        # The classical vessel methods of this node are multi-scale (Hessian) filters.
+        family = codes.cid7162.MultiScaleResolutionFiltering
+        version, parameters = info.version, {"family": "classical"}
+    return hd.AlgorithmIdentificationSequence(name=info.name[:64], family=family,
+                                              version=version[:64], parameters=parameters)
+
+
+def segment_descriptions(out: SegmentationOutput) -> list[hd.seg.SegmentDescription]:
+    algorithm = algorithm_identification(out.algorithm)
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=seg.label[:64],
+            segmented_property_category=coded(seg.category),
+            segmented_property_type=coded(seg.code),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*seg.color_rgb),
+        )
+        for i, seg in enumerate(out.segments)
+    ]
+
+
+def _add_run_reference(seg: Dataset, sources: Sequence[Dataset]) -> None:
+    """List the XA run as a source of the SEG (Source Image Sequence) and in the
+    Common Instance Reference module, which must name every referenced instance."""
+    refs = list(seg.get("SourceImageSequence", []))
+    refs.extend(source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING) for s in sources)
+    seg.SourceImageSequence = refs
+    by_series: dict[str, list[Dataset]] = {}
+    for s in sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = s.SOPClassUID
+        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
+        by_series.setdefault(str(s.SeriesInstanceUID), []).append(item)
+    series = list(seg.get("ReferencedSeriesSequence", []))
+    for uid, items in by_series.items():
+        entry = Dataset()
+        entry.SeriesInstanceUID = uid
+        entry.ReferencedInstanceSequence = items
+        series.append(entry)
+    seg.ReferencedSeriesSequence = series
+
+
+def _pixel_array(out: SegmentationOutput, frames: int | None) -> np.ndarray:
+    """Masks as highdicom wants them: (frames, rows, columns, segments) bool."""
+    masks = np.asarray(out.masks).astype(bool)
+    expected = {"canvas": 3, "frames": 4, "volume": 4}[out.geometry]
+    if masks.ndim != expected or masks.shape[0] != len(out.segments):
+        raise ValueError(f"SEG {out.key!r}: masks {masks.shape} do not fit geometry "
+                         f"{out.geometry!r} with {len(out.segments)} segments")
+    if out.geometry == "canvas":
+        masks = masks[:, None]
+    if frames is not None and masks.shape[1] != frames:
+        raise ValueError(f"SEG {out.key!r}: {masks.shape[1]} mask frames for {frames} source frames")
+    return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
+
+
+def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -> list[Dataset]:
+    """The SEG, preceded by any canvas it references that is not delivered elsewhere."""
+    delivered: list[Dataset] = []
+    if out.geometry == "canvas":
+        if ctx.canvas is None:
+            raise ValueError(f"SEG {out.key!r} on the canvas, but no canvas was made")
+        sources: Sequence[Dataset] = [ctx.canvas]
+        frames: int | None = 1
+    elif out.geometry == "frames":
+        canvas = make_frames_canvas(ctx, run.pixels, run.meta.frame_times_s)
+        delivered.append(canvas)
+        sources, frames = [canvas], run.pixels.shape[0]
+    else:
+        sources, frames = list(ctx.sources), None
+    pixels = _pixel_array(out, frames)
+    description = out.description or f"{out.key} segmentation"
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(out),
+        series_instance_uid=ctx.series_uid(out.key),
+        series_number=ctx.series_number(out.key),
+        sop_instance_uid=ctx.uid(ctx.pipeline, out.key, "instance"),
+        instance_number=1,
+        content_description=out.algorithm.describe()[:64],
+        content_label=out.key.upper().replace("-", "_")[:16],
+        omit_empty_frames=out.geometry != "canvas",
+        series_description=(SERIES_PREFIX + description)[:64],
+        series_date=ctx.now.date(),
+        series_time=ctx.now.time(),
+        content_date=ctx.now.date(),
+        content_time=ctx.now.time(),
+        **_equipment(ctx),
+    )
+    if out.geometry in ("canvas", "frames"):
+        _add_run_reference(seg, ctx.sources)
+    return [*delivered, seg]
+
+
+def _equipment(ctx: EncodeContext) -> dict[str, object]:
+    """Manufacturer and software of the node (identity comes from the sources)."""
+    kwargs = ctx.patient_study_kwargs()
+    kwargs.pop("study_instance_uid", None)
+    return kwargs
+
+
+@encoder(SegmentationOutput)
+def _segmentation(out: Output, ctx: EncodeContext, run: Run) -> list[Dataset]:
+    assert isinstance(out, SegmentationOutput)
+    return encode_segmentation(out, ctx, run)

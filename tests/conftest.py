@@ -1,0 +1,124 @@
+"""Shared fixtures: a real node on loopback, dcmtk peers, and polling helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REAL_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+    return path
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start a node on ephemeral ports; ``make_node(**settings)`` returns it running."""
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    nodes: list[Node] = []
+
+    def factory(**overrides: Any) -> Node:
+        base: dict[str, Any] = {
+            "storage_dir": str(tmp_path / "node"),
+            "port": 0,
+            "api": {"port": 0},
+            "min_free_bytes": 0,
+            "completion": {"quiet_period_s": 1.0, "sweep_interval_s": 0.2},
+            "workers": {"poll_interval_s": 0.1, "backoff_base_s": 0.2},
+            "outbox": {"poll_interval_s": 0.1, "backoff_base_s": 0.2, "backoff_max_s": 1.0},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        node = Node(load_settings(None, environ={}, **base)).start()
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        node.stop()
+
+
+class StoreSCP:
+    """dcmtk storescp as a destination that can go down and come back."""
+
+    def __init__(self, directory: Path, aet: str = "DEST") -> None:
+        self.directory = directory
+        self.aet = aet
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> StoreSCP:
+        self.proc = subprocess.Popen(
+            [need("storescp"), "-aet", self.aet, "-od", str(self.directory), "-uf", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _port_open(self.port), 10, what="storescp to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+    def destination(self, name: str = "dest") -> dict[str, Any]:
+        return {"kind": "dimse", "name": name, "host": "127.0.0.1", "port": self.port, "ae_title": self.aet}
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "received")
+    yield scp
+    scp.stop()
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Lines dciodvfy reports as errors (an empty list means valid)."""
+    out = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]

@@ -1,0 +1,266 @@
+"""Ingest over real loopback associations: pynetdicom and dcmtk clients, refusals
+with their DIMSE statuses, durability, and the run through to a destination."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, XRayAngiographicImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.runs import load_run
+from tests.conftest import dciodvfy_errors, need, wait_for
+from tests.dicomgen import save, xa_run
+
+
+MINIP_ONLY = [{"name": "xa-minip", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
+
+
+def _assoc(node, calling: str = "TESTSCU", sop_class: str = XRayAngiographicImageStorage,  # type: ignore[no-untyped-def]
+           transfer_syntax: str | None = None):
+    ae = AE(ae_title=calling)
+    if transfer_syntax:
+        ae.add_requested_context(sop_class, transfer_syntax)
+    else:
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def _send(node, ds, calling: str = "TESTSCU") -> int:  # type: ignore[no-untyped-def]
+    assoc = _assoc(node, calling, str(ds.SOPClassUID))
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _jobs(node, state: str = "done") -> list:  # type: ignore[no-untyped-def]
+    return node.db.query("SELECT * FROM jobs WHERE state=?", (state,))
+
+
+def test_echo_with_dcmtk_echoscu(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    out = subprocess.run([need("echoscu"), "-aec", node.settings.ae_title, "127.0.0.1", str(node.port)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+
+
+def test_pynetdicom_store_is_durable_indexed_and_processed(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
+    storescp.start()
+    node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
+    ds = xa_run(frames=5)
+    assert _send(node, ds) == 0x0000
+    row = node.db.query("SELECT * FROM instances WHERE sop_instance_uid=?", (ds.SOPInstanceUID,))[0]
+    assert Path(row["path"]).is_file()
+    assert dcmread(row["path"]).SOPInstanceUID == ds.SOPInstanceUID
+    # single-instance multi-frame: complete on arrival, routed, processed, delivered
+    wait_for(lambda: _jobs(node), 60, what="minip job done")
+    files = wait_for(lambda: storescp.files(), 30, what="MinIP at destination")
+    minip = dcmread(files[0])
+    assert minip.StudyInstanceUID == ds.StudyInstanceUID
+    assert minip.PatientID == ds.PatientID
+    assert minip.SeriesInstanceUID != ds.SeriesInstanceUID
+    assert minip.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    expected = ds.pixel_array.min(axis=0)
+    assert np.array_equal(minip.pixel_array.reshape(expected.shape), expected)
+    assert dciodvfy_errors(files[0]) == []
+
+
+def test_duplicate_is_idempotent(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    ds = xa_run(frames=4)
+    assert _send(node, ds) == 0
+    assert _send(node, ds) == 0
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 1
+    wait_for(lambda: node.db.query("SELECT state FROM runs")[0]["state"] in ("routed", "unrouted"), 10)
+    # the duplicate does not route the run twice
+    per_pipeline = node.db.query("SELECT pipeline, COUNT(*) n FROM jobs GROUP BY pipeline")
+    assert per_pipeline and all(r["n"] == 1 for r in per_pipeline)
+
+
+ENCODINGS = {
+    # name: (converter command, storescu proposal flag or None to send with pynetdicom)
+    "explicit": (None, "-xe"),
+    "jpeg-lossless-sv1": (["dcmcjpeg", "+e1"], "-xs"),  # process 14 SV1 (.70), storescu's default lossless
+    "jpeg-lossless-p14": (["dcmcjpeg", "+el"], None),  # process 14 (.57): storescu has no flag for it
+    "rle": (["dcmcrle"], "-xr"),
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_client_transfer_syntaxes(make_node, tmp_path, encoding) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    ds = xa_run(frames=4, rows=48, cols=40)
+    src = save(ds, tmp_path / "src", "run.dcm")
+    converter, flag = ENCODINGS[encoding]
+    if converter:
+        converted = tmp_path / "conv.dcm"
+        subprocess.run([need(converter[0]), *converter[1:], str(src), str(converted)], check=True, timeout=60)
+        src = converted
+    tsuid = str(dcmread(src, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    if flag:
+        out = subprocess.run(
+            [need("storescu"), flag, "-aec", node.settings.ae_title, "-aet", "DCMTK", "127.0.0.1",
+             str(node.port), str(src)], capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    else:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(XRayAngiographicImageStorage, tsuid)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(src).Status) == 0
+        finally:
+            assoc.release()
+    row = node.db.query("SELECT * FROM instances")[0]
+    assert row["transfer_syntax"] == tsuid  # stored as received, not transcoded
+    loaded = load_run([Path(row["path"])])
+    assert np.array_equal(loaded.run.pixels, ds.pixel_array.astype(np.float32))
+    assert loaded.run.meta.frame_times_s is not None
+    assert np.allclose(np.diff(loaded.run.meta.frame_times_s), 0.25)
+
+
+def test_calling_ae_not_allowed_is_rejected(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(allowed_calling_aets=["MODALITY1"])
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_rejected
+    ae2 = AE(ae_title="MODALITY1")
+    ae2.add_requested_context(Verification)
+    ok = ae2.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert ok.is_established
+    ok.release()
+
+
+@pytest.fixture
+def raw_send(monkeypatch):  # type: ignore[no-untyped-def]
+    """pynetdicom sends files as raw bytes, without decoding them first."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def test_unsupported_sop_class(make_node, tmp_path, raw_send) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    # negotiation: MR is not offered; with no acceptable context there is no association
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert not assoc.is_established
+    assert [c.result for c in assoc.rejected_contexts] == [0x03]  # abstract syntax not supported
+    # dataset level: a file whose meta says XA but whose dataset is MR, sent as raw
+    # bytes under the XA context, gets 0x0122 (SOP class not supported)
+    ds = xa_run(frames=2)
+    ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
+    ds.preamble = b"\0" * 128
+    path = tmp_path / "mr.dcm"
+    ds.save_as(path, enforce_file_format=False)  # keeps the lying file meta
+    assoc = _assoc(node, transfer_syntax=ExplicitVRLittleEndian)
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert int(status.Status) == 0x0122
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+
+
+def test_missing_pixel_data(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    ds = xa_run(frames=2)
+    del ds.PixelData
+    assert _send(node, ds) == 0xA900
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+
+
+def test_truncated_pixel_data(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    ds = xa_run(frames=3)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    assert _send(node, ds) == 0xC000
+
+
+def test_truncated_file_from_path(make_node, tmp_path, raw_send) -> None:  # type: ignore[no-untyped-def]
+    """A file cut mid-element, sent as raw bytes by pynetdicom (no decoding)."""
+    node = make_node()
+    path = save(xa_run(frames=3), tmp_path, "full.dcm")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 3001])
+    assoc = _assoc(node, transfer_syntax=ExplicitVRLittleEndian)
+    try:
+        status = assoc.send_c_store(cut)
+    finally:
+        assoc.release()
+    assert int(status.Status) == 0xC000
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+
+
+@pytest.mark.parametrize("uid", ["1.2.3/../../../etc/passwd", "1.2." + "1" * 70, "/etc/passwd", "..", "1.2.3.x"])
+def test_hostile_uids(make_node, uid, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pynetdicom import _config
+
+    # a hostile client does not validate what it sends
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda value: (True, ""))
+    node = make_node()
+    ds = xa_run(frames=2)
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    assert _send(node, ds) == 0xC000
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+    assert not any(p.suffix == ".dcm" for p in (node.settings.storage_dir / "spool").rglob("*"))
+
+
+def test_hostile_series_uid(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node()
+    ds = xa_run(frames=2)
+    ds.SeriesInstanceUID = "../../x"
+    assert _send(node, ds) == 0xC000
+
+
+def test_disk_full_is_out_of_resources(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(min_free_bytes=2**62)
+    assert _send(node, xa_run(frames=2)) == 0xA700
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+    assert list((node.settings.storage_dir / "tmp").iterdir()) == []
+
+
+def test_multi_instance_series_completes_after_quiet_period(make_node) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(completion={"quiet_period_s": 1.0}, rules=MINIP_ONLY)
+    series, study = generate_uid(), generate_uid()
+    for i in range(4):
+        ds = xa_run(frames=1, series_uid=series, study_uid=study, seed=i)
+        ds.InstanceNumber = i + 1
+        ds.AcquisitionTime = f"1200{i:02d}"
+        assert _send(node, ds) == 0
+    assert node.db.query("SELECT state FROM runs")[0]["state"] == "receiving"
+    wait_for(lambda: node.db.query("SELECT state FROM runs")[0]["state"] != "receiving", 10,
+             what="quiet-period completion")
+    wait_for(lambda: _jobs(node), 60, what="job done")
+    assert node.db.query("SELECT COUNT(*) n FROM runs")[0]["n"] == 1
+
+
+def test_explicit_trigger_completes_now(make_node) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    node = make_node(completion={"quiet_period_s": 3600}, rules=MINIP_ONLY)
+    series = generate_uid()
+    for i in range(3):
+        ds = xa_run(frames=1, series_uid=series, seed=i)
+        ds.InstanceNumber = i + 1
+        assert _send(node, ds) == 0
+    resp = requests.post(f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": series}, timeout=10)
+    assert resp.status_code == 200 and resp.json()["completed_runs"] == [series]
+    wait_for(lambda: _jobs(node), 60, what="job done")
+    bad = requests.post(f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": "../x"}, timeout=10)
+    assert bad.status_code == 400
