@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.valuerep import DT
 
@@ -118,7 +119,7 @@ def load_run(paths: Sequence[Path]) -> LoadedRun:
     for p in paths:
         try:
             datasets.append(dcmread(p))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, InvalidDicomError) as exc:
             raise RunError(f"cannot read {p}: {exc}") from None
     first = datasets[0]
     sop = str(first.SOPClassUID)

@@ -72,3 +72,4 @@ def _rendering(out: Output, ctx: EncodeContext, run: Run) -> list[Dataset]:
 # (Add one line per module: SEG, Parametric Map, SR, derived volumes.)
 from dicom_node.encode import seg as _seg  # noqa: E402,F401  (SegmentationOutput -> DICOM SEG)
 from dicom_node.encode import volume as _volume  # noqa: E402,F401  (ImageOutput volume -> CT series)
+from dicom_node.encode import pmap as _pmap, sr as _sr  # noqa: E402,F401  (Parametric Map, TID 1500 SR)

@@ -8,13 +8,13 @@ canvas) yields the same UIDs and the destination stores each object once.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from dicom_node import __version__
 
@@ -48,8 +48,16 @@ STUDY_KEYWORDS = (
 
 
 def deterministic_uid(*parts: str) -> str:
-    """A 2.25 UID that depends only on ``parts``."""
-    return str(generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts]))
+    """A 2.25 UID that depends only on ``parts`` (a name-based UUID, PS3.5 B.2).
+
+    pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the
+    entropy and returns a random UID, so the hash is taken here.
+    """
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    value = bytearray(digest[:16])
+    value[6] = (value[6] & 0x0F) | 0x50  # version 5 (name-based, SHA)
+    value[8] = (value[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return f"2.25.{int.from_bytes(value, 'big')}"
 
 
 @dataclass

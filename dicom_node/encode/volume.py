@@ -17,6 +17,7 @@ encoders run, and any other 2D image is refused rather than mis-encoded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -45,20 +46,20 @@ CONTRAST_KEYWORDS = ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusV
 class SlicePlane:
     """Where one slice of the source lies, and which instance (and frame) it came from."""
 
-    position: tuple[float, float, float]
+    position: tuple[float, ...]
     orientation: tuple[float, ...]
-    spacing: tuple[float, float]
+    spacing: tuple[float, ...]
     thickness: float | None
     source: Dataset
     frame: int | None  # 1-based frame number in a multi-frame source
 
 
-def _floats(values: object) -> tuple[float, ...]:
-    return tuple(float(v) for v in values)  # type: ignore[union-attr]
+def _floats(values: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
 
 
 def _functional(item: Dataset | None, shared: Dataset | None, sequence: str, keyword: str
-                ) -> object | None:
+                ) -> Any:
     """A functional-group attribute from the per-frame item, else the shared one."""
     for group in (item, shared):
         if group is not None and sequence in group and keyword in group[sequence].value[0]:
@@ -76,7 +77,7 @@ def source_planes(ctx: EncodeContext) -> list[SlicePlane]:
                     raise ValueError(f"source slice {ds.SOPInstanceUID} lacks {kw}")
             planes.append(SlicePlane(
                 _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
-                _floats(ds.PixelSpacing), float(ds.SliceThickness) if ds.get("SliceThickness") else None,  # type: ignore[arg-type]
+                _floats(ds.PixelSpacing), float(ds.SliceThickness) if ds.get("SliceThickness") else None,
                 ds, None,
             ))
         return planes
@@ -94,13 +95,13 @@ def source_planes(ctx: EncodeContext) -> list[SlicePlane]:
         if position is None or orientation is None or spacing is None:
             raise ValueError(f"frame {number} of {src.SOPInstanceUID} lacks plane geometry")
         planes.append(SlicePlane(_floats(position), _floats(orientation), _floats(spacing),
-                                 float(thickness) if thickness else None, src, number))  # type: ignore[arg-type]
+                                 float(thickness) if thickness else None, src, number))
     normal = np.cross(planes[0].orientation[:3], planes[0].orientation[3:])
     order = np.argsort([np.dot(p.position, normal) for p in planes], kind="stable")
     return [planes[i] for i in order]
 
 
-def _ds(value: float) -> DS:
+def _ds(value: float) -> Any:
     """A Decimal String with as much precision as 16 characters hold (geometry kept exact)."""
     return DS(value, auto_format=True)
 

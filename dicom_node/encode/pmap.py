@@ -1,0 +1,123 @@
+"""DICOM Parametric Map (highdicom) for ``ParametricMapOutput``: one float map per
+quantity on the MinIP canvas.
+
+The canvas (``ctx.canvas``) is the source image: it carries the Frame of
+Reference and plane geometry the Parametric Map IOD requires and legacy XA
+lacks, and it is delivered before the map, so every reference resolves at the
+destination. The XA run is listed as a further source of the map, the
+derivation chain reading map -> canvas -> XA.
+
+Pixel values are 32-bit floats, mapped to the quantity by a Real World Value
+Mapping (identity slope and intercept) whose LUT Label is the pipeline's label
+(CBF, CBV, MTT, TMAX, TTP), with the quantity in its Quantity Definition and
+UCUM units. Pixels outside the output's ``valid`` mask are 0, as the LUT
+Explanation says.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_node.encode import encoder
+from dicom_node.encode.common import (
+    PURPOSE_SOURCE_FOR_PROCESSING,
+    SERIES_PREFIX,
+    EncodeContext,
+    source_image_reference,
+)
+from pipelines.base import Code, Output, ParametricMapOutput, Run
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
+def _values(out: ParametricMapOutput) -> np.ndarray:
+    values = np.asarray(out.values, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"parametric map {out.key!r} must be (H, W), got {values.shape}")
+    valid = np.isfinite(values)
+    if out.valid is not None:
+        valid &= np.asarray(out.valid, bool)
+    return np.where(valid, values, np.float32(0)), valid
+
+
+def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[Dataset]:
+    if ctx.canvas is None:
+        raise ValueError(f"parametric map {out.key!r} needs the MinIP canvas as its source")
+    values, valid = _values(out)
+    if values.shape != (ctx.canvas.Rows, ctx.canvas.Columns):
+        raise ValueError(f"parametric map {out.key!r} {values.shape} does not fit the canvas "
+                         f"({ctx.canvas.Rows}, {ctx.canvas.Columns})")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=out.label[:16],
+        lut_explanation=(out.description or out.quantity.meaning)[:64],
+        unit=coded(out.unit),
+        value_range=(lo, hi),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=coded(out.quantity),
+    )
+    inside = values[valid] if valid.any() else values.ravel()
+    p_lo, p_hi = (float(v) for v in np.percentile(inside, [2, 98]))
+    width = max(p_hi - p_lo, 1e-6)
+    kwargs = ctx.patient_study_kwargs()
+    kwargs.pop("study_instance_uid", None)
+    pm = hd.pm.ParametricMap(
+        source_images=[ctx.canvas],
+        pixel_array=values[None],
+        series_instance_uid=ctx.series_uid(out.key),
+        series_number=ctx.series_number(out.key),
+        sop_instance_uid=ctx.uid(ctx.pipeline, out.key, "instance"),
+        instance_number=1,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        # LINEAR_EXACT: relative maps have windows narrower than 1.
+        voi_lut_transformations=[hd.content.VOILUTTransformation(
+            window_center=p_lo + width / 2, window_width=width,
+            voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT)],
+        content_description=f"{out.quantity.meaning} ({out.algorithm.describe()})"[:64],
+        content_label=out.label.upper()[:16],
+        series_description=(SERIES_PREFIX + f"{out.label} {out.quantity.meaning}")[:64],
+        series_date=ctx.now.date(),
+        series_time=ctx.now.time(),
+        content_date=ctx.now.date(),
+        content_time=ctx.now.time(),
+        **kwargs,
+    )
+    # General Series: Type 2C, empty when unknown (a head run is not paired).
+    pm.Laterality = ctx.first.get("Laterality", "")
+    pm.ImageComments = (out.description or out.quantity.meaning)[:10240]
+    refs = list(pm.get("SourceImageSequence", []))
+    refs.extend(source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING) for s in ctx.sources)
+    pm.SourceImageSequence = refs
+    _add_run_reference(pm, ctx)
+    return [pm]
+
+
+def _add_run_reference(pm: Dataset, ctx: EncodeContext) -> None:
+    """Common Instance Reference: every referenced instance, the XA run included."""
+    by_series: dict[str, list[Dataset]] = {}
+    for s in ctx.sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = s.SOPClassUID
+        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
+        by_series.setdefault(str(s.SeriesInstanceUID), []).append(item)
+    series = list(pm.get("ReferencedSeriesSequence", []))
+    for uid, items in by_series.items():
+        entry = Dataset()
+        entry.SeriesInstanceUID = uid
+        entry.ReferencedInstanceSequence = items
+        series.append(entry)
+    pm.ReferencedSeriesSequence = series
+
+
+@encoder(ParametricMapOutput)
+def _parametric_map(out: Output, ctx: EncodeContext, run: Run) -> list[Dataset]:
+    assert isinstance(out, ParametricMapOutput)
+    return encode_parametric_map(out, ctx)

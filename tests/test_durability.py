@@ -1,0 +1,192 @@
+"""Nothing acknowledged is lost: kill -9 mid-transfer, destinations that are down,
+job leases and retries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import XRayAngiographicImageStorage, generate_uid
+from pynetdicom import AE
+
+from dicom_node.db import Database
+from tests.conftest import free_port, wait_for
+from tests.dicomgen import xa_run
+
+MINIP_RULES = """
+[[rules]]
+name = "xa-minip"
+pipelines = ["minip"]
+[rules.match]
+modality = ["XA"]
+"""
+
+
+def _start_serve(config: Path) -> subprocess.Popen[bytes]:
+    log = open(config.with_suffix(".log"), "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_listening(config: Path, starts: int) -> None:
+    log = config.with_suffix(".log")
+    wait_for(lambda: log.read_text().count("storage SCP") >= starts, 60, what="node to listen")
+
+
+def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    port, api_port = free_port(), free_port()
+    storage = tmp_path / "node"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'storage_dir = "{storage}"\nport = {port}\nmin_free_bytes = 0\n'
+        f"[api]\nport = {api_port}\n[completion]\nquiet_period_s = 1.5\nsweep_interval_s = 0.2\n"
+        f"[workers]\npoll_interval_s = 0.1\n" + MINIP_RULES
+    )
+    proc = _start_serve(config)
+    _wait_listening(config, 1)
+    series, study = generate_uid(), generate_uid()
+    acknowledged: list[str] = []
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ANGIO_NODE")
+    assert assoc.is_established
+    killed = False
+    for i in range(12):
+        ds = xa_run(frames=1, rows=128, cols=128, series_uid=series, study_uid=study, seed=i)
+        ds.InstanceNumber = i + 1
+        if i == 6:
+            os.kill(proc.pid, signal.SIGKILL)  # mid-association, mid-series
+            proc.wait(10)
+            killed = True
+        try:
+            status = assoc.send_c_store(ds)
+        except (RuntimeError, ValueError):
+            break
+        if status and int(status.get("Status", 0xFFFF)) == 0:
+            acknowledged.append(str(ds.SOPInstanceUID))
+        elif killed:
+            break
+    assoc.abort()
+    assert 6 <= len(acknowledged) < 12
+
+    proc = _start_serve(config)
+    try:
+        _wait_listening(config, 2)
+        db = Database(storage / "node.sqlite")
+        stored = {r["sop_instance_uid"]: r["path"] for r in db.query("SELECT * FROM instances")}
+        for uid in acknowledged:
+            assert uid in stored, f"acknowledged {uid} lost"
+            assert dcmread(stored[uid]).SOPInstanceUID == uid
+        # the restarted node completes and processes the partial series
+        wait_for(lambda: db.query("SELECT * FROM jobs WHERE state='done'"), 60, what="job done after restart")
+        run = db.query("SELECT * FROM runs")[0]
+        assert run["series_uid"] == series and run["state"] == "routed"
+        # no partial file is left in the spool
+        assert not list((storage / "spool").rglob("*.part"))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_destination_down_then_up_delivers_once(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(destinations=[storescp.destination()],
+                     rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    for i in range(2):
+        assert int(assoc.send_c_store(xa_run(frames=3, seed=i)).Status) == 0
+    assoc.release()
+    # destination is down: the outbox keeps the results and retries
+    wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE attempts >= 2"), 30, what="retries")
+    pending = node.db.query("SELECT * FROM outbox WHERE state='pending'")
+    assert len(pending) == 2 and all("dest" in r["error"] for r in pending)
+    status = node.status()
+    assert status["outbox_backlog"][0]["n"] == 2  # type: ignore[index]
+    storescp.start()
+    wait_for(lambda: len(node.db.query("SELECT * FROM outbox WHERE state='sent'")) == 2, 30,
+             what="delivery once the destination is up")
+    time.sleep(1.0)
+    files = storescp.files()
+    assert len(files) == 2  # +uf would show duplicates as extra files
+    assert len({dcmread(f).SOPInstanceUID for f in files}) == 2
+
+
+def test_reprocess_yields_same_uids(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
+    """Deterministic UIDs: a re-run supersedes rather than duplicates."""
+    import requests
+
+    storescp.start()
+    node = make_node(destinations=[storescp.destination()],
+                     rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    ds = xa_run(frames=3)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 30)
+    first = node.db.query("SELECT sop_instance_uid FROM outbox")[0]["sop_instance_uid"]
+    resp = requests.post(f"http://127.0.0.1:{node.api_port}/reprocess",
+                         json={"study_uid": str(ds.StudyInstanceUID)}, timeout=10)
+    assert resp.status_code == 200
+    wait_for(lambda: len(node.db.query("SELECT * FROM jobs WHERE state='done'")) == 2, 30)
+    wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent' AND attempts >= 1"), 30)
+    rows = node.db.query("SELECT sop_instance_uid FROM outbox")
+    assert [r["sop_instance_uid"] for r in rows] == [first]
+
+
+def test_job_failure_retries_then_fails_with_reason(make_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A run whose file vanished: permanent RunError, recorded once, no retry storm."""
+    node = make_node(rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+                     workers={"max_attempts": 2})
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    node.workers.stop()  # hold the job while we break its input
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    ds = xa_run(frames=3)
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    path = node.db.query("SELECT path FROM instances")[0]["path"]
+    Path(path).write_bytes(b"not dicom any more")
+    from dicom_node.jobs import Workers
+
+    node.workers = Workers(node.queue, node.execute, 1, 0.1)
+    node.workers.start()
+    job = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 30)[0]
+    assert job["attempts"] == 1 and "RunError" in job["error"]
+    assert node.status()["failed_jobs"][0]["error"] == job["error"]  # type: ignore[index]
+
+
+def test_lease_expiry_requeues_a_dead_workers_job(tmp_path: Path) -> None:
+    from dicom_node.jobs import JobQueue
+    from dicom_node.settings import WorkerSettings
+
+    db = Database(tmp_path / "q.sqlite")
+    q = JobQueue(db, WorkerSettings(lease_s=0.2, backoff_base_s=0.1))
+    jid = q.enqueue("run-1", "minip", [])
+    job = q.claim("dead-worker")
+    assert job is not None and job.id == jid
+    assert q.claim("other") is None  # leased
+    time.sleep(0.3)
+    again = q.claim("other")
+    assert again is not None and again.id == jid and again.attempts == 2
+    # a new process re-queues jobs that an old process left running, at once
+    q2 = JobQueue(db, WorkerSettings(lease_s=100, max_attempts=4, backoff_base_s=0.1))
+    assert q2.recover() == 1
+    third = q2.claim("w")
+    assert third is not None and third.attempts == 3
+    q2.failed(third, RuntimeError("boom"))  # attempt 3 of 4: retried with backoff
+    row = db.query("SELECT state, error, not_before FROM jobs")[0]
+    assert row["state"] == "queued" and "boom" in row["error"] and row["not_before"] > time.time()
+    time.sleep(0.5)
+    fourth = q2.claim("w")
+    assert fourth is not None and fourth.attempts == 4
+    q2.failed(fourth, RuntimeError("boom again"))  # the last attempt: failed, with the reason
+    row = db.query("SELECT state, error FROM jobs")[0]
+    assert row["state"] == "failed" and "boom again" in row["error"]
