@@ -87,7 +87,7 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
     return sub.astype(np.float32), True
 
 
-def _decode(ds: Dataset, path: Path) -> np.ndarray:
+def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
@@ -135,12 +135,12 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         order = np.argsort([int(ds.get("InstanceNumber", i) or i) for i, ds in enumerate(datasets)])
         datasets = [datasets[i] for i in order]
         paths = [paths[i] for i in order]
-        frames = np.stack([_decode(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
+        frames = np.stack([decode_pixels(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
                            for ds, p in zip(datasets, paths, strict=True)])
         times = _instance_times(datasets)
     else:
         ds = datasets[0]
-        arr = _decode(ds, paths[0])
+        arr = decode_pixels(ds, paths[0])
         frames = arr.reshape(-1, int(ds.Rows), int(ds.Columns))
         times = frame_times_s(ds, frames.shape[0])
     first = datasets[0]
@@ -187,7 +187,7 @@ def _instance_times(datasets: list[Dataset]) -> np.ndarray | None:
 def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
     first = datasets[0]
     if len(datasets) == 1:
-        vol = _decode(first, paths[0])
+        vol = decode_pixels(first, paths[0])
         if vol.ndim == 2:
             raise RunError("a single 2D slice is not a volume")
         sfg = first.get("SharedFunctionalGroupsSequence")
@@ -208,7 +208,7 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         order = np.argsort([_slice_position(ds) for ds in datasets])
         datasets = [datasets[i] for i in order]
         paths = [paths[i] for i in order]
-        vol = np.stack([_decode(ds, p) for ds, p in zip(datasets, paths, strict=True)])
+        vol = np.stack([decode_pixels(ds, p) for ds, p in zip(datasets, paths, strict=True)])
         spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1])) if "PixelSpacing" in first else None
         pos = sorted(_slice_position(ds) for ds in datasets)
         slice_spacing = float(np.median(np.diff(pos))) if len(pos) > 1 else None

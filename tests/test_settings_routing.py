@@ -1,0 +1,155 @@
+"""Settings validation and declarative routing, including real vendor files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.errors import ConfigError, RunError
+from dicom_node.routing import RunFeatures, route
+from dicom_node.runs import decode_pixels, load_run
+from dicom_node.settings import load_settings
+from tests.conftest import REAL_DATA
+from tests.dicomgen import ct_series, save, xa_run
+
+
+def test_defaults_and_env_overrides() -> None:
+    s = load_settings(None, environ={"DICOM_NODE_PORT": "11999", "DICOM_NODE_AE_TITLE": "NODE2",
+                                     "DICOM_NODE_COMPLETION__QUIET_PERIOD_S": "2.5",
+                                     "DICOM_NODE_ALLOWED_CALLING_AETS": '["A", "B"]'})
+    assert (s.port, s.ae_title, s.completion.quiet_period_s) == (11999, "NODE2", 2.5)
+    assert s.allowed_calling_aets == ["A", "B"]
+    assert s.effective_rules()  # default rules ship
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "allowed"),
+    [
+        ('port = 70000', "port", "less than or equal to 65535"),
+        ('ae_title = "WAY_TOO_LONG_AE_TITLE"', "ae_title", "1-16 printable"),
+        ('colour = "red"', "colour", "unknown key"),
+        ('[[destinations]]\nkind = "dimse"\nname = "p"\nhost = "h"\nport = 1\nae_title = "A\\\\B"',
+         "destinations.0.dimse.ae_title", "no backslash"),
+        ('[[destinations]]\nkind = "dicomweb"\nname = "w"\nurl = "ftp://x"', "destinations.0.dicomweb.url", "http"),
+        ('[[destinations]]\nkind = "carrier-pigeon"\nname = "x"', "destinations.0", "dimse"),
+        ('[[rules]]\nname = "r"\npipelines = ["nope"]', "rules.0.pipelines", "allowed:"),
+        ('[[rules]]\nname = "r"\ndestinations = ["ghost"]', "ghost", "configured"),
+        ('[[rules]]\nname = "r"\n[rules.match.tags]\nBodyPartExamined = { regex = "(" }', "regex", "invalid regex"),
+        ('[workers]\nconcurrency = 0', "workers.concurrency", "greater than or equal to 1"),
+    ],
+)
+def test_bad_config_names_key_and_allowed_values(tmp_path: Path, toml: str, key: str, allowed: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, environ={})
+    assert key in str(err.value) and allowed in str(err.value), str(err.value)
+
+
+def test_cli_fails_at_start_on_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("port = -1\n")
+    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "port" in out.stderr
+
+
+def _features(ds) -> RunFeatures:  # type: ignore[no-untyped-def]
+    return RunFeatures.from_headers([ds], "MODALITY")
+
+
+def test_default_rules_tell_kinds_apart() -> None:
+    rules = load_settings(None, environ={}).effective_rules()
+    assert route(rules, _features(xa_run(frames=4))).rule.name == "cerebral-dsa"  # type: ignore[union-attr]
+    cine = xa_run(frames=4, subtracted=False, body_part="HEART")
+    assert route(rules, _features(cine)).rule.name == "coronary-cine"  # type: ignore[union-attr]
+    fast = xa_run(frames=4, subtracted=False, body_part="", frame_time_ms=66.7)
+    assert route(rules, _features(fast)).rule.name == "coronary-cine-by-rate"  # type: ignore[union-attr]
+    slow_native = xa_run(frames=4, subtracted=False, body_part="", frame_time_ms=500)
+    assert route(rules, _features(slow_native)).rule is None  # not guessed
+    single = xa_run(frames=1)
+    assert route(rules, _features(single)).rule is None
+    vol = ct_series(slices=4)
+    for ds in vol:
+        ds.BodyPartExamined = "HEAD"
+    d = route(rules, RunFeatures.from_headers(vol))
+    assert d.rule is not None and d.rule.name == "rotational-3d"
+
+
+def test_custom_rule_by_calling_aet_and_regex(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[[rules]]\nname = "suite2"\npipelines = ["minip"]\n[rules.match]\n'
+                   'calling_aet = ["SUITE2"]\nimage_type = ["SUBTRACTION"]\n'
+                   '[rules.match.tags]\nSeriesDescription = { regex = "(?i)carotid" }\n')
+    rules = load_settings(cfg, environ={}).effective_rules()
+    ds = xa_run(frames=3)
+    ds.SeriesDescription = "L Carotid DSA"
+    assert route(rules, RunFeatures.from_headers([ds], "SUITE2")).pipelines == ["minip"]
+    d = route(rules, RunFeatures.from_headers([ds], "SUITE1"))
+    assert d.rule is None and "calling AE" in d.explain()
+
+
+def test_route_explain_cli(tmp_path: Path) -> None:
+    path = save(xa_run(frames=3), tmp_path)
+    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "route", "--explain", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "rule 'cerebral-dsa': MATCH" in out.stdout and "[x] subtracted is True" in out.stdout
+
+
+REAL_FILES = sorted(REAL_DATA.rglob("*.dcm")) if REAL_DATA.exists() else []
+
+
+@pytest.mark.skipif(not REAL_FILES, reason="../shared/data/real is not present")
+@pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.name)
+def test_real_vendor_files_route_and_decode(path: Path) -> None:
+    """Real files: compressed syntaxes, private tags, Mask Operation NONE, retired curves."""
+    ds = dcmread(path, stop_before_pixels=True)
+    decision = route(load_settings(None, environ={}).effective_rules(), RunFeatures.from_headers([ds]))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        # the 96-frame 30 fps cardiac XA (Mask Operation NONE) is coronary cine, not DSA
+        assert decision.rule is not None and decision.rule.name.startswith("coronary"), decision.explain()
+        loaded = load_run([path])
+        assert loaded.run.pixels.shape == (frames, ds.Rows, ds.Columns)
+        assert loaded.run.meta.frame_times_s is not None
+        assert loaded.run.meta.frame_times_s[1] == pytest.approx(float(ds.FrameTime) / 1000)
+        assert loaded.run.meta.subtracted is False
+    else:
+        assert decision.rule is None  # single frames are stored, not guessed at
+        full = dcmread(path)
+        if "JPLY" in path.name:
+            # 12-bit JPEG Extended that no installed decoder reads: a clear, permanent error
+            with pytest.raises(RunError, match="cannot decode pixel data"):
+                decode_pixels(full, path)
+        else:
+            assert decode_pixels(full, path).shape[-2:] == (ds.Rows, ds.Columns)
+
+
+def test_process_cli_on_real_cardiac_run_and_nothing_processable(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "process", str(tmp_path), "--output",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "nothing could be processed" in out.stderr
+
+
+def test_native_run_with_mask_subtraction_is_log_subtracted(tmp_path: Path) -> None:
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    ds = xa_run(frames=5, subtracted=False)
+    live = ds.pixel_array.astype(np.float64)
+    item = Dataset()
+    item.MaskOperation = "AVG_SUB"
+    item.MaskFrameNumbers = [1, 2]
+    item.ContrastFrameAveraging = 1
+    ds.MaskSubtractionSequence = [item]
+    loaded = load_run([save(ds, tmp_path)])
+    assert loaded.run.meta.subtracted and loaded.run.meta.extra["mask_subtracted"]
+    mask = live[:2].mean(axis=0)
+    expected = 2048 + 1024 * (np.log1p(live) - np.log1p(mask))
+    assert np.allclose(loaded.run.pixels, expected, atol=1e-2)
+    assert RunFeatures.from_headers([ds]).subtracted
