@@ -115,7 +115,7 @@ def load_run(paths: Sequence[Path]) -> LoadedRun:
     """Read the files of one run (one multi-frame instance, or a series) into a Run."""
     if not paths:
         raise RunError("run has no instances")
-    datasets = []
+    datasets: list[Dataset] = []
     for p in paths:
         try:
             datasets.append(dcmread(p))

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.errors import RejectedInstance
 from dicom_node.settings import Settings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.spool import Spool, Stored
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,12 @@ def _handle_echo(event: Event) -> int:
 
 def start_scp(settings: Settings, spool: Spool, on_stored: OnStored) -> ThreadedAssociationServer:
     ae = make_ae(settings)
-    handlers = [
+    handlers: list = [  # type: ignore[type-arg]
         (evt.EVT_C_STORE, make_store_handler(spool, on_stored)),
         (evt.EVT_C_ECHO, _handle_echo),
     ]
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
+    assert server is not None  # block=False always returns the server
     log.info("storage SCP %s listening on %s:%d", settings.ae_title, settings.host,
              server.server_address[1])
     return server

@@ -7,8 +7,11 @@ import logging
 import threading
 from pathlib import Path
 
+from http.server import ThreadingHTTPServer
+
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import completion
 from dicom_node.db import Database
@@ -38,8 +41,8 @@ class Node:
                                settings.workers.poll_interval_s)
         self.scheduler = BackgroundScheduler()
         self.results_dir = settings.storage_dir / "results"
-        self.server = None
-        self.api = None
+        self.server: ThreadedAssociationServer | None = None
+        self.api: ThreadingHTTPServer | None = None
         self._route_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
@@ -186,7 +189,7 @@ def status_summary(db: Database) -> dict[str, object]:
 
 def jobs_for(db: Database, *, study_uid: str | None = None, series_uid: str | None = None,
              sop_instance_uid: str | None = None) -> list[dict[str, object]]:
-    where, params = "", ()
+    where, params = "", ()  # type: tuple[str, tuple[str, ...]]
     if sop_instance_uid:
         where, params = "WHERE r.run_id IN (SELECT run_id FROM instances WHERE sop_instance_uid=?)", (sop_instance_uid,)
     elif series_uid:

@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, XRayAngiographicImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    XRayAngiographicImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.runs import load_run
 from tests.conftest import dciodvfy_errors, need, wait_for
 from tests.dicomgen import save, xa_run
-
 
 MINIP_ONLY = [{"name": "xa-minip", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
 

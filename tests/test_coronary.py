@@ -1,0 +1,259 @@
+"""xa_coronary: the 3D-2D CE-Net, the classical Frangi path, post-processing,
+the outputs and their DICOM encodings (cine SC and SEG on the frames canvas)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from pipelines.base import PipelineContext, Run, RunMeta, SegmentationOutput
+from pipelines.coronary import (
+    NAME,
+    CoronarySegmentation,
+    classical_vessels,
+    hysteresis,
+    normalise_cine,
+    remove_small_components,
+)
+from pipelines.models.cenet import CENet3D2D, frame_windows
+from pipelines.models.package import build, load_package, write_package
+
+torch.set_num_threads(1)
+TINY = {"width": 8, "blocks": [1, 1, 1, 1], "temporal_features": 4}
+
+
+def synthetic_cine(frames: int = 8, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A moving, filling dark vessel over static rib-like bands and a soft gradient, with noise.
+
+    Returns (stored values (T, H, W), truth masks (T, H, W)).
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    ribs = 180.0 * (np.sin(yy / 5.0 + xx / 40.0) > 0.6)  # static, edge-rich
+    background = 1600.0 + 4.0 * xx + ribs
+    out = np.empty((frames, size, size), np.float32)
+    truth = np.zeros((frames, size, size), bool)
+    for t in range(frames):
+        phase = 2 * np.pi * t / 5.0
+        centre = size / 2 + 0.25 * size * np.sin(yy / (size / 6) + phase)
+        fill = min(1.0, 0.4 + t / frames)
+        vessel = (np.abs(xx - centre) < 2.5) & (yy > size * (0.55 - 0.45 * fill))
+        truth[t] = vessel
+        out[t] = background - 420.0 * vessel + rng.normal(0, 18.0, (size, size))
+    return out, truth
+
+
+def run_of(frames: np.ndarray) -> Run:
+    t = frames.shape[0]
+    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1", rows=frames.shape[1],
+                   columns=frames.shape[2], number_of_frames=t,
+                   frame_times_s=np.arange(t) / 15.0, pixel_spacing_mm=(0.3, 0.3),
+                   body_part="HEART", frame_rate=15.0)
+    return Run(pixels=frames, meta=meta)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_frame_windows_repeat_edge_frames() -> None:
+    frames = torch.arange(4, dtype=torch.float32)[:, None, None].expand(4, 2, 2)
+    win = frame_windows(frames, 2, torch.tensor([0, 3]))
+    assert win.shape == (2, 5, 2, 2)
+    assert win[0, :, 0, 0].tolist() == [0, 0, 0, 1, 2]
+    assert win[1, :, 0, 0].tolist() == [1, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_cenet_shapes_and_resnet34_default(n: int) -> None:
+    model = build("ce_net_3d2d", {"neighbours": n, **TINY}).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 2 * n + 1, 64, 96))
+    assert out.shape == (2, 1, 64, 96)
+    assert model.temporal.kernel_size == (2 * n + 1, 3, 3)
+    assert model.to_rgb.out_channels == 3
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    full = CENet3D2D(neighbours=n)
+    assert [len(s) for s in (full.enc1, full.enc2, full.enc3, full.enc4)] == [3, 4, 6, 3]
+
+
+def test_cenet_rejects_wrong_window_and_size() -> None:
+    model = build("ce_net_3d2d", {"neighbours": 1, **TINY})
+    with pytest.raises(ValueError, match="frame windows"):
+        model(torch.randn(1, 5, 64, 64))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 60, 64))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build("ce_net_3d2d", {"neighbors": 1})
+
+
+def test_temporal_context_reaches_the_output() -> None:
+    """With N = 1 a change in the next frame changes this frame's output; with N = 0 it cannot."""
+    torch.manual_seed(0)
+    frames = torch.randn(3, 64, 64)
+    changed = frames.clone()
+    changed[2] += 3.0
+    for n, should_change in ((0, False), (1, True)):
+        model = build("ce_net_3d2d", {"neighbours": n, **TINY}).eval()
+        with torch.no_grad():
+            a = model(frame_windows(frames, n, torch.tensor([1])))
+            b = model(frame_windows(changed, n, torch.tensor([1])))
+        assert bool((a - b).abs().max() > 1e-4) is should_change
+
+
+# --------------------------------------------------------------------------- classical
+
+
+def test_remove_small_components_is_per_frame() -> None:
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, 2:4, 2:4] = True  # 4 px: dropped even though frame 1 has pixels there too
+    masks[1, 2:8, 2:8] = True  # 36 px: kept
+    out = remove_small_components(masks, 10)
+    assert not out[0].any()
+    assert out[1].sum() == 36
+
+
+def test_hysteresis_keeps_weak_parts_connected_to_strong_ones() -> None:
+    r = np.zeros((1, 8, 16), np.float32)
+    r[0, 2, 1:8] = 0.1
+    r[0, 2, 4] = 0.5  # strong seed in the first line
+    r[0, 6, 1:8] = 0.1  # weak only: dropped
+    out = hysteresis(r, 0.05, 0.3)
+    assert out[0, 2, 1:8].all() and not out[0, 6].any()
+
+
+def test_normalise_cine_makes_vessels_positive_and_dose_free() -> None:
+    frames, truth = synthetic_cine()
+    a = normalise_cine(frames)
+    b = normalise_cine(frames * 2.0 + 100.0)
+    assert np.allclose(a, b, atol=1e-4)
+    assert a[truth].mean() > 2.0 > abs(float(np.median(a[~truth])))
+
+
+def test_classical_path_finds_moving_vessel_not_static_ribs() -> None:
+    frames, truth = synthetic_cine()
+    masks, response = classical_vessels(frames)
+    assert masks.shape == truth.shape == response.shape
+    assert iou(masks, truth) > 0.5
+    # Specificity: almost nothing outside the vessel (the static rib edges are removed).
+    assert masks[~truth].mean() < 0.02
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def check_outputs(result, frames: np.ndarray) -> SegmentationOutput:
+    seg, cine = result.outputs
+    assert isinstance(seg, SegmentationOutput)
+    assert seg.geometry == "frames"
+    assert seg.masks.shape == (1, *frames.shape) and seg.masks.dtype == bool
+    assert (seg.segments[0].code.value, seg.segments[0].code.scheme) == ("59820001", "SCT")
+    assert cine.key == "cine" and cine.rgb.shape == (*frames.shape, 3) and cine.rgb.dtype == np.uint8
+    # Overlay colour where vessels were found, grey elsewhere.
+    red = cine.rgb[..., 0].astype(int) - cine.rgb[..., 2]
+    assert red[seg.masks[0]].mean() > 60
+    return seg
+
+
+def test_pipeline_classical_outputs() -> None:
+    frames, truth = synthetic_cine()
+    result = CoronarySegmentation()(run_of(frames), PipelineContext())
+    seg = check_outputs(result, frames)
+    assert seg.algorithm.family == "classical"
+    assert iou(seg.masks[0], truth) > 0.5
+    assert any("classical" in n for n in result.notes)
+
+
+def test_pipeline_refuses_volumes() -> None:
+    frames, _ = synthetic_cine()
+    meta = RunMeta(modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", rows=64, columns=64,
+                   number_of_frames=8, is_volume=True)
+    with pytest.raises(Exception, match="2D\\+t"):
+        CoronarySegmentation()(Run(frames, meta), PipelineContext())
+
+
+def tiny_package(tmp_path: Path, n: int, pipeline: str = NAME) -> Path:
+    torch.manual_seed(n)
+    config = {"neighbours": n, **TINY}
+    return write_package(
+        tmp_path / f"cenet-n{n}", model=build("ce_net_3d2d", config), name=f"test-cenet-n{n}",
+        version="0.0.1", architecture_name="ce_net_3d2d", config=config, pipeline=pipeline,
+        metrics={}, data={"synthetic": True}, model_card="test package, untrained",
+        training_command="pytest", dataset_manifest_hash="0" * 64,
+    )
+
+
+def test_pipeline_model_path_and_package_checks(tmp_path: Path) -> None:
+    frames, _ = synthetic_cine(frames=5, size=80)  # 80 px: padded to 96 inside
+    pkg = tiny_package(tmp_path, 2)
+    assert load_package(pkg, pipeline=NAME).config["neighbours"] == 2
+    result = CoronarySegmentation()(run_of(frames), PipelineContext(model_package=str(pkg)))
+    seg, _ = result.outputs
+    assert seg.algorithm.family == "model" and seg.algorithm.model_package == "test-cenet-n2"
+    assert seg.masks.shape == (1, 5, 80, 80)
+    other = tiny_package(tmp_path, 1, pipeline="rotational_dla")
+    with pytest.raises(Exception, match="is for pipeline"):
+        CoronarySegmentation()(run_of(frames), PipelineContext(model_package=str(other)))
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def xa_source(frames: np.ndarray) -> pydicom.Dataset:
+    from tests.dicomgen import xa_run
+
+    ds = xa_run(frames=frames.shape[0], rows=frames.shape[1], cols=frames.shape[2],
+                subtracted=False, body_part="HEART", frame_time_ms=66.7)
+    ds.PixelData = np.clip(frames, 0, 4095).astype(np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_cine_sc_and_frames_seg_encode_valid(tmp_path: Path) -> None:
+    from dicom_node.encode import encode_result
+    from dicom_node.encode.common import EncodeContext
+
+    frames, _ = synthetic_cine(frames=6)
+    src = xa_source(frames)
+    run = run_of(frames)
+    result = CoronarySegmentation()(run, PipelineContext())
+    datasets = encode_result(result, run, EncodeContext(sources=[src], pipeline=NAME))
+    by_class = {str(ds.SOPClassUID): ds for ds in datasets}
+    cine = by_class[pydicom.uid.MultiFrameTrueColorSecondaryCaptureImageStorage]
+    seg_ds = by_class[pydicom.uid.SegmentationStorage]
+    for ds in datasets:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], ds.SOPClassUID.name
+    back = pydicom.dcmread(tmp_path / f"{cine.SOPInstanceUID}.dcm")
+    assert int(back.NumberOfFrames) == 6
+    assert np.array_equal(back.pixel_array, result.outputs[1].rgb)
+    # The SEG reads back with highdicom with the same per-frame masks.
+    import highdicom as hd
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / f"{seg_ds.SOPInstanceUID}.dcm"))
+    desc = seg.get_segment_description(1)
+    assert desc.segmented_property_type.value == "59820001"
+    masks = result.outputs[0].masks[0]
+    canvas = next(ds for ds in datasets
+                  if ds.SOPClassUID == pydicom.uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
+    stack = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=canvas.SOPInstanceUID,
+        source_frame_numbers=list(range(1, 7)), segment_numbers=[1],
+    )
+    assert np.array_equal(stack[..., 0].astype(bool), masks)

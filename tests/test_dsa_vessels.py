@@ -1,0 +1,331 @@
+"""DSA vessel pipelines: preprocessing, tiling, the two architectures, the classical
+path, model packages through the pipelines, and the emitted objects (dciodvfy)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pipelines
+from dicom_node.encode import encode_result
+from dicom_node.encode.common import EncodeContext
+from pipelines.base import ARTERY, ICA, VEIN, PipelineContext, PipelineError, Run, RunMeta
+from pipelines.models.package import build, load_package, write_package
+from pipelines.models.stunet import STUNet
+from pipelines.models.vssnet import VSSNet
+from pipelines.preprocess import (
+    blend_window,
+    normalise_dsa,
+    resample_frames,
+    resample_times,
+    temporal_weights,
+    tile_starts,
+    tiled_apply,
+    work_shape,
+)
+from pipelines.vessels import analyse, classical_av
+from tests.test_seg_encoder import xa_header
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------
+# A small synthetic run: an arterial tree from the bottom edge, a venous tree
+# from the left edge, gamma-variate inflow (arteries early, veins late), noise.
+
+
+def _tube_thickness(shape: tuple[int, int], segments: list[tuple[float, ...]]) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    out = np.zeros(shape, np.float32)
+    for x0, y0, x1, y1, r in segments:
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+        d = np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy))
+        out = np.maximum(out, 2 * r * np.sqrt(np.clip(1 - (d / r) ** 2, 0, None)))
+    return out
+
+
+def _tree(rng: np.random.Generator, size: int, root: tuple[float, float], angle: float,
+          radius: float, depth: int = 3) -> list[tuple[float, ...]]:
+    segments, stack = [], [(root, angle, radius, 0)]
+    while stack:
+        (x, y), a, r, d = stack.pop()
+        length = size * rng.uniform(0.15, 0.3) * 0.8**d
+        x1, y1 = x + length * np.cos(a), y + length * np.sin(a)
+        segments.append((x, y, x1, y1, r))
+        if d < depth:
+            stack += [((x1, y1), a + s * rng.uniform(0.3, 0.7), max(0.75 * r, 1.0), d + 1)
+                      for s in (-1, 1)]
+    return segments
+
+
+def gamma_variate(t: np.ndarray, arrival: float, peak: float) -> np.ndarray:
+    s = np.clip(t - arrival, 0, None) / (peak - arrival)
+    return s**3 * np.exp(3 * (1 - s))
+
+
+def synthetic_dsa(seed: int = 0, size: int = 96, frames: int = 12, duration: float = 10.0
+                  ) -> tuple[Run, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    artery = _tube_thickness((size, size), _tree(rng, size, (size * rng.uniform(0.4, 0.6),
+                                                              size - 1.0), -np.pi / 2, size / 45))
+    vein = _tube_thickness((size, size), _tree(rng, size, (1.0, size * rng.uniform(0.3, 0.7)),
+                                               0.0, size / 50))
+    times = np.linspace(0, duration, frames)
+    curve_a, curve_v = gamma_variate(times, 0.5, 3.0), gamma_variate(times, 3.5, 7.0)
+    contrast = 0.12 * (artery[None] * curve_a[:, None, None] + vein[None] * curve_v[:, None, None])
+    pixels = 2048 - 600 * contrast + rng.normal(0, 12, (frames, size, size))
+    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1", rows=size,
+                   columns=size, number_of_frames=frames, frame_times_s=times,
+                   pixel_spacing_mm=(0.3, 0.3), subtracted=True)
+    return Run(pixels.astype(np.float32), meta), {"artery": artery > 0, "vein": vein > 0}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing
+
+
+def test_resample_to_one_fps_keeps_timing() -> None:
+    times = np.arange(0, 10.01, 0.25)  # 4 fps over 10 s
+    assert np.allclose(resample_times(times), np.arange(11))
+    weights = temporal_weights(times, np.arange(11.0))
+    assert np.allclose(weights.sum(axis=1), 1)
+    # A linear ramp stays a ramp (interior: the tent average is symmetric there).
+    ramp = weights @ (3 * times + 1)
+    assert np.allclose(ramp[1:-1], 3 * np.arange(1, 10) + 1, atol=1e-9)
+    # Upsampling (0.5 fps source) is linear interpolation.
+    up = temporal_weights(np.arange(0, 9.0, 2.0), np.arange(9.0)) @ np.arange(0, 9.0, 2.0) ** 2
+    assert np.allclose(up, np.interp(np.arange(9.0), np.arange(0, 9.0, 2.0), np.arange(0, 9.0, 2.0) ** 2))
+    frames = np.random.default_rng(0).random((len(times), 5, 6)).astype(np.float32)
+    out, t_out = resample_frames(frames, times)
+    assert out.shape == (11, 5, 6) and t_out is not None
+
+
+def test_resample_bounds_sequence_length() -> None:
+    assert len(resample_times(np.array([0.0, 0.5, 1.0, 1.5]))) == 4  # too short: 4 frames
+    assert len(resample_times(np.linspace(0, 120, 200))) == 60  # too long: 60 frames
+    frames = np.ones((3, 4, 4), np.float32)
+    same, t = resample_frames(frames, None)
+    assert same is frames and t is None  # timing is never guessed
+    with pytest.raises(PipelineError):
+        resample_times(np.array([0.0, 0.0, 1.0]))
+
+
+def test_normalise_maps_background_to_zero_and_vessels_to_one() -> None:
+    run, truth = synthetic_dsa(1)
+    contrast = normalise_dsa(run.pixels)
+    vessel = truth["artery"] | truth["vein"]
+    assert abs(float(np.median(contrast[:, ~vessel]))) < 0.02
+    assert 0.6 < float(np.percentile(contrast.max(axis=0)[vessel], 99)) < 1.5
+    with pytest.raises(PipelineError, match="no contrast"):
+        normalise_dsa(np.full((3, 8, 8), 100.0, np.float32))
+
+
+def test_work_shape_uses_training_spacing_else_512() -> None:
+    assert work_shape((1024, 1024), None, None) == (512, 512)
+    assert work_shape((256, 256), None, None) == (256, 256)  # never upsampled
+    assert work_shape((1024, 1024), (0.15, 0.15), 0.3) == (512, 512)
+    assert work_shape((1024, 1024), (0.3, 0.3), 0.3) == (1024, 1024)  # then tiled
+
+
+def test_tiles_cover_the_image_and_blend_weights_fade() -> None:
+    assert tile_starts(100, 48, 16) == [0, 32, 52]
+    assert tile_starts(40, 48, 16) == [0]
+    w = blend_window((48, 48), 16)
+    assert w[24, 24] == pytest.approx(1.0) and w[0, 24] < 0.05 and w.min() > 0
+
+
+def test_tiled_equals_untiled_for_a_local_operator() -> None:
+    x = torch.rand(3, 100, 90)
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(t[None], 3, 1, 1, count_include_pad=False)[0]
+
+    whole, tiled = local(x), tiled_apply(local, x, tile=48, overlap=16)
+    assert tiled.shape == whole.shape
+    assert float((tiled - whole).abs().max()) < 0.01  # only tile-border pixels differ, faded out
+
+
+def test_dense_tiled_inference_matches_untiled_model() -> None:
+    torch.manual_seed(0)
+    model = STUNet(widths=(4, 8, 16)).eval()
+    x = torch.from_numpy(normalise_dsa(synthetic_dsa(2, size=112, frames=5)[0].pixels))
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(model(t[None]))[0]
+
+    with torch.no_grad():
+        whole = run(x)
+        tiled = tiled_apply(run, x, tile=64, overlap=32)
+    diff = (tiled - whole).abs()
+    assert float(diff.mean()) < 0.05 * float(whole.std())
+    assert float(diff.max()) < 0.5 * float(whole.std())
+
+
+# ---------------------------------------------------------------------------
+# Architectures
+
+
+def test_st_unet_default_size_and_paper_scale() -> None:
+    model = build("st_unet", {})
+    params = sum(p.numel() for p in model.parameters())
+    assert 10e6 < params <= 25e6
+    assert len(model.temporal[0]) == 2  # two ConvGRU layers at every scale
+
+
+@pytest.mark.parametrize("frames", [4, 60])
+def test_variable_sequence_length(frames: int) -> None:
+    torch.manual_seed(0)
+    stunet, vss = STUNet(widths=(4, 8, 16)).eval(), VSSNet(widths=(4, 8, 16)).eval()
+    x = torch.rand(1, frames, 30, 34)
+    with torch.no_grad():
+        av, ia = stunet(x), vss(x)
+        reversed_av = stunet(x.flip(1))
+    assert av.shape == (1, 2, 30, 34) and ia.shape == (1, 1, 30, 34)
+    assert torch.isfinite(av).all() and torch.isfinite(ia).all()
+    assert not torch.allclose(av, reversed_av)  # the order of frames matters (timing)
+
+
+def test_stunet_chunked_streaming_equals_one_pass() -> None:
+    """Inference streams frames in chunks; the GRU state makes that exact."""
+    torch.manual_seed(0)
+    model = STUNet(widths=(4, 8)).eval()
+    x = torch.rand(1, 9, 16, 16)
+    with torch.no_grad():
+        model.chunk = 9
+        one = model(x)
+        model.chunk = 2
+        chunked = model(x)
+    assert torch.allclose(one, chunked, atol=1e-5)
+
+
+def test_vssnet_deep_supervision_heads_and_gradients() -> None:
+    model = VSSNet(widths=(4, 8, 16))
+    outs = model.forward_all(torch.rand(2, 5, 24, 24))
+    assert len(outs) == 2 and all(o.shape == (2, 1, 24, 24) for o in outs)
+    sum(o.mean() for o in outs).backward()
+    assert model.sfe[0].gru.forward_cell.conv_x.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------
+# Classical path
+
+
+def test_classical_av_separates_by_timing() -> None:
+    scores = []
+    for seed in range(3):
+        run, truth = synthetic_dsa(seed)
+        artery, vein = classical_av(run.pixels, run.meta.frame_times_s, run.meta.pixel_spacing_mm)
+        assert artery.dtype == bool and artery.shape == truth["artery"].shape
+        scores.append((dice(artery, truth["artery"]), dice(vein, truth["vein"]),
+                       dice(artery | vein, truth["artery"] | truth["vein"])))
+    a, v, vessel = np.mean(scores, axis=0)
+    # A method that swaps arteries and veins, or thresholds noise, scores far lower.
+    assert vessel > 0.75 and a > 0.7 and v > 0.7, scores
+
+
+def test_classical_on_phantom_has_a_dice_floor() -> None:
+    dsa = pytest.importorskip("training.phantoms.dsa")
+    scores = []
+    for seed in (5000, 5001):
+        ph = dsa.generate(seed, size=256, frames=15)
+        artery, vein = classical_av(ph.pixels.astype(np.float32), ph.frame_times_s,
+                                    ph.pixel_spacing_mm)
+        scores.append((dice(artery, ph.truth["artery"]), dice(vein, ph.truth["vein"])))
+    a, v = np.mean(scores, axis=0)
+    assert a > 0.4 and v > 0.4, scores
+
+
+def test_classical_without_timing_uses_frame_order() -> None:
+    run, truth = synthetic_dsa(0)
+    result = analyse(run.pixels, None, None)
+    assert dice(result.artery, truth["artery"]) > 0.6
+
+
+# ---------------------------------------------------------------------------
+# Pipelines and model packages
+
+
+def _dciodvfy_errors(ds, path: Path) -> list[str]:
+    ds.save_as(path, enforce_file_format=True)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_dsa_av_classical_outputs_and_dicom(tmp_path: Path) -> None:
+    run, _ = synthetic_dsa(0)
+    result = pipelines.get("dsa_av")(run, PipelineContext())
+    seg, image, rendering = result.outputs
+    assert [s.code for s in seg.segments] == [ARTERY, VEIN]
+    assert seg.segments[0].color_rgb == (255, 0, 0) and seg.segments[1].color_rgb[2] == 255
+    assert seg.algorithm.family == "classical" and seg.geometry == "canvas"
+    assert image.key == "minip" and rendering.rgb.shape == (96, 96, 3)
+    # Arteries are drawn red on the rendering.
+    red = seg.masks[0] & ~seg.masks[1]
+    assert rendering.rgb[red][:, 0].mean() > rendering.rgb[red][:, 2].mean() + 60
+
+    sources = [xa_header(run.pixels.shape[0], 96, 96)]
+    datasets = encode_result(result, run, EncodeContext(sources=sources, pipeline="dsa_av"))
+    names = [str(d.SOPClassUID.name) for d in datasets]
+    assert names == ["Multi-frame Grayscale Word Secondary Capture Image Storage",
+                     "Segmentation Storage", "Secondary Capture Image Storage"]
+    for i, ds in enumerate(datasets):
+        assert _dciodvfy_errors(ds, tmp_path / f"{i}.dcm") == [], names[i]
+    assert datasets[2].BurnedInAnnotation == "YES"
+
+
+def test_dsa_ia_classical_is_labelled_classical() -> None:
+    run, _ = synthetic_dsa(1)
+    seg = pipelines.get("dsa_ia")(run, PipelineContext()).outputs[0]
+    assert seg.algorithm.family == "classical"
+    assert [s.label for s in seg.segments] == ["Blood vessel", "Artery"]
+    assert np.all(seg.masks[0] >= seg.masks[1])  # arteries are vessels
+
+
+def _package(tmp_path: Path, name: str, arch: str, config: dict, pipeline: str) -> Path:
+    torch.manual_seed(0)
+    model = build(arch, config)
+    return write_package(
+        tmp_path / name, model=model, name=name, version="0.0.1", architecture_name=arch,
+        config=config, pipeline=pipeline, metrics={"note": "untrained, tests only"},
+        data={"synthetic": True, "cases": 0}, model_card="Untrained test package.",
+        training_command="pytest", dataset_manifest_hash="0" * 64,
+    )
+
+
+def test_model_packages_load_and_run_through_the_pipelines(tmp_path: Path) -> None:
+    run, _ = synthetic_dsa(3, size=80, frames=9)
+    av_pkg = _package(tmp_path, "stunet-test", "st_unet",
+                      {"widths": [4, 8, 16], "channels": ["artery", "vein", "ica"], "out_channels": 3,
+                       "max_side": 64, "tile": 48, "overlap": 16}, "dsa_av")
+    result = pipelines.get("dsa_av")(run, PipelineContext(device="cpu", model_package=str(av_pkg)))
+    seg = result.outputs[0]
+    assert seg.algorithm.family == "model" and seg.algorithm.model_package == "stunet-test"
+    assert seg.masks.shape[1:] == (80, 80) and seg.masks.dtype == bool
+    assert {s.code for s in seg.segments} <= {ARTERY, VEIN, ICA}
+    assert any("resampled 9 frames" in n for n in result.notes)
+    assert any("processed at 64x64" in n for n in result.notes)
+
+    ia_pkg = _package(tmp_path, "vss-test", "vss_net", {"widths": [4, 8, 16]}, "dsa_ia")
+    result = pipelines.get("dsa_ia")(run, PipelineContext(device="cpu", model_package=str(ia_pkg)))
+    seg = result.outputs[0]
+    assert [s.code for s in seg.segments] == [ARTERY] and seg.algorithm.family == "model"
+    assert any("all 9 frames" in n for n in result.notes)
+
+    assert load_package(av_pkg).config["channels"] == ["artery", "vein", "ica"]
+    with pytest.raises(PipelineError, match="is for pipeline"):
+        pipelines.get("dsa_ia")(run, PipelineContext(model_package=str(av_pkg)))
+
+
+def test_deep_path_rejects_too_short_runs() -> None:
+    run, _ = synthetic_dsa(0, frames=3)
+    with pytest.raises(PipelineError, match="at least 4 frames"):
+        pipelines.get("dsa_av")(run, PipelineContext(model_package="/nonexistent"))

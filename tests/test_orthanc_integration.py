@@ -1,0 +1,385 @@
+"""Orthanc integration, with real parts only: Debian Orthanc with orthanc/'s config
+and plugin, the node on loopback, dcmtk storescu as the angiography suite.
+
+The plugin's engine (rules, result recognition, ledger, backoff) is also tested
+directly, outside Orthanc: it is plain Python (orthanc/angio_core.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+
+from tests.dicomgen import save, xa_run
+from tests.orthanc_fixture import (  # noqa: F401  (orthanc: the fixture)
+    OrthancProcess,
+    free_port,
+    missing_parts,
+    orthanc,
+    start_orthanc,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "orthanc"))
+import angio_core  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+NODE_AET = "ANGIO_NODE"
+FAST = {"StableAge": 2, "AngioNode": {"PollSeconds": 0.3, "Retry": {"BackoffSeconds": 1, "MaxBackoffSeconds": 2}}}
+
+needs_orthanc = pytest.mark.skipif(bool(missing_parts(with_plugin=True)),
+                                   reason="Orthanc not installed: " + "; ".join(missing_parts(with_plugin=True)))
+needs_storescu = pytest.mark.skipif(subprocess.run(["which", "storescu"], capture_output=True).returncode != 0,
+                                    reason="dcmtk storescu not installed")
+
+
+# -- helpers ------------------------------------------------------------------------
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+
+
+def storescu(pacs: OrthancProcess, *files: Path, aet: str = "ANGIO_SUITE") -> None:
+    res = subprocess.run(["storescu", "-aet", aet, "-aec", pacs.aet, "127.0.0.1",
+                          str(pacs.dicom_port), *map(str, files)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def single_frame_series(frames: int = 5) -> list:
+    """An XA run as single-frame instances of one series (a multi-instance run)."""
+    run = xa_run(frames=frames, seed=3)
+    series = generate_uid()
+    rows, cols = run.Rows, run.Columns
+    out = []
+    for i in range(frames):
+        ds = copy.deepcopy(run)
+        del ds.NumberOfFrames, ds.FrameIncrementPointer, ds.FrameTime
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.AcquisitionTime = f"1200{i:02d}.000000"
+        ds.PixelData = run.PixelData[i * rows * cols * 2:(i + 1) * rows * cols * 2]
+        out.append(ds)
+    return out
+
+
+def start_node(tmp: Path, pacs: OrthancProcess, *, port: int = 0, api_port: int = 0,
+               transport: str = "dimse", quiet_period_s: float = 1.0):  # type: ignore[no-untyped-def]
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    if transport == "dimse":
+        dest = {"kind": "dimse", "name": "orthanc", "host": "127.0.0.1", "port": pacs.dicom_port,
+                "ae_title": pacs.aet}
+    else:
+        dest = {"kind": "dicomweb", "name": "orthanc", "url": pacs.dicomweb_url}
+    settings = load_settings(
+        None, environ={}, storage_dir=tmp, port=port, api={"port": api_port}, ae_title=NODE_AET,
+        destinations=[dest], completion={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.3},
+        outbox={"backoff_base_s": 0.5, "poll_interval_s": 0.2},
+        rules=[{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    return Node(settings).start()
+
+
+@contextmanager
+def running_node(tmp: Path, pacs: OrthancProcess, **kw: Any) -> Iterator[Any]:
+    node = start_node(tmp, pacs, **kw)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def forwards(pacs: OrthancProcess, **params: str) -> list[dict[str, Any]]:
+    resp = pacs.get("/angio-node/forwards", params=params)
+    assert resp.ok, resp.text
+    return resp.json()["forwards"]
+
+
+def result_series(pacs: OrthancProcess, study_uid: str) -> list[dict[str, Any]]:
+    """QIDO-RS: series of the study whose description marks them as the node's output."""
+    resp = pacs.get(f"/dicom-web/studies/{study_uid}/series", headers={"Accept": "application/dicom+json"})
+    if resp.status_code == 204 or not resp.content:
+        return []
+    assert resp.ok, resp.text
+    return [s for s in resp.json() if s.get("0008103E", {}).get("Value", [""])[0].startswith("AI ")]
+
+
+def wado_series(pacs: OrthancProcess, study_uid: str, series_uid: str) -> list:
+    """WADO-RS: the series' instances, parsed from multipart/related."""
+    resp = pacs.get(f"/dicom-web/studies/{study_uid}/series/{series_uid}",
+                       headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert resp.status_code == 200, resp.text[:500]
+    boundary = re.search(r'boundary="?([^";]+)"?', resp.headers["Content-Type"]).group(1).encode()
+    datasets = []
+    for part in resp.content.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        _, _, body = part.partition(b"\r\n\r\n")
+        datasets.append(dcmread(DicomBytesIO(body.rstrip(b"\r\n"))))
+    return datasets
+
+
+def node_status(node: Any) -> dict[str, Any]:
+    from dicom_node.service import status_summary
+
+    return status_summary(node.db)
+
+
+# -- the engine, outside Orthanc ------------------------------------------------------
+
+def template_config(**angio: Any) -> angio_core.Config:
+    full = json.loads((Path(__file__).resolve().parents[1] / "orthanc" / "orthanc.json").read_text())
+    full["AngioNode"].update(angio)
+    return angio_core.Config.from_orthanc(full)
+
+
+def test_rules_match_angiography_and_not_results() -> None:
+    cfg = template_config()
+    xa = {"Modality": "XA", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.12.1", "NumberOfFrames": "20",
+          "ImageType": "DERIVED\\PRIMARY\\SINGLE PLANE\\SUBTRACTION"}
+    assert cfg.rule_for(xa, xa["SOPClassUID"]).name == "xray-angiography"
+    assert cfg.rule_for({**xa, "Modality": "CT"}, "1.2.840.10008.5.1.4.1.1.2") is None
+    # the node's output is recognised three independent ways
+    assert cfg.result_reason({}, "ANGIO_NODE") == "calling AE ANGIO_NODE"
+    assert "Manufacturer" in cfg.result_reason({"Manufacturer": "angio-dicom-node"}, "ORTHANC")
+    assert "Series Description" in cfg.result_reason({"SeriesDescription": "AI MinIP"}, "")
+    assert cfg.result_reason({"SeriesDescription": "AIR study", "Manufacturer": "ACME"}, "SUITE") is None
+
+    tagged = template_config(Rules=[{"Name": "sub-only", "Modalities": ["XA"], "MinFrames": 2,
+                                     "Tags": {"ImageType": "SUBTRACTION",
+                                              "BodyPartExamined": {"Regex": "(?i)^(HEAD|NECK)$"}}}])
+    assert tagged.rule_for({**xa, "BodyPartExamined": "head"}, "") is not None
+    assert tagged.rule_for({**xa, "BodyPartExamined": "HEART"}, "") is None
+    assert tagged.rule_for({**xa, "BodyPartExamined": "HEAD", "NumberOfFrames": "1"}, "") is None
+    assert tagged.rule_for({**xa, "BodyPartExamined": "HEAD", "ImageType": "ORIGINAL\\PRIMARY"}, "") is None
+
+
+@pytest.mark.parametrize(("angio", "key"), [
+    ({"Transport": "ftp"}, "AngioNode.Transport"),
+    ({"Retry": {"MaxAttempts": 0}}, "AngioNode.Retry.MaxAttempts"),
+    ({"Rules": [{"Tags": {"ImageType": {"Regex": "("}}}]}, "AngioNode.Rules[0].Tags.ImageType"),
+    ({"Rules": [{"Modality": ["XA"]}]}, "AngioNode.Rules[0]"),
+    ({"NodeApiUrl": "node:8780"}, "AngioNode.NodeApiUrl"),
+    ({"Bogus": 1}, "AngioNode: unknown key"),
+])
+def test_config_errors_name_the_key(angio: dict[str, Any], key: str) -> None:
+    with pytest.raises(angio_core.ConfigError, match=re.escape(key)):
+        template_config(**angio)
+
+
+def test_ledger_forwards_once_and_backs_off(tmp_path: Path) -> None:
+    cfg = template_config(Retry={"MaxAttempts": 3, "BackoffSeconds": 10, "MaxBackoffSeconds": 15})
+    ledger = angio_core.Ledger(str(tmp_path / "ledger.sqlite"))
+    tags = {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4"}
+    fid = ledger.add_instance("i1", "s1", tags, "r", forward_now=True, trigger=False, transport="dimse")
+    assert ledger.known_instance("i1")
+    # a replayed change (crash before the change number was saved) adds nothing
+    assert ledger.known_instance("i1") and len(ledger.due(time.time())) == 1
+    for i in (2, 3):
+        ledger.add_instance(f"i{i}", "s2", {**tags, "SOPInstanceUID": f"1.2.3.{i}"}, "r",
+                            forward_now=False, trigger=True, transport="dimse")
+    assert len(ledger.due(time.time())) == 1  # single-frame instances wait for the stable series
+    series_fid = ledger.forward_waiting("s2", trigger=True, transport="dimse")
+    assert json.loads(ledger.forward(series_fid)["resources"]) == ["i2", "i3"]
+    assert ledger.forward_waiting("s2", trigger=True, transport="dimse") is None  # never twice
+
+    assert [cfg.backoff(n) for n in (1, 2, 3)] == [10, 15, 15]
+    ledger.submitted(fid, "job-1")
+    assert ledger.attempt_failed(fid, "connection refused", cfg) == "retrying"
+    row = ledger.forward(fid)
+    assert row["attempts"] == 1 and row["next_try"] > time.time() + 9 and "refused" in row["error"]
+    assert fid not in [r["id"] for r in ledger.due(time.time())]
+    ledger.attempt_failed(fid, "again", cfg)
+    assert ledger.attempt_failed(fid, "and again", cfg) == "failed"
+    assert ledger.counts()["failed"] == 1
+    assert ledger.retry_now(fid) and ledger.forward(fid)["state"] == "queued"
+    ledger.submitted(fid, "job-2")
+    ledger.sent(fid)
+    assert not ledger.retry_now(fid)  # a sent forward is not sent again by 'retry'
+    assert json.loads(ledger.forward(fid)["jobs"]) == ["job-1", "job-2"]
+
+
+# -- real Orthanc -------------------------------------------------------------------------
+
+@needs_orthanc
+def test_orthanc_fixture_is_a_working_pacs(orthanc: OrthancProcess) -> None:  # noqa: F811
+    assert orthanc.get("/system").json()["DicomAet"] == orthanc.aet
+    res = subprocess.run(["echoscu", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert orthanc.get("/dicom-web/studies").status_code in (200, 204)
+    assert orthanc.get("/angio-node/status").status_code == 404  # no plugin in the plain fixture
+
+
+@needs_orthanc
+@needs_storescu
+def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
+    node_port, api_port = free_port(), free_port()
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=FAST, node={
+        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    try:
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port,
+                          quiet_period_s=60) as node:
+            # 1. a multi-frame XA run: forwarded on arrival, processed, results back
+            run = xa_run(frames=8, rows=96, cols=96, seed=1)
+            storescu(pacs, save(run, tmp_path / "in"))
+            study = str(run.StudyInstanceUID)
+            results = wait_for("result series in Orthanc (QIDO-RS)", lambda: result_series(pacs, study))
+            (fw,) = forwards(pacs)
+            assert fw["kind"] == "instance" and fw["state"] == "sent"
+            assert fw["sop_instance_uid"] == run.SOPInstanceUID and fw["attempts"] == 0
+            assert [j["state"] for j in fw["node_jobs"]] == ["done"] and fw["node_jobs"][0]["sent"] >= 1
+
+            # WADO-RS returns the result objects, made by the node, in the source's study
+            series_uid = results[0]["0020000E"]["Value"][0]
+            objs = wado_series(pacs, study, series_uid)
+            assert objs and all(o.Manufacturer == "angio-dicom-node" for o in objs)
+            assert {o.StudyInstanceUID for o in objs} == {study}
+            assert all(o.SeriesDescription.startswith("AI ") for o in objs)
+
+            # results are labelled (metadata on Orthanc 1.10) and listed, never forwarded
+            series_id = pacs.post("/tools/lookup", data=series_uid).json()[0]["ID"]
+            mark = json.loads(pacs.get(f"/series/{series_id}/metadata/AngioNodeResult").text)
+            assert mark["reason"] == f"calling AE {NODE_AET}"
+            listed = pacs.get("/angio-node/results", params={"study": study}).json()["results"]
+            assert {r["series_uid"] for r in listed} == {s["0020000E"]["Value"][0] for s in results}
+
+            # 2. a multi-instance run: waits for Orthanc's stable series, one forward, then the
+            #    plugin's trigger completes it on the node (whose quiet period is 60 s here)
+            singles = single_frame_series(5)
+            storescu(pacs, *[save(ds, tmp_path / "singles") for ds in singles])
+            series2 = str(singles[0].SeriesInstanceUID)
+            fw2 = wait_for("the stable series forwarded and triggered", lambda: [
+                f for f in forwards(pacs, study=str(singles[0].StudyInstanceUID))
+                if f["state"] == "sent" and f["triggered"]], timeout=40)
+            assert fw2[0]["kind"] == "series" and len(fw2[0]["resources"]) == 5
+            assert fw2[0]["series_uid"] == series2
+            wait_for("results of the multi-instance run", lambda: result_series(
+                pacs, str(singles[0].StudyInstanceUID)))
+            run_row = node.db.query("SELECT state, reason FROM runs WHERE run_id=?", (series2,))[0]
+            assert run_row["reason"] == "explicit trigger"
+
+            # 3. nothing forwarded twice: wait past the stable age of every series (results too)
+            time.sleep(FAST["StableAge"] + 3)
+            assert len(forwards(pacs)) == 2
+            status = node_status(node)
+            assert status["instances"] == 1 + 5
+            assert status["jobs"] == {"done": 2}
+            store_jobs = [j for j in pacs.get("/jobs?expand").json() if j["Type"] == "DicomModalityStore"]
+            assert len(store_jobs) == 2 and {j["State"] for j in store_jobs} == {"Success"}
+            source_series = pacs.post("/tools/lookup", data=str(run.SeriesInstanceUID)).json()[0]["ID"]
+            assert pacs.get(f"/series/{source_series}/metadata/AngioNodeForward").text.startswith("sent")
+
+            # 4. 'process again' for a study: the node re-runs it; same result UIDs, no new series
+            n_series = len(pacs.get("/series").json())
+            study_id = pacs.post("/tools/lookup", data=study).json()[0]["ID"]
+            again = pacs.post(f"/angio-node/studies/{study_id}/reprocess")
+            assert again.ok, again.text
+            assert again.json()["action"] == "reprocessed by the node" and again.json()["node_jobs"]
+            wait_for("the reprocessing job done", lambda: node_status(node)["jobs"] == {"done": 3})
+            assert node_status(node)["instances"] == 6  # nothing was forwarded again
+            time.sleep(1)
+            assert len(pacs.get("/series").json()) == n_series
+
+            # REST errors are precise
+            assert pacs.get("/angio-node/forwards/999").status_code == 404
+            assert pacs.post(f"/angio-node/forwards/{fw['id']}/retry").status_code == 409
+            assert pacs.get(f"/angio-node/studies/{study_id}/reprocess").status_code == 405
+            assert pacs.post("/angio-node/studies/1.2.3.999/reprocess").status_code == 404
+            assert pacs.post("/angio-node/studies/not-a-uid/reprocess").status_code == 400
+            status = pacs.get("/angio-node/status").json()
+            assert status["node"]["status"] == "ok" and status["worker_alive"] and status["last_error"] is None
+            assert status["result_marking"] == "metadata AngioNodeResult"
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
+def test_node_down_forward_retried_until_it_is_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Node down: the job fails visibly and is retried; it is delivered once the node is up.
+    Results come back over STOW-RS here, so they are recognised by Manufacturer, not AE."""
+    node_port, api_port = free_port(), free_port()
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=FAST, node={
+        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    try:
+        run = xa_run(frames=6, seed=2)
+        storescu(pacs, save(run, tmp_path / "in"))
+        failing = wait_for("a failed forward attempt", lambda: [
+            f for f in forwards(pacs) if f["attempts"] >= 1])[0]
+        assert failing["state"] == "retrying" and "Connection refused" in failing["error"]
+        assert failing["node_jobs"] is None and "unreachable" in failing["node_error"]
+        assert pacs.get("/angio-node/status").json()["node"]["status"] == "unreachable"
+        failed_job = pacs.get(f"/jobs/{failing['jobs'][0]}").json()
+        assert failed_job["State"] == "Failure"
+        assert "angio-forward: forward 1 attempt 1 failed" in pacs.log_text()
+
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port,
+                          transport="dicomweb") as node:
+            done = wait_for("the forward delivered after retries", lambda: [
+                f for f in forwards(pacs) if f["state"] == "sent" and f["node_jobs"]
+                and f["node_jobs"][0]["state"] == "done"], timeout=40)
+            assert done[0]["attempts"] >= 1 and len(done[0]["jobs"]) == done[0]["attempts"] + 1
+            results = wait_for("results stored back over STOW-RS",
+                               lambda: result_series(pacs, str(run.StudyInstanceUID)))
+            series_id = pacs.post("/tools/lookup", data=results[0]["0020000E"]["Value"][0]).json()[0]["ID"]
+            mark = json.loads(pacs.get(f"/series/{series_id}/metadata/AngioNodeResult").text)
+            assert mark["reason"] == "Manufacturer angio-dicom-node"
+            time.sleep(FAST["StableAge"] + 2)
+            assert node_status(node)["instances"] == 1 and len(forwards(pacs)) == 1
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
+def test_failed_forward_survives_restart_and_is_retried_by_hand(tmp_path: Path) -> None:
+    """MaxAttempts exhausted: 'failed', logged as an error, kept across an Orthanc restart,
+    sent by POST /angio-node/forwards/{id}/retry once the node is back."""
+    node_port, api_port = free_port(), free_port()
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Retry"]["MaxAttempts"] = 2
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node={
+        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    try:
+        run = xa_run(frames=4, seed=4)
+        storescu(pacs, save(run, tmp_path / "in"))
+        (failed,) = wait_for("the forward failed for good", lambda: forwards(pacs, state="failed"))
+        assert failed["attempts"] == 2 and "FAILED after 2 attempt(s)" in pacs.log_text()
+
+        pacs.restart()
+        assert [f["state"] for f in forwards(pacs)] == ["failed"]  # the ledger survived
+
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
+            resp = pacs.post(f"/angio-node/forwards/{failed['id']}/retry")
+            assert resp.ok, resp.text
+            run2 = xa_run(frames=4, seed=5, study_uid=str(run.StudyInstanceUID))
+            storescu(pacs, save(run2, tmp_path / "in2"))  # the change feed goes on after a restart
+            wait_for("both runs delivered", lambda: sorted(f["state"] for f in forwards(pacs)) == ["sent", "sent"],
+                     timeout=40)
+            wait_for("both runs processed", lambda: node_status(node)["jobs"] == {"done": 2})
+            assert node_status(node)["instances"] == 2
+    finally:
+        pacs.stop()
+

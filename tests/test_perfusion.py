@@ -1,0 +1,329 @@
+"""dsa_perfusion: timing, deconvolution, ICA, AIF checks and map accuracy on the
+digital reference object of ``bench.perfusion`` (synthetic, seeds 1-9 here; the
+benchmark reports seeds 200+)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.perfusion import dsa_run, make_dro, reference_osvd
+from pipelines.base import (
+    MeasurementsOutput,
+    ParametricMapOutput,
+    PipelineContext,
+    PipelineError,
+    Run,
+    get,
+    names,
+)
+from pipelines.perfusion.deconvolution import (
+    Settings,
+    deconvolve,
+    oscillation_index,
+    residues,
+    smooth_in_mask,
+)
+from pipelines.perfusion.ica import largest_component
+from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
+
+torch.set_num_threads(1)
+
+
+def maps(result) -> dict[str, ParametricMapOutput]:
+    return {o.key: o for o in result.outputs if isinstance(o, ParametricMapOutput)}
+
+
+def run_pipeline(run: Run, **options) -> object:
+    return get("dsa_perfusion")(run, PipelineContext(options=options))
+
+
+def with_times(run: Run, times: np.ndarray | None) -> Run:
+    return Run(pixels=run.pixels, meta=replace(run.meta, frame_times_s=times))
+
+
+def errors(result, synthetic) -> dict[str, float]:
+    """MAE of MTT and Tmax (s), relative CBF/CBV errors after one global scale."""
+    m = maps(result)
+    truth, inside = synthetic.dro.truth, synthetic.dro.interior & m["cbf"].valid
+    out = {}
+    for key in ("mtt", "tmax"):
+        out[key] = float(np.mean(np.abs(m[key].values[inside] - truth[key][inside])))
+    for key in ("cbf", "cbv"):
+        est, ref = m[key].values[inside], truth[key][inside]
+        scale = np.median(ref / est)
+        out[key] = float(np.mean(np.abs(est * scale - ref) / ref))
+    out["coverage"] = float(inside.sum() / synthetic.dro.interior.sum())
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return dsa_run(1, fps=4.0, snr=30.0)
+
+
+@pytest.fixture(scope="module")
+def result(synthetic):
+    return run_pipeline(synthetic.run)
+
+
+# --- timing ---------------------------------------------------------------
+
+
+def test_registered():
+    assert "dsa_perfusion" in names()
+
+
+def test_run_without_timing_is_refused(synthetic):
+    with pytest.raises(PipelineError, match="no frame timing"):
+        run_pipeline(with_times(synthetic.run, None))
+
+
+def test_frame_times_in_milliseconds_are_refused(synthetic):
+    with pytest.raises(PipelineError, match="milliseconds"):
+        run_pipeline(with_times(synthetic.run, synthetic.run.meta.frame_times_s * 1000))
+
+
+def test_non_increasing_frame_times_are_refused(synthetic):
+    times = synthetic.run.meta.frame_times_s.copy()
+    times[5] = times[4]
+    with pytest.raises(PipelineError, match="strictly increasing"):
+        acquisition_times(replace(synthetic.run.meta, frame_times_s=times), len(times))
+
+
+def test_variable_rate_grid_and_linear_resampling():
+    times = np.concatenate([np.arange(0, 6, 0.25), np.arange(6, 16, 1.0)])
+    timing = uniform_grid(times)
+    assert timing.variable_rate and timing.step_s == pytest.approx(0.25)
+    assert timing.grid_s[-1] <= times[-1] + 1e-9 and len(timing.grid_s) == 61
+    ramp = (3 * times - 1)[:, None, None] * np.ones((1, 2, 3))
+    out = resample(ramp.astype(np.float64), times, timing.grid_s)
+    assert np.allclose(out[:, 1, 2], 3 * timing.grid_s - 1)
+
+
+def test_times_are_seconds_maps_scale_with_the_time_axis():
+    """Catches a seconds/milliseconds (or frames/seconds) mix-up: MTT and Tmax come
+    out in seconds matching the truth, and stretching the time axis by 2
+    stretches them by 2 (frame indices instead of seconds would not)."""
+    synthetic = dsa_run(2, fps=4.0, snr=None, cbfs=(0.015,), mtts=(3.0, 6.0), delays=(0.0, 2.0),
+                        shapes=("exponential",))
+    base = maps(run_pipeline(synthetic.run, method="csvd"))
+    slow = maps(run_pipeline(with_times(synthetic.run, synthetic.run.meta.frame_times_s * 2),
+                             method="csvd"))
+    inside = synthetic.dro.interior & base["mtt"].valid
+    mtt, truth = base["mtt"].values[inside], synthetic.dro.truth["mtt"][inside]
+    assert np.median(mtt / truth) == pytest.approx(1.0, abs=0.2)
+    assert 0.001 < base["mtt"].values[inside].mean() < 60  # not ms, not 1000x
+    for key in ("mtt", "tmax", "ttp"):
+        ratio = slow[key].values[inside].mean() / base[key].values[inside].mean()
+        assert ratio == pytest.approx(2.0, rel=0.05), key
+
+
+def test_variable_frame_rate_run_matches_uniform_run():
+    fast_then_slow = np.concatenate([np.arange(0, 8, 0.25), np.arange(8, 20, 1.0)])
+    uniform = dsa_run(3, fps=4.0, snr=50.0)
+    variable = dsa_run(3, snr=50.0, times_s=fast_then_slow)
+    a, b = maps(run_pipeline(uniform.run)), maps(run_pipeline(variable.run))
+    inside = uniform.dro.interior & a["mtt"].valid & b["mtt"].valid
+    assert np.mean(np.abs(a["mtt"].values[inside] - b["mtt"].values[inside])) < 0.5
+    assert np.corrcoef(a["cbf"].values[inside], b["cbf"].values[inside])[0, 1] > 0.9
+
+
+# --- deconvolution --------------------------------------------------------
+
+
+def _box_curves(delays: tuple[float, ...], fps: float = 4.0, shape: str = "box"):
+    dro = make_dro(0, fps=fps, snr=None, cbfs=(0.02,), mtts=(4.0,), delays=delays,
+                   shapes=(shape,), tile=4, margin=0)
+    index = [int(np.flatnonzero(dro.labels.ravel() == i)[0]) for i in range(len(delays))]
+    return dro.tissue.reshape(len(dro.times_s), -1)[:, index], dro.aif, 1 / fps
+
+
+@pytest.mark.parametrize("method", ["csvd", "osvd", "tikhonov"])
+def test_circulant_methods_are_delay_insensitive(method):
+    curves, aif, step = _box_curves((0.0, 1.0, 2.0, 3.0))
+    cbf = deconvolve(curves, aif, step, Settings(method=method)).cbf
+    assert np.ptp(cbf) / cbf.mean() < 0.02
+    assert cbf.mean() == pytest.approx(0.02, rel=0.2)
+
+
+def test_standard_svd_is_delay_sensitive_block_circulant_is_not():
+    curves, aif, step = _box_curves((0.0, 0.5, 1.0, 1.5, 2.0, 3.0), shape="exponential")
+    standard = deconvolve(curves, aif, step, Settings(method="ssvd")).cbf
+    circulant = deconvolve(curves, aif, step, Settings(method="csvd")).cbf
+    assert np.ptp(standard) / standard.mean() > 0.05
+    assert np.ptp(circulant) / circulant.mean() < 0.02
+
+
+def test_tmax_follows_the_delay_with_sub_sample_precision():
+    curves, aif, step = _box_curves((0.0, 0.6, 1.3, 2.1), fps=4.0, shape="exponential")
+    # Off-grid delays: the filter's bias is common to all, the shifts are not.
+    tmax = deconvolve(curves, aif, step, Settings(method="csvd")).tmax_s
+    assert np.diff(tmax) == pytest.approx([0.6, 0.7, 0.8], abs=0.1)
+
+
+def test_osvd_respects_the_oscillation_bound_and_matches_the_per_pixel_reference():
+    dro = make_dro(4, fps=4.0, snr=30.0, tile=6, margin=0)
+    curves = dro.tissue.reshape(len(dro.times_s), -1)[:, ::7]
+    settings = Settings(method="osvd")
+    residue = torch.as_tensor(residues(curves, dro.aif, 0.25, settings))
+    bound = settings.oscillation_budget / residue.shape[0]
+    most = oscillation_index(residue) <= bound + 1e-6
+    assert most.float().mean() > 0.97  # the rest: even the strongest filter oscillates
+    fast = deconvolve(curves, dro.aif, 0.25, settings).cbf
+    slow, _ = reference_osvd(curves, dro.aif, 0.25, settings.oscillation_budget)
+    assert np.isclose(fast, slow, rtol=1e-3).mean() > 0.95
+
+
+def test_chunking_does_not_change_results():
+    dro = make_dro(6, fps=2.0, snr=20.0, tile=4, margin=0)
+    curves = dro.tissue.reshape(len(dro.times_s), -1)
+    whole = deconvolve(curves, dro.aif, 0.5, Settings(method="tikhonov"))
+    parts = deconvolve(curves, dro.aif, 0.5, Settings(method="tikhonov", chunk=37))
+    assert np.allclose(whole.cbf, parts.cbf, rtol=1e-4)
+
+
+def test_masked_smoothing_keeps_vessel_signal_out():
+    frames = torch.zeros((2, 32, 32))
+    frames[:, :, 16:] = 100.0  # a "vessel" half
+    mask = torch.zeros((32, 32), dtype=torch.bool)
+    mask[:, :16] = True
+    out = smooth_in_mask(frames, mask, 3.0)
+    assert float(out[:, :, :16].abs().max()) < 1e-4
+    assert torch.equal(out[:, :, 16:], frames[:, :, 16:])
+
+
+# --- ICA, AIF, maps -------------------------------------------------------
+
+
+def test_classical_ica_finds_the_early_wide_vessel(result, synthetic):
+    from pipelines.perfusion.aif import contrast_signal, noise_sigma
+    from pipelines.perfusion.ica import classical_ica, opacity_and_arrival
+
+    signal = contrast_signal(synthetic.run.pixels, synthetic.run.meta)
+    opacity, arrival = opacity_and_arrival(signal - signal[0], synthetic.run.meta.frame_times_s)
+    ica = classical_ica(opacity, arrival, noise_sigma(signal))
+    assert ica.mask.any()
+    assert (ica.mask & synthetic.ica).sum() / ica.mask.sum() > 0.95  # not the ECA, not the vein
+    note = next(n for n in result.notes if n.startswith("ICA:"))
+    assert "classical" in note
+
+
+def test_largest_component_keeps_one_part():
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:8] = True
+    mask[12:14, 12:14] = True
+    kept, parts = largest_component(mask)
+    assert parts == 2 and kept.sum() == 36
+
+
+def test_accuracy_on_the_reference_object(result, synthetic):
+    err = errors(result, synthetic)
+    reference = errors(run_pipeline(synthetic.run, method="ssvd"), synthetic)
+    assert err["coverage"] > 0.98
+    assert err["mtt"] < 0.5 and err["cbf"] < 0.12 and err["cbv"] < 0.05
+    assert err["mtt"] < reference["mtt"] and err["cbf"] < reference["cbf"]
+    m = maps(result)
+    assert (m["tmax"].values[m["tmax"].valid] > -1).all()
+
+
+def test_outputs_and_measurements(result):
+    keys = [o.key for o in result.outputs]
+    for key in ("minip", "cbf", "cbv", "mtt", "tmax", "ttp", "cbf_color", "aif_plot", "aif"):
+        assert key in keys
+    labels = {o.label for o in result.outputs if isinstance(o, ParametricMapOutput)}
+    assert labels == {"CBF", "CBV", "MTT", "TMAX", "TTP"}
+    (report,) = [o for o in result.outputs if isinstance(o, MeasurementsOutput)]
+    values = {m.name.meaning: m.value for m in report.measurements}
+    # The DRO bolus arrives at 1.5-1.75 s and peaks 1.8 s later.
+    assert 1.3 < values["Bolus Arrival Time"] < 2.2
+    assert 3.0 < values["Time of Peak Concentration"] < 3.8
+    mask_note = next(o.description for o in result.outputs if isinstance(o, ParametricMapOutput))
+    assert "large vessels excluded" in mask_note
+
+
+def test_bolus_already_in_the_first_frame_is_refused(synthetic):
+    late = Run(pixels=synthetic.run.pixels[10:], meta=replace(
+        synthetic.run.meta, frame_times_s=synthetic.run.meta.frame_times_s[10:],
+        number_of_frames=synthetic.run.pixels.shape[0] - 10))
+    with pytest.raises(PipelineError, match="first frame"):
+        run_pipeline(late)
+
+
+def test_run_ending_before_the_aif_peak_is_refused(synthetic):
+    short = Run(pixels=synthetic.run.pixels[:12], meta=replace(
+        synthetic.run.meta, frame_times_s=synthetic.run.meta.frame_times_s[:12],
+        number_of_frames=12))
+    with pytest.raises(PipelineError, match="last frame"):
+        run_pipeline(short)
+
+
+def test_truncated_bolus_is_flagged(synthetic):
+    cut = 17  # 4.25 s: past the AIF peak, before it has come down
+    short = Run(pixels=synthetic.run.pixels[:cut], meta=replace(
+        synthetic.run.meta, frame_times_s=synthetic.run.meta.frame_times_s[:cut],
+        number_of_frames=cut))
+    notes = run_pipeline(short).notes
+    assert any("run is short for the bolus" in n for n in notes)
+
+
+def test_noisy_aif_is_refused(synthetic):
+    with pytest.raises(PipelineError, match="AIF peak is only"):
+        run_pipeline(synthetic.run, min_aif_snr=1e9)
+
+
+def test_unknown_option_names_the_allowed_keys(synthetic):
+    with pytest.raises(PipelineError, match="allowed: .*method"):
+        run_pipeline(synthetic.run, methd="osvd")
+    with pytest.raises(PipelineError, match="unknown deconvolution method"):
+        run_pipeline(synthetic.run, method="fft")
+
+
+def test_cuda_request_without_cuda_runs_on_cpu(synthetic):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    small = dsa_run(7, fps=2.0, snr=40.0, cbfs=(0.015,), mtts=(4.0,), delays=(0.0,),
+                    shapes=("exponential",))
+    result = get("dsa_perfusion")(small.run, PipelineContext(device="cuda"))
+    assert any("CUDA requested but not available" in n for n in result.notes)
+
+
+# --- the U-Net model path -------------------------------------------------
+
+
+def test_ica_unet_package_drives_the_pipeline(tmp_path: Path, synthetic):
+    """A tiny U-Net fitted to one synthetic MinIP, written as a model package and
+    used by the pipeline: checks the model path end to end (not its accuracy)."""
+    from pipelines.base import minip
+    from pipelines.models.ica_unet import UNet, ce_dice_loss, minip_opacity
+    from pipelines.models.package import build, write_package
+
+    torch.manual_seed(0)
+    model = build("ica_unet", {"width": 4, "levels": 5})
+    assert isinstance(model, UNet) and model.multiple == 16
+    image = minip(synthetic.run.pixels)
+    h, w = (s // 16 * 16 for s in image.shape)
+    x = torch.as_tensor(minip_opacity(image))[None, None, :h, :w]
+    y = torch.as_tensor(synthetic.ica[:h, :w].astype(np.int64))[None]
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    first = None
+    for _ in range(40):
+        optimiser.zero_grad()
+        loss = ce_dice_loss(model(x), y)
+        loss.backward()
+        optimiser.step()
+        first = first if first is not None else loss.item()
+    assert float(loss) < 0.5 * first
+    package = write_package(
+        tmp_path / "ica", model=model, name="ica-test", version="0.0.1", architecture_name="ica_unet",
+        config={"width": 4, "levels": 5}, pipeline="dsa_perfusion", metrics={}, data={"cases": 1},
+        model_card="test only", training_command="pytest", dataset_manifest_hash="0")
+    result = get("dsa_perfusion")(synthetic.run, PipelineContext(model_package=str(package)))
+    note = next(n for n in result.notes if n.startswith("ICA:"))
+    assert "model" in note
+    pm = maps(result)["cbf"]
+    assert pm.algorithm.family == "model" and pm.algorithm.model_package == "ica-test"

@@ -1,0 +1,175 @@
+"""Parametric Map, colour SC, AIF plot SC and TID 1500 SR from dsa_perfusion:
+dciodvfy with zero errors on every object type, round trips, codes and units,
+and references that resolve within the delivered set plus the XA run."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.sr.codedict import codes
+
+from bench.perfusion import dsa_run
+from dicom_node.encode import encode_result
+from dicom_node.encode.common import EncodeContext
+from dicom_node.encode.pmap import encode_parametric_map
+from pipelines.base import (
+    MeasurementsOutput,
+    ParametricMapOutput,
+    PipelineContext,
+    RenderingOutput,
+    get,
+)
+from pipelines.perfusion.pipeline import (
+    MEAN_TRANSIT_TIME,
+    RELATIVE_CBF,
+    RELATIVE_CBV,
+    TIME_TO_PEAK,
+    TMAX,
+)
+from tests.conftest import dciodvfy_errors
+from tests.dicomgen import xa_run
+
+torch.set_num_threads(1)
+NOW = datetime(2024, 5, 6, 7, 8, 9)
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+CANVAS_CLASS = "1.2.840.10008.5.1.4.1.1.7.3"
+
+
+@pytest.fixture(scope="module")
+def delivered(tmp_path_factory):
+    synthetic = dsa_run(11, fps=2.0, snr=40.0, cbfs=(0.01, 0.02), mtts=(3.0, 5.0),
+                        delays=(0.0, 2.0), shapes=("exponential",))
+    result = get("dsa_perfusion")(synthetic.run, PipelineContext())
+    frames, rows, cols = synthetic.run.pixels.shape
+    header = xa_run(frames=frames, rows=rows, cols=cols, frame_time_ms=500.0)
+    del header.PixelData
+    ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=NOW)
+    datasets = encode_result(result, synthetic.run, ctx)
+    folder = tmp_path_factory.mktemp("perfusion")
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"{i:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return result, header, datasets, paths
+
+
+def test_quantity_codes_match_the_standard():
+    assert RELATIVE_CBF.meaning == codes.DCM.RelativeRegionalBloodFlow.meaning
+    assert RELATIVE_CBV.meaning == codes.DCM.RelativeRegionalBloodVolume.meaning
+    assert (RELATIVE_CBF.value, RELATIVE_CBV.value) == ("126397", "126398")
+    assert MEAN_TRANSIT_TIME.meaning == codes.DCM.MeanTransitTime.meaning == "Mean Transit Time"
+    assert TMAX.value == codes.DCM.Tmax.value == "113084"
+    assert TIME_TO_PEAK.meaning == codes.DCM.TimeToPeak.meaning
+    assert TIME_TO_PEAK.value == "113069" and MEAN_TRANSIT_TIME.value == "113052"
+
+
+def test_every_object_type_passes_dciodvfy(delivered):
+    _, _, datasets, paths = delivered
+    kinds = {str(ds.SOPClassUID) for ds in datasets}
+    assert {PM_CLASS, SC_CLASS, SR_CLASS, CANVAS_CLASS} <= kinds
+    assert sum(str(ds.SOPClassUID) == PM_CLASS for ds in datasets) == 5
+    assert sum(str(ds.SOPClassUID) == SC_CLASS for ds in datasets) == 6
+    for ds, path in zip(datasets, paths, strict=True):
+        assert dciodvfy_errors(path) == [], (ds.SeriesDescription, path)
+
+
+def test_parametric_maps_round_trip(delivered):
+    result, header, datasets, paths = delivered
+    outputs = {o.label: o for o in result.outputs if isinstance(o, ParametricMapOutput)}
+    canvas = datasets[0]
+    seen = set()
+    for ds, path in zip(datasets, paths, strict=True):
+        if str(ds.SOPClassUID) != PM_CLASS:
+            continue
+        back = pydicom.dcmread(path)
+        mapping = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        label = mapping.LUTLabel
+        out = outputs[label]
+        seen.add(label)
+        expected = np.where(out.valid, out.values, 0).astype(np.float32)
+        assert back.pixel_array.dtype == np.float32
+        assert np.array_equal(back.pixel_array, expected)
+        quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
+        assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == (
+            out.quantity.value, out.quantity.scheme)
+        unit = mapping.MeasurementUnitsCodeSequence[0]
+        assert unit.CodeValue == ("s" if label in ("MTT", "TMAX", "TTP") else "{ratio}")
+        assert float(mapping.RealWorldValueSlope) == 1.0
+        if label in ("CBF", "CBV"):
+            assert "relative" in mapping.LUTExplanation and "uncalibrated" in mapping.LUTExplanation
+        assert "brain" in back.ImageComments and "vessels" in back.ImageComments
+        # Geometry and references: the canvas's Frame of Reference, canvas and run as sources.
+        assert back.FrameOfReferenceUID == canvas.FrameOfReferenceUID
+        assert back.StudyInstanceUID == header.StudyInstanceUID
+        sources = {item.ReferencedSOPInstanceUID for item in back.SourceImageSequence}
+        assert sources == {canvas.SOPInstanceUID, header.SOPInstanceUID}
+        assert hd.pm.ParametricMap.from_dataset(back).SOPInstanceUID == ds.SOPInstanceUID
+    assert seen == {"CBF", "CBV", "MTT", "TMAX", "TTP"}
+
+
+def test_times_are_seconds_in_the_objects(delivered):
+    """Seconds-versus-milliseconds guard at the DICOM edge: the DRO's MTTs are 3-5 s."""
+    result, _, datasets, paths = delivered
+    for ds, path in zip(datasets, paths, strict=True):
+        if str(ds.SOPClassUID) != PM_CLASS:
+            continue
+        back = pydicom.dcmread(path)
+        mapping = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        if mapping.LUTLabel == "MTT":
+            inside = back.pixel_array[back.pixel_array > 0]
+            assert 2.0 < float(np.median(inside)) < 7.0
+            assert mapping.MeasurementUnitsCodeSequence[0].CodeMeaning == "second"
+
+
+def test_renderings_round_trip(delivered):
+    result, _, datasets, paths = delivered
+    renderings = {o.description: o for o in result.outputs if isinstance(o, RenderingOutput)}
+    found = 0
+    for ds, path in zip(datasets, paths, strict=True):
+        if str(ds.SOPClassUID) != SC_CLASS:
+            continue
+        back = pydicom.dcmread(path)
+        out = renderings[back.SeriesDescription.removeprefix("AI ")]
+        assert np.array_equal(back.pixel_array, out.rgb)
+        assert back.BurnedInAnnotation == "YES"
+        found += 1
+    assert found == 6
+
+
+def test_sr_round_trip(delivered):
+    result, header, datasets, paths = delivered
+    (out,) = [o for o in result.outputs if isinstance(o, MeasurementsOutput)]
+    (path,) = [p for ds, p in zip(datasets, paths, strict=True) if str(ds.SOPClassUID) == SR_CLASS]
+    sr = hd.sr.srread(path)
+    report = hd.sr.MeasurementReport.from_sequence([sr])
+    (group,) = report.get_image_measurement_groups()
+    back = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
+    assert back == {m.name.value: (pytest.approx(m.value), m.unit.value) for m in out.measurements}
+    assert group.finding_sites[0].value.value == "86117002"  # internal carotid artery
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    refs = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert refs[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+
+
+def test_encoder_refuses_a_map_without_canvas():
+    out = ParametricMapOutput("mtt", np.ones((4, 4), np.float32), "MTT", MEAN_TRANSIT_TIME,
+                              codes.UCUM.Second, None)  # type: ignore[arg-type]
+    header = xa_run(frames=4, rows=4, cols=4)
+    with pytest.raises(ValueError, match="canvas"):
+        encode_parametric_map(out, EncodeContext(sources=[header], pipeline="dsa_perfusion"))
+
+
+def test_deterministic_uids(delivered):
+    _, header, datasets, _ = delivered
+    ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=NOW)
+    assert datasets[1].SOPInstanceUID in {ctx.uid("dsa_perfusion", k, "instance")
+                                          for k in ("cbf", "cbv", "mtt", "tmax", "ttp")}
+

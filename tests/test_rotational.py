@@ -1,0 +1,326 @@
+"""rotational_dla: the 41x41x5 30-layer classifier (dense == patch-wise), the
+classical path, the outputs and their DICOM encodings (SEG on the source volume,
+the DLA angiogram as a CT series, the MIP Secondary Capture)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from pipelines.base import ImageOutput, PipelineContext, Run, RunMeta, SegmentationOutput
+from pipelines.models.dla import (
+    CLASS_BONE,
+    CLASS_SOFT,
+    CLASS_VESSEL,
+    receptive_field,
+    weight_layers,
+)
+from pipelines.models.package import build, write_package
+from pipelines.rotational import (
+    AIR_HU,
+    NAME,
+    RotationalDLA,
+    classical_tissues,
+    classify_dense,
+    classify_patches,
+)
+
+torch.set_num_threads(1)
+SPACING = (0.8, 0.8, 0.8)
+
+
+def synthetic_head(slices: int = 24, size: int = 56, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A head-like volume: soft tissue in a 6 mm skull, a thinner bony floor at the base,
+    and contrast-filled tubes (a loop and a straight vessel) inside. Returns (HU, truth labels
+    with 0 vessel, 1 bone, 2 soft tissue / air)."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = (np.indices((slices, size, size)).astype(np.float32) * SPACING[0])
+    cz, cy, cx = slices * SPACING[0] * 0.7, size * SPACING[1] / 2, size * SPACING[2] / 2
+    r = np.sqrt((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2)
+    outer = 0.48 * size * SPACING[1]
+    head = r < outer
+    bone = head & (r > outer - 6.0)
+    bone |= head & (zz < 3.2)  # skull base floor, 4 slices thick
+    hu = np.where(head, 40.0, -1000.0)
+    hu = np.where(bone, 1300.0 + 300.0 * rng.random(hu.shape), hu)
+    loop = np.abs(np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - 10.0) < 1.4
+    loop &= np.abs(zz - cz + 2.0) < 1.4
+    trunk = (np.sqrt((yy - cy - 10.0) ** 2 + (xx - cx) ** 2) < 1.6) & (zz > 4.0) & (zz < cz - 1)
+    vessel = (loop | trunk) & head & ~bone
+    hu = np.where(vessel, 450.0, hu) + rng.normal(0, 25.0, hu.shape)
+    labels = np.full(hu.shape, CLASS_SOFT, np.uint8)
+    labels[bone] = CLASS_BONE
+    labels[vessel] = CLASS_VESSEL
+    return hu.astype(np.float32), labels
+
+
+def volume_run(hu: np.ndarray) -> Run:
+    meta = RunMeta(modality="CT", sop_class_uid=CTImageStorage, rows=hu.shape[1],
+                   columns=hu.shape[2], number_of_frames=hu.shape[0],
+                   pixel_spacing_mm=SPACING[1:], slice_spacing_mm=SPACING[0], is_volume=True)
+    return Run(pixels=hu, meta=meta)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def random_bn_model(width: int = 8, seed: int = 0) -> torch.nn.Module:
+    """Random weights with non-trivial batch-norm statistics (so eval-mode norm matters)."""
+    torch.manual_seed(seed)
+    model = build("dla_resnet", {"width": width})
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_receptive_field_depth_and_config() -> None:
+    model = build("dla_resnet", {"width": 8})
+    assert receptive_field(model) == 41
+    assert weight_layers(model) == 30
+    with torch.no_grad():
+        assert model(torch.zeros(2, 5, 41, 41)).shape == (2, 3, 1, 1)
+        assert model(torch.zeros(1, 5, 50, 60)).shape == (1, 3, 10, 20)
+    with pytest.raises(ValueError, match="HU slabs"):
+        model(torch.zeros(1, 3, 41, 41))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        build("dla_resnet", {"depth": 50})
+
+
+def test_dense_inference_equals_patchwise_inference() -> None:
+    """Every voxel of a small volume: one pass over slabs gives the labels of 41x41x5 patches."""
+    hu, _ = synthetic_head(slices=7, size=30, seed=1)
+    model = random_bn_model()
+    device = torch.device("cpu")
+    dense = classify_dense(model, hu, device, slab=3)
+    coords = np.argwhere(np.ones(hu.shape, bool))
+    patchwise = classify_patches(model, hu, coords, device, batch=512).reshape(hu.shape)
+    assert len(np.unique(dense)) >= 2  # a constant answer would prove nothing
+    assert np.array_equal(dense, patchwise)
+
+
+# --------------------------------------------------------------------------- classical
+
+
+def test_classical_separates_vessels_from_bone() -> None:
+    hu, truth = synthetic_head()
+    labels = classical_tissues(hu, SPACING)
+    assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
+    assert dice(labels == CLASS_BONE, truth == CLASS_BONE) > 0.9
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def check_outputs(result, hu: np.ndarray) -> tuple[SegmentationOutput, ImageOutput]:
+    seg, dla, mip = result.outputs
+    assert isinstance(seg, SegmentationOutput) and seg.geometry == "volume"
+    assert seg.masks.shape == (3, *hu.shape) and seg.masks.dtype == bool
+    assert [(s.code.value, s.code.scheme) for s in seg.segments] == [
+        ("59820001", "SCT"), ("272673000", "SCT"), ("87784001", "SCT")]
+    assert not (seg.masks.sum(axis=0) > 1).any()  # one class per voxel
+    assert not seg.masks[2][hu < -500].any()  # air is not soft tissue
+    assert isinstance(dla, ImageOutput) and dla.geometry == "volume" and dla.pixels.shape == hu.shape
+    assert np.array_equal(dla.pixels[seg.masks[0]], hu[seg.masks[0]])
+    assert (dla.pixels[~seg.masks[0]] == AIR_HU).all()
+    assert mip.rgb.ndim == 3 and mip.rgb.shape[2] == 3 and mip.rgb.dtype == np.uint8
+    return seg, dla
+
+
+def test_pipeline_classical_outputs() -> None:
+    hu, truth = synthetic_head()
+    result = RotationalDLA()(volume_run(hu), PipelineContext())
+    seg, _ = check_outputs(result, hu)
+    assert seg.algorithm.family == "classical"
+    assert dice(seg.masks[0], truth == CLASS_VESSEL) > 0.8
+
+
+def test_pipeline_model_path_runs_dense(tmp_path: Path) -> None:
+    hu, _ = synthetic_head(slices=8, size=32)
+    model = random_bn_model(width=4)
+    pkg = write_package(
+        tmp_path / "dla", model=model, name="test-dla", version="0.0.1",
+        architecture_name="dla_resnet", config={"width": 4}, pipeline=NAME, metrics={},
+        data={"synthetic": True}, model_card="untrained test package", training_command="pytest",
+        dataset_manifest_hash="0" * 64,
+    )
+    result = RotationalDLA()(volume_run(hu), PipelineContext(model_package=str(pkg)))
+    seg, _ = check_outputs(result, hu)
+    assert seg.algorithm.family == "model"
+    expected = classify_dense(model, hu, torch.device("cpu"))
+    assert np.array_equal(seg.masks[0], expected == CLASS_VESSEL)
+    assert np.array_equal(seg.masks[1], expected == CLASS_BONE)
+
+
+def test_pipeline_refuses_2d_runs() -> None:
+    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1", rows=32,
+                   columns=32, number_of_frames=8)
+    with pytest.raises(Exception, match="needs a volume"):
+        RotationalDLA()(Run(np.zeros((8, 32, 32), np.float32), meta), PipelineContext())
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def ct_sources(hu: np.ndarray, reverse: bool = False) -> list[Dataset]:
+    """The source CT series of ``hu`` (slices ascending in z, as the node decodes them)."""
+    study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
+    out = []
+    for i in range(hu.shape[0]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame_of_ref
+        ds.PositionReferenceIndicator = ""
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "TEST^3D", "R1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20260101", "120000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, i + 1
+        ds.PatientPosition = "HFS"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-20.0, -20.0, float(i * SPACING[0])]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [SPACING[1], SPACING[2]]
+        ds.SliceThickness = SPACING[0]
+        ds.KVP = "90"
+        ds.AcquisitionNumber = 1
+        ds.ContrastBolusAgent = "Iodinated contrast"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = np.round(hu[i]).astype(np.int16).tobytes()
+        out.append(ds)
+    return out
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_seg_angiogram_ct_series_and_mip_encode_valid(tmp_path: Path) -> None:
+    import highdicom as hd
+
+    from dicom_node.encode import encode_result
+    from dicom_node.encode.common import EncodeContext
+
+    hu, _ = synthetic_head(slices=12, size=40)
+    sources = ct_sources(hu)
+    run = volume_run(hu)
+    result = RotationalDLA()(run, PipelineContext())
+    datasets = encode_result(result, run, EncodeContext(sources=sources, pipeline=NAME))
+    paths = {}
+    for ds in datasets:
+        paths[ds.SOPInstanceUID] = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(paths[ds.SOPInstanceUID], enforce_file_format=True)
+    ct = [ds for ds in datasets if ds.SOPClassUID == CTImageStorage]
+    (seg_ds,) = [ds for ds in datasets if ds.SOPClassUID == pydicom.uid.SegmentationStorage]
+    (mip,) = [ds for ds in datasets if ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage]
+    assert len(ct) == hu.shape[0] and len(datasets) == hu.shape[0] + 2
+    for ds in [seg_ds, mip, *ct]:
+        assert dciodvfy_errors(paths[ds.SOPInstanceUID]) == [], ds.SOPClassUID.name
+
+    # The angiogram: new series on the source geometry, exact HU, references to its slice.
+    angio = result.outputs[1].pixels
+    for i, ds in enumerate(ct):
+        back = pydicom.dcmread(paths[ds.SOPInstanceUID])
+        assert back.FrameOfReferenceUID == sources[i].FrameOfReferenceUID
+        assert back.SeriesInstanceUID != sources[i].SeriesInstanceUID
+        assert list(back.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert [float(v) for v in back.ImagePositionPatient] == pytest.approx(
+            [float(v) for v in sources[i].ImagePositionPatient], abs=1e-9)
+        assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[i].SOPInstanceUID
+        values = back.pixel_array * float(back.RescaleSlope) + float(back.RescaleIntercept)
+        assert np.array_equal(values, np.round(angio[i]))
+    # Deterministic UIDs: encoding again yields the same instances.
+    again = encode_result(result, run, EncodeContext(sources=sources, pipeline=NAME))
+    mine = (CTImageStorage, pydicom.uid.SecondaryCaptureImageStorage)
+    assert ([d.SOPInstanceUID for d in again if d.SOPClassUID in mine]
+            == [d.SOPInstanceUID for d in datasets if d.SOPClassUID in mine])
+
+    # The SEG: three segments on the source Frame of Reference, masks as computed.
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(paths[seg_ds.SOPInstanceUID]))
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert [seg.get_segment_description(i).segmented_property_type.value for i in (1, 2, 3)] == [
+        "59820001", "272673000", "87784001"]
+    volume = seg.get_volume(combine_segments=False)
+    masks = result.outputs[0].masks
+    got = np.moveaxis(volume.array, -1, 0).astype(bool)
+    assert got.shape == masks.shape
+    assert np.array_equal(got, masks)
+
+    mip_back = pydicom.dcmread(paths[mip.SOPInstanceUID])
+    assert np.array_equal(mip_back.pixel_array, result.outputs[2].rgb)
+
+
+def test_volume_encoder_refuses_2d_images() -> None:
+    from dicom_node.encode.common import EncodeContext
+    from dicom_node.encode.volume import encode_volume
+
+    hu, _ = synthetic_head(slices=6, size=32)
+    ctx = EncodeContext(sources=ct_sources(hu), pipeline=NAME)
+    with pytest.raises(ValueError, match="only \\(Z, Y, X\\) volumes"):
+        encode_volume(ImageOutput("other", hu[0], "a 2D image"), ctx)
+    with pytest.raises(ValueError, match="slices"):
+        encode_volume(ImageOutput("dla_angiogram", hu[:4], "short", geometry="volume"), ctx)
+
+
+def test_volume_encoder_orders_multiframe_source_frames(tmp_path: Path) -> None:
+    """A single multi-frame source (3D XA / Enhanced CT) with frames stored top-down: slice i of
+    the run (ascending z) references the right frame number."""
+    from dicom_node.encode.common import EncodeContext
+    from dicom_node.encode.volume import encode_volume
+
+    hu, _ = synthetic_head(slices=6, size=32)
+    src = ct_sources(hu)[0]
+    src.SOPClassUID = pydicom.uid.XRay3DAngiographicImageStorage
+    src.Modality = "XA"
+    src.NumberOfFrames = 6
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [0.8, 0.8]
+    measures.SliceThickness = 0.8
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [orientation]
+    src.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k in range(6):  # frame 1 is the top slice
+        pos = Dataset()
+        pos.ImagePositionPatient = [-20.0, -20.0, float((5 - k) * 0.8)]
+        item = Dataset()
+        item.PlanePositionSequence = [pos]
+        per_frame.append(item)
+    src.PerFrameFunctionalGroupsSequence = per_frame
+    out = encode_volume(ImageOutput("dla_angiogram", hu, "DLA angiogram", geometry="volume"),
+                        EncodeContext(sources=[src], pipeline=NAME))
+    assert [int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in out] == [6, 5, 4, 3, 2, 1]
+    assert [float(ds.ImagePositionPatient[2]) for ds in out] == pytest.approx([0, 0.8, 1.6, 2.4, 3.2, 4.0])
+    assert all(ds.RescaleType == "US" for ds in out)  # 3D XA values are not calibrated HU
+    path = tmp_path / "slice.dcm"
+    out[0].save_as(path, enforce_file_format=True)
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(path) == []
