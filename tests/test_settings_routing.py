@@ -130,12 +130,6 @@ def test_real_vendor_files_route_and_decode(path: Path) -> None:
             assert decode_pixels(full, path).shape[-2:] == (ds.Rows, ds.Columns)
 
 
-def test_process_cli_on_real_cardiac_run_and_nothing_processable(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "process", str(tmp_path), "--output",
-                          str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "nothing could be processed" in out.stderr
-
-
 def test_native_run_with_mask_subtraction_is_log_subtracted(tmp_path: Path) -> None:
     import numpy as np
     from pydicom.dataset import Dataset

@@ -1,0 +1,68 @@
+"""The dicom-node command line: process, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.conftest import dciodvfy_errors
+from tests.dicomgen import save, xa_run
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_process_writes_results_and_prints_one_line_each(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    ds = xa_run(frames=4)
+    save(ds, src)
+    (src / "notes.txt").write_text("not dicom")
+    out = _cli("process", str(src), "--output", str(tmp_path / "out"), "--pipeline", "minip")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    files = sorted((tmp_path / "out").glob("*.dcm"))
+    assert len(lines) == len(files) == 1
+    assert str(files[0]) in lines[0] and "minip" in lines[0]
+    assert "notes.txt" in out.stderr  # skipped, and said so
+    assert dcmread(files[0]).StudyInstanceUID == ds.StudyInstanceUID
+    assert dciodvfy_errors(files[0]) == []
+
+
+def test_process_unknown_pipeline_and_nothing_processable(tmp_path: Path) -> None:
+    save(xa_run(frames=3), tmp_path / "in")
+    out = _cli("process", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--pipeline", "nope")
+    assert out.returncode == 2 and "unknown pipeline 'nope'" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _cli("process", str(empty), "--output", str(tmp_path / "o"))
+    assert out.returncode == 2 and "nothing could be processed" in out.stderr
+
+
+def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pydicom.uid import XRayAngiographicImageStorage
+    from pynetdicom import AE
+
+    from tests.conftest import wait_for
+
+    node = make_node(destinations=[{"kind": "dimse", "name": "down", "host": "127.0.0.1", "port": 9,
+                                    "ae_title": "NOBODY"}],
+                     rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    ae = AE(ae_title="SUITE")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
+    assoc.release()
+    wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE attempts >= 1"), 30)
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'storage_dir = "{node.settings.storage_dir}"\n')
+    out = _cli("status", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "jobs: done 1" in out.stdout and "backlog to down: 1 object(s)" in out.stdout
+    summary = json.loads(_cli("status", "--config", str(cfg), "--json").stdout)
+    assert summary["outbox"] == {"pending": 1}
