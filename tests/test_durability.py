@@ -38,18 +38,9 @@ def _wait_listening(config: Path, starts: int) -> None:
     wait_for(lambda: log.read_text().count("storage SCP") >= starts, 60, what="node to listen")
 
 
-def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    port, api_port = free_port(), free_port()
-    storage = tmp_path / "node"
-    config = tmp_path / "node.toml"
-    config.write_text(
-        f'storage_dir = "{storage}"\nport = {port}\nmin_free_bytes = 0\n'
-        f"[api]\nport = {api_port}\n[completion]\nquiet_period_s = 1.5\nsweep_interval_s = 0.2\n"
-        f"[workers]\npoll_interval_s = 0.1\n" + MINIP_RULES
-    )
-    proc = _start_serve(config)
-    _wait_listening(config, 1)
-    series, study = generate_uid(), generate_uid()
+def _send_series_and_kill(proc: subprocess.Popen[bytes], port: int, series: str) -> list[str]:
+    """Send a 12-instance series, SIGKILL the node after 6; the UIDs that got Success."""
+    study = generate_uid()
     acknowledged: list[str] = []
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(XRayAngiographicImageStorage)
@@ -72,6 +63,27 @@ def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
         elif killed:
             break
     assoc.abort()
+    return acknowledged
+
+
+def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    port, api_port = free_port(), free_port()
+    storage = tmp_path / "node"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'storage_dir = "{storage}"\nport = {port}\nmin_free_bytes = 0\n'
+        f"[api]\nport = {api_port}\n[completion]\nquiet_period_s = 1.5\nsweep_interval_s = 0.2\n"
+        f"[workers]\npoll_interval_s = 0.1\n" + MINIP_RULES
+    )
+    series = generate_uid()
+    proc = _start_serve(config)
+    try:
+        _wait_listening(config, 1)
+        acknowledged = _send_series_and_kill(proc, port, series)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     assert 6 <= len(acknowledged) < 12
 
     proc = _start_serve(config)
@@ -90,7 +102,11 @@ def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert not list((storage / "spool").rglob("*.part"))
     finally:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
 
 
 def test_destination_down_then_up_delivers_once(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
