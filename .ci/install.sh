@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-requests)
+DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-requests
+      chromium chromium-driver)
 if [ "$(id -u)" = 0 ]; then
     missing=()
     for p in "${DEBS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -23,3 +24,12 @@ PY=${PYTHON:-python3}
 # The CPU build of torch first, so the project's torch requirement installs nothing more.
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# OHIF viewer (the npm package @ohif/app ships a built dist/) for the viewer test
+OHIF_VERSION=3.13.2
+if [ ! -f .cache/ohif/dist/index.html ] && command -v npm >/dev/null; then
+    mkdir -p .cache/ohif
+    (cd .cache/ohif && npm pack --silent "@ohif/app@${OHIF_VERSION}" >/dev/null \
+        && tar xzf "ohif-app-${OHIF_VERSION}.tgz" && mv package/dist dist && rm -rf package ./*.tgz) \
+        || echo "could not fetch @ohif/app ${OHIF_VERSION}: the OHIF viewer test will skip" >&2
+fi

@@ -5,6 +5,7 @@
     GET  /jobs?study=UID|series=UID|instance=UID
     POST /trigger    {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}
     POST /reprocess  {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}
+    POST /dicom-web/studies[/{study}]     STOW-RS into the spool (dicom_node.stow)
 
 This is where node errors become HTTP statuses.
 """
@@ -18,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
-from dicom_node import __version__
+from dicom_node import __version__, stow
 from dicom_node.errors import NodeError, RejectedInstance
 from dicom_node.service import jobs_for, status_summary
 from dicom_node.spool import check_uid
@@ -55,16 +56,25 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("api: " + fmt, *args)
 
-        def _send(self, status: int, payload: Any) -> None:
+        def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
             body = json.dumps(payload, indent=1, default=str).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
         def _dispatch(self, method: str) -> None:
             url = urlparse(self.path)
+            if method == "POST" and url.path.startswith("/dicom-web/"):
+                try:
+                    body = stow.read_body(self.headers, self.rfile)
+                    status, payload = stow.stow(node, url.path, self.headers.get("Content-Type", ""), body)
+                except stow.StowError as exc:
+                    log.info("STOW-RS %s -> %d: %s", url.path, exc.status, exc)
+                    status, payload = exc.status, {"error": str(exc)}
+                self._send(status, payload, "application/dicom+json")
+                return
             try:
                 self._send(200, self._route(method, url.path.rstrip("/") or "/", parse_qs(url.query)))
             except HttpError as exc:

@@ -25,8 +25,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +183,9 @@ class OrthancProcess:
                 raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
             try:
                 ok = self.get("/system", timeout=2).ok
-                if ok and self.with_plugin:
-                    ok = self.get("/angio-node/status", timeout=5).ok
+                if ok and self.with_plugin:  # 503 and not 'starting': disabled or a config error
+                    plugin = self.get("/angio-node/status", timeout=5)
+                    ok = plugin.ok or (plugin.status_code == 503 and "starting" not in plugin.text)
                 if ok:
                     with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
                         return
@@ -251,3 +254,172 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield proc
     finally:
         proc.stop()
+
+
+# -- OHIF against this Orthanc ------------------------------------------------------------
+
+# .ci/install.sh unpacks the npm package @ohif/app into .cache/ohif (ignored by git)
+OHIF_DIST_CANDIDATES = (os.environ.get("OHIF_DIST", ""), str(REPO / ".cache" / "ohif" / "dist"),
+                        "/opt/ohif/dist")
+CONTENT_TYPES = {".js": "application/javascript", ".css": "text/css", ".html": "text/html",
+                 ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml",
+                 ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2", ".map": "application/json"}
+
+
+def find_ohif_dist() -> Path | None:
+    """The ``dist/`` of the npm package ``@ohif/app`` ($OHIF_DIST or /opt/ohif/dist)."""
+    for c in OHIF_DIST_CANDIDATES:
+        if c and (Path(c) / "index.html").is_file():
+            return Path(c)
+    return None
+
+
+def ohif_app_config(origin: str) -> str:
+    """OHIF's app-config.js: one DICOMweb data source, Orthanc's, on the same origin."""
+    root = f"{origin}/dicom-web"
+    return f"""window.config = {{
+  routerBasename: '/',
+  extensions: [], modes: [], customizationService: {{}},
+  showStudyList: true, maxNumberOfWebWorkers: 1,
+  showWarningMessageForCrossOrigin: false, showCPUFallbackMessage: false,
+  showLoadingIndicator: true, strictZSpacingForVolumeViewport: true,
+  defaultDataSourceName: 'orthanc',
+  dataSources: [{{
+    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+    sourceName: 'orthanc',
+    configuration: {{
+      friendlyName: 'Orthanc (angio node results)', name: 'orthanc',
+      wadoUriRoot: '{origin}/wado', qidoRoot: '{root}', wadoRoot: '{root}',
+      qidoSupportsIncludeField: false, supportsReject: false, dicomUploadEnabled: false,
+      imageRendering: 'wadors', thumbnailRendering: 'wadors', enableStudyLazyLoad: true,
+      supportsFuzzyMatching: false, supportsWildcard: true, omitQuotationForMultipartRequest: true,
+      bulkDataURI: {{ enabled: true }},
+    }},
+  }}],
+}};
+"""
+
+
+class OhifServer:
+    """OHIF's static ``dist/`` at ``/`` (single-page fallback to index.html) and Orthanc's
+    DICOMweb proxied under the same origin, so the browser needs no CORS. ``requests``
+    lists the DICOMweb paths the viewer asked for."""
+
+    def __init__(self, dist: Path, pacs: OrthancProcess) -> None:
+        self.dist = dist.resolve()
+        self.pacs = pacs
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, fmt: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                if path.startswith(("/dicom-web/", "/wado")):
+                    server.requests.append(self.path)
+                    self._proxy()
+                elif path == "/app-config.js":
+                    self._send(200, ohif_app_config(server.url).encode(), "application/javascript")
+                else:
+                    file = (server.dist / path.lstrip("/")).resolve()
+                    if not file.is_file() or server.dist not in file.parents:
+                        file = server.dist / "index.html"
+                    self._send(200, file.read_bytes(),
+                               CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+
+            def _proxy(self) -> None:
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
+                try:
+                    resp = requests.get(server.pacs.http_url + self.path, headers=headers, timeout=60)
+                except requests.RequestException as exc:
+                    self._send(502, str(exc).encode(), "text/plain")
+                    return
+                self._send(resp.status_code, resp.content,
+                           resp.headers.get("Content-Type", "application/octet-stream"))
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="ohif", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--use-angle=swiftshader", "--enable-unsafe-swiftshader")
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def ohif_missing() -> str:
+    if find_ohif_dist() is None:
+        return "OHIF not installed: npm pack @ohif/app, extract package/dist to /opt/ohif/dist (or set OHIF_DIST)"
+    if find_chromium() is None or shutil.which("chromedriver") is None:
+        return "chromium not installed (Debian packages chromium, chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium not installed (pip install selenium)"
+    return ""
+
+
+def chromium_driver(profile: Path):  # type: ignore[no-untyped-def]
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = find_chromium()
+    for flag in CHROMIUM_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={profile}")
+    opts.add_argument("--window-size=1400,860")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def viewport_contrast(driver: Any) -> float:
+    """Standard deviation of the viewport's pixels (0 for an empty or flat viewport)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    panes = driver.find_elements(By.CSS_SELECTOR, "[data-cy='viewport-pane']")
+    if not panes:
+        return 0.0
+    pane = panes[0]
+    img = np.asarray(Image.open(io.BytesIO(pane.screenshot_as_png)).convert("L"), dtype=float)
+    h, w = img.shape
+    return float(img[h // 6: -h // 6, w // 6: -w // 6].std())
+
+
+def click_text(driver: Any, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    for el in driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']"):
+        if el.is_displayed():
+            el.click()
+            return

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,11 +27,17 @@ from pydicom.uid import generate_uid
 
 from tests.dicomgen import save, xa_run
 from tests.orthanc_fixture import (  # noqa: F401  (orthanc: the fixture)
+    OhifServer,
     OrthancProcess,
+    chromium_driver,
+    click_text,
+    find_ohif_dist,
     free_port,
     missing_parts,
+    ohif_missing,
     orthanc,
     start_orthanc,
+    viewport_contrast,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "orthanc"))
@@ -65,6 +73,17 @@ def storescu(pacs: OrthancProcess, *files: Path, aet: str = "ANGIO_SUITE") -> No
     assert res.returncode == 0, res.stderr
 
 
+def phantom_dsa_file(directory: Path, seed: int = 1, size: int = 64, frames: int = 8) -> Path:
+    """A phantom cerebral DSA run (training.phantoms) written as XA; the small test run
+    from tests.dicomgen where the phantom package is not there."""
+    try:
+        from training.phantoms import dsa
+    except ImportError:
+        return save(xa_run(frames=frames, rows=size, cols=size, seed=seed), directory)
+    paths = dsa.generate(seed, size=size, frames=frames).write(directory)
+    return next(p for p in paths if p.suffix == ".dcm")
+
+
 def single_frame_series(frames: int = 5) -> list:
     """An XA run as single-frame instances of one series (a multi-instance run)."""
     run = xa_run(frames=frames, seed=3)
@@ -83,8 +102,13 @@ def single_frame_series(frames: int = 5) -> list:
     return out
 
 
+MINIP_ONLY = [{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
+
+
 def start_node(tmp: Path, pacs: OrthancProcess, *, port: int = 0, api_port: int = 0,
-               transport: str = "dimse", quiet_period_s: float = 1.0):  # type: ignore[no-untyped-def]
+               transport: str = "dimse", quiet_period_s: float = 1.0,
+               rules: list[dict[str, Any]] | None = MINIP_ONLY):  # type: ignore[no-untyped-def]
+    """The node on loopback; ``rules=None`` means its built-in rules (every DSA pipeline)."""
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
 
@@ -97,7 +121,7 @@ def start_node(tmp: Path, pacs: OrthancProcess, *, port: int = 0, api_port: int 
         None, environ={}, storage_dir=tmp, port=port, api={"port": api_port}, ae_title=NODE_AET,
         destinations=[dest], completion={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.3},
         outbox={"backoff_base_s": 0.5, "poll_interval_s": 0.2},
-        rules=[{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+        rules=rules)
     return Node(settings).start()
 
 
@@ -160,6 +184,7 @@ def test_rules_match_angiography_and_not_results() -> None:
           "ImageType": "DERIVED\\PRIMARY\\SINGLE PLANE\\SUBTRACTION"}
     assert cfg.rule_for(xa, xa["SOPClassUID"]).name == "xray-angiography"
     assert cfg.rule_for({**xa, "Modality": "CT"}, "1.2.840.10008.5.1.4.1.1.2") is None
+    assert cfg.may_match(xa["SOPClassUID"]) and not cfg.may_match("1.2.840.10008.5.1.4.1.1.2")
     # the node's output is recognised three independent ways
     assert cfg.result_reason({}, "ANGIO_NODE") == "calling AE ANGIO_NODE"
     assert "Manufacturer" in cfg.result_reason({"Manufacturer": "angio-dicom-node"}, "ORTHANC")
@@ -169,6 +194,7 @@ def test_rules_match_angiography_and_not_results() -> None:
     tagged = template_config(Rules=[{"Name": "sub-only", "Modalities": ["XA"], "MinFrames": 2,
                                      "Tags": {"ImageType": "SUBTRACTION",
                                               "BodyPartExamined": {"Regex": "(?i)^(HEAD|NECK)$"}}}])
+    assert tagged.may_match("1.2.840.10008.5.1.4.1.1.2")  # a rule without classes: read the tags
     assert tagged.rule_for({**xa, "BodyPartExamined": "head"}, "") is not None
     assert tagged.rule_for({**xa, "BodyPartExamined": "HEART"}, "") is None
     assert tagged.rule_for({**xa, "BodyPartExamined": "HEAD", "NumberOfFrames": "1"}, "") is None
@@ -233,6 +259,18 @@ def test_orthanc_fixture_is_a_working_pacs(orthanc: OrthancProcess) -> None:  # 
 
 
 @needs_orthanc
+def test_bad_plugin_config_is_reported_not_ignored(tmp_path: Path) -> None:
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides={"AngioNode": {"Transport": "ftp"}})
+    try:
+        resp = pacs.get("/angio-node/status")
+        assert resp.status_code == 503
+        assert "AngioNode.Transport" in resp.json()["error"]
+        assert "NOT forwarding, configuration error" in pacs.log_text()
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
 @needs_storescu
 def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
     node_port, api_port = free_port(), free_port()
@@ -242,14 +280,17 @@ def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
         with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port,
                           quiet_period_s=60) as node:
             # 1. a multi-frame XA run: forwarded on arrival, processed, results back
-            run = xa_run(frames=8, rows=96, cols=96, seed=1)
-            storescu(pacs, save(run, tmp_path / "in"))
+            path = phantom_dsa_file(tmp_path / "in", seed=11)
+            run = dcmread(path, stop_before_pixels=True)
+            storescu(pacs, path)
             study = str(run.StudyInstanceUID)
             results = wait_for("result series in Orthanc (QIDO-RS)", lambda: result_series(pacs, study))
-            (fw,) = forwards(pacs)
+            # the node marks its outbox row sent once Orthanc has answered: a moment later
+            (fw,) = wait_for("the node's job done and its results sent", lambda: [
+                f for f in forwards(pacs) if f["node_jobs"] and f["node_jobs"][0]["sent"] >= 1])
             assert fw["kind"] == "instance" and fw["state"] == "sent"
             assert fw["sop_instance_uid"] == run.SOPInstanceUID and fw["attempts"] == 0
-            assert [j["state"] for j in fw["node_jobs"]] == ["done"] and fw["node_jobs"][0]["sent"] >= 1
+            assert [j["state"] for j in fw["node_jobs"]] == ["done"] and fw["node_jobs"][0]["pending"] == 0
 
             # WADO-RS returns the result objects, made by the node, in the source's study
             series_uid = results[0]["0020000E"]["Value"][0]
@@ -317,11 +358,13 @@ def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
 
 @needs_orthanc
 @needs_storescu
-def test_node_down_forward_retried_until_it_is_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_node_down_forward_retried_until_it_is_up(tmp_path: Path) -> None:
     """Node down: the job fails visibly and is retried; it is delivered once the node is up.
     Results come back over STOW-RS here, so they are recognised by Manufacturer, not AE."""
     node_port, api_port = free_port(), free_port()
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=FAST, node={
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Retry"]["MaxAttempts"] = 100  # never exhausted, however slow the machine
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node={
         "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
     try:
         run = xa_run(frames=6, seed=2)
@@ -383,3 +426,179 @@ def test_failed_forward_survives_restart_and_is_retried_by_hand(tmp_path: Path) 
     finally:
         pacs.stop()
 
+
+
+# -- STOW-RS into the node (dicom_node/stow.py), for "Transport": "dicomweb" ----------------
+
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "b0und4ry") -> tuple[str, bytes]:
+    body = b"".join(f"--{boundary}\r\nContent-Type: {ct}\r\n\r\n".encode() + data + b"\r\n"
+                    for ct, data in parts) + f"--{boundary}--\r\n".encode()
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', body
+
+
+def test_stow_rs_stores_like_c_store_and_refuses_precisely(tmp_path: Path) -> None:
+    from dicom_node import stow
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    node = Node(load_settings(None, environ={}, storage_dir=tmp_path, port=0, api={"enabled": False},
+                              completion={"quiet_period_s": 60}, rules=[])).start()
+    try:
+        good = save(xa_run(frames=3, seed=7), tmp_path / "in")
+        ctype, body = multipart([("application/dicom", good.read_bytes()),
+                                 ("application/dicom", b"not DICOM at all"),
+                                 ("application/dicom+json", b"{}")])
+        status, resp = stow.stow(node, "/dicom-web/studies", ctype, body)
+        assert status == 202
+        uid = dcmread(good, stop_before_pixels=True).SOPInstanceUID
+        assert [i["00081155"]["Value"][0] for i in resp["00081199"]["Value"]] == [uid]
+        assert [i["00081197"]["Value"][0] for i in resp["00081198"]["Value"]] == [0xC000, 0x0122]
+        row = node.db.query("SELECT calling_aet FROM instances WHERE sop_instance_uid=?", (uid,))
+        assert row[0]["calling_aet"] == stow.STOW_SOURCE
+        assert node.db.query("SELECT state FROM runs")[0]["state"] in ("complete", "unrouted")
+
+        status, resp = stow.stow(node, "/dicom-web/studies/1.2.3", *multipart(
+            [("application/dicom", good.read_bytes())]))
+        assert status == 409 and resp["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+        for bad_type, bad_body, code in [("application/dicom", b"x", 415), ("multipart/related", b"", 400),
+                                         (*multipart([]), 400)]:
+            with pytest.raises(stow.StowError) as err:
+                stow.stow(node, "/dicom-web/studies", bad_type, bad_body)
+            assert err.value.status == code
+    finally:
+        node.stop()
+
+
+@needs_orthanc
+@needs_storescu
+def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
+    """Orthanc's DICOMweb STOW client job carries the run to the node's STOW-RS endpoint."""
+    node_port, api_port = free_port(), free_port()
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Transport"] = "dicomweb"
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node={
+        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}",
+        "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/"})
+    try:
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
+            run = xa_run(frames=5, seed=8)
+            storescu(pacs, save(run, tmp_path / "in"))
+            (fw,) = wait_for("the STOW-RS forward delivered", lambda: forwards(pacs, state="sent"))
+            assert fw["transport"] == "dicomweb" and fw["attempts"] == 0
+            job = pacs.get(f"/jobs/{fw['jobs'][-1]}").json()
+            assert job["Type"] == "DicomWebStowClient" and job["State"] == "Success"
+            wait_for("results back in Orthanc", lambda: result_series(pacs, str(run.StudyInstanceUID)))
+            rows = node.db.query("SELECT calling_aet FROM instances")
+            assert [r["calling_aet"] for r in rows] == ["STOW-RS"]
+    finally:
+        pacs.stop()
+
+# -- what the radiologist sees: OHIF and Orthanc Explorer in headless Chromium -------------
+
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "img" / "ohif"
+SC, MF_WORD_SC, PMAP = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.30"
+
+
+@needs_orthanc
+@needs_storescu
+@pytest.mark.skipif(bool(ohif_missing()), reason=ohif_missing() or "-")
+@pytest.mark.timeout(300)
+def test_ohif_and_explorer_show_the_results(tmp_path: Path) -> None:
+    """A phantom DSA run through Orthanc and the node (all its DSA pipelines); OHIF opens the
+    study, the secondary captures render; SEG, Parametric Map and SR are recorded as they
+    display. ANGIO_UPDATE_SCREENSHOTS=1 writes the screenshots to docs/img/ohif/."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    node_port, api_port = free_port(), free_port()
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=FAST, node={
+        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    shots, report = tmp_path / "shots", {}
+    shots.mkdir()
+    try:
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port, rules=None) as node:
+            path = phantom_dsa_file(tmp_path / "in", seed=21, size=128, frames=12)
+            study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+            storescu(pacs, path)
+
+            def all_delivered() -> bool:
+                st = node_status(node)
+                assert "failed" not in st["jobs"], st["failed_jobs"]
+                n = node.db.query("SELECT COUNT(DISTINCT series_uid) n FROM outbox")[0]["n"]
+                return (bool(st["jobs"]) and set(st["jobs"]) == {"done"} and not st["outbox"].get("pending")
+                        and len(pacs.get("/angio-node/results", params={"study": study}).json()["results"]) == n)
+            wait_for("every pipeline done and its results in Orthanc", all_delivered, timeout=150, every=1)
+
+        study_id = pacs.post("/tools/lookup", data=study).json()[0]["ID"]
+        series = {s["ID"]: s for s in pacs.get(f"/studies/{study_id}/series").json()}
+        results = {r["series_uid"]: r for r in pacs.get("/angio-node/results").json()["results"]}
+
+        def pick(test: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+            return next((r for r in sorted(results.values(), key=lambda r: r["description"]) if test(r)), None)
+
+        targets = [  # (what, result series, must render)
+            ("overlay-sc", pick(lambda r: r["sop_class_uid"] == SC and "overlay" in r["description"].lower())
+             or pick(lambda r: r["sop_class_uid"] == SC), True),
+            ("colour-map-sc", pick(lambda r: r["sop_class_uid"] == SC and "colour" in r["description"].lower()), True),
+            ("minip-canvas", pick(lambda r: r["sop_class_uid"] == MF_WORD_SC), True),
+            ("seg", pick(lambda r: r["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.66.4"), False),
+            ("parametric-map", pick(lambda r: r["sop_class_uid"] == PMAP), False),
+            ("sr", pick(lambda r: r["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.88.")), False),
+        ]
+        assert targets[0][1] is not None and targets[2][1] is not None, results
+
+        srv = OhifServer(find_ohif_dist(), pacs)  # type: ignore[arg-type]
+        driver = chromium_driver(tmp_path / "chromium-profile")
+        try:
+            driver.get(f"{srv.url}/viewer?StudyInstanceUIDs={study}")
+            wait_for("OHIF lists every series of the study", lambda: len(driver.find_elements(
+                By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']")) == len(series), timeout=90, every=1)
+            time.sleep(3)
+            for text in ("Skip all", "Confirm and hide"):  # first-visit tour and notice
+                click_text(driver, text)
+            driver.save_screenshot(str(shots / "study.png"))
+            for what, result, must_render in targets:
+                if result is None:
+                    report[what] = {"present": False}
+                    continue
+                desc = result["description"]
+                driver.get_log("browser")  # drop what came before
+                label = driver.find_element(By.XPATH, f"//*[contains(text(), {json.dumps(desc[:24])})]")
+                ActionChains(driver).double_click(label).perform()
+                time.sleep(6)
+                click_text(driver, "Yes")  # OHIF asks before loading a SEG
+                time.sleep(3)
+                driver.save_screenshot(str(shots / f"{what}.png"))
+                top_left = " ".join(e.text for e in driver.find_elements(
+                    By.CSS_SELECTOR, "[data-cy='viewport-overlay-top-left']"))
+                pixels = any(f"/series/{result['series_uid']}/" in r and ("/frames/" in r or "/rendered" in r or r.endswith("/metadata"))
+                             for r in srv.requests)
+                errors = sorted({e["message"].split("ERROR: ")[-1][:160] for e in driver.get_log("browser")
+                                 if e["level"] == "SEVERE"})
+                report[what] = {"series": desc, "viewport_shows": top_left.splitlines()[-1:] or [""],
+                                "fetched": pixels, "contrast": round(viewport_contrast(driver), 1), "errors": errors[:5]}
+                if must_render:
+                    assert desc in top_left, (what, top_left)
+                    assert pixels and report[what]["contrast"] > 10, report[what]
+
+            # Orthanc's own explorer: the result banner and the 'process again' button
+            result_id = next(i for i, s in series.items()
+                             if s["MainDicomTags"]["SeriesInstanceUID"] == targets[0][1]["series_uid"])
+            driver.get(f"{pacs.http_url}/app/explorer.html#series?uuid={result_id}")
+            banner = wait_for("the AI-result banner", lambda: driver.find_elements(By.ID, "angio-ai-banner"))
+            assert "AI result from the angio node" in banner[0].text
+            driver.save_screenshot(str(shots / "explorer-series.png"))
+            driver.get(f"{pacs.http_url}/app/explorer.html#study?uuid={study_id}")
+            wait_for("the process-again button", lambda: driver.find_elements(
+                By.XPATH, "//*[contains(text(), 'Process again (angio node)')]"))
+            driver.save_screenshot(str(shots / "explorer-study.png"))
+        finally:
+            driver.quit()
+            srv.stop()
+    finally:
+        pacs.stop()
+        (shots / "report.json").write_text(json.dumps(report, indent=1))
+    if os.environ.get("ANGIO_UPDATE_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for f in shots.iterdir():
+            shutil.copy(f, SCREENSHOTS / f.name)

@@ -1,0 +1,314 @@
+"""The forwarder's loop: read Orthanc's change log, queue forwards, submit them as
+Orthanc jobs, watch the jobs, retry with backoff, label the node's results.
+
+``api`` is anything with ``get(uri) -> Any`` (parsed JSON), ``post(uri, body) ->
+Any`` and ``put(uri, body) -> None`` on Orthanc's REST API that raises
+``OrthancError``; inside Orthanc it wraps ``orthanc.RestApi*``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Any, Protocol
+
+from angio_core import (
+    UNKNOWN_RESOURCE,
+    AngioError,
+    Config,
+    Ledger,
+    NodeApiError,
+    NodeClient,
+    OrthancError,
+    frames_of,
+    log,
+)
+
+_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+PAGE = 100
+
+
+class OrthancApi(Protocol):
+    def get(self, uri: str) -> Any: ...
+    def post(self, uri: str, body: Any) -> Any: ...
+    def put(self, uri: str, body: str) -> None: ...
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'1.10.1' -> (1, 10, 1); 'mainline' (a development build) sorts above all releases."""
+    parts = re.findall(r"\d+", version)
+    return tuple(int(p) for p in parts) if parts else (999,)
+
+
+class Forwarder:
+    def __init__(self, config: Config, api: OrthancApi, ledger: Ledger, node: NodeClient,
+                 orthanc_version: str, has_labels: bool = False) -> None:
+        self.config = config
+        self.api = api
+        self.ledger = ledger
+        self.node = node
+        self.orthanc_version = orthanc_version
+        # Labels arrived in Orthanc 1.12.0 (/system says "HasLabels": true where the database
+        # supports them); before that, metadata is what we have.
+        self.labels_supported = has_labels and version_tuple(orthanc_version) >= (1, 12, 0)
+        self.wake = threading.Event()
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    # -- the loop -----------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="angio-forward", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                log.error("angio-forward: worker thread did not stop in %.0f s", timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            self.step()
+            self.wake.wait(self.config.poll_s)
+            self.wake.clear()
+
+    def step(self) -> None:
+        """One pass; a failing part is logged and retried at the next pass."""
+        for part in (self.catch_up, self.dispatch, self.poll_jobs, self.trigger_pending):
+            if self.stop_event.is_set():
+                return
+            try:
+                part()
+            except (AngioError, OSError, ValueError, KeyError) as exc:
+                self.last_error = f"{part.__name__}: {exc}"
+                log.error("angio-forward: %s failed: %s", part.__name__, exc)
+
+    # -- the change log -------------------------------------------------------------
+    def catch_up(self) -> int:
+        """Handle Orthanc changes since the last one seen; returns how many."""
+        seen = self.ledger.get_meta("last_change")
+        if seen is None:
+            last = 0 if self.config.forward_existing_on_first_start else int(
+                self.api.get("/changes?last")["Last"])
+            self.ledger.set_meta("last_change", str(last))
+            log.warning("angio-forward: first start, following Orthanc changes after #%d", last)
+            seen = str(last)
+        since, handled = int(seen), 0
+        while not self.stop_event.is_set():
+            page = self.api.get(f"/changes?since={since}&limit={PAGE}")
+            for change in page["Changes"]:
+                self._handle_change(change)
+                since = int(change["Seq"])
+                self.ledger.set_meta("last_change", str(since))
+                handled += 1
+            if page["Done"] or not page["Changes"]:
+                break
+        return handled
+
+    def _handle_change(self, change: dict[str, Any]) -> None:
+        kind, rid = change["ChangeType"], change["ID"]
+        try:
+            if kind == "NewInstance":
+                self.handle_instance(rid)
+            elif kind == "StableSeries":
+                self.handle_stable_series(rid)
+        except OrthancError as exc:
+            if exc.code != UNKNOWN_RESOURCE:
+                raise
+            log.info("angio-forward: %s %s was deleted before it was handled", kind, rid)
+
+    def handle_instance(self, instance_id: str) -> None:
+        if self.ledger.known_instance(instance_id):
+            return
+        # Index lookups first (metadata, the series' main tags): most of a PACS's traffic
+        # is neither the node's output nor angiography, and is dismissed without a file read.
+        meta = self.api.get(f"/instances/{instance_id}/metadata?expand")
+        series = self.api.get(f"/instances/{instance_id}/series")
+        series_id = series["ID"]
+        sop_class = str(meta.get("SopClassUid", ""))
+        reason = self.config.result_reason(series.get("MainDicomTags", {}), str(meta.get("RemoteAET", "")))
+        if reason is None and sop_class and not self.config.may_match(sop_class):
+            return
+        tags = self.api.get(f"/instances/{instance_id}/tags?simplify")
+        if reason is None:
+            reason = self.config.result_reason(tags, "")
+        if reason is not None:
+            self.label_result(series_id, tags, reason)
+            return
+        rule = self.config.rule_for(tags, sop_class or str(tags.get("SOPClassUID", "")))
+        if rule is None:
+            return
+        # One multi-frame instance is a whole run: no reason to wait for StableAge.
+        now = frames_of(tags) > 1
+        fid = self.ledger.add_instance(instance_id, series_id, tags, rule.name, forward_now=now,
+                                       trigger=False, transport=self.config.transport)
+        if fid is not None:
+            log.info("angio-forward: run %s (rule %s) queued as forward %d",
+                     tags.get("SOPInstanceUID"), rule.name, fid)
+            self.wake.set()
+
+    def handle_stable_series(self, series_id: str) -> None:
+        fid = self.ledger.forward_waiting(series_id, trigger=self.config.trigger_node_after_series,
+                                          transport=self.config.transport)
+        if fid is not None:
+            log.info("angio-forward: stable series %s queued as forward %d", series_id, fid)
+
+    def label_result(self, series_id: str, tags: dict[str, Any], reason: str) -> None:
+        """Mark a result series: metadata always, a label where Orthanc has labels (>= 1.12)."""
+        if self.ledger.query("SELECT 1 FROM results WHERE series_id=?", (series_id,)):
+            self.ledger.add_result(series_id, tags, reason)
+            return
+        value = json.dumps({"reason": reason, "description": str(tags.get("SeriesDescription", "")),
+                            "sop_class_uid": str(tags.get("SOPClassUID", ""))})
+        self.api.put(f"/series/{series_id}/metadata/AngioNodeResult", value)
+        if self.labels_supported:
+            self.api.put(f"/series/{series_id}/labels/{self.config.result_label}", "")
+        self.ledger.add_result(series_id, tags, reason)
+        log.info("angio-forward: result series %s (%s) labelled, not forwarded: %s", series_id,
+                 tags.get("SeriesDescription", ""), reason)
+
+    # -- jobs -------------------------------------------------------------------------
+    def dispatch(self) -> int:
+        """Submit the forwards that are due as Orthanc jobs."""
+        n = 0
+        for row in self.ledger.due(time.time()):
+            if self.stop_event.is_set():
+                break
+            resources = json.loads(row["resources"])
+            try:
+                if row["transport"] == "dicomweb":
+                    job = self.api.post(f"/dicom-web/servers/{self.config.node_dicomweb_server}/stow",
+                                        {"Resources": resources, "Synchronous": False})
+                else:
+                    job = self.api.post(f"/modalities/{self.config.node_modality}/store",
+                                        {"Resources": resources, "Asynchronous": True,
+                                         "Permissive": False})
+            except OrthancError as exc:
+                self._failed(row, f"cannot submit the job: {exc}")
+                continue
+            self.ledger.submitted(row["id"], job["ID"])
+            self._mark_source(row, f"sending (forward {row['id']}, job {job['ID']})")
+            n += 1
+        return n
+
+    def poll_jobs(self) -> None:
+        for row in self.ledger.in_state("sending"):
+            try:
+                job = self.api.get(f"/jobs/{row['job_id']}")
+            except OrthancError as exc:
+                if exc.code != UNKNOWN_RESOURCE:
+                    raise
+                # Evicted from the history or lost: send again (the node stores duplicates once).
+                self._failed(row, f"Orthanc job {row['job_id']} disappeared")
+                continue
+            state = job.get("State")
+            if state == "Success":
+                self.ledger.sent(row["id"])
+                self._mark_source(row, f"sent (forward {row['id']}, job {row['job_id']})")
+                log.info("angio-forward: forward %d delivered (job %s)", row["id"], row["job_id"])
+                if row["trigger"]:
+                    self._trigger(row)
+            elif state == "Failure":
+                content = job.get("Content") or {}
+                details = job.get("ErrorDetails") or content.get("FunctionErrorDescription") or ""
+                self._failed(row, f"job {row['job_id']}: {job.get('ErrorDescription', '?')}"
+                                  + (f": {details}" if details else ""))
+
+    def _failed(self, row: dict[str, Any], error: str) -> None:
+        state = self.ledger.attempt_failed(row["id"], error, self.config)
+        attempts = row["attempts"] + 1
+        if state == "failed":
+            log.error("angio-forward: forward %d FAILED after %d attempt(s), not retried: %s",
+                      row["id"], attempts, error)
+        else:
+            log.warning("angio-forward: forward %d attempt %d failed, retry in %.0f s: %s", row["id"],
+                        attempts, self.config.backoff(attempts), error)
+        self._mark_source(row, f"{state} after {attempts} attempt(s): {error}"[:500])
+
+    def _mark_source(self, row: dict[str, Any], text: str) -> None:
+        try:
+            self.api.put(f"/series/{row['series_id']}/metadata/AngioNodeForward", text)
+        except OrthancError as exc:  # the series may have been deleted; the ledger has the state
+            log.warning("angio-forward: cannot set AngioNodeForward on %s: %s", row["series_id"], exc)
+
+    def trigger_pending(self) -> None:
+        for row in self.ledger.query("SELECT * FROM forwards WHERE state='sent' AND trigger=1 AND triggered=0"):
+            self._trigger(row)
+
+    def _trigger(self, row: dict[str, Any]) -> None:
+        """Ask the node to complete a multi-instance run now (else its quiet period does)."""
+        try:
+            runs = self.node.trigger(row["series_uid"])
+        except NodeApiError as exc:
+            log.warning("angio-forward: trigger of series %s failed (the node's quiet period will "
+                        "complete it): %s", row["series_uid"], exc)
+            if exc.status is not None:  # the node answered: do not ask again
+                self.ledger.triggered(row["id"])
+            return
+        self.ledger.triggered(row["id"])
+        log.info("angio-forward: node completed run(s) %s", runs)
+
+    # -- actions from the REST route ---------------------------------------------------
+    def study_uid_of(self, study: str) -> tuple[str, str | None]:
+        """(StudyInstanceUID, Orthanc study id or None) from either form."""
+        if _ORTHANC_ID.match(study):
+            info = self.api.get(f"/studies/{study}")
+            return str(info["MainDicomTags"]["StudyInstanceUID"]), study
+        if not _UID.match(study) or len(study) > 64:
+            raise ValueError(f"{study!r} is neither an Orthanc study id nor a Study Instance UID")
+        found = self.api.post("/tools/lookup", study)
+        ids = [r["ID"] for r in found if r.get("Type") == "Study"]
+        return study, ids[0] if ids else None
+
+    def reprocess_study(self, study: str) -> dict[str, Any]:
+        """Ask the node to process a study again; if it no longer has it, forward it again."""
+        uid, orthanc_id = self.study_uid_of(study)
+        try:
+            jobs = self.node.reprocess(uid)
+            return {"study_uid": uid, "action": "reprocessed by the node", "node_jobs": jobs}
+        except NodeApiError as exc:
+            if exc.status != 404:
+                raise
+        if orthanc_id is None:
+            raise OrthancError(UNKNOWN_RESOURCE, f"study {uid} is neither on the node nor in Orthanc")
+        return {"study_uid": uid, "action": "forwarded again (the node did not have it)",
+                "forwards": self.forward_study(orthanc_id)}
+
+    def forward_study(self, study_id: str) -> list[int]:
+        """Queue forwards for a study's matching instances, already forwarded or not."""
+        singles: dict[str, list[tuple[str, dict[str, Any], str]]] = {}
+        forwards = []
+        for inst in self.api.get(f"/studies/{study_id}/instances"):
+            iid, series_id = inst["ID"], inst["ParentSeries"]
+            tags = self.api.get(f"/instances/{iid}/tags?simplify")
+            meta = self.api.get(f"/instances/{iid}/metadata?expand")
+            if self.config.result_reason(tags, str(meta.get("RemoteAET", ""))) is not None:
+                continue
+            rule = self.config.rule_for(tags, str(meta.get("SopClassUid") or tags.get("SOPClassUID", "")))
+            if rule is None:
+                continue
+            if frames_of(tags) > 1:
+                forwards.append(self.ledger.add_forward(
+                    "instance", rule.name, str(tags.get("StudyInstanceUID", "")),
+                    str(tags.get("SeriesInstanceUID", "")), str(tags.get("SOPInstanceUID", "")),
+                    series_id, [iid], False, self.config.transport))
+            else:
+                singles.setdefault(series_id, []).append((iid, tags, rule.name))
+        for series_id, items in singles.items():
+            _, tags, rule_name = items[0]
+            forwards.append(self.ledger.add_forward(
+                "series", rule_name, str(tags.get("StudyInstanceUID", "")),
+                str(tags.get("SeriesInstanceUID", "")), None, series_id, [i for i, _, _ in items],
+                self.config.trigger_node_after_series, self.config.transport))
+        self.wake.set()
+        return forwards
