@@ -23,8 +23,8 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
-    set_laterality,
     set_equipment,
+    set_laterality,
     source_image_reference,
 )
 
@@ -122,7 +122,9 @@ def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:
     # Multi-frame Functional Groups with the plane geometry.
     measures = Dataset()
     measures.PixelSpacing = [f"{spacing[0]:.6g}", f"{spacing[1]:.6g}"]
+    # explicit slice geometry: viewers that build volumes (OHIF) divide by it
     measures.SliceThickness = "1"
+    measures.SpacingBetweenSlices = "1"
     orientation = Dataset()
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     shared = Dataset()
