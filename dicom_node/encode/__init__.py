@@ -70,6 +70,7 @@ def _rendering(out: Output, ctx: EncodeContext, run: Run) -> list[Dataset]:
 
 # Encoders living in their own modules register themselves on import.
 # (Add one line per module: SEG, Parametric Map, SR, derived volumes.)
+from dicom_node.encode import pmap as _pmap  # noqa: E402,F401  (ParametricMapOutput -> Parametric Map)
 from dicom_node.encode import seg as _seg  # noqa: E402,F401  (SegmentationOutput -> DICOM SEG)
+from dicom_node.encode import sr as _sr  # noqa: E402,F401  (MeasurementsOutput -> TID 1500 SR)
 from dicom_node.encode import volume as _volume  # noqa: E402,F401  (ImageOutput volume -> CT series)
-from dicom_node.encode import pmap as _pmap, sr as _sr  # noqa: E402,F401  (Parametric Map, TID 1500 SR)

@@ -20,8 +20,11 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node import __version__
 from dicom_node.encode import encoder
 from dicom_node.encode.common import (
+    MANUFACTURER,
+    MODEL_NAME,
     PURPOSE_SOURCE_FOR_PROCESSING,
     SERIES_PREFIX,
     EncodeContext,
@@ -34,7 +37,7 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def _values(out: ParametricMapOutput) -> np.ndarray:
+def _values(out: ParametricMapOutput) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray(out.values, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"parametric map {out.key!r} must be (H, W), got {values.shape}")
@@ -66,8 +69,6 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
     inside = values[valid] if valid.any() else values.ravel()
     p_lo, p_hi = (float(v) for v in np.percentile(inside, [2, 98]))
     width = max(p_hi - p_lo, 1e-6)
-    kwargs = ctx.patient_study_kwargs()
-    kwargs.pop("study_instance_uid", None)
     pm = hd.pm.ParametricMap(
         source_images=[ctx.canvas],
         pixel_array=values[None],
@@ -88,7 +89,10 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
         series_time=ctx.now.time(),
         content_date=ctx.now.date(),
         content_time=ctx.now.time(),
-        **kwargs,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=__version__,
+        device_serial_number="0",
     )
     # General Series: Type 2C, empty when unknown (a head run is not paired).
     pm.Laterality = ctx.first.get("Laterality", "")

@@ -3,3 +3,6 @@
 Importing this package registers the built-in architectures with
 ``pipelines.models.package``; add one import line per architecture module.
 """
+from pipelines.models import stunet as _stunet, vssnet as _vssnet  # noqa: F401  (st_unet, vss_net)
+from pipelines.models import cenet as _cenet, dla as _dla  # noqa: F401  (ce_net_3d2d, dla_resnet)
+from pipelines.models import ica_unet as _ica_unet  # noqa: F401  (ica_unet)

@@ -1,0 +1,112 @@
+"""The internal carotid artery on the MinIP: where the AIF is measured.
+
+With a model package (architecture ``ica_unet``) a U-Net segments it. Without
+one, a classical rule finds it: among the dense vessels that enter from the
+image border, the earliest to opacify, and among those the widest at the
+border; its wide trunk (an opening at half the entry radius) is the mask, so
+the thinner branches and their partial-volume edges stay out of the AIF.
+
+Keeping only the largest connected component removes stray fragments but can
+also drop a true part of the ICA (a siphon crossed by another vessel); it is an
+option, and ``bench.perfusion`` measures it both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from pipelines.base import PipelineError
+
+BORDER_PX = 3
+
+
+@dataclass(frozen=True)
+class IcaSettings:
+    # Components entering this much later than the earliest are not the ICA.
+    early_margin_s: float = 0.75
+    keep_largest: bool = True
+
+
+@dataclass(frozen=True)
+class IcaResult:
+    mask: np.ndarray
+    method: str  # "classical" or "model"
+    entry_width_px: float
+    components: int  # connected components before keeping the largest
+
+
+def opacity_and_arrival(concentration: np.ndarray, grid_s: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Peak opacification per pixel and the time it first reaches half of it."""
+    peak = concentration.max(axis=0)
+    reached = concentration >= 0.5 * peak[None]
+    arrival = grid_s[np.argmax(reached, axis=0)]
+    return peak, arrival
+
+
+def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count <= 1:
+        return mask, count
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1), count
+
+
+def classical_ica(opacity: np.ndarray, arrival_s: np.ndarray, sigma: float,
+                  settings: IcaSettings | None = None) -> IcaResult:
+    """Earliest-opacifying, widest vessel entering from the border (see module docstring)."""
+    settings = settings or IcaSettings()
+    smooth = ndimage.gaussian_filter(opacity, 1.0)
+    candidates = smooth[smooth > 5 * sigma]
+    if candidates.size < 16:
+        raise PipelineError("no opacified vessels found on the MinIP: cannot locate the ICA")
+    level = max(float(threshold_otsu(candidates)), 10 * sigma)
+    vessels = smooth >= level
+    labels, count = ndimage.label(vessels, structure=np.ones((3, 3)))
+    border = np.zeros_like(vessels)
+    border[:BORDER_PX], border[-BORDER_PX:] = True, True
+    border[:, :BORDER_PX], border[:, -BORDER_PX:] = True, True
+    entering = np.unique(labels[border & vessels])
+    entering = entering[entering > 0]
+    if len(entering) == 0:
+        raise PipelineError("no dense vessel enters from the image border: cannot locate the ICA")
+    radius = ndimage.distance_transform_edt(vessels)
+    entry = border & vessels
+    index = labels[entry]
+    # Per component: median arrival and maximum radius where it crosses the border band.
+    entry_arrival = arrival_s[entry]
+    early = np.array([np.median(entry_arrival[index == k]) for k in entering])
+    width = np.atleast_1d(np.asarray(
+        ndimage.maximum(np.where(entry, radius, 0.0), labels, entering), float))
+    in_time = early <= early.min() + settings.early_margin_s
+    choice = int(np.argmax(np.where(in_time, width, -np.inf)))
+    component = labels == entering[choice]
+    entry_radius = float(width[choice])
+    # The wide trunk: opening by reconstruction at half the entry radius.
+    core = ndimage.distance_transform_edt(component) >= max(1.0, 0.5 * entry_radius)
+    grow = max(1, int(round(0.5 * entry_radius)))
+    trunk = ndimage.binary_dilation(core, iterations=grow) & component
+    trunk &= arrival_s <= early[choice] + settings.early_margin_s
+    if not trunk.any():
+        trunk = component
+    mask, components = (largest_component(trunk) if settings.keep_largest
+                        else (trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])))
+    return IcaResult(mask=mask, method="classical", entry_width_px=2 * entry_radius,
+                     components=components)
+
+
+def model_ica(mask: np.ndarray, settings: IcaSettings | None = None) -> IcaResult:
+    """Post-processing of a U-Net mask (the network runs in the pipeline)."""
+    settings = settings or IcaSettings()
+    if not mask.any():
+        raise PipelineError("the ICA model found no ICA on the MinIP")
+    if settings.keep_largest:
+        mask, components = largest_component(mask)
+    else:
+        components = int(ndimage.label(mask, structure=np.ones((3, 3)))[1])
+    width = 2 * float(ndimage.distance_transform_edt(mask).max())
+    return IcaResult(mask=mask, method="model", entry_width_px=width, components=components)

@@ -1,0 +1,232 @@
+"""``dsa_perfusion``: CBF, CBV, MTT, Tmax and TTP maps from a DSA run of the brain.
+
+Steps: frame timing and a uniform grid (``timing``), intensities to a
+concentration proxy (``aif``), the ICA on the MinIP by U-Net or classical rule
+(``ica``), the AIF with quality checks (``aif``), deconvolution (``deconvolution``)
+and maps kept to the brain without large vessels (``maps``). Outputs: the MinIP
+(the canvas), one Parametric Map per quantity, a colour rendering per map, the
+AIF plot with the ICA outline, and the AIF measurements for an SR.
+
+Options (``PipelineContext.options``): see ``OPTIONS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.base import (
+    ICA,
+    AlgorithmInfo,
+    Code,
+    ImageOutput,
+    Measurement,
+    MeasurementsOutput,
+    ParametricMapOutput,
+    PipelineContext,
+    PipelineError,
+    PipelineResult,
+    RenderingOutput,
+    Run,
+    minip,
+    register,
+)
+from pipelines.perfusion.aif import (
+    AifSettings,
+    baseline_frames,
+    contrast_signal,
+    measure_aif,
+    noise_sigma,
+)
+from pipelines.perfusion.deconvolution import METHODS, Settings
+from pipelines.perfusion.figures import aif_figure, color_map
+from pipelines.perfusion.ica import (
+    IcaResult,
+    IcaSettings,
+    classical_ica,
+    model_ica,
+    opacity_and_arrival,
+)
+from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
+from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
+
+NAME = "dsa_perfusion"
+VERSION = "1.0.0"
+
+UCUM_SECOND = Code("s", "UCUM", "second")
+UCUM_RATIO = Code("{ratio}", "UCUM", "ratio")
+UCUM_ARBITRARY = Code("[arb'U]", "UCUM", "arbitrary unit")
+RELATIVE_CBF = Code("126397", "DCM", "Relative Regional Blood Flow")
+RELATIVE_CBV = Code("126398", "DCM", "Relative Regional Blood Volume")
+MEAN_TRANSIT_TIME = Code("113052", "DCM", "Mean Transit Time")
+TMAX = Code("113084", "DCM", "Tmax")
+TIME_TO_PEAK = Code("113069", "DCM", "Time To Peak")
+TIME_OF_PEAK_CONCENTRATION = Code("126370", "DCM", "Time of Peak Concentration")
+PEAK_VALUE = Code("126031", "DCM", "Peak Value Within ROI")
+BOLUS_ARRIVAL = Code("126371", "DCM", "Bolus Arrival Time")
+
+OPTIONS: dict[str, str] = {
+    "method": f"deconvolution: one of {', '.join(METHODS)} (default osvd)",
+    "svd_threshold": "fixed SVD threshold for ssvd / csvd, fraction of the largest singular "
+    "value (default 0.2 / 0.1)",
+    "ica": "auto (model when a package is configured), classical or model",
+    "keep_largest_ica": "keep only the largest connected part of the ICA mask (default true)",
+    "sigma_mm": "spatial smoothing before deconvolution, Gaussian sigma in mm (default 1.0)",
+    "vessel_fraction": "large-vessel exclusion, fraction of the AIF peak (default 0.25)",
+    "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
+}
+
+
+def _settings(options: Mapping[str, Any]) -> tuple[MapSettings, IcaSettings, AifSettings, str]:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise PipelineError(
+            f"unknown {NAME} option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OPTIONS))}"
+        )
+    ica_mode = str(options.get("ica", "auto"))
+    if ica_mode not in ("auto", "classical", "model"):
+        raise PipelineError(f"option ica={ica_mode!r}: allowed auto, classical, model")
+    try:
+        maps = MapSettings(
+            deconvolution=Settings(
+                method=str(options.get("method", "osvd")),
+                ssvd_threshold=float(options.get("svd_threshold", 0.2)),
+                csvd_threshold=float(options.get("svd_threshold", 0.1)),
+            ),
+            sigma_mm=float(options.get("sigma_mm", 1.0)),
+            vessel_fraction=float(options.get("vessel_fraction", 0.25)),
+        )
+        aif = AifSettings(min_peak_snr=float(options.get("min_aif_snr", 10.0)))
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"invalid {NAME} option value: {exc}") from exc
+    keep = options.get("keep_largest_ica", True)
+    if not isinstance(keep, bool):
+        raise PipelineError(f"option keep_largest_ica={keep!r}: allowed true or false")
+    return maps, IcaSettings(keep_largest=keep), aif, ica_mode
+
+
+def _device(ctx: PipelineContext, notes: list[str]) -> torch.device:
+    if ctx.device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.device(ctx.device)
+        notes.append("CUDA requested but not available: computed on the CPU")
+    return torch.device("cpu")
+
+
+class DsaPerfusion:
+    name = NAME
+
+    def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        if run.meta.is_volume or run.pixels.ndim != 3:
+            raise PipelineError(f"{NAME} needs a 2D+t DSA run, got shape {run.pixels.shape}")
+        map_settings, ica_settings, aif_settings, ica_mode = _settings(ctx.options)
+        notes: list[str] = []
+        device = _device(ctx, notes)
+        frames = run.pixels
+        times = acquisition_times(run.meta, frames.shape[0])
+        timing = uniform_grid(times)
+        notes.append(timing.describe())
+        raw_signal = contrast_signal(frames, run.meta)
+        sigma = noise_sigma(raw_signal)
+        signal = resample(raw_signal, times, timing.grid_s)
+        del raw_signal
+        image = minip(frames)
+
+        ica, algorithm = self._ica(image, signal, timing.grid_s, sigma, ctx, ica_mode,
+                                   ica_settings, device)
+        baseline = baseline_frames(signal, ica.mask, timing.grid_s, run.meta.subtracted)
+        concentration = signal - signal[:baseline].mean(axis=0, keepdims=True)
+        del signal
+        aif = measure_aif(concentration, ica.mask, timing.grid_s, baseline, sigma, aif_settings)
+        notes.extend(aif.flags)
+        maps = compute_maps(concentration, aif, sigma, ica.mask, run.meta.pixel_spacing_mm,
+                            map_settings, device)
+        method = map_settings.deconvolution.method
+        notes.append(
+            f"ICA: {ica.method}, {int(ica.mask.sum())} px, {ica.components} part(s)"
+            + (", largest kept" if ica_settings.keep_largest else "")
+            + f"; AIF peak {aif.peak:.4g} at {aif.peak_time_s:.2f} s, arrival {aif.arrival_s:.2f} s, "
+            f"SNR {aif.snr:.0f}; deconvolution {method}; CBF 1 = {maps.cbf_median_per_s:.4g}/s "
+            f"(AIF units); {map_settings.describe_mask()}"
+        )
+        outputs: list[Any] = [ImageOutput(key="minip", pixels=image, description="MinIP")]
+        outputs += self._maps(maps, image, algorithm, method, map_settings)
+        outputs.append(RenderingOutput(
+            key="aif_plot",
+            rgb=aif_figure(image, ica.mask, aif, [f"AIF from the ICA ({ica.method}), {method}"]),
+            description="Perfusion AIF and ICA mask",
+        ))
+        outputs.append(MeasurementsOutput(
+            key="aif",
+            title="Perfusion DSA arterial input function",
+            measurements=[
+                Measurement(TIME_OF_PEAK_CONCENTRATION, aif.peak_time_s, UCUM_SECOND),
+                Measurement(PEAK_VALUE, aif.peak, UCUM_ARBITRARY),
+                Measurement(BOLUS_ARRIVAL, aif.arrival_s, UCUM_SECOND),
+            ],
+            algorithm=algorithm,
+            finding_site=ICA,
+        ))
+        return PipelineResult(outputs=outputs, notes=notes)
+
+    def _ica(self, image: np.ndarray, signal: np.ndarray, grid_s: np.ndarray, sigma: float,
+             ctx: PipelineContext, mode: str, settings: IcaSettings, device: torch.device
+             ) -> tuple[IcaResult, AlgorithmInfo]:
+        use_model = mode == "model" or (mode == "auto" and ctx.model_package is not None)
+        if use_model:
+            if ctx.model_package is None:
+                raise PipelineError("option ica=model but no model package is configured")
+            from pipelines.models.ica_unet import predict_mask
+            from pipelines.models.package import load_package
+
+            package = load_package(ctx.model_package, pipeline=NAME)
+            if package.architecture != "ica_unet":
+                raise PipelineError(
+                    f"model package {package.name} has architecture {package.architecture!r}, "
+                    "dsa_perfusion needs 'ica_unet'"
+                )
+            model = package.load_model(device)
+            mask = predict_mask(model, image, device)  # type: ignore[arg-type]
+            return model_ica(mask, settings), package.algorithm(NAME, VERSION)
+        provisional = signal - signal[0]
+        opacity, arrival = opacity_and_arrival(provisional, grid_s)
+        result = classical_ica(opacity, arrival, sigma, settings)
+        return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
+
+    def _maps(self, maps: Maps, image: np.ndarray, algorithm: AlgorithmInfo, method: str,
+              settings: MapSettings) -> list[Any]:
+        specs = [
+            ("cbf", "CBF", maps.cbf, RELATIVE_CBF, UCUM_RATIO, "ratio",
+             "relative CBF (uncalibrated DSA), 1 = brain median"),
+            ("cbv", "CBV", maps.cbv, RELATIVE_CBV, UCUM_RATIO, "ratio",
+             "relative CBV = tissue/AIF area (uncalibrated DSA)"),
+            ("mtt", "MTT", maps.mtt, MEAN_TRANSIT_TIME, UCUM_SECOND, "s", "MTT = CBV/CBF (s)"),
+            ("tmax", "TMAX", maps.tmax, TMAX, UCUM_SECOND, "s",
+             "Tmax = residue peak time after the AIF (s)"),
+            ("ttp", "TTP", maps.ttp, TIME_TO_PEAK, UCUM_SECOND, "s",
+             "TTP = tissue peak time after the first frame (s)"),
+        ]
+        outputs: list[Any] = []
+        mask_note = settings.describe_mask()
+        for key, label, values, quantity, unit, unit_text, text in specs:
+            outputs.append(ParametricMapOutput(
+                key=key, values=values, label=label, quantity=quantity, unit=unit,
+                algorithm=algorithm,
+                description=f"{text}; {method}; 0 outside the mask ({mask_note})",
+                valid=maps.valid,
+            ))
+            outputs.append(RenderingOutput(
+                key=f"{key}_color",
+                rgb=color_map(values, maps.valid, image, label, unit_text,
+                              [f"{text}; {method}"]),
+                description=f"Perfusion {label} colour map",
+            ))
+        return outputs
+
+
+@register(NAME)
+def _factory() -> DsaPerfusion:
+    return DsaPerfusion()
