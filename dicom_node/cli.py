@@ -82,6 +82,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"skipped {s}", file=sys.stderr)
     out = Path(args.output)
     produced = 0
+    written: set[str] = set()  # the MinIP canvas is shared by the pipelines of a run
     for run_id, files in runs.items():
         if args.pipeline:
             names = [args.pipeline]
@@ -104,6 +105,9 @@ def cmd_process(args: argparse.Namespace) -> int:
                 print(f"run {run_id}: {name} failed: {exc}", file=sys.stderr)
                 continue
             for ds in datasets:
+                if ds.SOPInstanceUID in written:
+                    continue
+                written.add(ds.SOPInstanceUID)
                 path = write_dataset(ds, out)
                 produced += 1
                 print(f"{name}\t{ds.SOPClassUID.name}\t{ds.get('SeriesDescription', '')}\t{path}")
