@@ -21,7 +21,11 @@ from skimage.filters import threshold_otsu
 
 from pipelines.base import PipelineError
 
-BORDER_PX = 3
+# A vessel "enters from the border" when it reaches this band. It is a fraction of
+# the image, not a few pixels, because collimator shutters and the detector's
+# edge roll-off often stop the visible vessel short of the last rows.
+BORDER_FRACTION = 0.025
+MIN_BORDER_PX = 3
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,10 @@ def classical_ica(opacity: np.ndarray, arrival_s: np.ndarray, sigma: float,
     level = max(float(threshold_otsu(candidates)), 10 * sigma)
     vessels = smooth >= level
     labels, count = ndimage.label(vessels, structure=np.ones((3, 3)))
+    band = max(MIN_BORDER_PX, int(round(BORDER_FRACTION * min(vessels.shape))))
     border = np.zeros_like(vessels)
-    border[:BORDER_PX], border[-BORDER_PX:] = True, True
-    border[:, :BORDER_PX], border[:, -BORDER_PX:] = True, True
+    border[:band], border[-band:] = True, True
+    border[:, :band], border[:, -band:] = True, True
     entering = np.unique(labels[border & vessels])
     entering = entering[entering > 0]
     if len(entering) == 0:
