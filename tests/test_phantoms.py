@@ -383,3 +383,27 @@ def test_rotational_labels_and_values():
 def test_cli_refuses_bad_combinations(tmp_path, capsys):
     assert _cli("coronary", tmp_path, "--native") == 2
     assert "--native" in capsys.readouterr().err
+
+
+def test_truth_seg_references_the_canvas_the_node_delivers(tmp_path: Path) -> None:
+    """Phantom annotations and node results share one canvas: same UID, same pixels."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from dicom_node.encode import encode_result
+    from dicom_node.encode.common import EncodeContext
+    from dicom_node.runs import load_run
+    from pipelines.base import PipelineContext
+    from pipelines.minip import MinIP
+
+    written = dsa.generate(seed=4, size=96, frames=6).write(tmp_path, seg=True)
+    xa = next(p for p in written if p.name == "dsa.dcm")
+    truth_canvas = dcmread(next(p for p in written if p.name.endswith("_minip_sc.dcm")))
+    seg = dcmread(next(p for p in written if p.name.endswith("_seg.dcm")))
+    loaded = load_run([xa])
+    result = MinIP()(loaded.run, PipelineContext())
+    (node_canvas,) = encode_result(result, loaded.run, EncodeContext(loaded.headers, "minip"))
+    assert node_canvas.SOPInstanceUID == truth_canvas.SOPInstanceUID
+    assert np.array_equal(node_canvas.pixel_array, truth_canvas.pixel_array)
+    refs = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    assert refs == {node_canvas.SOPInstanceUID}

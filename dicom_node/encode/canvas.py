@@ -65,6 +65,14 @@ def quantise(image: np.ndarray, bits: int = BITS) -> tuple[np.ndarray, float, fl
     return np.clip(pixels, 0, top).astype(np.uint16), slope, lo
 
 
+def canvas_uids(ctx: EncodeContext) -> tuple[str, str, str]:
+    """(Series, SOP Instance, Frame of Reference) UIDs of a run's canvas: they depend
+    only on the source SOP Instance UIDs, so the node, every pipeline and the phantom
+    truth annotations all name the same canvas."""
+    return (ctx.uid(CANVAS_KEY, "series"), ctx.uid(CANVAS_KEY, "instance"),
+            ctx.uid(CANVAS_KEY, "frame-of-reference"))
+
+
 def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:
     """The canvas for a 2D run, from its MinIP (H, W) float image."""
     src = ctx.first
@@ -75,11 +83,11 @@ def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ctx.uid(CANVAS_KEY, "instance")
+    series_uid, ds.SOPInstanceUID, frame_of_reference_uid = canvas_uids(ctx)
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     copy_identity(ds, src)
-    set_equipment(ds, "MinIP", ctx.uid(CANVAS_KEY, "series"), 9000, "OT", ctx.now)
+    set_equipment(ds, "MinIP", series_uid, 9000, "OT", ctx.now)
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -101,7 +109,7 @@ def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:
     ds.SourceImageSequence = refs
 
     # Frame of Reference, specific to this run's detector plane.
-    ds.FrameOfReferenceUID = ctx.uid(CANVAS_KEY, "frame-of-reference")
+    ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
 
     # Image Pixel

@@ -3,11 +3,11 @@
 Legacy XA has no Frame of Reference, and highdicom (0.28) will not build a
 SEG on it. So a 2D run gets a canvas: its MinIP as a Secondary Capture with
 its own Frame of Reference, which cites the XA in the Source Image Sequence;
-the SEG references the canvas. The node delivers such canvases too, so
-:func:`canvas_uids` derives the canvas UIDs from the source SOP Instance UID
-alone: the node and the phantom writer produce the same canvas identity for
-the same run. The Frame of Reference attributes make the SC a Standard
-Extended SOP Class (dciodvfy warns, no errors).
+the SEG references the canvas. The canvas is the node's own
+(``dicom_node.encode.canvas``: a Multi-frame Grayscale Word SC whose Frame of
+Reference module the IOD allows), with UIDs derived from the source SOP
+Instance UID alone, so a truth annotation references exactly the canvas the
+node delivers for the same run.
 """
 
 from __future__ import annotations
@@ -18,72 +18,31 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node.encode import canvas as node_canvas
+from dicom_node.encode.common import EncodeContext
 from pipelines.base import Code
-from training.phantoms.dicom_common import SOFTWARE_VERSION, uid
+from training.phantoms.dicom_common import SOFTWARE_VERSION
 
-CANVAS_SERIES_NUMBER_OFFSET = 900
 SEG_SERIES_NUMBER_OFFSET = 950
 
 
 def canvas_uids(source_sop_instance_uid: str) -> tuple[str, str, str]:
-    """(Series Instance UID, SOP Instance UID, Frame of Reference UID) of a run's MinIP canvas."""
-    return (
-        uid("canvas", source_sop_instance_uid, "series"),
-        uid("canvas", source_sop_instance_uid, "instance"),
-        uid("canvas", source_sop_instance_uid, "frame-of-reference"),
-    )
+    """(Series, SOP Instance, Frame of Reference) UIDs of the node's canvas for a source."""
+    source = Dataset()
+    source.SOPInstanceUID = source_sop_instance_uid
+    return node_canvas.canvas_uids(EncodeContext(sources=[source], pipeline="phantom"))
 
 
-def minip_canvas(source: Dataset, image: np.ndarray, pixel_spacing_mm: tuple[float, float] | None = None) -> hd.sc.SCImage:
-    """A MinIP (or any 2D derived image) of ``source`` as an SC with its own Frame of Reference.
+def minip_canvas(source: Dataset, image: np.ndarray, pixel_spacing_mm: tuple[float, float] | None = None) -> Dataset:
+    """The node's own MinIP canvas for ``source`` (same UIDs, pixels and geometry as the
+    node delivers), so truth annotations reference the object the node sends.
 
-    ``image`` must be unsigned integers on the source's pixel grid (H, W).
-    Identity is copied from the source; UIDs come from :func:`canvas_uids`.
+    ``pixel_spacing_mm`` is accepted for the caller's record; the canvas takes its
+    spacing from the source header exactly as the node does.
     """
     if image.ndim != 2 or image.shape != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"canvas must be ({source.Rows}, {source.Columns}), got {image.shape}")
-    if image.dtype.kind != "u":
-        raise ValueError(f"canvas pixels must be unsigned integers, got {image.dtype}")
-    series_uid, sop_uid, for_uid = canvas_uids(str(source.SOPInstanceUID))
-    orientation = tuple(source.get("PatientOrientation", ["", ""])) if source.get("PatientOrientation") else ("P", "F")
-    sc = hd.sc.SCImage(
-        pixel_array=image,
-        photometric_interpretation="MONOCHROME2",
-        bits_allocated=16 if image.dtype.itemsize > 1 else 8,
-        coordinate_system="PATIENT",
-        study_instance_uid=str(source.StudyInstanceUID),
-        series_instance_uid=series_uid,
-        series_number=int(source.get("SeriesNumber", 1)) + CANVAS_SERIES_NUMBER_OFFSET,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=str(source.get("Manufacturer", "")),
-        patient_id=str(source.get("PatientID", "")),
-        patient_name=source.get("PatientName", ""),
-        patient_birth_date=str(source.get("PatientBirthDate", "")),
-        patient_sex=str(source.get("PatientSex", "")) or None,
-        accession_number=str(source.get("AccessionNumber", "")),
-        study_id=str(source.get("StudyID", "")),
-        study_date=str(source.get("StudyDate", "")),
-        study_time=str(source.get("StudyTime", "")),
-        referring_physician_name=source.get("ReferringPhysicianName", ""),
-        pixel_spacing=pixel_spacing_mm,
-        patient_orientation=orientation,
-    )
-    if "BitsStored" in source and image.dtype.itemsize > 1:
-        sc.BitsStored = int(source.BitsStored)
-        sc.HighBit = int(source.BitsStored) - 1
-    sc.SeriesDescription = f"MinIP canvas of series {source.get('SeriesNumber', '')}"
-    sc.ImageType = ["DERIVED", "SECONDARY", "MINIP"]
-    sc.DerivationDescription = "Minimum intensity projection over all frames"
-    sc.BodyPartExamined = str(source.get("BodyPartExamined", "")) or "HEAD"
-    sc.FrameOfReferenceUID = for_uid
-    sc.PositionReferenceIndicator = ""
-    sc.SoftwareVersions = SOFTWARE_VERSION
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = source.SOPClassUID
-    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    sc.SourceImageSequence = [ref]
-    return sc
+    return node_canvas.make_canvas(EncodeContext(sources=[source], pipeline="phantom"), image)
 
 
 def _coded(code: Code) -> hd.sr.CodedConcept:
