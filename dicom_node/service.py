@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from pathlib import Path
-
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread

@@ -6,7 +6,15 @@ Parametric Map results reference.
 
 from __future__ import annotations
 
-from pipelines.base import ImageOutput, PipelineContext, PipelineError, PipelineResult, Run, minip, register
+from pipelines.base import (
+    ImageOutput,
+    PipelineContext,
+    PipelineError,
+    PipelineResult,
+    Run,
+    minip,
+    register,
+)
 
 
 class MinIP:

@@ -15,8 +15,8 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
-    set_laterality,
     set_equipment,
+    set_laterality,
     source_image_reference,
 )
 from pipelines.base import RenderingOutput
