@@ -58,6 +58,13 @@ def build(name: str, config: Mapping[str, Any]) -> nn.Module:
     return builder(config)
 
 
+def architectures() -> list[str]:
+    """Names of the registered architectures."""
+    import pipelines.models  # noqa: F401
+
+    return sorted(_ARCHITECTURES)
+
+
 @dataclass(frozen=True)
 class ModelPackage:
     path: Path

@@ -1,0 +1,499 @@
+"""The training package: metrics, losses, augmentation, annotations, dataset build
+(patient split, manifest hash, de-identification), the engine's modes, resume
+and DDP. Small images and tiny networks, so the file runs in well under two
+minutes on one CPU core."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.sr.codedict import codes
+
+from dicom_node.encode.canvas import make_canvas
+from dicom_node.encode.common import EncodeContext
+from tests.conftest import dciodvfy_errors
+from tests.dicomgen import save, xa_run
+from training import augment, losses
+from training import metrics as M
+from training.annotations import Annotation, Resolver, label_targets, merge, read_annotation
+from training.dataset import (
+    BuildOptions,
+    DatasetError,
+    Pseudonyms,
+    build_dataset,
+    deidentify,
+    load_dataset,
+    manifest_hash,
+    patient_split,
+)
+from training.engine import DistInfo, TrainConfig, Trainer
+from training.sources import FolderSource, SpoolSource, inventory, split_multipart
+
+torch.set_num_threads(1)
+SIZE = 64
+TINY_VSS = {"widths": [4, 8]}
+
+
+# ---------------------------------------------------------------------------
+# Annotated runs built here: an XA run, its MinIP canvas and a SEG on the canvas
+
+
+def vessel_mask(seed: int = 0) -> np.ndarray:
+    """The vessel ``tests.dicomgen.xa_run`` draws (same formula)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    return np.abs(xx - SIZE / 2 - 6 * np.sin(yy / 9)) < 3
+
+
+def seg_on(canvas: pydicom.Dataset, masks: list[np.ndarray], types: list[hd.sr.CodedConcept],
+           description: str = "Manual annotation") -> hd.seg.Segmentation:
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1, segment_label=str(t.meaning)[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure, segmented_property_type=t,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for i, t in enumerate(types)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=[canvas], pixel_array=np.stack(masks, axis=-1)[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=50, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1", omit_empty_frames=False)
+    seg.SeriesDescription = description
+    return seg
+
+
+def write_case(directory: Path, seed: int, patient: str, kind: str | None = "full") -> Path:
+    """One run (+ canvas + SEG unless ``kind`` is None); returns the run file."""
+    ds = xa_run(frames=6, rows=SIZE, cols=SIZE, seed=seed)
+    ds.PatientID = patient
+    ds.PatientName = f"DOE^{patient}"
+    run_path = save(ds, directory, f"run{seed}.dcm")
+    if kind is None:
+        return run_path
+    header = pydicom.dcmread(run_path, stop_before_pixels=True)
+    pixels = ds.pixel_array.reshape(6, SIZE, SIZE).astype(np.float32)
+    canvas = make_canvas(EncodeContext([header], pipeline="test"), pixels.min(axis=0))
+    save(canvas, directory, f"canvas{seed}.dcm")
+    vessel = vessel_mask(seed)
+    top = np.zeros_like(vessel)
+    top[: SIZE // 2] = True
+    if kind == "full":
+        seg = seg_on(canvas, [vessel & top, vessel & ~top], [codes.SCT.Artery, codes.SCT.Vein])
+    elif kind == "scribble":
+        art = np.zeros_like(vessel)
+        art[10:20, SIZE // 2] = vessel[10:20, SIZE // 2]
+        bg = np.zeros_like(vessel)
+        bg[5:50, 5] = True
+        seg = seg_on(canvas, [art, bg], [codes.SCT.Artery, codes.DCM.Background])
+    elif kind == "unknown-codes":
+        seg = seg_on(canvas, [vessel], [codes.SCT.Liver])
+    else:  # a result of the node, not an annotation
+        seg = seg_on(canvas, [vessel], [codes.SCT.Artery], description="AI Arteries")
+        for item in seg.SegmentSequence:
+            item.SegmentAlgorithmType = "AUTOMATIC"
+            item.SegmentAlgorithmName = "dsa_av"
+    save(seg, directory, f"seg{seed}.dcm")
+    return run_path
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten patients, two annotated runs for one of them, scribbles, unlabelled and unusable runs."""
+    root = tmp_path_factory.mktemp("archive")
+    for i in range(8):
+        write_case(root / f"p{i}", i, f"PAT{i:03d}")
+    write_case(root / "p0b", 20, "PAT000")  # the same patient twice
+    write_case(root / "s", 30, "PAT030", kind="scribble")
+    write_case(root / "u", 40, "PAT040", kind=None)
+    write_case(root / "x", 50, "PAT050", kind="unknown-codes")
+    write_case(root / "ai", 60, "PAT060", kind="node-result")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("dataset")
+    out, pmap = base / "ds", base / "secret" / "map.json"
+    build_dataset(FolderSource(archive), BuildOptions(out=out, pseudonym_map=pmap, test_fraction=0.2,
+                                                      val_fraction=0.2, include_unlabelled=True))
+    return out, pmap
+
+
+# ---------------------------------------------------------------------------
+# Metrics against hand-computed values
+
+
+def test_overlap_metrics_by_hand() -> None:
+    truth = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], bool)  # 4 positives
+    pred = np.array([[1, 0, 1, 0], [1, 0, 0, 0]], bool)  # tp 2, fp 1, fn 2, tn 3
+    m = M.binary_metrics(pred, truth, topology=False)
+    assert m["dice"] == pytest.approx(4 / 7)
+    assert m["iou"] == pytest.approx(2 / 5)
+    assert m["sensitivity"] == pytest.approx(2 / 4)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    empty = np.zeros((3, 3), bool)
+    assert M.dice(empty, empty) == 1.0 and M.iou(empty, empty) == 1.0
+    assert M.dice(empty, ~empty) == 0.0
+
+
+def test_auc_by_hand_with_ties() -> None:
+    assert M.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == pytest.approx(0.75)
+    assert M.auc(np.array([0.5, 0.5]), np.array([0, 1], bool)) == pytest.approx(0.5)
+    assert math.isnan(M.auc(np.array([0.2, 0.3]), np.array([1, 1], bool)))
+
+
+def test_cldice_and_connectivity_by_hand() -> None:
+    truth = np.zeros((11, 20), bool)
+    truth[5, :] = True  # a one-pixel line is its own skeleton
+    pred = np.zeros_like(truth)
+    pred[5, :10] = True
+    # topology precision 10/10, topology sensitivity 10/20 -> 2 * 1 * 0.5 / 1.5
+    assert M.cldice(pred, truth) == pytest.approx(2 / 3)
+    broken = np.zeros_like(truth)
+    broken[5, [0, 1, 5, 6, 12]] = True  # three 8-connected components
+    assert M.components(broken) == 3
+    assert M.connectivity(broken, truth) == pytest.approx((3 + 1) / (1 + 1))
+
+
+def test_artery_vein_dice_by_hand() -> None:
+    ta = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    pa = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)  # overlap 2 of 4 and 4
+    tv = np.array([0, 0, 0, 0, 0, 0, 1, 1], bool)
+    pv = tv.copy()
+    m = M.av_metrics(pa, pv, ta, tv)
+    assert m["a_dice"] == pytest.approx(0.5)
+    assert m["v_dice"] == pytest.approx(1.0)
+    assert m["m_dice"] == pytest.approx(2 * (2 + 2) / (4 + 4 + 2 + 2))
+
+
+def test_aggregate_mean_std_skips_nan() -> None:
+    agg = M.aggregate([{"dice": 0.5, "auc": float("nan")}, {"dice": 1.0, "auc": 0.8}])
+    assert agg["dice"] == {"mean": 0.75, "std": 0.25, "n": 2}
+    assert agg["auc"]["n"] == 1 and agg["auc"]["mean"] == pytest.approx(0.8)
+    assert "0.750 ± 0.250" in M.format_table({"m": agg}, ["dice"])
+
+
+# ---------------------------------------------------------------------------
+# Losses
+
+
+def test_losses_by_hand() -> None:
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    assert losses.cross_entropy(logits, target).item() == pytest.approx(math.log(2))
+    valid = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    logits2 = torch.tensor([[[[2.0, -9.0], [-9.0, 9.0]]]])
+    # partial CE: only the valid pixel counts, BCE(2, 1) = log(1 + e^-2)
+    assert losses.partial_cross_entropy(logits2, target, valid).item() == pytest.approx(math.log1p(math.exp(-2)))
+    # softmax CE with one-hot targets, two classes, uniform logits: log 2
+    one_hot = torch.tensor([[[[1.0]], [[0.0]]]])
+    assert losses.cross_entropy(torch.zeros(1, 2, 1, 1), one_hot, multilabel=False).item() == pytest.approx(math.log(2))
+    perfect = torch.where(target > 0, 20.0, -20.0)
+    assert losses.soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.ce_dice_loss(perfect, target).item() < 1e-6
+    assert losses.consistency_mse(perfect, perfect, True).item() == 0.0
+    pseudo = torch.ones(1, 1, 2, 2)
+    corrected = losses.scribble_corrected(pseudo, torch.zeros_like(pseudo), valid)
+    assert corrected.flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert losses.cross_entropy(logits, target, torch.zeros_like(target)).item() == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Augmentation
+
+
+def test_flip_and_alignment_of_different_sizes() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    (xf,), (yf,) = augment.geometric([x], [x.clone()], rng, augment.Geometric(flip_p=1.0, affine_p=0.0))
+    assert torch.allclose(xf, x.flip(-1)) and torch.equal(yf, x.flip(-1))
+    # A context-padded input and its centre label stay aligned under any transform.
+    big = torch.rand(3, 1, 28, 28)
+    centre = big[..., 6:22, 6:22].clone()
+    (_,), (wb, wc) = augment.geometric([big], [big, centre], np.random.default_rng(3),
+                                       augment.Geometric(flip_p=0.5, affine_p=1.0))
+    inner = wb[..., 6:22, 6:22]
+    inside = wc != 0
+    agree = (inner[inside] == wc[inside]).float().mean().item()
+    assert agree > 0.97, agree
+
+
+def test_frame_contrast_and_strong_are_seeded() -> None:
+    x = torch.ones(2, 5, 4, 4)
+    a = augment.frame_contrast(x, np.random.default_rng(1), 0.2)
+    assert torch.equal(a, augment.frame_contrast(x, np.random.default_rng(1), 0.2))
+    gains = a[:, :, 0, 0]
+    assert ((gains >= 0.8) & (gains <= 1.2)).all() and gains.unique().numel() > 1
+    assert torch.equal(augment.strong(x, np.random.default_rng(2)), augment.strong(x, np.random.default_rng(2)))
+
+
+# ---------------------------------------------------------------------------
+# Annotations
+
+
+def test_seg_on_canvas_resolves_to_the_run(archive: Path) -> None:
+    inv = inventory(FolderSource(archive).scan())
+    resolver = Resolver(inv.run_infos(), [c.header for c in inv.canvases])
+    results = {}
+    for seg in inv.segs:
+        ds = pydicom.dcmread(seg.locator)
+        results[seg.locator.split("/")[-2]] = read_annotation(ds, resolver)
+    full = results["p1"]
+    assert full.kind == "full" and full.geometry == "canvas"
+    assert full.roles == ["artery", "vein"]
+    assert np.array_equal(full.masks["artery"] | full.masks["vein"], vessel_mask())
+    run_uid = str(pydicom.dcmread(archive / "p1" / "run1.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert full.run_key == run_uid
+    scribble = results["s"]
+    assert scribble.kind == "scribble" and "background" in scribble.masks
+    target, valid = label_targets(scribble, ["artery"])
+    assert valid[0].sum() == scribble.masks["artery"].sum() + scribble.masks["background"].sum()
+    assert not target[0][scribble.masks["background"]].any()
+    assert "no segment with a known property type" in results["x"].reason
+    assert "result of this node" in results["ai"].reason
+    # A run with both a full annotation and scribbles keeps the full one and says so.
+    merged, problems = merge([scribble_as(full, scribble), full])
+    assert merged[full.run_key].kind == "full" and len(problems) == 1
+    assert "also has a full annotation" in problems[0].reason
+
+
+def scribble_as(full: Annotation, scribble: Annotation) -> Annotation:
+    return Annotation(run_key=full.run_key, kind="scribble", geometry="canvas",
+                      masks=scribble.masks, seg_uids=["1.2.3.4"])
+
+
+# ---------------------------------------------------------------------------
+# Dataset: split, manifest, de-identification
+
+
+def test_patient_split_is_disjoint_deterministic_and_order_free() -> None:
+    patients = [f"P{i}" for i in range(50)]
+    a = patient_split(patients, 0.2, 0.1, seed=7)
+    b = patient_split(list(reversed(patients)) + patients[:5], 0.2, 0.1, seed=7)
+    assert a == b
+    assert sorted(a.values()).count("test") == 10 and sorted(a.values()).count("val") == 5
+    assert patient_split(patients, 0.2, 0.1, seed=8) != a
+
+
+def test_dataset_splits_by_patient_and_reports_unusable_runs(dataset: tuple[Path, Path]) -> None:
+    out, pmap = dataset
+    manifest, cases = load_dataset(out)
+    by_patient: dict[str, set[str]] = {}
+    for c in manifest["cases"]:
+        by_patient.setdefault(c["patient"], set()).add(c["split"])
+    assert all(len(s) == 1 for s in by_patient.values())
+    assert max(len([c for c in manifest["cases"] if c["patient"] == p]) for p in by_patient) == 2
+    kinds = manifest["counts"]["kind"]
+    assert kinds == {"full": 9, "scribble": 1, "unlabelled": 3}
+    reasons = " ".join(p["reason"] for p in manifest["problems"])
+    assert "no segment with a known property type" in reasons and "result of this node" in reasons
+    # Unlabelled runs are flagged, never turned into all-background labels.
+    for c in cases:
+        if c.kind == "unlabelled":
+            assert c.masks == {} and not c.labelled
+
+
+def test_manifest_is_deidentified_and_hash_stable(dataset: tuple[Path, Path], archive: Path,
+                                                   tmp_path: Path) -> None:
+    out, pmap = dataset
+    text = (out / "manifest.json").read_text()
+    originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in archive.rglob("*.dcm")]
+    for ds in originals:
+        assert str(ds.PatientID) not in text and str(ds.SOPInstanceUID) not in text
+        assert str(ds.StudyInstanceUID) not in text
+    secret = json.loads(pmap.read_text())
+    assert set(secret["patients"].values()) >= {"PAT000", "PAT030"}
+    digest = manifest_hash(out)
+    assert (out / "manifest.sha256").read_text().split()[0] == digest
+    # Rebuilt elsewhere with the same pseudonym map: byte-identical manifest and cases.
+    again = tmp_path / "again"
+    build_dataset(FolderSource(archive), BuildOptions(out=again, pseudonym_map=pmap, test_fraction=0.2,
+                                                      val_fraction=0.2, include_unlabelled=True))
+    assert manifest_hash(again) == digest
+    # A different split seed is a different dataset.
+    other = tmp_path / "other"
+    build_dataset(FolderSource(archive), BuildOptions(out=other, pseudonym_map=pmap, seed=1,
+                                                      include_unlabelled=True))
+    assert manifest_hash(other) != digest
+    with pytest.raises(DatasetError, match="must not lie inside"):
+        build_dataset(FolderSource(archive), BuildOptions(out=again, pseudonym_map=again / "map.json"))
+
+
+def test_deidentify_profile_and_dciodvfy(tmp_path: Path) -> None:
+    from training.phantoms import dsa
+
+    paths = dsa.generate(3, size=64, frames=4).write(tmp_path / "ph", seg=True)
+    xa_path = next(p for p in paths if p.name == "dsa.dcm")
+    original = pydicom.dcmread(xa_path)
+    original.add_new(0x00091010, "LO", "private secret")
+    pseud = Pseudonyms(salt="s" * 64)
+    out = deidentify(original, pseud)
+    assert out.PatientID != original.PatientID and out.PatientID == out.PatientName
+    assert pseud.patients[out.PatientID] == original.PatientID
+    assert out.SOPInstanceUID.startswith("2.25.") and out.SOPClassUID == original.SOPClassUID
+    assert pseud.uids[out.StudyInstanceUID] == original.StudyInstanceUID
+    assert out.StudyDate != original.StudyDate and len(out.StudyDate) == 8
+    assert "InstitutionName" not in out and out.AccessionNumber == "" and out.PatientBirthDate == ""
+    assert 0x00091010 not in out and out.PatientIdentityRemoved == "YES"
+    assert out.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+    written = tmp_path / "deid.dcm"
+    out.save_as(written, enforce_file_format=True)
+    assert dciodvfy_errors(written) == []
+    seg = deidentify(pydicom.dcmread(next(p for p in paths if p.name == "dsa_seg.dcm")), pseud)
+    seg.save_as(tmp_path / "deid_seg.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "deid_seg.dcm") == []
+    # References inside the SEG follow the renamed canvas.
+    ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    assert ref in pseud.uids
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+
+def test_multipart_and_spool_source(tmp_path: Path) -> None:
+    body = b"--abc\r\nContent-Type: application/dicom\r\n\r\nONE\r\n--abc\r\n\r\nTWO\r\n--abc--\r\n"
+    assert split_multipart(body, 'multipart/related; type="application/dicom"; boundary=abc') == [b"ONE", b"TWO"]
+    from dicom_node.db import Database
+    from dicom_node.spool import Spool
+
+    storage = tmp_path / "node"
+    spool = Spool(storage, Database(storage / "node.sqlite"))
+    path = save(xa_run(seed=1), tmp_path / "in")
+    spool.store(path.read_bytes())
+    found = SpoolSource(storage).scan()
+    assert [i.sop_instance_uid for i in found] == [str(pydicom.dcmread(path).SOPInstanceUID)]
+
+
+# ---------------------------------------------------------------------------
+# Engine: one step of each mode, resume, DDP
+
+
+def _split(dataset: tuple[Path, Path]) -> tuple[list, list, list]:
+    _, cases = load_dataset(dataset[0])
+    labelled = [c for c in cases if c.kind == "full"]
+    return labelled[:3], labelled[3:4], [c for c in cases if c.kind == "unlabelled"][:1]
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_sscr_step_on_scribbles(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    _, cases = load_dataset(dataset[0])
+    scribbles = [c for c in cases if c.kind == "scribble"]
+    cfg = TrainConfig(task="dsa_ia", mode="sscr", model_config=TINY_VSS, epochs=1, steps_per_epoch=1,
+                      batch_size=2, patch=32, progress=False)
+    t = Trainer(cfg, scribbles, [], tmp_path)
+    before = [_weights(m) for m in t.models]
+    assert not torch.equal(before[0], before[1])  # two differently initialised networks
+    loss_all = t._loss_sscr(t._rng(0))
+    t.cfg.use_ps = t.cfg.use_cps = t.cfg.use_cr = False
+    loss_pce = t._loss_sscr(t._rng(0))
+    assert torch.isfinite(loss_all) and loss_all.item() > loss_pce.item() > 0
+    t.cfg.use_ps = t.cfg.use_cps = t.cfg.use_cr = True
+    t.fit()
+    after = [_weights(m) for m in t.models]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_rpst_teacher_student_steps(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    train, val, unlabelled = _split(dataset)
+    cfg = TrainConfig(task="dsa_ia", mode="rpst", model_config=TINY_VSS, epochs=1, steps_per_epoch=1,
+                      batch_size=2, patch=32, progress=False, rpst_rounds=1)
+    t = Trainer(cfg, train[:1], val, tmp_path, unlabelled=unlabelled)
+    path = t.fit()
+    assert len(t.pseudo) == 1 and t.pseudo[0].y is not None
+    history = [h["phase"] for h in t.state["history"]]
+    assert history == ["teacher", "student1"]
+    teacher = torch.load(tmp_path / "best-teacher.pt", weights_only=True)["state_dict"]
+    student = torch.load(path, weights_only=True)
+    assert student["phase"] == "student1"
+    assert any(not torch.equal(teacher[k], student["state_dict"][k]) for k in teacher)
+
+
+def test_checkpoint_resume_reproduces_uninterrupted_run(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    train, val, _ = _split(dataset)
+    cfg = TrainConfig(task="dsa_av", model_config={"widths": [4, 8]}, epochs=2, steps_per_epoch=2,
+                      batch_size=2, patch=32, progress=False)
+    straight = Trainer(cfg, train, val, tmp_path / "a")
+    straight.fit()
+    first = Trainer(cfg, train, val, tmp_path / "b")
+    first.fit(stop_after=1)
+    assert first.state["epoch"] == 1
+    resumed = Trainer(cfg, train, val, tmp_path / "b")
+    resumed.fit(resume=tmp_path / "b" / "last.pt")
+    last_a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    last_b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for sa, sb in zip(last_a["models"], last_b["models"], strict=True):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert last_a["state"]["step"] == last_b["state"]["step"] == 4
+    for a, b in zip(straight.models, resumed.models, strict=True):
+        assert torch.equal(_weights(a), _weights(b))
+    assert straight.state["history"][-1]["loss"] == resumed.state["history"][-1]["loss"]
+    for name in ("learning_curve.png", "examples.png", "model.pt", "last.pt"):
+        assert (tmp_path / "b" / name).is_file()
+
+
+def _ddp_worker(rank: int, init_file: str, dataset_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    _, cases = load_dataset(dataset_dir)
+    train = [c for c in cases if c.kind == "full"][:2]
+    cfg = TrainConfig(task="dsa_ia", model_config=TINY_VSS, epochs=1, steps_per_epoch=2,
+                      batch_size=1, patch=32, progress=False, device="cpu")
+    t = Trainer(cfg, train, [], Path(out) / "run", dist_info=DistInfo(rank=rank, world=2))
+    before = _weights(t.models[0].module)
+    t.fit()
+    torch.save({"before": before, "after": _weights(t.models[0].module)}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_stay_in_sync(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(dataset[0]), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(r0["before"], r1["before"])  # same seed on both ranks
+    assert torch.equal(r0["after"], r1["after"]) and not torch.equal(r0["before"], r0["after"])
+    # Without gradient averaging the two ranks' batch streams would diverge.
+    _, cases = load_dataset(dataset[0])
+    train = [c for c in cases if c.kind == "full"][:2]
+    solo = []
+    for rank in (0, 1):
+        cfg = TrainConfig(task="dsa_ia", model_config=TINY_VSS, epochs=1, steps_per_epoch=2,
+                          batch_size=1, patch=32, progress=False, device="cpu")
+        t = Trainer(cfg, train, [], tmp_path / f"solo{rank}", dist_info=DistInfo(rank=rank, world=1))
+        t.fit()
+        solo.append(_weights(t.models[0]))
+    assert not torch.equal(solo[0], solo[1])
+    assert (tmp_path / "run" / "model.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_torchrun_cli(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "training", "train",
+         "--dataset", str(dataset[0]), "--task", "dsa_ia", "--workdir", str(tmp_path / "w"),
+         "--config", json.dumps(TINY_VSS), "--epochs", "1", "--steps", "1", "--batch", "1",
+         "--patch", "32", "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    assert (tmp_path / "w" / "model.pt").is_file()

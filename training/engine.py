@@ -1,0 +1,572 @@
+"""The training engine: full supervision, SSCR weak supervision, RPST self-training.
+
+- ``full``: CE + Dice on annotated pixels (``training.losses``), with the
+  papers' augmentation.
+- ``sscr`` (DIAS): two networks, each with partial CE on the scribbled pixels;
+  scribble-corrected hard pseudo-labels of each network supervise the *other*
+  (cross pseudo supervision, weight λ1 = 1) and an MSE between their
+  probabilities keeps them consistent (λ2 = 0.5). ``use_ps``, ``use_cps`` and
+  ``use_cr`` switch the parts off for the ablation (pCE alone when all are off).
+- ``rpst`` (DIAS): a teacher trained on the labelled runs pseudo-labels the
+  unlabelled ones (hard labels); a fresh student trains on random patches of
+  both, weakly augmented (geometry) and, for the pseudo-labelled patches,
+  strongly augmented (photometric) as well; the student becomes the teacher
+  and relabels, for ``rpst_rounds`` rounds.
+
+Engineering: CUDA with mixed precision when present, the CPU otherwise;
+deterministic seeds (every batch is drawn from a generator seeded by seed,
+rank, phase and step, so a resumed run draws exactly what an uninterrupted one
+would); ``last.pt`` after every epoch and ``--resume``; early stopping and the
+learning-rate schedule of each paper; a progress bar with live loss and
+validation metric; ``learning_curve.png`` and ``examples.png`` next to the
+checkpoints; DDP under ``torchrun`` (NCCL on GPUs, gloo on CPUs), rank 0
+validating and writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipelines.models.package import build
+from pipelines.preprocess import inference_device
+from training import augment, losses
+from training import metrics as M
+from training.dataset import Case
+from training.model_card import example_png, learning_curve_png
+from training.tasks import Batch, Prepared, Task, TaskError, get_task
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    mode: str = "full"  # full | sscr | rpst
+    model_config: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 50
+    steps_per_epoch: int = 100
+    batch_size: int = 4
+    patch: int | None = None
+    optimizer: str | None = None  # None: the task's paper default
+    lr: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup_epochs: int | None = None
+    early_stop: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    max_val_cases: int = 8
+    lambda_cps: float = 1.0
+    lambda_cr: float = 0.5
+    use_ps: bool = True
+    use_cps: bool = True
+    use_cr: bool = True
+    rpst_rounds: int = 1
+    teacher_epochs: int | None = None
+    progress: bool = True
+
+    def resolved(self, task: Task) -> dict[str, Any]:
+        d = task.defaults
+        out = asdict(self)
+        for key in ("optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "early_stop", "patch"):
+            if out[key] is None:
+                out[key] = getattr(d, key)
+        if self.mode not in ("full", "sscr", "rpst"):
+            raise TaskError(f"mode {self.mode!r}: allowed full, sscr, rpst")
+        return out
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process validates and writes (rank 0, or any lone process)."""
+        return self.rank == 0 or not self.enabled
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group ``torchrun`` describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar when tqdm is installed (and wanted), else a plain line printer."""
+    if not enabled:
+        return _Quiet()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Lines(total, desc)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+class _Quiet:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Lines(_Quiet):
+    """Fallback without tqdm: one line per tenth of the epoch."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n, self.post = total, desc, 0, ""
+        self.every = max(1, total // 10)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 or self.n == self.total:
+            print(f"{self.desc} {self.n}/{self.total} {self.post}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.post = " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+class Trainer:
+    """One training run in ``workdir``; ``fit()`` returns the path of the final model file."""
+
+    def __init__(self, cfg: TrainConfig, train: Sequence[Case], val: Sequence[Case], workdir: Path,
+                 unlabelled: Sequence[Case] = (), dist_info: DistInfo | None = None,
+                 dataset_sha256: str = "", command: str = "",
+                 log_fn: Callable[[str], None] = log.info) -> None:
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.opts = cfg.resolved(self.task)
+        self.model_config = self.task.config(cfg.model_config)
+        self.dist = dist_info or DistInfo()
+        self.workdir = Path(workdir)
+        self.dataset_sha256 = dataset_sha256
+        self.command = command
+        self.log = log_fn if self.dist.main else (lambda _m: None)
+        requested = cfg.device
+        if requested == "auto" or requested.startswith("cuda"):
+            self.device = inference_device("auto")
+            if self.device.type == "cuda" and self.dist.enabled:
+                self.device = torch.device("cuda", self.dist.local_rank)
+                torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.train_cases = [c for c in train if c.labelled]
+        self.val_cases = [c for c in val if c.kind == "full"][: cfg.max_val_cases]
+        self.unlabelled = list(unlabelled)
+        self.prepared = self._prepare(self.train_cases)
+        if not self.prepared:
+            raise TaskError(f"no usable labelled training case for task {self.task.name}")
+        if cfg.mode == "rpst" and not self.unlabelled:
+            raise TaskError("rpst needs unlabelled runs (build the dataset with --include-unlabelled)")
+        self.phases = self._phases()
+        self.state: dict[str, Any] = {"phase": 0, "epoch": 0, "step": 0, "history": [],
+                                      "best": None, "bad": 0, "plateau": {"best": None, "bad": 0, "scale": 1.0},
+                                      "teacher": None}
+        self.pseudo: list[Prepared] = []
+        self._new_phase_models()
+
+    # -- setup
+    def _prepare(self, cases: Sequence[Case]) -> list[Prepared]:
+        out = []
+        for case in cases:
+            try:
+                out.append(self.task.prepare(case, self.model_config))
+            except TaskError as exc:
+                self.log(f"skipping case {case.id}: {exc}")
+        return out
+
+    def _phases(self) -> list[tuple[str, int]]:
+        if self.cfg.mode != "rpst":
+            return [("main", self.cfg.epochs)]
+        teacher = self.cfg.teacher_epochs or self.cfg.epochs
+        return [("teacher", teacher)] + [(f"student{r + 1}", self.cfg.epochs)
+                                         for r in range(self.cfg.rpst_rounds)]
+
+    def _build(self, index: int) -> nn.Module:
+        torch.manual_seed(self.cfg.seed * 1000 + 100 * self.state["phase"] + index)
+        model = build(self.task.architecture, self.model_config).to(self.device).train()
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _new_phase_models(self) -> None:
+        count = 2 if self.cfg.mode == "sscr" else 1
+        self.models = [self._build(i) for i in range(count)]
+        self.optimizers = [self._optimizer(m) for m in self.models]
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.opts
+        params = model.parameters()
+        if o["optimizer"] == "adamw":
+            return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        if o["optimizer"] == "adam":
+            return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        if o["optimizer"] == "rmsprop":
+            return torch.optim.RMSprop(params, lr=o["lr"], weight_decay=o["weight_decay"],
+                                       momentum=self.task.defaults.momentum)
+        if o["optimizer"] == "sgd":
+            return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
+        raise TaskError(f"optimizer {o['optimizer']!r}: allowed adamw, adam, rmsprop, sgd")
+
+    # -- schedule
+    def lr_at(self, epoch: int, step_in_epoch: int) -> float:
+        o, d = self.opts, self.task.defaults
+        base = float(o["lr"])
+        if o["schedule"] == "plateau":
+            return max(base * self.state["plateau"]["scale"], 1e-8)
+        epochs = self.phases[self.state["phase"]][1]
+        total = max(1, epochs * self.cfg.steps_per_epoch)
+        # DIAS warms up for 10 of 100 epochs; short runs keep that tenth.
+        warm = min(int(o["warmup_epochs"]) * self.cfg.steps_per_epoch, total // 10)
+        t = epoch * self.cfg.steps_per_epoch + step_in_epoch
+        if t < warm:
+            start = base * 1e-3
+            return start + (base - start) * t / warm
+        frac = (t - warm) / max(1, total - warm)
+        return d.min_lr + 0.5 * (base - d.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    # -- one step
+    def _rng(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, self.dist.rank, self.state["phase"], step])
+
+    def _augment(self, b: Batch, rng: np.random.Generator, strong: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weak (geometric) augmentation of the batch; returns x, y, valid, inside."""
+        inside = torch.ones_like(b.valid[:, :1])
+        (x,), (y, v, inside) = augment.geometric([b.x.float()], [b.y, b.valid, inside], rng,
+                                                 self.task.geometric)
+        if b.sequence:
+            x = augment.frame_contrast(x, rng)
+        if strong:
+            x = augment.strong(x, rng)
+        return x, y, v, inside
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp):
+            return model(x.to(self.device))
+
+    def _loss_full(self, rng: np.random.Generator, prepared: Sequence[Prepared], size: int,
+                   strong: bool = False) -> torch.Tensor:
+        b = self.task.batch(prepared, rng, size, int(self.opts["patch"]), self.model_config)
+        x, y, v, _ = self._augment(b, rng, strong)
+        logits = self._forward(self.models[0], x)
+        return losses.ce_dice_loss(logits, y.to(self.device), v.to(self.device), self.task.multilabel)
+
+    def _loss_sscr(self, rng: np.random.Generator) -> torch.Tensor:
+        b = self.task.batch(self.prepared, rng, self.cfg.batch_size, int(self.opts["patch"]),
+                            self.model_config)
+        x, y, v, inside = self._augment(b, rng)
+        x2 = augment.frame_contrast(x, rng) if b.sequence else augment.strong(x, rng)
+        y, v, inside = y.to(self.device), v.to(self.device), inside.to(self.device)
+        ml = self.task.multilabel
+        l1, l2 = self._forward(self.models[0], x), self._forward(self.models[1], x2)
+        loss = losses.partial_cross_entropy(l1, y, v, ml) + losses.partial_cross_entropy(l2, y, v, ml)
+        if self.cfg.use_ps:
+            p1 = losses.scribble_corrected(losses.hard_labels(l1, ml), y, v)
+            p2 = losses.scribble_corrected(losses.hard_labels(l2, ml), y, v)
+            t1, t2 = (p2, p1) if self.cfg.use_cps else (p1, p2)
+            loss = loss + self.cfg.lambda_cps * (losses.cross_entropy(l1, t1, inside, ml)
+                                                 + losses.cross_entropy(l2, t2, inside, ml))
+        if self.cfg.use_cr:
+            loss = loss + self.cfg.lambda_cr * losses.consistency_mse(l1, l2, ml)
+        return loss
+
+    def _step(self, epoch: int, step_in_epoch: int) -> float:
+        rng = self._rng(self.state["step"])
+        lr = self.lr_at(epoch, step_in_epoch)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+        name = self.phases[self.state["phase"]][0]
+        if self.cfg.mode == "sscr":
+            loss = self._loss_sscr(rng)
+        elif name.startswith("student"):
+            # Half the batch from labelled runs (weak augmentation), half from
+            # pseudo-labelled runs (weak + strong); two forwards, since sequence
+            # lengths differ between runs.
+            half = max(1, self.cfg.batch_size // 2)
+            loss = (self._loss_full(rng, self.prepared, half)
+                    + self._loss_full(rng, self.pseudo, half, strong=True))
+        else:
+            loss = self._loss_full(rng, self.prepared, self.cfg.batch_size)
+        self.scaler.scale(loss).backward()
+        for opt in self.optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.state["step"] += 1
+        return float(loss.detach())
+
+    # -- validation
+    def validate(self) -> tuple[dict[str, dict[str, float]], Case | None, np.ndarray | None]:
+        model = _unwrap(self.models[0]).eval()
+        rows, example, probs0 = [], None, None
+        for case in self.val_cases:
+            probs = self.task.predict(model, case, self.model_config, self.device)
+            rows.append(self.task.evaluate(probs, case))
+            if example is None:
+                example, probs0 = case, probs
+        model.train()
+        return M.aggregate(rows), example, probs0
+
+    def _monitor(self, train_loss: float) -> tuple[float, dict[str, Any], Case | None, np.ndarray | None]:
+        """(score, val summary, example case, its probabilities); higher score is better."""
+        if not self.val_cases:
+            return -train_loss, {}, None, None
+        agg, example, probs = self.validate()
+        score = agg.get(self.task.monitor, {}).get("mean", float("nan"))
+        return (score if np.isfinite(score) else -math.inf), agg, example, probs
+
+    # -- checkpoints
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "task": self.task.name, "config": asdict(self.cfg),
+            "model_config": self.model_config, "dataset_sha256": self.dataset_sha256,
+            "models": [_unwrap(m).state_dict() for m in self.models],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "scaler": self.scaler.state_dict(), "state": self.state,
+        }
+
+    def _save(self, obj: Mapping[str, Any], name: str) -> Path:
+        path = self.workdir / name
+        tmp = path.with_suffix(".part")
+        torch.save(dict(obj), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def _model_file(self, name: str, metrics: Mapping[str, Any]) -> Path:
+        return self._save({"format": CHECKPOINT_FORMAT, "task": self.task.name,
+                           "architecture": self.task.architecture, "model_config": self.model_config,
+                           "state_dict": _unwrap(self.models[0]).state_dict(), "metrics": dict(metrics),
+                           "config": self.opts, "dataset_sha256": self.dataset_sha256,
+                           "command": self.command, "phase": self.phases[self.state["phase"]][0],
+                           "epoch": self.state["epoch"]}, name)
+
+    def resume(self, path: Path) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=True)
+        if ck.get("format") != CHECKPOINT_FORMAT or ck.get("task") != self.task.name:
+            raise TaskError(f"{path} is not a {self.task.name} checkpoint of this engine")
+        self.state = ck["state"]
+        self._new_phase_models()
+        for m, sd in zip(self.models, ck["models"], strict=True):
+            _unwrap(m).load_state_dict(sd)
+        for o, sd in zip(self.optimizers, ck["optimizers"], strict=True):
+            o.load_state_dict(sd)
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.state.get("teacher") is not None:
+            self._relabel(self.state["teacher"])
+        self.log(f"resumed {path}: phase {self.phases[self.state['phase']][0]}, "
+                 f"epoch {self.state['epoch']}, step {self.state['step']}")
+
+    # -- RPST
+    def _relabel(self, teacher_state: Mapping[str, torch.Tensor]) -> None:
+        """Hard pseudo-labels of every unlabelled run from the teacher's weights."""
+        teacher = build(self.task.architecture, self.model_config).to(self.device)
+        teacher.load_state_dict(dict(teacher_state))
+        teacher.eval()
+        self.pseudo = []
+        for case in self.unlabelled:
+            probs = self.task.predict(teacher, case, self.model_config, self.device)
+            labelled = Case(id=case.id, patient=case.patient, split=case.split, kind="full",
+                            geometry=self.task.geometry, pixels=case.pixels,
+                            masks=self.task.pseudo_labels(probs), frame_times_s=case.frame_times_s,
+                            meta=case.meta)
+            self.pseudo.extend(self._prepare([labelled]))
+        self.log(f"pseudo-labelled {len(self.pseudo)} unlabelled runs")
+
+    # -- the loop
+    def fit(self, resume: Path | None = None, stop_after: int | None = None) -> Path:
+        """Train to the end (or for ``stop_after`` epochs of this call, e.g. on a
+        preemptible machine; ``resume`` continues exactly where ``last.pt`` left off)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            self.resume(resume)
+        if self.dist.main:
+            (self.workdir / "train_config.json").write_text(json.dumps(
+                {"config": self.opts, "model_config": self.model_config,
+                 "dataset_sha256": self.dataset_sha256}, indent=1, sort_keys=True, default=str))
+        done = 0
+        while self.state["phase"] < len(self.phases):
+            name, epochs = self.phases[self.state["phase"]]
+            stop = False
+            while self.state["epoch"] < epochs and not stop:
+                if stop_after is not None and done >= stop_after:
+                    return self.workdir / "last.pt"
+                stop = self._epoch(name, epochs)
+                done += 1
+            self._end_phase(name)
+        final = self.workdir / "model.pt"
+        if self.dist.enabled:
+            dist.barrier()
+        return final
+
+    def _epoch(self, name: str, epochs: int) -> bool:
+        epoch = self.state["epoch"]
+        bar = _progress(self.cfg.steps_per_epoch, self.cfg.progress and self.dist.main,
+                        f"{name} {epoch + 1}/{epochs}")
+        t0, total, ema = time.monotonic(), 0.0, None
+        for i in range(self.cfg.steps_per_epoch):
+            loss = self._step(epoch, i)
+            total += loss
+            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.lr_at(epoch, i):.2e}",
+                            best=f"{(self.state['best'] or {}).get('score', float('nan')):.4f}")
+        bar.close()
+        train_loss = total / self.cfg.steps_per_epoch
+        stop = False
+        if self.dist.main:
+            score, agg, example, probs = self._monitor(train_loss)
+            stop = self._after_epoch(name, epoch, train_loss, score, agg, time.monotonic() - t0)
+            if example is not None and probs is not None:
+                example_png(self.workdir / "examples.png", self.task, example, probs,
+                            f"{name} epoch {epoch + 1}")
+            self.state["epoch"] += 1
+            self._save(self._checkpoint(), "last.pt")
+        else:
+            self.state["epoch"] += 1
+        if self.dist.enabled:
+            flags: list[Any] = [stop, self.state]
+            dist.broadcast_object_list(flags, src=0)
+            stop, self.state = bool(flags[0]), flags[1]
+        return stop
+
+    def _after_epoch(self, name: str, epoch: int, train_loss: float, score: float,
+                     agg: Mapping[str, Any], seconds: float) -> bool:
+        """Bookkeeping on rank 0: history, best model, plateau LR, early stopping."""
+        val = {k: v["mean"] for k, v in agg.items()}
+        self.state["history"].append({"phase": name, "epoch": epoch + 1, "step": self.state["step"],
+                                      "loss": train_loss, "lr": self.lr_at(epoch, self.cfg.steps_per_epoch - 1),
+                                      "score": score, "val": val, "seconds": seconds})
+        best = self.state["best"]
+        if best is None or best["phase"] != name or score > best["score"]:
+            self.state["best"] = {"phase": name, "epoch": epoch + 1, "score": score, "val": val}
+            self.state["bad"] = 0
+            self._model_file(f"best-{name}.pt", {"val": dict(agg), "monitor": self.task.monitor})
+        else:
+            self.state["bad"] += 1
+        plateau = self.state["plateau"]
+        if plateau["best"] is None or score > plateau["best"]:
+            plateau["best"], plateau["bad"] = score, 0
+        else:
+            plateau["bad"] += 1
+            if plateau["bad"] > self.task.defaults.plateau_patience:
+                plateau["scale"] *= self.task.defaults.plateau_factor
+                plateau["bad"] = 0
+        learning_curve_png(self.workdir / "learning_curve.png", self.state["history"],
+                           self.task.monitor if self.val_cases else "-loss")
+        self.log(f"{name} epoch {epoch + 1}: loss {train_loss:.4f}, {self.task.monitor} "
+                 f"{score:.4f} (best {self.state['best']['score']:.4f} at {self.state['best']['epoch']})")
+        if self.state["bad"] >= int(self.opts["early_stop"]):
+            self.log(f"early stop: no improvement for {self.state['bad']} epochs")
+            return True
+        return False
+
+    def _end_phase(self, name: str) -> None:
+        """Load the phase's best weights; hand them on as teacher or as the final model."""
+        best_path = self.workdir / f"best-{name}.pt"
+        holder: list[Any] = [None]
+        if self.dist.main:
+            holder[0] = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        if self.dist.enabled:  # ranks on other machines cannot read rank 0's files
+            dist.broadcast_object_list(holder, src=0)
+        state = {k: v.to(self.device) for k, v in holder[0].items()}
+        for m in self.models[:1]:
+            _unwrap(m).load_state_dict(state)
+        last = self.state["phase"] + 1 >= len(self.phases)
+        if self.dist.main and last:
+            self._model_file("model.pt", {"val": self.state["best"]["val"] if self.state["best"] else {},
+                                          "monitor": self.task.monitor})
+        if not last:
+            self.state.update(phase=self.state["phase"] + 1, epoch=0, best=None, bad=0, teacher=state,
+                              plateau={"best": None, "bad": 0, "scale": 1.0})
+            self._relabel(state)
+            self._new_phase_models()
+        else:
+            self.state["phase"] += 1
+
+
+# ---------------------------------------------------------------------------
+# Evaluation of a trained model and of the node's pipelines
+
+
+def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[Task, nn.Module, dict[str, Any]]:
+    """(task, model, file contents) from a ``model.pt`` / ``best-*.pt`` file (weights_only)."""
+    data = torch.load(path, map_location=device, weights_only=True)
+    task = get_task(data["task"])
+    model = build(data["architecture"], data["model_config"])
+    model.load_state_dict(data["state_dict"])
+    return task, model.to(device).eval(), data
+
+
+def evaluate_model(task: Task, model: nn.Module, cases: Sequence[Case], model_config: Mapping[str, Any],
+                   device: torch.device) -> dict[str, Any]:
+    """Per-case metrics and their mean ± std on full annotations."""
+    rows = {}
+    for case in cases:
+        if case.kind != "full":
+            continue
+        rows[case.id] = task.evaluate(task.predict(model, case, model_config, device), case)
+    return {"cases": rows, "aggregate": M.aggregate(list(rows.values()))}
+
+
+def evaluate_pipeline(task: Task, cases: Sequence[Case], package: str | None = None,
+                      device: str = "cpu") -> dict[str, Any]:
+    """Metrics of the node's pipeline itself (its classical path when ``package`` is None)."""
+    import pipelines
+    from pipelines.base import PipelineContext, SegmentationOutput
+    from training.annotations import ROLES
+
+    pipeline = pipelines.get(task.pipeline)
+    rows = {}
+    for case in cases:
+        if case.kind != "full":
+            continue
+        result = pipeline(case.run(), PipelineContext(device=device, model_package=package))
+        seg = next((o for o in result.outputs if isinstance(o, SegmentationOutput)), None)
+        if seg is None:
+            raise TaskError(f"the {task.pipeline} pipeline emits no segmentation to compare")
+        by_role = {ROLES.get((s.code.value, s.code.scheme)): seg.masks[i]
+                   for i, s in enumerate(seg.segments)}
+        pred = np.stack([by_role.get(c, np.zeros(seg.masks.shape[1:], bool)) for c in task.channels])
+        rows[case.id] = task.evaluate(pred.astype(np.float32), case)
+        for key in ("auc",):
+            rows[case.id].pop(key, None)  # binary masks carry no ranking
+    return {"cases": rows, "aggregate": M.aggregate(list(rows.values()))}

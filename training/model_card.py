@@ -1,0 +1,183 @@
+"""What a package says about itself: the model card text, and the figures written
+next to the checkpoints (learning curve, example predictions), drawn with Pillow.
+
+The card states the intended use, the data it was trained on with the dataset
+manifest hash, held-out metrics as mean ± std, the training command, and, when
+any training data is synthetic, a warning that no clinical performance is
+claimed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from pipelines.render import burn_text, overlay, to_grey_rgb
+
+if TYPE_CHECKING:
+    from training.dataset import Case
+    from training.tasks import Task
+
+INTENDED_USE = {
+    "dsa_av": "Artery/vein segmentation of subtracted cerebral 2D+t DSA runs (ST U-Net), "
+              "loaded by the node's dsa_av pipeline.",
+    "dsa_ia": "Intracranial artery segmentation of subtracted cerebral 2D+t DSA runs (VSS-Net), "
+              "loaded by the node's dsa_ia pipeline.",
+    "xa_coronary": "Per-frame coronary vessel segmentation of unsubtracted XA cine runs "
+                   "(3D-2D CE-Net), loaded by the node's xa_coronary pipeline.",
+    "rotational_dla": "Vessel / bone / soft-tissue voxel classification of contrast-filled "
+                      "C-arm CT volumes (DLA), loaded by the node's rotational_dla pipeline.",
+    "dsa_perfusion": "Internal carotid artery segmentation on the MinIP of a cerebral DSA run "
+                     "(ICA U-Net), used by the dsa_perfusion pipeline to place the AIF.",
+}
+SYNTHETIC_WARNING = (
+    "**Warning: trained on synthetic data.** Every training case comes from the phantom "
+    "generator, not from patients. The held-out figures below are on phantoms too; they say "
+    "nothing about performance on clinical images. Do not use for diagnosis; validate on your "
+    "own annotated archive first."
+)
+
+
+def _metric_lines(aggregate: Mapping[str, Mapping[str, float]]) -> list[str]:
+    lines = ["| metric | mean ± std | n |", "|---|---|---|"]
+    for name, v in aggregate.items():
+        if v.get("n"):
+            lines.append(f"| {name} | {v['mean']:.3f} ± {v['std']:.3f} | {int(v['n'])} |")
+    return lines
+
+
+def model_card(*, task: Task, name: str, version: str, parameters: int, metrics: Mapping[str, Any],
+               data: Mapping[str, Any], training: Mapping[str, Any], training_command: str,
+               dataset_sha256: str) -> str:
+    synthetic = bool(data.get("synthetic", True))
+    out = [f"# Model card: {name} {version}", ""]
+    if synthetic:
+        out += [SYNTHETIC_WARNING, ""]
+    out += [
+        "## Intended use", "",
+        INTENDED_USE.get(task.name, f"Segmentation for the {task.pipeline} pipeline."),
+        "Research use. Outputs are labelled as AI output by the node and are not for diagnosis "
+        "unless validated locally.", "",
+        "## Model", "",
+        f"- architecture: `{task.architecture}` ({parameters:,} parameters)",
+        f"- pipeline: `{task.pipeline}`; outputs: {', '.join(task.channels)}",
+        f"- training mode: {training.get('mode', 'full')}; "
+        f"optimizer {training.get('optimizer')} lr {training.get('lr')}, schedule "
+        f"{training.get('schedule')}, {training.get('epochs')} epochs x "
+        f"{training.get('steps_per_epoch')} steps, batch {training.get('batch_size')}, "
+        f"patch {training.get('patch')}, seed {training.get('seed')}",
+        "",
+        "## Training data", "",
+        f"- dataset manifest sha256: `{dataset_sha256}`",
+        f"- source: {data.get('source', 'unknown')}",
+        "- cases: " + ", ".join(f"{k} {v}" for k, v in data.get("counts", {}).items()),
+        f"- synthetic: {'yes (phantoms)' if synthetic else 'no'}",
+        "- split by patient: no Patient ID appears in more than one of train / val / test.",
+        "",
+        "## Held-out metrics", "",
+        f"Test split, {metrics.get('evaluated_with', 'training-side inference')}.", "",
+    ]
+    agg = metrics.get("aggregate", {})
+    out += _metric_lines(agg) if agg else ["No annotated test case: no held-out metric."]
+    if metrics.get("through_pipeline"):
+        out += ["", f"The same test runs through the `{task.pipeline}` pipeline with this package "
+                    "(binary masks as the node emits them, so no AUC):", ""]
+        out += _metric_lines(metrics["through_pipeline"])
+    out += ["", "## Limitations", "",
+            "- Trained on the data above only; other vendors, protocols, frame rates and "
+            "pathologies may fail silently.",
+            "- Thresholded at 0.5; no calibration was done.", "",
+            "## Reproduce", "", "```", training_command, "```", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def learning_curve_png(path: Path, history: Sequence[Mapping[str, Any]], monitor: str,
+                       size: tuple[int, int] = (720, 360)) -> Path:
+    """Training loss (blue, left scale) and validation score (orange, right scale) per epoch."""
+    w, h = size
+    left, right, top, bottom = 60, 60, 30, 40
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = _font(12)
+    draw.rectangle((left, top, w - right, h - bottom), outline=(0, 0, 0))
+    n = len(history)
+    series = [("loss", [float(r["loss"]) for r in history], (31, 119, 180)),
+              (monitor, [float(r["score"]) for r in history], (255, 127, 14))]
+    for idx, (label, values, colour) in enumerate(series):
+        vals = np.asarray(values, float)
+        finite = vals[np.isfinite(vals)]
+        if finite.size == 0:
+            continue
+        lo, hi = float(finite.min()), float(finite.max())
+        hi = hi if hi > lo else lo + 1e-6
+        xs = [left + (w - left - right) * (i / max(n - 1, 1)) for i in range(n)]
+        ys = [h - bottom - (h - top - bottom) * (v - lo) / (hi - lo) if np.isfinite(v) else None
+              for v in vals]
+        points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        x_text = 4 if idx == 0 else w - right + 4
+        draw.text((x_text, top - 4), f"{hi:.3g}", fill=colour, font=font)
+        draw.text((x_text, h - bottom - 8), f"{lo:.3g}", fill=colour, font=font)
+        draw.text((left + 10 + 160 * idx, 8), label, fill=colour, font=font)
+    phases = [r["phase"] for r in history]
+    for i in range(1, n):
+        if phases[i] != phases[i - 1]:
+            x = left + (w - left - right) * (i / max(n - 1, 1))
+            draw.line((x, top, x, h - bottom), fill=(180, 180, 180))
+    draw.text((left, h - bottom + 8), f"epoch 1 .. {n} ({', '.join(dict.fromkeys(phases))})",
+              fill=(0, 0, 0), font=font)
+    img.save(path)
+    return path
+
+
+def _view(task: Task, case: Case, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grey image, truth masks (K, H, W), predicted masks) of one representative plane."""
+    truth = task.truth(case)
+    if task.geometry == "canvas":
+        return case.pixels.min(axis=0), truth, probs >= 0.5
+    if task.geometry == "frames":
+        t = int(truth[0].reshape(truth.shape[1], -1).sum(axis=1).argmax())
+        return case.pixels[t], truth[:, t], probs[:, t] >= 0.5
+    z = int(truth[0].reshape(truth.shape[1], -1).sum(axis=1).argmax())
+    label = probs[:, z].argmax(axis=0)
+    pred = np.stack([label == k for k in range(probs.shape[0])])
+    return case.pixels[z], truth[:, z], pred
+
+
+COLOURS = [(255, 40, 40), (40, 110, 255), (255, 200, 0)]
+
+
+def example_png(path: Path, task: Task, case: Case, probs: np.ndarray, title: str) -> Path:
+    """Three panels: the input, the truth over it, the prediction over it."""
+    image, truth, pred = _view(task, case, probs)
+    zoom = max(1, 256 // min(image.shape))  # small test images are enlarged to be legible
+
+    def up(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, zoom, axis=-2), zoom, axis=-1)
+
+    image, truth, pred = up(image), up(truth), up(pred)
+    base = to_grey_rgb(image)
+    shown = task.foreground()[: len(COLOURS)]
+    colours = COLOURS[: len(shown)]
+    panels = [
+        burn_text(base, [f"{case.id[:12]} input"]),
+        burn_text(overlay(base, [truth[k] for k in shown], colours), ["truth"]),
+        burn_text(overlay(base, [pred[k] for k in shown], colours), [f"prediction ({title})"]),
+    ]
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+    return path
