@@ -239,9 +239,15 @@ def test_classical_on_phantom_has_a_dice_floor() -> None:
         ph = dsa.generate(seed, size=256, frames=15)
         artery, vein = classical_av(ph.pixels.astype(np.float32), ph.frame_times_s,
                                     ph.pixel_spacing_mm)
-        scores.append((dice(artery, ph.truth["artery"]), dice(vein, ph.truth["vein"])))
-    a, v = np.mean(scores, axis=0)
-    assert a > 0.4 and v > 0.4, scores
+        truth_a, truth_v = ph.truth["artery"], ph.truth["vein"]
+        ica = analyse(ph.pixels.astype(np.float32), ph.frame_times_s, ph.pixel_spacing_mm).ica
+        assert ica is not None
+        scores.append((dice(artery, truth_a), dice(vein, truth_v),
+                       dice(artery | vein, truth_a | truth_v), dice(ica, ph.truth["ica"])))
+    a, v, vessel, ica_dice = np.mean(scores, axis=0)
+    # Training seeds give A 0.49, V 0.68, vessel 0.64, ICA 0.86; swapping
+    # arteries and veins, or a threshold on noise, falls far below these floors.
+    assert a > 0.3 and v > 0.45 and vessel > 0.45 and ica_dice > 0.5, scores
 
 
 def test_classical_without_timing_uses_frame_order() -> None:

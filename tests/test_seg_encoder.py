@@ -233,6 +233,17 @@ def test_volume_seg_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(np.moveaxis(got, -1, 0).astype(bool), masks)
 
 
+def test_all_empty_frames_seg_reads_back_empty(tmp_path: Path) -> None:
+    ctx = EncodeContext(sources=[xa_header(4)], pipeline="xa_coronary", now=NOW)
+    out = SegmentationOutput("vessel", np.zeros((1, 4, 48, 40), bool),
+                             [Segment("Blood vessel", BLOOD_VESSEL)], CLASSICAL, geometry="frames")
+    canvas, seg = encode_segmentation(out, ctx, Run(np.ones((4, 48, 40), np.float32), _meta(4)))
+    assert dciodvfy_errors(seg, tmp_path / "seg.dcm") == []
+    got = read_back(seg, tmp_path / "seg.dcm").get_pixels_by_source_frame(
+        canvas.SOPInstanceUID, [1, 2, 3, 4])
+    assert got.shape == (4, 48, 40, 1) and not got.any()
+
+
 def test_masks_must_fit_geometry() -> None:
     ctx = EncodeContext(sources=[xa_header()], pipeline="dsa_av", now=NOW)
     ctx.canvas = make_canvas(ctx, np.ones((48, 40), np.float32))

@@ -21,8 +21,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node import __version__
 from dicom_node.encode import encoder
 from dicom_node.encode.common import (
+    MANUFACTURER,
+    MODEL_NAME,
     PURPOSE_SOURCE_FOR_PROCESSING,
     SERIES_PREFIX,
     EncodeContext,
@@ -130,24 +133,22 @@ def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -
         instance_number=1,
         content_description=out.algorithm.describe()[:64],
         content_label=out.key.upper().replace("-", "_")[:16],
-        omit_empty_frames=out.geometry != "canvas",
+        # Empty frames are left out (the reader treats them as empty), except on
+        # the one-frame canvas and when nothing at all was found.
+        omit_empty_frames=out.geometry != "canvas" and bool(pixels.any()),
         series_description=(SERIES_PREFIX + description)[:64],
         series_date=ctx.now.date(),
         series_time=ctx.now.time(),
         content_date=ctx.now.date(),
         content_time=ctx.now.time(),
-        **_equipment(ctx),
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=__version__,
+        device_serial_number="0",
     )
     if out.geometry in ("canvas", "frames"):
         _add_run_reference(seg, ctx.sources)
     return [*delivered, seg]
-
-
-def _equipment(ctx: EncodeContext) -> dict[str, object]:
-    """Manufacturer and software of the node (identity comes from the sources)."""
-    kwargs = ctx.patient_study_kwargs()
-    kwargs.pop("study_instance_uid", None)
-    return kwargs
 
 
 @encoder(SegmentationOutput)

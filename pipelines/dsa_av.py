@@ -1,0 +1,136 @@
+"""``dsa_av``: artery/vein segmentation of a cerebral 2D+t DSA run.
+
+Without a model package the classical path runs (Frangi on the MinIP, then
+time-intensity separation; see ``pipelines.vessels``). With a package (the
+node's settings give its folder) the ST U-Net runs on the run resampled to
+1 fps (``pipelines.preprocess.predict_sequence``).
+
+Outputs: a SEG on the MinIP canvas (Artery, Vein, and the internal carotid
+artery where it is found), the MinIP itself, and a colour overlay
+(arteries red, veins blue) with a burned-in AI label for any viewer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.base import (
+    ARTERY,
+    ICA,
+    VEIN,
+    AlgorithmInfo,
+    ImageOutput,
+    PipelineContext,
+    PipelineError,
+    PipelineResult,
+    RenderingOutput,
+    Run,
+    Segment,
+    SegmentationOutput,
+    minip,
+    register,
+)
+from pipelines.models.package import load_package
+from pipelines.preprocess import inference_device, predict_sequence
+from pipelines.render import AI_LABEL, burn_text, overlay, to_grey_rgb
+from pipelines.vessels import analyse
+
+NAME = "dsa_av"
+VERSION = "0.1.0"
+RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)
+ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
+VEIN_SEGMENT = Segment("Vein", VEIN, color_rgb=BLUE)
+ICA_SEGMENT = Segment("Internal carotid artery", ICA, color_rgb=ORANGE)
+# Output channels of an artery/vein model, by name in the package config.
+CHANNEL_SEGMENTS = {"artery": ARTERY_SEGMENT, "vein": VEIN_SEGMENT, "ica": ICA_SEGMENT}
+# Smallest ICA area (pixels) worth reporting; below it the channel is noise.
+MIN_ICA_PIXELS = 20
+
+
+def check_run(run: Run, min_frames: int) -> None:
+    if run.meta.is_volume or run.pixels.ndim != 3:
+        raise PipelineError(f"{NAME} needs a 2D+t run, got shape {run.pixels.shape}")
+    if run.pixels.shape[0] < min_frames:
+        raise PipelineError(f"{NAME} needs at least {min_frames} frames, got {run.pixels.shape[0]}")
+
+
+def label_lines(width: int, algorithm: AlgorithmInfo) -> list[str]:
+    """The AI label and the algorithm; the label wraps on narrow images so it stays legible."""
+    label = AI_LABEL.split(" - ") if width < 400 else [AI_LABEL]
+    return [*label, algorithm.describe()]
+
+
+def av_rendering(base: np.ndarray, masks: dict[str, np.ndarray], algorithm: AlgorithmInfo,
+                 key: str = "overlay") -> RenderingOutput:
+    """Arteries red, veins blue, crossings magenta, over the MinIP, with the AI label."""
+    artery, vein = masks["artery"], masks["vein"]
+    layers = [artery & ~vein, vein & ~artery, artery & vein]
+    colours = [RED, BLUE, MAGENTA]
+    legend = "red: artery  blue: vein  magenta: both"
+    if "ica" in masks:
+        layers.append(masks["ica"])
+        colours.append(ORANGE)
+        legend += "  orange: ICA"
+    rgb = overlay(to_grey_rgb(base), layers, colours)
+    rgb = burn_text(rgb, label_lines(rgb.shape[1], algorithm), corner="top-left")
+    rgb = burn_text(rgb, [legend], corner="bottom-left")
+    return RenderingOutput(key=key, rgb=rgb, description="Artery/vein overlay")
+
+
+class DsaArteryVein:
+    name = NAME
+
+    def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        check_run(run, 4 if ctx.model_package else 3)
+        meta = run.meta
+        notes: list[str] = []
+        if ctx.model_package is None:
+            result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm)
+            if meta.frame_times_s is None:
+                notes.append("no frame timing: frame order used for artery/vein timing")
+            masks = {"artery": result.artery, "vein": result.vein}
+            if result.ica is not None:
+                masks["ica"] = result.ica
+            else:
+                notes.append("no pixel spacing: internal carotid artery not assessed")
+            algorithm = AlgorithmInfo(NAME, VERSION, "classical")
+        else:
+            package = load_package(ctx.model_package, pipeline=NAME)
+            device = inference_device(ctx.device)
+            model = package.load_model(device)
+            probs, notes = predict_sequence(model, run.pixels, meta.frame_times_s,
+                                            meta.pixel_spacing_mm, dict(package.config), device)
+            channels = list(package.config.get("channels", ["artery", "vein"]))
+            if (len(channels) != probs.shape[0] or not set(channels) <= set(CHANNEL_SEGMENTS)
+                    or not {"artery", "vein"} <= set(channels)):
+                raise PipelineError(f"model package {package.name}: channels {channels} do not "
+                                    f"fit its {probs.shape[0]} outputs or {NAME}")
+            masks = {name: probs[i] >= 0.5 for i, name in enumerate(channels)}
+            algorithm = package.algorithm(NAME, VERSION)
+            notes.append(f"device {device.type}")
+        if "ica" in masks and masks["ica"].sum() < MIN_ICA_PIXELS:
+            del masks["ica"]
+            notes.append("no internal carotid artery found in the field of view")
+        order = [k for k in ("artery", "vein", "ica") if k in masks]
+        segmentation = SegmentationOutput(
+            key="av",
+            masks=np.stack([masks[k] for k in order]),
+            segments=[CHANNEL_SEGMENTS[k] for k in order],
+            algorithm=algorithm,
+            geometry="canvas",
+            description="Arteries and veins",
+        )
+        image = minip(run.pixels)
+        return PipelineResult(
+            outputs=[
+                segmentation,
+                ImageOutput(key="minip", pixels=image, description="MinIP", geometry="canvas"),
+                av_rendering(image, masks, algorithm),
+            ],
+            notes=notes,
+        )
+
+
+@register(NAME)
+def _factory() -> DsaArteryVein:
+    return DsaArteryVein()

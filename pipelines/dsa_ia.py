@@ -1,0 +1,100 @@
+"""``dsa_ia``: intracranial artery segmentation of a cerebral 2D+t DSA run (VSS-Net).
+
+With a model package, VSS-Net sees every frame of the run (no resampling, no
+fixed subset) and outputs the arteries. Without one, the classical vessel path
+runs and its result is labelled classical: all vessels (Blood vessel) and the
+arteries it separates by timing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.base import (
+    ARTERY,
+    BLOOD_VESSEL,
+    AlgorithmInfo,
+    ImageOutput,
+    PipelineContext,
+    PipelineError,
+    PipelineResult,
+    RenderingOutput,
+    Run,
+    Segment,
+    SegmentationOutput,
+    minip,
+    register,
+)
+from pipelines.dsa_av import label_lines
+from pipelines.models.package import load_package
+from pipelines.preprocess import inference_device, predict_sequence
+from pipelines.render import burn_text, overlay, to_grey_rgb
+from pipelines.vessels import analyse
+
+NAME = "dsa_ia"
+VERSION = "0.1.0"
+RED, YELLOW = (255, 0, 0), (255, 220, 0)
+ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
+VESSEL_SEGMENT = Segment("Blood vessel", BLOOD_VESSEL, color_rgb=YELLOW)
+
+
+def vessel_rendering(base: np.ndarray, vessel: np.ndarray | None, artery: np.ndarray,
+                     algorithm: AlgorithmInfo) -> RenderingOutput:
+    """Arteries red (other vessels yellow) over the MinIP, with the AI label."""
+    layers, colours, legend = [], [], "red: artery"
+    if vessel is not None:
+        layers.append(vessel & ~artery)
+        colours.append(YELLOW)
+        legend += "  yellow: other vessel"
+    layers.append(artery)
+    colours.append(RED)
+    rgb = overlay(to_grey_rgb(base), layers, colours)
+    rgb = burn_text(rgb, label_lines(rgb.shape[1], algorithm), corner="top-left")
+    rgb = burn_text(rgb, [legend], corner="bottom-left")
+    return RenderingOutput(key="overlay", rgb=rgb, description="Intracranial artery overlay")
+
+
+class DsaIntracranialArteries:
+    name = NAME
+
+    def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        if run.meta.is_volume or run.pixels.ndim != 3 or run.pixels.shape[0] < 3:
+            raise PipelineError(f"{NAME} needs a 2D+t run of 3 or more frames, "
+                                f"got shape {run.pixels.shape}")
+        meta = run.meta
+        notes: list[str] = []
+        vessel: np.ndarray | None
+        if ctx.model_package is None:
+            result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm)
+            vessel, artery = result.vessel, result.artery
+            algorithm = AlgorithmInfo(NAME, VERSION, "classical")
+            masks, segments = np.stack([vessel, artery]), [VESSEL_SEGMENT, ARTERY_SEGMENT]
+        else:
+            package = load_package(ctx.model_package, pipeline=NAME)
+            device = inference_device(ctx.device)
+            config = {"fps": None, **package.config}
+            probs, notes = predict_sequence(package.load_model(device), run.pixels,
+                                            meta.frame_times_s, meta.pixel_spacing_mm,
+                                            config, device)
+            if probs.shape[0] != 1:
+                raise PipelineError(f"model package {package.name}: {NAME} expects one output "
+                                    f"channel, got {probs.shape[0]}")
+            vessel, artery = None, probs[0] >= 0.5
+            algorithm = package.algorithm(NAME, VERSION)
+            masks, segments = artery[None], [ARTERY_SEGMENT]
+            notes.append(f"device {device.type}; all {run.pixels.shape[0]} frames used")
+        image = minip(run.pixels)
+        return PipelineResult(
+            outputs=[
+                SegmentationOutput(key="ia", masks=masks, segments=segments, algorithm=algorithm,
+                                   geometry="canvas", description="Intracranial arteries"),
+                ImageOutput(key="minip", pixels=image, description="MinIP", geometry="canvas"),
+                vessel_rendering(image, vessel, artery, algorithm),
+            ],
+            notes=notes,
+        )
+
+
+@register(NAME)
+def _factory() -> DsaIntracranialArteries:
+    return DsaIntracranialArteries()
