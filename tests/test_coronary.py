@@ -257,3 +257,52 @@ def test_cine_sc_and_frames_seg_encode_valid(tmp_path: Path) -> None:
         source_frame_numbers=list(range(1, 7)), segment_numbers=[1],
     )
     assert np.array_equal(stack[..., 0].astype(bool), masks)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_loop_and_metrics() -> None:
+    from training.quick_train_coronary import frame_metrics, segment, train
+
+    frames, truth = synthetic_cine(frames=6)
+    model, info = train([(normalise_cine(frames), truth)], 1, dict(TINY), max_steps=2, cpu_minutes=1.0,
+                        batch=2, crop=64, lr=1e-3, seed=0, device=torch.device("cpu"),
+                        log=lambda _m: None)
+    assert info["steps"] == 2 and np.isfinite(info["final_loss_ema"]) and not model.training
+    assert segment(model, normalise_cine(frames), 1, torch.device("cpu")).shape == truth.shape
+    m = frame_metrics(truth, truth)
+    assert m == {"iou": 1.0, "sensitivity": 1.0, "specificity": 1.0}
+    half = truth.copy()
+    half[: len(half) // 2] = False
+    assert frame_metrics(half, truth)["iou"] == pytest.approx(half.sum() / truth.sum())
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_phantom_file_through_decode_pipeline_and_encode(tmp_path: Path) -> None:
+    """A coronary phantom XA file, decoded by the node, segmented and encoded: the frames
+    canvas, the SEG and the cine SC are valid and the SEG covers every frame of the run."""
+    import highdicom as hd
+
+    from dicom_node.encode import encode_result
+    from dicom_node.encode.common import EncodeContext
+    from dicom_node.runs import load_run
+    from training.phantoms import coronary
+
+    ph = coronary.generate(5, size=64, frames=6)
+    path = ph.write(tmp_path / "in")[0]
+    loaded = load_run([path])
+    assert loaded.run.pixels.shape == (6, 64, 64)
+    result = CoronarySegmentation()(loaded.run, PipelineContext())
+    datasets = encode_result(result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=NAME))
+    assert {ds.SOPClassUID.name for ds in datasets} >= {
+        "Segmentation Storage", "Multi-frame True Color Secondary Capture Image Storage"}
+    for ds in datasets:
+        out = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        assert dciodvfy_errors(out) == [], ds.SOPClassUID.name
+    cine = next(ds for ds in datasets if ds.SOPClassUID.name.startswith("Multi-frame True Color"))
+    assert int(cine.NumberOfFrames) == 6 and float(cine.FrameTime) > 0
+    seg_ds = next(ds for ds in datasets if ds.SOPClassUID == pydicom.uid.SegmentationStorage)
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    assert seg.number_of_segments == 1

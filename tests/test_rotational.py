@@ -51,9 +51,10 @@ def synthetic_head(slices: int = 24, size: int = 56, seed: int = 0) -> tuple[np.
     bone |= head & (zz < 3.2)  # skull base floor, 4 slices thick
     hu = np.where(head, 40.0, -1000.0)
     hu = np.where(bone, 1300.0 + 300.0 * rng.random(hu.shape), hu)
-    loop = np.abs(np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - 10.0) < 1.4
-    loop &= np.abs(zz - cz + 2.0) < 1.4
-    trunk = (np.sqrt((yy - cy - 10.0) ** 2 + (xx - cx) ** 2) < 1.6) & (zz > 4.0) & (zz < cz - 1)
+    ring = 0.55 * (outer - 6.0)  # well inside the skull at any size
+    loop = np.abs(np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - ring) < 1.4
+    loop &= np.abs(zz - cz) < 1.4
+    trunk = (np.sqrt((yy - cy - ring) ** 2 + (xx - cx) ** 2) < 1.6) & (zz > 6.0) & (zz < cz + 1)
     vessel = (loop | trunk) & head & ~bone
     hu = np.where(vessel, 450.0, hu) + rng.normal(0, 25.0, hu.shape)
     labels = np.full(hu.shape, CLASS_SOFT, np.uint8)
@@ -230,6 +231,7 @@ def test_seg_angiogram_ct_series_and_mip_encode_valid(tmp_path: Path) -> None:
     sources = ct_sources(hu)
     run = volume_run(hu)
     result = RotationalDLA()(run, PipelineContext())
+    assert result.outputs[0].masks[0].any()
     datasets = encode_result(result, run, EncodeContext(sources=sources, pipeline=NAME))
     paths = {}
     for ds in datasets:
@@ -265,11 +267,11 @@ def test_seg_angiogram_ct_series_and_mip_encode_valid(tmp_path: Path) -> None:
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     assert [seg.get_segment_description(i).segmented_property_type.value for i in (1, 2, 3)] == [
         "59820001", "272673000", "87784001"]
-    volume = seg.get_volume(combine_segments=False)
     masks = result.outputs[0].masks
-    got = np.moveaxis(volume.array, -1, 0).astype(bool)
-    assert got.shape == masks.shape
-    assert np.array_equal(got, masks)
+    got = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
+        segment_numbers=[1, 2, 3], ignore_spatial_locations=False)
+    assert np.array_equal(np.moveaxis(got, -1, 0).astype(bool), masks)
 
     mip_back = pydicom.dcmread(paths[mip.SOPInstanceUID])
     assert np.array_equal(mip_back.pixel_array, result.outputs[2].rgb)
@@ -324,3 +326,60 @@ def test_volume_encoder_orders_multiframe_source_frames(tmp_path: Path) -> None:
     out[0].save_as(path, enforce_file_format=True)
     if shutil.which("dciodvfy"):
         assert dciodvfy_errors(path) == []
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_class_balanced_undersampling() -> None:
+    """All vessel voxels plus as many bone and as many soft-tissue voxels (the paper's rule)."""
+    from training.quick_train_dla import balanced_indices
+
+    classes = np.full(2000, CLASS_SOFT, np.uint8)
+    classes[:10] = CLASS_VESSEL
+    classes[10:110] = CLASS_BONE
+    picked = balanced_indices(classes, np.random.default_rng(0))
+    assert len(np.unique(picked)) == len(picked) == 30
+    assert set(np.flatnonzero(classes == CLASS_VESSEL)) <= set(picked)
+    assert np.bincount(classes[picked], minlength=3).tolist() == [10, 10, 10]
+
+
+def test_patchwise_training_loop_runs_on_the_balanced_pool() -> None:
+    from training.quick_train_dla import train
+
+    hu, truth = synthetic_head(slices=8, size=40, seed=3)
+    model, info = train([(hu, truth)], width=4, max_steps=3, cpu_minutes=1.0, batch=8, lr=1e-3,
+                        seed=0, device=torch.device("cpu"), log=lambda _m: None)
+    vessels = int((truth == CLASS_VESSEL).sum())
+    assert info["steps"] == 3 and info["patches_seen"] == 24
+    assert info["balanced_pool"] == {"vessel": vessels, "bone": vessels, "soft": vessels}
+    assert np.isfinite(info["final_loss_ema"]) and not model.training
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+@pytest.mark.parametrize("form", ["ct", "xa3d"])
+def test_phantom_files_through_decode_pipeline_and_encode(tmp_path: Path, form: str) -> None:
+    """The phantom as a C-arm exports it (CT series or one X-Ray 3D Angiographic Image),
+    decoded by the node, segmented, encoded: every object valid, slices on the source grid."""
+    from dicom_node.encode import encode_result
+    from dicom_node.encode.common import EncodeContext
+    from dicom_node.runs import load_run
+    from training.phantoms import rotational
+
+    folder = rotational.generate(5, size=32).write(tmp_path / "in")[0].parent
+    files = (sorted((folder / "rotational_ct").glob("*.dcm")) if form == "ct"
+             else [folder / "rotational_3dxa.dcm"])
+    loaded = load_run(files)
+    result = RotationalDLA()(loaded.run, PipelineContext())
+    datasets = encode_result(result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=NAME))
+    ct = [ds for ds in datasets if ds.SOPClassUID == CTImageStorage]
+    assert len(ct) == 32
+    source_uids = {str(h.SOPInstanceUID) for h in loaded.headers}
+    for ds in [d for d in datasets if d.SOPClassUID != CTImageStorage] + [ct[0], ct[-1]]:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], ds.SOPClassUID.name
+    assert all(ds.SourceImageSequence[0].ReferencedSOPInstanceUID in source_uids for ds in ct)
+    assert all(ds.FrameOfReferenceUID == loaded.headers[0].FrameOfReferenceUID for ds in ct)
+    z = [float(ds.ImagePositionPatient[2]) for ds in ct]
+    assert np.all(np.diff(z) > 0)  # ascending, like the decoded run

@@ -1,0 +1,250 @@
+"""``xa_coronary``: per-frame vessel segmentation of coronary XA cine runs.
+
+Coronary runs are unsubtracted (the heart moves, so no mask frame fits), so the
+vessels must be separated from ribs, spine, diaphragm and catheter in every
+frame. With a model package the 3D-2D CE-Net (``pipelines.models.cenet``) looks
+at each frame with its 2N+1 neighbours; without one, the classical path runs:
+the run's temporal median removes the static anatomy, multiscale Frangi finds
+tubular structures in what is left, and hysteresis keeps weak vessel segments
+connected to strong ones. Both paths then remove small connected components in
+every frame (isolated specks are noise, not coronary branches).
+
+Outputs: a SEG on geometry ``frames`` (one mask per frame of the run) and a
+cine overlay (Multi-frame True Color SC) that any viewer plays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from skimage.filters import frangi
+
+from pipelines.base import (
+    BLOOD_VESSEL,
+    AlgorithmInfo,
+    PipelineContext,
+    PipelineError,
+    PipelineResult,
+    RenderingOutput,
+    Run,
+    Segment,
+    SegmentationOutput,
+    register,
+)
+from pipelines.models.cenet import ARCHITECTURE, STRIDE, frame_windows
+from pipelines.models.package import ModelPackage, load_package
+from pipelines.preprocess import inference_device, inference_mode, resize, work_shape
+from pipelines.render import AI_LABEL, burn_text, overlay
+
+NAME = "xa_coronary"
+VERSION = "1.0.0"
+SEGMENT = Segment(label="Coronary vessels", code=BLOOD_VESSEL, color_rgb=(255, 60, 40))
+# Connectivity within a frame only: components never join across frames.
+IN_PLANE = np.zeros((3, 3, 3), bool)
+IN_PLANE[1] = True
+
+# Classical path, tuned on training phantom seeds only
+# (python -m training.quick_train_coronary --tune-classical).
+FRANGI_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0, 4.0)  # at 256 px across the field; scaled with size
+FRANGI_GAMMA = 5.0  # structureness scale, in noise units (fixed, so frames compare)
+HYSTERESIS = (0.005, 0.97)  # (low, high) as a fraction of the run's strong-vessel response
+LUMEN_SNR = 0.5  # a vessel pixel is darker than the temporal median by this many noise SDs
+
+
+def min_component_px(shape: tuple[int, int]) -> int:
+    """Smallest kept component: 1/5000 of the frame (52 px at 512 x 512)."""
+    return max(4, int(round(shape[0] * shape[1] / 5000)))
+
+
+def normalise_cine(frames: np.ndarray) -> np.ndarray:
+    """Contrast of an unsubtracted run: positive where darker than the frame median.
+
+    Per-frame medians absorb exposure changes; one robust spread for the whole
+    run cancels dose and detector gain while keeping frame-to-frame contrast.
+    """
+    if frames.ndim != 3:
+        raise PipelineError(f"expected (T, H, W) frames, got shape {frames.shape}")
+    x = frames.astype(np.float32, copy=False)
+    step = max(1, min(x.shape[1], x.shape[2]) // 128)
+    sample = x[:, ::step, ::step].reshape(x.shape[0], -1)
+    median = np.median(sample, axis=1).astype(np.float32)
+    centred = median[:, None] - sample
+    lo, hi = np.percentile(centred, [1.0, 99.0])
+    scale = float(hi - lo) / 4.0
+    if not np.isfinite(scale) or scale <= 0:
+        raise PipelineError("run has no contrast (flat frames)")
+    return np.clip((median[:, None, None] - x) / scale, -6.0, 6.0).astype(np.float32)
+
+
+def remove_small_components(masks: np.ndarray, min_px: int) -> np.ndarray:
+    """Drop 8-connected components smaller than ``min_px`` in every frame of (T, H, W)."""
+    labels, count = ndi.label(masks, structure=IN_PLANE)
+    if count == 0:
+        return masks.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def hysteresis(response: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Per-frame hysteresis: components above ``low`` that reach ``high`` somewhere."""
+    labels, count = ndi.label(response > low, structure=IN_PLANE)
+    if count == 0:
+        return np.zeros(response.shape, bool)
+    strong = np.zeros(count + 1, bool)
+    strong[np.unique(labels[response > high])] = True
+    strong[0] = False
+    return strong[labels]
+
+
+def noise_sd(x: np.ndarray, scale: float) -> np.ndarray:
+    """Local quantum-noise SD (H, W) of normalised frames: dark, dense regions (heart,
+    diaphragm) get few photons and are much noisier than the lung field."""
+    detail = x - ndi.gaussian_filter(x, (0, scale, scale))
+    var = ndi.gaussian_filter(np.median(detail**2, axis=0), 8 * scale)
+    return np.sqrt(np.maximum(var, np.percentile(var, 5))).astype(np.float32)
+
+
+def classical_response(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frangi vesselness (scaled to the run's strong vessels) and lumen SNR, both (T, H, W).
+
+    The run's temporal median holds what does not move or fill (ribs, spine,
+    most of the catheter); what is darker than it, in units of the local noise,
+    is filled vessel or noise. Frangi with a fixed structureness scale keeps
+    responses comparable between frames (frames before the contrast arrives
+    stay empty); the response is scaled by its 99.9th percentile over the run.
+    """
+    x = normalise_cine(frames)
+    scale = max(1.0, min(x.shape[1:]) / 256.0)  # small images: treat as crops
+    # x is positive where darker than the frame median, so vessels are positive here.
+    residual = (x - np.median(x, axis=0, keepdims=True)) / noise_sd(x, scale)
+    sigmas = [s * scale for s in FRANGI_SIGMAS_PX]
+    vesselness = np.stack([
+        frangi(frame, sigmas=sigmas, black_ridges=False, gamma=FRANGI_GAMMA, mode="reflect")
+        for frame in residual
+    ]).astype(np.float32)
+    ref = float(np.percentile(vesselness, 99.9))
+    snr = ndi.gaussian_filter(residual, (0, 0.7 * scale, 0.7 * scale))
+    return (vesselness / ref if ref > 0 else vesselness), snr
+
+
+def classical_vessels(frames: np.ndarray, thresholds: tuple[float, float] = HYSTERESIS,
+                      lumen_snr: float = LUMEN_SNR) -> tuple[np.ndarray, np.ndarray]:
+    """Temporal median + multiscale Frangi + hysteresis; returns (masks, response).
+
+    Hysteresis grows from the strongest vessels along weaker ones; pixels must
+    also be darker than the temporal median by ``lumen_snr`` noise SDs, which
+    trims Frangi's blur at the vessel edges.
+    """
+    response, snr = classical_response(frames)
+    return hysteresis(response, *thresholds) & (snr > lumen_snr), response
+
+
+def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x[None], (0, pw, 0, ph), mode=mode)[0]
+    return x, (h, w)
+
+
+def predict_probabilities(model: torch.nn.Module, frames: np.ndarray, neighbours: int,
+                          device: torch.device, batch: int = 4) -> np.ndarray:
+    """Vessel probability for every frame; (T, H, W) normalised frames in, (T, H, W) out."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+    x, (h, w) = _pad_to_stride(x)
+    out = torch.empty((x.shape[0], h, w), dtype=torch.float32)
+    with inference_mode(device):
+        for start in range(0, x.shape[0], batch):
+            idx = torch.arange(start, min(start + batch, x.shape[0]))
+            logits = model(frame_windows(x, neighbours, idx))
+            out[idx] = torch.sigmoid(logits.float())[:, 0, :h, :w].cpu()
+    return out.numpy()
+
+
+def model_vessels(pkg: ModelPackage, frames: np.ndarray, spacing: tuple[float, float] | None,
+                  device: torch.device, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Run a CE-Net package on the working grid; returns (masks, probabilities) natively."""
+    if pkg.architecture != ARCHITECTURE:
+        raise PipelineError(f"model package {pkg.name} has architecture {pkg.architecture!r}; "
+                            f"{NAME} needs {ARCHITECTURE!r}")
+    cfg = pkg.config
+    model = pkg.load_model(device)
+    x = normalise_cine(frames)
+    native = x.shape[1:]
+    grid = work_shape(native, spacing, cfg.get("work_spacing_mm"),
+                      max_side=int(cfg.get("max_side", 512)))
+    x_work = resize(torch.from_numpy(x), grid).numpy()
+    probs = predict_probabilities(model, x_work, int(cfg.get("neighbours", 1)), device)
+    probs = resize(torch.from_numpy(probs), native).numpy()
+    return probs > threshold, probs
+
+
+def render_cine(frames: np.ndarray, masks: np.ndarray, algorithm: AlgorithmInfo) -> np.ndarray:
+    """Grey frames with the vessel masks blended in red, labelled as AI output, (T, H, W, 3)."""
+    sample = frames[::max(1, frames.shape[0] // 8)]
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    grey = np.clip((frames - lo) / max(float(hi - lo), 1e-6), 0, 1)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    out = np.empty_like(rgb)
+    text = [AI_LABEL, f"Coronary vessels: {algorithm.describe()}"]
+    for t in range(frames.shape[0]):  # frame loop for the text burn-in only
+        out[t] = burn_text(overlay(rgb[t], [masks[t]], [SEGMENT.color_rgb]),
+                           text + [f"frame {t + 1}/{frames.shape[0]}"], corner="bottom-left")
+    return out
+
+
+class CoronarySegmentation:
+    name = NAME
+
+    def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        frames = run.pixels
+        if run.meta.is_volume or frames.ndim != 3:
+            raise PipelineError(f"{NAME} needs a 2D+t cine run (T, H, W), got shape {frames.shape}"
+                                f"{' (a volume)' if run.meta.is_volume else ''}")
+        if min(frames.shape[1:]) < 32:
+            raise PipelineError(f"{NAME}: frames of {frames.shape[1:]} are too small (min 32 px)")
+        opts: Mapping[str, Any] = ctx.options
+        notes: list[str] = []
+        if ctx.model_package:
+            pkg = load_package(ctx.model_package, pipeline=NAME)
+            device = inference_device(ctx.device)
+            threshold = float(opts.get("threshold", pkg.config.get("threshold", 0.5)))
+            masks, _ = model_vessels(pkg, frames, run.meta.pixel_spacing_mm, device, threshold)
+            algorithm = pkg.algorithm("3D-2D CE-Net", VERSION)
+            notes.append(f"model {pkg.name} {pkg.version} (N={pkg.config.get('neighbours', 1)}) "
+                         f"on {device.type}")
+        else:
+            masks, _ = classical_vessels(frames)
+            algorithm = AlgorithmInfo("Frangi + temporal median + hysteresis", VERSION, "classical")
+            notes.append("no model package configured: classical Frangi path")
+        if run.meta.subtracted:
+            notes.append("run is subtracted; the pipeline expects unsubtracted coronary cine")
+        min_px = int(opts.get("min_component_px", min_component_px(frames.shape[1:])))
+        masks = remove_small_components(masks, min_px)
+        fraction = float(masks.mean())
+        notes.append(f"vessel fraction {fraction:.3%} over {frames.shape[0]} frames")
+        if fraction == 0:
+            notes.append("no vessels found in any frame")
+        return PipelineResult(
+            outputs=[
+                SegmentationOutput(key="vessels", masks=masks[None], segments=[SEGMENT],
+                                   algorithm=algorithm, geometry="frames",
+                                   description="Coronary vessels per frame"),
+                RenderingOutput(key="cine", rgb=render_cine(frames, masks, algorithm),
+                                description="Coronary vessels cine overlay"),
+            ],
+            notes=notes,
+        )
+
+
+@register(NAME)
+def _factory() -> CoronarySegmentation:
+    return CoronarySegmentation()
