@@ -254,8 +254,9 @@ def performance() -> str:
         node_rows.append(f"| {size}x{size}x{frames} | {e2e['seg_s']:.2f} | {e2e['all_s']:.2f} | "
                          f"{e2e['seg_s'] / ref:.2f} |")
     tmp.cleanup()
-    return "\n".join(rows) + "\n\nThrough the running node (classical dsa_av, completion " + \
-        "quiet period 1 s, loopback C-STORE to dcmtk storescp):\n\n" + "\n".join(node_rows)
+    return ("\n".join(rows) + "\n\nThrough the running node (classical dsa_av; a single "
+            "multi-frame instance completes on arrival; loopback C-STORE to dcmtk storescp):"
+            "\n\n" + "\n".join(node_rows))
 
 
 def accuracy(av_package: str | None, ia_package: str | None, cases: int) -> str:
