@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -55,7 +55,7 @@ def git_rev() -> str:
 
 
 def write_section(name: str, title: str, body: str) -> None:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"<!-- BEGIN {name} -->\n## {title}\n\n"
         f"_Measured {stamp} on {machine()} (commit {git_rev()}) by `python -m bench.{name}`._\n\n"

@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def write_package(
         "training_command": training_command,
         "dataset_manifest_sha256": dataset_manifest_hash,
         "weights_sha256": digest,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (root / "package.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (root / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
