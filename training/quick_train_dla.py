@@ -101,7 +101,8 @@ def summarise(per_case: Sequence[dict[str, float]]) -> dict[str, dict[str, float
 def train(volumes: Sequence[tuple[np.ndarray, np.ndarray]], width: int, max_steps: int, cpu_minutes: float,
           batch: int, lr: float, seed: int, device: torch.device, log=print) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Patch-wise training on the class-balanced pool of ``volumes`` (HU, classes), for
-    ``max_steps`` or ``cpu_minutes`` of process CPU time (all threads), whichever is first."""
+    ``max_steps`` (cosine learning-rate decay over them) or ``cpu_minutes`` of process CPU
+    time (all threads), whichever is first."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     padded = [padded_volume(hu) for hu, _ in volumes]
@@ -112,6 +113,7 @@ def train(volumes: Sequence[tuple[np.ndarray, np.ndarray]], width: int, max_step
               for name, k in (("vessel", CLASS_VESSEL), ("bone", CLASS_BONE), ("soft", CLASS_SOFT))}
     model = build(ARCHITECTURE, {"width": width}).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps)
     cpu0, wall0 = time.process_time(), time.monotonic()
     steps, seen, running = 0, 0, 0.0
     weights = np.array(pool_sizes, np.float64) / sum(pool_sizes)
@@ -129,6 +131,7 @@ def train(volumes: Sequence[tuple[np.ndarray, np.ndarray]], width: int, max_step
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         steps += 1
         seen += batch
         running = 0.98 * running + 0.02 * loss.item() if steps > 1 else loss.item()
