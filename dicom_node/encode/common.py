@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import highdicom as hd
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
+from pipelines.base import Code
 
 MANUFACTURER = "angio-dicom-node"
 MODEL_NAME = "angio-dicom-node"
@@ -173,3 +175,8 @@ PURPOSE_SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image proces
 # CID 7203 Image Derivation
 DERIVATION_MINIP = ("113079", "DCM", "Minimum intensity projection")
 DERIVATION_MIP = ("113078", "DCM", "Maximum intensity projection")
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    """A pipeline ``Code`` as the coded concept highdicom takes."""
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)

@@ -28,13 +28,10 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     SERIES_PREFIX,
     EncodeContext,
+    coded,
     source_image_reference,
 )
-from pipelines.base import Code, Output, ParametricMapOutput, Run
-
-
-def coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+from pipelines.base import Output, ParametricMapOutput, Run
 
 
 def _values(out: ParametricMapOutput) -> tuple[np.ndarray, np.ndarray]:

@@ -29,14 +29,11 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     SERIES_PREFIX,
     EncodeContext,
+    coded,
     source_image_reference,
 )
 from dicom_node.encode.frames_canvas import make_frames_canvas
-from pipelines.base import AlgorithmInfo, Code, Output, Run, SegmentationOutput
-
-
-def coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+from pipelines.base import AlgorithmInfo, Output, Run, SegmentationOutput
 
 
 def algorithm_identification(info: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:

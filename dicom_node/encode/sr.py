@@ -15,15 +15,12 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.encode import encoder
-from dicom_node.encode.common import MANUFACTURER, MODEL_NAME, SERIES_PREFIX, EncodeContext
-from pipelines.base import AlgorithmInfo, Code, MeasurementsOutput, Output, Run
+from dicom_node.encode.common import MANUFACTURER, MODEL_NAME, SERIES_PREFIX, EncodeContext, coded
+from pipelines.base import AlgorithmInfo, MeasurementsOutput, Output, Run
 
 # SCT 77343006 "Angiography": the procedure the measurements come from.
 PROCEDURE = codes.SCT.Angiography
 
-
-def coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
 def algorithm_id(info: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:

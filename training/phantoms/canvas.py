@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.encode import canvas as node_canvas
-from dicom_node.encode.common import EncodeContext
+from dicom_node.encode.common import EncodeContext, coded
 from pipelines.base import Code
 from training.phantoms.dicom_common import SOFTWARE_VERSION
 
@@ -44,9 +44,6 @@ def minip_canvas(source: Dataset, image: np.ndarray, pixel_spacing_mm: tuple[flo
         raise ValueError(f"canvas must be ({source.Rows}, {source.Columns}), got {image.shape}")
     return node_canvas.make_canvas(EncodeContext(sources=[source], pipeline="phantom"), image)
 
-
-def _coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
 def truth_segmentation(
@@ -73,8 +70,8 @@ def truth_segmentation(
         hd.seg.SegmentDescription(
             segment_number=i + 1,
             segment_label=label,
-            segmented_property_category=_coded(category),
-            segmented_property_type=_coded(prop),
+            segmented_property_category=coded(category),
+            segmented_property_type=coded(prop),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
         )
         for i, (label, prop, category) in enumerate(segments)
