@@ -10,7 +10,10 @@ dose (Pixel Intensity Relationship LIN) the log is taken first. The scale is
 arbitrary (projection thickness, kV, detector gain), hence CBF and CBV are
 relative.
 
-The AIF is the mean concentration over the ICA mask. Its quality is checked:
+The AIF is the mean concentration over the ICA mask pixels that show a clean
+first pass (see ``first_pass_pixels``: a catheter full of contrast or a vein
+crossing the ICA in projection keeps pixels opaque after the bolus, which
+widens the AIF and biases MTT and CBV). Its quality is checked:
 a bolus that is already there in the first frames, that peaks at the last
 frame, or whose peak is not well above the noise makes the run unusable and is
 refused; a curve that does not come back down is flagged.
@@ -33,6 +36,11 @@ class AifSettings:
     min_peak_snr: float = 10.0
     # Flag when the AIF ends above this fraction of its peak (bolus not passed).
     max_tail_fraction: float = 0.5
+    # First-pass selection: keep ICA pixels whose signal after the first pass, as
+    # a fraction of their peak, is at most this quantile over the mask (0.5: the
+    # cleaner half); 1.0 keeps every pixel. Never fewer than ``min_pixels``.
+    first_pass_quantile: float = 0.5
+    min_pixels: int = 10
 
 
 @dataclass(frozen=True)
@@ -137,14 +145,55 @@ def baseline_frames(signal: np.ndarray, mask: np.ndarray, grid_s: np.ndarray,
     return max(1, int(np.searchsorted(grid_s, arrival - step, side="right")))
 
 
+def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSettings
+                      ) -> np.ndarray:
+    """Which columns of ``curves`` (N, P: the ICA mask's pixels) carry a clean first pass.
+
+    In projection, whatever else lies on the ray adds to the ICA's curve: a
+    catheter full of contrast (opaque from the injection on), the cavernous
+    sinus or another vein (opaque in the venous phase). Both keep the pixel's
+    signal up after the arterial bolus has passed. The late signal is measured
+    in a window after the mean curve's first pass (from the peak plus three
+    rise times, for at least 2 s), relative to the pixel's own peak, and the
+    pixels up to ``first_pass_quantile`` of that ratio are kept. Runs too short
+    for the window keep every pixel.
+    """
+    pixels = curves.shape[1]
+    everything = np.ones(pixels, bool)
+    if settings.first_pass_quantile >= 1.0 or pixels < 2 * settings.min_pixels:
+        return everything
+    mean = curves.mean(axis=1)
+    top = int(np.argmax(mean))
+    peak = float(mean[top])
+    if peak <= 0:
+        return everything
+    arrival = crossing_time(mean, grid_s, ARRIVAL_FRACTION * peak)
+    step = float(grid_s[1] - grid_s[0])
+    rise = max(float(grid_s[top]) - arrival, step) if np.isfinite(arrival) else step
+    start = float(grid_s[top]) + 3 * rise
+    window = (grid_s >= start) & (grid_s <= start + max(2.0, 2 * rise))
+    if window.sum() < 2:
+        return everything
+    own_peak = np.maximum(curves[max(0, top - 1):top + 2].mean(axis=0), 1e-12)
+    late = curves[window].mean(axis=0) / own_peak
+    cut = float(np.quantile(late, settings.first_pass_quantile))
+    keep = late <= cut
+    if keep.sum() < settings.min_pixels:
+        keep = np.zeros(pixels, bool)
+        keep[np.argsort(late)[: settings.min_pixels]] = True
+    return keep
+
+
 def measure_aif(concentration: np.ndarray, mask: np.ndarray, grid_s: np.ndarray, baseline: int,
                 sigma: float, settings: AifSettings | None = None) -> Aif:
     """The AIF as the mean concentration over ``mask``, with its quality checks."""
     settings = settings or AifSettings()
-    pixels = int(mask.sum())
-    if pixels == 0:
+    if not mask.any():
         raise PipelineError("the ICA mask is empty: no AIF")
-    curve = concentration[:, mask].mean(axis=1).astype(np.float64)
+    curves = concentration[:, mask]
+    clean = first_pass_pixels(curves, grid_s, settings)
+    pixels = int(clean.sum())
+    curve = curves[:, clean].mean(axis=1).astype(np.float64)
     peak, peak_time = parabolic_peak(curve, grid_s)
     noise = sigma / np.sqrt(pixels)
     if baseline >= 3:

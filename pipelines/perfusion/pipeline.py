@@ -72,6 +72,9 @@ OPTIONS: dict[str, str] = {
     "method": f"deconvolution: one of {', '.join(METHODS)} (default osvd)",
     "svd_threshold": "fixed SVD threshold for ssvd / csvd, fraction of the largest singular "
     "value (default 0.2 / 0.1)",
+    "oscillation_budget": "oSVD bound on the residue's oscillation index times its length "
+    "(default 4; larger regularises less)",
+    "tmax": "Tmax estimator: onset (time the residue first reaches its peak, default) or argmax",
     "ica": "auto (model when a package is configured), classical or model",
     "keep_largest_ica": "keep only the largest connected part of the ICA mask (default true)",
     "sigma_mm": "spatial smoothing before deconvolution, Gaussian sigma in mm (default 1.0)",
@@ -95,6 +98,8 @@ def _settings(options: Mapping[str, Any]) -> tuple[MapSettings, IcaSettings, Aif
                 method=str(options.get("method", "osvd")),
                 ssvd_threshold=float(options.get("svd_threshold", 0.2)),
                 csvd_threshold=float(options.get("svd_threshold", 0.1)),
+                tmax=str(options.get("tmax", "onset")),
+                oscillation_budget=float(options.get("oscillation_budget", 4.0)),
             ),
             sigma_mm=float(options.get("sigma_mm", 1.0)),
             vessel_fraction=float(options.get("vessel_fraction", 0.25)),
@@ -205,7 +210,7 @@ class DsaPerfusion:
              "relative CBV = tissue/AIF area (uncalibrated DSA)"),
             ("mtt", "MTT", maps.mtt, MEAN_TRANSIT_TIME, UCUM_SECOND, "s", "MTT = CBV/CBF (s)"),
             ("tmax", "TMAX", maps.tmax, TMAX, UCUM_SECOND, "s",
-             "Tmax = residue peak time after the AIF (s)"),
+             "Tmax = time the residue reaches its peak, after the AIF (s)"),
             ("ttp", "TTP", maps.ttp, TIME_TO_PEAK, UCUM_SECOND, "s",
              "TTP = tissue peak time after the first frame (s)"),
         ]
