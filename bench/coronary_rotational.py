@@ -117,14 +117,16 @@ def coronary(tmp: Path, package: str | None, frames: int, size: int) -> str:
     ]
     for label, gf, seconds in rows:
         lines.append(f"| {label} | {gf} | {seconds:.1f} | {frames / seconds:.1f} | {seconds / ref:.2f}x |")
-    lines += ["", "GPU (not measured here): the full-width network needs about "
-              f"{flops[configs[1][0], 1]:.0f} GFLOP per 512 x 512 frame; at a realistic 100 TFLOP/s of "
-              "mixed-precision throughput on an H100 that is well under 0.1 s for 60 frames of compute, "
-              "so a GPU run is bound by decoding, rendering and post-processing (seconds)."]
+    full = flops[configs[1][0], 1]
+    lines += ["", f"GPU (not measured here): the full-width network needs about {full:.0f} GFLOP per "
+              f"{size} x {size} frame, {full * frames / 1e3:.1f} TFLOP per run; at 50-100 TFLOP/s of "
+              "mixed-precision throughput on an H100 that is well under a second of compute, so a GPU "
+              "run is bound by decoding, the classical-style post-processing and the cine rendering "
+              "(a few seconds)."]
     return "\n".join(lines)
 
 
-def rotational(tmp: Path, package: str | None, size: int, full_512: bool, patch_voxels: int) -> str:
+def rotational(packages: list[str], size: int, full_512: bool, patch_voxels: int) -> str:
     from training.phantoms import rotational as phantom
 
     ph = phantom.generate(11, size=size)
@@ -146,7 +148,7 @@ def rotational(tmp: Path, package: str | None, size: int, full_512: bool, patch_
     ]
     configs: list[tuple[str, dict[str, Any], Path | None]] = [
         ("untrained, paper-scale width 32", {"width": 32}, None)]
-    if package:
+    for package in packages:
         pkg = load_package(package)
         configs.append((f"package {pkg.name} {pkg.version} (width {pkg.config.get('width')})",
                         dict(pkg.config), Path(package)))
@@ -196,7 +198,7 @@ def rotational(tmp: Path, package: str | None, size: int, full_512: bool, patch_
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--coronary-package")
-    ap.add_argument("--dla-package")
+    ap.add_argument("--dla-package", nargs="*", default=[])
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--volume", type=int, default=256)
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(coronary(Path(tmp), args.coronary_package, args.frames, args.size))
             print(parts[-1], flush=True)
         if args.only in (None, "rotational"):
-            parts.append(rotational(Path(tmp), args.dla_package, args.volume, args.full_512,
+            parts.append(rotational(args.dla_package, args.volume, args.full_512,
                                     args.patch_voxels))
             print(parts[-1], flush=True)
     load = os.getloadavg()

@@ -85,7 +85,8 @@ def vessel_metrics(pred_vessel: np.ndarray, truth_vessel: np.ndarray, body: np.n
 
 
 def summarise(per_case: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, std and a t-based 95% confidence interval over cases, per metric."""
+    """Mean, std and a t-based 95% confidence interval over cases, per metric (clipped
+    to [0, 1] for fractions)."""
     from scipy import stats
 
     out = {}
@@ -94,7 +95,10 @@ def summarise(per_case: Sequence[dict[str, float]]) -> dict[str, dict[str, float
         mean = float(values.mean())
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values))) if len(values) > 1 else 0.0
-        out[key] = {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "n": len(values)}
+        lo, hi = mean - half, mean + half
+        if values.min() >= 0 and values.max() <= 1:  # a fraction: so is its interval
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        out[key] = {"mean": mean, "std": std, "ci95": [lo, hi], "n": len(values)}
     return out
 
 
