@@ -182,6 +182,18 @@ def test_tmax_onset_is_the_delay_where_the_argmax_is_late(method, shape):
         assert (argmax - np.array(delays)).min() > 1.0
 
 
+@pytest.mark.parametrize("method", ["ssvd", "csvd", "osvd", "tikhonov"])
+def test_tmax_onset_on_noise_stays_finite_and_inside_the_run(method):
+    """Residues of pure noise peak anywhere, the last sample included."""
+    dro = make_dro(0, fps=1.0, snr=None)
+    noise = np.random.default_rng(3).normal(0, 1, (len(dro.aif), 400)).astype(np.float32)
+    tmax = deconvolve(noise, dro.aif, 1.0, Settings(method=method)).tmax_s
+    n = len(dro.aif)
+    # Toeplitz residues live on [0, N); circulant ones on (-N/2, 3N/2] (wrapped delays).
+    low, high = (-0.5, n) if method == "ssvd" else (-n, 1.5 * n)
+    assert np.isfinite(tmax).all() and (tmax >= low).all() and (tmax <= high).all()
+
+
 def test_tmax_estimator_must_be_known():
     with pytest.raises(PipelineError, match="onset"):
         Settings(tmax="peak")

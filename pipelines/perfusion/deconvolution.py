@@ -241,7 +241,9 @@ def _tmax_onset(residue: torch.Tensor, peak: torch.Tensor, argmax_s: torch.Tenso
     that never drops below half (no clear onset) keeps its argmax.
     """
     length = residue.shape[0]
-    index = torch.round(argmax_s / step_s).to(torch.long)
+    index = residue.argmax(dim=0)
+    if circulant:  # maxima late in the padded period are negative delays
+        index = torch.where(index > length - frames / 2, index - length, index)
     back = torch.arange(0, max(2, frames // 2), device=residue.device)[:, None]
     rows = index[None, :] - back
     rows = rows % length if circulant else rows.clamp_min(0)
