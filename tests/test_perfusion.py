@@ -287,6 +287,37 @@ def test_accuracy_on_the_reference_object(result, synthetic):
     assert err["tmax"] < 0.5  # the onset estimator; the argmax one is biased late
 
 
+def test_contrast_filled_catheter_is_not_brain():
+    """A band that is opaque from just before the bolus on (a catheter full of
+    contrast, blurred) has a large area under its curve; it is excluded as
+    static opacity, not taken for perfused tissue."""
+    synthetic = dsa_run(2, fps=4.0, snr=30.0)
+    pixels = synthetic.run.pixels.copy()
+    h = synthetic.dro.labels.shape[0] - 56
+    band = (slice(h + 30, h + 40), slice(10, 60))
+    on = synthetic.run.meta.frame_times_s >= 1.2  # the bolus reaches the ICA at 1.5-1.75 s
+    pixels[on, band[0], band[1]] -= 0.2 * synthetic.gain * synthetic.dro.aif.max()
+    result = run_pipeline(Run(pixels=pixels, meta=synthetic.run.meta))
+    valid = maps(result)["cbf"].valid
+    assert not valid[band].any()
+    assert errors(result, synthetic)["coverage"] > 0.98
+
+
+def test_thick_blush_is_kept_while_vessels_are_excluded():
+    """In projection the blush of a thick hemisphere can reach a third of the ICA's
+    opacity. A level rule alone (vessel_fraction 0.25) loses that brain; the
+    top-hat rule keeps it and still excludes the ICA, ECA and vein."""
+    synthetic = dsa_run(3, fps=4.0, snr=30.0, cbfs=(0.08, 0.11, 0.14))
+    peaks = synthetic.dro.tissue.max(axis=0)[synthetic.dro.labels >= 0]
+    assert np.percentile(peaks, 90) > 0.3 * synthetic.dro.aif.max()
+    level_only = run_pipeline(synthetic.run, vessel_fraction=0.25, vessel_contrast=0.0)
+    assert errors(level_only, synthetic)["coverage"] < 0.8
+    result = run_pipeline(synthetic.run)
+    assert errors(result, synthetic)["coverage"] > 0.95
+    valid = maps(result)["cbf"].valid
+    assert not (valid & synthetic.ica).any()
+
+
 def test_outputs_and_measurements(result):
     keys = [o.key for o in result.outputs]
     for key in ("minip", "cbf", "cbv", "mtt", "tmax", "ttp", "cbf_color", "aif_plot", "aif"):

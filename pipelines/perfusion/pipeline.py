@@ -78,7 +78,10 @@ OPTIONS: dict[str, str] = {
     "ica": "auto (model when a package is configured), classical or model",
     "keep_largest_ica": "keep only the largest connected part of the ICA mask (default true)",
     "sigma_mm": "spatial smoothing before deconvolution, Gaussian sigma in mm (default 1.0)",
-    "vessel_fraction": "large-vessel exclusion, fraction of the AIF peak (default 0.25)",
+    "vessel_fraction": "large-vessel exclusion, fraction of the AIF peak (default 0.6)",
+    "vessel_contrast": "large-vessel exclusion by contrast to the surrounding blush, fraction "
+    "of the AIF peak (default 0.05; 0 = off)",
+    "vessel_width_mm": "widest vessel the contrast rule removes, mm (default 10)",
     "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
 }
 
@@ -102,7 +105,9 @@ def _settings(options: Mapping[str, Any]) -> tuple[MapSettings, IcaSettings, Aif
                 oscillation_budget=float(options.get("oscillation_budget", 4.0)),
             ),
             sigma_mm=float(options.get("sigma_mm", 1.0)),
-            vessel_fraction=float(options.get("vessel_fraction", 0.25)),
+            vessel_fraction=float(options.get("vessel_fraction", 0.6)),
+            vessel_contrast=float(options.get("vessel_contrast", 0.05)),
+            vessel_width_mm=float(options.get("vessel_width_mm", 10.0)),
         )
         aif = AifSettings(min_peak_snr=float(options.get("min_aif_snr", 10.0)))
     except (TypeError, ValueError) as exc:
