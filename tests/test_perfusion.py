@@ -194,6 +194,14 @@ def test_tmax_onset_on_noise_stays_finite_and_inside_the_run(method):
     assert np.isfinite(tmax).all() and (tmax >= low).all() and (tmax <= high).all()
 
 
+def test_auto_method_is_osvd_at_fine_steps_and_csvd_at_coarse_ones():
+    for fps, expected in ((4.0, "osvd"), (2.0, "osvd"), (1.0, "csvd")):
+        curves, aif, step = _box_curves((0.0, 1.0), fps=fps)
+        assert deconvolve(curves, aif, step).method == expected
+    result = run_pipeline(dsa_run(1, fps=1.0, snr=30.0).run)
+    assert any("deconvolution csvd" in n for n in result.notes)
+
+
 def test_tmax_estimator_must_be_known():
     with pytest.raises(PipelineError, match="onset"):
         Settings(tmax="peak")

@@ -81,6 +81,7 @@ class Maps:
     brain: np.ndarray
     vessels: np.ndarray
     regularisation: np.ndarray
+    method: str  # deconvolution method used
 
 
 def _smoothing_gain(sigma_px: float) -> float:
@@ -185,4 +186,4 @@ def compute_maps(concentration: np.ndarray, aif: Aif, sigma: float, ica: np.ndar
     return Maps(cbf=image(residues.cbf / median), cbf_median_per_s=median, cbv=image(cbv),
                 mtt=image(mtt), tmax=image(residues.tmax_s), ttp=image(ttp),
                 valid=image(np.ones_like(cbv)) > 0, brain=brain, vessels=vessels,
-                regularisation=image(residues.regularisation))
+                regularisation=image(residues.regularisation), method=residues.method)

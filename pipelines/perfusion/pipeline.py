@@ -69,7 +69,8 @@ PEAK_VALUE = Code("126031", "DCM", "Peak Value Within ROI")
 BOLUS_ARRIVAL = Code("126371", "DCM", "Bolus Arrival Time")
 
 OPTIONS: dict[str, str] = {
-    "method": f"deconvolution: one of {', '.join(METHODS)} (default osvd)",
+    "method": f"deconvolution: one of {', '.join(METHODS)} (default auto: osvd at steps up "
+    "to 0.5 s, csvd on coarser grids)",
     "svd_threshold": "fixed SVD threshold for ssvd / csvd, fraction of the largest singular "
     "value (default 0.2 / 0.1)",
     "oscillation_budget": "oSVD bound on the residue's oscillation index times its length "
@@ -98,7 +99,7 @@ def _settings(options: Mapping[str, Any]) -> tuple[MapSettings, IcaSettings, Aif
     try:
         maps = MapSettings(
             deconvolution=Settings(
-                method=str(options.get("method", "osvd")),
+                method=str(options.get("method", "auto")),
                 ssvd_threshold=float(options.get("svd_threshold", 0.2)),
                 csvd_threshold=float(options.get("svd_threshold", 0.1)),
                 tmax=str(options.get("tmax", "onset")),
@@ -154,7 +155,7 @@ class DsaPerfusion:
         notes.extend(aif.flags)
         maps = compute_maps(concentration, aif, sigma, ica.mask, run.meta.pixel_spacing_mm,
                             map_settings, device)
-        method = map_settings.deconvolution.method
+        method = maps.method
         notes.append(
             f"ICA: {ica.method}, {int(ica.mask.sum())} px, {ica.components} part(s)"
             + (", largest kept" if ica_settings.keep_largest else "")
