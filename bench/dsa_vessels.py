@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.report import write_section
+from dicom_node import dcmtk
 
 SIZES = ((1024, 30), (512, 15))
 MODELS = {"st_unet": ("dsa_av", {}), "vss_net": ("dsa_ia", {})}
@@ -156,7 +157,6 @@ def node_end_to_end(run_path: Path, package: str | None = None) -> dict[str, flo
     is stored at a dcmtk storescp destination, through the real node: completion,
     routing, job, pipeline, encoding, outbox, C-STORE. Also the time until the
     last object (canvas, SEG, overlay) arrived."""
-    import shutil
     import socket
 
     from pydicom import dcmread
@@ -166,7 +166,7 @@ def node_end_to_end(run_path: Path, package: str | None = None) -> dict[str, flo
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
 
-    storescp = shutil.which("storescp")
+    storescp = dcmtk.find("storescp")
     if storescp is None:
         raise SystemExit("dcmtk storescp is needed for the end-to-end figure")
     run = _load_run(run_path)

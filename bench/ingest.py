@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import write_section
+from dicom_node import dcmtk
 from dicom_node.demo import LocalOrthanc, _free_port, _wait
+
+
+def tool(name: str) -> str:
+    """dcmtk's ``name`` (not pynetdicom's script of the same name)."""
+    path = dcmtk.find(name)
+    if path is None:
+        raise SystemExit(f"dcmtk {name} is needed (apt-get install dcmtk)")
+    return path
 
 
 def make_runs(directory: Path, runs: int, frames: int, size: int) -> list[Path]:
@@ -40,7 +49,7 @@ def make_runs(directory: Path, runs: int, frames: int, size: int) -> list[Path]:
 
 def _storescu(paths: list[Path], port: int, aec: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, paths)],
+    subprocess.run([tool("storescu"), "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, paths)],
                    check=True, capture_output=True, timeout=1800)
     return time.perf_counter() - t0
 
@@ -65,7 +74,7 @@ def bench_storescp(paths: list[Path], work: Path) -> float:
     port = _free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+    proc = subprocess.Popen([tool("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)

@@ -23,6 +23,7 @@ from typing import Any
 
 import requests
 
+from dicom_node import dcmtk
 from dicom_node.errors import NodeError
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -147,7 +148,7 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
         print(f"Node:            ANGIO_NODE@127.0.0.1:{node.port}   REST http://127.0.0.1:{node.api_port}/status")
         runs = _write_phantoms(workdir / "phantoms")
         print(f"Sending {len(runs)} synthetic DSA run(s) to the node with dcmtk storescu ...")
-        storescu = shutil.which("storescu")
+        storescu = dcmtk.find("storescu")
         if storescu is None:
             raise NodeError("storescu not found: install the Debian package dcmtk")
         subprocess.run([storescu, "-aet", "ANGIO_SUITE", "-aec", "ANGIO_NODE", "127.0.0.1",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -36,7 +35,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
+    """A dcmtk tool (not pynetdicom's Python script of the same name), or skip."""
+    from dicom_node.dcmtk import find
+
+    path = find(tool)
     if path is None:
         pytest.skip(f"{tool} is not installed (.ci/run installs it)")
     return path

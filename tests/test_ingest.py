@@ -268,3 +268,23 @@ def test_explicit_trigger_completes_now(make_node) -> None:  # type: ignore[no-u
     wait_for(lambda: _jobs(node), 60, what="job done")
     bad = requests.post(f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": "../x"}, timeout=10)
     assert bad.status_code == 400
+
+
+def test_dcmtk_tools_are_found_past_pynetdicom_scripts_of_the_same_name(tmp_path, monkeypatch) -> None:
+    """pynetdicom 3 installs Python ``storescu``/``storescp``/``echoscu`` scripts with
+    other options; with a virtual environment first on PATH they shadowed dcmtk."""
+    import os
+    import shutil as sh
+
+    from dicom_node.dcmtk import find
+
+    scripts, binaries = tmp_path / "venv-bin", tmp_path / "usr-bin"
+    scripts.mkdir()
+    binaries.mkdir()
+    script = scripts / "storescu"
+    script.write_text("#!/usr/bin/env python3\nprint('not dcmtk')\n")
+    script.chmod(0o755)
+    sh.copy("/bin/true", binaries / "storescu")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(scripts), str(binaries)]))
+    assert find("storescu") == str(binaries / "storescu")
+    assert find("echoscu") is None

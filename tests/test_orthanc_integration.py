@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
+from dicom_node import dcmtk
 from tests.dicomgen import save, xa_run
 from tests.orthanc_fixture import (  # noqa: F401  (orthanc: the fixture)
     OhifServer,
@@ -49,8 +50,7 @@ FAST = {"StableAge": 2, "AngioNode": {"PollSeconds": 0.3, "Retry": {"BackoffSeco
 
 needs_orthanc = pytest.mark.skipif(bool(missing_parts(with_plugin=True)),
                                    reason="Orthanc not installed: " + "; ".join(missing_parts(with_plugin=True)))
-needs_storescu = pytest.mark.skipif(subprocess.run(["which", "storescu"], capture_output=True).returncode != 0,
-                                    reason="dcmtk storescu not installed")
+needs_storescu = pytest.mark.skipif(dcmtk.find("storescu") is None, reason="dcmtk storescu not installed")
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: 
 
 
 def storescu(pacs: OrthancProcess, *files: Path, aet: str = "ANGIO_SUITE") -> None:
-    res = subprocess.run(["storescu", "-aet", aet, "-aec", pacs.aet, "127.0.0.1",
+    res = subprocess.run([str(dcmtk.find("storescu")), "-aet", aet, "-aec", pacs.aet, "127.0.0.1",
                           str(pacs.dicom_port), *map(str, files)], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
@@ -251,7 +251,7 @@ def test_ledger_forwards_once_and_backs_off(tmp_path: Path) -> None:
 @needs_orthanc
 def test_orthanc_fixture_is_a_working_pacs(orthanc: OrthancProcess) -> None:  # noqa: F811
     assert orthanc.get("/system").json()["DicomAet"] == orthanc.aet
-    res = subprocess.run(["echoscu", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port)],
+    res = subprocess.run([str(dcmtk.find("echoscu")), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port)],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     assert orthanc.get("/dicom-web/studies").status_code in (200, 204)
