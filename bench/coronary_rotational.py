@@ -71,10 +71,17 @@ def dense_gflop_per_voxel(model: torch.nn.Module, side: int = 216) -> tuple[floa
 def temp_package(root: Path, architecture: str, config: dict[str, Any], pipeline: str) -> Path:
     torch.manual_seed(0)
     return write_package(
-        root / f"{architecture}-{abs(hash(str(config)))}", model=build(architecture, config),
-        name=f"bench-{architecture}", version="0.0.0", architecture_name=architecture,
-        config=config, pipeline=pipeline, metrics={}, data={"synthetic": True},
-        model_card="untrained network for timing only", training_command="bench",
+        root / f"{architecture}-{abs(hash(str(config)))}",
+        model=build(architecture, config),
+        name=f"bench-{architecture}",
+        version="0.0.0",
+        architecture_name=architecture,
+        config=config,
+        pipeline=pipeline,
+        metrics={},
+        data={"synthetic": True},
+        model_card="untrained network for timing only",
+        training_command="bench",
         dataset_manifest_hash="0" * 64,
     )
 
@@ -116,13 +123,18 @@ def coronary(tmp: Path, package: str | None, frames: int, size: int) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for label, gf, seconds in rows:
-        lines.append(f"| {label} | {gf} | {seconds:.1f} | {frames / seconds:.1f} | {seconds / ref:.2f}x |")
+        lines.append(
+            f"| {label} | {gf} | {seconds:.1f} | {frames / seconds:.1f} | {seconds / ref:.2f}x |"
+        )
     full = flops[configs[1][0], 1]
-    lines += ["", f"GPU (not measured here): the full-width network needs about {full:.0f} GFLOP per "
-              f"{size} x {size} frame, {full * frames / 1e3:.1f} TFLOP per run; at 50-100 TFLOP/s of "
-              "mixed-precision throughput on an H100 that is well under a second of compute, so a GPU "
-              "run is bound by decoding, the classical-style post-processing and the cine rendering "
-              "(a few seconds)."]
+    lines += [
+        "",
+        f"GPU (not measured here): the full-width network needs about {full:.0f} GFLOP per "
+        f"{size} x {size} frame, {full * frames / 1e3:.1f} TFLOP per run; at 50-100 TFLOP/s of "
+        "mixed-precision throughput on an H100 that is well under a second of compute, so a GPU "
+        "run is bound by decoding, the classical-style post-processing and the cine rendering "
+        "(a few seconds).",
+    ]
     return "\n".join(lines)
 
 
@@ -147,11 +159,17 @@ def rotational(packages: list[str], size: int, full_512: bool, patch_voxels: int
         f"{ref:.1f} | {hu.size / ref:,.0f} | - | - | - | - |",
     ]
     configs: list[tuple[str, dict[str, Any], Path | None]] = [
-        ("untrained, paper-scale width 32", {"width": 32}, None)]
+        ("untrained, paper-scale width 32", {"width": 32}, None)
+    ]
     for package in packages:
         pkg = load_package(package)
-        configs.append((f"package {pkg.name} {pkg.version} (width {pkg.config.get('width')})",
-                        dict(pkg.config), Path(package)))
+        configs.append(
+            (
+                f"package {pkg.name} {pkg.version} (width {pkg.config.get('width')})",
+                dict(pkg.config),
+                Path(package),
+            )
+        )
     rng = np.random.default_rng(0)
     coords = np.stack([rng.integers(0, s, patch_voxels) for s in hu.shape], axis=1)
     padded = padded_volume(hu)
@@ -160,8 +178,9 @@ def rotational(packages: list[str], size: int, full_512: bool, patch_voxels: int
         model = build(DLA, cfg).eval() if path is None else load_package(path).load_model(device)
         model = model.to(device)
         dense_s, _ = timed(lambda model=model: classify_dense(model, hu, device))
-        patch_s, _ = timed(lambda model=model: classify_patches(model, hu, coords, device,
-                                                                 padded=padded))
+        patch_s, _ = timed(
+            lambda model=model: classify_patches(model, hu, coords, device, padded=padded)
+        )
         dense_rate, patch_rate = hu.size / dense_s, patch_voxels / patch_s
         dense_flop, patch_flop = dense_gflop_per_voxel(build(DLA, cfg).eval())
         if full_512:
@@ -173,12 +192,16 @@ def rotational(packages: list[str], size: int, full_512: bool, patch_voxels: int
         lines.append(
             f"| {label}, dense inference | {dense_flop * 1e3:.2f} / {patch_flop * 1e3:.0f} | "
             f"{dense_s:.1f} | {dense_rate:,.0f} | {patch_rate:,.0f} | {dense_rate / patch_rate:.0f}x | "
-            f"{dense_rate / PAPER_VOXELS_PER_S:.1f}x | {big_text} |")
+            f"{dense_rate / PAPER_VOXELS_PER_S:.1f}x | {big_text} |"
+        )
         if path is not None:
-            seconds, _ = timed(lambda path=path: pipe(run, PipelineContext(
-                device="auto", model_package=str(path))))
-            lines.append(f"| {label}, pipeline end to end (vs classical {seconds / ref:.1f}x) | | "
-                         f"{seconds:.1f} | | | | | |")
+            seconds, _ = timed(
+                lambda path=path: pipe(run, PipelineContext(device="auto", model_package=str(path)))
+            )
+            lines.append(
+                f"| {label}, pipeline end to end (vs classical {seconds / ref:.1f}x) | | "
+                f"{seconds:.1f} | | | | | |"
+            )
     lines += [
         "",
         f"Patch-wise inference (the paper's way) was measured on {patch_voxels:,} random voxels of "
@@ -208,8 +231,14 @@ def rotational_512(packages: list[str]) -> str:
     small = ph.to_run()
     big = np.repeat(np.repeat(np.repeat(small.pixels, 2, axis=0), 2, axis=1), 2, axis=2)
     dz, (dy, dx) = small.meta.slice_spacing_mm or 1.0, small.meta.pixel_spacing_mm or (1.0, 1.0)
-    meta = replace(small.meta, rows=big.shape[1], columns=big.shape[2], number_of_frames=big.shape[0],
-                   pixel_spacing_mm=(dy / 2, dx / 2), slice_spacing_mm=dz / 2)
+    meta = replace(
+        small.meta,
+        rows=big.shape[1],
+        columns=big.shape[2],
+        number_of_frames=big.shape[0],
+        pixel_spacing_mm=(dy / 2, dx / 2),
+        slice_spacing_mm=dz / 2,
+    )
     run = Run(pixels=big, meta=meta)
     pipe = RotationalDLA()
     rows = []
@@ -217,13 +246,20 @@ def rotational_512(packages: list[str]) -> str:
     rows.append(f"| classical, pipeline end to end | {seconds:.0f} | {big.size / seconds:,.0f} |")
     for package in packages:
         pkg = load_package(package)
-        seconds, _ = timed(lambda package=package: pipe(run, PipelineContext(
-            device="auto", model_package=str(package))))
-        rows.append(f"| package {pkg.name} {pkg.version} (width {pkg.config.get('width')}), "
-                    f"pipeline end to end | {seconds:.0f} | {big.size / seconds:,.0f} |")
-    return ("512^3, measured: the phantom head upsampled 2x per axis (0.23 mm), "
-            f"{torch.get_num_threads()} CPU threads.\n\n| path | s / volume | voxels/s |\n|---|---:|---:|\n"
-            + "\n".join(rows))
+        seconds, _ = timed(
+            lambda package=package: pipe(
+                run, PipelineContext(device="auto", model_package=str(package))
+            )
+        )
+        rows.append(
+            f"| package {pkg.name} {pkg.version} (width {pkg.config.get('width')}), "
+            f"pipeline end to end | {seconds:.0f} | {big.size / seconds:,.0f} |"
+        )
+    return (
+        "512^3, measured: the phantom head upsampled 2x per axis (0.23 mm), "
+        f"{torch.get_num_threads()} CPU threads.\n\n| path | s / volume | voxels/s |\n|---|---:|---:|\n"
+        + "\n".join(rows)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--volume", type=int, default=256)
     ap.add_argument("--patch-voxels", type=int, default=2000)
-    ap.add_argument("--full-512", action="store_true", help="measure 512^3 instead of extrapolating")
-    ap.add_argument("--measure-512", action="store_true",
-                    help="also measure 512^3 end to end for the classical path and the packages")
+    ap.add_argument(
+        "--full-512", action="store_true", help="measure 512^3 instead of extrapolating"
+    )
+    ap.add_argument(
+        "--measure-512",
+        action="store_true",
+        help="also measure 512^3 end to end for the classical path and the packages",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("coronary", "rotational"))
     ap.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
@@ -248,16 +289,19 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(coronary(Path(tmp), args.coronary_package, args.frames, args.size))
             print(parts[-1], flush=True)
         if args.only in (None, "rotational"):
-            parts.append(rotational(args.dla_package, args.volume, args.full_512,
-                                    args.patch_voxels))
+            parts.append(
+                rotational(args.dla_package, args.volume, args.full_512, args.patch_voxels)
+            )
             print(parts[-1], flush=True)
             if args.measure_512:
                 parts.append(rotational_512(args.dla_package))
                 print(parts[-1], flush=True)
     load = os.getloadavg()
-    parts.append(f"Machine load average (1, 5, 15 min) at the end of the run: "
-                 f"{load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} on {os.cpu_count()} cores "
-                 "(shared with other jobs; CPU timings are upper bounds).")
+    parts.append(
+        f"Machine load average (1, 5, 15 min) at the end of the run: "
+        f"{load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} on {os.cpu_count()} cores "
+        "(shared with other jobs; CPU timings are upper bounds)."
+    )
     if not args.no_write:
         write_section(SECTION, "XA coronary and 3D rotational (DLA) pipelines", "\n\n".join(parts))
     return 0

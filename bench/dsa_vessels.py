@@ -56,8 +56,12 @@ def _phantom_run(size: int, frames: int, seed: int = 5999) -> Any:
 
 def _save_run(run: Any, path: Path) -> Path:
     """The run for a child process, so its memory figures exclude the phantom generator."""
-    np.savez(path, pixels=run.pixels, times=run.meta.frame_times_s,
-             spacing=np.asarray(run.meta.pixel_spacing_mm))
+    np.savez(
+        path,
+        pixels=run.pixels,
+        times=run.meta.frame_times_s,
+        spacing=np.asarray(run.meta.pixel_spacing_mm),
+    )
     return path
 
 
@@ -66,10 +70,16 @@ def _load_run(path: Path) -> Any:
 
     data = np.load(path)
     pixels = data["pixels"]
-    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
-                   rows=pixels.shape[1], columns=pixels.shape[2], number_of_frames=pixels.shape[0],
-                   frame_times_s=data["times"], subtracted=True,
-                   pixel_spacing_mm=(float(data["spacing"][0]), float(data["spacing"][1])))
+    meta = RunMeta(
+        modality="XA",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
+        rows=pixels.shape[1],
+        columns=pixels.shape[2],
+        number_of_frames=pixels.shape[0],
+        frame_times_s=data["times"],
+        subtracted=True,
+        pixel_spacing_mm=(float(data["spacing"][0]), float(data["spacing"][1])),
+    )
     return Run(pixels, meta)
 
 
@@ -121,11 +131,22 @@ def measure_one(kind: str, run_path: Path) -> dict[str, float]:
             pipeline, config = MODELS[kind]
             model = build(kind, config)
             params = sum(p.numel() for p in model.parameters())
-            package = str(write_package(
-                Path(tmp) / "pkg", model=model, name=f"bench-{kind}", version="0",
-                architecture_name=kind, config=config, pipeline=pipeline, metrics={},
-                data={"untrained": True}, model_card="Untrained; timing only.",
-                training_command="bench", dataset_manifest_hash="0" * 64))
+            package = str(
+                write_package(
+                    Path(tmp) / "pkg",
+                    model=model,
+                    name=f"bench-{kind}",
+                    version="0",
+                    architecture_name=kind,
+                    config=config,
+                    pipeline=pipeline,
+                    metrics={},
+                    data={"untrained": True},
+                    model_card="Untrained; timing only.",
+                    training_command="bench",
+                    dataset_manifest_hash="0" * 64,
+                )
+            )
         elif kind == "minip":
             pipeline = "minip"
         base = _rss_mb()
@@ -140,16 +161,21 @@ def measure_one(kind: str, run_path: Path) -> dict[str, float]:
             start = time.perf_counter()
             loaded = load_run([path])
             result = pipelines.get("dsa_av")(loaded.run, PipelineContext(device="cpu"))
-            datasets = encode_result(result, loaded.run,
-                                     EncodeContext(sources=loaded.headers, pipeline="dsa_av"))
+            datasets = encode_result(
+                result, loaded.run, EncodeContext(sources=loaded.headers, pipeline="dsa_av")
+            )
             for ds in datasets:
                 write_dataset(ds, Path(tmp) / "out")
         else:
             start = time.perf_counter()
             pipelines.get(pipeline)(run, PipelineContext(device="cpu", model_package=package))
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "input_rss_mb": base,
-            "parameters": params}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": _rss_mb(),
+        "input_rss_mb": base,
+        "parameters": params,
+    }
 
 
 def node_end_to_end(run_path: Path, package: str | None = None) -> dict[str, float]:
@@ -178,19 +204,35 @@ def node_end_to_end(run_path: Path, package: str | None = None) -> dict[str, flo
             port = sock.getsockname()[1]
         received = root / "received"
         received.mkdir()
-        scp = subprocess.Popen([storescp, "-aet", "DEST", "-od", str(received), "-uf", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        settings = load_settings(None, environ={}, **{
-            "storage_dir": str(root / "node"), "port": 0, "api": {"port": 0},
-            "min_free_bytes": 0,
-            "completion": {"quiet_period_s": 1.0, "sweep_interval_s": 0.1},
-            "workers": {"poll_interval_s": 0.05},
-            "outbox": {"poll_interval_s": 0.05},
-            "destinations": [{"kind": "dimse", "name": "dest", "host": "127.0.0.1",
-                              "port": port, "ae_title": "DEST"}],
-            "rules": [{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
-            "models": {"dsa_av": package} if package else {},
-        })
+        scp = subprocess.Popen(
+            [storescp, "-aet", "DEST", "-od", str(received), "-uf", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        settings = load_settings(
+            None,
+            environ={},
+            **{
+                "storage_dir": str(root / "node"),
+                "port": 0,
+                "api": {"port": 0},
+                "min_free_bytes": 0,
+                "completion": {"quiet_period_s": 1.0, "sweep_interval_s": 0.1},
+                "workers": {"poll_interval_s": 0.05},
+                "outbox": {"poll_interval_s": 0.05},
+                "destinations": [
+                    {
+                        "kind": "dimse",
+                        "name": "dest",
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "ae_title": "DEST",
+                    }
+                ],
+                "rules": [{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
+                "models": {"dsa_av": package} if package else {},
+            },
+        )
         node = Node(settings).start()
         try:
             time.sleep(0.5)  # storescp listening
@@ -228,17 +270,26 @@ def node_end_to_end(run_path: Path, package: str | None = None) -> dict[str, flo
 
 
 def _child(kind: str, run_path: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-m", "bench.dsa_vessels", "--measure", kind,
-                          str(run_path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.dsa_vessels", "--measure", kind, str(run_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def performance() -> str:
     kinds = ["minip", "classical", "end_to_end", "st_unet", "vss_net"]
-    rows = ["| run | path | parameters | seconds | x classical | peak RSS (MB) | RSS before processing (MB) |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    node_rows = ["| run | stored -> SEG at destination (s) | stored -> all 3 objects (s) | "
-                 "x classical compute |", "| --- | ---: | ---: | ---: |"]
+    rows = [
+        "| run | path | parameters | seconds | x classical | peak RSS (MB) | RSS before processing (MB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    node_rows = [
+        "| run | stored -> SEG at destination (s) | stored -> all 3 objects (s) | "
+        "x classical compute |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     tmp = tempfile.TemporaryDirectory()
     for size, frames in SIZES:
         run_path = _save_run(_phantom_run(size, frames), Path(tmp.name) / f"run{size}.npz")
@@ -247,43 +298,65 @@ def performance() -> str:
         for k in kinds:
             g = got[k]
             params = f"{g['parameters'] / 1e6:.1f} M" if g["parameters"] else "-"
-            rows.append(f"| {size}x{size}x{frames} | {k} | {params} | {g['seconds']:.2f} | "
-                        f"{g['seconds'] / ref:.2f} | {g['peak_rss_mb']:.0f} | "
-                        f"{g['input_rss_mb']:.0f} |")
+            rows.append(
+                f"| {size}x{size}x{frames} | {k} | {params} | {g['seconds']:.2f} | "
+                f"{g['seconds'] / ref:.2f} | {g['peak_rss_mb']:.0f} | "
+                f"{g['input_rss_mb']:.0f} |"
+            )
         e2e = _child("node", run_path)
-        node_rows.append(f"| {size}x{size}x{frames} | {e2e['seg_s']:.2f} | {e2e['all_s']:.2f} | "
-                         f"{e2e['seg_s'] / ref:.2f} |")
+        node_rows.append(
+            f"| {size}x{size}x{frames} | {e2e['seg_s']:.2f} | {e2e['all_s']:.2f} | "
+            f"{e2e['seg_s'] / ref:.2f} |"
+        )
     tmp.cleanup()
-    return ("\n".join(rows) + "\n\nThrough the running node (classical dsa_av; a single "
-            "multi-frame instance completes on arrival; loopback C-STORE to dcmtk storescp):"
-            "\n\n" + "\n".join(node_rows))
+    return (
+        "\n".join(rows) + "\n\nThrough the running node (classical dsa_av; a single "
+        "multi-frame instance completes on arrival; loopback C-STORE to dcmtk storescp):"
+        "\n\n" + "\n".join(node_rows)
+    )
 
 
 def accuracy(av_package: str | None, ia_package: str | None, cases: int) -> str:
     from training.quick_train_dsa import TEST_SEEDS, evaluate_pipeline, summarise
 
     seeds = list(TEST_SEEDS)[:cases]
-    lines = ["| method | A-Dice | V-Dice | M-Dice | vessel Dice | ICA Dice | A-Dice - classical |",
-             "| --- | --- | --- | --- | --- | --- | ---: |"]
-    runs: list[tuple[str, str, str | None, int, int]] = [("classical (dsa_av)", "dsa_av", None,
-                                                          256, 20)]
-    for label, pipeline, package in (("ST U-Net (dsa_av)", "dsa_av", av_package),
-                                     ("VSS-Net (dsa_ia)", "dsa_ia", ia_package)):
+    lines = [
+        "| method | A-Dice | V-Dice | M-Dice | vessel Dice | ICA Dice | A-Dice - classical |",
+        "| --- | --- | --- | --- | --- | --- | ---: |",
+    ]
+    runs: list[tuple[str, str, str | None, int, int]] = [
+        ("classical (dsa_av)", "dsa_av", None, 256, 20)
+    ]
+    for label, pipeline, package in (
+        ("ST U-Net (dsa_av)", "dsa_av", av_package),
+        ("VSS-Net (dsa_ia)", "dsa_ia", ia_package),
+    ):
         if package:
             meta = json.loads((Path(package) / "data.json").read_text())
-            runs.append((f"{label}: {Path(package).name}", pipeline, package,
-                         int(meta["phantom_size"]), int(meta["phantom_frames"])))
+            runs.append(
+                (
+                    f"{label}: {Path(package).name}",
+                    pipeline,
+                    package,
+                    int(meta["phantom_size"]),
+                    int(meta["phantom_frames"]),
+                )
+            )
     reference = None
     for label, pipeline, package, size, frames in runs:
         summary = summarise(evaluate_pipeline(pipeline, package, seeds, size, frames))
-        cells = [f"{summary[k]['mean']:.3f} ± {summary[k]['std']:.3f}" if k in summary else "n/a"
-                 for k in ("a_dice", "v_dice", "m_dice", "vessel_dice", "ica_dice")]
+        cells = [
+            f"{summary[k]['mean']:.3f} ± {summary[k]['std']:.3f}" if k in summary else "n/a"
+            for k in ("a_dice", "v_dice", "m_dice", "vessel_dice", "ica_dice")
+        ]
         if reference is None:
             reference = summary["a_dice"]["mean"]
         delta = summary["a_dice"]["mean"] - reference
         lines.append(f"| {label} | {' | '.join(cells)} | {delta:+.3f} |")
-    return (f"Held-out phantom seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} runs, 256 x 256 x 20 "
-            "frames), never used in training.\n\n" + "\n".join(lines))
+    return (
+        f"Held-out phantom seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} runs, 256 x 256 x 20 "
+        "frames), never used in training.\n\n" + "\n".join(lines)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ia-package", default=None)
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--skip-performance", action="store_true")
-    parser.add_argument("--measure", nargs=2, metavar=("KIND", "RUN_NPZ"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=2, metavar=("KIND", "RUN_NPZ"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         kind, run_path = args.measure
@@ -305,16 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     body = "### Accuracy\n\n" + accuracy(args.av_package, args.ia_package, args.cases)
     if not args.skip_performance:
         load = os.getloadavg()
-        body += ("\n\n### Performance (CPU, 2 threads)\n\n" + performance() +
-                 f"\n\nLoad average when the measurements started: {load[0]:.1f} (other "
-                 "work shares this machine, so absolute times are upper bounds)." +
-                 "\n\nNetworks at their default configuration (ST U-Net widths 32-256, VSS-Net "
-                 "16-256), untrained (timing does not depend on weights). end_to_end: XA file "
-                 "decoded, classical dsa_av, canvas + SEG + overlay encoded and written with "
-                 "fsync; network transfer not included. Peak RSS is of the whole process "
-                 "(Python, torch and the run included), each configuration in its own process.")
-    write_section("dsa_vessels", "Cerebral DSA vessels: artery/vein and intracranial arteries",
-                  body)
+        body += (
+            "\n\n### Performance (CPU, 2 threads)\n\n"
+            + performance()
+            + f"\n\nLoad average when the measurements started: {load[0]:.1f} (other "
+            "work shares this machine, so absolute times are upper bounds)."
+            + "\n\nNetworks at their default configuration (ST U-Net widths 32-256, VSS-Net "
+            "16-256), untrained (timing does not depend on weights). end_to_end: XA file "
+            "decoded, classical dsa_av, canvas + SEG + overlay encoded and written with "
+            "fsync; network transfer not included. Peak RSS is of the whole process "
+            "(Python, torch and the run included), each configuration in its own process."
+        )
+    write_section(
+        "dsa_vessels", "Cerebral DSA vessels: artery/vein and intracranial arteries", body
+    )
     print(body)
     return 0
 

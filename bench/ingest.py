@@ -49,19 +49,28 @@ def make_runs(directory: Path, runs: int, frames: int, size: int) -> list[Path]:
 
 def _storescu(paths: list[Path], port: int, aec: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([tool("storescu"), "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, paths)],
-                   check=True, capture_output=True, timeout=1800)
+    subprocess.run(
+        [tool("storescu"), "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, paths)],
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
     return time.perf_counter() - t0
 
 
 def bench_node(paths: list[Path], work: Path) -> float:
     port, api = _free_port(), _free_port()
     cfg = work / "node.toml"
-    cfg.write_text(f'storage_dir = "{work / "node"}"\nport = {port}\nmin_free_bytes = 0\n'
-                   f'[api]\nport = {api}\n[[rules]]\nname = "store-only"\npipelines = []\n')
+    cfg.write_text(
+        f'storage_dir = "{work / "node"}"\nport = {port}\nmin_free_bytes = 0\n'
+        f'[api]\nport = {api}\n[[rules]]\nname = "store-only"\npipelines = []\n'
+    )
     log = open(work / "node.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait(lambda: b"storage SCP" in (work / "node.log").read_bytes(), 60, "node")
         return _storescu(paths, port, "ANGIO_NODE")
@@ -74,8 +83,11 @@ def bench_storescp(paths: list[Path], work: Path) -> float:
     port = _free_port()
     out = work / "storescp"
     out.mkdir()
-    proc = subprocess.Popen([tool("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [tool("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.5)
         return _storescu(paths, port, "STORESCP")
@@ -105,21 +117,31 @@ def main(argv: list[str] | None = None) -> int:
         total_mb = sum(p.stat().st_size for p in paths) / 2**20
         results: dict[str, list[float]] = {"node": [], "orthanc": [], "storescp": []}
         for r in range(args.repeats):
-            for name, fn in (("node", bench_node), ("orthanc", bench_orthanc), ("storescp", bench_storescp)):
+            for name, fn in (
+                ("node", bench_node),
+                ("orthanc", bench_orthanc),
+                ("storescp", bench_storescp),
+            ):
                 sub = work / f"{name}-{r}"
                 sub.mkdir()
                 results[name].append(fn(paths, sub))
                 shutil.rmtree(sub)
     med = {k: float(np.median(v)) for k, v in results.items()}
-    rows = ["| receiver | median time (s) | instances/s | MB/s | time ratio vs node |", "|---|---|---|---|---|"]
+    rows = [
+        "| receiver | median time (s) | instances/s | MB/s | time ratio vs node |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("node", "orthanc", "storescp"):
         t = med[name]
-        rows.append(f"| {name} | {t:.2f} | {args.runs / t:.2f} | {total_mb / t:.1f} | {t / med['node']:.2f} |")
+        rows.append(
+            f"| {name} | {t:.2f} | {args.runs / t:.2f} | {total_mb / t:.1f} | {t / med['node']:.2f} |"
+        )
     body = (
         f"{args.runs} XA runs of {args.size}×{args.size} × {args.frames} frames, 16-bit, "
         f"{total_mb:.0f} MB in all, sent by dcmtk `storescu` over loopback; median of {args.repeats} "
-        f"repeats, receivers measured alternately in the same run.\n\n" + "\n".join(rows) +
-        "\n\nThe node fsyncs every file and its directory and commits its SQLite index "
+        f"repeats, receivers measured alternately in the same run.\n\n"
+        + "\n".join(rows)
+        + "\n\nThe node fsyncs every file and its directory and commits its SQLite index "
         "(synchronous=FULL) before answering Success; storescp does no fsync; Orthanc uses its "
         "defaults. A ratio above 1 means that receiver was slower than the node.\n\n"
         f"Raw times (s): `{json.dumps({k: [round(x, 2) for x in v] for k, v in results.items()})}`\n"

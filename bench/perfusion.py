@@ -23,8 +23,9 @@ XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 FINE_STEP_S = 0.01
 
 
-def gamma_variate(t: np.ndarray, t0: float = 1.5, alpha: float = 3.0, beta: float = 0.6
-                  ) -> np.ndarray:
+def gamma_variate(
+    t: np.ndarray, t0: float = 1.5, alpha: float = 3.0, beta: float = 0.6
+) -> np.ndarray:
     """A gamma-variate bolus with unit peak, arriving at ``t0`` seconds."""
     s = np.clip(t - t0, 0, None)
     curve = s**alpha * np.exp(-s / beta)
@@ -40,8 +41,9 @@ def residue(t: np.ndarray, mtt: float, shape: str) -> np.ndarray:
     raise ValueError(f"unknown residue shape {shape!r}")
 
 
-def tissue_curve(t: np.ndarray, aif: np.ndarray, cbf: float, mtt: float, delay: float,
-                 shape: str) -> np.ndarray:
+def tissue_curve(
+    t: np.ndarray, aif: np.ndarray, cbf: float, mtt: float, delay: float, shape: str
+) -> np.ndarray:
     """``C = CBF * AIF (*) R(t - delay)`` on a fine uniform grid ``t``."""
     step = t[1] - t[0]
     kernel = residue(t - delay, mtt, shape)
@@ -62,12 +64,20 @@ class DRO:
     truth: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def make_dro(seed: int, fps: float = 4.0, duration_s: float = 20.0, snr: float | None = 30.0,
-             tile: int = 20, cbfs: tuple[float, ...] = (0.01, 0.015, 0.02),
-             mtts: tuple[float, ...] = (2.0, 4.0, 6.0),
-             delays: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0),
-             shapes: tuple[str, ...] = ("exponential", "box"), aif_t0: float = 1.5,
-             margin: int = 4, times_s: np.ndarray | None = None) -> DRO:
+def make_dro(
+    seed: int,
+    fps: float = 4.0,
+    duration_s: float = 20.0,
+    snr: float | None = 30.0,
+    tile: int = 20,
+    cbfs: tuple[float, ...] = (0.01, 0.015, 0.02),
+    mtts: tuple[float, ...] = (2.0, 4.0, 6.0),
+    delays: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0),
+    shapes: tuple[str, ...] = ("exponential", "box"),
+    aif_t0: float = 1.5,
+    margin: int = 4,
+    times_s: np.ndarray | None = None,
+) -> DRO:
     """Regions for every combination of CBF (1/s), MTT (s), delay (s) and residue shape.
 
     SNR is the median tissue peak over the noise SD (``None``: no noise); the seed
@@ -95,18 +105,26 @@ def make_dro(seed: int, fps: float = 4.0, duration_s: float = 20.0, snr: float |
         y, x = margin + r * tile, margin + c * tile
         sampled = np.interp(times, fine, tissue_curve(fine, aif_fine, cbf, mtt, delay, shape))
         peaks.append(sampled.max())
-        tissue[:, y:y + tile, x:x + tile] = sampled[:, None, None]
-        labels[y:y + tile, x:x + tile] = index
-        interior[y + edge:y + tile - edge, x + edge:x + tile - edge] = True
+        tissue[:, y : y + tile, x : x + tile] = sampled[:, None, None]
+        labels[y : y + tile, x : x + tile] = index
+        interior[y + edge : y + tile - edge, x + edge : x + tile - edge] = True
         for key, value in (("cbf", cbf), ("cbv", cbf * mtt), ("mtt", mtt), ("tmax", delay)):
-            truth[key][y:y + tile, x:x + tile] = value
+            truth[key][y : y + tile, x : x + tile] = value
         regions.append({"cbf": cbf, "mtt": mtt, "delay": delay, "shape": shape})
     sigma = float(np.median(peaks)) / snr if snr else 0.0
     if sigma:
         tissue += rng.normal(0, sigma, tissue.shape)
     aif = np.interp(times, fine, aif_fine)
-    return DRO(times_s=times, tissue=tissue.astype(np.float32), aif=aif, labels=labels,
-               interior=interior, regions=regions, noise_sigma=sigma, truth=truth)
+    return DRO(
+        times_s=times,
+        tissue=tissue.astype(np.float32),
+        aif=aif,
+        labels=labels,
+        interior=interior,
+        regions=regions,
+        noise_sigma=sigma,
+        truth=truth,
+    )
 
 
 @dataclass
@@ -117,8 +135,9 @@ class SyntheticRun:
     gain: float
 
 
-def _vessel(shape: tuple[int, int], axis: int, position: int, start: int, stop: int,
-            radius: float) -> np.ndarray:
+def _vessel(
+    shape: tuple[int, int], axis: int, position: int, start: int, stop: int, radius: float
+) -> np.ndarray:
     """Projected thickness of a straight vessel along rows (axis 0) or columns (axis 1)."""
     rows, cols = np.indices(shape)
     across, along = (cols, rows) if axis == 0 else (rows, cols)
@@ -126,14 +145,21 @@ def _vessel(shape: tuple[int, int], axis: int, position: int, start: int, stop: 
     return np.where((along >= start) & (along < stop), chord, 0.0)
 
 
-def dsa_run(seed: int, fps: float = 4.0, snr: float | None = 30.0, duration_s: float = 20.0,
-            spacing_mm: float = 0.5, times_s: np.ndarray | None = None, background: float = 3000.0,
-            gain: float = 2000.0, **dro_options: object) -> SyntheticRun:
+def dsa_run(
+    seed: int,
+    fps: float = 4.0,
+    snr: float | None = 30.0,
+    duration_s: float = 20.0,
+    spacing_mm: float = 0.5,
+    times_s: np.ndarray | None = None,
+    background: float = 3000.0,
+    gain: float = 2000.0,
+    **dro_options: object,
+) -> SyntheticRun:
     """A subtracted DSA run (vessels dark) holding the DRO regions, an ICA entering
     from the bottom border, a thinner early artery (ECA-like) and a wide late vein
     leaving through the left border. SNR as in ``make_dro`` (tissue peak / noise)."""
-    dro = make_dro(seed, fps=fps, duration_s=duration_s, snr=None, times_s=times_s,
-                   **dro_options)  # type: ignore[arg-type]
+    dro = make_dro(seed, fps=fps, duration_s=duration_s, snr=None, times_s=times_s, **dro_options)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed + 10_000)
     n, h, w = dro.tissue.shape
     height, width = h + 56, w
@@ -148,8 +174,11 @@ def dsa_run(seed: int, fps: float = 4.0, snr: float | None = 30.0, duration_s: f
     conc += dro.aif[:, None, None] * (ica + eca)[None] + venous[:, None, None] * vein[None]
     peaks = dro.tissue.reshape(n, -1).max(axis=0)
     sigma = gain * float(np.median(peaks[dro.labels.ravel() >= 0])) / snr if snr else 0.0
-    pixels = background - gain * conc + rng.normal(0, sigma, conc.shape) if sigma else \
-        background - gain * conc
+    pixels = (
+        background - gain * conc + rng.normal(0, sigma, conc.shape)
+        if sigma
+        else background - gain * conc
+    )
     pixels = np.round(pixels).astype(np.float32)
     pad = np.zeros((height, width))
     truth = {}
@@ -161,17 +190,34 @@ def dsa_run(seed: int, fps: float = 4.0, snr: float | None = 30.0, duration_s: f
     labels[:h] = dro.labels
     interior = np.zeros((height, width), bool)
     interior[:h] = dro.interior
-    embedded = DRO(times_s=dro.times_s, tissue=conc, aif=dro.aif, labels=labels, interior=interior,
-                   regions=dro.regions, noise_sigma=sigma / gain, truth=truth)
-    meta = RunMeta(modality="XA", sop_class_uid=XA_SOP_CLASS, rows=height, columns=width,
-                   number_of_frames=n, frame_times_s=dro.times_s.copy(),
-                   pixel_spacing_mm=(spacing_mm, spacing_mm), subtracted=True,
-                   frame_rate=fps, series_description="synthetic perfusion DSA")
+    embedded = DRO(
+        times_s=dro.times_s,
+        tissue=conc,
+        aif=dro.aif,
+        labels=labels,
+        interior=interior,
+        regions=dro.regions,
+        noise_sigma=sigma / gain,
+        truth=truth,
+    )
+    meta = RunMeta(
+        modality="XA",
+        sop_class_uid=XA_SOP_CLASS,
+        rows=height,
+        columns=width,
+        number_of_frames=n,
+        frame_times_s=dro.times_s.copy(),
+        pixel_spacing_mm=(spacing_mm, spacing_mm),
+        subtracted=True,
+        frame_rate=fps,
+        series_description="synthetic perfusion DSA",
+    )
     return SyntheticRun(run=Run(pixels=pixels, meta=meta), dro=embedded, ica=ica > 0.5, gain=gain)
 
 
-def reference_osvd(tissue: np.ndarray, aif: np.ndarray, step_s: float, budget: float,
-                   floor: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def reference_osvd(
+    tissue: np.ndarray, aif: np.ndarray, step_s: float, budget: float, floor: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
     """The straightforward per-pixel numpy oSVD (Wu et al. 2003): for each pixel, drop
     singular-value levels one at a time, least regularised first, until the
     residue's oscillation index is within ``budget / L``, then blend with the
@@ -183,8 +229,11 @@ def reference_osvd(tissue: np.ndarray, aif: np.ndarray, step_s: float, budget: f
     u, s, vt = np.linalg.svd(matrix)
     length = len(s)
     rel = s / s[0]
-    levels = [k for k in range(1, length + 1)
-              if rel[k - 1] >= floor and (k == length or rel[k] < rel[k - 1] * (1 - 1e-6))]
+    levels = [
+        k
+        for k in range(1, length + 1)
+        if rel[k - 1] >= floor and (k == length or rel[k] < rel[k - 1] * (1 - 1e-6))
+    ]
     bound = budget / length
     cbf = np.zeros(tissue.shape[1])
     tmax = np.zeros(tissue.shape[1])
@@ -243,8 +292,10 @@ def region_errors(result: object, synthetic: SyntheticRun) -> dict[str, float]:
         est, ref = maps[key].values[inside], dro.truth[key][inside]
         scale = np.median(ref / est)
         out[key] = float(np.mean(np.abs(est * scale - ref) / ref))
-    means = {k: np.array([maps[k].values[inside][labels == i].mean()
-                          for i in range(len(dro.regions))]) for k in ("cbf", "mtt")}
+    means = {
+        k: np.array([maps[k].values[inside][labels == i].mean() for i in range(len(dro.regions))])
+        for k in ("cbf", "mtt")
+    }
     truth_cbf = np.array([r["cbf"] for r in dro.regions], float)
     truth_mtt = np.array([r["mtt"] for r in dro.regions], float)
     out["rho_cbf"] = float(spearmanr(means["cbf"], truth_cbf)[0])
@@ -267,15 +318,30 @@ def accuracy(seeds: tuple[int, ...] = SEEDS) -> tuple[str, dict[str, dict[str, f
         # (a range over four of them); the same runs without noise give the
         # systematic part.
         clean = [dsa_run(seed, fps=fps, snr=None) for seed in seeds]
-        systematic = {name: float(np.mean([region_errors(pipeline(s.run, PipelineContext(
-            options=options)), s)["delay_spread"] for s in clean])) for name, options in METHODS}
+        systematic = {
+            name: float(
+                np.mean(
+                    [
+                        region_errors(pipeline(s.run, PipelineContext(options=options)), s)[
+                            "delay_spread"
+                        ]
+                        for s in clean
+                    ]
+                )
+            )
+            for name, options in METHODS
+        }
         for snr in (20.0, 50.0):
             runs = [dsa_run(seed, fps=fps, snr=snr) for seed in seeds]
             for name, options in METHODS:
-                errs = [region_errors(pipeline(s.run, PipelineContext(options=options)), s)
-                        for s in runs]
-                stats = {k: (float(np.mean([e[k] for e in errs])), float(np.std([e[k] for e in errs])))
-                         for k in errs[0]}
+                errs = [
+                    region_errors(pipeline(s.run, PipelineContext(options=options)), s)
+                    for s in runs
+                ]
+                stats = {
+                    k: (float(np.mean([e[k] for e in errs])), float(np.std([e[k] for e in errs])))
+                    for k in errs[0]
+                }
                 summary[f"{fps:g}/{snr:g}/{name}"] = {k: v[0] for k, v in stats.items()}
 
                 def cell(key: str, pct: bool = False, s: dict = stats) -> str:
@@ -344,8 +410,9 @@ def phantom_errors(result: object, phantom: object) -> dict[str, float]:
     return out
 
 
-def phantom_accuracy(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512,
-                     duration_s: float = 20.0) -> str:
+def phantom_accuracy(
+    seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512, duration_s: float = 20.0
+) -> str:
     from pipelines.base import PipelineContext, get
     from training.phantoms import dsa
 
@@ -353,14 +420,28 @@ def phantom_accuracy(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512,
     rows = []
     for fps in (4.0, 1.0):
         for snr in (20.0, 50.0):
-            runs = [dsa.generate(seed, size=size, frames=int(duration_s * fps), fps=fps, snr=snr,
-                                 snr_reference="tissue") for seed in seeds]
+            runs = [
+                dsa.generate(
+                    seed,
+                    size=size,
+                    frames=int(duration_s * fps),
+                    fps=fps,
+                    snr=snr,
+                    snr_reference="tissue",
+                )
+                for seed in seeds
+            ]
             for name, options in PHANTOM_METHODS:
-                errs = [phantom_errors(pipeline(p.to_run(subtract=True),
-                                                PipelineContext(options=options)), p)
-                        for p in runs]
-                stats = {k: (float(np.mean([e[k] for e in errs])), float(np.std([e[k] for e in errs])))
-                         for k in errs[0]}
+                errs = [
+                    phantom_errors(
+                        pipeline(p.to_run(subtract=True), PipelineContext(options=options)), p
+                    )
+                    for p in runs
+                ]
+                stats = {
+                    k: (float(np.mean([e[k] for e in errs])), float(np.std([e[k] for e in errs])))
+                    for k in errs[0]
+                }
 
                 def cell(key: str, pct: bool = False, s: dict = stats) -> str:
                     m, sd = s[key]
@@ -381,8 +462,9 @@ def phantom_accuracy(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512,
 ICA_PACKAGE = "models/dsa_perfusion-ica_unet-quick"
 
 
-def ica_comparison(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512,
-                   package: str = ICA_PACKAGE) -> str:
+def ica_comparison(
+    seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512, package: str = ICA_PACKAGE
+) -> str:
     """The ICA mask (classical rule, and the U-Net package when present) with and
     without keeping the largest connected component, on the phantom (projected
     ICA with its siphon, a catheter, veins crossing it), 4 frames/s, SNR 30: the
@@ -393,8 +475,10 @@ def ica_comparison(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512,
     from training.phantoms import dsa
 
     pipeline = get("dsa_perfusion")
-    phantoms = [dsa.generate(seed, size=size, frames=80, fps=4.0, snr=30.0,
-                             snr_reference="tissue") for seed in seeds]
+    phantoms = [
+        dsa.generate(seed, size=size, frames=80, fps=4.0, snr=30.0, snr_reference="tissue")
+        for seed in seeds
+    ]
     runs = [p.to_run(subtract=True) for p in phantoms]
     sources = [("classical", None)]
     root = Path(__file__).resolve().parents[1] / package
@@ -415,11 +499,15 @@ def ica_comparison(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512,
                 mtt.append(errs["mtt"])
                 tmax.append(errs["tmax"])
                 cbf.append(errs["cbf"])
-            rows.append(f"| {label} | {'yes' if keep else 'no'} | {np.mean(dice):.3f} ± "
-                        f"{np.std(dice):.3f} | {np.mean(purity):.3f} | {np.mean(mtt):.2f} | "
-                        f"{np.mean(tmax):.2f} | {100 * np.mean(cbf):.1f} |")
-    return ("| ICA | keep largest component | ICA Dice vs truth | ICA precision | MTT MAE (s) | "
-            "Tmax MAE (s) | CBF rel. err (%) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+            rows.append(
+                f"| {label} | {'yes' if keep else 'no'} | {np.mean(dice):.3f} ± "
+                f"{np.std(dice):.3f} | {np.mean(purity):.3f} | {np.mean(mtt):.2f} | "
+                f"{np.mean(tmax):.2f} | {100 * np.mean(cbf):.1f} |"
+            )
+    return (
+        "| ICA | keep largest component | ICA Dice vs truth | ICA precision | MTT MAE (s) | "
+        "Tmax MAE (s) | CBF rel. err (%) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
 
 
 def _ica_mask(run: Run, model: str | None, keep: bool) -> np.ndarray:
@@ -480,16 +568,21 @@ def speed(size: int = 1024, frames: int = 40, subset: int = 2000) -> str:
         f"{size * size} pixels: {reference_total:.0f} s (estimated, not run in full)."
     )
     height = size - 56
-    big = dsa_run(301, fps=2.0, snr=30.0, duration_s=frames / 2.0, tile=height // 8,
-                  margin=0) if size >= 256 else None
+    big = (
+        dsa_run(301, fps=2.0, snr=30.0, duration_s=frames / 2.0, tile=height // 8, margin=0)
+        if size >= 256
+        else None
+    )
     if big is not None:
         h, w = big.run.pixels.shape[1:]
         start, cpu = time.perf_counter(), time.process_time()
         get("dsa_perfusion")(big.run, PipelineContext())
         whole, cpu = time.perf_counter() - start, time.process_time() - cpu
-        table += (f"\n\nWhole pipeline (timing, ICA, AIF, masks, smoothing, oSVD, maps, six "
-                  f"renderings) on one synthetic run of {h}×{w} × {frames} frames: {whole:.1f} s "
-                  f"wall, {cpu:.1f} s CPU (load average {os.getloadavg()[0]:.1f}).")
+        table += (
+            f"\n\nWhole pipeline (timing, ICA, AIF, masks, smoothing, oSVD, maps, six "
+            f"renderings) on one synthetic run of {h}×{w} × {frames} frames: {whole:.1f} s "
+            f"wall, {cpu:.1f} s CPU (load average {os.getloadavg()[0]:.1f})."
+        )
     return table
 
 
@@ -518,7 +611,7 @@ def main() -> None:
         "Goals: MTT and Tmax MAE ≤ 0.5 s, CBF error ≤ 10 %, CBF spread over 0–3 s delays ≤ 2 %.\n\n"
         + acc
         + "\n\n### The phantom's perfusion object\n\n"
-        "`training.phantoms.dsa.generate(seed, size=512, fps=…, snr=…, snr_reference=\"tissue\")`: "
+        '`training.phantoms.dsa.generate(seed, size=512, fps=…, snr=…, snr_reference="tissue")`: '
         "a whole cerebral DSA run (projected arterial and venous trees, skull, a contrast-filled "
         "catheter, scatter, quantum noise) whose capillary blush is a DRO of Voronoi regions with "
         "known CBF, MTT, delay and residue (exponential, box, gamma), 20 s, subtracted. Errors "

@@ -93,9 +93,15 @@ def node_classical() -> tuple[Callable[[Run], tuple[np.ndarray, np.ndarray]], st
         if fn is None:
             continue
         if len(inspect.signature(fn).parameters) == 1:
-            return (lambda run, fn=fn: tuple(np.asarray(m, bool) for m in fn(run))), f"{module}.classical_av"
-        return (lambda run, fn=fn: tuple(np.asarray(m, bool) for m in fn(
-            run.pixels, run.meta.frame_times_s, run.meta.pixel_spacing_mm))), f"{module}.classical_av"
+            return (
+                lambda run, fn=fn: tuple(np.asarray(m, bool) for m in fn(run))
+            ), f"{module}.classical_av"
+        return (
+            lambda run, fn=fn: tuple(
+                np.asarray(m, bool)
+                for m in fn(run.pixels, run.meta.frame_times_s, run.meta.pixel_spacing_mm)
+            )
+        ), f"{module}.classical_av"
     return None
 
 
@@ -132,7 +138,12 @@ def calibre_stats(seeds: list[int]) -> dict[str, object]:
             sel = tree.label[seg] == tree.label_of(name)
             if sel.any():
                 named[name].append(float(np.median(d[sel])))
-    return {"named": named, "bins": bins, "length_frac": length_by_bin / length_by_bin.sum(), "smallest": smallest}
+    return {
+        "named": named,
+        "bins": bins,
+        "length_frac": length_by_bin / length_by_bin.sum(),
+        "smallest": smallest,
+    }
 
 
 def timing_stats(seeds: list[int], size: int) -> list[dict[str, float]]:
@@ -147,14 +158,21 @@ def timing_stats(seeds: list[int], size: int) -> list[dict[str, float]]:
         ica = p.truth["ica"] & ~p.truth["vein"]
         sinus = p.truth["vein"] & ~p.truth["artery"] & (p.truth["diameter_mm"] > 4)
         ft = p.frame_times_s
-        measured = ft[np.argmax(signal[:, sinus].mean(axis=1))] - ft[np.argmax(signal[:, ica].mean(axis=1))]
-        rows.append({
-            "arrival": tm["bolus_arrival_s"],
-            "rise": tm["arterial_peak_s"] - tm["bolus_arrival_s"],
-            "capillary": float(np.median(tissue_peaks)) - tm["arterial_peak_s"] if tissue_peaks else float("nan"),
-            "venous": tm["venous_peak_s"] - tm["arterial_peak_s"],
-            "venous_measured": float(measured),
-        })
+        measured = (
+            ft[np.argmax(signal[:, sinus].mean(axis=1))]
+            - ft[np.argmax(signal[:, ica].mean(axis=1))]
+        )
+        rows.append(
+            {
+                "arrival": tm["bolus_arrival_s"],
+                "rise": tm["arterial_peak_s"] - tm["bolus_arrival_s"],
+                "capillary": float(np.median(tissue_peaks)) - tm["arterial_peak_s"]
+                if tissue_peaks
+                else float("nan"),
+                "venous": tm["venous_peak_s"] - tm["arterial_peak_s"],
+                "venous_measured": float(measured),
+            }
+        )
     return rows
 
 
@@ -171,7 +189,11 @@ def cnr_stats(seeds: list[int], size: int, snr: float) -> dict[str, float]:
         # Signal in the frame nearest the ICA peak, when the capillary blush is still faint.
         k = int(np.argmin(np.abs(clean.frame_times_s - clean.timing["arterial_peak_s"] - 0.3)))
         peak = 2048.0 - clean.pixels[k].astype(float)
-        only = clean.truth["artery"] & ~clean.truth["vein"] & ~ndimage.binary_dilation(clean.truth["vein"], iterations=1)
+        only = (
+            clean.truth["artery"]
+            & ~clean.truth["vein"]
+            & ~ndimage.binary_dilation(clean.truth["vein"], iterations=1)
+        )
         d = clean.truth["diameter_mm"]
         for lo, hi in edges:
             sel = only & (d >= lo) & (d < hi)
@@ -180,16 +202,22 @@ def cnr_stats(seeds: list[int], size: int, snr: float) -> dict[str, float]:
     return {k: float(np.median(v)) if v else float("nan") for k, v in values.items()}
 
 
-def baseline_scores(fn: Callable[[Run], tuple[np.ndarray, np.ndarray]], seeds: list[int], size: int, **options) -> np.ndarray:
+def baseline_scores(
+    fn: Callable[[Run], tuple[np.ndarray, np.ndarray]], seeds: list[int], size: int, **options
+) -> np.ndarray:
     rows = []
     for seed in seeds:
         p = dsa.generate(seed, size=size, frames=20, **options)
         artery, vein = fn(p.to_run())
         visible = p.truth["diameter_mm"] >= 0.5
-        rows.append([
-            dice(artery, p.truth["artery"]), dice(vein, p.truth["vein"]),
-            dice(artery, p.truth["artery"] & visible), dice(vein, p.truth["vein"] & visible),
-        ])
+        rows.append(
+            [
+                dice(artery, p.truth["artery"]),
+                dice(vein, p.truth["vein"]),
+                dice(artery, p.truth["artery"] & visible),
+                dice(vein, p.truth["vein"] & visible),
+            ]
+        )
     return np.asarray(rows)
 
 
@@ -204,7 +232,11 @@ def _panel(images: list[np.ndarray], size: int = 256) -> Image.Image:
     tiles = []
     for im in images:
         pil = Image.fromarray(im)
-        tiles.append(pil.resize((size, size), Image.Resampling.BOX if pil.mode == "L" else Image.Resampling.NEAREST).convert("RGB"))
+        tiles.append(
+            pil.resize(
+                (size, size), Image.Resampling.BOX if pil.mode == "L" else Image.Resampling.NEAREST
+            ).convert("RGB")
+        )
     out = Image.new("RGB", (size * len(tiles), size))
     for k, tile in enumerate(tiles):
         out.paste(tile, (k * size, 0))
@@ -225,7 +257,14 @@ def _save(img: Image.Image, name: str) -> Path:
 def _colour_map(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """A small perceptual-ish ramp (dark blue -> green -> yellow), grey where NaN."""
     x = np.clip((values - lo) / (hi - lo), 0, 1)
-    rgb = np.stack([np.clip(2 * x - 0.6, 0, 1), np.clip(1.4 * x, 0, 1) * (1 - 0.3 * x), np.clip(0.6 - x, 0, 1)], -1)
+    rgb = np.stack(
+        [
+            np.clip(2 * x - 0.6, 0, 1),
+            np.clip(1.4 * x, 0, 1) * (1 - 0.3 * x),
+            np.clip(0.6 - x, 0, 1),
+        ],
+        -1,
+    )
     rgb[np.isnan(values)] = 0.15
     return (rgb * 255).astype(np.uint8)
 
@@ -234,8 +273,17 @@ def renderings(seed: int, size: int) -> list[Path]:
     p = dsa.generate(seed, size=size, frames=20, view="lateral")
     run = p.to_run().pixels
     t = p.frame_times_s
-    pick = [int(np.argmin(np.abs(t - x))) for x in (p.timing["arterial_peak_s"], p.timing["arterial_peak_s"] + 2.0, p.timing["venous_peak_s"])]
-    frames = [_grey(run[k], 2048 - 700, 2048 + 120) for k in pick] + [_grey(run.min(axis=0), 2048 - 900, 2048 + 100)]
+    pick = [
+        int(np.argmin(np.abs(t - x)))
+        for x in (
+            p.timing["arterial_peak_s"],
+            p.timing["arterial_peak_s"] + 2.0,
+            p.timing["venous_peak_s"],
+        )
+    ]
+    frames = [_grey(run[k], 2048 - 700, 2048 + 120) for k in pick] + [
+        _grey(run.min(axis=0), 2048 - 900, 2048 + 100)
+    ]
     paths = [_save(_panel(frames), "dsa_frames_minip.png")]
     tr = np.zeros((size, size, 3), np.uint8)
     tr[p.truth["artery"]] = (220, 40, 40)
@@ -247,18 +295,41 @@ def renderings(seed: int, size: int) -> list[Path]:
     bl = np.zeros_like(tr)
     bl[base_art] = (220, 40, 40)
     bl[base_vein] = (40, 90, 255)
-    paths.append(_save(_panel([tr, _colour_map(p.truth["cbf"], 0, 70), _colour_map(p.truth["tmax"], 0, 5), bl]), "dsa_truth_cbf_tmax_baseline.png"))
+    paths.append(
+        _save(
+            _panel(
+                [tr, _colour_map(p.truth["cbf"], 0, 70), _colour_map(p.truth["tmax"], 0, 5), bl]
+            ),
+            "dsa_truth_cbf_tmax_baseline.png",
+        )
+    )
     nat = dsa.generate(seed, size=size, frames=20, view="lateral", native=True, motion_mm=0.6)
     sub = nat.to_run().pixels
     live = np.log(np.maximum(nat.pixels[pick[0]].astype(float), 1.0))
-    paths.append(_save(_panel([
-        _grey(live, np.percentile(live, 1), np.percentile(live, 99.5)),
-        _grey(sub[pick[0]], 2048 - 700, 2048 + 150), _grey(sub[-1], 2048 - 700, 2048 + 150),
-    ]), "dsa_native_motion.png"))
+    paths.append(
+        _save(
+            _panel(
+                [
+                    _grey(live, np.percentile(live, 1), np.percentile(live, 99.5)),
+                    _grey(sub[pick[0]], 2048 - 700, 2048 + 150),
+                    _grey(sub[-1], 2048 - 700, 2048 + 150),
+                ]
+            ),
+            "dsa_native_motion.png",
+        )
+    )
     c = coronary.generate(seed, size=size, frames=30)
     k = int(np.argmax(c.truth["vessel"].sum(axis=(1, 2))))
-    cf = [_grey(c.pixels[j].astype(float), *np.percentile(c.pixels[j], [1, 99.5])) for j in (0, k // 2, k)]
-    paths.append(_save(_panel(cf + [(c.truth["vessel"][k] * 255).astype(np.uint8)]), "coronary_frames_truth.png"))
+    cf = [
+        _grey(c.pixels[j].astype(float), *np.percentile(c.pixels[j], [1, 99.5]))
+        for j in (0, k // 2, k)
+    ]
+    paths.append(
+        _save(
+            _panel(cf + [(c.truth["vessel"][k] * 255).astype(np.uint8)]),
+            "coronary_frames_truth.png",
+        )
+    )
     r = rotational.generate(seed, size=min(size, 256))
     n = r.hu.shape[0]
     lab = r.truth["labels"]
@@ -266,9 +337,19 @@ def renderings(seed: int, size: int) -> list[Path]:
     for value, colour in ((1, (230, 40, 40)), (2, (235, 235, 235)), (3, (110, 80, 60))):
         lab_rgb[lab[n // 2] == value] = colour
     vessel_mip = np.where(lab == 1, r.hu, -1000).max(axis=0)
-    paths.append(_save(_panel([
-        _grey(r.hu[n // 2], -200, 1500), _grey(r.hu[:, n // 2][::-1], -200, 1500), _grey(vessel_mip, 0, 900), lab_rgb,
-    ]), "rotational_slices_labels.png"))
+    paths.append(
+        _save(
+            _panel(
+                [
+                    _grey(r.hu[n // 2], -200, 1500),
+                    _grey(r.hu[:, n // 2][::-1], -200, 1500),
+                    _grey(vessel_mip, 0, 900),
+                    lab_rgb,
+                ]
+            ),
+            "rotational_slices_labels.png",
+        )
+    )
     return paths
 
 
@@ -279,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="number of DSA phantoms per figure")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md or docs/img")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print, do not touch BENCHMARKS.md or docs/img"
+    )
     args = parser.parse_args(argv)
     seeds = list(range(1, args.seeds + 1))
 
@@ -300,42 +383,83 @@ def main(argv: list[str] | None = None) -> int:
     tim = timing_stats(seeds, size=128)
     cnr60 = cnr_stats(seeds[:4], args.size, snr=60.0)
     cnr30 = cnr_stats(seeds[:4], args.size, snr=30.0)
-    scores = [(name, baseline_scores(fn, seeds, args.size), baseline_scores(fn, seeds, args.size, snr=30.0, motion_mm=0.5))
-              for fn, name in baselines()]
+    scores = [
+        (
+            name,
+            baseline_scores(fn, seeds, args.size),
+            baseline_scores(fn, seeds, args.size, snr=30.0, motion_mm=0.5),
+        )
+        for fn, name in baselines()
+    ]
     paths = [] if args.no_write else renderings(seeds[0], args.size)
 
-    lines = [f"{len(seeds)} DSA phantoms (seeds {seeds[0]}-{seeds[-1]}), {args.size}^2, default options unless stated.", ""]
-    lines += ["### Vessel calibre (diameter, mm)", "", "| segment | phantom median (range over seeds) | published |", "|---|---|---|"]
+    lines = [
+        f"{len(seeds)} DSA phantoms (seeds {seeds[0]}-{seeds[-1]}), {args.size}^2, default options unless stated.",
+        "",
+    ]
+    lines += [
+        "### Vessel calibre (diameter, mm)",
+        "",
+        "| segment | phantom median (range over seeds) | published |",
+        "|---|---|---|",
+    ]
     for name, (lo, hi) in PUBLISHED_CALIBRE.items():
         vals = cal["named"][name]
-        lines.append(f"| {name.upper()} | {np.median(vals):.2f} ({min(vals):.2f}-{max(vals):.2f}) | {lo:.1f}-{hi:.1f} (Rai et al. 2013; Osborn 1999) |")
+        lines.append(
+            f"| {name.upper()} | {np.median(vals):.2f} ({min(vals):.2f}-{max(vals):.2f}) | {lo:.1f}-{hi:.1f} (Rai et al. 2013; Osborn 1999) |"
+        )
     bins = cal["bins"]
     frac = cal["length_frac"]
-    lines += ["", "Share of arterial tree length by diameter: " + ", ".join(
-        f"{bins[i]:.1f}-{bins[i + 1]:.1f} mm {100 * frac[i]:.0f} %" for i in range(len(frac))
-    ) + f"; smallest modelled diameter {min(cal['smallest']):.2f} mm (pixel at 512^2: 0.45 mm). "
-        "Most of the tree's length is in sub-millimetre branches, as in cast and micro-CT studies of the cortical arteries.", ""]
+    lines += [
+        "",
+        "Share of arterial tree length by diameter: "
+        + ", ".join(
+            f"{bins[i]:.1f}-{bins[i + 1]:.1f} mm {100 * frac[i]:.0f} %" for i in range(len(frac))
+        )
+        + f"; smallest modelled diameter {min(cal['smallest']):.2f} mm (pixel at 512^2: 0.45 mm). "
+        "Most of the tree's length is in sub-millimetre branches, as in cast and micro-CT studies of the cortical arteries.",
+        "",
+    ]
     tm = {k: np.array([r[k] for r in tim]) for k in tim[0]}
-    lines += ["### Timing (s)", "", "| quantity | phantom median (range) | published |", "|---|---|---|",
-              f"| bolus arrival to ICA peak | {np.median(tm['rise']):.2f} ({tm['rise'].min():.2f}-{tm['rise'].max():.2f}) | about 1-1.5 for a 1-2 s selective injection |",
-              f"| ICA peak to capillary (tissue) peak, normal regions | {np.nanmedian(tm['capillary']):.2f} ({np.nanmin(tm['capillary']):.2f}-{np.nanmax(tm['capillary']):.2f}) | capillary phase 2-4 s after the arterial phase (Osborn 1999) |",
-              f"| ICA peak to sagittal sinus peak (truth) | {np.median(tm['venous']):.2f} ({tm['venous'].min():.2f}-{tm['venous'].max():.2f}) | 3-6 (cerebral circulation time; Greitz, Acta Radiol Suppl 1956; issue 3) |",
-              f"| same, measured on 4 fps frames | {np.median(tm['venous_measured']):.2f} ({tm['venous_measured'].min():.2f}-{tm['venous_measured'].max():.2f}) | |", ""]
-    lines += ["### Contrast-to-noise per frame at the arterial peak, artery-only pixels", "",
-              "| diameter (mm) | CNR at SNR 60 (default) | CNR at SNR 30 |", "|---|---|---|"]
+    lines += [
+        "### Timing (s)",
+        "",
+        "| quantity | phantom median (range) | published |",
+        "|---|---|---|",
+        f"| bolus arrival to ICA peak | {np.median(tm['rise']):.2f} ({tm['rise'].min():.2f}-{tm['rise'].max():.2f}) | about 1-1.5 for a 1-2 s selective injection |",
+        f"| ICA peak to capillary (tissue) peak, normal regions | {np.nanmedian(tm['capillary']):.2f} ({np.nanmin(tm['capillary']):.2f}-{np.nanmax(tm['capillary']):.2f}) | capillary phase 2-4 s after the arterial phase (Osborn 1999) |",
+        f"| ICA peak to sagittal sinus peak (truth) | {np.median(tm['venous']):.2f} ({tm['venous'].min():.2f}-{tm['venous'].max():.2f}) | 3-6 (cerebral circulation time; Greitz, Acta Radiol Suppl 1956; issue 3) |",
+        f"| same, measured on 4 fps frames | {np.median(tm['venous_measured']):.2f} ({tm['venous_measured'].min():.2f}-{tm['venous_measured'].max():.2f}) | |",
+        "",
+    ]
+    lines += [
+        "### Contrast-to-noise per frame at the arterial peak, artery-only pixels",
+        "",
+        "| diameter (mm) | CNR at SNR 60 (default) | CNR at SNR 30 |",
+        "|---|---|---|",
+    ]
     for key in cnr60:
         lines.append(f"| {key} | {cnr60[key]:.1f} | {cnr30[key]:.1f} |")
-    lines += ["", "The Rose criterion (Rose, JOSA 1948) puts detectability at CNR 3-5 for small objects: at the default "
-              "dose the smallest branches sit at or below it per frame, as the finest arterioles do on clinical DSA.", ""]
+    lines += [
+        "",
+        "The Rose criterion (Rose, JOSA 1948) puts detectability at CNR 3-5 for small objects: at the default "
+        "dose the smallest branches sit at or below it per frame, as the finest arterioles do on clinical DSA.",
+        "",
+    ]
 
     def fmt(rows: np.ndarray, a: int, v: int) -> str:
         m = rows[:, [a, v]].mean(axis=1)
         return f"{rows[:, a].mean():.2f} ± {rows[:, a].std():.2f} | {rows[:, v].mean():.2f} ± {rows[:, v].std():.2f} | {m.mean():.2f} ± {m.std():.2f}"
 
-    lines += ["### Classical artery/vein baselines", "",
-              "Frangi on the MinIP + 2-class k-means on time to peak (plain), and the node's own classical path; Dice "
-              "against the full truth and against vessels of 0.5 mm and more (what an annotator would trace).", "",
-              "| method | setting | truth | A-Dice | V-Dice | M-Dice |", "|---|---|---|---|---|---|"]
+    lines += [
+        "### Classical artery/vein baselines",
+        "",
+        "Frangi on the MinIP + 2-class k-means on time to peak (plain), and the node's own classical path; Dice "
+        "against the full truth and against vessels of 0.5 mm and more (what an annotator would trace).",
+        "",
+        "| method | setting | truth | A-Dice | V-Dice | M-Dice |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, default, hard in scores:
         lines += [
             f"| {name} | default (SNR 60, no motion) | all vessels | {fmt(default, 0, 1)} |",
@@ -343,13 +467,24 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | hard (SNR 30, 0.5 mm motion) | all vessels | {fmt(hard, 0, 1)} |",
             f"| {name} | hard | vessels >= 0.5 mm | {fmt(hard, 2, 3)} |",
         ]
-    lines += ["| Frangi + k-means on clinical DSA (Su et al., arXiv:2208.02355; issue 3) | | annotated vessels | | | about 0.60 |", ""]
-    lines += ["### Generation time", "",
-              f"DSA {args.size}^2 x 20 frames: {np.median(gen_times):.1f} s median over {len(gen_times)} seeds; "
-              f"coronary {args.size}^2 x 45 frames: {cor_time:.1f} s; rotational 256^3: {rot_time:.1f} s "
-              f"(whole benchmark {time.perf_counter() - t0:.0f} s).", ""]
+    lines += [
+        "| Frangi + k-means on clinical DSA (Su et al., arXiv:2208.02355; issue 3) | | annotated vessels | | | about 0.60 |",
+        "",
+    ]
+    lines += [
+        "### Generation time",
+        "",
+        f"DSA {args.size}^2 x 20 frames: {np.median(gen_times):.1f} s median over {len(gen_times)} seeds; "
+        f"coronary {args.size}^2 x 45 frames: {cor_time:.1f} s; rotational 256^3: {rot_time:.1f} s "
+        f"(whole benchmark {time.perf_counter() - t0:.0f} s).",
+        "",
+    ]
     if paths:
-        lines += ["Example renderings (`docs/img/phantoms/`): " + ", ".join(f"`{p.name}`" for p in paths) + "."]
+        lines += [
+            "Example renderings (`docs/img/phantoms/`): "
+            + ", ".join(f"`{p.name}`" for p in paths)
+            + "."
+        ]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

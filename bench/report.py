@@ -47,7 +47,10 @@ def machine() -> str:
 def git_rev() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=BENCHMARKS.parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -62,7 +65,9 @@ def write_section(name: str, title: str, body: str) -> None:
         f"{body.rstrip()}\n<!-- END {name} -->\n"
     )
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
-    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n", re.S)
+    pattern = re.compile(
+        rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n", re.S
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _m: block, text)
     else:

@@ -55,13 +55,29 @@ def phantom_case(seed: int, size: int, frames: int, kind: str = "full") -> Case:
 
     p = dsa.generate(seed, size=size, frames=frames)
     run = p.to_run()
-    meta = {"modality": "XA", "sop_class_uid": run.meta.sop_class_uid, "rows": size, "columns": size,
-            "number_of_frames": run.pixels.shape[0], "pixel_spacing_mm": list(run.meta.pixel_spacing_mm),
-            "is_volume": False, "subtracted": True, "body_part": "HEAD"}
+    meta = {
+        "modality": "XA",
+        "sop_class_uid": run.meta.sop_class_uid,
+        "rows": size,
+        "columns": size,
+        "number_of_frames": run.pixels.shape[0],
+        "pixel_spacing_mm": list(run.meta.pixel_spacing_mm),
+        "is_volume": False,
+        "subtracted": True,
+        "body_part": "HEAD",
+    }
     masks = {"artery": p.truth["artery"], "vein": p.truth["vein"], "ica": p.truth["ica"]}
-    return Case(id=f"phantom-{seed}", patient=f"phantom-{seed}", split="train", kind=kind,
-                geometry="canvas", pixels=run.pixels, masks=masks, frame_times_s=run.meta.frame_times_s,
-                meta=meta)
+    return Case(
+        id=f"phantom-{seed}",
+        patient=f"phantom-{seed}",
+        split="train",
+        kind=kind,
+        geometry="canvas",
+        pixels=run.pixels,
+        masks=masks,
+        frame_times_s=run.meta.frame_times_s,
+        meta=meta,
+    )
 
 
 def scribbles(case: Case, rng: np.random.Generator, keep: float = 0.3) -> Case:
@@ -87,14 +103,31 @@ def scribbles(case: Case, rng: np.random.Generator, keep: float = 0.3) -> Case:
         cc = np.clip((c0 + t * np.cos(angle)).astype(int), 0, w - 1)
         bg[rr, cc] = True
     bg &= far
-    return Case(id=case.id, patient=case.patient, split="train", kind="scribble", geometry="canvas",
-                pixels=case.pixels, masks={"artery": fg, "background": bg},
-                frame_times_s=case.frame_times_s, meta=case.meta)
+    return Case(
+        id=case.id,
+        patient=case.patient,
+        split="train",
+        kind="scribble",
+        geometry="canvas",
+        pixels=case.pixels,
+        masks={"artery": fg, "background": bg},
+        frame_times_s=case.frame_times_s,
+        meta=case.meta,
+    )
 
 
 def unlabelled(case: Case) -> Case:
-    return Case(id=case.id, patient=case.patient, split="train", kind="unlabelled", geometry=None,
-                pixels=case.pixels, masks={}, frame_times_s=case.frame_times_s, meta=case.meta)
+    return Case(
+        id=case.id,
+        patient=case.patient,
+        split="train",
+        kind="unlabelled",
+        geometry=None,
+        pixels=case.pixels,
+        masks={},
+        frame_times_s=case.frame_times_s,
+        meta=case.meta,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -104,26 +137,59 @@ def unlabelled(case: Case) -> Case:
 def synthetic_case(task_name: str, size: int) -> Case:
     """Random data of the right shape for a task (throughput does not need anatomy)."""
     rng = np.random.default_rng(0)
-    meta = {"modality": "XA", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.12.1", "rows": size,
-            "columns": size, "pixel_spacing_mm": [0.3, 0.3], "is_volume": False}
+    meta = {
+        "modality": "XA",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.12.1",
+        "rows": size,
+        "columns": size,
+        "pixel_spacing_mm": [0.3, 0.3],
+        "is_volume": False,
+    }
     vessel = rng.random((size, size)) < 0.1
     if task_name in ("dsa_av", "dsa_ia", "dsa_perfusion"):
         pixels = 2048 - 400 * rng.random((10, size, size))
-        return Case("t", "t", "train", "full", "canvas", pixels.astype(np.float32),
-                    {"artery": vessel, "vein": ~vessel & (rng.random((size, size)) < 0.1),
-                     "ica": vessel & (rng.random((size, size)) < 0.2)},
-                    np.arange(10, dtype=float), {**meta, "number_of_frames": 10})
+        return Case(
+            "t",
+            "t",
+            "train",
+            "full",
+            "canvas",
+            pixels.astype(np.float32),
+            {
+                "artery": vessel,
+                "vein": ~vessel & (rng.random((size, size)) < 0.1),
+                "ica": vessel & (rng.random((size, size)) < 0.2),
+            },
+            np.arange(10, dtype=float),
+            {**meta, "number_of_frames": 10},
+        )
     if task_name == "xa_coronary":
         pixels = 1000 + 300 * rng.random((6, size, size))
-        return Case("t", "t", "train", "full", "frames", pixels.astype(np.float32),
-                    {"vessel": rng.random((6, size, size)) < 0.1}, np.arange(6) / 15.0,
-                    {**meta, "number_of_frames": 6})
+        return Case(
+            "t",
+            "t",
+            "train",
+            "full",
+            "frames",
+            pixels.astype(np.float32),
+            {"vessel": rng.random((6, size, size)) < 0.1},
+            np.arange(6) / 15.0,
+            {**meta, "number_of_frames": 6},
+        )
     z = 8
     hu = rng.normal(40, 300, (z, size, size))
     labels = rng.integers(0, 3, (z, size, size))
-    return Case("t", "t", "train", "full", "volume", hu.astype(np.float32),
-                {"vessel": labels == 0, "bone": labels == 1}, None,
-                {**meta, "modality": "CT", "is_volume": True, "number_of_frames": z})
+    return Case(
+        "t",
+        "t",
+        "train",
+        "full",
+        "volume",
+        hu.astype(np.float32),
+        {"vessel": labels == 0, "bone": labels == 1},
+        None,
+        {**meta, "modality": "CT", "is_volume": True, "number_of_frames": z},
+    )
 
 
 def throughput(steps: int, batch: int, log: Any) -> tuple[str, list[dict[str, Any]]]:
@@ -138,8 +204,14 @@ def throughput(steps: int, batch: int, log: Any) -> tuple[str, list[dict[str, An
         patch = task.defaults.patch
         size = max(2 * patch, 128)
         case = synthetic_case(task.name, size)
-        cfg = TrainConfig(task=task.name, epochs=1, steps_per_epoch=steps, batch_size=batch,
-                          progress=False, device="cpu")
+        cfg = TrainConfig(
+            task=task.name,
+            epochs=1,
+            steps_per_epoch=steps,
+            batch_size=batch,
+            progress=False,
+            device="cpu",
+        )
         trainer = Trainer(cfg, [case], [], Path("/tmp") / f"bench-training-{arch}")
         model = trainer.models[0]
         params = sum(p.numel() for p in model.parameters())
@@ -148,7 +220,9 @@ def throughput(steps: int, batch: int, log: Any) -> tuple[str, list[dict[str, An
         for i in range(steps):
             trainer._step(0, i + 1)
         train_s = (time.perf_counter() - t0) / steps
-        b = task.batch(trainer.prepared, np.random.default_rng(0), batch, patch, trainer.model_config)
+        b = task.batch(
+            trainer.prepared, np.random.default_rng(0), batch, patch, trainer.model_config
+        )
         model.eval()
         with torch.no_grad():
             model(b.x.float())
@@ -157,18 +231,32 @@ def throughput(steps: int, batch: int, log: Any) -> tuple[str, list[dict[str, An
                 model(b.x.float())
             infer_s = (time.perf_counter() - t0) / steps
         input_shape = "x".join(str(s) for s in b.x.shape)
-        rows.append({"architecture": arch, "task": task.name, "parameters": params, "batch": batch,
-                     "input": input_shape, "train_s": train_s, "infer_s": infer_s})
+        rows.append(
+            {
+                "architecture": arch,
+                "task": task.name,
+                "parameters": params,
+                "batch": batch,
+                "input": input_shape,
+                "train_s": train_s,
+                "infer_s": infer_s,
+            }
+        )
         log(f"throughput {arch}: {params:,} params, {1 / train_s:.3f} it/s")
-    lines = ["| architecture | task | parameters | batch input (B x ...) | train it/s | s/it | "
-             "forward-only s/batch | train / forward |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| architecture | task | parameters | batch input (B x ...) | train it/s | s/it | "
+        "forward-only s/batch | train / forward |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "note" in r:
             lines.append(f"| {r['architecture']} | – | – | – | – | – | – | {r['note']} |")
             continue
-        lines.append(f"| {r['architecture']} | {r['task']} | {r['parameters']:,} | {r['input']} | "
-                     f"{1 / r['train_s']:.3f} | {r['train_s']:.2f} | {r['infer_s']:.2f} | "
-                     f"{r['train_s'] / r['infer_s']:.1f}x |")
+        lines.append(
+            f"| {r['architecture']} | {r['task']} | {r['parameters']:,} | {r['input']} | "
+            f"{1 / r['train_s']:.3f} | {r['train_s']:.2f} | {r['infer_s']:.2f} | "
+            f"{r['train_s'] / r['infer_s']:.1f}x |"
+        )
     return "\n".join(lines), rows
 
 
@@ -176,8 +264,13 @@ def throughput(steps: int, batch: int, log: Any) -> tuple[str, list[dict[str, An
 # 2 and 3. Ablations
 
 
-def _train(cfg: TrainConfig, train: Sequence[Case], val: Sequence[Case], work: Path,
-           unl: Sequence[Case] = ()) -> tuple[Trainer, float]:
+def _train(
+    cfg: TrainConfig,
+    train: Sequence[Case],
+    val: Sequence[Case],
+    work: Path,
+    unl: Sequence[Case] = (),
+) -> tuple[Trainer, float]:
     t0 = time.process_time()
     trainer = Trainer(cfg, train, val, work, unlabelled=unl)
     trainer.fit()
@@ -186,7 +279,9 @@ def _train(cfg: TrainConfig, train: Sequence[Case], val: Sequence[Case], work: P
 
 def _eval(trainer: Trainer, test: Sequence[Case]) -> dict[str, Any]:
     model = trainer.models[0].eval()
-    return evaluate_model(trainer.task, model, test, trainer.model_config, torch.device("cpu"))["aggregate"]
+    return evaluate_model(trainer.task, model, test, trainer.model_config, torch.device("cpu"))[
+        "aggregate"
+    ]
 
 
 def ablations(args: argparse.Namespace, log: Any) -> tuple[str, dict[str, Any]]:
@@ -194,39 +289,66 @@ def ablations(args: argparse.Namespace, log: Any) -> tuple[str, dict[str, Any]]:
     n_lab = [int(n) for n in args.labelled.split(",")]
     max_lab = max(n_lab)
     t0 = time.perf_counter()
-    pool = [phantom_case(TRAIN_SEED0 + i, args.size, args.frames) for i in range(max_lab + args.unlabelled)]
+    pool = [
+        phantom_case(TRAIN_SEED0 + i, args.size, args.frames)
+        for i in range(max_lab + args.unlabelled)
+    ]
     val = [phantom_case(TRAIN_SEED0 + 500, args.size, args.frames)]
     test = [phantom_case(TEST_SEED0 + i, args.size, args.frames) for i in range(args.test)]
     log(f"{len(pool) + len(test) + 1} phantoms in {time.perf_counter() - t0:.0f} s")
-    base = dict(task="dsa_ia", model_config={"widths": widths}, epochs=args.epochs,
-                steps_per_epoch=args.steps // args.epochs, batch_size=args.batch, patch=args.patch,
-                progress=False, device="cpu", seed=0, early_stop=args.epochs)
+    base = dict(
+        task="dsa_ia",
+        model_config={"widths": widths},
+        epochs=args.epochs,
+        steps_per_epoch=args.steps // args.epochs,
+        batch_size=args.batch,
+        patch=args.patch,
+        progress=False,
+        device="cpu",
+        seed=0,
+        early_stop=args.epochs,
+    )
     work = Path(args.workdir)
     results: dict[str, Any] = {"classical": evaluate_pipeline(TASKS["dsa_ia"], test)["aggregate"]}
     cpu: dict[str, float] = {}
 
     rng = np.random.default_rng(7)
-    scribbled = [scribbles(c, rng) for c in pool[:args.scribbled]]
+    scribbled = [scribbles(c, rng) for c in pool[: args.scribbled]]
     fg_px = np.mean([c.masks["artery"].sum() for c in scribbled])
     bg_px = np.mean([c.masks["background"].sum() for c in scribbled])
-    for name, flags in (("pCE", {"use_ps": False, "use_cps": False, "use_cr": False}),
-                        ("pCE+PS+CPS+CR (SSCR)", {})):
-        trainer, seconds = _train(TrainConfig(mode="sscr", **base, **flags), scribbled, val,  # type: ignore[arg-type]
-                                  work / f"sscr-{len(flags)}")
+    for name, flags in (
+        ("pCE", {"use_ps": False, "use_cps": False, "use_cr": False}),
+        ("pCE+PS+CPS+CR (SSCR)", {}),
+    ):
+        trainer, seconds = _train(
+            TrainConfig(mode="sscr", **base, **flags),
+            scribbled,
+            val,  # type: ignore[arg-type]
+            work / f"sscr-{len(flags)}",
+        )
         results[name], cpu[name] = _eval(trainer, test), seconds
         log(f"{name}: dice {results[name]['dice']['mean']:.3f} ({seconds:.0f} s CPU)")
 
     for n in n_lab:
-        labelled, unl = pool[:n], [unlabelled(c) for c in pool[max_lab:max_lab + args.unlabelled]]
-        trainer, seconds = _train(TrainConfig(mode="rpst", rpst_rounds=1, **base), labelled, val,  # type: ignore[arg-type]
-                                  work / f"rpst-{n}", unl)
-        teacher = torch.load(work / f"rpst-{n}" / "best-teacher.pt", weights_only=True)["state_dict"]
+        labelled, unl = pool[:n], [unlabelled(c) for c in pool[max_lab : max_lab + args.unlabelled]]
+        trainer, seconds = _train(
+            TrainConfig(mode="rpst", rpst_rounds=1, **base),
+            labelled,
+            val,  # type: ignore[arg-type]
+            work / f"rpst-{n}",
+            unl,
+        )
+        teacher = torch.load(work / f"rpst-{n}" / "best-teacher.pt", weights_only=True)[
+            "state_dict"
+        ]
         results[f"student ({n} labelled)"] = _eval(trainer, test)
         trainer.models[0].load_state_dict(teacher)
         results[f"teacher ({n} labelled)"] = _eval(trainer, test)
         cpu[f"rpst {n}"] = seconds
-        log(f"rpst {n}: teacher {results[f'teacher ({n} labelled)']['dice']['mean']:.3f}, "
-            f"student {results[f'student ({n} labelled)']['dice']['mean']:.3f} ({seconds:.0f} s CPU)")
+        log(
+            f"rpst {n}: teacher {results[f'teacher ({n} labelled)']['dice']['mean']:.3f}, "
+            f"student {results[f'student ({n} labelled)']['dice']['mean']:.3f} ({seconds:.0f} s CPU)"
+        )
 
     weak = {k: results[k] for k in ("classical", "pCE", "pCE+PS+CPS+CR (SSCR)")}
     semi = {"classical": results["classical"]}
@@ -235,35 +357,50 @@ def ablations(args: argparse.Namespace, log: Any) -> tuple[str, dict[str, Any]]:
         semi[f"student ({n} labelled)"] = results[f"student ({n} labelled)"]
     deltas = ", ".join(
         f"{n} labelled {results[f'student ({n} labelled)']['dice']['mean'] - results[f'teacher ({n} labelled)']['dice']['mean']:+.3f}"
-        for n in n_lab)
+        for n in n_lab
+    )
     ref = results["pCE"]["dice"]["mean"]
     gain = results["pCE+PS+CPS+CR (SSCR)"]["dice"]["mean"] - ref
-    setup = (f"Phantoms {args.size} px, {args.frames} frames (dsa.generate defaults otherwise); "
-             f"VSS-Net widths {widths}; {args.steps} steps of batch {args.batch} patches of "
-             f"{args.patch} px per training (per phase for RPST), AdamW with the DIAS schedule; "
-             f"test: {args.test} held-out seeds ({TEST_SEED0}+), never used in training; "
-             f"threshold 0.5; intracranial arteries (all arteries of the phantom).")
+    setup = (
+        f"Phantoms {args.size} px, {args.frames} frames (dsa.generate defaults otherwise); "
+        f"VSS-Net widths {widths}; {args.steps} steps of batch {args.batch} patches of "
+        f"{args.patch} px per training (per phase for RPST), AdamW with the DIAS schedule; "
+        f"test: {args.test} held-out seeds ({TEST_SEED0}+), never used in training; "
+        f"threshold 0.5; intracranial arteries (all arteries of the phantom)."
+    )
     md = [
-        "### Weak supervision (SSCR), dsa_ia / VSS-Net", "",
+        "### Weak supervision (SSCR), dsa_ia / VSS-Net",
+        "",
         f"{args.scribbled} training runs with simulated scribbles: on average {fg_px:.0f} artery "
         f"and {bg_px:.0f} background pixels scribbled per run (of {args.size}² pixels). "
         f"SSCR minus pCE Dice: {gain:+.3f}. CPU per training: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in cpu.items() if not k.startswith("rpst")) + ".", "",
-        M.format_table(weak, METRICS), "",
-        "### Semi-supervised (RPST), dsa_ia / VSS-Net", "",
+        + ", ".join(f"{k} {v:.0f} s" for k, v in cpu.items() if not k.startswith("rpst"))
+        + ".",
+        "",
+        M.format_table(weak, METRICS),
+        "",
+        "### Semi-supervised (RPST), dsa_ia / VSS-Net",
+        "",
         f"{args.unlabelled} unlabelled runs; one relabelling round; teacher and student each "
         f"{args.steps} steps. CPU per RPST run: "
-        + ", ".join(f"{k.split()[1]} labelled {v:.0f} s" for k, v in cpu.items() if k.startswith("rpst"))
-        + f". Student minus teacher Dice: {deltas}.", "",
-        M.format_table(semi, METRICS), "",
+        + ", ".join(
+            f"{k.split()[1]} labelled {v:.0f} s" for k, v in cpu.items() if k.startswith("rpst")
+        )
+        + f". Student minus teacher Dice: {deltas}.",
+        "",
+        M.format_table(semi, METRICS),
+        "",
         setup,
     ]
     return "\n".join(md), results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--widths", default="4,8,16")
@@ -292,18 +429,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw: dict[str, Any] = {}
     if not args.skip_throughput:
         table, raw["throughput"] = throughput(args.throughput_steps, 2, log)
-        parts += ["### Throughput (training step vs forward-only on the same batch)", "",
-                  f"{args.threads} thread(s), batch 2, default (paper-size) configuration of each "
-                  f"task, patch = the task's default; mean of {args.throughput_steps} steps after "
-                  "one warm-up step. The machine is shared, so absolute times are upper bounds.", "",
-                  table, ""]
+        parts += [
+            "### Throughput (training step vs forward-only on the same batch)",
+            "",
+            f"{args.threads} thread(s), batch 2, default (paper-size) configuration of each "
+            f"task, patch = the task's default; mean of {args.throughput_steps} steps after "
+            "one warm-up step. The machine is shared, so absolute times are upper bounds.",
+            "",
+            table,
+            "",
+        ]
     if not args.skip_ablations:
         text, raw["ablations"] = ablations(args, log)
         parts += [text, ""]
-    parts.append(f"Total: {time.perf_counter() - start:.0f} s wall, "
-                 f"{time.process_time() - start_cpu:.0f} s CPU (this process).")
+    parts.append(
+        f"Total: {time.perf_counter() - start:.0f} s wall, "
+        f"{time.process_time() - start_cpu:.0f} s CPU (this process)."
+    )
     body = "\n".join(parts)
-    write_section("training", "Training engine: throughput and DIAS-style ablations on phantoms", body)
+    write_section(
+        "training", "Training engine: throughput and DIAS-style ablations on phantoms", body
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
     print(body)

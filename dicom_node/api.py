@@ -42,7 +42,7 @@ def _selector(body: dict[str, Any]) -> dict[str, str]:
     given = {k: v for k, v in body.items() if k in SELECTORS and v}
     if len(given) != 1:
         raise HttpError(400, f"give exactly one of {', '.join(SELECTORS)}")
-    (key, value), = given.items()
+    ((key, value),) = given.items()
     try:
         return {key: check_uid(key, value)}
     except RejectedInstance as exc:
@@ -69,14 +69,18 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
             if method == "POST" and url.path.startswith("/dicom-web/"):
                 try:
                     body = stow.read_body(self.headers, self.rfile)
-                    status, payload = stow.stow(node, url.path, self.headers.get("Content-Type", ""), body)
+                    status, payload = stow.stow(
+                        node, url.path, self.headers.get("Content-Type", ""), body
+                    )
                 except stow.StowError as exc:
                     log.info("STOW-RS %s -> %d: %s", url.path, exc.status, exc)
                     status, payload = exc.status, {"error": str(exc)}
                 self._send(status, payload, "application/dicom+json")
                 return
             try:
-                self._send(200, self._route(method, url.path.rstrip("/") or "/", parse_qs(url.query)))
+                self._send(
+                    200, self._route(method, url.path.rstrip("/") or "/", parse_qs(url.query))
+                )
             except HttpError as exc:
                 log.info("api %s %s -> %d: %s", method, url.path, exc.status, exc)
                 self._send(exc.status, {"error": str(exc)})
@@ -98,15 +102,19 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
 
         def _route(self, method: str, path: str, query: dict[str, list[str]]) -> Any:
             if method == "GET" and path == "/health":
-                return {"status": "ok", "version": __version__, "ae_title": node.settings.ae_title,
-                        "dicom_port": node.port}
+                return {
+                    "status": "ok",
+                    "version": __version__,
+                    "ae_title": node.settings.ae_title,
+                    "dicom_port": node.port,
+                }
             if method == "GET" and path == "/status":
                 return status_summary(node.db)
             if method == "GET" and path == "/jobs":
                 sel = {QUERY_KEYS[k]: v[0] for k, v in query.items() if k in QUERY_KEYS}
                 if len(sel) != 1:
                     raise HttpError(400, "give one of ?study=, ?series=, ?instance=")
-                (k, v), = sel.items()
+                ((k, v),) = sel.items()
                 try:
                     check_uid(k, v)
                 except RejectedInstance as exc:
@@ -133,7 +141,9 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
 
 
 def start_api(node: Node) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((node.settings.api.host, node.settings.api.port), make_handler(node))
+    server = ThreadingHTTPServer(
+        (node.settings.api.host, node.settings.api.port), make_handler(node)
+    )
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
     log.info("REST API on http://%s:%d", node.settings.api.host, server.server_address[1])

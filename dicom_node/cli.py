@@ -49,7 +49,11 @@ def group_runs(paths: Sequence[str]) -> tuple[dict[str, list[Path]], list[str]]:
             skipped.append(f"{f}: SOP Class {sop_class} not accepted")
             continue
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        key = str(ds.SOPInstanceUID) if sop_class in CINE_2D and frames > 1 else str(ds.SeriesInstanceUID)
+        key = (
+            str(ds.SOPInstanceUID)
+            if sop_class in CINE_2D and frames > 1
+            else str(ds.SeriesInstanceUID)
+        )
         runs[key].append(f)
     return dict(runs), skipped
 
@@ -60,8 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     node = Node(settings).start()
-    print(f"dicom-node {__version__}: AE {settings.ae_title} on {settings.host}:{node.port}"
-          + (f", REST API on http://{settings.api.host}:{node.api_port}" if node.api else ""), flush=True)
+    print(
+        f"dicom-node {__version__}: AE {settings.ae_title} on {settings.host}:{node.port}"
+        + (f", REST API on http://{settings.api.host}:{node.api_port}" if node.api else ""),
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -91,7 +98,9 @@ def cmd_process(args: argparse.Namespace) -> int:
             decision = route(settings.effective_rules(), RunFeatures.from_headers(headers))
             names = decision.pipelines
             if not names:
-                print(f"run {run_id}: not routed (use `dicom-node route --explain`)", file=sys.stderr)
+                print(
+                    f"run {run_id}: not routed (use `dicom-node route --explain`)", file=sys.stderr
+                )
                 continue
         try:
             loaded = load_run(files)
@@ -131,12 +140,16 @@ def cmd_route(args: argparse.Namespace) -> int:
         headers = [dcmread(f, stop_before_pixels=True) for f in files]
         feats = RunFeatures.from_headers(headers)
         decision = route(settings.effective_rules(), feats)
-        print(f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
-              f"{feats.number_of_frames} frame(s), {headers[0].get('SeriesDescription', '')!s})")
+        print(
+            f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
+            f"{feats.number_of_frames} frame(s), {headers[0].get('SeriesDescription', '')!s})"
+        )
         if args.explain:
             print(decision.explain())
         else:
-            print(f"  -> {decision.rule.name if decision.rule else 'unrouted'}: {decision.pipelines}")
+            print(
+                f"  -> {decision.rule.name if decision.rule else 'unrouted'}: {decision.pipelines}"
+            )
     return 0 if runs else 2
 
 
@@ -212,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("trigger", help="complete (or --reprocess) a series or study on a running node")
+    p = sub.add_parser(
+        "trigger", help="complete (or --reprocess) a series or study on a running node"
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--series")
     g.add_argument("--study")

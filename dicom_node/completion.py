@@ -25,7 +25,9 @@ class QuietPeriodRule:
 
     def due(self, db: Database) -> list[str]:
         cutoff = now() - self.quiet_period_s
-        rows = db.query("SELECT run_id FROM runs WHERE state='receiving' AND last_at <= ?", (cutoff,))
+        rows = db.query(
+            "SELECT run_id FROM runs WHERE state='receiving' AND last_at <= ?", (cutoff,)
+        )
         return [r["run_id"] for r in rows]
 
 
@@ -40,14 +42,21 @@ def complete(db: Database, run_id: str, reason: str) -> bool:
         return cur.rowcount == 1
 
 
-def runs_for(db: Database, *, run_id: str | None = None, series_uid: str | None = None,
-             study_uid: str | None = None, sop_instance_uid: str | None = None) -> list[str]:
+def runs_for(
+    db: Database,
+    *,
+    run_id: str | None = None,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> list[str]:
     """Run ids selected by any DICOM level (for triggers and reprocessing)."""
     if run_id:
         rows = db.query("SELECT run_id FROM runs WHERE run_id=?", (run_id,))
     elif sop_instance_uid:
-        rows = db.query("SELECT DISTINCT run_id FROM instances WHERE sop_instance_uid=?",
-                        (sop_instance_uid,))
+        rows = db.query(
+            "SELECT DISTINCT run_id FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+        )
     elif series_uid:
         rows = db.query("SELECT run_id FROM runs WHERE series_uid=?", (series_uid,))
     elif study_uid:

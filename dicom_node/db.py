@@ -96,8 +96,9 @@ class Database:
     def connect(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                  check_same_thread=True)
+            con = sqlite3.connect(
+                self.path, timeout=60, isolation_level=None, check_same_thread=True
+            )
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA synchronous=FULL")  # the index is as durable as the files
             con.execute("PRAGMA busy_timeout=60000")

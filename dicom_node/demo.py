@@ -51,7 +51,9 @@ class LocalOrthanc:
 
     def __init__(self, workdir: Path, node_aet: str, node_port: int) -> None:
         if not Path(ORTHANC).exists():
-            raise NodeError(f"{ORTHANC} not found: install the Debian packages orthanc and orthanc-dicomweb")
+            raise NodeError(
+                f"{ORTHANC} not found: install the Debian packages orthanc and orthanc-dicomweb"
+            )
         self.workdir = workdir
         self.http_port = _free_port()
         self.dicom_port = _free_port()
@@ -81,8 +83,9 @@ class LocalOrthanc:
     def start(self) -> LocalOrthanc:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         with open(self.workdir / "orthanc.log", "ab") as log:
-            self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                [ORTHANC, str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         _wait(self._ready, 60, "Orthanc to start")
         return self
 
@@ -107,8 +110,14 @@ class LocalOrthanc:
         out = []
         for sid in ids:
             info = requests.get(f"{self.url}/series/{sid}", timeout=10).json()
-            out.append({"id": sid, "tags": info["MainDicomTags"], "instances": len(info["Instances"]),
-                        "study": info["ParentStudy"]})
+            out.append(
+                {
+                    "id": sid,
+                    "tags": info["MainDicomTags"],
+                    "instances": len(info["Instances"]),
+                    "study": info["ParentStudy"],
+                }
+            )
         return out
 
 
@@ -134,33 +143,72 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
     orthanc = LocalOrthanc(workdir / "orthanc", "ANGIO_NODE", node_port).start()
     node = None
     try:
-        settings = load_settings(None, storage_dir=str(workdir / "node"), port=node_port,
-                                 api={"port": 0}, min_free_bytes=0,
-                                 completion={"quiet_period_s": 2},
-                                 destinations=[
-                                     {"kind": "dimse", "name": "orthanc-dimse", "host": "127.0.0.1",
-                                      "port": orthanc.dicom_port, "ae_title": "ORTHANC"},
-                                     {"kind": "dicomweb", "name": "orthanc-stow",
-                                      "url": f"{orthanc.url}/dicom-web"},
-                                 ])
+        settings = load_settings(
+            None,
+            storage_dir=str(workdir / "node"),
+            port=node_port,
+            api={"port": 0},
+            min_free_bytes=0,
+            completion={"quiet_period_s": 2},
+            destinations=[
+                {
+                    "kind": "dimse",
+                    "name": "orthanc-dimse",
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                    "ae_title": "ORTHANC",
+                },
+                {"kind": "dicomweb", "name": "orthanc-stow", "url": f"{orthanc.url}/dicom-web"},
+            ],
+        )
         node = Node(settings).start()
-        print(f"Orthanc (PACS):  {orthanc.url}/app/explorer.html   DICOM ORTHANC@127.0.0.1:{orthanc.dicom_port}")
-        print(f"Node:            ANGIO_NODE@127.0.0.1:{node.port}   REST http://127.0.0.1:{node.api_port}/status")
+        print(
+            f"Orthanc (PACS):  {orthanc.url}/app/explorer.html   DICOM ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+        )
+        print(
+            f"Node:            ANGIO_NODE@127.0.0.1:{node.port}   REST http://127.0.0.1:{node.api_port}/status"
+        )
         runs = _write_phantoms(workdir / "phantoms")
         print(f"Sending {len(runs)} synthetic DSA run(s) to the node with dcmtk storescu ...")
         storescu = dcmtk.find("storescu")
         if storescu is None:
             raise NodeError("storescu not found: install the Debian package dcmtk")
-        subprocess.run([storescu, "-aet", "ANGIO_SUITE", "-aec", "ANGIO_NODE", "127.0.0.1",
-                        str(node.port), *map(str, runs)], check=True, timeout=300)
+        subprocess.run(
+            [
+                storescu,
+                "-aet",
+                "ANGIO_SUITE",
+                "-aec",
+                "ANGIO_NODE",
+                "127.0.0.1",
+                str(node.port),
+                *map(str, runs),
+            ],
+            check=True,
+            timeout=300,
+        )
         # the suite archives its runs in the PACS too, so every reference in the results resolves
-        subprocess.run([storescu, "-aet", "ANGIO_SUITE", "-aec", "ORTHANC", "127.0.0.1",
-                        str(orthanc.dicom_port), *map(str, runs)], check=True, timeout=300)
+        subprocess.run(
+            [
+                storescu,
+                "-aet",
+                "ANGIO_SUITE",
+                "-aec",
+                "ORTHANC",
+                "127.0.0.1",
+                str(orthanc.dicom_port),
+                *map(str, runs),
+            ],
+            check=True,
+            timeout=300,
+        )
 
         def finished() -> bool:
             jobs = node.db.query("SELECT state FROM jobs")
             pending = node.db.query("SELECT 1 FROM outbox WHERE state='pending'")
-            return bool(jobs) and all(j["state"] in ("done", "failed") for j in jobs) and not pending
+            return (
+                bool(jobs) and all(j["state"] in ("done", "failed") for j in jobs) and not pending
+            )
 
         _wait(finished, 1800, "the node to process the runs and deliver the results")
         status = node.status()
@@ -169,12 +217,16 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
             print(f"  FAILED job {failure['id']} {failure['pipeline']}: {failure['error']}")
         print("\nSeries now in Orthanc:")
         results = 0
-        for s in sorted(orthanc.series(), key=lambda s: (s["study"], s["tags"].get("SeriesNumber", ""))):
+        for s in sorted(
+            orthanc.series(), key=lambda s: (s["study"], s["tags"].get("SeriesNumber", ""))
+        ):
             desc = s["tags"].get("SeriesDescription", "")
             ai = desc.startswith("AI ")
             results += ai
-            print(f"  {'[AI result]' if ai else '[source]   '} {s['tags'].get('Modality', ''):3} "
-                  f"{desc:40.40} {s['instances']:3} instance(s)  {orthanc.url}/app/explorer.html#series?uuid={s['id']}")
+            print(
+                f"  {'[AI result]' if ai else '[source]   '} {s['tags'].get('Modality', ''):3} "
+                f"{desc:40.40} {s['instances']:3} instance(s)  {orthanc.url}/app/explorer.html#series?uuid={s['id']}"
+            )
         print(f"\n{results} result series stored in Orthanc. Open {orthanc.url}/app/explorer.html")
         if keep_running:
             print("Running; press Ctrl-C to stop.")

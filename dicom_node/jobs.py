@@ -81,8 +81,13 @@ class JobQueue:
                 "updated_at=? WHERE id=?",
                 (t + self.settings.lease_s, worker, t, row["id"]),
             )
-        return Job(row["id"], row["run_id"], row["pipeline"], json.loads(row["destinations"]),
-                   row["attempts"] + 1)
+        return Job(
+            row["id"],
+            row["run_id"],
+            row["pipeline"],
+            json.loads(row["destinations"]),
+            row["attempts"] + 1,
+        )
 
     def done(self, job: Job, notes: list[str]) -> None:
         with self.db.transaction() as con:
@@ -101,32 +106,54 @@ class JobQueue:
                     "UPDATE jobs SET state='failed', lease_until=NULL, error=?, updated_at=? WHERE id=?",
                     (reason, t, job.id),
                 )
-                log.error("job %d (%s on run %s) failed after %d attempt(s): %s", job.id, job.pipeline,
-                          job.run_id, job.attempts, reason)
+                log.error(
+                    "job %d (%s on run %s) failed after %d attempt(s): %s",
+                    job.id,
+                    job.pipeline,
+                    job.run_id,
+                    job.attempts,
+                    reason,
+                )
             else:
-                delay = min(self.settings.backoff_base_s * 2 ** (job.attempts - 1),
-                            self.settings.backoff_max_s)
+                delay = min(
+                    self.settings.backoff_base_s * 2 ** (job.attempts - 1),
+                    self.settings.backoff_max_s,
+                )
                 con.execute(
                     "UPDATE jobs SET state='queued', lease_until=NULL, error=?, not_before=?, updated_at=? "
                     "WHERE id=?",
                     (reason, t + delay, t, job.id),
                 )
-                log.warning("job %d attempt %d failed, retry in %.0f s: %s", job.id, job.attempts,
-                            delay, reason)
+                log.warning(
+                    "job %d attempt %d failed, retry in %.0f s: %s",
+                    job.id,
+                    job.attempts,
+                    delay,
+                    reason,
+                )
 
 
 class Workers:
     """``concurrency`` threads that claim and execute jobs until stopped."""
 
-    def __init__(self, queue: JobQueue, execute: Callable[[Job], list[str]], concurrency: int,
-                 poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        execute: Callable[[Job], list[str]],
+        concurrency: int,
+        poll_interval_s: float,
+    ) -> None:
         self.queue = queue
         self.execute = execute
         self.poll = poll_interval_s
         self.stop_event = threading.Event()
         self.threads = [
-            threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True,
-                             args=(f"{queue.worker_prefix}-{i}",))
+            threading.Thread(
+                target=self._loop,
+                name=f"worker-{i}",
+                daemon=True,
+                args=(f"{queue.worker_prefix}-{i}",),
+            )
             for i in range(concurrency)
         ]
         self.wake = threading.Event()
@@ -148,7 +175,9 @@ class Workers:
                 self.wake.wait(self.poll)
                 self.wake.clear()
                 continue
-            log.info("job %d: %s on run %s (attempt %d)", job.id, job.pipeline, job.run_id, job.attempts)
+            log.info(
+                "job %d: %s on run %s (attempt %d)", job.id, job.pipeline, job.run_id, job.attempts
+            )
             try:
                 notes = self.execute(job)
             except Exception as exc:  # noqa: BLE001 - the one place a job error becomes a record

@@ -28,26 +28,47 @@ class Outbox:
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
 
-    def add(self, job_id: int, destination: str, path: Path, sop_class_uid: str,
-            sop_instance_uid: str, series_uid: str, resend: bool = False) -> bool:
+    def add(
+        self,
+        job_id: int,
+        destination: str,
+        path: Path,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        series_uid: str,
+        resend: bool = False,
+    ) -> bool:
         """Queue a file; False when this destination already has (or will get) it."""
         t = now()
         with self.db.transaction() as con:
-            row = con.execute("SELECT id, state FROM outbox WHERE destination=? AND sop_instance_uid=?",
-                              (destination, sop_instance_uid)).fetchone()
+            row = con.execute(
+                "SELECT id, state FROM outbox WHERE destination=? AND sop_instance_uid=?",
+                (destination, sop_instance_uid),
+            ).fetchone()
             if row is None:
                 con.execute(
                     "INSERT INTO outbox (job_id, destination, sop_instance_uid, sop_class_uid, series_uid,"
                     " path, state, not_before, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (job_id, destination, sop_instance_uid, sop_class_uid, series_uid, str(path),
-                     "pending", t, t),
+                    (
+                        job_id,
+                        destination,
+                        sop_instance_uid,
+                        sop_class_uid,
+                        series_uid,
+                        str(path),
+                        "pending",
+                        t,
+                        t,
+                    ),
                 )
                 self.wake.set()
                 return True
             if resend or row["state"] == "failed":
                 con.execute(
                     "UPDATE outbox SET job_id=?, path=?, state='pending', attempts=0, not_before=?, "
-                    "error=NULL WHERE id=?", (job_id, str(path), t, row["id"]))
+                    "error=NULL WHERE id=?",
+                    (job_id, str(path), t, row["id"]),
+                )
                 self.wake.set()
                 return True
             return False
@@ -81,10 +102,14 @@ class Outbox:
         for name, batch in by_dest.items():
             dest = next((d for d in self.settings.destinations if d.name == name), None)
             if dest is None:
-                self._mark(batch, failed=f"destination {name!r} is no longer configured", permanent=True)
+                self._mark(
+                    batch, failed=f"destination {name!r} is no longer configured", permanent=True
+                )
                 continue
-            items = [Item(r["id"], Path(r["path"]), r["sop_class_uid"], r["sop_instance_uid"])
-                     for r in batch[:BATCH]]
+            items = [
+                Item(r["id"], Path(r["path"]), r["sop_class_uid"], r["sop_instance_uid"])
+                for r in batch[:BATCH]
+            ]
             try:
                 outcome = send(dest, items, self.settings.ae_title, self.settings.outbox.timeout_s)
             except (DeliveryError, OSError) as exc:
@@ -96,8 +121,11 @@ class Outbox:
                 for r in batch[:BATCH]:
                     result = outcome.get(r["id"], (False, "no outcome reported"))
                     if result is None:
-                        con.execute("UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1,"
-                                    " error=NULL WHERE id=?", (t, r["id"]))
+                        con.execute(
+                            "UPDATE outbox SET state='sent', sent_at=?, attempts=attempts+1,"
+                            " error=NULL WHERE id=?",
+                            (t, r["id"]),
+                        )
                     else:
                         permanent, reason = result
                         self._retry_or_fail(con, r, reason, permanent, t)
@@ -107,18 +135,26 @@ class Outbox:
     def _retry_or_fail(self, con, row, reason: str, permanent: bool, t: float) -> None:  # type: ignore[no-untyped-def]
         cfg = self.settings.outbox
         if permanent:
-            con.execute("UPDATE outbox SET state='failed', attempts=attempts+1, error=? WHERE id=?",
-                        (reason, row["id"]))
+            con.execute(
+                "UPDATE outbox SET state='failed', attempts=attempts+1, error=? WHERE id=?",
+                (reason, row["id"]),
+            )
             log.error("%s refused %s: %s", row["destination"], row["sop_instance_uid"], reason)
             return
         delay = min(cfg.backoff_base_s * 2 ** min(row["attempts"], 20), cfg.backoff_max_s)
-        con.execute("UPDATE outbox SET attempts=attempts+1, error=?, not_before=? WHERE id=?",
-                    (reason, t + delay, row["id"]))
+        con.execute(
+            "UPDATE outbox SET attempts=attempts+1, error=?, not_before=? WHERE id=?",
+            (reason, t + delay, row["id"]),
+        )
 
     def _mark(self, batch: list, failed: str, permanent: bool) -> None:  # type: ignore[type-arg]
         t = now()
         with self.db.transaction() as con:
             for r in batch:
                 self._retry_or_fail(con, r, failed, permanent, t)
-        log.warning("delivery to %s deferred (%d object(s)): %s", batch[0]["destination"], len(batch),
-                    failed)
+        log.warning(
+            "delivery to %s deferred (%d object(s)): %s",
+            batch[0]["destination"],
+            len(batch),
+            failed,
+        )

@@ -28,12 +28,18 @@ def device_for(settings: Settings) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_pipeline(loaded: LoadedRun, pipeline_name: str, settings: Settings) -> tuple[list[Dataset], list[str]]:
+def run_pipeline(
+    loaded: LoadedRun, pipeline_name: str, settings: Settings
+) -> tuple[list[Dataset], list[str]]:
     pipeline = pipelines.get(pipeline_name)
     package = settings.models.get(pipeline_name)
-    ctx = PipelineContext(device=device_for(settings), model_package=str(package) if package else None)
+    ctx = PipelineContext(
+        device=device_for(settings), model_package=str(package) if package else None
+    )
     result = pipeline(loaded.run, ctx)
-    datasets = encode_result(result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=pipeline_name))
+    datasets = encode_result(
+        result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=pipeline_name)
+    )
     return datasets, list(result.notes)
 
 

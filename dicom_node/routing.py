@@ -110,8 +110,10 @@ class Decision:
         if self.rule is None:
             lines.append("  -> no rule matched: the run goes to no pipeline (reported as unrouted)")
         else:
-            lines.append(f"  -> rule {self.rule.name!r}: pipelines {self.rule.pipelines or 'none'}, "
-                         f"destinations {self.rule.destinations}")
+            lines.append(
+                f"  -> rule {self.rule.name!r}: pipelines {self.rule.pipelines or 'none'}, "
+                f"destinations {self.rule.destinations}"
+            )
         return "\n".join(lines)
 
 
@@ -142,23 +144,43 @@ def evaluate(match: Match, f: RunFeatures) -> list[Check]:
         uids = [resolve_sop_class(s) for s in match.sop_class_uid]
         checks.append(Check("SOP Class UID", f.sop_class_uid in uids, f.sop_class_uid))
     if match.modality:
-        checks.append(Check(f"Modality in {match.modality}", f.modality in match.modality, f.modality))
+        checks.append(
+            Check(f"Modality in {match.modality}", f.modality in match.modality, f.modality)
+        )
     if match.image_type:
         ok = all(v.upper() in f.image_type for v in match.image_type)
         checks.append(Check(f"Image Type has {match.image_type}", ok, "\\".join(f.image_type)))
     if match.not_image_type:
         ok = not any(v.upper() in f.image_type for v in match.not_image_type)
-        checks.append(Check(f"Image Type lacks {match.not_image_type}", ok, "\\".join(f.image_type)))
+        checks.append(
+            Check(f"Image Type lacks {match.not_image_type}", ok, "\\".join(f.image_type))
+        )
     if match.calling_aet:
-        checks.append(Check(f"calling AE in {match.calling_aet}", f.calling_aet in match.calling_aet,
-                            f.calling_aet))
+        checks.append(
+            Check(
+                f"calling AE in {match.calling_aet}",
+                f.calling_aet in match.calling_aet,
+                f.calling_aet,
+            )
+        )
     if match.subtracted is not None:
-        checks.append(Check(f"subtracted is {match.subtracted}", f.subtracted == match.subtracted,
-                            "SUBTRACTION in Image Type or a Mask Subtraction Sequence"
-                            if f.subtracted else "no subtraction"))
+        checks.append(
+            Check(
+                f"subtracted is {match.subtracted}",
+                f.subtracted == match.subtracted,
+                "SUBTRACTION in Image Type or a Mask Subtraction Sequence"
+                if f.subtracted
+                else "no subtraction",
+            )
+        )
     if match.is_volume is not None:
-        checks.append(Check(f"volume is {match.is_volume}", f.is_volume == match.is_volume,
-                            f"{f.instance_count} instance(s), {f.number_of_frames} frame(s)"))
+        checks.append(
+            Check(
+                f"volume is {match.is_volume}",
+                f.is_volume == match.is_volume,
+                f"{f.instance_count} instance(s), {f.number_of_frames} frame(s)",
+            )
+        )
     rate = f.frame_rate
     if match.frame_rate_min is not None:
         ok = rate is not None and rate >= match.frame_rate_min
@@ -167,8 +189,13 @@ def evaluate(match: Match, f: RunFeatures) -> list[Check]:
         ok = rate is not None and rate <= match.frame_rate_max
         checks.append(Check(f"frame rate <= {match.frame_rate_max}/s", ok, f"{rate}"))
     if match.min_frames is not None:
-        checks.append(Check(f"frames >= {match.min_frames}", f.number_of_frames >= match.min_frames,
-                            str(f.number_of_frames)))
+        checks.append(
+            Check(
+                f"frames >= {match.min_frames}",
+                f.number_of_frames >= match.min_frames,
+                str(f.number_of_frames),
+            )
+        )
     for keyword, want in match.tags.items():
         checks.append(_check_tag(f.header, keyword, want))
     return checks
@@ -211,7 +238,11 @@ def default_rules() -> list[Rule]:
         Rule(
             name="rotational-3d",
             match=Match(
-                sop_class_uid=["XRay3DAngiographicImageStorage", "CTImageStorage", "EnhancedCTImageStorage"],
+                sop_class_uid=[
+                    "XRay3DAngiographicImageStorage",
+                    "CTImageStorage",
+                    "EnhancedCTImageStorage",
+                ],
                 is_volume=True,
                 tags={"BodyPartExamined": _CEREBRAL},
             ),
@@ -219,8 +250,12 @@ def default_rules() -> list[Rule]:
         ),
         Rule(
             name="coronary-cine",
-            match=Match(sop_class_uid=xa, subtracted=False, min_frames=2,
-                        tags={"BodyPartExamined": _CARDIAC}),
+            match=Match(
+                sop_class_uid=xa,
+                subtracted=False,
+                min_frames=2,
+                tags={"BodyPartExamined": _CARDIAC},
+            ),
             pipelines=available("xa_coronary"),
         ),
         Rule(
@@ -230,8 +265,12 @@ def default_rules() -> list[Rule]:
         ),
         Rule(
             name="cerebral-dsa",
-            match=Match(sop_class_uid=xa, subtracted=True, min_frames=2,
-                        tags={"BodyPartExamined": _CEREBRAL}),
+            match=Match(
+                sop_class_uid=xa,
+                subtracted=True,
+                min_frames=2,
+                tags={"BodyPartExamined": _CEREBRAL},
+            ),
             pipelines=available("minip", "dsa_av", "dsa_perfusion"),
         ),
     ]

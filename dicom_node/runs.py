@@ -81,7 +81,9 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
     numbers = [int(n) for n in (numbers if not isinstance(numbers, (int, str)) else [numbers])]
     idx = [n - 1 for n in numbers if 1 <= n <= frames.shape[0]]
     if not idx:
-        raise RunError(f"Mask Frame Numbers {numbers} are outside the run's {frames.shape[0]} frames")
+        raise RunError(
+            f"Mask Frame Numbers {numbers} are outside the run's {frames.shape[0]} frames"
+        )
     mask = frames[idx].mean(axis=0)
     sub = SUB_MID + SUB_GAIN * (np.log1p(np.maximum(frames, 0)) - np.log1p(np.maximum(mask, 0)))
     return sub.astype(np.float32), True
@@ -91,8 +93,10 @@ def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
-        raise RunError(f"cannot decode pixel data of {path.name} "
-                       f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from None
+        raise RunError(
+            f"cannot decode pixel data of {path.name} "
+            f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
+        ) from None
     return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
 
 
@@ -135,8 +139,12 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         order = np.argsort([int(ds.get("InstanceNumber", i) or i) for i, ds in enumerate(datasets)])
         datasets = [datasets[i] for i in order]
         paths = [paths[i] for i in order]
-        frames = np.stack([decode_pixels(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
-                           for ds, p in zip(datasets, paths, strict=True)])
+        frames = np.stack(
+            [
+                decode_pixels(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
+                for ds, p in zip(datasets, paths, strict=True)
+            ]
+        )
         times = _instance_times(datasets)
     else:
         ds = datasets[0]
@@ -169,7 +177,9 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         frame_rate=frame_rate(first),
         extra={"mask_subtracted": mask_subtracted},
     )
-    return LoadedRun(Run(pixels=frames.astype(np.float32), meta=meta), [_strip(d) for d in datasets])
+    return LoadedRun(
+        Run(pixels=frames.astype(np.float32), meta=meta), [_strip(d) for d in datasets]
+    )
 
 
 def _instance_times(datasets: list[Dataset]) -> np.ndarray | None:
@@ -192,14 +202,29 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
             raise RunError("a single 2D slice is not a volume")
         sfg = first.get("SharedFunctionalGroupsSequence")
         measures = sfg[0].get("PixelMeasuresSequence") if sfg else None
-        spacing = (float(measures[0].PixelSpacing[0]), float(measures[0].PixelSpacing[1])) if measures else None
-        slice_spacing = float(measures[0].get("SpacingBetweenSlices") or measures[0].get("SliceThickness") or 0) if measures else None
+        spacing = (
+            (float(measures[0].PixelSpacing[0]), float(measures[0].PixelSpacing[1]))
+            if measures
+            else None
+        )
+        slice_spacing = (
+            float(measures[0].get("SpacingBetweenSlices") or measures[0].get("SliceThickness") or 0)
+            if measures
+            else None
+        )
         headers = [_strip(first)]
         pf = first.get("PerFrameFunctionalGroupsSequence")
         if pf is not None and len(pf) == vol.shape[0] and "PlanePositionSequence" in pf[0]:
-            iop = sfg[0].PlaneOrientationSequence[0].ImageOrientationPatient if sfg and "PlaneOrientationSequence" in sfg[0] else [1, 0, 0, 0, 1, 0]
+            iop = (
+                sfg[0].PlaneOrientationSequence[0].ImageOrientationPatient
+                if sfg and "PlaneOrientationSequence" in sfg[0]
+                else [1, 0, 0, 0, 1, 0]
+            )
             normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-            pos = [float(np.asarray(it.PlanePositionSequence[0].ImagePositionPatient, float) @ normal) for it in pf]
+            pos = [
+                float(np.asarray(it.PlanePositionSequence[0].ImagePositionPatient, float) @ normal)
+                for it in pf
+            ]
             order = np.argsort(pos)
             if not np.array_equal(order, np.arange(len(order))):
                 vol = vol[order]
@@ -209,7 +234,11 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         datasets = [datasets[i] for i in order]
         paths = [paths[i] for i in order]
         vol = np.stack([decode_pixels(ds, p) for ds, p in zip(datasets, paths, strict=True)])
-        spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1])) if "PixelSpacing" in first else None
+        spacing = (
+            (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
+            if "PixelSpacing" in first
+            else None
+        )
         pos = sorted(_slice_position(ds) for ds in datasets)
         slice_spacing = float(np.median(np.diff(pos))) if len(pos) > 1 else None
         headers = [_strip(d) for d in datasets]

@@ -50,7 +50,9 @@ def make_store_handler(spool: Spool, on_stored: OnStored) -> Callable[[Event], i
         try:
             data = event.encoded_dataset()
         except (ValueError, AttributeError) as exc:
-            log.warning("C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc)
+            log.warning(
+                "C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc
+            )
             return RejectedInstance.CANNOT_UNDERSTAND
         try:
             stored = spool.store(data, requested_sop_class=requested, calling_aet=calling)
@@ -58,11 +60,20 @@ def make_store_handler(spool: Spool, on_stored: OnStored) -> Callable[[Event], i
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, exc.status, exc.reason)
             return exc.status
         except OSError as exc:
-            log.error("C-STORE from %s failed (0x%04X): %s", calling,
-                      RejectedInstance.PROCESSING_FAILURE, exc)
+            log.error(
+                "C-STORE from %s failed (0x%04X): %s",
+                calling,
+                RejectedInstance.PROCESSING_FAILURE,
+                exc,
+            )
             return RejectedInstance.PROCESSING_FAILURE
-        log.info("stored %s from %s (run %s%s)", stored.sop_instance_uid, calling, stored.run_id,
-                 ", duplicate" if stored.duplicate else "")
+        log.info(
+            "stored %s from %s (run %s%s)",
+            stored.sop_instance_uid,
+            calling,
+            stored.run_id,
+            ", duplicate" if stored.duplicate else "",
+        )
         on_stored(stored)
         return 0x0000
 
@@ -82,6 +93,10 @@ def start_scp(settings: Settings, spool: Spool, on_stored: OnStored) -> Threaded
     ]
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
     assert server is not None  # block=False always returns the server
-    log.info("storage SCP %s listening on %s:%d", settings.ae_title, settings.host,
-             server.server_address[1])
+    log.info(
+        "storage SCP %s listening on %s:%d",
+        settings.ae_title,
+        settings.host,
+        server.server_address[1],
+    )
     return server

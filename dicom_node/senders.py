@@ -63,7 +63,9 @@ def cstore(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: 
     contexts = [build_context(c) for c in classes]
     assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
+        why = (
+            "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
+        )
         raise DeliveryError(f"{dest.name}: {why} at {dest.host}:{dest.port} ({dest.ae_title})")
     outcome: Outcome = {}
     try:
@@ -106,8 +108,9 @@ def stow(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: fl
     elif dest.username:
         auth = (dest.username, dest.password or "")
     try:
-        resp = requests.post(f"{dest.url}/studies", data=b"".join(parts), headers=headers,
-                             auth=auth, timeout=timeout)
+        resp = requests.post(
+            f"{dest.url}/studies", data=b"".join(parts), headers=headers, auth=auth, timeout=timeout
+        )
     except requests.RequestException as exc:
         raise DeliveryError(f"{dest.name}: {exc}") from None
     if resp.status_code in (502, 503, 504, 429) or resp.status_code >= 500:
@@ -133,7 +136,9 @@ def _stow_failures(resp: requests.Response) -> dict[str, str]:
     except ValueError:
         return {}
     failed = {}
-    for entry in (body.get("00081198", {}) or {}).get("Value", []) if isinstance(body, dict) else []:
+    for entry in (
+        (body.get("00081198", {}) or {}).get("Value", []) if isinstance(body, dict) else []
+    ):
         uid = entry.get("00081155", {}).get("Value", [""])[0]
         reason = entry.get("00081197", {}).get("Value", ["?"])[0]
         failed[uid] = f"failure reason {reason}"

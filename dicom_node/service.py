@@ -32,12 +32,15 @@ class Node:
         self.settings = settings
         settings.storage_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.db_path)
-        self.spool = Spool(settings.storage_dir, self.db, settings.min_free_bytes, settings.max_uid_length)
+        self.spool = Spool(
+            settings.storage_dir, self.db, settings.min_free_bytes, settings.max_uid_length
+        )
         self.completion = completion.QuietPeriodRule(settings.completion.quiet_period_s)
         self.queue = JobQueue(self.db, settings.workers)
         self.outbox = Outbox(self.db, settings)
-        self.workers = Workers(self.queue, self.execute, settings.workers.concurrency,
-                               settings.workers.poll_interval_s)
+        self.workers = Workers(
+            self.queue, self.execute, settings.workers.concurrency, settings.workers.poll_interval_s
+        )
         self.scheduler = BackgroundScheduler()
         self.results_dir = settings.storage_dir / "results"
         self.server: ThreadedAssociationServer | None = None
@@ -50,8 +53,14 @@ class Node:
         self._route_pending()
         self.outbox.start()
         self.workers.start()
-        self.scheduler.add_job(self.sweep, "interval", seconds=self.settings.completion.sweep_interval_s,
-                               max_instances=1, coalesce=True, id="completion-sweep")
+        self.scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=self.settings.completion.sweep_interval_s,
+            max_instances=1,
+            coalesce=True,
+            id="completion-sweep",
+        )
         self.scheduler.start()
         self.server = start_scp(self.settings, self.spool, self.on_stored)
         if self.settings.api.enabled:
@@ -87,7 +96,9 @@ class Node:
 
     def sweep(self) -> None:
         for run_id in self.completion.due(self.db):
-            if completion.complete(self.db, run_id, f"quiet for {self.completion.quiet_period_s:g} s"):
+            if completion.complete(
+                self.db, run_id, f"quiet for {self.completion.quiet_period_s:g} s"
+            ):
                 self.route_run(run_id)
 
     def trigger(self, **selector: str) -> list[str]:
@@ -104,7 +115,9 @@ class Node:
         jobs: list[int] = []
         for run_id in completion.runs_for(self.db, **selector):
             with self.db.transaction() as con:
-                con.execute("UPDATE runs SET state='complete', reason='reprocess' WHERE run_id=?", (run_id,))
+                con.execute(
+                    "UPDATE runs SET state='complete', reason='reprocess' WHERE run_id=?", (run_id,)
+                )
             jobs.extend(self.route_run(run_id, resend=True))
         return jobs
 
@@ -115,23 +128,37 @@ class Node:
 
     def route_run(self, run_id: str, resend: bool = False) -> list[int]:
         with self._route_lock:
-            rows = self.db.query("SELECT path, calling_aet FROM instances WHERE run_id=?", (run_id,))
+            rows = self.db.query(
+                "SELECT path, calling_aet FROM instances WHERE run_id=?", (run_id,)
+            )
             if not rows:
                 return []
             headers = [dcmread(r["path"], stop_before_pixels=True) for r in rows]
-            decision = route(self.settings.effective_rules(), RunFeatures.from_headers(headers, rows[0]["calling_aet"]))
+            decision = route(
+                self.settings.effective_rules(),
+                RunFeatures.from_headers(headers, rows[0]["calling_aet"]),
+            )
             job_ids: list[int] = []
             with self.db.transaction() as con:
                 state = con.execute("SELECT state FROM runs WHERE run_id=?", (run_id,)).fetchone()
                 if state is None or state["state"] != "complete":
                     return []
                 if decision.rule is None or not decision.rule.pipelines:
-                    why = "no rule matched" if decision.rule is None else f"rule {decision.rule.name} has no pipeline"
-                    con.execute("UPDATE runs SET state='unrouted', rule=?, reason=? WHERE run_id=?",
-                                (decision.rule.name if decision.rule else None, why, run_id))
+                    why = (
+                        "no rule matched"
+                        if decision.rule is None
+                        else f"rule {decision.rule.name} has no pipeline"
+                    )
+                    con.execute(
+                        "UPDATE runs SET state='unrouted', rule=?, reason=? WHERE run_id=?",
+                        (decision.rule.name if decision.rule else None, why, run_id),
+                    )
                     log.warning("run %s not routed: %s", run_id, why)
                     return []
-                con.execute("UPDATE runs SET state='routed', rule=? WHERE run_id=?", (decision.rule.name, run_id))
+                con.execute(
+                    "UPDATE runs SET state='routed', rule=? WHERE run_id=?",
+                    (decision.rule.name, run_id),
+                )
             dests = [d.name for d in self.settings.destinations_for(decision.rule)]
             if resend:
                 dests = [f"{d}!resend" for d in dests]
@@ -143,7 +170,9 @@ class Node:
 
     # -- a job -------------------------------------------------------------
     def execute(self, job: Job) -> list[str]:
-        rows = self.db.query("SELECT path FROM instances WHERE run_id=? ORDER BY received_at", (job.run_id,))
+        rows = self.db.query(
+            "SELECT path FROM instances WHERE run_id=? ORDER BY received_at", (job.run_id,)
+        )
         if not rows:
             raise RunError(f"run {job.run_id} has no stored instances")
         loaded = load_run([Path(r["path"]) for r in rows])
@@ -153,10 +182,21 @@ class Node:
             path = write_dataset(ds, out_dir)
             for dest in job.destinations:
                 name, _, flag = dest.partition("!")
-                self.outbox.add(job.id, name, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                str(ds.SeriesInstanceUID), resend=flag == "resend")
-        notes.append(f"{len(datasets)} object(s): " + ", ".join(
-            sorted({str(ds.get('SeriesDescription', ds.SOPClassUID)) for ds in datasets})))
+                self.outbox.add(
+                    job.id,
+                    name,
+                    path,
+                    str(ds.SOPClassUID),
+                    str(ds.SOPInstanceUID),
+                    str(ds.SeriesInstanceUID),
+                    resend=flag == "resend",
+                )
+        notes.append(
+            f"{len(datasets)} object(s): "
+            + ", ".join(
+                sorted({str(ds.get("SeriesDescription", ds.SOPClassUID)) for ds in datasets})
+            )
+        )
         return notes
 
     # -- status ------------------------------------------------------------
@@ -166,15 +206,30 @@ class Node:
 
 def status_summary(db: Database) -> dict[str, object]:
     def counts(table: str) -> dict[str, int]:
-        return {r["state"]: r["n"] for r in db.query(f"SELECT state, COUNT(*) n FROM {table} GROUP BY state")}
+        return {
+            r["state"]: r["n"]
+            for r in db.query(f"SELECT state, COUNT(*) n FROM {table} GROUP BY state")
+        }
 
-    failures = [dict(r) for r in db.query(
-        "SELECT id, run_id, pipeline, error, updated_at FROM jobs WHERE state='failed' ORDER BY id DESC LIMIT 20")]
-    backlog = [dict(r) for r in db.query(
-        "SELECT destination, COUNT(*) n, MAX(attempts) attempts, MAX(error) error FROM outbox "
-        "WHERE state='pending' GROUP BY destination")]
-    unrouted = [dict(r) for r in db.query(
-        "SELECT run_id, series_uid, reason FROM runs WHERE state='unrouted' ORDER BY last_at DESC LIMIT 20")]
+    failures = [
+        dict(r)
+        for r in db.query(
+            "SELECT id, run_id, pipeline, error, updated_at FROM jobs WHERE state='failed' ORDER BY id DESC LIMIT 20"
+        )
+    ]
+    backlog = [
+        dict(r)
+        for r in db.query(
+            "SELECT destination, COUNT(*) n, MAX(attempts) attempts, MAX(error) error FROM outbox "
+            "WHERE state='pending' GROUP BY destination"
+        )
+    ]
+    unrouted = [
+        dict(r)
+        for r in db.query(
+            "SELECT run_id, series_uid, reason FROM runs WHERE state='unrouted' ORDER BY last_at DESC LIMIT 20"
+        )
+    ]
     return {
         "instances": db.query("SELECT COUNT(*) n FROM instances")[0]["n"],
         "runs": counts("runs"),
@@ -186,11 +241,19 @@ def status_summary(db: Database) -> dict[str, object]:
     }
 
 
-def jobs_for(db: Database, *, study_uid: str | None = None, series_uid: str | None = None,
-             sop_instance_uid: str | None = None) -> list[dict[str, object]]:
+def jobs_for(
+    db: Database,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> list[dict[str, object]]:
     where, params = "", ()  # type: tuple[str, tuple[str, ...]]
     if sop_instance_uid:
-        where, params = "WHERE r.run_id IN (SELECT run_id FROM instances WHERE sop_instance_uid=?)", (sop_instance_uid,)
+        where, params = (
+            "WHERE r.run_id IN (SELECT run_id FROM instances WHERE sop_instance_uid=?)",
+            (sop_instance_uid,),
+        )
     elif series_uid:
         where, params = "WHERE r.series_uid=?", (series_uid,)
     elif study_uid:
@@ -200,7 +263,9 @@ def jobs_for(db: Database, *, study_uid: str | None = None, series_uid: str | No
         " r.series_uid, r.study_uid, r.state AS run_state, r.rule,"
         " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
         " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='pending') AS pending"
-        f" FROM runs r LEFT JOIN jobs j ON j.run_id=r.run_id {where} ORDER BY r.first_at, j.id", params)
+        f" FROM runs r LEFT JOIN jobs j ON j.run_id=r.run_id {where} ORDER BY r.first_at, j.id",
+        params,
+    )
     out = []
     for r in rows:
         d = dict(r)

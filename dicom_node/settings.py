@@ -26,7 +26,9 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, 
 
 def _ae_title(value: str) -> str:
     if not _AE_RE.match(value) or not value.strip():
-        raise ValueError("an AE title is 1-16 printable ASCII characters, not only spaces, no backslash")
+        raise ValueError(
+            "an AE title is 1-16 printable ASCII characters, not only spaces, no backslash"
+        )
     return value.strip()
 
 
@@ -46,7 +48,9 @@ class Strict(BaseModel):
 
 
 class CompletionSettings(Strict):
-    quiet_period_s: float = Field(10.0, gt=0, description="idle time after which a multi-instance series is complete")
+    quiet_period_s: float = Field(
+        10.0, gt=0, description="idle time after which a multi-instance series is complete"
+    )
     sweep_interval_s: float = Field(1.0, gt=0)
 
 
@@ -55,7 +59,9 @@ class WorkerSettings(Strict):
     max_attempts: int = Field(3, ge=1, le=100)
     backoff_base_s: float = Field(5.0, gt=0)
     backoff_max_s: float = Field(600.0, gt=0)
-    lease_s: float = Field(900.0, gt=0, description="a running job whose lease expires is taken again")
+    lease_s: float = Field(
+        900.0, gt=0, description="a running job whose lease expires is taken again"
+    )
     poll_interval_s: float = Field(0.5, gt=0)
 
 
@@ -134,7 +140,9 @@ class Settings(Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
     storage_dir: Path = Path("var")
     allowed_calling_aets: list[AETitle] = []
-    min_free_bytes: int = Field(256 * 2**20, ge=0, description="refuse instances below this free space")
+    min_free_bytes: int = Field(
+        256 * 2**20, ge=0, description="refuse instances below this free space"
+    )
     max_uid_length: int = 64
     completion: CompletionSettings = CompletionSettings()
     workers: WorkerSettings = WorkerSettings()
@@ -180,7 +188,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        path = key[len(ENV_PREFIX):].lower().split("__")
+        path = key[len(ENV_PREFIX) :].lower().split("__")
         try:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
@@ -214,8 +222,9 @@ def _describe(err: ValidationError) -> str:
     return "invalid settings:\n" + "\n".join(lines)
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
-                  **overrides: Any) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Settings from ``path`` (TOML), then the environment, then ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -253,4 +262,6 @@ def _check_pipelines(settings: Settings) -> None:
                 f"invalid settings:\n  models.{name}: unknown pipeline (allowed: {', '.join(sorted(known))})"
             )
         if not Path(pkg).is_dir():
-            raise ConfigError(f"invalid settings:\n  models.{name}: {pkg} is not a model package folder")
+            raise ConfigError(
+                f"invalid settings:\n  models.{name}: {pkg} is not a model package folder"
+            )

@@ -43,11 +43,15 @@ def check_uid(name: str, value: object, max_length: int = 64) -> str:
     if not text:
         raise RejectedInstance(RejectedInstance.CANNOT_UNDERSTAND, f"missing {name}")
     if len(text) > max_length:
-        raise RejectedInstance(RejectedInstance.CANNOT_UNDERSTAND,
-                               f"{name} is {len(text)} characters long (max {max_length})")
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND,
+            f"{name} is {len(text)} characters long (max {max_length})",
+        )
     if not _UID_RE.match(text):
-        raise RejectedInstance(RejectedInstance.CANNOT_UNDERSTAND,
-                               f"{name} {text[:80]!r} is not a valid UID (digits and dots only)")
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND,
+            f"{name} {text[:80]!r} is not a valid UID (digits and dots only)",
+        )
     return text
 
 
@@ -80,19 +84,31 @@ def inspect(data: bytes, requested_sop_class: str, max_uid_length: int = 64) -> 
     try:
         ds = dcmread(BytesIO(data), force=True)
         ds.get("SOPInstanceUID")  # force a parse of the header elements we need
-        _ = [ds.get(kw) for kw in ("SOPClassUID", "SeriesInstanceUID", "StudyInstanceUID",
-                                   "NumberOfFrames", "Rows", "Columns")]
+        _ = [
+            ds.get(kw)
+            for kw in (
+                "SOPClassUID",
+                "SeriesInstanceUID",
+                "StudyInstanceUID",
+                "NumberOfFrames",
+                "Rows",
+                "Columns",
+            )
+        ]
         pixel = ds.get("PixelData")
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError) as exc:
-        raise RejectedInstance(RejectedInstance.CANNOT_UNDERSTAND,
-                               f"dataset cannot be parsed: {exc}") from None
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
+        ) from None
     sop_class = check_uid("SOP Class UID", ds.get("SOPClassUID"), max_uid_length)
     check_uid("SOP Instance UID", ds.get("SOPInstanceUID"), max_uid_length)
     check_uid("Series Instance UID", ds.get("SeriesInstanceUID"), max_uid_length)
     check_uid("Study Instance UID", ds.get("StudyInstanceUID"), max_uid_length)
     if sop_class not in ACCEPTED_SOP_CLASSES:
-        raise RejectedInstance(RejectedInstance.SOP_CLASS_NOT_SUPPORTED,
-                               f"SOP Class {sop_class} is not accepted by this node")
+        raise RejectedInstance(
+            RejectedInstance.SOP_CLASS_NOT_SUPPORTED,
+            f"SOP Class {sop_class} is not accepted by this node",
+        )
     if requested_sop_class and sop_class != requested_sop_class:
         raise RejectedInstance(
             RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -100,13 +116,20 @@ def inspect(data: bytes, requested_sop_class: str, max_uid_length: int = 64) -> 
         )
     if sop_class not in NON_IMAGE:
         if pixel is None:
-            raise RejectedInstance(RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                                   "image has no Pixel Data")
-        encapsulated = ds.file_meta.TransferSyntaxUID.is_compressed if "TransferSyntaxUID" in ds.file_meta else False
+            raise RejectedInstance(
+                RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data"
+            )
+        encapsulated = (
+            ds.file_meta.TransferSyntaxUID.is_compressed
+            if "TransferSyntaxUID" in ds.file_meta
+            else False
+        )
         expected = _expected_pixel_bytes(ds)
         if expected is None:
-            raise RejectedInstance(RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                                   "image lacks Rows, Columns or Bits Allocated")
+            raise RejectedInstance(
+                RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                "image lacks Rows, Columns or Bits Allocated",
+            )
         if not encapsulated and len(pixel or b"") < expected:
             raise RejectedInstance(
                 RejectedInstance.CANNOT_UNDERSTAND,
@@ -124,8 +147,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    def __init__(self, root: Path, db: Database, min_free_bytes: int = 0,
-                 max_uid_length: int = 64) -> None:
+    def __init__(
+        self, root: Path, db: Database, min_free_bytes: int = 0, max_uid_length: int = 64
+    ) -> None:
         self.root = Path(root)
         self.db = db
         self.min_free_bytes = min_free_bytes
@@ -174,11 +198,24 @@ class Spool:
         self._write_durably(data, final)
         t = now()
         with self.db.transaction() as con:
-            dup = con.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)).fetchone()
+            dup = con.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)
+            ).fetchone()
             con.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (sop_uid, sop_class, series, study, run_id, str(final), len(data),
-                 str(ds.file_meta.get("TransferSyntaxUID", "")), frames, calling_aet, t),
+                (
+                    sop_uid,
+                    sop_class,
+                    series,
+                    study,
+                    run_id,
+                    str(final),
+                    len(data),
+                    str(ds.file_meta.get("TransferSyntaxUID", "")),
+                    frames,
+                    calling_aet,
+                    t,
+                ),
             )
             row = con.execute("SELECT state FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is None:
@@ -189,7 +226,9 @@ class Spool:
                 )
             elif not dup:
                 # a new instance re-opens a series that was already complete
-                con.execute("UPDATE runs SET last_at=?, state='receiving' WHERE run_id=?", (t, run_id))
+                con.execute(
+                    "UPDATE runs SET last_at=?, state='receiving' WHERE run_id=?", (t, run_id)
+                )
             else:
                 con.execute("UPDATE runs SET last_at=? WHERE run_id=?", (t, run_id))
         if dup:

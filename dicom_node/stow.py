@@ -51,7 +51,9 @@ def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     msg = Message()
     msg["Content-Type"] = content_type
     if msg.get_content_type() != "multipart/related":
-        raise StowError(415, f"STOW-RS needs multipart/related, got {content_type or 'no Content-Type'!r}")
+        raise StowError(
+            415, f"STOW-RS needs multipart/related, got {content_type or 'no Content-Type'!r}"
+        )
     boundary = msg.get_param("boundary")
     if not boundary or not isinstance(boundary, str):
         raise StowError(400, "multipart/related without a boundary")
@@ -74,8 +76,12 @@ def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
         end = body.find(b"\r\n" + delimiter, head_end + 4)
         if end < 0:
             raise StowError(400, f"multipart part {len(parts) + 1} is not closed by the boundary")
-        parts.append((headers.get_content_type() if headers["Content-Type"] else default_type,
-                      body[head_end + 4:end]))
+        parts.append(
+            (
+                headers.get_content_type() if headers["Content-Type"] else default_type,
+                body[head_end + 4 : end],
+            )
+        )
         pos = end + 2 + len(delimiter)
     return parts
 
@@ -113,15 +119,20 @@ def _uids(data: bytes) -> tuple[str, str, str]:
     """(SOP Class, SOP Instance, Study Instance UID) as far as the header can be read."""
     try:
         ds = dcmread(BytesIO(data), force=True, stop_before_pixels=True)
-        return (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")),
-                str(ds.get("StudyInstanceUID", "")))
+        return (
+            str(ds.get("SOPClassUID", "")),
+            str(ds.get("SOPInstanceUID", "")),
+            str(ds.get("StudyInstanceUID", "")),
+        )
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError):
         return "", "", ""
 
 
 def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, Any]:
-    item: dict[str, Any] = {"00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
-                            "00081155": {"vr": "UI", "Value": [sop_uid]} if sop_uid else {"vr": "UI"}}
+    item: dict[str, Any] = {
+        "00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
+        "00081155": {"vr": "UI", "Value": [sop_uid]} if sop_uid else {"vr": "UI"},
+    }
     if reason is not None:
         item["00081197"] = {"vr": "US", "Value": [reason]}
     return item
@@ -141,7 +152,9 @@ def stow(node: Node, path: str, content_type: str, body: bytes) -> tuple[int, di
             failed.append(_item(sop_class, sop_uid, RejectedInstance.SOP_CLASS_NOT_SUPPORTED))
             continue
         if target_study and study != target_study:
-            log.warning("STOW-RS part %d refused: study %s is not the target %s", i, study, target_study)
+            log.warning(
+                "STOW-RS part %d refused: study %s is not the target %s", i, study, target_study
+            )
             failed.append(_item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND))
             continue
         try:
@@ -151,11 +164,17 @@ def stow(node: Node, path: str, content_type: str, body: bytes) -> tuple[int, di
             failed.append(_item(sop_class, sop_uid, exc.status))
             continue
         except OSError as exc:
-            log.error("STOW-RS part %d failed (0x%04X): %s", i, RejectedInstance.PROCESSING_FAILURE, exc)
+            log.error(
+                "STOW-RS part %d failed (0x%04X): %s", i, RejectedInstance.PROCESSING_FAILURE, exc
+            )
             failed.append(_item(sop_class, sop_uid, RejectedInstance.PROCESSING_FAILURE))
             continue
-        log.info("stored %s by STOW-RS (run %s%s)", result.sop_instance_uid, result.run_id,
-                 ", duplicate" if result.duplicate else "")
+        log.info(
+            "stored %s by STOW-RS (run %s%s)",
+            result.sop_instance_uid,
+            result.run_id,
+            ", duplicate" if result.duplicate else "",
+        )
         node.on_stored(result)
         stored.append(_item(sop_class, sop_uid))
     if not stored and not failed:

@@ -73,6 +73,7 @@ class NodeApiError(AngioError):
 
 # -- configuration -------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Rule:
     """All given conditions hold. Tag values: a string (equals one of the
@@ -130,18 +131,24 @@ def _rule(i: int, raw: Any) -> Rule:
     for key, want in tags.items():
         if isinstance(want, dict):
             if set(want) != {"Regex"}:
-                raise ConfigError(f"{where}.Tags.{key}: an object must be {{\"Regex\": \"...\"}}")
+                raise ConfigError(f'{where}.Tags.{key}: an object must be {{"Regex": "..."}}')
             try:
                 re.compile(want["Regex"])
             except re.error as exc:
                 raise ConfigError(f"{where}.Tags.{key}: invalid regex: {exc}") from None
         elif not isinstance(want, str) and not (
-                isinstance(want, list) and all(isinstance(w, str) for w in want)):
-            raise ConfigError(f"{where}.Tags.{key}: a string, a list of strings or {{\"Regex\": ...}}")
-    return Rule(name=str(raw.get("Name") or f"rule-{i}"),
-                sop_class_uids=tuple(raw.get("SopClassUids", []) or []),
-                modalities=tuple(raw.get("Modalities", []) or []),
-                tags=dict(tags), min_frames=raw.get("MinFrames"))
+            isinstance(want, list) and all(isinstance(w, str) for w in want)
+        ):
+            raise ConfigError(
+                f'{where}.Tags.{key}: a string, a list of strings or {{"Regex": ...}}'
+            )
+    return Rule(
+        name=str(raw.get("Name") or f"rule-{i}"),
+        sop_class_uids=tuple(raw.get("SopClassUids", []) or []),
+        modalities=tuple(raw.get("Modalities", []) or []),
+        tags=dict(tags),
+        min_frames=raw.get("MinFrames"),
+    )
 
 
 @dataclass(frozen=True)
@@ -165,14 +172,22 @@ class Config:
     max_backoff_s: float = 900.0
     rules: tuple[Rule, ...] = ()
 
-    KEYS = {"Enabled": "enabled", "Transport": "transport", "NodeModality": "node_modality",
-            "NodeDicomWebServer": "node_dicomweb_server", "NodeApiUrl": "node_api_url",
-            "NodeApiTimeoutSeconds": "node_api_timeout_s", "NodeAet": "node_aet",
-            "ResultManufacturer": "result_manufacturer",
-            "ResultSeriesDescriptionPrefix": "result_prefix", "ResultLabel": "result_label",
-            "TriggerNodeAfterSeries": "trigger_node_after_series",
-            "ForwardExistingOnFirstStart": "forward_existing_on_first_start",
-            "StateFile": "state_file", "PollSeconds": "poll_s"}
+    KEYS = {
+        "Enabled": "enabled",
+        "Transport": "transport",
+        "NodeModality": "node_modality",
+        "NodeDicomWebServer": "node_dicomweb_server",
+        "NodeApiUrl": "node_api_url",
+        "NodeApiTimeoutSeconds": "node_api_timeout_s",
+        "NodeAet": "node_aet",
+        "ResultManufacturer": "result_manufacturer",
+        "ResultSeriesDescriptionPrefix": "result_prefix",
+        "ResultLabel": "result_label",
+        "TriggerNodeAfterSeries": "trigger_node_after_series",
+        "ForwardExistingOnFirstStart": "forward_existing_on_first_start",
+        "StateFile": "state_file",
+        "PollSeconds": "poll_s",
+    }
 
     @classmethod
     def from_orthanc(cls, full: dict[str, Any]) -> Config:
@@ -182,23 +197,36 @@ class Config:
             raise ConfigError("AngioNode: must be an object")
         unknown = set(section) - set(cls.KEYS) - {"Retry", "Rules"}
         if unknown:
-            raise ConfigError(f"AngioNode: unknown key(s) {sorted(unknown)} "
-                              f"(allowed: {sorted(set(cls.KEYS) | {'Retry', 'Rules'})})")
+            raise ConfigError(
+                f"AngioNode: unknown key(s) {sorted(unknown)} "
+                f"(allowed: {sorted(set(cls.KEYS) | {'Retry', 'Rules'})})"
+            )
         kw: dict[str, Any] = {cls.KEYS[k]: v for k, v in section.items() if k in cls.KEYS}
         retry = section.get("Retry", {}) or {}
-        for key, attr in (("MaxAttempts", "max_attempts"), ("BackoffSeconds", "backoff_s"),
-                          ("MaxBackoffSeconds", "max_backoff_s")):
+        for key, attr in (
+            ("MaxAttempts", "max_attempts"),
+            ("BackoffSeconds", "backoff_s"),
+            ("MaxBackoffSeconds", "max_backoff_s"),
+        ):
             if key in retry:
                 kw[attr] = retry[key]
         if kw.get("transport", "dimse") not in ("dimse", "dicomweb"):
-            raise ConfigError(f"AngioNode.Transport: {kw['transport']!r} (allowed: dimse, dicomweb)")
+            raise ConfigError(
+                f"AngioNode.Transport: {kw['transport']!r} (allowed: dimse, dicomweb)"
+            )
         for attr in ("poll_s", "backoff_s", "max_backoff_s", "node_api_timeout_s"):
             if attr in kw and not (isinstance(kw[attr], (int, float)) and kw[attr] > 0):
                 raise ConfigError(f"AngioNode: {attr} must be a positive number (got {kw[attr]!r})")
-        if "max_attempts" in kw and not (isinstance(kw["max_attempts"], int) and kw["max_attempts"] >= 1):
-            raise ConfigError(f"AngioNode.Retry.MaxAttempts: an integer >= 1 (got {kw['max_attempts']!r})")
+        if "max_attempts" in kw and not (
+            isinstance(kw["max_attempts"], int) and kw["max_attempts"] >= 1
+        ):
+            raise ConfigError(
+                f"AngioNode.Retry.MaxAttempts: an integer >= 1 (got {kw['max_attempts']!r})"
+            )
         if not re.match(r"^https?://[^\s/]+", str(kw.get("node_api_url", cls.node_api_url))):
-            raise ConfigError(f"AngioNode.NodeApiUrl: a http(s) URL (got {kw.get('node_api_url')!r})")
+            raise ConfigError(
+                f"AngioNode.NodeApiUrl: a http(s) URL (got {kw.get('node_api_url')!r})"
+            )
         if not re.match(r"^[A-Za-z0-9_-]+$", str(kw.get("result_label", cls.result_label))):
             raise ConfigError("AngioNode.ResultLabel: letters, digits, '-' and '_' only")
         rules = section.get("Rules")
@@ -232,15 +260,17 @@ class Config:
             return f"calling AE {remote_aet.strip()}"
         if str(tags.get("Manufacturer", "")).strip() == self.result_manufacturer:
             return f"Manufacturer {self.result_manufacturer}"
-        if self.result_prefix and str(tags.get("SeriesDescription", "")).startswith(self.result_prefix):
+        if self.result_prefix and str(tags.get("SeriesDescription", "")).startswith(
+            self.result_prefix
+        ):
             return f"Series Description starts with {self.result_prefix!r}"
         return None
 
 
 XRAY_ANGIO_CLASSES = (
-    "1.2.840.10008.5.1.4.1.1.12.1",    # X-Ray Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image
     "1.2.840.10008.5.1.4.1.1.12.1.1",  # Enhanced XA Image
-    "1.2.840.10008.5.1.4.1.1.12.2",    # X-Ray Radiofluoroscopic Image
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic Image
     "1.2.840.10008.5.1.4.1.1.12.2.1",  # Enhanced XRF Image
     "1.2.840.10008.5.1.4.1.1.13.1.1",  # X-Ray 3D Angiographic Image
 )
@@ -306,8 +336,16 @@ class Ledger:
     def known_instance(self, instance_id: str) -> bool:
         return bool(self.query("SELECT 1 FROM instances WHERE instance_id=?", (instance_id,)))
 
-    def add_instance(self, instance_id: str, series_id: str, tags: dict[str, Any], rule: str,
-                     forward_now: bool, trigger: bool, transport: str) -> int | None:
+    def add_instance(
+        self,
+        instance_id: str,
+        series_id: str,
+        tags: dict[str, Any],
+        rule: str,
+        forward_now: bool,
+        trigger: bool,
+        transport: str,
+    ) -> int | None:
         """Record a matching instance; queue a forward of it alone when ``forward_now``."""
         t = time.time()
         with self.lock:
@@ -315,15 +353,31 @@ class Ledger:
             try:
                 fid = None
                 if forward_now:
-                    fid = self._insert_forward("instance", rule, str(tags.get("StudyInstanceUID", "")),
-                                               str(tags.get("SeriesInstanceUID", "")),
-                                               str(tags.get("SOPInstanceUID", "")), series_id,
-                                               [instance_id], trigger, transport, t)
+                    fid = self._insert_forward(
+                        "instance",
+                        rule,
+                        str(tags.get("StudyInstanceUID", "")),
+                        str(tags.get("SeriesInstanceUID", "")),
+                        str(tags.get("SOPInstanceUID", "")),
+                        series_id,
+                        [instance_id],
+                        trigger,
+                        transport,
+                        t,
+                    )
                 self.con.execute(
                     "INSERT OR IGNORE INTO instances VALUES (?,?,?,?,?,?,?,?)",
-                    (instance_id, series_id, str(tags.get("StudyInstanceUID", "")),
-                     str(tags.get("SeriesInstanceUID", "")), str(tags.get("SOPInstanceUID", "")),
-                     rule, fid, t))
+                    (
+                        instance_id,
+                        series_id,
+                        str(tags.get("StudyInstanceUID", "")),
+                        str(tags.get("SeriesInstanceUID", "")),
+                        str(tags.get("SOPInstanceUID", "")),
+                        rule,
+                        fid,
+                        t,
+                    ),
+                )
                 self.con.execute("COMMIT")
             except BaseException:
                 self.con.execute("ROLLBACK")
@@ -338,44 +392,102 @@ class Ledger:
             try:
                 rows = self.con.execute(
                     "SELECT * FROM instances WHERE series_id=? AND forward_id IS NULL "
-                    "ORDER BY seen_at", (series_id,)).fetchall()
+                    "ORDER BY seen_at",
+                    (series_id,),
+                ).fetchall()
                 if not rows:
                     self.con.execute("COMMIT")
                     return None
                 first = rows[0]
-                fid = self._insert_forward("series", first["rule"], first["study_uid"],
-                                           first["series_uid"], None, series_id,
-                                           [r["instance_id"] for r in rows], trigger, transport, t)
-                self.con.execute("UPDATE instances SET forward_id=? WHERE series_id=? AND forward_id IS NULL",
-                                 (fid, series_id))
+                fid = self._insert_forward(
+                    "series",
+                    first["rule"],
+                    first["study_uid"],
+                    first["series_uid"],
+                    None,
+                    series_id,
+                    [r["instance_id"] for r in rows],
+                    trigger,
+                    transport,
+                    t,
+                )
+                self.con.execute(
+                    "UPDATE instances SET forward_id=? WHERE series_id=? AND forward_id IS NULL",
+                    (fid, series_id),
+                )
                 self.con.execute("COMMIT")
             except BaseException:
                 self.con.execute("ROLLBACK")
                 raise
         return fid
 
-    def add_forward(self, kind: str, rule: str, study_uid: str, series_uid: str,
-                    sop_instance_uid: str | None, series_id: str, resources: list[str], trigger: bool,
-                    transport: str) -> int:
+    def add_forward(
+        self,
+        kind: str,
+        rule: str,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str | None,
+        series_id: str,
+        resources: list[str],
+        trigger: bool,
+        transport: str,
+    ) -> int:
         """A forward outside the change feed (a study sent again by hand)."""
         with self.lock:
-            return self._insert_forward(kind, rule, study_uid, series_uid, sop_instance_uid, series_id,
-                                        resources, trigger, transport, time.time())
+            return self._insert_forward(
+                kind,
+                rule,
+                study_uid,
+                series_uid,
+                sop_instance_uid,
+                series_id,
+                resources,
+                trigger,
+                transport,
+                time.time(),
+            )
 
-    def _insert_forward(self, kind: str, rule: str, study_uid: str, series_uid: str,
-                        sop_instance_uid: str | None, series_id: str, resources: list[str],
-                        trigger: bool, transport: str, t: float) -> int:
+    def _insert_forward(
+        self,
+        kind: str,
+        rule: str,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str | None,
+        series_id: str,
+        resources: list[str],
+        trigger: bool,
+        transport: str,
+        t: float,
+    ) -> int:
         cur = self.con.execute(
             "INSERT INTO forwards (kind, rule, study_uid, series_uid, sop_instance_uid, series_id,"
             " resources, transport, state, next_try, trigger, created_at, updated_at)"
             " VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?,?)",
-            (kind, rule, study_uid, series_uid, sop_instance_uid, series_id, json.dumps(resources),
-             transport, t, int(trigger), t, t))
+            (
+                kind,
+                rule,
+                study_uid,
+                series_uid,
+                sop_instance_uid,
+                series_id,
+                json.dumps(resources),
+                transport,
+                t,
+                int(trigger),
+                t,
+                t,
+            ),
+        )
         return int(cur.lastrowid or 0)
 
     def due(self, now: float) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM forwards WHERE state IN ('queued','retrying') AND next_try<=? "
-                          "ORDER BY id", (now,))
+        return self.query(
+            "SELECT * FROM forwards WHERE state IN ('queued','retrying') AND next_try<=? "
+            "ORDER BY id",
+            (now,),
+        )
 
     def in_state(self, state: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM forwards WHERE state=? ORDER BY id", (state,))
@@ -387,13 +499,17 @@ class Ledger:
     def submitted(self, fid: int, job_id: str) -> None:
         row = self.forward(fid)
         jobs = json.loads(row["jobs"]) if row else []
-        self.execute("UPDATE forwards SET state='sending', job_id=?, jobs=?, updated_at=? WHERE id=?",
-                     (job_id, json.dumps(jobs + [job_id]), time.time(), fid))
+        self.execute(
+            "UPDATE forwards SET state='sending', job_id=?, jobs=?, updated_at=? WHERE id=?",
+            (job_id, json.dumps(jobs + [job_id]), time.time(), fid),
+        )
 
     def sent(self, fid: int) -> None:
         t = time.time()
-        self.execute("UPDATE forwards SET state='sent', error=NULL, sent_at=?, updated_at=? WHERE id=?",
-                     (t, t, fid))
+        self.execute(
+            "UPDATE forwards SET state='sent', error=NULL, sent_at=?, updated_at=? WHERE id=?",
+            (t, t, fid),
+        )
 
     def attempt_failed(self, fid: int, error: str, config: Config) -> str:
         """Count a failed attempt; 'retrying' with backoff, or 'failed' when exhausted."""
@@ -402,14 +518,19 @@ class Ledger:
         attempts = row["attempts"] + 1
         t = time.time()
         state = "failed" if attempts >= config.max_attempts else "retrying"
-        self.execute("UPDATE forwards SET state=?, attempts=?, error=?, next_try=?, updated_at=? WHERE id=?",
-                     (state, attempts, error[:2000], t + config.backoff(attempts), t, fid))
+        self.execute(
+            "UPDATE forwards SET state=?, attempts=?, error=?, next_try=?, updated_at=? WHERE id=?",
+            (state, attempts, error[:2000], t + config.backoff(attempts), t, fid),
+        )
         return state
 
     def retry_now(self, fid: int) -> bool:
         """A forward (failed or waiting for its backoff) is due again now, with a fresh count."""
-        n = self.execute("UPDATE forwards SET state='queued', attempts=0, next_try=?, updated_at=? "
-                         "WHERE id=? AND state IN ('failed','retrying')", (time.time(), time.time(), fid))
+        n = self.execute(
+            "UPDATE forwards SET state='queued', attempts=0, next_try=?, updated_at=? "
+            "WHERE id=? AND state IN ('failed','retrying')",
+            (time.time(), time.time(), fid),
+        )
         return n == 1
 
     def triggered(self, fid: int) -> None:
@@ -420,14 +541,26 @@ class Ledger:
         with self.lock:
             n = self.con.execute(
                 "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,0,?)",
-                (series_id, str(tags.get("StudyInstanceUID", "")), str(tags.get("SeriesInstanceUID", "")),
-                 str(tags.get("SeriesDescription", "")), str(tags.get("SOPClassUID", "")), reason,
-                 time.time())).rowcount
-            self.con.execute("UPDATE results SET instances=instances+1 WHERE series_id=?", (series_id,))
+                (
+                    series_id,
+                    str(tags.get("StudyInstanceUID", "")),
+                    str(tags.get("SeriesInstanceUID", "")),
+                    str(tags.get("SeriesDescription", "")),
+                    str(tags.get("SOPClassUID", "")),
+                    reason,
+                    time.time(),
+                ),
+            ).rowcount
+            self.con.execute(
+                "UPDATE results SET instances=instances+1 WHERE series_id=?", (series_id,)
+            )
         return n == 1
 
     def counts(self) -> dict[str, int]:
-        return {r["state"]: r["n"] for r in self.query("SELECT state, COUNT(*) n FROM forwards GROUP BY state")}
+        return {
+            r["state"]: r["n"]
+            for r in self.query("SELECT state, COUNT(*) n FROM forwards GROUP BY state")
+        }
 
 
 def forward_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +578,7 @@ def forward_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the node's REST API ---------------------------------------------------------
+
 
 class NodeClient:
     """The node's small REST API (``dicom_node/api.py``)."""
@@ -464,9 +598,11 @@ class NodeClient:
         except ValueError:
             body = {"error": resp.text[:500]}
         if not resp.ok:
-            raise NodeApiError(f"node API {method} {path}: HTTP {resp.status_code}: "
-                               f"{body.get('error', body) if isinstance(body, dict) else body}",
-                               resp.status_code)
+            raise NodeApiError(
+                f"node API {method} {path}: HTTP {resp.status_code}: "
+                f"{body.get('error', body) if isinstance(body, dict) else body}",
+                resp.status_code,
+            )
         return body
 
     def health(self) -> dict[str, Any]:
@@ -479,7 +615,11 @@ class NodeClient:
         return list(self._call("GET", "/jobs", params={"study": study_uid}).get("jobs", []))
 
     def trigger(self, series_uid: str) -> list[str]:
-        return list(self._call("POST", "/trigger", json={"series_uid": series_uid}).get("completed_runs", []))
+        return list(
+            self._call("POST", "/trigger", json={"series_uid": series_uid}).get(
+                "completed_runs", []
+            )
+        )
 
     def reprocess(self, study_uid: str) -> list[int]:
         return list(self._call("POST", "/reprocess", json={"study_uid": study_uid}).get("jobs", []))
@@ -488,6 +628,16 @@ class NodeClient:
 def node_jobs_for(forward: dict[str, Any], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The node's jobs for the run a forward carried (run id: SOP UID or Series UID)."""
     run_id = forward["sop_instance_uid"] if forward["kind"] == "instance" else forward["series_uid"]
-    keep = ("id", "pipeline", "state", "attempts", "error", "notes", "sent", "pending", "run_state",
-            "updated_at")
+    keep = (
+        "id",
+        "pipeline",
+        "state",
+        "attempts",
+        "error",
+        "notes",
+        "sent",
+        "pending",
+        "run_state",
+        "updated_at",
+    )
     return [{k: j.get(k) for k in keep} for j in jobs if j.get("run_id") == run_id]

@@ -44,8 +44,15 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 class Forwarder:
-    def __init__(self, config: Config, api: OrthancApi, ledger: Ledger, node: NodeClient,
-                 orthanc_version: str, has_labels: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        api: OrthancApi,
+        ledger: Ledger,
+        node: NodeClient,
+        orthanc_version: str,
+        has_labels: bool = False,
+    ) -> None:
         self.config = config
         self.api = api
         self.ledger = ledger
@@ -98,8 +105,11 @@ class Forwarder:
         """Handle Orthanc changes since the last one seen; returns how many."""
         seen = self.ledger.get_meta("last_change")
         if seen is None:
-            last = 0 if self.config.forward_existing_on_first_start else int(
-                self.api.get("/changes?last")["Last"])
+            last = (
+                0
+                if self.config.forward_existing_on_first_start
+                else int(self.api.get("/changes?last")["Last"])
+            )
             self.ledger.set_meta("last_change", str(last))
             log.warning("angio-forward: first start, following Orthanc changes after #%d", last)
             seen = str(last)
@@ -136,7 +146,9 @@ class Forwarder:
         series = self.api.get(f"/instances/{instance_id}/series")
         series_id = series["ID"]
         sop_class = str(meta.get("SopClassUid", ""))
-        reason = self.config.result_reason(series.get("MainDicomTags", {}), str(meta.get("RemoteAET", "")))
+        reason = self.config.result_reason(
+            series.get("MainDicomTags", {}), str(meta.get("RemoteAET", ""))
+        )
         if reason is None and sop_class and not self.config.may_match(sop_class):
             return
         tags = self.api.get(f"/instances/{instance_id}/tags?simplify")
@@ -150,16 +162,30 @@ class Forwarder:
             return
         # One multi-frame instance is a whole run: no reason to wait for StableAge.
         now = frames_of(tags) > 1
-        fid = self.ledger.add_instance(instance_id, series_id, tags, rule.name, forward_now=now,
-                                       trigger=False, transport=self.config.transport)
+        fid = self.ledger.add_instance(
+            instance_id,
+            series_id,
+            tags,
+            rule.name,
+            forward_now=now,
+            trigger=False,
+            transport=self.config.transport,
+        )
         if fid is not None:
-            log.info("angio-forward: run %s (rule %s) queued as forward %d",
-                     tags.get("SOPInstanceUID"), rule.name, fid)
+            log.info(
+                "angio-forward: run %s (rule %s) queued as forward %d",
+                tags.get("SOPInstanceUID"),
+                rule.name,
+                fid,
+            )
             self.wake.set()
 
     def handle_stable_series(self, series_id: str) -> None:
-        fid = self.ledger.forward_waiting(series_id, trigger=self.config.trigger_node_after_series,
-                                          transport=self.config.transport)
+        fid = self.ledger.forward_waiting(
+            series_id,
+            trigger=self.config.trigger_node_after_series,
+            transport=self.config.transport,
+        )
         if fid is not None:
             log.info("angio-forward: stable series %s queued as forward %d", series_id, fid)
 
@@ -168,14 +194,23 @@ class Forwarder:
         if self.ledger.query("SELECT 1 FROM results WHERE series_id=?", (series_id,)):
             self.ledger.add_result(series_id, tags, reason)
             return
-        value = json.dumps({"reason": reason, "description": str(tags.get("SeriesDescription", "")),
-                            "sop_class_uid": str(tags.get("SOPClassUID", ""))})
+        value = json.dumps(
+            {
+                "reason": reason,
+                "description": str(tags.get("SeriesDescription", "")),
+                "sop_class_uid": str(tags.get("SOPClassUID", "")),
+            }
+        )
         self.api.put(f"/series/{series_id}/metadata/AngioNodeResult", value)
         if self.labels_supported:
             self.api.put(f"/series/{series_id}/labels/{self.config.result_label}", "")
         self.ledger.add_result(series_id, tags, reason)
-        log.info("angio-forward: result series %s (%s) labelled, not forwarded: %s", series_id,
-                 tags.get("SeriesDescription", ""), reason)
+        log.info(
+            "angio-forward: result series %s (%s) labelled, not forwarded: %s",
+            series_id,
+            tags.get("SeriesDescription", ""),
+            reason,
+        )
 
     # -- jobs -------------------------------------------------------------------------
     def dispatch(self) -> int:
@@ -187,12 +222,15 @@ class Forwarder:
             resources = json.loads(row["resources"])
             try:
                 if row["transport"] == "dicomweb":
-                    job = self.api.post(f"/dicom-web/servers/{self.config.node_dicomweb_server}/stow",
-                                        {"Resources": resources, "Synchronous": False})
+                    job = self.api.post(
+                        f"/dicom-web/servers/{self.config.node_dicomweb_server}/stow",
+                        {"Resources": resources, "Synchronous": False},
+                    )
                 else:
-                    job = self.api.post(f"/modalities/{self.config.node_modality}/store",
-                                        {"Resources": resources, "Asynchronous": True,
-                                         "Permissive": False})
+                    job = self.api.post(
+                        f"/modalities/{self.config.node_modality}/store",
+                        {"Resources": resources, "Asynchronous": True, "Permissive": False},
+                    )
             except OrthancError as exc:
                 self._failed(row, f"cannot submit the job: {exc}")
                 continue
@@ -221,28 +259,44 @@ class Forwarder:
             elif state == "Failure":
                 content = job.get("Content") or {}
                 details = job.get("ErrorDetails") or content.get("FunctionErrorDescription") or ""
-                self._failed(row, f"job {row['job_id']}: {job.get('ErrorDescription', '?')}"
-                                  + (f": {details}" if details else ""))
+                self._failed(
+                    row,
+                    f"job {row['job_id']}: {job.get('ErrorDescription', '?')}"
+                    + (f": {details}" if details else ""),
+                )
 
     def _failed(self, row: dict[str, Any], error: str) -> None:
         state = self.ledger.attempt_failed(row["id"], error, self.config)
         attempts = row["attempts"] + 1
         if state == "failed":
-            log.error("angio-forward: forward %d FAILED after %d attempt(s), not retried: %s",
-                      row["id"], attempts, error)
+            log.error(
+                "angio-forward: forward %d FAILED after %d attempt(s), not retried: %s",
+                row["id"],
+                attempts,
+                error,
+            )
         else:
-            log.warning("angio-forward: forward %d attempt %d failed, retry in %.0f s: %s", row["id"],
-                        attempts, self.config.backoff(attempts), error)
+            log.warning(
+                "angio-forward: forward %d attempt %d failed, retry in %.0f s: %s",
+                row["id"],
+                attempts,
+                self.config.backoff(attempts),
+                error,
+            )
         self._mark_source(row, f"{state} after {attempts} attempt(s): {error}"[:500])
 
     def _mark_source(self, row: dict[str, Any], text: str) -> None:
         try:
             self.api.put(f"/series/{row['series_id']}/metadata/AngioNodeForward", text)
         except OrthancError as exc:  # the series may have been deleted; the ledger has the state
-            log.warning("angio-forward: cannot set AngioNodeForward on %s: %s", row["series_id"], exc)
+            log.warning(
+                "angio-forward: cannot set AngioNodeForward on %s: %s", row["series_id"], exc
+            )
 
     def trigger_pending(self) -> None:
-        for row in self.ledger.query("SELECT * FROM forwards WHERE state='sent' AND trigger=1 AND triggered=0"):
+        for row in self.ledger.query(
+            "SELECT * FROM forwards WHERE state='sent' AND trigger=1 AND triggered=0"
+        ):
             self._trigger(row)
 
     def _trigger(self, row: dict[str, Any]) -> None:
@@ -250,8 +304,12 @@ class Forwarder:
         try:
             runs = self.node.trigger(row["series_uid"])
         except NodeApiError as exc:
-            log.warning("angio-forward: trigger of series %s failed (the node's quiet period will "
-                        "complete it): %s", row["series_uid"], exc)
+            log.warning(
+                "angio-forward: trigger of series %s failed (the node's quiet period will "
+                "complete it): %s",
+                row["series_uid"],
+                exc,
+            )
             if exc.status is not None:  # the node answered: do not ask again
                 self.ledger.triggered(row["id"])
             return
@@ -280,9 +338,14 @@ class Forwarder:
             if exc.status != 404:
                 raise
         if orthanc_id is None:
-            raise OrthancError(UNKNOWN_RESOURCE, f"study {uid} is neither on the node nor in Orthanc")
-        return {"study_uid": uid, "action": "forwarded again (the node did not have it)",
-                "forwards": self.forward_study(orthanc_id)}
+            raise OrthancError(
+                UNKNOWN_RESOURCE, f"study {uid} is neither on the node nor in Orthanc"
+            )
+        return {
+            "study_uid": uid,
+            "action": "forwarded again (the node did not have it)",
+            "forwards": self.forward_study(orthanc_id),
+        }
 
     def forward_study(self, study_id: str) -> list[int]:
         """Queue forwards for a study's matching instances, already forwarded or not."""
@@ -294,21 +357,41 @@ class Forwarder:
             meta = self.api.get(f"/instances/{iid}/metadata?expand")
             if self.config.result_reason(tags, str(meta.get("RemoteAET", ""))) is not None:
                 continue
-            rule = self.config.rule_for(tags, str(meta.get("SopClassUid") or tags.get("SOPClassUID", "")))
+            rule = self.config.rule_for(
+                tags, str(meta.get("SopClassUid") or tags.get("SOPClassUID", ""))
+            )
             if rule is None:
                 continue
             if frames_of(tags) > 1:
-                forwards.append(self.ledger.add_forward(
-                    "instance", rule.name, str(tags.get("StudyInstanceUID", "")),
-                    str(tags.get("SeriesInstanceUID", "")), str(tags.get("SOPInstanceUID", "")),
-                    series_id, [iid], False, self.config.transport))
+                forwards.append(
+                    self.ledger.add_forward(
+                        "instance",
+                        rule.name,
+                        str(tags.get("StudyInstanceUID", "")),
+                        str(tags.get("SeriesInstanceUID", "")),
+                        str(tags.get("SOPInstanceUID", "")),
+                        series_id,
+                        [iid],
+                        False,
+                        self.config.transport,
+                    )
+                )
             else:
                 singles.setdefault(series_id, []).append((iid, tags, rule.name))
         for series_id, items in singles.items():
             _, tags, rule_name = items[0]
-            forwards.append(self.ledger.add_forward(
-                "series", rule_name, str(tags.get("StudyInstanceUID", "")),
-                str(tags.get("SeriesInstanceUID", "")), None, series_id, [i for i, _, _ in items],
-                self.config.trigger_node_after_series, self.config.transport))
+            forwards.append(
+                self.ledger.add_forward(
+                    "series",
+                    rule_name,
+                    str(tags.get("StudyInstanceUID", "")),
+                    str(tags.get("SeriesInstanceUID", "")),
+                    None,
+                    series_id,
+                    [i for i, _, _ in items],
+                    self.config.trigger_node_after_series,
+                    self.config.transport,
+                )
+            )
         self.wake.set()
         return forwards

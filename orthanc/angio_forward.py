@@ -69,9 +69,10 @@ class PluginApi:
             return fn(*args)
         except orthanc.OrthancException as exc:
             code = exc.args[0] if exc.args else -1
-            raise OrthancError(int(code) if str(code).lstrip("-").isdigit() else -1,
-                               f"{fn.__name__}{args[:1]}: {exc.args[1] if len(exc.args) > 1 else exc}"
-                               ) from None
+            raise OrthancError(
+                int(code) if str(code).lstrip("-").isdigit() else -1,
+                f"{fn.__name__}{args[:1]}: {exc.args[1] if len(exc.args) > 1 else exc}",
+            ) from None
 
     def get(self, uri: str) -> Any:
         return json.loads(self._wrap(orthanc.RestApiGetAfterPlugins, uri))
@@ -108,7 +109,11 @@ def _error(output: Any, status: int, message: str) -> None:
     text = json.dumps({"error": message})  # ASCII: its length is its size in bytes
     output.SetHttpHeader("Content-Type", "application/json")
     # orthanc-python 4.0 takes (status, str, size); 4.1 made the body bytes.
-    signatures = ((status, text, len(text)), (status, text.encode()), (status, text.encode(), len(text)))
+    signatures = (
+        (status, text, len(text)),
+        (status, text.encode()),
+        (status, text.encode(), len(text)),
+    )
     for i, args in enumerate(signatures):
         try:
             output.SendHttpStatus(*args)
@@ -120,10 +125,13 @@ def _error(output: Any, status: int, message: str) -> None:
 
 def route(handler: Any) -> Any:
     """Wrap a REST handler: exceptions become HTTP statuses in this one place."""
+
     def callback(output: Any, uri: str, **request: Any) -> None:
         try:
-            _answer(output, handler(request["method"], request.get("groups", ()),
-                                    request.get("get", {}) or {}))
+            _answer(
+                output,
+                handler(request["method"], request.get("groups", ()), request.get("get", {}) or {}),
+            )
         except HttpError as exc:
             if exc.status == 405:
                 output.SendMethodNotAllowed(str(exc))
@@ -135,6 +143,7 @@ def route(handler: Any) -> Any:
             _error(output, 502, str(exc))
         except ValueError as exc:
             _error(output, 400, str(exc))
+
     return callback
 
 
@@ -151,11 +160,19 @@ def rest_status(method: str, groups: Any, query: dict[str, str]) -> Any:
     except NodeApiError as exc:
         node = {"status": "unreachable", "error": str(exc)}
     return {
-        "plugin": "angio_forward", "version": VERSION, "orthanc": fw.orthanc_version,
-        "result_marking": "labels + metadata" if fw.labels_supported else "metadata AngioNodeResult",
-        "transport": fw.config.transport, "node_api": fw.config.node_api_url, "node": node,
-        "forwards": fw.ledger.counts(), "last_change": fw.ledger.get_meta("last_change"),
-        "worker_alive": fw.alive, "last_error": fw.last_error,
+        "plugin": "angio_forward",
+        "version": VERSION,
+        "orthanc": fw.orthanc_version,
+        "result_marking": "labels + metadata"
+        if fw.labels_supported
+        else "metadata AngioNodeResult",
+        "transport": fw.config.transport,
+        "node_api": fw.config.node_api_url,
+        "node": node,
+        "forwards": fw.ledger.counts(),
+        "last_change": fw.ledger.get_meta("last_change"),
+        "worker_alive": fw.alive,
+        "last_error": fw.last_error,
         "results": fw.ledger.query("SELECT COUNT(*) n FROM results")[0]["n"],
     }
 
@@ -193,8 +210,11 @@ def rest_forwards(method: str, groups: Any, query: dict[str, str]) -> Any:
         where.append("study_uid=?")
         params.append(query["study"])
     limit = int(query.get("limit") or 100)
-    sql = ("SELECT * FROM forwards" + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY id DESC LIMIT ?")
+    sql = (
+        "SELECT * FROM forwards"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY id DESC LIMIT ?"
+    )
     rows = fw.ledger.query(sql, tuple(params) + (max(1, min(limit, 1000)),))
     return {"forwards": _with_node_jobs(fw, rows), "counts": fw.ledger.counts()}
 
@@ -208,8 +228,10 @@ def rest_forward(method: str, groups: Any, query: dict[str, str]) -> Any:
     if len(groups) > 1 and groups[1] == "retry":
         _method(method, "POST")
         if not fw.ledger.retry_now(fid):
-            raise HttpError(409, f"forward {fid} is {row['state']}: only failed or retrying forwards "
-                                 "can be retried")
+            raise HttpError(
+                409,
+                f"forward {fid} is {row['state']}: only failed or retrying forwards can be retried",
+            )
         log.warning("angio-forward: forward %d retried by hand", fid)
         fw.wake.set()
         row = fw.ledger.forward(fid)
@@ -227,8 +249,9 @@ def rest_results(method: str, groups: Any, query: dict[str, str]) -> Any:
     _method(method, "GET")
     fw = _forwarder()
     if query.get("study"):
-        rows = fw.ledger.query("SELECT * FROM results WHERE study_uid=? ORDER BY first_at",
-                               (query["study"],))
+        rows = fw.ledger.query(
+            "SELECT * FROM results WHERE study_uid=? ORDER BY first_at", (query["study"],)
+        )
     else:
         rows = fw.ledger.query("SELECT * FROM results ORDER BY first_at DESC LIMIT 500")
     return {"results": rows, "marking": "labels + metadata" if fw.labels_supported else "metadata"}
@@ -273,15 +296,24 @@ def _start() -> None:
     system = api.get("/system")
     version = str(system.get("Version", "0"))
     os.makedirs(os.path.dirname(os.path.abspath(config.state_file)), exist_ok=True)
-    fw = Forwarder(config, api, Ledger(config.state_file), NodeClient(config.node_api_url,
-                                                                     config.node_api_timeout_s), version,
-                   has_labels=bool(system.get("HasLabels", False)))
+    fw = Forwarder(
+        config,
+        api,
+        Ledger(config.state_file),
+        NodeClient(config.node_api_url, config.node_api_timeout_s),
+        version,
+        has_labels=bool(system.get("HasLabels", False)),
+    )
     STATE["forwarder"] = fw
     fw.start()
-    log.warning("angio-forward %s: forwarding to %s via %s, ledger %s, results marked by %s", VERSION,
-                config.node_modality if config.transport == "dimse" else config.node_dicomweb_server,
-                config.transport, config.state_file,
-                "labels and metadata" if fw.labels_supported else "metadata (Orthanc < 1.12 has no labels)")
+    log.warning(
+        "angio-forward %s: forwarding to %s via %s, ledger %s, results marked by %s",
+        VERSION,
+        config.node_modality if config.transport == "dimse" else config.node_dicomweb_server,
+        config.transport,
+        config.state_file,
+        "labels and metadata" if fw.labels_supported else "metadata (Orthanc < 1.12 has no labels)",
+    )
 
 
 def on_change(change_type: int, level: int, resource_id: str) -> None:
@@ -298,8 +330,11 @@ def on_change(change_type: int, level: int, resource_id: str) -> None:
             fw.ledger.close()
             STATE.pop("forwarder", None)
     elif fw is not None and change_type in (
-            orthanc.ChangeType.NEW_INSTANCE, orthanc.ChangeType.STABLE_SERIES,
-            orthanc.ChangeType.JOB_SUCCESS, orthanc.ChangeType.JOB_FAILURE):
+        orthanc.ChangeType.NEW_INSTANCE,
+        orthanc.ChangeType.STABLE_SERIES,
+        orthanc.ChangeType.JOB_SUCCESS,
+        orthanc.ChangeType.JOB_FAILURE,
+    ):
         fw.wake.set()
 
 

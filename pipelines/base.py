@@ -181,7 +181,9 @@ class MeasurementsOutput:
     finding_site: Code | None = None
 
 
-Output = ImageOutput | SegmentationOutput | ParametricMapOutput | RenderingOutput | MeasurementsOutput
+Output = (
+    ImageOutput | SegmentationOutput | ParametricMapOutput | RenderingOutput | MeasurementsOutput
+)
 
 
 @dataclass

@@ -125,17 +125,20 @@ def classical_response(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # x is positive where darker than the frame median, so vessels are positive here.
     residual = (x - np.median(x, axis=0, keepdims=True)) / noise_sd(x, scale)
     sigmas = [s * scale for s in FRANGI_SIGMAS_PX]
-    vesselness = np.stack([
-        frangi(frame, sigmas=sigmas, black_ridges=False, gamma=FRANGI_GAMMA, mode="reflect")
-        for frame in residual
-    ]).astype(np.float32)
+    vesselness = np.stack(
+        [
+            frangi(frame, sigmas=sigmas, black_ridges=False, gamma=FRANGI_GAMMA, mode="reflect")
+            for frame in residual
+        ]
+    ).astype(np.float32)
     ref = float(np.percentile(vesselness, 99.9))
     snr = ndi.gaussian_filter(residual, (0, 0.7 * scale, 0.7 * scale))
     return (vesselness / ref if ref > 0 else vesselness), snr
 
 
-def classical_vessels(frames: np.ndarray, thresholds: tuple[float, float] = HYSTERESIS,
-                      lumen_snr: float = LUMEN_SNR) -> tuple[np.ndarray, np.ndarray]:
+def classical_vessels(
+    frames: np.ndarray, thresholds: tuple[float, float] = HYSTERESIS, lumen_snr: float = LUMEN_SNR
+) -> tuple[np.ndarray, np.ndarray]:
     """Temporal median + multiscale Frangi + hysteresis; returns (masks, response).
 
     Hysteresis grows from the strongest vessels along weaker ones; pixels must
@@ -155,8 +158,13 @@ def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return x, (h, w)
 
 
-def predict_probabilities(model: torch.nn.Module, frames: np.ndarray, neighbours: int,
-                          device: torch.device, batch: int = 4) -> np.ndarray:
+def predict_probabilities(
+    model: torch.nn.Module,
+    frames: np.ndarray,
+    neighbours: int,
+    device: torch.device,
+    batch: int = 4,
+) -> np.ndarray:
     """Vessel probability for every frame; (T, H, W) normalised frames in, (T, H, W) out."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     x, (h, w) = _pad_to_stride(x)
@@ -169,18 +177,26 @@ def predict_probabilities(model: torch.nn.Module, frames: np.ndarray, neighbours
     return out.numpy()
 
 
-def model_vessels(pkg: ModelPackage, frames: np.ndarray, spacing: tuple[float, float] | None,
-                  device: torch.device, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def model_vessels(
+    pkg: ModelPackage,
+    frames: np.ndarray,
+    spacing: tuple[float, float] | None,
+    device: torch.device,
+    threshold: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Run a CE-Net package on the working grid; returns (masks, probabilities) natively."""
     if pkg.architecture != ARCHITECTURE:
-        raise PipelineError(f"model package {pkg.name} has architecture {pkg.architecture!r}; "
-                            f"{NAME} needs {ARCHITECTURE!r}")
+        raise PipelineError(
+            f"model package {pkg.name} has architecture {pkg.architecture!r}; "
+            f"{NAME} needs {ARCHITECTURE!r}"
+        )
     cfg = pkg.config
     model = pkg.load_model(device)
     x = normalise_cine(frames)
     native = x.shape[1:]
-    grid = work_shape(native, spacing, cfg.get("work_spacing_mm"),
-                      max_side=int(cfg.get("max_side", 512)))
+    grid = work_shape(
+        native, spacing, cfg.get("work_spacing_mm"), max_side=int(cfg.get("max_side", 512))
+    )
     x_work = resize(torch.from_numpy(x), grid).numpy()
     probs = predict_probabilities(model, x_work, int(cfg.get("neighbours", 1)), device)
     probs = resize(torch.from_numpy(probs), native).numpy()
@@ -189,15 +205,18 @@ def model_vessels(pkg: ModelPackage, frames: np.ndarray, spacing: tuple[float, f
 
 def render_cine(frames: np.ndarray, masks: np.ndarray, algorithm: AlgorithmInfo) -> np.ndarray:
     """Grey frames with the vessel masks blended in red, labelled as AI output, (T, H, W, 3)."""
-    sample = frames[::max(1, frames.shape[0] // 8)]
+    sample = frames[:: max(1, frames.shape[0] // 8)]
     lo, hi = np.percentile(sample, [0.5, 99.5])
     grey = np.clip((frames - lo) / max(float(hi - lo), 1e-6), 0, 1)
     rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
     out = np.empty_like(rgb)
     text = [AI_LABEL, f"Coronary vessels: {algorithm.describe()}"]
     for t in range(frames.shape[0]):  # frame loop for the text burn-in only
-        out[t] = burn_text(overlay(rgb[t], [masks[t]], [SEGMENT.color_rgb]),
-                           text + [f"frame {t + 1}/{frames.shape[0]}"], corner="bottom-left")
+        out[t] = burn_text(
+            overlay(rgb[t], [masks[t]], [SEGMENT.color_rgb]),
+            text + [f"frame {t + 1}/{frames.shape[0]}"],
+            corner="bottom-left",
+        )
     return out
 
 
@@ -207,8 +226,10 @@ class CoronarySegmentation:
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
         frames = run.pixels
         if run.meta.is_volume or frames.ndim != 3:
-            raise PipelineError(f"{NAME} needs a 2D+t cine run (T, H, W), got shape {frames.shape}"
-                                f"{' (a volume)' if run.meta.is_volume else ''}")
+            raise PipelineError(
+                f"{NAME} needs a 2D+t cine run (T, H, W), got shape {frames.shape}"
+                f"{' (a volume)' if run.meta.is_volume else ''}"
+            )
         if min(frames.shape[1:]) < 32:
             raise PipelineError(f"{NAME}: frames of {frames.shape[1:]} are too small (min 32 px)")
         opts: Mapping[str, Any] = ctx.options
@@ -219,8 +240,10 @@ class CoronarySegmentation:
             threshold = float(opts.get("threshold", pkg.config.get("threshold", 0.5)))
             masks, _ = model_vessels(pkg, frames, run.meta.pixel_spacing_mm, device, threshold)
             algorithm = pkg.algorithm("3D-2D CE-Net", VERSION)
-            notes.append(f"model {pkg.name} {pkg.version} (N={pkg.config.get('neighbours', 1)}) "
-                         f"on {device.type}")
+            notes.append(
+                f"model {pkg.name} {pkg.version} (N={pkg.config.get('neighbours', 1)}) "
+                f"on {device.type}"
+            )
         else:
             masks, _ = classical_vessels(frames)
             algorithm = AlgorithmInfo("Frangi + temporal median + hysteresis", VERSION, "classical")
@@ -235,11 +258,19 @@ class CoronarySegmentation:
             notes.append("no vessels found in any frame")
         return PipelineResult(
             outputs=[
-                SegmentationOutput(key="vessels", masks=masks[None], segments=[SEGMENT],
-                                   algorithm=algorithm, geometry="frames",
-                                   description="Coronary vessels per frame"),
-                RenderingOutput(key="cine", rgb=render_cine(frames, masks, algorithm),
-                                description="Coronary vessels cine overlay"),
+                SegmentationOutput(
+                    key="vessels",
+                    masks=masks[None],
+                    segments=[SEGMENT],
+                    algorithm=algorithm,
+                    geometry="frames",
+                    description="Coronary vessels per frame",
+                ),
+                RenderingOutput(
+                    key="cine",
+                    rgb=render_cine(frames, masks, algorithm),
+                    description="Coronary vessels cine overlay",
+                ),
             ],
             notes=notes,
         )

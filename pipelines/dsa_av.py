@@ -60,8 +60,9 @@ def label_lines(width: int, algorithm: AlgorithmInfo) -> list[str]:
     return [*label, algorithm.describe()]
 
 
-def av_rendering(base: np.ndarray, masks: dict[str, np.ndarray], algorithm: AlgorithmInfo,
-                 key: str = "overlay") -> RenderingOutput:
+def av_rendering(
+    base: np.ndarray, masks: dict[str, np.ndarray], algorithm: AlgorithmInfo, key: str = "overlay"
+) -> RenderingOutput:
     """Arteries red, veins blue, crossings magenta, over the MinIP, with the AI label."""
     artery, vein = masks["artery"], masks["vein"]
     layers = [artery & ~vein, vein & ~artery, artery & vein]
@@ -98,13 +99,24 @@ class DsaArteryVein:
             package = load_package(ctx.model_package, pipeline=NAME)
             device = inference_device(ctx.device)
             model = package.load_model(device)
-            probs, notes = predict_sequence(model, run.pixels, meta.frame_times_s,
-                                            meta.pixel_spacing_mm, dict(package.config), device)
+            probs, notes = predict_sequence(
+                model,
+                run.pixels,
+                meta.frame_times_s,
+                meta.pixel_spacing_mm,
+                dict(package.config),
+                device,
+            )
             channels = list(package.config.get("channels", ["artery", "vein"]))
-            if (len(channels) != probs.shape[0] or not set(channels) <= set(CHANNEL_SEGMENTS)
-                    or not {"artery", "vein"} <= set(channels)):
-                raise PipelineError(f"model package {package.name}: channels {channels} do not "
-                                    f"fit its {probs.shape[0]} outputs or {NAME}")
+            if (
+                len(channels) != probs.shape[0]
+                or not set(channels) <= set(CHANNEL_SEGMENTS)
+                or not {"artery", "vein"} <= set(channels)
+            ):
+                raise PipelineError(
+                    f"model package {package.name}: channels {channels} do not "
+                    f"fit its {probs.shape[0]} outputs or {NAME}"
+                )
             masks = {name: probs[i] >= 0.5 for i, name in enumerate(channels)}
             algorithm = package.algorithm(NAME, VERSION)
             notes.append(f"device {device.type}")

@@ -38,8 +38,9 @@ ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
 VESSEL_SEGMENT = Segment("Blood vessel", BLOOD_VESSEL, color_rgb=YELLOW)
 
 
-def vessel_rendering(base: np.ndarray, vessel: np.ndarray | None, artery: np.ndarray,
-                     algorithm: AlgorithmInfo) -> RenderingOutput:
+def vessel_rendering(
+    base: np.ndarray, vessel: np.ndarray | None, artery: np.ndarray, algorithm: AlgorithmInfo
+) -> RenderingOutput:
     """Arteries red (other vessels yellow) over the MinIP, with the AI label."""
     layers, colours, legend = [], [], "red: artery"
     if vessel is not None:
@@ -59,8 +60,9 @@ class DsaIntracranialArteries:
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
         if run.meta.is_volume or run.pixels.ndim != 3 or run.pixels.shape[0] < 3:
-            raise PipelineError(f"{NAME} needs a 2D+t run of 3 or more frames, "
-                                f"got shape {run.pixels.shape}")
+            raise PipelineError(
+                f"{NAME} needs a 2D+t run of 3 or more frames, got shape {run.pixels.shape}"
+            )
         meta = run.meta
         notes: list[str] = []
         vessel: np.ndarray | None
@@ -73,12 +75,19 @@ class DsaIntracranialArteries:
             package = load_package(ctx.model_package, pipeline=NAME)
             device = inference_device(ctx.device)
             config = {"fps": None, **package.config}
-            probs, notes = predict_sequence(package.load_model(device), run.pixels,
-                                            meta.frame_times_s, meta.pixel_spacing_mm,
-                                            config, device)
+            probs, notes = predict_sequence(
+                package.load_model(device),
+                run.pixels,
+                meta.frame_times_s,
+                meta.pixel_spacing_mm,
+                config,
+                device,
+            )
             if probs.shape[0] != 1:
-                raise PipelineError(f"model package {package.name}: {NAME} expects one output "
-                                    f"channel, got {probs.shape[0]}")
+                raise PipelineError(
+                    f"model package {package.name}: {NAME} expects one output "
+                    f"channel, got {probs.shape[0]}"
+                )
             vessel, artery = None, probs[0] >= 0.5
             algorithm = package.algorithm(NAME, VERSION)
             masks, segments = artery[None], [ARTERY_SEGMENT]
@@ -86,8 +95,14 @@ class DsaIntracranialArteries:
         image = minip(run.pixels)
         return PipelineResult(
             outputs=[
-                SegmentationOutput(key="ia", masks=masks, segments=segments, algorithm=algorithm,
-                                   geometry="canvas", description="Intracranial arteries"),
+                SegmentationOutput(
+                    key="ia",
+                    masks=masks,
+                    segments=segments,
+                    algorithm=algorithm,
+                    geometry="canvas",
+                    description="Intracranial arteries",
+                ),
                 ImageOutput(key="minip", pixels=image, description="MinIP", geometry="canvas"),
                 vessel_rendering(image, vessel, artery, algorithm),
             ],

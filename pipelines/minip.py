@@ -29,7 +29,9 @@ class MinIP:
             span = float(run.meta.frame_times_s[-1] - run.meta.frame_times_s[0])
             notes.append(f"{run.meta.number_of_frames} frames over {span:.2f} s")
         return PipelineResult(
-            outputs=[ImageOutput(key="minip", pixels=image, description="MinIP", geometry="canvas")],
+            outputs=[
+                ImageOutput(key="minip", pixels=image, description="MinIP", geometry="canvas")
+            ],
             notes=notes,
         )
 

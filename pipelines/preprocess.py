@@ -23,8 +23,9 @@ from pipelines.base import PipelineError
 # Time
 
 
-def resample_times(frame_times_s: np.ndarray, fps: float = 1.0, min_frames: int = 4,
-                   max_frames: int = 60) -> np.ndarray:
+def resample_times(
+    frame_times_s: np.ndarray, fps: float = 1.0, min_frames: int = 4, max_frames: int = 60
+) -> np.ndarray:
     """Output times on a uniform grid at ``fps`` covering the run.
 
     Runs too short for ``min_frames`` at ``fps`` get ``min_frames`` evenly spread
@@ -61,9 +62,13 @@ def temporal_weights(times_in: np.ndarray, times_out: np.ndarray) -> np.ndarray:
     return np.where(sums > 0, tent / np.where(sums > 0, sums, 1.0), interp)
 
 
-def resample_frames(frames: np.ndarray, frame_times_s: np.ndarray | None, fps: float = 1.0,
-                    min_frames: int = 4, max_frames: int = 60
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
+def resample_frames(
+    frames: np.ndarray,
+    frame_times_s: np.ndarray | None,
+    fps: float = 1.0,
+    min_frames: int = 4,
+    max_frames: int = 60,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Resample (T, H, W) frames to ``fps``; returns frames and their times.
 
     Without frame times the frames are returned unchanged (timing is never
@@ -86,8 +91,9 @@ def resample_frames(frames: np.ndarray, frame_times_s: np.ndarray | None, fps: f
 # Intensity
 
 
-def normalise_dsa(frames: np.ndarray, background: np.ndarray | None = None,
-                  scale: float | None = None) -> np.ndarray:
+def normalise_dsa(
+    frames: np.ndarray, background: np.ndarray | None = None, scale: float | None = None
+) -> np.ndarray:
     """Contrast of a subtracted run: 0 on the background, about 1 in the densest vessel.
 
     Vessels are dark in subtracted DSA, so contrast = background - value. The
@@ -115,8 +121,12 @@ def normalise_dsa(frames: np.ndarray, background: np.ndarray | None = None,
 # Space
 
 
-def work_shape(shape: tuple[int, int], pixel_spacing_mm: tuple[float, float] | None,
-               work_spacing_mm: float | None, max_side: int = 512) -> tuple[int, int]:
+def work_shape(
+    shape: tuple[int, int],
+    pixel_spacing_mm: tuple[float, float] | None,
+    work_spacing_mm: float | None,
+    max_side: int = 512,
+) -> tuple[int, int]:
     """The working grid: the model's training pixel spacing when both are known,
     else the native grid shrunk so its longer side is at most ``max_side``.
 
@@ -161,20 +171,22 @@ def blend_window(shape: tuple[int, int], overlap: int) -> torch.Tensor:
     a neighbouring tile covers the same pixels. The floor keeps the weight
     positive where only one tile covers the image border.
     """
+
     def ramp(n: int) -> torch.Tensor:
         r = torch.ones(n)
         m = min(overlap, n // 2)
         if m > 0:
             edge = 0.5 - 0.5 * torch.cos(torch.linspace(0, torch.pi, m + 2)[1:-1])
             r[:m] = edge
-            r[n - m:] = edge.flip(0)
+            r[n - m :] = edge.flip(0)
         return r.clamp_min(1e-3)
 
     return ramp(shape[0])[:, None] * ramp(shape[1])[None, :]
 
 
-def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = 512,
-                overlap: int = 64) -> torch.Tensor:
+def tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = 512, overlap: int = 64
+) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of ``x`` (..., H, W) and blend the results.
 
     ``fn`` maps a (..., h, w) tile to (K, h, w). An image that fits in one tile
@@ -190,11 +202,11 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     weight = torch.zeros((height, width), device=x.device)
     for y in ys:
         for x0 in xs:
-            pred = fn(x[..., y:y + th, x0:x0 + tw]).float()
+            pred = fn(x[..., y : y + th, x0 : x0 + tw]).float()
             if out is None:
                 out = torch.zeros((pred.shape[0], height, width), device=x.device)
-            out[:, y:y + th, x0:x0 + tw] += pred * window
-            weight[y:y + th, x0:x0 + tw] += window
+            out[:, y : y + th, x0 : x0 + tw] += pred * window
+            weight[y : y + th, x0 : x0 + tw] += window
     assert out is not None
     return out / weight
 
@@ -237,10 +249,14 @@ def probabilities_to_native(probs: torch.Tensor, shape: Sequence[int]) -> np.nda
 # Sequence model inference
 
 
-def predict_sequence(model: torch.nn.Module, frames: np.ndarray,
-                     frame_times_s: np.ndarray | None,
-                     pixel_spacing_mm: tuple[float, float] | None,
-                     config: dict, device: torch.device) -> tuple[np.ndarray, list[str]]:
+def predict_sequence(
+    model: torch.nn.Module,
+    frames: np.ndarray,
+    frame_times_s: np.ndarray | None,
+    pixel_spacing_mm: tuple[float, float] | None,
+    config: dict,
+    device: torch.device,
+) -> tuple[np.ndarray, list[str]]:
     """Sigmoid probabilities (K, H, W) on the native grid of a (T, H, W) run.
 
     ``config`` (the package's architecture config) sets the preprocessing the
@@ -255,13 +271,21 @@ def predict_sequence(model: torch.nn.Module, frames: np.ndarray,
         if frame_times_s is None:
             notes.append("no frame timing in the run: frames used as acquired, not resampled")
         else:
-            seq, _ = resample_frames(frames, frame_times_s, float(fps),
-                                     int(config.get("min_frames", 4)),
-                                     int(config.get("max_frames", 60)))
+            seq, _ = resample_frames(
+                frames,
+                frame_times_s,
+                float(fps),
+                int(config.get("min_frames", 4)),
+                int(config.get("max_frames", 60)),
+            )
             notes.append(f"resampled {frames.shape[0]} frames to {seq.shape[0]} at {fps:g} fps")
     contrast = normalise_dsa(seq)
-    size = work_shape(frames.shape[1:], pixel_spacing_mm, config.get("work_spacing_mm"),
-                      int(config.get("max_side", 512)))
+    size = work_shape(
+        frames.shape[1:],
+        pixel_spacing_mm,
+        config.get("work_spacing_mm"),
+        int(config.get("max_side", 512)),
+    )
     model = model.to(device).eval()
     with inference_mode(device):
         x = resize(torch.from_numpy(contrast).to(device), size)
@@ -269,10 +293,12 @@ def predict_sequence(model: torch.nn.Module, frames: np.ndarray,
         def run_tile(tile: torch.Tensor) -> torch.Tensor:
             return torch.sigmoid(model(tile[None]).float())[0]
 
-        probs = tiled_apply(run_tile, x, int(config.get("tile", 512)),
-                            int(config.get("overlap", 64)))
+        probs = tiled_apply(
+            run_tile, x, int(config.get("tile", 512)), int(config.get("overlap", 64))
+        )
         native = probabilities_to_native(probs, frames.shape[1:])
     if size != tuple(frames.shape[1:]):
-        notes.append(f"processed at {size[0]}x{size[1]}, mapped back to "
-                     f"{frames.shape[1]}x{frames.shape[2]}")
+        notes.append(
+            f"processed at {size[0]}x{size[1]}, mapped back to {frames.shape[1]}x{frames.shape[2]}"
+        )
     return native, notes

@@ -23,8 +23,12 @@ def to_grey_rgb(image: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) ->
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def overlay(base_rgb: np.ndarray, masks: Sequence[np.ndarray],
-            colors: Sequence[tuple[int, int, int]], alpha: float = 0.55) -> np.ndarray:
+def overlay(
+    base_rgb: np.ndarray,
+    masks: Sequence[np.ndarray],
+    colors: Sequence[tuple[int, int, int]],
+    alpha: float = 0.55,
+) -> np.ndarray:
     """Blend binary masks over an RGB image; later masks are drawn over earlier ones."""
     out = base_rgb.astype(np.float32)
     for mask, color in zip(masks, colors, strict=True):
@@ -37,9 +41,15 @@ def _lut(name: str) -> np.ndarray:
     """256-entry RGB colour scales. 'perfusion' is the rainbow scale of perfusion
     consoles (black-blue-green-yellow-red-white)."""
     stops = {
-        "perfusion": [(0.0, (0, 0, 0)), (0.15, (0, 0, 180)), (0.35, (0, 160, 255)),
-                      (0.5, (0, 200, 0)), (0.7, (255, 255, 0)), (0.88, (255, 0, 0)),
-                      (1.0, (255, 255, 255))],
+        "perfusion": [
+            (0.0, (0, 0, 0)),
+            (0.15, (0, 0, 180)),
+            (0.35, (0, 160, 255)),
+            (0.5, (0, 200, 0)),
+            (0.7, (255, 255, 0)),
+            (0.88, (255, 0, 0)),
+            (1.0, (255, 255, 255)),
+        ],
         "hot": [(0.0, (0, 0, 0)), (0.4, (230, 0, 0)), (0.8, (255, 230, 0)), (1.0, (255, 255, 255))],
     }[name]
     xs = np.linspace(0, 1, 256)
@@ -49,8 +59,14 @@ def _lut(name: str) -> np.ndarray:
     ).astype(np.uint8)
 
 
-def colorize(values: np.ndarray, vmin: float, vmax: float, valid: np.ndarray | None = None,
-             cmap: str = "perfusion", background: np.ndarray | None = None) -> np.ndarray:
+def colorize(
+    values: np.ndarray,
+    vmin: float,
+    vmax: float,
+    valid: np.ndarray | None = None,
+    cmap: str = "perfusion",
+    background: np.ndarray | None = None,
+) -> np.ndarray:
     """Map values onto a colour scale; invalid pixels show ``background`` (RGB) or black."""
     lut = _lut(cmap)
     scaled = np.clip((np.nan_to_num(values, nan=vmin) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
@@ -88,23 +104,28 @@ def burn_text(rgb: np.ndarray, lines: Sequence[str], corner: str = "top-left") -
     return np.asarray(img)
 
 
-def colorbar(rgb: np.ndarray, vmin: float, vmax: float, unit: str, title: str,
-             cmap: str = "perfusion") -> np.ndarray:
+def colorbar(
+    rgb: np.ndarray, vmin: float, vmax: float, unit: str, title: str, cmap: str = "perfusion"
+) -> np.ndarray:
     """Append a vertical colour bar with tick labels and units on the right."""
     height = rgb.shape[0]
     bar_w = max(60, height // 6)
     panel = np.zeros((height, bar_w, 3), np.uint8)
     top, bottom = height // 8, height - height // 8
     ramp = np.linspace(1, 0, bottom - top)
-    panel[top:bottom, 6:6 + bar_w // 4] = _lut(cmap)[(ramp * 255).astype(np.uint8)][:, None, :]
+    panel[top:bottom, 6 : 6 + bar_w // 4] = _lut(cmap)[(ramp * 255).astype(np.uint8)][:, None, :]
     img = Image.fromarray(panel)
     draw = ImageDraw.Draw(img)
     size = max(9, min(18, height // 40))
     font = _font(size)
     for frac in (0.0, 0.5, 1.0):
         y = bottom - frac * (bottom - top) - size / 2
-        draw.text((10 + bar_w // 4, y), f"{vmin + frac * (vmax - vmin):.3g}", fill=(255, 255, 255),
-                  font=font)
+        draw.text(
+            (10 + bar_w // 4, y),
+            f"{vmin + frac * (vmax - vmin):.3g}",
+            fill=(255, 255, 255),
+            font=font,
+        )
     draw.text((4, max(0, top - 2 * size - 4)), title, fill=(255, 255, 255), font=font)
     draw.text((4, min(height - size - 2, bottom + 4)), unit, fill=(255, 255, 255), font=font)
     return np.concatenate([rgb, np.asarray(img)], axis=1)

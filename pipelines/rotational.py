@@ -72,13 +72,17 @@ SEGMENTS = (
 def padded_volume(hu: np.ndarray) -> np.ndarray:
     """The volume with the context a voxel classifier needs at the edges (edge values repeated)."""
     half = SLICES // 2
-    return np.pad(hu.astype(np.float32, copy=False), ((half, half), (MARGIN, MARGIN), (MARGIN, MARGIN)),
-                  mode="edge")
+    return np.pad(
+        hu.astype(np.float32, copy=False),
+        ((half, half), (MARGIN, MARGIN), (MARGIN, MARGIN)),
+        mode="edge",
+    )
 
 
 @torch.no_grad()
-def classify_dense(model: torch.nn.Module, hu: np.ndarray, device: torch.device,
-                   slab: int = 4) -> np.ndarray:
+def classify_dense(
+    model: torch.nn.Module, hu: np.ndarray, device: torch.device, slab: int = 4
+) -> np.ndarray:
     """Class of every voxel of (Z, Y, X) HU, ``slab`` slices per forward pass; uint8 labels."""
     padded = torch.from_numpy(padded_volume(hu)).to(device)
     labels = np.empty(hu.shape, np.uint8)
@@ -86,7 +90,7 @@ def classify_dense(model: torch.nn.Module, hu: np.ndarray, device: torch.device,
         for z0 in range(0, hu.shape[0], slab):
             z1 = min(z0 + slab, hu.shape[0])
             # (z1 - z0 + 4, Y', X') -> (z1 - z0, 5, Y', X'): each slice with its 4 neighbours.
-            windows = padded[z0:z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
+            windows = padded[z0 : z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
             logits = model(windows.contiguous())
             labels[z0:z1] = logits.float().argmax(dim=1).to(torch.uint8).cpu().numpy()
     return labels
@@ -102,17 +106,22 @@ def extract_patches(padded: np.ndarray, coords: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def classify_patches(model: torch.nn.Module, hu: np.ndarray, coords: np.ndarray,
-                     device: torch.device, batch: int = 256, padded: np.ndarray | None = None
-                     ) -> np.ndarray:
+def classify_patches(
+    model: torch.nn.Module,
+    hu: np.ndarray,
+    coords: np.ndarray,
+    device: torch.device,
+    batch: int = 256,
+    padded: np.ndarray | None = None,
+) -> np.ndarray:
     """Class of the voxels at ``coords``, one 41 x 41 x 5 patch each (the paper's way)."""
     padded = padded_volume(hu) if padded is None else padded
     out = np.empty(len(coords), np.uint8)
     with inference_mode(device):
         for s in range(0, len(coords), batch):
-            patches = torch.from_numpy(extract_patches(padded, coords[s:s + batch])).to(device)
+            patches = torch.from_numpy(extract_patches(padded, coords[s : s + batch])).to(device)
             logits = model(patches)
-            out[s:s + batch] = logits.float().argmax(dim=1)[:, 0, 0].to(torch.uint8).cpu().numpy()
+            out[s : s + batch] = logits.float().argmax(dim=1)[:, 0, 0].to(torch.uint8).cpu().numpy()
     return out
 
 
@@ -131,8 +140,11 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(labels == sizes.argmax())
 
 
-def classical_tissues(hu: np.ndarray, spacing_mm: tuple[float, float, float],
-                      params: Mapping[str, float] | None = None) -> np.ndarray:
+def classical_tissues(
+    hu: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    params: Mapping[str, float] | None = None,
+) -> np.ndarray:
     """Labels (vessel 0, bone 1, soft tissue / air 2) from HU thresholds, a bone model and
     connected components.
 
@@ -165,8 +177,11 @@ def classical_tissues(hu: np.ndarray, spacing_mm: tuple[float, float, float],
         base = np.zeros(hu.shape, bool)
         base[: max(top, 0)] = True
         if p["base_grow_mm"] > 0 and base.any():
-            bone |= ndi.binary_dilation(bone & base, mask=dense & base,
-                                        iterations=max(1, int(round(p["base_grow_mm"] / step))))
+            bone |= ndi.binary_dilation(
+                bone & base,
+                mask=dense & base,
+                iterations=max(1, int(round(p["base_grow_mm"] / step))),
+            )
     vessel = dense & ~bone
     comp, count = ndi.label(vessel, structure=np.ones((3, 3, 3), bool))
     if count:
@@ -201,11 +216,13 @@ CLASSICAL_DEFAULTS: dict[str, float] = {
 
 def masks_from_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
     """(3, Z, Y, X) bool: vessel, bone, soft tissue (the body only, not the air around it)."""
-    return np.stack([
-        labels == CLASS_VESSEL,
-        labels == CLASS_BONE,
-        (labels == CLASS_SOFT) & (hu > BODY_HU),
-    ])
+    return np.stack(
+        [
+            labels == CLASS_VESSEL,
+            labels == CLASS_BONE,
+            (labels == CLASS_SOFT) & (hu > BODY_HU),
+        ]
+    )
 
 
 def angiogram(hu: np.ndarray, vessel: np.ndarray) -> np.ndarray:
@@ -213,15 +230,18 @@ def angiogram(hu: np.ndarray, vessel: np.ndarray) -> np.ndarray:
     return np.where(vessel, hu, np.float32(AIR_HU)).astype(np.float32)
 
 
-def mip_rendering(volume: np.ndarray, spacing_mm: tuple[float, float, float],
-                  algorithm: AlgorithmInfo) -> np.ndarray:
+def mip_rendering(
+    volume: np.ndarray, spacing_mm: tuple[float, float, float], algorithm: AlgorithmInfo
+) -> np.ndarray:
     """AP and lateral maximum-intensity projections side by side, superior up, (H, W, 3)."""
     sz, sy, sx = spacing_mm
     views = []
     for axis, col_spacing, title in ((1, sx, "AP MIP"), (2, sy, "Lateral MIP")):
         mip = volume.max(axis=axis)[::-1]  # rows: superior at the top
         h = max(1, int(round(mip.shape[0] * sz / col_spacing)))
-        mip = resize(torch.from_numpy(np.ascontiguousarray(mip))[None], (h, mip.shape[1]))[0].numpy()
+        mip = resize(torch.from_numpy(np.ascontiguousarray(mip))[None], (h, mip.shape[1]))[
+            0
+        ].numpy()
         views.append((mip, title))
     height = max(v.shape[0] for v, _ in views)
     vessels = volume[volume > AIR_HU]
@@ -232,11 +252,13 @@ def mip_rendering(volume: np.ndarray, spacing_mm: tuple[float, float, float],
         grey = (np.clip((mip - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
         canvas = np.zeros((height, grey.shape[1]), np.uint8)
         top = (height - grey.shape[0]) // 2
-        canvas[top:top + grey.shape[0]] = grey
+        canvas[top : top + grey.shape[0]] = grey
         rgb = np.repeat(canvas[..., None], 3, axis=-1)
         panels.append(burn_text(rgb, [title], corner="top-left"))
     rgb = np.concatenate(panels, axis=1)
-    return burn_text(rgb, [AI_LABEL, f"DLA angiogram: {algorithm.describe()}"], corner="bottom-left")
+    return burn_text(
+        rgb, [AI_LABEL, f"DLA angiogram: {algorithm.describe()}"], corner="bottom-left"
+    )
 
 
 def _spacing(run: Run) -> tuple[float, float, float]:
@@ -250,8 +272,10 @@ class RotationalDLA:
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
         hu = run.pixels
         if not run.meta.is_volume or hu.ndim != 3:
-            raise PipelineError(f"{NAME} needs a volume (Z, Y, X), got shape {hu.shape}"
-                                f"{'' if run.meta.is_volume else ' (a 2D run)'}")
+            raise PipelineError(
+                f"{NAME} needs a volume (Z, Y, X), got shape {hu.shape}"
+                f"{'' if run.meta.is_volume else ' (a 2D run)'}"
+            )
         if hu.shape[0] < SLICES:
             raise PipelineError(f"{NAME}: {hu.shape[0]} slices, at least {SLICES} needed")
         opts: Mapping[str, Any] = ctx.options
@@ -262,8 +286,10 @@ class RotationalDLA:
         if ctx.model_package:
             pkg = load_package(ctx.model_package, pipeline=NAME)
             if pkg.architecture != ARCHITECTURE:
-                raise PipelineError(f"model package {pkg.name} has architecture "
-                                    f"{pkg.architecture!r}; {NAME} needs {ARCHITECTURE!r}")
+                raise PipelineError(
+                    f"model package {pkg.name} has architecture "
+                    f"{pkg.architecture!r}; {NAME} needs {ARCHITECTURE!r}"
+                )
             device = inference_device(ctx.device)
             model = pkg.load_model(device)
             labels = classify_dense(model, hu, device, slab=int(opts.get("slab", 4)))
@@ -271,24 +297,39 @@ class RotationalDLA:
             notes.append(f"model {pkg.name} {pkg.version}, dense inference on {device.type}")
         else:
             labels = classical_tissues(hu, spacing, opts.get("classical"))
-            algorithm = AlgorithmInfo("HU thresholds + bone model + components", VERSION,
-                                      "classical")
+            algorithm = AlgorithmInfo(
+                "HU thresholds + bone model + components", VERSION, "classical"
+            )
             notes.append("no model package configured: classical threshold path")
         masks = masks_from_labels(labels, hu)
         volume_ml = masks.reshape(3, -1).sum(axis=1) * float(np.prod(spacing)) / 1000.0
-        notes.append("volumes (ml): " + ", ".join(
-            f"{s.label} {v:.1f}" for s, v in zip(SEGMENTS, volume_ml, strict=True)))
+        notes.append(
+            "volumes (ml): "
+            + ", ".join(f"{s.label} {v:.1f}" for s, v in zip(SEGMENTS, volume_ml, strict=True))
+        )
         dla = angiogram(hu, masks[0])
         return PipelineResult(
             outputs=[
-                SegmentationOutput(key="tissues", masks=masks, segments=list(SEGMENTS),
-                                   algorithm=algorithm, geometry="volume",
-                                   description="Vessel, bone and soft tissue"),
-                ImageOutput(key="dla_angiogram", pixels=dla, description="DLA angiogram",
-                            geometry="volume",
-                            derivation="Source with all voxels but vessels set to air (-1000 HU)"),
-                RenderingOutput(key="mip", rgb=mip_rendering(dla, spacing, algorithm),
-                                description="DLA angiogram MIP"),
+                SegmentationOutput(
+                    key="tissues",
+                    masks=masks,
+                    segments=list(SEGMENTS),
+                    algorithm=algorithm,
+                    geometry="volume",
+                    description="Vessel, bone and soft tissue",
+                ),
+                ImageOutput(
+                    key="dla_angiogram",
+                    pixels=dla,
+                    description="DLA angiogram",
+                    geometry="volume",
+                    derivation="Source with all voxels but vessels set to air (-1000 HU)",
+                ),
+                RenderingOutput(
+                    key="mip",
+                    rgb=mip_rendering(dla, spacing, algorithm),
+                    description="DLA angiogram MIP",
+                ),
             ],
             notes=notes,
         )
@@ -297,4 +338,3 @@ class RotationalDLA:
 @register(NAME)
 def _factory() -> RotationalDLA:
     return RotationalDLA()
-

@@ -70,8 +70,11 @@ def noise_sigma(image: np.ndarray) -> float:
     return max(1.4826 * mad * 1.125, 1e-6)  # 1.125: the 3x3 mean removes 1/9 of the noise
 
 
-def vessel_mask(contrast: np.ndarray, pixel_spacing_mm: tuple[float, float] | None,
-                params: ClassicalParams = ClassicalParams()) -> tuple[np.ndarray, np.ndarray]:
+def vessel_mask(
+    contrast: np.ndarray,
+    pixel_spacing_mm: tuple[float, float] | None,
+    params: ClassicalParams = ClassicalParams(),
+) -> tuple[np.ndarray, np.ndarray]:
     """Vessel mask and vesselness from a MinIP contrast image (vessels positive)."""
     vesselness = frangi(contrast, sigmas=frangi_sigmas(pixel_spacing_mm), black_ridges=False)
     ref = float(np.percentile(vesselness, 99))
@@ -86,8 +89,9 @@ def vessel_mask(contrast: np.ndarray, pixel_spacing_mm: tuple[float, float] | No
     return remove_small_objects(mask, max_size=max(int(area_px) - 1, 0)), vesselness
 
 
-def timing_features(curves: np.ndarray, times: np.ndarray, arrival_fraction: float = 0.3
-                    ) -> np.ndarray:
+def timing_features(
+    curves: np.ndarray, times: np.ndarray, arrival_fraction: float = 0.3
+) -> np.ndarray:
     """(N, 3) arrival time, time to peak and centre-of-mass time of (T, N) contrast curves."""
     c = np.clip(curves, 0, None)
     peak_idx = c.argmax(axis=0)
@@ -110,8 +114,12 @@ def two_means(features: np.ndarray, iterations: int = 30) -> np.ndarray:
     """Deterministic 2-means on standardised features; label 0 is the earlier cluster."""
     z = (features - features.mean(axis=0)) / np.maximum(features.std(axis=0), 1e-9)
     score = z.mean(axis=1)
-    centres = np.stack([z[score <= np.percentile(score, 30)].mean(axis=0),
-                        z[score >= np.percentile(score, 70)].mean(axis=0)])
+    centres = np.stack(
+        [
+            z[score <= np.percentile(score, 30)].mean(axis=0),
+            z[score >= np.percentile(score, 70)].mean(axis=0),
+        ]
+    )
     labels = np.zeros(len(z), np.int64)
     for _ in range(iterations):
         d = ((z[:, None, :] - centres[None]) ** 2).sum(axis=2)
@@ -127,8 +135,9 @@ def two_means(features: np.ndarray, iterations: int = 30) -> np.ndarray:
     return labels
 
 
-def unmix(curves: np.ndarray, artery_template: np.ndarray, vein_template: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
+def unmix(
+    curves: np.ndarray, artery_template: np.ndarray, vein_template: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Non-negative weights (a, v) with curve ~ a * artery + v * vein, per column of (T, N)."""
     A, V = artery_template, vein_template
     aa, vv, av = A @ A, V @ V, A @ V
@@ -145,8 +154,9 @@ def unmix(curves: np.ndarray, artery_template: np.ndarray, vein_template: np.nda
     return np.clip(a, 0, None), np.clip(v, 0, None)
 
 
-def separate(curves: np.ndarray, times: np.ndarray, params: ClassicalParams = ClassicalParams()
-             ) -> tuple[np.ndarray, np.ndarray]:
+def separate(
+    curves: np.ndarray, times: np.ndarray, params: ClassicalParams = ClassicalParams()
+) -> tuple[np.ndarray, np.ndarray]:
     """Artery and vein flags for (T, N) vessel curves (a pixel may be both)."""
     n = curves.shape[1]
     if n < 10:
@@ -169,8 +179,9 @@ def smoothed_frames(contrast: np.ndarray, sigma_px: float = 1.0) -> np.ndarray:
     return ndimage.gaussian_filter(contrast, sigma=(0, sigma_px, sigma_px))
 
 
-def ica_mask(artery: np.ndarray, pixel_spacing_mm: tuple[float, float],
-             min_radius_mm: float = 1.35) -> np.ndarray:
+def ica_mask(
+    artery: np.ndarray, pixel_spacing_mm: tuple[float, float], min_radius_mm: float = 1.35
+) -> np.ndarray:
     """The internal carotid artery: the largest connected artery segment whose
     core is at least ``min_radius_mm`` from the wall (the ICA is 4-5 mm wide, M1
     about 3 mm), grown back to the wall."""
@@ -193,9 +204,12 @@ class ClassicalResult:
     ica: np.ndarray | None = None
 
 
-def analyse(frames: np.ndarray, frame_times_s: np.ndarray | None,
-            pixel_spacing_mm: tuple[float, float] | None,
-            params: ClassicalParams = ClassicalParams()) -> ClassicalResult:
+def analyse(
+    frames: np.ndarray,
+    frame_times_s: np.ndarray | None,
+    pixel_spacing_mm: tuple[float, float] | None,
+    params: ClassicalParams = ClassicalParams(),
+) -> ClassicalResult:
     """Vessel, artery and vein masks (H, W) of a subtracted run (T, H, W), vessels dark.
 
     Without frame times the frame index stands in for time (only the order
@@ -204,8 +218,11 @@ def analyse(frames: np.ndarray, frame_times_s: np.ndarray | None,
     if frames.ndim != 3 or frames.shape[0] < 3:
         raise PipelineError(f"artery/vein separation needs (T>=3, H, W) frames, got {frames.shape}")
     contrast = normalise_dsa(frames)
-    times = (np.asarray(frame_times_s, np.float64) if frame_times_s is not None
-             else np.arange(frames.shape[0], dtype=np.float64))
+    times = (
+        np.asarray(frame_times_s, np.float64)
+        if frame_times_s is not None
+        else np.arange(frames.shape[0], dtype=np.float64)
+    )
     vessels, _ = vessel_mask(contrast.max(axis=0), pixel_spacing_mm, params)
     artery = np.zeros(vessels.shape, bool)
     vein = np.zeros(vessels.shape, bool)
@@ -214,13 +231,19 @@ def analyse(frames: np.ndarray, frame_times_s: np.ndarray | None,
         is_artery, is_vein = separate(curves, times, params)
         artery[vessels] = is_artery
         vein[vessels] = is_vein
-    ica = (ica_mask(artery, pixel_spacing_mm, params.ica_min_radius_mm)
-           if pixel_spacing_mm is not None else None)
+    ica = (
+        ica_mask(artery, pixel_spacing_mm, params.ica_min_radius_mm)
+        if pixel_spacing_mm is not None
+        else None
+    )
     return ClassicalResult(vessel=vessels, artery=artery, vein=vein, ica=ica)
 
 
-def classical_av(frames: np.ndarray, frame_times_s: np.ndarray | None,
-                 pixel_spacing_mm: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray]:
+def classical_av(
+    frames: np.ndarray,
+    frame_times_s: np.ndarray | None,
+    pixel_spacing_mm: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Artery and vein bool masks (H, W) of a subtracted run (T, H, W), vessels dark."""
     result = analyse(frames, frame_times_s, pixel_spacing_mm)
     return result.artery, result.vein

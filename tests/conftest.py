@@ -23,8 +23,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -89,7 +93,8 @@ class StoreSCP:
     def start(self) -> StoreSCP:
         self.proc = subprocess.Popen(
             [need("storescp"), "-aet", self.aet, "-od", str(self.directory), "-uf", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: _port_open(self.port), 10, what="storescp to listen")
         return self
@@ -104,7 +109,13 @@ class StoreSCP:
         return sorted(p for p in self.directory.iterdir() if p.is_file())
 
     def destination(self, name: str = "dest") -> dict[str, Any]:
-        return {"kind": "dimse", "name": name, "host": "127.0.0.1", "port": self.port, "ae_title": self.aet}
+        return {
+            "kind": "dimse",
+            "name": name,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "ae_title": self.aet,
+        }
 
 
 def _port_open(port: int) -> bool:

@@ -14,16 +14,26 @@ from pydicom.uid import (
 )
 
 
-def xa_run(frames: int = 6, rows: int = 64, cols: int = 64, seed: int = 0, subtracted: bool = True,
-           study_uid: str | None = None, series_uid: str | None = None, frame_time_ms: float = 250.0,
-           body_part: str = "HEAD") -> Dataset:
+def xa_run(
+    frames: int = 6,
+    rows: int = 64,
+    cols: int = 64,
+    seed: int = 0,
+    subtracted: bool = True,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_time_ms: float = 250.0,
+    body_part: str = "HEAD",
+) -> Dataset:
     """A subtracted XA multi-frame run with a dark vessel filling over time."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:rows, 0:cols]
     vessel = np.abs(xx - cols / 2 - 6 * np.sin(yy / 9)) < 3
     t = np.arange(frames)
     curve = np.exp(-((t - frames / 2) ** 2) / (2 * (frames / 4) ** 2))
-    pixels = 2048 - 600 * curve[:, None, None] * vessel[None] + rng.normal(0, 8, (frames, rows, cols))
+    pixels = (
+        2048 - 600 * curve[:, None, None] * vessel[None] + rng.normal(0, 8, (frames, rows, cols))
+    )
     pixels = np.clip(pixels, 0, 4095).astype(np.uint16)
 
     ds = Dataset()
@@ -48,7 +58,11 @@ def xa_run(frames: int = 6, rows: int = 64, cols: int = 64, seed: int = 0, subtr
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.BodyPartExamined = body_part
-    ds.ImageType = ["DERIVED", "PRIMARY", "SINGLE PLANE", "SUBTRACTION"] if subtracted else ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.ImageType = (
+        ["DERIVED", "PRIMARY", "SINGLE PLANE", "SUBTRACTION"]
+        if subtracted
+        else ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    )
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = rows, cols

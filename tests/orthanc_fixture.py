@@ -54,8 +54,9 @@ def missing_parts(with_plugin: bool = False) -> list[str]:
     if with_plugin:
         if not PYTHON_PLUGIN.exists():
             missing.append(f"{PYTHON_PLUGIN} (Debian package orthanc-python)")
-        probe = subprocess.run(["/usr/bin/python3", "-c", "import requests"], capture_output=True,
-                               env=_clean_env())
+        probe = subprocess.run(
+            ["/usr/bin/python3", "-c", "import requests"], capture_output=True, env=_clean_env()
+        )
         if probe.returncode != 0:
             missing.append("requests for the system python3 (Debian package python3-requests)")
     return missing
@@ -69,8 +70,11 @@ def free_port() -> int:
 
 
 def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CONDA", "PYENV"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTHON", "VIRTUAL_ENV", "CONDA", "PYENV"))
+    }
     env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     return env
 
@@ -79,23 +83,32 @@ def load_template() -> dict[str, Any]:
     return json.loads(TEMPLATE.read_text())
 
 
-def make_config(workdir: Path, http_port: int, dicom_port: int, *, with_plugin: bool,
-                node: dict[str, Any] | None = None, aet: str = "ORTHANC",
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def make_config(
+    workdir: Path,
+    http_port: int,
+    dicom_port: int,
+    *,
+    with_plugin: bool,
+    node: dict[str, Any] | None = None,
+    aet: str = "ORTHANC",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The template with this test's ports, storage and node; ``overrides`` merge last."""
     cfg = load_template()
     storage = workdir / "storage"
-    cfg.update({
-        "Name": f"test-{http_port}",
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": aet,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)] + ([str(PYTHON_PLUGIN)] if with_plugin else []),
-    })
+    cfg.update(
+        {
+            "Name": f"test-{http_port}",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)] + ([str(PYTHON_PLUGIN)] if with_plugin else []),
+        }
+    )
     if with_plugin:
         cfg["PythonScript"] = str(PLUGIN_SCRIPT)
         cfg["PythonVerbose"] = False
@@ -106,8 +119,13 @@ def make_config(workdir: Path, http_port: int, dicom_port: int, *, with_plugin: 
     angio["StateFile"] = str(workdir / "angio-node-forwards.sqlite")
     if node is not None:
         modality = cfg["DicomModalities"][angio.get("NodeModality", "angio-node")]
-        modality.update({"AET": node.get("aet", "ANGIO_NODE"), "Host": node.get("host", "127.0.0.1"),
-                         "Port": int(node["port"])})
+        modality.update(
+            {
+                "AET": node.get("aet", "ANGIO_NODE"),
+                "Host": node.get("host", "127.0.0.1"),
+                "Port": int(node["port"]),
+            }
+        )
         angio["NodeAet"] = node.get("aet", "ANGIO_NODE")
         if node.get("api_url"):
             angio["NodeApiUrl"] = node["api_url"]
@@ -167,9 +185,13 @@ class OrthancProcess:
     def start(self, timeout: float = 30.0) -> OrthancProcess:
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen([ORTHANC_BIN, str(self.config_path)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=_clean_env(),
-                                         cwd=self.config_path.parent)
+            self.proc = subprocess.Popen(
+                [ORTHANC_BIN, str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_clean_env(),
+                cwd=self.config_path.parent,
+            )
         finally:
             log.close()
         self._wait_ready(timeout)
@@ -180,7 +202,9 @@ class OrthancProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                raise RuntimeError(
+                    f"Orthanc exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
                 ok = self.get("/system", timeout=2).ok
                 if ok and self.with_plugin:  # 503 and not 'starting': disabled or a config error
@@ -205,7 +229,9 @@ class OrthancProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-            raise RuntimeError(f"Orthanc did not stop in {timeout:g} s:\n{self.log_text()[-2000:]}") from None
+            raise RuntimeError(
+                f"Orthanc did not stop in {timeout:g} s:\n{self.log_text()[-2000:]}"
+            ) from None
         finally:
             self.session.close()
             self.session = requests.Session()
@@ -216,9 +242,15 @@ class OrthancProcess:
         return self.start(timeout)
 
 
-def start_orthanc(tmp_path: Path, *, with_plugin: bool, node: dict[str, Any] | None = None,
-                  aet: str = "ORTHANC", overrides: dict[str, Any] | None = None,
-                  timeout: float = 30.0) -> OrthancProcess:
+def start_orthanc(
+    tmp_path: Path,
+    *,
+    with_plugin: bool,
+    node: dict[str, Any] | None = None,
+    aet: str = "ORTHANC",
+    overrides: dict[str, Any] | None = None,
+    timeout: float = 30.0,
+) -> OrthancProcess:
     """Start Orthanc in ``tmp_path/orthanc-<port>`` on free loopback ports."""
     missing = missing_parts(with_plugin)
     if missing:
@@ -228,12 +260,20 @@ def start_orthanc(tmp_path: Path, *, with_plugin: bool, node: dict[str, Any] | N
         http_port, dicom_port = free_port(), free_port()
         workdir = Path(tmp_path) / f"orthanc-{http_port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        cfg = make_config(workdir, http_port, dicom_port, with_plugin=with_plugin, node=node, aet=aet,
-                          overrides=overrides)
+        cfg = make_config(
+            workdir,
+            http_port,
+            dicom_port,
+            with_plugin=with_plugin,
+            node=node,
+            aet=aet,
+            overrides=overrides,
+        )
         config_path = workdir / "orthanc.json"
         config_path.write_text(json.dumps(cfg, indent=2))
-        proc = OrthancProcess(config_path, workdir / "orthanc.log", http_port, dicom_port, aet,
-                              with_plugin)
+        proc = OrthancProcess(
+            config_path, workdir / "orthanc.log", http_port, dicom_port, aet, with_plugin
+        )
         try:
             return proc.start(timeout)
         except RuntimeError as exc:
@@ -259,11 +299,23 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
 # -- OHIF against this Orthanc ------------------------------------------------------------
 
 # .ci/install.sh unpacks the npm package @ohif/app into .cache/ohif (ignored by git)
-OHIF_DIST_CANDIDATES = (os.environ.get("OHIF_DIST", ""), str(REPO / ".cache" / "ohif" / "dist"),
-                        "/opt/ohif/dist")
-CONTENT_TYPES = {".js": "application/javascript", ".css": "text/css", ".html": "text/html",
-                 ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml",
-                 ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2", ".map": "application/json"}
+OHIF_DIST_CANDIDATES = (
+    os.environ.get("OHIF_DIST", ""),
+    str(REPO / ".cache" / "ohif" / "dist"),
+    "/opt/ohif/dist",
+)
+CONTENT_TYPES = {
+    ".js": "application/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".map": "application/json",
+}
 
 
 def find_ohif_dist() -> Path | None:
@@ -326,18 +378,28 @@ class OhifServer:
                     file = (server.dist / path.lstrip("/")).resolve()
                     if not file.is_file() or server.dist not in file.parents:
                         file = server.dist / "index.html"
-                    self._send(200, file.read_bytes(),
-                               CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+                    self._send(
+                        200,
+                        file.read_bytes(),
+                        CONTENT_TYPES.get(file.suffix, "application/octet-stream"),
+                    )
 
             def _proxy(self) -> None:
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")
+                }
                 try:
-                    resp = requests.get(server.pacs.http_url + self.path, headers=headers, timeout=60)
+                    resp = requests.get(
+                        server.pacs.http_url + self.path, headers=headers, timeout=60
+                    )
                 except requests.RequestException as exc:
                     self._send(502, str(exc).encode(), "text/plain")
                     return
-                self._send(resp.status_code, resp.content,
-                           resp.headers.get("Content-Type", "application/octet-stream"))
+                self._send(
+                    resp.status_code,
+                    resp.content,
+                    resp.headers.get("Content-Type", "application/octet-stream"),
+                )
 
             def _send(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
@@ -360,9 +422,19 @@ class OhifServer:
         self.httpd.server_close()
 
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--use-angle=swiftshader", "--enable-unsafe-swiftshader")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+)
 
 
 def find_chromium() -> str | None:
@@ -413,7 +485,7 @@ def viewport_contrast(driver: Any) -> float:
     pane = panes[0]
     img = np.asarray(Image.open(io.BytesIO(pane.screenshot_as_png)).convert("L"), dtype=float)
     h, w = img.shape
-    return float(img[h // 6: -h // 6, w // 6: -w // 6].std())
+    return float(img[h // 6 : -h // 6, w // 6 : -w // 6].std())
 
 
 def click_text(driver: Any, text: str) -> None:

@@ -14,8 +14,9 @@ from tests.dicomgen import save, xa_run
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_process_writes_results_and_prints_one_line_each(tmp_path: Path) -> None:
@@ -36,7 +37,9 @@ def test_process_writes_results_and_prints_one_line_each(tmp_path: Path) -> None
 
 def test_process_unknown_pipeline_and_nothing_processable(tmp_path: Path) -> None:
     save(xa_run(frames=3), tmp_path / "in")
-    out = _cli("process", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--pipeline", "nope")
+    out = _cli(
+        "process", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--pipeline", "nope"
+    )
     assert out.returncode == 2 and "unknown pipeline 'nope'" in out.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -50,9 +53,12 @@ def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None
 
     from tests.conftest import wait_for
 
-    node = make_node(destinations=[{"kind": "dimse", "name": "down", "host": "127.0.0.1", "port": 9,
-                                    "ae_title": "NOBODY"}],
-                     rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    node = make_node(
+        destinations=[
+            {"kind": "dimse", "name": "down", "host": "127.0.0.1", "port": 9, "ae_title": "NOBODY"}
+        ],
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
     ae = AE(ae_title="SUITE")
     ae.add_requested_context(XRayAngiographicImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)

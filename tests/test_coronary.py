@@ -51,10 +51,17 @@ def synthetic_cine(frames: int = 8, size: int = 64, seed: int = 0) -> tuple[np.n
 
 def run_of(frames: np.ndarray) -> Run:
     t = frames.shape[0]
-    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1", rows=frames.shape[1],
-                   columns=frames.shape[2], number_of_frames=t,
-                   frame_times_s=np.arange(t) / 15.0, pixel_spacing_mm=(0.3, 0.3),
-                   body_part="HEART", frame_rate=15.0)
+    meta = RunMeta(
+        modality="XA",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
+        rows=frames.shape[1],
+        columns=frames.shape[2],
+        number_of_frames=t,
+        frame_times_s=np.arange(t) / 15.0,
+        pixel_spacing_mm=(0.3, 0.3),
+        body_part="HEART",
+        frame_rate=15.0,
+    )
     return Run(pixels=frames, meta=meta)
 
 
@@ -158,7 +165,9 @@ def check_outputs(result, frames: np.ndarray) -> SegmentationOutput:
     assert seg.geometry == "frames"
     assert seg.masks.shape == (1, *frames.shape) and seg.masks.dtype == bool
     assert (seg.segments[0].code.value, seg.segments[0].code.scheme) == ("59820001", "SCT")
-    assert cine.key == "cine" and cine.rgb.shape == (*frames.shape, 3) and cine.rgb.dtype == np.uint8
+    assert (
+        cine.key == "cine" and cine.rgb.shape == (*frames.shape, 3) and cine.rgb.dtype == np.uint8
+    )
     # Overlay colour where vessels were found, grey elsewhere.
     red = cine.rgb[..., 0].astype(int) - cine.rgb[..., 2]
     assert red[seg.masks[0]].mean() > 60
@@ -176,8 +185,14 @@ def test_pipeline_classical_outputs() -> None:
 
 def test_pipeline_refuses_volumes() -> None:
     frames, _ = synthetic_cine()
-    meta = RunMeta(modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", rows=64, columns=64,
-                   number_of_frames=8, is_volume=True)
+    meta = RunMeta(
+        modality="CT",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        rows=64,
+        columns=64,
+        number_of_frames=8,
+        is_volume=True,
+    )
     with pytest.raises(Exception, match="2D\\+t"):
         CoronarySegmentation()(Run(frames, meta), PipelineContext())
 
@@ -186,10 +201,18 @@ def tiny_package(tmp_path: Path, n: int, pipeline: str = NAME) -> Path:
     torch.manual_seed(n)
     config = {"neighbours": n, **TINY}
     return write_package(
-        tmp_path / f"cenet-n{n}", model=build("ce_net_3d2d", config), name=f"test-cenet-n{n}",
-        version="0.0.1", architecture_name="ce_net_3d2d", config=config, pipeline=pipeline,
-        metrics={}, data={"synthetic": True}, model_card="test package, untrained",
-        training_command="pytest", dataset_manifest_hash="0" * 64,
+        tmp_path / f"cenet-n{n}",
+        model=build("ce_net_3d2d", config),
+        name=f"test-cenet-n{n}",
+        version="0.0.1",
+        architecture_name="ce_net_3d2d",
+        config=config,
+        pipeline=pipeline,
+        metrics={},
+        data={"synthetic": True},
+        model_card="test package, untrained",
+        training_command="pytest",
+        dataset_manifest_hash="0" * 64,
     )
 
 
@@ -217,8 +240,14 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def xa_source(frames: np.ndarray) -> pydicom.Dataset:
     from tests.dicomgen import xa_run
 
-    ds = xa_run(frames=frames.shape[0], rows=frames.shape[1], cols=frames.shape[2],
-                subtracted=False, body_part="HEART", frame_time_ms=66.7)
+    ds = xa_run(
+        frames=frames.shape[0],
+        rows=frames.shape[1],
+        cols=frames.shape[2],
+        subtracted=False,
+        body_part="HEART",
+        frame_time_ms=66.7,
+    )
     ds.PixelData = np.clip(frames, 0, 4095).astype(np.uint16).tobytes()
     return ds
 
@@ -246,15 +275,21 @@ def test_cine_sc_and_frames_seg_encode_valid(tmp_path: Path) -> None:
     # The SEG reads back with highdicom with the same per-frame masks.
     import highdicom as hd
 
-    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(tmp_path / f"{seg_ds.SOPInstanceUID}.dcm"))
+    seg = hd.seg.Segmentation.from_dataset(
+        pydicom.dcmread(tmp_path / f"{seg_ds.SOPInstanceUID}.dcm")
+    )
     desc = seg.get_segment_description(1)
     assert desc.segmented_property_type.value == "59820001"
     masks = result.outputs[0].masks[0]
-    canvas = next(ds for ds in datasets
-                  if ds.SOPClassUID == pydicom.uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage)
+    canvas = next(
+        ds
+        for ds in datasets
+        if ds.SOPClassUID == pydicom.uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+    )
     stack = seg.get_pixels_by_source_frame(
         source_sop_instance_uid=canvas.SOPInstanceUID,
-        source_frame_numbers=list(range(1, 7)), segment_numbers=[1],
+        source_frame_numbers=list(range(1, 7)),
+        segment_numbers=[1],
     )
     assert np.array_equal(stack[..., 0].astype(bool), masks)
 
@@ -266,9 +301,19 @@ def test_training_loop_and_metrics() -> None:
     from training.quick_train_coronary import frame_metrics, segment, train
 
     frames, truth = synthetic_cine(frames=6)
-    model, info = train([(normalise_cine(frames), truth)], 1, dict(TINY), max_steps=2, cpu_minutes=1.0,
-                        batch=2, crop=64, lr=1e-3, seed=0, device=torch.device("cpu"),
-                        log=lambda _m: None)
+    model, info = train(
+        [(normalise_cine(frames), truth)],
+        1,
+        dict(TINY),
+        max_steps=2,
+        cpu_minutes=1.0,
+        batch=2,
+        crop=64,
+        lr=1e-3,
+        seed=0,
+        device=torch.device("cpu"),
+        log=lambda _m: None,
+    )
     assert info["steps"] == 2 and np.isfinite(info["final_loss_ema"]) and not model.training
     assert segment(model, normalise_cine(frames), 1, torch.device("cpu")).shape == truth.shape
     m = frame_metrics(truth, truth)
@@ -294,9 +339,13 @@ def test_phantom_file_through_decode_pipeline_and_encode(tmp_path: Path) -> None
     loaded = load_run([path])
     assert loaded.run.pixels.shape == (6, 64, 64)
     result = CoronarySegmentation()(loaded.run, PipelineContext())
-    datasets = encode_result(result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=NAME))
+    datasets = encode_result(
+        result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=NAME)
+    )
     assert {ds.SOPClassUID.name for ds in datasets} >= {
-        "Segmentation Storage", "Multi-frame True Color Secondary Capture Image Storage"}
+        "Segmentation Storage",
+        "Multi-frame True Color Secondary Capture Image Storage",
+    }
     for ds in datasets:
         out = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(out, enforce_file_format=True)

@@ -39,7 +39,7 @@ torch.set_num_threads(1)
 
 
 def _tube_thickness(shape: tuple[int, int], segments: list[tuple[float, ...]]) -> np.ndarray:
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     out = np.zeros(shape, np.float32)
     for x0, y0, x1, y1, r in segments:
         dx, dy = x1 - x0, y1 - y0
@@ -49,8 +49,14 @@ def _tube_thickness(shape: tuple[int, int], segments: list[tuple[float, ...]]) -
     return out
 
 
-def _tree(rng: np.random.Generator, size: int, root: tuple[float, float], angle: float,
-          radius: float, depth: int = 3) -> list[tuple[float, ...]]:
+def _tree(
+    rng: np.random.Generator,
+    size: int,
+    root: tuple[float, float],
+    angle: float,
+    radius: float,
+    depth: int = 3,
+) -> list[tuple[float, ...]]:
     segments, stack = [], [(root, angle, radius, 0)]
     while stack:
         (x, y), a, r, d = stack.pop()
@@ -58,8 +64,10 @@ def _tree(rng: np.random.Generator, size: int, root: tuple[float, float], angle:
         x1, y1 = x + length * np.cos(a), y + length * np.sin(a)
         segments.append((x, y, x1, y1, r))
         if d < depth:
-            stack += [((x1, y1), a + s * rng.uniform(0.3, 0.7), max(0.75 * r, 1.0), d + 1)
-                      for s in (-1, 1)]
+            stack += [
+                ((x1, y1), a + s * rng.uniform(0.3, 0.7), max(0.75 * r, 1.0), d + 1)
+                for s in (-1, 1)
+            ]
     return segments
 
 
@@ -68,20 +76,31 @@ def gamma_variate(t: np.ndarray, arrival: float, peak: float) -> np.ndarray:
     return s**3 * np.exp(3 * (1 - s))
 
 
-def synthetic_dsa(seed: int = 0, size: int = 96, frames: int = 12, duration: float = 10.0
-                  ) -> tuple[Run, dict[str, np.ndarray]]:
+def synthetic_dsa(
+    seed: int = 0, size: int = 96, frames: int = 12, duration: float = 10.0
+) -> tuple[Run, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    artery = _tube_thickness((size, size), _tree(rng, size, (size * rng.uniform(0.4, 0.6),
-                                                              size - 1.0), -np.pi / 2, size / 45))
-    vein = _tube_thickness((size, size), _tree(rng, size, (1.0, size * rng.uniform(0.3, 0.7)),
-                                               0.0, size / 50))
+    artery = _tube_thickness(
+        (size, size),
+        _tree(rng, size, (size * rng.uniform(0.4, 0.6), size - 1.0), -np.pi / 2, size / 45),
+    )
+    vein = _tube_thickness(
+        (size, size), _tree(rng, size, (1.0, size * rng.uniform(0.3, 0.7)), 0.0, size / 50)
+    )
     times = np.linspace(0, duration, frames)
     curve_a, curve_v = gamma_variate(times, 0.5, 3.0), gamma_variate(times, 3.5, 7.0)
     contrast = 0.12 * (artery[None] * curve_a[:, None, None] + vein[None] * curve_v[:, None, None])
     pixels = 2048 - 600 * contrast + rng.normal(0, 12, (frames, size, size))
-    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1", rows=size,
-                   columns=size, number_of_frames=frames, frame_times_s=times,
-                   pixel_spacing_mm=(0.3, 0.3), subtracted=True)
+    meta = RunMeta(
+        modality="XA",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
+        rows=size,
+        columns=size,
+        number_of_frames=frames,
+        frame_times_s=times,
+        pixel_spacing_mm=(0.3, 0.3),
+        subtracted=True,
+    )
     return Run(pixels.astype(np.float32), meta), {"artery": artery > 0, "vein": vein > 0}
 
 
@@ -103,7 +122,9 @@ def test_resample_to_one_fps_keeps_timing() -> None:
     assert np.allclose(ramp[1:-1], 3 * np.arange(1, 10) + 1, atol=1e-9)
     # Upsampling (0.5 fps source) is linear interpolation.
     up = temporal_weights(np.arange(0, 9.0, 2.0), np.arange(9.0)) @ np.arange(0, 9.0, 2.0) ** 2
-    assert np.allclose(up, np.interp(np.arange(9.0), np.arange(0, 9.0, 2.0), np.arange(0, 9.0, 2.0) ** 2))
+    assert np.allclose(
+        up, np.interp(np.arange(9.0), np.arange(0, 9.0, 2.0), np.arange(0, 9.0, 2.0) ** 2)
+    )
     frames = np.random.default_rng(0).random((len(times), 5, 6)).astype(np.float32)
     out, t_out = resample_frames(frames, times)
     assert out.shape == (11, 5, 6) and t_out is not None
@@ -225,8 +246,13 @@ def test_classical_av_separates_by_timing() -> None:
         run, truth = synthetic_dsa(seed)
         artery, vein = classical_av(run.pixels, run.meta.frame_times_s, run.meta.pixel_spacing_mm)
         assert artery.dtype == bool and artery.shape == truth["artery"].shape
-        scores.append((dice(artery, truth["artery"]), dice(vein, truth["vein"]),
-                       dice(artery | vein, truth["artery"] | truth["vein"])))
+        scores.append(
+            (
+                dice(artery, truth["artery"]),
+                dice(vein, truth["vein"]),
+                dice(artery | vein, truth["artery"] | truth["vein"]),
+            )
+        )
     a, v, vessel = np.mean(scores, axis=0)
     # A method that swaps arteries and veins, or thresholds noise, scores far lower.
     assert vessel > 0.75 and a > 0.7 and v > 0.7, scores
@@ -237,13 +263,20 @@ def test_classical_on_phantom_has_a_dice_floor() -> None:
     scores = []
     for seed in (5000, 5001):
         ph = dsa.generate(seed, size=256, frames=15)
-        artery, vein = classical_av(ph.pixels.astype(np.float32), ph.frame_times_s,
-                                    ph.pixel_spacing_mm)
+        artery, vein = classical_av(
+            ph.pixels.astype(np.float32), ph.frame_times_s, ph.pixel_spacing_mm
+        )
         truth_a, truth_v = ph.truth["artery"], ph.truth["vein"]
         ica = analyse(ph.pixels.astype(np.float32), ph.frame_times_s, ph.pixel_spacing_mm).ica
         assert ica is not None
-        scores.append((dice(artery, truth_a), dice(vein, truth_v),
-                       dice(artery | vein, truth_a | truth_v), dice(ica, ph.truth["ica"])))
+        scores.append(
+            (
+                dice(artery, truth_a),
+                dice(vein, truth_v),
+                dice(artery | vein, truth_a | truth_v),
+                dice(ica, ph.truth["ica"]),
+            )
+        )
     a, v, vessel, ica_dice = np.mean(scores, axis=0)
     # Training seeds give A 0.49, V 0.68, vessel 0.64, ICA 0.86; swapping
     # arteries and veins, or a threshold on noise, falls far below these floors.
@@ -281,8 +314,11 @@ def test_dsa_av_classical_outputs_and_dicom(tmp_path: Path) -> None:
     sources = [xa_header(run.pixels.shape[0], 96, 96)]
     datasets = encode_result(result, run, EncodeContext(sources=sources, pipeline="dsa_av"))
     names = [str(d.SOPClassUID.name) for d in datasets]
-    assert names == ["Multi-frame Grayscale Word Secondary Capture Image Storage",
-                     "Segmentation Storage", "Secondary Capture Image Storage"]
+    assert names == [
+        "Multi-frame Grayscale Word Secondary Capture Image Storage",
+        "Segmentation Storage",
+        "Secondary Capture Image Storage",
+    ]
     for i, ds in enumerate(datasets):
         assert _dciodvfy_errors(ds, tmp_path / f"{i}.dcm") == [], names[i]
     assert datasets[2].BurnedInAnnotation == "YES"
@@ -300,18 +336,37 @@ def _package(tmp_path: Path, name: str, arch: str, config: dict, pipeline: str) 
     torch.manual_seed(0)
     model = build(arch, config)
     return write_package(
-        tmp_path / name, model=model, name=name, version="0.0.1", architecture_name=arch,
-        config=config, pipeline=pipeline, metrics={"note": "untrained, tests only"},
-        data={"synthetic": True, "cases": 0}, model_card="Untrained test package.",
-        training_command="pytest", dataset_manifest_hash="0" * 64,
+        tmp_path / name,
+        model=model,
+        name=name,
+        version="0.0.1",
+        architecture_name=arch,
+        config=config,
+        pipeline=pipeline,
+        metrics={"note": "untrained, tests only"},
+        data={"synthetic": True, "cases": 0},
+        model_card="Untrained test package.",
+        training_command="pytest",
+        dataset_manifest_hash="0" * 64,
     )
 
 
 def test_model_packages_load_and_run_through_the_pipelines(tmp_path: Path) -> None:
     run, _ = synthetic_dsa(3, size=80, frames=9)
-    av_pkg = _package(tmp_path, "stunet-test", "st_unet",
-                      {"widths": [4, 8, 16], "channels": ["artery", "vein", "ica"], "out_channels": 3,
-                       "max_side": 64, "tile": 48, "overlap": 16}, "dsa_av")
+    av_pkg = _package(
+        tmp_path,
+        "stunet-test",
+        "st_unet",
+        {
+            "widths": [4, 8, 16],
+            "channels": ["artery", "vein", "ica"],
+            "out_channels": 3,
+            "max_side": 64,
+            "tile": 48,
+            "overlap": 16,
+        },
+        "dsa_av",
+    )
     result = pipelines.get("dsa_av")(run, PipelineContext(device="cpu", model_package=str(av_pkg)))
     seg = result.outputs[0]
     assert seg.algorithm.family == "model" and seg.algorithm.model_package == "stunet-test"

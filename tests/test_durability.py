@@ -29,8 +29,11 @@ modality = ["XA"]
 
 def _start_serve(config: Path) -> subprocess.Popen[bytes]:
     log = open(config.with_suffix(".log"), "ab")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_listening(config: Path, starts: int) -> None:
@@ -95,7 +98,11 @@ def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert uid in stored, f"acknowledged {uid} lost"
             assert dcmread(stored[uid]).SOPInstanceUID == uid
         # the restarted node completes and processes the partial series
-        wait_for(lambda: db.query("SELECT * FROM jobs WHERE state='done'"), 60, what="job done after restart")
+        wait_for(
+            lambda: db.query("SELECT * FROM jobs WHERE state='done'"),
+            60,
+            what="job done after restart",
+        )
         run = db.query("SELECT * FROM runs")[0]
         assert run["series_uid"] == series and run["state"] == "routed"
         # no partial file is left in the spool
@@ -110,8 +117,10 @@ def test_kill_9_mid_series_loses_nothing_acknowledged(tmp_path: Path) -> None:
 
 
 def test_destination_down_then_up_delivers_once(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
-    node = make_node(destinations=[storescp.destination()],
-                     rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    node = make_node(
+        destinations=[storescp.destination()],
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(XRayAngiographicImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
@@ -125,8 +134,11 @@ def test_destination_down_then_up_delivers_once(make_node, storescp) -> None:  #
     status = node.status()
     assert status["outbox_backlog"][0]["n"] == 2  # type: ignore[index]
     storescp.start()
-    wait_for(lambda: len(node.db.query("SELECT * FROM outbox WHERE state='sent'")) == 2, 30,
-             what="delivery once the destination is up")
+    wait_for(
+        lambda: len(node.db.query("SELECT * FROM outbox WHERE state='sent'")) == 2,
+        30,
+        what="delivery once the destination is up",
+    )
     time.sleep(1.0)
     files = storescp.files()
     assert len(files) == 2  # +uf would show duplicates as extra files
@@ -138,8 +150,10 @@ def test_reprocess_yields_same_uids(make_node, storescp) -> None:  # type: ignor
     import requests
 
     storescp.start()
-    node = make_node(destinations=[storescp.destination()],
-                     rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    node = make_node(
+        destinations=[storescp.destination()],
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
     ds = xa_run(frames=3)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(XRayAngiographicImageStorage)
@@ -148,8 +162,11 @@ def test_reprocess_yields_same_uids(make_node, storescp) -> None:  # type: ignor
     assoc.release()
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 30)
     first = node.db.query("SELECT sop_instance_uid FROM outbox")[0]["sop_instance_uid"]
-    resp = requests.post(f"http://127.0.0.1:{node.api_port}/reprocess",
-                         json={"study_uid": str(ds.StudyInstanceUID)}, timeout=10)
+    resp = requests.post(
+        f"http://127.0.0.1:{node.api_port}/reprocess",
+        json={"study_uid": str(ds.StudyInstanceUID)},
+        timeout=10,
+    )
     assert resp.status_code == 200
     wait_for(lambda: len(node.db.query("SELECT * FROM jobs WHERE state='done'")) == 2, 30)
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent' AND attempts >= 1"), 30)
@@ -159,8 +176,10 @@ def test_reprocess_yields_same_uids(make_node, storescp) -> None:  # type: ignor
 
 def test_job_failure_retries_then_fails_with_reason(make_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A run whose file vanished: permanent RunError, recorded once, no retry storm."""
-    node = make_node(rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
-                     workers={"max_attempts": 2})
+    node = make_node(
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        workers={"max_attempts": 2},
+    )
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(XRayAngiographicImageStorage)
     node.workers.stop()  # hold the job while we break its input

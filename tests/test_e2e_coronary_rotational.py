@@ -25,8 +25,21 @@ pytestmark = [
 
 
 def storescu(aet: str, port: int, files: list[Path]) -> None:
-    res = subprocess.run([str(dcmtk.find("storescu")), "-aet", "CATHLAB", "-aec", aet, "127.0.0.1",
-                          str(port), *map(str, files)], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            str(dcmtk.find("storescu")),
+            "-aet",
+            "CATHLAB",
+            "-aec",
+            aet,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -49,8 +62,9 @@ def referenced_instances(ds: pydicom.Dataset) -> set[str]:
 
 def results_in_orthanc(pacs: OrthancProcess, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
     """The study's instances in Orthanc, parsed, by modality."""
-    found = pacs.post("/tools/find", json={"Level": "Instance",
-                                           "Query": {"StudyInstanceUID": study_uid}}).json()
+    found = pacs.post(
+        "/tools/find", json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
+    ).json()
     out: dict[str, list[pydicom.Dataset]] = {}
     for instance in found:
         raw = pacs.get(f"/instances/{instance}/file").content
@@ -59,17 +73,38 @@ def results_in_orthanc(pacs: OrthancProcess, study_uid: str) -> dict[str, list[p
     return out
 
 
-def run_through(make_node: Any, pacs: OrthancProcess, files: list[Path], pipeline: str,
-                expected: int, tmp_path: Path) -> dict[str, list[pydicom.Dataset]]:
-    node = make_node(destinations=[{"kind": "dimse", "name": "pacs", "host": "127.0.0.1",
-                                    "port": pacs.dicom_port, "ae_title": pacs.aet}])
+def run_through(
+    make_node: Any,
+    pacs: OrthancProcess,
+    files: list[Path],
+    pipeline: str,
+    expected: int,
+    tmp_path: Path,
+) -> dict[str, list[pydicom.Dataset]]:
+    node = make_node(
+        destinations=[
+            {
+                "kind": "dimse",
+                "name": "pacs",
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "ae_title": pacs.aet,
+            }
+        ]
+    )
     storescu(pacs.aet, pacs.dicom_port, files)  # the suite archives the run ...
     storescu(node.settings.ae_title, node.port, files)  # ... and forwards it to the node
-    jobs = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')"),
-                    180, what=f"the {pipeline} job")
+    jobs = wait_for(
+        lambda: node.db.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')"),
+        180,
+        what=f"the {pipeline} job",
+    )
     assert [(j["pipeline"], j["state"]) for j in jobs] == [(pipeline, "done")], jobs[0]["error"]
-    wait_for(lambda: len(node.db.query("SELECT * FROM outbox WHERE state='sent'")) == expected, 120,
-             what="the results in Orthanc")
+    wait_for(
+        lambda: len(node.db.query("SELECT * FROM outbox WHERE state='sent'")) == expected,
+        120,
+        what="the results in Orthanc",
+    )
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     stored = results_in_orthanc(pacs, study)
     everything = {str(ds.SOPInstanceUID) for group in stored.values() for ds in group}
@@ -99,11 +134,15 @@ def test_coronary_cine_from_the_suite_to_orthanc(make_node, orthanc, tmp_path: P
     (seg,) = stored["SEG"]
     assert int(seg.NumberOfFrames) >= 1
     # every SEG frame points at the frame of the frames canvas it segments
-    sources = [f.DerivationImageSequence[0].SourceImageSequence[0]
-               for f in seg.PerFrameFunctionalGroupsSequence]
+    sources = [
+        f.DerivationImageSequence[0].SourceImageSequence[0]
+        for f in seg.PerFrameFunctionalGroupsSequence
+    ]
     assert {int(s.ReferencedFrameNumber) for s in sources} <= set(range(1, 11))
-    descriptions = sorted(str(ds.SeriesDescription) for ds in stored.get("OT", []) + stored.get("XA", [])
-                          + stored.get("SC", []))
+    descriptions = sorted(
+        str(ds.SeriesDescription)
+        for ds in stored.get("OT", []) + stored.get("XA", []) + stored.get("SC", [])
+    )
     assert any("cine" in d.lower() for d in descriptions), descriptions
 
 
@@ -113,7 +152,9 @@ def test_rotational_ct_series_from_the_suite_to_orthanc(make_node, orthanc, tmp_
     folder = rotational.generate(22, size=32).write(tmp_path / "suite")[0].parent
     files = sorted((folder / "rotational_ct").glob("*.dcm"))
     # SEG + 32-slice DLA angiogram + MIP
-    stored = run_through(make_node, orthanc, files, "rotational_dla", expected=34, tmp_path=tmp_path)
+    stored = run_through(
+        make_node, orthanc, files, "rotational_dla", expected=34, tmp_path=tmp_path
+    )
     (seg,) = stored["SEG"]
     labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}
     assert len(labels) == 3

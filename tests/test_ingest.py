@@ -25,8 +25,12 @@ from tests.dicomgen import save, xa_run
 MINIP_ONLY = [{"name": "xa-minip", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
 
 
-def _assoc(node, calling: str = "TESTSCU", sop_class: str = XRayAngiographicImageStorage,  # type: ignore[no-untyped-def]
-           transfer_syntax: str | None = None):
+def _assoc(
+    node,
+    calling: str = "TESTSCU",
+    sop_class: str = XRayAngiographicImageStorage,  # type: ignore[no-untyped-def]
+    transfer_syntax: str | None = None,
+):
     ae = AE(ae_title=calling)
     if transfer_syntax:
         ae.add_requested_context(sop_class, transfer_syntax)
@@ -52,8 +56,12 @@ def _jobs(node, state: str = "done") -> list:  # type: ignore[no-untyped-def]
 
 def test_echo_with_dcmtk_echoscu(make_node) -> None:  # type: ignore[no-untyped-def]
     node = make_node()
-    out = subprocess.run([need("echoscu"), "-aec", node.settings.ae_title, "127.0.0.1", str(node.port)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [need("echoscu"), "-aec", node.settings.ae_title, "127.0.0.1", str(node.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -84,7 +92,9 @@ def test_duplicate_is_idempotent(make_node) -> None:  # type: ignore[no-untyped-
     assert _send(node, ds) == 0
     assert _send(node, ds) == 0
     assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 1
-    wait_for(lambda: node.db.query("SELECT state FROM runs")[0]["state"] in ("routed", "unrouted"), 10)
+    wait_for(
+        lambda: node.db.query("SELECT state FROM runs")[0]["state"] in ("routed", "unrouted"), 10
+    )
     # the duplicate does not route the run twice
     per_pipeline = node.db.query("SELECT pipeline, COUNT(*) n FROM jobs GROUP BY pipeline")
     assert per_pipeline and all(r["n"] == 1 for r in per_pipeline)
@@ -93,8 +103,14 @@ def test_duplicate_is_idempotent(make_node) -> None:  # type: ignore[no-untyped-
 ENCODINGS = {
     # name: (converter command, storescu proposal flag or None to send with pynetdicom)
     "explicit": (None, "-xe"),
-    "jpeg-lossless-sv1": (["dcmcjpeg", "+e1"], "-xs"),  # process 14 SV1 (.70), storescu's default lossless
-    "jpeg-lossless-p14": (["dcmcjpeg", "+el"], None),  # process 14 (.57): storescu has no flag for it
+    "jpeg-lossless-sv1": (
+        ["dcmcjpeg", "+e1"],
+        "-xs",
+    ),  # process 14 SV1 (.70), storescu's default lossless
+    "jpeg-lossless-p14": (
+        ["dcmcjpeg", "+el"],
+        None,
+    ),  # process 14 (.57): storescu has no flag for it
     "rle": (["dcmcrle"], "-xr"),
 }
 
@@ -107,13 +123,27 @@ def test_client_transfer_syntaxes(make_node, tmp_path, encoding) -> None:  # typ
     converter, flag = ENCODINGS[encoding]
     if converter:
         converted = tmp_path / "conv.dcm"
-        subprocess.run([need(converter[0]), *converter[1:], str(src), str(converted)], check=True, timeout=60)
+        subprocess.run(
+            [need(converter[0]), *converter[1:], str(src), str(converted)], check=True, timeout=60
+        )
         src = converted
     tsuid = str(dcmread(src, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     if flag:
         out = subprocess.run(
-            [need("storescu"), flag, "-aec", node.settings.ae_title, "-aet", "DCMTK", "127.0.0.1",
-             str(node.port), str(src)], capture_output=True, text=True, timeout=60,
+            [
+                need("storescu"),
+                flag,
+                "-aec",
+                node.settings.ae_title,
+                "-aet",
+                "DCMTK",
+                "127.0.0.1",
+                str(node.port),
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert out.returncode == 0, out.stdout + out.stderr
     else:
@@ -210,7 +240,9 @@ def test_truncated_file_from_path(make_node, tmp_path, raw_send) -> None:  # typ
     assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
 
 
-@pytest.mark.parametrize("uid", ["1.2.3/../../../etc/passwd", "1.2." + "1" * 70, "/etc/passwd", "..", "1.2.3.x"])
+@pytest.mark.parametrize(
+    "uid", ["1.2.3/../../../etc/passwd", "1.2." + "1" * 70, "/etc/passwd", "..", "1.2.3.x"]
+)
 def test_hostile_uids(make_node, uid, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from pynetdicom import _config
 
@@ -248,8 +280,11 @@ def test_multi_instance_series_completes_after_quiet_period(make_node) -> None: 
         ds.AcquisitionTime = f"1200{i:02d}"
         assert _send(node, ds) == 0
     assert node.db.query("SELECT state FROM runs")[0]["state"] == "receiving"
-    wait_for(lambda: node.db.query("SELECT state FROM runs")[0]["state"] != "receiving", 10,
-             what="quiet-period completion")
+    wait_for(
+        lambda: node.db.query("SELECT state FROM runs")[0]["state"] != "receiving",
+        10,
+        what="quiet-period completion",
+    )
     wait_for(lambda: _jobs(node), 60, what="job done")
     assert node.db.query("SELECT COUNT(*) n FROM runs")[0]["n"] == 1
 
@@ -263,14 +298,20 @@ def test_explicit_trigger_completes_now(make_node) -> None:  # type: ignore[no-u
         ds = xa_run(frames=1, series_uid=series, seed=i)
         ds.InstanceNumber = i + 1
         assert _send(node, ds) == 0
-    resp = requests.post(f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": series}, timeout=10)
+    resp = requests.post(
+        f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": series}, timeout=10
+    )
     assert resp.status_code == 200 and resp.json()["completed_runs"] == [series]
     wait_for(lambda: _jobs(node), 60, what="job done")
-    bad = requests.post(f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": "../x"}, timeout=10)
+    bad = requests.post(
+        f"http://127.0.0.1:{node.api_port}/trigger", json={"series_uid": "../x"}, timeout=10
+    )
     assert bad.status_code == 400
 
 
-def test_dcmtk_tools_are_found_past_pynetdicom_scripts_of_the_same_name(tmp_path, monkeypatch) -> None:
+def test_dcmtk_tools_are_found_past_pynetdicom_scripts_of_the_same_name(
+    tmp_path, monkeypatch
+) -> None:
     """pynetdicom 3 installs Python ``storescu``/``storescp``/``echoscu`` scripts with
     other options; with a virtual environment first on PATH they shadowed dcmtk."""
     import os

@@ -46,14 +46,22 @@ import angio_core  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 NODE_AET = "ANGIO_NODE"
-FAST = {"StableAge": 2, "AngioNode": {"PollSeconds": 0.3, "Retry": {"BackoffSeconds": 1, "MaxBackoffSeconds": 2}}}
+FAST = {
+    "StableAge": 2,
+    "AngioNode": {"PollSeconds": 0.3, "Retry": {"BackoffSeconds": 1, "MaxBackoffSeconds": 2}},
+}
 
-needs_orthanc = pytest.mark.skipif(bool(missing_parts(with_plugin=True)),
-                                   reason="Orthanc not installed: " + "; ".join(missing_parts(with_plugin=True)))
-needs_storescu = pytest.mark.skipif(dcmtk.find("storescu") is None, reason="dcmtk storescu not installed")
+needs_orthanc = pytest.mark.skipif(
+    bool(missing_parts(with_plugin=True)),
+    reason="Orthanc not installed: " + "; ".join(missing_parts(with_plugin=True)),
+)
+needs_storescu = pytest.mark.skipif(
+    dcmtk.find("storescu") is None, reason="dcmtk storescu not installed"
+)
 
 
 # -- helpers ------------------------------------------------------------------------
+
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
@@ -67,9 +75,21 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: 
 
 
 def storescu(pacs: OrthancProcess, *files: Path, aet: str = "ANGIO_SUITE") -> None:
-    res = subprocess.run([str(dcmtk.find("storescu")), "-aet", aet, "-aec", pacs.aet, "127.0.0.1",
-                          str(pacs.dicom_port), *map(str, files)], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [
+            str(dcmtk.find("storescu")),
+            "-aet",
+            aet,
+            "-aec",
+            pacs.aet,
+            "127.0.0.1",
+            str(pacs.dicom_port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -97,7 +117,7 @@ def single_frame_series(frames: int = 5) -> list:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = i + 1
         ds.AcquisitionTime = f"1200{i:02d}.000000"
-        ds.PixelData = run.PixelData[i * rows * cols * 2:(i + 1) * rows * cols * 2]
+        ds.PixelData = run.PixelData[i * rows * cols * 2 : (i + 1) * rows * cols * 2]
         out.append(ds)
     return out
 
@@ -105,23 +125,42 @@ def single_frame_series(frames: int = 5) -> list:
 MINIP_ONLY = [{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
 
 
-def start_node(tmp: Path, pacs: OrthancProcess, *, port: int = 0, api_port: int = 0,
-               transport: str = "dimse", quiet_period_s: float = 1.0,
-               rules: list[dict[str, Any]] | None = MINIP_ONLY):  # type: ignore[no-untyped-def]
+def start_node(
+    tmp: Path,
+    pacs: OrthancProcess,
+    *,
+    port: int = 0,
+    api_port: int = 0,
+    transport: str = "dimse",
+    quiet_period_s: float = 1.0,
+    rules: list[dict[str, Any]] | None = MINIP_ONLY,
+):  # type: ignore[no-untyped-def]
     """The node on loopback; ``rules=None`` means its built-in rules (every DSA pipeline)."""
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
 
     if transport == "dimse":
-        dest = {"kind": "dimse", "name": "orthanc", "host": "127.0.0.1", "port": pacs.dicom_port,
-                "ae_title": pacs.aet}
+        dest = {
+            "kind": "dimse",
+            "name": "orthanc",
+            "host": "127.0.0.1",
+            "port": pacs.dicom_port,
+            "ae_title": pacs.aet,
+        }
     else:
         dest = {"kind": "dicomweb", "name": "orthanc", "url": pacs.dicomweb_url}
     settings = load_settings(
-        None, environ={}, storage_dir=tmp, port=port, api={"port": api_port}, ae_title=NODE_AET,
-        destinations=[dest], completion={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.3},
+        None,
+        environ={},
+        storage_dir=tmp,
+        port=port,
+        api={"port": api_port},
+        ae_title=NODE_AET,
+        destinations=[dest],
+        completion={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.3},
         outbox={"backoff_base_s": 0.5, "poll_interval_s": 0.2},
-        rules=rules)
+        rules=rules,
+    )
     return Node(settings).start()
 
 
@@ -142,7 +181,9 @@ def forwards(pacs: OrthancProcess, **params: str) -> list[dict[str, Any]]:
 
 def result_series(pacs: OrthancProcess, study_uid: str) -> list[dict[str, Any]]:
     """QIDO-RS: series of the study whose description marks them as the node's output."""
-    resp = pacs.get(f"/dicom-web/studies/{study_uid}/series", headers={"Accept": "application/dicom+json"})
+    resp = pacs.get(
+        f"/dicom-web/studies/{study_uid}/series", headers={"Accept": "application/dicom+json"}
+    )
     if resp.status_code == 204 or not resp.content:
         return []
     assert resp.ok, resp.text
@@ -151,8 +192,10 @@ def result_series(pacs: OrthancProcess, study_uid: str) -> list[dict[str, Any]]:
 
 def wado_series(pacs: OrthancProcess, study_uid: str, series_uid: str) -> list:
     """WADO-RS: the series' instances, parsed from multipart/related."""
-    resp = pacs.get(f"/dicom-web/studies/{study_uid}/series/{series_uid}",
-                       headers={"Accept": 'multipart/related; type="application/dicom"'})
+    resp = pacs.get(
+        f"/dicom-web/studies/{study_uid}/series/{series_uid}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+    )
     assert resp.status_code == 200, resp.text[:500]
     boundary = re.search(r'boundary="?([^";]+)"?', resp.headers["Content-Type"]).group(1).encode()
     datasets = []
@@ -172,16 +215,23 @@ def node_status(node: Any) -> dict[str, Any]:
 
 # -- the engine, outside Orthanc ------------------------------------------------------
 
+
 def template_config(**angio: Any) -> angio_core.Config:
-    full = json.loads((Path(__file__).resolve().parents[1] / "orthanc" / "orthanc.json").read_text())
+    full = json.loads(
+        (Path(__file__).resolve().parents[1] / "orthanc" / "orthanc.json").read_text()
+    )
     full["AngioNode"].update(angio)
     return angio_core.Config.from_orthanc(full)
 
 
 def test_rules_match_angiography_and_not_results() -> None:
     cfg = template_config()
-    xa = {"Modality": "XA", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.12.1", "NumberOfFrames": "20",
-          "ImageType": "DERIVED\\PRIMARY\\SINGLE PLANE\\SUBTRACTION"}
+    xa = {
+        "Modality": "XA",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.12.1",
+        "NumberOfFrames": "20",
+        "ImageType": "DERIVED\\PRIMARY\\SINGLE PLANE\\SUBTRACTION",
+    }
     assert cfg.rule_for(xa, xa["SOPClassUID"]).name == "xray-angiography"
     assert cfg.rule_for({**xa, "Modality": "CT"}, "1.2.840.10008.5.1.4.1.1.2") is None
     assert cfg.may_match(xa["SOPClassUID"]) and not cfg.may_match("1.2.840.10008.5.1.4.1.1.2")
@@ -189,26 +239,45 @@ def test_rules_match_angiography_and_not_results() -> None:
     assert cfg.result_reason({}, "ANGIO_NODE") == "calling AE ANGIO_NODE"
     assert "Manufacturer" in cfg.result_reason({"Manufacturer": "angio-dicom-node"}, "ORTHANC")
     assert "Series Description" in cfg.result_reason({"SeriesDescription": "AI MinIP"}, "")
-    assert cfg.result_reason({"SeriesDescription": "AIR study", "Manufacturer": "ACME"}, "SUITE") is None
+    assert (
+        cfg.result_reason({"SeriesDescription": "AIR study", "Manufacturer": "ACME"}, "SUITE")
+        is None
+    )
 
-    tagged = template_config(Rules=[{"Name": "sub-only", "Modalities": ["XA"], "MinFrames": 2,
-                                     "Tags": {"ImageType": "SUBTRACTION",
-                                              "BodyPartExamined": {"Regex": "(?i)^(HEAD|NECK)$"}}}])
+    tagged = template_config(
+        Rules=[
+            {
+                "Name": "sub-only",
+                "Modalities": ["XA"],
+                "MinFrames": 2,
+                "Tags": {
+                    "ImageType": "SUBTRACTION",
+                    "BodyPartExamined": {"Regex": "(?i)^(HEAD|NECK)$"},
+                },
+            }
+        ]
+    )
     assert tagged.may_match("1.2.840.10008.5.1.4.1.1.2")  # a rule without classes: read the tags
     assert tagged.rule_for({**xa, "BodyPartExamined": "head"}, "") is not None
     assert tagged.rule_for({**xa, "BodyPartExamined": "HEART"}, "") is None
     assert tagged.rule_for({**xa, "BodyPartExamined": "HEAD", "NumberOfFrames": "1"}, "") is None
-    assert tagged.rule_for({**xa, "BodyPartExamined": "HEAD", "ImageType": "ORIGINAL\\PRIMARY"}, "") is None
+    assert (
+        tagged.rule_for({**xa, "BodyPartExamined": "HEAD", "ImageType": "ORIGINAL\\PRIMARY"}, "")
+        is None
+    )
 
 
-@pytest.mark.parametrize(("angio", "key"), [
-    ({"Transport": "ftp"}, "AngioNode.Transport"),
-    ({"Retry": {"MaxAttempts": 0}}, "AngioNode.Retry.MaxAttempts"),
-    ({"Rules": [{"Tags": {"ImageType": {"Regex": "("}}}]}, "AngioNode.Rules[0].Tags.ImageType"),
-    ({"Rules": [{"Modality": ["XA"]}]}, "AngioNode.Rules[0]"),
-    ({"NodeApiUrl": "node:8780"}, "AngioNode.NodeApiUrl"),
-    ({"Bogus": 1}, "AngioNode: unknown key"),
-])
+@pytest.mark.parametrize(
+    ("angio", "key"),
+    [
+        ({"Transport": "ftp"}, "AngioNode.Transport"),
+        ({"Retry": {"MaxAttempts": 0}}, "AngioNode.Retry.MaxAttempts"),
+        ({"Rules": [{"Tags": {"ImageType": {"Regex": "("}}}]}, "AngioNode.Rules[0].Tags.ImageType"),
+        ({"Rules": [{"Modality": ["XA"]}]}, "AngioNode.Rules[0]"),
+        ({"NodeApiUrl": "node:8780"}, "AngioNode.NodeApiUrl"),
+        ({"Bogus": 1}, "AngioNode: unknown key"),
+    ],
+)
 def test_config_errors_name_the_key(angio: dict[str, Any], key: str) -> None:
     with pytest.raises(angio_core.ConfigError, match=re.escape(key)):
         template_config(**angio)
@@ -218,13 +287,22 @@ def test_ledger_forwards_once_and_backs_off(tmp_path: Path) -> None:
     cfg = template_config(Retry={"MaxAttempts": 3, "BackoffSeconds": 10, "MaxBackoffSeconds": 15})
     ledger = angio_core.Ledger(str(tmp_path / "ledger.sqlite"))
     tags = {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.3.4"}
-    fid = ledger.add_instance("i1", "s1", tags, "r", forward_now=True, trigger=False, transport="dimse")
+    fid = ledger.add_instance(
+        "i1", "s1", tags, "r", forward_now=True, trigger=False, transport="dimse"
+    )
     assert ledger.known_instance("i1")
     # a replayed change (crash before the change number was saved) adds nothing
     assert ledger.known_instance("i1") and len(ledger.due(time.time())) == 1
     for i in (2, 3):
-        ledger.add_instance(f"i{i}", "s2", {**tags, "SOPInstanceUID": f"1.2.3.{i}"}, "r",
-                            forward_now=False, trigger=True, transport="dimse")
+        ledger.add_instance(
+            f"i{i}",
+            "s2",
+            {**tags, "SOPInstanceUID": f"1.2.3.{i}"},
+            "r",
+            forward_now=False,
+            trigger=True,
+            transport="dimse",
+        )
     assert len(ledger.due(time.time())) == 1  # single-frame instances wait for the stable series
     series_fid = ledger.forward_waiting("s2", trigger=True, transport="dimse")
     assert json.loads(ledger.forward(series_fid)["resources"]) == ["i2", "i3"]
@@ -248,11 +326,16 @@ def test_ledger_forwards_once_and_backs_off(tmp_path: Path) -> None:
 
 # -- real Orthanc -------------------------------------------------------------------------
 
+
 @needs_orthanc
 def test_orthanc_fixture_is_a_working_pacs(orthanc: OrthancProcess) -> None:  # noqa: F811
     assert orthanc.get("/system").json()["DicomAet"] == orthanc.aet
-    res = subprocess.run([str(dcmtk.find("echoscu")), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port)],
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [str(dcmtk.find("echoscu")), "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     assert orthanc.get("/dicom-web/studies").status_code in (200, 204)
     assert orthanc.get("/angio-node/status").status_code == 404  # no plugin in the plain fixture
@@ -274,23 +357,36 @@ def test_bad_plugin_config_is_reported_not_ignored(tmp_path: Path) -> None:
 @needs_storescu
 def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
     node_port, api_port = free_port(), free_port()
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=FAST, node={
-        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=FAST,
+        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
+    )
     try:
-        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port,
-                          quiet_period_s=60) as node:
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=60
+        ) as node:
             # 1. a multi-frame XA run: forwarded on arrival, processed, results back
             path = phantom_dsa_file(tmp_path / "in", seed=11)
             run = dcmread(path, stop_before_pixels=True)
             storescu(pacs, path)
             study = str(run.StudyInstanceUID)
-            results = wait_for("result series in Orthanc (QIDO-RS)", lambda: result_series(pacs, study))
+            results = wait_for(
+                "result series in Orthanc (QIDO-RS)", lambda: result_series(pacs, study)
+            )
             # the node marks its outbox row sent once Orthanc has answered: a moment later
-            (fw,) = wait_for("the node's job done and its results sent", lambda: [
-                f for f in forwards(pacs) if f["node_jobs"] and f["node_jobs"][0]["sent"] >= 1])
+            (fw,) = wait_for(
+                "the node's job done and its results sent",
+                lambda: [
+                    f for f in forwards(pacs) if f["node_jobs"] and f["node_jobs"][0]["sent"] >= 1
+                ],
+            )
             assert fw["kind"] == "instance" and fw["state"] == "sent"
             assert fw["sop_instance_uid"] == run.SOPInstanceUID and fw["attempts"] == 0
-            assert [j["state"] for j in fw["node_jobs"]] == ["done"] and fw["node_jobs"][0]["pending"] == 0
+            assert [j["state"] for j in fw["node_jobs"]] == ["done"] and fw["node_jobs"][0][
+                "pending"
+            ] == 0
 
             # WADO-RS returns the result objects, made by the node, in the source's study
             series_uid = results[0]["0020000E"]["Value"][0]
@@ -311,13 +407,21 @@ def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
             singles = single_frame_series(5)
             storescu(pacs, *[save(ds, tmp_path / "singles") for ds in singles])
             series2 = str(singles[0].SeriesInstanceUID)
-            fw2 = wait_for("the stable series forwarded and triggered", lambda: [
-                f for f in forwards(pacs, study=str(singles[0].StudyInstanceUID))
-                if f["state"] == "sent" and f["triggered"]], timeout=40)
+            fw2 = wait_for(
+                "the stable series forwarded and triggered",
+                lambda: [
+                    f
+                    for f in forwards(pacs, study=str(singles[0].StudyInstanceUID))
+                    if f["state"] == "sent" and f["triggered"]
+                ],
+                timeout=40,
+            )
             assert fw2[0]["kind"] == "series" and len(fw2[0]["resources"]) == 5
             assert fw2[0]["series_uid"] == series2
-            wait_for("results of the multi-instance run", lambda: result_series(
-                pacs, str(singles[0].StudyInstanceUID)))
+            wait_for(
+                "results of the multi-instance run",
+                lambda: result_series(pacs, str(singles[0].StudyInstanceUID)),
+            )
             run_row = node.db.query("SELECT state, reason FROM runs WHERE run_id=?", (series2,))[0]
             assert run_row["reason"] == "explicit trigger"
 
@@ -327,10 +431,16 @@ def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
             status = node_status(node)
             assert status["instances"] == 1 + 5
             assert status["jobs"] == {"done": 2}
-            store_jobs = [j for j in pacs.get("/jobs?expand").json() if j["Type"] == "DicomModalityStore"]
+            store_jobs = [
+                j for j in pacs.get("/jobs?expand").json() if j["Type"] == "DicomModalityStore"
+            ]
             assert len(store_jobs) == 2 and {j["State"] for j in store_jobs} == {"Success"}
-            source_series = pacs.post("/tools/lookup", data=str(run.SeriesInstanceUID)).json()[0]["ID"]
-            assert pacs.get(f"/series/{source_series}/metadata/AngioNodeForward").text.startswith("sent")
+            source_series = pacs.post("/tools/lookup", data=str(run.SeriesInstanceUID)).json()[0][
+                "ID"
+            ]
+            assert pacs.get(f"/series/{source_series}/metadata/AngioNodeForward").text.startswith(
+                "sent"
+            )
 
             # 4. 'process again' for a study: the node re-runs it; same result UIDs, no new series
             n_series = len(pacs.get("/series").json())
@@ -350,7 +460,11 @@ def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
             assert pacs.post("/angio-node/studies/1.2.3.999/reprocess").status_code == 404
             assert pacs.post("/angio-node/studies/not-a-uid/reprocess").status_code == 400
             status = pacs.get("/angio-node/status").json()
-            assert status["node"]["status"] == "ok" and status["worker_alive"] and status["last_error"] is None
+            assert (
+                status["node"]["status"] == "ok"
+                and status["worker_alive"]
+                and status["last_error"] is None
+            )
             assert status["result_marking"] == "metadata AngioNodeResult"
     finally:
         pacs.stop()
@@ -363,14 +477,21 @@ def test_node_down_forward_retried_until_it_is_up(tmp_path: Path) -> None:
     Results come back over STOW-RS here, so they are recognised by Manufacturer, not AE."""
     node_port, api_port = free_port(), free_port()
     overrides = copy.deepcopy(FAST)
-    overrides["AngioNode"]["Retry"]["MaxAttempts"] = 100  # never exhausted, however slow the machine
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node={
-        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    overrides["AngioNode"]["Retry"]["MaxAttempts"] = (
+        100  # never exhausted, however slow the machine
+    )
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
+    )
     try:
         run = xa_run(frames=6, seed=2)
         storescu(pacs, save(run, tmp_path / "in"))
-        failing = wait_for("a failed forward attempt", lambda: [
-            f for f in forwards(pacs) if f["attempts"] >= 1])[0]
+        failing = wait_for(
+            "a failed forward attempt", lambda: [f for f in forwards(pacs) if f["attempts"] >= 1]
+        )[0]
         assert failing["state"] == "retrying" and "Connection refused" in failing["error"]
         assert failing["node_jobs"] is None and "unreachable" in failing["node_error"]
         assert pacs.get("/angio-node/status").json()["node"]["status"] == "unreachable"
@@ -378,15 +499,28 @@ def test_node_down_forward_retried_until_it_is_up(tmp_path: Path) -> None:
         assert failed_job["State"] == "Failure"
         assert "angio-forward: forward 1 attempt 1 failed" in pacs.log_text()
 
-        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port,
-                          transport="dicomweb") as node:
-            done = wait_for("the forward delivered after retries", lambda: [
-                f for f in forwards(pacs) if f["state"] == "sent" and f["node_jobs"]
-                and f["node_jobs"][0]["state"] == "done"], timeout=40)
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, transport="dicomweb"
+        ) as node:
+            done = wait_for(
+                "the forward delivered after retries",
+                lambda: [
+                    f
+                    for f in forwards(pacs)
+                    if f["state"] == "sent"
+                    and f["node_jobs"]
+                    and f["node_jobs"][0]["state"] == "done"
+                ],
+                timeout=40,
+            )
             assert done[0]["attempts"] >= 1 and len(done[0]["jobs"]) == done[0]["attempts"] + 1
-            results = wait_for("results stored back over STOW-RS",
-                               lambda: result_series(pacs, str(run.StudyInstanceUID)))
-            series_id = pacs.post("/tools/lookup", data=results[0]["0020000E"]["Value"][0]).json()[0]["ID"]
+            results = wait_for(
+                "results stored back over STOW-RS",
+                lambda: result_series(pacs, str(run.StudyInstanceUID)),
+            )
+            series_id = pacs.post("/tools/lookup", data=results[0]["0020000E"]["Value"][0]).json()[
+                0
+            ]["ID"]
             mark = json.loads(pacs.get(f"/series/{series_id}/metadata/AngioNodeResult").text)
             assert mark["reason"] == "Manufacturer angio-dicom-node"
             time.sleep(FAST["StableAge"] + 2)
@@ -403,8 +537,12 @@ def test_failed_forward_survives_restart_and_is_retried_by_hand(tmp_path: Path) 
     node_port, api_port = free_port(), free_port()
     overrides = copy.deepcopy(FAST)
     overrides["AngioNode"]["Retry"]["MaxAttempts"] = 2
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node={
-        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
+    )
     try:
         run = xa_run(frames=4, seed=4)
         storescu(pacs, save(run, tmp_path / "in"))
@@ -419,20 +557,28 @@ def test_failed_forward_survives_restart_and_is_retried_by_hand(tmp_path: Path) 
             assert resp.ok, resp.text
             run2 = xa_run(frames=4, seed=5, study_uid=str(run.StudyInstanceUID))
             storescu(pacs, save(run2, tmp_path / "in2"))  # the change feed goes on after a restart
-            wait_for("both runs delivered", lambda: sorted(f["state"] for f in forwards(pacs)) == ["sent", "sent"],
-                     timeout=40)
+            wait_for(
+                "both runs delivered",
+                lambda: sorted(f["state"] for f in forwards(pacs)) == ["sent", "sent"],
+                timeout=40,
+            )
             wait_for("both runs processed", lambda: node_status(node)["jobs"] == {"done": 2})
             assert node_status(node)["instances"] == 2
     finally:
         pacs.stop()
 
 
-
 # -- STOW-RS into the node (dicom_node/stow.py), for "Transport": "dicomweb" ----------------
 
+
 def multipart(parts: list[tuple[str, bytes]], boundary: str = "b0und4ry") -> tuple[str, bytes]:
-    body = b"".join(f"--{boundary}\r\nContent-Type: {ct}\r\n\r\n".encode() + data + b"\r\n"
-                    for ct, data in parts) + f"--{boundary}--\r\n".encode()
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: {ct}\r\n\r\n".encode() + data + b"\r\n"
+            for ct, data in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     return f'multipart/related; type="application/dicom"; boundary={boundary}', body
 
 
@@ -441,13 +587,26 @@ def test_stow_rs_stores_like_c_store_and_refuses_precisely(tmp_path: Path) -> No
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
 
-    node = Node(load_settings(None, environ={}, storage_dir=tmp_path, port=0, api={"enabled": False},
-                              completion={"quiet_period_s": 60}, rules=[])).start()
+    node = Node(
+        load_settings(
+            None,
+            environ={},
+            storage_dir=tmp_path,
+            port=0,
+            api={"enabled": False},
+            completion={"quiet_period_s": 60},
+            rules=[],
+        )
+    ).start()
     try:
         good = save(xa_run(frames=3, seed=7), tmp_path / "in")
-        ctype, body = multipart([("application/dicom", good.read_bytes()),
-                                 ("application/dicom", b"not DICOM at all"),
-                                 ("application/dicom+json", b"{}")])
+        ctype, body = multipart(
+            [
+                ("application/dicom", good.read_bytes()),
+                ("application/dicom", b"not DICOM at all"),
+                ("application/dicom+json", b"{}"),
+            ]
+        )
         status, resp = stow.stow(node, "/dicom-web/studies", ctype, body)
         assert status == 202
         uid = dcmread(good, stop_before_pixels=True).SOPInstanceUID
@@ -457,11 +616,15 @@ def test_stow_rs_stores_like_c_store_and_refuses_precisely(tmp_path: Path) -> No
         assert row[0]["calling_aet"] == stow.STOW_SOURCE
         assert node.db.query("SELECT state FROM runs")[0]["state"] in ("complete", "unrouted")
 
-        status, resp = stow.stow(node, "/dicom-web/studies/1.2.3", *multipart(
-            [("application/dicom", good.read_bytes())]))
+        status, resp = stow.stow(
+            node, "/dicom-web/studies/1.2.3", *multipart([("application/dicom", good.read_bytes())])
+        )
         assert status == 409 and resp["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
-        for bad_type, bad_body, code in [("application/dicom", b"x", 415), ("multipart/related", b"", 400),
-                                         (*multipart([]), 400)]:
+        for bad_type, bad_body, code in [
+            ("application/dicom", b"x", 415),
+            ("multipart/related", b"", 400),
+            (*multipart([]), 400),
+        ]:
             with pytest.raises(stow.StowError) as err:
                 stow.stow(node, "/dicom-web/studies", bad_type, bad_body)
             assert err.value.status == code
@@ -476,9 +639,17 @@ def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
     node_port, api_port = free_port(), free_port()
     overrides = copy.deepcopy(FAST)
     overrides["AngioNode"]["Transport"] = "dicomweb"
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node={
-        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}",
-        "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/"})
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={
+            "aet": NODE_AET,
+            "port": node_port,
+            "api_url": f"http://127.0.0.1:{api_port}",
+            "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/",
+        },
+    )
     try:
         with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
             run = xa_run(frames=5, seed=8)
@@ -487,16 +658,23 @@ def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
             assert fw["transport"] == "dicomweb" and fw["attempts"] == 0
             job = pacs.get(f"/jobs/{fw['jobs'][-1]}").json()
             assert job["Type"] == "DicomWebStowClient" and job["State"] == "Success"
-            wait_for("results back in Orthanc", lambda: result_series(pacs, str(run.StudyInstanceUID)))
+            wait_for(
+                "results back in Orthanc", lambda: result_series(pacs, str(run.StudyInstanceUID))
+            )
             rows = node.db.query("SELECT calling_aet FROM instances")
             assert [r["calling_aet"] for r in rows] == ["STOW-RS"]
     finally:
         pacs.stop()
 
+
 # -- what the radiologist sees: OHIF and Orthanc Explorer in headless Chromium -------------
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "img" / "ohif"
-SC, MF_WORD_SC, PMAP = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.30"
+SC, MF_WORD_SC, PMAP = (
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.30",
+)
 
 
 @needs_orthanc
@@ -511,12 +689,18 @@ def test_ohif_and_explorer_show_the_results(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     node_port, api_port = free_port(), free_port()
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=FAST, node={
-        "aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"})
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=FAST,
+        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
+    )
     shots, report = tmp_path / "shots", {}
     shots.mkdir()
     try:
-        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port, rules=None) as node:
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, rules=None
+        ) as node:
             path = phantom_dsa_file(tmp_path / "in", seed=21, size=128, frames=12)
             study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
             storescu(pacs, path)
@@ -525,25 +709,53 @@ def test_ohif_and_explorer_show_the_results(tmp_path: Path) -> None:
                 st = node_status(node)
                 assert "failed" not in st["jobs"], st["failed_jobs"]
                 n = node.db.query("SELECT COUNT(DISTINCT series_uid) n FROM outbox")[0]["n"]
-                return (bool(st["jobs"]) and set(st["jobs"]) == {"done"} and not st["outbox"].get("pending")
-                        and len(pacs.get("/angio-node/results", params={"study": study}).json()["results"]) == n)
-            wait_for("every pipeline done and its results in Orthanc", all_delivered, timeout=150, every=1)
+                return (
+                    bool(st["jobs"])
+                    and set(st["jobs"]) == {"done"}
+                    and not st["outbox"].get("pending")
+                    and len(
+                        pacs.get("/angio-node/results", params={"study": study}).json()["results"]
+                    )
+                    == n
+                )
+
+            wait_for(
+                "every pipeline done and its results in Orthanc",
+                all_delivered,
+                timeout=150,
+                every=1,
+            )
 
         study_id = pacs.post("/tools/lookup", data=study).json()[0]["ID"]
         series = {s["ID"]: s for s in pacs.get(f"/studies/{study_id}/series").json()}
         results = {r["series_uid"]: r for r in pacs.get("/angio-node/results").json()["results"]}
 
         def pick(test: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-            return next((r for r in sorted(results.values(), key=lambda r: r["description"]) if test(r)), None)
+            return next(
+                (r for r in sorted(results.values(), key=lambda r: r["description"]) if test(r)),
+                None,
+            )
 
         targets = [  # (what, result series, must render)
-            ("overlay-sc", pick(lambda r: r["sop_class_uid"] == SC and "overlay" in r["description"].lower())
-             or pick(lambda r: r["sop_class_uid"] == SC), True),
-            ("colour-map-sc", pick(lambda r: r["sop_class_uid"] == SC and "colour" in r["description"].lower()), True),
+            (
+                "overlay-sc",
+                pick(lambda r: r["sop_class_uid"] == SC and "overlay" in r["description"].lower())
+                or pick(lambda r: r["sop_class_uid"] == SC),
+                True,
+            ),
+            (
+                "colour-map-sc",
+                pick(lambda r: r["sop_class_uid"] == SC and "colour" in r["description"].lower()),
+                True,
+            ),
             ("minip-canvas", pick(lambda r: r["sop_class_uid"] == MF_WORD_SC), True),
             ("seg", pick(lambda r: r["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.66.4"), False),
             ("parametric-map", pick(lambda r: r["sop_class_uid"] == PMAP), False),
-            ("sr", pick(lambda r: r["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.88.")), False),
+            (
+                "sr",
+                pick(lambda r: r["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.88.")),
+                False,
+            ),
         ]
         assert targets[0][1] is not None and targets[2][1] is not None, results
 
@@ -551,8 +763,19 @@ def test_ohif_and_explorer_show_the_results(tmp_path: Path) -> None:
         driver = chromium_driver(tmp_path / "chromium-profile")
         try:
             driver.get(f"{srv.url}/viewer?StudyInstanceUIDs={study}")
-            wait_for("OHIF lists every series of the study", lambda: len(driver.find_elements(
-                By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']")) == len(series), timeout=90, every=1)
+            wait_for(
+                "OHIF lists every series of the study",
+                lambda: (
+                    len(
+                        driver.find_elements(
+                            By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']"
+                        )
+                    )
+                    == len(series)
+                ),
+                timeout=90,
+                every=1,
+            )
             time.sleep(3)
             for text in ("Skip all", "Confirm and hide"):  # first-visit tour and notice
                 click_text(driver, text)
@@ -563,34 +786,62 @@ def test_ohif_and_explorer_show_the_results(tmp_path: Path) -> None:
                     continue
                 desc = result["description"]
                 driver.get_log("browser")  # drop what came before
-                label = driver.find_element(By.XPATH, f"//*[contains(text(), {json.dumps(desc[:24])})]")
+                label = driver.find_element(
+                    By.XPATH, f"//*[contains(text(), {json.dumps(desc[:24])})]"
+                )
                 ActionChains(driver).double_click(label).perform()
                 time.sleep(6)
                 click_text(driver, "Yes")  # OHIF asks before loading a SEG
                 time.sleep(3)
                 driver.save_screenshot(str(shots / f"{what}.png"))
-                top_left = " ".join(e.text for e in driver.find_elements(
-                    By.CSS_SELECTOR, "[data-cy='viewport-overlay-top-left']"))
-                pixels = any(f"/series/{result['series_uid']}/" in r and ("/frames/" in r or "/rendered" in r or r.endswith("/metadata"))
-                             for r in srv.requests)
-                errors = sorted({e["message"].split("ERROR: ")[-1][:160] for e in driver.get_log("browser")
-                                 if e["level"] == "SEVERE"})
-                report[what] = {"series": desc, "viewport_shows": top_left.splitlines()[-1:] or [""],
-                                "fetched": pixels, "contrast": round(viewport_contrast(driver), 1), "errors": errors[:5]}
+                top_left = " ".join(
+                    e.text
+                    for e in driver.find_elements(
+                        By.CSS_SELECTOR, "[data-cy='viewport-overlay-top-left']"
+                    )
+                )
+                pixels = any(
+                    f"/series/{result['series_uid']}/" in r
+                    and ("/frames/" in r or "/rendered" in r or r.endswith("/metadata"))
+                    for r in srv.requests
+                )
+                errors = sorted(
+                    {
+                        e["message"].split("ERROR: ")[-1][:160]
+                        for e in driver.get_log("browser")
+                        if e["level"] == "SEVERE"
+                    }
+                )
+                report[what] = {
+                    "series": desc,
+                    "viewport_shows": top_left.splitlines()[-1:] or [""],
+                    "fetched": pixels,
+                    "contrast": round(viewport_contrast(driver), 1),
+                    "errors": errors[:5],
+                }
                 if must_render:
                     assert desc in top_left, (what, top_left)
                     assert pixels and report[what]["contrast"] > 10, report[what]
 
             # Orthanc's own explorer: the result banner and the 'process again' button
-            result_id = next(i for i, s in series.items()
-                             if s["MainDicomTags"]["SeriesInstanceUID"] == targets[0][1]["series_uid"])
+            result_id = next(
+                i
+                for i, s in series.items()
+                if s["MainDicomTags"]["SeriesInstanceUID"] == targets[0][1]["series_uid"]
+            )
             driver.get(f"{pacs.http_url}/app/explorer.html#series?uuid={result_id}")
-            banner = wait_for("the AI-result banner", lambda: driver.find_elements(By.ID, "angio-ai-banner"))
+            banner = wait_for(
+                "the AI-result banner", lambda: driver.find_elements(By.ID, "angio-ai-banner")
+            )
             assert "AI result from the angio node" in banner[0].text
             driver.save_screenshot(str(shots / "explorer-series.png"))
             driver.get(f"{pacs.http_url}/app/explorer.html#study?uuid={study_id}")
-            wait_for("the process-again button", lambda: driver.find_elements(
-                By.XPATH, "//*[contains(text(), 'Process again (angio node)')]"))
+            wait_for(
+                "the process-again button",
+                lambda: driver.find_elements(
+                    By.XPATH, "//*[contains(text(), 'Process again (angio node)')]"
+                ),
+            )
             driver.save_screenshot(str(shots / "explorer-study.png"))
         finally:
             driver.quit()

@@ -110,11 +110,19 @@ def test_times_are_seconds_maps_scale_with_the_time_axis():
     """Catches a seconds/milliseconds (or frames/seconds) mix-up: MTT and Tmax come
     out in seconds matching the truth, and stretching the time axis by 2
     stretches them by 2 (frame indices instead of seconds would not)."""
-    synthetic = dsa_run(2, fps=4.0, snr=None, cbfs=(0.015,), mtts=(3.0, 6.0), delays=(0.0, 2.0),
-                        shapes=("exponential",))
+    synthetic = dsa_run(
+        2,
+        fps=4.0,
+        snr=None,
+        cbfs=(0.015,),
+        mtts=(3.0, 6.0),
+        delays=(0.0, 2.0),
+        shapes=("exponential",),
+    )
     base = maps(run_pipeline(synthetic.run, method="csvd"))
-    slow = maps(run_pipeline(with_times(synthetic.run, synthetic.run.meta.frame_times_s * 2),
-                             method="csvd"))
+    slow = maps(
+        run_pipeline(with_times(synthetic.run, synthetic.run.meta.frame_times_s * 2), method="csvd")
+    )
     inside = synthetic.dro.interior & base["mtt"].valid
     mtt, truth = base["mtt"].values[inside], synthetic.dro.truth["mtt"][inside]
     assert np.median(mtt / truth) == pytest.approx(1.0, abs=0.2)
@@ -138,8 +146,17 @@ def test_variable_frame_rate_run_matches_uniform_run():
 
 
 def _box_curves(delays: tuple[float, ...], fps: float = 4.0, shape: str = "box"):
-    dro = make_dro(0, fps=fps, snr=None, cbfs=(0.02,), mtts=(4.0,), delays=delays,
-                   shapes=(shape,), tile=4, margin=0)
+    dro = make_dro(
+        0,
+        fps=fps,
+        snr=None,
+        cbfs=(0.02,),
+        mtts=(4.0,),
+        delays=delays,
+        shapes=(shape,),
+        tile=4,
+        margin=0,
+    )
     index = [int(np.flatnonzero(dro.labels.ravel() == i)[0]) for i in range(len(delays))]
     return dro.tissue.reshape(len(dro.times_s), -1)[:, index], dro.aif, 1 / fps
 
@@ -221,8 +238,14 @@ def test_aif_leaves_out_pixels_that_stay_opaque_after_the_first_pass():
     aif = measure_aif(catheter[:, None, :], mask[None, :], grid, 4, 1e-3)
     assert aif.pixels == 40  # every clean pixel (they tie at the median)
     assert aif.curve == pytest.approx(dro.aif, abs=1e-6 * dro.aif.max())
-    everything = measure_aif(catheter[:, None, :], mask[None, :], grid, 4, 1e-3,
-                             replace(AifSettings(), first_pass_quantile=1.0))
+    everything = measure_aif(
+        catheter[:, None, :],
+        mask[None, :],
+        grid,
+        4,
+        1e-3,
+        replace(AifSettings(), first_pass_quantile=1.0),
+    )
     assert everything.pixels == 60 and everything.curve[-1] > 0.05 * dro.aif.max()
 
 
@@ -342,26 +365,41 @@ def test_outputs_and_measurements(result):
 
 
 def test_bolus_already_in_the_first_frame_is_refused(synthetic):
-    late = Run(pixels=synthetic.run.pixels[10:], meta=replace(
-        synthetic.run.meta, frame_times_s=synthetic.run.meta.frame_times_s[10:],
-        number_of_frames=synthetic.run.pixels.shape[0] - 10))
+    late = Run(
+        pixels=synthetic.run.pixels[10:],
+        meta=replace(
+            synthetic.run.meta,
+            frame_times_s=synthetic.run.meta.frame_times_s[10:],
+            number_of_frames=synthetic.run.pixels.shape[0] - 10,
+        ),
+    )
     with pytest.raises(PipelineError, match="first frame"):
         run_pipeline(late)
 
 
 def test_run_ending_before_the_aif_peak_is_refused(synthetic):
-    short = Run(pixels=synthetic.run.pixels[:12], meta=replace(
-        synthetic.run.meta, frame_times_s=synthetic.run.meta.frame_times_s[:12],
-        number_of_frames=12))
+    short = Run(
+        pixels=synthetic.run.pixels[:12],
+        meta=replace(
+            synthetic.run.meta,
+            frame_times_s=synthetic.run.meta.frame_times_s[:12],
+            number_of_frames=12,
+        ),
+    )
     with pytest.raises(PipelineError, match="last frame"):
         run_pipeline(short)
 
 
 def test_truncated_bolus_is_flagged(synthetic):
     cut = 17  # 4.25 s: past the AIF peak, before it has come down
-    short = Run(pixels=synthetic.run.pixels[:cut], meta=replace(
-        synthetic.run.meta, frame_times_s=synthetic.run.meta.frame_times_s[:cut],
-        number_of_frames=cut))
+    short = Run(
+        pixels=synthetic.run.pixels[:cut],
+        meta=replace(
+            synthetic.run.meta,
+            frame_times_s=synthetic.run.meta.frame_times_s[:cut],
+            number_of_frames=cut,
+        ),
+    )
     notes = run_pipeline(short).notes
     assert any("run is short for the bolus" in n for n in notes)
 
@@ -381,8 +419,9 @@ def test_unknown_option_names_the_allowed_keys(synthetic):
 def test_cuda_request_without_cuda_runs_on_cpu(synthetic):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    small = dsa_run(7, fps=2.0, snr=40.0, cbfs=(0.015,), mtts=(4.0,), delays=(0.0,),
-                    shapes=("exponential",))
+    small = dsa_run(
+        7, fps=2.0, snr=40.0, cbfs=(0.015,), mtts=(4.0,), delays=(0.0,), shapes=("exponential",)
+    )
     result = get("dsa_perfusion")(small.run, PipelineContext(device="cuda"))
     assert any("CUDA requested but not available" in n for n in result.notes)
 
@@ -414,9 +453,19 @@ def test_ica_unet_package_drives_the_pipeline(tmp_path: Path, synthetic):
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
     package = write_package(
-        tmp_path / "ica", model=model, name="ica-test", version="0.0.1", architecture_name="ica_unet",
-        config={"width": 4, "levels": 5}, pipeline="dsa_perfusion", metrics={}, data={"cases": 1},
-        model_card="test only", training_command="pytest", dataset_manifest_hash="0")
+        tmp_path / "ica",
+        model=model,
+        name="ica-test",
+        version="0.0.1",
+        architecture_name="ica_unet",
+        config={"width": 4, "levels": 5},
+        pipeline="dsa_perfusion",
+        metrics={},
+        data={"cases": 1},
+        model_card="test only",
+        training_command="pytest",
+        dataset_manifest_hash="0",
+    )
     result = get("dsa_perfusion")(synthetic.run, PipelineContext(model_package=str(package)))
     note = next(n for n in result.notes if n.startswith("ICA:"))
     assert "model" in note

@@ -74,13 +74,21 @@ def test_cli_is_deterministic(tmp_path):
         assert _cli("dsa", tmp_path / name, "--count", "2", "--seed", "11", "--frames", "6") == 0
     files_a = sorted((tmp_path / "a").rglob("*.dcm"))
     files_b = sorted((tmp_path / "b").rglob("*.dcm"))
-    assert [f.relative_to(tmp_path / "a") for f in files_a] == [f.relative_to(tmp_path / "b") for f in files_b]
+    assert [f.relative_to(tmp_path / "a") for f in files_a] == [
+        f.relative_to(tmp_path / "b") for f in files_b
+    ]
     assert len(files_a) == 2
     uids = set()
     for fa, fb in zip(files_a, files_b, strict=True):
         da, db = pydicom.dcmread(fa), pydicom.dcmread(fb)
         assert da.PixelData == db.PixelData
-        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName"):
+        for key in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "PatientID",
+            "PatientName",
+        ):
             assert da[key].value == db[key].value
         uids.add(da.SOPInstanceUID)
         assert da.PatientName == f"PHANTOM^DSA^{int(da.PatientID[-6:]):04d}"
@@ -102,7 +110,10 @@ def test_seeds_and_options_change_identity(dsa_sub):
 
 
 def test_anatomy_does_not_depend_on_size():
-    small, large = dsa.generate(4, size=64, frames=4, noise=False), dsa.generate(4, size=128, frames=4, noise=False)
+    small, large = (
+        dsa.generate(4, size=64, frames=4, noise=False),
+        dsa.generate(4, size=128, frames=4, noise=False),
+    )
     # Same vessels: the downsampled large artery mask overlaps the small one well.
     down = large.truth["artery"].reshape(64, 2, 64, 2).any(axis=(1, 3))
     overlap = (down & small.truth["artery"]).sum() / small.truth["artery"].sum()
@@ -121,7 +132,9 @@ def test_dsa_arrays_and_truth(dsa_sub):
         assert p.truth[key].shape == (SIZE, SIZE) and p.truth[key].dtype == bool
     assert p.truth["artery"].any() and p.truth["vein"].any() and p.truth["ica"].any()
     assert not (p.truth["ica"] & ~p.truth["artery"]).any()
-    assert (p.truth["artery"] & p.truth["vein"]).any(), "arteries and veins should overlap in projection"
+    assert (p.truth["artery"] & p.truth["vein"]).any(), (
+        "arteries and veins should overlap in projection"
+    )
     outside = p.region_labels == 0
     assert 0 < outside.sum() < outside.size
     for key in ("cbf", "cbv", "mtt", "tmax", "ttp"):
@@ -129,12 +142,16 @@ def test_dsa_arrays_and_truth(dsa_sub):
         assert m.dtype == np.float32 and m.shape == (SIZE, SIZE)
         assert np.isnan(m[outside]).all() and np.isfinite(m[~outside]).all()
     inside = ~outside
-    np.testing.assert_allclose(p.truth["cbv"][inside], p.truth["cbf"][inside] * p.truth["mtt"][inside] / 60, rtol=1e-5)
+    np.testing.assert_allclose(
+        p.truth["cbv"][inside], p.truth["cbf"][inside] * p.truth["mtt"][inside] / 60, rtol=1e-5
+    )
     assert (p.truth["ttp"][inside] > p.truth["tmax"][inside]).all()
     for r in p.regions:
         sel = p.region_labels == r.label
         if sel.any():
-            assert np.allclose(p.truth["cbf"][sel], r.cbf) and np.allclose(p.truth["tmax"][sel], r.delay_s)
+            assert np.allclose(p.truth["cbf"][sel], r.cbf) and np.allclose(
+                p.truth["tmax"][sel], r.delay_s
+            )
         assert r.residue in ("exponential", "box", "gamma")
     assert p.aif.shape == (t,) and p.aif.max() > 0.3 and p.aif[0] == 0
 
@@ -144,7 +161,9 @@ def test_vessels_are_dark_and_background_flat(dsa_clean):
     assert (p.pixels[0] == 2048).all(), "the mask frame subtracts to exactly the offset"
     minip = p.pixels.min(axis=0).astype(float)
     big = p.truth["ica"] & ~p.truth["vein"]
-    near_vessel = ndimage.binary_dilation(p.truth["artery"] | p.truth["vein"] | p.truth["device"], iterations=2)
+    near_vessel = ndimage.binary_dilation(
+        p.truth["artery"] | p.truth["vein"] | p.truth["device"], iterations=2
+    )
     nothing = ~near_vessel & (p.region_labels == 0)  # two pixels of margin for the system blur
     assert minip[big].mean() < 2048 - 300
     assert np.abs(minip[nothing] - 2048).max() <= 6
@@ -155,7 +174,9 @@ def test_vessels_are_dark_and_background_flat(dsa_clean):
 def test_blush_follows_each_regions_tissue_curve():
     p = dsa.generate(5, size=128, frames=48, fps=4, noise=False, devices=False, lesion=True)
     signal = 2048.0 - p.pixels.astype(float)
-    clear = p.truth["dro_interior"] & ~ndimage.binary_dilation(p.truth["artery"] | p.truth["vein"], iterations=1)
+    clear = p.truth["dro_interior"] & ~ndimage.binary_dilation(
+        p.truth["artery"] | p.truth["vein"], iterations=1
+    )
     t_fine = p.timing["t_fine_s"]
     checked = 0
     for i, region in enumerate(p.regions):
@@ -200,7 +221,9 @@ def test_native_subtracts_to_the_dsa_variant():
     diff = np.abs(run.pixels[:, brain] - sub.pixels[:, brain].astype(np.float32))
     assert diff.mean() < 2.0
     assert run.meta.subtracted and not nat.to_run(subtract=False).meta.subtracted
-    assert nat.pixels[3].std() > 10 * sub.pixels[3].std() / 10  # skull and tissue are in the native frames
+    assert (
+        nat.pixels[3].std() > 10 * sub.pixels[3].std() / 10
+    )  # skull and tissue are in the native frames
 
 
 def test_motion_leaves_skull_edge_artefacts():
@@ -248,7 +271,9 @@ def test_variable_frame_rate_in_frame_time_vector(written, dsa_sub):
 def test_constant_rate_uses_frame_time(tmp_path):
     p = dsa.generate(1, size=64, frames=6, fps=1.0)
     ds = pydicom.dcmread(_one(p.write(tmp_path), "dsa.dcm"))
-    assert ds.FrameIncrementPointer == pydicom.tag.Tag("FrameTime") and float(ds.FrameTime) == 1000.0
+    assert (
+        ds.FrameIncrementPointer == pydicom.tag.Tag("FrameTime") and float(ds.FrameTime) == 1000.0
+    )
     np.testing.assert_allclose(p.frame_times_s, np.arange(6.0))
 
 
@@ -259,9 +284,15 @@ def test_constant_rate_uses_frame_time(tmp_path):
 @pytest.mark.parametrize(
     "kind,name",
     [
-        ("dsa", "dsa.dcm"), ("dsa", "dsa_minip_sc.dcm"), ("dsa", "dsa_seg.dcm"), ("native", "native.dcm"),
-        ("coronary", "coronary.dcm"), ("coronary", "coronary_seg.dcm"),
-        ("rotational", "rotational_3dxa.dcm"), ("rotational", "CT0001.dcm"), ("rotational", "rotational_seg.dcm"),
+        ("dsa", "dsa.dcm"),
+        ("dsa", "dsa_minip_sc.dcm"),
+        ("dsa", "dsa_seg.dcm"),
+        ("native", "native.dcm"),
+        ("coronary", "coronary.dcm"),
+        ("coronary", "coronary_seg.dcm"),
+        ("rotational", "rotational_3dxa.dcm"),
+        ("rotational", "CT0001.dcm"),
+        ("rotational", "rotational_seg.dcm"),
     ],
 )
 def test_dciodvfy_reports_no_errors(written, kind, name):
@@ -273,9 +304,19 @@ def test_headers_look_like_a_c_arm(written, dsa_sub):
     assert ds.SOPClassUID == dsa.XA_SOP_CLASS and ds.Modality == "XA"
     assert list(ds.ImageType) == ["DERIVED", "PRIMARY", "SINGLE PLANE", "SUBTRACTION"]
     mag = float(ds.EstimatedRadiographicMagnificationFactor)
-    assert mag == pytest.approx(float(ds.DistanceSourceToDetector) / float(ds.DistanceSourceToPatient), rel=1e-4)
-    assert float(ds.ImagerPixelSpacing[0]) / mag == pytest.approx(dsa_sub.pixel_spacing_mm[0], rel=1e-4)
-    for key in ("KVP", "PositionerPrimaryAngle", "PositionerSecondaryAngle", "XRayTubeCurrent", "ContrastBolusAgent"):
+    assert mag == pytest.approx(
+        float(ds.DistanceSourceToDetector) / float(ds.DistanceSourceToPatient), rel=1e-4
+    )
+    assert float(ds.ImagerPixelSpacing[0]) / mag == pytest.approx(
+        dsa_sub.pixel_spacing_mm[0], rel=1e-4
+    )
+    for key in (
+        "KVP",
+        "PositionerPrimaryAngle",
+        "PositionerSecondaryAngle",
+        "XRayTubeCurrent",
+        "ContrastBolusAgent",
+    ):
         assert key in ds
     native = pydicom.dcmread(_one(written["native"], "native.dcm"))
     assert native.MaskSubtractionSequence[0].MaskOperation == "AVG_SUB"
@@ -304,13 +345,20 @@ def test_compressed_files_decode_to_the_same_pixels(tmp_path, dsa_sub, encoding)
 def test_seg_reads_back_as_the_truth(written, dsa_sub):
     sc = pydicom.dcmread(_one(written["dsa"], "dsa_minip_sc.dcm"))
     xa = pydicom.dcmread(_one(written["dsa"], "dsa.dcm"))
-    assert (sc.SeriesInstanceUID, sc.SOPInstanceUID, sc.FrameOfReferenceUID) == canvas_uids(xa.SOPInstanceUID)
+    assert (sc.SeriesInstanceUID, sc.SOPInstanceUID, sc.FrameOfReferenceUID) == canvas_uids(
+        xa.SOPInstanceUID
+    )
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == xa.SOPInstanceUID
     np.testing.assert_array_equal(sc.pixel_array, dsa_sub.pixels.min(axis=0))
     seg = hd.seg.segread(_one(written["dsa"], "dsa_seg.dcm"))
     labels = [seg.get_segment_description(i).SegmentLabel for i in seg.segment_numbers]
     masks = seg.get_pixels_by_source_instance([sc.SOPInstanceUID], combine_segments=False)[0]
-    expected = {"Artery": "artery", "Vein": "vein", "Internal carotid artery": "ica", "Device": "device"}
+    expected = {
+        "Artery": "artery",
+        "Vein": "vein",
+        "Internal carotid artery": "ica",
+        "Device": "device",
+    }
     for i, label in enumerate(labels):
         np.testing.assert_array_equal(masks[..., i].astype(bool), dsa_sub.truth[expected[label]])
     assert {"Artery", "Vein"} <= set(labels)
@@ -340,9 +388,18 @@ def test_truth_files_are_plain_numpy(written, dsa_sub):
 
 def test_to_run_follows_the_pipeline_contract(dsa_sub):
     run = dsa_sub.to_run()
-    assert isinstance(run, Run) and run.pixels.dtype == np.float32 and run.pixels.shape == dsa_sub.pixels.shape
+    assert (
+        isinstance(run, Run)
+        and run.pixels.dtype == np.float32
+        and run.pixels.shape == dsa_sub.pixels.shape
+    )
     m = run.meta
-    assert m.modality == "XA" and m.sop_class_uid == dsa.XA_SOP_CLASS and m.subtracted and not m.is_volume
+    assert (
+        m.modality == "XA"
+        and m.sop_class_uid == dsa.XA_SOP_CLASS
+        and m.subtracted
+        and not m.is_volume
+    )
     assert (m.rows, m.columns, m.number_of_frames) == (SIZE, SIZE, len(dsa_sub.frame_times_s))
     np.testing.assert_array_equal(m.frame_times_s, dsa_sub.frame_times_s)
     assert m.pixel_spacing_mm == dsa_sub.pixel_spacing_mm and "SUBTRACTION" in m.image_type
@@ -405,5 +462,9 @@ def test_truth_seg_references_the_canvas_the_node_delivers(tmp_path: Path) -> No
     (node_canvas,) = encode_result(result, loaded.run, EncodeContext(loaded.headers, "minip"))
     assert node_canvas.SOPInstanceUID == truth_canvas.SOPInstanceUID
     assert np.array_equal(node_canvas.pixel_array, truth_canvas.pixel_array)
-    refs = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for r in s.ReferencedInstanceSequence
+    }
     assert refs == {node_canvas.SOPInstanceUID}

@@ -44,8 +44,15 @@ CANVAS_CLASS = "1.2.840.10008.5.1.4.1.1.7.3"
 
 @pytest.fixture(scope="module")
 def delivered(tmp_path_factory):
-    synthetic = dsa_run(11, fps=2.0, snr=40.0, cbfs=(0.01, 0.02), mtts=(3.0, 5.0),
-                        delays=(0.0, 2.0), shapes=("exponential",))
+    synthetic = dsa_run(
+        11,
+        fps=2.0,
+        snr=40.0,
+        cbfs=(0.01, 0.02),
+        mtts=(3.0, 5.0),
+        delays=(0.0, 2.0),
+        shapes=("exponential",),
+    )
     result = get("dsa_perfusion")(synthetic.run, PipelineContext())
     frames, rows, cols = synthetic.run.pixels.shape
     header = xa_run(frames=frames, rows=rows, cols=cols, frame_time_ms=500.0)
@@ -99,7 +106,9 @@ def test_parametric_maps_round_trip(delivered):
         assert np.array_equal(back.pixel_array, expected)
         quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
         assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == (
-            out.quantity.value, out.quantity.scheme)
+            out.quantity.value,
+            out.quantity.scheme,
+        )
         unit = mapping.MeasurementUnitsCodeSequence[0]
         assert unit.CodeValue == ("s" if label in ("MTT", "TMAX", "TTP") else "{ratio}")
         assert float(mapping.RealWorldValueSlope) == 1.0
@@ -160,8 +169,9 @@ def test_sr_round_trip(delivered):
 
 
 def test_encoder_refuses_a_map_without_canvas():
-    out = ParametricMapOutput("mtt", np.ones((4, 4), np.float32), "MTT", MEAN_TRANSIT_TIME,
-                              codes.UCUM.Second, None)  # type: ignore[arg-type]
+    out = ParametricMapOutput(
+        "mtt", np.ones((4, 4), np.float32), "MTT", MEAN_TRANSIT_TIME, codes.UCUM.Second, None
+    )  # type: ignore[arg-type]
     header = xa_run(frames=4, rows=4, cols=4)
     with pytest.raises(ValueError, match="canvas"):
         encode_parametric_map(out, EncodeContext(sources=[header], pipeline="dsa_perfusion"))
@@ -170,6 +180,6 @@ def test_encoder_refuses_a_map_without_canvas():
 def test_deterministic_uids(delivered):
     _, header, datasets, _ = delivered
     ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=NOW)
-    assert datasets[1].SOPInstanceUID in {ctx.uid("dsa_perfusion", k, "instance")
-                                          for k in ("cbf", "cbv", "mtt", "tmax", "ttp")}
-
+    assert datasets[1].SOPInstanceUID in {
+        ctx.uid("dsa_perfusion", k, "instance") for k in ("cbf", "cbv", "mtt", "tmax", "ttp")
+    }

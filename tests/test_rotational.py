@@ -37,12 +37,14 @@ torch.set_num_threads(1)
 SPACING = (0.8, 0.8, 0.8)
 
 
-def synthetic_head(slices: int = 24, size: int = 56, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_head(
+    slices: int = 24, size: int = 56, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A head-like volume: soft tissue in a 6 mm skull, a thinner bony floor at the base,
     and contrast-filled tubes (a loop and a straight vessel) inside. Returns (HU, truth labels
     with 0 vessel, 1 bone, 2 soft tissue / air)."""
     rng = np.random.default_rng(seed)
-    zz, yy, xx = (np.indices((slices, size, size)).astype(np.float32) * SPACING[0])
+    zz, yy, xx = np.indices((slices, size, size)).astype(np.float32) * SPACING[0]
     cz, cy, cx = slices * SPACING[0] * 0.7, size * SPACING[1] / 2, size * SPACING[2] / 2
     r = np.sqrt((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2)
     outer = 0.48 * size * SPACING[1]
@@ -64,9 +66,16 @@ def synthetic_head(slices: int = 24, size: int = 56, seed: int = 0) -> tuple[np.
 
 
 def volume_run(hu: np.ndarray) -> Run:
-    meta = RunMeta(modality="CT", sop_class_uid=CTImageStorage, rows=hu.shape[1],
-                   columns=hu.shape[2], number_of_frames=hu.shape[0],
-                   pixel_spacing_mm=SPACING[1:], slice_spacing_mm=SPACING[0], is_volume=True)
+    meta = RunMeta(
+        modality="CT",
+        sop_class_uid=CTImageStorage,
+        rows=hu.shape[1],
+        columns=hu.shape[2],
+        number_of_frames=hu.shape[0],
+        pixel_spacing_mm=SPACING[1:],
+        slice_spacing_mm=SPACING[0],
+        is_volume=True,
+    )
     return Run(pixels=hu, meta=meta)
 
 
@@ -133,10 +142,15 @@ def check_outputs(result, hu: np.ndarray) -> tuple[SegmentationOutput, ImageOutp
     assert isinstance(seg, SegmentationOutput) and seg.geometry == "volume"
     assert seg.masks.shape == (3, *hu.shape) and seg.masks.dtype == bool
     assert [(s.code.value, s.code.scheme) for s in seg.segments] == [
-        ("59820001", "SCT"), ("272673000", "SCT"), ("87784001", "SCT")]
+        ("59820001", "SCT"),
+        ("272673000", "SCT"),
+        ("87784001", "SCT"),
+    ]
     assert not (seg.masks.sum(axis=0) > 1).any()  # one class per voxel
     assert not seg.masks[2][hu < -500].any()  # air is not soft tissue
-    assert isinstance(dla, ImageOutput) and dla.geometry == "volume" and dla.pixels.shape == hu.shape
+    assert (
+        isinstance(dla, ImageOutput) and dla.geometry == "volume" and dla.pixels.shape == hu.shape
+    )
     assert np.array_equal(dla.pixels[seg.masks[0]], hu[seg.masks[0]])
     assert (dla.pixels[~seg.masks[0]] == AIR_HU).all()
     assert mip.rgb.ndim == 3 and mip.rgb.shape[2] == 3 and mip.rgb.dtype == np.uint8
@@ -155,9 +169,17 @@ def test_pipeline_model_path_runs_dense(tmp_path: Path) -> None:
     hu, _ = synthetic_head(slices=8, size=32)
     model = random_bn_model(width=4)
     pkg = write_package(
-        tmp_path / "dla", model=model, name="test-dla", version="0.0.1",
-        architecture_name="dla_resnet", config={"width": 4}, pipeline=NAME, metrics={},
-        data={"synthetic": True}, model_card="untrained test package", training_command="pytest",
+        tmp_path / "dla",
+        model=model,
+        name="test-dla",
+        version="0.0.1",
+        architecture_name="dla_resnet",
+        config={"width": 4},
+        pipeline=NAME,
+        metrics={},
+        data={"synthetic": True},
+        model_card="untrained test package",
+        training_command="pytest",
         dataset_manifest_hash="0" * 64,
     )
     result = RotationalDLA()(volume_run(hu), PipelineContext(model_package=str(pkg)))
@@ -169,8 +191,13 @@ def test_pipeline_model_path_runs_dense(tmp_path: Path) -> None:
 
 
 def test_pipeline_refuses_2d_runs() -> None:
-    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1", rows=32,
-                   columns=32, number_of_frames=8)
+    meta = RunMeta(
+        modality="XA",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
+        rows=32,
+        columns=32,
+        number_of_frames=8,
+    )
     with pytest.raises(Exception, match="needs a volume"):
         RotationalDLA()(Run(np.zeros((8, 32, 32), np.float32), meta), PipelineContext())
 
@@ -252,25 +279,32 @@ def test_seg_angiogram_ct_series_and_mip_encode_valid(tmp_path: Path) -> None:
         assert back.SeriesInstanceUID != sources[i].SeriesInstanceUID
         assert list(back.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert [float(v) for v in back.ImagePositionPatient] == pytest.approx(
-            [float(v) for v in sources[i].ImagePositionPatient], abs=1e-9)
+            [float(v) for v in sources[i].ImagePositionPatient], abs=1e-9
+        )
         assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[i].SOPInstanceUID
         values = back.pixel_array * float(back.RescaleSlope) + float(back.RescaleIntercept)
         assert np.array_equal(values, np.round(angio[i]))
     # Deterministic UIDs: encoding again yields the same instances.
     again = encode_result(result, run, EncodeContext(sources=sources, pipeline=NAME))
     mine = (CTImageStorage, pydicom.uid.SecondaryCaptureImageStorage)
-    assert ([d.SOPInstanceUID for d in again if d.SOPClassUID in mine]
-            == [d.SOPInstanceUID for d in datasets if d.SOPClassUID in mine])
+    assert [d.SOPInstanceUID for d in again if d.SOPClassUID in mine] == [
+        d.SOPInstanceUID for d in datasets if d.SOPClassUID in mine
+    ]
 
     # The SEG: three segments on the source Frame of Reference, masks as computed.
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(paths[seg_ds.SOPInstanceUID]))
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     assert [seg.get_segment_description(i).segmented_property_type.value for i in (1, 2, 3)] == [
-        "59820001", "272673000", "87784001"]
+        "59820001",
+        "272673000",
+        "87784001",
+    ]
     masks = result.outputs[0].masks
     got = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
-        segment_numbers=[1, 2, 3], ignore_spatial_locations=False)
+        segment_numbers=[1, 2, 3],
+        ignore_spatial_locations=False,
+    )
     assert np.array_equal(np.moveaxis(got, -1, 0).astype(bool), masks)
 
     mip_back = pydicom.dcmread(paths[mip.SOPInstanceUID])
@@ -317,10 +351,21 @@ def test_volume_encoder_orders_multiframe_source_frames(tmp_path: Path) -> None:
         item.PlanePositionSequence = [pos]
         per_frame.append(item)
     src.PerFrameFunctionalGroupsSequence = per_frame
-    out = encode_volume(ImageOutput("dla_angiogram", hu, "DLA angiogram", geometry="volume"),
-                        EncodeContext(sources=[src], pipeline=NAME))
-    assert [int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in out] == [6, 5, 4, 3, 2, 1]
-    assert [float(ds.ImagePositionPatient[2]) for ds in out] == pytest.approx([0, 0.8, 1.6, 2.4, 3.2, 4.0])
+    out = encode_volume(
+        ImageOutput("dla_angiogram", hu, "DLA angiogram", geometry="volume"),
+        EncodeContext(sources=[src], pipeline=NAME),
+    )
+    assert [int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in out] == [
+        6,
+        5,
+        4,
+        3,
+        2,
+        1,
+    ]
+    assert [float(ds.ImagePositionPatient[2]) for ds in out] == pytest.approx(
+        [0, 0.8, 1.6, 2.4, 3.2, 4.0]
+    )
     assert all(ds.RescaleType == "US" for ds in out)  # 3D XA values are not calibrated HU
     path = tmp_path / "slice.dcm"
     out[0].save_as(path, enforce_file_format=True)
@@ -348,8 +393,17 @@ def test_patchwise_training_loop_runs_on_the_balanced_pool() -> None:
     from training.quick_train_dla import train
 
     hu, truth = synthetic_head(slices=8, size=40, seed=3)
-    model, info = train([(hu, truth)], width=4, max_steps=3, cpu_minutes=1.0, batch=8, lr=1e-3,
-                        seed=0, device=torch.device("cpu"), log=lambda _m: None)
+    model, info = train(
+        [(hu, truth)],
+        width=4,
+        max_steps=3,
+        cpu_minutes=1.0,
+        batch=8,
+        lr=1e-3,
+        seed=0,
+        device=torch.device("cpu"),
+        log=lambda _m: None,
+    )
     vessels = int((truth == CLASS_VESSEL).sum())
     assert info["steps"] == 3 and info["patches_seen"] == 24
     assert info["balanced_pool"] == {"vessel": vessels, "bone": vessels, "soft": vessels}
@@ -367,11 +421,16 @@ def test_phantom_files_through_decode_pipeline_and_encode(tmp_path: Path, form: 
     from training.phantoms import rotational
 
     folder = rotational.generate(5, size=32).write(tmp_path / "in")[0].parent
-    files = (sorted((folder / "rotational_ct").glob("*.dcm")) if form == "ct"
-             else [folder / "rotational_3dxa.dcm"])
+    files = (
+        sorted((folder / "rotational_ct").glob("*.dcm"))
+        if form == "ct"
+        else [folder / "rotational_3dxa.dcm"]
+    )
     loaded = load_run(files)
     result = RotationalDLA()(loaded.run, PipelineContext())
-    datasets = encode_result(result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=NAME))
+    datasets = encode_result(
+        result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=NAME)
+    )
     ct = [ds for ds in datasets if ds.SOPClassUID == CTImageStorage]
     assert len(ct) == 32
     source_uids = {str(h.SOPInstanceUID) for h in loaded.headers}

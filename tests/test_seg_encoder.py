@@ -115,9 +115,11 @@ def test_canvas_seg_round_trip_and_codes(tmp_path: Path) -> None:
     ctx.canvas = make_canvas(ctx, np.random.default_rng(1).random((48, 40)).astype(np.float32))
     masks = random_masks((3, 48, 40))
     masks[:2, 5:9, 5:9] = True  # artery and vein overlap
-    segments = [Segment("Artery", ARTERY, color_rgb=(255, 0, 0)),
-                Segment("Vein", VEIN, color_rgb=(0, 0, 255)),
-                Segment("Internal carotid artery", ICA, color_rgb=(255, 160, 0))]
+    segments = [
+        Segment("Artery", ARTERY, color_rgb=(255, 0, 0)),
+        Segment("Vein", VEIN, color_rgb=(0, 0, 255)),
+        Segment("Internal carotid artery", ICA, color_rgb=(255, 160, 0)),
+    ]
     out = SegmentationOutput("av", masks, segments, CLASSICAL, geometry="canvas")
     (seg,) = encode_segmentation(out, ctx, Run(np.zeros((6, 48, 40), np.float32), _meta(6)))
 
@@ -142,16 +144,27 @@ def test_canvas_seg_round_trip_and_codes(tmp_path: Path) -> None:
     # in the Common Instance Reference module.
     referenced = {str(i.ReferencedSOPInstanceUID) for i in back.SourceImageSequence}
     assert referenced == {ctx.canvas.SOPInstanceUID, xa.SOPInstanceUID}
-    listed = {str(i.ReferencedSOPInstanceUID) for s in back.ReferencedSeriesSequence
-              for i in s.ReferencedInstanceSequence}
+    listed = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in back.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
     assert listed == referenced
     assert [str(i.ReferencedSOPInstanceUID) for i in ctx.canvas.SourceImageSequence] == [
-        xa.SOPInstanceUID]
+        xa.SOPInstanceUID
+    ]
 
 
 def _meta(frames: int, times: np.ndarray | None = None) -> RunMeta:
-    return RunMeta(modality="XA", sop_class_uid=XRayAngiographicImageStorage, rows=48, columns=40,
-                   number_of_frames=frames, frame_times_s=times, pixel_spacing_mm=(0.3, 0.3))
+    return RunMeta(
+        modality="XA",
+        sop_class_uid=XRayAngiographicImageStorage,
+        rows=48,
+        columns=40,
+        number_of_frames=frames,
+        frame_times_s=times,
+        pixel_spacing_mm=(0.3, 0.3),
+    )
 
 
 def test_model_algorithm_identification(tmp_path: Path) -> None:
@@ -159,7 +172,9 @@ def test_model_algorithm_identification(tmp_path: Path) -> None:
     ctx.canvas = make_canvas(ctx, np.ones((48, 40), np.float32))
     out = SegmentationOutput("av", random_masks((1, 48, 40)), [Segment("Artery", ARTERY)], MODEL)
     (seg,) = encode_segmentation(out, ctx, Run(np.zeros((6, 48, 40), np.float32), _meta(6)))
-    algorithm = read_back(seg, tmp_path / "s.dcm").get_segment_description(1).algorithm_identification
+    algorithm = (
+        read_back(seg, tmp_path / "s.dcm").get_segment_description(1).algorithm_identification
+    )
     item = algorithm[0]
     assert item.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
     assert "stunet-phantom 3" in item.AlgorithmVersion
@@ -182,8 +197,9 @@ def test_frames_seg_references_every_source_frame(tmp_path: Path, sources: str) 
     ctx = EncodeContext(sources=headers, pipeline="xa_coronary", now=NOW)
     masks = random_masks((1, frames, rows, cols), seed=3)
     masks[0, 2] = False  # an empty frame must read back empty
-    out = SegmentationOutput("vessel", masks, [Segment("Blood vessel", BLOOD_VESSEL)],
-                             CLASSICAL, geometry="frames")
+    out = SegmentationOutput(
+        "vessel", masks, [Segment("Blood vessel", BLOOD_VESSEL)], CLASSICAL, geometry="frames"
+    )
     canvas, seg = encode_segmentation(out, ctx, run)
 
     assert canvas.SOPClassUID == pydicom.uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage
@@ -220,11 +236,21 @@ def test_volume_seg_round_trip(tmp_path: Path) -> None:
     slices = ct_slices()
     ctx = EncodeContext(sources=slices, pipeline="rotational_dla", now=NOW)
     masks = random_masks((2, 4, 24, 20), seed=5)
-    out = SegmentationOutput("labels", masks, [Segment("Blood vessel", BLOOD_VESSEL),
-                                               Segment("Artery", ARTERY)],
-                             CLASSICAL, geometry="volume")
-    meta = RunMeta(modality="CT", sop_class_uid=CTImageStorage, rows=24, columns=20,
-                   number_of_frames=4, is_volume=True)
+    out = SegmentationOutput(
+        "labels",
+        masks,
+        [Segment("Blood vessel", BLOOD_VESSEL), Segment("Artery", ARTERY)],
+        CLASSICAL,
+        geometry="volume",
+    )
+    meta = RunMeta(
+        modality="CT",
+        sop_class_uid=CTImageStorage,
+        rows=24,
+        columns=20,
+        number_of_frames=4,
+        is_volume=True,
+    )
     (seg,) = encode_segmentation(out, ctx, Run(np.zeros((4, 24, 20), np.float32), meta))
     assert seg.FrameOfReferenceUID == slices[0].FrameOfReferenceUID
     assert dciodvfy_errors(seg, tmp_path / "seg.dcm") == []
@@ -235,20 +261,27 @@ def test_volume_seg_round_trip(tmp_path: Path) -> None:
 
 def test_all_empty_frames_seg_reads_back_empty(tmp_path: Path) -> None:
     ctx = EncodeContext(sources=[xa_header(4)], pipeline="xa_coronary", now=NOW)
-    out = SegmentationOutput("vessel", np.zeros((1, 4, 48, 40), bool),
-                             [Segment("Blood vessel", BLOOD_VESSEL)], CLASSICAL, geometry="frames")
+    out = SegmentationOutput(
+        "vessel",
+        np.zeros((1, 4, 48, 40), bool),
+        [Segment("Blood vessel", BLOOD_VESSEL)],
+        CLASSICAL,
+        geometry="frames",
+    )
     canvas, seg = encode_segmentation(out, ctx, Run(np.ones((4, 48, 40), np.float32), _meta(4)))
     assert dciodvfy_errors(seg, tmp_path / "seg.dcm") == []
     got = read_back(seg, tmp_path / "seg.dcm").get_pixels_by_source_frame(
-        canvas.SOPInstanceUID, [1, 2, 3, 4])
+        canvas.SOPInstanceUID, [1, 2, 3, 4]
+    )
     assert got.shape == (4, 48, 40, 1) and not got.any()
 
 
 def test_masks_must_fit_geometry() -> None:
     ctx = EncodeContext(sources=[xa_header()], pipeline="dsa_av", now=NOW)
     ctx.canvas = make_canvas(ctx, np.ones((48, 40), np.float32))
-    out = SegmentationOutput("av", random_masks((2, 48, 40)), [Segment("Artery", ARTERY)],
-                             CLASSICAL)
+    out = SegmentationOutput(
+        "av", random_masks((2, 48, 40)), [Segment("Artery", ARTERY)], CLASSICAL
+    )
     with pytest.raises(ValueError, match="do not fit"):
         encode_segmentation(out, ctx, Run(np.zeros((6, 48, 40), np.float32), _meta(6)))
 
@@ -256,8 +289,9 @@ def test_masks_must_fit_geometry() -> None:
 def test_encode_result_delivers_canvas_before_seg(tmp_path: Path) -> None:
     """Through the node's encode_result: canvas first, then SEG referencing it."""
     ctx = EncodeContext(sources=[xa_header()], pipeline="dsa_av", now=NOW)
-    out = SegmentationOutput("av", random_masks((1, 48, 40)), [Segment("Artery", ARTERY)],
-                             CLASSICAL)
+    out = SegmentationOutput(
+        "av", random_masks((1, 48, 40)), [Segment("Artery", ARTERY)], CLASSICAL
+    )
     run = Run(np.ones((6, 48, 40), np.float32), _meta(6))
     canvas, seg = encode_result(PipelineResult(outputs=[out]), run, ctx)
     assert seg.SOPClassUID == pydicom.uid.SegmentationStorage
@@ -269,10 +303,16 @@ def test_uids_are_deterministic() -> None:
     """A re-run yields the same frames canvas and SEG UIDs (the destination stores them once)."""
     ctx = EncodeContext(sources=[xa_header()], pipeline="xa_coronary", now=NOW)
     pixels = np.ones((6, 48, 40), np.float32)
-    out = SegmentationOutput("vessel", random_masks((1, 6, 48, 40)),
-                             [Segment("Blood vessel", BLOOD_VESSEL)], CLASSICAL, geometry="frames")
+    out = SegmentationOutput(
+        "vessel",
+        random_masks((1, 6, 48, 40)),
+        [Segment("Blood vessel", BLOOD_VESSEL)],
+        CLASSICAL,
+        geometry="frames",
+    )
     run = Run(pixels, _meta(6))
     first = encode_segmentation(out, ctx, run)
-    again = encode_segmentation(out, EncodeContext(sources=ctx.sources, pipeline="xa_coronary",
-                                                   now=NOW), run)
+    again = encode_segmentation(
+        out, EncodeContext(sources=ctx.sources, pipeline="xa_coronary", now=NOW), run
+    )
     assert [d.SOPInstanceUID for d in first] == [d.SOPInstanceUID for d in again]

@@ -18,9 +18,15 @@ from tests.dicomgen import ct_series, save, xa_run
 
 
 def test_defaults_and_env_overrides() -> None:
-    s = load_settings(None, environ={"DICOM_NODE_PORT": "11999", "DICOM_NODE_AE_TITLE": "NODE2",
-                                     "DICOM_NODE_COMPLETION__QUIET_PERIOD_S": "2.5",
-                                     "DICOM_NODE_ALLOWED_CALLING_AETS": '["A", "B"]'})
+    s = load_settings(
+        None,
+        environ={
+            "DICOM_NODE_PORT": "11999",
+            "DICOM_NODE_AE_TITLE": "NODE2",
+            "DICOM_NODE_COMPLETION__QUIET_PERIOD_S": "2.5",
+            "DICOM_NODE_ALLOWED_CALLING_AETS": '["A", "B"]',
+        },
+    )
     assert (s.port, s.ae_title, s.completion.quiet_period_s) == (11999, "NODE2", 2.5)
     assert s.allowed_calling_aets == ["A", "B"]
     assert s.effective_rules()  # default rules ship
@@ -29,20 +35,33 @@ def test_defaults_and_env_overrides() -> None:
 @pytest.mark.parametrize(
     ("toml", "key", "allowed"),
     [
-        ('port = 70000', "port", "less than or equal to 65535"),
+        ("port = 70000", "port", "less than or equal to 65535"),
         ('ae_title = "WAY_TOO_LONG_AE_TITLE"', "ae_title", "1-16 printable"),
         ('colour = "red"', "colour", "unknown key"),
-        ('[[destinations]]\nkind = "dimse"\nname = "p"\nhost = "h"\nport = 1\nae_title = "A\\\\B"',
-         "destinations.0.dimse.ae_title", "no backslash"),
-        ('[[destinations]]\nkind = "dicomweb"\nname = "w"\nurl = "ftp://x"', "destinations.0.dicomweb.url", "http"),
+        (
+            '[[destinations]]\nkind = "dimse"\nname = "p"\nhost = "h"\nport = 1\nae_title = "A\\\\B"',
+            "destinations.0.dimse.ae_title",
+            "no backslash",
+        ),
+        (
+            '[[destinations]]\nkind = "dicomweb"\nname = "w"\nurl = "ftp://x"',
+            "destinations.0.dicomweb.url",
+            "http",
+        ),
         ('[[destinations]]\nkind = "carrier-pigeon"\nname = "x"', "destinations.0", "dimse"),
         ('[[rules]]\nname = "r"\npipelines = ["nope"]', "rules.0.pipelines", "allowed:"),
         ('[[rules]]\nname = "r"\ndestinations = ["ghost"]', "ghost", "configured"),
-        ('[[rules]]\nname = "r"\n[rules.match.tags]\nBodyPartExamined = { regex = "(" }', "regex", "invalid regex"),
-        ('[workers]\nconcurrency = 0', "workers.concurrency", "greater than or equal to 1"),
+        (
+            '[[rules]]\nname = "r"\n[rules.match.tags]\nBodyPartExamined = { regex = "(" }',
+            "regex",
+            "invalid regex",
+        ),
+        ("[workers]\nconcurrency = 0", "workers.concurrency", "greater than or equal to 1"),
     ],
 )
-def test_bad_config_names_key_and_allowed_values(tmp_path: Path, toml: str, key: str, allowed: str) -> None:
+def test_bad_config_names_key_and_allowed_values(
+    tmp_path: Path, toml: str, key: str, allowed: str
+) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text(toml + "\n")
     with pytest.raises(ConfigError) as err:
@@ -53,8 +72,12 @@ def test_bad_config_names_key_and_allowed_values(tmp_path: Path, toml: str, key:
 def test_cli_fails_at_start_on_bad_config(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("port = -1\n")
-    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "port" in out.stderr
 
 
@@ -82,9 +105,11 @@ def test_default_rules_tell_kinds_apart() -> None:
 
 def test_custom_rule_by_calling_aet_and_regex(tmp_path: Path) -> None:
     cfg = tmp_path / "r.toml"
-    cfg.write_text('[[rules]]\nname = "suite2"\npipelines = ["minip"]\n[rules.match]\n'
-                   'calling_aet = ["SUITE2"]\nimage_type = ["SUBTRACTION"]\n'
-                   '[rules.match.tags]\nSeriesDescription = { regex = "(?i)carotid" }\n')
+    cfg.write_text(
+        '[[rules]]\nname = "suite2"\npipelines = ["minip"]\n[rules.match]\n'
+        'calling_aet = ["SUITE2"]\nimage_type = ["SUBTRACTION"]\n'
+        '[rules.match.tags]\nSeriesDescription = { regex = "(?i)carotid" }\n'
+    )
     rules = load_settings(cfg, environ={}).effective_rules()
     ds = xa_run(frames=3)
     ds.SeriesDescription = "L Carotid DSA"
@@ -95,8 +120,12 @@ def test_custom_rule_by_calling_aet_and_regex(tmp_path: Path) -> None:
 
 def test_route_explain_cli(tmp_path: Path) -> None:
     path = save(xa_run(frames=3), tmp_path)
-    out = subprocess.run([sys.executable, "-m", "dicom_node.cli", "route", "--explain", str(path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "route", "--explain", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0
     assert "rule 'cerebral-dsa': MATCH" in out.stdout and "[x] subtracted is True" in out.stdout
 
@@ -109,11 +138,15 @@ REAL_FILES = sorted(REAL_DATA.rglob("*.dcm")) if REAL_DATA.exists() else []
 def test_real_vendor_files_route_and_decode(path: Path) -> None:
     """Real files: compressed syntaxes, private tags, Mask Operation NONE, retired curves."""
     ds = dcmread(path, stop_before_pixels=True)
-    decision = route(load_settings(None, environ={}).effective_rules(), RunFeatures.from_headers([ds]))
+    decision = route(
+        load_settings(None, environ={}).effective_rules(), RunFeatures.from_headers([ds])
+    )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         # the 96-frame 30 fps cardiac XA (Mask Operation NONE) is coronary cine, not DSA
-        assert decision.rule is not None and decision.rule.name.startswith("coronary"), decision.explain()
+        assert decision.rule is not None and decision.rule.name.startswith("coronary"), (
+            decision.explain()
+        )
         loaded = load_run([path])
         assert loaded.run.pixels.shape == (frames, ds.Rows, ds.Columns)
         assert loaded.run.meta.frame_times_s is not None

@@ -54,21 +54,37 @@ def vessel_mask(seed: int = 0) -> np.ndarray:
     return np.abs(xx - SIZE / 2 - 6 * np.sin(yy / 9)) < 3
 
 
-def seg_on(canvas: pydicom.Dataset, masks: list[np.ndarray], types: list[hd.sr.CodedConcept],
-           description: str = "Manual annotation") -> hd.seg.Segmentation:
+def seg_on(
+    canvas: pydicom.Dataset,
+    masks: list[np.ndarray],
+    types: list[hd.sr.CodedConcept],
+    description: str = "Manual annotation",
+) -> hd.seg.Segmentation:
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=i + 1, segment_label=str(t.meaning)[:64],
-            segmented_property_category=codes.SCT.AnatomicalStructure, segmented_property_type=t,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+            segment_number=i + 1,
+            segment_label=str(t.meaning)[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=t,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
         for i, t in enumerate(types)
     ]
     seg = hd.seg.Segmentation(
-        source_images=[canvas], pixel_array=np.stack(masks, axis=-1)[None],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=50, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="test", manufacturer_model_name="test", software_versions="1",
-        device_serial_number="1", omit_empty_frames=False)
+        source_images=[canvas],
+        pixel_array=np.stack(masks, axis=-1)[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=50,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+        omit_empty_frames=False,
+    )
     seg.SeriesDescription = description
     return seg
 
@@ -125,8 +141,16 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dataset(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("dataset")
     out, pmap = base / "ds", base / "secret" / "map.json"
-    build_dataset(FolderSource(archive), BuildOptions(out=out, pseudonym_map=pmap, test_fraction=0.2,
-                                                      val_fraction=0.2, include_unlabelled=True))
+    build_dataset(
+        FolderSource(archive),
+        BuildOptions(
+            out=out,
+            pseudonym_map=pmap,
+            test_fraction=0.2,
+            val_fraction=0.2,
+            include_unlabelled=True,
+        ),
+    )
     return out, pmap
 
 
@@ -148,7 +172,9 @@ def test_overlap_metrics_by_hand() -> None:
 
 
 def test_auc_by_hand_with_ties() -> None:
-    assert M.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == pytest.approx(0.75)
+    assert M.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == pytest.approx(
+        0.75
+    )
     assert M.auc(np.array([0.5, 0.5]), np.array([0, 1], bool)) == pytest.approx(0.5)
     assert math.isnan(M.auc(np.array([0.2, 0.3]), np.array([1, 1], bool)))
 
@@ -195,10 +221,14 @@ def test_losses_by_hand() -> None:
     valid = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
     logits2 = torch.tensor([[[[2.0, -9.0], [-9.0, 9.0]]]])
     # partial CE: only the valid pixel counts, BCE(2, 1) = log(1 + e^-2)
-    assert losses.partial_cross_entropy(logits2, target, valid).item() == pytest.approx(math.log1p(math.exp(-2)))
+    assert losses.partial_cross_entropy(logits2, target, valid).item() == pytest.approx(
+        math.log1p(math.exp(-2))
+    )
     # softmax CE with one-hot targets, two classes, uniform logits: log 2
     one_hot = torch.tensor([[[[1.0]], [[0.0]]]])
-    assert losses.cross_entropy(torch.zeros(1, 2, 1, 1), one_hot, multilabel=False).item() == pytest.approx(math.log(2))
+    assert losses.cross_entropy(
+        torch.zeros(1, 2, 1, 1), one_hot, multilabel=False
+    ).item() == pytest.approx(math.log(2))
     perfect = torch.where(target > 0, 20.0, -20.0)
     assert losses.soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
     assert losses.ce_dice_loss(perfect, target).item() < 1e-6
@@ -216,13 +246,16 @@ def test_losses_by_hand() -> None:
 def test_flip_and_alignment_of_different_sizes() -> None:
     rng = np.random.default_rng(0)
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
-    (xf,), (yf,) = augment.geometric([x], [x.clone()], rng, augment.Geometric(flip_p=1.0, affine_p=0.0))
+    (xf,), (yf,) = augment.geometric(
+        [x], [x.clone()], rng, augment.Geometric(flip_p=1.0, affine_p=0.0)
+    )
     assert torch.allclose(xf, x.flip(-1)) and torch.equal(yf, x.flip(-1))
     # A context-padded input and its centre label stay aligned under any transform.
     big = torch.rand(3, 1, 28, 28)
     centre = big[..., 6:22, 6:22].clone()
-    (_,), (wb, wc) = augment.geometric([big], [big, centre], np.random.default_rng(3),
-                                       augment.Geometric(flip_p=0.5, affine_p=1.0))
+    (_,), (wb, wc) = augment.geometric(
+        [big], [big, centre], np.random.default_rng(3), augment.Geometric(flip_p=0.5, affine_p=1.0)
+    )
     inner = wb[..., 6:22, 6:22]
     inside = wc != 0
     agree = (inner[inside] == wc[inside]).float().mean().item()
@@ -235,7 +268,9 @@ def test_frame_contrast_and_strong_are_seeded() -> None:
     assert torch.equal(a, augment.frame_contrast(x, np.random.default_rng(1), 0.2))
     gains = a[:, :, 0, 0]
     assert ((gains >= 0.8) & (gains <= 1.2)).all() and gains.unique().numel() > 1
-    assert torch.equal(augment.strong(x, np.random.default_rng(2)), augment.strong(x, np.random.default_rng(2)))
+    assert torch.equal(
+        augment.strong(x, np.random.default_rng(2)), augment.strong(x, np.random.default_rng(2))
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -253,7 +288,9 @@ def test_seg_on_canvas_resolves_to_the_run(archive: Path) -> None:
     assert full.kind == "full" and full.geometry == "canvas"
     assert full.roles == ["artery", "vein"]
     assert np.array_equal(full.masks["artery"] | full.masks["vein"], vessel_mask())
-    run_uid = str(pydicom.dcmread(archive / "p1" / "run1.dcm", stop_before_pixels=True).SOPInstanceUID)
+    run_uid = str(
+        pydicom.dcmread(archive / "p1" / "run1.dcm", stop_before_pixels=True).SOPInstanceUID
+    )
     assert full.run_key == run_uid
     scribble = results["s"]
     assert scribble.kind == "scribble" and "background" in scribble.masks
@@ -269,8 +306,13 @@ def test_seg_on_canvas_resolves_to_the_run(archive: Path) -> None:
 
 
 def scribble_as(full: Annotation, scribble: Annotation) -> Annotation:
-    return Annotation(run_key=full.run_key, kind="scribble", geometry="canvas",
-                      masks=scribble.masks, seg_uids=["1.2.3.4"])
+    return Annotation(
+        run_key=full.run_key,
+        kind="scribble",
+        geometry="canvas",
+        masks=scribble.masks,
+        seg_uids=["1.2.3.4"],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -304,8 +346,9 @@ def test_dataset_splits_by_patient_and_reports_unusable_runs(dataset: tuple[Path
             assert c.masks == {} and not c.labelled
 
 
-def test_manifest_is_deidentified_and_hash_stable(dataset: tuple[Path, Path], archive: Path,
-                                                   tmp_path: Path) -> None:
+def test_manifest_is_deidentified_and_hash_stable(
+    dataset: tuple[Path, Path], archive: Path, tmp_path: Path
+) -> None:
     out, pmap = dataset
     text = (out / "manifest.json").read_text()
     originals = [pydicom.dcmread(p, stop_before_pixels=True) for p in archive.rglob("*.dcm")]
@@ -318,16 +361,28 @@ def test_manifest_is_deidentified_and_hash_stable(dataset: tuple[Path, Path], ar
     assert (out / "manifest.sha256").read_text().split()[0] == digest
     # Rebuilt elsewhere with the same pseudonym map: byte-identical manifest and cases.
     again = tmp_path / "again"
-    build_dataset(FolderSource(archive), BuildOptions(out=again, pseudonym_map=pmap, test_fraction=0.2,
-                                                      val_fraction=0.2, include_unlabelled=True))
+    build_dataset(
+        FolderSource(archive),
+        BuildOptions(
+            out=again,
+            pseudonym_map=pmap,
+            test_fraction=0.2,
+            val_fraction=0.2,
+            include_unlabelled=True,
+        ),
+    )
     assert manifest_hash(again) == digest
     # A different split seed is a different dataset.
     other = tmp_path / "other"
-    build_dataset(FolderSource(archive), BuildOptions(out=other, pseudonym_map=pmap, seed=1,
-                                                      include_unlabelled=True))
+    build_dataset(
+        FolderSource(archive),
+        BuildOptions(out=other, pseudonym_map=pmap, seed=1, include_unlabelled=True),
+    )
     assert manifest_hash(other) != digest
     with pytest.raises(DatasetError, match="must not lie inside"):
-        build_dataset(FolderSource(archive), BuildOptions(out=again, pseudonym_map=again / "map.json"))
+        build_dataset(
+            FolderSource(archive), BuildOptions(out=again, pseudonym_map=again / "map.json")
+        )
 
 
 def test_deidentify_profile_and_dciodvfy(tmp_path: Path) -> None:
@@ -364,7 +419,10 @@ def test_deidentify_profile_and_dciodvfy(tmp_path: Path) -> None:
 
 def test_multipart_and_spool_source(tmp_path: Path) -> None:
     body = b"--abc\r\nContent-Type: application/dicom\r\n\r\nONE\r\n--abc\r\n\r\nTWO\r\n--abc--\r\n"
-    assert split_multipart(body, 'multipart/related; type="application/dicom"; boundary=abc') == [b"ONE", b"TWO"]
+    assert split_multipart(body, 'multipart/related; type="application/dicom"; boundary=abc') == [
+        b"ONE",
+        b"TWO",
+    ]
     from dicom_node.db import Database
     from dicom_node.spool import Spool
 
@@ -393,8 +451,16 @@ def _weights(model: torch.nn.Module) -> torch.Tensor:
 def test_sscr_step_on_scribbles(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     _, cases = load_dataset(dataset[0])
     scribbles = [c for c in cases if c.kind == "scribble"]
-    cfg = TrainConfig(task="dsa_ia", mode="sscr", model_config=TINY_VSS, epochs=1, steps_per_epoch=1,
-                      batch_size=2, patch=32, progress=False)
+    cfg = TrainConfig(
+        task="dsa_ia",
+        mode="sscr",
+        model_config=TINY_VSS,
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=2,
+        patch=32,
+        progress=False,
+    )
     t = Trainer(cfg, scribbles, [], tmp_path)
     before = [_weights(m) for m in t.models]
     assert not torch.equal(before[0], before[1])  # two differently initialised networks
@@ -410,8 +476,17 @@ def test_sscr_step_on_scribbles(dataset: tuple[Path, Path], tmp_path: Path) -> N
 
 def test_rpst_teacher_student_steps(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     train, val, unlabelled = _split(dataset)
-    cfg = TrainConfig(task="dsa_ia", mode="rpst", model_config=TINY_VSS, epochs=1, steps_per_epoch=1,
-                      batch_size=2, patch=32, progress=False, rpst_rounds=1)
+    cfg = TrainConfig(
+        task="dsa_ia",
+        mode="rpst",
+        model_config=TINY_VSS,
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=2,
+        patch=32,
+        progress=False,
+        rpst_rounds=1,
+    )
     t = Trainer(cfg, train[:1], val, tmp_path, unlabelled=unlabelled)
     path = t.fit()
     assert len(t.pseudo) == 1 and t.pseudo[0].y is not None
@@ -423,10 +498,19 @@ def test_rpst_teacher_student_steps(dataset: tuple[Path, Path], tmp_path: Path) 
     assert any(not torch.equal(teacher[k], student["state_dict"][k]) for k in teacher)
 
 
-def test_checkpoint_resume_reproduces_uninterrupted_run(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+def test_checkpoint_resume_reproduces_uninterrupted_run(
+    dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
     train, val, _ = _split(dataset)
-    cfg = TrainConfig(task="dsa_av", model_config={"widths": [4, 8]}, epochs=2, steps_per_epoch=2,
-                      batch_size=2, patch=32, progress=False)
+    cfg = TrainConfig(
+        task="dsa_av",
+        model_config={"widths": [4, 8]},
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch=32,
+        progress=False,
+    )
     straight = Trainer(cfg, train, val, tmp_path / "a")
     straight.fit()
     first = Trainer(cfg, train, val, tmp_path / "b")
@@ -453,12 +537,22 @@ def _ddp_worker(rank: int, init_file: str, dataset_dir: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     _, cases = load_dataset(dataset_dir)
     train = [c for c in cases if c.kind == "full"][:2]
-    cfg = TrainConfig(task="dsa_ia", model_config=TINY_VSS, epochs=1, steps_per_epoch=2,
-                      batch_size=1, patch=32, progress=False, device="cpu")
+    cfg = TrainConfig(
+        task="dsa_ia",
+        model_config=TINY_VSS,
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=1,
+        patch=32,
+        progress=False,
+        device="cpu",
+    )
     t = Trainer(cfg, train, [], Path(out) / "run", dist_info=DistInfo(rank=rank, world=2))
     before = _weights(t.models[0].module)
     t.fit()
-    torch.save({"before": before, "after": _weights(t.models[0].module)}, Path(out) / f"rank{rank}.pt")
+    torch.save(
+        {"before": before, "after": _weights(t.models[0].module)}, Path(out) / f"rank{rank}.pt"
+    )
     dist.destroy_process_group()
 
 
@@ -474,9 +568,19 @@ def test_ddp_gloo_two_processes_stay_in_sync(dataset: tuple[Path, Path], tmp_pat
     train = [c for c in cases if c.kind == "full"][:2]
     solo = []
     for rank in (0, 1):
-        cfg = TrainConfig(task="dsa_ia", model_config=TINY_VSS, epochs=1, steps_per_epoch=2,
-                          batch_size=1, patch=32, progress=False, device="cpu")
-        t = Trainer(cfg, train, [], tmp_path / f"solo{rank}", dist_info=DistInfo(rank=rank, world=1))
+        cfg = TrainConfig(
+            task="dsa_ia",
+            model_config=TINY_VSS,
+            epochs=1,
+            steps_per_epoch=2,
+            batch_size=1,
+            patch=32,
+            progress=False,
+            device="cpu",
+        )
+        t = Trainer(
+            cfg, train, [], tmp_path / f"solo{rank}", dist_info=DistInfo(rank=rank, world=1)
+        )
         t.fit()
         solo.append(_weights(t.models[0]))
     assert not torch.equal(solo[0], solo[1])
@@ -489,11 +593,39 @@ def test_torchrun_cli(dataset: tuple[Path, Path], tmp_path: Path) -> None:
         pytest.skip("torchrun is not installed next to this Python")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "training", "train",
-         "--dataset", str(dataset[0]), "--task", "dsa_ia", "--workdir", str(tmp_path / "w"),
-         "--config", json.dumps(TINY_VSS), "--epochs", "1", "--steps", "1", "--batch", "1",
-         "--patch", "32", "--device", "cpu", "--no-progress"],
-        capture_output=True, text=True, timeout=180, env=env)
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "training",
+            "train",
+            "--dataset",
+            str(dataset[0]),
+            "--task",
+            "dsa_ia",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config",
+            json.dumps(TINY_VSS),
+            "--epochs",
+            "1",
+            "--steps",
+            "1",
+            "--batch",
+            "1",
+            "--patch",
+            "32",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
     assert (tmp_path / "w" / "model.pt").is_file()

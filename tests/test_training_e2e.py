@@ -49,23 +49,80 @@ def test_phantoms_through_orthanc_to_a_package_the_node_uses(pacs, tmp_path: Pat
     assert len(pacs.get("/instances").json()) == 3 * len(SEEDS)  # run, canvas, SEG
 
     ds_dir, pmap = tmp_path / "dataset", tmp_path / "secret" / "pseudonyms.json"
-    assert training_main(["build-dataset", "--dicomweb", pacs.dicomweb_url, "--out", str(ds_dir),
-                          "--pseudonym-map", str(pmap), "--test-fraction", "0.2",
-                          "--val-fraction", "0.2", "--name", "phantoms"]) == 0
+    assert (
+        training_main(
+            [
+                "build-dataset",
+                "--dicomweb",
+                pacs.dicomweb_url,
+                "--out",
+                str(ds_dir),
+                "--pseudonym-map",
+                str(pmap),
+                "--test-fraction",
+                "0.2",
+                "--val-fraction",
+                "0.2",
+                "--name",
+                "phantoms",
+            ]
+        )
+        == 0
+    )
     manifest, cases = load_dataset(ds_dir)
     assert manifest["counts"]["kind"] == {"full": len(SEEDS)} and manifest["problems"] == []
     assert manifest["source"].startswith("DICOMweb http://127.0.0.1")
     assert all(c.geometry == "canvas" and {"artery", "vein"} <= set(c.masks) for c in cases)
 
     work = tmp_path / "run"
-    assert training_main(["train", "--dataset", str(ds_dir), "--task", "dsa_av", "--workdir", str(work),
-                          "--config", '{"widths": [4, 8, 16]}', "--epochs", "2", "--steps", "2",
-                          "--batch", "2", "--patch", "32", "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        training_main(
+            [
+                "train",
+                "--dataset",
+                str(ds_dir),
+                "--task",
+                "dsa_av",
+                "--workdir",
+                str(work),
+                "--config",
+                '{"widths": [4, 8, 16]}',
+                "--epochs",
+                "2",
+                "--steps",
+                "2",
+                "--batch",
+                "2",
+                "--patch",
+                "32",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (work / "learning_curve.png").is_file() and (work / "examples.png").is_file()
 
     pkg_dir = tmp_path / "models" / f"{PACKAGE}-{VERSION}"
-    assert training_main(["package", "--model", str(work / "model.pt"), "--dataset", str(ds_dir),
-                          "--out", str(pkg_dir), "--name", PACKAGE, "--version", VERSION]) == 0
+    assert (
+        training_main(
+            [
+                "package",
+                "--model",
+                str(work / "model.pt"),
+                "--dataset",
+                str(ds_dir),
+                "--out",
+                str(pkg_dir),
+                "--name",
+                PACKAGE,
+                "--version",
+                VERSION,
+            ]
+        )
+        == 0
+    )
     from pipelines.models.package import load_package
 
     pkg = load_package(pkg_dir, pipeline="dsa_av")
@@ -92,6 +149,8 @@ def test_phantoms_through_orthanc_to_a_package_the_node_uses(pacs, tmp_path: Pat
     ident = algorithm.SegmentationAlgorithmIdentificationSequence[0]
     assert PACKAGE in ident.AlgorithmVersion and VERSION in ident.AlgorithmVersion
     assert {str(s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence} >= {
-        "51114001", "29092000"}
+        "51114001",
+        "29092000",
+    }
     masks = np.asarray(seg.pixel_array).reshape(-1, seg.Rows, seg.Columns)
     assert masks.shape[1:] == (64, 64) and masks.any()

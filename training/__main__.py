@@ -39,14 +39,27 @@ log = logging.getLogger("training")
 def cmd_build(args: argparse.Namespace) -> int:
     password = os.environ.get(args.password_env) if args.password_env else None
     token = os.environ.get(args.token_env) if args.token_env else None
-    source = open_source(dicomweb=args.dicomweb, spool=args.spool, folder=args.folder,
-                         cache_dir=args.cache or Path(args.out).with_name(Path(args.out).name + "-cache"),
-                         username=args.username, password=password, bearer_token=token)
-    options = BuildOptions(out=Path(args.out), pseudonym_map=Path(args.pseudonym_map), name=args.name,
-                           version=args.version, test_fraction=args.test_fraction,
-                           val_fraction=args.val_fraction, seed=args.seed,
-                           include_unlabelled=args.include_unlabelled,
-                           deidentify=not args.no_deidentify, export_dicom=args.export_dicom)
+    source = open_source(
+        dicomweb=args.dicomweb,
+        spool=args.spool,
+        folder=args.folder,
+        cache_dir=args.cache or Path(args.out).with_name(Path(args.out).name + "-cache"),
+        username=args.username,
+        password=password,
+        bearer_token=token,
+    )
+    options = BuildOptions(
+        out=Path(args.out),
+        pseudonym_map=Path(args.pseudonym_map),
+        name=args.name,
+        version=args.version,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        include_unlabelled=args.include_unlabelled,
+        deidentify=not args.no_deidentify,
+        export_dicom=args.export_dicom,
+    )
     manifest = build_dataset(source, options, progress=lambda m: print(m, file=sys.stderr))
     print(json.dumps(manifest["counts"], sort_keys=True))
     for p in manifest["problems"]:
@@ -64,13 +77,29 @@ def train_config(args: argparse.Namespace) -> Any:
     from training.engine import TrainConfig
 
     return TrainConfig(
-        task=args.task, mode=args.mode, model_config=json.loads(args.config or "{}"),
-        epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch, patch=args.patch,
-        optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, early_stop=args.early_stop,
-        warmup_epochs=args.warmup_epochs, seed=args.seed, device=args.device, amp=not args.no_amp,
-        use_ps=not args.no_ps, use_cps=not args.no_cps, use_cr=not args.no_cr,
-        rpst_rounds=args.rounds, teacher_epochs=args.teacher_epochs, progress=not args.no_progress,
-        max_val_cases=args.max_val_cases)
+        task=args.task,
+        mode=args.mode,
+        model_config=json.loads(args.config or "{}"),
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch_size=args.batch,
+        patch=args.patch,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        schedule=args.schedule,
+        early_stop=args.early_stop,
+        warmup_epochs=args.warmup_epochs,
+        seed=args.seed,
+        device=args.device,
+        amp=not args.no_amp,
+        use_ps=not args.no_ps,
+        use_cps=not args.no_cps,
+        use_cr=not args.no_cr,
+        rpst_rounds=args.rounds,
+        teacher_epochs=args.teacher_epochs,
+        progress=not args.no_progress,
+        max_val_cases=args.max_val_cases,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -80,7 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest, cases = load_dataset(args.dataset, verify=info.main)
     train = _select(cases, "train", args.labelled)
     val = _select(cases, "val", None)
-    unlabelled = sorted((c for c in cases if c.split == "train" and not c.labelled), key=lambda c: c.id)
+    unlabelled = sorted(
+        (c for c in cases if c.split == "train" and not c.labelled), key=lambda c: c.id
+    )
     unlabelled = unlabelled[: args.unlabelled] if args.unlabelled is not None else unlabelled
     if args.mode == "rpst" and args.unlabelled_from_labelled:
         # Ablation on fully annotated data: hide the labels of the runs not used as labelled.
@@ -93,12 +124,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not resume.is_file():
             raise TaskError(f"no checkpoint to resume at {resume}")
     command = shlex.join(["python", "-m", "training", *sys.argv[1:]])
-    trainer = Trainer(train_config(args), train, val, workdir, unlabelled=unlabelled, dist_info=info,
-                      dataset_sha256=manifest_hash(Path(args.dataset)), command=command)
+    trainer = Trainer(
+        train_config(args),
+        train,
+        val,
+        workdir,
+        unlabelled=unlabelled,
+        dist_info=info,
+        dataset_sha256=manifest_hash(Path(args.dataset)),
+        command=command,
+    )
     if info.main:
-        print(f"task {args.task} ({trainer.task.architecture}), mode {args.mode}: {len(trainer.prepared)} "
-              f"labelled, {len(unlabelled)} unlabelled, {len(trainer.val_cases)} validation runs; "
-              f"device {trainer.device}, {info.world} process(es)", file=sys.stderr)
+        print(
+            f"task {args.task} ({trainer.task.architecture}), mode {args.mode}: {len(trainer.prepared)} "
+            f"labelled, {len(unlabelled)} unlabelled, {len(trainer.val_cases)} validation runs; "
+            f"device {trainer.device}, {info.world} process(es)",
+            file=sys.stderr,
+        )
     path = trainer.fit(resume=resume)
     if info.main:
         print(path)
@@ -126,13 +168,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         pkg = load_package(args.package)
         task = task_for_architecture(pkg.architecture)
         result = evaluate_pipeline(task, chosen, str(pkg.path), device.type)
-        result["evaluated_with"] = f"the {task.pipeline} pipeline with package {pkg.name} {pkg.version}"
+        result["evaluated_with"] = (
+            f"the {task.pipeline} pipeline with package {pkg.name} {pkg.version}"
+        )
         return result
     if not args.model:
         raise TaskError("give --model, --package or --classical")
     task, model, data = load_model_file(args.model, device)
     result = evaluate_model(task, model, chosen, data["model_config"], device)
-    result["evaluated_with"] = "the pipeline's preprocessing and inference (probabilities, threshold 0.5)"
+    result["evaluated_with"] = (
+        "the pipeline's preprocessing and inference (probabilities, threshold 0.5)"
+    )
     return result
 
 
@@ -157,55 +203,87 @@ def cmd_package(args: argparse.Namespace) -> int:
     manifest, cases = load_dataset(args.dataset)
     sha = manifest_hash(Path(args.dataset))
     if data.get("dataset_sha256") and data["dataset_sha256"] != sha:
-        raise DatasetError(f"{args.model} was trained on dataset {data['dataset_sha256'][:16]}, "
-                           f"not on {args.dataset} ({sha[:16]})")
+        raise DatasetError(
+            f"{args.model} was trained on dataset {data['dataset_sha256'][:16]}, "
+            f"not on {args.dataset} ({sha[:16]})"
+        )
     test = [c for c in cases if c.split == "test"]
     metrics = evaluate_model(task, model, test, data["model_config"], device)
-    metrics["evaluated_with"] = ("the pipeline's own preprocessing and inference code on the "
-                                 "probabilities, threshold 0.5")
+    metrics["evaluated_with"] = (
+        "the pipeline's own preprocessing and inference code on the probabilities, threshold 0.5"
+    )
     used = [c for c in manifest["cases"] if c["split"] in ("train", "val")]
     summary = {
-        "dataset": manifest["name"], "dataset_version": manifest["version"], "manifest_sha256": sha,
-        "source": manifest["source"], "counts": manifest["counts"],
+        "dataset": manifest["name"],
+        "dataset_version": manifest["version"],
+        "manifest_sha256": sha,
+        "source": manifest["source"],
+        "counts": manifest["counts"],
         "synthetic": any(c.get("synthetic") for c in manifest["cases"]),
         "training_cases": len([c for c in used if c["split"] == "train"]),
         "deidentification": manifest["deidentification"],
     }
     config = {**data["model_config"]}
     command = data.get("command") or "unknown"
-    common = dict(model=model, name=args.name, version=args.version,
-                  architecture_name=task.architecture, config=config, pipeline=task.pipeline,
-                  data=summary, training_command=command, dataset_manifest_hash=sha)
+    common = dict(
+        model=model,
+        name=args.name,
+        version=args.version,
+        architecture_name=task.architecture,
+        config=config,
+        pipeline=task.pipeline,
+        data=summary,
+        training_command=command,
+        dataset_manifest_hash=sha,
+    )
     parameters = sum(p.numel() for p in model.parameters())
     if test:
         # Through the node's own pipeline as well: what the node will actually emit.
         with tempfile.TemporaryDirectory() as tmp:
-            staged = write_package(Path(tmp) / "pkg", metrics=metrics, model_card="staging",
-                                   **common)  # type: ignore[arg-type]
+            staged = write_package(
+                Path(tmp) / "pkg", metrics=metrics, model_card="staging", **common
+            )  # type: ignore[arg-type]
             try:
-                metrics["through_pipeline"] = evaluate_pipeline(task, test, str(staged))["aggregate"]
+                metrics["through_pipeline"] = evaluate_pipeline(task, test, str(staged))[
+                    "aggregate"
+                ]
             except TaskError as exc:
                 print(f"note: not evaluated through the pipeline: {exc}", file=sys.stderr)
-    card = model_card(task=task, name=args.name, version=args.version, parameters=parameters,
-                      metrics=metrics, data=summary, training=data.get("config", {}),
-                      training_command=command, dataset_sha256=sha)
+    card = model_card(
+        task=task,
+        name=args.name,
+        version=args.version,
+        parameters=parameters,
+        metrics=metrics,
+        data=summary,
+        training=data.get("config", {}),
+        training_command=command,
+        dataset_sha256=sha,
+    )
     out = write_package(Path(args.out), metrics=metrics, model_card=card, **common)  # type: ignore[arg-type]
     pkg = load_package(out, pipeline=task.pipeline)
     pkg.load_model("cpu")  # the weights load back with weights_only=True
     print(f"package {pkg.name} {pkg.version} for {pkg.pipeline} at {out}")
     if not test:
-        print("warning: the dataset has no test case; the package carries no held-out metric",
-              file=sys.stderr)
+        print(
+            "warning: the dataset has no test case; the package carries no held-out metric",
+            file=sys.stderr,
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("build-dataset", help="runs + SEG annotations -> a de-identified, split dataset")
+    p = sub.add_parser(
+        "build-dataset", help="runs + SEG annotations -> a de-identified, split dataset"
+    )
     src = p.add_argument_group("source (exactly one)")
     src.add_argument("--dicomweb", help="DICOMweb base URL (QIDO-RS / WADO-RS)")
     src.add_argument("--spool", help="the node's storage_dir (spool + node.sqlite)")
@@ -215,16 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", help="environment variable holding a bearer token")
     p.add_argument("--cache", help="download cache for DICOMweb (default: <out>-cache)")
     p.add_argument("--out", required=True)
-    p.add_argument("--pseudonym-map", required=True, help="JSON kept apart from the data (not inside --out)")
+    p.add_argument(
+        "--pseudonym-map", required=True, help="JSON kept apart from the data (not inside --out)"
+    )
     p.add_argument("--name", default="dataset")
     p.add_argument("--version", default="1")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--include-unlabelled", action="store_true",
-                   help="keep runs without annotation (for rpst), flagged unlabelled")
-    p.add_argument("--no-deidentify", action="store_true", help="keep identifiers (internal use only)")
-    p.add_argument("--export-dicom", action="store_true", help="also write de-identified DICOM copies")
+    p.add_argument(
+        "--include-unlabelled",
+        action="store_true",
+        help="keep runs without annotation (for rpst), flagged unlabelled",
+    )
+    p.add_argument(
+        "--no-deidentify", action="store_true", help="keep identifiers (internal use only)"
+    )
+    p.add_argument(
+        "--export-dicom", action="store_true", help="also write de-identified DICOM copies"
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("train", help="train a model (full, sscr or rpst); torchrun for DDP")
@@ -232,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--mode", default="full", choices=("full", "sscr", "rpst"))
     p.add_argument("--workdir", required=True)
-    p.add_argument("--config", help="JSON overrides of the architecture config, e.g. '{\"widths\": [16, 32, 64]}'")
+    p.add_argument(
+        "--config",
+        help="JSON overrides of the architecture config, e.g. '{\"widths\": [16, 32, 64]}'",
+    )
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--steps", type=int, default=100, help="steps per epoch")
     p.add_argument("--batch", type=int, default=4)
@@ -247,19 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--labelled", type=int, help="use only the first N labelled training runs")
     p.add_argument("--unlabelled", type=int, help="use at most N unlabelled runs (rpst)")
-    p.add_argument("--unlabelled-from-labelled", action="store_true",
-                   help="rpst ablation: the labelled runs beyond --labelled serve as unlabelled")
+    p.add_argument(
+        "--unlabelled-from-labelled",
+        action="store_true",
+        help="rpst ablation: the labelled runs beyond --labelled serve as unlabelled",
+    )
     p.add_argument("--no-ps", action="store_true", help="sscr: no pseudo-label supervision")
     p.add_argument("--no-cps", action="store_true", help="sscr: own instead of cross pseudo-labels")
     p.add_argument("--no-cr", action="store_true", help="sscr: no consistency regularisation")
     p.add_argument("--rounds", type=int, default=1, help="rpst relabelling rounds")
     p.add_argument("--teacher-epochs", type=int)
     p.add_argument("--max-val-cases", type=int, default=8)
-    p.add_argument("--resume", nargs="?", const="auto", help="checkpoint (default: <workdir>/last.pt)")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", help="checkpoint (default: <workdir>/last.pt)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="held-out metrics of a model, a package or the classical path")
+    p = sub.add_parser(
+        "evaluate", help="held-out metrics of a model, a package or the classical path"
+    )
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", help="model.pt from train")
     p.add_argument("--package", help="a model package folder (run through its pipeline)")

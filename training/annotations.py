@@ -118,8 +118,10 @@ def segment_roles(seg: Dataset) -> dict[int, str | None]:
 
 
 def is_node_result(seg: Dataset) -> bool:
-    automatic = all(str(s.get("SegmentAlgorithmType", "")) == "AUTOMATIC"
-                    for s in seg.get("SegmentSequence", []))
+    automatic = all(
+        str(s.get("SegmentAlgorithmType", "")) == "AUTOMATIC"
+        for s in seg.get("SegmentSequence", [])
+    )
     return str(seg.get("SeriesDescription", "")).startswith(SERIES_PREFIX) and automatic
 
 
@@ -127,7 +129,9 @@ def referenced_uids(ds: Dataset) -> list[str]:
     """Every SOP Instance UID a SEG or SC references (series, source and derivation)."""
     uids: list[str] = []
     for series in ds.get("ReferencedSeriesSequence", []):
-        uids += [str(i.ReferencedSOPInstanceUID) for i in series.get("ReferencedInstanceSequence", [])]
+        uids += [
+            str(i.ReferencedSOPInstanceUID) for i in series.get("ReferencedInstanceSequence", [])
+        ]
     uids += [str(i.ReferencedSOPInstanceUID) for i in ds.get("SourceImageSequence", [])]
     for frame in ds.get("PerFrameFunctionalGroupsSequence", []):
         for der in frame.get("DerivationImageSequence", []):
@@ -149,7 +153,9 @@ def _frame_sources(seg: Dataset) -> list[tuple[int, str | None, int | None]]:
     out: list[tuple[int, str | None, int | None]] = []
     shared = seg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
-        ident = frame.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
+        ident = frame.get("SegmentIdentificationSequence") or shared.get(
+            "SegmentIdentificationSequence"
+        )
         number = int(ident[0].ReferencedSegmentNumber)
         uid, frame_no = None, None
         for der in frame.get("DerivationImageSequence", []):
@@ -178,11 +184,16 @@ def _volume_order(header: Dataset) -> np.ndarray:
     sfg = header.get("SharedFunctionalGroupsSequence")
     if pf is None or len(pf) != frames or "PlanePositionSequence" not in pf[0]:
         return np.arange(frames)
-    iop = (sfg[0].PlaneOrientationSequence[0].ImageOrientationPatient
-           if sfg and "PlaneOrientationSequence" in sfg[0] else [1, 0, 0, 0, 1, 0])
+    iop = (
+        sfg[0].PlaneOrientationSequence[0].ImageOrientationPatient
+        if sfg and "PlaneOrientationSequence" in sfg[0]
+        else [1, 0, 0, 0, 1, 0]
+    )
     normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-    pos = [float(np.asarray(it.PlanePositionSequence[0].ImagePositionPatient, float) @ normal)
-           for it in pf]
+    pos = [
+        float(np.asarray(it.PlanePositionSequence[0].ImagePositionPatient, float) @ normal)
+        for it in pf
+    ]
     rank = np.empty(frames, np.int64)
     rank[np.argsort(pos, kind="stable")] = np.arange(frames)
     return rank
@@ -249,16 +260,22 @@ def read_annotation(seg: Dataset, resolver: Resolver) -> Annotation | Problem:
     roles = segment_roles(seg)
     known = {n: r for n, r in roles.items() if r is not None}
     if not known or set(known.values()) == {"background"}:
-        return Problem(uid, "no segment with a known property type "
-                            f"(segments {sorted(roles)}; known: {sorted(set(ROLES.values()))})")
+        return Problem(
+            uid,
+            "no segment with a known property type "
+            f"(segments {sorted(roles)}; known: {sorted(set(ROLES.values()))})",
+        )
     sources = _frame_sources(seg)
     pixels = segment_pixels(seg)
     if len(sources) != pixels.shape[0]:
         # No per-frame functional groups: one frame per segment, all on the one referenced image.
         refs = referenced_uids(seg)
         if len(refs) != 1 or pixels.shape[0] != len(roles):
-            return Problem(uid, "frames carry no source references and the SEG does not "
-                                "reference exactly one image")
+            return Problem(
+                uid,
+                "frames carry no source references and the SEG does not "
+                "reference exactly one image",
+            )
         sources = [(n, refs[0], None) for n in sorted(roles)]
     located = [resolver.locate(u, f) for _, u, f in sources]
     reasons = {loc for loc in located if isinstance(loc, str)}
@@ -280,8 +297,11 @@ def read_annotation(seg: Dataset, resolver: Resolver) -> Annotation | Problem:
     else:
         return Problem(uid, f"mixed geometries {sorted(geometries)}")
     if (pixels.shape[1], pixels.shape[2]) != (run.rows, run.columns):
-        return Problem(uid, f"mask size {pixels.shape[1]}x{pixels.shape[2]} differs from the "
-                            f"run's {run.rows}x{run.columns}")
+        return Problem(
+            uid,
+            f"mask size {pixels.shape[1]}x{pixels.shape[2]} differs from the "
+            f"run's {run.rows}x{run.columns}",
+        )
     shape = (run.rows, run.columns) if geometry == "canvas" else (run.frames, run.rows, run.columns)
     masks: dict[str, np.ndarray] = {}
     for (number, _, _), loc, frame_pixels in zip(sources, located, pixels, strict=True):
@@ -301,8 +321,9 @@ def read_annotation(seg: Dataset, resolver: Resolver) -> Annotation | Problem:
     unknown = sorted(n for n, r in roles.items() if r is None)
     if unknown:
         notes.append(f"SEG {uid}: segments {unknown} have property types we do not use")
-    return Annotation(run_key=key, kind=kind, geometry=geometry, masks=masks, seg_uids=[uid],
-                      notes=notes)
+    return Annotation(
+        run_key=key, kind=kind, geometry=geometry, masks=masks, seg_uids=[uid], notes=notes
+    )
 
 
 def merge(annotations: Sequence[Annotation]) -> tuple[dict[str, Annotation], list[Problem]]:
@@ -318,21 +339,35 @@ def merge(annotations: Sequence[Annotation]) -> tuple[dict[str, Annotation], lis
         chosen = full or items
         for a in items:
             if a not in chosen:
-                problems.append(Problem(a.seg_uids[0], f"scribbles of run {key} not used: the "
-                                                      "run also has a full annotation"))
+                problems.append(
+                    Problem(
+                        a.seg_uids[0],
+                        f"scribbles of run {key} not used: the run also has a full annotation",
+                    )
+                )
         geometry = chosen[0].geometry
         same = [a for a in chosen if a.geometry == geometry]
         for a in chosen:
             if a.geometry != geometry:
-                problems.append(Problem(a.seg_uids[0], f"geometry {a.geometry} differs from "
-                                                      f"{geometry} of another SEG of run {key}"))
+                problems.append(
+                    Problem(
+                        a.seg_uids[0],
+                        f"geometry {a.geometry} differs from "
+                        f"{geometry} of another SEG of run {key}",
+                    )
+                )
         masks: dict[str, np.ndarray] = {}
         for a in same:
             for role, m in a.masks.items():
                 masks[role] = masks[role] | m if role in masks else m.copy()
-        merged = Annotation(run_key=key, kind=same[0].kind, geometry=geometry, masks=masks,
-                            seg_uids=[u for a in same for u in a.seg_uids],
-                            notes=[n for a in same for n in a.notes])
+        merged = Annotation(
+            run_key=key,
+            kind=same[0].kind,
+            geometry=geometry,
+            masks=masks,
+            seg_uids=[u for a in same for u in a.seg_uids],
+            notes=[n for a in same for n in a.notes],
+        )
         if len(same) > 1:
             merged.notes.append(f"{len(same)} SEG instances united")
         out[key] = merged
@@ -345,8 +380,10 @@ def is_run_header(ds: Dataset) -> bool:
 
 def is_canvas_header(ds: Dataset) -> bool:
     """A Secondary Capture that derives from other images (a canvas candidate)."""
-    return (str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.7")
-            and "SourceImageSequence" in ds)
+    return (
+        str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.7")
+        and "SourceImageSequence" in ds
+    )
 
 
 def label_targets(annotation: Annotation, channels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

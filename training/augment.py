@@ -49,8 +49,9 @@ class Photometric:
     blur_sigma: float = 1.0
 
 
-def sample_transforms(rng: np.random.Generator, n: int, params: Geometric = Geometric()
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def sample_transforms(
+    rng: np.random.Generator, n: int, params: Geometric = Geometric()
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample (A, t): 2x2 linear part and shift (fraction of size), in (x, y) order.
 
     A maps output coordinates to input coordinates about the centre.
@@ -70,8 +71,9 @@ def sample_transforms(rng: np.random.Generator, n: int, params: Geometric = Geom
     return a, t
 
 
-def _theta(a: np.ndarray, t: np.ndarray, size: tuple[int, int], ref: tuple[int, int]
-           ) -> torch.Tensor:
+def _theta(
+    a: np.ndarray, t: np.ndarray, size: tuple[int, int], ref: tuple[int, int]
+) -> torch.Tensor:
     """affine_grid matrices for tensors of ``size`` from the pixel-space transform.
 
     The shift is a fraction of the reference size, so tensors of different
@@ -95,9 +97,12 @@ def warp(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     return out.to(x.dtype) if mode == "nearest" else out
 
 
-def geometric(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
-              rng: np.random.Generator, params: Geometric = Geometric()
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def geometric(
+    images: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    rng: np.random.Generator,
+    params: Geometric = Geometric(),
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Apply one random transform per sample to every (B, C, H, W) tensor given.
 
     ``images`` are interpolated bilinearly, ``labels`` (labels and valid masks)
@@ -106,6 +111,7 @@ def geometric(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
     """
     n = images[0].shape[0]
     a, t = sample_transforms(rng, n, params)
+
     def size(x: torch.Tensor) -> tuple[int, int]:
         return int(x.shape[-2]), int(x.shape[-1])
 
@@ -134,14 +140,21 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = _gaussian_kernel(sigma).to(x.device, x.dtype)
     c = x.shape[1]
     pad = len(k) // 2
-    y = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="replicate"),
-                 k.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(y, (0, 0, pad, pad), mode="replicate"),
-                    k.reshape(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    y = F.conv2d(
+        F.pad(x, (pad, pad, 0, 0), mode="replicate"),
+        k.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1),
+        groups=c,
+    )
+    return F.conv2d(
+        F.pad(y, (0, 0, pad, pad), mode="replicate"),
+        k.reshape(1, 1, -1, 1).repeat(c, 1, 1, 1),
+        groups=c,
+    )
 
 
-def strong(x: torch.Tensor, rng: np.random.Generator, params: Photometric = Photometric()
-           ) -> torch.Tensor:
+def strong(
+    x: torch.Tensor, rng: np.random.Generator, params: Photometric = Photometric()
+) -> torch.Tensor:
     """Photometric 'strong' augmentation of (B, C, H, W) inputs: gain, offset, noise, blur."""
     b = x.shape[0]
     shape = (b,) + (1,) * (x.dim() - 1)

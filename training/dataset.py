@@ -52,25 +52,64 @@ from training.sources import Inventory, Source, inventory
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-PROFILE = ("PS3.15 E.1 Basic Application Level Confidentiality Profile (subset) with "
-           "Retain Longitudinal Temporal Information with Modified Dates Option")
+PROFILE = (
+    "PS3.15 E.1 Basic Application Level Confidentiality Profile (subset) with "
+    "Retain Longitudinal Temporal Information with Modified Dates Option"
+)
 
 # Removed (X) anywhere in the dataset.
 REMOVE = (
-    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientBirthName",
-    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "EthnicGroup",
-    "Occupation", "AdditionalPatientHistory", "PatientComments", "MedicalRecordLocator",
-    "MilitaryRank", "BranchOfService", "ResponsiblePerson", "ResponsibleOrganization",
-    "PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime", "PatientInsurancePlanCodeSequence",
-    "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
-    "RequestingPhysician", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "StationName", "StudyDescription", "SeriesDescription",
-    "RequestAttributesSequence", "PerformedProcedureStepID", "PerformedProcedureStepDescription",
-    "ScheduledProcedureStepID", "RequestedProcedureID", "AdmittingDiagnosesDescription",
-    "ImageComments", "ContentCreatorName", "ProtocolName", "IssuerOfPatientID",
-    "ReferencedPatientSequence", "ReferencedStudySequence", "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime", "CountryOfResidence", "RegionOfResidence",
-    "CurrentPatientLocation", "PatientState", "ReasonForStudy",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "EthnicGroup",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "PatientComments",
+    "MedicalRecordLocator",
+    "MilitaryRank",
+    "BranchOfService",
+    "ResponsiblePerson",
+    "ResponsibleOrganization",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientBirthTime",
+    "PatientInsurancePlanCodeSequence",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "StudyDescription",
+    "SeriesDescription",
+    "RequestAttributesSequence",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepDescription",
+    "ScheduledProcedureStepID",
+    "RequestedProcedureID",
+    "AdmittingDiagnosesDescription",
+    "ImageComments",
+    "ContentCreatorName",
+    "ProtocolName",
+    "IssuerOfPatientID",
+    "ReferencedPatientSequence",
+    "ReferencedStudySequence",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "CountryOfResidence",
+    "RegionOfResidence",
+    "CurrentPatientLocation",
+    "PatientState",
+    "ReasonForStudy",
 )
 # Kept present but emptied (Z: type 2 attributes).
 EMPTY = ("ReferringPhysicianName", "StudyID", "PatientSex", "PatientBirthDate", "AccessionNumber")
@@ -98,14 +137,21 @@ class Pseudonyms:
     def load_or_create(cls, path: Path) -> Pseudonyms:
         if path.is_file():
             data = json.loads(path.read_text())
-            return cls(salt=data["salt"], patients=data.get("patients", {}), uids=data.get("uids", {}))
+            return cls(
+                salt=data["salt"], patients=data.get("patients", {}), uids=data.get("uids", {})
+            )
         return cls(salt=secrets.token_hex(32))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps({"salt": self.salt, "patients": self.patients, "uids": self.uids},
-                                  indent=1, sort_keys=True))
+        tmp.write_text(
+            json.dumps(
+                {"salt": self.salt, "patients": self.patients, "uids": self.uids},
+                indent=1,
+                sort_keys=True,
+            )
+        )
         tmp.chmod(0o600)
         tmp.replace(path)
 
@@ -175,10 +221,16 @@ def deidentify(ds: Dataset, pseudonyms: Pseudonyms) -> Dataset:
     out.DeidentificationMethod = PROFILE[:64]
     method = Dataset()
     method.CodeValue, method.CodingSchemeDesignator, method.CodeMeaning = (
-        "113100", "DCM", "Basic Application Confidentiality Profile")
+        "113100",
+        "DCM",
+        "Basic Application Confidentiality Profile",
+    )
     option = Dataset()
     option.CodeValue, option.CodingSchemeDesignator, option.CodeMeaning = (
-        "113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates Option")
+        "113107",
+        "DCM",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    )
     out.DeidentificationMethodCodeSequence = [method, option]
     if hasattr(out, "file_meta") and "MediaStorageSOPInstanceUID" in out.file_meta:
         out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
@@ -189,8 +241,9 @@ def deidentify(ds: Dataset, pseudonyms: Pseudonyms) -> Dataset:
 # Patient-level split
 
 
-def patient_split(patients: Iterable[str], test_fraction: float, val_fraction: float, seed: int
-                  ) -> dict[str, str]:
+def patient_split(
+    patients: Iterable[str], test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, str]:
     """Patient -> "train" | "val" | "test". Deterministic in (patients, seed), independent
     of input order; every patient lands in exactly one split."""
     unique = sorted(set(patients))
@@ -281,12 +334,19 @@ def _scrub(text: str, pseudonyms: Pseudonyms, deidentify: bool) -> str:
 
 def _meta_dict(meta: RunMeta) -> dict[str, Any]:
     return {
-        "modality": meta.modality, "sop_class_uid": meta.sop_class_uid, "rows": meta.rows,
-        "columns": meta.columns, "number_of_frames": meta.number_of_frames,
+        "modality": meta.modality,
+        "sop_class_uid": meta.sop_class_uid,
+        "rows": meta.rows,
+        "columns": meta.columns,
+        "number_of_frames": meta.number_of_frames,
         "pixel_spacing_mm": list(meta.pixel_spacing_mm) if meta.pixel_spacing_mm else None,
-        "slice_spacing_mm": meta.slice_spacing_mm, "image_type": list(meta.image_type),
-        "body_part": meta.body_part, "subtracted": meta.subtracted, "is_volume": meta.is_volume,
-        "frame_rate": meta.frame_rate, "timed": meta.frame_times_s is not None,
+        "slice_spacing_mm": meta.slice_spacing_mm,
+        "image_type": list(meta.image_type),
+        "body_part": meta.body_part,
+        "subtracted": meta.subtracted,
+        "is_volume": meta.is_volume,
+        "frame_rate": meta.frame_rate,
+        "timed": meta.frame_times_s is not None,
     }
 
 
@@ -294,12 +354,15 @@ def _check_shape(annotation: Annotation, pixels: np.ndarray) -> str | None:
     shape = next(iter(annotation.masks.values())).shape
     expected = pixels.shape[1:] if annotation.geometry == "canvas" else pixels.shape
     if tuple(shape) != tuple(expected):
-        return f"annotation {annotation.geometry} shape {shape} does not fit run pixels {pixels.shape}"
+        return (
+            f"annotation {annotation.geometry} shape {shape} does not fit run pixels {pixels.shape}"
+        )
     return None
 
 
-def build_dataset(source: Source, options: BuildOptions,
-                  progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+def build_dataset(
+    source: Source, options: BuildOptions, progress: Callable[[str], None] = log.info
+) -> dict[str, Any]:
     """Scan, match, decode, split, de-identify and write; returns the manifest.
 
     A dataset folder already built from the same instances with the same
@@ -312,9 +375,14 @@ def build_dataset(source: Source, options: BuildOptions,
     instances = source.scan()
     progress(f"{source.description}: {len(instances)} instances")
     inv = inventory(instances)
-    build_key = hashlib.sha256(canonical_json({
-        "instances": sorted(i.sop_instance_uid for i in instances), "options": options.key(),
-    })).hexdigest()
+    build_key = hashlib.sha256(
+        canonical_json(
+            {
+                "instances": sorted(i.sop_instance_uid for i in instances),
+                "options": options.key(),
+            }
+        )
+    ).hexdigest()
     cached = _reuse(out, build_key)
     if cached is not None:
         progress(f"dataset {out} is up to date (build key {build_key[:12]})")
@@ -324,20 +392,32 @@ def build_dataset(source: Source, options: BuildOptions,
     out.mkdir(parents=True, exist_ok=True)
     (out / "cases").mkdir(exist_ok=True)
     runs = {r.key: r for r in inv.run_infos()}
-    patients = {key: str(items[0].patient_id or f"study:{items[0].study_uid}")
-                for key, items in inv.runs.items()}
-    split = patient_split(patients.values(), options.test_fraction, options.val_fraction, options.seed)
+    patients = {
+        key: str(items[0].patient_id or f"study:{items[0].study_uid}")
+        for key, items in inv.runs.items()
+    }
+    split = patient_split(
+        patients.values(), options.test_fraction, options.val_fraction, options.seed
+    )
     cases: list[dict[str, Any]] = []
     for key in sorted(runs):
         items = inv.runs[key]
         ann = annotations.get(key)
         if ann is None and not options.include_unlabelled:
-            problems.append(Problem(key, "run has no usable annotation (not used; "
-                                         "--include-unlabelled keeps it for semi-supervised training)"))
+            problems.append(
+                Problem(
+                    key,
+                    "run has no usable annotation (not used; "
+                    "--include-unlabelled keeps it for semi-supervised training)",
+                )
+            )
             continue
-        if options.deidentify and any(str(i.header.get("BurnedInAnnotation", "")).upper() == "YES"
-                                      for i in items):
-            problems.append(Problem(key, "Burned In Annotation is YES: pixels may identify the patient"))
+        if options.deidentify and any(
+            str(i.header.get("BurnedInAnnotation", "")).upper() == "YES" for i in items
+        ):
+            problems.append(
+                Problem(key, "Burned In Annotation is YES: pixels may identify the patient")
+            )
             continue
         try:
             loaded = load_run([source.fetch(i) for i in items])
@@ -356,12 +436,15 @@ def build_dataset(source: Source, options: BuildOptions,
         def uid(u: str) -> str:
             return pseudonyms.uid(u) if options.deidentify else u
 
-        case_id = hashlib.sha256(f"{pseudonyms.salt}:{key}".encode()).hexdigest()[:16] \
-            if options.deidentify else key
+        case_id = (
+            hashlib.sha256(f"{pseudonyms.salt}:{key}".encode()).hexdigest()[:16]
+            if options.deidentify
+            else key
+        )
         arrays: dict[str, np.ndarray] = {"pixels": pixels.astype(np.float32)}
         if loaded.run.meta.frame_times_s is not None:
             arrays["frame_times_s"] = np.asarray(loaded.run.meta.frame_times_s, np.float64)
-        for role, mask in (ann.masks.items() if ann else []):
+        for role, mask in ann.masks.items() if ann else []:
             arrays[f"mask_{role}"] = mask.astype(bool)
         path = out / "cases" / f"{case_id}.npz"
         save_npz(path, arrays)
@@ -374,8 +457,9 @@ def build_dataset(source: Source, options: BuildOptions,
             "roles": ann.roles if ann else [],
             "shape": list(pixels.shape),
             # training.phantoms writes Manufacturer SYNTHETIC: such cases are not patients.
-            "synthetic": any(str(i.header.get("Manufacturer", "")).upper() == "SYNTHETIC"
-                             for i in items),
+            "synthetic": any(
+                str(i.header.get("Manufacturer", "")).upper() == "SYNTHETIC" for i in items
+            ),
             "meta": _meta_dict(loaded.run.meta),
             "instances": sorted(uid(i.sop_instance_uid) for i in items),
             "annotations": sorted(uid(u) for u in ann.seg_uids) if ann else [],
@@ -385,10 +469,15 @@ def build_dataset(source: Source, options: BuildOptions,
         }
         cases.append(case)
         if options.export_dicom:
-            _export(out / "dicom" / case_id, [source.fetch(i) for i in items]
-                    + [source.fetch(s) for s in inv.segs if ann and s.sop_instance_uid in ann.seg_uids],
-                    pseudonyms)
-        progress(f"case {case_id}: {case['kind']} {case['geometry'] or ''} {pixels.shape} -> {case['split']}")
+            _export(
+                out / "dicom" / case_id,
+                [source.fetch(i) for i in items]
+                + [source.fetch(s) for s in inv.segs if ann and s.sop_instance_uid in ann.seg_uids],
+                pseudonyms,
+            )
+        progress(
+            f"case {case_id}: {case['kind']} {case['geometry'] or ''} {pixels.shape} -> {case['split']}"
+        )
     cases.sort(key=lambda c: c["id"])
     manifest = {
         "format": FORMAT,
@@ -396,18 +485,33 @@ def build_dataset(source: Source, options: BuildOptions,
         "version": options.version,
         "source": source.description,
         "deidentification": PROFILE if options.deidentify else "none (identifiers kept)",
-        "split": {"seed": options.seed, "test_fraction": options.test_fraction,
-                  "val_fraction": options.val_fraction, "unit": "patient"},
+        "split": {
+            "seed": options.seed,
+            "test_fraction": options.test_fraction,
+            "val_fraction": options.val_fraction,
+            "unit": "patient",
+        },
         "cases": cases,
         "counts": _counts(cases),
-        "problems": sorted(({"uid": pseudonyms.uid(p.uid) if options.deidentify else p.uid,
-                             "reason": _scrub(p.reason, pseudonyms, options.deidentify)}
-                            for p in problems),
-                           key=lambda p: (p["reason"], p["uid"])),
+        "problems": sorted(
+            (
+                {
+                    "uid": pseudonyms.uid(p.uid) if options.deidentify else p.uid,
+                    "reason": _scrub(p.reason, pseudonyms, options.deidentify),
+                }
+                for p in problems
+            ),
+            key=lambda p: (p["reason"], p["uid"]),
+        ),
     }
     digest = write_manifest(out, manifest)
-    (out / "build.json").write_text(json.dumps({"build_key": build_key, "manifest_sha256": digest,
-                                                "options": options.key()}, indent=1, sort_keys=True))
+    (out / "build.json").write_text(
+        json.dumps(
+            {"build_key": build_key, "manifest_sha256": digest, "options": options.key()},
+            indent=1,
+            sort_keys=True,
+        )
+    )
     pseudonyms.save(pmap)
     progress(f"dataset {out}: {len(cases)} cases, {len(problems)} left out, sha256 {digest[:16]}")
     return manifest
@@ -483,20 +587,32 @@ class Case:
         """The case as the node's pipelines see a run."""
         m = self.meta
         spacing = tuple(m["pixel_spacing_mm"]) if m.get("pixel_spacing_mm") else None
-        meta = RunMeta(modality=m["modality"], sop_class_uid=m["sop_class_uid"], rows=m["rows"],
-                       columns=m["columns"], number_of_frames=m["number_of_frames"],
-                       frame_times_s=self.frame_times_s, pixel_spacing_mm=spacing,  # type: ignore[arg-type]
-                       slice_spacing_mm=m.get("slice_spacing_mm"),
-                       image_type=tuple(m.get("image_type", ())), body_part=m.get("body_part", ""),
-                       subtracted=bool(m.get("subtracted")), is_volume=bool(m.get("is_volume")),
-                       frame_rate=m.get("frame_rate"))
+        meta = RunMeta(
+            modality=m["modality"],
+            sop_class_uid=m["sop_class_uid"],
+            rows=m["rows"],
+            columns=m["columns"],
+            number_of_frames=m["number_of_frames"],
+            frame_times_s=self.frame_times_s,
+            pixel_spacing_mm=spacing,  # type: ignore[arg-type]
+            slice_spacing_mm=m.get("slice_spacing_mm"),
+            image_type=tuple(m.get("image_type", ())),
+            body_part=m.get("body_part", ""),
+            subtracted=bool(m.get("subtracted")),
+            is_volume=bool(m.get("is_volume")),
+            frame_rate=m.get("frame_rate"),
+        )
         return Run(pixels=self.pixels, meta=meta)
 
     def annotation(self) -> Annotation:
         if not self.labelled or self.geometry is None:
             raise DatasetError(f"case {self.id} has no annotation")
-        return Annotation(run_key=self.id, kind=self.kind, geometry=self.geometry,  # type: ignore[arg-type]
-                          masks=self.masks)
+        return Annotation(
+            run_key=self.id,
+            kind=self.kind,
+            geometry=self.geometry,  # type: ignore[arg-type]
+            masks=self.masks,
+        )
 
 
 def load_dataset(root: str | Path, verify: bool = True) -> tuple[dict[str, Any], list[Case]]:
@@ -516,7 +632,17 @@ def load_dataset(root: str | Path, verify: bool = True) -> tuple[dict[str, Any],
             masks = {k[5:]: z[k] for k in z.files if k.startswith("mask_")}
             times = z["frame_times_s"] if "frame_times_s" in z.files else None
             pixels = z["pixels"]
-        cases.append(Case(id=c["id"], patient=c["patient"], split=c["split"], kind=c["kind"],
-                          geometry=c["geometry"], pixels=pixels, masks=masks, frame_times_s=times,
-                          meta=c["meta"]))
+        cases.append(
+            Case(
+                id=c["id"],
+                patient=c["patient"],
+                split=c["split"],
+                kind=c["kind"],
+                geometry=c["geometry"],
+                pixels=pixels,
+                masks=masks,
+                frame_times_s=times,
+                meta=c["meta"],
+            )
+        )
     return manifest, cases

@@ -85,7 +85,15 @@ class TrainConfig:
     def resolved(self, task: Task) -> dict[str, Any]:
         d = task.defaults
         out = asdict(self)
-        for key in ("optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "early_stop", "patch"):
+        for key in (
+            "optimizer",
+            "lr",
+            "weight_decay",
+            "schedule",
+            "warmup_epochs",
+            "early_stop",
+            "patch",
+        ):
             if out[key] is None:
                 out[key] = getattr(d, key)
         if self.mode not in ("full", "sscr", "rpst"):
@@ -116,8 +124,11 @@ def init_distributed() -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -160,10 +171,18 @@ class _Lines(_Quiet):
 class Trainer:
     """One training run in ``workdir``; ``fit()`` returns the path of the final model file."""
 
-    def __init__(self, cfg: TrainConfig, train: Sequence[Case], val: Sequence[Case], workdir: Path,
-                 unlabelled: Sequence[Case] = (), dist_info: DistInfo | None = None,
-                 dataset_sha256: str = "", command: str = "",
-                 log_fn: Callable[[str], None] = log.info) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train: Sequence[Case],
+        val: Sequence[Case],
+        workdir: Path,
+        unlabelled: Sequence[Case] = (),
+        dist_info: DistInfo | None = None,
+        dataset_sha256: str = "",
+        command: str = "",
+        log_fn: Callable[[str], None] = log.info,
+    ) -> None:
         self.cfg = cfg
         self.task = get_task(cfg.task)
         self.opts = cfg.resolved(self.task)
@@ -182,8 +201,12 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.amp = cfg.amp and self.device.type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.amp_dtype = (
+            torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp and self.amp_dtype == torch.float16
+        )
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.train_cases = [c for c in train if c.labelled]
@@ -193,11 +216,20 @@ class Trainer:
         if not self.prepared:
             raise TaskError(f"no usable labelled training case for task {self.task.name}")
         if cfg.mode == "rpst" and not self.unlabelled:
-            raise TaskError("rpst needs unlabelled runs (build the dataset with --include-unlabelled)")
+            raise TaskError(
+                "rpst needs unlabelled runs (build the dataset with --include-unlabelled)"
+            )
         self.phases = self._phases()
-        self.state: dict[str, Any] = {"phase": 0, "epoch": 0, "step": 0, "history": [],
-                                      "best": None, "bad": 0, "plateau": {"best": None, "bad": 0, "scale": 1.0},
-                                      "teacher": None}
+        self.state: dict[str, Any] = {
+            "phase": 0,
+            "epoch": 0,
+            "step": 0,
+            "history": [],
+            "best": None,
+            "bad": 0,
+            "plateau": {"best": None, "bad": 0, "scale": 1.0},
+            "teacher": None,
+        }
         self.pseudo: list[Prepared] = []
         self._new_phase_models()
 
@@ -215,8 +247,9 @@ class Trainer:
         if self.cfg.mode != "rpst":
             return [("main", self.cfg.epochs)]
         teacher = self.cfg.teacher_epochs or self.cfg.epochs
-        return [("teacher", teacher)] + [(f"student{r + 1}", self.cfg.epochs)
-                                         for r in range(self.cfg.rpst_rounds)]
+        return [("teacher", teacher)] + [
+            (f"student{r + 1}", self.cfg.epochs) for r in range(self.cfg.rpst_rounds)
+        ]
 
     def _build(self, index: int) -> nn.Module:
         torch.manual_seed(self.cfg.seed * 1000 + 100 * self.state["phase"] + index)
@@ -239,8 +272,12 @@ class Trainer:
         if o["optimizer"] == "adam":
             return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
         if o["optimizer"] == "rmsprop":
-            return torch.optim.RMSprop(params, lr=o["lr"], weight_decay=o["weight_decay"],
-                                       momentum=self.task.defaults.momentum)
+            return torch.optim.RMSprop(
+                params,
+                lr=o["lr"],
+                weight_decay=o["weight_decay"],
+                momentum=self.task.defaults.momentum,
+            )
         if o["optimizer"] == "sgd":
             return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=0.9)
         raise TaskError(f"optimizer {o['optimizer']!r}: allowed adamw, adam, rmsprop, sgd")
@@ -266,12 +303,14 @@ class Trainer:
     def _rng(self, step: int) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, self.dist.rank, self.state["phase"], step])
 
-    def _augment(self, b: Batch, rng: np.random.Generator, strong: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _augment(
+        self, b: Batch, rng: np.random.Generator, strong: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weak (geometric) augmentation of the batch; returns x, y, valid, inside."""
         inside = torch.ones_like(b.valid[:, :1])
-        (x,), (y, v, inside) = augment.geometric([b.x.float()], [b.y, b.valid, inside], rng,
-                                                 self.task.geometric)
+        (x,), (y, v, inside) = augment.geometric(
+            [b.x.float()], [b.y, b.valid, inside], rng, self.task.geometric
+        )
         if b.sequence:
             x = augment.frame_contrast(x, rng)
         if strong:
@@ -282,28 +321,39 @@ class Trainer:
         with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp):
             return model(x.to(self.device))
 
-    def _loss_full(self, rng: np.random.Generator, prepared: Sequence[Prepared], size: int,
-                   strong: bool = False) -> torch.Tensor:
+    def _loss_full(
+        self,
+        rng: np.random.Generator,
+        prepared: Sequence[Prepared],
+        size: int,
+        strong: bool = False,
+    ) -> torch.Tensor:
         b = self.task.batch(prepared, rng, size, int(self.opts["patch"]), self.model_config)
         x, y, v, _ = self._augment(b, rng, strong)
         logits = self._forward(self.models[0], x)
-        return losses.ce_dice_loss(logits, y.to(self.device), v.to(self.device), self.task.multilabel)
+        return losses.ce_dice_loss(
+            logits, y.to(self.device), v.to(self.device), self.task.multilabel
+        )
 
     def _loss_sscr(self, rng: np.random.Generator) -> torch.Tensor:
-        b = self.task.batch(self.prepared, rng, self.cfg.batch_size, int(self.opts["patch"]),
-                            self.model_config)
+        b = self.task.batch(
+            self.prepared, rng, self.cfg.batch_size, int(self.opts["patch"]), self.model_config
+        )
         x, y, v, inside = self._augment(b, rng)
         x2 = augment.frame_contrast(x, rng) if b.sequence else augment.strong(x, rng)
         y, v, inside = y.to(self.device), v.to(self.device), inside.to(self.device)
         ml = self.task.multilabel
         l1, l2 = self._forward(self.models[0], x), self._forward(self.models[1], x2)
-        loss = losses.partial_cross_entropy(l1, y, v, ml) + losses.partial_cross_entropy(l2, y, v, ml)
+        loss = losses.partial_cross_entropy(l1, y, v, ml) + losses.partial_cross_entropy(
+            l2, y, v, ml
+        )
         if self.cfg.use_ps:
             p1 = losses.scribble_corrected(losses.hard_labels(l1, ml), y, v)
             p2 = losses.scribble_corrected(losses.hard_labels(l2, ml), y, v)
             t1, t2 = (p2, p1) if self.cfg.use_cps else (p1, p2)
-            loss = loss + self.cfg.lambda_cps * (losses.cross_entropy(l1, t1, inside, ml)
-                                                 + losses.cross_entropy(l2, t2, inside, ml))
+            loss = loss + self.cfg.lambda_cps * (
+                losses.cross_entropy(l1, t1, inside, ml) + losses.cross_entropy(l2, t2, inside, ml)
+            )
         if self.cfg.use_cr:
             loss = loss + self.cfg.lambda_cr * losses.consistency_mse(l1, l2, ml)
         return loss
@@ -323,8 +373,9 @@ class Trainer:
             # pseudo-labelled runs (weak + strong); two forwards, since sequence
             # lengths differ between runs.
             half = max(1, self.cfg.batch_size // 2)
-            loss = (self._loss_full(rng, self.prepared, half)
-                    + self._loss_full(rng, self.pseudo, half, strong=True))
+            loss = self._loss_full(rng, self.prepared, half) + self._loss_full(
+                rng, self.pseudo, half, strong=True
+            )
         else:
             loss = self._loss_full(rng, self.prepared, self.cfg.batch_size)
         self.scaler.scale(loss).backward()
@@ -346,7 +397,9 @@ class Trainer:
         model.train()
         return M.aggregate(rows), example, probs0
 
-    def _monitor(self, train_loss: float) -> tuple[float, dict[str, Any], Case | None, np.ndarray | None]:
+    def _monitor(
+        self, train_loss: float
+    ) -> tuple[float, dict[str, Any], Case | None, np.ndarray | None]:
         """(score, val summary, example case, its probabilities); higher score is better."""
         if not self.val_cases:
             return -train_loss, {}, None, None
@@ -357,11 +410,15 @@ class Trainer:
     # -- checkpoints
     def _checkpoint(self) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT, "task": self.task.name, "config": asdict(self.cfg),
-            "model_config": self.model_config, "dataset_sha256": self.dataset_sha256,
+            "format": CHECKPOINT_FORMAT,
+            "task": self.task.name,
+            "config": asdict(self.cfg),
+            "model_config": self.model_config,
+            "dataset_sha256": self.dataset_sha256,
             "models": [_unwrap(m).state_dict() for m in self.models],
             "optimizers": [o.state_dict() for o in self.optimizers],
-            "scaler": self.scaler.state_dict(), "state": self.state,
+            "scaler": self.scaler.state_dict(),
+            "state": self.state,
         }
 
     def _save(self, obj: Mapping[str, Any], name: str) -> Path:
@@ -372,12 +429,22 @@ class Trainer:
         return path
 
     def _model_file(self, name: str, metrics: Mapping[str, Any]) -> Path:
-        return self._save({"format": CHECKPOINT_FORMAT, "task": self.task.name,
-                           "architecture": self.task.architecture, "model_config": self.model_config,
-                           "state_dict": _unwrap(self.models[0]).state_dict(), "metrics": dict(metrics),
-                           "config": self.opts, "dataset_sha256": self.dataset_sha256,
-                           "command": self.command, "phase": self.phases[self.state["phase"]][0],
-                           "epoch": self.state["epoch"]}, name)
+        return self._save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "task": self.task.name,
+                "architecture": self.task.architecture,
+                "model_config": self.model_config,
+                "state_dict": _unwrap(self.models[0]).state_dict(),
+                "metrics": dict(metrics),
+                "config": self.opts,
+                "dataset_sha256": self.dataset_sha256,
+                "command": self.command,
+                "phase": self.phases[self.state["phase"]][0],
+                "epoch": self.state["epoch"],
+            },
+            name,
+        )
 
     def resume(self, path: Path) -> None:
         ck = torch.load(path, map_location=self.device, weights_only=True)
@@ -392,8 +459,10 @@ class Trainer:
         self.scaler.load_state_dict(ck["scaler"])
         if self.state.get("teacher") is not None:
             self._relabel(self.state["teacher"])
-        self.log(f"resumed {path}: phase {self.phases[self.state['phase']][0]}, "
-                 f"epoch {self.state['epoch']}, step {self.state['step']}")
+        self.log(
+            f"resumed {path}: phase {self.phases[self.state['phase']][0]}, "
+            f"epoch {self.state['epoch']}, step {self.state['step']}"
+        )
 
     # -- RPST
     def _relabel(self, teacher_state: Mapping[str, torch.Tensor]) -> None:
@@ -404,10 +473,17 @@ class Trainer:
         self.pseudo = []
         for case in self.unlabelled:
             probs = self.task.predict(teacher, case, self.model_config, self.device)
-            labelled = Case(id=case.id, patient=case.patient, split=case.split, kind="full",
-                            geometry=self.task.geometry, pixels=case.pixels,
-                            masks=self.task.pseudo_labels(probs), frame_times_s=case.frame_times_s,
-                            meta=case.meta)
+            labelled = Case(
+                id=case.id,
+                patient=case.patient,
+                split=case.split,
+                kind="full",
+                geometry=self.task.geometry,
+                pixels=case.pixels,
+                masks=self.task.pseudo_labels(probs),
+                frame_times_s=case.frame_times_s,
+                meta=case.meta,
+            )
             self.pseudo.extend(self._prepare([labelled]))
         self.log(f"pseudo-labelled {len(self.pseudo)} unlabelled runs")
 
@@ -419,9 +495,18 @@ class Trainer:
         if resume is not None:
             self.resume(resume)
         if self.dist.main:
-            (self.workdir / "train_config.json").write_text(json.dumps(
-                {"config": self.opts, "model_config": self.model_config,
-                 "dataset_sha256": self.dataset_sha256}, indent=1, sort_keys=True, default=str))
+            (self.workdir / "train_config.json").write_text(
+                json.dumps(
+                    {
+                        "config": self.opts,
+                        "model_config": self.model_config,
+                        "dataset_sha256": self.dataset_sha256,
+                    },
+                    indent=1,
+                    sort_keys=True,
+                    default=str,
+                )
+            )
         done = 0
         while self.state["phase"] < len(self.phases):
             name, epochs = self.phases[self.state["phase"]]
@@ -439,16 +524,22 @@ class Trainer:
 
     def _epoch(self, name: str, epochs: int) -> bool:
         epoch = self.state["epoch"]
-        bar = _progress(self.cfg.steps_per_epoch, self.cfg.progress and self.dist.main,
-                        f"{name} {epoch + 1}/{epochs}")
+        bar = _progress(
+            self.cfg.steps_per_epoch,
+            self.cfg.progress and self.dist.main,
+            f"{name} {epoch + 1}/{epochs}",
+        )
         t0, total, ema = time.monotonic(), 0.0, None
         for i in range(self.cfg.steps_per_epoch):
             loss = self._step(epoch, i)
             total += loss
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", lr=f"{self.lr_at(epoch, i):.2e}",
-                            best=f"{(self.state['best'] or {}).get('score', float('nan')):.4f}")
+            bar.set_postfix(
+                loss=f"{ema:.4f}",
+                lr=f"{self.lr_at(epoch, i):.2e}",
+                best=f"{(self.state['best'] or {}).get('score', float('nan')):.4f}",
+            )
         bar.close()
         train_loss = total / self.cfg.steps_per_epoch
         stop = False
@@ -456,8 +547,13 @@ class Trainer:
             score, agg, example, probs = self._monitor(train_loss)
             stop = self._after_epoch(name, epoch, train_loss, score, agg, time.monotonic() - t0)
             if example is not None and probs is not None:
-                example_png(self.workdir / "examples.png", self.task, example, probs,
-                            f"{name} epoch {epoch + 1}")
+                example_png(
+                    self.workdir / "examples.png",
+                    self.task,
+                    example,
+                    probs,
+                    f"{name} epoch {epoch + 1}",
+                )
             self.state["epoch"] += 1
             self._save(self._checkpoint(), "last.pt")
         else:
@@ -468,13 +564,29 @@ class Trainer:
             stop, self.state = bool(flags[0]), flags[1]
         return stop
 
-    def _after_epoch(self, name: str, epoch: int, train_loss: float, score: float,
-                     agg: Mapping[str, Any], seconds: float) -> bool:
+    def _after_epoch(
+        self,
+        name: str,
+        epoch: int,
+        train_loss: float,
+        score: float,
+        agg: Mapping[str, Any],
+        seconds: float,
+    ) -> bool:
         """Bookkeeping on rank 0: history, best model, plateau LR, early stopping."""
         val = {k: v["mean"] for k, v in agg.items()}
-        self.state["history"].append({"phase": name, "epoch": epoch + 1, "step": self.state["step"],
-                                      "loss": train_loss, "lr": self.lr_at(epoch, self.cfg.steps_per_epoch - 1),
-                                      "score": score, "val": val, "seconds": seconds})
+        self.state["history"].append(
+            {
+                "phase": name,
+                "epoch": epoch + 1,
+                "step": self.state["step"],
+                "loss": train_loss,
+                "lr": self.lr_at(epoch, self.cfg.steps_per_epoch - 1),
+                "score": score,
+                "val": val,
+                "seconds": seconds,
+            }
+        )
         best = self.state["best"]
         if best is None or best["phase"] != name or score > best["score"]:
             self.state["best"] = {"phase": name, "epoch": epoch + 1, "score": score, "val": val}
@@ -490,10 +602,15 @@ class Trainer:
             if plateau["bad"] > self.task.defaults.plateau_patience:
                 plateau["scale"] *= self.task.defaults.plateau_factor
                 plateau["bad"] = 0
-        learning_curve_png(self.workdir / "learning_curve.png", self.state["history"],
-                           self.task.monitor if self.val_cases else "-loss")
-        self.log(f"{name} epoch {epoch + 1}: loss {train_loss:.4f}, {self.task.monitor} "
-                 f"{score:.4f} (best {self.state['best']['score']:.4f} at {self.state['best']['epoch']})")
+        learning_curve_png(
+            self.workdir / "learning_curve.png",
+            self.state["history"],
+            self.task.monitor if self.val_cases else "-loss",
+        )
+        self.log(
+            f"{name} epoch {epoch + 1}: loss {train_loss:.4f}, {self.task.monitor} "
+            f"{score:.4f} (best {self.state['best']['score']:.4f} at {self.state['best']['epoch']})"
+        )
         if self.state["bad"] >= int(self.opts["early_stop"]):
             self.log(f"early stop: no improvement for {self.state['bad']} epochs")
             return True
@@ -512,11 +629,22 @@ class Trainer:
             _unwrap(m).load_state_dict(state)
         last = self.state["phase"] + 1 >= len(self.phases)
         if self.dist.main and last:
-            self._model_file("model.pt", {"val": self.state["best"]["val"] if self.state["best"] else {},
-                                          "monitor": self.task.monitor})
+            self._model_file(
+                "model.pt",
+                {
+                    "val": self.state["best"]["val"] if self.state["best"] else {},
+                    "monitor": self.task.monitor,
+                },
+            )
         if not last:
-            self.state.update(phase=self.state["phase"] + 1, epoch=0, best=None, bad=0, teacher=state,
-                              plateau={"best": None, "bad": 0, "scale": 1.0})
+            self.state.update(
+                phase=self.state["phase"] + 1,
+                epoch=0,
+                best=None,
+                bad=0,
+                teacher=state,
+                plateau={"best": None, "bad": 0, "scale": 1.0},
+            )
             self._relabel(state)
             self._new_phase_models()
         else:
@@ -527,7 +655,9 @@ class Trainer:
 # Evaluation of a trained model and of the node's pipelines
 
 
-def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tuple[Task, nn.Module, dict[str, Any]]:
+def load_model_file(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[Task, nn.Module, dict[str, Any]]:
     """(task, model, file contents) from a ``model.pt`` / ``best-*.pt`` file (weights_only)."""
     data = torch.load(path, map_location=device, weights_only=True)
     task = get_task(data["task"])
@@ -536,8 +666,13 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     return task, model.to(device).eval(), data
 
 
-def evaluate_model(task: Task, model: nn.Module, cases: Sequence[Case], model_config: Mapping[str, Any],
-                   device: torch.device) -> dict[str, Any]:
+def evaluate_model(
+    task: Task,
+    model: nn.Module,
+    cases: Sequence[Case],
+    model_config: Mapping[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
     """Per-case metrics and their mean ± std on full annotations."""
     rows = {}
     for case in cases:
@@ -547,8 +682,9 @@ def evaluate_model(task: Task, model: nn.Module, cases: Sequence[Case], model_co
     return {"cases": rows, "aggregate": M.aggregate(list(rows.values()))}
 
 
-def evaluate_pipeline(task: Task, cases: Sequence[Case], package: str | None = None,
-                      device: str = "cpu") -> dict[str, Any]:
+def evaluate_pipeline(
+    task: Task, cases: Sequence[Case], package: str | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Metrics of the node's pipeline itself (its classical path when ``package`` is None)."""
     import pipelines
     from pipelines.base import PipelineContext, SegmentationOutput
@@ -563,9 +699,13 @@ def evaluate_pipeline(task: Task, cases: Sequence[Case], package: str | None = N
         seg = next((o for o in result.outputs if isinstance(o, SegmentationOutput)), None)
         if seg is None:
             raise TaskError(f"the {task.pipeline} pipeline emits no segmentation to compare")
-        by_role = {ROLES.get((s.code.value, s.code.scheme)): seg.masks[i]
-                   for i, s in enumerate(seg.segments)}
-        pred = np.stack([by_role.get(c, np.zeros(seg.masks.shape[1:], bool)) for c in task.channels])
+        by_role = {
+            ROLES.get((s.code.value, s.code.scheme)): seg.masks[i]
+            for i, s in enumerate(seg.segments)
+        }
+        pred = np.stack(
+            [by_role.get(c, np.zeros(seg.masks.shape[1:], bool)) for c in task.channels]
+        )
         rows[case.id] = task.evaluate(pred.astype(np.float32), case)
         for key in ("auc",):
             rows[case.id].pop(key, None)  # binary masks carry no ranking

@@ -27,8 +27,12 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                  multilabel: bool = True) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    multilabel: bool = True,
+) -> torch.Tensor:
     """Mean CE over valid labels; 0 (with a graph) when nothing is valid."""
     logits = logits.float()
     target = target.float()
@@ -46,8 +50,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
 partial_cross_entropy = cross_entropy  # the same formula; only the valid mask differs
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                   multilabel: bool = True, smooth: float = 1.0) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    multilabel: bool = True,
+    smooth: float = 1.0,
+) -> torch.Tensor:
     """1 - mean over channels of the soft Dice, pooled over the batch and valid pixels."""
     p = probabilities(logits.float(), multilabel)
     t = target.float()
@@ -58,11 +67,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tens
     return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                 multilabel: bool = True, dice_weight: float = 1.0) -> torch.Tensor:
+def ce_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    multilabel: bool = True,
+    dice_weight: float = 1.0,
+) -> torch.Tensor:
     """The full-supervision loss of the seed papers: cross-entropy plus Dice."""
-    return (cross_entropy(logits, target, valid, multilabel)
-            + dice_weight * soft_dice_loss(logits, target, valid, multilabel))
+    return cross_entropy(logits, target, valid, multilabel) + dice_weight * soft_dice_loss(
+        logits, target, valid, multilabel
+    )
 
 
 def hard_labels(logits: torch.Tensor, multilabel: bool, threshold: float = 0.5) -> torch.Tensor:
@@ -74,19 +89,22 @@ def hard_labels(logits: torch.Tensor, multilabel: bool, threshold: float = 0.5) 
         return F.one_hot(idx, logits.shape[1]).movedim(-1, 1).float()
 
 
-def scribble_corrected(pseudo: torch.Tensor, scribble: torch.Tensor, scribble_valid: torch.Tensor
-                       ) -> torch.Tensor:
+def scribble_corrected(
+    pseudo: torch.Tensor, scribble: torch.Tensor, scribble_valid: torch.Tensor
+) -> torch.Tensor:
     """Pseudo-labels overwritten by the scribbles wherever a scribble says otherwise."""
     v = scribble_valid.to(pseudo.dtype).expand_as(pseudo)
     return pseudo * (1 - v) + scribble.to(pseudo.dtype) * v
 
 
-def consistency_mse(logits_a: torch.Tensor, logits_b: torch.Tensor, multilabel: bool
-                    ) -> torch.Tensor:
+def consistency_mse(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, multilabel: bool
+) -> torch.Tensor:
     """MSE between the two networks' probabilities (consistency regularisation).
 
     The DIAS code applies the MSE to the two arg-max maps, which carries no
     gradient; the probabilities make the term act, as the paper describes it.
     """
-    return F.mse_loss(probabilities(logits_a.float(), multilabel),
-                      probabilities(logits_b.float(), multilabel))
+    return F.mse_loss(
+        probabilities(logits_a.float(), multilabel), probabilities(logits_b.float(), multilabel)
+    )

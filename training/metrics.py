@@ -109,8 +109,9 @@ def connectivity(pred: np.ndarray, truth: np.ndarray) -> float:
     return (components(pred) + 1) / (components(truth) + 1)
 
 
-def binary_metrics(pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None = None,
-                   topology: bool = True) -> dict[str, float]:
+def binary_metrics(
+    pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None = None, topology: bool = True
+) -> dict[str, float]:
     """Every single-class metric of one case (AUC only when probabilities are given)."""
     tp, fp, fn, tn = _counts(pred, truth)
     out = {
@@ -127,8 +128,9 @@ def binary_metrics(pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None 
     return out
 
 
-def av_metrics(pred_artery: np.ndarray, pred_vein: np.ndarray, true_artery: np.ndarray,
-               true_vein: np.ndarray) -> dict[str, float]:
+def av_metrics(
+    pred_artery: np.ndarray, pred_vein: np.ndarray, true_artery: np.ndarray, true_vein: np.ndarray
+) -> dict[str, float]:
     """A-Dice, V-Dice and M-Dice (pooled over the two channels)."""
     ta, fa, na, _ = _counts(pred_artery, true_artery)
     tv, fv, nv, _ = _counts(pred_vein, true_vein)
@@ -141,9 +143,14 @@ def av_metrics(pred_artery: np.ndarray, pred_vein: np.ndarray, true_artery: np.n
 
 def frame_mean(fn, pred: np.ndarray, truth: np.ndarray, **kw) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """A 2D metric function averaged over the frames of (T, H, W) masks (per-frame truth)."""
-    rows = [fn(pred[i], truth[i], **{k: (v[i] if isinstance(v, np.ndarray) else v)
-                                      for k, v in kw.items()})
-            for i in range(pred.shape[0])]
+    rows = [
+        fn(
+            pred[i],
+            truth[i],
+            **{k: (v[i] if isinstance(v, np.ndarray) else v) for k, v in kw.items()},
+        )
+        for i in range(pred.shape[0])
+    ]
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
 
 
@@ -166,15 +173,17 @@ def _isnan(v: float) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-def format_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Iterable[str]
-                 ) -> str:
+def format_table(
+    rows: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Iterable[str]
+) -> str:
     """A markdown table: one row per method, 'mean ± std' per metric."""
     metrics = list(metrics)
-    lines = ["| method | n | " + " | ".join(metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
+    lines = ["| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, agg in rows.items():
         n = max((int(agg[m]["n"]) for m in metrics if m in agg), default=0)
-        cells = [f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f}" if m in agg and agg[m]["n"] else "–"
-                 for m in metrics]
+        cells = [
+            f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f}" if m in agg and agg[m]["n"] else "–"
+            for m in metrics
+        ]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

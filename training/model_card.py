@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 
 INTENDED_USE = {
     "dsa_av": "Artery/vein segmentation of subtracted cerebral 2D+t DSA runs (ST U-Net), "
-              "loaded by the node's dsa_av pipeline.",
+    "loaded by the node's dsa_av pipeline.",
     "dsa_ia": "Intracranial artery segmentation of subtracted cerebral 2D+t DSA runs (VSS-Net), "
-              "loaded by the node's dsa_ia pipeline.",
+    "loaded by the node's dsa_ia pipeline.",
     "xa_coronary": "Per-frame coronary vessel segmentation of unsubtracted XA cine runs "
-                   "(3D-2D CE-Net), loaded by the node's xa_coronary pipeline.",
+    "(3D-2D CE-Net), loaded by the node's xa_coronary pipeline.",
     "rotational_dla": "Vessel / bone / soft-tissue voxel classification of contrast-filled "
-                      "C-arm CT volumes (DLA), loaded by the node's rotational_dla pipeline.",
+    "C-arm CT volumes (DLA), loaded by the node's rotational_dla pipeline.",
     "dsa_perfusion": "Internal carotid artery segmentation on the MinIP of a cerebral DSA run "
-                     "(ICA U-Net), used by the dsa_perfusion pipeline to place the AIF.",
+    "(ICA U-Net), used by the dsa_perfusion pipeline to place the AIF.",
 }
 SYNTHETIC_WARNING = (
     "**Warning: trained on synthetic data.** Every training case comes from the phantom "
@@ -50,19 +50,31 @@ def _metric_lines(aggregate: Mapping[str, Mapping[str, float]]) -> list[str]:
     return lines
 
 
-def model_card(*, task: Task, name: str, version: str, parameters: int, metrics: Mapping[str, Any],
-               data: Mapping[str, Any], training: Mapping[str, Any], training_command: str,
-               dataset_sha256: str) -> str:
+def model_card(
+    *,
+    task: Task,
+    name: str,
+    version: str,
+    parameters: int,
+    metrics: Mapping[str, Any],
+    data: Mapping[str, Any],
+    training: Mapping[str, Any],
+    training_command: str,
+    dataset_sha256: str,
+) -> str:
     synthetic = bool(data.get("synthetic", True))
     out = [f"# Model card: {name} {version}", ""]
     if synthetic:
         out += [SYNTHETIC_WARNING, ""]
     out += [
-        "## Intended use", "",
+        "## Intended use",
+        "",
         INTENDED_USE.get(task.name, f"Segmentation for the {task.pipeline} pipeline."),
         "Research use. Outputs are labelled as AI output by the node and are not for diagnosis "
-        "unless validated locally.", "",
-        "## Model", "",
+        "unless validated locally.",
+        "",
+        "## Model",
+        "",
         f"- architecture: `{task.architecture}` ({parameters:,} parameters)",
         f"- pipeline: `{task.pipeline}`; outputs: {', '.join(task.channels)}",
         f"- training mode: {training.get('mode', 'full')}; "
@@ -71,27 +83,44 @@ def model_card(*, task: Task, name: str, version: str, parameters: int, metrics:
         f"{training.get('steps_per_epoch')} steps, batch {training.get('batch_size')}, "
         f"patch {training.get('patch')}, seed {training.get('seed')}",
         "",
-        "## Training data", "",
+        "## Training data",
+        "",
         f"- dataset manifest sha256: `{dataset_sha256}`",
         f"- source: {data.get('source', 'unknown')}",
         "- cases: " + ", ".join(f"{k} {v}" for k, v in data.get("counts", {}).items()),
         f"- synthetic: {'yes (phantoms)' if synthetic else 'no'}",
         "- split by patient: no Patient ID appears in more than one of train / val / test.",
         "",
-        "## Held-out metrics", "",
-        f"Test split, {metrics.get('evaluated_with', 'training-side inference')}.", "",
+        "## Held-out metrics",
+        "",
+        f"Test split, {metrics.get('evaluated_with', 'training-side inference')}.",
+        "",
     ]
     agg = metrics.get("aggregate", {})
     out += _metric_lines(agg) if agg else ["No annotated test case: no held-out metric."]
     if metrics.get("through_pipeline"):
-        out += ["", f"The same test runs through the `{task.pipeline}` pipeline with this package "
-                    "(binary masks as the node emits them, so no AUC):", ""]
+        out += [
+            "",
+            f"The same test runs through the `{task.pipeline}` pipeline with this package "
+            "(binary masks as the node emits them, so no AUC):",
+            "",
+        ]
         out += _metric_lines(metrics["through_pipeline"])
-    out += ["", "## Limitations", "",
-            "- Trained on the data above only; other vendors, protocols, frame rates and "
-            "pathologies may fail silently.",
-            "- Thresholded at 0.5; no calibration was done.", "",
-            "## Reproduce", "", "```", training_command, "```", ""]
+    out += [
+        "",
+        "## Limitations",
+        "",
+        "- Trained on the data above only; other vendors, protocols, frame rates and "
+        "pathologies may fail silently.",
+        "- Thresholded at 0.5; no calibration was done.",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        training_command,
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -103,8 +132,12 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def learning_curve_png(path: Path, history: Sequence[Mapping[str, Any]], monitor: str,
-                       size: tuple[int, int] = (720, 360)) -> Path:
+def learning_curve_png(
+    path: Path,
+    history: Sequence[Mapping[str, Any]],
+    monitor: str,
+    size: tuple[int, int] = (720, 360),
+) -> Path:
     """Training loss (blue, left scale) and validation score (orange, right scale) per epoch."""
     w, h = size
     left, right, top, bottom = 60, 60, 30, 40
@@ -113,8 +146,10 @@ def learning_curve_png(path: Path, history: Sequence[Mapping[str, Any]], monitor
     font = _font(12)
     draw.rectangle((left, top, w - right, h - bottom), outline=(0, 0, 0))
     n = len(history)
-    series = [("loss", [float(r["loss"]) for r in history], (31, 119, 180)),
-              (monitor, [float(r["score"]) for r in history], (255, 127, 14))]
+    series = [
+        ("loss", [float(r["loss"]) for r in history], (31, 119, 180)),
+        (monitor, [float(r["score"]) for r in history], (255, 127, 14)),
+    ]
     for idx, (label, values, colour) in enumerate(series):
         vals = np.asarray(values, float)
         finite = vals[np.isfinite(vals)]
@@ -123,8 +158,10 @@ def learning_curve_png(path: Path, history: Sequence[Mapping[str, Any]], monitor
         lo, hi = float(finite.min()), float(finite.max())
         hi = hi if hi > lo else lo + 1e-6
         xs = [left + (w - left - right) * (i / max(n - 1, 1)) for i in range(n)]
-        ys = [h - bottom - (h - top - bottom) * (v - lo) / (hi - lo) if np.isfinite(v) else None
-              for v in vals]
+        ys = [
+            h - bottom - (h - top - bottom) * (v - lo) / (hi - lo) if np.isfinite(v) else None
+            for v in vals
+        ]
         points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
@@ -139,8 +176,12 @@ def learning_curve_png(path: Path, history: Sequence[Mapping[str, Any]], monitor
         if phases[i] != phases[i - 1]:
             x = left + (w - left - right) * (i / max(n - 1, 1))
             draw.line((x, top, x, h - bottom), fill=(180, 180, 180))
-    draw.text((left, h - bottom + 8), f"epoch 1 .. {n} ({', '.join(dict.fromkeys(phases))})",
-              fill=(0, 0, 0), font=font)
+    draw.text(
+        (left, h - bottom + 8),
+        f"epoch 1 .. {n} ({', '.join(dict.fromkeys(phases))})",
+        fill=(0, 0, 0),
+        font=font,
+    )
     img.save(path)
     return path
 

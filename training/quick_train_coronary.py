@@ -59,8 +59,11 @@ def frame_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     fp = float((pred & ~truth).sum())
     fn = float((~pred & truth).sum())
     tn = float((~pred & ~truth).sum())
-    return {"iou": tp / max(tp + fp + fn, 1.0), "sensitivity": tp / max(tp + fn, 1.0),
-            "specificity": tn / max(tn + fp, 1.0)}
+    return {
+        "iou": tp / max(tp + fp + fn, 1.0),
+        "sensitivity": tp / max(tp + fn, 1.0),
+        "specificity": tn / max(tn + fp, 1.0),
+    }
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -69,8 +72,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * inter + 1) / (p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)).mean()
 
 
-def crop_origin(rng: np.random.Generator, y: torch.Tensor, crop: int, foreground: float
-                ) -> tuple[int, int, int]:
+def crop_origin(
+    rng: np.random.Generator, y: torch.Tensor, crop: int, foreground: float
+) -> tuple[int, int, int]:
     """(frame, top, left) of a training crop; with probability ``foreground`` the crop is
     centred near a vessel pixel (vessels are ~1-3 % of pixels and absent before the
     contrast arrives, so uniform crops would mostly teach 'background')."""
@@ -84,13 +88,26 @@ def crop_origin(rng: np.random.Generator, y: torch.Tensor, crop: int, foreground
         top = int(np.clip(cy - crop // 2 + jitter[0], 0, h - crop))
         left = int(np.clip(cx - crop // 2 + jitter[1], 0, w - crop))
         return t, top, left
-    return (int(rng.integers(t_max)), int(rng.integers(h - crop + 1)),
-            int(rng.integers(w - crop + 1)))
+    return (
+        int(rng.integers(t_max)),
+        int(rng.integers(h - crop + 1)),
+        int(rng.integers(w - crop + 1)),
+    )
 
 
-def train(runs: Sequence[tuple[np.ndarray, np.ndarray]], neighbours: int, config: dict[str, Any],
-          max_steps: int, cpu_minutes: float, batch: int, crop: int, lr: float, seed: int,
-          device: torch.device, log=print) -> tuple[torch.nn.Module, dict[str, Any]]:
+def train(
+    runs: Sequence[tuple[np.ndarray, np.ndarray]],
+    neighbours: int,
+    config: dict[str, Any],
+    max_steps: int,
+    cpu_minutes: float,
+    batch: int,
+    crop: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    log=print,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """BCE + Dice on (2N+1)-frame windows and crops of normalised runs, two thirds of
     them on vessels, with cosine learning-rate decay over ``max_steps``. Stops after
     ``max_steps`` or ``cpu_minutes`` of process CPU time (all threads), whichever is first."""
@@ -107,8 +124,10 @@ def train(runs: Sequence[tuple[np.ndarray, np.ndarray]], neighbours: int, config
         for _ in range(batch):
             x, y = tensors[int(rng.integers(len(tensors)))]
             t, top, left = crop_origin(rng, y, crop, foreground=2 / 3)
-            win = frame_windows(x, neighbours, torch.tensor([t]))[0, :, top:top + crop, left:left + crop]
-            lab = y[t, top:top + crop, left:left + crop].float()
+            win = frame_windows(x, neighbours, torch.tensor([t]))[
+                0, :, top : top + crop, left : left + crop
+            ]
+            lab = y[t, top : top + crop, left : left + crop].float()
             if rng.random() < 0.5:
                 win, lab = win.flip(-1), lab.flip(-1)
             if rng.random() < 0.5:
@@ -126,13 +145,22 @@ def train(runs: Sequence[tuple[np.ndarray, np.ndarray]], neighbours: int, config
         running = 0.95 * running + 0.05 * loss.item() if steps > 1 else loss.item()
         if steps % 50 == 0:
             log(f"N={neighbours} step {steps}: loss {running:.4f}")
-    return model.eval(), {"steps": steps, "samples_seen": steps * batch, "final_loss_ema": running,
-                          "cpu_minutes": (time.process_time() - cpu0) / 60,
-                          "wall_minutes": (time.monotonic() - wall0) / 60}
+    return model.eval(), {
+        "steps": steps,
+        "samples_seen": steps * batch,
+        "final_loss_ema": running,
+        "cpu_minutes": (time.process_time() - cpu0) / 60,
+        "wall_minutes": (time.monotonic() - wall0) / 60,
+    }
 
 
-def segment(model: torch.nn.Module, x: np.ndarray, neighbours: int, device: torch.device,
-            threshold: float = 0.5) -> np.ndarray:
+def segment(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    neighbours: int,
+    device: torch.device,
+    threshold: float = 0.5,
+) -> np.ndarray:
     """The pipeline's model path on an already normalised run (same grid)."""
     probs = predict_probabilities(model, x, neighbours, device)
     return remove_small_components(probs > threshold, min_component_px(x.shape[1:]))
@@ -169,15 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6000, help="optimiser steps per N")
     ap.add_argument("--seed", type=int, default=0, help="training seed (the same for every N)")
-    ap.add_argument("--cpu-minutes", type=float, default=15.0,
-                    help="cap per N in process CPU minutes (all threads)")
+    ap.add_argument(
+        "--cpu-minutes",
+        type=float,
+        default=15.0,
+        help="cap per N in process CPU minutes (all threads)",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tune-classical", action="store_true",
-                    help="only report the hysteresis thresholds that fit the training seeds best")
+    ap.add_argument(
+        "--tune-classical",
+        action="store_true",
+        help="only report the hysteresis thresholds that fit the training seeds best",
+    )
     args = ap.parse_args(argv)
     if set(args.train_seeds) & set(args.test_seeds):
         ap.error("train and test seeds overlap")
@@ -185,8 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = inference_device(args.device)
     t0 = time.monotonic()
     raw_train = [load_phantom(s, args.size, args.frames) for s in args.train_seeds]
-    print(f"{len(raw_train)} training runs {raw_train[0][0].shape} in {time.monotonic() - t0:.0f} s",
-          flush=True)
+    print(
+        f"{len(raw_train)} training runs {raw_train[0][0].shape} in {time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
     if args.tune_classical:
         best, score = tune_classical(raw_train)
         print(f"best hysteresis (low, high) on training seeds: {best}, mean IoU {score:.3f}")
@@ -203,15 +240,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("classical", json.dumps(classical), flush=True)
     # max_side: runs larger than the training size are segmented on a grid of that size
     # (coronary fields of view are similar, so this keeps vessel calibres in pixels).
-    config = {"width": args.width, "temporal_features": 8, "threshold": 0.5,
-              "max_side": args.size}
-    manifest = hashlib.sha256(json.dumps({"generator": "training.phantoms.coronary", "size": args.size,
-                                          "frames": args.frames, "train_seeds": args.train_seeds}
-                                         ).encode()).hexdigest()
+    config = {"width": args.width, "temporal_features": 8, "threshold": 0.5, "max_side": args.size}
+    manifest = hashlib.sha256(
+        json.dumps(
+            {
+                "generator": "training.phantoms.coronary",
+                "size": args.size,
+                "frames": args.frames,
+                "train_seeds": args.train_seeds,
+            }
+        ).encode()
+    ).hexdigest()
     table = {"classical": classical}
     for n in args.neighbours:
-        model, info = train(train_runs, n, config, args.steps, args.cpu_minutes, args.batch, args.crop,
-                            args.lr, args.seed, device, log=lambda m: print(m, flush=True))
+        model, info = train(
+            train_runs,
+            n,
+            config,
+            args.steps,
+            args.cpu_minutes,
+            args.batch,
+            args.crop,
+            args.lr,
+            args.seed,
+            device,
+            log=lambda m: print(m, flush=True),
+        )
         cases = []
         for s, (frames, truth) in zip(args.test_seeds, test, strict=True):
             pred = segment(model, normalise_cine(frames), n, device)
@@ -219,9 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarise([{k: c[k] for k in keys} for c in cases])
         table[f"N={n}"] = summary
         print(f"N={n}", json.dumps(summary), flush=True)
-        metrics = {"held_out_seeds": args.test_seeds, "model": summary, "classical": classical,
-                   "per_case": {"model": cases, "classical": classical_cases}}
-        card = f"""# 3D-2D CE-Net, N = {n} ({'2D baseline' if n == 0 else f'{2 * n + 1}-frame window'}), version {args.version}
+        metrics = {
+            "held_out_seeds": args.test_seeds,
+            "model": summary,
+            "classical": classical,
+            "per_case": {"model": cases, "classical": classical_cases},
+        }
+        card = f"""# 3D-2D CE-Net, N = {n} ({"2D baseline" if n == 0 else f"{2 * n + 1}-frame window"}), version {args.version}
 
 Per-frame coronary vessel segmentation of XA cine runs: a 3D convolution over
 {2 * n + 1} neighbouring frames (edge frames repeated), a 2D convolution to 3
@@ -231,24 +289,42 @@ decoder) with instance norm.
 - **No pretrained weights.** The CE-Net paper starts from an ImageNet
   ResNet-34; those weights cannot be downloaded here, so this package was
   trained from scratch on synthetic phantoms, on the CPU
-  ({info['steps']} steps of {args.batch} crops of {args.crop} px, {info['cpu_minutes']:.0f} CPU min).
+  ({info["steps"]} steps of {args.batch} crops of {args.crop} px, {info["cpu_minutes"]:.0f} CPU min).
 - **Training data:** `training.phantoms.coronary` seeds {args.train_seeds},
   {args.size} px, {args.frames} frames. No patient data.
 - **Held-out metrics** (seeds {args.test_seeds}): IoU
-  {summary['iou']['mean']:.3f} +/- {summary['iou']['std']:.3f} (classical
-  {classical['iou']['mean']:.3f} +/- {classical['iou']['std']:.3f}); see metrics.json.
+  {summary["iou"]["mean"]:.3f} +/- {summary["iou"]["std"]:.3f} (classical
+  {classical["iou"]["mean"]:.3f} +/- {classical["iou"]["std"]:.3f}); see metrics.json.
 - **Intended use:** research and demonstration. Not validated on clinical data.
 """
         write_package(
-            Path(args.output) / f"xa-coronary-cenet-n{n}", model=model, name=f"xa-coronary-cenet-n{n}",
-            version=args.version, architecture_name=ARCHITECTURE, config={**config, "neighbours": n},
-            pipeline=NAME, metrics=metrics,
-            data={"synthetic": True, "generator": "training.phantoms.coronary", "size": args.size,
-                  "frames": args.frames, "train_seeds": args.train_seeds,
-                  "test_seeds": args.test_seeds, "training_seed": args.seed, **info},
+            Path(args.output) / f"xa-coronary-cenet-n{n}",
+            model=model,
+            name=f"xa-coronary-cenet-n{n}",
+            version=args.version,
+            architecture_name=ARCHITECTURE,
+            config={**config, "neighbours": n},
+            pipeline=NAME,
+            metrics=metrics,
+            data={
+                "synthetic": True,
+                "generator": "training.phantoms.coronary",
+                "size": args.size,
+                "frames": args.frames,
+                "train_seeds": args.train_seeds,
+                "test_seeds": args.test_seeds,
+                "training_seed": args.seed,
+                **info,
+            },
             model_card=card,
-            training_command=" ".join([sys.executable, "-m", "training.quick_train_coronary",
-                                       *(argv if argv is not None else sys.argv[1:])]),
+            training_command=" ".join(
+                [
+                    sys.executable,
+                    "-m",
+                    "training.quick_train_coronary",
+                    *(argv if argv is not None else sys.argv[1:]),
+                ]
+            ),
             dataset_manifest_hash=manifest,
         )
     print(json.dumps(table, indent=1))

@@ -69,7 +69,9 @@ def load_phantom(seed: int, size: int) -> tuple[np.ndarray, np.ndarray, tuple[fl
     return np.asarray(ph.hu, np.float32), np.asarray(ph.truth["labels"], np.uint8), spacing  # type: ignore[return-value]
 
 
-def vessel_metrics(pred_vessel: np.ndarray, truth_vessel: np.ndarray, body: np.ndarray) -> dict[str, float]:
+def vessel_metrics(
+    pred_vessel: np.ndarray, truth_vessel: np.ndarray, body: np.ndarray
+) -> dict[str, float]:
     """Binary vessel-class metrics inside the body (the paper's 'relevant anatomy')."""
     p, t = pred_vessel[body], truth_vessel[body]
     tp = float((p & t).sum())
@@ -94,7 +96,11 @@ def summarise(per_case: Sequence[dict[str, float]]) -> dict[str, dict[str, float
         values = np.array([c[key] for c in per_case], np.float64)
         mean = float(values.mean())
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        half = (
+            float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values)))
+            if len(values) > 1
+            else 0.0
+        )
         lo, hi = mean - half, mean + half
         if values.min() >= 0 and values.max() <= 1:  # a fraction: so is its interval
             lo, hi = max(lo, 0.0), min(hi, 1.0)
@@ -102,8 +108,17 @@ def summarise(per_case: Sequence[dict[str, float]]) -> dict[str, dict[str, float
     return out
 
 
-def train(volumes: Sequence[tuple[np.ndarray, np.ndarray]], width: int, max_steps: int, cpu_minutes: float,
-          batch: int, lr: float, seed: int, device: torch.device, log=print) -> tuple[torch.nn.Module, dict[str, Any]]:
+def train(
+    volumes: Sequence[tuple[np.ndarray, np.ndarray]],
+    width: int,
+    max_steps: int,
+    cpu_minutes: float,
+    batch: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    log=print,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Patch-wise training on the class-balanced pool of ``volumes`` (HU, classes), for
     ``max_steps`` (cosine learning-rate decay over them) or ``cpu_minutes`` of process CPU
     time (all threads), whichever is first."""
@@ -113,8 +128,12 @@ def train(volumes: Sequence[tuple[np.ndarray, np.ndarray]], width: int, max_step
     pools = [balanced_indices(classes, rng) for _, classes in volumes]
     shapes = [classes.shape for _, classes in volumes]
     pool_sizes = [len(p) for p in pools]
-    counts = {name: int(sum(int((c.ravel()[p] == k).sum()) for (_, c), p in zip(volumes, pools, strict=True)))
-              for name, k in (("vessel", CLASS_VESSEL), ("bone", CLASS_BONE), ("soft", CLASS_SOFT))}
+    counts = {
+        name: int(
+            sum(int((c.ravel()[p] == k).sum()) for (_, c), p in zip(volumes, pools, strict=True))
+        )
+        for name, k in (("vessel", CLASS_VESSEL), ("bone", CLASS_BONE), ("soft", CLASS_SOFT))
+    }
     model = build(ARCHITECTURE, {"width": width}).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps)
@@ -141,10 +160,14 @@ def train(volumes: Sequence[tuple[np.ndarray, np.ndarray]], width: int, max_step
         running = 0.98 * running + 0.02 * loss.item() if steps > 1 else loss.item()
         if steps % 100 == 0:
             log(f"step {steps}: loss {running:.4f} ({seen} patches)")
-    return model.eval(), {"steps": steps, "patches_seen": seen, "balanced_pool": counts,
-                          "final_loss_ema": running,
-                          "cpu_minutes": (time.process_time() - cpu0) / 60,
-                          "wall_minutes": (time.monotonic() - wall0) / 60}
+    return model.eval(), {
+        "steps": steps,
+        "patches_seen": seen,
+        "balanced_pool": counts,
+        "final_loss_ema": running,
+        "cpu_minutes": (time.process_time() - cpu0) / 60,
+        "wall_minutes": (time.monotonic() - wall0) / 60,
+    }
 
 
 CLASSICAL_GRID: dict[str, tuple[float, ...]] = {
@@ -158,16 +181,24 @@ CLASSICAL_GRID: dict[str, tuple[float, ...]] = {
 }
 
 
-def tune_classical(cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]],
-                   log=print) -> tuple[dict[str, float], float]:
+def tune_classical(
+    cases: Sequence[tuple[np.ndarray, np.ndarray, tuple[float, float, float]]], log=print
+) -> tuple[dict[str, float], float]:
     """One coordinate-descent pass over CLASSICAL_GRID, maximising mean vessel Dice on
     training volumes only (HU, phantom labels, spacing)."""
     params = dict(CLASSICAL_DEFAULTS)
 
     def score(p: dict[str, float]) -> float:
-        return float(np.mean([vessel_metrics(classical_tissues(hu, sp, p) == CLASS_VESSEL,
-                                             labels == 1, labels != 0)["dice"]
-                              for hu, labels, sp in cases]))
+        return float(
+            np.mean(
+                [
+                    vessel_metrics(
+                        classical_tissues(hu, sp, p) == CLASS_VESSEL, labels == 1, labels != 0
+                    )["dice"]
+                    for hu, labels, sp in cases
+                ]
+            )
+        )
 
     best = score(params)
     log(f"defaults: Dice {best:.3f}")
@@ -192,21 +223,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--test-seeds", type=int, nargs="+", default=list(TEST_SEEDS))
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3000, help="optimiser steps")
-    ap.add_argument("--cpu-minutes", type=float, default=15.0,
-                    help="cap in process CPU minutes (all threads)")
+    ap.add_argument(
+        "--cpu-minutes", type=float, default=15.0, help="cap in process CPU minutes (all threads)"
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--tune-classical", type=int, metavar="N_SEEDS", default=0,
-                    help="only tune the classical path on the first N training seeds and report")
+    ap.add_argument(
+        "--tune-classical",
+        type=int,
+        metavar="N_SEEDS",
+        default=0,
+        help="only tune the classical path on the first N training seeds and report",
+    )
     args = ap.parse_args(argv)
     if set(args.train_seeds) & set(args.test_seeds):
         ap.error("train and test seeds overlap")
     torch.set_num_threads(args.threads)
     device = inference_device(args.device)
     if args.tune_classical:
-        cases = [load_phantom(s, args.size) for s in args.train_seeds[:args.tune_classical]]
+        cases = [load_phantom(s, args.size) for s in args.train_seeds[: args.tune_classical]]
         params, dice = tune_classical(cases, log=lambda m: print(m, flush=True))
         print(f"best classical parameters on training seeds: {params} (Dice {dice:.3f})")
         return 0
@@ -215,10 +252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in args.train_seeds:
         hu, labels, spacing = load_phantom(s, args.size)
         train_set.append((hu, PHANTOM_TO_CLASS[labels]))
-    print(f"{len(train_set)} training volumes {train_set[0][0].shape} in {time.monotonic() - t0:.0f} s",
-          flush=True)
-    model, info = train(train_set, args.width, args.steps, args.cpu_minutes, args.batch, args.lr, 0, device,
-                        log=lambda m: print(m, flush=True))
+    print(
+        f"{len(train_set)} training volumes {train_set[0][0].shape} in {time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
+    model, info = train(
+        train_set,
+        args.width,
+        args.steps,
+        args.cpu_minutes,
+        args.batch,
+        args.lr,
+        0,
+        device,
+        log=lambda m: print(m, flush=True),
+    )
     del train_set
     model_cases, classical_cases = [], []
     for s in args.test_seeds:
@@ -228,11 +276,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         t1 = time.monotonic()
         pred = classify_dense(model, hu, device)
         dense_s = time.monotonic() - t1
-        model_cases.append({"seed": s, **vessel_metrics(pred == CLASS_VESSEL, truth, body),
-                            "dense_seconds": dense_s})
+        model_cases.append(
+            {
+                "seed": s,
+                **vessel_metrics(pred == CLASS_VESSEL, truth, body),
+                "dense_seconds": dense_s,
+            }
+        )
         cls = classical_tissues(hu, spacing)
         classical_cases.append({"seed": s, **vessel_metrics(cls == CLASS_VESSEL, truth, body)})
-        print(f"seed {s}: model {model_cases[-1]}\n         classical {classical_cases[-1]}", flush=True)
+        print(
+            f"seed {s}: model {model_cases[-1]}\n         classical {classical_cases[-1]}",
+            flush=True,
+        )
     keys = ("accuracy", "sensitivity", "ppv", "dice")
     metrics = {
         "held_out_seeds": args.test_seeds,
@@ -242,8 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "per_case": {"model": model_cases, "classical": classical_cases},
     }
     config = {"width": args.width}
-    manifest = hashlib.sha256(json.dumps({"generator": "training.phantoms.rotational", "size": args.size,
-                                          "train_seeds": args.train_seeds}).encode()).hexdigest()
+    manifest = hashlib.sha256(
+        json.dumps(
+            {
+                "generator": "training.phantoms.rotational",
+                "size": args.size,
+                "train_seeds": args.train_seeds,
+            }
+        ).encode()
+    ).hexdigest()
     card = f"""# DLA voxel classifier (phantom-trained), version {args.version}
 
 Classifies every voxel of a contrast-filled C-arm CT into vessel / bone / soft
@@ -253,20 +316,39 @@ width {args.width}); the pipeline keeps the vessels to build the DLA angiogram.
 - **Training data:** synthetic rotational phantoms only (`training.phantoms.rotational`,
   seeds {args.train_seeds}, {args.size}^3), class-balanced undersampling as in
   the DLA paper. No patient data. **No pretrained weights** were used (none can
-  be downloaded here); trained from scratch on the CPU ({info['steps']} steps,
-  {info['patches_seen']} patches, {info['cpu_minutes']:.0f} CPU min).
+  be downloaded here); trained from scratch on the CPU ({info["steps"]} steps,
+  {info["patches_seen"]} patches, {info["cpu_minutes"]:.0f} CPU min).
 - **Held-out metrics** (seeds {args.test_seeds}, inside the head): see metrics.json;
-  vessel Dice {metrics['model']['dice']['mean']:.3f} (classical {metrics['classical']['dice']['mean']:.3f}).
+  vessel Dice {metrics["model"]["dice"]["mean"]:.3f} (classical {metrics["classical"]["dice"]["mean"]:.3f}).
 - **Intended use:** research and demonstration of the node. Not validated on
   clinical data; phantom performance says nothing certain about patients.
 """
     write_package(
-        args.output, model=model, name="dla-phantom", version=args.version,
-        architecture_name=ARCHITECTURE, config=config, pipeline=NAME, metrics=metrics,
-        data={"synthetic": True, "generator": "training.phantoms.rotational", "size": args.size,
-              "train_seeds": args.train_seeds, "test_seeds": args.test_seeds, **info},
-        model_card=card, training_command=" ".join([sys.executable, "-m", "training.quick_train_dla",
-                                                    *(argv if argv is not None else sys.argv[1:])]),
+        args.output,
+        model=model,
+        name="dla-phantom",
+        version=args.version,
+        architecture_name=ARCHITECTURE,
+        config=config,
+        pipeline=NAME,
+        metrics=metrics,
+        data={
+            "synthetic": True,
+            "generator": "training.phantoms.rotational",
+            "size": args.size,
+            "train_seeds": args.train_seeds,
+            "test_seeds": args.test_seeds,
+            **info,
+        },
+        model_card=card,
+        training_command=" ".join(
+            [
+                sys.executable,
+                "-m",
+                "training.quick_train_dla",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
         dataset_manifest_hash=manifest,
     )
     print(json.dumps({k: metrics[k] for k in ("model", "classical")}, indent=1))

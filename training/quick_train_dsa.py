@@ -54,8 +54,9 @@ def phantom(seed: int, size: int, frames: int) -> Any:
     return dsa.generate(seed, size=size, frames=frames)
 
 
-def load_cases(arch: str, seeds: Sequence[int], size: int, frames: int,
-               fps: float | None) -> tuple[list[Case], float]:
+def load_cases(
+    arch: str, seeds: Sequence[int], size: int, frames: int, fps: float | None
+) -> tuple[list[Case], float]:
     """Preprocessed training cases and the phantoms' pixel spacing (mm)."""
     cases, spacing = [], 0.0
     for seed in seeds:
@@ -75,8 +76,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * inter + 1) / (p.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3)) + 1)).mean()
 
 
-def batch(cases: list[Case], rng: np.random.Generator, size: int, count: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    cases: list[Case], rng: np.random.Generator, size: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crops with flips; each batch takes one sequence length (the shortest)."""
     picks = [cases[i] for i in rng.integers(0, len(cases), count)]
     frames = min(c.contrast.shape[0] for c in picks)
@@ -84,8 +86,8 @@ def batch(cases: list[Case], rng: np.random.Generator, size: int, count: int
     for c in picks:
         h, w = c.contrast.shape[1:]
         y0, x0 = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-        x = c.contrast[:frames, y0:y0 + size, x0:x0 + size].astype(np.float32)
-        y = c.target[:, y0:y0 + size, x0:x0 + size]
+        x = c.contrast[:frames, y0 : y0 + size, x0 : x0 + size].astype(np.float32)
+        y = c.target[:, y0 : y0 + size, x0 : x0 + size]
         if rng.random() < 0.5:
             x, y = x[..., ::-1], y[..., ::-1]
         gain = rng.uniform(0.8, 1.2)  # dose / normalisation variation
@@ -94,9 +96,17 @@ def batch(cases: list[Case], rng: np.random.Generator, size: int, count: int
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.float32))
 
 
-def train(arch: str, config: dict[str, Any], cases: list[Case], minutes: float, crop: int,
-          batch_size: int, lr: float, seed: int = 0, log: Callable[[str], None] = print
-          ) -> tuple[torch.nn.Module, dict[str, Any]]:
+def train(
+    arch: str,
+    config: dict[str, Any],
+    cases: list[Case],
+    minutes: float,
+    crop: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build(arch, config).train()
@@ -121,17 +131,24 @@ def train(arch: str, config: dict[str, Any], cases: list[Case], minutes: float, 
         step += 1
         if step % 10 == 0:
             log(f"step {step} loss {np.mean(losses[-10:]):.4f} cpu {time.process_time():.0f} s")
-    return model.eval(), {"steps": step, "cpu_minutes": minutes,
-                          "final_loss": float(np.mean(losses[-10:])),
-                          "loss_first_10": float(np.mean(losses[:10]))}
+    return model.eval(), {
+        "steps": step,
+        "cpu_minutes": minutes,
+        "final_loss": float(np.mean(losses[-10:])),
+        "loss_first_10": float(np.mean(losses[:10])),
+    }
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
 
 
-def av_scores(artery: np.ndarray, vein: np.ndarray | None, truth: dict[str, np.ndarray],
-              ica: np.ndarray | None = None) -> dict[str, float]:
+def av_scores(
+    artery: np.ndarray,
+    vein: np.ndarray | None,
+    truth: dict[str, np.ndarray],
+    ica: np.ndarray | None = None,
+) -> dict[str, float]:
     """A-Dice, V-Dice, M-Dice (pooled over the artery and vein channels, as in
     Su et al.'s evaluation) and vessel Dice (union of both); ICA Dice when the
     method reports an ICA (an empty prediction counts when the truth has one)."""
@@ -140,7 +157,9 @@ def av_scores(artery: np.ndarray, vein: np.ndarray | None, truth: dict[str, np.n
     if vein is not None:
         scores["v_dice"] = dice(vein, tv)
         inter = (artery & ta).sum() + (vein & tv).sum()
-        scores["m_dice"] = float(2 * inter / max(artery.sum() + ta.sum() + vein.sum() + tv.sum(), 1))
+        scores["m_dice"] = float(
+            2 * inter / max(artery.sum() + ta.sum() + vein.sum() + tv.sum(), 1)
+        )
         scores["vessel_dice"] = dice(artery | vein, ta | tv)
     if ica is not None:
         scores["ica_dice"] = dice(ica, truth["ica"].astype(bool))
@@ -149,15 +168,22 @@ def av_scores(artery: np.ndarray, vein: np.ndarray | None, truth: dict[str, np.n
 
 def run_of(ph: Any) -> Run:
     pixels = ph.pixels.astype(np.float32)
-    meta = RunMeta(modality="XA", sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
-                   rows=pixels.shape[1], columns=pixels.shape[2], number_of_frames=pixels.shape[0],
-                   frame_times_s=np.asarray(ph.frame_times_s), subtracted=True,
-                   pixel_spacing_mm=tuple(float(v) for v in ph.pixel_spacing_mm))
+    meta = RunMeta(
+        modality="XA",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.12.1",
+        rows=pixels.shape[1],
+        columns=pixels.shape[2],
+        number_of_frames=pixels.shape[0],
+        frame_times_s=np.asarray(ph.frame_times_s),
+        subtracted=True,
+        pixel_spacing_mm=tuple(float(v) for v in ph.pixel_spacing_mm),
+    )
     return Run(pixels, meta)
 
 
-def evaluate_pipeline(pipeline: str, package: str | None, seeds: Sequence[int], size: int,
-                      frames: int) -> list[dict[str, float]]:
+def evaluate_pipeline(
+    pipeline: str, package: str | None, seeds: Sequence[int], size: int, frames: int
+) -> list[dict[str, float]]:
     """Per-case scores of a pipeline (None: the classical path) on held-out phantoms."""
     import pipelines
 
@@ -177,9 +203,13 @@ def evaluate_pipeline(pipeline: str, package: str | None, seeds: Sequence[int], 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     keys = [k for k in rows[0] if k != "seed"]
-    return {k: {"mean": float(np.mean([r[k] for r in rows])),
-                "std": float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0}
-            for k in keys}
+    return {
+        k: {
+            "mean": float(np.mean([r[k] for r in rows])),
+            "std": float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0,
+        }
+        for k in keys
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--widths", type=int, nargs="+", default=None)
     parser.add_argument("--version", default="0.1.0")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 avoids spin-waiting on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 avoids spin-waiting on a shared machine)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -208,29 +242,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases, spacing = load_cases(args.arch, seeds, args.size, args.frames, fps)
     print(f"{len(cases)} training phantoms in {time.monotonic() - t0:.0f} s", flush=True)
     config: dict[str, Any] = {
-        "widths": widths, "out_channels": len(CHANNELS[args.arch]),
-        "channels": CHANNELS[args.arch], "fps": fps, "work_spacing_mm": spacing,
-        "tile": 512, "overlap": 64,
+        "widths": widths,
+        "out_channels": len(CHANNELS[args.arch]),
+        "channels": CHANNELS[args.arch],
+        "fps": fps,
+        "work_spacing_mm": spacing,
+        "tile": 512,
+        "overlap": 64,
     }
-    model, fit = train(args.arch, config, cases, args.minutes, args.crop, args.batch, args.lr,
-                       log=lambda s: print(s, flush=True))
+    model, fit = train(
+        args.arch,
+        config,
+        cases,
+        args.minutes,
+        args.crop,
+        args.batch,
+        args.lr,
+        log=lambda s: print(s, flush=True),
+    )
     pipeline = PIPELINE[args.arch]
     tmp = args.out.with_name(args.out.name + ".eval")
-    data = {"synthetic": True, "source": "training.phantoms.dsa", "train_seeds": seeds,
-            "phantom_size": args.size, "phantom_frames": args.frames, "cases": len(seeds)}
+    data = {
+        "synthetic": True,
+        "source": "training.phantoms.dsa",
+        "train_seeds": seeds,
+        "phantom_size": args.size,
+        "phantom_frames": args.frames,
+        "cases": len(seeds),
+    }
     manifest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-    common = dict(model=model, name=f"{pipeline}-{args.arch}-quick", version=args.version,
-                  architecture_name=args.arch, config=config, pipeline=pipeline, data=data,
-                  training_command="python -m training.quick_train_dsa " + " ".join(sys.argv[1:]),
-                  dataset_manifest_hash=manifest)
-    card = (f"{args.arch} for {pipeline}, trained {args.minutes:g} CPU minutes on "
-            f"{len(seeds)} synthetic phantoms (seeds {seeds[0]}-{seeds[-1]}). Research use; "
-            "not validated on clinical data.")
+    common = dict(
+        model=model,
+        name=f"{pipeline}-{args.arch}-quick",
+        version=args.version,
+        architecture_name=args.arch,
+        config=config,
+        pipeline=pipeline,
+        data=data,
+        training_command="python -m training.quick_train_dsa " + " ".join(sys.argv[1:]),
+        dataset_manifest_hash=manifest,
+    )
+    card = (
+        f"{args.arch} for {pipeline}, trained {args.minutes:g} CPU minutes on "
+        f"{len(seeds)} synthetic phantoms (seeds {seeds[0]}-{seeds[-1]}). Research use; "
+        "not validated on clinical data."
+    )
     write_package(tmp, metrics={"training": fit}, model_card=card, **common)
     test_seeds = list(TEST_SEEDS)[: args.test_cases]
     rows = evaluate_pipeline(pipeline, str(tmp), test_seeds, args.size, args.frames)
-    metrics = {"training": fit, "held_out_seeds": test_seeds, "per_case": rows,
-               "summary": summarise(rows)}
+    metrics = {
+        "training": fit,
+        "held_out_seeds": test_seeds,
+        "per_case": rows,
+        "summary": summarise(rows),
+    }
     write_package(args.out, metrics=metrics, model_card=card, **common)
     for f in tmp.iterdir():
         f.unlink()

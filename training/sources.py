@@ -179,9 +179,17 @@ def split_multipart(body: bytes, content_type: str) -> list[bytes]:
 class DicomwebSource:
     """A DICOMweb server (Orthanc's plugin, dcm4chee, a cloud archive)."""
 
-    def __init__(self, url: str, cache_dir: str | Path, *, modalities: Sequence[str] = DEFAULT_MODALITIES,
-                 username: str | None = None, password: str | None = None,
-                 bearer_token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | Path,
+        *,
+        modalities: Sequence[str] = DEFAULT_MODALITIES,
+        username: str | None = None,
+        password: str | None = None,
+        bearer_token: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         self.url = url.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.modalities = tuple(modalities)
@@ -193,16 +201,21 @@ class DicomwebSource:
             self.session.headers["Authorization"] = f"Bearer {bearer_token}"
         self.description = f"DICOMweb {self.url}"  # never the credentials
 
-    def _get(self, path: str, accept: str, params: dict[str, str] | None = None) -> requests.Response:
+    def _get(
+        self, path: str, accept: str, params: dict[str, str] | None = None
+    ) -> requests.Response:
         try:
-            resp = self.session.get(f"{self.url}{path}", headers={"Accept": accept}, params=params,
-                                    timeout=self.timeout)
+            resp = self.session.get(
+                f"{self.url}{path}", headers={"Accept": accept}, params=params, timeout=self.timeout
+            )
         except requests.RequestException as exc:
             raise SourceError(f"{self.description} unreachable: {exc}") from None
         if resp.status_code == 204:
             return resp
         if not resp.ok:
-            raise SourceError(f"{self.description}{path}: HTTP {resp.status_code} {resp.text[:200]}")
+            raise SourceError(
+                f"{self.description}{path}: HTTP {resp.status_code} {resp.text[:200]}"
+            )
         return resp
 
     def search_series(self, modality: str) -> list[tuple[str, str]]:
@@ -210,9 +223,16 @@ class DicomwebSource:
         found: list[tuple[str, str]] = []
         offset, limit = 0, 500
         while True:
-            resp = self._get("/series", "application/dicom+json",
-                             {"Modality": modality, "limit": str(limit), "offset": str(offset),
-                              "includefield": "0020000D"})
+            resp = self._get(
+                "/series",
+                "application/dicom+json",
+                {
+                    "Modality": modality,
+                    "limit": str(limit),
+                    "offset": str(offset),
+                    "includefield": "0020000D",
+                },
+            )
             items = resp.json() if resp.status_code != 204 and resp.content else []
             for item in items:
                 study = item.get("0020000D", {}).get("Value", [None])[0]
@@ -247,8 +267,10 @@ class DicomwebSource:
         if path.is_file():
             return path
         study, series, uid = instance.locator.split("/")
-        resp = self._get(f"/studies/{study}/series/{series}/instances/{uid}",
-                         'multipart/related; type="application/dicom"; transfer-syntax=*')
+        resp = self._get(
+            f"/studies/{study}/series/{series}/instances/{uid}",
+            'multipart/related; type="application/dicom"; transfer-syntax=*',
+        )
         parts = split_multipart(resp.content, resp.headers.get("Content-Type", ""))
         if len(parts) != 1:
             raise SourceError(f"WADO-RS returned {len(parts)} parts for instance {uid}")
@@ -296,11 +318,17 @@ class Inventory:
             elif len(items) > 1:
                 items = sorted(items, key=lambda i: int(i.header.get("InstanceNumber", 0) or 0))
             self.runs[key] = items
-            frames = (len(items) if len(items) > 1
-                      else int(first.get("NumberOfFrames", 1) or 1))
-            out.append(RunInfo(key=key, headers=[i.header for i in items], frames=frames,
-                               rows=int(first.get("Rows", 0) or 0),
-                               columns=int(first.get("Columns", 0) or 0), is_volume=volume))
+            frames = len(items) if len(items) > 1 else int(first.get("NumberOfFrames", 1) or 1)
+            out.append(
+                RunInfo(
+                    key=key,
+                    headers=[i.header for i in items],
+                    frames=frames,
+                    rows=int(first.get("Rows", 0) or 0),
+                    columns=int(first.get("Columns", 0) or 0),
+                    is_volume=volume,
+                )
+            )
         return out
 
 
@@ -319,16 +347,26 @@ def inventory(instances: Iterable[Instance]) -> Inventory:
     return Inventory(dict(runs), canvases, segs, other)
 
 
-def open_source(*, dicomweb: str | None = None, spool: str | None = None, folder: str | None = None,
-                cache_dir: str | Path = ".dicomweb-cache", username: str | None = None,
-                password: str | None = None, bearer_token: str | None = None) -> Source:
+def open_source(
+    *,
+    dicomweb: str | None = None,
+    spool: str | None = None,
+    folder: str | None = None,
+    cache_dir: str | Path = ".dicomweb-cache",
+    username: str | None = None,
+    password: str | None = None,
+    bearer_token: str | None = None,
+) -> Source:
     """The one source the options name (exactly one must be given)."""
     given = [n for n, v in (("dicomweb", dicomweb), ("spool", spool), ("folder", folder)) if v]
     if len(given) != 1:
-        raise SourceError(f"give exactly one source (--dicomweb, --spool or --folder), got {given or 'none'}")
+        raise SourceError(
+            f"give exactly one source (--dicomweb, --spool or --folder), got {given or 'none'}"
+        )
     if dicomweb:
-        return DicomwebSource(dicomweb, cache_dir, username=username, password=password,
-                              bearer_token=bearer_token)
+        return DicomwebSource(
+            dicomweb, cache_dir, username=username, password=password, bearer_token=bearer_token
+        )
     if spool:
         return SpoolSource(spool)
     assert folder is not None

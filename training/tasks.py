@@ -85,8 +85,9 @@ class TrainDefaults:
     patch: int = 64
 
 
-def _resize_labels(target: np.ndarray, valid: np.ndarray, size: tuple[int, int]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _resize_labels(
+    target: np.ndarray, valid: np.ndarray, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels onto the working grid: a pixel is labelled where labelled pixels cover it,
     with the label its labelled share votes for (thin scribbles survive shrinking)."""
     t = torch.from_numpy(target.astype(np.float32))
@@ -99,15 +100,19 @@ def _resize_labels(target: np.ndarray, valid: np.ndarray, size: tuple[int, int]
     return (rt / rv.clamp_min(1e-6) >= 0.5).float() * v_out, v_out
 
 
-def _crop_starts(valid_fg: torch.Tensor | None, shape: tuple[int, int], patch: int,
-                 rng: np.random.Generator) -> tuple[int, int]:
+def _crop_starts(
+    valid_fg: torch.Tensor | None, shape: tuple[int, int], patch: int, rng: np.random.Generator
+) -> tuple[int, int]:
     """A patch corner: half the time centred on a labelled foreground pixel, else uniform."""
     h, w = shape
     if valid_fg is not None and rng.random() < 0.5:
         idx = torch.nonzero(valid_fg)
         if len(idx):
             y, x = (int(v) for v in idx[int(rng.integers(len(idx)))][-2:])
-            return (int(np.clip(y - patch // 2, 0, h - patch)), int(np.clip(x - patch // 2, 0, w - patch)))
+            return (
+                int(np.clip(y - patch // 2, 0, h - patch)),
+                int(np.clip(x - patch // 2, 0, w - patch)),
+            )
     return int(rng.integers(h - patch + 1)), int(rng.integers(w - patch + 1))
 
 
@@ -132,13 +137,20 @@ class Task:
     def prepare(self, case: Case, config: Mapping[str, Any]) -> Prepared:
         raise NotImplementedError
 
-    def batch(self, item: Sequence[Prepared], rng: np.random.Generator, size: int, patch: int,
-              config: Mapping[str, Any]) -> Batch:
+    def batch(
+        self,
+        item: Sequence[Prepared],
+        rng: np.random.Generator,
+        size: int,
+        patch: int,
+        config: Mapping[str, Any],
+    ) -> Batch:
         """``size`` random patches (side ``patch``) with targets, from prepared cases."""
         raise NotImplementedError
 
-    def predict(self, model: torch.nn.Module, case: Case, config: Mapping[str, Any],
-                device: torch.device) -> np.ndarray:
+    def predict(
+        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
+    ) -> np.ndarray:
         """Probabilities (K, ...) on the case's native grid, as the pipeline computes them."""
         raise NotImplementedError
 
@@ -181,22 +193,41 @@ class SequenceTask(Task):
         fps = config.get("fps", 1.0)
         seq = frames
         if fps is not None and case.frame_times_s is not None:
-            seq, _ = resample_frames(frames, case.frame_times_s, float(fps),
-                                     int(config.get("min_frames", 4)), int(config.get("max_frames", 60)))
-        spacing = tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
-        size = work_shape(frames.shape[1:], spacing, config.get("work_spacing_mm"),  # type: ignore[arg-type]
-                          int(config.get("max_side", 512)))
+            seq, _ = resample_frames(
+                frames,
+                case.frame_times_s,
+                float(fps),
+                int(config.get("min_frames", 4)),
+                int(config.get("max_frames", 60)),
+            )
+        spacing = (
+            tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
+        )
+        size = work_shape(
+            frames.shape[1:],
+            spacing,
+            config.get("work_spacing_mm"),  # type: ignore[arg-type]
+            int(config.get("max_side", 512)),
+        )
         x = resize(torch.from_numpy(normalise_dsa(seq)), size)
         if not case.labelled:
             return Prepared(case.id, x, None, None)
         if case.geometry != "canvas":
-            raise TaskError(f"case {case.id}: {self.name} needs 2D (canvas) labels, got {case.geometry}")
+            raise TaskError(
+                f"case {case.id}: {self.name} needs 2D (canvas) labels, got {case.geometry}"
+            )
         target, valid = label_targets(case.annotation(), self.channels)
         y, v = _resize_labels(target, valid, size)
         return Prepared(case.id, x, y, v)
 
-    def batch(self, item: Sequence[Prepared], rng: np.random.Generator, size: int, patch: int,
-              config: Mapping[str, Any]) -> Batch:
+    def batch(
+        self,
+        item: Sequence[Prepared],
+        rng: np.random.Generator,
+        size: int,
+        patch: int,
+        config: Mapping[str, Any],
+    ) -> Batch:
         p = item[int(rng.integers(len(item)))]
         assert p.y is not None and p.valid is not None
         h, w = p.x.shape[-2:]
@@ -211,11 +242,20 @@ class SequenceTask(Task):
             vs.append(p.valid[sl])
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=True)
 
-    def predict(self, model: torch.nn.Module, case: Case, config: Mapping[str, Any],
-                device: torch.device) -> np.ndarray:
-        spacing = tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
-        probs, _ = predict_sequence(model, case.pixels, case.frame_times_s, spacing,  # type: ignore[arg-type]
-                                    dict(config), device)
+    def predict(
+        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
+    ) -> np.ndarray:
+        spacing = (
+            tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
+        )
+        probs, _ = predict_sequence(
+            model,
+            case.pixels,
+            case.frame_times_s,
+            spacing,  # type: ignore[arg-type]
+            dict(config),
+            device,
+        )
         return probs
 
 
@@ -225,9 +265,15 @@ class SequenceTask(Task):
 
 class CineTask(Task):
     def _grid(self, case: Case, config: Mapping[str, Any]) -> tuple[int, int]:
-        spacing = tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
-        return work_shape(case.pixels.shape[1:], spacing, config.get("work_spacing_mm"),  # type: ignore[arg-type]
-                          max_side=int(config.get("max_side", 512)))
+        spacing = (
+            tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
+        )
+        return work_shape(
+            case.pixels.shape[1:],
+            spacing,
+            config.get("work_spacing_mm"),  # type: ignore[arg-type]
+            max_side=int(config.get("max_side", 512)),
+        )
 
     def prepare(self, case: Case, config: Mapping[str, Any]) -> Prepared:
         size = self._grid(case, config)
@@ -235,13 +281,21 @@ class CineTask(Task):
         if not case.labelled:
             return Prepared(case.id, x, None, None)
         if case.geometry != "frames":
-            raise TaskError(f"case {case.id}: {self.name} needs a label per frame, got {case.geometry}")
+            raise TaskError(
+                f"case {case.id}: {self.name} needs a label per frame, got {case.geometry}"
+            )
         target, valid = label_targets(case.annotation(), self.channels)  # (K, T, H, W)
         y, v = _resize_labels(target, valid, size)
         return Prepared(case.id, x, y.movedim(1, 0), v.movedim(1, 0))  # (T, K, h, w)
 
-    def batch(self, item: Sequence[Prepared], rng: np.random.Generator, size: int, patch: int,
-              config: Mapping[str, Any]) -> Batch:
+    def batch(
+        self,
+        item: Sequence[Prepared],
+        rng: np.random.Generator,
+        size: int,
+        patch: int,
+        config: Mapping[str, Any],
+    ) -> Batch:
         n = int(config.get("neighbours", 1))
         xs, ys, vs = [], [], []
         for _ in range(size):
@@ -255,18 +309,20 @@ class CineTask(Task):
             t = int(rng.integers(t_count))
             top, left = _crop_starts((p.y[t] * p.valid[t]).amax(dim=0), (h, w), ps, rng)
             win = frame_windows(p.x, n, torch.tensor([t]))[0]
-            xs.append(win[:, top:top + ps, left:left + ps])
-            ys.append(p.y[t, :, top:top + ps, left:left + ps])
-            vs.append(p.valid[t, :, top:top + ps, left:left + ps])
+            xs.append(win[:, top : top + ps, left : left + ps])
+            ys.append(p.y[t, :, top : top + ps, left : left + ps])
+            vs.append(p.valid[t, :, top : top + ps, left : left + ps])
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=False)
 
-    def predict(self, model: torch.nn.Module, case: Case, config: Mapping[str, Any],
-                device: torch.device) -> np.ndarray:
+    def predict(
+        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
+    ) -> np.ndarray:
         x = normalise_cine(case.pixels)
         size = self._grid(case, config)
         x_work = resize(torch.from_numpy(x), size).numpy()
-        probs = predict_probabilities(model.to(device).eval(), x_work,
-                                      int(config.get("neighbours", 1)), device)
+        probs = predict_probabilities(
+            model.to(device).eval(), x_work, int(config.get("neighbours", 1)), device
+        )
         return resize(torch.from_numpy(probs), case.pixels.shape[1:]).numpy()[None]
 
     def evaluate(self, probs: np.ndarray, case: Case, threshold: float = 0.5) -> dict[str, float]:
@@ -310,8 +366,14 @@ class VolumeTask(Task):
         y, v = self.classes(case)
         return Prepared(case.id, x, torch.from_numpy(y).float(), torch.from_numpy(v).float())
 
-    def batch(self, item: Sequence[Prepared], rng: np.random.Generator, size: int, patch: int,
-              config: Mapping[str, Any]) -> Batch:
+    def batch(
+        self,
+        item: Sequence[Prepared],
+        rng: np.random.Generator,
+        size: int,
+        patch: int,
+        config: Mapping[str, Any],
+    ) -> Batch:
         xs, ys, vs = [], [], []
         for _ in range(size):
             p = item[int(rng.integers(len(item)))]
@@ -325,9 +387,11 @@ class VolumeTask(Task):
             z, cy, cx = (int(v) for v in idx[int(rng.integers(len(idx)))])
             top = int(np.clip(cy - ps // 2, 0, h - ps))
             left = int(np.clip(cx - ps // 2, 0, w - ps))
-            xs.append(p.x[z:z + SLICES, top:top + ps + 2 * MARGIN, left:left + ps + 2 * MARGIN])
-            y = p.y[:, z, top:top + ps, left:left + ps]
-            v = p.valid[:, z, top:top + ps, left:left + ps]
+            xs.append(
+                p.x[z : z + SLICES, top : top + ps + 2 * MARGIN, left : left + ps + 2 * MARGIN]
+            )
+            y = p.y[:, z, top : top + ps, left : left + ps]
+            v = p.valid[:, z, top : top + ps, left : left + ps]
             vs.append(v * self._balanced(y, v, rng))
             ys.append(y)
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=False)
@@ -350,8 +414,14 @@ class VolumeTask(Task):
                 keep |= pool & (scores <= cut)
         return keep.float()[None].expand_as(y)
 
-    def predict(self, model: torch.nn.Module, case: Case, config: Mapping[str, Any],
-                device: torch.device, slab: int = 4) -> np.ndarray:
+    def predict(
+        self,
+        model: torch.nn.Module,
+        case: Case,
+        config: Mapping[str, Any],
+        device: torch.device,
+        slab: int = 4,
+    ) -> np.ndarray:
         padded = torch.from_numpy(padded_volume(case.pixels)).to(device)
         model = model.to(device).eval()
         z_n = case.pixels.shape[0]
@@ -359,7 +429,7 @@ class VolumeTask(Task):
         with inference_mode(device):
             for z0 in range(0, z_n, slab):
                 z1 = min(z0 + slab, z_n)
-                windows = padded[z0:z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
+                windows = padded[z0 : z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
                 probs = F.softmax(model(windows.contiguous()).float(), dim=1)
                 out[:, z0:z1] = probs.permute(1, 0, 2, 3).cpu().numpy()
         return out
@@ -375,8 +445,9 @@ class VolumeTask(Task):
         truth = self.truth(case)
         # Binary inputs (a pipeline's masks) may leave voxels in no class: everything else.
         label = np.where(probs.max(axis=0) > 0, probs.argmax(axis=0), CLASS_SOFT)
-        out = M.binary_metrics(label == CLASS_VESSEL, truth[CLASS_VESSEL], probs[CLASS_VESSEL],
-                               topology=False)
+        out = M.binary_metrics(
+            label == CLASS_VESSEL, truth[CLASS_VESSEL], probs[CLASS_VESSEL], topology=False
+        )
         out["bone_dice"] = M.dice(label == CLASS_BONE, truth[CLASS_BONE])
         out["accuracy"] = float((label == truth.argmax(axis=0)).mean())
         return out
@@ -411,8 +482,14 @@ class ImageTask(Task):
         y, v = self.classes(case)
         return Prepared(case.id, x, torch.from_numpy(y).float(), torch.from_numpy(v).float())
 
-    def batch(self, item: Sequence[Prepared], rng: np.random.Generator, size: int, patch: int,
-              config: Mapping[str, Any]) -> Batch:
+    def batch(
+        self,
+        item: Sequence[Prepared],
+        rng: np.random.Generator,
+        size: int,
+        patch: int,
+        config: Mapping[str, Any],
+    ) -> Batch:
         m = self._multiple(config)
         xs, ys, vs = [], [], []
         for _ in range(size):
@@ -429,8 +506,9 @@ class ImageTask(Task):
             vs.append(p.valid[sl])
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=False)
 
-    def predict(self, model: torch.nn.Module, case: Case, config: Mapping[str, Any],
-                device: torch.device) -> np.ndarray:
+    def predict(
+        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
+    ) -> np.ndarray:
         image = torch.from_numpy(minip_opacity(case.pixels.min(axis=0)))[None, None]
         h, w = image.shape[-2:]
         m = self._multiple(config)
@@ -455,42 +533,117 @@ class ImageTask(Task):
 # ---------------------------------------------------------------------------
 # Registry
 
-CAVE = TrainDefaults(optimizer="rmsprop", lr=1e-4, weight_decay=1e-8, momentum=0.9,
-                     schedule="plateau", warmup_epochs=0, plateau_patience=10, plateau_factor=0.5,
-                     early_stop=50, patch=96)
-DIAS = TrainDefaults(optimizer="adamw", lr=5e-4, weight_decay=0.01, schedule="cosine",
-                     warmup_epochs=10, min_lr=5e-6, early_stop=100, patch=64)
+CAVE = TrainDefaults(
+    optimizer="rmsprop",
+    lr=1e-4,
+    weight_decay=1e-8,
+    momentum=0.9,
+    schedule="plateau",
+    warmup_epochs=0,
+    plateau_patience=10,
+    plateau_factor=0.5,
+    early_stop=50,
+    patch=96,
+)
+DIAS = TrainDefaults(
+    optimizer="adamw",
+    lr=5e-4,
+    weight_decay=0.01,
+    schedule="cosine",
+    warmup_epochs=10,
+    min_lr=5e-6,
+    early_stop=100,
+    patch=64,
+)
 
 TASKS: dict[str, Task] = {
     "dsa_av": SequenceTask(
-        name="dsa_av", pipeline="dsa_av", architecture="st_unet", channels=("artery", "vein"),
-        multilabel=True, geometry="canvas", monitor="m_dice",
-        default_config={"channels": ["artery", "vein"], "out_channels": 2, "fps": 1.0,
-                        "min_frames": 4, "max_frames": 60, "max_side": 512},
-        defaults=CAVE),
+        name="dsa_av",
+        pipeline="dsa_av",
+        architecture="st_unet",
+        channels=("artery", "vein"),
+        multilabel=True,
+        geometry="canvas",
+        monitor="m_dice",
+        default_config={
+            "channels": ["artery", "vein"],
+            "out_channels": 2,
+            "fps": 1.0,
+            "min_frames": 4,
+            "max_frames": 60,
+            "max_side": 512,
+        },
+        defaults=CAVE,
+    ),
     "dsa_ia": SequenceTask(
-        name="dsa_ia", pipeline="dsa_ia", architecture="vss_net", channels=("artery",),
-        multilabel=True, geometry="canvas", monitor="dice",
-        default_config={"out_channels": 1, "fps": None, "max_side": 512}, defaults=DIAS),
+        name="dsa_ia",
+        pipeline="dsa_ia",
+        architecture="vss_net",
+        channels=("artery",),
+        multilabel=True,
+        geometry="canvas",
+        monitor="dice",
+        default_config={"out_channels": 1, "fps": None, "max_side": 512},
+        defaults=DIAS,
+    ),
     "xa_coronary": CineTask(
-        name="xa_coronary", pipeline="xa_coronary", architecture="ce_net_3d2d",
-        channels=("vessel",), multilabel=True, geometry="frames", monitor="dice",
+        name="xa_coronary",
+        pipeline="xa_coronary",
+        architecture="ce_net_3d2d",
+        channels=("vessel",),
+        multilabel=True,
+        geometry="frames",
+        monitor="dice",
         default_config={"neighbours": 1, "width": 64, "threshold": 0.5, "max_side": 512},
-        defaults=TrainDefaults(optimizer="adam", lr=2e-4, weight_decay=0.0, schedule="plateau",
-                               warmup_epochs=0, early_stop=30, patch=128)),
+        defaults=TrainDefaults(
+            optimizer="adam",
+            lr=2e-4,
+            weight_decay=0.0,
+            schedule="plateau",
+            warmup_epochs=0,
+            early_stop=30,
+            patch=128,
+        ),
+    ),
     "rotational_dla": VolumeTask(
-        name="rotational_dla", pipeline="rotational_dla", architecture="dla_resnet",
-        channels=("vessel", "bone", "soft_tissue"), multilabel=False, geometry="volume",
-        monitor="dice", default_config={"width": 32},
-        defaults=TrainDefaults(optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine",
-                               warmup_epochs=1, early_stop=30, patch=32),
-        geometric=Geometric(affine_p=0.0)),  # flips only: rotating HU slabs pulls in padding
+        name="rotational_dla",
+        pipeline="rotational_dla",
+        architecture="dla_resnet",
+        channels=("vessel", "bone", "soft_tissue"),
+        multilabel=False,
+        geometry="volume",
+        monitor="dice",
+        default_config={"width": 32},
+        defaults=TrainDefaults(
+            optimizer="adamw",
+            lr=1e-3,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_epochs=1,
+            early_stop=30,
+            patch=32,
+        ),
+        geometric=Geometric(affine_p=0.0),
+    ),  # flips only: rotating HU slabs pulls in padding
     "dsa_perfusion": ImageTask(
-        name="dsa_perfusion", pipeline="dsa_perfusion", architecture="ica_unet",
-        channels=("background", "ica"), multilabel=False, geometry="canvas", monitor="dice",
+        name="dsa_perfusion",
+        pipeline="dsa_perfusion",
+        architecture="ica_unet",
+        channels=("background", "ica"),
+        multilabel=False,
+        geometry="canvas",
+        monitor="dice",
         default_config={"width": 16, "levels": 5},
-        defaults=TrainDefaults(optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine",
-                               warmup_epochs=1, early_stop=30, patch=64)),
+        defaults=TrainDefaults(
+            optimizer="adamw",
+            lr=1e-3,
+            weight_decay=1e-4,
+            schedule="cosine",
+            warmup_epochs=1,
+            early_stop=30,
+            patch=64,
+        ),
+    ),
 }
 
 
@@ -505,5 +658,7 @@ def task_for_architecture(architecture: str) -> Task:
     for task in TASKS.values():
         if task.architecture == architecture:
             return task
-    raise TaskError(f"no task trains architecture {architecture!r}; tasks: "
-                    + ", ".join(f"{t.name} ({t.architecture})" for t in TASKS.values()))
+    raise TaskError(
+        f"no task trains architecture {architecture!r}; tasks: "
+        + ", ".join(f"{t.name} ({t.architecture})" for t in TASKS.values())
+    )

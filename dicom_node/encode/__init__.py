@@ -49,7 +49,9 @@ def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[
             (o.pixels for o in result.outputs if isinstance(o, ImageOutput) and o.key == "minip"),
             None,
         )
-        ctx.canvas = make_canvas(ctx, canvas_image if canvas_image is not None else minip(run.pixels))
+        ctx.canvas = make_canvas(
+            ctx, canvas_image if canvas_image is not None else minip(run.pixels)
+        )
         datasets.append(ctx.canvas)
     for out in result.outputs:
         if isinstance(out, ImageOutput) and out.key == "minip":

@@ -69,8 +69,11 @@ def canvas_uids(ctx: EncodeContext) -> tuple[str, str, str]:
     """(Series, SOP Instance, Frame of Reference) UIDs of a run's canvas: they depend
     only on the source SOP Instance UIDs, so the node, every pipeline and the phantom
     truth annotations all name the same canvas."""
-    return (ctx.uid(CANVAS_KEY, "series"), ctx.uid(CANVAS_KEY, "instance"),
-            ctx.uid(CANVAS_KEY, "frame-of-reference"))
+    return (
+        ctx.uid(CANVAS_KEY, "series"),
+        ctx.uid(CANVAS_KEY, "instance"),
+        ctx.uid(CANVAS_KEY, "frame-of-reference"),
+    )
 
 
 def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:

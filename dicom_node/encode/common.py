@@ -110,8 +110,17 @@ def copy_identity(target: Dataset, source: Dataset) -> None:
     for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS:
         if kw in source:
             setattr(target, kw, source[kw].value)
-        elif kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
+        elif kw in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyID",
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "ReferringPhysicianName",
+        ):
             setattr(target, kw, "")  # type 2: present, possibly empty
 
 
@@ -131,12 +140,34 @@ def set_laterality(target: Dataset, source: Dataset) -> None:
         target.Laterality = ""
 
 
-UNPAIRED = {"HEAD", "BRAIN", "SKULL", "NECK", "HEART", "CHEST", "ABDOMEN", "PELVIS", "SPINE",
-            "CSPINE", "TSPINE", "LSPINE", "AORTA", "WHOLEBODY", "CORONARY", "THORAX"}
+UNPAIRED = {
+    "HEAD",
+    "BRAIN",
+    "SKULL",
+    "NECK",
+    "HEART",
+    "CHEST",
+    "ABDOMEN",
+    "PELVIS",
+    "SPINE",
+    "CSPINE",
+    "TSPINE",
+    "LSPINE",
+    "AORTA",
+    "WHOLEBODY",
+    "CORONARY",
+    "THORAX",
+}
 
 
-def set_equipment(target: Dataset, description: str, series_uid: str, series_number: int,
-                  modality: str, now: datetime) -> None:
+def set_equipment(
+    target: Dataset,
+    description: str,
+    series_uid: str,
+    series_number: int,
+    modality: str,
+    now: datetime,
+) -> None:
     target.Manufacturer = MANUFACTURER
     target.ManufacturerModelName = MODEL_NAME
     target.SoftwareVersions = __version__
@@ -152,8 +183,11 @@ def set_equipment(target: Dataset, description: str, series_uid: str, series_num
     target.InstanceCreationTime = now.strftime("%H%M%S")
 
 
-def source_image_reference(source: Dataset, purpose: tuple[str, str, str] | None = None,
-                           frames: Sequence[int] | None = None) -> Dataset:
+def source_image_reference(
+    source: Dataset,
+    purpose: tuple[str, str, str] | None = None,
+    frames: Sequence[int] | None = None,
+) -> Dataset:
     """An item of Source Image Sequence / Referenced Image Sequence.
 
     ``purpose`` is a (value, scheme, meaning) code for Purpose of Reference.

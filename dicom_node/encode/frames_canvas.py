@@ -46,13 +46,17 @@ def _source_references(ctx: EncodeContext, frames: int) -> list[Dataset]:
     if len(ctx.sources) == frames:
         return [source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING) for s in ctx.sources]
     if len(ctx.sources) == 1:
-        return [source_image_reference(ctx.first, PURPOSE_SOURCE_FOR_PROCESSING,
-                                       frames=list(range(1, frames + 1)))]
+        return [
+            source_image_reference(
+                ctx.first, PURPOSE_SOURCE_FOR_PROCESSING, frames=list(range(1, frames + 1))
+            )
+        ]
     raise ValueError(f"{frames} frames but {len(ctx.sources)} source instances")
 
 
-def make_frames_canvas(ctx: EncodeContext, frames: np.ndarray,
-                       frame_times_s: np.ndarray | None = None) -> Dataset:
+def make_frames_canvas(
+    ctx: EncodeContext, frames: np.ndarray, frame_times_s: np.ndarray | None = None
+) -> Dataset:
     """The frames canvas for a 2D+t run from its (T, H, W) float frames."""
     if frames.ndim != 3:
         raise ValueError(f"frames canvas needs (T, H, W) frames, got {frames.shape}")

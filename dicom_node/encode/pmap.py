@@ -49,8 +49,10 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
         raise ValueError(f"parametric map {out.key!r} needs the MinIP canvas as its source")
     values, valid = _values(out)
     if values.shape != (ctx.canvas.Rows, ctx.canvas.Columns):
-        raise ValueError(f"parametric map {out.key!r} {values.shape} does not fit the canvas "
-                         f"({ctx.canvas.Rows}, {ctx.canvas.Columns})")
+        raise ValueError(
+            f"parametric map {out.key!r} {values.shape} does not fit the canvas "
+            f"({ctx.canvas.Rows}, {ctx.canvas.Columns})"
+        )
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         hi = lo + 1.0
@@ -76,9 +78,13 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         # LINEAR_EXACT: relative maps have windows narrower than 1.
-        voi_lut_transformations=[hd.content.VOILUTTransformation(
-            window_center=p_lo + width / 2, window_width=width,
-            voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT)],
+        voi_lut_transformations=[
+            hd.content.VOILUTTransformation(
+                window_center=p_lo + width / 2,
+                window_width=width,
+                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+            )
+        ],
         content_description=f"{out.quantity.meaning} ({out.algorithm.describe()})"[:64],
         content_label=out.label.upper()[:16],
         series_description=(SERIES_PREFIX + f"{out.label} {out.quantity.meaning}")[:64],

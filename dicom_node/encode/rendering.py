@@ -22,23 +22,29 @@ from dicom_node.encode.common import (
 from pipelines.base import RenderingOutput
 
 
-def encode_rendering(out: RenderingOutput, ctx: EncodeContext,
-                     frame_time_ms: float | None = None) -> list[Dataset]:
+def encode_rendering(
+    out: RenderingOutput, ctx: EncodeContext, frame_time_ms: float | None = None
+) -> list[Dataset]:
     rgb = np.ascontiguousarray(out.rgb, dtype=np.uint8)
     cine = rgb.ndim == 4
     if rgb.shape[-1] != 3 or rgb.ndim not in (3, 4):
-        raise ValueError(f"rendering {out.key!r} must be (H, W, 3) or (T, H, W, 3), got {rgb.shape}")
+        raise ValueError(
+            f"rendering {out.key!r} must be (H, W, 3) or (T, H, W, 3), got {rgb.shape}"
+        )
     src = ctx.first
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = MultiFrameTrueColorSecondaryCaptureImageStorage if cine else SecondaryCaptureImageStorage
+    ds.SOPClassUID = (
+        MultiFrameTrueColorSecondaryCaptureImageStorage if cine else SecondaryCaptureImageStorage
+    )
     ds.SOPInstanceUID = ctx.uid(ctx.pipeline, out.key, "instance")
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     copy_identity(ds, src)
-    set_equipment(ds, out.description, ctx.series_uid(out.key), ctx.series_number(out.key), "OT",
-                  ctx.now)
+    set_equipment(
+        ds, out.description, ctx.series_uid(out.key), ctx.series_number(out.key), "OT", ctx.now
+    )
     set_laterality(ds, src)
     ds.PatientOrientation = src.get("PatientOrientation", "")
     ds.ConversionType = "WSD"
@@ -48,8 +54,9 @@ def encode_rendering(out: RenderingOutput, ctx: EncodeContext,
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     ds.DerivationDescription = out.description[:1024]
-    ds.SourceImageSequence = [source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING)
-                              for s in ctx.sources]
+    ds.SourceImageSequence = [
+        source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING) for s in ctx.sources
+    ]
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
     ds.PlanarConfiguration = 0

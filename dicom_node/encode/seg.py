@@ -42,14 +42,17 @@ def algorithm_identification(info: AlgorithmInfo) -> hd.AlgorithmIdentificationS
     if info.family == "model":
         family = codes.cid7162.ArtificialIntelligence
         version = f"{info.version} ({info.model_package} {info.model_version})"
-        parameters = {"model_package": str(info.model_package),
-                      "model_version": str(info.model_version)}
+        parameters = {
+            "model_package": str(info.model_package),
+            "model_version": str(info.model_version),
+        }
     else:
         # The classical vessel methods of this node are multi-scale (Hessian) filters.
         family = codes.cid7162.MultiScaleResolutionFiltering
         version, parameters = info.version, {"family": "classical"}
-    return hd.AlgorithmIdentificationSequence(name=info.name[:64], family=family,
-                                              version=version[:64], parameters=parameters)
+    return hd.AlgorithmIdentificationSequence(
+        name=info.name[:64], family=family, version=version[:64], parameters=parameters
+    )
 
 
 def segment_descriptions(out: SegmentationOutput) -> list[hd.seg.SegmentDescription]:
@@ -94,12 +97,16 @@ def _pixel_array(out: SegmentationOutput, frames: int | None) -> np.ndarray:
     masks = np.asarray(out.masks).astype(bool)
     expected = {"canvas": 3, "frames": 4, "volume": 4}[out.geometry]
     if masks.ndim != expected or masks.shape[0] != len(out.segments):
-        raise ValueError(f"SEG {out.key!r}: masks {masks.shape} do not fit geometry "
-                         f"{out.geometry!r} with {len(out.segments)} segments")
+        raise ValueError(
+            f"SEG {out.key!r}: masks {masks.shape} do not fit geometry "
+            f"{out.geometry!r} with {len(out.segments)} segments"
+        )
     if out.geometry == "canvas":
         masks = masks[:, None]
     if frames is not None and masks.shape[1] != frames:
-        raise ValueError(f"SEG {out.key!r}: {masks.shape[1]} mask frames for {frames} source frames")
+        raise ValueError(
+            f"SEG {out.key!r}: {masks.shape[1]} mask frames for {frames} source frames"
+        )
     return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
 
 

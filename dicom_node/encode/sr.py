@@ -22,34 +22,42 @@ from pipelines.base import AlgorithmInfo, MeasurementsOutput, Output, Run
 PROCEDURE = codes.SCT.Angiography
 
 
-
 def algorithm_id(info: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     if info.family == "model":
         return hd.sr.AlgorithmIdentification(
-            name=info.name, version=info.version,
-            parameters=[f"model_package={info.model_package}", f"model_version={info.model_version}"],
+            name=info.name,
+            version=info.version,
+            parameters=[
+                f"model_package={info.model_package}",
+                f"model_version={info.model_version}",
+            ],
         )
-    return hd.sr.AlgorithmIdentification(name=info.name, version=info.version,
-                                         parameters=["family=classical"])
+    return hd.sr.AlgorithmIdentification(
+        name=info.name, version=info.version, parameters=["family=classical"]
+    )
 
 
 def encode_measurements(out: MeasurementsOutput, ctx: EncodeContext) -> list[Dataset]:
     measurements = [
         hd.sr.Measurement(name=coded(m.name), value=float(m.value), unit=coded(m.unit))
-        for m in out.measurements if np.isfinite(m.value)
+        for m in out.measurements
+        if np.isfinite(m.value)
     ]
     if not measurements:
         raise ValueError(f"measurements {out.key!r}: no finite value to report")
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=ctx.uid("device", MODEL_NAME), name=MODEL_NAME, manufacturer_name=MANUFACTURER,
+            uid=ctx.uid("device", MODEL_NAME),
+            name=MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME,
         ),
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=ctx.uid(ctx.pipeline, out.key, "tracking"), identifier=out.title[:64]),
+            uid=ctx.uid(ctx.pipeline, out.key, "tracking"), identifier=out.title[:64]
+        ),
         algorithm_id=algorithm_id(out.algorithm),
         finding_sites=[hd.sr.FindingSite(coded(out.finding_site))] if out.finding_site else None,
         measurements=measurements,

@@ -37,9 +37,14 @@ from pipelines.base import ImageOutput, Output, Run
 INTERCEPT = -1024.0
 # CID 7203 Image Derivation: "Segmentation" (the vessels kept, the rest removed).
 DERIVATION_SEGMENTATION = ("113076", "DCM", "Segmentation")
-CONTRAST_KEYWORDS = ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume",
-                     "ContrastBolusIngredient", "ContrastBolusIngredientConcentration",
-                     "ContrastBolusAgentSequence")
+CONTRAST_KEYWORDS = (
+    "ContrastBolusAgent",
+    "ContrastBolusRoute",
+    "ContrastBolusVolume",
+    "ContrastBolusIngredient",
+    "ContrastBolusIngredientConcentration",
+    "ContrastBolusAgentSequence",
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,7 @@ def _floats(values: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _functional(item: Dataset | None, shared: Dataset | None, sequence: str, keyword: str
-                ) -> Any:
+def _functional(item: Dataset | None, shared: Dataset | None, sequence: str, keyword: str) -> Any:
     """A functional-group attribute from the per-frame item, else the shared one."""
     for group in (item, shared):
         if group is not None and sequence in group and keyword in group[sequence].value[0]:
@@ -75,27 +79,44 @@ def source_planes(ctx: EncodeContext) -> list[SlicePlane]:
             for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
                 if kw not in ds:
                     raise ValueError(f"source slice {ds.SOPInstanceUID} lacks {kw}")
-            planes.append(SlicePlane(
-                _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient),
-                _floats(ds.PixelSpacing), float(ds.SliceThickness) if ds.get("SliceThickness") else None,
-                ds, None,
-            ))
+            planes.append(
+                SlicePlane(
+                    _floats(ds.ImagePositionPatient),
+                    _floats(ds.ImageOrientationPatient),
+                    _floats(ds.PixelSpacing),
+                    float(ds.SliceThickness) if ds.get("SliceThickness") else None,
+                    ds,
+                    None,
+                )
+            )
         return planes
     src = ctx.first
     per_frame = src.get("PerFrameFunctionalGroupsSequence")
-    shared = src.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in src else None
+    shared = (
+        src.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in src else None
+    )
     if not per_frame:
         raise ValueError("a single-instance volume source needs per-frame plane positions")
     planes = []
     for number, item in enumerate(per_frame, start=1):
         position = _functional(item, shared, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _functional(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        orientation = _functional(
+            item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"
+        )
         spacing = _functional(item, shared, "PixelMeasuresSequence", "PixelSpacing")
         thickness = _functional(item, shared, "PixelMeasuresSequence", "SliceThickness")
         if position is None or orientation is None or spacing is None:
             raise ValueError(f"frame {number} of {src.SOPInstanceUID} lacks plane geometry")
-        planes.append(SlicePlane(_floats(position), _floats(orientation), _floats(spacing),
-                                 float(thickness) if thickness else None, src, number))
+        planes.append(
+            SlicePlane(
+                _floats(position),
+                _floats(orientation),
+                _floats(spacing),
+                float(thickness) if thickness else None,
+                src,
+                number,
+            )
+        )
     normal = np.cross(planes[0].orientation[:3], planes[0].orientation[3:])
     order = np.argsort([np.dot(p.position, normal) for p in planes], kind="stable")
     return [planes[i] for i in order]
@@ -121,17 +142,21 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
     planes = source_planes(ctx)
     volume = np.asarray(out.pixels, dtype=np.float32)
     if len(planes) != volume.shape[0]:
-        raise ValueError(f"volume {out.key!r} has {volume.shape[0]} slices, source has {len(planes)}")
+        raise ValueError(
+            f"volume {out.key!r} has {volume.shape[0]} slices, source has {len(planes)}"
+        )
     src = ctx.first
     if "FrameOfReferenceUID" not in src:
         raise ValueError("volume source has no Frame of Reference UID")
     if (int(src.Rows), int(src.Columns)) != volume.shape[1:]:
-        raise ValueError(f"volume {out.key!r} slices are {volume.shape[1:]}, source is "
-                         f"{(int(src.Rows), int(src.Columns))}")
+        raise ValueError(
+            f"volume {out.key!r} slices are {volume.shape[1:]}, source is "
+            f"{(int(src.Rows), int(src.Columns))}"
+        )
     stored = _stored(volume)
     hu = stored.astype(np.float32) + INTERCEPT
     body = hu[hu > INTERCEPT + 25]  # anything denser than air sets the window
-    lo, hi = (np.percentile(body, [1, 99.5]) if body.size else (INTERCEPT, 0.0))
+    lo, hi = np.percentile(body, [1, 99.5]) if body.size else (INTERCEPT, 0.0)
     series_uid = ctx.series_uid(out.key)
     series_number = ctx.series_number(out.key)
     is_ct = str(src.get("Modality", "")) == "CT"
@@ -174,9 +199,13 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
         code = Dataset()
         code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = DERIVATION_SEGMENTATION
         ds.DerivationCodeSequence = [code]
-        ds.SourceImageSequence = [source_image_reference(
-            plane.source, PURPOSE_SOURCE_FOR_PROCESSING,
-            frames=[plane.frame] if plane.frame is not None else None)]
+        ds.SourceImageSequence = [
+            source_image_reference(
+                plane.source,
+                PURPOSE_SOURCE_FOR_PROCESSING,
+                frames=[plane.frame] if plane.frame is not None else None,
+            )
+        ]
         for kw in CONTRAST_KEYWORDS:
             if kw in src:
                 ds[kw] = src[kw]

@@ -3,6 +3,7 @@
 Importing this package registers the built-in architectures with
 ``pipelines.models.package``; add one import line per architecture module.
 """
+
 from pipelines.models import cenet as _cenet  # noqa: F401  (ce_net_3d2d)
 from pipelines.models import dla as _dla  # noqa: F401  (dla_resnet)
 from pipelines.models import ica_unet as _ica_unet  # noqa: F401  (ica_unet)

@@ -103,8 +103,9 @@ class RMPBlock(nn.Module):
         for k in self.KERNELS:
             k_eff = max(1, min(k, h, w))
             pooled = F.max_pool2d(x, kernel_size=k_eff, stride=k_eff)
-            maps.append(F.interpolate(self.conv(pooled), size=(h, w), mode="bilinear",
-                                      align_corners=False))
+            maps.append(
+                F.interpolate(self.conv(pooled), size=(h, w), mode="bilinear", align_corners=False)
+            )
         return torch.cat([*maps, x], dim=1)
 
 
@@ -117,7 +118,8 @@ class DecoderBlock(nn.Module):
         self.reduce = nn.Sequential(nn.Conv2d(cin, mid, 1), _norm(mid), nn.ReLU(inplace=True))
         self.up = nn.Sequential(
             nn.ConvTranspose2d(mid, mid, 3, stride=2, padding=1, output_padding=1),
-            _norm(mid), nn.ReLU(inplace=True),
+            _norm(mid),
+            nn.ReLU(inplace=True),
         )
         self.expand = nn.Sequential(nn.Conv2d(mid, cout, 1), _norm(cout), nn.ReLU(inplace=True))
 
@@ -128,8 +130,13 @@ class DecoderBlock(nn.Module):
 class CENet3D2D(nn.Module):
     """3D temporal input layer + 2D conv to 3 channels + CE-Net."""
 
-    def __init__(self, neighbours: int = 1, width: int = 64,
-                 blocks: Sequence[int] = RESNET34_BLOCKS, temporal_features: int = 16) -> None:
+    def __init__(
+        self,
+        neighbours: int = 1,
+        width: int = 64,
+        blocks: Sequence[int] = RESNET34_BLOCKS,
+        temporal_features: int = 16,
+    ) -> None:
         super().__init__()
         if neighbours < 0:
             raise ValueError(f"neighbours must be >= 0, got {neighbours}")
@@ -139,12 +146,15 @@ class CENet3D2D(nn.Module):
         depth = 2 * neighbours + 1
         f = [width, 2 * width, 4 * width, 8 * width]
         # Temporal input layer: the whole (2N+1)-frame window in one 3D kernel.
-        self.temporal = nn.Conv3d(1, temporal_features, (depth, 3, 3), padding=(0, 1, 1), bias=False)
+        self.temporal = nn.Conv3d(
+            1, temporal_features, (depth, 3, 3), padding=(0, 1, 1), bias=False
+        )
         self.temporal_norm = _norm(temporal_features)
         self.to_rgb = nn.Conv2d(temporal_features, 3, 3, padding=1)
         # ResNet-34-style encoder.
-        self.stem = nn.Sequential(nn.Conv2d(3, f[0], 7, 2, 3, bias=False), _norm(f[0]),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, f[0], 7, 2, 3, bias=False), _norm(f[0]), nn.ReLU(inplace=True)
+        )
         self.enc1 = _stage(f[0], f[0], blocks[0], 1)
         self.enc2 = _stage(f[0], f[1], blocks[1], 2)
         self.enc3 = _stage(f[1], f[2], blocks[2], 2)
@@ -157,8 +167,10 @@ class CENet3D2D(nn.Module):
         self.dec1 = DecoderBlock(f[0], f[0])
         head = max(f[0] // 2, 4)
         self.head = nn.Sequential(
-            nn.ConvTranspose2d(f[0], head, 4, 2, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(head, head, 3, padding=1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(f[0], head, 4, 2, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(head, head, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(head, 1, 3, padding=1),
         )
 
@@ -199,12 +211,20 @@ def build(config: Mapping[str, Any]) -> nn.Module:
     """Config keys: neighbours (N, default 1), width (64 = ResNet-34), blocks,
     temporal_features."""
     # Pipeline-level keys the package also carries (see pipelines.coronary).
-    known = {"neighbours", "width", "blocks", "temporal_features", "threshold", "work_spacing_mm",
-             "max_side"}
+    known = {
+        "neighbours",
+        "width",
+        "blocks",
+        "temporal_features",
+        "threshold",
+        "work_spacing_mm",
+        "max_side",
+    }
     unknown = set(config) - known
     if unknown:
-        raise ValueError(f"{ARCHITECTURE}: unknown config keys {sorted(unknown)}; "
-                         f"allowed: {sorted(known)}")
+        raise ValueError(
+            f"{ARCHITECTURE}: unknown config keys {sorted(unknown)}; allowed: {sorted(known)}"
+        )
     return CENet3D2D(
         neighbours=int(config.get("neighbours", 1)),
         width=int(config.get("width", 64)),

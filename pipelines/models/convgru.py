@@ -24,10 +24,12 @@ class ConvGRUCell(nn.Module):
         pad = kernel_size // 2
         self.hidden_channels = hidden_channels
         self.conv_x = nn.Conv2d(in_channels, 3 * hidden_channels, kernel_size, padding=pad)
-        self.conv_h_gates = nn.Conv2d(hidden_channels, 2 * hidden_channels, kernel_size,
-                                      padding=pad, bias=False)
-        self.conv_h_cand = nn.Conv2d(hidden_channels, hidden_channels, kernel_size, padding=pad,
-                                     bias=False)
+        self.conv_h_gates = nn.Conv2d(
+            hidden_channels, 2 * hidden_channels, kernel_size, padding=pad, bias=False
+        )
+        self.conv_h_cand = nn.Conv2d(
+            hidden_channels, hidden_channels, kernel_size, padding=pad, bias=False
+        )
 
     def input_projection(self, x: torch.Tensor) -> torch.Tensor:
         """Wx x for (N, C, H, W); batch all frames through this once."""
@@ -61,8 +63,9 @@ class ConvGRUCell(nn.Module):
 class ConvGRU(nn.Module):
     """Stacked ConvGRU layers; returns every hidden state of the last layer."""
 
-    def __init__(self, in_channels: int, hidden_channels: int, num_layers: int = 2,
-                 kernel_size: int = 3):
+    def __init__(
+        self, in_channels: int, hidden_channels: int, num_layers: int = 2, kernel_size: int = 3
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
             ConvGRUCell(in_channels if i == 0 else hidden_channels, hidden_channels, kernel_size)

@@ -66,17 +66,19 @@ class DLAResNet(nn.Module):
     def __init__(self, width: int = 32, hu_scale: float = 1000.0) -> None:
         super().__init__()
         self.hu_scale = hu_scale
-        self.stem = nn.Sequential(nn.Conv2d(SLICES, width, 3, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(*[
-            ValidBlock(width, 3 if i < WIDE_BLOCKS else 1) for i in range(RESIDUAL_BLOCKS)
-        ])
+        self.stem = nn.Sequential(
+            nn.Conv2d(SLICES, width, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        self.blocks = nn.Sequential(
+            *[ValidBlock(width, 3 if i < WIDE_BLOCKS else 1) for i in range(RESIDUAL_BLOCKS)]
+        )
         self.classifier = nn.Conv2d(width, N_CLASSES, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != SLICES or min(x.shape[-2:]) < PATCH:
-            raise ValueError(f"expected (B, {SLICES}, >= {PATCH}, >= {PATCH}) HU slabs, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected (B, {SLICES}, >= {PATCH}, >= {PATCH}) HU slabs, got {tuple(x.shape)}"
+            )
         # Fixed scaling (not per-input statistics) keeps patch-wise == dense.
         return self.classifier(self.blocks(self.stem(x / self.hu_scale)))
 
@@ -100,7 +102,9 @@ def build(config: Mapping[str, Any]) -> nn.Module:
     known = {"width", "hu_scale", "air_hu"}
     unknown = set(config) - known
     if unknown:
-        raise ValueError(f"{ARCHITECTURE}: unknown config keys {sorted(unknown)}; "
-                         f"allowed: {sorted(known)}")
-    return DLAResNet(width=int(config.get("width", 32)),
-                     hu_scale=float(config.get("hu_scale", 1000.0)))
+        raise ValueError(
+            f"{ARCHITECTURE}: unknown config keys {sorted(unknown)}; allowed: {sorted(known)}"
+        )
+    return DLAResNet(
+        width=int(config.get("width", 32)), hu_scale=float(config.get("hu_scale", 1000.0))
+    )

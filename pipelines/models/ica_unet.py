@@ -39,8 +39,14 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int = 1, classes: int = 2, width: int = 16, levels: int = 5,
-                 max_width: int = 320):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 2,
+        width: int = 16,
+        levels: int = 5,
+        max_width: int = 320,
+    ):
         super().__init__()
         widths = [min(width * 2**i, max_width) for i in range(levels)]
         self.levels = levels

@@ -33,11 +33,14 @@ REQUIRED_FILES = ("package.json", "weights.pt", "metrics.json", "data.json", "MO
 _ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {}
 
 
-def architecture(name: str) -> Callable[[Callable[[Mapping[str, Any]], nn.Module]],
-                                         Callable[[Mapping[str, Any]], nn.Module]]:
+def architecture(
+    name: str,
+) -> Callable[[Callable[[Mapping[str, Any]], nn.Module]], Callable[[Mapping[str, Any]], nn.Module]]:
     """Register ``builder(config) -> nn.Module`` under ``name``."""
 
-    def deco(builder: Callable[[Mapping[str, Any]], nn.Module]) -> Callable[[Mapping[str, Any]], nn.Module]:
+    def deco(
+        builder: Callable[[Mapping[str, Any]], nn.Module],
+    ) -> Callable[[Mapping[str, Any]], nn.Module]:
         if name in _ARCHITECTURES:
             raise ValueError(f"architecture {name!r} registered twice")
         _ARCHITECTURES[name] = builder

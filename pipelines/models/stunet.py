@@ -28,8 +28,12 @@ DEFAULT_WIDTHS = (32, 64, 128, 256, 256)
 
 def double_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -47,9 +51,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
 
 
 class STUNet(nn.Module):
-    def __init__(self, in_channels: int = 1, out_channels: int = 2,
-                 widths: Sequence[int] = DEFAULT_WIDTHS, gru_layers: int = 2,
-                 kernel_size: int = 3, chunk: int = 8):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        widths: Sequence[int] = DEFAULT_WIDTHS,
+        gru_layers: int = 2,
+        kernel_size: int = 3,
+        chunk: int = 8,
+    ):
         super().__init__()
         self.widths = tuple(int(w) for w in widths)
         self.chunk = chunk
@@ -77,7 +87,7 @@ class STUNet(nn.Module):
         chunk = t if self.training else max(1, self.chunk)
         states: list[list[torch.Tensor | None]] = [[None] * len(cells) for cells in self.temporal]
         for start in range(0, t, chunk):
-            x = frames[:, start:start + chunk].flatten(0, 1)
+            x = frames[:, start : start + chunk].flatten(0, 1)
             n = x.shape[0] // b
             for level, block in enumerate(self.encoder):
                 x = block(x)

@@ -33,7 +33,8 @@ DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -52,8 +53,9 @@ class SequenceFeatureExtraction(nn.Module):
         size = feats.shape[-2:]
         raw_s = raw.flatten(0, 1)
         if raw_s.shape[-2:] != size:
-            raw_s = F.interpolate(raw_s, size=size, mode="bilinear", align_corners=False,
-                                  antialias=True)
+            raw_s = F.interpolate(
+                raw_s, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
         fused = self.fuse(torch.cat([feats.flatten(0, 1), raw_s], dim=1)).unflatten(0, (b, t))
         seq = self.gru(fused)
         skip = seq.amax(dim=1)
@@ -70,10 +72,13 @@ class FRNode(nn.Module):
         cin = channels + coarser + (channels if finer else 0)
         self.conv = nn.Sequential(conv_bn(cin, channels), conv_bn(channels, channels))
 
-    def forward(self, same: torch.Tensor, coarser: torch.Tensor,
-                finer: torch.Tensor | None) -> torch.Tensor:
-        parts = [same, F.interpolate(coarser, size=same.shape[-2:], mode="bilinear",
-                                     align_corners=False)]
+    def forward(
+        self, same: torch.Tensor, coarser: torch.Tensor, finer: torch.Tensor | None
+    ) -> torch.Tensor:
+        parts = [
+            same,
+            F.interpolate(coarser, size=same.shape[-2:], mode="bilinear", align_corners=False),
+        ]
         if self.down is not None and finer is not None:
             parts.append(self.down(finer))
         return self.conv(torch.cat(parts, dim=1))
@@ -86,23 +91,29 @@ class VSSNet(nn.Module):
         levels = len(self.widths)
         self.stem = conv_bn(1, self.widths[0])
         self.sfe = nn.ModuleList(
-            SequenceFeatureExtraction(self.widths[i], self.widths[i],
-                                      self.widths[min(i + 1, levels - 1)])
+            SequenceFeatureExtraction(
+                self.widths[i], self.widths[i], self.widths[min(i + 1, levels - 1)]
+            )
             for i in range(levels - 1)
         )
-        self.bottleneck = nn.Sequential(conv_bn(self.widths[-1], self.widths[-1]),
-                                        conv_bn(self.widths[-1], self.widths[-1]))
+        self.bottleneck = nn.Sequential(
+            conv_bn(self.widths[-1], self.widths[-1]), conv_bn(self.widths[-1], self.widths[-1])
+        )
         # Column j (1..levels-1) holds nodes for levels 0..levels-1-j.
         self.columns: list[list[FRNode]] = nn.ModuleList(  # type: ignore[assignment]
             nn.ModuleList(
-                FRNode(self.widths[level], self.widths[level + 1],
-                       self.widths[level - 1] if level > 0 else None)
+                FRNode(
+                    self.widths[level],
+                    self.widths[level + 1],
+                    self.widths[level - 1] if level > 0 else None,
+                )
                 for level in range(levels - j)
             )
             for j in range(1, levels)
         )
-        self.heads = nn.ModuleList(nn.Conv2d(self.widths[0], out_channels, 1)
-                                   for _ in range(levels - 1))
+        self.heads = nn.ModuleList(
+            nn.Conv2d(self.widths[0], out_channels, 1) for _ in range(levels - 1)
+        )
 
     def forward_all(self, frames: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every full-resolution head (for deep supervision)."""
@@ -118,8 +129,10 @@ class VSSNet(nn.Module):
         grid.append(self.bottleneck(feats.amax(dim=1)))
         outputs = []
         for j, column in enumerate(self.columns):
-            grid = [node(grid[level], grid[level + 1], grid[level - 1] if level > 0 else None)
-                    for level, node in enumerate(column)]
+            grid = [
+                node(grid[level], grid[level + 1], grid[level - 1] if level > 0 else None)
+                for level, node in enumerate(column)
+            ]
             outputs.append(self.heads[j](grid[0])[..., :h0, :w0])
         return outputs
 
@@ -130,5 +143,7 @@ class VSSNet(nn.Module):
 
 @architecture("vss_net")
 def build_vss_net(config: Mapping[str, Any]) -> VSSNet:
-    return VSSNet(out_channels=int(config.get("out_channels", 1)),
-                  widths=tuple(config.get("widths", DEFAULT_WIDTHS)))
+    return VSSNet(
+        out_channels=int(config.get("out_channels", 1)),
+        widths=tuple(config.get("widths", DEFAULT_WIDTHS)),
+    )

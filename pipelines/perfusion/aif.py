@@ -120,8 +120,9 @@ def parabolic_peak(curve: np.ndarray, grid_s: np.ndarray) -> tuple[float, float]
     return float(curve[i]), float(grid_s[i])
 
 
-def baseline_frames(signal: np.ndarray, mask: np.ndarray, grid_s: np.ndarray,
-                    subtracted: bool) -> int:
+def baseline_frames(
+    signal: np.ndarray, mask: np.ndarray, grid_s: np.ndarray, subtracted: bool
+) -> int:
     """Grid samples before the bolus reaches the ICA (at least one).
 
     In subtracted runs the background is flat, so the ICA's first frame can be
@@ -145,8 +146,7 @@ def baseline_frames(signal: np.ndarray, mask: np.ndarray, grid_s: np.ndarray,
     return max(1, int(np.searchsorted(grid_s, arrival - step, side="right")))
 
 
-def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSettings
-                      ) -> np.ndarray:
+def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSettings) -> np.ndarray:
     """Which columns of ``curves`` (N, P: the ICA mask's pixels) carry a clean first pass.
 
     In projection, whatever else lies on the ray adds to the ICA's curve: a
@@ -174,7 +174,7 @@ def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSetti
     window = (grid_s >= start) & (grid_s <= start + max(2.0, 2 * rise))
     if window.sum() < 2:
         return everything
-    own_peak = np.maximum(curves[max(0, top - 1):top + 2].mean(axis=0), 1e-12)
+    own_peak = np.maximum(curves[max(0, top - 1) : top + 2].mean(axis=0), 1e-12)
     late = curves[window].mean(axis=0) / own_peak
     cut = float(np.quantile(late, settings.first_pass_quantile))
     keep = late <= cut
@@ -184,8 +184,14 @@ def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSetti
     return keep
 
 
-def measure_aif(concentration: np.ndarray, mask: np.ndarray, grid_s: np.ndarray, baseline: int,
-                sigma: float, settings: AifSettings | None = None) -> Aif:
+def measure_aif(
+    concentration: np.ndarray,
+    mask: np.ndarray,
+    grid_s: np.ndarray,
+    baseline: int,
+    sigma: float,
+    settings: AifSettings | None = None,
+) -> Aif:
     """The AIF as the mean concentration over ``mask``, with its quality checks."""
     settings = settings or AifSettings()
     if not mask.any():
@@ -215,5 +221,14 @@ def measure_aif(concentration: np.ndarray, mask: np.ndarray, grid_s: np.ndarray,
         )
     if baseline == 1:
         flags.append("only one pre-contrast frame: the baseline is noisy")
-    return Aif(curve=curve, grid_s=grid_s, baseline_frames=baseline, arrival_s=arrival, peak=peak,
-               peak_time_s=peak_time, noise=float(noise), pixels=pixels, flags=flags)
+    return Aif(
+        curve=curve,
+        grid_s=grid_s,
+        baseline_frames=baseline,
+        arrival_s=arrival,
+        peak=peak,
+        peak_time_s=peak_time,
+        noise=float(noise),
+        pixels=pixels,
+        flags=flags,
+    )

@@ -153,9 +153,12 @@ def _osvd(basis: _Basis, z: torch.Tensor, settings: Settings) -> tuple[torch.Ten
     Residues and their second differences come from one stacked matrix product.
     """
     rel = basis.rel
-    boundaries = [k for k in range(1, basis.length + 1)
-                  if rel[k - 1] >= settings.osvd_floor
-                  and (k == basis.length or rel[k] < rel[k - 1] * (1 - 1e-6))]
+    boundaries = [
+        k
+        for k in range(1, basis.length + 1)
+        if rel[k - 1] >= settings.osvd_floor
+        and (k == basis.length or rel[k] < rel[k - 1] * (1 - 1e-6))
+    ]
     ks = torch.as_tensor(boundaries, device=z.device)
     scaled = z / basis.s[:, None]
     rows = torch.arange(basis.length, device=z.device)[:, None]
@@ -191,23 +194,27 @@ def _osvd(basis: _Basis, z: torch.Tensor, settings: Settings) -> tuple[torch.Ten
     return residue, threshold
 
 
-def _tikhonov(basis: _Basis, z: torch.Tensor, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+def _tikhonov(
+    basis: _Basis, z: torch.Tensor, settings: Settings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tikhonov filter factors with lambda per pixel by GCV, evaluated for a grid of
     lambdas in one matrix product (the GCV terms are linear in Z^2)."""
     s = basis.s
     lo, hi = settings.tikhonov_range
-    lambdas = s[0] * torch.logspace(np.log10(lo), np.log10(hi), settings.tikhonov_steps,
-                                    device=z.device)
+    lambdas = s[0] * torch.logspace(
+        np.log10(lo), np.log10(hi), settings.tikhonov_steps, device=z.device
+    )
     ratio = lambdas[:, None] ** 2 / (s[None, :] ** 2 + lambdas[:, None] ** 2)  # (G, L) = 1 - phi
     gcv = (ratio**2 @ z**2) / ratio.sum(dim=1)[:, None] ** 2
     best = gcv.argmin(dim=0)
-    factors = (s[:, None] / (s[:, None] ** 2 + lambdas[None, :] ** 2))  # (L, G)
+    factors = s[:, None] / (s[:, None] ** 2 + lambdas[None, :] ** 2)  # (L, G)
     residue = basis.v @ (factors[:, best] * z)
     return residue, lambdas[best] / s[0]
 
 
-def _peak(residue: torch.Tensor, step_s: float, circulant: bool, frames: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _peak(
+    residue: torch.Tensor, step_s: float, circulant: bool, frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximum and its time with parabolic sub-sample interpolation.
 
     For circulant residues, maxima in the last quarter of the padded period are
@@ -222,16 +229,23 @@ def _peak(residue: torch.Tensor, step_s: float, circulant: bool, frames: int
         before = residue.gather(0, (index - 1).clamp_min(0)[None]).squeeze(0)
         after = residue.gather(0, (index + 1).clamp_max(length - 1)[None]).squeeze(0)
     curvature = before - 2 * peak + after
-    offset = torch.where(curvature < 0, 0.5 * (before - after) / curvature.clamp_max(-1e-12),
-                         torch.zeros_like(peak)).clamp(-0.5, 0.5)
+    offset = torch.where(
+        curvature < 0, 0.5 * (before - after) / curvature.clamp_max(-1e-12), torch.zeros_like(peak)
+    ).clamp(-0.5, 0.5)
     position = index.to(residue.dtype) + offset
     if circulant:
         position = torch.where(position > length - frames / 2, position - length, position)
     return peak, position * step_s
 
 
-def _tmax_onset(residue: torch.Tensor, peak: torch.Tensor, argmax_s: torch.Tensor,
-                step_s: float, circulant: bool, frames: int) -> torch.Tensor:
+def _tmax_onset(
+    residue: torch.Tensor,
+    peak: torch.Tensor,
+    argmax_s: torch.Tensor,
+    step_s: float,
+    circulant: bool,
+    frames: int,
+) -> torch.Tensor:
     """Tmax as the time the residue first reaches its maximum.
 
     For the ideal residues of the indicator-dilution model (a step at the delay,
@@ -273,8 +287,13 @@ def resolve(settings: Settings, step_s: float) -> Settings:
     return replace(settings, method=chosen)
 
 
-def deconvolve(tissue: np.ndarray | torch.Tensor, aif: np.ndarray, step_s: float,
-               settings: Settings | None = None, device: str | torch.device = "cpu") -> Residues:
+def deconvolve(
+    tissue: np.ndarray | torch.Tensor,
+    aif: np.ndarray,
+    step_s: float,
+    settings: Settings | None = None,
+    device: str | torch.device = "cpu",
+) -> Residues:
     """CBF and Tmax for every column of ``tissue`` (N, P), baseline-corrected curves
     on the uniform grid of ``aif`` (N,)."""
     settings = resolve(settings or Settings(), step_s)
@@ -313,15 +332,18 @@ def deconvolve(tissue: np.ndarray | torch.Tensor, aif: np.ndarray, step_s: float
     return Residues(cbf=cbf, tmax_s=tmax, regularisation=reg, method=settings.method)
 
 
-def residues(tissue: np.ndarray, aif: np.ndarray, step_s: float, settings: Settings | None = None
-             ) -> np.ndarray:
+def residues(
+    tissue: np.ndarray, aif: np.ndarray, step_s: float, settings: Settings | None = None
+) -> np.ndarray:
     """The full flow-scaled residues (L, P) of a few curves, for inspection and tests."""
     settings = resolve(settings or Settings(), step_s)
     basis = _Basis(aif, step_s, CIRCULANT[settings.method], torch.device("cpu"))
     with torch.inference_mode():
         z = basis.project(torch.as_tensor(tissue, dtype=torch.float32))
         if settings.method in ("ssvd", "csvd"):
-            fixed = settings.ssvd_threshold if settings.method == "ssvd" else settings.csvd_threshold
+            fixed = (
+                settings.ssvd_threshold if settings.method == "ssvd" else settings.csvd_threshold
+            )
             keep = torch.as_tensor(basis.rel >= fixed)
             out = basis.v @ (torch.where(keep, 1 / basis.s, torch.zeros_like(basis.s))[:, None] * z)
         elif settings.method == "osvd":

@@ -43,8 +43,9 @@ class IcaResult:
     components: int  # connected components before keeping the largest
 
 
-def opacity_and_arrival(concentration: np.ndarray, grid_s: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def opacity_and_arrival(
+    concentration: np.ndarray, grid_s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Peak opacification per pixel and the time it first reaches half of it."""
     peak = concentration.max(axis=0)
     reached = concentration >= 0.5 * peak[None]
@@ -60,8 +61,9 @@ def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels == (int(np.argmax(sizes)) + 1), count
 
 
-def classical_ica(opacity: np.ndarray, arrival_s: np.ndarray, sigma: float,
-                  settings: IcaSettings | None = None) -> IcaResult:
+def classical_ica(
+    opacity: np.ndarray, arrival_s: np.ndarray, sigma: float, settings: IcaSettings | None = None
+) -> IcaResult:
     """Earliest-opacifying, widest vessel entering from the border (see module docstring)."""
     settings = settings or IcaSettings()
     smooth = ndimage.gaussian_filter(opacity, 1.0)
@@ -85,8 +87,9 @@ def classical_ica(opacity: np.ndarray, arrival_s: np.ndarray, sigma: float,
     # Per component: median arrival and maximum radius where it crosses the border band.
     entry_arrival = arrival_s[entry]
     early = np.array([np.median(entry_arrival[index == k]) for k in entering])
-    width = np.atleast_1d(np.asarray(
-        ndimage.maximum(np.where(entry, radius, 0.0), labels, entering), float))
+    width = np.atleast_1d(
+        np.asarray(ndimage.maximum(np.where(entry, radius, 0.0), labels, entering), float)
+    )
     in_time = early <= early.min() + settings.early_margin_s
     choice = int(np.argmax(np.where(in_time, width, -np.inf)))
     component = labels == entering[choice]
@@ -98,10 +101,14 @@ def classical_ica(opacity: np.ndarray, arrival_s: np.ndarray, sigma: float,
     trunk &= arrival_s <= early[choice] + settings.early_margin_s
     if not trunk.any():
         trunk = component
-    mask, components = (largest_component(trunk) if settings.keep_largest
-                        else (trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])))
-    return IcaResult(mask=mask, method="classical", entry_width_px=2 * entry_radius,
-                     components=components)
+    mask, components = (
+        largest_component(trunk)
+        if settings.keep_largest
+        else (trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1]))
+    )
+    return IcaResult(
+        mask=mask, method="classical", entry_width_px=2 * entry_radius, components=components
+    )
 
 
 def model_ica(mask: np.ndarray, settings: IcaSettings | None = None) -> IcaResult:

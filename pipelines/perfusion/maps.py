@@ -60,13 +60,15 @@ class MapSettings:
         return self.sigma_mm / float(np.mean(spacing_mm))
 
     def describe_mask(self) -> str:
-        return (f"brain = tissue whose curve area is > {self.brain_snr:g} noise SD after "
-                f"smoothing, holes filled, the region (with its vessels) holding most of it; "
-                f"large vessels excluded = peak opacification >= {self.vessel_fraction:.0%} of "
-                f"the AIF peak or >= {self.vessel_contrast:.0%} of it above the surrounding "
-                f"blush (top-hat, {self.vessel_width_mm:g} mm), the ICA, or opacity >= "
-                f"{self.static_fraction:.0%} of its peak already at bolus arrival (catheter), "
-                "dilated 1 px")
+        return (
+            f"brain = tissue whose curve area is > {self.brain_snr:g} noise SD after "
+            f"smoothing, holes filled, the region (with its vessels) holding most of it; "
+            f"large vessels excluded = peak opacification >= {self.vessel_fraction:.0%} of "
+            f"the AIF peak or >= {self.vessel_contrast:.0%} of it above the surrounding "
+            f"blush (top-hat, {self.vessel_width_mm:g} mm), the ICA, or opacity >= "
+            f"{self.static_fraction:.0%} of its peak already at bolus arrival (catheter), "
+            "dilated 1 px"
+        )
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,17 @@ def _smoothing_gain(sigma_px: float) -> float:
     return min(1.0, 1.0 / (2 * np.sqrt(np.pi) * max(sigma_px, 1e-6)))
 
 
-def tissue_masks(conc: np.ndarray, step_s: float, aif_peak: float, sigma: float, ica: np.ndarray,
-                 sigma_px: float, settings: MapSettings, arrival_s: float | None = None,
-                 spacing_px_mm: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def tissue_masks(
+    conc: np.ndarray,
+    step_s: float,
+    aif_peak: float,
+    sigma: float,
+    ica: np.ndarray,
+    sigma_px: float,
+    settings: MapSettings,
+    arrival_s: float | None = None,
+    spacing_px_mm: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
     """Brain and large-vessel masks (see the module docstring), from 2D summaries:
     the peak opacification (vessels) and the area under the curve (brain), whose
     noise SD after smoothing is ``sigma * step * sqrt(N) * gain``.
@@ -109,11 +119,12 @@ def tissue_masks(conc: np.ndarray, step_s: float, aif_peak: float, sigma: float,
         # keeps vessels or loses brain): white top-hat of the peak opacification
         # with a disk as wide as the widest vessel to remove.
         radius = max(1, int(round(0.5 * settings.vessel_width_mm / max(spacing_px_mm, 1e-6))))
-        disk = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+        disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
         background = ndimage.grey_opening(peak, footprint=disk)
         tophat = peak - background
         vessels |= (tophat >= settings.vessel_contrast * aif_peak) & (
-            tophat >= settings.vessel_relative * np.maximum(background, 0))
+            tophat >= settings.vessel_relative * np.maximum(background, 0)
+        )
     if arrival_s is not None and np.isfinite(arrival_s):
         at = int(np.clip(round(arrival_s / step_s), 0, conc.shape[0] - 1))
         early = ndimage.gaussian_filter(conc[at], 1.0)
@@ -122,7 +133,8 @@ def tissue_masks(conc: np.ndarray, step_s: float, aif_peak: float, sigma: float,
     tissue = (~vessels).astype(np.float32)
     area = conc.sum(axis=0) * step_s
     smoothed = ndimage.gaussian_filter(area * tissue, sigma_px) / np.maximum(
-        ndimage.gaussian_filter(tissue, sigma_px), 1e-6)
+        ndimage.gaussian_filter(tissue, sigma_px), 1e-6
+    )
     noise = sigma * step_s * np.sqrt(conc.shape[0]) * _smoothing_gain(sigma_px)
     enhancing = (smoothed >= settings.brain_snr * noise) & ~vessels
     # The brain is one piece together with the vessels that cross it: label the
@@ -145,21 +157,36 @@ def _ttp(curves: torch.Tensor, step_s: float) -> torch.Tensor:
     after = curves.gather(0, (index + 1).clamp_max(n - 1)[None])[0]
     curvature = before - 2 * peak + after
     inner = (index > 0) & (index < n - 1) & (curvature < 0)
-    offset = torch.where(inner, 0.5 * (before - after) / torch.where(inner, curvature, -1.0),
-                         torch.zeros_like(peak)).clamp(-0.5, 0.5)
+    offset = torch.where(
+        inner, 0.5 * (before - after) / torch.where(inner, curvature, -1.0), torch.zeros_like(peak)
+    ).clamp(-0.5, 0.5)
     return (index.to(curves.dtype) + offset) * step_s
 
 
-def compute_maps(concentration: np.ndarray, aif: Aif, sigma: float, ica: np.ndarray,
-                 spacing_mm: tuple[float, float] | None, settings: MapSettings | None = None,
-                 device: str | torch.device = "cpu") -> Maps:
+def compute_maps(
+    concentration: np.ndarray,
+    aif: Aif,
+    sigma: float,
+    ica: np.ndarray,
+    spacing_mm: tuple[float, float] | None,
+    settings: MapSettings | None = None,
+    device: str | torch.device = "cpu",
+) -> Maps:
     """All maps for concentration curves (N, H, W) on the AIF's uniform grid."""
     settings = settings or MapSettings()
     step = float(aif.grid_s[1] - aif.grid_s[0])
     sigma_px = settings.sigma_pixels(spacing_mm)
-    brain, vessels = tissue_masks(concentration, step, aif.peak, sigma, ica, sigma_px, settings,
-                                  arrival_s=aif.arrival_s,
-                                  spacing_px_mm=float(np.mean(spacing_mm)) if spacing_mm else 0.5)
+    brain, vessels = tissue_masks(
+        concentration,
+        step,
+        aif.peak,
+        sigma,
+        ica,
+        sigma_px,
+        settings,
+        arrival_s=aif.arrival_s,
+        spacing_px_mm=float(np.mean(spacing_mm)) if spacing_mm else 0.5,
+    )
     valid = brain & ~vessels
     with torch.inference_mode():
         conc = torch.as_tensor(concentration, dtype=torch.float32, device=device)
@@ -183,7 +210,16 @@ def compute_maps(concentration: np.ndarray, aif: Aif, sigma: float, ica: np.ndar
         out[valid] = np.where(ok, values, 0.0)
         return out
 
-    return Maps(cbf=image(residues.cbf / median), cbf_median_per_s=median, cbv=image(cbv),
-                mtt=image(mtt), tmax=image(residues.tmax_s), ttp=image(ttp),
-                valid=image(np.ones_like(cbv)) > 0, brain=brain, vessels=vessels,
-                regularisation=image(residues.regularisation), method=residues.method)
+    return Maps(
+        cbf=image(residues.cbf / median),
+        cbf_median_per_s=median,
+        cbv=image(cbv),
+        mtt=image(mtt),
+        tmax=image(residues.tmax_s),
+        ttp=image(ttp),
+        valid=image(np.ones_like(cbv)) > 0,
+        brain=brain,
+        vessels=vessels,
+        regularisation=image(residues.regularisation),
+        method=residues.method,
+    )

@@ -146,15 +146,17 @@ class DsaPerfusion:
         del raw_signal
         image = minip(frames)
 
-        ica, algorithm = self._ica(image, signal, timing.grid_s, sigma, ctx, ica_mode,
-                                   ica_settings, device)
+        ica, algorithm = self._ica(
+            image, signal, timing.grid_s, sigma, ctx, ica_mode, ica_settings, device
+        )
         baseline = baseline_frames(signal, ica.mask, timing.grid_s, run.meta.subtracted)
         concentration = signal - signal[:baseline].mean(axis=0, keepdims=True)
         del signal
         aif = measure_aif(concentration, ica.mask, timing.grid_s, baseline, sigma, aif_settings)
         notes.extend(aif.flags)
-        maps = compute_maps(concentration, aif, sigma, ica.mask, run.meta.pixel_spacing_mm,
-                            map_settings, device)
+        maps = compute_maps(
+            concentration, aif, sigma, ica.mask, run.meta.pixel_spacing_mm, map_settings, device
+        )
         method = maps.method
         notes.append(
             f"ICA: {ica.method}, {int(ica.mask.sum())} px, {ica.components} part(s)"
@@ -165,27 +167,41 @@ class DsaPerfusion:
         )
         outputs: list[Any] = [ImageOutput(key="minip", pixels=image, description="MinIP")]
         outputs += self._maps(maps, image, algorithm, method, map_settings)
-        outputs.append(RenderingOutput(
-            key="aif_plot",
-            rgb=aif_figure(image, ica.mask, aif, [f"AIF from the ICA ({ica.method}), {method}"]),
-            description="Perfusion AIF and ICA mask",
-        ))
-        outputs.append(MeasurementsOutput(
-            key="aif",
-            title="Perfusion DSA arterial input function",
-            measurements=[
-                Measurement(TIME_OF_PEAK_CONCENTRATION, aif.peak_time_s, UCUM_SECOND),
-                Measurement(PEAK_VALUE, aif.peak, UCUM_ARBITRARY),
-                Measurement(BOLUS_ARRIVAL, aif.arrival_s, UCUM_SECOND),
-            ],
-            algorithm=algorithm,
-            finding_site=ICA,
-        ))
+        outputs.append(
+            RenderingOutput(
+                key="aif_plot",
+                rgb=aif_figure(
+                    image, ica.mask, aif, [f"AIF from the ICA ({ica.method}), {method}"]
+                ),
+                description="Perfusion AIF and ICA mask",
+            )
+        )
+        outputs.append(
+            MeasurementsOutput(
+                key="aif",
+                title="Perfusion DSA arterial input function",
+                measurements=[
+                    Measurement(TIME_OF_PEAK_CONCENTRATION, aif.peak_time_s, UCUM_SECOND),
+                    Measurement(PEAK_VALUE, aif.peak, UCUM_ARBITRARY),
+                    Measurement(BOLUS_ARRIVAL, aif.arrival_s, UCUM_SECOND),
+                ],
+                algorithm=algorithm,
+                finding_site=ICA,
+            )
+        )
         return PipelineResult(outputs=outputs, notes=notes)
 
-    def _ica(self, image: np.ndarray, signal: np.ndarray, grid_s: np.ndarray, sigma: float,
-             ctx: PipelineContext, mode: str, settings: IcaSettings, device: torch.device
-             ) -> tuple[IcaResult, AlgorithmInfo]:
+    def _ica(
+        self,
+        image: np.ndarray,
+        signal: np.ndarray,
+        grid_s: np.ndarray,
+        sigma: float,
+        ctx: PipelineContext,
+        mode: str,
+        settings: IcaSettings,
+        device: torch.device,
+    ) -> tuple[IcaResult, AlgorithmInfo]:
         use_model = mode == "model" or (mode == "auto" and ctx.model_package is not None)
         if use_model:
             if ctx.model_package is None:
@@ -207,34 +223,77 @@ class DsaPerfusion:
         result = classical_ica(opacity, arrival, sigma, settings)
         return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
 
-    def _maps(self, maps: Maps, image: np.ndarray, algorithm: AlgorithmInfo, method: str,
-              settings: MapSettings) -> list[Any]:
+    def _maps(
+        self,
+        maps: Maps,
+        image: np.ndarray,
+        algorithm: AlgorithmInfo,
+        method: str,
+        settings: MapSettings,
+    ) -> list[Any]:
         specs = [
-            ("cbf", "CBF", maps.cbf, RELATIVE_CBF, UCUM_RATIO, "ratio",
-             "relative CBF (uncalibrated DSA), 1 = brain median"),
-            ("cbv", "CBV", maps.cbv, RELATIVE_CBV, UCUM_RATIO, "ratio",
-             "relative CBV = tissue/AIF area (uncalibrated DSA)"),
+            (
+                "cbf",
+                "CBF",
+                maps.cbf,
+                RELATIVE_CBF,
+                UCUM_RATIO,
+                "ratio",
+                "relative CBF (uncalibrated DSA), 1 = brain median",
+            ),
+            (
+                "cbv",
+                "CBV",
+                maps.cbv,
+                RELATIVE_CBV,
+                UCUM_RATIO,
+                "ratio",
+                "relative CBV = tissue/AIF area (uncalibrated DSA)",
+            ),
             ("mtt", "MTT", maps.mtt, MEAN_TRANSIT_TIME, UCUM_SECOND, "s", "MTT = CBV/CBF (s)"),
-            ("tmax", "TMAX", maps.tmax, TMAX, UCUM_SECOND, "s",
-             "Tmax = time the residue reaches its peak, after the AIF (s)"),
-            ("ttp", "TTP", maps.ttp, TIME_TO_PEAK, UCUM_SECOND, "s",
-             "TTP = tissue peak time after the first frame (s)"),
+            (
+                "tmax",
+                "TMAX",
+                maps.tmax,
+                TMAX,
+                UCUM_SECOND,
+                "s",
+                "Tmax = time the residue reaches its peak, after the AIF (s)",
+            ),
+            (
+                "ttp",
+                "TTP",
+                maps.ttp,
+                TIME_TO_PEAK,
+                UCUM_SECOND,
+                "s",
+                "TTP = tissue peak time after the first frame (s)",
+            ),
         ]
         outputs: list[Any] = []
         mask_note = settings.describe_mask()
         for key, label, values, quantity, unit, unit_text, text in specs:
-            outputs.append(ParametricMapOutput(
-                key=key, values=values, label=label, quantity=quantity, unit=unit,
-                algorithm=algorithm,
-                description=f"{text}; {method}; 0 outside the mask ({mask_note})",
-                valid=maps.valid,
-            ))
-            outputs.append(RenderingOutput(
-                key=f"{key}_color",
-                rgb=color_map(values, maps.valid, image, label, unit_text,
-                              [f"{text}; {method}"]),
-                description=f"Perfusion {label} colour map",
-            ))
+            outputs.append(
+                ParametricMapOutput(
+                    key=key,
+                    values=values,
+                    label=label,
+                    quantity=quantity,
+                    unit=unit,
+                    algorithm=algorithm,
+                    description=f"{text}; {method}; 0 outside the mask ({mask_note})",
+                    valid=maps.valid,
+                )
+            )
+            outputs.append(
+                RenderingOutput(
+                    key=f"{key}_color",
+                    rgb=color_map(
+                        values, maps.valid, image, label, unit_text, [f"{text}; {method}"]
+                    ),
+                    description=f"Perfusion {label} colour map",
+                )
+            )
         return outputs
 
 

@@ -33,7 +33,9 @@ def canvas_uids(source_sop_instance_uid: str) -> tuple[str, str, str]:
     return node_canvas.canvas_uids(EncodeContext(sources=[source], pipeline="phantom"))
 
 
-def minip_canvas(source: Dataset, image: np.ndarray, pixel_spacing_mm: tuple[float, float] | None = None) -> Dataset:
+def minip_canvas(
+    source: Dataset, image: np.ndarray, pixel_spacing_mm: tuple[float, float] | None = None
+) -> Dataset:
     """The node's own MinIP canvas for ``source`` (same UIDs, pixels and geometry as the
     node delivers), so truth annotations reference the object the node sends.
 
@@ -43,7 +45,6 @@ def minip_canvas(source: Dataset, image: np.ndarray, pixel_spacing_mm: tuple[flo
     if image.ndim != 2 or image.shape != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"canvas must be ({source.Rows}, {source.Columns}), got {image.shape}")
     return node_canvas.make_canvas(EncodeContext(sources=[source], pipeline="phantom"), image)
-
 
 
 def truth_segmentation(
@@ -78,7 +79,9 @@ def truth_segmentation(
     ]
     measures = None
     if pixel_spacing_mm is not None:
-        measures = hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing_mm, slice_thickness=slice_thickness_mm)
+        measures = hd.PixelMeasuresSequence(
+            pixel_spacing=pixel_spacing_mm, slice_thickness=slice_thickness_mm
+        )
     seg = hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=arr,
@@ -109,4 +112,3 @@ def truth_segmentation(
         if key in seg:
             setattr(seg, key, sources[0].get("StudyTime", seg.get(key)))
     return seg
-

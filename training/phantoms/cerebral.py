@@ -38,25 +38,68 @@ from training.phantoms.vessels import (
     subdivide,
 )
 
-ARTERY_NAMES = ("ica", "ophthalmic", "acho", "pcom", "pca", "m1", "lenticulostriate", "m2", "mca", "a1", "a2", "aca")
+ARTERY_NAMES = (
+    "ica",
+    "ophthalmic",
+    "acho",
+    "pcom",
+    "pca",
+    "m1",
+    "lenticulostriate",
+    "m2",
+    "mca",
+    "a1",
+    "a2",
+    "aca",
+)
 VEIN_NAMES = (
-    "sss", "iss", "straight", "galen", "icv", "rosenthal", "transverse", "sigmoid", "ijv",
-    "sylvian", "labbe", "cortical",
+    "sss",
+    "iss",
+    "straight",
+    "galen",
+    "icv",
+    "rosenthal",
+    "transverse",
+    "sigmoid",
+    "ijv",
+    "sylvian",
+    "labbe",
+    "cortical",
 )
 
 # Venous timing offsets (s) around the venous delay, which is defined at the
 # superior sagittal sinus: cortical veins opacify first, the sigmoid sinus and
 # jugular vein last (Osborn 1999; Aoki et al., AJNR 2008 for circulation times).
 _VENOUS_OFFSET = {
-    "cortical": -0.9, "sylvian": -0.6, "labbe": -0.5, "icv": -0.2, "rosenthal": -0.2, "iss": -0.2,
-    "galen": 0.0, "sss": 0.0, "straight": 0.2, "transverse": 0.4, "sigmoid": 0.6, "ijv": 0.8,
+    "cortical": -0.9,
+    "sylvian": -0.6,
+    "labbe": -0.5,
+    "icv": -0.2,
+    "rosenthal": -0.2,
+    "iss": -0.2,
+    "galen": 0.0,
+    "sss": 0.0,
+    "straight": 0.2,
+    "transverse": 0.4,
+    "sigmoid": 0.6,
+    "ijv": 0.8,
 }
 # Fraction of the injected hemisphere's outflow concentration in each vein:
 # sinuses also collect unopacified blood (other hemisphere, posterior fossa,
 # external carotid territory), so they are diluted, the jugular veins most.
 VENOUS_DILUTION = {
-    "cortical": 1.0, "sylvian": 1.0, "labbe": 1.0, "icv": 0.8, "rosenthal": 0.8, "iss": 0.8,
-    "galen": 0.7, "sss": 0.7, "straight": 0.6, "transverse": 0.5, "sigmoid": 0.45, "ijv": 0.35,
+    "cortical": 1.0,
+    "sylvian": 1.0,
+    "labbe": 1.0,
+    "icv": 0.8,
+    "rosenthal": 0.8,
+    "iss": 0.8,
+    "galen": 0.7,
+    "sss": 0.7,
+    "straight": 0.6,
+    "transverse": 0.5,
+    "sigmoid": 0.45,
+    "ijv": 0.35,
 }
 
 
@@ -102,7 +145,10 @@ def build(seed: int) -> CerebralAnatomy:
         # Coiled aneurysm at the ICA terminus or the MCA bifurcation.
         m1 = arteries.points[arteries.label == arteries.label_of("m1")]
         site = ica_pts[-1] if rng.random() < 0.5 else m1[-1]
-        coil = (site + rng.normal(scale=1.0, size=3) + np.array([0, 0, 3.0]), float(rng.uniform(2.5, 4.5)))
+        coil = (
+            site + rng.normal(scale=1.0, size=3) + np.array([0, 0, 3.0]),
+            float(rng.uniform(2.5, 4.5)),
+        )
     return CerebralAnatomy(arteries, veins, brain, side, fetal, catheter, coil)
 
 
@@ -112,15 +158,31 @@ def _jitter(rng: np.random.Generator, ctrl: list[list[float]], sd: float, side: 
     return pts + rng.normal(scale=sd, size=pts.shape) * np.r_[0.0, np.ones(len(pts) - 1)][:, None]
 
 
-def _arteries(rng: np.random.Generator, brain: Brain, side: int, fetal: bool) -> tuple[VesselTree, np.ndarray]:
+def _arteries(
+    rng: np.random.Generator, brain: Brain, side: int, fetal: bool
+) -> tuple[VesselTree, np.ndarray]:
     b = TreeBuilder(ARTERY_NAMES)
     r_ica = rng.uniform(2.0, 2.5)
     step = 2.0
     # Cervical ICA, petrous segment, cavernous siphon, supraclinoid to the terminus.
-    ica_ctrl = _jitter(rng, [
-        [26, 14, -135], [25, 14, -100], [24, 12, -72], [23, 6, -55], [20, -8, -47],
-        [17, -17, -40], [15, -24, -31], [15, -20, -22], [15, -11, -22], [17, -11, -14], [20, -8, -8],
-    ], 1.5, side)
+    ica_ctrl = _jitter(
+        rng,
+        [
+            [26, 14, -135],
+            [25, 14, -100],
+            [24, 12, -72],
+            [23, 6, -55],
+            [20, -8, -47],
+            [17, -17, -40],
+            [15, -24, -31],
+            [15, -20, -22],
+            [15, -11, -22],
+            [17, -11, -14],
+            [20, -8, -8],
+        ],
+        1.5,
+        side,
+    )
     pts, rad = spline_chain(ica_ctrl, np.linspace(r_ica, 0.85 * r_ica, len(ica_ctrl)), step)
     ica = b.add_chain(pts, rad, -1, "ica")
     ica_pts = pts
@@ -129,21 +191,61 @@ def _arteries(rng: np.random.Generator, brain: Brain, side: int, fetal: bool) ->
     def near(idx: np.ndarray, target: np.ndarray) -> int:
         return int(idx[np.argmin(np.linalg.norm(b.points[idx] - target, axis=1))])
 
-    def chain(name: str, parent: int, ctrl: list[list[float]], r0: float, r1: float, sd: float = 2.0, sprout=False) -> np.ndarray:
+    def chain(
+        name: str,
+        parent: int,
+        ctrl: list[list[float]],
+        r0: float,
+        r1: float,
+        sd: float = 2.0,
+        sprout=False,
+    ) -> np.ndarray:
         pts_c = np.vstack([b.points[parent], _jitter(rng, ctrl, sd, side)])
         p, r = spline_chain(pts_c, np.linspace(r0, r1, len(pts_c)), step)
         spr = sprout if isinstance(sprout, bool) else (np.linspace(0, 1, len(p)) >= sprout)[1:]
         return b.add_chain(p[1:], r[1:], parent, name, spr)
 
     # Ophthalmic artery from the siphon into the orbit.
-    chain("ophthalmic", near(ica, np.array([side * 15, -22, -24])), [[18, -35, -24], [26, -55, -22], [30, -78, -18]], 0.7, 0.35)
+    chain(
+        "ophthalmic",
+        near(ica, np.array([side * 15, -22, -24])),
+        [[18, -35, -24], [26, -55, -22], [30, -78, -18]],
+        0.7,
+        0.35,
+    )
     # Anterior choroidal: thin, posterior course.
-    chain("acho", near(ica, np.array([side * 18, -10, -13])), [[22, -2, -12], [26, 10, -6], [24, 22, 2]], 0.45, 0.25)
+    chain(
+        "acho",
+        near(ica, np.array([side * 18, -10, -13])),
+        [[22, -2, -12], [26, 10, -6], [24, 22, 2]],
+        0.45,
+        0.25,
+    )
     # PCom, and a PCA that fills from it when fetal.
-    pcom = chain("pcom", near(ica, np.array([side * 16, -11, -17])), [[15, -3, -18], [16, 6, -19]], 0.6 if not fetal else 1.1, 0.55 if not fetal else 1.0)
+    pcom = chain(
+        "pcom",
+        near(ica, np.array([side * 16, -11, -17])),
+        [[15, -3, -18], [16, 6, -19]],
+        0.6 if not fetal else 1.1,
+        0.55 if not fetal else 1.0,
+    )
     if fetal:
-        pca = chain("pca", int(pcom[-1]), [[22, 16, -16], [28, 30, -12], [28, 48, -4], [20, 68, 4], [12, 84, 10]], 1.1, 0.8, sprout=0.3)
-        chain("pca", near(pca, np.array([side * 28, 44, -6])), [[30, 58, 12], [22, 72, 30]], 0.7, 0.5, sprout=0.2)
+        pca = chain(
+            "pca",
+            int(pcom[-1]),
+            [[22, 16, -16], [28, 30, -12], [28, 48, -4], [20, 68, 4], [12, 84, 10]],
+            1.1,
+            0.8,
+            sprout=0.3,
+        )
+        chain(
+            "pca",
+            near(pca, np.array([side * 28, 44, -6])),
+            [[30, 58, 12], [22, 72, 30]],
+            0.7,
+            0.5,
+            sprout=0.2,
+        )
     # M1 to the limen insulae, then superior and inferior M2 trunks in the Sylvian fissure.
     r_m1 = rng.uniform(1.3, 1.6)
     m1 = chain("m1", term, [[30, -7, -7], [38, -5, -4], [43, -2, -1]], r_m1, 0.9 * r_m1)
@@ -151,16 +253,48 @@ def _arteries(rng: np.random.Generator, brain: Brain, side: int, fetal: bool) ->
         start = int(m1[int(rng.integers(1, max(2, len(m1) - 1)))])
         base = b.points[start] * np.array([side, 1, 1])
         tip = base + np.array([rng.uniform(-4, 2), rng.uniform(-4, 6), rng.uniform(18, 28)])
-        chain("lenticulostriate", start, [list(base + (tip - base) * 0.5), list(tip)], 0.25, 0.12, sd=1.5)
-    for ctrl in ([[44, 2, 10], [44, 10, 22], [45, 22, 34], [44, 36, 46]], [[45, 6, 0], [46, 18, 2], [48, 34, 6], [50, 52, 10]]):
+        chain(
+            "lenticulostriate",
+            start,
+            [list(base + (tip - base) * 0.5), list(tip)],
+            0.25,
+            0.12,
+            sd=1.5,
+        )
+    for ctrl in (
+        [[44, 2, 10], [44, 10, 22], [45, 22, 34], [44, 36, 46]],
+        [[45, 6, 0], [46, 18, 2], [48, 34, 6], [50, 52, 10]],
+    ):
         chain("m2", int(m1[-1]), ctrl, 0.75 * r_m1, 0.6 * r_m1, sprout=0.15)
     if rng.random() < 0.4:  # trifurcation: a middle trunk
-        chain("m2", int(m1[-1]), [[46, 4, 6], [48, 16, 14], [50, 30, 20]], 0.6 * r_m1, 0.5 * r_m1, sprout=0.2)
+        chain(
+            "m2",
+            int(m1[-1]),
+            [[46, 4, 6], [48, 16, 14], [50, 30, 20]],
+            0.6 * r_m1,
+            0.5 * r_m1,
+            sprout=0.2,
+        )
     # A1 to the midline, A2 up in front of the genu, pericallosal around the callosum.
     r_a1 = rng.uniform(0.9, 1.2)
     a1 = chain("a1", term, [[12, -12, -6], [4, -15, -4]], r_a1, r_a1)
-    a2 = chain("a2", int(a1[-1]), [[3, -22, 4], [3, -32, 18], [3, -25, 33], [3, -8, 42], [3, 15, 44], [3, 38, 36]], r_a1, 0.7 * r_a1, sd=1.5, sprout=0.25)
-    chain("aca", near(a2, np.array([side * 3, -30, 15])), [[4, -42, 28], [5, -35, 48], [5, -10, 60], [5, 20, 62]], 0.75 * r_a1, 0.55 * r_a1, sprout=0.1)
+    a2 = chain(
+        "a2",
+        int(a1[-1]),
+        [[3, -22, 4], [3, -32, 18], [3, -25, 33], [3, -8, 42], [3, 15, 44], [3, 38, 36]],
+        r_a1,
+        0.7 * r_a1,
+        sd=1.5,
+        sprout=0.25,
+    )
+    chain(
+        "aca",
+        near(a2, np.array([side * 3, -30, 15])),
+        [[4, -42, 28], [5, -35, 48], [5, -10, 60], [5, 20, 62]],
+        0.75 * r_a1,
+        0.55 * r_a1,
+        sprout=0.1,
+    )
 
     # Territories (normalised brain coordinates), cortex-weighted attractors.
     att = hemisphere_points(rng, brain, side, 6000, shell=(0.55, 0.98))
@@ -183,9 +317,31 @@ def _arteries(rng: np.random.Generator, brain: Brain, side: int, fetal: bool) ->
         on_trunk = np.isin(b.labels, [labels.index(t) for t in trunks])
         tips = on_trunk & (np.bincount(b.parent[b.parent >= 0], minlength=b.count) == 0)
         allowed = b.sprout & on_trunk & ((rng.random(b.count) < 0.35) | tips)
-        coarse = colonise(b, pool[n_att : n_att + n_att // 4], name, rng, step_mm=3.0, influence_mm=70.0, kill_mm=10.0, momentum=0.5, jitter=0.3, sprout_mask=allowed)
+        coarse = colonise(
+            b,
+            pool[n_att : n_att + n_att // 4],
+            name,
+            rng,
+            step_mm=3.0,
+            influence_mm=70.0,
+            kill_mm=10.0,
+            momentum=0.5,
+            jitter=0.3,
+            sprout_mask=allowed,
+        )
         allowed = np.isin(np.arange(b.count), coarse)
-        fine = colonise(b, pool[:n_att], name, rng, step_mm=2.5, influence_mm=18.0, kill_mm=4.5, momentum=0.4, jitter=0.4, sprout_mask=allowed)
+        fine = colonise(
+            b,
+            pool[:n_att],
+            name,
+            rng,
+            step_mm=2.5,
+            influence_mm=18.0,
+            kill_mm=4.5,
+            momentum=0.4,
+            jitter=0.4,
+            sprout_mask=allowed,
+        )
         grown.append((np.concatenate([coarse, fine]), trunks))
     tree = b.build()
     all_grown = np.concatenate([g for g, _ in grown]) if grown else np.zeros(0, np.int64)
@@ -211,14 +367,30 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
     inner = ax + 2.0
     # Superior sagittal sinus along the inner table, frontal to the torcula.
     theta = np.deg2rad(np.linspace(-20.0, 205.0, 14))
-    sss_ctrl = np.stack([rng.normal(scale=1.0, size=14), c[1] - 0.98 * inner[1] * np.cos(theta), c[2] + 0.98 * inner[2] * np.sin(theta)], 1)
+    sss_ctrl = np.stack(
+        [
+            rng.normal(scale=1.0, size=14),
+            c[1] - 0.98 * inner[1] * np.cos(theta),
+            c[2] + 0.98 * inner[2] * np.sin(theta),
+        ],
+        1,
+    )
     p, r = spline_chain(sss_ctrl, np.linspace(1.2, 4.2, len(sss_ctrl)), step)
     sss = b.add_chain(p, r, -1, "sss", np.linspace(0, 1, len(p)) < 0.92)
     torcula = int(sss[-1])
     tp = b.points[torcula]
     dominant = 1.0 if rng.random() < 0.65 else 0.7
 
-    def chain(name: str, parent: int, ctrl: list[list[float]], r0: float, r1: float, sd: float = 2.0, sprout=False, mirror: int = side) -> np.ndarray:
+    def chain(
+        name: str,
+        parent: int,
+        ctrl: list[list[float]],
+        r0: float,
+        r1: float,
+        sd: float = 2.0,
+        sprout=False,
+        mirror: int = side,
+    ) -> np.ndarray:
         ctrl_a = np.asarray(ctrl, float)
         ctrl_a[:, 0] = mirror * np.abs(ctrl_a[:, 0])
         pts_c = np.vstack([b.points[parent], ctrl_a + rng.normal(scale=sd, size=ctrl_a.shape)])
@@ -228,9 +400,30 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
         return b.add_chain(pp[1:], rr[1:], parent, name, spr)
 
     for s_side, rad in ((side, 4.0 * dominant), (-side, 4.0 * (1.7 - dominant))):
-        tr = chain("transverse", torcula, [[30, tp[1] - 4, tp[2] - 4], [52, tp[1] - 22, tp[2] - 10], [58, tp[1] - 42, tp[2] - 14]], rad, rad, mirror=s_side, sprout=s_side == side)
-        sg = chain("sigmoid", int(tr[-1]), [[56, 28, -45], [46, 22, -62]], rad, 0.95 * rad, mirror=s_side)
-        chain("ijv", int(sg[-1]), [[42, 24, -90], [40, 26, -140]], 0.95 * rad, 1.1 * rad, mirror=s_side)
+        tr = chain(
+            "transverse",
+            torcula,
+            [
+                [30, tp[1] - 4, tp[2] - 4],
+                [52, tp[1] - 22, tp[2] - 10],
+                [58, tp[1] - 42, tp[2] - 14],
+            ],
+            rad,
+            rad,
+            mirror=s_side,
+            sprout=s_side == side,
+        )
+        sg = chain(
+            "sigmoid", int(tr[-1]), [[56, 28, -45], [46, 22, -62]], rad, 0.95 * rad, mirror=s_side
+        )
+        chain(
+            "ijv",
+            int(sg[-1]),
+            [[42, 24, -90], [40, 26, -140]],
+            0.95 * rad,
+            1.1 * rad,
+            mirror=s_side,
+        )
         if s_side == side:
             transverse_side = tr
     # Deep system: straight sinus from the vein of Galen, internal cerebral and basal veins.
@@ -244,12 +437,21 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
     chain("rosenthal", int(g2[-1]), [[10, 26, 0], [20, 12, -6], [22, -6, -12]], 1.1, 0.7, sd=1.5)
     chain("iss", galen, [[0, 22, 22], [0, 0, 34], [0, -28, 30]], 1.3, 0.6, sd=1.0, mirror=1)
     # Superficial middle cerebral vein (to the sphenoparietal sinus) and the vein of Labbe.
-    sylv_ctrl = np.array([[58, 32, 8], [57, 14, -2], [50, -6, -10], [38, -20, -22], [20, -22, -32]], float)
+    sylv_ctrl = np.array(
+        [[58, 32, 8], [57, 14, -2], [50, -6, -10], [38, -20, -22], [20, -22, -32]], float
+    )
     sylv_ctrl[:, 0] *= side
     sylv_ctrl += rng.normal(scale=2.0, size=sylv_ctrl.shape)
     p, r = spline_chain(sylv_ctrl, np.linspace(0.6, 1.5, len(sylv_ctrl)), step)
     b.add_chain(p, r, -1, "sylvian")
-    chain("labbe", int(transverse_side[len(transverse_side) // 2]), [[60, 45, -14], [62, 25, -2], [60, 10, 6]], 1.6, 0.8, sprout=0.0)
+    chain(
+        "labbe",
+        int(transverse_side[len(transverse_side) // 2]),
+        [[60, 45, -14], [62, 25, -2], [60, 10, 6]],
+        1.6,
+        0.8,
+        sprout=0.0,
+    )
     # Cortical veins grown from the SSS (and the Labbe / transverse sinus) over the convexity.
     att = hemisphere_points(rng, brain, side, 900, shell=(0.86, 0.99))
     n = brain.normalised(att)
@@ -257,9 +459,33 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
     lower = att[(n[:, 2] <= -0.25) & (n[:, 1] > -0.1)][:40]
     # Bridging veins enter the sinus at irregular intervals, not at every node.
     sss_mask = np.isin(b.labels, [VEIN_NAMES.index("sss")]) & b.sprout & (rng.random(b.count) < 0.2)
-    grown_up = colonise(b, upper, "cortical", rng, step_mm=3.0, influence_mm=60.0, kill_mm=9.0, momentum=0.6, jitter=0.3, sprout_mask=sss_mask)
-    low_mask = np.isin(b.labels, [VEIN_NAMES.index("labbe"), VEIN_NAMES.index("transverse")]) & b.sprout
-    grown_low = colonise(b, lower, "cortical", rng, step_mm=3.0, influence_mm=60.0, kill_mm=9.0, momentum=0.6, jitter=0.3, sprout_mask=low_mask)
+    grown_up = colonise(
+        b,
+        upper,
+        "cortical",
+        rng,
+        step_mm=3.0,
+        influence_mm=60.0,
+        kill_mm=9.0,
+        momentum=0.6,
+        jitter=0.3,
+        sprout_mask=sss_mask,
+    )
+    low_mask = (
+        np.isin(b.labels, [VEIN_NAMES.index("labbe"), VEIN_NAMES.index("transverse")]) & b.sprout
+    )
+    grown_low = colonise(
+        b,
+        lower,
+        "cortical",
+        rng,
+        step_mm=3.0,
+        influence_mm=60.0,
+        kill_mm=9.0,
+        momentum=0.6,
+        jitter=0.3,
+        sprout_mask=low_mask,
+    )
     tree = b.build()
     grown = np.concatenate([grown_up, grown_low])
     tree.points = smooth_grown(tree.points, tree.parent, grown)
@@ -267,7 +493,9 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
     roots = grown[~np.isin(tree.parent[grown], grown)]
     ref = counts[roots].max(initial=1.0)
     tree.radius[grown] = np.maximum(1.6 * (counts[grown] / ref) ** (1.0 / 2.6), 0.15)
-    tree.radius = _no_wider_than_parent(tree, exempt=np.isin(tree.label, [VEIN_NAMES.index(v) for v in ("cortical",)], invert=True))
+    tree.radius = _no_wider_than_parent(
+        tree, exempt=np.isin(tree.label, [VEIN_NAMES.index(v) for v in ("cortical",)], invert=True)
+    )
     offsets = np.array([_VENOUS_OFFSET[nm] for nm in VEIN_NAMES])[tree.label]
     # Small cortical veins fill before the large ones that collect them.
     cort = tree.label == VEIN_NAMES.index("cortical")
@@ -295,7 +523,12 @@ def territory_of(brain: Brain, pts: np.ndarray) -> np.ndarray:
 
 
 def hemisphere_points(
-    rng: np.random.Generator, brain: Brain, side: int, n: int, shell: tuple[float, float], uniform: bool = False
+    rng: np.random.Generator,
+    brain: Brain,
+    side: int,
+    n: int,
+    shell: tuple[float, float],
+    uniform: bool = False,
 ) -> np.ndarray:
     """Random points in one hemisphere, between normalised radii ``shell``.
 

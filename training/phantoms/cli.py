@@ -29,7 +29,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--count", type=int, default=1, help="number of runs (one patient each)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--size", type=int, default=None, help="matrix (2D) or voxels per side (3D)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="matrix (2D) or voxels per side (3D)"
+    )
     parser.add_argument("--frames", type=int, default=None, help="frames per run (2D kinds)")
     parser.add_argument("--native", action="store_true", help="dsa: unsubtracted run with a mask")
     parser.add_argument("--encoding", choices=ENCODINGS, default="explicit", help="transfer syntax")
@@ -67,7 +69,9 @@ def _run(args: argparse.Namespace) -> int:
             phantom = rotational.generate(seed, size=size)
         files = phantom.write(args.output, encoding=args.encoding, seg=args.seg)
         total += len(files)
-        print(f"{args.kind} seed {seed}: {len(files)} files in {files[0].parent} ({time.perf_counter() - start:.1f} s)")
+        print(
+            f"{args.kind} seed {seed}: {len(files)} files in {files[0].parent} ({time.perf_counter() - start:.1f} s)"
+        )
     print(f"wrote {total} files for {args.count} run(s) to {args.output}")
     return 0
 

@@ -34,7 +34,12 @@ XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 FOV_MM = 130.0
 SID_MM = 1000.0
 SOD_MM = 720.0
-VIEWS_LEFT = (("RAO 30 CAU 25", -30.0, -25.0), ("LAO 45 CRA 25", 45.0, 25.0), ("AP CRA 30", 0.0, 30.0), ("LAO 50 CAU 30", 50.0, -30.0))
+VIEWS_LEFT = (
+    ("RAO 30 CAU 25", -30.0, -25.0),
+    ("LAO 45 CRA 25", 45.0, 25.0),
+    ("AP CRA 30", 0.0, 30.0),
+    ("LAO 50 CAU 30", 50.0, -30.0),
+)
 VIEWS_RIGHT = (("LAO 30", 30.0, 0.0), ("RAO 30", -30.0, 0.0), ("LAO 30 CRA 20", 30.0, 20.0))
 NAMES = ("ostium", "main", "branch", "twig")
 
@@ -85,16 +90,31 @@ class CoronaryPhantom:
     def to_run(self) -> Run:
         t, h, w = self.pixels.shape
         meta = RunMeta(
-            modality="XA", sop_class_uid=XA_SOP_CLASS, rows=h, columns=w, number_of_frames=t,
-            frame_times_s=self.frame_times_s.copy(), pixel_spacing_mm=self.pixel_spacing_mm,
-            image_type=("ORIGINAL", "PRIMARY", "SINGLE PLANE"), body_part="HEART",
-            series_description=self.series_description, subtracted=False, is_volume=False,
+            modality="XA",
+            sop_class_uid=XA_SOP_CLASS,
+            rows=h,
+            columns=w,
+            number_of_frames=t,
+            frame_times_s=self.frame_times_s.copy(),
+            pixel_spacing_mm=self.pixel_spacing_mm,
+            image_type=("ORIGINAL", "PRIMARY", "SINGLE PLANE"),
+            body_part="HEART",
+            series_description=self.series_description,
+            subtracted=False,
+            is_volume=False,
             frame_rate=self.acquisition.fps[0],
-            extra={"phantom": "coronary", "seed": self.seed, "side": self.side, "heart_rate_bpm": self.heart_rate_bpm},
+            extra={
+                "phantom": "coronary",
+                "seed": self.seed,
+                "side": self.side,
+                "heart_rate_bpm": self.heart_rate_bpm,
+            },
         )
         return Run(pixels=self.pixels.astype(np.float32), meta=meta)
 
-    def write(self, directory: str | Path, encoding: str = "explicit", seg: bool = False) -> list[Path]:
+    def write(
+        self, directory: str | Path, encoding: str = "explicit", seg: bool = False
+    ) -> list[Path]:
         from training.phantoms import dicom_xa
 
         return dicom_xa.write_coronary(self, Path(directory), encoding=encoding, seg=seg)
@@ -110,7 +130,14 @@ class _Heart:
     length: float
 
 
-def _surface(heart: _Heart, h: np.ndarray, phi: np.ndarray, lift: np.ndarray, contraction: float, twist_deg: float) -> np.ndarray:
+def _surface(
+    heart: _Heart,
+    h: np.ndarray,
+    phi: np.ndarray,
+    lift: np.ndarray,
+    contraction: float,
+    twist_deg: float,
+) -> np.ndarray:
     """Epicardial points for (h, phi); ``lift`` mm above the surface (ostia, proximal trunks)."""
     scale_r = 1.0 - 0.13 * contraction
     scale_l = 1.0 - 0.07 * contraction
@@ -118,13 +145,25 @@ def _surface(heart: _Heart, h: np.ndarray, phi: np.ndarray, lift: np.ndarray, co
     hh = np.clip(h, -0.3, 0.97)
     r = heart.radius * scale_r * np.sqrt(np.clip(1.0 - hh**2, 0.02, 1.0)) + lift
     along = heart.length * scale_l * h
-    return heart.centre + along[:, None] * heart.axis + r[:, None] * (np.cos(ang)[:, None] * heart.e1 + np.sin(ang)[:, None] * heart.e2)
+    return (
+        heart.centre
+        + along[:, None] * heart.axis
+        + r[:, None] * (np.cos(ang)[:, None] * heart.e1 + np.sin(ang)[:, None] * heart.e2)
+    )
 
 
 def _curve(rng, h0, h1, phi0, phi1, n, wiggle=0.02):
     t = np.linspace(0, 1, n)
-    h = h0 + (h1 - h0) * t + wiggle * np.sin(2 * np.pi * t * rng.uniform(1, 3) + rng.uniform(0, 6)) * t
-    phi = phi0 + (phi1 - phi0) * t + 2 * wiggle * np.sin(2 * np.pi * t * rng.uniform(1, 3) + rng.uniform(0, 6)) * t
+    h = (
+        h0
+        + (h1 - h0) * t
+        + wiggle * np.sin(2 * np.pi * t * rng.uniform(1, 3) + rng.uniform(0, 6)) * t
+    )
+    phi = (
+        phi0
+        + (phi1 - phi0) * t
+        + 2 * wiggle * np.sin(2 * np.pi * t * rng.uniform(1, 3) + rng.uniform(0, 6)) * t
+    )
     return h, phi
 
 
@@ -155,38 +194,107 @@ def _tree(rng: np.random.Generator, side: str):
 
     if side == "left":
         # Left main from the left coronary sinus, lifted off the surface.
-        lm = add(np.linspace(-0.28, -0.02, 8), np.full(8, 0.25 + rng.normal(0, 0.05)), np.full(8, 2.2), -1, "ostium", np.linspace(14, 2, 8))
+        lm = add(
+            np.linspace(-0.28, -0.02, 8),
+            np.full(8, 0.25 + rng.normal(0, 0.05)),
+            np.full(8, 2.2),
+            -1,
+            "ostium",
+            np.linspace(14, 2, 8),
+        )
         phi_aiv = rng.uniform(-0.15, 0.15)
         lad = branch(lm[-1], 0.97, phi_aiv - rng.uniform(0.2, 0.5), 1.8, 0.6, "main", n=60)
         lcx = branch(lm[-1], rng.uniform(0.0, 0.1), rng.uniform(2.0, 2.6), 1.6, 0.8, "main", n=45)
         for k in range(int(rng.integers(2, 4))):  # diagonals over the anterolateral wall
             at = lad[int(rng.uniform(0.15, 0.55) * len(lad))]
-            branch(at, rng.uniform(0.65, 0.9), np.concatenate(phis)[at] + rng.uniform(0.6, 1.1), 1.1 - 0.2 * k, 0.45, "branch")
+            branch(
+                at,
+                rng.uniform(0.65, 0.9),
+                np.concatenate(phis)[at] + rng.uniform(0.6, 1.1),
+                1.1 - 0.2 * k,
+                0.45,
+                "branch",
+            )
         for _ in range(int(rng.integers(4, 7))):  # septal perforators, into the septum
             at = lad[int(rng.uniform(0.1, 0.6) * len(lad))]
-            branch(at, np.concatenate(hs)[at] + rng.uniform(0.1, 0.2), np.concatenate(phis)[at] - rng.uniform(0.3, 0.5), 0.45, 0.25, "twig", n=8)
+            branch(
+                at,
+                np.concatenate(hs)[at] + rng.uniform(0.1, 0.2),
+                np.concatenate(phis)[at] - rng.uniform(0.3, 0.5),
+                0.45,
+                0.25,
+                "twig",
+                n=8,
+            )
         for k in range(int(rng.integers(2, 4))):  # obtuse marginals down the lateral wall
             at = lcx[int(rng.uniform(0.25, 0.85) * len(lcx))]
-            branch(at, rng.uniform(0.6, 0.85), np.concatenate(phis)[at] + rng.uniform(-0.2, 0.2), 1.1 - 0.15 * k, 0.45, "branch")
+            branch(
+                at,
+                rng.uniform(0.6, 0.85),
+                np.concatenate(phis)[at] + rng.uniform(-0.2, 0.2),
+                1.1 - 0.15 * k,
+                0.45,
+                "branch",
+            )
         if rng.random() < 0.3:  # ramus intermedius
             branch(lm[-1], 0.7, rng.uniform(0.9, 1.3), 1.0, 0.45, "branch")
     else:
-        ost = add(np.linspace(-0.3, -0.03, 7), np.full(7, -1.0 + rng.normal(0, 0.05)), np.full(7, 2.1), -1, "ostium", np.linspace(12, 2, 7))
-        rca = branch(ost[-1], rng.uniform(0.0, 0.08), rng.uniform(-3.6, -3.2), 1.9, 1.3, "main", n=70)
-        branch(rca[-1], 0.85, np.concatenate(phis)[rca[-1]] - rng.uniform(0.1, 0.3), 1.1, 0.5, "main", n=40)
-        branch(rca[-1], 0.3, np.concatenate(phis)[rca[-1]] - 0.8, 0.9, 0.4, "branch")  # posterolateral
+        ost = add(
+            np.linspace(-0.3, -0.03, 7),
+            np.full(7, -1.0 + rng.normal(0, 0.05)),
+            np.full(7, 2.1),
+            -1,
+            "ostium",
+            np.linspace(12, 2, 7),
+        )
+        rca = branch(
+            ost[-1], rng.uniform(0.0, 0.08), rng.uniform(-3.6, -3.2), 1.9, 1.3, "main", n=70
+        )
+        branch(
+            rca[-1],
+            0.85,
+            np.concatenate(phis)[rca[-1]] - rng.uniform(0.1, 0.3),
+            1.1,
+            0.5,
+            "main",
+            n=40,
+        )
+        branch(
+            rca[-1], 0.3, np.concatenate(phis)[rca[-1]] - 0.8, 0.9, 0.4, "branch"
+        )  # posterolateral
         for k in range(int(rng.integers(2, 4))):  # acute marginals over the right ventricle
             at = rca[int(rng.uniform(0.2, 0.6) * len(rca))]
-            branch(at, rng.uniform(0.55, 0.8), np.concatenate(phis)[at] + rng.uniform(-0.3, 0.1), 0.9 - 0.15 * k, 0.4, "branch")
+            branch(
+                at,
+                rng.uniform(0.55, 0.8),
+                np.concatenate(phis)[at] + rng.uniform(-0.3, 0.1),
+                0.9 - 0.15 * k,
+                0.4,
+                "branch",
+            )
         branch(ost[-2], -0.15, -0.3, 0.6, 0.3, "twig", n=10)  # conus branch
     # Small side branches off every main and branch vessel.
     labels_all = np.concatenate(labels)
     for idx in np.flatnonzero(np.isin(labels_all, [NAMES.index("main"), NAMES.index("branch")])):
         if rng.random() < 0.08:
             h0 = np.concatenate(hs)[idx]
-            branch(idx, min(0.97, h0 + rng.uniform(0.05, 0.25)), np.concatenate(phis)[idx] + rng.uniform(-0.5, 0.5), 0.35, 0.2, "twig", n=10)
-    return (np.concatenate(hs), np.concatenate(phis), np.concatenate(lifts), np.concatenate(radii),
-            np.concatenate(parents).astype(np.int64), np.concatenate(labels).astype(np.uint8))
+            branch(
+                idx,
+                min(0.97, h0 + rng.uniform(0.05, 0.25)),
+                np.concatenate(phis)[idx] + rng.uniform(-0.5, 0.5),
+                0.35,
+                0.2,
+                "twig",
+                n=10,
+            )
+    return (
+        np.concatenate(hs),
+        np.concatenate(phis),
+        np.concatenate(lifts),
+        np.concatenate(radii),
+        np.concatenate(parents).astype(np.int64),
+        np.concatenate(labels).astype(np.uint8),
+    )
 
 
 def _path_length(pts: np.ndarray, parent: np.ndarray) -> np.ndarray:
@@ -203,7 +311,9 @@ def _projection(primary: float, secondary: float, centre: np.ndarray, size: int)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
     rot = rz @ rx
-    return Projection(rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 0, -1.0]), centre, FOV_MM / size, size)
+    return Projection(
+        rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 0, -1.0]), centre, FOV_MM / size, size
+    )
 
 
 def _contraction(phase: np.ndarray) -> np.ndarray:
@@ -258,14 +368,20 @@ def generate(
     phase = (times * hr / 60.0 + rng.uniform(0, 1)) % 1.0
     contraction = _contraction(phase)
     r_wave = np.flatnonzero(np.r_[True, np.diff(phase) < 0])
-    breath = breathing * 0.5 * (1 - np.cos(2 * np.pi * times / rng.uniform(4.0, 6.0) + rng.uniform(0, np.pi)))
+    breath = (
+        breathing
+        * 0.5
+        * (1 - np.cos(2 * np.pi * times / rng.uniform(4.0, 6.0) + rng.uniform(0, np.pi)))
+    )
 
     axis = np.array([0.6, -0.5, -0.62])
     axis /= np.linalg.norm(axis)
     e1 = np.cross(axis, [0, 0, 1.0])
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(axis, e1)
-    heart = _Heart(np.array([25.0, -10.0, -30.0]), axis, e1, e2, rng.uniform(40, 48), rng.uniform(85, 100))
+    heart = _Heart(
+        np.array([25.0, -10.0, -30.0]), axis, e1, e2, rng.uniform(40, 48), rng.uniform(85, 100)
+    )
     h, phi, lift, radius, parent, label = _tree(rng, side)
     pts0 = _surface(heart, h, phi, lift, 0.0, 12.0)
     # Centre the field on the tree, as the operator pans the table to it.
@@ -293,7 +409,15 @@ def generate(
         tree.delay = conc  # carried through subdivision as a per-node value
         fine = subdivide(tree, 1.0)
         opac = fine.delay > 0.1 * peak_conc
-        img = render_tree(fine, proj, np.zeros(len(fine), int), 1, mask_class=np.where(opac, 0, 1), n_masks=2, weight=fine.delay)
+        img = render_tree(
+            fine,
+            proj,
+            np.zeros(len(fine), int),
+            1,
+            mask_class=np.where(opac, 0, 1),
+            n_masks=2,
+            weight=fine.delay,
+        )
         vessel[k] = img.cover[0]
         geometry[k] = img.cover[0] | img.cover[1]
         diameter[k] = img.diameter_mm
@@ -301,22 +425,48 @@ def generate(
         moving = physics.warp(background_static["moving"], (dy * 0.3, 0.0), 0.0, (0.0, 0.0))
         diaphragm = _diaphragm(proj, heart, breath[k])
         cath_now = physics.warp(cath_render.thickness_mm[0], (dy, 0.0), 0.0, (0.0, 0.0))
-        catheter[k] = physics.warp(cath_render.cover[0].astype(float), (dy, 0.0), 0.0, (0.0, 0.0)) > 0.5
-        in_cath = peak_conc * (times[k] >= inj_start - 0.1) * (times[k] <= inj_start + inj_len + 0.3)
-        frames_att[k] = (background_static["static"] + moving + diaphragm + physics.MU_CATHETER * 2.0 * cath_now
-                         + physics.MU_IODINE * (img.thickness_mm[0] + in_cath * 0.4 * cath_now))
+        catheter[k] = (
+            physics.warp(cath_render.cover[0].astype(float), (dy, 0.0), 0.0, (0.0, 0.0)) > 0.5
+        )
+        in_cath = (
+            peak_conc * (times[k] >= inj_start - 0.1) * (times[k] <= inj_start + inj_len + 0.3)
+        )
+        frames_att[k] = (
+            background_static["static"]
+            + moving
+            + diaphragm
+            + physics.MU_CATHETER * 2.0 * cath_now
+            + physics.MU_IODINE * (img.thickness_mm[0] + in_cath * 0.4 * cath_now)
+        )
 
-    ref_signal = physics.MU_IODINE * 1.0 * peak_conc * np.pi / 4  # 1 mm vessel, pixel-averaged chord ~ pi/4 mm
+    ref_signal = (
+        physics.MU_IODINE * 1.0 * peak_conc * np.pi / 4
+    )  # 1 mm vessel, pixel-averaged chord ~ pi/4 mm
     heart_region = _heart_mask(proj, heart)
     noisy = noise and snr is not None
     detected_primary = physics.blur(np.exp(-frames_att), spacing)
-    relative = detected_primary + physics.scatter(detected_primary[0], frames_att[0] > 1.0, heart_region, spacing, spr=float(rng.uniform(0.5, 1.0)))[None]
+    relative = (
+        detected_primary
+        + physics.scatter(
+            detected_primary[0],
+            frames_att[0] > 1.0,
+            heart_region,
+            spacing,
+            spr=float(rng.uniform(0.5, 1.0)),
+        )[None]
+    )
     keep = float(np.median((detected_primary[0] / relative[0])[heart_region]))
     # A cine frame is seen alone (no mask): its noise is sqrt(1/N), half the
     # variance of a subtraction, hence the factor 2.
-    n0 = physics.dose_for_snr(ref_signal * keep, relative[0], heart_region, snr) / 2.0 if noisy else 1e6
+    n0 = (
+        physics.dose_for_snr(ref_signal * keep, relative[0], heart_region, snr) / 2.0
+        if noisy
+        else 1e6
+    )
     expected = n0 * relative
-    counts = physics.detected(expected, np.random.default_rng([seed, 0xC9, frames, size]) if noisy else None)
+    counts = physics.detected(
+        expected, np.random.default_rng([seed, 0xC9, frames, size]) if noisy else None
+    )
     # Display-ready image as cine systems store it: log of the quanta with the
     # large-scale range compressed (lungs versus spine), 600 grey levels per
     # unit of attenuation for detail.
@@ -324,21 +474,50 @@ def generate(
     sigma = 25.0 / spacing
     log_img = log_img - 0.6 * physics.lowpass(log_img, sigma)
     ref = float(np.median(log_img[0][heart_region]))
-    pixels = np.clip(np.rint(2048.0 + 600.0 * (log_img - ref)), 0, physics.STORED_MAX).astype(np.uint16)
+    pixels = np.clip(np.rint(2048.0 + 600.0 * (log_img - ref)), 0, physics.STORED_MAX).astype(
+        np.uint16
+    )
 
     acq = CineAcquisition(
-        view=view, primary_angle=primary, secondary_angle=secondary, patient_orientation=("L", "F"),
-        kvp=float(rng.uniform(70, 90)), tube_current_ma=float(rng.uniform(600, 900)), pulse_ms=float(rng.uniform(4, 8)),
-        sid_mm=SID_MM, sod_mm=SOD_MM, fps=(fps, fps), quanta_per_pixel=n0 if noisy else 0.0,
-        contrast_volume_ml=float(round(inj_len * rng.uniform(3, 4), 1)), contrast_rate_ml_s=float(rng.uniform(3, 4)),
+        view=view,
+        primary_angle=primary,
+        secondary_angle=secondary,
+        patient_orientation=("L", "F"),
+        kvp=float(rng.uniform(70, 90)),
+        tube_current_ma=float(rng.uniform(600, 900)),
+        pulse_ms=float(rng.uniform(4, 8)),
+        sid_mm=SID_MM,
+        sod_mm=SOD_MM,
+        fps=(fps, fps),
+        quanta_per_pixel=n0 if noisy else 0.0,
+        contrast_volume_ml=float(round(inj_len * rng.uniform(3, 4), 1)),
+        contrast_rate_ml_s=float(rng.uniform(3, 4)),
     )
     return CoronaryPhantom(
-        seed=seed, side=side, pixels=pixels, frame_times_s=times, pixel_spacing_mm=(spacing, spacing),
-        truth={"vessel": vessel, "vessel_geometry": geometry, "diameter_mm": diameter, "catheter": catheter},
-        cardiac_phase=phase.astype(np.float32), r_wave_frames=r_wave.astype(np.int32), heart_rate_bpm=hr,
+        seed=seed,
+        side=side,
+        pixels=pixels,
+        frame_times_s=times,
+        pixel_spacing_mm=(spacing, spacing),
+        truth={
+            "vessel": vessel,
+            "vessel_geometry": geometry,
+            "diameter_mm": diameter,
+            "catheter": catheter,
+        },
+        cardiac_phase=phase.astype(np.float32),
+        r_wave_frames=r_wave.astype(np.int32),
+        heart_rate_bpm=hr,
         acquisition=acq,
-        options={"size": size, "frames": frames, "fps": fps, "side": side, "snr": snr if noisy else None,
-                 "breathing_mm": breathing, "heart_rate_bpm": hr},
+        options={
+            "size": size,
+            "frames": frames,
+            "fps": fps,
+            "side": side,
+            "snr": snr if noisy else None,
+            "breathing_mm": breathing,
+            "heart_rate_bpm": hr,
+        },
     )
 
 
@@ -350,7 +529,14 @@ def _injection(t: np.ndarray, length: float, washout: float) -> np.ndarray:
 
 
 def _heart_mask(proj: Projection, heart: _Heart) -> np.ndarray:
-    prim = Ellipsoid(heart.centre + heart.axis * heart.length * 0.3, np.array([heart.radius, heart.radius, heart.length * 0.8]), _frame(heart), 1.0, None, None)
+    prim = Ellipsoid(
+        heart.centre + heart.axis * heart.length * 0.3,
+        np.array([heart.radius, heart.radius, heart.length * 0.8]),
+        _frame(heart),
+        1.0,
+        None,
+        None,
+    )
     return _plane_chords(prim, proj) > 20.0
 
 
@@ -359,20 +545,66 @@ def _frame(heart: _Heart) -> np.ndarray:
 
 
 def _diaphragm(proj: Projection, heart: _Heart, breath_mm: float) -> np.ndarray:
-    liver = Ellipsoid(np.array([-20.0, 0.0, -175.0 - breath_mm]), np.array([150.0, 110.0, 95.0]), np.eye(3), MU_SOFT, None, None)
+    liver = Ellipsoid(
+        np.array([-20.0, 0.0, -175.0 - breath_mm]),
+        np.array([150.0, 110.0, 95.0]),
+        np.eye(3),
+        MU_SOFT,
+        None,
+        None,
+    )
     return MU_SOFT * _plane_chords(liver, proj)
 
 
-def _chest(rng: np.random.Generator, proj: Projection, heart: _Heart, ostium: np.ndarray) -> tuple[dict[str, np.ndarray], VesselTree]:
+def _chest(
+    rng: np.random.Generator, proj: Projection, heart: _Heart, ostium: np.ndarray
+) -> tuple[dict[str, np.ndarray], VesselTree]:
     """Static chest (torso, lungs, spine), ribs (moving with breathing) and the guiding catheter."""
     eye = np.eye(3)
     prims = [
-        Ellipsoid(np.array([0.0, 0.0, -40.0]), np.array([160.0, 110.0, 260.0]), eye, MU_SOFT, None, None),
-        Ellipsoid(np.array([-75.0, 10.0, -10.0]), np.array([65.0, 85.0, 150.0]), eye, -0.8 * MU_SOFT, None, None),
-        Ellipsoid(np.array([75.0, 10.0, -10.0]), np.array([60.0, 85.0, 150.0]), eye, -0.8 * MU_SOFT, None, None),
-        Ellipsoid(heart.centre + heart.axis * heart.length * 0.3, np.array([heart.radius * 1.15, heart.radius * 1.1, heart.length * 0.85]), _frame(heart), 0.8 * MU_SOFT, None, None),
-        Ellipsoid(np.array([0.0, 70.0, -20.0]), np.array([18.0, 16.0, 260.0]), eye, 0.6 * MU_BONE, None, None),  # spine
-        Ellipsoid(np.array([10.0, 30.0, 40.0]), np.array([16.0, 16.0, 60.0]), eye, 0.2 * MU_SOFT, None, None),  # aorta
+        Ellipsoid(
+            np.array([0.0, 0.0, -40.0]), np.array([160.0, 110.0, 260.0]), eye, MU_SOFT, None, None
+        ),
+        Ellipsoid(
+            np.array([-75.0, 10.0, -10.0]),
+            np.array([65.0, 85.0, 150.0]),
+            eye,
+            -0.8 * MU_SOFT,
+            None,
+            None,
+        ),
+        Ellipsoid(
+            np.array([75.0, 10.0, -10.0]),
+            np.array([60.0, 85.0, 150.0]),
+            eye,
+            -0.8 * MU_SOFT,
+            None,
+            None,
+        ),
+        Ellipsoid(
+            heart.centre + heart.axis * heart.length * 0.3,
+            np.array([heart.radius * 1.15, heart.radius * 1.1, heart.length * 0.85]),
+            _frame(heart),
+            0.8 * MU_SOFT,
+            None,
+            None,
+        ),
+        Ellipsoid(
+            np.array([0.0, 70.0, -20.0]),
+            np.array([18.0, 16.0, 260.0]),
+            eye,
+            0.6 * MU_BONE,
+            None,
+            None,
+        ),  # spine
+        Ellipsoid(
+            np.array([10.0, 30.0, 40.0]),
+            np.array([16.0, 16.0, 60.0]),
+            eye,
+            0.2 * MU_SOFT,
+            None,
+            None,
+        ),  # aorta
     ]
     static = sum(p.mu * _plane_chords(p, proj) for p in prims)
     # Ribs: arcs around the chest wall, as tubes of bone.
@@ -389,12 +621,30 @@ def _chest(rng: np.random.Generator, proj: Projection, heart: _Heart, ostium: np
             parents.append(np.r_[-1, np.arange(count, count + 39)])
             radii.append(np.full(40, rng.uniform(4.0, 5.5)))
             count += 40
-    ribs = VesselTree(np.concatenate(pts), np.concatenate(parents), np.concatenate(radii), np.zeros(count), np.zeros(count, np.uint8), ("rib",))
+    ribs = VesselTree(
+        np.concatenate(pts),
+        np.concatenate(parents),
+        np.concatenate(radii),
+        np.zeros(count),
+        np.zeros(count, np.uint8),
+        ("rib",),
+    )
     rib_img = render_tree(ribs, proj, np.zeros(count, int), 1)
     moving = 0.5 * MU_BONE * rib_img.thickness_mm[0]
     # Guiding catheter: up the descending aorta, over the arch, into the ostium.
-    ctrl = np.array([[15.0, 40.0, -200.0], [15.0, 40.0, 20.0], [5.0, 20.0, 70.0], [-10.0, -5.0, 55.0], ostium + np.array([0, 0, 15.0]), ostium])
+    ctrl = np.array(
+        [
+            [15.0, 40.0, -200.0],
+            [15.0, 40.0, 20.0],
+            [5.0, 20.0, 70.0],
+            [-10.0, -5.0, 55.0],
+            ostium + np.array([0, 0, 15.0]),
+            ostium,
+        ]
+    )
     cp, cr = spline_chain(ctrl, np.full(len(ctrl), 1.0), 2.0)
     k = len(cp)
-    cath = VesselTree(cp, np.arange(-1, k - 1), cr, np.zeros(k), np.zeros(k, np.uint8), ("catheter",))
+    cath = VesselTree(
+        cp, np.arange(-1, k - 1), cr, np.zeros(k), np.zeros(k, np.uint8), ("catheter",)
+    )
     return {"static": static, "moving": moving}, cath

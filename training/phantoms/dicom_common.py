@@ -57,12 +57,16 @@ class Identity:
 
 def uid(*parts: Any) -> str:
     """Deterministic UID from its parts (kind, seed, role, option hash...)."""
-    return generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["training.phantoms", *[str(p) for p in parts]])
+    return generate_uid(
+        prefix=PYDICOM_ROOT_UID, entropy_srcs=["training.phantoms", *[str(p) for p in parts]]
+    )
 
 
 def options_key(options: dict[str, Any]) -> str:
     """Short stable hash of generation options, so differently generated series get different UIDs."""
-    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def identity(kind: str, seed: int) -> Identity:
@@ -161,7 +165,9 @@ def _jpeg_lossless(ds: Dataset, path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.dcm"
         ds.save_as(src, enforce_file_format=True)
-        proc = subprocess.run([exe, "+e1", "+un", str(src), str(path)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [exe, "+e1", "+un", str(src), str(path)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise EncodingError(f"dcmcjpeg failed ({proc.returncode}): {proc.stderr.strip()}")
     if "DerivationDescription" not in ds:

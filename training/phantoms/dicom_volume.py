@@ -66,8 +66,20 @@ def _common(ds: Dataset, ident: Identity, for_uid: str) -> None:
     ds.LossyImageCompression = "00"
 
 
-def xa3d_dataset(p: RotationalPhantom, ident: Identity, series_uid: str, sop_uid: str, for_uid: str) -> Dataset:
-    ds = base_dataset(XA3D_SOP_CLASS, sop_uid, ident, "XA", series_uid, 10, "3D-RA fill run", "HEAD", "Cerebral angiography")
+def xa3d_dataset(
+    p: RotationalPhantom, ident: Identity, series_uid: str, sop_uid: str, for_uid: str
+) -> Dataset:
+    ds = base_dataset(
+        XA3D_SOP_CLASS,
+        sop_uid,
+        ident,
+        "XA",
+        series_uid,
+        10,
+        "3D-RA fill run",
+        "HEAD",
+        "Cerebral angiography",
+    )
     _common(ds, ident, for_uid)
     nz, ny, nx = p.hu.shape
     dz, dy, dx = p.spacing_mm
@@ -84,7 +96,9 @@ def xa3d_dataset(p: RotationalPhantom, ident: Identity, series_uid: str, sop_uid
     # Enhanced Contrast/Bolus: the agent code sits in the item itself.
     agent = _code("109218004", "SCT", "Iohexol")
     agent.ContrastBolusAgentNumber = 1
-    agent.ContrastBolusAdministrationRouteSequence = [_code("58100008", "SCT", "Intra-arterial route")]
+    agent.ContrastBolusAdministrationRouteSequence = [
+        _code("58100008", "SCT", "Intra-arterial route")
+    ]
     agent.ContrastBolusIngredientCodeSequence = [_code("44588005", "SCT", "Iodine")]
     agent.ContrastBolusVolume = 18.0
     agent.ContrastBolusIngredientConcentration = 300.0
@@ -96,7 +110,10 @@ def xa3d_dataset(p: RotationalPhantom, ident: Identity, series_uid: str, sop_uid
     ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = dim_uid
     ds.DimensionOrganizationType = "3D"
     idx = []
-    for pointer, label in (("StackID", "Stack ID"), ("InStackPositionNumber", "In-Stack Position Number")):
+    for pointer, label in (
+        ("StackID", "Stack ID"),
+        ("InStackPositionNumber", "In-Stack Position Number"),
+    ):
         item = Dataset()
         item.DimensionOrganizationUID = dim_uid
         item.DimensionIndexPointer = pointer
@@ -153,7 +170,9 @@ def xa3d_dataset(p: RotationalPhantom, ident: Identity, series_uid: str, sop_uid
         fc.DimensionIndexValues = [1, k + 1]
         item.FrameContentSequence = [fc]
         pp = Dataset()
-        pp.ImagePositionPatient = [f"{v:.6g}" for v in (p.origin_mm[0], p.origin_mm[1], p.origin_mm[2] + k * dz)]
+        pp.ImagePositionPatient = [
+            f"{v:.6g}" for v in (p.origin_mm[0], p.origin_mm[1], p.origin_mm[2] + k * dz)
+        ]
         item.PlanePositionSequence = [pp]
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = per_frame
@@ -161,7 +180,9 @@ def xa3d_dataset(p: RotationalPhantom, ident: Identity, series_uid: str, sop_uid
     return ds
 
 
-def ct_slices(p: RotationalPhantom, ident: Identity, series_uid: str, for_uid: str) -> list[Dataset]:
+def ct_slices(
+    p: RotationalPhantom, ident: Identity, series_uid: str, for_uid: str
+) -> list[Dataset]:
     nz, ny, nx = p.hu.shape
     dz, dy, dx = p.spacing_mm
     stored = _stored(p.hu)
@@ -169,12 +190,24 @@ def ct_slices(p: RotationalPhantom, ident: Identity, series_uid: str, for_uid: s
     out = []
     for k in range(nz):
         sop = uid("rotational", p.seed, key, "ct", k)
-        ds = base_dataset(CT_SOP_CLASS, sop, ident, "CT", series_uid, 11, "3D-RA fill run (CT export)", "HEAD", "Cerebral angiography")
+        ds = base_dataset(
+            CT_SOP_CLASS,
+            sop,
+            ident,
+            "CT",
+            series_uid,
+            11,
+            "3D-RA fill run (CT export)",
+            "HEAD",
+            "Cerebral angiography",
+        )
         _common(ds, ident, for_uid)
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.InstanceNumber = k + 1
         ds.AcquisitionNumber = 1
-        ds.ImagePositionPatient = [f"{v:.6g}" for v in (p.origin_mm[0], p.origin_mm[1], p.origin_mm[2] + k * dz)]
+        ds.ImagePositionPatient = [
+            f"{v:.6g}" for v in (p.origin_mm[0], p.origin_mm[1], p.origin_mm[2] + k * dz)
+        ]
         ds.ImageOrientationPatient = AXIAL
         ds.SliceLocation = f"{p.origin_mm[2] + k * dz:.6g}"
         ds.SliceThickness = f"{dz:.6g}"
@@ -194,30 +227,55 @@ def ct_slices(p: RotationalPhantom, ident: Identity, series_uid: str, for_uid: s
     return out
 
 
-def write_rotational(p: RotationalPhantom, directory: Path, encoding: str = "explicit", seg: bool = False) -> list[Path]:
+def write_rotational(
+    p: RotationalPhantom, directory: Path, encoding: str = "explicit", seg: bool = False
+) -> list[Path]:
     ident = identity("rotational", p.seed)
     out_dir = directory / ident.patient_id
     key = options_key(p.options)
     for_uid = uid("rotational", p.seed, key, "frame-of-reference")
-    xa = xa3d_dataset(p, ident, uid("rotational", p.seed, key, "xa3d-series"), uid("rotational", p.seed, key, "xa3d"), for_uid)
+    xa = xa3d_dataset(
+        p,
+        ident,
+        uid("rotational", p.seed, key, "xa3d-series"),
+        uid("rotational", p.seed, key, "xa3d"),
+        for_uid,
+    )
     written = [save(xa, out_dir / "rotational_3dxa.dcm", encoding)]
     ct_series = uid("rotational", p.seed, key, "ct-series")
     slices = ct_slices(p, ident, ct_series, for_uid)
-    written += [save(ds, out_dir / "rotational_ct" / f"CT{k + 1:04d}.dcm", encoding) for k, ds in enumerate(ct_slices(p, ident, ct_series, for_uid))]
+    written += [
+        save(ds, out_dir / "rotational_ct" / f"CT{k + 1:04d}.dcm", encoding)
+        for k, ds in enumerate(ct_slices(p, ident, ct_series, for_uid))
+    ]
     if seg:
         labels = p.truth["labels"]
         masks = np.stack([labels == 1, labels == 2, labels == 3])
         s = canvas.truth_segmentation(
-            slices, masks,
-            [("Vessel", BLOOD_VESSEL, ANATOMICAL_STRUCTURE), ("Bone", BONE, TISSUE), ("Soft tissue", SOFT_TISSUE, TISSUE)],
-            series_uid=uid("rotational", p.seed, key, "seg-series"), sop_uid=uid("rotational", p.seed, key, "seg"),
-            series_number=12, description="Truth of the 3D-RA volume",
+            slices,
+            masks,
+            [
+                ("Vessel", BLOOD_VESSEL, ANATOMICAL_STRUCTURE),
+                ("Bone", BONE, TISSUE),
+                ("Soft tissue", SOFT_TISSUE, TISSUE),
+            ],
+            series_uid=uid("rotational", p.seed, key, "seg-series"),
+            sop_uid=uid("rotational", p.seed, key, "seg"),
+            series_number=12,
+            description="Truth of the 3D-RA volume",
         )
         path = out_dir / "rotational_seg.dcm"
         s.save_as(path, enforce_file_format=True)
         written.append(path)
-    written.append(save_truth(out_dir / "rotational_truth.npz", {
-        **p.truth, "spacing_mm": np.asarray(p.spacing_mm), "origin_mm": np.asarray(p.origin_mm),
-    }))
+    written.append(
+        save_truth(
+            out_dir / "rotational_truth.npz",
+            {
+                **p.truth,
+                "spacing_mm": np.asarray(p.spacing_mm),
+                "origin_mm": np.asarray(p.origin_mm),
+            },
+        )
+    )
     written.append(write_readme(out_dir, ROTATIONAL_README))
     return written

@@ -57,7 +57,17 @@ def xa_dataset(
     imager_spacing_mm: float,
 ) -> Dataset:
     """An XA multi-frame dataset; ``acq`` carries the acquisition facts (see ``dsa.Acquisition``)."""
-    ds = base_dataset(XA_SOP_CLASS, sop_uid, ident, "XA", series_uid, series_number, series_description, body_part, study_description)
+    ds = base_dataset(
+        XA_SOP_CLASS,
+        sop_uid,
+        ident,
+        "XA",
+        series_uid,
+        series_number,
+        series_description,
+        body_part,
+        study_description,
+    )
     n_frames, rows, cols = pixels.shape
     start = ident.content_datetime
     ds.ProtocolName = series_description
@@ -133,9 +143,17 @@ def _dsa_dataset(p: DSAPhantom) -> tuple[Dataset, Identity]:
     imager = p.pixel_spacing_mm[0] * p.acquisition.magnification
     peak_frame = int(np.argmin(np.abs(p.frame_times_s - p.timing["arterial_peak_s"])))
     ds = xa_dataset(
-        ident, p.pixels, p.frame_times_s, series_uid, uid("dsa", p.seed, variant, key, "instance"),
-        series_number=2 if p.native else 3, series_description=p.series_description,
-        study_description="Cerebral angiography", image_type=p.image_type, body_part="HEAD", acq=p.acquisition,
+        ident,
+        p.pixels,
+        p.frame_times_s,
+        series_uid,
+        uid("dsa", p.seed, variant, key, "instance"),
+        series_number=2 if p.native else 3,
+        series_description=p.series_description,
+        study_description="Cerebral angiography",
+        image_type=p.image_type,
+        body_part="HEAD",
+        acq=p.acquisition,
         bits_stored=16 if p.native else 12,
         pixel_intensity_relationship="LIN" if p.native else "DISP",
         window=(2000.0, 4000.0) if p.native else (1650.0, 1500.0),
@@ -155,7 +173,9 @@ def _dsa_dataset(p: DSAPhantom) -> tuple[Dataset, Identity]:
     return ds, ident
 
 
-def write_dsa(p: DSAPhantom, directory: Path, encoding: str = "explicit", seg: bool = False) -> list[Path]:
+def write_dsa(
+    p: DSAPhantom, directory: Path, encoding: str = "explicit", seg: bool = False
+) -> list[Path]:
     ds, ident = _dsa_dataset(p)
     out_dir = directory / ident.patient_id
     stem = "native" if p.native else "dsa"
@@ -163,18 +183,34 @@ def write_dsa(p: DSAPhantom, directory: Path, encoding: str = "explicit", seg: b
     ds_plain, _ = _dsa_dataset(p)  # uncompressed copy as the canvas source
     if seg:
         written += _canvas_and_seg(
-            ds_plain, p.to_run().pixels.min(axis=0), p.pixel_spacing_mm, out_dir, stem,
+            ds_plain,
+            p.to_run().pixels.min(axis=0),
+            p.pixel_spacing_mm,
+            out_dir,
+            stem,
             masks=[p.truth["artery"], p.truth["vein"], p.truth["ica"], p.truth["device"]],
-            segments=[("Artery", ARTERY, ANATOMICAL_STRUCTURE), ("Vein", VEIN, ANATOMICAL_STRUCTURE),
-                      ("Internal carotid artery", ICA, ANATOMICAL_STRUCTURE), ("Device", DEVICE, PHYSICAL_OBJECT)],
+            segments=[
+                ("Artery", ARTERY, ANATOMICAL_STRUCTURE),
+                ("Vein", VEIN, ANATOMICAL_STRUCTURE),
+                ("Internal carotid artery", ICA, ANATOMICAL_STRUCTURE),
+                ("Device", DEVICE, PHYSICAL_OBJECT),
+            ],
         )
     truth = dict(p.truth)
-    truth.update({
-        "region_labels": p.region_labels, "regions": p.regions_table(), "frame_times_s": p.frame_times_s,
-        "aif": p.aif, "pixel_spacing_mm": np.asarray(p.pixel_spacing_mm),
-        "t_fine_s": p.timing["t_fine_s"], "aif_fine": p.timing["aif_fine"], "tissue_fine": p.timing["tissue_fine"],
-        "timing": np.array([p.timing[k] for k in _TIMING_KEYS], np.float64), "timing_keys": np.array(_TIMING_KEYS),
-    })
+    truth.update(
+        {
+            "region_labels": p.region_labels,
+            "regions": p.regions_table(),
+            "frame_times_s": p.frame_times_s,
+            "aif": p.aif,
+            "pixel_spacing_mm": np.asarray(p.pixel_spacing_mm),
+            "t_fine_s": p.timing["t_fine_s"],
+            "aif_fine": p.timing["aif_fine"],
+            "tissue_fine": p.timing["tissue_fine"],
+            "timing": np.array([p.timing[k] for k in _TIMING_KEYS], np.float64),
+            "timing_keys": np.array(_TIMING_KEYS),
+        }
+    )
     if p.mask_pixels is not None:
         truth["mask_frame_index"] = np.array([0])
     written.append(save_truth(out_dir / f"{stem}_truth.npz", truth))
@@ -184,17 +220,35 @@ def write_dsa(p: DSAPhantom, directory: Path, encoding: str = "explicit", seg: b
     return written
 
 
-_TIMING_KEYS = ("bolus_arrival_s", "arterial_peak_s", "venous_peak_s", "venous_delay_s", "bolus_alpha", "bolus_beta_s", "bolus_peak")
+_TIMING_KEYS = (
+    "bolus_arrival_s",
+    "arterial_peak_s",
+    "venous_peak_s",
+    "venous_delay_s",
+    "bolus_alpha",
+    "bolus_beta_s",
+    "bolus_peak",
+)
 
 
 def _coronary_dataset(p: CoronaryPhantom) -> tuple[Dataset, Identity]:
     ident = identity("coronary", p.seed)
     key = options_key(p.options)
     ds = xa_dataset(
-        ident, p.pixels, p.frame_times_s, uid("coronary", p.seed, key, "series"), uid("coronary", p.seed, key, "instance"),
-        series_number=1, series_description=p.series_description, study_description="Coronary angiography",
-        image_type=("ORIGINAL", "PRIMARY", "SINGLE PLANE"), body_part="HEART", acq=p.acquisition,
-        bits_stored=12, pixel_intensity_relationship="DISP", window=(2048.0, 3000.0),
+        ident,
+        p.pixels,
+        p.frame_times_s,
+        uid("coronary", p.seed, key, "series"),
+        uid("coronary", p.seed, key, "instance"),
+        series_number=1,
+        series_description=p.series_description,
+        study_description="Coronary angiography",
+        image_type=("ORIGINAL", "PRIMARY", "SINGLE PLANE"),
+        body_part="HEART",
+        acq=p.acquisition,
+        bits_stored=12,
+        pixel_intensity_relationship="DISP",
+        window=(2048.0, 3000.0),
         imager_spacing_mm=p.pixel_spacing_mm[0] * p.acquisition.magnification,
     )
     ds.RWavePointer = [int(i) + 1 for i in p.r_wave_frames]
@@ -202,7 +256,9 @@ def _coronary_dataset(p: CoronaryPhantom) -> tuple[Dataset, Identity]:
     return ds, ident
 
 
-def write_coronary(p: CoronaryPhantom, directory: Path, encoding: str = "explicit", seg: bool = False) -> list[Path]:
+def write_coronary(
+    p: CoronaryPhantom, directory: Path, encoding: str = "explicit", seg: bool = False
+) -> list[Path]:
     ds, ident = _coronary_dataset(p)
     out_dir = directory / ident.patient_id
     written = [save(ds, out_dir / "coronary.dcm", encoding)]
@@ -210,12 +266,23 @@ def write_coronary(p: CoronaryPhantom, directory: Path, encoding: str = "explici
         ds_plain, _ = _coronary_dataset(p)
         vessel_any = p.truth["vessel"].any(axis=0)
         written += _canvas_and_seg(
-            ds_plain, p.pixels.min(axis=0).astype(np.float32), p.pixel_spacing_mm, out_dir, "coronary",
-            masks=[vessel_any], segments=[("Coronary vessels (any frame)", BLOOD_VESSEL, ANATOMICAL_STRUCTURE)],
+            ds_plain,
+            p.pixels.min(axis=0).astype(np.float32),
+            p.pixel_spacing_mm,
+            out_dir,
+            "coronary",
+            masks=[vessel_any],
+            segments=[("Coronary vessels (any frame)", BLOOD_VESSEL, ANATOMICAL_STRUCTURE)],
         )
     truth = dict(p.truth)
-    truth.update({"frame_times_s": p.frame_times_s, "cardiac_phase": p.cardiac_phase, "r_wave_frames": p.r_wave_frames,
-                  "pixel_spacing_mm": np.asarray(p.pixel_spacing_mm)})
+    truth.update(
+        {
+            "frame_times_s": p.frame_times_s,
+            "cardiac_phase": p.cardiac_phase,
+            "r_wave_frames": p.r_wave_frames,
+            "pixel_spacing_mm": np.asarray(p.pixel_spacing_mm),
+        }
+    )
     written.append(save_truth(out_dir / "coronary_truth.npz", truth))
     from training.phantoms.readme import CORONARY_README
 
@@ -223,17 +290,23 @@ def write_coronary(p: CoronaryPhantom, directory: Path, encoding: str = "explici
     return written
 
 
-def _canvas_and_seg(source: Dataset, minip: np.ndarray, spacing, out_dir: Path, stem: str, masks, segments) -> list[Path]:
+def _canvas_and_seg(
+    source: Dataset, minip: np.ndarray, spacing, out_dir: Path, stem: str, masks, segments
+) -> list[Path]:
     image = np.clip(np.rint(minip), 0, 2 ** int(source.BitsStored) - 1).astype(np.uint16)
     sc = canvas.minip_canvas(source, image, pixel_spacing_mm=spacing)
     sc_path = out_dir / f"{stem}_minip_sc.dcm"
     sc.save_as(sc_path, enforce_file_format=True)
     keep = [i for i, m in enumerate(masks) if np.any(m)]
     seg = canvas.truth_segmentation(
-        [sc], np.stack([masks[i] for i in keep]), [segments[i] for i in keep],
-        series_uid=uid("seg", sc.SOPInstanceUID, "series"), sop_uid=uid("seg", sc.SOPInstanceUID, "instance"),
+        [sc],
+        np.stack([masks[i] for i in keep]),
+        [segments[i] for i in keep],
+        series_uid=uid("seg", sc.SOPInstanceUID, "series"),
+        sop_uid=uid("seg", sc.SOPInstanceUID, "instance"),
         series_number=int(source.SeriesNumber) + canvas.SEG_SERIES_NUMBER_OFFSET,
-        description=f"Truth of series {source.SeriesNumber}", pixel_spacing_mm=spacing,
+        description=f"Truth of series {source.SeriesNumber}",
+        pixel_spacing_mm=spacing,
     )
     seg_path = out_dir / f"{stem}_seg.dcm"
     seg.save_as(seg_path, enforce_file_format=True)

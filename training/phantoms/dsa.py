@@ -34,7 +34,10 @@ FOV_MM = 230.0
 SID_MM = 1200.0
 SOD_MM = 780.0
 # (axis of increasing column, axis of increasing row, primary angle, secondary angle, Patient Orientation)
-VIEWS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float], float, float, tuple[str, str]]] = {
+VIEWS: dict[
+    str,
+    tuple[tuple[float, float, float], tuple[float, float, float], float, float, tuple[str, str]],
+] = {
     "lateral": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), -90.0, 0.0, ("P", "F")),
     "ap": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), 0.0, 0.0, ("L", "F")),
 }
@@ -108,7 +111,9 @@ class DSAPhantom:
         subtracted = not self.native
         if self.native and subtract:
             mask = self.mask_pixels.astype(np.float64).mean(axis=0)
-            pixels = physics.subtracted_values(self.pixels.astype(np.float64), mask).astype(np.float32)
+            pixels = physics.subtracted_values(self.pixels.astype(np.float64), mask).astype(
+                np.float32
+            )
             subtracted = True
         t, h, w = self.pixels.shape
         meta = RunMeta(
@@ -125,7 +130,12 @@ class DSAPhantom:
             subtracted=subtracted,
             is_volume=False,
             frame_rate=self.acquisition.fps[0],
-            extra={"phantom": "dsa", "seed": self.seed, "view": self.acquisition.view, "native": self.native},
+            extra={
+                "phantom": "dsa",
+                "seed": self.seed,
+                "view": self.acquisition.view,
+                "native": self.native,
+            },
         )
         return Run(pixels=pixels, meta=meta)
 
@@ -137,7 +147,9 @@ class DSAPhantom:
         """The DRO regions as a structured array: label, territory, state, residue, cbf, cbv, mtt_s, delay_s."""
         return PerfusionDRO(self.region_labels, self.regions, self.truth["tissue_path_mm"]).table()
 
-    def write(self, directory: str | Path, encoding: str = "explicit", seg: bool = False) -> list[Path]:
+    def write(
+        self, directory: str | Path, encoding: str = "explicit", seg: bool = False
+    ) -> list[Path]:
         """Write the run as XA DICOM plus truth (.npz, README); ``seg`` adds a MinIP canvas and SEG."""
         from training.phantoms import dicom_xa
 
@@ -195,7 +207,9 @@ def generate(
     if not 64 <= size <= 2048:
         raise PhantomOptionError(f"size must be 64-2048, got {size}")
     if snr_reference not in ("artery", "tissue"):
-        raise PhantomOptionError(f"snr_reference must be 'artery' or 'tissue', got {snr_reference!r}")
+        raise PhantomOptionError(
+            f"snr_reference must be 'artery' or 'tissue', got {snr_reference!r}"
+        )
     if snr is not None and snr <= 0:
         raise PhantomOptionError(f"snr must be positive or None, got {snr}")
     rng = np.random.default_rng([seed, 0x51])
@@ -210,7 +224,9 @@ def generate(
 
     arrival, alpha = float(rng.uniform(0.6, 1.4)), float(rng.uniform(2.5, 4.0))
     rise = float(rng.uniform(0.9, 1.5))  # arrival to peak, s
-    bolus = timing.Bolus(arrival_s=arrival, alpha=alpha, beta_s=rise / alpha, peak=float(rng.uniform(0.45, 0.65)))
+    bolus = timing.Bolus(
+        arrival_s=arrival, alpha=alpha, beta_s=rise / alpha, peak=float(rng.uniform(0.45, 0.65))
+    )
     if venous_delay_s is None:
         venous_delay_s = float(rng.uniform(3.5, 5.5))
     if not 1.0 <= venous_delay_s <= 10.0:
@@ -237,18 +253,36 @@ def generate(
         if r.state != "normal":
             sel = (node_region == r.label) & (art.radius < 0.5)
             art_delay[sel] += max(0.0, r.delay_s - 0.8)
-    art_groups, art_curves = _groups(art_delay, 0.05, lambda d: timing.dispersed(t, a_fine, d, 0.25 * d))
+    art_groups, art_curves = _groups(
+        art_delay, 0.05, lambda d: timing.dispersed(t, a_fine, d, 0.25 * d)
+    )
     ica_label = art.label_of("ica")
-    art_img = render_tree(art, proj, art_groups, len(art_curves), mask_class=(art.label == ica_label).astype(int), n_masks=2)
+    art_img = render_tree(
+        art,
+        proj,
+        art_groups,
+        len(art_curves),
+        mask_class=(art.label == ica_label).astype(int),
+        n_masks=2,
+    )
     vein = anatomy.veins
     vein_groups, vein_curves = _groups(
-        vein.delay + venous_delay_s, 0.1, lambda d: timing.venous_curve(t, a_fine, bolus.peak_time_s, d)
+        vein.delay + venous_delay_s,
+        0.1,
+        lambda d: timing.venous_curve(t, a_fine, bolus.peak_time_s, d),
     )
     vein_img = render_tree(vein, proj, vein_groups, len(vein_curves), weight=vein.dilution)
 
-    tissue_fine = np.stack([
-        timing.tissue_curve(t, a_fine, r.cbf, r.mtt_s, r.delay_s, r.residue) for r in dro.regions
-    ]) if dro.regions else np.zeros((0, len(t)))
+    tissue_fine = (
+        np.stack(
+            [
+                timing.tissue_curve(t, a_fine, r.cbf, r.mtt_s, r.delay_s, r.residue)
+                for r in dro.regions
+            ]
+        )
+        if dro.regions
+        else np.zeros((0, len(t)))
+    )
 
     # Iodine path (mm of full-strength contrast) per frame.
     sample = lambda curves: np.stack([timing.sample(t, c, times) for c in curves])  # noqa: E731
@@ -281,13 +315,23 @@ def generate(
         brain_region = np.ones((size, size), bool)
     # Detected signal relative to N0: blurred primary plus scatter (grid in place).
     detected_primary = physics.blur(np.exp(-attenuation), spacing)
-    scatter = physics.scatter(detected_primary[0], background > 1.0, brain_region, spacing, spr=float(rng.uniform(0.3, 0.6)))
+    scatter = physics.scatter(
+        detected_primary[0],
+        background > 1.0,
+        brain_region,
+        spacing,
+        spr=float(rng.uniform(0.3, 0.6)),
+    )
     relative = detected_primary + scatter[None]
     keep = detected_primary[0] / relative[0]  # fraction of the log contrast that scatter leaves
     # Reference signals from the noise-free curves on the fine grid, so that the
     # dose does not depend on whether a frame happens to hit the peak.
     if snr_reference == "artery":
-        ica_path = art_img.thickness_mm.sum(axis=0)[ica_mask] if ica_mask.any() else art_img.thickness_mm.sum(axis=0).ravel()
+        ica_path = (
+            art_img.thickness_mm.sum(axis=0)[ica_mask]
+            if ica_mask.any()
+            else art_img.thickness_mm.sum(axis=0).ravel()
+        )
         att = physics.MU_IODINE * float(a_fine.max()) * float(np.percentile(ica_path, 99))
         f = float(np.median(keep[ica_mask])) if ica_mask.any() else float(np.median(keep))
         ref_signal = -np.log(1.0 - f * (1.0 - np.exp(-att)))
@@ -298,7 +342,9 @@ def generate(
     noisy = noise and snr is not None
     n0 = physics.dose_for_snr(ref_signal, relative[0], brain_region, snr) if noisy else 1e6
     expected = n0 * relative
-    counts = physics.detected(expected, np.random.default_rng([seed, 0x9A, len(times), size]) if noisy else None)
+    counts = physics.detected(
+        expected, np.random.default_rng([seed, 0x9A, len(times), size]) if noisy else None
+    )
 
     if native:
         gain = physics.native_gain(counts[0], brain_region)
@@ -308,7 +354,9 @@ def generate(
         pixels = physics.subtracted_values(counts, counts[0])
         mask_pixels = None
 
-    truth = _truth(art_mask, ica_mask, vein_img, art_img, device_mask, dro, t, tissue_fine, motion, spacing)
+    truth = _truth(
+        art_mask, ica_mask, vein_img, art_img, device_mask, dro, t, tissue_fine, motion, spacing
+    )
     truth["dro_interior"] = interior
     aif_frames = timing.sample(t, a_fine, times)
     peak_ica = float(t[np.argmax(a_fine)])
@@ -316,27 +364,60 @@ def generate(
     sss_group = np.unique(vein_groups[vein.label == sss])
     sss_curve = np.mean([vein_curves[g] for g in sss_group], axis=0)
     acq = Acquisition(
-        view=view, primary_angle=primary, secondary_angle=secondary, patient_orientation=orientation,
-        kvp=float(rng.choice([70.0, 75.0, 80.0, 85.0])), tube_current_ma=float(rng.uniform(250, 500)),
-        pulse_ms=float(rng.uniform(50, 100)), sid_mm=SID_MM, sod_mm=SOD_MM, fps=rates,
-        quanta_per_pixel=n0 if noisy else 0.0, snr=snr if noisy else None, snr_reference=snr_reference,
-        contrast_volume_ml=float(rng.choice([6.0, 7.0, 8.0])), contrast_rate_ml_s=float(rng.choice([4.0, 5.0, 6.0])),
+        view=view,
+        primary_angle=primary,
+        secondary_angle=secondary,
+        patient_orientation=orientation,
+        kvp=float(rng.choice([70.0, 75.0, 80.0, 85.0])),
+        tube_current_ma=float(rng.uniform(250, 500)),
+        pulse_ms=float(rng.uniform(50, 100)),
+        sid_mm=SID_MM,
+        sod_mm=SOD_MM,
+        fps=rates,
+        quanta_per_pixel=n0 if noisy else 0.0,
+        snr=snr if noisy else None,
+        snr_reference=snr_reference,
+        contrast_volume_ml=float(rng.choice([6.0, 7.0, 8.0])),
+        contrast_rate_ml_s=float(rng.choice([4.0, 5.0, 6.0])),
     )
     return DSAPhantom(
-        seed=seed, native=native, pixels=pixels, mask_pixels=mask_pixels, frame_times_s=times,
-        pixel_spacing_mm=(spacing, spacing), truth=truth, aif=aif_frames.astype(np.float32),
-        region_labels=dro.labels, regions=dro.regions, acquisition=acq,
+        seed=seed,
+        native=native,
+        pixels=pixels,
+        mask_pixels=mask_pixels,
+        frame_times_s=times,
+        pixel_spacing_mm=(spacing, spacing),
+        truth=truth,
+        aif=aif_frames.astype(np.float32),
+        region_labels=dro.labels,
+        regions=dro.regions,
+        acquisition=acq,
         timing={
-            "t_fine_s": t.astype(np.float32), "aif_fine": a_fine.astype(np.float32),
-            "bolus_arrival_s": bolus.arrival_s, "arterial_peak_s": peak_ica,
-            "venous_peak_s": float(t[np.argmax(sss_curve)]), "venous_delay_s": venous_delay_s,
-            "bolus_alpha": bolus.alpha, "bolus_beta_s": bolus.beta_s, "bolus_peak": bolus.peak,
+            "t_fine_s": t.astype(np.float32),
+            "aif_fine": a_fine.astype(np.float32),
+            "bolus_arrival_s": bolus.arrival_s,
+            "arterial_peak_s": peak_ica,
+            "venous_peak_s": float(t[np.argmax(sss_curve)]),
+            "venous_delay_s": venous_delay_s,
+            "bolus_alpha": bolus.alpha,
+            "bolus_beta_s": bolus.beta_s,
+            "bolus_peak": bolus.peak,
             "tissue_fine": tissue_fine.astype(np.float32),
         },
-        options={"size": size, "frames": len(times), "native": native, "fps": fps, "snr": snr if noisy else None,
-                 "snr_reference": snr_reference, "motion_mm": motion_mm, "view": view,
-                 "venous_delay_s": venous_delay_s, "lesion": lesion, "devices": devices,
-                 "frame_times_s": None if frame_times_s is None else [float(x) for x in times]},
+        options={
+            "size": size,
+            "frames": len(times),
+            "native": native,
+            "fps": fps,
+            "snr": snr if noisy else None,
+            "snr_reference": snr_reference,
+            "motion_mm": motion_mm,
+            "view": view,
+            "venous_delay_s": venous_delay_s,
+            "lesion": lesion,
+            "devices": devices,
+            "frame_times_s": None if frame_times_s is None else [float(x) for x in times],
+        },
     )
 
 
@@ -347,7 +428,9 @@ def _groups(delays: np.ndarray, step_s: float, curve_of) -> tuple[np.ndarray, li
     return inverse, [curve_of(float(k * step_s)) for k in uniq]
 
 
-def _devices(anatomy: cerebral.CerebralAnatomy, proj: Projection, rng: np.random.Generator, enabled: bool):
+def _devices(
+    anatomy: cerebral.CerebralAnatomy, proj: Projection, rng: np.random.Generator, enabled: bool
+):
     """Static guide catheter (wall + contrast-filled lumen) and platinum coil mass."""
     n = proj.size
     att = np.zeros((n, n))
@@ -357,7 +440,13 @@ def _devices(anatomy: cerebral.CerebralAnatomy, proj: Projection, rng: np.random
         return att, mask, lumen
     cath = anatomy.catheter
     k = len(cath)
-    base = dict(points=cath, parent=np.arange(-1, k - 1), delay=np.zeros(k), label=np.zeros(k, np.uint8), names=("catheter",))
+    base = dict(
+        points=cath,
+        parent=np.arange(-1, k - 1),
+        delay=np.zeros(k),
+        label=np.zeros(k, np.uint8),
+        names=("catheter",),
+    )
     outer = render_tree(VesselTree(radius=np.full(k, 0.85), **base), proj, np.zeros(k, int), 1)
     inner = render_tree(VesselTree(radius=np.full(k, 0.55), **base), proj, np.zeros(k, int), 1)
     att += physics.MU_CATHETER * (outer.thickness_mm[0] - inner.thickness_mm[0])
@@ -374,14 +463,23 @@ def _devices(anatomy: cerebral.CerebralAnatomy, proj: Projection, rng: np.random
         walk = walk * np.where(r > radius, (radius - (r % radius) * 0.3) / np.maximum(r, 1e-9), 1.0)
         pts = centre + walk
         m = len(pts)
-        wire = VesselTree(pts, np.arange(-1, m - 1), np.full(m, 0.13), np.zeros(m), np.zeros(m, np.uint8), ("coil",))
+        wire = VesselTree(
+            pts,
+            np.arange(-1, m - 1),
+            np.full(m, 0.13),
+            np.zeros(m),
+            np.zeros(m, np.uint8),
+            ("coil",),
+        )
         img = render_tree(wire, proj, np.zeros(m, int), 1)
         att += physics.MU_PLATINUM * img.thickness_mm[0]
         mask |= img.cover[0]
     return att, mask, lumen
 
 
-def _region_weights(dro: PerfusionDRO, spacing: float, blend_mm: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+def _region_weights(
+    dro: PerfusionDRO, spacing: float, blend_mm: float = 1.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Soft region weights (R, H, W) summing to 1 inside the DRO, and where one region is pure.
 
     Borders between regions blend over a few millimetres, as perfusion does
@@ -392,7 +490,12 @@ def _region_weights(dro: PerfusionDRO, spacing: float, blend_mm: float = 1.5) ->
     if not dro.regions:
         return np.zeros((0, n, n), np.float32), np.zeros((n, n), bool)
     sigma = blend_mm / spacing
-    soft = np.stack([ndimage.gaussian_filter((dro.labels == r.label).astype(np.float32), sigma) for r in dro.regions])
+    soft = np.stack(
+        [
+            ndimage.gaussian_filter((dro.labels == r.label).astype(np.float32), sigma)
+            for r in dro.regions
+        ]
+    )
     total = soft.sum(axis=0)
     inside = dro.labels > 0
     weights = np.where(inside[None], soft / np.maximum(total, 1e-6)[None], 0.0).astype(np.float32)
@@ -400,7 +503,18 @@ def _region_weights(dro: PerfusionDRO, spacing: float, blend_mm: float = 1.5) ->
     return weights, interior
 
 
-def _truth(art_mask, ica_mask, vein_img, art_img, device_mask, dro: PerfusionDRO, t, tissue_fine, motion, spacing):
+def _truth(
+    art_mask,
+    ica_mask,
+    vein_img,
+    art_img,
+    device_mask,
+    dro: PerfusionDRO,
+    t,
+    tissue_fine,
+    motion,
+    spacing,
+):
     n = dro.labels.shape[0]
     maps = {k: np.full((n, n), np.nan, np.float32) for k in ("cbf", "cbv", "mtt", "tmax", "ttp")}
     for i, r in enumerate(dro.regions):

@@ -63,10 +63,18 @@ def head_primitives(brain: Brain, rng: np.random.Generator) -> list[Ellipsoid]:
     csf = 2.0
     skull_in = a + csf
     prims = [
-        Ellipsoid(np.array([0.0, 12.0, -150.0]), np.array([55.0, 60.0, 90.0]), eye, MU_SOFT, 40.0, SOFT),  # neck
-        Ellipsoid(np.array([0.0, -62.0, -70.0]), np.array([52.0, 38.0, 48.0]), eye, MU_SOFT, 40.0, SOFT),  # face
-        Ellipsoid(c, skull_in + t_inner + t_diploe + t_outer + 6.0, eye, MU_SOFT, 40.0, SOFT),  # scalp
-        Ellipsoid(c, skull_in + t_inner + t_diploe + t_outer, eye, MU_BONE - MU_SOFT, 1500.0, BONE, True),
+        Ellipsoid(
+            np.array([0.0, 12.0, -150.0]), np.array([55.0, 60.0, 90.0]), eye, MU_SOFT, 40.0, SOFT
+        ),  # neck
+        Ellipsoid(
+            np.array([0.0, -62.0, -70.0]), np.array([52.0, 38.0, 48.0]), eye, MU_SOFT, 40.0, SOFT
+        ),  # face
+        Ellipsoid(
+            c, skull_in + t_inner + t_diploe + t_outer + 6.0, eye, MU_SOFT, 40.0, SOFT
+        ),  # scalp
+        Ellipsoid(
+            c, skull_in + t_inner + t_diploe + t_outer, eye, MU_BONE - MU_SOFT, 1500.0, BONE, True
+        ),
         Ellipsoid(c, skull_in + t_inner + t_diploe, eye, MU_DIPLOE - MU_BONE, 650.0, BONE, True),
         Ellipsoid(c, skull_in + t_inner, eye, MU_BONE - MU_DIPLOE, 1500.0, BONE, True),
         Ellipsoid(c, skull_in, eye, MU_SOFT - MU_BONE, 10.0, SOFT, True),  # CSF space
@@ -74,31 +82,128 @@ def head_primitives(brain: Brain, rng: np.random.Generator) -> list[Ellipsoid]:
     ]
     for s in (-1.0, 1.0):
         prims += [
-            Ellipsoid(np.array([s * 12, 2.0, 22.0]), np.array([6.0, 28.0, 9.0]), eye, -0.001, 8.0, SOFT),  # lateral ventricle
+            Ellipsoid(
+                np.array([s * 12, 2.0, 22.0]), np.array([6.0, 28.0, 9.0]), eye, -0.001, 8.0, SOFT
+            ),  # lateral ventricle
             # Petrous ridge running anteromedially, mastoid behind it.
-            Ellipsoid(np.array([s * 32, 18.0, -40.0]), np.array([9.0, 30.0, 9.0]), _rot(deg_z=-s * 40), 0.5 * MU_BONE, 1700.0, BONE, True),
-            Ellipsoid(np.array([s * 52, 32.0, -52.0]), np.array([10.0, 12.0, 14.0]), eye, 0.3 * MU_BONE, 700.0, BONE, True),
-            Ellipsoid(np.array([s * 30, -62.0, -22.0]), np.array([15.0, 18.0, 15.0]), eye, -0.2 * MU_SOFT, -60.0, SOFT),  # orbit
-            Ellipsoid(np.array([s * 27, -58.0, -62.0]), np.array([13.0, 16.0, 14.0]), eye, -MU_SOFT, -1000.0, AIR),  # maxillary sinus
-            Ellipsoid(np.array([s * 46, -28.0, -98.0]), np.array([6.0, 12.0, 28.0]), _rot(deg_x=15), 0.6 * MU_BONE, 1600.0, BONE),  # ramus
+            Ellipsoid(
+                np.array([s * 32, 18.0, -40.0]),
+                np.array([9.0, 30.0, 9.0]),
+                _rot(deg_z=-s * 40),
+                0.5 * MU_BONE,
+                1700.0,
+                BONE,
+                True,
+            ),
+            Ellipsoid(
+                np.array([s * 52, 32.0, -52.0]),
+                np.array([10.0, 12.0, 14.0]),
+                eye,
+                0.3 * MU_BONE,
+                700.0,
+                BONE,
+                True,
+            ),
+            Ellipsoid(
+                np.array([s * 30, -62.0, -22.0]),
+                np.array([15.0, 18.0, 15.0]),
+                eye,
+                -0.2 * MU_SOFT,
+                -60.0,
+                SOFT,
+            ),  # orbit
+            Ellipsoid(
+                np.array([s * 27, -58.0, -62.0]),
+                np.array([13.0, 16.0, 14.0]),
+                eye,
+                -MU_SOFT,
+                -1000.0,
+                AIR,
+            ),  # maxillary sinus
+            Ellipsoid(
+                np.array([s * 46, -28.0, -98.0]),
+                np.array([6.0, 12.0, 28.0]),
+                _rot(deg_x=15),
+                0.6 * MU_BONE,
+                1600.0,
+                BONE,
+            ),  # ramus
         ]
     prims += [
-        Ellipsoid(np.array([0.0, 2.0, -50.0]), np.array([10.0, 9.0, 24.0]), _rot(deg_x=-55), 0.5 * MU_BONE, 1400.0, BONE, True),  # clivus
-        Ellipsoid(np.array([0.0, -16.0, -40.0]), np.array([13.0, 11.0, 10.0]), eye, -MU_SOFT, -1000.0, AIR),  # sphenoid sinus
+        Ellipsoid(
+            np.array([0.0, 2.0, -50.0]),
+            np.array([10.0, 9.0, 24.0]),
+            _rot(deg_x=-55),
+            0.5 * MU_BONE,
+            1400.0,
+            BONE,
+            True,
+        ),  # clivus
+        Ellipsoid(
+            np.array([0.0, -16.0, -40.0]), np.array([13.0, 11.0, 10.0]), eye, -MU_SOFT, -1000.0, AIR
+        ),  # sphenoid sinus
         # Frontal sinus inside the frontal bone, above the orbits.
         Ellipsoid(
-            np.array([0.0, c[1] - (skull_in[1] + t_inner + 0.5 * t_diploe) * 0.96, c[2] - 0.28 * skull_in[2]]),
-            np.array([13.0, 0.5 * t_diploe + 1.0, 9.0]), eye, -0.6 * MU_DIPLOE, -1000.0, AIR, True,
+            np.array(
+                [
+                    0.0,
+                    c[1] - (skull_in[1] + t_inner + 0.5 * t_diploe) * 0.96,
+                    c[2] - 0.28 * skull_in[2],
+                ]
+            ),
+            np.array([13.0, 0.5 * t_diploe + 1.0, 9.0]),
+            eye,
+            -0.6 * MU_DIPLOE,
+            -1000.0,
+            AIR,
+            True,
         ),
-        Ellipsoid(np.array([0.0, -68.0, -72.0]), np.array([38.0, 18.0, 11.0]), eye, 0.35 * MU_BONE, 1300.0, BONE, True),  # maxilla
-        Ellipsoid(np.array([0.0, -56.0, -112.0]), np.array([46.0, 34.0, 9.0]), eye, 0.6 * MU_BONE, 1600.0, BONE),  # mandible body
-        Ellipsoid(np.array([0.0, -56.0, -112.0]), np.array([38.0, 26.0, 8.5]), eye, MU_SOFT - 0.6 * MU_BONE, 40.0, SOFT),
+        Ellipsoid(
+            np.array([0.0, -68.0, -72.0]),
+            np.array([38.0, 18.0, 11.0]),
+            eye,
+            0.35 * MU_BONE,
+            1300.0,
+            BONE,
+            True,
+        ),  # maxilla
+        Ellipsoid(
+            np.array([0.0, -56.0, -112.0]),
+            np.array([46.0, 34.0, 9.0]),
+            eye,
+            0.6 * MU_BONE,
+            1600.0,
+            BONE,
+        ),  # mandible body
+        Ellipsoid(
+            np.array([0.0, -56.0, -112.0]),
+            np.array([38.0, 26.0, 8.5]),
+            eye,
+            MU_SOFT - 0.6 * MU_BONE,
+            40.0,
+            SOFT,
+        ),
     ]
     for k, z in enumerate(np.arange(-70.0, -190.0, -19.0)):
         w = 13.0 + 0.6 * k
         prims += [
-            Ellipsoid(np.array([0.0, 24.0, z]), np.array([w, 9.0, 7.5]), eye, 0.5 * (MU_BONE - MU_SOFT), 900.0, BONE, True),
-            Ellipsoid(np.array([0.0, 44.0, z - 2.0]), np.array([20.0, 9.0, 6.0]), _rot(deg_x=20), 0.35 * (MU_BONE - MU_SOFT), 900.0, BONE),
+            Ellipsoid(
+                np.array([0.0, 24.0, z]),
+                np.array([w, 9.0, 7.5]),
+                eye,
+                0.5 * (MU_BONE - MU_SOFT),
+                900.0,
+                BONE,
+                True,
+            ),
+            Ellipsoid(
+                np.array([0.0, 44.0, z - 2.0]),
+                np.array([20.0, 9.0, 6.0]),
+                _rot(deg_x=20),
+                0.35 * (MU_BONE - MU_SOFT),
+                900.0,
+                BONE,
+            ),
         ]
     return prims
 
@@ -119,9 +224,12 @@ def _plane_chords(prim: Ellipsoid, proj: Projection) -> np.ndarray:
     a = d @ d
     b = (o0 @ d) + k[None, :] * (du @ d) + k[:, None] * (dv @ d)
     c = (
-        o0 @ o0 - 1.0
-        + 2.0 * k[None, :] * (o0 @ du) + 2.0 * k[:, None] * (o0 @ dv)
-        + (k * k)[None, :] * (du @ du) + (k * k)[:, None] * (dv @ dv)
+        o0 @ o0
+        - 1.0
+        + 2.0 * k[None, :] * (o0 @ du)
+        + 2.0 * k[:, None] * (o0 @ dv)
+        + (k * k)[None, :] * (du @ du)
+        + (k * k)[:, None] * (dv @ dv)
         + 2.0 * np.outer(k, k) * (du @ dv)
     )
     disc = b * b - a * c
@@ -146,14 +254,18 @@ def project_head(prims: list[Ellipsoid], proj: Projection, rng: np.random.Genera
     return np.maximum(soft, 0.0) + np.maximum(bone, 0.0) * (1.0 + tex)
 
 
-def brain_chord(brain: Brain, proj: Projection, side: int, midline_gap_mm: float = 2.0) -> np.ndarray:
+def brain_chord(
+    brain: Brain, proj: Projection, side: int, midline_gap_mm: float = 2.0
+) -> np.ndarray:
     """Path length (mm) through one hemisphere of the brain ellipsoid, (H, W)."""
     # The hemisphere is the ellipsoid cut by the plane side * (x - x_c) = gap; its
     # chord is the full chord clipped to the ray interval on the injected side.
     n = proj.size
     half = (n - 1) / 2.0
     k = (np.arange(n) - half) * proj.spacing_mm
-    origin = proj.centre[None, None, :] + k[None, :, None] * proj.axis_u + k[:, None, None] * proj.axis_v
+    origin = (
+        proj.centre[None, None, :] + k[None, :, None] * proj.axis_u + k[:, None, None] * proj.axis_v
+    )
     o = (origin - brain.centre) / brain.axes
     d = proj.beam / brain.axes
     a = d @ d
@@ -176,7 +288,11 @@ def brain_chord(brain: Brain, proj: Projection, side: int, midline_gap_mm: float
 
 
 def voxelize_head(
-    prims: list[Ellipsoid], origin_mm: np.ndarray, spacing_mm: float, shape: tuple[int, int, int], rng: np.random.Generator
+    prims: list[Ellipsoid],
+    origin_mm: np.ndarray,
+    spacing_mm: float,
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint primitives into (Z, Y, X) Hounsfield-like values and labels (0 air, 2 bone, 3 soft)."""
     nz, ny, nx = shape
@@ -188,8 +304,14 @@ def voxelize_head(
         if p.hu is None:
             continue
         reach = np.abs(p.rotation) @ p.axes  # half extent of the rotated box
-        lo = [int(max(0, np.floor((p.centre[i] - reach[i] - origin_mm[i]) / spacing_mm))) for i in range(3)]
-        hi = [int(min(n, np.ceil((p.centre[i] + reach[i] - origin_mm[i]) / spacing_mm) + 1)) for i, n in enumerate((nx, ny, nz))]
+        lo = [
+            int(max(0, np.floor((p.centre[i] - reach[i] - origin_mm[i]) / spacing_mm)))
+            for i in range(3)
+        ]
+        hi = [
+            int(min(n, np.ceil((p.centre[i] + reach[i] - origin_mm[i]) / spacing_mm) + 1))
+            for i, n in enumerate((nx, ny, nz))
+        ]
         if any(top <= bottom for bottom, top in zip(lo, hi, strict=True)):
             continue
         x = axes_idx[0][lo[0] : hi[0]] - p.centre[0]
@@ -198,7 +320,9 @@ def voxelize_head(
         r = p.rotation
         q = 0.0
         for k in range(3):
-            comp = (z[:, None, None] * r[2, k] + y[None, :, None] * r[1, k] + x[None, None, :] * r[0, k]) / p.axes[k]
+            comp = (
+                z[:, None, None] * r[2, k] + y[None, :, None] * r[1, k] + x[None, None, :] * r[0, k]
+            ) / p.axes[k]
             q = q + comp * comp
         inside = q <= 1.0
         sl = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
@@ -218,8 +342,12 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_px: fl
     # Generate at a coarse grid and zoom: same look, far cheaper for large sigma.
     factor = max(1, int(sigma_px // 2))
     coarse = tuple(max(4, -(-n // factor)) for n in shape)
-    field = ndimage.gaussian_filter(rng.normal(size=coarse), sigma=max(sigma_px / factor, 0.5), mode="wrap")
+    field = ndimage.gaussian_filter(
+        rng.normal(size=coarse), sigma=max(sigma_px / factor, 0.5), mode="wrap"
+    )
     if factor > 1:
-        field = ndimage.zoom(field, [n / c for n, c in zip(shape, coarse, strict=True)], order=1)[tuple(slice(0, n) for n in shape)]
+        field = ndimage.zoom(field, [n / c for n, c in zip(shape, coarse, strict=True)], order=1)[
+            tuple(slice(0, n) for n in shape)
+        ]
     std = field.std()
     return (field - field.mean()) / (std if std > 0 else 1.0)

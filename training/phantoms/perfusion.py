@@ -56,12 +56,28 @@ class PerfusionDRO:
 
     def table(self) -> np.ndarray:
         """Regions as a structured array (for .npz truth files)."""
-        dtype = [("label", "i2"), ("territory", "U3"), ("state", "U12"), ("residue", "U11"),
-                 ("cbf", "f4"), ("cbv", "f4"), ("mtt_s", "f4"), ("delay_s", "f4")]
-        return np.array([(r.label, r.territory, r.state, r.residue, r.cbf, r.cbv, r.mtt_s, r.delay_s) for r in self.regions], dtype=dtype)
+        dtype = [
+            ("label", "i2"),
+            ("territory", "U3"),
+            ("state", "U12"),
+            ("residue", "U11"),
+            ("cbf", "f4"),
+            ("cbv", "f4"),
+            ("mtt_s", "f4"),
+            ("delay_s", "f4"),
+        ]
+        return np.array(
+            [
+                (r.label, r.territory, r.state, r.residue, r.cbf, r.cbv, r.mtt_s, r.delay_s)
+                for r in self.regions
+            ],
+            dtype=dtype,
+        )
 
 
-def build_dro(seed: int, anatomy: CerebralAnatomy, proj: Projection, lesion: bool | None = None) -> PerfusionDRO:
+def build_dro(
+    seed: int, anatomy: CerebralAnatomy, proj: Projection, lesion: bool | None = None
+) -> PerfusionDRO:
     """Regions for one seed and view. ``lesion`` forces (True) or forbids (False) a hypoperfused area."""
     rng = np.random.default_rng([seed, 0xD0])
     n = proj.size
@@ -79,10 +95,14 @@ def build_dro(seed: int, anatomy: CerebralAnatomy, proj: Projection, lesion: boo
     total = np.bincount(flat, minlength=nc * nc).astype(float)
     codes = {"aca": 0, "mca": 1, "pca": 2}
     tcode = np.array([codes[t] for t in terr])
-    per_terr = np.stack([np.bincount(flat[tcode == k], minlength=nc * nc) for k in range(3)]).astype(float)
+    per_terr = np.stack(
+        [np.bincount(flat[tcode == k], minlength=nc * nc) for k in range(3)]
+    ).astype(float)
     frac = per_terr / np.maximum(total, 1.0)
     perfused = frac[0] + frac[1] + (frac[2] if anatomy.fetal_pca else 0.0)
-    perfused = ndimage.gaussian_filter(np.where(total > 0, perfused, 1.0).reshape(nc, nc), 1.0, mode="nearest")
+    perfused = ndimage.gaussian_filter(
+        np.where(total > 0, perfused, 1.0).reshape(nc, nc), 1.0, mode="nearest"
+    )
     perf_px = np.clip(ndimage.zoom(perfused, n / nc, order=1, mode="nearest")[:n, :n], 0.0, 1.0)
     path = (path * perf_px).astype(np.float32)
     inside = path >= MIN_PATH_MM
@@ -107,7 +127,11 @@ def build_dro(seed: int, anatomy: CerebralAnatomy, proj: Projection, lesion: boo
     region_terr = []
     for r in range(1, k + 1):
         sel = tcode[lab_pts == r]
-        region_terr.append(("aca", "mca", "pca")[int(np.bincount(sel, minlength=3).argmax())] if len(sel) else "mca")
+        region_terr.append(
+            ("aca", "mca", "pca")[int(np.bincount(sel, minlength=3).argmax())]
+            if len(sel)
+            else "mca"
+        )
 
     states = ["normal"] * k
     want_lesion = rng.random() < 0.6 if lesion is None else lesion
@@ -129,13 +153,26 @@ def build_dro(seed: int, anatomy: CerebralAnatomy, proj: Projection, lesion: boo
             cbf, mtt, extra = rng.uniform(15, 30), rng.uniform(6.0, 10.0), rng.uniform(1.5, 3.5)
         else:
             cbf, mtt, extra = rng.uniform(5, 12), rng.uniform(8.0, 14.0), rng.uniform(2.5, 5.0)
-        regions.append(PerfusionRegion(
-            label=i + 1, territory=region_terr[i], state=states[i], residue=str(rng.choice(RESIDUE_KINDS)),
-            cbf=round(float(cbf), 2), mtt_s=round(float(mtt), 3), delay_s=round(float(transit + extra), 3),
-        ))
+        regions.append(
+            PerfusionRegion(
+                label=i + 1,
+                territory=region_terr[i],
+                state=states[i],
+                residue=str(rng.choice(RESIDUE_KINDS)),
+                cbf=round(float(cbf), 2),
+                mtt_s=round(float(mtt), 3),
+                delay_s=round(float(transit + extra), 3),
+            )
+        )
     # Grey/white matter and sulcal heterogeneity: perfused path varies by about
     # 15 % at 3-10 mm scales. It changes the blush, not the per-tissue truth.
-    path *= np.clip(1.0 + 0.12 * _smooth_field(rng, n, 8.0 / proj.spacing_mm) + 0.06 * _smooth_field(rng, n, 2.5 / proj.spacing_mm), 0.5, 1.5)
+    path *= np.clip(
+        1.0
+        + 0.12 * _smooth_field(rng, n, 8.0 / proj.spacing_mm)
+        + 0.06 * _smooth_field(rng, n, 2.5 / proj.spacing_mm),
+        0.5,
+        1.5,
+    )
     path[labels == 0] = 0.0
     return PerfusionDRO(labels, tuple(regions), path.astype(np.float32))
 
@@ -144,7 +181,9 @@ def _smooth_field(rng: np.random.Generator, n: int, sigma_px: float) -> np.ndarr
     """Unit-variance smooth random field on an (n, n) grid, built coarse and zoomed."""
     factor = max(1, int(sigma_px // 2))
     m = max(4, -(-n // factor))
-    field = ndimage.gaussian_filter(rng.normal(size=(m, m)), sigma=max(sigma_px / factor, 0.5), mode="wrap")
+    field = ndimage.gaussian_filter(
+        rng.normal(size=(m, m)), sigma=max(sigma_px / factor, 0.5), mode="wrap"
+    )
     if factor > 1:
         field = ndimage.zoom(field, n / m, order=1)[:n, :n]
     return (field - field.mean()) / max(field.std(), 1e-12)

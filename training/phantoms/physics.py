@@ -47,7 +47,11 @@ def lowpass(frames: np.ndarray, sigma_px: float) -> np.ndarray:
     factor = max(1, int(sigma_px // 4))
     h, w = frames.shape[-2:]
     hc, wc = -(-h // factor), -(-w // factor)
-    pad = np.pad(frames, [(0, 0)] * (frames.ndim - 2) + [(0, hc * factor - h), (0, wc * factor - w)], mode="edge")
+    pad = np.pad(
+        frames,
+        [(0, 0)] * (frames.ndim - 2) + [(0, hc * factor - h), (0, wc * factor - w)],
+        mode="edge",
+    )
     coarse = pad.reshape(*frames.shape[:-2], hc, factor, wc, factor).mean(axis=(-3, -1))
     sig = (0,) * (frames.ndim - 2) + (sigma_px / factor,) * 2
     coarse = ndimage.gaussian_filter(coarse, sig, mode="nearest")
@@ -62,7 +66,9 @@ def detected(expected: np.ndarray, rng: np.random.Generator | None) -> np.ndarra
     return rng.poisson(expected).astype(np.float64)
 
 
-def dose_for_snr(reference_signal: float, transmission: np.ndarray, region: np.ndarray, snr: float) -> float:
+def dose_for_snr(
+    reference_signal: float, transmission: np.ndarray, region: np.ndarray, snr: float
+) -> float:
     """Unattenuated quanta per pixel N0 that gives the requested SNR in ``region``.
 
     ``transmission`` is the detected fraction of N0 in the mask frame (primary
@@ -76,7 +82,12 @@ def dose_for_snr(reference_signal: float, transmission: np.ndarray, region: np.n
 
 
 def scatter(
-    primary: np.ndarray, behind_patient: np.ndarray, region: np.ndarray, spacing_mm: float, spr: float, sigma_mm: float = 30.0
+    primary: np.ndarray,
+    behind_patient: np.ndarray,
+    region: np.ndarray,
+    spacing_mm: float,
+    spr: float,
+    sigma_mm: float = 30.0,
 ) -> np.ndarray:
     """Scattered radiation behind the grid, as a broad blur of the primary behind the patient.
 
@@ -125,7 +136,12 @@ def motion_track(times_s: np.ndarray, amplitude_mm: float, rng: np.random.Genera
     return out
 
 
-def warp(image: np.ndarray, shift_rc_px: tuple[float, float], rot_deg: float, centre_rc: tuple[float, float]) -> np.ndarray:
+def warp(
+    image: np.ndarray,
+    shift_rc_px: tuple[float, float],
+    rot_deg: float,
+    centre_rc: tuple[float, float],
+) -> np.ndarray:
     """Rotate about ``centre_rc`` then shift, with linear interpolation (edge values kept)."""
     if shift_rc_px == (0.0, 0.0) and rot_deg == 0.0:
         return image

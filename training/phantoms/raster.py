@@ -44,7 +44,13 @@ class Projection:
         """(N, 3) patient mm -> (N, 2) (column, row) in pixels, pixel centres at integers."""
         rel = np.asarray(pts, float) - self.centre
         half = (self.size - 1) / 2.0
-        return np.stack([rel @ self.axis_u / self.spacing_mm + half, rel @ self.axis_v / self.spacing_mm + half], axis=1)
+        return np.stack(
+            [
+                rel @ self.axis_u / self.spacing_mm + half,
+                rel @ self.axis_v / self.spacing_mm + half,
+            ],
+            axis=1,
+        )
 
 
 def _pixel_chord(d: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -122,7 +128,10 @@ def render_tree(
             valid &= (px >= 0) & (py >= 0) & (px < size) & (py < size)
             ab = b[s] - a[s]
             denom = np.maximum((ab**2).sum(1), 1e-12)[:, None, None]
-            t = ((px - a[s, 0][:, None, None]) * ab[:, 0][:, None, None] + (py - a[s, 1][:, None, None]) * ab[:, 1][:, None, None]) / denom
+            t = (
+                (px - a[s, 0][:, None, None]) * ab[:, 0][:, None, None]
+                + (py - a[s, 1][:, None, None]) * ab[:, 1][:, None, None]
+            ) / denom
             valid &= ~(side_branch[s][:, None, None] & (t < 0.0))
             t = np.clip(t, 0.0, 1.0)
             dx = px - (a[s, 0][:, None, None] + t * ab[:, 0][:, None, None])
@@ -211,12 +220,26 @@ def voxelize_tree(
             pos = [lo[s, ax][:, None, None, None] + o[None] for ax, o in enumerate((ox, oy, oz))]
             valid = np.ones(pos[0].shape, bool)
             for ax in range(3):
-                valid &= (pos[ax] <= hi[s, ax][:, None, None, None]) & (pos[ax] >= 0) & (pos[ax] < dims[ax])
+                valid &= (
+                    (pos[ax] <= hi[s, ax][:, None, None, None])
+                    & (pos[ax] >= 0)
+                    & (pos[ax] < dims[ax])
+                )
             ab = b[s] - a[s]
             denom = np.maximum((ab**2).sum(1), 1e-12)[:, None, None, None]
-            t = sum((pos[ax] - a[s, ax][:, None, None, None]) * ab[:, ax][:, None, None, None] for ax in range(3)) / denom
+            t = (
+                sum(
+                    (pos[ax] - a[s, ax][:, None, None, None]) * ab[:, ax][:, None, None, None]
+                    for ax in range(3)
+                )
+                / denom
+            )
             t = np.clip(t, 0.0, 1.0)
-            d2 = sum((pos[ax] - (a[s, ax][:, None, None, None] + t * ab[:, ax][:, None, None, None])) ** 2 for ax in range(3))
+            d2 = sum(
+                (pos[ax] - (a[s, ax][:, None, None, None] + t * ab[:, ax][:, None, None, None]))
+                ** 2
+                for ax in range(3)
+            )
             r = ra[s][:, None, None, None] + t * (rb[s] - ra[s])[:, None, None, None]
             frac = np.clip(r - np.sqrt(d2) + 0.5, 0.0, 1.0)
             # A sub-voxel vessel cannot fill more than its cross-section.

@@ -48,15 +48,30 @@ class RotationalPhantom:
     def to_run(self) -> Run:
         z, y, x = self.hu.shape
         meta = RunMeta(
-            modality="XA", sop_class_uid=XA3D_SOP_CLASS, rows=y, columns=x, number_of_frames=z,
-            frame_times_s=None, pixel_spacing_mm=(self.spacing_mm[1], self.spacing_mm[2]),
-            slice_spacing_mm=self.spacing_mm[0], image_type=("ORIGINAL", "PRIMARY", "VOLUME", "NONE"),
-            body_part="HEAD", series_description="3D-RA fill run", subtracted=False, is_volume=True,
-            extra={"phantom": "rotational", "seed": self.seed, "origin_mm": tuple(float(v) for v in self.origin_mm)},
+            modality="XA",
+            sop_class_uid=XA3D_SOP_CLASS,
+            rows=y,
+            columns=x,
+            number_of_frames=z,
+            frame_times_s=None,
+            pixel_spacing_mm=(self.spacing_mm[1], self.spacing_mm[2]),
+            slice_spacing_mm=self.spacing_mm[0],
+            image_type=("ORIGINAL", "PRIMARY", "VOLUME", "NONE"),
+            body_part="HEAD",
+            series_description="3D-RA fill run",
+            subtracted=False,
+            is_volume=True,
+            extra={
+                "phantom": "rotational",
+                "seed": self.seed,
+                "origin_mm": tuple(float(v) for v in self.origin_mm),
+            },
         )
         return Run(pixels=self.hu.astype(np.float32), meta=meta)
 
-    def write(self, directory: str | Path, encoding: str = "explicit", seg: bool = False) -> list[Path]:
+    def write(
+        self, directory: str | Path, encoding: str = "explicit", seg: bool = False
+    ) -> list[Path]:
         """Write the 3D XA (enhanced) file, the CT series, the truth (.npz, README) and optionally a SEG."""
         from training.phantoms import dicom_volume
 
@@ -90,7 +105,9 @@ def generate(
     shape = (size, size, size)
     origin = VOLUME_CENTRE_MM - (size - 1) / 2.0 * spacing
     head_rng = np.random.default_rng([seed, 0x4E])
-    hu, labels = voxelize_head(head_primitives(anatomy.brain, head_rng), origin, spacing, shape, head_rng)
+    hu, labels = voxelize_head(
+        head_primitives(anatomy.brain, head_rng), origin, spacing, shape, head_rng
+    )
 
     art = anatomy.arteries
     frac = voxelize_tree(art, origin, spacing, shape)
@@ -120,9 +137,18 @@ def generate(
     clean[:, outside] = -1000.0
     labels[:, outside] = AIR
     return RotationalPhantom(
-        seed=seed, hu=recon.astype(np.float32), spacing_mm=(spacing, spacing, spacing), origin_mm=origin,
+        seed=seed,
+        hu=recon.astype(np.float32),
+        spacing_mm=(spacing, spacing, spacing),
+        origin_mm=origin,
         truth={"labels": labels, "vessel_fraction": frac.astype(np.float32), "hu_clean": clean},
-        options={"size": size, "noise": noise, "noise_hu": noise_hu, "streaks": streaks, "contrast_hu": lumen_hu},
+        options={
+            "size": size,
+            "noise": noise,
+            "noise_hu": noise_hu,
+            "streaks": streaks,
+            "contrast_hu": lumen_hu,
+        },
     )
 
 
@@ -148,7 +174,9 @@ def _outside_cylinder(size: int) -> np.ndarray:
     return (yy - c) ** 2 + (xx - c) ** 2 > (0.5 * size) ** 2
 
 
-def _streaks(clean: np.ndarray, spacing: float, rng: np.random.Generator, n_angles: int = 10) -> np.ndarray:
+def _streaks(
+    clean: np.ndarray, spacing: float, rng: np.random.Generator, n_angles: int = 10
+) -> np.ndarray:
     """Streaks along lines through dense material, per axial slice.
 
     Along each of a few view angles, the projected excess density (bone above
@@ -162,9 +190,18 @@ def _streaks(clean: np.ndarray, spacing: float, rng: np.random.Generator, n_angl
     n_bins = int(np.ceil(np.hypot(ny, nx))) + 2
     z_off = (np.arange(nz) * n_bins)[:, None]
     for theta in rng.uniform(0, np.pi, n_angles):
-        s = np.rint(xx * np.cos(theta) + yy * np.sin(theta) + n_bins / 2 - (nx * np.cos(theta) + ny * np.sin(theta)) / 2).astype(np.int64)
+        s = np.rint(
+            xx * np.cos(theta)
+            + yy * np.sin(theta)
+            + n_bins / 2
+            - (nx * np.cos(theta) + ny * np.sin(theta)) / 2
+        ).astype(np.int64)
         s = np.clip(s, 0, n_bins - 1).ravel()
-        proj = np.bincount((z_off + s[None, :]).ravel(), weights=dense.reshape(nz, -1).ravel(), minlength=nz * n_bins)
+        proj = np.bincount(
+            (z_off + s[None, :]).ravel(),
+            weights=dense.reshape(nz, -1).ravel(),
+            minlength=nz * n_bins,
+        )
         proj = proj.reshape(nz, n_bins) * spacing
         high = proj - ndimage.gaussian_filter1d(proj, 3.0, axis=1)
         out += high[:, s].reshape(nz, ny, nx).astype(np.float32)

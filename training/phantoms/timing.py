@@ -97,14 +97,22 @@ def delayed(curve: np.ndarray, t: np.ndarray, delay_s: float) -> np.ndarray:
     return np.interp(t - delay_s, t, curve, left=0.0, right=curve[-1])
 
 
-def tissue_curve(t: np.ndarray, arterial: np.ndarray, cbf: float, mtt: float, delay_s: float, kind: str) -> np.ndarray:
+def tissue_curve(
+    t: np.ndarray, arterial: np.ndarray, cbf: float, mtt: float, delay_s: float, kind: str
+) -> np.ndarray:
     """Blood-volume-weighted contrast in tissue: rho * CBF/6000 * (AIF conv R)(t - delay)."""
     r = residue(kind, t - t[0], mtt)
     conv = np.convolve(arterial, r)[: len(t)] * DT
     return delayed(RHO_BRAIN * cbf / 6000.0 * conv, t, delay_s)
 
 
-def venous_curve(t: np.ndarray, arterial: np.ndarray, arterial_peak_s: float, peak_lag_s: float, mtt_s: float = 4.0) -> np.ndarray:
+def venous_curve(
+    t: np.ndarray,
+    arterial: np.ndarray,
+    arterial_peak_s: float,
+    peak_lag_s: float,
+    mtt_s: float = 4.0,
+) -> np.ndarray:
     """Outflow of a mean brain compartment, shifted to peak ``peak_lag_s`` after the AIF."""
     h = transit_density("gamma", t - t[0], mtt_s)
     out = np.convolve(arterial, h)[: len(t)] * DT
@@ -147,7 +155,11 @@ def frame_schedule(
             raise PhantomOptionError(f"fps must be within 0.1-30 frames/s, got {v}")
     # The fast phase covers the arterial and capillary phases but leaves at least
     # 40 % of the frames for the slow (venous) phase.
-    n_fast = frames if fast == slow else min(int(np.ceil(0.6 * frames)), max(2, int(round(fast_phase_s * fast)) + 1))
+    n_fast = (
+        frames
+        if fast == slow
+        else min(int(np.ceil(0.6 * frames)), max(2, int(round(fast_phase_s * fast)) + 1))
+    )
     times = np.arange(n_fast) / fast
     if n_fast < frames:
         times = np.r_[times, times[-1] + np.arange(1, frames - n_fast + 1) / slow]

@@ -125,7 +125,9 @@ class TreeBuilder:
         )
 
 
-def spline_chain(control: np.ndarray, radii: np.ndarray, step_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def spline_chain(
+    control: np.ndarray, radii: np.ndarray, step_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample a smooth curve through control points every ``step_mm``; radius linear in arc length."""
     control = np.asarray(control, float)
     chord = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(control, axis=0), axis=1))]
@@ -204,7 +206,9 @@ def colonise(
     return np.concatenate(new_all) if new_all else np.zeros(0, np.int64)
 
 
-def smooth_grown(points: np.ndarray, parent: np.ndarray, grown: np.ndarray, iterations: int = 3) -> np.ndarray:
+def smooth_grown(
+    points: np.ndarray, parent: np.ndarray, grown: np.ndarray, iterations: int = 3
+) -> np.ndarray:
     """Laplacian smoothing of grown nodes that have exactly one child (keeps branch points)."""
     pts = points.copy()
     n = len(pts)
@@ -233,8 +237,9 @@ def leaf_counts(parent: np.ndarray) -> np.ndarray:
     return np.asarray(c)
 
 
-
-def arrival_delays(tree: VesselTree, speed: Callable[[np.ndarray], np.ndarray], root_delay: float = 0.0) -> np.ndarray:
+def arrival_delays(
+    tree: VesselTree, speed: Callable[[np.ndarray], np.ndarray], root_delay: float = 0.0
+) -> np.ndarray:
     """Cumulative transit time from the roots: sum of segment length / speed(radius)."""
     n = len(tree)
     seg_len = np.zeros(n)
