@@ -2,8 +2,8 @@
 
 1. starts a local Orthanc (Debian package) on loopback as the PACS;
 2. starts the node with Orthanc as its destination, by C-STORE and STOW-RS;
-3. writes synthetic angiography runs (phantoms) and sends them to the node
-   with dcmtk ``storescu``;
+3. writes synthetic angiography runs (phantoms: cerebral DSA, coronary cine,
+   rotational 3D) and sends them to the node with dcmtk ``storescu``;
 4. waits until the results are stored in Orthanc and prints what arrived and
    where to look.
 """
@@ -122,13 +122,20 @@ class LocalOrthanc:
 
 
 def _write_phantoms(directory: Path) -> list[Path]:
-    from training.phantoms import dsa
+    """The three kinds of angiography the default rules tell apart: two cerebral
+    DSA runs (subtracted, and native with a Mask Subtraction Sequence), a
+    coronary cine and a rotational 3D run exported as a CT series."""
+    from training.phantoms import coronary, dsa, rotational
 
     paths: list[Path] = []
     for seed, native in ((1, False), (2, True)):
         phantom = dsa.generate(seed=seed, size=512, frames=20, native=native)
         written = phantom.write(directory / f"dsa-{seed}")
         paths.extend(p for p in written if p.suffix == ".dcm")
+    written = coronary.generate(3, size=256, frames=24).write(directory / "coronary-3")
+    paths.extend(p for p in written if p.suffix == ".dcm")
+    folder = rotational.generate(4, size=64).write(directory / "rotational-4")[0].parent
+    paths.extend(sorted((folder / "rotational_ct").glob("*.dcm")))
     return paths
 
 
@@ -169,7 +176,10 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
             f"Node:            ANGIO_NODE@127.0.0.1:{node.port}   REST http://127.0.0.1:{node.api_port}/status"
         )
         runs = _write_phantoms(workdir / "phantoms")
-        print(f"Sending {len(runs)} synthetic DSA run(s) to the node with dcmtk storescu ...")
+        print(
+            f"Sending {len(runs)} synthetic file(s) (cerebral DSA, coronary cine, rotational 3D) "
+            "to the node with dcmtk storescu ..."
+        )
         storescu = dcmtk.find("storescu")
         if storescu is None:
             raise NodeError("storescu not found: install the Debian package dcmtk")
