@@ -18,6 +18,7 @@ from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext
 from dicom_node.encode.pmap import encode_parametric_map
 from pipelines.base import (
+    ICA,
     MeasurementsOutput,
     ParametricMapOutput,
     PipelineContext,
@@ -40,6 +41,7 @@ PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 CANVAS_CLASS = "1.2.840.10008.5.1.4.1.1.7.3"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,22 @@ def test_every_object_type_passes_dciodvfy(delivered):
     assert {PM_CLASS, SC_CLASS, SR_CLASS, CANVAS_CLASS} <= kinds
     assert sum(str(ds.SOPClassUID) == PM_CLASS for ds in datasets) == 5
     assert sum(str(ds.SOPClassUID) == SC_CLASS for ds in datasets) == 6
+    assert sum(str(ds.SOPClassUID) == SEG_CLASS for ds in datasets) == 1  # the AIF region
     for ds, path in zip(datasets, paths, strict=True):
         assert dciodvfy_errors(path) == [], (ds.SeriesDescription, path)
+
+
+def test_aif_region_seg_round_trips_on_the_canvas(delivered):
+    """The pixels the AIF averaged, as a SEG on the MinIP canvas: what a reader checks
+    before trusting the maps."""
+    result, _, datasets, _ = delivered
+    (seg,) = [ds for ds in datasets if str(ds.SOPClassUID) == SEG_CLASS]
+    (canvas,) = [ds for ds in datasets if str(ds.SOPClassUID) == CANVAS_CLASS]
+    (output,) = [o for o in result.outputs if o.key == "aif_region"]
+    assert str(seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue) == ICA.value
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert str(referenced.ReferencedSOPInstanceUID) == str(canvas.SOPInstanceUID)
+    assert np.array_equal(seg.pixel_array.astype(bool), output.masks[0])
 
 
 def test_parametric_maps_round_trip(delivered):

@@ -53,6 +53,7 @@ class Aif:
     peak_time_s: float
     noise: float
     pixels: int
+    mask: np.ndarray  # (H, W) bool: the ICA pixels averaged (clean first pass)
     flags: list[str] = field(default_factory=list)
 
     @property
@@ -199,6 +200,8 @@ def measure_aif(
     curves = concentration[:, mask]
     clean = first_pass_pixels(curves, grid_s, settings)
     pixels = int(clean.sum())
+    used = np.zeros(mask.shape, bool)
+    used[mask] = clean
     curve = curves[:, clean].mean(axis=1).astype(np.float64)
     peak, peak_time = parabolic_peak(curve, grid_s)
     noise = sigma / np.sqrt(pixels)
@@ -230,5 +233,6 @@ def measure_aif(
         peak_time_s=peak_time,
         noise=float(noise),
         pixels=pixels,
+        mask=used,
         flags=flags,
     )

@@ -31,6 +31,8 @@ from pipelines.base import (
     PipelineResult,
     RenderingOutput,
     Run,
+    Segment,
+    SegmentationOutput,
     minip,
     register,
 )
@@ -66,6 +68,8 @@ TMAX = Code("113084", "DCM", "Tmax")
 TIME_TO_PEAK = Code("113069", "DCM", "Time To Peak")
 TIME_OF_PEAK_CONCENTRATION = Code("126370", "DCM", "Time of Peak Concentration")
 PEAK_VALUE = Code("126031", "DCM", "Peak Value Within ROI")
+# The pixels the AIF averages: the ICA, where it shows a clean first pass.
+AIF_SEGMENT = Segment("AIF region (internal carotid artery)", ICA, color_rgb=(255, 160, 0))
 BOLUS_ARRIVAL = Code("126371", "DCM", "Bolus Arrival Time")
 
 OPTIONS: dict[str, str] = {
@@ -167,6 +171,16 @@ class DsaPerfusion:
         )
         outputs: list[Any] = [ImageOutput(key="minip", pixels=image, description="MinIP")]
         outputs += self._maps(maps, image, algorithm, method, map_settings)
+        outputs.append(
+            SegmentationOutput(
+                key="aif_region",
+                masks=aif.mask[None],
+                segments=[AIF_SEGMENT],
+                algorithm=algorithm,
+                geometry="canvas",
+                description="Perfusion AIF region",
+            )
+        )
         outputs.append(
             RenderingOutput(
                 key="aif_plot",
