@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -259,6 +260,20 @@ def reference_osvd(
 
 # --- the benchmark --------------------------------------------------------------
 
+
+def mean_sd(errors: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """Mean and SD over seeds of each figure."""
+    return {
+        k: (float(np.mean([e[k] for e in errors])), float(np.std([e[k] for e in errors])))
+        for k in errors[0]
+    }
+
+
+def format_cell(stats: dict[str, tuple[float, float]], key: str, pct: bool = False) -> str:
+    m, sd = stats[key]
+    return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.2f} ± {sd:.2f}"
+
+
 # Held-out seeds: the tests use 1-11 and the oSVD bound was chosen on 100-102.
 SEEDS = (200, 201, 202)
 METHODS = (
@@ -338,15 +353,9 @@ def accuracy(seeds: tuple[int, ...] = SEEDS) -> tuple[str, dict[str, dict[str, f
                     region_errors(pipeline(s.run, PipelineContext(options=options)), s)
                     for s in runs
                 ]
-                stats = {
-                    k: (float(np.mean([e[k] for e in errs])), float(np.std([e[k] for e in errs])))
-                    for k in errs[0]
-                }
+                stats = mean_sd(errs)
                 summary[f"{fps:g}/{snr:g}/{name}"] = {k: v[0] for k, v in stats.items()}
-
-                def cell(key: str, pct: bool = False, s: dict = stats) -> str:
-                    m, sd = s[key]
-                    return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.2f} ± {sd:.2f}"
+                cell = partial(format_cell, stats)
 
                 rows.append(
                     f"| {fps:g} | {snr:g} | {name} | {cell('mtt')} | {cell('tmax')} "
@@ -438,14 +447,8 @@ def phantom_accuracy(
                     )
                     for p in runs
                 ]
-                stats = {
-                    k: (float(np.mean([e[k] for e in errs])), float(np.std([e[k] for e in errs])))
-                    for k in errs[0]
-                }
-
-                def cell(key: str, pct: bool = False, s: dict = stats) -> str:
-                    m, sd = s[key]
-                    return f"{100 * m:.1f} ± {100 * sd:.1f}" if pct else f"{m:.2f} ± {sd:.2f}"
+                stats = mean_sd(errs)
+                cell = partial(format_cell, stats)
 
                 rows.append(
                     f"| {fps:g} | {snr:g} | {name} | {cell('mtt')} | {cell('tmax')} | "
@@ -511,21 +514,27 @@ def ica_comparison(
 
 
 def _ica_mask(run: Run, model: str | None, keep: bool) -> np.ndarray:
-    """The ICA mask the pipeline would use (same preprocessing)."""
+    """The ICA mask the pipeline would use (its own ``locate_ica``), before the AIF's
+    first-pass selection."""
+    import torch
+
     from pipelines.base import minip
     from pipelines.perfusion.aif import contrast_signal, noise_sigma
-    from pipelines.perfusion.ica import IcaSettings, classical_ica, model_ica, opacity_and_arrival
+    from pipelines.perfusion.ica import IcaSettings
+    from pipelines.perfusion.pipeline import locate_ica
 
-    settings = IcaSettings(keep_largest=keep)
-    if model is not None:
-        from pipelines.models.ica_unet import predict_mask
-        from pipelines.models.package import load_package
-
-        net = load_package(model).load_model("cpu")
-        return model_ica(predict_mask(net, minip(run.pixels)), settings).mask  # type: ignore[arg-type]
     signal = contrast_signal(run.pixels, run.meta)
-    opacity, arrival = opacity_and_arrival(signal - signal[0], run.meta.frame_times_s)
-    return classical_ica(opacity, arrival, noise_sigma(signal), settings).mask
+    ica, _ = locate_ica(
+        minip(run.pixels),
+        signal,
+        np.asarray(run.meta.frame_times_s),
+        noise_sigma(signal),
+        model,
+        "auto",
+        IcaSettings(keep_largest=keep),
+        torch.device("cpu"),
+    )
+    return ica.mask
 
 
 def speed(size: int = 1024, frames: int = 40, subset: int = 2000) -> str:

@@ -183,35 +183,23 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
         storescu = dcmtk.find("storescu")
         if storescu is None:
             raise NodeError("storescu not found: install the Debian package dcmtk")
-        subprocess.run(
-            [
-                storescu,
-                "-aet",
-                "ANGIO_SUITE",
-                "-aec",
-                "ANGIO_NODE",
-                "127.0.0.1",
-                str(node.port),
-                *map(str, runs),
-            ],
-            check=True,
-            timeout=300,
-        )
-        # the suite archives its runs in the PACS too, so every reference in the results resolves
-        subprocess.run(
-            [
-                storescu,
-                "-aet",
-                "ANGIO_SUITE",
-                "-aec",
-                "ORTHANC",
-                "127.0.0.1",
-                str(orthanc.dicom_port),
-                *map(str, runs),
-            ],
-            check=True,
-            timeout=300,
-        )
+        # The suite sends to the node and archives its runs in the PACS too, so every
+        # reference in the results resolves there.
+        for aec, port in (("ANGIO_NODE", node.port), ("ORTHANC", orthanc.dicom_port)):
+            subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    "ANGIO_SUITE",
+                    "-aec",
+                    aec,
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, runs),
+                ],
+                check=True,
+                timeout=300,
+            )
 
         def finished() -> bool:
             jobs = node.db.query("SELECT state FROM jobs")

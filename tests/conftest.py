@@ -48,6 +48,19 @@ def need(tool: str) -> str:
     return path
 
 
+def send_storescu(
+    aec: str, port: int, files: list[Path], aet: str = "ANGIO_SUITE", timeout: float = 120
+) -> None:
+    """dcmtk storescu, the foreign client, sends ``files`` to ``aec`` on loopback."""
+    res = subprocess.run(
+        [need("storescu"), "-aet", aet, "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr
+
+
 @pytest.fixture
 def make_node(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Start a node on ephemeral ports; ``make_node(**settings)`` returns it running."""

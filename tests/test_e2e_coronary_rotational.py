@@ -7,7 +7,6 @@ finds no error in what Orthanc serves back."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +14,13 @@ import pydicom
 import pytest
 
 from dicom_node import dcmtk
-from tests.conftest import dciodvfy_errors, wait_for
+from tests.conftest import dciodvfy_errors, send_storescu, wait_for
 from tests.orthanc_fixture import OrthancProcess, orthanc  # noqa: F401  (fixture)
 
 pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.skipif(dcmtk.find("storescu") is None, reason="dcmtk storescu not installed"),
 ]
-
-
-def storescu(aet: str, port: int, files: list[Path]) -> None:
-    res = subprocess.run(
-        [
-            str(dcmtk.find("storescu")),
-            "-aet",
-            "CATHLAB",
-            "-aec",
-            aet,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr
 
 
 def referenced_instances(ds: pydicom.Dataset) -> set[str]:
@@ -92,8 +72,8 @@ def run_through(
             }
         ]
     )
-    storescu(pacs.aet, pacs.dicom_port, files)  # the suite archives the run ...
-    storescu(node.settings.ae_title, node.port, files)  # ... and forwards it to the node
+    send_storescu(pacs.aet, pacs.dicom_port, files, aet="CATHLAB")  # the suite archives the run ...
+    send_storescu(node.settings.ae_title, node.port, files, aet="CATHLAB")  # ... and forwards it
     jobs = wait_for(
         lambda: node.db.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')"),
         180,

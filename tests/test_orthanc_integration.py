@@ -26,6 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
 from dicom_node import dcmtk
+from tests.conftest import send_storescu
 from tests.dicomgen import save, xa_run
 from tests.orthanc_fixture import (  # noqa: F401  (orthanc: the fixture)
     OhifServer,
@@ -75,22 +76,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: 
 
 
 def storescu(pacs: OrthancProcess, *files: Path, aet: str = "ANGIO_SUITE") -> None:
-    res = subprocess.run(
-        [
-            str(dcmtk.find("storescu")),
-            "-aet",
-            aet,
-            "-aec",
-            pacs.aet,
-            "127.0.0.1",
-            str(pacs.dicom_port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 0, res.stderr
+    send_storescu(pacs.aet, pacs.dicom_port, list(files), aet=aet, timeout=60)
 
 
 def phantom_dsa_file(directory: Path, seed: int = 1, size: int = 64, frames: int = 8) -> Path:

@@ -131,6 +131,40 @@ def _device(ctx: PipelineContext, notes: list[str]) -> torch.device:
     return torch.device("cpu")
 
 
+def locate_ica(
+    image: np.ndarray,
+    signal: np.ndarray,
+    grid_s: np.ndarray,
+    sigma: float,
+    model_package: str | None,
+    mode: str,
+    settings: IcaSettings,
+    device: torch.device,
+) -> tuple[IcaResult, AlgorithmInfo]:
+    """The ICA mask: the U-Net of ``model_package`` on the MinIP ``image`` (mode
+    "model", or "auto" with a package), else the classical rule on the contrast
+    ``signal`` (N, H, W) sampled at ``grid_s``."""
+    use_model = mode == "model" or (mode == "auto" and model_package is not None)
+    if use_model:
+        if model_package is None:
+            raise PipelineError("option ica=model but no model package is configured")
+        from pipelines.models.ica_unet import predict_mask
+        from pipelines.models.package import load_package
+
+        package = load_package(model_package, pipeline=NAME)
+        if package.architecture != "ica_unet":
+            raise PipelineError(
+                f"model package {package.name} has architecture {package.architecture!r}, "
+                "dsa_perfusion needs 'ica_unet'"
+            )
+        model = package.load_model(device)
+        mask = predict_mask(model, image, device)  # type: ignore[arg-type]
+        return model_ica(mask, settings), package.algorithm(NAME, VERSION)
+    opacity, arrival = opacity_and_arrival(signal - signal[0], grid_s)
+    result = classical_ica(opacity, arrival, sigma, settings)
+    return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
+
+
 class DsaPerfusion:
     name = NAME
 
@@ -150,8 +184,8 @@ class DsaPerfusion:
         del raw_signal
         image = minip(frames)
 
-        ica, algorithm = self._ica(
-            image, signal, timing.grid_s, sigma, ctx, ica_mode, ica_settings, device
+        ica, algorithm = locate_ica(
+            image, signal, timing.grid_s, sigma, ctx.model_package, ica_mode, ica_settings, device
         )
         baseline = baseline_frames(signal, ica.mask, timing.grid_s, run.meta.subtracted)
         concentration = signal - signal[:baseline].mean(axis=0, keepdims=True)
@@ -204,38 +238,6 @@ class DsaPerfusion:
             )
         )
         return PipelineResult(outputs=outputs, notes=notes)
-
-    def _ica(
-        self,
-        image: np.ndarray,
-        signal: np.ndarray,
-        grid_s: np.ndarray,
-        sigma: float,
-        ctx: PipelineContext,
-        mode: str,
-        settings: IcaSettings,
-        device: torch.device,
-    ) -> tuple[IcaResult, AlgorithmInfo]:
-        use_model = mode == "model" or (mode == "auto" and ctx.model_package is not None)
-        if use_model:
-            if ctx.model_package is None:
-                raise PipelineError("option ica=model but no model package is configured")
-            from pipelines.models.ica_unet import predict_mask
-            from pipelines.models.package import load_package
-
-            package = load_package(ctx.model_package, pipeline=NAME)
-            if package.architecture != "ica_unet":
-                raise PipelineError(
-                    f"model package {package.name} has architecture {package.architecture!r}, "
-                    "dsa_perfusion needs 'ica_unet'"
-                )
-            model = package.load_model(device)
-            mask = predict_mask(model, image, device)  # type: ignore[arg-type]
-            return model_ica(mask, settings), package.algorithm(NAME, VERSION)
-        provisional = signal - signal[0]
-        opacity, arrival = opacity_and_arrival(provisional, grid_s)
-        result = classical_ica(opacity, arrival, sigma, settings)
-        return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
 
     def _maps(
         self,
