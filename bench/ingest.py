@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.report import write_section
 from dicom_node import dcmtk
-from dicom_node.demo import LocalOrthanc, _free_port, _wait
+from training.demo import LocalOrthanc, _free_port, _wait
 
 
 def tool(name: str) -> str:

@@ -16,16 +16,31 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from dicom_node import __version__, stow
+from dicom_node.db import Database
 from dicom_node.errors import NodeError, RejectedInstance
-from dicom_node.service import jobs_for, status_summary
+from dicom_node.ingest import Ingest
+from dicom_node.settings import Settings
 from dicom_node.spool import check_uid
 
-if TYPE_CHECKING:
-    from dicom_node.service import Node
+
+class Node(Protocol):
+    """What the API needs of the node (``dicom_node.service.Node``)."""
+
+    settings: Settings
+    db: Database
+    ingest: Ingest
+
+    @property
+    def port(self) -> int: ...
+
+    def trigger(self, **selector: str) -> list[str]: ...
+
+    def reprocess(self, **selector: str) -> list[int]: ...
+
 
 log = logging.getLogger(__name__)
 SELECTORS = ("study_uid", "series_uid", "sop_instance_uid", "run_id")
@@ -70,7 +85,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 try:
                     body = stow.read_body(self.headers, self.rfile)
                     status, payload = stow.stow(
-                        node, url.path, self.headers.get("Content-Type", ""), body
+                        node.ingest, url.path, self.headers.get("Content-Type", ""), body
                     )
                 except stow.StowError as exc:
                     log.info("STOW-RS %s -> %d: %s", url.path, exc.status, exc)
@@ -109,7 +124,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     "dicom_port": node.port,
                 }
             if method == "GET" and path == "/status":
-                return status_summary(node.db)
+                return node.db.status_summary()
             if method == "GET" and path == "/jobs":
                 sel = {QUERY_KEYS[k]: v[0] for k, v in query.items() if k in QUERY_KEYS}
                 if len(sel) != 1:
@@ -119,7 +134,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     check_uid(k, v)
                 except RejectedInstance as exc:
                     raise HttpError(400, exc.reason) from None
-                return {"jobs": jobs_for(node.db, **sel)}
+                return {"jobs": node.db.jobs_for(**sel)}
             if method == "POST" and path == "/trigger":
                 runs = node.trigger(**_selector(self._body()))
                 return {"completed_runs": runs}

@@ -1,4 +1,5 @@
-"""``dicom-node``: serve, process offline, explain routing, status, synthetic phantoms, demo."""
+"""``dicom-node``: serve, process offline, explain routing, status, trigger; plus the
+commands other packages register (``synth``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydicom import dcmread
@@ -18,6 +20,11 @@ from pydicom.errors import InvalidDicomError
 from dicom_node import __version__
 from dicom_node.errors import NodeError
 from pipelines.base import PipelineError
+
+# More subcommands come from other packages of this distribution (the phantoms'
+# `synth`, the end-to-end `demo` in `training`), through entry points, so that
+# the service never imports them.
+COMMANDS_GROUP = "dicom_node.commands"
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -79,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     from dicom_node.processing import run_pipeline, write_dataset
-    from dicom_node.routing import RunFeatures, route
+    from dicom_node.routing import RunFeatures, effective_rules, route
     from dicom_node.runs import load_run
     from dicom_node.settings import load_settings
 
@@ -95,7 +102,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             names = [args.pipeline]
         else:
             headers = [dcmread(f, stop_before_pixels=True) for f in files]
-            decision = route(settings.effective_rules(), RunFeatures.from_headers(headers))
+            decision = route(effective_rules(settings), RunFeatures.from_headers(headers))
             names = decision.pipelines
             if not names:
                 print(
@@ -109,7 +116,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             continue
         for name in names:
             try:
-                datasets, notes = run_pipeline(loaded, name, settings)
+                datasets, notes = run_pipeline(loaded, name, settings.models, settings.device)
             except (PipelineError, NodeError) as exc:
                 print(f"run {run_id}: {name} failed: {exc}", file=sys.stderr)
                 continue
@@ -129,7 +136,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from dicom_node.routing import RunFeatures, route
+    from dicom_node.routing import RunFeatures, effective_rules, route
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -139,7 +146,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     for run_id, files in runs.items():
         headers = [dcmread(f, stop_before_pixels=True) for f in files]
         feats = RunFeatures.from_headers(headers)
-        decision = route(settings.effective_rules(), feats)
+        decision = route(effective_rules(settings), feats)
         print(
             f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
             f"{feats.number_of_frames} frame(s), {headers[0].get('SeriesDescription', '')!s})"
@@ -155,14 +162,13 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.db import Database
-    from dicom_node.service import status_summary
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
     if not settings.db_path.exists():
         print(f"no node database at {settings.db_path}", file=sys.stderr)
         return 2
-    summary = status_summary(Database(settings.db_path))
+    summary = Database(settings.db_path).status_summary()
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
         return 0
@@ -174,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for b in summary["outbox_backlog"]:  # type: ignore[attr-defined]
         print(f"backlog to {b['destination']}: {b['n']} object(s), last error: {b['error']}")
     for u in summary["unrouted_runs"]:  # type: ignore[attr-defined]
-        print(f"unrouted run {u['run_id']}: {u['reason']}")
+        print(f"{u['state']} run {u['run_id']}: {u['reason']}")
     return 0
 
 
@@ -189,12 +195,6 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     resp = requests.post(url, json=body, timeout=30)
     print(resp.text)
     return 0 if resp.ok else 1
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from dicom_node.demo import run_demo
-
-    return run_demo(Path(args.workdir), keep_running=args.keep_running)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,19 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func=cmd_trigger)
 
-    p = sub.add_parser("synth", help="write synthetic angiography phantoms with ground truth")
-    try:
-        from training.phantoms import cli as phantom_cli
-    except ImportError as exc:  # the phantom package is part of this distribution
-        p.set_defaults(func=lambda _a, exc=exc: _missing("synth", exc))
-    else:
-        phantom_cli.configure_parser(p)
-        p.set_defaults(func=phantom_cli.run)
-
-    p = sub.add_parser("demo", help="end-to-end demo: Orthanc + node + synthetic runs over DICOM")
-    p.add_argument("--workdir", default="demo-output")
-    p.add_argument("--keep-running", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    for entry in entry_points(group=COMMANDS_GROUP):
+        try:
+            add_command = entry.load()
+        except ImportError as exc:
+            p = sub.add_parser(entry.name, help=f"unavailable: {exc}")
+            p.set_defaults(func=lambda _a, exc=exc, name=entry.name: _missing(name, exc))
+        else:
+            add_command(sub)
     return parser
 
 

@@ -1,17 +1,33 @@
-"""The node's index: instances, runs, jobs and the outbox, in SQLite (WAL).
+"""The node's index and the one owner of its state machines (SQLite, WAL).
 
-One connection per thread; writes that claim work use ``BEGIN IMMEDIATE`` so
-two workers never take the same job or outbox row.
+Nobody else writes SQL. Run, job and delivery states are enums; every
+transition is a method that checks the state it leaves, and a state change
+commits together with its consequences (a run routed and its jobs created; a
+job done and its deliveries queued)::
+
+    run       receiving -> complete -> routed | unrouted | unroutable
+              (a new instance re-opens a run; reprocess: any settled state -> complete)
+    job       queued -> running -> done | failed, running -> queued (retry, lost lease)
+    delivery  pending -> sent | failed, failed -> pending (resend)
+
+One connection per thread; writes use ``BEGIN IMMEDIATE`` so two workers never
+take the same job or delivery.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -37,12 +53,13 @@ CREATE TABLE IF NOT EXISTS runs (
     series_uid   TEXT NOT NULL,
     study_uid    TEXT NOT NULL,
     calling_aet  TEXT NOT NULL,
-    state        TEXT NOT NULL,          -- receiving | complete | routed | unrouted
+    state        TEXT NOT NULL,
     first_at     REAL NOT NULL,
     last_at      REAL NOT NULL,
     completed_at REAL,
     rule         TEXT,
-    reason       TEXT
+    reason       TEXT,
+    resend       INTEGER NOT NULL DEFAULT 0  -- the next routing sends results again
 );
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state, last_at);
 
@@ -51,7 +68,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     run_id       TEXT NOT NULL,
     pipeline     TEXT NOT NULL,
     destinations TEXT NOT NULL,          -- JSON list of destination names
-    state        TEXT NOT NULL,          -- queued | running | done | failed
+    resend       INTEGER NOT NULL DEFAULT 0,
+    state        TEXT NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     not_before   REAL NOT NULL,
     lease_until  REAL,
@@ -72,7 +90,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     sop_class_uid    TEXT NOT NULL,
     series_uid       TEXT NOT NULL,
     path             TEXT NOT NULL,
-    state            TEXT NOT NULL,      -- pending | sent | failed
+    state            TEXT NOT NULL,
     attempts         INTEGER NOT NULL DEFAULT 0,
     not_before       REAL NOT NULL,
     error            TEXT,
@@ -83,16 +101,116 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, not_before);
 """
 
+# Columns added after the first release (schema 1 had none of them).
+_MIGRATIONS = {
+    "runs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
+    "jobs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
+}
+
+
+class RunState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"
+    UNROUTED = "unrouted"  # no rule matched: stored, reported, nothing to do
+    UNROUTABLE = "unroutable"  # its header could not be read for routing
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+SETTLED_RUN_STATES = (RunState.ROUTED, RunState.UNROUTED, RunState.UNROUTABLE)
+
+
+class StateError(Exception):
+    """A transition from a state it does not leave (a bug, never input)."""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    run_id: str
+    path: Path
+    size: int
+    transfer_syntax: str
+    frames: int
+    calling_aet: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What indexing one instance did to its run."""
+
+    run_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    run_id: str
+    pipeline: str
+    destinations: list[str]
+    resend: bool
+    attempts: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One object a job wrote, to be delivered."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    destination: str
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    attempts: int
+
+
+def now() -> float:
+    return time.time()
+
 
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self.connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(SCHEMA)
+        con = self.connect()
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(SCHEMA)  # idempotent
+        with self._tx() as con:
+            for table, columns in _MIGRATIONS.items():
+                have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
+    # -- connection ---------------------------------------------------------
     def connect(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
@@ -106,9 +224,9 @@ class Database:
         return con
 
     @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         con = self.connect()
-        con.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        con.execute("BEGIN IMMEDIATE")
         try:
             yield con
         except BaseException:
@@ -118,6 +236,9 @@ class Database:
             con.execute("COMMIT")
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:  # type: ignore[type-arg]
+        """Read-only SQL for reports and tests; writes go through the methods below."""
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            raise StateError("Database.query is read-only")
         return self.connect().execute(sql, params).fetchall()
 
     def close(self) -> None:
@@ -126,6 +247,482 @@ class Database:
             con.close()
             self._local.con = None
 
+    # -- instances and runs ---------------------------------------------------
+    def record_instance(self, inst: InstanceRecord) -> Recorded:
+        """Index a stored instance; a new instance (re-)opens its run for receiving."""
+        t = now()
+        with self._tx() as con:
+            dup = (
+                con.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid=?", (inst.sop_instance_uid,)
+                ).fetchone()
+                is not None
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    inst.sop_instance_uid,
+                    inst.sop_class_uid,
+                    inst.series_uid,
+                    inst.study_uid,
+                    inst.run_id,
+                    str(inst.path),
+                    inst.size,
+                    inst.transfer_syntax,
+                    inst.frames,
+                    inst.calling_aet,
+                    t,
+                ),
+            )
+            row = con.execute("SELECT state FROM runs WHERE run_id=?", (inst.run_id,)).fetchone()
+            if row is None:
+                con.execute(
+                    "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at,"
+                    " last_at) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        inst.run_id,
+                        inst.series_uid,
+                        inst.study_uid,
+                        inst.calling_aet,
+                        RunState.RECEIVING,
+                        t,
+                        t,
+                    ),
+                )
+            elif dup:
+                con.execute("UPDATE runs SET last_at=? WHERE run_id=?", (t, inst.run_id))
+            else:
+                # a new instance re-opens a run that was already complete
+                con.execute(
+                    "UPDATE runs SET last_at=?, state=?, reason=NULL WHERE run_id=?",
+                    (t, RunState.RECEIVING, inst.run_id),
+                )
+        return Recorded(inst.run_id, dup)
 
-def now() -> float:
-    return time.time()
+    def indexed_paths(self) -> set[str]:
+        return {r["path"] for r in self.query("SELECT path FROM instances")}
+
+    def run_instances(self, run_id: str) -> list[InstanceRecord]:
+        rows = self.query("SELECT * FROM instances WHERE run_id=? ORDER BY received_at", (run_id,))
+        return [
+            InstanceRecord(
+                r["sop_instance_uid"],
+                r["sop_class_uid"],
+                r["series_uid"],
+                r["study_uid"],
+                r["run_id"],
+                Path(r["path"]),
+                r["size"],
+                r["transfer_syntax"],
+                r["frames"],
+                r["calling_aet"],
+            )
+            for r in rows
+        ]
+
+    def complete_run(self, run_id: str, reason: str) -> bool:
+        """receiving -> complete; False when it was not receiving (once only)."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE runs SET state=?, completed_at=?, reason=? WHERE run_id=? AND state=?",
+                (RunState.COMPLETE, now(), reason, run_id, RunState.RECEIVING),
+            )
+            return cur.rowcount == 1
+
+    def quiet_runs(self, quiet_since: float) -> list[str]:
+        """Receiving runs with no new instance since ``quiet_since``."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE state=? AND last_at <= ?",
+            (RunState.RECEIVING, quiet_since),
+        )
+        return [r["run_id"] for r in rows]
+
+    def runs_to_route(self) -> list[str]:
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE state=? ORDER BY completed_at", (RunState.COMPLETE,)
+        )
+        return [r["run_id"] for r in rows]
+
+    def run_state(self, run_id: str) -> RunState | None:
+        rows = self.query("SELECT state FROM runs WHERE run_id=?", (run_id,))
+        return RunState(rows[0]["state"]) if rows else None
+
+    def route_run(
+        self, run_id: str, rule: str, pipelines: Sequence[str], destinations: Sequence[str]
+    ) -> list[int]:
+        """complete -> routed, and its jobs created, in one transaction.
+
+        Returns the new job ids; none when the run was not complete (routed by
+        someone else, or re-opened by a new instance meanwhile)."""
+        t = now()
+        with self._tx() as con:
+            row = con.execute("SELECT state, resend FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None or row["state"] != RunState.COMPLETE:
+                return []
+            con.execute(
+                "UPDATE runs SET state=?, rule=?, resend=0 WHERE run_id=?",
+                (RunState.ROUTED, rule, run_id),
+            )
+            ids = []
+            for name in pipelines:
+                cur = con.execute(
+                    "INSERT INTO jobs (run_id, pipeline, destinations, resend, state, not_before,"
+                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        run_id,
+                        name,
+                        json.dumps(list(destinations)),
+                        row["resend"],
+                        JobState.QUEUED,
+                        t,
+                        t,
+                        t,
+                    ),
+                )
+                ids.append(int(cur.lastrowid or 0))
+            return ids
+
+    def settle_unrouted(self, run_id: str, state: RunState, rule: str | None, reason: str) -> bool:
+        """complete -> unrouted (no rule, or a rule without pipelines) or unroutable."""
+        if state not in (RunState.UNROUTED, RunState.UNROUTABLE):
+            raise StateError(f"{state} is not an unrouted state")
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE runs SET state=?, rule=?, reason=?, resend=0 WHERE run_id=? AND state=?",
+                (state, rule, reason, run_id, RunState.COMPLETE),
+            )
+            return cur.rowcount == 1
+
+    def reopen_for_reprocess(self, run_id: str) -> bool:
+        """A settled run -> complete again, its results to be sent again."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE runs SET state=?, reason='reprocess', resend=1, completed_at=? "
+                f"WHERE run_id=? AND state IN ({','.join('?' * len(SETTLED_RUN_STATES))})",
+                (RunState.COMPLETE, now(), run_id, *SETTLED_RUN_STATES),
+            )
+            return cur.rowcount == 1
+
+    def runs_for(
+        self,
+        *,
+        run_id: str | None = None,
+        series_uid: str | None = None,
+        study_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[str]:
+        """Run ids selected by any DICOM level (for triggers and reprocessing)."""
+        if run_id:
+            rows = self.query("SELECT run_id FROM runs WHERE run_id=?", (run_id,))
+        elif sop_instance_uid:
+            rows = self.query(
+                "SELECT DISTINCT run_id FROM instances WHERE sop_instance_uid=?",
+                (sop_instance_uid,),
+            )
+        elif series_uid:
+            rows = self.query("SELECT run_id FROM runs WHERE series_uid=?", (series_uid,))
+        elif study_uid:
+            rows = self.query("SELECT run_id FROM runs WHERE study_uid=?", (study_uid,))
+        else:
+            return []
+        return [r["run_id"] for r in rows]
+
+    # -- jobs ---------------------------------------------------------------
+    def claim_job(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
+        """Take the oldest due job (or one whose lease expired) and count an attempt.
+
+        A job whose lease expired after its last allowed attempt fails here
+        instead of being run again: whatever killed its worker would again.
+        """
+        t = now()
+        with self._tx() as con:
+            while True:
+                row = con.execute(
+                    "SELECT * FROM jobs WHERE (state=? AND not_before <= ?) "
+                    "OR (state=? AND lease_until < ?) ORDER BY id LIMIT 1",
+                    (JobState.QUEUED, t, JobState.RUNNING, t),
+                ).fetchone()
+                if row is None:
+                    return None
+                if row["state"] == JobState.RUNNING and row["attempts"] >= max_attempts:
+                    self._fail(con, row["id"], _lost_reason(row["attempts"], row["error"]), t)
+                    continue
+                con.execute(
+                    "UPDATE jobs SET state=?, lease_until=?, worker=?, attempts=attempts+1, "
+                    "updated_at=? WHERE id=?",
+                    (JobState.RUNNING, t + lease_s, worker, t, row["id"]),
+                )
+                return Job(
+                    row["id"],
+                    row["run_id"],
+                    row["pipeline"],
+                    json.loads(row["destinations"]),
+                    bool(row["resend"]),
+                    row["attempts"] + 1,
+                    worker,
+                )
+
+    def renew_lease(self, job: Job, lease_s: float) -> bool:
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET lease_until=? WHERE id=? AND state=? AND worker=?",
+                (now() + lease_s, job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    def recover_jobs(self, current_worker_prefix: str, max_attempts: int) -> tuple[int, int]:
+        """At start: jobs a previous process left running go back to the queue, or
+        fail when they already had every attempt. Returns (re-queued, failed)."""
+        t = now()
+        requeued = failed = 0
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT id, attempts, error FROM jobs WHERE state=? AND "
+                "(worker IS NULL OR worker NOT LIKE ?)",
+                (JobState.RUNNING, f"{current_worker_prefix}%"),
+            ).fetchall()
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    self._fail(con, r["id"], _lost_reason(r["attempts"], r["error"]), t)
+                    failed += 1
+                else:
+                    con.execute(
+                        "UPDATE jobs SET state=?, lease_until=NULL, worker=NULL, not_before=?, "
+                        "error=?, updated_at=? WHERE id=?",
+                        (
+                            JobState.QUEUED,
+                            t,
+                            "the node stopped while this job was running",
+                            t,
+                            r["id"],
+                        ),
+                    )
+                    requeued += 1
+        return requeued, failed
+
+    def finish_job(self, job: Job, results: Sequence[ResultFile], notes: Sequence[str]) -> bool:
+        """running -> done, and a delivery per result and destination, in one transaction.
+
+        False when the job is no longer this worker's (its lease expired and
+        another worker took it): nothing is recorded then.
+        """
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, error=NULL, notes=?, updated_at=? "
+                "WHERE id=? AND state=? AND worker=?",
+                (JobState.DONE, json.dumps(list(notes)), t, job.id, JobState.RUNNING, job.worker),
+            )
+            if cur.rowcount != 1:
+                return False
+            for res in results:
+                for dest in job.destinations:
+                    self._queue_delivery(con, job, dest, res, t)
+            return True
+
+    def _queue_delivery(
+        self, con: sqlite3.Connection, job: Job, dest: str, res: ResultFile, t: float
+    ) -> None:
+        row = con.execute(
+            "SELECT id, state FROM outbox WHERE destination=? AND sop_instance_uid=?",
+            (dest, res.sop_instance_uid),
+        ).fetchone()
+        if row is None:
+            con.execute(
+                "INSERT INTO outbox (job_id, destination, sop_instance_uid, sop_class_uid,"
+                " series_uid, path, state, not_before, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    job.id,
+                    dest,
+                    res.sop_instance_uid,
+                    res.sop_class_uid,
+                    res.series_uid,
+                    str(res.path),
+                    DeliveryState.PENDING,
+                    t,
+                    t,
+                ),
+            )
+        elif job.resend or row["state"] == DeliveryState.FAILED:
+            con.execute(
+                "UPDATE outbox SET job_id=?, path=?, state=?, attempts=0, not_before=?, "
+                "error=NULL WHERE id=?",
+                (job.id, str(res.path), DeliveryState.PENDING, t, row["id"]),
+            )
+        elif row["state"] == DeliveryState.PENDING:
+            # same UID, same content: deliver the newest copy of the file
+            con.execute(
+                "UPDATE outbox SET job_id=?, path=? WHERE id=?", (job.id, str(res.path), row["id"])
+            )
+
+    def retry_job(self, job: Job, reason: str, delay_s: float) -> bool:
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, error=?, not_before=?, updated_at=? "
+                "WHERE id=? AND state=? AND worker=?",
+                (JobState.QUEUED, reason, t + delay_s, t, job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    def fail_job(self, job: Job, reason: str) -> bool:
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, error=?, updated_at=? "
+                "WHERE id=? AND state=? AND worker=?",
+                (JobState.FAILED, reason, now(), job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    def release_job(self, job: Job) -> bool:
+        """running -> queued without counting the attempt (the node is stopping)."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, worker=NULL, attempts=attempts-1, "
+                "not_before=?, updated_at=? WHERE id=? AND state=? AND worker=?",
+                (JobState.QUEUED, t, t, job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    @staticmethod
+    def _fail(con: sqlite3.Connection, job_id: int, reason: str, t: float) -> None:
+        con.execute(
+            "UPDATE jobs SET state=?, lease_until=NULL, error=?, updated_at=? WHERE id=?",
+            (JobState.FAILED, reason, t, job_id),
+        )
+
+    def unsettled_jobs(self) -> int:
+        return int(
+            self.query(
+                "SELECT COUNT(*) n FROM jobs WHERE state IN (?,?)",
+                (JobState.QUEUED, JobState.RUNNING),
+            )[0]["n"]
+        )
+
+    # -- deliveries -----------------------------------------------------------
+    def due_deliveries(self, limit: int) -> list[Delivery]:
+        rows = self.query(
+            "SELECT * FROM outbox WHERE state=? AND not_before <= ? ORDER BY id LIMIT ?",
+            (DeliveryState.PENDING, now(), limit),
+        )
+        return [
+            Delivery(
+                r["id"],
+                r["destination"],
+                Path(r["path"]),
+                r["sop_class_uid"],
+                r["sop_instance_uid"],
+                r["attempts"],
+            )
+            for r in rows
+        ]
+
+    def delivery_sent(self, delivery: Delivery) -> None:
+        with self._tx() as con:
+            con.execute(
+                "UPDATE outbox SET state=?, sent_at=?, attempts=attempts+1, error=NULL "
+                "WHERE id=? AND state=?",
+                (DeliveryState.SENT, now(), delivery.id, DeliveryState.PENDING),
+            )
+
+    def delivery_retry(self, delivery: Delivery, reason: str, delay_s: float) -> None:
+        with self._tx() as con:
+            con.execute(
+                "UPDATE outbox SET attempts=attempts+1, error=?, not_before=? WHERE id=? AND state=?",
+                (reason, now() + delay_s, delivery.id, DeliveryState.PENDING),
+            )
+
+    def delivery_failed(self, delivery: Delivery, reason: str) -> None:
+        with self._tx() as con:
+            con.execute(
+                "UPDATE outbox SET state=?, attempts=attempts+1, error=? WHERE id=? AND state=?",
+                (DeliveryState.FAILED, reason, delivery.id, DeliveryState.PENDING),
+            )
+
+    def pending_deliveries(self) -> int:
+        return int(
+            self.query("SELECT COUNT(*) n FROM outbox WHERE state=?", (DeliveryState.PENDING,))[0][
+                "n"
+            ]
+        )
+
+    # -- reports --------------------------------------------------------------
+    def status_summary(self) -> dict[str, Any]:
+        def counts(table: str) -> dict[str, int]:
+            return {
+                r["state"]: r["n"]
+                for r in self.query(f"SELECT state, COUNT(*) n FROM {table} GROUP BY state")
+            }
+
+        failures = [
+            dict(r)
+            for r in self.query(
+                "SELECT id, run_id, pipeline, error, updated_at FROM jobs WHERE state=? "
+                "ORDER BY id DESC LIMIT 20",
+                (JobState.FAILED,),
+            )
+        ]
+        backlog = [
+            dict(r)
+            for r in self.query(
+                "SELECT destination, COUNT(*) n, MAX(attempts) attempts, MAX(error) error "
+                "FROM outbox WHERE state=? GROUP BY destination",
+                (DeliveryState.PENDING,),
+            )
+        ]
+        unrouted = [
+            dict(r)
+            for r in self.query(
+                "SELECT run_id, series_uid, state, reason FROM runs WHERE state IN (?,?) "
+                "ORDER BY last_at DESC LIMIT 20",
+                (RunState.UNROUTED, RunState.UNROUTABLE),
+            )
+        ]
+        return {
+            "instances": self.query("SELECT COUNT(*) n FROM instances")[0]["n"],
+            "runs": counts("runs"),
+            "jobs": counts("jobs"),
+            "outbox": counts("outbox"),
+            "failed_jobs": failures,
+            "outbox_backlog": backlog,
+            "unrouted_runs": unrouted,
+        }
+
+    def jobs_for(
+        self,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[dict[str, Any]]:
+        where, params = "", ()  # type: tuple[str, tuple[str, ...]]
+        if sop_instance_uid:
+            where, params = (
+                "WHERE r.run_id IN (SELECT run_id FROM instances WHERE sop_instance_uid=?)",
+                (sop_instance_uid,),
+            )
+        elif series_uid:
+            where, params = "WHERE r.series_uid=?", (series_uid,)
+        elif study_uid:
+            where, params = "WHERE r.study_uid=?", (study_uid,)
+        rows = self.query(
+            "SELECT j.id, j.run_id, j.pipeline, j.state, j.attempts, j.error, j.notes,"
+            " j.created_at, j.updated_at, r.series_uid, r.study_uid, r.state AS run_state,"
+            " r.rule, r.reason AS run_reason,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='pending') AS pending"
+            f" FROM runs r LEFT JOIN jobs j ON j.run_id=r.run_id {where} ORDER BY r.first_at, j.id",
+            params,
+        )
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["notes"] = json.loads(d["notes"]) if d.get("notes") else []
+            out.append(d)
+        return out
+
+
+def _lost_reason(attempts: int, last_error: str | None) -> str:
+    why = f"worker lost {attempts} time(s) while running this job (node killed or restarted)"
+    return f"{why}; last error: {last_error}" if last_error else why

@@ -1,5 +1,6 @@
-"""The node's exceptions, converted to a DIMSE status, an HTTP status or a failed
-job record in exactly one place each (``scp``, ``api``, ``jobs``)::
+"""The node's exceptions, converted to a DIMSE status, an HTTP status, a run or job
+state or a delivery retry in exactly one place each (``ingest``, ``api``,
+``router``, ``jobs``, ``outbox``)::
 
     NodeError
     ├── ConfigError          bad settings; names the key and what is allowed
@@ -23,9 +24,11 @@ class ConfigError(NodeError):
 class RejectedInstance(NodeError):
     """``status`` is the DIMSE status the C-STORE response carries."""
 
-    # PS3.4 Annex B.2.3 / PS3.7 C: storage service statuses
+    # PS3.4 Annex B.2.3 / PS3.7 C: storage service statuses. Every one of them is
+    # in the README's table; ``dicom_node.ingest`` is where they are answered.
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     CANNOT_UNDERSTAND = 0xC000
+    OVER_LIMITS = 0xC001  # Cannot understand: declared size beyond the node's limits
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     OUT_OF_RESOURCES = 0xA700
     PROCESSING_FAILURE = 0x0110

@@ -1,11 +1,12 @@
 """Run one pipeline on one decoded run and encode its outputs: shared by the job
-workers and the offline ``dicom-node process`` command."""
+worker processes (``dicom_node.sandbox``) and the offline ``dicom-node process``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -14,29 +15,35 @@ import pipelines
 from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext
 from dicom_node.runs import LoadedRun
-from dicom_node.settings import Settings
 from pipelines.base import PipelineContext
 
 log = logging.getLogger(__name__)
 
 
-def device_for(settings: Settings) -> str:
-    if settings.device != "auto":
-        return settings.device
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_pipeline(
-    loaded: LoadedRun, pipeline_name: str, settings: Settings
+    loaded: LoadedRun,
+    pipeline_name: str,
+    models: Mapping[str, Path | str],
+    device: str,
+    on_stage: Callable[[str], None] = lambda _stage: None,
 ) -> tuple[list[Dataset], list[str]]:
+    """``on_stage`` hears "computing", then "encoding" (a crash report names the stage)."""
     pipeline = pipelines.get(pipeline_name)
-    package = settings.models.get(pipeline_name)
+    package = models.get(pipeline_name)
     ctx = PipelineContext(
-        device=device_for(settings), model_package=str(package) if package else None
+        device=resolve_device(device), model_package=str(package) if package else None
     )
+    on_stage("computing")
     result = pipeline(loaded.run, ctx)
+    on_stage("encoding")
     datasets = encode_result(
         result, loaded.run, EncodeContext(sources=loaded.headers, pipeline=pipeline_name)
     )

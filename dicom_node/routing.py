@@ -6,14 +6,19 @@ A run no rule matches goes to no pipeline and is reported as unrouted.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
-from dicom_node.settings import Match, Rule, TagPattern
+from dicom_node.settings import Match, Rule, Settings, TagPattern
 from dicom_node.sopclasses import CINE_2D, VOLUME, resolve_sop_class
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,18 +74,38 @@ def mask_operation(ds: Dataset) -> str:
     return str(msq[0].get("MaskOperation", "")).upper() if msq else ""
 
 
+def header_floats(ds: Dataset, keyword: str) -> list[float] | None:
+    """A numeric element as a list of finite floats; None when absent, empty or unreadable
+    (a value like 'abc' is logged, never raised: a header defect must not stop routing)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):
+        log.warning("%s %r is not numeric; ignored", keyword, str(value)[:40])
+        return None
+    if not all(math.isfinite(v) for v in out):
+        log.warning("%s %r is not finite; ignored", keyword, str(value)[:40])
+        return None
+    return out
+
+
 def frame_rate(ds: Dataset) -> float | None:
-    """Acquisition frame rate from Frame Time, Frame Time Vector or Cine Rate (frames/s)."""
-    if ds.get("FrameTime"):
-        ft = float(ds.FrameTime)
-        return 1000.0 / ft if ft > 0 else None
-    ftv = ds.get("FrameTimeVector")
-    if ftv and len(ftv) > 1:
-        steps = [float(v) for v in list(ftv)[1:] if float(v) > 0]
+    """Acquisition frame rate from Frame Time, Frame Time Vector or Cine Rate (frames/s);
+    None when the header gives none that is usable."""
+    ft = header_floats(ds, "FrameTime")
+    if ft is not None and len(ft) == 1 and ft[0] > 0:
+        return 1000.0 / ft[0]
+    ftv = header_floats(ds, "FrameTimeVector")
+    if ftv is not None and len(ftv) > 1:
+        steps = [v for v in ftv[1:] if v > 0]
         if steps:
             return 1000.0 * len(steps) / sum(steps)
-    if ds.get("CineRate"):
-        return float(ds.CineRate)
+    rate = header_floats(ds, "CineRate")
+    if rate is not None and len(rate) == 1 and rate[0] > 0:
+        return rate[0]
     return None
 
 
@@ -210,6 +235,11 @@ def route(rules: Sequence[Rule], features: RunFeatures) -> Decision:
             decision.rule = rule
             break
     return decision
+
+
+def effective_rules(settings: Settings) -> list[Rule]:
+    """The configured rules, or the built-in defaults when none are written."""
+    return settings.rules if settings.rules is not None else default_rules()
 
 
 _CEREBRAL = TagPattern(regex=r"(?i)^$|HEAD|BRAIN|SKULL|NECK|CAROTID|CEREBR|CRAN")

@@ -1,6 +1,5 @@
-"""The storage SCP: C-ECHO and C-STORE. The C-STORE handler only persists.
-
-This module is the one place where node exceptions become DIMSE statuses.
+"""The storage SCP: C-ECHO and C-STORE. The C-STORE handler only persists:
+``dicom_node.ingest`` stores the bytes and answers the DIMSE status.
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.errors import RejectedInstance
+from dicom_node.ingest import Ingest
 from dicom_node.settings import Settings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, TRANSFER_SYNTAXES
-from dicom_node.spool import Spool, Stored
 
 log = logging.getLogger(__name__)
-
-OnStored = Callable[[Stored], None]
 
 
 def _calling_aet(event: Event) -> str:
@@ -43,39 +40,18 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def make_store_handler(spool: Spool, on_stored: OnStored) -> Callable[[Event], int]:
+def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
     def handle_store(event: Event) -> int:
         calling = _calling_aet(event)
-        requested = str(event.request.AffectedSOPClassUID)
         try:
             data = event.encoded_dataset()
-        except (ValueError, AttributeError) as exc:
+            requested = str(event.request.AffectedSOPClassUID)
+        except (ValueError, AttributeError, TypeError) as exc:
             log.warning(
                 "C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc
             )
             return RejectedInstance.CANNOT_UNDERSTAND
-        try:
-            stored = spool.store(data, requested_sop_class=requested, calling_aet=calling)
-        except RejectedInstance as exc:
-            log.warning("C-STORE from %s refused (0x%04X): %s", calling, exc.status, exc.reason)
-            return exc.status
-        except OSError as exc:
-            log.error(
-                "C-STORE from %s failed (0x%04X): %s",
-                calling,
-                RejectedInstance.PROCESSING_FAILURE,
-                exc,
-            )
-            return RejectedInstance.PROCESSING_FAILURE
-        log.info(
-            "stored %s from %s (run %s%s)",
-            stored.sop_instance_uid,
-            calling,
-            stored.run_id,
-            ", duplicate" if stored.duplicate else "",
-        )
-        on_stored(stored)
-        return 0x0000
+        return ingest.receive(data, requested, calling).status
 
     return handle_store
 
@@ -85,10 +61,10 @@ def _handle_echo(event: Event) -> int:
     return 0x0000
 
 
-def start_scp(settings: Settings, spool: Spool, on_stored: OnStored) -> ThreadedAssociationServer:
+def start_scp(settings: Settings, ingest: Ingest) -> ThreadedAssociationServer:
     ae = make_ae(settings)
     handlers: list = [  # type: ignore[type-arg]
-        (evt.EVT_C_STORE, make_store_handler(spool, on_stored)),
+        (evt.EVT_C_STORE, make_store_handler(ingest)),
         (evt.EVT_C_ECHO, _handle_echo),
     ]
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)

@@ -1,9 +1,12 @@
 """Senders: C-STORE SCU and DICOMweb STOW-RS. Each sends a batch of files to one
-destination and says, per file, whether it was stored.
+destination and reports each file's outcome the moment it is known, so the
+outbox marks it sent before the next one goes: after a crash only the file in
+flight can be sent twice.
 
-A sender raises DeliveryError when the destination cannot be reached (the
-outbox retries the whole batch later); a per-file refusal comes back in the
-result map, permanent when the destination says the object itself is bad.
+A sender raises DeliveryError when the destination cannot be reached or the
+connection is lost (the outbox retries what was not reported, later); a
+per-file refusal is reported, permanent when the destination says the object
+itself is bad.
 """
 
 from __future__ import annotations
@@ -11,31 +14,22 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import requests
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+from dicom_node.db import Delivery
 from dicom_node.errors import DeliveryError
 from dicom_node.settings import Destination, DicomwebDestination, DimseDestination
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Item:
-    id: int
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-# Per item: None when stored, else (permanent?, reason).
-Outcome = dict[int, tuple[bool, str] | None]
-Sender = Callable[[Destination, Sequence[Item], str, float], Outcome]
+# Per file: None when stored, else (permanent?, reason).
+Refusal = tuple[bool, str] | None
+Report = Callable[[Delivery, Refusal], None]
+Sender = Callable[[Destination, Sequence[Delivery], str, float, Report], None]
 _SENDERS: dict[str, Sender] = {}
 
 
@@ -47,12 +41,16 @@ def sender(kind: str) -> Callable[[Sender], Sender]:
     return deco
 
 
-def send(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: float) -> Outcome:
-    return _SENDERS[dest.kind](dest, items, calling_aet, timeout)
+def send(
+    dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
+) -> None:
+    _SENDERS[dest.kind](dest, items, calling_aet, timeout, report)
 
 
 @sender("dimse")
-def cstore(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: float) -> Outcome:
+def cstore(
+    dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
+) -> None:
     """One association proposing only the SOP classes in the batch (Explicit and Implicit LE)."""
     assert isinstance(dest, DimseDestination)
     ae = AE(ae_title=calling_aet)
@@ -67,7 +65,6 @@ def cstore(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: 
             "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
         )
         raise DeliveryError(f"{dest.name}: {why} at {dest.host}:{dest.port} ({dest.ae_title})")
-    outcome: Outcome = {}
     try:
         for item in items:
             ds = dcmread(item.path)
@@ -76,57 +73,61 @@ def cstore(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: 
                 raise DeliveryError(f"{dest.name}: no C-STORE response (connection lost)")
             code = int(status.Status)
             if code in (0x0000, 0xB000, 0xB007, 0xB006):
-                outcome[item.id] = None
+                report(item, None)
             else:
                 # 0xA7xx out of resources is transient; other refusals are about the object
                 transient = (code & 0xFF00) == 0xA700
-                outcome[item.id] = (not transient, f"C-STORE status 0x{code:04X}")
+                report(item, (not transient, f"C-STORE status 0x{code:04X}"))
     finally:
         if assoc.is_established:
             assoc.release()
-    return outcome
 
 
 @sender("dicomweb")
-def stow(dest: Destination, items: Sequence[Item], calling_aet: str, timeout: float) -> Outcome:
-    """STOW-RS: one multipart/related POST of application/dicom parts to {url}/studies."""
+def stow(
+    dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
+) -> None:
+    """STOW-RS: one multipart/related POST per instance to {url}/studies, over one session,
+    so that each instance's outcome is known and recorded before the next is sent."""
     assert isinstance(dest, DicomwebDestination)
+    with requests.Session() as session:
+        if dest.bearer_token:
+            session.headers["Authorization"] = f"Bearer {dest.bearer_token}"
+        elif dest.username:
+            session.auth = (dest.username, dest.password or "")
+        for item in items:
+            report(item, _stow_one(session, dest, item, timeout))
+
+
+def _stow_one(
+    session: requests.Session, dest: DicomwebDestination, item: Delivery, timeout: float
+) -> Refusal:
     boundary = f"angio-node-{uuid.uuid4().hex}"
-    parts = []
-    for item in items:
-        parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-        parts.append(item.path.read_bytes())
-        parts.append(b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
+    body = b"".join(
+        (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+            item.path.read_bytes(),
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
     headers = {
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json",
     }
-    auth = None
-    if dest.bearer_token:
-        headers["Authorization"] = f"Bearer {dest.bearer_token}"
-    elif dest.username:
-        auth = (dest.username, dest.password or "")
     try:
-        resp = requests.post(
-            f"{dest.url}/studies", data=b"".join(parts), headers=headers, auth=auth, timeout=timeout
-        )
+        resp = session.post(f"{dest.url}/studies", data=body, headers=headers, timeout=timeout)
     except requests.RequestException as exc:
         raise DeliveryError(f"{dest.name}: {exc}") from None
-    if resp.status_code in (502, 503, 504, 429) or resp.status_code >= 500:
+    if resp.status_code == 429 or resp.status_code >= 500:
         raise DeliveryError(f"{dest.name}: HTTP {resp.status_code}")
     if resp.status_code in (401, 403):
         raise DeliveryError(f"{dest.name}: HTTP {resp.status_code} (check credentials)")
     failed = _stow_failures(resp)
-    outcome: Outcome = {}
-    for item in items:
-        if item.sop_instance_uid in failed:
-            outcome[item.id] = (True, f"STOW-RS refused: {failed[item.sop_instance_uid]}")
-        elif resp.status_code in (200, 202):
-            outcome[item.id] = None
-        else:
-            outcome[item.id] = (resp.status_code < 500, f"STOW-RS HTTP {resp.status_code}")
-    return outcome
+    if item.sop_instance_uid in failed:
+        return (True, f"STOW-RS refused: {failed[item.sop_instance_uid]}")
+    if resp.status_code in (200, 202):
+        return None
+    return (True, f"STOW-RS HTTP {resp.status_code}")
 
 
 def _stow_failures(resp: requests.Response) -> dict[str, str]:

@@ -63,6 +63,26 @@ class WorkerSettings(Strict):
         900.0, gt=0, description="a running job whose lease expires is taken again"
     )
     poll_interval_s: float = Field(0.5, gt=0)
+    memory_limit_mib: int = Field(
+        8192,
+        ge=256,
+        description="resident memory of one job's worker process; above it the job is ended",
+    )
+    job_timeout_s: float = Field(1800.0, gt=0, description="wall time of one job attempt")
+
+
+class LimitsSettings(Strict):
+    """What an instance may declare before anything is decoded (decompression bombs)."""
+
+    max_rows: int = Field(8192, ge=1)
+    max_columns: int = Field(8192, ge=1)
+    max_frames: int = Field(5000, ge=1)
+    max_decoded_bytes: int = Field(
+        2 * 2**30, ge=1, description="Rows x Columns x Frames x Samples x Bits Allocated / 8"
+    )
+    max_inflated_bytes: int = Field(
+        2 * 2**30 + 64 * 2**20, ge=1, description="a deflated data set once inflated"
+    )
 
 
 class OutboxSettings(Strict):
@@ -145,6 +165,7 @@ class Settings(Strict):
     )
     max_uid_length: int = 64
     completion: CompletionSettings = CompletionSettings()
+    limits: LimitsSettings = LimitsSettings()
     workers: WorkerSettings = WorkerSettings()
     outbox: OutboxSettings = OutboxSettings()
     api: ApiSettings = ApiSettings()
@@ -167,11 +188,6 @@ class Settings(Strict):
                         f"rules[{i}] ({rule.name}) names destination {dest!r}; configured: {names or 'none'}"
                     )
         return self
-
-    def effective_rules(self) -> list[Rule]:
-        from dicom_node.routing import default_rules
-
-        return self.rules if self.rules is not None else default_rules()
 
     def destinations_for(self, rule: Rule) -> list[Destination]:
         if "*" in rule.destinations:
@@ -249,7 +265,7 @@ def _check_pipelines(settings: Settings) -> None:
     import pipelines
 
     known = set(pipelines.names())
-    for i, rule in enumerate(settings.effective_rules()):
+    for i, rule in enumerate(settings.rules or []):  # the default rules use known names
         for name in rule.pipelines:
             if name not in known:
                 raise ConfigError(

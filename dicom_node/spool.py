@@ -2,10 +2,15 @@
 sender hears Success.
 
 Order of operations for one instance: check the header (UIDs, SOP class, pixel
-data), check free space, write to ``tmp/``, ``fsync`` the file, ``rename`` it into
-``spool/<study>/<series>/<sop>.dcm``, ``fsync`` the directory, then index it in
-SQLite. Only then does the SCP return Success. A duplicate SOP Instance UID is
-idempotent: the file is replaced atomically and the index row kept.
+module, declared size against the limits: nothing is decoded), check free
+space, write to ``tmp/``, ``fsync`` the file, ``rename`` it into
+``spool/<study>/<series>/<sop>.dcm``, ``fsync`` the directory, then index it.
+Only then is Success returned. A duplicate SOP Instance UID is idempotent: the
+file is replaced atomically and the index row kept.
+
+At start, ``recover`` removes partial writes and indexes spool files a crash
+left unindexed (or moves them to ``quarantine/`` when they no longer pass the
+checks).
 """
 
 from __future__ import annotations
@@ -15,22 +20,45 @@ import logging
 import os
 import re
 import shutil
+import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_node.db import Database, now
+from dicom_node.db import Database, InstanceRecord, Recorded
 from dicom_node.errors import OutOfResources, RejectedInstance
+from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
 
 log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+# What a parse of hostile bytes raises in pydicom (struct and index errors included).
+PARSE_ERRORS = (
+    InvalidDicomError,
+    EOFError,
+    ValueError,
+    KeyError,
+    OSError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+    NotImplementedError,
+)
 
 
 def check_uid(name: str, value: object, max_length: int = 64) -> str:
@@ -56,6 +84,26 @@ def check_uid(name: str, value: object, max_length: int = 64) -> str:
 
 
 @dataclass(frozen=True)
+class Header:
+    """What the checks learned from an instance's header."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    frames: int
+
+    @property
+    def single_instance_run(self) -> bool:
+        return self.sop_class_uid in CINE_2D and self.frames > 1
+
+    @property
+    def run_id(self) -> str:
+        return self.sop_instance_uid if self.single_instance_run else self.series_uid
+
+
+@dataclass(frozen=True)
 class Stored:
     sop_instance_uid: str
     series_uid: str
@@ -67,75 +115,167 @@ class Stored:
     duplicate: bool
 
 
-def _expected_pixel_bytes(ds: Dataset) -> int | None:
+def _mismatch(reason: str) -> RejectedInstance:
+    return RejectedInstance(RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason)
+
+
+def _too_large(reason: str) -> RejectedInstance:
+    return RejectedInstance(RejectedInstance.OVER_LIMITS, reason)
+
+
+def _check_inflated_size(data: bytes, limits: LimitsSettings) -> None:
+    """A deflated data set is inflated with a bound before pydicom inflates it whole."""
+    fp = BytesIO(data)
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        spp = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        out = inflater.decompress(fp.read(), limits.max_inflated_bytes + 1)
+    except PARSE_ERRORS as exc:
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND, f"deflated data set cannot be read: {exc}"
+        ) from None
+    if len(out) > limits.max_inflated_bytes or inflater.unconsumed_tail:
+        raise _too_large(
+            f"deflated data set inflates to more than {limits.max_inflated_bytes} bytes "
+            "(limits.max_inflated_bytes)"
+        )
+
+
+def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        if default is not None:
+            return default
+        raise _mismatch(f"image lacks {keyword}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise _mismatch(f"{keyword} {str(value)[:20]!r} is not an integer") from None
+    if number < 1:
+        raise _mismatch(f"{keyword} is {number}")
+    return number
+
+
+def _codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares.
+
+    pydicom parses JPEG headers (``_get_jpg_parameters``) but returns only the
+    precision of a JPEG 2000 one; its SIZ marker (ISO 15444-1 A.5.1) is read here.
+    """
+    if fragment.startswith(b"\xff\xd8"):
+        from pydicom.pixels.utils import _get_jpg_parameters
+
+        info = _get_jpg_parameters(fragment)
+        if "height" in info:
+            return int(info["height"]), int(info["width"]), int(info["components"])
         return None
-    total_bits = rows * cols * bits * spp * frames
-    return (total_bits + 7) // 8
+    if fragment.startswith(b"\xff\x4f\xff\x51") and len(fragment) >= 40:
+        x, y, x0, y0 = struct.unpack(">4I", fragment[8:24])
+        (components,) = struct.unpack(">H", fragment[38:40])
+        return y - y0, x - x0, components
+    return None
 
 
-def inspect(data: bytes, requested_sop_class: str, max_uid_length: int = 64) -> Dataset:
-    """Parse and check a received dataset; raises RejectedInstance with the precise status."""
+def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings) -> int:
+    """Rows, Columns, frames, samples and bits: valid, within the limits, and matching
+    what the pixel data holds. Returns the number of frames."""
+    rows = _positive_int(ds, "Rows")
+    cols = _positive_int(ds, "Columns")
+    frames = _positive_int(ds, "NumberOfFrames", 1)
+    spp = _positive_int(ds, "SamplesPerPixel", 1)
+    bits = _positive_int(ds, "BitsAllocated")
+    if bits not in _BITS_ALLOCATED:
+        raise _mismatch(f"Bits Allocated is {bits}")
+    if spp not in (1, 3):
+        raise _mismatch(f"Samples per Pixel is {spp}")
+    stored = ds.get("BitsStored")
+    if stored not in (None, "") and not 1 <= _positive_int(ds, "BitsStored") <= bits:
+        raise _mismatch(f"Bits Stored {stored} exceeds Bits Allocated {bits}")
+    for name, value, limit in (
+        ("Rows", rows, limits.max_rows),
+        ("Columns", cols, limits.max_columns),
+        ("Number of Frames", frames, limits.max_frames),
+    ):
+        if value > limit:
+            raise _too_large(f"{name} {value} exceeds the limit {limit}")
+    expected = (rows * cols * frames * spp * bits + 7) // 8
+    if expected > limits.max_decoded_bytes:
+        raise _too_large(
+            f"declared image of {rows}x{cols}x{frames}x{spp}x{bits} bits decodes to "
+            f"{expected} bytes, over limits.max_decoded_bytes {limits.max_decoded_bytes}"
+        )
+    pixel = ds.get("PixelData")
+    if pixel is None:
+        raise _mismatch("image has no Pixel Data")
+    pixel = bytes(pixel)
+    if not data_ts.is_compressed:
+        if len(pixel) < expected:
+            raise RejectedInstance(
+                RejectedInstance.CANNOT_UNDERSTAND,
+                f"Pixel Data is truncated: {len(pixel)} of {expected} bytes",
+            )
+        return frames
+    if not pixel.startswith(_ITEM_TAG):
+        raise _mismatch(f"Pixel Data is not encapsulated, but the transfer syntax is {data_ts}")
+    try:
+        fragments = list(generate_fragments(pixel))
+    except PARSE_ERRORS as exc:
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND, f"encapsulated Pixel Data is malformed: {exc}"
+        ) from None
+    for fragment in fragments[1:]:  # the first item is the Basic Offset Table
+        size = _codestream_size(fragment)
+        if size is not None and size[:2] != (rows, cols):
+            raise _mismatch(
+                f"a codestream declares {size[0]}x{size[1]} pixels, the header {rows}x{cols}"
+            )
+    return frames
+
+
+def inspect(
+    data: bytes, requested_sop_class: str, limits: LimitsSettings, max_uid_length: int = 64
+) -> Header:
+    """Check a received data set without decoding its pixels; raises RejectedInstance
+    with the precise status."""
+    _check_inflated_size(data, limits)
     try:
         ds = dcmread(BytesIO(data), force=True)
-        ds.get("SOPInstanceUID")  # force a parse of the header elements we need
-        _ = [
+        uids = [
             ds.get(kw)
-            for kw in (
-                "SOPClassUID",
-                "SeriesInstanceUID",
-                "StudyInstanceUID",
-                "NumberOfFrames",
-                "Rows",
-                "Columns",
-            )
+            for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
         ]
-        pixel = ds.get("PixelData")
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError) as exc:
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+    except PARSE_ERRORS as exc:
         raise RejectedInstance(
             RejectedInstance.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
         ) from None
-    sop_class = check_uid("SOP Class UID", ds.get("SOPClassUID"), max_uid_length)
-    check_uid("SOP Instance UID", ds.get("SOPInstanceUID"), max_uid_length)
-    check_uid("Series Instance UID", ds.get("SeriesInstanceUID"), max_uid_length)
-    check_uid("Study Instance UID", ds.get("StudyInstanceUID"), max_uid_length)
+    sop_class = check_uid("SOP Class UID", uids[0], max_uid_length)
+    sop_uid = check_uid("SOP Instance UID", uids[1], max_uid_length)
+    series = check_uid("Series Instance UID", uids[2], max_uid_length)
+    study = check_uid("Study Instance UID", uids[3], max_uid_length)
     if sop_class not in ACCEPTED_SOP_CLASSES:
         raise RejectedInstance(
             RejectedInstance.SOP_CLASS_NOT_SUPPORTED,
             f"SOP Class {sop_class} is not accepted by this node",
         )
     if requested_sop_class and sop_class != requested_sop_class:
-        raise RejectedInstance(
-            RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            f"dataset SOP Class {sop_class} differs from the request's {requested_sop_class}",
+        raise _mismatch(
+            f"dataset SOP Class {sop_class} differs from the request's {requested_sop_class}"
         )
+    frames = 1
     if sop_class not in NON_IMAGE:
-        if pixel is None:
+        try:
+            frames = _check_pixel_module(ds, ts, limits)
+        except RejectedInstance:
+            raise
+        except PARSE_ERRORS as exc:
             raise RejectedInstance(
-                RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data"
-            )
-        encapsulated = (
-            ds.file_meta.TransferSyntaxUID.is_compressed
-            if "TransferSyntaxUID" in ds.file_meta
-            else False
-        )
-        expected = _expected_pixel_bytes(ds)
-        if expected is None:
-            raise RejectedInstance(
-                RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-                "image lacks Rows, Columns or Bits Allocated",
-            )
-        if not encapsulated and len(pixel or b"") < expected:
-            raise RejectedInstance(
-                RejectedInstance.CANNOT_UNDERSTAND,
-                f"Pixel Data is truncated: {len(pixel or b'')} of {expected} bytes",
-            )
-    return ds
+                RejectedInstance.CANNOT_UNDERSTAND, f"pixel module cannot be read: {exc}"
+            ) from None
+    return Header(sop_class, sop_uid, series, study, str(ts), frames)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,14 +288,21 @@ def _fsync_dir(path: Path) -> None:
 
 class Spool:
     def __init__(
-        self, root: Path, db: Database, min_free_bytes: int = 0, max_uid_length: int = 64
+        self,
+        root: Path,
+        db: Database,
+        limits: LimitsSettings | None = None,
+        min_free_bytes: int = 0,
+        max_uid_length: int = 64,
     ) -> None:
         self.root = Path(root)
         self.db = db
+        self.limits = limits or LimitsSettings()
         self.min_free_bytes = min_free_bytes
         self.max_uid_length = max_uid_length
         self.tmp = self.root / "tmp"
         self.spool = self.root / "spool"
+        self.quarantine = self.root / "quarantine"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.spool.mkdir(parents=True, exist_ok=True)
 
@@ -185,52 +332,68 @@ class Spool:
 
     def store(self, data: bytes, requested_sop_class: str = "", calling_aet: str = "") -> Stored:
         """Persist one received instance (``data`` is a DICOM file with meta) and index it."""
-        ds = inspect(data, requested_sop_class, self.max_uid_length)
+        head = inspect(data, requested_sop_class, self.limits, self.max_uid_length)
         self._check_space(len(data))
-        sop_uid = str(ds.SOPInstanceUID).rstrip("\0 ")
-        series = str(ds.SeriesInstanceUID).rstrip("\0 ")
-        study = str(ds.StudyInstanceUID).rstrip("\0 ")
-        sop_class = str(ds.SOPClassUID).rstrip("\0 ")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        single = sop_class in CINE_2D and frames > 1
-        run_id = sop_uid if single else series
-        final = self.spool / study / series / f"{sop_uid}.dcm"
+        final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
         self._write_durably(data, final)
-        t = now()
-        with self.db.transaction() as con:
-            dup = con.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_uid,)
-            ).fetchone()
-            con.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    sop_uid,
-                    sop_class,
-                    series,
-                    study,
-                    run_id,
-                    str(final),
-                    len(data),
-                    str(ds.file_meta.get("TransferSyntaxUID", "")),
-                    frames,
-                    calling_aet,
-                    t,
-                ),
+        recorded = self._index(head, final, len(data), calling_aet)
+        if recorded.duplicate:
+            log.info("duplicate %s stored again (idempotent)", head.sop_instance_uid)
+        return Stored(
+            head.sop_instance_uid,
+            head.series_uid,
+            head.study_uid,
+            head.run_id,
+            final,
+            head.frames,
+            head.single_instance_run,
+            recorded.duplicate,
+        )
+
+    def _index(self, head: Header, path: Path, size: int, calling_aet: str) -> Recorded:
+        return self.db.record_instance(
+            InstanceRecord(
+                head.sop_instance_uid,
+                head.sop_class_uid,
+                head.series_uid,
+                head.study_uid,
+                head.run_id,
+                path,
+                size,
+                head.transfer_syntax,
+                head.frames,
+                calling_aet,
             )
-            row = con.execute("SELECT state FROM runs WHERE run_id=?", (run_id,)).fetchone()
-            if row is None:
-                con.execute(
-                    "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at, last_at)"
-                    " VALUES (?,?,?,?,?,?,?)",
-                    (run_id, series, study, calling_aet, "receiving", t, t),
-                )
-            elif not dup:
-                # a new instance re-opens a series that was already complete
-                con.execute(
-                    "UPDATE runs SET last_at=?, state='receiving' WHERE run_id=?", (t, run_id)
-                )
-            else:
-                con.execute("UPDATE runs SET last_at=? WHERE run_id=?", (t, run_id))
-        if dup:
-            log.info("duplicate %s stored again (idempotent)", sop_uid)
-        return Stored(sop_uid, series, study, run_id, final, frames, single, bool(dup))
+        )
+
+    def recover(self) -> tuple[int, int, int]:
+        """After a crash: remove partial writes, index what was written but not indexed
+        (the sender never heard Success for it), quarantine what fails the checks.
+
+        Returns (partial files removed, files indexed, files quarantined)."""
+        removed = indexed = quarantined = 0
+        for part in self.tmp.glob("*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
+        known = self.db.indexed_paths()
+        for path in sorted(self.spool.rglob("*.dcm")):
+            if str(path) in known:
+                continue
+            try:
+                head = inspect(path.read_bytes(), "", self.limits, self.max_uid_length)
+                expected = self.spool / head.study_uid / head.series_uid
+                if path.parent != expected or path.stem != head.sop_instance_uid:
+                    raise RejectedInstance(
+                        RejectedInstance.CANNOT_UNDERSTAND, "file name does not match its UIDs"
+                    )
+            except (RejectedInstance, OSError) as exc:
+                target = self.quarantine / path.relative_to(self.spool)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                log.error("quarantined unindexed spool file %s: %s", target, exc)
+                quarantined += 1
+                continue
+            self._index(head, path, path.stat().st_size, "RECOVERED")
+            log.warning("indexed spool file %s left unindexed by a crash", path.name)
+            indexed += 1
+        return removed, indexed, quarantined

@@ -4,9 +4,9 @@
     POST /dicom-web/studies          multipart/related; type="application/dicom"
     POST /dicom-web/studies/{study}  every instance must belong to {study}
 
-Each part goes through the same spool as a C-STORE (header checks, durable
-write, index) and the same completion hook, so the HTTP path cannot bypass what
-the SCP enforces. The answer is the PS3.18 store response in DICOM JSON:
+Each part goes through the same ``Ingest.receive`` as a C-STORE (header checks,
+limits, durable write, index, completion), so the HTTP path cannot bypass what
+the SCP enforces and answers the same statuses. The answer is the PS3.18 store response in DICOM JSON:
 Referenced SOP Sequence (0008,1199) for what was stored, Failed SOP Sequence
 (0008,1198) with the DIMSE status as Failure Reason (0008,1197) for what was
 refused; HTTP 200 when all were stored, 202 when some, 409 when none.
@@ -21,15 +21,15 @@ import logging
 import re
 from email.message import Message
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node.errors import RejectedInstance
-
-if TYPE_CHECKING:
-    from dicom_node.service import Node
+from dicom_node.ingest import Ingest
+from dicom_node.spool import PARSE_ERRORS, check_uid
 
 log = logging.getLogger(__name__)
 MAX_BODY = 2 * 2**30
@@ -116,16 +116,31 @@ def read_body(headers: Any, rfile: Any, limit: int = MAX_BODY) -> bytes:
 
 
 def _uids(data: bytes) -> tuple[str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance UID) as far as the header can be read."""
+    """(SOP Class, SOP Instance, Study Instance UID) as far as the header can be read,
+    each empty unless it is a valid UID. A deflated data set is not inflated here
+    (the spool inflates it with a bound): its file meta names the first two."""
     try:
-        ds = dcmread(BytesIO(data), force=True, stop_before_pixels=True)
-        return (
-            str(ds.get("SOPClassUID", "")),
-            str(ds.get("SOPInstanceUID", "")),
-            str(ds.get("StudyInstanceUID", "")),
-        )
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError):
+        fp = BytesIO(data)
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            values = [
+                meta.get("MediaStorageSOPClassUID"),
+                meta.get("MediaStorageSOPInstanceUID"),
+                "",
+            ]
+        else:
+            ds = dcmread(BytesIO(data), force=True, stop_before_pixels=True)
+            values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+    except PARSE_ERRORS:
         return "", "", ""
+    out = []
+    for v in values:
+        try:
+            out.append(check_uid("UID", v))
+        except RejectedInstance:
+            out.append("")
+    return out[0], out[1], out[2]
 
 
 def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, Any]:
@@ -138,7 +153,7 @@ def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, 
     return item
 
 
-def stow(node: Node, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
+def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
     """Store every application/dicom part; returns (HTTP status, DICOM JSON response)."""
     match = STOW_PATH.match(path)
     if match is None:
@@ -157,26 +172,11 @@ def stow(node: Node, path: str, content_type: str, body: bytes) -> tuple[int, di
             )
             failed.append(_item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND))
             continue
-        try:
-            result = node.spool.store(data, calling_aet=STOW_SOURCE)
-        except RejectedInstance as exc:
-            log.warning("STOW-RS part %d refused (0x%04X): %s", i, exc.status, exc.reason)
-            failed.append(_item(sop_class, sop_uid, exc.status))
-            continue
-        except OSError as exc:
-            log.error(
-                "STOW-RS part %d failed (0x%04X): %s", i, RejectedInstance.PROCESSING_FAILURE, exc
-            )
-            failed.append(_item(sop_class, sop_uid, RejectedInstance.PROCESSING_FAILURE))
-            continue
-        log.info(
-            "stored %s by STOW-RS (run %s%s)",
-            result.sop_instance_uid,
-            result.run_id,
-            ", duplicate" if result.duplicate else "",
-        )
-        node.on_stored(result)
-        stored.append(_item(sop_class, sop_uid))
+        receipt = ingest.receive(data, "", STOW_SOURCE)
+        if receipt.ok:
+            stored.append(_item(sop_class, sop_uid))
+        else:
+            failed.append(_item(sop_class, sop_uid, receipt.status))
     if not stored and not failed:
         raise StowError(400, "multipart body with no part")
     response: dict[str, Any] = {}

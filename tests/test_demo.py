@@ -20,7 +20,7 @@ pytestmark = [
 
 
 def test_demo_runs_every_kind_of_angiography_to_orthanc(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from dicom_node.demo import run_demo
+    from training.demo import run_demo
 
     assert run_demo(tmp_path / "demo") == 0
     out = capsys.readouterr().out

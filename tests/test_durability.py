@@ -191,37 +191,59 @@ def test_job_failure_retries_then_fails_with_reason(make_node, tmp_path) -> None
     Path(path).write_bytes(b"not dicom any more")
     from dicom_node.jobs import Workers
 
-    node.workers = Workers(node.queue, node.execute, 1, 0.1)
+    node.workers = Workers(node.db, node.settings.workers, node.results_dir, "cpu", {})
     node.workers.start()
     job = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 30)[0]
-    assert job["attempts"] == 1 and "RunError" in job["error"]
+    assert job["attempts"] == 1 and "cannot read" in job["error"]
     assert node.status()["failed_jobs"][0]["error"] == job["error"]  # type: ignore[index]
 
 
-def test_lease_expiry_requeues_a_dead_workers_job(tmp_path: Path) -> None:
-    from dicom_node.jobs import JobQueue
-    from dicom_node.settings import WorkerSettings
+def _routed_job(db: Database) -> int:
+    from dicom_node.db import InstanceRecord
 
+    db.record_instance(
+        InstanceRecord("1.2.3", "1.2.840.10008.5.1.4.1.1.12.1", "1.2", "1", "run-1", Path("x"),
+                       1, "1.2.840.10008.1.2.1", 5, "AE")
+    )  # fmt: skip
+    assert db.complete_run("run-1", "test")
+    (job_id,) = db.route_run("run-1", "rule", ["minip"], [])
+    return job_id
+
+
+def test_lease_expiry_requeues_a_dead_workers_job(tmp_path: Path) -> None:
     db = Database(tmp_path / "q.sqlite")
-    q = JobQueue(db, WorkerSettings(lease_s=0.2, backoff_base_s=0.1))
-    jid = q.enqueue("run-1", "minip", [])
-    job = q.claim("dead-worker")
+    jid = _routed_job(db)
+    job = db.claim_job("dead-worker", lease_s=0.2, max_attempts=4)
     assert job is not None and job.id == jid
-    assert q.claim("other") is None  # leased
+    assert db.claim_job("other", 0.2, 4) is None  # leased
     time.sleep(0.3)
-    again = q.claim("other")
+    again = db.claim_job("other", 0.2, 4)
     assert again is not None and again.id == jid and again.attempts == 2
     # a new process re-queues jobs that an old process left running, at once
-    q2 = JobQueue(db, WorkerSettings(lease_s=100, max_attempts=4, backoff_base_s=0.1))
-    assert q2.recover() == 1
-    third = q2.claim("w")
+    assert db.recover_jobs("new-process", max_attempts=4) == (1, 0)
+    third = db.claim_job("new-process-0", 100, 4)
     assert third is not None and third.attempts == 3
-    q2.failed(third, RuntimeError("boom"))  # attempt 3 of 4: retried with backoff
+    assert db.retry_job(third, "boom", 0.3)  # attempt 3 of 4: retried with backoff
     row = db.query("SELECT state, error, not_before FROM jobs")[0]
     assert row["state"] == "queued" and "boom" in row["error"] and row["not_before"] > time.time()
+    assert not db.retry_job(third, "again", 0)  # a transition checks the state it leaves
     time.sleep(0.5)
-    fourth = q2.claim("w")
+    fourth = db.claim_job("new-process-0", 100, 4)
     assert fourth is not None and fourth.attempts == 4
-    q2.failed(fourth, RuntimeError("boom again"))  # the last attempt: failed, with the reason
+    assert db.fail_job(fourth, "boom again")
     row = db.query("SELECT state, error FROM jobs")[0]
     assert row["state"] == "failed" and "boom again" in row["error"]
+
+
+def test_a_job_that_keeps_killing_its_node_fails_after_max_attempts(tmp_path: Path) -> None:
+    """claim_job counts attempts across restarts: a job whose lease expired after its
+    last attempt fails with the reason instead of being claimed again."""
+    db = Database(tmp_path / "q.sqlite")
+    _routed_job(db)
+    for start in range(3):
+        job = db.claim_job(f"process-{start}", lease_s=0.05, max_attempts=3)
+        assert job is not None and job.attempts == start + 1
+        time.sleep(0.1)  # the process is killed: no renewal, no outcome
+    assert db.claim_job("process-3", lease_s=0.05, max_attempts=3) is None
+    row = db.query("SELECT state, error FROM jobs")[0]
+    assert row["state"] == "failed" and "worker lost 3 time(s)" in row["error"]

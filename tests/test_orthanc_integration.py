@@ -194,9 +194,7 @@ def wado_series(pacs: OrthancProcess, study_uid: str, series_uid: str) -> list:
 
 
 def node_status(node: Any) -> dict[str, Any]:
-    from dicom_node.service import status_summary
-
-    return status_summary(node.db)
+    return node.db.status_summary()  # type: ignore[no-any-return]
 
 
 # -- the engine, outside Orthanc ------------------------------------------------------
@@ -593,17 +591,23 @@ def test_stow_rs_stores_like_c_store_and_refuses_precisely(tmp_path: Path) -> No
                 ("application/dicom+json", b"{}"),
             ]
         )
-        status, resp = stow.stow(node, "/dicom-web/studies", ctype, body)
+        status, resp = stow.stow(node.ingest, "/dicom-web/studies", ctype, body)
         assert status == 202
         uid = dcmread(good, stop_before_pixels=True).SOPInstanceUID
         assert [i["00081155"]["Value"][0] for i in resp["00081199"]["Value"]] == [uid]
         assert [i["00081197"]["Value"][0] for i in resp["00081198"]["Value"]] == [0xC000, 0x0122]
         row = node.db.query("SELECT calling_aet FROM instances WHERE sop_instance_uid=?", (uid,))
         assert row[0]["calling_aet"] == stow.STOW_SOURCE
-        assert node.db.query("SELECT state FROM runs")[0]["state"] in ("complete", "unrouted")
+        assert node.db.query("SELECT state FROM runs")[0]["state"] in (
+            "receiving",
+            "complete",
+            "unrouted",
+        )
 
         status, resp = stow.stow(
-            node, "/dicom-web/studies/1.2.3", *multipart([("application/dicom", good.read_bytes())])
+            node.ingest,
+            "/dicom-web/studies/1.2.3",
+            *multipart([("application/dicom", good.read_bytes())]),
         )
         assert status == 409 and resp["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
         for bad_type, bad_body, code in [
@@ -612,7 +616,7 @@ def test_stow_rs_stores_like_c_store_and_refuses_precisely(tmp_path: Path) -> No
             (*multipart([]), 400),
         ]:
             with pytest.raises(stow.StowError) as err:
-                stow.stow(node, "/dicom-web/studies", bad_type, bad_body)
+                stow.stow(node.ingest, "/dicom-web/studies", bad_type, bad_body)
             assert err.value.status == code
     finally:
         node.stop()

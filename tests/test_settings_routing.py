@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.errors import ConfigError, RunError
-from dicom_node.routing import RunFeatures, route
+from dicom_node.routing import RunFeatures, effective_rules, route
 from dicom_node.runs import decode_pixels, load_run
 from dicom_node.settings import load_settings
 from tests.conftest import REAL_DATA
@@ -29,7 +29,7 @@ def test_defaults_and_env_overrides() -> None:
     )
     assert (s.port, s.ae_title, s.completion.quiet_period_s) == (11999, "NODE2", 2.5)
     assert s.allowed_calling_aets == ["A", "B"]
-    assert s.effective_rules()  # default rules ship
+    assert effective_rules(s)  # default rules ship
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def _features(ds) -> RunFeatures:  # type: ignore[no-untyped-def]
 
 
 def test_default_rules_tell_kinds_apart() -> None:
-    rules = load_settings(None, environ={}).effective_rules()
+    rules = effective_rules(load_settings(None, environ={}))
     assert route(rules, _features(xa_run(frames=4))).rule.name == "cerebral-dsa"  # type: ignore[union-attr]
     cine = xa_run(frames=4, subtracted=False, body_part="HEART")
     assert route(rules, _features(cine)).rule.name == "coronary-cine"  # type: ignore[union-attr]
@@ -110,7 +110,7 @@ def test_custom_rule_by_calling_aet_and_regex(tmp_path: Path) -> None:
         'calling_aet = ["SUITE2"]\nimage_type = ["SUBTRACTION"]\n'
         '[rules.match.tags]\nSeriesDescription = { regex = "(?i)carotid" }\n'
     )
-    rules = load_settings(cfg, environ={}).effective_rules()
+    rules = effective_rules(load_settings(cfg, environ={}))
     ds = xa_run(frames=3)
     ds.SeriesDescription = "L Carotid DSA"
     assert route(rules, RunFeatures.from_headers([ds], "SUITE2")).pipelines == ["minip"]
@@ -139,7 +139,7 @@ def test_real_vendor_files_route_and_decode(path: Path) -> None:
     """Real files: compressed syntaxes, private tags, Mask Operation NONE, retired curves."""
     ds = dcmread(path, stop_before_pixels=True)
     decision = route(
-        load_settings(None, environ={}).effective_rules(), RunFeatures.from_headers([ds])
+        effective_rules(load_settings(None, environ={})), RunFeatures.from_headers([ds])
     )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:

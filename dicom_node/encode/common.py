@@ -8,6 +8,7 @@ canvas) yields the same UIDs and the destination stores each object once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import zlib
 from collections.abc import Sequence
@@ -37,6 +38,19 @@ PATIENT_KEYWORDS = (
     "PatientAge",
     "PatientWeight",
     "PatientSize",
+)
+# Type 2 in the Patient and General Study modules: present in every result, empty
+# when unknown; often absent from de-identified sources.
+TYPE2_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
 )
 STUDY_KEYWORDS = (
     "StudyInstanceUID",
@@ -76,6 +90,19 @@ class EncodeContext:
     # Set by the encoder once the MinIP canvas exists (2D runs).
     canvas: Dataset | None = None
 
+    def __post_init__(self) -> None:
+        # Tolerant when reading: highdicom reads these from its source images, and
+        # de-identified data often lacks them. Copies, so the caller's are untouched.
+        completed = []
+        for src in self.sources:
+            missing = [kw for kw in TYPE2_IDENTITY if kw not in src]
+            if missing:
+                src = copy.deepcopy(src)
+                for kw in missing:
+                    setattr(src, kw, "")
+            completed.append(src)
+        self.sources = completed
+
     @property
     def first(self) -> Dataset:
         return self.sources[0]
@@ -110,17 +137,7 @@ def copy_identity(target: Dataset, source: Dataset) -> None:
     for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS:
         if kw in source:
             setattr(target, kw, source[kw].value)
-        elif kw in (
-            "PatientName",
-            "PatientID",
-            "PatientBirthDate",
-            "PatientSex",
-            "StudyID",
-            "StudyDate",
-            "StudyTime",
-            "AccessionNumber",
-            "ReferringPhysicianName",
-        ):
+        elif kw in TYPE2_IDENTITY:
             setattr(target, kw, "")  # type 2: present, possibly empty
 
 

@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from training.phantoms.dicom_common import ENCODINGS
 from training.phantoms.errors import PhantomError
@@ -74,6 +75,13 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(f"wrote {total} files for {args.count} run(s) to {args.output}")
     return 0
+
+
+def add_command(sub: Any) -> None:
+    """``dicom-node synth`` (registered through the ``dicom_node.commands`` entry point)."""
+    p = sub.add_parser("synth", help="write synthetic angiography phantoms with ground truth")
+    configure_parser(p)
+    p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """``dicom-node demo``: the node end to end on its embedded defaults.
 
+It lives in ``training`` (which may import the node) and reaches the
+``dicom-node`` command through an entry point, so the node never imports
+``training``.
+
 1. starts a local Orthanc (Debian package) on loopback as the PACS;
 2. starts the node with Orthanc as its destination, by C-STORE and STOW-RS;
 3. writes synthetic angiography runs (phantoms: cerebral DSA, coronary cine,
@@ -202,11 +206,10 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
             )
 
         def finished() -> bool:
-            jobs = node.db.query("SELECT state FROM jobs")
-            pending = node.db.query("SELECT 1 FROM outbox WHERE state='pending'")
-            return (
-                bool(jobs) and all(j["state"] in ("done", "failed") for j in jobs) and not pending
-            )
+            # every run settled (routed, unrouted, unroutable), no job left, nothing to send
+            runs = node.db.query("SELECT state FROM runs")
+            settled = bool(runs) and all(r["state"] not in ("receiving", "complete") for r in runs)
+            return settled and not node.db.unsettled_jobs() and not node.db.pending_deliveries()
 
         _wait(finished, 1800, "the node to process the runs and deliver the results")
         status = node.status()
@@ -234,6 +237,14 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
         if node is not None:
             node.stop()
         orthanc.stop()
+
+
+def add_command(sub: Any) -> None:
+    """``dicom-node demo`` (registered through the ``dicom_node.commands`` entry point)."""
+    p = sub.add_parser("demo", help="end-to-end demo: Orthanc + node + synthetic runs over DICOM")
+    p.add_argument("--workdir", default="demo-output")
+    p.add_argument("--keep-running", action="store_true")
+    p.set_defaults(func=lambda args: run_demo(Path(args.workdir), keep_running=args.keep_running))
 
 
 if __name__ == "__main__":

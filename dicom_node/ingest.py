@@ -1,0 +1,77 @@
+"""Ingest: the one function that takes a received instance, for C-STORE and
+STOW-RS alike, and the one place where what happens to it becomes a DIMSE status.
+
+It only persists: the spool checks and stores the instance, and a run that is
+complete on arrival (a multi-frame 2D instance) is marked complete. Routing
+and everything after it happen in other stages, woken by ``on_complete``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicom_node.completion import CompletionRule
+from dicom_node.db import Database
+from dicom_node.errors import RejectedInstance
+from dicom_node.spool import Spool, Stored
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+
+
+@dataclass(frozen=True)
+class Receipt:
+    status: int  # the DIMSE status; STOW-RS answers it as the Failure Reason
+    reason: str
+    stored: Stored | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class Ingest:
+    def __init__(
+        self,
+        spool: Spool,
+        db: Database,
+        rule: CompletionRule,
+        on_complete: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.spool = spool
+        self.db = db
+        self.rule = rule
+        self.on_complete = on_complete
+
+    def receive(self, data: bytes, requested_sop_class: str, source: str) -> Receipt:
+        """Store one instance; ``source`` is the calling AE title (or ``STOW-RS``)."""
+        try:
+            stored = self.spool.store(data, requested_sop_class, source)
+        except RejectedInstance as exc:
+            log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
+            return Receipt(exc.status, exc.reason)
+        except OSError as exc:
+            reason = f"cannot store: {exc}"
+            log.error("instance from %s failed (0x0110): %s", source, reason)
+            return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
+        except Exception as exc:  # noqa: BLE001 - any defect of ours must still answer, not hang
+            reason = f"internal error while storing: {type(exc).__name__}: {exc}"
+            log.exception("instance from %s failed (0x0110): %s", source, reason)
+            return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
+        log.info(
+            "stored %s from %s (run %s%s)",
+            stored.sop_instance_uid,
+            source,
+            stored.run_id,
+            ", duplicate" if stored.duplicate else "",
+        )
+        if (
+            self.rule.complete_on_arrival(stored)
+            and not stored.duplicate
+            and self.db.complete_run(stored.run_id, "single-instance multi-frame run")
+        ):
+            self.on_complete()
+        return Receipt(SUCCESS, "stored", stored)

@@ -1,0 +1,90 @@
+"""The routing stage: complete runs get their rule, their jobs, or a reason why not.
+
+A loop (woken when a run completes) reads the headers of each complete run
+(never its pixel data), applies the routing rules and records the outcome in
+one transaction: ``routed`` with its jobs, ``unrouted`` (no rule, or a rule
+without pipelines) or ``unroutable`` (a header that cannot be read). This is
+where a header defect becomes a run state, so nothing a sender sends can raise
+in the C-STORE handler or stop the node from starting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from pydicom import dcmread
+
+from dicom_node.db import Database, RunState
+from dicom_node.routing import RunFeatures, effective_rules, route
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    def __init__(
+        self, db: Database, settings: Settings, on_routed: Callable[[], None] = lambda: None
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.rules = effective_rules(settings)
+        self.on_routed = on_routed
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="router", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.route_pending()
+            self.wake.wait(1.0)
+            self.wake.clear()
+
+    def route_pending(self) -> None:
+        for run_id in self.db.runs_to_route():
+            if self._stop.is_set():
+                return
+            self.route(run_id)
+
+    def route(self, run_id: str) -> list[int]:
+        """Route one complete run; returns the jobs created (none if it is not complete)."""
+        with self._lock:
+            instances = self.db.run_instances(run_id)
+            if not instances:
+                self.db.settle_unrouted(
+                    run_id, RunState.UNROUTABLE, None, "the run has no stored instance"
+                )
+                return []
+            try:
+                headers = [dcmread(i.path, stop_before_pixels=True) for i in instances]
+                features = RunFeatures.from_headers(headers, instances[0].calling_aet)
+                decision = route(self.rules, features)
+            except Exception as exc:  # noqa: BLE001 - a header defect becomes the run's state
+                reason = f"header cannot be read for routing: {type(exc).__name__}: {exc}"
+                log.warning("run %s unroutable: %s", run_id, reason)
+                self.db.settle_unrouted(run_id, RunState.UNROUTABLE, None, reason)
+                return []
+            rule = decision.rule
+            if rule is None or not rule.pipelines:
+                why = "no rule matched" if rule is None else f"rule {rule.name} has no pipeline"
+                if self.db.settle_unrouted(
+                    run_id, RunState.UNROUTED, rule.name if rule else None, why
+                ):
+                    log.warning("run %s not routed: %s", run_id, why)
+                return []
+            destinations = [d.name for d in self.settings.destinations_for(rule)]
+            jobs = self.db.route_run(run_id, rule.name, rule.pipelines, destinations)
+        if jobs:
+            log.info("run %s -> rule %s: jobs %s", run_id, rule.name, jobs)
+            self.on_routed()
+        return jobs

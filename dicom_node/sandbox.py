@@ -1,0 +1,282 @@
+"""Jobs run in worker processes: untrusted bytes are decoded where a crash costs one job.
+
+A :class:`WorkerProcess` is a long-lived child (forked from a forkserver that
+has the pipelines and torch imported, so a new one starts in a fraction of a
+second) that runs one job at a time: decode the run, compute, encode, write the
+result files. Model packages it loads stay in memory for the next job
+(``pipelines.models.package``: a small cache keyed by package and weights hash,
+verified at load).
+
+The parent watches it while it works: a child that dies (a decoder panic, a
+segfault, the kernel's OOM killer), grows past the memory limit (resident set,
+polled) or runs past the time limit is killed and replaced, and the job gets an
+:class:`Outcome` whose reason names what happened and in which stage. The
+service process itself never decodes pixel data from the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import resource
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
+from pathlib import Path
+from typing import Any
+
+from dicom_node.db import ResultFile
+from dicom_node.errors import RunError
+from dicom_node.processing import run_pipeline, write_dataset
+from dicom_node.runs import load_run
+from pipelines.base import PipelineError
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: int
+    run_id: str
+    pipeline: str
+    paths: tuple[str, ...]
+    out_dir: str
+    device: str
+    models: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    results: tuple[ResultFile, ...] = ()
+    notes: tuple[str, ...] = ()
+    error: str | None = None  # None: done
+    transient: bool = False  # worth another attempt (crash, memory, I/O), else permanent
+    interrupted: bool = False  # the node is stopping: the attempt does not count
+    pid: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.interrupted
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/site-packages/" not in f.filename] or frames
+    if not ours:
+        return ""
+    last = ours[-1]
+    parts = Path(last.filename).parts
+    return f" at {'/'.join(parts[-2:])}:{last.lineno}"
+
+
+def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
+    """Decode, compute, encode and write one job; every error becomes an Outcome."""
+    stage = "decoding"
+
+    def at(name: str) -> None:
+        nonlocal stage
+        stage = name
+        on_stage(name)
+
+    try:
+        at("decoding")
+        loaded = load_run([Path(p) for p in spec.paths])
+        datasets, notes = run_pipeline(loaded, spec.pipeline, spec.models, spec.device, at)
+        at("writing")
+        results = []
+        for ds in datasets:
+            path = write_dataset(ds, Path(spec.out_dir))
+            results.append(
+                ResultFile(
+                    path,
+                    str(ds.SOPClassUID),
+                    str(ds.SOPInstanceUID),
+                    str(ds.SeriesInstanceUID),
+                    str(ds.get("SeriesDescription", ds.SOPClassUID)),
+                )
+            )
+        summary = ", ".join(sorted({r.description for r in results}))
+        notes.append(f"{len(results)} object(s): {summary}")
+        return Outcome(tuple(results), tuple(notes), pid=os.getpid())
+    except (RunError, PipelineError) as exc:
+        return Outcome(error=str(exc), pid=os.getpid())
+    except MemoryError:
+        return Outcome(error=f"out of memory while {stage}", transient=True, pid=os.getpid())
+    except OSError as exc:
+        return Outcome(error=f"I/O error while {stage}: {exc}", transient=True, pid=os.getpid())
+    except Exception as exc:  # noqa: BLE001 - a defect met on this input: it would recur
+        return Outcome(
+            error=f"internal error while {stage}: {type(exc).__name__}: {exc}{_where(exc)} "
+            "(the input may be malformed; report it with the run's UID)",
+            pid=os.getpid(),
+        )
+    except BaseException as exc:  # e.g. a decoder's Rust panic (pyo3 PanicException)
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return Outcome(
+            error=f"{'decoder' if stage == 'decoding' else 'pipeline'} crashed while {stage}: "
+            f"{type(exc).__name__}: {exc}",
+            pid=os.getpid(),
+        )
+
+
+def _serve(conn: Connection, address_space_limit: int | None) -> None:
+    """The child's loop: a JobSpec in, stage messages and an Outcome out; None ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if address_space_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
+    while True:
+        try:
+            spec = conn.recv()
+        except (EOFError, OSError):
+            return
+        if spec is None:
+            return
+        outcome = execute(spec, lambda stage: conn.send(("stage", stage)))
+        conn.send(("done", outcome))
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _signal_name(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+_CONTEXT: ForkServerContext | None = None
+_CONTEXT_LOCK = threading.Lock()
+
+
+def _context() -> ForkServerContext:
+    """One forkserver per node process, with the heavy imports done once."""
+    global _CONTEXT
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["dicom_node.sandbox", "pipelines"])
+            _CONTEXT = ctx
+        return _CONTEXT
+
+
+class WorkerProcess:
+    """One child process, replaced after it crashes or is killed."""
+
+    def __init__(self, name: str, memory_limit_bytes: int, cpu_only: bool) -> None:
+        self.name = name
+        self.memory_limit = memory_limit_bytes
+        # A hard address-space cap backs the RSS watchdog against a sudden allocation.
+        # CUDA maps far more address space than it uses, so only CPU workers get it.
+        self.address_space_limit = 2 * memory_limit_bytes + 4 * 2**30 if cpu_only else None
+        self.proc: Any = None
+        self.conn: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _ensure(self) -> Connection:
+        if self.proc is None or not self.proc.is_alive() or self.conn is None:
+            self._discard()
+            ctx = _context()
+            parent, child = ctx.Pipe()
+            self.proc = ctx.Process(
+                target=_serve,
+                args=(child, self.address_space_limit),
+                name=self.name,
+                daemon=True,
+            )
+            self.proc.start()
+            child.close()
+            self.conn = parent
+            log.info("worker process %s started (pid %d)", self.name, self.proc.pid)
+        return self.conn
+
+    def _discard(self) -> None:
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(10)
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = None
+        self.conn = None
+
+    def _end(self, reason: str, stage: str, transient: bool = True) -> Outcome:
+        pid = self.pid or 0
+        self._discard()
+        return Outcome(error=f"{reason} while {stage}", transient=transient, pid=pid)
+
+    def run(
+        self,
+        spec: JobSpec,
+        timeout_s: float,
+        heartbeat: Callable[[], object],
+        heartbeat_every_s: float,
+        stopping: threading.Event,
+    ) -> Outcome:
+        conn = self._ensure()
+        conn.send(spec)
+        stage = "starting"
+        start = time.monotonic()
+        next_beat = start + heartbeat_every_s
+        while True:
+            try:
+                if conn.poll(_POLL_S):
+                    kind, value = conn.recv()
+                    if kind == "stage":
+                        stage = value
+                        continue
+                    return value  # type: ignore[no-any-return]
+            except (EOFError, OSError):
+                pass  # the child died: its exit code says how, below
+            if not self.proc.is_alive():
+                self.proc.join(5)
+                code = self.proc.exitcode
+                what = "decoder" if stage == "decoding" else "worker process"
+                return self._end(f"{what} crashed ({_signal_name(code)})", stage)
+            rss = _rss_bytes(self.proc.pid)
+            if rss > self.memory_limit:
+                return self._end(
+                    f"memory limit {self.memory_limit / 2**30:.3g} GiB exceeded "
+                    f"({rss / 2**30:.3g} GiB resident)",
+                    stage,
+                )
+            elapsed = time.monotonic() - start
+            if elapsed > timeout_s:
+                return self._end(f"timed out after {timeout_s:g} s", stage)
+            if stopping.is_set():
+                self._discard()
+                return Outcome(error="the node is stopping", interrupted=True)
+            if time.monotonic() >= next_beat:
+                heartbeat()
+                next_beat += heartbeat_every_s
+
+    def close(self) -> None:
+        if self.conn is not None and self.proc is not None and self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(5)
+        self._discard()

@@ -1,0 +1,112 @@
+"""The layers hold: no import cycle inside ``dicom_node`` (counting imports inside
+functions and under TYPE_CHECKING, which are cycles all the same), ``dicom_node``
+imports nothing from ``training``, ``pipelines`` nothing from either, and only
+``dicom_node/db.py`` writes SQL."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module this file imports, anywhere in it (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = (
+        _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else _module_name(path)
+    )
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return out
+
+
+def _graph(package: str) -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in (ROOT / package).rglob("*.py")}
+    return {
+        name: {m for m in _imports(path) if m in files} - {name} for name, path in files.items()
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles_in_the_node() -> None:
+    graph = _graph("dicom_node")
+    # a package importing its own submodules (registration) is not a layering cycle
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not m.startswith(name + ".")}
+    assert _cycles(graph) == []
+
+
+def test_layers() -> None:
+    for path in (ROOT / "dicom_node").rglob("*.py"):
+        bad = {m for m in _imports(path) if m == "training" or m.startswith("training.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+    for path in (ROOT / "pipelines").rglob("*.py"):
+        bad = {m for m in _imports(path) if m.split(".")[0] in ("training", "dicom_node")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+_WRITE_SQL = re.compile(r"""["'](\s*)(INSERT|UPDATE|DELETE|CREATE|ALTER|DROP)\b""", re.I)
+
+
+def test_only_the_index_writes_sql() -> None:
+    for path in (ROOT / "dicom_node").rglob("*.py"):
+        if path.name == "db.py":
+            continue
+        assert not _WRITE_SQL.search(path.read_text()), f"{path.relative_to(ROOT)} writes SQL"
