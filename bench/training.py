@@ -39,45 +39,22 @@ from bench.report import write_section
 from pipelines.models import package as pkg
 from training import metrics as M
 from training.dataset import Case
-from training.engine import TrainConfig, Trainer, evaluate_model, evaluate_pipeline
+from training.engine import TrainConfig, Trainer, evaluate_node, evaluate_weights
+from training.phantom_dataset import phantom_case as _phantom
 from training.tasks import TASKS, TaskError, task_for_architecture
 
 TRAIN_SEED0, TEST_SEED0 = 1000, 1900
-METRICS = ("dice", "cldice", "auc", "sensitivity", "specificity", "connectivity")
+# Of the node's masks (every figure goes through the pipeline, so no AUC).
+METRICS = ("dice", "cldice", "sensitivity", "specificity", "connectivity")
 
 
 # ---------------------------------------------------------------------------
 # Data
 
 
-def phantom_case(seed: int, size: int, frames: int, kind: str = "full") -> Case:
-    from training.phantoms import dsa
-
-    p = dsa.generate(seed, size=size, frames=frames)
-    run = p.to_run()
-    meta = {
-        "modality": "XA",
-        "sop_class_uid": run.meta.sop_class_uid,
-        "rows": size,
-        "columns": size,
-        "number_of_frames": run.pixels.shape[0],
-        "pixel_spacing_mm": list(run.meta.pixel_spacing_mm),
-        "is_volume": False,
-        "subtracted": True,
-        "body_part": "HEAD",
-    }
-    masks = {"artery": p.truth["artery"], "vein": p.truth["vein"], "ica": p.truth["ica"]}
-    return Case(
-        id=f"phantom-{seed}",
-        patient=f"phantom-{seed}",
-        split="train",
-        kind=kind,
-        geometry="canvas",
-        pixels=run.pixels,
-        masks=masks,
-        frame_times_s=run.meta.frame_times_s,
-        meta=meta,
-    )
+def phantom_case(seed: int, size: int, frames: int) -> Case:
+    """A family A DSA phantom with its artery, vein and ICA truth."""
+    return _phantom("dsa", seed, size, frames, ("artery", "vein", "ica"))
 
 
 def scribbles(case: Case, rng: np.random.Generator, keep: float = 0.3) -> Case:
@@ -278,8 +255,8 @@ def _train(
 
 
 def _eval(trainer: Trainer, test: Sequence[Case]) -> dict[str, Any]:
-    model = trainer.models[0].eval()
-    return evaluate_model(trainer.task, model, test, trainer.model_config, torch.device("cpu"))[
+    """The node's dsa_ia pipeline with the trainer's current weights."""
+    return evaluate_weights(trainer.task, trainer.models[0], trainer.model_config, test)[
         "aggregate"
     ]
 
@@ -309,7 +286,7 @@ def ablations(args: argparse.Namespace, log: Any) -> tuple[str, dict[str, Any]]:
         early_stop=args.epochs,
     )
     work = Path(args.workdir)
-    results: dict[str, Any] = {"classical": evaluate_pipeline(TASKS["dsa_ia"], test)["aggregate"]}
+    results: dict[str, Any] = {"classical": evaluate_node(TASKS["dsa_ia"], test)["aggregate"]}
     cpu: dict[str, float] = {}
 
     rng = np.random.default_rng(7)

@@ -49,7 +49,7 @@ IN_PLANE = np.zeros((3, 3, 3), bool)
 IN_PLANE[1] = True
 
 # Classical path, tuned on training phantom seeds only
-# (python -m training.quick_train_coronary --tune-classical).
+# (python -m training tune-classical xa_coronary on a family A dataset).
 FRANGI_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0, 4.0)  # at 256 px across the field; scaled with size
 FRANGI_GAMMA = 5.0  # structureness scale, in noise units (fixed, so frames compare)
 HYSTERESIS = (0.005, 0.97)  # (low, high) as a fraction of the run's strong-vessel response

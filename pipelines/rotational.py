@@ -194,8 +194,9 @@ def classical_tissues(
     return labels
 
 
-# Tuned on training phantom seeds 2000-2001 only (training/quick_train_dla.py
-# --tune-classical 2): vessel Dice 0.715 with the initial guesses, 0.852 tuned. The
+# Tuned on training phantom seeds 2000-2001 only (then training/quick_train_dla.py
+# --tune-classical 2; now python -m training tune-classical rotational_dla): vessel
+# Dice 0.715 with the initial guesses, 0.852 tuned. The
 # tuning switched the skull-base extension off (base_fraction 0): on these phantoms
 # extra growth in the skull base cost more vessel (the ICA in its bony canal) than
 # it removed bone; it stays available for sites whose data say otherwise.

@@ -297,30 +297,37 @@ def test_cine_sc_and_frames_seg_encode_valid(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def test_training_loop_and_metrics() -> None:
-    from training.quick_train_coronary import frame_metrics, segment, train
+def test_training_loop_and_metrics(tmp_path: Path) -> None:
+    """The training engine trains the CE-Net on a cine with a label per frame, validates
+    through the node's pipeline, and scores IoU pooled over the run's frames."""
+    from training.engine import TrainConfig, Trainer
+    from training.phantom_dataset import case_from_run
+    from training.tasks import TASKS
 
     frames, truth = synthetic_cine(frames=6)
-    model, info = train(
-        [(normalise_cine(frames), truth)],
-        1,
-        dict(TINY),
-        max_steps=2,
-        cpu_minutes=1.0,
-        batch=2,
-        crop=64,
-        lr=1e-3,
-        seed=0,
-        device=torch.device("cpu"),
-        log=lambda _m: None,
+    case = case_from_run("cine", run_of(frames), {"vessel": truth}, "frames")
+    cfg = TrainConfig(
+        task="xa_coronary",
+        model_config=dict(TINY),
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=2,
+        patch=64,
+        progress=False,
+        device="cpu",
     )
-    assert info["steps"] == 2 and np.isfinite(info["final_loss_ema"]) and not model.training
-    assert segment(model, normalise_cine(frames), 1, torch.device("cpu")).shape == truth.shape
-    m = frame_metrics(truth, truth)
-    assert m == {"iou": 1.0, "sensitivity": 1.0, "specificity": 1.0}
+    trainer = Trainer(cfg, [case], [case], tmp_path)
+    trainer.fit()
+    assert trainer.state["step"] == 2 and np.isfinite(trainer.state["history"][-1]["loss"])
+    agg, _, pred = trainer.validate()
+    assert pred is not None and pred["vessel"].shape == truth.shape
+    assert 0.0 <= agg["iou"]["mean"] <= 1.0
+    task = TASKS["xa_coronary"]
+    m = task.score({"vessel": truth}, case)
+    assert (m["iou"], m["sensitivity"], m["specificity"]) == (1.0, 1.0, 1.0)
     half = truth.copy()
     half[: len(half) // 2] = False
-    assert frame_metrics(half, truth)["iou"] == pytest.approx(half.sum() / truth.sum())
+    assert task.score({"vessel": half}, case)["iou"] == pytest.approx(half.sum() / truth.sum())
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
@@ -362,12 +369,13 @@ def test_committed_example_package_beats_the_classical_path_on_a_held_out_phanto
     the pipeline on held-out seed 3900: per-frame IoU above the classical path's,
     as in the held-out table of docs/coronary_rotational.md."""
     from training.phantoms import coronary
-    from training.quick_train_coronary import TEST_SEEDS, TRAIN_SEEDS, frame_metrics
+    from training.quick import RECIPES
 
+    recipe = RECIPES[NAME]  # the seeds the package was trained and held out on
     package = Path(__file__).resolve().parents[1] / "models" / "xa_coronary-cenet-n1-quick"
     pkg = load_package(package)
     assert pkg.pipeline == NAME and pkg.config["neighbours"] == 1
-    assert 3900 in TEST_SEEDS and 3900 not in TRAIN_SEEDS
+    assert 3900 in recipe.test and 3900 not in recipe.train
     phantom = coronary.generate(3900, size=256, frames=36)
     run, truth = phantom.to_run(), np.asarray(phantom.truth["vessel"], bool)
     pipe = CoronarySegmentation()
@@ -376,7 +384,7 @@ def test_committed_example_package_beats_the_classical_path_on_a_held_out_phanto
         (seg,) = [o for o in pipe(run, ctx).outputs if isinstance(o, SegmentationOutput)]
         return seg.masks[0].astype(bool)
 
-    model = frame_metrics(predicted(PipelineContext(model_package=str(package))), truth)
-    classical = frame_metrics(predicted(PipelineContext()), truth)
-    assert model["iou"] > classical["iou"] + 0.05
-    assert model["iou"] > 0.45
+    model = iou(predicted(PipelineContext(model_package=str(package))), truth)  # pooled
+    classical = iou(predicted(PipelineContext()), truth)
+    assert model > classical + 0.05
+    assert model > 0.45

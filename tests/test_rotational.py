@@ -377,37 +377,49 @@ def test_volume_encoder_orders_multiframe_source_frames(tmp_path: Path) -> None:
 
 
 def test_class_balanced_undersampling() -> None:
-    """All vessel voxels plus as many bone and as many soft-tissue voxels (the paper's rule)."""
-    from training.quick_train_dla import balanced_indices
+    """All vessel voxels plus as many bone and as many soft-tissue voxels (the paper's rule),
+    as the training engine applies it inside each patch."""
+    from training.tasks import VolumeTask
 
     classes = np.full(2000, CLASS_SOFT, np.uint8)
     classes[:10] = CLASS_VESSEL
     classes[10:110] = CLASS_BONE
-    picked = balanced_indices(classes, np.random.default_rng(0))
-    assert len(np.unique(picked)) == len(picked) == 30
-    assert set(np.flatnonzero(classes == CLASS_VESSEL)) <= set(picked)
+    one_hot = torch.from_numpy(np.stack([classes == k for k in range(3)])[:, None]).float()
+    keep = VolumeTask._balanced(one_hot, torch.ones_like(one_hot), np.random.default_rng(0))
+    picked = keep[0, 0].bool().numpy()
+    assert picked.sum() == 30 and picked[classes == CLASS_VESSEL].all()
     assert np.bincount(classes[picked], minlength=3).tolist() == [10, 10, 10]
 
 
-def test_patchwise_training_loop_runs_on_the_balanced_pool() -> None:
-    from training.quick_train_dla import train
+def test_training_engine_runs_on_a_volume(tmp_path: Path) -> None:
+    """The training engine's DLA task: class-balanced patches of a labelled volume,
+    validation through the node's rotational pipeline."""
+    from training.engine import TrainConfig, Trainer
+    from training.phantom_dataset import case_from_run
 
     hu, truth = synthetic_head(slices=8, size=40, seed=3)
-    model, info = train(
-        [(hu, truth)],
-        width=4,
-        max_steps=3,
-        cpu_minutes=1.0,
-        batch=8,
-        lr=1e-3,
-        seed=0,
-        device=torch.device("cpu"),
-        log=lambda _m: None,
+    case = case_from_run(
+        "head",
+        volume_run(hu),
+        {"vessel": truth == CLASS_VESSEL, "bone": truth == CLASS_BONE},
+        "volume",
     )
-    vessels = int((truth == CLASS_VESSEL).sum())
-    assert info["steps"] == 3 and info["patches_seen"] == 24
-    assert info["balanced_pool"] == {"vessel": vessels, "bone": vessels, "soft": vessels}
-    assert np.isfinite(info["final_loss_ema"]) and not model.training
+    cfg = TrainConfig(
+        task="rotational_dla",
+        model_config={"width": 4},
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=2,
+        patch=16,
+        progress=False,
+        device="cpu",
+    )
+    trainer = Trainer(cfg, [case], [case], tmp_path)
+    trainer.fit()
+    assert trainer.state["step"] == 3 and np.isfinite(trainer.state["history"][-1]["loss"])
+    agg, _, pred = trainer.validate()
+    assert pred is not None and pred["vessel"].shape == hu.shape
+    assert 0.0 <= agg["dice"]["mean"] <= 1.0 and "bone_dice" in agg
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")

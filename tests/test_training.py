@@ -6,6 +6,7 @@ minutes on one CPU core."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -629,3 +630,255 @@ def test_torchrun_cli(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
     assert (tmp_path / "w" / "model.pt").is_file()
+
+
+# ---------------------------------------------------------------------------
+# One stack: quick recipes on the engine, evaluation through the node, the shipping gate
+
+
+def _quick_args(work: Path, *extra: str) -> list[str]:
+    return [
+        "quick",
+        "dsa_ia",
+        "--workdir",
+        str(work),
+        "--size",
+        "64",
+        "--frames",
+        "6",
+        "--train-cases",
+        "3",
+        "--val-cases",
+        "1",
+        "--test-cases",
+        "1",
+        "--epochs",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--patch",
+        "32",
+        "--config",
+        json.dumps({"widths": [4, 8]}),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_quick_trains_resumes_and_packages_through_the_gate(
+    dataset: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A short real training run of the single stack: a family A phantom dataset, the
+    engine (stopped by its time budget after one epoch, resumed to the end, bit for bit
+    the uninterrupted run), and the package command's gate: refused without an
+    evaluation, refused below the margin, written with the evaluation recorded and
+    logged when the node loads the package."""
+    from pipelines.models.package import load_package
+    from training.__main__ import main
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(_quick_args(straight)) == 0
+    assert main(_quick_args(split, "--max-minutes", "0")) == 0  # budget spent: one epoch
+    first = torch.load(split / "run" / "last.pt", weights_only=True)
+    assert first["state"]["epoch"] == 1 and not (split / "run" / "model.pt").exists()
+    assert main(_quick_args(split, "--resume")) == 0
+    a = torch.load(straight / "run" / "model.pt", weights_only=True)
+    b = torch.load(split / "run" / "model.pt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["dataset_sha256"] == manifest_hash(split / "data") == manifest_hash(straight / "data")
+    manifest = json.loads((split / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["split"] == {"test": 1, "train": 3, "val": 1}
+    assert {c["meta"]["manufacturer_model_name"] for c in manifest["cases"]} == {"Angio Phantom"}
+    assert isinstance(a["model_config"]["work_spacing_mm"], float)  # "auto" resolved
+
+    model, data = split / "run" / "model.pt", split / "data"
+    base = ["package", "--model", str(model), "--dataset", str(data), "--name", "ia"]
+    out = tmp_path / "pkg"
+    assert main([*base, "--out", str(out), "--version", "1"]) == 2  # no evaluation: refused
+    assert main([*base, "--eval-dataset", str(data), "--out", str(out), "--version", "1"]) == 2
+    site = ["--eval-dataset", str(dataset[0])]  # site data (not synthetic), never trained on
+    assert main([*base, *site, "--out", str(out), "--version", "1", "--min-margin", "2"]) == 2
+    assert not out.exists()
+    caplog.set_level(logging.INFO, logger="pipelines.models.package")
+    assert main([*base, *site, "--out", str(out), "--version", "1", "--min-margin", "-1"]) == 0
+    pkg = load_package(out, pipeline="dsa_ia")
+    ev = pkg.meta["evaluation"]
+    assert ev["families"] == ["site"] and ev["trained_on"] == ["Angio Phantom"]
+    assert ev["metric"] == "dice" and ev["n"] == 9 and ev["min_margin_used"] == -1.0
+    for who in ("model", "classical", "difference"):
+        lo, hi = ev[who]["ci95"]
+        assert lo <= ev[who]["mean"] <= hi and ev[who]["n"] == 9
+    assert ev["difference"]["mean"] == pytest.approx(ev["model"]["mean"] - ev["classical"]["mean"])
+    assert ev["beats_classical_by_required_margin"] == (ev["difference"]["mean"] >= 0.03)
+    assert pkg.meta["training_command"].startswith("python -m training quick dsa_ia")
+    assert (
+        "## Evaluation on data the model was not trained on"
+        in pkg.path.joinpath("MODEL_CARD.md").read_text()
+    )
+    logged = [r.getMessage() for r in caplog.records if r.name == "pipelines.models.package"]
+    assert any("site data" in m and "classical path" in m and "model" in m for m in logged)
+    # The per-case figures are the node's: the pipeline with the package on an eval case.
+    _, cases = load_dataset(dataset[0])
+    case = next(c for c in cases if c.id in pkg.metrics["out_of_distribution"]["model"]["cases"])
+    from training.tasks import TASKS
+
+    node = TASKS["dsa_ia"].score(TASKS["dsa_ia"].node_masks(case.run(), str(out)), case)
+    assert node == pkg.metrics["out_of_distribution"]["model"]["cases"][case.id]
+
+
+def _family_b_archive(root: Path) -> Path:
+    """Family A phantom files relabelled with family B's ManufacturerModelName (what the
+    refusal reads), with their SEG annotations."""
+    from training.gate import FAMILY_B_MODEL_NAME
+    from training.phantoms import dsa
+
+    for seed in (1, 2):
+        for path in dsa.generate(seed, size=64, frames=4).write(root, seg=True):
+            if path.suffix == ".dcm":
+                ds = pydicom.dcmread(path)
+                if ds.Modality == "XA":
+                    ds.ManufacturerModelName = FAMILY_B_MODEL_NAME
+                    ds.save_as(path, enforce_file_format=True)
+    return root
+
+
+def test_family_b_is_refused_for_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from training.__main__ import main
+    from training.gate import FAMILY_A_MODEL_NAME, GateError, refuse_evaluation_only
+    from training.phantoms import dsa
+
+    # What family A writes is what the gate calls family A.
+    written = dsa.generate(3, size=64, frames=4).write(tmp_path / "a")
+    assert pydicom.dcmread(written[0]).ManufacturerModelName == FAMILY_A_MODEL_NAME
+
+    out = tmp_path / "ds"
+    build_dataset(
+        FolderSource(_family_b_archive(tmp_path / "b")),
+        BuildOptions(out=out, pseudonym_map=tmp_path / "map.json", export_dicom=True),
+    )
+    train = ["train", "--dataset", str(out), "--task", "dsa_ia", "--workdir", str(tmp_path / "w")]
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert "family B" in err and "PHANTOM-FAMILY-B" in err and "evaluation only" in err
+    assert not (tmp_path / "w").exists()
+    # The engine refuses the cases themselves too (any caller, not only the CLI).
+    _, cases = load_dataset(out)
+    with pytest.raises(GateError, match="family B"):
+        Trainer(TrainConfig(task="dsa_ia", progress=False), cases, [], tmp_path / "w2")
+    # A manifest without the recorded model name: read from the de-identified DICOM copy...
+    manifest = json.loads((out / "manifest.json").read_text())
+    for c in manifest["cases"]:
+        del c["meta"]["manufacturer_model_name"]
+    with pytest.raises(GateError, match="family B"):
+        refuse_evaluation_only(out, manifest)
+    # ... and without that either, the family is unknown: refused, rebuild.
+    with pytest.raises(GateError, match="rebuild"):
+        refuse_evaluation_only(tmp_path / "elsewhere", manifest)
+
+
+def test_family_b_phantom_dataset_evaluates_but_never_trains(tmp_path: Path) -> None:
+    """`quick --eval-family B` builds its evaluation data from the real family B generator."""
+    from training.gate import FAMILY_B_MODEL_NAME, GateError, refuse_evaluation_only
+    from training.phantom_dataset import PhantomSpec, build_phantom_dataset, generator
+
+    try:
+        generator("B", "dsa")
+    except DatasetError as exc:
+        pytest.skip(str(exc))
+    spec = PhantomSpec("dsa", 64, None, ("artery", "vein"), {"test": [0]}, family="B")
+    manifest = build_phantom_dataset(tmp_path / "b", spec, "b", progress=lambda _m: None)
+    assert manifest["cases"][0]["meta"]["manufacturer_model_name"] == FAMILY_B_MODEL_NAME
+    with pytest.raises(GateError, match="evaluation only"):
+        refuse_evaluation_only(tmp_path / "b", manifest)
+
+
+def test_invalid_config_json_exits_2(dataset: tuple[Path, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    from training.__main__ import main
+
+    args = ["train", "--dataset", str(dataset[0]), "--task", "dsa_ia", "--workdir", "/nonexistent"]
+    assert main([*args, "--config", '{"widths": [4,']) == 2
+    assert "--config: invalid JSON" in capsys.readouterr().err
+    assert main([*args, "--config", "[4, 8]"]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_gate_checks_and_confidence_interval() -> None:
+    from training.gate import GateError, check_held_out, evaluation_record, summary
+
+    s = summary([0.5, 0.6, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["sd"] == pytest.approx(0.1)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert s["ci95"] == pytest.approx([0.6 - half, 0.6 + half]) and s["n"] == 3
+
+    def case(i: str, name: str, synthetic: bool, patient: str = "") -> dict:
+        meta = {"manufacturer_model_name": name}
+        return {
+            "id": i,
+            "split": "train",
+            "kind": "full",
+            "synthetic": synthetic,
+            "meta": meta,
+            "sha256": i,
+            "instances": [f"uid-{i}"],
+            "patient": patient or i,
+        }
+
+    train = {"cases": [case("a1", "Angio Phantom", True)]}
+    family_b = {"cases": [case("b1", "PHANTOM-FAMILY-B", True)]}
+    same_family = {"cases": [case("a2", "Angio Phantom", True)]}
+    site = {"cases": [case("s1", "Artis", False)]}
+    site_seen = {"cases": [case("s2", "Artis", False, patient="a1")]}
+    assert check_held_out("t", train, "1", "e", family_b, "2")["families"] == ["PHANTOM-FAMILY-B"]
+    assert check_held_out("t", train, "1", "e", site, "2")["families"] == ["site"]
+    with pytest.raises(GateError, match="is the training dataset"):
+        check_held_out("t", train, "1", "e", family_b, "1")
+    with pytest.raises(GateError, match="which the training dataset contains"):
+        check_held_out("t", train, "1", "e", same_family, "2")
+    with pytest.raises(GateError, match="also appears in the training dataset"):
+        check_held_out("t", train, "1", "e", site_seen, "2")
+    record = evaluation_record(
+        metric="dice",
+        model_cases={"x": {"dice": 0.8}, "y": {"dice": 0.9}},
+        classical_cases={"x": {"dice": 0.7}, "y": {"dice": 0.7}, "z": {"dice": 0.1}},
+        dataset={"name": "b", "version": "1", "manifest_sha256": "h", "source": "s"},
+        held_out={"families": ["PHANTOM-FAMILY-B"], "trained_on": ["Angio Phantom"]},
+        pipeline="dsa_ia",
+        min_margin=0.03,
+    )
+    assert record["n"] == 2  # the same cases for both
+    assert record["difference"]["mean"] == pytest.approx(0.15)
+    assert record["beats_classical_by_required_margin"]
+
+
+def test_tune_classical_on_the_training_split(tmp_path: Path) -> None:
+    """The classical coronary thresholds, searched on a phantom dataset's training runs."""
+    from training.__main__ import main
+    from training.classical import CORONARY_GRID
+    from training.phantom_dataset import PhantomSpec, build_phantom_dataset
+
+    spec = PhantomSpec("coronary", 64, 8, ("vessel",), {"train": [3000], "test": [3900]})
+    build_phantom_dataset(tmp_path / "c", spec, "c", progress=lambda _m: None)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "tune-classical",
+            "xa_coronary",
+            "--dataset",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["training_runs"] == 1 and 0.0 <= result["iou"] <= 1.0
+    low, high = result["best"]["hysteresis"]
+    assert low in CORONARY_GRID["low"] and high in CORONARY_GRID["high"]
+    assert main(["tune-classical", "rotational_dla", "--dataset", str(tmp_path / "c")]) == 2

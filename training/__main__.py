@@ -1,4 +1,4 @@
-"""``python -m training``: build-dataset, train, evaluate, package.
+"""``python -m training``: build-dataset, train, evaluate, package, quick, tune-classical.
 
     python -m training build-dataset --dicomweb http://pacs/dicom-web --out data/dsa-v1 \\
         --pseudonym-map ~/secure/dsa-v1-pseudonyms.json
@@ -6,10 +6,15 @@
     torchrun --nproc-per-node 2 -m training train ...      # DDP, same options
     python -m training evaluate --model runs/av1/model.pt --dataset data/dsa-v1
     python -m training package --model runs/av1/model.pt --dataset data/dsa-v1 \\
-        --out models/dsa-av-1.0.0 --name dsa-av --version 1.0.0
+        --eval-dataset data/family-b --out models/dsa-av-1.0.0 --name dsa-av --version 1.0.0
+    python -m training quick dsa_av --workdir runs/av-quick --eval-family B \\
+        --out models/dsa_av-quick-1 --version 1.0.0  # phantoms -> engine -> package
 
-Errors (a source, a dataset, a task or a package that cannot be used) end
-the command with a message and exit status 2, here and nowhere else.
+Errors (a source, a dataset, a task, a gate or a package that cannot be used,
+an invalid option) end the command with a message and exit status 2, here and
+nowhere else. A dataset holding phantom generator family B (evaluation-only) is
+refused for training; a package is written only with an evaluation on data the
+model was not trained on (``training.gate``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import logging
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +34,30 @@ import torch
 from pipelines.base import PipelineError
 from training import metrics as M
 from training.dataset import BuildOptions, DatasetError, build_dataset, load_dataset, manifest_hash
+from training.gate import REQUIRED_MARGIN, GateError, refuse_evaluation_only
 from training.sources import SourceError, open_source
 from training.tasks import TASKS, TaskError
 
 log = logging.getLogger("training")
+
+
+class UsageError(Exception):
+    """An option value the command cannot use."""
+
+
+def json_option(text: str | None, option: str) -> dict[str, Any]:
+    """A JSON object given on the command line, or a UsageError that shows the problem."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{option}: invalid JSON ({exc.msg} at column {exc.colno}): {text}"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{option}: expected a JSON object, got {text}")
+    return value
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -73,40 +97,59 @@ def _select(cases: list[Any], split: str, labelled: int | None) -> list[Any]:
     return chosen[:labelled] if labelled is not None else chosen
 
 
-def train_config(args: argparse.Namespace) -> Any:
+TRAIN_OPTIONS = {
+    # TrainConfig field: command-line option (the same for train and quick)
+    "mode": "mode",
+    "epochs": "epochs",
+    "steps_per_epoch": "steps",
+    "batch_size": "batch",
+    "patch": "patch",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "schedule": "schedule",
+    "early_stop": "early_stop",
+    "warmup_epochs": "warmup_epochs",
+    "seed": "seed",
+    "device": "device",
+    "rpst_rounds": "rounds",
+    "teacher_epochs": "teacher_epochs",
+    "max_val_cases": "max_val_cases",
+}
+
+
+def train_config(
+    args: argparse.Namespace,
+    base: dict[str, Any] | None = None,
+    base_model_config: dict[str, Any] | None = None,
+) -> Any:
+    """TrainConfig from the options given, over ``base`` (a recipe) and the defaults."""
     from training.engine import TrainConfig
 
+    values: dict[str, Any] = dict(base or {})
+    values.setdefault("task", getattr(args, "task", None))
+    for field_name, option in TRAIN_OPTIONS.items():
+        given = getattr(args, option, None)
+        if given is not None:
+            values[field_name] = given
     return TrainConfig(
-        task=args.task,
-        mode=args.mode,
-        model_config=json.loads(args.config or "{}"),
-        epochs=args.epochs,
-        steps_per_epoch=args.steps,
-        batch_size=args.batch,
-        patch=args.patch,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        schedule=args.schedule,
-        early_stop=args.early_stop,
-        warmup_epochs=args.warmup_epochs,
-        seed=args.seed,
-        device=args.device,
+        **values,
+        model_config={**(base_model_config or {}), **json_option(args.config, "--config")},
         amp=not args.no_amp,
         use_ps=not args.no_ps,
         use_cps=not args.no_cps,
         use_cr=not args.no_cr,
-        rpst_rounds=args.rounds,
-        teacher_epochs=args.teacher_epochs,
         progress=not args.no_progress,
-        max_val_cases=args.max_val_cases,
     )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.engine import Trainer, init_distributed
 
+    config = train_config(args)  # option errors before anything is loaded
     info = init_distributed()
     manifest, cases = load_dataset(args.dataset, verify=info.main)
+    refuse_evaluation_only(args.dataset, manifest)
     train = _select(cases, "train", args.labelled)
     val = _select(cases, "val", None)
     unlabelled = sorted(
@@ -123,9 +166,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = workdir / "last.pt" if args.resume == "auto" else Path(args.resume)
         if not resume.is_file():
             raise TaskError(f"no checkpoint to resume at {resume}")
-    command = shlex.join(["python", "-m", "training", *sys.argv[1:]])
+    command = args.command_line
     trainer = Trainer(
-        train_config(args),
+        config,
         train,
         val,
         workdir,
@@ -141,8 +184,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"device {trainer.device}, {info.world} process(es)",
             file=sys.stderr,
         )
-    path = trainer.fit(resume=resume)
+    path = trainer.fit(resume=resume, max_minutes=args.max_minutes)
     if info.main:
+        if not trainer.finished:
+            print(
+                f"stopped after {args.max_minutes} minutes; continue with --resume",
+                file=sys.stderr,
+            )
         print(path)
     if info.enabled:
         torch.distributed.destroy_process_group()
@@ -150,35 +198,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from training.engine import evaluate_model, evaluate_pipeline, load_model_file
-    from training.tasks import get_task
+    """Metrics of what the node's pipeline emits: with a package, with a trained model's
+    weights (staged as a package) or without either (the classical path)."""
+    from training.engine import evaluate_node, evaluate_weights, load_model_file
+    from training.tasks import get_task, task_for_architecture
 
     _, cases = load_dataset(args.dataset)
-    chosen = [c for c in cases if c.split == args.split]
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    chosen = [c for c in cases if args.split == "all" or c.split == args.split]
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     if args.classical:
         task = get_task(args.task)
-        result = evaluate_pipeline(task, chosen, None, device.type)
+        result = evaluate_node(task, chosen, None, device)
         result["evaluated_with"] = f"the {task.pipeline} pipeline's classical path"
         return result
     if args.package:
         from pipelines.models.package import load_package
-        from training.tasks import task_for_architecture
 
         pkg = load_package(args.package)
-        task = task_for_architecture(pkg.architecture)
-        result = evaluate_pipeline(task, chosen, str(pkg.path), device.type)
+        task = task_for_architecture(pkg.architecture).configured(pkg.config)
+        result = evaluate_node(task, chosen, str(pkg.path), device)
         result["evaluated_with"] = (
             f"the {task.pipeline} pipeline with package {pkg.name} {pkg.version}"
         )
         return result
     if not args.model:
         raise TaskError("give --model, --package or --classical")
-    task, model, data = load_model_file(args.model, device)
-    result = evaluate_model(task, model, chosen, data["model_config"], device)
-    result["evaluated_with"] = (
-        "the pipeline's preprocessing and inference (probabilities, threshold 0.5)"
-    )
+    task, model, data = load_model_file(args.model, "cpu")
+    result = evaluate_weights(task, model, data["model_config"], chosen, device)
+    result["evaluated_with"] = f"the {task.pipeline} pipeline with these weights staged"
     return result
 
 
@@ -194,82 +241,86 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from pipelines.models.package import load_package, write_package
-    from training.engine import evaluate_model, evaluate_pipeline, load_model_file
-    from training.model_card import model_card
+    from training.packaging import package_model
 
-    device = torch.device("cpu")
-    task, model, data = load_model_file(args.model, device)
-    manifest, cases = load_dataset(args.dataset)
-    sha = manifest_hash(Path(args.dataset))
-    if data.get("dataset_sha256") and data["dataset_sha256"] != sha:
-        raise DatasetError(
-            f"{args.model} was trained on dataset {data['dataset_sha256'][:16]}, "
-            f"not on {args.dataset} ({sha[:16]})"
-        )
-    test = [c for c in cases if c.split == "test"]
-    metrics = evaluate_model(task, model, test, data["model_config"], device)
-    metrics["evaluated_with"] = (
-        "the pipeline's own preprocessing and inference code on the probabilities, threshold 0.5"
+    out = package_model(
+        args.model,
+        args.dataset,
+        args.eval_dataset,
+        args.out,
+        args.name,
+        args.version,
+        args.min_margin,
     )
-    used = [c for c in manifest["cases"] if c["split"] in ("train", "val")]
-    summary = {
-        "dataset": manifest["name"],
-        "dataset_version": manifest["version"],
-        "manifest_sha256": sha,
-        "source": manifest["source"],
-        "counts": manifest["counts"],
-        "synthetic": any(c.get("synthetic") for c in manifest["cases"]),
-        "training_cases": len([c for c in used if c["split"] == "train"]),
-        "deidentification": manifest["deidentification"],
-    }
-    config = {**data["model_config"]}
-    command = data.get("command") or "unknown"
-    common = dict(
-        model=model,
-        name=args.name,
-        version=args.version,
-        architecture_name=task.architecture,
-        config=config,
-        pipeline=task.pipeline,
-        data=summary,
-        training_command=command,
-        dataset_manifest_hash=sha,
-    )
-    parameters = sum(p.numel() for p in model.parameters())
-    if test:
-        # Through the node's own pipeline as well: what the node will actually emit.
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = write_package(
-                Path(tmp) / "pkg", metrics=metrics, model_card="staging", **common
-            )  # type: ignore[arg-type]
-            try:
-                metrics["through_pipeline"] = evaluate_pipeline(task, test, str(staged))[
-                    "aggregate"
-                ]
-            except TaskError as exc:
-                print(f"note: not evaluated through the pipeline: {exc}", file=sys.stderr)
-    card = model_card(
-        task=task,
-        name=args.name,
-        version=args.version,
-        parameters=parameters,
-        metrics=metrics,
-        data=summary,
-        training=data.get("config", {}),
-        training_command=command,
-        dataset_sha256=sha,
-    )
-    out = write_package(Path(args.out), metrics=metrics, model_card=card, **common)  # type: ignore[arg-type]
-    pkg = load_package(out, pipeline=task.pipeline)
-    pkg.load_model("cpu")  # the weights load back with weights_only=True
-    print(f"package {pkg.name} {pkg.version} for {pkg.pipeline} at {out}")
-    if not test:
-        print(
-            "warning: the dataset has no test case; the package carries no held-out metric",
-            file=sys.stderr,
-        )
+    print(f"package {args.name} {args.version} at {out}")
     return 0
+
+
+def cmd_quick(args: argparse.Namespace) -> int:
+    from training.quick import cmd_quick as quick
+
+    return quick(args, train_config)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from training.classical import tune
+
+    manifest, cases = load_dataset(args.dataset)
+    refuse_evaluation_only(args.dataset, manifest)  # tuning is training too
+    result = tune(args.task, [c for c in cases if c.split == "train"], args.cases)
+    print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def add_training_options(p: argparse.ArgumentParser, quick: bool = False) -> None:
+    """Options of the engine, shared by train and quick (quick: None means the recipe's)."""
+
+    def default(value: Any) -> Any:
+        return None if quick else value
+
+    p.add_argument("--mode", default=default("full"), choices=("full", "sscr", "rpst"))
+    p.add_argument(
+        "--config",
+        help="JSON overrides of the architecture config, e.g. '{\"widths\": [16, 32, 64]}'",
+    )
+    p.add_argument("--epochs", type=int, default=default(50))
+    p.add_argument("--steps", type=int, default=default(100), help="steps per epoch")
+    p.add_argument("--batch", type=int, default=default(4))
+    p.add_argument("--patch", type=int)
+    p.add_argument("--optimizer", choices=("adamw", "adam", "rmsprop", "sgd"))
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=("cosine", "plateau"))
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--early-stop", type=int, help="patience in epochs")
+    p.add_argument("--seed", type=int, default=default(0))
+    p.add_argument("--device", default=default("auto"), choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--no-ps", action="store_true", help="sscr: no pseudo-label supervision")
+    p.add_argument("--no-cps", action="store_true", help="sscr: own instead of cross pseudo-labels")
+    p.add_argument("--no-cr", action="store_true", help="sscr: no consistency regularisation")
+    p.add_argument("--rounds", type=int, default=default(1), help="rpst relabelling rounds")
+    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--max-val-cases", type=int, default=default(8))
+    p.add_argument(
+        "--resume", nargs="?", const="auto", help="checkpoint (default: <workdir>/last.pt)"
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop at the first epoch boundary after this wall time (resume continues)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_gate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-margin",
+        type=float,
+        default=REQUIRED_MARGIN,
+        help=f"refuse unless the model beats the classical path by this much on the "
+        f"evaluation dataset (default {REQUIRED_MARGIN}; package.json records the value)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,24 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (full, sscr or rpst); torchrun for DDP")
     p.add_argument("--dataset", required=True)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--mode", default="full", choices=("full", "sscr", "rpst"))
     p.add_argument("--workdir", required=True)
-    p.add_argument(
-        "--config",
-        help="JSON overrides of the architecture config, e.g. '{\"widths\": [16, 32, 64]}'",
-    )
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--steps", type=int, default=100, help="steps per epoch")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--patch", type=int)
-    p.add_argument("--optimizer", choices=("adamw", "adam", "rmsprop", "sgd"))
-    p.add_argument("--lr", type=float)
-    p.add_argument("--schedule", choices=("cosine", "plateau"))
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--early-stop", type=int, help="patience in epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-amp", action="store_true")
+    add_training_options(p)
     p.add_argument("--labelled", type=int, help="use only the first N labelled training runs")
     p.add_argument("--unlabelled", type=int, help="use at most N unlabelled runs (rpst)")
     p.add_argument(
@@ -342,16 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rpst ablation: the labelled runs beyond --labelled serve as unlabelled",
     )
-    p.add_argument("--no-ps", action="store_true", help="sscr: no pseudo-label supervision")
-    p.add_argument("--no-cps", action="store_true", help="sscr: own instead of cross pseudo-labels")
-    p.add_argument("--no-cr", action="store_true", help="sscr: no consistency regularisation")
-    p.add_argument("--rounds", type=int, default=1, help="rpst relabelling rounds")
-    p.add_argument("--teacher-epochs", type=int)
-    p.add_argument("--max-val-cases", type=int, default=8)
-    p.add_argument(
-        "--resume", nargs="?", const="auto", help="checkpoint (default: <workdir>/last.pt)"
-    )
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -362,23 +387,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", help="a model package folder (run through its pipeline)")
     p.add_argument("--classical", action="store_true", help="the pipeline without a package")
     p.add_argument("--task", choices=sorted(TASKS), help="with --classical")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", help="write per-case and aggregated metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("package", help="evaluate on the test split and write a model package")
+    p = sub.add_parser(
+        "package",
+        help="evaluate through the node on data the model was not trained on, then package",
+    )
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="the dataset the model was trained on")
+    p.add_argument(
+        "--eval-dataset",
+        help="required: generator family B or site data the model was not trained on",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
+    add_gate_options(p)
     p.set_defaults(func=cmd_package)
+
+    from training.quick import add_arguments as quick_arguments
+
+    p = sub.add_parser("quick", help="phantom dataset -> engine -> package, with a recipe per task")
+    quick_arguments(p)
+    add_training_options(p, quick=True)
+    add_gate_options(p)
+    p.set_defaults(func=cmd_quick)
+
+    p = sub.add_parser(
+        "tune-classical",
+        help="grid-search a classical path's constants on a dataset's training split",
+    )
+    p.add_argument("task", choices=("xa_coronary", "rotational_dla"))
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--cases", type=int, help="use the first N training runs")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(given)
+    args.command_line = shlex.join(["python", "-m", "training", *given])  # recorded in models
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "evaluate" and args.classical and not args.task:
@@ -386,7 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (SourceError, DatasetError, TaskError, PipelineError, FileExistsError) as exc:
+    except (
+        SourceError,
+        DatasetError,
+        TaskError,
+        GateError,
+        UsageError,
+        PipelineError,
+        FileExistsError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

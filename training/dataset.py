@@ -460,7 +460,14 @@ def build_dataset(
             "synthetic": any(
                 str(i.header.get("Manufacturer", "")).upper() == "SYNTHETIC" for i in items
             ),
-            "meta": _meta_dict(loaded.run.meta),
+            # Which generator family (or device) a case comes from: the training CLI
+            # refuses evaluation-only family B by it (training.gate).
+            "meta": {
+                **_meta_dict(loaded.run.meta),
+                "manufacturer_model_name": str(
+                    items[0].header.get("ManufacturerModelName", "") or ""
+                ),
+            },
             "instances": sorted(uid(i.sop_instance_uid) for i in items),
             "annotations": sorted(uid(u) for u in ann.seg_uids) if ann else [],
             "file": f"cases/{case_id}.npz",
@@ -550,6 +557,8 @@ def _reuse(out: Path, build_key: str) -> dict[str, Any] | None:
         return None
     manifest = json.loads((out / "manifest.json").read_text())
     for case in manifest["cases"]:
+        if "manufacturer_model_name" not in case.get("meta", {}):
+            return None  # built before generator families were recorded
         path = out / case["file"]
         if not path.is_file() or sha256_file(path) != case["sha256"]:
             return None

@@ -13,11 +13,18 @@
   strongly augmented (photometric) as well; the student becomes the teacher
   and relabels, for ``rpst_rounds`` rounds.
 
+Validation, pseudo-labelling and every reported metric go through the node:
+the current weights are staged as a package and the pipeline itself runs on
+each case (``Task.node_masks``), so the preprocessing, tiling, mapping back and
+post-processing are the node's own and a reported number is what the node
+would get. Cases from phantom generator family B (evaluation-only) are refused.
+
 Engineering: CUDA with mixed precision when present, the CPU otherwise;
 deterministic seeds (every batch is drawn from a generator seeded by seed,
 rank, phase and step, so a resumed run draws exactly what an uninterrupted one
 would); ``last.pt`` after every epoch and ``--resume``; early stopping and the
-learning-rate schedule of each paper; a progress bar with live loss and
+learning-rate schedule of each paper; a wall-clock budget that stops at an
+epoch boundary (resume continues it); a progress bar with live loss and
 validation metric; ``learning_curve.png`` and ``examples.png`` next to the
 checkpoints; DDP under ``torchrun`` (NCCL on GPUs, gloo on CPUs), rank 0
 validating and writing.
@@ -25,13 +32,15 @@ validating and writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +51,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.models.package import build
+from pipelines.models.package import build, write_package
 from pipelines.preprocess import inference_device
 from training import augment, losses
 from training import metrics as M
 from training.dataset import Case
+from training.gate import FAMILY_B_MODEL_NAME, GateError
 from training.model_card import example_png, learning_curve_png
-from training.tasks import Batch, Prepared, Task, TaskError, get_task
+from training.tasks import Batch, Masks, Prepared, Task, TaskError, get_task
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -184,9 +194,11 @@ class Trainer:
         log_fn: Callable[[str], None] = log.info,
     ) -> None:
         self.cfg = cfg
-        self.task = get_task(cfg.task)
-        self.opts = cfg.resolved(self.task)
-        self.model_config = self.task.config(cfg.model_config)
+        refuse_family_b([*train, *val, *unlabelled])
+        base = get_task(cfg.task)
+        self.opts = cfg.resolved(base)
+        self.model_config = resolve_config(base.config(cfg.model_config), train)
+        self.task = base.configured(self.model_config)
         self.dist = dist_info or DistInfo()
         self.workdir = Path(workdir)
         self.dataset_sha256 = dataset_sha256
@@ -386,26 +398,26 @@ class Trainer:
         return float(loss.detach())
 
     # -- validation
-    def validate(self) -> tuple[dict[str, dict[str, float]], Case | None, np.ndarray | None]:
-        model = _unwrap(self.models[0]).eval()
-        rows, example, probs0 = [], None, None
-        for case in self.val_cases:
-            probs = self.task.predict(model, case, self.model_config, self.device)
-            rows.append(self.task.evaluate(probs, case))
-            if example is None:
-                example, probs0 = case, probs
-        model.train()
-        return M.aggregate(rows), example, probs0
+    def validate(self) -> tuple[dict[str, dict[str, float]], Case | None, Masks | None]:
+        """The node's pipeline with the current weights on every validation run."""
+        rows, example, pred0 = [], None, None
+        with stage_package(self.task, _unwrap(self.models[0]), self.model_config) as package:
+            for case in self.val_cases:
+                pred = self.task.node_masks(case.run(), package, str(self.device))
+                rows.append(self.task.score(pred, case))
+                if example is None:
+                    example, pred0 = case, pred
+        return M.aggregate(rows), example, pred0
 
     def _monitor(
         self, train_loss: float
-    ) -> tuple[float, dict[str, Any], Case | None, np.ndarray | None]:
-        """(score, val summary, example case, its probabilities); higher score is better."""
+    ) -> tuple[float, dict[str, Any], Case | None, Masks | None]:
+        """(score, val summary, example case, the node's masks for it); higher is better."""
         if not self.val_cases:
             return -train_loss, {}, None, None
-        agg, example, probs = self.validate()
+        agg, example, pred = self.validate()
         score = agg.get(self.task.monitor, {}).get("mean", float("nan"))
-        return (score if np.isfinite(score) else -math.inf), agg, example, probs
+        return (score if np.isfinite(score) else -math.inf), agg, example, pred
 
     # -- checkpoints
     def _checkpoint(self) -> dict[str, Any]:
@@ -459,38 +471,49 @@ class Trainer:
         self.scaler.load_state_dict(ck["scaler"])
         if self.state.get("teacher") is not None:
             self._relabel(self.state["teacher"])
+        phase = self.phases[min(self.state["phase"], len(self.phases) - 1)][0]
         self.log(
-            f"resumed {path}: phase {self.phases[self.state['phase']][0]}, "
-            f"epoch {self.state['epoch']}, step {self.state['step']}"
+            f"resumed {path}: phase {phase}, epoch {self.state['epoch']}, step {self.state['step']}"
         )
 
     # -- RPST
     def _relabel(self, teacher_state: Mapping[str, torch.Tensor]) -> None:
-        """Hard pseudo-labels of every unlabelled run from the teacher's weights."""
-        teacher = build(self.task.architecture, self.model_config).to(self.device)
-        teacher.load_state_dict(dict(teacher_state))
-        teacher.eval()
+        """Hard pseudo-labels of every unlabelled run: the node's masks with the teacher."""
+        teacher = build(self.task.architecture, self.model_config)
+        teacher.load_state_dict({k: v.cpu() for k, v in teacher_state.items()})
         self.pseudo = []
-        for case in self.unlabelled:
-            probs = self.task.predict(teacher, case, self.model_config, self.device)
-            labelled = Case(
-                id=case.id,
-                patient=case.patient,
-                split=case.split,
-                kind="full",
-                geometry=self.task.geometry,
-                pixels=case.pixels,
-                masks=self.task.pseudo_labels(probs),
-                frame_times_s=case.frame_times_s,
-                meta=case.meta,
-            )
-            self.pseudo.extend(self._prepare([labelled]))
+        with stage_package(self.task, teacher, self.model_config) as package:
+            for case in self.unlabelled:
+                pred = self.task.node_masks(case.run(), package, str(self.device))
+                labelled = Case(
+                    id=case.id,
+                    patient=case.patient,
+                    split=case.split,
+                    kind="full",
+                    geometry=self.task.geometry,
+                    pixels=case.pixels,
+                    masks=self.task.pseudo_labels(pred),
+                    frame_times_s=case.frame_times_s,
+                    meta=case.meta,
+                )
+                self.pseudo.extend(self._prepare([labelled]))
         self.log(f"pseudo-labelled {len(self.pseudo)} unlabelled runs")
 
     # -- the loop
-    def fit(self, resume: Path | None = None, stop_after: int | None = None) -> Path:
-        """Train to the end (or for ``stop_after`` epochs of this call, e.g. on a
-        preemptible machine; ``resume`` continues exactly where ``last.pt`` left off)."""
+    @property
+    def finished(self) -> bool:
+        return self.state["phase"] >= len(self.phases)
+
+    def fit(
+        self,
+        resume: Path | None = None,
+        stop_after: int | None = None,
+        max_minutes: float | None = None,
+    ) -> Path:
+        """Train to the end; or stop at an epoch boundary after ``stop_after`` epochs or
+        ``max_minutes`` of wall time in this call (a preemptible machine, a long run in
+        parts) and return ``last.pt``: ``resume`` continues exactly where it left off."""
+        deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
         self.workdir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             self.resume(resume)
@@ -510,9 +533,11 @@ class Trainer:
         done = 0
         while self.state["phase"] < len(self.phases):
             name, epochs = self.phases[self.state["phase"]]
-            stop = False
+            # An early stop survives a resume: its patience count is in the checkpoint.
+            stop = self.state["bad"] >= int(self.opts["early_stop"])
             while self.state["epoch"] < epochs and not stop:
-                if stop_after is not None and done >= stop_after:
+                out_of_time = deadline is not None and done > 0 and self._time_up(deadline)
+                if (stop_after is not None and done >= stop_after) or out_of_time:
                     return self.workdir / "last.pt"
                 stop = self._epoch(name, epochs)
                 done += 1
@@ -521,6 +546,13 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
         return final
+
+    def _time_up(self, deadline: float) -> bool:
+        """Whether the budget is spent, decided on rank 0 so every rank stops together."""
+        flag = [time.monotonic() >= deadline]
+        if self.dist.enabled:
+            dist.broadcast_object_list(flag, src=0)
+        return bool(flag[0])
 
     def _epoch(self, name: str, epochs: int) -> bool:
         epoch = self.state["epoch"]
@@ -544,14 +576,14 @@ class Trainer:
         train_loss = total / self.cfg.steps_per_epoch
         stop = False
         if self.dist.main:
-            score, agg, example, probs = self._monitor(train_loss)
+            score, agg, example, pred = self._monitor(train_loss)
             stop = self._after_epoch(name, epoch, train_loss, score, agg, time.monotonic() - t0)
-            if example is not None and probs is not None:
+            if example is not None and pred is not None:
                 example_png(
                     self.workdir / "examples.png",
                     self.task,
                     example,
-                    probs,
+                    pred,
                     f"{name} epoch {epoch + 1}",
                 )
             self.state["epoch"] += 1
@@ -652,7 +684,58 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------
-# Evaluation of a trained model and of the node's pipelines
+# Configuration, guards
+
+
+def refuse_family_b(cases: Sequence[Case]) -> None:
+    """No training, validation or pseudo-labelling on evaluation-only family B."""
+    for case in cases:
+        if case.meta.get("manufacturer_model_name") == FAMILY_B_MODEL_NAME:
+            raise GateError(
+                f"case {case.id} comes from phantom generator family B "
+                f"(ManufacturerModelName {FAMILY_B_MODEL_NAME!r}), which is for evaluation "
+                "only: never train, validate or tune on it"
+            )
+
+
+def resolve_config(config: Mapping[str, Any], train: Sequence[Case]) -> dict[str, Any]:
+    """``work_spacing_mm: "auto"`` becomes the median pixel spacing of the training runs,
+    so the package tells the node the physical scale the model learned."""
+    out = dict(config)
+    if out.get("work_spacing_mm") == "auto":
+        spacings = [
+            min(c.meta["pixel_spacing_mm"]) for c in train if c.meta.get("pixel_spacing_mm")
+        ]
+        if not spacings:
+            raise TaskError("work_spacing_mm auto: no training run has a pixel spacing")
+        out["work_spacing_mm"] = float(np.median(spacings))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: always through the node's pipelines
+
+
+@contextlib.contextmanager
+def stage_package(task: Task, model: nn.Module, model_config: Mapping[str, Any]) -> Iterator[str]:
+    """The weights as a temporary package folder, for the node's pipeline to load."""
+    with tempfile.TemporaryDirectory(prefix="staged-package-") as tmp:
+        path = write_package(
+            Path(tmp) / "pkg",
+            model=model,
+            name=f"staged-{task.name}",
+            version="0",
+            architecture_name=task.architecture,
+            config=dict(model_config),
+            pipeline=task.pipeline,
+            metrics={},
+            data={},
+            model_card="Staged by training to run the node's pipeline; not for shipping.",
+            training_command="",
+            dataset_manifest_hash="",
+            staged=True,
+        )
+        yield str(path)
 
 
 def load_model_file(
@@ -660,53 +743,31 @@ def load_model_file(
 ) -> tuple[Task, nn.Module, dict[str, Any]]:
     """(task, model, file contents) from a ``model.pt`` / ``best-*.pt`` file (weights_only)."""
     data = torch.load(path, map_location=device, weights_only=True)
-    task = get_task(data["task"])
+    task = get_task(data["task"]).configured(data["model_config"])
     model = build(data["architecture"], data["model_config"])
     model.load_state_dict(data["state_dict"])
     return task, model.to(device).eval(), data
 
 
-def evaluate_model(
-    task: Task,
-    model: nn.Module,
-    cases: Sequence[Case],
-    model_config: Mapping[str, Any],
-    device: torch.device,
-) -> dict[str, Any]:
-    """Per-case metrics and their mean ± std on full annotations."""
-    rows = {}
-    for case in cases:
-        if case.kind != "full":
-            continue
-        rows[case.id] = task.evaluate(task.predict(model, case, model_config, device), case)
-    return {"cases": rows, "aggregate": M.aggregate(list(rows.values()))}
-
-
-def evaluate_pipeline(
+def evaluate_node(
     task: Task, cases: Sequence[Case], package: str | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Metrics of the node's pipeline itself (its classical path when ``package`` is None)."""
-    import pipelines
-    from pipelines.base import PipelineContext, SegmentationOutput
-    from training.annotations import ROLES
-
-    pipeline = pipelines.get(task.pipeline)
+    """Per-case metrics and their mean ± std of what the node's pipeline emits with
+    ``package`` (None: its classical path), on the fully annotated ``cases``."""
     rows = {}
     for case in cases:
-        if case.kind != "full":
-            continue
-        result = pipeline(case.run(), PipelineContext(device=device, model_package=package))
-        seg = next((o for o in result.outputs if isinstance(o, SegmentationOutput)), None)
-        if seg is None:
-            raise TaskError(f"the {task.pipeline} pipeline emits no segmentation to compare")
-        by_role = {
-            ROLES.get((s.code.value, s.code.scheme)): seg.masks[i]
-            for i, s in enumerate(seg.segments)
-        }
-        pred = np.stack(
-            [by_role.get(c, np.zeros(seg.masks.shape[1:], bool)) for c in task.channels]
-        )
-        rows[case.id] = task.evaluate(pred.astype(np.float32), case)
-        for key in ("auc",):
-            rows[case.id].pop(key, None)  # binary masks carry no ranking
+        if case.kind == "full":
+            rows[case.id] = task.score(task.node_masks(case.run(), package, device), case)
     return {"cases": rows, "aggregate": M.aggregate(list(rows.values()))}
+
+
+def evaluate_weights(
+    task: Task,
+    model: nn.Module,
+    model_config: Mapping[str, Any],
+    cases: Sequence[Case],
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """:func:`evaluate_node` with ``model``'s weights staged as a package."""
+    with stage_package(task, model, model_config) as package:
+        return evaluate_node(task, cases, package, device)

@@ -1,14 +1,22 @@
-"""Tasks: how a dataset case becomes model tensors for one pipeline, and back.
+"""Tasks: how a dataset case becomes model tensors for one pipeline, and how the
+node's answer on that case is scored.
 
 A task ties a registered architecture to the pipeline that will load its
-package, and reuses that pipeline's own preprocessing and inference code, so a
-model is trained on exactly what the node will feed it:
+package. Training inputs are built with that pipeline's own preprocessing
+functions, so a model is trained on exactly what the node will feed it:
 
-    dsa_av         st_unet      pipelines.preprocess.predict_sequence (1 fps)
-    dsa_ia         vss_net      pipelines.preprocess.predict_sequence (all frames)
-    xa_coronary    ce_net_3d2d  pipelines.coronary normalise_cine + frame windows
-    rotational_dla dla_resnet   pipelines.rotational padded_volume (dense)
-    dsa_perfusion  ica_unet     pipelines.models.ica_unet minip_opacity (the ICA)
+    dsa_av         st_unet      resample_frames (1 fps), normalise_dsa, work_shape
+    dsa_ia         vss_net      normalise_dsa on every frame, work_shape
+    xa_coronary    ce_net_3d2d  normalise_cine, (2N+1)-frame windows
+    rotational_dla dla_resnet   padded_volume (HU slabs with context)
+    dsa_perfusion  ica_unet     minip_opacity of the MinIP (the ICA)
+
+Evaluation never re-implements inference: :meth:`Task.node_masks` runs the
+node's pipeline itself on the case's run, with a package staged from the
+weights (or none: the classical path), and reads the segmentation it emits;
+the ICA task calls the perfusion pipeline's own ``locate_ica``, because that
+pipeline emits the AIF region rather than the ICA. So a number reported by
+training is the number the node would get on that run.
 
 Training draws random patches (the DIAS recipe; whole 512^2 sequences do not
 fit a CPU step). Sequence models see one case per step (runs differ in their
@@ -21,31 +29,28 @@ RPST: the DIAS code); the others are marked as ours in docs/training.md.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipelines.coronary import normalise_cine, predict_probabilities
+from pipelines.base import PipelineContext, Run, SegmentationOutput
+from pipelines.coronary import normalise_cine
 from pipelines.models.cenet import STRIDE, frame_windows
 from pipelines.models.dla import CLASS_BONE, CLASS_SOFT, CLASS_VESSEL, MARGIN, SLICES
 from pipelines.models.ica_unet import minip_opacity
-from pipelines.preprocess import (
-    inference_mode,
-    normalise_dsa,
-    predict_sequence,
-    resample_frames,
-    resize,
-    work_shape,
-)
+from pipelines.preprocess import normalise_dsa, resample_frames, resize, work_shape
 from pipelines.rotational import padded_volume
 from training import metrics as M
-from training.annotations import label_targets
+from training.annotations import ROLES, label_targets
 from training.augment import Geometric
 from training.dataset import Case
+
+Masks = dict[str, np.ndarray]
+SEQUENCE_ROLES = ("artery", "vein", "ica")
 
 
 class TaskError(Exception):
@@ -128,10 +133,20 @@ class Task:
     default_config: Mapping[str, Any]
     defaults: TrainDefaults = field(default_factory=TrainDefaults)
     geometric: Geometric = field(default_factory=Geometric)
+    headline: str = ""  # the metric the shipping gate compares (default: monitor)
 
     # -- configuration
     def config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return {**self.default_config, **(overrides or {})}
+
+    def configured(self, config: Mapping[str, Any]) -> Task:
+        """This task for one architecture config (sequence tasks take their output
+        channels from it)."""
+        return self
+
+    @property
+    def gate_metric(self) -> str:
+        return self.headline or self.monitor
 
     # -- preparation (subclasses)
     def prepare(self, case: Case, config: Mapping[str, Any]) -> Prepared:
@@ -148,36 +163,56 @@ class Task:
         """``size`` random patches (side ``patch``) with targets, from prepared cases."""
         raise NotImplementedError
 
-    def predict(
-        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
-    ) -> np.ndarray:
-        """Probabilities (K, ...) on the case's native grid, as the pipeline computes them."""
-        raise NotImplementedError
+    # -- the node's answer
+    def node_masks(self, run: Run, package: str | None, device: str = "cpu") -> Masks:
+        """Role -> bool mask of what the node's pipeline emits for ``run`` with ``package``
+        (a package folder; None: the classical path)."""
+        import pipelines
 
-    def truth(self, case: Case) -> np.ndarray:
-        """(K, ...) bool truth on the native grid (full annotations only)."""
+        result = pipelines.get(self.pipeline)(
+            run, PipelineContext(device=device, model_package=package)
+        )
+        seg = next((o for o in result.outputs if isinstance(o, SegmentationOutput)), None)
+        if seg is None:
+            raise TaskError(f"the {self.pipeline} pipeline emits no segmentation to compare")
+        out: Masks = {}
+        for i, segment in enumerate(seg.segments):
+            role = ROLES.get((segment.code.value, segment.code.scheme))
+            if role is not None:
+                out[role] = np.asarray(seg.masks[i], bool)
+        return out
+
+    def truth(self, case: Case) -> Masks:
+        """Role -> bool truth on the native grid (full annotations only)."""
         target, _ = label_targets(case.annotation(), self.channels)
-        return target
+        return {c: target[k] for k, c in enumerate(self.channels)}
 
-    def pseudo_labels(self, probs: np.ndarray) -> dict[str, np.ndarray]:
-        """Hard pseudo-labels (role -> mask) from predicted probabilities."""
-        return {c: probs[k] >= 0.5 for k, c in enumerate(self.channels)}
+    def pseudo_labels(self, pred: Masks) -> Masks:
+        """Hard pseudo-labels (role -> mask) of an unlabelled run from the node's answer."""
+        return {c: pred[c] for c in self.channels if c in pred}
 
-    def foreground(self) -> list[int]:
-        """Output channels worth drawing (softmax 'everything else' classes are not)."""
-        return list(range(len(self.channels)))
+    def drawn(self) -> tuple[str, ...]:
+        """Roles worth drawing (softmax 'everything else' classes are not)."""
+        return self.channels
 
     # -- evaluation
-    def evaluate(self, probs: np.ndarray, case: Case, threshold: float = 0.5) -> dict[str, float]:
+    def score(self, pred: Masks, case: Case) -> dict[str, float]:
+        """Per-case metrics of the node's masks against the case's full annotation."""
         truth = self.truth(case)
-        pred = probs >= threshold
+        shape = next(iter(truth.values())).shape
+
+        def p(role: str) -> np.ndarray:
+            return np.asarray(pred.get(role, np.zeros(shape, bool)), bool)
+
         if len(self.channels) == 1:
-            return M.binary_metrics(pred[0], truth[0], probs[0])
-        vessel_p, vessel_t = np.asarray(pred.any(axis=0)), np.asarray(truth.any(axis=0))
-        out = M.binary_metrics(vessel_p, vessel_t, probs.max(axis=0))
+            return M.binary_metrics(p(self.channels[0]), truth[self.channels[0]])
+        vessels = [c for c in self.channels if c != "ica"]
+        out = M.binary_metrics(
+            np.logical_or.reduce([p(c) for c in vessels]),
+            np.logical_or.reduce([truth[c] for c in vessels]),
+        )
         if {"artery", "vein"} <= set(self.channels):
-            a, v = self.channels.index("artery"), self.channels.index("vein")
-            out.update(M.av_metrics(pred[a], pred[v], truth[a], truth[v]))
+            out.update(M.av_metrics(p("artery"), p("vein"), truth["artery"], truth["vein"]))
         return out
 
 
@@ -186,6 +221,30 @@ class Task:
 
 
 class SequenceTask(Task):
+    """A 2D label map of a 2D+t run; the output channels are roles, from the config's
+    ``channels`` (``dsa_av`` packages may add ``ica`` to artery and vein)."""
+
+    def config(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        out = super().config(overrides)
+        if overrides and "channels" in overrides and "out_channels" not in overrides:
+            out["out_channels"] = len(overrides["channels"])
+        return out
+
+    def configured(self, config: Mapping[str, Any]) -> Task:
+        channels = tuple(config.get("channels") or self.channels)
+        if not set(channels) <= set(SEQUENCE_ROLES) or len(set(channels)) != len(channels):
+            raise TaskError(f"{self.name}: channels {list(channels)}; allowed {SEQUENCE_ROLES}")
+        if len(channels) != int(config.get("out_channels", len(channels))):
+            raise TaskError(
+                f"{self.name}: {len(channels)} channels {list(channels)} but out_channels "
+                f"{config.get('out_channels')}"
+            )
+        if self.pipeline == "dsa_av" and not {"artery", "vein"} <= set(channels):
+            raise TaskError(f"dsa_av needs artery and vein channels, got {list(channels)}")
+        if self.pipeline == "dsa_ia" and len(channels) != 1:
+            raise TaskError(f"dsa_ia has one output channel, got {list(channels)}")
+        return dataclasses.replace(self, channels=channels)
+
     def prepare(self, case: Case, config: Mapping[str, Any]) -> Prepared:
         frames = case.pixels
         if frames.ndim != 3 or case.meta.get("is_volume"):
@@ -242,21 +301,13 @@ class SequenceTask(Task):
             vs.append(p.valid[sl])
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=True)
 
-    def predict(
-        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
-    ) -> np.ndarray:
-        spacing = (
-            tuple(case.meta["pixel_spacing_mm"]) if case.meta.get("pixel_spacing_mm") else None
-        )
-        probs, _ = predict_sequence(
-            model,
-            case.pixels,
-            case.frame_times_s,
-            spacing,  # type: ignore[arg-type]
-            dict(config),
-            device,
-        )
-        return probs
+    def score(self, pred: Masks, case: Case) -> dict[str, float]:
+        out = super().score(pred, case)
+        if self.pipeline == "dsa_av" and "ica" in case.masks:
+            # The ICA as the pipeline reports it; none reported where the truth has one is 0.
+            truth = np.asarray(case.masks["ica"], bool)
+            out["ica_dice"] = M.dice(np.asarray(pred.get("ica", np.zeros_like(truth)), bool), truth)
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -309,25 +360,22 @@ class CineTask(Task):
             t = int(rng.integers(t_count))
             top, left = _crop_starts((p.y[t] * p.valid[t]).amax(dim=0), (h, w), ps, rng)
             win = frame_windows(p.x, n, torch.tensor([t]))[0]
+            if rng.random() < 0.5:
+                win = win.flip(0)  # time reversal: a window looks the same either way
             xs.append(win[:, top : top + ps, left : left + ps])
             ys.append(p.y[t, :, top : top + ps, left : left + ps])
             vs.append(p.valid[t, :, top : top + ps, left : left + ps])
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=False)
 
-    def predict(
-        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
-    ) -> np.ndarray:
-        x = normalise_cine(case.pixels)
-        size = self._grid(case, config)
-        x_work = resize(torch.from_numpy(x), size).numpy()
-        probs = predict_probabilities(
-            model.to(device).eval(), x_work, int(config.get("neighbours", 1)), device
-        )
-        return resize(torch.from_numpy(probs), case.pixels.shape[1:]).numpy()[None]
-
-    def evaluate(self, probs: np.ndarray, case: Case, threshold: float = 0.5) -> dict[str, float]:
-        truth = self.truth(case)[0]
-        return M.frame_mean(M.binary_metrics, probs[0] >= threshold, truth, prob=probs[0])
+    def score(self, pred: Masks, case: Case) -> dict[str, float]:
+        """Overlap pooled over every frame of the run (the CE-Net paper's table: frames
+        before the contrast arrives count as what they are, not as perfect frames), and
+        clDice averaged over the frames."""
+        truth = self.truth(case)["vessel"]
+        mask = np.asarray(pred.get("vessel", np.zeros_like(truth)), bool)
+        out = M.binary_metrics(mask, truth, topology=False)
+        out["cldice"] = float(np.mean([M.cldice(m, t) for m, t in zip(mask, truth, strict=True)]))
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -354,8 +402,9 @@ class VolumeTask(Task):
             valid = np.ones_like(one_hot)
         return one_hot, valid
 
-    def truth(self, case: Case) -> np.ndarray:
-        return self.classes(case)[0]
+    def truth(self, case: Case) -> Masks:
+        one_hot = self.classes(case)[0]
+        return {role: one_hot[k] for role, k in self.CLASS_OF.items()}
 
     def prepare(self, case: Case, config: Mapping[str, Any]) -> Prepared:
         if case.pixels.ndim != 3 or not case.meta.get("is_volume"):
@@ -414,42 +463,26 @@ class VolumeTask(Task):
                 keep |= pool & (scores <= cut)
         return keep.float()[None].expand_as(y)
 
-    def predict(
-        self,
-        model: torch.nn.Module,
-        case: Case,
-        config: Mapping[str, Any],
-        device: torch.device,
-        slab: int = 4,
-    ) -> np.ndarray:
-        padded = torch.from_numpy(padded_volume(case.pixels)).to(device)
-        model = model.to(device).eval()
-        z_n = case.pixels.shape[0]
-        out = np.empty((3, *case.pixels.shape), np.float32)
-        with inference_mode(device):
-            for z0 in range(0, z_n, slab):
-                z1 = min(z0 + slab, z_n)
-                windows = padded[z0 : z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
-                probs = F.softmax(model(windows.contiguous()).float(), dim=1)
-                out[:, z0:z1] = probs.permute(1, 0, 2, 3).cpu().numpy()
-        return out
+    def pseudo_labels(self, pred: Masks) -> Masks:
+        vessel = np.asarray(pred["vessel"], bool)
+        return {"vessel": vessel, "bone": np.asarray(pred["bone"], bool) & ~vessel}
 
-    def pseudo_labels(self, probs: np.ndarray) -> dict[str, np.ndarray]:
-        label = probs.argmax(axis=0)
-        return {"vessel": label == CLASS_VESSEL, "bone": label == CLASS_BONE}
+    def drawn(self) -> tuple[str, ...]:
+        return ("vessel", "bone")
 
-    def foreground(self) -> list[int]:
-        return [CLASS_VESSEL, CLASS_BONE]
-
-    def evaluate(self, probs: np.ndarray, case: Case, threshold: float = 0.5) -> dict[str, float]:
+    def score(self, pred: Masks, case: Case) -> dict[str, float]:
         truth = self.truth(case)
-        # Binary inputs (a pipeline's masks) may leave voxels in no class: everything else.
-        label = np.where(probs.max(axis=0) > 0, probs.argmax(axis=0), CLASS_SOFT)
-        out = M.binary_metrics(
-            label == CLASS_VESSEL, truth[CLASS_VESSEL], probs[CLASS_VESSEL], topology=False
+        shape = truth["vessel"].shape
+        vessel = np.asarray(pred.get("vessel", np.zeros(shape, bool)), bool)
+        bone = np.asarray(pred.get("bone", np.zeros(shape, bool)), bool) & ~vessel
+        out = M.binary_metrics(vessel, truth["vessel"], topology=False)
+        out["bone_dice"] = M.dice(bone, truth["bone"])
+        # Everything the node calls neither vessel nor bone is soft tissue (or air).
+        label = np.where(vessel, CLASS_VESSEL, np.where(bone, CLASS_BONE, CLASS_SOFT))
+        true_label = np.where(
+            truth["vessel"], CLASS_VESSEL, np.where(truth["bone"], CLASS_BONE, CLASS_SOFT)
         )
-        out["bone_dice"] = M.dice(label == CLASS_BONE, truth[CLASS_BONE])
-        out["accuracy"] = float((label == truth.argmax(axis=0)).mean())
+        out["accuracy"] = float((label == true_label).mean())
         return out
 
 
@@ -468,8 +501,8 @@ class ImageTask(Task):
         one_hot = np.stack([valid[0] & ~target[0], target[0]])
         return one_hot, np.broadcast_to(valid, one_hot.shape).copy()
 
-    def truth(self, case: Case) -> np.ndarray:
-        return self.classes(case)[0]
+    def truth(self, case: Case) -> Masks:
+        return {"ica": self.classes(case)[0][1]}
 
     def prepare(self, case: Case, config: Mapping[str, Any]) -> Prepared:
         if case.pixels.ndim != 3 or case.meta.get("is_volume"):
@@ -506,28 +539,39 @@ class ImageTask(Task):
             vs.append(p.valid[sl])
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=False)
 
-    def predict(
-        self, model: torch.nn.Module, case: Case, config: Mapping[str, Any], device: torch.device
-    ) -> np.ndarray:
-        image = torch.from_numpy(minip_opacity(case.pixels.min(axis=0)))[None, None]
-        h, w = image.shape[-2:]
-        m = self._multiple(config)
-        image = F.pad(image, (0, (-w) % m, 0, (-h) % m), mode="replicate").to(device)
-        model = model.to(device).eval()
-        with inference_mode(device):
-            probs = F.softmax(model(image).float(), dim=1)[0, :, :h, :w]
-        return probs.cpu().numpy()
+    def node_masks(self, run: Run, package: str | None, device: str = "cpu") -> Masks:
+        """The ICA the perfusion pipeline places its AIF in, by the pipeline's own
+        ``locate_ica`` on the inputs its ``__call__`` prepares (the pipeline emits the
+        AIF region, a part of the ICA, as its SEG)."""
+        from pipelines.base import minip
+        from pipelines.perfusion.aif import contrast_signal, noise_sigma
+        from pipelines.perfusion.ica import IcaSettings
+        from pipelines.perfusion.pipeline import locate_ica
+        from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
 
-    def pseudo_labels(self, probs: np.ndarray) -> dict[str, np.ndarray]:
-        return {"ica": probs.argmax(axis=0) == 1}
+        frames = run.pixels
+        times = acquisition_times(run.meta, frames.shape[0])
+        timing = uniform_grid(times)
+        raw = contrast_signal(frames, run.meta)
+        signal = resample(raw, times, timing.grid_s)
+        ica, _ = locate_ica(
+            minip(frames),
+            signal,
+            timing.grid_s,
+            noise_sigma(raw),
+            package,
+            "auto",
+            IcaSettings(),
+            torch.device(device),
+        )
+        return {"ica": np.asarray(ica.mask, bool)}
 
-    def foreground(self) -> list[int]:
-        return [1]
+    def drawn(self) -> tuple[str, ...]:
+        return ("ica",)
 
-    def evaluate(self, probs: np.ndarray, case: Case, threshold: float = 0.5) -> dict[str, float]:
-        truth = self.truth(case)
-        pred = np.where(probs.max(axis=0) > 0, probs.argmax(axis=0), 0) == 1
-        return M.binary_metrics(pred, truth[1], probs[1])
+    def score(self, pred: Masks, case: Case) -> dict[str, float]:
+        truth = self.truth(case)["ica"]
+        return M.binary_metrics(np.asarray(pred.get("ica", np.zeros_like(truth)), bool), truth)
 
 
 # ---------------------------------------------------------------------------
@@ -594,6 +638,7 @@ TASKS: dict[str, Task] = {
         multilabel=True,
         geometry="frames",
         monitor="dice",
+        headline="iou",  # the CE-Net paper reports IoU
         default_config={"neighbours": 1, "width": 64, "threshold": 0.5, "max_side": 512},
         defaults=TrainDefaults(
             optimizer="adam",

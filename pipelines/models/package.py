@@ -14,8 +14,10 @@ Architectures register a builder by name (explicit registry, no name scanning).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from pipelines.base import AlgorithmInfo, PipelineError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("package.json", "weights.pt", "metrics.json", "data.json", "MODEL_CARD.md")
@@ -126,6 +130,12 @@ def load_package(path: str | Path, pipeline: str | None = None) -> ModelPackage:
         raise PipelineError(
             f"model package {root} is for pipeline {meta['pipeline']!r}, not {pipeline!r}"
         )
+    _announce(
+        str(root.resolve()),
+        str(meta.get("weights_sha256", "")),
+        json.dumps(meta.get("evaluation"), sort_keys=True),
+        bool(meta.get("staged")),
+    )
     return ModelPackage(
         path=root,
         name=str(meta["name"]),
@@ -137,6 +147,45 @@ def load_package(path: str | Path, pipeline: str | None = None) -> ModelPackage:
         data=data,
         meta=meta,
     )
+
+
+def describe_evaluation(evaluation: Mapping[str, Any]) -> str:
+    """A recorded evaluation in one line: the model's figure next to the classical path's."""
+
+    def figure(s: Mapping[str, Any]) -> str:
+        lo, hi = s["ci95"]
+        return f"{s['mean']:.3f} ± {s['sd']:.3f} (95 % CI {lo:.3f} to {hi:.3f})"
+
+    return (
+        f"{evaluation['metric']} on {'/'.join(evaluation['families'])} data "
+        f"'{evaluation['dataset']}' it was not trained on (n={evaluation['n']}): "
+        f"model {figure(evaluation['model'])}, classical path "
+        f"{figure(evaluation['classical'])} on the same cases"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _announce(root: str, weights_sha256: str, evaluation_json: str, staged: bool) -> None:
+    """Log what a package showed before it shipped, once per package version and process
+    (pipelines read the package for every job)."""
+    evaluation = json.loads(evaluation_json)
+    if staged:
+        log.debug("model package %s: staged by training for evaluation, not for shipping", root)
+    elif not evaluation:
+        log.warning(
+            "model package %s records no evaluation on data it was not trained on "
+            "(written before the shipping gate, or not by python -m training package)",
+            root,
+        )
+    elif evaluation.get("beats_classical_by_required_margin", True):
+        log.info("model package %s: %s", root, describe_evaluation(evaluation))
+    else:
+        log.warning(
+            "model package %s does not beat the classical path by the required %s: %s",
+            root,
+            evaluation.get("required_margin"),
+            describe_evaluation(evaluation),
+        )
 
 
 def write_package(
@@ -153,8 +202,18 @@ def write_package(
     model_card: str,
     training_command: str,
     dataset_manifest_hash: str,
+    evaluation: Mapping[str, Any] | None = None,
+    staged: bool = False,
 ) -> Path:
-    """Write a package folder; refuses to overwrite an existing version."""
+    """Write a package folder; refuses to overwrite an existing version.
+
+    ``evaluation`` goes into package.json: the headline metric on data the model
+    was not trained on (generator family B or site data), model and classical path
+    on the same cases; ``python -m training package`` refuses to write a package
+    without one (the shipping gate) and :func:`load_package` logs it. ``staged``
+    marks a package training writes only to run the node's pipeline on its current
+    weights.
+    """
     root = Path(path)
     if (root / "package.json").exists():
         raise FileExistsError(f"{root} already holds a model package; bump the version")
@@ -174,7 +233,10 @@ def write_package(
         "dataset_manifest_sha256": dataset_manifest_hash,
         "weights_sha256": digest,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "evaluation": dict(evaluation) if evaluation is not None else None,
     }
+    if staged:
+        meta["staged"] = True
     (root / "package.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (root / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (root / "data.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,157 @@
+"""``python -m training package``: evaluate through the node, pass the gate, write the package.
+
+Every figure a package carries is what the node's pipeline emits with the
+package (staged from the weights first): the test split of the training
+dataset (the training family, not the headline) and the whole evaluation
+dataset, data the model was not trained on (``training.gate``), with the
+classical path on the same cases. Without an evaluation dataset, or when the
+model does not beat the classical path there by ``min_margin``, nothing is
+written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipelines.models.package import describe_evaluation, load_package, write_package
+from training.dataset import DatasetError, load_dataset, manifest_hash
+from training.engine import evaluate_node, load_model_file, stage_package
+from training.gate import REQUIRED_MARGIN, GateError, check_held_out, evaluation_record
+from training.model_card import model_card
+from training.tasks import Task, TaskError
+
+NO_EVALUATION = (
+    "refusing to write a package without an evaluation on data the model was not trained "
+    "on: give --eval-dataset, a dataset of phantom generator family B "
+    "(`python -m training quick TASK --eval-family B` builds one) or of site data none of "
+    "whose cases were in training"
+)
+
+
+def _summary(manifest: Mapping[str, Any], sha: str) -> dict[str, Any]:
+    used = [c for c in manifest["cases"] if c["split"] in ("train", "val")]
+    out = {
+        "dataset": manifest["name"],
+        "dataset_version": manifest["version"],
+        "manifest_sha256": sha,
+        "source": manifest["source"],
+        "counts": manifest["counts"],
+        "synthetic": any(c.get("synthetic") for c in manifest["cases"]),
+        "training_cases": len([c for c in used if c["split"] == "train"]),
+        "deidentification": manifest["deidentification"],
+    }
+    if "phantoms" in manifest:
+        out["phantoms"] = manifest["phantoms"]
+    return out
+
+
+def _check_geometry(task: Task, cases: list[Any], where: str) -> None:
+    for case in cases:
+        if case.kind == "full" and case.geometry != task.geometry:
+            raise TaskError(
+                f"{where}: case {case.id} has {case.geometry} labels; {task.name} is scored "
+                f"on {task.geometry} labels"
+            )
+
+
+def package_model(
+    model_path: str | Path,
+    dataset: str | Path,
+    eval_dataset: str | Path | None,
+    out: str | Path,
+    name: str,
+    version: str,
+    min_margin: float = REQUIRED_MARGIN,
+    device: str = "cpu",
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> Path:
+    """Evaluate ``model_path`` through the node and write the package at ``out``."""
+    if eval_dataset is None:
+        raise GateError(NO_EVALUATION)
+    task, model, data = load_model_file(model_path, "cpu")
+    manifest, cases = load_dataset(dataset)
+    sha = manifest_hash(Path(dataset))
+    if data.get("dataset_sha256") and data["dataset_sha256"] != sha:
+        raise DatasetError(
+            f"{model_path} was trained on dataset {data['dataset_sha256'][:16]}, "
+            f"not on {dataset} ({sha[:16]})"
+        )
+    eval_manifest, eval_cases = load_dataset(eval_dataset)
+    eval_sha = manifest_hash(Path(eval_dataset))
+    held_out = check_held_out(dataset, manifest, sha, eval_dataset, eval_manifest, eval_sha)
+    test = [c for c in cases if c.split == "test"]
+    _check_geometry(task, test, str(dataset))
+    _check_geometry(task, eval_cases, str(eval_dataset))
+    config = dict(data["model_config"])
+    log(f"evaluating {task.name} through the {task.pipeline} pipeline on {eval_dataset}")
+    with stage_package(task, model, config) as staged:
+        metrics: dict[str, Any] = evaluate_node(task, test, staged, device)
+        ood_model = evaluate_node(task, eval_cases, staged, device)
+    ood_classical = evaluate_node(task, eval_cases, None, device)
+    metrics["evaluated_with"] = (
+        f"the node's {task.pipeline} pipeline with this package (binary masks as it emits them)"
+    )
+    record = evaluation_record(
+        metric=task.gate_metric,
+        model_cases=ood_model["cases"],
+        classical_cases=ood_classical["cases"],
+        dataset={
+            "name": eval_manifest["name"],
+            "version": eval_manifest["version"],
+            "manifest_sha256": eval_sha,
+            "source": eval_manifest["source"],
+        },
+        held_out=held_out,
+        pipeline=task.pipeline,
+        min_margin=min_margin,
+    )
+    log(describe_evaluation(record))
+    if record["difference"]["mean"] < min_margin:
+        raise GateError(
+            f"{task.name} model does not beat the classical path by {min_margin} on data it "
+            f"was not trained on (difference {record['difference']['mean']:+.3f}); package "
+            "not written (--min-margin sets another bar, and package.json records it)"
+        )
+    metrics["out_of_distribution"] = {
+        "dataset": eval_manifest["name"],
+        "manifest_sha256": eval_sha,
+        "model": ood_model,
+        "classical": ood_classical,
+    }
+    summary = _summary(manifest, sha)
+    command = data.get("command") or "unknown"
+    card = model_card(
+        task=task,
+        name=name,
+        version=version,
+        parameters=sum(p.numel() for p in model.parameters()),
+        metrics=metrics,
+        data=summary,
+        training=data.get("config", {}),
+        training_command=command,
+        dataset_sha256=sha,
+        evaluation=record,
+    )
+    path = write_package(
+        Path(out),
+        model=model,
+        name=name,
+        version=version,
+        architecture_name=task.architecture,
+        config=config,
+        pipeline=task.pipeline,
+        metrics=metrics,
+        data=summary,
+        model_card=card,
+        training_command=command,
+        dataset_manifest_hash=sha,
+        evaluation=record,
+    )
+    pkg = load_package(path, pipeline=task.pipeline)
+    pkg.load_model("cpu")  # the weights load back (weights_only, hash checked)
+    if not test:
+        log("warning: the training dataset has no test split; only the evaluation is recorded")
+    return path
