@@ -23,10 +23,13 @@ down to about 0.25 mm.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from training.phantoms import lesions
+from training.phantoms.priors import AnatomyPriors, count, uniform
 from training.phantoms.vessels import (
     TreeBuilder,
     VesselTree,
@@ -123,6 +126,55 @@ class CerebralAnatomy:
     fetal_pca: bool
     catheter: np.ndarray  # (N, 3) centre line of the guide catheter, tip last
     coil: tuple[np.ndarray, float] | None  # (centre, radius mm) of a coiled aneurysm
+    # Randomised anatomy only (see ``Variation``): uncoiled aneurysm sacs as
+    # (centre, radius mm, bolus delay s of the parent node), clip blades as
+    # (K, 2, 3) segment end points, stenoses as (centre, diameter reduction, length mm).
+    aneurysms: tuple[tuple[np.ndarray, float, float], ...] = ()
+    clips: np.ndarray | None = None
+    stenoses: tuple[tuple[np.ndarray, float, float], ...] = ()
+    variation: Variation | None = None
+
+
+@dataclass(frozen=True)
+class Variation:
+    """One draw of the anatomy priors (``priors.AnatomyPriors``); None keeps the default anatomy."""
+
+    calibre_scale: float
+    vein_calibre_scale: float
+    tortuosity_mm: float
+    tortuosity_wavelength_mm: float
+    control_jitter_scale: float
+    branch_scale: float
+    aneurysm_radii_mm: tuple[float, ...]
+    stenoses: int
+    stenosis_severity: tuple[float, float]
+    stenosis_length_mm: tuple[float, float]
+    coil: bool
+    clip: bool
+
+
+def draw_variation(seed: int, pri: AnatomyPriors) -> Variation:
+    """The seed's anatomy variation; the same for ``dsa`` and ``rotational`` with equal priors."""
+    rng = np.random.default_rng([seed, 0x5A, 0xA1])
+    n_aneurysms = count(rng, pri.aneurysm_count_p)
+    # A fixed number of draws per field, so narrowing one prior keeps the others' values.
+    radii = [
+        uniform(rng, pri.aneurysm_radius_mm, log=True) for _ in range(len(pri.aneurysm_count_p) - 1)
+    ]
+    return Variation(
+        calibre_scale=uniform(rng, pri.calibre_scale),
+        vein_calibre_scale=uniform(rng, pri.vein_calibre_scale),
+        tortuosity_mm=uniform(rng, pri.tortuosity_mm),
+        tortuosity_wavelength_mm=uniform(rng, pri.tortuosity_wavelength_mm),
+        control_jitter_scale=uniform(rng, pri.control_jitter_scale),
+        branch_scale=uniform(rng, pri.branch_scale),
+        aneurysm_radii_mm=tuple(radii[:n_aneurysms]),
+        stenoses=count(rng, pri.stenosis_count_p),
+        stenosis_severity=tuple(pri.stenosis_severity),
+        stenosis_length_mm=tuple(pri.stenosis_length_mm),
+        coil=bool(rng.random() < pri.coil_p),
+        clip=bool(rng.random() < pri.clip_p),
+    )
 
 
 def artery_speed(radius_mm: np.ndarray) -> np.ndarray:
@@ -130,15 +182,22 @@ def artery_speed(radius_mm: np.ndarray) -> np.ndarray:
     return np.clip(350.0 * np.sqrt(np.asarray(radius_mm) / 2.0), 40.0, 450.0)
 
 
-def build(seed: int) -> CerebralAnatomy:
-    """Anatomy for one seed; independent of image size, view and timing options."""
+def build(seed: int, variation: Variation | None = None) -> CerebralAnatomy:
+    """Anatomy for one seed; independent of image size, view and timing options.
+
+    ``variation`` (from :func:`draw_variation`) widens calibres, courses,
+    branching and adds stenoses, aneurysms, coils and clips; None gives the
+    default anatomy of the seed.
+    """
     rng = np.random.default_rng([seed, 0xA7])
     scale = rng.uniform(0.93, 1.07, size=3)
     brain = Brain(centre=np.array([0.0, 5.0, 10.0]), axes=np.array([68.0, 85.0, 60.0]) * scale)
     side = -1
     fetal = bool(rng.random() < 0.35)
-    arteries, ica_pts = _arteries(rng, brain, side, fetal)
-    veins = _veins(rng, brain, side)
+    jit = 1.0 if variation is None else variation.control_jitter_scale
+    branches = 1.0 if variation is None else variation.branch_scale
+    arteries, ica_pts = _arteries(rng, brain, side, fetal, jit, branches)
+    veins = _veins(rng, brain, side, jit, branches)
     catheter = _catheter(rng, ica_pts)
     coil = None
     if rng.random() < 0.3:
@@ -149,7 +208,8 @@ def build(seed: int) -> CerebralAnatomy:
             site + rng.normal(scale=1.0, size=3) + np.array([0, 0, 3.0]),
             float(rng.uniform(2.5, 4.5)),
         )
-    return CerebralAnatomy(arteries, veins, brain, side, fetal, catheter, coil)
+    anatomy = CerebralAnatomy(arteries, veins, brain, side, fetal, catheter, coil)
+    return anatomy if variation is None else _vary(seed, anatomy, variation)
 
 
 def _jitter(rng: np.random.Generator, ctrl: list[list[float]], sd: float, side: int) -> np.ndarray:
@@ -159,7 +219,12 @@ def _jitter(rng: np.random.Generator, ctrl: list[list[float]], sd: float, side: 
 
 
 def _arteries(
-    rng: np.random.Generator, brain: Brain, side: int, fetal: bool
+    rng: np.random.Generator,
+    brain: Brain,
+    side: int,
+    fetal: bool,
+    jit: float = 1.0,
+    branches: float = 1.0,
 ) -> tuple[VesselTree, np.ndarray]:
     b = TreeBuilder(ARTERY_NAMES)
     r_ica = rng.uniform(2.0, 2.5)
@@ -180,7 +245,7 @@ def _arteries(
             [17, -11, -14],
             [20, -8, -8],
         ],
-        1.5,
+        1.5 * jit,
         side,
     )
     pts, rad = spline_chain(ica_ctrl, np.linspace(r_ica, 0.85 * r_ica, len(ica_ctrl)), step)
@@ -200,7 +265,7 @@ def _arteries(
         sd: float = 2.0,
         sprout=False,
     ) -> np.ndarray:
-        pts_c = np.vstack([b.points[parent], _jitter(rng, ctrl, sd, side)])
+        pts_c = np.vstack([b.points[parent], _jitter(rng, ctrl, sd * jit, side)])
         p, r = spline_chain(pts_c, np.linspace(r0, r1, len(pts_c)), step)
         spr = sprout if isinstance(sprout, bool) else (np.linspace(0, 1, len(p)) >= sprout)[1:]
         return b.add_chain(p[1:], r[1:], parent, name, spr)
@@ -303,9 +368,9 @@ def _arteries(
     labels = b.names
     grown: list[tuple[np.ndarray, tuple[str, ...]]] = []
     for name, mask, n_att, trunks in (
-        ("aca", aca_t, 260, ("a2", "aca")),
-        ("mca", mca_t, 520, ("m2",)),
-        ("pca", pca_t, 220 if fetal else 0, ("pca",)),
+        ("aca", aca_t, round(260 * branches), ("a2", "aca")),
+        ("mca", mca_t, round(520 * branches), ("m2",)),
+        ("pca", pca_t, round(220 * branches) if fetal else 0, ("pca",)),
     ):
         if n_att == 0:
             continue
@@ -360,7 +425,9 @@ def _arteries(
     return tree, ica_pts
 
 
-def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
+def _veins(
+    rng: np.random.Generator, brain: Brain, side: int, jit: float = 1.0, branches: float = 1.0
+) -> VesselTree:
     b = TreeBuilder(VEIN_NAMES)
     c, ax = brain.centre, brain.axes
     step = 2.5
@@ -393,7 +460,9 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
     ) -> np.ndarray:
         ctrl_a = np.asarray(ctrl, float)
         ctrl_a[:, 0] = mirror * np.abs(ctrl_a[:, 0])
-        pts_c = np.vstack([b.points[parent], ctrl_a + rng.normal(scale=sd, size=ctrl_a.shape)])
+        pts_c = np.vstack(
+            [b.points[parent], ctrl_a + rng.normal(scale=sd * jit, size=ctrl_a.shape)]
+        )
         pts_c[0] = b.points[parent]
         pp, rr = spline_chain(pts_c, np.linspace(r0, r1, len(pts_c)), step)
         spr = sprout if isinstance(sprout, bool) else (np.linspace(0, 1, len(pp)) >= sprout)[1:]
@@ -455,8 +524,8 @@ def _veins(rng: np.random.Generator, brain: Brain, side: int) -> VesselTree:
     # Cortical veins grown from the SSS (and the Labbe / transverse sinus) over the convexity.
     att = hemisphere_points(rng, brain, side, 900, shell=(0.86, 0.99))
     n = brain.normalised(att)
-    upper = att[(n[:, 2] > -0.25) & (np.abs(n[:, 0]) > 0.2)][:110]
-    lower = att[(n[:, 2] <= -0.25) & (n[:, 1] > -0.1)][:40]
+    upper = att[(n[:, 2] > -0.25) & (np.abs(n[:, 0]) > 0.2)][: round(110 * branches)]
+    lower = att[(n[:, 2] <= -0.25) & (n[:, 1] > -0.1)][: round(40 * branches)]
     # Bridging veins enter the sinus at irregular intervals, not at every node.
     sss_mask = np.isin(b.labels, [VEIN_NAMES.index("sss")]) & b.sprout & (rng.random(b.count) < 0.2)
     grown_up = colonise(
@@ -564,3 +633,92 @@ def _catheter(rng: np.random.Generator, ica_pts: np.ndarray) -> np.ndarray:
     below = ica_pts[ica_pts[:, 2] < tip_z]
     start = below[0] + np.array([0.0, 0.0, -60.0])
     return np.vstack([start, below + rng.normal(scale=0.3, size=below.shape)])
+
+
+def _vary(seed: int, anatomy: CerebralAnatomy, v: Variation) -> CerebralAnatomy:
+    """Bend, rescale and narrow the vessels, then place aneurysm sacs, a coil and a clip."""
+    rng = np.random.default_rng([seed, 0x5A, 0xA2])
+    art, veins = anatomy.arteries, anatomy.veins
+    catheter = anatomy.catheter
+    coil = anatomy.coil
+    if v.tortuosity_mm > 0:
+        displace = lesions.bend_field(rng, v.tortuosity_mm, v.tortuosity_wavelength_mm)
+        art.points = art.points + displace(art.points)
+        catheter = catheter + displace(catheter)
+        if coil is not None:
+            coil = (coil[0] + displace(coil[0][None])[0], coil[1])
+    art.radius = art.radius * v.calibre_scale
+    veins.radius = veins.radius * v.vein_calibre_scale
+    trunks = [art.label_of(n) for n in ("ica", "m1", "a1", "m2", "a2", "aca", "pca")]
+    stenoses = lesions.stenose(
+        art,
+        rng,
+        v.stenoses,
+        v.stenosis_severity,
+        v.stenosis_length_mm,
+        eligible=np.isin(art.label, trunks) & (art.radius > 0.6) & (art.points[:, 2] > -90.0),
+    )
+    sites = _aneurysm_sites(art)
+    order = []
+    for i in rng.permutation(len(sites)):
+        node, direction = sites[i]
+        wobble = direction + 0.4 * rng.normal(size=3)
+        order.append((node, wobble / np.linalg.norm(wobble)))
+    sacs = []
+    for radius in v.aneurysm_radii_mm:
+        if not order:
+            break
+        node, direction = order.pop()
+        r_parent = float(art.radius[node])
+        centre = art.points[node] + direction * (radius + 0.4 * r_parent)
+        sacs.append((centre, float(radius), float(art.delay[node])))
+    if not v.coil:
+        coil = None
+    elif coil is None and order:
+        node, direction = order.pop()
+        radius = float(rng.uniform(2.5, 4.5))
+        coil = (art.points[node] + direction * (radius + 0.5), radius)
+    clips = None
+    if v.clip and order:
+        node, direction = order.pop()
+        e = np.cross(direction, rng.normal(size=3))
+        e /= np.linalg.norm(e)
+        f = np.cross(direction, e)
+        centre = art.points[node] + direction * (float(art.radius[node]) + 1.5)
+        half = 0.5 * float(rng.uniform(5.0, 9.0))
+        blades = [centre + s * 0.7 * f + np.array([-half, half])[:, None] * e for s in (-1, 1)]
+        spring = centre - half * e + np.array([-1.2, 1.2])[:, None] * f
+        clips = np.stack([*blades, spring])
+    return dataclasses.replace(
+        anatomy,
+        catheter=catheter,
+        coil=coil,
+        aneurysms=tuple(sacs),
+        clips=clips,
+        stenoses=tuple(stenoses),
+        variation=v,
+    )
+
+
+def _aneurysm_sites(art: VesselTree) -> list[tuple[int, np.ndarray]]:
+    """Typical aneurysm sites as (node, dome direction): ICA terminus, MCA bifurcation,
+    anterior communicating region (A1 end), PCom and ophthalmic origins."""
+    out = []
+    for name, end in (("ica", "last"), ("m1", "last"), ("a1", "last"), ("pcom", "first")):
+        idx = np.flatnonzero(art.label == art.label_of(name))
+        if len(idx) == 0:
+            continue
+        node = int(
+            idx[np.argmax(art.delay[idx])] if end == "last" else idx[np.argmin(art.delay[idx])]
+        )
+        parent = int(art.parent[node])
+        if parent < 0:
+            continue
+        direction = art.points[node] - art.points[parent]
+        out.append((parent if end == "first" else node, direction / np.linalg.norm(direction)))
+    idx = np.flatnonzero(art.label == art.label_of("ophthalmic"))
+    if len(idx):
+        node = int(idx[np.argmin(art.delay[idx])])
+        up = np.array([0.0, 0.0, 1.0])
+        out.append((int(max(art.parent[node], 0)), up))
+    return out

@@ -4,6 +4,8 @@
     dicom-node synth dsa --output out/ --native --encoding jpeg-lossless --seg
     dicom-node synth coronary --output out/ --frames 45
     dicom-node synth rotational --output out/ --size 256 --seg
+    dicom-node synth dsa --output out/ --count 100 --randomise      # training data
+    dicom-node synth coronary --output out/ --randomise --size 768x1024
 
 Seeds run from ``--seed`` to ``--seed + count - 1``; each seed is one fake
 patient (Patient ID ``PH<KIND><seed>``), so the output splits by patient.
@@ -31,12 +33,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=1, help="number of runs (one patient each)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument(
-        "--size", type=int, default=None, help="matrix (2D) or voxels per side (3D)"
+        "--size",
+        type=_size,
+        default=None,
+        help="matrix (2D: N or ROWSxCOLUMNS) or voxels per side (3D); with --randomise "
+        "and no --size, 2D matrices are drawn (512-1024, non-square too)",
     )
     parser.add_argument("--frames", type=int, default=None, help="frames per run (2D kinds)")
     parser.add_argument("--native", action="store_true", help="dsa: unsubtracted run with a mask")
     parser.add_argument("--encoding", choices=ENCODINGS, default="explicit", help="transfer syntax")
     parser.add_argument("--seg", action="store_true", help="also write the truth as DICOM SEG")
+    parser.add_argument(
+        "--randomise",
+        action="store_true",
+        help="draw appearance per seed from the documented priors (domain randomisation, "
+        "docs/phantoms.md); without it, the fixed default appearance",
+    )
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    """``512`` or ``768x1024`` (rows x columns)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or ROWSxCOLUMNS, got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise argparse.ArgumentTypeError(f"size must be N or ROWSxCOLUMNS, got {text!r}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,17 +83,24 @@ def _run(args: argparse.Namespace) -> int:
         raise PhantomError("--native applies to the dsa kind only")
     if args.frames is not None and args.kind == "rotational":
         raise PhantomError("--frames does not apply to rotational volumes")
-    size = args.size or DEFAULT_SIZE[args.kind]
+    if args.kind == "rotational" and isinstance(args.size, tuple):
+        raise PhantomError("--size for rotational volumes is one number (voxels per side)")
+    randomise = bool(getattr(args, "randomise", False))
+    size = args.size
+    if size is None and not (randomise and args.kind != "rotational"):
+        size = DEFAULT_SIZE[args.kind]
     frames = args.frames or DEFAULT_FRAMES.get(args.kind)
     total = 0
     for seed in range(args.seed, args.seed + args.count):
         start = time.perf_counter()
         if args.kind == "dsa":
-            phantom = dsa.generate(seed, size=size, frames=frames, native=args.native)
+            phantom = dsa.generate(
+                seed, size=size, frames=frames, native=args.native, randomise=randomise
+            )
         elif args.kind == "coronary":
-            phantom = coronary.generate(seed, size=size, frames=frames)
+            phantom = coronary.generate(seed, size=size, frames=frames, randomise=randomise)
         else:
-            phantom = rotational.generate(seed, size=size)
+            phantom = rotational.generate(seed, size=size, randomise=randomise)
         files = phantom.write(args.output, encoding=args.encoding, seg=args.seg)
         total += len(files)
         print(

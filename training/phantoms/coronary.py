@@ -17,18 +17,29 @@ diaphragm and a guiding catheter in the background.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from pipelines.base import Run, RunMeta
-from training.phantoms import physics
+from training.phantoms import (
+    appearance,
+    chest_devices,
+    lesions,
+    physics,
+    priors,
+    timing,
+    xa_effects,
+)
+from training.phantoms import heart as thorax
+from training.phantoms.dicom_common import options_key
 from training.phantoms.errors import PhantomOptionError
-from training.phantoms.head import MU_BONE, MU_SOFT, Ellipsoid, _plane_chords
 from training.phantoms.raster import Projection, render_tree
-from training.phantoms.vessels import VesselTree, spline_chain, subdivide
+from training.phantoms.vessels import VesselTree, subdivide
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 FOV_MM = 130.0
@@ -59,6 +70,7 @@ class CineAcquisition:
     quanta_per_pixel: float
     contrast_volume_ml: float
     contrast_rate_ml_s: float
+    iodine_mg_ml: float = 300.0
 
     @property
     def magnification(self) -> float:
@@ -80,6 +92,9 @@ class CoronaryPhantom:
     heart_rate_bpm: float
     acquisition: CineAcquisition
     options: dict[str, Any] = field(default_factory=dict)
+    # Randomised runs: storage (bits, window, shutter, text, lossy) and the drawn appearance.
+    presentation: xa_effects.Presentation | None = None
+    appearance: dict[str, Any] | None = None
 
     kind = "coronary"
 
@@ -120,38 +135,6 @@ class CoronaryPhantom:
         return dicom_xa.write_coronary(self, Path(directory), encoding=encoding, seg=seg)
 
 
-@dataclass
-class _Heart:
-    centre: np.ndarray
-    axis: np.ndarray  # base -> apex
-    e1: np.ndarray
-    e2: np.ndarray
-    radius: float
-    length: float
-
-
-def _surface(
-    heart: _Heart,
-    h: np.ndarray,
-    phi: np.ndarray,
-    lift: np.ndarray,
-    contraction: float,
-    twist_deg: float,
-) -> np.ndarray:
-    """Epicardial points for (h, phi); ``lift`` mm above the surface (ostia, proximal trunks)."""
-    scale_r = 1.0 - 0.13 * contraction
-    scale_l = 1.0 - 0.07 * contraction
-    ang = phi + np.deg2rad(twist_deg) * contraction * np.clip(h, 0, 1)
-    hh = np.clip(h, -0.3, 0.97)
-    r = heart.radius * scale_r * np.sqrt(np.clip(1.0 - hh**2, 0.02, 1.0)) + lift
-    along = heart.length * scale_l * h
-    return (
-        heart.centre
-        + along[:, None] * heart.axis
-        + r[:, None] * (np.cos(ang)[:, None] * heart.e1 + np.sin(ang)[:, None] * heart.e2)
-    )
-
-
 def _curve(rng, h0, h1, phi0, phi1, n, wiggle=0.02):
     t = np.linspace(0, 1, n)
     h = (
@@ -167,8 +150,16 @@ def _curve(rng, h0, h1, phi0, phi1, n, wiggle=0.02):
     return h, phi
 
 
-def _tree(rng: np.random.Generator, side: str):
-    """Coronary tree in surface coordinates: per node (h, phi, lift, radius, path mm, parent, label)."""
+def _scaled(k: int, branches: float) -> int:
+    return k if branches == 1.0 else max(0, int(round(k * branches)))
+
+
+def _tree(rng: np.random.Generator, side: str, wiggle: float = 0.02, branches: float = 1.0):
+    """Coronary tree in surface coordinates: per node (h, phi, lift, radius, path mm, parent, label).
+
+    ``wiggle`` sets tortuosity and ``branches`` scales the number of side
+    branches (randomised runs; the defaults give the seed's usual tree).
+    """
     hs, phis, lifts, radii, parents, labels = [], [], [], [], [], []
     count = 0
 
@@ -189,7 +180,7 @@ def _tree(rng: np.random.Generator, side: str):
         h0 = np.concatenate(hs)[parent_idx]
         p0 = np.concatenate(phis)[parent_idx]
         n = n or max(6, int(abs(h1 - h0) * 40 + abs(phi1 - p0) * 12))
-        h, phi = _curve(rng, h0, h1, p0, phi1, n)
+        h, phi = _curve(rng, h0, h1, p0, phi1, n, wiggle)
         return add(h[1:], phi[1:], np.linspace(r0, r1, n)[1:], parent_idx, label)
 
     if side == "left":
@@ -205,17 +196,17 @@ def _tree(rng: np.random.Generator, side: str):
         phi_aiv = rng.uniform(-0.15, 0.15)
         lad = branch(lm[-1], 0.97, phi_aiv - rng.uniform(0.2, 0.5), 1.8, 0.6, "main", n=60)
         lcx = branch(lm[-1], rng.uniform(0.0, 0.1), rng.uniform(2.0, 2.6), 1.6, 0.8, "main", n=45)
-        for k in range(int(rng.integers(2, 4))):  # diagonals over the anterolateral wall
+        for k in range(_scaled(int(rng.integers(2, 4)), branches)):  # diagonals
             at = lad[int(rng.uniform(0.15, 0.55) * len(lad))]
             branch(
                 at,
                 rng.uniform(0.65, 0.9),
                 np.concatenate(phis)[at] + rng.uniform(0.6, 1.1),
-                1.1 - 0.2 * k,
+                max(1.1 - 0.2 * k, 0.5),
                 0.45,
                 "branch",
             )
-        for _ in range(int(rng.integers(4, 7))):  # septal perforators, into the septum
+        for _ in range(_scaled(int(rng.integers(4, 7)), branches)):  # septal perforators
             at = lad[int(rng.uniform(0.1, 0.6) * len(lad))]
             branch(
                 at,
@@ -226,13 +217,13 @@ def _tree(rng: np.random.Generator, side: str):
                 "twig",
                 n=8,
             )
-        for k in range(int(rng.integers(2, 4))):  # obtuse marginals down the lateral wall
+        for k in range(_scaled(int(rng.integers(2, 4)), branches)):  # obtuse marginals
             at = lcx[int(rng.uniform(0.25, 0.85) * len(lcx))]
             branch(
                 at,
                 rng.uniform(0.6, 0.85),
                 np.concatenate(phis)[at] + rng.uniform(-0.2, 0.2),
-                1.1 - 0.15 * k,
+                max(1.1 - 0.15 * k, 0.5),
                 0.45,
                 "branch",
             )
@@ -262,13 +253,13 @@ def _tree(rng: np.random.Generator, side: str):
         branch(
             rca[-1], 0.3, np.concatenate(phis)[rca[-1]] - 0.8, 0.9, 0.4, "branch"
         )  # posterolateral
-        for k in range(int(rng.integers(2, 4))):  # acute marginals over the right ventricle
+        for k in range(_scaled(int(rng.integers(2, 4)), branches)):  # acute marginals
             at = rca[int(rng.uniform(0.2, 0.6) * len(rca))]
             branch(
                 at,
                 rng.uniform(0.55, 0.8),
                 np.concatenate(phis)[at] + rng.uniform(-0.3, 0.1),
-                0.9 - 0.15 * k,
+                max(0.9 - 0.15 * k, 0.45),
                 0.4,
                 "branch",
             )
@@ -276,7 +267,7 @@ def _tree(rng: np.random.Generator, side: str):
     # Small side branches off every main and branch vessel.
     labels_all = np.concatenate(labels)
     for idx in np.flatnonzero(np.isin(labels_all, [NAMES.index("main"), NAMES.index("branch")])):
-        if rng.random() < 0.08:
+        if rng.random() < 0.08 * branches:
             h0 = np.concatenate(hs)[idx]
             branch(
                 idx,
@@ -306,26 +297,22 @@ def _path_length(pts: np.ndarray, parent: np.ndarray) -> np.ndarray:
     return out
 
 
-def _projection(primary: float, secondary: float, centre: np.ndarray, size: int) -> Projection:
+def _projection(
+    primary: float, secondary: float, centre: np.ndarray, size: int, spacing: float | None = None
+) -> Projection:
     a, b = np.deg2rad(primary), np.deg2rad(-secondary)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
     rot = rz @ rx
+    spacing = FOV_MM / size if spacing is None else spacing
     return Projection(
-        rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 0, -1.0]), centre, FOV_MM / size, size
+        rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 0, -1.0]), centre, spacing, size
     )
-
-
-def _contraction(phase: np.ndarray) -> np.ndarray:
-    """0 (end-diastole) to 1 (end-systole): fast systole over the first third, slower relaxation."""
-    sys = np.clip(phase / 0.33, 0, 1)
-    rel = np.clip((phase - 0.33) / 0.3, 0, 1)
-    return np.where(phase < 0.33, np.sin(0.5 * np.pi * sys) ** 2, np.cos(0.5 * np.pi * rel) ** 2)
 
 
 def generate(
     seed: int,
-    size: int = 512,
+    size: int | tuple[int, int] | None = None,
     frames: int = 45,
     *,
     fps: float | None = None,
@@ -334,12 +321,15 @@ def generate(
     noise: bool = True,
     breathing_mm: float | None = None,
     heart_rate_bpm: float | None = None,
+    randomise: bool | priors.CoronaryPriors = False,
 ) -> CoronaryPhantom:
     """Generate one coronary cine; deterministic for (seed, options).
 
     Args:
         seed: patient/anatomy seed.
-        size: matrix (square), 64-2048; the field stays 160 mm at the isocentre.
+        size: matrix, 64-2048: an int (square) or (rows, columns); None gives
+            512, or a draw from the priors when randomised. The field stays
+            130 mm at the isocentre across the longer side unless randomised.
         frames: number of frames.
         fps: 12.5 or 15 typically; None draws one of the two from the seed.
         side: "left" or "right" coronary tree; None draws (2:1 left).
@@ -348,16 +338,33 @@ def generate(
             None, or ``noise=False``, gives noise-free frames.
         breathing_mm: peak-to-peak diaphragm drift; None draws 2-8 mm.
         heart_rate_bpm: None draws 60-90 bpm.
+        randomise: True (or a ``priors.CoronaryPriors``) draws geometry, tree
+            variation, stenoses, contrast, acquisition, devices and artefacts
+            from the priors; options left at their defaults are drawn, options
+            you set win (``snr`` other than 12 counts as set).
     """
-    if not 64 <= size <= 2048:
-        raise PhantomOptionError(f"size must be 64-2048, got {size}")
     if frames < 2:
         raise PhantomOptionError(f"frames must be at least 2, got {frames}")
+    pri = priors.resolve(randomise, priors.CORONARY)
     rng = np.random.default_rng([seed, 0xC0])
     side = side or ("left" if rng.random() < 0.67 else "right")
     if side not in ("left", "right"):
         raise PhantomOptionError(f"side must be 'left' or 'right', got {side!r}")
-    fps = float(fps or rng.choice([12.5, 15.0]))
+    app = None if pri is None else appearance.draw_coronary(seed, pri, size, side)
+    if app is not None:
+        rows, cols = app.rows, app.cols
+    elif size is None or np.isscalar(size):
+        rows = cols = int(512 if size is None else size)  # type: ignore[arg-type]
+    else:
+        rows, cols = (int(v) for v in size)  # type: ignore[union-attr]
+    for length in (rows, cols):
+        if not 64 <= length <= 2048:
+            raise PhantomOptionError(f"size must be 64-2048, got {size}")
+    n = max(rows, cols)
+    if app is not None and snr == 12.0:
+        snr = app.snr
+    fps_drawn = float(fps or rng.choice([12.5, 15.0]))
+    fps = fps_drawn if app is None or fps is not None else app.fps[0]
     if not 1.0 <= fps <= 60.0:
         raise PhantomOptionError(f"fps must be 1-60, got {fps}")
     hr = float(heart_rate_bpm or rng.uniform(60, 90))
@@ -365,53 +372,125 @@ def generate(
     views = VIEWS_LEFT if side == "left" else VIEWS_RIGHT
     view, primary, secondary = views[int(rng.integers(len(views)))]
     times = np.arange(frames) / fps
-    phase = (times * hr / 60.0 + rng.uniform(0, 1)) % 1.0
-    contraction = _contraction(phase)
+    phase_offset = rng.uniform(0, 1)
+    phase = (times * hr / 60.0 + phase_offset) % 1.0
+    breath_period, breath_phase = rng.uniform(4.0, 6.0), rng.uniform(0, np.pi)
+    pan = np.zeros((frames, 2))
+    if app is not None:
+        app_rng = np.random.default_rng([seed, 0x5A, 0xC1])
+        if heart_rate_bpm is None:
+            hr = app.heart_rate_bpm
+        if breathing_mm is None:
+            breathing = app.breathing_mm
+        primary, secondary = app.primary_deg, app.secondary_deg
+        view = _view_name(primary, secondary)
+        times, _ = timing.protocol_schedule(
+            frames, (fps, fps), 0.0, 0.0, app_rng, app.frame_jitter, app.drop_frame
+        )
+        phase = _cardiac_phase(times, hr, app.rr_variability, phase_offset, app_rng)
+        ramp = np.clip(times / max(times[-1], 1e-6), 0, 1)
+        pan = np.asarray(app.pan_mm)[None, :] * (ramp * ramp * (3 - 2 * ramp))[:, None]
+    contraction = thorax.contraction(phase)
     r_wave = np.flatnonzero(np.r_[True, np.diff(phase) < 0])
-    breath = (
-        breathing
-        * 0.5
-        * (1 - np.cos(2 * np.pi * times / rng.uniform(4.0, 6.0) + rng.uniform(0, np.pi)))
-    )
+    breath = breathing * 0.5 * (1 - np.cos(2 * np.pi * times / breath_period + breath_phase))
 
     axis = np.array([0.6, -0.5, -0.62])
     axis /= np.linalg.norm(axis)
     e1 = np.cross(axis, [0, 0, 1.0])
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(axis, e1)
-    heart = _Heart(
+    heart = thorax.Heart(
         np.array([25.0, -10.0, -30.0]), axis, e1, e2, rng.uniform(40, 48), rng.uniform(85, 100)
     )
-    h, phi, lift, radius, parent, label = _tree(rng, side)
-    pts0 = _surface(heart, h, phi, lift, 0.0, 12.0)
+    if app is None:
+        h, phi, lift, radius, parent, label = _tree(rng, side)
+    else:
+        h, phi, lift, radius, parent, label = _tree(rng, side, app.wiggle, app.branch_scale)
+    pts0 = thorax.surface(heart, h, phi, lift, 0.0, 12.0)
+    stenoses: list[tuple[np.ndarray, float, float]] = []
+    if app is not None:
+        radius = radius * app.calibre_scale
+        rest = VesselTree(pts0, parent, radius, np.zeros(len(parent)), label, NAMES)
+        wide = np.isin(label, [NAMES.index("main"), NAMES.index("branch")]) & (radius > 0.7)
+        stenoses = lesions.stenose(
+            rest,
+            np.random.default_rng([seed, 0x5A, 0xC2]),
+            app.stenoses,
+            priors.CORONARY.stenosis_severity if pri is None else pri.stenosis_severity,
+            priors.CORONARY.stenosis_length_mm if pri is None else pri.stenosis_length_mm,
+            wide,
+        )
+        radius = rest.radius
     # Centre the field on the tree, as the operator pans the table to it.
-    proj = _projection(primary, secondary, 0.5 * (pts0.min(axis=0) + pts0.max(axis=0)), size)
+    centre = 0.5 * (pts0.min(axis=0) + pts0.max(axis=0))
+    spacing = None if app is None else app.field_mm / n
+    proj = _projection(primary, secondary, centre, n, spacing)
+    if app is not None:
+        shift = app.centre_shift_mm
+        centre = centre + shift[0] * proj.axis_u + shift[1] * proj.axis_v
+        proj = _projection(primary, secondary, centre, n, spacing)
     spacing = proj.spacing_mm
     path = _path_length(pts0, parent)
     speed = rng.uniform(150, 250)
     inj_start, inj_len = rng.uniform(0.2, 0.5), rng.uniform(2.0, 3.0)
     washout = rng.uniform(0.4, 0.8)
     peak_conc = rng.uniform(0.7, 0.9)
+    fill = np.ones(len(parent))
+    mu_iodine = physics.MU_IODINE
+    if app is not None:
+        speed, inj_len, washout, peak_conc = (
+            app.fill_speed_mm_s,
+            app.injection_s,
+            app.washout_s,
+            app.peak,
+        )
+        mu_iodine = physics.MU_IODINE * app.iodine_scale
+        fill = _partial_fill(seed, parent, radius, label, app.partial_filling)
+        # Short fast runs still see the injection: it starts in the first quarter.
+        inj_start = min(inj_start, 0.25 * float(times[-1]))
 
-    background_static, cath_tree = _chest(rng, proj, heart, pts0[0])
+    if app is None:
+        background_static, cath_tree = thorax.chest(rng, proj, heart, pts0[0])
+    else:
+        background_static, cath_tree = thorax.chest(
+            rng, proj, heart, pts0[0], app.torso_scale, app.catheter_radius_mm
+        )
     cath_render = render_tree(cath_tree, proj, np.zeros(len(cath_tree), int), 1)
-    frames_att = np.empty((frames, size, size))
-    vessel = np.zeros((frames, size, size), bool)
-    geometry = np.zeros((frames, size, size), bool)
-    diameter = np.zeros((frames, size, size), np.float32)
-    catheter = np.zeros((frames, size, size), bool)
+    dev_att, dev_cover = np.zeros((n, n)), np.zeros((n, n), bool)
+    wire_nodes = np.zeros(0, np.int64)
+    if app is not None:
+        dev_rng = np.random.default_rng([seed, 0x5A, 0xC3])
+        dev_att, dev_cover = chest_devices.static_devices(
+            dev_rng, proj, heart.centre, app.sternal_wires, app.ecg, app.clips
+        )
+        if app.guidewire:
+            wire_nodes = chest_devices.guidewire(pts0, parent, label, NAMES.index("main"))
+    frames_att = np.empty((frames, n, n))
+    vessel = np.zeros((frames, n, n), bool)
+    geometry = np.zeros((frames, n, n), bool)
+    diameter = np.zeros((frames, n, n), np.float32)
+    catheter = np.zeros((frames, n, n), bool)
+    device = np.zeros((frames, n, n), bool)
+    diaphragm_shift = 0.0 if app is None else app.diaphragm_shift_mm
     for k in range(frames):
         shift = np.array([0.0, 0.0, -breath[k]])  # diaphragm down on inspiration
-        pts = _surface(heart, h, phi, lift, float(contraction[k]), 12.0) + shift
+        pts = thorax.surface(heart, h, phi, lift, float(contraction[k]), 12.0) + shift
+        # Table panning moves the whole image: rows and columns in pixels.
+        pr, pc = pan[k] / spacing
+        proj_k = proj
+        if pr or pc:
+            proj_k = replace(
+                proj, centre=proj.centre - pc * spacing * proj.axis_u - pr * spacing * proj.axis_v
+            )
         tree = VesselTree(pts, parent, radius, np.zeros(len(parent)), label, NAMES)
         arrive = inj_start + path / speed
         conc = peak_conc * _injection(times[k] - arrive, inj_len, washout)
-        tree.delay = conc  # carried through subdivision as a per-node value
+        tree.delay = conc * fill  # carried through subdivision as a per-node value
         fine = subdivide(tree, 1.0)
         opac = fine.delay > 0.1 * peak_conc
         img = render_tree(
             fine,
-            proj,
+            proj_k,
             np.zeros(len(fine), int),
             1,
             mask_class=np.where(opac, 0, 1),
@@ -422,29 +501,59 @@ def generate(
         geometry[k] = img.cover[0] | img.cover[1]
         diameter[k] = img.diameter_mm
         dy = breath[k] / spacing
-        moving = physics.warp(background_static["moving"], (dy * 0.3, 0.0), 0.0, (0.0, 0.0))
-        diaphragm = _diaphragm(proj, heart, breath[k])
-        cath_now = physics.warp(cath_render.thickness_mm[0], (dy, 0.0), 0.0, (0.0, 0.0))
+        moving = physics.warp(background_static["moving"], (dy * 0.3 + pr, pc), 0.0, (0.0, 0.0))
+        diaphragm = thorax.diaphragm(proj_k, heart, breath[k], diaphragm_shift)
+        cath_now = physics.warp(cath_render.thickness_mm[0], (dy + pr, pc), 0.0, (0.0, 0.0))
         catheter[k] = (
-            physics.warp(cath_render.cover[0].astype(float), (dy, 0.0), 0.0, (0.0, 0.0)) > 0.5
+            physics.warp(cath_render.cover[0].astype(float), (dy + pr, pc), 0.0, (0.0, 0.0)) > 0.5
         )
         in_cath = (
             peak_conc * (times[k] >= inj_start - 0.1) * (times[k] <= inj_start + inj_len + 0.3)
         )
+        static = background_static["static"]
+        if app is not None:
+            static = physics.warp(static, (pr, pc), 0.0, (0.0, 0.0)) + physics.warp(
+                dev_att, (dy * 0.3 + pr, pc), 0.0, (0.0, 0.0)
+            )
+            device[k] = (
+                physics.warp(dev_cover.astype(float), (dy * 0.3 + pr, pc), 0.0, (0.0, 0.0)) > 0.5
+            )
+            if len(wire_nodes) > 1:
+                wire_att, wire_cover = chest_devices.render_wire(pts[wire_nodes], proj_k)
+                static = static + wire_att
+                device[k] |= wire_cover
         frames_att[k] = (
-            background_static["static"]
+            static
             + moving
             + diaphragm
             + physics.MU_CATHETER * 2.0 * cath_now
-            + physics.MU_IODINE * (img.thickness_mm[0] + in_cath * 0.4 * cath_now)
+            + mu_iodine * (img.thickness_mm[0] + in_cath * 0.4 * cath_now)
         )
 
-    ref_signal = (
-        physics.MU_IODINE * 1.0 * peak_conc * np.pi / 4
-    )  # 1 mm vessel, pixel-averaged chord ~ pi/4 mm
-    heart_region = _heart_mask(proj, heart)
+    # 1 mm vessel, pixel-averaged chord about pi/4 mm
+    ref_signal = mu_iodine * 1.0 * peak_conc * np.pi / 4
+    heart_region = thorax.heart_mask(proj, heart)
+    r0, c0 = (n - rows) // 2, (n - cols) // 2
+    crop = (slice(r0, r0 + rows), slice(c0, c0 + cols))
+    if n != rows or n != cols:
+        frames_att = frames_att[(slice(None), *crop)]
+        vessel, geometry, diameter, catheter, device = (
+            a[(slice(None), *crop)] for a in (vessel, geometry, diameter, catheter, device)
+        )
+        heart_region = heart_region[crop]
+        if not heart_region.any():
+            heart_region = np.ones((rows, cols), bool)
+    field = np.ones((rows, cols), bool)
+    if app is not None and app.shutter is not None:
+        field = app.shutter.field(rows, cols)
+        frames_att = frames_att + xa_effects.shutter_attenuation(
+            field, app.shutter_transmission, app.shutter_penumbra_mm / spacing
+        )
+        if (heart_region & field).any():
+            heart_region = heart_region & field
     noisy = noise and snr is not None
-    detected_primary = physics.blur(np.exp(-frames_att), spacing)
+    blur_mm = physics.DETECTOR_BLUR_MM if app is None else app.blur_mm
+    detected_primary = physics.blur(np.exp(-frames_att), spacing, blur_mm)
     relative = (
         detected_primary
         + physics.scatter(
@@ -452,10 +561,14 @@ def generate(
             frames_att[0] > 1.0,
             heart_region,
             spacing,
-            spr=float(rng.uniform(0.5, 1.0)),
+            spr=float(rng.uniform(0.5, 1.0)) if app is None else app.scatter_ratio,
         )[None]
     )
     keep = float(np.median((detected_primary[0] / relative[0])[heart_region]))
+    if app is not None:
+        relative = relative * xa_effects.detector_gain(
+            rows, cols, app.vignetting, app.heel, app.heel_angle, app.grid
+        )
     # A cine frame is seen alone (no mask): its noise is sqrt(1/N), half the
     # variance of a subtraction, hence the factor 2.
     n0 = (
@@ -464,19 +577,54 @@ def generate(
         else 1e6
     )
     expected = n0 * relative
-    counts = physics.detected(
-        expected, np.random.default_rng([seed, 0xC9, frames, size]) if noisy else None
-    )
+    noise_rng = np.random.default_rng([seed, 0xC9, frames, n]) if noisy else None
+    counts = physics.detected(expected, noise_rng)
+    if noise_rng is not None and app is not None and app.electronic_noise > 0:
+        sigma = app.electronic_noise * np.sqrt(float(np.median(expected[0][heart_region])))
+        counts = counts + noise_rng.normal(0.0, sigma, size=counts.shape)
     # Display-ready image as cine systems store it: log of the quanta with the
     # large-scale range compressed (lungs versus spine), 600 grey levels per
     # unit of attenuation for detail.
     log_img = np.log(np.maximum(counts, 1.0) / n0)
     sigma = 25.0 / spacing
-    log_img = log_img - 0.6 * physics.lowpass(log_img, sigma)
+    compression = 0.6 if app is None else app.range_compression
+    log_img = log_img - compression * physics.lowpass(log_img, sigma)
     ref = float(np.median(log_img[0][heart_region]))
-    pixels = np.clip(np.rint(2048.0 + 600.0 * (log_img - ref)), 0, physics.STORED_MAX).astype(
-        np.uint16
-    )
+    presentation = None
+    overlay = np.zeros((rows, cols), bool)
+    if app is None:
+        pixels = np.clip(np.rint(2048.0 + 600.0 * (log_img - ref)), 0, physics.STORED_MAX).astype(
+            np.uint16
+        )
+    else:
+        if app.edge_enhancement > 0:
+            log_img = log_img + app.edge_enhancement * (
+                log_img - ndimage.gaussian_filter(log_img, (0, 1.5, 1.5))
+            )
+        bits = app.bits
+        offset, gain = float(2 ** (bits - 1)), 600.0 * 2.0 ** (bits - 12) * app.display_gain
+        pixels = xa_effects.to_stored(log_img - ref, offset, gain, bits)
+        pixels, overlay, presentation = xa_effects.finish(
+            pixels,
+            field,
+            app,
+            np.random.default_rng([seed, 0x5A, 0xC4]),
+            bits,
+            (offset, 5.0 * gain),
+            int(offset),
+            view,
+            spacing,
+        )
+    keep_truth = field & ~overlay
+    truth = {
+        "vessel": vessel & keep_truth,
+        "vessel_geometry": geometry & keep_truth,
+        "diameter_mm": np.where(keep_truth, diameter, np.float32(0)).astype(np.float32),
+        "catheter": catheter & keep_truth,
+        "device": device & keep_truth,
+        "field": field,
+        "overlay": overlay,
+    }
 
     acq = CineAcquisition(
         view=view,
@@ -486,39 +634,84 @@ def generate(
         kvp=float(rng.uniform(70, 90)),
         tube_current_ma=float(rng.uniform(600, 900)),
         pulse_ms=float(rng.uniform(4, 8)),
-        sid_mm=SID_MM,
-        sod_mm=SOD_MM,
+        sid_mm=SID_MM if app is None else round(app.sid_mm, 1),
+        sod_mm=SOD_MM if app is None else round(app.sid_mm / app.magnification, 1),
         fps=(fps, fps),
         quanta_per_pixel=n0 if noisy else 0.0,
         contrast_volume_ml=float(round(inj_len * rng.uniform(3, 4), 1)),
         contrast_rate_ml_s=float(rng.uniform(3, 4)),
     )
+    options: dict[str, Any] = {
+        "size": 512 if size is None and app is None else size,
+        "frames": frames,
+        "fps": fps,
+        "side": side,
+        "snr": snr if noisy else None,
+        "breathing_mm": breathing,
+        "heart_rate_bpm": hr,
+    }
+    if app is not None:
+        acq = replace(
+            acq,
+            contrast_volume_ml=round(app.injection_rate_ml_s * app.injection_s, 1),
+            contrast_rate_ml_s=round(app.injection_rate_ml_s, 1),
+            iodine_mg_ml=round(300.0 * app.iodine_scale),
+        )
+        options["randomise"] = options_key(dataclasses.asdict(pri))
     return CoronaryPhantom(
         seed=seed,
         side=side,
         pixels=pixels,
         frame_times_s=times,
         pixel_spacing_mm=(spacing, spacing),
-        truth={
-            "vessel": vessel,
-            "vessel_geometry": geometry,
-            "diameter_mm": diameter,
-            "catheter": catheter,
-        },
+        truth=truth,
         cardiac_phase=phase.astype(np.float32),
         r_wave_frames=r_wave.astype(np.int32),
         heart_rate_bpm=hr,
         acquisition=acq,
-        options={
-            "size": size,
-            "frames": frames,
-            "fps": fps,
-            "side": side,
-            "snr": snr if noisy else None,
-            "breathing_mm": breathing,
-            "heart_rate_bpm": hr,
-        },
+        options=options,
+        presentation=presentation,
+        appearance=None
+        if app is None
+        else {**app.summary(), "stenoses": [(float(sv), float(ln)) for _, sv, ln in stenoses]},
     )
+
+
+def _view_name(primary: float, secondary: float) -> str:
+    """Cardiologists' name of a C-arm angle pair, e.g. LAO 35 CRA 20."""
+    name = f"{'LAO' if primary >= 0 else 'RAO'} {abs(primary):.0f}"
+    if abs(secondary) >= 5:
+        name += f" {'CRA' if secondary > 0 else 'CAU'} {abs(secondary):.0f}"
+    return name
+
+
+def _cardiac_phase(
+    times: np.ndarray, hr: float, rr_cv: float, offset: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Phase (0 at each R wave) for beats whose RR intervals vary with coefficient ``rr_cv``."""
+    mean_rr = 60.0 / hr
+    rr = mean_rr * np.clip(
+        1.0 + rr_cv * rng.standard_normal(int(times[-1] / mean_rr) + 4), 0.5, 1.6
+    )
+    starts = np.r_[0.0, np.cumsum(rr)] - offset * rr[0]
+    beat = np.searchsorted(starts, times, side="right") - 1
+    return ((times - starts[beat]) / rr[beat]).astype(np.float64)
+
+
+def _partial_fill(
+    seed: int, parent: np.ndarray, radius: np.ndarray, label: np.ndarray, factor: float | None
+) -> np.ndarray:
+    """Per-node contrast factor: some side branches fill partly (streaming, competitive flow)."""
+    if factor is None:
+        return np.ones(len(parent))
+    rng = np.random.default_rng([seed, 0x5A, 0xC5])
+    starts = np.flatnonzero(
+        (label == NAMES.index("branch")) & (parent >= 0) & (label[np.maximum(parent, 0)] != label)
+    )
+    if len(starts) == 0:
+        return np.ones(len(parent))
+    roots = rng.choice(starts, size=min(int(rng.integers(1, 3)), len(starts)), replace=False)
+    return lesions.subtree_factor(parent, roots, rng.uniform(factor, 1.0, size=len(roots)))
 
 
 def _injection(t: np.ndarray, length: float, washout: float) -> np.ndarray:
@@ -526,125 +719,3 @@ def _injection(t: np.ndarray, length: float, washout: float) -> np.ndarray:
     rise = np.clip(t / 0.15, 0, 1)
     fall = np.where(t > length, np.exp(-(t - length) / washout), 1.0)
     return np.where(t > 0, rise * fall, 0.0)
-
-
-def _heart_mask(proj: Projection, heart: _Heart) -> np.ndarray:
-    prim = Ellipsoid(
-        heart.centre + heart.axis * heart.length * 0.3,
-        np.array([heart.radius, heart.radius, heart.length * 0.8]),
-        _frame(heart),
-        1.0,
-        None,
-        None,
-    )
-    return _plane_chords(prim, proj) > 20.0
-
-
-def _frame(heart: _Heart) -> np.ndarray:
-    return np.stack([heart.e1, heart.e2, heart.axis], axis=1)
-
-
-def _diaphragm(proj: Projection, heart: _Heart, breath_mm: float) -> np.ndarray:
-    liver = Ellipsoid(
-        np.array([-20.0, 0.0, -175.0 - breath_mm]),
-        np.array([150.0, 110.0, 95.0]),
-        np.eye(3),
-        MU_SOFT,
-        None,
-        None,
-    )
-    return MU_SOFT * _plane_chords(liver, proj)
-
-
-def _chest(
-    rng: np.random.Generator, proj: Projection, heart: _Heart, ostium: np.ndarray
-) -> tuple[dict[str, np.ndarray], VesselTree]:
-    """Static chest (torso, lungs, spine), ribs (moving with breathing) and the guiding catheter."""
-    eye = np.eye(3)
-    prims = [
-        Ellipsoid(
-            np.array([0.0, 0.0, -40.0]), np.array([160.0, 110.0, 260.0]), eye, MU_SOFT, None, None
-        ),
-        Ellipsoid(
-            np.array([-75.0, 10.0, -10.0]),
-            np.array([65.0, 85.0, 150.0]),
-            eye,
-            -0.8 * MU_SOFT,
-            None,
-            None,
-        ),
-        Ellipsoid(
-            np.array([75.0, 10.0, -10.0]),
-            np.array([60.0, 85.0, 150.0]),
-            eye,
-            -0.8 * MU_SOFT,
-            None,
-            None,
-        ),
-        Ellipsoid(
-            heart.centre + heart.axis * heart.length * 0.3,
-            np.array([heart.radius * 1.15, heart.radius * 1.1, heart.length * 0.85]),
-            _frame(heart),
-            0.8 * MU_SOFT,
-            None,
-            None,
-        ),
-        Ellipsoid(
-            np.array([0.0, 70.0, -20.0]),
-            np.array([18.0, 16.0, 260.0]),
-            eye,
-            0.6 * MU_BONE,
-            None,
-            None,
-        ),  # spine
-        Ellipsoid(
-            np.array([10.0, 30.0, 40.0]),
-            np.array([16.0, 16.0, 60.0]),
-            eye,
-            0.2 * MU_SOFT,
-            None,
-            None,
-        ),  # aorta
-    ]
-    static = sum(p.mu * _plane_chords(p, proj) for p in prims)
-    # Ribs: arcs around the chest wall, as tubes of bone.
-    pts, parents, radii = [], [], []
-    count = 0
-    for z in np.arange(110.0, -160.0, -24.0):
-        for s in (-1.0, 1.0):
-            ang = np.linspace(0.15, 0.95, 40) * np.pi
-            x = s * 150.0 * np.sin(ang)
-            y = 95.0 * np.cos(ang) * -1.0 + 10.0
-            zz = z - 30.0 * np.sin(ang) + rng.normal(0, 1.0)
-            p = np.stack([x, y, zz], 1)
-            pts.append(p)
-            parents.append(np.r_[-1, np.arange(count, count + 39)])
-            radii.append(np.full(40, rng.uniform(4.0, 5.5)))
-            count += 40
-    ribs = VesselTree(
-        np.concatenate(pts),
-        np.concatenate(parents),
-        np.concatenate(radii),
-        np.zeros(count),
-        np.zeros(count, np.uint8),
-        ("rib",),
-    )
-    rib_img = render_tree(ribs, proj, np.zeros(count, int), 1)
-    moving = 0.5 * MU_BONE * rib_img.thickness_mm[0]
-    # Guiding catheter: up the descending aorta, over the arch, into the ostium.
-    ctrl = np.array(
-        [
-            [15.0, 40.0, -200.0],
-            [15.0, 40.0, 20.0],
-            [5.0, 20.0, 70.0],
-            [-10.0, -5.0, 55.0],
-            ostium + np.array([0, 0, 15.0]),
-            ostium,
-        ]
-    )
-    cp, cr = spline_chain(ctrl, np.full(len(ctrl), 1.0), 2.0)
-    k = len(cp)
-    cath = VesselTree(
-        cp, np.arange(-1, k - 1), cr, np.zeros(k), np.zeros(k, np.uint8), ("catheter",)
-    )
-    return {"static": static, "moving": moving}, cath

@@ -4,7 +4,8 @@ C-arm workstations export a 3D reconstruction both ways: as the enhanced
 multi-frame X-Ray 3D Angiographic Image (one file, functional groups per
 frame) and as legacy CT Image Storage, one file per axial slice, for PACS and
 planning software. Both share one Frame of Reference and carry the same
-stored values (HU + 1024 in 12 bits, Rescale Intercept -1024).
+stored values (HU + 1024 in 12 bits, or 16 for some randomised volumes,
+Rescale Intercept -1024).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ INTERCEPT = -1024.0
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
-def _stored(hu: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(hu - INTERCEPT), 0, 4095).astype(np.uint16)
+def _stored(hu: np.ndarray, bits: int = 12) -> np.ndarray:
+    return np.clip(np.rint(hu - INTERCEPT), 0, 2**bits - 1).astype(np.uint16)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -51,7 +52,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return ds
 
 
-def _common(ds: Dataset, ident: Identity, for_uid: str) -> None:
+def _common(ds: Dataset, ident: Identity, for_uid: str, bits: int = 12) -> None:
     ds.FrameOfReferenceUID = for_uid
     ds.PositionReferenceIndicator = ""
     ds.ContentDate = ident.study_date
@@ -59,8 +60,8 @@ def _common(ds: Dataset, ident: Identity, for_uid: str) -> None:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
@@ -80,7 +81,7 @@ def xa3d_dataset(
         "HEAD",
         "Cerebral angiography",
     )
-    _common(ds, ident, for_uid)
+    _common(ds, ident, for_uid, p.bits_stored)
     nz, ny, nx = p.hu.shape
     dz, dy, dx = p.spacing_mm
     ds.InstanceNumber = 1
@@ -176,7 +177,7 @@ def xa3d_dataset(
         item.PlanePositionSequence = [pp]
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = per_frame
-    ds.PixelData = _stored(p.hu).tobytes()
+    ds.PixelData = _stored(p.hu, p.bits_stored).tobytes()
     return ds
 
 
@@ -185,7 +186,7 @@ def ct_slices(
 ) -> list[Dataset]:
     nz, ny, nx = p.hu.shape
     dz, dy, dx = p.spacing_mm
-    stored = _stored(p.hu)
+    stored = _stored(p.hu, p.bits_stored)
     key = options_key(p.options)
     out = []
     for k in range(nz):
@@ -201,7 +202,7 @@ def ct_slices(
             "HEAD",
             "Cerebral angiography",
         )
-        _common(ds, ident, for_uid)
+        _common(ds, ident, for_uid, p.bits_stored)
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.InstanceNumber = k + 1
         ds.AcquisitionNumber = 1

@@ -124,13 +124,14 @@ def xa_dataset(
     ds.PositionerPrimaryAngle = f"{acq.primary_angle:.1f}"
     ds.PositionerSecondaryAngle = f"{acq.secondary_angle:.1f}"
     # Contrast/Bolus
-    ds.ContrastBolusAgent = "Iohexol 300 mgI/mL"
+    iodine = float(getattr(acq, "iodine_mg_ml", 300.0))
+    ds.ContrastBolusAgent = f"Iohexol {iodine:.0f} mgI/mL"
     ds.ContrastBolusRoute = "INTRA-ARTERIAL"
     ds.ContrastBolusVolume = f"{acq.contrast_volume_ml:.1f}"
     ds.ContrastFlowRate = [f"{acq.contrast_rate_ml_s:.1f}"]
     ds.ContrastFlowDuration = [f"{acq.contrast_volume_ml / acq.contrast_rate_ml_s:.2f}"]
     ds.ContrastBolusIngredient = "IODINE"
-    ds.ContrastBolusIngredientConcentration = "300"
+    ds.ContrastBolusIngredientConcentration = f"{iodine:.0f}"
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
     return ds
 
@@ -160,6 +161,8 @@ def _dsa_dataset(p: DSAPhantom) -> tuple[Dataset, Identity]:
         imager_spacing_mm=imager,
     )
     ds.RepresentativeFrameNumber = peak_frame + 1
+    if p.presentation is not None:
+        p.presentation.write(ds)
     if p.native:
         item = Dataset()
         item.MaskOperation = "AVG_SUB"
@@ -252,6 +255,8 @@ def _coronary_dataset(p: CoronaryPhantom) -> tuple[Dataset, Identity]:
         imager_spacing_mm=p.pixel_spacing_mm[0] * p.acquisition.magnification,
     )
     ds.RWavePointer = [int(i) + 1 for i in p.r_wave_frames]
+    if p.presentation is not None:
+        p.presentation.write(ds)
     ds.RepresentativeFrameNumber = int(np.argmax(p.truth["vessel"].sum(axis=(1, 2)))) + 1
     return ds, ident
 
@@ -297,7 +302,8 @@ def _canvas_and_seg(
     sc = canvas.minip_canvas(source, image, pixel_spacing_mm=spacing)
     sc_path = out_dir / f"{stem}_minip_sc.dcm"
     sc.save_as(sc_path, enforce_file_format=True)
-    keep = [i for i, m in enumerate(masks) if np.any(m)]
+    # Empty segments are left out, unless all are empty (a run before the contrast arrives).
+    keep = [i for i, m in enumerate(masks) if np.any(m)] or list(range(len(masks)))
     seg = canvas.truth_segmentation(
         [sc],
         np.stack([masks[i] for i in keep]),

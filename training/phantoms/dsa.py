@@ -13,8 +13,9 @@ distance 1200 mm, source-isocentre 780 mm (magnification 1.54), so
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,22 @@ import numpy as np
 from scipy import ndimage
 
 from pipelines.base import Run, RunMeta
-from training.phantoms import cerebral, physics, timing
+from training.phantoms import (
+    appearance,
+    cerebral,
+    cerebral_devices,
+    lesions,
+    physics,
+    priors,
+    timing,
+    xa_effects,
+)
+from training.phantoms.dicom_common import options_key
 from training.phantoms.errors import PhantomOptionError
 from training.phantoms.head import head_primitives, project_head
 from training.phantoms.perfusion import PerfusionDRO, PerfusionRegion, build_dro
 from training.phantoms.raster import Projection, render_tree
-from training.phantoms.vessels import VesselTree
+from training.phantoms.vessels import VesselTree, chain_ids
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 FOV_MM = 230.0
@@ -63,6 +74,7 @@ class Acquisition:
     snr_reference: str
     contrast_volume_ml: float
     contrast_rate_ml_s: float
+    iodine_mg_ml: float = 300.0
 
     @property
     def magnification(self) -> float:
@@ -91,6 +103,10 @@ class DSAPhantom:
     acquisition: Acquisition
     timing: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    # Randomised runs: how the pixels are stored (bits, window, shutter, text,
+    # lossy history) and the drawn appearance; None for the default appearance.
+    presentation: xa_effects.Presentation | None = None
+    appearance: dict[str, Any] | None = None
 
     kind = "dsa"
 
@@ -158,7 +174,7 @@ class DSAPhantom:
 
 def generate(
     seed: int,
-    size: int = 512,
+    size: int | tuple[int, int] | None = None,
     frames: int = 20,
     native: bool = False,
     *,
@@ -172,14 +188,18 @@ def generate(
     venous_delay_s: float | None = None,
     lesion: bool | None = None,
     devices: bool = True,
+    randomise: bool | priors.DSAPriors = False,
 ) -> DSAPhantom:
     """Generate one cerebral DSA run; deterministic for (seed, options).
 
-    Anatomy depends only on ``seed``; options change acquisition, not anatomy.
+    Anatomy depends only on ``seed`` (and the anatomy priors when randomised);
+    options change acquisition, not anatomy.
 
     Args:
         seed: patient/anatomy seed (also sets Patient ID and UIDs).
-        size: matrix (square), 64-2048; the field of view stays 230 mm.
+        size: matrix, 64-2048: an int (square) or (rows, columns). None: 512,
+            or drawn from the priors (512-1024, non-square too) when randomised.
+            The field of view stays 230 mm across the longer side unless randomised.
         frames: number of frames (ignored when ``frame_times_s`` is given).
         native: unsubtracted live frames over skull and soft tissue, with the
             mask in ``mask_pixels``; default is the log-subtracted run.
@@ -197,30 +217,55 @@ def generate(
             (median peak capillary-blush signal; use for perfusion tests).
         noise: False turns quantum noise off (same as ``snr=None``).
         motion_mm: in-plane head drift after the mask, mm (0 = none); leaves
-            skull-edge misregistration in the subtraction.
+            skull-edge misregistration in the subtraction (truth in the mask's
+            geometry, later frames displaced by ``truth['motion_px']``).
         view: "lateral" or "ap"; None draws one from the seed (3:1 lateral).
-        venous_delay_s: superior sagittal sinus peak minus ICA peak, 3-6 s;
+        venous_delay_s: superior sagittal sinus peak minus ICA peak, 1-10 s;
             None draws it from the seed.
         lesion: force (True) or forbid (False) a hypoperfused DRO area.
         devices: include the guide catheter (and, by seed, a coiled aneurysm).
+        randomise: True (or a ``priors.DSAPriors``) draws anatomy variation,
+            geometry, contrast, acquisition and artefacts from the priors (see
+            ``training.phantoms.priors``). Options left at their defaults are
+            drawn; options you set (size, fps, frame_times_s, snr other than
+            60, view, venous_delay_s, noise=False, devices=False) win.
     """
-    if not 64 <= size <= 2048:
-        raise PhantomOptionError(f"size must be 64-2048, got {size}")
+    pri = priors.resolve(randomise, priors.DSA)
+    app = None if pri is None else appearance.draw_dsa(seed, pri, size, native)
+    if app is not None:
+        rows, cols = app.rows, app.cols
+    elif size is None or np.isscalar(size):
+        rows = cols = int(512 if size is None else size)  # type: ignore[arg-type]
+    else:
+        rows, cols = (int(v) for v in size)  # type: ignore[union-attr]
+    for side in (rows, cols):
+        if not 64 <= side <= 2048:
+            raise PhantomOptionError(f"size must be 64-2048, got {size}")
+    n = max(rows, cols)  # rendered square, cropped to (rows, cols) at the end
     if snr_reference not in ("artery", "tissue"):
         raise PhantomOptionError(
             f"snr_reference must be 'artery' or 'tissue', got {snr_reference!r}"
         )
     if snr is not None and snr <= 0:
         raise PhantomOptionError(f"snr must be positive or None, got {snr}")
+    if app is not None and snr == 60.0:
+        snr = app.snr
     rng = np.random.default_rng([seed, 0x51])
-    anatomy = cerebral.build(seed)
+    variation = None if pri is None else cerebral.draw_variation(seed, pri.anatomy)
+    anatomy = cerebral.build(seed, variation)
     if view is None:
         view = "lateral" if rng.random() < 0.75 else "ap"
     if view not in VIEWS:
         raise PhantomOptionError(f"view must be one of {sorted(VIEWS)}, got {view!r}")
     u, v, primary, secondary, orientation = VIEWS[view]
-    spacing = FOV_MM / size
-    proj = Projection(np.array(u), np.array(v), IMAGE_CENTRE_MM, spacing, size)
+    u, v, centre_mm = np.array(u), np.array(v), IMAGE_CENTRE_MM
+    spacing = FOV_MM / n
+    if app is not None:
+        u, v, primary, secondary, orientation = _oblique(u, v, primary, secondary, app)
+        shift = app.centre_shift_mm
+        centre_mm = IMAGE_CENTRE_MM + shift[0] * u + shift[1] * v
+        spacing = app.field_mm / n
+    proj = Projection(u, v, centre_mm, spacing, n)
 
     arrival, alpha = float(rng.uniform(0.6, 1.4)), float(rng.uniform(2.5, 4.0))
     rise = float(rng.uniform(0.9, 1.5))  # arrival to peak, s
@@ -228,26 +273,38 @@ def generate(
         arrival_s=arrival, alpha=alpha, beta_s=rise / alpha, peak=float(rng.uniform(0.45, 0.65))
     )
     if venous_delay_s is None:
-        venous_delay_s = float(rng.uniform(3.5, 5.5))
+        venous_delay_s = float(rng.uniform(3.5, 5.5)) if app is None else app.venous_delay_s
     if not 1.0 <= venous_delay_s <= 10.0:
         raise PhantomOptionError(f"venous_delay_s must be 1-10 s, got {venous_delay_s}")
+    if app is not None:
+        bolus = timing.Bolus(
+            arrival_s=app.arrival_s,
+            alpha=app.alpha,
+            beta_s=app.rise_s / app.alpha,
+            peak=app.peak,
+            recirculation=app.recirculation,
+            duration_s=app.injection_s,
+        )
     if frame_times_s is not None:
         times = np.asarray(frame_times_s, float)
         if times.ndim != 1 or len(times) < 2 or times[0] != 0 or np.any(np.diff(times) <= 0):
             raise PhantomOptionError("frame_times_s must start at 0 and increase strictly")
         rates = (float(1.0 / np.diff(times).min()), float(1.0 / np.diff(times).max()))
+    elif app is not None and fps is None:
+        times, rates, bolus = _randomised_schedule(seed, frames, app, bolus, venous_delay_s)
     else:
         times, rates = timing.frame_schedule(frames, fps, rng, fast_phase_s=bolus.peak_time_s + 2.0)
 
     t = timing.fine_grid(times)
     a_fine = timing.aif(t, bolus)
+    a_peak = bolus.peak_time_s if app is None else float(t[np.argmax(a_fine)])
     dro = build_dro(seed, anatomy, proj, lesion=lesion)
 
     # Arteries: transit delays from the ICA, plus the region's extra delay for
     # small branches inside a hypoperfused region (collateral filling).
     art = anatomy.arteries
     art_delay = art.delay.copy()
-    uv = np.clip(np.rint(proj.uv(art.points)).astype(int), 0, size - 1)
+    uv = np.clip(np.rint(proj.uv(art.points)).astype(int), 0, n - 1)
     node_region = dro.labels[uv[:, 1], uv[:, 0]]
     for r in dro.regions:
         if r.state != "normal":
@@ -264,12 +321,13 @@ def generate(
         len(art_curves),
         mask_class=(art.label == ica_label).astype(int),
         n_masks=2,
+        weight=None if app is None else _partial_filling(seed, art, app.partial_filling),
     )
     vein = anatomy.veins
     vein_groups, vein_curves = _groups(
         vein.delay + venous_delay_s,
         0.1,
-        lambda d: timing.venous_curve(t, a_fine, bolus.peak_time_s, d),
+        lambda d: timing.venous_curve(t, a_fine, a_peak, d),
     )
     vein_img = render_tree(vein, proj, vein_groups, len(vein_curves), weight=vein.dilution)
 
@@ -288,64 +346,111 @@ def generate(
     sample = lambda curves: np.stack([timing.sample(t, c, times) for c in curves])  # noqa: E731
     iodine = np.tensordot(sample(art_curves), art_img.thickness_mm, axes=(0, 0))
     iodine += np.tensordot(sample(vein_curves), vein_img.thickness_mm, axes=(0, 0))
-    tissue_frames = np.zeros((len(times), size, size), np.float32)
+    tissue_frames = np.zeros((len(times), n, n), np.float32)
     weights, interior = _region_weights(dro, spacing)
     if dro.regions:
         tissue_frames = np.tensordot(sample(tissue_fine), weights, axes=(0, 0)) * dro.path_mm[None]
     iodine += tissue_frames
+    art_mask = art_img.cover[0] | art_img.cover[1]
+    sac_diameter = np.zeros((n, n), np.float32)
+    for centre, radius, delay in anatomy.aneurysms:
+        # A sac fills from its parent and washes out slowly (stasis).
+        path, cover = lesions.project_sphere(centre, radius, proj)
+        curve = timing.dispersed(t, a_fine, delay, 1.0 + 0.25 * radius)
+        iodine += sample([curve])[0][:, None, None] * path[None]
+        art_mask |= cover
+        sac_diameter = np.where(cover, np.maximum(sac_diameter, 2 * radius), sac_diameter)
 
-    device_att, device_mask, lumen = _devices(anatomy, proj, rng, enabled=devices)
+    device_att, device_mask, lumen = cerebral_devices.devices(
+        anatomy, proj, rng, enabled=devices, micro=app is not None and app.microcatheter
+    )
     injection_start = bolus.arrival_s - 0.3
     iodine += lumen[None] * (times >= injection_start)[:, None, None]
 
     head_rng = np.random.default_rng([seed, 0x4E])
-    background = project_head(head_primitives(anatomy.brain, head_rng), proj, head_rng) + device_att
-    attenuation = background[None] + physics.MU_IODINE * iodine
+    prims = head_primitives(anatomy.brain, head_rng)
+    if app is not None:
+        prims = [replace(p, mu=p.mu * app.bone_scale) if p.bone_texture else p for p in prims]
+    background = project_head(prims, proj, head_rng) + device_att
+    mu_iodine = physics.MU_IODINE * (1.0 if app is None else app.iodine_scale)
+    attenuation = background[None] + mu_iodine * iodine
 
     motion = physics.motion_track(times, motion_mm, np.random.default_rng([seed, 0x30]))
-    centre = ((size - 1) / 2.0, (size - 1) / 2.0)
-    for k in range(1, len(times)):
+    centre = ((n - 1) / 2.0, (n - 1) / 2.0)
+    if app is not None:
+        # The head moved between the mask and the fill: the live frames keep the
+        # truth's geometry, the mask is displaced (skull-edge misregistration).
+        motion[0] = app.misregistration
+    for k in range(0 if app is not None else 1, len(times)):
         shift = (motion[k, 0] / spacing, motion[k, 1] / spacing)
         attenuation[k] = physics.warp(attenuation[k], shift, float(motion[k, 2]), centre)
 
-    art_mask = art_img.cover[0] | art_img.cover[1]
     ica_mask = art_img.cover[1]
+    ica_c = ica_mask  # on the stored (cropped) grid
     brain_region = dro.path_mm > 0
     if not brain_region.any():
-        brain_region = np.ones((size, size), bool)
+        brain_region = np.ones((n, n), bool)
+    ica_path = (
+        art_img.thickness_mm.sum(axis=0)[ica_mask]
+        if ica_mask.any()
+        else art_img.thickness_mm.sum(axis=0).ravel()
+    )
+    r0, c0 = (n - rows) // 2, (n - cols) // 2
+    crop = (slice(r0, r0 + rows), slice(c0, c0 + cols))
+    field = np.ones((rows, cols), bool)
+    if n != rows or n != cols:
+        attenuation, background = attenuation[(slice(None), *crop)], background[crop]
+        ica_c, brain_region = ica_mask[crop], brain_region[crop]
+        if not brain_region.any():
+            brain_region = np.ones((rows, cols), bool)
+    if app is not None and app.shutter is not None:
+        field = app.shutter.field(rows, cols)
+        attenuation += xa_effects.shutter_attenuation(
+            field, app.shutter_transmission, app.shutter_penumbra_mm / spacing
+        )[None]
+        if (brain_region & field).any():
+            brain_region = brain_region & field
     # Detected signal relative to N0: blurred primary plus scatter (grid in place).
-    detected_primary = physics.blur(np.exp(-attenuation), spacing)
+    blur_mm = physics.DETECTOR_BLUR_MM if app is None else app.blur_mm
+    detected_primary = physics.blur(np.exp(-attenuation), spacing, blur_mm)
+    # Scatter and dose are set on a frame in the truth's geometry: the mask for the
+    # default appearance, the first live frame when the mask may be misregistered.
+    ref = 0 if app is None or len(times) < 2 else 1
     scatter = physics.scatter(
-        detected_primary[0],
+        detected_primary[ref],
         background > 1.0,
         brain_region,
         spacing,
-        spr=float(rng.uniform(0.3, 0.6)),
+        spr=float(rng.uniform(0.3, 0.6)) if app is None else app.scatter_ratio,
     )
     relative = detected_primary + scatter[None]
-    keep = detected_primary[0] / relative[0]  # fraction of the log contrast that scatter leaves
+    keep = detected_primary[ref] / relative[ref]  # fraction of the log contrast that scatter leaves
+    if app is not None:
+        relative *= xa_effects.detector_gain(
+            rows, cols, app.vignetting, app.heel, app.heel_angle, app.grid
+        )[None]
     # Reference signals from the noise-free curves on the fine grid, so that the
     # dose does not depend on whether a frame happens to hit the peak.
     if snr_reference == "artery":
-        ica_path = (
-            art_img.thickness_mm.sum(axis=0)[ica_mask]
-            if ica_mask.any()
-            else art_img.thickness_mm.sum(axis=0).ravel()
-        )
-        att = physics.MU_IODINE * float(a_fine.max()) * float(np.percentile(ica_path, 99))
-        f = float(np.median(keep[ica_mask])) if ica_mask.any() else float(np.median(keep))
+        att = mu_iodine * float(a_fine.max()) * float(np.percentile(ica_path, 99))
+        f = float(np.median(keep[ica_c])) if ica_c.any() else float(np.median(keep))
         ref_signal = -np.log(1.0 - f * (1.0 - np.exp(-att)))
     else:
         tissue_peak = np.r_[0.0, tissue_fine.max(axis=1)][dro.labels] * dro.path_mm
-        att = physics.MU_IODINE * tissue_peak[brain_region]
+        if n != rows or n != cols:
+            tissue_peak = tissue_peak[crop]
+        att = mu_iodine * tissue_peak[brain_region]
         ref_signal = float(np.median(-np.log(1.0 - keep[brain_region] * (1.0 - np.exp(-att)))))
     noisy = noise and snr is not None
-    n0 = physics.dose_for_snr(ref_signal, relative[0], brain_region, snr) if noisy else 1e6
+    n0 = physics.dose_for_snr(ref_signal, relative[ref], brain_region, snr) if noisy else 1e6
     expected = n0 * relative
-    counts = physics.detected(
-        expected, np.random.default_rng([seed, 0x9A, len(times), size]) if noisy else None
-    )
+    noise_rng = np.random.default_rng([seed, 0x9A, len(times), n]) if noisy else None
+    counts = physics.detected(expected, noise_rng)
+    if noise_rng is not None and app is not None and app.electronic_noise > 0:
+        sigma = app.electronic_noise * np.sqrt(float(np.median(expected[0][brain_region])))
+        counts = counts + noise_rng.normal(0.0, sigma, size=counts.shape)
 
+    presentation = None
     if native:
         gain = physics.native_gain(counts[0], brain_region)
         pixels = physics.native_values(counts, gain)
@@ -357,7 +462,20 @@ def generate(
     truth = _truth(
         art_mask, ica_mask, vein_img, art_img, device_mask, dro, t, tissue_fine, motion, spacing
     )
+    truth["diameter_mm"] = np.maximum(truth["diameter_mm"], sac_diameter)
     truth["dro_interior"] = interior
+    region_labels = dro.labels
+    if n != rows or n != cols:
+        truth = {k: (a[crop] if k != "motion_px" else a) for k, a in truth.items()}
+        region_labels = region_labels[crop]
+    overlay = np.zeros((rows, cols), bool)
+    if app is not None:
+        pixels, mask_pixels, overlay, presentation = _store(
+            seed, app, counts, native, field, view, spacing
+        )
+    truth, region_labels = _clear_truth(truth, region_labels, field & ~overlay)
+    truth["field"] = field
+    truth["overlay"] = overlay
     aif_frames = timing.sample(t, a_fine, times)
     peak_ica = float(t[np.argmax(a_fine)])
     sss = vein.label_of("sss")
@@ -371,8 +489,8 @@ def generate(
         kvp=float(rng.choice([70.0, 75.0, 80.0, 85.0])),
         tube_current_ma=float(rng.uniform(250, 500)),
         pulse_ms=float(rng.uniform(50, 100)),
-        sid_mm=SID_MM,
-        sod_mm=SOD_MM,
+        sid_mm=SID_MM if app is None else round(app.sid_mm, 1),
+        sod_mm=SOD_MM if app is None else round(app.sid_mm / app.magnification, 1),
         fps=rates,
         quanta_per_pixel=n0 if noisy else 0.0,
         snr=snr if noisy else None,
@@ -380,6 +498,31 @@ def generate(
         contrast_volume_ml=float(rng.choice([6.0, 7.0, 8.0])),
         contrast_rate_ml_s=float(rng.choice([4.0, 5.0, 6.0])),
     )
+    if app is not None:
+        acq = replace(
+            acq,
+            contrast_volume_ml=round(app.injection_rate_ml_s * app.injection_s, 1),
+            contrast_rate_ml_s=round(app.injection_rate_ml_s, 1),
+            iodine_mg_ml=round(300.0 * app.iodine_scale),
+        )
+    options: dict[str, Any] = {
+        "size": size,
+        "frames": len(times),
+        "native": native,
+        "fps": fps,
+        "snr": snr if noisy else None,
+        "snr_reference": snr_reference,
+        "motion_mm": motion_mm,
+        "view": view,
+        "venous_delay_s": venous_delay_s,
+        "lesion": lesion,
+        "devices": devices,
+        "frame_times_s": None if frame_times_s is None else [float(x) for x in times],
+    }
+    if pri is not None:
+        options["randomise"] = options_key(dataclasses.asdict(pri))
+    elif size is None:
+        options["size"] = 512
     return DSAPhantom(
         seed=seed,
         native=native,
@@ -389,7 +532,7 @@ def generate(
         pixel_spacing_mm=(spacing, spacing),
         truth=truth,
         aif=aif_frames.astype(np.float32),
-        region_labels=dro.labels,
+        region_labels=region_labels,
         regions=dro.regions,
         acquisition=acq,
         timing={
@@ -404,20 +547,9 @@ def generate(
             "bolus_peak": bolus.peak,
             "tissue_fine": tissue_fine.astype(np.float32),
         },
-        options={
-            "size": size,
-            "frames": len(times),
-            "native": native,
-            "fps": fps,
-            "snr": snr if noisy else None,
-            "snr_reference": snr_reference,
-            "motion_mm": motion_mm,
-            "view": view,
-            "venous_delay_s": venous_delay_s,
-            "lesion": lesion,
-            "devices": devices,
-            "frame_times_s": None if frame_times_s is None else [float(x) for x in times],
-        },
+        options=options,
+        presentation=presentation,
+        appearance=None if app is None else app.summary(),
     )
 
 
@@ -428,53 +560,100 @@ def _groups(delays: np.ndarray, step_s: float, curve_of) -> tuple[np.ndarray, li
     return inverse, [curve_of(float(k * step_s)) for k in uniq]
 
 
-def _devices(
-    anatomy: cerebral.CerebralAnatomy, proj: Projection, rng: np.random.Generator, enabled: bool
-):
-    """Static guide catheter (wall + contrast-filled lumen) and platinum coil mass."""
-    n = proj.size
-    att = np.zeros((n, n))
-    mask = np.zeros((n, n), bool)
-    lumen = np.zeros((n, n), np.float32)
-    if not enabled:
-        return att, mask, lumen
-    cath = anatomy.catheter
-    k = len(cath)
-    base = dict(
-        points=cath,
-        parent=np.arange(-1, k - 1),
-        delay=np.zeros(k),
-        label=np.zeros(k, np.uint8),
-        names=("catheter",),
+def _oblique(u: np.ndarray, v: np.ndarray, primary: float, secondary: float, app) -> tuple:
+    """Working projection: tilt about the image's horizontal axis, turn about the patient's
+    long axis, and optionally mirror the display; returns axes, angles, orientation."""
+    a, b = np.deg2rad(app.primary_offset_deg), np.deg2rad(app.secondary_offset_deg)
+    v = v * np.cos(b) + np.cross(u, v) * np.sin(b)
+    rz = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    u, v = rz @ u, rz @ v
+    if app.flip:
+        u = -u
+    orientation = (_letters(u), _letters(v))
+    return u, v, primary + app.primary_offset_deg, secondary + app.secondary_offset_deg, orientation
+
+
+def _letters(direction: np.ndarray) -> str:
+    """Patient Orientation letters of a direction (LPS), strongest component first."""
+    names = (("R", "L"), ("A", "P"), ("F", "H"))
+    order = np.argsort(-np.abs(direction))
+    out = [names[i][int(direction[i] > 0)] for i in order if abs(direction[i]) > 0.25]
+    return "".join(out[:2]) or names[int(order[0])][int(direction[order[0]] > 0)]
+
+
+def _randomised_schedule(seed: int, frames: int, app, bolus: timing.Bolus, venous_delay_s: float):
+    """Frame times drawn from the priors, long enough to reach the venous phase; the bolus
+    arrives within the first quarter of the run, so short fast runs still see it."""
+    rng = np.random.default_rng([seed, 0x5A, 0xD7])
+    end = bolus.peak_time_s + venous_delay_s + 2.0
+    times, rates = timing.protocol_schedule(
+        frames, app.fps, bolus.peak_time_s + 2.0, end, rng, app.frame_jitter, app.drop_frame
     )
-    outer = render_tree(VesselTree(radius=np.full(k, 0.85), **base), proj, np.zeros(k, int), 1)
-    inner = render_tree(VesselTree(radius=np.full(k, 0.55), **base), proj, np.zeros(k, int), 1)
-    att += physics.MU_CATHETER * (outer.thickness_mm[0] - inner.thickness_mm[0])
-    lumen += inner.thickness_mm[0]
-    mask |= outer.cover[0]
-    if anatomy.coil is not None:
-        centre, radius = anatomy.coil
-        coil_rng = np.random.default_rng(rng.integers(2**32))
-        steps = coil_rng.normal(size=(600, 3))
-        steps = 0.5 * steps / np.linalg.norm(steps, axis=1, keepdims=True)
-        walk = np.cumsum(steps, axis=0)
-        # Fold the walk into the sac: wire packed against the wall, as coils are.
-        r = np.linalg.norm(walk, axis=1, keepdims=True)
-        walk = walk * np.where(r > radius, (radius - (r % radius) * 0.3) / np.maximum(r, 1e-9), 1.0)
-        pts = centre + walk
-        m = len(pts)
-        wire = VesselTree(
-            pts,
-            np.arange(-1, m - 1),
-            np.full(m, 0.13),
-            np.zeros(m),
-            np.zeros(m, np.uint8),
-            ("coil",),
-        )
-        img = render_tree(wire, proj, np.zeros(m, int), 1)
-        att += physics.MU_PLATINUM * img.thickness_mm[0]
-        mask |= img.cover[0]
-    return att, mask, lumen
+    if bolus.arrival_s > 0.25 * times[-1]:
+        bolus = replace(bolus, arrival_s=0.25 * float(times[-1]))
+    return times, rates, bolus
+
+
+def _partial_filling(seed: int, art: VesselTree, factor: float | None) -> np.ndarray | None:
+    """Per-node contrast factor: one to four branches carry unopacified blood too."""
+    if factor is None:
+        return None
+    rng = np.random.default_rng([seed, 0x5A, 0xD8])
+    _, side = chain_ids(art.parent, art.radius)
+    starts = np.flatnonzero(side & (art.radius > 0.4))
+    if len(starts) == 0:
+        return None
+    roots = rng.choice(starts, size=min(int(rng.integers(1, 5)), len(starts)), replace=False)
+    return lesions.subtree_factor(art.parent, roots, rng.uniform(factor, 1.0, size=len(roots)))
+
+
+def _store(
+    seed: int, app, counts: np.ndarray, native: bool, field: np.ndarray, view: str, spacing: float
+):
+    """Stored pixels of a randomised run: bit depth and vendor scale, then blanking, text and
+    lossy JPEG (``xa_effects.finish``). Returns pixels, mask, overlay, presentation."""
+    rng = np.random.default_rng([seed, 0x5A, 0xD6])
+    bits = app.bits
+    top = 2**bits - 1
+    if native:
+        # Linear in quanta with headroom: the neck and direct beam are several times
+        # brighter than the brain.
+        level = float(rng.uniform(0.03, 0.12)) * top
+        gain = level / max(float(np.median(counts[-1][field])), 1.0)  # exposure set on live frames
+        pixels = xa_effects.to_stored(counts, 0.0, gain, bits)
+        window = (2.0 * level, 4.0 * level)
+        grey = int(level)
+    else:
+        offset = float(2 ** (bits - 1))
+        gain = 1000.0 * 2.0 ** (bits - 12) * app.display_gain
+        diff = np.log(np.maximum(counts, 1.0)) - np.log(np.maximum(counts[0], 1.0))
+        pixels = xa_effects.to_stored(diff, offset, gain, bits)
+        window = (offset - 0.4 * gain, 1.5 * gain)
+        grey = int(offset)
+    pixels, overlay, presentation = xa_effects.finish(
+        pixels, field, app, rng, bits, window, grey, view.upper(), spacing, lossy=not native
+    )
+    return pixels, (pixels[:1].copy() if native else None), overlay, presentation
+
+
+_NAN_OUTSIDE = ("cbf", "cbv", "mtt", "tmax", "ttp")
+
+
+def _clear_truth(truth: dict[str, np.ndarray], region_labels: np.ndarray, keep: np.ndarray):
+    """Truth outside the exposed field and under burned-in text is empty (NaN for perfusion)."""
+    if keep.all():
+        return truth, region_labels
+    out = {}
+    for key, a in truth.items():
+        if key == "motion_px":
+            out[key] = a
+        elif a.dtype == bool:
+            out[key] = a & keep
+        elif key in _NAN_OUTSIDE:
+            out[key] = np.where(keep, a, np.float32(np.nan)).astype(a.dtype)
+        else:
+            out[key] = np.where(keep, a, 0).astype(a.dtype)
+    return out, np.where(keep, region_labels, 0).astype(region_labels.dtype)
 
 
 def _region_weights(

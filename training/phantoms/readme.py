@@ -25,7 +25,9 @@ On the image grid (H, W), pixel spacing at the isocentre `pixel_spacing_mm`
 | ttp | float32 | s from the first frame to the peak of the noise-free tissue curve (10 ms grid), NaN outside |
 | tissue_path_mm | float32 | perfused brain along each ray; tissue signal = 0.45/mm x path x C(t) |
 | dro_interior | bool | DRO pixels whose tissue signal comes from one region only (borders blend over ~1.5 mm); score perfusion here |
-| motion_px | float32 (T, 3) | head drift of each frame vs the mask: rows, columns (px), rotation (deg) |
+| motion_px | float32 (T, 3) | displacement of each frame from the truth's geometry: rows, columns (px), rotation (deg) |
+| field | bool | exposed field inside the collimator shutter (all True without one) |
+| overlay | bool | burned-in text and markers (all False without them) |
 
 Per run: `frame_times_s` (T), `aif` (T, fraction of full-strength contrast at
 the ICA), `t_fine_s`, `aif_fine`, `tissue_fine` (regions x fine grid),
@@ -33,8 +35,12 @@ the ICA), `t_fine_s`, `aif_fine`, `tissue_fine` (regions x fine grid),
 delay_s), `timing` with `timing_keys` (bolus arrival, arterial and venous
 peaks, venous delay, gamma-variate parameters).
 
-Masks are in the geometry of the mask frame; with motion, later frames are
-displaced by `motion_px`.
+Masks are in the geometry of the live frames of a randomised run (its mask
+frame is the one displaced, by `motion_px[0]`), and in the geometry of the mask
+frame of a default run with `motion_mm` drift (later frames displaced by
+`motion_px`). Outside the shutter's field and under burned-in text every mask
+is False, the perfusion maps NaN and `region_labels` 0: there is no image of
+a vessel there.
 
 `dsa_minip_sc.dcm` (optional) is the MinIP as a Secondary Capture with its own
 Frame of Reference, and `dsa_seg.dcm` the truth as a DICOM SEG referencing it.
@@ -54,6 +60,9 @@ dark, 12 bits, display-ready log image) with cardiac motion and breathing.
 | vessel_geometry | bool (T, H, W) | lumen of every modelled vessel, opacified or not |
 | diameter_mm | float32 (T, H, W) | largest covering diameter, 0 elsewhere |
 | catheter | bool (T, H, W) | guiding catheter |
+| device | bool (T, H, W) | guidewire, sternal wires, clips, ECG electrodes and leads (randomised runs) |
+| field | bool (H, W) | exposed field inside the collimator shutter (all True without one) |
+| overlay | bool (H, W) | burned-in text and markers; masks are False there and outside the field |
 | frame_times_s | float (T) | s from the first frame |
 | cardiac_phase | float (T) | 0 at the R wave, 1 at the next |
 | r_wave_frames | int | frame indices nearest each R wave (also in R Wave Pointer) |

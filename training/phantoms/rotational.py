@@ -12,6 +12,7 @@ the injected hemisphere's circle of Willis and skull base.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ import numpy as np
 from scipy import ndimage
 
 from pipelines.base import Run, RunMeta
-from training.phantoms import cerebral
+from training.phantoms import appearance, cerebral, lesions, priors
+from training.phantoms.dicom_common import options_key
 from training.phantoms.errors import PhantomOptionError
-from training.phantoms.head import AIR, VESSEL, head_primitives, voxelize_head
+from training.phantoms.head import AIR, BONE, VESSEL, head_primitives, voxelize_head
 from training.phantoms.raster import voxelize_tree
 from training.phantoms.vessels import VesselTree
 
@@ -42,6 +44,8 @@ class RotationalPhantom:
     origin_mm: np.ndarray
     truth: dict[str, np.ndarray]
     options: dict[str, Any] = field(default_factory=dict)
+    bits_stored: int = 12  # HU + 1024 as stored; randomised volumes may use 16
+    appearance: dict[str, Any] | None = None
 
     kind = "rotational"
 
@@ -86,34 +90,57 @@ def generate(
     noise_hu: float | None = None,
     streaks: bool = True,
     contrast_hu: float | None = None,
+    randomise: bool | priors.RotationalPriors = False,
 ) -> RotationalPhantom:
     """Generate one 3D-RA volume of ``size``^3 voxels over a fixed 117.8 mm field.
 
     Args:
-        seed: patient/anatomy seed (the same anatomy as ``dsa.generate(seed)``).
+        seed: patient/anatomy seed (the same anatomy as ``dsa.generate(seed)``,
+            also when both are randomised with the same anatomy priors).
         size: voxels per side, 32-512 (spacing = 117.76 mm / size; 256 gives 0.46 mm).
         noise: add correlated reconstruction noise.
         noise_hu: its standard deviation; None draws 15-35.
         streaks: add streaks from bone and coils.
         contrast_hu: lumen value of the proximal ICA; None draws 450-900.
+        randomise: True (or a ``priors.RotationalPriors``) draws the field,
+            contrast (200-3000 HU), bone density, kernel, noise, streaks and
+            truncation from the priors, and the anatomy variation (stenoses,
+            aneurysms, coils, clips); options you set (noise_hu, contrast_hu,
+            noise=False, streaks=False) win.
     """
     if not 32 <= size <= 512:
         raise PhantomOptionError(f"size must be 32-512, got {size}")
+    pri = priors.resolve(randomise, priors.ROTATIONAL)
+    app = None if pri is None else appearance.draw_rotational(seed, pri)
     rng = np.random.default_rng([seed, 0x3D])
-    anatomy = cerebral.build(seed)
-    spacing = FOV_MM / size
+    anatomy = cerebral.build(
+        seed, None if pri is None else cerebral.draw_variation(seed, pri.anatomy)
+    )
+    spacing = FOV_MM / size if app is None else app.field_mm / size
     shape = (size, size, size)
-    origin = VOLUME_CENTRE_MM - (size - 1) / 2.0 * spacing
+    centre = VOLUME_CENTRE_MM if app is None else VOLUME_CENTRE_MM + np.asarray(app.centre_shift_mm)
+    origin = centre - (size - 1) / 2.0 * spacing
     head_rng = np.random.default_rng([seed, 0x4E])
     hu, labels = voxelize_head(
         head_primitives(anatomy.brain, head_rng), origin, spacing, shape, head_rng
     )
+    if app is not None:
+        hu = np.where(labels == BONE, hu * app.bone_scale, hu).astype(np.float32)
 
     art = anatomy.arteries
     frac = voxelize_tree(art, origin, spacing, shape)
     lumen_hu = float(contrast_hu if contrast_hu is not None else rng.uniform(450, 900))
-    # Lumen value per voxel: contrast dilutes along the tree (about -30 % at 1 s of transit).
-    lumen_map = _lumen_values(art, origin, spacing, shape, lumen_hu, frac > 0)
+    dilution = 0.3
+    if app is not None:
+        lumen_hu = float(contrast_hu if contrast_hu is not None else app.contrast_hu)
+        dilution = app.distal_dilution
+    # Lumen value per voxel: contrast dilutes along the tree (by 30 % at 1 s of transit).
+    lumen_map = _lumen_values(art, origin, spacing, shape, lumen_hu, frac > 0, dilution)
+    for centre_mm, radius, delay in anatomy.aneurysms:
+        sac = lesions.voxelize_sphere(centre_mm, radius, origin, spacing, shape)
+        inside = sac > frac
+        lumen_map[inside] = lumen_hu * (1.0 - dilution * min(max(delay, 0.0), 1.0))
+        frac = np.maximum(frac, sac)
     hu = hu * (1.0 - frac) + lumen_map * frac
     labels[frac >= 0.5] = VESSEL
     if anatomy.coil is not None:
@@ -123,36 +150,72 @@ def generate(
         d2 = sum((p - c) ** 2 for p, c in zip(pos, centre, strict=True))
         coil = d2 <= radius**2
         hu = np.where(coil, 3000.0, hu)  # platinum; a device, so the tissue label stays
+    if anatomy.clips is not None:
+        k = 2 * len(anatomy.clips)
+        blades = VesselTree(
+            anatomy.clips.reshape(-1, 3),
+            np.where(np.arange(k) % 2 == 1, np.arange(k) - 1, -1),
+            np.full(k, 0.5),
+            np.zeros(k),
+            np.zeros(k, np.uint8),
+            ("clip",),
+        )
+        metal = voxelize_tree(blades, origin, spacing, shape)
+        hu = np.where(metal >= 0.5, 3000.0, hu)  # a device: labels stay
     clean = hu.astype(np.float32)
 
-    recon = ndimage.gaussian_filter(clean, 0.6)
+    kernel = 0.6 if app is None else app.kernel_sigma_vox
+    recon = ndimage.gaussian_filter(clean, kernel)
+    if app is not None and app.sharpening > 0:
+        recon += app.sharpening * (recon - ndimage.gaussian_filter(recon, 1.0))
     if streaks:
-        recon += _streaks(clean, spacing, rng)
+        recon += _streaks(clean, spacing, rng) * (1.0 if app is None else app.streak_scale)
     if noise:
-        sigma = float(noise_hu if noise_hu is not None else rng.uniform(15, 35))
-        field_ = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 0.8)
+        if noise_hu is not None:
+            sigma = float(noise_hu)
+        else:
+            sigma = float(rng.uniform(15, 35)) if app is None else app.noise_hu
+        grain = 0.8 if app is None else app.noise_grain_vox
+        field_ = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), grain)
         recon += field_ * (sigma / max(float(field_.std()), 1e-6))
-    outside = _outside_cylinder(size)
+    outside = _outside_cylinder(size, 1.0 if app is None else app.truncation)
+    if app is not None and app.capping_hu > 0:
+        # Truncated projections raise values towards the edge of the field (capping).
+        c = (size - 1) / 2.0
+        yy, xx = np.mgrid[:size, :size]
+        rel = np.hypot(yy - c, xx - c) / (0.5 * size * app.truncation)
+        recon += (app.capping_hu * np.clip(rel, 0, 1) ** 4).astype(np.float32)[None]
     recon[:, outside] = -1000.0
     clean[:, outside] = -1000.0
     labels[:, outside] = AIR
+    options: dict[str, Any] = {
+        "size": size,
+        "noise": noise,
+        "noise_hu": noise_hu,
+        "streaks": streaks,
+        "contrast_hu": lumen_hu,
+    }
+    bits = 12
+    if app is not None:
+        bits = app.bits
+        options["randomise"] = options_key(dataclasses.asdict(pri))
+        # What is stored is what the volume holds: HU + 1024 in 12 or 16 bits.
+        recon = np.clip(recon, -1024.0, 2.0**bits - 1 - 1024.0)
     return RotationalPhantom(
         seed=seed,
         hu=recon.astype(np.float32),
         spacing_mm=(spacing, spacing, spacing),
         origin_mm=origin,
         truth={"labels": labels, "vessel_fraction": frac.astype(np.float32), "hu_clean": clean},
-        options={
-            "size": size,
-            "noise": noise,
-            "noise_hu": noise_hu,
-            "streaks": streaks,
-            "contrast_hu": lumen_hu,
-        },
+        options=options,
+        bits_stored=bits,
+        appearance=None if app is None else app.summary(),
     )
 
 
-def _lumen_values(art: VesselTree, origin, spacing, shape, lumen_hu, inside) -> np.ndarray:
+def _lumen_values(
+    art: VesselTree, origin, spacing, shape, lumen_hu, inside, dilution: float = 0.3
+) -> np.ndarray:
     """Nearest-node lumen value for voxels inside vessels (constant elsewhere)."""
     out = np.full(shape, lumen_hu, np.float32)
     idx = np.argwhere(inside)
@@ -162,16 +225,16 @@ def _lumen_values(art: VesselTree, origin, spacing, shape, lumen_hu, inside) -> 
 
     pos = origin + idx[:, ::-1] * spacing
     _, near = cKDTree(art.points).query(pos)
-    value = lumen_hu * (1.0 - 0.3 * np.clip(art.delay[near] / 1.0, 0.0, 1.0))
+    value = lumen_hu * (1.0 - dilution * np.clip(art.delay[near] / 1.0, 0.0, 1.0))
     out[inside] = value
     return out
 
 
-def _outside_cylinder(size: int) -> np.ndarray:
-    """(Y, X) mask outside the inscribed reconstruction circle."""
+def _outside_cylinder(size: int, fraction: float = 1.0) -> np.ndarray:
+    """(Y, X) mask outside the reconstruction circle (``fraction`` of the inscribed radius)."""
     c = (size - 1) / 2.0
     yy, xx = np.mgrid[:size, :size]
-    return (yy - c) ** 2 + (xx - c) ** 2 > (0.5 * size) ** 2
+    return (yy - c) ** 2 + (xx - c) ** 2 > (0.5 * size * fraction) ** 2
 
 
 def _streaks(

@@ -39,10 +39,14 @@ class Bolus:
     beta_s: float
     peak: float  # fraction of full-strength contrast at the peak
     recirculation: float = 0.08
+    # Injection longer than the bolus rise: the first pass is the gamma variate
+    # convolved with a box of this length (a plateau), renormalised to ``peak``.
+    duration_s: float = 0.0
 
     @property
     def peak_time_s(self) -> float:
-        return self.arrival_s + self.alpha * self.beta_s
+        """Peak of the first pass (approximate, mid-plateau, when ``duration_s`` > 0)."""
+        return self.arrival_s + self.alpha * self.beta_s + 0.5 * self.duration_s
 
 
 def gamma_variate(t: np.ndarray, t0: float, alpha: float, beta: float) -> np.ndarray:
@@ -57,6 +61,10 @@ def gamma_variate(t: np.ndarray, t0: float, alpha: float, beta: float) -> np.nda
 def aif(t: np.ndarray, bolus: Bolus) -> np.ndarray:
     """Arterial concentration at the ICA (fraction of full-strength contrast)."""
     first = gamma_variate(t, bolus.arrival_s, bolus.alpha, bolus.beta_s)
+    if bolus.duration_s > DT:
+        box = np.ones(int(round(bolus.duration_s / DT)))
+        first = np.convolve(first, box)[: len(t)]
+        first /= max(float(first.max()), 1e-12)
     # First-pass recirculation about 8-12 s after arrival, lower and broader.
     second = gamma_variate(t, bolus.arrival_s + 9.0, 3.0, 1.6)
     return bolus.peak * (first + bolus.recirculation * second)
@@ -174,3 +182,39 @@ def fine_grid(frame_times_s: np.ndarray) -> np.ndarray:
 def sample(t_fine: np.ndarray, curve: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Curve values at frame times (each frame integrates about one pulse: no averaging)."""
     return np.interp(times, t_fine, curve)
+
+
+def protocol_schedule(
+    frames: int,
+    rates: tuple[float, float],
+    fast_phase_s: float,
+    end_s: float,
+    rng: np.random.Generator,
+    jitter: float = 0.0,
+    drop: bool = False,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A randomised run's frame times that reach ``end_s`` (the venous phase).
+
+    Fast rate through the arterial phase, then a slow rate lowered (to 0.25
+    fps at least) until the run lasts ``end_s``; a constant rate that cannot
+    last that long becomes a two-rate protocol. ``jitter`` is the relative SD
+    of each interval (the Frame Time Vector of a real generator), ``drop``
+    removes one frame inside the run (a missed pulse).
+    """
+    if frames < 2:
+        raise PhantomOptionError(f"frames must be at least 2, got {frames}")
+    fast, slow = rates
+    total = frames + 1 if drop else frames
+    if fast == slow and (total - 1) / fast >= end_s:
+        times = np.arange(total) / fast
+    else:
+        n_fast = min(int(np.ceil(0.6 * total)), max(2, int(round(fast_phase_s * fast)) + 1))
+        head = np.arange(n_fast) / fast
+        rest = total - n_fast
+        slow = max(0.25, min(slow, rest / max(end_s - head[-1], 1e-3)))
+        times = np.r_[head, head[-1] + np.arange(1, rest + 1) / slow]
+    steps = np.diff(times) * np.clip(1.0 + jitter * rng.standard_normal(total - 1), 0.5, 1.5)
+    times = np.r_[0.0, np.cumsum(steps)]
+    if drop:
+        times = np.delete(times, int(rng.integers(1, total - 1)))
+    return times.astype(np.float64), (float(fast), float(slow))
