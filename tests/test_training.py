@@ -780,20 +780,30 @@ def test_family_b_is_refused_for_training(tmp_path: Path, capsys: pytest.Capture
         refuse_evaluation_only(tmp_path / "elsewhere", manifest)
 
 
-def test_family_b_phantom_dataset_evaluates_but_never_trains(tmp_path: Path) -> None:
-    """`quick --eval-family B` builds its evaluation data from the real family B generator."""
-    from training.gate import FAMILY_B_MODEL_NAME, GateError, refuse_evaluation_only
-    from training.phantom_dataset import PhantomSpec, build_phantom_dataset, generator
+def test_family_b_phantom_dataset_evaluates_but_never_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The real family B generator builds evaluation data; training on it is refused."""
+    from training.__main__ import main
+    from training.gate import FAMILY_B_MODEL_NAME
+    from training.phantom_dataset import generator
 
     try:
         generator("B", "dsa")
     except DatasetError as exc:
         pytest.skip(str(exc))
-    spec = PhantomSpec("dsa", 64, None, ("artery", "vein"), {"test": [0]}, family="B")
-    manifest = build_phantom_dataset(tmp_path / "b", spec, "b", progress=lambda _m: None)
-    assert manifest["cases"][0]["meta"]["manufacturer_model_name"] == FAMILY_B_MODEL_NAME
-    with pytest.raises(GateError, match="evaluation only"):
-        refuse_evaluation_only(tmp_path / "b", manifest)
+    out = tmp_path / "b"
+    build = ["phantom-dataset", "dsa", "--family", "B", "--size", "64", "--roles", "artery"]
+    assert main([*build, "--test", "0:1", "--train", "1:1", "--out", str(out), "--name", "b"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {c["meta"]["manufacturer_model_name"] for c in manifest["cases"]} == {
+        FAMILY_B_MODEL_NAME
+    }
+    capsys.readouterr()
+    work = ["--workdir", str(tmp_path / "w"), "--device", "cpu", "--no-progress"]
+    assert main(["train", "--dataset", str(out), "--task", "dsa_ia", *work]) == 2
+    assert "evaluation only" in capsys.readouterr().err
+    assert main(["tune-classical", "xa_coronary", "--dataset", str(out)]) == 2
 
 
 def test_invalid_config_json_exits_2(dataset: tuple[Path, Path], capsys) -> None:  # type: ignore[no-untyped-def]

@@ -262,6 +262,43 @@ def cmd_quick(args: argparse.Namespace) -> int:
     return quick(args, train_config)
 
 
+def _seeds(text: str | None, option: str) -> list[int]:
+    """ "FIRST:COUNT" -> seeds FIRST .. FIRST + COUNT - 1."""
+    if not text:
+        return []
+    try:
+        first, count = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UsageError(f"{option}: expected FIRST:COUNT, got {text!r}") from None
+    return list(range(first, first + count))
+
+
+def cmd_phantom_dataset(args: argparse.Namespace) -> int:
+    from training.phantom_dataset import PhantomSpec, build_phantom_dataset
+
+    splits = {
+        split: seeds
+        for split in ("train", "val", "test")
+        if (seeds := _seeds(getattr(args, split), f"--{split}"))
+    }
+    if not splits:
+        raise UsageError("give seeds: --train, --val and/or --test FIRST:COUNT")
+    spec = PhantomSpec(
+        kind=args.kind,
+        size=args.size,
+        frames=args.frames,
+        roles=tuple(r for r in args.roles.split(",") if r),
+        splits=splits,
+        family=args.family,
+    )
+    manifest = build_phantom_dataset(
+        args.out, spec, args.name, args.version, progress=lambda m: print(m, file=sys.stderr)
+    )
+    print(json.dumps(manifest["counts"], sort_keys=True))
+    print(f"manifest sha256 {manifest_hash(Path(args.out))}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from training.classical import tune
 
@@ -415,6 +452,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(p, quick=True)
     add_gate_options(p)
     p.set_defaults(func=cmd_quick)
+
+    p = sub.add_parser(
+        "phantom-dataset",
+        help="a dataset straight from a phantom generator (family B: for evaluation only)",
+    )
+    p.add_argument("kind", choices=("dsa", "coronary", "rotational"))
+    p.add_argument("--family", default="A", choices=("A", "B"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default="1")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--frames", type=int, help="2D kinds of family A (family B draws its own)")
+    p.add_argument(
+        "--roles",
+        required=True,
+        help="truth used as labels, e.g. artery,vein,ica | vessel | vessel,bone,soft_tissue",
+    )
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--{split}", metavar="FIRST:COUNT", help=f"seeds of the {split} split")
+    p.set_defaults(func=cmd_phantom_dataset)
 
     p = sub.add_parser(
         "tune-classical",

@@ -61,11 +61,14 @@ class GateError(Exception):
 # Which family a case comes from
 
 
-def _dicom_model_name(folder: Path) -> str | None:
-    """ManufacturerModelName of the first DICOM file in an exported case folder."""
-    for path in sorted(folder.glob("*.dcm")):
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["ManufacturerModelName"])
-        return str(ds.get("ManufacturerModelName", "") or "")
+def _dicom_model_name(folder: Path, instances: Sequence[str]) -> str | None:
+    """ManufacturerModelName of the run's own instances in an exported case folder (the
+    folder also holds SEGs and canvases, which name their own device)."""
+    for uid in instances:
+        path = folder / f"{uid}.dcm"
+        if path.is_file():
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["ManufacturerModelName"])
+            return str(ds.get("ManufacturerModelName", "") or "")
     return None
 
 
@@ -77,7 +80,7 @@ def case_model_names(root: str | Path, manifest: Mapping[str, Any]) -> dict[str,
         name = case.get("meta", {}).get("manufacturer_model_name")
         if name is None:
             folder = Path(root) / "dicom" / case["id"]
-            name = _dicom_model_name(folder) if folder.is_dir() else None
+            name = _dicom_model_name(folder, case.get("instances", [])) if folder.is_dir() else None
         out[case["id"]] = None if name is None else str(name)
     return out
 
