@@ -727,7 +727,7 @@ def test_quick_trains_resumes_and_packages_through_the_gate(
     from training.tasks import TASKS
 
     node = TASKS["dsa_ia"].score(TASKS["dsa_ia"].node_masks(case.run(), str(out)), case)
-    assert node == pkg.metrics["out_of_distribution"]["model"]["cases"][case.id]
+    assert {**node, "failed": 0.0} == pkg.metrics["out_of_distribution"]["model"]["cases"][case.id]
 
 
 def _family_b_archive(root: Path) -> Path:
@@ -860,6 +860,7 @@ def test_gate_checks_and_confidence_interval() -> None:
         min_margin=0.03,
     )
     assert record["n"] == 2  # the same cases for both
+    assert record["failed"] == {"model": 0, "classical": 0}
     assert record["difference"]["mean"] == pytest.approx(0.15)
     assert record["beats_classical_by_required_margin"]
 
@@ -892,3 +893,21 @@ def test_tune_classical_on_the_training_split(tmp_path: Path) -> None:
     low, high = result["best"]["hysteresis"]
     assert low in CORONARY_GRID["low"] and high in CORONARY_GRID["high"]
     assert main(["tune-classical", "rotational_dla", "--dataset", str(tmp_path / "c")]) == 2
+
+
+def test_a_run_the_pipeline_refuses_scores_as_empty_output() -> None:
+    """What the node answers to a run its pipeline refuses is nothing: counted, not dropped."""
+    from training.dataset import Case
+    from training.engine import evaluate_node
+    from training.phantom_dataset import phantom_case
+    from training.tasks import TASKS
+
+    case = phantom_case("dsa", 3, 64, 4, ("artery", "vein"), "test")
+    short = Case(
+        "short", "p", "test", "full", "canvas", case.pixels[:2], case.masks,
+        case.frame_times_s[:2], {**case.meta, "number_of_frames": 2},
+    )  # fmt: skip
+    result = evaluate_node(TASKS["dsa_av"], [case, short])
+    assert result["cases"]["short"]["failed"] == 1.0 and result["cases"][case.id]["failed"] == 0
+    assert result["cases"]["short"]["dice"] == 0.0 and "frames" in result["failures"]["short"]
+    assert result["aggregate"]["failed"]["mean"] == 0.5

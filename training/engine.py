@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipelines.base import PipelineError
 from pipelines.models.package import build, write_package
 from pipelines.preprocess import inference_device
 from training import augment, losses
@@ -403,8 +404,8 @@ class Trainer:
         rows, example, pred0 = [], None, None
         with stage_package(self.task, _unwrap(self.models[0]), self.model_config) as package:
             for case in self.val_cases:
-                pred = self.task.node_masks(case.run(), package, str(self.device))
-                rows.append(self.task.score(pred, case))
+                pred, row, _ = node_answer(self.task, case, package, str(self.device))
+                rows.append(row)
                 if example is None:
                     example, pred0 = case, pred
         return M.aggregate(rows), example, pred0
@@ -484,7 +485,11 @@ class Trainer:
         self.pseudo = []
         with stage_package(self.task, teacher, self.model_config) as package:
             for case in self.unlabelled:
-                pred = self.task.node_masks(case.run(), package, str(self.device))
+                try:
+                    pred = self.task.node_masks(case.run(), package, str(self.device))
+                except PipelineError as exc:
+                    self.log(f"no pseudo-label for case {case.id}: the pipeline failed ({exc})")
+                    continue
                 labelled = Case(
                     id=case.id,
                     patient=case.patient,
@@ -749,16 +754,34 @@ def load_model_file(
     return task, model.to(device).eval(), data
 
 
+def node_answer(
+    task: Task, case: Case, package: str | None, device: str
+) -> tuple[Masks, dict[str, float], str | None]:
+    """(the node's masks, their metrics, the failure reason or None) for one case.
+
+    A run the pipeline refuses (PipelineError: no ICA found, too few frames...) is
+    what the node would answer with no output, so it scores as empty masks and is
+    counted in ``failed``, never left out."""
+    try:
+        pred, reason = task.node_masks(case.run(), package, device), None
+    except PipelineError as exc:
+        pred, reason = {}, str(exc)
+        log.warning("case %s: the %s pipeline failed: %s", case.id, task.pipeline, exc)
+    return pred, {**task.score(pred, case), "failed": float(reason is not None)}, reason
+
+
 def evaluate_node(
     task: Task, cases: Sequence[Case], package: str | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """Per-case metrics and their mean ± std of what the node's pipeline emits with
     ``package`` (None: its classical path), on the fully annotated ``cases``."""
-    rows = {}
+    rows, failures = {}, {}
     for case in cases:
         if case.kind == "full":
-            rows[case.id] = task.score(task.node_masks(case.run(), package, device), case)
-    return {"cases": rows, "aggregate": M.aggregate(list(rows.values()))}
+            _, rows[case.id], reason = node_answer(task, case, package, device)
+            if reason is not None:
+                failures[case.id] = reason
+    return {"cases": rows, "aggregate": M.aggregate(list(rows.values())), "failures": failures}
 
 
 def evaluate_weights(

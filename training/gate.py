@@ -221,6 +221,11 @@ def evaluation_record(
         "families": list(held_out["families"]),
         "trained_on": list(held_out["trained_on"]),
         "n": len(ids),
+        # Runs the pipeline refused (scored as empty output, as the node would answer).
+        "failed": {
+            "model": sum(int(model_cases[i].get("failed", 0)) for i in ids),
+            "classical": sum(int(classical_cases[i].get("failed", 0)) for i in ids),
+        },
         "metric": metric,
         "model": summary(model),
         "classical": summary(classical),

@@ -156,11 +156,14 @@ def describe_evaluation(evaluation: Mapping[str, Any]) -> str:
         lo, hi = s["ci95"]
         return f"{s['mean']:.3f} ± {s['sd']:.3f} (95 % CI {lo:.3f} to {hi:.3f})"
 
+    failed = evaluation.get("failed") or {}
+    refused = ", ".join(f"{who} {k}" for who, k in failed.items() if k)
     return (
         f"{evaluation['metric']} on {'/'.join(evaluation['families'])} data "
         f"'{evaluation['dataset']}' it was not trained on (n={evaluation['n']}): "
         f"model {figure(evaluation['model'])}, classical path "
         f"{figure(evaluation['classical'])} on the same cases"
+        + (f" (runs the pipeline refused, scored as empty: {refused})" if refused else "")
     )
 
 
