@@ -911,3 +911,17 @@ def test_a_run_the_pipeline_refuses_scores_as_empty_output() -> None:
     assert result["cases"]["short"]["failed"] == 1.0 and result["cases"][case.id]["failed"] == 0
     assert result["cases"]["short"]["dice"] == 0.0 and "frames" in result["failures"]["short"]
     assert result["aggregate"]["failed"]["mean"] == 0.5
+
+
+def test_phantom_dataset_with_domain_randomisation(tmp_path: Path) -> None:
+    """The recipes can train on family A's randomised phantoms (what the retraining uses)."""
+    from training.phantom_dataset import PhantomSpec, build_phantom_dataset
+
+    spec = PhantomSpec("dsa", 64, 4, ("artery",), {"train": [7, 8]}, randomise=True)
+    manifest = build_phantom_dataset(tmp_path / "r", spec, "r", progress=lambda _m: None)
+    assert "randomised" in manifest["source"] and manifest["phantoms"]["randomise"] is True
+    spacings = {c["meta"]["pixel_spacing_mm"][0] for c in manifest["cases"]}
+    assert len(spacings) == 2  # the field of view is drawn per run
+    with pytest.raises(DatasetError, match="no domain randomisation"):
+        spec_b = PhantomSpec("dsa", 64, None, ("artery",), {"test": [0]}, "B", randomise=True)
+        build_phantom_dataset(tmp_path / "b", spec_b, "b", progress=lambda _m: None)

@@ -290,6 +290,7 @@ def cmd_phantom_dataset(args: argparse.Namespace) -> int:
         roles=tuple(r for r in args.roles.split(",") if r),
         splits=splits,
         family=args.family,
+        randomise=args.randomise,
     )
     manifest = build_phantom_dataset(
         args.out, spec, args.name, args.version, progress=lambda m: print(m, file=sys.stderr)
@@ -462,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--version", default="1")
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, help="matrix (default: the generator's)")
     p.add_argument("--frames", type=int, help="2D kinds of family A (family B draws its own)")
+    p.add_argument("--randomise", action="store_true", help="family A domain randomisation")
     p.add_argument(
         "--roles",
         required=True,

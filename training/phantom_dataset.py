@@ -53,11 +53,12 @@ class PhantomSpec:
     """Which generator, at what size, which seeds in which split, which truth as labels."""
 
     kind: str  # dsa | coronary | rotational
-    size: int
+    size: int | None  # None: the generator's default (drawn from its priors when randomised)
     frames: int | None
     roles: tuple[str, ...]
     splits: Mapping[str, Sequence[int]] = field(default_factory=dict)
     family: str = "A"
+    randomise: bool = False  # family A's domain randomisation (training.phantoms.priors)
 
     def key(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,21 +117,33 @@ def case_from_run(
     )
 
 
+def _options(gen: Any, size: int | None, frames: int | None, randomise: bool) -> dict:
+    """Generator keywords: family B draws its own frame counts and timing, and only
+    family A has domain randomisation."""
+    accepted = inspect.signature(gen.generate).parameters
+    kw: dict[str, Any] = {} if size is None else {"size": size}
+    if frames is not None and "frames" in accepted:
+        kw["frames"] = frames
+    if randomise:
+        if "randomise" not in accepted:
+            raise DatasetError(f"{gen.__name__} has no domain randomisation")
+        kw["randomise"] = True
+    return kw
+
+
 def phantom_case(
     kind: str,
     seed: int,
-    size: int,
+    size: int | None,
     frames: int | None,
     roles: Sequence[str],
     split: str = "train",
     family: str = "A",
+    randomise: bool = False,
 ) -> Case:
     """One generated phantom as an in-memory case (what the dataset builder writes)."""
     gen = generator(family, kind)
-    kw: dict[str, Any] = {"size": size}
-    if frames is not None and "frames" in inspect.signature(gen.generate).parameters:
-        kw["frames"] = frames
-    phantom = gen.generate(seed, **kw)
+    phantom = gen.generate(seed, **_options(gen, size, frames, randomise))
     return case_from_run(
         f"{family.lower()}-{kind}-{seed:06d}",
         phantom.to_run(),
@@ -151,9 +164,8 @@ def build_phantom_dataset(
     """Generate, label and write; returns the manifest. A folder already built from the
     same spec is reused as it is (long runs resume on the same dataset hash)."""
     root = Path(out)
-    # Fails early when the family lacks the kind; family B draws its own frame counts.
-    gen = generator(spec.family, spec.kind)
-    takes_frames = "frames" in inspect.signature(gen.generate).parameters
+    # Fails early when the family lacks the kind or the options.
+    used = _options(generator(spec.family, spec.kind), spec.size, spec.frames, spec.randomise)
     build_key = hashlib.sha256(
         canonical_json({"phantoms": spec.key(), "name": name, "version": version})
     ).hexdigest()
@@ -170,7 +182,14 @@ def build_phantom_dataset(
                 raise DatasetError(f"seed {seed} is in more than one split")
             seen.add(seed)
             case = phantom_case(
-                spec.kind, seed, spec.size, spec.frames, spec.roles, split, spec.family
+                spec.kind,
+                seed,
+                spec.size,
+                spec.frames,
+                spec.roles,
+                split,
+                spec.family,
+                spec.randomise,
             )
             arrays = {"pixels": case.pixels}
             if case.frame_times_s is not None:
@@ -207,8 +226,10 @@ def build_phantom_dataset(
         "name": name,
         "version": version,
         "source": (
-            f"{FAMILIES[spec.family][0]}.{spec.kind} (family {spec.family}), size {spec.size}"
-            + (f", {spec.frames} frames" if spec.frames and takes_frames else "")
+            f"{FAMILIES[spec.family][0]}.{spec.kind} (family {spec.family}"
+            + (", randomised" if spec.randomise else "")
+            + f"), size {used.get('size', 'drawn per run')}"
+            + (f", {spec.frames} frames" if "frames" in used else "")
             + f"; seeds {seeds_text}"
         ),
         "deidentification": "not applicable: synthetic phantoms, no patient data",

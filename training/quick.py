@@ -189,11 +189,14 @@ def phantom_spec(recipe: Recipe, args: argparse.Namespace) -> PhantomSpec:
     def first(seeds: range, n: int | None) -> list[int]:
         return list(seeds)[: n if n is not None else len(seeds)]
 
+    # Randomised phantoms draw their matrix from the priors unless --size is given.
+    size = args.size or (None if args.randomise else recipe.size)
     return PhantomSpec(
         kind=recipe.kind,
-        size=args.size or recipe.size,
+        size=size,
         frames=(args.frames or recipe.frames) if recipe.frames is not None else None,
         roles=recipe.roles,
+        randomise=args.randomise,
         splits={
             "train": first(recipe.train, args.train_cases),
             "val": first(recipe.val, args.val_cases),
@@ -290,6 +293,11 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(RECIPES))
     p.add_argument("--workdir", required=True, help="dataset(s) and run go here")
+    p.add_argument(
+        "--randomise",
+        action="store_true",
+        help="family A with domain randomisation (training.phantoms.priors)",
+    )
     p.add_argument("--size", type=int, help="phantom size (default: the recipe's)")
     p.add_argument("--frames", type=int, help="phantom frames (2D kinds)")
     p.add_argument("--train-cases", type=int, help="first N of the recipe's training seeds")
