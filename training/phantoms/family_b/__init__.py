@@ -23,7 +23,8 @@ independently and differs in structure, not just in parameters:
 - what real runs carry besides anatomy: collimator shutters (rectangular,
   circular, polygonal; written to the Display Shutter module in some runs and
   only visible in the pixels in others), burned-in text, catheters, clips,
-  sternal wires and ECG leads, MONOCHROME1 storage, non-square matrices.
+  sternal wires and ECG leads, 8-bit lossy cine, runs without any spacing,
+  non-square matrices.
 
 Three kinds with the same in-memory interface as family A (``generate(seed,
 ...)`` returning an object with ``pixels`` / ``hu``, ``truth``, ``to_run()``

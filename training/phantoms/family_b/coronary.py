@@ -103,11 +103,11 @@ class CoronaryPhantomB:
     @property
     def header_spacing_mm(self) -> tuple[float, float] | None:
         mode = self.acquisition.spacing_mode
-        if mode == "both":
-            return self.pixel_spacing_mm
-        if mode == "imager":
-            return (self.acquisition.pitch_mm, self.acquisition.pitch_mm)
-        return None
+        value = {"both": self.pixel_spacing_mm[0], "imager": self.acquisition.pitch_mm}.get(mode)
+        if value is None:
+            return None
+        written = float(f"{value:.6g}")  # as the header stores it
+        return (written, written)
 
     def to_run(self) -> Run:
         t, h, w = self.pixels.shape

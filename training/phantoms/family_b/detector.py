@@ -53,7 +53,7 @@ def draw_detector(
         electronic_sd=float(rng.uniform(1.0, 6.0)),
         row_sd=float(rng.uniform(0.0, 1.5)),
         gain_sd=float(rng.uniform(0.003, 0.012)),
-        flicker_sd=float(rng.uniform(0.003, 0.015)),
+        flicker_sd=float(rng.uniform(0.002, 0.008)),
         vignetting=float(rng.uniform(0.05, 0.25)),
         spr=float(rng.uniform(*spr)),
         blade_transmission=float(rng.uniform(0.01, 0.05)),
@@ -108,20 +108,21 @@ def expose(
         else (1.0 + rng.normal(0.0, det.gain_sd, (h, w))).astype(np.float32)
     )
     scatter_size = int(round(60.0 / det.pitch_mm))
-    n0 = None
+    region = aec_region if aec_region is not None else np.ones((h, w), bool)
+    if field is not None and (region & (field > 0.5)).any():
+        region = region & (field > 0.5)
+    n0, spr_scale = None, None
     out = np.empty((t, h, w), np.float32)
     for k in range(t):
         primary = np.exp(-attenuation[k]) * vig * blade * flicker[k]
         source = primary if behind_patient is None else primary * behind_patient
-        scatter = det.spr * _broad(source, scatter_size)
-        scatter *= np.mean(primary) / max(float(np.mean(_broad(primary, scatter_size))), 1e-12)
-        relative = primary + scatter * (blade if field is not None else 1.0)
+        scatter = _broad(source, scatter_size)
+        if spr_scale is None:  # the scatter-to-primary ratio is ``spr`` over the region
+            ratio = np.median(scatter[region] / np.maximum(primary[region], 1e-12))
+            spr_scale = det.spr / max(float(ratio), 1e-12)
+        relative = primary + spr_scale * scatter * (blade if field is not None else 1.0)
         if n0 is None:  # exposure control, set on the first (mask) pulse
-            region = aec_region if aec_region is not None else np.ones((h, w), bool)
-            if field is not None:
-                region = region & (field > 0.5)
-            level = float(np.median(relative[region])) if region.any() else 1.0
-            n0 = det.quanta_per_pixel / max(level, 1e-12)
+            n0 = det.quanta_per_pixel / max(float(np.median(relative[region])), 1e-12)
         expected = n0 * relative
         counts = expected if rng is None else rng.poisson(expected).astype(np.float32)
         light = ndimage.gaussian_filter(counts, det.psf_sigma_px, mode="nearest")

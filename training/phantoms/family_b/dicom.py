@@ -4,8 +4,7 @@ Every object carries ``ManufacturerModelName = FAMILY_B_MODEL_NAME`` so that
 tooling can refuse it for training. Headers differ from family A's on
 purpose where real systems differ: Frame Time Vector always, Display Shutter
 module when the run records its collimation, Burned In Annotation YES when
-text is in the pixels, MONOCHROME1 subtracted runs, 8-bit lossy-processed
-cine, no spacing at all in some runs, CT slices written in descending order
+text is in the pixels, 8-bit lossy-processed cine, no spacing at all in some runs, CT slices written in descending order
 with signed 16-bit values.
 """
 

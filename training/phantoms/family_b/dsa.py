@@ -6,7 +6,7 @@ perfusion reference object their LDRW-driven curves (``bolus``) on an
 irregular frame schedule, and forms frames with the flat-panel model
 (``detector``): correlated quantum noise, electronic noise, flicker,
 vignetting, a collimator shutter, burned-in text, and storage as subtracted
-(10 or 12 bits, MONOCHROME2 or MONOCHROME1, sometimes with landmarking) or
+(10 or 12 bits, sometimes with landmarking) or
 native (12-16 bits LIN with a Mask Subtraction Sequence, mask of one or two
 frames). Spacing is written as Imager Pixel Spacing, sometimes also as a
 calibrated Pixel Spacing, and sometimes not at all.
@@ -114,21 +114,19 @@ class DSAPhantomB:
     def header_spacing_mm(self) -> tuple[float, float] | None:
         """The spacing a reader of the header finds (Pixel Spacing, else Imager Pixel Spacing)."""
         mode = self.acquisition.spacing_mode
-        if mode == "both":
-            return self.pixel_spacing_mm
-        if mode == "imager":
-            return (self.acquisition.pitch_mm, self.acquisition.pitch_mm)
-        return None
+        value = {"both": self.pixel_spacing_mm[0], "imager": self.acquisition.pitch_mm}.get(mode)
+        if value is None:
+            return None
+        written = float(f"{value:.6g}")  # as the header stores it
+        return (written, written)
 
     def to_run(self, subtract: bool = True) -> Run:
         """The run exactly as the node decodes the written file (``dicom_node.runs``):
-        MONOCHROME1 inverted by the run's maximum, native frames log-subtracted
-        against the mean of the Mask Frame Numbers, spacing from the header."""
+        native frames log-subtracted against the mean of the Mask Frame Numbers,
+        spacing from the header."""
         from dicom_node.runs import SUB_GAIN, SUB_MID
 
         pixels = self.pixels.astype(np.float32)
-        if self.acquisition.photometric == "MONOCHROME1":
-            pixels = pixels.max() - pixels
         subtracted = not self.native
         if self.native and subtract:
             mask = pixels[list(self.acquisition.mask_frames)].mean(axis=0)
@@ -421,9 +419,9 @@ def generate(
     else:
         bits = int(rng.choice([10, 12]))
         gain = 2**bits * float(rng.uniform(0.15, 0.35))
-        landmark = float(rng.uniform(0.05, 0.2)) if rng.random() < 0.4 else 0.0
+        landmark = float(rng.uniform(0.03, 0.1)) if rng.random() < 0.15 else 0.0
         stored = detector.log_subtracted(signal, signal[:m].mean(axis=0), bits, gain, landmark)
-        photometric = "MONOCHROME1" if rng.random() < 0.25 else "MONOCHROME2"
+        photometric = "MONOCHROME2"  # the XA Image module allows nothing else
     top = 2**bits - 1
     burn_shutter = field_ is not None and rng.random() < 0.35
     if burn_shutter:
@@ -445,8 +443,6 @@ def generate(
             on = ann > 0.5
             stored[k][on] = top
             text_mask |= on
-    if photometric == "MONOCHROME1":
-        stored = (top - stored.astype(np.int32)).astype(np.uint16)
 
     spacing_mode = str(rng.choice(["imager", "imager", "both", "none"], p=[0.35, 0.25, 0.25, 0.15]))
     art_cover = (art_img.cover[0] | art_img.cover[1] | aneurysm_cover) & inside

@@ -66,7 +66,10 @@ class RotationalPhantomB:
             columns=x,
             number_of_frames=z,
             frame_times_s=None,
-            pixel_spacing_mm=(self.spacing_mm[1], self.spacing_mm[2]),
+            pixel_spacing_mm=(
+                float(f"{self.spacing_mm[1]:.6g}"),
+                float(f"{self.spacing_mm[2]:.6g}"),
+            ),
             slice_spacing_mm=self.spacing_mm[0],
             image_type=("DERIVED", "SECONDARY", "AXIAL"),
             body_part="HEAD",

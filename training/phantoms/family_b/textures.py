@@ -31,7 +31,7 @@ def fractal(shape: tuple[int, ...], beta: float, rng: np.random.Generator) -> np
     f[(0,) * len(shape)] = 1.0
     spec *= f ** (-beta / 2.0)
     spec[(0,) * len(shape)] = 0.0
-    out = np.fft.irfftn(spec, s=shape)
+    out = np.fft.irfftn(spec, s=shape, axes=tuple(range(len(shape))))
     return ((out - out.mean()) / max(float(out.std()), 1e-12)).astype(np.float32)
 
 
