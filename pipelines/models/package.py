@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -94,16 +95,61 @@ class ModelPackage:
         )
 
     def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
-        """Build the architecture and load the weights safely (``weights_only=True``)."""
-        model = build(self.architecture, self.config)
-        state = torch.load(self.path / "weights.pt", map_location=device, weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise PipelineError(
-                f"model package {self.path}: weights do not fit architecture {self.architecture!r} "
-                f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
-            )
-        return model.to(device).eval()
+        """The model with its weights, built once per process and package version.
+
+        Worker processes are long-lived, so a package stays loaded across jobs; the
+        cache key includes the weights file's identity, so a package replaced on
+        disk is loaded (and verified) again."""
+        weights = self.path / "weights.pt"
+        try:
+            st = weights.stat()
+        except OSError as exc:
+            raise PipelineError(f"model package {self.path}: {exc}") from None
+        return _cached_model(
+            str(self.path.resolve()),
+            str(self.meta.get("weights_sha256", "")),
+            st.st_mtime_ns,
+            st.st_size,
+            str(device),
+            self.architecture,
+            json.dumps(self.config, sort_keys=True),
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(
+    path: str,
+    sha256: str,
+    mtime_ns: int,
+    size: int,
+    device: str,
+    architecture_name: str,
+    config_json: str,
+) -> nn.Module:
+    """Build the architecture and load the weights safely (``weights_only=True``), after
+    checking them against the ``weights_sha256`` the package declares."""
+    root = Path(path)
+    data = (root / "weights.pt").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not sha256:
+        raise PipelineError(f"model package {root}: package.json lacks weights_sha256")
+    if digest != sha256:
+        raise PipelineError(
+            f"model package {root}: weights.pt has SHA-256 {digest[:16]}..., "
+            f"package.json declares {sha256[:16]}... (corrupt or replaced weights)"
+        )
+    model = build(architecture_name, json.loads(config_json))
+    state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PipelineError(
+            f"model package {root}: weights do not fit architecture {architecture_name!r} "
+            f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
+        )
+    log.info(
+        "model package %s loaded on %s (weights SHA-256 %s verified)", root, device, digest[:16]
+    )
+    return model.to(device).eval()
 
 
 def load_package(path: str | Path, pipeline: str | None = None) -> ModelPackage:
