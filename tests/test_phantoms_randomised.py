@@ -142,8 +142,8 @@ def test_dsa_truth_matches_the_noise_free_image():
     """Noise-free randomised runs: arteries are dark at their peak, background flat."""
     for seed in (5, 6, 7):
         p = dsa.generate(seed, size=SIZE, frames=10, noise=False, devices=False, randomise=_CLEAN)
-        gain = 1000.0 * 2.0 ** (p.presentation.bits_stored - 12) * p.appearance["display_gain"]
-        offset = 2.0 ** (p.presentation.bits_stored - 1)
+        offset, gain = p.presentation.scale
+        assert gain <= 1000.0 * 2.0 ** (p.presentation.bits_stored - 12) * 2.0
         signal = (offset - p.pixels.astype(float)) / gain  # attenuation units
         assert (p.pixels[0] == round(offset)).all(), "the mask subtracts to the offset"
         art = p.truth["artery"]
@@ -382,3 +382,17 @@ def test_cli_randomise(tmp_path, capsys):
     bad = ["rotational", "--output", str(tmp_path / "r"), "--size", "32x40"]
     assert cli.run(parser.parse_args(bad)) == 2
     assert "one number" in capsys.readouterr().err
+
+
+def test_render_tree_with_boxes_touching_the_grid_but_no_pixel():
+    """A device just outside a zoomed field: its box reaches the grid, no pixel is covered."""
+    from training.phantoms.raster import Projection, render_tree
+    from training.phantoms.vessels import VesselTree
+
+    proj = Projection(np.array([1.0, 0, 0]), np.array([0, 0, -1.0]), np.zeros(3), 1.0, 16)
+    pts = np.array([[-8.2, 0.0, 0.0], [-8.2, 0.0, -6.0]])  # column -0.7, radius 0.15 px
+    tree = VesselTree(
+        pts, np.array([-1, 0]), np.full(2, 0.15), np.zeros(2), np.zeros(2, np.uint8), ("x",)
+    )
+    img = render_tree(tree, proj, np.zeros(2, int), 1)
+    assert img.thickness_mm.shape == (1, 16, 16) and not img.cover.any()

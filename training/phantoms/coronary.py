@@ -588,7 +588,14 @@ def generate(
     log_img = np.log(np.maximum(counts, 1.0) / n0)
     sigma = 25.0 / spacing
     compression = 0.6 if app is None else app.range_compression
-    log_img = log_img - compression * physics.lowpass(log_img, sigma)
+    if field.all():
+        log_img = log_img - compression * physics.lowpass(log_img, sigma)
+    else:
+        # Processing finds the collimation first: the blades' shadow does not enter the
+        # range compression, so it stays dark instead of being lifted to the field's level.
+        level = np.median(log_img[:, field], axis=1)[:, None, None]
+        inside = np.where(field[None], log_img, level)
+        log_img = log_img - compression * physics.lowpass(inside, sigma)
     ref = float(np.median(log_img[0][heart_region]))
     presentation = None
     overlay = np.zeros((rows, cols), bool)
@@ -602,18 +609,25 @@ def generate(
                 log_img - ndimage.gaussian_filter(log_img, (0, 1.5, 1.5))
             )
         bits = app.bits
-        offset, gain = float(2 ** (bits - 1)), 600.0 * 2.0 ** (bits - 12) * app.display_gain
+        # The vendor's scale, capped so that the field stays inside the stored range.
+        lo, hi = np.percentile((log_img - ref)[:, field][::4], [0.5, 99.5])
+        gain = min(600.0 * 2.0 ** (bits - 12) * app.display_gain, 0.9 * (2**bits - 1) / (hi - lo))
+        offset = float(2 ** (bits - 1)) - gain * 0.5 * (lo + hi)
         pixels = xa_effects.to_stored(log_img - ref, offset, gain, bits)
+        # Automatic windowing, as cine systems do: the field's 1st to 99th percentile.
+        lo, hi = np.percentile(pixels[:, field][::4], [1.0, 99.0])
+        window = (float(round((lo + hi) / 2)), float(max(round(hi - lo), 16)))
         pixels, overlay, presentation = xa_effects.finish(
             pixels,
             field,
             app,
             np.random.default_rng([seed, 0x5A, 0xC4]),
             bits,
-            (offset, 5.0 * gain),
-            int(offset),
+            window,
+            int(2 ** (bits - 1)),
             view,
             spacing,
+            scale=(offset - gain * ref, gain),
         )
     keep_truth = field & ~overlay
     truth = {

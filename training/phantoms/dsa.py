@@ -625,13 +625,25 @@ def _store(
         grey = int(level)
     else:
         offset = float(2 ** (bits - 1))
-        gain = 1000.0 * 2.0 ** (bits - 12) * app.display_gain
         diff = np.log(np.maximum(counts, 1.0)) - np.log(np.maximum(counts[0], 1.0))
+        # The vendor's scale, capped so the densest contrast stays inside the stored range.
+        reach = float(np.percentile(np.abs(diff[:, field][:, ::7]), 99.9))
+        gain = min(1000.0 * 2.0 ** (bits - 12) * app.display_gain, 0.95 * offset / max(reach, 1e-3))
         pixels = xa_effects.to_stored(diff, offset, gain, bits)
         window = (offset - 0.4 * gain, 1.5 * gain)
         grey = int(offset)
     pixels, overlay, presentation = xa_effects.finish(
-        pixels, field, app, rng, bits, window, grey, view.upper(), spacing, lossy=not native
+        pixels,
+        field,
+        app,
+        rng,
+        bits,
+        window,
+        grey,
+        view.upper(),
+        spacing,
+        lossy=not native,
+        scale=None if native else (offset, gain),
     )
     return pixels, (pixels[:1].copy() if native else None), overlay, presentation
 

@@ -211,7 +211,10 @@ class XAPriors:
     )
     shutter_kinds: tuple[str, ...] = _ext(SHUTTER_KINDS, "shapes, drawn with equal weight")
     shutter_transmission: Range = _ext(
-        (0.003, 0.03), "lead blades leave a trace of signal behind them", log=True
+        (0.0005, 0.005),
+        "1-2 mm of lead passes well under 1 % at 70-90 kVp; scatter from the field still "
+        "reaches the detector behind the blades",
+        log=True,
     )
     shutter_penumbra_mm: Range = _ext((0.5, 3.0), "blade penumbra at the isocentre", "mm")
     blank_p: float = _ext(0.5, "vendors blank the area outside the shutter in stored pixels")
@@ -279,7 +282,7 @@ class CoronaryPriors(XAPriors):
     stenosis_length_mm: Range = _geo((3.0, 15.0), "focal to diffuse lesions", "mm")
     torso_scale: Range = _geo((0.85, 1.3), "slim to obese chests: more scatter and noise")
     diaphragm_shift_mm: Range = _geo(
-        (-30.0, 40.0), "breath-hold level: the liver enters the field", "mm"
+        (-30.0, 20.0), "breath-hold level: the liver enters the field", "mm"
     )
     iodine_mg_ml: Range = _con((270.0, 370.0), "full-strength contrast for coronaries", "mgI/mL")
     injection_s: Range = _con((1.0, 4.0), "hand injections of 4-10 mL over 1.5-3 s", "s")

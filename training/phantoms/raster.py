@@ -155,7 +155,7 @@ def render_tree(
     thickness = np.zeros((n_groups, hw), np.float64)
     cover = np.zeros((n_masks, hw), bool)
     diameter = np.zeros(hw, np.float64)
-    if keys:
+    if keys and sum(len(k) for k in keys):  # boxes may touch the grid with no pixel inside
         key = np.concatenate(keys)
         val = np.concatenate(vals)
         grp = np.concatenate(groups)

@@ -291,6 +291,8 @@ class Presentation:
     shutter_value: int = 0
     burned_in: bool = False
     lossy_ratio: float | None = None
+    # stored = offset + gain * log value (log-subtracted DSA, cine); None for linear data
+    scale: tuple[float, float] | None = None
 
     def write(self, ds: Dataset) -> None:
         """Image Pixel, VOI LUT, Display Shutter and lossy-compression attributes."""
@@ -321,6 +323,7 @@ def finish(
     view: str,
     spacing_mm: float,
     lossy: bool = True,
+    scale: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Presentation]:
     """Blank outside the shutter, burn in text and markers, pass through JPEG, as drawn in
     ``app`` (an ``appearance.XAAppearance``). Returns pixels, the overlay mask, presentation."""
@@ -349,6 +352,8 @@ def finish(
         pixels, ratio = jpeg_roundtrip(pixels, window, app.jpeg_quality)
         lo = window[0] - window[1] / 2.0
         shutter_value = int(np.clip(round((shutter_value - lo) / window[1] * 255), 0, 255))
+        if scale is not None:
+            scale = ((scale[0] - lo) / window[1] * 255.0, scale[1] / window[1] * 255.0)
         bits, window = 8, (128.0, 256.0)
     presentation = Presentation(
         bits_stored=bits,
@@ -357,5 +362,6 @@ def finish(
         shutter_value=shutter_value,
         burned_in=bool(overlay.any()),
         lossy_ratio=ratio,
+        scale=scale,
     )
     return pixels, overlay, presentation
