@@ -12,14 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import config, dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
-from pydicom.valuerep import DT
+from pydicom.valuerep import DT, TM, validate_value
 
 from dicom_node.errors import RunError
-from dicom_node.routing import SUBTRACTING_MASK_OPERATIONS, frame_rate, mask_operation
+from dicom_node.routing import (
+    SUBTRACTING_MASK_OPERATIONS,
+    frame_rate,
+    header_floats,
+    mask_operation,
+)
 from dicom_node.sopclasses import CINE_2D, VOLUME
 from pipelines.base import Run, RunMeta
 
@@ -37,33 +45,50 @@ class LoadedRun:
     headers: list[Dataset]  # pixel data removed, in run order
 
 
-def frame_times_s(ds: Dataset, frames: int) -> np.ndarray | None:
-    """Acquisition times (s, from the first frame) from Frame Time Vector or Frame Time.
+def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
+    """Acquisition times (s, from the first frame) from Frame Time Vector, Frame Time or
+    the per-frame acquisition date-times, and what was wrong with the timing when there
+    is none: the run is still decoded (a MinIP needs no timing), and pipelines that
+    need timing fail with that reason. Timing is never guessed.
 
     The Frame Time Vector holds increments in ms (its first value is 0).
-    Returns None when the header has no timing: callers must not guess.
     """
-    ftv = ds.get("FrameTimeVector")
-    if ftv is not None and len(ftv) == frames:
-        inc = np.asarray([float(v) for v in ftv], dtype=np.float64)
-        inc[0] = 0.0
-        return np.cumsum(inc) / 1000.0
-    if ds.get("FrameTime"):
-        return np.arange(frames, dtype=np.float64) * float(ds.FrameTime) / 1000.0
+    problems = []
+    ftv = header_floats(ds, "FrameTimeVector")
+    if ftv is not None:
+        if len(ftv) == frames:
+            inc = np.asarray(ftv, dtype=np.float64)
+            inc[0] = 0.0
+            if np.all(inc[1:] > 0):
+                return np.cumsum(inc) / 1000.0, ""
+            problems.append("Frame Time Vector has increments that are not positive")
+        else:
+            problems.append(f"Frame Time Vector has {len(ftv)} values for {frames} frames")
+    elif ds.get("FrameTimeVector") not in (None, ""):
+        problems.append(f"Frame Time Vector {str(ds.FrameTimeVector)[:30]!r} is not numeric")
+    ft = header_floats(ds, "FrameTime")
+    if ft is not None:
+        if len(ft) == 1 and ft[0] > 0:
+            return np.arange(frames, dtype=np.float64) * ft[0] / 1000.0, ""
+        problems.append(f"Frame Time {str(ds.FrameTime)[:30]!r} is not one positive number")
+    elif ds.get("FrameTime") not in (None, ""):
+        problems.append(f"Frame Time {str(ds.FrameTime)[:30]!r} is not numeric")
     pf = ds.get("PerFrameFunctionalGroupsSequence")
     if pf is not None and len(pf) == frames:
         stamps = []
         for item in pf:
             content = item.get("FrameContentSequence")
             stamp = content[0].get("FrameAcquisitionDateTime") if content else None
-            if not stamp:
+            try:
+                stamps.append(DT(str(stamp)).timestamp())
+            except (TypeError, ValueError):
                 break
-            stamps.append(DT(str(stamp)).timestamp())
         if len(stamps) == frames:
-            return np.asarray(stamps) - stamps[0]
-    if ftv is not None:
-        log.warning("Frame Time Vector has %d values for %d frames; ignoring it", len(ftv), frames)
-    return None
+            return np.asarray(stamps) - stamps[0], ""
+    problem = "; ".join(problems) or "the run carries no frame timing"
+    if problems:
+        log.warning("no usable frame timing: %s", problem)
+    return None, problem
 
 
 def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
@@ -75,10 +100,12 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
         log.warning("Mask Operation %r not supported; using frames unsubtracted", op)
         return frames, False
     item = ds.MaskSubtractionSequence[0]
-    numbers = item.get("MaskFrameNumbers")
-    if op == "TID" or numbers is None:
-        numbers = [1]
-    numbers = [int(n) for n in (numbers if not isinstance(numbers, (int, str)) else [numbers])]
+    listed = header_floats(item, "MaskFrameNumbers")
+    if op == "TID" or listed is None:
+        listed = [1.0]
+    if not all(float(n).is_integer() for n in listed):
+        raise RunError(f"Mask Frame Numbers {listed} are not frame numbers")
+    numbers = [int(n) for n in listed]
     idx = [n - 1 for n in numbers if 1 <= n <= frames.shape[0]]
     if not idx:
         raise RunError(
@@ -91,21 +118,64 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
     try:
-        arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
+        return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - a decoder meeting hostile data raises anything
         raise RunError(
             f"cannot decode pixel data of {path.name} "
-            f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}"
+            f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {type(exc).__name__}: {exc}"
         ) from None
-    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+
+
+_IDENTITY_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
 
 def _strip(ds: Dataset) -> Dataset:
-    header = ds.copy()
-    for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if kw in header:
-            del header[kw]
+    """The header without pixel data, and without elements that cannot be read as their
+    dictionary VR (a wrong VR, a value that does not parse): the encoders copy many of
+    them into the results, which must be valid. What is dropped is logged."""
+    header = Dataset()
+    header.file_meta = ds.file_meta
+    dropped = []
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]  # converts the raw element: a value that does not parse raises
+        except Exception:  # noqa: BLE001
+            dropped.append(str(tag))
+            continue
+        if elem.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            continue
+        if _unreadable(elem):
+            dropped.append(elem.keyword or str(elem.tag))
+            continue
+        header.add(elem)
+    for keyword in _IDENTITY_UIDS:  # checked at ingest; kept, with the VR they must have
+        if keyword in ds and keyword not in header:
+            setattr(header, keyword, str(ds[keyword].value).rstrip("\0 "))
+    if dropped:
+        log.warning("header elements dropped as unreadable: %s", ", ".join(dropped[:20]))
     return header
+
+
+def _unreadable(elem: DataElement) -> bool:
+    if elem.tag.is_private or elem.tag.group == 0x0002:
+        return False
+    try:
+        expected = dictionary_VR(elem.tag)
+    except KeyError:
+        return False
+    if elem.VR != expected and " or " not in expected and elem.VR != "UN":
+        return True
+    try:
+        value = elem.value
+        if elem.VR == "SQ":
+            return False
+        values = value if isinstance(value, MultiValue) else [value]
+        for v in values:
+            if isinstance(v, (str, bytes)) and v:  # numbers already parsed as their VR
+                validate_value(elem.VR, v, config.RAISE)
+    except Exception:  # noqa: BLE001 - any failure to read the value makes it unreadable
+        return True
+    return False
 
 
 def _slice_position(ds: Dataset) -> float:
@@ -136,21 +206,25 @@ def load_run(paths: Sequence[Path]) -> LoadedRun:
 
 def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
     if len(datasets) > 1:
-        order = np.argsort([int(ds.get("InstanceNumber", i) or i) for i, ds in enumerate(datasets)])
+        numbers = [header_floats(ds, "InstanceNumber") or [i] for i, ds in enumerate(datasets)]
+        order = np.argsort([n[0] for n in numbers], kind="stable")
         datasets = [datasets[i] for i in order]
         paths = [paths[i] for i in order]
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+        if len(sizes) > 1:
+            raise RunError(f"the instances of the series differ in size: {sorted(sizes)}")
         frames = np.stack(
             [
                 decode_pixels(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
                 for ds, p in zip(datasets, paths, strict=True)
             ]
         )
-        times = _instance_times(datasets)
+        times, timing_problem = _instance_times(datasets)
     else:
         ds = datasets[0]
         arr = decode_pixels(ds, paths[0])
         frames = arr.reshape(-1, int(ds.Rows), int(ds.Columns))
-        times = frame_times_s(ds, frames.shape[0])
+        times, timing_problem = frame_times_s(ds, frames.shape[0])
     first = datasets[0]
     if str(first.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
         frames = frames.max() - frames  # keep 'vessels dark' meaning of MONOCHROME2
@@ -175,23 +249,30 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         subtracted=mask_subtracted or "SUBTRACTION" in image_type,
         is_volume=False,
         frame_rate=frame_rate(first),
-        extra={"mask_subtracted": mask_subtracted},
+        extra={"mask_subtracted": mask_subtracted, "timing_problem": timing_problem},
     )
     return LoadedRun(
         Run(pixels=frames.astype(np.float32), meta=meta), [_strip(d) for d in datasets]
     )
 
 
-def _instance_times(datasets: list[Dataset]) -> np.ndarray | None:
+def _instance_times(datasets: list[Dataset]) -> tuple[np.ndarray | None, str]:
+    """Times of a multi-instance series from Acquisition (or Content) Time."""
     stamps = []
     for ds in datasets:
         t = ds.get("AcquisitionTime") or ds.get("ContentTime")
-        if not t:
-            return None
-        s = str(t)
-        stamps.append(int(s[0:2]) * 3600 + int(s[2:4]) * 60 + float(s[4:] or 0))
-    times = np.asarray(stamps) - stamps[0]
-    return times if np.all(np.diff(times) >= 0) else None
+        try:
+            stamps.append(TM(str(t)))
+        except (TypeError, ValueError):
+            return (
+                None,
+                f"instance {ds.get('InstanceNumber', '?')} has no readable Acquisition Time",
+            )
+    seconds = [s.hour * 3600 + s.minute * 60 + s.second + s.microsecond / 1e6 for s in stamps]
+    times = np.asarray(seconds) - seconds[0]
+    if np.all(np.diff(times) >= 0):
+        return times, ""
+    return None, "Acquisition Times of the instances are not in instance order"
 
 
 def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:

@@ -16,6 +16,8 @@ service process itself never decodes pixel data from the network.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing as mp
 import os
@@ -40,6 +42,7 @@ from pipelines.base import PipelineError
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_PR_SET_PDEATHSIG = 1
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -132,6 +135,7 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
 def _serve(conn: Connection, address_space_limit: int | None) -> None:
     """The child's loop: a JobSpec in, stage messages and an Outcome out; None ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    _die_with_parent()
     if address_space_limit:
         resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
     while True:
@@ -143,6 +147,16 @@ def _serve(conn: Connection, address_space_limit: int | None) -> None:
             return
         outcome = execute(spec, lambda stage: conn.send(("stage", stage)))
         conn.send(("done", outcome))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the forkserver that forked it ends, which it does
+    when the node dies; a node killed with -9 leaves no worker computing on."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed node")
 
 
 def _rss_bytes(pid: int) -> int:

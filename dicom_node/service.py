@@ -88,10 +88,15 @@ class Node:
         self.workers.recover()
 
     def stop(self) -> None:
+        """Stop every stage; a second call does nothing."""
         if self.server is not None:
             self.server.shutdown()
+            self.server = None
         if self.api is not None:
             self.api.shutdown()
+            self.api = None
+        if not self.scheduler.running:
+            return
         self.scheduler.shutdown(wait=False)
         self.router.stop()
         self.workers.stop()

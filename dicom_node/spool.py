@@ -248,9 +248,10 @@ def inspect(
             for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
         ]
         ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
-    except PARSE_ERRORS as exc:
+    except Exception as exc:  # noqa: BLE001 - hostile bytes make a parser raise anything
         raise RejectedInstance(
-            RejectedInstance.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}"
+            RejectedInstance.CANNOT_UNDERSTAND,
+            f"dataset cannot be parsed: {type(exc).__name__}: {exc}",
         ) from None
     sop_class = check_uid("SOP Class UID", uids[0], max_uid_length)
     sop_uid = check_uid("SOP Instance UID", uids[1], max_uid_length)
@@ -271,7 +272,7 @@ def inspect(
             frames = _check_pixel_module(ds, ts, limits)
         except RejectedInstance:
             raise
-        except PARSE_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - elements are parsed lazily, on access
             raise RejectedInstance(
                 RejectedInstance.CANNOT_UNDERSTAND, f"pixel module cannot be read: {exc}"
             ) from None

@@ -47,9 +47,10 @@ class Timing:
 def acquisition_times(meta: RunMeta, frames: int) -> np.ndarray:
     """Frame times in seconds from the run metadata, relative to the first frame."""
     if meta.frame_times_s is None:
+        why = meta.extra.get("timing_problem") or "the run carries no frame timing"
         raise PipelineError(
-            "the run carries no frame timing (Frame Time Vector or Frame Time); perfusion "
-            "analysis needs acquisition times and does not guess them"
+            f"{why}; perfusion analysis needs acquisition times (Frame Time Vector or "
+            "Frame Time) and does not guess them"
         )
     times = np.asarray(meta.frame_times_s, dtype=np.float64).ravel()
     if len(times) != frames:
