@@ -1,0 +1,178 @@
+"""Jobs in worker processes: a crash, a memory overrun or a timeout ends the job, not
+the node; data errors fail at once with their reason, crashes are retried up to
+max_attempts; a worker process and the packages it loaded serve many jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import XRayAngiographicImageStorage
+from pynetdicom import AE
+
+from dicom_node.sandbox import JobSpec, WorkerProcess
+from pipelines.base import PipelineError
+from tests.conftest import wait_for
+from tests.dicomgen import xa_run
+
+GiB = 2**30
+
+
+def _run_file(tmp_path: Path, name: str = "run.dcm", **kw: Any) -> Path:
+    path = tmp_path / name
+    xa_run(**kw).save_as(path, enforce_file_format=True)
+    return path
+
+
+def _phantom(tmp_path: Path, size: int = 256) -> Path:
+    from training.phantoms import dsa
+
+    written = dsa.generate(7, size=size, frames=20).write(tmp_path / "phantom")
+    return next(p for p in written if p.name == "dsa.dcm")
+
+
+def _spec(path: Path, out: Path, pipeline: str = "minip", job_id: int = 1) -> JobSpec:
+    return JobSpec(job_id, "run", pipeline, (str(path),), str(out / str(job_id)), "cpu")
+
+
+def _run(worker: WorkerProcess, spec: JobSpec, timeout: float = 120) -> Any:
+    return worker.run(spec, timeout, lambda: None, 60, threading.Event())
+
+
+def test_one_worker_process_serves_many_jobs(tmp_path: Path) -> None:
+    worker = WorkerProcess("t", 4 * GiB, cpu_only=True)
+    try:
+        path = _run_file(tmp_path)
+        first = _run(worker, _spec(path, tmp_path, "minip", 1))
+        second = _run(worker, _spec(path, tmp_path, "dsa_av", 2))
+        assert first.ok and second.ok, (first.error, second.error)
+        assert first.pid == second.pid == worker.pid
+        assert all(r.path.exists() for r in (*first.results, *second.results))
+        assert "object(s)" in first.notes[-1]
+    finally:
+        worker.close()
+    assert worker.pid is None
+
+
+def test_a_data_error_is_permanent_with_its_reason(tmp_path: Path) -> None:
+    worker = WorkerProcess("t", 4 * GiB, cpu_only=True)
+    try:
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(b"not dicom")
+        outcome = _run(worker, _spec(bad, tmp_path))
+        assert not outcome.ok and not outcome.transient and "cannot read" in outcome.error
+        volume = _run(worker, _spec(_run_file(tmp_path), tmp_path, "rotational_dla"))
+        assert not volume.transient and "needs a volume" in volume.error
+    finally:
+        worker.close()
+
+
+def test_a_crashing_worker_ends_one_job_and_is_replaced(tmp_path: Path) -> None:
+    worker = WorkerProcess("t", 4 * GiB, cpu_only=True)
+    path = _phantom(tmp_path)
+    try:
+        assert _run(worker, _spec(path, tmp_path, "minip", 1)).ok  # the process is up
+        pid = worker.pid
+        assert pid is not None
+        killer = threading.Timer(0.5, os.kill, (pid, signal.SIGSEGV))  # a decoder segfault
+        killer.start()
+        outcome = _run(worker, _spec(path, tmp_path, "dsa_perfusion", 2))
+        killer.join()
+        assert outcome.transient and "crashed (SIGSEGV) while" in outcome.error, outcome.error
+        again = _run(worker, _spec(path, tmp_path, "minip", 3))
+        assert again.ok and again.pid != pid
+    finally:
+        worker.close()
+
+
+def test_memory_and_time_limits_end_the_job(tmp_path: Path) -> None:
+    path = _phantom(tmp_path)
+    # the limit is below what a worker with torch loaded holds: the watchdog ends it
+    small = WorkerProcess("t", 64 * 2**20, cpu_only=False)
+    try:
+        outcome = _run(small, _spec(path, tmp_path, "dsa_perfusion"))
+        assert outcome.transient and "memory limit 0.0625 GiB exceeded" in outcome.error
+    finally:
+        small.close()
+    worker = WorkerProcess("t", 4 * GiB, cpu_only=True)
+    try:
+        started = time.monotonic()
+        outcome = _run(worker, _spec(path, tmp_path, "dsa_perfusion"), timeout=0.3)
+        assert outcome.transient and "timed out after 0.3 s while" in outcome.error
+        assert time.monotonic() - started < 10
+    finally:
+        worker.close()
+
+
+def test_the_node_retries_a_crash_then_fails_it_with_the_reason(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """Through the whole node: a job whose worker is killed every time fails after
+    max_attempts with the reason, and the next run is processed."""
+    node = make_node(
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_perfusion"]}],
+        workers={"max_attempts": 2, "backoff_base_s": 0.1, "job_timeout_s": 0.2},
+    )
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    from pydicom import dcmread
+
+    assert int(assoc.send_c_store(dcmread(_phantom(tmp_path, size=384))).Status) == 0
+    assoc.release()
+    job = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 120)[0]
+    assert job["attempts"] == 2
+    assert "timed out after 0.2 s" in job["error"] and "(attempt 2 of 2)" in job["error"]
+    assert all(t.is_alive() for t in node.workers.threads)
+
+
+def _tiny_package(root: Path, seed: int) -> Path:
+    import torch
+
+    from pipelines.models.package import build, write_package
+
+    torch.manual_seed(seed)
+    return write_package(
+        root,
+        model=build("vss_net", {"widths": [4, 8]}),
+        name="tiny",
+        version=str(seed),
+        architecture_name="vss_net",
+        config={"widths": [4, 8]},
+        pipeline="dsa_ia",
+        metrics={},
+        data={},
+        model_card="test package",
+        training_command="test",
+        dataset_manifest_hash="0",
+    )
+
+
+def test_packages_are_loaded_once_and_verified(tmp_path: Path) -> None:
+    from pipelines.models.package import load_package
+
+    root = _tiny_package(tmp_path / "pkg", seed=0)
+    first = load_package(root).load_model("cpu")
+    assert load_package(root).load_model("cpu") is first  # kept in memory
+    # a new version installed in the same folder is loaded, not served from memory
+    other = _tiny_package(tmp_path / "other", seed=1)
+    for name in ("weights.pt", "package.json"):
+        (root / name).write_bytes((other / name).read_bytes())
+    second = load_package(root).load_model("cpu")
+    assert second is not first
+    assert not all(
+        bool((a == b).all())
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+    # damaged weights are refused before torch reads them
+    weights = root / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[-20] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="SHA-256"):
+        load_package(root).load_model("cpu")
