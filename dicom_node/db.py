@@ -208,6 +208,16 @@ class Database:
                 for name, decl in columns:
                     if name not in have:
                         con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            if con.execute("PRAGMA user_version").fetchone()[0] < 2:
+                # schema 1 marked a resend as a destination name suffix, "name!resend"
+                for row in con.execute("SELECT id, destinations FROM jobs").fetchall():
+                    names = json.loads(row["destinations"])
+                    if any(n.endswith("!resend") for n in names):
+                        plain = [n.removesuffix("!resend") for n in names]
+                        con.execute(
+                            "UPDATE jobs SET destinations=?, resend=1 WHERE id=?",
+                            (json.dumps(plain), row["id"]),
+                        )
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- connection ---------------------------------------------------------

@@ -1,0 +1,238 @@
+"""The spine's stages one by one: limits at the door, routing as its own stage,
+one state machine, repair at start, one delivery marked at a time."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
+
+from dicom_node.db import Database, InstanceRecord, RunState, StateError
+from dicom_node.errors import RejectedInstance
+from dicom_node.router import Router
+from dicom_node.settings import LimitsSettings, load_settings
+from dicom_node.spool import inspect
+from tests.conftest import wait_for
+from tests.dicomgen import xa_run
+from tests.faults import encode, raw, relabel
+
+MINIP = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "dsa_av"]}]
+
+
+def _status(data: bytes, limits: LimitsSettings | None = None) -> int:
+    try:
+        inspect(data, "", limits or LimitsSettings())
+    except RejectedInstance as exc:
+        return exc.status
+    return 0
+
+
+def test_declared_sizes_are_checked_before_anything_is_decoded() -> None:
+    assert _status(encode(xa_run())) == 0
+    big = xa_run(frames=2, rows=64, cols=64)
+    big.Rows = big.Columns = 60000
+    assert _status(encode(big)) == RejectedInstance.OVER_LIMITS
+    assert _status(encode(xa_run(frames=9)), LimitsSettings(max_frames=8)) == 0xC001
+    assert _status(encode(xa_run(frames=8)), LimitsSettings(max_decoded_bytes=1000)) == 0xC001
+    # a JPEG 2000 codestream that decodes larger than the header says
+    j2k = xa_run(frames=1, rows=32, cols=32)
+    j2k.compress(JPEG2000Lossless)
+    assert _status(encode(j2k)) == 0
+    raw_bytes = bytearray(j2k.PixelData)
+    pos = raw_bytes.find(b"\xff\x4f\xff\x51")
+    raw_bytes[pos + 8 : pos + 16] = struct.pack(">2I", 50000, 50000)
+    j2k.PixelData = bytes(raw_bytes)
+    assert _status(encode(j2k)) == RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+
+
+def test_a_deflate_bomb_is_refused_with_a_bounded_inflate() -> None:
+    ds = xa_run(frames=1, rows=8, cols=8)
+    del ds.PixelData
+    plain = encode(ds)
+    from tests.faults import dataset_offset
+
+    start = dataset_offset(plain)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = comp.compress(plain[start:] + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 2**26))
+    body += b"".join(comp.compress(bytes(2**20)) for _ in range(64)) + comp.flush()
+    bomb = relabel(plain[:start], DeflatedExplicitVRLittleEndian) + body
+    assert len(bomb) < 200_000
+    limits = LimitsSettings(max_inflated_bytes=2**20)
+    assert _status(bomb, limits) == RejectedInstance.OVER_LIMITS
+    # the same data set, honestly sized, passes
+    assert _status(bomb, LimitsSettings()) != RejectedInstance.OVER_LIMITS
+
+
+def test_bad_timing_values_are_stored_and_routed_and_never_stop_the_node(
+    make_node: Any, tmp_path: Path
+) -> None:
+    from tests.test_ingest import _send
+
+    node = make_node(rules=MINIP)
+    sent = []
+    for value in ("abc", "1\\2"):
+        ds = xa_run(frames=6)
+        raw(ds, "FrameTime", "DS", value)
+        sent.append(ds)
+    ftv = xa_run(frames=6)
+    del ftv.FrameTime
+    raw(ftv, "FrameTimeVector", "DS", "1")
+    sent.append(ftv)
+    for ds in sent:
+        assert _send(node, ds) == 0x0000
+    wait_for(lambda: len(node.db.query("SELECT 1 FROM jobs WHERE state='done'")) == 6, 120)
+    notes = node.db.query("SELECT notes FROM jobs WHERE pipeline='dsa_av'")
+    assert all("no frame timing" in r["notes"] for r in notes)
+    # and a restart on this storage is clean
+    node.stop()
+    again = make_node(rules=MINIP)
+    assert again.db.query("SELECT COUNT(*) n FROM runs WHERE state='routed'")[0]["n"] == 3
+
+
+def test_a_header_routing_cannot_read_makes_the_run_unroutable(tmp_path: Path) -> None:
+    db = Database(tmp_path / "n.sqlite")
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(b"DICM but not really")
+    db.record_instance(
+        InstanceRecord(
+            "1.2.3", "1.2.840.10008.5.1.4.1.1.12.1", "1.2", "1", "run", bad, 1, "", 5, "AE"
+        )
+    )
+    assert db.complete_run("run", "test")
+    router = Router(db, load_settings(None, environ={}, rules=MINIP))
+    assert router.route("run") == []
+    row = db.query("SELECT state, reason FROM runs")[0]
+    assert row["state"] == "unroutable" and "header cannot be read" in row["reason"]
+    assert db.status_summary()["unrouted_runs"][0]["state"] == "unroutable"
+    # transitions check the state they leave
+    assert not db.complete_run("run", "again")
+    assert db.route_run("run", "xa", ["minip"], []) == []
+    with pytest.raises(StateError):
+        db.settle_unrouted("run", RunState.ROUTED, None, "no")
+    with pytest.raises(StateError):
+        db.query("UPDATE runs SET state='x'")
+    # a reprocess re-opens it, the resend flag is a column, not a name
+    assert db.reopen_for_reprocess("run")
+    assert db.query("SELECT resend FROM runs")[0]["resend"] == 1
+
+
+def test_routing_and_job_creation_are_one_transaction(tmp_path: Path) -> None:
+    db = Database(tmp_path / "n.sqlite")
+    db.record_instance(
+        InstanceRecord(
+            "1.2.3", "1.2.840.10008.5.1.4.1.1.12.1", "1.2", "1", "run", tmp_path, 1, "", 5, "AE"
+        )
+    )
+    assert db.complete_run("run", "test")
+    with pytest.raises(Exception, match="NOT NULL"):
+        db.route_run("run", "xa", ["minip", None], ["dest"])  # type: ignore[list-item]
+    assert db.run_state("run") == RunState.COMPLETE  # nothing of the failed routing stayed
+    assert db.query("SELECT COUNT(*) n FROM jobs")[0]["n"] == 0
+    assert len(db.route_run("run", "xa", ["minip", "dsa_av", "dsa_perfusion"], ["dest"])) == 3
+
+
+def test_start_repairs_what_a_crash_left(make_node: Any, tmp_path: Path) -> None:
+    node = make_node(rules=MINIP)
+    storage = node.settings.storage_dir
+    node.stop()
+    (storage / "tmp" / "deadbeef.part").write_bytes(b"half a file")
+    good = xa_run(frames=4)
+    folder = storage / "spool" / good.StudyInstanceUID / good.SeriesInstanceUID
+    folder.mkdir(parents=True)
+    (folder / f"{good.SOPInstanceUID}.dcm").write_bytes(encode(good))
+    (folder / "1.2.3.dcm").write_bytes(b"garbage")
+    again = make_node(rules=MINIP)
+    assert not list((storage / "tmp").glob("*.part"))
+    assert (
+        storage / "quarantine" / good.StudyInstanceUID / good.SeriesInstanceUID / "1.2.3.dcm"
+    ).exists()
+    row = again.db.query(
+        "SELECT calling_aet FROM instances WHERE sop_instance_uid=?", (good.SOPInstanceUID,)
+    )
+    assert row[0]["calling_aet"] == "RECOVERED"
+    wait_for(lambda: len(again.db.query("SELECT 1 FROM jobs WHERE state='done'")) == 2, 120)
+
+
+class FlakyDestination:
+    """A storage SCP that aborts the association at its third instance, once."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.received: list[str] = []
+        self.aborted = False
+        self.ae = AE(ae_title="FLAKY")
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.server = self.ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handle)]
+        )
+        self.port = self.server.server_address[1]
+
+    def handle(self, event: Any) -> int:
+        if len(self.received) == 2 and not self.aborted:
+            self.aborted = True
+            event.assoc.abort()
+            return 0xA700
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def destination(self) -> dict[str, Any]:
+        return {
+            "kind": "dimse",
+            "name": "flaky",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "ae_title": "FLAKY",
+        }
+
+
+def test_a_destination_lost_mid_batch_gets_no_duplicates(make_node: Any) -> None:
+    """Each delivery is marked sent the moment its C-STORE succeeds: when the
+    association is lost at the third object, the first two are not sent again."""
+    from tests.test_ingest import _send
+
+    dest = FlakyDestination()
+    try:
+        node = make_node(rules=MINIP, destinations=[dest.destination()])
+        assert _send(node, xa_run(frames=6)) == 0
+        wait_for(lambda: node.db.query("SELECT 1 FROM jobs WHERE state='done'"), 60)
+        wait_for(lambda: node.db.pending_deliveries() == 0 and dest.aborted, 60)
+        sent = {
+            r["sop_instance_uid"] for r in node.db.query("SELECT * FROM outbox WHERE state='sent'")
+        }
+        assert len(sent) >= 3 and sent == set(dest.received)
+        assert len(dest.received) == len(sent)  # not one copy more
+        retried = node.db.query("SELECT attempts FROM outbox WHERE attempts > 1")
+        assert retried  # what was in flight when the association died went again
+    finally:
+        dest.server.shutdown()
+
+
+def test_the_index_is_migrated_from_schema_1(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(
+        "CREATE TABLE runs (run_id TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT "
+        "NOT NULL, calling_aet TEXT NOT NULL, state TEXT NOT NULL, first_at REAL NOT NULL, "
+        "last_at REAL NOT NULL, completed_at REAL, rule TEXT, reason TEXT);"
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, pipeline "
+        "TEXT NOT NULL, destinations TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL "
+        "DEFAULT 0, not_before REAL NOT NULL, lease_until REAL, worker TEXT, error TEXT, notes TEXT, "
+        "created_at REAL NOT NULL, updated_at REAL NOT NULL);"
+        "INSERT INTO jobs (run_id, pipeline, destinations, state, not_before, created_at, updated_at)"
+        " VALUES ('r', 'minip', '[\"pacs!resend\"]', 'queued', 0, 0, 0);"
+    )
+    con.commit()
+    con.close()
+    db = Database(path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    # a resend that rode in the destination name becomes the column
+    row = db.query("SELECT destinations, resend FROM jobs")[0]
+    assert json.loads(row["destinations"]) == ["pacs"] and row["resend"] == 1
