@@ -433,8 +433,9 @@ def test_ica_unet_package_drives_the_pipeline(tmp_path: Path, synthetic):
     """A tiny U-Net fitted to one synthetic MinIP, written as a model package and
     used by the pipeline: checks the model path end to end (not its accuracy)."""
     from pipelines.base import minip
-    from pipelines.models.ica_unet import UNet, ce_dice_loss, minip_opacity
+    from pipelines.models.ica_unet import UNet, minip_opacity
     from pipelines.models.package import build, write_package
+    from training.losses import ce_dice_loss
 
     torch.manual_seed(0)
     model = build("ica_unet", {"width": 4, "levels": 5})
@@ -442,12 +443,13 @@ def test_ica_unet_package_drives_the_pipeline(tmp_path: Path, synthetic):
     image = minip(synthetic.run.pixels)
     h, w = (s // 16 * 16 for s in image.shape)
     x = torch.as_tensor(minip_opacity(image))[None, None, :h, :w]
-    y = torch.as_tensor(synthetic.ica[:h, :w].astype(np.int64))[None]
+    labels = torch.as_tensor(synthetic.ica[:h, :w].astype(np.int64))[None]
+    y = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
     first = None
     for _ in range(40):
         optimiser.zero_grad()
-        loss = ce_dice_loss(model(x), y)
+        loss = ce_dice_loss(model(x), y, multilabel=False)
         loss.backward()
         optimiser.step()
         first = first if first is not None else loss.item()

@@ -81,17 +81,6 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Cross-entropy plus soft Dice of the foreground classes (``target`` holds class indices)."""
-    ce = F.cross_entropy(logits, target)
-    probs = logits.softmax(dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    dice = (2 * inter + smooth) / (total + smooth)
-    return ce + (1 - dice.mean())
-
-
 def predict_mask(model: UNet, minip: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
     """Foreground mask (H, W) for one MinIP; pads to the network's multiple.
 
