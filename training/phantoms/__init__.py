@@ -10,5 +10,8 @@ Three kinds, each a ``generate(seed, ...)`` returning an in-memory phantom with
 - :mod:`training.phantoms.rotational`: 3D rotational angiography volume,
   written as Enhanced X-Ray 3D Angiographic Image and as a CT series.
 
-Output is deterministic for a seed. See ``docs/phantoms.md``.
+Output is deterministic for a seed. Each generator also takes ``randomise``
+(True or a priors instance from :mod:`training.phantoms.priors`) to draw its
+appearance per seed from documented priors, for training; the default
+appearance is unchanged. See ``docs/phantoms.md``.
 """

@@ -195,7 +195,7 @@ def protocol_schedule(
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """A randomised run's frame times that reach ``end_s`` (the venous phase).
 
-    Fast rate through the arterial phase, then a slow rate lowered (to 0.25
+    Fast rate through the arterial phase, then a slow rate lowered (to 0.5
     fps at least) until the run lasts ``end_s``; a constant rate that cannot
     last that long becomes a two-rate protocol. ``jitter`` is the relative SD
     of each interval (the Frame Time Vector of a real generator), ``drop``
@@ -211,7 +211,7 @@ def protocol_schedule(
         n_fast = min(int(np.ceil(0.6 * total)), max(2, int(round(fast_phase_s * fast)) + 1))
         head = np.arange(n_fast) / fast
         rest = total - n_fast
-        slow = max(0.25, min(slow, rest / max(end_s - head[-1], 1e-3)))
+        slow = max(0.5, min(slow, rest / max(end_s - head[-1], 1e-3)))
         times = np.r_[head, head[-1] + np.arange(1, rest + 1) / slow]
     steps = np.diff(times) * np.clip(1.0 + jitter * rng.standard_normal(total - 1), 0.5, 1.5)
     times = np.r_[0.0, np.cumsum(steps)]
