@@ -236,3 +236,33 @@ def test_the_index_is_migrated_from_schema_1(tmp_path: Path) -> None:
     # a resend that rode in the destination name becomes the column
     row = db.query("SELECT destinations, resend FROM jobs")[0]
     assert json.loads(row["destinations"]) == ["pacs"] and row["resend"] == 1
+
+
+def test_sources_without_type_2_attributes_are_processed(make_node: Any, tmp_path: Path) -> None:
+    """De-identified data often lacks Type 2 attributes (Patient's Name, Birth Date,
+    Sex, Study Date...): every cerebral pipeline still produces valid objects."""
+    from pydicom import dcmread
+
+    from tests.conftest import dciodvfy_errors
+    from tests.test_ingest import _send
+    from training.phantoms import dsa
+
+    written = dsa.generate(5, size=128, frames=16).write(tmp_path / "ph")
+    ds = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # fmt: skip
+        if kw in ds:
+            del ds[kw]
+    node = make_node(storage_dir=str(tmp_path / "node"))
+    assert _send(node, ds) == 0
+    wait_for(lambda: node.db.unsettled_jobs() == 0 and node.db.query("SELECT 1 FROM jobs"), 180)
+    jobs = node.db.query("SELECT pipeline, state, error FROM jobs")
+    assert {j["pipeline"] for j in jobs} == {"minip", "dsa_av", "dsa_perfusion"}
+    assert all(j["state"] == "done" for j in jobs), [dict(j) for j in jobs]
+    results = sorted((tmp_path / "node" / "results").rglob("*.dcm"))
+    kinds = {}
+    for path in results:
+        kinds.setdefault(str(dcmread(path, stop_before_pixels=True).SOPClassUID), path)
+    assert len(kinds) >= 4  # canvas, SEG, Parametric Map, SR, renderings
+    for path in kinds.values():
+        assert dciodvfy_errors(path) == [], path
