@@ -1,11 +1,21 @@
-"""The node's small REST API (JSON over HTTP, standard library server).
+"""The node's REST API and DICOMweb endpoint (standard library server, HTTP or HTTPS).
 
-    GET  /health                          {"status": "ok", "version": ...}
-    GET  /status                          runs, jobs, failures, outbox backlog
-    GET  /jobs?study=UID|series=UID|instance=UID
-    POST /trigger    {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}
-    POST /reprocess  {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}
-    POST /dicom-web/studies[/{study}]     STOW-RS into the spool (dicom_node.stow)
+    GET  /health                          {"status": "ok", ...}            no token
+    GET  /                                the status page (HTML)           read
+    GET  /status                          runs, jobs, failures, backlog    read
+    GET  /jobs?study=UID|series=UID|instance=UID                           read
+    GET  /metrics                         Prometheus text format           read
+    POST /trigger    {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
+    POST /reprocess  {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
+    POST /jobs/{id}/retry                 a failed job queued again        operate
+    POST /dicom-web/studies[/{study}]     STOW-RS into the spool           store
+
+Every route but ``/health`` needs a token with its scope when tokens are
+configured (``dicom_node.auth``), an unknown route too (401 before 404).
+Limits: ``api.max_concurrent_requests`` requests served at once (503 beyond,
+twice as many connections open, closed at once beyond), ``api.read_timeout_s``
+for a silent client, a body needs a valid Content-Length or chunked coding.
+Requests that change state, and refused ones, go to the audit trail.
 
 This is where node errors become HTTP statuses.
 """
@@ -14,17 +24,25 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
-from dicom_node import __version__, stow
+from dicom_node import __version__, statuspage, stow
+from dicom_node.audit import AuditTrail
+from dicom_node.auth import ANONYMOUS, Authenticator, AuthError, Principal
 from dicom_node.db import Database
 from dicom_node.errors import NodeError, RejectedInstance
 from dicom_node.ingest import Ingest
+from dicom_node.metrics import CONTENT_TYPE as METRICS_TYPE
+from dicom_node.metrics import Metrics
 from dicom_node.settings import Settings
 from dicom_node.spool import check_uid
+from dicom_node.tls import peer_subject, server_context
 
 
 class Node(Protocol):
@@ -33,6 +51,9 @@ class Node(Protocol):
     settings: Settings
     db: Database
     ingest: Ingest
+    auth: Authenticator
+    audit: AuditTrail
+    metrics: Metrics
 
     @property
     def port(self) -> int: ...
@@ -41,16 +62,32 @@ class Node(Protocol):
 
     def reprocess(self, **selector: str) -> list[int]: ...
 
+    def retry_job(self, job_id: int) -> bool: ...
+
 
 log = logging.getLogger(__name__)
 SELECTORS = ("study_uid", "series_uid", "sop_instance_uid", "run_id")
 QUERY_KEYS = {"study": "study_uid", "series": "series_uid", "instance": "sop_instance_uid"}
+RETRY_PATH = re.compile(r"^/jobs/(\d{1,18})/retry$")
+MAX_JSON = 1 << 20
+REALM = 'realm="angio-dicom-node"'
 
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def required_scope(method: str, path: str) -> str | None:
+    """The scope a route needs; None for /health."""
+    if method == "GET" and path == "/health":
+        return None
+    if path.startswith("/dicom-web"):
+        return "store"
+    if path.startswith("/worker"):
+        return "worker"
+    return "read" if method in ("GET", "HEAD") else "operate"
 
 
 def _selector(body: dict[str, Any]) -> dict[str, str]:
@@ -65,57 +102,156 @@ def _selector(body: dict[str, Any]) -> dict[str, str]:
 
 
 def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
+    api = node.settings.api
+
     class Handler(BaseHTTPRequestHandler):
         server_version = f"angio-dicom-node/{__version__}"
+        timeout = api.read_timeout_s  # applied to the socket: a silent client is dropped
 
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("api: " + fmt, *args)
 
-        def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
-            body = json.dumps(payload, indent=1, default=str).encode()
+        @property
+        def peer(self) -> str:
+            return f"{self.client_address[0]}:{self.client_address[1]}"
+
+        def _send(
+            self,
+            status: int,
+            payload: Any,
+            content_type: str = "application/json",
+            headers: dict[str, str] | None = None,
+        ) -> None:
+            if isinstance(payload, bytes):
+                body = payload
+            else:
+                body = json.dumps(payload, indent=1, default=str).encode()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self.status = status
+
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+            self._discard_body()
+            self.close_connection = True
+            self._send(status, {"error": message}, headers=headers)
+
+        def _discard_body(self) -> None:
+            """Read a small unread body, so the client sees the answer and not a reset."""
+            if getattr(self, "body_read", False):
+                return
+            self.body_read = True
+            try:
+                length = stow.declared_length(self.headers)
+            except stow.StowError:
+                return
+            if length is not None and length <= MAX_JSON:
+                try:
+                    self.rfile.read(length)
+                except OSError:
+                    pass
 
         def _dispatch(self, method: str) -> None:
+            self.status = 0
             url = urlparse(self.path)
-            if method == "POST" and url.path.startswith("/dicom-web/"):
-                try:
-                    body = stow.read_body(self.headers, self.rfile)
-                    status, payload = stow.stow(
-                        node.ingest, url.path, self.headers.get("Content-Type", ""), body
-                    )
-                except stow.StowError as exc:
-                    log.info("STOW-RS %s -> %d: %s", url.path, exc.status, exc)
-                    status, payload = exc.status, {"error": str(exc)}
-                self._send(status, payload, "application/dicom+json")
-                return
+            path = url.path.rstrip("/") or "/"
+            slots: threading.BoundedSemaphore = self.server.slots  # type: ignore[attr-defined]
             try:
-                self._send(
-                    200, self._route(method, url.path.rstrip("/") or "/", parse_qs(url.query))
+                if not slots.acquire(blocking=False):
+                    raise HttpError(503, "too many concurrent requests; try again")
+                try:
+                    self._serve(method, path, url.query)
+                finally:
+                    slots.release()
+            except AuthError as exc:
+                log.info("api %s %s from %s -> %d: %s", method, path, self.peer, exc.status, exc)
+                node.audit.api_call(
+                    self._who_or_anonymous(), self.peer, method, path, exc.status, str(exc)
                 )
-            except HttpError as exc:
-                log.info("api %s %s -> %d: %s", method, url.path, exc.status, exc)
-                self._send(exc.status, {"error": str(exc)})
+                headers = {"WWW-Authenticate": f"Basic {REALM}"} if exc.status == 401 else {}
+                self._error(exc.status, str(exc), headers)
+            except (HttpError, stow.StowError) as exc:
+                log.info("api %s %s -> %d: %s", method, path, exc.status, exc)
+                retry = {"Retry-After": "1"} if exc.status == 503 else None
+                self._error(exc.status, str(exc), retry)
             except NodeError as exc:
-                log.warning("api %s %s -> 500: %s", method, url.path, exc)
-                self._send(500, {"error": str(exc)})
+                log.warning("api %s %s -> 500: %s", method, path, exc)
+                self._error(500, str(exc))
+            except (TimeoutError, ConnectionError, ssl.SSLError) as exc:
+                log.info("api %s %s from %s: connection dropped: %s", method, path, self.peer, exc)
+                self.close_connection = True
+                self.status = 408
+            node.metrics.api_requests.labels(method, str(self.status or 500)).inc()
+
+        def _who_or_anonymous(self) -> str:
+            who = getattr(self, "principal", None)
+            return who.name if who is not None else "(no valid token)"
+
+        def _serve(self, method: str, path: str, query: str) -> None:
+            self.principal: Principal | None = None
+            scope = required_scope(method, path)
+            if scope is not None:
+                self.principal = node.auth.authenticate(self.headers.get("Authorization"))
+                node.auth.authorize(self.principal, scope)
+            principal = self.principal or ANONYMOUS
+            if method == "POST" and path.startswith("/dicom-web"):
+                self._stow(path, principal)
+                return
+            if method == "GET" and path == "/":
+                params = parse_qs(query)
+                try:
+                    hours = min(max(float(params.get("hours", ["24"])[0]), 0.1), 24 * 31)
+                except ValueError:
+                    raise HttpError(400, "hours: a number") from None
+                csrf = node.auth.csrf(principal) if principal.may("operate") else None
+                page = statuspage.render(
+                    node.db,
+                    node.settings,
+                    principal.name,
+                    csrf,
+                    hours,
+                    params.get("message", [""])[0][:200],
+                )
+                self._send(200, page, "text/html; charset=utf-8")
+                return
+            if method == "GET" and path == "/metrics":
+                self._send(200, node.metrics.render(), METRICS_TYPE)
+                return
+            match = RETRY_PATH.match(path)
+            if method == "POST" and match:
+                self._retry(int(match.group(1)), principal)
+                return
+            self._send(200, self._route(method, path, parse_qs(query), principal))
+
+        def _raw_body(self) -> bytes:
+            length = stow.declared_length(self.headers)
+            if length is None or length > MAX_JSON:
+                raise HttpError(413, f"a JSON body of at most {MAX_JSON} bytes, not chunked")
+            self.body_read = True
+            raw = self.rfile.read(length)
+            if len(raw) != length:
+                raise HttpError(400, "body shorter than its Content-Length")
+            return bytes(raw)
 
         def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 1 << 20:
-                raise HttpError(413, "request body too large")
+            raw = self._raw_body()
             try:
-                data = json.loads(self.rfile.read(length) or b"{}")
-            except json.JSONDecodeError as exc:
+                data = json.loads(raw or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise HttpError(400, f"body is not JSON: {exc}") from None
             if not isinstance(data, dict):
                 raise HttpError(400, "body must be a JSON object")
             return data
 
-        def _route(self, method: str, path: str, query: dict[str, list[str]]) -> Any:
+        def _route(
+            self, method: str, path: str, query: dict[str, list[str]], who: Principal
+        ) -> Any:
             if method == "GET" and path == "/health":
                 return {
                     "status": "ok",
@@ -136,17 +272,73 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     raise HttpError(400, exc.reason) from None
                 return {"jobs": node.db.jobs_for(**sel)}
             if method == "POST" and path == "/trigger":
-                runs = node.trigger(**_selector(self._body()))
+                sel = _selector(self._body())
+                runs = node.trigger(**sel)
+                node.audit.api_call(who.name, self.peer, method, path, 200, {**sel, "runs": runs})
                 return {"completed_runs": runs}
             if method == "POST" and path == "/reprocess":
                 sel = _selector(self._body())
                 jobs = node.reprocess(**sel)
+                status = 200 if jobs else 404
+                node.audit.api_call(
+                    who.name, self.peer, method, path, status, {**sel, "jobs": jobs}
+                )
                 if not jobs:
                     raise HttpError(404, f"no routable run for {sel}")
                 return {"jobs": jobs}
             raise HttpError(404 if method == "GET" else 405, f"no route {method} {path}")
 
+        def _retry(self, job_id: int, who: Principal) -> None:
+            form = "application/x-www-form-urlencoded" in (self.headers.get("Content-Type") or "")
+            raw = self._raw_body()
+            if form:  # the status page's button: check its CSRF field
+                fields = parse_qs(raw.decode("latin-1"))
+                if not node.auth.check_csrf(who, fields.get("csrf", [""])[0]):
+                    node.audit.api_call(who.name, self.peer, "POST", self.path, 403, "bad CSRF")
+                    raise HttpError(403, "the form is stale or from elsewhere; reload the page")
+            done = node.retry_job(job_id)
+            status = 200 if done else 409
+            node.audit.api_call(who.name, self.peer, "POST", self.path, status, {"job": job_id})
+            text = f"job {job_id} queued again" if done else f"job {job_id} is not failed"
+            if form:
+                self._send(303, b"", "text/plain", {"Location": f"/?message={quote(text)}"})
+            elif done:
+                self._send(200, {"job": job_id, "state": "queued"})
+            else:
+                raise HttpError(409, text)
+
+        def _stow(self, path: str, who: Principal) -> None:
+            source = who.name if node.auth.enabled else stow.STOW_SOURCE
+            allowed = node.settings.allowed_calling_aets
+            if allowed and source not in allowed:
+                node.audit.api_call(who.name, self.peer, "POST", path, 403, "source not allowed")
+                raise HttpError(
+                    403, f"STOW-RS sender {source} is not in allowed_calling_aets (as for C-STORE)"
+                )
+            length = stow.declared_length(self.headers)
+            reader = stow.BodyReader(self.rfile, length, api.max_body_bytes)  # type: ignore[arg-type]
+            self.body_read = True
+            parts = stow.iter_parts(
+                self.headers.get("Content-Type", ""), reader.read, api.max_part_bytes
+            )
+            status, payload = stow.stow_parts(node.ingest, path, parts, source, self.peer)
+            node.audit.api_call(
+                who.name,
+                self.peer,
+                "POST",
+                path,
+                status,
+                {
+                    "stored": len(payload.get("00081199", {}).get("Value", [])),
+                    "refused": len(payload.get("00081198", {}).get("Value", [])),
+                },
+            )
+            self._send(status, payload, "application/dicom+json")
+
         def do_GET(self) -> None:  # noqa: N802
+            self._dispatch("GET")
+
+        def do_HEAD(self) -> None:  # noqa: N802
             self._dispatch("GET")
 
         def do_POST(self) -> None:  # noqa: N802
@@ -155,11 +347,74 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def start_api(node: Node) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(
-        (node.settings.api.host, node.settings.api.port), make_handler(node)
-    )
-    server.daemon_threads = True
+class ApiServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``2 * max_concurrent_requests`` of them; the TLS
+    handshake runs in that thread under the read timeout, never in the accept loop."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, node: Node, context: ssl.SSLContext | None) -> None:
+        api = node.settings.api
+        self.node = node
+        self.context = context
+        self.read_timeout_s = api.read_timeout_s
+        self.slots = threading.BoundedSemaphore(api.max_concurrent_requests)
+        self.connections = threading.BoundedSemaphore(2 * api.max_concurrent_requests)
+        super().__init__((api.host, api.port), make_handler(node))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):
+            log.warning("api: too many open connections; %s closed", client_address[0])
+            self.node.metrics.api_requests.labels("CONNECT", "503").inc()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.context is None:
+            super().finish_request(request, client_address)
+            return
+        peer = f"{client_address[0]}:{client_address[1]}"
+        try:
+            request.settimeout(self.read_timeout_s)
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or "timeout"
+            log.warning("api: TLS handshake with %s failed: %s", peer, reason)
+            self.node.audit.tls_refused("api", peer, str(reason))
+            return
+        try:
+            log.debug("api: TLS from %s (%s)", peer, peer_subject(tls) or "no certificate")
+            super().finish_request(tls, client_address)
+        finally:
+            try:
+                tls.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            tls.close()
+
+
+def start_api(node: Node) -> ApiServer:
+    tls = node.settings.tls
+    server = ApiServer(node, server_context(tls) if tls.api else None)
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
-    log.info("REST API on http://%s:%d", node.settings.api.host, server.server_address[1])
+    scheme = "https" if tls.api else "http"
+    log.info(
+        "REST API on %s://%s:%d%s",
+        scheme,
+        node.settings.api.host,
+        server.server_address[1],
+        "" if node.auth.enabled else " (no tokens: loopback only)",
+    )
     return server

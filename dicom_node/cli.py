@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -191,10 +192,43 @@ def cmd_trigger(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     body = {"series_uid": args.series} if args.series else {"study_uid": args.study}
-    url = f"http://{settings.api.host}:{settings.api.port}/{'reprocess' if args.reprocess else 'trigger'}"
-    resp = requests.post(url, json=body, timeout=30)
+    scheme = "https" if settings.tls.api else "http"
+    url = f"{scheme}://{settings.api.host}:{settings.api.port}/{'reprocess' if args.reprocess else 'trigger'}"
+    headers = {}
+    token = os.environ.get("DICOM_NODE_API_TOKEN")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    verify: str | bool = args.cacert or True
+    resp = requests.post(url, json=body, headers=headers, timeout=30, verify=verify)
     print(resp.text)
     return 0 if resp.ok else 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """A new API token: printed once; the settings keep only its SHA-256."""
+    from dicom_node.auth import SCOPES, hash_token, new_token
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        print(f"error: scopes are {', '.join(SCOPES)} (got {args.scopes})", file=sys.stderr)
+        return 2
+    token = new_token()
+    digest = hash_token(token)
+    if args.output:
+        out = Path(args.output)
+        out.touch(mode=0o600, exist_ok=False)
+        out.write_text(token + "\n")
+        print(f"token written to {out} (mode 600)", file=sys.stderr)
+    else:
+        print(f"token (shown once; give it to the client): {token}", file=sys.stderr)
+    print(
+        f'[[api.tokens]]\nname = "{args.name}"\nsha256 = "{digest}"\nscopes = {json.dumps(scopes)}'
+    )
+    print(f"# or, in api.tokens_file: {args.name} {digest} {','.join(scopes)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--study")
     p.add_argument("--reprocess", action="store_true")
     p.add_argument("--config")
+    p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
+    p.add_argument("--cacert", help="CA certificate of an HTTPS API")
     p.set_defaults(func=cmd_trigger)
+
+    p = sub.add_parser("token", help="make an API token and print its settings entry")
+    p.add_argument("--name", required=True, help="who holds it (shown in the audit trail)")
+    p.add_argument("--scopes", required=True, help="comma-separated: read,operate,store,worker")
+    p.add_argument("--output", help="write the token to this new file (mode 600)")
+    p.set_defaults(func=cmd_token)
 
     for entry in entry_points(group=COMMANDS_GROUP):
         try:
@@ -257,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dicom_node import logsafe
+
+    logsafe.install()
     try:
         return int(args.func(args) or 0)
     except NodeError as exc:

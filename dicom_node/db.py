@@ -7,7 +7,8 @@ job done and its deliveries queued)::
 
     run       receiving -> complete -> routed | unrouted | unroutable
               (a new instance re-opens a run; reprocess: any settled state -> complete)
-    job       queued -> running -> done | failed, running -> queued (retry, lost lease)
+    job       queued -> running -> done | failed, running -> queued (retry, lost lease),
+              failed -> queued (an operator's retry)
     delivery  pending -> sent | failed, failed -> pending (resend)
 
 One connection per thread; writes use ``BEGIN IMMEDIATE`` so two workers never
@@ -104,7 +105,7 @@ CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, not_before);
 # Columns added after the first release (schema 1 had none of them).
 _MIGRATIONS = {
     "runs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
-    "jobs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
+    "jobs": [("resend", "INTEGER NOT NULL DEFAULT 0"), ("timings", "TEXT")],
 }
 
 
@@ -602,6 +603,22 @@ class Database:
             (JobState.FAILED, reason, t, job_id),
         )
 
+    def retry_failed_job(self, job_id: int) -> bool:
+        """failed -> queued, attempts counted afresh (an operator's retry); False otherwise."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, attempts=0, not_before=?, lease_until=NULL, worker=NULL, "
+                "error=?, updated_at=? WHERE id=? AND state=?",
+                (JobState.QUEUED, t, "retried by an operator", t, job_id, JobState.FAILED),
+            )
+            return cur.rowcount == 1
+
+    def record_timings(self, job_id: int, timings: dict[str, float]) -> None:
+        """Seconds per stage of a job's last attempt (decode, compute, encode, write)."""
+        with self._tx() as con:
+            con.execute("UPDATE jobs SET timings=? WHERE id=?", (json.dumps(timings), job_id))
+
     def unsettled_jobs(self) -> int:
         return int(
             self.query(
@@ -698,6 +715,72 @@ class Database:
             "outbox_backlog": backlog,
             "unrouted_runs": unrouted,
         }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counts for the Prometheus gauges: runs by state, jobs by pipeline and state,
+        jobs due now, deliveries by destination and state."""
+        t = now()
+        return {
+            "runs": {
+                r["state"]: r["n"]
+                for r in self.query("SELECT state, COUNT(*) n FROM runs GROUP BY state")
+            },
+            "jobs": [
+                (r["pipeline"], r["state"], r["n"])
+                for r in self.query(
+                    "SELECT pipeline, state, COUNT(*) n FROM jobs GROUP BY pipeline, state"
+                )
+            ],
+            "queue_depth": self.query(
+                "SELECT COUNT(*) n FROM jobs WHERE state=? AND not_before <= ?",
+                (JobState.QUEUED, t),
+            )[0]["n"],
+            "outbox": [
+                (r["destination"], r["state"], r["n"])
+                for r in self.query(
+                    "SELECT destination, state, COUNT(*) n FROM outbox GROUP BY destination, state"
+                )
+            ],
+        }
+
+    def recent_runs(self, since: float, limit: int = 200) -> list[dict[str, Any]]:
+        """Runs with activity since ``since``, newest first, each with its jobs."""
+        runs = [
+            dict(r)
+            for r in self.query(
+                "SELECT run_id, series_uid, study_uid, calling_aet, state, first_at, last_at,"
+                " rule, reason, (SELECT COUNT(*) FROM instances i WHERE i.run_id=r.run_id)"
+                " AS instances FROM runs r WHERE last_at >= ? OR run_id IN"
+                " (SELECT run_id FROM jobs WHERE updated_at >= ?) ORDER BY last_at DESC LIMIT ?",
+                (since, since, limit),
+            )
+        ]
+        by_run: dict[str, list[dict[str, Any]]] = {r["run_id"]: [] for r in runs}
+        if runs:
+            marks = ",".join("?" * len(runs))
+            for j in self.query(
+                "SELECT id, run_id, pipeline, state, attempts, error, timings, created_at,"
+                f" updated_at FROM jobs WHERE run_id IN ({marks}) ORDER BY id",
+                tuple(by_run),
+            ):
+                job = dict(j)
+                job["timings"] = json.loads(job["timings"]) if job["timings"] else {}
+                by_run[job["run_id"]].append(job)
+        for r in runs:
+            r["jobs"] = by_run[r["run_id"]]
+        return runs
+
+    def outbox_by_destination(self) -> list[dict[str, Any]]:
+        """Per destination: deliveries by state, the oldest pending and the last error."""
+        rows = self.query(
+            "SELECT destination, SUM(state='pending') pending, SUM(state='sent') sent,"
+            " SUM(state='failed') failed, MIN(CASE WHEN state='pending' THEN created_at END)"
+            " oldest_pending, MAX(sent_at) last_sent,"
+            " (SELECT error FROM outbox o2 WHERE o2.destination=o.destination AND"
+            " o2.error IS NOT NULL ORDER BY o2.id DESC LIMIT 1) last_error"
+            " FROM outbox o GROUP BY destination ORDER BY destination"
+        )
+        return [dict(r) for r in rows]
 
     def jobs_for(
         self,

@@ -4,6 +4,7 @@ STOW-RS alike, and the one place where what happens to it becomes a DIMSE status
 It only persists: the spool checks and stores the instance, and a run that is
 complete on arrival (a multi-frame 2D instance) is marked complete. Routing
 and everything after it happen in other stages, woken by ``on_complete``.
+Every answer is also told to ``observe`` (the metrics and the audit trail).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dicom_node.spool import Spool, Stored
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+# (receipt, source, transport "dimse"/"stow", bytes received, peer address)
+Observer = Callable[["Receipt", str, str, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,28 @@ class Ingest:
         db: Database,
         rule: CompletionRule,
         on_complete: Callable[[], None] = lambda: None,
+        observe: Observer = lambda *_: None,
     ) -> None:
         self.spool = spool
         self.db = db
         self.rule = rule
         self.on_complete = on_complete
+        self.observe = observe
 
-    def receive(self, data: bytes, requested_sop_class: str, source: str) -> Receipt:
-        """Store one instance; ``source`` is the calling AE title (or ``STOW-RS``)."""
+    def receive(
+        self,
+        data: bytes,
+        requested_sop_class: str,
+        source: str,
+        transport: str = "dimse",
+        peer: str = "",
+    ) -> Receipt:
+        """Store one instance; ``source`` is the calling AE title (or the STOW-RS sender)."""
+        receipt = self._receive(data, requested_sop_class, source)
+        self.observe(receipt, source, transport, len(data), peer)
+        return receipt
+
+    def _receive(self, data: bytes, requested_sop_class: str, source: str) -> Receipt:
         try:
             stored = self.spool.store(data, requested_sop_class, source)
         except RejectedInstance as exc:

@@ -22,10 +22,11 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dicom_node.db import Database, Job
+from dicom_node.logsafe import scrub
 from dicom_node.sandbox import JobSpec, Outcome, WorkerProcess
 from dicom_node.settings import WorkerSettings
 
@@ -42,8 +43,10 @@ class Workers:
         results_dir: Path,
         device: str,
         models: Mapping[str, Path],
+        on_outcome: Callable[[Job, Outcome], None] = lambda _job, _outcome: None,
     ) -> None:
         self.db = db
+        self.on_outcome = on_outcome  # metrics: durations per pipeline and stage
         self.settings = settings
         self.results_dir = results_dir
         self.device = device
@@ -123,11 +126,14 @@ class Workers:
         if outcome.interrupted:
             self.db.release_job(job)
             return
+        if outcome.timings:
+            self.db.record_timings(job.id, dict(outcome.timings))
+        self.on_outcome(job, outcome)
         if outcome.ok:
             if not self.db.finish_job(job, outcome.results, outcome.notes):
                 log.warning("job %d finished after its lease was taken; result dropped", job.id)
             return
-        reason = outcome.error or "unknown error"
+        reason = scrub(outcome.error or "unknown error")  # stored, shown and logged: no values
         if outcome.transient and job.attempts < self.settings.max_attempts:
             delay = min(
                 self.settings.backoff_base_s * 2 ** (job.attempts - 1), self.settings.backoff_max_s

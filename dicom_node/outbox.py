@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 from dicom_node.db import Database, Delivery
 from dicom_node.errors import DeliveryError
@@ -22,12 +23,20 @@ from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
 BATCH = 64
+# (destination, delivery, sent, reason, permanent): the audit trail and the metrics
+DeliveryObserver = Callable[[str, Delivery, bool, str, bool], None]
 
 
 class Outbox:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        on_delivery: DeliveryObserver = lambda *_: None,
+    ) -> None:
         self.db = db
         self.settings = settings
+        self.on_delivery = on_delivery
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
@@ -72,8 +81,10 @@ class Outbox:
             reported.add(item.id)
             if refusal is None:
                 self.db.delivery_sent(item)
+                self.on_delivery(name, item, True, "", False)
                 return
             permanent, reason = refusal
+            self.on_delivery(name, item, False, reason, permanent)
             if permanent:
                 self.db.delivery_failed(item, reason)
                 log.error("%s refused %s: %s", name, item.sop_instance_uid, reason)
@@ -86,6 +97,7 @@ class Outbox:
             rest = [d for d in batch if d.id not in reported]
             for d in rest:
                 self.db.delivery_retry(d, str(exc), self._delay(d))
+                self.on_delivery(name, d, False, str(exc), False)
             log.warning("delivery to %s deferred (%d object(s)): %s", name, len(rest), exc)
         # refusals count as progress too: the batch moved on
         log.info("delivered %d of %d object(s) to %s", len(reported), len(batch), name)

@@ -27,12 +27,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
+from dicom_node import logsafe
 from dicom_node.db import ResultFile
 from dicom_node.errors import RunError
 from dicom_node.processing import run_pipeline, write_dataset
@@ -65,6 +66,7 @@ class Outcome:
     transient: bool = False  # worth another attempt (crash, memory, I/O), else permanent
     interrupted: bool = False  # the node is stopping: the attempt does not count
     pid: int = 0
+    timings: tuple[tuple[str, float], ...] = ()  # seconds per stage, measured by the parent
 
     @property
     def ok(self) -> bool:
@@ -135,6 +137,7 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
 def _serve(conn: Connection, address_space_limit: int | None) -> None:
     """The child's loop: a JobSpec in, stage messages and an Outcome out; None ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    logsafe.install()  # decoders warn with the values they read: keep those out of the log
     _die_with_parent()
     if address_space_limit:
         resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
@@ -249,10 +252,29 @@ class WorkerProcess:
         heartbeat_every_s: float,
         stopping: threading.Event,
     ) -> Outcome:
+        """The job's outcome, with the seconds spent in each stage (crashed ones too)."""
+        laps: list[tuple[str, float]] = []  # (stage, when it began)
+        outcome = self._run(spec, timeout_s, heartbeat, heartbeat_every_s, stopping, laps)
+        laps.append(("", time.monotonic()))
+        timings: dict[str, float] = {}
+        for (stage, began), (_, ended) in zip(laps, laps[1:], strict=False):
+            timings[stage] = timings.get(stage, 0.0) + ended - began
+        return replace(outcome, timings=tuple(timings.items()))
+
+    def _run(
+        self,
+        spec: JobSpec,
+        timeout_s: float,
+        heartbeat: Callable[[], object],
+        heartbeat_every_s: float,
+        stopping: threading.Event,
+        laps: list[tuple[str, float]],
+    ) -> Outcome:
         conn = self._ensure()
         conn.send(spec)
         stage = "starting"
         start = time.monotonic()
+        laps.append((stage, start))
         next_beat = start + heartbeat_every_s
         while True:
             try:
@@ -260,6 +282,7 @@ class WorkerProcess:
                     kind, value = conn.recv()
                     if kind == "stage":
                         stage = value
+                        laps.append((stage, time.monotonic()))
                         continue
                     return value  # type: ignore[no-any-return]
             except (EOFError, OSError):

@@ -16,11 +16,14 @@ from http.server import ThreadingHTTPServer
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import completion
+from dicom_node import completion, logsafe
 from dicom_node.api import start_api
-from dicom_node.db import Database
-from dicom_node.ingest import Ingest
+from dicom_node.audit import AuditTrail
+from dicom_node.auth import Authenticator, load_tokens
+from dicom_node.db import Database, Delivery
+from dicom_node.ingest import Ingest, Receipt
 from dicom_node.jobs import Workers
+from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
 from dicom_node.router import Router
 from dicom_node.scp import start_scp
@@ -44,18 +47,29 @@ class Node:
         )
         self.completion = completion.QuietPeriodRule(settings.completion.quiet_period_s)
         self.results_dir = settings.storage_dir / "results"
+        self.auth = Authenticator(load_tokens(settings.api))
+        self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
+        self.metrics = Metrics(self.db, settings.models)
         self.workers = Workers(
-            self.db, settings.workers, self.results_dir, settings.device, settings.models
+            self.db,
+            settings.workers,
+            self.results_dir,
+            settings.device,
+            settings.models,
+            on_outcome=self.metrics.job,
         )
         self.router = Router(self.db, settings, on_routed=self.workers.wake.set)
-        self.ingest = Ingest(self.spool, self.db, self.completion, self.router.wake.set)
-        self.outbox = Outbox(self.db, settings)
+        self.ingest = Ingest(
+            self.spool, self.db, self.completion, self.router.wake.set, observe=self._received
+        )
+        self.outbox = Outbox(self.db, settings, on_delivery=self._delivered)
         self.scheduler = BackgroundScheduler()
         self.server: ThreadedAssociationServer | None = None
         self.api: ThreadingHTTPServer | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> Node:
+        logsafe.install()  # PHI-free logs: library warnings lose their values
         self._repair()
         self.router.start()
         self.outbox.start()
@@ -69,9 +83,16 @@ class Node:
             id="completion-sweep",
         )
         self.scheduler.start()
-        self.server = start_scp(self.settings, self.ingest)
+        self.server = start_scp(self.settings, self.ingest, self.audit, self.metrics)
         if self.settings.api.enabled:
             self.api = start_api(self)
+        tls = self.settings.tls
+        self.audit.node_started(
+            f"{self.settings.host}:{self.port}{' TLS' if tls.dicom else ''}",
+            f"{self.settings.api.host}:{self.api_port}{' TLS' if tls.api else ''}"
+            if self.api
+            else "off",
+        )
         return self
 
     def _repair(self) -> None:
@@ -101,6 +122,8 @@ class Node:
         self.router.stop()
         self.workers.stop()
         self.outbox.stop()
+        self.audit.node_stopped()
+        self.audit.close()
 
     @property
     def port(self) -> int:
@@ -133,6 +156,36 @@ class Node:
             if self.db.reopen_for_reprocess(run_id):
                 jobs.extend(self.router.route(run_id))
         return jobs
+
+    def retry_job(self, job_id: int) -> bool:
+        """An operator's retry of a failed job (status page, ``POST /jobs/{id}/retry``)."""
+        if not self.db.retry_failed_job(job_id):
+            return False
+        self.workers.wake.set()
+        return True
+
+    # -- audit and metrics ---------------------------------------------------
+    def _received(
+        self, receipt: Receipt, source: str, transport: str, size: int, peer: str
+    ) -> None:
+        self.metrics.instance(receipt, source, transport, size, peer)
+        stored = receipt.stored
+        self.audit.instance(
+            receipt.ok,
+            receipt.status,
+            source,
+            transport,
+            stored.sop_instance_uid if stored else "",
+            stored.study_uid if stored else "",
+            receipt.reason,
+            peer,
+        )
+
+    def _delivered(
+        self, destination: str, item: Delivery, sent: bool, reason: str, permanent: bool
+    ) -> None:
+        self.metrics.delivery(destination, item, sent, reason, permanent)
+        self.audit.delivery(destination, item.sop_instance_uid, sent, reason, permanent)
 
     # -- status ------------------------------------------------------------
     def status(self) -> dict[str, object]:

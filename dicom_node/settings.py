@@ -8,6 +8,7 @@ Environment overrides use ``__`` for nesting and JSON for non-strings, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -92,10 +93,66 @@ class OutboxSettings(Strict):
     timeout_s: float = Field(30.0, gt=0)
 
 
+Scope = Literal["read", "operate", "store", "worker"]
+
+
+class ApiToken(Strict):
+    """A bearer token, stored as its SHA-256 (``dicom-node token`` makes one)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$", description="who, in the audit trail")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token")
+    scopes: list[Scope] = Field(min_length=1)
+
+
 class ApiSettings(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8780
+    tokens: list[ApiToken] = []
+    tokens_file: Path | None = Field(
+        None, description="more tokens, one a line: name sha256 scope[,scope...]"
+    )
+    max_body_bytes: int = Field(16 * 2**30, ge=1, description="a STOW-RS request body")
+    max_part_bytes: int = Field(2**30, ge=1, description="one STOW-RS part (one instance)")
+    read_timeout_s: float = Field(60.0, gt=0, description="a client silent this long is dropped")
+    max_concurrent_requests: int = Field(16, ge=1, le=1024)
+
+
+class TlsSettings(Strict):
+    """TLS for the DICOM port and/or the REST API; ``ca_file`` requires client certificates."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        None, description="set: clients must present a certificate it signed (mutual TLS)"
+    )
+    dicom: bool = False
+    api: bool = False
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsSettings:
+        if not (self.dicom or self.api):
+            return self
+        for key in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, key)
+            if path is None and key != "ca_file":
+                raise ValueError(f"tls.{key} is needed when tls.dicom or tls.api is on")
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls.{key}: {path} is not a readable file")
+        return self
+
+
+class AuditSettings(Strict):
+    """JSON lines in ``storage_dir/audit/``, rotated; optionally to syslog as well."""
+
+    enabled: bool = True
+    max_bytes: int = Field(16 * 2**20, ge=4096, description="rotate the file past this size")
+    backup_count: int = Field(20, ge=1, le=1000)
+    syslog: str | None = Field(
+        None,
+        pattern=r"^(/\S+|(udp|tcp)://[^\s:/]+:\d{1,5})$",
+        description="/dev/log or udp://host:514",
+    )
 
 
 class DimseDestination(Strict):
@@ -106,13 +163,40 @@ class DimseDestination(Strict):
     ae_title: AETitle
 
 
+SECRET_KEYS = ("password", "bearer_token")
+
+
 class DicomwebDestination(Strict):
     kind: Literal["dicomweb"] = "dicomweb"
     name: str
     url: Url = Field(description="DICOMweb base URL; STOW-RS posts to {url}/studies")
     username: str | None = None
-    password: str | None = None
-    bearer_token: str | None = None
+    # Secrets: given here, or read from ``<key>_file`` or the environment variable ``<key>_env``.
+    password: str | None = Field(None, repr=False)
+    bearer_token: str | None = Field(None, repr=False)
+    password_file: Path | None = None
+    password_env: str | None = None
+    bearer_token_file: Path | None = None
+    bearer_token_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in SECRET_KEYS:
+            path, env = data.get(f"{key}_file"), data.get(f"{key}_env")
+            if data.get(key) is None and path:
+                try:
+                    data[key] = Path(path).read_text().strip()
+                except OSError as exc:
+                    raise ValueError(f"{key}_file: cannot read {path}: {exc.strerror}") from None
+            if data.get(key) is None and env:
+                if env not in os.environ:
+                    raise ValueError(f"{key}_env: the environment variable {env} is not set")
+                data[key] = os.environ[env]
+        return data
 
 
 Destination = Annotated[DimseDestination | DicomwebDestination, Field(discriminator="kind")]
@@ -169,6 +253,9 @@ class Settings(Strict):
     workers: WorkerSettings = WorkerSettings()
     outbox: OutboxSettings = OutboxSettings()
     api: ApiSettings = ApiSettings()
+    tls: TlsSettings = TlsSettings()
+    audit: AuditSettings = AuditSettings()
+    max_associations: int = Field(32, ge=1, le=1024, description="concurrent DICOM associations")
     destinations: list[Destination] = []
     # Model package folder per pipeline name; a pipeline without one uses its classical path.
     models: dict[str, Path] = {}
@@ -177,6 +264,16 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
+        if (
+            self.api.enabled
+            and not (self.api.tokens or self.api.tokens_file)
+            and not is_loopback(self.api.host)
+        ):
+            raise ValueError(
+                f"api.host {self.api.host} is reachable from the network but no API token is "
+                "configured: add [[api.tokens]] (dicom-node token makes one) or api.tokens_file, "
+                "or bind the API to 127.0.0.1"
+            )
         names = [d.name for d in self.destinations]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -197,6 +294,16 @@ class Settings(Strict):
     @property
     def db_path(self) -> Path:
         return self.storage_dir / "node.sqlite"
+
+
+def is_loopback(host: str) -> bool:
+    """Only loopback addresses (and ``localhost``) may serve the API without tokens."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -225,6 +332,15 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _masked(value: Any) -> Any:
+    """An invalid input as it may be printed: secrets replaced (a config error is logged)."""
+    if isinstance(value, dict):
+        return {k: "***" if k in SECRET_KEYS else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -234,7 +350,11 @@ def _describe(err: ValidationError) -> str:
             msg = "unknown key"
         elif e["type"] == "literal_error":
             msg = f"{msg}"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+        if not e["loc"]:  # a check across keys: the message names them
+            lines.append(f"  {msg}")
+            continue
+        secret = str(e["loc"][-1]) in SECRET_KEYS
+        lines.append(f"  {key}: {msg} (got {'***' if secret else _masked(e.get('input'))!r})")
     return "invalid settings:\n" + "\n".join(lines)
 
 

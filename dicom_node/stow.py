@@ -11,17 +11,23 @@ Referenced SOP Sequence (0008,1199) for what was stored, Failed SOP Sequence
 (0008,1198) with the DIMSE status as Failure Reason (0008,1197) for what was
 refused; HTTP 200 when all were stored, 202 when some, 409 when none.
 
-The body is read whole (at most ``MAX_BODY`` bytes), so very large runs are
-better sent by C-STORE.
+The body is parsed as a stream: one part at a time is held in memory (at most
+``api.max_part_bytes``, else 413), each part is stored as soon as it is whole,
+and the body as a whole may not pass ``api.max_body_bytes`` (413, checked
+against Content-Length before anything is read, and while reading a chunked
+body). A body needs a valid Content-Length or chunked transfer coding (411 and
+400 otherwise). Parts stored before a 413 stay stored, as they would have over
+C-STORE; a sender that retries sends duplicates, which are idempotent.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator
 from email.message import Message
 from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -32,10 +38,13 @@ from dicom_node.ingest import Ingest
 from dicom_node.spool import PARSE_ERRORS, check_uid
 
 log = logging.getLogger(__name__)
-MAX_BODY = 2 * 2**30
 STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?$")
-# The calling "AE" recorded for instances that came by STOW-RS (routing can match it).
+# The calling "AE" recorded for instances that came by STOW-RS without a token
+# (routing can match it); with tokens, the token's name.
 STOW_SOURCE = "STOW-RS"
+_READ = 1 << 20  # bytes read from the socket at a time
+_MAX_HEADERS = 16 << 10  # a part's header block
+_MAX_PREAMBLE = 64 << 10
 
 
 class StowError(Exception):
@@ -46,73 +55,153 @@ class StowError(Exception):
         self.status = status
 
 
-def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
-    """(content type, bytes) of each part of a multipart/related body (RFC 2046)."""
+def declared_length(headers: Any) -> int | None:
+    """The body's Content-Length, or None for a chunked body; 411 / 400 / 501 otherwise."""
+    coding = str(headers.get("Transfer-Encoding", "") or "").strip().lower()
+    lengths = headers.get_all("Content-Length") or []
+    if coding:
+        if coding != "chunked":
+            raise StowError(501, f"Transfer-Encoding {coding[:30]} is not supported")
+        if lengths:
+            raise StowError(400, "both Content-Length and Transfer-Encoding: chunked")
+        return None
+    if not lengths:
+        raise StowError(411, "a request body needs Content-Length (or chunked transfer coding)")
+    values = {v.strip() for v in lengths}
+    value = values.pop()
+    if values or not value.isdigit() or len(value) > 18:
+        raise StowError(400, f"bad Content-Length {','.join(lengths)[:40]}")
+    return int(value)
+
+
+class BodyReader:
+    """A request body as a stream: Content-Length bytes, or chunked, at most ``limit``."""
+
+    def __init__(self, rfile: BinaryIO, length: int | None, limit: int) -> None:
+        if length is not None and length > limit:
+            raise StowError(413, f"body of {length} bytes is larger than {limit}")
+        self.rfile = rfile
+        self.length = length
+        self.limit = limit
+        self.total = 0
+        self._chunk_left = 0
+        self._done = length == 0
+
+    def read(self, size: int = _READ) -> bytes:
+        """Up to ``size`` bytes; b"" at the end of the body."""
+        if self._done:
+            return b""
+        if self.length is not None:
+            data = self.rfile.read(min(size, self.length - self.total))
+            if not data:
+                raise StowError(400, f"body ended after {self.total} of {self.length} bytes")
+            self.total += len(data)
+            self._done = self.total >= self.length
+            return data
+        if self._chunk_left == 0:
+            self._chunk_left = self._chunk_size()
+            if self._chunk_left == 0:
+                self._done = True
+                return b""
+        data = self.rfile.read(min(size, self._chunk_left))
+        if not data:
+            raise StowError(400, "chunked body ended inside a chunk")
+        self._chunk_left -= len(data)
+        self.total += len(data)
+        if self.total > self.limit:
+            raise StowError(413, f"body larger than {self.limit} bytes")
+        if self._chunk_left == 0 and self.rfile.readline(8).strip():
+            raise StowError(400, "chunk not followed by CRLF")
+        return data
+
+    def _chunk_size(self) -> int:
+        line = self.rfile.readline(1024)
+        if not line.endswith(b"\n"):
+            raise StowError(400, "chunk size line missing or too long")
+        text = line.split(b";")[0].strip()
+        if not text or len(text) > 16 or not re.fullmatch(rb"[0-9A-Fa-f]+", text):
+            raise StowError(400, f"bad chunk size {text[:20]!r}")
+        size = int(text, 16)
+        if size == 0:
+            for _ in range(100):  # trailers, up to the empty line
+                if not self.rfile.readline(1024).strip():
+                    break
+        return size
+
+
+def _boundary(content_type: str) -> tuple[bytes, str]:
     msg = Message()
     msg["Content-Type"] = content_type
     if msg.get_content_type() != "multipart/related":
         raise StowError(
-            415, f"STOW-RS needs multipart/related, got {content_type or 'no Content-Type'!r}"
+            415, f"STOW-RS needs multipart/related, got {content_type[:60] or 'no Content-Type'}"
         )
     boundary = msg.get_param("boundary")
-    if not boundary or not isinstance(boundary, str):
-        raise StowError(400, "multipart/related without a boundary")
-    default_type = str(msg.get_param("type") or "application/dicom")
-    delimiter = b"--" + boundary.encode()
-    start = body.find(delimiter)
-    if start < 0:
-        raise StowError(400, "multipart body without its boundary")
-    parts: list[tuple[str, bytes]] = []
-    pos = start + len(delimiter)
-    while not body.startswith(b"--", pos):
-        head_end = body.find(b"\r\n\r\n", pos)
-        if head_end < 0:
-            raise StowError(400, f"multipart part {len(parts) + 1} has no header end")
+    if not boundary or not isinstance(boundary, str) or len(boundary) > 70:
+        raise StowError(400, "multipart/related without a (valid) boundary")
+    return b"--" + boundary.encode(), str(msg.get_param("type") or "application/dicom")
+
+
+def iter_parts(
+    content_type: str, read: Callable[[], bytes], max_part: int
+) -> Iterator[tuple[str, bytes]]:
+    """(content type, bytes) of each part of a multipart/related stream (RFC 2046),
+    each yielded as soon as it is whole; ``read`` returns b"" at the end."""
+    delimiter, default_type = _boundary(content_type)
+    buf = bytearray()
+    eof = False
+
+    def fill() -> bool:
+        nonlocal eof
+        if eof:
+            return False
+        data = read()
+        if not data:
+            eof = True
+            return False
+        buf.extend(data)
+        return True
+
+    while (start := buf.find(delimiter)) < 0:
+        if len(buf) > _MAX_PREAMBLE or not fill():
+            raise StowError(400, "multipart body without its boundary")
+    del buf[: start + len(delimiter)]
+    number = 0
+    while True:
+        while len(buf) < 2 and fill():
+            pass
+        if buf.startswith(b"--"):
+            return  # the close delimiter; the epilogue is ignored
+        number += 1
+        while (head_end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > _MAX_HEADERS or not fill():
+                raise StowError(400, f"multipart part {number} has no header end")
         headers = Message()
-        for line in body[pos:head_end].decode("latin-1").split("\r\n"):
+        for line in bytes(buf[:head_end]).decode("latin-1").split("\r\n"):
             if ":" in line:
                 key, _, value = line.partition(":")
                 headers[key.strip()] = value.strip()
-        end = body.find(b"\r\n" + delimiter, head_end + 4)
-        if end < 0:
-            raise StowError(400, f"multipart part {len(parts) + 1} is not closed by the boundary")
-        parts.append(
-            (
-                headers.get_content_type() if headers["Content-Type"] else default_type,
-                body[head_end + 4 : end],
-            )
-        )
-        pos = end + 2 + len(delimiter)
-    return parts
+        del buf[: head_end + 4]
+        closing = b"\r\n" + delimiter
+        searched = 0
+        while (end := buf.find(closing, searched)) < 0:
+            if len(buf) > max_part + len(closing):
+                raise StowError(413, f"multipart part {number} is larger than {max_part} bytes")
+            searched = max(0, len(buf) - len(closing))
+            if not fill():
+                raise StowError(400, f"multipart part {number} is not closed by the boundary")
+        if end > max_part:
+            raise StowError(413, f"multipart part {number} is larger than {max_part} bytes")
+        ctype = headers.get_content_type() if headers["Content-Type"] else default_type
+        part = bytes(buf[:end])
+        del buf[: end + len(closing)]
+        yield ctype, part
 
 
-def read_body(headers: Any, rfile: Any, limit: int = MAX_BODY) -> bytes:
-    """The request body, by Content-Length or chunked (Orthanc's STOW client streams)."""
-    if "chunked" in str(headers.get("Transfer-Encoding", "")).lower():
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            line = rfile.readline(1024).split(b";")[0].strip()
-            try:
-                size = int(line, 16)
-            except ValueError:
-                raise StowError(400, f"bad chunk size {line[:20]!r}") from None
-            if size == 0:
-                while rfile.readline(1024).strip():  # trailers
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > limit:
-                raise StowError(413, f"body larger than {limit} bytes")
-            chunks.append(rfile.read(size))
-            rfile.readline(8)  # CRLF after the chunk
-    try:
-        length = int(headers.get("Content-Length") or 0)
-    except ValueError:
-        raise StowError(400, "bad Content-Length") from None
-    if length > limit:
-        raise StowError(413, f"body of {length} bytes is larger than {limit}")
-    return bytes(rfile.read(length))
+def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """Every part of a whole multipart/related body (for bodies already in memory)."""
+    stream = BytesIO(body)
+    return list(iter_parts(content_type, lambda: stream.read(_READ), len(body) + 1))
 
 
 def _uids(data: bytes) -> tuple[str, str, str]:
@@ -153,17 +242,23 @@ def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, 
     return item
 
 
-def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    """Store every application/dicom part; returns (HTTP status, DICOM JSON response)."""
+def stow_parts(
+    ingest: Ingest,
+    path: str,
+    parts: Iterator[tuple[str, bytes]],
+    source: str = STOW_SOURCE,
+    peer: str = "",
+) -> tuple[int, dict[str, Any]]:
+    """Store every application/dicom part as it arrives; (HTTP status, DICOM JSON)."""
     match = STOW_PATH.match(path)
     if match is None:
         raise StowError(404, f"no STOW-RS route {path}")
     target_study = match.group(1)
     stored, failed = [], []
-    for i, (ctype, data) in enumerate(split_multipart(content_type, body), start=1):
+    for i, (ctype, data) in enumerate(parts, start=1):
         sop_class, sop_uid, study = _uids(data)
         if ctype != "application/dicom":
-            log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype)
+            log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])
             failed.append(_item(sop_class, sop_uid, RejectedInstance.SOP_CLASS_NOT_SUPPORTED))
             continue
         if target_study and study != target_study:
@@ -172,7 +267,7 @@ def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int
             )
             failed.append(_item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND))
             continue
-        receipt = ingest.receive(data, "", STOW_SOURCE)
+        receipt = ingest.receive(data, "", source, "stow", peer)
         if receipt.ok:
             stored.append(_item(sop_class, sop_uid))
         else:
@@ -185,3 +280,10 @@ def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int
     if failed:
         response["00081198"] = {"vr": "SQ", "Value": failed}
     return (200 if not failed else 202 if stored else 409), response
+
+
+def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """STOW-RS of a body already in memory."""
+    if STOW_PATH.match(path) is None:
+        raise StowError(404, f"no STOW-RS route {path}")
+    return stow_parts(ingest, path, iter(split_multipart(content_type, body)))

@@ -1,0 +1,211 @@
+"""The audit trail: who sent what, who asked for what, what went where.
+
+One JSON object a line in ``storage_dir/audit/audit.jsonl``, rotated by size
+(``[audit] max_bytes``, ``backup_count``), optionally copied to syslog. Each
+record carries the event in the spirit of IHE ATNA (RFC 3881, DICOM PS3.15
+Annex A.5): the event ID and type as DCM codes, the action (C create, R read,
+U update, E execute), the outcome (0 success, 4 minor failure, 8 serious
+failure), the participants (AE titles, peer address, API token name) and the
+objects (UIDs). Records hold identifiers only, never attribute values of a
+data set, so the trail is PHI-free like the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.settings import AuditSettings
+
+# DICOM PS3.16 CID 400/401 (DCM codes used by PS3.15 A.5.3).
+APPLICATION_ACTIVITY = ("110100", "Application Activity")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+SECURITY_ALERT = ("110113", "Security Alert")
+USER_AUTHENTICATION = ("110114", "User Authentication")
+APPLICATION_START = ("110120", "Application Start")
+APPLICATION_STOP = ("110121", "Application Stop")
+LOGIN = ("110122", "Login")
+NODE_AUTHENTICATION = ("110126", "Node Authentication")
+USE_OF_RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
+
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
+
+
+def _code(pair: tuple[str, str]) -> dict[str, str]:
+    return {"code": pair[0], "scheme": "DCM", "meaning": pair[1]}
+
+
+class AuditTrail:
+    """Thread-safe writer of audit records; ``enabled = false`` writes nothing."""
+
+    def __init__(self, storage_dir: Path, settings: AuditSettings, source_ae: str) -> None:
+        self.settings = settings
+        self.source_ae = source_ae
+        self.path = storage_dir / "audit" / "audit.jsonl"
+        self._logger = logging.getLogger(f"dicom_node.audit.{id(self)}")
+        self._logger.propagate = False  # the trail is not the log
+        self._logger.setLevel(logging.INFO)
+        self._handlers: list[logging.Handler] = []
+        self._lock = threading.Lock()
+        if not settings.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            self.path, maxBytes=settings.max_bytes, backupCount=settings.backup_count
+        )
+        self._handlers.append(file_handler)
+        if settings.syslog:
+            self._handlers.append(_syslog_handler(settings.syslog))
+        for h in self._handlers:
+            h.setFormatter(logging.Formatter("%(message)s"))
+            self._logger.addHandler(h)
+
+    def close(self) -> None:
+        for h in self._handlers:
+            self._logger.removeHandler(h)
+            h.close()
+        self._handlers = []
+
+    def record(
+        self,
+        event: str,
+        event_id: tuple[str, str],
+        *,
+        action: str = "E",
+        outcome: int = SUCCESS,
+        event_type: tuple[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        """One record; ``fields`` are identifiers (AE titles, addresses, UIDs, reasons)."""
+        if not self._handlers:
+            return
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "event": event,
+            "event_id": _code(event_id),
+            "action": action,
+            "outcome": outcome,
+            "source": self.source_ae,
+        }
+        if event_type is not None:
+            entry["event_type"] = _code(event_type)
+        entry.update({k: v for k, v in fields.items() if v not in (None, "")})
+        self._logger.info(json.dumps(entry, sort_keys=False, default=str))
+
+    # -- the events the node records ------------------------------------------------
+    def node_started(self, dicom: str, api: str) -> None:
+        self.record(
+            "node-started", APPLICATION_ACTIVITY, event_type=APPLICATION_START, dicom=dicom, api=api
+        )
+
+    def node_stopped(self) -> None:
+        self.record("node-stopped", APPLICATION_ACTIVITY, event_type=APPLICATION_STOP)
+
+    def association(
+        self, accepted: bool, calling_ae: str, called_ae: str, peer: str, **extra: Any
+    ) -> None:
+        self.record(
+            "association-accepted" if accepted else "association-rejected",
+            USER_AUTHENTICATION,
+            event_type=LOGIN,
+            outcome=SUCCESS if accepted else MINOR_FAILURE,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer=peer,
+            **extra,
+        )
+
+    def tls_refused(self, channel: str, peer: str, reason: str) -> None:
+        self.record(
+            "tls-refused",
+            SECURITY_ALERT,
+            event_type=NODE_AUTHENTICATION,
+            outcome=MINOR_FAILURE,
+            channel=channel,
+            peer=peer,
+            reason=reason,
+        )
+
+    def instance(
+        self,
+        stored: bool,
+        status: int,
+        source: str,
+        transport: str,
+        sop_instance_uid: str,
+        study_uid: str,
+        reason: str,
+        peer: str = "",
+    ) -> None:
+        self.record(
+            "instance-stored" if stored else "instance-refused",
+            INSTANCES_TRANSFERRED,
+            action="C",
+            outcome=SUCCESS if stored else MINOR_FAILURE,
+            calling_ae=source,
+            transport=transport,
+            peer=peer,
+            status=f"0x{status:04X}",
+            study_uid=study_uid,
+            sop_instance_uid=sop_instance_uid,
+            reason=None if stored else reason,
+        )
+
+    def api_call(
+        self, who: str, peer: str, method: str, path: str, status: int, what: Any = None
+    ) -> None:
+        """A REST call that changes state (or was refused for want of a token)."""
+        denied = status in (401, 403)
+        self.record(
+            "api-denied" if denied else "api-call",
+            USER_AUTHENTICATION if denied else INSTANCES_ACCESSED,
+            event_type=LOGIN if denied else USE_OF_RESTRICTED_FUNCTION,
+            action="E" if denied else "U",
+            outcome=SUCCESS if status < 400 else MINOR_FAILURE,
+            who=who,
+            peer=peer,
+            method=method,
+            path=path,
+            http_status=status,
+            what=what,
+        )
+
+    def delivery(
+        self,
+        destination: str,
+        sop_instance_uid: str,
+        sent: bool,
+        reason: str = "",
+        permanent: bool = False,
+    ) -> None:
+        self.record(
+            "delivery-sent" if sent else "delivery-failed",
+            INSTANCES_TRANSFERRED,
+            action="R",
+            outcome=SUCCESS if sent else SERIOUS_FAILURE if permanent else MINOR_FAILURE,
+            destination=destination,
+            sop_instance_uid=sop_instance_uid,
+            reason=reason or None,
+            permanent=permanent if not sent else None,
+        )
+
+
+def _syslog_handler(target: str) -> logging.Handler:
+    if target.startswith("/"):
+        handler = logging.handlers.SysLogHandler(address=target)
+    else:
+        scheme, _, rest = target.partition("://")
+        host, _, port = rest.rpartition(":")
+        kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
+        handler = logging.handlers.SysLogHandler(address=(host, int(port)), socktype=kind)
+    handler.ident = "angio-dicom-node: "
+    handler.facility = logging.handlers.SysLogHandler.LOG_AUTH
+    return handler

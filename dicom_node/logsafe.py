@@ -1,0 +1,83 @@
+"""PHI-free logs by construction.
+
+The node's own messages carry UIDs, AE titles and reasons, never attribute
+values of a data set. Libraries are not so careful: pydicom's validation
+warnings quote the value they read, and a false length (a SOP Instance UID
+declared 0xFFFF bytes long) makes that "value" the following elements:
+Institution Name, Patient's Name, Patient ID. So every record that reaches a
+handler of the node's log, and every Python warning (routed into logging),
+passes :class:`PhiFilter`, which replaces every quoted literal that is not a
+UID or a number by its length, drops control characters, and cuts what is left
+after an unbalanced quote. Tracebacks are scrubbed the same way. The same
+:func:`scrub` is applied to job errors before they are stored and shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+
+# A quoted literal as repr() and f-strings write them: '...', "...", b'...', with escapes.
+_QUOTED = re.compile(
+    r"""(?:(?<![A-Za-z0-9_])[bBrRuU]{1,2})?(?P<q>['"])(?:(?!(?P=q))[^\\\n]|\\.)*(?P=q)"""
+)
+_HARMLESS = re.compile(r"^[0-9.+\-eE ]{0,64}$")  # UIDs and numbers
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_MAX = 2000  # a longer message is cut: nothing the node logs needs more
+
+
+def _redact(match: re.Match[str]) -> str:
+    text = match.group(0)
+    inner = text[text.index(match.group("q")) + 1 : -1]
+    if _HARMLESS.match(inner):
+        return inner  # a UID or a number, unquoted: any quote left over is a stray one
+    return f"<{len(inner)} chars>"
+
+
+def scrub(text: str) -> str:
+    """``text`` without quoted values, control characters, or anything after a stray quote."""
+    text = _QUOTED.sub(_redact, text)
+    text = _CONTROL.sub("", text)
+    for quote in ("'", '"'):
+        if quote in text:  # an unbalanced quote: a value that ran on (apostrophes included)
+            text = text[: text.index(quote)] + "<value dropped>"
+    return text if len(text) <= _MAX else text[:_MAX] + "<cut>"
+
+
+class PhiFilter(logging.Filter):
+    """Rewrites each record's message and traceback through :func:`scrub`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        record.msg = scrub(message)
+        record.args = ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        return True
+
+
+FILTER = PhiFilter()
+
+
+def install() -> None:
+    """Route Python warnings into logging and put the filter on every root handler
+    (idempotent); a process without handlers gets one on stderr."""
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    if not root.handlers:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stderr.setLevel(logging.WARNING)
+        root.addHandler(stderr)
+    for handler in root.handlers:
+        if FILTER not in handler.filters:
+            handler.addFilter(FILTER)

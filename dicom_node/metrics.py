@@ -1,0 +1,173 @@
+"""Prometheus metrics for ``GET /metrics`` (the ``prometheus-client`` library).
+
+Counters and histograms are fed by the stages as things happen (ingest, jobs,
+outbox, the SCP and the API); gauges of state (runs, jobs, queue, outbox) are
+read from the index at each scrape, so they are right after a restart too.
+One registry per node, so that two nodes in one process do not mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from dicom_node.db import Database, Delivery, Job
+from dicom_node.ingest import Receipt
+from dicom_node.sandbox import Outcome
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# the worker's stage names -> the label values
+STAGES = {"decoding": "decode", "computing": "compute", "encoding": "encode", "writing": "write"}
+_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _IndexCollector(Collector):
+    """Gauges read from the index at scrape time."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.db.metrics_snapshot()
+        runs = GaugeMetricFamily("angio_node_runs", "Runs by state", labels=["state"])
+        for state, n in sorted(snap["runs"].items()):
+            runs.add_metric([state], n)
+        yield runs
+        jobs = GaugeMetricFamily(
+            "angio_node_jobs", "Jobs by pipeline and state", labels=["pipeline", "state"]
+        )
+        for pipeline, state, n in snap["jobs"]:
+            jobs.add_metric([pipeline, state], n)
+        yield jobs
+        yield GaugeMetricFamily(
+            "angio_node_job_queue_depth", "Queued jobs due to run now", value=snap["queue_depth"]
+        )
+        backlog = GaugeMetricFamily(
+            "angio_node_outbox_backlog",
+            "Deliveries pending per destination",
+            labels=["destination"],
+        )
+        deliveries = GaugeMetricFamily(
+            "angio_node_outbox_deliveries",
+            "Deliveries by destination and state",
+            labels=["destination", "state"],
+        )
+        for dest, state, n in snap["outbox"]:
+            deliveries.add_metric([dest, state], n)
+            if state == "pending":
+                backlog.add_metric([dest], n)
+        yield backlog
+        yield deliveries
+
+
+class Metrics:
+    def __init__(self, db: Database, models: Mapping[str, Path] | None = None) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.received = Counter(
+            "angio_node_instances_received",
+            "Instances stored (C-STORE or STOW-RS)",
+            ["transport"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "angio_node_instances_refused",
+            "Instances refused, by the DIMSE status answered",
+            ["transport", "status"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "angio_node_received_bytes", "Bytes of instances received", ["transport"], registry=r
+        )
+        self.associations = Counter(
+            "angio_node_associations",
+            "DICOM associations by result (accepted, rejected, tls_refused)",
+            ["result"],
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "angio_node_api_requests",
+            "REST and DICOMweb requests by method and HTTP status",
+            ["method", "code"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "angio_node_job_duration_seconds",
+            "Wall time of one job attempt in its worker process",
+            ["pipeline", "outcome"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "angio_node_job_stage_duration_seconds",
+            "Wall time of one stage of a job (decode, compute, encode, write)",
+            ["pipeline", "stage"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "angio_node_deliveries_sent", "Objects delivered", ["destination"], registry=r
+        )
+        self.delivery_failures = Counter(
+            "angio_node_delivery_failures",
+            "Failed delivery attempts (retry: will be tried again; permanent: refused)",
+            ["destination", "kind"],
+            registry=r,
+        )
+        self.packages = Gauge(
+            "angio_node_model_package_info",
+            "Model package configured per pipeline (1), with its name and version",
+            ["pipeline", "name", "version"],
+            registry=r,
+        )
+        for pipeline, folder in (models or {}).items():
+            name, version = package_identity(folder)
+            self.packages.labels(pipeline, name, version).set(1)
+        r.register(_IndexCollector(db))
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+    # -- what the stages report ---------------------------------------------------------
+    def instance(self, receipt: Receipt, source: str, transport: str, size: int, peer: str) -> None:
+        self.bytes.labels(transport).inc(size)
+        if receipt.ok:
+            self.received.labels(transport).inc()
+        else:
+            self.refused.labels(transport, f"0x{receipt.status:04X}").inc()
+
+    def job(self, job: Job, outcome: Outcome) -> None:
+        result = "done" if outcome.ok else "transient" if outcome.transient else "failed"
+        total = 0.0
+        for stage, seconds in outcome.timings:
+            total += seconds
+            if stage in STAGES:
+                self.stage_duration.labels(job.pipeline, STAGES[stage]).observe(seconds)
+        self.job_duration.labels(job.pipeline, result).observe(total)
+
+    def delivery(
+        self, destination: str, _item: Delivery, sent: bool, _reason: str, permanent: bool
+    ) -> None:
+        if sent:
+            self.deliveries.labels(destination).inc()
+        else:
+            self.delivery_failures.labels(destination, "permanent" if permanent else "retry").inc()
+
+
+def package_identity(folder: Path | str) -> tuple[str, str]:
+    """(name, version) from a model package's package.json, without loading it."""
+    try:
+        meta: dict[str, Any] = json.loads((Path(folder) / "package.json").read_text())
+        return str(meta.get("name", Path(folder).name)), str(meta.get("version", "unknown"))
+    except (OSError, ValueError) as exc:
+        log.warning("model package %s: cannot read package.json: %s", folder, exc)
+        return Path(folder).name, "unreadable"
