@@ -29,6 +29,7 @@ from dicom_node.router import Router
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
+from dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Node:
         )
         self.completion = completion.QuietPeriodRule(settings.completion.quiet_period_s)
         self.results_dir = settings.storage_dir / "results"
+        if settings.tls.dicom or settings.tls.api:
+            server_context(settings.tls)  # a bad certificate or key stops the node here
         self.auth = Authenticator(load_tokens(settings.api))
         self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
         self.metrics = Metrics(self.db, settings.models)

@@ -1,0 +1,433 @@
+"""Authentication, authorisation and request limits of the REST API and STOW-RS,
+and secrets in the settings (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from dicom_node.auth import hash_token
+from tests.conftest import wait_for
+from tests.dicomgen import save, xa_run
+
+TOKENS = {
+    "reader": ("read",),
+    "operator": ("read", "operate"),
+    "ORTHANC": ("store",),
+    "scaleout": ("worker",),
+}
+
+
+def _token(name: str) -> str:
+    return f"secret-token-of-{name}-0123456789"
+
+
+def _tokens() -> list[dict[str, Any]]:
+    return [
+        {"name": n, "sha256": hash_token(_token(n)), "scopes": list(s)} for n, s in TOKENS.items()
+    ]
+
+
+def _auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {_token(name)}"}
+
+
+def multipart(parts: list[bytes], boundary: str = "b0und4ry") -> tuple[str, bytes]:
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+            for p in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', body
+
+
+def _instance(seed: int, frames: int = 2, size: int = 32) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    xa_run(frames=frames, rows=size, cols=size, seed=seed).save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _audit(node: Any) -> list[dict[str, Any]]:
+    path = node.settings.storage_dir / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+ROUTES = [
+    ("GET", "/", None),
+    ("GET", "/status", None),
+    ("GET", "/jobs?study=1.2.3", None),
+    ("GET", "/metrics", None),
+    ("GET", "/no/such/route", None),
+    ("POST", "/trigger", {"series_uid": "1.2.3"}),
+    ("POST", "/reprocess", {"series_uid": "1.2.3"}),
+    ("POST", "/jobs/1/retry", {}),
+    ("POST", "/dicom-web/studies", None),
+    ("POST", "/worker/claim", {}),
+]
+
+
+def test_every_route_but_health_needs_a_token_with_its_scope(make_node: Any) -> None:
+    node = make_node(api={"tokens": _tokens()}, rules=[])
+    base = f"http://127.0.0.1:{node.api_port}"
+    assert requests.get(f"{base}/health", timeout=10).status_code == 200
+    ctype, body = multipart([_instance(1)])
+
+    def call(method: str, route: str, payload: Any, headers: dict[str, str]) -> Any:
+        if route.startswith("/dicom-web"):
+            headers = {**headers, "Content-Type": ctype}
+            return requests.post(base + route, data=body, headers=headers, timeout=30)
+        return requests.request(method, base + route, json=payload, headers=headers, timeout=30)
+
+    for method, route, payload in ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Digest x"}):
+            resp = call(method, route, payload, headers)
+            assert resp.status_code == 401, (method, route, headers, resp.text)
+            assert "Basic" in resp.headers["WWW-Authenticate"]
+    scope = {"GET": "read", "POST": "operate"}
+    for name, scopes in TOKENS.items():
+        for method, route, payload in ROUTES:
+            needed = (
+                "store"
+                if route.startswith("/dicom-web")
+                else "worker"
+                if route.startswith("/worker")
+                else scope[method]
+            )
+            resp = call(method, route, payload, _auth(name))
+            if needed in scopes:
+                assert resp.status_code not in (401, 403), (name, route, resp.text)
+            else:
+                assert resp.status_code == 403, (name, route, resp.status_code)
+    # the answers with the right scope
+    reader, operator = _auth("reader"), _auth("operator")
+    assert requests.get(f"{base}/status", headers=reader, timeout=10).json()["instances"] == 1
+    assert requests.get(f"{base}/", headers=reader, timeout=10).text.startswith("<!doctype html>")
+    # HTTP Basic with the token as password (a browser), any user name
+    resp = requests.get(f"{base}/status", auth=("nurse", _token("reader")), timeout=10)
+    assert resp.status_code == 200
+    resp = requests.post(
+        f"{base}/trigger", json={"series_uid": "1.2.3"}, headers=operator, timeout=10
+    )
+    assert resp.status_code == 200 and resp.json() == {"completed_runs": []}
+    events = _audit(node)
+    denied = [e for e in events if e["event"] == "api-denied"]
+    assert len(denied) >= 3 * len(ROUTES)
+    assert any(e["who"] == "reader" and e["http_status"] == 403 for e in denied)
+    calls = [e for e in events if e["event"] == "api-call" and e["path"] == "/trigger"]
+    assert calls[-1]["who"] == "operator" and calls[-1]["what"]["series_uid"] == "1.2.3"
+    stow_calls = [e for e in events if e["event"] == "api-call" and e["method"] == "POST"]
+    assert any(
+        e["who"] == "ORTHANC" and e["what"] == {"stored": 1, "refused": 0} for e in stow_calls
+    )
+    # no token, hashed or not, is ever written to the audit trail
+    text = (node.settings.storage_dir / "audit" / "audit.jsonl").read_text()
+    assert not any(_token(n) in text or hash_token(_token(n)) in text for n in TOKENS)
+
+
+def test_api_beyond_loopback_needs_tokens(tmp_path: Path, make_node: Any) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings
+
+    for host in ("0.0.0.0", "192.168.1.10", "::", "node.example.org"):
+        with pytest.raises(ConfigError, match="no API token is configured"):
+            load_settings(None, environ={}, api={"host": host})
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        load_settings(None, environ={}, api={"host": host})
+    load_settings(None, environ={}, api={"host": "0.0.0.0", "enabled": False})
+    # the command line refuses to start and says why
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'storage_dir = "{tmp_path / "n"}"\n[api]\nhost = "0.0.0.0"\n')
+    res = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "no API token is configured" in res.stderr, res.stderr
+    # with a tokens file it serves on every address, and only with a token
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# who sha256 scopes\nreader {hash_token(_token('reader'))} read\n")
+    node = make_node(api={"host": "0.0.0.0", "tokens_file": str(tokens)})
+    url = f"http://127.0.0.1:{node.api_port}/status"
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, headers=_auth("reader"), timeout=10).status_code == 200
+    for text, message in (
+        ("", "holds no token"),
+        ("x y", "expected 'name sha256 scope"),
+        (f"a {'0' * 64} admin", "tokens_file"),
+        (f"a {'0' * 64} read\na {'1' * 64} read", "unique"),
+    ):
+        tokens.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            make_node(api={"host": "0.0.0.0", "tokens_file": str(tokens)})
+
+
+def test_secrets_come_from_files_or_the_environment_and_are_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings
+
+    secret = tmp_path / "pacs-password"
+    secret.write_text("hunter2-from-file\n")
+    monkeypatch.setenv("PACS_TOKEN", "token-from-env")
+    dest = {"kind": "dicomweb", "name": "pacs", "url": "http://pacs.example.org/dicom-web"}
+    settings = load_settings(
+        None,
+        environ={},
+        destinations=[
+            {**dest, "username": "node", "password_file": str(secret)},
+            {**dest, "name": "pacs2", "bearer_token_env": "PACS_TOKEN"},
+        ],
+    )
+    a, b = settings.destinations
+    assert a.password == "hunter2-from-file" and b.bearer_token == "token-from-env"  # type: ignore[union-attr]
+    assert "hunter2" not in repr(settings) and "token-from-env" not in repr(settings)
+    with pytest.raises(ConfigError) as err:
+        nameless = {k: v for k, v in dest.items() if k != "name"}
+        load_settings(None, environ={}, destinations=[{**nameless, "password": "hunter2"}])
+    assert "hunter2" not in str(err.value) and "***" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, environ={}, destinations=[{**dest, "password": 12345678}])
+    assert "12345678" not in str(err.value)
+    with pytest.raises(ConfigError, match="PACS_NOPE is not set"):
+        load_settings(None, environ={}, destinations=[{**dest, "password_env": "PACS_NOPE"}])
+    # `dicom-node status` prints the index, never the settings' secrets
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'storage_dir = "{tmp_path / "n"}"\n[[destinations]]\nkind = "dicomweb"\nname = "p"\n'
+        f'url = "http://x.example.org"\npassword = "hunter2-in-toml"\n'
+    )
+    from dicom_node.db import Database
+
+    Database(tmp_path / "n" / "node.sqlite")
+    res = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "status", "--config", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and "hunter2" not in res.stdout + res.stderr
+
+
+# -- STOW-RS: source policy, streaming and limits -------------------------------------------
+
+
+def test_stow_rs_obeys_the_source_policy_of_c_store(make_node: Any, tmp_path: Path) -> None:
+    ctype, body = multipart([_instance(11)])
+    headers = {"Content-Type": ctype}
+    node = make_node(allowed_calling_aets=["MODALITY1"], rules=[])
+    url = f"http://127.0.0.1:{node.api_port}/dicom-web/studies"
+    resp = requests.post(url, data=body, headers=headers, timeout=30)
+    assert resp.status_code == 403 and "allowed_calling_aets" in resp.text
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+    node.stop()
+    node = make_node(
+        allowed_calling_aets=["MODALITY1", "ORTHANC"],
+        api={"tokens": _tokens() + [{"name": "web", "sha256": "0" * 64, "scopes": ["store"]}]},
+        rules=[],
+        storage_dir=str(tmp_path / "second"),
+    )
+    url = f"http://127.0.0.1:{node.api_port}/dicom-web/studies"
+    resp = requests.post(url, data=body, headers={**headers, **_auth("ORTHANC")}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    rows = node.db.query("SELECT calling_aet FROM instances")
+    assert [r["calling_aet"] for r in rows] == ["ORTHANC"]  # the token's name, like an AE
+
+
+def _raw(port: int, request: bytes, wait: float = 10.0) -> tuple[bytes, float]:
+    """Send raw bytes; the answer until the server closes, and how long that took."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(request)
+        chunks = []
+        try:
+            while data := s.recv(65536):
+                chunks.append(data)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return b"".join(chunks), time.monotonic() - t0
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+
+
+def test_stow_rs_limits_and_bad_lengths(make_node: Any) -> None:
+    node = make_node(
+        api={"max_body_bytes": 4 << 20, "max_part_bytes": 1 << 20, "read_timeout_s": 1.5},
+        rules=[],
+    )
+    port = node.api_port
+    ctype, body = multipart([_instance(21)])
+    head = f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+
+    def ask(extra: str, payload: bytes = b"") -> tuple[int, float]:
+        answer, took = _raw(port, (head + extra + "\r\n").encode() + payload)
+        return _status(answer), took
+
+    assert ask("Content-Length: -1\r\n", body)[0] == 400  # used to block a thread
+    assert ask("Content-Length: abc\r\n", body)[0] == 400
+    assert ask("Content-Length: 5\r\nContent-Length: 6\r\n", body)[0] == 400
+    assert ask("", body)[0] == 411
+    assert ask(f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n", body)[0] == 400
+    assert ask("Transfer-Encoding: gzip\r\n", body)[0] == 501
+    assert ask(f"Content-Length: {5 << 20}\r\n")[0] == 413  # refused before reading
+    # a body that ends early is a 400 only after the read timeout, never a hang
+    status, took = ask(f"Content-Length: {len(body) + 100}\r\n", body)
+    assert status in (0, 400, 408) and took < 8
+    # a part larger than max_part_bytes: 413 while streaming (chunked, no length known)
+    big = _instance(22, frames=40, size=128)  # 1.3 MB
+    ctype_big, body_big = multipart([big])
+    chunked = b"".join(
+        f"{len(body_big[i : i + 65536]):x}\r\n".encode() + body_big[i : i + 65536] + b"\r\n"
+        for i in range(0, len(body_big), 65536)
+    )
+    answer, _ = _raw(
+        port,
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype_big}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+        + chunked
+        + b"0\r\n\r\n",
+    )
+    assert _status(answer) == 413 and b"larger than 1048576" in answer
+    # JSON routes: the same length rules
+    answer, _ = _raw(port, b"POST /trigger HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}")
+    assert _status(answer) in (400, 413)
+    answer, _ = _raw(port, b"POST /trigger HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _status(answer) == 411
+    # a client that connects and says nothing is dropped after read_timeout_s
+    answer, took = _raw(port, b"")
+    assert took < 6
+    # and the node still answers
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).ok
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+
+
+def test_stow_rs_streams_a_large_body_part_by_part(make_node: Any, tmp_path: Path) -> None:
+    """96 MiB in 48 parts through curl: the node holds about one part at a time."""
+    node = make_node(api={"max_part_bytes": 4 << 20}, rules=[])
+    parts = [_instance(100 + i, frames=32, size=181) for i in range(48)]  # ~2 MiB each
+    ctype, body = multipart(parts)
+    path = tmp_path / "body.bin"
+    path.write_bytes(body)
+    del parts, body
+    rss = []
+
+    def sample(stop: threading.Event) -> None:
+        while not stop.is_set():
+            with open("/proc/self/statm") as fh:
+                rss.append(int(fh.read().split()[1]) * 4096)
+            time.sleep(0.02)
+
+    stop = threading.Event()
+    baseline = [0]
+    with open("/proc/self/statm") as fh:
+        baseline[0] = int(fh.read().split()[1]) * 4096
+    sampler = threading.Thread(target=sample, args=(stop,))
+    sampler.start()
+    res = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", "-H", f"Content-Type: {ctype}"]
+        + ["--data-binary", f"@{path}", f"http://127.0.0.1:{node.api_port}/dicom-web/studies"],
+        capture_output=True,
+        timeout=300,
+    )
+    stop.set()
+    sampler.join()
+    assert res.returncode == 0, res.stderr
+    answer = json.loads(res.stdout)
+    assert len(answer["00081199"]["Value"]) == 48
+    grew = max(rss) - baseline[0]
+    print(f"body {path.stat().st_size / 2**20:.0f} MiB, node RSS grew {grew / 2**20:.1f} MiB")
+    assert grew < path.stat().st_size / 3
+
+
+def test_concurrent_requests_and_connections_are_bounded(make_node: Any) -> None:
+    node = make_node(api={"max_concurrent_requests": 2, "read_timeout_s": 4})
+    port = node.api_port
+    ctype, _ = multipart([b""])
+    holders = []
+    for _ in range(2):  # two STOW requests that hold their slot, waiting for a body
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(
+            f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            "Content-Length: 100000\r\n\r\n--b0und4ry\r\n".encode()
+        )
+        holders.append(s)
+    time.sleep(0.5)
+    answer, took = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _status(answer) == 503 and b"Retry-After" in answer and took < 3
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # 4 = 2 x 2 open
+    time.sleep(0.3)
+    answer, took = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer == b"" and took < 3  # the fifth connection is closed at once
+    for s in holders + idle:
+        s.close()
+    wait_for(
+        lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200,
+        15,
+        what="the API to serve again",
+    )
+
+
+def test_max_associations_rejects_beyond_the_limit(make_node: Any) -> None:
+    from pydicom.uid import XRayAngiographicImageStorage
+    from pynetdicom import AE
+
+    node = make_node(max_associations=1)
+    ae = AE(ae_title="SUITE1")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    first = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
+    assert first.is_established
+    second = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
+    assert second.is_rejected
+    first.release()
+    third = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
+    assert third.is_established
+    third.release()
+    events = [e for e in _audit(node) if e["event"].startswith("association")]
+    rejected = [e for e in events if e["event"] == "association-rejected"]
+    assert len(rejected) == 1 and "max_associations" in rejected[0]["reason"]
+    assert rejected[0]["calling_ae"] == "SUITE1" and rejected[0]["peer"].startswith("127.0.0.1:")
+
+
+def test_retry_of_a_failed_job_by_the_api(make_node: Any, tmp_path: Path) -> None:
+    node = make_node(
+        api={"tokens": _tokens()},
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_perfusion"]}],
+        workers={"max_attempts": 1},
+    )
+    from tests.conftest import send_storescu
+
+    send_storescu("ANGIO_NODE", node.port, [save(xa_run(frames=2, seed=31), tmp_path / "in")])
+    (job,) = wait_for(lambda: node.db.query("SELECT id FROM jobs WHERE state='failed'"), 60)
+    url = f"http://127.0.0.1:{node.api_port}/jobs/{job['id']}/retry"
+    assert requests.post(url, json={}, headers=_auth("reader"), timeout=10).status_code == 403
+    resp = requests.post(url, json={}, headers=_auth("operator"), timeout=10)
+    assert resp.status_code == 200 and resp.json()["state"] == "queued"
+    assert requests.post(url, json={}, headers=_auth("operator"), timeout=10).status_code in (
+        200,
+        409,
+    )
+    wait_for(
+        lambda: node.db.query(
+            "SELECT 1 FROM jobs WHERE id=? AND state='failed' AND attempts=1", (job["id"],)
+        ),
+        60,
+        what="the retried job to fail again",
+    )
+    calls = [e for e in _audit(node) if e["event"] == "api-call" and "retry" in e["path"]]
+    assert calls[0]["who"] == "operator" and calls[0]["what"] == {"job": job["id"]}

@@ -1,0 +1,172 @@
+"""TLS on both ports, with the real foreign clients: dcmtk ``storescu +tls`` and
+``echoscu +tls`` on the DICOM port, ``curl --cacert`` on the REST API; mutual TLS
+with client certificates; a plain client gets a refusal, not a hang. The CA is
+made here (tests/tlsca.py), never committed."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import XRayAngiographicImageStorage
+from pynetdicom import AE
+
+from tests.conftest import need
+from tests.dicomgen import save, xa_run
+from tests.tlsca import Issued, TestCA
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = TestCA(directory / "ca")
+    other = TestCA(directory / "other", "some other CA")
+    return {
+        "ca": ca,
+        "server": ca.issue("server", "localhost", server=True),
+        "client": ca.issue("client", "SUITE1", server=False),
+        "stranger": other.issue("stranger", "SUITE1", server=False),
+    }
+
+
+def _tls(pki: dict[str, Any], mutual: bool) -> dict[str, Any]:
+    server: Issued = pki["server"]
+    cfg = {"cert_file": str(server.cert), "key_file": str(server.key), "dicom": True, "api": True}
+    if mutual:
+        cfg["ca_file"] = str(pki["ca"].cert)
+    return cfg
+
+
+def _run(args: list[str], timeout: float = 60) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stdout + res.stderr, time.monotonic() - t0
+
+
+def _audit(node: Any) -> list[dict[str, Any]]:
+    path = node.settings.storage_dir / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dcmtk_over_tls_and_plain_clients_refused(
+    make_node: Any, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    storescu, echoscu = need("storescu"), need("echoscu")
+    node = make_node(tls=_tls(pki, mutual=False), rules=[])
+    ca: TestCA = pki["ca"]
+    files = [save(xa_run(frames=2, seed=s), tmp_path / f"in{s}") for s in (1, 2)]
+    # anonymous TLS client (+tla), verifying the node's certificate against the test CA
+    code, out, _ = _run(
+        [echoscu, "+tla", "+cf", str(ca.cert), "-aec", "ANGIO_NODE", "127.0.0.1", str(node.port)]
+    )
+    assert code == 0, out
+    code, out, _ = _run(
+        [storescu, "+tla", "+cf", str(ca.cert), "-aet", "SUITE1", "-aec", "ANGIO_NODE"]
+        + ["127.0.0.1", str(node.port), *map(str, files)]
+    )
+    assert code == 0, out
+    assert len(node.db.query("SELECT 1 FROM instances")) == 2
+    # a plain client on the TLS port: refused at once
+    code, out, seconds = _run([echoscu, "-aec", "ANGIO_NODE", "127.0.0.1", str(node.port)])
+    assert code != 0 and seconds < 10, (code, out, seconds)
+    # a client that does not trust the node's certificate gives up too
+    code, out, _ = _run(
+        [echoscu, "+tla", "+cf", str(pki["stranger"].cert), "-aec", "ANGIO_NODE"]
+        + ["127.0.0.1", str(node.port)]
+    )
+    assert code != 0
+    # curl over HTTPS with the CA; plain HTTP on the HTTPS port is refused, not hung
+    url = f"https://localhost:{node.api_port}"
+    code, out, _ = _run(["curl", "-sS", "--cacert", str(ca.cert), f"{url}/health"])
+    assert code == 0 and json.loads(out)["status"] == "ok", out
+    code, out, _ = _run(["curl", "-sS", f"{url}/health"])
+    assert code != 0  # the test CA is not in the system store
+    code, out, seconds = _run(
+        ["curl", "-sS", "--max-time", "20", f"http://localhost:{node.api_port}/health"]
+    )
+    assert code != 0 and seconds < 10, (out, seconds)
+    events = _audit(node)
+    refused = [e for e in events if e["event"] == "tls-refused"]
+    assert {e["channel"] for e in refused} == {"dicom", "api"}
+    accepted = [e for e in events if e["event"] == "association-accepted"]
+    assert accepted and all(e["tls"] for e in accepted)
+
+
+def test_mutual_tls_needs_a_client_certificate_of_the_ca(
+    make_node: Any, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    storescu, echoscu = need("storescu"), need("echoscu")
+    node = make_node(tls=_tls(pki, mutual=True), rules=[])
+    ca: TestCA = pki["ca"]
+    client: Issued = pki["client"]
+    stranger: Issued = pki["stranger"]
+    path = save(xa_run(frames=2, seed=3), tmp_path / "in")
+    code, out, _ = _run(
+        [storescu, "+tls", str(client.key), str(client.cert), "+cf", str(ca.cert)]
+        + ["-aet", "SUITE1", "-aec", "ANGIO_NODE", "127.0.0.1", str(node.port), str(path)]
+    )
+    assert code == 0, out
+    for creds in (["+tla"], ["+tls", str(stranger.key), str(stranger.cert)]):
+        code, out, seconds = _run(
+            [echoscu, *creds, "+cf", str(ca.cert), "-aec", "ANGIO_NODE"]
+            + ["127.0.0.1", str(node.port)]
+        )
+        assert code != 0 and seconds < 10, out
+    # pynetdicom as a TLS SCU with the client certificate
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca.cert))
+    ctx.load_cert_chain(str(client.cert), str(client.key))
+    ae = AE(ae_title="SUITE1")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE", tls_args=(ctx, "localhost"))
+    assert assoc.is_established
+    assert int(assoc.send_c_store(xa_run(frames=2, seed=4)).Status) == 0
+    assoc.release()
+    assert len(node.db.query("SELECT 1 FROM instances")) == 2
+    # HTTPS with and without a client certificate
+    url = f"https://localhost:{node.api_port}/health"
+    code, out, _ = _run(
+        ["curl", "-sS", "--cacert", str(ca.cert), "--cert", str(client.cert)]
+        + ["--key", str(client.key), url]
+    )
+    assert code == 0 and json.loads(out)["status"] == "ok", out
+    code, out, _ = _run(["curl", "-sS", "--cacert", str(ca.cert), url])
+    assert code != 0, out
+    events = _audit(node)
+    accepted = [e for e in events if e["event"] == "association-accepted"]
+    assert {e["client_certificate"] for e in accepted} == {"SUITE1"}
+    reasons = " ".join(e["reason"] for e in events if e["event"] == "tls-refused")
+    assert "CERTIFICATE" in reasons.upper()
+
+
+def test_tls_settings_are_checked_at_start(tmp_path: Path, pki: dict[str, Any]) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings
+
+    with pytest.raises(ConfigError, match="tls.cert_file is needed"):
+        load_settings(None, environ={}, tls={"dicom": True})
+    with pytest.raises(ConfigError, match="not a readable file"):
+        load_settings(
+            None,
+            environ={},
+            tls={"dicom": True, "cert_file": str(tmp_path / "no.pem"), "key_file": "x"},
+        )
+    # a key that does not belong to the certificate: the node does not start
+    from dicom_node.service import Node
+
+    server: Issued = pki["server"]
+    other: Issued = pki["client"]
+    settings = load_settings(
+        None,
+        environ={},
+        storage_dir=str(tmp_path / "n"),
+        port=0,
+        api={"port": 0},
+        tls={"cert_file": str(server.cert), "key_file": str(other.key), "api": True},
+    )
+    with pytest.raises(ConfigError, match="tls.cert_file / tls.key_file"):
+        Node(settings)
