@@ -50,7 +50,7 @@ def _state(state: str | None) -> str:
 
 
 def _timings(timings: Mapping[str, float]) -> str:
-    parts = [f"{STAGES[k]} {timings[k]:.1f} s" for k in STAGES if k in timings]
+    parts = [f"{STAGES[k]} {timings[k]:.2f} s" for k in STAGES if k in timings]
     return ", ".join(parts)
 
 
@@ -71,6 +71,7 @@ def render(
     csrf: str | None,
     hours: float = 24.0,
     message: str = "",
+    dicom_port: int | None = None,
 ) -> bytes:
     """The page; ``csrf`` None hides the retry buttons (no operate scope)."""
     now = time.time()
@@ -83,7 +84,7 @@ def render(
         f"<title>{escape(settings.ae_title)}: angio-dicom-node</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>{escape(settings.ae_title)} <span class=muted>angio-dicom-node {__version__}</span></h1>",
-        f"<p class=muted>DICOM port {settings.port}{' (TLS)' if settings.tls.dicom else ''}, "
+        f"<p class=muted>DICOM port {dicom_port or settings.port}{' (TLS)' if settings.tls.dicom else ''}, "
         f"{_t(now)}, signed in as {escape(who)}. The page refreshes every 30 s.</p>",
     ]
     if message:

@@ -137,7 +137,7 @@ def _boundary(content_type: str) -> tuple[bytes, str]:
             415, f"STOW-RS needs multipart/related, got {content_type[:60] or 'no Content-Type'}"
         )
     boundary = msg.get_param("boundary")
-    if not boundary or not isinstance(boundary, str) or len(boundary) > 70:
+    if not boundary or not isinstance(boundary, str) or len(boundary) > 256:
         raise StowError(400, "multipart/related without a (valid) boundary")
     return b"--" + boundary.encode(), str(msg.get_param("type") or "application/dicom")
 

@@ -159,6 +159,8 @@ class Config:
     node_dicomweb_server: str = "angio-node"
     node_api_url: str = "http://127.0.0.1:8780"
     node_api_timeout_s: float = 10.0
+    node_api_token: str = field(default="", repr=False)  # scopes read, operate (and store)
+    node_api_ca_file: str = ""  # CA of an https NodeApiUrl (default: the system store)
     node_aet: str = "ANGIO_NODE"
     result_manufacturer: str = "angio-dicom-node"
     result_prefix: str = "AI "
@@ -179,6 +181,8 @@ class Config:
         "NodeDicomWebServer": "node_dicomweb_server",
         "NodeApiUrl": "node_api_url",
         "NodeApiTimeoutSeconds": "node_api_timeout_s",
+        "NodeApiToken": "node_api_token",
+        "NodeApiCaFile": "node_api_ca_file",
         "NodeAet": "node_aet",
         "ResultManufacturer": "result_manufacturer",
         "ResultSeriesDescriptionPrefix": "result_prefix",
@@ -195,13 +199,26 @@ class Config:
         section = full.get("AngioNode", {})
         if not isinstance(section, dict):
             raise ConfigError("AngioNode: must be an object")
-        unknown = set(section) - set(cls.KEYS) - {"Retry", "Rules"}
+        extra = {"Retry", "Rules", "NodeApiTokenFile"}
+        unknown = set(section) - set(cls.KEYS) - extra
         if unknown:
             raise ConfigError(
                 f"AngioNode: unknown key(s) {sorted(unknown)} "
-                f"(allowed: {sorted(set(cls.KEYS) | {'Retry', 'Rules'})})"
+                f"(allowed: {sorted(set(cls.KEYS) | extra)})"
             )
         kw: dict[str, Any] = {cls.KEYS[k]: v for k, v in section.items() if k in cls.KEYS}
+        token_file = section.get("NodeApiTokenFile")
+        if token_file and not kw.get("node_api_token"):
+            try:
+                with open(str(token_file)) as fh:
+                    kw["node_api_token"] = fh.read().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"AngioNode.NodeApiTokenFile: cannot read {token_file}: {exc.strerror}"
+                ) from None
+        for key in ("node_api_token", "node_api_ca_file"):
+            if not isinstance(kw.get(key, ""), str):
+                raise ConfigError(f"AngioNode: {key} must be a string")
         retry = section.get("Retry", {}) or {}
         for key, attr in (
             ("MaxAttempts", "max_attempts"),
@@ -583,10 +600,14 @@ def forward_view(row: dict[str, Any]) -> dict[str, Any]:
 class NodeClient:
     """The node's small REST API (``dicom_node/api.py``)."""
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    def __init__(self, base_url: str, timeout: float, token: str = "", ca_file: str = "") -> None:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        if token:  # the node's API wants a token unless it listens on loopback without any
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        if ca_file:
+            self.session.verify = ca_file
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:

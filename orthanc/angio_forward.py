@@ -300,7 +300,12 @@ def _start() -> None:
         config,
         api,
         Ledger(config.state_file),
-        NodeClient(config.node_api_url, config.node_api_timeout_s),
+        NodeClient(
+            config.node_api_url,
+            config.node_api_timeout_s,
+            config.node_api_token,
+            config.node_api_ca_file,
+        ),
         version,
         has_labels=bool(system.get("HasLabels", False)),
     )

@@ -1,0 +1,270 @@
+"""What an operator sees (issue 17): Prometheus metrics parsed by prometheus_client's
+own text parser, the audit trail (rotation, syslog, deliveries), and the status page
+in headless Chromium with a retry button, plus a screenshot for docs/."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from dicom_node.auth import hash_token
+from tests.conftest import send_storescu, wait_for
+from tests.dicomgen import save, xa_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "img" / "statuspage.png"
+READER, OPERATOR = "reader-token-0123456789abcdef", "operator-token-0123456789abcdef"
+TOKENS = [
+    {"name": "dashboard", "sha256": hash_token(READER), "scopes": ["read"]},
+    {"name": "nurse", "sha256": hash_token(OPERATOR), "scopes": ["read", "operate"]},
+]
+RULES = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "dsa_perfusion"]}]
+DOWN = {"kind": "dimse", "name": "down", "host": "127.0.0.1", "port": 9, "ae_title": "NOBODY"}
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _value(samples: dict[Any, float], metric: str, **labels: str) -> float:
+    return samples.get((metric, frozenset(labels.items())), -1.0)
+
+
+def _busy_node(make_node: Any, storescp: Any, tmp_path: Path) -> Any:
+    """A node with one run done (minip), one job failed (dsa_perfusion on 2 frames), results
+    delivered to a storescp and stuck for a destination that is down."""
+    storescp.start()
+    node = make_node(
+        api={"tokens": TOKENS},
+        rules=RULES,
+        destinations=[storescp.destination("pacs"), DOWN],
+        workers={"max_attempts": 1},
+        models={"dsa_av": str(ROOT / "models" / "dsa_av-st_unet-quick")},
+    )
+    send_storescu("ANGIO_NODE", node.port, [save(xa_run(frames=2, seed=41), tmp_path / "in")])
+    wait_for(lambda: node.db.unsettled_jobs() == 0 and node.db.query("SELECT 1 FROM jobs"), 120)
+    wait_for(lambda: storescp.files(), 60, what="the result at the PACS")
+    wait_for(lambda: node.db.query("SELECT 1 FROM outbox WHERE attempts >= 1 AND state='pending'"))
+    return node
+
+
+def test_metrics_are_prometheus_text_with_what_happened(
+    make_node: Any, storescp: Any, tmp_path: Path
+) -> None:
+    node = _busy_node(make_node, storescp, tmp_path)
+    base = f"http://127.0.0.1:{node.api_port}"
+    # a refused instance over STOW-RS
+    boundary = "xyz"
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\nnot dicom\r\n--{boundary}--\r\n"
+    resp = requests.post(
+        f"{base}/dicom-web/studies",
+        data=body.encode(),
+        headers={
+            "Content-Type": f"multipart/related; type=application/dicom; boundary={boundary}",
+            "Authorization": f"Bearer {OPERATOR}",
+        },
+        timeout=10,
+    )
+    assert resp.status_code == 403  # no store scope
+    assert requests.get(f"{base}/metrics", timeout=10).status_code == 401
+    resp = requests.get(
+        f"{base}/metrics", headers={"Authorization": f"Bearer {READER}"}, timeout=10
+    )
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    s = _samples(resp.text)
+    assert _value(s, "angio_node_instances_received_total", transport="dimse") == 1
+    assert _value(s, "angio_node_received_bytes_total", transport="dimse") > 10_000
+    assert _value(s, "angio_node_runs", state="routed") == 1
+    assert _value(s, "angio_node_jobs", pipeline="minip", state="done") == 1
+    assert _value(s, "angio_node_jobs", pipeline="dsa_perfusion", state="failed") == 1
+    assert _value(s, "angio_node_job_queue_depth") == 0
+    for stage in ("decode", "compute", "encode", "write"):
+        count = _value(
+            s, "angio_node_job_stage_duration_seconds_count", pipeline="minip", stage=stage
+        )
+        assert count == 1, stage
+    assert _value(s, "angio_node_job_duration_seconds_count", pipeline="minip", outcome="done") == 1
+    failed = _value(
+        s, "angio_node_job_duration_seconds_count", pipeline="dsa_perfusion", outcome="failed"
+    )
+    assert failed == 1
+    assert _value(s, "angio_node_outbox_backlog", destination="down") >= 1
+    assert _value(s, "angio_node_deliveries_sent_total", destination="pacs") >= 1
+    assert _value(s, "angio_node_delivery_failures_total", destination="down", kind="retry") >= 1
+    assert (
+        _value(
+            s,
+            "angio_node_model_package_info",
+            pipeline="dsa_av",
+            name="dsa_av-st_unet-quick",
+            version="0.1.0",
+        )
+        == 1
+    )
+    assert _value(s, "angio_node_associations_total", result="accepted") >= 1
+    assert _value(s, "angio_node_api_requests_total", method="GET", code="401") >= 1
+    # names follow the conventions: counters end in _total, durations in _seconds
+    families = {f.name: f.type for f in text_string_to_metric_families(resp.text)}
+    assert all(n.startswith("angio_node_") for n in families if not n.startswith("python_"))
+    assert families["angio_node_job_stage_duration_seconds"] == "histogram"
+    # a STOW-RS refusal counted by status
+    node.stop()
+    node = make_node(rules=[], storage_dir=str(tmp_path / "n2"))
+    requests.post(
+        f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+        data=body.encode(),
+        headers={"Content-Type": f"multipart/related; boundary={boundary}"},
+        timeout=10,
+    )
+    s = _samples(requests.get(f"http://127.0.0.1:{node.api_port}/metrics", timeout=10).text)
+    assert _value(s, "angio_node_instances_refused_total", transport="stow", status="0xC000") == 1
+
+
+def test_audit_trail_records_deliveries_rotates_and_goes_to_syslog(
+    make_node: Any, storescp: Any, tmp_path: Path
+) -> None:
+    node = _busy_node(make_node, storescp, tmp_path)
+    path = node.settings.storage_dir / "audit" / "audit.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"node-started", "association-accepted", "instance-stored"} <= kinds
+    sent = [e for e in events if e["event"] == "delivery-sent"]
+    assert sent and all(e["destination"] == "pacs" and e["sop_instance_uid"] for e in sent)
+    failed = [e for e in events if e["event"] == "delivery-failed"]
+    assert failed and failed[0]["destination"] == "down" and failed[0]["outcome"] == 4
+    assert all(e["event_id"]["scheme"] == "DCM" for e in events)
+    # no attribute value of the data set: the patient's name and ID are nowhere
+    assert "TEST^XA" not in path.read_text() and "TEST0041" not in path.read_text()
+
+    from dicom_node.audit import AuditTrail
+    from dicom_node.settings import AuditSettings
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(5)
+        port = udp.getsockname()[1]
+        trail = AuditTrail(
+            tmp_path / "rot",
+            AuditSettings(max_bytes=4096, backup_count=2, syslog=f"udp://127.0.0.1:{port}"),
+            "NODE",
+        )
+        trail.association(False, "EVIL", "NODE", "10.0.0.1:4444", reason="not allowed")
+        datagram = udp.recv(65536).decode()
+        assert "angio-dicom-node" in datagram and '"calling_ae": "EVIL"' in datagram
+        for i in range(200):
+            trail.delivery("pacs", f"1.2.3.{i}", True)
+        trail.close()
+    files = sorted(p.name for p in (tmp_path / "rot" / "audit").iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    for name in files:
+        text = (tmp_path / "rot" / "audit" / name).read_text()
+        assert len(text) <= 4096 + 400
+        assert all(json.loads(line)["source"] == "NODE" for line in text.splitlines())
+
+
+def _chromium_missing() -> str:
+    from tests.orthanc_fixture import find_chromium
+
+    if find_chromium() is None or shutil.which("chromedriver") is None:
+        return "chromium not installed (Debian packages chromium, chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium not installed"
+    return ""
+
+
+@pytest.mark.skipif(bool(_chromium_missing()), reason=_chromium_missing() or "ok")
+def test_status_page_in_chromium_with_retry(make_node: Any, storescp: Any, tmp_path: Path) -> None:
+    """ANGIO_UPDATE_SCREENSHOTS=1 writes the screenshot to docs/img/statuspage.png."""
+    from selenium.webdriver.common.by import By
+
+    from tests.orthanc_fixture import chromium_driver
+
+    node = _busy_node(make_node, storescp, tmp_path)
+    # a second run, a CT series no rule takes, so the page shows more than one state
+    from tests.dicomgen import ct_series
+
+    files = [save(ds, tmp_path / "ct", f"{i}.dcm") for i, ds in enumerate(ct_series(4))]
+    send_storescu("ANGIO_NODE", node.port, files)
+    (failed,) = node.db.query("SELECT id FROM jobs WHERE state='failed'")
+    base = f"http://127.0.0.1:{node.api_port}"
+    assert requests.get(f"{base}/", timeout=10).status_code == 401
+    driver = chromium_driver(tmp_path / "chromium-profile")
+
+    def sign_in(token: str) -> None:
+        creds = base64.b64encode(f"ward:{token}".encode()).decode()
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd(
+            "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {creds}"}}
+        )
+
+    try:
+        sign_in(READER)  # read scope: the page, but no retry button
+        driver.get(f"{base}/")
+        assert "ANGIO_NODE" in driver.title
+        assert driver.find_elements(By.ID, "failed") and driver.find_elements(By.ID, "runs")
+        assert not driver.find_elements(By.ID, f"retry-{failed['id']}")
+        sign_in(OPERATOR)
+        driver.get(f"{base}/")
+        for table in ("failed", "runs", "outbox", "packages"):
+            assert driver.find_element(By.ID, table).is_displayed(), table
+        runs = driver.find_element(By.ID, "runs").text
+        assert "minip done" in runs and "dsa_perfusion failed" in runs and "compute" in runs
+        assert "unrouted" in runs  # the CT series: no rule for it
+        outbox = driver.find_element(By.ID, "outbox").text
+        assert "pacs" in outbox and "down" in outbox
+        assert "dsa_av-st_unet-quick" in driver.find_element(By.ID, "packages").text
+        assert (
+            "perfusion analysis needs at least 4 frames"
+            in driver.find_element(By.ID, "failed").text
+        )
+        driver.set_window_size(1400, 900)
+        shot = SCREENSHOT if os.environ.get("ANGIO_UPDATE_SCREENSHOTS") else tmp_path / "page.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        driver.find_element(By.ID, f"retry-{failed['id']}").click()
+        wait_for(lambda: "/?message=" in driver.current_url, 10, what="the redirect")
+        assert "queued again" in driver.find_element(By.ID, "message").text
+        wait_for(
+            lambda: node.db.query(
+                "SELECT 1 FROM jobs WHERE id=? AND state='failed' AND attempts=1", (failed["id"],)
+            ),
+            60,
+            what="the retried job to run (and fail) again",
+        )
+        events = [
+            json.loads(line)
+            for line in (node.settings.storage_dir / "audit" / "audit.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        retries = [e for e in events if e["event"] == "api-call" and "retry" in e["path"]]
+        assert retries[-1]["who"] == "nurse" and retries[-1]["http_status"] == 200
+    finally:
+        driver.quit()
+    # a form posted from elsewhere (no CSRF field) is refused
+    resp = requests.post(
+        f"{base}/jobs/{failed['id']}/retry",
+        data={"csrf": "forged"},
+        auth=("x", OPERATOR),
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert resp.status_code == 403
+    time.sleep(0)

@@ -1,0 +1,114 @@
+"""The Orthanc plugin against a node whose API wants tokens (issue 17): the plugin's
+REST client sends its bearer token (``NodeApiTokenFile``) for ``/health``, ``/jobs``
+and ``/trigger``, and its STOW-RS jobs carry it in their HTTP headers."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.auth import hash_token
+from tests.dicomgen import save, xa_run
+from tests.orthanc_fixture import free_port, start_orthanc
+from tests.test_orthanc_integration import (
+    FAST,
+    NODE_AET,
+    forwards,
+    needs_orthanc,
+    needs_storescu,
+    result_series,
+    single_frame_series,
+    start_node,
+    storescu,
+    wait_for,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "orthanc"))
+import angio_core  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+TOKEN = "orthanc-plugin-token-9f8e7d6c5b4a"
+
+
+def _node_with_tokens(tmp: Path, pacs: Any, port: int, api_port: int, transport: str) -> Any:
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    node = start_node(tmp, pacs, port=port, api_port=api_port, transport=transport)
+    data = node.settings.model_dump(mode="json")
+    node.stop()
+    data["api"]["tokens"] = [
+        {"name": "ORTHANC", "sha256": hash_token(TOKEN), "scopes": ["read", "operate", "store"]}
+    ]
+    return Node(load_settings(None, environ={}, **data)).start()
+
+
+def test_plugin_config_reads_its_token_from_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    cfg = angio_core.Config.from_orthanc({"AngioNode": {"NodeApiTokenFile": str(token_file)}})
+    assert cfg.node_api_token == TOKEN and TOKEN not in repr(cfg)
+    with pytest.raises(angio_core.ConfigError, match="NodeApiTokenFile"):
+        angio_core.Config.from_orthanc({"AngioNode": {"NodeApiTokenFile": str(tmp_path / "x")}})
+
+
+@needs_orthanc
+@needs_storescu
+@pytest.mark.parametrize("transport", ["dimse", "dicomweb"])
+def test_plugin_forwards_and_triggers_with_a_token(tmp_path: Path, transport: str) -> None:
+    node_port, api_port = free_port(), free_port()
+    token_file = tmp_path / "node-token"
+    token_file.write_text(TOKEN + "\n")
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Transport"] = transport
+    overrides["AngioNode"]["NodeApiTokenFile"] = str(token_file)
+    # Orthanc's STOW-RS client sends the headers of the server's definition
+    overrides["DicomWeb"] = {
+        "Servers": {"angio-node": {"HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}}
+    }
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={
+            "aet": NODE_AET,
+            "port": node_port,
+            "api_url": f"http://127.0.0.1:{api_port}",
+            "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/",
+        },
+    )
+    node = _node_with_tokens(tmp_path / "node", pacs, node_port, api_port, transport)
+    try:
+        assert node.auth.enabled
+        status = pacs.get("/angio-node/status").json()
+        assert status["node"]["status"] == "ok", status
+        if transport == "dicomweb":
+            run = xa_run(frames=4, seed=12)
+            storescu(pacs, save(run, tmp_path / "in"))
+        else:  # a series: forwarded on the stable-series event, then /trigger with the token
+            series = single_frame_series(4)
+            run = series[0]
+            storescu(pacs, *[save(ds, tmp_path / "in", f"{i}.dcm") for i, ds in enumerate(series)])
+
+        (fw,) = wait_for("the forward delivered", lambda: forwards(pacs, state="sent"), 60)
+        wait_for("results back in Orthanc", lambda: result_series(pacs, str(run.StudyInstanceUID)))
+        fw = wait_for(
+            "the node's jobs shown with the forward (GET /jobs with the token)",
+            lambda: [f for f in forwards(pacs) if f.get("node_jobs")],
+        )[0]
+        assert "node_error" not in fw, fw
+        rows = node.db.query("SELECT DISTINCT calling_aet FROM instances")
+        assert [r["calling_aet"] for r in rows] == ["ORTHANC"]  # C-STORE AE or token name
+        audit = (node.settings.storage_dir / "audit" / "audit.jsonl").read_text()
+        assert '"api-denied"' not in audit
+        if transport == "dimse":
+            assert '"path": "/trigger"' in audit and '"who": "ORTHANC"' in audit
+        else:
+            assert '"transport": "stow"' in audit
+    finally:
+        node.stop()
+        pacs.stop()

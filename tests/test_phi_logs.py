@@ -1,0 +1,164 @@
+"""PHI-free logs by construction (issue 17): the real ``dicom-node serve`` receives the
+instance whose SOP Instance UID is declared 0xFFFF bytes long (pydicom then reads the
+following elements as its "value" and warns with them), then the whole fault corpus
+(tests/faults.py), processes what it stored in its worker processes, and its log,
+audit trail and stored job errors are searched for the patients' names and IDs."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pydicom.uid import XRayAngiographicImageStorage
+from pynetdicom import AE, _config
+
+from dicom_node.sopclasses import TRANSFER_SYNTAXES
+from tests.conftest import free_port, wait_for
+from tests.faults import TAGS, _element_offset, corpus, dataset_offset, encode, fresh
+
+NAME, PATIENT_ID, INSTITUTION = "SENTINEL^PHI^NAME", "PHIID73519", "SENTINEL PHI HOSPITAL"
+
+
+def _malformed() -> bytes:
+    ds = fresh(seed=5)
+    ds.PatientName, ds.PatientID, ds.InstitutionName = NAME, PATIENT_ID, INSTITUTION
+    data = bytearray(encode(ds))
+    pos = _element_offset(bytes(data), TAGS["SOPInstanceUID"], dataset_offset(bytes(data)))
+    data[pos + 6 : pos + 8] = struct.pack("<H", 0xFFFF)
+    return bytes(data)
+
+
+class _Node:
+    """``dicom-node -vv serve`` in a subprocess, its log in a file."""
+
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        self.port, self.api_port = free_port(), free_port()
+        self.storage = tmp / "node"
+        self.log = tmp / "node.log"
+        cfg = tmp / "node.toml"
+        cfg.write_text(
+            f'storage_dir = "{self.storage}"\nport = {self.port}\nmin_free_bytes = 0\n'
+            "[completion]\nquiet_period_s = 0.5\nsweep_interval_s = 0.2\n"
+            "[workers]\nconcurrency = 2\nmax_attempts = 1\nmemory_limit_mib = 1536\n"
+            "poll_interval_s = 0.1\n"
+            "[limits]\nmax_decoded_bytes = 67108864\nmax_inflated_bytes = 83886080\n"
+            f"[api]\nport = {self.api_port}\n"
+            '[[rules]]\nname = "xa"\npipelines = ["minip"]\n'
+            '[rules.match]\nmodality = ["XA"]\n'
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "-vv", "serve", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
+        wait_for(self._up, 120, what="dicom-node serve to start")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        try:
+            return requests.get(f"http://127.0.0.1:{self.api_port}/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def settled(self) -> bool:
+        status = requests.get(f"http://127.0.0.1:{self.api_port}/status", timeout=10).json()
+        busy = sum(status["runs"].get(s, 0) for s in ("receiving", "complete"))
+        return busy == 0 and not any(status["jobs"].get(s) for s in ("queued", "running"))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _send(port: int, paths: list[Path]) -> list[int | None]:
+    ae = AE(ae_title="FUZZER")
+    for ts in TRANSFER_SYNTAXES:  # raw bytes go as they are, in their own transfer syntax
+        ae.add_requested_context(XRayAngiographicImageStorage, [ts])
+    ae.dimse_timeout = ae.network_timeout = 180
+    out = []
+    for path in paths:
+        assoc = ae.associate("127.0.0.1", port, ae_title="ANGIO_NODE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(path)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        out.append(int(status.Status) if status and "Status" in status else None)
+    return out
+
+
+def _leaks(text: str, patterns: list[str]) -> list[str]:
+    return [p for p in patterns if re.search(p, text)]
+
+
+def test_malformed_instance_leaves_no_phi_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    node = _Node(tmp_path)
+    try:
+        bad = tmp_path / "bad.dcm"
+        bad.write_bytes(_malformed())
+        assert _send(node.port, [bad]) == [0xC000]
+    finally:
+        node.stop()
+    log = node.log.read_text(errors="replace")
+    assert "SOP Instance UID is" in log and "refused (0xC000)" in log  # the reason is logged
+    assert "pydicom" in log  # and the library's warning too, without its values
+    patterns = [re.escape(NAME), re.escape(PATIENT_ID), "SENTINEL", re.escape("PHI^")]
+    assert _leaks(log, patterns) == []
+    audit = (node.storage / "audit" / "audit.jsonl").read_text()
+    assert _leaks(audit, patterns) == [] and '"instance-refused"' in audit
+
+
+@pytest.mark.slow
+def test_fault_corpus_leaves_no_phi_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every case of the corpus is built on a run of patient TEST^XA, ID TEST0nnn."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    cases = corpus(seed=16)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    paths = []
+    for i, case in enumerate(cases):
+        path = folder / f"{i:03d}.dcm"
+        path.write_bytes(case.data)
+        paths.append(path)
+    bad = folder / "sentinel.dcm"
+    bad.write_bytes(_malformed())
+    node = _Node(tmp_path)
+    try:
+        statuses = _send(node.port, [bad, *paths])
+        assert statuses.count(0x0000) > 20, "some cases are stored and processed"
+        wait_for(node.settled, 900, interval=1.0, what="every run and job to settle")
+        jobs = requests.get(f"http://127.0.0.1:{node.api_port}/status", timeout=10).json()
+    finally:
+        node.stop()
+    log = node.log.read_text(errors="replace")
+    assert "pydicom" in log and "refused (0x" in log and "job " in log
+    patterns = [r"TEST\^XA", r"TEST\d{4}", "SENTINEL", re.escape(PATIENT_ID)]
+    leaks = _leaks(log, patterns)
+    lines = [line for line in log.splitlines() if _leaks(line, patterns)][:5]
+    assert leaks == [], lines
+    audit = (node.storage / "audit" / "audit.jsonl").read_text()
+    assert _leaks(audit, patterns) == []
+    # the reasons stored with failed jobs (shown by /status, /jobs and the status page)
+    assert _leaks(json.dumps(jobs), patterns) == []
+    print(
+        f"{len(statuses)} instances sent, {statuses.count(0)} stored; log "
+        f"{len(log.splitlines())} lines, {log.count('pydicom')} pydicom lines, no PHI"
+    )
