@@ -9,6 +9,9 @@ job done and its deliveries queued)::
               (a new instance re-opens a run; reprocess: any settled state -> complete)
     job       queued -> running -> done | failed, running -> queued (retry, lost lease),
               failed -> queued (an operator's retry)
+              with Temporal: queued (dispatched_at set: its workflow started) -> running
+              (a worker took an attempt) -> done | failed; the workflow's generation must
+              match, so a superseded workflow cannot record (``*_dispatched_job``)
     delivery  pending -> sent | failed, failed -> pending (resend)
 
 One connection per thread; writes use ``BEGIN IMMEDIATE`` so two workers never
@@ -21,6 +24,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,12 +104,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, not_before);
+
+-- index_id: this index's identity, part of every Temporal workflow ID it starts
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 # Columns added after the first release (schema 1 had none of them).
 _MIGRATIONS = {
     "runs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
-    "jobs": [("resend", "INTEGER NOT NULL DEFAULT 0"), ("timings", "TEXT")],
+    "jobs": [
+        ("resend", "INTEGER NOT NULL DEFAULT 0"),
+        ("timings", "TEXT"),
+        # Temporal: the n-th workflow of this job (an operator's retry starts a new one)
+        ("generation", "INTEGER NOT NULL DEFAULT 0"),
+        ("dispatched_at", "REAL"),  # its workflow was started (None: embedded, or not yet)
+    ],
 }
 
 
@@ -171,6 +187,16 @@ class Job:
 
 
 @dataclass(frozen=True)
+class DispatchJob:
+    """A queued job to hand to an external engine (one Temporal workflow per generation)."""
+
+    id: int
+    run_id: str
+    pipeline: str
+    generation: int
+
+
+@dataclass(frozen=True)
 class ResultFile:
     """One object a job wrote, to be delivered."""
 
@@ -219,6 +245,10 @@ class Database:
                             "UPDATE jobs SET destinations=?, resend=1 WHERE id=?",
                             (json.dumps(plain), row["id"]),
                         )
+            con.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('index_id', ?)",
+                (uuid.uuid4().hex[:12],),
+            )
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- connection ---------------------------------------------------------
@@ -251,6 +281,10 @@ class Database:
         if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
             raise StateError("Database.query is read-only")
         return self.connect().execute(sql, params).fetchall()
+
+    def index_id(self) -> str:
+        """A random identity made with the index: workflow IDs of two indexes never meet."""
+        return str(self.query("SELECT value FROM meta WHERE key='index_id'")[0]["value"])
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)
@@ -315,21 +349,23 @@ class Database:
 
     def run_instances(self, run_id: str) -> list[InstanceRecord]:
         rows = self.query("SELECT * FROM instances WHERE run_id=? ORDER BY received_at", (run_id,))
-        return [
-            InstanceRecord(
-                r["sop_instance_uid"],
-                r["sop_class_uid"],
-                r["series_uid"],
-                r["study_uid"],
-                r["run_id"],
-                Path(r["path"]),
-                r["size"],
-                r["transfer_syntax"],
-                r["frames"],
-                r["calling_aet"],
-            )
-            for r in rows
-        ]
+        return [_instance(r) for r in rows]
+
+    def series_instances(self, study_uid: str, series_uid: str) -> list[InstanceRecord]:
+        """The stored instances of a series (WADO-RS), in the order they arrived."""
+        rows = self.query(
+            "SELECT * FROM instances WHERE study_uid=? AND series_uid=? ORDER BY received_at",
+            (study_uid, series_uid),
+        )
+        return [_instance(r) for r in rows]
+
+    def result_path(self, sop_instance_uid: str) -> Path | None:
+        """The file of a result queued for delivery (the newest job's copy)."""
+        rows = self.query(
+            "SELECT path FROM outbox WHERE sop_instance_uid=? ORDER BY job_id DESC LIMIT 1",
+            (sop_instance_uid,),
+        )
+        return Path(rows[0]["path"]) if rows else None
 
     def complete_run(self, run_id: str, reason: str) -> bool:
         """receiving -> complete; False when it was not receiving (once only)."""
@@ -488,8 +524,8 @@ class Database:
         requeued = failed = 0
         with self._tx() as con:
             rows = con.execute(
-                "SELECT id, attempts, error FROM jobs WHERE state=? AND "
-                "(worker IS NULL OR worker NOT LIKE ?)",
+                "SELECT id, attempts, error FROM jobs WHERE state=? AND dispatched_at IS NULL "
+                "AND (worker IS NULL OR worker NOT LIKE ?)",
                 (JobState.RUNNING, f"{current_worker_prefix}%"),
             ).fetchall()
             for r in rows:
@@ -609,10 +645,121 @@ class Database:
         with self._tx() as con:
             cur = con.execute(
                 "UPDATE jobs SET state=?, attempts=0, not_before=?, lease_until=NULL, worker=NULL, "
-                "error=?, updated_at=? WHERE id=? AND state=?",
+                "error=?, updated_at=?, generation=generation+1, dispatched_at=NULL "
+                "WHERE id=? AND state=?",
                 (JobState.QUEUED, t, "retried by an operator", t, job_id, JobState.FAILED),
             )
             return cur.rowcount == 1
+
+    # -- jobs run by an external engine (Temporal) ------------------------------
+    def jobs_to_dispatch(self, limit: int) -> list[DispatchJob]:
+        """Queued jobs whose workflow has not been started, oldest first."""
+        rows = self.query(
+            "SELECT id, run_id, pipeline, generation FROM jobs WHERE state=? AND "
+            "dispatched_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
+            (JobState.QUEUED, now(), limit),
+        )
+        return [DispatchJob(r["id"], r["run_id"], r["pipeline"], r["generation"]) for r in rows]
+
+    def mark_dispatched(self, job_id: int, generation: int) -> bool:
+        """Its workflow exists (started now, or by a process that died before this)."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET dispatched_at=?, updated_at=? WHERE id=? AND generation=? "
+                "AND dispatched_at IS NULL AND state IN (?,?)",
+                (now(), now(), job_id, generation, JobState.QUEUED, JobState.RUNNING),
+            )
+            return cur.rowcount == 1
+
+    def dispatched_job_started(
+        self, job_id: int, generation: int, attempt: int, worker: str
+    ) -> bool:
+        """queued | running -> running: a worker took attempt ``attempt`` of this workflow."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts, ?), worker=?, lease_until=NULL, "
+                "dispatched_at=COALESCE(dispatched_at, ?), updated_at=? "
+                "WHERE id=? AND generation=? AND state IN (?,?)",
+                (JobState.RUNNING, attempt, worker, t, t, job_id, generation)
+                + (JobState.QUEUED, JobState.RUNNING),
+            )
+            return cur.rowcount == 1
+
+    def dispatched_job_open(self, job_id: int, generation: int) -> bool:
+        """Whether results for this workflow of the job are still expected."""
+        return bool(
+            self.query(
+                "SELECT 1 FROM jobs WHERE id=? AND generation=? AND state IN (?,?)",
+                (job_id, generation, JobState.QUEUED, JobState.RUNNING),
+            )
+        )
+
+    def finish_dispatched_job(
+        self,
+        job_id: int,
+        generation: int,
+        attempt: int,
+        worker: str,
+        results: Sequence[ResultFile],
+        notes: Sequence[str],
+    ) -> bool:
+        """queued | running -> done with its deliveries, in one transaction. True also when
+        this workflow already recorded it (a retried record); False when it was superseded."""
+        t = now()
+        with self._tx() as con:
+            row = con.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["generation"] != generation:
+                return False
+            if row["state"] not in (JobState.QUEUED, JobState.RUNNING):
+                return bool(row["state"] == JobState.DONE)
+            con.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts, ?), worker=?, lease_until=NULL, "
+                "dispatched_at=COALESCE(dispatched_at, ?), error=NULL, notes=?, updated_at=? "
+                "WHERE id=?",
+                (JobState.DONE, attempt, worker, t, json.dumps(list(notes)), t, job_id),
+            )
+            job = Job(
+                job_id,
+                row["run_id"],
+                row["pipeline"],
+                json.loads(row["destinations"]),
+                bool(row["resend"]),
+                max(row["attempts"], attempt),
+                worker,
+            )
+            for res in results:
+                for dest in job.destinations:
+                    self._queue_delivery(con, job, dest, res, t)
+            return True
+
+    def fail_dispatched_job(self, job_id: int, generation: int, attempts: int, reason: str) -> bool:
+        """queued | running -> failed; True also when this workflow already recorded it."""
+        with self._tx() as con:
+            row = con.execute("SELECT state, generation FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["generation"] != generation:
+                return False
+            if row["state"] not in (JobState.QUEUED, JobState.RUNNING):
+                return bool(row["state"] == JobState.FAILED)
+            con.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts, ?), lease_until=NULL, error=?, "
+                "updated_at=? WHERE id=?",
+                (JobState.FAILED, attempts, reason, now(), job_id),
+            )
+            return True
+
+    def take_back_dispatched(self) -> int:
+        """Jobs handed to Temporal and not settled come back to this node's own queue
+        (the node went back to the embedded engine); their workflows can no longer record."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, generation=generation+1, dispatched_at=NULL, worker=NULL,"
+                " lease_until=NULL, not_before=?, updated_at=? "
+                "WHERE dispatched_at IS NOT NULL AND state IN (?,?)",
+                (JobState.QUEUED, t, t, JobState.QUEUED, JobState.RUNNING),
+            )
+            return cur.rowcount
 
     def record_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Seconds per stage of a job's last attempt (decode, compute, encode, write)."""
@@ -814,6 +961,31 @@ class Database:
             d["notes"] = json.loads(d["notes"]) if d.get("notes") else []
             out.append(d)
         return out
+
+    def prior_result_paths(self, run_id: str, pipeline: str, before_job: int) -> list[str]:
+        """Result files that earlier jobs of ``pipeline`` on this run queued for delivery,
+        newest job first: a new result whose content changed names what it supersedes."""
+        rows = self.query(
+            "SELECT o.path, MAX(o.job_id) AS job FROM outbox o JOIN jobs j ON j.id = o.job_id"
+            " WHERE j.run_id=? AND j.pipeline=? AND j.id<? GROUP BY o.path ORDER BY job DESC",
+            (run_id, pipeline, before_job),
+        )
+        return [str(r["path"]) for r in rows]
+
+
+def _instance(r: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(
+        r["sop_instance_uid"],
+        r["sop_class_uid"],
+        r["series_uid"],
+        r["study_uid"],
+        r["run_id"],
+        Path(r["path"]),
+        r["size"],
+        r["transfer_syntax"],
+        r["frames"],
+        r["calling_aet"],
+    )
 
 
 def _lost_reason(attempts: int, last_error: str | None) -> str:

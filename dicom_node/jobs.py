@@ -113,6 +113,7 @@ class Workers:
             str(self.results_dir / str(job.id)),
             self.device,
             self.models,
+            tuple(self.db.prior_result_paths(job.run_id, job.pipeline, job.id)),
         )
         return process.run(
             spec,

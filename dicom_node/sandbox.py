@@ -56,6 +56,8 @@ class JobSpec:
     out_dir: str
     device: str
     models: Mapping[str, str] = field(default_factory=dict)
+    # Files earlier jobs of this pipeline on this run delivered (supersession).
+    prior_results: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,9 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
     try:
         at("decoding")
         loaded = load_run([Path(p) for p in spec.paths])
-        datasets, notes = run_pipeline(loaded, spec.pipeline, spec.models, spec.device, at)
+        datasets, notes = run_pipeline(
+            loaded, spec.pipeline, spec.models, spec.device, at, prior_results=spec.prior_results
+        )
         at("writing")
         results = []
         for ds in datasets:

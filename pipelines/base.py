@@ -179,6 +179,12 @@ class MeasurementsOutput:
     measurements: Sequence[Measurement]
     algorithm: AlgorithmInfo
     finding_site: Code | None = None
+    # (H, W) bool on the canvas: where the measurements were made (the report's image
+    # region, which viewers draw with the values); None: the whole canvas.
+    region: np.ndarray | None = None
+    # Measures of the run's quality (AIF SNR, coverage, ...), reported as their own
+    # measurement group "Run quality" over the whole canvas.
+    quality: Sequence[Measurement] = ()
 
 
 Output = (

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 import torch
 from pydicom.sr.codedict import codes
+from skimage import measure
 
 from bench.perfusion import dsa_run
 from dicom_node.encode import encode_result
@@ -34,6 +35,7 @@ from pipelines.perfusion.pipeline import (
 )
 from tests.conftest import dciodvfy_errors
 from tests.dicomgen import xa_run
+from tests.test_seg_encoder import assert_references_only
 
 torch.set_num_threads(1)
 NOW = datetime(2024, 5, 6, 7, 8, 9)
@@ -131,11 +133,14 @@ def test_parametric_maps_round_trip(delivered):
         if label in ("CBF", "CBV"):
             assert "relative" in mapping.LUTExplanation and "uncalibrated" in mapping.LUTExplanation
         assert "brain" in back.ImageComments and "vessels" in back.ImageComments
-        # Geometry and references: the canvas's Frame of Reference, canvas and run as sources.
+        # Geometry and references: the canvas's Frame of Reference; the canvas alone as
+        # source and referenced series (it names the run), so OHIF fuses over it.
         assert back.FrameOfReferenceUID == canvas.FrameOfReferenceUID
         assert back.StudyInstanceUID == header.StudyInstanceUID
-        sources = {item.ReferencedSOPInstanceUID for item in back.SourceImageSequence}
-        assert sources == {canvas.SOPInstanceUID, header.SOPInstanceUID}
+        assert_references_only(back, canvas)
+        assert [i.ReferencedSOPInstanceUID for i in canvas.SourceImageSequence] == [
+            header.SOPInstanceUID
+        ]
         assert hd.pm.ParametricMap.from_dataset(back).SOPInstanceUID == ds.SOPInstanceUID
     assert seen == {"CBF", "CBV", "MTT", "TMAX", "TTP"}
 
@@ -170,18 +175,36 @@ def test_renderings_round_trip(delivered):
 
 
 def test_sr_round_trip(delivered):
+    """TID 1500 with the AIF measurements as a TID 1410 planar ROI on the canvas: the
+    region is the outline of the AIF pixels, what a viewer draws with the values."""
     result, header, datasets, paths = delivered
     (out,) = [o for o in result.outputs if isinstance(o, MeasurementsOutput)]
     (path,) = [p for ds, p in zip(datasets, paths, strict=True) if str(ds.SOPClassUID) == SR_CLASS]
+    canvas = datasets[0]
     sr = hd.sr.srread(path)
     report = hd.sr.MeasurementReport.from_sequence([sr])
-    (group,) = report.get_image_measurement_groups()
+    assert report.get_image_measurement_groups() == []
+    (group,) = report.get_planar_roi_measurement_groups()
     back = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
     assert back == {m.name.value: (pytest.approx(m.value), m.unit.value) for m in out.measurements}
     assert group.finding_sites[0].value.value == "86117002"  # internal carotid artery
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
-    refs = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence
-    assert refs[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    region = group.roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    selected_from = region.ContentSequence[0].ReferencedSOPSequence[0]
+    assert selected_from.ReferencedSOPInstanceUID == canvas.SOPInstanceUID
+    assert int(selected_from.ReferencedFrameNumber) == 1
+    points = region.value  # (x = column, y = row), closed
+    assert np.array_equal(points[0], points[-1]) and len(points) >= 4
+    rows, cols = np.nonzero(out.region)
+    inside = measure.points_in_poly(np.stack([cols + 0.5, rows + 0.5], axis=1), points)
+    assert inside.mean() > 0.9, points  # the outline encloses the AIF pixels
+    evidence = {
+        str(ref.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == {header.SOPInstanceUID, canvas.SOPInstanceUID}
 
 
 def test_encoder_refuses_a_map_without_canvas():
@@ -194,8 +217,18 @@ def test_encoder_refuses_a_map_without_canvas():
 
 
 def test_deterministic_uids(delivered):
-    _, header, datasets, _ = delivered
-    ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=NOW)
-    assert datasets[1].SOPInstanceUID in {
-        ctx.uid("dsa_perfusion", k, "instance") for k in ("cbf", "cbv", "mtt", "tmax", "ttp")
-    }
+    """The same result encoded again (later, say) has the same UIDs."""
+    result, header, datasets, _ = delivered
+    run = dsa_run(
+        11,
+        fps=2.0,
+        snr=40.0,
+        cbfs=(0.01, 0.02),
+        mtts=(3.0, 5.0),
+        delays=(0.0, 2.0),
+        shapes=("exponential",),
+    ).run
+    ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=datetime(2025, 1, 1))
+    again = encode_result(result, run, ctx)
+    assert [d.SOPInstanceUID for d in again] == [d.SOPInstanceUID for d in datasets]
+    assert [d.SeriesInstanceUID for d in again] == [d.SeriesInstanceUID for d in datasets]

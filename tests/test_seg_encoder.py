@@ -140,19 +140,35 @@ def test_canvas_seg_round_trip_and_codes(tmp_path: Path) -> None:
         assert desc.algorithm_identification[0].AlgorithmName == "dsa_av"
         rgb = hd.color.CIELabColor.from_dicom_value(desc.RecommendedDisplayCIELabValue).to_rgb()
         assert np.abs(np.asarray(rgb, float) - segment.color_rgb).max() <= 2
-    # The derivation chain: SEG -> canvas (geometry) and SEG -> XA run; both listed
-    # in the Common Instance Reference module.
-    referenced = {str(i.ReferencedSOPInstanceUID) for i in back.SourceImageSequence}
-    assert referenced == {ctx.canvas.SOPInstanceUID, xa.SOPInstanceUID}
-    listed = {
-        str(i.ReferencedSOPInstanceUID)
-        for s in back.ReferencedSeriesSequence
-        for i in s.ReferencedInstanceSequence
-    }
-    assert listed == referenced
+    # The derivation chain SEG -> canvas -> XA run: the SEG names only the canvas
+    # (the series whose geometry it shares, so a viewer cannot pick the XA run to
+    # overlay on), the canvas names the run.
+    assert_references_only(back, ctx.canvas)
     assert [str(i.ReferencedSOPInstanceUID) for i in ctx.canvas.SourceImageSequence] == [
         xa.SOPInstanceUID
     ]
+
+
+def assert_references_only(obj: Dataset, canvas: Dataset) -> None:
+    """Source Image, Derivation Image and Referenced Series all name ``canvas`` alone."""
+    sources = {str(i.ReferencedSOPInstanceUID) for i in obj.SourceImageSequence}
+    assert sources == {str(canvas.SOPInstanceUID)}
+    derived = {
+        str(ref.ReferencedSOPInstanceUID)
+        for frame in obj.PerFrameFunctionalGroupsSequence
+        for item in frame.DerivationImageSequence
+        for ref in item.SourceImageSequence
+    }
+    assert derived == {str(canvas.SOPInstanceUID)}
+    assert [str(s.SeriesInstanceUID) for s in obj.ReferencedSeriesSequence] == [
+        str(canvas.SeriesInstanceUID)
+    ]
+    listed = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in obj.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
+    assert listed == {str(canvas.SOPInstanceUID)}
 
 
 def _meta(frames: int, times: np.ndarray | None = None) -> RunMeta:
@@ -221,8 +237,9 @@ def test_frames_seg_references_every_source_frame(tmp_path: Path, sources: str) 
         number = int(ref.ReferencedFrameNumber)
         assert masks[0, number - 1].any()  # empty frames are omitted, the others map 1:1
     assert len(back.PerFrameFunctionalGroupsSequence) == frames - 1
-    referenced = {str(i.ReferencedSOPInstanceUID) for i in back.SourceImageSequence}
-    assert referenced == {canvas.SOPInstanceUID, *(h.SOPInstanceUID for h in headers)}
+    assert_references_only(back, canvas)  # the frames canvas names the run, frame by frame
+    named = {str(i.ReferencedSOPInstanceUID) for i in canvas.SourceImageSequence}
+    assert named == {h.SOPInstanceUID for h in headers}
 
 
 def test_frames_canvas_without_timing_labels_frames(tmp_path: Path) -> None:

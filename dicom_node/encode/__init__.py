@@ -14,7 +14,15 @@ from pydicom.dataset import Dataset
 from dicom_node.encode.canvas import make_canvas
 from dicom_node.encode.common import EncodeContext
 from dicom_node.encode.rendering import encode_rendering
-from pipelines.base import ImageOutput, Output, PipelineResult, RenderingOutput, Run, minip
+from pipelines.base import (
+    AlgorithmInfo,
+    ImageOutput,
+    Output,
+    PipelineResult,
+    RenderingOutput,
+    Run,
+    minip,
+)
 
 Encoder = Callable[[Output, EncodeContext, Run], list[Dataset]]
 _ENCODERS: dict[type, Encoder] = {}
@@ -41,8 +49,19 @@ def _needs_canvas(result: PipelineResult) -> bool:
     return any(getattr(o, "geometry", None) == "canvas" for o in result.outputs)
 
 
+def _algorithms(result: PipelineResult) -> tuple[AlgorithmInfo, ...]:
+    found: list[AlgorithmInfo] = []
+    for out in result.outputs:
+        info = getattr(out, "algorithm", None)
+        if isinstance(info, AlgorithmInfo) and info not in found:
+            found.append(info)
+    return tuple(found)
+
+
 def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[Dataset]:
-    """All DICOM objects for one pipeline result, canvas first."""
+    """All DICOM objects for one pipeline result, canvas first. The result's
+    algorithms join the provenance its UIDs derive from."""
+    ctx.algorithms = _algorithms(result)
     datasets: list[Dataset] = []
     if not run.meta.is_volume and _needs_canvas(result):
         canvas_image = next(

@@ -8,8 +8,14 @@ Reference and Multi-frame Functional Groups modules that the Multi-frame SC
 IODs allow, with a plane in a run-specific frame of reference whose axes are the
 detector rows and columns, so SEG and Parametric Map objects can reference it
 with full geometry. It references the XA run in Source Image Sequence and
-Derivation Image Sequence. Its UIDs depend only on the source run, so every
-pipeline delivers the same canvas and the destination stores it once.
+Derivation Image Sequence. Its UIDs depend only on the source run and the
+node's encoding, so every pipeline delivers the same canvas and the destination
+stores it once.
+
+Pixel Spacing is also written at the top level (the SC Image module allows it):
+a viewer that reads a one-frame multi-frame object like a single-frame one
+(OHIF 3 skips the functional groups below two frames) otherwise builds its
+volume without a spacing, and a Parametric Map fused over it renders black.
 """
 
 from __future__ import annotations
@@ -67,12 +73,12 @@ def quantise(image: np.ndarray, bits: int = BITS) -> tuple[np.ndarray, float, fl
 
 def canvas_uids(ctx: EncodeContext) -> tuple[str, str, str]:
     """(Series, SOP Instance, Frame of Reference) UIDs of a run's canvas: they depend
-    only on the source SOP Instance UIDs, so the node, every pipeline and the phantom
-    truth annotations all name the same canvas."""
+    only on the source SOP Instance UIDs and the node's encoding, so the node, every
+    pipeline and the phantom truth annotations all name the same canvas."""
     return (
-        ctx.uid(CANVAS_KEY, "series"),
-        ctx.uid(CANVAS_KEY, "instance"),
-        ctx.uid(CANVAS_KEY, "frame-of-reference"),
+        ctx.encoding_uid(CANVAS_KEY, "series"),
+        ctx.encoding_uid(CANVAS_KEY, "instance"),
+        ctx.encoding_uid(CANVAS_KEY, "frame-of-reference"),
     )
 
 
@@ -104,6 +110,9 @@ def make_canvas(ctx: EncodeContext, image: np.ndarray) -> Dataset:
         for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if ds.get(kw) is None:
                 del ds[kw]
+    # SC Image module (Basic Pixel Spacing Calibration), for viewers that read a
+    # one-frame object like a single-frame one (see the module docstring).
+    ds.PixelSpacing = [f"{spacing[0]:.6g}", f"{spacing[1]:.6g}"]
     ds.DerivationDescription = "Minimum intensity projection over time of the run"
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = DERIVATION_MINIP

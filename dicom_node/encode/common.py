@@ -1,25 +1,35 @@
 """What every emitted object shares: identity copied from the source, node equipment,
-deterministic UIDs, and series bookkeeping.
+UIDs derived from what determines the content, and series bookkeeping.
 
-UIDs are derived from the source SOP Instance UIDs, the pipeline and the output
-key, so that a re-run after a crash (or two pipelines delivering the same MinIP
-canvas) yields the same UIDs and the destination stores each object once.
+UIDs are derived, never random, from the source SOP Instance UIDs and from every
+input that determines an object's content (:class:`Provenance`): the node's
+software and encoding revision, the pipeline, its algorithms and their
+versions, the model package's name, version and weights hash when a model made
+the result, and the settings that change the output. A re-run with the same
+inputs yields the same UIDs, so the destination stores each object once; a
+re-run with anything different yields new UIDs and a new series, so a PACS that
+keeps the first copy of an instance (Orthanc's default) cannot silently keep a
+stale result. The new series names the one it supersedes
+(:func:`mark_supersession`). Canvases depend on the source and the encoding
+only, so every pipeline delivers the same canvas.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
-from pipelines.base import Code
+from pipelines.base import AlgorithmInfo, Code
 
 MANUFACTURER = "angio-dicom-node"
 MODEL_NAME = "angio-dicom-node"
@@ -27,6 +37,11 @@ MODEL_NAME = "angio-dicom-node"
 # PACS rules (and our Orthanc plugin) recognise results and never loop them.
 SERIES_PREFIX = "AI "
 RESULT_DISCLAIMER = "AI output - research use, not for diagnosis unless validated"
+# Bumped whenever an encoder writes different content for the same inputs (attributes,
+# references, value encoding), so that objects encoded differently get new UIDs even
+# when the software version string did not change. 2: canvas Pixel Spacing, SEG and
+# Parametric Map reference only the canvas series, SR as TID 1410 on the canvas.
+ENCODING_REVISION = "2"
 
 # Module-level attributes copied from the source so results join the study.
 PATIENT_KEYWORDS = (
@@ -76,9 +91,90 @@ def deterministic_uid(*parts: str) -> str:
     return f"2.25.{int.from_bytes(value, 'big')}"
 
 
+@dataclass(frozen=True)
+class PackageIdentity:
+    """The model package a result was made with: name, version and weights hash."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything besides the source that determines a pipeline result's content."""
+
+    pipeline: str
+    algorithms: tuple[AlgorithmInfo, ...] = ()
+    # Set when a model made the result (an algorithm of family "model").
+    package: PackageIdentity | None = None
+    # Pipeline options from the settings (``PipelineContext.options``).
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # "cpu" or "cuda": floating-point results may differ between the two.
+    device: str = "cpu"
+
+    def key(self) -> str:
+        """A short digest of the provenance (part of every result UID)."""
+        record = {
+            "software": [__version__, ENCODING_REVISION],
+            "pipeline": self.pipeline,
+            "algorithms": sorted(
+                [a.name, a.version, a.family, a.model_package or "", a.model_version or ""]
+                for a in self.algorithms
+            ),
+            "package": (
+                [self.package.name, self.package.version, self.package.weights_sha256]
+                if self.package is not None
+                else None
+            ),
+            "options": self.options,
+            "device": self.device,
+        }
+        text = json.dumps(record, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class PriorResult:
+    """One object that an earlier run of the same pipeline on the same source delivered
+    (read from its header), so that a new result can name what it supersedes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    series_number: int
+    series_description: str
+    series_date: str = ""
+    series_time: str = ""
+
+    @classmethod
+    def from_header(cls, ds: Dataset) -> PriorResult:
+        return cls(
+            str(ds.SOPClassUID),
+            str(ds.SOPInstanceUID),
+            str(ds.SeriesInstanceUID),
+            int(ds.get("SeriesNumber", 0) or 0),
+            str(ds.get("SeriesDescription", "") or ""),
+            str(ds.get("SeriesDate", "") or ds.get("ContentDate", "") or ""),
+            str(ds.get("SeriesTime", "") or ds.get("ContentTime", "") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """The series a new result replaces: its UID, description, when it was made, and
+    its instances (for references)."""
+
+    series_uid: str
+    description: str
+    made: str  # "YYYY-MM-DD HH:MM:SS" or ""
+    instances: tuple[tuple[str, str], ...]  # (SOP Class UID, SOP Instance UID)
+
+
 @dataclass
 class EncodeContext:
-    """The source run's headers (no pixel data) and the node's identity.
+    """The source run's headers (no pixel data), the node's identity, and the
+    provenance of the result being encoded.
 
     ``sources`` are in run order: one multi-frame instance, or the slices of a
     volume, or the instances of a multi-instance series.
@@ -89,6 +185,14 @@ class EncodeContext:
     now: datetime = field(default_factory=datetime.now)
     # Set by the encoder once the MinIP canvas exists (2D runs).
     canvas: Dataset | None = None
+    # Set by the caller: the model package (when one is configured), options, device.
+    package: PackageIdentity | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    # Set by ``encode_result``: the algorithms of the result being encoded.
+    algorithms: tuple[AlgorithmInfo, ...] = ()
+    # Objects earlier runs of this pipeline on this source delivered.
+    prior: Sequence[PriorResult] = ()
 
     def __post_init__(self) -> None:
         # Tolerant when reading: highdicom reads these from its source images, and
@@ -108,17 +212,59 @@ class EncodeContext:
         return self.sources[0]
 
     def uid(self, *parts: str) -> str:
-        """Deterministic UID for this run and ``parts`` (a pipeline-independent
-        key such as ``("canvas",)`` yields the same UID from every pipeline)."""
+        """UID for this source run and ``parts`` alone (canvases: the same from every
+        pipeline); pipeline results use :meth:`result_uid`."""
         src = [str(ds.SOPInstanceUID) for ds in self.sources]
         return deterministic_uid("angio-dicom-node", *src, *parts)
 
+    def encoding_uid(self, *parts: str) -> str:
+        """UID for what depends on the source and the node's encoding only (canvases)."""
+        return self.uid(*parts, "encoding", __version__, ENCODING_REVISION)
+
+    @property
+    def provenance(self) -> Provenance:
+        model_used = any(a.family == "model" for a in self.algorithms)
+        return Provenance(
+            pipeline=self.pipeline,
+            algorithms=self.algorithms,
+            package=self.package if model_used else None,
+            options=dict(self.options),
+            device="cuda" if self.device.startswith("cuda") else "cpu",
+        )
+
+    def result_uid(self, *parts: str) -> str:
+        """UID of a pipeline result: source, provenance and ``parts``."""
+        return self.uid(self.pipeline, self.provenance.key(), *parts)
+
     def series_uid(self, key: str) -> str:
-        return self.uid("series", self.pipeline, key)
+        return self.result_uid("series", key)
 
     def series_number(self, key: str) -> int:
-        """A stable series number in 9000..9899 (away from modality numbers)."""
+        """A stable series number in 9000..9899 (away from modality numbers); the same
+        for every version of a result, whose series UIDs differ."""
         return 9000 + zlib.crc32(f"{self.pipeline}/{key}".encode()) % 900
+
+    def superseded(self, key: str, sop_class_uid: str) -> Superseded | None:
+        """The latest earlier series of output ``key`` whose content differed (another
+        series UID for the same series number and SOP class), if any."""
+        number, current = self.series_number(key), self.series_uid(key)
+        older = [
+            p
+            for p in self.prior
+            if p.series_number == number
+            and p.sop_class_uid == str(sop_class_uid)
+            and p.series_uid != current
+        ]
+        if not older:
+            return None
+        latest = max(older, key=lambda p: (p.series_date, p.series_time))
+        same = [p for p in older if p.series_uid == latest.series_uid]
+        return Superseded(
+            latest.series_uid,
+            latest.series_description,
+            _when(latest.series_date, latest.series_time),
+            tuple(sorted({(p.sop_class_uid, p.sop_instance_uid) for p in same})),
+        )
 
     def patient_study_kwargs(self) -> dict[str, object]:
         """Keyword arguments highdicom constructors take for identity."""
@@ -130,6 +276,46 @@ class EncodeContext:
             "software_versions": __version__,
             "device_serial_number": "0",
         }
+
+
+def _when(date: str, time: str) -> str:
+    if len(date) != 8:
+        return ""
+    made = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    if len(time) >= 6:
+        made += f" {time[:2]}:{time[2:4]}:{time[4:6]}"
+    return made
+
+
+def series_description(description: str, superseded: Superseded | None) -> str:
+    """``AI <description>``, naming the series it replaces when there is one."""
+    text = SERIES_PREFIX + description
+    if superseded is None:
+        return text[:64]
+    note = f" (replaces {superseded.made or 'earlier result'})"
+    return text[: 64 - len(note)] + note
+
+
+def mark_supersession(ds: Dataset, superseded: Superseded | None) -> None:
+    """Name the superseded series in Image Comments (full UID, description and time)."""
+    if superseded is None:
+        return
+    line = (
+        f"Supersedes series {superseded.series_uid} ({superseded.description}"
+        + (f", {superseded.made}" if superseded.made else "")
+        + ")"
+    )
+    previous = str(ds.get("ImageComments", "") or "")
+    ds.ImageComments = (f"{previous}\n{line}" if previous else line)[:10240]
+
+
+def set_dimension_organization(ds: Dataset, uid: str) -> None:
+    """Replace the Dimension Organization UID highdicom draws at random, so that the
+    same inputs give byte-for-byte the same object (and a UID one content)."""
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in ds.get(keyword, []):
+            if "DimensionOrganizationUID" in item:
+                item.DimensionOrganizationUID = uid
 
 
 def copy_identity(target: Dataset, source: Dataset) -> None:
@@ -184,13 +370,14 @@ def set_equipment(
     series_number: int,
     modality: str,
     now: datetime,
+    superseded: Superseded | None = None,
 ) -> None:
     target.Manufacturer = MANUFACTURER
     target.ManufacturerModelName = MODEL_NAME
     target.SoftwareVersions = __version__
     target.SeriesInstanceUID = series_uid
     target.SeriesNumber = series_number
-    target.SeriesDescription = (SERIES_PREFIX + description)[:64]
+    target.SeriesDescription = series_description(description, superseded)
     target.Modality = modality
     target.SeriesDate = now.strftime("%Y%m%d")
     target.SeriesTime = now.strftime("%H%M%S")

@@ -9,8 +9,8 @@ values), keeps the timing in the Cine module (Frame Time Vector), and
 references the XA run frame by frame in Source Image Sequence, so a SEG built
 on it derives, through it, from the XA run. All frames lie in the same plane
 (the detector) at different times; FRAME_STEP_MM says how they are told
-apart. Its UIDs depend only on the source run, so every pipeline delivers the
-same canvas.
+apart. Its UIDs depend only on the source run and the node's encoding, so every
+pipeline delivers the same canvas.
 """
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ def make_frames_canvas(
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ctx.uid(FRAMES_CANVAS_KEY, "instance")
+    ds.SOPInstanceUID = ctx.encoding_uid(FRAMES_CANVAS_KEY, "instance")
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     copy_identity(ds, src)
-    set_equipment(ds, "Run frames", ctx.uid(FRAMES_CANVAS_KEY, "series"), 9001, "OT", ctx.now)
+    series_uid = ctx.encoding_uid(FRAMES_CANVAS_KEY, "series")
+    set_equipment(ds, "Run frames", series_uid, 9001, "OT", ctx.now)
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -84,7 +85,7 @@ def make_frames_canvas(
     ds.DerivationDescription = "Frames of the run, for frame-by-frame segmentation references"
     ds.SourceImageSequence = _source_references(ctx, count)
 
-    ds.FrameOfReferenceUID = ctx.uid(FRAMES_CANVAS_KEY, "frame-of-reference")
+    ds.FrameOfReferenceUID = ctx.encoding_uid(FRAMES_CANVAS_KEY, "frame-of-reference")
     ds.PositionReferenceIndicator = ""
 
     ds.SamplesPerPixel = 1

@@ -4,8 +4,10 @@ quantity on the MinIP canvas.
 The canvas (``ctx.canvas``) is the source image: it carries the Frame of
 Reference and plane geometry the Parametric Map IOD requires and legacy XA
 lacks, and it is delivered before the map, so every reference resolves at the
-destination. The XA run is listed as a further source of the map, the
-derivation chain reading map -> canvas -> XA.
+destination. The map references the canvas only (Source Image Sequence,
+Derivation Image Sequence, Referenced Series Sequence); the canvas names the XA
+run, so the chain reads map -> canvas -> XA, and a viewer that fuses the map
+over its referenced series (OHIF) always finds the canvas.
 
 Pixel values are 32-bit floats, mapped to the quantity by a Real World Value
 Mapping (identity slope and intercept) whose LUT Label is the pipeline's label
@@ -19,17 +21,18 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import ParametricMapStorage
 
 from dicom_node import __version__
 from dicom_node.encode import encoder
 from dicom_node.encode.common import (
     MANUFACTURER,
     MODEL_NAME,
-    PURPOSE_SOURCE_FOR_PROCESSING,
-    SERIES_PREFIX,
     EncodeContext,
     coded,
-    source_image_reference,
+    mark_supersession,
+    series_description,
+    set_dimension_organization,
 )
 from pipelines.base import Output, ParametricMapOutput, Run
 
@@ -68,12 +71,13 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
     inside = values[valid] if valid.any() else values.ravel()
     p_lo, p_hi = (float(v) for v in np.percentile(inside, [2, 98]))
     width = max(p_hi - p_lo, 1e-6)
+    superseded = ctx.superseded(out.key, ParametricMapStorage)
     pm = hd.pm.ParametricMap(
         source_images=[ctx.canvas],
         pixel_array=values[None],
         series_instance_uid=ctx.series_uid(out.key),
         series_number=ctx.series_number(out.key),
-        sop_instance_uid=ctx.uid(ctx.pipeline, out.key, "instance"),
+        sop_instance_uid=ctx.result_uid(out.key, "instance"),
         instance_number=1,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
@@ -87,7 +91,7 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
         ],
         content_description=f"{out.quantity.meaning} ({out.algorithm.describe()})"[:64],
         content_label=out.label.upper()[:16],
-        series_description=(SERIES_PREFIX + f"{out.label} {out.quantity.meaning}")[:64],
+        series_description=series_description(f"{out.label} {out.quantity.meaning}", superseded),
         series_date=ctx.now.date(),
         series_time=ctx.now.time(),
         content_date=ctx.now.date(),
@@ -100,28 +104,9 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
     # General Series: Type 2C, empty when unknown (a head run is not paired).
     pm.Laterality = ctx.first.get("Laterality", "")
     pm.ImageComments = (out.description or out.quantity.meaning)[:10240]
-    refs = list(pm.get("SourceImageSequence", []))
-    refs.extend(source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING) for s in ctx.sources)
-    pm.SourceImageSequence = refs
-    _add_run_reference(pm, ctx)
+    set_dimension_organization(pm, ctx.result_uid(out.key, "dimension-organization"))
+    mark_supersession(pm, superseded)
     return [pm]
-
-
-def _add_run_reference(pm: Dataset, ctx: EncodeContext) -> None:
-    """Common Instance Reference: every referenced instance, the XA run included."""
-    by_series: dict[str, list[Dataset]] = {}
-    for s in ctx.sources:
-        item = Dataset()
-        item.ReferencedSOPClassUID = s.SOPClassUID
-        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
-        by_series.setdefault(str(s.SeriesInstanceUID), []).append(item)
-    series = list(pm.get("ReferencedSeriesSequence", []))
-    for uid, items in by_series.items():
-        entry = Dataset()
-        entry.SeriesInstanceUID = uid
-        entry.ReferencedInstanceSequence = items
-        series.append(entry)
-    pm.ReferencedSeriesSequence = series
 
 
 @encoder(ParametricMapOutput)

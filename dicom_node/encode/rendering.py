@@ -15,6 +15,7 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
+    mark_supersession,
     set_equipment,
     set_laterality,
     source_image_reference,
@@ -38,13 +39,21 @@ def encode_rendering(
     ds.SOPClassUID = (
         MultiFrameTrueColorSecondaryCaptureImageStorage if cine else SecondaryCaptureImageStorage
     )
-    ds.SOPInstanceUID = ctx.uid(ctx.pipeline, out.key, "instance")
+    ds.SOPInstanceUID = ctx.result_uid(out.key, "instance")
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     copy_identity(ds, src)
+    superseded = ctx.superseded(out.key, ds.SOPClassUID)
     set_equipment(
-        ds, out.description, ctx.series_uid(out.key), ctx.series_number(out.key), "OT", ctx.now
+        ds,
+        out.description,
+        ctx.series_uid(out.key),
+        ctx.series_number(out.key),
+        "OT",
+        ctx.now,
+        superseded,
     )
+    mark_supersession(ds, superseded)
     set_laterality(ds, src)
     ds.PatientOrientation = src.get("PatientOrientation", "")
     ds.ConversionType = "WSD"

@@ -7,9 +7,14 @@ Sources by geometry:
   mask frame), returned before the SEG so every reference resolves.
 - ``volume``: the source images themselves (they have a Frame of Reference).
 
-For 2D runs the SEG also lists the XA run in its Source Image Sequence and in
-the Common Instance Reference module: the derivation chain reads SEG -> canvas
--> XA both ways, and the XA run is already at the destination.
+References name only the series whose geometry the SEG shares: the SEG's
+Source Image Sequence, its per-frame Derivation Image Sequence and its Common
+Instance Reference module (Referenced Series Sequence) all point at the canvas.
+The XA run stays referenced through the canvas, whose Source Image Sequence
+(and, for the MinIP canvas, Derivation Code) names it: SEG -> canvas -> XA. A
+viewer that resolves the SEG's referenced series (OHIF takes the first) then
+always finds the canvas; listing the XA run there too made OHIF pick it half the
+time, and the XA run has no plane geometry to overlay on.
 """
 
 from __future__ import annotations
@@ -20,17 +25,18 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from dicom_node import __version__
 from dicom_node.encode import encoder
 from dicom_node.encode.common import (
     MANUFACTURER,
     MODEL_NAME,
-    PURPOSE_SOURCE_FOR_PROCESSING,
-    SERIES_PREFIX,
     EncodeContext,
     coded,
-    source_image_reference,
+    mark_supersession,
+    series_description,
+    set_dimension_organization,
 )
 from dicom_node.encode.frames_canvas import make_frames_canvas
 from pipelines.base import AlgorithmInfo, Output, Run, SegmentationOutput
@@ -71,27 +77,6 @@ def segment_descriptions(out: SegmentationOutput) -> list[hd.seg.SegmentDescript
     ]
 
 
-def _add_run_reference(seg: Dataset, sources: Sequence[Dataset]) -> None:
-    """List the XA run as a source of the SEG (Source Image Sequence) and in the
-    Common Instance Reference module, which must name every referenced instance."""
-    refs = list(seg.get("SourceImageSequence", []))
-    refs.extend(source_image_reference(s, PURPOSE_SOURCE_FOR_PROCESSING) for s in sources)
-    seg.SourceImageSequence = refs
-    by_series: dict[str, list[Dataset]] = {}
-    for s in sources:
-        item = Dataset()
-        item.ReferencedSOPClassUID = s.SOPClassUID
-        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
-        by_series.setdefault(str(s.SeriesInstanceUID), []).append(item)
-    series = list(seg.get("ReferencedSeriesSequence", []))
-    for uid, items in by_series.items():
-        entry = Dataset()
-        entry.SeriesInstanceUID = uid
-        entry.ReferencedInstanceSequence = items
-        series.append(entry)
-    seg.ReferencedSeriesSequence = series
-
-
 def _pixel_array(out: SegmentationOutput, frames: int | None) -> np.ndarray:
     """Masks as highdicom wants them: (frames, rows, columns, segments) bool."""
     masks = np.asarray(out.masks).astype(bool)
@@ -126,6 +111,7 @@ def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -
         sources, frames = list(ctx.sources), None
     pixels = _pixel_array(out, frames)
     description = out.description or f"{out.key} segmentation"
+    superseded = ctx.superseded(out.key, SegmentationStorage)
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
@@ -133,14 +119,14 @@ def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -
         segment_descriptions=segment_descriptions(out),
         series_instance_uid=ctx.series_uid(out.key),
         series_number=ctx.series_number(out.key),
-        sop_instance_uid=ctx.uid(ctx.pipeline, out.key, "instance"),
+        sop_instance_uid=ctx.result_uid(out.key, "instance"),
         instance_number=1,
         content_description=out.algorithm.describe()[:64],
         content_label=out.key.upper().replace("-", "_")[:16],
         # Empty frames are left out (the reader treats them as empty), except on
         # the one-frame canvas and when nothing at all was found.
         omit_empty_frames=out.geometry != "canvas" and bool(pixels.any()),
-        series_description=(SERIES_PREFIX + description)[:64],
+        series_description=series_description(description, superseded),
         series_date=ctx.now.date(),
         series_time=ctx.now.time(),
         content_date=ctx.now.date(),
@@ -150,8 +136,8 @@ def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -
         software_versions=__version__,
         device_serial_number="0",
     )
-    if out.geometry in ("canvas", "frames"):
-        _add_run_reference(seg, ctx.sources)
+    set_dimension_organization(seg, ctx.result_uid(out.key, "dimension-organization"))
+    mark_supersession(seg, superseded)
     return [*delivered, seg]
 
 

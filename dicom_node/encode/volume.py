@@ -4,7 +4,8 @@ Why CT: every viewer and PACS renders a CT series in 3D (MIP, volume
 rendering), while Enhanced XA 3D support is patchy. The slices keep the
 source's Frame of Reference and plane geometry, so the angiogram overlays the
 fill run and the SEG exactly; they start a new series whose UIDs derive from
-the source (a re-run stores nothing twice), say DERIVED\\SECONDARY, and
+the source and the result's provenance (a re-run stores nothing twice; another
+package or setting makes a new series), say DERIVED\\SECONDARY, and
 reference the source slice (or source frame of a multi-frame 3D XA / Enhanced
 CT) they were computed from. Values are stored as unsigned 16 bits with
 Rescale Intercept -1024, so any HU in [-1024, 64511] is exact to 1 HU.
@@ -29,6 +30,7 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
+    mark_supersession,
     set_equipment,
     source_image_reference,
 )
@@ -159,6 +161,7 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
     lo, hi = np.percentile(body, [1, 99.5]) if body.size else (INTERCEPT, 0.0)
     series_uid = ctx.series_uid(out.key)
     series_number = ctx.series_number(out.key)
+    superseded = ctx.superseded(out.key, CTImageStorage)
     is_ct = str(src.get("Modality", "")) == "CT"
     datasets = []
     for index, plane in enumerate(planes):
@@ -166,13 +169,14 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ctx.uid(ctx.pipeline, out.key, "slice", str(index))
+        ds.SOPInstanceUID = ctx.result_uid(out.key, "slice", str(index))
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if "SpecificCharacterSet" in src:
             ds.SpecificCharacterSet = src.SpecificCharacterSet
         copy_identity(ds, src)
-        set_equipment(ds, out.description, series_uid, series_number, "CT", ctx.now)
+        set_equipment(ds, out.description, series_uid, series_number, "CT", ctx.now, superseded)
+        mark_supersession(ds, superseded)
         ds.PatientPosition = src.get("PatientPosition", "")
         for kw in ("Laterality", "BodyPartExamined"):
             if src.get(kw):

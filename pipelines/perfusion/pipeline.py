@@ -235,6 +235,7 @@ class DsaPerfusion:
                 ],
                 algorithm=algorithm,
                 finding_site=ICA,
+                region=aif.mask,
             )
         )
         return PipelineResult(outputs=outputs, notes=notes)
