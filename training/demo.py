@@ -144,12 +144,21 @@ def _write_phantoms(directory: Path) -> list[Path]:
 
 
 def run_demo(workdir: Path, keep_running: bool = False) -> int:
+    from dicom_node.auth import hash_token, new_token
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
 
     workdir = workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    # The node's REST API wants a token, as it would on a network: one with the read,
+    # operate and store scopes, kept in a file only this user can read.
+    token = new_token()
+    token_file = workdir / "api-token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    auth = {"Authorization": f"Bearer {token}"}
     node_port = _free_port()
     orthanc = LocalOrthanc(workdir / "orthanc", "ANGIO_NODE", node_port).start()
     node = None
@@ -158,7 +167,16 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
             None,
             storage_dir=str(workdir / "node"),
             port=node_port,
-            api={"port": 0},
+            api={
+                "port": 0,
+                "tokens": [
+                    {
+                        "name": "demo",
+                        "sha256": hash_token(token),
+                        "scopes": ["read", "operate", "store"],
+                    }
+                ],
+            },
             min_free_bytes=0,
             completion={"quiet_period_s": 2},
             destinations=[
@@ -176,9 +194,9 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
         print(
             f"Orthanc (PACS):  {orthanc.url}/app/explorer.html   DICOM ORTHANC@127.0.0.1:{orthanc.dicom_port}"
         )
-        print(
-            f"Node:            ANGIO_NODE@127.0.0.1:{node.port}   REST http://127.0.0.1:{node.api_port}/status"
-        )
+        api = f"http://127.0.0.1:{node.api_port}"
+        print(f"Node:            ANGIO_NODE@127.0.0.1:{node.port}   status page {api}/")
+        print(f"                 (sign in with any user name and the token in {token_file})")
         runs = _write_phantoms(workdir / "phantoms")
         print(
             f"Sending {len(runs)} synthetic file(s) (cerebral DSA, coronary cine, rotational 3D) "
@@ -212,7 +230,7 @@ def run_demo(workdir: Path, keep_running: bool = False) -> int:
             return settled and not node.db.unsettled_jobs() and not node.db.pending_deliveries()
 
         _wait(finished, 1800, "the node to process the runs and deliver the results")
-        status = node.status()
+        status = requests.get(f"{api}/status", headers=auth, timeout=30).json()
         print(f"\nJobs: {status['jobs']}   outbox: {status['outbox']}")
         for failure in status["failed_jobs"]:  # type: ignore[attr-defined]
             print(f"  FAILED job {failure['id']} {failure['pipeline']}: {failure['error']}")
