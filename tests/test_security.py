@@ -395,6 +395,7 @@ def test_max_associations_rejects_beyond_the_limit(make_node: Any) -> None:
     second = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
     assert second.is_rejected
     first.release()
+    wait_for(lambda: not node.server.active_associations, 10, what="the first to end")
     third = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
     assert third.is_established
     third.release()
