@@ -9,6 +9,8 @@
     POST /reprocess  {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
     POST /jobs/{id}/retry                 a failed job queued again        operate
     POST /dicom-web/studies[/{study}]     STOW-RS into the spool           store
+    GET  /dicom-web/studies/..., /worker/...  the scale-out workers        worker
+                                          (``dicom_node.worker_api``)
 
 Every route but ``/health`` needs a token with its scope when tokens are
 configured (``dicom_node.auth``), an unknown route too (401 before 404).
@@ -32,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, urlparse
 
-from dicom_node import __version__, statuspage, stow
+from dicom_node import __version__, statuspage, stow, worker_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import ANONYMOUS, Authenticator, AuthError, Principal
 from dicom_node.db import Database
@@ -200,6 +202,9 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 self.principal = node.auth.authenticate(self.headers.get("Authorization"))
                 node.auth.authorize(self.principal, scope)
             principal = self.principal or ANONYMOUS
+            if worker_api.handles(method, path):
+                worker_api.serve(self, node, method, path, principal.name)
+                return
             if method == "POST" and path.startswith("/dicom-web"):
                 self._stow(path, principal)
                 return

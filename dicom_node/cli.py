@@ -85,6 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.worker import load_worker_config, run_worker
+
+    return run_worker(load_worker_config(args.config))
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     from dicom_node.processing import run_pipeline, write_dataset
     from dicom_node.routing import RunFeatures, effective_rules, route
@@ -241,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("worker", help="a scale-out worker: jobs from a Temporal task queue")
+    p.add_argument("--config", required=True, help="TOML worker settings file")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("process", help="offline: process DICOM files or folders into result files")
     p.add_argument("paths", nargs="+")
     p.add_argument("--output", required=True)
@@ -296,7 +306,7 @@ def _missing(cmd: str, exc: Exception) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    if args.command == "serve":
+    if args.command in ("serve", "worker"):
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dicom_node import logsafe

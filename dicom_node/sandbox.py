@@ -216,6 +216,11 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    def start(self) -> None:
+        """Start the child now, not with the first job (a scale-out worker does this
+        before it takes jobs, so a first job does not miss heartbeats while torch loads)."""
+        self._ensure()
+
     def _ensure(self) -> Connection:
         if self.proc is None or not self.proc.is_alive() or self.conn is None:
             self._discard()

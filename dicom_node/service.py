@@ -21,8 +21,8 @@ from dicom_node.api import start_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
 from dicom_node.db import Database, Delivery
+from dicom_node.engine import make_engine
 from dicom_node.ingest import Ingest, Receipt
-from dicom_node.jobs import Workers
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
 from dicom_node.router import Router
@@ -53,14 +53,8 @@ class Node:
         self.auth = Authenticator(load_tokens(settings.api))
         self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
         self.metrics = Metrics(self.db, settings.models)
-        self.workers = Workers(
-            self.db,
-            settings.workers,
-            self.results_dir,
-            settings.device,
-            settings.models,
-            on_outcome=self.metrics.job,
-        )
+        # the job engine: embedded worker processes, or Temporal workers (``[engine]``)
+        self.workers = make_engine(settings, self.db, self.results_dir, self.metrics.job)
         self.router = Router(self.db, settings, on_routed=self.workers.wake.set)
         self.ingest = Ingest(
             self.spool, self.db, self.completion, self.router.wake.set, observe=self._received

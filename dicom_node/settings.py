@@ -155,6 +155,32 @@ class AuditSettings(Strict):
     )
 
 
+class EngineSettings(Strict):
+    """Who runs the jobs: worker processes of this node (``embedded``, the default), or
+    ``dicom-node worker`` processes on any machine, orchestrated by Temporal."""
+
+    kind: Literal["embedded", "temporal"] = "embedded"
+    address: str = Field(
+        "127.0.0.1:7233", pattern=r"^[^\s/]+:\d{1,5}$", description="Temporal frontend host:port"
+    )
+    namespace: str = Field("default", min_length=1)
+    task_queue: str = Field(
+        "angio-jobs", min_length=1, description="where job activities go; a worker polls one"
+    )
+    queues: dict[str, str] = Field(
+        {}, description="pipeline name -> task queue (e.g. the deep models on 'gpu')"
+    )
+    node_task_queue: str | None = Field(
+        None, description="this node's workflows (default angio-node-<ae_title>)"
+    )
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a worker silent this long has lost its job (retried)"
+    )
+
+    def queue_for(self, pipeline: str) -> str:
+        return self.queues.get(pipeline, self.task_queue)
+
+
 class DimseDestination(Strict):
     kind: Literal["dimse"] = "dimse"
     name: str
@@ -255,6 +281,7 @@ class Settings(Strict):
     api: ApiSettings = ApiSettings()
     tls: TlsSettings = TlsSettings()
     audit: AuditSettings = AuditSettings()
+    engine: EngineSettings = EngineSettings()
     max_associations: int = Field(32, ge=1, le=1024, description="concurrent DICOM associations")
     destinations: list[Destination] = []
     # Model package folder per pipeline name; a pipeline without one uses its classical path.
@@ -273,6 +300,11 @@ class Settings(Strict):
                 f"api.host {self.api.host} is reachable from the network but no API token is "
                 "configured: add [[api.tokens]] (dicom-node token makes one) or api.tokens_file, "
                 "or bind the API to 127.0.0.1"
+            )
+        if self.engine.kind == "temporal" and not self.api.enabled:
+            raise ValueError(
+                "engine.kind = temporal needs the REST API (api.enabled): workers fetch runs "
+                "and return results through it"
             )
         names = [d.name for d in self.destinations]
         dupes = {n for n in names if names.count(n) > 1}
@@ -392,6 +424,12 @@ def _check_pipelines(settings: Settings) -> None:
                     f"invalid settings:\n  rules.{i}.pipelines: unknown pipeline {name!r} "
                     f"(allowed: {', '.join(sorted(known))})"
                 )
+    for name in settings.engine.queues:
+        if name not in known:
+            raise ConfigError(
+                f"invalid settings:\n  engine.queues.{name}: unknown pipeline "
+                f"(allowed: {', '.join(sorted(known))})"
+            )
     for name, pkg in settings.models.items():
         if name not in known:
             raise ConfigError(

@@ -1,0 +1,339 @@
+"""The Temporal engine, node side: hand each queued job to Temporal as a workflow, and
+record what the workflow reports.
+
+Two threads: a dispatcher that starts one workflow per queued job (ID: the job's
+deterministic :func:`~dicom_node.temporal_workflow.workflow_id`, so a start that a
+node killed mid-way repeats is refused by the server and the job is enqueued
+once), and an asyncio loop with the Temporal client and the node's own Temporal
+worker, which runs the job workflows (on ``engine.node_task_queue``) and their
+local activities ``record_done`` / ``record_failed``: those write the outcome into
+the index, the job done together with its deliveries, in one transaction. The
+compute happens in ``dicom-node worker`` processes (``dicom_node.worker``).
+
+Temporal keeps the attempts, the backoff and the lease (the activity heartbeat);
+the index keeps what the node shows: a job is ``queued`` until a worker reports
+its attempt, ``running`` on that worker, then ``done`` or ``failed`` with the
+reason, as in the embedded engine. The node never requeues a dispatched job
+itself; if Temporal cannot be reached the dispatcher retries with backoff and
+runs keep arriving, routed, their jobs queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.worker import Worker
+
+from dicom_node.db import Database, DispatchJob, Job, ResultFile
+from dicom_node.logsafe import scrub
+from dicom_node.sandbox import Outcome
+from dicom_node.settings import Settings
+from dicom_node.temporal_workflow import (
+    RECORD_DONE,
+    RECORD_FAILED,
+    WORKFLOW,
+    InstanceRef,
+    JobFailure,
+    JobInput,
+    JobReport,
+    JobWorkflow,
+    workflow_id,
+)
+
+log = logging.getLogger(__name__)
+_BATCH = 64
+_RETRY_MAX_S = 30.0
+
+
+class TemporalEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        results_dir: Path,
+        on_outcome: Callable[[Job, Outcome], None] = lambda _job, _outcome: None,
+    ) -> None:
+        self.settings = settings
+        self.engine = settings.engine
+        self.db = db
+        self.results_dir = results_dir
+        self.on_outcome = on_outcome
+        self.index_id = db.index_id()
+        self.node_queue = self.engine.node_task_queue or f"angio-node-{settings.ae_title}"
+        self.identity = f"node {settings.ae_title} pid {os.getpid()}"
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._client: Client | None = None
+        self._worker: Worker | None = None
+        self._loop_thread = threading.Thread(target=self._run_loop, name="temporal", daemon=True)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="temporal-dispatch", daemon=True
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+    def recover(self) -> None:
+        """Jobs an embedded configuration left running go back to the queue; dispatched
+        ones stay with Temporal, which knows their attempts."""
+        requeued, failed = self.db.recover_jobs("temporal:", self.settings.workers.max_attempts)
+        if requeued or failed:
+            log.warning(
+                "jobs left running by the embedded engine: %d re-queued, %d failed",
+                requeued,
+                failed,
+            )
+
+    def start(self) -> None:
+        self._loop_thread.start()
+        self._dispatcher.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._dispatcher.join(timeout)
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        self._loop_thread.join(timeout)
+
+    async def _shutdown(self) -> None:
+        if self._worker is not None:
+            await self._worker.shutdown()
+
+    # -- the loop: client and the node's Temporal worker -----------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                client = await Client.connect(
+                    self.engine.address, namespace=self.engine.namespace, identity=self.identity
+                )
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, TLS: all retried
+                log.warning(
+                    "Temporal at %s unreachable (%s); retry in %.0f s",
+                    self.engine.address,
+                    exc,
+                    delay,
+                )
+                await self._pause(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            self._client = client
+            self._connected.set()
+            log.info(
+                "Temporal engine: %s namespace %s, workflows on %s, jobs on %s",
+                self.engine.address,
+                self.engine.namespace,
+                self.node_queue,
+                self.engine.task_queue,
+            )
+            self._worker = Worker(
+                client,
+                task_queue=self.node_queue,
+                workflows=[JobWorkflow],
+                activities=[self.record_done, self.record_failed],
+                identity=self.identity,
+            )
+            if self._stop.is_set():
+                return
+            try:
+                await self._worker.run()
+                delay = 1.0
+            except Exception as exc:  # noqa: BLE001 - the worker ended: start a new one
+                log.error("the node's Temporal worker stopped (%s); restart in %.0f s", exc, delay)
+                await self._pause(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but not past a stop."""
+        for _ in range(max(1, int(seconds / 0.2))):
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(0.2)
+
+    # -- dispatch --------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            if not self._connected.wait(0.5):
+                continue
+            try:
+                started = self.dispatch_due()
+                delay = 1.0
+            except Exception as exc:  # noqa: BLE001 - the server is down or restarting
+                log.warning("dispatch to Temporal failed (%s); retry in %.0f s", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            if not started:
+                self.wake.wait(self.settings.workers.poll_interval_s)
+                self.wake.clear()
+
+    def dispatch_due(self) -> int:
+        """Start the workflow of every queued job not yet dispatched; returns how many."""
+        count = 0
+        for job in self.db.jobs_to_dispatch(_BATCH):
+            if self._stop.is_set():
+                break
+            job_input = self._input(job)
+            if job_input is None:
+                continue
+            future: Future[None] = asyncio.run_coroutine_threadsafe(
+                self._start(job_input), self._loop
+            )
+            future.result(timeout=60)
+            self.db.mark_dispatched(job.id, job.generation)
+            count += 1
+        return count
+
+    def _input(self, job: DispatchJob) -> JobInput | None:
+        instances = self.db.run_instances(job.run_id)
+        if not instances:
+            self.db.fail_dispatched_job(
+                job.id, job.generation, 0, f"run {job.run_id} has no stored instances"
+            )
+            return None
+        storage = self.settings.storage_dir
+        prior = self.db.prior_result_paths(job.run_id, job.pipeline, job.id)
+        workers = self.settings.workers
+        return JobInput(
+            job_id=job.id,
+            generation=job.generation,
+            run_id=job.run_id,
+            pipeline=job.pipeline,
+            study_uid=instances[0].study_uid,
+            series_uid=instances[0].series_uid,
+            instances=[
+                InstanceRef(i.sop_instance_uid, _relative(Path(i.path), storage)) for i in instances
+            ],
+            task_queue=self.engine.queue_for(job.pipeline),
+            max_attempts=workers.max_attempts,
+            backoff_base_s=workers.backoff_base_s,
+            backoff_max_s=workers.backoff_max_s,
+            heartbeat_timeout_s=self.engine.heartbeat_timeout_s,
+            job_timeout_s=workers.job_timeout_s,
+            prior=list(dict.fromkeys(Path(p).stem for p in prior)),
+        )
+
+    async def _start(self, job: JobInput) -> None:
+        assert self._client is not None
+        wid = workflow_id(self.index_id, job.job_id, job.generation)
+        try:
+            await self._client.start_workflow(
+                WORKFLOW,
+                job,
+                id=wid,
+                task_queue=self.node_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            )
+            log.info(
+                "job %d: %s on run %s -> workflow %s (queue %s)",
+                job.job_id,
+                job.pipeline,
+                job.run_id,
+                wid,
+                job.task_queue,
+            )
+        except WorkflowAlreadyStartedError:
+            log.info("job %d: workflow %s was already started", job.job_id, wid)
+
+    # -- local activities of the job workflow: the outcome into the index --------------
+    @activity.defn(name=RECORD_DONE)
+    async def record_done(self, job: JobInput, report: JobReport) -> bool:
+        return await asyncio.to_thread(self._record_done, job, report)
+
+    @activity.defn(name=RECORD_FAILED)
+    async def record_failed(self, job: JobInput, failure: JobFailure) -> bool:
+        return await asyncio.to_thread(self._record_failed, job, failure)
+
+    def _record_done(self, job: JobInput, report: JobReport) -> bool:
+        folder = self.results_dir / str(job.job_id)
+        results = [
+            ResultFile(
+                folder / f"{r.sop_instance_uid}.dcm",
+                r.sop_class_uid,
+                r.sop_instance_uid,
+                r.series_uid,
+                r.description,
+            )
+            for r in report.results
+        ]
+        missing = [r.sop_instance_uid for r in results if not r.path.is_file()]
+        if missing:
+            failure = JobFailure(
+                f"{len(missing)} of {len(results)} result object(s) the worker reported never "
+                "reached the node",
+                report.attempt,
+            )
+            return self._record_failed(job, failure)
+        recorded = self.db.finish_dispatched_job(
+            job.job_id, job.generation, report.attempt, report.worker, results, report.notes
+        )
+        wid = workflow_id(self.index_id, job.job_id, job.generation)
+        if not recorded:
+            log.warning(
+                "job %d: workflow %s was superseded; its results are dropped", job.job_id, wid
+            )
+            return False
+        self.db.record_timings(job.job_id, dict(report.timings))
+        self.on_outcome(
+            self._job(job, report.attempt, report.worker),
+            Outcome(tuple(results), tuple(report.notes), timings=tuple(report.timings.items())),
+        )
+        log.info(
+            "job %d done on %s (attempt %d, workflow %s): %d object(s)",
+            job.job_id,
+            report.worker,
+            report.attempt,
+            wid,
+            len(results),
+        )
+        return True
+
+    def _record_failed(self, job: JobInput, failure: JobFailure) -> bool:
+        wid = workflow_id(self.index_id, job.job_id, job.generation)
+        reason = f"{scrub(failure.reason)} [workflow {wid}]"
+        if not self.db.fail_dispatched_job(job.job_id, job.generation, failure.attempts, reason):
+            log.warning(
+                "job %d: workflow %s was superseded; its failure is ignored", job.job_id, wid
+            )
+            return False
+        self.on_outcome(self._job(job, failure.attempts, ""), Outcome(error=reason))
+        log.error(
+            "job %d (%s on run %s) failed after %d attempt(s): %s",
+            job.job_id,
+            job.pipeline,
+            job.run_id,
+            failure.attempts,
+            reason,
+        )
+        return True
+
+    @staticmethod
+    def _job(job: JobInput, attempts: int, worker: str) -> Job:
+        return Job(job.job_id, job.run_id, job.pipeline, [], False, attempts, worker)
+
+
+def _relative(path: Path, storage: Path) -> str:
+    try:
+        return str(path.relative_to(storage))
+    except ValueError:
+        return path.name

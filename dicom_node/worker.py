@@ -1,0 +1,475 @@
+"""``dicom-node worker --config FILE``: a scale-out worker on any machine.
+
+It polls one Temporal task queue (``gpu``, ``cpu``, one per pipeline: the node's
+``[engine] queues`` say which job goes where) and runs each job exactly as the
+embedded engine does, in a long-lived worker process of its own
+(``dicom_node.sandbox``: memory and time limits, model packages loaded once per
+process and checked against ``weights_sha256`` at load, so they stay warm for
+the next job). While it works it heartbeats; a worker that dies stops
+heartbeating and Temporal gives the job to another worker after
+``[engine] heartbeat_timeout_s``.
+
+No shared filesystem is needed: the run comes from the node over WADO-RS and the
+result objects go back to the node by STOW-RS (``dicom_node.worker_api``, a
+token with the ``worker`` scope), whose outbox delivers them. A worker that can
+mount the node's storage directory may say so (``[node] storage_dir``) and read
+and write there instead. A node that is down is waited for (``[node] wait_s``,
+heartbeating meanwhile), so restarting the node costs no attempt.
+
+SIGTERM or SIGINT drains: the worker stops taking jobs, finishes the one it runs
+(for at most ``drain_timeout_s``; then the job is cancelled and retried
+elsewhere) and exits. One worker per GPU: ``CUDA_VISIBLE_DEVICES=N`` each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import requests
+from pydantic import Field, ValidationError, model_validator
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from dicom_node import stow
+from dicom_node.errors import ConfigError
+from dicom_node.logsafe import scrub
+from dicom_node.sandbox import JobSpec, WorkerProcess
+from dicom_node.settings import EngineSettings, Strict, Url, _describe, _merge
+from dicom_node.temporal_workflow import (
+    PERMANENT,
+    PROCESS,
+    TRANSIENT,
+    JobInput,
+    JobReport,
+    ResultRef,
+)
+
+log = logging.getLogger(__name__)
+ENV_PREFIX = "DICOM_NODE_WORKER_"
+ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_RETRYABLE_STATUS = (502, 503, 504)
+
+
+class NodeLink(Strict):
+    """How this worker reaches the node."""
+
+    url: Url = Field(description="the node's REST API, e.g. https://node.example:8780")
+    token: str | None = Field(None, repr=False, description="a token with the worker scope")
+    token_file: Path | None = None
+    token_env: str | None = None
+    ca_file: Path | None = Field(None, description="the CA of the node's HTTPS certificate")
+    storage_dir: Path | None = Field(
+        None, description="the node's storage_dir mounted here: read and write it directly"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="one HTTP request")
+    wait_s: float = Field(
+        600.0, ge=0, description="how long one attempt waits for a node that is down"
+    )
+
+    @model_validator(mode="after")
+    def _token(self) -> NodeLink:
+        if self.token is None and self.token_file is not None:
+            try:
+                object.__setattr__(self, "token", self.token_file.read_text().strip())
+            except OSError as exc:
+                raise ValueError(
+                    f"token_file: cannot read {self.token_file}: {exc.strerror}"
+                ) from None
+        if self.token is None and self.token_env:
+            if self.token_env not in os.environ:
+                raise ValueError(f"token_env: the environment variable {self.token_env} is not set")
+            object.__setattr__(self, "token", os.environ[self.token_env])
+        return self
+
+
+class WorkerConfig(Strict):
+    """``[engine]`` (address, namespace, and the task_queue this worker polls), ``[node]``,
+    and how jobs run here."""
+
+    engine: EngineSettings = EngineSettings()
+    node: NodeLink
+    identity: str | None = Field(None, description="shown in Temporal and the node's status")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    concurrency: int = Field(1, ge=1, le=64, description="jobs at once, one worker process each")
+    memory_limit_mib: int = Field(8192, ge=256)
+    models: dict[str, Path] = Field({}, description="model package folder per pipeline, here")
+    scratch_dir: Path = Path(tempfile.gettempdir()) / "angio-worker"
+    drain_timeout_s: float = Field(1800.0, ge=0, description="SIGTERM: finish the job this long")
+    cpu_threads: int | None = Field(None, ge=1, le=256, description="BLAS/torch threads per job")
+
+
+def load_worker_config(
+    path: str | Path, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> WorkerConfig:
+    """The worker's TOML file, then ``DICOM_NODE_WORKER_...`` variables, then overrides."""
+    p = Path(path)
+    try:
+        data: dict[str, Any] = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    env = os.environ if environ is None else environ
+    for key, raw in env.items():
+        if key.startswith(ENV_PREFIX):
+            keys = key[len(ENV_PREFIX) :].lower().split("__")
+            node = data
+            for part in keys[:-1]:
+                node = node.setdefault(part, {})
+            node[keys[-1]] = raw
+    _merge(data, overrides)
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+class Beat:
+    """The heartbeat of one attempt; a cancelled attempt (the heartbeat timed out, the
+    drain time is over) sets ``stopping``, which ends the worker process's job."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+
+    def __call__(self, *details: Any) -> None:
+        activity.heartbeat(*details)
+        if activity.is_cancelled():
+            self.stopping.set()
+
+
+def _error(reason: str, attempt: int, permanent: bool = False) -> ApplicationError:
+    """A failed attempt as Temporal records it: scrubbed, with its attempt number."""
+    return ApplicationError(
+        scrub(reason), attempt, type=PERMANENT if permanent else TRANSIENT, non_retryable=permanent
+    )
+
+
+class NodeClient:
+    """The node's worker routes, waiting out a node that is down (heartbeating)."""
+
+    def __init__(self, link: NodeLink, beat: Beat, attempt: int) -> None:
+        self.link = link
+        self.beat = beat
+        self.attempt = attempt
+        self.session = requests.Session()
+        if link.token:
+            self.session.headers["Authorization"] = f"Bearer {link.token}"
+        self.session.verify = str(link.ca_file) if link.ca_file else True
+        self.fetched = 0
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _request(self, what: str, method: str, path: str, **kw: Any) -> requests.Response:
+        deadline = time.monotonic() + self.link.wait_s
+        delay = 0.5
+        while True:
+            try:
+                resp = self.session.request(
+                    method, self.link.url + path, timeout=self.link.timeout_s, **kw
+                )
+                if resp.status_code not in _RETRYABLE_STATUS:
+                    break
+                problem = f"HTTP {resp.status_code}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem = type(exc).__name__
+            if time.monotonic() + delay > deadline:
+                raise _error(f"the node did not answer while {what} ({problem})", self.attempt)
+            log.warning("node unreachable while %s (%s); retry in %.1f s", what, problem, delay)
+            end = time.monotonic() + delay
+            while time.monotonic() < end:
+                self.beat(what)
+                if self.beat.stopping.is_set():
+                    raise _error("cancelled while waiting for the node", self.attempt)
+                time.sleep(min(0.5, delay))
+            delay = min(delay * 2, 10.0)
+        if resp.status_code in (401, 403):
+            raise _error(
+                f"the node refused this worker ({resp.status_code}): check its token "
+                "and the worker scope",
+                self.attempt,
+            )
+        return resp
+
+    def started(self, job: JobInput, worker: str) -> None:
+        body = {"generation": job.generation, "attempt": self.attempt, "worker": worker}
+        resp = self._request(
+            "reporting the attempt", "POST", f"/worker/jobs/{job.job_id}/started", json=body
+        )
+        if resp.status_code == 409:
+            raise _error(
+                "the node no longer expects this job (settled or superseded)",
+                self.attempt,
+                permanent=True,
+            )
+        _check(resp, "reporting the attempt", self.attempt)
+
+    def fetch(self, path: str, target: Path, what: str) -> list[Path]:
+        """Every part of a WADO-RS answer into ``target``, one file each, numbered in order."""
+        resp = self._request(what, "GET", path, headers={"Accept": ACCEPT_AS_STORED}, stream=True)
+        try:
+            if resp.status_code == 404:
+                raise _error(f"{what}: no longer on the node", self.attempt, permanent=True)
+            _check(resp, what, self.attempt)
+            chunks = resp.iter_content(1 << 20)
+
+            def read() -> bytes:
+                self.beat(what)
+                return next(chunks, b"")
+
+            files = []
+            target.mkdir(parents=True, exist_ok=True)
+            for _ctype, data in stow.iter_parts(
+                resp.headers.get("Content-Type", ""), read, 1 << 34
+            ):
+                self.fetched += 1
+                out = target / f"{self.fetched:06d}.dcm"
+                out.write_bytes(data)
+                files.append(out)
+            return files
+        except (requests.ConnectionError, requests.Timeout, stow.StowError) as exc:
+            raise _error(f"{what}: transfer broke off ({exc})", self.attempt) from None
+        finally:
+            resp.close()
+
+    def upload(self, job: JobInput, path: Path) -> None:
+        boundary = os.urandom(16).hex()
+        body = (
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + path.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        resp = self._request(
+            "returning results",
+            "POST",
+            f"/worker/jobs/{job.job_id}/results?generation={job.generation}",
+            data=body,
+            headers={"Content-Type": ctype},
+        )
+        if resp.status_code == 409:
+            raise _error(
+                "the node no longer takes this job's results (settled or superseded)",
+                self.attempt,
+                permanent=True,
+            )
+        _check(resp, "returning results", self.attempt)
+
+
+def _check(resp: requests.Response, what: str, attempt: int) -> None:
+    if not resp.ok:
+        raise _error(
+            f"the node answered {resp.status_code} while {what}: {resp.text[:300]}", attempt
+        )
+
+
+class JobRunner:
+    """The ``process_job`` activity and the worker processes it runs jobs in."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.identity = config.identity or (
+            f"{socket.gethostname()}-{os.getpid()}" + (f"-gpu{gpu}" if gpu else "")
+        )
+        cpu_only = config.device == "cpu" or (config.device == "auto" and not _cuda_available())
+        self.pool: queue.Queue[WorkerProcess] = queue.Queue()
+        self.processes = [
+            WorkerProcess(f"job-worker-{i}", config.memory_limit_mib * 2**20, cpu_only)
+            for i in range(config.concurrency)
+        ]
+        for p in self.processes:
+            p.start()  # the forkserver imports torch and the pipelines once, now
+            self.pool.put(p)
+        self.models = {k: str(v) for k, v in config.models.items()}
+
+    def close(self) -> None:
+        for p in self.processes:
+            p.close()
+
+    @activity.defn(name=PROCESS, no_thread_cancel_exception=True)
+    def process_job(self, job: JobInput) -> JobReport:
+        attempt = activity.info().attempt
+        beat = Beat()
+        node = NodeClient(self.config.node, beat, attempt)
+        work = (
+            self.config.scratch_dir / f"job-{job.job_id}.{job.generation}.{attempt}.{os.getpid()}"
+        )
+        try:
+            node.started(job, self.identity)
+            log.info(
+                "job %d: %s on run %s, attempt %d", job.job_id, job.pipeline, job.run_id, attempt
+            )
+            return self._process(job, attempt, node, beat, work)
+        finally:
+            node.close()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _process(
+        self, job: JobInput, attempt: int, node: NodeClient, beat: Beat, work: Path
+    ) -> JobReport:
+        shared = self.config.node.storage_dir
+        t0 = time.monotonic()
+        if shared is not None:
+            paths = [shared / i.relpath for i in job.instances]
+            out_dir = shared / "results" / str(job.job_id)
+        else:
+            base = f"/dicom-web/studies/{job.study_uid}/series/{job.series_uid}/instances/"
+            paths = []
+            for i in job.instances:
+                paths += node.fetch(base + i.sop_instance_uid, work / "run", "fetching the run")
+            out_dir = work / "out"
+        prior: list[Path] = []
+        for sop in job.prior:
+            try:
+                prior += node.fetch(
+                    f"/worker/results/{sop}", work / "prior", "fetching a prior result"
+                )
+            except ApplicationError as exc:
+                log.warning("job %d: prior result %s not fetched: %s", job.job_id, sop, exc)
+        fetched = time.monotonic() - t0
+        spec = JobSpec(
+            job.job_id,
+            job.run_id,
+            job.pipeline,
+            tuple(map(str, paths)),
+            str(out_dir),
+            self.config.device,
+            self.models,
+            prior_results=tuple(map(str, prior)),
+        )
+        process = self.pool.get()
+        try:
+            outcome = process.run(
+                spec,
+                job.job_timeout_s,
+                heartbeat=beat,
+                heartbeat_every_s=max(0.5, min(job.heartbeat_timeout_s / 4, 5.0)),
+                stopping=beat.stopping,
+            )
+        finally:
+            self.pool.put(process)
+        if outcome.interrupted:
+            raise _error("the attempt was cancelled (heartbeat lost or drain time over)", attempt)
+        if not outcome.ok:
+            raise _error(outcome.error or "unknown error", attempt, permanent=not outcome.transient)
+        t1 = time.monotonic()
+        if shared is None:
+            for result in outcome.results:
+                beat("returning results")
+                node.upload(job, result.path)
+        timings = dict(outcome.timings)
+        timings["fetching"] = fetched
+        timings["returning"] = time.monotonic() - t1
+        return JobReport(
+            [
+                ResultRef(r.sop_instance_uid, r.sop_class_uid, r.series_uid, r.description)
+                for r in outcome.results
+            ],
+            list(outcome.notes),
+            timings,
+            attempt,
+            self.identity,
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+async def _serve(config: WorkerConfig, runner: JobRunner, stop: asyncio.Event) -> None:
+    engine = config.engine
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            client = await Client.connect(
+                engine.address, namespace=engine.namespace, identity=runner.identity
+            )
+        except Exception as exc:  # noqa: BLE001 - unreachable or refused: retried
+            log.warning(
+                "Temporal at %s unreachable (%s); retry in %.0f s", engine.address, exc, delay
+            )
+            await _wait(stop, delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        with ThreadPoolExecutor(config.concurrency, thread_name_prefix="job") as executor:
+            worker = Worker(
+                client,
+                task_queue=engine.task_queue,
+                activities=[runner.process_job],
+                activity_executor=executor,
+                max_concurrent_activities=config.concurrency,
+                graceful_shutdown_timeout=timedelta(seconds=config.drain_timeout_s),
+                identity=runner.identity,
+            )
+            print(
+                f"worker {runner.identity} polling {engine.task_queue!r} at {engine.address}",
+                flush=True,
+            )
+            run = asyncio.create_task(worker.run())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                log.warning(
+                    "draining: no new jobs; the running ones get %.0f s", config.drain_timeout_s
+                )
+                await worker.shutdown()
+                stopped.cancel()
+                return
+            stopped.cancel()
+            try:
+                run.result()
+                delay = 1.0
+            except Exception as exc:  # noqa: BLE001 - the worker ended: start a new one
+                log.error("Temporal worker stopped (%s); restart in %.0f s", exc, delay)
+                await _wait(stop, delay)
+                delay = min(delay * 2, 30.0)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Serve until SIGTERM / SIGINT, then drain."""
+    if config.cpu_threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(config.cpu_threads)
+    config.scratch_dir.mkdir(parents=True, exist_ok=True)
+    runner = JobRunner(config)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve(config, runner, stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        runner.close()
+    log.warning("worker %s stopped", runner.identity)
+    return 0
