@@ -432,3 +432,42 @@ def test_retry_of_a_failed_job_by_the_api(make_node: Any, tmp_path: Path) -> Non
     )
     calls = [e for e in _audit(node) if e["event"] == "api-call" and "retry" in e["path"]]
     assert calls[0]["who"] == "operator" and calls[0]["what"] == {"job": job["id"]}
+
+
+def test_cli_token_and_trigger_with_a_token(make_node: Any, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "token", "--name", "cli", "--scopes"]
+        + ["read,operate", "--output", str(tmp_path / "tok")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    token = (tmp_path / "tok").read_text().strip()
+    assert (tmp_path / "tok").stat().st_mode & 0o077 == 0 and token not in out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("# or, in api.tokens_file:"))
+    (tmp_path / "tokens").write_text(line.split(":", 1)[1] + "\n")
+    node = make_node(api={"tokens_file": str(tmp_path / "tokens")})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[api]\nport = {node.api_port}\ntokens_file = "{tmp_path / "tokens"}"\n')
+
+    def trigger(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "trigger", "--series", "1.2.3"]
+            + ["--config", str(cfg), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    denied = trigger()
+    assert denied.returncode == 1 and "needs a token" in denied.stdout
+    done = trigger("--token-file", str(tmp_path / "tok"))
+    assert done.returncode == 0 and "completed_runs" in done.stdout, done.stdout + done.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "token", "--name", "x", "--scopes", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "scopes are read, operate, store, worker" in bad.stderr
