@@ -117,9 +117,18 @@ class TemporalDevServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(self.binary), "server", "start-dev", "--headless",
-                    "--ip", "127.0.0.1", "--port", str(self.port),
-                    "--db-filename", str(self.db), "--log-level", "error",
+                    str(self.binary),
+                    "server",
+                    "start-dev",
+                    "--headless",
+                    "--ip",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--db-filename",
+                    str(self.db),
+                    "--log-level",
+                    "error",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -164,6 +173,21 @@ class TemporalDevServer:
             return [w async for w in client.list_workflows(query or None)]
 
         return asyncio.run(listing())
+
+    def failure(self, workflow_id: str) -> str:
+        """The message a failed workflow failed with ("" if it did not fail)."""
+
+        async def run() -> str:
+            from temporalio.client import Client, WorkflowFailureError
+
+            client = await Client.connect(self.address)
+            try:
+                await client.get_workflow_handle(workflow_id).result()
+            except WorkflowFailureError as exc:
+                return str(getattr(exc.cause, "message", exc.cause))
+            return ""
+
+        return asyncio.run(run())
 
     def describe(self, workflow_id: str) -> Any:
         async def run() -> Any:
@@ -257,14 +281,29 @@ class Proc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process; ``wait_ready`` waits for its ready line."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
         self.starts += 1
+
+    def ready_now(self) -> bool:
+        return (
+            self.alive() and self.log.read_text(errors="replace").count(self.ready) >= self.starts
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        assert self.proc is not None
         wait_for(
-            lambda: self.log.read_text(errors="replace").count(self.ready) >= self.starts
-            or self.proc.poll() is not None,  # type: ignore[union-attr]
+            lambda: (
+                self.log.read_text(errors="replace").count(self.ready) >= self.starts
+                or self.proc.poll() is not None
+            ),  # type: ignore[union-attr]
             timeout,
             what=f"{self.log.stem} to start",
         )
@@ -448,9 +487,12 @@ wait_s = 300
         self.dest.start()
         if self.temporal is not None:
             self.temporal.start()
-        self.node.start()
+        self.node.launch()
         for w in self.workers:
-            w.start()
+            w.launch()
+        self.node.wait_ready()
+        for w in self.workers:
+            w.wait_ready()
         return self
 
     def stop(self) -> None:
@@ -518,9 +560,7 @@ def mounts_tmpfs_at(pid: int, path: Path) -> bool:
         lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     except OSError:
         return False
-    return any(
-        line.split()[4] == str(path) and " - tmpfs " in line for line in lines
-    )
+    return any(line.split()[4] == str(path) and " - tmpfs " in line for line in lines)
 
 
 def same_netns(pid: int) -> bool:
