@@ -171,7 +171,7 @@ class EngineSettings(Strict):
         {}, description="pipeline name -> task queue (e.g. the deep models on 'gpu')"
     )
     node_task_queue: str | None = Field(
-        None, description="this node's workflows (default angio-node-<ae_title>)"
+        None, description="this node's workflows (default angio-node-<its index id>)"
     )
     heartbeat_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a worker silent this long has lost its job (retried)"

@@ -69,7 +69,7 @@ class TemporalEngine:
         self.results_dir = results_dir
         self.on_outcome = on_outcome
         self.index_id = db.index_id()
-        self.node_queue = self.engine.node_task_queue or f"angio-node-{settings.ae_title}"
+        self.node_queue = self.engine.node_task_queue or f"angio-node-{self.index_id}"
         self.identity = f"node {settings.ae_title} pid {os.getpid()}"
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -230,6 +230,7 @@ class TemporalEngine:
             heartbeat_timeout_s=self.engine.heartbeat_timeout_s,
             job_timeout_s=workers.job_timeout_s,
             prior=list(dict.fromkeys(Path(p).stem for p in prior)),
+            index_id=self.index_id,
         )
 
     async def _start(self, job: JobInput) -> None:
@@ -243,6 +244,7 @@ class TemporalEngine:
                 task_queue=self.node_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                request_eager_start=True,  # its first task straight to this node's worker
             )
             log.info(
                 "job %d: %s on run %s -> workflow %s (queue %s)",
@@ -264,7 +266,15 @@ class TemporalEngine:
     async def record_failed(self, job: JobInput, failure: JobFailure) -> bool:
         return await asyncio.to_thread(self._record_failed, job, failure)
 
+    def _check_index(self, job: JobInput) -> None:
+        if job.index_id and job.index_id != self.index_id:  # two nodes, one node_task_queue
+            raise RuntimeError(
+                f"job {job.job_id} belongs to index {job.index_id}, not this node's "
+                f"{self.index_id}: give each node its own engine.node_task_queue"
+            )
+
     def _record_done(self, job: JobInput, report: JobReport) -> bool:
+        self._check_index(job)
         folder = self.results_dir / str(job.job_id)
         results = [
             ResultFile(
@@ -309,6 +319,7 @@ class TemporalEngine:
         return True
 
     def _record_failed(self, job: JobInput, failure: JobFailure) -> bool:
+        self._check_index(job)
         wid = workflow_id(self.index_id, job.job_id, job.generation)
         reason = f"{scrub(failure.reason)} [workflow {wid}]"
         if not self.db.fail_dispatched_job(job.job_id, job.generation, failure.attempts, reason):

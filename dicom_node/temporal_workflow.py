@@ -69,6 +69,7 @@ class JobInput:
     # SOP Instance UIDs of results earlier jobs of this pipeline on this run delivered:
     # a result whose content changed names the series it supersedes
     prior: list[str] = field(default_factory=list)
+    index_id: str = ""  # the node whose index holds the job (its local activities check)
 
 
 @dataclass(frozen=True)

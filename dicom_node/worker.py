@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -181,9 +181,11 @@ class NodeClient:
         deadline = time.monotonic() + self.link.wait_s
         delay = 0.5
         while True:
+            data = kw.get("data")
+            args = {**kw, "data": data()} if callable(data) else kw  # a fresh stream a try
             try:
                 resp = self.session.request(
-                    method, self.link.url + path, timeout=self.link.timeout_s, **kw
+                    method, self.link.url + path, timeout=self.link.timeout_s, **args
                 )
                 if resp.status_code not in _RETRYABLE_STATUS:
                     break
@@ -249,19 +251,26 @@ class NodeClient:
         finally:
             resp.close()
 
-    def upload(self, job: JobInput, path: Path) -> None:
+    def upload(self, job: JobInput, paths: list[Path]) -> None:
+        """Every result object in one STOW-RS request, streamed (chunked)."""
         boundary = os.urandom(16).hex()
-        body = (
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            + path.read_bytes()
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
+
+        def body() -> Iterator[bytes]:
+            for path in paths:
+                yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                with open(path, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        yield chunk
+                yield b"\r\n"
+                self.beat("returning results")
+            yield f"--{boundary}--\r\n".encode()
+
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         resp = self._request(
             "returning results",
             "POST",
             f"/worker/jobs/{job.job_id}/results?generation={job.generation}",
-            data=body,
+            data=body,  # called again for each try
             headers={"Content-Type": ctype},
         )
         if resp.status_code == 409:
@@ -371,10 +380,8 @@ class JobRunner:
         if not outcome.ok:
             raise _error(outcome.error or "unknown error", attempt, permanent=not outcome.transient)
         t1 = time.monotonic()
-        if shared is None:
-            for result in outcome.results:
-                beat("returning results")
-                node.upload(job, result.path)
+        if shared is None and outcome.results:
+            node.upload(job, [r.path for r in outcome.results])
         timings = dict(outcome.timings)
         timings["fetching"] = fetched
         timings["returning"] = time.monotonic() - t1

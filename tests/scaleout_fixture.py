@@ -395,7 +395,6 @@ class Site:
 kind = "temporal"
 address = "127.0.0.1:{self.temporal.port}"
 task_queue = "{self.task_queue}"
-node_task_queue = "{self.task_queue}-node"
 heartbeat_timeout_s = {self.heartbeat_timeout_s}
 """
         return f"""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from dicom_node.temporal_workflow import workflow_id
 from tests.conftest import wait_for
@@ -185,9 +186,13 @@ def test_kill_9_the_node_while_workers_run_loses_nothing_enqueues_nothing_twice(
             assert all(j["state"] == "done" for j in jobs), [dict(j) for j in jobs]
         _one_workflow_per_job(site)
         stats = _check_delivered_once_or_in_flight(site, kills=REPS)
+        attempts = collections.Counter(j["attempts"] for j in site.rows("SELECT * FROM jobs"))
     finally:
         site.stop()
-    print(f"node kills by phase: {dict(phases)}; deliveries {stats}")
+    print(
+        f"node kills by phase: {dict(phases)}; attempts per job {dict(attempts)}; "
+        f"deliveries {stats}"
+    )
 
 
 def test_temporal_restarted_mid_run_jobs_resume(tmp_path: Path) -> None:
@@ -274,5 +279,56 @@ def test_a_run_that_always_fails_fails_after_max_attempts_with_its_reason(
         refused = jobs[(str(small.SOPInstanceUID), "rotational_dla")]
         assert refused["state"] == "failed" and refused["attempts"] == 1, dict(refused)
         assert "volume" in refused["error"] and "attempt" not in refused["error"].split("[")[0]
+        # an operator's retry starts a new workflow for the job, which fails the same way
+        resp = requests.post(
+            f"{site.api_url}/jobs/{refused['id']}/retry",
+            headers={"Authorization": f"Bearer {site.ops_token}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        again = wait_for(
+            lambda: site.rows(
+                "SELECT * FROM jobs WHERE id=? AND state='failed' AND generation=1",
+                (refused["id"],),
+            ),
+            120,
+        )[0]
+        retried = workflow_id(index, refused["id"], 1)
+        assert retried.endswith("-r1") and retried in again["error"]
+        assert site.temporal.describe(retried).status.name == "FAILED"
+    finally:
+        site.stop()
+
+
+def test_sigterm_drains_a_worker_it_finishes_its_job_and_takes_no_more(tmp_path: Path) -> None:
+    site = Site(tmp_path / "site", workers=1, pipelines=("dsa_av",)).start()
+    worker = site.workers[0]
+    try:
+        first = _run(500)
+        assert site.send([first])
+        job = wait_for(
+            lambda: site.rows("SELECT * FROM jobs WHERE state='running'"), 120, interval=0.02
+        )[0]
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGTERM)
+        second = _run(501)
+        assert site.send([second])  # arrives while the worker drains
+        assert worker.proc.wait(120) == 0
+        done = site.rows("SELECT * FROM jobs WHERE id=?", (job["id"],))[0]
+        assert (done["state"], done["attempts"], done["worker"]) == ("done", 1, "worker-0")
+        waiting = wait_for(
+            lambda: site.rows(
+                "SELECT * FROM jobs WHERE run_id=? AND dispatched_at IS NOT NULL",
+                (str(second.SOPInstanceUID),),
+            ),
+            60,
+        )[0]
+        time.sleep(2)
+        assert site.rows("SELECT state FROM jobs WHERE id=?", (waiting["id"],))[0]["state"] == (
+            "queued"
+        )
+        worker.start()  # back: the waiting job runs
+        _settle(site)
+        assert all(j["state"] == "done" for j in site.rows("SELECT * FROM jobs"))
     finally:
         site.stop()
