@@ -176,6 +176,21 @@ class EngineSettings(Strict):
     heartbeat_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a worker silent this long has lost its job (retried)"
     )
+    tls: bool = Field(False, description="TLS to the Temporal frontend")
+    tls_ca_file: Path | None = Field(None, description="its CA (default: the system's roots)")
+    tls_cert_file: Path | None = Field(None, description="a client certificate (mutual TLS)")
+    tls_key_file: Path | None = None
+    tls_server_name: str | None = Field(None, description="the name its certificate carries")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> EngineSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("engine.tls_cert_file and engine.tls_key_file go together")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"engine.{key}: {path} is not a readable file")
+        return self
 
     def queue_for(self, pipeline: str) -> str:
         return self.queues.get(pipeline, self.task_queue)

@@ -38,6 +38,7 @@ from dicom_node.db import Database, DispatchJob, Job, ResultFile
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import Outcome
 from dicom_node.settings import Settings
+from dicom_node.temporal_client import connect
 from dicom_node.temporal_workflow import (
     RECORD_DONE,
     RECORD_FAILED,
@@ -122,9 +123,7 @@ class TemporalEngine:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                client = await Client.connect(
-                    self.engine.address, namespace=self.engine.namespace, identity=self.identity
-                )
+                client = await connect(self.engine, self.identity)
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, TLS: all retried
                 log.warning(
                     "Temporal at %s unreachable (%s); retry in %.0f s",

@@ -43,7 +43,6 @@ from typing import Any, Literal
 import requests
 from pydantic import Field, ValidationError, model_validator
 from temporalio import activity
-from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
@@ -52,6 +51,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import JobSpec, WorkerProcess
 from dicom_node.settings import EngineSettings, Strict, Url, _describe, _merge
+from dicom_node.temporal_client import connect
 from dicom_node.temporal_workflow import (
     PERMANENT,
     PROCESS,
@@ -408,9 +408,7 @@ async def _serve(config: WorkerConfig, runner: JobRunner, stop: asyncio.Event) -
     delay = 1.0
     while not stop.is_set():
         try:
-            client = await Client.connect(
-                engine.address, namespace=engine.namespace, identity=runner.identity
-            )
+            client = await connect(engine, runner.identity)
         except Exception as exc:  # noqa: BLE001 - unreachable or refused: retried
             log.warning(
                 "Temporal at %s unreachable (%s); retry in %.0f s", engine.address, exc, delay

