@@ -39,11 +39,12 @@ from tests.conftest import wait_for
 from tests.dicomgen import xa_run
 from tests.scaleout_fixture import Site, temporal_bin
 
+REPS = int(os.environ.get("ANGIO_SCALE_OUT_REPS", "3"))
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(temporal_bin() is None, reason="temporal-bin not installed"),
+    pytest.mark.timeout(300 + 90 * REPS),  # startup, then up to 1.5 min a repetition
 ]
-REPS = int(os.environ.get("ANGIO_SCALE_OUT_REPS", "3"))
 
 
 def _run(seed: int, size: int = 384, frames: int = 30) -> Any:
