@@ -190,17 +190,12 @@ class NodeClient:
                 if resp.status_code not in _RETRYABLE_STATUS:
                     break
                 problem = f"HTTP {resp.status_code}"
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except requests.RequestException as exc:  # refused, reset, timed out, cut off
                 problem = type(exc).__name__
             if time.monotonic() + delay > deadline:
                 raise _error(f"the node did not answer while {what} ({problem})", self.attempt)
             log.warning("node unreachable while %s (%s); retry in %.1f s", what, problem, delay)
-            end = time.monotonic() + delay
-            while time.monotonic() < end:
-                self.beat(what)
-                if self.beat.stopping.is_set():
-                    raise _error("cancelled while waiting for the node", self.attempt)
-                time.sleep(min(0.5, delay))
+            self._pause(what, delay)
             delay = min(delay * 2, 10.0)
         if resp.status_code in (401, 403):
             raise _error(
@@ -224,7 +219,24 @@ class NodeClient:
         _check(resp, "reporting the attempt", self.attempt)
 
     def fetch(self, path: str, target: Path, what: str) -> list[Path]:
-        """Every part of a WADO-RS answer into ``target``, one file each, numbered in order."""
+        """Every part of a WADO-RS answer into ``target``, one file each, numbered in order;
+        a transfer that breaks off (the node went down) is fetched again."""
+        deadline = time.monotonic() + self.link.wait_s
+        while True:
+            written: list[Path] = []
+            try:
+                self._fetch_once(path, target, what, written)
+                return written
+            except (requests.RequestException, stow.StowError) as exc:
+                for f in written:
+                    f.unlink(missing_ok=True)
+                self.fetched -= len(written)
+                if time.monotonic() > deadline:
+                    raise _error(f"{what}: transfer broke off ({exc})", self.attempt) from None
+                log.warning("%s: transfer broke off (%s); again", what, type(exc).__name__)
+                self._pause(what, 1.0)
+
+    def _fetch_once(self, path: str, target: Path, what: str, written: list[Path]) -> None:
         resp = self._request(what, "GET", path, headers={"Accept": ACCEPT_AS_STORED}, stream=True)
         try:
             if resp.status_code == 404:
@@ -236,20 +248,24 @@ class NodeClient:
                 self.beat(what)
                 return next(chunks, b"")
 
-            files = []
             target.mkdir(parents=True, exist_ok=True)
-            for _ctype, data in stow.iter_parts(
-                resp.headers.get("Content-Type", ""), read, 1 << 34
-            ):
+            ctype = resp.headers.get("Content-Type", "")
+            for _part_type, data in stow.iter_parts(ctype, read, 1 << 34):
                 self.fetched += 1
                 out = target / f"{self.fetched:06d}.dcm"
                 out.write_bytes(data)
-                files.append(out)
-            return files
-        except (requests.ConnectionError, requests.Timeout, stow.StowError) as exc:
-            raise _error(f"{what}: transfer broke off ({exc})", self.attempt) from None
+                written.append(out)
         finally:
             resp.close()
+
+    def _pause(self, what: str, seconds: float) -> None:
+        """Wait, heartbeating; a cancelled attempt stops waiting."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.beat(what)
+            if self.beat.stopping.is_set():
+                raise _error("cancelled while waiting for the node", self.attempt)
+            time.sleep(min(0.5, seconds))
 
     def upload(self, job: JobInput, paths: list[Path]) -> None:
         """Every result object in one STOW-RS request, streamed (chunked)."""

@@ -360,3 +360,73 @@ def test_temporal_over_mutual_tls_needs_the_ca_and_a_client_certificate(tmp_path
         assert not reaches()  # plain gRPC
     finally:
         temporal.close()
+
+
+def test_a_worker_fetches_again_when_a_transfer_breaks_off_or_the_node_is_away(
+    tmp_path: Path,
+) -> None:
+    """The worker's node client in a real activity context (temporalio's
+    ActivityEnvironment): a WADO-RS answer cut off mid-body is fetched again, a node
+    that is not listening yet is waited for, heartbeating, and no partial file stays."""
+    import socket
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from temporalio.testing import ActivityEnvironment
+
+    from dicom_node.worker import Beat, NodeClient, NodeLink
+
+    payload = b"DICM-like bytes " * 4096
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + payload + b"\r\n--b--\r\n"
+    calls: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            calls.append(self.headers["Authorization"])
+            self.send_response(200)
+            self.send_header(
+                "Content-Type", 'multipart/related; type="application/dicom"; boundary=b'
+            )
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if len(calls) == 1:  # the node dies in the middle of the first answer
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(body)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    servers: list[ThreadingHTTPServer] = []
+
+    def node_comes_back() -> None:
+        time.sleep(1.5)
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        servers.append(server)
+        server.serve_forever()
+
+    threading.Thread(target=node_comes_back, daemon=True).start()
+    beats: list[Any] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *d: beats.append(d)
+    link = NodeLink(url=f"http://127.0.0.1:{port}", token="t0ken", wait_s=30)
+
+    def fetch() -> list[Path]:
+        client = NodeClient(link, Beat(), attempt=1)
+        return client.fetch("/dicom-web/x", tmp_path / "run", "fetching the run")
+
+    try:
+        files = env.run(fetch)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert calls == ["Bearer t0ken", "Bearer t0ken"]
+    assert [f.name for f in files] == ["000001.dcm"] and files[0].read_bytes() == payload
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["000001.dcm"]
+    assert ("fetching the run",) in beats  # it heartbeat while it waited for the node
