@@ -406,12 +406,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(s: dict[str, Any] | None, digits: int = 3) -> str:
+def _cell(s: dict[str, Any] | None, digits: int = 3, runs: int | None = None) -> str:
+    """mean ± SD [95 % CI], with n when it is not every run (refusals have no error value)."""
     if s is None or s.get("n", 0) == 0 or s.get("mean") is None:
         return "n/a"
     lo, hi = s["ci95"]
     ci = f"[{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) else "[n/a]"
-    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} {ci}"
+    n = f" (n={s['n']})" if runs is not None and s["n"] != runs else ""
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} {ci}{n}"
 
 
 def _find(summary, pipeline, family, method, metric, level=None):
@@ -461,10 +463,14 @@ def tables(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
                 first = _find(summary, pipeline, family, method, primary)
                 if first is None:
                     continue
+                runs = first["runs"]
                 cells = [
-                    _cell(_find(summary, pipeline, family, method, m)) for m in metrics[pipeline]
+                    _cell(_find(summary, pipeline, family, method, m), runs=runs)
+                    for m in metrics[pipeline]
                 ]
-                delta = _cell(first.get("vs_classical")) if method != "classical" else "-"
+                delta = (
+                    _cell(first.get("vs_classical"), runs=runs) if method != "classical" else "-"
+                )
                 lines.append(
                     f"| {FAMILY_NAMES[family]} | {method} | {first['runs']} | {first['failures']} | "
                     + " | ".join(cells)
