@@ -325,7 +325,8 @@ def test_patient_split_is_disjoint_deterministic_and_order_free() -> None:
     a = patient_split(patients, 0.2, 0.1, seed=7)
     b = patient_split(list(reversed(patients)) + patients[:5], 0.2, 0.1, seed=7)
     assert a == b
-    assert sorted(a.values()).count("test") == 10 and sorted(a.values()).count("val") == 5
+    # A hash of each patient decides (stable when patients are added): about the fractions.
+    assert 5 <= list(a.values()).count("test") <= 15 and 1 <= list(a.values()).count("val") <= 10
     assert patient_split(patients, 0.2, 0.1, seed=8) != a
 
 

@@ -83,6 +83,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         include_unlabelled=args.include_unlabelled,
         deidentify=not args.no_deidentify,
         export_dicom=args.export_dicom,
+        previous=Path(args.previous) if args.previous else None,
+        force=args.force,
     )
     manifest = build_dataset(source, options, progress=lambda m: print(m, file=sys.stderr))
     print(json.dumps(manifest["counts"], sort_keys=True))
@@ -293,7 +295,12 @@ def cmd_phantom_dataset(args: argparse.Namespace) -> int:
         randomise=args.randomise,
     )
     manifest = build_phantom_dataset(
-        args.out, spec, args.name, args.version, progress=lambda m: print(m, file=sys.stderr)
+        args.out,
+        spec,
+        args.name,
+        args.version,
+        progress=lambda m: print(m, file=sys.stderr),
+        force=args.force,
     )
     print(json.dumps(manifest["counts"], sort_keys=True))
     print(f"manifest sha256 {manifest_hash(Path(args.out))}")
@@ -401,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--export-dicom", action="store_true", help="also write de-identified DICOM copies"
     )
+    p.add_argument(
+        "--previous",
+        metavar="DIR",
+        help="the previous version of this dataset: its patients keep their splits, and the "
+        "manifest lists what changed",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the version --out holds even though its content changes (says what)",
+    )
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("train", help="train a model (full, sscr or rpst); torchrun for DDP")
@@ -473,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for split in ("train", "val", "test"):
         p.add_argument(f"--{split}", metavar="FIRST:COUNT", help=f"seeds of the {split} split")
+    p.add_argument("--force", action="store_true", help="replace a dataset of other content")
     p.set_defaults(func=cmd_phantom_dataset)
 
     p = sub.add_parser(

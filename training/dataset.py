@@ -47,6 +47,7 @@ from dicom_node.errors import NodeError
 from dicom_node.runs import load_run
 from pipelines.base import Run, RunMeta
 from training.annotations import Annotation, Problem, Resolver, merge, read_annotation
+from training import versions
 from training.sources import Inventory, Source, inventory
 
 log = logging.getLogger(__name__)
@@ -241,23 +242,45 @@ def deidentify(ds: Dataset, pseudonyms: Pseudonyms) -> Dataset:
 # Patient-level split
 
 
+def split_position(patient: str, seed: int) -> float:
+    """Where a patient falls in [0, 1): a hash of (seed, pseudonym), nothing else."""
+    return int(hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest()[:15], 16) / 16**15
+
+
 def patient_split(
-    patients: Iterable[str], test_fraction: float, val_fraction: float, seed: int
+    patients: Iterable[str],
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    carried: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Patient -> "train" | "val" | "test". Deterministic in (patients, seed), independent
-    of input order; every patient lands in exactly one split."""
+    """Patient -> "train" | "val" | "test".
+
+    A patient's split is a function of its own hash (:func:`split_position`): below
+    ``test_fraction`` test, then val, then train; so adding patients never moves
+    another one. ``carried`` (the previous version's assignments) wins over the rule.
+    A small dataset whose rule leaves a split with a positive fraction empty gets the
+    new patient(s) of the lowest position moved there (at least one test patient from
+    2 patients on, one val patient from 3); carried patients never move."""
+    carried = dict(carried or {})
     unique = sorted(set(patients))
-    order = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
-    n = len(order)
-    n_test = int(round(test_fraction * n)) if n > 1 else 0
-    if test_fraction > 0 and n >= 2:
-        n_test = max(1, n_test)
-    n_val = int(round(val_fraction * n)) if n - n_test > 1 else 0
-    if val_fraction > 0 and n - n_test >= 2:
-        n_val = max(1, n_val)
-    out = {}
-    for i, p in enumerate(order):
-        out[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    out: dict[str, str] = {}
+    for p in unique:
+        if p in carried:
+            out[p] = carried[p]
+            continue
+        u = split_position(p, seed)
+        out[p] = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+    n = len(unique)
+    for split, fraction, needed in (("test", test_fraction, 2), ("val", val_fraction, 3)):
+        if fraction <= 0 or n < needed or split in out.values():
+            continue
+        movable = sorted(
+            (p for p in unique if p not in carried and out[p] == "train"),
+            key=lambda p: split_position(p, seed),
+        )
+        if len(movable) > 1 or (movable and list(out.values()).count("train") > 1):
+            out[movable[0]] = split
     return out
 
 
@@ -319,9 +342,18 @@ class BuildOptions:
     include_unlabelled: bool = False
     deidentify: bool = True
     export_dicom: bool = False
+    previous: Path | None = None  # the previous version's folder: splits carried, changes listed
+    force: bool = False  # replace the version ``out`` holds even if its content changes
 
     def key(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k not in ("out", "pseudonym_map")}
+        out = {
+            k: v
+            for k, v in vars(self).items()
+            if k not in ("out", "pseudonym_map", "previous", "force")
+        }
+        if self.previous is not None:  # (absent otherwise: older build keys stay valid)
+            out["previous_sha256"] = manifest_hash(Path(self.previous))
+        return out
 
 
 _UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
@@ -372,6 +404,7 @@ def build_dataset(
     pmap = Path(options.pseudonym_map).resolve()
     if pmap == out or out in pmap.parents:
         raise DatasetError(f"the pseudonym map {pmap} must not lie inside the dataset {out}")
+    previous = _previous(options, out)
     instances = source.scan()
     progress(f"{source.description}: {len(instances)} instances")
     inv = inventory(instances)
@@ -389,16 +422,25 @@ def build_dataset(
         return cached
     pseudonyms = Pseudonyms.load_or_create(pmap)
     annotations, problems = _annotations(source, inv)
-    out.mkdir(parents=True, exist_ok=True)
+    # Written beside the target first: a build that would rewrite an existing version
+    # is refused before anything of it is touched (training.versions).
+    target, out = out, versions.staging(out)
     (out / "cases").mkdir(exist_ok=True)
     runs = {r.key: r for r in inv.run_infos()}
     patients = {
         key: str(items[0].patient_id or f"study:{items[0].study_uid}")
         for key, items in inv.runs.items()
     }
-    split = patient_split(
-        patients.values(), options.test_fraction, options.val_fraction, options.seed
+    pseudo_of = {
+        p: (pseudonyms.patient(p) if options.deidentify else p) for p in set(patients.values())
+    }
+    # Splits by a hash of the pseudonym; patients of the previous version (or of the
+    # version being replaced with --force) keep theirs.
+    carried = versions.carried_splits(previous or versions.existing(target))
+    by_pseudonym = patient_split(
+        pseudo_of.values(), options.test_fraction, options.val_fraction, options.seed, carried
     )
+    split = {p: by_pseudonym[pseudo_of[p]] for p in pseudo_of}
     cases: list[dict[str, Any]] = []
     for key in sorted(runs):
         items = inv.runs[key]
@@ -431,7 +473,7 @@ def build_dataset(
                 problems.append(Problem(key, bad))
                 continue
         patient = patients[key]
-        pseudo_patient = pseudonyms.patient(patient) if options.deidentify else patient
+        pseudo_patient = pseudo_of[patient]
 
         def uid(u: str) -> str:
             return pseudonyms.uid(u) if options.deidentify else u
@@ -511,6 +553,12 @@ def build_dataset(
             key=lambda p: (p["reason"], p["uid"]),
         ),
     }
+    if previous is not None:
+        manifest["changes"] = versions.diff(previous, manifest, manifest_hash(options.previous))
+        progress(
+            f"against version {previous.get('version')} ({options.previous}): "
+            + versions.describe(manifest["changes"])
+        )
     digest = write_manifest(out, manifest)
     (out / "build.json").write_text(
         json.dumps(
@@ -519,9 +567,35 @@ def build_dataset(
             sort_keys=True,
         )
     )
+    try:
+        versions.commit(target, out, manifest, digest, options.force, progress)
+    except versions.VersionError as exc:
+        raise DatasetError(str(exc)) from None
     pseudonyms.save(pmap)
-    progress(f"dataset {out}: {len(cases)} cases, {len(problems)} left out, sha256 {digest[:16]}")
+    progress(
+        f"dataset {target}: {len(cases)} cases, {len(problems)} left out, sha256 {digest[:16]}"
+    )
     return manifest
+
+
+def _previous(options: BuildOptions, out: Path) -> dict[str, Any] | None:
+    """The previous version's manifest (``--previous``), checked to be another version."""
+    if options.previous is None:
+        return None
+    prev = versions.existing(Path(options.previous))
+    if prev is None:
+        raise DatasetError(f"--previous {options.previous}: not a dataset (no manifest.json)")
+    if Path(options.previous).resolve() == out:
+        raise DatasetError(
+            f"--previous {options.previous} is the folder being written: give the new "
+            "version its own --out"
+        )
+    if prev.get("name") == options.name and str(prev.get("version")) == options.version:
+        raise DatasetError(
+            f"--previous {options.previous} is already {options.name!r} version "
+            f"{options.version}: give the new one another --version"
+        )
+    return prev
 
 
 def _annotations(source: Source, inv: Inventory) -> tuple[dict[str, Annotation], list[Problem]]:

@@ -37,6 +37,7 @@ from training.dataset import (
     sha256_file,
     write_manifest,
 )
+from training import versions
 from training.gate import FAMILY_A_MODEL_NAME, FAMILY_B_MODEL_NAME
 
 FAMILIES = {
@@ -160,10 +161,13 @@ def build_phantom_dataset(
     name: str,
     version: str = "1",
     progress: Callable[[str], None] = print,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Generate, label and write; returns the manifest. A folder already built from the
-    same spec is reused as it is (long runs resume on the same dataset hash)."""
-    root = Path(out)
+    same spec is reused as it is (long runs resume on the same dataset hash); one that
+    holds other content is never rewritten unless ``force`` (``training.versions``)."""
+    target = Path(out)
+    root = target
     # Fails early when the family lacks the kind or the options.
     used = _options(generator(spec.family, spec.kind), spec.size, spec.frames, spec.randomise)
     build_key = hashlib.sha256(
@@ -173,6 +177,7 @@ def build_phantom_dataset(
     if cached is not None:
         progress(f"phantom dataset {root} is up to date (build key {build_key[:12]})")
         return cached
+    root = versions.staging(target.resolve())
     (root / "cases").mkdir(parents=True, exist_ok=True)
     cases = []
     seen: set[int] = set()
@@ -243,5 +248,9 @@ def build_phantom_dataset(
     (root / "build.json").write_text(
         canonical_json({"build_key": build_key, "manifest_sha256": digest}).decode()
     )
-    progress(f"phantom dataset {root}: {len(cases)} cases, sha256 {digest[:16]}")
+    try:
+        versions.commit(target.resolve(), root, manifest, digest, force, progress)
+    except versions.VersionError as exc:
+        raise DatasetError(str(exc)) from None
+    progress(f"phantom dataset {target}: {len(cases)} cases, sha256 {digest[:16]}")
     return manifest
