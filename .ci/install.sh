@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(orthanc orthanc-python orthanc-dicomweb dcmtk dicom3tools python3-requests
-      chromium chromium-driver curl openssl)
+DEBS=(orthanc orthanc-python orthanc-dicomweb orthanc-webviewer dcmtk dicom3tools
+      python3-requests chromium chromium-driver curl openssl)
 if [ "$(id -u)" = 0 ]; then
     missing=()
     for p in "${DEBS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -42,11 +42,15 @@ TEMPLATE = REPO / "orthanc" / "orthanc.json"
 PLUGIN_SCRIPT = REPO / "orthanc" / "angio_forward.py"
 PYTHON_PLUGIN = PLUGIN_DIR / "libOrthancPython.so"
 DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
+# Orthanc's own Web Viewer (Debian package orthanc-webviewer), a second viewer for tests
+WEB_VIEWER_PLUGIN = PLUGIN_DIR / "libOrthancWebViewer.so"
 
 
-def missing_parts(with_plugin: bool = False) -> list[str]:
+def missing_parts(with_plugin: bool = False, web_viewer: bool = False) -> list[str]:
     """What this machine lacks to run Orthanc (empty when all is there)."""
     missing = []
+    if web_viewer and not WEB_VIEWER_PLUGIN.exists():
+        missing.append(f"{WEB_VIEWER_PLUGIN} (Debian package orthanc-webviewer)")
     if not (Path(ORTHANC_BIN).exists() or shutil.which(ORTHANC_BIN)):
         missing.append(f"{ORTHANC_BIN} (Debian package orthanc)")
     if not DICOMWEB_PLUGIN.exists():
@@ -92,8 +96,10 @@ def make_config(
     node: dict[str, Any] | None = None,
     aet: str = "ORTHANC",
     overrides: dict[str, Any] | None = None,
+    web_viewer: bool = False,
 ) -> dict[str, Any]:
-    """The template with this test's ports, storage and node; ``overrides`` merge last."""
+    """The template with this test's ports, storage and node; ``overrides`` merge last.
+    ``web_viewer`` loads Orthanc's Web Viewer plugin too."""
     cfg = load_template()
     storage = workdir / "storage"
     cfg.update(
@@ -106,9 +112,13 @@ def make_config(
             "DicomAet": aet,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)] + ([str(PYTHON_PLUGIN)] if with_plugin else []),
+            "Plugins": [str(DICOMWEB_PLUGIN)]
+            + ([str(PYTHON_PLUGIN)] if with_plugin else [])
+            + ([str(WEB_VIEWER_PLUGIN)] if web_viewer else []),
         }
     )
+    if web_viewer:
+        cfg["WebViewer"] = {"CachePath": str(workdir / "web-viewer-cache"), "CacheSize": 64}
     if with_plugin:
         cfg["PythonScript"] = str(PLUGIN_SCRIPT)
         cfg["PythonVerbose"] = False
@@ -250,9 +260,10 @@ def start_orthanc(
     aet: str = "ORTHANC",
     overrides: dict[str, Any] | None = None,
     timeout: float = 30.0,
+    web_viewer: bool = False,
 ) -> OrthancProcess:
     """Start Orthanc in ``tmp_path/orthanc-<port>`` on free loopback ports."""
-    missing = missing_parts(with_plugin)
+    missing = missing_parts(with_plugin, web_viewer)
     if missing:
         raise RuntimeError("cannot start Orthanc, missing: " + "; ".join(missing))
     last: Exception | None = None
@@ -268,6 +279,7 @@ def start_orthanc(
             node=node,
             aet=aet,
             overrides=overrides,
+            web_viewer=web_viewer,
         )
         config_path = workdir / "orthanc.json"
         config_path.write_text(json.dumps(cfg, indent=2))
@@ -471,23 +483,6 @@ def chromium_driver(profile: Path):  # type: ignore[no-untyped-def]
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
 
 
-def viewport_contrast(driver: Any) -> float:
-    """Standard deviation of the viewport's pixels (0 for an empty or flat viewport)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-    from selenium.webdriver.common.by import By
-
-    panes = driver.find_elements(By.CSS_SELECTOR, "[data-cy='viewport-pane']")
-    if not panes:
-        return 0.0
-    pane = panes[0]
-    img = np.asarray(Image.open(io.BytesIO(pane.screenshot_as_png)).convert("L"), dtype=float)
-    h, w = img.shape
-    return float(img[h // 6 : -h // 6, w // 6 : -w // 6].std())
-
-
 def click_text(driver: Any, text: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -495,3 +490,42 @@ def click_text(driver: Any, text: str) -> None:
         if el.is_displayed():
             el.click()
             return
+
+
+# -- what a viewport shows, as pixels ------------------------------------------------------
+
+
+def element_rgb(element: Any) -> Any:
+    """An element's screenshot as an (H, W, 3) uint8 array."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB"))
+
+
+def inner(rgb: Any, margin: float = 1 / 12) -> Any:
+    """The middle of an image, away from a viewport's text overlays in its corners."""
+    h, w = rgb.shape[:2]
+    return rgb[int(h * margin) : h - int(h * margin), int(w * margin) : w - int(w * margin)]
+
+
+def contrast(rgb: Any) -> float:
+    """Standard deviation of the grey levels (about 0 for an empty or flat viewport)."""
+    return float(inner(rgb).mean(axis=2).std())
+
+
+def colour_fraction(rgb: Any, chroma: int = 60) -> float:
+    """Share of pixels that are clearly coloured (max - min channel > ``chroma``): a grey
+    image scores about 0; an overlay, fusion or colour rendering does not."""
+    import numpy as np
+
+    part = inner(rgb).astype(np.int16)
+    return float(((part.max(axis=2) - part.min(axis=2)) > chroma).mean())
+
+
+def lit_fraction(rgb: Any, level: int = 24) -> float:
+    """Share of pixels brighter than ``level``: a sparse image on black (one slice of a
+    vessel-only volume) has little contrast overall but is not blank."""
+    return float((inner(rgb).mean(axis=2) > level).mean())

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -29,17 +27,11 @@ from dicom_node import dcmtk
 from tests.conftest import send_storescu
 from tests.dicomgen import save, xa_run
 from tests.orthanc_fixture import (  # noqa: F401  (orthanc: the fixture)
-    OhifServer,
     OrthancProcess,
-    chromium_driver,
-    click_text,
-    find_ohif_dist,
     free_port,
     missing_parts,
-    ohif_missing,
     orthanc,
     start_orthanc,
-    viewport_contrast,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "orthanc"))
@@ -657,189 +649,4 @@ def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
         pacs.stop()
 
 
-# -- what the radiologist sees: OHIF and Orthanc Explorer in headless Chromium -------------
-
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "img" / "ohif"
-SC, MF_WORD_SC, PMAP = (
-    "1.2.840.10008.5.1.4.1.1.7",
-    "1.2.840.10008.5.1.4.1.1.7.3",
-    "1.2.840.10008.5.1.4.1.1.30",
-)
-
-
-@needs_orthanc
-@needs_storescu
-@pytest.mark.skipif(bool(ohif_missing()), reason=ohif_missing() or "-")
-@pytest.mark.timeout(300)
-def test_ohif_and_explorer_show_the_results(tmp_path: Path) -> None:
-    """A phantom DSA run through Orthanc and the node (all its DSA pipelines); OHIF opens the
-    study, the secondary captures render; SEG, Parametric Map and SR are recorded as they
-    display. ANGIO_UPDATE_SCREENSHOTS=1 writes the screenshots to docs/img/ohif/."""
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-
-    node_port, api_port = free_port(), free_port()
-    pacs = start_orthanc(
-        tmp_path,
-        with_plugin=True,
-        overrides=FAST,
-        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
-    )
-    shots, report = tmp_path / "shots", {}
-    shots.mkdir()
-    try:
-        with running_node(
-            tmp_path / "node", pacs, port=node_port, api_port=api_port, rules=None
-        ) as node:
-            path = phantom_dsa_file(tmp_path / "in", seed=21, size=128, frames=12)
-            study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-            storescu(pacs, path)
-
-            def all_delivered() -> bool:
-                st = node_status(node)
-                assert "failed" not in st["jobs"], st["failed_jobs"]
-                n = node.db.query("SELECT COUNT(DISTINCT series_uid) n FROM outbox")[0]["n"]
-                return (
-                    bool(st["jobs"])
-                    and set(st["jobs"]) == {"done"}
-                    and not st["outbox"].get("pending")
-                    and len(
-                        pacs.get("/angio-node/results", params={"study": study}).json()["results"]
-                    )
-                    == n
-                )
-
-            wait_for(
-                "every pipeline done and its results in Orthanc",
-                all_delivered,
-                timeout=150,
-                every=1,
-            )
-
-        study_id = pacs.post("/tools/lookup", data=study).json()[0]["ID"]
-        series = {s["ID"]: s for s in pacs.get(f"/studies/{study_id}/series").json()}
-        results = {r["series_uid"]: r for r in pacs.get("/angio-node/results").json()["results"]}
-
-        def pick(test: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-            return next(
-                (r for r in sorted(results.values(), key=lambda r: r["description"]) if test(r)),
-                None,
-            )
-
-        targets = [  # (what, result series, must render)
-            (
-                "overlay-sc",
-                pick(lambda r: r["sop_class_uid"] == SC and "overlay" in r["description"].lower())
-                or pick(lambda r: r["sop_class_uid"] == SC),
-                True,
-            ),
-            (
-                "colour-map-sc",
-                pick(lambda r: r["sop_class_uid"] == SC and "colour" in r["description"].lower()),
-                True,
-            ),
-            ("minip-canvas", pick(lambda r: r["sop_class_uid"] == MF_WORD_SC), True),
-            ("seg", pick(lambda r: r["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.66.4"), False),
-            ("parametric-map", pick(lambda r: r["sop_class_uid"] == PMAP), False),
-            (
-                "sr",
-                pick(lambda r: r["sop_class_uid"].startswith("1.2.840.10008.5.1.4.1.1.88.")),
-                False,
-            ),
-        ]
-        assert targets[0][1] is not None and targets[2][1] is not None, results
-
-        srv = OhifServer(find_ohif_dist(), pacs)  # type: ignore[arg-type]
-        driver = chromium_driver(tmp_path / "chromium-profile")
-        try:
-            driver.get(f"{srv.url}/viewer?StudyInstanceUIDs={study}")
-            wait_for(
-                "OHIF lists every series of the study",
-                lambda: (
-                    len(
-                        driver.find_elements(
-                            By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']"
-                        )
-                    )
-                    == len(series)
-                ),
-                timeout=90,
-                every=1,
-            )
-            time.sleep(3)
-            for text in ("Skip all", "Confirm and hide"):  # first-visit tour and notice
-                click_text(driver, text)
-            driver.save_screenshot(str(shots / "study.png"))
-            for what, result, must_render in targets:
-                if result is None:
-                    report[what] = {"present": False}
-                    continue
-                desc = result["description"]
-                driver.get_log("browser")  # drop what came before
-                label = driver.find_element(
-                    By.XPATH, f"//*[contains(text(), {json.dumps(desc[:24])})]"
-                )
-                ActionChains(driver).double_click(label).perform()
-                time.sleep(6)
-                click_text(driver, "Yes")  # OHIF asks before loading a SEG
-                time.sleep(3)
-                driver.save_screenshot(str(shots / f"{what}.png"))
-                top_left = " ".join(
-                    e.text
-                    for e in driver.find_elements(
-                        By.CSS_SELECTOR, "[data-cy='viewport-overlay-top-left']"
-                    )
-                )
-                pixels = any(
-                    f"/series/{result['series_uid']}/" in r
-                    and ("/frames/" in r or "/rendered" in r or r.endswith("/metadata"))
-                    for r in srv.requests
-                )
-                errors = sorted(
-                    {
-                        e["message"].split("ERROR: ")[-1][:160]
-                        for e in driver.get_log("browser")
-                        if e["level"] == "SEVERE"
-                    }
-                )
-                report[what] = {
-                    "series": desc,
-                    "viewport_shows": top_left.splitlines()[-1:] or [""],
-                    "fetched": pixels,
-                    "contrast": round(viewport_contrast(driver), 1),
-                    "errors": errors[:5],
-                }
-                if must_render:
-                    assert desc in top_left, (what, top_left)
-                    assert pixels and report[what]["contrast"] > 10, report[what]
-
-            # Orthanc's own explorer: the result banner and the 'process again' button
-            result_id = next(
-                i
-                for i, s in series.items()
-                if s["MainDicomTags"]["SeriesInstanceUID"] == targets[0][1]["series_uid"]
-            )
-            driver.get(f"{pacs.http_url}/app/explorer.html#series?uuid={result_id}")
-            banner = wait_for(
-                "the AI-result banner", lambda: driver.find_elements(By.ID, "angio-ai-banner")
-            )
-            assert "AI result from the angio node" in banner[0].text
-            driver.save_screenshot(str(shots / "explorer-series.png"))
-            driver.get(f"{pacs.http_url}/app/explorer.html#study?uuid={study_id}")
-            wait_for(
-                "the process-again button",
-                lambda: driver.find_elements(
-                    By.XPATH, "//*[contains(text(), 'Process again (angio node)')]"
-                ),
-            )
-            driver.save_screenshot(str(shots / "explorer-study.png"))
-        finally:
-            driver.quit()
-            srv.stop()
-    finally:
-        pacs.stop()
-        (shots / "report.json").write_text(json.dumps(report, indent=1))
-    if os.environ.get("ANGIO_UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        for f in shots.iterdir():
-            shutil.copy(f, SCREENSHOTS / f.name)
+# What the radiologist sees (OHIF, Orthanc Explorer, Orthanc's Web Viewer): tests/test_viewers.py

@@ -133,6 +133,21 @@ def _stored(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values - INTERCEPT), 0, 65535).astype(np.uint16)
 
 
+def default_window(hu: np.ndarray) -> tuple[float, float]:
+    """(low, high) of the default window: what is denser than air sets it (1st to 99.5th
+    percentile). A sparse volume (the vessels kept, the rest air: less than a fifth of the
+    voxels denser than air) is windowed from air up, so that every vessel voxel shows
+    bright on black rather than its fainter half black."""
+    dense = hu > INTERCEPT + 25
+    body = hu[dense]
+    if not body.size:
+        return INTERCEPT, 0.0
+    lo, hi = (float(v) for v in np.percentile(body, [1, 99.5]))
+    if dense.mean() < 0.2:
+        lo = float(hu[~dense].max()) if (~dense).any() else INTERCEPT
+    return lo, hi
+
+
 def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
     """One CT Image per slice of ``out.pixels`` (Z, Y, X), on the source's geometry."""
     if out.geometry != "volume" or out.pixels.ndim != 3:
@@ -157,8 +172,7 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
         )
     stored = _stored(volume)
     hu = stored.astype(np.float32) + INTERCEPT
-    body = hu[hu > INTERCEPT + 25]  # anything denser than air sets the window
-    lo, hi = np.percentile(body, [1, 99.5]) if body.size else (INTERCEPT, 0.0)
+    lo, hi = default_window(hu)
     series_uid = ctx.series_uid(out.key)
     series_number = ctx.series_number(out.key)
     superseded = ctx.superseded(out.key, CTImageStorage)
