@@ -462,6 +462,7 @@ def test_sscr_step_on_scribbles(dataset: tuple[Path, Path], tmp_path: Path) -> N
         batch_size=2,
         patch=32,
         progress=False,
+        no_validation=True,
     )
     t = Trainer(cfg, scribbles, [], tmp_path)
     before = [_weights(m) for m in t.models]
@@ -548,6 +549,7 @@ def _ddp_worker(rank: int, init_file: str, dataset_dir: str, out: str) -> None:
         patch=32,
         progress=False,
         device="cpu",
+        no_validation=True,
     )
     t = Trainer(cfg, train, [], Path(out) / "run", dist_info=DistInfo(rank=rank, world=2))
     before = _weights(t.models[0].module)
@@ -579,6 +581,7 @@ def test_ddp_gloo_two_processes_stay_in_sync(dataset: tuple[Path, Path], tmp_pat
             patch=32,
             progress=False,
             device="cpu",
+            no_validation=True,
         )
         t = Trainer(
             cfg, train, [], tmp_path / f"solo{rank}", dist_info=DistInfo(rank=rank, world=1)

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +32,13 @@ import torch
 
 from pipelines.base import PipelineError
 from training import metrics as M
+from training.config import ConfigError
 from training.dataset import BuildOptions, DatasetError, build_dataset, load_dataset, manifest_hash
 from training.gate import REQUIRED_MARGIN, GateError, refuse_evaluation_only
+from training.record import command as record_command
 from training.sources import SourceError, open_source
 from training.tasks import TASKS, TaskError
+from training.tracking import TrackingError
 
 log = logging.getLogger("training")
 
@@ -120,29 +122,79 @@ TRAIN_OPTIONS = {
 }
 
 
+FLAGS = {
+    # TrainConfig field: (command-line flag, the value the flag sets)
+    "amp": ("no_amp", False),
+    "use_ps": ("no_ps", False),
+    "use_cps": ("no_cps", False),
+    "use_cr": ("no_cr", False),
+    "no_validation": ("no_validation", True),
+}
+
+
 def train_config(
     args: argparse.Namespace,
     base: dict[str, Any] | None = None,
     base_model_config: dict[str, Any] | None = None,
 ) -> Any:
-    """TrainConfig from the options given, over ``base`` (a recipe) and the defaults."""
+    """TrainConfig: the defaults < ``base`` (a recipe) < ``--config-file`` < the options
+    given < ``--config`` JSON (model keys); every layer validated, naming the key."""
+    from training.config import load_file, validate_model, validate_train
     from training.engine import TrainConfig
+    from training.tasks import get_task
 
     values: dict[str, Any] = dict(base or {})
-    values.setdefault("task", getattr(args, "task", None))
-    for field_name, option in TRAIN_OPTIONS.items():
-        given = getattr(args, option, None)
-        if given is not None:
-            values[field_name] = given
+    task_name = values.pop("task", None) or args.task
+    task = get_task(task_name)
+    model: dict[str, Any] = dict(base_model_config or {})
+    if getattr(args, "config_file", None):
+        file_train, file_model = load_file(args.config_file, task_name, task.architecture)
+        values.update(file_train)
+        model.update(file_model)
+    given = {
+        field_name: getattr(args, option)
+        for field_name, option in TRAIN_OPTIONS.items()
+        if getattr(args, option, None) is not None
+    }
+    for field_name, (flag, value) in FLAGS.items():
+        if getattr(args, flag, False):
+            given[field_name] = value
+    values.update(validate_train(given, "command line"))
+    values = validate_train(values, "training configuration")
+    model.update(
+        validate_model(task.architecture, json_option(args.config, "--config"), "--config")
+    )
+    validate_model(task.architecture, model, "model configuration")
     return TrainConfig(
+        task=task_name,
         **values,
-        model_config={**(base_model_config or {}), **json_option(args.config, "--config")},
-        amp=not args.no_amp,
-        use_ps=not args.no_ps,
-        use_cps=not args.no_cps,
-        use_cr=not args.no_cr,
+        model_config=model,
         progress=not args.no_progress,
     )
+
+
+def run_record(
+    args: argparse.Namespace,
+    subcommand: list[str],
+    workdir: Path,
+    manifest: dict[str, Any],
+    dataset: str | Path,
+    config_file: Path | None = None,
+) -> dict[str, Any]:
+    """What the engine records of the command (``training.record``)."""
+    from training import record as R
+
+    config_file = config_file or workdir / "config.toml"
+    return {
+        "command": args.command_line,
+        "reproduce": R.reproduce(subcommand, workdir, config_file),
+        "cwd": os.getcwd(),
+        "dataset": {
+            "path": str(dataset),
+            "name": manifest.get("name"),
+            "version": manifest.get("version"),
+        },
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -158,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         (c for c in cases if c.split == "train" and not c.labelled), key=lambda c: c.id
     )
     unlabelled = unlabelled[: args.unlabelled] if args.unlabelled is not None else unlabelled
-    if args.mode == "rpst" and args.unlabelled_from_labelled:
+    if config.mode == "rpst" and args.unlabelled_from_labelled:
         # Ablation on fully annotated data: hide the labels of the runs not used as labelled.
         used = {c.id for c in train}
         unlabelled += [c for c in _select(cases, "train", None) if c.id not in used]
@@ -169,6 +221,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not resume.is_file():
             raise TaskError(f"no checkpoint to resume at {resume}")
     command = args.command_line
+    subcommand = ["train", "--dataset", str(args.dataset), "--task", args.task]
+    for option in ("labelled", "unlabelled"):
+        if getattr(args, option) is not None:
+            subcommand += [f"--{option}", str(getattr(args, option))]
+    if args.unlabelled_from_labelled:
+        subcommand.append("--unlabelled-from-labelled")
     trainer = Trainer(
         config,
         train,
@@ -178,10 +236,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist_info=info,
         dataset_sha256=manifest_hash(Path(args.dataset)),
         command=command,
+        record=run_record(args, subcommand, workdir, manifest, args.dataset),
+        mlflow_uri=args.mlflow_uri,
     )
     if info.main:
         print(
-            f"task {args.task} ({trainer.task.architecture}), mode {args.mode}: {len(trainer.prepared)} "
+            f"task {args.task} ({trainer.task.architecture}), mode {config.mode}: {len(trainer.prepared)} "
             f"labelled, {len(unlabelled)} unlabelled, {len(trainer.val_cases)} validation runs; "
             f"device {trainer.device}, {info.world} process(es)",
             file=sys.stderr,
@@ -307,6 +367,18 @@ def cmd_phantom_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from training.config import template
+
+    text = template(args.task)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from training.classical import tune
 
@@ -320,17 +392,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def add_training_options(p: argparse.ArgumentParser, quick: bool = False) -> None:
     """Options of the engine, shared by train and quick (quick: None means the recipe's)."""
 
-    def default(value: Any) -> Any:
-        return None if quick else value
+    def default(value: Any) -> str:
+        return "the recipe's" if quick else str(value)
 
-    p.add_argument("--mode", default=default("full"), choices=("full", "sscr", "rpst"))
+    p.add_argument("--mode", choices=("full", "sscr", "rpst"), help="default full")
+    p.add_argument(
+        "--config-file",
+        metavar="TOML",
+        help="training configuration ([train] and [model] tables; `python -m training config "
+        "TASK` writes the defaults); options given here win over it",
+    )
     p.add_argument(
         "--config",
         help="JSON overrides of the architecture config, e.g. '{\"widths\": [16, 32, 64]}'",
     )
-    p.add_argument("--epochs", type=int, default=default(50))
-    p.add_argument("--steps", type=int, default=default(100), help="steps per epoch")
-    p.add_argument("--batch", type=int, default=default(4))
+    p.add_argument("--epochs", type=int, help=f"default {default(50)}")
+    p.add_argument("--steps", type=int, help=f"steps per epoch (default {default(100)})")
+    p.add_argument("--batch", type=int, help=f"default {default(4)}")
     p.add_argument("--patch", type=int)
     p.add_argument("--optimizer", choices=("adamw", "adam", "rmsprop", "sgd"))
     p.add_argument("--lr", type=float)
@@ -338,15 +416,23 @@ def add_training_options(p: argparse.ArgumentParser, quick: bool = False) -> Non
     p.add_argument("--schedule", choices=("cosine", "plateau"))
     p.add_argument("--warmup-epochs", type=int)
     p.add_argument("--early-stop", type=int, help="patience in epochs")
-    p.add_argument("--seed", type=int, default=default(0))
-    p.add_argument("--device", default=default("auto"), choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, help=f"default {default(0)}")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--no-ps", action="store_true", help="sscr: no pseudo-label supervision")
     p.add_argument("--no-cps", action="store_true", help="sscr: own instead of cross pseudo-labels")
     p.add_argument("--no-cr", action="store_true", help="sscr: no consistency regularisation")
-    p.add_argument("--rounds", type=int, default=default(1), help="rpst relabelling rounds")
+    p.add_argument("--rounds", type=int, help=f"rpst relabelling rounds (default {default(1)})")
     p.add_argument("--teacher-epochs", type=int)
-    p.add_argument("--max-val-cases", type=int, default=default(8))
+    p.add_argument(
+        "--max-val-cases", type=int, help=f"validation runs per epoch (default {default(8)})"
+    )
+    p.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="train although the validation split has no fully annotated run: the training "
+        "loss is monitored instead (lowest loss kept), which says nothing about accuracy",
+    )
     p.add_argument(
         "--resume", nargs="?", const="auto", help="checkpoint (default: <workdir>/last.pt)"
     )
@@ -356,6 +442,10 @@ def add_training_options(p: argparse.ArgumentParser, quick: bool = False) -> Non
         help="stop at the first epoch boundary after this wall time (resume continues)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; none: no MLflow)",
+    )
 
 
 def add_gate_options(p: argparse.ArgumentParser) -> None:
@@ -494,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a dataset of other content")
     p.set_defaults(func=cmd_phantom_dataset)
 
+    p = sub.add_parser("config", help="a task's default training configuration (TOML)")
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--out", help="write it here (default: print it)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser(
         "tune-classical",
         help="grid-search a classical path's constants on a dataset's training split",
@@ -508,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(given)
-    args.command_line = shlex.join(["python", "-m", "training", *given])  # recorded in models
+    args.command_line = record_command(given)  # with its torchrun launcher; recorded in models
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "evaluate" and args.classical and not args.task:
@@ -524,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         UsageError,
         PipelineError,
         FileExistsError,
+        ConfigError,
+        TrackingError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -46,8 +46,8 @@ from pydicom.dataset import Dataset
 from dicom_node.errors import NodeError
 from dicom_node.runs import load_run
 from pipelines.base import Run, RunMeta
-from training.annotations import Annotation, Problem, Resolver, merge, read_annotation
 from training import versions
+from training.annotations import Annotation, Problem, Resolver, merge, read_annotation
 from training.sources import Inventory, Source, inventory
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,9 @@ def patient_split(
             out[p] = carried[p]
             continue
         u = split_position(p, seed)
-        out[p] = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        out[p] = (
+            "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        )
     n = len(unique)
     for split, fraction, needed in (("test", test_fraction, 2), ("val", val_fraction, 3)):
         if fraction <= 0 or n < needed or split in out.values():

@@ -58,8 +58,9 @@ from training import augment, losses
 from training import metrics as M
 from training.dataset import Case
 from training.gate import FAMILY_B_MODEL_NAME, GateError
-from training.model_card import example_png, learning_curve_png
+from training.model_card import example_png
 from training.tasks import Batch, Masks, Prepared, Task, TaskError, get_task
+from training.tracking import Tracker, learning_curve
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -91,6 +92,8 @@ class TrainConfig:
     use_cr: bool = True
     rpst_rounds: int = 1
     teacher_epochs: int | None = None
+    # Train without a fully annotated validation run: monitor the training loss instead.
+    no_validation: bool = False
     progress: bool = True
 
     def resolved(self, task: Task) -> dict[str, Any]:
@@ -193,8 +196,13 @@ class Trainer:
         dataset_sha256: str = "",
         command: str = "",
         log_fn: Callable[[str], None] = log.info,
+        record: Mapping[str, Any] | None = None,
+        mlflow_uri: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.record: dict[str, Any] = dict(record or {})
+        self.mlflow_uri = mlflow_uri
+        self.tracker: Any = None
         refuse_family_b([*train, *val, *unlabelled])
         base = get_task(cfg.task)
         self.opts = cfg.resolved(base)
@@ -224,6 +232,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.train_cases = [c for c in train if c.labelled]
         self.val_cases = [c for c in val if c.kind == "full"][: cfg.max_val_cases]
+        self.val_kinds = {
+            k: sum(c.kind == k for c in val) for k in ("full", "scribble", "unlabelled")
+        }
+        # What is monitored, by a name that says what it is.
+        self.monitor = f"val_{self.task.monitor}" if self.val_cases else "train_loss"
         self.unlabelled = list(unlabelled)
         self.prepared = self._prepare(self.train_cases)
         if not self.prepared:
@@ -413,7 +426,8 @@ class Trainer:
     def _monitor(
         self, train_loss: float
     ) -> tuple[float, dict[str, Any], Case | None, Masks | None]:
-        """(score, val summary, example case, the node's masks for it); higher is better."""
+        """(score, val summary, example case, the node's masks for it); higher is better
+        (without validation runs: minus the training loss, see ``no_validation``)."""
         if not self.val_cases:
             return -train_loss, {}, None, None
         agg, example, pred = self.validate()
@@ -452,7 +466,8 @@ class Trainer:
                 "metrics": dict(metrics),
                 "config": self.opts,
                 "dataset_sha256": self.dataset_sha256,
-                "command": self.command,
+                "command": self.record.get("command") or self.command,
+                "record": json.loads(json.dumps(self.record, default=str)),
                 "phase": self.phases[self.state["phase"]][0],
                 "epoch": self.state["epoch"],
             },
@@ -464,6 +479,9 @@ class Trainer:
         if ck.get("format") != CHECKPOINT_FORMAT or ck.get("task") != self.task.name:
             raise TaskError(f"{path} is not a {self.task.name} checkpoint of this engine")
         self.state = ck["state"]
+        for h in self.state["history"]:  # epochs of a run begun before these were recorded
+            h.setdefault("monitor", self.monitor)
+            h.setdefault("val_n", {})
         self._new_phase_models()
         for m, sd in zip(self.models, ck["models"], strict=True):
             _unwrap(m).load_state_dict(sd)
@@ -518,6 +536,7 @@ class Trainer:
         """Train to the end; or stop at an epoch boundary after ``stop_after`` epochs or
         ``max_minutes`` of wall time in this call (a preemptible machine, a long run in
         parts) and return ``last.pt``: ``resume`` continues exactly where it left off."""
+        self._check_validation()
         deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
         self.workdir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -535,22 +554,108 @@ class Trainer:
                     default=str,
                 )
             )
-        done = 0
-        while self.state["phase"] < len(self.phases):
-            name, epochs = self.phases[self.state["phase"]]
-            # An early stop survives a resume: its patience count is in the checkpoint.
-            stop = self.state["bad"] >= int(self.opts["early_stop"])
-            while self.state["epoch"] < epochs and not stop:
-                out_of_time = deadline is not None and done > 0 and self._time_up(deadline)
-                if (stop_after is not None and done >= stop_after) or out_of_time:
-                    return self.workdir / "last.pt"
-                stop = self._epoch(name, epochs)
-                done += 1
-            self._end_phase(name)
+            config_text = self._write_record()
+            self.tracker = Tracker(
+                self.workdir,
+                params=self.record["config"],
+                config_text=config_text,
+                resume_epoch=len(self.state["history"]),
+                mlflow_uri=self.mlflow_uri,
+                experiment=f"angio-training-{self.task.name}",
+            )
+        try:
+            done = 0
+            while self.state["phase"] < len(self.phases):
+                name, epochs = self.phases[self.state["phase"]]
+                # An early stop survives a resume: its patience count is in the checkpoint.
+                stop = self.state["bad"] >= int(self.opts["early_stop"])
+                while self.state["epoch"] < epochs and not stop:
+                    out_of_time = deadline is not None and done > 0 and self._time_up(deadline)
+                    if (stop_after is not None and done >= stop_after) or out_of_time:
+                        return self.workdir / "last.pt"
+                    stop = self._epoch(name, epochs)
+                    done += 1
+                self._end_phase(name)
+        finally:
+            if self.tracker is not None:
+                names = ("metrics.csv", "metrics.json", "learning_curve.png", "examples.png")
+                self.tracker.close([self.workdir / n for n in (*names, "config.toml", "run.json")])
+                self.tracker = None
         final = self.workdir / "model.pt"
         if self.dist.enabled:
             dist.barrier()
         return final
+
+    def _check_validation(self) -> None:
+        """No run is trained blind without saying so: validation needs a fully annotated run
+        (the node's Dice cannot be measured on scribbles or unlabelled runs)."""
+        k = self.val_kinds
+        if self.val_cases:
+            return
+        what = f"{k['full']} full, {k['scribble']} scribble, {k['unlabelled']} unlabelled"
+        if not self.cfg.no_validation:
+            raise TaskError(
+                f"the validation split has no fully annotated run ({what}): no epoch could be "
+                "chosen by the node's accuracy. Give a dataset whose val split holds a fully "
+                "annotated run, or --no-validation to monitor the training loss instead (the "
+                "epoch of lowest training loss is kept; it says nothing about accuracy)"
+            )
+        self.log(
+            f"no validation run ({what}; --no-validation): monitoring train_loss, keeping the "
+            "epoch of lowest training loss; nothing here measures accuracy"
+        )
+
+    def _write_record(self) -> str:
+        """config.toml (the resolved configuration) and run.json (training.record); returns
+        the configuration text."""
+        from training import record as R
+        from training.config import TRAIN_KEYS, to_toml
+
+        train = {k: v for k, v in self.opts.items() if k in TRAIN_KEYS}
+        text = to_toml(
+            self.task.name,
+            train,
+            self.model_config,
+            f"Resolved configuration of the run in {self.workdir}:\n"
+            "python -m training train --config-file THIS ... trains it again (run.json: reproduce)",
+        )
+        (self.workdir / "config.toml").write_text(text)
+        path = self.workdir / "run.json"
+        old = json.loads(path.read_text()) if path.is_file() and self.state["history"] else {}
+        part = {
+            "started": R.now(),
+            "command": self.record.get("command") or self.command,
+            "from_epoch": len(self.state["history"]),
+            "world_size": self.dist.world,
+            "device": R.device_description(self.device),
+            "code": R.code_version(),
+            "versions": R.versions(),
+        }
+        parts = [*old.get("parts", []), part]
+        first = parts[0]
+        self.record = {
+            **self.record,
+            "task": self.task.name,
+            "architecture": self.task.architecture,
+            "mode": self.cfg.mode,
+            "command": first["command"],
+            "world_size": first["world_size"],
+            "config_file": str(self.workdir / "config.toml"),
+            "config": {"train": train, "model": self.model_config},
+            "dataset": {
+                **self.record.get("dataset", {}),
+                "manifest_sha256": self.dataset_sha256,
+            },
+            "monitor": self.monitor,
+            "code": first["code"],
+            "versions": first["versions"],
+            "device": first["device"],
+            "parts": parts,
+        }
+        if any(p["code"] != first["code"] or p["versions"] != first["versions"] for p in parts):
+            self.record["note"] = "the parts of this run ran with different code or libraries"
+        path.write_text(json.dumps(self.record, indent=1, sort_keys=True, default=str) + "\n")
+        return text
 
     def _time_up(self, deadline: float) -> bool:
         """Whether the budget is spent, decided on rank 0 so every rank stops together."""
@@ -620,7 +725,9 @@ class Trainer:
                 "loss": train_loss,
                 "lr": self.lr_at(epoch, self.cfg.steps_per_epoch - 1),
                 "score": score,
+                "monitor": self.monitor,
                 "val": val,
+                "val_n": {k: int(v["n"]) for k, v in agg.items()},
                 "seconds": seconds,
             }
         )
@@ -639,15 +746,27 @@ class Trainer:
             if plateau["bad"] > self.task.defaults.plateau_patience:
                 plateau["scale"] *= self.task.defaults.plateau_factor
                 plateau["bad"] = 0
-        learning_curve_png(
+        if self.tracker is not None:
+            self.tracker.epoch(self.state["history"])
+        learning_curve(
             self.workdir / "learning_curve.png",
             self.state["history"],
-            self.task.monitor if self.val_cases else "-loss",
+            f"{self.task.name} ({self.task.architecture}), mode {self.cfg.mode}: {self.workdir}",
+            self.monitor,
         )
-        self.log(
-            f"{name} epoch {epoch + 1}: loss {train_loss:.4f}, {self.task.monitor} "
-            f"{score:.4f} (best {self.state['best']['score']:.4f} at {self.state['best']['epoch']})"
-        )
+        best = self.state["best"]
+        if self.val_cases:
+            n = len(self.val_cases)
+            self.log(
+                f"{name} epoch {epoch + 1}: train_loss {train_loss:.4f}, {self.monitor} "
+                f"{score:.4f} (the node's pipeline on {n} validation run(s); best "
+                f"{best['score']:.4f} at epoch {best['epoch']})"
+            )
+        else:
+            self.log(
+                f"{name} epoch {epoch + 1}: train_loss {train_loss:.4f} (no validation run: "
+                f"lowest train_loss {-best['score']:.4f} at epoch {best['epoch']})"
+            )
         if self.state["bad"] >= int(self.opts["early_stop"]):
             self.log(f"early stop: no improvement for {self.state['bad']} epochs")
             return True

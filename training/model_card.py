@@ -11,12 +11,12 @@ performance is claimed. Every figure is of the node's own pipeline output.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageFont
 
 from pipelines.render import burn_text, overlay, to_grey_rgb
 
@@ -164,60 +164,6 @@ def model_card(
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
-
-
-def learning_curve_png(
-    path: Path,
-    history: Sequence[Mapping[str, Any]],
-    monitor: str,
-    size: tuple[int, int] = (720, 360),
-) -> Path:
-    """Training loss (blue, left scale) and validation score (orange, right scale) per epoch."""
-    w, h = size
-    left, right, top, bottom = 60, 60, 30, 40
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = _font(12)
-    draw.rectangle((left, top, w - right, h - bottom), outline=(0, 0, 0))
-    n = len(history)
-    series = [
-        ("loss", [float(r["loss"]) for r in history], (31, 119, 180)),
-        (monitor, [float(r["score"]) for r in history], (255, 127, 14)),
-    ]
-    for idx, (label, values, colour) in enumerate(series):
-        vals = np.asarray(values, float)
-        finite = vals[np.isfinite(vals)]
-        if finite.size == 0:
-            continue
-        lo, hi = float(finite.min()), float(finite.max())
-        hi = hi if hi > lo else lo + 1e-6
-        xs = [left + (w - left - right) * (i / max(n - 1, 1)) for i in range(n)]
-        ys = [
-            h - bottom - (h - top - bottom) * (v - lo) / (hi - lo) if np.isfinite(v) else None
-            for v in vals
-        ]
-        points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        x_text = 4 if idx == 0 else w - right + 4
-        draw.text((x_text, top - 4), f"{hi:.3g}", fill=colour, font=font)
-        draw.text((x_text, h - bottom - 8), f"{lo:.3g}", fill=colour, font=font)
-        draw.text((left + 10 + 160 * idx, 8), label, fill=colour, font=font)
-    phases = [r["phase"] for r in history]
-    for i in range(1, n):
-        if phases[i] != phases[i - 1]:
-            x = left + (w - left - right) * (i / max(n - 1, 1))
-            draw.line((x, top, x, h - bottom), fill=(180, 180, 180))
-    draw.text(
-        (left, h - bottom + 8),
-        f"epoch 1 .. {n} ({', '.join(dict.fromkeys(phases))})",
-        fill=(0, 0, 0),
-        font=font,
-    )
-    img.save(path)
-    return path
 
 
 def _view(task: Task, case: Case, pred: Masks) -> tuple[np.ndarray, Masks, Masks]:

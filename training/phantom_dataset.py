@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.base import Run
+from training import versions
 from training.dataset import (
     FORMAT,
     Case,
@@ -37,7 +38,6 @@ from training.dataset import (
     sha256_file,
     write_manifest,
 )
-from training import versions
 from training.gate import FAMILY_A_MODEL_NAME, FAMILY_B_MODEL_NAME
 
 FAMILIES = {

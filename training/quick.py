@@ -244,6 +244,14 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
     # serves every part of a long run.
     last = work / "run" / "last.pt" if args.resume == "auto" else Path(args.resume or "")
     resume = last if args.resume and last.is_file() else None
+    from training.__main__ import run_record
+
+    subcommand = ["quick", recipe.task]
+    if args.randomise:
+        subcommand.append("--randomise")
+    for option in ("size", "frames", "train_cases", "val_cases", "test_cases"):
+        if getattr(args, option) is not None:
+            subcommand += ["--" + option.replace("_", "-"), str(getattr(args, option))]
     trainer = Trainer(
         train_config(args, {**recipe.options, "task": recipe.task}, recipe.model_config),
         train,
@@ -252,6 +260,8 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
         dist_info=info,
         dataset_sha256=manifest_hash(data_dir),
         command=args.command_line,
+        record=run_record(args, subcommand, work, manifest, data_dir, work / "run" / "config.toml"),
+        mlflow_uri=args.mlflow_uri,
     )
     say(
         f"quick {recipe.task}: {len(trainer.prepared)} training, {len(trainer.val_cases)} "
