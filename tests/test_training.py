@@ -206,9 +206,15 @@ def test_artery_vein_dice_by_hand() -> None:
 
 def test_aggregate_mean_std_skips_nan() -> None:
     agg = M.aggregate([{"dice": 0.5, "auc": float("nan")}, {"dice": 1.0, "auc": 0.8}])
-    assert agg["dice"] == {"mean": 0.75, "std": 0.25, "n": 2}
+    sd = math.sqrt(0.125)  # sample SD of 0.5 and 1.0
+    half = 12.706204736174698 * sd / math.sqrt(2)  # t(0.975, 1)
+    assert agg["dice"]["mean"] == 0.75 and agg["dice"]["std"] == 0.25 and agg["dice"]["n"] == 2
+    assert agg["dice"]["sd"] == pytest.approx(sd)
+    assert agg["dice"]["ci95"] == pytest.approx([0.75 - half, 0.75 + half])
     assert agg["auc"]["n"] == 1 and agg["auc"]["mean"] == pytest.approx(0.8)
-    assert "0.750 ± 0.250" in M.format_table({"m": agg}, ["dice"])
+    assert math.isnan(agg["auc"]["sd"])
+    table = M.format_table({"m": agg}, ["dice", "auc"])
+    assert f"0.750 ± {sd:.3f} (95 % CI" in table and "0.800 (n=1: no SD)" in table
 
 
 # ---------------------------------------------------------------------------
@@ -634,6 +640,13 @@ def test_torchrun_cli(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr
     assert (tmp_path / "w" / "model.pt").is_file()
+    # The record names the launcher and the world size, and so does its reproduce line.
+    record = json.loads((tmp_path / "w" / "run.json").read_text())
+    assert record["world_size"] == 2
+    assert record["command"].startswith(
+        "torchrun --standalone --nproc-per-node 2 -m training train"
+    )
+    assert record["reproduce"].startswith("torchrun --standalone --nproc-per-node 2 -m training")
 
 
 # ---------------------------------------------------------------------------

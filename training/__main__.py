@@ -242,7 +242,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if info.main:
         print(
             f"task {args.task} ({trainer.task.architecture}), mode {config.mode}: {len(trainer.prepared)} "
-            f"labelled, {len(unlabelled)} unlabelled, {len(trainer.val_cases)} validation runs; "
+            f"labelled, {len(unlabelled)} unlabelled, {len(trainer.val_cases)} validation runs "
+            f"(monitoring {trainer.monitor}); "
             f"device {trainer.device}, {info.world} process(es)",
             file=sys.stderr,
         )
@@ -294,11 +295,29 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args)
     result["split"] = args.split
+    _, cases = load_dataset(args.dataset, verify=False)
+    chosen = [c for c in cases if args.split == "all" or c.split == args.split]
+    kinds = {k: sum(c.kind == k for c in chosen) for k in ("full", "scribble", "unlabelled")}
+    n = len(result["cases"])
+    result["n_by_kind"] = kinds
+    result["scored"] = n
+    result["min_n"] = args.min_n
     text = json.dumps(result, indent=1, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
     agg = result["aggregate"]
+    print(
+        f"{args.split} split of {args.dataset}: {kinds['full']} fully annotated run(s) scored, "
+        f"{kinds['scribble']} scribble and {kinds['unlabelled']} unlabelled run(s) not scored "
+        "(a Dice needs a full annotation); " + result["evaluated_with"]
+    )
     print(M.format_table({args.model or args.package or "classical": agg}, list(agg)))
+    if n < args.min_n:
+        print(
+            f"warning: n = {n} fully annotated run(s), below --min-n {args.min_n}: the mean "
+            "and its 95 % CI (t-based, sample SD) say little about accuracy",
+            file=sys.stderr,
+        )
     return 0 if agg else 2
 
 
@@ -536,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", help="write per-case and aggregated metrics as JSON")
+    p.add_argument(
+        "--min-n",
+        type=int,
+        default=10,
+        help="warn when fewer fully annotated runs are scored (default 10)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

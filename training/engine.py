@@ -600,10 +600,12 @@ class Trainer:
                 "annotated run, or --no-validation to monitor the training loss instead (the "
                 "epoch of lowest training loss is kept; it says nothing about accuracy)"
             )
-        self.log(
-            f"no validation run ({what}; --no-validation): monitoring train_loss, keeping the "
-            "epoch of lowest training loss; nothing here measures accuracy"
-        )
+        if self.dist.main:
+            log.warning(
+                "no validation run (%s; --no-validation): monitoring train_loss, keeping the "
+                "epoch of lowest training loss; nothing here measures accuracy",
+                what,
+            )
 
     def _write_record(self) -> str:
         """config.toml (the resolved configuration) and run.json (training.record); returns

@@ -16,8 +16,10 @@ Definitions (all on boolean masks of the same shape; probabilities for AUC):
   Dice pooled over both channels, 2 Σ_c |P_c∩T_c| / Σ_c (|P_c|+|T_c|), as the
   ST U-Net paper's code (CAVE) computes its multi-class Dice.
 
-Per-case values are aggregated as mean ± standard deviation (population std,
-ddof=0, as numpy and the DIAS code compute it) with the case count.
+Per-case values are aggregated as the mean, the standard deviation (``std``:
+population, ddof=0, as numpy and the DIAS code compute it; ``sd``: sample, ddof=1),
+the t-based 95 % confidence interval of the mean (``ci95``; none below n = 2) and
+the case count.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from scipy.stats import rankdata
 from skimage.morphology import skeletonize
 
@@ -163,10 +165,26 @@ def aggregate(cases: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float
     for key in keys:
         values = np.asarray([c[key] for c in cases if key in c and not _isnan(c[key])], float)
         if values.size == 0:
-            out[key] = {"mean": float("nan"), "std": float("nan"), "n": 0}
+            nan = float("nan")
+            out[key] = {"mean": nan, "std": nan, "sd": nan, "ci95": [nan, nan], "n": 0}
             continue
-        out[key] = {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
+        out[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            **_spread(values),
+            "n": int(values.size),
+        }
     return out
+
+
+def _spread(values: np.ndarray) -> dict[str, float | list[float]]:
+    """Sample SD and the t-based 95 % CI of the mean (NaN below two values)."""
+    n = values.size
+    if n < 2:
+        return {"sd": float("nan"), "ci95": [float("nan"), float("nan")]}
+    mean, sd = float(values.mean()), float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    return {"sd": sd, "ci95": [mean - half, mean + half]}
 
 
 def _isnan(v: float) -> bool:
@@ -176,14 +194,20 @@ def _isnan(v: float) -> bool:
 def format_table(
     rows: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Iterable[str]
 ) -> str:
-    """A markdown table: one row per method, 'mean ± std' per metric."""
+    """A markdown table: one row per method, 'mean ± SD (95 % CI lo to hi)' per metric
+    (sample SD; one case has neither)."""
     metrics = list(metrics)
     lines = ["| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, agg in rows.items():
         n = max((int(agg[m]["n"]) for m in metrics if m in agg), default=0)
-        cells = [
-            f"{agg[m]['mean']:.3f} ± {agg[m]['std']:.3f}" if m in agg and agg[m]["n"] else "–"
-            for m in metrics
-        ]
-        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {n} | " + " | ".join(_cell(agg.get(m)) for m in metrics) + " |")
     return "\n".join(lines)
+
+
+def _cell(a: Mapping[str, float] | None) -> str:
+    if not a or not a["n"]:
+        return "–"
+    if a["n"] < 2 or "ci95" not in a:
+        return f"{a['mean']:.3f} (n={int(a['n'])}: no SD)" if a["n"] < 2 else f"{a['mean']:.3f}"
+    lo, hi = a["ci95"]  # type: ignore[misc]
+    return f"{a['mean']:.3f} ± {a['sd']:.3f} (95 % CI {lo:.3f} to {hi:.3f})"

@@ -45,10 +45,12 @@ SYNTHETIC_WARNING = (
 
 
 def _metric_lines(aggregate: Mapping[str, Mapping[str, float]]) -> list[str]:
-    lines = ["| metric | mean ± std | n |", "|---|---|---|"]
+    from training.metrics import _cell
+
+    lines = ["| metric | mean ± SD (95 % CI of the mean) | n |", "|---|---|---|"]
     for name, v in aggregate.items():
         if v.get("n"):
-            lines.append(f"| {name} | {v['mean']:.3f} ± {v['std']:.3f} | {int(v['n'])} |")
+            lines.append(f"| {name} | {_cell(v)} | {int(v['n'])} |")
     return lines
 
 
@@ -99,6 +101,7 @@ def model_card(
     training_command: str,
     dataset_sha256: str,
     evaluation: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> str:
     synthetic = bool(data.get("synthetic", True))
     out = [f"# Model card: {name} {version}", ""]
@@ -148,14 +151,42 @@ def model_card(
         "pathologies may fail silently.",
         "- The pipeline thresholds at 0.5; no calibration was done.",
         "",
-        "## Reproduce",
+    ]
+    out += _reproduce_lines(training_command, record or {})
+    return "\n".join(out)
+
+
+def _reproduce_lines(command: str, record: Mapping[str, Any]) -> list[str]:
+    """How the weights were trained, and the command that trains them again."""
+    out = ["## Reproduce", ""]
+    if not record:
+        return [*out, "Trained with (no run record):", "", "```", command, "```", ""]
+    code = record.get("code", {})
+    versions = record.get("versions", {})
+    device = record.get("device", {})
+    dataset = record.get("dataset", {})
+    commit = code.get("commit") or "unknown"
+    if code.get("uncommitted_changes"):
+        commit += " with uncommitted changes to " + ", ".join(code.get("changed_files", []))
+    out += [
+        f"Trained with `{record.get('command', command)}` "
+        f"(world size {record.get('world_size', 1)}; "
+        f"{len(record.get('parts', [])) or 1} part(s)) on {device.get('type', '?')} "
+        f"({device.get('name', '?')}), code commit {commit}; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f". Dataset {dataset.get('name')} version {dataset.get('version')} "
+        f"(`{dataset.get('path')}`, manifest sha256 `{dataset.get('manifest_sha256')}`). "
+        "The resolved configuration is this package's training_config.toml (the same file "
+        "as the run's config.toml). Trains it again "
+        + (f"(from `{record['cwd']}`)" if record.get("cwd") else "")
+        + ":",
         "",
         "```",
-        training_command,
+        str(record.get("reproduce", command)),
         "```",
         "",
     ]
-    return "\n".join(out)
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -11,12 +11,14 @@ written.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipelines.models.package import describe_evaluation, load_package, write_package
+from training.config import to_toml
 from training.dataset import DatasetError, load_dataset, manifest_hash
 from training.engine import evaluate_node, load_model_file, stage_package
 from training.gate import REQUIRED_MARGIN, GateError, check_held_out, evaluation_record
@@ -94,7 +96,7 @@ def package_model(
     metrics["evaluated_with"] = (
         f"the node's {task.pipeline} pipeline with this package (binary masks as it emits them)"
     )
-    record = evaluation_record(
+    evaluation = evaluation_record(
         metric=task.gate_metric,
         model_cases=ood_model["cases"],
         classical_cases=ood_classical["cases"],
@@ -108,11 +110,11 @@ def package_model(
         pipeline=task.pipeline,
         min_margin=min_margin,
     )
-    log(describe_evaluation(record))
-    if record["difference"]["mean"] < min_margin:
+    log(describe_evaluation(evaluation))
+    if evaluation["difference"]["mean"] < min_margin:
         raise GateError(
             f"{task.name} model does not beat the classical path by {min_margin} on data it "
-            f"was not trained on (difference {record['difference']['mean']:+.3f}); package "
+            f"was not trained on (difference {evaluation['difference']['mean']:+.3f}); package "
             "not written (--min-margin sets another bar, and package.json records it)"
         )
     metrics["out_of_distribution"] = {
@@ -123,6 +125,7 @@ def package_model(
     }
     summary = _summary(manifest, sha)
     command = data.get("command") or "unknown"
+    record = data.get("record") or {}
     card = model_card(
         task=task,
         name=name,
@@ -133,7 +136,8 @@ def package_model(
         training=data.get("config", {}),
         training_command=command,
         dataset_sha256=sha,
-        evaluation=record,
+        evaluation=evaluation,
+        record=record,
     )
     path = write_package(
         Path(out),
@@ -148,8 +152,27 @@ def package_model(
         model_card=card,
         training_command=command,
         dataset_manifest_hash=sha,
-        evaluation=record,
+        evaluation=evaluation,
     )
+    # How the weights were trained (training.record), beside the files the node reads.
+    (path / "training_record.json").write_text(
+        json.dumps(
+            record or {"command": command, "note": "trained before runs were recorded"},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    if record.get("config"):
+        (path / "training_config.toml").write_text(
+            to_toml(
+                task.name,
+                record["config"]["train"],
+                record["config"]["model"],
+                f"The resolved training configuration of {name} {version} "
+                "(--config-file for python -m training train or quick)",
+            )
+        )
     pkg = load_package(path, pipeline=task.pipeline)
     pkg.load_model("cpu")  # the weights load back (weights_only, hash checked)
     if not test:

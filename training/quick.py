@@ -265,7 +265,8 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
     )
     say(
         f"quick {recipe.task}: {len(trainer.prepared)} training, {len(trainer.val_cases)} "
-        f"validation runs of {manifest['source']}; device {trainer.device}"
+        f"validation runs of {manifest['source']} (monitoring {trainer.monitor}); "
+        f"device {trainer.device}"
     )
     trainer.fit(resume=resume, max_minutes=args.max_minutes)
     if info.enabled:
