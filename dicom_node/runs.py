@@ -30,6 +30,7 @@ from dicom_node.routing import (
 )
 from dicom_node.sopclasses import CINE_2D, VOLUME
 from pipelines.base import Run, RunMeta
+from pipelines.shutter import from_header as shutter_from_header
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         is_volume=False,
         frame_rate=frame_rate(first),
         extra={"mask_subtracted": mask_subtracted, "timing_problem": timing_problem},
+        shutter=shutter_from_header(first),
     )
     return LoadedRun(
         Run(pixels=frames.astype(np.float32), meta=meta), [_strip(d) for d in datasets]

@@ -51,6 +51,28 @@ TISSUE = Code("85756007", "SCT", "Tissue")
 
 
 @dataclass(frozen=True)
+class Shutter:
+    """The display shutter of a 2D run (DICOM Shutter module), in 0-based pixel coordinates.
+
+    The exposed field is the intersection of the shapes present: what lies
+    outside it was behind the collimator blades and shows no patient.
+    """
+
+    # (top row, bottom row, left column, right column), inclusive.
+    rectangle: tuple[float, float, float, float] | None = None
+    # (centre row, centre column, radius), pixels.
+    circle: tuple[float, float, float] | None = None
+    # (row, column) vertices of a polygon.
+    polygon: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        names = (("RECTANGULAR", self.rectangle), ("CIRCULAR", self.circle))
+        found = tuple(n for n, v in names if v is not None)
+        return found + (("POLYGONAL",) if self.polygon else ())
+
+
+@dataclass(frozen=True)
 class RunMeta:
     """What a pipeline may know about a run, decoded from its headers."""
 
@@ -75,6 +97,8 @@ class RunMeta:
     # Cine rate in frames/s when known.
     frame_rate: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The DICOM Shutter module of a 2D run, when it has one.
+    shutter: Shutter | None = None
 
 
 @dataclass(frozen=True)

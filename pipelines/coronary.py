@@ -9,6 +9,12 @@ tubular structures in what is left, and hysteresis keeps weak vessel segments
 connected to strong ones. Both paths then remove small connected components in
 every frame (isolated specks are noise, not coronary branches).
 
+Both paths ignore what lies outside the collimated field (``pipelines.shutter``):
+no path reports vessel outside it, and the classical path scales its response
+by the vessels inside it. (The blade edge does not move, so the temporal
+median removes it; the step it leaves in the local noise estimate keeps the
+filter quiet along it.)
+
 Outputs: a SEG on geometry ``frames`` (one mask per frame of the run) and a
 cine overlay (Multi-frame True Color SC) that any viewer plays.
 """
@@ -40,6 +46,7 @@ from pipelines.models.cenet import ARCHITECTURE, STRIDE, frame_windows
 from pipelines.models.package import ModelPackage, load_package
 from pipelines.preprocess import inference_device, inference_mode, resize, work_shape
 from pipelines.render import AI_LABEL, burn_text, overlay
+from pipelines.shutter import exposed_field, restrict
 
 NAME = "xa_coronary"
 VERSION = "1.0.0"
@@ -111,14 +118,18 @@ def noise_sd(x: np.ndarray, scale: float) -> np.ndarray:
     return np.sqrt(np.maximum(var, np.percentile(var, 5))).astype(np.float32)
 
 
-def classical_response(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def classical_response(
+    frames: np.ndarray, field: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Frangi vesselness (scaled to the run's strong vessels) and lumen SNR, both (T, H, W).
 
     The run's temporal median holds what does not move or fill (ribs, spine,
     most of the catheter); what is darker than it, in units of the local noise,
     is filled vessel or noise. Frangi with a fixed structureness scale keeps
     responses comparable between frames (frames before the contrast arrives
-    stay empty); the response is scaled by its 99.9th percentile over the run.
+    stay empty); the response is scaled by its 99.9th percentile over the run
+    (within the collimated ``field`` when one is given: the blanked area behind
+    the blades would otherwise lower the scale).
     """
     x = normalise_cine(frames)
     scale = max(1.0, min(x.shape[1:]) / 256.0)  # small images: treat as crops
@@ -131,22 +142,28 @@ def classical_response(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             for frame in residual
         ]
     ).astype(np.float32)
-    ref = float(np.percentile(vesselness, 99.9))
+    inside = vesselness if field is None or not field.any() else vesselness[:, field]
+    ref = float(np.percentile(inside, 99.9))
     snr = ndi.gaussian_filter(residual, (0, 0.7 * scale, 0.7 * scale))
     return (vesselness / ref if ref > 0 else vesselness), snr
 
 
 def classical_vessels(
-    frames: np.ndarray, thresholds: tuple[float, float] = HYSTERESIS, lumen_snr: float = LUMEN_SNR
+    frames: np.ndarray,
+    thresholds: tuple[float, float] = HYSTERESIS,
+    lumen_snr: float = LUMEN_SNR,
+    field: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Temporal median + multiscale Frangi + hysteresis; returns (masks, response).
 
     Hysteresis grows from the strongest vessels along weaker ones; pixels must
     also be darker than the temporal median by ``lumen_snr`` noise SDs, which
-    trims Frangi's blur at the vessel edges.
+    trims Frangi's blur at the vessel edges. ``field`` (H, W), when given, is the
+    collimated field: nothing outside it is a vessel.
     """
-    response, snr = classical_response(frames)
-    return hysteresis(response, *thresholds) & (snr > lumen_snr), response
+    response, snr = classical_response(frames, field)
+    masks = hysteresis(response, *thresholds) & (snr > lumen_snr)
+    return (masks if field is None else masks & field), response
 
 
 def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -234,6 +251,9 @@ class CoronarySegmentation:
             raise PipelineError(f"{NAME}: frames of {frames.shape[1:]} are too small (min 32 px)")
         opts: Mapping[str, Any] = ctx.options
         notes: list[str] = []
+        field = exposed_field(frames, run.meta)
+        if field.collimated:
+            notes.append(field.describe())
         if ctx.model_package:
             pkg = load_package(ctx.model_package, pipeline=NAME)
             device = inference_device(ctx.device)
@@ -245,13 +265,13 @@ class CoronarySegmentation:
                 f"on {device.type}"
             )
         else:
-            masks, _ = classical_vessels(frames)
+            masks, _ = classical_vessels(frames, field=field.mask if field.collimated else None)
             algorithm = AlgorithmInfo("Frangi + temporal median + hysteresis", VERSION, "classical")
             notes.append("no model package configured: classical Frangi path")
         if run.meta.subtracted:
             notes.append("run is subtracted; the pipeline expects unsubtracted coronary cine")
         min_px = int(opts.get("min_component_px", min_component_px(frames.shape[1:])))
-        masks = remove_small_components(masks, min_px)
+        masks = remove_small_components(restrict(masks, field), min_px)
         fraction = float(masks.mean())
         notes.append(f"vessel fraction {fraction:.3%} over {frames.shape[0]} frames")
         if fraction == 0:

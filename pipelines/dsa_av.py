@@ -5,6 +5,10 @@ time-intensity separation; see ``pipelines.vessels``). With a package (the
 node's settings give its folder) the ST U-Net runs on the run resampled to
 1 fps (``pipelines.preprocess.predict_sequence``).
 
+Both paths report nothing outside the collimated field (``pipelines.shutter``);
+the classical filters also see a smooth extension of the field instead of the
+blade edge.
+
 Outputs: a SEG on the MinIP canvas (Artery, Vein, and the internal carotid
 artery where it is found), the MinIP itself, and a colour overlay
 (arteries red, veins blue) with a burned-in AI label for any viewer.
@@ -33,6 +37,7 @@ from pipelines.base import (
 from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import AI_LABEL, burn_text, overlay, to_grey_rgb
+from pipelines.shutter import exposed_field, restrict
 from pipelines.vessels import analyse
 
 NAME = "dsa_av"
@@ -85,8 +90,9 @@ class DsaArteryVein:
         check_run(run, 4 if ctx.model_package else 3)
         meta = run.meta
         notes: list[str] = []
+        field = exposed_field(run.pixels, meta)
         if ctx.model_package is None:
-            result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm)
+            result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm, field=field)
             if meta.frame_times_s is None:
                 notes.append("no frame timing: frame order used for artery/vein timing")
             masks = {"artery": result.artery, "vein": result.vein}
@@ -117,9 +123,11 @@ class DsaArteryVein:
                     f"model package {package.name}: channels {channels} do not "
                     f"fit its {probs.shape[0]} outputs or {NAME}"
                 )
-            masks = {name: probs[i] >= 0.5 for i, name in enumerate(channels)}
+            masks = {name: restrict(probs[i] >= 0.5, field) for i, name in enumerate(channels)}
             algorithm = package.algorithm(NAME, VERSION)
             notes.append(f"device {device.type}")
+        if field.collimated:
+            notes.append(field.describe())
         if "ica" in masks and masks["ica"].sum() < MIN_ICA_PIXELS:
             del masks["ica"]
             notes.append("no internal carotid artery found in the field of view")

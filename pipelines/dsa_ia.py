@@ -3,7 +3,8 @@
 With a model package, VSS-Net sees every frame of the run (no resampling, no
 fixed subset) and outputs the arteries. Without one, the classical vessel path
 runs and its result is labelled classical: all vessels (Blood vessel) and the
-arteries it separates by timing.
+arteries it separates by timing. Neither path reports anything outside the
+collimated field (``pipelines.shutter``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipelines.dsa_av import label_lines
 from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import burn_text, overlay, to_grey_rgb
+from pipelines.shutter import exposed_field, restrict
 from pipelines.vessels import analyse
 
 NAME = "dsa_ia"
@@ -66,8 +68,9 @@ class DsaIntracranialArteries:
         meta = run.meta
         notes: list[str] = []
         vessel: np.ndarray | None
+        field = exposed_field(run.pixels, meta)
         if ctx.model_package is None:
-            result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm)
+            result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm, field=field)
             vessel, artery = result.vessel, result.artery
             algorithm = AlgorithmInfo(NAME, VERSION, "classical")
             masks, segments = np.stack([vessel, artery]), [VESSEL_SEGMENT, ARTERY_SEGMENT]
@@ -88,10 +91,12 @@ class DsaIntracranialArteries:
                     f"model package {package.name}: {NAME} expects one output "
                     f"channel, got {probs.shape[0]}"
                 )
-            vessel, artery = None, probs[0] >= 0.5
+            vessel, artery = None, restrict(probs[0] >= 0.5, field)
             algorithm = package.algorithm(NAME, VERSION)
             masks, segments = artery[None], [ARTERY_SEGMENT]
             notes.append(f"device {device.type}; all {run.pixels.shape[0]} frames used")
+        if field.collimated:
+            notes.append(field.describe())
         image = minip(run.pixels)
         return PipelineResult(
             outputs=[

@@ -11,6 +11,11 @@
    vein crosses an artery in projection carries both, and is labelled both.
 3. ICA: the largest connected artery segment of ICA calibre.
 
+With a collimated run (``pipelines.shutter``) Frangi sees a smooth extension
+of the field's MinIP contrast instead of the blade edge, the noise and
+vesselness references come from the field only, and nothing outside it is a
+vessel.
+
 Everything is vectorised over pixels; only the 2-means iterations loop.
 """
 
@@ -25,6 +30,7 @@ from skimage.morphology import remove_small_objects
 
 from pipelines.base import PipelineError
 from pipelines.preprocess import normalise_dsa
+from pipelines.shutter import Field, fill_outside
 
 # Vessel radii covered by the Frangi scales (mm): small cortical branches to the ICA.
 RADIUS_RANGE_MM = (0.25, 4.5)
@@ -63,9 +69,12 @@ def frangi_sigmas(pixel_spacing_mm: tuple[float, float] | None) -> list[float]:
     return list(np.geomspace(lo, max(hi, lo * 1.01), 5))
 
 
-def noise_sigma(image: np.ndarray) -> float:
-    """Robust background noise of a contrast image (MAD of its high-pass residual)."""
+def noise_sigma(image: np.ndarray, field: np.ndarray | None = None) -> float:
+    """Robust background noise of a contrast image (MAD of its high-pass residual),
+    over the collimated ``field`` (H, W) when one is given."""
     residual = image - ndimage.uniform_filter(image, 3)
+    if field is not None and field.any():
+        residual = residual[field]
     mad = float(np.median(np.abs(residual - np.median(residual))))
     return max(1.4826 * mad * 1.125, 1e-6)  # 1.125: the 3x3 mean removes 1/9 of the noise
 
@@ -74,15 +83,20 @@ def vessel_mask(
     contrast: np.ndarray,
     pixel_spacing_mm: tuple[float, float] | None,
     params: ClassicalParams = ClassicalParams(),
+    field: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Vessel mask and vesselness from a MinIP contrast image (vessels positive)."""
+    """Vessel mask and vesselness from a MinIP contrast image (vessels positive), inside
+    the collimated ``field`` (H, W) when one is given."""
     vesselness = frangi(contrast, sigmas=frangi_sigmas(pixel_spacing_mm), black_ridges=False)
-    ref = float(np.percentile(vesselness, 99))
+    inside = vesselness if field is None or not field.any() else vesselness[field]
+    ref = float(np.percentile(inside, 99))
     if ref <= 0:
         return np.zeros(contrast.shape, bool), vesselness
     v = vesselness / ref
     mask = apply_hysteresis_threshold(v, params.vesselness_low, params.vesselness_high)
-    mask &= contrast > params.contrast_sigmas * noise_sigma(contrast)
+    mask &= contrast > params.contrast_sigmas * noise_sigma(contrast, field)
+    if field is not None:
+        mask &= field
     area_px = params.min_area_mm2
     if pixel_spacing_mm is not None:
         area_px = params.min_area_mm2 / (pixel_spacing_mm[0] * pixel_spacing_mm[1])
@@ -209,11 +223,13 @@ def analyse(
     frame_times_s: np.ndarray | None,
     pixel_spacing_mm: tuple[float, float] | None,
     params: ClassicalParams = ClassicalParams(),
+    field: Field | None = None,
 ) -> ClassicalResult:
     """Vessel, artery and vein masks (H, W) of a subtracted run (T, H, W), vessels dark.
 
     Without frame times the frame index stands in for time (only the order
-    matters for the clustering).
+    matters for the clustering). ``field`` is the run's collimated field
+    (``pipelines.shutter.exposed_field``); no vessel is found outside it.
     """
     if frames.ndim != 3 or frames.shape[0] < 3:
         raise PipelineError(f"artery/vein separation needs (T>=3, H, W) frames, got {frames.shape}")
@@ -223,7 +239,11 @@ def analyse(
         if frame_times_s is not None
         else np.arange(frames.shape[0], dtype=np.float64)
     )
-    vessels, _ = vessel_mask(contrast.max(axis=0), pixel_spacing_mm, params)
+    peak = contrast.max(axis=0)
+    inside = None
+    if field is not None and field.collimated:
+        peak, inside = fill_outside(peak[None], field)[0], field.mask
+    vessels, _ = vessel_mask(peak, pixel_spacing_mm, params, inside)
     artery = np.zeros(vessels.shape, bool)
     vein = np.zeros(vessels.shape, bool)
     if vessels.any():

@@ -74,15 +74,19 @@ def contrast_signal(frames: np.ndarray, meta: RunMeta) -> np.ndarray:
     return -frames.astype(np.float32, copy=False)
 
 
-def noise_sigma(signal: np.ndarray) -> float:
-    """Per-pixel, per-frame noise SD from the frame-to-frame changes.
+def noise_sigma(signal: np.ndarray, field: np.ndarray | None = None) -> float:
+    """Per-pixel, per-frame noise SD from the frame-to-frame changes (within the
+    collimated ``field`` (H, W) when given: behind the blades nothing changes).
 
     The median absolute change is robust to the bolus, which changes few pixels
     between consecutive frames compared with the noise that changes all of them.
     When the noise is below the grey-level step, most changes are zero and the
     median says nothing; then the RMS of the central 90% of changes is used.
     """
-    diff = np.diff(signal[:, ::2, ::2], axis=0).ravel()
+    sample = signal[:, ::2, ::2]
+    if field is not None and field[::2, ::2].any():
+        sample = sample[:, field[::2, ::2]]
+    diff = np.diff(sample, axis=0).ravel()
     sigma = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
     if sigma < 0.5:
         lo, hi = np.percentile(diff, [5, 95])

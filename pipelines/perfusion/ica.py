@@ -62,11 +62,21 @@ def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def classical_ica(
-    opacity: np.ndarray, arrival_s: np.ndarray, sigma: float, settings: IcaSettings | None = None
+    opacity: np.ndarray,
+    arrival_s: np.ndarray,
+    sigma: float,
+    settings: IcaSettings | None = None,
+    field: np.ndarray | None = None,
 ) -> IcaResult:
-    """Earliest-opacifying, widest vessel entering from the border (see module docstring)."""
+    """Earliest-opacifying, widest vessel entering from the border (see module docstring).
+
+    With a collimated ``field`` (H, W) the vessel enters from the field's edge,
+    not the image's, and nothing outside the field counts.
+    """
     settings = settings or IcaSettings()
     smooth = ndimage.gaussian_filter(opacity, 1.0)
+    if field is not None:
+        smooth = np.where(field, smooth, 0.0)
     candidates = smooth[smooth > 5 * sigma]
     if candidates.size < 16:
         raise PipelineError("no opacified vessels found on the MinIP: cannot locate the ICA")
@@ -77,6 +87,8 @@ def classical_ica(
     border = np.zeros_like(vessels)
     border[:band], border[-band:] = True, True
     border[:, :band], border[:, -band:] = True, True
+    if field is not None:
+        border = field & (border | ~ndimage.binary_erosion(field, iterations=band))
     entering = np.unique(labels[border & vessels])
     entering = entering[entering > 0]
     if len(entering) == 0:

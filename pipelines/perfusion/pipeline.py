@@ -3,7 +3,8 @@
 Steps: frame timing and a uniform grid (``timing``), intensities to a
 concentration proxy (``aif``), the ICA on the MinIP by U-Net or classical rule
 (``ica``), the AIF with quality checks (``aif``), deconvolution (``deconvolution``)
-and maps kept to the brain without large vessels (``maps``). Outputs: the MinIP
+and maps kept to the brain without large vessels (``maps``), all within the
+collimated field (``pipelines.shutter``). Outputs: the MinIP
 (the canvas), one Parametric Map per quantity, a colour rendering per map, the
 AIF plot with the ICA outline, and the AIF measurements for an SR.
 
@@ -13,6 +14,7 @@ Options (``PipelineContext.options``): see ``OPTIONS``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,7 @@ from pipelines.perfusion.ica import (
 )
 from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
 from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
+from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
 VERSION = "1.0.0"
@@ -140,10 +143,12 @@ def locate_ica(
     mode: str,
     settings: IcaSettings,
     device: torch.device,
+    field: Field | None = None,
 ) -> tuple[IcaResult, AlgorithmInfo]:
     """The ICA mask: the U-Net of ``model_package`` on the MinIP ``image`` (mode
     "model", or "auto" with a package), else the classical rule on the contrast
-    ``signal`` (N, H, W) sampled at ``grid_s``."""
+    ``signal`` (N, H, W) sampled at ``grid_s``; within the collimated ``field``."""
+    inside = field.mask if field is not None and field.collimated else None
     use_model = mode == "model" or (mode == "auto" and model_package is not None)
     if use_model:
         if model_package is None:
@@ -159,10 +164,32 @@ def locate_ica(
             )
         model = package.load_model(device)
         mask = predict_mask(model, image, device)  # type: ignore[arg-type]
+        if inside is not None:
+            mask = mask & inside
         return model_ica(mask, settings), package.algorithm(NAME, VERSION)
     opacity, arrival = opacity_and_arrival(signal - signal[0], grid_s)
-    result = classical_ica(opacity, arrival, sigma, settings)
+    result = classical_ica(opacity, arrival, sigma, settings, inside)
     return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
+
+
+def restrict_maps(maps: Maps, field: np.ndarray) -> Maps:
+    """The maps with everything outside the collimated field invalid and zero."""
+    valid = maps.valid & field
+
+    def cut(values: np.ndarray) -> np.ndarray:
+        return np.where(valid, values, 0.0).astype(values.dtype)
+
+    return replace(
+        maps,
+        cbf=cut(maps.cbf),
+        cbv=cut(maps.cbv),
+        mtt=cut(maps.mtt),
+        tmax=cut(maps.tmax),
+        ttp=cut(maps.ttp),
+        regularisation=cut(maps.regularisation),
+        valid=valid,
+        brain=maps.brain & field,
+    )
 
 
 class DsaPerfusion:
@@ -178,14 +205,26 @@ class DsaPerfusion:
         times = acquisition_times(run.meta, frames.shape[0])
         timing = uniform_grid(times)
         notes.append(timing.describe())
+        field = exposed_field(frames, run.meta)
+        if field.collimated:
+            notes.append(field.describe())
+        inside = field.mask if field.collimated else None
         raw_signal = contrast_signal(frames, run.meta)
-        sigma = noise_sigma(raw_signal)
+        sigma = noise_sigma(raw_signal, inside)
         signal = resample(raw_signal, times, timing.grid_s)
         del raw_signal
         image = minip(frames)
 
         ica, algorithm = locate_ica(
-            image, signal, timing.grid_s, sigma, ctx.model_package, ica_mode, ica_settings, device
+            image,
+            signal,
+            timing.grid_s,
+            sigma,
+            ctx.model_package,
+            ica_mode,
+            ica_settings,
+            device,
+            field,
         )
         baseline = baseline_frames(signal, ica.mask, timing.grid_s, run.meta.subtracted)
         concentration = signal - signal[:baseline].mean(axis=0, keepdims=True)
@@ -195,6 +234,8 @@ class DsaPerfusion:
         maps = compute_maps(
             concentration, aif, sigma, ica.mask, run.meta.pixel_spacing_mm, map_settings, device
         )
+        if inside is not None:
+            maps = restrict_maps(maps, inside)
         method = maps.method
         notes.append(
             f"ICA: {ica.method}, {int(ica.mask.sum())} px, {ica.components} part(s)"

@@ -1,0 +1,459 @@
+"""The collimated field of a 2D run: where the detector saw the patient.
+
+Collimator blades (rectangular, circular, an iris that leaves an octagon) block
+the beam at the edges of most angiography runs. Outside the field the image is
+flat (no quantum noise, nothing moves), and the field's edge is a long straight
+or circular step that a vesselness filter or a network answers like a vessel
+wall. Every 2D pipeline therefore finds the field once and
+
+1. hides the blade edge from its filters where they would answer it (the
+   DSA path fills what lies outside the field with a smooth extension of the
+   inside, ``fill_outside``; the coronary path's temporal median already
+   removes the static edge), and
+2. reports nothing outside it (``restrict``).
+
+Network inputs are left as they are (a package sees what it was trained on);
+only its output is restricted.
+
+Where the field comes from, in this order: the DICOM Shutter module or the
+X-Ray Collimator module (``RunMeta.shutter``, decoded by ``dicom_node.runs``
+with :func:`from_header`),
+then the image (``detect``: pixels connected to the image border that are flat
+in time and space and at the border's value; the field is the largest region
+left). When both are there the
+field is their intersection. A margin of a few pixels (the blades' penumbra and
+lossy-compression ringing) is taken off the inside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from skimage.draw import polygon2mask
+from skimage.feature import canny
+from skimage.morphology import convex_hull_image
+from skimage.transform import (
+    hough_circle,
+    hough_circle_peaks,
+    hough_line,
+    hough_line_peaks,
+    resize,
+)
+
+from pipelines.base import RunMeta, Shutter
+
+# A detected outside region must cover at least this share of the image
+# (less is a few flat pixels at a corner, not a collimator).
+MIN_OUTSIDE_FRACTION = 0.005
+# A field smaller than this share of the image is a failed detection.
+MIN_FIELD_FRACTION = 0.2
+# If more than this share of the field is itself flat at the border value, the
+# image cannot tell collimation from background (noise-free synthetic runs).
+MAX_FLAT_INSIDE_FRACTION = 0.02
+# Structure outside the field (beyond this share of the image) means the "outside"
+# is a quiet background, not a blade.
+MAX_STRAY_FRACTION = 0.02
+# A collimated field is convex: its area over its convex hull's.
+MIN_CONVEXITY = 0.9
+
+
+@dataclass(frozen=True)
+class Field:
+    """(H, W) bool ``mask`` of the exposed field, penumbra margin removed."""
+
+    mask: np.ndarray
+    source: str  # "none", "dicom", "image" or "dicom+image"
+
+    @property
+    def collimated(self) -> bool:
+        return self.source != "none" and not bool(self.mask.all())
+
+    def describe(self) -> str:
+        if not self.collimated:
+            return "collimator shutter: none found, whole image used"
+        return (
+            f"collimator shutter from {self.source.replace('+', ' and ')}: "
+            f"{self.mask.mean():.0%} of the image is the exposed field; nothing is reported outside it"
+        )
+
+
+def _numbers(value: Any) -> list[float] | None:
+    """A numeric header value as finite floats; None when absent or unreadable."""
+    if value is None or value == "":
+        return None
+    items = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+# Keywords of the Display Shutter module and of the X-Ray Collimator module
+# (XA/RF images often carry only the latter); both give pixel rows and columns.
+_MODULES = {
+    "Shutter": (
+        "ShutterShape",
+        (
+            "ShutterUpperHorizontalEdge",
+            "ShutterLowerHorizontalEdge",
+            "ShutterLeftVerticalEdge",
+            "ShutterRightVerticalEdge",
+        ),
+        ("CenterOfCircularShutter", "RadiusOfCircularShutter"),
+        "VerticesOfThePolygonalShutter",
+    ),
+    "Collimator": (
+        "CollimatorShape",
+        (
+            "CollimatorUpperHorizontalEdge",
+            "CollimatorLowerHorizontalEdge",
+            "CollimatorLeftVerticalEdge",
+            "CollimatorRightVerticalEdge",
+        ),
+        ("CenterOfCircularCollimator", "RadiusOfCircularCollimator"),
+        "VerticesOfThePolygonalCollimator",
+    ),
+}
+
+
+def _shapes(value: Any) -> set[str]:
+    if value is None:
+        return set()
+    items = [value] if isinstance(value, (str, bytes)) else list(value)
+    return {str(v).strip().upper() for v in items}
+
+
+def _read(source: Any, module: str) -> Shutter | None:
+    shape_kw, edge_kws, (centre_kw, radius_kw), vertices_kw = _MODULES[module]
+    shapes = _shapes(source.get(shape_kw))
+    rectangle = circle = None
+    polygon: tuple[tuple[float, float], ...] = ()
+    if "RECTANGULAR" in shapes:
+        edges = [_numbers(source.get(k)) for k in edge_kws]
+        if all(e is not None and len(e) == 1 for e in edges):
+            top, bottom, left, right = (e[0] - 1.0 for e in edges if e is not None)
+            if bottom > top and right > left:
+                rectangle = (top, bottom, left, right)
+    if "CIRCULAR" in shapes:
+        centre, radius = _numbers(source.get(centre_kw)), _numbers(source.get(radius_kw))
+        if centre is not None and radius is not None and len(centre) == 2 and len(radius) == 1:
+            if radius[0] > 0:
+                circle = (centre[0] - 1.0, centre[1] - 1.0, radius[0])
+    if "POLYGONAL" in shapes:
+        vertices = _numbers(source.get(vertices_kw))
+        if vertices is not None and len(vertices) >= 6 and len(vertices) % 2 == 0:
+            polygon = tuple(
+                (vertices[i] - 1.0, vertices[i + 1] - 1.0) for i in range(0, len(vertices), 2)
+            )
+    if rectangle is None and circle is None and not polygon:
+        return None
+    return Shutter(rectangle=rectangle, circle=circle, polygon=polygon)
+
+
+def from_header(ds: Any) -> Shutter | None:
+    """The shutter of a 2D run's header (any object with ``get(keyword)``, e.g. a pydicom
+    Dataset), or None when it has none that is usable (tolerant: defects are ignored).
+
+    Read in this order: the Display Shutter module, the Frame Display Shutter
+    Sequence of enhanced objects' Shared Functional Groups, the X-Ray Collimator
+    module. DICOM gives rows and columns 1-based; the result is 0-based.
+    """
+    try:
+        found = _read(ds, "Shutter")
+        if found is None:
+            shared = ds.get("SharedFunctionalGroupsSequence")
+            inner = shared[0].get("FrameDisplayShutterSequence") if shared else None
+            found = _read(inner[0], "Shutter") if inner else None
+        return found if found is not None else _read(ds, "Collimator")
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError):
+        return None
+
+
+def shutter_mask(shutter: Shutter, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: inside every shape of ``shutter``."""
+    h, w = shape
+    rows = np.arange(h, dtype=np.float64)[:, None]
+    cols = np.arange(w, dtype=np.float64)[None, :]
+    mask = np.ones((h, w), bool)
+    if shutter.rectangle is not None:
+        top, bottom, left, right = shutter.rectangle
+        mask &= (rows >= top) & (rows <= bottom) & (cols >= left) & (cols <= right)
+    if shutter.circle is not None:
+        cr, cc, radius = shutter.circle
+        mask &= (rows - cr) ** 2 + (cols - cc) ** 2 <= radius**2
+    if shutter.polygon:
+        mask &= polygon2mask((h, w), np.asarray(shutter.polygon, np.float64))
+    return mask
+
+
+def _flat_field(x: np.ndarray) -> np.ndarray | None:
+    """Blanked collimation: outside the field a pixel is at the border's value, flat over time (no
+    quantum noise, no motion) and flat in space; the outside is the set of
+    such pixels connected to the image border. "Flat" is relative to the noise
+    in the middle of the image. The field is the largest remaining region,
+    holes filled. None when no collimation is found or the image cannot
+    tell it from background: a noise-free run, flat background inside the
+    field, structure outside it, a field that is not convex or under a fifth
+    of the image.
+    """
+    h, w = x.shape[1:]
+    mean = x.mean(axis=0)
+    # Spatial flatness on one frame (the mean over time is smooth everywhere).
+    frame = x[x.shape[0] // 2]
+    local_var = ndimage.uniform_filter(frame * frame, 3) - ndimage.uniform_filter(frame, 3) ** 2
+    variation = np.sqrt(np.maximum(local_var, 0.0))
+    if x.shape[0] >= 3:
+        variation = np.maximum(variation, x.std(axis=0))
+    centre = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
+    lo, hi = np.percentile(mean[centre], [1, 99])
+    scale = max(float(hi - lo), float(np.abs(mean).max()) * 1e-3, 1e-6)
+    if np.mean(variation[centre] <= 1e-6 * scale) > 0.25:
+        return None  # noise-free (synthetic): flatness cannot tell blades from background
+    noise = max(float(np.median(variation[centre])), 1e-6 * scale)
+    ring = np.concatenate(
+        [mean[:2].ravel(), mean[-2:].ravel(), mean[:, :2].ravel(), mean[:, -2:].ravel()]
+    )
+    border_value = float(np.median(ring))
+    at_border_value = np.abs(mean - border_value) <= 0.05 * scale
+    candidate = at_border_value & (variation <= 0.25 * noise)
+    # Compression ringing next to the blade edge is not quite flat: let the outside
+    # take in a few more pixels at the border value that are only half as noisy.
+    loose = at_border_value & (variation <= 0.5 * noise)
+    labels, count = ndimage.label(candidate)
+    if count == 0:
+        return None
+    edge = np.zeros((h, w), bool)
+    edge[0], edge[-1], edge[:, 0], edge[:, -1] = True, True, True, True
+    touching = np.unique(labels[edge & candidate])
+    outside = np.isin(labels, touching[touching > 0])
+    outside = ndimage.binary_dilation(outside, iterations=8, mask=outside | loose)
+    if outside.mean() < MIN_OUTSIDE_FRACTION:
+        return None
+    inside, n_inside = ndimage.label(~outside)
+    if n_inside == 0:
+        return None
+    sizes = np.bincount(inside.ravel())
+    sizes[0] = 0
+    # Smooth the outline (a ragged edge of compression ringing) without growing it.
+    field = ndimage.binary_opening(
+        ndimage.binary_fill_holes(inside == int(sizes.argmax())), structure=_disk(2)
+    )
+    if field.mean() < MIN_FIELD_FRACTION:
+        return None
+    # Behind the blades there is nothing but burned-in text; and every collimator
+    # opening (rectangle, circle, iris polygon, their intersection) is convex.
+    if (~outside & ~field).mean() > MAX_STRAY_FRACTION:
+        return None
+    if field.sum() < MIN_CONVEXITY * convex_hull_image(field).sum():
+        return None
+    if (candidate & field).sum() > MAX_FLAT_INSIDE_FRACTION * field.sum():
+        return None
+    return field
+
+
+# Blade edges are looked for on a copy of the mean image this size (longest side).
+EDGE_GRID = 256
+# A blade edge: the step across it (in units of the image's 1-99 % range) ...
+EDGE_STEP = 0.08
+# ... holds with one sign along at least this share of the grid (of the arc, for a circle).
+EDGE_RUN = 0.15
+ARC_RUN = 0.5
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int]:
+    """(length, start) of the longest run of True."""
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    change = np.flatnonzero(np.diff(padded))
+    starts, ends = change[::2], change[1::2]
+    if len(starts) == 0:
+        return 0, 0
+    k = int(np.argmax(ends - starts))
+    return int(ends[k] - starts[k]), int(starts[k])
+
+
+def _is_blade(
+    z: np.ndarray, points: np.ndarray, normals: np.ndarray, beyond: np.ndarray, need: int
+) -> bool:
+    """Whether a candidate edge (points along it, outward unit normals) is a blade's:
+    darker beyond it along a long stretch of it, and everything beyond it (the
+    image region ``beyond``) uniformly on the dark side of that step."""
+    h, w = z.shape
+    out, inn = points + 3.0 * normals, points - 3.0 * normals
+
+    def on_image(p: np.ndarray) -> np.ndarray:
+        return (p[:, 0] >= 0) & (p[:, 0] <= h - 1) & (p[:, 1] >= 0) & (p[:, 1] <= w - 1)
+
+    ok = on_image(out) & on_image(inn)
+    if ok.sum() < need or not beyond.any():
+        return False
+    v_out = ndimage.map_coordinates(z, out[ok].T, order=1)
+    v_in = ndimage.map_coordinates(z, inn[ok].T, order=1)
+    step = v_in - v_out
+    run, start = _longest_run(step > EDGE_STEP)
+    if run < need:
+        return False
+    level_out = float(np.median(v_out[start : start + run]))
+    level_in = float(np.median(v_in[start : start + run]))
+    lo, hi = np.percentile(z[beyond], [15, 85])  # burned-in text is allowed beyond
+    return bool(hi < 0.5 * (level_out + level_in) and hi - lo < 0.8 * (level_in - level_out))
+
+
+def _edge_field(mean: np.ndarray) -> np.ndarray | None:
+    """Physical collimation (not blanked: dark, noisy, scatter near the edge): the field
+    bounded by straight blade edges (Hough lines) and a round one (Hough circle)
+    found on the mean image, each checked by :func:`_is_blade`. None if none is."""
+    h0, w0 = mean.shape
+    factor = EDGE_GRID / max(h0, w0)
+    h, w = max(16, int(round(h0 * factor))), max(16, int(round(w0 * factor)))
+    small = resize(mean, (h, w), anti_aliasing=True)
+    lo, hi = np.percentile(small, [1, 99])
+    z = (small - lo) / max(float(hi - lo), 1e-6)
+    edges = canny(z, sigma=1.5, low_threshold=0.05, high_threshold=0.15)
+    if not edges.any():
+        return None
+    rows, cols = np.mgrid[:h, :w]
+    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    need = int(EDGE_RUN * max(h, w))
+    field = np.ones((h, w), bool)
+    found = False
+    space, angles, dists = hough_line(
+        edges, np.linspace(-np.pi / 2, np.pi / 2, 360, endpoint=False)
+    )
+    peaks = hough_line_peaks(
+        space,
+        angles,
+        dists,
+        num_peaks=20,
+        min_distance=5,
+        min_angle=5,
+        threshold=0.15 * space.max(),
+    )
+    for _, angle, dist in zip(*peaks, strict=True):
+        # The line: column cos(a) + row sin(a) = dist; its normal in (row, column).
+        normal = np.array([np.sin(angle), np.cos(angle)])
+        side = cols * np.cos(angle) + rows * np.sin(angle) - dist
+        centre_side = float(centre[1] * np.cos(angle) + centre[0] * np.sin(angle) - dist)
+        beyond = side < 0 if centre_side > 0 else side > 0
+        if beyond.mean() > 0.35:
+            continue
+        along = np.arange(-2.0 * max(h, w), 2.0 * max(h, w))
+        points = dist * normal + along[:, None] * np.array([np.cos(angle), -np.sin(angle)])
+        outward = -normal if centre_side > 0 else normal
+        if _is_blade(z, points, np.broadcast_to(outward, points.shape), beyond, need):
+            field &= ~beyond
+            found = True
+    radii = np.arange(int(0.3 * min(h, w)), int(0.8 * max(h, w)), 2)
+    if len(radii):
+        circles = hough_circle(edges, radii)
+        for _, cx, cy, radius in zip(
+            *hough_circle_peaks(circles, radii, total_num_peaks=5), strict=True
+        ):
+            beyond = (rows - cy) ** 2 + (cols - cx) ** 2 > radius**2
+            if beyond.mean() > 0.5:
+                continue
+            theta = np.linspace(0.0, 2 * np.pi, int(2 * np.pi * radius), endpoint=False)
+            normals = np.stack([np.sin(theta), np.cos(theta)], axis=1)
+            points = np.array([cy, cx]) + radius * normals
+            shown = (points[:, 0] >= 0) & (points[:, 0] <= h - 1) & (points[:, 1] >= 0)
+            shown &= points[:, 1] <= w - 1
+            # Walk the arc from where it enters the image, so a run does not wrap.
+            order = np.roll(np.arange(len(theta)), -int(np.argmin(shown)) if not shown.all() else 0)
+            order = order[shown[order]]
+            if _is_blade(
+                z, points[order], normals[order], beyond, max(need, int(ARC_RUN * len(order)))
+            ):
+                field &= ~beyond
+                found = True
+                break
+    if not found:
+        return None
+    return resize(field.astype(np.float32), (h0, w0), order=0) > 0.5
+
+
+def detect(frames: np.ndarray, subtracted: bool = False) -> np.ndarray | None:
+    """The exposed field (H, W) found from the pixels of a (T, H, W) run, or None.
+
+    Two looks, intersected when both find something: blanked collimation
+    (:func:`_flat_field`: flat at the border's value) and, in unsubtracted runs,
+    physical collimation (:func:`_edge_field`: straight or round blade edges
+    with nothing but the blade's dark shadow beyond them; subtraction cancels
+    that shadow, vessels included). None when the run shows no collimation, or
+    the field found is under a fifth of the image.
+    """
+    x = np.asarray(frames, np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    looks = [_flat_field(x)]
+    if not subtracted:
+        looks.append(_edge_field(x.mean(axis=0)))
+    found = [f for f in looks if f is not None]
+    if not found:
+        return None
+    field = np.logical_and.reduce(found)
+    return field if field.mean() >= MIN_FIELD_FRACTION else None
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return yy * yy + xx * xx <= radius * radius
+
+
+def margin_px(shape: tuple[int, int]) -> int:
+    """Pixels taken off the field's edge: the blades' penumbra, compression ringing and
+    the edge pixels that the flatness test leaves inside (its 3 x 3 window)."""
+    return max(4, int(round(max(shape) / 100)))
+
+
+def exposed_field(frames: np.ndarray, meta: RunMeta) -> Field:
+    """The field of a (T, H, W) run: the DICOM shutter and the image's, intersected."""
+    shape = (int(frames.shape[-2]), int(frames.shape[-1]))
+    sources = []
+    mask = np.ones(shape, bool)
+    if meta.shutter is not None:
+        dicom = shutter_mask(meta.shutter, shape)
+        if dicom.mean() >= MIN_FIELD_FRACTION:
+            mask &= dicom
+            sources.append("dicom")
+    found = detect(frames, meta.subtracted)
+    if found is not None and (mask & found).mean() >= MIN_FIELD_FRACTION:
+        mask &= found
+        sources.append("image")
+    if not sources:
+        return Field(mask=mask, source="none")
+    # The image border is an edge for every filter too, so the margin runs along it as well.
+    mask = ndimage.binary_erosion(mask, structure=_disk(margin_px(shape)), border_value=0)
+    return Field(mask=mask, source="+".join(sources))
+
+
+def fill_outside(frames: np.ndarray, field: Field, sigma_px: float | None = None) -> np.ndarray:
+    """(T, H, W) frames with the outside of the field replaced by a smooth extension
+    of the inside (normalised convolution), so no filter sees the blade edge.
+
+    Far from the field the extension fades to each frame's median inside it.
+    Returns the input unchanged when the run is not collimated.
+    """
+    if not field.collimated:
+        return frames
+    x = np.asarray(frames, np.float32)
+    h, w = x.shape[-2:]
+    sigma = float(sigma_px or max(4.0, max(h, w) / 64))
+    weight = field.mask.astype(np.float32)
+    step = max(1, int(np.sqrt(field.mask.sum() / 20000)))
+    inside = x[:, field.mask][:, ::step]
+    median = np.median(inside, axis=1).astype(np.float32)[:, None, None]
+    eps = np.float32(0.02)
+    num = ndimage.gaussian_filter(x * weight, (0, sigma, sigma)) + eps * median
+    den = ndimage.gaussian_filter(weight, sigma)[None] + eps
+    return np.where(field.mask[None], x, num / den).astype(np.float32)
+
+
+def restrict(masks: np.ndarray, field: Field) -> np.ndarray:
+    """Masks (..., H, W) with everything outside the field cleared."""
+    if not field.collimated:
+        return masks
+    return masks & field.mask
