@@ -1,7 +1,7 @@
 """Scale-out: the same runs through the embedded engine, Temporal with one worker and
 Temporal with two workers, in one run on this machine.
 
-    python -m bench.scale_out [--runs 12] [--sequential 6] [--rounds 2] [--size 512]
+    python -m bench.scale_out [--runs 8] [--sequential 3] [--rounds 5] [--size 512]
                               [--frames 48] [--pipeline dsa_av] [--quick]
 
 Each configuration is a separate site of processes (``tests/scaleout_fixture.py``):
@@ -13,12 +13,13 @@ warm-up run: ``--sequential`` runs one at a time (the latency of one run and the
 overhead of Temporal against the embedded engine), then a batch of ``--runs`` runs
 sent at once (throughput, and per-run latency with queueing). Latency is from
 the run's completion (on arrival: multi-frame runs) to its last job done, and to
-its last result delivered. The configurations are measured in ``--rounds``
-interleaved rounds (medians reported), each round also measuring the reference:
-the same jobs run directly in one worker process, then in two at once (no node,
-no Temporal), which is the parallelism this machine offers at that moment. With
-a CUDA device, per-pipeline timings on the GPU (mixed precision where the
-pipeline uses it) are measured next to the CPU.
+its last result delivered. All three sites run throughout and are measured in
+``--rounds`` rounds, a new order each round; each round also measures the
+reference: the same jobs run straight in one worker process, then in two at once
+(no node, no engine), which is the parallelism this shared machine offers at that
+moment. Ratios are paired by round (the load of the moment cancels as far as it
+can) and their medians reported. With a CUDA device, per-pipeline timings on the
+GPU (mixed precision where the pipeline uses it) are measured next to the CPU.
 """
 
 from __future__ import annotations
@@ -75,84 +76,101 @@ def _wait_runs(site: Site, run_ids: list[str], timeout: float = 1800) -> list[tu
     return wait_for(all_settled, timeout, interval=0.05, what="the runs to settle")  # type: ignore[no-any-return]
 
 
-def measure(
-    label: str, engine: str, workers: int, args: argparse.Namespace, work: Path
-) -> dict[str, Any]:
-    site = Site(
-        work / label.replace(" ", "").replace(",", "-"),
-        workers=workers,
-        pipelines=(args.pipeline,),
-        isolate=False,
-        engine=engine,
-        heartbeat_timeout_s=30.0,
-    )
-    site.start()
-    try:
-        warm = _runs(1, args.size, args.frames, 9000)
-        site.send(warm)
-        _wait_runs(site, [str(warm[0].SOPInstanceUID)])
+class Config:
+    """One engine configuration as a running site; measured a round at a time."""
+
+    def __init__(
+        self, label: str, engine: str, workers: int, args: argparse.Namespace, work: Path
+    ) -> None:
+        self.label = label
+        self.args = args
+        self.site = Site(
+            work / label.replace(" ", "").replace(",", "-"),
+            workers=workers,
+            pipelines=(args.pipeline,),
+            isolate=False,
+            engine=engine,
+            heartbeat_timeout_s=30.0,
+        )
+
+    def start(self) -> None:
+        self.site.start()
+        warm = _runs(1, self.args.size, self.args.frames, 9000)
+        self.site.send(warm)
+        _wait_runs(self.site, [str(warm[0].SOPInstanceUID)])
+
+    def round(self, seed: int) -> dict[str, Any]:
+        args, site = self.args, self.site
         sequential = []
-        for ds in _runs(args.sequential, args.size, args.frames, 100):
+        for ds in _runs(args.sequential, args.size, args.frames, seed):
             site.send([ds])
             ((completed, done, sent),) = _wait_runs(site, [str(ds.SOPInstanceUID)])
             sequential.append((done - completed, sent - completed))
-        batch = _runs(args.runs, args.size, args.frames, 1000)
+        batch = _runs(args.runs, args.size, args.frames, seed + 500)
         load = os.getloadavg()[0]
         site.send(batch)
-        times = _wait_runs(site, [str(ds.SOPInstanceUID) for ds in batch])
+        ids = [str(ds.SOPInstanceUID) for ds in batch]
+        times = _wait_runs(site, ids)
         first = min(t[0] for t in times)
-        makespan = max(t[1] for t in times) - first
         stages: dict[str, list[float]] = {}
-        for row in site.rows("SELECT timings FROM jobs WHERE state='done'"):
+        marks = ",".join("?" * len(ids))
+        for row in site.rows(f"SELECT timings FROM jobs WHERE run_id IN ({marks})", tuple(ids)):
             for stage, seconds in json.loads(row["timings"] or "{}").items():
                 stages.setdefault(stage, []).append(seconds)
         failed = site.rows("SELECT COUNT(*) n FROM jobs WHERE state='failed'")[0]["n"]
-        attempts = site.rows("SELECT MAX(attempts) n FROM jobs")[0]["n"]
-    finally:
-        site.stop()
-    return {
-        "label": label,
-        "sequential_done": [s[0] for s in sequential],
-        "sequential_sent": [s[1] for s in sequential],
-        "batch_makespan": makespan,
-        "batch_done": [t[1] - t[0] for t in times],
-        "batch_sent_makespan": max(t[2] for t in times) - first,
-        "stages": {k: statistics.median(v) for k, v in sorted(stages.items())},
-        "failed": failed,
-        "max_attempts": attempts,
-        "load": load,
-    }
+        return {
+            "sequential_done": [x[0] for x in sequential],
+            "sequential_sent": [x[1] for x in sequential],
+            "batch_makespan": max(t[1] for t in times) - first,
+            "batch_done": [t[1] - t[0] for t in times],
+            "stages": stages,
+            "failed": failed,
+            "load": load,
+        }
+
+    def stop(self) -> None:
+        self.site.stop()
 
 
-def direct(args: argparse.Namespace, work: Path, processes: int) -> float:
-    """Seconds for the batch's jobs run straight in ``processes`` worker processes at once
-    (after one warm-up job each): the reference, with no node and no engine."""
-    import threading
+class Direct:
+    """The reference: the batch's jobs straight in ``processes`` worker processes at once
+    (no node, no engine), the parallelism this machine offers at that moment."""
 
-    from dicom_node.sandbox import JobSpec, WorkerProcess
-    from tests.dicomgen import save
+    def __init__(self, args: argparse.Namespace, work: Path, processes: int) -> None:
+        from dicom_node.sandbox import WorkerProcess
+        from tests.dicomgen import save
 
-    folder = work / f"direct-{processes}"
-    paths = [
-        save(ds, folder, f"{i}.dcm")
-        for i, ds in enumerate(_runs(args.runs, args.size, args.frames, 1000))
-    ]
-    workers = [WorkerProcess(f"direct-{i}", 16 * 2**30, cpu_only=True) for i in range(processes)]
+        self.args = args
+        self.folder = work / f"direct-{processes}"
+        self.paths = [
+            save(ds, self.folder, f"{i}.dcm")
+            for i, ds in enumerate(_runs(args.runs, args.size, args.frames, 7000))
+        ]
+        self.workers = [
+            WorkerProcess(f"direct-{i}", 16 * 2**30, cpu_only=True) for i in range(processes)
+        ]
+        for w in self.workers:
+            self._run(w, [(10_000, self.paths[0])])  # warm
 
-    def spec(i: int, path: Path) -> JobSpec:
-        return JobSpec(i, str(i), args.pipeline, (str(path),), str(folder / f"out{i}"), "cpu")
+    def _run(self, worker: Any, share: list[tuple[int, Path]]) -> None:
+        import threading
 
-    def run(worker: WorkerProcess, share: list[tuple[int, Path]]) -> None:
+        from dicom_node.sandbox import JobSpec
+
         for i, path in share:
-            outcome = worker.run(spec(i, path), 600, lambda: None, 60, threading.Event())
+            spec = JobSpec(
+                i, str(i), self.args.pipeline, (str(path),), str(self.folder / f"o{i}"), "cpu"
+            )
+            outcome = worker.run(spec, 600, lambda: None, 60, threading.Event())
             assert outcome.ok, outcome.error
 
-    try:
-        for w in workers:
-            run(w, [(10_000, paths[0])])  # warm
+    def batch(self) -> float:
+        import threading
+
+        n = len(self.workers)
         threads = [
-            threading.Thread(target=run, args=(w, list(enumerate(paths))[k::processes]))
-            for k, w in enumerate(workers)
+            threading.Thread(target=self._run, args=(w, list(enumerate(self.paths))[k::n]))
+            for k, w in enumerate(self.workers)
         ]
         t0 = time.perf_counter()
         for t in threads:
@@ -160,8 +178,9 @@ def direct(args: argparse.Namespace, work: Path, processes: int) -> float:
         for t in threads:
             t.join()
         return time.perf_counter() - t0
-    finally:
-        for w in workers:
+
+    def close(self) -> None:
+        for w in self.workers:
             w.close()
 
 
@@ -230,10 +249,19 @@ def report(
             f"| {_med(r['sequential_done']):.2f} / {_med(r['sequential_sent']):.2f} "
             f"| {_med(r['batch_done']):.1f} | {r['failed']} |"
         )
-    overhead = _med(one["sequential_done"]) - _med(base["sequential_done"])
-    per_job = (one["batch_makespan"] - base["batch_makespan"]) / args.runs
-    speedup = one["batch_makespan"] / two["batch_makespan"]
-    machine = direct1 / direct2
+    # paired by round, so that the load of the moment cancels as far as it can
+    overheads = [
+        t - e for t, e in zip(one["round_sequential"], base["round_sequential"], strict=True)
+    ]
+    overhead = statistics.median(overheads)
+    per_job = statistics.median(
+        (t - e) / args.runs
+        for t, e in zip(one["batch_makespans"], base["batch_makespans"], strict=True)
+    )
+    speedups = [a / b for a, b in zip(one["batch_makespans"], two["batch_makespans"], strict=True)]
+    speedup = statistics.median(speedups)
+    machines = [a / b for a, b in reference]
+    machine = statistics.median(machines)
     stage_names = sorted(one["stages"])
     stage_rows = [
         "| engine | " + " | ".join(stage_names) + " |",
@@ -249,8 +277,9 @@ def report(
     lines = [
         f"{args.runs} XA runs of {args.size}×{args.size} × {args.frames} frames, pipeline "
         f"`{args.pipeline}`, one BLAS/torch thread per job; one warm-up run, then "
-        f"{args.sequential} runs one at a time, then the {args.runs} runs sent at once; "
-        f"{args.rounds} interleaved round(s). Each engine is its own set of processes on this "
+        f"{args.sequential} runs one at a time, then {args.runs} runs sent at once, in "
+        f"{args.rounds} rounds, the engines in a new order each round, all of them running "
+        "throughout. Each engine is its own set of processes on this "
         "machine: the node, and for Temporal its dev server (SQLite) and the workers on "
         "loopback, fetching runs over WADO-RS and returning results by STOW-RS (no shared "
         "storage). The reference runs the same jobs straight in worker processes (no node, "
@@ -258,12 +287,14 @@ def report(
         "",
         *rows,
         "",
-        f"- **2 workers against 1**: {speedup:.2f}× the throughput (target ≥ 1.7 on 2 cores); "
-        f"the reference, 2 worker processes against 1 without node or engine, reached "
-        f"{machine:.2f}× in the same run.",
-        f"- **Temporal's overhead per run** (one at a time, median run latency, Temporal with "
-        f"1 worker minus embedded): {overhead:+.2f} s (target ≤ 0.5 s); in the batch, "
-        f"{per_job:+.2f} s per run of makespan.",
+        f"- **2 workers against 1**: {speedup:.2f}× the throughput, median of the rounds "
+        f"({', '.join(f'{x:.2f}' for x in speedups)}; target ≥ 1.7 on 2 cores). The "
+        f"reference, 2 worker processes against 1 without node or engine, reached "
+        f"{machine:.2f}× ({', '.join(f'{x:.2f}' for x in machines)}) in the same rounds.",
+        f"- **Temporal's overhead per run**: one run at a time, the median latency with "
+        f"Temporal and 1 worker minus the embedded engine's, {overhead:+.2f} s, median of the "
+        f"rounds ({', '.join(f'{x:+.2f}' for x in overheads)}; target ≤ 0.5 s); in the "
+        f"batch, {per_job:+.2f} s of makespan per run.",
         f"- Load average (1 min) when each batch started: {loads}; the machine is shared "
         "with other work, which this benchmark does not control.",
         "",
@@ -300,56 +331,66 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=12)
-    ap.add_argument("--sequential", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--sequential", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--pipeline", default="dsa_av")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny runs, nothing written")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.sequential, args.size, args.frames, args.rounds = 4, 2, 96, 10, 1
     os.environ["OMP_NUM_THREADS"] = "1"  # the embedded node's job processes inherit it
-    rounds: list[list[dict[str, Any]]] = []
+    configs: list[Config] = []
+    measured: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in CONFIGS}
     reference: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        for r in range(args.rounds):
-            work = Path(tmp) / f"round{r}"
-            print(f"round {r + 1}: direct reference ...", flush=True)
-            reference.append((direct(args, work, 1), direct(args, work, 2)))
-            results = []
+        work = Path(tmp)
+        direct = [Direct(args, work, 1), Direct(args, work, 2)]
+        try:
             for label, engine, workers in CONFIGS:
-                print(f"round {r + 1}: {label} ...", flush=True)
-                results.append(measure(label, engine, workers, args, work))
-            rounds.append(results)
+                print(f"starting {label} ...", flush=True)
+                configs.append(Config(label, engine, workers, args, work))
+                configs[-1].start()
+            for r in range(args.rounds):
+                print(f"round {r + 1} of {args.rounds} ...", flush=True)
+                reference.append((direct[0].batch(), direct[1].batch()))
+                for c in configs[r % 3 :] + configs[: r % 3]:  # a new order each round
+                    measured[c.label].append(c.round(1000 * (r + 1)))
+        finally:
+            for c in configs:
+                c.stop()
+            for d in direct:
+                d.close()
     gpu = [] if args.quick else device_timings(256, 40)
-    body = report(_pool(rounds), args, gpu, reference)
+    body = report(_pool(measured), args, gpu, reference)
     print(body)
     if not args.quick:
         write_section("scale_out", "Scale-out: embedded engine against Temporal workers", body)
     return 0
 
 
-def _pool(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One result per configuration: medians of the rounds' batch times, latencies pooled."""
+def _pool(measured: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per configuration: each round's batch time, latencies and stages pooled."""
     pooled = []
-    for i, first in enumerate(rounds[0]):
-        same = [r[i] for r in rounds]
+    for label, rounds in measured.items():
+        stages: dict[str, list[float]] = {}
+        for r in rounds:
+            for k, v in r["stages"].items():
+                stages.setdefault(k, []).extend(v)
         pooled.append(
             {
-                "label": first["label"],
-                "batch_makespans": [r["batch_makespan"] for r in same],
-                "batch_makespan": statistics.median(r["batch_makespan"] for r in same),
-                "sequential_done": [x for r in same for x in r["sequential_done"]],
-                "sequential_sent": [x for r in same for x in r["sequential_sent"]],
-                "batch_done": [x for r in same for x in r["batch_done"]],
-                "stages": {
-                    k: statistics.median(r["stages"].get(k, float("nan")) for r in same)
-                    for k in first["stages"]
-                },
-                "failed": sum(r["failed"] for r in same),
-                "load": [r["load"] for r in same],
+                "label": label,
+                "batch_makespans": [r["batch_makespan"] for r in rounds],
+                "batch_makespan": statistics.median(r["batch_makespan"] for r in rounds),
+                "round_sequential": [statistics.median(r["sequential_done"]) for r in rounds],
+                "sequential_done": [x for r in rounds for x in r["sequential_done"]],
+                "sequential_sent": [x for r in rounds for x in r["sequential_sent"]],
+                "batch_done": [x for r in rounds for x in r["batch_done"]],
+                "stages": {k: statistics.median(v) for k, v in sorted(stages.items())},
+                "failed": max(r["failed"] for r in rounds),
+                "load": [r["load"] for r in rounds],
             }
         )
     return pooled
