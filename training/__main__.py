@@ -30,12 +30,14 @@ from typing import Any
 
 import torch
 
+from dicom_node.errors import NodeError
 from pipelines.base import PipelineError
 from training import metrics as M
 from training.config import ConfigError
 from training.dataset import BuildOptions, DatasetError, build_dataset, load_dataset, manifest_hash
 from training.gate import REQUIRED_MARGIN, GateError, refuse_evaluation_only
 from training.record import command as record_command
+from training.scribbles import ScribbleError
 from training.sources import SourceError, open_source
 from training.tasks import TASKS, TaskError
 from training.tracking import TrackingError
@@ -609,6 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a dataset of other content")
     p.set_defaults(func=cmd_phantom_dataset)
 
+    from training.scribbles import add_arguments as scribble_arguments
+    from training.scribbles import run_command as scribbles
+
+    p = sub.add_parser(
+        "scribbles",
+        help="scribble SEGs on the node's canvas, from a label image or sampled from a full SEG",
+    )
+    scribble_arguments(p)
+    p.set_defaults(func=scribbles)
+
     p = sub.add_parser("config", help="a task's default training configuration (TOML)")
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--out", help="write it here (default: print it)")
@@ -646,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileExistsError,
         ConfigError,
         TrackingError,
+        ScribbleError,
+        NodeError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
