@@ -418,6 +418,11 @@ def load_settings(
             raise ConfigError(f"config file {p} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        if isinstance(data.get("models"), dict):  # package folders: relative to this file
+            data["models"] = {
+                k: str(p.resolve().parent / v) if isinstance(v, str) else v
+                for k, v in data["models"].items()
+            }
     _merge(data, _env_overrides(os.environ if environ is None else environ))
     _merge(data, overrides)
     try:
@@ -453,4 +458,15 @@ def _check_pipelines(settings: Settings) -> None:
         if not Path(pkg).is_dir():
             raise ConfigError(
                 f"invalid settings:\n  models.{name}: {pkg} is not a model package folder"
+            )
+        try:  # a package for another pipeline is refused now, not when a run is processed
+            declared = json.loads((Path(pkg) / "package.json").read_text()).get("pipeline")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"invalid settings:\n  models.{name}: {pkg} has no readable package.json ({exc})"
+            ) from None
+        if declared != name:
+            raise ConfigError(
+                f"invalid settings:\n  models.{name}: {pkg} is a package for the "
+                f"{declared!r} pipeline, not {name!r}"
             )

@@ -6,6 +6,12 @@
     dicom-node synth rotational --output out/ --size 256 --seg
     dicom-node synth dsa --output out/ --count 100 --randomise      # training data
     dicom-node synth coronary --output out/ --randomise --size 768x1024
+    dicom-node synth dsa --output out/ --count 6 --seg --send 127.0.0.1:4242 --aec ORTHANC
+
+``--send HOST:PORT`` stores every DICOM file written (runs, canvases, SEGs) by
+C-STORE, proposing exactly their SOP classes and transfer syntaxes. With dcmtk
+instead: ``storescu -aec ORTHANC +sd +r +sp '*.dcm' -R HOST PORT out/`` (only the
+``.dcm`` files, and only the contexts they need: the default list has no SEG).
 
 Seeds run from ``--seed`` to ``--seed + count - 1``; each seed is one fake
 patient (Patient ID ``PH<KIND><seed>``), so the output splits by patient.
@@ -49,6 +55,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="draw appearance per seed from the documented priors (domain randomisation, "
         "docs/phantoms.md); without it, the fixed default appearance",
     )
+    parser.add_argument(
+        "--send", metavar="HOST:PORT", help="then C-STORE every DICOM file written to it"
+    )
+    parser.add_argument("--aet", default="SYNTH", help="calling AE title for --send")
+    parser.add_argument("--aec", default="ANY-SCP", help="called AE title for --send")
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -91,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         size = DEFAULT_SIZE[args.kind]
     frames = args.frames or DEFAULT_FRAMES.get(args.kind)
     total = 0
+    dicom_files: list[Path] = []
     for seed in range(args.seed, args.seed + args.count):
         start = time.perf_counter()
         if args.kind == "dsa":
@@ -103,11 +115,52 @@ def _run(args: argparse.Namespace) -> int:
             phantom = rotational.generate(seed, size=size, randomise=randomise)
         files = phantom.write(args.output, encoding=args.encoding, seg=args.seg)
         total += len(files)
+        dicom_files += [f for f in files if f.suffix == ".dcm"]
         print(
             f"{args.kind} seed {seed}: {len(files)} files in {files[0].parent} ({time.perf_counter() - start:.1f} s)"
         )
     print(f"wrote {total} files for {args.count} run(s) to {args.output}")
+    if getattr(args, "send", None):
+        send(dicom_files, args.send, args.aet, args.aec)
     return 0
+
+
+def send(files: list[Path], address: str, aet: str, aec: str) -> None:
+    """C-STORE ``files`` over one association proposing their SOP classes and transfer
+    syntaxes (the SEG and SC classes too); PhantomError unless every file is stored."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.presentation import build_context
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PhantomError(f"--send {address!r}: expected HOST:PORT")
+    syntaxes: dict[str, set[str]] = {}
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        syntaxes.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+    ae = AE(ae_title=aet)
+    contexts = [
+        build_context(c, sorted(ts | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+        for c, ts in sorted(syntaxes.items())
+    ]
+    assoc = ae.associate(host, int(port), contexts=contexts, ae_title=aec)
+    if not assoc.is_established:
+        raise PhantomError(f"--send: no association with {aec}@{host}:{port}")
+    failed = []
+    try:
+        for f in files:
+            status = assoc.send_c_store(f)
+            code = int(status.Status) if status and "Status" in status else None
+            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                failed.append(f"{f}: {'no response' if code is None else f'0x{code:04X}'}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if failed:
+        raise PhantomError(f"--send: {len(failed)} of {len(files)} not stored: {failed[:3]}")
+    print(f"sent {len(files)} DICOM file(s) to {aec}@{host}:{port}")
 
 
 def add_command(sub: Any) -> None:

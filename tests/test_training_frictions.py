@@ -1,0 +1,81 @@
+"""Small frictions on the way from phantoms to a package the node uses: uploading the
+``synth`` output (``--send`` and the documented storescu line), ``[models]`` paths relative
+to the settings file, and a package for another pipeline refused when settings load."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.errors import ConfigError
+from dicom_node.settings import load_settings
+from tests.orthanc_fixture import missing_parts, start_orthanc
+
+ROOT = Path(__file__).resolve().parents[1]
+DSA_IA = ROOT / "models" / "dsa_ia-vss_net-quick"
+
+
+def test_models_paths_are_relative_to_the_settings_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(DSA_IA, tmp_path / "site" / "models" / "ia")
+    conf = tmp_path / "site" / "conf"
+    conf.mkdir()
+    (conf / "node.toml").write_text('[models]\ndsa_ia = "../models/ia"\n')
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    settings = load_settings(conf / "node.toml", environ={})
+    assert settings.models["dsa_ia"].resolve() == (tmp_path / "site" / "models" / "ia").resolve()
+    # Absolute paths stay as they are; keyword overrides stay relative to the caller.
+    (conf / "abs.toml").write_text(f'[models]\ndsa_ia = "{DSA_IA}"\n')
+    assert load_settings(conf / "abs.toml", environ={}).models["dsa_ia"] == DSA_IA
+
+
+def test_a_package_for_another_pipeline_is_refused_when_settings_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"models.dsa_av: .* package for the 'dsa_ia' pipeline"):
+        load_settings(None, environ={}, models={"dsa_av": str(DSA_IA)})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="models.dsa_ia: .* no readable package.json"):
+        load_settings(None, environ={}, models={"dsa_ia": str(tmp_path / "empty")})
+    assert load_settings(None, environ={}, models={"dsa_ia": str(DSA_IA)}).models
+
+
+@pytest.mark.orthanc
+def test_synth_output_uploads(tmp_path: Path) -> None:
+    missing = missing_parts(with_plugin=False)
+    if missing or shutil.which("storescu") is None:
+        pytest.skip("needs Orthanc and dcmtk: " + "; ".join(missing))
+    pacs = start_orthanc(tmp_path, with_plugin=False)
+    try:
+        synth = [sys.executable, "-m", "dicom_node.cli", "synth", "dsa", "--count", "2"]
+        synth += ["--size", "64", "--frames", "4", "--seg"]
+        out = subprocess.run(
+            [*synth, "--output", str(tmp_path / "a"), "--send", f"127.0.0.1:{pacs.dicom_port}",
+             "--aec", "ORTHANC"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "sent 6 DICOM file(s)" in out.stdout
+        assert len(pacs.get("/instances").json()) == 6  # runs, canvases, SEGs
+        modalities = {pacs.get(f"/series/{s}").json()["MainDicomTags"]["Modality"]
+                      for s in pacs.get("/series").json()}  # fmt: skip
+        assert modalities == {"XA", "OT", "SEG"}
+        # The documented dcmtk line on a synth folder (READMEs and .npz files beside them).
+        out = subprocess.run([*synth, "--seed", "10", "--output", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        store = subprocess.run(
+            ["storescu", "-aec", "ORTHANC", "+sd", "+r", "+sp", "*.dcm", "-R", "127.0.0.1",
+             str(pacs.dicom_port), str(tmp_path / "b")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert store.returncode == 0, store.stderr[-2000:]
+        assert len(pacs.get("/instances").json()) == 12
+        bad = subprocess.run([*synth, "--output", str(tmp_path / "c"), "--send", "nowhere"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+    finally:
+        pacs.stop()
