@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from training.dataset import load_dataset, manifest_hash
+from training.dataset import DatasetError, load_dataset, manifest_hash
 from training.phantom_dataset import PhantomSpec, build_phantom_dataset
 
 
@@ -234,7 +234,13 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
             print(message, file=sys.stderr, flush=True)
 
     if info.main:
-        build_phantom_dataset(data_dir, spec, name=f"{recipe.task}-family-a", progress=say)
+        try:
+            build_phantom_dataset(data_dir, spec, name=f"{recipe.task}-family-a", progress=say)
+        except DatasetError as exc:
+            raise DatasetError(
+                f"{exc}. For quick: the run in {work} was trained on the dataset there; train "
+                "another recipe, size or case count in a new --workdir"
+            ) from None
     if info.enabled:
         torch.distributed.barrier()
     manifest, cases = load_dataset(data_dir, verify=info.main)
