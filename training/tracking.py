@@ -220,10 +220,13 @@ def _start_mlflow(uri: str, experiment: str, workdir: Path, params: Mapping[str,
             "pip install mlflow (or mlflow-skinny), or unset MLFLOW_TRACKING_URI"
         ) from None
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
     id_file = workdir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else None
-    run = mlflow.start_run(run_id=run_id, run_name=workdir.name)
+    try:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=workdir.name)
+    except mlflow.exceptions.MlflowException as exc:  # a refusal of the tracking server
+        raise TrackingError(f"MLflow at {uri}: {exc}") from None
     if run_id is None:
         id_file.write_text(run.info.run_id + "\n")
         flat = {k: str(v)[:500] for k, v in flatten(params).items()}
