@@ -28,9 +28,12 @@ from pipelines.rotational import (
     AIR_HU,
     NAME,
     RotationalDLA,
+    body_mask,
     classical_tissues,
     classify_dense,
     classify_patches,
+    soft_tissue_level,
+    tubeness,
 )
 
 torch.set_num_threads(1)
@@ -38,11 +41,11 @@ SPACING = (0.8, 0.8, 0.8)
 
 
 def synthetic_head(
-    slices: int = 24, size: int = 56, seed: int = 0
+    slices: int = 24, size: int = 56, seed: int = 0, vessel_hu: float = 450.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A head-like volume: soft tissue in a 6 mm skull, a thinner bony floor at the base,
-    and contrast-filled tubes (a loop and a straight vessel) inside. Returns (HU, truth labels
-    with 0 vessel, 1 bone, 2 soft tissue / air)."""
+    """A head-like volume: soft tissue in a 6 mm skull (1300-1600 HU), a thinner bony floor
+    at the base, and contrast-filled tubes (a loop and a straight vessel) of ``vessel_hu``
+    inside. Returns (HU, truth labels with 0 vessel, 1 bone, 2 soft tissue / air)."""
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.indices((slices, size, size)).astype(np.float32) * SPACING[0]
     cz, cy, cx = slices * SPACING[0] * 0.7, size * SPACING[1] / 2, size * SPACING[2] / 2
@@ -58,7 +61,7 @@ def synthetic_head(
     loop &= np.abs(zz - cz) < 1.4
     trunk = (np.sqrt((yy - cy - ring) ** 2 + (xx - cx) ** 2) < 1.6) & (zz > 6.0) & (zz < cz + 1)
     vessel = (loop | trunk) & head & ~bone
-    hu = np.where(vessel, 450.0, hu) + rng.normal(0, 25.0, hu.shape)
+    hu = np.where(vessel, vessel_hu, hu) + rng.normal(0, 25.0, hu.shape)
     labels = np.full(hu.shape, CLASS_SOFT, np.uint8)
     labels[bone] = CLASS_BONE
     labels[vessel] = CLASS_VESSEL
@@ -132,6 +135,54 @@ def test_classical_separates_vessels_from_bone() -> None:
     labels = classical_tissues(hu, SPACING)
     assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
     assert dice(labels == CLASS_BONE, truth == CLASS_BONE) > 0.9
+
+
+@pytest.mark.parametrize("vessel_hu", [250.0, 800.0, 1450.0, 2500.0])
+def test_classical_holds_from_faint_iodine_to_iodine_brighter_than_bone(vessel_hu: float) -> None:
+    """No HU constant: the same path finds vessels fainter than the diploe, as dense as
+    the skull (1300-1600 HU) and brighter than it, by shape; bone stays bone."""
+    hu, truth = synthetic_head(vessel_hu=vessel_hu)
+    labels = classical_tissues(hu, SPACING)
+    assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
+    assert dice(labels == CLASS_BONE, truth == CLASS_BONE) > 0.9
+
+
+def test_soft_tissue_level_and_noise_come_from_the_histogram() -> None:
+    hu, _ = synthetic_head()
+    level, noise = soft_tissue_level(hu, body_mask(hu))
+    assert level == pytest.approx(40.0, abs=6.0)
+    assert noise == pytest.approx(25.0, rel=0.25)
+    shifted, _ = soft_tissue_level(hu + 60.0, body_mask(hu + 60.0))
+    assert shifted == pytest.approx(level + 60.0, abs=4.0)
+
+
+def test_tubeness_tells_tubes_from_plates_and_blobs() -> None:
+    zz, yy, xx = np.indices((40, 40, 40)).astype(np.float32)
+    tube = ((yy - 20) ** 2 + (xx - 20) ** 2 < 2.5**2).astype(np.float32)
+    plate = (np.abs(zz - 20) < 2.5).astype(np.float32)
+    blob = ((zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2 < 8**2).astype(np.float32)
+    centre = np.zeros(tube.shape, bool)
+    centre[20, 20, 20] = True
+    scores = {
+        name: float(tubeness(u, centre, 1.0, (1.0, 1.5, 2.5))[20, 20, 20])
+        for name, u in (("tube", tube), ("plate", plate), ("blob", blob))
+    }
+    assert scores["tube"] > 0.5 and scores["plate"] < 0.05 and scores["blob"] < 0.05, scores
+
+
+def test_bone_cut_by_the_reconstruction_circle_is_not_a_vessel() -> None:
+    """Truncation: outside the reconstruction circle every slice holds the padding value;
+    a skull cut there is a thin sliver at the circle, not a vessel."""
+    hu, truth = synthetic_head()
+    size = hu.shape[1]
+    yy, xx = np.mgrid[:size, :size]
+    outside = (yy - size / 2) ** 2 + (xx - size / 2 + 6) ** 2 > (0.45 * size) ** 2
+    hu[:, outside] = -1024.0
+    truth[:, outside] = CLASS_SOFT
+    labels = classical_tissues(hu, SPACING)
+    assert not labels[:, outside].any() or (labels[:, outside] == CLASS_SOFT).all()
+    assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
+    assert (labels[truth == CLASS_BONE] == CLASS_VESSEL).mean() < 0.01
 
 
 # --------------------------------------------------------------------------- pipeline
