@@ -232,3 +232,41 @@ def test_deterministic_uids(delivered):
     again = encode_result(result, run, ctx)
     assert [d.SOPInstanceUID for d in again] == [d.SOPInstanceUID for d in datasets]
     assert [d.SeriesInstanceUID for d in again] == [d.SeriesInstanceUID for d in datasets]
+
+
+@pytest.mark.parametrize("with_canvas", [True, False], ids=["canvas", "volume"])
+def test_sr_run_quality_group(tmp_path, with_canvas):
+    """Per-run quality measures (MeasurementsOutput.quality) are their own group, "Run
+    quality": over the whole canvas on a 2D run (TID 1410), not tied to an image region
+    without one (TID 1501); dciodvfy-clean either way, quality-only reports too."""
+    from dicom_node.encode.canvas import make_canvas
+    from dicom_node.encode.sr import QUALITY_TITLE, encode_measurements
+    from pipelines.base import AlgorithmInfo, Code, Measurement
+
+    header = xa_run(frames=4, rows=24, cols=20)
+    del header.PixelData
+    ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=NOW)
+    if with_canvas:
+        ctx.canvas = make_canvas(ctx, np.ones((24, 20), np.float32))
+    snr = Measurement(Code("C0000", "99TEST", "AIF peak SNR"), 42.0, Code("1", "UCUM", "no units"))
+    arrival = Measurement(Code("126371", "DCM", "Bolus Arrival Time"), 1.5, Code("s", "UCUM", "s"))
+    algorithm = AlgorithmInfo("dsa_perfusion", "1.0.0", "classical")
+    for measurements in ([arrival], []):
+        out = MeasurementsOutput("aif", "AIF", measurements, algorithm, quality=[snr])
+        (sr,) = encode_measurements(out, ctx)
+        path = tmp_path / f"sr-{len(measurements)}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+        report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(path)])
+        groups = (
+            report.get_planar_roi_measurement_groups()
+            if with_canvas
+            else report.get_image_measurement_groups()
+        )
+        titles = [g.tracking_identifier for g in groups]
+        assert titles == (["AIF"] if measurements else []) + [QUALITY_TITLE]
+        quality = groups[-1]
+        assert [m.value for m in quality.get_measurements()] == [42.0]
+        if with_canvas:  # the whole canvas, corner to corner
+            points = quality.roi.value
+            assert points.min(axis=0).tolist() == [0, 0] and points.max(axis=0).tolist() == [20, 24]

@@ -36,7 +36,7 @@ from dicom_node.encode.common import (
     coded,
     series_description,
 )
-from pipelines.base import AlgorithmInfo, Measurement, MeasurementsOutput, Output, Run
+from pipelines.base import AlgorithmInfo, Code, Measurement, MeasurementsOutput, Output, Run
 
 # SCT 77343006 "Angiography": the procedure the measurements come from.
 PROCEDURE = codes.SCT.Angiography
@@ -100,6 +100,7 @@ def _group(
     title: str,
     measurements: list[hd.sr.Measurement],
     region: np.ndarray | None,
+    site: Code | None,
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
@@ -107,7 +108,7 @@ def _group(
     tracking = hd.sr.TrackingIdentifier(
         uid=ctx.result_uid(out.key, "tracking", title), identifier=title[:64]
     )
-    sites = [hd.sr.FindingSite(coded(out.finding_site))] if out.finding_site else None
+    sites = [hd.sr.FindingSite(coded(site))] if site else None
     canvas = ctx.canvas
     if canvas is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -156,9 +157,9 @@ def encode_measurements(out: MeasurementsOutput, ctx: EncodeContext) -> list[Dat
         raise ValueError(f"measurements {out.key!r}: no finite value to report")
     groups = []
     if measurements:
-        groups.append(_group(ctx, out, out.title, measurements, out.region))
+        groups.append(_group(ctx, out, out.title, measurements, out.region, out.finding_site))
     if quality:
-        groups.append(_group(ctx, out, QUALITY_TITLE, quality, None))
+        groups.append(_group(ctx, out, QUALITY_TITLE, quality, None, None))  # the whole run
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
