@@ -232,3 +232,58 @@ def test_no_uid_names_two_contents_across_packages_and_settings(tmp_path: Path) 
     classical, first, second, first_again, new_weights = series
     assert first == first_again  # the idempotent re-run
     assert len({frozenset(s) for s in (classical, first, second, new_weights)}) == 4
+
+
+@pytest.mark.parametrize("pipeline", ["dsa_perfusion", "xa_coronary", "rotational_dla"])
+def test_every_superseding_object_kind_is_valid(tmp_path: Path, pipeline: str) -> None:
+    """Parametric Maps, the SR, per-frame SEGs, cine renderings and CT volumes that
+    supersede earlier ones: new UIDs, the note, and dciodvfy-clean."""
+    from pipelines.base import PipelineContext, get
+    from training.phantoms import coronary, dsa, rotational
+
+    if pipeline == "dsa_perfusion":
+        files = [
+            p for p in dsa.generate(21, size=96, frames=12).write(tmp_path) if p.name == "dsa.dcm"
+        ]
+    elif pipeline == "xa_coronary":
+        files = [
+            p
+            for p in coronary.generate(3, size=96, frames=10).write(tmp_path)
+            if p.suffix == ".dcm"
+        ][:1]
+    else:
+        folder = rotational.generate(4, size=48).write(tmp_path)[0].parent
+        files = sorted((folder / "rotational_ct").glob("*.dcm"))
+    loaded = load_run(files)
+    result = get(pipeline)(loaded.run, PipelineContext())
+    old = encode_result(result, loaded.run, EncodeContext(loaded.headers, pipeline, now=NOW))
+    prior = [PriorResult.from_header(d) for d in old]
+    ctx = EncodeContext(loaded.headers, pipeline, now=LATER, options={"changed": 1}, prior=prior)
+    new = encode_result(result, loaded.run, ctx)
+    old_uids = {str(d.SOPInstanceUID) for d in old}
+    kinds = set()
+    for ds, path in zip(new, _written(new, tmp_path / "new"), strict=True):
+        canvas = "canvas" in str(ds.SeriesDescription).lower() or ds.SeriesNumber in (9000, 9001)
+        assert (str(ds.SOPInstanceUID) in old_uids) == canvas, ds.SeriesDescription
+        if not canvas:
+            assert "(replaces 2024-05-06 07:08:09)" in ds.SeriesDescription
+            kinds.add(ds.SOPClassUID.name)
+        assert dciodvfy_errors(path) == [], (ds.SeriesDescription, path)
+    expected = {
+        "dsa_perfusion": {
+            "Parametric Map Storage",
+            "Comprehensive 3D SR Storage",
+            "Segmentation Storage",
+            "Secondary Capture Image Storage",
+        },
+        "xa_coronary": {
+            "Segmentation Storage",
+            "Multi-frame True Color Secondary Capture Image Storage",
+        },
+        "rotational_dla": {
+            "CT Image Storage",
+            "Segmentation Storage",
+            "Secondary Capture Image Storage",
+        },
+    }[pipeline]
+    assert kinds == expected, kinds
