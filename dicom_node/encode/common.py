@@ -246,14 +246,23 @@ class EncodeContext:
 
     def superseded(self, key: str, sop_class_uid: str) -> Superseded | None:
         """The latest earlier series of output ``key`` whose content differed (another
-        series UID for the same series number and SOP class), if any."""
+        series UID for the same series number and SOP class), if any.
+
+        When this very series was delivered before (a re-run, or a return to earlier
+        settings), only what preceded its first delivery counts: the objects then come
+        out exactly as they did, since a UID must never name two contents."""
         number, current = self.series_number(key), self.series_uid(key)
-        older = [
+        slot = [
             p
             for p in self.prior
-            if p.series_number == number
-            and p.sop_class_uid == str(sop_class_uid)
-            and p.series_uid != current
+            if p.series_number == number and p.sop_class_uid == str(sop_class_uid)
+        ]
+        delivered = [(p.series_date, p.series_time) for p in slot if p.series_uid == current]
+        older = [
+            p
+            for p in slot
+            if p.series_uid != current
+            and (not delivered or (p.series_date, p.series_time) < min(delivered))
         ]
         if not older:
             return None
@@ -380,7 +389,9 @@ def set_equipment(
     target.SeriesDescription = series_description(description, superseded)
     target.Modality = modality
     target.SeriesDate = now.strftime("%Y%m%d")
-    target.SeriesTime = now.strftime("%H%M%S")
+    # to the microsecond, as highdicom writes it: earlier versions of a result are
+    # ordered by it (EncodeContext.superseded)
+    target.SeriesTime = now.strftime("%H%M%S.%f")
     target.ContentDate = now.strftime("%Y%m%d")
     target.ContentTime = now.strftime("%H%M%S")
     target.InstanceCreationDate = now.strftime("%Y%m%d")
