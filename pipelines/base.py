@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipelines.quality import Quality
 
 Geometry = Literal["canvas", "frames", "volume"]
 
@@ -207,7 +210,9 @@ class MeasurementsOutput:
     # region, which viewers draw with the values); None: the whole canvas.
     region: np.ndarray | None = None
     # Measures of the run's quality (AIF SNR, coverage, ...), reported as their own
-    # measurement group "Run quality" over the whole canvas.
+    # measurement group "Run quality" over the whole canvas. A pipeline that judges
+    # its result sets ``PipelineResult.quality`` instead (or as well): its measures,
+    # verdict and reasons join this group.
     quality: Sequence[Measurement] = ()
 
 
@@ -218,9 +223,15 @@ Output = (
 
 @dataclass
 class PipelineResult:
+    """What a pipeline returns. ``quality`` (see ``pipelines.quality``): the measures a
+    reader needs to judge the outputs, the verdict (ok, low confidence, failed) and
+    its reasons; the node writes them into an SR, onto every rendering and into the
+    job record, and falls back to the classical path when a model's output fails."""
+
     outputs: list[Output] = field(default_factory=list)
     # Human-readable notes (flags, quality warnings) kept in the job record.
     notes: list[str] = field(default_factory=list)
+    quality: Quality | None = None
 
 
 @dataclass(frozen=True)
