@@ -439,10 +439,6 @@ def build_dataset(
     # Splits by a hash of the pseudonym; patients of the previous version (or of the
     # version being replaced with --force) keep theirs.
     carried = versions.carried_splits(previous or versions.existing(target))
-    by_pseudonym = patient_split(
-        pseudo_of.values(), options.test_fraction, options.val_fraction, options.seed, carried
-    )
-    split = {p: by_pseudonym[pseudo_of[p]] for p in pseudo_of}
     cases: list[dict[str, Any]] = []
     for key in sorted(runs):
         items = inv.runs[key]
@@ -495,7 +491,7 @@ def build_dataset(
         case = {
             "id": case_id,
             "patient": pseudo_patient,
-            "split": split[patient],
+            "split": "",  # below: over the patients that have a usable case
             "kind": ann.kind if ann else "unlabelled",
             "geometry": ann.geometry if ann else None,
             "roles": ann.roles if ann else [],
@@ -526,8 +522,20 @@ def build_dataset(
                 + [source.fetch(s) for s in inv.segs if ann and s.sop_instance_uid in ann.seg_uids],
                 pseudonyms,
             )
+    # Split over the patients that contribute a case: one whose runs were all set
+    # aside must not take the place a small dataset keeps for its val or test split.
+    by_pseudonym = patient_split(
+        {c["patient"] for c in cases},
+        options.test_fraction,
+        options.val_fraction,
+        options.seed,
+        carried,
+    )
+    for case in cases:
+        case["split"] = by_pseudonym[case["patient"]]
         progress(
-            f"case {case_id}: {case['kind']} {case['geometry'] or ''} {pixels.shape} -> {case['split']}"
+            f"case {case['id']}: {case['kind']} {case['geometry'] or ''} "
+            f"{tuple(case['shape'])} -> {case['split']}"
         )
     cases.sort(key=lambda c: c["id"])
     manifest = {
