@@ -379,6 +379,7 @@ class Site:
         worker_extra: str = "",
         worker_env: dict[str, str] | None = None,
         temporal_tls: bool = False,
+        shared_storage: bool = False,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -415,6 +416,7 @@ class Site:
         self.node_extra = node_extra
         self.worker_extra = worker_extra
         self.worker_env = worker_env
+        self.shared_storage = shared_storage  # the workers read and write the node's storage
         self.node = Proc(
             [PYTHON, "-m", "dicom_node.cli", "serve", "--config", str(root / "node.toml")],
             root / "node.log",
@@ -506,6 +508,7 @@ task_queue = "{self.task_queue}"
 url = "{self.api_url}"
 token_file = "{self.root / "worker.token"}"
 wait_s = 300
+{f'storage_dir = "{self.storage}"' if self.shared_storage else ""}
 """
 
     def _worker(self, index: int) -> Proc:

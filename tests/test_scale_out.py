@@ -430,3 +430,27 @@ def test_a_worker_fetches_again_when_a_transfer_breaks_off_or_the_node_is_away(
     assert [f.name for f in files] == ["000001.dcm"] and files[0].read_bytes() == payload
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["000001.dcm"]
     assert ("fetching the run",) in beats  # it heartbeat while it waited for the node
+
+
+@needs_temporal
+@pytest.mark.slow
+def test_a_worker_that_shares_the_storage_reads_and_writes_it_directly(tmp_path: Path) -> None:
+    site = Site(tmp_path / "site", workers=1, isolate=False, shared_storage=True)
+    try:
+        site.start()
+        assert site.send([xa_run(frames=10, rows=96, cols=96, seed=9)])
+        wait_for(
+            lambda: len(site.rows("SELECT 1 FROM jobs")) == 2 and site.settled(),
+            180,
+            interval=0.5,
+            what="the run to finish",
+        )
+        jobs = site.rows("SELECT * FROM jobs")
+        assert all(j["state"] == "done" and j["worker"] == "worker-0" for j in jobs)
+        sent = {r["sop_instance_uid"] for r in site.rows("SELECT * FROM outbox")}
+        assert sent and site.received() == dict.fromkeys(sent, 1)
+        audit = (site.storage / "audit" / "audit.jsonl").read_text()
+        assert '"instances-retrieved"' not in audit and '"results-received"' not in audit
+        assert all(json.loads(j["timings"])["fetching"] < 1 for j in jobs)
+    finally:
+        site.stop()
