@@ -500,6 +500,53 @@ def tables(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
+DOC = ROOT / "docs" / "generalization.md"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- BEGIN headline -->", "<!-- END headline -->"
+
+
+def headline(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Markdown: per pipeline and method its headline metric on family B (mean ± SD
+    [95 % CI]), the paired difference from the classical path there, and the held-out
+    family A figures beside it (not the headline)."""
+    lines = [
+        "| pipeline | metric | method | family B | Δ vs classical, family B | family A held-out "
+        "| family A randomised held-out |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pipeline in PIPELINES:
+        primary = PRIMARY[pipeline]
+        methods = sorted(
+            {r["method"] for r in rows if r["pipeline"] == pipeline},
+            key=lambda m: (m != "classical", m),
+        )
+        for method in methods:
+            cells = []
+            for family in ("B", "A", "Ar"):
+                s = _find(summary, pipeline, family, method, primary)
+                cells.append(_cell(s, runs=s["runs"]) if s else "n/a")
+            b = _find(summary, pipeline, "B", method, primary)
+            delta = "-" if method == "classical" or b is None else _cell(b.get("vs_classical"))
+            fails = f" ({b['failures']} refused)" if b and b["failures"] else ""
+            better = "lower" if primary in LOWER_IS_BETTER else "higher"
+            lines.append(
+                f"| `{pipeline}` | `{primary}` ({better} is better) | {method} | "
+                f"{cells[0]}{fails} | {delta} | {cells[1]} | {cells[2]} |"
+            )
+    return "\n".join(lines)
+
+
+def write_headline(body: str, doc: Path = DOC) -> bool:
+    """Replace the headline block of ``doc`` (between its markers); False if it has none."""
+    if not doc.exists():
+        return False
+    text = doc.read_text()
+    start, end = text.find(HEADLINE_BEGIN), text.find(HEADLINE_END)
+    if start < 0 or end < start:
+        return False
+    doc.write_text(text[: start + len(HEADLINE_BEGIN)] + "\n" + body.rstrip() + "\n" + text[end:])
+    return True
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -664,6 +711,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import write_section
 
         write_section(SECTION, "Generalization: held-out family A and family B", body + NOTES)
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        write_headline(
+            f"_Measured {stamp} on {machine()} (commit {git_rev()}) by `python -m "
+            f"bench.generalization`; the full tables are in BENCHMARKS.md._\n\n"
+            + describe(cfg, rows, seconds)
+            + "\n\n"
+            + headline(summary, rows)
+        )
     return 0
 
 
