@@ -1,0 +1,322 @@
+"""Where the AIF comes from when the border rule cannot say: the ICA rules in order.
+
+The classical rule (``ica.classical_ica``) takes the earliest, widest dense
+vessel that enters from the image border. It finds nothing when the contrast
+starts inside the image (the catheter tip of a selective injection in view), in
+oblique views whose skull base hides the entry, and in collimated fields whose
+blades cut the vessel short of the band. Instead of failing, the rules are
+tried in order, and the first whose AIF passes the checks is used:
+
+1. ``border``: the classical rule (or the package first, with ``ica=model``,
+   or ``ica=auto`` when a package is configured);
+2. ``earliest``: the earliest-arriving large arterial structure anywhere in the
+   field: dense components at least ``min_diameter_mm`` wide, the earliest
+   (10th percentile of their arrival times) within ``early_margin_s`` of the
+   first, the widest of those; its wide, early trunk is the mask;
+3. ``model``: the ICA U-Net of the configured package (skipped when none is
+   configured or it already ran);
+4. ``site``: a site rule from the settings, per protocol (a regular
+   expression on the Series Description): a region of interest or a seed, in
+   fractions of the image height and width (so one rule fits every matrix);
+   the earliest dense vessel inside it (a seed: within ``seed_radius`` of it).
+
+Only when every rule fails is the run refused, with each rule's reason. The
+rule that found the ICA is in the result (notes, AIF region, AIF plot).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from pipelines.base import PipelineError
+from pipelines.perfusion.ica import IcaResult, IcaSettings, largest_component
+
+# What each rule is called in the result.
+T = TypeVar("T")
+
+RULE_NAMES = {
+    "border": "vessel entering from the border",
+    "model": "ICA model package",
+    "earliest": "earliest-arriving large artery",
+    "site": "site rule",
+}
+
+
+@dataclass(frozen=True)
+class SiteRule:
+    """A site's ICA location for one protocol: ``roi`` (top, left, bottom, right) or
+    ``seed`` (row, column), in fractions of the image height and width."""
+
+    protocol: str  # regular expression searched in the Series Description
+    roi: tuple[float, float, float, float] | None = None
+    seed: tuple[float, float] | None = None
+    seed_radius: float = 0.06  # fraction of the shorter image side
+
+    def matches(self, series_description: str) -> bool:
+        return re.search(self.protocol, series_description, re.IGNORECASE) is not None
+
+    def region(self, shape: tuple[int, int]) -> np.ndarray:
+        rows, cols = shape
+        out = np.zeros(shape, bool)
+        if self.roi is not None:
+            top, left, bottom, right = self.roi
+            r0, r1 = int(np.floor(top * rows)), int(np.ceil(bottom * rows))
+            c0, c1 = int(np.floor(left * cols)), int(np.ceil(right * cols))
+            out[r0:r1, c0:c1] = True
+        elif self.seed is not None:
+            rr, cc = np.ogrid[:rows, :cols]
+            radius = self.seed_radius * min(rows, cols)
+            out = np.hypot(rr - self.seed[0] * rows, cc - self.seed[1] * cols) <= radius
+        return out
+
+
+def _fractions(value: Any, count: int, key: str) -> tuple[float, ...]:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{key} must be {count} numbers, got {value!r}") from None
+    if len(numbers) != count or not all(0.0 <= v <= 1.0 for v in numbers):
+        raise PipelineError(f"{key} must be {count} fractions of the image (0 to 1), got {value!r}")
+    return numbers
+
+
+def parse_site_rules(value: Any) -> tuple[SiteRule, ...]:
+    """The ``ica_site_rules`` option: a list of tables ``{protocol = "regex", roi =
+    [top, left, bottom, right]}`` or ``{protocol = "regex", seed = [row, col]}``."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping) or not isinstance(value, Sequence) or isinstance(value, str):
+        raise PipelineError("option ica_site_rules must be a list of tables")
+    rules = []
+    for i, item in enumerate(value):
+        key = f"ica_site_rules[{i}]"
+        if not isinstance(item, Mapping):
+            raise PipelineError(f"{key} must be a table with protocol and roi or seed")
+        unknown = sorted(set(item) - {"protocol", "roi", "seed", "seed_radius"})
+        if unknown:
+            raise PipelineError(
+                f"{key}: unknown key(s) {', '.join(unknown)}; allowed: protocol, roi, seed, "
+                "seed_radius"
+            )
+        protocol = str(item.get("protocol", ".*"))
+        try:
+            re.compile(protocol)
+        except re.error as exc:
+            raise PipelineError(f"{key}.protocol {protocol!r} is not a regex: {exc}") from None
+        if ("roi" in item) == ("seed" in item):
+            raise PipelineError(f"{key} needs exactly one of roi or seed")
+        roi = seed = None
+        if "roi" in item:
+            top, left, bottom, right = _fractions(item["roi"], 4, f"{key}.roi")
+            if bottom <= top or right <= left:
+                raise PipelineError(f"{key}.roi must be [top, left, bottom, right], top < bottom")
+            roi = (top, left, bottom, right)
+        else:
+            row, col = _fractions(item["seed"], 2, f"{key}.seed")
+            seed = (row, col)
+        radius = _fractions([item.get("seed_radius", 0.06)], 1, f"{key}.seed_radius")[0]
+        rules.append(SiteRule(protocol, roi, seed, radius))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class ArterySettings:
+    """The earliest-arriving large artery (rule ``earliest``)."""
+
+    min_diameter_mm: float = 2.5
+    min_diameter_px: float = 4.0  # when the pixel spacing is unknown
+    min_area_px: int = 30
+    # ... and at least this share of the largest dense component (a trunk, not a twig).
+    min_area_share: float = 0.05
+    early_margin_s: float = 0.75
+    # A first pass comes back down: pixels still at this fraction of their peak at
+    # the end of the run (misregistered bone edges, drift, a catheter) are not it.
+    max_final_fraction: float = 0.7
+
+
+def dense_vessels(
+    opacity: np.ndarray, sigma: float, field: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dense-vessel mask of ``classical_ica`` (Otsu on the smoothed peak opacity,
+    at least 10 noise SD) and the smoothed opacity."""
+    smooth = ndimage.gaussian_filter(opacity, 1.0)
+    if field is not None:
+        smooth = np.where(field, smooth, 0.0)
+    candidates = smooth[smooth > 5 * sigma]
+    if candidates.size < 16:
+        raise PipelineError("no opacified vessels in the field")
+    level = max(float(threshold_otsu(candidates)), 10 * sigma)
+    return smooth >= level, smooth
+
+
+def _trunk(component: np.ndarray, arrival_s: np.ndarray, early: float, margin: float):
+    """The wide, early part of a vessel component: pixels at least half its widest
+    radius from its edge (grown back), arriving within ``margin`` of ``early``."""
+    radius = ndimage.distance_transform_edt(component)
+    widest = float(radius.max())
+    core = radius >= max(1.0, 0.5 * widest)
+    grow = max(1, int(round(0.5 * widest)))
+    trunk = ndimage.binary_dilation(core, iterations=grow) & component
+    trunk &= arrival_s <= early + margin
+    if not trunk.any():
+        trunk = component
+    return trunk, 2 * widest
+
+
+def earliest_artery(
+    opacity: np.ndarray,
+    arrival_s: np.ndarray,
+    sigma: float,
+    spacing_mm: tuple[float, float] | None = None,
+    settings: ArterySettings | None = None,
+    ica: IcaSettings | None = None,
+    region: np.ndarray | None = None,
+    final: np.ndarray | None = None,
+    min_arrival_s: float = 0.0,
+) -> IcaResult:
+    """The earliest-arriving large arterial structure within ``region`` (the field,
+    or a site ROI): see the module docstring, rule ``earliest``. ``final``: the
+    opacity at the end of the run; pixels that never wash out are left out, as
+    are pixels that arrive by ``min_arrival_s`` (the second acquired frame: no
+    baseline before them, so what "arrives" there is misregistration, not a bolus)."""
+    settings = settings or ArterySettings()
+    ica = ica or IcaSettings()
+    passing = opacity
+    if final is not None:
+        washed = ndimage.gaussian_filter(final, 1.0) < settings.max_final_fraction * opacity
+        passing = np.where(washed, opacity, 0.0)
+    passing = np.where(arrival_s > min_arrival_s, passing, 0.0)
+    vessels, _ = dense_vessels(passing, sigma, region)
+    if region is not None:
+        vessels &= region
+    labels, count = ndimage.label(vessels, structure=np.ones((3, 3)))
+    if count == 0:
+        raise PipelineError("no dense vessel in the field")
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    radius = ndimage.distance_transform_edt(vessels)
+    widths = 2 * np.asarray(ndimage.maximum(radius, labels, index), float)
+    if spacing_mm is not None and min(spacing_mm) > 0:
+        min_width = settings.min_diameter_mm / float(np.mean(spacing_mm))
+        wide_text = f"{settings.min_diameter_mm:g} mm"
+    else:
+        min_width, wide_text = settings.min_diameter_px, f"{settings.min_diameter_px:g} px"
+    large = (
+        (widths >= min_width)
+        & (sizes >= settings.min_area_px)
+        & (sizes >= settings.min_area_share * sizes.max())
+    )
+    if not large.any():
+        raise PipelineError(f"no dense vessel is {wide_text} wide (widest {widths.max():.1f} px)")
+    early = np.array(
+        [np.percentile(arrival_s[labels == k], 10) if large[k - 1] else np.inf for k in index]
+    )
+    in_time = early <= early.min() + settings.early_margin_s
+    choice = int(np.argmax(np.where(in_time, widths, -np.inf)))
+    component = labels == choice + 1
+    trunk, width = _trunk(component, arrival_s, float(early[choice]), settings.early_margin_s)
+    if ica.keep_largest:
+        mask, components = largest_component(trunk)
+    else:
+        mask, components = trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])
+    return IcaResult(mask=mask, method="earliest", entry_width_px=width, components=components)
+
+
+def site_ica(
+    rules: Sequence[SiteRule],
+    series_description: str,
+    opacity: np.ndarray,
+    arrival_s: np.ndarray,
+    sigma: float,
+    spacing_mm: tuple[float, float] | None = None,
+    ica: IcaSettings | None = None,
+    field: np.ndarray | None = None,
+    final: np.ndarray | None = None,
+    min_arrival_s: float = 0.0,
+) -> IcaResult:
+    """The ICA from the first site rule whose protocol matches the run: the earliest
+    dense vessel inside its ROI (or around its seed), any width."""
+    rule = next((r for r in rules if r.matches(series_description)), None)
+    if rule is None:
+        if not rules:
+            raise PipelineError("no site rule is configured (option ica_site_rules)")
+        raise PipelineError(
+            f"no site rule matches the protocol {series_description!r} "
+            f"(rules for {', '.join(repr(r.protocol) for r in rules)})"
+        )
+    region = rule.region(opacity.shape)
+    if field is not None:
+        region &= field
+    if not region.any():
+        raise PipelineError(f"the site rule for {rule.protocol!r} lies outside the exposed field")
+    loose = ArterySettings(
+        min_diameter_mm=0.0, min_diameter_px=0.0, min_area_px=4, min_area_share=0.0
+    )
+    try:
+        result = earliest_artery(
+            opacity, arrival_s, sigma, spacing_mm, loose, ica, region, final, min_arrival_s
+        )
+    except PipelineError as exc:
+        raise PipelineError(f"site rule for {rule.protocol!r}: {exc}") from None
+    return IcaResult(
+        mask=result.mask,
+        method="site",
+        entry_width_px=result.entry_width_px,
+        components=result.components,
+    )
+
+
+def rule_order(mode: str, has_package: bool) -> list[str]:
+    """The rules to try for ``ica`` = auto, classical or model (see the module docstring)."""
+    if mode == "classical":
+        return ["border", "earliest", "site"]
+    if mode == "model" or has_package:
+        return ["model", "border", "earliest", "site"]
+    return ["border", "earliest", "model", "site"]
+
+
+@dataclass(frozen=True)
+class Located:
+    """The ICA a rule found, and why the rules before it did not serve."""
+
+    rule: str
+    ica: IcaResult
+    passed_over: tuple[str, ...]  # "rule: reason" of the rules tried before
+
+    @property
+    def describe(self) -> str:
+        text = f"ICA by the {RULE_NAMES[self.rule]} rule"
+        if self.passed_over:
+            text += " (" + "; ".join(self.passed_over) + ")"
+        return text
+
+
+def locate(
+    order: Sequence[str],
+    attempts: Mapping[str, Callable[[], IcaResult] | None],
+    accept: Callable[[IcaResult], T],
+) -> tuple[Located, T]:
+    """Try the rules of ``order`` until one gives an ICA that ``accept`` (the
+    baseline and AIF checks) takes; a rule whose attempt is None is not
+    configured. Every failure is kept for the result, or for the refusal."""
+    reasons: list[str] = []
+    for rule in order:
+        attempt = attempts.get(rule)
+        if attempt is None:
+            reasons.append(f"{RULE_NAMES[rule]}: not configured")
+            continue
+        try:
+            ica = attempt()
+            accepted = accept(ica)
+        except PipelineError as exc:
+            reasons.append(f"{RULE_NAMES[rule]}: {exc}")
+            continue
+        return Located(rule, ica, tuple(reasons)), accepted
+    raise PipelineError("no ICA rule gave a usable AIF: " + "; ".join(reasons))
