@@ -193,7 +193,9 @@ def test_job_failure_retries_then_fails_with_reason(make_node, tmp_path) -> None
 
     node.workers = Workers(node.db, node.settings.workers, node.results_dir, "cpu", {})
     node.workers.start()
-    job = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 30)[0]
+    # 120 s: a worker process (forkserver, pipelines preloaded) starts first.
+    failed = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 120)
+    job = failed[0]
     assert job["attempts"] == 1 and "cannot read" in job["error"]
     assert node.status()["failed_jobs"][0]["error"] == job["error"]  # type: ignore[index]
 

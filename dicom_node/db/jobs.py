@@ -1,0 +1,321 @@
+"""Jobs: claims with leases, attempts, outcomes with their deliveries; jobs run by an external engine."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+
+from dicom_node.db.core import Core
+from dicom_node.db.records import (
+    DeliveryState,
+    DispatchJob,
+    Job,
+    JobState,
+    ResultFile,
+    lost_reason,
+    now,
+)
+
+
+class Jobs(Core):
+    """Jobs: the job state machine, for the embedded and the Temporal engine."""
+
+    def claim_job(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
+        """Take the oldest due job (or one whose lease expired) and count an attempt.
+
+        A job whose lease expired after its last allowed attempt fails here
+        instead of being run again: whatever killed its worker would again.
+        """
+        t = now()
+        with self._tx() as con:
+            while True:
+                row = con.execute(
+                    "SELECT * FROM jobs WHERE (state=? AND not_before <= ?) "
+                    "OR (state=? AND lease_until < ?) ORDER BY id LIMIT 1",
+                    (JobState.QUEUED, t, JobState.RUNNING, t),
+                ).fetchone()
+                if row is None:
+                    return None
+                if row["state"] == JobState.RUNNING and row["attempts"] >= max_attempts:
+                    self._fail(con, row["id"], lost_reason(row["attempts"], row["error"]), t)
+                    continue
+                con.execute(
+                    "UPDATE jobs SET state=?, lease_until=?, worker=?, attempts=attempts+1, "
+                    "updated_at=? WHERE id=?",
+                    (JobState.RUNNING, t + lease_s, worker, t, row["id"]),
+                )
+                return Job(
+                    row["id"],
+                    row["run_id"],
+                    row["pipeline"],
+                    json.loads(row["destinations"]),
+                    bool(row["resend"]),
+                    row["attempts"] + 1,
+                    worker,
+                )
+
+    def renew_lease(self, job: Job, lease_s: float) -> bool:
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET lease_until=? WHERE id=? AND state=? AND worker=?",
+                (now() + lease_s, job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    def recover_jobs(self, current_worker_prefix: str, max_attempts: int) -> tuple[int, int]:
+        """At start: jobs a previous process left running go back to the queue, or
+        fail when they already had every attempt. Returns (re-queued, failed)."""
+        t = now()
+        requeued = failed = 0
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT id, attempts, error FROM jobs WHERE state=? AND dispatched_at IS NULL "
+                "AND (worker IS NULL OR worker NOT LIKE ?)",
+                (JobState.RUNNING, f"{current_worker_prefix}%"),
+            ).fetchall()
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    self._fail(con, r["id"], lost_reason(r["attempts"], r["error"]), t)
+                    failed += 1
+                else:
+                    con.execute(
+                        "UPDATE jobs SET state=?, lease_until=NULL, worker=NULL, not_before=?, "
+                        "error=?, updated_at=? WHERE id=?",
+                        (
+                            JobState.QUEUED,
+                            t,
+                            "the node stopped while this job was running",
+                            t,
+                            r["id"],
+                        ),
+                    )
+                    requeued += 1
+        return requeued, failed
+
+    def finish_job(self, job: Job, results: Sequence[ResultFile], notes: Sequence[str]) -> bool:
+        """running -> done, and a delivery per result and destination, in one transaction.
+
+        False when the job is no longer this worker's (its lease expired and
+        another worker took it): nothing is recorded then.
+        """
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, error=NULL, notes=?, updated_at=? "
+                "WHERE id=? AND state=? AND worker=?",
+                (JobState.DONE, json.dumps(list(notes)), t, job.id, JobState.RUNNING, job.worker),
+            )
+            if cur.rowcount != 1:
+                return False
+            for res in results:
+                for dest in job.destinations:
+                    self._queue_delivery(con, job, dest, res, t)
+            return True
+
+    def _queue_delivery(
+        self, con: sqlite3.Connection, job: Job, dest: str, res: ResultFile, t: float
+    ) -> None:
+        row = con.execute(
+            "SELECT id, state FROM outbox WHERE destination=? AND sop_instance_uid=?",
+            (dest, res.sop_instance_uid),
+        ).fetchone()
+        if row is None:
+            con.execute(
+                "INSERT INTO outbox (job_id, destination, sop_instance_uid, sop_class_uid,"
+                " series_uid, path, state, not_before, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    job.id,
+                    dest,
+                    res.sop_instance_uid,
+                    res.sop_class_uid,
+                    res.series_uid,
+                    str(res.path),
+                    DeliveryState.PENDING,
+                    t,
+                    t,
+                ),
+            )
+        elif job.resend or row["state"] == DeliveryState.FAILED:
+            con.execute(
+                "UPDATE outbox SET job_id=?, path=?, state=?, attempts=0, not_before=?, "
+                "error=NULL WHERE id=?",
+                (job.id, str(res.path), DeliveryState.PENDING, t, row["id"]),
+            )
+        elif row["state"] == DeliveryState.PENDING:
+            # same UID, same content: deliver the newest copy of the file
+            con.execute(
+                "UPDATE outbox SET job_id=?, path=? WHERE id=?", (job.id, str(res.path), row["id"])
+            )
+
+    def retry_job(self, job: Job, reason: str, delay_s: float) -> bool:
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, error=?, not_before=?, updated_at=? "
+                "WHERE id=? AND state=? AND worker=?",
+                (JobState.QUEUED, reason, t + delay_s, t, job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    def fail_job(self, job: Job, reason: str) -> bool:
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, error=?, updated_at=? "
+                "WHERE id=? AND state=? AND worker=?",
+                (JobState.FAILED, reason, now(), job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    def release_job(self, job: Job) -> bool:
+        """running -> queued without counting the attempt (the node is stopping)."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, lease_until=NULL, worker=NULL, attempts=attempts-1, "
+                "not_before=?, updated_at=? WHERE id=? AND state=? AND worker=?",
+                (JobState.QUEUED, t, t, job.id, JobState.RUNNING, job.worker),
+            )
+            return cur.rowcount == 1
+
+    @staticmethod
+    def _fail(con: sqlite3.Connection, job_id: int, reason: str, t: float) -> None:
+        con.execute(
+            "UPDATE jobs SET state=?, lease_until=NULL, error=?, updated_at=? WHERE id=?",
+            (JobState.FAILED, reason, t, job_id),
+        )
+
+    def retry_failed_job(self, job_id: int) -> bool:
+        """failed -> queued, attempts counted afresh (an operator's retry); False otherwise."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, attempts=0, not_before=?, lease_until=NULL, worker=NULL, "
+                "error=?, updated_at=?, generation=generation+1, dispatched_at=NULL "
+                "WHERE id=? AND state=?",
+                (JobState.QUEUED, t, "retried by an operator", t, job_id, JobState.FAILED),
+            )
+            return cur.rowcount == 1
+
+    # -- jobs run by an external engine (Temporal) ------------------------------
+    def jobs_to_dispatch(self, limit: int) -> list[DispatchJob]:
+        """Queued jobs whose workflow has not been started, oldest first."""
+        rows = self.query(
+            "SELECT id, run_id, pipeline, generation FROM jobs WHERE state=? AND "
+            "dispatched_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
+            (JobState.QUEUED, now(), limit),
+        )
+        return [DispatchJob(r["id"], r["run_id"], r["pipeline"], r["generation"]) for r in rows]
+
+    def mark_dispatched(self, job_id: int, generation: int) -> bool:
+        """Its workflow exists (started now, or by a process that died before this)."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET dispatched_at=?, updated_at=? WHERE id=? AND generation=? "
+                "AND dispatched_at IS NULL AND state IN (?,?)",
+                (now(), now(), job_id, generation, JobState.QUEUED, JobState.RUNNING),
+            )
+            return cur.rowcount == 1
+
+    def dispatched_job_started(
+        self, job_id: int, generation: int, attempt: int, worker: str
+    ) -> bool:
+        """queued | running -> running: a worker took attempt ``attempt`` of this workflow."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts, ?), worker=?, lease_until=NULL, "
+                "dispatched_at=COALESCE(dispatched_at, ?), updated_at=? "
+                "WHERE id=? AND generation=? AND state IN (?,?)",
+                (JobState.RUNNING, attempt, worker, t, t, job_id, generation)
+                + (JobState.QUEUED, JobState.RUNNING),
+            )
+            return cur.rowcount == 1
+
+    def dispatched_job_open(self, job_id: int, generation: int) -> bool:
+        """Whether results for this workflow of the job are still expected."""
+        return bool(
+            self.query(
+                "SELECT 1 FROM jobs WHERE id=? AND generation=? AND state IN (?,?)",
+                (job_id, generation, JobState.QUEUED, JobState.RUNNING),
+            )
+        )
+
+    def finish_dispatched_job(
+        self,
+        job_id: int,
+        generation: int,
+        attempt: int,
+        worker: str,
+        results: Sequence[ResultFile],
+        notes: Sequence[str],
+    ) -> bool:
+        """queued | running -> done with its deliveries, in one transaction. True also when
+        this workflow already recorded it (a retried record); False when it was superseded."""
+        t = now()
+        with self._tx() as con:
+            row = con.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["generation"] != generation:
+                return False
+            if row["state"] not in (JobState.QUEUED, JobState.RUNNING):
+                return bool(row["state"] == JobState.DONE)
+            con.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts, ?), worker=?, lease_until=NULL, "
+                "dispatched_at=COALESCE(dispatched_at, ?), error=NULL, notes=?, updated_at=? "
+                "WHERE id=?",
+                (JobState.DONE, attempt, worker, t, json.dumps(list(notes)), t, job_id),
+            )
+            job = Job(
+                job_id,
+                row["run_id"],
+                row["pipeline"],
+                json.loads(row["destinations"]),
+                bool(row["resend"]),
+                max(row["attempts"], attempt),
+                worker,
+            )
+            for res in results:
+                for dest in job.destinations:
+                    self._queue_delivery(con, job, dest, res, t)
+            return True
+
+    def fail_dispatched_job(self, job_id: int, generation: int, attempts: int, reason: str) -> bool:
+        """queued | running -> failed; True also when this workflow already recorded it."""
+        with self._tx() as con:
+            row = con.execute("SELECT state, generation FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["generation"] != generation:
+                return False
+            if row["state"] not in (JobState.QUEUED, JobState.RUNNING):
+                return bool(row["state"] == JobState.FAILED)
+            con.execute(
+                "UPDATE jobs SET state=?, attempts=MAX(attempts, ?), lease_until=NULL, error=?, "
+                "updated_at=? WHERE id=?",
+                (JobState.FAILED, attempts, reason, now(), job_id),
+            )
+            return True
+
+    def take_back_dispatched(self) -> int:
+        """Jobs handed to Temporal and not settled come back to this node's own queue
+        (the node went back to the embedded engine); their workflows can no longer record."""
+        t = now()
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE jobs SET state=?, generation=generation+1, dispatched_at=NULL, worker=NULL,"
+                " lease_until=NULL, not_before=?, updated_at=? "
+                "WHERE dispatched_at IS NOT NULL AND state IN (?,?)",
+                (JobState.QUEUED, t, t, JobState.QUEUED, JobState.RUNNING),
+            )
+            return cur.rowcount
+
+    def record_timings(self, job_id: int, timings: dict[str, float]) -> None:
+        """Seconds per stage of a job's last attempt (decode, compute, encode, write)."""
+        with self._tx() as con:
+            con.execute("UPDATE jobs SET timings=? WHERE id=?", (json.dumps(timings), job_id))
+
+    def unsettled_jobs(self) -> int:
+        return int(
+            self.query(
+                "SELECT COUNT(*) n FROM jobs WHERE state IN (?,?)",
+                (JobState.QUEUED, JobState.RUNNING),
+            )[0]["n"]
+        )

@@ -1,0 +1,125 @@
+"""States, records and small helpers shared by the index's parts."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class RunState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"
+    UNROUTED = "unrouted"  # no rule matched: stored, reported, nothing to do
+    UNROUTABLE = "unroutable"  # its header could not be read for routing
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+SETTLED_RUN_STATES = (RunState.ROUTED, RunState.UNROUTED, RunState.UNROUTABLE)
+
+
+class StateError(Exception):
+    """A transition from a state it does not leave (a bug, never input)."""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    run_id: str
+    path: Path
+    size: int
+    transfer_syntax: str
+    frames: int
+    calling_aet: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What indexing one instance did to its run."""
+
+    run_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    run_id: str
+    pipeline: str
+    destinations: list[str]
+    resend: bool
+    attempts: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class DispatchJob:
+    """A queued job to hand to an external engine (one Temporal workflow per generation)."""
+
+    id: int
+    run_id: str
+    pipeline: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One object a job wrote, to be delivered."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    destination: str
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    attempts: int
+
+
+def now() -> float:
+    return time.time()
+
+
+def instance_record(r: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(
+        r["sop_instance_uid"],
+        r["sop_class_uid"],
+        r["series_uid"],
+        r["study_uid"],
+        r["run_id"],
+        Path(r["path"]),
+        r["size"],
+        r["transfer_syntax"],
+        r["frames"],
+        r["calling_aet"],
+    )
+
+
+def lost_reason(attempts: int, last_error: str | None) -> str:
+    why = f"worker lost {attempts} time(s) while running this job (node killed or restarted)"
+    return f"{why}; last error: {last_error}" if last_error else why

@@ -1,0 +1,168 @@
+"""Read-only reports: status, metrics, recent runs, jobs, earlier results."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dicom_node.db.core import Core
+from dicom_node.db.records import (
+    DeliveryState,
+    JobState,
+    RunState,
+    now,
+)
+
+
+class Reports(Core):
+    """Reports for operators (read only)."""
+
+    def status_summary(self) -> dict[str, Any]:
+        def counts(table: str) -> dict[str, int]:
+            return {
+                r["state"]: r["n"]
+                for r in self.query(f"SELECT state, COUNT(*) n FROM {table} GROUP BY state")
+            }
+
+        failures = [
+            dict(r)
+            for r in self.query(
+                "SELECT id, run_id, pipeline, error, updated_at FROM jobs WHERE state=? "
+                "ORDER BY id DESC LIMIT 20",
+                (JobState.FAILED,),
+            )
+        ]
+        backlog = [
+            dict(r)
+            for r in self.query(
+                "SELECT destination, COUNT(*) n, MAX(attempts) attempts, MAX(error) error "
+                "FROM outbox WHERE state=? GROUP BY destination",
+                (DeliveryState.PENDING,),
+            )
+        ]
+        unrouted = [
+            dict(r)
+            for r in self.query(
+                "SELECT run_id, series_uid, state, reason FROM runs WHERE state IN (?,?) "
+                "ORDER BY last_at DESC LIMIT 20",
+                (RunState.UNROUTED, RunState.UNROUTABLE),
+            )
+        ]
+        return {
+            "instances": self.query("SELECT COUNT(*) n FROM instances")[0]["n"],
+            "runs": counts("runs"),
+            "jobs": counts("jobs"),
+            "outbox": counts("outbox"),
+            "failed_jobs": failures,
+            "outbox_backlog": backlog,
+            "unrouted_runs": unrouted,
+        }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counts for the Prometheus gauges: runs by state, jobs by pipeline and state,
+        jobs due now, deliveries by destination and state."""
+        t = now()
+        return {
+            "runs": {
+                r["state"]: r["n"]
+                for r in self.query("SELECT state, COUNT(*) n FROM runs GROUP BY state")
+            },
+            "jobs": [
+                (r["pipeline"], r["state"], r["n"])
+                for r in self.query(
+                    "SELECT pipeline, state, COUNT(*) n FROM jobs GROUP BY pipeline, state"
+                )
+            ],
+            "queue_depth": self.query(
+                "SELECT COUNT(*) n FROM jobs WHERE state=? AND not_before <= ?",
+                (JobState.QUEUED, t),
+            )[0]["n"],
+            "outbox": [
+                (r["destination"], r["state"], r["n"])
+                for r in self.query(
+                    "SELECT destination, state, COUNT(*) n FROM outbox GROUP BY destination, state"
+                )
+            ],
+        }
+
+    def recent_runs(self, since: float, limit: int = 200) -> list[dict[str, Any]]:
+        """Runs with activity since ``since``, newest first, each with its jobs."""
+        runs = [
+            dict(r)
+            for r in self.query(
+                "SELECT run_id, series_uid, study_uid, calling_aet, state, first_at, last_at,"
+                " rule, reason, (SELECT COUNT(*) FROM instances i WHERE i.run_id=r.run_id)"
+                " AS instances FROM runs r WHERE last_at >= ? OR run_id IN"
+                " (SELECT run_id FROM jobs WHERE updated_at >= ?) ORDER BY last_at DESC LIMIT ?",
+                (since, since, limit),
+            )
+        ]
+        by_run: dict[str, list[dict[str, Any]]] = {r["run_id"]: [] for r in runs}
+        if runs:
+            marks = ",".join("?" * len(runs))
+            for j in self.query(
+                "SELECT id, run_id, pipeline, state, attempts, error, timings, created_at,"
+                f" updated_at FROM jobs WHERE run_id IN ({marks}) ORDER BY id",
+                tuple(by_run),
+            ):
+                job = dict(j)
+                job["timings"] = json.loads(job["timings"]) if job["timings"] else {}
+                by_run[job["run_id"]].append(job)
+        for r in runs:
+            r["jobs"] = by_run[r["run_id"]]
+        return runs
+
+    def outbox_by_destination(self) -> list[dict[str, Any]]:
+        """Per destination: deliveries by state, the oldest pending and the last error."""
+        rows = self.query(
+            "SELECT destination, SUM(state='pending') pending, SUM(state='sent') sent,"
+            " SUM(state='failed') failed, MIN(CASE WHEN state='pending' THEN created_at END)"
+            " oldest_pending, MAX(sent_at) last_sent,"
+            " (SELECT error FROM outbox o2 WHERE o2.destination=o.destination AND"
+            " o2.error IS NOT NULL ORDER BY o2.id DESC LIMIT 1) last_error"
+            " FROM outbox o GROUP BY destination ORDER BY destination"
+        )
+        return [dict(r) for r in rows]
+
+    def jobs_for(
+        self,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[dict[str, Any]]:
+        where, params = "", ()  # type: tuple[str, tuple[str, ...]]
+        if sop_instance_uid:
+            where, params = (
+                "WHERE r.run_id IN (SELECT run_id FROM instances WHERE sop_instance_uid=?)",
+                (sop_instance_uid,),
+            )
+        elif series_uid:
+            where, params = "WHERE r.series_uid=?", (series_uid,)
+        elif study_uid:
+            where, params = "WHERE r.study_uid=?", (study_uid,)
+        rows = self.query(
+            "SELECT j.id, j.run_id, j.pipeline, j.state, j.attempts, j.error, j.notes,"
+            " j.created_at, j.updated_at, r.series_uid, r.study_uid, r.state AS run_state,"
+            " r.rule, r.reason AS run_reason,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='sent') AS sent,"
+            " (SELECT COUNT(*) FROM outbox o WHERE o.job_id=j.id AND o.state='pending') AS pending"
+            f" FROM runs r LEFT JOIN jobs j ON j.run_id=r.run_id {where} ORDER BY r.first_at, j.id",
+            params,
+        )
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["notes"] = json.loads(d["notes"]) if d.get("notes") else []
+            out.append(d)
+        return out
+
+    def prior_result_paths(self, run_id: str, pipeline: str, before_job: int) -> list[str]:
+        """Result files that earlier jobs of ``pipeline`` on this run queued for delivery,
+        newest job first: a new result whose content changed names what it supersedes."""
+        rows = self.query(
+            "SELECT o.path, MAX(o.job_id) AS job FROM outbox o JOIN jobs j ON j.id = o.job_id"
+            " WHERE j.run_id=? AND j.pipeline=? AND j.id<? GROUP BY o.path ORDER BY job DESC",
+            (run_id, pipeline, before_job),
+        )
+        return [str(r["path"]) for r in rows]

@@ -1,0 +1,204 @@
+"""Instances and runs: indexing, completion, routing (a run and its jobs in one transaction)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node.db.core import Core
+from dicom_node.db.records import (
+    SETTLED_RUN_STATES,
+    InstanceRecord,
+    JobState,
+    Recorded,
+    RunState,
+    StateError,
+    instance_record,
+    now,
+)
+
+
+class Runs(Core):
+    """Instances and runs: the run state machine."""
+
+    def record_instance(self, inst: InstanceRecord) -> Recorded:
+        """Index a stored instance; a new instance (re-)opens its run for receiving."""
+        t = now()
+        with self._tx() as con:
+            dup = (
+                con.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid=?", (inst.sop_instance_uid,)
+                ).fetchone()
+                is not None
+            )
+            con.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    inst.sop_instance_uid,
+                    inst.sop_class_uid,
+                    inst.series_uid,
+                    inst.study_uid,
+                    inst.run_id,
+                    str(inst.path),
+                    inst.size,
+                    inst.transfer_syntax,
+                    inst.frames,
+                    inst.calling_aet,
+                    t,
+                ),
+            )
+            row = con.execute("SELECT state FROM runs WHERE run_id=?", (inst.run_id,)).fetchone()
+            if row is None:
+                con.execute(
+                    "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at,"
+                    " last_at) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        inst.run_id,
+                        inst.series_uid,
+                        inst.study_uid,
+                        inst.calling_aet,
+                        RunState.RECEIVING,
+                        t,
+                        t,
+                    ),
+                )
+            elif dup:
+                con.execute("UPDATE runs SET last_at=? WHERE run_id=?", (t, inst.run_id))
+            else:
+                # a new instance re-opens a run that was already complete
+                con.execute(
+                    "UPDATE runs SET last_at=?, state=?, reason=NULL WHERE run_id=?",
+                    (t, RunState.RECEIVING, inst.run_id),
+                )
+        return Recorded(inst.run_id, dup)
+
+    def indexed_paths(self) -> set[str]:
+        return {r["path"] for r in self.query("SELECT path FROM instances")}
+
+    def run_instances(self, run_id: str) -> list[InstanceRecord]:
+        rows = self.query("SELECT * FROM instances WHERE run_id=? ORDER BY received_at", (run_id,))
+        return [instance_record(r) for r in rows]
+
+    def series_instances(self, study_uid: str, series_uid: str) -> list[InstanceRecord]:
+        """The stored instances of a series (WADO-RS), in the order they arrived."""
+        rows = self.query(
+            "SELECT * FROM instances WHERE study_uid=? AND series_uid=? ORDER BY received_at",
+            (study_uid, series_uid),
+        )
+        return [instance_record(r) for r in rows]
+
+    def result_path(self, sop_instance_uid: str) -> Path | None:
+        """The file of a result queued for delivery (the newest job's copy)."""
+        rows = self.query(
+            "SELECT path FROM outbox WHERE sop_instance_uid=? ORDER BY job_id DESC LIMIT 1",
+            (sop_instance_uid,),
+        )
+        return Path(rows[0]["path"]) if rows else None
+
+    def complete_run(self, run_id: str, reason: str) -> bool:
+        """receiving -> complete; False when it was not receiving (once only)."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE runs SET state=?, completed_at=?, reason=? WHERE run_id=? AND state=?",
+                (RunState.COMPLETE, now(), reason, run_id, RunState.RECEIVING),
+            )
+            return cur.rowcount == 1
+
+    def quiet_runs(self, quiet_since: float) -> list[str]:
+        """Receiving runs with no new instance since ``quiet_since``."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE state=? AND last_at <= ?",
+            (RunState.RECEIVING, quiet_since),
+        )
+        return [r["run_id"] for r in rows]
+
+    def runs_to_route(self) -> list[str]:
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE state=? ORDER BY completed_at", (RunState.COMPLETE,)
+        )
+        return [r["run_id"] for r in rows]
+
+    def run_state(self, run_id: str) -> RunState | None:
+        rows = self.query("SELECT state FROM runs WHERE run_id=?", (run_id,))
+        return RunState(rows[0]["state"]) if rows else None
+
+    def route_run(
+        self, run_id: str, rule: str, pipelines: Sequence[str], destinations: Sequence[str]
+    ) -> list[int]:
+        """complete -> routed, and its jobs created, in one transaction.
+
+        Returns the new job ids; none when the run was not complete (routed by
+        someone else, or re-opened by a new instance meanwhile)."""
+        t = now()
+        with self._tx() as con:
+            row = con.execute("SELECT state, resend FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None or row["state"] != RunState.COMPLETE:
+                return []
+            con.execute(
+                "UPDATE runs SET state=?, rule=?, resend=0 WHERE run_id=?",
+                (RunState.ROUTED, rule, run_id),
+            )
+            ids = []
+            for name in pipelines:
+                cur = con.execute(
+                    "INSERT INTO jobs (run_id, pipeline, destinations, resend, state, not_before,"
+                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        run_id,
+                        name,
+                        json.dumps(list(destinations)),
+                        row["resend"],
+                        JobState.QUEUED,
+                        t,
+                        t,
+                        t,
+                    ),
+                )
+                ids.append(int(cur.lastrowid or 0))
+            return ids
+
+    def settle_unrouted(self, run_id: str, state: RunState, rule: str | None, reason: str) -> bool:
+        """complete -> unrouted (no rule, or a rule without pipelines) or unroutable."""
+        if state not in (RunState.UNROUTED, RunState.UNROUTABLE):
+            raise StateError(f"{state} is not an unrouted state")
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE runs SET state=?, rule=?, reason=?, resend=0 WHERE run_id=? AND state=?",
+                (state, rule, reason, run_id, RunState.COMPLETE),
+            )
+            return cur.rowcount == 1
+
+    def reopen_for_reprocess(self, run_id: str) -> bool:
+        """A settled run -> complete again, its results to be sent again."""
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE runs SET state=?, reason='reprocess', resend=1, completed_at=? "
+                f"WHERE run_id=? AND state IN ({','.join('?' * len(SETTLED_RUN_STATES))})",
+                (RunState.COMPLETE, now(), run_id, *SETTLED_RUN_STATES),
+            )
+            return cur.rowcount == 1
+
+    def runs_for(
+        self,
+        *,
+        run_id: str | None = None,
+        series_uid: str | None = None,
+        study_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[str]:
+        """Run ids selected by any DICOM level (for triggers and reprocessing)."""
+        if run_id:
+            rows = self.query("SELECT run_id FROM runs WHERE run_id=?", (run_id,))
+        elif sop_instance_uid:
+            rows = self.query(
+                "SELECT DISTINCT run_id FROM instances WHERE sop_instance_uid=?",
+                (sop_instance_uid,),
+            )
+        elif series_uid:
+            rows = self.query("SELECT run_id FROM runs WHERE series_uid=?", (series_uid,))
+        elif study_uid:
+            rows = self.query("SELECT run_id FROM runs WHERE study_uid=?", (study_uid,))
+        else:
+            return []
+        return [r["run_id"] for r in rows]

@@ -1,0 +1,95 @@
+"""The index's tables and the columns added since schema 1."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid    TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    run_id           TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    size             INTEGER NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    frames           INTEGER NOT NULL,
+    calling_aet      TEXT NOT NULL,
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_run ON instances(run_id);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+
+-- A run is one multi-frame 2D instance, or one multi-instance series.
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       TEXT PRIMARY KEY,
+    series_uid   TEXT NOT NULL,
+    study_uid    TEXT NOT NULL,
+    calling_aet  TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    first_at     REAL NOT NULL,
+    last_at      REAL NOT NULL,
+    completed_at REAL,
+    rule         TEXT,
+    reason       TEXT,
+    resend       INTEGER NOT NULL DEFAULT 0  -- the next routing sends results again
+);
+CREATE INDEX IF NOT EXISTS runs_state ON runs(state, last_at);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       TEXT NOT NULL,
+    pipeline     TEXT NOT NULL,
+    destinations TEXT NOT NULL,          -- JSON list of destination names
+    resend       INTEGER NOT NULL DEFAULT 0,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    not_before   REAL NOT NULL,
+    lease_until  REAL,
+    worker       TEXT,
+    error        TEXT,
+    notes        TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
+CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run_id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id           INTEGER NOT NULL,
+    destination      TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    not_before       REAL NOT NULL,
+    error            TEXT,
+    created_at       REAL NOT NULL,
+    sent_at          REAL,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, not_before);
+
+-- index_id: this index's identity, part of every Temporal workflow ID it starts
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+# Columns added after the first release (schema 1 had none of them).
+_MIGRATIONS = {
+    "runs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
+    "jobs": [
+        ("resend", "INTEGER NOT NULL DEFAULT 0"),
+        ("timings", "TEXT"),
+        # Temporal: the n-th workflow of this job (an operator's retry starts a new one)
+        ("generation", "INTEGER NOT NULL DEFAULT 0"),
+        ("dispatched_at", "REAL"),  # its workflow was started (None: embedded, or not yet)
+    ],
+}
