@@ -184,6 +184,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
     for f in summary["failed_jobs"]:  # type: ignore[attr-defined]
         print(f"failed job {f['id']} {f['pipeline']} run {f['run_id']}: {f['error']}")
+    verdicts = summary["verdicts"]
+    print("results: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))  # type: ignore[attr-defined]
+    for d in summary["doubtful_results"]:  # type: ignore[attr-defined]
+        job = f"job {d['id']} {d['pipeline']} run {d['run_id']}"
+        print(f"{d['verdict']} result of {job}: {d['reasons']}")
     for b in summary["outbox_backlog"]:  # type: ignore[attr-defined]
         print(f"backlog to {b['destination']}: {b['n']} object(s), last error: {b['error']}")
     for u in summary["unrouted_runs"]:  # type: ignore[attr-defined]

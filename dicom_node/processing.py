@@ -1,8 +1,15 @@
 """Run one pipeline on one decoded run and encode its outputs: shared by the job
-worker processes (``dicom_node.sandbox``) and the offline ``dicom-node process``."""
+worker processes (``dicom_node.sandbox``) and the offline ``dicom-node process``.
+
+When a model package's output fails its quality checks (``pipelines.quality``:
+verdict not ok) the classical path runs on the same run; its result is delivered
+instead when its verdict is better, marked as a classical fallback (series
+descriptions, the SR's reasons, the notes) with why. The verdict and measures of
+what is delivered join the notes (the job record) and the log."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -18,7 +25,8 @@ import pipelines
 from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext, PackageIdentity, PriorResult
 from dicom_node.runs import LoadedRun
-from pipelines.base import PipelineContext, PipelineResult
+from pipelines.base import Pipeline, PipelineContext, PipelineResult, Run
+from pipelines.quality import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +64,77 @@ def run_pipeline(
     )
     on_stage("computing")
     result = pipeline(loaded.run, ctx)
+    options = dict(ctx.options)
+    if package and _model_used(result):
+        result, marker = classical_fallback(pipeline, loaded.run, ctx, result)
+        if marker:
+            options["classical_fallback"] = marker  # a result of its own: its own UIDs
     on_stage("encoding")
     encode_ctx = EncodeContext(
         sources=loaded.headers,
         pipeline=pipeline_name,
         package=package_identity(package) if package and _model_used(result) else None,
-        options=ctx.options,
+        options=options,
         device=resolved,
         prior=read_prior_results(prior_results),
     )
     datasets = encode_result(result, loaded.run, encode_ctx)
-    return datasets, list(result.notes)
+    notes = list(result.notes)
+    if result.quality is not None:
+        notes += [n for n in result.quality.notes() if n not in notes]
+        log.info(
+            "%s result %s (%s)",
+            pipeline_name,
+            result.quality.verdict.value,
+            "; ".join(result.quality.reasons) or result.quality.summary(),
+        )
+    return datasets, notes
+
+
+FALLBACK_SUFFIX = " (classical fallback)"
+
+
+def classical_fallback(
+    pipeline: Pipeline, run: Run, ctx: PipelineContext, result: PipelineResult
+) -> tuple[PipelineResult, str]:
+    """The classical result instead of a model's whose verdict is not ok, when the
+    classical verdict is better; else the model's, with a note. Returns the result
+    and, for a fallback, what names it (package name, version, weights hash)."""
+    quality = result.quality
+    if quality is None or quality.verdict is Verdict.OK:
+        return result, ""
+    classical = pipeline(run, dataclasses.replace(ctx, model_package=None))
+    theirs = classical.quality
+    if theirs is not None and theirs.verdict.rank >= quality.verdict.rank:
+        result.notes.append(
+            f"classical path checked as a fallback: {theirs.verdict.value}, no better; "
+            "the model's result is kept"
+        )
+        return result, ""
+    identity = package_identity(str(ctx.model_package))
+    why = (
+        f"model package {identity.name} {identity.version} output {quality.verdict.value} "
+        f"({quality.reasons[0] if quality.reasons else 'no reason recorded'}): "
+        "classical path used for this run"
+    )
+    log.warning("%s", why)
+    return (
+        PipelineResult(
+            outputs=[_marked(o) for o in classical.outputs],
+            notes=[why, *classical.notes],
+            quality=theirs.with_fallback(why) if theirs is not None else None,
+        ),
+        f"{identity.name} {identity.version} {identity.weights_sha256[:16]}",
+    )
+
+
+def _marked(out: Any) -> Any:
+    """An output whose series description says it is a classical fallback."""
+    for name in ("description", "title"):
+        text = getattr(out, name, "")
+        if text and getattr(out, "key", "") != "minip":
+            return dataclasses.replace(out, **{name: text + FALLBACK_SUFFIX})
+    return out
 
 
 def _model_used(result: PipelineResult) -> bool:

@@ -47,6 +47,7 @@ from pipelines.models.package import ModelPackage, load_package
 from pipelines.preprocess import inference_device, inference_mode, resize, work_shape
 from pipelines.render import AI_LABEL, burn_text, overlay
 from pipelines.shutter import exposed_field, restrict
+from pipelines.vessel_quality import cine_quality
 
 NAME = "xa_coronary"
 VERSION = "1.0.0"
@@ -293,6 +294,7 @@ class CoronarySegmentation:
                 ),
             ],
             notes=notes,
+            quality=cine_quality(frames, masks, field, run.meta.frame_times_s),
         )
 
 

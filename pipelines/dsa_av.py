@@ -38,6 +38,7 @@ from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import AI_LABEL, burn_text, overlay, to_grey_rgb
 from pipelines.shutter import exposed_field, restrict
+from pipelines.vessel_quality import dsa_quality
 from pipelines.vessels import analyse
 
 NAME = "dsa_av"
@@ -148,6 +149,7 @@ class DsaArteryVein:
                 av_rendering(image, masks, algorithm),
             ],
             notes=notes,
+            quality=dsa_quality(run.pixels, segmentation.masks, field, meta.subtracted),
         )
 
 

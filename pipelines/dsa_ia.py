@@ -31,6 +31,7 @@ from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import burn_text, overlay, to_grey_rgb
 from pipelines.shutter import exposed_field, restrict
+from pipelines.vessel_quality import dsa_quality
 from pipelines.vessels import analyse
 
 NAME = "dsa_ia"
@@ -112,6 +113,7 @@ class DsaIntracranialArteries:
                 vessel_rendering(image, vessel, artery, algorithm),
             ],
             notes=notes,
+            quality=dsa_quality(run.pixels, masks, field, meta.subtracted),
         )
 
 

@@ -83,7 +83,12 @@ def measure(code_value: str, meaning: str, value: float, unit: Code = PERCENT) -
 def describe(m: Measurement) -> str:
     """``vessel fraction 1.2 %`` (three significant digits)."""
     unit = m.unit.value
-    shown = "" if unit in ("1", "{ratio}") else (" %" if unit == "%" else f" {unit}")
+    if unit in ("1", "{ratio}"):
+        shown = ""
+    elif unit.startswith("{"):
+        shown = " " + unit.strip("{}")  # UCUM annotation: "{frames}"
+    else:
+        shown = " %" if unit == "%" else f" {unit}"
     value = "not measurable" if not math.isfinite(m.value) else f"{m.value:.3g}{shown}"
     return f"{m.name.meaning.lower()} {value}"
 
@@ -93,18 +98,25 @@ class Check:
     """One check: ``measurement`` must lie within [``low``, ``high``] (either may be
     None). ``meaning`` says what a value outside means and what to do, for the
     reader; ``severity`` is the verdict when it does not hold. A measure that
-    could not be computed (NaN) fails the check too."""
+    could not be computed (NaN) fails too, unless ``missing_ok`` (nothing to judge,
+    e.g. the connectivity of an empty mask, which another check reports)."""
 
     measurement: Measurement
     meaning: str
     low: float | None = None
     high: float | None = None
     severity: Verdict = Verdict.LOW_CONFIDENCE
+    missing_ok: bool = False
+
+    @property
+    def verdict(self) -> Verdict:
+        """The verdict this check gives when it fails."""
+        return self.severity
 
     def passed(self) -> bool:
         v = self.measurement.value
-        if not math.isfinite(v):
-            return False
+        if math.isnan(v):
+            return self.missing_ok
         return (self.low is None or v >= self.low) and (self.high is None or v <= self.high)
 
     def reason(self) -> str:
@@ -112,7 +124,7 @@ class Check:
         if self.passed():
             return ""
         m = self.measurement
-        if not math.isfinite(m.value):
+        if math.isnan(m.value):
             return f"{describe(m)}: {self.meaning}"
         bound, word = (
             (self.low, "below")
@@ -163,18 +175,27 @@ class Quality:
 
 
 def assess(checks: Iterable[Check], extra: Sequence[Measurement] = ()) -> Quality:
-    """Combine checks into a :class:`Quality`: every measure kept (``extra``: measures
-    reported without a bound), the verdict the worst of the failed checks, their
-    reasons in order of severity."""
+    """Combine checks into a :class:`Quality`: every measure kept once (``extra``:
+    measures reported without a bound), the verdict the worst of the failed checks,
+    their reasons worst first. Several checks may bound one measure (a low-confidence
+    and a failed bound): only the worst failed one gives a reason."""
     checks = list(checks)
     failed = sorted(
-        (c for c in checks if not c.passed()), key=lambda c: c.severity.rank, reverse=True
+        (c for c in checks if not c.passed()), key=lambda c: c.verdict.rank, reverse=True
     )
-    verdict = failed[0].severity if failed else Verdict.OK
+    reasons: list[str] = []
+    judged: set[Code] = set()
+    for c in failed:
+        if c.measurement.name not in judged:
+            judged.add(c.measurement.name)
+            reasons.append(c.reason())
+    measures: dict[Code, Measurement] = {}
+    for m in [c.measurement for c in checks] + list(extra):
+        measures.setdefault(m.name, m)
     return Quality(
-        measures=tuple(c.measurement for c in checks) + tuple(extra),
-        verdict=verdict,
-        reasons=tuple(c.reason() for c in failed),
+        measures=tuple(measures.values()),
+        verdict=failed[0].verdict if failed else Verdict.OK,
+        reasons=tuple(reasons),
     )
 
 

@@ -129,3 +129,58 @@ def colorbar(
     draw.text((4, max(0, top - 2 * size - 4)), title, fill=(255, 255, 255), font=font)
     draw.text((4, min(height - size - 2, bottom + 4)), unit, fill=(255, 255, 255), font=font)
     return np.concatenate([rgb, np.asarray(img)], axis=1)
+
+
+def _wrap(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    width: int,
+    most: int,
+) -> list[str]:
+    """Greedy word wrap into at most ``most`` lines of ``width`` pixels; an ellipsis
+    ends a text that does not fit."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not current:
+            current = trial
+            continue
+        lines.append(current)
+        current = word
+        if len(lines) == most:
+            break
+    else:
+        lines.append(current)
+        return lines[:most]
+    lines[-1] = lines[-1].rstrip(" .,;:") + " ..."
+    return lines[:most]
+
+
+BANNER_RGB = (170, 0, 0)
+
+
+def quality_panel(width: int, line: str, banner: str = "") -> np.ndarray:
+    """A band (h, width, 3) to set under a rendering: the ``banner`` ("LOW CONFIDENCE:
+    reason") white on red when there is one, then the quality ``line``, wrapped to the
+    width; below the image, so it never hides a pixel of the result."""
+    size = max(9, min(18, width // 45))
+    font = _font(size)
+    pad = max(2, size // 4)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    usable = width - 2 * pad
+    banner_lines = _wrap(probe, banner, font, usable, 3) if banner else []
+    text_lines = _wrap(probe, line, font, usable, 3) if line else []
+    rows = banner_lines + text_lines
+    step = size + pad
+    height = pad + step * max(1, len(rows))
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    if banner_lines:
+        draw.rectangle((0, 0, width, pad // 2 + step * len(banner_lines)), fill=BANNER_RGB)
+    y = pad // 2
+    for text in rows:
+        draw.text((pad, y), text, fill=(255, 255, 255), font=font)
+        y += step
+    return np.asarray(img)

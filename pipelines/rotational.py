@@ -59,6 +59,7 @@ from pipelines.models.dla import (
 from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, inference_mode, resize
 from pipelines.render import AI_LABEL, burn_text
+from pipelines.vessel_quality import volume_quality
 
 NAME = "rotational_dla"
 VERSION = "1.1.0"
@@ -490,6 +491,7 @@ class RotationalDLA:
                 ),
             ],
             notes=notes,
+            quality=volume_quality(masks[0], masks[1]),
         )
 
 

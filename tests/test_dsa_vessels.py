@@ -318,6 +318,7 @@ def test_dsa_av_classical_outputs_and_dicom(tmp_path: Path) -> None:
         "Multi-frame Grayscale Word Secondary Capture Image Storage",
         "Segmentation Storage",
         "Secondary Capture Image Storage",
+        "Comprehensive 3D SR Storage",  # the result's quality (pipelines.quality)
     ]
     for i, ds in enumerate(datasets):
         assert _dciodvfy_errors(ds, tmp_path / f"{i}.dcm") == [], names[i]

@@ -283,11 +283,13 @@ def test_every_superseding_object_kind_is_valid(tmp_path: Path, pipeline: str) -
         "xa_coronary": {
             "Segmentation Storage",
             "Multi-frame True Color Secondary Capture Image Storage",
+            "Comprehensive 3D SR Storage",  # the quality report (pipelines.quality)
         },
         "rotational_dla": {
             "CT Image Storage",
             "Segmentation Storage",
             "Secondary Capture Image Storage",
+            "Comprehensive 3D SR Storage",  # the quality report (pipelines.quality)
         },
     }[pipeline]
     assert kinds == expected, kinds

@@ -318,8 +318,10 @@ def test_seg_angiogram_ct_series_and_mip_encode_valid(tmp_path: Path) -> None:
     ct = [ds for ds in datasets if ds.SOPClassUID == CTImageStorage]
     (seg_ds,) = [ds for ds in datasets if ds.SOPClassUID == pydicom.uid.SegmentationStorage]
     (mip,) = [ds for ds in datasets if ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage]
-    assert len(ct) == hu.shape[0] and len(datasets) == hu.shape[0] + 2
-    for ds in [seg_ds, mip, *ct]:
+    # the result's quality report (pipelines.quality) besides the SEG and the MIP
+    (report,) = [ds for ds in datasets if ds.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage]
+    assert len(ct) == hu.shape[0] and len(datasets) == hu.shape[0] + 3
+    for ds in [seg_ds, mip, report, *ct]:
         assert dciodvfy_errors(paths[ds.SOPInstanceUID]) == [], ds.SOPClassUID.name
 
     # The angiogram: new series on the source geometry, exact HU, references to its slice.
@@ -359,7 +361,9 @@ def test_seg_angiogram_ct_series_and_mip_encode_valid(tmp_path: Path) -> None:
     assert np.array_equal(np.moveaxis(got, -1, 0).astype(bool), masks)
 
     mip_back = pydicom.dcmread(paths[mip.SOPInstanceUID])
-    assert np.array_equal(mip_back.pixel_array, result.outputs[2].rgb)
+    rgb = result.outputs[2].rgb  # as rendered; the quality band follows under it
+    assert np.array_equal(mip_back.pixel_array[: rgb.shape[0]], rgb)
+    assert mip_back.pixel_array.shape[0] > rgb.shape[0]
 
 
 def test_volume_encoder_refuses_2d_images() -> None:

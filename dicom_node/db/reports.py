@@ -13,6 +13,23 @@ from dicom_node.db.records import (
     now,
 )
 
+# How a job's notes record its result's quality (``pipelines.quality.Quality.notes``).
+VERDICT_NOTE, QUALITY_NOTE = "verdict: ", "quality: "
+VERDICTS = ("ok", "low_confidence", "failed")
+
+
+def quality_of(notes: list[str]) -> dict[str, Any]:
+    """The verdict (None when the result has no assessment), its reasons and the
+    measures line, from a job's notes."""
+    verdict, reasons, measures = None, "", ""
+    for line in notes:
+        if line.startswith(VERDICT_NOTE) and verdict is None:
+            word, _, reasons = line[len(VERDICT_NOTE) :].partition(": ")
+            verdict = word if word in VERDICTS else None
+        elif line.startswith(QUALITY_NOTE) and not measures:
+            measures = line[len(QUALITY_NOTE) :]
+    return {"verdict": verdict, "reasons": reasons, "measures": measures}
+
 
 class Reports(Core):
     """Reports for operators (read only)."""
@@ -48,6 +65,24 @@ class Reports(Core):
                 (RunState.UNROUTED, RunState.UNROUTABLE),
             )
         ]
+        # Verdicts of done jobs (their notes' "verdict: ..." line), and the 20 newest
+        # results that are not ok, with the reasons.
+        like = tuple(f'%"{VERDICT_NOTE}{v}%' for v in VERDICTS)
+        row = self.query(
+            "SELECT "
+            + ", ".join(f"SUM(notes LIKE ?) AS {v}" for v in VERDICTS)
+            + " FROM jobs WHERE state=?",
+            (*like, JobState.DONE),
+        )[0]
+        doubtful = [
+            {k: r[k] for k in ("id", "run_id", "pipeline", "updated_at")}
+            | quality_of(json.loads(r["notes"]))
+            for r in self.query(
+                "SELECT id, run_id, pipeline, notes, updated_at FROM jobs WHERE state=? AND"
+                " (notes LIKE ? OR notes LIKE ?) ORDER BY id DESC LIMIT 20",
+                (JobState.DONE, *like[1:]),
+            )
+        ]
         return {
             "instances": self.query("SELECT COUNT(*) n FROM instances")[0]["n"],
             "runs": counts("runs"),
@@ -56,6 +91,8 @@ class Reports(Core):
             "failed_jobs": failures,
             "outbox_backlog": backlog,
             "unrouted_runs": unrouted,
+            "verdicts": {v: int(row[v] or 0) for v in VERDICTS},
+            "doubtful_results": doubtful,
         }
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -154,6 +191,7 @@ class Reports(Core):
         for r in rows:
             d = dict(r)
             d["notes"] = json.loads(d["notes"]) if d.get("notes") else []
+            d.update(quality_of(d["notes"]))
             out.append(d)
         return out
 

@@ -3,6 +3,11 @@
 Each output type has one encoder, registered here explicitly. 2D runs whose
 outputs live on the ``canvas`` geometry get the MinIP canvas (see
 ``dicom_node.encode.canvas``) first; SEG and Parametric Map encoders reference it.
+
+A result's quality (``PipelineResult.quality``) reaches every object but the
+canvas (which every pipeline shares): the SR's "Run quality" group (a quality-only
+SR when the pipeline writes no report), a band under every rendering, and Image
+Comments of the image objects.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from collections.abc import Callable
 from pydicom.dataset import Dataset
 
 from dicom_node.encode.canvas import make_canvas
-from dicom_node.encode.common import EncodeContext
+from dicom_node.encode.common import EncodeContext, mark_quality
 from dicom_node.encode.rendering import encode_rendering
 from pipelines.base import (
     AlgorithmInfo,
     ImageOutput,
+    MeasurementsOutput,
     Output,
     PipelineResult,
     RenderingOutput,
@@ -58,10 +64,32 @@ def _algorithms(result: PipelineResult) -> tuple[AlgorithmInfo, ...]:
     return tuple(found)
 
 
+QUALITY_KEY = "quality"
+
+
+def _outputs(result: PipelineResult) -> list[Output]:
+    """The result's outputs, plus a quality-only report when it has a quality
+    assessment and no report of its own to carry it."""
+    outputs = list(result.outputs)
+    algorithms = _algorithms(result)
+    if (
+        result.quality is not None
+        and algorithms
+        and not any(isinstance(o, MeasurementsOutput) for o in outputs)
+    ):
+        outputs.append(
+            MeasurementsOutput(
+                key=QUALITY_KEY, title="Result quality", measurements=(), algorithm=algorithms[0]
+            )
+        )
+    return outputs
+
+
 def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[Dataset]:
     """All DICOM objects for one pipeline result, canvas first. The result's
     algorithms join the provenance its UIDs derive from."""
     ctx.algorithms = _algorithms(result)
+    ctx.quality = result.quality
     datasets: list[Dataset] = []
     if not run.meta.is_volume and _needs_canvas(result):
         canvas_image = next(
@@ -72,14 +100,18 @@ def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[
             ctx, canvas_image if canvas_image is not None else minip(run.pixels)
         )
         datasets.append(ctx.canvas)
-    for out in result.outputs:
+    for out in _outputs(result):
         if isinstance(out, ImageOutput) and out.key == "minip":
             continue  # it is the canvas
         try:
             fn = _ENCODERS[type(out)]
         except KeyError:
             raise TypeError(f"no encoder registered for {type(out).__name__}") from None
-        datasets.extend(fn(out, ctx, run))
+        made = fn(out, ctx, run)
+        if not isinstance(out, (MeasurementsOutput, RenderingOutput)):
+            for ds in made:  # the SR has it in its content, renderings mark it themselves
+                mark_quality(ds, result.quality)
+        datasets.extend(made)
     return datasets
 
 

@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node import __version__
 from pipelines.base import AlgorithmInfo, Code
+from pipelines.quality import Quality
 
 MANUFACTURER = "angio-dicom-node"
 MODEL_NAME = "angio-dicom-node"
@@ -41,7 +42,9 @@ RESULT_DISCLAIMER = "AI output - research use, not for diagnosis unless validate
 # references, value encoding), so that objects encoded differently get new UIDs even
 # when the software version string did not change. 2: canvas Pixel Spacing, SEG and
 # Parametric Map reference only the canvas series, SR as TID 1410 on the canvas.
-ENCODING_REVISION = "2"
+# 3: the result's quality (verdict, reasons, measures) in Image Comments, under every
+# rendering, and in the SR's "Run quality" group.
+ENCODING_REVISION = "3"
 
 # Module-level attributes copied from the source so results join the study.
 PATIENT_KEYWORDS = (
@@ -193,6 +196,8 @@ class EncodeContext:
     algorithms: tuple[AlgorithmInfo, ...] = ()
     # Objects earlier runs of this pipeline on this source delivered.
     prior: Sequence[PriorResult] = ()
+    # Set by ``encode_result``: the result's quality (verdict, reasons, measures).
+    quality: Quality | None = None
 
     def __post_init__(self) -> None:
         # Tolerant when reading: highdicom reads these from its source images, and
@@ -316,6 +321,21 @@ def mark_supersession(ds: Dataset, superseded: Superseded | None) -> None:
     )
     previous = str(ds.get("ImageComments", "") or "")
     ds.ImageComments = (f"{previous}\n{line}" if previous else line)[:10240]
+
+
+def quality_comment(quality: Quality) -> str:
+    """The verdict, its reasons and the measures as one text (Image Comments)."""
+    return "Quality " + "\n".join(quality.notes())
+
+
+def mark_quality(ds: Dataset, quality: Quality | None) -> None:
+    """Put the result's quality first in Image Comments (the supersession note, if
+    any, stays after it)."""
+    if quality is None:
+        return
+    previous = str(ds.get("ImageComments", "") or "")
+    text = quality_comment(quality)
+    ds.ImageComments = (f"{text}\n{previous}" if previous else text)[:10240]
 
 
 def set_dimension_organization(ds: Dataset, uid: str) -> None:

@@ -1,5 +1,10 @@
 """Renderings as Secondary Capture: RGB single frame (SC Image) or cine
-(Multi-frame True Color SC), each in its own series, labelled as AI output."""
+(Multi-frame True Color SC), each in its own series, labelled as AI output.
+
+When the result carries a quality assessment (``EncodeContext.quality``), a band
+under the image says the verdict and the measures, with a "LOW CONFIDENCE:
+reason" banner when so (``pipelines.render.quality_panel``), and Image Comments
+carry the verdict, every reason and every measure."""
 
 from __future__ import annotations
 
@@ -15,12 +20,28 @@ from dicom_node.encode.common import (
     PURPOSE_SOURCE_FOR_PROCESSING,
     EncodeContext,
     copy_identity,
+    mark_quality,
     mark_supersession,
     set_equipment,
     set_laterality,
     source_image_reference,
 )
 from pipelines.base import RenderingOutput
+from pipelines.quality import Quality
+from pipelines.render import quality_panel
+
+
+def with_quality(rgb: np.ndarray, quality: Quality | None) -> np.ndarray:
+    """The rendering with the quality band under it (every frame of a cine)."""
+    if quality is None:
+        return rgb
+    line = f"Quality {quality.verdict.label}: {quality.summary()}"
+    if quality.fallback:
+        line = f"{quality.fallback}. {line}"
+    panel = quality_panel(int(rgb.shape[-2]), line, quality.banner())
+    if rgb.ndim == 4:
+        panel = np.broadcast_to(panel, (rgb.shape[0], *panel.shape))
+    return np.concatenate([rgb, panel], axis=-3)
 
 
 def encode_rendering(
@@ -32,6 +53,7 @@ def encode_rendering(
         raise ValueError(
             f"rendering {out.key!r} must be (H, W, 3) or (T, H, W, 3), got {rgb.shape}"
         )
+    rgb = np.ascontiguousarray(with_quality(rgb, ctx.quality))
     src = ctx.first
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -54,6 +76,7 @@ def encode_rendering(
         superseded,
     )
     mark_supersession(ds, superseded)
+    mark_quality(ds, ctx.quality)
     set_laterality(ds, src)
     ds.PatientOrientation = src.get("PatientOrientation", "")
     ds.ConversionType = "WSD"

@@ -4,7 +4,11 @@ On a 2D run the measurements are a TID 1410 planar ROI group whose image region
 is the outline of ``out.region`` on the MinIP canvas (the AIF pixels, for the
 perfusion AIF): a viewer that displays measurement reports (OHIF) opens the
 canvas, draws the region and lists the values. The run's quality measures
-(``out.quality``) form a second group, "Run quality", over the whole canvas.
+(``out.quality``) form a second group, "Run quality", over the whole canvas; the
+result's quality assessment (``EncodeContext.quality``, see ``pipelines.quality``)
+joins it: its measures, the verdict as a qualitative evaluation and each reason as
+a text item. Codes of the private scheme ``99ADN`` are declared in the Coding
+Scheme Identification Sequence.
 Without a canvas (a volume run) the groups are TID 1501, measurements not tied
 to an image region. Each group carries the algorithm (TID 4019) and the finding
 site; the observer is the node as a device. The canvas and the XA run are the
@@ -17,6 +21,7 @@ package or settings) names it in the Predecessor Documents Sequence.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -37,10 +42,22 @@ from dicom_node.encode.common import (
     series_description,
 )
 from pipelines.base import AlgorithmInfo, Code, Measurement, MeasurementsOutput, Output, Run
+from pipelines.quality import (
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    REASON_CONCEPT,
+    VERDICT_CONCEPT,
+    Quality,
+)
 
 # SCT 77343006 "Angiography": the procedure the measurements come from.
 PROCEDURE = codes.SCT.Angiography
 QUALITY_TITLE = "Run quality"
+_Group = TypeVar(
+    "_Group",
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations,
+    hd.sr.MeasurementsAndQualitativeEvaluations,
+)
 
 
 def algorithm_id(info: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
@@ -101,6 +118,7 @@ def _group(
     measurements: list[hd.sr.Measurement],
     region: np.ndarray | None,
     site: Code | None,
+    quality: Quality | None = None,
 ) -> (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
@@ -109,14 +127,25 @@ def _group(
         uid=ctx.result_uid(out.key, "tracking", title), identifier=title[:64]
     )
     sites = [hd.sr.FindingSite(coded(site))] if site else None
+    evaluations = (
+        [hd.sr.QualitativeEvaluation(coded(VERDICT_CONCEPT), coded(quality.verdict.code))]
+        if quality is not None
+        else None
+    )
     canvas = ctx.canvas
+    group: (
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    )
     if canvas is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             algorithm_id=algorithm_id(out.algorithm),
             finding_sites=sites,
-            measurements=measurements,
+            measurements=measurements or None,
+            qualitative_evaluations=evaluations,
         )
+        return _with_reasons(group, quality)
     outline = region_outline(region, (int(canvas.Rows), int(canvas.Columns)))
     image_region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -125,13 +154,39 @@ def _group(
             canvas, referenced_frame_numbers=[1]
         ),
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=image_region,
         algorithm_id=algorithm_id(out.algorithm),
         finding_sites=sites,
-        measurements=measurements,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
     )
+    return _with_reasons(group, quality)
+
+
+def _with_reasons(group: _Group, quality: Quality | None) -> _Group:
+    """Each reason for the verdict as a TEXT item of the group (the fallback too)."""
+    if quality is None:
+        return group
+    for reason in quality.reasons:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=coded(REASON_CONCEPT),
+                value=reason[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
+
+
+def scheme_identification() -> Dataset:
+    """A Coding Scheme Identification Sequence item for the private scheme."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
 
 
 def _predecessor(ctx: EncodeContext, superseded: Superseded) -> Dataset:
@@ -152,14 +207,16 @@ def _predecessor(ctx: EncodeContext, superseded: Superseded) -> Dataset:
 
 
 def encode_measurements(out: MeasurementsOutput, ctx: EncodeContext) -> list[Dataset]:
-    measurements, quality = _finite(out.measurements), _finite(out.quality)
-    if not measurements and not quality:
+    assessed = ctx.quality
+    measurements = _finite(out.measurements)
+    quality = _finite(list(out.quality) + list(assessed.measures if assessed else ()))
+    if not measurements and not quality and assessed is None:
         raise ValueError(f"measurements {out.key!r}: no finite value to report")
     groups = []
     if measurements:
         groups.append(_group(ctx, out, out.title, measurements, out.region, out.finding_site))
-    if quality:
-        groups.append(_group(ctx, out, QUALITY_TITLE, quality, None, None))  # the whole run
+    if quality or assessed is not None:  # the whole run
+        groups.append(_group(ctx, out, QUALITY_TITLE, quality, None, None, assessed))
     device = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -196,7 +253,28 @@ def encode_measurements(out: MeasurementsOutput, ctx: EncodeContext) -> list[Dat
     sr.SeriesDate, sr.SeriesTime = DA(ctx.now.date()), TM(ctx.now.time())
     if superseded is not None:
         sr.PredecessorDocumentsSequence = [_predecessor(ctx, superseded)]
+    if PRIVATE_SCHEME in {str(v) for v in _schemes(sr)}:
+        sr.CodingSchemeIdentificationSequence = [scheme_identification()]
     return [sr]
+
+
+def _schemes(ds: Dataset) -> set[str]:
+    """Every Coding Scheme Designator in the content tree."""
+    found: set[str] = set()
+    for item in ds.get("ContentSequence", []):
+        for keyword in (
+            "ConceptNameCodeSequence",
+            "ConceptCodeSequence",
+            "MeasurementUnitsCodeSequence",
+        ):
+            for code in item.get(keyword, []):
+                found.add(str(code.get("CodingSchemeDesignator", "")))
+        for seq in ("MeasuredValueSequence",):
+            for mv in item.get(seq, []):
+                for code in mv.get("MeasurementUnitsCodeSequence", []):
+                    found.add(str(code.get("CodingSchemeDesignator", "")))
+        found |= _schemes(item)
+    return found
 
 
 @encoder(MeasurementsOutput)
