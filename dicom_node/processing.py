@@ -26,7 +26,7 @@ from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext, PackageIdentity, PriorResult
 from dicom_node.runs import LoadedRun
 from pipelines.base import Pipeline, PipelineContext, PipelineResult, Run
-from pipelines.quality import Verdict
+from pipelines.quality import FALLBACK_SUFFIX, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def run_pipeline(
     return datasets, notes
 
 
-FALLBACK_SUFFIX = " (classical fallback)"
+__all__ = ["FALLBACK_SUFFIX", "classical_fallback", "run_pipeline"]
 
 
 def classical_fallback(

@@ -49,6 +49,9 @@ NO_UNIT = Code("1", "UCUM", "no units")
 VERDICT_CONCEPT = Code("VERDICT", PRIVATE_SCHEME, "Result verdict")
 REASON_CONCEPT = Code("VERDICTREASON", PRIVATE_SCHEME, "Reason for the verdict")
 VERDICT_NOTE = "verdict: "
+# Added to the series descriptions of a result the classical path made in place of a
+# model's that failed its checks (``dicom_node.processing``).
+FALLBACK_SUFFIX = " (classical fallback)"
 QUALITY_NOTE = "quality: "
 
 

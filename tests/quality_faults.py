@@ -11,39 +11,43 @@ noise of the run's own level, never a copy of another frame.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-from dicom_node.runs import load_run
+from dicom_node.runs import LoadedRun, load_run
 from pipelines.base import Run, Shutter
 from training.phantoms import coronary, dsa
 
 
-def _load(write, folder: Path) -> Run:  # type: ignore[no-untyped-def]
+def _load(write, folder: Path) -> LoadedRun:  # type: ignore[no-untyped-def]
     paths = [p for p in write(folder) if p.suffix == ".dcm"]
-    return load_run(paths).run
+    return load_run(paths)
 
 
 @cache
-def dsa_run(seed: int = 11, size: int = 256, frames: int = 15, motion_mm: float = 0.0) -> Run:
-    """A subtracted cerebral DSA phantom run as the node decodes it."""
-    import tempfile
-
+def dsa_loaded(
+    seed: int = 11, size: int = 256, frames: int = 15, motion_mm: float = 0.0
+) -> LoadedRun:
+    """A subtracted cerebral DSA phantom run as the node decodes it (with its headers)."""
     ph = dsa.generate(seed, size=size, frames=frames, fps=2.0, motion_mm=motion_mm)
     with tempfile.TemporaryDirectory() as tmp:
         return _load(ph.write, Path(tmp))
 
 
+def dsa_run(seed: int = 11, size: int = 256, frames: int = 15, motion_mm: float = 0.0) -> Run:
+    return dsa_loaded(seed, size, frames, motion_mm).run
+
+
 @cache
 def cine_run(seed: int = 3900, size: int = 256, frames: int = 30) -> Run:
     """A coronary cine phantom run as the node decodes it."""
-    import tempfile
-
     ph = coronary.generate(seed, size=size, frames=frames, fps=15.0)
     with tempfile.TemporaryDirectory() as tmp:
-        return _load(ph.write, Path(tmp))
+        return _load(ph.write, Path(tmp)).run
 
 
 def noise_sd(frames: np.ndarray) -> float:
@@ -106,3 +110,30 @@ def collimated(run: Run, keep: float = 0.7) -> Run:
         run.meta, shutter=Shutter(rectangle=(float(top), float(bottom), float(left), float(right)))
     )
     return Run(x.astype(np.float32), meta)
+
+
+def read_quality(sr: Dataset) -> tuple[str, list[str], dict[str, float]]:
+    """From an SR as the node writes it: the verdict's code value, the reasons, and
+    the measures of the "Run quality" group by their meaning."""
+    verdict, reasons, measures = "", [], {}
+    groups = [
+        item
+        for container in sr.ContentSequence
+        if container.get("ValueType") == "CONTAINER"
+        for item in container.get("ContentSequence", [])
+        if item.get("ValueType") == "CONTAINER"
+    ]
+    for group in groups:
+        items = group.get("ContentSequence", [])
+        titles = [str(i.get("TextValue", "")) for i in items if i.get("ValueType") == "TEXT"]
+        if "Run quality" not in titles:
+            continue
+        for item in items:
+            name = item.ConceptNameCodeSequence[0]
+            if item.ValueType == "NUM":
+                measures[str(name.CodeMeaning)] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE" and name.CodeValue == "VERDICT":
+                verdict = str(item.ConceptCodeSequence[0].CodeValue)
+            elif item.ValueType == "TEXT" and name.CodeValue == "VERDICTREASON":
+                reasons.append(str(item.TextValue))
+    return verdict, reasons, measures

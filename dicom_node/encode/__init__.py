@@ -29,6 +29,7 @@ from pipelines.base import (
     Run,
     minip,
 )
+from pipelines.quality import FALLBACK_SUFFIX
 
 Encoder = Callable[[Output, EncodeContext, Run], list[Dataset]]
 _ENCODERS: dict[type, Encoder] = {}
@@ -79,7 +80,10 @@ def _outputs(result: PipelineResult) -> list[Output]:
     ):
         outputs.append(
             MeasurementsOutput(
-                key=QUALITY_KEY, title="Result quality", measurements=(), algorithm=algorithms[0]
+                key=QUALITY_KEY,
+                title="Result quality" + (FALLBACK_SUFFIX if result.quality.fallback else ""),
+                measurements=(),
+                algorithm=algorithms[0],
             )
         )
     return outputs
