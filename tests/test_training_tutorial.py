@@ -21,14 +21,14 @@ from tests.orthanc_fixture import missing_parts, start_orthanc
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "training.md"
 TINY = [
-    ("--count 12", "--count 6"),
-    ("--size 128", "--size 64"),
-    ("--frames 12", "--frames 6"),
-    ("epochs = 12", "epochs = 2"),
-    ("steps_per_epoch = 25", "steps_per_epoch = 2"),
-    ("widths = [8, 16, 32, 48]", "widths = [4, 8]"),
-    ("patch = 64", "patch = 32"),
-    ("--test 0:10", "--test 0:2"),
+    ("--count 10", "--count 6"),
+    ("--size 96", "--size 64"),
+    ("--frames 8", "--frames 6"),
+    ("epochs = 6", "epochs = 2"),
+    ("steps_per_epoch = 20", "steps_per_epoch = 2"),
+    ("widths = [8, 16, 32]", "widths = [4, 8]"),
+    ("patch = 48", "patch = 32"),
+    ("--test 0:6", "--test 0:2"),
 ]
 
 
