@@ -1,10 +1,11 @@
 """The status page at ``/`` on the REST port: plain server-rendered HTML, no script,
 no build step, so that it works in any browser on a ward PC.
 
-Runs of the last hours with their jobs, stages and timings; failed jobs with
-their reason and a retry button (shown to callers with the ``operate`` scope,
-posting a form with a CSRF field); the outbox per destination; the model
-packages configured. Every value comes from the index and is escaped; job
+Runs of the last hours with their jobs, stages, timings and the quality verdict
+of each result; the results whose verdict is not ok, with why and their measures;
+failed jobs with their reason and a retry button (shown to callers with the
+``operate`` scope, posting a form with a CSRF field); the outbox per destination;
+the model packages configured. Every value comes from the index and is escaped; job
 errors were scrubbed of data set values when they were recorded.
 """
 
@@ -28,6 +29,7 @@ th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:to
 th{background:#eee} .muted{color:#777} .uid{font-family:monospace;font-size:12px}
 .s-done,.s-routed,.s-sent{color:#176e1b} .s-failed,.s-unroutable{color:#b00020;font-weight:600}
 .s-running,.s-queued,.s-pending,.s-receiving,.s-complete{color:#8a5a00}
+.v-ok{color:#176e1b} .v-low_confidence{color:#8a5a00;font-weight:600} .v-failed{color:#b00020;font-weight:600}
 .chip{display:inline-block;padding:0 .5em;margin-right:.4em;border-radius:.8em;background:#e8e8e8}
 form{margin:0} button{cursor:pointer}
 """
@@ -42,6 +44,13 @@ def _age(ts: float | None, now: float) -> str:
         return ""
     s = max(0, int(now - ts))
     return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s"
+
+
+def _verdict(verdict: str | None) -> str:
+    """A result's quality verdict (issue 13), coloured like the states."""
+    verdict = verdict or ""
+    label = verdict.replace("_", " ")
+    return f'<span class="v-{escape(verdict)}">{escape(label)}</span>'
 
 
 def _state(state: str | None) -> str:
@@ -94,7 +103,25 @@ def render(
     for label, counts in (("runs", summary["runs"]), ("jobs", summary["jobs"])):
         for state, n in sorted(counts.items()):
             out.append(f'<span class="chip">{label} {_state(state)} {n}</span>')
-    out.append(f'<span class=chip id="queue">queue {snap["queue_depth"]}</span></p>')
+    out.append(f'<span class=chip id="queue">queue {snap["queue_depth"]}</span>')
+    for verdict, n in summary["verdicts"].items():
+        out.append(f'<span class="chip">results {_verdict(verdict)} {n}</span>')
+    out.append("</p>")
+
+    out.append("<h2>Results to check</h2>")
+    doubtful = summary["doubtful_results"]
+    if not doubtful:
+        out.append("<p class=muted>none: every assessed result is ok</p>")
+    else:
+        out.append('<table id="doubtful"><tr><th>job</th><th>pipeline</th><th>run</th>')
+        out.append("<th>verdict</th><th>why</th><th>measures</th></tr>")
+        for d in doubtful:
+            out.append(
+                f"<tr><td>#{d['id']}</td><td>{escape(d['pipeline'])}</td>"
+                f"<td class=uid>{escape(d['run_id'])}</td><td>{_verdict(d['verdict'])}</td>"
+                f"<td>{escape(d['reasons'])}</td><td><small>{escape(d['measures'])}</small></td></tr>"
+            )
+        out.append("</table>")
 
     out.append("<h2>Failed jobs</h2>")
     failed = summary["failed_jobs"]
@@ -120,6 +147,7 @@ def render(
         for r in runs:
             jobs = "".join(
                 f"<div>#{j['id']} {escape(j['pipeline'])} {_state(j['state'])}"
+                f"{' ' + _verdict(j['verdict']) if j['verdict'] else ''}"
                 f" <span class=muted>attempt {j['attempts']}"
                 f"{'; ' + _timings(j['timings']) if j['timings'] else ''}</span>"
                 f"{'<br><small>' + escape(j['error']) + '</small>' if j['error'] else ''}</div>"

@@ -138,12 +138,13 @@ class Reports(Core):
         if runs:
             marks = ",".join("?" * len(runs))
             for j in self.query(
-                "SELECT id, run_id, pipeline, state, attempts, error, timings, created_at,"
-                f" updated_at FROM jobs WHERE run_id IN ({marks}) ORDER BY id",
+                "SELECT id, run_id, pipeline, state, attempts, error, timings, notes,"
+                f" created_at, updated_at FROM jobs WHERE run_id IN ({marks}) ORDER BY id",
                 tuple(by_run),
             ):
                 job = dict(j)
                 job["timings"] = json.loads(job["timings"]) if job["timings"] else {}
+                job |= quality_of(json.loads(job.pop("notes") or "[]"))
                 by_run[job["run_id"]].append(job)
         for r in runs:
             r["jobs"] = by_run[r["run_id"]]
