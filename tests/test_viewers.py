@@ -565,7 +565,7 @@ def test_ohif_cerebral_dsa(delivered: Delivered, ohif: Ohif) -> None:
         (obj,) = wado_series(delivered.pacs, delivered.studies[kind], pm["uid"])
         _value_under_the_mouse(ohif, obj, name)
 
-    (report,) = delivered.pick(kind, SR)
+    (report,) = delivered.pick(kind, SR, "arterial input")  # besides the quality reports
     _overlay_on(ohif, "dsa-sr", report, canvas, extra=0.002, reset=True)  # region and labels
     listed = ohif.driver.execute_script(
         "return window.services.displaySetService.getActiveDisplaySets()"
@@ -583,6 +583,7 @@ def test_ohif_cerebral_dsa(delivered: Delivered, ohif: Ohif) -> None:
             item.MeasuredValueSequence[0].NumericValue
         )
         for group in measurements.ContentSequence
+        if not any(i.get("TextValue") == "Run quality" for i in group.ContentSequence)
         for item in group.ContentSequence
         if item.ValueType == "NUM"
     }
