@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.base import PipelineError, RunMeta
+from pipelines.perfusion.timing import Curves
 
 # Bolus arrival: the first time the AIF reaches this fraction of its peak.
 ARRIVAL_FRACTION = 0.1
@@ -126,7 +127,7 @@ def parabolic_peak(curve: np.ndarray, grid_s: np.ndarray) -> tuple[float, float]
 
 
 def baseline_frames(
-    signal: np.ndarray, mask: np.ndarray, grid_s: np.ndarray, subtracted: bool
+    signal: np.ndarray | Curves, mask: np.ndarray, grid_s: np.ndarray, subtracted: bool
 ) -> int:
     """Grid samples before the bolus reaches the ICA (at least one).
 
@@ -190,7 +191,7 @@ def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSetti
 
 
 def measure_aif(
-    concentration: np.ndarray,
+    concentration: np.ndarray | Curves,
     mask: np.ndarray,
     grid_s: np.ndarray,
     baseline: int,

@@ -18,6 +18,11 @@ brain stays in), in the connected region (vessels included) that holds most of
 it. Maps are defined on brain minus vessels.
 Spatial noise handling: the curves are smoothed by normalised convolution
 inside that mask before deconvolution, so vessel signal never leaks in.
+
+Memory: the concentration curves arrive as :class:`~pipelines.perfusion.timing.Curves`
+(acquired frames and the linear map onto the grid); every step here works on
+2D summaries, one frame, or blocks of pixels, so nothing of the grid's size
+(N x H x W) is ever held.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from scipy import ndimage
 
 from pipelines.base import PipelineError
 from pipelines.perfusion.aif import Aif
-from pipelines.perfusion.deconvolution import Residues, Settings, deconvolve, smooth_in_mask
+from pipelines.perfusion.deconvolution import Residues, Settings, deconvolve, smooth_at
+from pipelines.perfusion.timing import Curves
+
+# Pixels per block for the TTP and area pass (the grid curves of one block).
+PIXEL_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ def _smoothing_gain(sigma_px: float) -> float:
 
 
 def tissue_masks(
-    conc: np.ndarray,
+    conc: np.ndarray | Curves,
     step_s: float,
     aif_peak: float,
     sigma: float,
@@ -111,7 +120,9 @@ def tissue_masks(
     device, misregistration. Such pixels count as vessels (excluded), or their
     large area under the curve would pass for brain.
     """
-    peak = ndimage.gaussian_filter(conc.max(axis=0), 1.0)
+    curves = conc if isinstance(conc, Curves) else Curves(conc)
+    (peak,) = curves.reduce(lambda block: (block.max(axis=0),))
+    peak = ndimage.gaussian_filter(peak, 1.0)
     vessels = (peak >= settings.vessel_fraction * aif_peak) | ica
     if settings.vessel_contrast > 0:
         # Vessels stand out from the blush around them (a projection's tissue
@@ -126,16 +137,16 @@ def tissue_masks(
             tophat >= settings.vessel_relative * np.maximum(background, 0)
         )
     if arrival_s is not None and np.isfinite(arrival_s):
-        at = int(np.clip(round(arrival_s / step_s), 0, conc.shape[0] - 1))
-        early = ndimage.gaussian_filter(conc[at], 1.0)
+        at = int(np.clip(round(arrival_s / step_s), 0, curves.shape[0] - 1))
+        early = ndimage.gaussian_filter(curves[at], 1.0)
         vessels |= (early >= settings.static_fraction * peak) & (peak >= 5 * sigma)
     vessels = ndimage.binary_dilation(vessels, structure=np.ones((3, 3)))
     tissue = (~vessels).astype(np.float32)
-    area = conc.sum(axis=0) * step_s
+    area = curves.total() * step_s
     smoothed = ndimage.gaussian_filter(area * tissue, sigma_px) / np.maximum(
         ndimage.gaussian_filter(tissue, sigma_px), 1e-6
     )
-    noise = sigma * step_s * np.sqrt(conc.shape[0]) * _smoothing_gain(sigma_px)
+    noise = sigma * step_s * np.sqrt(curves.shape[0]) * _smoothing_gain(sigma_px)
     enhancing = (smoothed >= settings.brain_snr * noise) & ~vessels
     # The brain is one piece together with the vessels that cross it: label the
     # union, so that vessels do not cut the hemisphere into islands of which a
@@ -164,7 +175,7 @@ def _ttp(curves: torch.Tensor, step_s: float) -> torch.Tensor:
 
 
 def compute_maps(
-    concentration: np.ndarray,
+    concentration: np.ndarray | Curves,
     aif: Aif,
     sigma: float,
     ica: np.ndarray,
@@ -174,10 +185,11 @@ def compute_maps(
 ) -> Maps:
     """All maps for concentration curves (N, H, W) on the AIF's uniform grid."""
     settings = settings or MapSettings()
+    curves_in = concentration if isinstance(concentration, Curves) else Curves(concentration)
     step = float(aif.grid_s[1] - aif.grid_s[0])
     sigma_px = settings.sigma_pixels(spacing_mm)
     brain, vessels = tissue_masks(
-        concentration,
+        curves_in,
         step,
         aif.peak,
         sigma,
@@ -188,15 +200,24 @@ def compute_maps(
         spacing_px_mm=float(np.mean(spacing_mm)) if spacing_mm else 0.5,
     )
     valid = brain & ~vessels
+    # The smoothing is per frame and linear, so it is applied to the acquired
+    # frames, at the valid pixels only: (T, P), the size of the run at most.
+    samples = smooth_at(curves_in.frames, valid, sigma_px, device)
+    weights = curves_in.weights
+    grid = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    area = np.empty(samples.shape[1], np.float32)
+    ttp = np.empty(samples.shape[1], np.float32)
     with torch.inference_mode():
-        conc = torch.as_tensor(concentration, dtype=torch.float32, device=device)
-        smoothed = smooth_in_mask(conc, torch.as_tensor(valid, device=conc.device), sigma_px)
-        flat = torch.as_tensor(np.flatnonzero(valid), device=conc.device)
-        curves = smoothed.reshape(smoothed.shape[0], -1).index_select(1, flat)
-        area = torch.trapezoid(curves, dx=step, dim=0).cpu().numpy()
-        ttp = _ttp(curves, step).cpu().numpy()
-        del smoothed
-    residues: Residues = deconvolve(curves, aif.curve, step, settings.deconvolution, device)
+        for start in range(0, samples.shape[1], PIXEL_BLOCK):
+            part = slice(start, start + PIXEL_BLOCK)
+            block = torch.from_numpy(samples[:, part])
+            curves = block if grid is None else grid @ block
+            area[part] = torch.trapezoid(curves, dx=step, dim=0).numpy()
+            ttp[part] = _ttp(curves, step).numpy()
+    residues: Residues = deconvolve(
+        samples, aif.curve, step, settings.deconvolution, device, weights=weights
+    )
+    del samples
     aif_area = float(np.trapezoid(aif.curve, dx=step))
     cbv = area / aif_area
     ok = residues.cbf > 0

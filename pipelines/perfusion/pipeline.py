@@ -55,7 +55,7 @@ from pipelines.perfusion.ica import (
     opacity_and_arrival,
 )
 from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
-from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
+from pipelines.perfusion.timing import Curves, acquisition_times, resample_weights, uniform_grid
 from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
@@ -136,7 +136,7 @@ def _device(ctx: PipelineContext, notes: list[str]) -> torch.device:
 
 def locate_ica(
     image: np.ndarray,
-    signal: np.ndarray,
+    signal: np.ndarray | Curves,
     grid_s: np.ndarray,
     sigma: float,
     model_package: str | None,
@@ -167,7 +167,11 @@ def locate_ica(
         if inside is not None:
             mask = mask & inside
         return model_ica(mask, settings), package.algorithm(NAME, VERSION)
-    opacity, arrival = opacity_and_arrival(signal - signal[0], grid_s)
+    curves = signal if isinstance(signal, Curves) else Curves(signal)
+    # Pixel by pixel, so a block of rows at a time: never a copy of all the curves.
+    opacity, arrival = curves.minus_sample(0).reduce(
+        lambda block: opacity_and_arrival(block, grid_s)
+    )
     result = classical_ica(opacity, arrival, sigma, settings, inside)
     return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
 
@@ -211,8 +215,9 @@ class DsaPerfusion:
         inside = field.mask if field.collimated else None
         raw_signal = contrast_signal(frames, run.meta)
         sigma = noise_sigma(raw_signal, inside)
-        signal = resample(raw_signal, times, timing.grid_s)
-        del raw_signal
+        # The grid curves stay lazy (acquired frames and the interpolation
+        # matrix): memory follows the run, not the grid (see ``timing.Curves``).
+        signal = Curves(raw_signal, resample_weights(times, timing.grid_s))
         image = minip(frames)
 
         ica, algorithm = locate_ica(
@@ -227,8 +232,7 @@ class DsaPerfusion:
             field,
         )
         baseline = baseline_frames(signal, ica.mask, timing.grid_s, run.meta.subtracted)
-        concentration = signal - signal[:baseline].mean(axis=0, keepdims=True)
-        del signal
+        concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, timing.grid_s, baseline, sigma, aif_settings)
         notes.extend(aif.flags)
         maps = compute_maps(
