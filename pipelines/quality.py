@@ -127,8 +127,8 @@ class Check:
         if self.passed():
             return ""
         m = self.measurement
-        if math.isnan(m.value):
-            return f"{describe(m)}: {self.meaning}"
+        if math.isnan(m.value) or (m.value == 0 and self.low is not None and self.low <= 1e-6):
+            return f"{describe(m)}: {self.meaning}"  # none at all: no bound to quote
         bound, word = (
             (self.low, "below")
             if self.low is not None and m.value < self.low

@@ -569,8 +569,9 @@ def test_ohif_cerebral_dsa(delivered: Delivered, ohif: Ohif) -> None:
     _overlay_on(ohif, "dsa-sr", report, canvas, extra=0.002, reset=True)  # region and labels
     listed = ohif.driver.execute_script(
         "return window.services.displaySetService.getActiveDisplaySets()"
-        ".filter(d => d.Modality === 'SR')"
-        ".map(d => d.measurements.map(m => [m.loaded, m.labels]))"
+        ".filter(d => d.Modality === 'SR' && d.SeriesInstanceUID === arguments[0])"
+        ".map(d => d.measurements.map(m => [m.loaded, m.labels]))",
+        report["uid"],
     )
     ((loaded, labels),) = listed[0]
     assert loaded, listed  # drawn on the canvas
