@@ -18,6 +18,7 @@ from bench.perfusion import dsa_run
 from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext
 from dicom_node.encode.pmap import encode_parametric_map
+from dicom_node.encode.sr import QUALITY_TITLE
 from pipelines.base import (
     ICA,
     MeasurementsOutput,
@@ -119,9 +120,16 @@ def test_parametric_maps_round_trip(delivered):
         label = mapping.LUTLabel
         out = outputs[label]
         seen.add(label)
-        expected = np.where(out.valid, out.values, 0).astype(np.float32)
+        # No value = the Float Pixel Padding Value, outside the mapped range.
+        padding = float(back.FloatPixelPaddingValue)
+        assert padding == -1.0
+        expected = np.where(out.valid, out.values, padding).astype(np.float32)
         assert back.pixel_array.dtype == np.float32
         assert np.array_equal(back.pixel_array, expected)
+        first = float(mapping.DoubleFloatRealWorldValueFirstValueMapped)
+        last = float(mapping.DoubleFloatRealWorldValueLastValueMapped)
+        assert first == pytest.approx(out.values[out.valid].min()) and first > padding
+        assert last == pytest.approx(out.values[out.valid].max())
         quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
         assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == (
             out.quantity.value,
@@ -168,7 +176,10 @@ def test_renderings_round_trip(delivered):
             continue
         back = pydicom.dcmread(path)
         out = renderings[back.SeriesDescription.removeprefix("AI ")]
-        assert np.array_equal(back.pixel_array, out.rgb)
+        # The rendering, with the quality band the encoder sets under it (the verdict).
+        height = out.rgb.shape[0]
+        assert np.array_equal(back.pixel_array[:height], out.rgb)
+        assert back.pixel_array.shape[0] > height
         assert back.BurnedInAnnotation == "YES"
         found += 1
     assert found == 6
@@ -184,7 +195,9 @@ def test_sr_round_trip(delivered):
     sr = hd.sr.srread(path)
     report = hd.sr.MeasurementReport.from_sequence([sr])
     assert report.get_image_measurement_groups() == []
-    (group,) = report.get_planar_roi_measurement_groups()
+    group, quality = report.get_planar_roi_measurement_groups()  # AIF, then "Run quality"
+    assert quality.tracking_identifier == QUALITY_TITLE
+    assert {m.name.value for m in quality.get_measurements()} >= {"AIFSNR", "NOVALUE"}
     back = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
     assert back == {m.name.value: (pytest.approx(m.value), m.unit.value) for m in out.measurements}
     assert group.finding_sites[0].value.value == "86117002"  # internal carotid artery

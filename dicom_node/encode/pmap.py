@@ -12,8 +12,18 @@ over its referenced series (OHIF) always finds the canvas.
 Pixel values are 32-bit floats, mapped to the quantity by a Real World Value
 Mapping (identity slope and intercept) whose LUT Label is the pipeline's label
 (CBF, CBV, MTT, TMAX, TTP), with the quantity in its Quantity Definition and
-UCUM units. Pixels outside the output's ``valid`` mask are 0, as the LUT
-Explanation says.
+UCUM units.
+
+"No value" (a pixel outside the output's ``valid`` mask, or not finite) is never
+a number a reader could take for a measurement: it is stored as the Float Pixel
+Padding Value (0028,0122) of the Floating Point Image Pixel module (with a
+range limit equal to it), -1 for maps
+whose values are all >= 0 (every perfusion map), else one below the smallest
+value; the Real World Value Mapping's first and last values mapped span the
+valid values only, so the padding value is outside the mapped range, and the
+window (VOI LUT) is set from the valid values, so padding renders as the
+darkest value in a viewer that ignores both. A map without any valid pixel is
+refused: an empty map is a failed result, not an object.
 """
 
 from __future__ import annotations
@@ -36,27 +46,40 @@ from dicom_node.encode.common import (
 )
 from pipelines.base import Output, ParametricMapOutput, Run
 
+# Float Pixel Padding Value of maps whose valid values are all >= 0.
+NO_VALUE = -1.0
 
-def _values(out: ParametricMapOutput) -> tuple[np.ndarray, np.ndarray]:
+
+def padding_value(valid_values: np.ndarray) -> float:
+    """The stored value meaning "no value": below every valid value."""
+    low = float(valid_values.min())
+    return NO_VALUE if low >= 0 else float(np.floor(low)) - 1.0
+
+
+def _values(out: ParametricMapOutput) -> tuple[np.ndarray, np.ndarray, float]:
+    """Stored pixels (padding where there is no value), the valid mask, the padding."""
     values = np.asarray(out.values, dtype=np.float32)
     if values.ndim != 2:
         raise ValueError(f"parametric map {out.key!r} must be (H, W), got {values.shape}")
     valid = np.isfinite(values)
     if out.valid is not None:
         valid &= np.asarray(out.valid, bool)
-    return np.where(valid, values, np.float32(0)), valid
+    if not valid.any():
+        raise ValueError(f"parametric map {out.key!r} has no valid pixel: refusing an empty map")
+    padding = padding_value(values[valid])
+    return np.where(valid, values, np.float32(padding)), valid, padding
 
 
 def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[Dataset]:
     if ctx.canvas is None:
         raise ValueError(f"parametric map {out.key!r} needs the MinIP canvas as its source")
-    values, valid = _values(out)
+    values, valid, padding = _values(out)
     if values.shape != (ctx.canvas.Rows, ctx.canvas.Columns):
         raise ValueError(
             f"parametric map {out.key!r} {values.shape} does not fit the canvas "
             f"({ctx.canvas.Rows}, {ctx.canvas.Columns})"
         )
-    lo, hi = float(values.min()), float(values.max())
+    lo, hi = float(values[valid].min()), float(values[valid].max())
     if hi <= lo:
         hi = lo + 1.0
     mapping = hd.pm.RealWorldValueMapping(
@@ -68,7 +91,7 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
         intercept=0.0,
         quantity_definition=coded(out.quantity),
     )
-    inside = values[valid] if valid.any() else values.ravel()
+    inside = values[valid]
     p_lo, p_hi = (float(v) for v in np.percentile(inside, [2, 98]))
     width = max(p_hi - p_lo, 1e-6)
     superseded = ctx.superseded(out.key, ParametricMapStorage)
@@ -104,6 +127,11 @@ def encode_parametric_map(out: ParametricMapOutput, ctx: EncodeContext) -> list[
     # General Series: Type 2C, empty when unknown (a head run is not paired).
     pm.Laterality = ctx.first.get("Laterality", "")
     pm.ImageComments = (out.description or out.quantity.meaning)[:10240]
+    # Floating Point Image Pixel module: the value that means "no value here".
+    # Its range limit equal to it (a one-value range): dciodvfy checks the Type 1C
+    # limit whenever the value is present.
+    pm.FloatPixelPaddingValue = padding
+    pm.FloatPixelPaddingRangeLimit = padding
     set_dimension_organization(pm, ctx.result_uid(out.key, "dimension-organization"))
     mark_supersession(pm, superseded)
     return [pm]

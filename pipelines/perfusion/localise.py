@@ -136,9 +136,34 @@ class ArterySettings:
     # ... and at least this share of the largest dense component (a trunk, not a twig).
     min_area_share: float = 0.05
     early_margin_s: float = 0.75
+    # The mask: the component's pixels opacifying within this time of its earliest.
+    trunk_window_s: float = 0.4
     # A first pass comes back down: pixels still at this fraction of their peak at
     # the end of the run (misregistered bone edges, drift, a catheter) are not it.
     max_final_fraction: float = 0.7
+
+
+def min_width_px(spacing_mm: tuple[float, float] | None, settings: ArterySettings) -> float:
+    if spacing_mm is not None and min(spacing_mm) > 0:
+        return settings.min_diameter_mm / float(np.mean(spacing_mm))
+    return settings.min_diameter_px
+
+
+def wide_enough(
+    result: IcaResult,
+    spacing_mm: tuple[float, float] | None,
+    settings: ArterySettings | None = None,
+) -> IcaResult:
+    """``result`` when its vessel is as wide as a large artery, else a refusal: a thin
+    vessel at the border (a scalp branch, a misregistered edge) is not the ICA."""
+    settings = settings or ArterySettings()
+    least = min_width_px(spacing_mm, settings)
+    if result.entry_width_px < least:
+        raise PipelineError(
+            f"the vessel found is {result.entry_width_px:.1f} px wide, less than a large artery "
+            f"({least:.1f} px)"
+        )
+    return result
 
 
 def dense_vessels(
@@ -156,18 +181,18 @@ def dense_vessels(
     return smooth >= level, smooth
 
 
-def _trunk(component: np.ndarray, arrival_s: np.ndarray, early: float, margin: float):
-    """The wide, early part of a vessel component: pixels at least half its widest
-    radius from its edge (grown back), arriving within ``margin`` of ``early``."""
-    radius = ndimage.distance_transform_edt(component)
-    widest = float(radius.max())
-    core = radius >= max(1.0, 0.5 * widest)
-    grow = max(1, int(round(0.5 * widest)))
-    trunk = ndimage.binary_dilation(core, iterations=grow) & component
-    trunk &= arrival_s <= early + margin
+def _trunk(
+    component: np.ndarray, arrival_s: np.ndarray, early: float, window: float
+) -> tuple[np.ndarray, float]:
+    """The upstream end of a vessel component: its pixels that opacify within
+    ``window`` of its earliest (the artery before it branches into the blush that
+    overlapping branches form in projection), the largest connected piece."""
+    trunk = component & (arrival_s <= early + window)
     if not trunk.any():
         trunk = component
-    return trunk, 2 * widest
+    trunk, _ = largest_component(trunk)
+    width = 2 * float(ndimage.distance_transform_edt(trunk).max())
+    return trunk, width
 
 
 def earliest_artery(
@@ -203,25 +228,24 @@ def earliest_artery(
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     radius = ndimage.distance_transform_edt(vessels)
     widths = 2 * np.asarray(ndimage.maximum(radius, labels, index), float)
-    if spacing_mm is not None and min(spacing_mm) > 0:
-        min_width = settings.min_diameter_mm / float(np.mean(spacing_mm))
-        wide_text = f"{settings.min_diameter_mm:g} mm"
-    else:
-        min_width, wide_text = settings.min_diameter_px, f"{settings.min_diameter_px:g} px"
+    min_width = min_width_px(spacing_mm, settings)
     large = (
         (widths >= min_width)
         & (sizes >= settings.min_area_px)
         & (sizes >= settings.min_area_share * sizes.max())
     )
     if not large.any():
-        raise PipelineError(f"no dense vessel is {wide_text} wide (widest {widths.max():.1f} px)")
+        raise PipelineError(
+            f"no dense vessel is both {min_width:.1f} px wide and {settings.min_area_px} px "
+            f"large (widest {widths.max():.1f} px)"
+        )
     early = np.array(
         [np.percentile(arrival_s[labels == k], 10) if large[k - 1] else np.inf for k in index]
     )
     in_time = early <= early.min() + settings.early_margin_s
     choice = int(np.argmax(np.where(in_time, widths, -np.inf)))
     component = labels == choice + 1
-    trunk, width = _trunk(component, arrival_s, float(early[choice]), settings.early_margin_s)
+    trunk, width = _trunk(component, arrival_s, float(early[choice]), settings.trunk_window_s)
     if ica.keep_largest:
         mask, components = largest_component(trunk)
     else:

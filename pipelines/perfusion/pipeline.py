@@ -13,12 +13,13 @@ Options (``PipelineContext.options``): see ``OPTIONS``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from pipelines.base import (
     ICA,
@@ -33,12 +34,14 @@ from pipelines.base import (
     PipelineResult,
     RenderingOutput,
     Run,
+    RunMeta,
     Segment,
     SegmentationOutput,
     minip,
     register,
 )
 from pipelines.perfusion.aif import (
+    Aif,
     AifSettings,
     baseline_frames,
     contrast_signal,
@@ -54,8 +57,27 @@ from pipelines.perfusion.ica import (
     model_ica,
     opacity_and_arrival,
 )
+from pipelines.perfusion.localise import (
+    RULE_NAMES,
+    Located,
+    SiteRule,
+    earliest_artery,
+    locate,
+    parse_site_rules,
+    rule_order,
+    site_ica,
+    wide_enough,
+)
 from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
+from pipelines.perfusion.quality import (
+    Findings,
+    assess_perfusion,
+    first_pass_gap,
+    fwhm_s,
+    saturation,
+)
 from pipelines.perfusion.timing import Curves, acquisition_times, resample_weights, uniform_grid
+from pipelines.quality import Quality, Verdict
 from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
@@ -71,6 +93,9 @@ TMAX = Code("113084", "DCM", "Tmax")
 TIME_TO_PEAK = Code("113069", "DCM", "Time To Peak")
 TIME_OF_PEAK_CONCENTRATION = Code("126370", "DCM", "Time of Peak Concentration")
 PEAK_VALUE = Code("126031", "DCM", "Peak Value Within ROI")
+# A bolus passage takes seconds: an AIF narrower than this at half its peak is
+# contrast in a single frame (see ``pipelines.perfusion.quality``).
+MIN_AIF_WIDTH_S = 0.5
 # The pixels the AIF averages: the ICA, where it shows a clean first pass.
 AIF_SEGMENT = Segment("AIF region (internal carotid artery)", ICA, color_rgb=(255, 160, 0))
 BOLUS_ARRIVAL = Code("126371", "DCM", "Bolus Arrival Time")
@@ -83,7 +108,12 @@ OPTIONS: dict[str, str] = {
     "oscillation_budget": "oSVD bound on the residue's oscillation index times its length "
     "(default 4; larger regularises less)",
     "tmax": "Tmax estimator: onset (time the residue first reaches its peak, default) or argmax",
-    "ica": "auto (model when a package is configured), classical or model",
+    "ica": "which ICA rule comes first: auto (the package when one is configured, else the "
+    "border rule), classical (border rule, never the package), model or site; the other rules "
+    "follow as fallbacks (see pipelines.perfusion.localise)",
+    "ica_site_rules": "site rules per protocol: a list of tables {protocol = regex on the Series "
+    "Description, roi = [top, left, bottom, right] or seed = [row, column], fractions of the "
+    "image}",
     "keep_largest_ica": "keep only the largest connected part of the ICA mask (default true)",
     "sigma_mm": "spatial smoothing before deconvolution, Gaussian sigma in mm (default 1.0)",
     "vessel_fraction": "large-vessel exclusion, fraction of the AIF peak (default 0.6)",
@@ -94,15 +124,18 @@ OPTIONS: dict[str, str] = {
 }
 
 
-def _settings(options: Mapping[str, Any]) -> tuple[MapSettings, IcaSettings, AifSettings, str]:
+def _settings(
+    options: Mapping[str, Any],
+) -> tuple[MapSettings, IcaSettings, AifSettings, str, tuple[SiteRule, ...]]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise PipelineError(
             f"unknown {NAME} option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OPTIONS))}"
         )
     ica_mode = str(options.get("ica", "auto"))
-    if ica_mode not in ("auto", "classical", "model"):
-        raise PipelineError(f"option ica={ica_mode!r}: allowed auto, classical, model")
+    if ica_mode not in ("auto", "classical", "model", "site"):
+        raise PipelineError(f"option ica={ica_mode!r}: allowed auto, classical, model, site")
+    site_rules = parse_site_rules(options.get("ica_site_rules"))
     try:
         maps = MapSettings(
             deconvolution=Settings(
@@ -123,7 +156,7 @@ def _settings(options: Mapping[str, Any]) -> tuple[MapSettings, IcaSettings, Aif
     keep = options.get("keep_largest_ica", True)
     if not isinstance(keep, bool):
         raise PipelineError(f"option keep_largest_ica={keep!r}: allowed true or false")
-    return maps, IcaSettings(keep_largest=keep), aif, ica_mode
+    return maps, IcaSettings(keep_largest=keep), aif, ica_mode, site_rules
 
 
 def _device(ctx: PipelineContext, notes: list[str]) -> torch.device:
@@ -153,20 +186,7 @@ def locate_ica(
     if use_model:
         if model_package is None:
             raise PipelineError("option ica=model but no model package is configured")
-        from pipelines.models.ica_unet import predict_mask
-        from pipelines.models.package import load_package
-
-        package = load_package(model_package, pipeline=NAME)
-        if package.architecture != "ica_unet":
-            raise PipelineError(
-                f"model package {package.name} has architecture {package.architecture!r}, "
-                "dsa_perfusion needs 'ica_unet'"
-            )
-        model = package.load_model(device)
-        mask = predict_mask(model, image, device)  # type: ignore[arg-type]
-        if inside is not None:
-            mask = mask & inside
-        return model_ica(mask, settings), package.algorithm(NAME, VERSION)
+        return _model_ica(image, model_package, settings, device, inside)
     curves = signal if isinstance(signal, Curves) else Curves(signal)
     # Pixel by pixel, so a block of rows at a time: never a copy of all the curves.
     opacity, arrival = curves.minus_sample(0).reduce(
@@ -174,6 +194,111 @@ def locate_ica(
     )
     result = classical_ica(opacity, arrival, sigma, settings, inside)
     return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
+
+
+def _model_ica(
+    image: np.ndarray,
+    model_package: str,
+    settings: IcaSettings,
+    device: torch.device,
+    inside: np.ndarray | None,
+) -> tuple[IcaResult, AlgorithmInfo]:
+    """The ICA U-Net of ``model_package`` on the MinIP, within the field."""
+    from pipelines.models.ica_unet import predict_mask
+    from pipelines.models.package import load_package
+
+    package = load_package(model_package, pipeline=NAME)
+    if package.architecture != "ica_unet":
+        raise PipelineError(
+            f"model package {package.name} has architecture {package.architecture!r}, "
+            "dsa_perfusion needs 'ica_unet'"
+        )
+    model = package.load_model(device)
+    mask = predict_mask(model, image, device)  # type: ignore[arg-type]
+    if inside is not None:
+        mask = mask & inside
+    return model_ica(mask, settings), package.algorithm(NAME, VERSION)
+
+
+@dataclass(frozen=True)
+class Input:
+    """The located ICA and what follows from it: the baseline, the concentration
+    curves and the AIF."""
+
+    located: Located
+    algorithm: AlgorithmInfo
+    baseline: int
+    concentration: Curves
+    aif: Aif
+
+
+def ica_and_aif(
+    image: np.ndarray,
+    signal: Curves,
+    times_s: np.ndarray,
+    grid_s: np.ndarray,
+    sigma: float,
+    meta: RunMeta,
+    ctx: PipelineContext,
+    mode: str,
+    settings: tuple[IcaSettings, AifSettings, tuple[SiteRule, ...]],
+    device: torch.device,
+    inside: np.ndarray | None,
+) -> Input:
+    """The ICA by the rules of ``pipelines.perfusion.localise`` in order, the first
+    whose baseline and AIF pass their checks; the run is refused, with every rule's
+    reason, only when none does."""
+    ica_settings, aif_settings, site_rules = settings
+    if mode == "model" and ctx.model_package is None:
+        raise PipelineError("option ica=model but no model package is configured")
+    rise = signal.minus_sample(0)
+    # Pixel by pixel, so a block of rows at a time: never a copy of all the curves.
+    opacity, arrival = rise.reduce(lambda block: opacity_and_arrival(block, grid_s))
+    final = rise[-1]
+    second = float(times_s[1])
+    spacing = meta.pixel_spacing_mm
+    package = ctx.model_package
+    models: dict[str, AlgorithmInfo] = {}
+
+    def model() -> IcaResult:
+        assert package is not None
+        result, models["model"] = _model_ica(image, package, ica_settings, device, inside)
+        return result
+
+    attempts: dict[str, Callable[[], IcaResult] | None] = {
+        "border": lambda: wide_enough(
+            classical_ica(opacity, arrival, sigma, ica_settings, inside), spacing
+        ),
+        "earliest": lambda: earliest_artery(
+            opacity, arrival, sigma, spacing, None, ica_settings, inside, final, second
+        ),
+        "model": model if package is not None else None,
+        "site": lambda: site_ica(
+            site_rules,
+            meta.series_description,
+            opacity,
+            arrival,
+            sigma,
+            spacing,
+            ica_settings,
+            inside,
+            final,
+            second,
+        ),
+    }
+
+    def accept(ica: IcaResult) -> tuple[int, Curves, Aif]:
+        baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
+        concentration = signal.minus_baseline(baseline)
+        aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
+        return baseline, concentration, aif
+
+    order = rule_order(mode, package is not None)
+    if mode == "site":
+        order = ["site", *(r for r in order if r != "site")]
+    located, (baseline, concentration, aif) = locate(order, attempts, accept)
+    classical = AlgorithmInfo(name=NAME, version=VERSION, family="classical")
+    return Input(located, models.get(located.rule, classical), baseline, concentration, aif)
 
 
 def restrict_maps(maps: Maps, field: np.ndarray) -> Maps:
@@ -202,7 +327,7 @@ class DsaPerfusion:
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
         if run.meta.is_volume or run.pixels.ndim != 3:
             raise PipelineError(f"{NAME} needs a 2D+t DSA run, got shape {run.pixels.shape}")
-        map_settings, ica_settings, aif_settings, ica_mode = _settings(ctx.options)
+        map_settings, ica_settings, aif_settings, ica_mode, site_rules = _settings(ctx.options)
         notes: list[str] = []
         device = _device(ctx, notes)
         frames = run.pixels
@@ -220,26 +345,44 @@ class DsaPerfusion:
         signal = Curves(raw_signal, resample_weights(times, timing.grid_s))
         image = minip(frames)
 
-        ica, algorithm = locate_ica(
+        found = ica_and_aif(
             image,
             signal,
+            times,
             timing.grid_s,
             sigma,
-            ctx.model_package,
+            run.meta,
+            ctx,
             ica_mode,
-            ica_settings,
+            (ica_settings, aif_settings, site_rules),
             device,
-            field,
+            inside,
         )
-        baseline = baseline_frames(signal, ica.mask, timing.grid_s, run.meta.subtracted)
-        concentration = signal.minus_baseline(baseline)
-        aif = measure_aif(concentration, ica.mask, timing.grid_s, baseline, sigma, aif_settings)
+        ica, aif, algorithm = found.located.ica, found.aif, found.algorithm
+        width = fwhm_s(aif.curve, timing.grid_s)
+        if width < MIN_AIF_WIDTH_S:
+            raise PipelineError(
+                f"the AIF is above half its peak for {width:.2f} s only: contrast in a single "
+                "frame, not a bolus passage; no maps can be computed from it"
+            )
+        notes.append(found.located.describe)
         notes.extend(aif.flags)
         maps = compute_maps(
-            concentration, aif, sigma, ica.mask, run.meta.pixel_spacing_mm, map_settings, device
+            found.concentration,
+            aif,
+            sigma,
+            ica.mask,
+            run.meta.pixel_spacing_mm,
+            map_settings,
+            device,
         )
         if inside is not None:
             maps = restrict_maps(maps, inside)
+        if not maps.valid.any():
+            raise PipelineError("no pixel inside the exposed field has a perfusion estimate")
+        quality = self._quality(frames, times, timing.grid_s, found, maps, inside, width)
+        if quality.verdict is Verdict.FAILED:
+            raise PipelineError("perfusion result failed its checks: " + "; ".join(quality.reasons))
         method = maps.method
         notes.append(
             f"ICA: {ica.method}, {int(ica.mask.sum())} px, {ica.components} part(s)"
@@ -248,6 +391,12 @@ class DsaPerfusion:
             f"SNR {aif.snr:.0f}; deconvolution {method}; CBF 1 = {maps.cbf_median_per_s:.4g}/s "
             f"(AIF units); {map_settings.describe_mask()}"
         )
+        if maps.rejected:
+            notes.append(
+                "brain pixels without a value (physically impossible estimates): "
+                + ", ".join(f"{why} {count}" for why, count in maps.rejected.items())
+            )
+        rule = RULE_NAMES[found.located.rule]
         outputs: list[Any] = [ImageOutput(key="minip", pixels=image, description="MinIP")]
         outputs += self._maps(maps, image, algorithm, method, map_settings)
         outputs.append(
@@ -257,15 +406,13 @@ class DsaPerfusion:
                 segments=[AIF_SEGMENT],
                 algorithm=algorithm,
                 geometry="canvas",
-                description="Perfusion AIF region",
+                description=f"Perfusion AIF region ({rule})",
             )
         )
         outputs.append(
             RenderingOutput(
                 key="aif_plot",
-                rgb=aif_figure(
-                    image, ica.mask, aif, [f"AIF from the ICA ({ica.method}), {method}"]
-                ),
+                rgb=aif_figure(image, ica.mask, aif, [f"AIF: ICA by the {rule} rule, {method}"]),
                 description="Perfusion AIF and ICA mask",
             )
         )
@@ -281,9 +428,43 @@ class DsaPerfusion:
                 algorithm=algorithm,
                 finding_site=ICA,
                 region=aif.mask,
+                quality=quality.measures,
             )
         )
-        return PipelineResult(outputs=outputs, notes=notes)
+        return PipelineResult(outputs=outputs, notes=notes, quality=quality)
+
+    def _quality(
+        self,
+        frames: np.ndarray,
+        times: np.ndarray,
+        grid: np.ndarray,
+        found: Input,
+        maps: Maps,
+        inside: np.ndarray | None,
+        width: float,
+    ) -> Quality:
+        """The measures of ``pipelines.perfusion.quality`` for this run."""
+        aif = found.aif
+        field = inside if inside is not None else np.ones(maps.valid.shape, bool)
+        ica_share, field_share = saturation(frames, aif.mask, inside)
+        region = np.asarray(ndimage.binary_fill_holes(maps.brain)) & field
+        brighter = maps.brighter if maps.brighter is not None else np.zeros_like(field)
+        return assess_perfusion(
+            Findings(
+                aif_snr=aif.snr,
+                aif_fwhm_s=width,
+                aif_tail=float(aif.curve[-1]) / aif.peak,
+                baseline_frames=int(np.sum(times < aif.arrival_s)),
+                first_pass_gap_s=first_pass_gap(times, aif.curve, grid),
+                aif_saturation=ica_share,
+                field_saturation=field_share,
+                misregistration=float((brighter & field).sum()) / max(float(field.sum()), 1.0),
+                brain_share=float(region.sum()) / max(float(field.sum()), 1.0),
+                no_value_share=1.0 - float(maps.valid.sum()) / max(float(region.sum()), 1.0),
+                early_share=maps.early_share,
+                ica_rule=found.located.rule,
+            )
+        )
 
     def _maps(
         self,
@@ -343,7 +524,7 @@ class DsaPerfusion:
                     quantity=quantity,
                     unit=unit,
                     algorithm=algorithm,
-                    description=f"{text}; {method}; 0 outside the mask ({mask_note})",
+                    description=f"{text}; {method}; no value outside the mask ({mask_note})",
                     valid=maps.valid,
                 )
             )
