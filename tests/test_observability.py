@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dicom_node.auth import hash_token
 from tests.conftest import send_storescu, wait_for
 from tests.dicomgen import save, xa_run
+from tests.tiny_package import tiny_package
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "img" / "statuspage.png"
@@ -53,7 +54,7 @@ def _busy_node(make_node: Any, storescp: Any, tmp_path: Path) -> Any:
         rules=RULES,
         destinations=[storescp.destination("pacs"), DOWN],
         workers={"max_attempts": 1},
-        models={"dsa_av": str(ROOT / "models" / "dsa_av-st_unet-quick")},
+        models={"dsa_av": str(tiny_package(tmp_path / "dsa_av-tiny", "dsa_av", "dsa_av-tiny"))},
     )
     send_storescu("ANGIO_NODE", node.port, [save(xa_run(frames=2, seed=41), tmp_path / "in")])
     wait_for(lambda: node.db.unsettled_jobs() == 0 and node.db.query("SELECT 1 FROM jobs"), 120)
@@ -110,8 +111,8 @@ def test_metrics_are_prometheus_text_with_what_happened(
             s,
             "angio_node_model_package_info",
             pipeline="dsa_av",
-            name="dsa_av-st_unet-quick",
-            version="0.1.0",
+            name="dsa_av-tiny",
+            version="0.0.1",
         )
         == 1
     )
@@ -228,7 +229,7 @@ def test_status_page_in_chromium_with_retry(make_node: Any, storescp: Any, tmp_p
         assert "unrouted" in runs  # the CT series: no rule for it
         outbox = driver.find_element(By.ID, "outbox").text
         assert "pacs" in outbox and "down" in outbox
-        assert "dsa_av-st_unet-quick" in driver.find_element(By.ID, "packages").text
+        assert "dsa_av-tiny" in driver.find_element(By.ID, "packages").text
         assert (
             "perfusion analysis needs at least 4 frames"
             in driver.find_element(By.ID, "failed").text

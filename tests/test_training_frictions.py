@@ -14,15 +14,20 @@ import pytest
 from dicom_node.errors import ConfigError
 from dicom_node.settings import load_settings
 from tests.orthanc_fixture import missing_parts, start_orthanc
+from tests.tiny_package import tiny_package
 
 ROOT = Path(__file__).resolve().parents[1]
-DSA_IA = ROOT / "models" / "dsa_ia-vss_net-quick"
+
+
+@pytest.fixture
+def dsa_ia_package(tmp_path: Path) -> Path:
+    return tiny_package(tmp_path / "pkg" / "dsa_ia-tiny", "dsa_ia", "dsa_ia-tiny")
 
 
 def test_models_paths_are_relative_to_the_settings_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dsa_ia_package: Path
 ) -> None:
-    shutil.copytree(DSA_IA, tmp_path / "site" / "models" / "ia")
+    shutil.copytree(dsa_ia_package, tmp_path / "site" / "models" / "ia")
     conf = tmp_path / "site" / "conf"
     conf.mkdir()
     (conf / "node.toml").write_text('[models]\ndsa_ia = "../models/ia"\n')
@@ -30,17 +35,19 @@ def test_models_paths_are_relative_to_the_settings_file(
     settings = load_settings(conf / "node.toml", environ={})
     assert settings.models["dsa_ia"].resolve() == (tmp_path / "site" / "models" / "ia").resolve()
     # Absolute paths stay as they are; keyword overrides stay relative to the caller.
-    (conf / "abs.toml").write_text(f'[models]\ndsa_ia = "{DSA_IA}"\n')
-    assert load_settings(conf / "abs.toml", environ={}).models["dsa_ia"] == DSA_IA
+    (conf / "abs.toml").write_text(f'[models]\ndsa_ia = "{dsa_ia_package}"\n')
+    assert load_settings(conf / "abs.toml", environ={}).models["dsa_ia"] == dsa_ia_package
 
 
-def test_a_package_for_another_pipeline_is_refused_when_settings_load(tmp_path: Path) -> None:
+def test_a_package_for_another_pipeline_is_refused_when_settings_load(
+    tmp_path: Path, dsa_ia_package: Path
+) -> None:
     with pytest.raises(ConfigError, match=r"models.dsa_av: .* package for the 'dsa_ia' pipeline"):
-        load_settings(None, environ={}, models={"dsa_av": str(DSA_IA)})
+        load_settings(None, environ={}, models={"dsa_av": str(dsa_ia_package)})
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="models.dsa_ia: .* no readable package.json"):
         load_settings(None, environ={}, models={"dsa_ia": str(tmp_path / "empty")})
-    assert load_settings(None, environ={}, models={"dsa_ia": str(DSA_IA)}).models
+    assert load_settings(None, environ={}, models={"dsa_ia": str(dsa_ia_package)}).models
 
 
 @pytest.mark.orthanc
