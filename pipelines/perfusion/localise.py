@@ -20,8 +20,11 @@ tried in order, and the first whose AIF passes the checks is used:
    fractions of the image height and width (so one rule fits every matrix);
    the earliest dense vessel inside it (a seed: within ``seed_radius`` of it).
 
-Only when every rule fails is the run refused, with each rule's reason. The
-rule that found the ICA is in the result (notes, AIF region, AIF plot).
+A rule's ICA is also refused when most of the enhancing tissue fills before it
+(``tissue_first``): a vein or a late branch at the border, not the feeding
+artery. Only when every rule fails is the run refused, with each rule's
+reason. The rule that found the ICA is in the result (notes, AIF region, AIF
+plot).
 """
 
 from __future__ import annotations
@@ -295,6 +298,29 @@ def site_ica(
         entry_width_px=result.entry_width_px,
         components=result.components,
     )
+
+
+# A vessel whose bolus reaches half its peak after most of the enhancing tissue has
+# reached half of its own is downstream of that tissue (a vein, a late branch): not
+# the feeding artery, whatever rule found it.
+MAX_TISSUE_FIRST = 0.5
+
+
+def tissue_first(
+    opacity: np.ndarray,
+    arrival_s: np.ndarray,
+    sigma: float,
+    aif_half_s: float,
+    aif_peak: float,
+    step_s: float,
+) -> float:
+    """Share of the enhancing tissue (peak opacity from 10 noise SD to half the AIF
+    peak: not noise, not a large vessel) that reaches half its peak more than one
+    step before the AIF does (``aif_half_s``)."""
+    tissue = (opacity >= 10 * sigma) & (opacity <= 0.5 * aif_peak)
+    if not tissue.any() or not np.isfinite(aif_half_s):
+        return 0.0
+    return float(np.mean(arrival_s[tissue] < aif_half_s - step_s))
 
 
 def rule_order(mode: str, has_package: bool) -> list[str]:

@@ -45,6 +45,7 @@ from pipelines.perfusion.aif import (
     AifSettings,
     baseline_frames,
     contrast_signal,
+    crossing_time,
     measure_aif,
     noise_sigma,
 )
@@ -58,6 +59,7 @@ from pipelines.perfusion.ica import (
     opacity_and_arrival,
 )
 from pipelines.perfusion.localise import (
+    MAX_TISSUE_FIRST,
     RULE_NAMES,
     Located,
     SiteRule,
@@ -66,6 +68,7 @@ from pipelines.perfusion.localise import (
     parse_site_rules,
     rule_order,
     site_ica,
+    tissue_first,
     wide_enough,
 )
 from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
@@ -291,6 +294,14 @@ def ica_and_aif(
         baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
         concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
+        half = crossing_time(aif.curve, grid_s, 0.5 * aif.peak)
+        step = float(grid_s[1] - grid_s[0])
+        first = tissue_first(opacity, arrival, sigma, half, aif.peak, step)
+        if first > MAX_TISSUE_FIRST:
+            raise PipelineError(
+                f"{first:.0%} of the enhancing tissue fills before this vessel: not the "
+                "feeding artery"
+            )
         return baseline, concentration, aif
 
     order = rule_order(mode, package is not None)
