@@ -160,3 +160,37 @@ def test_index_reports_verdicts_in_status_and_jobs(tmp_path: Path) -> None:
     for j in jobs:
         assert j["measures"] == "measure x " + ("3" if j["verdict"] == "ok" else "1")
     json.dumps(summary, default=str)
+
+
+def test_a_report_with_its_own_quality_measures_lists_each_once(tmp_path: Path) -> None:
+    """A pipeline that gives the same measures in its report and in its assessment (as
+    dsa_perfusion does) gets each measure once in the Run quality group."""
+    import dataclasses
+
+    from pipelines.base import MeasurementsOutput
+
+    loaded = qf.dsa_loaded(size=128, frames=10)
+    result = pipelines.get("dsa_av")(loaded.run, PipelineContext())
+    assert result.quality is not None
+    seg = result.outputs[0]
+    report = MeasurementsOutput(
+        "aif",
+        "AIF",
+        [],
+        seg.algorithm,
+        quality=list(result.quality.measures),  # type: ignore[union-attr]
+    )
+    result = dataclasses.replace(result, outputs=[*result.outputs, report])
+    back = _encode(result, loaded, tmp_path)
+    (sr,) = [ds for ds in back if ds.SOPClassUID.name == "Comprehensive 3D SR Storage"]
+    measures = qf.read_quality(sr)[2]
+    names = [
+        item.ConceptNameCodeSequence[0].CodeMeaning
+        for c in sr.ContentSequence
+        if c.ValueType == "CONTAINER"
+        for g in c.get("ContentSequence", [])
+        if g.ValueType == "CONTAINER"
+        for item in g.ContentSequence
+        if item.ValueType == "NUM"
+    ]
+    assert len(names) == len(set(names)) == len(measures) > 0

@@ -209,7 +209,9 @@ def _predecessor(ctx: EncodeContext, superseded: Superseded) -> Dataset:
 def encode_measurements(out: MeasurementsOutput, ctx: EncodeContext) -> list[Dataset]:
     assessed = ctx.quality
     measurements = _finite(out.measurements)
-    quality = _finite(list(out.quality) + list(assessed.measures if assessed else ()))
+    # the output's own quality measures and the assessment's, each measure once
+    merged = {m.name: m for m in [*out.quality, *(assessed.measures if assessed else ())]}
+    quality = _finite(list(merged.values()))
     if not measurements and not quality and assessed is None:
         raise ValueError(f"measurements {out.key!r}: no finite value to report")
     groups = []
