@@ -186,8 +186,7 @@ def tissue_masks(
     # the baseline's own error, common to every sample, dominates it. (Before issue
     # 13 the model was sqrt(N) samples: on the tuning seeds 100-102 at 512 px 21 % of
     # the pixels with a value lay off the perfused brain or on a vessel of the truth,
-    # now 17 %; at 256 px 18
-    # -> 14 %; coverage and errors unchanged within 1 %.)
+    # now 17 %; at 256 px 18 -> 14 %; coverage and errors unchanged within 1 %.)
     per_frame = np.asarray(curves.weights).sum(axis=0) if curves.weights is not None else None
     exact = float(np.linalg.norm(per_frame)) if per_frame is not None else np.sqrt(curves.shape[0])
     noise = sigma * step_s * exact * _smoothing_gain(sigma_px)
