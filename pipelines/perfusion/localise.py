@@ -313,11 +313,13 @@ def tissue_first(
     aif_half_s: float,
     aif_peak: float,
     step_s: float,
+    min_arrival_s: float = 0.0,
 ) -> float:
     """Share of the enhancing tissue (peak opacity from 10 noise SD to half the AIF
-    peak: not noise, not a large vessel) that reaches half its peak more than one
-    step before the AIF does (``aif_half_s``)."""
-    tissue = (opacity >= 10 * sigma) & (opacity <= 0.5 * aif_peak)
+    peak: not noise, not a large vessel; arriving after ``min_arrival_s``, the second
+    frame, as in ``earliest_artery``) that reaches half its peak more than one
+    grid step before the AIF does (``aif_half_s``)."""
+    tissue = (opacity >= 10 * sigma) & (opacity <= 0.5 * aif_peak) & (arrival_s > min_arrival_s)
     if not tissue.any() or not np.isfinite(aif_half_s):
         return 0.0
     return float(np.mean(arrival_s[tissue] < aif_half_s - step_s))

@@ -296,7 +296,7 @@ def ica_and_aif(
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
         half = crossing_time(aif.curve, grid_s, 0.5 * aif.peak)
         step = float(grid_s[1] - grid_s[0])
-        first = tissue_first(opacity, arrival, sigma, half, aif.peak, step)
+        first = tissue_first(opacity, arrival, sigma, half, aif.peak, step, second)
         if first > MAX_TISSUE_FIRST:
             raise PipelineError(
                 f"{first:.0%} of the enhancing tissue fills before this vessel: not the "
