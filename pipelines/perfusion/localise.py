@@ -20,9 +20,9 @@ tried in order, and the first whose AIF passes the checks is used:
    fractions of the image height and width (so one rule fits every matrix);
    the earliest dense vessel inside it (a seed: within ``seed_radius`` of it).
 
-A rule's ICA is also refused when most of the enhancing tissue fills before it
-(``tissue_first``): a vein or a late branch at the border, not the feeding
-artery. Only when every rule fails is the run refused, with each rule's
+A rule's ICA is also refused, after the deconvolution, when most of the brain
+fills before its AIF (``MAX_BRAIN_BEFORE_AIF``): a vein or a late branch at the
+border, not the feeding artery. Only when every rule fails is the run refused, with each rule's
 reason. The rule that found the ICA is in the result (notes, AIF region, AIF
 plot).
 """
@@ -300,29 +300,10 @@ def site_ica(
     )
 
 
-# A vessel whose bolus reaches half its peak after most of the enhancing tissue has
-# reached half of its own is downstream of that tissue (a vein, a late branch): not
-# the feeding artery, whatever rule found it.
-MAX_TISSUE_FIRST = 0.5
-
-
-def tissue_first(
-    opacity: np.ndarray,
-    arrival_s: np.ndarray,
-    sigma: float,
-    aif_half_s: float,
-    aif_peak: float,
-    step_s: float,
-    min_arrival_s: float = 0.0,
-) -> float:
-    """Share of the enhancing tissue (peak opacity from 10 noise SD to half the AIF
-    peak: not noise, not a large vessel; arriving after ``min_arrival_s``, the second
-    frame, as in ``earliest_artery``) that reaches half its peak more than one
-    grid step before the AIF does (``aif_half_s``)."""
-    tissue = (opacity >= 10 * sigma) & (opacity <= 0.5 * aif_peak) & (arrival_s > min_arrival_s)
-    if not tissue.any() or not np.isfinite(aif_half_s):
-        return 0.0
-    return float(np.mean(arrival_s[tissue] < aif_half_s - step_s))
+# An AIF that most of the brain's residues peak before (Tmax more than one grid
+# step below 0) is downstream of that tissue (a vein, a late branch): not the
+# feeding artery, whatever rule found it; the pipeline then tries the next rule.
+MAX_BRAIN_BEFORE_AIF = 0.5
 
 
 def rule_order(mode: str, has_package: bool) -> list[str]:
@@ -354,12 +335,17 @@ def locate(
     order: Sequence[str],
     attempts: Mapping[str, Callable[[], IcaResult] | None],
     accept: Callable[[IcaResult], T],
+    refused: Mapping[str, str] | None = None,
 ) -> tuple[Located, T]:
     """Try the rules of ``order`` until one gives an ICA that ``accept`` (the
     baseline and AIF checks) takes; a rule whose attempt is None is not
-    configured. Every failure is kept for the result, or for the refusal."""
+    configured; ``refused``: rules already tried and refused later, with why.
+    Every failure is kept for the result, or for the refusal."""
     reasons: list[str] = []
     for rule in order:
+        if refused and rule in refused:
+            reasons.append(f"{RULE_NAMES[rule]}: {refused[rule]}")
+            continue
         attempt = attempts.get(rule)
         if attempt is None:
             reasons.append(f"{RULE_NAMES[rule]}: not configured")

@@ -45,7 +45,6 @@ from pipelines.perfusion.aif import (
     AifSettings,
     baseline_frames,
     contrast_signal,
-    crossing_time,
     measure_aif,
     noise_sigma,
 )
@@ -59,7 +58,7 @@ from pipelines.perfusion.ica import (
     opacity_and_arrival,
 )
 from pipelines.perfusion.localise import (
-    MAX_TISSUE_FIRST,
+    MAX_BRAIN_BEFORE_AIF,
     RULE_NAMES,
     Located,
     SiteRule,
@@ -68,7 +67,6 @@ from pipelines.perfusion.localise import (
     parse_site_rules,
     rule_order,
     site_ica,
-    tissue_first,
     wide_enough,
 )
 from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
@@ -247,6 +245,7 @@ def ica_and_aif(
     settings: tuple[IcaSettings, AifSettings, tuple[SiteRule, ...]],
     device: torch.device,
     inside: np.ndarray | None,
+    refused: Mapping[str, str] | None = None,
 ) -> Input:
     """The ICA by the rules of ``pipelines.perfusion.localise`` in order, the first
     whose baseline and AIF pass their checks; the run is refused, with every rule's
@@ -294,20 +293,12 @@ def ica_and_aif(
         baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
         concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
-        half = crossing_time(aif.curve, grid_s, 0.5 * aif.peak)
-        step = float(grid_s[1] - grid_s[0])
-        first = tissue_first(opacity, arrival, sigma, half, aif.peak, step, second)
-        if first > MAX_TISSUE_FIRST:
-            raise PipelineError(
-                f"{first:.0%} of the enhancing tissue fills before this vessel: not the "
-                "feeding artery"
-            )
         return baseline, concentration, aif
 
     order = rule_order(mode, package is not None)
     if mode == "site":
         order = ["site", *(r for r in order if r != "site")]
-    located, (baseline, concentration, aif) = locate(order, attempts, accept)
+    located, (baseline, concentration, aif) = locate(order, attempts, accept, refused)
     classical = AlgorithmInfo(name=NAME, version=VERSION, family="classical")
     return Input(located, models.get(located.rule, classical), baseline, concentration, aif)
 
@@ -356,39 +347,57 @@ class DsaPerfusion:
         signal = Curves(raw_signal, resample_weights(times, timing.grid_s))
         image = minip(frames)
 
-        found = ica_and_aif(
-            image,
-            signal,
-            times,
-            timing.grid_s,
-            sigma,
-            run.meta,
-            ctx,
-            ica_mode,
-            (ica_settings, aif_settings, site_rules),
-            device,
-            inside,
-        )
-        ica, aif, algorithm = found.located.ica, found.aif, found.algorithm
-        width = fwhm_s(aif.curve, timing.grid_s)
-        if width < MIN_AIF_WIDTH_S:
-            raise PipelineError(
-                f"the AIF is above half its peak for {width:.2f} s only: contrast in a single "
-                "frame, not a bolus passage; no maps can be computed from it"
+        # An AIF that most of the brain fills before is not the feeding artery: the
+        # next rule tries; if none gives a better one, the first stays, low confidence.
+        refused: dict[str, str] = {}
+        first: tuple[Input, Maps, float] | None = None
+        while True:
+            try:
+                found = ica_and_aif(
+                    image,
+                    signal,
+                    times,
+                    timing.grid_s,
+                    sigma,
+                    run.meta,
+                    ctx,
+                    ica_mode,
+                    (ica_settings, aif_settings, site_rules),
+                    device,
+                    inside,
+                    refused,
+                )
+            except PipelineError:
+                if first is None:
+                    raise
+                found, maps, width = first
+                break
+            width = fwhm_s(found.aif.curve, timing.grid_s)
+            if width < MIN_AIF_WIDTH_S:
+                raise PipelineError(
+                    f"the AIF is above half its peak for {width:.2f} s only: contrast in a "
+                    "single frame, not a bolus passage; no maps can be computed from it"
+                )
+            maps = compute_maps(
+                found.concentration,
+                found.aif,
+                sigma,
+                found.located.ica.mask,
+                run.meta.pixel_spacing_mm,
+                map_settings,
+                device,
             )
+            if inside is not None:
+                maps = restrict_maps(maps, inside)
+            if maps.early_share <= MAX_BRAIN_BEFORE_AIF:
+                break
+            first = first or (found, maps, width)
+            refused[found.located.rule] = (
+                f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
+            )
+        ica, aif, algorithm = found.located.ica, found.aif, found.algorithm
         notes.append(found.located.describe)
         notes.extend(aif.flags)
-        maps = compute_maps(
-            found.concentration,
-            aif,
-            sigma,
-            ica.mask,
-            run.meta.pixel_spacing_mm,
-            map_settings,
-            device,
-        )
-        if inside is not None:
-            maps = restrict_maps(maps, inside)
         if not maps.valid.any():
             raise PipelineError("no pixel inside the exposed field has a perfusion estimate")
         quality = self._quality(frames, times, timing.grid_s, found, maps, inside, width)
