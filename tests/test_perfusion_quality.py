@@ -199,6 +199,20 @@ def test_native_run_is_processed():
     assert "ICA by the vessel entering from the border rule" in "\n".join(result.notes)
 
 
+def test_native_dicom_run_through_the_node_decoder(tmp_path):
+    """The XA file with its Mask Subtraction Sequence, decoded as the node decodes it
+    (log-subtracted against the mask), gets maps, a verdict and the rule used."""
+    from dicom_node.runs import load_run
+
+    files = phantom(native=True).write(tmp_path)
+    (native,) = [f for f in files if f.name == "native.dcm"]
+    loaded = load_run([native])
+    assert loaded.run.meta.subtracted
+    result = process(loaded.run)
+    assert_physical(result, loaded.run)
+    assert any(n.startswith("ICA by the ") for n in result.notes)
+
+
 def test_native_run_without_a_border_vessel_falls_back_and_says_so():
     run, p = native_without_border_entry()
     result = process(run, ica="classical")
