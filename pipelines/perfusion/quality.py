@@ -16,8 +16,10 @@ meaningless. The bounds are physiology and sampling, not fitted numbers:
 - saturation: <= 1 % of the ICA's samples at the detector limit (the stored
   extremes of the run: a clipped AIF peak inflates CBF and CBV), and <= 5 % of
   the exposed field clipped in some frame (no perfusion measurable there);
-- misregistration: <= 2 % of the exposed field brighter than its mask by
-  more than 6 noise SD (iodine only darkens: motion between mask and fill);
+- misregistration: <= 5 % of the exposed field brighter than its mask by
+  more than 6 noise SD (iodine only darkens: motion between mask and fill;
+  noise alone reaches 0.7-2.5 % on motion-free phantom runs, 3 mm of motion
+  18 %);
 - brain in view >= 10 % of the exposed field;
 - brain without a value (large vessels, poor fit, out of range) <= 50 %;
 - brain reached before the AIF <= 10 % of the estimated brain (residue peak
@@ -103,7 +105,7 @@ def assess_perfusion(f: Findings) -> Quality:
         Check(
             measure("MISREG", "Field brighter than its mask", 100 * f.misregistration),
             "mask and fill frames do not align (motion): subtraction edges bias the maps",
-            high=2.0,
+            high=5.0,
         ),
         Check(
             measure("BRAINAREA", "Brain in the exposed field", 100 * f.brain_share),
