@@ -96,7 +96,9 @@ def test_rotational_verdicts() -> None:
     assert "vessel" in quality.reasons[0]
 
 
-def test_model_output_that_fails_falls_back_to_the_classical_path(tmp_path: Path) -> None:
+def test_model_output_that_fails_falls_back_to_the_classical_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The VSS-Net package from models/ sees contrast in one frame only and marks no
     artery (verdict failed); the node runs the classical path for that run, delivers
     its result marked as a classical fallback with why, under UIDs of its own, and
@@ -106,8 +108,11 @@ def test_model_output_that_fails_falls_back_to_the_classical_path(tmp_path: Path
     model = pipelines.get("dsa_ia")(faulted.run, PipelineContext(model_package=str(VSS_NET)))
     assert model.quality is not None and model.quality.verdict is Verdict.FAILED
 
-    datasets, notes = run_pipeline(faulted, "dsa_ia", {"dsa_ia": VSS_NET}, "cpu")
+    with caplog.at_level("INFO", logger="dicom_node.processing"):
+        datasets, notes = run_pipeline(faulted, "dsa_ia", {"dsa_ia": VSS_NET}, "cpu")
     why = next(n for n in notes if "classical path used for this run" in n)
+    logged = [r.getMessage() for r in caplog.records if r.name == "dicom_node.processing"]
+    assert why in logged and any(m.startswith("dsa_ia result low_confidence (") for m in logged)
     assert why.startswith("model package ") and " output failed (" in why
     assert any(n.startswith("verdict: low_confidence: ") for n in notes)
     plain, _ = run_pipeline(faulted, "dsa_ia", {}, "cpu")
