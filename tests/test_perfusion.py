@@ -473,26 +473,3 @@ def test_ica_unet_package_drives_the_pipeline(tmp_path: Path, synthetic):
     assert "model" in note
     pm = maps(result)["cbf"]
     assert pm.algorithm.family == "model" and pm.algorithm.model_package == "ica-test"
-
-
-def test_committed_ica_package_finds_the_ica_on_a_held_out_phantom():
-    """models/dsa_perfusion-ica_unet-quick (phantom seeds 6000-6029, see its model
-    card) on phantom seed 210: Dice against the generator's ICA above the
-    classical rule's, and the pipeline runs with it."""
-    from bench.perfusion import _ica_mask
-    from training.phantoms import dsa
-
-    package = Path(__file__).resolve().parents[1] / "models" / "dsa_perfusion-ica_unet-quick"
-    phantom = dsa.generate(210, size=512, frames=40, fps=2.0, snr=30.0, snr_reference="tissue")
-    run = phantom.to_run(subtract=True)
-    truth = phantom.truth["ica"] > 0
-
-    def dice(mask: np.ndarray) -> float:
-        return float(2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
-
-    model = dice(_ica_mask(run, str(package), keep=True))
-    classical = dice(_ica_mask(run, None, keep=True))
-    assert model > 0.85 and model > classical + 0.1
-    result = get("dsa_perfusion")(run, PipelineContext(model_package=str(package)))
-    note = next(n for n in result.notes if n.startswith("ICA:"))
-    assert "model" in note
