@@ -171,7 +171,13 @@ def test_phantoms_through_orthanc_to_a_package_the_node_uses(pacs, tmp_path: Pat
     algorithm = seg.SegmentSequence[0]
     assert algorithm.SegmentAlgorithmType == "AUTOMATIC"
     ident = algorithm.SegmentationAlgorithmIdentificationSequence[0]
-    assert PACKAGE in ident.AlgorithmVersion and VERSION in ident.AlgorithmVersion
+    fallback = [n for n in notes if "classical path used for this run" in n]
+    if fallback:  # the tiny model's output failed its quality checks (docs/quality.md)
+        assert f"model package {PACKAGE} {VERSION} output " in fallback[0]
+        assert seg.SeriesDescription.endswith("(classical fallback)")
+        assert ident.AlgorithmParameters == "family=classical"
+    else:
+        assert PACKAGE in ident.AlgorithmVersion and VERSION in ident.AlgorithmVersion
     assert {str(s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence} >= {
         "51114001",
         "29092000",
