@@ -25,7 +25,7 @@ import pipelines
 from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext, PackageIdentity, PriorResult
 from dicom_node.runs import LoadedRun
-from pipelines.base import Pipeline, PipelineContext, PipelineResult, Run
+from pipelines.base import Pipeline, PipelineContext, PipelineError, PipelineResult, Run
 from pipelines.quality import FALLBACK_SUFFIX, Verdict
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,13 @@ def classical_fallback(
     quality = result.quality
     if quality is None or quality.verdict is Verdict.OK:
         return result, ""
-    classical = pipeline(run, dataclasses.replace(ctx, model_package=None))
+    try:
+        classical = pipeline(run, dataclasses.replace(ctx, model_package=None))
+    except PipelineError as exc:  # the model's result stands, marked as it is
+        result.notes.append(
+            f"classical path checked as a fallback: {exc}; the model's result is kept"
+        )
+        return result, ""
     theirs = classical.quality
     if theirs is not None and theirs.verdict.rank >= quality.verdict.rank:
         result.notes.append(
