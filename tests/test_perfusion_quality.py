@@ -327,7 +327,7 @@ FAULTS = {
         "washes out",
     ),
     "run ends before the AIF peak": ({"frames": 9}, None, {"refused"}, "before the bolus passes"),
-    "contrast in one frame only": ({}, _one_frame, {"refused"}, "single frame"),
+    "contrast in one frame only": ({}, _one_frame, {"refused"}, "single frame, not a bolus"),
     "0.5 frames/s": ({"frames": 12, "fps": 0.5}, None, {"low_confidence"}, "sparsely"),
     "irregular frame times": ({"frame_times_s": tuple(IRREGULAR)}, None, {"ok"}, ""),
     "motion between mask and fill": ({"motion_mm": 3.0}, None, {"low_confidence"}, "motion"),

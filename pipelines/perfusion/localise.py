@@ -139,6 +139,10 @@ class ArterySettings:
     # ... and at least this share of the largest dense component (a trunk, not a twig).
     min_area_share: float = 0.05
     early_margin_s: float = 0.75
+    # Misregistration: brighter than the first frame by this many noise SD.
+    misregistered_sd: float = 10.0
+    # Candidates tried in turn when the first one's AIF is unusable.
+    candidates: int = 3
     # The mask: the component's pixels opacifying within this time of its earliest.
     trunk_window_s: float = 0.4
     # A first pass comes back down: pixels still at this fraction of their peak at
@@ -208,12 +212,19 @@ def earliest_artery(
     region: np.ndarray | None = None,
     final: np.ndarray | None = None,
     min_arrival_s: float = 0.0,
-) -> IcaResult:
+    candidates: int = 1,
+    lowest: np.ndarray | None = None,
+) -> list[IcaResult]:
     """The earliest-arriving large arterial structure within ``region`` (the field,
-    or a site ROI): see the module docstring, rule ``earliest``. ``final``: the
+    or a site ROI): see the module docstring, rule ``earliest``; up to
+    ``candidates`` of them, best first. ``final``: the
     opacity at the end of the run; pixels that never wash out are left out, as
     are pixels that arrive by ``min_arrival_s`` (the second acquired frame: no
-    baseline before them, so what "arrives" there is misregistration, not a bolus)."""
+    baseline before them, so what "arrives" there is misregistration, not a bolus).
+    ``lowest``: the least opacity each pixel reaches (below zero: brighter than the
+    first frame, which iodine cannot make); structures within 3 px of a pixel more
+    than ``misregistered_sd`` noise SD below zero are bone edges that moved, not
+    arteries."""
     settings = settings or ArterySettings()
     ica = ica or IcaSettings()
     passing = opacity
@@ -221,6 +232,9 @@ def earliest_artery(
         washed = ndimage.gaussian_filter(final, 1.0) < settings.max_final_fraction * opacity
         passing = np.where(washed, opacity, 0.0)
     passing = np.where(arrival_s > min_arrival_s, passing, 0.0)
+    if lowest is not None:
+        moved = ndimage.gaussian_filter(lowest, 1.0) < -settings.misregistered_sd * sigma
+        passing = np.where(ndimage.binary_dilation(moved, iterations=3), 0.0, passing)
     vessels, _ = dense_vessels(passing, sigma, region)
     if region is not None:
         vessels &= region
@@ -246,14 +260,24 @@ def earliest_artery(
         [np.percentile(arrival_s[labels == k], 10) if large[k - 1] else np.inf for k in index]
     )
     in_time = early <= early.min() + settings.early_margin_s
-    choice = int(np.argmax(np.where(in_time, widths, -np.inf)))
-    component = labels == choice + 1
-    trunk, width = _trunk(component, arrival_s, float(early[choice]), settings.trunk_window_s)
-    if ica.keep_largest:
-        mask, components = largest_component(trunk)
-    else:
-        mask, components = trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])
-    return IcaResult(mask=mask, method="earliest", entry_width_px=width, components=components)
+    # The widest of those in time first, then the others in time by width, then the
+    # later ones by arrival: the next candidates when a first one's AIF is unusable.
+    ranked = sorted(
+        np.flatnonzero(large),
+        key=lambda i: (not in_time[i], -widths[i] if in_time[i] else early[i]),
+    )
+    found = []
+    for choice in ranked[: max(1, candidates)]:
+        component = labels == choice + 1
+        trunk, width = _trunk(component, arrival_s, float(early[choice]), settings.trunk_window_s)
+        if ica.keep_largest:
+            mask, parts = largest_component(trunk)
+        else:
+            mask, parts = trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])
+        found.append(
+            IcaResult(mask=mask, method="earliest", entry_width_px=width, components=parts)
+        )
+    return found
 
 
 def site_ica(
@@ -287,7 +311,7 @@ def site_ica(
         min_diameter_mm=0.0, min_diameter_px=0.0, min_area_px=4, min_area_share=0.0
     )
     try:
-        result = earliest_artery(
+        (result,) = earliest_artery(
             opacity, arrival_s, sigma, spacing_mm, loose, ica, region, final, min_arrival_s
         )
     except PipelineError as exc:
@@ -333,7 +357,7 @@ class Located:
 
 def locate(
     order: Sequence[str],
-    attempts: Mapping[str, Callable[[], IcaResult] | None],
+    attempts: Mapping[str, Callable[[], IcaResult | list[IcaResult]] | None],
     accept: Callable[[IcaResult], T],
     refused: Mapping[str, str] | None = None,
 ) -> tuple[Located, T]:
@@ -351,10 +375,23 @@ def locate(
             reasons.append(f"{RULE_NAMES[rule]}: not configured")
             continue
         try:
-            ica = attempt()
-            accepted = accept(ica)
+            found = attempt()
         except PipelineError as exc:
             reasons.append(f"{RULE_NAMES[rule]}: {exc}")
             continue
-        return Located(rule, ica, tuple(reasons)), accepted
+        candidates = found if isinstance(found, list) else [found]
+        failures = []
+        for ica in candidates:
+            try:
+                accepted = accept(ica)
+            except PipelineError as exc:
+                failures.append(str(exc))
+                continue
+            return Located(rule, ica, tuple(reasons)), accepted
+        shown = (
+            failures[0]
+            if len(failures) == 1
+            else "; ".join(f"candidate {i + 1}: {why}" for i, why in enumerate(failures))
+        )
+        reasons.append(f"{RULE_NAMES[rule]}: {shown}")
     raise PipelineError("no ICA rule gave a usable AIF: " + "; ".join(reasons))

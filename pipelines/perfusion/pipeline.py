@@ -60,6 +60,7 @@ from pipelines.perfusion.ica import (
 from pipelines.perfusion.localise import (
     MAX_BRAIN_BEFORE_AIF,
     RULE_NAMES,
+    ArterySettings,
     Located,
     SiteRule,
     earliest_artery,
@@ -255,7 +256,9 @@ def ica_and_aif(
         raise PipelineError("option ica=model but no model package is configured")
     rise = signal.minus_sample(0)
     # Pixel by pixel, so a block of rows at a time: never a copy of all the curves.
-    opacity, arrival = rise.reduce(lambda block: opacity_and_arrival(block, grid_s))
+    opacity, arrival, lowest = rise.reduce(
+        lambda block: (*opacity_and_arrival(block, grid_s), block.min(axis=0))
+    )
     final = rise[-1]
     second = float(times_s[1])
     spacing = meta.pixel_spacing_mm
@@ -267,12 +270,22 @@ def ica_and_aif(
         result, models["model"] = _model_ica(image, package, ica_settings, device, inside)
         return result
 
-    attempts: dict[str, Callable[[], IcaResult] | None] = {
+    attempts: dict[str, Callable[[], IcaResult | list[IcaResult]] | None] = {
         "border": lambda: wide_enough(
             classical_ica(opacity, arrival, sigma, ica_settings, inside), spacing
         ),
         "earliest": lambda: earliest_artery(
-            opacity, arrival, sigma, spacing, None, ica_settings, inside, final, second
+            opacity,
+            arrival,
+            sigma,
+            spacing,
+            None,
+            ica_settings,
+            inside,
+            final,
+            second,
+            ArterySettings().candidates,
+            lowest,
         ),
         "model": model if package is not None else None,
         "site": lambda: site_ica(
@@ -293,6 +306,12 @@ def ica_and_aif(
         baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
         concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
+        width = fwhm_s(aif.curve, grid_s)
+        if width < MIN_AIF_WIDTH_S:
+            raise PipelineError(
+                f"its AIF is above half its peak for {width:.2f} s only: contrast in a single "
+                "frame, not a bolus passage"
+            )
         return baseline, concentration, aif
 
     order = rule_order(mode, package is not None)
@@ -373,20 +392,19 @@ class DsaPerfusion:
                 found, maps, width = first
                 break
             width = fwhm_s(found.aif.curve, timing.grid_s)
-            if width < MIN_AIF_WIDTH_S:
-                raise PipelineError(
-                    f"the AIF is above half its peak for {width:.2f} s only: contrast in a "
-                    "single frame, not a bolus passage; no maps can be computed from it"
+            try:
+                maps = compute_maps(
+                    found.concentration,
+                    found.aif,
+                    sigma,
+                    found.located.ica.mask,
+                    run.meta.pixel_spacing_mm,
+                    map_settings,
+                    device,
                 )
-            maps = compute_maps(
-                found.concentration,
-                found.aif,
-                sigma,
-                found.located.ica.mask,
-                run.meta.pixel_spacing_mm,
-                map_settings,
-                device,
-            )
+            except PipelineError as exc:  # no brain for this AIF: the next rule tries
+                refused[found.located.rule] = str(exc)
+                continue
             if inside is not None:
                 maps = restrict_maps(maps, inside)
             if maps.early_share <= MAX_BRAIN_BEFORE_AIF:
