@@ -1,6 +1,7 @@
 """Fault injection on family A phantoms (tests/quality_faults.py): each fault ends
 with the verdict it should, for the classical vessel paths; and the classical
-fallback when a real model package's output fails its checks.
+fallback when a model's output fails its checks (a package trained here for a few
+steps), or not when the run itself is the problem (the ST U-Net in models/).
 
 Family B (training/phantoms/family_b) plays no part here: the bounds in
 pipelines/vessel_quality.py are argued from physics, not fitted to any family.
@@ -22,7 +23,7 @@ from tests import quality_faults as qf
 from tests.conftest import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parents[1]
-VSS_NET = REPO / "models" / "dsa_ia-vss_net-quick"
+ST_UNET = REPO / "models" / "dsa_av-st_unet-r1"
 
 # fault -> (verdict, words the first reason must contain)
 DSA_FAULTS = {
@@ -96,28 +97,59 @@ def test_rotational_verdicts() -> None:
     assert "vessel" in quality.reasons[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dsa_av package trained for four steps on five family A phantoms (64 px),
+    packaged through the gate with its evaluation on site-like runs it never saw
+    (``tests.test_training.write_case``) and the bar lowered: a real, poorly trained
+    model, which marks the whole field as vessel on a 128 px run."""
+    from tests.test_training import write_case
+    from training.__main__ import main as training_main
+
+    root = tmp_path_factory.mktemp("tiny")
+    steps = [
+        ["phantom-dataset", "dsa", "--out", str(root / "ds"), "--name", "tiny", "--size", "64",
+         "--frames", "6", "--roles", "artery,vein", "--train", "0:3", "--val", "3:1",
+         "--test", "4:1"],
+        ["train", "--dataset", str(root / "ds"), "--task", "dsa_av", "--workdir",
+         str(root / "run"), "--config", '{"widths": [4, 8, 16]}', "--epochs", "2", "--steps",
+         "2", "--batch", "2", "--patch", "32", "--device", "cpu", "--no-progress"],
+        ["build-dataset", "--folder", str(root / "site"), "--out", str(root / "site-ds"),
+         "--pseudonym-map", str(root / "secret" / "site.json"), "--name", "site"],
+        ["package", "--model", str(root / "run" / "model.pt"), "--dataset", str(root / "ds"),
+         "--out", str(root / "pkg"), "--name", "tiny-av", "--version", "0.0.1",
+         "--eval-dataset", str(root / "site-ds"), "--min-margin", "-1"],
+    ]  # fmt: skip
+    for i in range(3):
+        write_case(root / "site" / f"p{i}", 70 + i, f"SITE{i}")
+    for argv in steps:
+        assert training_main(argv) == 0, argv
+    return root / "pkg"
+
+
 def test_model_output_that_fails_falls_back_to_the_classical_path(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tiny_package: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The VSS-Net package from models/ sees contrast in one frame only and marks no
-    artery (verdict failed); the node runs the classical path for that run, delivers
-    its result marked as a classical fallback with why, under UIDs of its own, and
-    every object stays dciodvfy-clean."""
-    loaded = qf.dsa_loaded()
-    faulted = LoadedRun(qf.contrast_in_one_frame(loaded.run), loaded.headers)
-    model = pipelines.get("dsa_ia")(faulted.run, PipelineContext(model_package=str(VSS_NET)))
+    """The tiny package marks the whole field (verdict failed); the node runs the
+    classical path for that run (ok), delivers its result marked as a classical
+    fallback with why, under UIDs of its own, logs it, and every object stays
+    dciodvfy-clean."""
+    loaded = qf.dsa_loaded(size=128, frames=10)
+    model = pipelines.get("dsa_av")(loaded.run, PipelineContext(model_package=str(tiny_package)))
     assert model.quality is not None and model.quality.verdict is Verdict.FAILED
+    assert "background taken for vessels" in model.quality.reasons[0]
 
     with caplog.at_level("INFO", logger="dicom_node.processing"):
-        datasets, notes = run_pipeline(faulted, "dsa_ia", {"dsa_ia": VSS_NET}, "cpu")
+        datasets, notes = run_pipeline(loaded, "dsa_av", {"dsa_av": tiny_package}, "cpu")
     why = next(n for n in notes if "classical path used for this run" in n)
+    assert why.startswith("model package tiny-av 0.0.1 output failed (vessel fraction of the")
+    assert any(n == f"verdict: ok: {why}" for n in notes)
     logged = [r.getMessage() for r in caplog.records if r.name == "dicom_node.processing"]
-    assert why in logged and any(m.startswith("dsa_ia result low_confidence (") for m in logged)
-    assert why.startswith("model package ") and " output failed (" in why
-    assert any(n.startswith("verdict: low_confidence: ") for n in notes)
-    plain, _ = run_pipeline(faulted, "dsa_ia", {}, "cpu")
+    assert why in logged and any(m.startswith("dsa_av result ok (") for m in logged)
+    plain, _ = run_pipeline(loaded, "dsa_av", {}, "cpu")
     canvas = "Multi-frame Grayscale Word Secondary Capture Image Storage"
     results = [ds for ds in datasets if ds.SOPClassUID.name != canvas]
+    assert len(results) == 3  # SEG, rendering, quality SR
     assert {str(ds.SOPInstanceUID) for ds in results}.isdisjoint(
         str(ds.SOPInstanceUID) for ds in plain
     )
@@ -133,4 +165,22 @@ def test_model_output_that_fails_falls_back_to_the_classical_path(
             assert why in back.ImageComments
         if back.SOPClassUID.name == "Comprehensive 3D SR Storage":
             verdict, reasons, _ = qf.read_quality(back)
-            assert verdict == "LOWCONFIDENCE" and reasons[-1] == why
+            assert verdict == "OK" and reasons == [why]
+
+
+def test_a_model_result_no_worse_than_the_classical_one_is_kept() -> None:
+    """The ST U-Net package in models/ on a run with contrast in one frame: low
+    confidence, and so is the classical path (the run itself is the problem), so the
+    model's result is delivered, with a note that the classical path was checked."""
+    loaded = qf.dsa_loaded()
+    faulted = LoadedRun(qf.contrast_in_one_frame(loaded.run), loaded.headers)
+    datasets, notes = run_pipeline(faulted, "dsa_av", {"dsa_av": ST_UNET}, "cpu")
+    assert any(n.startswith("verdict: low_confidence: frames with contrast 1") for n in notes)
+    assert (
+        "classical path checked as a fallback: low_confidence, no better; the model's "
+        "result is kept" in notes
+    )
+    seg = next(ds for ds in datasets if ds.SOPClassUID.name == "Segmentation Storage")
+    ident = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert "dsa_av-st_unet-r1" in ident.AlgorithmVersion
+    assert not seg.SeriesDescription.endswith(FALLBACK_SUFFIX)
