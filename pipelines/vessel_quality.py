@@ -65,7 +65,8 @@ MIN_CONTRAST_FRAMES = 2
 # the mask. Structures brighter than the mask come from motion between mask and
 # fill, whose edges subtract into a bright and a dark fringe of similar strength.
 # When the bright signal reaches 30 % of the dark one, motion makes up a large
-# part of what the segmentation saw.
+# part of what the segmentation saw. "Beyond noise" is beyond 5 local noise SDs:
+# quantum noise is larger where the patient is dense.
 BRIGHT_NOISE_SDS = 5.0
 MAX_BRIGHT_RATIO = 0.3
 
@@ -203,20 +204,40 @@ def contrast_frames(frames: np.ndarray, vessel: np.ndarray) -> float:
     return float((curve >= 0.5 * peak).sum()) if peak > 0 else 0.0
 
 
+def noise_sd_map(frames: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """Local noise SD (H, W) of a run from its neighbouring frames' differences.
+
+    Quantum noise grows where the patient is dense, so one SD for the whole field
+    takes noise for signal there. Each squared difference is capped at nine times
+    the field's typical one (edges and filling vessels are not noise), smoothed
+    over about a tenth of the field, and averaged over the run's frame pairs:
+    (H, W) accumulators, no copy of the run."""
+    step = max(1, int(np.sqrt(field.sum() / 50000)))
+    sample = frames[:, ::step, ::step][:, field[::step, ::step]]
+    diff = np.diff(sample, axis=0)
+    typical = float(np.median(diff**2)) / 0.4549  # median of chi-square(1) = 0.4549
+    cap = 9.0 * max(typical, 1e-12)
+    total = np.zeros(frames.shape[1:], np.float64)
+    for before, after in zip(frames[:-1], frames[1:], strict=True):
+        total += np.minimum((after.astype(np.float64) - before) ** 2, cap)
+    var = total / (frames.shape[0] - 1) / 2.0  # a difference holds the noise twice
+    sigma = max(frames.shape[1:]) / 20.0
+    weight = ndi.gaussian_filter(field.astype(np.float64), sigma)
+    local = ndi.gaussian_filter(np.where(field, var, 0.0), sigma) / np.maximum(weight, 1e-6)
+    return np.sqrt(np.maximum(local, 1e-12)).astype(np.float32)
+
+
 def bright_ratio(frames: np.ndarray, field: np.ndarray) -> float:
     """Bright over dark signal of a subtracted run: the sum over the field of how far the
     MaxIP rises above the run's flat background (its median: most of the field is
     background), over how far the MinIP falls below it, both beyond
-    ``BRIGHT_NOISE_SDS`` noise SDs (estimated from neighbouring frames' differences on
-    a subsample). Works on (H, W) projections, no copy of the run."""
+    ``BRIGHT_NOISE_SDS`` local noise SDs (:func:`noise_sd_map`). Works on (H, W)
+    projections, no copy of the run."""
     if frames.shape[0] < 2 or not field.any():
         return float("nan")
     step = max(1, int(np.sqrt(field.sum() / 50000)))
-    sample = frames[:, ::step, ::step][:, field[::step, ::step]]
-    background = float(np.median(sample))
-    diff = np.diff(sample, axis=0)
-    sd = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2.0)
-    margin = BRIGHT_NOISE_SDS * max(sd, 1e-6)
+    background = float(np.median(frames[:, ::step, ::step][:, field[::step, ::step]]))
+    margin = BRIGHT_NOISE_SDS * noise_sd_map(frames, field)[field]
     bright = np.maximum(np.max(frames, axis=0)[field] - background - margin, 0).sum()
     dark = np.maximum(background - np.min(frames, axis=0)[field] - margin, 0).sum()
     return float(bright / dark) if dark > 0 else float("nan")
