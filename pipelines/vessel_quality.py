@@ -94,10 +94,18 @@ VOLUME_LARGEST_PIECES = 3
 MIN_VOLUME_LARGEST_SHARE = 50.0
 
 
+def _count(masks: np.ndarray, where: np.ndarray) -> int:
+    """Set pixels of (H, W) or every frame of (T, H, W) ``masks`` inside ``where``, a
+    frame at a time (no (T, H, W) temporary)."""
+    frames = masks.reshape(-1, *masks.shape[-2:])
+    return sum(int(np.count_nonzero(frame & where)) for frame in frames)
+
+
 def vessel_fraction(masks: np.ndarray, field: np.ndarray) -> float:
     """Per cent of the field (every frame of (T, H, W), or one (H, W)) marked vessel."""
-    inside = masks[..., field]
-    return 100.0 * float(inside.mean()) if inside.size else float("nan")
+    frames = masks.size // max(field.size, 1)
+    area = int(field.sum()) * frames
+    return 100.0 * _count(masks, field) / area if area else float("nan")
 
 
 def largest_share(mask: np.ndarray, pieces: int, structure: np.ndarray | None = None) -> float:
@@ -134,8 +142,8 @@ def edge_checks(masks: np.ndarray, field: np.ndarray) -> list[Check]:
     """Share of the mask on the field's edge, against three times the band's share of
     the field (the mask's density there three times its density overall)."""
     band = edge_band(field)
-    total = float(masks[..., field].sum())
-    on_edge = float(masks[..., band].sum())
+    total = float(_count(masks, field))
+    on_edge = float(_count(masks, band))
     share = 100.0 * on_edge / total if total else float("nan")
     band_share = 100.0 * float(band.sum()) / max(float(field.sum()), 1.0)
     m = measure("EDGESHARE", "Mask share on the field edge", share)
@@ -340,6 +348,21 @@ def cine_quality(
     return assess(checks, extra=[consistency])
 
 
+# Volumes above this many voxels are labelled at half resolution (2 x 2 x 2 blocks,
+# a block is vessel when any voxel is): the labels of a 512^3 head would take 0.5 GB.
+MAX_LABEL_VOXELS = 1 << 24
+
+
+def coarse(mask: np.ndarray) -> np.ndarray:
+    """``mask`` in 2 x 2 x 2 blocks (any voxel set) while it is larger than
+    ``MAX_LABEL_VOXELS``; pieces closer than a block join, a small price for a share."""
+    while mask.size > MAX_LABEL_VOXELS:
+        z, y, x = (n - n % 2 for n in mask.shape)
+        blocks = mask[:z, :y, :x].reshape(z // 2, 2, y // 2, 2, x // 2, 2)
+        mask = np.asarray(blocks.any(axis=(1, 3, 5)))
+    return mask
+
+
 def volume_quality(vessel: np.ndarray, bone: np.ndarray) -> Quality:
     """Quality of a 3D vessel/bone labelling."""
     v, b = float(vessel.sum()), float(bone.sum())
@@ -366,7 +389,7 @@ def volume_quality(vessel: np.ndarray, bone: np.ndarray) -> Quality:
             measure(
                 "LARGESTSHARE",
                 "Vessel share in its largest pieces",
-                largest_share(vessel, VOLUME_LARGEST_PIECES, np.ones((3, 3, 3), bool)),
+                largest_share(coarse(vessel), VOLUME_LARGEST_PIECES, np.ones((3, 3, 3), bool)),
             ),
             "the vessels are scattered pieces, not a connected tree",
             low=MIN_VOLUME_LARGEST_SHARE,
