@@ -370,6 +370,7 @@ class DsaPerfusion:
         # next rule tries; if none gives a better one, the first stays, low confidence.
         refused: dict[str, str] = {}
         first: tuple[Input, Maps, float] | None = None
+        others = ""
         while True:
             try:
                 found = ica_and_aif(
@@ -386,10 +387,11 @@ class DsaPerfusion:
                     inside,
                     refused,
                 )
-            except PipelineError:
+            except PipelineError as exc:
                 if first is None:
                     raise
                 found, maps, width = first
+                others = f"no other ICA rule did better ({exc})"
                 break
             width = fwhm_s(found.aif.curve, timing.grid_s)
             try:
@@ -415,12 +417,19 @@ class DsaPerfusion:
             )
         ica, aif, algorithm = found.located.ica, found.aif, found.algorithm
         notes.append(found.located.describe)
+        if others:
+            notes.append(others)
         notes.extend(aif.flags)
         if not maps.valid.any():
             raise PipelineError("no pixel inside the exposed field has a perfusion estimate")
         quality = self._quality(frames, times, timing.grid_s, found, maps, inside, width)
         if quality.verdict is Verdict.FAILED:
-            raise PipelineError("perfusion result failed its checks: " + "; ".join(quality.reasons))
+            raise PipelineError(
+                "perfusion result failed its checks: "
+                + "; ".join(
+                    [*quality.reasons, found.located.describe, *([others] if others else [])]
+                )
+            )
         method = maps.method
         notes.append(
             f"ICA: {ica.method}, {int(ica.mask.sum())} px, {ica.components} part(s)"

@@ -22,6 +22,7 @@ meaningless. The bounds are physiology and sampling, not fitted numbers:
   18 %);
 - brain in view >= 10 % of the exposed field;
 - brain without a value (large vessels, poor fit, out of range) <= 50 %;
+  above 90 % the maps say nothing and the result fails (not delivered);
 - brain reached before the AIF <= 10 % of the estimated brain (residue peak
   more than one sample before the AIF: the AIF is not the feeding artery);
 - the ICA found by the fallback rule ``earliest`` (not the border rule, a
@@ -38,6 +39,8 @@ from pipelines.base import Code
 from pipelines.quality import NO_UNIT, Check, Quality, Verdict, assess, measure
 
 SECOND = Code("s", "UCUM", "second")
+# Maps with a value on less than a tenth of the brain are not a result (failed).
+MAX_NO_VALUE_FAILED = 0.9
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,12 @@ def assess_perfusion(f: Findings) -> Quality:
         )
         verdict = quality.verdict if quality.verdict is Verdict.FAILED else Verdict.LOW_CONFIDENCE
         quality = Quality(quality.measures, verdict, (*quality.reasons, why))
+    if f.no_value_share > MAX_NO_VALUE_FAILED:
+        why = (
+            f"{100 * f.no_value_share:.1f} % of the brain has no value: the maps would say "
+            "nothing; not delivered"
+        )
+        quality = Quality(quality.measures, Verdict.FAILED, (why, *quality.reasons))
     return quality
 
 
