@@ -354,3 +354,33 @@ def test_fault_injection(name):
     if name == "collimated field":
         inside = np.abs(run.pixels - run.pixels[0]).max(axis=0) > 0
         assert not (maps(result)["cbf"].valid & ~inside).any()
+
+
+def test_verdicts_from_the_measures():
+    """The bounds of ``pipelines.perfusion.quality`` give the verdicts they say."""
+    from pipelines.perfusion.quality import Findings, assess_perfusion
+
+    good = Findings(
+        aif_snr=100.0,
+        aif_fwhm_s=2.0,
+        aif_tail=0.1,
+        baseline_frames=4,
+        first_pass_gap_s=0.25,
+        aif_saturation=0.0,
+        field_saturation=0.0,
+        misregistration=0.01,
+        brain_share=0.4,
+        no_value_share=0.2,
+        early_share=0.02,
+        ica_rule="border",
+    )
+    assert assess_perfusion(good).verdict is Verdict.OK
+    assert assess_perfusion(replace(good, aif_tail=0.7)).verdict is Verdict.LOW_CONFIDENCE
+    assert assess_perfusion(replace(good, ica_rule="earliest")).verdict is Verdict.LOW_CONFIDENCE
+    assert assess_perfusion(replace(good, ica_rule="site")).verdict is Verdict.OK
+    assert assess_perfusion(replace(good, no_value_share=0.6)).verdict is Verdict.LOW_CONFIDENCE
+    empty = assess_perfusion(replace(good, no_value_share=0.95))
+    assert (
+        empty.verdict is Verdict.FAILED and "95.0 % of the brain has no value" in empty.reasons[0]
+    )
+    assert assess_perfusion(replace(good, aif_fwhm_s=0.2)).verdict is Verdict.FAILED
