@@ -56,7 +56,12 @@ class Workers:
         self.stopping = threading.Event()
         cpu_only = device == "cpu" or (device == "auto" and not _cuda_available())
         self.processes = [
-            WorkerProcess(f"job-worker-{i}", settings.memory_limit_mib * 2**20, cpu_only)
+            WorkerProcess(
+                f"job-worker-{i}",
+                settings.memory_limit_mib * 2**20,
+                cpu_only,
+                settings.pipeline_memory_mib,
+            )
             for i in range(settings.concurrency)
         ]
         self.threads = [

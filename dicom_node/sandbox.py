@@ -9,7 +9,8 @@ verified at load).
 
 The parent watches it while it works: a child that dies (a decoder panic, a
 segfault, the kernel's OOM killer), grows past the memory limit (resident set,
-polled) or runs past the time limit is killed and replaced, and the job gets an
+polled; the job's pipeline budget, ``[workers] pipeline_memory_mib``, when that
+is lower) or runs past the time limit is killed and replaced, and the job gets an
 :class:`Outcome` whose reason names what happened and in which stage. The
 service process itself never decodes pixel data from the network.
 """
@@ -38,6 +39,7 @@ from dicom_node.db import ResultFile
 from dicom_node.errors import RunError
 from dicom_node.processing import run_pipeline, write_dataset
 from dicom_node.runs import load_run
+from dicom_node.settings import DEFAULT_PIPELINE_MEMORY_MIB
 from pipelines.base import PipelineError
 
 log = logging.getLogger(__name__)
@@ -203,14 +205,28 @@ def _context() -> ForkServerContext:
 class WorkerProcess:
     """One child process, replaced after it crashes or is killed."""
 
-    def __init__(self, name: str, memory_limit_bytes: int, cpu_only: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        memory_limit_bytes: int,
+        cpu_only: bool,
+        budgets_mib: Mapping[str, int] | None = None,
+    ) -> None:
         self.name = name
         self.memory_limit = memory_limit_bytes
+        # Per pipeline (MiB), each capped by the limit above: a job of a pipeline
+        # measured at 1 GB is ended well before the limit that a 3 GB one needs.
+        self.budgets = dict(DEFAULT_PIPELINE_MEMORY_MIB if budgets_mib is None else budgets_mib)
         # A hard address-space cap backs the RSS watchdog against a sudden allocation.
         # CUDA maps far more address space than it uses, so only CPU workers get it.
         self.address_space_limit = 2 * memory_limit_bytes + 4 * 2**30 if cpu_only else None
         self.proc: Any = None
         self.conn: Connection | None = None
+
+    def memory_limit_for(self, pipeline: str) -> int:
+        """Bytes a job of ``pipeline`` may hold resident."""
+        budget = self.budgets.get(pipeline)
+        return self.memory_limit if budget is None else min(self.memory_limit, budget * 2**20)
 
     @property
     def pid(self) -> int | None:
@@ -279,6 +295,7 @@ class WorkerProcess:
         stopping: threading.Event,
         laps: list[tuple[str, float]],
     ) -> Outcome:
+        limit = self.memory_limit_for(spec.pipeline)
         conn = self._ensure()
         conn.send(spec)
         stage = "starting"
@@ -302,9 +319,9 @@ class WorkerProcess:
                 what = "decoder" if stage == "decoding" else "worker process"
                 return self._end(f"{what} crashed ({_signal_name(code)})", stage)
             rss = _rss_bytes(self.proc.pid)
-            if rss > self.memory_limit:
+            if rss > limit:
                 return self._end(
-                    f"memory limit {self.memory_limit / 2**30:.3g} GiB exceeded "
+                    f"memory limit {limit / 2**30:.3g} GiB exceeded "
                     f"({rss / 2**30:.3g} GiB resident)",
                     stage,
                 )

@@ -55,6 +55,31 @@ class CompletionSettings(Strict):
     sweep_interval_s: float = Field(1.0, gt=0)
 
 
+# Resident memory one job of each pipeline may use, MiB: the peak of a whole job
+# (decode, compute, encode; a fresh process with torch loaded) that
+# ``python -m bench.budget`` measured at clinical sizes (BENCHMARKS.md, "Budget";
+# the larger of the classical path and the example packages), plus a quarter and
+# 512 MiB for a long-lived worker's packages and allocator slack, rounded up to
+# 256 MiB. Peaks (GB): minip 0.72, dsa_av 2.38 (ST U-Net r1 package), dsa_ia 2.20
+# (VSS-Net quick package), dsa_perfusion 1.24 (ICA U-Net quick package),
+# xa_coronary 1.10 (CE-Net quick package), rotational_dla 8.81 (classical, 512^3).
+DEFAULT_PIPELINE_MEMORY_MIB: dict[str, int] = {
+    "minip": 1536,
+    "dsa_av": 3584,
+    "dsa_ia": 3328,
+    "dsa_perfusion": 2048,
+    "xa_coronary": 2048,
+    "rotational_dla": 11264,
+}
+
+
+def _budgets(value: dict[str, int]) -> dict[str, int]:
+    for name, mib in value.items():
+        if mib < 256:
+            raise ValueError(f"pipeline_memory_mib.{name}: at least 256 MiB, got {mib}")
+    return {**DEFAULT_PIPELINE_MEMORY_MIB, **value}
+
+
 class WorkerSettings(Strict):
     concurrency: int = Field(1, ge=1, le=64)
     max_attempts: int = Field(3, ge=1, le=100)
@@ -65,11 +90,17 @@ class WorkerSettings(Strict):
     )
     poll_interval_s: float = Field(0.5, gt=0)
     memory_limit_mib: int = Field(
-        8192,
+        16384,
         ge=256,
-        description="resident memory of one job's worker process; above it the job is ended",
+        description="resident memory of one job's worker process; above it the job is ended "
+        "(the ceiling of every pipeline's budget, and the limit of pipelines without one)",
     )
     job_timeout_s: float = Field(1800.0, gt=0, description="wall time of one job attempt")
+    pipeline_memory_mib: Annotated[dict[str, int], AfterValidator(_budgets)] = Field(
+        default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_MIB),
+        description="resident memory one job of a pipeline may use, at most memory_limit_mib; "
+        "pipelines not named keep their measured defaults",
+    )
 
 
 class LimitsSettings(Strict):
@@ -448,6 +479,12 @@ def _check_pipelines(settings: Settings) -> None:
         if name not in known:
             raise ConfigError(
                 f"invalid settings:\n  engine.queues.{name}: unknown pipeline "
+                f"(allowed: {', '.join(sorted(known))})"
+            )
+    for name in settings.workers.pipeline_memory_mib:
+        if name not in known:
+            raise ConfigError(
+                f"invalid settings:\n  workers.pipeline_memory_mib.{name}: unknown pipeline "
                 f"(allowed: {', '.join(sorted(known))})"
             )
     for name, pkg in settings.models.items():

@@ -72,8 +72,10 @@ class Settings:
     tmax: str = "onset"
     # Pixels per chunk, one chunk per CPU thread at a time (working memory about
     # 8 kB per pixel in oSVD at L = 228). oSVD of the 262,224 brain curves of a
-    # 1024^2 run: 3.8 s CPU at 4096 and at 16384 (one thread, 2-core bench machine).
-    chunk: int = 1 << 14
+    # 1024^2 run: 3.9 s CPU at 4096, 3.8 s at 16384 (one thread, 2-core bench
+    # machine), so the smaller chunk for memory (peak RSS 1.14 GB at 16384, two
+    # threads).
+    chunk: int = 1 << 12
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -1,0 +1,315 @@
+"""Time and memory budget of every pipeline at clinical sizes, next to ``minip``.
+
+Each pipeline runs alone in its own process, as an operator would run it:
+``dicom-node process RUN --output DIR --pipeline NAME`` (decode, compute, encode,
+write), classical and with every model package in ``models/`` for that pipeline
+(through a ``[models]`` config). Wall time, CPU time (user + system) and peak
+resident memory come from ``os.wait4`` on that process alone. The reference in
+the same run is ``minip`` on the same input; volumes have no MinIP (the
+pipeline refuses them after decoding), so their reference is that refusal: the
+cost of starting the command and reading the volume.
+
+Inputs (written once into the work folder, then reused): the phantoms of
+``dicom-node synth`` at the sizes angiography suites send: a 1024² × 30 cerebral
+DSA run at a variable frame rate over 28 s (``dsa --size 1024 --frames 30 --seed
+3``), a 512² × 90 coronary cine at 15 frames/s, and 256³ and 512³ rotational
+volumes. The deconvolution is also timed against the straightforward per-pixel
+numpy oSVD (``bench.perfusion.reference_osvd``) on a sample of curves on the
+same grid (114 samples at 0.25 s). ``--gpu`` adds the same table on CUDA.
+
+    python -m bench.budget [--workdir DIR] [--skip-512] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+DICOM_NODE = [sys.executable, "-m", "dicom_node.cli"]
+
+# Targets of issue 19.
+PERFUSION_RSS_GB = 2.5
+PERFUSION_WALL_RATIO = 4.0
+MAX_RSS_GB = 3.0
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    title: str
+    pipelines: tuple[str, ...]
+    file: str  # the run's file as the generator names it
+
+
+CASES = (
+    Case(
+        "dsa1024",
+        "cerebral DSA 1024² × 30 frames, variable rate over 28 s",
+        ("dsa_av", "dsa_ia", "dsa_perfusion"),
+        "dsa.dcm",
+    ),
+    Case(
+        "cor512", "coronary cine 512² × 90 frames at 15 frames/s", ("xa_coronary",), "coronary.dcm"
+    ),
+    # The Enhanced 3D XA file (the generator also writes the volume as a CT series).
+    Case("rot256", "rotational volume 256³", ("rotational_dla",), "rotational_3dxa.dcm"),
+    Case("rot512", "rotational volume 512³", ("rotational_dla",), "rotational_3dxa.dcm"),
+)
+
+
+@dataclass(frozen=True)
+class Measure:
+    wall_s: float
+    cpu_s: float
+    rss_bytes: int
+    ok: bool
+    error: str
+
+
+def make_inputs(workdir: Path, keys: set[str]) -> dict[str, Path]:
+    """The phantom runs, generated in a child process the first time."""
+    code = {
+        "dsa1024": "from training.phantoms import dsa; "
+        "dsa.generate(3, size=1024, frames=30).write(out)",
+        "cor512": "from training.phantoms import coronary; "
+        "coronary.generate(3, size=512, frames=90, fps=15.0).write(out)",
+        "rot256": "from training.phantoms import rotational; "
+        "rotational.generate(3, size=256).write(out)",
+        "rot512": "from training.phantoms import rotational; "
+        "rotational.generate(3, size=512).write(out)",
+    }
+    inputs = {}
+    for key in sorted(keys):
+        folder = workdir / "inputs" / key
+        done = folder / ".done"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            script = f"from pathlib import Path; out = Path({str(folder)!r}); {code[key]}"
+            print(f"generating {key} ...", flush=True)
+            subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT)
+            done.write_text("")
+        inputs[key] = folder
+    return inputs
+
+
+def dicom_files(folder: Path, name: str) -> list[str]:
+    """The run's file (the generators also write truth files and other copies)."""
+    files = sorted(str(p) for p in folder.rglob(name))
+    if len(files) != 1:
+        raise SystemExit(f"expected one {name} in {folder}, found {len(files)}")
+    return files
+
+
+def packages() -> dict[str, list[Path]]:
+    """The model packages in ``models/`` by pipeline, as they are now."""
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(MODELS.glob("*/package.json")):
+        pipeline = json.loads(folder.read_text())["pipeline"]
+        found.setdefault(pipeline, []).append(folder.parent)
+    return found
+
+
+def measure(args: list[str], env: dict[str, str]) -> Measure:
+    """Wall, CPU and peak RSS of one child process (``os.wait4``: that child alone)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    error = proc.stderr.read().decode(errors="replace")
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = [line for line in error.splitlines() if line.strip()]
+    failed = [line for line in lines if "failed" in line or "rror" in line]
+    return Measure(
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        rss_bytes=usage.ru_maxrss * 1024,
+        ok=proc.returncode == 0,
+        error=(failed or lines or [f"exit status {proc.returncode}"])[-1],
+    )
+
+
+def process(
+    files: list[str], pipeline: str, workdir: Path, device: str, package: Path | None
+) -> Measure:
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix="out-"))
+    config = out / "node.toml"
+    lines = [f'device = "{device}"']
+    if package is not None:
+        lines += ["[models]", f'{pipeline} = "{package}"']
+    config.write_text("\n".join(lines) + "\n")
+    try:
+        return measure(
+            [*DICOM_NODE, "process", *files, "--output", str(out / "r"), "--pipeline", pipeline]
+            + ["--config", str(config)],
+            dict(os.environ),
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def gb(value: int) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def table(
+    inputs: dict[str, Path], workdir: Path, device: str, cases: tuple[Case, ...]
+) -> tuple[str, list[str], dict[str, float]]:
+    """The budget table; also the target checks and the peak per pipeline (GB)."""
+    by_pipeline = packages()
+    rows = []
+    checks: list[str] = []
+    peaks: dict[str, float] = {}
+    for case in cases:
+        files = dicom_files(inputs[case.key], case.file)
+        print(f"{case.key}: minip", flush=True)
+        ref = process(files, "minip", workdir, device, None)
+        volume = case.key.startswith("rot")
+        ref_name = "read only (minip refuses volumes)" if volume else "minip"
+        if not volume:
+            peaks["minip"] = max(peaks.get("minip", 0.0), ref.rss_bytes / 1e9)
+        rows.append(
+            f"| {case.title} | {ref_name} | – | {ref.wall_s:.1f} | {ref.cpu_s:.1f} | "
+            f"{gb(ref.rss_bytes)} | 1.0× | 1.0× |"
+        )
+        for pipeline in case.pipelines:
+            variants: list[Path | None] = [None, *by_pipeline.get(pipeline, [])]
+            for package in variants:
+                label = "classical" if package is None else f"`{package.name}`"
+                print(f"{case.key}: {pipeline} {label}", flush=True)
+                if package is not None and not package.is_dir():
+                    # Another engineer's shipping gate may remove packages meanwhile.
+                    rows.append(
+                        f"| {case.title} | {pipeline} | {label}: removed from models/ "
+                        "during the run | – | – | – | – | – |"
+                    )
+                    continue
+                m = process(files, pipeline, workdir, device, package)
+                wall = m.wall_s / ref.wall_s
+                cpu = m.cpu_s / ref.cpu_s
+                status = "" if m.ok else f" (failed: {m.error[:120]})"
+                rows.append(
+                    f"| {case.title} | {pipeline}{status} | {label} | {m.wall_s:.1f} | "
+                    f"{m.cpu_s:.1f} | {gb(m.rss_bytes)} | {wall:.1f}× | {cpu:.1f}× |"
+                )
+                peaks[pipeline] = max(peaks.get(pipeline, 0.0), m.rss_bytes / 1e9)
+                if m.rss_bytes / 1e9 > MAX_RSS_GB:
+                    checks.append(
+                        f"{pipeline} ({label}) on {case.key}: {gb(m.rss_bytes)} GB > {MAX_RSS_GB} GB"
+                    )
+                if pipeline == "dsa_perfusion" and package is None:
+                    checks.append(
+                        f"dsa_perfusion on the 1024² DSA run: peak RSS {gb(m.rss_bytes)} GB "
+                        f"(target ≤ {PERFUSION_RSS_GB}), wall {wall:.1f}× minip (target ≤ "
+                        f"{PERFUSION_WALL_RATIO}×), CPU {cpu:.1f}× minip"
+                    )
+    head = (
+        "| input | pipeline | variant | wall s | CPU s | peak RSS GB | wall / ref | CPU / ref |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    return head + "\n".join(rows), checks, peaks
+
+
+def deconvolution(pixels: int = 1 << 18, sample: int = 400) -> str:
+    """oSVD of ``pixels`` curves on the 1024² run's grid (114 samples at 0.25 s, L =
+    228) against the per-pixel numpy oSVD on ``sample`` of them, extrapolated."""
+    import numpy as np
+    import torch
+
+    from bench.perfusion import make_dro, reference_osvd
+    from pipelines.perfusion.deconvolution import Settings, deconvolve, residues
+
+    dro = make_dro(300, fps=4.0, duration_s=28.5, snr=30.0, tile=8, margin=0)
+    pool = dro.tissue.reshape(len(dro.times_s), -1)
+    index = np.random.default_rng(0).integers(0, pool.shape[1], pixels)
+    curves = np.ascontiguousarray(pool[:, index], dtype=np.float32)
+    step = float(dro.times_s[1] - dro.times_s[0])
+    budget = Settings().oscillation_budget
+    start, cpu = time.perf_counter(), time.process_time()
+    slow_cbf, _ = reference_osvd(curves[:, :sample], dro.aif, step, budget)
+    per_pixel = (time.perf_counter() - start) / sample
+    per_pixel_cpu = (time.process_time() - cpu) / sample
+    start, cpu = time.perf_counter(), time.process_time()
+    deconvolve(curves, dro.aif, step, Settings(method="osvd"))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    # Like for like: the residues' plain maximum (the reference has no sub-sample peak).
+    plain = residues(curves[:, :sample], dro.aif, step, Settings(method="osvd")).max(axis=0)
+    agree = np.abs(plain - slow_cbf) / np.abs(slow_cbf).max()
+    return (
+        f"oSVD of {pixels} curves × {len(dro.times_s)} samples (block-circulant L = "
+        f"{2 * len(dro.times_s)}, the grid of the 1024² run) in one process, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads: {wall:.2f} s wall, {cpu:.2f} s "
+        f"CPU ({cpu / pixels * 1e6:.1f} µs CPU/pixel). Reference: the straightforward "
+        f"per-pixel numpy oSVD (`bench.perfusion.reference_osvd`) on {sample} of them, "
+        f"{per_pixel * 1e3:.2f} ms/pixel ({per_pixel_cpu * 1e3:.2f} ms CPU), so "
+        f"{per_pixel * pixels:.0f} s for all (extrapolated): {per_pixel * pixels / wall:.0f}× "
+        f"the wall time, {per_pixel_cpu * pixels / cpu:.0f}× the CPU time. CBF (the residue's "
+        f"maximum) of the two on the sample: {np.mean(agree < 1e-3):.1%} within 0.1 % of the "
+        f"largest CBF, largest difference {agree.max():.1e} of it."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench-budget"
+    )
+    parser.add_argument("--skip-512", action="store_true", help="leave out the 512³ volume")
+    parser.add_argument("--gpu", action="store_true", help="also the table on CUDA")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    cases = tuple(c for c in CASES if not (args.skip_512 and c.key == "rot512"))
+    inputs = make_inputs(args.workdir, {c.key for c in cases})
+    load = os.getloadavg()[0]
+    cpu_table, checks, peaks = table(inputs, args.workdir, "cpu", cases)
+    load_after = os.getloadavg()[0]
+    body = (
+        "Each row is one `dicom-node process RUN --output DIR --pipeline NAME` in its own "
+        "process (decode, compute, encode, write; a fresh interpreter, so imports count), "
+        "on the CPU with torch's default threads; wall and CPU seconds (user + system) "
+        "and peak resident set from `os.wait4` of that process. The reference for each "
+        "input is `minip` on the same run in the same bench run (for volumes, which "
+        "`minip` refuses after reading them, that refusal: start-up and decoding). "
+        "Packages: every folder in `models/` at the time of the run, through a "
+        f"`[models]` config. Load average {load:.1f} before and {load_after:.1f} after, on "
+        f"{os.cpu_count()} cores shared with other work, so wall times are inflated; CPU "
+        "seconds and peak RSS are the steadier figures.\n\n"
+        + cpu_table
+        + "\n\nTargets (issue 19): "
+        + "; ".join(checks or ["every pipeline within them"])
+        + ".\n\nPeak RSS per pipeline over these inputs (GB): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(peaks.items()))
+        + " — `[workers] pipeline_memory_mib` defaults to these plus a margin "
+        "(`dicom_node.settings.DEFAULT_PIPELINE_MEMORY_MIB`).\n\n### Deconvolution\n\n"
+        + deconvolution()
+    )
+    if args.gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_table, _, _ = table(inputs, args.workdir, "cuda", cases)
+            body += f"\n\n### CUDA ({torch.cuda.get_device_name(0)})\n\n" + gpu_table
+        else:
+            body += "\n\n(--gpu: no CUDA device here)"
+    print(body)
+    if not args.no_write:
+        from bench.report import write_section
+
+        write_section("budget", "Budget: time and memory per pipeline at clinical sizes", body)
+
+
+if __name__ == "__main__":
+    main()
