@@ -123,7 +123,13 @@ def cmd_process(args: argparse.Namespace) -> int:
             continue
         for name in names:
             try:
-                datasets, notes = run_pipeline(loaded, name, settings.models, settings.device)
+                datasets, notes = run_pipeline(
+                    loaded,
+                    name,
+                    settings.models,
+                    settings.device,
+                    options=settings.workers.pipeline_options.get(name),
+                )
             except (PipelineError, NodeError) as exc:
                 print(f"run {run_id}: {name} failed: {exc}", file=sys.stderr)
                 continue

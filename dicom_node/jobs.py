@@ -119,6 +119,7 @@ class Workers:
             self.device,
             self.models,
             tuple(self.db.prior_result_paths(job.run_id, job.pipeline, job.id)),
+            options=self.settings.pipeline_options.get(job.pipeline, {}),
         )
         return process.run(
             spec,

@@ -60,6 +60,8 @@ class JobSpec:
     models: Mapping[str, str] = field(default_factory=dict)
     # Files earlier jobs of this pipeline on this run delivered (supersession).
     prior_results: tuple[str, ...] = ()
+    # The pipeline's options from the settings ([workers] pipeline_options).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,13 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
         at("decoding")
         loaded = load_run([Path(p) for p in spec.paths])
         datasets, notes = run_pipeline(
-            loaded, spec.pipeline, spec.models, spec.device, at, prior_results=spec.prior_results
+            loaded,
+            spec.pipeline,
+            spec.models,
+            spec.device,
+            at,
+            options=spec.options,
+            prior_results=spec.prior_results,
         )
         at("writing")
         results = []

@@ -101,6 +101,11 @@ class WorkerSettings(Strict):
         description="resident memory one job of a pipeline may use, at most memory_limit_mib; "
         "pipelines not named keep their measured defaults",
     )
+    pipeline_options: dict[str, dict[str, Any]] = Field(
+        {},
+        description="options per pipeline, given to it as PipelineContext.options (e.g. "
+        "dsa_perfusion's ica_site_rules); the pipeline checks them on every job",
+    )
 
 
 class LimitsSettings(Strict):
@@ -485,6 +490,12 @@ def _check_pipelines(settings: Settings) -> None:
         if name not in known:
             raise ConfigError(
                 f"invalid settings:\n  workers.pipeline_memory_mib.{name}: unknown pipeline "
+                f"(allowed: {', '.join(sorted(known))})"
+            )
+    for name in settings.workers.pipeline_options:
+        if name not in known:
+            raise ConfigError(
+                f"invalid settings:\n  workers.pipeline_options.{name}: unknown pipeline "
                 f"(allowed: {', '.join(sorted(known))})"
             )
     for name, pkg in settings.models.items():

@@ -384,3 +384,34 @@ def test_verdicts_from_the_measures():
         empty.verdict is Verdict.FAILED and "95.0 % of the brain has no value" in empty.reasons[0]
     )
     assert assess_perfusion(replace(good, aif_fwhm_s=0.2)).verdict is Verdict.FAILED
+
+
+def test_site_rule_from_the_node_settings_reaches_the_pipeline(tmp_path):
+    """``[workers] pipeline_options`` in the settings: checked at load (pipeline names),
+    carried by the job to the worker process, given to the pipeline as its options."""
+    from dicom_node.errors import ConfigError
+    from dicom_node.sandbox import JobSpec, execute
+    from dicom_node.settings import load_settings
+
+    p = phantom()
+    rows, cols = np.nonzero(p.truth["ica"])
+    h, w = p.truth["ica"].shape
+    pick = len(rows) // 2
+    rules = [{"protocol": "ICA", "seed": [rows[pick] / h, cols[pick] / w], "seed_radius": 0.08}]
+    options = {"dsa_perfusion": {"ica": "site", "ica_site_rules": rules}}
+    settings = load_settings(None, environ={}, workers={"pipeline_options": options})
+    with pytest.raises(ConfigError, match="pipeline_options.nope: unknown pipeline"):
+        load_settings(None, environ={}, workers={"pipeline_options": {"nope": {}}})
+    files = [f for f in p.write(tmp_path / "run") if f.name == "dsa.dcm"]
+    spec = JobSpec(
+        1,
+        "run",
+        "dsa_perfusion",
+        tuple(map(str, files)),
+        str(tmp_path / "out"),
+        "cpu",
+        options=settings.workers.pipeline_options["dsa_perfusion"],
+    )
+    outcome = execute(spec, lambda _stage: None)
+    assert outcome.ok, outcome.error
+    assert any(n.startswith("ICA by the site rule") for n in outcome.notes), outcome.notes
