@@ -7,6 +7,7 @@ REST API (/jobs, /status) reports the same verdict."""
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 
@@ -82,3 +83,9 @@ def test_verdict_and_measures_read_back_from_orthanc(tmp_path: Path, orthanc) ->
         status = requests.get(f"{api}/status", timeout=10).json()
         assert status["verdicts"]["low_confidence"] == 1
         assert status["doubtful_results"][0]["id"] == job["id"]
+        # The status page (issue 17): the verdict on the job, the result among those
+        # to check, with why.
+        page = requests.get(f"{api}/", timeout=10).text
+        assert '<span class="v-low_confidence">low confidence</span>' in page
+        doubtful = page.split('<table id="doubtful">', 1)[1].split("</table>", 1)[0]
+        assert f"#{job['id']}" in doubtful and html.escape(reasons[0]) in doubtful
