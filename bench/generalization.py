@@ -651,6 +651,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="per-run JSON")
     ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="write the section from the per-run JSON of earlier runs (--only ... --out X "
+        "--no-write, same sizes), one per set of pipelines, instead of running",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -674,25 +682,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}", flush=True)
         if args.pictures_only:
             return 0
-    start = time.perf_counter()
-    rows = evaluate(
-        cfg, extra, set(args.only) if args.only else None, lambda s: print(s, flush=True)
-    )
-    seconds = time.perf_counter() - start
-    summary = summarise(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     from bench.report import git_rev, machine
 
-    dirty = _uncommitted()
+    parts: list[dict[str, Any]] = []
+    commit, started = git_rev(), time.gmtime()
+    if args.combine:
+        rows, seconds, dirty, parts = _combine(args.combine)
+        cfg = Config(**{**parts[0]["config"], "levels": tuple(parts[0]["config"]["levels"])})
+    else:
+        # the code measured is the code at the start (the tree may change during a long run)
+        commit, dirty, started = git_rev(), _uncommitted(), time.gmtime()
+        start = time.perf_counter()
+        rows = evaluate(
+            cfg, extra, set(args.only) if args.only else None, lambda s: print(s, flush=True)
+        )
+        seconds = time.perf_counter() - start
+    summary = summarise(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "config": cfg.__dict__,
                 "machine": machine(),
-                "commit": git_rev(),
-                "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "commit": commit,
+                "measured_utc": time.strftime("%Y-%m-%d %H:%M", started),
                 "seconds": round(seconds, 1),
                 "uncommitted_at_run": dirty,
+                "parts": parts,
                 "summary": summary,
                 "runs": rows,
             },
@@ -700,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             default=float,
         )
     )
-    body = describe(cfg, rows, seconds) + "\n\n" + tables(summary, rows)
+    body = describe(cfg, rows, seconds) + _parts_note(parts) + "\n\n" + tables(summary, rows)
     if dirty:
         body += (
             "\n\nThe working tree had uncommitted changes under the generators, pipelines or "
@@ -716,10 +732,54 @@ def main(argv: list[str] | None = None) -> int:
             f"_Measured {stamp} on {machine()} (commit {git_rev()}) by `python -m "
             f"bench.generalization`; the full tables are in BENCHMARKS.md._\n\n"
             + describe(cfg, rows, seconds)
+            + _parts_note(parts)
             + "\n\n"
             + headline(summary, rows)
         )
     return 0
+
+
+def _combine(paths: list[Path]) -> tuple[list[dict[str, Any]], float, list[str], list[dict]]:
+    """Rows of earlier runs of disjoint pipelines with the same sizes, merged."""
+    rows: list[dict[str, Any]] = []
+    dirty: list[str] = []
+    parts: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if parts and data["config"] != parts[0]["config"]:
+            raise SystemExit(f"--combine: {path} was run with other sizes than {paths[0]}")
+        pipes = sorted({r["pipeline"] for r in data["runs"]})
+        if seen & set(pipes):
+            raise SystemExit(f"--combine: {path} repeats pipelines {sorted(seen & set(pipes))}")
+        seen |= set(pipes)
+        rows += data["runs"]
+        dirty += [d for d in data.get("uncommitted_at_run", []) if d not in dirty]
+        parts.append(
+            {
+                "pipelines": pipes,
+                "commit": data["commit"],
+                "measured_utc": data["measured_utc"],
+                "seconds": data["seconds"],
+                "config": data["config"],
+            }
+        )
+    return rows, sum(p["seconds"] for p in parts), dirty, parts
+
+
+def _parts_note(parts: list[dict[str, Any]]) -> str:
+    """Which pipelines each merged run measured, when and at which commit."""
+    if len(parts) < 2:
+        return ""
+    return (
+        "\n\nMeasured in parts, one run per set of pipelines: "
+        + "; ".join(
+            f"{', '.join(f'`{q}`' for q in p['pipelines'])} at {p['measured_utc']} UTC "
+            f"(commit {p['commit']}, {p['seconds'] / 60:.1f} min)"
+            for p in parts
+        )
+        + "."
+    )
 
 
 def _uncommitted() -> list[str]:

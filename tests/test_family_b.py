@@ -293,15 +293,11 @@ def test_bench_generalization_quick_smoke(tmp_path):
     """``python -m bench.generalization --quick`` runs every pipeline on both families,
     writes per-run JSON with CIs; one package exercises the packaged path."""
     from bench import generalization
+    from tests.tiny_package import tiny_package
 
+    package = tiny_package(tmp_path / "pkg" / "dsa_av-tiny", "dsa_av", "dsa_av-tiny")
     argv = ["--quick", "--no-write", "--out", str(tmp_path / "g.json"), "--models", str(tmp_path)]
-    coronary_pkgs = [
-        p.parent
-        for p in sorted((ROOT / "models").glob("*/package.json"))
-        if json.loads(p.read_text()).get("pipeline") == "xa_coronary"
-    ]
-    if coronary_pkgs:
-        argv += ["--package", f"xa_coronary={coronary_pkgs[0]}"]
+    argv += ["--package", f"dsa_av={package}"]
     assert generalization.main(argv) == 0
     data = json.loads((tmp_path / "g.json").read_text())
     seen = {(r["pipeline"], r["family"]) for r in data["runs"]}
@@ -313,13 +309,39 @@ def test_bench_generalization_quick_smoke(tmp_path):
         if s["pipeline"] == "dsa_av" and s["metric"] == "m_dice" and s["family"] == "B"
     ]
     assert m_dice and m_dice[0]["n"] == 2 and len(m_dice[0]["ci95"]) == 2
-    if coronary_pkgs:
-        packaged = [
-            s
-            for s in data["summary"]
-            if s["pipeline"] == "xa_coronary" and s["method"] != "classical"
-        ]
-        assert packaged and all("vs_classical" in s for s in packaged)
+    packaged = [
+        s for s in data["summary"] if s["pipeline"] == "dsa_av" and s["method"] == "dsa_av-tiny"
+    ]
+    assert packaged and all("vs_classical" in s for s in packaged)
     text = generalization.tables(data["summary"], data["runs"])
     for p in generalization.PIPELINES:
         assert f"`{p}`" in text
+    # the same runs in two parts (--only ... --out), merged with --combine
+    parts = []
+    for i, pipes in enumerate(
+        ({"dsa_av", "dsa_ia", "dsa_perfusion"}, {"xa_coronary", "rotational_dla"})
+    ):
+        part = {**data, "runs": [r for r in data["runs"] if r["pipeline"] in pipes]}
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = tmp_path / "merged.json"
+    argv = ["--combine", *map(str, parts), "--no-write", "--out", str(merged)]
+    assert generalization.main(argv) == 0
+    combined = json.loads(merged.read_text())
+    assert len(combined["runs"]) == len(data["runs"]) and len(combined["parts"]) == 2
+
+    def entries(summary):  # order-free, NaN equal to NaN
+        return sorted(json.dumps(e, sort_keys=True) for e in summary)
+
+    assert entries(combined["summary"]) == entries(generalization.summarise(data["runs"]))
+    with pytest.raises(SystemExit, match="repeats pipelines"):
+        generalization.main(["--combine", str(parts[0]), str(parts[0]), "--no-write"])
+    # the headline block of a document, between its markers, and nothing else
+    table = generalization.headline(data["summary"], data["runs"])
+    assert "| `dsa_av` | `m_dice` (higher is better) | dsa_av-tiny |" in table
+    doc = tmp_path / "doc.md"
+    begin, end = generalization.HEADLINE_BEGIN, generalization.HEADLINE_END
+    doc.write_text(f"before\n{begin}\nold\n{end}\nafter\n")
+    assert generalization.write_headline(table, doc)
+    assert doc.read_text() == f"before\n{begin}\n{table}\n{end}\nafter\n"
+    assert not generalization.write_headline(table, tmp_path / "missing.md")
