@@ -499,6 +499,26 @@ def _value_under_the_mouse(ohif: Ohif, pmap: Any, name: str) -> None:
         "ohif_map_value": read[pmap_key]["value"],
         "ohif_canvas_value": read[canvas_key]["value"],
     }
+    # A pixel without a value (the Float Pixel Padding Value, -1): OHIF 3.13.2 applies
+    # neither the padding nor the mapping, so it holds the padding times its scale,
+    # below every real value (docs/perfusion.md, "No value").
+    padding = float(pmap.FloatPixelPaddingValue)
+    rows, cols = np.nonzero(values == padding)
+    near = np.argmin((rows - j) ** 2 + (cols - i) ** 2)
+    j, i = int(rows[near]), int(cols[near])
+    x, y, dx, dy = ohif.driver.execute_script(_TO_CANVAS_JS, pane, i, j)
+    ActionChains(ohif.driver).move_to_element_with_offset(
+        pane, int(round(x + dx - size["width"] / 2)), int(round(y + dy - size["height"] / 2))
+    ).perform()
+    time.sleep(1)
+    read = ohif.driver.execute_script(_HOVER_JS, pane, x, y)
+    (pmap_key,) = [k for k in read if k.startswith("pmap.")]
+    assert read[pmap_key]["ijk"][:2] == [i, j], read
+    assert read[pmap_key]["value"] == pytest.approx(OHIF_PMAP_SCALE * padding), read
+    ohif.delivered.report[name]["under_the_mouse"]["no_value_pixel"] = {
+        "pixel": [i, j],
+        "ohif_map_value": read[pmap_key]["value"],
+    }
 
 
 def _busiest_frame(seg: Any) -> int:
