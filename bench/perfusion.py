@@ -462,13 +462,8 @@ def phantom_accuracy(
     return header + "\n" + "\n".join(rows)
 
 
-ICA_PACKAGE = "models/dsa_perfusion-ica_unet-quick"
-
-
-def ica_comparison(
-    seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512, package: str = ICA_PACKAGE
-) -> str:
-    """The ICA mask (classical rule, and the U-Net package when present) with and
+def ica_comparison(seeds: tuple[int, ...] = PHANTOM_SEEDS, size: int = 512) -> str:
+    """The ICA mask (classical rule, and every dsa_perfusion package in ``models/``) with and
     without keeping the largest connected component, on the phantom (projected
     ICA with its siphon, a catheter, veins crossing it), 4 frames/s, SNR 30: the
     mask against the generator's ICA truth, and the maps it leads to."""
@@ -483,10 +478,13 @@ def ica_comparison(
         for seed in seeds
     ]
     runs = [p.to_run(subtract=True) for p in phantoms]
-    sources = [("classical", None)]
-    root = Path(__file__).resolve().parents[1] / package
-    if root.is_dir():
-        sources.append((f"U-Net ({root.name})", str(root)))
+    from bench.generalization import methods_for
+
+    sources = [("classical", None)] + [
+        (f"U-Net ({Path(m.package).name})", m.package)
+        for m in methods_for("dsa_perfusion", {})
+        if m.package
+    ]
     rows = []
     for label, model in sources:
         for keep in (True, False):

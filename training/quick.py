@@ -163,7 +163,8 @@ RECIPES: dict[str, Recipe] = {
         },
         eval_cases=5,
     ),
-    # as models/dsa_perfusion-ica_unet-quick was trained (30 x 40 steps, patch 256)
+    # as the first ICA U-Net example package was trained (30 x 40 steps, patch 256; it
+    # did not pass the shipping gate on family B and is no longer in models/)
     "dsa_perfusion": Recipe(
         task="dsa_perfusion",
         kind="dsa",
