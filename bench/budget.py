@@ -292,9 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         + "; ".join(checks or ["every pipeline within them"])
         + ".\n\nPeak RSS per pipeline over these inputs (GB): "
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(peaks.items()))
-        + " — `[workers] pipeline_memory_mib` defaults to these plus a margin "
-        "(`dicom_node.settings.DEFAULT_PIPELINE_MEMORY_MIB`).\n\n### Deconvolution\n\n"
-        + deconvolution()
+        + ". The defaults of `[workers] pipeline_memory_mib` "
+        "(`dicom_node.settings.DEFAULT_PIPELINE_MEMORY_MIB`) are the largest peaks measured "
+        "this way, packages since removed from `models/` included, plus a margin."
+        "\n\n### Deconvolution\n\n" + deconvolution()
     )
     if args.gpu:
         import torch
