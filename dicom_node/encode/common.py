@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -303,11 +304,14 @@ def _when(date: str, time: str) -> str:
 
 def series_description(description: str, superseded: Superseded | None) -> str:
     """``AI <description>``, naming the series it replaces when there is one."""
-    text = SERIES_PREFIX + description
-    if superseded is None:
-        return text[:64]
-    note = f" (replaces {superseded.made or 'earlier result'})"
-    return text[: 64 - len(note)] + note
+    note = "" if superseded is None else f" (replaces {superseded.made or 'earlier result'})"
+    # Trailing markers such as " (classical fallback)" stay whole: the name is
+    # shortened instead, so that the 64 characters of LO never cut a marker.
+    base, markers = re.fullmatch(r"(.*?)((?: \([^()]*\))*)", description).groups()  # type: ignore[union-attr]
+    room = 64 - len(SERIES_PREFIX) - len(markers) - len(note)
+    if room < 8:  # markers that leave no room for the name: the name, then cut
+        return (SERIES_PREFIX + description)[: 64 - len(note)] + note
+    return SERIES_PREFIX + base[:room].rstrip() + markers + note
 
 
 def mark_supersession(ds: Dataset, superseded: Superseded | None) -> None:
