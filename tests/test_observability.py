@@ -202,6 +202,8 @@ def test_status_page_in_chromium_with_retry(make_node: Any, storescp: Any, tmp_p
 
     files = [save(ds, tmp_path / "ct", f"{i}.dcm") for i, ds in enumerate(ct_series(4))]
     send_storescu("ANGIO_NODE", node.port, files)
+    # A series is complete after the quiet period; then no rule takes it.
+    wait_for(lambda: node.db.query("SELECT 1 FROM runs WHERE state='unrouted'"), 60)
     (failed,) = node.db.query("SELECT id FROM jobs WHERE state='failed'")
     base = f"http://127.0.0.1:{node.api_port}"
     assert requests.get(f"{base}/", timeout=10).status_code == 401

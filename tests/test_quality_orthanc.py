@@ -53,8 +53,8 @@ def test_verdict_and_measures_read_back_from_orthanc(tmp_path: Path, orthanc) ->
     with running_node(tmp_path / "node", orthanc, port=port, api_port=api_port, rules=DSA_AV):
         send_storescu(NODE_AET, port, [path])
         found = wait_for(
-            "the SR, the SEG and the rendering in Orthanc",
-            lambda: (lambda s: s if len(s) >= 3 else None)(result_series(orthanc, study)),
+            "the canvas, the SEG, the rendering and the SR in Orthanc",
+            lambda: (lambda s: s if len(s) >= 4 else None)(result_series(orthanc, study)),
             timeout=180,
             every=1.0,
         )
