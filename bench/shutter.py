@@ -45,8 +45,10 @@ from pipelines.shutter import exposed_field
 from pipelines.vessels import analyse
 
 
-def octagon(h: int, w: int) -> np.ndarray:
-    t, b, left, r, c = 0.1 * h, 0.9 * h, 0.1 * w, 0.9 * w, 0.2 * min(h, w)
+def octagon(h: int, w: int, inset: float = 0.1, cut: float = 0.2) -> np.ndarray:
+    """An iris-like octagonal field, as many cardiac systems show."""
+    t, b, left, r = inset * h, (1 - inset) * h, inset * w, (1 - inset) * w
+    c = cut * min(h, w)
     corners = [
         (t, left + c),
         (t, r - c),

@@ -11,8 +11,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from scipy import ndimage
-from skimage.draw import polygon2mask
 
+from bench.shutter import octagon
 from pipelines.base import PipelineContext, Run, RunMeta, Shutter
 from pipelines.coronary import (
     CoronarySegmentation,
@@ -35,23 +35,6 @@ from tests.dicomgen import save, xa_run
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 GE_RF = REAL / "RF_RuboDEMO_GE-DRS_1024_ExplicitLE.dcm"
 CORONARY_CINE = REAL / "XA_RuboDEMO_96f_512_JPEGBaseline.dcm"
-
-
-def octagon(h: int, w: int, inset: float = 0.1, cut: float = 0.2) -> np.ndarray:
-    """An iris-like octagonal field, as many cardiac systems show."""
-    t, b, left, r = inset * h, (1 - inset) * h, inset * w, (1 - inset) * w
-    c = cut * min(h, w)
-    corners = [
-        (t, left + c),
-        (t, r - c),
-        (t + c, r),
-        (b - c, r),
-        (b, r - c),
-        (b, left + c),
-        (b - c, left),
-        (t + c, left),
-    ]
-    return polygon2mask((h, w), np.array(corners))
 
 
 def noisy_run(frames: int = 8, size: int = 128, seed: int = 0) -> np.ndarray:
