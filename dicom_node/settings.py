@@ -480,29 +480,20 @@ def _check_pipelines(settings: Settings) -> None:
                     f"invalid settings:\n  rules.{i}.pipelines: unknown pipeline {name!r} "
                     f"(allowed: {', '.join(sorted(known))})"
                 )
-    for name in settings.engine.queues:
-        if name not in known:
-            raise ConfigError(
-                f"invalid settings:\n  engine.queues.{name}: unknown pipeline "
-                f"(allowed: {', '.join(sorted(known))})"
-            )
-    for name in settings.workers.pipeline_memory_mib:
-        if name not in known:
-            raise ConfigError(
-                f"invalid settings:\n  workers.pipeline_memory_mib.{name}: unknown pipeline "
-                f"(allowed: {', '.join(sorted(known))})"
-            )
-    for name in settings.workers.pipeline_options:
-        if name not in known:
-            raise ConfigError(
-                f"invalid settings:\n  workers.pipeline_options.{name}: unknown pipeline "
-                f"(allowed: {', '.join(sorted(known))})"
-            )
+    # Settings keyed by pipeline name: every key must name a pipeline.
+    for key, names in (
+        ("engine.queues", settings.engine.queues),
+        ("workers.pipeline_memory_mib", settings.workers.pipeline_memory_mib),
+        ("workers.pipeline_options", settings.workers.pipeline_options),
+        ("models", settings.models),
+    ):
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"invalid settings:\n  {key}.{name}: unknown pipeline "
+                    f"(allowed: {', '.join(sorted(known))})"
+                )
     for name, pkg in settings.models.items():
-        if name not in known:
-            raise ConfigError(
-                f"invalid settings:\n  models.{name}: unknown pipeline (allowed: {', '.join(sorted(known))})"
-            )
         if not Path(pkg).is_dir():
             raise ConfigError(
                 f"invalid settings:\n  models.{name}: {pkg} is not a model package folder"
