@@ -63,6 +63,11 @@ class ValidBlock(nn.Module):
 class DLAResNet(nn.Module):
     """30-layer valid-convolution ResNet; input HU slabs (B, 5, H+40, W+40) -> logits (B, 3, H, W)."""
 
+    # On the CPU the node runs it in ONNX Runtime (pipelines.models.runtime).
+    onnx_on_cpu = True
+    onnx_probe_shape = (2, SLICES, PATCH + 7, PATCH + 11)
+    onnx_probe_scale = 500.0  # HU
+
     def __init__(self, width: int = 32, hu_scale: float = 1000.0) -> None:
         super().__init__()
         self.hu_scale = hu_scale

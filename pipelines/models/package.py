@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipelines.base import AlgorithmInfo, PipelineError
+from pipelines.models.runtime import prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class ModelPackage:
         )
 
     def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
-        """The model with its weights, built once per process and package version.
+        """The model with its weights, built once per process and package version, and
+        prepared for the device (``pipelines.models.runtime.prepare_model``).
 
         Worker processes are long-lived, so a package stays loaded across jobs; the
         cache key includes the weights file's identity, so a package replaced on
@@ -149,7 +151,7 @@ def _cached_model(
     log.info(
         "model package %s loaded on %s (weights SHA-256 %s verified)", root, device, digest[:16]
     )
-    return model.to(device).eval()
+    return prepare_model(model, torch.device(device))
 
 
 def load_package(path: str | Path, pipeline: str | None = None) -> ModelPackage:
