@@ -18,9 +18,11 @@ seeded random weights (timing does not depend on the weights).
 Variants, each against ``eager`` (the model as built: NCHW weights, torch's
 default threads, the pipeline's default batch): ``1 thread``; ``channels-last``
 (the 2D convolution weights in channels-last order); ``larger batch`` (slices or
-frames per pass); ``pipeline`` (the model as ``ModelPackage.load_model`` now
-prepares it); ``torch.compile`` (its first call, the compilation, timed apart);
-ONNX Runtime: for the CNNs the way the pipelines now run them (and on one thread), for the recurrent models a graph exported for one frame count (not used by the pipelines).
+frames per pass); ``torch.compile`` (its first call, the compilation, timed
+apart); ONNX Runtime on one thread (the CNNs) or exported for one frame count
+(the recurrent models; not used by the pipelines); and ``pipeline now``, the
+model as ``ModelPackage.load_model`` prepares it (``prepare_model``: ONNX
+Runtime for the CNNs, eager for the recurrent models).
 After one warm-up call each, the variants run in turn for ``--reps`` rounds, so
 load from other work hits them alike; the table gives the median wall time (and
 the fastest) and the median CPU time. Each variant's output is compared with
