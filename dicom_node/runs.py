@@ -118,13 +118,37 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
 
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored values through the Modality LUT, as float32.
+
+    A rescale is applied in float32 in place: pydicom's ``apply_modality_lut``
+    works in float64, a full-size temporary (1 GB for a 512³ volume) that is
+    then copied to float32."""
     try:
-        return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+        raw = ds.pixel_array
+        if ds.get("ModalityLUTSequence"):
+            return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+        out = raw.astype(np.float32)
+        del raw
+        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+            out *= np.float32(float(ds.RescaleSlope))
+            out += np.float32(float(ds.RescaleIntercept))
+        return out
     except Exception as exc:  # noqa: BLE001 - a decoder meeting hostile data raises anything
         raise RunError(
             f"cannot decode pixel data of {path.name} "
             f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _decode_and_release(ds: Dataset, path: Path) -> np.ndarray:
+    """:func:`decode_pixels`, then drop the data set's pixel data and pydicom's cached
+    array of it: the bytes and the stored values are as large again as the float32
+    frames, and only the header is needed after this."""
+    out = decode_pixels(ds, path)
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return out
 
 
 _IDENTITY_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
@@ -216,14 +240,14 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
             raise RunError(f"the instances of the series differ in size: {sorted(sizes)}")
         frames = np.stack(
             [
-                decode_pixels(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
+                _decode_and_release(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))[0]
                 for ds, p in zip(datasets, paths, strict=True)
             ]
         )
         times, timing_problem = _instance_times(datasets)
     else:
         ds = datasets[0]
-        arr = decode_pixels(ds, paths[0])
+        arr = _decode_and_release(ds, paths[0])
         frames = arr.reshape(-1, int(ds.Rows), int(ds.Columns))
         times, timing_problem = frame_times_s(ds, frames.shape[0])
     first = datasets[0]
@@ -254,7 +278,8 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         shutter=shutter_from_header(first),
     )
     return LoadedRun(
-        Run(pixels=frames.astype(np.float32), meta=meta), [_strip(d) for d in datasets]
+        Run(pixels=frames.astype(np.float32, copy=False), meta=meta),
+        [_strip(d) for d in datasets],
     )
 
 
@@ -280,7 +305,7 @@ def _instance_times(datasets: list[Dataset]) -> tuple[np.ndarray | None, str]:
 def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
     first = datasets[0]
     if len(datasets) == 1:
-        vol = decode_pixels(first, paths[0])
+        vol = _decode_and_release(first, paths[0])
         if vol.ndim == 2:
             raise RunError("a single 2D slice is not a volume")
         sfg = first.get("SharedFunctionalGroupsSequence")
@@ -316,7 +341,15 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         order = np.argsort([_slice_position(ds) for ds in datasets])
         datasets = [datasets[i] for i in order]
         paths = [paths[i] for i in order]
-        vol = np.stack([decode_pixels(ds, p) for ds, p in zip(datasets, paths, strict=True)])
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+        if len(sizes) > 1:
+            raise RunError(f"the slices of the series differ in size: {sorted(sizes)}")
+        vol = np.empty((len(datasets), *sizes.pop()), np.float32)
+        for i, (ds, p) in enumerate(zip(datasets, paths, strict=True)):
+            pixels = _decode_and_release(ds, p)
+            if pixels.shape != vol.shape[1:]:
+                raise RunError(f"{p.name} holds {pixels.shape} pixels, not one slice")
+            vol[i] = pixels
         spacing = (
             (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
             if "PixelSpacing" in first
@@ -338,4 +371,4 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         series_description=str(first.get("SeriesDescription", "")),
         is_volume=True,
     )
-    return LoadedRun(Run(pixels=vol.astype(np.float32), meta=meta), headers)
+    return LoadedRun(Run(pixels=vol.astype(np.float32, copy=False), meta=meta), headers)

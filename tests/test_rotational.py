@@ -15,6 +15,7 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+import pipelines.rotational as rotational
 from pipelines.base import ImageOutput, PipelineContext, Run, RunMeta, SegmentationOutput
 from pipelines.models.dla import (
     CLASS_BONE,
@@ -32,8 +33,11 @@ from pipelines.rotational import (
     classical_tissues,
     classify_dense,
     classify_patches,
+    extend_beyond_field,
+    fill_holes,
     soft_tissue_level,
     tubeness,
+    tubeness_in_slabs,
 )
 
 torch.set_num_threads(1)
@@ -183,6 +187,60 @@ def test_bone_cut_by_the_reconstruction_circle_is_not_a_vessel() -> None:
     assert not labels[:, outside].any() or (labels[:, outside] == CLASS_SOFT).all()
     assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
     assert (labels[truth == CLASS_BONE] == CLASS_VESSEL).mean() < 0.01
+
+
+def truncated_head() -> tuple[np.ndarray, np.ndarray]:
+    hu, truth = synthetic_head(slices=40, seed=3, vessel_hu=900.0)
+    size = hu.shape[1]
+    yy, xx = np.mgrid[:size, :size]
+    outside = (yy - size / 2) ** 2 + (xx - size / 2 + 6) ** 2 > (0.45 * size) ** 2
+    hu[:, outside] = -1024.0
+    return hu.astype(np.float32), outside
+
+
+def test_tubeness_in_slabs_equals_the_whole_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each slab carries the widest Gaussian's reach as context: the values are the
+    whole volume's, bit for bit, with slabs far thinner than that reach."""
+    hu, _ = truncated_head()
+    monkeypatch.setattr(rotational, "SLAB", 5)
+    mask = hu > 300
+    scales = (0.45, 0.8, 1.4)
+    u = np.clip((hu - 40.0) / 200.0, 0.0, 1.0).astype(np.float32)
+    whole = tubeness(u, mask, 0.8, scales)[mask]
+    slabs = tubeness_in_slabs(hu, 40.0, 200.0, mask, 0.8, scales)
+    assert whole.max() > 0.5
+    assert np.array_equal(whole, slabs)
+
+
+def test_extend_beyond_field_in_place_takes_the_nearest_value_inside() -> None:
+    hu, outside = truncated_head()
+    from scipy import ndimage
+
+    iy, ix = ndimage.distance_transform_edt(outside, return_distances=False, return_indices=True)
+    expected = hu[:, iy, ix]
+    extend_beyond_field(hu, ~outside)
+    assert np.array_equal(hu, expected)
+
+
+def test_classical_path_restores_its_input_and_slabs_keep_the_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The field is extended in place and undone; with the watershed's context
+    covering the volume, thin slabs give the whole-volume labels exactly, and
+    with the default context (5 mm) nearly so."""
+    hu, _ = truncated_head()
+    original = hu.copy()
+    monkeypatch.setattr(rotational, "WATERSHED_CONTEXT_MM", 1000.0)
+    whole = classical_tissues(hu, SPACING)  # one slab of flooding: the whole volume
+    assert np.array_equal(hu, original)
+    assert (whole == CLASS_VESSEL).any() and (whole == CLASS_BONE).any()
+    monkeypatch.setattr(rotational, "SLAB", 6)
+    assert np.array_equal(classical_tissues(hu, SPACING), whole)
+    monkeypatch.setattr(rotational, "WATERSHED_CONTEXT_MM", 5.0)
+    sliced = classical_tissues(hu, SPACING)
+    assert dice(sliced == CLASS_VESSEL, whole == CLASS_VESSEL) > 0.95
+    assert dice(sliced == CLASS_BONE, whole == CLASS_BONE) > 0.95
+    assert np.array_equal(hu, original)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -509,3 +567,32 @@ def test_phantom_files_through_decode_pipeline_and_encode(tmp_path: Path, form: 
     assert all(ds.FrameOfReferenceUID == loaded.headers[0].FrameOfReferenceUID for ds in ct)
     z = [float(ds.ImagePositionPatient[2]) for ds in ct]
     assert np.all(np.diff(z) > 0)  # ascending, like the decoded run
+
+
+def test_fill_holes_equals_scipy() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    filled = 0
+    for _ in range(5):
+        mask = ndimage.gaussian_filter(rng.random((20, 24, 28)), 1.5) > 0.5
+        expected = ndimage.binary_fill_holes(mask)
+        filled += int((expected & ~mask).sum())
+        assert np.array_equal(fill_holes(mask), expected)
+    assert filled > 0  # the masks had holes to fill
+
+
+def test_distance_tests_in_slabs_equal_the_whole_volume_transform() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    spacing = (0.9, 0.6, 0.7)
+    for density in (0.002, 0.3, 0.7):
+        smooth = ndimage.gaussian_filter(rng.random((30, 26, 34)), 2.5)
+        mask = smooth > np.quantile(smooth, 1.0 - density)
+        mask[:, :2] = False  # a bounding box smaller than the array
+        near = ndimage.distance_transform_edt(~mask, sampling=spacing) <= 2.0
+        assert np.array_equal(rotational.within(mask, 2.0, spacing, slab=4), near)
+        far = ndimage.distance_transform_edt(mask, sampling=spacing) > 2.0
+        assert np.array_equal(rotational.farther_than(mask, 2.0, spacing, slab=4), far)
+        assert far.any() or density < 0.01

@@ -79,7 +79,7 @@ def segment_descriptions(out: SegmentationOutput) -> list[hd.seg.SegmentDescript
 
 def _pixel_array(out: SegmentationOutput, frames: int | None) -> np.ndarray:
     """Masks as highdicom wants them: (frames, rows, columns, segments) bool."""
-    masks = np.asarray(out.masks).astype(bool)
+    masks = np.asarray(out.masks, dtype=bool)
     expected = {"canvas": 3, "frames": 4, "volume": 4}[out.geometry]
     if masks.ndim != expected or masks.shape[0] != len(out.segments):
         raise ValueError(

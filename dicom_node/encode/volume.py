@@ -130,21 +130,26 @@ def _ds(value: float) -> Any:
 
 
 def _stored(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(values - INTERCEPT), 0, 65535).astype(np.uint16)
+    """HU as stored values (HU - INTERCEPT, uint16), a few slices at a time: the float
+    temporaries for a whole 512³ volume at once take over 2 GB."""
+    out = np.empty(values.shape, np.uint16)
+    for z0 in range(0, values.shape[0], 16):
+        out[z0 : z0 + 16] = np.clip(np.round(values[z0 : z0 + 16] - INTERCEPT), 0, 65535)
+    return out
 
 
-def default_window(hu: np.ndarray) -> tuple[float, float]:
-    """(low, high) of the default window: what is denser than air sets it (1st to 99.5th
-    percentile). A sparse volume (the vessels kept, the rest air: less than a fifth of the
-    voxels denser than air) is windowed from air up, so that every vessel voxel shows
-    bright on black rather than its fainter half black."""
-    dense = hu > INTERCEPT + 25
-    body = hu[dense]
+def default_window(stored: np.ndarray) -> tuple[float, float]:
+    """(low, high) HU of the default window, from the stored values: what is denser than
+    air sets it (1st to 99.5th percentile). A sparse volume (the vessels kept, the rest
+    air: less than a fifth of the voxels denser than air) is windowed from air up, so
+    that every vessel voxel shows bright on black rather than its fainter half black."""
+    dense = stored > 25
+    body = stored[dense]
     if not body.size:
         return INTERCEPT, 0.0
-    lo, hi = (float(v) for v in np.percentile(body, [1, 99.5]))
+    lo, hi = (float(v) + INTERCEPT for v in np.percentile(body, [1, 99.5]))
     if dense.mean() < 0.2:
-        lo = float(hu[~dense].max()) if (~dense).any() else INTERCEPT
+        lo = float(stored[~dense].max()) + INTERCEPT if (~dense).any() else INTERCEPT
     return lo, hi
 
 
@@ -171,8 +176,7 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
             f"{(int(src.Rows), int(src.Columns))}"
         )
     stored = _stored(volume)
-    hu = stored.astype(np.float32) + INTERCEPT
-    lo, hi = default_window(hu)
+    lo, hi = default_window(stored)
     series_uid = ctx.series_uid(out.key)
     series_number = ctx.series_number(out.key)
     superseded = ctx.superseded(out.key, CTImageStorage)
