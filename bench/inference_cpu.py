@@ -239,7 +239,7 @@ def variants(
     elif use_onnx and case.example is not None:
         out.append(
             (
-                f"onnxruntime, {case.example.shape[1]} frames only",
+                "onnxruntime, input shape fixed (not used)",
                 lambda: fixed_shape_onnx(case),
                 {},
                 None,

@@ -1,6 +1,7 @@
-"""The CPU inference the pipelines now use (ONNX Runtime for the plain CNNs, from
-``pipelines.models.runtime.prepare_model``) gives the same labels as eager PyTorch and
-probabilities within 1e-4, through each pipeline's own inference function."""
+"""The CPU inference the pipelines now use (ONNX Runtime for the DLA voxel classifier,
+from ``pipelines.models.runtime.prepare_model``) gives the same labels as eager PyTorch
+and probabilities within 1e-4, through the pipeline's own inference function; the other
+models stay as they are."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.coronary import predict_probabilities
-from pipelines.models.ica_unet import predict_mask
 from pipelines.models.package import build
 from pipelines.models.runtime import OrtModel, prepare_model
 from pipelines.preprocess import predict_sequence
@@ -39,24 +38,15 @@ def test_rotational_dense_labels_identical() -> None:
         assert float((eager(x).softmax(1) - fast(x).softmax(1)).abs().max()) < 1e-4
 
 
-def test_coronary_probabilities_within_1e4() -> None:
-    eager, fast = _pair("ce_net_3d2d", {"width": 8, "blocks": [1, 1, 1, 1]})
-    assert isinstance(fast, OrtModel)
-    frames = np.random.default_rng(1).normal(0, 1, (5, 70, 90)).astype(np.float32)
-    ref = predict_probabilities(eager, frames, 1, CPU, batch=2)
-    got = predict_probabilities(fast, frames, 1, CPU, batch=2)
-    assert got.shape == ref.shape == frames.shape and got.dtype == np.float32
-    assert float(np.abs(got - ref).max()) < 1e-4
-    # Labels: identical wherever eager is not within the tolerance of the threshold.
-    decided = np.abs(ref - 0.5) > 1e-4
-    np.testing.assert_array_equal((got >= 0.5)[decided], (ref >= 0.5)[decided])
-
-
-def test_ica_mask_identical() -> None:
-    eager, fast = _pair("ica_unet", {"width": 4, "levels": 3})
-    assert isinstance(fast, OrtModel) and fast.multiple == eager.multiple
-    minip = np.random.default_rng(2).normal(1000, 50, (50, 61)).astype(np.float32)
-    np.testing.assert_array_equal(predict_mask(fast, minip, CPU), predict_mask(eager, minip, CPU))
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [("ce_net_3d2d", {"width": 8, "blocks": [1, 1, 1, 1]}), ("ica_unet", {"width": 4})],
+)
+def test_other_cnns_stay_in_pytorch(arch: str, config: dict) -> None:
+    """Faster in ONNX Runtime but not equal enough to eager at clinical sizes
+    (bench.inference_cpu), so prepare_model keeps them as they are."""
+    model = build(arch, config)
+    assert prepare_model(model, CPU) is model
 
 
 @pytest.mark.parametrize("arch", ["st_unet", "vss_net"])

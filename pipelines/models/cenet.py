@@ -130,9 +130,6 @@ class DecoderBlock(nn.Module):
 class CENet3D2D(nn.Module):
     """3D temporal input layer + 2D conv to 3 channels + CE-Net."""
 
-    # On the CPU the node runs it in ONNX Runtime (pipelines.models.runtime).
-    onnx_on_cpu = True
-
     def __init__(
         self,
         neighbours: int = 1,
@@ -176,10 +173,6 @@ class CENet3D2D(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(head, 1, 3, padding=1),
         )
-
-    @property
-    def onnx_probe_shape(self) -> tuple[int, int, int, int]:
-        return (2, 2 * self.neighbours + 1, 2 * STRIDE, 3 * STRIDE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 2 * self.neighbours + 1:

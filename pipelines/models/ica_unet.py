@@ -39,9 +39,6 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    # On the CPU the node runs it in ONNX Runtime (pipelines.models.runtime).
-    onnx_on_cpu = True
-
     def __init__(
         self,
         in_channels: int = 1,
@@ -53,7 +50,6 @@ class UNet(nn.Module):
         super().__init__()
         widths = [min(width * 2**i, max_width) for i in range(levels)]
         self.levels = levels
-        self.in_channels = in_channels
         self.down = nn.ModuleList()
         c = in_channels
         for w in widths:
@@ -71,10 +67,6 @@ class UNet(nn.Module):
     def multiple(self) -> int:
         """Input sizes must be multiples of this."""
         return 2 ** (self.levels - 1)
-
-    @property
-    def onnx_probe_shape(self) -> tuple[int, int, int, int]:
-        return (2, self.in_channels, 2 * self.multiple, 3 * self.multiple)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
