@@ -80,11 +80,18 @@ def run_through(
         what=f"the {pipeline} job",
     )
     assert [(j["pipeline"], j["state"]) for j in jobs] == [(pipeline, "done")], jobs[0]["error"]
-    wait_for(
-        lambda: len(node.db.query("SELECT * FROM outbox WHERE state='sent'")) == expected,
+    # Settled: nothing left pending (a count polled mid-batch passes through every value).
+    states = wait_for(
+        lambda: (
+            [r["state"] for r in rows]
+            if (rows := node.db.query("SELECT state FROM outbox"))
+            and all(r["state"] != "pending" for r in rows)
+            else None
+        ),
         120,
         what="the results in Orthanc",
     )
+    assert states == ["sent"] * expected, states
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     stored = results_in_orthanc(pacs, study)
     everything = {str(ds.SOPInstanceUID) for group in stored.values() for ds in group}
@@ -110,7 +117,8 @@ def test_coronary_cine_from_the_suite_to_orthanc(make_node, orthanc, tmp_path: P
     phantom = coronary.generate(21, size=128, frames=10)
     files = [f for f in phantom.write(tmp_path / "suite") if f.suffix == ".dcm"]
     assert len(files) == 1  # one multi-frame XA
-    stored = run_through(make_node, orthanc, files, "xa_coronary", expected=3, tmp_path=tmp_path)
+    # frames canvas, SEG, overlay cine, quality SR
+    stored = run_through(make_node, orthanc, files, "xa_coronary", expected=4, tmp_path=tmp_path)
     (seg,) = stored["SEG"]
     assert int(seg.NumberOfFrames) >= 1
     # every SEG frame points at the frame of the frames canvas it segments
@@ -131,9 +139,9 @@ def test_rotational_ct_series_from_the_suite_to_orthanc(make_node, orthanc, tmp_
 
     folder = rotational.generate(22, size=32).write(tmp_path / "suite")[0].parent
     files = sorted((folder / "rotational_ct").glob("*.dcm"))
-    # SEG + 32-slice DLA angiogram + MIP
+    # SEG + 32-slice DLA angiogram + MIP + quality SR
     stored = run_through(
-        make_node, orthanc, files, "rotational_dla", expected=34, tmp_path=tmp_path
+        make_node, orthanc, files, "rotational_dla", expected=35, tmp_path=tmp_path
     )
     (seg,) = stored["SEG"]
     labels = {str(s.SegmentLabel) for s in seg.SegmentSequence}

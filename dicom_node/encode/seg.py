@@ -78,7 +78,11 @@ def segment_descriptions(out: SegmentationOutput) -> list[hd.seg.SegmentDescript
 
 
 def _pixel_array(out: SegmentationOutput, frames: int | None) -> np.ndarray:
-    """Masks as highdicom wants them: (frames, rows, columns, segments) bool."""
+    """Masks as highdicom takes them: segments that never overlap as one label map
+    (frames, rows, columns) of segment numbers, else (frames, rows, columns,
+    segments) bool. The label map is the same SEG at a fraction of the memory:
+    highdicom sums a stack over its segments in int64 to look for overlaps (8
+    bytes a voxel, 1 GB for a 512³ volume)."""
     masks = np.asarray(out.masks, dtype=bool)
     expected = {"canvas": 3, "frames": 4, "volume": 4}[out.geometry]
     if masks.ndim != expected or masks.shape[0] != len(out.segments):
@@ -92,7 +96,22 @@ def _pixel_array(out: SegmentationOutput, frames: int | None) -> np.ndarray:
         raise ValueError(
             f"SEG {out.key!r}: {masks.shape[1]} mask frames for {frames} source frames"
         )
+    if len(out.segments) < 256 and _disjoint(masks):
+        labels = np.zeros(masks.shape[1:], np.uint8)
+        for number, mask in enumerate(masks, start=1):
+            labels[mask] = number
+        return labels
     return np.ascontiguousarray(np.moveaxis(masks, 0, -1))
+
+
+def _disjoint(masks: np.ndarray) -> bool:
+    """No pixel in two of the (segments, ...) masks."""
+    seen = np.zeros(masks.shape[1:], bool)
+    for mask in masks:
+        if (seen & mask).any():
+            return False
+        seen |= mask
+    return True
 
 
 def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -> list[Dataset]:
