@@ -514,12 +514,11 @@ def _classical_labels(
     dense = hysteresis3d(body & (hx > level + p["k_low"] * noise), hx > level + p["k_high"] * noise)
     if not dense.any():
         return np.full(hx.shape, CLASS_SOFT, np.uint8)
-    # Tubeness at the dense voxels only (C order), as the shape analysis needs it.
-    tube = tubeness_in_slabs(hx, level, p["k_sat"] * noise, dense, step, tuple(p["scales_mm"]))
-    thick = thick_parts(dense, spacing_mm, p["thick_mm"])
+    scale, scales = p["k_sat"] * noise, tuple(p["scales_mm"])
     vessel_seed = np.zeros(hx.shape, bool)
-    for z, values in _dense_chunks(dense, tube):
+    for z, values in _dense_chunks(dense, tubeness_in_slabs(hx, level, scale, dense, step, scales)):
         vessel_seed[z][dense[z]] = values > p["v_seed"]
+    thick = thick_parts(dense, spacing_mm, p["thick_mm"])
     vessel_seed &= ~within(thick, p["seed_gap_mm"], spacing_mm)
     markers = np.zeros(hx.shape, np.uint8)
     markers[thick] = 2
@@ -535,8 +534,11 @@ def _classical_labels(
         parts, count = ndi.label(rest, structure=FULL)
         sums = np.zeros(count + 1)
         sizes = np.zeros(count + 1, np.int64)
-        for z, values in _dense_chunks(dense, tube):
-            of_part = parts[z][dense[z]]
+        # Tubeness once more, at these voxels only: holding it for every dense voxel
+        # through the watershed would take up to 4 bytes a voxel of the volume.
+        tube = tubeness_in_slabs(hx, level, scale, rest, step, scales)
+        for z, values in _dense_chunks(rest, tube):
+            of_part = parts[z][rest[z]]
             sums += np.bincount(of_part, weights=values, minlength=count + 1)
             sizes += np.bincount(of_part, minlength=count + 1)
         tubular = sums > p["v_unassigned"] * np.maximum(sizes, 1)
@@ -546,8 +548,8 @@ def _classical_labels(
             is_tubular = tubular[parts[z]]
             vessel[z] |= is_tubular
             bone[z] |= rest[z] & ~is_tubular
-        del parts
-    del rest, tube, dense
+        del parts, tube
+    del rest, dense
     radius = max(1, int(round(p["local_mm"] / step)))
     lumen = float(np.percentile(hx[vessel_seed], 95)) if vessel_seed.any() else float(hx.max())
     del vessel_seed
@@ -573,13 +575,13 @@ def _classical_labels(
     return labels
 
 
-def _dense_chunks(dense: np.ndarray, values: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
-    """(slab, the part of ``values`` at its dense voxels) for per-dense-voxel ``values``
-    in C order, slab by slab."""
+def _dense_chunks(mask: np.ndarray, values: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """(slab, the part of ``values`` at its voxels of ``mask``) for ``values`` given at
+    the voxels of ``mask`` in C order, slab by slab."""
     start = 0
-    for z0 in range(0, dense.shape[0], SLAB):
+    for z0 in range(0, mask.shape[0], SLAB):
         z = slice(z0, z0 + SLAB)
-        count = int(np.count_nonzero(dense[z]))
+        count = int(np.count_nonzero(mask[z]))
         yield z, values[start : start + count]
         start += count
 
