@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import config, dcmread
@@ -118,26 +119,56 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
 
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
-    """Stored values through the Modality LUT, as float32.
+    """Stored values through the Modality LUT or rescale, as float32.
 
-    A rescale is applied in float32 in place: pydicom's ``apply_modality_lut``
-    works in float64, a full-size temporary (1 GB for a 512³ volume) that is
-    then copied to float32."""
+    Enhanced objects (3D XA, Enhanced CT and XA) carry their rescale in the
+    Pixel Value Transformation functional group, shared or per frame, which
+    pydicom's ``apply_modality_lut`` does not read; it is applied here. A rescale
+    is applied in float32 in place: ``apply_modality_lut`` works in float64, a
+    full-size temporary (1 GB for a 512³ volume) then copied to float32."""
     try:
         raw = ds.pixel_array
         if ds.get("ModalityLUTSequence"):
             return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
         out = raw.astype(np.float32)
         del raw
-        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
-            out *= np.float32(float(ds.RescaleSlope))
-            out += np.float32(float(ds.RescaleIntercept))
+        rescale = _rescale(ds, out.shape[0] if out.ndim == 3 else 1)
+        if rescale is not None:
+            slope, intercept = rescale
+            frames = out if out.ndim == 3 else out[None]
+            for frame, m, b in zip(frames, slope, intercept, strict=True):
+                if (m, b) != (1.0, 0.0):
+                    frame *= np.float32(m)
+                    frame += np.float32(b)
         return out
     except Exception as exc:  # noqa: BLE001 - a decoder meeting hostile data raises anything
         raise RunError(
             f"cannot decode pixel data of {path.name} "
             f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _rescale(ds: Dataset, frames: int) -> tuple[list[float], list[float]] | None:
+    """(slopes, intercepts), one per frame: the top-level Rescale Slope/Intercept, else
+    the Pixel Value Transformation functional group (per frame over shared); None
+    when there is none."""
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        return [float(ds.RescaleSlope)] * frames, [float(ds.RescaleIntercept)] * frames
+
+    def transformation(groups: Any) -> tuple[float, float] | None:
+        item = groups.get("PixelValueTransformationSequence") if groups is not None else None
+        if not item or "RescaleSlope" not in item[0] or "RescaleIntercept" not in item[0]:
+            return None
+        return float(item[0].RescaleSlope), float(item[0].RescaleIntercept)
+
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = transformation(shared_seq[0]) if shared_seq else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    each = [transformation(item) for item in per_frame] if len(per_frame) == frames else []
+    if not any(each) and shared is None:
+        return None
+    pairs = [own or shared or (1.0, 0.0) for own in (each or [None] * frames)]
+    return [m for m, _ in pairs], [b for _, b in pairs]
 
 
 def _decode_and_release(ds: Dataset, path: Path) -> np.ndarray:

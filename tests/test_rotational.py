@@ -596,3 +596,20 @@ def test_distance_tests_in_slabs_equal_the_whole_volume_transform() -> None:
         far = ndimage.distance_transform_edt(mask, sampling=spacing) > 2.0
         assert np.array_equal(rotational.farther_than(mask, 2.0, spacing, slab=4), far)
         assert far.any() or density < 0.01
+
+
+def test_enhanced_3d_xa_is_read_in_hu_like_the_ct_series(tmp_path: Path) -> None:
+    """The Enhanced 3D XA object carries its rescale in the Pixel Value Transformation
+    functional group, not at the top level (where pydicom's modality LUT looks):
+    both encodings of one volume must give the same HU, the phantom's."""
+    from dicom_node.runs import load_run
+    from training.phantoms import rotational as phantom
+
+    ph = phantom.generate(5, size=48)
+    files = ph.write(tmp_path)
+    enhanced = next(f for f in files if f.name == "rotational_3dxa.dcm")
+    assert "RescaleIntercept" not in pydicom.dcmread(enhanced, stop_before_pixels=True)
+    hu = load_run([enhanced]).run.pixels
+    series = load_run(sorted(enhanced.parent.glob("rotational_ct/*.dcm"))).run.pixels
+    assert np.array_equal(hu, series)
+    assert np.abs(hu - np.clip(np.round(ph.hu), -1024, 3071)).max() <= 1.0
