@@ -62,14 +62,14 @@ class CompletionSettings(Strict):
 # 512 MiB for a long-lived worker's packages and allocator slack, rounded up to
 # 256 MiB. Peaks (GB): minip 0.72, dsa_av 2.38 (ST U-Net r1 package), dsa_ia 2.20
 # (VSS-Net quick package), dsa_perfusion 1.24 (ICA U-Net quick package),
-# xa_coronary 1.10 (CE-Net quick package), rotational_dla 8.81 (classical, 512^3).
+# xa_coronary 1.10 (CE-Net quick package), rotational_dla 2.83 (classical, 512^3).
 DEFAULT_PIPELINE_MEMORY_MIB: dict[str, int] = {
     "minip": 1536,
     "dsa_av": 3584,
     "dsa_ia": 3328,
     "dsa_perfusion": 2048,
     "xa_coronary": 2048,
-    "rotational_dla": 11264,
+    "rotational_dla": 4096,
 }
 
 
