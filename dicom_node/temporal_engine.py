@@ -230,6 +230,7 @@ class TemporalEngine:
             job_timeout_s=workers.job_timeout_s,
             prior=list(dict.fromkeys(Path(p).stem for p in prior)),
             index_id=self.index_id,
+            options=dict(workers.pipeline_options.get(job.pipeline, {})),
         )
 
     async def _start(self, job: JobInput) -> None:

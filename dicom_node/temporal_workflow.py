@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -70,6 +71,9 @@ class JobInput:
     # a result whose content changed names the series it supersedes
     prior: list[str] = field(default_factory=list)
     index_id: str = ""  # the node whose index holds the job (its local activities check)
+    # The pipeline's options from the node's settings ([workers] pipeline_options):
+    # site rules are the node's configuration, whichever worker runs the job.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -379,6 +379,7 @@ class JobRunner:
             self.config.device,
             self.models,
             prior_results=tuple(map(str, prior)),
+            options=job.options,
         )
         process = self.pool.get()
         try:

@@ -376,6 +376,7 @@ class Site:
         max_attempts: int = 3,
         engine: str = "temporal",
         node_extra: str = "",
+        workers_extra: str = "",
         worker_extra: str = "",
         worker_env: dict[str, str] | None = None,
         temporal_tls: bool = False,
@@ -414,6 +415,7 @@ class Site:
         self.max_attempts = max_attempts
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.node_extra = node_extra
+        self.workers_extra = workers_extra  # lines in the node's [workers] table
         self.worker_extra = worker_extra
         self.worker_env = worker_env
         self.shared_storage = shared_storage  # the workers read and write the node's storage
@@ -472,6 +474,7 @@ backoff_base_s = 0.2
 backoff_max_s = 1.0
 max_attempts = {self.max_attempts}
 lease_s = 60
+{self.workers_extra}
 {engine}
 [outbox]
 poll_interval_s = 0.1

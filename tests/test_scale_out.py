@@ -283,10 +283,15 @@ def _status(site: Site) -> tuple[dict[str, Any], dict[str, Any]]:
 @pytest.mark.slow
 def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path: Path) -> None:
     runs = [xa_run(frames=10, rows=96, cols=96, seed=s) for s in (1, 2)]
-    shapes = {}
+    shapes, results = {}, {}
+    # The node's pipeline options reach its Temporal workers: they enter the result
+    # UIDs, so both engines deliver the same UIDs only when both ran with them.
+    options = '[workers.pipeline_options.dsa_av]\nsite = "angio-2"'
     for engine in ("embedded", "temporal"):
         # with Temporal only over mutual TLS (a TLS-terminating relay in front of the dev server)
-        site = Site(tmp_path / engine, workers=1, engine=engine, temporal_tls=True)
+        site = Site(
+            tmp_path / engine, workers=1, engine=engine, temporal_tls=True, workers_extra=options
+        )
         try:
             site.start()
             if engine == "temporal" and site.isolation.kind != "none":
@@ -304,6 +309,7 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
             assert all(j["state"] == JobState.DONE for j in jobs), [dict(j) for j in jobs]
             sent = {r["sop_instance_uid"] for r in site.rows("SELECT * FROM outbox")}
             assert sent and site.received() == dict.fromkeys(sent, 1)
+            results[engine] = sent
             assert all(r["state"] == RunState.ROUTED for r in site.rows("SELECT * FROM runs"))
             rest, cli = _status(site)
             assert _shape(rest) == _shape(cli)
@@ -323,6 +329,7 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
         finally:
             site.stop()
     assert shapes["embedded"] == shapes["temporal"]
+    assert results["embedded"] == results["temporal"]
 
 
 @needs_temporal
