@@ -1,9 +1,12 @@
 """How a loaded model runs: on the CPU, the DLA voxel classifier runs in ONNX Runtime.
 
 Why: ``python -m bench.inference_cpu`` measured ``dla_resnet`` (the rotational_dla
-model) 4.9x faster in ONNX Runtime than in eager PyTorch in the same run, with
-identical labels and probabilities within 1e-6; channels-last weights gained
-1.5x, ``torch.compile`` 3.4x after a compilation per worker and input size.
+model) 4.9x faster in ONNX Runtime than in eager PyTorch in the same run with the
+2 cores shared with other work (load 2), with identical labels and probabilities
+within 1e-6; channels-last weights gained 1.5x, ``torch.compile`` 3.4x after a
+compilation per worker and input size. On an idle machine ONNX Runtime's lead
+shrinks to 1.1x (channels-last 1.5x, compile 1.6x): eager PyTorch's two threads
+suffer most when the cores are busy, as a worker's are.
 Only architectures with the class attribute ``onnx_on_cpu`` are converted. The
 other plain CNNs were faster in ONNX Runtime too (``ce_net_3d2d`` 3.5x,
 ``ica_unet`` 3.2x) but did not meet the equality rule at clinical sizes (CE-Net's
