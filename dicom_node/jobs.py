@@ -94,12 +94,6 @@ class Workers:
     def _loop(self, index: int) -> None:
         worker = f"{self.prefix}-{index}"
         process = self.processes[index]
-        # Start the worker process now: torch and the pipelines load in it (seconds),
-        # which the first run after a start would otherwise wait for.
-        try:
-            process.start()
-        except Exception as exc:  # noqa: BLE001 - the first job starts it again and reports
-            log.warning("worker process %s not started in advance: %s", process.name, exc)
         while not self.stopping.is_set():
             job = self.db.claim_job(worker, self.settings.lease_s, self.settings.max_attempts)
             if job is None:

@@ -131,18 +131,6 @@ def test_the_node_retries_a_crash_then_fails_it_with_the_reason(
     assert all(t.is_alive() for t in node.workers.threads)
 
 
-def test_the_node_starts_its_worker_processes_before_the_first_job(make_node: Any) -> None:
-    """The first run after a start does not wait for torch and the pipelines to load."""
-    node = make_node(workers={"concurrency": 2})
-    alive = wait_for(
-        lambda: all(p.proc is not None and p.proc.is_alive() for p in node.workers.processes),
-        120,
-        what="the worker processes",
-    )
-    assert alive and len({p.pid for p in node.workers.processes}) == 2
-    assert node.db.query("SELECT COUNT(*) n FROM jobs")[0]["n"] == 0
-
-
 def _tiny_package(root: Path, seed: int) -> Path:
     import torch
 
