@@ -237,11 +237,13 @@ def test_a_run_that_always_fails_fails_after_max_attempts_with_its_reason(
         workers=2,
         pipelines=("minip", "rotational_dla"),
         max_attempts=3,
-        # decoding a 1024² x 56 run holds > 0.5 GiB for seconds; the small run < 0.3 GiB
+        # A 1024² x 128 run holds its float32 frames, 0.5 GiB, from decoding to the end
+        # of the job (1024² x 56 has fitted since decoding stopped copying: the test
+        # then saw the job done); the small run needs < 0.3 GiB.
         worker_extra="memory_limit_mib = 400",
     ).start()
     try:
-        big = [_run(400 + rep, size=1024, frames=56) for rep in range(REPS)]
+        big = [_run(400 + rep, size=1024, frames=128) for rep in range(REPS)]
         small = _run(499, size=96, frames=10)
         for ds in [*big, small]:
             assert site.send([ds])
