@@ -191,6 +191,83 @@ def native_without_border_entry() -> tuple[Run, dsa.DSAPhantom]:
     return replace(run, pixels=pixels + noise.astype(np.float32)), p
 
 
+def _misregistered(run: Run, amplitude: float) -> Run:
+    """The mask moved before the fill: every live frame carries the same bone edges
+    (bright on one side of the skull, dark on the other); frame 1, the subtracted
+    mask, stays blank."""
+    rows, cols = run.pixels.shape[1:]
+    r, c = np.mgrid[:rows, :cols]
+    radius = np.hypot(r - rows / 2, c - cols / 2)
+    ring = (np.abs(radius - 0.42 * rows) < 2.5).astype(np.float32)
+    edges = amplitude * (ring * np.sign(c - cols / 2 + 0.5)).astype(np.float32)
+    inner = (np.abs(radius - 0.25 * rows) < 2.0) & (r > rows / 2)  # a skull-base edge
+    edges[inner] = -amplitude
+    pixels = run.pixels.copy()
+    pixels[1:] += edges[None]
+    return replace(run, pixels=pixels)
+
+
+def test_the_blank_mask_frame_is_not_a_baseline_sample(monkeypatch):
+    """A subtracted run's first frame is its mask subtracted from itself: blank,
+    without the live frames' noise or their misregistration. Used as a baseline
+    sample it turns every moved edge into contrast; left out, the live pre-contrast
+    frames cancel the edges."""
+    from pipelines.perfusion import pipeline as perfusion
+    from pipelines.perfusion.aif import (
+        contrast_signal,
+        frames_before_bolus,
+        noise_sigma,
+        subtracted_mask_frames,
+    )
+
+    run = phantom().to_run()
+    sigma = noise_sigma(-run.pixels)
+    moved = _misregistered(run, 40 * sigma)
+    blank = subtracted_mask_frames(moved.pixels, moved.meta)
+    assert blank.tolist() == [True] + [False] * (len(blank) - 1)
+    # Only subtracted runs have a mask frame; a noise-free run's flat frames are samples.
+    assert not subtracted_mask_frames(moved.pixels, replace(moved.meta, subtracted=False)).any()
+    clean = dsa.generate(SEED, size=SIZE, frames=40, fps=4.0, snr=None, view="lateral")
+    assert not subtracted_mask_frames(clean.to_run().pixels, clean.to_run().meta).any()
+    # At 1 frame/s one live frame precedes the bolus: the exact blank frame stays.
+    slow = phantom(frames=12, fps=1.0).to_run()
+    assert frames_before_bolus(contrast_signal(slow.pixels[1:], slow.meta)) == 1
+    assert not subtracted_mask_frames(slow.pixels, slow.meta).any()
+
+    reference = process(run)
+    result = process(moved)
+    assert any("frame(s) 1 left out" in n for n in result.notes), result.notes
+    assert_physical(result, moved)
+    expected = maps(reference)["cbf"].valid
+    assert (maps(result)["cbf"].valid ^ expected).sum() <= 0.01 * expected.sum()
+    # With the blank frame as a baseline sample, the edges become tissue with values
+    # (here 9 % of the mask changes).
+    monkeypatch.setattr(perfusion, "subtracted_mask_frames", lambda f, m, i: np.zeros(len(f), bool))
+    with_mask = process(moved)
+    assert (maps(with_mask)["cbf"].valid ^ expected).sum() > 0.03 * expected.sum()
+
+
+def test_the_blank_mask_frame_stays_where_no_live_frame_precedes_the_bolus():
+    """A run that goes from its mask straight into the bolus: the blank frame is the
+    only baseline there is, so it stays."""
+    from pipelines.perfusion.aif import subtracted_mask_frames
+
+    run = phantom().to_run()
+    assert subtracted_mask_frames(run.pixels, run.meta)[0]
+    signal = -run.pixels
+    rise = (signal - signal[1]).max(axis=(1, 2))
+    first = int(np.argmax(rise > 0.5 * rise.max()))  # the bolus half way in
+    assert first > 2
+    keep = [0, *range(first, len(run.pixels))]
+    times = run.meta.frame_times_s[keep]
+    cut = replace(run, pixels=run.pixels[keep], meta=replace(run.meta, frame_times_s=times))
+    assert not subtracted_mask_frames(cut.pixels, cut.meta).any()
+    result = process(cut)
+    assert_physical(result, cut)
+    assert not any("left out" in n for n in result.notes)
+    assert "brain reached before the aif" not in reasons(result)
+
+
 def test_native_run_is_processed():
     p = phantom(native=True)
     run = p.to_run(subtract=True)

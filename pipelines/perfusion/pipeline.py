@@ -47,6 +47,7 @@ from pipelines.perfusion.aif import (
     contrast_signal,
     measure_aif,
     noise_sigma,
+    subtracted_mask_frames,
 )
 from pipelines.perfusion.deconvolution import METHODS, Settings
 from pipelines.perfusion.figures import aif_figure, color_map
@@ -353,12 +354,22 @@ class DsaPerfusion:
         device = _device(ctx, notes)
         frames = run.pixels
         times = acquisition_times(run.meta, frames.shape[0])
+        field = exposed_field(frames, run.meta)
+        inside = field.mask if field.collimated else None
+        mask_frames = subtracted_mask_frames(frames, run.meta, inside)
+        if mask_frames.any():
+            # Times keep their origin (the first frame), so Tmax and TTP do too.
+            frames, times = frames[~mask_frames], times[~mask_frames]
         timing = uniform_grid(times)
         notes.append(timing.describe())
-        field = exposed_field(frames, run.meta)
+        if mask_frames.any():
+            numbers = ", ".join(str(int(i) + 1) for i in np.flatnonzero(mask_frames))
+            notes.append(
+                f"frame(s) {numbers} left out: the subtracted mask (a blank frame), "
+                "not a measurement"
+            )
         if field.collimated:
             notes.append(field.describe())
-        inside = field.mask if field.collimated else None
         raw_signal = contrast_signal(frames, run.meta)
         sigma = noise_sigma(raw_signal, inside)
         # The grid curves stay lazy (acquired frames and the interpolation
