@@ -945,3 +945,33 @@ def test_phantom_dataset_with_domain_randomisation(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no domain randomisation"):
         spec_b = PhantomSpec("dsa", 64, None, ("artery",), {"test": [0]}, "B", randomise=True)
         build_phantom_dataset(tmp_path / "b", spec_b, "b", progress=lambda _m: None)
+
+
+def test_volume_task_keeps_boolean_targets_and_balances_patch_centres() -> None:
+    """rotational_dla holds each case's targets as booleans (a quarter of float32:
+    twelve 256^3 float cases were OOM-killed) with a sample of each class's voxels,
+    and its patches are centred on the three classes alike."""
+    from pipelines.models.dla import CLASS_BONE, CLASS_SOFT, CLASS_VESSEL
+    from training.phantom_dataset import phantom_case
+    from training.tasks import TASKS
+
+    case = phantom_case("rotational", 3, 48, None, ("vessel", "bone"))
+    task = TASKS["rotational_dla"]
+    prepared = task.prepare(case, {})
+    assert prepared.y is not None and prepared.valid is not None
+    assert prepared.y.dtype == torch.bool and prepared.valid.dtype == torch.bool
+    assert prepared.centres is not None
+    for k, pool in enumerate(prepared.centres):
+        assert len(pool) > 0
+        z, r, c = pool.T
+        assert prepared.y[k][z, r, c].all()  # every centre is a voxel of its class
+    again = task.prepare(case, {})
+    assert all(np.array_equal(a, b) for a, b in zip(prepared.centres, again.centres, strict=True))
+
+    rng = np.random.default_rng(0)
+    batch = task.batch([prepared], rng, 96, 16, {})
+    assert batch.y.dtype == torch.float32 and batch.valid.dtype == torch.float32
+    centre = batch.y[:, :, 8, 8].argmax(dim=1)  # the class at each patch's centre (or near)
+    counts = torch.bincount(centre, minlength=3)
+    for k in (CLASS_VESSEL, CLASS_BONE, CLASS_SOFT):
+        assert counts[k] >= 10, counts  # about a third each, never one class only

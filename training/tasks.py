@@ -30,6 +30,7 @@ RPST: the DIAS code); the others are marked as ours in docs/training.md.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,9 @@ class Prepared:
     x: torch.Tensor
     y: torch.Tensor | None
     valid: torch.Tensor | None
+    # Per class, a sample of the voxels labelled with it ((N, 3) int32): where the
+    # volume task centres its class-balanced patches.
+    centres: tuple[np.ndarray, ...] | None = None
 
 
 @dataclass
@@ -381,6 +385,17 @@ class CineTask(Task):
 # ---------------------------------------------------------------------------
 # Rotational volumes: vessel / bone / soft tissue per voxel (rotational_dla)
 
+# Patch centres kept per class and case: enough to cover a 256^3 volume's vessels.
+CENTRES_PER_CLASS = 65536
+
+
+def _sample_voxels(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``count`` voxels of ``mask`` drawn without replacement, (N, 3) int32."""
+    flat = np.flatnonzero(mask)
+    if len(flat) > count:
+        flat = rng.choice(flat, count, replace=False)
+    return np.stack(np.unravel_index(flat, mask.shape), axis=1).astype(np.int32)
+
 
 class VolumeTask(Task):
     CLASS_OF = {"vessel": CLASS_VESSEL, "bone": CLASS_BONE, "soft_tissue": CLASS_SOFT}
@@ -412,8 +427,12 @@ class VolumeTask(Task):
         x = torch.from_numpy(padded_volume(case.pixels))
         if not case.labelled:
             return Prepared(case.id, x, None, None)
+        # Boolean targets and masks, made float one patch at a time: a 256^3 case
+        # holds 0.1 GB of them instead of 0.4 GB (twelve cases were OOM-killed).
         y, v = self.classes(case)
-        return Prepared(case.id, x, torch.from_numpy(y).float(), torch.from_numpy(v).float())
+        rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+        centres = tuple(_sample_voxels(y[k] & v[k], CENTRES_PER_CLASS, rng) for k in range(3))
+        return Prepared(case.id, x, torch.from_numpy(y), torch.from_numpy(v), centres)
 
     def batch(
         self,
@@ -430,17 +449,22 @@ class VolumeTask(Task):
             _, z_n, h, w = p.y.shape
             ps = min(patch, h, w)
             cls = int(rng.integers(3))  # class-balanced patch centres
-            idx = torch.nonzero(p.y[cls] * p.valid[cls])
-            if len(idx) == 0:
-                idx = torch.nonzero(p.valid[0] >= 0)
-            z, cy, cx = (int(v) for v in idx[int(rng.integers(len(idx)))])
+            pool = (
+                p.centres[cls]
+                if p.centres is not None
+                else _sample_voxels((p.y[cls] & p.valid[cls]).numpy(), CENTRES_PER_CLASS, rng)
+            )
+            if len(pool):
+                z, cy, cx = (int(v) for v in pool[int(rng.integers(len(pool)))])
+            else:  # no voxel of this class: anywhere
+                z, cy, cx = (int(rng.integers(n)) for n in (z_n, h, w))
             top = int(np.clip(cy - ps // 2, 0, h - ps))
             left = int(np.clip(cx - ps // 2, 0, w - ps))
             xs.append(
                 p.x[z : z + SLICES, top : top + ps + 2 * MARGIN, left : left + ps + 2 * MARGIN]
             )
-            y = p.y[:, z, top : top + ps, left : left + ps]
-            v = p.valid[:, z, top : top + ps, left : left + ps]
+            y = p.y[:, z, top : top + ps, left : left + ps].float()
+            v = p.valid[:, z, top : top + ps, left : left + ps].float()
             vs.append(v * self._balanced(y, v, rng))
             ys.append(y)
         return Batch(torch.stack(xs), torch.stack(ys), torch.stack(vs), sequence=False)
