@@ -492,3 +492,23 @@ def test_site_rule_from_the_node_settings_reaches_the_pipeline(tmp_path):
     outcome = execute(spec, lambda _stage: None)
     assert outcome.ok, outcome.error
     assert any(n.startswith("ICA by the site rule") for n in outcome.notes), outcome.notes
+
+
+def test_when_no_rule_passes_the_aif_with_the_least_brain_before_it_stays(monkeypatch):
+    """Every ICA rule gives an AIF that much of the brain fills before: the result
+    keeps the rule whose AIF the least brain precedes, not merely the first tried
+    (with a package, the package's comes first)."""
+    from pipelines.perfusion import pipeline as perfusion
+
+    shares = iter([0.8, 0.6, 0.9, 0.9])  # all above MAX_BRAIN_BEFORE_AIF
+    real = perfusion.compute_maps
+
+    def early(*args, **kwargs):
+        return replace(real(*args, **kwargs), early_share=next(shares))
+
+    monkeypatch.setattr(perfusion, "compute_maps", early)
+    result = process(phantom().to_run())
+    rule = next(n for n in result.notes if n.startswith("ICA by the "))
+    assert rule.startswith("ICA by the earliest-arriving large artery rule"), rule
+    assert any(n.startswith("no other ICA rule did better") for n in result.notes)
+    assert "brain reached before the aif 60 %" in reasons(result)

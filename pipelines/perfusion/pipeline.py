@@ -378,9 +378,10 @@ class DsaPerfusion:
         image = minip(frames)
 
         # An AIF that most of the brain fills before is not the feeding artery: the
-        # next rule tries; if none gives a better one, the first stays, low confidence.
+        # next rule tries; if none passes, the one with the least brain before its AIF
+        # stays, low confidence (a package's AIF comes first, and need not be that one).
         refused: dict[str, str] = {}
-        first: tuple[Input, Maps, float] | None = None
+        best: tuple[Input, Maps, float] | None = None
         others = ""
         while True:
             try:
@@ -399,9 +400,9 @@ class DsaPerfusion:
                     refused,
                 )
             except PipelineError as exc:
-                if first is None:
+                if best is None:
                     raise
-                found, maps, width = first
+                found, maps, width = best
                 others = f"no other ICA rule did better ({exc})"
                 break
             width = fwhm_s(found.aif.curve, timing.grid_s)
@@ -422,7 +423,8 @@ class DsaPerfusion:
                 maps = restrict_maps(maps, inside)
             if maps.early_share <= MAX_BRAIN_BEFORE_AIF:
                 break
-            first = first or (found, maps, width)
+            if best is None or maps.early_share < best[1].early_share:
+                best = (found, maps, width)
             refused[found.located.rule] = (
                 f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
             )
