@@ -19,7 +19,8 @@ preprocessing, tiling and post-processing are included, on:
 Metrics per run: ``dsa_av`` M-Dice (artery and vein pooled) with A-Dice and
 V-Dice; ``dsa_ia`` artery Dice; ``dsa_perfusion`` Tmax and MTT mean absolute
 error over the interior of the perfusion reference regions, the ICA mask's
-Dice and the AIF region's precision; ``xa_coronary`` IoU and Dice pooled over
+Dice (the border rule's or the package's; none where the pipeline had to take a
+later rule) and the AIF region's precision; ``xa_coronary`` IoU and Dice pooled over
 the frames; ``rotational_dla`` vessel Dice inside the head per contrast level.
 Each figure is mean ± SD with a t-based 95 % confidence interval and n, and
 each package's paired difference from the classical path on the same runs.
@@ -248,7 +249,7 @@ def _ica_mask(run: Any, package: str | None) -> np.ndarray:
 
 
 def perfusion_metrics(result: Any, case: Case, package: str | None) -> dict[str, float]:
-    from pipelines.base import ParametricMapOutput
+    from pipelines.base import ParametricMapOutput, PipelineError
 
     maps = {o.key: o for o in result.outputs if isinstance(o, ParametricMapOutput)}
     truth = case.truth
@@ -262,7 +263,13 @@ def perfusion_metrics(result: Any, case: Case, package: str | None) -> dict[str,
         else:
             out[name] = float("nan")
     ica_truth = truth["ica"].astype(bool)
-    out["ica_dice"] = dice(_ica_mask(case.run, package), ica_truth)
+    try:
+        out["ica_dice"] = dice(_ica_mask(case.run, package), ica_truth)
+    except PipelineError:
+        # The border rule found no ICA, so the pipeline took a later rule (earliest
+        # artery, site) whose mask is not rebuilt here: no ICA Dice for this run, but
+        # the run has maps and is scored on them (until 2026-11-30 it counted as refused).
+        out["ica_dice"] = float("nan")
     aif = _segments(result, "aif_region")
     region = next(iter(aif.values())).astype(bool)
     out["aif_precision"] = float((region & ica_truth).sum() / max(int(region.sum()), 1))
