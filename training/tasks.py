@@ -449,11 +449,8 @@ class VolumeTask(Task):
             _, z_n, h, w = p.y.shape
             ps = min(patch, h, w)
             cls = int(rng.integers(3))  # class-balanced patch centres
-            pool = (
-                p.centres[cls]
-                if p.centres is not None
-                else _sample_voxels((p.y[cls] & p.valid[cls]).numpy(), CENTRES_PER_CLASS, rng)
-            )
+            assert p.centres is not None  # prepare() samples them for every labelled case
+            pool = p.centres[cls]
             if len(pool):
                 z, cy, cx = (int(v) for v in pool[int(rng.integers(len(pool)))])
             else:  # no voxel of this class: anywhere
