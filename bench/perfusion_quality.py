@@ -1,12 +1,14 @@
 """Perfusion results a reader can trust (issue 13): coverage, impossible values, verdicts.
 
-    python -m bench.perfusion_quality [--cases N] [--size PX] [--no-write]
+    python -m bench.perfusion_quality [--cases N] [--size PX] [--no-write] [--classical-only]
 
 On held-out family A phantoms (``training.phantoms.dsa``, seeds from 900000 as
 in ``bench.generalization``: as generated, and with its domain randomisation),
 and on family B (``training.phantoms.family_b``, seeds from 700000; no
 threshold here was chosen on it), each run goes through ``dsa_perfusion`` and
-is scored:
+is scored, once by the classical path and once with every ``dsa_perfusion`` package
+in ``models/`` (what a site that configures it runs: the package finds the ICA,
+the rest of the pipeline is the same):
 
 - outcome: maps, or refused (and why);
 - brain coverage: share of the perfused brain in view (perfusion truth
@@ -19,8 +21,8 @@ is scored:
   outside the run (MTT, Tmax, TTP): the target is 0;
 - the verdict, its reasons, and which ICA rule found the AIF.
 
-Figures go to the "perfusion_quality" section of BENCHMARKS.md, per family:
-runs with maps, mean ± SD coverage with a t-based 95 % CI, runs at >= 90 %.
+Figures go to the "perfusion_quality" section of BENCHMARKS.md, per family and
+method: runs with maps, mean ± SD coverage with a t-based 95 % CI, runs at >= 90 %.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ SEED0 = {"A": 900_000, "Ar": 900_000, "B": 700_000}
 NAMES = {"A": "A (held out)", "Ar": "A randomised (held out)", "B": "B (evaluation only)"}
 
 
+def methods(classical_only: bool) -> list[tuple[str, str | None]]:
+    """(label, package folder or None): the classical path, then each package."""
+    from bench.generalization import methods_for
+
+    found = [(m.label, m.package) for m in methods_for("dsa_perfusion", {})]
+    return found[:1] if classical_only else found
+
+
 def case(family: str, seed: int, size: int) -> tuple[Any, dict[str, np.ndarray]]:
     """The run and its truth (20 s; family A at 4 frames/s, SNR 30 on the tissue)."""
     if family == "B":
@@ -58,11 +68,11 @@ def case(family: str, seed: int, size: int) -> tuple[Any, dict[str, np.ndarray]]
     return p.to_run(), p.truth
 
 
-def score(run: Any, truth: dict[str, np.ndarray]) -> dict[str, Any]:
+def score(run: Any, truth: dict[str, np.ndarray], package: str | None = None) -> dict[str, Any]:
     from pipelines.base import ParametricMapOutput, PipelineContext, PipelineError, get
 
     try:
-        result = get("dsa_perfusion")(run, PipelineContext())
+        result = get("dsa_perfusion")(run, PipelineContext(model_package=package))
     except PipelineError as exc:
         return {"outcome": "refused", "reason": str(exc)}
     maps = {o.key: o for o in result.outputs if isinstance(o, ParametricMapOutput)}
@@ -75,6 +85,7 @@ def score(run: Any, truth: dict[str, np.ndarray]) -> dict[str, Any]:
             bad |= values > duration
         impossible += int(bad.sum())
     valid = maps["cbf"].valid
+    assert valid is not None
     field = truth.get("field", np.ones_like(valid)).astype(bool)
     brain = np.isfinite(truth["cbf"]) & field
     any_vessel = (truth["artery"] | truth["vein"] | truth["device"]).astype(bool)
@@ -96,7 +107,7 @@ def score(run: Any, truth: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
-def summary(family: str, rows: list[dict[str, Any]]) -> str:
+def summary(family: str, method: str, rows: list[dict[str, Any]]) -> str:
     maps = [r for r in rows if r["outcome"] == "maps"]
     cov = np.array([r["coverage"] for r in maps])
     if len(cov) > 1:
@@ -113,7 +124,7 @@ def summary(family: str, rows: list[dict[str, Any]]) -> str:
     verdicts = Counter(r["verdict"] for r in maps)
     rules = Counter(r["rule"] for r in maps)
     return (
-        f"| {NAMES[family]} | {len(maps)} / {len(rows)} | {cell} | "
+        f"| {NAMES[family]} | {method} | {len(maps)} / {len(rows)} | {cell} | "
         f"{sum(c >= 0.9 for c in cov)} | {wide_cell} | {off_cell} | "
         f"{sum(r['impossible'] for r in maps)} | "
         + ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
@@ -129,26 +140,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--families", default="A,Ar,B")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--classical-only", action="store_true", help="leave out the packages in models/"
+    )
     args = parser.parse_args(argv)
     import torch
 
     t0 = time.monotonic()
-    lines, details = [], []
+    lines: list[str] = []
+    details: list[str] = []
+    todo = methods(args.classical_only)
     for family in args.families.split(","):
-        rows = []
+        rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in todo}
         for seed in range(SEED0[family], SEED0[family] + args.cases):
             run, truth = case(family, seed, args.size)
-            row = score(run, truth)
-            rows.append(row)
-            text = (
-                f"coverage {100 * row['coverage']:.1f} %, {row['verdict']}, rule {row['rule']}"
-                + (f" ({'; '.join(row['reasons'])})" if row["reasons"] else "")
-                if row["outcome"] == "maps"
-                else f"refused: {row['reason']}"
-            )
-            details.append(f"- {NAMES[family]} seed {seed}: {text}")
-            print(details[-1], flush=True)
-        lines.append(summary(family, rows))
+            for label, package in todo:
+                row = score(run, truth, package)
+                rows[label].append(row)
+                text = (
+                    f"coverage {100 * row['coverage']:.1f} %, {row['verdict']}, rule {row['rule']}"
+                    + (f" ({'; '.join(row['reasons'])})" if row["reasons"] else "")
+                    if row["outcome"] == "maps"
+                    else f"refused: {row['reason']}"
+                )
+                details.append(f"- {NAMES[family]} seed {seed}, {label}: {text}")
+                print(details[-1], flush=True)
+        lines.extend(summary(family, label, rows[label]) for label, _ in todo)
     seconds = time.monotonic() - t0
     body = (
         "`python -m bench.perfusion_quality` "
@@ -161,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         "regions or the field); "
         "impossible = pixels with a negative CBF, CBV or "
         "MTT, or an MTT, Tmax or TTP beyond the run (target 0). No reference run: these are "
-        "absolute figures of the current classical path.\n\n"
-        "| family | runs with maps | coverage (%) mean ± SD | runs >= 90 % | coverage, only "
+        "absolute figures of the classical path and of each `dsa_perfusion` package in "
+        f"`models/` ({', '.join(label for label, _ in todo[1:]) or 'none'}) on the same runs."
+        "\n\n"
+        "| family | method | runs with maps | coverage (%) mean ± SD | runs >= 90 % | coverage, only "
         f"vessels >= {LARGE_MM:g} mm left out (%) | values off the perfused brain (%) | "
         "impossible values | verdicts | ICA rule |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(lines)
         + "\n\nPer run:\n\n"
         + "\n".join(details)

@@ -512,3 +512,23 @@ def test_when_no_rule_passes_the_aif_with_the_least_brain_before_it_stays(monkey
     assert rule.startswith("ICA by the earliest-arriving large artery rule"), rule
     assert any(n.startswith("no other ICA rule did better") for n in result.notes)
     assert "brain reached before the aif 60 %" in reasons(result)
+
+
+def test_the_coverage_benchmark_scores_the_classical_path_and_each_package(capsys):
+    """``bench.perfusion_quality`` measures what a site runs: the classical path and
+    every ``dsa_perfusion`` package in ``models/``, on the same runs."""
+    from bench import perfusion_quality
+    from bench.generalization import ROOT
+
+    packages = sorted(
+        p.parent.name
+        for p in (ROOT / "models").glob("*/package.json")
+        if '"dsa_perfusion"' in p.read_text()
+    )
+    assert [label for label, _ in perfusion_quality.methods(False)] == ["classical", *packages]
+    assert perfusion_quality.methods(True) == [("classical", None)]
+    perfusion_quality.main(["--cases", "1", "--size", "128", "--families", "A", "--no-write"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| A ")]
+    assert [row.split(" | ")[1] for row in table] == ["classical", *packages]
+    for row in table:
+        assert row.split(" | ")[2] == "1 / 1" and row.split(" | ")[7] == "0"  # no impossible value
