@@ -23,7 +23,7 @@ Axis 0 of the run runs along the slice normal in ascending position (as
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -83,20 +83,60 @@ def padded_volume(hu: np.ndarray) -> np.ndarray:
     )
 
 
+def class_bias(config: Mapping[str, Any]) -> tuple[float, float, float] | None:
+    """The package's per-class logit offsets (vessel, bone, soft tissue), or None.
+
+    A DLA classifier trained on class-balanced samples (the paper's undersampling)
+    learns priors of about a third per class, while vessels are a fraction of a
+    percent of a head; its argmax then calls far too many voxels vessel. ``python -m
+    training calibrate`` chooses the vessel offset on validation runs and writes it
+    here (``class_bias``); the decision is the argmax of logits + offsets."""
+    value = config.get("class_bias")
+    if value is None:
+        return None
+    try:
+        bias = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        bias = ()
+    if len(bias) != 3 or not all(np.isfinite(bias)):
+        raise PipelineError(f"model package class_bias {value!r}: expected 3 finite numbers")
+    return bias[0], bias[1], bias[2]
+
+
 @torch.no_grad()
-def classify_dense(
+def dense_logit_slabs(
     model: torch.nn.Module, hu: np.ndarray, device: torch.device, slab: int = 4
-) -> np.ndarray:
-    """Class of every voxel of (Z, Y, X) HU, ``slab`` slices per forward pass; uint8 labels."""
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(z0, z1, float32 logits (z1 - z0, 3, Y, X)) of every voxel, ``slab`` slices per pass."""
     padded = torch.from_numpy(padded_volume(hu)).to(device)
+    for z0 in range(0, hu.shape[0], slab):
+        z1 = min(z0 + slab, hu.shape[0])
+        # (z1 - z0 + 4, Y', X') -> (z1 - z0, 5, Y', X'): each slice with its 4 neighbours.
+        windows = padded[z0 : z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
+        with inference_mode(device):  # not across the yield: the caller's mode is its own
+            logits = model(windows.contiguous()).float()
+        yield z0, z1, logits
+
+
+def _offsets(bias: Sequence[float] | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if bias is None else torch.tensor(bias, dtype=torch.float32, device=device)
+
+
+def classify_dense(
+    model: torch.nn.Module,
+    hu: np.ndarray,
+    device: torch.device,
+    slab: int = 4,
+    bias: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Class of every voxel of (Z, Y, X) HU, ``slab`` slices per forward pass; uint8
+    labels: the argmax of the logits plus ``bias`` (see ``class_bias``)."""
     labels = np.empty(hu.shape, np.uint8)
-    with inference_mode(device):
-        for z0 in range(0, hu.shape[0], slab):
-            z1 = min(z0 + slab, hu.shape[0])
-            # (z1 - z0 + 4, Y', X') -> (z1 - z0, 5, Y', X'): each slice with its 4 neighbours.
-            windows = padded[z0 : z1 + SLICES - 1].unfold(0, SLICES, 1).permute(0, 3, 1, 2)
-            logits = model(windows.contiguous())
-            labels[z0:z1] = logits.float().argmax(dim=1).to(torch.uint8).cpu().numpy()
+    offsets = _offsets(bias, device)
+    for z0, z1, logits in dense_logit_slabs(model, hu, device, slab):
+        if offsets is not None:
+            logits = logits + offsets.to(logits.device)[None, :, None, None]
+        labels[z0:z1] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
     return labels
 
 
@@ -117,15 +157,20 @@ def classify_patches(
     device: torch.device,
     batch: int = 256,
     padded: np.ndarray | None = None,
+    bias: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Class of the voxels at ``coords``, one 41 x 41 x 5 patch each (the paper's way)."""
+    """Class of the voxels at ``coords``, one 41 x 41 x 5 patch each (the paper's way),
+    decided as ``classify_dense`` decides."""
     padded = padded_volume(hu) if padded is None else padded
     out = np.empty(len(coords), np.uint8)
+    offsets = _offsets(bias, device)
     with inference_mode(device):
         for s in range(0, len(coords), batch):
             patches = torch.from_numpy(extract_patches(padded, coords[s : s + batch])).to(device)
-            logits = model(patches)
-            out[s : s + batch] = logits.float().argmax(dim=1)[:, 0, 0].to(torch.uint8).cpu().numpy()
+            logits = model(patches).float()
+            if offsets is not None:
+                logits = logits + offsets.to(logits.device)[None, :, None, None]
+            out[s : s + batch] = logits.argmax(dim=1)[:, 0, 0].to(torch.uint8).cpu().numpy()
     return out
 
 
@@ -701,9 +746,17 @@ class RotationalDLA:
                 )
             device = inference_device(ctx.device)
             model = pkg.load_model(device)
-            labels = classify_dense(model, hu, device, slab=int(opts.get("slab", 4)))
+            bias = class_bias(pkg.config)
+            labels = classify_dense(model, hu, device, slab=int(opts.get("slab", 4)), bias=bias)
             algorithm = pkg.algorithm("DLA voxel classifier", VERSION)
-            notes.append(f"model {pkg.name} {pkg.version}, dense inference on {device.type}")
+            notes.append(
+                f"model {pkg.name} {pkg.version}, dense inference on {device.type}"
+                + (
+                    f"; class logit offsets (vessel, bone, soft tissue) {bias}"
+                    if bias is not None
+                    else ""
+                )
+            )
         else:
             labels = classical_tissues(hu, spacing, opts.get("classical"))
             algorithm = AlgorithmInfo(

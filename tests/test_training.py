@@ -975,3 +975,111 @@ def test_volume_task_keeps_boolean_targets_and_balances_patch_centres() -> None:
     counts = torch.bincount(centre, minlength=3)
     for k in (CLASS_VESSEL, CLASS_BONE, CLASS_SOFT):
         assert counts[k] >= 10, counts  # about a third each, never one class only
+
+
+def _dla_model(seed: int = 0) -> torch.nn.Module:
+    from pipelines.models.package import build
+
+    torch.manual_seed(seed)
+    return build("dla_resnet", {"width": 4}).eval()  # vessel margins 0.06-0.74 on the case
+
+
+def test_dla_calibration_counts_what_the_node_then_decides() -> None:
+    """The vessel logit offset is chosen from Dice counts over every offset at once;
+    each count equals the Dice of the node's own decision (``classify_dense`` with
+    that offset), and the dense and patch-wise decisions agree under the offset."""
+    from pipelines.base import PipelineError
+    from pipelines.rotational import class_bias, classify_dense, classify_patches
+    from training.calibration import GRID, vessel_bias
+    from training.phantom_dataset import phantom_case
+    from training.tasks import TASKS
+
+    task = TASKS["rotational_dla"]
+    case = phantom_case("rotational", 3, 32, None, ("vessel", "bone", "soft_tissue"), "val")
+    model = _dla_model()
+    result = vessel_bias(task, model, [case])
+    assert result["cases"] == [case.id] and len(result["dice_by_offset"]) == len(GRID)
+    truth = task.truth(case)
+    vessel = truth["vessel"].astype(bool)
+    labelled = vessel | truth["bone"].astype(bool) | truth["soft_tissue"].astype(bool)
+    cpu = torch.device("cpu")
+    choice = result["class_bias"][0]
+    for offset in sorted({-8.0, -2.0, 0.0, 2.0, choice}):
+        called = classify_dense(model, case.pixels, cpu, bias=[offset, 0.0, 0.0]) == 0
+        tp = int((called & vessel & labelled).sum())
+        dice = 2 * tp / max(int((called & labelled).sum()) + int(vessel.sum()), 1)
+        assert abs(dice - result["dice_by_offset"][f"{offset:g}"]) < 1e-4, offset
+    assert result["vessel_dice"] == pytest.approx(max(result["dice_by_offset"].values()), abs=1e-4)
+    assert result["class_bias"][1:] == [0.0, 0.0] and choice in GRID
+    called = {
+        b: (classify_dense(model, case.pixels, cpu, bias=[b, 0, 0]) == 0).sum() for b in (-8, 2)
+    }
+    assert called[-8] < called[2]  # the offset moves the decision
+    coords = np.argwhere(np.ones(case.pixels.shape, bool))[::97]
+    dense = classify_dense(model, case.pixels, cpu, bias=[choice, 0, 0])
+    patches = classify_patches(model, case.pixels, coords, cpu, bias=[choice, 0, 0])
+    np.testing.assert_array_equal(patches, dense[tuple(coords.T)])
+    assert class_bias({}) is None and class_bias({"class_bias": [1, 0, 0]}) == (1.0, 0.0, 0.0)
+    for bad in ([1, 0], ["x", 0, 0], [float("nan"), 0, 0], 3):
+        with pytest.raises(PipelineError, match="class_bias"):
+            class_bias({"class_bias": bad})
+
+
+def test_calibrate_writes_the_offset_into_the_model_and_refuses_family_b(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from training.__main__ import main
+    from training.engine import CHECKPOINT_FORMAT, load_model_file
+    from training.phantom_dataset import PhantomSpec, build_phantom_dataset
+
+    roles = ("vessel", "bone", "soft_tissue")
+    spec = PhantomSpec("rotational", 32, None, roles, {"train": [2000], "val": [2100]})
+    build_phantom_dataset(tmp_path / "a", spec, "a", progress=lambda _m: None)
+    model = _dla_model()
+    weights = tmp_path / "model.pt"
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "task": "rotational_dla",
+            "architecture": "dla_resnet",
+            "model_config": {"width": 4},
+            "state_dict": model.state_dict(),
+        },
+        weights,
+    )
+    out = tmp_path / "calibrated.pt"
+    args = ["calibrate", "--model", str(weights), "--dataset", str(tmp_path / "a")]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "vessel logit offset" in capsys.readouterr().out
+    _, again, data = load_model_file(out)
+    offset = data["model_config"]["class_bias"]
+    assert len(offset) == 3 and data["calibration"]["split"] == "val"
+    assert data["calibration"]["cases"] == ["a-rotational-002100"]
+    assert main([*args, "--out", str(out)]) == 2  # exists, no --force
+    spec_b = PhantomSpec("rotational", 32, None, roles, {"val": [0]}, "B")
+    build_phantom_dataset(tmp_path / "b", spec_b, "b", progress=lambda _m: None)
+    assert main(["calibrate", "--model", str(weights), "--dataset", str(tmp_path / "b"),
+                 "--out", str(tmp_path / "b.pt")]) == 2  # fmt: skip
+    assert "family B" in capsys.readouterr().err and not (tmp_path / "b.pt").exists()
+
+
+def test_the_node_decides_with_the_packages_class_bias() -> None:
+    """The rotational pipeline takes ``class_bias`` from the package and says so."""
+    from pipelines.base import PipelineContext, SegmentationOutput, get
+    from training.engine import stage_package
+    from training.phantom_dataset import phantom_case
+    from training.tasks import TASKS
+
+    task = TASKS["rotational_dla"]
+    case = phantom_case("rotational", 3, 32, None, ("vessel", "bone", "soft_tissue"), "val")
+    model = _dla_model()
+    vessel_voxels = {}
+    for offset in (-100.0, 0.0):
+        config = {"width": 4, "class_bias": [offset, 0.0, 0.0]}
+        with stage_package(task, model, config) as package:
+            result = get("rotational_dla")(case.run(), PipelineContext(model_package=package))
+        (seg,) = [o for o in result.outputs if isinstance(o, SegmentationOutput)]
+        vessel_voxels[offset] = int(seg.masks[0].sum())
+        assert any(f"class logit offsets (vessel, bone, soft tissue) ({offset}" in n
+                   for n in result.notes)  # fmt: skip
+    assert vessel_voxels[-100.0] == 0 < vessel_voxels[0.0]

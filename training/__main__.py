@@ -1,9 +1,12 @@
-"""``python -m training``: build-dataset, train, evaluate, package, quick, tune-classical.
+"""``python -m training``: build-dataset, train, calibrate, evaluate, package, quick,
+tune-classical.
 
     python -m training build-dataset --dicomweb http://pacs/dicom-web --out data/dsa-v1 \\
         --pseudonym-map ~/secure/dsa-v1-pseudonyms.json
     python -m training train --dataset data/dsa-v1 --task dsa_av --workdir runs/av1
     torchrun --nproc-per-node 2 -m training train ...      # DDP, same options
+    python -m training calibrate --model runs/dla1/model.pt --dataset data/rot-v1 \
+        --out runs/dla1/model-calibrated.pt  # DLA: the vessel decision on validation runs
     python -m training evaluate --model runs/av1/model.pt --dataset data/dsa-v1
     python -m training package --model runs/av1/model.pt --dataset data/dsa-v1 \\
         --eval-dataset data/family-b --out models/dsa-av-1.0.0 --name dsa-av --version 1.0.0
@@ -294,6 +297,40 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from training.calibration import vessel_bias
+    from training.engine import load_model_file
+
+    manifest, cases = load_dataset(args.dataset)
+    refuse_evaluation_only(args.dataset, manifest)  # calibrating is tuning
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    task, model, data = load_model_file(args.model, device)
+    val = [c for c in cases if c.split == "val" and c.kind == "full"]
+    try:
+        result = vessel_bias(task, model, val, device)
+    except ValueError as exc:
+        raise TaskError(f"{args.model}: {exc}") from exc
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists (--force replaces it)")
+    data["model_config"] = {**data["model_config"], "class_bias": result["class_bias"]}
+    data["calibration"] = {
+        **result,
+        "dataset": str(args.dataset),
+        "split": "val",
+        "from_model": str(args.model),
+    }
+    tmp = out.with_suffix(".part")
+    torch.save(data, tmp)
+    os.replace(tmp, out)
+    print(
+        f"{task.name}: vessel logit offset {result['class_bias'][0]:g} on {len(result['cases'])} "
+        f"validation run(s) of {args.dataset}: vessel Dice {result['vessel_dice']:.3f} "
+        f"(without it {result['vessel_dice_without']:.3f}); wrote {out}"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args)
     result["split"] = args.split
@@ -545,6 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="rpst ablation: the labelled runs beyond --labelled serve as unlabelled",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="rotational_dla: choose the vessel decision (a logit offset) on validation runs",
+    )
+    p.add_argument("--model", required=True, help="model.pt from train")
+    p.add_argument("--dataset", required=True, help="its dataset: the val split is used")
+    p.add_argument("--out", required=True, help="the calibrated model file")
+    p.add_argument("--force", action="store_true", help="replace --out")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
         "evaluate", help="held-out metrics of a model, a package or the classical path"

@@ -103,8 +103,9 @@ def weight_layers(model: nn.Module) -> int:
 
 @architecture(ARCHITECTURE)
 def build(config: Mapping[str, Any]) -> nn.Module:
-    """Config keys: width (channels, default 32), hu_scale (default 1000)."""
-    known = {"width", "hu_scale", "air_hu"}
+    """Config keys: width (channels, default 32), hu_scale (default 1000); class_bias is
+    the node's decision, not the network's (``pipelines.rotational.class_bias``)."""
+    known = {"width", "hu_scale", "air_hu", "class_bias"}
     unknown = set(config) - known
     if unknown:
         raise ValueError(
