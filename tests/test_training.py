@@ -1083,3 +1083,28 @@ def test_the_node_decides_with_the_packages_class_bias() -> None:
         assert any(f"class logit offsets (vessel, bone, soft tissue) ({offset}" in n
                    for n in result.notes)  # fmt: skip
     assert vessel_voxels[-100.0] == 0 < vessel_voxels[0.0]
+
+
+def test_quick_rotational_dla_packages_the_calibrated_decision(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The DLA recipe calibrates its vessel decision on its validation run before the
+    gate evaluates it, so the package carries (and the node uses) ``class_bias``."""
+    from pipelines.models.package import load_package
+    from training.__main__ import main
+
+    work, out = tmp_path / "w", tmp_path / "pkg"
+    args = [
+        "quick", "rotational_dla", "--workdir", str(work), "--size", "32",
+        "--train-cases", "1", "--val-cases", "1", "--test-cases", "1",
+        "--epochs", "1", "--steps", "1", "--batch", "1", "--patch", "16",
+        "--config", json.dumps({"width": 4}), "--device", "cpu", "--no-progress",
+        "--out", str(out), "--name", "dla", "--version", "1",
+        "--eval-family", "B", "--eval-cases", "1", "--min-margin", "-1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "vessel decision calibrated on 1 validation run(s)" in capsys.readouterr().err
+    calibrated = torch.load(work / "run" / "model-calibrated.pt", weights_only=True)
+    pkg = load_package(out, pipeline="rotational_dla")
+    assert pkg.config["class_bias"] == calibrated["model_config"]["class_bias"]
+    assert calibrated["calibration"]["cases"] == ["a-rotational-002100"]

@@ -298,35 +298,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from training.calibration import vessel_bias
-    from training.engine import load_model_file
+    from training.calibration import calibrate_file
 
     manifest, cases = load_dataset(args.dataset)
     refuse_evaluation_only(args.dataset, manifest)  # calibrating is tuning
-    device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    task, model, data = load_model_file(args.model, device)
-    val = [c for c in cases if c.split == "val" and c.kind == "full"]
-    try:
-        result = vessel_bias(task, model, val, device)
-    except ValueError as exc:
-        raise TaskError(f"{args.model}: {exc}") from exc
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (--force replaces it)")
-    data["model_config"] = {**data["model_config"], "class_bias": result["class_bias"]}
-    data["calibration"] = {
-        **result,
-        "dataset": str(args.dataset),
-        "split": "val",
-        "from_model": str(args.model),
-    }
-    tmp = out.with_suffix(".part")
-    torch.save(data, tmp)
-    os.replace(tmp, out)
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    try:
+        result = calibrate_file(args.model, cases, out, args.dataset, device)
+    except ValueError as exc:
+        raise TaskError(f"{args.model}: {exc}") from exc
     print(
-        f"{task.name}: vessel logit offset {result['class_bias'][0]:g} on {len(result['cases'])} "
-        f"validation run(s) of {args.dataset}: vessel Dice {result['vessel_dice']:.3f} "
-        f"(without it {result['vessel_dice_without']:.3f}); wrote {out}"
+        f"vessel logit offset {result['class_bias'][0]:g} on {len(result['cases'])} validation "
+        f"run(s) of {args.dataset}: vessel Dice {result['vessel_dice']:.3f} (without it "
+        f"{result['vessel_dice_without']:.3f}); wrote {out}"
     )
     return 0
 

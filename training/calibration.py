@@ -22,7 +22,9 @@ never the test split, never family B (``refuse_evaluation_only``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,3 +88,31 @@ def vessel_bias(
         "dice_by_offset": {f"{b:g}": round(float(d), 4) for b, d in zip(GRID, dice, strict=True)},
         "cases": used,
     }
+
+
+def calibrate_file(
+    model: str | Path,
+    cases: Sequence[Case],
+    out: str | Path,
+    dataset: str | Path,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Calibrate the model file ``model`` on the validation runs among ``cases`` and
+    write it, with ``class_bias`` in its config and a ``calibration`` record, to ``out``."""
+    from training.engine import load_model_file
+
+    task, network, data = load_model_file(model, device)
+    val = [c for c in cases if c.split == "val" and c.kind == "full"]
+    result = vessel_bias(task, network, val, device)
+    data["model_config"] = {**data["model_config"], "class_bias": result["class_bias"]}
+    data["calibration"] = {
+        **result,
+        "dataset": str(dataset),
+        "split": "val",
+        "from_model": str(model),
+    }
+    out = Path(out)
+    tmp = out.with_suffix(".part")
+    torch.save(data, tmp)
+    os.replace(tmp, out)
+    return result

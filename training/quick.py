@@ -221,6 +221,7 @@ def eval_spec(recipe: Recipe, train: PhantomSpec, args: argparse.Namespace) -> P
 
 def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
     """Build (or reuse) the phantom datasets, train or resume, and package when asked."""
+    from training.calibration import CALIBRATED_TASKS, calibrate_file
     from training.engine import Trainer, init_distributed
     from training.packaging import package_model
 
@@ -293,8 +294,18 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
         build_phantom_dataset(
             eval_dir, eval_spec(recipe, spec, args), name=f"{recipe.kind}-family-b", progress=say
         )
+    model_file = work / "run" / "model.pt"
+    if recipe.task in CALIBRATED_TASKS and any(c.kind == "full" for c in val):
+        calibrated = work / "run" / "model-calibrated.pt"
+        result = calibrate_file(model_file, val, calibrated, data_dir, trainer.device)
+        say(
+            f"vessel decision calibrated on {len(result['cases'])} validation run(s): logit "
+            f"offset {result['class_bias'][0]:g}, vessel Dice {result['vessel_dice']:.3f} "
+            f"(plain argmax {result['vessel_dice_without']:.3f})"
+        )
+        model_file = calibrated
     path = package_model(
-        work / "run" / "model.pt",
+        model_file,
         data_dir,
         eval_dir,
         args.out,
