@@ -223,6 +223,10 @@ def parabolic_peak(curve: np.ndarray, grid_s: np.ndarray) -> tuple[float, float]
     return float(curve[i]), float(grid_s[i])
 
 
+class NoBaseline(PipelineError):
+    """The ICA already holds contrast in the first frame: no pre-contrast sample."""
+
+
 def baseline_frames(
     signal: np.ndarray | Curves, mask: np.ndarray, grid_s: np.ndarray, subtracted: bool
 ) -> int:
@@ -240,7 +244,7 @@ def baseline_frames(
     if subtracted:
         present = float(raw[0] - np.median(signal[0]))
         if present >= ARRIVAL_FRACTION * (peak + present):
-            raise PipelineError(
+            raise NoBaseline(
                 f"contrast is already in the ICA in the first frame ({present / (peak + present):.0%}"
                 " of its peak): no pre-contrast baseline, so concentrations cannot be measured"
             )

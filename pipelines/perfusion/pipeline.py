@@ -43,6 +43,7 @@ from pipelines.base import (
 from pipelines.perfusion.aif import (
     Aif,
     AifSettings,
+    NoBaseline,
     baseline_frames,
     contrast_signal,
     measure_aif,
@@ -79,7 +80,13 @@ from pipelines.perfusion.quality import (
     fwhm_s,
     saturation,
 )
-from pipelines.perfusion.timing import Curves, acquisition_times, resample_weights, uniform_grid
+from pipelines.perfusion.timing import (
+    Curves,
+    Timing,
+    acquisition_times,
+    resample_weights,
+    uniform_grid,
+)
 from pipelines.quality import Quality, Verdict
 from pipelines.shutter import Field, exposed_field
 
@@ -235,6 +242,12 @@ class Input:
     aif: Aif
 
 
+def ica_order(mode: str, has_package: bool) -> list[str]:
+    """The ICA rules in the order they are tried (option ``ica``, a package or not)."""
+    order = rule_order(mode, has_package)
+    return ["site", *(r for r in order if r != "site")] if mode == "site" else order
+
+
 def ica_and_aif(
     image: np.ndarray,
     signal: Curves,
@@ -248,10 +261,12 @@ def ica_and_aif(
     device: torch.device,
     inside: np.ndarray | None,
     refused: Mapping[str, str] | None = None,
+    no_baseline: set[str] | None = None,
 ) -> Input:
     """The ICA by the rules of ``pipelines.perfusion.localise`` in order, the first
     whose baseline and AIF pass their checks; the run is refused, with every rule's
-    reason, only when none does."""
+    reason, only when none does. The rules whose ICA already held contrast in the
+    first frame are added to ``no_baseline``."""
     ica_settings, aif_settings, site_rules = settings
     if mode == "model" and ctx.model_package is None:
         raise PipelineError("option ica=model but no model package is configured")
@@ -304,7 +319,12 @@ def ica_and_aif(
     }
 
     def accept(ica: IcaResult) -> tuple[int, Curves, Aif]:
-        baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
+        try:
+            baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
+        except NoBaseline:
+            if no_baseline is not None:
+                no_baseline.add(tried[-1])
+            raise
         concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
         width = fwhm_s(aif.curve, grid_s)
@@ -315,10 +335,23 @@ def ica_and_aif(
             )
         return baseline, concentration, aif
 
-    order = rule_order(mode, package is not None)
-    if mode == "site":
-        order = ["site", *(r for r in order if r != "site")]
-    located, (baseline, concentration, aif) = locate(order, attempts, accept, refused)
+    order = ica_order(mode, package is not None)
+    tried: list[str] = []  # the rule whose candidates accept() is judging: the last one
+
+    def attempt(rule: str) -> Callable[[], IcaResult | list[IcaResult]] | None:
+        run = attempts[rule]
+        if run is None:
+            return None
+
+        def call() -> IcaResult | list[IcaResult]:
+            tried.append(rule)
+            return run()
+
+        return call
+
+    located, (baseline, concentration, aif) = locate(
+        order, {rule: attempt(rule) for rule in attempts}, accept, refused
+    )
     classical = AlgorithmInfo(name=NAME, version=VERSION, family="classical")
     return Input(located, models.get(located.rule, classical), baseline, concentration, aif)
 
@@ -343,6 +376,51 @@ def restrict_maps(maps: Maps, field: np.ndarray) -> Maps:
     )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The frames the maps are computed from, and what follows from them alone."""
+
+    frames: np.ndarray
+    times: np.ndarray
+    meta: RunMeta
+    timing: Timing
+    sigma: float
+    signal: Curves
+    image: np.ndarray
+
+    @classmethod
+    def of(
+        cls, frames: np.ndarray, times: np.ndarray, meta: RunMeta, inside: np.ndarray | None
+    ) -> Prepared:
+        timing = uniform_grid(times)
+        raw_signal = contrast_signal(frames, meta)
+        # The grid curves stay lazy (acquired frames and the interpolation
+        # matrix): memory follows the run, not the grid (see ``timing.Curves``).
+        return cls(
+            frames=frames,
+            times=times,
+            meta=meta,
+            timing=timing,
+            sigma=noise_sigma(raw_signal, inside),
+            signal=Curves(raw_signal, resample_weights(times, timing.grid_s)),
+            image=minip(frames),
+        )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The ICA, AIF and maps chosen for one set of frames."""
+
+    prepared: Prepared
+    left_out: np.ndarray  # (T,) frames of the run not used (the blank mask frame)
+    found: Input
+    maps: Maps
+    width: float
+    others: str
+    rank: tuple[int, float]  # lower is better
+    passed_for_no_baseline: bool  # an earlier rule's ICA held contrast in the first frame
+
+
 class DsaPerfusion:
     name = NAME
 
@@ -352,82 +430,77 @@ class DsaPerfusion:
         map_settings, ica_settings, aif_settings, ica_mode, site_rules = _settings(ctx.options)
         notes: list[str] = []
         device = _device(ctx, notes)
-        frames = run.pixels
-        times = acquisition_times(run.meta, frames.shape[0])
-        field = exposed_field(frames, run.meta)
+        all_frames = run.pixels
+        all_times = acquisition_times(run.meta, all_frames.shape[0])
+        field = exposed_field(all_frames, run.meta)
         inside = field.mask if field.collimated else None
-        mask_frames = subtracted_mask_frames(frames, run.meta, inside)
-        if mask_frames.any():
-            # Times keep their origin (the first frame), so Tmax and TTP do too.
-            frames, times = frames[~mask_frames], times[~mask_frames]
-        timing = uniform_grid(times)
+        mask_frames = subtracted_mask_frames(all_frames, run.meta, inside)
+        order = ica_order(ica_mode, ctx.model_package is not None)
+
+        def attempt(left_out: np.ndarray) -> Choice:
+            # Boolean indexing copies: only when a frame is left out.
+            frames, times = (
+                (all_frames[~left_out], all_times[~left_out])
+                if left_out.any()
+                else (all_frames, all_times)
+            )
+            return self._choose(
+                Prepared.of(frames, times, run.meta, inside),
+                left_out,
+                ctx,
+                ica_mode,
+                (ica_settings, aif_settings, site_rules),
+                map_settings,
+                device,
+                inside,
+                order,
+            )
+
+        try:
+            choice: Choice | None = attempt(mask_frames)
+            failure: PipelineError | None = None
+        except PipelineError as exc:
+            choice, failure = None, exc
+        if mask_frames.any() and (choice is None or choice.passed_for_no_baseline):
+            # An ICA that already holds contrast in the first live frame has no live
+            # pre-contrast sample; the blank mask frame is one (see aif.subtracted_mask_frames).
+            try:
+                kept = attempt(np.zeros_like(mask_frames))
+            except PipelineError:
+                kept = None
+            if kept is not None and (choice is None or kept.rank < choice.rank):
+                choice = kept
+        if choice is None:
+            assert failure is not None
+            raise failure
+        prepared, found, maps, width, others = (
+            choice.prepared,
+            choice.found,
+            choice.maps,
+            choice.width,
+            choice.others,
+        )
+        frames, times, timing, image = (
+            prepared.frames,
+            prepared.times,
+            prepared.timing,
+            prepared.image,
+        )
         notes.append(timing.describe())
-        if mask_frames.any():
-            numbers = ", ".join(str(int(i) + 1) for i in np.flatnonzero(mask_frames))
+        if choice.left_out.any():
+            numbers = ", ".join(str(int(i) + 1) for i in np.flatnonzero(choice.left_out))
             notes.append(
                 f"frame(s) {numbers} left out: the subtracted mask (a blank frame), "
                 "not a measurement"
             )
+        elif mask_frames.any():
+            numbers = ", ".join(str(int(i) + 1) for i in np.flatnonzero(mask_frames))
+            notes.append(
+                f"frame(s) {numbers}, the subtracted mask (a blank frame), kept as the "
+                "baseline: the ICA holds contrast from the first live frame on"
+            )
         if field.collimated:
             notes.append(field.describe())
-        raw_signal = contrast_signal(frames, run.meta)
-        sigma = noise_sigma(raw_signal, inside)
-        # The grid curves stay lazy (acquired frames and the interpolation
-        # matrix): memory follows the run, not the grid (see ``timing.Curves``).
-        signal = Curves(raw_signal, resample_weights(times, timing.grid_s))
-        image = minip(frames)
-
-        # An AIF that most of the brain fills before is not the feeding artery: the
-        # next rule tries; if none passes, the one with the least brain before its AIF
-        # stays, low confidence (a package's AIF comes first, and need not be that one).
-        refused: dict[str, str] = {}
-        best: tuple[Input, Maps, float] | None = None
-        others = ""
-        while True:
-            try:
-                found = ica_and_aif(
-                    image,
-                    signal,
-                    times,
-                    timing.grid_s,
-                    sigma,
-                    run.meta,
-                    ctx,
-                    ica_mode,
-                    (ica_settings, aif_settings, site_rules),
-                    device,
-                    inside,
-                    refused,
-                )
-            except PipelineError as exc:
-                if best is None:
-                    raise
-                found, maps, width = best
-                others = f"no other ICA rule did better ({exc})"
-                break
-            width = fwhm_s(found.aif.curve, timing.grid_s)
-            try:
-                maps = compute_maps(
-                    found.concentration,
-                    found.aif,
-                    sigma,
-                    found.located.ica.mask,
-                    run.meta.pixel_spacing_mm,
-                    map_settings,
-                    device,
-                )
-            except PipelineError as exc:  # no brain for this AIF: the next rule tries
-                refused[found.located.rule] = str(exc)
-                continue
-            if inside is not None:
-                maps = restrict_maps(maps, inside)
-            if maps.early_share <= MAX_BRAIN_BEFORE_AIF:
-                break
-            if best is None or maps.early_share < best[1].early_share:
-                best = (found, maps, width)
-            refused[found.located.rule] = (
-                f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
-            )
         ica, aif, algorithm = found.located.ica, found.aif, found.algorithm
         notes.append(found.located.describe)
         if others:
@@ -492,6 +565,87 @@ class DsaPerfusion:
             )
         )
         return PipelineResult(outputs=outputs, notes=notes, quality=quality)
+
+    def _choose(
+        self,
+        prepared: Prepared,
+        left_out: np.ndarray,
+        ctx: PipelineContext,
+        ica_mode: str,
+        settings: tuple[IcaSettings, AifSettings, tuple[SiteRule, ...]],
+        map_settings: MapSettings,
+        device: torch.device,
+        inside: np.ndarray | None,
+        order: list[str],
+    ) -> Choice:
+        """The ICA, AIF and maps for these frames.
+
+        An AIF that most of the brain fills before is not the feeding artery: the
+        next rule tries; if none passes, the one with the least brain before its AIF
+        stays, low confidence (a package's AIF comes first, and need not be that one).
+        """
+        refused: dict[str, str] = {}
+        no_baseline: set[str] = set()
+        best: tuple[Input, Maps, float] | None = None
+        others = ""
+        while True:
+            try:
+                found = ica_and_aif(
+                    prepared.image,
+                    prepared.signal,
+                    prepared.times,
+                    prepared.timing.grid_s,
+                    prepared.sigma,
+                    prepared.meta,
+                    ctx,
+                    ica_mode,
+                    settings,
+                    device,
+                    inside,
+                    refused,
+                    no_baseline,
+                )
+            except PipelineError as exc:
+                if best is None:
+                    raise
+                found, maps, width = best
+                others = f"no other ICA rule did better ({exc})"
+                break
+            width = fwhm_s(found.aif.curve, prepared.timing.grid_s)
+            try:
+                maps = compute_maps(
+                    found.concentration,
+                    found.aif,
+                    prepared.sigma,
+                    found.located.ica.mask,
+                    prepared.meta.pixel_spacing_mm,
+                    map_settings,
+                    device,
+                )
+            except PipelineError as exc:  # no brain for this AIF: the next rule tries
+                refused[found.located.rule] = str(exc)
+                continue
+            if inside is not None:
+                maps = restrict_maps(maps, inside)
+            if maps.early_share <= MAX_BRAIN_BEFORE_AIF:
+                break
+            if best is None or maps.early_share < best[1].early_share:
+                best = (found, maps, width)
+            refused[found.located.rule] = (
+                f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
+            )
+        rank = order.index(found.located.rule)
+        return Choice(
+            prepared=prepared,
+            left_out=left_out,
+            found=found,
+            maps=maps,
+            width=width,
+            others=others,
+            # Ranked by the rule that served, then by the brain filling before the AIF.
+            rank=(rank, maps.early_share),
+            passed_for_no_baseline=any(order.index(r) < rank for r in no_baseline),
+        )
 
     def _quality(
         self,
