@@ -670,7 +670,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    MODELS[0] = args.models
+    # --models holds for this call only: other callers in the process (bench.perfusion,
+    # bench.perfusion_quality, the tests) look in models/ again afterwards.
+    default, MODELS[0] = MODELS[0], args.models
+    try:
+        return _run(args, ap)
+    finally:
+        MODELS[0] = default
+
+
+def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     extra: dict[str, list[str]] = {}
     for item in args.package:
         pipeline, sep, path = item.partition("=")
