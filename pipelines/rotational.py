@@ -118,8 +118,12 @@ def dense_logit_slabs(
         yield z0, z1, logits
 
 
-def _offsets(bias: Sequence[float] | None, device: torch.device | str) -> torch.Tensor | None:
-    return None if bias is None else torch.tensor(bias, dtype=torch.float32, device=device)
+def _decide(logits: torch.Tensor, bias: Sequence[float] | None) -> torch.Tensor:
+    """uint8 classes of (N, 3, H, W) logits: the argmax of logits plus ``bias``."""
+    if bias is not None:
+        offsets = torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+        logits = logits + offsets[None, :, None, None]
+    return logits.argmax(dim=1).to(torch.uint8)
 
 
 def classify_dense(
@@ -132,11 +136,8 @@ def classify_dense(
     """Class of every voxel of (Z, Y, X) HU, ``slab`` slices per forward pass; uint8
     labels: the argmax of the logits plus ``bias`` (see ``class_bias``)."""
     labels = np.empty(hu.shape, np.uint8)
-    offsets = _offsets(bias, device)
     for z0, z1, logits in dense_logit_slabs(model, hu, device, slab):
-        if offsets is not None:
-            logits = logits + offsets.to(logits.device)[None, :, None, None]
-        labels[z0:z1] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        labels[z0:z1] = _decide(logits, bias).cpu().numpy()
     return labels
 
 
@@ -163,14 +164,10 @@ def classify_patches(
     decided as ``classify_dense`` decides."""
     padded = padded_volume(hu) if padded is None else padded
     out = np.empty(len(coords), np.uint8)
-    offsets = _offsets(bias, device)
     with inference_mode(device):
         for s in range(0, len(coords), batch):
             patches = torch.from_numpy(extract_patches(padded, coords[s : s + batch])).to(device)
-            logits = model(patches).float()
-            if offsets is not None:
-                logits = logits + offsets.to(logits.device)[None, :, None, None]
-            out[s : s + batch] = logits.argmax(dim=1)[:, 0, 0].to(torch.uint8).cpu().numpy()
+            out[s : s + batch] = _decide(model(patches).float(), bias)[:, 0, 0].cpu().numpy()
     return out
 
 

@@ -5,7 +5,7 @@ tune-classical.
         --pseudonym-map ~/secure/dsa-v1-pseudonyms.json
     python -m training train --dataset data/dsa-v1 --task dsa_av --workdir runs/av1
     torchrun --nproc-per-node 2 -m training train ...      # DDP, same options
-    python -m training calibrate --model runs/dla1/model.pt --dataset data/rot-v1 \
+    python -m training calibrate --model runs/dla1/model.pt --dataset data/rot-v1 \\
         --out runs/dla1/model-calibrated.pt  # DLA: the vessel decision on validation runs
     python -m training evaluate --model runs/av1/model.pt --dataset data/dsa-v1
     python -m training package --model runs/av1/model.pt --dataset data/dsa-v1 \\

@@ -22,7 +22,6 @@ never the test split, never family B (``refuse_evaluation_only``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,7 @@ def calibrate_file(
 ) -> dict[str, Any]:
     """Calibrate the model file ``model`` on the validation runs among ``cases`` and
     write it, with ``class_bias`` in its config and a ``calibration`` record, to ``out``."""
-    from training.engine import load_model_file
+    from training.engine import load_model_file, save_file
 
     task, network, data = load_model_file(model, device)
     val = [c for c in cases if c.split == "val" and c.kind == "full"]
@@ -111,8 +110,5 @@ def calibrate_file(
         "split": "val",
         "from_model": str(model),
     }
-    out = Path(out)
-    tmp = out.with_suffix(".part")
-    torch.save(data, tmp)
-    os.replace(tmp, out)
+    save_file(data, Path(out))
     return result

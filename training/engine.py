@@ -449,11 +449,7 @@ class Trainer:
         }
 
     def _save(self, obj: Mapping[str, Any], name: str) -> Path:
-        path = self.workdir / name
-        tmp = path.with_suffix(".part")
-        torch.save(dict(obj), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_file(obj, self.workdir / name)
 
     def _model_file(self, name: str, metrics: Mapping[str, Any]) -> Path:
         return self._save(
@@ -862,6 +858,14 @@ def stage_package(task: Task, model: nn.Module, model_config: Mapping[str, Any])
             staged=True,
         )
         yield str(path)
+
+
+def save_file(obj: Mapping[str, Any], path: Path) -> Path:
+    """``torch.save`` to ``path`` whole or not at all (a ``.part`` file, then a rename)."""
+    tmp = path.with_suffix(".part")
+    torch.save(dict(obj), tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def load_model_file(
