@@ -1108,3 +1108,10 @@ def test_quick_rotational_dla_packages_the_calibrated_decision(
     pkg = load_package(out, pipeline="rotational_dla")
     assert pkg.config["class_bias"] == calibrated["model_config"]["class_bias"]
     assert calibrated["calibration"]["cases"] == ["a-rotational-002100"]
+    # The checkpoint was chosen by the calibrated decision's Dice, which the
+    # calibration of the chosen weights then reproduces.
+    (row,) = json.loads((work / "run" / "metrics.json").read_text())
+    assert row["monitor"] == "val_calibrated_dice"
+    assert row["score"] == row["val_calibrated_dice"]
+    assert row["val_calibrated_dice"] == pytest.approx(calibrated["calibration"]["vessel_dice"])
+    assert row["val_calibrated_offset"] == calibrated["model_config"]["class_bias"][0]

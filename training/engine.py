@@ -56,6 +56,7 @@ from pipelines.models.package import build, write_package
 from pipelines.preprocess import inference_device
 from training import augment, losses
 from training import metrics as M
+from training.calibration import CALIBRATED_TASKS, vessel_bias
 from training.dataset import Case
 from training.gate import FAMILY_B_MODEL_NAME, GateError
 from training.model_card import example_png
@@ -421,7 +422,30 @@ class Trainer:
                 rows.append(row)
                 if example is None:
                     example, pred0 = case, pred
-        return M.aggregate(rows), example, pred0
+        agg = M.aggregate(rows)
+        if self.task.name in CALIBRATED_TASKS:
+            agg.update(self._calibrated())
+        return agg, example, pred0
+
+    def _calibrated(self) -> dict[str, dict[str, Any]]:
+        """The vessel Dice pooled over the validation runs at the offset
+        ``training.calibration`` would choose now, and that offset: what the package
+        will decide with once calibrated (its plain argmax is not)."""
+        full = [c for c in self.val_cases if c.kind == "full"]
+        if not full:
+            return {}
+        model = _unwrap(self.models[0])
+        training = model.training
+        model.eval()
+        try:
+            result = vessel_bias(self.task, model, full, self.device)
+        finally:
+            model.train(training)
+        n = len(result["cases"])
+        return {
+            "calibrated_dice": {"mean": result["vessel_dice"], "n": n},
+            "calibrated_offset": {"mean": result["class_bias"][0], "n": n},
+        }
 
     def _monitor(
         self, train_loss: float

@@ -678,7 +678,10 @@ TASKS: dict[str, Task] = {
         channels=("vessel", "bone", "soft_tissue"),
         multilabel=False,
         geometry="volume",
-        monitor="dice",
+        # The node decides with the offset calibrated on validation runs
+        # (training.calibration), so the checkpoint is chosen by that decision's Dice.
+        monitor="calibrated_dice",
+        headline="dice",
         default_config={"width": 32},
         defaults=TrainDefaults(
             optimizer="adamw",
