@@ -30,8 +30,11 @@ from dicom_node.routing import (
     mask_operation,
 )
 from dicom_node.sopclasses import CINE_2D, VOLUME
-from pipelines.base import Run, RunMeta
+from pipelines import pixel_shift
+from pipelines.base import Run, RunMeta, Shutter
+from pipelines.pixel_shift import Shift
 from pipelines.shutter import from_header as shutter_from_header
+from pipelines.shutter import shutter_mask
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +96,18 @@ def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
     return None, problem
 
 
-def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
-    """Log-subtract native frames with the mask the Mask Subtraction Sequence names."""
+def _mask_subtract(
+    frames: np.ndarray, ds: Dataset, shutter: Shutter | None = None
+) -> tuple[np.ndarray, bool, Shift | None]:
+    """Log-subtract native frames with the mask the Mask Subtraction Sequence names,
+    shifted by its Mask Sub-pixel Shift, or else by the pixel shift that registers it
+    to the first live frame (``pipelines.pixel_shift``; None: not shifted)."""
     op = mask_operation(ds)
     if op in ("", "NONE"):
-        return frames, False
+        return frames, False, None
     if op not in SUBTRACTING_MASK_OPERATIONS:
         log.warning("Mask Operation %r not supported; using frames unsubtracted", op)
-        return frames, False
+        return frames, False, None
     item = ds.MaskSubtractionSequence[0]
     listed = header_floats(item, "MaskFrameNumbers")
     if op == "TID" or listed is None:
@@ -114,8 +121,44 @@ def _mask_subtract(frames: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
             f"Mask Frame Numbers {numbers} are outside the run's {frames.shape[0]} frames"
         )
     mask = frames[idx].mean(axis=0)
-    sub = SUB_MID + SUB_GAIN * (np.log1p(np.maximum(frames, 0)) - np.log1p(np.maximum(mask, 0)))
-    return sub.astype(np.float32), True
+    shift = _mask_shift(item, mask, frames, idx, shutter)
+    log_live = np.log1p(np.maximum(frames, 0))
+    log_mask = np.log1p(np.maximum(mask, 0))
+    if shift is None:
+        sub = SUB_MID + SUB_GAIN * (log_live - log_mask)
+    else:
+        moved = pixel_shift.shifted(mask, shift.rows, shift.columns)
+        sub = SUB_MID + SUB_GAIN * (log_live - np.log1p(np.maximum(moved, 0)))
+        # The mask frames stay blank: a frame subtracted from its own shifted copy would
+        # show the very misregistration the shift removed from the live frames.
+        sub[idx] = SUB_MID + SUB_GAIN * (log_live[idx] - log_mask)
+        log.info("%s", shift.note())
+    return sub.astype(np.float32), True, shift
+
+
+def _mask_shift(
+    item: Dataset,
+    mask: np.ndarray,
+    frames: np.ndarray,
+    idx: list[int],
+    shutter: Shutter | None,
+) -> Shift | None:
+    """The header's Mask Sub-pixel Shift (rows, columns) when it gives one other than
+    (0, 0), else the estimated pixel shift against the first frame after the mask
+    (None: no shift)."""
+    given = header_floats(item, "MaskSubPixelShift")  # finite numbers, or None
+    if given is not None:
+        if len(given) != 2 or max(abs(v) for v in given) >= min(mask.shape) / 2:
+            log.warning("Mask Sub-pixel Shift %s is not a (row, column) shift; ignored", given[:4])
+        elif given != [0.0, 0.0]:
+            return Shift(given[0], given[1], "header")
+        # (0, 0) is what most consoles write when no one shifted the mask; it does not
+        # say that the head kept still
+    later = [k for k in range(max(idx) + 1, frames.shape[0]) if k not in idx]
+    if not later:
+        return None
+    field = shutter_mask(shutter, mask.shape) if shutter is not None else None
+    return pixel_shift.estimate(mask, frames[later[0]], field)
 
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
@@ -284,7 +327,8 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
     first = datasets[0]
     if str(first.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
         frames = frames.max() - frames  # keep 'vessels dark' meaning of MONOCHROME2
-    frames, mask_subtracted = _mask_subtract(frames, first)
+    shutter = shutter_from_header(first)
+    frames, mask_subtracted, shift = _mask_subtract(frames, first, shutter)
     image_type = tuple(str(v).upper() for v in (first.get("ImageType") or []))
     spacing = None
     for kw in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -305,8 +349,12 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         subtracted=mask_subtracted or "SUBTRACTION" in image_type,
         is_volume=False,
         frame_rate=frame_rate(first),
-        extra={"mask_subtracted": mask_subtracted, "timing_problem": timing_problem},
-        shutter=shutter_from_header(first),
+        extra={
+            "mask_subtracted": mask_subtracted,
+            "timing_problem": timing_problem,
+            "mask_shift": None if shift is None else shift.note(),
+        },
+        shutter=shutter,
     )
     return LoadedRun(
         Run(pixels=frames.astype(np.float32, copy=False), meta=meta),
