@@ -358,11 +358,11 @@ class Located:
 def locate(
     order: Sequence[str],
     attempts: Mapping[str, Callable[[], IcaResult | list[IcaResult]] | None],
-    accept: Callable[[IcaResult], T],
+    accept: Callable[[str, IcaResult], T],
     refused: Mapping[str, str] | None = None,
 ) -> tuple[Located, T]:
     """Try the rules of ``order`` until one gives an ICA that ``accept`` (the
-    baseline and AIF checks) takes; a rule whose attempt is None is not
+    baseline and AIF checks; given the rule and its ICA) takes; a rule whose attempt is None is not
     configured; ``refused``: rules already tried and refused later, with why.
     Every failure is kept for the result, or for the refusal."""
     reasons: list[str] = []
@@ -383,7 +383,7 @@ def locate(
         failures = []
         for ica in candidates:
             try:
-                accepted = accept(ica)
+                accepted = accept(rule, ica)
             except PipelineError as exc:
                 failures.append(str(exc))
                 continue

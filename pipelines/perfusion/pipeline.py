@@ -318,12 +318,12 @@ def ica_and_aif(
         ),
     }
 
-    def accept(ica: IcaResult) -> tuple[int, Curves, Aif]:
+    def accept(rule: str, ica: IcaResult) -> tuple[int, Curves, Aif]:
         try:
             baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
         except NoBaseline:
             if no_baseline is not None:
-                no_baseline.add(tried[-1])
+                no_baseline.add(rule)
             raise
         concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
@@ -336,22 +336,7 @@ def ica_and_aif(
         return baseline, concentration, aif
 
     order = ica_order(mode, package is not None)
-    tried: list[str] = []  # the rule whose candidates accept() is judging: the last one
-
-    def attempt(rule: str) -> Callable[[], IcaResult | list[IcaResult]] | None:
-        run = attempts[rule]
-        if run is None:
-            return None
-
-        def call() -> IcaResult | list[IcaResult]:
-            tried.append(rule)
-            return run()
-
-        return call
-
-    located, (baseline, concentration, aif) = locate(
-        order, {rule: attempt(rule) for rule in attempts}, accept, refused
-    )
+    located, (baseline, concentration, aif) = locate(order, attempts, accept, refused)
     classical = AlgorithmInfo(name=NAME, version=VERSION, family="classical")
     return Input(located, models.get(located.rule, classical), baseline, concentration, aif)
 
