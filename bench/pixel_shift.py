@@ -84,10 +84,9 @@ def measure(family: str, seed: int, size: int, frames: int) -> dict[str, Any]:
         spacing = p.pixel_spacing_mm[0]
         row["moved"] = bool(np.hypot(moved[0], moved[1]) > 0)
         if row["shifted"]:
-            note = node.meta.extra["mask_shift"]
-            got = [float(v) for v in note.split("(")[1].split(")")[0].split(",")]
+            shift = node.meta.extra["mask_shift"]
             want = (-moved[0] / spacing, -moved[1] / spacing)
-            row["error_px"] = float(np.hypot(got[0] - want[0], got[1] - want[1]))
+            row["error_px"] = float(np.hypot(shift.rows - want[0], shift.columns - want[1]))
             row["truth_px"] = float(np.hypot(*want))
     for name, metrics, key in (("dsa_av", av_metrics, "m_dice"), ("dsa_ia", ia_metrics, "a_dice")):
         for label, run in (("node", node), ("plain", plain)):

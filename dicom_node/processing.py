@@ -80,9 +80,9 @@ def run_pipeline(
     )
     datasets = encode_result(result, loaded.run, encode_ctx)
     notes = list(result.notes)
-    shifted = loaded.run.meta.extra.get("mask_shift")
-    if shifted:  # how the node subtracted a native run (dicom_node.runs)
-        notes.insert(0, str(shifted))
+    shift = loaded.run.meta.extra.get("mask_shift")
+    if shift is not None:  # how the node subtracted a native run (dicom_node.runs)
+        notes.insert(0, shift.note())
     if result.quality is not None:
         notes += [n for n in result.quality.notes() if n not in notes]
         log.info(

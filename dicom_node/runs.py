@@ -123,15 +123,12 @@ def _mask_subtract(
     mask = frames[idx].mean(axis=0)
     shift = _mask_shift(item, mask, frames, idx, shutter)
     log_live = np.log1p(np.maximum(frames, 0))
-    log_mask = np.log1p(np.maximum(mask, 0))
-    if shift is None:
-        sub = SUB_MID + SUB_GAIN * (log_live - log_mask)
-    else:
-        moved = pixel_shift.shifted(mask, shift.rows, shift.columns)
-        sub = SUB_MID + SUB_GAIN * (log_live - np.log1p(np.maximum(moved, 0)))
+    moved = mask if shift is None else pixel_shift.shifted(mask, shift.rows, shift.columns)
+    sub = SUB_MID + SUB_GAIN * (log_live - np.log1p(np.maximum(moved, 0)))
+    if shift is not None:
         # The mask frames stay blank: a frame subtracted from its own shifted copy would
         # show the very misregistration the shift removed from the live frames.
-        sub[idx] = SUB_MID + SUB_GAIN * (log_live[idx] - log_mask)
+        sub[idx] = SUB_MID + SUB_GAIN * (log_live[idx] - np.log1p(np.maximum(mask, 0)))
         log.info("%s", shift.note())
     return sub.astype(np.float32), True, shift
 
@@ -352,7 +349,7 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         extra={
             "mask_subtracted": mask_subtracted,
             "timing_problem": timing_problem,
-            "mask_shift": None if shift is None else shift.note(),
+            "mask_shift": shift,  # pipelines.pixel_shift.Shift, or None
         },
         shutter=shutter,
     )

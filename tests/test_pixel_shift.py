@@ -65,16 +65,15 @@ def test_the_node_registers_a_moved_mask_before_subtracting(
     carries less of the skull's edges than the unshifted subtraction; the run says so."""
     files = moved.write(tmp_path)
     loaded = load_run([f for f in files if f.suffix == ".dcm"])
-    note = loaded.run.meta.extra["mask_shift"]
-    assert note and "estimated" in note
+    shift = loaded.run.meta.extra["mask_shift"]
+    assert shift is not None and shift.source == "estimated" and "estimated" in shift.note()
     rows, cols, _ = moved.appearance["misregistration"]
     spacing = moved.pixel_spacing_mm[0]
     want = (-rows / spacing, -cols / spacing)  # the mask moved by +misregistration
-    got = [float(v) for v in note.split("(")[1].split(")")[0].split(",")]
-    assert got == pytest.approx(want, abs=0.3)
+    assert (shift.rows, shift.columns) == pytest.approx(want, abs=0.3)
     # The job's notes say how the run was subtracted.
     _, notes = run_pipeline(loaded, "minip", {}, "cpu")
-    assert notes[0] == note
+    assert notes[0] == shift.note()
     field = ndimage.binary_erosion(
         detect(moved.pixels[:2].astype(np.float32)), iterations=margin_px((128, 128)) + 3
     )
@@ -91,8 +90,8 @@ def test_the_header_shift_wins_and_a_bad_one_is_ignored(
     ds.MaskSubtractionSequence[0].MaskSubPixelShift = [0.5, -1.25]
     ds.save_as(path)
     run = load_run([path]).run
-    assert run.meta.extra["mask_shift"].startswith("mask shifted by (+0.50, -1.25)")
-    assert "Mask Sub-pixel Shift of the header" in run.meta.extra["mask_shift"]
+    assert run.meta.extra["mask_shift"].note().startswith("mask shifted by (+0.50, -1.25)")
+    assert "Mask Sub-pixel Shift of the header" in run.meta.extra["mask_shift"].note()
     frames = still.pixels.astype(np.float64)
     mask = pixel_shift.shifted(frames[0], 0.5, -1.25)
     want = SUB_MID + SUB_GAIN * (np.log1p(frames) - np.log1p(np.maximum(mask, 0)))
