@@ -690,7 +690,10 @@ def _quick_args(work: Path, *extra: str) -> list[str]:
 
 
 def test_quick_trains_resumes_and_packages_through_the_gate(
-    dataset: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    dataset: tuple[Path, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """A short real training run of the single stack: a family A phantom dataset, the
     engine (stopped by its time budget after one epoch, resumed to the end, bit for bit
@@ -721,6 +724,8 @@ def test_quick_trains_resumes_and_packages_through_the_gate(
     assert main([*base, "--out", str(out), "--version", "1"]) == 2  # no evaluation: refused
     assert main([*base, "--eval-dataset", str(data), "--out", str(out), "--version", "1"]) == 2
     site = ["--eval-dataset", str(dataset[0])]  # site data (not synthetic), never trained on
+    assert main([*base, *site, *site, "--out", str(out), "--version", "1"]) == 2  # given twice
+    assert "is given twice" in capsys.readouterr().err
     assert main([*base, *site, "--out", str(out), "--version", "1", "--min-margin", "2"]) == 2
     assert not out.exists()
     caplog.set_level(logging.INFO, logger="pipelines.models.package")
@@ -743,11 +748,13 @@ def test_quick_trains_resumes_and_packages_through_the_gate(
     assert any("site data" in m and "classical path" in m and "model" in m for m in logged)
     # The per-case figures are the node's: the pipeline with the package on an eval case.
     _, cases = load_dataset(dataset[0])
-    case = next(c for c in cases if c.id in pkg.metrics["out_of_distribution"]["model"]["cases"])
+    (ood,) = pkg.metrics["out_of_distribution"]
+    assert ood["dataset"] == ev["dataset"] and ood["manifest_sha256"] == ev["manifest_sha256"]
+    case = next(c for c in cases if c.id in ood["model"]["cases"])
     from training.tasks import TASKS
 
     node = TASKS["dsa_ia"].score(TASKS["dsa_ia"].node_masks(case.run(), str(out)), case)
-    assert {**node, "failed": 0.0} == pkg.metrics["out_of_distribution"]["model"]["cases"][case.id]
+    assert {**node, "failed": 0.0} == ood["model"]["cases"][case.id]
 
 
 def _family_b_archive(root: Path) -> Path:
@@ -837,7 +844,14 @@ def test_invalid_config_json_exits_2(dataset: tuple[Path, Path], capsys) -> None
 
 
 def test_gate_checks_and_confidence_interval() -> None:
-    from training.gate import GateError, check_held_out, evaluation_record, summary
+    from training.gate import (
+        EvaluationPart,
+        GateError,
+        check_held_out,
+        evaluation_record,
+        smallest_margin,
+        summary,
+    )
 
     s = summary([0.5, 0.6, 0.7])
     assert s["mean"] == pytest.approx(0.6) and s["sd"] == pytest.approx(0.1)
@@ -870,19 +884,42 @@ def test_gate_checks_and_confidence_interval() -> None:
         check_held_out("t", train, "1", "e", same_family, "2")
     with pytest.raises(GateError, match="also appears in the training dataset"):
         check_held_out("t", train, "1", "e", site_seen, "2")
-    record = evaluation_record(
-        metric="dice",
-        model_cases={"x": {"dice": 0.8}, "y": {"dice": 0.9}},
-        classical_cases={"x": {"dice": 0.7}, "y": {"dice": 0.7}, "z": {"dice": 0.1}},
-        dataset={"name": "b", "version": "1", "manifest_sha256": "h", "source": "s"},
-        held_out={"families": ["PHANTOM-FAMILY-B"], "trained_on": ["Angio Phantom"]},
-        pipeline="dsa_ia",
-        min_margin=0.03,
+    held_out = {"families": ["PHANTOM-FAMILY-B"], "trained_on": ["Angio Phantom"]}
+
+    def part(name: str, model: dict, classical: dict) -> EvaluationPart:
+        dataset = {"name": name, "version": "1", "manifest_sha256": f"h-{name}", "source": "s"}
+        return EvaluationPart(dataset, held_out, model, classical)
+
+    b256 = part(
+        "b256",
+        {"x": {"dice": 0.8}, "y": {"dice": 0.9}},
+        {"x": {"dice": 0.7}, "y": {"dice": 0.7}, "z": {"dice": 0.1}},
     )
+    record = evaluation_record(metric="dice", parts=[b256], pipeline="dsa_ia", min_margin=0.03)
     assert record["n"] == 2  # the same cases for both
     assert record["failed"] == {"model": 0, "classical": 0}
     assert record["difference"]["mean"] == pytest.approx(0.15)
-    assert record["beats_classical_by_required_margin"]
+    assert record["beats_classical_by_required_margin"] and "by_dataset" not in record
+    assert smallest_margin(record) == (pytest.approx(0.15), "b256")
+    # A second dataset where the model loses: the pooled mean still wins (+0.05), but the
+    # gate takes the worst dataset.
+    b192 = part(
+        "b192",
+        {"p": {"dice": 0.5, "failed": 1.0}, "q": {"dice": 0.6}},
+        {"p": {"dice": 0.55}, "q": {"dice": 0.65}},
+    )
+    both = evaluation_record(metric="dice", parts=[b256, b192], pipeline="dsa_ia", min_margin=0)
+    assert both["n"] == 4 and both["failed"] == {"model": 1, "classical": 0}
+    assert both["difference"]["mean"] == pytest.approx(0.05)
+    assert [r["dataset"] for r in both["by_dataset"]] == ["b256", "b192"]
+    assert both["by_dataset"][1]["difference"]["mean"] == pytest.approx(-0.05)
+    assert not both["beats_classical_by_required_margin"] and both["decided_by"] == "b192"
+    assert smallest_margin(both) == (pytest.approx(-0.05), "b192")
+    assert both["manifest_sha256"] == "h-b256 + h-b192"
+    with pytest.raises(GateError, match="no case of evaluation dataset b192"):
+        evaluation_record(
+            metric="dice", parts=[b256, part("b192", {"p": {}}, {})], pipeline="x", min_margin=0
+        )
 
 
 def test_tune_classical_on_the_training_split(tmp_path: Path) -> None:
@@ -1100,10 +1137,11 @@ def test_quick_rotational_dla_packages_the_calibrated_decision(
         "--epochs", "1", "--steps", "1", "--batch", "1", "--patch", "16",
         "--config", json.dumps({"width": 4}), "--device", "cpu", "--no-progress",
         "--out", str(out), "--name", "dla", "--version", "1",
-        "--eval-family", "B", "--eval-cases", "1", "--min-margin", "-1",
+        "--eval-family", "B", "--eval-cases", "1", "--eval-sizes", "32,40", "--min-margin", "-1",
     ]  # fmt: skip
     assert main(args) == 0
-    assert "vessel decision calibrated on 1 validation run(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "vessel decision calibrated on 1 validation run(s)" in err
     calibrated = torch.load(work / "run" / "model-calibrated.pt", weights_only=True)
     pkg = load_package(out, pipeline="rotational_dla")
     assert pkg.config["class_bias"] == calibrated["model_config"]["class_bias"]
@@ -1115,3 +1153,16 @@ def test_quick_rotational_dla_packages_the_calibrated_decision(
     assert row["score"] == row["val_calibrated_dice"]
     assert row["val_calibrated_dice"] == pytest.approx(calibrated["calibration"]["vessel_dice"])
     assert row["val_calibrated_offset"] == calibrated["model_config"]["class_bias"][0]
+    # The gate evaluated family B at both sizes, each on its own, and the pooled figure.
+    ev = pkg.meta["evaluation"]
+    names = ["rotational-family-b-32", "rotational-family-b-40"]
+    assert [r["dataset"] for r in ev["by_dataset"]] == names and ev["n"] == 2
+    assert [json.loads((work / f"eval-family-b-{n}" / "manifest.json").read_text())["source"]
+            for n in (32, 40)] == [r["source"] for r in ev["by_dataset"]]  # fmt: skip
+    assert ev["decided_by"] in names
+    assert min(r["difference"]["mean"] for r in ev["by_dataset"]) == pytest.approx(
+        next(r for r in ev["by_dataset"] if r["dataset"] == ev["decided_by"])["difference"]["mean"]
+    )
+    assert [o["dataset"] for o in pkg.metrics["out_of_distribution"]] == names
+    assert "rotational-family-b-40 (n=1)" in err  # the gate's line names each dataset
+    assert "Per dataset" in (out / "MODEL_CARD.md").read_text()

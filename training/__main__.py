@@ -353,7 +353,7 @@ def cmd_package(args: argparse.Namespace) -> int:
     out = package_model(
         args.model,
         args.dataset,
-        args.eval_dataset,
+        args.eval_dataset or [],
         args.out,
         args.name,
         args.version,
@@ -608,7 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="the dataset the model was trained on")
     p.add_argument(
         "--eval-dataset",
-        help="required: generator family B or site data the model was not trained on",
+        action="append",
+        help="required: generator family B or site data the model was not trained on; "
+        "repeat it for several (sizes, contrast levels, sites): the model must beat the "
+        "classical path on each",
     )
     p.add_argument("--out", required=True)
     p.add_argument("--name", required=True)

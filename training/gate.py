@@ -24,6 +24,7 @@ counts as site data.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,13 @@ __all__ = [
     "FAMILY_A_MODEL_NAME",
     "FAMILY_B_MODEL_NAME",
     "REQUIRED_MARGIN",
+    "EvaluationPart",
     "GateError",
     "case_model_names",
     "check_held_out",
     "evaluation_record",
     "refuse_evaluation_only",
+    "smallest_margin",
     "summary",
 ]
 
@@ -194,47 +197,116 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "n": n}
 
 
-def evaluation_record(
-    *,
-    metric: str,
-    model_cases: Mapping[str, Mapping[str, float]],
-    classical_cases: Mapping[str, Mapping[str, float]],
-    dataset: Mapping[str, Any],
-    held_out: Mapping[str, Any],
-    pipeline: str,
-    min_margin: float,
-) -> dict[str, Any]:
-    """The evaluation package.json carries: the dataset, n, the headline metric of the
-    model and of the classical path on the same cases, and their paired difference."""
-    ids = sorted(set(model_cases) & set(classical_cases))
+@dataclass(frozen=True)
+class EvaluationPart:
+    """One evaluation dataset's per-case figures: the model's and the classical path's."""
+
+    dataset: Mapping[str, Any]  # name, version, manifest_sha256, source
+    held_out: Mapping[str, Any]  # what check_held_out returned for it
+    model_cases: Mapping[str, Mapping[str, float]]
+    classical_cases: Mapping[str, Mapping[str, float]]
+
+
+def _paired(metric: str, part: EvaluationPart) -> tuple[list[str], list[float], list[float]]:
+    ids = sorted(set(part.model_cases) & set(part.classical_cases))
     if not ids:
-        raise GateError("no evaluation case has both a model and a classical result")
-    model = [float(model_cases[i].get(metric, np.nan)) for i in ids]
-    classical = [float(classical_cases[i].get(metric, np.nan)) for i in ids]
+        raise GateError(
+            f"no case of evaluation dataset {part.dataset['name']} has both a model and a "
+            "classical result"
+        )
+    model = [float(part.model_cases[i].get(metric, np.nan)) for i in ids]
+    classical = [float(part.classical_cases[i].get(metric, np.nan)) for i in ids]
+    return ids, model, classical
+
+
+def _figures(metric: str, parts: Sequence[EvaluationPart]) -> dict[str, Any]:
+    """n, refusals and the three summaries over the paired cases of ``parts``."""
+    model: list[float] = []
+    classical: list[float] = []
+    failed = {"model": 0, "classical": 0}
+    for part in parts:
+        part_ids, m, c = _paired(metric, part)
+        model += m
+        classical += c
+        for who, cases in (("model", part.model_cases), ("classical", part.classical_cases)):
+            failed[who] += sum(int(cases[i].get("failed", 0)) for i in part_ids)
     diff = [m - c for m, c in zip(model, classical, strict=True)]
-    margin = summary(diff)["mean"]
     return {
-        "dataset": dataset["name"],
-        "dataset_version": dataset["version"],
-        "manifest_sha256": dataset["manifest_sha256"],
-        "source": dataset["source"],
-        "families": list(held_out["families"]),
-        "trained_on": list(held_out["trained_on"]),
-        "n": len(ids),
+        "n": len(diff),
         # Runs the pipeline refused (scored as empty output, as the node would answer).
-        "failed": {
-            "model": sum(int(model_cases[i].get("failed", 0)) for i in ids),
-            "classical": sum(int(classical_cases[i].get("failed", 0)) for i in ids),
-        },
-        "metric": metric,
+        "failed": failed,
         "model": summary(model),
         "classical": summary(classical),
         "difference": summary(diff),
+    }
+
+
+def evaluation_record(
+    *,
+    metric: str,
+    parts: Sequence[EvaluationPart],
+    pipeline: str,
+    min_margin: float,
+) -> dict[str, Any]:
+    """The evaluation package.json carries: the dataset(s), n, the headline metric of the
+    model and of the classical path on the same cases, and their paired difference.
+
+    With several evaluation datasets (sizes, contrast levels, sites) the figures are
+    pooled over all their cases and ``by_dataset`` holds each one's own record; the
+    model beats the classical path only if it does so on every one of them, and
+    ``decided_by`` names the dataset where its margin is smallest (a model that wins
+    on the pooled mean but loses on one kind of data does not ship).
+    """
+    if not parts:
+        raise GateError("no evaluation dataset")
+    records = []
+    for part in parts:
+        figures = _figures(metric, [part])
+        records.append(
+            {
+                "dataset": part.dataset["name"],
+                "dataset_version": part.dataset["version"],
+                "manifest_sha256": part.dataset["manifest_sha256"],
+                "source": part.dataset["source"],
+                "families": list(part.held_out["families"]),
+                "trained_on": list(part.held_out["trained_on"]),
+                **figures,
+                "beats_classical_by_required_margin": bool(
+                    figures["difference"]["mean"] >= REQUIRED_MARGIN
+                ),
+            }
+        )
+    common = {
+        "metric": metric,
         "required_margin": REQUIRED_MARGIN,
-        "beats_classical_by_required_margin": bool(margin >= REQUIRED_MARGIN),
         "min_margin_used": min_margin,
         "evaluated_with": (
             f"The node's {pipeline} pipeline, with a package staged from these weights and "
             "without a package (its classical path), on the same cases"
         ),
     }
+    if len(records) == 1:
+        return {**records[0], **common}
+    worst = min(records, key=lambda r: r["difference"]["mean"])
+    return {
+        "dataset": " + ".join(r["dataset"] for r in records),
+        "dataset_version": " + ".join(r["dataset_version"] for r in records),
+        "manifest_sha256": " + ".join(r["manifest_sha256"] for r in records),
+        "source": "; ".join(r["source"] for r in records),
+        "families": sorted({f for r in records for f in r["families"]}),
+        "trained_on": sorted({f for r in records for f in r["trained_on"]}),
+        **_figures(metric, parts),
+        "beats_classical_by_required_margin": all(
+            r["beats_classical_by_required_margin"] for r in records
+        ),
+        "decided_by": worst["dataset"],
+        "by_dataset": records,
+        **common,
+    }
+
+
+def smallest_margin(evaluation: Mapping[str, Any]) -> tuple[float, str]:
+    """The model's smallest mean margin over the classical path, and where (the gate)."""
+    records = evaluation.get("by_dataset") or [evaluation]
+    worst = min(records, key=lambda r: r["difference"]["mean"])
+    return float(worst["difference"]["mean"]), str(worst["dataset"])

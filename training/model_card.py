@@ -83,10 +83,37 @@ def _evaluation_lines(evaluation: Mapping[str, Any] | None) -> list[str]:
         row("classical path", evaluation["classical"]),
         row("model - classical (paired)", evaluation["difference"]),
         "",
+        *_by_dataset_lines(evaluation),
         f"The model {verdict} the classical path by the required "
-        f"{evaluation['required_margin']} here.",
+        f"{evaluation['required_margin']}"
+        + (" on every dataset." if evaluation.get("by_dataset") else " here."),
         "",
     ]
+
+
+def _by_dataset_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """Each evaluation dataset's own figures, when there are several (the gate takes the
+    worst of them)."""
+    parts = evaluation.get("by_dataset")
+    if not parts:
+        return []
+    lines = [
+        f"Per dataset ({evaluation['metric']}, mean ± SD; the gate is decided by "
+        f"`{evaluation['decided_by']}`):",
+        "",
+        "| dataset | n | model | classical path | difference (95 % CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in parts:
+        d = r["difference"]
+        lo, hi = d["ci95"]
+        lines.append(
+            f"| `{r['dataset']}` ({r['source']}) | {r['n']} "
+            f"| {r['model']['mean']:.3f} ± {r['model']['sd']:.3f} "
+            f"| {r['classical']['mean']:.3f} ± {r['classical']['sd']:.3f} "
+            f"| {d['mean']:+.3f} ({lo:+.3f} to {hi:+.3f}) |"
+        )
+    return [*lines, ""]
 
 
 def model_card(

@@ -2,18 +2,18 @@
 
 Every figure a package carries is what the node's pipeline emits with the
 package (staged from the weights first): the test split of the training
-dataset (the training family, not the headline) and the whole evaluation
-dataset, data the model was not trained on (``training.gate``), with the
+dataset (the training family, not the headline) and every evaluation dataset
+whole, data the model was not trained on (``training.gate``), with the
 classical path on the same cases. Without an evaluation dataset, or when the
-model does not beat the classical path there by ``min_margin``, nothing is
-written.
+model does not beat the classical path by ``min_margin`` on each of them,
+nothing is written.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,14 @@ from pipelines.models.package import describe_evaluation, load_package, write_pa
 from training.config import to_toml
 from training.dataset import DatasetError, load_dataset, manifest_hash
 from training.engine import evaluate_node, load_model_file, stage_package
-from training.gate import REQUIRED_MARGIN, GateError, check_held_out, evaluation_record
+from training.gate import (
+    REQUIRED_MARGIN,
+    EvaluationPart,
+    GateError,
+    check_held_out,
+    evaluation_record,
+    smallest_margin,
+)
 from training.model_card import model_card
 from training.tasks import Task, TaskError
 
@@ -62,7 +69,7 @@ def _check_geometry(task: Task, cases: list[Any], where: str) -> None:
 def package_model(
     model_path: str | Path,
     dataset: str | Path,
-    eval_dataset: str | Path | None,
+    eval_datasets: Sequence[str | Path],
     out: str | Path,
     name: str,
     version: str,
@@ -70,8 +77,12 @@ def package_model(
     device: str = "cpu",
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> Path:
-    """Evaluate ``model_path`` through the node and write the package at ``out``."""
-    if eval_dataset is None:
+    """Evaluate ``model_path`` through the node and write the package at ``out``.
+
+    Every evaluation dataset is scored on its own and the model must beat the
+    classical path by ``min_margin`` on each (a model that wins at one volume size
+    or contrast level and loses at another does not ship)."""
+    if not eval_datasets:
         raise GateError(NO_EVALUATION)
     task, model, data = load_model_file(model_path, "cpu")
     manifest, cases = load_dataset(dataset)
@@ -81,48 +92,69 @@ def package_model(
             f"{model_path} was trained on dataset {data['dataset_sha256'][:16]}, "
             f"not on {dataset} ({sha[:16]})"
         )
-    eval_manifest, eval_cases = load_dataset(eval_dataset)
-    eval_sha = manifest_hash(Path(eval_dataset))
-    held_out = check_held_out(dataset, manifest, sha, eval_dataset, eval_manifest, eval_sha)
+    evals: list[tuple[dict[str, Any], list[Any], str, dict[str, Any]]] = []
+    for root in eval_datasets:
+        eval_manifest, eval_cases = load_dataset(root)
+        eval_sha = manifest_hash(Path(root))
+        if any(eval_sha == other[2] for other in evals):
+            raise GateError(f"evaluation dataset {root} is given twice (manifest {eval_sha[:16]})")
+        held_out = check_held_out(dataset, manifest, sha, root, eval_manifest, eval_sha)
+        _check_geometry(task, eval_cases, str(root))
+        evals.append((eval_manifest, eval_cases, eval_sha, held_out))
     test = [c for c in cases if c.split == "test"]
     _check_geometry(task, test, str(dataset))
-    _check_geometry(task, eval_cases, str(eval_dataset))
     config = dict(data["model_config"])
-    log(f"evaluating {task.name} through the {task.pipeline} pipeline on {eval_dataset}")
+    log(
+        f"evaluating {task.name} through the {task.pipeline} pipeline on "
+        + ", ".join(str(r) for r in eval_datasets)
+    )
     with stage_package(task, model, config) as staged:
         metrics: dict[str, Any] = evaluate_node(task, test, staged, device)
-        ood_model = evaluate_node(task, eval_cases, staged, device)
-    ood_classical = evaluate_node(task, eval_cases, None, device)
+        ood_model = [evaluate_node(task, e[1], staged, device) for e in evals]
+    ood_classical = [evaluate_node(task, e[1], None, device) for e in evals]
     metrics["evaluated_with"] = (
         f"the node's {task.pipeline} pipeline with this package (binary masks as it emits them)"
     )
     evaluation = evaluation_record(
         metric=task.gate_metric,
-        model_cases=ood_model["cases"],
-        classical_cases=ood_classical["cases"],
-        dataset={
-            "name": eval_manifest["name"],
-            "version": eval_manifest["version"],
-            "manifest_sha256": eval_sha,
-            "source": eval_manifest["source"],
-        },
-        held_out=held_out,
+        parts=[
+            EvaluationPart(
+                dataset={
+                    "name": eval_manifest["name"],
+                    "version": eval_manifest["version"],
+                    "manifest_sha256": eval_sha,
+                    "source": eval_manifest["source"],
+                },
+                held_out=held_out,
+                model_cases=m["cases"],
+                classical_cases=c["cases"],
+            )
+            for (eval_manifest, _, eval_sha, held_out), m, c in zip(
+                evals, ood_model, ood_classical, strict=True
+            )
+        ],
         pipeline=task.pipeline,
         min_margin=min_margin,
     )
     log(describe_evaluation(evaluation))
-    if evaluation["difference"]["mean"] < min_margin:
+    margin, where = smallest_margin(evaluation)
+    if margin < min_margin:
         raise GateError(
             f"{task.name} model does not beat the classical path by {min_margin} on data it "
-            f"was not trained on (difference {evaluation['difference']['mean']:+.3f}); package "
-            "not written (--min-margin sets another bar, and package.json records it)"
+            f"was not trained on (difference {margin:+.3f} on {where}); package not written "
+            "(--min-margin sets another bar, and package.json records it)"
         )
-    metrics["out_of_distribution"] = {
-        "dataset": eval_manifest["name"],
-        "manifest_sha256": eval_sha,
-        "model": ood_model,
-        "classical": ood_classical,
-    }
+    metrics["out_of_distribution"] = [
+        {
+            "dataset": eval_manifest["name"],
+            "manifest_sha256": eval_sha,
+            "model": m,
+            "classical": c,
+        }
+        for (eval_manifest, _, eval_sha, _), m, c in zip(
+            evals, ood_model, ood_classical, strict=True
+        )
+    ]
     summary = _summary(manifest, sha)
     command = data.get("command") or "unknown"
     record = data.get("record") or {}

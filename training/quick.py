@@ -47,6 +47,9 @@ class Recipe:
     model_config: Mapping[str, Any]
     options: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields
     eval_cases: int = 20  # family B evaluation runs
+    # Family B evaluation datasets, one per size (empty: the training size). The gate
+    # must pass on each: one size alone can flatter a model (see docs/training.md).
+    eval_sizes: tuple[int, ...] = ()
 
 
 _SEQUENCE = {
@@ -162,6 +165,7 @@ RECIPES: dict[str, Recipe] = {
             "max_val_cases": 1,
         },
         eval_cases=5,
+        eval_sizes=(192, 256),
     ),
     # as the first ICA U-Net example package was trained (30 x 40 steps, patch 256; it
     # did not pass the shipping gate on family B and is no longer in models/)
@@ -206,17 +210,32 @@ def phantom_spec(recipe: Recipe, args: argparse.Namespace) -> PhantomSpec:
     )
 
 
-def eval_spec(recipe: Recipe, train: PhantomSpec, args: argparse.Namespace) -> PhantomSpec:
-    """Family B runs of the same kind and size, every one for evaluation."""
+def eval_specs(recipe: Recipe, train: PhantomSpec, args: argparse.Namespace) -> list[PhantomSpec]:
+    """Family B runs of the same kind, every one for evaluation: one dataset per
+    evaluation size (``--eval-sizes``, else the recipe's, else the training size)."""
     n = args.eval_cases or recipe.eval_cases
-    return PhantomSpec(
-        kind=train.kind,
-        size=train.size,
-        frames=train.frames,
-        roles=train.roles,
-        splits={"test": list(range(args.eval_seed, args.eval_seed + n))},
-        family="B",
-    )
+    sizes = args.eval_sizes or recipe.eval_sizes or (train.size,)
+    return [
+        PhantomSpec(
+            kind=train.kind,
+            size=size,
+            frames=train.frames,
+            roles=train.roles,
+            splits={"test": list(range(args.eval_seed, args.eval_seed + n))},
+            family="B",
+        )
+        for size in dict.fromkeys(sizes)
+    ]
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 192,256, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes such as 192,256, got {text!r}")
+    return sizes
 
 
 def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
@@ -288,12 +307,16 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
     say(f"trained: {work / 'run' / 'model.pt'}")
     if not info.main or not args.out:
         return 0
-    eval_dir = args.eval_dataset
-    if eval_dir is None and args.eval_family:
-        eval_dir = work / "eval-family-b"
-        build_phantom_dataset(
-            eval_dir, eval_spec(recipe, spec, args), name=f"{recipe.kind}-family-b", progress=say
-        )
+    eval_dirs = list(args.eval_dataset or [])
+    if not eval_dirs and args.eval_family:
+        specs = eval_specs(recipe, spec, args)
+        for eval_spec in specs:
+            size = "" if len(specs) == 1 else f"-{eval_spec.size}"
+            eval_dir = work / f"eval-family-b{size}"
+            build_phantom_dataset(
+                eval_dir, eval_spec, name=f"{recipe.kind}-family-b{size}", progress=say
+            )
+            eval_dirs.append(eval_dir)
     model_file = work / "run" / "model.pt"
     if recipe.task in CALIBRATED_TASKS and any(c.kind == "full" for c in val):
         calibrated = work / "run" / "model-calibrated.pt"
@@ -307,7 +330,7 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
     path = package_model(
         model_file,
         data_dir,
-        eval_dir,
+        eval_dirs,
         args.out,
         args.name or f"{recipe.task}-quick",
         args.version,
@@ -335,7 +358,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write a package here once trained (needs an evaluation)")
     p.add_argument("--name")
     p.add_argument("--version", default="0.1.0")
-    p.add_argument("--eval-dataset", help="dataset the model was not trained on (the gate)")
+    p.add_argument(
+        "--eval-dataset",
+        action="append",
+        help="dataset the model was not trained on (the gate); repeat for several",
+    )
     p.add_argument(
         "--eval-family",
         choices=("B",),
@@ -343,3 +370,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--eval-seed", type=int, default=0, help="first family B seed")
     p.add_argument("--eval-cases", type=int, help="family B runs (default: the recipe's)")
+    p.add_argument(
+        "--eval-sizes",
+        type=_sizes,
+        metavar="N,M",
+        help="family B sizes, one evaluation dataset each, the gate passed on every one "
+        "(default: the recipe's; rotational_dla 192,256; else the training size)",
+    )

@@ -212,6 +212,11 @@ def describe_evaluation(evaluation: Mapping[str, Any]) -> str:
         f"model {figure(evaluation['model'])}, classical path "
         f"{figure(evaluation['classical'])} on the same cases"
         + (f" (runs the pipeline refused, scored as empty: {refused})" if refused else "")
+        + "".join(
+            f"; {r['dataset']} (n={r['n']}): {r['model']['mean']:.3f} against "
+            f"{r['classical']['mean']:.3f}"
+            for r in evaluation.get("by_dataset") or ()
+        )
     )
 
 
