@@ -35,7 +35,13 @@ import numpy as np
 from bench.generalization import Case, av_metrics, ia_metrics, stats
 from bench.report import write_section
 
-SEED0 = {"Ar": 900_000, "B": 700_000}
+SEED0 = {"Ar": 900_000, "Ad": 910_000, "B": 700_000}
+LABEL = {
+    "Ar": "A randomised (held out)",
+    "Ad": "A randomised, head drifting after the mask (held out)",
+    "B": "B (evaluation only)",
+}
+DRIFT_MM = (0.5, 2.5)  # family "Ad": the drift's amplitude, uniform per run
 
 
 def phantom(family: str, seed: int, size: int, frames: int) -> Any:
@@ -45,22 +51,28 @@ def phantom(family: str, seed: int, size: int, frames: int) -> Any:
         return dsa_b.generate(seed, size=size, native=True)
     from training.phantoms import dsa
 
-    return dsa.generate(seed, size=size, frames=frames, native=True, randomise=True)
+    drift = 0.0
+    if family == "Ad":
+        drift = float(np.random.default_rng([seed, 0xD1]).uniform(*DRIFT_MM))
+    return dsa.generate(
+        seed, size=size, frames=frames, native=True, randomise=True, motion_mm=drift
+    )
 
 
 def _decode(files: list[Path], estimate: bool) -> tuple[Any, float]:
     from dicom_node import runs
     from pipelines import pixel_shift
 
-    saved = pixel_shift.estimate
-    if not estimate:
-        pixel_shift.estimate = lambda *a, **k: None  # the reference decode: no estimate
+    saved = pixel_shift.estimate, pixel_shift.follow
+    if not estimate:  # the reference decode: no estimate, nothing followed
+        pixel_shift.estimate = lambda *a, **k: None
+        pixel_shift.follow = lambda mask, frames, live, first, field=None: first
     try:
         t0 = time.perf_counter()
         run = runs.load_run(files).run
         return run, time.perf_counter() - t0
     finally:
-        pixel_shift.estimate = saved
+        pixel_shift.estimate, pixel_shift.follow = saved
 
 
 def measure(family: str, seed: int, size: int, frames: int) -> dict[str, Any]:
@@ -78,16 +90,22 @@ def measure(family: str, seed: int, size: int, frames: int) -> dict[str, Any]:
         "t_node": t_node,
         "t_plain": t_plain,
     }
-    mis = getattr(p, "appearance", {}) or {}
-    moved = mis.get("misregistration") if isinstance(mis, dict) else None
-    if moved is not None:
-        spacing = p.pixel_spacing_mm[0]
-        row["moved"] = bool(np.hypot(moved[0], moved[1]) > 0)
-        if row["shifted"]:
-            shift = node.meta.extra["mask_shift"]
-            want = (-moved[0] / spacing, -moved[1] / spacing)
-            row["error_px"] = float(np.hypot(shift.rows - want[0], shift.columns - want[1]))
-            row["truth_px"] = float(np.hypot(*want))
+    shift = node.meta.extra.get("mask_shift")
+    row["followed"] = 0 if shift is None else len(shift.later)
+    if family != "B":
+        # Family A's truth: the mask's displacement, then every frame's (px); the mask
+        # must move by the difference to match a live frame.
+        motion = np.asarray(p.truth["motion_px"], np.float64)[:, :2]
+        want = {k: motion[k] - motion[0] for k in range(1, len(motion))}  # mask: frame 0
+        first = min(want)
+        row["moved"] = bool(np.hypot(*want[first]) > 0)
+        row["drift_px"] = float(max(np.hypot(*(w - want[first])) for w in want.values()))
+        got = {k: np.array(shift.at(k) if shift else (0.0, 0.0)) for k in want}
+        if shift is not None:
+            row["error_px"] = float(np.hypot(*(got[first] - want[first])))
+            row["truth_px"] = float(np.hypot(*want[first]))
+        row["frame_error_px"] = float(np.median([np.hypot(*(got[k] - want[k])) for k in want]))
+        row["frame_error_plain_px"] = float(np.median([np.hypot(*want[k]) for k in want]))
     for name, metrics, key in (("dsa_av", av_metrics, "m_dice"), ("dsa_ia", ia_metrics, "a_dice")):
         for label, run in (("node", node), ("plain", plain)):
             t0 = time.perf_counter()
@@ -115,11 +133,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         f"{platform.processor() or platform.machine()}, {seconds / 60:.1f} min.",
         "",
         "| family | runs shifted | mask moved (truth) | shift error, px (truth's size) "
+        "| runs followed through later frames (head drifted > 0.5 px) "
+        "| per-frame error, px: median of runs (unregistered) "
         "| `dsa_av` M-Dice, shifted runs | `dsa_ia` artery Dice, shifted runs "
         "| `dsa_av` M-Dice, all runs | time of the registration, and against `dsa_av` |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for family in ("Ar", "B"):
+    for family in ("Ar", "Ad", "B"):
         fam = [r for r in rows if r["family"] == family]
         if not fam:
             continue
@@ -128,20 +148,32 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float)
         err = [r["error_px"] for r in shifted if "error_px" in r]
         size = [r["truth_px"] for r in shifted if "truth_px" in r]
         error = f"{np.median(err):.2f} median ({np.median(size):.2f})" if err else "-"
-        moved_s = f"{len(moved)} of {len(fam)}" if family == "Ar" else "not recorded"
+        truth = family != "B"
+        moved_s = f"{len(moved)} of {len(fam)}" if truth else "not recorded"
         hits = sum(1 for r in shifted if r.get("moved"))
-        shifted_s = f"{len(shifted)} of {len(fam)}" + (
-            f" ({hits} of them moved)" if family == "Ar" else ""
+        shifted_s = f"{len(shifted)} of {len(fam)}" + (f" ({hits} of them moved)" if truth else "")
+        followed = [r for r in fam if r["followed"]]
+        drifted = [r for r in fam if r.get("drift_px", 0.0) > 0.5]
+        followed_s = f"{len(followed)} of {len(fam)}" + (
+            f" ({sum(1 for r in followed if r in drifted)} of the {len(drifted)} that drifted)"
+            if truth
+            else ""
         )
+        frame_err = "-"
+        if truth:
+            frame_err = (
+                f"{np.median([r['frame_error_px'] for r in fam]):.2f} "
+                f"({np.median([r['frame_error_plain_px'] for r in fam]):.2f})"
+            )
 
         def diff(name: str, runs: list[dict[str, Any]]) -> str:
             return _fmt(stats([r[f"{name}_node"] - r[f"{name}_plain"] for r in runs]))
 
         extra = float(np.mean([r["t_node"] - r["t_plain"] for r in fam]))
         ratio = extra / float(np.mean([r["t_dsa_av"] for r in fam]))
-        label = {"Ar": "A randomised (held out)", "B": "B (evaluation only)"}[family]
         lines.append(
-            f"| {label} | {shifted_s} | {moved_s} | {error} | {diff('dsa_av', shifted)} "
+            f"| {LABEL[family]} | {shifted_s} | {moved_s} | {error} | {followed_s} "
+            f"| {frame_err} | {diff('dsa_av', shifted)} "
             f"| {diff('dsa_ia', shifted)} | {diff('dsa_av', fam)} "
             f"| {extra:.2f} s, {ratio:.2f}× |"
         )
@@ -159,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=32, help="runs per family (default 32)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--frames", type=int, default=20, help="family A frames (default 20)")
-    ap.add_argument("--families", default="Ar,B")
+    ap.add_argument("--families", default="Ar,Ad,B")
     ap.add_argument(
         "--skip",
         type=int,

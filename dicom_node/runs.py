@@ -121,28 +121,39 @@ def _mask_subtract(
             f"Mask Frame Numbers {numbers} are outside the run's {frames.shape[0]} frames"
         )
     mask = frames[idx].mean(axis=0)
-    shift = _mask_shift(item, mask, frames, idx, shutter)
+    live = [k for k in range(max(idx) + 1, frames.shape[0]) if k not in idx]
+    field = shutter_mask(shutter, mask.shape) if shutter is not None else None
+    shift = _mask_shift(item, mask, frames, live, field)
     log_live = np.log1p(np.maximum(frames, 0))
-    moved = mask if shift is None else pixel_shift.shifted(mask, shift.rows, shift.columns)
-    sub = SUB_MID + SUB_GAIN * (log_live - np.log1p(np.maximum(moved, 0)))
-    if shift is not None:
+    log_mask = np.log1p(np.maximum(mask, 0))
+    if shift is None:
+        return (SUB_MID + SUB_GAIN * (log_live - log_mask)).astype(np.float32), True, None
+    # The collimator's blades stay where the detector has them (pixel_shift.moved_mask).
+    exposed = pixel_shift.exposed(mask, frames[live[0] if live else idx[0]], field)
+    sub = np.empty(frames.shape, np.float32)
+    moved: dict[tuple[float, float], np.ndarray] = {}
+    for k in range(frames.shape[0]):
         # The mask frames stay blank: a frame subtracted from its own shifted copy would
         # show the very misregistration the shift removed from the live frames.
-        sub[idx] = SUB_MID + SUB_GAIN * (log_live[idx] - np.log1p(np.maximum(mask, 0)))
-        log.info("%s", shift.note())
-    return sub.astype(np.float32), True, shift
+        at = (0.0, 0.0) if k in idx else shift.at(k)
+        if at not in moved:
+            moved[at] = np.log1p(np.maximum(pixel_shift.moved_mask(mask, *at, exposed), 0))
+        sub[k] = SUB_MID + SUB_GAIN * (log_live[k] - moved[at])
+    log.info("%s", shift.note())
+    return sub, True, shift
 
 
 def _mask_shift(
     item: Dataset,
     mask: np.ndarray,
     frames: np.ndarray,
-    idx: list[int],
-    shutter: Shutter | None,
+    live: list[int],
+    field: np.ndarray | None,
 ) -> Shift | None:
     """The header's Mask Sub-pixel Shift (rows, columns) when it gives one other than
-    (0, 0), else the estimated pixel shift against the first frame after the mask
-    (None: no shift)."""
+    (0, 0), else the estimated pixel shift against the first live frame after the
+    mask, followed through the later frames where the head moved on (None: no
+    shift). ``field``: the DICOM shutter's exposed field, where the run has one."""
     given = header_floats(item, "MaskSubPixelShift")  # finite numbers, or None
     if given is not None:
         if len(given) != 2 or max(abs(v) for v in given) >= min(mask.shape) / 2:
@@ -151,11 +162,10 @@ def _mask_shift(
             return Shift(given[0], given[1], "header")
         # (0, 0) is what most consoles write when no one shifted the mask; it does not
         # say that the head kept still
-    later = [k for k in range(max(idx) + 1, frames.shape[0]) if k not in idx]
-    if not later:
+    if not live:
         return None
-    field = shutter_mask(shutter, mask.shape) if shutter is not None else None
-    return pixel_shift.estimate(mask, frames[later[0]], field)
+    first = pixel_shift.estimate(mask, frames[live[0]], field)
+    return pixel_shift.follow(mask, frames, live, first, field)
 
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:

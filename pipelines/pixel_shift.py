@@ -21,6 +21,14 @@ and the residual at least ``MIN_GAIN`` lower than unshifted. Rotation is not
 corrected (nor can Mask Sub-pixel Shift record one); what a rotation leaves,
 the perfusion pipeline's baseline and the quality checks see.
 
+The head also moves during the run, once the contrast is felt. ``follow`` then
+registers each later live frame to the mask the same way, starting from the
+previous frame's shift (drift is smooth: whole pixels within ``FOLLOW_RADIUS``
+of it), and gives a frame its own shift under the same two conditions, measured
+against the first frame's shift: the mask follows the head, frame by frame, as
+a console's per-frame pixel shift does. The live frames themselves are not
+moved; the vessels stay where the detector saw them.
+
 Sign convention (as ``scipy.ndimage.shift``): a shift of (+1, 0) moves the mask's
 content one row down, towards higher row numbers.
 """
@@ -28,7 +36,7 @@ content one row down, towards higher row numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage, optimize
@@ -42,15 +50,28 @@ SIGMA_PX = 2.0  # smoothing of the working image
 WORK_SIDE = 256  # the registration's image, block means of the run's
 MIN_FIELD = 0.05  # of the working image, else no estimate
 HALF_PX_SIMPLEX = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5]])
+FOLLOW_RADIUS = 2  # whole working px around the previous frame's shift (drift is smooth)
 
 
 @dataclass(frozen=True)
 class Shift:
+    """The mask's shift for the first live frame, and for the later live frames the
+    head moved away from (``later``: 0-based frame, rows, columns; the others keep
+    the first shift)."""
+
     rows: float
     columns: float
     source: str  # "header" or "estimated"
     residual_before: float = float("nan")
     residual_after: float = float("nan")
+    later: tuple[tuple[int, float, float], ...] = ()
+
+    def at(self, frame: int) -> tuple[float, float]:
+        """The mask's shift (rows, columns) for ``frame``."""
+        for k, r, c in self.later:
+            if k == frame:
+                return r, c
+        return self.rows, self.columns
 
     def note(self) -> str:
         what = (
@@ -60,10 +81,20 @@ class Shift:
             f"their smoothed log difference {self.residual_before:.3g} -> "
             f"{self.residual_after:.3g})"
         )
-        return (
+        text = (
             f"mask shifted by ({self.rows:+.2f}, {self.columns:+.2f}) px (rows, columns) "
             f"before subtraction: {what}"
+            if (self.rows, self.columns) != (0.0, 0.0)
+            else "mask registered to the first live frame as stored (no shift)"
         )
+        if self.later:
+            moved = max(math.hypot(r - self.rows, c - self.columns) for _, r, c in self.later)
+            text += (
+                f"; the head moved during the run: the mask follows it in {len(self.later)} "
+                f"later frame(s) (frames {self.later[0][0] + 1}-{self.later[-1][0] + 1}, "
+                f"up to {moved:.2f} px further)"
+            )
+        return text
 
 
 def shifted(image: np.ndarray, rows: float, columns: float) -> np.ndarray:
@@ -72,6 +103,35 @@ def shifted(image: np.ndarray, rows: float, columns: float) -> np.ndarray:
     if rows == 0 and columns == 0:
         return image
     return ndimage.shift(image, (rows, columns), order=1, mode="nearest")
+
+
+def exposed(mask: np.ndarray, live: np.ndarray, field: np.ndarray | None = None) -> np.ndarray:
+    """The exposed field of a native run: the collimation found in the mask and a live
+    frame, intersected with ``field`` (the DICOM shutter) where known."""
+    found = detect(np.stack([mask, live]).astype(np.float32), subtracted=False)
+    inside = np.ones(mask.shape, bool)
+    for f in (field, found):
+        if f is not None and f.shape == inside.shape:
+            inside &= f
+    return inside
+
+
+def moved_mask(
+    mask: np.ndarray, rows: float, columns: float, field: np.ndarray | None
+) -> np.ndarray:
+    """The mask shifted by (rows, columns) where the head is, and as stored where the
+    detector's own structures are: outside the exposed ``field`` and within the
+    shift's reach of its edge. Collimator blades are fixed on the detector and do not
+    move with the head: a shifted blade edge would be subtracted into a bright line
+    along the field's edge, which vessel paths take for a vessel."""
+    if rows == 0 and columns == 0:
+        return mask
+    out = shifted(mask, rows, columns)
+    if field is None or field.all():
+        return out
+    reach = math.ceil(math.hypot(rows, columns)) + 1
+    inner = ndimage.binary_erosion(field, iterations=reach, border_value=1)
+    return np.where(inner, out, mask)
 
 
 def _log(image: np.ndarray) -> np.ndarray:
@@ -83,50 +143,119 @@ def _blocks(image: np.ndarray, k: int) -> np.ndarray:
     return image[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
 
 
+class _Matcher:
+    """The mask on the working image (block means of ``k`` px, smoothed) and the part
+    of the field where a shifted mask is compared with a live frame."""
+
+    def __init__(self, mask: np.ndarray, k: int, inside: np.ndarray, reach: int) -> None:
+        self.k, self.inside, self.reach = k, inside, reach
+        self.mask = ndimage.gaussian_filter(_blocks(_log(mask), k), SIGMA_PX)
+
+    @classmethod
+    def build(cls, mask: np.ndarray, live: np.ndarray, field: np.ndarray | None) -> _Matcher | None:
+        if mask.shape != live.shape or mask.ndim != 2 or min(mask.shape) < 32:
+            return None
+        if not (np.isfinite(mask).all() and np.isfinite(live).all()):
+            return None
+        k = max(1, math.ceil(max(mask.shape) / WORK_SIDE))
+        inside = exposed(mask, live, field)
+        reach = max(1, math.ceil(MAX_SHIFT * max(mask.shape) / k))
+        inside = _blocks(inside.astype(np.float32), k) == 1.0
+        inside = ndimage.binary_erosion(
+            inside, iterations=math.ceil(margin_px(mask.shape) / k) + reach + 2, border_value=0
+        )
+        if inside.mean() < MIN_FIELD:
+            return None
+        return cls(mask, k, inside, reach)
+
+    def live(self, image: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(_blocks(_log(image), self.k), SIGMA_PX)
+
+    def residual(self, live: np.ndarray, s: np.ndarray | tuple[float, float]) -> float:
+        return float((live - shifted(self.mask, float(s[0]), float(s[1])))[self.inside].var())
+
+    def fit(self, live: np.ndarray, centre: tuple[int, int], radius: int) -> tuple[float, ...]:
+        """The best shift (working px) within ``radius`` whole px of ``centre``, refined
+        by Nelder-Mead: (rows, columns, residual); among equal whole shifts, the one
+        nearest the centre."""
+        a0, b0 = centre
+        grid = [
+            (self.residual(live, (a, b)), (a - a0) ** 2 + (b - b0) ** 2, a, b)
+            for a in range(a0 - radius, a0 + radius + 1)
+            for b in range(b0 - radius, b0 + radius + 1)
+        ]
+        x0 = np.array(min(grid)[2:], float)
+        fit = optimize.minimize(
+            lambda s: self.residual(live, s),
+            x0=x0,
+            method="Nelder-Mead",
+            # a half-pixel simplex around the best whole shift; 1/20 px at the end
+            options={"xatol": 0.05, "fatol": 1e-12, "initial_simplex": x0 + HALF_PX_SIMPLEX},
+        )
+        return float(fit.x[0]), float(fit.x[1]), float(fit.fun)
+
+    def in_reach(self, rows: float, columns: float) -> bool:
+        """Within the searched range (in the run's px): a fit that ran off it is no fit."""
+        return max(abs(rows), abs(columns)) <= (self.reach + 1) * self.k
+
+
 def estimate(mask: np.ndarray, live: np.ndarray, field: np.ndarray | None = None) -> Shift | None:
     """The shift that registers ``mask`` to ``live`` (2D detector values, before any
     subtraction), or None when no shift would be a real correction (see the
     module's docstring). ``field``: the exposed field where known (the DICOM
     shutter); the image's own collimation is found and intersected with it."""
-    if mask.shape != live.shape or mask.ndim != 2 or min(mask.shape) < 32:
+    matcher = _Matcher.build(mask, live, field)
+    if matcher is None:
         return None
-    k = max(1, math.ceil(max(mask.shape) / WORK_SIDE))
-    m, lv = _blocks(_log(mask), k), _blocks(_log(live), k)
-    if not (np.isfinite(m).all() and np.isfinite(lv).all()):
-        return None
-    found = detect(np.stack([mask, live]).astype(np.float32), subtracted=False)
-    inside = np.ones(mask.shape, bool)
-    for f in (field, found):
-        if f is not None and f.shape == inside.shape:
-            inside &= f
-    reach = max(1, math.ceil(MAX_SHIFT * max(m.shape)))
-    inside = _blocks(inside.astype(np.float32), k) == 1.0
-    inside = ndimage.binary_erosion(
-        inside, iterations=math.ceil(margin_px(mask.shape) / k) + reach + 2, border_value=0
-    )
-    if inside.mean() < MIN_FIELD:
-        return None
-    ms, ls = ndimage.gaussian_filter(m, SIGMA_PX), ndimage.gaussian_filter(lv, SIGMA_PX)
-
-    def residual(s: np.ndarray | tuple[float, float]) -> float:
-        return float((ls - shifted(ms, float(s[0]), float(s[1])))[inside].var())
-
-    before = residual((0.0, 0.0))
-    grid = range(-reach, reach + 1)
-    # the best whole shift; among equal ones, the smallest
-    start = min((residual((a, b)), a * a + b * b, a, b) for a in grid for b in grid)
-    x0 = np.array(start[2:], float)
-    fit = optimize.minimize(
-        residual,
-        x0=x0,
-        method="Nelder-Mead",
-        # a half-pixel simplex around the best whole shift; 1/20 px at the end
-        options={"xatol": 0.05, "fatol": 1e-12, "initial_simplex": x0 + HALF_PX_SIMPLEX},
-    )
-    dr, dc = (float(v) * k for v in fit.x)
-    after = float(fit.fun)
+    lv = matcher.live(live)
+    before = matcher.residual(lv, (0.0, 0.0))
+    r, c, after = matcher.fit(lv, (0, 0), matcher.reach)
+    dr, dc = r * matcher.k, c * matcher.k
     if np.hypot(dr, dc) < MIN_SHIFT_PX or not after < (1.0 - MIN_GAIN) * before:
         return None
-    if max(abs(dr), abs(dc)) > (reach + 1) * k:  # ran off the searched range
+    if not matcher.in_reach(dr, dc):
         return None
     return Shift(round(dr, 2), round(dc, 2), "estimated", before, after)
+
+
+def follow(
+    mask: np.ndarray,
+    frames: np.ndarray,
+    live: list[int],
+    first: Shift | None,
+    field: np.ndarray | None = None,
+) -> Shift | None:
+    """``first`` (the mask's shift for the first live frame ``live[0]``; None: none)
+    with the later live frames the head moved away from: each later frame is
+    registered to the mask starting from the previous frame's shift (whole px within
+    ``FOLLOW_RADIUS`` of it, then Nelder-Mead), and gets its own shift when that lies
+    ``MIN_SHIFT_PX`` from the first and lowers that frame's residual by ``MIN_GAIN``.
+    None when neither the first nor any later frame needs a shift."""
+    if len(live) < 2:
+        return first
+    matcher = _Matcher.build(mask, frames[live[0]], field)
+    if matcher is None:
+        return first
+    k = matcher.k
+    base = (0.0, 0.0) if first is None else (first.rows / k, first.columns / k)
+    prev = base
+    later = []
+    for frame in live[1:]:
+        lv = matcher.live(frames[frame])
+        centre = (int(round(prev[0])), int(round(prev[1])))
+        r, c, after = matcher.fit(lv, centre, FOLLOW_RADIUS)
+        dr, dc = r * k, c * k
+        own = (
+            math.hypot(r - base[0], c - base[1]) * k >= MIN_SHIFT_PX
+            and after < (1.0 - MIN_GAIN) * matcher.residual(lv, base)
+            and matcher.in_reach(dr, dc)
+        )
+        if own:
+            later.append((frame, round(dr, 2), round(dc, 2)))
+        prev = (r, c) if own else base
+    if not later:
+        return first
+    if first is None:
+        residual = matcher.residual(matcher.live(frames[live[0]]), (0.0, 0.0))
+        first = Shift(0.0, 0.0, "estimated", residual, residual)
+    return replace(first, later=tuple(later))
