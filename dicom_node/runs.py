@@ -130,15 +130,13 @@ def _mask_subtract(
         return (SUB_MID + SUB_GAIN * (log_live - log_mask)).astype(np.float32), True, None
     # The collimator's blades stay where the detector has them (pixel_shift.moved_mask).
     exposed = pixel_shift.exposed(mask, frames[live[0] if live else idx[0]], field)
-    sub = np.empty(frames.shape, np.float32)
-    moved: dict[tuple[float, float], np.ndarray] = {}
-    for k in range(frames.shape[0]):
-        # The mask frames stay blank: a frame subtracted from its own shifted copy would
-        # show the very misregistration the shift removed from the live frames.
-        at = (0.0, 0.0) if k in idx else shift.at(k)
-        if at not in moved:
-            moved[at] = np.log1p(np.maximum(pixel_shift.moved_mask(mask, *at, exposed), 0))
-        sub[k] = SUB_MID + SUB_GAIN * (log_live[k] - moved[at])
+    moved = np.log1p(
+        np.maximum(pixel_shift.moved_mask(mask, shift.rows, shift.columns, exposed), 0)
+    )
+    sub = (SUB_MID + SUB_GAIN * (log_live - moved)).astype(np.float32)
+    # The mask frames stay blank: a frame subtracted from its own shifted copy would
+    # show the very misregistration the shift removed from the live frames.
+    sub[idx] = SUB_MID + SUB_GAIN * (log_live[idx] - log_mask)
     log.info("%s", shift.note())
     return sub, True, shift
 
@@ -152,8 +150,8 @@ def _mask_shift(
 ) -> Shift | None:
     """The header's Mask Sub-pixel Shift (rows, columns) when it gives one other than
     (0, 0), else the estimated pixel shift against the first live frame after the
-    mask, followed through the later frames where the head moved on (None: no
-    shift). ``field``: the DICOM shutter's exposed field, where the run has one."""
+    mask (None: no shift). ``field``: the DICOM shutter's exposed field, where the
+    run has one."""
     given = header_floats(item, "MaskSubPixelShift")  # finite numbers, or None
     if given is not None:
         if len(given) != 2 or max(abs(v) for v in given) >= min(mask.shape) / 2:
@@ -164,8 +162,7 @@ def _mask_shift(
         # say that the head kept still
     if not live:
         return None
-    first = pixel_shift.estimate(mask, frames[live[0]], field)
-    return pixel_shift.follow(mask, frames, live, first, field)
+    return pixel_shift.estimate(mask, frames[live[0]], field)
 
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:

@@ -21,14 +21,13 @@ and the residual at least ``MIN_GAIN`` lower than unshifted. Rotation is not
 corrected (nor can Mask Sub-pixel Shift record one); what a rotation leaves,
 the perfusion pipeline's baseline and the quality checks see.
 
-The head also moves during the run, once the contrast is felt. ``follow`` then
-registers each later live frame to the mask the same way, starting from the
-previous frame's shift (drift is smooth: whole pixels within ``FOLLOW_RADIUS``
-of it), and gives a frame its own shift under the same two conditions, measured
-against the first frame's shift: the mask follows the head, frame by frame, as
-a console's per-frame pixel shift does. The live frames themselves are not
-moved; the vessels stay where the detector saw them.
+Collimator blades are fixed on the detector, and so is what lies outside the
+exposed field: ``moved_mask`` leaves them where they are (a shifted blade edge
+would be subtracted into a bright line along the field's edge).
 
+Motion during the run (after the first live frame) is not followed: a per-frame
+registration was built and measured (``bench.pixel_shift``, commit 4c8e3e2) and,
+better on family A, made the vessel segmentations of generator family B worse.
 Sign convention (as ``scipy.ndimage.shift``): a shift of (+1, 0) moves the mask's
 content one row down, towards higher row numbers.
 """
@@ -36,7 +35,7 @@ content one row down, towards higher row numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, optimize
@@ -50,28 +49,15 @@ SIGMA_PX = 2.0  # smoothing of the working image
 WORK_SIDE = 256  # the registration's image, block means of the run's
 MIN_FIELD = 0.05  # of the working image, else no estimate
 HALF_PX_SIMPLEX = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5]])
-FOLLOW_RADIUS = 2  # whole working px around the previous frame's shift (drift is smooth)
 
 
 @dataclass(frozen=True)
 class Shift:
-    """The mask's shift for the first live frame, and for the later live frames the
-    head moved away from (``later``: 0-based frame, rows, columns; the others keep
-    the first shift)."""
-
     rows: float
     columns: float
     source: str  # "header" or "estimated"
     residual_before: float = float("nan")
     residual_after: float = float("nan")
-    later: tuple[tuple[int, float, float], ...] = ()
-
-    def at(self, frame: int) -> tuple[float, float]:
-        """The mask's shift (rows, columns) for ``frame``."""
-        for k, r, c in self.later:
-            if k == frame:
-                return r, c
-        return self.rows, self.columns
 
     def note(self) -> str:
         what = (
@@ -81,20 +67,10 @@ class Shift:
             f"their smoothed log difference {self.residual_before:.3g} -> "
             f"{self.residual_after:.3g})"
         )
-        text = (
+        return (
             f"mask shifted by ({self.rows:+.2f}, {self.columns:+.2f}) px (rows, columns) "
             f"before subtraction: {what}"
-            if (self.rows, self.columns) != (0.0, 0.0)
-            else "mask registered to the first live frame as stored (no shift)"
         )
-        if self.later:
-            moved = max(math.hypot(r - self.rows, c - self.columns) for _, r, c in self.later)
-            text += (
-                f"; the head moved during the run: the mask follows it in {len(self.later)} "
-                f"later frame(s) (frames {self.later[0][0] + 1}-{self.later[-1][0] + 1}, "
-                f"up to {moved:.2f} px further)"
-            )
-        return text
 
 
 def shifted(image: np.ndarray, rows: float, columns: float) -> np.ndarray:
@@ -216,46 +192,3 @@ def estimate(mask: np.ndarray, live: np.ndarray, field: np.ndarray | None = None
     if not matcher.in_reach(dr, dc):
         return None
     return Shift(round(dr, 2), round(dc, 2), "estimated", before, after)
-
-
-def follow(
-    mask: np.ndarray,
-    frames: np.ndarray,
-    live: list[int],
-    first: Shift | None,
-    field: np.ndarray | None = None,
-) -> Shift | None:
-    """``first`` (the mask's shift for the first live frame ``live[0]``; None: none)
-    with the later live frames the head moved away from: each later frame is
-    registered to the mask starting from the previous frame's shift (whole px within
-    ``FOLLOW_RADIUS`` of it, then Nelder-Mead), and gets its own shift when that lies
-    ``MIN_SHIFT_PX`` from the first and lowers that frame's residual by ``MIN_GAIN``.
-    None when neither the first nor any later frame needs a shift."""
-    if len(live) < 2:
-        return first
-    matcher = _Matcher.build(mask, frames[live[0]], field)
-    if matcher is None:
-        return first
-    k = matcher.k
-    base = (0.0, 0.0) if first is None else (first.rows / k, first.columns / k)
-    prev = base
-    later = []
-    for frame in live[1:]:
-        lv = matcher.live(frames[frame])
-        centre = (int(round(prev[0])), int(round(prev[1])))
-        r, c, after = matcher.fit(lv, centre, FOLLOW_RADIUS)
-        dr, dc = r * k, c * k
-        own = (
-            math.hypot(r - base[0], c - base[1]) * k >= MIN_SHIFT_PX
-            and after < (1.0 - MIN_GAIN) * matcher.residual(lv, base)
-            and matcher.in_reach(dr, dc)
-        )
-        if own:
-            later.append((frame, round(dr, 2), round(dc, 2)))
-        prev = (r, c) if own else base
-    if not later:
-        return first
-    if first is None:
-        residual = matcher.residual(matcher.live(frames[live[0]]), (0.0, 0.0))
-        first = Shift(0.0, 0.0, "estimated", residual, residual)
-    return replace(first, later=tuple(later))

@@ -82,48 +82,6 @@ def test_the_node_registers_a_moved_mask_before_subtracting(
     assert _residual(loaded.run.pixels[1], field) < 0.7 * _residual(plain, field)
 
 
-@pytest.fixture(scope="module")
-def drifting() -> dsa.DSAPhantom:
-    """A native run whose mask is registered, then the head drifts (about 1.7 px
-    by the end, with a little rotation)."""
-    return dsa.generate(900102, size=128, frames=12, fps=2.0, native=True, motion_mm=1.5)
-
-
-def test_the_mask_follows_a_head_that_moves_during_the_run(
-    tmp_path: Path, drifting: dsa.DSAPhantom, still: dsa.DSAPhantom
-) -> None:
-    """The first live frame needs no shift; the later frames the head drifted in get
-    the mask shifted by the truth's displacement (within 0.3 px), the frames before
-    the drift keep it where it is, and their subtraction loses the skull's edges."""
-    files = [f for f in drifting.write(tmp_path) if f.suffix == ".dcm"]
-    run = load_run(files).run
-    shift = run.meta.extra["mask_shift"]
-    motion = drifting.truth["motion_px"][:, :2]  # px per frame; the mask (frame 0) still
-    assert shift is not None and (shift.rows, shift.columns) == (0.0, 0.0)
-    assert shift.note().startswith("mask registered to the first live frame as stored")
-    assert "the head moved during the run" in shift.note()
-    followed = {k for k, _, _ in shift.later}
-    assert followed and max(followed) == len(motion) - 1
-    for k in range(1, len(motion)):
-        assert shift.at(k) == pytest.approx(tuple(motion[k]), abs=0.3), k
-        if np.hypot(*motion[k]) < 0.1:
-            assert k not in followed
-    last = len(motion) - 1
-    field = ndimage.binary_erosion(
-        detect(drifting.pixels[:2].astype(np.float32)), iterations=margin_px((128, 128)) + 3
-    )
-    field &= ~drifting.truth["device"].astype(bool) & ~drifting.truth["artery"].astype(bool)
-    field &= ~drifting.truth["vein"].astype(bool)
-    frames = drifting.pixels.astype(np.float64)
-    plain = SUB_MID + SUB_GAIN * (np.log1p(frames[last]) - np.log1p(frames[0]))
-    assert _residual(run.pixels[last], field) < 0.7 * _residual(plain.astype(np.float32), field)
-    # A still run: nothing to follow.
-    mask = still.mask_pixels[0].astype(np.float64)
-    frames = still.pixels.astype(np.float64)
-    assert pixel_shift.follow(mask, frames, list(range(1, len(frames))), None) is None
-    assert pixel_shift.follow(mask, frames, [1], None) is None  # no later frame
-
-
 def test_the_header_shift_wins_and_a_bad_one_is_ignored(
     tmp_path: Path, still: dsa.DSAPhantom, caplog: pytest.LogCaptureFixture
 ) -> None:
