@@ -392,6 +392,27 @@ def test_every_rule_failing_gives_each_reason():
         assert rule in result, result
 
 
+def test_a_run_refused_with_and_without_its_mask_frame_gives_both_reasons(monkeypatch):
+    """A run with a blank mask frame is tried without it, then again with it kept as
+    the baseline; when both tries are refused, the refusal gives both reasons (the
+    second try's own reason was lost before)."""
+    from pipelines.perfusion.pipeline import DsaPerfusion
+
+    run = phantom().to_run()  # subtracted: its first frame is the blank mask
+
+    def refuse(self, prepared, left_out, *args, **kwargs):
+        raise PipelineError("refused without it" if left_out.any() else "refused with it")
+
+    monkeypatch.setattr(DsaPerfusion, "_choose", refuse)
+    assert outcome(run) == (
+        "refused without it; again with the subtracted mask frame(s) kept as the baseline: "
+        "refused with it"
+    )
+    noisy = run.pixels.copy()
+    noisy[0] = run.pixels[1]  # no blank frame: one try
+    assert outcome(replace(run, pixels=noisy)) == "refused with it"
+
+
 # --- items 3 and 5: quality measures, verdicts, fault injection -------------------------
 
 

@@ -451,8 +451,13 @@ class DsaPerfusion:
             # pre-contrast sample; the blank mask frame is one (see aif.subtracted_mask_frames).
             try:
                 kept = attempt(np.zeros_like(mask_frames))
-            except PipelineError:
+            except PipelineError as exc:
                 kept = None
+                if failure is not None:  # both refused: the reasons of both
+                    failure = PipelineError(
+                        f"{failure}; again with the subtracted mask frame(s) kept as the "
+                        f"baseline: {exc}"
+                    )
             if kept is not None and (choice is None or kept.rank < choice.rank):
                 choice = kept
         if choice is None:
