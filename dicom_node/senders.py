@@ -21,8 +21,9 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from dicom_node.db import Delivery
-from dicom_node.errors import DeliveryError
+from dicom_node.errors import ConfigError, DeliveryError
 from dicom_node.settings import Destination, DicomwebDestination, DimseDestination
+from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,22 @@ def cstore(
     if len(classes) > 128:
         raise DeliveryError("more than 128 SOP classes in one batch")
     contexts = [build_context(c) for c in classes]
-    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title)
+    tls_args = None
+    if dest.tls:
+        try:
+            tls_args = (client_context(dest), dest.tls_server_name or dest.host)
+        except ConfigError as exc:  # a certificate file changed since the node started
+            raise DeliveryError(str(exc)) from None
+    assoc = ae.associate(
+        dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         why = (
             "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
         )
+        if dest.tls and not assoc.is_rejected:
+            why += " (TLS: is the port TLS, and its certificate signed by tls_ca_file for "
+            why += f"{dest.tls_server_name or dest.host}?)"
         raise DeliveryError(f"{dest.name}: {why} at {dest.host}:{dest.port} ({dest.ae_title})")
     try:
         for item in items:

@@ -27,9 +27,9 @@ from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
 from dicom_node.router import Router
 from dicom_node.scp import start_scp
-from dicom_node.settings import Settings
+from dicom_node.settings import DimseDestination, Settings
 from dicom_node.spool import Spool
-from dicom_node.tls import server_context
+from dicom_node.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class Node:
         self.results_dir = settings.storage_dir / "results"
         if settings.tls.dicom or settings.tls.api:
             server_context(settings.tls)  # a bad certificate or key stops the node here
+        for dest in settings.destinations:
+            if isinstance(dest, DimseDestination) and dest.tls:
+                client_context(dest)  # and so does a destination's
         self.auth = Authenticator(load_tokens(settings.api))
         self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
         self.metrics = Metrics(self.db, settings.models)

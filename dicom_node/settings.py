@@ -238,6 +238,28 @@ class DimseDestination(Strict):
     host: str
     port: Port
     ae_title: AETitle
+    tls: bool = Field(False, description="DICOM over TLS (PS3.15 B.1) to this destination")
+    tls_ca_file: Path | None = Field(
+        None, description="the CA its certificate must chain to (default: the system's roots)"
+    )
+    tls_cert_file: Path | None = Field(None, description="the node's certificate (mutual TLS)")
+    tls_key_file: Path | None = None
+    tls_server_name: str | None = Field(
+        None, description="the name its certificate carries (default: host)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> DimseDestination:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(f"destination {self.name}: tls_cert_file and tls_key_file go together")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"):
+            if getattr(self, key) is not None and not self.tls:
+                raise ValueError(f"destination {self.name}: {key} is set but tls is off")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"destination {self.name}: {key}: {path} is not a readable file")
+        return self
 
 
 SECRET_KEYS = ("password", "bearer_token")

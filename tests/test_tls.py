@@ -1,7 +1,8 @@
 """TLS on both ports, with the real foreign clients: dcmtk ``storescu +tls`` and
 ``echoscu +tls`` on the DICOM port, ``curl --cacert`` on the REST API; mutual TLS
-with client certificates; a plain client gets a refusal, not a hang. The CA is
-made here (tests/tlsca.py), never committed."""
+with client certificates; a plain client gets a refusal, not a hang. Results
+sent over TLS to a destination, dcmtk ``storescp +tls``. The CA is made here
+(tests/tlsca.py), never committed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from pydicom.uid import XRayAngiographicImageStorage
 from pynetdicom import AE
 
-from tests.conftest import need
+from tests.conftest import free_port, need, wait_for
 from tests.dicomgen import save, xa_run
 from tests.tlsca import Issued, TestCA
 
@@ -31,6 +32,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "server": ca.issue("server", "localhost", server=True),
         "client": ca.issue("client", "SUITE1", server=False),
         "stranger": other.issue("stranger", "SUITE1", server=False),
+        "other": other,
     }
 
 
@@ -169,4 +171,89 @@ def test_tls_settings_are_checked_at_start(tmp_path: Path, pki: dict[str, Any]) 
         tls={"cert_file": str(server.cert), "key_file": str(other.key), "api": True},
     )
     with pytest.raises(ConfigError, match="tls.cert_file / tls.key_file"):
+        Node(settings)
+
+
+def test_results_go_to_a_tls_destination_and_not_to_an_untrusted_one(
+    make_node: Any, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """C-STORE of the results over TLS to dcmtk's storescp, which requires the node's
+    client certificate (mutual TLS); a destination whose certificate the node cannot
+    verify (another CA) gets nothing: its deliveries wait, with the reason."""
+    storescp = need("storescp")
+    ca: TestCA = pki["ca"]
+    server, client = pki["server"], pki["client"]
+    port, received = free_port(), tmp_path / "received"
+    received.mkdir()
+    proc = subprocess.Popen(
+        [storescp, "+tls", str(server.key), str(server.cert), "+cf", str(ca.cert)]
+        + ["-aet", "PACS", "-od", str(received), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pacs = {"kind": "dimse", "host": "127.0.0.1", "port": port, "ae_title": "PACS"}
+        tls = {"tls": True, "tls_server_name": "localhost", "tls_cert_file": str(client.cert)}
+        tls["tls_key_file"] = str(client.key)
+        node = make_node(
+            destinations=[
+                {**pacs, **tls, "name": "pacs", "tls_ca_file": str(ca.cert)},
+                {**pacs, **tls, "name": "untrusted", "tls_ca_file": str(pki["other"].cert)},
+            ],
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        )
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(XRayAngiographicImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+        assert int(assoc.send_c_store(xa_run(frames=3, seed=5)).Status) == 0
+        assoc.release()
+
+        def rows(dest: str, state: str) -> list[Any]:
+            return node.db.query(
+                "SELECT * FROM outbox WHERE destination=? AND state=?", (dest, state)
+            )
+
+        wait_for(lambda: rows("pacs", "sent"), 60, what="a result sent over TLS")
+        wait_for(lambda: rows("untrusted", "pending") and all(
+            r["attempts"] >= 1 for r in rows("untrusted", "pending")), 30, what="a retry")  # fmt: skip
+        sent = rows("pacs", "sent")
+        assert not rows("pacs", "pending") and len(list(received.iterdir())) == len(sent)
+        assert not rows("untrusted", "sent")
+        assert all("TLS" in r["error"] for r in rows("untrusted", "pending"))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_destination_tls_settings_are_checked(tmp_path: Path, pki: dict[str, Any]) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    dest = {"kind": "dimse", "name": "d", "host": "h", "port": 104, "ae_title": "D"}
+    with pytest.raises(ConfigError, match="tls_ca_file is set but tls is off"):
+        load_settings(None, environ={}, destinations=[{**dest, "tls_ca_file": str(pki["ca"].cert)}])
+    with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file go together"):
+        load_settings(
+            None,
+            environ={},
+            destinations=[{**dest, "tls": True, "tls_cert_file": str(pki["client"].cert)}],
+        )
+    # a key that does not belong to the certificate: the node does not start
+    settings = load_settings(
+        None,
+        environ={},
+        storage_dir=str(tmp_path / "n"),
+        port=0,
+        api={"port": 0},
+        destinations=[
+            {
+                **dest,
+                "tls": True,
+                "tls_cert_file": str(pki["client"].cert),
+                "tls_key_file": str(pki["server"].key),
+            }
+        ],
+    )
+    with pytest.raises(ConfigError, match="destination d: cannot load tls_cert_file"):
         Node(settings)
