@@ -498,7 +498,7 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
         "--min-margin",
         type=float,
         default=REQUIRED_MARGIN,
-        help=f"refuse unless the model beats the classical path by this much on the "
+        help=f"refuse unless the model beats the classical path by this much on each "
         f"evaluation dataset (default {REQUIRED_MARGIN}; package.json records the value)",
     )
 
