@@ -454,6 +454,20 @@ def test_ica_unet_package_drives_the_pipeline(tmp_path: Path, synthetic):
         optimiser.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
+    # A MinIP twice the size, with max_side the original side: the network sees the
+    # scale it learned and the mask comes back at full size, as at the original size.
+    from scipy import ndimage
+
+    from pipelines.models.ica_unet import predict_mask
+
+    model.eval()
+    once = predict_mask(model, image)
+    twice = ndimage.zoom(image, 2, order=1)
+    big = predict_mask(model, twice, max_side=max(image.shape))
+    assert big.shape == twice.shape and once.any()
+    small = big[::2, ::2][: once.shape[0], : once.shape[1]]
+    assert 2 * (small & once).sum() / (small.sum() + once.sum()) > 0.8
+    model.train()
     package = write_package(
         tmp_path / "ica",
         model=model,

@@ -1166,3 +1166,24 @@ def test_quick_rotational_dla_packages_the_calibrated_decision(
     assert [o["dataset"] for o in pkg.metrics["out_of_distribution"]] == names
     assert "rotational-family-b-40 (n=1)" in err  # the gate's line names each dataset
     assert "Per dataset" in (out / "MODEL_CARD.md").read_text()
+
+
+def test_the_ica_task_shrinks_the_minip_as_the_node_does() -> None:
+    """With ``max_side`` in its config, the ICA task trains on the MinIP shrunk as
+    ``pipelines.models.ica_unet.predict_mask`` shrinks it, labels with it."""
+    from training.phantom_dataset import phantom_case
+    from training.tasks import TASKS
+
+    case = phantom_case("dsa", 3, 128, 6, ("ica",))
+    task = TASKS["dsa_perfusion"]
+    assert task.default_config["max_side"] == 256
+    full = task.prepare(case, {"levels": 5})
+    half = task.prepare(case, {"levels": 5, "max_side": 64})
+    assert tuple(full.x.shape[-2:]) == case.pixels.shape[-2:]
+    assert tuple(half.x.shape[-2:]) == (64, 64)
+    assert half.y is not None and half.valid is not None and full.y is not None
+    assert tuple(half.y.shape) == (2, 64, 64) and set(half.y.unique().tolist()) <= {0.0, 1.0}
+    # the ICA keeps its place and about a quarter of its pixels
+    assert float(half.y[1].sum()) == pytest.approx(float(full.y[1].sum()) / 4, rel=0.3)
+    rows = float(torch.nonzero(half.y[1])[:, 0].float().mean()) * 2
+    assert rows == pytest.approx(float(torch.nonzero(full.y[1])[:, 0].float().mean()), abs=4)

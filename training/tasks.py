@@ -529,12 +529,18 @@ class ImageTask(Task):
         if case.pixels.ndim != 3 or case.meta.get("is_volume"):
             raise TaskError(f"case {case.id}: {self.name} needs a 2D+t run")
         x = torch.from_numpy(minip_opacity(case.pixels.min(axis=0)))[None]
+        # The scale the node gives the network (pipelines.models.ica_unet.predict_mask).
+        size = full = (int(x.shape[-2]), int(x.shape[-1]))
+        if config.get("max_side"):
+            size = work_shape(full, None, None, int(config["max_side"]))
+        x = resize(x, size)
         if not case.labelled:
             return Prepared(case.id, x, None, None)
         if case.geometry != "canvas" or "ica" not in case.masks:
             raise TaskError(f"case {case.id}: {self.name} needs a 2D ICA label")
-        y, v = self.classes(case)
-        return Prepared(case.id, x, torch.from_numpy(y).float(), torch.from_numpy(v).float())
+        y, v = (resize(torch.from_numpy(a).float(), size) for a in self.classes(case))
+        y, v = (y >= 0.5).float(), (v >= 0.5).float()
+        return Prepared(case.id, x, y, v)
 
     def batch(
         self,
@@ -702,7 +708,8 @@ TASKS: dict[str, Task] = {
         multilabel=False,
         geometry="canvas",
         monitor="dice",
-        default_config={"width": 16, "levels": 5},
+        # max_side: the MinIP is shrunk to 256 px, as the node does (the ICA is large)
+        default_config={"width": 16, "levels": 5, "max_side": 256},
         defaults=TrainDefaults(
             optimizer="adamw",
             lr=1e-3,

@@ -81,20 +81,34 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def predict_mask(model: UNet, minip: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray:
+def predict_mask(
+    model: UNet,
+    minip: np.ndarray,
+    device: str | torch.device = "cpu",
+    max_side: int | None = None,
+) -> np.ndarray:
     """Foreground mask (H, W) for one MinIP; pads to the network's multiple.
 
+    ``max_side`` (the package's config): a MinIP whose longer side exceeds it is
+    shrunk to it first, as in training (``training.tasks``), and the class scores are
+    brought back to (H, W): the network finds the ICA at the scale it learned it.
     On CUDA the forward pass runs under autocast (half precision); on the CPU in float32.
     """
+    from pipelines.preprocess import resize, work_shape
+
     device = torch.device(device)
     image = torch.as_tensor(minip_opacity(minip))[None, None]
+    full = (int(image.shape[-2]), int(image.shape[-1]))
+    if max_side:
+        image = resize(image, work_shape(full, None, None, int(max_side)))
     height, width = image.shape[-2:]
     m = model.multiple
     pad_h, pad_w = (-height) % m, (-width) % m
     image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate").to(device)
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-        logits = model(image)
-    return (logits.argmax(dim=1)[0, :height, :width] == 1).cpu().numpy()
+        logits = model(image)[:, :, :height, :width].float()
+    logits = resize(logits, full)
+    return (logits.argmax(dim=1)[0] == 1).cpu().numpy()
 
 
 @architecture("ica_unet")

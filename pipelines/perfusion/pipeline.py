@@ -224,7 +224,8 @@ def _model_ica(
             "dsa_perfusion needs 'ica_unet'"
         )
     model = package.load_model(device)
-    mask = predict_mask(model, image, device)  # type: ignore[arg-type]
+    max_side = package.config.get("max_side")
+    mask = predict_mask(model, image, device, int(max_side) if max_side else None)  # type: ignore[arg-type]
     if inside is not None:
         mask = mask & inside
     return model_ica(mask, settings), package.algorithm(NAME, VERSION)
