@@ -162,16 +162,20 @@ def test_tls_settings_are_checked_at_start(tmp_path: Path, pki: dict[str, Any]) 
 
     server: Issued = pki["server"]
     other: Issued = pki["client"]
-    settings = load_settings(
-        None,
-        environ={},
-        storage_dir=str(tmp_path / "n"),
-        port=0,
-        api={"port": 0},
-        tls={"cert_file": str(server.cert), "key_file": str(other.key), "api": True},
+    settings = _node_settings(
+        tmp_path, tls={"cert_file": str(server.cert), "key_file": str(other.key), "api": True}
     )
     with pytest.raises(ConfigError, match="tls.cert_file / tls.key_file"):
         Node(settings)
+
+
+def _node_settings(tmp_path: Path, **settings: Any) -> Any:
+    """Settings of a node on ephemeral ports, with ``settings`` on top."""
+    from dicom_node.settings import load_settings
+
+    return load_settings(
+        None, environ={}, storage_dir=str(tmp_path / "n"), port=0, api={"port": 0}, **settings
+    )
 
 
 def test_results_go_to_a_tls_destination_and_not_to_an_untrusted_one(
@@ -240,20 +244,9 @@ def test_destination_tls_settings_are_checked(tmp_path: Path, pki: dict[str, Any
             destinations=[{**dest, "tls": True, "tls_cert_file": str(pki["client"].cert)}],
         )
     # a key that does not belong to the certificate: the node does not start
-    settings = load_settings(
-        None,
-        environ={},
-        storage_dir=str(tmp_path / "n"),
-        port=0,
-        api={"port": 0},
-        destinations=[
-            {
-                **dest,
-                "tls": True,
-                "tls_cert_file": str(pki["client"].cert),
-                "tls_key_file": str(pki["server"].key),
-            }
-        ],
+    cert, key = str(pki["client"].cert), str(pki["server"].key)
+    settings = _node_settings(
+        tmp_path, destinations=[{**dest, "tls": True, "tls_cert_file": cert, "tls_key_file": key}]
     )
     with pytest.raises(ConfigError, match="destination d: cannot load tls_cert_file"):
         Node(settings)
