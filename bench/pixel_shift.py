@@ -67,15 +67,16 @@ def _decode(files: list[Path], estimate: bool) -> tuple[Any, float]:
     from dicom_node import runs
     from pipelines import pixel_shift
 
-    saved = pixel_shift.estimate
-    if not estimate:
-        pixel_shift.estimate = lambda *a, **k: None  # the reference decode: no estimate
+    saved = pixel_shift.estimate, pixel_shift.exposed
+    if not estimate:  # the reference decode: no estimate, nor the field it would need
+        pixel_shift.estimate = lambda *a, **k: None
+        pixel_shift.exposed = lambda mask, live, field=None: np.ones(mask.shape, bool)
     try:
         t0 = time.perf_counter()
         run = runs.load_run(files).run
         return run, time.perf_counter() - t0
     finally:
-        pixel_shift.estimate = saved
+        pixel_shift.estimate, pixel_shift.exposed = saved
 
 
 def measure(family: str, seed: int, size: int, frames: int) -> dict[str, Any]:

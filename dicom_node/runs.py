@@ -123,13 +123,14 @@ def _mask_subtract(
     mask = frames[idx].mean(axis=0)
     live = [k for k in range(max(idx) + 1, frames.shape[0]) if k not in idx]
     field = shutter_mask(shutter, mask.shape) if shutter is not None else None
-    shift = _mask_shift(item, mask, frames, live, field)
+    shift, exposed = _mask_shift(item, mask, frames, live, field)
     log_live = np.log1p(np.maximum(frames, 0))
     log_mask = np.log1p(np.maximum(mask, 0))
     if shift is None:
         return (SUB_MID + SUB_GAIN * (log_live - log_mask)).astype(np.float32), True, None
     # The collimator's blades stay where the detector has them (pixel_shift.moved_mask).
-    exposed = pixel_shift.exposed(mask, frames[live[0] if live else idx[0]], field)
+    if exposed is None:  # the header's shift: no field was needed to find it
+        exposed = pixel_shift.exposed(mask, frames[live[0] if live else idx[0]], field)
     moved = np.log1p(
         np.maximum(pixel_shift.moved_mask(mask, shift.rows, shift.columns, exposed), 0)
     )
@@ -147,22 +148,24 @@ def _mask_shift(
     frames: np.ndarray,
     live: list[int],
     field: np.ndarray | None,
-) -> Shift | None:
+) -> tuple[Shift | None, np.ndarray | None]:
     """The header's Mask Sub-pixel Shift (rows, columns) when it gives one other than
     (0, 0), else the estimated pixel shift against the first live frame after the
-    mask (None: no shift). ``field``: the DICOM shutter's exposed field, where the
-    run has one."""
+    mask (None: no shift); with the exposed field the estimate used (None when
+    none was needed). ``field``: the DICOM shutter's exposed field, where the run
+    has one."""
     given = header_floats(item, "MaskSubPixelShift")  # finite numbers, or None
     if given is not None:
         if len(given) != 2 or max(abs(v) for v in given) >= min(mask.shape) / 2:
             log.warning("Mask Sub-pixel Shift %s is not a (row, column) shift; ignored", given[:4])
         elif given != [0.0, 0.0]:
-            return Shift(given[0], given[1], "header")
+            return Shift(given[0], given[1], "header"), None
         # (0, 0) is what most consoles write when no one shifted the mask; it does not
         # say that the head kept still
     if not live:
-        return None
-    return pixel_shift.estimate(mask, frames[live[0]], field)
+        return None, None
+    exposed = pixel_shift.exposed(mask, frames[live[0]], field)
+    return pixel_shift.estimate(mask, frames[live[0]], exposed), exposed
 
 
 def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:

@@ -28,6 +28,7 @@ would be subtracted into a bright line along the field's edge).
 Motion during the run (after the first live frame) is not followed: a per-frame
 registration was built and measured (``bench.pixel_shift``, commit 4c8e3e2) and,
 better on family A, made the vessel segmentations of generator family B worse.
+
 Sign convention (as ``scipy.ndimage.shift``): a shift of (+1, 0) moves the mask's
 content one row down, towards higher row numbers.
 """
@@ -119,76 +120,46 @@ def _blocks(image: np.ndarray, k: int) -> np.ndarray:
     return image[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
 
 
-class _Matcher:
-    """The mask on the working image (block means of ``k`` px, smoothed) and the part
-    of the field where a shifted mask is compared with a live frame."""
-
-    def __init__(self, mask: np.ndarray, k: int, inside: np.ndarray, reach: int) -> None:
-        self.k, self.inside, self.reach = k, inside, reach
-        self.mask = ndimage.gaussian_filter(_blocks(_log(mask), k), SIGMA_PX)
-
-    @classmethod
-    def build(cls, mask: np.ndarray, live: np.ndarray, field: np.ndarray | None) -> _Matcher | None:
-        if mask.shape != live.shape or mask.ndim != 2 or min(mask.shape) < 32:
-            return None
-        if not (np.isfinite(mask).all() and np.isfinite(live).all()):
-            return None
-        k = max(1, math.ceil(max(mask.shape) / WORK_SIDE))
-        inside = exposed(mask, live, field)
-        reach = max(1, math.ceil(MAX_SHIFT * max(mask.shape) / k))
-        inside = _blocks(inside.astype(np.float32), k) == 1.0
-        inside = ndimage.binary_erosion(
-            inside, iterations=math.ceil(margin_px(mask.shape) / k) + reach + 2, border_value=0
-        )
-        if inside.mean() < MIN_FIELD:
-            return None
-        return cls(mask, k, inside, reach)
-
-    def live(self, image: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(_blocks(_log(image), self.k), SIGMA_PX)
-
-    def residual(self, live: np.ndarray, s: np.ndarray | tuple[float, float]) -> float:
-        return float((live - shifted(self.mask, float(s[0]), float(s[1])))[self.inside].var())
-
-    def fit(self, live: np.ndarray, centre: tuple[int, int], radius: int) -> tuple[float, ...]:
-        """The best shift (working px) within ``radius`` whole px of ``centre``, refined
-        by Nelder-Mead: (rows, columns, residual); among equal whole shifts, the one
-        nearest the centre."""
-        a0, b0 = centre
-        grid = [
-            (self.residual(live, (a, b)), (a - a0) ** 2 + (b - b0) ** 2, a, b)
-            for a in range(a0 - radius, a0 + radius + 1)
-            for b in range(b0 - radius, b0 + radius + 1)
-        ]
-        x0 = np.array(min(grid)[2:], float)
-        fit = optimize.minimize(
-            lambda s: self.residual(live, s),
-            x0=x0,
-            method="Nelder-Mead",
-            # a half-pixel simplex around the best whole shift; 1/20 px at the end
-            options={"xatol": 0.05, "fatol": 1e-12, "initial_simplex": x0 + HALF_PX_SIMPLEX},
-        )
-        return float(fit.x[0]), float(fit.x[1]), float(fit.fun)
-
-    def in_reach(self, rows: float, columns: float) -> bool:
-        """Within the searched range (in the run's px): a fit that ran off it is no fit."""
-        return max(abs(rows), abs(columns)) <= (self.reach + 1) * self.k
-
-
 def estimate(mask: np.ndarray, live: np.ndarray, field: np.ndarray | None = None) -> Shift | None:
     """The shift that registers ``mask`` to ``live`` (2D detector values, before any
     subtraction), or None when no shift would be a real correction (see the
-    module's docstring). ``field``: the exposed field where known (the DICOM
-    shutter); the image's own collimation is found and intersected with it."""
-    matcher = _Matcher.build(mask, live, field)
-    if matcher is None:
+    module's docstring). ``field``: the exposed field (``exposed``, which a caller
+    that also needs it for ``moved_mask`` computes once); None: found here."""
+    if mask.shape != live.shape or mask.ndim != 2 or min(mask.shape) < 32:
         return None
-    lv = matcher.live(live)
-    before = matcher.residual(lv, (0.0, 0.0))
-    r, c, after = matcher.fit(lv, (0, 0), matcher.reach)
-    dr, dc = r * matcher.k, c * matcher.k
+    k = max(1, math.ceil(max(mask.shape) / WORK_SIDE))
+    m, lv = _blocks(_log(mask), k), _blocks(_log(live), k)
+    if not (np.isfinite(m).all() and np.isfinite(lv).all()):
+        return None
+    inside = field if field is not None and field.shape == mask.shape else exposed(mask, live)
+    reach = max(1, math.ceil(MAX_SHIFT * max(m.shape)))
+    inside = _blocks(inside.astype(np.float32), k) == 1.0
+    inside = ndimage.binary_erosion(
+        inside, iterations=math.ceil(margin_px(mask.shape) / k) + reach + 2, border_value=0
+    )
+    if inside.mean() < MIN_FIELD:
+        return None
+    ms, ls = ndimage.gaussian_filter(m, SIGMA_PX), ndimage.gaussian_filter(lv, SIGMA_PX)
+
+    def residual(s: np.ndarray | tuple[float, float]) -> float:
+        return float((ls - shifted(ms, float(s[0]), float(s[1])))[inside].var())
+
+    before = residual((0.0, 0.0))
+    grid = range(-reach, reach + 1)
+    # the best whole shift; among equal ones, the smallest
+    start = min((residual((a, b)), a * a + b * b, a, b) for a in grid for b in grid)
+    x0 = np.array(start[2:], float)
+    fit = optimize.minimize(
+        residual,
+        x0=x0,
+        method="Nelder-Mead",
+        # a half-pixel simplex around the best whole shift; 1/20 px at the end
+        options={"xatol": 0.05, "fatol": 1e-12, "initial_simplex": x0 + HALF_PX_SIMPLEX},
+    )
+    dr, dc = (float(v) * k for v in fit.x)
+    after = float(fit.fun)
     if np.hypot(dr, dc) < MIN_SHIFT_PX or not after < (1.0 - MIN_GAIN) * before:
         return None
-    if not matcher.in_reach(dr, dc):
+    if max(abs(dr), abs(dc)) > (reach + 1) * k:  # ran off the searched range
         return None
     return Shift(round(dr, 2), round(dc, 2), "estimated", before, after)
