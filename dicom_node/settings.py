@@ -154,6 +154,14 @@ class ApiSettings(Strict):
     max_concurrent_requests: int = Field(16, ge=1, le=1024)
 
 
+def _readable_files(settings: BaseModel, keys: tuple[str, ...], where: str) -> None:
+    """Raise ValueError naming ``where`` and the key for a path given that is not a file."""
+    for key in keys:
+        path = getattr(settings, key)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{where}{key}: {path} is not a readable file")
+
+
 class TlsSettings(Strict):
     """TLS for the DICOM port and/or the REST API; ``ca_file`` requires client certificates."""
 
@@ -222,10 +230,7 @@ class EngineSettings(Strict):
     def _tls_files(self) -> EngineSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("engine.tls_cert_file and engine.tls_key_file go together")
-        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"engine.{key}: {path} is not a readable file")
+        _readable_files(self, ("tls_ca_file", "tls_cert_file", "tls_key_file"), "engine.")
         return self
 
     def queue_for(self, pipeline: str) -> str:
@@ -255,10 +260,8 @@ class DimseDestination(Strict):
         for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name"):
             if getattr(self, key) is not None and not self.tls:
                 raise ValueError(f"destination {self.name}: {key} is set but tls is off")
-        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"destination {self.name}: {key}: {path} is not a readable file")
+        keys = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+        _readable_files(self, keys, f"destination {self.name}: ")
         return self
 
 
