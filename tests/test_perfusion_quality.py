@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from scipy import ndimage
 
 from dicom_node.encode import encode_result
 from dicom_node.encode.common import EncodeContext
@@ -28,9 +29,10 @@ from pipelines.base import (
     PipelineResult,
     RenderingOutput,
     Run,
+    SegmentationOutput,
     get,
 )
-from pipelines.perfusion.localise import parse_site_rules
+from pipelines.perfusion.localise import locate, parse_site_rules
 from pipelines.quality import Verdict
 from tests.conftest import dciodvfy_errors
 from tests.dicomgen import xa_run
@@ -255,7 +257,12 @@ def test_the_blank_mask_frame_is_the_baseline_where_the_ica_fills_before_the_liv
     in the big vessels, so the blank mask frame is left out, but the ICA already holds
     contrast in the first live frame, and the border rule's ICA had no baseline. The
     pipeline then tries again with the blank frame as the baseline and keeps that
-    choice when an earlier rule serves."""
+    choice when it ranks better.
+
+    With the blank frame kept, the border rule's region (a vein's edge, misregistered
+    against every live frame) looks opaque from the first live frame on; it moves by
+    a fifth of its peak over the run, so it is refused as static opacity (it was the
+    AIF before), and the earliest-arriving artery serves: the ICA of the truth."""
     from pipelines.perfusion import pipeline as perfusion
 
     p = dsa.generate(
@@ -269,20 +276,28 @@ def test_the_blank_mask_frame_is_the_baseline_where_the_ica_fills_before_the_liv
     def coverage(result: PipelineResult) -> float:
         return float((maps(result)["cbf"].valid & perfused).sum() / perfused.sum())
 
+    def aif_region(result: PipelineResult) -> np.ndarray:
+        (region,) = [o for o in result.outputs if o.key == "aif_region"]
+        assert isinstance(region, SegmentationOutput)
+        return region.masks[0]
+
     result = process(run)
     assert_physical(result, run)
     assert any("kept as the baseline" in n for n in result.notes), result.notes
-    assert any(
-        n.startswith("ICA by the vessel entering from the border rule") for n in result.notes
-    )
+    (rule,) = [n for n in result.notes if n.startswith("ICA by the ")]
+    assert rule.startswith("ICA by the earliest-arriving large artery rule"), rule
+    assert "no bolus passes through it within the run (static opacity" in rule, rule
+    region = aif_region(result)
+    assert (region & p.truth["ica"]).sum() >= 0.8 * region.sum()
     # Without the second try: the border rule's ICA is refused for want of a baseline.
     original = perfusion.ica_and_aif
     monkeypatch.setattr(
-        perfusion, "ica_and_aif", lambda *a: original(*a[:12], None)
+        perfusion, "ica_and_aif", lambda *a, **k: original(*a[:12], None, **k)
     )  # no_baseline not tracked
     without = process(run)
     assert any("left out" in n for n in without.notes)
     assert any("contrast is already in the ICA in the first frame" in n for n in without.notes)
+    # (0.62 against 0.29 at 160 px: the AIF without it is a later branch, a quarter ICA.)
     assert coverage(result) > coverage(without) + 0.1, (coverage(result), coverage(without))
 
 
@@ -341,8 +356,73 @@ def test_native_run_without_a_border_vessel_falls_back_and_says_so():
     assert "earliest-arriving large artery" in reasons(result)
     (region,) = [o for o in result.outputs if o.key == "aif_region"]
     assert "earliest-arriving large artery" in region.description
-    # An artery: the mask lies on the phantom's arteries (ICA or its branches).
-    assert (region.masks[0] & p.truth["artery"]).sum() >= 0.8 * region.masks[0].sum()
+    # The ICA, its earliest dense piece: the mask lies within a pixel of the phantom's
+    # ICA (the dense vessels are found on the opacity smoothed by one pixel).
+    near = ndimage.binary_dilation(p.truth["ica"])
+    assert (region.masks[0] & near).sum() >= 0.9 * region.masks[0].sum()
+
+
+def test_a_candidate_refused_after_the_deconvolution_passes_to_the_next():
+    """``locate`` with the candidates a rule gave refused later (by the brain filling
+    before their AIF): the rule's next candidate serves, and says why the ones before
+    it did not; a rule whose every candidate is refused is passed over."""
+    from pipelines.perfusion.ica import IcaResult
+
+    def candidate(k: int) -> IcaResult:
+        mask = np.zeros((4, 4), bool)
+        mask[k, k] = True
+        return IcaResult(mask=mask, method="earliest", entry_width_px=5.0, components=1)
+
+    calls: list[str] = []
+
+    def earliest() -> list[IcaResult]:
+        calls.append("earliest")
+        return [candidate(0), candidate(1), candidate(2)]
+
+    def accept(rule: str, ica: IcaResult) -> int:
+        k = int(np.flatnonzero(ica.mask.any(axis=1))[0])
+        if k == 1:
+            raise PipelineError("its AIF peak is only 3 times its noise")
+        return k
+
+    attempts = {"border": None, "earliest": earliest}
+    order = ["border", "earliest"]
+    located, k = locate(order, attempts, accept, {"earliest": {0: "71% fills before"}})
+    assert (located.rule, located.candidate, k) == ("earliest", 2, 2)
+    assert located.skipped == ("71% fills before", "its AIF peak is only 3 times its noise")
+    assert located.describe.startswith(
+        "ICA by the earliest-arriving large artery rule, its candidate 3 (candidate 1: 71% "
+        "fills before; candidate 2: its AIF peak is only 3 times its noise)"
+    ), located.describe
+    with pytest.raises(PipelineError, match="candidate 1: 71% fills before; candidate 2: its"):
+        locate(order, attempts, accept, {"earliest": {0: "71% fills before", 2: "60% too"}})
+
+
+def test_the_earliest_artery_is_not_passed_over_for_a_blush():
+    """Randomised family A development seed 920005 at 256 px: no vessel enters from
+    the border; the widest dense component in time is a blush where arteries and veins
+    overlap, 30 mm across, whose AIF most of the brain fills before. Its next candidate
+    is the ICA. (When "large" also needed 5 % of the largest component's area, the
+    ICA's own component did not count beside the blush, and the maps covered 10 % of
+    the brain.)"""
+    p = dsa.generate(
+        920005, size=256, frames=80, fps=4.0, snr=30.0, snr_reference="tissue", randomise=True
+    )
+    run = p.to_run()
+    result = process(run, ica="classical")
+    assert_physical(result, run)
+    (rule,) = [n for n in result.notes if n.startswith("ICA by the ")]
+    assert rule.startswith(
+        "ICA by the earliest-arriving large artery rule, its candidate 2 (candidate 1: "
+    ), rule
+    assert "of the brain fills before its AIF: not the feeding artery" in rule
+    (region,) = [o for o in result.outputs if o.key == "aif_region"]
+    mask = region.masks[0]
+    assert (mask & p.truth["ica"]).sum() >= 0.9 * mask.sum()
+    field = p.truth.get("field", np.ones(mask.shape)).astype(bool)
+    vessels = (p.truth["artery"] | p.truth["vein"] | p.truth["device"]).astype(bool)
+    perfused = np.isfinite(p.truth["cbf"]) & field & ~vessels
+    assert (maps(result)["cbf"].valid & perfused).sum() >= 0.75 * perfused.sum()
 
 
 def test_site_rule_from_the_settings_places_the_aif():

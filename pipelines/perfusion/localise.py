@@ -22,7 +22,7 @@ tried in order, and the first whose AIF passes the checks is used:
 
 A rule's ICA is also refused, after the deconvolution, when most of the brain
 fills before its AIF (``MAX_BRAIN_BEFORE_AIF``): a vein or a late branch at the
-border, not the feeding artery. Only when every rule fails is the run refused, with each rule's
+border, not the feeding artery; the rule's next candidate is then tried. Only when every rule fails is the run refused, with each rule's
 reason. The rule that found the ICA is in the result (notes, AIF region, AIF
 plot).
 """
@@ -135,9 +135,13 @@ class ArterySettings:
 
     min_diameter_mm: float = 2.5
     min_diameter_px: float = 4.0  # when the pixel spacing is unknown
+    # Absolute, not a share of the largest dense component: where arteries and veins
+    # overlap in projection, that component is a blush tens of millimetres wide,
+    # beside which the ICA's own component looked like a twig (randomised family A
+    # development seeds 920009 and 920011: the ICA left out, the AIF from a later
+    # branch). A twig that does pass is the first candidate only when it is the
+    # widest in time, and its AIF is refused when the brain fills before it.
     min_area_px: int = 30
-    # ... and at least this share of the largest dense component (a trunk, not a twig).
-    min_area_share: float = 0.05
     early_margin_s: float = 0.75
     # Misregistration: brighter than the first frame by this many noise SD.
     misregistered_sd: float = 10.0
@@ -246,11 +250,7 @@ def earliest_artery(
     radius = ndimage.distance_transform_edt(vessels)
     widths = 2 * np.asarray(ndimage.maximum(radius, labels, index), float)
     min_width = min_width_px(spacing_mm, settings)
-    large = (
-        (widths >= min_width)
-        & (sizes >= settings.min_area_px)
-        & (sizes >= settings.min_area_share * sizes.max())
-    )
+    large = (widths >= min_width) & (sizes >= settings.min_area_px)
     if not large.any():
         raise PipelineError(
             f"no dense vessel is both {min_width:.1f} px wide and {settings.min_area_px} px "
@@ -307,9 +307,7 @@ def site_ica(
         region &= field
     if not region.any():
         raise PipelineError(f"the site rule for {rule.protocol!r} lies outside the exposed field")
-    loose = ArterySettings(
-        min_diameter_mm=0.0, min_diameter_px=0.0, min_area_px=4, min_area_share=0.0
-    )
+    loose = ArterySettings(min_diameter_mm=0.0, min_diameter_px=0.0, min_area_px=4)
     try:
         (result,) = earliest_artery(
             opacity, arrival_s, sigma, spacing_mm, loose, ica, region, final, min_arrival_s
@@ -346,10 +344,18 @@ class Located:
     rule: str
     ica: IcaResult
     passed_over: tuple[str, ...]  # "rule: reason" of the rules tried before
+    candidate: int = 0  # which of the rule's candidates, best first
+    skipped: tuple[str, ...] = ()  # why each of the rule's candidates before it failed
 
     @property
     def describe(self) -> str:
         text = f"ICA by the {RULE_NAMES[self.rule]} rule"
+        if self.skipped:
+            text += (
+                f", its candidate {self.candidate + 1} ("
+                + "; ".join(f"candidate {i + 1}: {why}" for i, why in enumerate(self.skipped))
+                + ")"
+            )
         if self.passed_over:
             text += " (" + "; ".join(self.passed_over) + ")"
         return text
@@ -359,17 +365,17 @@ def locate(
     order: Sequence[str],
     attempts: Mapping[str, Callable[[], IcaResult | list[IcaResult]] | None],
     accept: Callable[[str, IcaResult], T],
-    refused: Mapping[str, str] | None = None,
+    refused: Mapping[str, Mapping[int, str]] | None = None,
 ) -> tuple[Located, T]:
     """Try the rules of ``order`` until one gives an ICA that ``accept`` (the
-    baseline and AIF checks; given the rule and its ICA) takes; a rule whose attempt is None is not
-    configured; ``refused``: rules already tried and refused later, with why.
+    baseline and AIF checks; given the rule and its ICA) takes; a rule whose attempt
+    is None is not configured. ``refused``: per rule, the candidates already taken
+    and refused later (by their index, with why): the rule's next candidate is
+    tried, and a rule whose every candidate is refused is passed over.
     Every failure is kept for the result, or for the refusal."""
     reasons: list[str] = []
     for rule in order:
-        if refused and rule in refused:
-            reasons.append(f"{RULE_NAMES[rule]}: {refused[rule]}")
-            continue
+        later = dict(refused.get(rule, {})) if refused else {}
         attempt = attempts.get(rule)
         if attempt is None:
             reasons.append(f"{RULE_NAMES[rule]}: not configured")
@@ -381,13 +387,16 @@ def locate(
             continue
         candidates = found if isinstance(found, list) else [found]
         failures = []
-        for ica in candidates:
+        for index, ica in enumerate(candidates):
+            if index in later:
+                failures.append(later[index])
+                continue
             try:
                 accepted = accept(rule, ica)
             except PipelineError as exc:
                 failures.append(str(exc))
                 continue
-            return Located(rule, ica, tuple(reasons)), accepted
+            return Located(rule, ica, tuple(reasons), index, tuple(failures)), accepted
         shown = (
             failures[0]
             if len(failures) == 1

@@ -106,6 +106,11 @@ PEAK_VALUE = Code("126031", "DCM", "Peak Value Within ROI")
 # A bolus passage takes seconds: an AIF narrower than this at half its peak is
 # contrast in a single frame (see ``pipelines.perfusion.quality``).
 MIN_AIF_WIDTH_S = 0.5
+# An ICA opaque from the first live frame on, with the blank mask frame kept as its
+# baseline, must show the first pass over the live frames: its AIF rises or washes
+# out by at least this share of its peak there. Opacity that moves less is static
+# (bone edges of a mask misregistered against every live frame, a device).
+MIN_LIVE_SWING = 0.5
 # The pixels the AIF averages: the ICA, where it shows a clean first pass.
 AIF_SEGMENT = Segment("AIF region (internal carotid artery)", ICA, color_rgb=(255, 160, 0))
 BOLUS_ARRIVAL = Code("126371", "DCM", "Bolus Arrival Time")
@@ -261,13 +266,28 @@ def ica_and_aif(
     settings: tuple[IcaSettings, AifSettings, tuple[SiteRule, ...]],
     device: torch.device,
     inside: np.ndarray | None,
-    refused: Mapping[str, str] | None = None,
+    refused: Mapping[str, Mapping[int, str]] | None = None,
     no_baseline: set[str] | None = None,
+    *,
+    first_live_s: float | None = None,
+    found: dict[str, tuple[Any, AlgorithmInfo | None]] | None = None,
 ) -> Input:
     """The ICA by the rules of ``pipelines.perfusion.localise`` in order, the first
     whose baseline and AIF pass their checks; the run is refused, with every rule's
-    reason, only when none does. The rules whose ICA already held contrast in the
-    first frame are added to ``no_baseline``."""
+    reason, only when none does. ``refused``: the candidates refused after the
+    deconvolution (see ``localise.locate``). The rules whose ICA already held
+    contrast in the first frame are added to ``no_baseline``. ``found`` keeps each
+    rule's candidates between calls on the same frames, so that a rule whose first
+    candidate was refused is not run again (a model package, for one).
+
+    ``first_live_s``: the time of the first live frame when the blank subtracted
+    mask frame(s) before it are kept as the baseline. An ICA that is opaque from
+    that frame on has only the blank frame to show its rise, so it must show the
+    bolus passing over the live frames (rising or washing out by at least
+    ``MIN_LIVE_SWING`` of its peak): opacity that is there in every live frame and
+    stays is static (the bone edges of a mask misregistered against the live
+    frames, which a subtracted run carries from its first live frame to its last;
+    a device), not the arterial input."""
     ica_settings, aif_settings, site_rules = settings
     if mode == "model" and ctx.model_package is None:
         raise PipelineError("option ica=model but no model package is configured")
@@ -319,6 +339,23 @@ def ica_and_aif(
         ),
     }
 
+    def remembered(
+        rule: str, make: Callable[[], IcaResult | list[IcaResult]]
+    ) -> Callable[[], IcaResult | list[IcaResult]]:
+        def attempt() -> IcaResult | list[IcaResult]:
+            if found is None:
+                return make()
+            if rule not in found:
+                found[rule] = (make(), models.get(rule))
+            result, algorithm = found[rule]
+            if algorithm is not None:
+                models[rule] = algorithm
+            return result
+
+        return attempt
+
+    attempts = {r: None if f is None else remembered(r, f) for r, f in attempts.items()}
+
     def accept(rule: str, ica: IcaResult) -> tuple[int, Curves, Aif]:
         try:
             baseline = baseline_frames(signal, ica.mask, grid_s, meta.subtracted)
@@ -329,6 +366,15 @@ def ica_and_aif(
         concentration = signal.minus_baseline(baseline)
         aif = measure_aif(concentration, ica.mask, grid_s, baseline, sigma, aif_settings)
         width = fwhm_s(aif.curve, grid_s)
+        if first_live_s is not None and aif.arrival_s <= first_live_s:
+            live = aif.curve[grid_s >= first_live_s]
+            swing = float(live.max() - live.min()) / aif.peak if live.size else 0.0
+            if swing < MIN_LIVE_SWING:
+                raise PipelineError(
+                    f"its opacity is there from the first live frame and changes by "
+                    f"{swing:.0%} of its peak over the live frames: no bolus passes through "
+                    "it within the run (static opacity: a misregistered mask or a device)"
+                )
         if width < MIN_AIF_WIDTH_S:
             raise PipelineError(
                 f"its AIF is above half its peak for {width:.2f} s only: contrast in a single "
@@ -373,10 +419,18 @@ class Prepared:
     sigma: float
     signal: Curves
     image: np.ndarray
+    # The time of the first live frame when blank subtracted mask frames before it
+    # are kept as the baseline (see ``ica_and_aif``); None when none is kept.
+    first_live_s: float | None = None
 
     @classmethod
     def of(
-        cls, frames: np.ndarray, times: np.ndarray, meta: RunMeta, inside: np.ndarray | None
+        cls,
+        frames: np.ndarray,
+        times: np.ndarray,
+        meta: RunMeta,
+        inside: np.ndarray | None,
+        first_live_s: float | None = None,
     ) -> Prepared:
         timing = uniform_grid(times)
         raw_signal = contrast_signal(frames, meta)
@@ -390,6 +444,7 @@ class Prepared:
             sigma=noise_sigma(raw_signal, inside),
             signal=Curves(raw_signal, resample_weights(times, timing.grid_s)),
             image=minip(frames),
+            first_live_s=first_live_s,
         )
 
 
@@ -430,8 +485,12 @@ class DsaPerfusion:
                 if left_out.any()
                 else (all_frames, all_times)
             )
+            live = np.flatnonzero(~mask_frames)
+            kept = mask_frames.any() and not left_out.any() and live.size > 0
             return self._choose(
-                Prepared.of(frames, times, run.meta, inside),
+                Prepared.of(
+                    frames, times, run.meta, inside, float(all_times[live[0]]) if kept else None
+                ),
                 left_out,
                 ctx,
                 ica_mode,
@@ -572,11 +631,13 @@ class DsaPerfusion:
         """The ICA, AIF and maps for these frames.
 
         An AIF that most of the brain fills before is not the feeding artery: the
-        next rule tries; if none passes, the one with the least brain before its AIF
-        stays, low confidence (a package's AIF comes first, and need not be that one).
+        rule's next candidate tries, then the next rule; if none passes, the one with
+        the least brain before its AIF stays, low confidence (a package's AIF comes
+        first, and need not be that one).
         """
-        refused: dict[str, str] = {}
+        refused: dict[str, dict[int, str]] = {}
         no_baseline: set[str] = set()
+        candidates: dict[str, tuple[Any, AlgorithmInfo | None]] = {}
         best: tuple[Input, Maps, float] | None = None
         others = ""
         while True:
@@ -595,6 +656,8 @@ class DsaPerfusion:
                     inside,
                     refused,
                     no_baseline,
+                    first_live_s=prepared.first_live_s,
+                    found=candidates,
                 )
             except PipelineError as exc:
                 if best is None:
@@ -613,8 +676,8 @@ class DsaPerfusion:
                     map_settings,
                     device,
                 )
-            except PipelineError as exc:  # no brain for this AIF: the next rule tries
-                refused[found.located.rule] = str(exc)
+            except PipelineError as exc:  # no brain for this AIF: the next candidate tries
+                refused.setdefault(found.located.rule, {})[found.located.candidate] = str(exc)
                 continue
             if inside is not None:
                 maps = restrict_maps(maps, inside)
@@ -622,7 +685,7 @@ class DsaPerfusion:
                 break
             if best is None or maps.early_share < best[1].early_share:
                 best = (found, maps, width)
-            refused[found.located.rule] = (
+            refused.setdefault(found.located.rule, {})[found.located.candidate] = (
                 f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
             )
         rank = order.index(found.located.rule)
