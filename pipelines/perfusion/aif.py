@@ -241,16 +241,17 @@ def baseline_frames(
     peak = float(rise.max())
     if peak <= 0:
         raise PipelineError("no contrast bolus is visible in the ICA region")
-    if subtracted:
+    arrival = crossing_time(rise, grid_s, ARRIVAL_FRACTION * peak)
+    step = grid_s[1] - grid_s[0]
+    before = max(1, int(np.searchsorted(grid_s, arrival - step, side="right")))
+    if subtracted and before < MIN_LIVE_BASELINE:
         present = float(raw[0] - np.median(signal[0]))
         if present >= ARRIVAL_FRACTION * (peak + present):
             raise NoBaseline(
                 f"contrast is already in the ICA in the first frame ({present / (peak + present):.0%}"
                 " of its peak): no pre-contrast baseline, so concentrations cannot be measured"
             )
-    arrival = crossing_time(rise, grid_s, ARRIVAL_FRACTION * peak)
-    step = grid_s[1] - grid_s[0]
-    return max(1, int(np.searchsorted(grid_s, arrival - step, side="right")))
+    return before
 
 
 def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSettings) -> np.ndarray:
