@@ -631,9 +631,9 @@ def main() -> None:
         + phantom
         + "\n\n### ICA: classical rule vs U-Net, and keeping the largest connected component"
         f"\n\nPhantom seeds {', '.join(map(str, PHANTOM_SEEDS))} (4 frames/s, SNR 30), ICA truth "
-        "from the generator; a row per dsa_perfusion package in models/ (none ships now: the "
-        "ICA U-Net example failed the shipping gate on family B, see docs/training.md). The "
-        "paper found that keeping the largest component both helps and hurts.\n\n"
+        "from the generator; a row per dsa_perfusion package in models/ (its shipping gate, "
+        "on family B, is in its package.json and docs/training.md). The paper found that "
+        "keeping the largest component both helps and hurts.\n\n"
         + lcc
         + "\n\n### Speed\n\n"
         + perf

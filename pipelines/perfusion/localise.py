@@ -337,6 +337,11 @@ def rule_order(mode: str, has_package: bool) -> list[str]:
     return ["border", "earliest", "model", "site"]
 
 
+def _numbered(failures: Sequence[str]) -> str:
+    """The failed candidates of a rule, in order: 'candidate 1: why; candidate 2: why'."""
+    return "; ".join(f"candidate {i + 1}: {why}" for i, why in enumerate(failures))
+
+
 @dataclass(frozen=True)
 class Located:
     """The ICA a rule found, and why the rules before it did not serve."""
@@ -351,11 +356,7 @@ class Located:
     def describe(self) -> str:
         text = f"ICA by the {RULE_NAMES[self.rule]} rule"
         if self.skipped:
-            text += (
-                f", its candidate {self.candidate + 1} ("
-                + "; ".join(f"candidate {i + 1}: {why}" for i, why in enumerate(self.skipped))
-                + ")"
-            )
+            text += f", its candidate {self.candidate + 1} ({_numbered(self.skipped)})"
         if self.passed_over:
             text += " (" + "; ".join(self.passed_over) + ")"
         return text
@@ -397,10 +398,6 @@ def locate(
                 failures.append(str(exc))
                 continue
             return Located(rule, ica, tuple(reasons), index, tuple(failures)), accepted
-        shown = (
-            failures[0]
-            if len(failures) == 1
-            else "; ".join(f"candidate {i + 1}: {why}" for i, why in enumerate(failures))
-        )
+        shown = failures[0] if len(failures) == 1 else _numbered(failures)
         reasons.append(f"{RULE_NAMES[rule]}: {shown}")
     raise PipelineError("no ICA rule gave a usable AIF: " + "; ".join(reasons))
