@@ -111,12 +111,22 @@ def hysteresis(response: np.ndarray, low: float, high: float) -> np.ndarray:
     return strong[labels]
 
 
-def noise_sd(x: np.ndarray, scale: float) -> np.ndarray:
+def noise_sd(x: np.ndarray, scale: float, field: np.ndarray | None = None) -> np.ndarray:
     """Local quantum-noise SD (H, W) of normalised frames: dark, dense regions (heart,
-    diaphragm) get few photons and are much noisier than the lung field."""
+    diaphragm) get few photons and are much noisier than the lung field.
+
+    The floor (the quietest 5 % of the field) is taken inside the collimated
+    ``field`` when one is given: vendors blank the area behind the blades to a
+    constant, whose zero variance would otherwise make the floor zero and the
+    noise-normalised residual infinite.
+    """
     detail = x - ndi.gaussian_filter(x, (0, scale, scale))
     var = ndi.gaussian_filter(np.median(detail**2, axis=0), 8 * scale)
-    return np.sqrt(np.maximum(var, np.percentile(var, 5))).astype(np.float32)
+    inside = var if field is None or not field.any() else var[field]
+    floor = float(np.percentile(inside, 5))
+    if not floor > 0:  # a flat run: no noise to measure, so no residual stands out
+        floor = float(np.finfo(np.float32).tiny)
+    return np.sqrt(np.maximum(var, floor)).astype(np.float32)
 
 
 def classical_response(
@@ -130,12 +140,15 @@ def classical_response(
     responses comparable between frames (frames before the contrast arrives
     stay empty); the response is scaled by its 99.9th percentile over the run
     (within the collimated ``field`` when one is given: the blanked area behind
-    the blades would otherwise lower the scale).
+    the blades would otherwise lower the scale; the noise floor is taken there
+    too, and the residual behind the blades is zero).
     """
     x = normalise_cine(frames)
     scale = max(1.0, min(x.shape[1:]) / 256.0)  # small images: treat as crops
     # x is positive where darker than the frame median, so vessels are positive here.
-    residual = (x - np.median(x, axis=0, keepdims=True)) / noise_sd(x, scale)
+    residual = (x - np.median(x, axis=0, keepdims=True)) / noise_sd(x, scale, field)
+    if field is not None and field.any():
+        residual[:, ~field] = 0.0  # behind the blades nothing can fill
     sigmas = [s * scale for s in FRANGI_SIGMAS_PX]
     vesselness = np.stack(
         [
