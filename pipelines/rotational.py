@@ -195,10 +195,6 @@ SLAB = 32
 WATERSHED_CONTEXT_MM = 5.0
 # Slices per slab of the distance transforms (scipy's holds ~60 bytes a voxel).
 EDT_SLAB = 16
-# Capping/cupping (radial_shading): rings around the axis, and the soft-tissue voxels
-# (on the sampled slices) a ring needs for its own histogram level.
-SHADING_RINGS = 16
-SHADING_MIN_VOXELS = 2000
 
 # Every constant is in units the volume supplies: soft-tissue noise SDs, mm, or
 # fractions of the measured lumen contrast. Chosen on training phantom seeds
@@ -275,11 +271,7 @@ def soft_tissue_level(hu: np.ndarray, body: np.ndarray) -> tuple[float, float]:
     """(level, noise SD) of soft tissue: the main peak of the body's HU histogram and
     its half width at half maximum on the low side (the high side carries the
     partial volume of everything denser)."""
-    return histogram_level(hu[body][::7])
-
-
-def histogram_level(values: np.ndarray) -> tuple[float, float]:
-    """(level, noise SD) of soft tissue among ``values`` (see :func:`soft_tissue_level`)."""
+    values = hu[body][::7]
     if values.size == 0:
         return 0.0, 10.0
     edges = np.arange(-500.0, 602.0, 2.0)
@@ -293,60 +285,11 @@ def histogram_level(values: np.ndarray) -> tuple[float, float]:
     return level, max((level - float(edges[low])) / 1.1774, 2.0)
 
 
-def radial_shading(hu: np.ndarray, body: np.ndarray, field: np.ndarray) -> np.ndarray | None:
-    """(Y, X) offset of soft tissue from its level at the centre, by distance from the
-    rotation axis; None when it stays within the noise everywhere.
-
-    A C-arm's detector does not cover the whole head, and the truncated
-    projections raise the values towards the edge of the reconstruction circle
-    (capping); beam hardening lowers them towards the centre (cupping). Both are
-    smooth, about the axis, and the same in every slice, and they add to every
-    tissue: soft tissue 300 HU above its central level looks like iodine. The
-    level is measured as :func:`soft_tissue_level` does, on every few slices, in
-    :data:`SHADING_RINGS` rings of equal width around the circle's centre (a ring
-    with too little soft tissue is left out and interpolated); offsets within the
-    noise (the median of the rings' own) are not shading but the anatomy's own
-    variation, and are left.
-    """
-    ny, nx = field.shape
-    cy, cx = ((ny - 1) / 2.0, (nx - 1) / 2.0) if field.all() else ndi.center_of_mass(field)
-    yy, xx = np.mgrid[:ny, :nx]
-    r = np.hypot(yy - cy, xx - cx)
-    rmax = float(r[field].max())
-    if rmax <= 0:
-        return None
-    ring = np.minimum((r / rmax * SHADING_RINGS).astype(int), SHADING_RINGS - 1)
-    step = max(1, hu.shape[0] // 64)
-    sample_hu, sample_body = hu[::step], body[::step]
-    levels = np.full(SHADING_RINGS, np.nan)
-    noises = np.full(SHADING_RINGS, np.nan)
-    for k in range(SHADING_RINGS):
-        values = sample_hu[sample_body & (field & (ring == k))[None]]
-        if values.size >= SHADING_MIN_VOXELS:
-            levels[k], noises[k] = histogram_level(values)
-    known = np.isfinite(levels)
-    if known.sum() < 3:
-        return None
-    # The rings' own noise: the whole body's histogram is widened by the shading itself.
-    noise = float(np.median(noises[known]))
-    offset = levels[known] - levels[known][0]
-    offset = np.sign(offset) * np.maximum(np.abs(offset) - noise, 0.0)
-    if not offset.any():
-        return None
-    centres = (np.arange(SHADING_RINGS) + 0.5) * rmax / SHADING_RINGS
-    return np.interp(r, centres[known], offset).astype(np.float32)
-
-
 def reconstruction_field(hu: np.ndarray) -> np.ndarray:
     """(Y, X) bool: inside the reconstruction circle. Outside it a cone-beam CT holds
-    one padding value in every slice: the volume's minimum, or the value of a corner
-    (where noise in the air inside the circle reaches below the padding); none
-    found means the whole slice."""
-    for padding in (hu.min(), hu[0, 0, 0], hu[0, 0, -1], hu[0, -1, 0], hu[0, -1, -1]):
-        outside = np.all(hu == padding, axis=0)
-        if outside.mean() >= 0.01:
-            return ~outside
-    return np.ones(hu.shape[1:], bool)
+    one padding value in every slice; none found means the whole slice."""
+    outside = np.all(hu == hu.min(), axis=0)
+    return ~outside if outside.mean() >= 0.01 else np.ones(outside.shape, bool)
 
 
 def extend_beyond_field(volume: np.ndarray, field: np.ndarray) -> None:
@@ -562,8 +505,7 @@ def classical_tissues(
     """Labels (vessel 0, bone 1, soft tissue / air 2) with thresholds from the volume
     itself and shape telling vessel from bone.
 
-    1. Soft tissue level and noise from the histogram (:func:`soft_tissue_level`),
-       the volume first levelled for capping and cupping (:func:`radial_shading`);
+    1. Soft tissue level and noise from the histogram (:func:`soft_tissue_level`);
        dense = hysteresis at ``k_low`` / ``k_high`` noise SDs above it.
     2. Shape on the dense voxels, on intensities clipped at ``k_sat`` noise SDs:
        tubeness (multiscale Hessian) and thickness (an opening at ``thick_mm``).
@@ -576,34 +518,21 @@ def classical_tissues(
        under ``min_vessel_mm3`` go.
 
     Structures cut by the reconstruction circle or the volume's faces are
-    continued beyond them for the shape analysis. The levelling and the
-    continuation are done in place and undone before returning (the levelling
-    to within float rounding).
+    continued beyond them for the shape analysis.
     """
     p = {**CLASSICAL_DEFAULTS, **(params or {})}
     field = reconstruction_field(hu)
     body = body_mask(hu)
     level, noise = soft_tissue_level(hu, body)
-    # The levelling and the shape analysis's continuation of structures beyond the
-    # circle are done in place (a copy is 0.5 GB at 512³) and undone before returning.
+    # The shape analysis continues structures beyond the circle. That is done in
+    # place (a copy is 0.5 GB at 512³) and undone before returning.
     hx = hu if hu.flags.writeable else hu.copy()
-    # Outside the circle every voxel holds one padding value (reconstruction_field).
-    padding = hx[0][~field][0] if not field.all() else None
-    shading = radial_shading(hu, body, field)
+    # Outside the circle every voxel holds the volume's minimum (reconstruction_field).
+    padding = hx.min() if not field.all() else None
+    extend_beyond_field(hx, field)
     try:
-        if shading is not None:
-            # The noise stays as measured with the shading: levelling narrows the
-            # histogram, and thresholds from the narrower one took more blur and
-            # bone edges for vessel on the development phantoms.
-            for z0 in range(0, hx.shape[0], SLAB):
-                hx[z0 : z0 + SLAB] -= shading
-            level = soft_tissue_level(hx, body)[0]
-        extend_beyond_field(hx, field)
         return _classical_labels(hx, body, field, level, noise, spacing_mm, p)
     finally:
-        if shading is not None:
-            for z0 in range(0, hx.shape[0], SLAB):
-                hx[z0 : z0 + SLAB] += shading
         if padding is not None:
             for z0 in range(0, hx.shape[0], SLAB):
                 hx[z0 : z0 + SLAB, ~field] = padding

@@ -35,8 +35,6 @@ from pipelines.rotational import (
     classify_patches,
     extend_beyond_field,
     fill_holes,
-    radial_shading,
-    reconstruction_field,
     soft_tissue_level,
     tubeness,
     tubeness_in_slabs,
@@ -189,65 +187,6 @@ def test_bone_cut_by_the_reconstruction_circle_is_not_a_vessel() -> None:
     assert not labels[:, outside].any() or (labels[:, outside] == CLASS_SOFT).all()
     assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
     assert (labels[truth == CLASS_BONE] == CLASS_VESSEL).mean() < 0.01
-
-
-def capped_phantom(seed: int, capping_hu: float):
-    """A family A phantom, 96 voxels, one fixed appearance: a reconstruction circle of
-    0.85 of the matrix, 15 HU noise, 600 HU iodine; ``capping_hu`` at the circle."""
-    import dataclasses
-
-    from training.phantoms import priors
-    from training.phantoms import rotational as phantom
-
-    fixed = {
-        "field_mm": 150.0,
-        "contrast_hu": 600.0,
-        "distal_dilution": 0.2,
-        "bone_scale": 1.0,
-        "streak_scale": 0.5,
-        "noise_hu": 15.0,
-        "kernel_sigma_vox": 0.6,
-        "sharpening": 0.0,
-        "noise_grain_vox": 0.8,
-        "truncation": 0.85,
-        "capping_hu": capping_hu,
-    }
-    pri = dataclasses.replace(priors.ROTATIONAL, **{k: (v, v) for k, v in fixed.items()})
-    return phantom.generate(seed, size=96, randomise=pri)
-
-
-def test_radial_shading_measures_capping_and_leaves_an_even_volume() -> None:
-    """Capping (truncated projections: values rise towards the circle's edge) is
-    measured on the soft tissue, ring by ring, to within its noise; without it the
-    anatomy's own variation is not taken for shading."""
-    even, capped = capped_phantom(7, 0.0).hu, capped_phantom(7, 300.0).hu
-    for hu in (even, capped):
-        assert not reconstruction_field(hu).all()
-    assert radial_shading(even, body_mask(even), reconstruction_field(even)) is None
-    field = reconstruction_field(capped)
-    shading = radial_shading(capped, body_mask(capped), field)
-    assert shading is not None
-    added = capped - even  # the capping (the same seed draws the same noise)
-    inside = field & (body_mask(even).mean(axis=0) > 0.5)
-    true = np.median(added[:, inside], axis=0)
-    error = np.abs(shading[inside] - true)
-    assert true.max() > 200 and np.percentile(error, 95) < 45.0
-
-
-def test_capping_adds_no_vessels() -> None:
-    """The same phantom with and without 300 HU of capping: soft tissue raised near the
-    circle's edge is not iodine (without the levelling it doubled the false vessels)."""
-    scores = []
-    for capping in (0.0, 300.0):
-        p = capped_phantom(7, capping)
-        truth = p.truth["labels"] == 1
-        found = (classical_tissues(p.hu.copy(), p.spacing_mm) == CLASS_VESSEL) & (
-            p.truth["labels"] != 0
-        )
-        scores.append((dice(found, truth), int((found & ~truth).sum())))
-    (plain_dice, plain_fp), (capped_dice, capped_fp) = scores
-    assert capped_fp <= plain_fp
-    assert capped_dice >= plain_dice - 0.02
 
 
 def truncated_head() -> tuple[np.ndarray, np.ndarray]:
