@@ -116,13 +116,13 @@ def noise_sd(x: np.ndarray, scale: float, field: np.ndarray | None = None) -> np
     diaphragm) get few photons and are much noisier than the lung field.
 
     The floor (the quietest 5 % of the field) is taken inside the collimated
-    ``field`` when one is given: vendors blank the area behind the blades to a
+    ``field`` (non-empty) when one is given: vendors blank the area behind the blades to a
     constant, whose zero variance would otherwise make the floor zero and the
     noise-normalised residual infinite.
     """
     detail = x - ndi.gaussian_filter(x, (0, scale, scale))
     var = ndi.gaussian_filter(np.median(detail**2, axis=0), 8 * scale)
-    inside = var if field is None or not field.any() else var[field]
+    inside = var if field is None else var[field]
     floor = float(np.percentile(inside, 5))
     if not floor > 0:  # a flat run: no noise to measure, so no residual stands out
         floor = float(np.finfo(np.float32).tiny)
@@ -144,10 +144,12 @@ def classical_response(
     too, and the residual behind the blades is zero).
     """
     x = normalise_cine(frames)
+    if field is not None and not field.any():
+        field = None
     scale = max(1.0, min(x.shape[1:]) / 256.0)  # small images: treat as crops
     # x is positive where darker than the frame median, so vessels are positive here.
     residual = (x - np.median(x, axis=0, keepdims=True)) / noise_sd(x, scale, field)
-    if field is not None and field.any():
+    if field is not None:
         residual[:, ~field] = 0.0  # behind the blades nothing can fill
     sigmas = [s * scale for s in FRANGI_SIGMAS_PX]
     vesselness = np.stack(
@@ -156,7 +158,7 @@ def classical_response(
             for frame in residual
         ]
     ).astype(np.float32)
-    inside = vesselness if field is None or not field.any() else vesselness[:, field]
+    inside = vesselness if field is None else vesselness[:, field]
     ref = float(np.percentile(inside, 99.9))
     snr = ndi.gaussian_filter(residual, (0, 0.7 * scale, 0.7 * scale))
     return (vesselness / ref if ref > 0 else vesselness), snr
