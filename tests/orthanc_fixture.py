@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
 PLUGIN_DIR = Path(os.environ.get("ORTHANC_PLUGIN_DIR", "/usr/share/orthanc/plugins"))
@@ -158,6 +160,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
             base[key] = value
 
 
+def _session() -> requests.Session:
+    """A session whose reads retry when Orthanc closed a kept-alive connection.
+
+    Orthanc may close an idle keep-alive connection just as the next GET goes
+    out on it ('RemoteDisconnected'); a polling test then failed on a request
+    that never reached Orthanc. Idempotent reads are retried (urllib3's Retry);
+    a refused connection is not, so a dead Orthanc still fails at once.
+    """
+    session = requests.Session()
+    retry = Retry(total=2, connect=0, read=2, status=0, allowed_methods={"GET", "HEAD"})
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    return session
+
+
 @dataclass
 class OrthancProcess:
     """A running Orthanc; ``stop()`` it (the fixture does)."""
@@ -169,7 +185,7 @@ class OrthancProcess:
     aet: str
     with_plugin: bool
     proc: subprocess.Popen[bytes] | None = None
-    session: requests.Session = field(default_factory=requests.Session)
+    session: requests.Session = field(default_factory=lambda: _session())
 
     @property
     def http_url(self) -> str:
@@ -244,7 +260,7 @@ class OrthancProcess:
             ) from None
         finally:
             self.session.close()
-            self.session = requests.Session()
+            self.session = _session()
 
     def restart(self, timeout: float = 30.0) -> OrthancProcess:
         """Stop and start again with the same config, storage and ports."""
