@@ -73,9 +73,7 @@ from pipelines.perfusion.localise import (
     wide_enough,
 )
 from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
-from pipelines.perfusion.motion import Drift, drift
 from pipelines.perfusion.quality import (
-    MAX_MISREGISTRATION,
     Findings,
     assess_perfusion,
     first_pass_gap,
@@ -93,9 +91,7 @@ from pipelines.quality import Quality, Verdict
 from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
-# A drift correction is kept when at most this share of the misregistered area remains.
-DRIFT_RESIDUE = 0.5
-VERSION = "1.1.0"
+VERSION = "1.0.0"
 
 UCUM_SECOND = Code("s", "UCUM", "second")
 UCUM_RATIO = Code("{ratio}", "UCUM", "ratio")
@@ -392,13 +388,6 @@ def ica_and_aif(
     return Input(located, models.get(located.rule, classical), baseline, concentration, aif)
 
 
-def misregistration(maps: Maps, inside: np.ndarray | None) -> float:
-    """Share of the exposed field brighter than its mask (``maps.brighter``)."""
-    field = inside if inside is not None else np.ones(maps.valid.shape, bool)
-    brighter = maps.brighter if maps.brighter is not None else np.zeros_like(field)
-    return float((brighter & field).sum()) / max(float(field.sum()), 1.0)
-
-
 def restrict_maps(maps: Maps, field: np.ndarray) -> Maps:
     """The maps with everything outside the collimated field invalid and zero."""
     valid = maps.valid & field
@@ -433,8 +422,6 @@ class Prepared:
     # The time of the first live frame when blank subtracted mask frames before it
     # are kept as the baseline (see ``ica_and_aif``); None when none is kept.
     first_live_s: float | None = None
-    # The anatomy drift taken out of the signal (``motion.drift``); None: not corrected.
-    drift: Drift | None = None
 
     @classmethod
     def of(
@@ -444,15 +431,9 @@ class Prepared:
         meta: RunMeta,
         inside: np.ndarray | None,
         first_live_s: float | None = None,
-        correct_drift: bool = False,
     ) -> Prepared:
         timing = uniform_grid(times)
         raw_signal = contrast_signal(frames, meta)
-        found = drift(raw_signal, inside) if correct_drift else None
-        if correct_drift and found is None:
-            raise PipelineError("no anatomy drift can be estimated on this run")
-        if found is not None:
-            raw_signal = found.corrected(raw_signal)
         # The grid curves stay lazy (acquired frames and the interpolation
         # matrix): memory follows the run, not the grid (see ``timing.Curves``).
         return cls(
@@ -464,7 +445,6 @@ class Prepared:
             signal=Curves(raw_signal, resample_weights(times, timing.grid_s)),
             image=minip(frames),
             first_live_s=first_live_s,
-            drift=found,
         )
 
 
@@ -498,7 +478,7 @@ class DsaPerfusion:
         mask_frames = subtracted_mask_frames(all_frames, run.meta, inside)
         order = ica_order(ica_mode, ctx.model_package is not None)
 
-        def attempt(left_out: np.ndarray, correct_drift: bool = False) -> Choice:
+        def attempt(left_out: np.ndarray) -> Choice:
             # Boolean indexing copies: only when a frame is left out.
             frames, times = (
                 (all_frames[~left_out], all_times[~left_out])
@@ -509,12 +489,7 @@ class DsaPerfusion:
             kept = mask_frames.any() and not left_out.any() and live.size > 0
             return self._choose(
                 Prepared.of(
-                    frames,
-                    times,
-                    run.meta,
-                    inside,
-                    float(all_times[live[0]]) if kept else None,
-                    correct_drift,
+                    frames, times, run.meta, inside, float(all_times[live[0]]) if kept else None
                 ),
                 left_out,
                 ctx,
@@ -548,9 +523,6 @@ class DsaPerfusion:
         if choice is None:
             assert failure is not None
             raise failure
-        if misregistration(choice.maps, inside) > MAX_MISREGISTRATION:
-            left_out = choice.left_out
-            choice = self._drift_corrected(choice, lambda: attempt(left_out, True), inside, notes)
         prepared, found, maps, width, others = (
             choice.prepared,
             choice.found,
@@ -586,11 +558,7 @@ class DsaPerfusion:
         notes.extend(aif.flags)
         if not maps.valid.any():
             raise PipelineError("no pixel inside the exposed field has a perfusion estimate")
-        if prepared.drift is not None:
-            notes.append(prepared.drift.describe(times))
-        quality = self._quality(
-            frames, times, timing.grid_s, found, maps, inside, width, prepared.drift is not None
-        )
+        quality = self._quality(frames, times, timing.grid_s, found, maps, inside, width)
         if quality.verdict is Verdict.FAILED:
             raise PipelineError(
                 "perfusion result failed its checks: "
@@ -647,41 +615,6 @@ class DsaPerfusion:
             )
         )
         return PipelineResult(outputs=outputs, notes=notes, quality=quality)
-
-    @staticmethod
-    def _drift_corrected(
-        choice: Choice,
-        corrected: Callable[[], Choice],
-        inside: np.ndarray | None,
-        notes: list[str],
-    ) -> Choice:
-        """``choice``, or the same frames less their anatomy drift when that is better.
-
-        A misregistered run is tried again on its signal less the drift's subtraction
-        edges (``motion.drift``). The correction is kept when it takes out at least
-        half of the area brighter than its mask (iodine cannot make a pixel brighter:
-        that area is the edges' measure), its ICA rule is no worse, and no more of the
-        brain fills before the AIF than allowed (or than before): a correction that
-        took out iodine with the edges truncates the tissue curves, and their
-        residues then peak too early.
-        """
-        try:
-            other = corrected()
-        except PipelineError as exc:
-            notes.append(f"anatomy drift not corrected: {exc}")
-            return choice
-        before, after = misregistration(choice.maps, inside), misregistration(other.maps, inside)
-        early = max(MAX_BRAIN_BEFORE_AIF, choice.maps.early_share)
-        if other.rank[0] > choice.rank[0]:
-            why = "it changed the ICA rule to a later one"
-        elif after > DRIFT_RESIDUE * before:
-            why = f"{after:.1%} of the field stayed brighter than its mask ({before:.1%} before)"
-        elif other.maps.early_share > early:
-            why = f"{other.maps.early_share:.0%} of the brain then filled before its AIF"
-        else:
-            return other
-        notes.append(f"anatomy drift not corrected: {why}")
-        return choice
 
     def _choose(
         self,
@@ -777,13 +710,13 @@ class DsaPerfusion:
         maps: Maps,
         inside: np.ndarray | None,
         width: float,
-        drift_corrected: bool,
     ) -> Quality:
         """The measures of ``pipelines.perfusion.quality`` for this run."""
         aif = found.aif
         field = inside if inside is not None else np.ones(maps.valid.shape, bool)
         ica_share, field_share = saturation(frames, aif.mask, inside)
         region = np.asarray(ndimage.binary_fill_holes(maps.brain)) & field
+        brighter = maps.brighter if maps.brighter is not None else np.zeros_like(field)
         return assess_perfusion(
             Findings(
                 aif_snr=aif.snr,
@@ -793,12 +726,11 @@ class DsaPerfusion:
                 first_pass_gap_s=first_pass_gap(times, aif.curve, grid),
                 aif_saturation=ica_share,
                 field_saturation=field_share,
-                misregistration=misregistration(maps, inside),
+                misregistration=float((brighter & field).sum()) / max(float(field.sum()), 1.0),
                 brain_share=float(region.sum()) / max(float(field.sum()), 1.0),
                 no_value_share=1.0 - float(maps.valid.sum()) / max(float(region.sum()), 1.0),
                 early_share=maps.early_share,
                 ica_rule=found.located.rule,
-                drift_corrected=drift_corrected,
             )
         )
 

@@ -19,8 +19,7 @@ meaningless. The bounds are physiology and sampling, not fitted numbers:
 - misregistration: <= 5 % of the exposed field brighter than its mask by
   more than 6 noise SD (iodine only darkens: motion between mask and fill;
   noise alone reaches 0.7-2.5 % on motion-free phantom runs, 3 mm of motion
-  18 %); a run whose maps are from its signal less the anatomy drift
-  (``motion.drift``) is low confidence, the measure then being what remains;
+  18 %);
 - brain in view >= 10 % of the exposed field;
 - brain without a value (large vessels, poor fit, out of range) <= 50 %;
   above 90 % the maps say nothing and the result fails (not delivered);
@@ -42,8 +41,6 @@ from pipelines.quality import NO_UNIT, Check, Quality, Verdict, assess, measure
 SECOND = Code("s", "UCUM", "second")
 # Maps with a value on less than a tenth of the brain are not a result (failed).
 MAX_NO_VALUE_FAILED = 0.9
-# Share of the exposed field brighter than its mask above which the run is misregistered.
-MAX_MISREGISTRATION = 0.05
 
 
 @dataclass(frozen=True)
@@ -62,8 +59,6 @@ class Findings:
     no_value_share: float  # brain pixels without a value
     early_share: float  # estimated brain pixels reached before the AIF
     ica_rule: str  # "border", "model", "earliest" or "site"
-    # The maps are from the signal less its anatomy drift (``motion.drift``).
-    drift_corrected: bool = False
 
 
 def assess_perfusion(f: Findings) -> Quality:
@@ -113,7 +108,7 @@ def assess_perfusion(f: Findings) -> Quality:
         Check(
             measure("MISREG", "Field brighter than its mask", 100 * f.misregistration),
             "mask and fill frames do not align (motion): subtraction edges bias the maps",
-            high=100 * MAX_MISREGISTRATION,
+            high=5.0,
         ),
         Check(
             measure("BRAINAREA", "Brain in the exposed field", 100 * f.brain_share),
@@ -136,14 +131,6 @@ def assess_perfusion(f: Findings) -> Quality:
         why = (
             "no vessel enters from the border: the AIF is from the earliest-arriving large "
             "artery, which may not be the ICA"
-        )
-        verdict = quality.verdict if quality.verdict is Verdict.FAILED else Verdict.LOW_CONFIDENCE
-        quality = Quality(quality.measures, verdict, (*quality.reasons, why))
-    if f.drift_corrected:
-        why = (
-            "the head moved after the mask (motion): the maps are from the run less the "
-            "drift's subtraction edges, which also shortens slow tissue curves: CBV and "
-            "MTT may be underestimated"
         )
         verdict = quality.verdict if quality.verdict is Verdict.FAILED else Verdict.LOW_CONFIDENCE
         quality = Quality(quality.measures, verdict, (*quality.reasons, why))
