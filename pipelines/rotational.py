@@ -243,12 +243,15 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return fill_holes(body)
 
 
-def label_sizes(labels: np.ndarray, count: int) -> np.ndarray:
-    """Voxels per label 0..count, counted a slab at a time: ``np.bincount`` first casts
-    its input to int64, a 1 GB copy of a 512³ label volume."""
+def label_sizes(labels: np.ndarray, count: int, field: np.ndarray | None = None) -> np.ndarray:
+    """Voxels per label 0..count (within the (Y, X) ``field`` when given), counted a slab
+    at a time: ``np.bincount`` first casts its input to int64, a 1 GB copy of a 512³
+    label volume."""
     sizes = np.zeros(count + 1, np.int64)
     for z0 in range(0, labels.shape[0], SLAB):
-        sizes += np.bincount(labels[z0 : z0 + SLAB].ravel(), minlength=count + 1)
+        part = labels[z0 : z0 + SLAB]
+        part = part[:, field] if field is not None else part
+        sizes += np.bincount(part.ravel(), minlength=count + 1)
     return sizes
 
 
@@ -287,9 +290,14 @@ def soft_tissue_level(hu: np.ndarray, body: np.ndarray) -> tuple[float, float]:
 
 def reconstruction_field(hu: np.ndarray) -> np.ndarray:
     """(Y, X) bool: inside the reconstruction circle. Outside it a cone-beam CT holds
-    one padding value in every slice; none found means the whole slice."""
-    outside = np.all(hu == hu.min(), axis=0)
-    return ~outside if outside.mean() >= 0.01 else np.ones(outside.shape, bool)
+    one padding value in every slice: the volume's minimum, or the value of a corner
+    (air noise inside the circle can reach below a padding of -1000 HU, as in the
+    phantoms of family A); none found means the whole slice."""
+    for padding in (hu.min(), hu[0, 0, 0], hu[0, 0, -1], hu[0, -1, 0], hu[0, -1, -1]):
+        outside = np.all(hu == padding, axis=0)
+        if outside.mean() >= 0.01:
+            return ~outside
+    return np.ones(hu.shape[1:], bool)
 
 
 def extend_beyond_field(volume: np.ndarray, field: np.ndarray) -> None:
@@ -527,8 +535,8 @@ def classical_tissues(
     # The shape analysis continues structures beyond the circle. That is done in
     # place (a copy is 0.5 GB at 512³) and undone before returning.
     hx = hu if hu.flags.writeable else hu.copy()
-    # Outside the circle every voxel holds the volume's minimum (reconstruction_field).
-    padding = hx.min() if not field.all() else None
+    # Outside the circle every voxel holds one padding value (reconstruction_field).
+    padding = hx[0][~field][0] if not field.all() else None
     extend_beyond_field(hx, field)
     try:
         return _classical_labels(hx, body, field, level, noise, spacing_mm, p)
@@ -562,6 +570,9 @@ def _classical_labels(
         vessel_seed[z][dense[z]] = values > p["v_seed"]
     thick = thick_parts(dense, spacing_mm, p["thick_mm"])
     vessel_seed &= ~within(thick, p["seed_gap_mm"], spacing_mm)
+    # Beyond the circle the volume is the continuation of its edge (extend_beyond_field):
+    # an edge voxel's noise drawn out there is a tube to the Hessian, not a vessel.
+    vessel_seed &= field[None]
     markers = np.zeros(hx.shape, np.uint8)
     markers[thick] = 2
     markers[vessel_seed] = 1
@@ -605,7 +616,8 @@ def _classical_labels(
     vessel = kept
     parts, count = ndi.label(vessel, structure=FULL)
     if count:
-        volume_mm3 = label_sizes(parts, count) * float(np.prod(spacing_mm))
+        # Measured inside the circle: the continuation beyond it is not measured data.
+        volume_mm3 = label_sizes(parts, count, field) * float(np.prod(spacing_mm))
         keep = volume_mm3 >= p["min_vessel_mm3"]
         keep[0] = False
         vessel = keep[parts]
