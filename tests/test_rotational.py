@@ -35,6 +35,7 @@ from pipelines.rotational import (
     classify_patches,
     extend_beyond_field,
     fill_holes,
+    reconstruction_field,
     soft_tissue_level,
     tubeness,
     tubeness_in_slabs,
@@ -210,6 +211,25 @@ def test_tubeness_in_slabs_equals_the_whole_volume(monkeypatch: pytest.MonkeyPat
     slabs = tubeness_in_slabs(hu, 40.0, 200.0, mask, 0.8, scales)
     assert whole.max() > 0.5
     assert np.array_equal(whole, slabs)
+
+
+def test_reconstruction_field_is_found_when_air_noise_reaches_below_the_padding() -> None:
+    """Family A pads the circle with -1000 HU while the air inside it is noisy about
+    -1000: the volume's minimum is then noise, and the padding is a corner's value."""
+    rng = np.random.default_rng(3)
+    n = 40
+    yy, xx = np.mgrid[:n, :n]
+    inside = np.hypot(yy - (n - 1) / 2, xx - (n - 1) / 2) <= n / 2 - 1
+    hu = rng.normal(-1000.0, 40.0, (6, n, n)).astype(np.float32)
+    hu[:, np.hypot(yy - n / 2, xx - n / 2) < n / 4] = 40.0  # the head
+    hu[:, ~inside] = -1000.0
+    assert hu.min() < -1000.0
+    assert np.array_equal(reconstruction_field(hu), inside)
+    # Padded with the minimum, as a scanner's padding value usually is.
+    hu[:, ~inside] = -3024.0
+    assert np.array_equal(reconstruction_field(hu), inside)
+    # No padding: the whole slice.
+    assert reconstruction_field(rng.normal(0.0, 10.0, (6, n, n))).all()
 
 
 def test_extend_beyond_field_in_place_takes_the_nearest_value_inside() -> None:
