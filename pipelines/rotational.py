@@ -62,7 +62,7 @@ from pipelines.render import AI_LABEL, burn_text
 from pipelines.vessel_quality import volume_quality
 
 NAME = "rotational_dla"
-VERSION = "1.1.0"
+VERSION = "1.2.0"  # 1.2.0: the circle found past air noise, nothing seeded beyond it
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
 BODY_HU = -400.0
