@@ -142,7 +142,14 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
             self._discard_body()
             self.close_connection = True
-            self._send(status, {"error": message}, headers=headers)
+            try:
+                self._send(status, {"error": message}, headers=headers)
+            except (TimeoutError, ConnectionError, ssl.SSLError) as exc:
+                # A client that hung up (a truncated upload) gets no answer; before,
+                # the broken pipe escaped to socketserver, which printed a traceback.
+                log.info(
+                    "api: %s closed the connection before its %d answer: %s", self.peer, status, exc
+                )
 
         def _discard_body(self) -> None:
             """Read a small unread body, so the client sees the answer and not a reset."""
