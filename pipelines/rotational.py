@@ -248,6 +248,7 @@ def label_sizes(labels: np.ndarray, count: int, field: np.ndarray | None = None)
     at a time: ``np.bincount`` first casts its input to int64, a 1 GB copy of a 512³
     label volume."""
     sizes = np.zeros(count + 1, np.int64)
+    field = None if field is None or field.all() else field  # no copy of each slab then
     for z0 in range(0, labels.shape[0], SLAB):
         part = labels[z0 : z0 + SLAB]
         part = part[:, field] if field is not None else part
@@ -293,7 +294,10 @@ def reconstruction_field(hu: np.ndarray) -> np.ndarray:
     one padding value in every slice: the volume's minimum, or the value of a corner
     (air noise inside the circle can reach below a padding of -1000 HU, as in the
     phantoms of family A); none found means the whole slice."""
-    for padding in (hu.min(), hu[0, 0, 0], hu[0, 0, -1], hu[0, -1, 0], hu[0, -1, -1]):
+    # Each candidate compares the whole volume once: equal corners are tried once.
+    for padding in dict.fromkeys(
+        float(v) for v in (hu.min(), hu[0, 0, 0], hu[0, 0, -1], hu[0, -1, 0], hu[0, -1, -1])
+    ):
         outside = np.all(hu == padding, axis=0)
         if outside.mean() >= 0.01:
             return ~outside

@@ -185,7 +185,7 @@ class OrthancProcess:
     aet: str
     with_plugin: bool
     proc: subprocess.Popen[bytes] | None = None
-    session: requests.Session = field(default_factory=lambda: _session())
+    session: requests.Session = field(default_factory=_session)
 
     @property
     def http_url(self) -> str:
