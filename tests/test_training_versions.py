@@ -38,6 +38,20 @@ def test_split_is_stable_when_patients_are_added() -> None:
     assert sorted(tiny.values()) == ["test", "train", "val"]
 
 
+def test_a_small_dataset_never_leaves_a_needed_split_empty() -> None:
+    """Train from 1 patient, test from 2, val from 3, whatever the hashes: the
+    tutorial's 6 patients once landed all in test and val (a fresh salt each
+    build), and training stopped with no training run."""
+    for n in range(1, 9):
+        needed = {"train", "test", "val"}
+        needed = {"train"} if n == 1 else {"train", "test"} if n == 2 else needed
+        for seed in range(400):
+            split = patient_split([f"S{seed}-{i}" for i in range(n)], 0.2, 0.2, seed=0)
+            assert needed <= set(split.values()), (n, seed, split)
+    # No fraction, no patient moved there.
+    assert set(patient_split(["A", "B", "C", "D"], 0.0, 0.0, seed=0).values()) == {"train"}
+
+
 def _build(src: Path, out: Path, pmap: Path, **kw) -> dict:  # type: ignore[no-untyped-def]
     return build_dataset(
         FolderSource(src),

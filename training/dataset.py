@@ -33,6 +33,7 @@ import logging
 import re
 import secrets
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -259,9 +260,11 @@ def patient_split(
     A patient's split is a function of its own hash (:func:`split_position`): below
     ``test_fraction`` test, then val, then train; so adding patients never moves
     another one. ``carried`` (the previous version's assignments) wins over the rule.
-    A small dataset whose rule leaves a split with a positive fraction empty gets the
-    new patient(s) of the lowest position moved there (at least one test patient from
-    2 patients on, one val patient from 3); carried patients never move."""
+    A small dataset whose rule leaves a split with a positive fraction empty gets a new
+    patient moved there: train from 1 patient on (the one of the highest position),
+    test from 2 and val from 3 (the lowest position). A patient is taken from train
+    while train keeps one, else from another split that keeps one or is not needed;
+    carried patients never move."""
     carried = dict(carried or {})
     unique = sorted(set(patients))
     out: dict[str, str] = {}
@@ -274,15 +277,27 @@ def patient_split(
             "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         )
     n = len(unique)
-    for split, fraction, needed in (("test", test_fraction, 2), ("val", val_fraction, 3)):
-        if fraction <= 0 or n < needed or split in out.values():
+    targets = (
+        ("train", 1.0 - test_fraction - val_fraction, 1),
+        ("test", test_fraction, 2),
+        ("val", val_fraction, 3),
+    )
+    required = {split for split, fraction, needed in targets if fraction > 0 and n >= needed}
+    for split in ("train", "test", "val"):
+        if split not in required or split in out.values():
             continue
-        movable = sorted(
-            (p for p in unique if p not in carried and out[p] == "train"),
-            key=lambda p: split_position(p, seed),
-        )
-        if len(movable) > 1 or (movable and list(out.values()).count("train") > 1):
-            out[movable[0]] = split
+        sizes = Counter(out.values())
+        donors = [
+            p for p in unique if p not in carried and (sizes[out[p]] > 1 or out[p] not in required)
+        ]
+        if not donors:
+            continue
+        pos = {p: split_position(p, seed) for p in donors}
+        if split == "train":  # the patient closest to train: the highest position
+            chosen = max(donors, key=lambda p: pos[p])
+        else:  # from train first, the lowest position
+            chosen = min(donors, key=lambda p: (out[p] != "train", pos[p]))
+        out[chosen] = split
     return out
 
 
