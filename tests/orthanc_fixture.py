@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -106,7 +107,9 @@ def make_config(
     storage = workdir / "storage"
     cfg.update(
         {
-            "Name": f"test-{http_port}",
+            # Unique, so that the readiness check knows it reached this Orthanc and
+            # not another test process's that took the same port first.
+            "Name": f"test-{http_port}-{os.getpid()}-{secrets.token_hex(4)}",
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "HttpPort": http_port,
@@ -232,7 +235,8 @@ class OrthancProcess:
                     f"Orthanc exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
                 )
             try:
-                ok = self.get("/system", timeout=2).ok
+                system = self.get("/system", timeout=2)
+                ok = system.ok and system.json().get("Name") == self.config.get("Name")
                 if ok and self.with_plugin:  # 503 and not 'starting': disabled or a config error
                     plugin = self.get("/angio-node/status", timeout=5)
                     ok = plugin.ok or (plugin.status_code == 503 and "starting" not in plugin.text)
