@@ -61,9 +61,12 @@ class LocalOrthanc:
         self.workdir = workdir
         self.http_port = _free_port()
         self.dicom_port = _free_port()
+        # With this process's id, so that readiness is read from this Orthanc and not
+        # from another one that took the free port first.
+        self.name = f"angio-demo-pacs-{os.getpid()}"
         workdir.mkdir(parents=True, exist_ok=True)
         config = {
-            "Name": "angio-demo-pacs",
+            "Name": self.name,
             "StorageDirectory": str(workdir / "storage"),
             "IndexDirectory": str(workdir / "storage"),
             "HttpPort": self.http_port,
@@ -97,8 +100,9 @@ class LocalOrthanc:
         if self.proc is not None and self.proc.poll() is not None:
             raise NodeError(f"Orthanc exited; see {self.workdir / 'orthanc.log'}")
         try:
-            return requests.get(f"{self.url}/system", timeout=2).ok
-        except requests.RequestException:
+            system = requests.get(f"{self.url}/system", timeout=2)
+            return system.ok and system.json().get("Name") == self.name
+        except (requests.RequestException, ValueError):
             return False
 
     def stop(self) -> None:
