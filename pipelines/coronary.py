@@ -50,7 +50,7 @@ from pipelines.shutter import exposed_field, restrict
 from pipelines.vessel_quality import cine_quality
 
 NAME = "xa_coronary"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: shutter ignored, noise floor inside the field; quality and verdict
 SEGMENT = Segment(label="Coronary vessels", code=BLOOD_VESSEL, color_rgb=(255, 60, 40))
 # Connectivity within a frame only: components never join across frames.
 IN_PLANE = np.zeros((3, 3, 3), bool)
