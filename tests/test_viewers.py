@@ -242,19 +242,17 @@ class Ohif:
         self.driver.get(
             f"{self.server.url}/viewer?StudyInstanceUIDs={self.delivered.studies[kind]}"
         )
-        wait_for(
-            "OHIF lists every series of the study",
-            lambda: (
-                len(
-                    self.driver.find_elements(
-                        By.CSS_SELECTOR, "[data-cy^='study-browser-thumbnail']"
-                    )
-                )
-                == expected
-            ),
-            timeout=90,
-            every=1,
-        )
+        shown: list[int] = []
+
+        def listed() -> bool:
+            thumbnails = "[data-cy^='study-browser-thumbnail']"
+            shown.append(len(self.driver.find_elements(By.CSS_SELECTOR, thumbnails)))
+            return shown[-1] == expected
+
+        try:  # the first visit parses OHIF's bundle: minutes on a loaded 2-core machine
+            wait_for("OHIF lists every series of the study", listed, timeout=240, every=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {shown[-1:]} of {expected} series listed") from None
         time.sleep(2)
         for text in ("Skip all", "Confirm and hide"):  # first-visit tour and notice
             click_text(self.driver, text)
