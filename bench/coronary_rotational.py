@@ -94,7 +94,7 @@ def coronary(tmp: Path, package: str | None, frames: int, size: int) -> str:
     pipe = CoronarySegmentation()
     rows = []
     ref, _ = timed(lambda: pipe(run, PipelineContext()))
-    rows.append(("classical (Frangi + temporal median + hysteresis)", "-", ref))
+    rows.append(("classical (Frangi + top-hat + hysteresis)", "-", ref))
     configs = [("CE-Net full width (ResNet-34: 64..512 ch)", {"width": 64}, n) for n in (0, 1, 2)]
     if package:
         pkg = load_package(package)

@@ -43,7 +43,7 @@ RECORDED: dict[str, tuple[tuple[str, ...], str]] = {
         ("Adaptive thresholds + tube/bone shape + watershed 1.2.0",),
         "a9e0b9637cf940c3",
     ),
-    "xa_coronary": (("Frangi + temporal median + hysteresis 1.1.0",), "fda17fbc6c32b76f"),
+    "xa_coronary": (("Frangi + top-hat + hysteresis 2.0.0",), "60a76e3fa5d4ca9b"),
 }
 
 

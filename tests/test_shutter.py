@@ -228,7 +228,7 @@ def collimated_coronary() -> tuple[Run, np.ndarray, np.ndarray]:
     return replace(run, pixels=pixels), field, np.asarray(ph.truth["vessel"], bool)
 
 
-def test_coronary_reports_nothing_outside_the_field_and_gains_inside(
+def test_coronary_reports_nothing_outside_the_field(
     collimated_coronary: tuple[Run, np.ndarray, np.ndarray],
 ) -> None:
     run, field, truth = collimated_coronary
@@ -236,12 +236,15 @@ def test_coronary_reports_nothing_outside_the_field_and_gains_inside(
     masks = result.outputs[0].masks[0]
     assert any("collimator shutter from image" in n for n in result.notes)
     assert not (masks & ~field[None]).any()
-    # Without the shutter logic the blanked region and the blade edge are painted.
+    inside = truth & field[None]
+    assert iou(masks, inside) > 0.45
+    # The classical path's top-hat does not answer a step, so even without the shutter
+    # logic it leaves the blanked region and the blade edge alone (the temporal median
+    # of version 1 painted them), and finds the same vessels inside.
     plain, _ = classical_vessels(run.pixels)
     plain = remove_small_components(plain, min_component_px(run.pixels.shape[1:]))
-    assert (plain & ~field[None]).sum() > 100
-    inside = truth & field[None]
-    assert iou(masks, inside) > iou(plain, inside)
+    assert (plain & ~field[None]).sum() < 100
+    assert iou(masks, inside) > iou(plain, inside) - 0.02
 
 
 def test_dsa_av_reports_nothing_outside_a_dicom_shutter() -> None:
