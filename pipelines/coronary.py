@@ -66,11 +66,7 @@ IN_PLANE[1] = True
 # (python -m training tune-classical xa_coronary on a family A dataset).
 FRANGI_SIGMAS_PX = (1.0, 1.5, 2.0, 3.0, 4.0)  # at 256 px across the field; scaled with size
 FRANGI_GAMMA = 5.0  # structureness scale, in noise units (fixed, so frames compare)
-# (low, high) as a fraction of the run's strong-vessel response. High was 0.97: with the
-# top-hat, the real coronary cine's early frames, RCA plainly filled, then had no seed
-# (the run's strongest frames set the scale); 0.6 changes randomised family A development
-# IoU by -0.006.
-HYSTERESIS = (0.005, 0.6)
+HYSTERESIS = (0.005, 0.97)  # (low, high) as a fraction of the run's strong-vessel response
 LUMEN_SNR = 0.5  # a vessel pixel is darker than its surroundings by this many noise SDs
 # Top-hat width at 256 px across (scaled with size): wider than the widest lumen there,
 # narrower than a rib. Developed on randomised family A seeds 950000-950019.
