@@ -152,9 +152,10 @@ def classical_response(
     is what is thin there in nearly every frame (leads, wires, a still catheter)
     and is taken away. (The run's temporal median, used before, left every edge
     that moved with breathing or the heart as a ridge, and lost vessels that
-    stayed filled in the same place for half the run.) Frangi with a fixed structureness scale keeps
-    responses comparable between frames (frames before the contrast arrives
-    stay empty); the response is scaled by its 99.9th percentile over the run
+    stayed filled in the same place for half the run.) Frangi with a fixed
+    structureness scale keeps responses comparable between frames (frames before
+    the contrast arrives stay empty); the response is scaled by its 99.9th
+    percentile over the run
     (within the collimated ``field`` when one is given: the blanked area behind
     the blades would otherwise lower the scale; the noise floor is taken there
     too, and the residual behind the blades is zero).

@@ -282,7 +282,8 @@ def patient_split(
         ("test", test_fraction, 2),
         ("val", val_fraction, 3),
     )
-    required = {split for split, fraction, needed in targets if fraction > 0 and n >= needed}
+    # (1e-9: 1 - 0.7 - 0.3 is 5.6e-17, not 0)
+    required = {split for split, fraction, needed in targets if fraction > 1e-9 and n >= needed}
     for split in ("train", "test", "val"):
         if split not in required or split in out.values():
             continue
