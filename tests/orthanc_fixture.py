@@ -227,6 +227,7 @@ class OrthancProcess:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
+        name = self.config.get("Name")  # read once: the loop polls every 0.1 s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -236,7 +237,7 @@ class OrthancProcess:
                 )
             try:
                 system = self.get("/system", timeout=2)
-                ok = system.ok and system.json().get("Name") == self.config.get("Name")
+                ok = system.ok and system.json().get("Name") == name
                 if ok and self.with_plugin:  # 503 and not 'starting': disabled or a config error
                     plugin = self.get("/angio-node/status", timeout=5)
                     ok = plugin.ok or (plugin.status_code == 503 and "starting" not in plugin.text)

@@ -267,12 +267,13 @@ def patient_split(
     carried patients never move."""
     carried = dict(carried or {})
     unique = sorted(set(patients))
+    position = {p: split_position(p, seed) for p in unique if p not in carried}
     out: dict[str, str] = {}
     for p in unique:
         if p in carried:
             out[p] = carried[p]
             continue
-        u = split_position(p, seed)
+        u = position[p]
         out[p] = (
             "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
         )
@@ -288,16 +289,13 @@ def patient_split(
         if split not in required or split in out.values():
             continue
         sizes = Counter(out.values())
-        donors = [
-            p for p in unique if p not in carried and (sizes[out[p]] > 1 or out[p] not in required)
-        ]
+        donors = [p for p in position if sizes[out[p]] > 1 or out[p] not in required]
         if not donors:
             continue
-        pos = {p: split_position(p, seed) for p in donors}
         if split == "train":  # the patient closest to train: the highest position
-            chosen = max(donors, key=lambda p: pos[p])
+            chosen = max(donors, key=position.__getitem__)
         else:  # from train first, the lowest position
-            chosen = min(donors, key=lambda p: (out[p] != "train", pos[p]))
+            chosen = min(donors, key=lambda p: (out[p] != "train", position[p]))
         out[chosen] = split
     return out
 
