@@ -252,7 +252,18 @@ class Ohif:
         try:  # the first visit parses OHIF's bundle: minutes on a loaded 2-core machine
             wait_for("OHIF lists every series of the study", listed, timeout=240, every=1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {shown[-1:]} of {expected} series listed") from None
+            # The browser's own errors (a DICOMweb request that failed, and which) say why
+            # a series is missing; OHIF does not ask again.
+            errors = sorted(
+                {
+                    e["message"][:200]
+                    for e in self.driver.get_log("browser")
+                    if e["level"] in ("SEVERE", "WARNING")
+                }
+            )
+            raise AssertionError(
+                f"{exc}: {shown[-1:]} of {expected} series listed; browser errors: {errors[:12]}"
+            ) from None
         time.sleep(2)
         for text in ("Skip all", "Confirm and hide"):  # first-visit tour and notice
             click_text(self.driver, text)
