@@ -56,7 +56,8 @@ from pipelines.vessel_quality import cine_quality
 NAME = "xa_coronary"
 # 1.1.0: shutter ignored, noise floor inside the field; quality and verdict.
 # 2.0.0: top-hat and its static part instead of the temporal median.
-VERSION = "2.0.0"
+# 2.1.0: a blanked field found where burned-in text touches it.
+VERSION = "2.1.0"
 SEGMENT = Segment(label="Coronary vessels", code=BLOOD_VESSEL, color_rgb=(255, 60, 40))
 # Connectivity within a frame only: components never join across frames.
 IN_PLANE = np.zeros((3, 3, 3), bool)

@@ -91,6 +91,27 @@ def resample_frames(
 # Intensity
 
 
+def _changing(sample: np.ndarray) -> np.ndarray:
+    """The columns of (T, N) ``sample`` that change over the run. Blanked collimation
+    and burned-in overlays hold one value; where they cover half of a subtracted
+    image the frame median is theirs, and nothing looks darker than the background."""
+    moving = sample.std(axis=0) > 0
+    return sample[:, moving] if moving.any() else sample
+
+
+def _references(
+    pixels: np.ndarray, background: np.ndarray | None, scale: float | None
+) -> tuple[np.ndarray, float]:
+    """(background per frame, scale) of :func:`normalise_dsa` from (T, N) ``pixels``,
+    each unless given."""
+    if background is None:
+        background = np.median(pixels, axis=1).astype(np.float32)
+    if scale is None:
+        peak = (background.reshape(-1, 1) - pixels).max(axis=0)
+        scale = float(np.percentile(peak, 99.5))
+    return background, scale
+
+
 def normalise_dsa(
     frames: np.ndarray, background: np.ndarray | None = None, scale: float | None = None
 ) -> np.ndarray:
@@ -100,18 +121,19 @@ def normalise_dsa(
     background is each frame's median (it absorbs exposure drift between
     frames); the scale is a high percentile of the MinIP contrast, so dose and
     detector gain cancel. Values are clipped to [-0.5, 1.5] to bound artefacts.
+    When that finds no contrast, both come from the pixels that change over the run
+    only (a field blanked over more than half of the image).
     """
     if frames.ndim != 3:
         raise PipelineError(f"expected (T, H, W) frames, got shape {frames.shape}")
     x = frames.astype(np.float32, copy=False)
     step = max(1, min(x.shape[1], x.shape[2]) // 256)
-    sample = x[:, ::step, ::step]
-    if background is None:
-        background = np.median(sample.reshape(x.shape[0], -1), axis=1).astype(np.float32)
+    sample = x[:, ::step, ::step].reshape(x.shape[0], -1)
+    refs = _references(sample, background, scale)
+    if scale is None and not (np.isfinite(refs[1]) and refs[1] > 0):
+        refs = _references(_changing(sample), background, scale)
+    background, scale = refs
     contrast = background.reshape(-1, 1, 1) - x
-    if scale is None:
-        peak = (background.reshape(-1, 1, 1) - sample).max(axis=0)
-        scale = float(np.percentile(peak, 99.5))
     if not np.isfinite(scale) or scale <= 0:
         raise PipelineError("run has no contrast (flat frames)")
     return np.clip(contrast / scale, -0.5, 1.5).astype(np.float32)

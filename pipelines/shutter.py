@@ -59,6 +59,10 @@ MAX_FLAT_INSIDE_FRACTION = 0.02
 MAX_STRAY_FRACTION = 0.02
 # A collimated field is convex: its area over its convex hull's.
 MIN_CONVEXITY = 0.9
+# Openings tried on the blanked-field outline, radius as a share of the longest side
+# (the first: at least 2 px, smoothing only; the last cuts off text blocks up to about
+# a tenth of the image tall that touch the field).
+OPENING_RADII = (0.0, 1 / 64, 1 / 32, 1 / 20)
 
 
 @dataclass(frozen=True)
@@ -239,21 +243,39 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
         return None
     sizes = np.bincount(inside.ravel())
     sizes[0] = 0
-    # Smooth the outline (a ragged edge of compression ringing) without growing it.
-    field = ndimage.binary_opening(
-        ndimage.binary_fill_holes(inside == int(sizes.argmax())), structure=_disk(2)
-    )
+    largest = ndimage.binary_fill_holes(inside == int(sizes.argmax()))
+    # Every collimator opening (rectangle, circle, iris polygon, their intersection) is
+    # convex. An opening smooths the outline (a ragged edge of compression ringing)
+    # without growing it; where burned-in text or a scale bar on the blanked area
+    # touches the field, wider openings cut it off (rounding the field's corners).
+    for radius in OPENING_RADII:
+        field = _largest_piece(
+            ndimage.binary_opening(largest, structure=_disk(max(2, round(radius * max(h, w)))))
+        )
+        if field.sum() >= MIN_CONVEXITY * convex_hull_image(field).sum():
+            break
+    else:
+        return None
     if field.mean() < MIN_FIELD_FRACTION:
         return None
-    # Behind the blades there is nothing but burned-in text; and every collimator
-    # opening (rectangle, circle, iris polygon, their intersection) is convex.
-    if (~outside & ~field).mean() > MAX_STRAY_FRACTION:
-        return None
-    if field.sum() < MIN_CONVEXITY * convex_hull_image(field).sum():
+    # Behind the blades there is nothing but burned-in text (which holds one value
+    # through the run, unlike anything the beam reaches).
+    stray = ~outside & ~field
+    if x.shape[0] >= 3:
+        stray &= x.std(axis=0) > 0.1 * noise
+    if stray.mean() > MAX_STRAY_FRACTION:
         return None
     if (candidate & field).sum() > MAX_FLAT_INSIDE_FRACTION * field.sum():
         return None
     return field
+
+
+def _largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected piece of ``mask`` (all of it when it has one or none)."""
+    pieces, count = ndimage.label(mask)
+    if count < 2:
+        return mask
+    return pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
 
 
 # Blade edges are looked for on a copy of the mean image this size (longest side).

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import pipelines
 from dicom_node.encode import encode_result
@@ -238,6 +239,45 @@ def test_vssnet_deep_supervision_heads_and_gradients() -> None:
 
 # ---------------------------------------------------------------------------
 # Classical path
+
+
+def test_a_field_blanked_over_most_of_the_image_is_not_refused() -> None:
+    """Blanked collimation over 60 % of a subtracted run: the frame median is the blanked
+    value and nothing looks darker than it. The references then come from the pixels
+    that change over the run (the old code refused the run: "no contrast")."""
+    run, truth = synthetic_dsa(1)
+    frames = run.pixels.copy()
+    h, w = frames.shape[1:]
+    frames[:, :, : int(0.6 * w)] = 0.0
+    contrast = normalise_dsa(frames)
+    vessel = (truth["artery"] | truth["vein"])[:, int(0.6 * w) :]
+    right = contrast[:, :, int(0.6 * w) :]
+    assert abs(float(np.median(right[:, ~vessel]))) < 0.02
+    assert 0.6 < float(np.percentile(right.max(axis=0)[vessel], 99)) < 1.5
+
+
+def test_burned_in_text_and_edges_that_moved_before_the_run_are_not_vessels() -> None:
+    """What holds one value through the run (text burned into every frame; the edge of
+    anatomy that moved between the mask and the first fill frame) is taken away
+    before the vessels are looked for: it neither becomes a vessel nor joins the
+    arteries as their earliest cluster."""
+    run, truth = synthetic_dsa(0)
+    frames = run.pixels.copy()
+    size = frames.shape[1]
+    static = np.zeros(frames.shape[1:], bool)
+    for row in (6, 12):  # two lines of "text": strokes 1 px wide
+        static[row : row + 4, 4 : size // 2 : 3] = True
+        static[row, 4 : size // 2] = True
+    edge = np.zeros_like(static)
+    edge[size - 12 : size - 9, 8 : size - 8] = True  # a bright rim from frame 1 on
+    scale = float(np.percentile(frames.max(axis=0) - frames.min(axis=0), 99.5))
+    frames[:, static] = float(np.median(frames)) - 0.8 * scale
+    frames[1:, edge] -= 0.6 * scale
+    clear = ~ndimage.binary_dilation(truth["artery"] | truth["vein"], iterations=2)
+    result = analyse(frames, run.meta.frame_times_s, run.meta.pixel_spacing_mm)
+    assert not (result.vessel & (static | edge) & clear).any()
+    assert dice(result.artery, truth["artery"]) > 0.6
+    assert dice(result.vein, truth["vein"]) > 0.6
 
 
 def test_classical_av_separates_by_timing() -> None:

@@ -156,6 +156,32 @@ def test_blanked_octagon_is_found_from_the_pixels() -> None:
     assert found is not None and iou(found, field) > 0.95
 
 
+def test_blanked_field_is_found_past_burned_in_text_and_a_scale_bar() -> None:
+    """Text burned into the blanked corners, touching the field, and a scale bar drawn
+    across the blanked area into the field, hold one value through the run: the field
+    is still the convex octagon (the old code took the text in, found the field not
+    convex and gave up)."""
+    frames = noisy_run(size=160)
+    field = octagon(*frames.shape[1:])
+    frames[:, ~field] = 0.0
+    text = np.zeros(field.shape, bool)
+    for row in (3, 11, 19):  # three lines of 4 x 5 px glyphs in each top corner
+        for col in (*range(2, 62, 6), *range(100, 156, 6)):
+            text[row : row + 5, col : col + 4] = True
+            text[row + 1 : row + 4, col + 1 : col + 3] = False
+    text &= ~field  # burned onto the blanked area, up to the field's edge
+    text[115:123, 0:60:10] = True  # a scale bar from the image edge into the field
+    text[120:123, 0:60] = True
+    frames[:, text] = 3000.0
+    found = detect(frames)
+    assert found is not None and iou(found, field) > 0.95
+    # Less the margin (the blades' penumbra): the octagon. Glyphs that touch its edge
+    # may leave a bump a few pixels wide; no text farther out stays in it.
+    inner = exposed_field(frames, meta_for(frames)).mask
+    assert inner.sum() > 0.85 * field.sum() and (inner & ~field).sum() < 0.005 * field.sum()
+    assert not (inner & text & ~ndimage.binary_dilation(field, iterations=4)).any()
+
+
 def test_dark_physical_circular_shutter_is_found_from_its_edge() -> None:
     frames = noisy_run(size=160)
     yy, xx = np.mgrid[:160, :160]

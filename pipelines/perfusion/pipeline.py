@@ -91,7 +91,8 @@ from pipelines.quality import Quality, Verdict
 from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
-VERSION = "1.1.0"  # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
+VERSION = "1.2.0"  # 1.2.0: a blanked field found where burned-in text touches it
+# 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
 UCUM_RATIO = Code("{ratio}", "UCUM", "ratio")
