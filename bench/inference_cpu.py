@@ -11,8 +11,9 @@ every variant. Inputs are the phantoms of ``bench.budget`` at its sizes (1024² 
 30 variable-rate DSA, 512² × 90 coronary cine, 256³ volume), generated in this
 process; the cine and the volume are cut to fewer frames and slices
 (``--cine-frames``, ``--slices``) so one measurement stays near a minute on two
-shared cores (the cost is linear in both). Only ``models/dsa_av-st_unet-r1``
-ships; the other architectures are built with their default configuration and
+shared cores (the cost is linear in both). Only the ST U-Net has trained weights
+here (``tests/packages/dsa_av-st_unet-r1``: shipped in ``models/`` when this was
+measured, withdrawn since); the other architectures are built with their default configuration and
 seeded random weights (timing does not depend on the weights).
 
 Variants, each against ``eager`` (the model as built: NCHW weights, torch's
@@ -51,7 +52,7 @@ from pipelines.models.package import build, load_package
 from pipelines.models.runtime import OrtModel, channels_last_2d, onnx_runtime, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "dsa_av-st_unet-r1"
+SHIPPED = ROOT / "tests" / "packages" / "dsa_av-st_unet-r1"  # withdrawn from models/
 SECTION = "inference_cpu"
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # largest probability difference a kept variant may show
@@ -94,7 +95,7 @@ def _seeded(arch: str, config: dict[str, Any]) -> torch.nn.Module:
 
 
 def _shipped() -> tuple[torch.nn.Module, dict[str, Any], str]:
-    """The shipped package's model as built (NCHW), not as ``load_model`` prepares it."""
+    """The trained package's model as built (NCHW), not as ``load_model`` prepares it."""
     pkg = load_package(SHIPPED)
     model = build(pkg.architecture, pkg.config)
     data = (SHIPPED / "weights.pt").read_bytes()
@@ -126,7 +127,7 @@ def cases(only: set[str] | None, cine_frames: int, slices: int) -> list[Case]:
                 "st_unet",
                 "dsa_av",
                 f"DSA 1024² × 30, resampled to 29 frames at 1 fps, {grid[0]}² grid (one tile)",
-                f"shipped `{name}`",
+                f"trained `{name}`",
                 model,
                 lambda m, o, cfg=cfg: predict_sequence(m, px, times, spacing, cfg, CPU)[0],
                 "sigmoid",

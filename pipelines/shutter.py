@@ -20,7 +20,8 @@ X-Ray Collimator module (``RunMeta.shutter``, decoded by ``dicom_node.runs``
 with :func:`from_header`),
 then the image (``detect``: pixels connected to the image border that are flat
 in time and space and at the border's value; the field is the largest region
-left). When both are there the
+left, opened until it is convex where burned-in text or a scale bar on the
+blanked area joins it). When both are there the
 field is their intersection. A margin of a few pixels (the blades' penumbra and
 lossy-compression ringing) is taken off the inside.
 """

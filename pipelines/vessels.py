@@ -21,7 +21,7 @@ Everything is vectorised over pixels; only the 2-means iterations loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -60,6 +60,11 @@ class ClassicalParams:
     arrival_fraction: float = 0.3
     # The ICA is the widest artery: its core has at least this radius (mm).
     ica_min_radius_mm: float = 1.35
+    # Calibres are measured on the vessels at these stricter hysteresis thresholds
+    # (those of versions before 0.3.0, with which the ICA rule was tuned): the lower
+    # thresholds above take in more of each vessel's blurred edge, and a long M1 or
+    # MCA trunk then outgrows the ICA.
+    calibre_vesselness: tuple[float, float] = (0.02, 0.12)
 
 
 def frangi_sigmas(pixel_spacing_mm: tuple[float, float] | None) -> list[float]:
@@ -91,10 +96,21 @@ def vessel_mask(
     """Vessel mask and vesselness from a MinIP contrast image (vessels positive), inside
     the collimated ``field`` (H, W) when one is given."""
     vesselness = frangi(contrast, sigmas=frangi_sigmas(pixel_spacing_mm), black_ridges=False)
+    return threshold_vessels(contrast, vesselness, pixel_spacing_mm, params, field), vesselness
+
+
+def threshold_vessels(
+    contrast: np.ndarray,
+    vesselness: np.ndarray,
+    pixel_spacing_mm: tuple[float, float] | None,
+    params: ClassicalParams = ClassicalParams(),
+    field: np.ndarray | None = None,
+) -> np.ndarray:
+    """The vessel mask of :func:`vessel_mask` from its ``vesselness``."""
     inside = vesselness if field is None or not field.any() else vesselness[field]
     ref = float(np.percentile(inside, 99))
     if ref <= 0:
-        return np.zeros(contrast.shape, bool), vesselness
+        return np.zeros(contrast.shape, bool)
     v = vesselness / ref
     mask = apply_hysteresis_threshold(v, params.vesselness_low, params.vesselness_high)
     mask &= contrast > params.contrast_sigmas * noise_sigma(contrast, field)
@@ -103,7 +119,7 @@ def vessel_mask(
     area_px = params.min_area_mm2
     if pixel_spacing_mm is not None:
         area_px = params.min_area_mm2 / (pixel_spacing_mm[0] * pixel_spacing_mm[1])
-    return remove_small_objects(mask, max_size=max(int(area_px) - 1, 0)), vesselness
+    return remove_small_objects(mask, max_size=max(int(area_px) - 1, 0))
 
 
 def timing_features(
@@ -263,7 +279,7 @@ def analyse(
     inside = None
     if field is not None and field.collimated:
         peak, inside = fill_outside(peak[None], field)[0], field.mask
-    vessels, _ = vessel_mask(peak, pixel_spacing_mm, params, inside)
+    vessels, vesselness = vessel_mask(peak, pixel_spacing_mm, params, inside)
     artery = np.zeros(vessels.shape, bool)
     vein = np.zeros(vessels.shape, bool)
     if vessels.any():
@@ -271,11 +287,15 @@ def analyse(
         is_artery, is_vein = separate(curves, times, params)
         artery[vessels] = is_artery
         vein[vessels] = is_vein
-    ica = (
-        ica_mask(artery, pixel_spacing_mm, params.ica_min_radius_mm)
-        if pixel_spacing_mm is not None
-        else None
-    )
+    ica = None
+    if pixel_spacing_mm is not None:
+        low, high = params.calibre_vesselness
+        strict = replace(params, vesselness_low=low, vesselness_high=high)
+        ica = ica_mask(
+            artery & threshold_vessels(peak, vesselness, pixel_spacing_mm, strict, inside),
+            pixel_spacing_mm,
+            params.ica_min_radius_mm,
+        )
     return ClassicalResult(vessel=vessels, artery=artery, vein=vein, ica=ica)
 
 

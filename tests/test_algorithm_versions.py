@@ -36,7 +36,7 @@ from training.phantoms import coronary, dsa, rotational
 
 # pipeline -> (its algorithms as "name version", fingerprint of its output)
 RECORDED: dict[str, tuple[tuple[str, ...], str]] = {
-    "dsa_av": (("dsa_av 0.3.0",), "77b5ed66fc0c6cec"),
+    "dsa_av": (("dsa_av 0.3.0",), "10c99b3a6084b138"),
     "dsa_ia": (("dsa_ia 0.3.0",), "fbe0b3469236fa4a"),
     "dsa_perfusion": (("dsa_perfusion 1.2.0",), "579d232964750102"),
     "rotational_dla": (

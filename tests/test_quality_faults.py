@@ -1,7 +1,8 @@
 """Fault injection on family A phantoms (tests/quality_faults.py): each fault ends
 with the verdict it should, for the classical vessel paths; and the classical
 fallback when a model's output fails its checks (a package trained here for a few
-steps), or not when the run itself is the problem (the ST U-Net in models/).
+steps), or not when the run itself is the problem (the ST U-Net withdrawn from
+models/, kept in tests/packages/).
 
 Family B (training/phantoms/family_b) plays no part here: the bounds in
 pipelines/vessel_quality.py are argued from physics, not fitted to any family.
@@ -23,7 +24,7 @@ from tests import quality_faults as qf
 from tests.conftest import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parents[1]
-ST_UNET = REPO / "models" / "dsa_av-st_unet-r1"
+ST_UNET = REPO / "tests" / "packages" / "dsa_av-st_unet-r1"  # withdrawn from models/
 
 # fault -> (verdict, words the first reason must contain)
 DSA_FAULTS = {
@@ -169,7 +170,7 @@ def test_model_output_that_fails_falls_back_to_the_classical_path(
 
 
 def test_a_model_result_no_worse_than_the_classical_one_is_kept() -> None:
-    """The ST U-Net package in models/ on a run with contrast in one frame: low
+    """The ST U-Net package (tests/packages/) on a run with contrast in one frame: low
     confidence, and so is the classical path (the run itself is the problem), so the
     model's result is delivered, with a note that the classical path was checked."""
     loaded = qf.dsa_loaded()
