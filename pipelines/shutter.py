@@ -212,8 +212,10 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     frame = x[x.shape[0] // 2]
     local_var = ndimage.uniform_filter(frame * frame, 3) - ndimage.uniform_filter(frame, 3) ** 2
     variation = np.sqrt(np.maximum(local_var, 0.0))
-    if x.shape[0] >= 3:
-        variation = np.maximum(variation, x.std(axis=0))
+    # Flatness over time (None for fewer than 3 frames: too few to tell).
+    still = x.std(axis=0) if x.shape[0] >= 3 else None
+    if still is not None:
+        variation = np.maximum(variation, still)
     centre = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
     lo, hi = np.percentile(mean[centre], [1, 99])
     scale = max(float(hi - lo), float(np.abs(mean).max()) * 1e-3, 1e-6)
@@ -262,8 +264,8 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     # Behind the blades there is nothing but burned-in text (which holds one value
     # through the run, unlike anything the beam reaches).
     stray = ~outside & ~field
-    if x.shape[0] >= 3:
-        stray &= x.std(axis=0) > 0.1 * noise
+    if still is not None:
+        stray &= still > 0.1 * noise
     if stray.mean() > MAX_STRAY_FRACTION:
         return None
     if (candidate & field).sum() > MAX_FLAT_INSIDE_FRACTION * field.sum():
