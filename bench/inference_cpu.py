@@ -13,8 +13,8 @@ process; the cine and the volume are cut to fewer frames and slices
 (``--cine-frames``, ``--slices``) so one measurement stays near a minute on two
 shared cores (the cost is linear in both). Only the ST U-Net has trained weights
 here (``tests/packages/dsa_av-st_unet-r1``: shipped in ``models/`` when this was
-measured, withdrawn since); the other architectures are built with their default configuration and
-seeded random weights (timing does not depend on the weights).
+measured, withdrawn since); the other architectures are built with their default
+configuration and seeded random weights (timing does not depend on the weights).
 
 Variants, each against ``eager`` (the model as built: NCHW weights, torch's
 default threads, the pipeline's default batch): ``1 thread``; ``channels-last``
@@ -52,7 +52,7 @@ from pipelines.models.package import build, load_package
 from pipelines.models.runtime import OrtModel, channels_last_2d, onnx_runtime, prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "tests" / "packages" / "dsa_av-st_unet-r1"  # withdrawn from models/
+TRAINED = ROOT / "tests" / "packages" / "dsa_av-st_unet-r1"  # withdrawn from models/
 SECTION = "inference_cpu"
 CPU = torch.device("cpu")
 TOLERANCE = 1e-4  # largest probability difference a kept variant may show
@@ -94,11 +94,11 @@ def _seeded(arch: str, config: dict[str, Any]) -> torch.nn.Module:
     return build(arch, config).eval()
 
 
-def _shipped() -> tuple[torch.nn.Module, dict[str, Any], str]:
+def _trained() -> tuple[torch.nn.Module, dict[str, Any], str]:
     """The trained package's model as built (NCHW), not as ``load_model`` prepares it."""
-    pkg = load_package(SHIPPED)
+    pkg = load_package(TRAINED)
     model = build(pkg.architecture, pkg.config)
-    data = (SHIPPED / "weights.pt").read_bytes()
+    data = (TRAINED / "weights.pt").read_bytes()
     model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     return model.eval(), dict(pkg.config), pkg.name
 
@@ -120,7 +120,7 @@ def cases(only: set[str] | None, cine_frames: int, slices: int) -> list[Case]:
         run = dsa.generate(3, size=1024, frames=30).to_run()
         px, times, spacing = run.pixels, run.meta.frame_times_s, run.meta.pixel_spacing_mm
     if want("st_unet"):
-        model, cfg, name = _shipped()
+        model, cfg, name = _trained()
         grid = work_shape(px.shape[1:], spacing, cfg.get("work_spacing_mm"), 512)
         out.append(
             Case(
