@@ -35,7 +35,9 @@ from pipelines.vessel_quality import dsa_quality
 from pipelines.vessels import analyse
 
 NAME = "dsa_ia"
-VERSION = "0.3.0"  # 0.3.0: static content removed, lower vesselness thresholds, shutter past text
+# 0.3.0: static content removed, lower vesselness thresholds, shutter past text.
+# 0.3.1: a blanked field is one stored value through the run (air is not).
+VERSION = "0.3.1"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)

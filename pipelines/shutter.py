@@ -19,8 +19,9 @@ Where the field comes from, in this order: the DICOM Shutter module or the
 X-Ray Collimator module (``RunMeta.shutter``, decoded by ``dicom_node.runs``
 with :func:`from_header`),
 then the image (``detect``: pixels connected to the image border that are flat
-in time and space and at the border's value; the field is the largest region
-left, opened until it is convex where burned-in text or a scale bar on the
+in time and space and at the border's value, most of them holding exactly one
+stored value through the run, as blanking writes it; the field is the largest
+region left, opened until it is convex where burned-in text or a scale bar on the
 blanked area joins it). When both are there the
 field is their intersection. A margin of a few pixels (the blades' penumbra and
 lossy-compression ringing) is taken off the inside.
@@ -52,14 +53,26 @@ from pipelines.base import RunMeta, Shutter
 MIN_OUTSIDE_FRACTION = 0.005
 # A field smaller than this share of the image is a failed detection.
 MIN_FIELD_FRACTION = 0.2
-# If more than this share of the field is itself flat at the border value, the
-# image cannot tell collimation from background (noise-free synthetic runs).
+# If more than this share of the field is itself flat at the border value (and, in a
+# run of frames, holds it exactly through the run), the image cannot tell
+# collimation from background.
 MAX_FLAT_INSIDE_FRACTION = 0.02
+# Blanking writes one stored value behind the blades, so in a run of frames most of
+# the outside holds exactly one value through the run (compression ringing along the
+# edge does not); air or a saturated background around the head is quiet but not
+# exactly constant, nor is a physical blade's shadow.
+MIN_CONSTANT_OUTSIDE_FRACTION = 0.6
+# A run with more than this share of the image's centre exactly flat (in time and
+# space) is noise-free: a digital reference object, whose background is as flat as a
+# blanked area. Low-noise 8-bit runs have a share of such pixels too, from
+# quantisation.
+NOISE_FREE_FRACTION = 0.5
 # Structure outside the field (beyond this share of the image) means the "outside"
 # is a quiet background, not a blade.
 MAX_STRAY_FRACTION = 0.02
-# A collimated field is convex: its area over its convex hull's.
-MIN_CONVEXITY = 0.9
+# A collimated field is convex: its area over its convex hull's (a head outlined by
+# the air around it is about 0.90-0.94).
+MIN_CONVEXITY = 0.95
 # Openings tried on the blanked-field outline, radius as a share of the longest side
 # (the first: at least 2 px, smoothing only; the last cuts off text blocks up to about
 # a tenth of the image tall that touch the field).
@@ -200,11 +213,13 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     """Blanked collimation: outside the field a pixel is at the border's value, flat over time (no
     quantum noise, no motion) and flat in space; the outside is the set of
     such pixels connected to the image border. "Flat" is relative to the noise
-    in the middle of the image. The field is the largest remaining region,
-    holes filled. None when no collimation is found or the image cannot
-    tell it from background: a noise-free run, flat background inside the
-    field, structure outside it, a field that is not convex or under a fifth
-    of the image.
+    in the middle of the image. In a run of frames most of the outside must hold
+    exactly one stored value through the run: air around the head is as quiet,
+    but not constant. The field is the largest remaining region, holes filled.
+    None when no collimation is found or the image cannot tell it from
+    background: a noise-free run, background inside the field flat at the
+    border's value, structure outside it, a field that is not convex or under a
+    fifth of the image.
     """
     h, w = x.shape[1:]
     mean = x.mean(axis=0)
@@ -219,7 +234,7 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     centre = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
     lo, hi = np.percentile(mean[centre], [1, 99])
     scale = max(float(hi - lo), float(np.abs(mean).max()) * 1e-3, 1e-6)
-    if np.mean(variation[centre] <= 1e-6 * scale) > 0.25:
+    if np.mean(variation[centre] <= 1e-6 * scale) > NOISE_FREE_FRACTION:
         return None  # noise-free (synthetic): flatness cannot tell blades from background
     noise = max(float(np.median(variation[centre])), 1e-6 * scale)
     ring = np.concatenate(
@@ -240,6 +255,9 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     outside = np.isin(labels, touching[touching > 0])
     outside = ndimage.binary_dilation(outside, iterations=8, mask=outside | loose)
     if outside.mean() < MIN_OUTSIDE_FRACTION:
+        return None
+    constant = (x == x[0]).all(axis=0) if still is not None else None
+    if constant is not None and constant[outside].mean() < MIN_CONSTANT_OUTSIDE_FRACTION:
         return None
     inside, n_inside = ndimage.label(~outside)
     if n_inside == 0:
@@ -268,7 +286,8 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
         stray &= still > 0.1 * noise
     if stray.mean() > MAX_STRAY_FRACTION:
         return None
-    if (candidate & field).sum() > MAX_FLAT_INSIDE_FRACTION * field.sum():
+    flat_inside = candidate & field if constant is None else candidate & field & constant
+    if flat_inside.sum() > MAX_FLAT_INSIDE_FRACTION * field.sum():
         return None
     return field
 

@@ -36,14 +36,14 @@ from training.phantoms import coronary, dsa, rotational
 
 # pipeline -> (its algorithms as "name version", fingerprint of its output)
 RECORDED: dict[str, tuple[tuple[str, ...], str]] = {
-    "dsa_av": (("dsa_av 0.3.0",), "10c99b3a6084b138"),
-    "dsa_ia": (("dsa_ia 0.3.0",), "fbe0b3469236fa4a"),
-    "dsa_perfusion": (("dsa_perfusion 1.2.0",), "579d232964750102"),
+    "dsa_av": (("dsa_av 0.3.1",), "10c99b3a6084b138"),
+    "dsa_ia": (("dsa_ia 0.3.1",), "fbe0b3469236fa4a"),
+    "dsa_perfusion": (("dsa_perfusion 1.2.1",), "579d232964750102"),
     "rotational_dla": (
         ("Adaptive thresholds + tube/bone shape + watershed 1.2.0",),
         "a9e0b9637cf940c3",
     ),
-    "xa_coronary": (("Frangi + top-hat + hysteresis 2.1.0",), "60a76e3fa5d4ca9b"),
+    "xa_coronary": (("Frangi + top-hat + hysteresis 2.1.1",), "60a76e3fa5d4ca9b"),
 }
 
 

@@ -302,3 +302,35 @@ def test_real_coronary_cine_octagon_is_found() -> None:
     outside = ~ndimage.binary_dilation(field.mask, iterations=2 * margin_px(mean.shape))
     assert np.mean(mean[outside] < 5) > 0.7
     assert np.percentile(mean[outside][mean[outside] >= 5], 99) < 80
+
+
+@pytest.mark.parametrize(
+    ("seed", "collimated"),
+    [
+        # Blanked to black, 8-bit JPEG, so quiet that quantisation leaves over a quarter
+        # of the centre exactly flat (the old code took the run for noise-free).
+        (941011, True),
+        # Blanked to the subtraction's grey, with quiet areas at that grey inside the
+        # field that are not constant through the run (the old code refused the field).
+        (941012, True),
+        # No shutter: the air around the head is quiet and at the border's value, but
+        # not one stored value through the run (the old code took the head for a field).
+        (941016, False),
+        (941034, False),
+    ],
+)
+def test_blanked_field_is_one_stored_value_through_the_run(seed: int, collimated: bool) -> None:
+    """Randomised family A DSA runs (development seeds of the field finder, never used
+    by a benchmark): blanking writes one stored value behind the blades, which no
+    patient area holds exactly through a run."""
+    from training.phantoms import dsa
+
+    ph = dsa.generate(seed, randomise=True)
+    run = ph.to_run()
+    truth = np.asarray(ph.truth["field"], bool)
+    assert truth.all() != collimated  # the generator drew what the case is about
+    found = detect(run.pixels, run.meta.subtracted)
+    if collimated:
+        assert found is not None and iou(found, truth) > 0.9
+    else:
+        assert found is None

@@ -91,7 +91,9 @@ from pipelines.quality import Quality, Verdict
 from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
-VERSION = "1.2.0"  # 1.2.0: a blanked field found where burned-in text touches it
+# 1.2.0: a blanked field found where burned-in text touches it.
+# 1.2.1: a blanked field is one stored value through the run (air is not).
+VERSION = "1.2.1"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
