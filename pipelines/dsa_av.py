@@ -43,7 +43,8 @@ from pipelines.vessels import analyse
 
 NAME = "dsa_av"
 # 0.3.0: static content removed, lower vesselness thresholds, shutter past text.
-# 0.3.1: a blanked field is one stored value through the run (air is not).
+# 0.3.1: a blanked field is one stored value through the run (air is not); a
+# physical blade in a subtracted run found by the noise behind it.
 VERSION = "0.3.1"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)

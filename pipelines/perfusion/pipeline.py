@@ -92,7 +92,8 @@ from pipelines.shutter import Field, exposed_field
 
 NAME = "dsa_perfusion"
 # 1.2.0: a blanked field found where burned-in text touches it.
-# 1.2.1: a blanked field is one stored value through the run (air is not).
+# 1.2.1: a blanked field is one stored value through the run (air is not); a
+# physical blade in a subtracted run found by the noise behind it.
 VERSION = "1.2.1"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
