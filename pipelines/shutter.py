@@ -256,7 +256,11 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     outside = ndimage.binary_dilation(outside, iterations=8, mask=outside | loose)
     if outside.mean() < MIN_OUTSIDE_FRACTION:
         return None
-    constant = (x == x[0]).all(axis=0) if still is not None else None
+    constant = None
+    if still is not None:
+        constant = np.ones((h, w), bool)
+        for frame in x[1:]:  # frame by frame: a (T, H, W) comparison is T bytes a pixel
+            constant &= frame == x[0]
     if constant is not None and constant[outside].mean() < MIN_CONSTANT_OUTSIDE_FRACTION:
         return None
     inside, n_inside = ndimage.label(~outside)
@@ -431,6 +435,7 @@ def _edge_field(mean: np.ndarray) -> np.ndarray | None:
 # development runs). Less is the edge of dense anatomy (1.5x on one run without a
 # shutter), not a blade.
 MIN_BLADE_NOISE_RATIO = 2.0
+# The noise map is smoothed over this many pixels of the edge grid (EDGE_GRID) first.
 NOISE_SMOOTH_GRID_PX = 1.5
 
 
