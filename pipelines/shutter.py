@@ -261,8 +261,8 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
         constant = np.ones((h, w), bool)
         for frame in x[1:]:  # frame by frame: a (T, H, W) comparison is T bytes a pixel
             constant &= frame == x[0]
-    if constant is not None and constant[outside].mean() < MIN_CONSTANT_OUTSIDE_FRACTION:
-        return None
+        if constant[outside].mean() < MIN_CONSTANT_OUTSIDE_FRACTION:
+            return None
     inside, n_inside = ndimage.label(~outside)
     if n_inside == 0:
         return None
@@ -290,7 +290,9 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
         stray &= still > 0.1 * noise
     if stray.mean() > MAX_STRAY_FRACTION:
         return None
-    flat_inside = candidate & field if constant is None else candidate & field & constant
+    flat_inside = candidate & field
+    if constant is not None:
+        flat_inside &= constant
     if flat_inside.sum() > MAX_FLAT_INSIDE_FRACTION * field.sum():
         return None
     return field

@@ -570,7 +570,8 @@ FAULTS = {
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_injection(name):
     options, transform, allowed, text = FAULTS[name]
-    run = phantom(**options).to_run()
+    ph = phantom(**options)
+    run = ph.to_run()
     if transform is not None:
         run = transform(run)
     result = outcome(run)
@@ -585,7 +586,7 @@ def test_fault_injection(name):
         inside = np.abs(run.pixels - run.pixels[0]).max(axis=0) > 0
         assert not (maps(result)["cbf"].valid & ~inside).any()
     if name == "no ICA in view":
-        truth = phantom(**options).truth
+        truth = ph.truth
         rows = run.pixels.shape[1]
         region = next(
             o for o in result.outputs if isinstance(o, SegmentationOutput) and o.key == "aif_region"
