@@ -680,17 +680,27 @@ def _classical_labels(
     if not dense.any():
         return np.full(hx.shape, CLASS_SOFT, np.uint8)
     scale, scales = p["k_sat"] * noise, tuple(p["scales_mm"])
+    thick = thick_parts(dense, spacing_mm, p["thick_mm"])
+    pieces, count = ndi.label(thick, structure=FULL)
+    tube_sums = np.zeros(count + 1)
     vessel_seed = np.zeros(hx.shape, bool)
     for z, values in _dense_chunks(dense, tubeness_in_slabs(hx, level, scale, dense, step, scales)):
         vessel_seed[z][dense[z]] = values > p["v_seed"]
-    # Bone seeds: thick pieces that are thick at half their height too. At the dense
-    # threshold alone a blurred artery thickens with its contrast (its tails clear the
-    # threshold further out), and the ICA at full-strength iodine passed for bone.
-    core = _half_max_core(hx, dense, level, spacing_mm, p["thick_mm"])
-    thick = hysteresis3d(
-        thick_parts(dense, spacing_mm, p["thick_mm"]), thick_parts(core, spacing_mm, p["thick_mm"])
+        tube_sums += np.bincount(pieces[z][dense[z]], weights=values, minlength=count + 1)
+    # Bone seeds: thick pieces, but not a tubular one (tubular on average, as for the
+    # leftovers below) that is thin at half its height. At the dense threshold a
+    # blurred artery thickens with its contrast (its tails clear the threshold further
+    # out), and the ICA at full-strength iodine passed for bone; a thin plate of skull
+    # is as thin at half its height, but it is no tube.
+    core = thick_parts(
+        _half_max_core(hx, dense, level, spacing_mm, p["thick_mm"]), spacing_mm, p["thick_mm"]
     )
+    bone_piece = tube_sums <= p["v_unassigned"] * np.maximum(label_sizes(pieces, count), 1)
+    bone_piece[pieces[core]] = True
+    bone_piece[0] = False
     del core
+    thick = bone_piece[pieces]
+    del pieces
     vessel_seed &= ~within(thick, p["seed_gap_mm"], spacing_mm)
     # Beyond the circle the volume is the continuation of its edge (extend_beyond_field):
     # an edge voxel's noise drawn out there is a tube to the Hessian, not a vessel.
