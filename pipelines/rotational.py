@@ -62,7 +62,7 @@ from pipelines.render import AI_LABEL, burn_text
 from pipelines.vessel_quality import volume_quality
 
 NAME = "rotational_dla"
-VERSION = "1.3.0"  # 1.3.0: truncation/cupping bends taken off the level; bone thick at half height
+VERSION = "1.2.0"  # 1.2.0: the circle found past air noise, nothing seeded beyond it
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
 BODY_HU = -400.0
@@ -207,8 +207,8 @@ CLASSICAL_DEFAULTS: dict[str, Any] = {
     # The shape analysis sees intensities clipped at k_sat noise SDs above soft
     # tissue, so a tube looks the same at 300 HU as at 3000 HU.
     "k_sat": 8.0,
-    # Bone seeds: dense structures thicker than this radius, at the dense threshold
-    # and at half their height (larger than the largest artery, the ICA, with its blur).
+    # Bone seeds: dense structures thicker than this radius (larger than the
+    # largest artery, the ICA, with its blur).
     "thick_mm": 3.0,
     # Vessel seeds: tubeness above v_seed, at least seed_gap_mm from thick bone.
     "v_seed": 0.5,
@@ -275,10 +275,7 @@ def soft_tissue_level(hu: np.ndarray, body: np.ndarray) -> tuple[float, float]:
     """(level, noise SD) of soft tissue: the main peak of the body's HU histogram and
     its half width at half maximum on the low side (the high side carries the
     partial volume of everything denser)."""
-    return _histogram_peak(hu[body][::7])
-
-
-def _histogram_peak(values: np.ndarray) -> tuple[float, float]:
+    values = hu[body][::7]
     if values.size == 0:
         return 0.0, 10.0
     edges = np.arange(-500.0, 602.0, 2.0)
@@ -290,86 +287,6 @@ def _histogram_peak(values: np.ndarray) -> tuple[float, float]:
         low -= 1
     level = float(edges[peak] + 1.0)
     return level, max((level - float(edges[low])) / 1.1774, 2.0)
-
-
-# Truncation (a head wider than the detector's field) brightens the soft tissue
-# towards the edge of the reconstruction circle ("capping"); beam hardening darkens
-# its centre ("cupping"). Both are radial about the rotation axis and change along
-# it. The soft tissue level is read in LEVEL_RINGS rings (of equal area) x
-# LEVEL_SLABS slabs, each from at least MIN_LEVEL_VOXELS body voxels, and taken off
-# the volume when it bends by more than FLATTEN_NOISE_SDS noise SDs.
-LEVEL_RINGS = 12
-LEVEL_SLABS = 8
-MIN_LEVEL_VOXELS = 500
-FLATTEN_NOISE_SDS = 1.0
-# Between neighbouring rings the level moves by at most this many noise SDs (a
-# steep rim of truncation: 300 HU over 9 mm at 30 HU noise is 4.7).
-MAX_BEND_STEP_SDS = 6.0
-
-
-def _rings(field: np.ndarray) -> np.ndarray:
-    """(Y, X) ring coordinate about the rotation axis (the centre of the reconstruction
-    circle, or of the slice): LEVEL_RINGS rings of equal area across its radius, so
-    that the outer rings, where truncation bends the level most, are the narrowest."""
-    rows, cols = np.nonzero(field)
-    cy, cx = (rows.min() + rows.max()) / 2.0, (cols.min() + cols.max()) / 2.0
-    yy, xx = np.mgrid[: field.shape[0], : field.shape[1]]
-    r2 = (yy - cy) ** 2 + (xx - cx) ** 2
-    return r2 / max(float(r2[field].max()), 1.0) * LEVEL_RINGS
-
-
-def _peak_near(values: np.ndarray, ref: float, noise: float) -> float | None:
-    """The soft tissue level among ``values``: the densest level (half-noise bins,
-    refined by the median within one noise SD of it) within MAX_BEND_STEP_SDS noise
-    SDs of ``ref``, or None with fewer than MIN_LEVEL_VOXELS values there."""
-    values = values[np.abs(values - ref) <= MAX_BEND_STEP_SDS * noise]
-    if values.size < MIN_LEVEL_VOXELS:
-        return None
-    width = max(noise / 2.0, 2.0)
-    edges = np.arange(
-        ref - MAX_BEND_STEP_SDS * noise, ref + (MAX_BEND_STEP_SDS + 0.5) * noise, width
-    )
-    counts = np.convolve(np.histogram(values, edges)[0], [1.0, 2.0, 1.0], mode="same")
-    peak = float(edges[int(counts.argmax())]) + width / 2.0
-    return float(np.median(values[np.abs(values - peak) <= noise]))
-
-
-def level_bends(
-    hu: np.ndarray, body: np.ndarray, field: np.ndarray, level: float, noise: float
-) -> np.ndarray:
-    """(LEVEL_SLABS, LEVEL_RINGS) soft tissue level minus ``level``, per slab along the
-    axis and ring about it. Each slab is read from the axis outward, each ring's level
-    looked for near the last one found (the whole body's at first), so that a ring
-    that bone fills, whose own peak is bone's, is passed over; rings passed over or
-    with too few body voxels take their slab's nearest measured rings, a slab with
-    none 0."""
-    rings = np.minimum(_rings(field).astype(np.int64), LEVEL_RINGS - 1)
-    bends = np.full((LEVEL_SLABS, LEVEL_RINGS), np.nan)
-    bounds = np.linspace(0, hu.shape[0], LEVEL_SLABS + 1).astype(int)
-    for i, (z0, z1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        values, inside = hu[z0:z1], body[z0:z1]
-        ref = level
-        for k in range(LEVEL_RINGS):
-            peak = _peak_near(values[inside & (rings == k)[None]], ref, noise)
-            if peak is not None:
-                bends[i, k], ref = peak - level, peak
-        known = np.flatnonzero(~np.isnan(bends[i]))
-        bends[i] = np.interp(np.arange(LEVEL_RINGS), known, bends[i, known]) if len(known) else 0.0
-    # A ring that bone fills (the skull base) can still pass for soft tissue; its
-    # neighbours along the axis, which the same truncation bends alike, outvote it.
-    return ndi.median_filter(bends, size=(3, 1), mode="nearest")
-
-
-def flatten(hu: np.ndarray, field: np.ndarray, bends: np.ndarray) -> None:
-    """In place: ``hu`` minus the level bends of :func:`level_bends`, interpolated
-    linearly between the slabs' centres and the rings' centres."""
-    rings = _rings(field)
-    bounds = np.linspace(0, hu.shape[0], LEVEL_SLABS + 1)
-    centres = (bounds[:-1] + bounds[1:]) / 2.0 - 0.5
-    ring_centres = np.arange(LEVEL_RINGS) + 0.5
-    for z in range(hu.shape[0]):
-        per_ring = np.array([np.interp(z, centres, bends[:, k]) for k in range(LEVEL_RINGS)])
-        hu[z] -= np.interp(rings, ring_centres, per_ring).astype(hu.dtype)
 
 
 def reconstruction_field(hu: np.ndarray) -> np.ndarray:
@@ -582,24 +499,6 @@ def thick_parts(mask: np.ndarray, spacing_mm: tuple[float, float, float], r: flo
     return opened[pad:-pad, pad:-pad, pad:-pad] & mask
 
 
-def _half_max_core(
-    hx: np.ndarray,
-    dense: np.ndarray,
-    level: float,
-    spacing_mm: tuple[float, float, float],
-    r: float,
-) -> np.ndarray:
-    """Dense voxels at least half as far above soft tissue as the brightest dense voxel
-    within ``r`` mm: a structure at half its height."""
-    radius = [max(1, int(round(r / s))) for s in spacing_mm]
-    core = np.zeros(dense.shape, bool)
-    for z0, z1, lo, hi in _slabs(hx.shape[0], SLAB, radius[0]):
-        part = np.where(dense[lo:hi], hx[lo:hi], level).astype(np.float32)
-        peak = ndi.maximum_filter(part, size=[2 * k + 1 for k in radius])[z0 - lo : z1 - lo]
-        core[z0:z1] = dense[z0:z1] & (hx[z0:z1] - level >= 0.5 * (peak - level))
-    return core
-
-
 def hysteresis3d(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     labels, count = ndi.label(low, structure=FULL)
     keep = np.zeros(count + 1, bool)
@@ -637,21 +536,11 @@ def classical_tissues(
     field = reconstruction_field(hu)
     body = body_mask(hu)
     level, noise = soft_tissue_level(hu, body)
-    bends = level_bends(hu, body, field, level, noise)
     # The shape analysis continues structures beyond the circle. That is done in
-    # place (a copy is 0.5 GB at 512³) and undone before returning, unless the
-    # level's bends are taken off too: that needs a copy (undone, the caller's
-    # volume would differ in its last bits).
+    # place (a copy is 0.5 GB at 512³) and undone before returning.
     hx = hu if hu.flags.writeable else hu.copy()
-    if np.abs(bends).max() > FLATTEN_NOISE_SDS * noise:
-        hx = hu.astype(np.float32) if hx is hu else hx
-        flatten(hx, field, bends)
-        # The level moves; the noise stays the spread measured before: the coarse
-        # rings leave some of the bend, and streaks, within them (re-measured, the
-        # narrower spread let more streak voxels pass as dense on development runs).
-        level = soft_tissue_level(hx, body)[0]
     # Outside the circle every voxel holds one padding value (reconstruction_field).
-    padding = hx[0][~field][0] if hx is hu and not field.all() else None
+    padding = hx[0][~field][0] if not field.all() else None
     extend_beyond_field(hx, field)
     try:
         return _classical_labels(hx, body, field, level, noise, spacing_mm, p)
@@ -680,27 +569,10 @@ def _classical_labels(
     if not dense.any():
         return np.full(hx.shape, CLASS_SOFT, np.uint8)
     scale, scales = p["k_sat"] * noise, tuple(p["scales_mm"])
-    thick = thick_parts(dense, spacing_mm, p["thick_mm"])
-    pieces, count = ndi.label(thick, structure=FULL)
-    tube_sums = np.zeros(count + 1)
     vessel_seed = np.zeros(hx.shape, bool)
     for z, values in _dense_chunks(dense, tubeness_in_slabs(hx, level, scale, dense, step, scales)):
         vessel_seed[z][dense[z]] = values > p["v_seed"]
-        tube_sums += np.bincount(pieces[z][dense[z]], weights=values, minlength=count + 1)
-    # Bone seeds: thick pieces, but not a tubular one (tubular on average, as for the
-    # leftovers below) that is thin at half its height. At the dense threshold a
-    # blurred artery thickens with its contrast (its tails clear the threshold further
-    # out), and the ICA at full-strength iodine passed for bone; a thin plate of skull
-    # is as thin at half its height, but it is no tube.
-    core = thick_parts(
-        _half_max_core(hx, dense, level, spacing_mm, p["thick_mm"]), spacing_mm, p["thick_mm"]
-    )
-    bone_piece = tube_sums <= p["v_unassigned"] * np.maximum(label_sizes(pieces, count), 1)
-    bone_piece[pieces[core]] = True
-    bone_piece[0] = False
-    del core
-    thick = bone_piece[pieces]
-    del pieces
+    thick = thick_parts(dense, spacing_mm, p["thick_mm"])
     vessel_seed &= ~within(thick, p["seed_gap_mm"], spacing_mm)
     # Beyond the circle the volume is the continuation of its edge (extend_beyond_field):
     # an edge voxel's noise drawn out there is a tube to the Hessian, not a vessel.

@@ -40,7 +40,7 @@ RECORDED: dict[str, tuple[tuple[str, ...], str]] = {
     "dsa_ia": (("dsa_ia 0.3.1",), "fbe0b3469236fa4a"),
     "dsa_perfusion": (("dsa_perfusion 1.2.1",), "579d232964750102"),
     "rotational_dla": (
-        ("Adaptive thresholds + tube/bone shape + watershed 1.3.0",),
+        ("Adaptive thresholds + tube/bone shape + watershed 1.2.0",),
         "a9e0b9637cf940c3",
     ),
     "xa_coronary": (("Frangi + top-hat + hysteresis 2.1.1",), "60a76e3fa5d4ca9b"),

@@ -14,7 +14,6 @@ import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from scipy import ndimage
 
 import pipelines.rotational as rotational
 from pipelines.base import ImageOutput, PipelineContext, Run, RunMeta, SegmentationOutput
@@ -36,7 +35,6 @@ from pipelines.rotational import (
     classify_patches,
     extend_beyond_field,
     fill_holes,
-    level_bends,
     reconstruction_field,
     soft_tissue_level,
     tubeness,
@@ -192,64 +190,6 @@ def test_bone_cut_by_the_reconstruction_circle_is_not_a_vessel() -> None:
     assert (labels[truth == CLASS_BONE] == CLASS_VESSEL).mean() < 0.01
 
 
-def capped_head(cap_hu: float) -> tuple[np.ndarray, np.ndarray]:
-    """synthetic_head with truncation's bright rim: the soft tissue rises by up to
-    ``cap_hu`` towards the skull (a steep ramp over the outer third of the brain)."""
-    hu, truth = synthetic_head(slices=32, size=64)
-    size = hu.shape[1]
-    yy, xx = np.mgrid[:size, :size]
-    r = np.hypot(yy - size / 2, xx - size / 2) / (size / 2)
-    ramp = cap_hu * np.clip((r - 0.4) / 0.35, 0.0, 1.0) ** 2
-    return (hu + ramp[None] * (hu > -500)).astype(np.float32), truth
-
-
-def test_truncation_rim_is_taken_off_the_soft_tissue_level() -> None:
-    """Capping lifts the soft tissue under the skull 10 noise SDs: taken as dense, it
-    thickened the skull by a shell of brain (9 % of the soft tissue, bone Dice 0.92).
-    The level is read ring by ring about the axis; the skull, which fills some of
-    those rings, is passed over, and the caller's volume is not changed."""
-    hu, truth = capped_head(300.0)
-    body, field = body_mask(hu), reconstruction_field(hu)
-    level, noise = soft_tissue_level(hu, body)
-    bends = level_bends(hu, body, field, level, noise)
-    assert bends.max() > 100.0 and bends.min() > -noise
-    original = hu.copy()
-    labels = classical_tissues(hu, SPACING)
-    assert np.array_equal(hu, original)
-    assert (labels[truth == CLASS_SOFT] != CLASS_SOFT).mean() < 0.02
-    assert dice(labels == CLASS_BONE, truth == CLASS_BONE) > 0.95
-    assert dice(labels == CLASS_VESSEL, truth == CLASS_VESSEL) > 0.8
-    # Without a rim the level has no bend worth taking off, skull or not.
-    plain, _ = synthetic_head(slices=32, size=64)
-    body = body_mask(plain)
-    level, noise = soft_tissue_level(plain, body)
-    assert np.abs(level_bends(plain, body, reconstruction_field(plain), level, noise)).max() < noise
-
-
-@pytest.mark.parametrize("plate_mm", [4.0, 7.2])
-def test_blurred_artery_brighter_than_its_threshold_is_not_bone(plate_mm: float) -> None:
-    """A 5.2 mm ICA, blurred by the kernel (0.8 mm): at the dense threshold its tails
-    make it thicker than ``thick_mm`` at any contrast, and it had been bone. It is a
-    tube, thin at half its height. A plate of skull next to it stays bone, a thin one
-    (as thin at half its height) because it is no tube. (Blurred by 1.2 mm, the tube
-    clipped for the shape analysis is 8-9 mm wide at 1500-2500 HU, past the widest
-    tube scale: it is tubular on average by a hair, or not, and then bone as before.)"""
-    sp = 0.8
-    z, y, x = np.indices((40, 64, 64)).astype(np.float32) * sp
-    head = (y > 2) & (y < 49) & (x > 2) & (x < 49)
-    bone = head & (y > 48.0 - plate_mm)
-    artery = head & (np.hypot(y - 20.0, x - 20.0) < 2.6)
-    for contrast in (800.0, 2500.0):
-        hu = np.where(head, 40.0, -1000.0)
-        hu[bone] = 1400.0
-        hu[artery] = 40.0 + contrast
-        hu = ndimage.gaussian_filter(hu, 0.8 / sp)
-        hu += np.random.default_rng(0).normal(0.0, 20.0, hu.shape)
-        labels = classical_tissues(hu.astype(np.float32), (sp, sp, sp))
-        assert dice(labels == CLASS_VESSEL, artery) > 0.9, contrast
-        assert (labels[bone] == CLASS_BONE).mean() > 0.99, contrast
-
-
 def truncated_head() -> tuple[np.ndarray, np.ndarray]:
     hu, truth = synthetic_head(slices=40, seed=3, vessel_hu=900.0)
     size = hu.shape[1]
@@ -294,6 +234,8 @@ def test_reconstruction_field_is_found_when_air_noise_reaches_below_the_padding(
 
 def test_extend_beyond_field_in_place_takes_the_nearest_value_inside() -> None:
     hu, outside = truncated_head()
+    from scipy import ndimage
+
     iy, ix = ndimage.distance_transform_edt(outside, return_distances=False, return_indices=True)
     expected = hu[:, iy, ix]
     extend_beyond_field(hu, ~outside)
@@ -648,6 +590,7 @@ def test_phantom_files_through_decode_pipeline_and_encode(tmp_path: Path, form: 
 
 
 def test_fill_holes_equals_scipy() -> None:
+    from scipy import ndimage
 
     rng = np.random.default_rng(4)
     filled = 0
@@ -660,6 +603,7 @@ def test_fill_holes_equals_scipy() -> None:
 
 
 def test_distance_tests_in_slabs_equal_the_whole_volume_transform() -> None:
+    from scipy import ndimage
 
     rng = np.random.default_rng(5)
     spacing = (0.9, 0.6, 0.7)
