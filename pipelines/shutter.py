@@ -442,7 +442,7 @@ NOISE_SMOOTH_GRID_PX = 1.5
 # The edges are looked for only when at least this share of the image border is
 # noisier than the centre by this share of MIN_BLADE_NOISE_RATIO. A blade that leaves
 # a corner of MIN_OUTSIDE_FRACTION of the image covers 5 % of the border; on
-# development runs the blades raised 9-100 % of it, runs without one 0-42 %.
+# development runs the blades raised 9-98 % of it, runs without one 0-42 %.
 MIN_RAISED_BORDER_FRACTION = 0.02
 BORDER_NOISE_SHARE = 0.75
 
