@@ -209,6 +209,24 @@ def shutter_mask(shutter: Shutter, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _centre(shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The central half of an (H, W) image in each direction."""
+    h, w = shape[-2:]
+    return slice(h // 4, h - h // 4), slice(w // 4, w - w // 4)
+
+
+def _border(image: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels of the outer ``width`` rows and columns of an (H, W) image, flat."""
+    return np.concatenate(
+        [
+            image[:width].ravel(),
+            image[-width:].ravel(),
+            image[:, :width].ravel(),
+            image[:, -width:].ravel(),
+        ]
+    )
+
+
 def _flat_field(x: np.ndarray) -> np.ndarray | None:
     """Blanked collimation: outside the field a pixel is at the border's value, flat over time (no
     quantum noise, no motion) and flat in space; the outside is the set of
@@ -231,16 +249,13 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     still = x.std(axis=0) if x.shape[0] >= 3 else None
     if still is not None:
         variation = np.maximum(variation, still)
-    centre = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
+    centre = _centre((h, w))
     lo, hi = np.percentile(mean[centre], [1, 99])
     scale = max(float(hi - lo), float(np.abs(mean).max()) * 1e-3, 1e-6)
     if np.mean(variation[centre] <= 1e-6 * scale) > NOISE_FREE_FRACTION:
         return None  # noise-free (synthetic): flatness cannot tell blades from background
     noise = max(float(np.median(variation[centre])), 1e-6 * scale)
-    ring = np.concatenate(
-        [mean[:2].ravel(), mean[-2:].ravel(), mean[:, :2].ravel(), mean[:, -2:].ravel()]
-    )
-    border_value = float(np.median(ring))
+    border_value = float(np.median(_border(mean, 2)))
     at_border_value = np.abs(mean - border_value) <= 0.05 * scale
     candidate = at_border_value & (variation <= 0.25 * noise)
     # Compression ringing next to the blade edge is not quite flat: let the outside
@@ -475,10 +490,8 @@ def _noisy_blade_field(x: np.ndarray) -> np.ndarray | None:
     log_noise = ndimage.gaussian_filter(np.log(noise + 1e-3 * top), sigma)
     # The blade's side reaches the image border. Where no stretch of the border is
     # noisier than the centre, the edge search (a second on a small run) is spared.
-    h, w = noise.shape
-    centre = float(np.median(log_noise[h // 4 : h - h // 4, w // 4 : w - w // 4]))
-    border = np.concatenate([log_noise[0], log_noise[-1], log_noise[:, 0], log_noise[:, -1]])
-    raised = border >= centre + np.log(BORDER_NOISE_SHARE * MIN_BLADE_NOISE_RATIO)
+    centre = float(np.median(log_noise[_centre(log_noise.shape)]))
+    raised = _border(log_noise) >= centre + np.log(BORDER_NOISE_SHARE * MIN_BLADE_NOISE_RATIO)
     if raised.mean() < MIN_RAISED_BORDER_FRACTION:
         return None
     field = _edge_field(-log_noise)
