@@ -54,7 +54,7 @@ class Workers:
         self.prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        cpu_only = device == "cpu" or (device == "auto" and not _cuda_available())
+        cpu_only = {"cpu": True, "auto": None}.get(device, False)  # auto: the worker asks torch
         self.processes = [
             WorkerProcess(
                 f"job-worker-{i}",
@@ -167,9 +167,3 @@ class Workers:
             job.attempts,
             reason,
         )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())

@@ -314,7 +314,8 @@ class JobRunner:
         self.identity = config.identity or (
             f"{socket.gethostname()}-{os.getpid()}" + (f"-gpu{gpu}" if gpu else "")
         )
-        cpu_only = config.device == "cpu" or (config.device == "auto" and not _cuda_available())
+        # auto: the worker asks torch whether it sees a GPU
+        cpu_only = {"cpu": True, "auto": None}.get(config.device, False)
         self.pool: queue.Queue[WorkerProcess] = queue.Queue()
         self.processes = [
             WorkerProcess(f"job-worker-{i}", config.memory_limit_mib * 2**20, cpu_only)
@@ -412,12 +413,6 @@ class JobRunner:
             attempt,
             self.identity,
         )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 async def _serve(config: WorkerConfig, runner: JobRunner, stop: asyncio.Event) -> None:

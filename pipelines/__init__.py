@@ -1,15 +1,10 @@
 """Pure compute for angiography runs: arrays and metadata in, typed outputs out.
 
-Importing the package registers the built-in pipelines (see ``pipelines.base``).
+The built-in pipelines are named in ``pipelines.base.BUILTIN`` and imported when
+first asked for (``get``), or all at once (``load_builtin``): importing the package
+does not pull in torch.
 """
 
-# Importing a module registers its pipelines (explicit, never name scanning).
-from pipelines import coronary as _coronary  # noqa: F401  (xa_coronary)
-from pipelines import dsa_av as _dsa_av  # noqa: F401  (dsa_av)
-from pipelines import dsa_ia as _dsa_ia  # noqa: F401  (dsa_ia)
-from pipelines import minip as _minip  # noqa: F401  (minip)
-from pipelines import perfusion as _perfusion  # noqa: F401  (dsa_perfusion)
-from pipelines import rotational as _rotational  # noqa: F401  (rotational_dla)
 from pipelines.base import (
     PipelineContext,
     PipelineError,
@@ -17,6 +12,7 @@ from pipelines.base import (
     Run,
     RunMeta,
     get,
+    load_builtin,
     names,
     register,
 )
@@ -28,6 +24,7 @@ __all__ = [
     "Run",
     "RunMeta",
     "get",
+    "load_builtin",
     "names",
     "register",
 ]

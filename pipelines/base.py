@@ -17,6 +17,7 @@ Geometry of the outputs:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -253,6 +254,20 @@ class Pipeline(Protocol):
 
 _REGISTRY: dict[str, Callable[[], Pipeline]] = {}
 
+# The built-in pipelines and the module that registers each. A module is imported
+# when its pipeline is first asked for, so that a process which only names them (the
+# node's router and settings check, the CLI) starts without torch and the
+# scientific stack; the node's worker processes import them all once, up front
+# (``dicom_node.sandbox``).
+BUILTIN: dict[str, str] = {
+    "minip": "pipelines.minip",
+    "dsa_av": "pipelines.dsa_av",
+    "dsa_ia": "pipelines.dsa_ia",
+    "dsa_perfusion": "pipelines.perfusion",
+    "xa_coronary": "pipelines.coronary",
+    "rotational_dla": "pipelines.rotational",
+}
+
 
 def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipeline]]:
     """Register a pipeline factory under ``name`` (explicit, never name scanning)."""
@@ -266,21 +281,26 @@ def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipel
     return deco
 
 
-def get(name: str) -> Pipeline:
-    import pipelines  # noqa: F401  (ensures the built-in pipelines are registered)
+def load_builtin() -> None:
+    """Import every built-in pipeline module (each registers its pipeline)."""
+    for module in BUILTIN.values():
+        importlib.import_module(module)
 
+
+def get(name: str) -> Pipeline:
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
     try:
         return _REGISTRY[name]()
     except KeyError:
         raise PipelineError(
-            f"unknown pipeline {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+            f"unknown pipeline {name!r}; registered: {', '.join(names())}"
         ) from None
 
 
 def names() -> list[str]:
-    import pipelines  # noqa: F401
-
-    return sorted(_REGISTRY)
+    """The built-in pipelines and any other registered ones, without importing them."""
+    return sorted(set(_REGISTRY) | set(BUILTIN))
 
 
 def minip(frames: np.ndarray) -> np.ndarray:

@@ -176,3 +176,30 @@ def test_packages_are_loaded_once_and_verified(tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(PipelineError, match="SHA-256"):
         load_package(root).load_model("cpu")
+
+
+def _address_space_limit(pid: int) -> str:
+    line = next(
+        x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if "address space" in x
+    )
+    return line.split()[3]  # the soft limit, in bytes, or "unlimited"
+
+
+@pytest.mark.parametrize(("cpu_only", "capped"), [(True, True), (None, True), (False, False)])
+def test_the_address_space_cap_of_cpu_and_auto_workers(cpu_only: bool | None, capped: bool) -> None:
+    """``auto`` (None): the worker asks torch for a GPU itself; this machine has none
+    (a GPU worker, which CUDA's mappings would break under the cap, gets none)."""
+    worker = WorkerProcess("t", 1 * GiB, cpu_only=cpu_only)
+    try:
+        worker.start()
+        assert worker.pid is not None
+        # The child sets its limit first thing; it polls its pipe only after that.
+        wait_for(
+            lambda: _address_space_limit(worker.pid or 0) != "unlimited" or not capped,
+            60,
+            what="the worker's limit",
+        )
+        limit = _address_space_limit(worker.pid)
+        assert (limit == str(2 * GiB + 4 * GiB)) if capped else limit == "unlimited", limit
+    finally:
+        worker.close()
