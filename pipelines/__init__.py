@@ -1,8 +1,7 @@
 """Pure compute for angiography runs: arrays and metadata in, typed outputs out.
 
-The built-in pipelines are named in ``pipelines.base.BUILTIN`` and imported when
-first asked for (``get``), or all at once (``load_builtin``): importing the package
-does not pull in torch.
+The built-in pipelines are named in ``pipelines.base.BUILTIN`` and each is imported
+when first asked for (``get``): importing the package does not pull in torch.
 """
 
 from pipelines.base import (
@@ -12,7 +11,6 @@ from pipelines.base import (
     Run,
     RunMeta,
     get,
-    load_builtin,
     names,
     register,
 )
@@ -24,7 +22,6 @@ __all__ = [
     "Run",
     "RunMeta",
     "get",
-    "load_builtin",
     "names",
     "register",
 ]

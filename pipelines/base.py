@@ -281,12 +281,6 @@ def register(name: str) -> Callable[[Callable[[], Pipeline]], Callable[[], Pipel
     return deco
 
 
-def load_builtin() -> None:
-    """Import every built-in pipeline module (each registers its pipeline)."""
-    for module in BUILTIN.values():
-        importlib.import_module(module)
-
-
 def get(name: str) -> Pipeline:
     if name not in _REGISTRY and name in BUILTIN:
         importlib.import_module(BUILTIN[name])
