@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dicom_node.db import Database, Job
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, Outcome, WorkerProcess
+from dicom_node.sandbox import JobSpec, Outcome, WorkerProcess, cpu_only
 from dicom_node.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,11 @@ class Workers:
         self.prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        cpu_only = {"cpu": True, "auto": None}.get(device, False)  # auto: the worker asks torch
         self.processes = [
             WorkerProcess(
                 f"job-worker-{i}",
                 settings.memory_limit_mib * 2**20,
-                cpu_only,
+                cpu_only(device),
                 settings.pipeline_memory_mib,
             )
             for i in range(settings.concurrency)

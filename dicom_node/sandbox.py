@@ -37,7 +37,7 @@ from typing import Any
 from dicom_node import logsafe
 from dicom_node.db import ResultFile
 from dicom_node.errors import RunError
-from dicom_node.processing import run_pipeline, write_dataset
+from dicom_node.processing import resolve_device, run_pipeline, write_dataset
 from dicom_node.runs import load_run
 from dicom_node.settings import DEFAULT_PIPELINE_MEMORY_MIB
 from pipelines.base import BUILTIN, PipelineError
@@ -158,7 +158,7 @@ def _serve(conn: Connection, address_space_limit: int | None, unless_cuda: bool)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     logsafe.install()  # decoders warn with the values they read: keep those out of the log
     _die_with_parent()
-    if address_space_limit and not (unless_cuda and _cuda_available()):
+    if address_space_limit and not (unless_cuda and resolve_device("auto") == "cuda"):
         resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
     while True:
         try:
@@ -169,12 +169,6 @@ def _serve(conn: Connection, address_space_limit: int | None, unless_cuda: bool)
             return
         outcome = execute(spec, lambda stage: conn.send(("stage", stage)))
         conn.send(("done", outcome))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _die_with_parent() -> None:
@@ -221,6 +215,12 @@ def _context() -> ForkServerContext:
             ctx.set_forkserver_preload(["dicom_node.sandbox", *BUILTIN.values()])
             _CONTEXT = ctx
         return _CONTEXT
+
+
+def cpu_only(device: str) -> bool | None:
+    """``WorkerProcess``'s ``cpu_only`` for a configured device: ``cpu`` True, ``auto``
+    None (the worker asks torch), any CUDA device False."""
+    return {"cpu": True, "auto": None}.get(device, False)
 
 
 class WorkerProcess:

@@ -49,7 +49,7 @@ from temporalio.worker import Worker
 from dicom_node import stow
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, WorkerProcess
+from dicom_node.sandbox import JobSpec, WorkerProcess, cpu_only
 from dicom_node.settings import EngineSettings, Strict, Url, _describe, _merge
 from dicom_node.temporal_client import connect
 from dicom_node.temporal_workflow import (
@@ -314,11 +314,11 @@ class JobRunner:
         self.identity = config.identity or (
             f"{socket.gethostname()}-{os.getpid()}" + (f"-gpu{gpu}" if gpu else "")
         )
-        # auto: the worker asks torch whether it sees a GPU
-        cpu_only = {"cpu": True, "auto": None}.get(config.device, False)
         self.pool: queue.Queue[WorkerProcess] = queue.Queue()
         self.processes = [
-            WorkerProcess(f"job-worker-{i}", config.memory_limit_mib * 2**20, cpu_only)
+            WorkerProcess(
+                f"job-worker-{i}", config.memory_limit_mib * 2**20, cpu_only(config.device)
+            )
             for i in range(config.concurrency)
         ]
         for p in self.processes:
