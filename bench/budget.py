@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,6 +161,19 @@ def process(
         shutil.rmtree(out, ignore_errors=True)
 
 
+def torch_load_s(rounds: int = 3) -> float:
+    """Wall seconds that loading torch adds to a fresh interpreter (median of rounds).
+
+    ``minip`` no longer loads torch (the node's modules import it only where they
+    compute with it, 5c6f3cd); the pipelines that compute with it do. The target of
+    issue 19 was set when the reference loaded torch too, so the check reports the
+    ratio against both."""
+    env = dict(os.environ)
+    bare = [measure([sys.executable, "-c", "pass"], env).wall_s for _ in range(rounds)]
+    loaded = [measure([sys.executable, "-c", "import torch"], env).wall_s for _ in range(rounds)]
+    return max(statistics.median(loaded) - statistics.median(bare), 0.0)
+
+
 def gb(value: int) -> str:
     return f"{value / 1e9:.2f}"
 
@@ -210,10 +224,15 @@ def table(
                         f"{pipeline} ({label}) on {case.key}: {gb(m.rss_bytes)} GB > {MAX_RSS_GB} GB"
                     )
                 if pipeline == "dsa_perfusion" and package is None:
+                    torch_s = torch_load_s()
                     checks.append(
                         f"dsa_perfusion on the 1024² DSA run: peak RSS {gb(m.rss_bytes)} GB "
                         f"(target ≤ {PERFUSION_RSS_GB}), wall {wall:.1f}× minip (target ≤ "
-                        f"{PERFUSION_WALL_RATIO}×), CPU {cpu:.1f}× minip"
+                        f"{PERFUSION_WALL_RATIO}×), CPU {cpu:.1f}× minip; minip does not load "
+                        f"torch, which dsa_perfusion does ({torch_s:.1f} s in a fresh "
+                        f"interpreter, measured in this run): against minip plus loading "
+                        f"torch, as when the target was set, wall "
+                        f"{m.wall_s / (ref.wall_s + torch_s):.1f}×"
                     )
     head = (
         "| input | pipeline | variant | wall s | CPU s | peak RSS GB | wall / ref | CPU / ref |\n"
