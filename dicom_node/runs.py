@@ -23,6 +23,12 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.valuerep import DT, TM, validate_value
 
 from dicom_node.errors import RunError
+from dicom_node.geometry import (
+    enhanced_geometry,
+    fill_slice_thickness,
+    plane_spacing_2d,
+    series_geometry,
+)
 from dicom_node.routing import (
     SUBTRACTING_MASK_OPERATIONS,
     frame_rate,
@@ -284,13 +290,6 @@ def _unreadable(elem: DataElement) -> bool:
     return False
 
 
-def _slice_position(ds: Dataset) -> float:
-    ipp = np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])])
-    iop = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])])
-    normal = np.cross(iop[:3], iop[3:])
-    return float(ipp @ normal)
-
-
 def load_run(paths: Sequence[Path]) -> LoadedRun:
     """Read the files of one run (one multi-frame instance, or a series) into a Run."""
     if not paths:
@@ -337,11 +336,7 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
     shutter = shutter_from_header(first)
     frames, mask_subtracted, shift = _mask_subtract(frames, first, shutter)
     image_type = tuple(str(v).upper() for v in (first.get("ImageType") or []))
-    spacing = None
-    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
-        if kw in first:
-            spacing = (float(first[kw].value[0]), float(first[kw].value[1]))
-            break
+    spacing = plane_spacing_2d(first)
     meta = RunMeta(
         modality=str(first.get("Modality", "")),
         sop_class_uid=str(first.SOPClassUID),
@@ -394,38 +389,18 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         vol = _decode_and_release(first, paths[0])
         if vol.ndim == 2:
             raise RunError("a single 2D slice is not a volume")
-        sfg = first.get("SharedFunctionalGroupsSequence")
-        measures = sfg[0].get("PixelMeasuresSequence") if sfg else None
-        spacing = (
-            (float(measures[0].PixelSpacing[0]), float(measures[0].PixelSpacing[1]))
-            if measures
-            else None
-        )
-        slice_spacing = (
-            float(measures[0].get("SpacingBetweenSlices") or measures[0].get("SliceThickness") or 0)
-            if measures
-            else None
-        )
+        geometry = enhanced_geometry(first, vol.shape[0])
+        spacing, slice_spacing = geometry.pixel_spacing_mm, geometry.slice_spacing_mm
         headers = [_strip(first)]
-        pf = first.get("PerFrameFunctionalGroupsSequence")
-        if pf is not None and len(pf) == vol.shape[0] and "PlanePositionSequence" in pf[0]:
-            iop = (
-                sfg[0].PlaneOrientationSequence[0].ImageOrientationPatient
-                if sfg and "PlaneOrientationSequence" in sfg[0]
-                else [1, 0, 0, 0, 1, 0]
-            )
-            normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-            pos = [
-                float(np.asarray(it.PlanePositionSequence[0].ImagePositionPatient, float) @ normal)
-                for it in pf
-            ]
-            order = np.argsort(pos)
-            if not np.array_equal(order, np.arange(len(order))):
-                vol = vol[order]
-                log.info("reordered %d frames of %s by plane position", len(order), paths[0].name)
+        if not np.array_equal(geometry.order, np.arange(len(geometry.order))):
+            vol = vol[geometry.order]
+            log.info("reordered %d frames of %s by plane position", vol.shape[0], paths[0].name)
     else:
-        order = np.argsort([_slice_position(ds) for ds in datasets])
+        headers = [_strip(d) for d in datasets]
+        geometry = series_geometry(headers)
+        order = geometry.order
         datasets = [datasets[i] for i in order]
+        headers = [headers[i] for i in order]
         paths = [paths[i] for i in order]
         sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
         if len(sizes) > 1:
@@ -436,14 +411,10 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
             if pixels.shape != vol.shape[1:]:
                 raise RunError(f"{p.name} holds {pixels.shape} pixels, not one slice")
             vol[i] = pixels
-        spacing = (
-            (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
-            if "PixelSpacing" in first
-            else None
-        )
-        pos = sorted(_slice_position(ds) for ds in datasets)
-        slice_spacing = float(np.median(np.diff(pos))) if len(pos) > 1 else None
-        headers = [_strip(d) for d in datasets]
+        spacing, slice_spacing = geometry.pixel_spacing_mm, geometry.slice_spacing_mm
+        filled = fill_slice_thickness(headers, slice_spacing)
+        if filled:
+            log.info("Slice Thickness of %d slice(s) missing: the slice step given", filled)
     meta = RunMeta(
         modality=str(first.get("Modality", "")),
         sop_class_uid=str(first.SOPClassUID),

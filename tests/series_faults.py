@@ -1,0 +1,205 @@
+"""A generated corpus of volumes whose geometry is broken, for tests/test_series_faults.py.
+
+Each instance of these runs is valid on its own, so ingest stores it; what is
+broken is the geometry the volume's result is placed by (``dicom_node.geometry``):
+Image Position and Orientation, Pixel Spacing, Frame of Reference, the
+Enhanced instance's functional groups, and a series that mixes SOP classes or
+sizes. Every case starts from a small valid rotational phantom (the CT series
+or the Enhanced 3D XA instance) and breaks one attribute in a subset of its
+slices or frames with one of ``HOSTILE``'s values, or several at once in the
+random combinations. Unparseable values are written as raw bytes, as a sender
+would put them on the wire. The corpus is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import XRayAngiographicImageStorage, generate_uid
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    datasets: list[Dataset]
+
+
+# What senders put in a numeric attribute: nothing, an empty value, text, too few or
+# too many numbers, numbers that are not finite, zero, negative, absurd.
+HOSTILE: dict[str, Callable[[int], bytes | None]] = {
+    "absent": lambda n: None,
+    "empty": lambda n: b"",
+    "text": lambda n: b"abc\\def",
+    "one value": lambda n: b"1",
+    "one value too many": lambda n: "\\".join(["1"] * (n + 1)).encode(),
+    "one value too few": lambda n: "\\".join(["1"] * max(n - 1, 1)).encode(),
+    "NaN": lambda n: "\\".join(["NaN"] * n).encode(),
+    "infinite": lambda n: "\\".join(["1e999"] * n).encode(),
+    "zeros": lambda n: "\\".join(["0"] * n).encode(),
+    "negative": lambda n: "\\".join(["-0.5"] * n).encode(),
+    "huge": lambda n: "\\".join(["1e30"] * n).encode(),
+    "tiny": lambda n: "\\".join(["1e-30"] * n).encode(),
+}
+
+# Attributes of a slice of a series: (keyword, values).
+SERIES_ATTRIBUTES = (
+    ("ImagePositionPatient", 3),
+    ("ImageOrientationPatient", 6),
+    ("PixelSpacing", 2),
+    ("SliceThickness", 1),
+    ("FrameOfReferenceUID", 1),
+    ("InstanceNumber", 1),
+)
+# Which slices: every one, one, every other.
+SUBSETS = ("all", "one", "half")
+
+
+def _pad(raw: bytes) -> bytes:
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def put(ds: Dataset, keyword: str, raw: bytes | None) -> None:
+    """Set ``keyword`` to ``raw`` bytes as received (None: delete it)."""
+    if raw is None:
+        if keyword in ds:
+            delattr(ds, keyword)
+        return
+    tag = Tag(keyword)
+    vr = dictionary_VR(tag)
+    value = _pad(raw) if vr != "UI" else raw + (b"\0" if len(raw) % 2 else b"")
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)  # type: ignore[assignment]
+
+
+def _chosen(count: int, subset: str, rng: np.random.Generator) -> list[int]:
+    if subset == "all":
+        return list(range(count))
+    if subset == "one":
+        return [int(rng.integers(count))]
+    return list(range(int(rng.integers(2)), count, 2))
+
+
+def break_series(
+    series: list[Dataset], keyword: str, hostile: str, subset: str, rng: np.random.Generator
+) -> list[Dataset]:
+    out = [copy.deepcopy(ds) for ds in series]
+    n = dict(SERIES_ATTRIBUTES)[keyword]
+    raw = HOSTILE[hostile](n)
+    if keyword == "FrameOfReferenceUID" and raw is not None:
+        raw = raw.replace(b"\\", b".")
+    for i in _chosen(len(out), subset, rng):
+        put(out[i], keyword, raw)
+    return out
+
+
+def break_enhanced(
+    volume: Dataset, where: str, hostile: str, subset: str, rng: np.random.Generator
+) -> Dataset:
+    """Break the Enhanced instance's ``where``: the shared spacing or orientation, the
+    per-frame positions (``subset`` of the frames), or the functional groups."""
+    ds = copy.deepcopy(volume)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    if where == "shared PixelSpacing":
+        put(shared.PixelMeasuresSequence[0], "PixelSpacing", HOSTILE[hostile](2))
+    elif where == "shared ImageOrientationPatient":
+        put(shared.PlaneOrientationSequence[0], "ImageOrientationPatient", HOSTILE[hostile](6))
+    elif where == "per-frame ImagePositionPatient":
+        frames = ds.PerFrameFunctionalGroupsSequence
+        for i in _chosen(len(frames), subset, rng):
+            put(frames[i].PlanePositionSequence[0], "ImagePositionPatient", HOSTILE[hostile](3))
+    elif where == "FrameOfReferenceUID":
+        put(ds, "FrameOfReferenceUID", None)
+    elif where == "per-frame groups cut short":
+        ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:3]
+    elif where == "no shared groups":
+        del ds.SharedFunctionalGroupsSequence
+    elif where == "orientation per frame":
+        orientation = shared.PlaneOrientationSequence
+        del shared.PlaneOrientationSequence
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            item.PlaneOrientationSequence = copy.deepcopy(orientation)
+    else:
+        raise ValueError(where)
+    return ds
+
+
+ENHANCED_PLACES = (
+    "shared PixelSpacing",
+    "shared ImageOrientationPatient",
+    "per-frame ImagePositionPatient",
+)
+ENHANCED_WHOLE = (
+    "FrameOfReferenceUID",
+    "per-frame groups cut short",
+    "no shared groups",
+    "orientation per frame",
+)
+
+
+def _set_level(series: list[Dataset], rng: np.random.Generator) -> list[Case]:
+    """Breaks of the series as a set: slices missing, repeated, mixed in."""
+    cases = []
+    gap = [ds for i, ds in enumerate(series) if i != len(series) // 2]
+    cases.append(Case("a slice missing in the middle", [copy.deepcopy(d) for d in gap]))
+    twice = [copy.deepcopy(d) for d in series]
+    clone = copy.deepcopy(twice[3])
+    clone.SOPInstanceUID = generate_uid()
+    clone.file_meta.MediaStorageSOPInstanceUID = clone.SOPInstanceUID
+    cases.append(Case("a slice sent twice under two UIDs", [*twice, clone]))
+    mixed = [copy.deepcopy(d) for d in series]
+    k = int(rng.integers(len(mixed)))
+    mixed[k].SOPClassUID = XRayAngiographicImageStorage
+    mixed[k].file_meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
+    cases.append(Case("a slice of another SOP class", mixed))
+    far = [copy.deepcopy(d) for d in series]
+    for i, ds in enumerate(far):
+        ds.ImagePositionPatient = [0.0, 0.0, float(i) * 1e6]
+    cases.append(Case("slices a kilometre apart", far))
+    rotated = [copy.deepcopy(d) for d in series]
+    rotated[len(rotated) // 3].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    cases.append(Case("one slice of another orientation", rotated))
+    shuffled = [copy.deepcopy(series[i]) for i in rng.permutation(len(series))]
+    for ds in shuffled:  # sent in any order, numbered in that order: still a good volume
+        ds.InstanceNumber = int(rng.integers(1, 10_000))
+    cases.append(Case("slices out of order, instance numbers scrambled", shuffled))
+    return cases
+
+
+def corpus(series: list[Dataset], volume: Dataset, seed: int, combinations: int) -> list[Case]:
+    """Every attribute × hostile value × subset of ``series``, the Enhanced instance's
+    geometry the same way, the set-level breaks, then random combinations."""
+    rng = np.random.default_rng(seed)
+    cases: list[Case] = []
+    for keyword, _ in SERIES_ATTRIBUTES:
+        for hostile in HOSTILE:
+            subset = SUBSETS[int(rng.integers(len(SUBSETS)))]
+            name = f"series {keyword} {hostile} ({subset})"
+            cases.append(Case(name, break_series(series, keyword, hostile, subset, rng)))
+    for where in ENHANCED_PLACES:
+        for hostile in HOSTILE:
+            subset = SUBSETS[int(rng.integers(len(SUBSETS)))]
+            name = f"enhanced {where} {hostile} ({subset})"
+            cases.append(Case(name, [break_enhanced(volume, where, hostile, subset, rng)]))
+    for where in ENHANCED_WHOLE:
+        cases.append(
+            Case(f"enhanced {where}", [break_enhanced(volume, where, "absent", "all", rng)])
+        )
+    cases += _set_level(series, rng)
+    hostile_names = list(HOSTILE)
+    for k in range(combinations):
+        broken = series
+        parts = []
+        for _ in range(int(rng.integers(2, 4))):
+            keyword = SERIES_ATTRIBUTES[int(rng.integers(len(SERIES_ATTRIBUTES)))][0]
+            hostile = hostile_names[int(rng.integers(len(hostile_names)))]
+            subset = SUBSETS[int(rng.integers(len(SUBSETS)))]
+            broken = break_series(broken, keyword, hostile, subset, rng)
+            parts.append(f"{keyword} {hostile} ({subset})")
+        cases.append(Case(f"combination {k}: " + ", ".join(parts), broken))
+    return cases

@@ -1,0 +1,142 @@
+"""Volumes whose geometry is broken end as failed jobs that say which slice and which
+attribute, never as an internal error, a crash or a retried "I/O error"
+(``dicom_node.geometry``; the corpus is ``tests/series_faults.py``)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import SegmentationStorage, generate_uid
+
+from tests.conftest import dciodvfy_errors, send_storescu, wait_for
+from tests.series_faults import corpus
+
+# A refusal of these set-level breaks names what is wrong.
+EXPECTED = {
+    "a slice missing in the middle": "not evenly spaced",
+    "a slice sent twice under two UIDs": "same position",
+    "a slice of another SOP class": "mixes SOP classes",
+    "slices a kilometre apart": "apart, more than",
+    "one slice of another orientation": "another Image Orientation",
+    "enhanced per-frame groups cut short": "Per-Frame Functional Groups",
+    "enhanced no shared groups": "no Shared Functional Groups",
+    "enhanced orientation per frame": "not shared by its frames",
+    "enhanced FrameOfReferenceUID": "no Frame of Reference UID",
+}
+# These leave the geometry intact: the volume is processed.
+GOOD = ("slices out of order, instance numbers scrambled",)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], Any]:
+    from training.phantoms import rotational
+
+    folder = tmp_path_factory.mktemp("phantom")
+    written = rotational.generate(31, size=32).write(folder)
+    series = [dcmread(p) for p in sorted((written[0].parent / "rotational_ct").glob("*.dcm"))]
+    volume = dcmread(next(p for p in written if p.name == "rotational_3dxa.dcm"))
+    return series, volume
+
+
+def _write(datasets: list[Any], folder: Path, new_uids: bool = False) -> list[Path]:
+    """Write the case's instances; ``new_uids``: as a series of its own (new series and
+    instance UIDs), as each case is for the node."""
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    paths = []
+    for i, ds in enumerate(datasets):
+        if new_uids:
+            ds = copy.deepcopy(ds)
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = folder / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=False)
+        paths.append(path)
+    return paths
+
+
+def test_broken_geometry_fails_with_a_reason_in_the_worker(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every case through ``sandbox.execute``, the worker process's own code path."""
+    from dicom_node.sandbox import JobSpec, execute
+
+    warnings.simplefilter("ignore")  # pydicom warns about every invalid value it reads
+    series, volume = phantom
+    cases = corpus(series, volume, seed=5, combinations=40)
+    assert len(cases) >= 150
+    outcomes: dict[str, str] = {}
+    for i, case in enumerate(cases):
+        paths = _write(case.datasets, tmp_path / f"{i:03d}")
+        out = tmp_path / f"{i:03d}-out"
+        out.mkdir()
+        spec = JobSpec(i, f"run{i}", "rotational_dla", tuple(map(str, paths)), str(out), "cpu")
+        outcome = execute(spec, lambda stage: None)
+        assert not outcome.transient, (case.name, outcome.error)
+        if outcome.error is None:
+            assert outcome.results, case.name
+            outcomes[case.name] = "done"
+            if case.name.startswith("series SliceThickness absent"):
+                # given the slice step (dicom_node.geometry.fill_slice_thickness): valid
+                seg = next(r for r in outcome.results if r.sop_class_uid == SegmentationStorage)
+                assert dciodvfy_errors(Path(seg.path)) == []
+            continue
+        outcomes[case.name] = outcome.error
+        for defect in ("internal error", "crashed", "I/O error"):
+            assert defect not in outcome.error, (case.name, outcome.error)
+    for name, text in EXPECTED.items():
+        assert text in outcomes[name], (name, outcomes[name])
+    for name in GOOD:
+        assert outcomes[name] == "done", (name, outcomes[name])
+    refused = sum(v != "done" for v in outcomes.values())
+    print(f"{len(outcomes)} cases, {refused} refused with a reason, {len(outcomes) - refused} done")
+    # Both kinds occur: the corpus is not all refusals (a check that refused everything
+    # would pass the loop above) nor all successes.
+    assert 0.3 * len(outcomes) < refused < len(outcomes)
+
+
+def test_broken_series_sent_by_dcmtk_fail_with_the_reason_and_the_node_goes_on(  # type: ignore[no-untyped-def]
+    phantom, make_node, tmp_path: Path
+) -> None:
+    """Through the node: storescu sends broken series and a good one; the broken ones'
+    jobs fail at once (one attempt) with the geometry reason, the good one is done."""
+    warnings.simplefilter("ignore")
+    series, volume = phantom
+    cases = {c.name: c for c in corpus(series, volume, seed=5, combinations=0)}
+    chosen = [
+        "a slice missing in the middle",
+        "one slice of another orientation",
+        "slices a kilometre apart",
+        "slices out of order, instance numbers scrambled",
+    ]
+    node = make_node(
+        completion={"quiet_period_s": 0.5},
+        workers={"concurrency": 1, "max_attempts": 3},
+    )
+    for i, name in enumerate(chosen):
+        send_storescu(
+            node.settings.ae_title,
+            node.port,
+            _write(cases[name].datasets, tmp_path / str(i), new_uids=True),
+        )
+
+    def settled() -> list[Any] | None:
+        jobs = node.db.query("SELECT run_id, state, attempts, error FROM jobs")
+        done = len(jobs) == len(chosen) and all(j["state"] in ("done", "failed") for j in jobs)
+        return jobs if done else None
+
+    try:
+        jobs = wait_for(settled, 120, interval=0.5, what="every job to end")
+    except AssertionError:
+        runs = [dict(r) for r in node.db.query("SELECT state, reason FROM runs")]
+        print(runs, [dict(j) for j in node.db.query("SELECT * FROM jobs")])
+        raise
+    failed = sorted(j["error"] for j in jobs if j["state"] == "failed")
+    assert len(failed) == 3 and all(j["attempts"] == 1 for j in jobs), [dict(j) for j in jobs]
+    assert any("not evenly spaced" in e for e in failed), failed
+    assert any("another Image Orientation" in e for e in failed), failed
+    assert any("apart, more than" in e for e in failed), failed
+    assert sum(j["state"] == "done" for j in jobs) == 1
