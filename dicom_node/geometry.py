@@ -100,16 +100,21 @@ def spacing_pair(value: Any, what: str) -> tuple[float, float]:
     return float(numbers[0]), float(numbers[1])
 
 
+def optional_spacing(ds: Dataset, keyword: str) -> tuple[float, float] | None:
+    """``ds``'s ``keyword`` (Pixel Spacing, Imager Pixel Spacing) as a checked pair, or
+    None when it is absent or unusable (logged: the UID and why, not the value)."""
+    if keyword not in ds:
+        return None
+    try:
+        return spacing_pair(value_of(ds, keyword, keyword), keyword)
+    except RunError as exc:
+        log.warning("%s of %s ignored: %s", keyword, ds.get("SOPInstanceUID", "?"), exc)
+        return None
+
+
 def plane_spacing_2d(ds: Dataset) -> tuple[float, float] | None:
     """Pixel Spacing, else Imager Pixel Spacing, of a 2D run; None if neither is usable."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        if keyword not in ds:
-            continue
-        try:
-            return spacing_pair(value_of(ds, keyword, keyword), keyword)
-        except RunError as exc:
-            log.warning("%s of %s ignored: %s", keyword, ds.get("SOPInstanceUID", "?"), exc)
-    return None
+    return optional_spacing(ds, "PixelSpacing") or optional_spacing(ds, "ImagerPixelSpacing")
 
 
 def orientation(value: Any, what: str) -> np.ndarray:

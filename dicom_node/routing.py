@@ -77,17 +77,21 @@ def mask_operation(ds: Dataset) -> str:
 def header_floats(ds: Dataset, keyword: str) -> list[float] | None:
     """A numeric element as a list of finite floats; None when absent, empty or unreadable
     (a value like 'abc' is logged, never raised: a header defect must not stop routing)."""
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises its parser's errors (text in an FL)
+        log.warning("%s cannot be read as its VR; ignored", keyword)
+        return None
     if value is None or value == "":
         return None
     items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
         out = [float(v) for v in items]
     except (TypeError, ValueError):
-        log.warning("%s %r is not numeric; ignored", keyword, str(value)[:40])
+        log.warning("%s is not numeric; ignored", keyword)  # the value is not logged
         return None
     if not all(math.isfinite(v) for v in out):
-        log.warning("%s %r is not finite; ignored", keyword, str(value)[:40])
+        log.warning("%s is not finite; ignored", keyword)
         return None
     return out
 

@@ -76,14 +76,14 @@ def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
         else:
             problems.append(f"Frame Time Vector has {len(ftv)} values for {frames} frames")
     elif ds.get("FrameTimeVector") not in (None, ""):
-        problems.append(f"Frame Time Vector {str(ds.FrameTimeVector)[:30]!r} is not numeric")
+        problems.append("Frame Time Vector is not numeric")  # not quoted: logs carry no values
     ft = header_floats(ds, "FrameTime")
     if ft is not None:
         if len(ft) == 1 and ft[0] > 0:
             return np.arange(frames, dtype=np.float64) * ft[0] / 1000.0, ""
-        problems.append(f"Frame Time {str(ds.FrameTime)[:30]!r} is not one positive number")
+        problems.append(f"Frame Time is not one positive number ({len(ft)} value(s))")
     elif ds.get("FrameTime") not in (None, ""):
-        problems.append(f"Frame Time {str(ds.FrameTime)[:30]!r} is not numeric")
+        problems.append("Frame Time is not numeric")
     pf = ds.get("PerFrameFunctionalGroupsSequence")
     if pf is not None and len(pf) == frames:
         stamps = []

@@ -99,16 +99,22 @@ class Field:
         )
 
 
+# Shutter coordinates are pixel rows and columns (at most 65535 of either): a value
+# beyond twice that is not a position in the image, and would overflow the drawing.
+MAX_COORDINATE = 2.0**17
+
+
 def _numbers(value: Any) -> list[float] | None:
-    """A numeric header value as finite floats; None when absent or unreadable."""
+    """A numeric header value as finite floats within ``MAX_COORDINATE``; None when
+    absent, unreadable or out of range."""
     if value is None or value == "":
         return None
     items = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
     try:
         out = [float(v) for v in items]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return out if all(math.isfinite(v) for v in out) else None
+    return out if all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in out) else None
 
 
 # Keywords of the Display Shutter module and of the X-Ray Collimator module
@@ -188,7 +194,8 @@ def from_header(ds: Any) -> Shutter | None:
             inner = shared[0].get("FrameDisplayShutterSequence") if shared else None
             found = _read(inner[0], "Shutter") if inner else None
         return found if found is not None else _read(ds, "Collimator")
-    except (TypeError, ValueError, AttributeError, IndexError, KeyError):
+    except (TypeError, ValueError, OverflowError, AttributeError, IndexError, KeyError):
+        # OverflowError: pydicom reading an IS of 1e999 as int
         return None
 
 

@@ -203,3 +203,70 @@ def corpus(series: list[Dataset], volume: Dataset, seed: int, combinations: int)
             parts.append(f"{keyword} {hostile} ({subset})")
         cases.append(Case(f"combination {k}: " + ", ".join(parts), broken))
     return cases
+
+
+# Header attributes of a 2D run that the node reads besides the pixels: (keyword,
+# values, the shutter shape the attribute belongs to or None).
+RUN_ATTRIBUTES = (
+    ("ShutterLeftVerticalEdge", 1, "RECTANGULAR"),
+    ("ShutterLowerHorizontalEdge", 1, "RECTANGULAR"),
+    ("CenterOfCircularShutter", 2, "CIRCULAR"),
+    ("RadiusOfCircularShutter", 1, "CIRCULAR"),
+    ("VerticesOfThePolygonalShutter", 8, "POLYGONAL"),
+    ("ShutterShape", 1, "RECTANGULAR"),
+    ("PixelSpacing", 2, None),
+    ("ImagerPixelSpacing", 2, None),
+    ("EstimatedRadiographicMagnificationFactor", 1, None),
+    ("FrameTime", 1, None),
+    ("FrameTimeVector", 16, None),
+    ("RecommendedDisplayFrameRate", 1, None),
+    ("PositionerPrimaryAngle", 1, None),
+    ("DistanceSourceToDetector", 1, None),
+)
+# In the first item of the Mask Subtraction Sequence of a native run.
+MASK_ATTRIBUTES = (("MaskFrameNumbers", 1), ("MaskSubPixelShift", 2), ("ApplicableFrameRange", 2))
+# Beyond the numeric HOSTILE values: integers out of range.
+RUN_HOSTILE: dict[str, Callable[[int], bytes | None]] = {
+    **HOSTILE,
+    "99999": lambda n: "\\".join(["99999"] * n).encode(),
+    "-5": lambda n: "\\".join(["-5"] * n).encode(),
+}
+
+
+def _with_shutter(ds: Dataset, shape: str) -> None:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    ds.ShutterShape = shape
+    if shape == "RECTANGULAR":
+        ds.ShutterLeftVerticalEdge, ds.ShutterRightVerticalEdge = 5, cols - 5
+        ds.ShutterUpperHorizontalEdge, ds.ShutterLowerHorizontalEdge = 5, rows - 5
+    elif shape == "CIRCULAR":
+        ds.CenterOfCircularShutter = [rows // 2, cols // 2]
+        ds.RadiusOfCircularShutter = min(rows, cols) // 2 - 2
+    else:
+        ds.VerticesOfThePolygonalShutter = [5, 5, 5, cols - 5, rows - 5, cols - 5, rows - 5, 5]
+
+
+def run_header_corpus(
+    native: Dataset, subtracted: Dataset, seed: int, per_attribute: int
+) -> list[Case]:
+    """Each attribute of ``RUN_ATTRIBUTES`` (in a native or a subtracted run, drawn) and
+    of ``MASK_ATTRIBUTES`` (native) set to ``per_attribute`` of ``RUN_HOSTILE``'s values,
+    drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    names = list(RUN_HOSTILE)
+    cases = []
+    for keyword, n, shape in RUN_ATTRIBUTES:
+        for k in rng.choice(len(names), per_attribute, replace=False):
+            source = native if rng.random() < 0.5 else subtracted
+            ds = copy.deepcopy(source)
+            if shape is not None:
+                _with_shutter(ds, shape)
+            put(ds, keyword, RUN_HOSTILE[names[k]](n))
+            kind = "native" if source is native else "subtracted"
+            cases.append(Case(f"{kind} run {keyword} {names[k]}", [ds]))
+    for keyword, n in MASK_ATTRIBUTES:
+        for k in rng.choice(len(names), per_attribute, replace=False):
+            ds = copy.deepcopy(native)
+            put(ds.MaskSubtractionSequence[0], keyword, RUN_HOSTILE[names[k]](n))
+            cases.append(Case(f"native run Mask Subtraction {keyword} {names[k]}", [ds]))
+    return cases

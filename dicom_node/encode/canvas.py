@@ -20,6 +20,8 @@ volume without a spacing, and a Parametric Map fused over it renders black.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage
@@ -33,6 +35,7 @@ from dicom_node.encode.common import (
     set_laterality,
     source_image_reference,
 )
+from dicom_node.geometry import optional_spacing
 
 BITS = 12
 CANVAS_KEY = "canvas"
@@ -43,16 +46,22 @@ def detector_pixel_spacing(src: Dataset) -> tuple[float, float]:
 
     XA gives Imager Pixel Spacing at the detector; dividing by the Estimated
     Radiographic Magnification Factor gives the spacing at the isocentre.
+    Either only when it is two numbers within ``dicom_node.geometry``'s bounds, and the
+    factor only when it is a finite number from 1 to 10 (else 1 mm, as with none).
     """
-    if "PixelSpacing" in src:
-        return float(src.PixelSpacing[0]), float(src.PixelSpacing[1])
-    if "ImagerPixelSpacing" in src:
-        row, col = (float(v) for v in src.ImagerPixelSpacing)
+    spacing = optional_spacing(src, "PixelSpacing")
+    if spacing is not None:
+        return spacing
+    imager = optional_spacing(src, "ImagerPixelSpacing")
+    if imager is None:
+        return 1.0, 1.0
+    try:
         mag = float(src.get("EstimatedRadiographicMagnificationFactor", 0) or 0)
-        if mag > 0:
-            return row / mag, col / mag
-        return row, col
-    return 1.0, 1.0
+    except (TypeError, ValueError, OverflowError):
+        mag = 0.0
+    if math.isfinite(mag) and 1.0 <= mag <= 10.0:
+        return imager[0] / mag, imager[1] / mag
+    return imager
 
 
 def quantise(image: np.ndarray, bits: int = BITS) -> tuple[np.ndarray, float, float]:
