@@ -87,15 +87,22 @@ def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
     pf = ds.get("PerFrameFunctionalGroupsSequence")
     if pf is not None and len(pf) == frames:
         stamps = []
-        for item in pf:
-            content = item.get("FrameContentSequence")
-            stamp = content[0].get("FrameAcquisitionDateTime") if content else None
+        for number, item in enumerate(pf, start=1):
             try:
+                content = item.get("FrameContentSequence")
+                stamp = content[0].get("FrameAcquisitionDateTime") if content else None
                 stamps.append(DT(str(stamp)).timestamp())
-            except (TypeError, ValueError):
+            except Exception:  # noqa: BLE001 - absent or unreadable: no timing from these
+                problems.append(
+                    f"Frame Acquisition DateTime of frame {number} is missing or unreadable"
+                )
                 break
         if len(stamps) == frames:
-            return np.asarray(stamps) - stamps[0], ""
+            steps = np.diff(stamps)
+            if np.all(steps > 0):
+                return np.asarray(stamps) - stamps[0], ""
+            number = int(np.flatnonzero(steps <= 0)[0]) + 2
+            problems.append(f"Frame Acquisition DateTimes do not increase at frame {number}")
     problem = "; ".join(problems) or "the run carries no frame timing"
     if problems:
         log.warning("no usable frame timing: %s", problem)

@@ -22,7 +22,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import XRayAngiographicImageStorage, generate_uid
+from pydicom.uid import EnhancedXAImageStorage, XRayAngiographicImageStorage, generate_uid
 
 
 @dataclass(frozen=True)
@@ -270,3 +270,31 @@ def run_header_corpus(
             put(ds.MaskSubtractionSequence[0], keyword, RUN_HOSTILE[names[k]](n))
             cases.append(Case(f"native run Mask Subtraction {keyword} {names[k]}", [ds]))
     return cases
+
+
+def enhanced_xa(source: Dataset, stamps: list[str | None]) -> Dataset:
+    """``source`` (a multi-frame XA run) as an Enhanced XA instance whose timing is each
+    frame's Frame Acquisition DateTime (``stamps``; None leaves one out), the spacing in
+    the shared Pixel Measures."""
+    from pydicom.sequence import Sequence
+
+    ds = copy.deepcopy(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedXAImageStorage
+    for keyword in ("FrameTimeVector", "FrameTime", "FrameIncrementPointer"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    measures = Dataset()
+    measures.PixelSpacing = [0.3, 0.3]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    items = []
+    for stamp in stamps:
+        content = Dataset()
+        if stamp is not None:
+            content.FrameAcquisitionDateTime = stamp
+        item = Dataset()
+        item.FrameContentSequence = Sequence([content])
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    return ds

@@ -165,3 +165,43 @@ def test_hostile_header_values_of_a_2d_run_never_become_internal_errors(tmp_path
     done = sum(_execute(case, i, tmp_path, "minip").error is None for i, case in enumerate(cases))
     # Most such defects are ignored (the attribute is treated as absent): the run is done.
     assert done > len(cases) // 2
+
+
+def test_enhanced_xa_timing_from_per_frame_date_times(tmp_path: Path) -> None:
+    """An Enhanced XA run timed by each frame's Frame Acquisition DateTime: perfusion
+    uses those times (across midnight, with a UTC offset); out of order, equal or
+    unreadable ones fail it with the frame number, while a MinIP, which needs no
+    timing, is still done."""
+    import datetime
+
+    from tests.series_faults import enhanced_xa
+    from training.phantoms import dsa
+
+    warnings.simplefilter("ignore")
+    written = dsa.generate(9102, size=96, frames=16, fps=2.0).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    frames = int(source.NumberOfFrames)
+
+    def stamps(start: datetime.datetime, offset: str = "") -> list[str | None]:
+        return [
+            (start + datetime.timedelta(seconds=k / 2.0)).strftime("%Y%m%d%H%M%S.%f") + offset
+            for k in range(frames)
+        ]
+
+    good = stamps(datetime.datetime(2026, 12, 2, 23, 59, 57), "+0100")  # over midnight
+    cases = {
+        "good": (good, None),
+        "reversed": (good[::-1], "do not increase at frame 2"),
+        "two swapped": (good[:4] + [good[5], good[4]] + good[6:], "do not increase at frame 6"),
+        "one unreadable": (good[:3] + ["abc"] + good[4:], "of frame 4 is missing or unreadable"),
+        "one missing": (good[:7] + [None] + good[8:], "of frame 8 is missing or unreadable"),
+    }
+    for i, (name, (values, reason)) in enumerate(cases.items()):
+        case = Case(name, [enhanced_xa(source, values)])
+        assert _execute(case, 2 * i, tmp_path, "minip").error is None, name
+        outcome = _execute(case, 2 * i + 1, tmp_path, "dsa_perfusion")
+        if reason is None:
+            assert outcome.error is None, outcome.error
+            assert any("frames over 7.50 s" in n for n in outcome.notes), outcome.notes
+        else:
+            assert outcome.error is not None and reason in outcome.error, (name, outcome.error)

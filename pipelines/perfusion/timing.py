@@ -57,8 +57,8 @@ def acquisition_times(meta: RunMeta, frames: int) -> np.ndarray:
     if meta.frame_times_s is None:
         why = meta.extra.get("timing_problem") or "the run carries no frame timing"
         raise PipelineError(
-            f"{why}; perfusion analysis needs acquisition times (Frame Time Vector or "
-            "Frame Time) and does not guess them"
+            f"{why}; perfusion analysis needs acquisition times (Frame Time Vector, "
+            "Frame Time, or each frame's Frame Acquisition DateTime) and does not guess them"
         )
     times = np.asarray(meta.frame_times_s, dtype=np.float64).ravel()
     if len(times) != frames:
