@@ -112,9 +112,24 @@ def optional_spacing(ds: Dataset, keyword: str) -> tuple[float, float] | None:
         return None
 
 
+def calibrated_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """Pixel Spacing of a 2D run, from the data set or (Enhanced XA / XRF) from the
+    shared Pixel Measures; None if neither is there and usable."""
+    found = optional_spacing(ds, "PixelSpacing")
+    if found is not None:
+        return found
+    try:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        measures = shared[0].get("PixelMeasuresSequence") if shared else None
+    except Exception:  # noqa: BLE001 - an unreadable sequence: no spacing from it
+        return None
+    return optional_spacing(measures[0], "PixelSpacing") if measures else None
+
+
 def plane_spacing_2d(ds: Dataset) -> tuple[float, float] | None:
-    """Pixel Spacing, else Imager Pixel Spacing, of a 2D run; None if neither is usable."""
-    return optional_spacing(ds, "PixelSpacing") or optional_spacing(ds, "ImagerPixelSpacing")
+    """Pixel Spacing (:func:`calibrated_spacing`), else Imager Pixel Spacing, of a 2D
+    run; None if neither is usable."""
+    return calibrated_spacing(ds) or optional_spacing(ds, "ImagerPixelSpacing")
 
 
 def orientation(value: Any, what: str) -> np.ndarray:

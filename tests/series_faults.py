@@ -274,8 +274,8 @@ def run_header_corpus(
 
 def enhanced_xa(source: Dataset, stamps: list[str | None]) -> Dataset:
     """``source`` (a multi-frame XA run) as an Enhanced XA instance whose timing is each
-    frame's Frame Acquisition DateTime (``stamps``; None leaves one out), the spacing in
-    the shared Pixel Measures."""
+    frame's Frame Acquisition DateTime (``stamps``; None leaves one out), the spacing only
+    in the shared Pixel Measures."""
     from pydicom.sequence import Sequence
 
     ds = copy.deepcopy(source)
@@ -283,8 +283,11 @@ def enhanced_xa(source: Dataset, stamps: list[str | None]) -> Dataset:
     for keyword in ("FrameTimeVector", "FrameTime", "FrameIncrementPointer"):
         if keyword in ds:
             delattr(ds, keyword)
-    measures = Dataset()
-    measures.PixelSpacing = [0.3, 0.3]
+    measures = Dataset()  # the calibrated spacing moves into the shared Pixel Measures
+    measures.PixelSpacing = ds.get("PixelSpacing") or ds.ImagerPixelSpacing
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in ds:
+            delattr(ds, keyword)
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence([measures])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])

@@ -174,6 +174,7 @@ def test_enhanced_xa_timing_from_per_frame_date_times(tmp_path: Path) -> None:
     timing, is still done."""
     import datetime
 
+    from dicom_node.runs import load_run
     from tests.series_faults import enhanced_xa
     from training.phantoms import dsa
 
@@ -203,5 +204,9 @@ def test_enhanced_xa_timing_from_per_frame_date_times(tmp_path: Path) -> None:
         if reason is None:
             assert outcome.error is None, outcome.error
             assert any("frames over 7.50 s" in n for n in outcome.notes), outcome.notes
+            # the spacing, only in the shared Pixel Measures, is the run's
+            paths = _write(case.datasets, tmp_path / "loaded")
+            spacing = load_run(paths).run.meta.pixel_spacing_mm
+            assert spacing == tuple(float(v) for v in source.ImagerPixelSpacing), spacing
         else:
             assert outcome.error is not None and reason in outcome.error, (name, outcome.error)

@@ -35,7 +35,7 @@ from dicom_node.encode.common import (
     set_laterality,
     source_image_reference,
 )
-from dicom_node.geometry import optional_spacing
+from dicom_node.geometry import calibrated_spacing, optional_spacing
 
 BITS = 12
 CANVAS_KEY = "canvas"
@@ -49,7 +49,7 @@ def detector_pixel_spacing(src: Dataset) -> tuple[float, float]:
     Either only when it is two numbers within ``dicom_node.geometry``'s bounds, and the
     factor only when it is a finite number from 1 to 10 (else 1 mm, as with none).
     """
-    spacing = optional_spacing(src, "PixelSpacing")
+    spacing = calibrated_spacing(src)
     if spacing is not None:
         return spacing
     imager = optional_spacing(src, "ImagerPixelSpacing")
