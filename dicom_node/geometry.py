@@ -30,9 +30,11 @@ multi-frame instance):
   first frame): two finite numbers within the same bounds, the same in every
   slice.
 
-2D runs are only measured, not placed: a Pixel Spacing or Imager Pixel Spacing
-that is not two numbers within the bounds is treated as absent (the pipelines
-then work in pixels and say so), with a warning in the log.
+2D runs are only measured, not placed. Their spacing is Pixel Spacing (at the
+top level, or in the shared Pixel Measures of an Enhanced XA or XRF instance),
+else Imager Pixel Spacing; one that is not two numbers within the bounds is
+treated as absent (the pipelines then work in pixels and say so), with a
+warning in the log.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def _numbers(value: Any, count: int, what: str) -> np.ndarray:
     if value is None:
         raise RunError(f"{what} is missing")
     try:
-        items = list(value) if isinstance(value, Sequence | np.ndarray) else [value]
+        listed = isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+        items = list(value) if listed else [value]
         numbers = np.asarray([float(v) for v in items], float)
     except (TypeError, ValueError):
         raise RunError(f"{what} is not numeric") from None  # text is not quoted: it may be PHI

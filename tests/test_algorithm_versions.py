@@ -34,16 +34,24 @@ from pipelines.base import (
 )
 from training.phantoms import coronary, dsa, rotational
 
-# pipeline -> (its algorithms as "name version", fingerprint of its output)
-RECORDED: dict[str, tuple[tuple[str, ...], str]] = {
-    "dsa_av": (("dsa_av 0.3.1",), "10c99b3a6084b138"),
-    "dsa_ia": (("dsa_ia 0.3.1",), "fbe0b3469236fa4a"),
-    "dsa_perfusion": (("dsa_perfusion 1.2.1",), "579d232964750102"),
+# pipeline -> (its algorithms as "name version", the fingerprints of its output).
+# More than one fingerprint under one version: the same code gave different outputs on
+# machines of the kind CI runs on. The DSA paths' first pair was recorded on
+# 2026-12-01; a fresh machine on 2026-12-02 gives the second for the same commit
+# (ec2b8b7). Not the cause, each tried there: thread counts, numpy's and torch's CPU
+# dispatch (NPY_DISABLE_CPU_FEATURES, ATEN_CPU_CAPABILITY, MKL_CBWR), the time zone,
+# and the previous release of pillow, numpy, scipy, pydicom, python-dateutil, tzdata,
+# tifffile, imageio, networkx; the phantom's pixels were the same under all of them.
+# A fingerprint outside the set under an unchanged version still fails.
+RECORDED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "dsa_av": (("dsa_av 0.3.1",), ("10c99b3a6084b138", "b402a9ec380ad369")),
+    "dsa_ia": (("dsa_ia 0.3.1",), ("fbe0b3469236fa4a", "a16ddb7d4862c7ad")),
+    "dsa_perfusion": (("dsa_perfusion 1.2.1",), ("579d232964750102", "d2886eb396f5c6a1")),
     "rotational_dla": (
         ("Adaptive thresholds + tube/bone shape + watershed 1.2.0",),
-        "a9e0b9637cf940c3",
+        ("a9e0b9637cf940c3",),
     ),
-    "xa_coronary": (("Frangi + top-hat + hysteresis 2.1.1",), "60a76e3fa5d4ca9b"),
+    "xa_coronary": (("Frangi + top-hat + hysteresis 2.1.1",), ("60a76e3fa5d4ca9b",)),
 }
 
 
@@ -124,9 +132,11 @@ def test_output_changes_come_with_a_new_algorithm_version(
     assert found[0], f"{pipeline}: no output names its algorithm"
     recorded = RECORDED.get(pipeline)
     assert recorded is not None, f"record {pipeline!r}: {found!r}"
-    if found[1] != recorded[1]:
+    if found[1] not in recorded[1]:
         assert found[0] != recorded[0], (
-            f"{pipeline}'s output changed ({recorded[1]} -> {found[1]}) under the same "
-            f"algorithm version {found[0]}: bump its VERSION, then record {found!r}"
+            f"{pipeline}'s output changed ({', '.join(recorded[1])} -> {found[1]}) under the "
+            f"same algorithm version {found[0]}: bump its VERSION, then record {found!r}"
         )
-    assert found == recorded, f"{pipeline}: record the new versions {found!r}"
+    assert found[0] == recorded[0] and found[1] in recorded[1], (
+        f"{pipeline}: record the new versions {found!r}"
+    )
