@@ -275,12 +275,13 @@ def enhanced_geometry(ds: Dataset, frames: int) -> VolumeGeometry:
     return VolumeGeometry(order, spacing, step)
 
 
-def _usable_thickness(ds: Dataset) -> bool:
+def _usable(ds: Dataset, keyword: str) -> bool:
+    """``keyword`` holds one number within (0, ``MAX_SPACING_MM``]."""
     try:
-        value = float(ds.SliceThickness)
-    except Exception:  # noqa: BLE001 - absent, empty or unreadable: not usable
+        value = float(ds[keyword].value)
+    except Exception:  # noqa: BLE001 - absent, empty, several values or unreadable
         return False
-    return math.isfinite(value) and value > 0
+    return math.isfinite(value) and 0 < value <= MAX_SPACING_MM
 
 
 def fill_slice_thickness(headers: Sequence[Dataset], step_mm: float) -> int:
@@ -292,7 +293,26 @@ def fill_slice_thickness(headers: Sequence[Dataset], step_mm: float) -> int:
     Returns how many headers were given it."""
     filled = 0
     for ds in headers:
-        if not _usable_thickness(ds):
+        if not _usable(ds, "SliceThickness"):
             ds.SliceThickness = f"{step_mm:.6g}"
             filled += 1
+    return filled
+
+
+def fill_pixel_measures(ds: Dataset, step_mm: float) -> int:
+    """The same for an Enhanced volume's Pixel Measures (shared and per frame): a Slice
+    Thickness that is not one positive number, and a Spacing Between Slices that is
+    present but not one, become the step between the frames' positions (the encoders
+    copy both, and highdicom indexes the frames by the latter). Returns how many
+    values were replaced."""
+    items = []
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(keyword) or []:
+            items += list(group.get("PixelMeasuresSequence") or [])
+    filled = 0
+    for measures in items:
+        for keyword, required in (("SliceThickness", True), ("SpacingBetweenSlices", False)):
+            if (required or keyword in measures) and not _usable(measures, keyword):
+                setattr(measures, keyword, f"{step_mm:.6g}")
+                filled += 1
     return filled

@@ -25,6 +25,7 @@ from pydicom.valuerep import DT, TM, validate_value
 from dicom_node.errors import RunError
 from dicom_node.geometry import (
     enhanced_geometry,
+    fill_pixel_measures,
     fill_slice_thickness,
     plane_spacing_2d,
     series_geometry,
@@ -399,6 +400,8 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         geometry = enhanced_geometry(first, vol.shape[0])
         spacing, slice_spacing = geometry.pixel_spacing_mm, geometry.slice_spacing_mm
         headers = [_strip(first)]
+        if fill_pixel_measures(headers[0], slice_spacing):
+            log.info("Pixel Measures without a usable slice thickness or spacing: the step given")
         if not np.array_equal(geometry.order, np.arange(len(geometry.order))):
             vol = vol[geometry.order]
             log.info("reordered %d frames of %s by plane position", vol.shape[0], paths[0].name)

@@ -107,6 +107,9 @@ def break_enhanced(
     shared = ds.SharedFunctionalGroupsSequence[0]
     if where == "shared PixelSpacing":
         put(shared.PixelMeasuresSequence[0], "PixelSpacing", HOSTILE[hostile](2))
+    elif where in ("shared SliceThickness", "shared SpacingBetweenSlices"):
+        keyword = where.split()[1]
+        put(shared.PixelMeasuresSequence[0], keyword, HOSTILE[hostile](1))
     elif where == "shared ImageOrientationPatient":
         put(shared.PlaneOrientationSequence[0], "ImageOrientationPatient", HOSTILE[hostile](6))
     elif where == "per-frame ImagePositionPatient":
@@ -131,6 +134,8 @@ def break_enhanced(
 
 ENHANCED_PLACES = (
     "shared PixelSpacing",
+    "shared SliceThickness",
+    "shared SpacingBetweenSlices",
     "shared ImageOrientationPatient",
     "per-frame ImagePositionPatient",
 )
