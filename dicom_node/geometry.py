@@ -291,10 +291,16 @@ def fill_slice_thickness(headers: Sequence[Dataset], step_mm: float) -> int:
     DLA series copy it into their Pixel Measures, where it must be a positive
     number; the spacing between the slices is what the result's voxels measure.
     Returns how many headers were given it."""
+    return _fill(headers, "SliceThickness", step_mm, required=True)
+
+
+def _fill(datasets: Sequence[Dataset], keyword: str, step_mm: float, required: bool) -> int:
+    """Set ``keyword`` to the step where it is not usable (and, unless ``required``,
+    present); the count set."""
     filled = 0
-    for ds in headers:
-        if not _usable(ds, "SliceThickness"):
-            ds.SliceThickness = f"{step_mm:.6g}"
+    for ds in datasets:
+        if (required or keyword in ds) and not _usable(ds, keyword):
+            setattr(ds, keyword, f"{step_mm:.6g}")
             filled += 1
     return filled
 
@@ -309,10 +315,6 @@ def fill_pixel_measures(ds: Dataset, step_mm: float) -> int:
     for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         for group in ds.get(keyword) or []:
             items += list(group.get("PixelMeasuresSequence") or [])
-    filled = 0
-    for measures in items:
-        for keyword, required in (("SliceThickness", True), ("SpacingBetweenSlices", False)):
-            if (required or keyword in measures) and not _usable(measures, keyword):
-                setattr(measures, keyword, f"{step_mm:.6g}")
-                filled += 1
-    return filled
+    return _fill(items, "SliceThickness", step_mm, required=True) + _fill(
+        items, "SpacingBetweenSlices", step_mm, required=False
+    )

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import EnhancedXAImageStorage, XRayAngiographicImageStorage, generate_uid
+
+from tests.faults import raw
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,17 @@ SERIES_ATTRIBUTES = (
 SUBSETS = ("all", "one", "half")
 
 
-def _pad(raw: bytes) -> bytes:
-    return raw + b" " if len(raw) % 2 else raw
-
-
-def put(ds: Dataset, keyword: str, raw: bytes | None) -> None:
-    """Set ``keyword`` to ``raw`` bytes as received (None: delete it)."""
-    if raw is None:
+def put(ds: Dataset, keyword: str, value: bytes | None) -> None:
+    """Set ``keyword`` to ``value``'s bytes as received, with its dictionary VR
+    (``tests.faults.raw``; a UID padded with NUL); None deletes it."""
+    if value is None:
         if keyword in ds:
             delattr(ds, keyword)
         return
-    tag = Tag(keyword)
-    vr = dictionary_VR(tag)
-    value = _pad(raw) if vr != "UI" else raw + (b"\0" if len(raw) % 2 else b"")
-    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)  # type: ignore[assignment]
+    vr = dictionary_VR(Tag(keyword))
+    if vr == "UI" and len(value) % 2:
+        value += b"\0"
+    raw(ds, keyword, vr, value.decode("latin-1"))
 
 
 def _chosen(count: int, subset: str, rng: np.random.Generator) -> list[int]:

@@ -20,8 +20,6 @@ volume without a spacing, and a Parametric Map fused over it renders black.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage
@@ -36,6 +34,7 @@ from dicom_node.encode.common import (
     source_image_reference,
 )
 from dicom_node.geometry import calibrated_spacing, optional_spacing
+from dicom_node.routing import header_floats
 
 BITS = 12
 CANVAS_KEY = "canvas"
@@ -55,12 +54,9 @@ def detector_pixel_spacing(src: Dataset) -> tuple[float, float]:
     imager = optional_spacing(src, "ImagerPixelSpacing")
     if imager is None:
         return 1.0, 1.0
-    try:
-        mag = float(src.get("EstimatedRadiographicMagnificationFactor", 0) or 0)
-    except (TypeError, ValueError, OverflowError):
-        mag = 0.0
-    if math.isfinite(mag) and 1.0 <= mag <= 10.0:
-        return imager[0] / mag, imager[1] / mag
+    mag = header_floats(src, "EstimatedRadiographicMagnificationFactor")  # finite, or None
+    if mag is not None and len(mag) == 1 and 1.0 <= mag[0] <= 10.0:
+        return imager[0] / mag[0], imager[1] / mag[0]
     return imager
 
 
