@@ -125,6 +125,7 @@ def calibrated_spacing(ds: Dataset) -> tuple[float, float] | None:
         shared = ds.get("SharedFunctionalGroupsSequence")
         measures = shared[0].get("PixelMeasuresSequence") if shared else None
     except Exception:  # noqa: BLE001 - an unreadable sequence: no spacing from it
+        log.warning("Pixel Measures of %s cannot be read; ignored", ds.get("SOPInstanceUID", "?"))
         return None
     return optional_spacing(measures[0], "PixelSpacing") if measures else None
 
