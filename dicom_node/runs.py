@@ -19,7 +19,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.valuerep import DT, TM, validate_value
 
 from dicom_node.errors import RunError
@@ -192,24 +192,60 @@ def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
     full-size temporary (1 GB for a 512³ volume) then copied to float32."""
     try:
         raw = ds.pixel_array
-        if ds.get("ModalityLUTSequence"):
-            return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-        out = raw.astype(np.float32)
-        del raw
-        rescale = _rescale(ds, out.shape[0] if out.ndim == 3 else 1)
-        if rescale is not None:
-            slope, intercept = rescale
-            frames = out if out.ndim == 3 else out[None]
-            for frame, m, b in zip(frames, slope, intercept, strict=True):
-                if (m, b) != (1.0, 0.0):
-                    frame *= np.float32(m)
-                    frame += np.float32(b)
-        return out
+        if _is_colour(ds):
+            out = _luminance(apply_color_lut(raw, ds) if _palette(ds) else raw)
+            log.info("colour image %s read as its luminance", ds.get("SOPInstanceUID", "?"))
+        elif ds.get("ModalityLUTSequence"):
+            out = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+        else:
+            out = raw.astype(np.float32)
+            del raw
+            rescale = _rescale(ds, out.shape[0] if out.ndim == 3 else 1)
+            if rescale is not None:
+                slope, intercept = rescale
+                frames = out if out.ndim == 3 else out[None]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    for frame, m, b in zip(frames, slope, intercept, strict=True):
+                        if (m, b) != (1.0, 0.0):
+                            frame *= np.float32(m)
+                            frame += np.float32(b)
     except Exception as exc:  # noqa: BLE001 - a decoder meeting hostile data raises anything
         raise RunError(
             f"cannot decode pixel data of {path.name} "
             f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {type(exc).__name__}: {exc}"
         ) from None
+    # A Rescale Slope or Intercept that is not finite, or so large that the values
+    # overflow float32, leaves nothing to compute on (every filter would spread NaN).
+    # Checked a frame at a time: no volume-sized temporary.
+    for k, frame in enumerate(out if out.ndim == 3 else out[None]):
+        if not np.isfinite(frame).all():
+            raise RunError(
+                f"pixel values of {path.name} (frame or slice {k + 1}) are not finite "
+                "numbers after the Rescale Slope and Intercept or Modality LUT"
+            )
+    return out
+
+
+def _palette(ds: Dataset) -> bool:
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "PALETTE COLOR"
+
+
+def _is_colour(ds: Dataset) -> bool:
+    """RGB or YBR (three samples; pydicom gives them as RGB), or a palette."""
+    return int(ds.get("SamplesPerPixel", 1) or 1) == 3 or _palette(ds)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) colour -> (...) float32 luma (ITU-R BT.601 weights), a frame at a
+    time. A colour capture of a run (a Secondary Capture of a screen, say) is read
+    in grey as a viewer's monochrome rendering would show it; the Modality LUT and
+    rescale are monochrome attributes and do not apply."""
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    frames = rgb if rgb.ndim == 4 else rgb[None]
+    out = np.empty(frames.shape[:-1], np.float32)
+    for k, frame in enumerate(frames):
+        out[k] = frame.astype(np.float32) @ weights
+    return out if rgb.ndim == 4 else out[0]
 
 
 def _rescale(ds: Dataset, frames: int) -> tuple[list[float], list[float]] | None:

@@ -118,6 +118,27 @@ class Run:
     meta: RunMeta
 
 
+# Frames narrower than this (pixels) hold no angiogram that a vessel filter could
+# read: its scales reach 4 px at 256 px and more on larger frames.
+MIN_FRAME_SIDE = 32
+
+
+def require_2d_run(run: Run, name: str, min_frames: int, min_side: int = MIN_FRAME_SIDE) -> None:
+    """Refuse, with the reason, a run that is not 2D+t, has fewer than ``min_frames``
+    frames or frames smaller than ``min_side`` pixels."""
+    shape = run.pixels.shape
+    if run.meta.is_volume or run.pixels.ndim != 3:
+        volume = " (a volume)" if run.meta.is_volume else ""
+        raise PipelineError(f"{name} needs a 2D+t run, got shape {shape}{volume}")
+    if shape[0] < min_frames:
+        raise PipelineError(f"{name} needs at least {min_frames} frames, the run has {shape[0]}")
+    if min(shape[1:]) < min_side:
+        raise PipelineError(
+            f"{name}: frames of {shape[1]} x {shape[2]} pixels are too small "
+            f"(at least {min_side} on each side)"
+        )
+
+
 @dataclass(frozen=True)
 class AlgorithmInfo:
     """Recorded in every result object (SEG Algorithm Identification, series text)."""

@@ -45,6 +45,7 @@ from pipelines.base import (
     Segment,
     SegmentationOutput,
     register,
+    require_2d_run,
 )
 from pipelines.models.cenet import ARCHITECTURE, STRIDE, frame_windows
 from pipelines.models.package import ModelPackage, load_package
@@ -279,14 +280,8 @@ class CoronarySegmentation:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        require_2d_run(run, NAME, 1)
         frames = run.pixels
-        if run.meta.is_volume or frames.ndim != 3:
-            raise PipelineError(
-                f"{NAME} needs a 2D+t cine run (T, H, W), got shape {frames.shape}"
-                f"{' (a volume)' if run.meta.is_volume else ''}"
-            )
-        if min(frames.shape[1:]) < 32:
-            raise PipelineError(f"{NAME}: frames of {frames.shape[1:]} are too small (min 32 px)")
         opts: Mapping[str, Any] = ctx.options
         notes: list[str] = []
         field = exposed_field(frames, run.meta)

@@ -33,6 +33,7 @@ from pipelines.base import (
     SegmentationOutput,
     minip,
     register,
+    require_2d_run,
 )
 from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, predict_sequence
@@ -58,10 +59,7 @@ MIN_ICA_PIXELS = 20
 
 
 def check_run(run: Run, min_frames: int) -> None:
-    if run.meta.is_volume or run.pixels.ndim != 3:
-        raise PipelineError(f"{NAME} needs a 2D+t run, got shape {run.pixels.shape}")
-    if run.pixels.shape[0] < min_frames:
-        raise PipelineError(f"{NAME} needs at least {min_frames} frames, got {run.pixels.shape[0]}")
+    require_2d_run(run, NAME, min_frames)
 
 
 def label_lines(width: int, algorithm: AlgorithmInfo) -> list[str]:

@@ -25,6 +25,7 @@ from pipelines.base import (
     SegmentationOutput,
     minip,
     register,
+    require_2d_run,
 )
 from pipelines.dsa_av import label_lines
 from pipelines.models.package import load_package
@@ -66,10 +67,7 @@ class DsaIntracranialArteries:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
-        if run.meta.is_volume or run.pixels.ndim != 3 or run.pixels.shape[0] < 3:
-            raise PipelineError(
-                f"{NAME} needs a 2D+t run of 3 or more frames, got shape {run.pixels.shape}"
-            )
+        require_2d_run(run, NAME, 3)
         meta = run.meta
         notes: list[str] = []
         vessel: np.ndarray | None

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import SegmentationStorage, generate_uid
@@ -210,3 +211,70 @@ def test_enhanced_xa_timing_from_per_frame_date_times(tmp_path: Path) -> None:
             assert spacing == tuple(float(v) for v in source.ImagerPixelSpacing), spacing
         else:
             assert outcome.error is not None and reason in outcome.error, (name, outcome.error)
+
+
+PIPELINES_2D = ("minip", "dsa_av", "dsa_ia", "dsa_perfusion", "xa_coronary")
+# What these cases must say (a substring of the failed job's reason, or "done").
+PIXEL_EXPECTED = {
+    ("1 x 1 pixels, 16 frames", "dsa_perfusion"): "too small",
+    ("96 x 1 pixels, 16 frames", "dsa_av"): "too small",
+    ("3 x 400 pixels", "xa_coronary"): "too small",
+    ("96 x 96 pixels, 3 frames", "dsa_ia"): "done",
+    ("all zero", "dsa_av"): "no contrast",
+    ("Rescale Slope 1e300, Intercept 0", "minip"): "not finite",
+    ("Rescale Slope NaN, Intercept 0", "dsa_perfusion"): "not finite",
+    ("Rescale Slope 1, Intercept 1e300", "xa_coronary"): "not finite",
+    ("PALETTE COLOR without its table", "minip"): "Palette Color Lookup Table",
+    ("RGB", "dsa_perfusion"): "done",
+    ("RGB, planar", "dsa_av"): "done",
+    ("YBR_FULL", "xa_coronary"): "done",
+    ("MONOCHROME1", "dsa_perfusion"): "done",
+    ("volume of 4 x 3 x 3", "rotational_dla"): "at least 5 needed",
+    ("volume Rescale Slope 1e300, Intercept 0", "rotational_dla"): "not finite",
+    ("volume noise", "rotational_dla"): "done",
+}
+
+
+def test_unusual_pixels_never_become_internal_errors(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Sizes, encodings, contents and rescales a pipeline cannot expect
+    (``tests/pixel_faults.py``), every 2D case through every 2D pipeline and every
+    volume through ``rotational_dla``, in ``sandbox.execute``: done, or failed with a
+    reason; never an internal error (a 1-pixel-wide run failed perfusion as one, a
+    Rescale Slope of 1e300 failed the rotational path, an RGB run became three times
+    as many scrambled frames)."""
+    from tests.pixel_faults import run_corpus, volume_corpus
+    from training.phantoms import dsa
+
+    warnings.simplefilter("ignore")
+    written = dsa.generate(9103, size=96, frames=16).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    series, _ = phantom
+    jobs = [(c, p) for c in run_corpus(source, seed=7, random_cases=30) for p in PIPELINES_2D]
+    jobs += [(c, "rotational_dla") for c in volume_corpus(series, seed=7)]
+    outcomes = {}
+    for i, (case, pipeline) in enumerate(jobs):
+        outcome = _execute(case, i, tmp_path, pipeline)
+        outcomes[case.name, pipeline] = outcome.error or "done"
+    for key, text in PIXEL_EXPECTED.items():
+        assert text in outcomes[key], (key, outcomes[key])
+    refused = sum(v != "done" for v in outcomes.values())
+    print(f"{len(outcomes)} jobs, {refused} refused with a reason, {len(outcomes) - refused} done")
+    assert 0.2 * len(outcomes) < refused < 0.8 * len(outcomes)
+
+
+def test_a_colour_run_is_read_as_its_luminance(tmp_path: Path) -> None:
+    """RGB (either planar configuration) is read as one grey frame per frame, BT.601
+    luma; before, its samples were read as three times as many frames."""
+    from dicom_node.runs import load_run
+    from tests.pixel_faults import colour_case
+    from training.phantoms import dsa
+
+    written = dsa.generate(9104, size=64, frames=6).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    grey = (source.pixel_array >> 4).astype(np.float32)
+    expected = 0.299 * grey + 0.587 * np.floor(grey / 2) + 0.114 * (255 - grey)
+    for planar in (0, 1):
+        paths = _write(colour_case("RGB", source, planar).datasets, tmp_path / f"rgb{planar}")
+        run = load_run(paths).run
+        assert run.pixels.shape == grey.shape
+        np.testing.assert_allclose(run.pixels, expected, atol=1e-3)

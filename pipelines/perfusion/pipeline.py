@@ -39,6 +39,7 @@ from pipelines.base import (
     SegmentationOutput,
     minip,
     register,
+    require_2d_run,
 )
 from pipelines.perfusion.aif import (
     Aif,
@@ -466,12 +467,17 @@ class Choice:
     passed_for_no_baseline: bool  # an earlier rule's ICA held contrast in the first frame
 
 
+# Smallest frame side (pixels) perfusion analyses.
+MIN_SIDE = 8
+
+
 class DsaPerfusion:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
-        if run.meta.is_volume or run.pixels.ndim != 3:
-            raise PipelineError(f"{NAME} needs a 2D+t DSA run, got shape {run.pixels.shape}")
+        # Curves are per pixel; the ICA, field and brain rules need a few pixels
+        # around each (the frame count is acquisition_times' to check).
+        require_2d_run(run, NAME, 1, min_side=MIN_SIDE)
         map_settings, ica_settings, aif_settings, ica_mode, site_rules = _settings(ctx.options)
         notes: list[str] = []
         device = _device(ctx, notes)
