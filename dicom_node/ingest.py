@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicom_node.completion import CompletionRule
 from dicom_node.db import Database
@@ -36,6 +37,13 @@ class Receipt:
         return self.status == SUCCESS
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 class Ingest:
     def __init__(
         self,
@@ -53,18 +61,21 @@ class Ingest:
 
     def receive(
         self,
-        data: bytes,
+        data: bytes | Path,
         requested_sop_class: str,
         source: str,
         transport: str = "dimse",
         peer: str = "",
     ) -> Receipt:
-        """Store one instance; ``source`` is the calling AE title (or the STOW-RS sender)."""
+        """Store one instance, given as bytes or as the file the SCP wrote it to (which
+        is moved into the spool); ``source`` is the calling AE title (or the STOW-RS
+        sender)."""
+        size = len(data) if isinstance(data, bytes) else _size(data)
         receipt = self._receive(data, requested_sop_class, source)
-        self.observe(receipt, source, transport, len(data), peer)
+        self.observe(receipt, source, transport, size, peer)
         return receipt
 
-    def _receive(self, data: bytes, requested_sop_class: str, source: str) -> Receipt:
+    def _receive(self, data: bytes | Path, requested_sop_class: str, source: str) -> Receipt:
         try:
             stored = self.spool.store(data, requested_sop_class, source)
         except RejectedInstance as exc:

@@ -8,21 +8,36 @@ refused without holding up anyone else. ``max_associations`` bounds the
 associations served at once; beyond it pynetdicom rejects with "local limit
 exceeded". Every association accepted or rejected goes to the audit trail with
 its AE titles and peer address (and the client certificate's subject).
+
+Memory does not grow with what a sender sends. A C-STORE's data set is written
+to a file as its PDUs arrive (pynetdicom's chunked receipt), in the spool's
+``tmp/`` (``_receive_file``), so it is renamed into the spool, never copied, and
+the spool reads only its header.
+Every accepted association's socket is a ``_GuardedSocket``: a PDU longer than
+``MAX_PDU_BYTES`` (pynetdicom reads whatever length a PDU declares), a data set
+past ``limits.max_received_bytes``, or free space under ``min_free_bytes`` while
+the data arrives closes the connection (the association is aborted, nothing was
+acknowledged) and the reason is logged with the calling AE title.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import socket
 import ssl
+import tempfile
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.audit import AuditTrail
 from dicom_node.errors import RejectedInstance
@@ -34,6 +49,11 @@ from dicom_node.tls import peer_subject, server_context
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 30.0
+# The largest PDU the node accepts (and says so in the association): P-DATA of this
+# size keep a gigabit link busy; a peer that sends a longer one is cut off.
+MAX_PDU_BYTES = 4 * 2**20
+# Free space is checked again each time this much of one data set has arrived.
+SPACE_CHECK_BYTES = 64 * 2**20
 
 
 def _calling_aet(event: Event) -> str:
@@ -71,15 +91,113 @@ class _Server(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+class ReceiveLimits:
+    """What one association may send between two messages, and the disk it lands on
+    (``receive_dir``: where data sets are written as they arrive)."""
+
+    def __init__(
+        self,
+        max_received_bytes: int,
+        spool_root: Path,
+        min_free_bytes: int,
+        receive_dir: Path | None = None,
+    ) -> None:
+        self.max_received_bytes = max_received_bytes
+        self.spool_root = spool_root
+        self.min_free_bytes = min_free_bytes
+        self.receive_dir = receive_dir
+
+    def refuse(self, received: int, next_read: int) -> str | None:
+        """Why reading ``next_read`` more bytes after ``received`` is refused, or None."""
+        if next_read > MAX_PDU_BYTES + 6:
+            return f"a PDU of {next_read} bytes, over the {MAX_PDU_BYTES} this node accepts"
+        if received + next_read > self.max_received_bytes:
+            return (
+                f"a data set of more than {self.max_received_bytes} bytes "
+                "(limits.max_received_bytes)"
+            )
+        crossed = (received + next_read) // SPACE_CHECK_BYTES > received // SPACE_CHECK_BYTES
+        if crossed and self.min_free_bytes:
+            free = shutil.disk_usage(self.spool_root).free
+            if free < self.min_free_bytes:
+                return f"only {free // 2**20} MiB free for the spool, under min_free_bytes"
+        return None
+
+
+class _GuardedSocket(AssociationSocket):
+    """The socket of every accepted association (``_RequestHandler`` gives it this
+    class): each read is checked by ``ReceiveLimits`` before it is made. pynetdicom
+    reads a PDU as its 6-byte header and then one read of the length it declares,
+    so that read is refused, not its bytes gathered. ``received`` counts what came
+    since the last complete message (reset by the handlers)."""
+
+    limits: ReceiveLimits | None = None
+    received = 0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        reason = self.limits.refuse(self.received, nr_bytes) if self.limits else None
+        if reason is not None:
+            aet = self.assoc.requestor.ae_title
+            log.warning("association from %s closed: %s", str(aet).strip(), reason)
+            raise OSError(reason)  # the DUL closes the connection: the association ends
+        data = super().recv(nr_bytes)
+        self.received += len(data)
+        return data
+
+
+def _receive_file(**kwargs: Any) -> Any:
+    """pynetdicom's temporary file for a C-STORE data set as it arrives, made in the
+    receiving node's spool ``tmp/``: on the spool's file system (a rename, not a copy,
+    and counted by its free-space checks) and swept by ``Spool.sweep_tmp`` when a
+    transfer is cut off. pynetdicom opens it in the association's DUL thread and has
+    no setting for its folder; elsewhere (none found) it is the system's."""
+    dul = threading.current_thread()
+    limits = getattr(getattr(dul, "socket", None), "limits", None)
+    folder = getattr(limits, "receive_dir", None)
+    return tempfile.NamedTemporaryFile(dir=folder, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+
+
+def message_done(assoc: Association) -> None:
+    """A message has arrived whole: the next one's count starts."""
+    if isinstance(assoc.dul.socket, _GuardedSocket):
+        assoc.dul.socket.received = 0
+
+
+class _RequestHandler(RequestHandler):
+    limits: ReceiveLimits | None = None
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        if sock is not None and self.limits is not None:
+            sock.__class__ = _GuardedSocket  # same object and state, checked reads
+            sock.limits = self.limits  # type: ignore[attr-defined]
+        return assoc
+
+
 class _NodeAE(AE):
+    receive_limits: ReceiveLimits | None = None
+
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["server_class"] = _Server
+        handler = type("RequestHandler", (_RequestHandler,), {"limits": self.receive_limits})
+        kwargs["request_handler"] = handler
         return super().make_server(*args, **kwargs)
 
 
 def make_ae(settings: Settings) -> AE:
+    # The data set goes to a file as it arrives (process-wide in pynetdicom: only
+    # the SCP's receipt of C-STORE requests changes).
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[assignment]
     ae = _NodeAE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0  # unlimited: large XA runs
+    ae.receive_limits = ReceiveLimits(
+        settings.limits.max_received_bytes,
+        Path(settings.storage_dir),
+        settings.min_free_bytes,
+        Path(settings.storage_dir) / "tmp",
+    )
+    ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.network_timeout = 60
     ae.dimse_timeout = 120
     ae.acse_timeout = 30
@@ -94,21 +212,23 @@ def make_ae(settings: Settings) -> AE:
 
 def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
     def handle_store(event: Event) -> int:
+        message_done(event.assoc)
         calling = _calling_aet(event)
         try:
-            data = event.encoded_dataset()
+            path = event.dataset_path  # written as it arrived, with its file meta
             requested = str(event.request.AffectedSOPClassUID)
         except (ValueError, AttributeError, TypeError) as exc:
             log.warning(
                 "C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc
             )
             return RejectedInstance.CANNOT_UNDERSTAND
-        return ingest.receive(data, requested, calling, "dimse", _peer(event)).status
+        return ingest.receive(path, requested, calling, "dimse", _peer(event)).status
 
     return handle_store
 
 
 def _handle_echo(event: Event) -> int:
+    message_done(event.assoc)
     log.info("C-ECHO from %s", _calling_aet(event))
     return 0x0000
 

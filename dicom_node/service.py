@@ -32,6 +32,10 @@ from dicom_node.spool import Spool
 from dicom_node.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
+# A file in the spool's tmp/ not written for this long is left from a transfer that
+# ended before its last byte: a live one is written at least every network timeout
+# (60 s), and a complete one is moved out within its C-STORE.
+TMP_MAX_AGE_S = 600.0
 
 
 class Node:
@@ -81,6 +85,15 @@ class Node:
             max_instances=1,
             coalesce=True,
             id="completion-sweep",
+        )
+        self.scheduler.add_job(
+            self.spool.sweep_tmp,
+            "interval",
+            args=[TMP_MAX_AGE_S],
+            seconds=60,
+            max_instances=1,
+            coalesce=True,
+            id="tmp-sweep",
         )
         self.scheduler.start()
         self.server = start_scp(self.settings, self.ingest, self.audit, self.metrics)

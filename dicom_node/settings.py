@@ -120,6 +120,11 @@ class LimitsSettings(Strict):
     max_inflated_bytes: int = Field(
         2 * 2**30 + 64 * 2**20, ge=1, description="a deflated data set once inflated"
     )
+    max_received_bytes: int = Field(
+        2 * 2**30 + 64 * 2**20,
+        ge=1,
+        description="one C-STORE as it arrives; past it the association is aborted",
+    )
 
 
 class OutboxSettings(Strict):

@@ -3,29 +3,37 @@ sender hears Success.
 
 Order of operations for one instance: check the header (UIDs, SOP class, pixel
 module, declared size against the limits: nothing is decoded), check free
-space, write to ``tmp/``, ``fsync`` the file, ``rename`` it into
+space, write to ``tmp/`` (or take the file the storage SCP already wrote as the
+data arrived), ``fsync`` the file, ``rename`` it into
 ``spool/<study>/<series>/<sop>.dcm``, ``fsync`` the directory, then index it.
+A received file is read for its header only: pixel data in a native transfer
+syntax is never loaded, so a large instance costs no memory.
 Only then is Success returned. A duplicate SOP Instance UID is idempotent: the
 file is replaced atomically and the index row kept.
 
-At start, ``recover`` removes partial writes and indexes spool files a crash
-left unindexed (or moves them to ``quarantine/`` when they no longer pass the
-checks).
+At start, ``recover`` removes partial writes (and files of transfers cut off
+mid-way) and indexes spool files a crash left unindexed (or moves them to
+``quarantine/`` when they no longer pass the checks); ``sweep_tmp`` removes
+such files while the node runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import re
 import shutil
 import struct
+import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -44,6 +52,8 @@ log = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
+# Elements longer than this are left on disk when a header is read (pixel data).
+_DEFER_BYTES = 64 * 1024
 # What a parse of hostile bytes raises in pydicom (struct and index errors included).
 PARSE_ERRORS = (
     InvalidDicomError,
@@ -123,9 +133,8 @@ def _too_large(reason: str) -> RejectedInstance:
     return RejectedInstance(RejectedInstance.OVER_LIMITS, reason)
 
 
-def _check_inflated_size(data: bytes, limits: LimitsSettings) -> None:
+def _check_inflated_size(fp: BinaryIO, limits: LimitsSettings) -> None:
     """A deflated data set is inflated with a bound before pydicom inflates it whole."""
-    fp = BytesIO(data)
     try:
         read_preamble(fp, True)
         meta = _read_file_meta_info(fp)
@@ -207,17 +216,20 @@ def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings) -> in
             f"declared image of {rows}x{cols}x{frames}x{spp}x{bits} bits decodes to "
             f"{expected} bytes, over limits.max_decoded_bytes {limits.max_decoded_bytes}"
         )
-    pixel = ds.get("PixelData")
-    if pixel is None:
+    item = ds.get_item("PixelData", keep_deferred=True)
+    # a long value is left on disk (deferred, None): its length is in its header
+    value = None if item is None else item.value
+    length = len(value) if value is not None else int(getattr(item, "length", 0) or 0)
+    if item is None or not length:
         raise _mismatch("image has no Pixel Data")
-    pixel = bytes(pixel)
     if not data_ts.is_compressed:
-        if len(pixel) < expected:
+        if length < expected:
             raise RejectedInstance(
                 RejectedInstance.CANNOT_UNDERSTAND,
-                f"Pixel Data is truncated: {len(pixel)} of {expected} bytes",
+                f"Pixel Data is truncated: {length} of {expected} bytes",
             )
         return frames
+    pixel = bytes(ds.PixelData)
     if not pixel.startswith(_ITEM_TAG):
         raise _mismatch(f"Pixel Data is not encapsulated, but the transfer syntax is {data_ts}")
     try:
@@ -235,14 +247,40 @@ def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings) -> in
     return frames
 
 
-def inspect(
-    data: bytes, requested_sop_class: str, limits: LimitsSettings, max_uid_length: int = 64
-) -> Header:
-    """Check a received data set without decoding its pixels; raises RejectedInstance
-    with the precise status."""
-    _check_inflated_size(data, limits)
+@contextlib.contextmanager
+def _opened(source: bytes | Path) -> Iterator[BinaryIO]:
+    if isinstance(source, bytes):
+        yield BytesIO(source)
+        return
     try:
-        ds = dcmread(BytesIO(data), force=True)
+        fh = open(source, "rb")  # noqa: SIM115 - closed below, after the deferred reads
+    except OSError as exc:
+        raise RejectedInstance(
+            RejectedInstance.PROCESSING_FAILURE, f"received file cannot be read: {exc}"
+        ) from None
+    with fh:
+        yield fh
+
+
+def inspect(
+    source: bytes | Path,
+    requested_sop_class: str,
+    limits: LimitsSettings,
+    max_uid_length: int = 64,
+) -> Header:
+    """Check a received data set (its bytes, or the file it was written to) without
+    decoding its pixels; raises RejectedInstance with the precise status."""
+    with _opened(source) as fp:
+        _check_inflated_size(fp, limits)
+        fp.seek(0)
+        return _inspect(fp, requested_sop_class, limits, max_uid_length)
+
+
+def _inspect(
+    fp: BinaryIO, requested_sop_class: str, limits: LimitsSettings, max_uid_length: int
+) -> Header:
+    try:
+        ds = dcmread(fp, force=True, defer_size=_DEFER_BYTES)
         uids = [
             ds.get(kw)
             for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
@@ -331,13 +369,47 @@ class Spool:
                 raise OutOfResources(f"disk full while writing {final.name}: {exc}") from None
             raise
 
-    def store(self, data: bytes, requested_sop_class: str = "", calling_aet: str = "") -> Stored:
-        """Persist one received instance (``data`` is a DICOM file with meta) and index it."""
-        head = inspect(data, requested_sop_class, self.limits, self.max_uid_length)
-        self._check_space(len(data))
+    def _move_durably(self, source: Path, final: Path) -> None:
+        """The file the SCP wrote as the data arrived becomes ``final``: fsync, rename
+        (a copy through ``tmp/`` when it lies on another file system), fsync the
+        directory."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(source, "rb") as fh:
+                os.fsync(fh.fileno())
+            try:
+                os.replace(source, final)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+                try:
+                    shutil.copyfile(source, tmp)
+                    with open(tmp, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, final)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfResources(f"disk full while writing {final.name}: {exc}") from None
+            raise
+
+    def store(
+        self, source: bytes | Path, requested_sop_class: str = "", calling_aet: str = ""
+    ) -> Stored:
+        """Persist one received instance and index it: ``source`` is a DICOM file with
+        meta, as bytes or as the file the storage SCP wrote (moved into the spool)."""
+        head = inspect(source, requested_sop_class, self.limits, self.max_uid_length)
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        self._check_space(size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
-        self._write_durably(data, final)
-        recorded = self._index(head, final, len(data), calling_aet)
+        if isinstance(source, bytes):
+            self._write_durably(source, final)
+        else:
+            self._move_durably(source, final)
+        recorded = self._index(head, final, size, calling_aet)
         if recorded.duplicate:
             log.info("duplicate %s stored again (idempotent)", head.sop_instance_uid)
         return Stored(
@@ -367,21 +439,32 @@ class Spool:
             )
         )
 
+    def sweep_tmp(self, older_than_s: float) -> int:
+        """Remove files in ``tmp/`` not written for ``older_than_s``: partial writes of a
+        crash, and data sets of transfers that ended before their last byte (the SCP
+        writes them there as they arrive). Returns how many were removed."""
+        removed = 0
+        now = time.time()
+        for path in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if path.is_file() and now - path.stat().st_mtime >= older_than_s:
+                    path.unlink()
+                    removed += 1
+        return removed
+
     def recover(self) -> tuple[int, int, int]:
         """After a crash: remove partial writes, index what was written but not indexed
         (the sender never heard Success for it), quarantine what fails the checks.
 
         Returns (partial files removed, files indexed, files quarantined)."""
-        removed = indexed = quarantined = 0
-        for part in self.tmp.glob("*.part"):
-            part.unlink(missing_ok=True)
-            removed += 1
+        removed = self.sweep_tmp(0.0)
+        indexed = quarantined = 0
         known = self.db.indexed_paths()
         for path in sorted(self.spool.rglob("*.dcm")):
             if str(path) in known:
                 continue
             try:
-                head = inspect(path.read_bytes(), "", self.limits, self.max_uid_length)
+                head = inspect(path, "", self.limits, self.max_uid_length)
                 expected = self.spool / head.study_uid / head.series_uid
                 if path.parent != expected or path.stem != head.sop_instance_uid:
                     raise RejectedInstance(

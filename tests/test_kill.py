@@ -9,11 +9,7 @@ destination, and the destination got at most one extra copy per kill.
 from __future__ import annotations
 
 import collections
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +21,7 @@ from pydicom.uid import XRayAngiographicImageStorage, generate_uid
 from pynetdicom import AE
 
 from dicom_node.db import Database
-from tests.conftest import StoreSCP, free_port, wait_for
+from tests.conftest import NodeProcess, StoreSCP, free_port, wait_for
 from tests.dicomgen import xa_run
 
 pytestmark = pytest.mark.slow
@@ -77,38 +73,6 @@ sop_class_uid = ["XRayAngiographicImageStorage"]
 """
     )
     return path
-
-
-class NodeProcess:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.log = config.with_suffix(".log")
-        self.starts = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.starts += 1
-        wait_for(
-            lambda: self.log.read_text().count("storage SCP") >= self.starts,
-            120,
-            what="the node to listen",
-        )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(60)
 
 
 def _scu() -> AE:

@@ -1,0 +1,165 @@
+"""What a sender sends cannot make the node's memory or disk run out (``dicom_node.scp``):
+a C-STORE's data set goes to a file as it arrives and is renamed into the spool; a PDU
+longer than the node accepts, or a data set past ``limits.max_received_bytes``, ends
+the association; a transfer cut off leaves no file behind."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, generate_uid
+from pynetdicom import AE
+
+from dicom_node.scp import MAX_PDU_BYTES, SPACE_CHECK_BYTES, ReceiveLimits
+from tests.conftest import NodeProcess, free_port, wait_for
+
+MIB = 2**20
+
+
+def _instance(pixel_bytes: int) -> Dataset:
+    """An XA instance of 512 x 512 x N frames whose Pixel Data is ``pixel_bytes`` long."""
+    ds = Dataset()
+    ds.SOPClassUID = XRayAngiographicImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "XA"
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = pixel_bytes // (512 * 512 * 2)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = bytes(pixel_bytes)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _store(port: int, ds: Dataset) -> int | None:
+    """The C-STORE status, or None when the association ended without one."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate("127.0.0.1", port, ae_title="ANGIO_NODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+        return int(status.Status) if status and "Status" in status else None
+    except (RuntimeError, OSError):
+        return None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+class _Serve(NodeProcess):
+    """``dicom-node serve`` in its own process (its memory is its own to measure)."""
+
+    def __init__(self, tmp_path: Path, max_received: int) -> None:
+        self.port = free_port()
+        self.storage = tmp_path / "node"
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'ae_title = "ANGIO_NODE"\nport = {self.port}\nstorage_dir = "{self.storage}"\n'
+            f"min_free_bytes = 0\n[api]\nenabled = false\n"
+            f"[limits]\nmax_received_bytes = {max_received}\n"
+        )
+        super().__init__(config)
+
+    def indexed(self) -> int:
+        import sqlite3
+
+        with sqlite3.connect(self.storage / "node.sqlite") as db:
+            return int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+
+@pytest.fixture
+def node(tmp_path: Path):  # type: ignore[no-untyped-def]
+    serve = _Serve(tmp_path, max_received=300 * MIB)
+    serve.start()
+    yield serve
+    serve.terminate()
+
+
+def test_a_large_instance_costs_no_memory_and_is_moved_into_the_spool(node) -> None:  # type: ignore[no-untyped-def]
+    """256 MiB of Pixel Data: the node's peak memory grows by less than 64 MiB (it grew
+    by four times the data set when the data set was gathered in memory, copied, parsed
+    and copied again), and the file it wrote as the data arrived is the spool file."""
+    assert node.proc is not None
+    before = _memory_kib(node.proc.pid, "VmRSS")
+    ds = _instance(256 * MIB)
+    assert _store(node.port, ds) == 0
+    grown_mib = (_memory_kib(node.proc.pid, "VmHWM") - before) / 1024
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
+    stored = list((node.storage / "spool").rglob(f"{ds.SOPInstanceUID}.dcm"))
+    assert len(stored) == 1 and stored[0].stat().st_size > 256 * MIB
+    assert not any((node.storage / "tmp").iterdir())  # renamed, not copied
+    print(f"peak memory grew by {grown_mib:.1f} MiB for a 256 MiB data set")
+
+
+def test_an_oversized_pdu_or_data_set_ends_the_association_and_the_node_goes_on(node) -> None:  # type: ignore[no-untyped-def]
+    """A PDU that declares 2 GiB is refused at its header, before a byte of it is
+    gathered; a data set past ``max_received_bytes`` is cut off at the limit. The
+    partial file is removed at the next start; nothing of either is indexed, and the
+    node stores the next instance."""
+    assert node.proc is not None
+    with socket.create_connection(("127.0.0.1", node.port), timeout=30) as raw:
+        raw.sendall(struct.pack(">BBL", 0x04, 0, 2**31) + bytes(64 * 1024))
+        raw.settimeout(30)
+        assert raw.recv(1) == b""  # the node closed the connection
+    wait_for(lambda: "a PDU of 2147483648 bytes" in node.log.read_text(), 30, what="the log")
+
+    started = time.monotonic()
+    assert _store(node.port, _instance(400 * MIB)) is None
+    assert time.monotonic() - started < 120
+    log = node.log.read_text()
+    assert "closed: a data set of more than 314572800 bytes" in log
+    partial = list((node.storage / "tmp").iterdir())
+    assert partial, "the cut-off data set was written to the spool's tmp/"
+    assert sum(p.stat().st_size for p in partial) <= 300 * MIB
+
+    assert node.proc.poll() is None
+    small = _instance(2 * 512 * 512 * 2)
+    assert _store(node.port, small) == 0
+    assert node.indexed() == 1
+    node.terminate()
+    node.start()  # recover: a transfer cut off leaves nothing behind
+    assert not any((node.storage / "tmp").iterdir())
+    assert node.indexed() == 1
+
+
+def test_receive_limits_refuse_what_is_too_long_and_disk_that_is_too_full(tmp_path: Path) -> None:
+    limits = ReceiveLimits(100 * MIB, tmp_path, min_free_bytes=0)
+    assert limits.refuse(0, 6) is None
+    assert limits.refuse(0, MAX_PDU_BYTES) is None
+    assert "PDU of" in (limits.refuse(0, MAX_PDU_BYTES + 7) or "")
+    assert limits.refuse(96 * MIB, 4 * MIB) is None
+    assert "data set of more than" in (limits.refuse(97 * MIB, 4 * MIB) or "")
+    full = ReceiveLimits(10 * 2**40, tmp_path, min_free_bytes=2**62)
+    assert full.refuse(0, 1024) is None  # free space is checked once per SPACE_CHECK_BYTES
+    assert "free for the spool" in (full.refuse(SPACE_CHECK_BYTES - 10, 1024) or "")
+
+
+def test_sweep_removes_files_of_transfers_that_stopped_writing(tmp_path: Path) -> None:
+    from dicom_node.db import Database
+    from dicom_node.spool import Spool
+
+    spool = Spool(tmp_path / "s", Database(tmp_path / "index.sqlite3"))
+    old, fresh = spool.tmp / "tmpold.dcm", spool.tmp / "tmpfresh.dcm"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert spool.sweep_tmp(600) == 1
+    assert not old.exists() and fresh.exists()
