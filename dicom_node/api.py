@@ -331,8 +331,11 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
             length = stow.declared_length(self.headers)
             reader = stow.BodyReader(self.rfile, length, api.max_body_bytes)  # type: ignore[arg-type]
             self.body_read = True
-            parts = stow.iter_parts(
-                self.headers.get("Content-Type", ""), reader.read, api.max_part_bytes
+            parts = stow.iter_part_files(
+                self.headers.get("Content-Type", ""),
+                reader.read,
+                api.max_part_bytes,
+                node.ingest.spool.tmp,
             )
             status, payload = stow.stow_parts(node.ingest, path, parts, source, self.peer)
             node.audit.api_call(

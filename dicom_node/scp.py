@@ -15,9 +15,14 @@ to a file as its PDUs arrive (pynetdicom's chunked receipt), in the spool's
 the spool reads only its header.
 Every accepted association's socket is a ``_GuardedSocket``: a PDU longer than
 ``MAX_PDU_BYTES`` (pynetdicom reads whatever length a PDU declares), a data set
-past ``limits.max_received_bytes``, or free space under ``min_free_bytes`` while
-the data arrives closes the connection (the association is aborted, nothing was
-acknowledged) and the reason is logged with the calling AE title.
+past ``limits.max_received_bytes``, free space under ``min_free_bytes`` while
+the data arrives, or a peer too slow (a PDU not whole within
+``network_timeout_s`` plus its length at ``MIN_RATE``, or a message arriving
+below ``MIN_RATE`` after ``network_timeout_s``: pynetdicom's own timeout is
+checked only between PDUs, so a PDU cut short held its association, and with
+``max_associations`` of them the node took no more) closes the connection (the
+association is aborted, nothing was acknowledged) and the reason is logged with
+the calling AE title.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
@@ -54,6 +60,9 @@ HANDSHAKE_TIMEOUT_S = 30.0
 MAX_PDU_BYTES = 4 * 2**20
 # Free space is checked again each time this much of one data set has arrived.
 SPACE_CHECK_BYTES = 64 * 2**20
+# The slowest a PDU or a message may arrive (bytes/s) once network_timeout_s has passed:
+# a 4 MiB PDU over a 128 kbit/s link.
+MIN_RATE = 16 * 1024
 
 
 def _calling_aet(event: Event) -> str:
@@ -101,11 +110,23 @@ class ReceiveLimits:
         spool_root: Path,
         min_free_bytes: int,
         receive_dir: Path | None = None,
+        timeout_s: float = 60.0,
     ) -> None:
         self.max_received_bytes = max_received_bytes
         self.spool_root = spool_root
         self.min_free_bytes = min_free_bytes
         self.receive_dir = receive_dir
+        self.timeout_s = timeout_s
+
+    def read_seconds(self, nr_bytes: int) -> float:
+        """How long one read of ``nr_bytes`` (a PDU's header, or its body) may take."""
+        return self.timeout_s + nr_bytes / MIN_RATE
+
+    def too_slow(self, received: int, elapsed_s: float) -> str | None:
+        """Why a message of which ``received`` bytes came in ``elapsed_s`` is too slow."""
+        if elapsed_s > self.timeout_s and received < MIN_RATE * elapsed_s:
+            return f"{received} bytes of a message in {elapsed_s:.0f} s, under {MIN_RATE} bytes/s"
+        return None
 
     def refuse(self, received: int, next_read: int) -> str | None:
         """Why reading ``next_read`` more bytes after ``received`` is refused, or None."""
@@ -133,15 +154,43 @@ class _GuardedSocket(AssociationSocket):
 
     limits: ReceiveLimits | None = None
     received = 0
+    started: float | None = None  # when the current message's first byte was read
+
+    def _refuse(self, reason: str) -> NoReturn:
+        aet = self.assoc.requestor.ae_title
+        log.warning("association from %s closed: %s", str(aet).strip(), reason)
+        raise OSError(reason)  # the DUL closes the connection: the association ends
 
     def recv(self, nr_bytes: int) -> bytearray:
-        reason = self.limits.refuse(self.received, nr_bytes) if self.limits else None
+        """pynetdicom's read (until ``nr_bytes`` or the peer closes), with the checks,
+        under a deadline: the underlying socket waits at most what is left of it."""
+        limits = self.limits
+        if limits is None or self.socket is None:
+            return super().recv(nr_bytes)
+        reason = limits.refuse(self.received, nr_bytes)
         if reason is not None:
-            aet = self.assoc.requestor.ae_title
-            log.warning("association from %s closed: %s", str(aet).strip(), reason)
-            raise OSError(reason)  # the DUL closes the connection: the association ends
-        data = super().recv(nr_bytes)
+            self._refuse(reason)
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        deadline = now + limits.read_seconds(nr_bytes)
+        data = bytearray()
+        while len(data) < nr_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._refuse(f"{len(data)} of {nr_bytes} bytes of a PDU came in time, too slow")
+            self.socket.settimeout(left)
+            try:
+                chunk = self.socket.recv(min(nr_bytes - len(data), 1 << 16))
+            except TimeoutError:
+                continue
+            if not chunk:
+                break  # the peer closed: a short read, as pynetdicom's
+            data += chunk
         self.received += len(data)
+        reason = limits.too_slow(self.received, time.monotonic() - self.started)
+        if reason is not None:
+            self._refuse(reason)
         return data
 
 
@@ -161,6 +210,7 @@ def message_done(assoc: Association) -> None:
     """A message has arrived whole: the next one's count starts."""
     if isinstance(assoc.dul.socket, _GuardedSocket):
         assoc.dul.socket.received = 0
+        assoc.dul.socket.started = None
 
 
 class _RequestHandler(RequestHandler):
@@ -196,11 +246,14 @@ def make_ae(settings: Settings) -> AE:
         Path(settings.storage_dir),
         settings.min_free_bytes,
         Path(settings.storage_dir) / "tmp",
+        settings.network_timeout_s,
     )
     ae.maximum_pdu_size = MAX_PDU_BYTES
-    ae.network_timeout = 60
+    ae.network_timeout = settings.network_timeout_s
     ae.dimse_timeout = 120
-    ae.acse_timeout = 30
+    # An acceptor whose connection closed before its association request waits this
+    # long before it frees its place among max_associations.
+    ae.acse_timeout = min(30.0, settings.network_timeout_s)
     ae.add_supported_context(Verification)
     for sop_class in ACCEPTED_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -242,6 +295,7 @@ class _Associations:
         self.metrics = metrics
 
     def accepted(self, event: Event) -> None:
+        message_done(event.assoc)  # the association's request is not a message
         subject = peer_subject(getattr(event.assoc.dul.socket, "socket", None))
         log.info("association from %s at %s accepted", _calling_aet(event), _peer(event))
         if self.metrics:

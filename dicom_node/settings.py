@@ -364,6 +364,12 @@ class Settings(Strict):
     audit: AuditSettings = AuditSettings()
     engine: EngineSettings = EngineSettings()
     max_associations: int = Field(32, ge=1, le=1024, description="concurrent DICOM associations")
+    network_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a DICOM peer silent this long is dropped; so is one whose PDU or "
+        "message arrives more slowly than 16 KiB/s beyond it",
+    )
     destinations: list[Destination] = []
     # Model package folder per pipeline name; a pipeline without one uses its classical path.
     models: dict[str, Path] = {}

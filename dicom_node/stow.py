@@ -11,8 +11,10 @@ Referenced SOP Sequence (0008,1199) for what was stored, Failed SOP Sequence
 (0008,1198) with the DIMSE status as Failure Reason (0008,1197) for what was
 refused; HTTP 200 when all were stored, 202 when some, 409 when none.
 
-The body is parsed as a stream: one part at a time is held in memory (at most
-``api.max_part_bytes``, else 413), each part is stored as soon as it is whole,
+The body is parsed as a stream: each part is written to a file in the spool's
+``tmp/`` as it arrives (``iter_part_files``; memory holds one read of the socket,
+not the part; at most ``api.max_part_bytes`` a part, else 413), moved into the
+spool by the same ingest as a C-STORE's file as soon as it is whole,
 and the body as a whole may not pass ``api.max_body_bytes`` (413, checked
 against Content-Length before anything is read, and while reading a chunked
 body). A body needs a valid Content-Length or chunked transfer coding (411 and
@@ -23,11 +25,14 @@ C-STORE; a sender that retries sends duplicates, which are idempotent.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from email.message import Message
 from io import BytesIO
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -45,6 +50,7 @@ STOW_SOURCE = "STOW-RS"
 _READ = 1 << 20  # bytes read from the socket at a time
 _MAX_HEADERS = 16 << 10  # a part's header block
 _MAX_PREAMBLE = 64 << 10
+_MAX_HEADER_READ = 1 << 20  # of a part's file, for its UIDs
 
 
 class StowError(Exception):
@@ -142,11 +148,72 @@ def _boundary(content_type: str) -> tuple[bytes, str]:
     return b"--" + boundary.encode(), str(msg.get_param("type") or "application/dicom")
 
 
+T = TypeVar("T", covariant=True)
+
+
+class _Sink(Protocol, Generic[T]):
+    def write(self, data: bytes | bytearray) -> None: ...
+    def result(self) -> T: ...
+    def discard(self) -> None: ...
+
+
+class _BytesSink:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.buf += data
+
+    def result(self) -> bytes:
+        return bytes(self.buf)
+
+    def discard(self) -> None:
+        self.buf = bytearray()
+
+
+class _FileSink:
+    """A part written to ``folder`` as it arrives (``.part``: the spool's recovery and
+    sweep remove what a cut-off request leaves)."""
+
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(suffix=".part", dir=folder)
+        self.fh = os.fdopen(fd, "wb")
+        self.path = Path(name)
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.fh.write(data)
+
+    def result(self) -> Path:
+        self.fh.close()
+        return self.path
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+
 def iter_parts(
     content_type: str, read: Callable[[], bytes], max_part: int
 ) -> Iterator[tuple[str, bytes]]:
     """(content type, bytes) of each part of a multipart/related stream (RFC 2046),
     each yielded as soon as it is whole; ``read`` returns b"" at the end."""
+    return _parts(content_type, read, max_part, _BytesSink)
+
+
+def iter_part_files(
+    content_type: str, read: Callable[[], bytes], max_part: int, folder: Path
+) -> Iterator[tuple[str, Path]]:
+    """As :func:`iter_parts`, each part written to a file in ``folder`` as it arrives;
+    the file is the caller's once yielded (to move or delete)."""
+    return _parts(content_type, read, max_part, lambda: _FileSink(folder))
+
+
+def _parts(
+    content_type: str,
+    read: Callable[[], bytes],
+    max_part: int,
+    new_sink: Callable[[], _Sink[T]],
+) -> Iterator[tuple[str, T]]:
     delimiter, default_type = _boundary(content_type)
     buf = bytearray()
     eof = False
@@ -183,19 +250,28 @@ def iter_parts(
                 headers[key.strip()] = value.strip()
         del buf[: head_end + 4]
         closing = b"\r\n" + delimiter
-        searched = 0
-        while (end := buf.find(closing, searched)) < 0:
-            if len(buf) > max_part + len(closing):
+        keep = len(closing) - 1  # a delimiter may straddle two reads
+        sink = new_sink()
+        written = 0
+        try:
+            while (end := buf.find(closing)) < 0:
+                if len(buf) > keep:
+                    sink.write(buf[:-keep])
+                    written += len(buf) - keep
+                    del buf[:-keep]
+                if written > max_part:
+                    raise StowError(413, f"multipart part {number} is larger than {max_part} bytes")
+                if not fill():
+                    raise StowError(400, f"multipart part {number} is not closed by the boundary")
+            if written + end > max_part:
                 raise StowError(413, f"multipart part {number} is larger than {max_part} bytes")
-            searched = max(0, len(buf) - len(closing))
-            if not fill():
-                raise StowError(400, f"multipart part {number} is not closed by the boundary")
-        if end > max_part:
-            raise StowError(413, f"multipart part {number} is larger than {max_part} bytes")
-        ctype = headers.get_content_type() if headers["Content-Type"] else default_type
-        part = bytes(buf[:end])
+            sink.write(buf[:end])
+        except BaseException:
+            sink.discard()
+            raise
         del buf[: end + len(closing)]
-        yield ctype, part
+        ctype = headers.get_content_type() if headers["Content-Type"] else default_type
+        yield ctype, sink.result()
 
 
 def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
@@ -204,11 +280,13 @@ def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     return list(iter_parts(content_type, lambda: stream.read(_READ), len(body) + 1))
 
 
-def _uids(data: bytes) -> tuple[str, str, str]:
+def _uids(data: bytes | Path) -> tuple[str, str, str]:
     """(SOP Class, SOP Instance, Study Instance UID) as far as the header can be read,
     each empty unless it is a valid UID. A deflated data set is not inflated here
     (the spool inflates it with a bound): its file meta names the first two."""
     try:
+        if isinstance(data, Path):
+            data = _head(data)
         fp = BytesIO(data)
         read_preamble(fp, True)
         meta = _read_file_meta_info(fp)
@@ -232,6 +310,13 @@ def _uids(data: bytes) -> tuple[str, str, str]:
     return out[0], out[1], out[2]
 
 
+def _head(path: Path) -> bytes:
+    """The first bytes of a part's file: its header (the UIDs come before the pixels;
+    a header cut short reads as no UID)."""
+    with open(path, "rb") as fh:
+        return fh.read(_MAX_HEADER_READ)
+
+
 def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, Any]:
     item: dict[str, Any] = {
         "00081150": {"vr": "UI", "Value": [sop_class]} if sop_class else {"vr": "UI"},
@@ -245,33 +330,25 @@ def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, 
 def stow_parts(
     ingest: Ingest,
     path: str,
-    parts: Iterator[tuple[str, bytes]],
+    parts: Iterator[tuple[str, bytes | Path]],
     source: str = STOW_SOURCE,
     peer: str = "",
 ) -> tuple[int, dict[str, Any]]:
-    """Store every application/dicom part as it arrives; (HTTP status, DICOM JSON)."""
+    """Store every application/dicom part as it arrives; (HTTP status, DICOM JSON).
+    A part given as a file is moved into the spool when stored, else deleted."""
     match = STOW_PATH.match(path)
     if match is None:
         raise StowError(404, f"no STOW-RS route {path}")
     target_study = match.group(1)
-    stored, failed = [], []
+    stored: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for i, (ctype, data) in enumerate(parts, start=1):
-        sop_class, sop_uid, study = _uids(data)
-        if ctype != "application/dicom":
-            log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])
-            failed.append(_item(sop_class, sop_uid, RejectedInstance.SOP_CLASS_NOT_SUPPORTED))
-            continue
-        if target_study and study != target_study:
-            log.warning(
-                "STOW-RS part %d refused: study %s is not the target %s", i, study, target_study
-            )
-            failed.append(_item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND))
-            continue
-        receipt = ingest.receive(data, "", source, "stow", peer)
-        if receipt.ok:
-            stored.append(_item(sop_class, sop_uid))
-        else:
-            failed.append(_item(sop_class, sop_uid, receipt.status))
+        try:
+            item = _stow_part(ingest, i, ctype, data, target_study, source, peer)
+        finally:
+            if isinstance(data, Path):
+                data.unlink(missing_ok=True)  # gone already when stored (moved)
+        (failed if "00081197" in item else stored).append(item)
     if not stored and not failed:
         raise StowError(400, "multipart body with no part")
     response: dict[str, Any] = {}
@@ -280,6 +357,29 @@ def stow_parts(
     if failed:
         response["00081198"] = {"vr": "SQ", "Value": failed}
     return (200 if not failed else 202 if stored else 409), response
+
+
+def _stow_part(
+    ingest: Ingest,
+    i: int,
+    ctype: str,
+    data: bytes | Path,
+    target_study: str | None,
+    source: str,
+    peer: str,
+) -> dict[str, Any]:
+    """One part's item of the response: Referenced SOP, or Failed SOP with its reason."""
+    sop_class, sop_uid, study = _uids(data)
+    if ctype != "application/dicom":
+        log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])
+        return _item(sop_class, sop_uid, RejectedInstance.SOP_CLASS_NOT_SUPPORTED)
+    if target_study and study != target_study:
+        log.warning(
+            "STOW-RS part %d refused: study %s is not the target %s", i, study, target_study
+        )
+        return _item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND)
+    receipt = ingest.receive(data, "", source, "stow", peer)
+    return _item(sop_class, sop_uid) if receipt.ok else _item(sop_class, sop_uid, receipt.status)
 
 
 def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:

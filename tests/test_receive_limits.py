@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def _store(port: int, ds: Dataset) -> int | None:
     ae.add_requested_context(XRayAngiographicImageStorage, ExplicitVRLittleEndian)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     assoc = ae.associate("127.0.0.1", port, ae_title="ANGIO_NODE")
-    assert assoc.is_established
+    if not assoc.is_established:
+        return None
     try:
         status = assoc.send_c_store(ds)
         return int(status.Status) if status and "Status" in status else None
@@ -66,13 +68,15 @@ def _memory_kib(pid: int, field: str) -> int:
 class _Serve(NodeProcess):
     """``dicom-node serve`` in its own process (its memory is its own to measure)."""
 
-    def __init__(self, tmp_path: Path, max_received: int) -> None:
-        self.port = free_port()
+    def __init__(self, tmp_path: Path, max_received: int, network_timeout_s: float = 60) -> None:
+        self.port, self.api_port = free_port(), free_port()
         self.storage = tmp_path / "node"
         config = tmp_path / "node.toml"
         config.write_text(
             f'ae_title = "ANGIO_NODE"\nport = {self.port}\nstorage_dir = "{self.storage}"\n'
-            f"min_free_bytes = 0\n[api]\nenabled = false\n"
+            f"min_free_bytes = 0\nnetwork_timeout_s = {network_timeout_s}\n"
+            f"max_associations = 2\n[api]\nport = {self.api_port}\n"
+            f"max_part_bytes = {max_received}\n"
             f"[limits]\nmax_received_bytes = {max_received}\n"
         )
         super().__init__(config)
@@ -163,3 +167,77 @@ def test_sweep_removes_files_of_transfers_that_stopped_writing(tmp_path: Path) -
     os.utime(old, (hour_ago, hour_ago))
     assert spool.sweep_tmp(600) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_large_stow_rs_part_costs_no_memory_and_leaves_no_file(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """STOW-RS: a 256 MiB part is written to the spool's tmp/ as it arrives and moved into
+    the spool (peak memory grows by less than 64 MiB; it held the part twice before); a
+    part refused (another study than the target) leaves no file behind."""
+    from tests.test_security import multipart
+
+    assert node.proc is not None
+    ds = _instance(256 * MIB)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    part = tmp_path / "part.dcm"
+    ds.save_as(part, enforce_file_format=True)
+    del ds
+    ctype, body = multipart([part.read_bytes()])
+    path = tmp_path / "body.bin"
+    path.write_bytes(body)
+    del body
+    url = f"http://127.0.0.1:{node.api_port}/dicom-web/studies"
+
+    def post(target: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["curl", "-sS", "-H", f"Content-Type: {ctype}", "--data-binary", f"@{path}"]
+            + ["-o", "/dev/null", "-w", "%{http_code}", target],
+            capture_output=True,
+            timeout=300,
+        )
+
+    before = _memory_kib(node.proc.pid, "VmRSS")
+    assert post(url).stdout == b"200"
+    grown_mib = (_memory_kib(node.proc.pid, "VmHWM") - before) / 1024
+    assert grown_mib < 64, f"peak memory grew by {grown_mib:.0f} MiB"
+    assert node.indexed() == 1
+    assert post(url + "/1.2.3.4").stdout == b"409"  # not the target study: refused
+    assert not any((node.storage / "tmp").iterdir())
+    print(f"STOW-RS: peak memory grew by {grown_mib:.1f} MiB for a 256 MiB part")
+
+
+def test_slow_senders_are_dropped_and_cannot_hold_every_association(tmp_path: Path) -> None:
+    """Two connections (``max_associations``) that stop in the middle of a PDU, or send
+    one byte at a time, held their association for good (pynetdicom checks its network
+    timeout only between PDUs: the node then accepted no one). Now each is closed once
+    ``network_timeout_s`` (2 s here) has passed, and a sender after them is served."""
+    serve = _Serve(tmp_path, max_received=300 * MIB, network_timeout_s=2)
+    serve.start()
+    try:
+        header = struct.pack(">BBL", 0x01, 0, 1000)
+        stalled = socket.create_connection(("127.0.0.1", serve.port), timeout=30)
+        stalled.sendall(header + bytes(10))  # then nothing
+        trickle = socket.create_connection(("127.0.0.1", serve.port), timeout=30)
+        trickle.sendall(header)
+        started = time.monotonic()
+        closed_after = None
+        while time.monotonic() - started < 30:
+            try:
+                trickle.sendall(b"\0")  # a byte every 0.2 s: 5 bytes/s
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            time.sleep(0.2)
+        assert closed_after is not None and closed_after < 10, closed_after
+        stalled.settimeout(30)
+        assert stalled.recv(1) == b""
+        assert time.monotonic() - started < 15
+        stalled.close()
+        trickle.close()
+        # their places are free once the acceptors give up waiting for a request
+        small = _instance(2 * 512 * 512 * 2)
+        wait_for(lambda: _store(serve.port, small) == 0, 20, interval=1, what="a free place")
+        log = serve.log.read_text()
+        assert "bytes of a PDU came in time, too slow" in log
+    finally:
+        serve.terminate()
