@@ -157,8 +157,14 @@ class _GuardedSocket(AssociationSocket):
     started: float | None = None  # when the current message's first byte was read
 
     def _refuse(self, reason: str) -> NoReturn:
-        aet = self.assoc.requestor.ae_title
-        log.warning("association from %s closed: %s", str(aet).strip(), reason)
+        peer = self.assoc.requestor
+        log.warning(
+            "association from %s at %s:%s closed: %s",
+            str(peer.ae_title).strip() or "(no request yet)",
+            peer.address,
+            peer.port,
+            reason,
+        )
         raise OSError(reason)  # the DUL closes the connection: the association ends
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -175,18 +181,22 @@ class _GuardedSocket(AssociationSocket):
             self.started = now
         deadline = now + limits.read_seconds(nr_bytes)
         data = bytearray()
-        while len(data) < nr_bytes:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._refuse(f"{len(data)} of {nr_bytes} bytes of a PDU came in time, too slow")
-            self.socket.settimeout(left)
-            try:
-                chunk = self.socket.recv(min(nr_bytes - len(data), 1 << 16))
-            except TimeoutError:
-                continue
-            if not chunk:
-                break  # the peer closed: a short read, as pynetdicom's
-            data += chunk
+        previous = self.socket.gettimeout()  # the DUL's sends keep theirs
+        try:
+            while len(data) < nr_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._refuse(f"{len(data)} of {nr_bytes} bytes of a PDU came in time, too slow")
+                self.socket.settimeout(left)
+                try:
+                    chunk = self.socket.recv(min(nr_bytes - len(data), 1 << 16))
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break  # the peer closed: a short read, as pynetdicom's
+                data += chunk
+        finally:
+            self.socket.settimeout(previous)
         self.received += len(data)
         reason = limits.too_slow(self.received, time.monotonic() - self.started)
         if reason is not None:
