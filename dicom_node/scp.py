@@ -150,7 +150,7 @@ class _GuardedSocket(AssociationSocket):
     class): each read is checked by ``ReceiveLimits`` before it is made. pynetdicom
     reads a PDU as its 6-byte header and then one read of the length it declares,
     so that read is refused, not its bytes gathered. ``received`` counts what came
-    since the last complete message (reset by the handlers)."""
+    since the last complete message (reset by ``message_done``)."""
 
     limits: ReceiveLimits | None = None
     received = 0
@@ -217,7 +217,8 @@ def _receive_file(**kwargs: Any) -> Any:
 
 
 def message_done(assoc: Association) -> None:
-    """A message has arrived whole: the next one's count starts."""
+    """A message has arrived whole (``EVT_DIMSE_RECV``, in the thread that reads), or
+    the association was accepted: the next message's count and clock start."""
     if isinstance(assoc.dul.socket, _GuardedSocket):
         assoc.dul.socket.received = 0
         assoc.dul.socket.started = None
@@ -275,7 +276,6 @@ def make_ae(settings: Settings) -> AE:
 
 def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
     def handle_store(event: Event) -> int:
-        message_done(event.assoc)
         calling = _calling_aet(event)
         try:
             path = event.dataset_path  # written as it arrived, with its file meta
@@ -291,7 +291,6 @@ def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
 
 
 def _handle_echo(event: Event) -> int:
-    message_done(event.assoc)
     log.info("C-ECHO from %s", _calling_aet(event))
     return 0x0000
 
@@ -354,6 +353,7 @@ def start_scp(
     handlers: list = [  # type: ignore[type-arg]
         (evt.EVT_C_STORE, make_store_handler(ingest)),
         (evt.EVT_C_ECHO, _handle_echo),
+        (evt.EVT_DIMSE_RECV, lambda event: message_done(event.assoc)),
         (evt.EVT_ACCEPTED, events.accepted),
         (evt.EVT_REJECTED, events.rejected),
     ]
