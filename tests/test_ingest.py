@@ -19,7 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.runs import load_run
-from tests.conftest import dciodvfy_errors, need, wait_for
+from tests.conftest import REAL_DATA, dciodvfy_errors, need, wait_for
 from tests.dicomgen import save, xa_run
 
 MINIP_ONLY = [{"name": "xa-minip", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
@@ -329,3 +329,45 @@ def test_dcmtk_tools_are_found_past_pynetdicom_scripts_of_the_same_name(
     monkeypatch.setenv("PATH", os.pathsep.join([str(scripts), str(binaries)]))
     assert find("storescu") == str(binaries / "storescu")
     assert find("echoscu") is None
+
+
+REAL_FILES = sorted(REAL_DATA.rglob("*.dcm")) if REAL_DATA.exists() else []
+# storescu's proposal for each real file's own transfer syntax (it would transcode
+# otherwise, and cannot decode these); uncompressed files: -xe.
+STORESCU_FLAG = {
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG Extended 12 bit
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.5": "-xr",  # RLE
+}
+
+
+@pytest.mark.skipif(not REAL_FILES, reason="../shared/data/real is not present")
+def test_real_vendor_files_by_dcmtk_are_stored_byte_for_byte(make_node) -> None:  # type: ignore[no-untyped-def]
+    """The real sample files, sent by dcmtk storescu in their own transfer syntax, are
+    written to the spool as they arrive and stored with their Pixel Data unchanged
+    (the JPEG Baseline cine's 96 compressed frames byte for byte, and the WG04 image
+    in six transfer syntaxes); nothing is left in the spool's tmp/."""
+    node = make_node(rules=[])
+    for path in REAL_FILES:
+        ts = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        flag = STORESCU_FLAG.get(ts, "-xe")
+        send = [need("storescu"), flag, "-aec", node.settings.ae_title, "-aet", "SUITE"]
+        out = subprocess.run(
+            [*send, "127.0.0.1", str(node.port), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0 and "Failed" not in out.stderr, out.stderr
+        source = dcmread(path)
+        (row,) = node.db.query(
+            "SELECT path, transfer_syntax FROM instances WHERE sop_instance_uid = ?",
+            (str(source.SOPInstanceUID),),
+        )
+        stored = dcmread(row["path"])
+        assert row["transfer_syntax"] == ts, path.name
+        assert stored.PixelData == source.PixelData, path.name
+    assert not any((node.settings.storage_dir / "tmp").iterdir())
