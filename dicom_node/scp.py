@@ -100,6 +100,11 @@ class _Server(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+def read_seconds(nr_bytes: int, network_timeout_s: float) -> float:
+    """How long one read of ``nr_bytes`` (a PDU's header, or its body) may take."""
+    return network_timeout_s + nr_bytes / MIN_RATE
+
+
 class ReceiveLimits:
     """What one association may send between two messages, and the disk it lands on
     (``receive_dir``: where data sets are written as they arrive)."""
@@ -117,10 +122,6 @@ class ReceiveLimits:
         self.min_free_bytes = min_free_bytes
         self.receive_dir = receive_dir
         self.timeout_s = timeout_s
-
-    def read_seconds(self, nr_bytes: int) -> float:
-        """How long one read of ``nr_bytes`` (a PDU's header, or its body) may take."""
-        return self.timeout_s + nr_bytes / MIN_RATE
 
     def too_slow(self, received: int, elapsed_s: float) -> str | None:
         """Why a message of which ``received`` bytes came in ``elapsed_s`` is too slow."""
@@ -179,7 +180,7 @@ class _GuardedSocket(AssociationSocket):
         now = time.monotonic()
         if self.started is None:
             self.started = now
-        deadline = now + limits.read_seconds(nr_bytes)
+        deadline = now + read_seconds(nr_bytes, limits.timeout_s)
         data = bytearray()
         previous = self.socket.gettimeout()  # the DUL's sends keep theirs
         try:

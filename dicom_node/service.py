@@ -26,16 +26,15 @@ from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
 from dicom_node.router import Router
-from dicom_node.scp import start_scp
+from dicom_node.scp import MAX_PDU_BYTES, read_seconds, start_scp
 from dicom_node.settings import DimseDestination, Settings
 from dicom_node.spool import Spool
 from dicom_node.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
-# A file in the spool's tmp/ not written for this long is left from a transfer that
-# ended before its last byte: a live one is written at least every network timeout
-# (60 s), and a complete one is moved out within its C-STORE.
-TMP_MAX_AGE_S = 600.0
+# A file in the spool's tmp/ not written for this long (at least) is left from a
+# transfer that ended before its last byte; see Node.tmp_max_age_s.
+TMP_MIN_AGE_S = 600.0
 
 
 class Node:
@@ -72,6 +71,16 @@ class Node:
         self.api: ThreadingHTTPServer | None = None
 
     # -- lifecycle ---------------------------------------------------------
+    @property
+    def tmp_max_age_s(self) -> float:
+        """Twice the longest a live transfer leaves its file in tmp/ unwritten: one
+        whole PDU of a C-STORE (its deadline), or a STOW-RS client's read timeout."""
+        longest = max(
+            read_seconds(MAX_PDU_BYTES, self.settings.network_timeout_s),
+            self.settings.api.read_timeout_s,
+        )
+        return max(TMP_MIN_AGE_S, 2 * longest)
+
     def start(self) -> Node:
         logsafe.install()  # PHI-free logs: library warnings lose their values
         self._repair()
@@ -89,7 +98,7 @@ class Node:
         self.scheduler.add_job(
             self.spool.sweep_tmp,
             "interval",
-            args=[TMP_MAX_AGE_S],
+            args=[self.tmp_max_age_s],
             seconds=60,
             max_instances=1,
             coalesce=True,

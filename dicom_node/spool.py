@@ -53,7 +53,7 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 # Elements longer than this are left on disk when a header is read (pixel data).
-_DEFER_BYTES = 64 * 1024
+HEADER_DEFER_BYTES = 64 * 1024
 # What a parse of hostile bytes raises in pydicom (struct and index errors included).
 PARSE_ERRORS = (
     InvalidDicomError,
@@ -280,7 +280,7 @@ def _inspect(
     fp: BinaryIO, requested_sop_class: str, limits: LimitsSettings, max_uid_length: int
 ) -> Header:
     try:
-        ds = dcmread(fp, force=True, defer_size=_DEFER_BYTES)
+        ds = dcmread(fp, force=True, defer_size=HEADER_DEFER_BYTES)
         uids = [
             ds.get(kw)
             for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")

@@ -40,7 +40,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node.errors import RejectedInstance
 from dicom_node.ingest import Ingest
-from dicom_node.spool import PARSE_ERRORS, check_uid
+from dicom_node.spool import HEADER_DEFER_BYTES, PARSE_ERRORS, check_uid
 
 log = logging.getLogger(__name__)
 STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?$")
@@ -50,7 +50,6 @@ STOW_SOURCE = "STOW-RS"
 _READ = 1 << 20  # bytes read from the socket at a time
 _MAX_HEADERS = 16 << 10  # a part's header block
 _MAX_PREAMBLE = 64 << 10
-_MAX_HEADER_READ = 1 << 20  # of a part's file, for its UIDs
 
 
 class StowError(Exception):
@@ -285,20 +284,20 @@ def _uids(data: bytes | Path) -> tuple[str, str, str]:
     each empty unless it is a valid UID. A deflated data set is not inflated here
     (the spool inflates it with a bound): its file meta names the first two."""
     try:
-        if isinstance(data, Path):
-            data = _head(data)
-        fp = BytesIO(data)
-        read_preamble(fp, True)
-        meta = _read_file_meta_info(fp)
-        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            values = [
-                meta.get("MediaStorageSOPClassUID"),
-                meta.get("MediaStorageSOPInstanceUID"),
-                "",
-            ]
-        else:
-            ds = dcmread(BytesIO(data), force=True, stop_before_pixels=True)
-            values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+        with open(data, "rb") if isinstance(data, Path) else BytesIO(data) as fp:
+            read_preamble(fp, True)
+            meta = _read_file_meta_info(fp)
+            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                values = [
+                    meta.get("MediaStorageSOPClassUID"),
+                    meta.get("MediaStorageSOPInstanceUID"),
+                    "",
+                ]
+            else:
+                fp.seek(0)
+                ds = dcmread(fp, force=True, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES)
+                uids = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+                values = [ds.get(k) for k in uids]
     except PARSE_ERRORS:
         return "", "", ""
     out = []
@@ -308,13 +307,6 @@ def _uids(data: bytes | Path) -> tuple[str, str, str]:
         except RejectedInstance:
             out.append("")
     return out[0], out[1], out[2]
-
-
-def _head(path: Path) -> bytes:
-    """The first bytes of a part's file: its header (the UIDs come before the pixels;
-    a header cut short reads as no UID)."""
-    with open(path, "rb") as fh:
-        return fh.read(_MAX_HEADER_READ)
 
 
 def _item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict[str, Any]:

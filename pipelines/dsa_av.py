@@ -58,10 +58,6 @@ CHANNEL_SEGMENTS = {"artery": ARTERY_SEGMENT, "vein": VEIN_SEGMENT, "ica": ICA_S
 MIN_ICA_PIXELS = 20
 
 
-def check_run(run: Run, min_frames: int) -> None:
-    require_2d_run(run, NAME, min_frames)
-
-
 def label_lines(width: int, algorithm: AlgorithmInfo) -> list[str]:
     """The AI label and the algorithm; the label wraps on narrow images so it stays legible."""
     label = AI_LABEL.split(" - ") if width < 400 else [AI_LABEL]
@@ -90,7 +86,7 @@ class DsaArteryVein:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
-        check_run(run, 4 if ctx.model_package else 3)
+        require_2d_run(run, NAME, 4 if ctx.model_package else 3)
         meta = run.meta
         notes: list[str] = []
         field = exposed_field(run.pixels, meta)
