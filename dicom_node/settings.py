@@ -118,7 +118,16 @@ class LimitsSettings(Strict):
         2 * 2**30, ge=1, description="Rows x Columns x Frames x Samples x Bits Allocated / 8"
     )
     max_inflated_bytes: int = Field(
-        2 * 2**30 + 64 * 2**20, ge=1, description="a deflated data set once inflated"
+        512 * 2**20,
+        ge=1,
+        description="a deflated data set once inflated (it is inflated in memory: pydicom "
+        "reads deflated data sets whole)",
+    )
+    max_header_bytes: int = Field(
+        16 * 2**20,
+        ge=2**20,
+        description="bytes the header check may read from a data set; values over 64 KiB "
+        "are skipped, not read, so this bounds the elements a header may hold",
     )
     max_received_bytes: int = Field(
         2 * 2**30 + 64 * 2**20,

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -36,10 +37,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_fragments
+from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node.db import Database, InstanceRecord, Recorded
@@ -54,6 +56,14 @@ _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 # Elements longer than this are left on disk when a header is read (pixel data).
 HEADER_DEFER_BYTES = 64 * 1024
+# A deflated body is inflated this many bytes at a time (read and written).
+_INFLATE_CHUNK = 1 << 20
+# What of a codestream its size is looked for in: JPEG, JPEG-LS and JPEG 2000 put it
+# in their first marker segments (pydicom's JPEG parser scans a byte at a time).
+_CODESTREAM_PREFIX = 4096
+# Header checks at once: a parse holds the GIL and up to about 40 times the bytes it
+# reads (limits.max_header_bytes), so more at once only adds memory, not speed.
+_PARSES = threading.BoundedSemaphore(2)
 # What a parse of hostile bytes raises in pydicom (struct and index errors included).
 PARSE_ERRORS = (
     InvalidDicomError,
@@ -133,24 +143,107 @@ def _too_large(reason: str) -> RejectedInstance:
     return RejectedInstance(RejectedInstance.OVER_LIMITS, reason)
 
 
-def _check_inflated_size(fp: BinaryIO, limits: LimitsSettings) -> None:
-    """A deflated data set is inflated with a bound before pydicom inflates it whole."""
+class _Reader:
+    """A file read through a budget: at most ``budget`` bytes read (seeks are free,
+    and pydicom seeks past the values it defers) and nothing past ``end``.
+
+    Memory spent parsing a header grows with the bytes the parser reads (a data set
+    of 12 MB of four-byte elements took 520 MB), so the budget bounds it.
+    """
+
+    def __init__(self, fp: BinaryIO, budget: int, end: int | None = None) -> None:
+        self._fp = fp
+        self._left = budget
+        self._end = end
+
+    def read(self, size: int = -1) -> bytes:
+        if self._end is not None:
+            rest = max(0, self._end - self._fp.tell())
+            size = rest if size < 0 else min(size, rest)
+        if size < 0 or size > self._left:
+            raise _HeaderTooLarge
+        data = self._fp.read(size)
+        self._left -= len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+def _header_too_large(limits: LimitsSettings) -> RejectedInstance:
+    return _too_large(
+        f"reading the data set's header takes more than {limits.max_header_bytes} bytes "
+        "(limits.max_header_bytes; values over 64 KiB are skipped, not read)"
+    )
+
+
+def _inflate(fp: BinaryIO, limits: LimitsSettings) -> BytesIO:
+    """A deflated data set's body, inflated a chunk at a time with a bound (pydicom
+    would read the whole file and inflate it whole, twice the memory and no bound)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = BytesIO()
+    bound = limits.max_inflated_bytes
     try:
-        read_preamble(fp, True)
-        meta = _read_file_meta_info(fp)
-        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            return
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        out = inflater.decompress(fp.read(), limits.max_inflated_bytes + 1)
-    except PARSE_ERRORS as exc:
+        while data := inflater.unconsumed_tail or fp.read(_INFLATE_CHUNK):
+            out.write(inflater.decompress(data, _INFLATE_CHUNK))
+            if out.tell() > bound:
+                raise _too_large(
+                    f"deflated data set inflates to more than {bound} bytes "
+                    "(limits.max_inflated_bytes)"
+                )
+    except zlib.error as exc:
         raise RejectedInstance(
             RejectedInstance.CANNOT_UNDERSTAND, f"deflated data set cannot be read: {exc}"
         ) from None
-    if len(out) > limits.max_inflated_bytes or inflater.unconsumed_tail:
-        raise _too_large(
-            f"deflated data set inflates to more than {limits.max_inflated_bytes} bytes "
-            "(limits.max_inflated_bytes)"
-        )
+    out.seek(0)
+    return out
+
+
+def read_header(
+    fp: BinaryIO, limits: LimitsSettings, inflate: bool = True
+) -> tuple[Dataset, BinaryIO]:
+    """The data set in ``fp`` with its values over 64 KiB left unread (deferred), read
+    through a budget of ``limits.max_header_bytes``; a deflated body is inflated first,
+    within ``limits.max_inflated_bytes`` (or, without ``inflate``, left out: only the
+    file meta is read). Returns it and the stream its values' positions refer to.
+    Raises RejectedInstance (0xC001 over a bound, 0xC000 when the bytes cannot be
+    parsed)."""
+    reader = _Reader(fp, limits.max_header_bytes)
+    try:
+        read_preamble(reader, True)  # type: ignore[arg-type]
+        meta = _read_file_meta_info(reader)  # type: ignore[arg-type]
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            if not inflate:
+                ds = Dataset()
+                ds.file_meta = meta
+                return ds, fp
+            body: BinaryIO = _inflate(fp, limits)
+            ds = read_dataset(
+                _Reader(body, limits.max_header_bytes),  # type: ignore[arg-type]
+                is_implicit_VR=False,
+                is_little_endian=True,
+                defer_size=HEADER_DEFER_BYTES,
+            )
+            ds.file_meta = meta
+            return ds, body
+        fp.seek(0)
+        return dcmread(reader, force=True, defer_size=HEADER_DEFER_BYTES), fp  # type: ignore[arg-type]
+    except _HeaderTooLarge:
+        raise _header_too_large(limits) from None
+    except RejectedInstance:
+        raise
+    except Exception as exc:  # noqa: BLE001 - hostile bytes make a parser raise anything
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND,
+            f"dataset cannot be parsed: {type(exc).__name__}: {exc}",
+        ) from None
 
 
 def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
@@ -188,7 +281,7 @@ def _codestream_size(fragment: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings) -> int:
+def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings, body: BinaryIO) -> int:
     """Rows, Columns, frames, samples and bits: valid, within the limits, and matching
     what the pixel data holds. Returns the number of frames."""
     rows = _positive_int(ds, "Rows")
@@ -217,7 +310,7 @@ def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings) -> in
             f"{expected} bytes, over limits.max_decoded_bytes {limits.max_decoded_bytes}"
         )
     item = ds.get_item("PixelData", keep_deferred=True)
-    # a long value is left on disk (deferred, None): its length is in its header
+    # a long value is left unread (deferred, None): its length is in its header
     value = None if item is None else item.value
     length = len(value) if value is not None else int(getattr(item, "length", 0) or 0)
     if item is None or not length:
@@ -229,22 +322,42 @@ def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings) -> in
                 f"Pixel Data is truncated: {length} of {expected} bytes",
             )
         return frames
-    pixel = bytes(ds.PixelData)
-    if not pixel.startswith(_ITEM_TAG):
-        raise _mismatch(f"Pixel Data is not encapsulated, but the transfer syntax is {data_ts}")
+    if isinstance(item, RawDataElement) and value is None:
+        start = int(item.value_tell)
+        end = None if length == 0xFFFFFFFF else start + length
+        _check_fragments(body, start, end, (rows, cols), limits)
+    else:
+        _check_fragments(BytesIO(bytes(value)), 0, len(value), (rows, cols), limits)
+    return frames
+
+
+def _check_fragments(
+    fp: BinaryIO, start: int, end: int | None, size: tuple[int, int], limits: LimitsSettings
+) -> None:
+    """Encapsulated Pixel Data: items all the way through, and every codestream's own
+    size the header's. Read from the file: a fragment's first bytes, never all of it."""
+    fp.seek(start)
+    if fp.read(4) != _ITEM_TAG:
+        raise _mismatch("Pixel Data is not encapsulated, but the transfer syntax says it is")
+    fp.seek(start)
     try:
-        fragments = list(generate_fragments(pixel))
+        _, offsets = parse_fragments(_Reader(fp, limits.max_header_bytes, end))  # type: ignore[arg-type]
+    except _HeaderTooLarge:
+        raise _header_too_large(limits) from None
     except PARSE_ERRORS as exc:
         raise RejectedInstance(
             RejectedInstance.CANNOT_UNDERSTAND, f"encapsulated Pixel Data is malformed: {exc}"
         ) from None
-    for fragment in fragments[1:]:  # the first item is the Basic Offset Table
-        size = _codestream_size(fragment)
-        if size is not None and size[:2] != (rows, cols):
+    for offset in offsets[1:]:  # the first item is the Basic Offset Table
+        fp.seek(offset + 4)
+        (fragment_length,) = struct.unpack("<I", fp.read(4))
+        prefix = fp.read(min(fragment_length, _CODESTREAM_PREFIX))
+        found = _codestream_size(prefix)
+        if found is not None and found[:2] != size:
             raise _mismatch(
-                f"a codestream declares {size[0]}x{size[1]} pixels, the header {rows}x{cols}"
+                f"a codestream declares {found[0]}x{found[1]} pixels, the header "
+                f"{size[0]}x{size[1]}"
             )
-    return frames
 
 
 @contextlib.contextmanager
@@ -270,17 +383,15 @@ def inspect(
 ) -> Header:
     """Check a received data set (its bytes, or the file it was written to) without
     decoding its pixels; raises RejectedInstance with the precise status."""
-    with _opened(source) as fp:
-        _check_inflated_size(fp, limits)
-        fp.seek(0)
+    with _PARSES, _opened(source) as fp:
         return _inspect(fp, requested_sop_class, limits, max_uid_length)
 
 
 def _inspect(
     fp: BinaryIO, requested_sop_class: str, limits: LimitsSettings, max_uid_length: int
 ) -> Header:
+    ds, body = read_header(fp, limits)
     try:
-        ds = dcmread(fp, force=True, defer_size=HEADER_DEFER_BYTES)
         uids = [
             ds.get(kw)
             for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
@@ -307,7 +418,7 @@ def _inspect(
     frames = 1
     if sop_class not in NON_IMAGE:
         try:
-            frames = _check_pixel_module(ds, ts, limits)
+            frames = _check_pixel_module(ds, ts, limits, body)
         except RejectedInstance:
             raise
         except Exception as exc:  # noqa: BLE001 - elements are parsed lazily, on access

@@ -34,13 +34,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 
-from pydicom import dcmread
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_node.errors import RejectedInstance
 from dicom_node.ingest import Ingest
-from dicom_node.spool import HEADER_DEFER_BYTES, PARSE_ERRORS, check_uid
+from dicom_node.settings import LimitsSettings
+from dicom_node.spool import PARSE_ERRORS, check_uid, read_header
 
 log = logging.getLogger(__name__)
 STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?$")
@@ -279,27 +278,27 @@ def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     return list(iter_parts(content_type, lambda: stream.read(_READ), len(body) + 1))
 
 
-def _uids(data: bytes | Path) -> tuple[str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance UID) as far as the header can be read,
-    each empty unless it is a valid UID. A deflated data set is not inflated here
-    (the spool inflates it with a bound): its file meta names the first two."""
+def _uids(data: bytes | Path, limits: LimitsSettings) -> tuple[str, str, str]:
+    """(SOP Class, SOP Instance, Study Instance UID) as far as the header can be read
+    within the limits, each empty unless it is a valid UID. A deflated data set is not
+    inflated here (the spool inflates it with a bound): its file meta names the first
+    two."""
     try:
         with open(data, "rb") if isinstance(data, Path) else BytesIO(data) as fp:
-            read_preamble(fp, True)
-            meta = _read_file_meta_info(fp)
-            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-                values = [
-                    meta.get("MediaStorageSOPClassUID"),
-                    meta.get("MediaStorageSOPInstanceUID"),
-                    "",
-                ]
-            else:
-                fp.seek(0)
-                ds = dcmread(fp, force=True, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES)
-                uids = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
-                values = [ds.get(k) for k in uids]
-    except PARSE_ERRORS:
+            ds, _ = read_header(fp, limits, inflate=False)
+    except (RejectedInstance, OSError):
         return "", "", ""
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        values = [
+            ds.file_meta.get("MediaStorageSOPClassUID"),
+            ds.file_meta.get("MediaStorageSOPInstanceUID"),
+            "",
+        ]
+    else:
+        try:
+            values = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+        except PARSE_ERRORS:
+            return "", "", ""
     out = []
     for v in values:
         try:
@@ -361,7 +360,7 @@ def _stow_part(
     peer: str,
 ) -> dict[str, Any]:
     """One part's item of the response: Referenced SOP, or Failed SOP with its reason."""
-    sop_class, sop_uid, study = _uids(data)
+    sop_class, sop_uid, study = _uids(data, ingest.spool.limits)
     if ctype != "application/dicom":
         log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])
         return _item(sop_class, sop_uid, RejectedInstance.SOP_CLASS_NOT_SUPPORTED)

@@ -286,6 +286,37 @@ def _deflate_bomb(inflated_bytes: int) -> bytes:
     return relabel(plain[:start], DeflatedExplicitVRLittleEndian) + b"".join(out)
 
 
+def _before(data: bytes, tag: int) -> int:
+    """Where the element ``tag`` (group, element as one int) starts in explicit VR
+    little endian ``data``, found by its bytes."""
+    return data.index(struct.pack("<HH", tag >> 16, tag & 0xFFFF), dataset_offset(data))
+
+
+def many_elements(count: int, frames: int = 2) -> bytes:
+    """A valid data set with ``count`` private four-byte elements in its header: a few
+    MB of elements that a parser holds at about 40 times their bytes."""
+    plain = encode(fresh(frames=frames, size=16))
+    elements = []
+    group, element = 0x0009, 0x1000
+    for value in range(count):
+        elements.append(struct.pack("<HH2sHI", group, element, b"UL", 4, value))
+        group, element = (group + 2, 0x1000) if element == 0xFFFF else (group, element + 1)
+    at = _before(
+        plain, 0x0020000D
+    )  # Study Instance UID: the private groups 0009-001F lie before it
+    return plain[:at] + b"".join(elements) + plain[at:]
+
+
+def nested_sequences(depth: int) -> bytes:
+    """A valid data set holding one private sequence nested ``depth`` levels deep."""
+    plain = encode(fresh(frames=2, size=16))
+    sq = struct.pack("<HH2sHI", 0x0009, 0x1010, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    at = _before(plain, 0x0020000D)
+    return plain[:at] + (sq + item) * depth + end * depth + plain[at:]
+
+
 def bombs(rng: np.random.Generator) -> Iterator[Case]:
     for seed in range(3):
         ds = _patch_j2k_size(_compressed(JPEG2000Lossless, seed=seed), 60000, 60000)
@@ -308,6 +339,8 @@ def bombs(rng: np.random.Generator) -> Iterator[Case]:
     ds.Rows = ds.Columns = 65535
     ds.NumberOfFrames = 9999
     yield Case("native 65535x65535x9999 declared, 8x8 sent", "bomb", encode(ds))
+    yield Case("300,000 private elements in the header", "bomb", many_elements(300_000))
+    yield Case("a sequence nested 5000 deep", "bomb", nested_sequences(5000))
 
 
 def pixel_modules(rng: np.random.Generator) -> Iterator[Case]:

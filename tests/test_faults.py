@@ -89,7 +89,11 @@ def test_malformed_corpus_never_stops_the_node(
     node = make_node(
         completion={"quiet_period_s": 0.5},
         workers={"concurrency": 2, "max_attempts": 2, "memory_limit_mib": 1536},
-        limits={"max_decoded_bytes": 64 * 2**20, "max_inflated_bytes": 80 * 2**20},
+        limits={
+            "max_decoded_bytes": 64 * 2**20,
+            "max_inflated_bytes": 80 * 2**20,
+            "max_header_bytes": 2**20,
+        },
     )
     sender = Sender(node.port)
     statuses: dict[str, int | None] = {}
