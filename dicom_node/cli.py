@@ -108,8 +108,8 @@ def cmd_process(args: argparse.Namespace) -> int:
         if args.pipeline:
             names = [args.pipeline]
         else:
-            headers = [dcmread(f, stop_before_pixels=True) for f in files]
-            decision = route(effective_rules(settings), RunFeatures.from_headers(headers))
+            first = dcmread(files[0], stop_before_pixels=True)
+            decision = route(effective_rules(settings), RunFeatures.from_first(first, len(files)))
             names = decision.pipelines
             if not names:
                 print(
@@ -157,12 +157,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"skipped {s}")
     for run_id, files in runs.items():
-        headers = [dcmread(f, stop_before_pixels=True) for f in files]
-        feats = RunFeatures.from_headers(headers)
+        first = dcmread(files[0], stop_before_pixels=True)
+        feats = RunFeatures.from_first(first, len(files))
         decision = route(effective_rules(settings), feats)
         print(
             f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
-            f"{feats.number_of_frames} frame(s), {headers[0].get('SeriesDescription', '')!s})"
+            f"{feats.number_of_frames} frame(s), {first.get('SeriesDescription', '')!s})"
         )
         if args.explain:
             print(decision.explain())

@@ -1,7 +1,8 @@
 """The routing stage: complete runs get their rule, their jobs, or a reason why not.
 
-A loop (woken when a run completes) reads the headers of each complete run
-(never its pixel data), applies the routing rules and records the outcome in
+A loop (woken when a run completes) reads the header of each complete run's
+first instance (never pixel data; the rules read nothing else, and every
+instance's header was checked at ingest), applies the routing rules and records the outcome in
 one transaction: ``routed`` with its jobs, ``unrouted`` (no rule, or a rule
 without pipelines) or ``unroutable`` (a header that cannot be read). This is
 where a header defect becomes a run state, so nothing a sender sends can raise
@@ -66,8 +67,10 @@ class Router:
                 )
                 return []
             try:
-                headers = [dcmread(i.path, stop_before_pixels=True) for i in instances]
-                features = RunFeatures.from_headers(headers, instances[0].calling_aet)
+                # one header: each instance's was checked at ingest, and holding a run's
+                # thousands of headers cost the node memory in proportion
+                first = dcmread(instances[0].path, stop_before_pixels=True)
+                features = RunFeatures.from_first(first, len(instances), instances[0].calling_aet)
                 decision = route(self.rules, features)
             except Exception as exc:  # noqa: BLE001 - a header defect becomes the run's state
                 reason = f"header cannot be read for routing: {type(exc).__name__}: {exc}"

@@ -38,7 +38,12 @@ class RunFeatures:
 
     @classmethod
     def from_headers(cls, headers: Sequence[Dataset], calling_aet: str = "") -> RunFeatures:
-        first = headers[0]
+        return cls.from_first(headers[0], len(headers), calling_aet)
+
+    @classmethod
+    def from_first(cls, first: Dataset, instance_count: int, calling_aet: str = "") -> RunFeatures:
+        """The features of a run from its first instance's header and its size: rules
+        read nothing else, so a run of thousands of instances costs one header."""
         sop = str(first.get("SOPClassUID", ""))
         image_type = tuple(str(v).upper() for v in (first.get("ImageType") or []))
         frames = int(first.get("NumberOfFrames", 1) or 1)
@@ -47,17 +52,17 @@ class RunFeatures:
             or mask_operation(first) in SUBTRACTING_MASK_OPERATIONS
             or str(first.get("RecommendedViewingMode", "")).upper() == "SUB"
         )
-        is_volume = sop in VOLUME and (frames > 1 or len(headers) > 1)
+        is_volume = sop in VOLUME and (frames > 1 or instance_count > 1)
         return cls(
             header=first,
             calling_aet=calling_aet,
-            instance_count=len(headers),
+            instance_count=instance_count,
             sop_class_uid=sop,
             modality=str(first.get("Modality", "")),
             image_type=image_type,
             subtracted=subtracted,
             is_volume=is_volume,
-            number_of_frames=frames if len(headers) == 1 else len(headers),
+            number_of_frames=frames if instance_count == 1 else instance_count,
             frame_rate=frame_rate(first) if sop in CINE_2D else None,
         )
 

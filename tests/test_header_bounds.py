@@ -119,3 +119,37 @@ def test_a_deflated_data_set_is_inflated_a_chunk_at_a_time() -> None:
     # check before it once more)
     out, peak = _peak(lambda: inspect(bomb, "", LimitsSettings(max_inflated_bytes=128 * MiB)))
     assert out.frames == 1 and peak < 120 * MiB, (out, peak)
+
+
+def test_routing_a_run_of_many_instances_costs_one_header(tmp_path: Path) -> None:
+    from dicom_node.db import Database, InstanceRecord
+    from dicom_node.router import Router
+    from dicom_node.settings import load_settings
+    from tests.faults import relabel
+
+    data = many_elements(40_000)  # 0.5 MB of elements, about 12 MB once parsed
+    db = Database(tmp_path / "n.sqlite")
+    for i in range(60):
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(relabel(data, sop_uid=f"1.2.3.{i}"))
+        db.record_instance(
+            InstanceRecord(
+                f"1.2.3.{i}",
+                "1.2.840.10008.5.1.4.1.1.12.1",
+                "1.2",
+                "1",
+                "run",
+                path,
+                1,
+                "",
+                5,
+                "AE",
+            )
+        )
+    assert db.complete_run("run", "test")
+    rules = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
+    router = Router(db, load_settings(None, environ={}, rules=rules))
+    jobs, peak = _peak(lambda: router.route("run"))
+    assert len(jobs) == 1
+    assert peak < 48 * MiB, peak  # every header held at once: 60 x 12 MB
+    assert db.query("SELECT COUNT(*) n FROM instances WHERE run_id='run'")[0]["n"] == 60
