@@ -297,6 +297,11 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     who.name, self.peer, method, path, status, {**sel, "jobs": jobs}
                 )
                 if not jobs:
+                    purged = [r for r in node.db.runs_for(**sel) if node.db.is_purged(r)]
+                    if purged:
+                        raise HttpError(
+                            409, f"run(s) {purged}: files deleted by retention (purged)"
+                        )
                     raise HttpError(404, f"no routable run for {sel}")
                 return {"jobs": jobs}
             raise HttpError(404 if method == "GET" else 405, f"no route {method} {path}")
@@ -312,7 +317,13 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
             done = node.retry_job(job_id)
             status = 200 if done else 409
             node.audit.api_call(who.name, self.peer, "POST", self.path, status, {"job": job_id})
-            text = f"job {job_id} queued again" if done else f"job {job_id} is not failed"
+            text = (
+                f"job {job_id} queued again"
+                if done
+                else f"job {job_id}'s run was purged: its files were deleted by retention"
+                if node.db.job_purged(job_id)
+                else f"job {job_id} is not failed"
+            )
             if form:
                 self._send(303, b"", "text/plain", {"Location": f"/?message={quote(text)}"})
             elif done:

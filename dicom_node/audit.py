@@ -49,9 +49,11 @@ class AuditTrail:
         self.settings = settings
         self.source_ae = source_ae
         self.path = storage_dir / "audit" / "audit.jsonl"
-        self._logger = logging.getLogger(f"dicom_node.audit.{id(self)}")
-        self._logger.propagate = False  # the trail is not the log
-        self._logger.setLevel(logging.INFO)
+        # A logger of its own, outside logging's tree: the trail is not the log, and no
+        # handler or filter put on the log's loggers (logsafe's rewrites records) nor
+        # a later trail reusing this one's name ever sees its records.
+        self._logger = logging.Logger("dicom_node.audit", logging.INFO)
+        self._logger.propagate = False
         self._handlers: list[logging.Handler] = []
         self._lock = threading.Lock()
         if not settings.enabled:
@@ -195,6 +197,18 @@ class AuditTrail:
             sop_instance_uid=sop_instance_uid,
             reason=reason or None,
             permanent=permanent if not sent else None,
+        )
+
+    def purged(self, run_id: str, study_uid: str, instances: int, reason: str) -> None:
+        """A processed run's received files and results were deleted (retention)."""
+        self.record(
+            "run-purged",
+            INSTANCES_ACCESSED,
+            action="D",
+            run_id=run_id,
+            study_uid=study_uid,
+            instances=instances,
+            reason=reason,
         )
 
 

@@ -25,6 +25,7 @@ from dicom_node.engine import make_engine
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
+from dicom_node.retention import Retention
 from dicom_node.router import Router
 from dicom_node.scp import MAX_PDU_BYTES, read_seconds, start_scp
 from dicom_node.settings import DimseDestination, Settings
@@ -66,6 +67,9 @@ class Node:
             self.spool, self.db, self.completion, self.router.wake.set, observe=self._received
         )
         self.outbox = Outbox(self.db, settings, on_delivery=self._delivered)
+        self.retention = Retention(
+            self.db, self.spool, self.results_dir, settings.retention, self.audit
+        )
         self.scheduler = BackgroundScheduler()
         self.server: ThreadedAssociationServer | None = None
         self.api: ThreadingHTTPServer | None = None
@@ -103,6 +107,14 @@ class Node:
             max_instances=1,
             coalesce=True,
             id="tmp-sweep",
+        )
+        self.scheduler.add_job(
+            self.retention.run,
+            "interval",
+            seconds=self.settings.retention.interval_s,
+            max_instances=1,
+            coalesce=True,
+            id="retention",
         )
         self.scheduler.start()
         self.server = start_scp(self.settings, self.ingest, self.audit, self.metrics)

@@ -143,6 +143,27 @@ class OutboxSettings(Strict):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class RetentionSettings(Strict):
+    """When a processed run's received files and results are deleted. A run is
+    processed when it is settled (routed, unrouted or unroutable), none of its jobs is
+    queued or running and none of its results waits for delivery; its index rows
+    (states, reasons, notes) are kept."""
+
+    keep_days: float | None = Field(
+        14.0,
+        ge=0,
+        description="a processed run's files go this long after its last activity "
+        "(None: kept until space runs short)",
+    )
+    free_target_bytes: int | None = Field(
+        1 * 2**30,
+        ge=0,
+        description="below this free space, processed runs go oldest first, whatever "
+        "their age, until it is free again (None: never)",
+    )
+    interval_s: float = Field(300.0, gt=0, description="how often to look")
+
+
 Scope = Literal["read", "operate", "store", "worker"]
 
 
@@ -372,6 +393,7 @@ class Settings(Strict):
     tls: TlsSettings = TlsSettings()
     audit: AuditSettings = AuditSettings()
     engine: EngineSettings = EngineSettings()
+    retention: RetentionSettings = RetentionSettings()
     max_associations: int = Field(32, ge=1, le=1024, description="concurrent DICOM associations")
     network_timeout_s: float = Field(
         60.0,

@@ -428,6 +428,18 @@ def _inspect(
     return Header(sop_class, sop_uid, series, study, str(ts), frames)
 
 
+def _make_parent(path: Path) -> None:
+    """Its folder, made again should a purge remove an empty study folder between the
+    study's and the series' mkdir (another series' purge holds another lock)."""
+    for _ in range(3):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -453,6 +465,7 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.spool = self.root / "spool"
         self.quarantine = self.root / "quarantine"
+        self._series_locks = [threading.Lock() for _ in range(64)]
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.spool.mkdir(parents=True, exist_ok=True)
 
@@ -464,8 +477,13 @@ class Spool:
                 f"in reserve plus {size // 2**10} KiB"
             )
 
+    def series_lock(self, series_uid: str) -> threading.Lock:
+        """Held while an instance of the series is written and indexed, and while a
+        purge deletes a run of it (``dicom_node.retention``)."""
+        return self._series_locks[zlib.crc32(series_uid.encode()) % len(self._series_locks)]
+
     def _write_durably(self, data: bytes, final: Path) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(final)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
@@ -484,7 +502,7 @@ class Spool:
         """The file the SCP wrote as the data arrived becomes ``final``: fsync, rename
         (a copy through ``tmp/`` when it lies on another file system), fsync the
         directory."""
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(final)
         try:
             with open(source, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -516,11 +534,12 @@ class Spool:
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         self._check_space(size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
-        if isinstance(source, bytes):
-            self._write_durably(source, final)
-        else:
-            self._move_durably(source, final)
-        recorded = self._index(head, final, size, calling_aet)
+        with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for
+            if isinstance(source, bytes):
+                self._write_durably(source, final)
+            else:
+                self._move_durably(source, final)
+            recorded = self._index(head, final, size, calling_aet)
         if recorded.duplicate:
             log.info("duplicate %s stored again (idempotent)", head.sop_instance_uid)
         return Stored(

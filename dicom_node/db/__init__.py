@@ -13,6 +13,8 @@ job done and its deliveries queued)::
               (a worker took an attempt) -> done | failed; the workflow's generation must
               match, so a superseded workflow cannot record (``*_dispatched_job``)
     delivery  pending -> sent | failed, failed -> pending (resend)
+    retention a processed run is purged (``purged_at``): its files, instance and
+              delivery rows go, its run and job rows stay; a new instance re-opens it
 
 One connection per thread; writes use ``BEGIN IMMEDIATE`` so two workers never
 take the same job or delivery.
@@ -38,6 +40,7 @@ from dicom_node.db.records import (
     now,
 )
 from dicom_node.db.reports import Reports
+from dicom_node.db.retention import Purge, Retention
 from dicom_node.db.runs import Runs
 from dicom_node.db.schema import SCHEMA_VERSION
 
@@ -52,6 +55,7 @@ __all__ = [
     "InstanceRecord",
     "Job",
     "JobState",
+    "Purge",
     "Recorded",
     "ResultFile",
     "RunState",
@@ -60,5 +64,5 @@ __all__ = [
 ]
 
 
-class Database(Runs, Jobs, Deliveries, Reports):
+class Database(Runs, Jobs, Deliveries, Reports, Retention):
     """The index: every part over one connection per thread."""

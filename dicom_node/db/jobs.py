@@ -186,13 +186,15 @@ class Jobs(Core):
         )
 
     def retry_failed_job(self, job_id: int) -> bool:
-        """failed -> queued, attempts counted afresh (an operator's retry); False otherwise."""
+        """failed -> queued, attempts counted afresh (an operator's retry); False otherwise
+        (also when its run's files were deleted: purged)."""
         t = now()
         with self._tx() as con:
             cur = con.execute(
                 "UPDATE jobs SET state=?, attempts=0, not_before=?, lease_until=NULL, worker=NULL, "
                 "error=?, updated_at=?, generation=generation+1, dispatched_at=NULL "
-                "WHERE id=? AND state=?",
+                "WHERE id=? AND state=? AND run_id NOT IN "
+                "(SELECT run_id FROM runs WHERE purged_at IS NOT NULL)",
                 (JobState.QUEUED, t, "retried by an operator", t, job_id, JobState.FAILED),
             )
             return cur.rowcount == 1

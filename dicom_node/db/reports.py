@@ -86,6 +86,10 @@ class Reports(Core):
         return {
             "instances": self.query("SELECT COUNT(*) n FROM instances")[0]["n"],
             "runs": counts("runs"),
+            # runs whose files and results retention deleted (their rows are kept)
+            "purged_runs": self.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0][
+                "n"
+            ],
             "jobs": counts("jobs"),
             "outbox": counts("outbox"),
             "failed_jobs": failures,

@@ -48,7 +48,9 @@ class Runs(Core):
                     t,
                 ),
             )
-            row = con.execute("SELECT state FROM runs WHERE run_id=?", (inst.run_id,)).fetchone()
+            row = con.execute(
+                "SELECT state, purged_at FROM runs WHERE run_id=?", (inst.run_id,)
+            ).fetchone()
             if row is None:
                 con.execute(
                     "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at,"
@@ -66,9 +68,16 @@ class Runs(Core):
             elif dup:
                 con.execute("UPDATE runs SET last_at=? WHERE run_id=?", (t, inst.run_id))
             else:
-                # a new instance re-opens a run that was already complete
+                # a new instance re-opens a run that was already complete, or purged (the
+                # rows a purge cut short by a crash left behind name deleted files)
+                if row["purged_at"] is not None:
+                    con.execute(
+                        "DELETE FROM instances WHERE run_id=? AND sop_instance_uid!=?",
+                        (inst.run_id, inst.sop_instance_uid),
+                    )
                 con.execute(
-                    "UPDATE runs SET last_at=?, state=?, reason=NULL WHERE run_id=?",
+                    "UPDATE runs SET last_at=?, state=?, reason=NULL, purged_at=NULL "
+                    "WHERE run_id=?",
                     (t, RunState.RECEIVING, inst.run_id),
                 )
         return Recorded(inst.run_id, dup)
@@ -170,11 +179,13 @@ class Runs(Core):
             return cur.rowcount == 1
 
     def reopen_for_reprocess(self, run_id: str) -> bool:
-        """A settled run -> complete again, its results to be sent again."""
+        """A settled run -> complete again, its results to be sent again (not once its
+        files were deleted: purged)."""
         with self._tx() as con:
             cur = con.execute(
                 "UPDATE runs SET state=?, reason='reprocess', resend=1, completed_at=? "
-                f"WHERE run_id=? AND state IN ({','.join('?' * len(SETTLED_RUN_STATES))})",
+                "WHERE run_id=? AND purged_at IS NULL "
+                f"AND state IN ({','.join('?' * len(SETTLED_RUN_STATES))})",
                 (RunState.COMPLETE, now(), run_id, *SETTLED_RUN_STATES),
             )
             return cur.rowcount == 1

@@ -84,7 +84,11 @@ CREATE TABLE IF NOT EXISTS meta (
 
 # Columns added after the first release (schema 1 had none of them).
 _MIGRATIONS = {
-    "runs": [("resend", "INTEGER NOT NULL DEFAULT 0")],
+    "runs": [
+        ("resend", "INTEGER NOT NULL DEFAULT 0"),
+        # its received files and results were deleted (retention); rows are kept
+        ("purged_at", "REAL"),
+    ],
     "jobs": [
         ("resend", "INTEGER NOT NULL DEFAULT 0"),
         ("timings", "TEXT"),

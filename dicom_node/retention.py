@@ -1,0 +1,127 @@
+"""Retention: processed runs lose their received files and results, so that the disk
+never fills with what the node has finished with (a full disk answers every sender
+0xA700: the node would stop taking runs).
+
+Two rules, applied by a scheduler job every ``[retention] interval_s``:
+
+- age: a processed run whose last activity is older than ``keep_days``;
+- space: while free space is below ``free_target_bytes``, processed runs oldest
+  first, whatever their age.
+
+Only processed runs are touched (``dicom_node.db.retention``): nothing that is
+still to be routed, processed or delivered is deleted, so what was acknowledged is
+kept until the node has done its work with it. For each run, under the spool's lock
+of its series (an instance of the series being stored waits, or is waited for): the
+run is claimed, its instance files and its jobs' result folders are deleted, then
+their rows. The run and job rows stay (states, reasons, notes), marked purged; a
+reprocess or an operator's retry of a purged run is refused, and a new instance
+re-opens it like any settled run. Each purge is logged and audited (DICOM
+Instances Accessed, action D) with UIDs and counts only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dicom_node.audit import AuditTrail
+from dicom_node.db import Database, Purge
+from dicom_node.settings import RetentionSettings
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86400.0
+
+
+class Retention:
+    def __init__(
+        self,
+        db: Database,
+        spool: Spool,
+        results_dir: Path,
+        settings: RetentionSettings,
+        audit: AuditTrail | None = None,
+        free_bytes: Callable[[], int] | None = None,
+    ) -> None:
+        self.db = db
+        self.spool = spool
+        self.results_dir = results_dir
+        self.settings = settings
+        self.audit = audit
+        self.free_bytes = free_bytes or (lambda: shutil.disk_usage(spool.root).free)
+
+    def run(self) -> int:
+        """One pass of both rules (and of purges a crash cut short); returns how many
+        runs were purged."""
+        for unfinished in self.db.unfinished_purges():
+            with self.spool.series_lock(unfinished.series_uid):
+                self._delete(unfinished, "a purge cut short")
+        purged = 0
+        if self.settings.keep_days is not None:
+            before = time.time() - self.settings.keep_days * DAY_S
+            reason = f"processed more than {self.settings.keep_days:g} days ago"
+            while batch := self.db.purge_candidates(before):
+                done = sum(self._purge(c, reason) for c in batch)
+                purged += done
+                if not done:
+                    break
+        target = self.settings.free_target_bytes
+        if target is not None:
+            while self.free_bytes() < target:
+                batch = self.db.purge_candidates(None, limit=10)
+                done = sum(
+                    self._purge(c, f"free space below {target // 2**20} MiB")
+                    for c in batch
+                    if self.free_bytes() < target
+                )
+                purged += done
+                if not done:
+                    if not batch:
+                        log.warning(
+                            "free space %d MiB is below the retention target %d MiB, and no "
+                            "processed run is left to delete",
+                            self.free_bytes() // 2**20,
+                            target // 2**20,
+                        )
+                    break
+        return purged
+
+    def _purge(self, candidate: Purge, reason: str) -> bool:
+        with self.spool.series_lock(candidate.series_uid):
+            claimed = self.db.claim_purge(candidate)
+            if claimed is None:
+                return False  # it changed since it was chosen
+            self._delete(claimed, reason)
+        return True
+
+    def _delete(self, purge: Purge, reason: str) -> None:
+        """Files first, then their rows: a crash in between leaves rows whose files
+        are gone, which the next pass finishes; never a file without a row, which the
+        spool's recovery would index again as a new run."""
+        freed = 0
+        for path in purge.instances + purge.results:
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        for job_id in purge.job_ids:
+            shutil.rmtree(self.results_dir / str(job_id), ignore_errors=True)
+        series = self.spool.spool / purge.study_uid / purge.series_uid
+        for folder in (series, series.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: other runs of the study stay
+        self.db.finish_purge(purge.run_id)
+        log.info(
+            "run %s purged (%s): %d instance(s), %d result(s), %d MiB",
+            purge.run_id,
+            reason,
+            len(purge.instances),
+            len(purge.results),
+            freed // 2**20,
+        )
+        if self.audit is not None:
+            self.audit.purged(purge.run_id, purge.study_uid, len(purge.instances), reason)

@@ -1,0 +1,195 @@
+"""Retention on a running node: processed runs lose their files and results by age
+or when space runs short, oldest first; nothing still to be processed or delivered
+is touched; a purged run keeps its history, refuses a reprocess, and a new instance
+re-opens it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from dicom_node.retention import Retention
+from dicom_node.settings import RetentionSettings
+from tests.conftest import wait_for
+from tests.dicomgen import xa_run
+from tests.test_ingest import _send
+
+RULES = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
+# dsa_ia refuses a run of 2 frames (a failed job, for an operator's retry)
+FAILING = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "dsa_ia"]}]
+OFF = {"keep_days": None, "free_target_bytes": None}
+
+
+def _processed(node: Any, run_id: str) -> bool:
+    jobs = node.db.query("SELECT state FROM jobs WHERE run_id=?", (run_id,))
+    return bool(jobs) and all(j["state"] in ("done", "failed") for j in jobs)
+
+
+def _files(node: Any) -> list[Path]:
+    return sorted(p for p in (node.spool.spool).rglob("*.dcm"))
+
+
+def _run(node: Any, frames: int = 6) -> tuple[str, Any]:
+    ds = xa_run(frames=frames)
+    assert _send(node, ds) == 0x0000
+    run_id = str(ds.SOPInstanceUID)
+    wait_for(lambda: _processed(node, run_id), 120, what="the run's jobs")
+    return run_id, ds
+
+
+def test_a_processed_run_is_purged_by_age_and_keeps_its_history(make_node: Any) -> None:
+    node = make_node(rules=FAILING, retention=OFF)
+    run_id, ds = _run(node, frames=2)
+    assert node.db.query("SELECT COUNT(*) n FROM jobs WHERE state='failed'")[0]["n"] == 1
+    results = node.results_dir / str(
+        node.db.query("SELECT id FROM jobs WHERE state='done'")[0]["id"]
+    )
+    assert _files(node) and any(results.iterdir())
+
+    # kept while younger than keep_days
+    young = Retention(
+        node.db, node.spool, node.results_dir, RetentionSettings(keep_days=1, **_no_space())
+    )
+    assert young.run() == 0 and _files(node)
+
+    now = Retention(
+        node.db,
+        node.spool,
+        node.results_dir,
+        RetentionSettings(keep_days=0, **_no_space()),
+        node.audit,
+    )
+    assert now.run() == 1
+    assert not _files(node) and not results.exists()
+    assert not list(node.spool.spool.iterdir())  # the empty series and study folders too
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+    run = node.db.query("SELECT state, purged_at FROM runs WHERE run_id=?", (run_id,))[0]
+    assert run["state"] == "routed" and run["purged_at"] is not None
+    states = {r["state"] for r in node.db.query("SELECT state FROM jobs")}
+    assert states == {"done", "failed"}  # the history stays
+    assert now.run() == 0  # once
+    assert node.db.status_summary()["purged_runs"] == 1
+
+    # a purged run cannot be reprocessed or retried: its files are gone
+    api = f"http://127.0.0.1:{node.api_port}"
+    resp = requests.post(f"{api}/reprocess", json={"run_id": run_id}, timeout=10)
+    assert resp.status_code == 409 and "purged" in resp.text
+    failed = node.db.query("SELECT id FROM jobs WHERE state='failed'")[0]["id"]
+    resp = requests.post(f"{api}/jobs/{failed}/retry", timeout=10)
+    assert resp.status_code == 409 and "purged" in resp.text
+
+    # the same instance sent again re-opens the run, which is processed again
+    assert _send(node, ds) == 0x0000
+    wait_for(
+        lambda: (
+            len(node.db.query("SELECT 1 FROM jobs WHERE run_id=?", (run_id,))) == 4
+            and _processed(node, run_id)
+        ),
+        120,
+        what="the re-opened run's jobs",
+    )
+    run = node.db.query("SELECT purged_at FROM runs WHERE run_id=?", (run_id,))[0]
+    assert run["purged_at"] is None and len(_files(node)) == 1
+
+
+def _no_space() -> dict[str, Any]:
+    return {"free_target_bytes": None}
+
+
+def test_nothing_still_to_be_processed_or_delivered_is_purged(
+    make_node: Any, tmp_path: Path
+) -> None:
+    from tests.conftest import free_port
+
+    down = {
+        "kind": "dimse",
+        "name": "down",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "ae_title": "DOWN",
+    }
+    node = make_node(
+        rules=RULES,
+        retention=OFF,
+        destinations=[down],
+        completion={"quiet_period_s": 3600},
+    )
+    delivered_later, _ = _run(node)  # its result waits for a destination that is down
+    wait_for(
+        lambda: node.db.query("SELECT COUNT(*) n FROM outbox WHERE state='pending'")[0]["n"] > 0,
+        60,
+        what="a pending delivery",
+    )
+    # a series still receiving (its quiet period is an hour)
+    series = xa_run(frames=1)
+    series.NumberOfFrames = 1
+    assert _send(node, series) == 0x0000
+    purge = Retention(
+        node.db,
+        node.spool,
+        node.results_dir,
+        RetentionSettings(keep_days=0, free_target_bytes=None),
+    )
+    assert purge.run() == 0
+    assert len(_files(node)) == 2
+    assert node.db.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0]["n"] == 0
+
+
+def test_short_space_purges_the_oldest_processed_runs_first(make_node: Any) -> None:
+    node = make_node(rules=RULES, retention=OFF)
+    oldest, _ = _run(node)
+    time.sleep(0.05)
+    newer, _ = _run(node)
+    oldest_files = [
+        Path(r["path"])
+        for r in node.db.query("SELECT path FROM instances WHERE run_id=?", (oldest,))
+    ]
+
+    def free() -> int:  # short of space until the oldest run's files are gone
+        return 10**12 if not any(p.exists() for p in oldest_files) else 0
+
+    space = Retention(
+        node.db,
+        node.spool,
+        node.results_dir,
+        RetentionSettings(keep_days=None, free_target_bytes=2**30),
+        free_bytes=free,
+    )
+    assert space.run() == 1
+    assert node.db.is_purged(oldest) and not node.db.is_purged(newer)
+    # always short: every processed run goes, then it says there is nothing left
+    starved = Retention(
+        node.db,
+        node.spool,
+        node.results_dir,
+        RetentionSettings(keep_days=None, free_target_bytes=2**30),
+        free_bytes=lambda: 0,
+    )
+    assert starved.run() == 1 and node.db.is_purged(newer) and not _files(node)
+
+
+def test_a_purge_cut_short_is_finished_and_a_store_waits_for_its_series(make_node: Any) -> None:
+    node = make_node(rules=RULES, retention=OFF)
+    run_id, ds = _run(node)
+    # a crash after the claim and before the files went: the next pass finishes it
+    candidate = node.db.purge_candidates(None)[0]
+    assert node.db.claim_purge(candidate) is not None
+    assert _files(node)
+    assert Retention(node.db, node.spool, node.results_dir, RetentionSettings(**OFF)).run() == 0
+    assert not _files(node) and node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+
+    # an instance of a series being purged is written and indexed after the purge
+    other = xa_run(frames=4)
+    lock = node.spool.series_lock(str(other.SeriesInstanceUID))
+    status: list[int] = []
+    with lock:
+        sender = threading.Thread(target=lambda: status.append(_send(node, other)))
+        sender.start()
+        time.sleep(1.0)
+        assert not status  # it waits for the lock
+    sender.join(30)
+    assert status == [0x0000] and len(_files(node)) == 1
