@@ -9,8 +9,10 @@ Two rules, applied by a scheduler job every ``[retention] interval_s``:
   first, whatever their age.
 
 Only processed runs are touched (``dicom_node.db.retention``): nothing that is
-still to be routed, processed or delivered is deleted, so what was acknowledged is
-kept until the node has done its work with it. For each run, under the spool's lock
+still to be routed or processed is deleted, so what was acknowledged is kept until
+the node has done its work with it; results that wait for delivery (a destination
+down) are kept until they are delivered (or refused), the run's received files
+are not. For each run, under the spool's lock
 of its series (an instance of the series being stored waits, or is waited for): the
 run is claimed, its instance files and its jobs' result folders are deleted, then
 their rows. The run and job rows stay (states, reasons, notes), marked purged; a
@@ -60,7 +62,7 @@ class Retention:
         runs were purged."""
         for unfinished in self.db.unfinished_purges():
             with self.spool.series_lock(unfinished.series_uid):
-                self._delete(unfinished, "a purge cut short")
+                self._delete(unfinished, "the rest of an earlier purge")
         purged = 0
         if self.settings.keep_days is not None:
             before = time.time() - self.settings.keep_days * DAY_S
@@ -114,7 +116,7 @@ class Retention:
         for folder in (series, series.parent):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty: other runs of the study stay
-        self.db.finish_purge(purge.run_id)
+        self.db.finish_purge(purge)
         log.info(
             "run %s purged (%s): %d instance(s), %d result(s), %d MiB",
             purge.run_id,

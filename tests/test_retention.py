@@ -100,33 +100,29 @@ def _no_space() -> dict[str, Any]:
     return {"free_target_bytes": None}
 
 
-def test_nothing_still_to_be_processed_or_delivered_is_purged(
+def test_nothing_still_to_be_processed_is_purged_nor_results_still_to_be_delivered(
     make_node: Any, tmp_path: Path
 ) -> None:
-    from tests.conftest import free_port
+    from tests.conftest import StoreSCP
 
-    down = {
-        "kind": "dimse",
-        "name": "down",
-        "host": "127.0.0.1",
-        "port": free_port(),
-        "ae_title": "DOWN",
-    }
+    pacs = StoreSCP(tmp_path / "pacs")  # down until started below
     node = make_node(
         rules=RULES,
         retention=OFF,
-        destinations=[down],
+        destinations=[pacs.destination()],
         completion={"quiet_period_s": 3600},
+        outbox={"backoff_max_s": 0.5},
     )
-    delivered_later, _ = _run(node)  # its result waits for a destination that is down
+    run_id, _ = _run(node)
     wait_for(
         lambda: node.db.query("SELECT COUNT(*) n FROM outbox WHERE state='pending'")[0]["n"] > 0,
         60,
         what="a pending delivery",
     )
+    results = sorted(node.results_dir.rglob("*.dcm"))
+    assert results
     # a series still receiving (its quiet period is an hour)
     series = xa_run(frames=1)
-    series.NumberOfFrames = 1
     assert _send(node, series) == 0x0000
     purge = Retention(
         node.db,
@@ -134,9 +130,28 @@ def test_nothing_still_to_be_processed_or_delivered_is_purged(
         node.results_dir,
         RetentionSettings(keep_days=0, free_target_bytes=None),
     )
+    # the processed run's received file goes; its results wait for the destination
+    assert purge.run() == 1 and node.db.is_purged(run_id)
+    assert len(_files(node)) == 1 and all(p.exists() for p in results)
+    assert purge.run() == 0 and all(p.exists() for p in results)
+    pacs.start()
+    try:
+        wait_for(
+            lambda: (
+                node.db.query("SELECT COUNT(*) n FROM outbox WHERE state='pending'")[0]["n"] == 0
+            ),
+            60,
+            what="the deliveries",
+        )
+        assert len(pacs.files()) == len(results)
+    finally:
+        pacs.stop()
+    # delivered: the next pass takes the results and their deliveries too
     assert purge.run() == 0
-    assert len(_files(node)) == 2
-    assert node.db.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0]["n"] == 0
+    assert not any(p.exists() for p in results)
+    assert node.db.query("SELECT COUNT(*) n FROM outbox")[0]["n"] == 0
+    assert len(_files(node)) == 1  # the receiving series is untouched
+    assert node.db.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0]["n"] == 1
 
 
 def test_short_space_purges_the_oldest_processed_runs_first(make_node: Any) -> None:

@@ -1,13 +1,15 @@
 """Retention: which processed runs may lose their files, and the purge's two steps.
 
-A run is *processed* when it is settled, none of its jobs is queued or running and
-none of its deliveries is pending. Its last activity is the latest of its last
-instance, its completion, its jobs' last change and its deliveries. A purge first
-claims the run (``purged_at`` set, in the transaction that checks all of this once
-more, so a reprocess or an operator's retry refuses it from then on), then the
-caller deletes the files, then ``finish_purge`` deletes the instance and delivery
-rows; the run and job rows stay, with their states, reasons and notes. A purge
-a crash cut short is finished by the next pass (``unfinished_purges``).
+A run is *processed* when it is settled and none of its jobs is queued or running.
+Its last activity is the latest of its last instance, its completion, its jobs'
+last change and its deliveries. A purge first claims the run (``purged_at`` set,
+in the transaction that checks all of this once more, so a reprocess or an
+operator's retry refuses it from then on), then the caller deletes the files,
+then ``finish_purge`` deletes their rows; the run and job rows stay, with their
+states, reasons and notes. Results that still wait for delivery (a destination
+down) are kept, with their deliveries, until none does (``delivered_purges``);
+the received files go regardless. A purge a crash cut short is finished by the
+next pass (``unfinished_purges``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ _PROCESSED = f"""
 r.state IN ({_SETTLED})
 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.run_id
                 AND j.state IN ('{JobState.QUEUED.value}', '{JobState.RUNNING.value}'))
-AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id
-                WHERE j.run_id = r.run_id AND o.state = '{DeliveryState.PENDING.value}')
+"""
+_UNDELIVERED = f"""
+EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id
+        WHERE j.run_id = r.run_id AND o.state = '{DeliveryState.PENDING.value}')
 """
 
 
@@ -60,11 +64,14 @@ class Retention(Core):
         return [Purge(r["run_id"], r["study_uid"], r["series_uid"], r["activity"]) for r in rows]
 
     def unfinished_purges(self) -> list[Purge]:
-        """Runs claimed for a purge whose rows are still there (a crash came between)."""
+        """Purged runs with files left to delete: a crash came between the claim and the
+        rows, or their results waited for delivery and none does any more."""
         rows = self.query(
             "SELECT r.run_id, r.study_uid, r.series_uid, r.purged_at FROM runs r "
-            "WHERE r.purged_at IS NOT NULL AND EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.run_id = r.run_id) ORDER BY r.purged_at"
+            "WHERE r.purged_at IS NOT NULL AND (EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.run_id = r.run_id) OR (EXISTS "
+            "(SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id WHERE j.run_id = r.run_id)"
+            f" AND NOT {_UNDELIVERED})) ORDER BY r.purged_at"
         )
         return [
             self._files(Purge(r["run_id"], r["study_uid"], r["series_uid"], r["purged_at"]))
@@ -86,12 +93,16 @@ class Retention(Core):
         return self._files(candidate)
 
     def _files(self, purge: Purge) -> Purge:
+        """Its instance files, and its results unless one still waits for delivery."""
         instances = self.query("SELECT path FROM instances WHERE run_id=?", (purge.run_id,))
-        jobs = self.query("SELECT id FROM jobs WHERE run_id=?", (purge.run_id,))
-        results = self.query(
-            "SELECT o.path FROM outbox o JOIN jobs j ON o.job_id = j.id WHERE j.run_id=?",
-            (purge.run_id,),
-        )
+        if self.query(f"SELECT 1 FROM runs r WHERE r.run_id=? AND {_UNDELIVERED}", (purge.run_id,)):
+            jobs, results = [], []
+        else:
+            jobs = self.query("SELECT id FROM jobs WHERE run_id=?", (purge.run_id,))
+            results = self.query(
+                "SELECT o.path FROM outbox o JOIN jobs j ON o.job_id = j.id WHERE j.run_id=?",
+                (purge.run_id,),
+            )
         return Purge(
             purge.run_id,
             purge.study_uid,
@@ -102,14 +113,13 @@ class Retention(Core):
             tuple(Path(r["path"]) for r in results),
         )
 
-    def finish_purge(self, run_id: str) -> None:
-        """The files are gone: so are their instance and delivery rows."""
+    def finish_purge(self, purge: Purge) -> None:
+        """The files are gone: so are their rows (deliveries only with their results)."""
         with self._tx() as con:
-            con.execute("DELETE FROM instances WHERE run_id=?", (run_id,))
-            con.execute(
-                "DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs WHERE run_id=?)",
-                (run_id,),
-            )
+            con.execute("DELETE FROM instances WHERE run_id=?", (purge.run_id,))
+            if purge.job_ids:
+                marks = ",".join("?" * len(purge.job_ids))
+                con.execute(f"DELETE FROM outbox WHERE job_id IN ({marks})", purge.job_ids)
 
     def is_purged(self, run_id: str) -> bool:
         rows = self.query("SELECT purged_at FROM runs WHERE run_id=?", (run_id,))
