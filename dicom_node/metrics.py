@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 36
 class _IndexCollector(Collector):
     """Gauges read from the index at scrape time."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, storage_dir: Path | None = None) -> None:
         self.db = db
+        self.storage_dir = storage_dir
 
     def collect(self) -> Iterator[Metric]:
         snap = self.db.metrics_snapshot()
@@ -68,10 +70,26 @@ class _IndexCollector(Collector):
                 backlog.add_metric([dest], n)
         yield backlog
         yield deliveries
+        yield GaugeMetricFamily(
+            "angio_node_runs_purged",
+            "Runs whose received files and results retention deleted",
+            value=snap["purged_runs"],
+        )
+        if self.storage_dir is not None:
+            yield GaugeMetricFamily(
+                "angio_node_storage_free_bytes",
+                "Free space where the node stores runs and results",
+                value=shutil.disk_usage(self.storage_dir).free,
+            )
 
 
 class Metrics:
-    def __init__(self, db: Database, models: Mapping[str, Path] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        models: Mapping[str, Path] | None = None,
+        storage_dir: Path | None = None,
+    ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.received = Counter(
             "angio_node_instances_received",
@@ -132,7 +150,7 @@ class Metrics:
         for pipeline, folder in (models or {}).items():
             name, version = package_identity(folder)
             self.packages.labels(pipeline, name, version).set(1)
-        r.register(_IndexCollector(db))
+        r.register(_IndexCollector(db, storage_dir))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -59,7 +59,7 @@ class Node:
                 client_context(dest)  # and so does a destination's
         self.auth = Authenticator(load_tokens(settings.api))
         self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
-        self.metrics = Metrics(self.db, settings.models)
+        self.metrics = Metrics(self.db, settings.models, settings.storage_dir)
         # the job engine: embedded worker processes, or Temporal workers (``[engine]``)
         self.workers = make_engine(settings, self.db, self.results_dir, self.metrics.job)
         self.router = Router(self.db, settings, on_routed=self.workers.wake.set)

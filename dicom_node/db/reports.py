@@ -114,6 +114,9 @@ class Reports(Core):
                     "SELECT pipeline, state, COUNT(*) n FROM jobs GROUP BY pipeline, state"
                 )
             ],
+            "purged_runs": self.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0][
+                "n"
+            ],
             "queue_depth": self.query(
                 "SELECT COUNT(*) n FROM jobs WHERE state=? AND not_before <= ?",
                 (JobState.QUEUED, t),
