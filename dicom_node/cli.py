@@ -186,6 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1, default=str))
         return 0
     print(f"instances: {summary['instances']}")
+    print(f"purged runs (files deleted by retention): {summary['purged_runs']}")
     for key in ("runs", "jobs", "outbox"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
     for f in summary["failed_jobs"]:  # type: ignore[attr-defined]

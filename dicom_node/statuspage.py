@@ -104,6 +104,7 @@ def render(
         for state, n in sorted(counts.items()):
             out.append(f'<span class="chip">{label} {_state(state)} {n}</span>')
     out.append(f'<span class=chip id="queue">queue {snap["queue_depth"]}</span>')
+    out.append(f'<span class=chip id="purged">purged {summary["purged_runs"]}</span>')
     for verdict, n in summary["verdicts"].items():
         out.append(f'<span class="chip">results {_verdict(verdict)} {n}</span>')
     out.append("</p>")

@@ -72,3 +72,13 @@ def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None
     assert "jobs: done 1" in out.stdout and "backlog to down: 1 object(s)" in out.stdout
     summary = json.loads(_cli("status", "--config", str(cfg), "--json").stdout)
     assert summary["outbox"] == {"pending": 1}
+    assert "purged runs (files deleted by retention): 0" in out.stdout
+
+    from dicom_node.retention import Retention
+    from dicom_node.settings import RetentionSettings
+
+    purge = RetentionSettings(keep_days=0, free_target_bytes=None)
+    assert Retention(node.db, node.spool, node.results_dir, purge).run() == 1
+    out = _cli("status", "--config", str(cfg))
+    assert "purged runs (files deleted by retention): 1" in out.stdout
+    assert "backlog to down: 1 object(s)" in out.stdout  # its result still waits
