@@ -75,10 +75,29 @@ def _peer(event: Event) -> str:
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's server with the TLS handshake moved out of the accept loop."""
+    """pynetdicom's server with the TLS handshake moved out of the accept loop, and a
+    share of the associations for each host (``host_share``)."""
 
     handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+    host_share: int | None = None
     on_tls_failure: Callable[[str, str], None] = staticmethod(lambda _peer, _reason: None)
+    on_host_full: Callable[[str], None] = staticmethod(lambda _peer: None)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """A connection from a host that holds its share of open associations already
+        is closed at once (socketserver's hook: no thread, no place taken). Counted at
+        the connection, not the request: connections that never send their request
+        would otherwise fill every place, and pynetdicom counts them too."""
+        if self.host_share is None:
+            return True
+        host = client_address[0]
+        held = sum(
+            a.requestor.address == host and _holds_place(a) for a in self.active_associations
+        )
+        if held < self.host_share:
+            return True
+        self.on_host_full(f"{client_address[0]}:{client_address[1]}")
+        return False
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -225,6 +244,16 @@ def message_done(assoc: Association) -> None:
         assoc.dul.socket.started = None
 
 
+def _holds_place(assoc: Association) -> bool:
+    """Still open: not ended, its connection not closed (its thread lingers after
+    either: after a connection closed before its request, up to the ACSE timeout;
+    a sender that reconnects meanwhile must not count it)."""
+    if assoc.is_aborted or assoc.is_released or assoc.is_rejected:
+        return False
+    sock = assoc.dul.socket
+    return sock is not None and sock.socket is not None and sock.socket.fileno() != -1
+
+
 class _RequestHandler(RequestHandler):
     limits: ReceiveLimits | None = None
 
@@ -239,9 +268,10 @@ class _RequestHandler(RequestHandler):
 
 class _NodeAE(AE):
     receive_limits: ReceiveLimits | None = None
+    host_share: int | None = None
 
     def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["server_class"] = _Server
+        kwargs["server_class"] = type("Server", (_Server,), {"host_share": self.host_share})
         handler = type("RequestHandler", (_RequestHandler,), {"limits": self.receive_limits})
         kwargs["request_handler"] = handler
         return super().make_server(*args, **kwargs)
@@ -272,6 +302,7 @@ def make_ae(settings: Settings) -> AE:
     if settings.allowed_calling_aets:
         ae.require_calling_aet = list(settings.allowed_calling_aets)
     ae.maximum_associations = settings.max_associations
+    ae.host_share = settings.host_share
     return ae
 
 
@@ -335,6 +366,17 @@ class _Associations:
                 False, calling, self.settings.ae_title, _peer(event), reason=reason
             )
 
+    def host_full(self, peer: str) -> None:
+        reason = (
+            f"its host holds max_associations_per_host ({self.settings.host_share}) already: "
+            "connection closed"
+        )
+        log.warning("connection from %s refused: %s", peer, reason)
+        if self.metrics:
+            self.metrics.associations.labels("rejected").inc()
+        if self.audit:
+            self.audit.association(False, "", self.settings.ae_title, peer, reason=reason)
+
     def tls_failed(self, peer: str, reason: str) -> None:
         log.warning("DICOM TLS handshake with %s failed: %s", peer, reason)
         if self.metrics:
@@ -364,6 +406,7 @@ def start_scp(
     )
     assert server is not None  # block=False always returns the server
     server.on_tls_failure = events.tls_failed  # type: ignore[attr-defined]
+    server.on_host_full = events.host_full  # type: ignore[attr-defined]
     log.info(
         "storage SCP %s listening on %s:%d%s",
         settings.ae_title,

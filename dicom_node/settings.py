@@ -395,6 +395,14 @@ class Settings(Strict):
     engine: EngineSettings = EngineSettings()
     retention: RetentionSettings = RetentionSettings()
     max_associations: int = Field(32, ge=1, le=1024, description="concurrent DICOM associations")
+    max_associations_per_host: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="concurrent DICOM associations (or connections not yet associated) "
+        "from one IP address; None: half of max_associations, so that one host cannot "
+        "take every place",
+    )
     network_timeout_s: float = Field(
         60.0,
         gt=0,
@@ -440,6 +448,13 @@ class Settings(Strict):
         if "*" in rule.destinations:
             return list(self.destinations)
         return [d for d in self.destinations if d.name in rule.destinations]
+
+    @property
+    def host_share(self) -> int | None:
+        """The associations one IP address may hold at once; None when that is all of
+        them (``max_associations`` alone then answers, with a rejection)."""
+        share = self.max_associations_per_host or max(1, self.max_associations // 2)
+        return share if share < self.max_associations else None
 
     @property
     def db_path(self) -> Path:

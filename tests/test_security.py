@@ -495,3 +495,30 @@ def test_cli_token_and_trigger_with_a_token(make_node: Any, tmp_path: Path) -> N
         timeout=120,
     )
     assert bad.returncode == 2 and "scopes are read, operate, store, worker" in bad.stderr
+
+
+def test_one_host_cannot_take_every_association(make_node: Any) -> None:
+    from pydicom.uid import XRayAngiographicImageStorage
+    from pynetdicom import AE
+
+    node = make_node(max_associations=2)  # one host may hold half: one
+    # a host that connects and never sends its request holds its one place ...
+    idle = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        wait_for(lambda: len(node.server.active_associations) == 1, 10, what="the idle one")
+        ae = AE(ae_title="SUITE1")
+        ae.add_requested_context(XRayAngiographicImageStorage)
+        again = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
+        assert not again.is_established  # ... and no more: closed at once
+        # another host still gets in and stores (before: the first host took both places)
+        other = ae.associate(
+            "127.0.0.1", node.port, ae_title="ANGIO_NODE", bind_address=("127.0.0.2", 0)
+        )
+        assert other.is_established
+        assert int(other.send_c_store(xa_run(frames=2)).Status) == 0x0000
+        other.release()
+    finally:
+        idle.close()
+    rejected = [e for e in _audit(node) if e["event"] == "association-rejected"]
+    assert len(rejected) == 1 and "max_associations_per_host (1)" in rejected[0]["reason"]
+    assert rejected[0]["peer"].startswith("127.0.0.1:")
