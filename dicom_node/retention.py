@@ -4,7 +4,8 @@ never fills with what the node has finished with (a full disk answers every send
 
 Two rules, applied by a scheduler job every ``[retention] interval_s``:
 
-- age: a processed run whose last activity is older than ``keep_days``;
+- age: a processed run whose last activity is older than ``keep_days`` (and a file
+  that recovery moved to ``quarantine/`` that long ago);
 - space: while free space is below ``free_target_bytes``, processed runs oldest
   first, whatever their age.
 
@@ -66,6 +67,7 @@ class Retention:
         purged = 0
         if self.settings.keep_days is not None:
             before = time.time() - self.settings.keep_days * DAY_S
+            self._sweep_quarantine(before)
             reason = f"processed more than {self.settings.keep_days:g} days ago"
             while batch := self.db.purge_candidates(before):
                 done = sum(self._purge(c, reason) for c in batch)
@@ -92,6 +94,23 @@ class Retention:
                         )
                     break
         return purged
+
+    def _sweep_quarantine(self, before: float) -> None:
+        """Files recovery set aside (unindexed at start and failing the checks) go after
+        ``keep_days`` too, counted from when they were moved there."""
+        if not self.spool.quarantine.is_dir():
+            return
+        for path in sorted(self.spool.quarantine.rglob("*"), reverse=True):
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    path.rmdir()  # only when empty
+                elif max(path.stat().st_mtime, path.stat().st_ctime) < before:
+                    path.unlink()
+                    log.info(
+                        "quarantined file %s deleted (kept %g days)",
+                        path.name,
+                        self.settings.keep_days,
+                    )
 
     def _purge(self, candidate: Purge, reason: str) -> bool:
         with self.spool.series_lock(candidate.series_uid):

@@ -51,10 +51,13 @@ def test_a_processed_run_is_purged_by_age_and_keeps_its_history(make_node: Any) 
     assert _files(node) and any(results.iterdir())
 
     # kept while younger than keep_days
+    quarantined = node.spool.quarantine / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    quarantined.parent.mkdir(parents=True)
+    quarantined.write_bytes(b"set aside by recovery")
     young = Retention(
         node.db, node.spool, node.results_dir, RetentionSettings(keep_days=1, **_no_space())
     )
-    assert young.run() == 0 and _files(node)
+    assert young.run() == 0 and _files(node) and quarantined.exists()
 
     now = Retention(
         node.db,
@@ -65,6 +68,7 @@ def test_a_processed_run_is_purged_by_age_and_keeps_its_history(make_node: Any) 
     )
     assert now.run() == 1
     assert not _files(node) and not results.exists()
+    assert not quarantined.exists() and not list(node.spool.quarantine.iterdir())
     assert not list(node.spool.spool.iterdir())  # the empty series and study folders too
     assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
     run = node.db.query("SELECT state, purged_at FROM runs WHERE run_id=?", (run_id,))[0]
