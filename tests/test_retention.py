@@ -212,3 +212,53 @@ def test_a_purge_cut_short_is_finished_and_a_store_waits_for_its_series(make_nod
         assert not status  # it waits for the lock
     sender.join(30)
     assert status == [0x0000] and len(_files(node)) == 1
+
+
+def test_purges_racing_stores_of_the_same_series_lose_nothing(make_node: Any) -> None:
+    """Instances of one series arrive while retention runs every 50 ms with keep_days
+    0: the series completes, is processed, purged, re-opened by the next instance, and
+    again. No job may meet a deleted file, and at the end no file is left without
+    its row (recovery would index it as a new run) nor a row without its file."""
+    from pydicom.uid import generate_uid
+
+    node = make_node(rules=RULES, retention=OFF, completion={"quiet_period_s": 0.2})
+    study, series = generate_uid(), generate_uid()
+    purge = Retention(
+        node.db,
+        node.spool,
+        node.results_dir,
+        RetentionSettings(keep_days=0, free_target_bytes=None),
+    )
+    statuses: list[int] = []
+
+    def send() -> None:
+        for k in range(30):
+            ds = xa_run(frames=1, seed=k, study_uid=study, series_uid=series)
+            statuses.append(_send(node, ds))
+            time.sleep(1.5 if k % 6 == 5 else 0.02)  # quiet now and then: processed
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    purged = 0
+    while sender.is_alive():
+        purged += purge.run()
+        time.sleep(0.05)
+    sender.join()
+    assert statuses == [0x0000] * 30
+
+    def settled() -> bool:
+        runs = node.db.query("SELECT state FROM runs")
+        jobs = node.db.query("SELECT state FROM jobs")
+        return all(r["state"] == "routed" for r in runs) and all(
+            j["state"] in ("done", "failed") for j in jobs
+        )
+
+    wait_for(settled, 120, what="the last jobs")
+    purged += purge.run()
+    assert purged >= 2, "the series was purged and re-opened more than once"
+    jobs = node.db.query("SELECT state, error FROM jobs")
+    assert jobs and all(j["state"] == "done" for j in jobs), [dict(j) for j in jobs]
+    # everything was purged in the end, and nothing is left over either way
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+    assert not _files(node)
+    assert node.spool.recover() == (0, 0, 0)
