@@ -347,6 +347,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 reader.read,
                 api.max_part_bytes,
                 node.ingest.spool.tmp,
+                api.max_parts,
             )
             status, payload = stow.stow_parts(node.ingest, path, parts, source, self.peer)
             node.audit.api_call(

@@ -185,6 +185,9 @@ class ApiSettings(Strict):
     )
     max_body_bytes: int = Field(16 * 2**30, ge=1, description="a STOW-RS request body")
     max_part_bytes: int = Field(2**30, ge=1, description="one STOW-RS part (one instance)")
+    max_parts: int = Field(
+        10000, ge=1, description="parts (instances) in one STOW-RS request; 413 past it"
+    )
     read_timeout_s: float = Field(60.0, gt=0, description="a client silent this long is dropped")
     max_concurrent_requests: int = Field(16, ge=1, le=1024)
 

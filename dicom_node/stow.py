@@ -191,19 +191,24 @@ class _FileSink:
 
 
 def iter_parts(
-    content_type: str, read: Callable[[], bytes], max_part: int
+    content_type: str, read: Callable[[], bytes], max_part: int, max_parts: int | None = None
 ) -> Iterator[tuple[str, bytes]]:
     """(content type, bytes) of each part of a multipart/related stream (RFC 2046),
-    each yielded as soon as it is whole; ``read`` returns b"" at the end."""
-    return _parts(content_type, read, max_part, _BytesSink)
+    each yielded as soon as it is whole; ``read`` returns b"" at the end. More than
+    ``max_parts`` parts end the stream with 413."""
+    return _parts(content_type, read, max_part, _BytesSink, max_parts)
 
 
 def iter_part_files(
-    content_type: str, read: Callable[[], bytes], max_part: int, folder: Path
+    content_type: str,
+    read: Callable[[], bytes],
+    max_part: int,
+    folder: Path,
+    max_parts: int | None = None,
 ) -> Iterator[tuple[str, Path]]:
     """As :func:`iter_parts`, each part written to a file in ``folder`` as it arrives;
     the file is the caller's once yielded (to move or delete)."""
-    return _parts(content_type, read, max_part, lambda: _FileSink(folder))
+    return _parts(content_type, read, max_part, lambda: _FileSink(folder), max_parts)
 
 
 def _parts(
@@ -211,6 +216,7 @@ def _parts(
     read: Callable[[], bytes],
     max_part: int,
     new_sink: Callable[[], _Sink[T]],
+    max_parts: int | None = None,
 ) -> Iterator[tuple[str, T]]:
     delimiter, default_type = _boundary(content_type)
     buf = bytearray()
@@ -238,6 +244,14 @@ def _parts(
         if buf.startswith(b"--"):
             return  # the close delimiter; the epilogue is ignored
         number += 1
+        if max_parts is not None and number > max_parts:
+            # each part costs its answer's item and its work: a body of tiny parts
+            # would otherwise hold the request, and the node's memory, without bound
+            raise StowError(
+                413,
+                f"more than {max_parts} parts in one request ([api] max_parts); the "
+                "parts before were stored: send the rest in another request",
+            )
         while (head_end := buf.find(b"\r\n\r\n")) < 0:
             if len(buf) > _MAX_HEADERS or not fill():
                 raise StowError(400, f"multipart part {number} has no header end")

@@ -236,7 +236,7 @@ def _results(handler: BaseHTTPRequestHandler, node: Node, who: str, peer: str, j
     )
     handler.body_read = True  # type: ignore[attr-defined]
     parts = stow.iter_parts(
-        handler.headers.get("Content-Type", ""), reader.read, api.max_part_bytes
+        handler.headers.get("Content-Type", ""), reader.read, api.max_part_bytes, api.max_parts
     )
     folder = node.settings.storage_dir / "results" / str(job_id)
     stored = list(_store_results(parts, folder))

@@ -522,3 +522,18 @@ def test_one_host_cannot_take_every_association(make_node: Any) -> None:
     rejected = [e for e in _audit(node) if e["event"] == "association-rejected"]
     assert len(rejected) == 1 and "max_associations_per_host (1)" in rejected[0]["reason"]
     assert rejected[0]["peer"].startswith("127.0.0.1:")
+
+
+def test_stow_rs_refuses_more_parts_than_max_parts(make_node: Any) -> None:
+    # each part costs its answer's item and its work: 20,000 tiny parts (0.9 MB) held
+    # 16 MiB and 30 s; a 16 GiB body of them would have held the node's memory
+    node = make_node(api={"max_parts": 3}, rules=[])
+    url = f"http://127.0.0.1:{node.api_port}/dicom-web/studies"
+    ctype, body = multipart([_instance(31 + i) for i in range(3)])
+    assert requests.post(url, data=body, headers={"Content-Type": ctype}, timeout=30).ok
+    ctype, body = multipart([_instance(41 + i) for i in range(3)] + [b"x"] * 5000)
+    resp = requests.post(url, data=body, headers={"Content-Type": ctype}, timeout=30)
+    assert resp.status_code == 413 and "max_parts" in resp.text
+    # the parts before the limit were stored, and nothing of the rest was read into tmp/
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 6
+    assert not list(node.spool.tmp.iterdir())
