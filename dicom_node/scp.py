@@ -32,6 +32,7 @@ import logging
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -60,6 +61,9 @@ HANDSHAKE_TIMEOUT_S = 30.0
 MAX_PDU_BYTES = 4 * 2**20
 # Free space is checked again each time this much of one data set has arrived.
 SPACE_CHECK_BYTES = 64 * 2**20
+# A DIMSE command set (a C-STORE request is a few hundred bytes): pynetdicom gathers
+# a message's command fragments in memory, so their sum is bounded here.
+MAX_COMMAND_BYTES = 64 * 1024
 # The slowest a PDU or a message may arrive (bytes/s) once network_timeout_s has passed:
 # a 4 MiB PDU over a 128 kbit/s link.
 MIN_RATE = 16 * 1024
@@ -175,6 +179,8 @@ class _GuardedSocket(AssociationSocket):
     limits: ReceiveLimits | None = None
     received = 0
     started: float | None = None  # when the current message's first byte was read
+    header: bytes | None = None  # the PDU type just read, when its body is next
+    command = 0  # bytes of the current message's command set
 
     def _refuse(self, reason: str) -> NoReturn:
         peer = self.assoc.requestor
@@ -219,9 +225,32 @@ class _GuardedSocket(AssociationSocket):
             self.socket.settimeout(previous)
         self.received += len(data)
         reason = limits.too_slow(self.received, time.monotonic() - self.started)
+        if reason is None:
+            reason = self._count_command(data)
         if reason is not None:
             self._refuse(reason)
         return data
+
+    def _count_command(self, data: bytearray) -> str | None:
+        """pynetdicom reads a PDU as its header, then its body: in a P-DATA-TF body,
+        the command fragments' bytes count toward ``MAX_COMMAND_BYTES``."""
+        header, self.header = self.header, None
+        if header is None:
+            self.header = bytes(data[:1])  # the next read is this PDU's body
+            return None
+        if header != b"\x04":
+            return None
+        at = 0
+        while at + 6 <= len(data):  # PDV items: length, context ID, control header, value
+            (length,) = struct.unpack_from(">L", data, at)
+            if length < 2:
+                break  # malformed: pynetdicom says so
+            if data[at + 5] & 0x01:
+                self.command += length - 2
+            at += 4 + length
+        if self.command > MAX_COMMAND_BYTES:
+            return f"a command set of more than {MAX_COMMAND_BYTES} bytes"
+        return None
 
 
 def _receive_file(**kwargs: Any) -> Any:
@@ -242,6 +271,7 @@ def message_done(assoc: Association) -> None:
     if isinstance(assoc.dul.socket, _GuardedSocket):
         assoc.dul.socket.received = 0
         assoc.dul.socket.started = None
+        assoc.dul.socket.command = 0
 
 
 def _holds_place(assoc: Association) -> bool:

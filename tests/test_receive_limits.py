@@ -5,6 +5,7 @@ the association; a transfer cut off leaves no file behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -325,3 +326,25 @@ def test_a_corpus_of_broken_pdus_never_stops_the_node(make_node) -> None:  # typ
     small = _instance(2 * 512 * 512 * 2)
     wait_for(lambda: _store(node.port, small) == 0, 30, interval=1, what="a sender stored")
     assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 1
+
+
+def test_a_command_set_past_its_bound_ends_the_association(make_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """pynetdicom gathers a message's command fragments in memory: 400 MiB of them grew
+    the node by 425 MB. Past MAX_COMMAND_BYTES the association ends; normal command
+    sets (every other test's stores) pass."""
+    from dicom_node.scp import MAX_COMMAND_BYTES
+
+    node = make_node(api={"enabled": False})
+    fragment = bytes(16 * 1024)
+    pdv = struct.pack(">LBB", len(fragment) + 2, 1, 0x01) + fragment  # command, not last
+    pdu = struct.pack(">BBL", 4, 0, len(pdv) * 4) + pdv * 4  # 64 KiB of command in one PDU
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as peer:
+        peer.sendall(_association_request())
+        assert peer.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+        peer.sendall(pdu)  # exactly the bound: still read
+        peer.sendall(struct.pack(">BBL", 4, 0, len(pdv)) + pdv)  # past it
+        with contextlib.suppress(OSError):
+            while peer.recv(1 << 16):  # until the node closes the connection
+                pass
+    assert f"a command set of more than {MAX_COMMAND_BYTES} bytes" in caplog.text
+    assert _store(node.port, _instance(2 * 512 * 512 * 2)) == 0
