@@ -37,9 +37,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pydicom.filereader import read_dataset
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -64,6 +66,7 @@ SPACE_CHECK_BYTES = 64 * 2**20
 # A DIMSE command set (a C-STORE request is a few hundred bytes): pynetdicom gathers
 # a message's command fragments in memory, so their sum is bounded here.
 MAX_COMMAND_BYTES = 64 * 1024
+C_STORE_RQ = 0x0001  # Command Field: only its data set goes to a file as it arrives
 # The slowest a PDU or a message may arrive (bytes/s) once network_timeout_s has passed:
 # a 4 MiB PDU over a 128 kbit/s link.
 MIN_RATE = 16 * 1024
@@ -180,7 +183,9 @@ class _GuardedSocket(AssociationSocket):
     received = 0
     started: float | None = None  # when the current message's first byte was read
     header: bytes | None = None  # the PDU type just read, when its body is next
-    command = 0  # bytes of the current message's command set
+    command = b""  # the current message's command set, as it arrives
+    held = False  # its data set is kept in memory (not a C-STORE request)
+    held_bytes = 0
 
     def _refuse(self, reason: str) -> NoReturn:
         peer = self.assoc.requestor
@@ -232,8 +237,9 @@ class _GuardedSocket(AssociationSocket):
         return data
 
     def _count_command(self, data: bytearray) -> str | None:
-        """pynetdicom reads a PDU as its header, then its body: in a P-DATA-TF body,
-        the command fragments' bytes count toward ``MAX_COMMAND_BYTES``."""
+        """pynetdicom reads a PDU as its header, then its body, and keeps in memory a
+        message's command set and, for any message but a C-STORE request, its data
+        set. In a P-DATA-TF body, each is bounded by ``MAX_COMMAND_BYTES``."""
         header, self.header = self.header, None
         if header is None:
             self.header = bytes(data[:1])  # the next read is this PDU's body
@@ -245,12 +251,31 @@ class _GuardedSocket(AssociationSocket):
             (length,) = struct.unpack_from(">L", data, at)
             if length < 2:
                 break  # malformed: pynetdicom says so
-            if data[at + 5] & 0x01:
-                self.command += length - 2
+            control, value = data[at + 5], data[at + 6 : at + 4 + length]
             at += 4 + length
-        if self.command > MAX_COMMAND_BYTES:
-            return f"a command set of more than {MAX_COMMAND_BYTES} bytes"
+            if control & 0x01:
+                self.command += value
+                if len(self.command) > MAX_COMMAND_BYTES:
+                    return f"a command set of more than {MAX_COMMAND_BYTES} bytes"
+                if control & 0x02:
+                    self.held = _command_field(self.command) != C_STORE_RQ
+            elif self.held:
+                self.held_bytes += len(value)
+                if self.held_bytes > MAX_COMMAND_BYTES:
+                    return (
+                        f"a data set of more than {MAX_COMMAND_BYTES} bytes with a message "
+                        "other than a C-STORE request"
+                    )
         return None
+
+
+def _command_field(command: bytes) -> int | None:
+    """The Command Field (0000,0100) of a command set (implicit VR little endian)."""
+    try:
+        value = read_dataset(BytesIO(command), True, True).get("CommandField")
+    except Exception:  # noqa: BLE001 - a broken command set is pynetdicom's to answer
+        return None
+    return int(value) if isinstance(value, int) else None
 
 
 def _receive_file(**kwargs: Any) -> Any:
@@ -271,7 +296,9 @@ def message_done(assoc: Association) -> None:
     if isinstance(assoc.dul.socket, _GuardedSocket):
         assoc.dul.socket.received = 0
         assoc.dul.socket.started = None
-        assoc.dul.socket.command = 0
+        assoc.dul.socket.command = b""
+        assoc.dul.socket.held = False
+        assoc.dul.socket.held_bytes = 0
 
 
 def _holds_place(assoc: Association) -> bool:

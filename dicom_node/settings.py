@@ -403,8 +403,8 @@ class Settings(Strict):
         ge=1,
         le=1024,
         description="concurrent DICOM associations (or connections not yet associated) "
-        "from one IP address; None: half of max_associations, so that one host cannot "
-        "take every place",
+        "from one IP address; None: half of max_associations (none under four), so that "
+        "one host cannot take every place",
     )
     network_timeout_s: float = Field(
         60.0,
@@ -455,8 +455,16 @@ class Settings(Strict):
     @property
     def host_share(self) -> int | None:
         """The associations one IP address may hold at once; None when that is all of
-        them (``max_associations`` alone then answers, with a rejection)."""
-        share = self.max_associations_per_host or max(1, self.max_associations // 2)
+        them (``max_associations`` alone then answers, with a rejection), and by
+        default under four places: a sender that releases an association and opens the
+        next at once may find the first still counted for a moment, so a share of one
+        would refuse it now and then."""
+        if self.max_associations_per_host is not None:
+            share = self.max_associations_per_host
+        elif self.max_associations >= 4:
+            share = self.max_associations // 2
+        else:
+            return None
         return share if share < self.max_associations else None
 
     @property

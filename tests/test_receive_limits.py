@@ -348,3 +348,40 @@ def test_a_command_set_past_its_bound_ends_the_association(make_node, caplog) ->
                 pass
     assert f"a command set of more than {MAX_COMMAND_BYTES} bytes" in caplog.text
     assert _store(node.port, _instance(2 * 512 * 512 * 2)) == 0
+
+
+def test_a_data_set_kept_in_memory_is_bounded_like_a_command_set(make_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Only a C-STORE request's data set goes to a file as it arrives; pynetdicom keeps
+    any other message's in memory (a C-FIND request with 400 MiB of identifier grew the
+    node by 425 MB). Past MAX_COMMAND_BYTES the association ends."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_FIND_RQ
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.pdu import P_DATA_TF
+
+    from dicom_node.scp import MAX_COMMAND_BYTES
+
+    node = make_node(api={"enabled": False})
+    find = C_FIND()
+    find.MessageID, find.Priority = 1, 2
+    find.AffectedSOPClassUID = XRayAngiographicImageStorage
+    find.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    message = C_FIND_RQ()
+    message.primitive_to_message(find)
+    command = P_DATA_TF()
+    command.from_primitive(next(iter(message.encode_msg(1, 2**20))))  # the command set
+    fragment = bytes(MAX_COMMAND_BYTES // 2)
+    pdv = struct.pack(">LBB", len(fragment) + 2, 1, 0x00) + fragment  # data set, not last
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as peer:
+        peer.sendall(_association_request())
+        assert peer.recv(1) == b"\x02"
+        peer.sendall(command.encode())
+        for _ in range(3):
+            with contextlib.suppress(OSError):
+                peer.sendall(struct.pack(">BBL", 4, 0, len(pdv)) + pdv)
+        with contextlib.suppress(OSError):
+            while peer.recv(1 << 16):
+                pass
+    assert "other than a C-STORE request" in caplog.text
+    assert _store(node.port, _instance(2 * 512 * 512 * 2)) == 0

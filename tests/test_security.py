@@ -501,11 +501,11 @@ def test_one_host_cannot_take_every_association(make_node: Any) -> None:
     from pydicom.uid import XRayAngiographicImageStorage
     from pynetdicom import AE
 
-    node = make_node(max_associations=2)  # one host may hold half: one
-    # a host that connects and never sends its request holds its one place ...
-    idle = socket.create_connection(("127.0.0.1", node.port))
+    node = make_node(max_associations=4)  # one host may hold half: two
+    # a host that connects and never sends its request holds its two places ...
+    idle = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
     try:
-        wait_for(lambda: len(node.server.active_associations) == 1, 10, what="the idle one")
+        wait_for(lambda: len(node.server.active_associations) == 2, 10, what="the idle ones")
         ae = AE(ae_title="SUITE1")
         ae.add_requested_context(XRayAngiographicImageStorage)
         again = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
@@ -518,9 +518,10 @@ def test_one_host_cannot_take_every_association(make_node: Any) -> None:
         assert int(other.send_c_store(xa_run(frames=2)).Status) == 0x0000
         other.release()
     finally:
-        idle.close()
+        for connection in idle:
+            connection.close()
     rejected = [e for e in _audit(node) if e["event"] == "association-rejected"]
-    assert len(rejected) == 1 and "max_associations_per_host (1)" in rejected[0]["reason"]
+    assert len(rejected) == 1 and "max_associations_per_host (2)" in rejected[0]["reason"]
     assert rejected[0]["peer"].startswith("127.0.0.1:")
 
 
