@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,9 +103,10 @@ class Retention:
             return
         for path in sorted(self.spool.quarantine.rglob("*"), reverse=True):
             with contextlib.suppress(OSError):
-                if path.is_dir():
+                info = path.stat()
+                if stat.S_ISDIR(info.st_mode):
                     path.rmdir()  # only when empty
-                elif max(path.stat().st_mtime, path.stat().st_ctime) < before:
+                elif max(info.st_mtime, info.st_ctime) < before:
                     path.unlink()
                     log.info(
                         "quarantined file %s deleted (kept %g days)",

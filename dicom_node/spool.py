@@ -55,7 +55,7 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 # Elements longer than this are left on disk when a header is read (pixel data).
-HEADER_DEFER_BYTES = 64 * 1024
+_HEADER_DEFER_BYTES = 64 * 1024
 # A deflated body is inflated this many bytes at a time (read and written).
 _INFLATE_CHUNK = 1 << 20
 # What of a codestream its size is looked for in: JPEG, JPEG-LS and JPEG 2000 put it
@@ -230,12 +230,12 @@ def read_header(
                 _Reader(body, limits.max_header_bytes),  # type: ignore[arg-type]
                 is_implicit_VR=False,
                 is_little_endian=True,
-                defer_size=HEADER_DEFER_BYTES,
+                defer_size=_HEADER_DEFER_BYTES,
             )
             ds.file_meta = meta
             return ds, body
         fp.seek(0)
-        return dcmread(reader, force=True, defer_size=HEADER_DEFER_BYTES), fp  # type: ignore[arg-type]
+        return dcmread(reader, force=True, defer_size=_HEADER_DEFER_BYTES), fp  # type: ignore[arg-type]
     except _HeaderTooLarge:
         raise _header_too_large(limits) from None
     except RejectedInstance:

@@ -87,9 +87,7 @@ class Reports(Core):
             "instances": self.query("SELECT COUNT(*) n FROM instances")[0]["n"],
             "runs": counts("runs"),
             # runs whose files and results retention deleted (their rows are kept)
-            "purged_runs": self.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0][
-                "n"
-            ],
+            "purged_runs": self.purged_runs(),
             "jobs": counts("jobs"),
             "outbox": counts("outbox"),
             "failed_jobs": failures,
@@ -98,6 +96,10 @@ class Reports(Core):
             "verdicts": {v: int(row[v] or 0) for v in VERDICTS},
             "doubtful_results": doubtful,
         }
+
+    def purged_runs(self) -> int:
+        """Runs whose files and results retention deleted (their rows are kept)."""
+        return int(self.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0]["n"])
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counts for the Prometheus gauges: runs by state, jobs by pipeline and state,
@@ -114,9 +116,7 @@ class Reports(Core):
                     "SELECT pipeline, state, COUNT(*) n FROM jobs GROUP BY pipeline, state"
                 )
             ],
-            "purged_runs": self.query("SELECT COUNT(*) n FROM runs WHERE purged_at IS NOT NULL")[0][
-                "n"
-            ],
+            "purged_runs": self.purged_runs(),
             "queue_depth": self.query(
                 "SELECT COUNT(*) n FROM jobs WHERE state=? AND not_before <= ?",
                 (JobState.QUEUED, t),

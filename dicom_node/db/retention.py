@@ -7,9 +7,9 @@ in the transaction that checks all of this once more, so a reprocess or an
 operator's retry refuses it from then on), then the caller deletes the files,
 then ``finish_purge`` deletes their rows; the run and job rows stay, with their
 states, reasons and notes. Results that still wait for delivery (a destination
-down) are kept, with their deliveries, until none does (``delivered_purges``);
-the received files go regardless. A purge a crash cut short is finished by the
-next pass (``unfinished_purges``).
+down) are kept, with their deliveries, until none does; the received files go
+regardless. What is left of a purge (those results once delivered, or what a
+crash cut short) is found by ``unfinished_purges``.
 """
 
 from __future__ import annotations
