@@ -21,7 +21,7 @@ from pipelines.base import (
     get,
     names,
 )
-from pipelines.perfusion.aif import AifSettings
+from pipelines.perfusion.aif import Aif, AifSettings
 from pipelines.perfusion.deconvolution import (
     Settings,
     deconvolve,
@@ -30,6 +30,7 @@ from pipelines.perfusion.deconvolution import (
     smooth_in_mask,
 )
 from pipelines.perfusion.ica import largest_component
+from pipelines.perfusion.maps import compute_maps
 from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
 
 torch.set_num_threads(1)
@@ -197,6 +198,45 @@ def test_tmax_onset_is_the_delay_where_the_argmax_is_late(method, shape):
     assert np.abs(onset - np.array(delays)).max() < 0.3
     if shape == "box":
         assert (argmax - np.array(delays)).min() > 1.0
+
+
+@pytest.mark.parametrize("late", [0, 4, 6])
+def test_tissue_fed_before_a_downstream_aif_keeps_its_values(late):
+    """An AIF measured ``late`` samples (0.25 s each) downstream of the ICA (no ICA
+    in view: the earliest artery in the field is a branch) is reached after part
+    of the brain. That tissue keeps its values: Tmax is measured from the
+    earliest brain (the lead), so the four regions fed 0, 1, 2 and 3 s after the
+    ICA read 0, 1, 2 and 3 s, and tissue already opaque when the AIF arrives is
+    not taken for a catheter. Before, Tmax below 0 had no value, and at 1.5 s
+    the earliest region was left out as static opacity."""
+    delays = (0.0, 1.0, 2.0, 3.0)
+    dro = make_dro(
+        0, snr=None, cbfs=(0.02,), mtts=(4.0,), delays=delays, shapes=("exponential",), tile=24
+    )
+    h, w = dro.labels.shape
+    grid = np.arange(len(dro.times_s)) * 0.25
+    curve = np.concatenate([np.zeros(late), dro.aif[: len(dro.aif) - late]])
+    peak = float(curve.max())
+    aif = Aif(
+        curve=curve,
+        grid_s=grid,
+        baseline_frames=4,
+        arrival_s=float(grid[np.argmax(curve > 0.05 * peak)]),
+        peak=peak,
+        peak_time_s=float(grid[curve.argmax()]),
+        noise=1e-4 * peak,
+        pixels=10,
+        mask=np.zeros((h, w), bool),
+    )
+    none = np.zeros((h, w), bool)
+    result = compute_maps(
+        dro.tissue.astype(np.float32), aif, 1e-4 * float(dro.tissue.max()), none, None
+    )
+    assert result.tmax_lead_s == pytest.approx(0.25 * late, abs=0.1)
+    for index, delay in enumerate(delays):
+        region = dro.interior & (dro.labels == index)
+        assert result.valid[region].all(), delay
+        assert np.median(result.tmax[region]) == pytest.approx(delay, abs=0.15)
 
 
 @pytest.mark.parametrize("method", ["ssvd", "csvd", "osvd", "tikhonov"])

@@ -52,6 +52,10 @@ from pipelines.perfusion.timing import Curves
 
 # Pixels per block for the TTP and area pass (the grid curves of one block).
 PIXEL_BLOCK = 1 << 16
+# The share of the deconvolved brain that may lie before Tmax's reference (see
+# ``aif_lead``): noise, not tissue fed earlier.
+EARLY_QUANTILE = 0.02
+LEAD_SMOOTHING = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,10 @@ class Maps:
     rejected: dict[str, int] = field(default_factory=dict)
     # Share of the deconvolved brain reached before the AIF (Tmax < -1 grid step).
     early_share: float = 0.0
+    # Tmax is measured from this many seconds before the AIF's arrival: the
+    # earliest brain arrival, when part of the brain is reached before the AIF
+    # (see ``aif_lead``); 0 when the AIF comes first.
+    tmax_lead_s: float = 0.0
     # (H, W): smoothed area under the curve below -brain_snr noise SD: brighter than
     # the mask, which iodine cannot do (misregistration between mask and fill).
     brighter: np.ndarray | None = None
@@ -204,6 +212,35 @@ def tissue_masks(
     return brain, vessels, brighter
 
 
+def aif_lead(raw_tmax: np.ndarray, where: np.ndarray, step_s: float, sigma_px: float) -> float:
+    """How much earlier than the AIF Tmax is measured from: the residues of the
+    earliest brain (``EARLY_QUANTILE`` of the deconvolved pixels) when they peak
+    more than one grid step before the AIF, else 0.
+
+    An AIF taken downstream of part of the brain (no ICA in view: the earliest
+    large artery in the field is a branch) puts that tissue's Tmax below 0, which
+    no Tmax map can show; with no value there, the map lost a fifth of the brain
+    on development runs whose ICA is out of view. The block-circulant
+    deconvolution's CBF, and so MTT, do not depend on that delay, and its
+    residues keep their order in time, so Tmax is measured from the earliest
+    brain instead: a constant shift, the lead, reported in the notes. Every Tmax
+    is then a delay after the tissue fed first, which is what it measures when the
+    AIF is the ICA (the tissue nearest the ICA fills almost with it). A quantile,
+    not the minimum: a few noisy residues must not move the whole map; those
+    still before the reference have no value. The quality check on the brain
+    reached before the AIF still marks the run (the AIF may not be the feeding
+    artery).
+    """
+    if raw_tmax.size == 0:
+        return 0.0
+    image = np.zeros(where.shape, np.float64)
+    image[where] = raw_tmax
+    weight = ndimage.gaussian_filter(where.astype(np.float64), sigma_px)
+    smooth = ndimage.gaussian_filter(image, sigma_px)[where] / np.maximum(weight[where], 1e-6)
+    earliest = float(np.quantile(smooth, EARLY_QUANTILE))
+    return -earliest if earliest < -step_s else 0.0
+
+
 def _ttp(curves: torch.Tensor, step_s: float) -> torch.Tensor:
     """Time of the maximum of each column with parabolic interpolation."""
     peak, index = curves.max(dim=0)
@@ -227,9 +264,33 @@ def compute_maps(
     settings: MapSettings | None = None,
     device: str | torch.device = "cpu",
 ) -> Maps:
-    """All maps for concentration curves (N, H, W) on the AIF's uniform grid."""
+    """All maps for concentration curves (N, H, W) on the AIF's uniform grid.
+
+    When part of the brain fills before the AIF (``aif_lead``), the masks are
+    made again with the static-opacity rule at the earliest brain's time instead
+    of the AIF's arrival: tissue fed before a downstream AIF is already opaque
+    when that AIF arrives, and would otherwise be left out as a catheter.
+    """
     settings = settings or MapSettings()
     curves_in = concentration if isinstance(concentration, Curves) else Curves(concentration)
+    maps = _maps_from(curves_in, aif, sigma, ica, spacing_mm, settings, device, aif.arrival_s)
+    if maps.tmax_lead_s > 0:
+        earliest = aif.arrival_s - maps.tmax_lead_s
+        maps = _maps_from(curves_in, aif, sigma, ica, spacing_mm, settings, device, earliest)
+    return maps
+
+
+def _maps_from(
+    curves_in: Curves,
+    aif: Aif,
+    sigma: float,
+    ica: np.ndarray,
+    spacing_mm: tuple[float, float] | None,
+    settings: MapSettings,
+    device: str | torch.device,
+    static_at_s: float,
+) -> Maps:
+    """The maps, with static opacity judged at ``static_at_s``."""
     step = float(aif.grid_s[1] - aif.grid_s[0])
     sigma_px = settings.sigma_pixels(spacing_mm)
     brain, vessels, brighter = tissue_masks(
@@ -240,7 +301,7 @@ def compute_maps(
         ica,
         sigma_px,
         settings,
-        arrival_s=aif.arrival_s,
+        arrival_s=static_at_s,
         spacing_px_mm=float(np.mean(spacing_mm)) if spacing_mm else 0.5,
     )
     valid = brain & ~vessels
@@ -266,15 +327,17 @@ def compute_maps(
     cbv = area / aif_area
     duration = float(aif.grid_s[-1])
     raw_tmax = residues.tmax_s
-    # Within one grid step before the AIF: as early as the ICA, Tmax 0.
-    tmax = np.where((raw_tmax < 0) & (raw_tmax >= -step), 0.0, raw_tmax).astype(np.float32)
+    lead = aif_lead(raw_tmax, valid, step, LEAD_SMOOTHING * sigma_px)
+    shifted = raw_tmax + lead
+    # Within one grid step before the reference: as early as it, Tmax 0.
+    tmax = np.where((shifted < 0) & (shifted >= -step), 0.0, shifted).astype(np.float32)
     positive = residues.cbf > 0
     mtt = np.where(positive, cbv / np.where(positive, residues.cbf, 1.0), np.inf)
     rules = {
         "CBF not positive": ~positive,
         "CBV not positive": ~(cbv > 0),
         "MTT longer than the run": ~(mtt <= duration),
-        "Tmax before the AIF": ~(tmax >= 0),
+        "Tmax before the earliest brain": ~(tmax >= 0),
         "Tmax after the end of the run": ~(tmax <= duration),
         "TTP outside the run": ~((ttp >= 0) & (ttp <= duration)),
     }
@@ -314,4 +377,5 @@ def compute_maps(
         rejected=rejected,
         early_share=early_share,
         brighter=brighter,
+        tmax_lead_s=lead,
     )

@@ -95,7 +95,9 @@ NAME = "dsa_perfusion"
 # 1.2.0: a blanked field found where burned-in text touches it.
 # 1.2.1: a blanked field is one stored value through the run (air is not); a
 # physical blade in a subtracted run found by the noise behind it.
-VERSION = "1.2.1"
+# 1.3.0: Tmax measured from the earliest brain when part of it fills before the
+# AIF (a downstream AIF), instead of leaving that tissue without a value.
+VERSION = "1.3.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
@@ -584,6 +586,12 @@ class DsaPerfusion:
             f"SNR {aif.snr:.0f}; deconvolution {method}; CBF 1 = {maps.cbf_median_per_s:.4g}/s "
             f"(AIF units); {map_settings.describe_mask()}"
         )
+        if maps.tmax_lead_s > 0:
+            notes.append(
+                f"Tmax measured from the earliest brain, {maps.tmax_lead_s:.2f} s before the "
+                f"AIF's arrival: {maps.early_share:.0%} of the brain fills before the AIF, "
+                "which lies downstream of it"
+            )
         if maps.rejected:
             notes.append(
                 "brain pixels without a value (physically impossible estimates): "
