@@ -189,6 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"purged runs (files deleted by retention): {summary['purged_runs']}")
     for key in ("runs", "jobs", "outbox"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
+    print(f"queued jobs of older runs (behind live runs): {summary['older_queued_jobs']}")
     for f in summary["failed_jobs"]:  # type: ignore[attr-defined]
         print(f"failed job {f['id']} {f['pipeline']} run {f['run_id']}: {f['error']}")
     verdicts = summary["verdicts"]

@@ -7,18 +7,25 @@ one transaction: ``routed`` with its jobs, ``unrouted`` (no rule, or a rule
 without pipelines) or ``unroutable`` (a header that cannot be read). This is
 where a header defect becomes a run state, so nothing a sender sends can raise
 in the C-STORE handler or stop the node from starting.
+
+A run acquired before ``workers.live_window_h`` (a study re-sent from the
+archive, a bulk retrieval) is an older run: its jobs are taken only while no
+job of a live run is due, so a resend of hundreds of runs does not hold up the
+run a suite sends now.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from dicom_node.db import Database, RunState
-from dicom_node.routing import RunFeatures, effective_rules, route
+from dicom_node.routing import RunFeatures, acquired_at, effective_rules, route
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,16 @@ class Router:
                 return
             self.route(run_id)
 
+    def older(self, first: Dataset) -> bool:
+        """Whether the run was acquired before ``workers.live_window_h`` (see the
+        setting): a resend or a retrieval, not a suite's run of today."""
+        window = self.settings.workers.live_window_h
+        acquired = acquired_at(first)
+        if window <= 0 or acquired is None:
+            return False
+        current = dt.datetime.now(acquired.tzinfo) if acquired.tzinfo else dt.datetime.now()
+        return current - acquired > dt.timedelta(hours=window)
+
     def route(self, run_id: str) -> list[int]:
         """Route one complete run; returns the jobs created (none if it is not complete)."""
         with self._lock:
@@ -86,8 +103,15 @@ class Router:
                     log.warning("run %s not routed: %s", run_id, why)
                 return []
             destinations = [d.name for d in self.settings.destinations_for(rule)]
-            jobs = self.db.route_run(run_id, rule.name, rule.pipelines, destinations)
+            older = self.older(first)
+            jobs = self.db.route_run(run_id, rule.name, rule.pipelines, destinations, older)
         if jobs:
-            log.info("run %s -> rule %s: jobs %s", run_id, rule.name, jobs)
+            log.info(
+                "run %s -> rule %s: jobs %s%s",
+                run_id,
+                rule.name,
+                jobs,
+                " (an older run: they wait behind live runs)" if older else "",
+            )
             self.on_routed()
         return jobs

@@ -6,6 +6,7 @@ A run no rule matches goes to no pipeline and is reported as unrouted.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import re
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.valuerep import DA, DT, TM
 
 from dicom_node.settings import Match, Rule, Settings, TagPattern
 from dicom_node.sopclasses import CINE_2D, VOLUME, resolve_sop_class
@@ -77,6 +79,42 @@ def mask_operation(ds: Dataset) -> str:
     """
     msq = ds.get("MaskSubtractionSequence")
     return str(msq[0].get("MaskOperation", "")).upper() if msq else ""
+
+
+# Where a run's acquisition time is read, most specific first: (date time, or
+# date and time) keywords.
+ACQUISITION_TIMES = (
+    ("AcquisitionDateTime", None),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("StudyDate", "StudyTime"),
+    ("ContentDate", "ContentTime"),
+)
+
+
+def acquired_at(ds: Dataset) -> dt.datetime | None:
+    """When the run was acquired, from the first of ``ACQUISITION_TIMES`` that its
+    header holds and pydicom can read (a date without a time is its start); None
+    when none can be read. A value with a UTC offset (DT, or Timezone Offset From
+    UTC) is aware; others are naive, the modality's local time. A header defect is
+    logged (the keyword, not the value) and the next source is tried."""
+    for date_key, time_key in ACQUISITION_TIMES:
+        try:
+            raw = ds.get(date_key)
+            if not raw:
+                continue
+            if time_key is None:
+                value: dt.datetime = DT(str(raw))
+            else:
+                time = ds.get(time_key)
+                value = dt.datetime.combine(DA(str(raw)), TM(str(time)) if time else dt.time())
+            offset = ds.get("TimezoneOffsetFromUTC")
+            if value.tzinfo is None and offset:
+                value = value.replace(tzinfo=DT(f"{value:%Y%m%d%H%M%S}{offset}").tzinfo)
+            return value
+        except Exception:  # noqa: BLE001 - pydicom raises ValueError and its parser's errors
+            log.warning("%s cannot be read as a date and time; ignored", date_key)
+    return None
 
 
 def header_floats(ds: Dataset, keyword: str) -> list[float] | None:

@@ -266,3 +266,56 @@ def test_sources_without_type_2_attributes_are_processed(make_node: Any, tmp_pat
     assert len(kinds) >= 4  # canvas, SEG, Parametric Map, SR, renderings
     for path in kinds.values():
         assert dciodvfy_errors(path) == [], path
+
+
+def test_older_runs_wait_behind_live_runs(tmp_path: Path) -> None:
+    """A bulk resend of older runs (acquired before workers.live_window_h) is routed
+    first; the live runs routed after it are claimed first, the older ones then in
+    order of arrival. A run without a readable date is live; so is every run with
+    a window of 0."""
+    import datetime as dt
+
+    db = Database(tmp_path / "n.sqlite")
+    today = dt.datetime.now()
+    old = today - dt.timedelta(days=3)
+    headers: dict[str, dict[str, str]] = {
+        # the bulk resend: read from each source in turn
+        "old-acquisition": {"AcquisitionDateTime": f"{old:%Y%m%d%H%M%S}"},
+        "old-series": {"SeriesDate": f"{old:%Y%m%d}", "SeriesTime": "0800"},
+        "old-study": {},  # the generator's StudyDate, 2026-01-01
+        "old-utc": {"AcquisitionDateTime": f"{old:%Y%m%d%H%M%S}+0900"},
+        # then the suites' runs
+        "live": {"AcquisitionDate": f"{today:%Y%m%d}", "AcquisitionTime": f"{today:%H%M%S}"},
+        "live-utc": {"AcquisitionDateTime": f"{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}+0000"},
+        "no-date": {"StudyDate": ""},
+        "bad-date": {"StudyDate": "2026-13-45", "SeriesDate": "yesterday"},
+    }
+    settings = load_settings(None, environ={}, rules=MINIP)
+    router = Router(db, settings)
+    for run_id, values in headers.items():
+        ds = xa_run(frames=2, rows=8, cols=8)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        path = tmp_path / f"{run_id}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        db.record_instance(
+            InstanceRecord(
+                ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                run_id, path, 2, "", path.stat().st_size, "AE",
+            )
+        )  # fmt: skip
+        assert db.complete_run(run_id, "test")
+        assert len(router.route(run_id)) == 2
+    assert db.status_summary()["older_queued_jobs"] == 8
+    claimed = []
+    while (job := db.claim_job("w", 60, 3)) is not None:
+        claimed.append(job.run_id)
+    live = ["live", "live-utc", "no-date", "bad-date"]
+    older = ["old-acquisition", "old-series", "old-study", "old-utc"]
+    assert claimed == [r for r in live for _ in range(2)] + [r for r in older for _ in range(2)]
+    assert db.status_summary()["older_queued_jobs"] == 0
+
+    assert router.older(xa_run())  # the generator's 2026-01-01
+    for window in (0, 24 * 365 * 10):  # 0: every run in order of arrival
+        wide = load_settings(None, environ={}, rules=MINIP, workers={"live_window_h": window})
+        assert not Router(db, wide).older(xa_run())

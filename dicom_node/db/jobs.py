@@ -22,7 +22,8 @@ class Jobs(Core):
     """Jobs: the job state machine, for the embedded and the Temporal engine."""
 
     def claim_job(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
-        """Take the oldest due job (or one whose lease expired) and count an attempt.
+        """Take the oldest due job (or one whose lease expired) and count an attempt;
+        a live run's before an older run's (``priority``).
 
         A job whose lease expired after its last allowed attempt fails here
         instead of being run again: whatever killed its worker would again.
@@ -32,7 +33,7 @@ class Jobs(Core):
             while True:
                 row = con.execute(
                     "SELECT * FROM jobs WHERE (state=? AND not_before <= ?) "
-                    "OR (state=? AND lease_until < ?) ORDER BY id LIMIT 1",
+                    "OR (state=? AND lease_until < ?) ORDER BY priority, id LIMIT 1",
                     (JobState.QUEUED, t, JobState.RUNNING, t),
                 ).fetchone()
                 if row is None:
@@ -201,10 +202,11 @@ class Jobs(Core):
 
     # -- jobs run by an external engine (Temporal) ------------------------------
     def jobs_to_dispatch(self, limit: int) -> list[DispatchJob]:
-        """Queued jobs whose workflow has not been started, oldest first."""
+        """Queued jobs whose workflow has not been started, oldest first, a live
+        run's before an older run's."""
         rows = self.query(
             "SELECT id, run_id, pipeline, generation FROM jobs WHERE state=? AND "
-            "dispatched_at IS NULL AND not_before <= ? ORDER BY id LIMIT ?",
+            "dispatched_at IS NULL AND not_before <= ? ORDER BY priority, id LIMIT ?",
             (JobState.QUEUED, now(), limit),
         )
         return [DispatchJob(r["id"], r["run_id"], r["pipeline"], r["generation"]) for r in rows]

@@ -89,6 +89,11 @@ class Reports(Core):
             # runs whose files and results retention deleted (their rows are kept)
             "purged_runs": self.purged_runs(),
             "jobs": counts("jobs"),
+            # queued jobs of older runs (acquired before workers.live_window_h): they
+            # wait while a live run's job is due
+            "older_queued_jobs": self.query(
+                "SELECT COUNT(*) n FROM jobs WHERE state=? AND priority > 0", (JobState.QUEUED,)
+            )[0]["n"],
             "outbox": counts("outbox"),
             "failed_jobs": failures,
             "outbox_backlog": backlog,

@@ -133,9 +133,15 @@ class Runs(Core):
         return RunState(rows[0]["state"]) if rows else None
 
     def route_run(
-        self, run_id: str, rule: str, pipelines: Sequence[str], destinations: Sequence[str]
+        self,
+        run_id: str,
+        rule: str,
+        pipelines: Sequence[str],
+        destinations: Sequence[str],
+        older: bool = False,
     ) -> list[int]:
-        """complete -> routed, and its jobs created, in one transaction.
+        """complete -> routed, and its jobs created, in one transaction; ``older``:
+        an older run's jobs, taken after every due job of a live run.
 
         Returns the new job ids; none when the run was not complete (routed by
         someone else, or re-opened by a new instance meanwhile)."""
@@ -152,7 +158,7 @@ class Runs(Core):
             for name in pipelines:
                 cur = con.execute(
                     "INSERT INTO jobs (run_id, pipeline, destinations, resend, state, not_before,"
-                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    " created_at, updated_at, priority) VALUES (?,?,?,?,?,?,?,?,?)",
                     (
                         run_id,
                         name,
@@ -162,6 +168,7 @@ class Runs(Core):
                         t,
                         t,
                         t,
+                        int(older),
                     ),
                 )
                 ids.append(int(cur.lastrowid or 0))

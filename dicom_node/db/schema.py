@@ -95,5 +95,8 @@ _MIGRATIONS = {
         # Temporal: the n-th workflow of this job (an operator's retry starts a new one)
         ("generation", "INTEGER NOT NULL DEFAULT 0"),
         ("dispatched_at", "REAL"),  # its workflow was started (None: embedded, or not yet)
+        # 0: a live run's job; 1: an older run's (acquired before workers.live_window_h),
+        # taken only when no live job is due
+        ("priority", "INTEGER NOT NULL DEFAULT 0"),
     ],
 }
