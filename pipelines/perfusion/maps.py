@@ -48,6 +48,7 @@ from scipy import ndimage
 from pipelines.base import PipelineError
 from pipelines.perfusion.aif import Aif
 from pipelines.perfusion.deconvolution import Residues, Settings, deconvolve, smooth_at
+from pipelines.perfusion.quality import MAX_EARLY_BRAIN
 from pipelines.perfusion.timing import Curves
 
 # Pixels per block for the TTP and area pass (the grid curves of one block).
@@ -213,9 +214,12 @@ def tissue_masks(
 
 
 def aif_lead(raw_tmax: np.ndarray, where: np.ndarray, step_s: float, sigma_px: float) -> float:
-    """How much earlier than the AIF Tmax is measured from: the residues of the
-    earliest brain (``EARLY_QUANTILE`` of the deconvolved pixels) when they peak
-    more than one grid step before the AIF, else 0.
+    """How much earlier than the AIF Tmax is measured from: when more than
+    ``MAX_EARLY_BRAIN`` of the deconvolved brain peaks more than one grid step
+    before the AIF (the AIF is downstream of it), the time of the earliest brain
+    (``EARLY_QUANTILE`` of the Tmax map smoothed by ``sigma_px``); else 0 (what
+    noise and the wrap of a truncated curve give with the ICA as the AIF: those
+    pixels have no value).
 
     An AIF taken downstream of part of the brain (no ICA in view: the earliest
     large artery in the field is a branch) puts that tissue's Tmax below 0, which
@@ -231,7 +235,7 @@ def aif_lead(raw_tmax: np.ndarray, where: np.ndarray, step_s: float, sigma_px: f
     reached before the AIF still marks the run (the AIF may not be the feeding
     artery).
     """
-    if raw_tmax.size == 0:
+    if raw_tmax.size == 0 or float(np.mean(raw_tmax < -step_s)) <= MAX_EARLY_BRAIN:
         return 0.0
     image = np.zeros(where.shape, np.float64)
     image[where] = raw_tmax
@@ -337,7 +341,7 @@ def _maps_from(
         "CBF not positive": ~positive,
         "CBV not positive": ~(cbv > 0),
         "MTT longer than the run": ~(mtt <= duration),
-        "Tmax before the earliest brain": ~(tmax >= 0),
+        ("Tmax before the earliest brain" if lead else "Tmax before the AIF"): ~(tmax >= 0),
         "Tmax after the end of the run": ~(tmax <= duration),
         "TTP outside the run": ~((ttp >= 0) & (ttp <= duration)),
     }

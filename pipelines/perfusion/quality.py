@@ -41,6 +41,10 @@ from pipelines.quality import NO_UNIT, Check, Quality, Verdict, assess, measure
 SECOND = Code("s", "UCUM", "second")
 # Maps with a value on less than a tenth of the brain are not a result (failed).
 MAX_NO_VALUE_FAILED = 0.9
+# More of the brain than this reached before the AIF: the AIF is downstream of it
+# (low confidence here; Tmax measured from the earliest brain, ``maps.aif_lead``).
+# Less is what noise and the wrap of truncated curves give with the ICA as the AIF.
+MAX_EARLY_BRAIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def assess_perfusion(f: Findings) -> Quality:
         Check(
             measure("EARLYBRAIN", "Brain reached before the AIF", 100 * f.early_share),
             "part of the brain fills before the AIF: the AIF may not be the feeding artery",
-            high=10.0,
+            high=100 * MAX_EARLY_BRAIN,
         ),
     ]
     quality = assess(checks)
