@@ -301,11 +301,22 @@ def message_done(assoc: Association) -> None:
         assoc.dul.socket.held_bytes = 0
 
 
+# States of the DICOM upper layer (PS3.8 9.2) from a release request on: Sta7 to
+# Sta12 (release under way, collisions included) and Sta13 (the association no
+# longer exists, the connection not yet closed).
+_RELEASING = frozenset(f"Sta{n}" for n in range(7, 14))
+
+
 def _holds_place(assoc: Association) -> bool:
-    """Still open: not ended, its connection not closed (its thread lingers after
-    either: after a connection closed before its request, up to the ACSE timeout;
-    a sender that reconnects meanwhile must not count it)."""
+    """Still open: not ended, not being released, its connection not closed (its
+    thread lingers after either: after a connection closed before its request, up
+    to the ACSE timeout; a sender that reconnects meanwhile must not count it).
+    pynetdicom answers A-RELEASE-RP before it sets ``is_released``, so a sender
+    that released and reconnected at once could find its old association counted;
+    the upper layer's state is Sta8 from the moment the request arrives."""
     if assoc.is_aborted or assoc.is_released or assoc.is_rejected:
+        return False
+    if assoc.dul.state_machine.current_state in _RELEASING:
         return False
     sock = assoc.dul.socket
     return sock is not None and sock.socket is not None and sock.socket.fileno() != -1

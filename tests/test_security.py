@@ -525,6 +525,52 @@ def test_one_host_cannot_take_every_association(make_node: Any) -> None:
     assert rejected[0]["peer"].startswith("127.0.0.1:")
 
 
+def test_an_association_being_released_leaves_its_place(make_node: Any) -> None:
+    """pynetdicom answers A-RELEASE-RP before it marks the association released,
+    so a sender at its share that released and reconnected at once was refused
+    now and then. From the release request on (the upper layer's Sta8) the
+    association holds no place. Made to last here: the sender asks to release
+    while its C-STORE waits for the series lock."""
+    from pydicom.uid import XRayAngiographicImageStorage
+    from pynetdicom import AE
+
+    node = make_node(max_associations=4, rules=[])  # one host may hold two
+    idle = socket.create_connection(("127.0.0.1", node.port))
+    ae = AE(ae_title="SUITE1")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    ds = xa_run(frames=2)
+    try:
+        with node.spool.series_lock(str(ds.SeriesInstanceUID)):
+            first = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
+            assert first.is_established
+            store = threading.Thread(target=first.send_c_store, args=(ds,))
+            store.start()
+            wait_for(lambda: node.spool.series_lock(str(ds.SeriesInstanceUID)).locked(), 5)
+            time.sleep(0.5)  # the C-STORE is in the handler, waiting for the lock
+            release = threading.Thread(target=first.release)
+            release.start()
+
+            def releasing() -> bool:
+                states = [
+                    a.dul.state_machine.current_state for a in node.server.active_associations
+                ]
+                return "Sta8" in states
+
+            wait_for(releasing, 10, what="the release request at the node")
+            # the idle connection and the one being released: the host may connect again
+            again = ae.associate("127.0.0.1", node.port, ae_title="ANGIO_NODE")
+            assert again.is_established
+            again.release()
+        store.join(30)
+        release.join(30)
+    finally:
+        idle.close()
+    # the node stored the instance (the sender's DIMSE layer, already releasing, may
+    # drop its answer: pynetdicom's, not the node's)
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 1
+    assert not [e for e in _audit(node) if e["event"] == "association-rejected"]
+
+
 def test_stow_rs_refuses_more_parts_than_max_parts(make_node: Any) -> None:
     # each part costs its answer's item and its work: 20,000 tiny parts (0.9 MB) held
     # 16 MiB and 30 s; a 16 GiB body of them would have held the node's memory
