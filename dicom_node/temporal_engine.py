@@ -30,7 +30,7 @@ from pathlib import Path
 
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.worker import Worker
 
@@ -53,6 +53,9 @@ from dicom_node.temporal_workflow import (
 
 log = logging.getLogger(__name__)
 _BATCH = 64
+# Temporal priority keys (1 first, 5 last, 3 when none is given): a live run's job
+# before an older run's (workers.live_window_h) on the same task queue.
+LIVE_PRIORITY, OLDER_PRIORITY = 2, 4
 _RETRY_MAX_S = 30.0
 
 
@@ -195,7 +198,7 @@ class TemporalEngine:
             if job_input is None:
                 continue
             future: Future[None] = asyncio.run_coroutine_threadsafe(
-                self._start(job_input), self._loop
+                self._start(job_input, job.priority), self._loop
             )
             future.result(timeout=60)
             self.db.mark_dispatched(job.id, job.generation)
@@ -233,7 +236,10 @@ class TemporalEngine:
             options=dict(workers.pipeline_options.get(job.pipeline, {})),
         )
 
-    async def _start(self, job: JobInput) -> None:
+    async def _start(self, job: JobInput, priority: int = 0) -> None:
+        """Start the job's workflow; an older run's (``priority`` 1) with a lower
+        Temporal priority than a live run's, which its activities inherit, so that
+        on a busy task queue a live run's job is taken first there too."""
         assert self._client is not None
         wid = workflow_id(self.index_id, job.job_id, job.generation)
         try:
@@ -245,6 +251,7 @@ class TemporalEngine:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 request_eager_start=True,  # its first task straight to this node's worker
+                priority=Priority(priority_key=OLDER_PRIORITY if priority else LIVE_PRIORITY),
             )
             log.info(
                 "job %d: %s on run %s -> workflow %s (queue %s)",

@@ -25,6 +25,7 @@ from dicom_node.db import Database, JobState, ResultFile, RunState
 from dicom_node.errors import ConfigError
 from dicom_node.settings import load_settings
 from dicom_node.stow import split_multipart
+from dicom_node.temporal_engine import OLDER_PRIORITY
 from dicom_node.temporal_workflow import workflow_id
 from tests.conftest import wait_for
 from tests.dicomgen import save, xa_run
@@ -322,6 +323,9 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
                 assert ids == {workflow_id(index, j["id"], 0) for j in jobs}
                 described = site.temporal.describe(workflow_id(index, jobs[0]["id"], 0))
                 assert described.status.name == "COMPLETED"
+                # the generator's runs are dated 2026-01-01: older runs, after live ones
+                info = described.raw_description.workflow_execution_info
+                assert info.priority.priority_key == OLDER_PRIORITY
                 timings = json.loads(jobs[0]["timings"])
                 assert {"fetching", "computing", "returning"} <= set(timings)
                 for f in site.dest.files():

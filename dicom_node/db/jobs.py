@@ -205,11 +205,14 @@ class Jobs(Core):
         """Queued jobs whose workflow has not been started, oldest first, a live
         run's before an older run's."""
         rows = self.query(
-            "SELECT id, run_id, pipeline, generation FROM jobs WHERE state=? AND "
+            "SELECT id, run_id, pipeline, generation, priority FROM jobs WHERE state=? AND "
             "dispatched_at IS NULL AND not_before <= ? ORDER BY priority, id LIMIT ?",
             (JobState.QUEUED, now(), limit),
         )
-        return [DispatchJob(r["id"], r["run_id"], r["pipeline"], r["generation"]) for r in rows]
+        return [
+            DispatchJob(r["id"], r["run_id"], r["pipeline"], r["generation"], r["priority"])
+            for r in rows
+        ]
 
     def mark_dispatched(self, job_id: int, generation: int) -> bool:
         """Its workflow exists (started now, or by a process that died before this)."""

@@ -78,6 +78,7 @@ class DispatchJob:
     run_id: str
     pipeline: str
     generation: int
+    priority: int = 0  # 0: a live run's job; 1: an older run's (``jobs.priority``)
 
 
 @dataclass(frozen=True)
