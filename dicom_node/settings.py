@@ -149,15 +149,6 @@ class OutboxSettings(Strict):
     backoff_base_s: float = Field(2.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
-    live_window_h: float = Field(
-        24.0,
-        ge=0,
-        description="a run acquired longer ago than this (its header's acquisition, series, "
-        "study or content date and time) is an older run, re-sent or retrieved: its jobs "
-        "wait while any job of a live run is queued, so a bulk resend does not hold up the "
-        "suites' runs; a run without a readable date is live; 0: every run in order of "
-        "arrival",
-    )
     timeout_s: float = Field(30.0, gt=0)
 
 
