@@ -596,6 +596,30 @@ def test_fault_injection(name):
         assert on_artery > 5 * (aif & np.asarray(truth["vein"], bool)[:rows]).sum()
 
 
+def test_a_downstream_aif_measures_tmax_from_the_earliest_brain():
+    """Randomised development seed 920008 at 160 px: no vessel enters from the border,
+    and the earliest-arriving large artery is a branch that part of the brain fills
+    before. That brain keeps its values (Tmax measured from the earliest brain, not
+    "no value"), the Tmax map and its rendering say from where, and the run stays
+    low confidence for its AIF."""
+    ph = dsa.generate(
+        920008, size=SIZE, frames=40, fps=4.0, snr=40.0, snr_reference="tissue", randomise=True
+    )
+    run = ph.to_run()
+    result = process(run)
+    assert_physical(result, run)
+    note = next(n for n in result.notes if n.startswith("Tmax measured from the earliest brain"))
+    assert "before the AIF's arrival" in note
+    assert "after the earliest brain" in maps(result)["tmax"].description
+    assert verdict(result) == "low_confidence"
+    assert "fills before the AIF" in reasons(result)
+    truth = ph.truth
+    perfused = np.isfinite(truth["cbf"]) & ~(truth["artery"] | truth["vein"] | truth["device"])
+    valid = maps(result)["tmax"].valid
+    # 92 %; 78 % before, when the brain reached before the AIF had no value
+    assert (valid & perfused).sum() / perfused.sum() > 0.9
+
+
 def test_verdicts_from_the_measures():
     """The bounds of ``pipelines.perfusion.quality`` give the verdicts they say."""
     from pipelines.perfusion.quality import Findings, assess_perfusion

@@ -787,7 +787,11 @@ class DsaPerfusion:
                 TMAX,
                 UCUM_SECOND,
                 "s",
-                "Tmax = time the residue reaches its peak, after the AIF (s)",
+                "Tmax = time the residue reaches its peak, after the AIF (s)"
+                if maps.tmax_lead_s <= 0
+                # the AIF is downstream of part of the brain: see maps.aif_lead
+                else "Tmax = time the residue reaches its peak, after the earliest brain, "
+                f"{maps.tmax_lead_s:.2f} s before the AIF (s)",
             ),
             (
                 "ttp",
