@@ -44,7 +44,9 @@ from typing import Any, NoReturn
 from pydicom.filereader import read_dataset
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -322,11 +324,39 @@ def _holds_place(assoc: Association) -> bool:
     return sock is not None and sock.socket is not None and sock.socket.fileno() != -1
 
 
+class _NodeDUL(DULServiceProvider):
+    """An acceptor's upper layer whose end by a protocol violation is a logged reason.
+
+    Some broken PDU streams put pynetdicom's upper layer where its own next step
+    is not allowed (the A-ASSOCIATE-AC it was asked to send, after the peer's PDU
+    had moved it to Sta13): its thread ended in an unhandled InvalidEventError, a
+    traceback on stderr per connection (ten in a run of the broken-PDU corpus).
+    It now logs the reason and ends; the association sees its upper layer gone
+    and closes the connection, as before."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except InvalidEventError:
+            peer = self.assoc.requestor
+            log.warning(
+                "association from %s at %s:%s closed: its PDUs broke the DICOM upper "
+                "layer protocol (a step its state %s does not allow)",
+                str(peer.ae_title).strip() or "(no request yet)",
+                peer.address,
+                peer.port,
+                self.state_machine.current_state,
+            )
+            self.assoc.is_aborted = True
+            self.assoc.is_established = False
+
+
 class _RequestHandler(RequestHandler):
     limits: ReceiveLimits | None = None
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        assoc.dul.__class__ = _NodeDUL  # same object, before its thread starts
         sock = assoc.dul.socket
         if sock is not None and self.limits is not None:
             sock.__class__ = _GuardedSocket  # same object and state, checked reads
