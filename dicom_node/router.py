@@ -68,11 +68,15 @@ class Router:
         """Whether the run was acquired before ``workers.live_window_h`` (see the
         setting): a resend or a retrieval, not a suite's run of today."""
         window = self.settings.workers.live_window_h
-        acquired = acquired_at(first)
-        if window <= 0 or acquired is None:
+        try:  # the header is the sender's: nothing in it may stop the router's thread
+            acquired = acquired_at(first)
+            if window <= 0 or acquired is None:
+                return False
+            current = dt.datetime.now(acquired.tzinfo) if acquired.tzinfo else dt.datetime.now()
+            return current - acquired > dt.timedelta(hours=window)
+        except Exception as exc:  # noqa: BLE001 - a date defect makes the run live, not stuck
+            log.warning("acquisition time not compared (%s): the run is live", type(exc).__name__)
             return False
-        current = dt.datetime.now(acquired.tzinfo) if acquired.tzinfo else dt.datetime.now()
-        return current - acquired > dt.timedelta(hours=window)
 
     def route(self, run_id: str) -> list[int]:
         """Route one complete run; returns the jobs created (none if it is not complete)."""

@@ -316,6 +316,20 @@ def test_older_runs_wait_behind_live_runs(tmp_path: Path) -> None:
     assert db.status_summary()["older_queued_jobs"] == 0
 
     assert router.older(xa_run())  # the generator's 2026-01-01
+    # dates at the edges of what pydicom reads, and offsets it cannot: never raised
+    for values in (
+        {"AcquisitionDateTime": "99991231235959.999999+1400"},
+        {"AcquisitionDateTime": "00010101000000-1200"},
+        {"AcquisitionDateTime": "2026"},
+        {"AcquisitionDateTime": "20260101+9999"},
+        {"StudyDate": "00010101", "TimezoneOffsetFromUTC": "+2500"},
+        {"StudyDate": "20260101", "StudyTime": "999999", "TimezoneOffsetFromUTC": "abc"},
+        {"SeriesDate": "20260101", "SeriesTime": "12", "TimezoneOffsetFromUTC": "-0000"},
+    ):
+        ds = xa_run(frames=2, rows=8, cols=8)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        assert router.older(ds) in (True, False)
     for window in (0, 24 * 365 * 10):  # 0: every run in order of arrival
         wide = load_settings(None, environ={}, rules=MINIP, workers={"live_window_h": window})
         assert not Router(db, wide).older(xa_run())
