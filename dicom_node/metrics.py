@@ -54,6 +54,12 @@ class _IndexCollector(Collector):
         yield GaugeMetricFamily(
             "angio_node_job_queue_depth", "Queued jobs due to run now", value=snap["queue_depth"]
         )
+        yield GaugeMetricFamily(
+            "angio_node_job_queue_older",
+            "Queued jobs of older runs (acquired before workers.live_window_h), taken after "
+            "live runs' jobs",
+            value=snap["older_queued_jobs"],
+        )
         backlog = GaugeMetricFamily(
             "angio_node_outbox_backlog",
             "Deliveries pending per destination",

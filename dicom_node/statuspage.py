@@ -104,6 +104,11 @@ def render(
         for state, n in sorted(counts.items()):
             out.append(f'<span class="chip">{label} {_state(state)} {n}</span>')
     out.append(f'<span class=chip id="queue">queue {snap["queue_depth"]}</span>')
+    out.append(
+        f'<span class=chip id="older" title="queued jobs of runs acquired before '
+        f'workers.live_window_h: they wait behind live runs">older runs queued '
+        f"{summary['older_queued_jobs']}</span>"
+    )
     out.append(f'<span class=chip id="purged">purged {summary["purged_runs"]}</span>')
     for verdict, n in summary["verdicts"].items():
         out.append(f'<span class="chip">results {_verdict(verdict)} {n}</span>')

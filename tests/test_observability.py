@@ -93,6 +93,7 @@ def test_metrics_are_prometheus_text_with_what_happened(
     assert _value(s, "angio_node_jobs", pipeline="minip", state="done") == 1
     assert _value(s, "angio_node_jobs", pipeline="dsa_perfusion", state="failed") == 1
     assert _value(s, "angio_node_job_queue_depth") == 0
+    assert _value(s, "angio_node_job_queue_older") == 0  # counted in test_spine
     assert _value(s, "angio_node_runs_purged") == 0
     assert _value(s, "angio_node_storage_free_bytes") > 0
     for stage in ("decode", "compute", "encode", "write"):

@@ -307,6 +307,7 @@ def test_older_runs_wait_behind_live_runs(tmp_path: Path) -> None:
         assert db.complete_run(run_id, "test")
         assert len(router.route(run_id)) == 2
     assert db.status_summary()["older_queued_jobs"] == 8
+    assert db.metrics_snapshot()["older_queued_jobs"] == 8  # angio_node_job_queue_older
     claimed = []
     while (job := db.claim_job("w", 60, 3)) is not None:
         claimed.append(job.run_id)

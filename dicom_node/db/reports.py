@@ -89,11 +89,7 @@ class Reports(Core):
             # runs whose files and results retention deleted (their rows are kept)
             "purged_runs": self.purged_runs(),
             "jobs": counts("jobs"),
-            # queued jobs of older runs (acquired before workers.live_window_h): they
-            # wait while a live run's job is due
-            "older_queued_jobs": self.query(
-                "SELECT COUNT(*) n FROM jobs WHERE state=? AND priority > 0", (JobState.QUEUED,)
-            )[0]["n"],
+            "older_queued_jobs": self.older_queued_jobs(),
             "outbox": counts("outbox"),
             "failed_jobs": failures,
             "outbox_backlog": backlog,
@@ -101,6 +97,15 @@ class Reports(Core):
             "verdicts": {v: int(row[v] or 0) for v in VERDICTS},
             "doubtful_results": doubtful,
         }
+
+    def older_queued_jobs(self) -> int:
+        """Queued jobs of older runs (acquired before workers.live_window_h): they wait
+        while a live run's job is due."""
+        return int(
+            self.query(
+                "SELECT COUNT(*) n FROM jobs WHERE state=? AND priority > 0", (JobState.QUEUED,)
+            )[0]["n"]
+        )
 
     def purged_runs(self) -> int:
         """Runs whose files and results retention deleted (their rows are kept)."""
@@ -122,6 +127,7 @@ class Reports(Core):
                 )
             ],
             "purged_runs": self.purged_runs(),
+            "older_queued_jobs": self.older_queued_jobs(),
             "queue_depth": self.query(
                 "SELECT COUNT(*) n FROM jobs WHERE state=? AND not_before <= ?",
                 (JobState.QUEUED, t),
