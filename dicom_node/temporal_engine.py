@@ -236,7 +236,7 @@ class TemporalEngine:
             options=dict(workers.pipeline_options.get(job.pipeline, {})),
         )
 
-    async def _start(self, job: JobInput, priority: int = 0) -> None:
+    async def _start(self, job: JobInput, priority: int) -> None:
         """Start the job's workflow; an older run's (``priority`` 1) with a lower
         Temporal priority than a live run's, which its activities inherit, so that
         on a busy task queue a live run's job is taken first there too."""

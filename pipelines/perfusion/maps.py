@@ -213,10 +213,12 @@ def tissue_masks(
     return brain, vessels, brighter
 
 
-def aif_lead(raw_tmax: np.ndarray, where: np.ndarray, step_s: float, sigma_px: float) -> float:
+def aif_lead(
+    raw_tmax: np.ndarray, early_share: float, where: np.ndarray, step_s: float, sigma_px: float
+) -> float:
     """How much earlier than the AIF Tmax is measured from: when more than
     ``MAX_EARLY_BRAIN`` of the deconvolved brain peaks more than one grid step
-    before the AIF (the AIF is downstream of it), the time of the earliest brain
+    before the AIF (``early_share``, the quality measure: the AIF is downstream), the time of the earliest brain
     (``EARLY_QUANTILE`` of the Tmax map smoothed by ``sigma_px``); else 0 (what
     noise and the wrap of a truncated curve give with the ICA as the AIF: those
     pixels have no value).
@@ -235,7 +237,7 @@ def aif_lead(raw_tmax: np.ndarray, where: np.ndarray, step_s: float, sigma_px: f
     reached before the AIF still marks the run (the AIF may not be the feeding
     artery).
     """
-    if raw_tmax.size == 0 or float(np.mean(raw_tmax < -step_s)) <= MAX_EARLY_BRAIN:
+    if early_share <= MAX_EARLY_BRAIN:  # also when nothing was deconvolved
         return 0.0
     image = np.zeros(where.shape, np.float64)
     image[where] = raw_tmax
@@ -331,7 +333,8 @@ def _maps_from(
     cbv = area / aif_area
     duration = float(aif.grid_s[-1])
     raw_tmax = residues.tmax_s
-    lead = aif_lead(raw_tmax, valid, step, LEAD_SMOOTHING * sigma_px)
+    early_share = float(np.mean(raw_tmax < -step)) if raw_tmax.size else 0.0
+    lead = aif_lead(raw_tmax, early_share, valid, step, LEAD_SMOOTHING * sigma_px)
     shifted = raw_tmax + lead
     # Within one grid step before the reference: as early as it, Tmax 0.
     tmax = np.where((shifted < 0) & (shifted >= -step), 0.0, shifted).astype(np.float32)
@@ -359,7 +362,6 @@ def _maps_from(
             + ")"
         )
     median = float(np.median(residues.cbf[ok]))
-    early_share = float(np.mean(raw_tmax < -step)) if raw_tmax.size else 0.0
 
     def image(values: np.ndarray) -> np.ndarray:
         out = np.zeros(valid.shape, np.float32)
