@@ -97,7 +97,9 @@ NAME = "dsa_perfusion"
 # physical blade in a subtracted run found by the noise behind it.
 # 1.3.0: Tmax measured from the earliest brain when part of it fills before the
 # AIF (a downstream AIF), instead of leaving that tissue without a value.
-VERSION = "1.3.0"
+# 1.4.0: an AIF that does not wash out within the run gives way to one that does
+# (the edges of a mask the head moved from rise and stay).
+VERSION = "1.4.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
@@ -473,6 +475,12 @@ class Choice:
 MIN_SIDE = 8
 
 
+def _doubt(maps: Maps, washes_out: bool) -> tuple[bool, bool, float]:
+    """How doubtful an AIF is, as a sort key: fed after too much of the brain first,
+    then no washout, then the share of the brain reached before it."""
+    return (maps.early_share > MAX_BRAIN_BEFORE_AIF, not washes_out, maps.early_share)
+
+
 class DsaPerfusion:
     name = NAME
 
@@ -648,15 +656,20 @@ class DsaPerfusion:
     ) -> Choice:
         """The ICA, AIF and maps for these frames.
 
-        An AIF that most of the brain fills before is not the feeding artery: the
-        rule's next candidate tries, then the next rule; if none passes, the one with
-        the least brain before its AIF stays, low confidence (a package's AIF comes
-        first, and need not be that one).
+        An AIF that most of the brain fills before is not the feeding artery, and
+        one that does not wash out within the run (``AifSettings.max_tail_fraction``)
+        is doubtful: opacity that rises and stays is what the bone edges of a mask
+        the head moved from look like, and a device. The rule's next candidate
+        tries, then the next rule; if none passes, the least doubtful stays, low
+        confidence (``_doubt``; a package's AIF comes first, and need not be that one).
+        In a run cut short before the bolus washes out, no artery washes out, and
+        the first AIF that feeds the brain stays.
         """
         refused: dict[str, dict[int, str]] = {}
         no_baseline: set[str] = set()
         candidates: dict[str, tuple[Any, AlgorithmInfo | None]] = {}
-        best: tuple[Input, Maps, float] | None = None
+        best: tuple[Input, Maps, float, bool] | None = None
+        aif_settings = settings[1]
         others = ""
         while True:
             try:
@@ -680,7 +693,7 @@ class DsaPerfusion:
             except PipelineError as exc:
                 if best is None:
                     raise
-                found, maps, width = best
+                found, maps, width, _ = best
                 others = f"no other ICA rule did better ({exc})"
                 break
             width = fwhm_s(found.aif.curve, prepared.timing.grid_s)
@@ -699,12 +712,17 @@ class DsaPerfusion:
                 continue
             if inside is not None:
                 maps = restrict_maps(maps, inside)
-            if maps.early_share <= MAX_BRAIN_BEFORE_AIF:
+            tail = float(found.aif.curve[-1]) / found.aif.peak
+            washes_out = tail <= aif_settings.max_tail_fraction
+            if maps.early_share <= MAX_BRAIN_BEFORE_AIF and washes_out:
                 break
-            if best is None or maps.early_share < best[1].early_share:
-                best = (found, maps, width)
+            if best is None or _doubt(maps, washes_out) < _doubt(best[1], best[3]):
+                best = (found, maps, width, washes_out)
             refused.setdefault(found.located.rule, {})[found.located.candidate] = (
                 f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
+                if maps.early_share > MAX_BRAIN_BEFORE_AIF
+                else f"its AIF ends at {tail:.0%} of its peak: no washout within the run "
+                "(the edge of a mask the head moved from, a device, or a run cut short)"
             )
         rank = order.index(found.located.rule)
         return Choice(
