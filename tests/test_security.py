@@ -537,6 +537,9 @@ def test_an_association_being_released_leaves_its_place(make_node: Any) -> None:
     node = make_node(max_associations=4, rules=[])  # one host may hold two
     idle = socket.create_connection(("127.0.0.1", node.port))
     ae = AE(ae_title="SUITE1")
+    # the C-STORE's answer may be dropped by the sender's own release (below): its
+    # wait for it ends after this, not pynetdicom's 30 s
+    ae.dimse_timeout = 6
     ae.add_requested_context(XRayAngiographicImageStorage)
     ds = xa_run(frames=2)
     try:
