@@ -98,7 +98,8 @@ NAME = "dsa_perfusion"
 # 1.3.0: Tmax measured from the earliest brain when part of it fills before the
 # AIF (a downstream AIF), instead of leaving that tissue without a value.
 # 1.4.0: an AIF that does not wash out within the run gives way to one that does
-# (the edges of a mask the head moved from rise and stay).
+# (the edges of a mask the head moved from rise and stay); the large-vessel level
+# is a fraction of the densest vessels' opacity, not of a thin artery's AIF.
 VERSION = "1.4.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
@@ -140,7 +141,7 @@ OPTIONS: dict[str, str] = {
     "image}",
     "keep_largest_ica": "keep only the largest connected part of the ICA mask (default true)",
     "sigma_mm": "spatial smoothing before deconvolution, Gaussian sigma in mm (default 1.0)",
-    "vessel_fraction": "large-vessel exclusion, fraction of the AIF peak (default 0.6)",
+    "vessel_fraction": "large-vessel exclusion, fraction of the densest vessels' opacity (default 0.6)",
     "vessel_contrast": "large-vessel exclusion by contrast to the surrounding blush, fraction "
     "of the AIF peak (default 0.05; 0 = off)",
     "vessel_width_mm": "widest vessel the contrast rule removes, mm (default 10)",
