@@ -175,7 +175,6 @@ def test_output_changes_come_with_a_new_algorithm_version(
     assert versions, f"{pipeline}: no output names its algorithm"
     table = json.loads(RECORDED.read_text()) if RECORDED.exists() else {}
     if os.environ.get("ANGIO_RECORD_SIGNATURES") == "1":
-        table = json.loads(RECORDED.read_text()) if RECORDED.exists() else {}
         table[pipeline] = {"versions": versions, "signature": found}
         RECORDED.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     recorded = table.get(pipeline)

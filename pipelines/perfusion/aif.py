@@ -62,6 +62,12 @@ class Aif:
     def snr(self) -> float:
         return self.peak / self.noise if self.noise > 0 else float("inf")
 
+    @property
+    def tail(self) -> float:
+        """The AIF at the end of the run as a fraction of its peak: how far the bolus
+        has washed out (``AifSettings.max_tail_fraction``)."""
+        return float(self.curve[-1]) / self.peak
+
 
 def is_linear(meta: RunMeta) -> bool:
     """Native data stored linearly in dose (needs a log before subtraction)."""

@@ -112,8 +112,7 @@ class MapSettings:
             f"large vessels excluded = peak opacification >= {self.vessel_fraction:.0%} of "
             f"the densest vessels' (the AIF peak, or the top {1 - DENSEST_QUANTILE:.0%} of the "
             f"frame when higher) or >= {self.vessel_contrast:.0%} of the AIF peak above the "
-            "surrounding "
-            f"blush (top-hat, {self.vessel_width_mm:g} mm), the ICA, or opacity >= "
+            f"surrounding blush (top-hat, {self.vessel_width_mm:g} mm), the ICA, or opacity >= "
             f"{self.static_fraction:.0%} of its peak already at bolus arrival (catheter)"
             + (f", dilated {self.vessel_dilation_px} px" if self.vessel_dilation_px else "")
         )

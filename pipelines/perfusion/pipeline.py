@@ -476,10 +476,11 @@ class Choice:
 MIN_SIDE = 8
 
 
-def _doubt(maps: Maps, washes_out: bool) -> tuple[bool, bool, float]:
+def _doubt(aif: Aif, maps: Maps, max_tail: float) -> tuple[bool, bool, float]:
     """How doubtful an AIF is, as a sort key: fed after too much of the brain first,
-    then no washout, then the share of the brain reached before it."""
-    return (maps.early_share > MAX_BRAIN_BEFORE_AIF, not washes_out, maps.early_share)
+    then no washout (it ends above ``max_tail`` of its peak), then the share of the
+    brain reached before it. (False, False, ...): not doubtful."""
+    return (maps.early_share > MAX_BRAIN_BEFORE_AIF, aif.tail > max_tail, maps.early_share)
 
 
 class DsaPerfusion:
@@ -669,8 +670,8 @@ class DsaPerfusion:
         refused: dict[str, dict[int, str]] = {}
         no_baseline: set[str] = set()
         candidates: dict[str, tuple[Any, AlgorithmInfo | None]] = {}
-        best: tuple[Input, Maps, float, bool] | None = None
-        aif_settings = settings[1]
+        best: tuple[Input, Maps, float] | None = None
+        max_tail = settings[1].max_tail_fraction
         others = ""
         while True:
             try:
@@ -694,7 +695,7 @@ class DsaPerfusion:
             except PipelineError as exc:
                 if best is None:
                     raise
-                found, maps, width, _ = best
+                found, maps, width = best
                 others = f"no other ICA rule did better ({exc})"
                 break
             width = fwhm_s(found.aif.curve, prepared.timing.grid_s)
@@ -713,17 +714,16 @@ class DsaPerfusion:
                 continue
             if inside is not None:
                 maps = restrict_maps(maps, inside)
-            tail = float(found.aif.curve[-1]) / found.aif.peak
-            washes_out = tail <= aif_settings.max_tail_fraction
-            if maps.early_share <= MAX_BRAIN_BEFORE_AIF and washes_out:
+            fed_late, no_washout, _ = doubt = _doubt(found.aif, maps, max_tail)
+            if not (fed_late or no_washout):
                 break
-            if best is None or _doubt(maps, washes_out) < _doubt(best[1], best[3]):
-                best = (found, maps, width, washes_out)
+            if best is None or doubt < _doubt(best[0].aif, best[1], max_tail):
+                best = (found, maps, width)
             refused.setdefault(found.located.rule, {})[found.located.candidate] = (
                 f"{maps.early_share:.0%} of the brain fills before its AIF: not the feeding artery"
-                if maps.early_share > MAX_BRAIN_BEFORE_AIF
-                else f"its AIF ends at {tail:.0%} of its peak: no washout within the run "
-                "(the edge of a mask the head moved from, a device, or a run cut short)"
+                if fed_late
+                else f"its AIF ends at {found.aif.tail:.0%} of its peak: no washout within the "
+                "run (the edge of a mask the head moved from, a device, or a run cut short)"
             )
         rank = order.index(found.located.rule)
         return Choice(
@@ -758,7 +758,7 @@ class DsaPerfusion:
             Findings(
                 aif_snr=aif.snr,
                 aif_fwhm_s=width,
-                aif_tail=float(aif.curve[-1]) / aif.peak,
+                aif_tail=aif.tail,
                 baseline_frames=int(np.sum(times < aif.arrival_s)),
                 first_pass_gap_s=first_pass_gap(times, aif.curve, grid),
                 aif_saturation=ica_share,
