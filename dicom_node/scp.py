@@ -210,8 +210,12 @@ class _GuardedSocket(AssociationSocket):
         if reason is not None:
             self._refuse(reason)
         now = time.monotonic()
-        if self.started is None:
-            self.started = now
+        # ``message_done`` may restart the clock from the association's thread while
+        # this read waits (EVT_ACCEPTED fires there as the sender's first PDU comes in):
+        # this read keeps the start it began with.
+        started = self.started
+        if started is None:
+            started = self.started = now
         deadline = now + read_seconds(nr_bytes, limits.timeout_s)
         data = bytearray()
         previous = self.socket.gettimeout()  # the DUL's sends keep theirs
@@ -231,7 +235,7 @@ class _GuardedSocket(AssociationSocket):
         finally:
             self.socket.settimeout(previous)
         self.received += len(data)
-        reason = limits.too_slow(self.received, time.monotonic() - self.started)
+        reason = limits.too_slow(self.received, time.monotonic() - started)
         if reason is None:
             reason = self._count_command(data)
         if reason is not None:

@@ -156,6 +156,33 @@ def test_receive_limits_refuse_what_is_too_long_and_disk_that_is_too_full(tmp_pa
     assert "free for the spool" in (full.refuse(SPACE_CHECK_BYTES - 10, 1024) or "")
 
 
+def test_a_clock_restarted_during_a_read_does_not_end_the_read(tmp_path: Path) -> None:
+    """``message_done`` restarts a message's clock from the association's thread
+    (EVT_ACCEPTED) while the reading thread may be inside ``recv`` with the sender's
+    first PDU: the read ended in a TypeError (its start read back as None), the DUL
+    aborted the association, and the demo's storescu failed (seen once, 2026-12-03).
+    The restart is made here from inside the read, as the other thread can."""
+    from dicom_node.scp import _GuardedSocket
+
+    guarded = object.__new__(_GuardedSocket)  # no association: only the read is tested
+
+    class Peer:
+        def gettimeout(self) -> float | None:
+            return None
+
+        def settimeout(self, value: float | None) -> None:
+            pass
+
+        def recv(self, n: int) -> bytes:
+            guarded.received, guarded.started = 0, None  # message_done, from elsewhere
+            return b"\x04" * n
+
+    guarded.socket = Peer()  # type: ignore[assignment]
+    guarded.limits = ReceiveLimits(100 * MIB, tmp_path, min_free_bytes=0)
+    assert guarded.recv(6) == bytearray(b"\x04" * 6)
+    assert guarded.started is None  # the restart stands: the next read starts the clock
+
+
 def test_sweep_removes_files_of_transfers_that_stopped_writing(tmp_path: Path) -> None:
     from dicom_node.db import Database
     from dicom_node.spool import Spool
