@@ -69,6 +69,7 @@ SPACE_CHECK_BYTES = 64 * 2**20
 # a message's command fragments in memory, so their sum is bounded here.
 MAX_COMMAND_BYTES = 64 * 1024
 C_STORE_RQ = 0x0001  # Command Field: only its data set goes to a file as it arrives
+A_ASSOCIATE_RQ, P_DATA_TF = b"\x01", b"\x04"  # PDU types (PS3.8 9.3.1)
 # The slowest a PDU or a message may arrive (bytes/s) once network_timeout_s has passed:
 # a 4 MiB PDU over a 128 kbit/s link.
 MIN_RATE = 16 * 1024
@@ -179,7 +180,9 @@ class _GuardedSocket(AssociationSocket):
     class): each read is checked by ``ReceiveLimits`` before it is made. pynetdicom
     reads a PDU as its 6-byte header and then one read of the length it declares,
     so that read is refused, not its bytes gathered. ``received`` counts what came
-    since the last complete message (reset by ``message_done``)."""
+    since the last complete message or the association request. Only the thread
+    that reads changes this state (``message_done`` runs there, on EVT_DIMSE_RECV):
+    a reset from the association's thread raced the read under way (2026-12-03)."""
 
     limits: ReceiveLimits | None = None
     received = 0
@@ -210,10 +213,7 @@ class _GuardedSocket(AssociationSocket):
         if reason is not None:
             self._refuse(reason)
         now = time.monotonic()
-        # ``message_done`` may restart the clock from the association's thread while
-        # this read waits (EVT_ACCEPTED fires there as the sender's first PDU comes in):
-        # this read keeps the start it began with.
-        started = self.started
+        started = self.started  # this read keeps the start it began with
         if started is None:
             started = self.started = now
         deadline = now + read_seconds(nr_bytes, limits.timeout_s)
@@ -242,6 +242,14 @@ class _GuardedSocket(AssociationSocket):
             self._refuse(reason)
         return data
 
+    def restart(self) -> None:
+        """The next message's count and clock start (in the thread that reads)."""
+        self.received = 0
+        self.started = None
+        self.command = b""
+        self.held = False
+        self.held_bytes = 0
+
     def _count_command(self, data: bytearray) -> str | None:
         """pynetdicom reads a PDU as its header, then its body, and keeps in memory a
         message's command set and, for any message but a C-STORE request, its data
@@ -250,7 +258,10 @@ class _GuardedSocket(AssociationSocket):
         if header is None:
             self.header = bytes(data[:1])  # the next read is this PDU's body
             return None
-        if header != b"\x04":
+        if header == A_ASSOCIATE_RQ:
+            self.restart()  # the association's request is not a message
+            return None
+        if header != P_DATA_TF:
             return None
         at = 0
         while at + 6 <= len(data):  # PDV items: length, context ID, control header, value
@@ -297,14 +308,10 @@ def _receive_file(**kwargs: Any) -> Any:
 
 
 def message_done(assoc: Association) -> None:
-    """A message has arrived whole (``EVT_DIMSE_RECV``, in the thread that reads), or
-    the association was accepted: the next message's count and clock start."""
+    """A message has arrived whole (``EVT_DIMSE_RECV``, in the thread that reads):
+    the next message's count and clock start."""
     if isinstance(assoc.dul.socket, _GuardedSocket):
-        assoc.dul.socket.received = 0
-        assoc.dul.socket.started = None
-        assoc.dul.socket.command = b""
-        assoc.dul.socket.held = False
-        assoc.dul.socket.held_bytes = 0
+        assoc.dul.socket.restart()
 
 
 # States of the DICOM upper layer (PS3.8 9.2) from a release request on: Sta7 to
@@ -438,7 +445,6 @@ class _Associations:
         self.metrics = metrics
 
     def accepted(self, event: Event) -> None:
-        message_done(event.assoc)  # the association's request is not a message
         subject = peer_subject(getattr(event.assoc.dul.socket, "socket", None))
         log.info("association from %s at %s accepted", _calling_aet(event), _peer(event))
         if self.metrics:

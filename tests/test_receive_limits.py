@@ -157,11 +157,12 @@ def test_receive_limits_refuse_what_is_too_long_and_disk_that_is_too_full(tmp_pa
 
 
 def test_a_clock_restarted_during_a_read_does_not_end_the_read(tmp_path: Path) -> None:
-    """``message_done`` restarts a message's clock from the association's thread
-    (EVT_ACCEPTED) while the reading thread may be inside ``recv`` with the sender's
+    """``message_done`` restarted a message's clock from the association's thread
+    (EVT_ACCEPTED) while the reading thread could be inside ``recv`` with the sender's
     first PDU: the read ended in a TypeError (its start read back as None), the DUL
     aborted the association, and the demo's storescu failed (seen once, 2026-12-03).
-    The restart is made here from inside the read, as the other thread can."""
+    That restart is now made by the reading thread itself (the next test); a read
+    still keeps the start it began with, tried here from inside the read."""
     from dicom_node.scp import _GuardedSocket
 
     guarded = object.__new__(_GuardedSocket)  # no association: only the read is tested
@@ -181,6 +182,44 @@ def test_a_clock_restarted_during_a_read_does_not_end_the_read(tmp_path: Path) -
     guarded.limits = ReceiveLimits(100 * MIB, tmp_path, min_free_bytes=0)
     assert guarded.recv(6) == bytearray(b"\x04" * 6)
     assert guarded.started is None  # the restart stands: the next read starts the clock
+
+
+def test_the_association_request_restarts_the_count_in_the_reading_thread(
+    tmp_path: Path,
+) -> None:
+    """The bytes of the A-ASSOCIATE-RQ are not a message's: once its body is read, the
+    reading thread itself restarts the count, the clock and the command set, so the
+    association's thread (EVT_ACCEPTED) no longer touches what a read under way uses.
+    A P-DATA-TF that follows is counted from zero; nothing else restarts the count."""
+    from dicom_node.scp import _GuardedSocket
+
+    request = _association_request()
+    p_data = struct.pack(">BBL", 4, 0, 8) + struct.pack(">LBB", 4, 1, 0x01) + b"\0\0"
+    stream = bytearray(request + p_data)
+    guarded = object.__new__(_GuardedSocket)
+
+    class Peer:
+        def gettimeout(self) -> float | None:
+            return None
+
+        def settimeout(self, value: float | None) -> None:
+            pass
+
+        def recv(self, n: int) -> bytes:
+            data = bytes(stream[:n])
+            del stream[:n]
+            return data
+
+    guarded.socket = Peer()  # type: ignore[assignment]
+    guarded.limits = ReceiveLimits(100 * MIB, tmp_path, min_free_bytes=0)
+    guarded.recv(6)  # the request's header, as pynetdicom reads a PDU
+    assert guarded.received == 6 and guarded.started is not None
+    guarded.recv(len(request) - 6)  # its body: the count restarts here
+    assert (guarded.received, guarded.started, guarded.command) == (0, None, b"")
+    guarded.recv(6)
+    guarded.recv(8)  # a P-DATA-TF with a command fragment (not the last)
+    assert guarded.received == 14 and guarded.command == b"\0\0"
+    assert guarded.started is not None
 
 
 def test_sweep_removes_files_of_transfers_that_stopped_writing(tmp_path: Path) -> None:
