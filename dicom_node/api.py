@@ -109,6 +109,31 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"angio-dicom-node/{__version__}"
         timeout = api.read_timeout_s  # applied to the socket: a silent client is dropped
+        # A request line without a version is answered as HTTP/1.0 (http.server's
+        # default, 0.9, answers a bare body: a 400 without its status line).
+        default_request_version = "HTTP/1.0"
+
+        def parse_request(self) -> bool:
+            """http.server's, with two more rules: one empty line before the request
+            line is skipped (RFC 9112 2.2; it closed the connection without an
+            answer), and an HTTP/0.x request is answered 505 with a status line (it
+            was served, a STOW-RS stored, and the answer had no status)."""
+            line = getattr(self, "raw_requestline", b"")  # set by handle_one_request
+            if line in (b"\r\n", b"\n"):
+                self.raw_requestline = self.rfile.readline(65537)
+            if not super().parse_request():
+                return False
+            if self.request_version.startswith("HTTP/0."):
+                self.send_error(505, "HTTP/1.0 or HTTP/1.1 only")
+                return False
+            return True
+
+        def send_error(
+            self, code: int, message: str | None = None, explain: str | None = None
+        ) -> None:
+            if self.request_version.startswith("HTTP/0."):  # every answer has its status line
+                self.request_version = "HTTP/1.0"
+            super().send_error(code, message, explain)
 
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("api: " + fmt, *args)

@@ -1,0 +1,118 @@
+"""A generated corpus of broken STOW-RS requests (tests/http_faults.py) sent as raw
+bytes to a running node: every request gets an answer with a documented HTTP status
+(README, "Behaviour on bad input"), nothing stored is lost or left half-written, no
+handler thread ends in a traceback, and the node goes on storing."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.http_faults import corpus
+from tests.test_security import _instance, multipart
+
+# README "Behaviour on bad input", STOW-RS: the node's answers (404/405: no such
+# route), and those Python's http.server gives before a request reaches the node (a
+# request line or header that cannot be read: 400, 414, 431; an HTTP version other
+# than 1.0 and 1.1: 505; a method the API has no route for: 501).
+DOCUMENTED = {200, 202, 400, 404, 405, 409, 411, 413, 414, 415, 431, 501, 505}
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send the request and end the sending side (a client done, or cut off); the
+    answer until the node closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as peer:
+        try:
+            peer.sendall(request)
+            peer.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the node answered and closed before all was sent: its answer is read
+        chunks = []
+        try:
+            while data := peer.recv(1 << 16):
+                chunks.append(data)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+def _answers(raw: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in the stream (a request shorter than its
+    Content-Length leaves the rest to be read as a second request)."""
+    out = []
+    starts = [m.start() for m in STATUS_LINE.finditer(raw)]
+    for at, end in zip(starts, [*starts[1:], len(raw)], strict=False):
+        response = raw[at:end]
+        head, _, body = response.partition(b"\r\n\r\n")
+        out.append((int(STATUS_LINE.match(response).group(1)), body))  # type: ignore[union-attr]
+    return out
+
+
+def _stored_uids(body: bytes) -> list[str]:
+    items = json.loads(body).get("00081199", {}).get("Value", [])
+    return [item["00081155"]["Value"][0] for item in items]
+
+
+def test_a_corpus_of_broken_stow_requests_never_stops_the_node(
+    make_node: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    node = make_node(
+        api={"read_timeout_s": 2, "max_body_bytes": 8 << 20, "max_part_bytes": 1 << 20},
+        rules=[],  # stored, not processed: this test is about receiving
+    )
+    cases = corpus(seed=23, count=400, instance=lambda k: _instance(50_000 + k))
+    acknowledged: list[str] = []
+    problems: list[str] = []
+    seen: dict[int, int] = {}
+    for number, (request, done) in enumerate(cases):
+        raw = _exchange(node.api_port, request)
+        answers = _answers(raw)
+        if not answers:
+            problems.append(f"case {number} ({', '.join(done)}): no answer ({raw[:80]!r})")
+        for status, body in answers:
+            seen[status] = seen.get(status, 0) + 1
+            if status not in DOCUMENTED:
+                problems.append(f"case {number} ({', '.join(done)}): status {status}")
+            if status in (200, 202):
+                acknowledged += _stored_uids(body)
+    assert not problems, "\n".join(problems)
+    assert seen.get(400, 0) > 20 and len(seen) >= 6, seen  # the corpus reaches the parsers
+    assert acknowledged, "no request of the corpus stored anything"
+
+    # every acknowledged instance is indexed, its file whole in the spool
+    rows = node.db.query(
+        f"SELECT sop_instance_uid, path, size FROM instances WHERE sop_instance_uid IN "
+        f"({','.join('?' * len(acknowledged))})",
+        tuple(acknowledged),
+    )
+    assert {r["sop_instance_uid"] for r in rows} == set(acknowledged)
+    for r in rows:
+        path = Path(r["path"])
+        if not path.is_absolute():
+            path = Path(node.settings.storage_dir) / path
+        assert path.stat().st_size == r["size"]
+    # no part file is left behind by a request cut off or refused
+    deadline = time.monotonic() + 10
+    while list(node.ingest.spool.tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(node.ingest.spool.tmp.iterdir()) == []
+
+    # the node goes on storing, and no handler thread ended in a traceback
+    ctype, body = multipart([_instance(59_999)])
+    answer = requests.post(
+        f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+        data=body,
+        headers={"Content-Type": ctype},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err[-3000:]
