@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,23 @@ def test_receive_limits_refuse_what_is_too_long_and_disk_that_is_too_full(tmp_pa
     assert "free for the spool" in (full.refuse(SPACE_CHECK_BYTES - 10, 1024) or "")
 
 
+class _Wire:
+    """The plain socket under a ``_GuardedSocket`` in the read tests: ``read(n)`` gives
+    what the peer sends."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self.read = read
+
+    def gettimeout(self) -> float | None:
+        return None
+
+    def settimeout(self, value: float | None) -> None:
+        pass
+
+    def recv(self, n: int) -> bytes:
+        return self.read(n)
+
+
 def test_a_clock_restarted_during_a_read_does_not_end_the_read(tmp_path: Path) -> None:
     """``message_done`` restarted a message's clock from the association's thread
     (EVT_ACCEPTED) while the reading thread could be inside ``recv`` with the sender's
@@ -167,18 +185,11 @@ def test_a_clock_restarted_during_a_read_does_not_end_the_read(tmp_path: Path) -
 
     guarded = object.__new__(_GuardedSocket)  # no association: only the read is tested
 
-    class Peer:
-        def gettimeout(self) -> float | None:
-            return None
+    def read(n: int) -> bytes:
+        guarded.received, guarded.started = 0, None  # message_done, from elsewhere
+        return b"\x04" * n
 
-        def settimeout(self, value: float | None) -> None:
-            pass
-
-        def recv(self, n: int) -> bytes:
-            guarded.received, guarded.started = 0, None  # message_done, from elsewhere
-            return b"\x04" * n
-
-    guarded.socket = Peer()  # type: ignore[assignment]
+    guarded.socket = _Wire(read)  # type: ignore[assignment]
     guarded.limits = ReceiveLimits(100 * MIB, tmp_path, min_free_bytes=0)
     assert guarded.recv(6) == bytearray(b"\x04" * 6)
     assert guarded.started is None  # the restart stands: the next read starts the clock
@@ -198,19 +209,12 @@ def test_the_association_request_restarts_the_count_in_the_reading_thread(
     stream = bytearray(request + p_data)
     guarded = object.__new__(_GuardedSocket)
 
-    class Peer:
-        def gettimeout(self) -> float | None:
-            return None
+    def read(n: int) -> bytes:
+        data = bytes(stream[:n])
+        del stream[:n]
+        return data
 
-        def settimeout(self, value: float | None) -> None:
-            pass
-
-        def recv(self, n: int) -> bytes:
-            data = bytes(stream[:n])
-            del stream[:n]
-            return data
-
-    guarded.socket = Peer()  # type: ignore[assignment]
+    guarded.socket = _Wire(read)  # type: ignore[assignment]
     guarded.limits = ReceiveLimits(100 * MIB, tmp_path, min_free_bytes=0)
     guarded.recv(6)  # the request's header, as pynetdicom reads a PDU
     assert guarded.received == 6 and guarded.started is not None
