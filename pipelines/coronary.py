@@ -9,7 +9,10 @@ spine, diaphragm and heart borders are wider, and their moving edges are steps,
 not ridges), the top-hat's low percentile over the run takes away what is thin
 in nearly every frame (ECG leads, wires, a catheter held still: not contrast),
 multiscale Frangi finds tubular structures in what is left, and hysteresis
-keeps weak vessel segments connected to strong ones. Both paths then remove small
+keeps weak vessel segments connected to strong ones; what it finds in the frames
+before the contrast arrives is a device (a lead or wire that moves with breathing
+escapes the percentile) and is taken out of every frame where the frame's shift
+carries it (``remove_devices``). Both paths then remove small
 connected components in every frame (isolated specks are noise, not coronary
 branches).
 
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.filters import frangi
+from skimage.registration import phase_cross_correlation
 
 from pipelines.base import (
     BLOOD_VESSEL,
@@ -60,7 +64,10 @@ NAME = "xa_coronary"
 # 2.1.0: a blanked field found where burned-in text touches it.
 # 2.1.1: a blanked field is one stored value through the run (air is not);
 # circle peaks above half the strongest (the search took 35 s on noisy edges).
-VERSION = "2.1.1"
+# 2.2.0: thin structures already there before the contrast arrives (ECG leads, sternal
+# wires, clips, the catheter before it fills) are taken out of every frame, moved with
+# the frame.
+VERSION = "2.2.0"
 SEGMENT = Segment(label="Coronary vessels", code=BLOOD_VESSEL, color_rgb=(255, 60, 40))
 # Connectivity within a frame only: components never join across frames.
 IN_PLANE = np.zeros((3, 3, 3), bool)
@@ -77,6 +84,16 @@ LUMEN_SNR = 0.5  # a vessel pixel is darker than its surroundings by this many n
 TOPHAT_PX = 9
 # What is thin in more than this share of the frames at a pixel is not contrast.
 STATIC_PERCENTILE = 10.0
+# Devices: the frames before the contrast are those before the vessel count first
+# rises by ARRIVAL_RISE of its range (see pre_contrast_frames). What is found in each
+# of them is a device, taken out of every frame within DEVICE_TOLERANCE_PX (at 256 px
+# across) of where the frame's content has moved. Developed on randomised family A
+# seeds 950000-950019.
+ARRIVAL_RISE = 0.25
+PRE_CONTRAST_RISE = 1.5
+MIN_PRE_CONTRAST = 2
+PRE_CONTRAST_TREND = 1.25
+DEVICE_TOLERANCE_PX = 3
 
 
 def min_component_px(shape: tuple[int, int]) -> int:
@@ -187,22 +204,81 @@ def classical_response(
     return (vesselness / ref if ref > 0 else vesselness), snr
 
 
+def pre_contrast_frames(masks: np.ndarray) -> int:
+    """How many frames the run starts with before the contrast arrives: those before
+    the count of vessel pixels first rises by ``ARRIVAL_RISE`` of its range. 0 when
+    the count does not rise to ``PRE_CONTRAST_RISE`` times its first (plus one
+    smallest kept component), when fewer than ``MIN_PRE_CONTRAST`` frames come
+    before the rise, or when the count already grows through them (the second half
+    above ``PRE_CONTRAST_TREND`` times the first, medians): contrast from the first
+    frame on, or none at all."""
+    counts = masks.reshape(masks.shape[0], -1).sum(axis=1).astype(np.float64)
+    first, top = float(counts[0]), float(counts.max())
+    if top < PRE_CONTRAST_RISE * first + min_component_px(masks.shape[1:]):
+        return 0
+    k = int(np.argmax(counts > first + ARRIVAL_RISE * (top - first)))
+    if k < MIN_PRE_CONTRAST:
+        return 0
+    # A run filling from its first frame on rises through these frames too; devices stay.
+    early, late = np.median(counts[: k // 2]), np.median(counts[k // 2 : k])
+    return k if late <= PRE_CONTRAST_TREND * early else 0
+
+
+def remove_devices(masks: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """``masks`` without what was already there before the contrast arrived.
+
+    A thin structure found in every frame before the contrast (``pre_contrast_frames``)
+    is a device: an ECG lead, a sternal wire, a clip, the catheter before it fills.
+    The static rule of :func:`classical_response` misses them when breathing or a
+    table pan moves them. Each frame's shift from the last of those frames (phase
+    correlation of the whole frame: ribs, spine and devices move together) carries
+    them to where they are in it, and they are taken out within
+    ``DEVICE_TOLERANCE_PX``. A vessel crossing a device loses those pixels only."""
+    k = pre_contrast_frames(masks)
+    if k == 0:
+        return masks
+    pre = masks[:k]
+    device = pre[0] if k == 1 else np.logical_and.reduce([ndi.binary_dilation(m) for m in pre])
+    device = device & pre[-1]
+    if not device.any():
+        return masks
+    x = normalise_cine(frames)
+    scale = max(1.0, min(x.shape[1:]) / 256.0)
+    tolerance = max(1, int(round(DEVICE_TOLERANCE_PX * scale)))
+    template = device.astype(np.float32)
+    # What is wider than the device is kept where it lies on it: a vessel filled around
+    # its guidewire, a vessel crossing a lead.
+    radius = 1 + int(np.percentile(ndi.distance_transform_edt(device)[device], 90))
+    disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    out = masks.copy()
+    for t in range(masks.shape[0]):
+        shift = phase_cross_correlation(x[k - 1], x[t], normalization=None)[0]
+        there = ndi.binary_dilation(
+            ndi.shift(template, -shift, order=0) > 0.5, iterations=tolerance
+        )
+        out[t] &= ~(there & ~ndi.binary_opening(masks[t], structure=disk))
+    return out
+
+
 def classical_vessels(
     frames: np.ndarray,
     thresholds: tuple[float, float] = HYSTERESIS,
     lumen_snr: float = LUMEN_SNR,
     field: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-hat + multiscale Frangi + hysteresis; returns (masks, response).
+    """Top-hat + multiscale Frangi + hysteresis, devices taken out; returns (masks,
+    response).
 
     Hysteresis grows from the strongest vessels along weaker ones; pixels must
     also be darker than their surroundings by ``lumen_snr`` noise SDs, which
     trims Frangi's blur at the vessel edges. ``field`` (H, W), when given, is the
-    collimated field: nothing outside it is a vessel.
+    collimated field: nothing outside it is a vessel. What is there before the
+    contrast arrives is a device (:func:`remove_devices`).
     """
     response, snr = classical_response(frames, field)
     masks = hysteresis(response, *thresholds) & (snr > lumen_snr)
-    return (masks if field is None else masks & field), response
+    masks = masks if field is None else masks & field
+    return remove_devices(masks, frames), response
 
 
 def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
