@@ -65,8 +65,8 @@ NAME = "xa_coronary"
 # 2.1.1: a blanked field is one stored value through the run (air is not);
 # circle peaks above half the strongest (the search took 35 s on noisy edges).
 # 2.2.0: thin structures already there before the contrast arrives (ECG leads, sternal
-# wires, clips, the catheter before it fills) are taken out of every frame, moved with
-# the frame.
+# wires, clips, a guidewire, the catheter before it fills) are taken out of every frame,
+# moved with the frame, except where something wider than them lies on them.
 VERSION = "2.2.0"
 SEGMENT = Segment(label="Coronary vessels", code=BLOOD_VESSEL, color_rgb=(255, 60, 40))
 # Connectivity within a frame only: components never join across frames.
@@ -233,7 +233,10 @@ def remove_devices(masks: np.ndarray, frames: np.ndarray) -> np.ndarray:
     table pan moves them. Each frame's shift from the last of those frames (phase
     correlation of the whole frame: ribs, spine and devices move together) carries
     them to where they are in it, and they are taken out within
-    ``DEVICE_TOLERANCE_PX``. A vessel crossing a device loses those pixels only."""
+    ``DEVICE_TOLERANCE_PX``, except what is wider than the device there (an opening
+    of the frame's mask by a disk wider than the device): a vessel filled around its
+    guidewire, or crossing a lead, stays; a thinner one crossing it loses those
+    pixels only."""
     k = pre_contrast_frames(masks)
     if k == 0:
         return masks
