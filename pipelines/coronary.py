@@ -162,9 +162,10 @@ def noise_sd(x: np.ndarray, scale: float, field: np.ndarray | None = None) -> np
 
 
 def classical_response(
-    frames: np.ndarray, field: np.ndarray | None = None
+    cine: np.ndarray, field: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Frangi vesselness (scaled to the run's strong vessels) and lumen SNR, both (T, H, W).
+    """Frangi vesselness (scaled to the run's strong vessels) and lumen SNR, both (T, H, W),
+    of ``cine``, the run as :func:`normalise_cine` gives it.
 
     A grey opening of each frame with a ``TOPHAT_PX`` square holds what is wider
     than a lumen (ribs, spine, heart and diaphragm, and their moving edges); what is
@@ -181,7 +182,7 @@ def classical_response(
     the blades would otherwise lower the scale; the noise floor is taken there
     too, and the residual behind the blades is zero).
     """
-    x = normalise_cine(frames)
+    x = cine
     if field is not None and not field.any():
         field = None
     scale = max(1.0, min(x.shape[1:]) / 256.0)  # small images: treat as crops
@@ -224,8 +225,9 @@ def pre_contrast_frames(masks: np.ndarray) -> int:
     return k if late <= PRE_CONTRAST_TREND * early else 0
 
 
-def remove_devices(masks: np.ndarray, frames: np.ndarray) -> np.ndarray:
-    """``masks`` without what was already there before the contrast arrived.
+def remove_devices(masks: np.ndarray, cine: np.ndarray) -> np.ndarray:
+    """``masks`` without what was already there before the contrast arrived (``cine``:
+    the run as :func:`normalise_cine` gives it).
 
     A thin structure found in every frame before the contrast (``pre_contrast_frames``)
     is a device: an ECG lead, a sternal wire, a clip, the catheter before it fills.
@@ -245,17 +247,18 @@ def remove_devices(masks: np.ndarray, frames: np.ndarray) -> np.ndarray:
     device = device & pre[-1]
     if not device.any():
         return masks
-    x = normalise_cine(frames)
-    scale = max(1.0, min(x.shape[1:]) / 256.0)
+    scale = max(1.0, min(cine.shape[1:]) / 256.0)
     tolerance = max(1, int(round(DEVICE_TOLERANCE_PX * scale)))
     template = device.astype(np.float32)
     # What is wider than the device is kept where it lies on it: a vessel filled around
     # its guidewire, a vessel crossing a lead.
     radius = 1 + int(np.percentile(ndi.distance_transform_edt(device)[device], 90))
     disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    reference = np.fft.fft2(cine[k - 1])  # what phase_cross_correlation computes per call
     out = masks.copy()
     for t in range(masks.shape[0]):
-        shift = phase_cross_correlation(x[k - 1], x[t], normalization=None)[0]
+        moving = np.fft.fft2(cine[t])
+        shift = phase_cross_correlation(reference, moving, space="fourier", normalization=None)[0]
         there = ndi.binary_dilation(
             ndi.shift(template, -shift, order=0) > 0.5, iterations=tolerance
         )
@@ -278,10 +281,25 @@ def classical_vessels(
     collimated field: nothing outside it is a vessel. What is there before the
     contrast arrives is a device (:func:`remove_devices`).
     """
-    response, snr = classical_response(frames, field)
+    cine = normalise_cine(frames)
+    response, snr = classical_response(cine, field)
+    return vessels_from(response, snr, cine, thresholds, lumen_snr, field), response
+
+
+def vessels_from(
+    response: np.ndarray,
+    snr: np.ndarray,
+    cine: np.ndarray,
+    thresholds: tuple[float, float] = HYSTERESIS,
+    lumen_snr: float = LUMEN_SNR,
+    field: np.ndarray | None = None,
+) -> np.ndarray:
+    """The vessel masks of :func:`classical_vessels` from the run's response and lumen
+    SNR (:func:`classical_response`) and its ``cine``: hysteresis, the lumen rule, the
+    field, devices taken out. ``tune-classical`` scores its thresholds through this."""
     masks = hysteresis(response, *thresholds) & (snr > lumen_snr)
     masks = masks if field is None else masks & field
-    return remove_devices(masks, frames), response
+    return remove_devices(masks, cine)
 
 
 def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -42,24 +42,26 @@ ROTATIONAL_GRID: dict[str, tuple[float, ...]] = {
 def _coronary(cases: Sequence[Case]) -> dict[str, Any]:
     from pipelines.coronary import (
         classical_response,
-        hysteresis,
         min_component_px,
+        normalise_cine,
         remove_small_components,
+        vessels_from,
     )
 
     runs = []
     for case in cases:
         if "vessel" not in case.masks or case.geometry != "frames":
             raise TaskError(f"case {case.id}: xa_coronary tuning needs a vessel label per frame")
-        runs.append((*classical_response(case.pixels), np.asarray(case.masks["vessel"], bool)))
+        cine = normalise_cine(case.pixels)
+        runs.append((*classical_response(cine), cine, np.asarray(case.masks["vessel"], bool)))
     best: dict[str, Any] = {}
     best_iou = -1.0
     for low in CORONARY_GRID["low"]:
         for high in CORONARY_GRID["high"]:
             for lumen in CORONARY_GRID["lumen_snr"]:
                 ious = []
-                for response, snr, truth in runs:
-                    masks = hysteresis(response, low, high) & (snr > lumen)
+                for response, snr, cine, truth in runs:
+                    masks = vessels_from(response, snr, cine, (low, high), lumen)
                     masks = remove_small_components(masks, min_component_px(truth.shape[1:]))
                     ious.append(M.iou(masks, truth))
                 if float(np.mean(ious)) > best_iou:
