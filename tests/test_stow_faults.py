@@ -47,13 +47,12 @@ def _exchange(port: int, request: bytes) -> bytes:
 def _answers(raw: bytes) -> list[tuple[int, bytes]]:
     """(status, body) of each response in the stream (a request shorter than its
     Content-Length leaves the rest to be read as a second request)."""
-    out = []
-    starts = [m.start() for m in STATUS_LINE.finditer(raw)]
-    for at, end in zip(starts, [*starts[1:], len(raw)], strict=False):
-        response = raw[at:end]
-        head, _, body = response.partition(b"\r\n\r\n")
-        out.append((int(STATUS_LINE.match(response).group(1)), body))  # type: ignore[union-attr]
-    return out
+    found = list(STATUS_LINE.finditer(raw))
+    ends = [m.start() for m in found[1:]] + [len(raw)] if found else []
+    return [
+        (int(m.group(1)), raw[m.start() : end].partition(b"\r\n\r\n")[2])
+        for m, end in zip(found, ends, strict=True)
+    ]
 
 
 def _stored_uids(body: bytes) -> list[str]:
