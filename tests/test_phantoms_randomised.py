@@ -262,6 +262,26 @@ def test_rotational_contrast_can_exceed_bone():
     assert q.hu.max() <= 3071
 
 
+def test_rotational_skull_base_can_be_porous():
+    """Septa around air cells in the petrous bone, mastoid and clivus; the other draws
+    are the same as with a solid skull base."""
+    solid = dataclasses.replace(priors.ROTATIONAL, skull_base_porosity=(0.0, 0.0))
+    porous = dataclasses.replace(
+        priors.ROTATIONAL, skull_base_porosity=(0.6, 0.6), skull_base_cell_hu=(-900.0, -900.0)
+    )
+    a = rotational.generate(7, size=64, noise=False, streaks=False, randomise=solid)
+    b = rotational.generate(7, size=64, noise=False, streaks=False, randomise=porous)
+    cells = (a.truth["labels"] == 2) & (b.truth["labels"] == 0)
+    assert 0.01 < cells.sum() / (a.truth["labels"] == 2).sum() < 0.6
+    clear = cells & (b.truth["vessel_fraction"] == 0)  # no vessel partly in the voxel
+    assert clear.any() and (b.truth["hu_clean"][clear] == -900.0).all()
+    np.testing.assert_array_equal(a.truth["labels"] == 1, b.truth["labels"] == 1)
+    skull_base = ("skull_base_porosity", "skull_base_cell_mm", "skull_base_cell_hu")
+    assert {k: v for k, v in a.appearance.items() if k not in skull_base} == {
+        k: v for k, v in b.appearance.items() if k not in skull_base
+    }
+
+
 def test_coronary_truth_follows_every_frame():
     """Panning, breathing and irregular timing: the vessel truth is where the vessels are."""
     pri = dataclasses.replace(

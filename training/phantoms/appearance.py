@@ -126,6 +126,9 @@ class RotationalAppearance:
     truncation: float
     capping_hu: float
     bits: int
+    skull_base_porosity: float
+    skull_base_cell_mm: float
+    skull_base_cell_hu: float
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -284,4 +287,8 @@ def draw_rotational(seed: int, pri: RotationalPriors) -> RotationalAppearance:
         truncation=uniform(rng, pri.truncation),
         capping_hu=uniform(rng, pri.capping_hu),
         bits=int(rng.choice(pri.bits)),
+        # Drawn last, so the draws above are what they were before these were added.
+        skull_base_porosity=uniform(rng, pri.skull_base_porosity),
+        skull_base_cell_mm=uniform(rng, pri.skull_base_cell_mm),
+        skull_base_cell_hu=uniform(rng, pri.skull_base_cell_hu),
     )

@@ -10,7 +10,9 @@ energy behind a head for a 70-80 kVp angiography spectrum (NIST XCOM / Hubbell &
 Seltzer, NISTIR 5632): soft tissue 0.025/mm, cortical bone 0.11/mm, diploe
 about 0.06/mm. Skull-base, facial and spinal bones are modelled as solid
 ellipsoids, so they carry 30-60 % of the cortical value to stand for their
-cancellous and pneumatised interior. Hounsfield-like values are those of a cone-beam CT: cortical
+cancellous and pneumatised interior; randomised 3D volumes can draw the
+petrous bone, mastoid and clivus instead as septa around marrow or air cells
+(``Porosity``). Hounsfield-like values are those of a cone-beam CT: cortical
 bone 1200-1800, diploe 400-800, brain 35, CSF 10, fat -80, air -1000.
 """
 
@@ -45,6 +47,24 @@ class Ellipsoid:
     hu: float | None
     label: int | None
     bone_texture: bool = False
+    # Skull-base bone whose interior is cancellous or pneumatised: in voxels it
+    # can be drawn as thin bony septa around marrow or air cells (``Porosity``).
+    cancellous: bool = False
+
+
+@dataclass(frozen=True)
+class Porosity:
+    """The interior of the skull-base bones as a sponge: bony septa around cells.
+
+    ``fraction`` of a cancellous primitive's volume is cell (0 leaves it solid),
+    cells are about ``cell_mm`` across and hold ``cell_hu`` (marrow near 0 HU, air
+    cells of a pneumatised mastoid or petrous apex near -1000 HU). The septa are
+    the band ``|g| < w`` of a smooth Gaussian field ``g``, so they are sheets
+    meeting in ridges, as in trabecular bone and mastoid air cells."""
+
+    fraction: float
+    cell_mm: float
+    cell_hu: float
 
 
 def _rot(deg_x: float = 0.0, deg_y: float = 0.0, deg_z: float = 0.0) -> np.ndarray:
@@ -94,6 +114,7 @@ def head_primitives(brain: Brain, rng: np.random.Generator) -> list[Ellipsoid]:
                 1700.0,
                 BONE,
                 True,
+                cancellous=True,
             ),
             Ellipsoid(
                 np.array([s * 52, 32.0, -52.0]),
@@ -103,6 +124,7 @@ def head_primitives(brain: Brain, rng: np.random.Generator) -> list[Ellipsoid]:
                 700.0,
                 BONE,
                 True,
+                cancellous=True,
             ),
             Ellipsoid(
                 np.array([s * 30, -62.0, -22.0]),
@@ -138,6 +160,7 @@ def head_primitives(brain: Brain, rng: np.random.Generator) -> list[Ellipsoid]:
             1400.0,
             BONE,
             True,
+            cancellous=True,
         ),  # clivus
         Ellipsoid(
             np.array([0.0, -16.0, -40.0]), np.array([13.0, 11.0, 10.0]), eye, -MU_SOFT, -1000.0, AIR
@@ -293,13 +316,31 @@ def voxelize_head(
     spacing_mm: float,
     shape: tuple[int, int, int],
     rng: np.random.Generator,
+    porosity: Porosity | None = None,
+    porosity_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Paint primitives into (Z, Y, X) Hounsfield-like values and labels (0 air, 2 bone, 3 soft)."""
+    """Paint primitives into (Z, Y, X) Hounsfield-like values and labels (0 air, 2 bone, 3 soft).
+
+    With ``porosity`` (fraction > 0) the cancellous primitives are septa around
+    cells (``Porosity``), drawn from ``porosity_rng``; the cells are labelled soft
+    tissue (marrow) or air (air cells)."""
     nz, ny, nx = shape
     hu = np.full(shape, -1000.0, np.float32)
     labels = np.zeros(shape, np.uint8)
     axes_idx = [np.arange(n) * spacing_mm + o for n, o in zip((nx, ny, nz), origin_mm, strict=True)]
     tex = _smooth_noise(rng, shape, sigma_px=3.0 / spacing_mm).astype(np.float32)
+    cells = None
+    if porosity is not None and porosity.fraction > 0:
+        from scipy.stats import norm
+
+        g = _smooth_noise(
+            porosity_rng if porosity_rng is not None else rng,
+            shape,
+            sigma_px=porosity.cell_mm / 2.5 / spacing_mm,
+        )
+        # |g| < w holds 1 - fraction of the voxels (g is standard normal at each voxel).
+        cells = np.abs(g) >= norm.ppf(1.0 - 0.5 * porosity.fraction)
+        del g
     for p in prims:
         if p.hu is None:
             continue
@@ -334,6 +375,10 @@ def voxelize_head(
             hu[sl] = np.where(inside, value, hu[sl])
         if p.label is not None:
             labels[sl] = np.where(inside, p.label, labels[sl])
+        if cells is not None and porosity is not None and p.cancellous:
+            cell = inside & cells[sl]
+            hu[sl] = np.where(cell, porosity.cell_hu, hu[sl])
+            labels[sl] = np.where(cell, SOFT if porosity.cell_hu > -400 else AIR, labels[sl])
     return hu, labels
 
 

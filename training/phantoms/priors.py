@@ -361,6 +361,17 @@ class RotationalPriors:
         (0.0, 400.0), "truncated projections raise values near the field edge", "HU"
     )
     bits: tuple[int, ...] = _vol((12, 16), "12 bits (HU + 1024, clipped at 3071) or 16 bits")
+    skull_base_porosity: Range = _vol(
+        (0.0, 0.8),
+        "the petrous bone, mastoid and clivus are cancellous or pneumatised: thin septa "
+        "around marrow or air cells (0 draws them solid)",
+    )
+    skull_base_cell_mm: Range = _vol(
+        (1.0, 5.0), "marrow spaces of 1-2 mm to mastoid air cells of up to 10 mm", "mm"
+    )
+    skull_base_cell_hu: Range = _vol(
+        (-1000.0, 60.0), "air cells (pneumatised) to fatty or red marrow", "HU"
+    )
     anatomy: AnatomyPriors = field(default_factory=AnatomyPriors)
 
 

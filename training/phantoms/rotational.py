@@ -24,7 +24,14 @@ from pipelines.base import Run, RunMeta
 from training.phantoms import appearance, cerebral, lesions, priors
 from training.phantoms.dicom_common import options_key
 from training.phantoms.errors import PhantomOptionError
-from training.phantoms.head import AIR, BONE, VESSEL, head_primitives, voxelize_head
+from training.phantoms.head import (
+    AIR,
+    BONE,
+    VESSEL,
+    Porosity,
+    head_primitives,
+    voxelize_head,
+)
 from training.phantoms.raster import voxelize_tree
 from training.phantoms.vessels import VesselTree
 
@@ -103,8 +110,8 @@ def generate(
         streaks: add streaks from bone and coils.
         contrast_hu: lumen value of the proximal ICA; None draws 450-900.
         randomise: True (or a ``priors.RotationalPriors``) draws the field,
-            contrast (200-3000 HU), bone density, kernel, noise, streaks and
-            truncation from the priors, and the anatomy variation (stenoses,
+            contrast (200-3000 HU), bone density, a cancellous or pneumatised
+            skull base, kernel, noise, streaks and truncation from the priors, and the anatomy variation (stenoses,
             aneurysms, coils, clips); options you set (noise_hu, contrast_hu,
             noise=False, streaks=False) win.
     """
@@ -121,8 +128,17 @@ def generate(
     centre = VOLUME_CENTRE_MM if app is None else VOLUME_CENTRE_MM + np.asarray(app.centre_shift_mm)
     origin = centre - (size - 1) / 2.0 * spacing
     head_rng = np.random.default_rng([seed, 0x4E])
+    porosity = None
+    if app is not None:
+        porosity = Porosity(app.skull_base_porosity, app.skull_base_cell_mm, app.skull_base_cell_hu)
     hu, labels = voxelize_head(
-        head_primitives(anatomy.brain, head_rng), origin, spacing, shape, head_rng
+        head_primitives(anatomy.brain, head_rng),
+        origin,
+        spacing,
+        shape,
+        head_rng,
+        porosity,
+        np.random.default_rng([seed, 0x90]),
     )
     if app is not None:
         hu = np.where(labels == BONE, hu * app.bone_scale, hu).astype(np.float32)
