@@ -63,8 +63,7 @@ from pipelines.vessel_quality import volume_quality
 
 NAME = "rotational_dla"
 # 1.2.0: the circle found past air noise, nothing seeded beyond it
-# 1.3.0: porous bone (thin septa around marrow or air cells) is bone; a wide artery
-#        that is thick at the dense threshold is not
+# 1.3.0: porous bone (thin septa around marrow or air cells) is bone
 VERSION = "1.3.0"
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
@@ -224,12 +223,6 @@ CLASSICAL_DEFAULTS: dict[str, Any] = {
     # ... except where the dense voxels are solid wider than 2 * solid_mm (a
     # vessel, a thick septum): those stay for the seeds and the watershed.
     "solid_mm": 1.5,
-    # ... except thick voxels within wide_near_mm of a vessel seed that are tubular
-    # (above v_seed) at the scales of an artery 3-4 mm in radius: a wide artery at
-    # high contrast, whose blur makes it thick at the dense threshold. Chosen on
-    # family A development seeds 962000-962003.
-    "wide_scales_mm": (2.0, 2.8),
-    "wide_near_mm": 5.0,
     # Vessel seeds: tubeness above v_seed, at least seed_gap_mm from thick bone.
     "v_seed": 0.5,
     "seed_gap_mm": 1.5,
@@ -519,35 +512,6 @@ def thick_parts(mask: np.ndarray, spacing_mm: tuple[float, float, float], r: flo
     return opened[pad:-pad, pad:-pad, pad:-pad] & mask
 
 
-def wide_tubes(
-    hx: np.ndarray,
-    level: float,
-    scale: float,
-    thick: np.ndarray,
-    vessel_seed: np.ndarray,
-    spacing_mm: tuple[float, float, float],
-    p: Mapping[str, Any],
-) -> np.ndarray:
-    """Thick voxels that are a wide artery: tubular at ``wide_scales_mm`` and within
-    ``wide_near_mm`` of a vessel seed.
-
-    At the dense threshold a few noise SDs above soft tissue, the blur of a wide
-    artery at high contrast adds a millimetre or more to its radius: the ICA is
-    then thicker than ``thick_mm`` and would seed bone. At the Gaussian scales of
-    such an artery it is a tube, where the skull is a plate and the skull base a
-    blob. Only thick voxels near vessel seeds are tested (the ICA's narrower parts
-    and branches seed vessel), which keeps the Hessians off most of the skull.
-    """
-    near = thick & within(vessel_seed, float(p["wide_near_mm"]), spacing_mm)
-    out = np.zeros(thick.shape, bool)
-    if not near.any():
-        return out
-    values = tubeness_in_slabs(hx, level, scale, near, min(spacing_mm), tuple(p["wide_scales_mm"]))
-    for z, part in _dense_chunks(near, values):
-        out[z][near[z]] = part > p["v_seed"]
-    return out
-
-
 def porous_parts(
     dense: np.ndarray, spacing_mm: tuple[float, float, float], p: Mapping[str, Any]
 ) -> np.ndarray:
@@ -606,9 +570,8 @@ def classical_tissues(
        dense = hysteresis at ``k_low`` / ``k_high`` noise SDs above it.
     2. Shape on the dense voxels, on intensities clipped at ``k_sat`` noise SDs:
        tubeness (multiscale Hessian) and thickness (an opening at ``thick_mm``).
-    3. Seeds: thick structures are bone, except wide arteries (:func:`wide_tubes`),
-       and so are porous ones (:func:`porous_parts`); strongly tubular voxels away
-       from them are vessel. A watershed on the gradient magnitude assigns every dense
+    3. Seeds: thick structures are bone, and so are porous ones (:func:`porous_parts`);
+       strongly tubular voxels away from them are vessel. A watershed on the gradient magnitude assigns every dense
        voxel to one of them, so a vessel touching bone is cut where the
        intensity changes (or halfway, where it does not), whichever is brighter.
     4. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
@@ -659,7 +622,6 @@ def _classical_labels(
     for z, values in _dense_chunks(dense, tubeness_in_slabs(hx, level, scale, dense, step, scales)):
         vessel_seed[z][dense[z]] = values > p["v_seed"]
     thick = thick_parts(dense, spacing_mm, p["thick_mm"])
-    thick &= ~wide_tubes(hx, level, scale, thick, vessel_seed, spacing_mm, p)
     vessel_seed &= ~within(thick, p["seed_gap_mm"], spacing_mm)
     # Porous bone is bone too, except where a voxel is strongly tubular: a vessel
     # running through or along it keeps its seeds, and the watershed draws the line.
