@@ -367,7 +367,7 @@ class RotationalPriors:
         "around marrow or air cells (0 draws them solid)",
     )
     skull_base_cell_mm: Range = _vol(
-        (1.0, 5.0), "marrow spaces of 1-2 mm to mastoid air cells of up to 10 mm", "mm"
+        (1.0, 5.0), "marrow spaces of 1-2 mm to mastoid air cells of several mm", "mm"
     )
     skull_base_cell_hu: Range = _vol(
         (-1000.0, 60.0), "air cells (pneumatised) to fatty or red marrow", "HU"
