@@ -570,8 +570,9 @@ def classical_tissues(
        dense = hysteresis at ``k_low`` / ``k_high`` noise SDs above it.
     2. Shape on the dense voxels, on intensities clipped at ``k_sat`` noise SDs:
        tubeness (multiscale Hessian) and thickness (an opening at ``thick_mm``).
-    3. Seeds: thick structures are bone, and so are porous ones (:func:`porous_parts`);
-       strongly tubular voxels away from them are vessel. A watershed on the gradient magnitude assigns every dense
+    3. Seeds: thick structures are bone, and so are porous ones
+       (:func:`porous_parts`); strongly tubular voxels away from thick bone are
+       vessel. A watershed on the gradient magnitude assigns every dense
        voxel to one of them, so a vessel touching bone is cut where the
        intensity changes (or halfway, where it does not), whichever is brighter.
     4. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
