@@ -329,8 +329,9 @@ def voxelize_head(
     labels = np.zeros(shape, np.uint8)
     axes_idx = [np.arange(n) * spacing_mm + o for n, o in zip((nx, ny, nz), origin_mm, strict=True)]
     tex = _smooth_noise(rng, shape, sigma_px=3.0 / spacing_mm).astype(np.float32)
-    cells = None
+    cells, cell_hu = None, 0.0
     if porosity is not None and porosity.fraction > 0:
+        cell_hu = porosity.cell_hu
         from scipy.stats import norm
 
         g = _smooth_noise(
@@ -375,10 +376,10 @@ def voxelize_head(
             hu[sl] = np.where(inside, value, hu[sl])
         if p.label is not None:
             labels[sl] = np.where(inside, p.label, labels[sl])
-        if cells is not None and porosity is not None and p.cancellous:
+        if cells is not None and p.cancellous:
             cell = inside & cells[sl]
-            hu[sl] = np.where(cell, porosity.cell_hu, hu[sl])
-            labels[sl] = np.where(cell, SOFT if porosity.cell_hu > -400 else AIR, labels[sl])
+            hu[sl] = np.where(cell, cell_hu, hu[sl])
+            labels[sl] = np.where(cell, SOFT if cell_hu > -400 else AIR, labels[sl])
     return hu, labels
 
 

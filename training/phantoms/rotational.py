@@ -111,9 +111,10 @@ def generate(
         contrast_hu: lumen value of the proximal ICA; None draws 450-900.
         randomise: True (or a ``priors.RotationalPriors``) draws the field,
             contrast (200-3000 HU), bone density, a cancellous or pneumatised
-            skull base, kernel, noise, streaks and truncation from the priors, and the anatomy variation (stenoses,
-            aneurysms, coils, clips); options you set (noise_hu, contrast_hu,
-            noise=False, streaks=False) win.
+            skull base, kernel, noise, streaks and truncation from the priors,
+            and the anatomy variation (stenoses, aneurysms, coils, clips);
+            options you set (noise_hu, contrast_hu, noise=False, streaks=False)
+            win.
     """
     if not 32 <= size <= 512:
         raise PhantomOptionError(f"size must be 32-512, got {size}")
