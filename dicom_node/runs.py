@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydicom import config, dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -283,27 +283,53 @@ def _decode_and_release(ds: Dataset, path: Path) -> np.ndarray:
 
 
 _IDENTITY_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
 
 
-def _strip(ds: Dataset) -> Dataset:
+def _strip_all(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """:func:`_strip` for the instances of one run. Their headers are mostly the same
+    elements with the same bytes (a volume's slices differ in position and UIDs): an
+    element whose encoded bytes were already read and checked in this run is taken
+    as it is, not converted and checked again (a 32-slice series: 9 ms a header,
+    most of it converting and validating the same values)."""
+    readable: set[tuple[Any, ...]] = set()
+    return [_strip(ds, readable) for ds in datasets]
+
+
+def _strip(ds: Dataset, readable: set[tuple[Any, ...]] | None = None) -> Dataset:
     """The header without pixel data, and without elements that cannot be read as their
     dictionary VR (a wrong VR, a value that does not parse): the encoders copy many of
-    them into the results, which must be valid. What is dropped is logged."""
+    them into the results, which must be valid. What is dropped is logged.
+
+    ``readable`` holds the encoded form of elements found readable in an instance
+    of the same run (tag, VR, encoding, character set, bytes); such an element is
+    copied unconverted, to be converted where it is used, as it would be here."""
     header = Dataset()
     header.file_meta = ds.file_meta
     dropped = []
+    charset = ds.get_item(0x00080005)
+    charset_bytes = charset.value if isinstance(charset, RawDataElement) else repr(charset)
     for tag in list(ds.keys()):
+        if tag in _PIXEL_TAGS:
+            continue
+        raw = ds.get_item(tag)
+        key = None
+        if readable is not None and isinstance(raw, RawDataElement) and raw.value is not None:
+            key = (tag, raw.VR, raw.is_implicit_VR, raw.is_little_endian, charset_bytes, raw.value)
+            if key in readable:
+                header[tag] = raw
+                continue
         try:
             elem = ds[tag]  # converts the raw element: a value that does not parse raises
         except Exception:  # noqa: BLE001
             dropped.append(str(tag))
             continue
-        if elem.keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            continue
         if _unreadable(elem):
             dropped.append(elem.keyword or str(elem.tag))
             continue
         header.add(elem)
+        if key is not None:
+            readable.add(key)  # type: ignore[union-attr]
     for keyword in _IDENTITY_UIDS:  # checked at ingest; kept, with the VR they must have
         if keyword in ds and keyword not in header:
             setattr(header, keyword, str(ds[keyword].value).rstrip("\0 "))
@@ -404,7 +430,7 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
     )
     return LoadedRun(
         Run(pixels=frames.astype(np.float32, copy=False), meta=meta),
-        [_strip(d) for d in datasets],
+        _strip_all(datasets),
     )
 
 
@@ -442,7 +468,7 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
             vol = vol[geometry.order]
             log.info("reordered %d frames of %s by plane position", vol.shape[0], paths[0].name)
     else:
-        headers = [_strip(d) for d in datasets]
+        headers = _strip_all(datasets)
         geometry = series_geometry(headers)
         order = geometry.order
         datasets = [datasets[i] for i in order]
