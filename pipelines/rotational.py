@@ -64,8 +64,7 @@ from pipelines.vessel_quality import volume_quality
 NAME = "rotational_dla"
 # 1.2.0: the circle found past air noise, nothing seeded beyond it
 # 1.3.0: porous bone (thin septa around marrow or air cells) is bone
-# 1.4.0: thickness that seeds bone is also measured at each structure's half peak
-VERSION = "1.4.0"
+VERSION = "1.3.0"
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
 BODY_HU = -400.0
@@ -513,40 +512,6 @@ def thick_parts(mask: np.ndarray, spacing_mm: tuple[float, float, float], r: flo
     return opened[pad:-pad, pad:-pad, pad:-pad] & mask
 
 
-def thick_cores(
-    hx: np.ndarray,
-    dense: np.ndarray,
-    level: float,
-    spacing_mm: tuple[float, float, float],
-    p: Mapping[str, Any],
-) -> np.ndarray:
-    """Dense voxels thick where each structure is measured at ``fwhm`` of its own local
-    peak (the partial-volume level of step 4), its gaps up to ``2 * pore_mm`` closed.
-
-    The dense threshold is a few noise SDs above soft tissue; blur puts it 1-2 mm
-    beyond the edge of an artery at 1000-3000 HU, so an ICA 4-5 mm across is
-    thicker than ``thick_mm`` there and would seed bone. At its own half peak it is
-    not. Bone is: its layers of lower density (the diploe between the tables,
-    streaks across it) fall below that level next to denser bone, and the closing
-    bridges them.
-    """
-    step = min(spacing_mm)
-    radius = max(1, int(round(p["local_mm"] / step)))
-    core = np.zeros(hx.shape, bool)
-    for z0, z1, lo, hi in _slabs(hx.shape[0], SLAB, radius):
-        local_peak = ndi.maximum_filter(
-            np.where(dense[lo:hi], hx[lo:hi], -np.inf).astype(np.float32), size=2 * radius + 1
-        )[z0 - lo : z1 - lo]
-        core[z0:z1] = dense[z0:z1] & (hx[z0:z1] - level >= p["fwhm"] * (local_peak - level))
-    r = float(p["pore_mm"])
-    if r > 0:
-        closed = farther_than(within(core, r, spacing_mm), r, spacing_mm)
-        core |= closed
-        del closed
-        core &= dense
-    return thick_parts(core, spacing_mm, p["thick_mm"])
-
-
 def porous_parts(
     dense: np.ndarray, spacing_mm: tuple[float, float, float], p: Mapping[str, Any]
 ) -> np.ndarray:
@@ -605,10 +570,9 @@ def classical_tissues(
        dense = hysteresis at ``k_low`` / ``k_high`` noise SDs above it.
     2. Shape on the dense voxels, on intensities clipped at ``k_sat`` noise SDs:
        tubeness (multiscale Hessian) and thickness (an opening at ``thick_mm``).
-    3. Seeds: thick structures are bone where they are thick at their own half
-       peak too (:func:`thick_cores`; a blurred artery at high contrast is not),
-       and so are porous ones (:func:`porous_parts`); strongly tubular voxels
-       away from thick bone are vessel. A watershed on the gradient magnitude assigns every dense
+    3. Seeds: thick structures are bone, and so are porous ones
+       (:func:`porous_parts`); strongly tubular voxels away from thick bone are
+       vessel. A watershed on the gradient magnitude assigns every dense
        voxel to one of them, so a vessel touching bone is cut where the
        intensity changes (or halfway, where it does not), whichever is brighter.
     4. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
@@ -659,7 +623,6 @@ def _classical_labels(
     for z, values in _dense_chunks(dense, tubeness_in_slabs(hx, level, scale, dense, step, scales)):
         vessel_seed[z][dense[z]] = values > p["v_seed"]
     thick = thick_parts(dense, spacing_mm, p["thick_mm"])
-    thick &= within(thick_cores(hx, dense, level, spacing_mm, p), p["thick_mm"], spacing_mm)
     vessel_seed &= ~within(thick, p["seed_gap_mm"], spacing_mm)
     # Porous bone is bone too, except where a voxel is strongly tubular: a vessel
     # running through or along it keeps its seeds, and the watershed draws the line.
