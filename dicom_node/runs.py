@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import config, dcmread
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -271,19 +271,22 @@ def _rescale(ds: Dataset, frames: int) -> tuple[list[float], list[float]] | None
     return [m for m, _ in pairs], [b for _, b in pairs]
 
 
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = frozenset(tag_for_keyword(k) for k in _PIXEL_KEYWORDS)
+
+
 def _decode_and_release(ds: Dataset, path: Path) -> np.ndarray:
     """:func:`decode_pixels`, then drop the data set's pixel data and pydicom's cached
     array of it: the bytes and the stored values are as large again as the float32
     frames, and only the header is needed after this."""
     out = decode_pixels(ds, path)
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+    for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
     return out
 
 
 _IDENTITY_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
 
 
 def _strip_all(datasets: Sequence[Dataset]) -> list[Dataset]:
@@ -304,6 +307,7 @@ def _strip(ds: Dataset, readable: set[tuple[Any, ...]] | None = None) -> Dataset
     ``readable`` holds the encoded form of elements found readable in an instance
     of the same run (tag, VR, encoding, character set, bytes); such an element is
     copied unconverted, to be converted where it is used, as it would be here."""
+    readable = set() if readable is None else readable
     header = Dataset()
     header.file_meta = ds.file_meta
     dropped = []
@@ -314,7 +318,7 @@ def _strip(ds: Dataset, readable: set[tuple[Any, ...]] | None = None) -> Dataset
             continue
         raw = ds.get_item(tag)
         key = None
-        if readable is not None and isinstance(raw, RawDataElement) and raw.value is not None:
+        if isinstance(raw, RawDataElement) and raw.value is not None:
             key = (tag, raw.VR, raw.is_implicit_VR, raw.is_little_endian, charset_bytes, raw.value)
             if key in readable:
                 header[tag] = raw
@@ -329,7 +333,7 @@ def _strip(ds: Dataset, readable: set[tuple[Any, ...]] | None = None) -> Dataset
             continue
         header.add(elem)
         if key is not None:
-            readable.add(key)  # type: ignore[union-attr]
+            readable.add(key)
     for keyword in _IDENTITY_UIDS:  # checked at ingest; kept, with the VR they must have
         if keyword in ds and keyword not in header:
             setattr(header, keyword, str(ds[keyword].value).rstrip("\0 "))
