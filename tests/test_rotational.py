@@ -239,18 +239,20 @@ def truncated_head() -> tuple[np.ndarray, np.ndarray]:
     return hu.astype(np.float32), outside
 
 
-def test_tubeness_in_slabs_equals_the_whole_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tubeness_in_slabs_equals_the_whole_volume() -> None:
     """Each slab carries the widest Gaussian's reach as context: the values are the
-    whole volume's, bit for bit, with slabs far thinner than that reach."""
+    whole volume's, bit for bit, with slabs far thinner than that reach, worked
+    out one after the other or on threads."""
     hu, _ = truncated_head()
-    monkeypatch.setattr(rotational, "SLAB", 5)
     mask = hu > 300
     scales = (0.45, 0.8, 1.4)
     u = np.clip((hu - 40.0) / 200.0, 0.0, 1.0).astype(np.float32)
     whole = tubeness(u, mask, 0.8, scales)[mask]
-    slabs = tubeness_in_slabs(hu, 40.0, 200.0, mask, 0.8, scales)
     assert whole.max() > 0.5
-    assert np.array_equal(whole, slabs)
+    for threads in (1, 3):
+        slabs = tubeness_in_slabs(hu, 40.0, 200.0, mask, 0.8, scales, 5, threads)
+        assert np.array_equal(whole, slabs)
+    assert np.array_equal(whole, tubeness_in_slabs(hu, 40.0, 200.0, mask, 0.8, scales))
 
 
 def test_reconstruction_field_is_found_when_air_noise_reaches_below_the_padding() -> None:
@@ -642,7 +644,7 @@ def test_fill_holes_equals_scipy() -> None:
     assert filled > 0  # the masks had holes to fill
 
 
-def test_distance_tests_in_slabs_equal_the_whole_volume_transform() -> None:
+def test_distance_tests_in_blocks_equal_the_whole_volume_transform() -> None:
     from scipy import ndimage
 
     rng = np.random.default_rng(5)
@@ -652,9 +654,15 @@ def test_distance_tests_in_slabs_equal_the_whole_volume_transform() -> None:
         mask = smooth > np.quantile(smooth, 1.0 - density)
         mask[:, :2] = False  # a bounding box smaller than the array
         near = ndimage.distance_transform_edt(~mask, sampling=spacing) <= 2.0
-        assert np.array_equal(rotational.within(mask, 2.0, spacing, slab=4), near)
         far = ndimage.distance_transform_edt(mask, sampling=spacing) > 2.0
-        assert np.array_equal(rotational.farther_than(mask, 2.0, spacing, slab=4), far)
+        for threads in (1, 3):  # blocks one after the other, and at once
+            assert np.array_equal(rotational.within(mask, 2.0, spacing, 4, threads), near)
+            assert np.array_equal(rotational.farther_than(mask, 2.0, spacing, 4, threads), far)
+        # The lean transform is scipy's, bit for bit.
+        whole = ndimage.distance_transform_edt(mask, sampling=spacing)
+        assert np.array_equal(rotational._edt(mask, spacing), whole)
+        assert np.array_equal(rotational.within(mask, 2.0, spacing), near)
+        assert np.array_equal(rotational.farther_than(mask, 2.0, spacing), far)
         assert far.any() or density < 0.01
 
 
