@@ -487,18 +487,14 @@ def _blocks(
     """(core, context) of each block of ``shape``: cores of ``block`` voxels a side
     (less at the far faces) tiling the array, each with ``margins`` voxels of
     context on both sides along each axis (clipped to the array)."""
-    axes = []
-    for n, m in zip(shape, margins, strict=True):
-        axes.append(
-            [
-                (slice(a0, min(a0 + block, n)), slice(max(0, a0 - m), min(n, a0 + block + m)))
-                for a0 in range(0, n, block)
-            ]
-        )
-    out = []
-    for parts in itertools.product(*axes):
-        out.append((tuple(p[0] for p in parts), tuple(p[1] for p in parts)))
-    return out
+    axes = [
+        [(slice(z0, z1), slice(lo, hi)) for z0, z1, lo, hi in _slabs(n, block, m)]
+        for n, m in zip(shape, margins, strict=True)
+    ]
+    return [
+        (tuple(core for core, _ in parts), tuple(context for _, context in parts))
+        for parts in itertools.product(*axes)
+    ]
 
 
 def _edt(part: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
@@ -510,21 +506,18 @@ def _edt(part: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray
     nearest = ndi.distance_transform_edt(
         part, sampling=spacing_mm, return_distances=False, return_indices=True
     )
-    total: np.ndarray | None = None
-    for axis, step in enumerate(spacing_mm):
+
+    def squared(axis: int) -> np.ndarray:
         index = np.arange(part.shape[axis], dtype=np.int32).reshape(
             [-1 if a == axis else 1 for a in range(part.ndim)]
         )
         offset = (nearest[axis] - index).astype(np.float64)
-        offset *= np.float64(step)
-        np.multiply(offset, offset, offset)
-        if total is None:
-            total = offset
-        else:
-            total += offset
-        del offset
-    del nearest
-    assert total is not None
+        offset *= np.float64(spacing_mm[axis])
+        return np.multiply(offset, offset, offset)
+
+    total = squared(0)
+    for axis in range(1, part.ndim):
+        total += squared(axis)
     return np.sqrt(total, out=total)
 
 
