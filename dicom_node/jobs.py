@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dicom_node.db import Database, Job
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, Outcome, WorkerProcess, cpu_only
+from dicom_node.sandbox import JobSpec, Outcome, WorkerProcess, cpu_only, threads_per_job
 from dicom_node.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Workers:
                 settings.memory_limit_mib * 2**20,
                 cpu_only(device),
                 settings.pipeline_memory_mib,
+                threads_per_job(settings.concurrency, settings.cpu_threads),
             )
             for i in range(settings.concurrency)
         ]
@@ -138,6 +139,16 @@ class Workers:
         if outcome.ok:
             if not self.db.finish_job(job, outcome.results, outcome.notes):
                 log.warning("job %d finished after its lease was taken; result dropped", job.id)
+                return
+            log.info(
+                "job %d (%s on run %s) done: %d object(s) in %.1f s on %d CPU thread(s)",
+                job.id,
+                job.pipeline,
+                job.run_id,
+                len(outcome.results),
+                sum(seconds for _, seconds in outcome.timings),
+                outcome.threads,
+            )
             return
         reason = scrub(outcome.error or "unknown error")  # stored, shown and logged: no values
         if outcome.transient and job.attempts < self.settings.max_attempts:

@@ -73,6 +73,7 @@ class Outcome:
     interrupted: bool = False  # the node is stopping: the attempt does not count
     pid: int = 0
     timings: tuple[tuple[str, float], ...] = ()  # seconds per stage, measured by the parent
+    threads: int = 0  # the CPU threads the job's process had (torch's); 0: not known
 
     @property
     def ok(self) -> bool:
@@ -125,7 +126,7 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
             )
         summary = ", ".join(sorted({r.description for r in results}))
         notes.append(f"{len(results)} object(s): {summary}")
-        return Outcome(tuple(results), tuple(notes), pid=os.getpid())
+        return Outcome(tuple(results), tuple(notes), pid=os.getpid(), threads=_cpu_threads())
     except (RunError, PipelineError) as exc:
         return Outcome(error=str(exc), pid=os.getpid())
     except MemoryError:
@@ -148,16 +149,39 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
         )
 
 
-def _serve(conn: Connection, address_space_limit: int | None, unless_cuda: bool) -> None:
+def threads_per_job(concurrency: int, threads: int | None = None) -> int:
+    """CPU threads one job may use: ``threads`` when given, else the CPUs this process
+    may run on shared among ``concurrency`` jobs at once (at least 1), so that jobs
+    running together do not each start a thread per CPU."""
+    if threads:
+        return threads
+    return max(1, len(os.sched_getaffinity(0)) // max(concurrency, 1))
+
+
+def _cpu_threads() -> int:
+    import torch  # loaded in the worker already (the forkserver's preload)
+
+    return int(torch.get_num_threads())
+
+
+def _serve(
+    conn: Connection, address_space_limit: int | None, unless_cuda: bool, threads: int | None
+) -> None:
     """The child's loop: a JobSpec in, stage messages and an Outcome out; None ends it.
 
     ``unless_cuda``: the address-space cap is left off when torch sees a GPU. The
     child asks, not the node: torch is loaded here already, and the node process
-    does not load it at all (it starts in half the time).
+    does not load it at all (it starts in half the time). ``threads``: torch's CPU
+    threads in this process (its intra-op pool; the pipelines' own thread pools take
+    their size from it); None leaves torch's default, a thread per core.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     logsafe.install()  # decoders warn with the values they read: keep those out of the log
     _die_with_parent()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if address_space_limit and not (unless_cuda and resolve_device("auto") == "cuda"):
         resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
     while True:
@@ -232,11 +256,14 @@ class WorkerProcess:
         memory_limit_bytes: int,
         cpu_only: bool | None,
         budgets_mib: Mapping[str, int] | None = None,
+        threads: int | None = None,
     ) -> None:
         """``cpu_only``: True for a worker that runs on the CPU, False for one that
         may use a GPU, None to let the worker decide (CPU-only unless torch sees a
-        GPU: the ``auto`` device)."""
+        GPU: the ``auto`` device). ``threads``: the CPU threads its jobs may use
+        (:func:`threads_per_job`); None: torch's default."""
         self.name = name
+        self.threads = threads
         self.memory_limit = memory_limit_bytes
         # Per pipeline (MiB), each capped by the limit above: a job of a pipeline
         # measured at 1 GB is ended well before the limit that a 3 GB one needs.
@@ -271,14 +298,19 @@ class WorkerProcess:
             parent, child = ctx.Pipe()
             self.proc = ctx.Process(
                 target=_serve,
-                args=(child, self.address_space_limit, self.unless_cuda),
+                args=(child, self.address_space_limit, self.unless_cuda, self.threads),
                 name=self.name,
                 daemon=True,
             )
             self.proc.start()
             child.close()
             self.conn = parent
-            log.info("worker process %s started (pid %d)", self.name, self.proc.pid)
+            log.info(
+                "worker process %s started (pid %d, %s CPU threads per job)",
+                self.name,
+                self.proc.pid,
+                self.threads or "torch's default",
+            )
         return self.conn
 
     def _discard(self) -> None:

@@ -82,6 +82,14 @@ def _budgets(value: dict[str, int]) -> dict[str, int]:
 
 class WorkerSettings(Strict):
     concurrency: int = Field(1, ge=1, le=64)
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="CPU threads one job may use (torch's threads, and the thread pools of "
+        "the pipelines that size theirs from it); none: the CPUs the node may run on "
+        "divided by concurrency, at least 1",
+    )
     max_attempts: int = Field(3, ge=1, le=100)
     backoff_base_s: float = Field(5.0, gt=0)
     backoff_max_s: float = Field(600.0, gt=0)

@@ -49,7 +49,7 @@ from temporalio.worker import Worker
 from dicom_node import stow
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, WorkerProcess, cpu_only
+from dicom_node.sandbox import JobSpec, WorkerProcess, cpu_only, threads_per_job
 from dicom_node.settings import EngineSettings, Strict, Url, _describe, _merge
 from dicom_node.temporal_client import connect
 from dicom_node.temporal_workflow import (
@@ -112,7 +112,13 @@ class WorkerConfig(Strict):
     models: dict[str, Path] = Field({}, description="model package folder per pipeline, here")
     scratch_dir: Path = Path(tempfile.gettempdir()) / "angio-worker"
     drain_timeout_s: float = Field(1800.0, ge=0, description="SIGTERM: finish the job this long")
-    cpu_threads: int | None = Field(None, ge=1, le=256, description="BLAS/torch threads per job")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="CPU threads one job may use (torch's; BLAS's too when given); none: "
+        "this machine's CPUs divided by concurrency, at least 1",
+    )
 
 
 def load_worker_config(
@@ -317,7 +323,10 @@ class JobRunner:
         self.pool: queue.Queue[WorkerProcess] = queue.Queue()
         self.processes = [
             WorkerProcess(
-                f"job-worker-{i}", config.memory_limit_mib * 2**20, cpu_only(config.device)
+                f"job-worker-{i}",
+                config.memory_limit_mib * 2**20,
+                cpu_only(config.device),
+                threads=threads_per_job(config.concurrency, config.cpu_threads),
             )
             for i in range(config.concurrency)
         ]

@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import XRayAngiographicImageStorage
 from pynetdicom import AE
 
-from dicom_node.sandbox import JobSpec, WorkerProcess
+from dicom_node.sandbox import JobSpec, WorkerProcess, threads_per_job
 from pipelines.base import PipelineError
 from tests.conftest import wait_for
 from tests.dicomgen import xa_run
@@ -203,3 +203,22 @@ def test_the_address_space_cap_of_cpu_and_auto_workers(cpu_only: bool | None, ca
         assert (limit == str(2 * GiB + 4 * GiB)) if capped else limit == "unlimited", limit
     finally:
         worker.close()
+
+
+def test_jobs_share_the_cpus_among_the_workers(tmp_path: Path) -> None:
+    """A worker's jobs run on the threads it was given: two jobs at once on an 8-core
+    machine use 4 threads each, not 8 each (torch's default in every process)."""
+    cpus = len(os.sched_getaffinity(0))
+    assert threads_per_job(1) == cpus
+    assert threads_per_job(2) == max(1, cpus // 2)
+    assert threads_per_job(4 * cpus) == 1
+    assert threads_per_job(2, threads=5) == 5
+    path = _run_file(tmp_path)
+    for threads in (1, 3):
+        worker = WorkerProcess("t", 4 * GiB, cpu_only=True, threads=threads)
+        try:
+            outcome = _run(worker, _spec(path, tmp_path / str(threads), "minip"))
+            assert outcome.ok, outcome.error
+            assert outcome.threads == threads
+        finally:
+            worker.close()
