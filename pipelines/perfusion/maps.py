@@ -12,7 +12,8 @@ Masking, as clinical tools do it: large vessels are pixels whose peak
 opacification reaches ``vessel_fraction`` of the densest vessels' (the AIF
 peak, or the run's ``DENSEST_QUANTILE`` of peak opacification when that is
 higher: an AIF from an artery thinner than the ICA, which a later ICA rule
-may take, would otherwise make the brain's blush a vessel) or stands out from
+may take, would otherwise make the brain's blush a vessel) in a region no wider
+than the widest vessel (``vessel_width_mm``: wider is a thick blush) or stands out from
 the surrounding blush (top-hat) by ``vessel_contrast`` of it, the ICA mask, and
 static opacity (a catheter: already opaque when the bolus arrives), found on
 the peak-opacity image smoothed by half a pixel and not dilated (see
@@ -80,7 +81,8 @@ class MapSettings:
     # opacification, disk of vessel_width_mm) by vessel_contrast of the AIF peak
     # and by vessel_relative of the blush level (vessel_contrast 0: rule off).
     # Chosen on phantom seeds 100-102 (bench.perfusion reports 210-212): with the
-    # level alone (0.25) a thick hemisphere's blush was excluded as vessel.
+    # level alone (0.25) a thick hemisphere's blush was excluded as vessel. The level's
+    # regions wider than vessel_width_mm are not vessels either (1.5.0).
     vessel_fraction: float = 0.6
     vessel_contrast: float = 0.05
     vessel_relative: float = 0.5
@@ -111,7 +113,8 @@ class MapSettings:
             f"smoothing, holes filled, the region (with its vessels) holding most of it; "
             f"large vessels excluded = peak opacification >= {self.vessel_fraction:.0%} of "
             f"the densest vessels' (the AIF peak, or the top {1 - DENSEST_QUANTILE:.0%} of the "
-            f"frame when higher) or >= {self.vessel_contrast:.0%} of the AIF peak above the "
+            f"frame when higher) where no wider than {self.vessel_width_mm:g} mm, or >= "
+            f"{self.vessel_contrast:.0%} of the AIF peak above the "
             f"surrounding blush (top-hat, {self.vessel_width_mm:g} mm), the ICA, or opacity >= "
             f"{self.static_fraction:.0%} of its peak already at bolus arrival (catheter)"
             + (f", dilated {self.vessel_dilation_px} px" if self.vessel_dilation_px else "")
@@ -176,14 +179,20 @@ def tissue_masks(
     (peak,) = curves.reduce(lambda block: (block.max(axis=0),))
     peak = ndimage.gaussian_filter(peak, settings.vessel_smoothing_px)
     densest = max(aif_peak, float(np.quantile(peak, DENSEST_QUANTILE)))
-    vessels = (peak >= settings.vessel_fraction * densest) | ica
+    disk = _disk(settings.vessel_width_mm, spacing_px_mm)
+    level = peak >= settings.vessel_fraction * densest
+    # A level region wider than the widest vessel is blush, not vessel: a hemisphere
+    # seen through its full depth, where the brain's opacity reaches the level (on
+    # family A development seed 930015, 22 % of the perfused brain was "vessel" by
+    # the level alone). The opening keeps the parts of the region that hold a disk
+    # as wide as the widest vessel to remove.
+    level &= ~ndimage.binary_opening(level, structure=disk)
+    vessels = level | ica
     if settings.vessel_contrast > 0:
         # Vessels stand out from the blush around them (a projection's tissue
         # blush can reach a third of the ICA's opacity, so a level alone either
         # keeps vessels or loses brain): white top-hat of the peak opacification
         # with a disk as wide as the widest vessel to remove.
-        radius = max(1, int(round(0.5 * settings.vessel_width_mm / max(spacing_px_mm, 1e-6))))
-        disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
         background = ndimage.grey_opening(peak, footprint=disk)
         tophat = peak - background
         vessels |= (tophat >= settings.vessel_contrast * aif_peak) & (
@@ -223,6 +232,12 @@ def tissue_masks(
         raise PipelineError("no enhancing brain tissue found outside the large vessels")
     brain = (labels == int(np.argmax(enhancing_per_label)) + 1) & ~vessels
     return brain, vessels, brighter
+
+
+def _disk(width_mm: float, spacing_px_mm: float) -> np.ndarray:
+    """A disk ``width_mm`` across at ``spacing_px_mm`` (a radius of at least 1 px)."""
+    radius = max(1, int(round(0.5 * width_mm / max(spacing_px_mm, 1e-6))))
+    return np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
 
 
 def aif_lead(

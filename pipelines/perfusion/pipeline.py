@@ -100,7 +100,9 @@ NAME = "dsa_perfusion"
 # 1.4.0: an AIF that does not wash out within the run gives way to one that does
 # (the edges of a mask the head moved from rise and stay); the large-vessel level
 # is a fraction of the densest vessels' opacity, not of a thin artery's AIF.
-VERSION = "1.4.0"
+# 1.5.0: a region at the large-vessel level wider than the widest vessel
+# (vessel_width_mm) is blush (a hemisphere seen through its full depth), not vessel.
+VERSION = "1.5.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
@@ -144,7 +146,7 @@ OPTIONS: dict[str, str] = {
     "vessel_fraction": "large-vessel exclusion, fraction of the densest vessels' opacity (default 0.6)",
     "vessel_contrast": "large-vessel exclusion by contrast to the surrounding blush, fraction "
     "of the AIF peak (default 0.05; 0 = off)",
-    "vessel_width_mm": "widest vessel the contrast rule removes, mm (default 10)",
+    "vessel_width_mm": "widest vessel the level and contrast rules remove, mm (default 10)",
     "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
 }
 
