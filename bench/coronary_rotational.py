@@ -155,7 +155,7 @@ def rotational(packages: list[str], size: int, full_512: bool, patch_voxels: int
         "patch-wise voxels/s | dense / patch-wise | dense vs paper 2,500 vox/s/GPU | "
         "512^3 s (dense) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| classical (HU thresholds + bone model + components), pipeline end to end | - | "
+        f"| classical (thresholds from the volume, tube/bone shape, watershed), pipeline end to end | - | "
         f"{ref:.1f} | {hu.size / ref:,.0f} | - | - | - | - |",
     ]
     configs: list[tuple[str, dict[str, Any], Path | None]] = [

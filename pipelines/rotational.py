@@ -551,6 +551,11 @@ def _distance_in_blocks(
     return out
 
 
+def _margins(r: float, spacing_mm: tuple[float, float, float]) -> list[int]:
+    """Voxels per axis that hold every voxel within ``r`` mm, and one more."""
+    return [int(np.ceil(r / s)) + 1 for s in spacing_mm]
+
+
 def within(
     mask: np.ndarray,
     r: float,
@@ -567,7 +572,7 @@ def within(
     answer, while the transform's temporaries are a block's (a 512^3 volume at
     once would need 8 GB in scipy's), and blocks run in parallel.
     """
-    margins = [int(np.ceil(r / s)) + 1 for s in spacing_mm]
+    margins = _margins(r, spacing_mm)
     box = _grown_box(mask, margins)
     if box is None:
         return np.zeros(mask.shape, bool)
@@ -599,8 +604,7 @@ def farther_than(
             return np.ones(part.shape, bool)
         return _edt(part, spacing_mm) > r
 
-    margins = [int(np.ceil(r / s)) + 1 for s in spacing_mm]
-    return _distance_in_blocks(mask, box, far, margins, block, threads)
+    return _distance_in_blocks(mask, box, far, _margins(r, spacing_mm), block, threads)
 
 
 def thick_parts(mask: np.ndarray, spacing_mm: tuple[float, float, float], r: float) -> np.ndarray:
