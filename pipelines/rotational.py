@@ -66,7 +66,9 @@ from pipelines.vessel_quality import volume_quality
 NAME = "rotational_dla"
 # 1.2.0: the circle found past air noise, nothing seeded beyond it
 # 1.3.0: porous bone (thin septa around marrow or air cells) is bone
-VERSION = "1.3.0"
+# 1.3.1: the soft tissue around the vessels is measured (VESSELSOFT): vessels with
+# little of it are low confidence (the labels are 1.3.0's)
+VERSION = "1.3.1"
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
 BODY_HU = -400.0
@@ -973,7 +975,7 @@ class RotationalDLA:
                 ),
             ],
             notes=notes,
-            quality=volume_quality(masks[0], masks[1]),
+            quality=volume_quality(masks[0], masks[1], hu, spacing),
         )
 
 
