@@ -55,7 +55,7 @@ from pipelines.models.cenet import ARCHITECTURE, STRIDE, frame_windows
 from pipelines.models.package import ModelPackage, load_package
 from pipelines.preprocess import inference_device, inference_mode, resize, work_shape
 from pipelines.render import AI_LABEL, burn_text, overlay
-from pipelines.shutter import exposed_field, restrict
+from pipelines.shutter import disk, exposed_field, restrict
 from pipelines.vessel_quality import cine_quality
 
 NAME = "xa_coronary"
@@ -253,7 +253,7 @@ def remove_devices(masks: np.ndarray, cine: np.ndarray) -> np.ndarray:
     # What is wider than the device is kept where it lies on it: a vessel filled around
     # its guidewire, a vessel crossing a lead.
     radius = 1 + int(np.percentile(ndi.distance_transform_edt(device)[device], 90))
-    disk = np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    footprint = disk(radius)
     reference = np.fft.fft2(cine[k - 1])  # what phase_cross_correlation computes per call
     out = masks.copy()
     for t in range(masks.shape[0]):
@@ -262,7 +262,7 @@ def remove_devices(masks: np.ndarray, cine: np.ndarray) -> np.ndarray:
         there = ndi.binary_dilation(
             ndi.shift(template, -shift, order=0) > 0.5, iterations=tolerance
         )
-        out[t] &= ~(there & ~ndi.binary_opening(masks[t], structure=disk))
+        out[t] &= ~(there & ~ndi.binary_opening(masks[t], structure=footprint))
     return out
 
 

@@ -61,7 +61,7 @@ from pipelines.models.dla import (
 from pipelines.models.package import load_package
 from pipelines.preprocess import inference_device, inference_mode, resize
 from pipelines.render import AI_LABEL, burn_text
-from pipelines.vessel_quality import volume_quality
+from pipelines.vessel_quality import grown_box, volume_quality
 
 NAME = "rotational_dla"
 # 1.2.0: the circle found past air noise, nothing seeded beyond it
@@ -457,17 +457,6 @@ def tubeness_in_slabs(
     return np.concatenate([np.zeros(0, np.float32), *parts])
 
 
-def _grown_box(mask: np.ndarray, margins: list[int]) -> tuple[slice, ...] | None:
-    """The bounding box of ``mask`` grown by ``margins`` voxels (clipped to the array)."""
-    box = ndi.find_objects(mask.view(np.uint8))
-    if not box:
-        return None
-    return tuple(
-        slice(max(0, b.start - m), min(n, b.stop + m))
-        for b, m, n in zip(box[0], margins, mask.shape, strict=True)
-    )
-
-
 def _in_parallel(work: Any, slabs: Sequence[tuple[Any, ...]], threads: int) -> list[Any]:
     """``work(*slab)`` for each slab (its bounds, or a block's slices), the results
     in order, on ``threads`` threads."""
@@ -575,7 +564,7 @@ def within(
     once would need 8 GB in scipy's), and blocks run in parallel.
     """
     margins = _margins(r, spacing_mm)
-    box = _grown_box(mask, margins)
+    box = grown_box(mask, margins)
     if box is None:
         return np.zeros(mask.shape, bool)
 
@@ -597,7 +586,7 @@ def farther_than(
     """Voxels of ``mask`` farther than ``r`` mm from every voxel of the array outside
     it: ``~within(~mask, r)``, but over the mask's bounding box grown by one voxel
     (the nearest outside voxel is never farther than that box's rim)."""
-    box = _grown_box(mask, [1, 1, 1])
+    box = grown_box(mask, [1, 1, 1])
     if box is None:
         return np.zeros(mask.shape, bool)
 

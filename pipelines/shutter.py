@@ -297,7 +297,7 @@ def _flat_field(x: np.ndarray) -> np.ndarray | None:
     # touches the field, wider openings cut it off (rounding the field's corners).
     for radius in OPENING_RADII:
         field = _largest_piece(
-            ndimage.binary_opening(largest, structure=_disk(max(2, round(radius * max(h, w)))))
+            ndimage.binary_opening(largest, structure=disk(max(2, round(radius * max(h, w)))))
         )
         if field.sum() >= MIN_CONVEXITY * convex_hull_image(field).sum():
             break
@@ -539,7 +539,8 @@ def detect(frames: np.ndarray, subtracted: bool = False) -> np.ndarray | None:
     return field if field.mean() >= MIN_FIELD_FRACTION else None
 
 
-def _disk(radius: int) -> np.ndarray:
+def disk(radius: int) -> np.ndarray:
+    """A filled disk of ``radius`` pixels, ``2 * radius + 1`` across."""
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return yy * yy + xx * xx <= radius * radius
 
@@ -567,7 +568,7 @@ def exposed_field(frames: np.ndarray, meta: RunMeta) -> Field:
     if not sources:
         return Field(mask=mask, source="none")
     # The image border is an edge for every filter too, so the margin runs along it as well.
-    mask = ndimage.binary_erosion(mask, structure=_disk(margin_px(shape)), border_value=0)
+    mask = ndimage.binary_erosion(mask, structure=disk(margin_px(shape)), border_value=0)
     return Field(mask=mask, source="+".join(sources))
 
 

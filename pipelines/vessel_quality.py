@@ -373,6 +373,17 @@ def coarse(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+def grown_box(mask: np.ndarray, margins: list[int]) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask`` grown by ``margins`` voxels (clipped to the array)."""
+    box = ndi.find_objects(mask.view(np.uint8))
+    if not box:
+        return None
+    return tuple(
+        slice(max(0, b.start - m), min(n, b.stop + m))
+        for b, m, n in zip(box[0], margins, mask.shape, strict=True)
+    )
+
+
 def soft_tissue_around(
     vessel: np.ndarray, bone: np.ndarray, hu: np.ndarray, spacing_mm: tuple[float, ...]
 ) -> float:
@@ -380,15 +391,12 @@ def soft_tissue_around(
     themselves) that are soft tissue: not bone, above ``SOFT_TISSUE_MIN_HU``; nan
     without vessels. Computed over the vessels' bounding box only."""
     steps = max(1, int(round(VESSEL_SHELL_MM / min(spacing_mm))))
-    box = []
-    for axis in range(3):
-        where = np.nonzero(vessel.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        if where.size == 0:
-            return float("nan")
-        box.append(slice(max(int(where[0]) - steps, 0), int(where[-1]) + steps + 1))
-    part = vessel[tuple(box)]
+    box = grown_box(vessel, [steps] * vessel.ndim)
+    if box is None:
+        return float("nan")
+    part = vessel[box]
     shell = ndi.binary_dilation(part, iterations=steps) & ~part
-    soft = ~bone[tuple(box)][shell] & (hu[tuple(box)][shell] > SOFT_TISSUE_MIN_HU)
+    soft = ~bone[box][shell] & (hu[box][shell] > SOFT_TISSUE_MIN_HU)
     return 100.0 * float(soft.mean()) if soft.size else float("nan")
 
 

@@ -54,6 +54,7 @@ from pipelines.perfusion.aif import Aif
 from pipelines.perfusion.deconvolution import Residues, Settings, deconvolve, smooth_at
 from pipelines.perfusion.quality import MAX_EARLY_BRAIN
 from pipelines.perfusion.timing import Curves
+from pipelines.shutter import disk
 
 # Pixels per block for the TTP and area pass (the grid curves of one block).
 PIXEL_BLOCK = 1 << 16
@@ -236,8 +237,7 @@ def tissue_masks(
 
 def _disk(width_mm: float, spacing_px_mm: float) -> np.ndarray:
     """A disk ``width_mm`` across at ``spacing_px_mm`` (a radius of at least 1 px)."""
-    radius = max(1, int(round(0.5 * width_mm / max(spacing_px_mm, 1e-6))))
-    return np.hypot(*np.mgrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    return disk(max(1, int(round(0.5 * width_mm / max(spacing_px_mm, 1e-6)))))
 
 
 def aif_lead(
