@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from pipelines.base import PipelineError
 
@@ -97,6 +98,37 @@ def _changing(sample: np.ndarray) -> np.ndarray:
     image the frame median is theirs, and nothing looks darker than the background."""
     moving = sample.std(axis=0) > 0
     return sample[:, moving] if moving.any() else sample
+
+
+def static_background(frames: np.ndarray, share: float = 0.1) -> np.ndarray | None:
+    """Per-frame background of a subtracted run (T, H, W) from its stillest pixels.
+
+    A frame's median is its background only while less than half of the image
+    holds contrast. In a late frame the parenchymal blush and the veins can
+    cover most of the head; the median then moves towards them, the contrast of
+    everything else (the neck, the air around the head, misregistered bone
+    edges) drops by that much in those frames only, and a static artefact looks
+    as if it emptied like a vessel. The pixels whose values vary least over the
+    run (``share`` of those that vary at all, on smoothed frames so that noise,
+    stronger behind bone, counts less than contrast: background far from the vessels)
+    hold no contrast in any frame, so their median follows only the exposure
+    drift. Pixels that never change (a blanked field, burned-in text) are not
+    used. None when fewer than half of the pixels vary (a noiseless or mostly
+    blanked run): the frame median is then the better reference.
+    """
+    if frames.ndim != 3 or frames.shape[0] < 2:
+        return None
+    x = np.asarray(frames, np.float32)
+    step = max(1, min(x.shape[1], x.shape[2]) // 256)
+    grid = x[:, ::step, ::step]
+    sample = grid.reshape(x.shape[0], -1)
+    # Spread of the smoothed frames: noise averages out, a blush (smooth) does not.
+    spread = ndimage.gaussian_filter(grid, (0, 2, 2)).std(axis=0).ravel()
+    varies = sample.std(axis=0) > 0
+    if varies.sum() < 0.5 * spread.size:
+        return None
+    still = varies & (spread <= np.quantile(spread[varies], share))
+    return np.median(sample[:, still], axis=1).astype(np.float32)
 
 
 def _references(

@@ -1,5 +1,8 @@
 """Classical cerebral DSA vessel analysis: needs no weights, so it is the default.
 
+0. Contrast: each frame's background from the pixels that vary least over the run
+   (``pipelines.preprocess.static_background``), less what holds one value through
+   the run (:func:`less_static`).
 1. Vessels: Frangi vesselness on the MinIP contrast (tubular, so the diffuse
    capillary blush and flat background are suppressed), hysteresis thresholds
    relative to the background noise, small components removed.
@@ -29,7 +32,7 @@ from skimage.filters import apply_hysteresis_threshold, frangi
 from skimage.morphology import remove_small_objects
 
 from pipelines.base import PipelineError
-from pipelines.preprocess import normalise_dsa
+from pipelines.preprocess import normalise_dsa, static_background
 from pipelines.shutter import Field, fill_outside
 
 # Vessel radii covered by the Frangi scales (mm): small cortical branches to the ICA.
@@ -269,7 +272,7 @@ def analyse(
     """
     if frames.ndim != 3 or frames.shape[0] < 3:
         raise PipelineError(f"artery/vein separation needs (T>=3, H, W) frames, got {frames.shape}")
-    contrast = less_static(normalise_dsa(frames))
+    contrast = less_static(normalise_dsa(frames, background=static_background(frames)))
     times = (
         np.asarray(frame_times_s, np.float64)
         if frame_times_s is not None

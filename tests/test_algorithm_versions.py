@@ -22,6 +22,13 @@ pixels), each float array's shape and mean and mean absolute value, each float
 numbers within one unit of their last printed digit (or ``FLOAT_TOLERANCE``). A
 change smaller than these passes unseen: the price of a test that does not fail on
 a machine it was not recorded on.
+
+Some outputs sit near a threshold on the phantom, and the last bits move them across
+it: ``dsa_perfusion`` 1.5.0's brain without a value is 10.3 % on Intel and 11.4 % on
+AMD (a perturbation of the pixels by 1e-5 moves it as much). So a version may hold one
+signature per kind of machine (the CPU vendor), each recorded there; a run matches when
+it is within the tolerance of any of them. Recording adds a kind that has none yet and
+never replaces the signature of a kind already recorded (:func:`record`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import re
 from functools import cache
 from pathlib import Path
@@ -162,6 +170,49 @@ CASES = {
 }
 
 
+def machine() -> str:
+    """The kind of CPU a signature was recorded on (its vendor: the BLAS and SIMD paths
+    that make the last bits differ follow it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
+
+
+def recorded_signatures(entry: dict) -> list[dict]:
+    """``[{"machine": ..., "signature": ...}]`` of a table entry (older entries hold one
+    ``signature`` without its machine)."""
+    if "signatures" in entry:
+        return list(entry["signatures"])
+    return [{"machine": "unknown", "signature": entry["signature"]}]
+
+
+def record(table: dict, pipeline: str, versions: list[str], found: Signature) -> None:
+    """Record ``found`` for ``versions``: a new version replaces every signature; the same
+    version adds this machine's signature where none of this kind of machine is recorded
+    yet (a pipeline whose output sits near a threshold differs between Intel and AMD by
+    more than the tolerance). A different signature on a machine of a recorded kind is a
+    change of output: it is not recorded, the test fails and asks for a new version."""
+    entry = table.get(pipeline)
+    here = machine()
+    if entry is None or entry["versions"] != versions:
+        table[pipeline] = {
+            "versions": versions,
+            "signatures": [{"machine": here, "signature": found}],
+        }
+        return
+    kept = recorded_signatures(entry)
+    if any(not differences(k["signature"], found) for k in kept):
+        table[pipeline] = {"versions": versions, "signatures": kept}
+        return
+    if all(k["machine"] != here for k in kept):
+        kept.append({"machine": here, "signature": found})
+    table[pipeline] = {"versions": versions, "signatures": kept}
+
+
 @pytest.mark.parametrize("pipeline", sorted(CASES))
 def test_output_changes_come_with_a_new_algorithm_version(
     pipeline: str, tmp_path_factory: pytest.TempPathFactory
@@ -175,11 +226,12 @@ def test_output_changes_come_with_a_new_algorithm_version(
     assert versions, f"{pipeline}: no output names its algorithm"
     table = json.loads(RECORDED.read_text()) if RECORDED.exists() else {}
     if os.environ.get("ANGIO_RECORD_SIGNATURES") == "1":
-        table[pipeline] = {"versions": versions, "signature": found}
+        record(table, pipeline, versions, found)
         RECORDED.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     recorded = table.get(pipeline)
     assert recorded is not None, f"record {pipeline!r} (ANGIO_RECORD_SIGNATURES=1)"
-    changed = differences(recorded["signature"], found)
+    changes = [differences(k["signature"], found) for k in recorded_signatures(recorded)]
+    changed = min(changes, key=len)
     if changed:
         assert versions != recorded["versions"], (
             f"{pipeline}'s output changed under the same algorithm version {versions}: bump "
@@ -188,6 +240,26 @@ def test_output_changes_come_with_a_new_algorithm_version(
     assert versions == recorded["versions"] and not changed, (
         f"{pipeline}: record the new versions {versions} (ANGIO_RECORD_SIGNATURES=1)"
     )
+
+
+def test_a_second_kind_of_machine_is_recorded_and_a_change_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Recording keeps one signature per kind of machine for a version; a different
+    output on a kind already recorded is not written over (it needs a new version)."""
+    first: Signature = {"m.count": 5000, "a.mean": 1.2345}
+    other: Signature = {"m.count": 5000, "a.mean": 1.30}
+    table: dict = {}
+    monkeypatch.setattr(__name__ + ".machine", lambda: "GenuineIntel")
+    record(table, "p", ["p 1.0"], first)
+    monkeypatch.setattr(__name__ + ".machine", lambda: "AuthenticAMD")
+    record(table, "p", ["p 1.0"], other)
+    assert [k["machine"] for k in table["p"]["signatures"]] == ["GenuineIntel", "AuthenticAMD"]
+    changed: Signature = {"m.count": 5000, "a.mean": 1.40}
+    record(table, "p", ["p 1.0"], changed)
+    assert all(differences(k["signature"], changed) for k in table["p"]["signatures"])
+    record(table, "p", ["p 1.1"], changed)
+    assert table["p"]["signatures"] == [{"machine": "AuthenticAMD", "signature": changed}]
 
 
 def test_the_signature_tolerates_the_last_bits_and_not_a_change() -> None:
