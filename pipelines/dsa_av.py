@@ -48,7 +48,9 @@ NAME = "dsa_av"
 # physical blade in a subtracted run found by the noise behind it.
 # 0.3.2: the background of each frame from its stillest pixels, not its median
 # (a late blush over most of the head moved the median).
-VERSION = "0.3.2"
+# 0.3.3: the timing clusters from curves ten noise SDs high (faint pixels had
+# taken the early cluster).
+VERSION = "0.3.3"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)

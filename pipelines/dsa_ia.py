@@ -41,7 +41,9 @@ NAME = "dsa_ia"
 # physical blade in a subtracted run found by the noise behind it.
 # 0.3.2: the background of each frame from its stillest pixels, not its median
 # (a late blush over most of the head moved the median).
-VERSION = "0.3.2"
+# 0.3.3: the timing clusters from curves ten noise SDs high (faint pixels had
+# taken the early cluster).
+VERSION = "0.3.3"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
