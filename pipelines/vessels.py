@@ -64,7 +64,8 @@ class ClassicalParams:
     # of its unmixed curve.
     share: float = 0.4
     # The timing clusters (the arterial and venous templates) come from curves that
-    # peak at least this many noise SDs high: twice the vessel threshold.
+    # peak at least this many noise SDs of the smoothed curves high (their noise is
+    # read on the smoothed peak image; 1-1.6x the frame-to-frame noise of a curve).
     template_sigmas: float = 10.0
     # Fraction of the peak that defines the arrival time.
     arrival_fraction: float = 0.3
@@ -205,12 +206,12 @@ def separate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Artery and vein flags for (T, N) vessel curves (a pixel may be both).
 
-    With ``noise_sd`` (the noise of the curves' peak values) the two timing clusters,
-    and so the templates, come from the curves that peak at least
+    With ``noise_sd`` (the noise of the curves: that of their peak image) the two
+    timing clusters, and so the templates, come from the curves that peak at least
     ``params.template_sigmas`` noise SDs high: a faint pixel's timing is mostly noise,
     and where many of them passed the vessel threshold (a noisy band outside the head)
-    they formed the "early" cluster, and every true vessel became a vein. Every curve
-    is then unmixed with those templates.
+    they formed the "early" cluster, and the arteries became veins. Every curve is
+    then unmixed with those templates.
     """
     n = curves.shape[1]
     if n < 10:
