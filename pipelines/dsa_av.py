@@ -40,7 +40,7 @@ from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import AI_LABEL, burn_text, overlay, to_grey_rgb
 from pipelines.shutter import exposed_field, restrict
 from pipelines.vessel_quality import dsa_quality
-from pipelines.vessels import analyse
+from pipelines.vessels import analyse, motion_note
 
 NAME = "dsa_av"
 # 0.3.0: static content removed, lower vesselness thresholds, shutter past text.
@@ -50,7 +50,8 @@ NAME = "dsa_av"
 # (a late blush over most of the head moved the median).
 # 0.3.3: the timing clusters from curves ten noise SDs high (faint pixels had
 # taken the early cluster).
-VERSION = "0.3.3"
+# 0.4.0: bone edges of a head that drifted after the mask are not vessels.
+VERSION = "0.4.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
@@ -96,6 +97,7 @@ class DsaArteryVein:
         field = exposed_field(run.pixels, meta)
         if ctx.model_package is None:
             result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm, field=field)
+            notes += motion_note(result)
             if meta.frame_times_s is None:
                 notes.append("no frame timing: frame order used for artery/vein timing")
             masks = {"artery": result.artery, "vein": result.vein}

@@ -33,7 +33,7 @@ from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import burn_text, overlay, to_grey_rgb
 from pipelines.shutter import exposed_field, restrict
 from pipelines.vessel_quality import dsa_quality
-from pipelines.vessels import analyse
+from pipelines.vessels import analyse, motion_note
 
 NAME = "dsa_ia"
 # 0.3.0: static content removed, lower vesselness thresholds, shutter past text.
@@ -43,7 +43,8 @@ NAME = "dsa_ia"
 # (a late blush over most of the head moved the median).
 # 0.3.3: the timing clusters from curves ten noise SDs high (faint pixels had
 # taken the early cluster).
-VERSION = "0.3.3"
+# 0.4.0: bone edges of a head that drifted after the mask are not vessels.
+VERSION = "0.4.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
@@ -78,6 +79,7 @@ class DsaIntracranialArteries:
         field = exposed_field(run.pixels, meta)
         if ctx.model_package is None:
             result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm, field=field)
+            notes += motion_note(result)
             vessel, artery = result.vessel, result.artery
             algorithm = AlgorithmInfo(NAME, VERSION, "classical")
             masks, segments = np.stack([vessel, artery]), [VESSEL_SEGMENT, ARTERY_SEGMENT]

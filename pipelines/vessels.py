@@ -9,7 +9,9 @@
 2. Arteries and veins: every vessel pixel has a time-intensity curve. Contrast
    reaches arteries seconds before veins, so the curve's timing (arrival,
    time to peak, centre of mass) separates two clusters (2-means) among the
-   curves well above the noise. The cluster
+   curves well above the noise. A head that drifted after the mask leaves a bright
+   and a dark lobe at every bone edge; the dark lobes give the drift's time course,
+   and vessel pixels whose curve follows it are edges (:func:`motion_course`). The cluster
    mean curves then serve as arterial and venous templates and every pixel's
    curve is unmixed into the two (non-negative least squares): a pixel where a
    vein crosses an artery in projection carries both, and is labelled both.
@@ -67,6 +69,13 @@ class ClassicalParams:
     # peak at least this many noise SDs of the smoothed curves high (their noise is
     # read on the smoothed peak image; 1-1.6x the frame-to-frame noise of a curve).
     template_sigmas: float = 10.0
+    # Misregistration after the mask (:func:`motion_course`): a darker lobe stays this
+    # many of its own frame-to-frame noise SDs below zero over the second half of the
+    # run; at least this share of the field must be such lobes; a vessel pixel whose
+    # curve follows the motion's time course this closely (R^2) is an edge, not a vessel.
+    motion_sigmas: float = 4.0
+    motion_min_share: float = 0.005
+    motion_r2: float = 0.9
     # Fraction of the peak that defines the arrival time.
     arrival_fraction: float = 0.3
     # The ICA is the widest artery: its core has at least this radius (mm).
@@ -127,10 +136,14 @@ def threshold_vessels(
     mask &= contrast > params.contrast_sigmas * noise_sigma(contrast, field)
     if field is not None:
         mask &= field
-    area_px = params.min_area_mm2
-    if pixel_spacing_mm is not None:
-        area_px = params.min_area_mm2 / (pixel_spacing_mm[0] * pixel_spacing_mm[1])
-    return remove_small_objects(mask, max_size=max(int(area_px) - 1, 0))
+    return remove_small_objects(mask, max_size=max(_min_area(pixel_spacing_mm, params) - 1, 0))
+
+
+def _min_area(pixel_spacing_mm: tuple[float, float] | None, params: ClassicalParams) -> int:
+    """Smallest vessel component (pixels)."""
+    if pixel_spacing_mm is None:
+        return int(params.min_area_mm2)
+    return int(params.min_area_mm2 / (pixel_spacing_mm[0] * pixel_spacing_mm[1]))
 
 
 def timing_features(
@@ -274,6 +287,48 @@ def ica_mask(
     return labels == 1 + int(np.argmax(sizes))
 
 
+def motion_course(
+    smoothed: np.ndarray, field: np.ndarray | None, params: ClassicalParams = ClassicalParams()
+) -> np.ndarray | None:
+    """(T,) time course of a misregistration that grows after the mask, or None.
+
+    When the head drifts after the mask, every bone edge of a subtracted run turns
+    into a pair of lobes, one brighter and one darker than the mask, growing with the
+    drift. The bright lobe passes for a vessel that fills late (a "vein"); the dark
+    one cannot be contrast, which only adds attenuation. Pixels of ``smoothed`` (T, H,
+    W) that stay ``params.motion_sigmas`` of their own frame-to-frame noise SDs below
+    zero over the second half of the live frames are such lobes; where they cover at
+    least ``params.motion_min_share`` of the field, the first singular vector of their
+    curves is the drift's course (0 at the mask, frame 0; peak 1). A drift in one
+    direction gives one course for every edge; one that turns is only partly caught.
+    """
+    t = smoothed.shape[0]
+    if t < 6:
+        return None
+    live = smoothed[1:]
+    steps = np.diff(live, axis=0)
+    noise = 1.4826 * np.median(np.abs(steps - np.median(steps, axis=0)), axis=0) / np.sqrt(2)
+    late = np.median(live[(t - 1) // 2 :], axis=0)
+    dark = late < -params.motion_sigmas * np.maximum(noise, 1e-6)
+    if field is not None:
+        dark &= field
+    area = int(field.sum()) if field is not None else dark.size
+    if dark.sum() < max(params.motion_min_share * area, 10):
+        return None
+    u, _, _ = np.linalg.svd(live[:, dark], full_matrices=False)
+    course = u[:, 0]
+    course = course / course[np.argmax(np.abs(course))]
+    return np.concatenate([[0.0], course])
+
+
+def follows(curves: np.ndarray, course: np.ndarray) -> np.ndarray:
+    """(N,) share of each (T, N) curve's energy that ``course`` explains (R^2 of a
+    fit through zero)."""
+    weight = (course @ curves) / max(float(course @ course), 1e-12)
+    residual = curves - np.outer(course, weight)
+    return 1.0 - (residual**2).sum(axis=0) / np.maximum((curves**2).sum(axis=0), 1e-12)
+
+
 @dataclass(frozen=True)
 class ClassicalResult:
     vessel: np.ndarray
@@ -281,6 +336,9 @@ class ClassicalResult:
     vein: np.ndarray
     # None when the run has no pixel spacing (vessel calibre is then unknown).
     ica: np.ndarray | None = None
+    # Pixels that passed the vessel threshold but followed the misregistration's time
+    # course (0 when the run shows none).
+    moved: int = 0
 
 
 def analyse(
@@ -311,12 +369,21 @@ def analyse(
     vessels, vesselness = vessel_mask(peak, pixel_spacing_mm, params, inside)
     artery = np.zeros(vessels.shape, bool)
     vein = np.zeros(vessels.shape, bool)
+    moved = 0
     if vessels.any():
         smoothed = smoothed_frames(contrast)
-        noise_sd = noise_sigma(smoothed.max(axis=0), inside)
-        is_artery, is_vein = separate(smoothed[:, vessels], times, params, noise_sd)
-        artery[vessels] = is_artery
-        vein[vessels] = is_vein
+        course = motion_course(smoothed, inside, params)
+        if course is not None:
+            edge = np.zeros_like(vessels)
+            edge[vessels] = follows(smoothed[:, vessels], course) > params.motion_r2
+            moved = int(edge.sum())
+            smallest = max(_min_area(pixel_spacing_mm, params) - 1, 0)
+            vessels = remove_small_objects(vessels & ~edge, max_size=smallest)
+        if vessels.any():
+            noise_sd = noise_sigma(smoothed.max(axis=0), inside)
+            is_artery, is_vein = separate(smoothed[:, vessels], times, params, noise_sd)
+            artery[vessels] = is_artery
+            vein[vessels] = is_vein
     ica = None
     if pixel_spacing_mm is not None:
         low, high = params.calibre_vesselness
@@ -326,7 +393,17 @@ def analyse(
             pixel_spacing_mm,
             params.ica_min_radius_mm,
         )
-    return ClassicalResult(vessel=vessels, artery=artery, vein=vein, ica=ica)
+    return ClassicalResult(vessel=vessels, artery=artery, vein=vein, ica=ica, moved=moved)
+
+
+def motion_note(result: ClassicalResult) -> list[str]:
+    """The note a result carries when bone edges of a drifting head were set aside."""
+    if not result.moved:
+        return []
+    return [
+        f"the head moved after the mask: {result.moved} pixels of bone edges that grew "
+        "with the drift are not vessels"
+    ]
 
 
 def classical_av(
