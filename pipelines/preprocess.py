@@ -150,9 +150,10 @@ def normalise_dsa(
     """Contrast of a subtracted run: 0 on the background, about 1 in the densest vessel.
 
     Vessels are dark in subtracted DSA, so contrast = background - value. The
-    background is each frame's median unless given (it absorbs exposure drift between
-    frames; the classical vessel path gives :func:`static_background`); the scale is a high percentile of the MinIP contrast, so dose and
-    detector gain cancel. Values are clipped to [-0.5, 1.5] to bound artefacts.
+    background is each frame's median unless given (it absorbs exposure drift
+    between frames; the classical vessel path gives :func:`static_background`);
+    the scale is a high percentile of the MinIP contrast, so dose and detector
+    gain cancel. Values are clipped to [-0.5, 1.5] to bound artefacts.
     When that finds no contrast, both come from the pixels that change over the run
     only (a field blanked over more than half of the image).
     """
