@@ -100,6 +100,13 @@ def _changing(sample: np.ndarray) -> np.ndarray:
     return sample[:, moving] if moving.any() else sample
 
 
+def _coarse(frames: np.ndarray) -> np.ndarray:
+    """(T, h, w) every n-th pixel of (T, H, W) frames, so that the shorter side keeps
+    about 256: enough for a background and a scale, at a fraction of the cost."""
+    step = max(1, min(frames.shape[1], frames.shape[2]) // 256)
+    return frames[:, ::step, ::step]
+
+
 def static_background(frames: np.ndarray, share: float = 0.1) -> np.ndarray | None:
     """Per-frame background of a subtracted run (T, H, W) from its stillest pixels.
 
@@ -118,10 +125,8 @@ def static_background(frames: np.ndarray, share: float = 0.1) -> np.ndarray | No
     """
     if frames.ndim != 3 or frames.shape[0] < 2:
         return None
-    x = np.asarray(frames, np.float32)
-    step = max(1, min(x.shape[1], x.shape[2]) // 256)
-    grid = x[:, ::step, ::step]
-    sample = grid.reshape(x.shape[0], -1)
+    grid = np.asarray(_coarse(frames), np.float32)
+    sample = grid.reshape(grid.shape[0], -1)
     # Spread of the smoothed frames: noise averages out, a blush (smooth) does not.
     spread = ndimage.gaussian_filter(grid, (0, 2, 2)).std(axis=0).ravel()
     varies = sample.std(axis=0) > 0
@@ -160,8 +165,7 @@ def normalise_dsa(
     if frames.ndim != 3:
         raise PipelineError(f"expected (T, H, W) frames, got shape {frames.shape}")
     x = frames.astype(np.float32, copy=False)
-    step = max(1, min(x.shape[1], x.shape[2]) // 256)
-    sample = x[:, ::step, ::step].reshape(x.shape[0], -1)
+    sample = _coarse(x).reshape(x.shape[0], -1)
     refs = _references(sample, background, scale)
     if scale is None and not (np.isfinite(refs[1]) and refs[1] > 0):
         refs = _references(_changing(sample), background, scale)

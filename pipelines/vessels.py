@@ -136,14 +136,18 @@ def threshold_vessels(
     mask &= contrast > params.contrast_sigmas * noise_sigma(contrast, field)
     if field is not None:
         mask &= field
-    return remove_small_objects(mask, max_size=max(_min_area(pixel_spacing_mm, params) - 1, 0))
+    return _without_specks(mask, pixel_spacing_mm, params)
 
 
-def _min_area(pixel_spacing_mm: tuple[float, float] | None, params: ClassicalParams) -> int:
-    """Smallest vessel component (pixels)."""
-    if pixel_spacing_mm is None:
-        return int(params.min_area_mm2)
-    return int(params.min_area_mm2 / (pixel_spacing_mm[0] * pixel_spacing_mm[1]))
+def _without_specks(
+    mask: np.ndarray, pixel_spacing_mm: tuple[float, float] | None, params: ClassicalParams
+) -> np.ndarray:
+    """``mask`` less its components smaller than ``params.min_area_mm2`` (pixels
+    without a spacing)."""
+    area = params.min_area_mm2
+    if pixel_spacing_mm is not None:
+        area = params.min_area_mm2 / (pixel_spacing_mm[0] * pixel_spacing_mm[1])
+    return remove_small_objects(mask, max_size=max(int(area) - 1, 0))
 
 
 def timing_features(
@@ -235,7 +239,7 @@ def separate(
         strong = curves.max(axis=0) >= params.template_sigmas * noise_sd
         if strong.sum() >= 10:
             labels[strong] = two_means(features[strong])
-    if len(set(labels[labels >= 0].tolist())) < 2:
+    if np.unique(labels[labels >= 0]).size < 2:
         labels = two_means(features)
     if np.all(labels == labels[0]):
         return labels == 0, labels == 1
@@ -377,8 +381,7 @@ def analyse(
             edge = np.zeros_like(vessels)
             edge[vessels] = follows(smoothed[:, vessels], course) > params.motion_r2
             moved = int(edge.sum())
-            smallest = max(_min_area(pixel_spacing_mm, params) - 1, 0)
-            vessels = remove_small_objects(vessels & ~edge, max_size=smallest)
+            vessels = _without_specks(vessels & ~edge, pixel_spacing_mm, params)
         if vessels.any():
             noise_sd = noise_sigma(smoothed.max(axis=0), inside)
             is_artery, is_vein = separate(smoothed[:, vessels], times, params, noise_sd)

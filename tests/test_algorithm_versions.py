@@ -182,14 +182,6 @@ def machine() -> str:
     return platform.machine() or "unknown"
 
 
-def recorded_signatures(entry: dict) -> list[dict]:
-    """``[{"machine": ..., "signature": ...}]`` of a table entry (older entries hold one
-    ``signature`` without its machine)."""
-    if "signatures" in entry:
-        return list(entry["signatures"])
-    return [{"machine": "unknown", "signature": entry["signature"]}]
-
-
 def record(table: dict, pipeline: str, versions: list[str], found: Signature) -> None:
     """Record ``found`` for ``versions``: a new version replaces every signature; the same
     version adds this machine's signature where none of this kind of machine is recorded
@@ -204,11 +196,9 @@ def record(table: dict, pipeline: str, versions: list[str], found: Signature) ->
             "signatures": [{"machine": here, "signature": found}],
         }
         return
-    kept = recorded_signatures(entry)
-    if any(not differences(k["signature"], found) for k in kept):
-        table[pipeline] = {"versions": versions, "signatures": kept}
-        return
-    if all(k["machine"] != here for k in kept):
+    kept = list(entry["signatures"])
+    new = all(differences(k["signature"], found) for k in kept)
+    if new and all(k["machine"] != here for k in kept):
         kept.append({"machine": here, "signature": found})
     table[pipeline] = {"versions": versions, "signatures": kept}
 
@@ -230,7 +220,7 @@ def test_output_changes_come_with_a_new_algorithm_version(
         RECORDED.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     recorded = table.get(pipeline)
     assert recorded is not None, f"record {pipeline!r} (ANGIO_RECORD_SIGNATURES=1)"
-    changes = [differences(k["signature"], found) for k in recorded_signatures(recorded)]
+    changes = [differences(k["signature"], found) for k in recorded["signatures"]]
     changed = min(changes, key=len)
     if changed:
         assert versions != recorded["versions"], (
