@@ -16,6 +16,11 @@ preprocessing, tiling and post-processing are included, on:
   model or threshold was fitted to (the shipping gate's own family B cases
   start at 0, so these are not the cases a package was selected on).
 
+Each run also records the result's verdict (``pipelines.quality``: ok, low
+confidence, failed; "refused" when the pipeline raised) and its reasons, and the
+section tabulates the primary metric by verdict: whether a reader who trusts the
+"ok" results is told the truth.
+
 Metrics per run: ``dsa_av`` M-Dice (artery and vein pooled) with A-Dice and
 V-Dice; ``dsa_ia`` artery Dice; ``dsa_perfusion`` Tmax and MTT mean absolute
 error over the interior of the perfusion reference regions, the ICA mask's
@@ -320,6 +325,11 @@ FAILED = {
 }
 
 
+# The verdict of a run the pipeline refused (PipelineError): no result at all.
+REFUSED = "refused"
+VERDICTS = ("ok", "low_confidence", "failed", REFUSED)
+
+
 def _relative(path: str | None) -> str | None:
     if path is None:
         return None
@@ -345,9 +355,13 @@ def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
             "xa_coronary": lambda: coronary_metrics(result, case),
             "rotational_dla": lambda: rotational_metrics(result, case),
         }[pipeline]()
+        quality = result.quality
+        verdict = "ok" if quality is None else quality.verdict.value
+        reasons = [] if quality is None else list(quality.reasons)
     except PipelineError as exc:
         error = str(exc)
         metrics = dict(FAILED[pipeline])
+        verdict, reasons = REFUSED, [error]
     row: dict[str, Any] = {
         "pipeline": pipeline,
         "family": case.family,
@@ -357,6 +371,8 @@ def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 2),
         "metrics": metrics,
         "error": error,
+        "verdict": verdict,
+        "reasons": reasons,
     }
     if case.level is not None:
         row["contrast_hu"] = case.level
@@ -483,6 +499,7 @@ def tables(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
                     + " | ".join(cells)
                     + f" | {delta} |"
                 )
+        lines.append(verdicts(rows, pipeline, methods))
         if pipeline == "rotational_dla":
             levels = sorted({r["contrast_hu"] for r in rows if r["pipeline"] == pipeline})
             lines.append(
@@ -505,6 +522,45 @@ def tables(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
                     )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def verdicts(rows: list[dict[str, Any]], pipeline: str, methods: list[str]) -> str:
+    """Markdown: per family and method, how many runs got each verdict and the primary
+    metric's mean over the runs of each (whether the verdict tells the good results from
+    the bad ones). Runs measured before verdicts were recorded are left out."""
+    primary = PRIMARY[pipeline]
+    head = (
+        f"\nVerdicts (`pipelines.quality`) and `{primary}` by verdict: runs, mean "
+        f"`{primary}` over them [range]:\n\n| family | method | "
+        + " | ".join(v.replace("_", " ") for v in VERDICTS)
+        + " |\n|"
+        + "---|" * (2 + len(VERDICTS))
+    )
+    lines = [head]
+    for family in FAMILIES:
+        for method in methods:
+            rs = [
+                r
+                for r in rows
+                if (r["pipeline"], r["family"], r["method"]) == (pipeline, family, method)
+                and "verdict" in r
+            ]
+            if not rs:
+                continue
+            cells = []
+            for verdict in VERDICTS:
+                v = [r["metrics"][primary] for r in rs if r["verdict"] == verdict]
+                v = [x for x in v if np.isfinite(x)]
+                n = sum(1 for r in rs if r["verdict"] == verdict)
+                cells.append(
+                    "0"
+                    if n == 0
+                    else f"{n}: {np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
+                    if v
+                    else f"{n}: n/a"
+                )
+            lines.append(f"| {FAMILY_NAMES[family]} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 DOC = ROOT / "docs" / "generalization.md"

@@ -289,6 +289,23 @@ def test_projection_is_cone_beam():
 # --- the bench ------------------------------------------------------------------------------
 
 
+def test_verdict_table_counts_runs_and_means_by_verdict():
+    """The primary metric per verdict: counts, mean and range; a run measured before
+    verdicts were recorded is left out."""
+    from bench import generalization
+
+    def row(seed, dice, verdict=None):
+        r = {"pipeline": "rotational_dla", "family": "B", "method": "classical", "seed": seed}
+        r["metrics"] = {"dice": dice, "sensitivity": 0.0, "ppv": 0.0}
+        return r if verdict is None else {**r, "verdict": verdict}
+
+    rows = [row(1, 0.8, "ok"), row(2, 0.6, "ok"), row(3, 0.0, "low_confidence")]
+    rows += [row(4, 0.0, "refused"), row(5, 0.9)]
+    table = generalization.verdicts(rows, "rotational_dla", ["classical"])
+    assert "| B | classical | 2: 0.700 [0.600, 0.800] | 1: 0.000 [0.000, 0.000] | 0 | 1: " in table
+    assert generalization.verdicts(rows[4:], "rotational_dla", ["classical"]) == ""
+
+
 def test_bench_generalization_quick_smoke(tmp_path):
     """``python -m bench.generalization --quick`` runs every pipeline on both families,
     writes per-run JSON with CIs; one package exercises the packaged path."""
@@ -316,6 +333,10 @@ def test_bench_generalization_quick_smoke(tmp_path):
     text = generalization.tables(data["summary"], data["runs"])
     for p in generalization.PIPELINES:
         assert f"`{p}`" in text
+    # every run carries its result's verdict (or 'refused'), and the tables count them
+    assert all(r["verdict"] in generalization.VERDICTS for r in data["runs"])
+    assert all(r["reasons"] for r in data["runs"] if r["verdict"] != "ok")
+    assert text.count("Verdicts (`pipelines.quality`)") == len(generalization.PIPELINES)
     # the same runs in two parts (--only ... --out), merged with --combine
     parts = []
     for i, pipes in enumerate(
