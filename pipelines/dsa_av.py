@@ -51,7 +51,9 @@ NAME = "dsa_av"
 # 0.3.3: the timing clusters from curves ten noise SDs high (faint pixels had
 # taken the early cluster).
 # 0.4.0: bone edges of a head that drifted after the mask are not vessels.
-VERSION = "0.4.0"
+# 0.4.1: the artery and vein timing overlap is measured; above 20 % the verdict is low
+# confidence (labels unchanged).
+VERSION = "0.4.1"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
@@ -95,9 +97,11 @@ class DsaArteryVein:
         meta = run.meta
         notes: list[str] = []
         field = exposed_field(run.pixels, meta)
+        overlap = None
         if ctx.model_package is None:
             result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm, field=field)
             notes += motion_note(result)
+            overlap = result.timing_overlap
             if meta.frame_times_s is None:
                 notes.append("no frame timing: frame order used for artery/vein timing")
             masks = {"artery": result.artery, "vein": result.vein}
@@ -153,7 +157,7 @@ class DsaArteryVein:
                 av_rendering(image, masks, algorithm),
             ],
             notes=notes,
-            quality=dsa_quality(run.pixels, segmentation.masks, field, meta.subtracted),
+            quality=dsa_quality(run.pixels, segmentation.masks, field, meta.subtracted, overlap),
         )
 
 

@@ -44,7 +44,9 @@ NAME = "dsa_ia"
 # 0.3.3: the timing clusters from curves ten noise SDs high (faint pixels had
 # taken the early cluster).
 # 0.4.0: bone edges of a head that drifted after the mask are not vessels.
-VERSION = "0.4.0"
+# 0.4.1: the artery and vein timing overlap is measured; above 20 % the verdict is low
+# confidence (labels unchanged).
+VERSION = "0.4.1"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
@@ -77,9 +79,11 @@ class DsaIntracranialArteries:
         notes: list[str] = []
         vessel: np.ndarray | None
         field = exposed_field(run.pixels, meta)
+        overlap = None
         if ctx.model_package is None:
             result = analyse(run.pixels, meta.frame_times_s, meta.pixel_spacing_mm, field=field)
             notes += motion_note(result)
+            overlap = result.timing_overlap
             vessel, artery = result.vessel, result.artery
             algorithm = AlgorithmInfo(NAME, VERSION, "classical")
             masks, segments = np.stack([vessel, artery]), [VESSEL_SEGMENT, ARTERY_SEGMENT]
@@ -121,7 +125,7 @@ class DsaIntracranialArteries:
                 vessel_rendering(image, vessel, artery, algorithm),
             ],
             notes=notes,
-            quality=dsa_quality(run.pixels, masks, field, meta.subtracted),
+            quality=dsa_quality(run.pixels, masks, field, meta.subtracted, overlap),
         )
 
 
