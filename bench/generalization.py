@@ -344,6 +344,7 @@ def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
 
     start = time.perf_counter()
     error = None
+    judged: dict[str, Any] = {}
     try:
         result = pipelines.get(pipeline)(
             case.run, PipelineContext(device="cpu", model_package=method.package)
@@ -355,13 +356,15 @@ def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
             "xa_coronary": lambda: coronary_metrics(result, case),
             "rotational_dla": lambda: rotational_metrics(result, case),
         }[pipeline]()
-        quality = result.quality
-        verdict = "ok" if quality is None else quality.verdict.value
-        reasons = [] if quality is None else list(quality.reasons)
+        # A result without a quality assessment has no verdict: the verdict table
+        # leaves it out.
+        if result.quality is not None:
+            quality = result.quality
+            judged = {"verdict": quality.verdict.value, "reasons": list(quality.reasons)}
     except PipelineError as exc:
         error = str(exc)
         metrics = dict(FAILED[pipeline])
-        verdict, reasons = REFUSED, [error]
+        judged = {"verdict": REFUSED, "reasons": [error]}
     row: dict[str, Any] = {
         "pipeline": pipeline,
         "family": case.family,
@@ -371,8 +374,7 @@ def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 2),
         "metrics": metrics,
         "error": error,
-        "verdict": verdict,
-        "reasons": reasons,
+        **judged,
     }
     if case.level is not None:
         row["contrast_hu"] = case.level
@@ -549,16 +551,14 @@ def verdicts(rows: list[dict[str, Any]], pipeline: str, methods: list[str]) -> s
                 continue
             cells = []
             for verdict in VERDICTS:
-                v = [r["metrics"][primary] for r in rs if r["verdict"] == verdict]
-                v = [x for x in v if np.isfinite(x)]
-                n = sum(1 for r in rs if r["verdict"] == verdict)
-                cells.append(
-                    "0"
-                    if n == 0
-                    else f"{n}: {np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
-                    if v
-                    else f"{n}: n/a"
-                )
+                of = [r["metrics"][primary] for r in rs if r["verdict"] == verdict]
+                v = [x for x in of if np.isfinite(x)]
+                if not of:
+                    cells.append("0")
+                elif v:
+                    cells.append(f"{len(of)}: {np.mean(v):.3f} [{min(v):.3f}, {max(v):.3f}]")
+                else:
+                    cells.append(f"{len(of)}: n/a")
             lines.append(f"| {FAMILY_NAMES[family]} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 1 else ""
 

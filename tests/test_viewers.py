@@ -425,7 +425,8 @@ def _overlay_on(
             first_load = failed("first-load")
             grey = load()
         try:
-            wait_for(what + (" after Reset" if reset else " on a second load"), coloured, 90, 1)
+            again = (what + " after Reset", 30) if reset else (what + " on a second load", 90)
+            wait_for(again[0], coloured, timeout=again[1], every=1)
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}; first load: {first_load}; this load: {failed('FAILED')}"
