@@ -163,16 +163,25 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
             base[key] = value
 
 
-def _session() -> requests.Session:
-    """A session whose reads retry when Orthanc closed a kept-alive connection.
+#: POSTs to Orthanc that are safe to send twice: storing an instance Orthanc
+#: already has is a no-op, and a lookup is a read.
+IDEMPOTENT_POSTS = ("/instances", "/tools/lookup", "/tools/find")
+READS = frozenset({"GET", "HEAD"})
+READS_AND_POSTS = READS | {"POST"}
 
-    Orthanc may close an idle keep-alive connection just as the next GET goes
-    out on it ('RemoteDisconnected'); a polling test then failed on a request
-    that never reached Orthanc. Idempotent reads are retried (urllib3's Retry);
-    a refused connection is not, so a dead Orthanc still fails at once.
+
+def _session(methods: frozenset[str] = READS) -> requests.Session:
+    """A session whose idempotent requests retry when Orthanc closed a kept-alive connection.
+
+    Orthanc (1.10 has no keep-alive timeout setting) may close an idle
+    keep-alive connection just as the next request goes out on it
+    ('RemoteDisconnected'); a test then failed on a request that never reached
+    Orthanc (a GET while polling; once a POST /instances in CI). Requests that
+    are safe to repeat are retried (urllib3's Retry); a refused connection is
+    not, so a dead Orthanc still fails at once.
     """
     session = requests.Session()
-    retry = Retry(total=2, connect=0, read=2, status=0, allowed_methods={"GET", "HEAD"})
+    retry = Retry(total=2, connect=0, read=2, status=0, allowed_methods=methods)
     session.mount("http://", HTTPAdapter(max_retries=retry))
     return session
 
@@ -189,6 +198,7 @@ class OrthancProcess:
     with_plugin: bool
     proc: subprocess.Popen[bytes] | None = None
     session: requests.Session = field(default_factory=_session)
+    idempotent_session: requests.Session = field(default_factory=lambda: _session(READS_AND_POSTS))
 
     @property
     def http_url(self) -> str:
@@ -206,7 +216,9 @@ class OrthancProcess:
         return self.session.get(self.http_url + path, timeout=kw.pop("timeout", 30), **kw)
 
     def post(self, path: str, **kw: Any) -> requests.Response:
-        return self.session.post(self.http_url + path, timeout=kw.pop("timeout", 30), **kw)
+        """POST to Orthanc; one of ``IDEMPOTENT_POSTS`` is retried on a dropped connection."""
+        session = self.idempotent_session if path in IDEMPOTENT_POSTS else self.session
+        return session.post(self.http_url + path, timeout=kw.pop("timeout", 30), **kw)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -266,6 +278,8 @@ class OrthancProcess:
         finally:
             self.session.close()
             self.session = _session()
+            self.idempotent_session.close()
+            self.idempotent_session = _session(READS_AND_POSTS)
 
     def restart(self, timeout: float = 30.0) -> OrthancProcess:
         """Stop and start again with the same config, storage and ports."""
