@@ -68,7 +68,9 @@ NAME = "rotational_dla"
 # 1.3.0: porous bone (thin septa around marrow or air cells) is bone
 # 1.3.1: the soft tissue around the vessels is measured (VESSELSOFT): vessels with
 # little of it are low confidence (the labels are 1.3.0's)
-VERSION = "1.3.1"
+# 1.4.0: a seeded vessel piece that is not tubular on average is bone, as an unseeded
+# one already was (a thin skull-base bone seeded by a few tubular voxels)
+VERSION = "1.4.0"
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
 BODY_HU = -400.0
@@ -246,7 +248,8 @@ CLASSICAL_DEFAULTS: dict[str, Any] = {
     # Vessel seeds: tubeness above v_seed, at least seed_gap_mm from thick bone.
     "v_seed": 0.5,
     "seed_gap_mm": 1.5,
-    # Dense regions reached by no seed are vessel when tubular on average.
+    # A vessel piece (seeded, or dense and reached by no seed) is vessel when
+    # tubular on average; else bone.
     "v_unassigned": 0.2,
     # Tube scales (Gaussian sigma, mm): the smallest visible branch to the ICA.
     "scales_mm": (0.45, 0.8, 1.4),
@@ -673,6 +676,8 @@ def classical_tissues(
        vessel. A watershed on the gradient magnitude assigns every dense
        voxel to one of them, so a vessel touching bone is cut where the
        intensity changes (or halfway, where it does not), whichever is brighter.
+       Each connected vessel piece, seeded or reached by no seed, stays vessel
+       only when tubular on average (``v_unassigned``); otherwise it is bone.
     4. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
        ``lumen_fraction`` of the lumen contrast measured on the seeds; specks
        under ``min_vessel_mm3`` go.
@@ -737,16 +742,21 @@ def _classical_labels(
     vessel, bone = basins == 1, basins == 2
     rest = dense & (basins == 0)
     del basins
-    if rest.any():
-        # Leftover parts (dense, reached by no seed) are vessel when tubular on average.
-        parts, count = ndi.label(rest, structure=FULL)
+    # Every vessel piece, seeded or not, is vessel when tubular on average. The leftover
+    # parts (dense, reached by no seed) need it; so do seeded ones: a few tubular
+    # voxels in a thin skull-base bone (neither thick nor porous) seed the watershed,
+    # which then fills the whole bone.
+    pieces = vessel | rest
+    del rest, dense
+    if pieces.any():
+        parts, count = ndi.label(pieces, structure=FULL)
         sums = np.zeros(count + 1)
         sizes = np.zeros(count + 1, np.int64)
         # Tubeness once more, at these voxels only: holding it for every dense voxel
         # through the watershed would take up to 4 bytes a voxel of the volume.
-        tube = tubeness_in_slabs(hx, level, scale, rest, step, scales)
-        for z, values in _dense_chunks(rest, tube):
-            of_part = parts[z][rest[z]]
+        tube = tubeness_in_slabs(hx, level, scale, pieces, step, scales)
+        for z, values in _dense_chunks(pieces, tube):
+            of_part = parts[z][pieces[z]]
             sums += np.bincount(of_part, weights=values, minlength=count + 1)
             sizes += np.bincount(of_part, minlength=count + 1)
         tubular = sums > p["v_unassigned"] * np.maximum(sizes, 1)
@@ -754,10 +764,10 @@ def _classical_labels(
         for z0 in range(0, hx.shape[0], SLAB):
             z = slice(z0, z0 + SLAB)
             is_tubular = tubular[parts[z]]
-            vessel[z] |= is_tubular
-            bone[z] |= rest[z] & ~is_tubular
+            vessel[z] = is_tubular
+            bone[z] |= pieces[z] & ~is_tubular
         del parts, tube
-    del rest, dense
+    del pieces
     radius = max(1, int(round(p["local_mm"] / step)))
     lumen = float(np.percentile(hx[vessel_seed], 95)) if vessel_seed.any() else float(hx.max())
     del vessel_seed
