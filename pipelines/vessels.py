@@ -408,10 +408,11 @@ def analyse(
             vessels = _without_specks(vessels & ~edge, pixel_spacing_mm, params)
         if vessels.any():
             noise_sd = noise_sigma(smoothed.max(axis=0), inside)
-            is_artery, is_vein = separate(smoothed[:, vessels], times, params, noise_sd)
+            curves = smoothed[:, vessels]
+            is_artery, is_vein = separate(curves, times, params, noise_sd)
             artery[vessels] = is_artery
             vein[vessels] = is_vein
-            overlap = timing_overlap(smoothed[:, vessels], times, is_artery, is_vein)
+            overlap = timing_overlap(curves, times, is_artery, is_vein)
     ica = None
     if pixel_spacing_mm is not None:
         low, high = params.calibre_vesselness
@@ -421,7 +422,9 @@ def analyse(
             pixel_spacing_mm,
             params.ica_min_radius_mm,
         )
-    return ClassicalResult(vessels, artery, vein, ica, moved, overlap)
+    return ClassicalResult(
+        vessel=vessels, artery=artery, vein=vein, ica=ica, moved=moved, timing_overlap=overlap
+    )
 
 
 def motion_note(result: ClassicalResult) -> list[str]:
