@@ -16,7 +16,9 @@ from scipy import ndimage as ndi
 from pipelines.base import PipelineContext, Run, RunMeta, SegmentationOutput
 from pipelines.coronary import (
     NAME,
+    TOPHAT_PX,
     CoronarySegmentation,
+    chest_shifts,
     classical_vessels,
     hysteresis,
     normalise_cine,
@@ -227,6 +229,58 @@ def test_a_run_filling_from_its_first_frame_has_no_device_frames() -> None:
     assert pre_contrast_frames(with_counts([1200] * 12)) == 0
     assert pre_contrast_frames(with_counts([0] * 12)) == 0
     assert pre_contrast_frames(with_counts([300, 1200] + [1200] * 10)) == 0  # one frame
+
+
+def chest_run(frames: int = 16, size: int = 96) -> tuple[np.ndarray, ...]:
+    """Contrast from the first frame to the last: a vessel moving with the heart, and a
+    lead denser than it lying on ribs (wide bands in two directions), both of which
+    breathing moves 0.7 px down and 0.35 px right a frame. (stored values, vessel
+    truth, lead truth, (T, 2) chest position)"""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.empty((frames, size, size), np.float32)
+    vessel = np.zeros((frames, size, size), bool)
+    lead = np.zeros_like(vessel)
+    moves = np.zeros((frames, 2))
+    for t in range(frames):
+        moves[t] = 0.7 * t, 0.35 * t
+        y, x = yy - moves[t, 0], xx - moves[t, 1]
+        ribs = 150.0 * (np.sin(y / 7.0 + x / 15.0) > 0.5) + 120.0 * (
+            np.sin(x / 8.0 - y / 20.0) > 0.6
+        )
+        lead[t] = np.abs(y - (0.3 * x + 20)) < 1.0
+        centre = size * 0.6 + 4 * np.sin(2 * np.pi * t / 6)
+        vessel[t] = (np.abs(xx - centre) < 2.5) & (yy > 30)
+        noise = rng.normal(0, 15.0, (size, size))
+        out[t] = 1600.0 + 3.0 * xx + ribs - 500.0 * lead[t] - 420.0 * vessel[t] + noise
+    return out, vessel, lead, moves
+
+
+def test_chest_shifts_follow_the_ribs_not_the_heart() -> None:
+    """The chest's shift comes from what is wider than a lumen: breathing is found to a
+    fifth of a pixel, and a run whose ribs hold still has none, however its vessel
+    moves (the shift of the thin structures, tried first, followed the heart there)."""
+    frames, _, _, moves = chest_run()
+    cine = normalise_cine(frames)
+    shifts = chest_shifts(ndi.grey_opening(cine, size=(1, TOPHAT_PX, TOPHAT_PX)), None, 1.0)
+    assert np.abs(shifts - (moves[len(moves) // 2] - moves)).max() < 0.2
+    still, _ = synthetic_cine()
+    cine = normalise_cine(still)
+    shifts = chest_shifts(ndi.grey_opening(cine, size=(1, TOPHAT_PX, TOPHAT_PX)), None, 1.0)
+    assert not shifts.any()
+
+
+def test_a_lead_moving_with_the_chest_is_taken_out_without_frames_before_the_contrast() -> None:
+    """With contrast in every frame there are no frames before it to find the lead in
+    (version 2.2.0: 4,568 lead pixels kept, vessel IoU 0.52). Static once the frames
+    are aligned by the chest's shift, it is taken out, and the vessel, moving with the
+    heart, stays."""
+    frames, vessel, lead, _ = chest_run()
+    masks, _ = classical_vessels(frames)
+    assert pre_contrast_frames(masks) == 0
+    near_lead = ndi.binary_dilation(lead, structure=np.ones((1, 5, 5))) & ~vessel
+    assert (masks & near_lead).sum() < 0.02 * lead.sum()
+    assert iou(masks, vessel) > 0.9
 
 
 def test_classical_path_survives_blanked_collimation() -> None:
