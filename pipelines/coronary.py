@@ -94,7 +94,7 @@ STATIC_PERCENTILE = 10.0
 # SHIFT_MARGIN_PX inside the collimated field, both at 256 px across. Each part of a
 # frame's shift is kept only where it leaves the squared difference of those edges
 # from the reference frame's under CHEST_ACCEPT of what it is without it. A mask pixel
-# where the static part (static_thin) is over CHEST_STATIC_SHARE of what is thin there
+# where the static part (chest_static) is over CHEST_STATIC_SHARE of what is thin there
 # is not contrast (remove_chest_static). Developed on randomised family A seeds
 # 950000-950019 (mean IoU 0.341 -> 0.361; a share of 0.5 gave 0.369 but took 6,170 true
 # vessel pixels from 950008, a panned run with a guidewire in its artery).
@@ -294,20 +294,19 @@ def chest_shifts(wide: np.ndarray, field: np.ndarray | None, scale: float) -> np
     return shifts
 
 
-def static_thin(thin: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """(T, H, W) what is thin in nearly every frame (``STATIC_PERCENTILE`` of ``thin``
-    over the run) in the chest's frame of reference (the frames aligned by ``shifts``,
-    from :func:`chest_shifts`), carried back to where it lies in each frame: ribs'
-    edges, ECG leads, sternal wires and clips that breathing or a pan moves. A vessel
-    fills for part of the run and moves with the heart, so it is not static there."""
+def chest_static(thin: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """(H, W) what is thin in nearly every frame (``STATIC_PERCENTILE`` of ``thin`` over
+    the run) in the chest's frame of reference: the frames aligned by ``shifts`` (from
+    :func:`chest_shifts`) onto the middle frame. Ribs' edges, ECG leads, sternal wires
+    and clips that breathing or a pan moves are static there; a vessel fills for part
+    of the run and moves with the heart, so it is not."""
     aligned = np.stack(
         [ndi.shift(f, s, order=1, mode="nearest") for f, s in zip(thin, shifts, strict=True)]
     )
-    chest = np.percentile(aligned, STATIC_PERCENTILE, axis=0)
+    chest = np.percentile(aligned, STATIC_PERCENTILE, axis=0).astype(np.float32)
     del aligned
     # Widened by a pixel each way: a shift a quarter pixel off leaves no ridge at its side.
-    chest = ndi.grey_dilation(chest, size=(3, 3))
-    return np.stack([ndi.shift(chest, -s, order=1, mode="nearest") for s in shifts])
+    return ndi.grey_dilation(chest, size=(3, 3))
 
 
 def remove_chest_static(
@@ -321,7 +320,7 @@ def remove_chest_static(
     pan moves escape it, and :func:`remove_devices` takes them out only where frames
     before the contrast show them. Here the frames are aligned by
     :func:`chest_shifts`, and a mask pixel where the static part there
-    (:func:`static_thin`) is over ``CHEST_STATIC_SHARE`` of what is thin is taken
+    (:func:`chest_static`, carried back to the frame) is over ``CHEST_STATIC_SHARE`` of what is thin is taken
     out, except what is wider than that static structure there (as in
     :func:`remove_devices`). A run without a chest shift keeps its masks."""
     if field is not None and not field.any():
@@ -334,7 +333,12 @@ def remove_chest_static(
         return masks
     thin = (cine - wide) / noise_sd(cine, scale, field)
     del wide
-    static = masks & (static_thin(thin, shifts) > CHEST_STATIC_SHARE * thin)
+    chest = chest_static(thin, shifts)
+    static = np.zeros_like(masks)
+    for t in range(masks.shape[0]):  # carried back to where it lies in each frame
+        there = ndi.shift(chest, -shifts[t], order=1, mode="nearest")
+        static[t] = masks[t] & (there > CHEST_STATIC_SHARE * thin[t])
+    del thin
     if not static.any():
         return masks
     # As for devices, what is wider than the static structure is kept where it lies on
