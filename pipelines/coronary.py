@@ -228,16 +228,18 @@ def chest_shifts(wide: np.ndarray, field: np.ndarray | None, scale: float) -> np
     frame's, zero where none does.
 
     ``wide`` is the grey opening of the frames: what is wider than a lumen (ribs,
-    spine, diaphragm, heart), so no vessel, wire or lead. Its edges, band-passed by a
-    difference of Gaussians (``CHEST_BAND_PX``: rib edges, not the range
-    compression's slow shading), are windowed smoothly to zero at the frame's edges
-    and ``SHIFT_MARGIN_PX`` inside the collimated field (the blades do not move and
-    would pull every shift to none), and each frame's shift is found by phase
-    correlation to a quarter pixel. A shift is kept only where it brings the frame's
-    edges closer to the reference's than no shift does, by ``CHEST_ACCEPT`` of the
-    squared difference: where the heart, not the chest, moves the edges, or nothing
-    moves, the shift is noise and would carry a vessel filled through the run into
-    the static part."""
+    spine, diaphragm, heart), so no vessel, wire or lead (a vessel wider than the
+    top-hat is in it, and can draw the shift; the path does not find such a vessel
+    either). Its edges, band-passed by a difference of Gaussians (``CHEST_BAND_PX``:
+    rib edges, not the range compression's slow shading), are windowed smoothly to
+    zero at the frame's edges and ``SHIFT_MARGIN_PX`` inside the collimated field
+    (the blades do not move and would pull every shift to none). Each frame's shift
+    is found by phase correlation, then taken apart along the principal directions
+    of the reference's edges; each part is refined to the least squared difference
+    and kept only where it brings the frame's edges closer to the reference's, by
+    ``CHEST_ACCEPT`` of the squared difference without it: where the heart, not the
+    chest, moves the edges, or nothing moves, the shift is noise and would carry a
+    vessel filled through the run into the static part."""
     step = int(scale)
     if step > 1:  # the chest's motion is coarse: found at about 256 px across
         t, h, w = wide.shape
