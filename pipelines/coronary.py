@@ -95,7 +95,7 @@ STATIC_PERCENTILE = 10.0
 # frame's shift is kept only where it leaves the squared difference of those edges
 # from the reference frame's under CHEST_ACCEPT of what it is without it. A mask pixel
 # where the static part (chest_static) is over CHEST_STATIC_SHARE of what is thin there
-# is not contrast (remove_chest_static). Developed on randomised family A seeds
+# is not contrast (chest_static_pixels, remove_chest_static). Developed on randomised family A seeds
 # 950000-950019 (mean IoU 0.341 -> 0.361; a share of 0.5 gave 0.369 but took 6,170 true
 # vessel pixels from 950008, a panned run with a guidewire in its artery).
 CHEST_BAND_PX = (1.0, 8.0)
@@ -181,9 +181,11 @@ def noise_sd(x: np.ndarray, scale: float, field: np.ndarray | None = None) -> np
 
 def classical_response(
     cine: np.ndarray, field: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Frangi vesselness (scaled to the run's strong vessels) and lumen SNR, both (T, H, W),
-    of ``cine``, the run as :func:`normalise_cine` gives it.
+    of ``cine``, the run as :func:`normalise_cine` gives it; and where the top-hat is
+    static in the chest's frame of reference (:func:`chest_static_pixels`, None when
+    the chest holds still), for :func:`remove_chest_static`.
 
     A grey opening of each frame with a ``TOPHAT_PX`` square holds what is wider
     than a lumen (ribs, spine, heart and diaphragm, and their moving edges); what is
@@ -206,8 +208,12 @@ def classical_response(
     scale = max(1.0, min(x.shape[1:]) / 256.0)  # small images: treat as crops
     # x is positive where darker than the frame median, so vessels are ridges here.
     k = int(round(TOPHAT_PX * scale)) | 1
-    thin = (x - ndi.grey_opening(x, size=(1, k, k))) / noise_sd(x, scale, field)
+    wide = ndi.grey_opening(x, size=(1, k, k))
+    thin = (x - wide) / noise_sd(x, scale, field)
+    chest = chest_static_pixels(wide, thin, field, scale)
+    del wide
     residual = thin - np.percentile(thin, STATIC_PERCENTILE, axis=0, keepdims=True)
+    del thin
     if field is not None:
         residual[:, ~field] = 0.0  # behind the blades nothing can fill
     sigmas = [s * scale for s in FRANGI_SIGMAS_PX]
@@ -220,7 +226,7 @@ def classical_response(
     inside = vesselness if field is None else vesselness[:, field]
     ref = float(np.percentile(inside, 99.9))
     snr = ndi.gaussian_filter(residual, (0, 0.7 * scale, 0.7 * scale))
-    return (vesselness / ref if ref > 0 else vesselness), snr
+    return (vesselness / ref if ref > 0 else vesselness), snr, chest
 
 
 def chest_shifts(wide: np.ndarray, field: np.ndarray | None, scale: float) -> np.ndarray:
@@ -311,36 +317,38 @@ def chest_static(thin: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return ndi.grey_dilation(chest, size=(3, 3))
 
 
-def remove_chest_static(
-    masks: np.ndarray, cine: np.ndarray, field: np.ndarray | None = None
-) -> np.ndarray:
-    """``masks`` without what is thin in nearly every frame once the frames are aligned
-    by the chest's shift (``cine``: the run as :func:`normalise_cine` gives it).
+def chest_static_pixels(
+    wide: np.ndarray, thin: np.ndarray, field: np.ndarray | None, scale: float
+) -> np.ndarray | None:
+    """(T, H, W) where what is thin (``thin``, the top-hat in noise units; ``wide``, the
+    grey opening it was taken from) is over ``CHEST_STATIC_SHARE`` static in the
+    chest's frame of reference: :func:`chest_static` carried back to each frame by its
+    :func:`chest_shifts`. None when the chest holds still. It depends on the run only,
+    so tuning the thresholds does not compute it again."""
+    shifts = chest_shifts(wide, field, scale)
+    if not np.abs(shifts).max() >= 0.5:
+        return None
+    chest = chest_static(thin, shifts)
+    static = np.empty(thin.shape, bool)
+    for t in range(thin.shape[0]):  # carried back to where it lies in each frame
+        there = ndi.shift(chest, -shifts[t], order=1, mode="nearest")
+        static[t] = there > CHEST_STATIC_SHARE * thin[t]
+    return static
+
+
+def remove_chest_static(masks: np.ndarray, chest: np.ndarray | None) -> np.ndarray:
+    """``masks`` without what is static once the frames are aligned by the chest's
+    shift (``chest``, from :func:`chest_static_pixels`; None keeps the masks).
 
     The static part of :func:`classical_response` holds still in the detector's frame
     only: ribs' cortical edges, ECG leads and sternal wires that breathing or a table
     pan moves escape it, and :func:`remove_devices` takes them out only where frames
-    before the contrast show them. Here the frames are aligned by
-    :func:`chest_shifts`, and a mask pixel where the static part there
-    (:func:`chest_static`, carried back to the frame) is over ``CHEST_STATIC_SHARE`` of what is thin is taken
-    out, except what is wider than that static structure there (as in
-    :func:`remove_devices`). A run without a chest shift keeps its masks."""
-    if field is not None and not field.any():
-        field = None
-    scale = max(1.0, min(cine.shape[1:]) / 256.0)
-    k = int(round(TOPHAT_PX * scale)) | 1
-    wide = ndi.grey_opening(cine, size=(1, k, k))
-    shifts = chest_shifts(wide, field, scale)
-    if not np.abs(shifts).max() >= 0.5:
+    before the contrast show them. A mask pixel where the static part in the chest's
+    frame is over ``CHEST_STATIC_SHARE`` of what is thin is taken out, except what is
+    wider than that static structure there (as in :func:`remove_devices`)."""
+    if chest is None:
         return masks
-    thin = (cine - wide) / noise_sd(cine, scale, field)
-    del wide
-    chest = chest_static(thin, shifts)
-    static = np.zeros_like(masks)
-    for t in range(masks.shape[0]):  # carried back to where it lies in each frame
-        there = ndi.shift(chest, -shifts[t], order=1, mode="nearest")
-        static[t] = masks[t] & (there > CHEST_STATIC_SHARE * thin[t])
-    del thin
+    static = masks & chest
     if not static.any():
         return masks
     # As for devices, what is wider than the static structure is kept where it lies on
@@ -355,9 +363,8 @@ def remove_chest_static(
     )
     footprint = disk(1 + int(np.percentile(sample, 90)))
     out = masks.copy()
-    for t in range(masks.shape[0]):
-        if static[t].any():
-            out[t] &= ~(static[t] & ~ndi.binary_opening(masks[t], structure=footprint))
+    for t in frames:
+        out[t] &= ~(static[t] & ~ndi.binary_opening(masks[t], structure=footprint))
     return out
 
 
@@ -440,8 +447,8 @@ def classical_vessels(
     (:func:`remove_chest_static`).
     """
     cine = normalise_cine(frames)
-    response, snr = classical_response(cine, field)
-    return vessels_from(response, snr, cine, thresholds, lumen_snr, field), response
+    response, snr, chest = classical_response(cine, field)
+    return vessels_from(response, snr, cine, thresholds, lumen_snr, field, chest), response
 
 
 def vessels_from(
@@ -451,15 +458,16 @@ def vessels_from(
     thresholds: tuple[float, float] = HYSTERESIS,
     lumen_snr: float = LUMEN_SNR,
     field: np.ndarray | None = None,
+    chest: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The vessel masks of :func:`classical_vessels` from the run's response and lumen
-    SNR (:func:`classical_response`) and its ``cine``: hysteresis, the lumen rule, the
-    field, devices (:func:`remove_devices`) and what moves with the chest
-    (:func:`remove_chest_static`) taken out. ``tune-classical`` scores its thresholds
-    through this."""
+    """The vessel masks of :func:`classical_vessels` from the run's response, lumen SNR
+    and chest-static pixels (:func:`classical_response`) and its ``cine``: hysteresis,
+    the lumen rule, the field, devices (:func:`remove_devices`) and what moves with the
+    chest (:func:`remove_chest_static`) taken out. ``tune-classical`` scores its
+    thresholds through this."""
     masks = hysteresis(response, *thresholds) & (snr > lumen_snr)
     masks = masks if field is None else masks & field
-    return remove_chest_static(remove_devices(masks, cine), cine, field)
+    return remove_chest_static(remove_devices(masks, cine), chest)
 
 
 def _pad_to_stride(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -60,8 +60,8 @@ def _coronary(cases: Sequence[Case]) -> dict[str, Any]:
         for high in CORONARY_GRID["high"]:
             for lumen in CORONARY_GRID["lumen_snr"]:
                 ious = []
-                for response, snr, cine, truth in runs:
-                    masks = vessels_from(response, snr, cine, (low, high), lumen)
+                for response, snr, chest, cine, truth in runs:
+                    masks = vessels_from(response, snr, cine, (low, high), lumen, chest=chest)
                     masks = remove_small_components(masks, min_component_px(truth.shape[1:]))
                     ious.append(M.iou(masks, truth))
                 if float(np.mean(ious)) > best_iou:
