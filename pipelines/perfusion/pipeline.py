@@ -52,6 +52,7 @@ from pipelines.perfusion.aif import (
     subtracted_mask_frames,
 )
 from pipelines.perfusion.deconvolution import METHODS, Settings
+from pipelines.perfusion.drift import Drift, remove_drift
 from pipelines.perfusion.figures import aif_figure, color_map
 from pipelines.perfusion.ica import (
     IcaResult,
@@ -102,7 +103,9 @@ NAME = "dsa_perfusion"
 # is a fraction of the densest vessels' opacity, not of a thin artery's AIF.
 # 1.5.0: a region at the large-vessel level wider than the widest vessel
 # (vessel_width_mm) is blush (a hemisphere seen through its full depth), not vessel.
-VERSION = "1.5.0"
+# 1.6.0: head drift after the mask taken out of a subtracted run (drift.py), with
+# its measure (HEADDRIFT) among the quality checks.
+VERSION = "1.6.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
@@ -434,6 +437,8 @@ class Prepared:
     # The time of the first live frame when blank subtracted mask frames before it
     # are kept as the baseline (see ``ica_and_aif``); None when none is kept.
     first_live_s: float | None = None
+    # The head drift after the mask taken out of ``signal`` (``drift.py``), if any.
+    drift: Drift = Drift(0.0)
 
     @classmethod
     def of(
@@ -446,6 +451,11 @@ class Prepared:
     ) -> Prepared:
         timing = uniform_grid(times)
         raw_signal = contrast_signal(frames, meta)
+        sigma = noise_sigma(raw_signal, inside)
+        blank = int(np.sum(times < first_live_s)) if first_live_s is not None else 0
+        raw_signal, drift = remove_drift(
+            raw_signal, sigma, inside, meta.pixel_spacing_mm, start=blank, times_s=times
+        )
         # The grid curves stay lazy (acquired frames and the interpolation
         # matrix): memory follows the run, not the grid (see ``timing.Curves``).
         return cls(
@@ -453,10 +463,11 @@ class Prepared:
             times=times,
             meta=meta,
             timing=timing,
-            sigma=noise_sigma(raw_signal, inside),
+            sigma=sigma,
             signal=Curves(raw_signal, resample_weights(times, timing.grid_s)),
             image=minip(frames),
             first_live_s=first_live_s,
+            drift=drift,
         )
 
 
@@ -561,6 +572,8 @@ class DsaPerfusion:
             prepared.image,
         )
         notes.append(timing.describe())
+        if prepared.drift.course is not None:
+            notes.append(prepared.drift.describe())
         if choice.left_out.any():
             numbers = ", ".join(str(int(i) + 1) for i in np.flatnonzero(choice.left_out))
             notes.append(
@@ -582,7 +595,9 @@ class DsaPerfusion:
         notes.extend(aif.flags)
         if not maps.valid.any():
             raise PipelineError("no pixel inside the exposed field has a perfusion estimate")
-        quality = self._quality(frames, times, timing.grid_s, found, maps, inside, width)
+        quality = self._quality(
+            frames, times, timing.grid_s, found, maps, inside, width, prepared.drift
+        )
         if quality.verdict is Verdict.FAILED:
             raise PipelineError(
                 "perfusion result failed its checks: "
@@ -749,6 +764,7 @@ class DsaPerfusion:
         maps: Maps,
         inside: np.ndarray | None,
         width: float,
+        drift: Drift,
     ) -> Quality:
         """The measures of ``pipelines.perfusion.quality`` for this run."""
         aif = found.aif
@@ -766,6 +782,8 @@ class DsaPerfusion:
                 aif_saturation=ica_share,
                 field_saturation=field_share,
                 misregistration=float((brighter & field).sum()) / max(float(field.sum()), 1.0),
+                drift_share=drift.share,
+                drift_removed=drift.course is not None,
                 brain_share=float(region.sum()) / max(float(field.sum()), 1.0),
                 no_value_share=1.0 - float(maps.valid.sum()) / max(float(region.sum()), 1.0),
                 early_share=maps.early_share,

@@ -20,6 +20,10 @@ meaningless. The bounds are physiology and sampling, not fitted numbers:
   more than 6 noise SD (iodine only darkens: motion between mask and fill;
   noise alone reaches 0.7-2.5 % on motion-free phantom runs, 3 mm of motion
   18 %);
+- head drift: <= 5 % of the exposed field brighter than its mask by more than
+  6 noise SD at the end of the run against its pre-contrast frames. Above it the
+  drift's artefact is taken out (``drift.py``) and the result is low confidence:
+  the estimate is first order and leaves an error while the head moves;
 - brain in view >= 10 % of the exposed field;
 - brain without a value (large vessels, poor fit, out of range) <= 50 %;
   above 90 % the maps say nothing and the result fails (not delivered);
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.base import Code
+from pipelines.perfusion.drift import DRIFT_MIN_SHARE
 from pipelines.quality import NO_UNIT, Check, Quality, Verdict, assess, measure
 
 SECOND = Code("s", "UCUM", "second")
@@ -59,6 +64,8 @@ class Findings:
     aif_saturation: float  # share of ICA samples at the detector limit
     field_saturation: float  # share of the exposed field clipped in some frame
     misregistration: float  # share of the field brighter than the mask
+    drift_share: float  # share of the field brighter than the mask at the end (drift.py)
+    drift_removed: bool  # whether that drift's artefact was taken out
     brain_share: float  # brain / exposed field
     no_value_share: float  # brain pixels without a value
     early_share: float  # estimated brain pixels reached before the AIF
@@ -113,6 +120,16 @@ def assess_perfusion(f: Findings) -> Quality:
             measure("MISREG", "Field brighter than its mask", 100 * f.misregistration),
             "mask and fill frames do not align (motion): subtraction edges bias the maps",
             high=5.0,
+        ),
+        Check(
+            measure("HEADDRIFT", "Field brighter than its mask at the end", 100 * f.drift_share),
+            "head motion after the mask: its subtraction artefact was estimated from the "
+            "last frames and taken out; values near bone edges and while the head moved are "
+            "less certain"
+            if f.drift_removed
+            else "head motion after the mask, whose artefact could not be estimated (no "
+            "pre-contrast frame): subtraction edges bias the maps",
+            high=100 * DRIFT_MIN_SHARE,
         ),
         Check(
             measure("BRAINAREA", "Brain in the exposed field", 100 * f.brain_share),
