@@ -635,6 +635,7 @@ def test_verdicts_from_the_measures():
         misregistration=0.01,
         drift_share=0.01,
         drift_removed=False,
+        drift_left_in="",
         brain_share=0.4,
         no_value_share=0.2,
         early_share=0.02,
@@ -644,8 +645,13 @@ def test_verdicts_from_the_measures():
     assert assess_perfusion(replace(good, aif_tail=0.7)).verdict is Verdict.LOW_CONFIDENCE
     assert assess_perfusion(replace(good, ica_rule="earliest")).verdict is Verdict.LOW_CONFIDENCE
     assert assess_perfusion(replace(good, ica_rule="site")).verdict is Verdict.OK
-    for removed, why in ((True, "taken out"), (False, "could not be estimated")):
-        drift = assess_perfusion(replace(good, drift_share=0.2, drift_removed=removed))
+    for removed, left_in, why in (
+        (True, "", "estimated from the last frames"),
+        (False, "the drift_correction option is off", "left in (the drift_correction"),
+    ):
+        drift = assess_perfusion(
+            replace(good, drift_share=0.2, drift_removed=removed, drift_left_in=left_in)
+        )
         assert drift.verdict is Verdict.LOW_CONFIDENCE and why in drift.reasons[0]
     assert assess_perfusion(replace(good, no_value_share=0.6)).verdict is Verdict.LOW_CONFIDENCE
     empty = assess_perfusion(replace(good, no_value_share=0.95))

@@ -103,8 +103,8 @@ NAME = "dsa_perfusion"
 # is a fraction of the densest vessels' opacity, not of a thin artery's AIF.
 # 1.5.0: a region at the large-vessel level wider than the widest vessel
 # (vessel_width_mm) is blush (a hemisphere seen through its full depth), not vessel.
-# 1.6.0: head drift after the mask taken out of a subtracted run (drift.py), with
-# its measure (HEADDRIFT) among the quality checks.
+# 1.6.0: head drift after the mask measured (HEADDRIFT, among the quality checks),
+# and taken out of a subtracted run with the drift_correction option (drift.py).
 VERSION = "1.6.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
@@ -151,12 +151,14 @@ OPTIONS: dict[str, str] = {
     "of the AIF peak (default 0.05; 0 = off)",
     "vessel_width_mm": "widest vessel the level and contrast rules remove, mm (default 10)",
     "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
+    "drift_correction": "take the artefact of head drift after the mask out of a subtracted "
+    "run (default false; see pipelines.perfusion.drift for what it costs on the unseen family)",
 }
 
 
 def _settings(
     options: Mapping[str, Any],
-) -> tuple[MapSettings, IcaSettings, AifSettings, str, tuple[SiteRule, ...]]:
+) -> tuple[MapSettings, IcaSettings, AifSettings, str, tuple[SiteRule, ...], bool]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise PipelineError(
@@ -184,9 +186,11 @@ def _settings(
     except (TypeError, ValueError) as exc:
         raise PipelineError(f"invalid {NAME} option value: {exc}") from exc
     keep = options.get("keep_largest_ica", True)
-    if not isinstance(keep, bool):
-        raise PipelineError(f"option keep_largest_ica={keep!r}: allowed true or false")
-    return maps, IcaSettings(keep_largest=keep), aif, ica_mode, site_rules
+    drift = options.get("drift_correction", False)
+    for key, value in (("keep_largest_ica", keep), ("drift_correction", drift)):
+        if not isinstance(value, bool):
+            raise PipelineError(f"option {key}={value!r}: allowed true or false")
+    return maps, IcaSettings(keep_largest=keep), aif, ica_mode, site_rules, drift
 
 
 def _device(ctx: PipelineContext, notes: list[str]) -> torch.device:
@@ -448,13 +452,20 @@ class Prepared:
         meta: RunMeta,
         inside: np.ndarray | None,
         first_live_s: float | None = None,
+        drift_correction: bool = False,
     ) -> Prepared:
         timing = uniform_grid(times)
         raw_signal = contrast_signal(frames, meta)
         sigma = noise_sigma(raw_signal, inside)
         blank = int(np.sum(times < first_live_s)) if first_live_s is not None else 0
         raw_signal, drift = remove_drift(
-            raw_signal, sigma, inside, meta.pixel_spacing_mm, start=blank, times_s=times
+            raw_signal,
+            sigma,
+            inside,
+            meta.pixel_spacing_mm,
+            start=blank,
+            times_s=times,
+            apply=drift_correction,
         )
         # The grid curves stay lazy (acquired frames and the interpolation
         # matrix): memory follows the run, not the grid (see ``timing.Curves``).
@@ -503,7 +514,9 @@ class DsaPerfusion:
         # Curves are per pixel; the ICA, field and brain rules need a few pixels
         # around each (the frame count is acquisition_times' to check).
         require_2d_run(run, NAME, 1, min_side=MIN_SIDE)
-        map_settings, ica_settings, aif_settings, ica_mode, site_rules = _settings(ctx.options)
+        map_settings, ica_settings, aif_settings, ica_mode, site_rules, drift_correction = (
+            _settings(ctx.options)
+        )
         notes: list[str] = []
         device = _device(ctx, notes)
         all_frames = run.pixels
@@ -524,7 +537,12 @@ class DsaPerfusion:
             kept = mask_frames.any() and not left_out.any() and live.size > 0
             return self._choose(
                 Prepared.of(
-                    frames, times, run.meta, inside, float(all_times[live[0]]) if kept else None
+                    frames,
+                    times,
+                    run.meta,
+                    inside,
+                    float(all_times[live[0]]) if kept else None,
+                    drift_correction,
                 ),
                 left_out,
                 ctx,
@@ -784,6 +802,7 @@ class DsaPerfusion:
                 misregistration=float((brighter & field).sum()) / max(float(field.sum()), 1.0),
                 drift_share=drift.share,
                 drift_removed=drift.course is not None,
+                drift_left_in=drift.left_in,
                 brain_share=float(region.sum()) / max(float(field.sum()), 1.0),
                 no_value_share=1.0 - float(maps.valid.sum()) / max(float(region.sum()), 1.0),
                 early_share=maps.early_share,

@@ -66,6 +66,7 @@ class Findings:
     misregistration: float  # share of the field brighter than the mask
     drift_share: float  # share of the field brighter than the mask at the end (drift.py)
     drift_removed: bool  # whether that drift's artefact was taken out
+    drift_left_in: str  # why not, when it was over the bound ("" otherwise)
     brain_share: float  # brain / exposed field
     no_value_share: float  # brain pixels without a value
     early_share: float  # estimated brain pixels reached before the AIF
@@ -127,8 +128,8 @@ def assess_perfusion(f: Findings) -> Quality:
             "last frames and taken out; values near bone edges and while the head moved are "
             "less certain"
             if f.drift_removed
-            else "head motion after the mask, whose artefact could not be estimated (no "
-            "pre-contrast frame): subtraction edges bias the maps",
+            else f"head motion after the mask, its artefact left in ({f.drift_left_in}): "
+            "subtraction edges bias the maps",
             high=100 * DRIFT_MIN_SHARE,
         ),
         Check(
