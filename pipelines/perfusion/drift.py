@@ -35,6 +35,16 @@ The pre-contrast frames are found again on the corrected signal (the drift's
 steps can hide the bolus's arrival from ``frames_before_bolus``), and the
 correction redone from them when they differ.
 
+The pipeline measures the drift on every run (``quality.HEADDRIFT``) and takes it
+out only with its ``drift_correction`` option, off by default. On family A runs
+with drift it gives back much of the brain and lowers the MTT and Tmax errors; on
+family B, never used to develop it, it raised them on the runs it corrected
+(``bench.generalization``'s perfusion part at 256 px: Tmax MAE 0.58 -> 0.67 s,
+MTT MAE 1.65 -> 1.83 s, coverage 0.72 -> 0.75; docs/perfusion.md, step 2).
+Why is not established. Family B's drift moves in jumps and non-rigidly while it
+lasts; and contrast still in its vessels at the end of the run would go into the
+pattern as if it were artefact (not measured).
+
 What it cannot take out: drift that does not end where it stops (the course is
 one curve), a movement larger than the fine texture it shifts while it happens
 (the artefact is then not proportional to the course), and non-rigid motion whose

@@ -441,7 +441,8 @@ class Prepared:
     # The time of the first live frame when blank subtracted mask frames before it
     # are kept as the baseline (see ``ica_and_aif``); None when none is kept.
     first_live_s: float | None = None
-    # The head drift after the mask taken out of ``signal`` (``drift.py``), if any.
+    # The head drift after the mask, measured; taken out of ``signal`` with the
+    # drift_correction option (``drift.py``).
     drift: Drift = Drift(0.0)
 
     @classmethod
