@@ -82,6 +82,11 @@ def contrast_signal(frames: np.ndarray, meta: RunMeta) -> np.ndarray:
     return -frames.astype(np.float32, copy=False)
 
 
+def smoothing_gain(sigma_px: float) -> float:
+    """Noise SD after a 2D Gaussian of ``sigma_px`` relative to before."""
+    return min(1.0, 1.0 / (2 * np.sqrt(np.pi) * max(sigma_px, 1e-6)))
+
+
 def noise_sigma(signal: np.ndarray, field: np.ndarray | None = None) -> float:
     """Per-pixel, per-frame noise SD from the frame-to-frame changes (within the
     collimated ``field`` (H, W) when given: behind the blades nothing changes).

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from pipelines.perfusion.aif import frames_before_bolus
+from pipelines.perfusion.aif import frames_before_bolus, smoothing_gain
 
 # Pixels brighter than the mask at the end by this many noise SD of the pattern
 # drive the course (the misregistration check's level, quality.py).
@@ -134,8 +134,7 @@ def _ends(
     raw_difference = signal[signal.shape[0] - late :].mean(axis=0) - raw_reference
     reference = ndimage.gaussian_filter(raw_reference, SMOOTH_PX)
     difference = ndimage.gaussian_filter(raw_difference, SMOOTH_PX)
-    gain = 1.0 / (2 * np.sqrt(np.pi) * SMOOTH_PX)
-    noise = sigma * np.sqrt(1.0 / pre + 1.0 / late) * gain
+    noise = sigma * np.sqrt(1.0 / pre + 1.0 / late) * smoothing_gain(SMOOTH_PX)
     brighter = (difference < -DRIFT_SD * noise) & field
     share = float(brighter.sum()) / max(float(field.sum()), 1.0)
     return raw_difference, reference, difference, brighter, share

@@ -50,7 +50,7 @@ import torch
 from scipy import ndimage
 
 from pipelines.base import PipelineError
-from pipelines.perfusion.aif import Aif
+from pipelines.perfusion.aif import Aif, smoothing_gain
 from pipelines.perfusion.deconvolution import Residues, Settings, deconvolve, smooth_at
 from pipelines.perfusion.quality import MAX_EARLY_BRAIN
 from pipelines.perfusion.timing import Curves
@@ -148,11 +148,6 @@ class Maps:
     brighter: np.ndarray | None = None
 
 
-def _smoothing_gain(sigma_px: float) -> float:
-    """Noise SD after a 2D Gaussian of ``sigma_px`` relative to before."""
-    return min(1.0, 1.0 / (2 * np.sqrt(np.pi) * max(sigma_px, 1e-6)))
-
-
 def tissue_masks(
     conc: np.ndarray | Curves,
     step_s: float,
@@ -220,7 +215,7 @@ def tissue_masks(
     # now 17 %; at 256 px 18 -> 14 %; coverage and errors unchanged within 1 %.)
     per_frame = np.asarray(curves.weights).sum(axis=0) if curves.weights is not None else None
     exact = float(np.linalg.norm(per_frame)) if per_frame is not None else np.sqrt(curves.shape[0])
-    noise = sigma * step_s * exact * _smoothing_gain(sigma_px)
+    noise = sigma * step_s * exact * smoothing_gain(sigma_px)
     enhancing = (smoothed >= settings.brain_snr * noise) & ~vessels
     brighter = ndimage.gaussian_filter(area, sigma_px) <= -settings.brain_snr * noise
     # The brain is one piece together with the vessels that cross it: label the
