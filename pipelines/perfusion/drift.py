@@ -153,15 +153,15 @@ def _estimate(
     sigma: float,
     field: np.ndarray,
     detail_px: float,
-) -> tuple[np.ndarray | None, np.ndarray, float]:
-    """(course, pattern, share) from ``pre`` reference frames after ``start``; the
-    course is None below ``DRIFT_MIN_SHARE``; share 0 when the run is too short."""
+) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
+    """(share, (course, pattern)) from ``pre`` reference frames after ``start``; no
+    course and pattern below ``DRIFT_MIN_SHARE``; share 0 when the run is too short."""
     ends = _ends(signal, start, pre, sigma, field)
     if ends is None:
-        return None, signal[0], 0.0
+        return 0.0, None
     raw_difference, reference, difference, brighter, share = ends
     if share < DRIFT_MIN_SHARE:
-        return None, difference, share
+        return share, None
     # The course from the fine part only: a blush over those pixels is smooth and
     # would pull it down while it lasts. Per frame the median of the ratios at the
     # pixels where the pattern's fine part is strongest: the vessels crossing them
@@ -182,7 +182,7 @@ def _estimate(
     # Subtracted as measured: smoothed, the pattern would leave the sharp part of
     # every edge (a third of the artefact on the unit test's skull).
     pattern = raw_difference - smooth + np.minimum(smooth, 0.0)
-    return course, pattern.astype(np.float32), share
+    return share, (course, pattern.astype(np.float32))
 
 
 def _bolus_after(signal: np.ndarray, course: np.ndarray, pattern: np.ndarray) -> int:
@@ -219,16 +219,18 @@ def remove_drift(
     pre = max(1, frames_before_bolus(signal[start:]))
     if not apply:
         return signal, Drift(_share(signal, start, pre, sigma, inside), left_in=OFF)
-    course, pattern, share = _estimate(signal, start, pre, sigma, inside, detail_px)
-    if course is None:
+    share, found = _estimate(signal, start, pre, sigma, inside, detail_px)
+    if found is None:
         return signal, Drift(share)
+    course, pattern = found
     again = _bolus_after(signal[start:], course[start:], pattern)
     if again < MIN_STILL_FRAMES:
         return signal, Drift(share, left_in=UNSTILL)
     if again != pre:
-        course, pattern, share = _estimate(signal, start, again, sigma, inside, detail_px)
-        if course is None:
+        share, found = _estimate(signal, start, again, sigma, inside, detail_px)
+        if found is None:
             return signal, Drift(share)
+        course, pattern = found
         pre = again
     if np.abs(course[start : start + pre]).max() > MAX_STILL_COURSE:
         return signal, Drift(share, left_in=UNSTILL)
