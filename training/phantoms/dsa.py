@@ -184,6 +184,7 @@ def generate(
     snr_reference: str = "artery",
     noise: bool = True,
     motion_mm: float = 0.0,
+    motion_kind: str = "drift",
     view: str | None = None,
     venous_delay_s: float | None = None,
     lesion: bool | None = None,
@@ -219,6 +220,9 @@ def generate(
         motion_mm: in-plane head drift after the mask, mm (0 = none); leaves
             skull-edge misregistration in the subtraction (truth in the mask's
             geometry, later frames displaced by ``truth['motion_px']``).
+        motion_kind: "drift" (smooth, rigid, one direction) or "jerks" (one to
+            three quick moves in their own directions, a tremor, and soft tissue
+            that stretches on a course of its own: ``physics.motion_track``).
         view: "lateral" or "ap"; None draws one from the seed (3:1 lateral).
         venous_delay_s: superior sagittal sinus peak minus ICA peak, 1-10 s;
             None draws it from the seed.
@@ -274,6 +278,10 @@ def generate(
     )
     if venous_delay_s is None:
         venous_delay_s = float(rng.uniform(3.5, 5.5)) if app is None else app.venous_delay_s
+    if motion_kind not in physics.MOTION_KINDS:
+        raise PhantomOptionError(
+            f"motion_kind must be one of {physics.MOTION_KINDS}, got {motion_kind!r}"
+        )
     if not 1.0 <= venous_delay_s <= 10.0:
         raise PhantomOptionError(f"venous_delay_s must be 1-10 s, got {venous_delay_s}")
     if app is not None:
@@ -375,15 +383,19 @@ def generate(
     mu_iodine = physics.MU_IODINE * (1.0 if app is None else app.iodine_scale)
     attenuation = background[None] + mu_iodine * iodine
 
-    motion = physics.motion_track(times, motion_mm, np.random.default_rng([seed, 0x30]))
+    motion = physics.motion_track(
+        times, motion_mm, np.random.default_rng([seed, 0x30]), motion_kind
+    )
     centre = ((n - 1) / 2.0, (n - 1) / 2.0)
     if app is not None:
         # The head moved between the mask and the fill: the live frames keep the
         # truth's geometry, the mask is displaced (skull-edge misregistration).
-        motion[0] = app.misregistration
+        motion[0, :3] = app.misregistration
     for k in range(0 if app is not None else 1, len(times)):
         shift = (motion[k, 0] / spacing, motion[k, 1] / spacing)
-        attenuation[k] = physics.warp(attenuation[k], shift, float(motion[k, 2]), centre)
+        attenuation[k] = physics.warp(
+            attenuation[k], shift, float(motion[k, 2]), centre, float(motion[k, 3])
+        )
 
     ica_mask = art_img.cover[1]
     ica_c = ica_mask  # on the stored (cropped) grid
@@ -513,6 +525,7 @@ def generate(
         "snr": snr if noisy else None,
         "snr_reference": snr_reference,
         "motion_mm": motion_mm,
+        "motion_kind": motion_kind,
         "view": view,
         "venous_delay_s": venous_delay_s,
         "lesion": lesion,
@@ -722,6 +735,6 @@ def _truth(
         "device": device_mask,
         "diameter_mm": np.maximum(art_img.diameter_mm, vein_img.diameter_mm),
         "tissue_path_mm": dro.path_mm,
-        "motion_px": np.c_[motion[:, :2] / spacing, motion[:, 2]].astype(np.float32),
+        "motion_px": np.c_[motion[:, :2] / spacing, motion[:, 2:]].astype(np.float32),
         **maps,
     }

@@ -116,24 +116,61 @@ def native_values(counts: np.ndarray, gain: float) -> np.ndarray:
     return np.clip(np.rint(counts * gain), 0, NATIVE_MAX).astype(np.uint16)
 
 
-def motion_track(times_s: np.ndarray, amplitude_mm: float, rng: np.random.Generator) -> np.ndarray:
-    """Rigid in-plane head motion per frame: (T, 3) = (row mm, column mm, rotation deg).
+MOTION_KINDS = ("drift", "jerks")
 
-    The head is still for the mask, then drifts smoothly (a patient relaxing,
-    swallowing, or reacting to the contrast) to about ``amplitude_mm``.
+
+def motion_track(
+    times_s: np.ndarray, amplitude_mm: float, rng: np.random.Generator, kind: str = "drift"
+) -> np.ndarray:
+    """In-plane head motion per frame: (T, 4) = (row mm, column mm, rotation deg,
+    stretch), the stretch a relative change of scale along the rows about the centre.
+
+    The head is still for the mask, then
+
+    - ``"drift"``: drifts smoothly (a patient relaxing, or reacting to the contrast)
+      to about ``amplitude_mm``, rigidly, in one direction;
+    - ``"jerks"``: moves in one to three jerks of 0.1-0.5 s each (a swallow, a cough,
+      a start at the contrast's warmth), each in its own direction, about
+      ``amplitude_mm`` in all; the soft tissue of the face and neck does not follow
+      the skull: a stretch along the rows (up to half of ``amplitude_mm`` at the
+      field's edge, for a field of 230 mm) with a course of its own, and a tremor
+      of 5 % of ``amplitude_mm`` in every frame after the first jerk.
     """
-    out = np.zeros((len(times_s), 3))
+    if kind not in MOTION_KINDS:
+        raise ValueError(f"motion kind must be one of {MOTION_KINDS}, got {kind!r}")
+    out = np.zeros((len(times_s), 4))
     if amplitude_mm <= 0:
         return out
-    start = rng.uniform(0.1, 0.5) * times_s[-1]
-    ramp = np.clip((times_s - start) / max(rng.uniform(1.0, 4.0), 1e-3), 0.0, 1.0)
-    ramp = ramp * ramp * (3 - 2 * ramp)
-    direction = rng.normal(size=2)
-    direction /= np.linalg.norm(direction)
-    out[:, :2] = amplitude_mm * ramp[:, None] * direction
-    out[:, 2] = rng.uniform(-1, 1) * amplitude_mm * 0.4 * ramp  # about 0.4 deg per mm
+    if kind == "drift":
+        start = rng.uniform(0.1, 0.5) * times_s[-1]
+        ramp = _smoothstep((times_s - start) / max(rng.uniform(1.0, 4.0), 1e-3))
+        direction = rng.normal(size=2)
+        direction /= np.linalg.norm(direction)
+        out[:, :2] = amplitude_mm * ramp[:, None] * direction
+        out[:, 2] = rng.uniform(-1, 1) * amplitude_mm * 0.4 * ramp  # about 0.4 deg per mm
+        out[0] = 0.0
+        return out
+    count = int(rng.integers(1, 4))
+    starts = np.sort(rng.uniform(0.1, 0.8, count)) * times_s[-1]
+    shares = rng.dirichlet(np.ones(count))
+    for start, share in zip(starts, shares, strict=True):
+        ramp = _smoothstep((times_s - start) / rng.uniform(0.1, 0.5))
+        direction = rng.normal(size=2)
+        direction /= np.linalg.norm(direction)
+        out[:, :2] += amplitude_mm * share * ramp[:, None] * direction
+        out[:, 2] += rng.uniform(-1, 1) * amplitude_mm * share * 0.4 * ramp
+    moving = times_s >= starts[0]
+    out[:, :2] += 0.05 * amplitude_mm * rng.normal(size=(len(times_s), 2)) * moving[:, None]
+    stretch_start = rng.uniform(0.1, 0.8) * times_s[-1]
+    stretch = _smoothstep((times_s - stretch_start) / rng.uniform(0.3, 3.0))
+    out[:, 3] = rng.uniform(-0.5, 0.5) * amplitude_mm / 115.0 * stretch
     out[0] = 0.0
     return out
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
 
 
 def warp(
@@ -141,17 +178,19 @@ def warp(
     shift_rc_px: tuple[float, float],
     rot_deg: float,
     centre_rc: tuple[float, float],
+    stretch: float = 0.0,
 ) -> np.ndarray:
-    """Rotate about ``centre_rc`` then shift, with linear interpolation (edge values kept)."""
-    if shift_rc_px == (0.0, 0.0) and rot_deg == 0.0:
+    """Stretch the rows by ``1 + stretch`` and rotate, about ``centre_rc``, then shift,
+    with linear interpolation (edge values kept)."""
+    if shift_rc_px == (0.0, 0.0) and rot_deg == 0.0 and stretch == 0.0:
         return image
-    if rot_deg == 0.0:
+    if rot_deg == 0.0 and stretch == 0.0:
         return _shift_linear(_shift_linear(image, shift_rc_px[0], 0), shift_rc_px[1], 1)
     th = np.deg2rad(rot_deg)
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     c = np.asarray(centre_rc)
-    # output(o) = input(R^-1 (o - c - s) + c)
-    inv = rot.T
+    # output(o) = input(A^-1 (o - c - s) + c), A = R diag(1 + stretch, 1)
+    inv = np.diag([1.0 / (1.0 + stretch), 1.0]) @ rot.T
     offset = c - inv @ (c + np.asarray(shift_rc_px))
     return ndimage.affine_transform(image, inv, offset=offset, order=1, mode="nearest")
 

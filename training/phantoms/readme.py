@@ -25,7 +25,7 @@ On the image grid (H, W), pixel spacing at the isocentre `pixel_spacing_mm`
 | ttp | float32 | s from the first frame to the peak of the noise-free tissue curve (10 ms grid), NaN outside |
 | tissue_path_mm | float32 | perfused brain along each ray; tissue signal = 0.45/mm x path x C(t) |
 | dro_interior | bool | DRO pixels whose tissue signal comes from one region only (borders blend over ~1.5 mm); score perfusion here |
-| motion_px | float32 (T, 3) | displacement of each frame from the truth's geometry: rows, columns (px), rotation (deg) |
+| motion_px | float32 (T, 4) | displacement of each frame from the truth's geometry: rows, columns (px), rotation (deg), stretch along the rows about the centre (relative; non-zero for `motion_kind="jerks"` only) |
 | field | bool | exposed field inside the collimator shutter (all True without one) |
 | overlay | bool | burned-in text and markers (all False without them) |
 
