@@ -33,14 +33,18 @@ def _bolus(rng: np.random.Generator, times: np.ndarray) -> np.ndarray:
     return 20.0 * course[:, None, None] * blush + 60.0 * course[:, None, None] * vessel
 
 
-def _run(drift_px: float, seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signal, true artefact, true course): the anatomy shifted by a drift that starts
-    at 8 s and ends at 10 s, minus the mask, plus a bolus and noise."""
+def _run(
+    drift_px: float, seed: int = 3, course: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signal, true artefact, true course): the anatomy shifted by a drift (by default
+    one that starts at 8 s and ends at 10 s; the bolus arrives at 3 s), minus the mask,
+    plus a bolus and noise."""
     rng = np.random.default_rng(seed)
     anatomy = _texture(rng)
     times = np.arange(FRAMES) * 0.5
-    ramp = np.clip((times - 8.0) / 2.0, 0.0, 1.0)
-    course = ramp * ramp * (3 - 2 * ramp)
+    if course is None:
+        ramp = np.clip((times - 8.0) / 2.0, 0.0, 1.0)
+        course = ramp * ramp * (3 - 2 * ramp)
     mask = anatomy[8:-8, 8:-8]
     artefact = np.stack(
         [
@@ -69,6 +73,20 @@ def test_a_drift_after_the_mask_is_taken_out():
     assert (left[after] < 0.2 * before[after]).all()
     assert left[moving].sum() < 0.5 * before[moving].sum()
     assert "half its extent at 9.0 s" in drift.describe()
+
+
+def test_a_head_that_moved_before_the_bolus_is_taken_out_against_the_frames_before():
+    """The head moves at 1-2 s, the bolus arrives at 3 s: the artefact is measured
+    against the frames before the head moved, not against every pre-contrast frame."""
+    times = np.arange(FRAMES) * 0.5
+    ramp = np.clip(times - 1.0, 0.0, 1.0)
+    signal, artefact, course = _run(drift_px=1.0, course=ramp * ramp * (3 - 2 * ramp))
+    corrected, drift = remove_drift(signal, 1.0, None, (0.4, 0.4), times_s=times)
+    assert drift.course is not None and drift.pre_contrast == 3  # 0, 0.5 and 1 s
+    assert np.abs(drift.course - course).max() < 0.15
+    left = np.sqrt(((corrected - (signal - artefact)) ** 2).mean(axis=(1, 2)))
+    before = np.sqrt((artefact**2).mean(axis=(1, 2)))
+    assert (left[course >= 0.99] < 0.2 * before[course >= 0.99]).all()
 
 
 def test_a_run_without_drift_is_left_as_it_is():

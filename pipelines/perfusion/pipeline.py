@@ -105,7 +105,10 @@ NAME = "dsa_perfusion"
 # (vessel_width_mm) is blush (a hemisphere seen through its full depth), not vessel.
 # 1.6.0: head drift after the mask measured (HEADDRIFT, among the quality checks),
 # and taken out of a subtracted run with the drift_correction option (drift.py).
-VERSION = "1.6.0"
+# 1.6.1: the drift_correction option measures the drift against the earliest still
+# stretch of pre-contrast frames, so a head that moved before the bolus is taken
+# out too (the default path's output is 1.6.0's).
+VERSION = "1.6.1"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
