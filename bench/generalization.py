@@ -104,14 +104,27 @@ QUICK = Config(
 class Method:
     label: str
     package: str | None  # None: the classical path
+    options: tuple[tuple[str, Any], ...] = ()  # the pipeline's options for this method
+
+
+# Options that are off by default but change a pipeline's results: each is measured
+# beside the default classical path on the same runs, so that the reason it is off
+# stays on record (and a reason to turn it on would show).
+OPTION_VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "dsa_perfusion": [{"drift_correction": True}],
+}
 
 
 MODELS = [ROOT / "models"]  # where packages are looked for (``--models``)
 
 
 def methods_for(pipeline: str, extra: dict[str, list[str]]) -> list[Method]:
-    """The classical path, every package in ``models/`` for ``pipeline``, then ``extra``."""
+    """The classical path, its option variants (``OPTION_VARIANTS``), every package in
+    ``models/`` for ``pipeline``, then ``extra``."""
     out = [Method("classical", None)]
+    for options in OPTION_VARIANTS.get(pipeline, []):
+        label = ", ".join(f"{k}={json.dumps(v)}" for k, v in options.items())
+        out.append(Method(f"classical, {label}", None, tuple(options.items())))
     for pkg in sorted(MODELS[0].glob("*/package.json")):
         meta = json.loads(pkg.read_text())
         if meta.get("pipeline") == pipeline:
@@ -347,7 +360,10 @@ def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
     judged: dict[str, Any] = {}
     try:
         result = pipelines.get(pipeline)(
-            case.run, PipelineContext(device="cpu", model_package=method.package)
+            case.run,
+            PipelineContext(
+                device="cpu", model_package=method.package, options=dict(method.options)
+            ),
         )
         metrics: dict[str, float] = {
             "dsa_av": lambda: av_metrics(result, case),

@@ -330,6 +330,18 @@ def test_bench_generalization_quick_smoke(tmp_path):
         s for s in data["summary"] if s["pipeline"] == "dsa_av" and s["method"] == "dsa_av-tiny"
     ]
     assert packaged and all("vs_classical" in s for s in packaged)
+    # an option that is off by default is measured beside the default, on the same runs
+    variant = [
+        s
+        for s in data["summary"]
+        if s["pipeline"] == "dsa_perfusion" and s["method"] == "classical, drift_correction=true"
+    ]
+    assert variant and all("vs_classical" in s for s in variant)
+    # and reaches the pipeline (a value it refuses is refused with its reason)
+    case = next(generalization.dsa_cases("B", [generalization.B_SEED0], generalization.QUICK, True))
+    odd = generalization.Method("odd", None, (("drift_correction", "maybe"),))
+    row = generalization.score("dsa_perfusion", case, odd)
+    assert row["verdict"] == generalization.REFUSED and "drift_correction" in row["error"]
     text = generalization.tables(data["summary"], data["runs"])
     for p in generalization.PIPELINES:
         assert f"`{p}`" in text
