@@ -234,7 +234,6 @@ def test_motion_leaves_skull_edge_artefacts():
     assert np.abs(late).max() > 200
 
 
-
 def test_a_jerking_head_moves_in_steps_and_stretches_on_a_course_of_its_own():
     times = np.arange(80) * 0.25
     track = physics.motion_track(times, 2.0, np.random.default_rng(4), "jerks")
@@ -242,7 +241,9 @@ def test_a_jerking_head_moves_in_steps_and_stretches_on_a_course_of_its_own():
     steps = np.hypot(*np.diff(track[:, :2], axis=0).T)
     assert steps.max() > 0.3  # mm between two frames 0.25 s apart: a jerk
     assert 1.0 < np.hypot(*track[-1, :2]) < 3.0
-    assert track[-1, 3] != 0 and np.flatnonzero(track[:, 3])[0] != np.flatnonzero(steps > 0.3)[0] + 1
+    assert (
+        track[-1, 3] != 0 and np.flatnonzero(track[:, 3])[0] != np.flatnonzero(steps > 0.3)[0] + 1
+    )
     drift = physics.motion_track(times, 2.0, np.random.default_rng(4))
     assert not drift[:, 3].any() and np.hypot(*np.diff(drift[:, :2], axis=0).T).max() < 0.3
     with pytest.raises(ValueError, match="motion kind"):
@@ -251,6 +252,7 @@ def test_a_jerking_head_moves_in_steps_and_stretches_on_a_course_of_its_own():
         dsa.generate(9, size=64, frames=4, motion_mm=2.0, motion_kind="wobble")
     moved = dsa.generate(9, size=64, frames=12, noise=False, motion_mm=2.0, motion_kind="jerks")
     assert moved.truth["motion_px"].shape == (12, 4) and moved.options["motion_kind"] == "jerks"
+
 
 def test_options_are_checked():
     with pytest.raises(PhantomOptionError):

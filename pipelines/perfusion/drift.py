@@ -42,13 +42,17 @@ from the run:
 
 The pipeline measures the drift on every run (``quality.HEADDRIFT``) and takes it
 out only with its ``drift_correction`` option, off by default. On family A runs
-with drift it gives back much of the brain and lowers the MTT and Tmax errors; on
-family B, never used to develop it, it raised them on the runs it corrected
-(``bench.generalization``'s perfusion part at 256 px: Tmax MAE 0.58 -> 0.67 s,
-MTT MAE 1.65 -> 1.83 s, coverage 0.72 -> 0.75; docs/perfusion.md, step 2).
-Why is not established. Family B's drift moves in jumps and non-rigidly while it
-lasts; and contrast still in its vessels at the end of the run would go into the
-pattern as if it were artefact (not measured).
+with drift it gives back much of the brain and lowers the MTT and Tmax errors on
+average, with a smooth drift (``dsa.generate(motion_kind="drift")``) and with one
+that jerks (``"jerks"``: steps in their own directions, soft tissue stretching on a
+course of its own), though on the latter not on every run. On family B, never used
+to develop it, it gives back brain but raises the timing errors
+(``bench.generalization``'s perfusion part at 256 px, 1.6.1: 5 of 10 runs
+corrected, coverage 0.72 -> 0.79, Tmax MAE 0.58 -> 0.67 s, MTT MAE 1.65 -> 1.83 s;
+BENCHMARKS.md, docs/perfusion.md step 2). Why is not established. Late contrast in
+the pattern is not the main error on family A: on the five randomised family A runs
+with 1.5 mm of drift that it corrects, the pattern's error correlates with the fine
+part of the contrast left at the end at r = 0.08-0.27.
 
 What it cannot take out: drift that does not end where it stops (the course is
 one curve), a movement larger than the fine texture it shifts while it happens
