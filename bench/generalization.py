@@ -470,12 +470,25 @@ def _find(summary, pipeline, family, method, metric, level=None):
     return None
 
 
+# What a pipeline's metrics measure, where the name does not say it.
+METRIC_NOTES = {
+    "dsa_perfusion": (
+        "`tmax_mae_s`, `mtt_mae_s`: mean absolute error over the DRO pixels whose signal "
+        "comes from one region only and that get a value; `coverage`: the share of those "
+        "pixels that get one (pixels under large vessels get none by design, so it stays "
+        "below 1 on a perfect run); `ica_dice`: the ICA mask (the classical rule's or the "
+        "package's) against the true ICA; "
+        "`aif_precision`: the share of the AIF region inside the true ICA."
+    ),
+}
+
+
 def tables(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """Markdown: one table per pipeline, family B first."""
     metrics = {
         "dsa_av": ["m_dice", "a_dice", "v_dice"],
         "dsa_ia": ["a_dice"],
-        "dsa_perfusion": ["tmax_mae_s", "mtt_mae_s", "ica_dice", "aif_precision"],
+        "dsa_perfusion": ["tmax_mae_s", "mtt_mae_s", "coverage", "ica_dice", "aif_precision"],
         "xa_coronary": ["iou", "dice"],
         "rotational_dla": ["dice", "sensitivity", "ppv"],
     }
@@ -492,8 +505,9 @@ def tables(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
         head = (
             f"#### `{pipeline}`\n\nmean ± SD [95 % CI]; n = runs (refused runs score 0 Dice/IoU "
             "and no error value); Δ = paired difference from the classical "
-            f"path on the same runs in `{primary}` ({better} is better).\n\n"
-            "| family | method | n | failures | "
+            f"path on the same runs in `{primary}` ({better} is better)."
+            + (f" {METRIC_NOTES[pipeline]}" if pipeline in METRIC_NOTES else "")
+            + "\n\n| family | method | n | failures | "
             + " | ".join(f"`{m}`" for m in metrics[pipeline])
             + f" | Δ `{primary}` vs classical |\n|"
             + "---|" * (5 + len(metrics[pipeline]))
