@@ -361,11 +361,24 @@ def remove_chest_static(masks: np.ndarray, chest: np.ndarray | None) -> np.ndarr
             for t in frames[:: max(1, len(frames) // 12)]
         ]
     )
-    footprint = disk(1 + int(np.percentile(sample, 90)))
+    footprint = _width_footprint(sample)
     out = masks.copy()
     for t in frames:
-        out[t] &= ~(static[t] & ~ndi.binary_opening(masks[t], structure=footprint))
+        out[t] = _without(masks[t], static[t], footprint)
     return out
+
+
+def _width_footprint(distances: np.ndarray) -> np.ndarray:
+    """A disk wider than a structure whose pixels lie ``distances`` from its edge (the
+    90th percentile, plus one)."""
+    return disk(1 + int(np.percentile(distances, 90)))
+
+
+def _without(mask: np.ndarray, structure: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """``mask`` without ``structure``, except where the mask is wider than
+    ``footprint`` (it survives an opening by it): a vessel filled around a guidewire,
+    or crossing a lead, stays; a thinner one crossing it loses those pixels only."""
+    return mask & ~(structure & ~ndi.binary_opening(mask, structure=footprint))
 
 
 def pre_contrast_frames(masks: np.ndarray) -> int:
@@ -415,8 +428,7 @@ def remove_devices(masks: np.ndarray, cine: np.ndarray) -> np.ndarray:
     template = device.astype(np.float32)
     # What is wider than the device is kept where it lies on it: a vessel filled around
     # its guidewire, a vessel crossing a lead.
-    radius = 1 + int(np.percentile(ndi.distance_transform_edt(device)[device], 90))
-    footprint = disk(radius)
+    footprint = _width_footprint(ndi.distance_transform_edt(device)[device])
     reference = np.fft.fft2(cine[k - 1])  # what phase_cross_correlation computes per call
     out = masks.copy()
     for t in range(masks.shape[0]):
@@ -425,7 +437,7 @@ def remove_devices(masks: np.ndarray, cine: np.ndarray) -> np.ndarray:
         there = ndi.binary_dilation(
             ndi.shift(template, -shift, order=0) > 0.5, iterations=tolerance
         )
-        out[t] &= ~(there & ~ndi.binary_opening(masks[t], structure=footprint))
+        out[t] = _without(masks[t], there, footprint)
     return out
 
 
