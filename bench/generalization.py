@@ -106,6 +106,12 @@ class Method:
     package: str | None  # None: the classical path
     options: tuple[tuple[str, Any], ...] = ()  # the pipeline's options for this method
 
+    def context(self) -> Any:
+        """The ``PipelineContext`` this method runs the pipeline with (on the CPU)."""
+        from pipelines.base import PipelineContext
+
+        return PipelineContext(device="cpu", model_package=self.package, options=dict(self.options))
+
 
 # Options that are off by default but change a pipeline's results: each is measured
 # beside the default classical path on the same runs, so that the reason it is off
@@ -353,18 +359,13 @@ def _relative(path: str | None) -> str | None:
 def score(pipeline: str, case: Case, method: Method) -> dict[str, Any]:
     """One run through the pipeline's entry point, scored; refusals are recorded."""
     import pipelines
-    from pipelines.base import PipelineContext, PipelineError
+    from pipelines.base import PipelineError
 
     start = time.perf_counter()
     error = None
     judged: dict[str, Any] = {}
     try:
-        result = pipelines.get(pipeline)(
-            case.run,
-            PipelineContext(
-                device="cpu", model_package=method.package, options=dict(method.options)
-            ),
-        )
+        result = pipelines.get(pipeline)(case.run, method.context())
         metrics: dict[str, float] = {
             "dsa_av": lambda: av_metrics(result, case),
             "dsa_ia": lambda: ia_metrics(result, case),

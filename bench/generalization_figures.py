@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bench.generalization import B_SEED0, ROOT, Method, methods_for
+from pipelines.base import PipelineError
 
 IMG = ROOT / "docs" / "img" / "generalization"
 REAL = Path(os.environ.get("ANGIO_REAL_DATA", "/work/shared/data/real"))
@@ -77,12 +78,9 @@ def _grid(rows: list[list[Image.Image]], path: Path) -> Path:
 
 def _run(pipeline: str, run: Any, method: Method) -> Any:
     import pipelines
-    from pipelines.base import PipelineContext, PipelineError
 
     try:
-        return pipelines.get(pipeline)(
-            run, PipelineContext(device="cpu", model_package=method.package)
-        )
+        return pipelines.get(pipeline)(run, method.context())
     except PipelineError as exc:
         return exc
 
@@ -182,7 +180,13 @@ def dsa_figures(extra: dict[str, list[str]], side: int, quick: bool, out: Path) 
             tmax = maps["tmax"]
             valid = tmax.valid if tmax.valid is not None else np.ones(tmax.values.shape, bool)
             row.append(_panel(_tmax_rgb(tmax.values, valid, vmax), f"{method.label}: Tmax", side))
-            ica = _ica_mask(run, method.package)
+            try:
+                ica = _ica_mask(run, method.package)
+            except PipelineError:
+                # The border rule found none; the pipeline took a later rule (earliest
+                # artery, site), whose mask is not rebuilt here (as in the tables).
+                row.append(_panel(base, f"{method.label}: ICA not at the border", side))
+                continue
             row.append(_panel(_overlay(base, [ica], [YELLOW]), f"{method.label}: ICA", side))
         perf_rows.append(row)
     return [

@@ -44,11 +44,12 @@ SEED0 = {"A": 900_000, "Ar": 900_000, "B": 700_000}
 NAMES = {"A": "A (held out)", "Ar": "A randomised (held out)", "B": "B (evaluation only)"}
 
 
-def methods(classical_only: bool) -> list[tuple[str, str | None]]:
-    """(label, package folder or None): the classical path, then each package."""
+def methods(classical_only: bool) -> list[Any]:
+    """``bench.generalization.Method``s: the classical path, then its option variants
+    (off by default) and each package, as ``bench.generalization`` measures them."""
     from bench.generalization import methods_for
 
-    found = [(m.label, m.package) for m in methods_for("dsa_perfusion", {})]
+    found = methods_for("dsa_perfusion", {})
     return found[:1] if classical_only else found
 
 
@@ -68,11 +69,14 @@ def case(family: str, seed: int, size: int) -> tuple[Any, dict[str, np.ndarray]]
     return p.to_run(), p.truth
 
 
-def score(run: Any, truth: dict[str, np.ndarray], package: str | None = None) -> dict[str, Any]:
+def score(run: Any, truth: dict[str, np.ndarray], method: Any = None) -> dict[str, Any]:
+    """One run scored; ``method``: a ``bench.generalization.Method`` (None: the
+    classical path with its defaults)."""
     from pipelines.base import ParametricMapOutput, PipelineContext, PipelineError, get
 
+    context = PipelineContext() if method is None else method.context()
     try:
-        result = get("dsa_perfusion")(run, PipelineContext(model_package=package))
+        result = get("dsa_perfusion")(run, context)
     except PipelineError as exc:
         return {"outcome": "refused", "reason": str(exc)}
     maps = {o.key: o for o in result.outputs if isinstance(o, ParametricMapOutput)}
@@ -151,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     details: list[str] = []
     todo = methods(args.classical_only)
     for family in args.families.split(","):
-        rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in todo}
+        rows: dict[str, list[dict[str, Any]]] = {m.label: [] for m in todo}
         for seed in range(SEED0[family], SEED0[family] + args.cases):
             run, truth = case(family, seed, args.size)
-            for label, package in todo:
-                row = score(run, truth, package)
+            for method in todo:
+                label = method.label
+                row = score(run, truth, method)
                 rows[label].append(row)
                 text = (
                     f"coverage {100 * row['coverage']:.1f} %, {row['verdict']}, rule {row['rule']}"
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 details.append(f"- {NAMES[family]} seed {seed}, {label}: {text}")
                 print(details[-1], flush=True)
-        lines.extend(summary(family, label, rows[label]) for label, _ in todo)
+        lines.extend(summary(family, m.label, rows[m.label]) for m in todo)
     seconds = time.monotonic() - t0
     body = (
         "`python -m bench.perfusion_quality` "
@@ -178,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "regions or the field); "
         "impossible = pixels with a negative CBF, CBV or "
         "MTT, or an MTT, Tmax or TTP beyond the run (target 0). No reference run: these are "
-        "absolute figures of the classical path and of each `dsa_perfusion` package in "
-        f"`models/` ({', '.join(label for label, _ in todo[1:]) or 'none'}) on the same runs."
+        "absolute figures of the classical path, of its options that are off by default "
+        "and of each `dsa_perfusion` package in `models/` "
+        f"({', '.join(m.label for m in todo[1:]) or 'none'}) on the same runs."
         "\n\n"
         "| family | method | runs with maps | coverage (%) mean ± SD | runs >= 90 % | coverage, only "
         f"vessels >= {LARGE_MM:g} mm left out (%) | values off the perfused brain (%) | "

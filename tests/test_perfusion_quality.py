@@ -713,21 +713,27 @@ def test_when_no_rule_passes_the_aif_with_the_least_brain_before_it_stays(monkey
 
 
 def test_the_coverage_benchmark_scores_the_classical_path_and_each_package(capsys):
-    """``bench.perfusion_quality`` measures what a site runs: the classical path and
-    every ``dsa_perfusion`` package in ``models/``, on the same runs."""
+    """``bench.perfusion_quality`` measures what a site runs: the classical path, its
+    options that are off by default, and every ``dsa_perfusion`` package in
+    ``models/``, on the same runs."""
     from bench import perfusion_quality
-    from bench.generalization import ROOT
+    from bench.generalization import ROOT, Method
 
     packages = sorted(
         p.parent.name
         for p in (ROOT / "models").glob("*/package.json")
         if '"dsa_perfusion"' in p.read_text()
     )
-    assert [label for label, _ in perfusion_quality.methods(False)] == ["classical", *packages]
-    assert perfusion_quality.methods(True) == [("classical", None)]
+    expected = ["classical", "classical, drift_correction=true", *packages]
+    assert [m.label for m in perfusion_quality.methods(False)] == expected
+    assert perfusion_quality.methods(True) == [Method("classical", None)]
     perfusion_quality.main(["--cases", "1", "--size", "128", "--families", "A", "--no-write"])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| A ")]
-    assert [row.split(" | ")[1] for row in table] == ["classical", *packages]
+    assert [row.split(" | ")[1] for row in table] == expected
+    # the option reaches the pipeline: a value it refuses is refused with the reason
+    run, truth = perfusion_quality.case("A", 900_000, 64)
+    odd = perfusion_quality.score(run, truth, Method("odd", None, (("drift_correction", 1),)))
+    assert odd["outcome"] == "refused" and "drift_correction" in odd["reason"]
     for row in table:
         assert row.split(" | ")[2] == "1 / 1" and row.split(" | ")[7] == "0"  # no impossible value
 
