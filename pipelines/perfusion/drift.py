@@ -166,8 +166,8 @@ def _estimate(
     detail_px: float,
 ) -> tuple[float, tuple[np.ndarray, np.ndarray] | None]:
     """(share, (course, pattern)) against the ``pre`` reference frames from ``first``,
-    the course from ``start`` on; no
-    course and pattern below ``DRIFT_MIN_SHARE``; share 0 when the run is too short."""
+    the course from frame ``start`` on; no course and pattern below
+    ``DRIFT_MIN_SHARE``; share 0 when the run is too short."""
     ends = _ends(signal, first, pre, sigma, field)
     if ends is None:
         return 0.0, None
