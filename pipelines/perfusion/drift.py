@@ -52,7 +52,10 @@ corrected, coverage 0.72 -> 0.79, Tmax MAE 0.58 -> 0.67 s, MTT MAE 1.65 -> 1.83 
 BENCHMARKS.md, docs/perfusion.md step 2). Why is not established. Late contrast in
 the pattern is not the main error on family A: on the five randomised family A runs
 with 1.5 mm of drift that it corrects, the pattern's error correlates with the fine
-part of the contrast left at the end at r = 0.08-0.27.
+part of the contrast left at the end at r = 0.08-0.27 (approximately: the same seed
+without drift is not an exact twin). What changes on the jerking development runs
+it makes worse is the AIF: on the corrected signal the ICA rules take another
+structure (docs/perfusion.md, step 2).
 
 What it cannot take out: drift that does not end where it stops (the course is
 one curve), a movement larger than the fine texture it shifts while it happens
