@@ -306,6 +306,18 @@ def test_verdict_table_counts_runs_and_means_by_verdict():
     assert generalization.verdicts(rows[4:], "rotational_dla", ["classical"]) == ""
 
 
+def test_bench_generalization_quick_pictures(tmp_path):
+    """``--pictures-only --quick`` draws every pipeline's family B picture, also where
+    the classical ICA rule finds no vessel at the border (seed 700001 at this size;
+    until 2026-12-04 that stopped the pictures)."""
+    from bench import generalization
+
+    argv = ["--pictures-only", "--quick", "--pictures-dir", str(tmp_path)]
+    assert generalization.main(argv) == 0
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert {f"{p}_family_b.png" for p in generalization.PIPELINES} <= names
+
+
 def test_bench_generalization_quick_smoke(tmp_path):
     """``python -m bench.generalization --quick`` runs every pipeline on both families,
     writes per-run JSON with CIs; one package exercises the packaged path."""
