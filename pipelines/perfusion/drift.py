@@ -47,15 +47,15 @@ average, with a smooth drift (``dsa.generate(motion_kind="drift")``) and with on
 that jerks (``"jerks"``: steps in their own directions, soft tissue stretching on a
 course of its own), though on the latter not on every run. On family B, never used
 to develop it, it gives back brain but raises the timing errors
-(``bench.generalization``'s perfusion part at 256 px, 1.6.1: 5 of 10 runs
-corrected, coverage 0.72 -> 0.79, Tmax MAE 0.58 -> 0.67 s, MTT MAE 1.65 -> 1.83 s;
+(``bench.generalization``'s perfusion part at 256 px, 1.6.2: 5 of 10 runs
+corrected, coverage 0.72 -> 0.79, Tmax MAE 0.58 -> 0.68 s, MTT MAE 1.65 -> 1.73 s;
 BENCHMARKS.md, docs/perfusion.md step 2). Why is not established. Late contrast in
 the pattern is not the main error on family A: on the five randomised family A runs
 with 1.5 mm of drift that it corrects, the pattern's error correlates with the fine
 part of the contrast left at the end at r = 0.08-0.27 (approximately: the same seed
-without drift is not an exact twin). What changes on the jerking development runs
-it makes worse is the AIF: on the corrected signal the ICA rules take another
-structure (docs/perfusion.md, step 2).
+without drift is not an exact twin). On the corrected signal the ICA rules took
+another structure for the ICA on jerking development runs, so they look for it in
+the run as measured (``pipeline.ica_and_aif``, since 1.6.2).
 
 What it cannot take out: drift that does not end where it stops (the course is
 one curve), a movement larger than the fine texture it shifts while it happens
