@@ -144,10 +144,7 @@ def motion_track(
     if kind == "drift":
         start = rng.uniform(0.1, 0.5) * times_s[-1]
         ramp = _smoothstep((times_s - start) / max(rng.uniform(1.0, 4.0), 1e-3))
-        direction = rng.normal(size=2)
-        direction /= np.linalg.norm(direction)
-        out[:, :2] = amplitude_mm * ramp[:, None] * direction
-        out[:, 2] = rng.uniform(-1, 1) * amplitude_mm * 0.4 * ramp  # about 0.4 deg per mm
+        out[:, :3] = _rigid_move(amplitude_mm, ramp, rng)
         out[0] = 0.0
         return out
     count = int(rng.integers(1, 4))
@@ -155,10 +152,7 @@ def motion_track(
     shares = rng.dirichlet(np.ones(count))
     for start, share in zip(starts, shares, strict=True):
         ramp = _smoothstep((times_s - start) / rng.uniform(0.1, 0.5))
-        direction = rng.normal(size=2)
-        direction /= np.linalg.norm(direction)
-        out[:, :2] += amplitude_mm * share * ramp[:, None] * direction
-        out[:, 2] += rng.uniform(-1, 1) * amplitude_mm * share * 0.4 * ramp
+        out[:, :3] += _rigid_move(amplitude_mm * share, ramp, rng)
     moving = times_s >= starts[0]
     out[:, :2] += 0.05 * amplitude_mm * rng.normal(size=(len(times_s), 2)) * moving[:, None]
     stretch_start = rng.uniform(0.1, 0.8) * times_s[-1]
@@ -166,6 +160,16 @@ def motion_track(
     out[:, 3] = rng.uniform(-0.5, 0.5) * amplitude_mm / 115.0 * stretch
     out[0] = 0.0
     return out
+
+
+def _rigid_move(amplitude_mm: float, ramp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(T, 3) = (row mm, column mm, rotation deg): a move by ``amplitude_mm`` along
+    ``ramp`` (T,; 0 to 1) in a random direction, with a rotation of up to 0.4 deg
+    per mm."""
+    direction = rng.normal(size=2)
+    direction /= np.linalg.norm(direction)
+    rotation = rng.uniform(-1, 1) * amplitude_mm * 0.4 * ramp
+    return np.c_[amplitude_mm * ramp[:, None] * direction, rotation]
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
