@@ -208,20 +208,17 @@ def _bolus_after(signal: np.ndarray, course: np.ndarray, pattern: np.ndarray) ->
     return frames_before_bolus(signal[(slice(None), *grid)] - course[:, None, None] * pattern[grid])
 
 
-def _still(course: np.ndarray) -> tuple[int, int]:
+def _still(course: np.ndarray) -> tuple[int, int] | None:
     """(first, count): the earliest stretch of at least ``MIN_STILL_FRAMES`` frames of
     ``course`` over which it stays within ``MAX_STILL_COURSE`` of its first frame (the
-    head still, nearest the mask); the longest stretch when none is that long."""
-    best = (0, 0)
+    head still, nearest the mask); None when there is none."""
     first = 0
     for k in range(course.size + 1):
         if k == course.size or abs(float(course[k] - course[first])) > MAX_STILL_COURSE:
             if k - first >= MIN_STILL_FRAMES:
                 return first, k - first
-            if k - first > best[1]:
-                best = (first, k - first)
             first = k
-    return best
+    return None
 
 
 def remove_drift(
@@ -255,10 +252,10 @@ def remove_drift(
         return signal, Drift(share)
     course, pattern = found
     again = _bolus_after(signal[start:], course[start:], pattern)
-    first, still = _still(course[start : start + again])
-    if still < MIN_STILL_FRAMES:
+    stretch = _still(course[start : start + again])
+    if stretch is None:
         return signal, Drift(share, left_in=UNSTILL)
-    first += start
+    first, still = start + stretch[0], stretch[1]
     if (first, still) != (start, pre):
         share, found = _estimate(signal, start, first, still, sigma, inside, detail_px)
         if found is None:
