@@ -268,6 +268,7 @@ def _ica_mask(run: Any, package: str | None) -> np.ndarray:
         "auto",
         IcaSettings(),
         torch.device("cpu"),
+        spacing_mm=run.meta.pixel_spacing_mm,
     )
     return ica.mask
 

@@ -531,6 +531,7 @@ def _ica_mask(run: Run, model: str | None, keep: bool) -> np.ndarray:
         "auto",
         IcaSettings(keep_largest=keep),
         torch.device("cpu"),
+        spacing_mm=run.meta.pixel_spacing_mm,
     )
     return ica.mask
 

@@ -433,6 +433,60 @@ def test_the_earliest_artery_is_not_passed_over_for_a_blush():
     assert (maps(result)["cbf"].valid & perfused).sum() >= 0.75 * perfused.sum()
 
 
+def _vessel_and_blush() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(opacity, arrival, the vessel) at 0.5 mm: a vessel 3 mm wide entering from the
+    bottom at 1.0 s, and beside it a blush 30 mm across entering there at 1.2 s."""
+    yy, xx = np.mgrid[:128, :128]
+    vessel = np.abs(xx - 30) <= 3
+    blush = np.hypot(yy - 110, xx - 90) <= 30
+    opacity = np.where(vessel | blush, 100.0, 0.0)
+    arrival = np.where(vessel, 1.0, 1.2)
+    return opacity, arrival, vessel
+
+
+def test_an_ica_wider_than_an_artery_is_passed_over():
+    """A trunk that holds a disk wider than any artery (10 mm) is blush, or an artery
+    joined to it: the border rule passes over it, the earliest rule tries it after
+    every narrower candidate. Before, the border rule took the blush for the widest
+    vessel at the border, and the earliest rule took it first, as the widest in time."""
+    from pipelines.perfusion.ica import classical_ica
+    from pipelines.perfusion.localise import earliest_artery
+
+    opacity, arrival, vessel = _vessel_and_blush()
+    border = classical_ica(opacity, arrival, 1.0, spacing_mm=(0.5, 0.5))
+    first, second = earliest_artery(opacity, arrival, 1.0, (0.5, 0.5), candidates=2)
+    for found in (border, first):
+        assert found.mask.any() and not (found.mask & ~vessel).any()
+    # The earliest rule keeps the blush as its last candidate, after every narrower one.
+    assert not (second.mask & vessel).any()
+    only_blush = np.where(vessel, 0.0, opacity)
+    with pytest.raises(PipelineError, match=r"wider than an artery \(10 mm\)"):
+        classical_ica(only_blush, arrival, 1.0, spacing_mm=(0.5, 0.5))
+
+
+def test_the_ica_does_not_take_the_brain_out_of_the_maps():
+    """Randomised family A development seed 920015, head drift of 1.5 mm: the border
+    rule's trunk was a dense region of 4,200 mm², a fifth of the perfused
+    brain, which the maps then left out as vessel (coverage 59 %). Passed over as
+    wider than an artery, the ICA comes from the earliest rule, inside the true ICA."""
+    p = dsa.generate(
+        920015, size=256, frames=80, fps=4.0, snr=30.0, snr_reference="tissue",
+        motion_mm=1.5, randomise=True,
+    )  # fmt: skip
+    run = p.to_run()
+    result = process(run)
+    assert_physical(result, run)
+    (rule,) = [n for n in result.notes if n.startswith("ICA by the ")]
+    assert "wider than an artery (10 mm)" in rule, rule
+    (region,) = [o for o in result.outputs if o.key == "aif_region"]
+    assert (region.masks[0] & p.truth["ica"]).sum() >= 0.9 * region.masks[0].sum()
+    field = p.truth.get("field", np.ones(region.masks[0].shape)).astype(bool)
+    vessels = (p.truth["artery"] | p.truth["vein"] | p.truth["device"]).astype(bool)
+    perfused = np.isfinite(p.truth["cbf"]) & field & ~vessels
+    # 72.2 % of the perfused brain (59.3 % before)
+    assert (maps(result)["cbf"].valid & perfused).sum() >= 0.68 * perfused.sum()
+
+
 def test_site_rule_from_the_settings_places_the_aif():
     p = phantom()
     run = p.to_run()

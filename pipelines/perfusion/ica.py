@@ -4,7 +4,9 @@ With a model package (architecture ``ica_unet``) a U-Net segments it. Without
 one, a classical rule finds it: among the dense vessels that enter from the
 image border, the earliest to opacify, and among those the widest at the
 border; its wide trunk (an opening at half the entry radius) is the mask, so
-the thinner branches and their partial-volume edges stay out of the AIF.
+the thinner branches and their partial-volume edges stay out of the AIF. A
+trunk wider than any artery (``IcaSettings.widest_mm``) is blush, or an artery
+joined to it, and the next vessel in time is tried.
 
 Keeping only the largest connected component removes stray fragments but can
 also drop a true part of the ICA (a siphon crossed by another vessel); it is an
@@ -33,6 +35,11 @@ class IcaSettings:
     # Components entering this much later than the earliest are not the ICA.
     early_margin_s: float = 0.75
     keep_largest: bool = True
+    # No artery is wider (the ICA is 4-7 mm, magnified up to about 1.5 in
+    # projection): a dense region that holds a disk this wide is blush, a
+    # hemisphere seen through its full depth, not a vessel. The maps' large-vessel
+    # rule uses the same width (``MapSettings.vessel_width_mm``).
+    widest_mm: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,16 @@ def opacity_and_arrival(
     return peak, arrival
 
 
+def widest_radius_px(spacing_mm: tuple[float, float] | None, widest_mm: float) -> float:
+    """The radius of a disk ``widest_mm`` across in pixels at ``spacing_mm`` (0.5 mm
+    when it is unknown), rounded as the maps' disk is (``maps._disk``): a region
+    holds that disk where its distance to the background exceeds it."""
+    if not np.isfinite(widest_mm):
+        return float("inf")
+    spacing = float(np.mean(spacing_mm)) if spacing_mm and min(spacing_mm) > 0 else 0.5
+    return max(1.0, float(round(0.5 * widest_mm / spacing)))
+
+
 def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     if count <= 1:
@@ -67,11 +84,14 @@ def classical_ica(
     sigma: float,
     settings: IcaSettings | None = None,
     field: np.ndarray | None = None,
+    spacing_mm: tuple[float, float] | None = None,
 ) -> IcaResult:
     """Earliest-opacifying, widest vessel entering from the border (see module docstring).
 
     With a collimated ``field`` (H, W) the vessel enters from the field's edge,
-    not the image's, and nothing outside the field counts.
+    not the image's, and nothing outside the field counts. A trunk that holds a
+    disk wider than ``settings.widest_mm`` (at ``spacing_mm``) is not an artery:
+    the next vessel in time is tried.
     """
     settings = settings or IcaSettings()
     smooth = ndimage.gaussian_filter(opacity, 1.0)
@@ -103,24 +123,50 @@ def classical_ica(
         np.asarray(ndimage.maximum(np.where(entry, radius, 0.0), labels, entering), float)
     )
     in_time = early <= early.min() + settings.early_margin_s
-    choice = int(np.argmax(np.where(in_time, width, -np.inf)))
-    component = labels == entering[choice]
-    entry_radius = float(width[choice])
-    # The wide trunk: opening by reconstruction at half the entry radius.
+    # The widest in time first. A trunk that holds a disk wider than any artery is
+    # blush (a hemisphere seen through its full depth) or an artery joined to it:
+    # it would take that part of the brain out of the maps; the next one is tried.
+    limit = widest_radius_px(spacing_mm, settings.widest_mm)
+    for choice in sorted(np.flatnonzero(in_time), key=lambda i: -width[i]):
+        mask, components = _border_trunk(
+            labels == entering[choice],
+            arrival_s,
+            float(width[choice]),
+            float(early[choice]),
+            settings,
+        )
+        if float(ndimage.distance_transform_edt(mask).max()) <= limit:
+            return IcaResult(
+                mask=mask,
+                method="classical",
+                entry_width_px=2 * float(width[choice]),
+                components=components,
+            )
+    raise PipelineError(
+        f"every dense vessel entering from the border in time is wider than an artery "
+        f"({settings.widest_mm:g} mm) where it would be the ICA: blush, not the ICA"
+    )
+
+
+def _border_trunk(
+    component: np.ndarray,
+    arrival_s: np.ndarray,
+    entry_radius: float,
+    early_s: float,
+    settings: IcaSettings,
+) -> tuple[np.ndarray, int]:
+    """The wide trunk of a component entering from the border: opening by
+    reconstruction at half the entry radius, opacifying in time; with the number
+    of its pieces."""
     core = ndimage.distance_transform_edt(component) >= max(1.0, 0.5 * entry_radius)
     grow = max(1, int(round(0.5 * entry_radius)))
     trunk = ndimage.binary_dilation(core, iterations=grow) & component
-    trunk &= arrival_s <= early[choice] + settings.early_margin_s
+    trunk &= arrival_s <= early_s + settings.early_margin_s
     if not trunk.any():
         trunk = component
-    mask, components = (
-        largest_component(trunk)
-        if settings.keep_largest
-        else (trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1]))
-    )
-    return IcaResult(
-        mask=mask, method="classical", entry_width_px=2 * entry_radius, components=components
-    )
+    if settings.keep_largest:
+        return largest_component(trunk)
+    return trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])
 
 
 def model_ica(mask: np.ndarray, settings: IcaSettings | None = None) -> IcaResult:

@@ -12,7 +12,8 @@ tried in order, and the first whose AIF passes the checks is used:
 2. ``earliest``: the earliest-arriving large arterial structure anywhere in the
    field: dense components at least ``min_diameter_mm`` wide, the earliest
    (10th percentile of their arrival times) within ``early_margin_s`` of the
-   first, the widest of those; its wide, early trunk is the mask;
+   first, the widest of those; its wide, early trunk is the mask (one wider
+   than an artery, ``IcaSettings.widest_mm``, is blush: tried last);
 3. ``model``: the ICA U-Net of the configured package (skipped when none is
    configured or it already ran);
 4. ``site``: a site rule from the settings, per protocol (a regular
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -39,7 +40,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from pipelines.base import PipelineError
-from pipelines.perfusion.ica import IcaResult, IcaSettings, largest_component
+from pipelines.perfusion.ica import IcaResult, IcaSettings, largest_component, widest_radius_px
 
 # What each rule is called in the result.
 T = TypeVar("T")
@@ -266,18 +267,27 @@ def earliest_artery(
         np.flatnonzero(large),
         key=lambda i: (not in_time[i], -widths[i] if in_time[i] else early[i]),
     )
-    found = []
-    for choice in ranked[: max(1, candidates)]:
+    wanted = max(1, candidates)
+    found: list[IcaResult] = []
+    # A trunk wider than any artery is blush, or an artery joined to it (see
+    # ``classical_ica``): tried only after every narrower candidate. (Upper half of
+    # a head in view, no ICA: the AIF from such a trunk, overlapping arteries, was
+    # better than that of a crossing of an artery and a vein that the brain filled
+    # before.)
+    wide: list[IcaResult] = []
+    max_radius = widest_radius_px(spacing_mm, ica.widest_mm)
+    for choice in ranked:
+        if len(found) == wanted:
+            break
         component = labels == choice + 1
         trunk, width = _trunk(component, arrival_s, float(early[choice]), settings.trunk_window_s)
         if ica.keep_largest:
             mask, parts = largest_component(trunk)
         else:
             mask, parts = trunk, int(ndimage.label(trunk, structure=np.ones((3, 3)))[1])
-        found.append(
-            IcaResult(mask=mask, method="earliest", entry_width_px=width, components=parts)
-        )
-    return found
+        result = IcaResult(mask=mask, method="earliest", entry_width_px=width, components=parts)
+        (wide if 0.5 * width > max_radius else found).append(result)
+    return (found + wide)[:wanted]
 
 
 def site_ica(
@@ -308,9 +318,10 @@ def site_ica(
     if not region.any():
         raise PipelineError(f"the site rule for {rule.protocol!r} lies outside the exposed field")
     loose = ArterySettings(min_diameter_mm=0.0, min_diameter_px=0.0, min_area_px=4)
+    any_width = replace(ica or IcaSettings(), widest_mm=float("inf"))
     try:
         (result,) = earliest_artery(
-            opacity, arrival_s, sigma, spacing_mm, loose, ica, region, final, min_arrival_s
+            opacity, arrival_s, sigma, spacing_mm, loose, any_width, region, final, min_arrival_s
         )
     except PipelineError as exc:
         raise PipelineError(f"site rule for {rule.protocol!r}: {exc}") from None

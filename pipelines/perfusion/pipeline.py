@@ -111,7 +111,10 @@ NAME = "dsa_perfusion"
 # 1.6.2: with a drift taken out, the ICA rules look for the ICA in the run as
 # measured (``Prepared.located_on``); the AIF and the maps come from the corrected
 # signal (option only again).
-VERSION = "1.6.2"
+# 1.7.0: an ICA trunk wider than any artery (vessel_width_mm, 10 mm) is passed over
+# by the border and earliest rules: blush, or an artery joined to it, whose mask
+# took that part of the brain out of the maps.
+VERSION = "1.7.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
@@ -155,7 +158,7 @@ OPTIONS: dict[str, str] = {
     "vessel_fraction": "large-vessel exclusion, fraction of the densest vessels' opacity (default 0.6)",
     "vessel_contrast": "large-vessel exclusion by contrast to the surrounding blush, fraction "
     "of the AIF peak (default 0.05; 0 = off)",
-    "vessel_width_mm": "widest vessel the level and contrast rules remove, mm (default 10)",
+    "vessel_width_mm": "widest vessel, mm (default 10): the level and contrast rules remove no wider one, the ICA rules take no wider trunk",
     "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
     "drift_correction": "take the artefact of head drift after the mask out of a subtracted "
     "run (default false; see pipelines.perfusion.drift for what it costs on the unseen family)",
@@ -196,7 +199,8 @@ def _settings(
     for key, value in (("keep_largest_ica", keep), ("drift_correction", drift)):
         if not isinstance(value, bool):
             raise PipelineError(f"option {key}={value!r}: allowed true or false")
-    return maps, IcaSettings(keep_largest=keep), aif, ica_mode, site_rules, drift
+    ica = IcaSettings(keep_largest=keep, widest_mm=maps.vessel_width_mm)
+    return maps, ica, aif, ica_mode, site_rules, drift
 
 
 def _device(ctx: PipelineContext, notes: list[str]) -> torch.device:
@@ -217,10 +221,12 @@ def locate_ica(
     settings: IcaSettings,
     device: torch.device,
     field: Field | None = None,
+    spacing_mm: tuple[float, float] | None = None,
 ) -> tuple[IcaResult, AlgorithmInfo]:
     """The ICA mask: the U-Net of ``model_package`` on the MinIP ``image`` (mode
     "model", or "auto" with a package), else the classical rule on the contrast
-    ``signal`` (N, H, W) sampled at ``grid_s``; within the collimated ``field``."""
+    ``signal`` (N, H, W) sampled at ``grid_s``; within the collimated ``field``, at
+    the pixel ``spacing_mm``."""
     inside = field.mask if field is not None and field.collimated else None
     use_model = mode == "model" or (mode == "auto" and model_package is not None)
     if use_model:
@@ -232,7 +238,7 @@ def locate_ica(
     opacity, arrival = curves.minus_sample(0).reduce(
         lambda block: opacity_and_arrival(block, grid_s)
     )
-    result = classical_ica(opacity, arrival, sigma, settings, inside)
+    result = classical_ica(opacity, arrival, sigma, settings, inside, spacing_mm)
     return result, AlgorithmInfo(name=NAME, version=VERSION, family="classical")
 
 
@@ -342,7 +348,7 @@ def ica_and_aif(
 
     attempts: dict[str, Callable[[], IcaResult | list[IcaResult]] | None] = {
         "border": lambda: wide_enough(
-            classical_ica(opacity, arrival, sigma, ica_settings, inside), spacing
+            classical_ica(opacity, arrival, sigma, ica_settings, inside, spacing), spacing
         ),
         "earliest": lambda: earliest_artery(
             opacity,
