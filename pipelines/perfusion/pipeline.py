@@ -112,8 +112,8 @@ NAME = "dsa_perfusion"
 # measured (``Prepared.located_on``); the AIF and the maps come from the corrected
 # signal (option only again).
 # 1.7.0: an ICA trunk wider than any artery (vessel_width_mm, 10 mm) is passed over
-# by the border and earliest rules: blush, or an artery joined to it, whose mask
-# took that part of the brain out of the maps.
+# by the border rule and tried last by the earliest rule: blush, or an artery joined
+# to it, whose mask took that part of the brain out of the maps.
 VERSION = "1.7.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
@@ -158,7 +158,9 @@ OPTIONS: dict[str, str] = {
     "vessel_fraction": "large-vessel exclusion, fraction of the densest vessels' opacity (default 0.6)",
     "vessel_contrast": "large-vessel exclusion by contrast to the surrounding blush, fraction "
     "of the AIF peak (default 0.05; 0 = off)",
-    "vessel_width_mm": "widest vessel, mm (default 10): the level and contrast rules remove no wider one, the ICA rules take no wider trunk",
+    "vessel_width_mm": "widest vessel, mm (default 10): the level and contrast rules remove "
+    "no wider region; a wider ICA trunk is blush (the border rule passes over it, the "
+    "earliest rule tries it last)",
     "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
     "drift_correction": "take the artefact of head drift after the mask out of a subtracted "
     "run (default false; see pipelines.perfusion.drift for what it costs on the unseen family)",
