@@ -13,14 +13,17 @@ Every panel carries its label; overlays are drawn over the run's MinIP or frame.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from bench.generalization import B_SEED0, ROOT, Method, methods_for
 from pipelines.base import PipelineError
+from pipelines.perfusion.localise import RULE_NAMES
 
 IMG = ROOT / "docs" / "img" / "generalization"
 REAL = Path(os.environ.get("ANGIO_REAL_DATA", "/work/shared/data/real"))
@@ -46,15 +49,23 @@ def _overlay(rgb: np.ndarray, masks: list[np.ndarray], colours: list[tuple]) -> 
     return out.astype(np.uint8)
 
 
+# The label above each panel: up to two lines of the default font (6 px a character),
+# so that an option's label ("classical, drift_correction=true: ...") fits a quick panel.
+LABEL_LINES = 2
+LINE_PX = 12
+
+
 def _panel(rgb: np.ndarray, label: str, side: int) -> Image.Image:
     img = Image.fromarray(rgb)
     scale = side / max(img.size)
     img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
-    canvas = Image.new("RGB", (side, side + 14), (0, 0, 0))
-    canvas.paste(img, ((side - img.width) // 2, 14 + (side - img.height) // 2))
-    ImageDraw.Draw(canvas).text(
-        (2, 1), label[:48], fill=(255, 255, 255), font=ImageFont.load_default()
-    )
+    top = 2 + LABEL_LINES * LINE_PX
+    canvas = Image.new("RGB", (side, side + top), (0, 0, 0))
+    canvas.paste(img, ((side - img.width) // 2, top + (side - img.height) // 2))
+    lines = textwrap.wrap(label, width=max(8, side // 6 - 1), max_lines=LABEL_LINES)
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((2, 1 + i * LINE_PX), line, fill=(255, 255, 255), font=ImageFont.load_default())
     return canvas
 
 
@@ -122,7 +133,6 @@ SEEDS = (B_SEED0, B_SEED0 + 1)  # the first two family B runs of the bench, not 
 
 
 def dsa_figures(extra: dict[str, list[str]], side: int, quick: bool, out: Path) -> list[Path]:
-    from bench.generalization import _ica_mask
     from pipelines.base import ParametricMapOutput, minip
     from training.phantoms.family_b import dsa
 
@@ -162,7 +172,7 @@ def dsa_figures(extra: dict[str, list[str]], side: int, quick: bool, out: Path) 
             artery = _seg(result, "ia")["Artery"]
             row.append(_panel(_overlay(base, [artery], [RED]), method.label, side))
         ia_rows.append(row)
-        # dsa_perfusion: Tmax maps and the ICA mask each method finds.
+        # dsa_perfusion: Tmax maps and where each method measured its AIF.
         row = [
             _panel(
                 _tmax_rgb(truth["tmax"], np.isfinite(truth["tmax"]), vmax),
@@ -180,14 +190,17 @@ def dsa_figures(extra: dict[str, list[str]], side: int, quick: bool, out: Path) 
             tmax = maps["tmax"]
             valid = tmax.valid if tmax.valid is not None else np.ones(tmax.values.shape, bool)
             row.append(_panel(_tmax_rgb(tmax.values, valid, vmax), f"{method.label}: Tmax", side))
-            try:
-                ica = _ica_mask(run, method.package)
-            except PipelineError:
-                # The border rule found none; the pipeline took a later rule (earliest
-                # artery, site), whose mask is not rebuilt here (as in the tables).
-                row.append(_panel(base, f"{method.label}: ICA not at the border", side))
-                continue
-            row.append(_panel(_overlay(base, [ica], [YELLOW]), f"{method.label}: ICA", side))
+            # Where the AIF was measured, from whichever rule served (the result's
+            # AIF region; widened by a pixel so that a small one shows).
+            (aif,) = _seg(result, "aif_region").values()
+            shown = ndimage.binary_dilation(aif.astype(bool))
+            rule = next((n for n in result.notes if n.startswith("ICA by the ")), "")
+            which = next(
+                (f"{key} rule" for key, name in RULE_NAMES.items() if f"the {name} rule" in rule),
+                "rule not named",
+            )
+            label = f"{method.label}: AIF ({which})"
+            row.append(_panel(_overlay(base, [shown], [YELLOW]), label, side))
         perf_rows.append(row)
     return [
         _grid(av_rows, out / "dsa_av_family_b.png"),
