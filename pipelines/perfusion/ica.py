@@ -60,14 +60,20 @@ def opacity_and_arrival(
     return peak, arrival
 
 
+def disk_radius_px(width_mm: float, spacing_px_mm: float) -> int:
+    """The radius in pixels of a disk ``width_mm`` across at ``spacing_px_mm`` (at
+    least 1 px): the ICA rules' widest artery and the maps' widest vessel."""
+    return max(1, int(round(0.5 * width_mm / max(spacing_px_mm, 1e-6))))
+
+
 def widest_radius_px(spacing_mm: tuple[float, float] | None, widest_mm: float) -> float:
-    """The radius of a disk ``widest_mm`` across in pixels at ``spacing_mm`` (0.5 mm
-    when it is unknown), rounded as the maps' disk is (``maps._disk``): a region
-    holds that disk where its distance to the background exceeds it."""
+    """``disk_radius_px`` of ``widest_mm`` at ``spacing_mm`` (0.5 mm when it is
+    unknown); infinite for an infinite width: a region holds that disk where its
+    distance to the background exceeds it."""
     if not np.isfinite(widest_mm):
         return float("inf")
     spacing = float(np.mean(spacing_mm)) if spacing_mm and min(spacing_mm) > 0 else 0.5
-    return max(1.0, float(round(0.5 * widest_mm / spacing)))
+    return float(disk_radius_px(widest_mm, spacing))
 
 
 def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:

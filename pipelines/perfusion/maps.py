@@ -52,6 +52,7 @@ from scipy import ndimage
 from pipelines.base import PipelineError
 from pipelines.perfusion.aif import Aif, smoothing_gain
 from pipelines.perfusion.deconvolution import Residues, Settings, deconvolve, smooth_at
+from pipelines.perfusion.ica import disk_radius_px
 from pipelines.perfusion.quality import MAX_EARLY_BRAIN
 from pipelines.perfusion.timing import Curves
 from pipelines.shutter import disk
@@ -232,7 +233,7 @@ def tissue_masks(
 
 def _disk(width_mm: float, spacing_px_mm: float) -> np.ndarray:
     """A disk ``width_mm`` across at ``spacing_px_mm`` (a radius of at least 1 px)."""
-    return disk(max(1, int(round(0.5 * width_mm / max(spacing_px_mm, 1e-6)))))
+    return disk(disk_radius_px(width_mm, spacing_px_mm))
 
 
 def aif_lead(
