@@ -53,7 +53,8 @@ NAME = "dsa_av"
 # 0.4.0: bone edges of a head that drifted after the mask are not vessels.
 # 0.4.1: the artery and vein timing overlap is measured; above 20 % the verdict is low
 # confidence (labels unchanged).
-VERSION = "0.4.1"
+# 0.5.0: a wide vessel's mask reaches its lumen's edge (a pixel more on each side).
+VERSION = "0.5.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)

@@ -46,7 +46,8 @@ NAME = "dsa_ia"
 # 0.4.0: bone edges of a head that drifted after the mask are not vessels.
 # 0.4.1: the artery and vein timing overlap is measured; above 20 % the verdict is low
 # confidence (labels unchanged).
-VERSION = "0.4.1"
+# 0.5.0: a wide vessel's mask reaches its lumen's edge (a pixel more on each side).
+VERSION = "0.5.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)

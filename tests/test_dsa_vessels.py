@@ -31,7 +31,14 @@ from pipelines.preprocess import (
 )
 from pipelines.shutter import exposed_field
 from pipelines.vessel_quality import MAX_TIMING_OVERLAP
-from pipelines.vessels import analyse, classical_av, motion_note, timing_overlap
+from pipelines.vessels import (
+    analyse,
+    classical_av,
+    motion_note,
+    threshold_vessels,
+    timing_overlap,
+    vessel_mask,
+)
 from tests.test_seg_encoder import xa_header
 
 torch.set_num_threads(1)
@@ -345,6 +352,36 @@ def test_bone_edges_of_a_head_that_drifted_after_the_mask_are_not_vessels() -> N
         assert precision > 0.85, (motion_mm, precision)
         assert (result.moved > 1000) == (motion_mm > 0)
         assert bool(motion_note(result)) == (motion_mm > 0)
+
+
+def test_a_wide_vessel_mask_reaches_the_lumen_edge_a_thin_one_does_not_grow() -> None:
+    """A round lumen 9 px across and one 2 px across, projected and blurred as a detector
+    blurs: the vesselness hysteresis keeps the wide one's core and leaves about a pixel
+    of lumen out on each side (development runs: most of the missed true vessel wider
+    than 2 mm lay within a pixel of the mask). The mask now reaches the wide lumen's
+    edge, and the thin vessel, whose blur is wider than its lumen, is not widened."""
+    shape = (96, 96)
+    wide = _tube_thickness(shape, [(10.0, 30.0, 86.0, 30.0, 4.5)])
+    thin = _tube_thickness(shape, [(10.0, 70.0, 86.0, 70.0, 1.0)])
+    contrast = ndimage.gaussian_filter(wide / wide.max() + thin / thin.max(), 0.8)
+    contrast += np.random.default_rng(3).normal(0.0, 0.01, shape)
+    yy = np.mgrid[0 : shape[0], 0 : shape[1]][0]
+    columns = slice(20, 76)  # away from the tubes' rounded ends
+
+    def rows_marked(mask: np.ndarray, centre: int) -> int:
+        band = mask[centre - 12 : centre + 13, columns]
+        return int(np.median(band.sum(axis=0)))
+
+    after, vesselness = vessel_mask(contrast, (1.0, 1.0))
+    before = threshold_vessels(contrast, vesselness, (1.0, 1.0))
+    lumen_rows = int(np.median((wide > 0)[:, columns].sum(axis=0)))
+    assert lumen_rows == 9
+    assert rows_marked(before, 30) <= lumen_rows - 2, rows_marked(before, 30)
+    assert lumen_rows - 1 <= rows_marked(after, 30) <= lumen_rows + 1, rows_marked(after, 30)
+    # Every pixel added is the wide vessel's, and the thin vessel is as it was.
+    added = after & ~before
+    assert added.any() and np.all(np.abs(yy[added] - 30) <= 5)
+    assert rows_marked(after, 70) == rows_marked(before, 70)
 
 
 def test_classical_av_separates_by_timing() -> None:
