@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from bench.generalization import B_SEED0, ROOT, Method, methods_for
 from pipelines.base import PipelineError
-from pipelines.perfusion.localise import RULE_NAMES
+from pipelines.perfusion.localise import rule_in
 
 IMG = ROOT / "docs" / "img" / "generalization"
 REAL = Path(os.environ.get("ANGIO_REAL_DATA", "/work/shared/data/real"))
@@ -194,11 +194,8 @@ def dsa_figures(extra: dict[str, list[str]], side: int, quick: bool, out: Path) 
             # AIF region; widened by a pixel so that a small one shows).
             (aif,) = _seg(result, "aif_region").values()
             shown = ndimage.binary_dilation(aif.astype(bool))
-            rule = next((n for n in result.notes if n.startswith("ICA by the ")), "")
-            which = next(
-                (f"{key} rule" for key, name in RULE_NAMES.items() if f"the {name} rule" in rule),
-                "rule not named",
-            )
+            key = rule_in(result.notes)
+            which = f"{key} rule" if key else "rule not named"
             label = f"{method.label}: AIF ({which})"
             row.append(_panel(_overlay(base, [shown], [YELLOW]), label, side))
         perf_rows.append(row)

@@ -95,7 +95,9 @@ def score(run: Any, truth: dict[str, np.ndarray], method: Any = None) -> dict[st
     any_vessel = (truth["artery"] | truth["vein"] | truth["device"]).astype(bool)
     large = (any_vessel & (truth["diameter_mm"] >= LARGE_MM)) | truth["device"].astype(bool)
     perfused = brain & ~any_vessel
-    rule = next((n for n in result.notes if n.startswith("ICA by the ")), "")
+    from pipelines.perfusion.localise import RULE_NAMES, rule_in
+
+    rule = rule_in(result.notes)
     quality = result.quality
     return {
         "outcome": "maps",
@@ -107,7 +109,7 @@ def score(run: Any, truth: dict[str, np.ndarray], method: Any = None) -> dict[st
         "impossible": impossible,
         "verdict": quality.verdict.value if quality else "none",
         "reasons": list(quality.reasons) if quality else [],
-        "rule": rule.removeprefix("ICA by the ").split(" rule")[0],
+        "rule": RULE_NAMES[rule] if rule else "",
     }
 
 

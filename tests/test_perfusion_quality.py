@@ -32,7 +32,7 @@ from pipelines.base import (
     SegmentationOutput,
     get,
 )
-from pipelines.perfusion.localise import locate, parse_site_rules
+from pipelines.perfusion.localise import locate, parse_site_rules, rule_in
 from pipelines.quality import Verdict
 from tests.conftest import dciodvfy_errors
 from tests.dicomgen import xa_run
@@ -360,6 +360,7 @@ def test_native_run_without_a_border_vessel_falls_back_and_says_so():
     assert (
         "ICA by the earliest-arriving large artery rule (vessel entering from the border:" in notes
     )
+    assert rule_in(result.notes) == "earliest"  # what the benchmarks read back
     assert result.quality.verdict is Verdict.LOW_CONFIDENCE
     assert "earliest-arriving large artery" in reasons(result)
     (region,) = [o for o in result.outputs if o.key == "aif_region"]
@@ -790,6 +791,7 @@ def test_the_coverage_benchmark_scores_the_classical_path_and_each_package(capsy
     assert odd["outcome"] == "refused" and "drift_correction" in odd["reason"]
     for row in table:
         assert row.split(" | ")[2] == "1 / 1" and row.split(" | ")[7] == "0"  # no impossible value
+        assert "vessel entering from the border" in row.split(" | ")[-1], row  # the ICA rule
 
 
 def test_an_aif_that_never_washes_out_gives_way_to_one_that_does():

@@ -31,7 +31,7 @@ plot).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -51,6 +51,16 @@ RULE_NAMES = {
     "earliest": "earliest-arriving large artery",
     "site": "site rule",
 }
+
+
+def rule_in(notes: Iterable[str]) -> str | None:
+    """The key in :data:`RULE_NAMES` of the rule that found the ICA, read back from a
+    result's notes (the line :attr:`Located.describe` writes), or None."""
+    for note in notes:
+        for key, name in RULE_NAMES.items():
+            if note.startswith(f"ICA by the {name} rule"):
+                return key
+    return None
 
 
 @dataclass(frozen=True)
