@@ -113,6 +113,15 @@ def noise_sigma(image: np.ndarray, field: np.ndarray | None = None) -> float:
     return max(1.4826 * mad * 1.125, 1e-6)  # 1.125: the 3x3 mean removes 1/9 of the noise
 
 
+def above_noise(
+    contrast: np.ndarray, params: ClassicalParams, field: np.ndarray | None = None
+) -> np.ndarray:
+    """Where the MinIP ``contrast`` exceeds ``params.contrast_sigmas`` background noise
+    SDs (:func:`noise_sigma`, over the ``field`` when one is given): the floor of every
+    vessel pixel, the lumen's edge included."""
+    return contrast > params.contrast_sigmas * noise_sigma(contrast, field)
+
+
 def vessel_mask(
     contrast: np.ndarray,
     pixel_spacing_mm: tuple[float, float] | None,
@@ -156,7 +165,7 @@ def widened_to_lumen(
     lumen = (
         ring
         & (contrast >= params.edge_fraction * brightest)
-        & (contrast > params.contrast_sigmas * noise_sigma(contrast, field))
+        & above_noise(contrast, params, field)
         & (core >= params.edge_core_px)
     )
     if field is not None:
@@ -178,7 +187,7 @@ def threshold_vessels(
         return np.zeros(contrast.shape, bool)
     v = vesselness / ref
     mask = apply_hysteresis_threshold(v, params.vesselness_low, params.vesselness_high)
-    mask &= contrast > params.contrast_sigmas * noise_sigma(contrast, field)
+    mask &= above_noise(contrast, params, field)
     if field is not None:
         mask &= field
     return _without_specks(mask, pixel_spacing_mm, params)
