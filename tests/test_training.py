@@ -984,6 +984,23 @@ def test_phantom_dataset_with_domain_randomisation(tmp_path: Path) -> None:
         build_phantom_dataset(tmp_path / "b", spec_b, "b", progress=lambda _m: None)
 
 
+def test_phantom_dataset_built_by_several_processes_is_the_same_dataset(tmp_path: Path) -> None:
+    """``workers`` generates seeds in parallel (a long training's dataset on a many-core
+    machine): the same case files and manifest hash as one seed at a time, so a
+    dataset built there can be rebuilt anywhere for the gate."""
+    from training.dataset import manifest_hash
+    from training.phantom_dataset import PhantomSpec, build_phantom_dataset
+
+    spec = PhantomSpec("dsa", 64, 4, ("artery",), {"train": [7, 9, 8], "val": [3]}, randomise=True)
+    one = build_phantom_dataset(tmp_path / "one", spec, "d", progress=lambda _m: None)
+    said: list[str] = []
+    two = build_phantom_dataset(tmp_path / "two", spec, "d", progress=said.append, workers=2)
+    assert [c["id"] for c in two["cases"]] == [c["id"] for c in one["cases"]]
+    assert [c["sha256"] for c in two["cases"]] == [c["sha256"] for c in one["cases"]]
+    assert manifest_hash(tmp_path / "two") == manifest_hash(tmp_path / "one")
+    assert sum("seed" in m for m in said) == 4
+
+
 def test_volume_task_keeps_boolean_targets_and_balances_patch_centres() -> None:
     """rotational_dla holds each case's targets as booleans (a quarter of float32:
     twelve 256^3 float cases were OOM-killed) with a sample of each class's voxels,

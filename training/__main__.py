@@ -406,6 +406,7 @@ def cmd_phantom_dataset(args: argparse.Namespace) -> int:
         args.version,
         progress=lambda m: print(m, file=sys.stderr),
         force=args.force,
+        workers=args.workers,
     )
     print(json.dumps(manifest["counts"], sort_keys=True))
     print(f"manifest sha256 {manifest_hash(Path(args.out))}")
@@ -647,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     for split in ("train", "val", "test"):
         p.add_argument(f"--{split}", metavar="FIRST:COUNT", help=f"seeds of the {split} split")
     p.add_argument("--force", action="store_true", help="replace a dataset of other content")
+    p.add_argument(
+        "--workers", type=int, default=1, help="seeds generated at a time, one process each"
+    )
     p.set_defaults(func=cmd_phantom_dataset)
 
     from training.scribbles import add_arguments as scribble_arguments

@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +158,37 @@ def phantom_case(
     )
 
 
+def _write_case(spec: PhantomSpec, folder: Path, job: tuple[str, int]) -> dict[str, Any]:
+    """Generate one seed of ``spec`` into ``folder``; its manifest entry."""
+    split, seed = job
+    case = phantom_case(
+        spec.kind, seed, spec.size, spec.frames, spec.roles, split, spec.family, spec.randomise
+    )
+    arrays = {"pixels": case.pixels}
+    if case.frame_times_s is not None:
+        arrays["frame_times_s"] = np.asarray(case.frame_times_s, np.float64)
+    arrays.update({f"mask_{r}": m for r, m in case.masks.items()})
+    path = folder / f"{case.id}.npz"
+    save_npz(path, arrays)
+    return {
+        "id": case.id,
+        "patient": f"PH{spec.family}{spec.kind.upper()}{seed:06d}",
+        "split": split,
+        "kind": "full",
+        "geometry": case.geometry,
+        "roles": sorted(case.masks),
+        "shape": list(case.pixels.shape),
+        "synthetic": True,
+        "seed": seed,
+        "meta": case.meta,
+        "instances": [],
+        "annotations": [],
+        "file": f"cases/{case.id}.npz",
+        "sha256": sha256_file(path),
+        "notes": [],
+    }
+
+
 def build_phantom_dataset(
     out: str | Path,
     spec: PhantomSpec,
@@ -162,10 +196,13 @@ def build_phantom_dataset(
     version: str = "1",
     progress: Callable[[str], None] = print,
     force: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Generate, label and write; returns the manifest. A folder already built from the
     same spec is reused as it is (long runs resume on the same dataset hash); one that
-    holds other content is never rewritten unless ``force`` (``training.versions``)."""
+    holds other content is never rewritten unless ``force`` (``training.versions``).
+    ``workers`` > 1 generates that many seeds at a time in separate processes: the
+    same files and manifest as one at a time (each case depends on its seed alone)."""
     target = Path(out)
     root = target
     # Fails early when the family lacks the kind or the options.
@@ -179,49 +216,34 @@ def build_phantom_dataset(
         return cached
     root = versions.staging(target.resolve())
     (root / "cases").mkdir(parents=True, exist_ok=True)
-    cases = []
+    jobs: list[tuple[str, int]] = []
     seen: set[int] = set()
     for split, seeds in spec.splits.items():
         for seed in seeds:
             if seed in seen:
                 raise DatasetError(f"seed {seed} is in more than one split")
             seen.add(seed)
-            case = phantom_case(
-                spec.kind,
-                seed,
-                spec.size,
-                spec.frames,
-                spec.roles,
-                split,
-                spec.family,
-                spec.randomise,
+            jobs.append((split, seed))
+    cases = []
+    make = partial(_write_case, spec, root / "cases")
+    if workers > 1 and len(jobs) > 1:
+        # Each case is one generator call from its seed alone, so a pool writes the same
+        # files as the loop below; spawn, because the caller may hold torch's threads.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            for record in pool.map(make, jobs):
+                cases.append(record)
+                progress(
+                    f"{spec.kind} seed {record['seed']} -> {record['split']} "
+                    f"{tuple(record['shape'])}"
+                )
+    else:
+        for job in jobs:
+            record = make(job)
+            cases.append(record)
+            progress(
+                f"{spec.kind} seed {record['seed']} -> {record['split']} {tuple(record['shape'])}"
             )
-            arrays = {"pixels": case.pixels}
-            if case.frame_times_s is not None:
-                arrays["frame_times_s"] = np.asarray(case.frame_times_s, np.float64)
-            arrays.update({f"mask_{r}": m for r, m in case.masks.items()})
-            path = root / "cases" / f"{case.id}.npz"
-            save_npz(path, arrays)
-            cases.append(
-                {
-                    "id": case.id,
-                    "patient": f"PH{spec.family}{spec.kind.upper()}{seed:06d}",
-                    "split": split,
-                    "kind": "full",
-                    "geometry": case.geometry,
-                    "roles": sorted(case.masks),
-                    "shape": list(case.pixels.shape),
-                    "synthetic": True,
-                    "seed": seed,
-                    "meta": case.meta,
-                    "instances": [],
-                    "annotations": [],
-                    "file": f"cases/{case.id}.npz",
-                    "sha256": sha256_file(path),
-                    "notes": [],
-                }
-            )
-            progress(f"{spec.kind} seed {seed} -> {split} {tuple(case.pixels.shape)}")
     cases.sort(key=lambda c: c["id"])
     seeds_text = ", ".join(
         f"{k} {min(v)}-{max(v)} ({len(v)})" for k, v in spec.splits.items() if len(v)

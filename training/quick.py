@@ -256,7 +256,13 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
 
     if info.main:
         try:
-            build_phantom_dataset(data_dir, spec, name=f"{recipe.task}-family-a", progress=say)
+            build_phantom_dataset(
+                data_dir,
+                spec,
+                name=f"{recipe.task}-family-a",
+                progress=say,
+                workers=args.workers,
+            )
         except DatasetError as exc:
             raise DatasetError(
                 f"{exc}. For quick: the run in {work} was trained on the dataset there; train "
@@ -314,7 +320,11 @@ def cmd_quick(args: argparse.Namespace, train_config: Any) -> int:
             size = "" if len(specs) == 1 else f"-{eval_spec.size}"
             eval_dir = work / f"eval-family-b{size}"
             build_phantom_dataset(
-                eval_dir, eval_spec, name=f"{recipe.kind}-family-b{size}", progress=say
+                eval_dir,
+                eval_spec,
+                name=f"{recipe.kind}-family-b{size}",
+                progress=say,
+                workers=args.workers,
             )
             eval_dirs.append(eval_dir)
     model_file = work / "run" / "model.pt"
@@ -355,6 +365,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-cases", type=int, help="first N of the recipe's training seeds")
     p.add_argument("--val-cases", type=int)
     p.add_argument("--test-cases", type=int)
+    p.add_argument(
+        "--workers", type=int, default=1, help="phantoms generated at a time, one process each"
+    )
     p.add_argument("--out", help="write a package here once trained (needs an evaluation)")
     p.add_argument("--name")
     p.add_argument("--version", default="0.1.0")
