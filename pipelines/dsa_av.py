@@ -54,7 +54,8 @@ NAME = "dsa_av"
 # 0.4.1: the artery and vein timing overlap is measured; above 20 % the verdict is low
 # confidence (labels unchanged).
 # 0.5.0: a wide vessel's mask reaches its lumen's edge (a pixel more on each side).
-VERSION = "0.5.0"
+# 0.6.0: each vessel pixel's own (unsmoothed) curve is unmixed into artery and vein.
+VERSION = "0.6.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, BLUE, MAGENTA, ORANGE = (255, 0, 0), (0, 90, 255), (200, 0, 200), (255, 160, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)

@@ -274,6 +274,7 @@ def separate(
     times: np.ndarray,
     params: ClassicalParams = ClassicalParams(),
     noise_sd: float | None = None,
+    own: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Artery and vein flags for (T, N) vessel curves (a pixel may be both).
 
@@ -283,6 +284,10 @@ def separate(
     and where many of them passed the vessel threshold (a noisy band outside the head)
     they formed the "early" cluster, and the arteries became veins. Every curve is
     then unmixed with those templates.
+
+    ``own``: each pixel's unsmoothed curve (T, N), unmixed instead of ``curves``. The
+    smoothing steadies the timing that finds the clusters, but it also blurs a vein
+    lying beside an artery into it, and the unmixing then splits both (0.6.0).
     """
     n = curves.shape[1]
     if n < 10:
@@ -302,7 +307,7 @@ def separate(
     vein_template = curves[:, labels == 1].sum(axis=1)
     artery_template /= max(float(artery_template.max()), 1e-9)
     vein_template /= max(float(vein_template.max()), 1e-9)
-    a, v = unmix(curves, artery_template, vein_template)
+    a, v = unmix(curves if own is None else own, artery_template, vein_template)
     total = np.maximum(a + v, 1e-9)
     return a / total >= params.share, v / total >= params.share
 
@@ -463,7 +468,7 @@ def analyse(
         if vessels.any():
             noise_sd = noise_sigma(smoothed.max(axis=0), inside)
             curves = smoothed[:, vessels]
-            is_artery, is_vein = separate(curves, times, params, noise_sd)
+            is_artery, is_vein = separate(curves, times, params, noise_sd, own=contrast[:, vessels])
             artery[vessels] = is_artery
             vein[vessels] = is_vein
             overlap = timing_overlap(curves, times, is_artery, is_vein)

@@ -35,6 +35,8 @@ from pipelines.vessels import (
     analyse,
     classical_av,
     motion_note,
+    separate,
+    smoothed_frames,
     threshold_vessels,
     timing_overlap,
     vessel_mask,
@@ -382,6 +384,43 @@ def test_a_wide_vessel_mask_reaches_the_lumen_edge_a_thin_one_does_not_grow() ->
     added = after & ~before
     assert added.any() and np.all(np.abs(yy[added] - 30) <= 5)
     assert rows_marked(after, 70) == rows_marked(before, 70)
+
+
+def test_a_vein_beside_an_artery_keeps_its_own_label() -> None:
+    """A vein running one pixel beside an artery: the frames smoothed by a pixel (which
+    steady the timing that finds the two clusters) blur the denser artery into the
+    vein, which came out artery as well. Each pixel's own curve is what is unmixed, so
+    each keeps its class; lone vessels are labelled as before."""
+    times = np.arange(20, dtype=float)
+
+    def bolus(t0: float) -> np.ndarray:
+        t = np.clip(times - t0, 0, None)
+        return (t / 3.0) ** 2 * np.exp(2.0 - 2.0 * t / 3.0)
+
+    artery_curve, vein_curve = 2.0 * bolus(2.0), bolus(9.0)  # the artery the denser
+    frames = np.zeros((20, 40, 64))
+    for column, curve in (
+        (10, artery_curve),
+        (11, vein_curve),
+        (30, artery_curve),
+        (50, vein_curve),
+    ):
+        frames[:, 5:35, column] = curve[:, None]
+    frames += np.random.default_rng(0).normal(0.0, 0.01, frames.shape)
+    vessels = np.zeros(frames.shape[1:], bool)
+    vessels[5:35, [10, 11, 30, 50]] = True
+    column = np.nonzero(vessels)[1]
+    smoothed = smoothed_frames(frames)[:, vessels]
+
+    blurred = separate(smoothed, times, noise_sd=0.01)
+    own = separate(smoothed, times, noise_sd=0.01, own=frames[:, vessels])
+    for is_artery, is_vein, which in (*blurred, "blurred"), (*own, "own"):
+        assert np.all(is_artery[column == 30]) and not np.any(is_vein[column == 30]), which
+        assert np.all(is_vein[column == 50]) and not np.any(is_artery[column == 50]), which
+    # Smoothed, the pair is mixed: the vein beside the denser artery counts as artery too.
+    assert np.mean(blurred[0][column == 11]) > 0.9
+    assert np.all(own[0][column == 10]) and not np.any(own[1][column == 10])
+    assert np.all(own[1][column == 11]) and not np.any(own[0][column == 11])
 
 
 def test_classical_av_separates_by_timing() -> None:
