@@ -14,6 +14,7 @@ and the engine and the CLI refuse them for training like any family B data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -226,20 +227,17 @@ def build_phantom_dataset(
             jobs.append((split, seed))
     cases = []
     make = partial(_write_case, spec, root / "cases")
-    if workers > 1 and len(jobs) > 1:
-        # Each case is one generator call from its seed alone, so a pool writes the same
-        # files as the loop below; spawn, because the caller may hold torch's threads.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            for record in pool.map(make, jobs):
-                cases.append(record)
-                progress(
-                    f"{spec.kind} seed {record['seed']} -> {record['split']} "
-                    f"{tuple(record['shape'])}"
-                )
-    else:
-        for job in jobs:
-            record = make(job)
+    # Each case is one generator call from its seed alone, so a pool writes the same
+    # files as one at a time; spawn, because the caller may hold torch's threads.
+    pool = (
+        ProcessPoolExecutor(
+            min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")
+        )
+        if workers > 1 and len(jobs) > 1
+        else None
+    )
+    with pool or contextlib.nullcontext():
+        for record in pool.map(make, jobs) if pool else map(make, jobs):
             cases.append(record)
             progress(
                 f"{spec.kind} seed {record['seed']} -> {record['split']} {tuple(record['shape'])}"
