@@ -135,42 +135,67 @@ def vessel_mask(
     return widened_to_lumen(mask, contrast, params, field), vesselness
 
 
+def lumen_ring(
+    mask: np.ndarray,
+    value: np.ndarray,
+    above: np.ndarray,
+    fraction: float,
+    core_px: float,
+    field: np.ndarray | None = None,
+) -> np.ndarray:
+    """``mask`` (H, W) with the one-pixel ring around its wide vessels that is still
+    lumen: the four-neighbours whose ``value`` is at least ``fraction`` of the
+    brightest vessel pixel beside them, where ``above`` (the noise floor) holds,
+    beside vessels whose core lies ``core_px`` inside the mask, inside ``field``.
+
+    A filter's response (vesselness, Frangi) answers a wide vessel's blurred edge
+    weakly, so a mask grown from it keeps the core and leaves a pixel of lumen out
+    on each side. A round lumen's projection falls from its centre as
+    sqrt(1 - (x/r)^2), still 0.44 of the centre at 0.9 of the radius; a thinner
+    vessel's blur is wider than its lumen, hence the core rule. Used by the DSA
+    paths (:func:`widened_to_lumen`) and the coronary path, each with its own noise
+    floor.
+    """
+    if not mask.any():
+        return mask
+    ring = ndimage.binary_dilation(mask) & ~mask  # the four neighbours
+    brightest = ndimage.maximum_filter(np.where(mask, value, 0.0), size=3)
+    # How deep the vessel beside each pixel is: the largest distance from the mask's
+    # border within two pixels (2 where the vessel is at least 3-4 px wide).
+    core = ndimage.maximum_filter(ndimage.distance_transform_edt(mask), size=5)
+    lumen = ring & (value >= fraction * brightest) & above & (core >= core_px)
+    if field is not None:
+        lumen &= field
+    return mask | lumen
+
+
 def widened_to_lumen(
     mask: np.ndarray,
     contrast: np.ndarray,
     params: ClassicalParams = ClassicalParams(),
     field: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``mask`` with the one-pixel ring around its wide vessels that is still lumen.
+    """``mask`` with the one-pixel ring around its wide vessels that is still lumen
+    (:func:`lumen_ring` on the MinIP ``contrast``, above the noise threshold).
 
-    Vesselness answers a wide vessel's blurred edge weakly, so the hysteresis keeps
-    its core and leaves a pixel of lumen out on each side: on four of six development
-    runs (940000-940005, 256 px) most of the true vessel wider than 2 mm that was
-    missed lay within a pixel of the mask. A round lumen's projection falls from
-    its centre as sqrt(1 - (x/r)^2): still 0.44 of the centre at 0.9 of the radius,
-    so a pixel next to the mask whose MinIP contrast is at least
-    ``params.edge_fraction`` (0.4) of the brightest vessel pixel beside it, and above
-    the noise threshold, is lumen. Only beside vessels whose core lies
-    ``params.edge_core_px`` (2 px) inside their mask: a thinner vessel's blur is
-    wider than its lumen. Chosen on development seeds 940000-940011 (randomised
-    family A; 0.3-0.5 within 0.005 M-Dice, 2 px against no width rule +0.011).
+    On four of six development runs (940000-940005, 256 px) most of the true vessel
+    wider than 2 mm that was missed lay within a pixel of the mask. A pixel next to
+    the mask whose contrast is at least ``params.edge_fraction`` (0.4) of the
+    brightest vessel pixel beside it is lumen, beside vessels whose core lies
+    ``params.edge_core_px`` (2 px) inside their mask. Chosen on development seeds
+    940000-940011 (randomised family A; 0.3-0.5 within 0.005 M-Dice, 2 px against
+    no width rule +0.011).
     """
     if not mask.any():
         return mask
-    ring = ndimage.binary_dilation(mask) & ~mask  # the four neighbours
-    brightest = ndimage.maximum_filter(np.where(mask, contrast, 0.0), size=3)
-    # How deep the vessel beside each pixel is: the largest distance from the mask's
-    # border within two pixels (2 where the vessel is at least 3-4 px wide).
-    core = ndimage.maximum_filter(ndimage.distance_transform_edt(mask), size=5)
-    lumen = (
-        ring
-        & (contrast >= params.edge_fraction * brightest)
-        & above_noise(contrast, params, field)
-        & (core >= params.edge_core_px)
+    return lumen_ring(
+        mask,
+        contrast,
+        above_noise(contrast, params, field),
+        params.edge_fraction,
+        params.edge_core_px,
+        field,
     )
-    if field is not None:
-        lumen &= field
-    return mask | lumen
 
 
 def threshold_vessels(
