@@ -182,8 +182,8 @@ def test_a_wide_vessel_keeps_its_edge_and_a_thin_one_keeps_its_width(
 ) -> None:
     """Frangi answers a wide lumen's blurred edge weakly and hysteresis keeps its core;
     the ring of ``lumen_ring`` adds the pixel of lumen on either side. A vessel 2 px
-    across is already found wider than its lumen (blur): beside it the ring adds
-    next to nothing (its core is shallow, its blurred edge under 0.4 of its peak)."""
+    across is already found wider than its lumen (its blur): beside it the ring adds
+    next to nothing (the blur beyond the mask is under 0.4 of the vessel's peak)."""
     frames, truth = beating_lumen(radius)
     with_ring, _ = classical_vessels(frames)
     monkeypatch.setattr("pipelines.coronary.EDGE_FRACTION", 2.0)  # nothing reaches it
