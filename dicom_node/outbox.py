@@ -96,8 +96,10 @@ class Outbox:
         except (DeliveryError, OSError) as exc:
             rest = [d for d in batch if d.id not in reported]
             for d in rest:
-                self.db.delivery_retry(d, str(exc), self._delay(d))
+                # Observed before the state moves, as a refusal is (report): whoever
+                # sees the retry in the index finds it in the audit trail too.
                 self.on_delivery(name, d, False, str(exc), False)
+                self.db.delivery_retry(d, str(exc), self._delay(d))
             log.warning("delivery to %s deferred (%d object(s)): %s", name, len(rest), exc)
         # refusals count as progress too: the batch moved on
         log.info("delivered %d of %d object(s) to %s", len(reported), len(batch), name)
