@@ -488,8 +488,7 @@ def vessels_from(
     and chest-static pixels (:func:`classical_response`) and its ``cine``: hysteresis,
     the lumen rule, the field, devices (:func:`remove_devices`) and what moves with the
     chest (:func:`remove_chest_static`) taken out, a wide vessel's edge added
-    (``EDGE_*``). ``tune-classical`` scores its
-    thresholds through this."""
+    (``EDGE_*``). ``tune-classical`` scores its thresholds through this."""
     masks = hysteresis(response, *thresholds) & (snr > lumen_snr)
     masks = masks if field is None else masks & field
     masks = remove_chest_static(remove_devices(masks, cine), chest)

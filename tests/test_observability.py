@@ -144,14 +144,15 @@ def test_audit_trail_records_deliveries_rotates_and_goes_to_syslog(
     node = _busy_node(make_node, storescp, tmp_path)
     path = node.settings.storage_dir / "audit" / "audit.jsonl"
 
-    def events_of(kind: str) -> list[dict[str, Any]]:
+    def recorded() -> list[dict[str, Any]]:
         lines = path.read_text().splitlines() if path.exists() else []
-        return [e for e in map(json.loads, lines) if e["event"] == kind]
+        return [json.loads(line) for line in lines]
 
     # A delivery is recorded by the outbox's thread once its C-STORE has answered (sent)
     # or failed; the PACS holds the file a moment before that.
-    wait_for(lambda: events_of("delivery-sent") and events_of("delivery-failed"), 30)
-    events = [json.loads(line) for line in path.read_text().splitlines()]
+    deliveries = {"delivery-sent", "delivery-failed"}
+    wait_for(lambda: deliveries <= {e["event"] for e in recorded()}, 30)
+    events = recorded()
     kinds = {e["event"] for e in events}
     assert {"node-started", "association-accepted", "instance-stored"} <= kinds
     sent = [e for e in events if e["event"] == "delivery-sent"]
