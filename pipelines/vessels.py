@@ -127,12 +127,16 @@ def vessel_mask(
     pixel_spacing_mm: tuple[float, float] | None,
     params: ClassicalParams = ClassicalParams(),
     field: np.ndarray | None = None,
+    above: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Vessel mask and vesselness from a MinIP contrast image (vessels positive), inside
-    the collimated ``field`` (H, W) when one is given."""
+    the collimated ``field`` (H, W) when one is given; ``above`` is
+    :func:`above_noise` of ``contrast`` when the caller has it already."""
+    if above is None:
+        above = above_noise(contrast, params, field)
     vesselness = frangi(contrast, sigmas=frangi_sigmas(pixel_spacing_mm), black_ridges=False)
-    mask = threshold_vessels(contrast, vesselness, pixel_spacing_mm, params, field)
-    return widened_to_lumen(mask, contrast, params, field), vesselness
+    mask = threshold_vessels(contrast, vesselness, pixel_spacing_mm, params, field, above)
+    return widened_to_lumen(mask, contrast, params, field, above), vesselness
 
 
 def lumen_ring(
@@ -174,9 +178,11 @@ def widened_to_lumen(
     contrast: np.ndarray,
     params: ClassicalParams = ClassicalParams(),
     field: np.ndarray | None = None,
+    above: np.ndarray | None = None,
 ) -> np.ndarray:
     """``mask`` with the one-pixel ring around its wide vessels that is still lumen
-    (:func:`lumen_ring` on the MinIP ``contrast``, above the noise threshold).
+    (:func:`lumen_ring` on the MinIP ``contrast``, above the noise threshold:
+    ``above``, or :func:`above_noise` when not given).
 
     On four of six development runs (940000-940005, 256 px) most of the true vessel
     wider than 2 mm that was missed lay within a pixel of the mask. A pixel next to
@@ -191,7 +197,7 @@ def widened_to_lumen(
     return lumen_ring(
         mask,
         contrast,
-        above_noise(contrast, params, field),
+        above_noise(contrast, params, field) if above is None else above,
         params.edge_fraction,
         params.edge_core_px,
         field,
@@ -204,15 +210,17 @@ def threshold_vessels(
     pixel_spacing_mm: tuple[float, float] | None,
     params: ClassicalParams = ClassicalParams(),
     field: np.ndarray | None = None,
+    above: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The vessel mask of :func:`vessel_mask` from its ``vesselness``."""
+    """The vessel mask of :func:`vessel_mask` from its ``vesselness`` (``above``:
+    :func:`above_noise` of ``contrast``, computed when not given)."""
     inside = vesselness if field is None or not field.any() else vesselness[field]
     ref = float(np.percentile(inside, 99))
     if ref <= 0:
         return np.zeros(contrast.shape, bool)
     v = vesselness / ref
     mask = apply_hysteresis_threshold(v, params.vesselness_low, params.vesselness_high)
-    mask &= above_noise(contrast, params, field)
+    mask &= above_noise(contrast, params, field) if above is None else above
     if field is not None:
         mask &= field
     return _without_specks(mask, pixel_spacing_mm, params)
@@ -477,7 +485,10 @@ def analyse(
     inside = None
     if field is not None and field.collimated:
         peak, inside = fill_outside(peak[None], field)[0], field.mask
-    vessels, vesselness = vessel_mask(peak, pixel_spacing_mm, params, inside)
+    # The noise floor is the same for the mask, its lumen's edge and the stricter
+    # calibre mask below (the same contrast threshold): measured once.
+    above = above_noise(peak, params, inside)
+    vessels, vesselness = vessel_mask(peak, pixel_spacing_mm, params, inside, above)
     artery = np.zeros(vessels.shape, bool)
     vein = np.zeros(vessels.shape, bool)
     moved = 0
@@ -502,7 +513,7 @@ def analyse(
         low, high = params.calibre_vesselness
         strict = replace(params, vesselness_low=low, vesselness_high=high)
         ica = ica_mask(
-            artery & threshold_vessels(peak, vesselness, pixel_spacing_mm, strict, inside),
+            artery & threshold_vessels(peak, vesselness, pixel_spacing_mm, strict, inside, above),
             pixel_spacing_mm,
             params.ica_min_radius_mm,
         )
