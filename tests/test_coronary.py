@@ -23,6 +23,7 @@ from pipelines.coronary import (
     hysteresis,
     normalise_cine,
     pre_contrast_frames,
+    remove_faint_components,
     remove_small_components,
 )
 from pipelines.models.cenet import CENet3D2D, frame_windows
@@ -214,6 +215,39 @@ def test_the_edge_ring_adds_lumen_on_a_phantom_cine(monkeypatch: pytest.MonkeyPa
     assert iou(with_ring, truth) > iou(without, truth) + 0.01
 
 
+def test_a_component_whose_lumen_stands_out_nowhere_is_dropped() -> None:
+    """Per frame, an 8-connected component is kept when its lumen SNR reaches the bound
+    somewhere along it (one pixel is enough), and dropped when it stays under it."""
+    masks = np.zeros((2, 12, 12), bool)
+    snr = np.full(masks.shape, 4.0, np.float32)
+    masks[:, 2, 1:11] = True  # a vessel, standing out at one pixel in frame 0 only
+    masks[:, 6:9, 6:9] = True
+    masks[:, 7, 7] = False  # a loop of noise ridges
+    masks[0, 3, 11] = True  # joined to the vessel diagonally
+    snr[0, 2, 5] = 9.0
+    kept = remove_faint_components(masks, snr, 8.0)
+    assert np.array_equal(kept[0], masks[0] & (np.arange(12)[:, None] < 5))
+    assert not kept[1].any()  # the same vessel, under the bound everywhere in frame 1
+    assert not remove_faint_components(np.zeros_like(masks), snr, 8.0).any()
+
+
+def test_a_noise_mesh_in_a_faint_run_is_dropped() -> None:
+    """Randomised family A development seed 950002 (256 px, 36 frames): its vessels are
+    faint, so the run's strongest response, to which the hysteresis is relative, is
+    reached by the noise of its darkest region (the spine and heart), and version 2.4.0
+    marked a network of noise ridges over it in every frame (IoU 0.078, PPV 0.086).
+    Those components' lumen stands out nowhere by ``FAINT_SNR`` noise SDs."""
+    from training.phantoms import coronary
+
+    phantom = coronary.generate(950002, size=256, frames=36, randomise=True)
+    truth = phantom.truth["vessel"].astype(bool)
+    result = CoronarySegmentation()(phantom.to_run(), PipelineContext())
+    seg = next(o for o in result.outputs if isinstance(o, SegmentationOutput))
+    found = np.asarray(seg.masks).astype(bool).reshape(truth.shape)
+    assert (found & truth).sum() >= 0.3 * found.sum()  # PPV
+    assert iou(found, truth) > 0.15
+
+
 def wire_and_vessel(frames: int = 16, size: int = 96) -> tuple[np.ndarray, ...]:
     """A wire denser than the vessel, in every frame, moving with the chest (0.8 px a
     frame: breathing, a pan) over a textured background; a vessel that fills from
@@ -250,9 +284,11 @@ def test_a_device_there_before_the_contrast_is_taken_out_where_it_moves() -> Non
 def test_a_vessel_filled_around_its_guidewire_keeps_it() -> None:
     """Randomised development seed 950008 has a guidewire in the artery: found before
     the contrast, it is a device, and the vessel later fills around it. Only what is no
-    wider than the device is taken out where it lies, so the vessel stays: 72 % of the
-    vessel pixels on a device are found (66 % when the device's path was taken out
-    whatever its width)."""
+    wider than the device is taken out where it lies, so the vessel stays: 66 % of the
+    vessel pixels on a device are found, 59 % when the device's path is taken out
+    whatever its width (72 and 66 % before version 2.5.0, which drops the pieces of
+    vessel that the device's removal cut off where they stand out nowhere by
+    ``FAINT_SNR``; the run's IoU rose, 0.338 -> 0.345)."""
     from training.phantoms import coronary
 
     phantom = coronary.generate(950008, size=256, frames=36, randomise=True)
@@ -261,7 +297,7 @@ def test_a_vessel_filled_around_its_guidewire_keeps_it() -> None:
     truth = phantom.truth
     on_device = truth["vessel"] & ndi.binary_dilation(truth["device"], np.ones((1, 3, 3)))
     assert on_device.sum() > 10_000
-    assert (masks & on_device).sum() / on_device.sum() > 0.70
+    assert (masks & on_device).sum() / on_device.sum() > 0.62
 
 
 def test_a_run_filling_from_its_first_frame_has_no_device_frames() -> None:
