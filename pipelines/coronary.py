@@ -168,27 +168,28 @@ def remove_small_components(masks: np.ndarray, min_px: int) -> np.ndarray:
     return keep[labels]
 
 
-def remove_faint_components(masks: np.ndarray, snr: np.ndarray, min_snr: float) -> np.ndarray:
-    """Drop the 8-connected components of every frame of ``masks`` (T, H, W) whose
-    lumen SNR (``snr``, noise SDs) stays under ``min_snr`` throughout: a vessel stands
-    out of the noise along its course, a network of noise ridges nowhere far."""
+def components_reaching(masks: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The 8-connected components of every frame of ``masks`` (T, H, W) that hold a
+    pixel of ``seeds`` (T, H, W)."""
     labels, count = ndi.label(masks, structure=IN_PLANE)
     if count == 0:
-        return masks.astype(bool)
-    peak = ndi.maximum(snr, labels, np.arange(1, count + 1))
-    keep = np.concatenate([[False], np.asarray(peak) >= min_snr])
+        return np.zeros(masks.shape, bool)
+    keep = np.zeros(count + 1, bool)
+    keep[np.unique(labels[seeds])] = True
+    keep[0] = False
     return keep[labels]
+
+
+def remove_faint_components(masks: np.ndarray, snr: np.ndarray, min_snr: float) -> np.ndarray:
+    """Drop the components of every frame of ``masks`` (T, H, W) whose lumen SNR
+    (``snr``, noise SDs) stays under ``min_snr`` throughout: a vessel stands out of the
+    noise along its course, a network of noise ridges nowhere far."""
+    return components_reaching(masks, snr >= min_snr)
 
 
 def hysteresis(response: np.ndarray, low: float, high: float) -> np.ndarray:
     """Per-frame hysteresis: components above ``low`` that reach ``high`` somewhere."""
-    labels, count = ndi.label(response > low, structure=IN_PLANE)
-    if count == 0:
-        return np.zeros(response.shape, bool)
-    strong = np.zeros(count + 1, bool)
-    strong[np.unique(labels[response > high])] = True
-    strong[0] = False
-    return strong[labels]
+    return components_reaching(response > low, response > high)
 
 
 def noise_sd(x: np.ndarray, scale: float, field: np.ndarray | None = None) -> np.ndarray:
