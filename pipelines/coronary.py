@@ -489,8 +489,9 @@ def classical_vessels(
     frames are aligned by the chest's shift is not contrast
     (:func:`remove_chest_static`); nor is a component whose lumen stands out nowhere by
     ``FAINT_SNR`` noise SDs (:func:`remove_faint_components`). Then the one-pixel ring
-    of a wide vessel's edge that is still lumen is added (:func:`pipelines.vessels.lumen_ring`): Frangi answers that
-    blurred edge weakly, and hysteresis leaves it out.
+    of a wide vessel's edge that is still lumen is added
+    (:func:`pipelines.vessels.lumen_ring`): Frangi answers that blurred edge weakly,
+    and hysteresis leaves it out.
     """
     cine = normalise_cine(frames)
     response, snr, chest = classical_response(cine, field)
