@@ -70,17 +70,6 @@ DENSEST_QUANTILE = 0.99
 # ``aif_lead``): noise, not tissue fed earlier.
 EARLY_QUANTILE = 0.02
 LEAD_SMOOTHING = 2.0
-# A downstream AIF lags the tissue fed first by at most the arterial transit from the
-# ICA to a cortical branch, about a second: normal tissue's Tmax against an ICA AIF
-# stays under 2 s, the delay DSC perfusion starts to call abnormal. Tissue that peaks
-# longer than this before the AIF is not fed earlier: its residue wrapped round the
-# circular deconvolution (head motion during the bolus, noise). On motion-free
-# randomised family A development runs (920000-920015, 930000-930011, 256 px) the
-# leads were 0.32-0.56 s; with 1.5 mm of head motion during the run (920000-920011,
-# drift and jerks) they reached 1.7-5.5 s on six runs, and each put the whole Tmax
-# map late by about that much (see ``aif_lead``: beyond this bound the lead is taken
-# again over the tissue within it).
-MAX_LEAD_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -255,10 +244,7 @@ def aif_lead(
     before the AIF (``early_share``, the quality measure: the AIF is downstream), the time of the earliest brain
     (``EARLY_QUANTILE`` of the Tmax map smoothed by ``sigma_px``); else 0 (what
     noise and the wrap of a truncated curve give with the ICA as the AIF: those
-    pixels have no value). A lead longer than an arterial transit (``MAX_LEAD_S``)
-    is not one: the share and the earliest brain are then taken again over the
-    tissue peaking at most that long before the AIF (the rest left out of the
-    smoothing too), and with no more than ``MAX_EARLY_BRAIN`` of it there is no lead.
+    pixels have no value).
 
     An AIF taken downstream of part of the brain (no ICA in view: the earliest
     large artery in the field is a branch) puts that tissue's Tmax below 0, which
@@ -276,28 +262,12 @@ def aif_lead(
     """
     if early_share <= MAX_EARLY_BRAIN:  # also when nothing was deconvolved
         return 0.0
-    earliest = _earliest(raw_tmax, where, np.ones(raw_tmax.shape, bool), sigma_px)
-    if earliest < -MAX_LEAD_S:
-        plausible = raw_tmax >= -MAX_LEAD_S
-        if np.mean(plausible & (raw_tmax < -step_s)) <= MAX_EARLY_BRAIN:
-            return 0.0
-        earliest = _earliest(raw_tmax, where, plausible, sigma_px)
-    return -earliest if earliest < -step_s else 0.0
-
-
-def _earliest(
-    raw_tmax: np.ndarray, where: np.ndarray, counted: np.ndarray, sigma_px: float
-) -> float:
-    """``EARLY_QUANTILE`` of the Tmax map (``raw_tmax`` at ``where``) smoothed by
-    ``sigma_px``, over the pixels ``counted`` (a selection of ``raw_tmax``; the
-    others are left out of the smoothing too)."""
-    inside = np.zeros(where.shape, bool)
-    inside[where] = counted
     image = np.zeros(where.shape, np.float64)
-    image[inside] = raw_tmax[counted]
-    weight = ndimage.gaussian_filter(inside.astype(np.float64), sigma_px)
-    smooth = ndimage.gaussian_filter(image, sigma_px)[inside] / np.maximum(weight[inside], 1e-6)
-    return float(np.quantile(smooth, EARLY_QUANTILE))
+    image[where] = raw_tmax
+    weight = ndimage.gaussian_filter(where.astype(np.float64), sigma_px)
+    smooth = ndimage.gaussian_filter(image, sigma_px)[where] / np.maximum(weight[where], 1e-6)
+    earliest = float(np.quantile(smooth, EARLY_QUANTILE))
+    return -earliest if earliest < -step_s else 0.0
 
 
 def _ttp(curves: torch.Tensor, step_s: float) -> torch.Tensor:

@@ -114,10 +114,7 @@ NAME = "dsa_perfusion"
 # 1.7.0: an ICA trunk wider than any artery (vessel_width_mm, 10 mm) is passed over
 # by the border rule and tried last by the earliest rule: blush, or an artery joined
 # to it, whose mask took that part of the brain out of the maps.
-# 1.8.0: a lead (Tmax measured from the earliest brain) longer than MAX_LEAD_S (2 s) is
-# not one: it is taken again over the tissue within 2 s of the AIF. Head motion during
-# the bolus wraps residues round, and such leads had put whole maps seconds late.
-VERSION = "1.8.0"
+VERSION = "1.7.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
