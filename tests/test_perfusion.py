@@ -30,7 +30,14 @@ from pipelines.perfusion.deconvolution import (
     smooth_in_mask,
 )
 from pipelines.perfusion.ica import largest_component
-from pipelines.perfusion.maps import MapSettings, compute_maps, tissue_masks
+from pipelines.perfusion.maps import (
+    BOUNDED_KEEP,
+    MAX_LEAD_S,
+    MapSettings,
+    aif_lead,
+    compute_maps,
+    tissue_masks,
+)
 from pipelines.perfusion.timing import acquisition_times, resample, uniform_grid
 
 torch.set_num_threads(1)
@@ -200,15 +207,9 @@ def test_tmax_onset_is_the_delay_where_the_argmax_is_late(method, shape):
         assert (argmax - np.array(delays)).min() > 1.0
 
 
-@pytest.mark.parametrize("late", [0, 4, 6])
-def test_tissue_fed_before_a_downstream_aif_keeps_its_values(late):
-    """An AIF measured ``late`` samples (0.25 s each) downstream of the ICA (no ICA
-    in view: the earliest artery in the field is a branch) is reached after part
-    of the brain. That tissue keeps its values: Tmax is measured from the
-    earliest brain (the lead), so the four regions fed 0, 1, 2 and 3 s after the
-    ICA read 0, 1, 2 and 3 s, and tissue already opaque when the AIF arrives is
-    not taken for a catheter. Before, Tmax below 0 had no value, and at 1.5 s
-    the earliest region was left out as static opacity."""
+def _downstream(late: int):
+    """The DRO of four regions fed 0-3 s after the ICA, and an AIF ``late`` samples
+    (0.25 s each) downstream of it."""
     delays = (0.0, 1.0, 2.0, 3.0)
     dro = make_dro(
         0, snr=None, cbfs=(0.02,), mtts=(4.0,), delays=delays, shapes=("exponential",), tile=24
@@ -228,6 +229,20 @@ def test_tissue_fed_before_a_downstream_aif_keeps_its_values(late):
         pixels=10,
         mask=np.zeros((h, w), bool),
     )
+    return dro, aif, delays
+
+
+@pytest.mark.parametrize("late", [0, 4, 6])
+def test_tissue_fed_before_a_downstream_aif_keeps_its_values(late):
+    """An AIF measured ``late`` samples (0.25 s each) downstream of the ICA (no ICA
+    in view: the earliest artery in the field is a branch) is reached after part
+    of the brain. That tissue keeps its values: Tmax is measured from the
+    earliest brain (the lead), so the four regions fed 0, 1, 2 and 3 s after the
+    ICA read 0, 1, 2 and 3 s, and tissue already opaque when the AIF arrives is
+    not taken for a catheter. Before, Tmax below 0 had no value, and at 1.5 s
+    the earliest region was left out as static opacity."""
+    dro, aif, delays = _downstream(late)
+    h, w = dro.labels.shape
     none = np.zeros((h, w), bool)
     result = compute_maps(
         dro.tissue.astype(np.float32), aif, 1e-4 * float(dro.tissue.max()), none, None
@@ -237,6 +252,61 @@ def test_tissue_fed_before_a_downstream_aif_keeps_its_values(late):
         region = dro.interior & (dro.labels == index)
         assert result.valid[region].all(), delay
         assert np.median(result.tmax[region]) == pytest.approx(delay, abs=0.15)
+
+
+def test_a_lead_longer_than_an_arterial_transit_is_not_one():
+    """Tmax is measured from the earliest brain when more than a tenth of it peaks
+    before a downstream AIF. Tissue that peaks seconds before the AIF is a residue
+    wrapped round the circular deconvolution (head motion during the bolus): on
+    randomised development runs with motion it moved the whole map 3.1-5.5 s late.
+    With the bound (``MAX_LEAD_S``), a longer lead is taken again over the tissue
+    within it; without it (while the AIF is chosen) the lead is as before."""
+    where = np.ones((40, 40), bool)
+    rng = np.random.default_rng(0)
+    later = rng.uniform(0.0, 2.0, where.shape)
+    early = np.zeros(where.shape, bool)
+    early[:, :8] = True  # a fifth of the brain, one territory
+    step = 0.25
+
+    def lead(tmax: np.ndarray) -> float:
+        raw = tmax[where]
+        return aif_lead(raw, float(np.mean(raw < -step)), where, step, 2.0, MAX_LEAD_S)
+
+    # Fed 0.75 s before the AIF: Tmax is measured from it.
+    assert lead(np.where(early, -0.75, later)) == pytest.approx(0.75, abs=0.1)
+    # Wrapped residues 5 s "before" the AIF: no lead; they have no value.
+    assert lead(np.where(early, -5.0, later)) == 0.0
+    # Both: the lead is the tissue's, not the wrapped residues'.
+    wrapped = np.zeros(where.shape, bool)
+    wrapped[:, 8:11] = True
+    tmax = np.where(early, -0.75, np.where(wrapped, -5.0, later))
+    assert lead(tmax) == pytest.approx(0.75, abs=0.1)
+    # Beyond the bound by a little: not a lead either.
+    assert lead(np.where(early, -(MAX_LEAD_S + 0.5), later)) == 0.0
+    # Without the bound: the lead of 1.7.0.
+    raw = np.where(early, -5.0, later)[where]
+    assert aif_lead(raw, float(np.mean(raw < -step)), where, step, 2.0) > 4.5
+
+
+def test_a_late_aif_keeps_its_long_lead():
+    """An AIF 2 s downstream (a late artery taken for want of the ICA): half the brain
+    peaks before it, the earliest tissue at the bound, and that lead is real. Bounded,
+    the maps lose a quarter of the brain; the pipeline keeps the maps without the
+    bound when the bounded ones give a value to under ``BOUNDED_KEEP`` of its pixels,
+    which is what happens here."""
+    dro, aif, delays = _downstream(8)
+    none = np.zeros(dro.labels.shape, bool)
+    sigma = 1e-4 * float(dro.tissue.max())
+    free = compute_maps(dro.tissue.astype(np.float32), aif, sigma, none, None)
+    bounded = compute_maps(
+        dro.tissue.astype(np.float32), aif, sigma, none, None, max_lead_s=MAX_LEAD_S
+    )
+    assert free.tmax_lead_s == pytest.approx(2.0, abs=0.1)
+    assert free.tmax_lead_s > MAX_LEAD_S
+    for index, delay in enumerate(delays):
+        region = dro.interior & (dro.labels == index)
+        assert np.median(free.tmax[region]) == pytest.approx(delay, abs=0.15)
+    assert bounded.valid.sum() < BOUNDED_KEEP * free.valid.sum()
 
 
 @pytest.mark.parametrize("method", ["ssvd", "csvd", "osvd", "tikhonov"])

@@ -70,6 +70,22 @@ DENSEST_QUANTILE = 0.99
 # ``aif_lead``): noise, not tissue fed earlier.
 EARLY_QUANTILE = 0.02
 LEAD_SMOOTHING = 2.0
+# A downstream AIF lags the tissue fed first by at most the arterial transit from the
+# ICA to a cortical branch, about a second: normal tissue's Tmax against an ICA AIF
+# stays under 2 s, the delay DSC perfusion starts to call abnormal. Tissue that peaks
+# longer than this before the AIF is not fed earlier: its residue wrapped round the
+# circular deconvolution (head motion during the bolus, noise). On motion-free
+# randomised family A development runs (920000-920015, 930000-930011, 256 px) the
+# leads were 0.32-0.56 s; with 1.5 mm of head motion during the run (920000-920011,
+# drift and jerks) they reached 1.7-5.5 s on six runs, and each put the whole Tmax
+# map late by about that much. The bound is applied to the chosen AIF's maps only
+# (``DsaPerfusion``), and kept where it leaves nearly as much brain with a value
+# (``BOUNDED_KEEP``): a late AIF that most of the brain fills before has a long lead
+# that is real.
+MAX_LEAD_S = 2.0
+# The maps with the bound are kept when they give a value to at least this share of
+# the pixels the maps without it did: wrapped residues are a minority of the brain.
+BOUNDED_KEEP = 0.9
 
 
 @dataclass(frozen=True)
@@ -237,14 +253,22 @@ def _disk(width_mm: float, spacing_px_mm: float) -> np.ndarray:
 
 
 def aif_lead(
-    raw_tmax: np.ndarray, early_share: float, where: np.ndarray, step_s: float, sigma_px: float
+    raw_tmax: np.ndarray,
+    early_share: float,
+    where: np.ndarray,
+    step_s: float,
+    sigma_px: float,
+    max_lead_s: float | None = None,
 ) -> float:
     """How much earlier than the AIF Tmax is measured from: when more than
     ``MAX_EARLY_BRAIN`` of the deconvolved brain peaks more than one grid step
     before the AIF (``early_share``, the quality measure: the AIF is downstream), the time of the earliest brain
     (``EARLY_QUANTILE`` of the Tmax map smoothed by ``sigma_px``); else 0 (what
     noise and the wrap of a truncated curve give with the ICA as the AIF: those
-    pixels have no value).
+    pixels have no value). With ``max_lead_s`` (``MAX_LEAD_S``), a lead longer than
+    that is taken again over the tissue peaking at most that long before the AIF
+    (the rest left out of the smoothing too), and with no more than
+    ``MAX_EARLY_BRAIN`` of the brain there, there is no lead.
 
     An AIF taken downstream of part of the brain (no ICA in view: the earliest
     large artery in the field is a branch) puts that tissue's Tmax below 0, which
@@ -262,12 +286,28 @@ def aif_lead(
     """
     if early_share <= MAX_EARLY_BRAIN:  # also when nothing was deconvolved
         return 0.0
-    image = np.zeros(where.shape, np.float64)
-    image[where] = raw_tmax
-    weight = ndimage.gaussian_filter(where.astype(np.float64), sigma_px)
-    smooth = ndimage.gaussian_filter(image, sigma_px)[where] / np.maximum(weight[where], 1e-6)
-    earliest = float(np.quantile(smooth, EARLY_QUANTILE))
+    earliest = _earliest(raw_tmax, where, np.ones(raw_tmax.shape, bool), sigma_px)
+    if max_lead_s is not None and earliest < -max_lead_s:
+        plausible = raw_tmax >= -max_lead_s
+        if np.mean(plausible & (raw_tmax < -step_s)) <= MAX_EARLY_BRAIN:
+            return 0.0
+        earliest = _earliest(raw_tmax, where, plausible, sigma_px)
     return -earliest if earliest < -step_s else 0.0
+
+
+def _earliest(
+    raw_tmax: np.ndarray, where: np.ndarray, counted: np.ndarray, sigma_px: float
+) -> float:
+    """``EARLY_QUANTILE`` of the Tmax map (``raw_tmax`` at ``where``) smoothed by
+    ``sigma_px``, over the pixels ``counted`` (a selection of ``raw_tmax``; the
+    others are left out of the smoothing too)."""
+    inside = np.zeros(where.shape, bool)
+    inside[where] = counted
+    image = np.zeros(where.shape, np.float64)
+    image[inside] = raw_tmax[counted]
+    weight = ndimage.gaussian_filter(inside.astype(np.float64), sigma_px)
+    smooth = ndimage.gaussian_filter(image, sigma_px)[inside] / np.maximum(weight[inside], 1e-6)
+    return float(np.quantile(smooth, EARLY_QUANTILE))
 
 
 def _ttp(curves: torch.Tensor, step_s: float) -> torch.Tensor:
@@ -292,8 +332,10 @@ def compute_maps(
     spacing_mm: tuple[float, float] | None,
     settings: MapSettings | None = None,
     device: str | torch.device = "cpu",
+    max_lead_s: float | None = None,
 ) -> Maps:
-    """All maps for concentration curves (N, H, W) on the AIF's uniform grid.
+    """All maps for concentration curves (N, H, W) on the AIF's uniform grid
+    (``max_lead_s``: see ``aif_lead``).
 
     When part of the brain fills before the AIF (``aif_lead``), the masks are
     made again with the static-opacity rule at the earliest brain's time instead
@@ -302,10 +344,10 @@ def compute_maps(
     """
     settings = settings or MapSettings()
     curves_in = concentration if isinstance(concentration, Curves) else Curves(concentration)
-    maps = _maps_from(curves_in, aif, sigma, ica, spacing_mm, settings, device, aif.arrival_s)
+    args = (curves_in, aif, sigma, ica, spacing_mm, settings, device)
+    maps = _maps_from(*args, aif.arrival_s, max_lead_s)
     if maps.tmax_lead_s > 0:
-        earliest = aif.arrival_s - maps.tmax_lead_s
-        maps = _maps_from(curves_in, aif, sigma, ica, spacing_mm, settings, device, earliest)
+        maps = _maps_from(*args, aif.arrival_s - maps.tmax_lead_s, max_lead_s)
     return maps
 
 
@@ -318,6 +360,7 @@ def _maps_from(
     settings: MapSettings,
     device: str | torch.device,
     static_at_s: float,
+    max_lead_s: float | None,
 ) -> Maps:
     """The maps, with static opacity judged at ``static_at_s``."""
     step = float(aif.grid_s[1] - aif.grid_s[0])
@@ -357,7 +400,7 @@ def _maps_from(
     duration = float(aif.grid_s[-1])
     raw_tmax = residues.tmax_s
     early_share = float(np.mean(raw_tmax < -step)) if raw_tmax.size else 0.0
-    lead = aif_lead(raw_tmax, early_share, valid, step, LEAD_SMOOTHING * sigma_px)
+    lead = aif_lead(raw_tmax, early_share, valid, step, LEAD_SMOOTHING * sigma_px, max_lead_s)
     shifted = raw_tmax + lead
     # Within one grid step before the reference: as early as it, Tmax 0.
     tmax = np.where((shifted < 0) & (shifted >= -step), 0.0, shifted).astype(np.float32)

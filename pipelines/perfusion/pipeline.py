@@ -74,7 +74,7 @@ from pipelines.perfusion.localise import (
     site_ica,
     wide_enough,
 )
-from pipelines.perfusion.maps import Maps, MapSettings, compute_maps
+from pipelines.perfusion.maps import BOUNDED_KEEP, MAX_LEAD_S, Maps, MapSettings, compute_maps
 from pipelines.perfusion.quality import (
     Findings,
     assess_perfusion,
@@ -114,7 +114,11 @@ NAME = "dsa_perfusion"
 # 1.7.0: an ICA trunk wider than any artery (vessel_width_mm, 10 mm) is passed over
 # by the border rule and tried last by the earliest rule: blush, or an artery joined
 # to it, whose mask took that part of the brain out of the maps.
-VERSION = "1.7.0"
+# 1.8.0: a lead (Tmax measured from the earliest brain) longer than MAX_LEAD_S (2 s) is
+# taken again over the tissue within 2 s of the AIF, once the AIF is chosen, where that
+# leaves nearly as much brain with a value: head motion during the bolus wraps residues
+# round, and such leads had put whole Tmax maps seconds late.
+VERSION = "1.8.0"
 # 1.1.0: valid-only maps, ICA/AIF fallbacks and candidates, quality, verdict
 
 UCUM_SECOND = Code("s", "UCUM", "second")
@@ -604,6 +608,8 @@ class DsaPerfusion:
         if choice is None:
             assert failure is not None
             raise failure
+        if choice.maps.tmax_lead_s > MAX_LEAD_S:
+            choice = self._bounded(choice, map_settings, device, inside)
         prepared, found, maps, width, others = (
             choice.prepared,
             choice.found,
@@ -801,6 +807,37 @@ class DsaPerfusion:
             rank=(rank, maps.early_share),
             passed_for_no_baseline=any(order.index(r) < rank for r in no_baseline),
         )
+
+    def _bounded(
+        self,
+        choice: Choice,
+        map_settings: MapSettings,
+        device: torch.device,
+        inside: np.ndarray | None,
+    ) -> Choice:
+        """The chosen AIF's maps again with its lead bounded by ``MAX_LEAD_S``
+        (``maps.aif_lead``), when they give a value to at least ``BOUNDED_KEEP`` of the
+        pixels the maps without the bound did; else the choice as it was. Head motion
+        during the bolus wraps a minority of the residues round to seconds before
+        the AIF, and the whole Tmax map was measured from them; a late AIF that most
+        of the brain fills before has a long lead that is real. The AIF was chosen
+        without the bound, so the choice between candidates is not changed by it."""
+        found, prepared = choice.found, choice.prepared
+        bounded = compute_maps(
+            found.concentration,
+            found.aif,
+            prepared.sigma,
+            found.located.ica.mask,
+            prepared.meta.pixel_spacing_mm,
+            map_settings,
+            device,
+            max_lead_s=MAX_LEAD_S,
+        )
+        if inside is not None:
+            bounded = restrict_maps(bounded, inside)
+        if bounded.valid.sum() < BOUNDED_KEEP * choice.maps.valid.sum():
+            return choice
+        return replace(choice, maps=bounded)
 
     def _quality(
         self,
