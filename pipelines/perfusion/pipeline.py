@@ -532,6 +532,28 @@ class Choice:
 MIN_SIDE = 8
 
 
+def _maps_of(
+    found: Input,
+    prepared: Prepared,
+    map_settings: MapSettings,
+    device: torch.device,
+    inside: np.ndarray | None,
+    max_lead_s: float | None = None,
+) -> Maps:
+    """The maps for this ICA and AIF, kept to the exposed field (``inside``)."""
+    maps = compute_maps(
+        found.concentration,
+        found.aif,
+        prepared.sigma,
+        found.located.ica.mask,
+        prepared.meta.pixel_spacing_mm,
+        map_settings,
+        device,
+        max_lead_s=max_lead_s,
+    )
+    return restrict_maps(maps, inside) if inside is not None else maps
+
+
 def _doubt(aif: Aif, maps: Maps, max_tail: float) -> tuple[bool, bool, float]:
     """How doubtful an AIF is, as a sort key: fed after too much of the brain first,
     then no washout (it ends above ``max_tail`` of its peak), then the share of the
@@ -770,20 +792,10 @@ class DsaPerfusion:
                 break
             width = fwhm_s(found.aif.curve, prepared.timing.grid_s)
             try:
-                maps = compute_maps(
-                    found.concentration,
-                    found.aif,
-                    prepared.sigma,
-                    found.located.ica.mask,
-                    prepared.meta.pixel_spacing_mm,
-                    map_settings,
-                    device,
-                )
+                maps = _maps_of(found, prepared, map_settings, device, inside)
             except PipelineError as exc:  # no brain for this AIF: the next candidate tries
                 refused.setdefault(found.located.rule, {})[found.located.candidate] = str(exc)
                 continue
-            if inside is not None:
-                maps = restrict_maps(maps, inside)
             fed_late, no_washout, _ = doubt = _doubt(found.aif, maps, max_tail)
             if not (fed_late or no_washout):
                 break
@@ -822,19 +834,7 @@ class DsaPerfusion:
         the AIF, and the whole Tmax map was measured from them; a late AIF that most
         of the brain fills before has a long lead that is real. The AIF was chosen
         without the bound, so the choice between candidates is not changed by it."""
-        found, prepared = choice.found, choice.prepared
-        bounded = compute_maps(
-            found.concentration,
-            found.aif,
-            prepared.sigma,
-            found.located.ica.mask,
-            prepared.meta.pixel_spacing_mm,
-            map_settings,
-            device,
-            max_lead_s=MAX_LEAD_S,
-        )
-        if inside is not None:
-            bounded = restrict_maps(bounded, inside)
+        bounded = _maps_of(choice.found, choice.prepared, map_settings, device, inside, MAX_LEAD_S)
         if bounded.valid.sum() < BOUNDED_KEEP * choice.maps.valid.sum():
             return choice
         return replace(choice, maps=bounded)
