@@ -77,8 +77,8 @@ LEAD_SMOOTHING = 2.0
 # circular deconvolution (head motion during the bolus, noise). On motion-free
 # randomised family A development runs (920000-920015, 930000-930011, 256 px) the
 # leads were 0.32-0.56 s; with 1.5 mm of head motion during the run (920000-920011,
-# drift and jerks) they reached 1.7-5.5 s on six runs, and each put the whole Tmax
-# map late by about that much. The bound is applied to the chosen AIF's maps only
+# drift and jerks) they reached 1.7-5.5 s on six runs (over 2 s, 3.1-5.5 s, on three),
+# and each put the whole Tmax map late by about that much. The bound is applied to the chosen AIF's maps only
 # (``DsaPerfusion``), and kept where it leaves nearly as much brain with a value
 # (``BOUNDED_KEEP``): a late AIF that most of the brain fills before has a long lead
 # that is real.

@@ -834,7 +834,12 @@ class DsaPerfusion:
         the AIF, and the whole Tmax map was measured from them; a late AIF that most
         of the brain fills before has a long lead that is real. The AIF was chosen
         without the bound, so the choice between candidates is not changed by it."""
-        bounded = _maps_of(choice.found, choice.prepared, map_settings, device, inside, MAX_LEAD_S)
+        try:
+            bounded = _maps_of(
+                choice.found, choice.prepared, map_settings, device, inside, MAX_LEAD_S
+            )
+        except PipelineError:  # no brain with the bound (the masks follow the lead)
+            return choice
         if bounded.valid.sum() < BOUNDED_KEEP * choice.maps.valid.sum():
             return choice
         return replace(choice, maps=bounded)
