@@ -554,6 +554,28 @@ def _maps_of(
     return restrict_maps(maps, inside) if inside is not None else maps
 
 
+def _bounded_lead(
+    choice: Choice,
+    map_settings: MapSettings,
+    device: torch.device,
+    inside: np.ndarray | None,
+) -> Choice:
+    """The chosen AIF's maps again with its lead bounded by ``MAX_LEAD_S``
+    (``maps.aif_lead``), when they give a value to at least ``BOUNDED_KEEP`` of the
+    pixels the maps without the bound did; else the choice as it was. Head motion
+    during the bolus wraps a minority of the residues round to seconds before the
+    AIF, and the whole Tmax map was measured from them; a late AIF that most of the
+    brain fills before has a long lead that is real. The AIF was chosen without the
+    bound, so the choice between candidates is not changed by it."""
+    try:
+        bounded = _maps_of(choice.found, choice.prepared, map_settings, device, inside, MAX_LEAD_S)
+    except PipelineError:  # no brain with the bound (the masks follow the lead)
+        return choice
+    if bounded.valid.sum() < BOUNDED_KEEP * choice.maps.valid.sum():
+        return choice
+    return replace(choice, maps=bounded)
+
+
 def _doubt(aif: Aif, maps: Maps, max_tail: float) -> tuple[bool, bool, float]:
     """How doubtful an AIF is, as a sort key: fed after too much of the brain first,
     then no washout (it ends above ``max_tail`` of its peak), then the share of the
@@ -631,7 +653,7 @@ class DsaPerfusion:
             assert failure is not None
             raise failure
         if choice.maps.tmax_lead_s > MAX_LEAD_S:
-            choice = self._bounded(choice, map_settings, device, inside)
+            choice = _bounded_lead(choice, map_settings, device, inside)
         prepared, found, maps, width, others = (
             choice.prepared,
             choice.found,
@@ -819,30 +841,6 @@ class DsaPerfusion:
             rank=(rank, maps.early_share),
             passed_for_no_baseline=any(order.index(r) < rank for r in no_baseline),
         )
-
-    def _bounded(
-        self,
-        choice: Choice,
-        map_settings: MapSettings,
-        device: torch.device,
-        inside: np.ndarray | None,
-    ) -> Choice:
-        """The chosen AIF's maps again with its lead bounded by ``MAX_LEAD_S``
-        (``maps.aif_lead``), when they give a value to at least ``BOUNDED_KEEP`` of the
-        pixels the maps without the bound did; else the choice as it was. Head motion
-        during the bolus wraps a minority of the residues round to seconds before
-        the AIF, and the whole Tmax map was measured from them; a late AIF that most
-        of the brain fills before has a long lead that is real. The AIF was chosen
-        without the bound, so the choice between candidates is not changed by it."""
-        try:
-            bounded = _maps_of(
-                choice.found, choice.prepared, map_settings, device, inside, MAX_LEAD_S
-            )
-        except PipelineError:  # no brain with the bound (the masks follow the lead)
-            return choice
-        if bounded.valid.sum() < BOUNDED_KEEP * choice.maps.valid.sum():
-            return choice
-        return replace(choice, maps=bounded)
 
     def _quality(
         self,
