@@ -48,7 +48,9 @@ NAME = "dsa_ia"
 # confidence (labels unchanged).
 # 0.5.0: a wide vessel's mask reaches its lumen's edge (a pixel more on each side).
 # 0.6.0: each vessel pixel's own (unsmoothed) curve is unmixed into artery and vein.
-VERSION = "0.6.0"
+# 0.7.0: a vessel pixel stands out from its surroundings in some frame (the ridges of a
+# dense blush's texture are not vessels).
+VERSION = "0.7.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)
 ARTERY_SEGMENT = Segment("Artery", ARTERY, color_rgb=RED)
