@@ -9,6 +9,7 @@ from scipy import ndimage
 from pipelines.base import ParametricMapOutput, PipelineContext, get
 from pipelines.perfusion.drift import DRIFT_MIN_SHARE, remove_drift
 from pipelines.quality import Verdict
+from tests.perfusion_runs import development_run
 
 SIZE = 128
 FRAMES = 40
@@ -120,17 +121,6 @@ def moved_phantom():
     )  # fmt: skip
 
 
-def _development_run(seed: int, motion_kind: str = "drift"):
-    """A randomised family A development run with 1.5 mm of head motion: 256 px, 20 s
-    at 4 frames/s, SNR 30 on the tissue."""
-    from training.phantoms import dsa
-
-    return dsa.generate(
-        seed, size=256, frames=80, fps=4.0, snr=30.0, snr_reference="tissue",
-        motion_mm=1.5, motion_kind=motion_kind, randomise=True,
-    )  # fmt: skip
-
-
 def _coverage(result, truth) -> float:
     maps = {o.key: o for o in result.outputs if isinstance(o, ParametricMapOutput)}
     perfused = np.isfinite(truth["cbf"]) & truth.get("field", True)
@@ -173,7 +163,7 @@ def test_the_correction_does_not_move_the_ica():
     feeds the maps (1.6.1 took an 1,612 px structure for it on the corrected signal,
     against the 88 px one found without the correction, and its Tmax error rose from
     0.26 to 0.62 s)."""
-    run = _development_run(920010, "jerks").to_run()
+    run = development_run(920010, "jerks").to_run()
     corrected = get("dsa_perfusion")(run, PipelineContext(options={"drift_correction": True}))
     assert any(n.startswith("head drift after the mask taken out") for n in corrected.notes)
     default = get("dsa_perfusion")(run, PipelineContext())
@@ -195,7 +185,7 @@ def test_the_course_does_not_follow_the_bolus():
     from pipelines.perfusion.aif import contrast_signal, noise_sigma, subtracted_mask_frames
     from pipelines.shutter import exposed_field
 
-    ph = _development_run(920010)
+    ph = development_run(920010)
     run = ph.to_run()
     field = exposed_field(run.pixels, run.meta)
     inside = field.mask if field.collimated else None
@@ -219,7 +209,7 @@ def test_head_drift_during_the_bolus_does_not_move_the_tmax_map():
     tissue fed before a downstream AIF, and the whole Tmax map was measured from it:
     6.0 s late on average. A lead longer than an arterial transit (``MAX_LEAD_S``)
     is not one: Tmax is measured from the AIF, those pixels have no value."""
-    p = _development_run(920001)
+    p = development_run(920001)
     result = get("dsa_perfusion")(p.to_run(), PipelineContext())
     assert not any(n.startswith("Tmax measured from the earliest brain") for n in result.notes)
     (tmax,) = [o for o in result.outputs if isinstance(o, ParametricMapOutput) and o.key == "tmax"]

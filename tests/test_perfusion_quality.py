@@ -36,6 +36,7 @@ from pipelines.perfusion.localise import locate, parse_site_rules, rule_in
 from pipelines.quality import Verdict
 from tests.conftest import dciodvfy_errors
 from tests.dicomgen import xa_run
+from tests.perfusion_runs import development_run
 from training.phantoms import dsa
 
 torch.set_num_threads(1)
@@ -801,16 +802,7 @@ def test_an_aif_that_never_washes_out_gives_way_to_one_that_does():
     the AIF (dsa_perfusion 1.3.0), its curve never came down and the Tmax map was off
     by 1.7 s on average; it now gives way to an artery whose bolus passes, and the
     notes say why."""
-    ph = dsa.generate(
-        920000,
-        size=256,
-        frames=80,
-        fps=4.0,
-        snr=30.0,
-        snr_reference="tissue",
-        randomise=True,
-        motion_mm=1.5,
-    )
+    ph = development_run(920000)
     run = ph.to_run()
     result = process(run)
     assert_physical(result, run)
