@@ -48,8 +48,8 @@ NAME = "dsa_ia"
 # confidence (labels unchanged).
 # 0.5.0: a wide vessel's mask reaches its lumen's edge (a pixel more on each side).
 # 0.6.0: each vessel pixel's own (unsmoothed) curve is unmixed into artery and vein.
-# 0.7.0: a vessel pixel stands out from its surroundings in some frame (the ridges of a
-# dense blush's texture are not vessels).
+# 0.7.0: a vessel pixel stands out from its surroundings in some frame (a dense blush,
+# which the MinIP holds at every pixel, is not vessel).
 VERSION = "0.7.0"
 # 0.2.0: the collimator shutter found and ignored; quality measures and verdict
 RED, YELLOW = (255, 0, 0), (255, 220, 0)

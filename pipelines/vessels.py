@@ -7,8 +7,8 @@
    capillary blush and flat background are suppressed), hysteresis thresholds
    relative to the background noise, small components removed; a wide vessel's
    mask then widened to its lumen's edge (:func:`widened_to_lumen`). A vessel pixel
-   stands out from its surroundings in some frame (:func:`standout`): the texture of
-   a dense capillary blush makes ridges of the MinIP, but only above the blush.
+   stands out from its surroundings in some frame (:func:`standout`): the MinIP holds
+   a dense capillary blush at every pixel it covers, far above the noise floor.
 2. Arteries and veins: every vessel pixel has a time-intensity curve. Contrast
    reaches arteries seconds before veins, so the curve's timing (arrival,
    time to peak, centre of mass) separates two clusters (2-means) among the
@@ -139,12 +139,13 @@ def standout(
     The surroundings are the frame, smoothed by 1 px, opened by a disk ``width_mm``
     across (``width_mm`` pixels without a spacing): what is narrower than the disk
     goes, a blush or a haze wider than it stays. The MinIP holds each pixel's own
-    peak, which for the blush is the blush: its texture and its noise make ridges
-    that Frangi answers, as high above zero as the blush is. Frame by frame, an
-    artery crossing the blush stands above it in the arterial phase, when the blush
-    has not come yet, and a ridge of the blush stands above the blush by its texture
-    only. The opening is taken on a grid a quarter of the disk's radius apart (the
-    background is smooth at that scale) and interpolated back."""
+    peak, which for the blush is the blush, as high above the noise floor as the
+    blush is: the vessel mask spread into it from the vessels crossing it, and its
+    noise made ridges that Frangi answers. Frame by frame, an artery crossing the
+    blush stands above it in the arterial phase, when the blush has not come yet, and
+    the blush itself stands above its surroundings by its noise only. The opening is
+    taken on a grid a quarter of the disk's radius apart (the background is smooth at
+    that scale) and interpolated back."""
     spacing = float(np.mean(pixel_spacing_mm)) if pixel_spacing_mm is not None else 1.0
     radius = max(1, int(round(width_mm / 2 / spacing)))
     step = max(1, radius // 4)
