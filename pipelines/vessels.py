@@ -122,12 +122,17 @@ def noise_sigma(image: np.ndarray, field: np.ndarray | None = None) -> float:
 
 
 def above_noise(
-    contrast: np.ndarray, params: ClassicalParams, field: np.ndarray | None = None
+    contrast: np.ndarray,
+    params: ClassicalParams,
+    field: np.ndarray | None = None,
+    noise: float | None = None,
 ) -> np.ndarray:
     """Where the MinIP ``contrast`` exceeds ``params.contrast_sigmas`` background noise
-    SDs (:func:`noise_sigma`, over the ``field`` when one is given): the floor of every
-    vessel pixel, the lumen's edge included."""
-    return contrast > params.contrast_sigmas * noise_sigma(contrast, field)
+    SDs (``noise``, else :func:`noise_sigma` over the ``field`` when one is given): the
+    floor of every vessel pixel, the lumen's edge included."""
+    if noise is None:
+        noise = noise_sigma(contrast, field)
+    return contrast > params.contrast_sigmas * noise
 
 
 def standout(
@@ -530,7 +535,7 @@ def analyse(
     # calibre mask below (the same contrast threshold): measured once. A vessel pixel
     # also stands out from its surroundings in some frame (:func:`standout`).
     noise = noise_sigma(peak, inside)
-    above = (peak > params.contrast_sigmas * noise) & (
+    above = above_noise(peak, params, noise=noise) & (
         standout(contrast, pixel_spacing_mm, params.standout_width_mm)
         > params.standout_sigmas * noise
     )
