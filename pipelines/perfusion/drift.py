@@ -49,7 +49,8 @@ course of its own), though on the latter not on every run. On family B, never us
 to develop it, it gives back brain but raises the timing errors
 (``bench.generalization``'s perfusion part at 256 px, 1.6.2: 5 of 10 runs
 corrected, coverage 0.72 -> 0.79, Tmax MAE 0.58 -> 0.68 s, MTT MAE 1.65 -> 1.73 s;
-BENCHMARKS.md, docs/perfusion.md step 2). Why is not established. Late contrast in
+BENCHMARKS.md, docs/perfusion.md step 2). Why is established for two of those runs
+only (docs/perfusion.md step 2: a reference that held the arterial phase). Late contrast in
 the pattern is not the main error on family A: on the five randomised family A runs
 with 1.5 mm of drift that it corrects, the pattern's error correlates with the fine
 part of the contrast left at the end at r = 0.08-0.27 (approximately: the same seed

@@ -286,7 +286,7 @@ def aif_lead(
     """
     if early_share <= MAX_EARLY_BRAIN:  # also when nothing was deconvolved
         return 0.0
-    earliest = _earliest(raw_tmax, where, np.ones(raw_tmax.shape, bool), sigma_px)
+    earliest = _earliest(raw_tmax, where, None, sigma_px)
     if max_lead_s is not None and earliest < -max_lead_s:
         plausible = raw_tmax >= -max_lead_s
         if np.mean(plausible & (raw_tmax < -step_s)) <= MAX_EARLY_BRAIN:
@@ -296,15 +296,16 @@ def aif_lead(
 
 
 def _earliest(
-    raw_tmax: np.ndarray, where: np.ndarray, counted: np.ndarray, sigma_px: float
+    raw_tmax: np.ndarray, where: np.ndarray, counted: np.ndarray | None, sigma_px: float
 ) -> float:
     """``EARLY_QUANTILE`` of the Tmax map (``raw_tmax`` at ``where``) smoothed by
     ``sigma_px``, over the pixels ``counted`` (a selection of ``raw_tmax``; the
-    others are left out of the smoothing too)."""
-    inside = np.zeros(where.shape, bool)
-    inside[where] = counted
+    others are left out of the smoothing too; None: all of them)."""
+    inside = where.copy()
+    if counted is not None:
+        inside[where] = counted
     image = np.zeros(where.shape, np.float64)
-    image[inside] = raw_tmax[counted]
+    image[inside] = raw_tmax if counted is None else raw_tmax[counted]
     weight = ndimage.gaussian_filter(inside.astype(np.float64), sigma_px)
     smooth = ndimage.gaussian_filter(image, sigma_px)[inside] / np.maximum(weight[inside], 1e-6)
     return float(np.quantile(smooth, EARLY_QUANTILE))
