@@ -9,7 +9,8 @@ the ST U-Net package and the VSS-Net package, each through its pipeline.
 
 Performance: seconds per run and peak resident memory, each configuration in a
 fresh process, for 1024 x 1024 x 30 and 512 x 512 x 15 runs: the classical path
-(the reference for the ratios), and each network at its default configuration
+(the reference for the ratios), the classical path with its standout step skipped
+(that step's cost), and each network at its default configuration
 (timing does not depend on the weights, so untrained networks stand in), plus
 node-side compute end to end for the classical path (XA file decoded,
 pipeline, DICOM encoded and written durably), and the whole path through a
@@ -36,6 +37,7 @@ from dicom_node import dcmtk
 
 SIZES = ((1024, 30), (512, 15))
 MODELS = {"st_unet": ("dsa_av", {}), "vss_net": ("dsa_ia", {})}
+WITHOUT_STANDOUT = "classical_without_standout"
 
 
 def _rss_mb() -> float:
@@ -148,6 +150,16 @@ def measure_one(kind: str, run_path: Path) -> dict[str, float]:
             )
         elif kind == "minip":
             pipeline = "minip"
+        elif kind == WITHOUT_STANDOUT:
+            # The classical path as it was before dsa_av 0.7.0: the standout rule's
+            # step skipped (every pixel stands out), so its cost is the difference
+            # from the classical row. Outputs differ; only the time is used.
+            import pipelines.vessels as vessels
+
+            def every_pixel_stands_out(contrast: np.ndarray, *_: Any) -> np.ndarray:
+                return np.full(contrast.shape[1:], np.inf, np.float32)
+
+            vessels.standout = every_pixel_stands_out  # type: ignore[assignment]
         base = _rss_mb()
         if kind == "end_to_end":
             from dicom_node.encode import encode_result
@@ -279,7 +291,7 @@ def _child(kind: str, run_path: Path) -> dict[str, float]:
 
 
 def performance() -> str:
-    kinds = ["minip", "classical", "end_to_end", "st_unet", "vss_net"]
+    kinds = ["minip", "classical", WITHOUT_STANDOUT, "end_to_end", "st_unet", "vss_net"]
     rows = [
         "| run | path | parameters | seconds | x classical | peak RSS (MB) | RSS before processing (MB) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -398,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\nNetworks at their default configuration (ST U-Net widths 32-256, VSS-Net "
             "16-256), untrained (timing does not depend on weights). end_to_end: XA file "
             "decoded, classical dsa_av, canvas + SEG + overlay encoded and written with "
-            "fsync; network transfer not included. Peak RSS is of the whole process "
+            "fsync; network transfer not included. classical_without_standout: the classical "
+            "path with the standout rule's step skipped (dsa_av 0.7.0 added it; its output "
+            "differs and is not scored), for that step's cost. Peak RSS is of the whole process "
             "(Python, torch and the run included), each configuration in its own process."
         )
     write_section(
