@@ -57,6 +57,19 @@ class LoadedRun:
     headers: list[Dataset]  # pixel data removed, in run order
 
 
+def _has_value(ds: Dataset, keyword: str) -> bool:
+    """Whether the element is there with a value, read without converting it: a value
+    its VR cannot hold (a Frame Time sent as an FD of 250 bytes) raises when converted,
+    which ``header_floats`` has already reported as unreadable."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return False
+    value = ds.get_item(tag).value
+    if isinstance(value, (bytes, str)):
+        return len(value) > 0
+    return value is not None
+
+
 def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
     """Acquisition times (s, from the first frame) from Frame Time Vector, Frame Time or
     the per-frame acquisition date-times, and what was wrong with the timing when there
@@ -76,14 +89,14 @@ def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
             problems.append("Frame Time Vector has increments that are not positive")
         else:
             problems.append(f"Frame Time Vector has {len(ftv)} values for {frames} frames")
-    elif ds.get("FrameTimeVector") not in (None, ""):
+    elif _has_value(ds, "FrameTimeVector"):
         problems.append("Frame Time Vector is not numeric")  # not quoted: logs carry no values
     ft = header_floats(ds, "FrameTime")
     if ft is not None:
         if len(ft) == 1 and ft[0] > 0:
             return np.arange(frames, dtype=np.float64) * ft[0] / 1000.0, ""
         problems.append(f"Frame Time is not one positive number ({len(ft)} value(s))")
-    elif ds.get("FrameTime") not in (None, ""):
+    elif _has_value(ds, "FrameTime"):
         problems.append("Frame Time is not numeric")
     pf = ds.get("PerFrameFunctionalGroupsSequence")
     if pf is not None and len(pf) == frames:

@@ -475,6 +475,19 @@ def timings(rng: np.random.Generator) -> Iterator[Case]:
         ds = fresh(seed=700 + i)
         edit(ds)
         yield Case(name, "timing", encode(ds))
+    # A value its VR cannot hold, which raises when it is converted (an FD whose length
+    # is not a multiple of 8: found by the corpus of seed 17). pydicom will not write
+    # one, so the VR is changed in the encoded bytes.
+    for keyword in ("FrameTime", "FrameTimeVector"):
+        ds = fresh(seed=790)
+        if keyword == "FrameTimeVector":
+            del ds.FrameTime
+            ds.FrameIncrementPointer = 0x00181065
+        raw(ds, keyword, "DS", "0123456789")
+        data = bytearray(encode(ds))
+        pos = _element_offset(bytes(data), int(Tag(keyword)), dataset_offset(bytes(data)))
+        data[pos + 4 : pos + 6] = b"FD"
+        yield Case(f"{keyword} as an FD of 10 bytes", "timing", bytes(data))
 
 
 def _mask(frame: int, op: str = "AVG_SUB") -> Callable[[Dataset], None]:
