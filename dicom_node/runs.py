@@ -61,10 +61,9 @@ def _has_value(ds: Dataset, keyword: str) -> bool:
     """Whether the element is there with a value, read without converting it: a value
     its VR cannot hold (a Frame Time sent as an FD of 250 bytes) raises when converted,
     which ``header_floats`` has already reported as unreadable."""
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds:
+    if keyword not in ds:
         return False
-    value = ds.get_item(tag).value
+    value = ds.get_item(keyword).value
     if isinstance(value, (bytes, str)):
         return len(value) > 0
     return value is not None
