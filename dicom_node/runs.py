@@ -63,7 +63,7 @@ def _has_value(ds: Dataset, keyword: str) -> bool:
     which ``header_floats`` has already reported as unreadable."""
     if keyword not in ds:
         return False
-    value = ds.get_item(keyword).value
+    value = ds.get_item(keyword, keep_deferred=True).value  # an empty one: None, unconverted
     if isinstance(value, (bytes, str)):
         return len(value) > 0
     return value is not None
@@ -323,12 +323,14 @@ def _strip(ds: Dataset, readable: set[tuple[Any, ...]] | None = None) -> Dataset
     header = Dataset()
     header.file_meta = ds.file_meta
     dropped = []
-    charset = ds.get_item(0x00080005)
+    # keep_deferred: pydicom converts an element whose raw value is None (an empty one)
+    # when it is asked for, and one with an unknown VR then raises (corpus seed 87).
+    charset = ds.get_item(0x00080005, keep_deferred=True)
     charset_bytes = charset.value if isinstance(charset, RawDataElement) else repr(charset)
     for tag in list(ds.keys()):
         if tag in _PIXEL_TAGS:
             continue
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         key = None
         if isinstance(raw, RawDataElement) and raw.value is not None:
             key = (tag, raw.VR, raw.is_implicit_VR, raw.is_little_endian, charset_bytes, raw.value)

@@ -168,6 +168,16 @@ def wrong_vrs(rng: np.random.Generator) -> Iterator[Case]:
             continue
         data[pos + 4 : pos + 6] = vr
         yield Case(f"{name} with VR {vr.decode()}", "wrong VR", bytes(data))
+    # An empty element with an unknown VR: pydicom converts an empty raw element when it
+    # is asked for, and the unknown VR then raises (found by the corpus of seed 87, on an
+    # empty Patient's Birth Date). The character set is read while the file is parsed.
+    for keyword, tag in (("PatientBirthDate", 0x00100030), ("SpecificCharacterSet", 0x00080005)):
+        ds = fresh(seed=260)
+        setattr(ds, keyword, "")
+        data = bytearray(encode(ds))
+        pos = _element_offset(bytes(data), tag, dataset_offset(bytes(data)))
+        data[pos + 4 : pos + 6] = b"XX"
+        yield Case(f"an empty {keyword} with VR XX", "wrong VR", bytes(data))
 
 
 def false_lengths(rng: np.random.Generator) -> Iterator[Case]:
