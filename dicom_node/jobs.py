@@ -61,6 +61,7 @@ class Workers:
                 cpu_only(device),
                 settings.pipeline_memory_mib,
                 threads_per_job(settings.concurrency, settings.cpu_threads),
+                settings.pipeline_memory_bytes_per_pixel,
             )
             for i in range(settings.concurrency)
         ]

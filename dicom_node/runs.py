@@ -7,7 +7,7 @@ with the reason (the job fails without retry).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,8 +378,9 @@ def _unreadable(elem: DataElement) -> bool:
     return False
 
 
-def load_run(paths: Sequence[Path]) -> LoadedRun:
-    """Read the files of one run (one multi-frame instance, or a series) into a Run."""
+def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = None) -> LoadedRun:
+    """Read the files of one run (one multi-frame instance, or a series) into a Run.
+    ``on_pixels`` hears how many pixels the headers declare before any is decoded."""
     if not paths:
         raise RunError("run has no instances")
     datasets: list[Dataset] = []
@@ -388,6 +389,8 @@ def load_run(paths: Sequence[Path]) -> LoadedRun:
             datasets.append(dcmread(p))
         except (OSError, ValueError, InvalidDicomError) as exc:
             raise RunError(f"cannot read {p}: {exc}") from None
+    if on_pixels is not None:
+        on_pixels(sum(declared_pixels(ds) for ds in datasets))
     first = datasets[0]
     sop = str(first.SOPClassUID)
     if sop in VOLUME:
@@ -395,6 +398,18 @@ def load_run(paths: Sequence[Path]) -> LoadedRun:
     if sop not in CINE_2D and int(first.get("NumberOfFrames", 1) or 1) == 1 and len(datasets) == 1:
         raise RunError(f"a single {first.get('Modality', '?')} frame is not a run")
     return _load_cine(datasets, [Path(p) for p in paths])
+
+
+def declared_pixels(ds: Dataset) -> int:
+    """Rows x Columns x frames x samples per pixel as the header declares them (the
+    ingest checked them against its limits); 0 where one cannot be read, which decoding
+    then reports."""
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        return max(0, int(ds.Rows) * int(ds.Columns) * frames * samples)
+    except Exception:  # noqa: BLE001 - any unreadable value: not counted
+        return 0
 
 
 def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:

@@ -9,8 +9,10 @@ verified at load).
 
 The parent watches it while it works: a child that dies (a decoder panic, a
 segfault, the kernel's OOM killer), grows past the memory limit (resident set,
-polled; the job's pipeline budget, ``[workers] pipeline_memory_mib``, when that
-is lower) or runs past the time limit is killed and replaced, and the job gets an
+polled; the job's pipeline budget when that is lower: ``[workers]
+pipeline_memory_mib`` and ``pipeline_memory_bytes_per_pixel`` times the pixels of
+its run, which the child reports once it has read the run's headers and before it
+decodes) or runs past the time limit is killed and replaced, and the job gets an
 :class:`Outcome` whose reason names what happened and in which stage. The
 service process itself never decodes pixel data from the network.
 """
@@ -39,7 +41,10 @@ from dicom_node.db import ResultFile
 from dicom_node.errors import RunError
 from dicom_node.processing import resolve_device, run_pipeline, write_dataset
 from dicom_node.runs import load_run
-from dicom_node.settings import DEFAULT_PIPELINE_MEMORY_MIB
+from dicom_node.settings import (
+    DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
+    DEFAULT_PIPELINE_MEMORY_MIB,
+)
 from pipelines.base import BUILTIN, PipelineError
 
 log = logging.getLogger(__name__)
@@ -90,8 +95,14 @@ def _where(exc: BaseException) -> str:
     return f" at {'/'.join(parts[-2:])}:{last.lineno}"
 
 
-def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
-    """Decode, compute, encode and write one job; every error becomes an Outcome."""
+def execute(
+    spec: JobSpec,
+    on_stage: Callable[[str], None],
+    on_pixels: Callable[[int], None] | None = None,
+) -> Outcome:
+    """Decode, compute, encode and write one job; every error becomes an Outcome.
+    ``on_pixels`` hears the run's pixel count once its headers are read, before it is
+    decoded (the parent sizes the job's memory budget from it)."""
     stage = "decoding"
 
     def at(name: str) -> None:
@@ -101,7 +112,7 @@ def execute(spec: JobSpec, on_stage: Callable[[str], None]) -> Outcome:
 
     try:
         at("decoding")
-        loaded = load_run([Path(p) for p in spec.paths])
+        loaded = load_run([Path(p) for p in spec.paths], on_pixels=on_pixels)
         datasets, notes = run_pipeline(
             loaded,
             spec.pipeline,
@@ -191,7 +202,11 @@ def _serve(
             return
         if spec is None:
             return
-        outcome = execute(spec, lambda stage: conn.send(("stage", stage)))
+        outcome = execute(
+            spec,
+            lambda stage: conn.send(("stage", stage)),
+            lambda pixels: conn.send(("pixels", pixels)),
+        )
         conn.send(("done", outcome))
 
 
@@ -257,17 +272,24 @@ class WorkerProcess:
         cpu_only: bool | None,
         budgets_mib: Mapping[str, int] | None = None,
         threads: int | None = None,
+        bytes_per_pixel: Mapping[str, float] | None = None,
     ) -> None:
         """``cpu_only``: True for a worker that runs on the CPU, False for one that
         may use a GPU, None to let the worker decide (CPU-only unless torch sees a
         GPU: the ``auto`` device). ``threads``: the CPU threads its jobs may use
-        (:func:`threads_per_job`); None: torch's default."""
+        (:func:`threads_per_job`); None: torch's default. ``budgets_mib`` and
+        ``bytes_per_pixel``: each pipeline's budget, a fixed part and a part per pixel
+        of the run (None: the measured defaults)."""
         self.name = name
         self.threads = threads
         self.memory_limit = memory_limit_bytes
-        # Per pipeline (MiB), each capped by the limit above: a job of a pipeline
-        # measured at 1 GB is ended well before the limit that a 3 GB one needs.
+        # Per pipeline, each capped by the limit above: a job of a pipeline measured at
+        # 1 GB is ended well before the limit that a 3 GB one needs, and a large run
+        # gets what its pixels need (a 1024^2 x 90 coronary cine 3 GB, 512^2 x 90 1 GB).
         self.budgets = dict(DEFAULT_PIPELINE_MEMORY_MIB if budgets_mib is None else budgets_mib)
+        self.bytes_per_pixel = dict(
+            DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL if bytes_per_pixel is None else bytes_per_pixel
+        )
         # A hard address-space cap backs the RSS watchdog against a sudden allocation.
         # CUDA maps far more address space than it uses, so only CPU workers get it.
         self.address_space_limit = (
@@ -277,10 +299,14 @@ class WorkerProcess:
         self.proc: Any = None
         self.conn: Connection | None = None
 
-    def memory_limit_for(self, pipeline: str) -> int:
-        """Bytes a job of ``pipeline`` may hold resident."""
+    def memory_limit_for(self, pipeline: str, pixels: int = 0) -> int:
+        """Bytes a job of ``pipeline`` on a run of ``pixels`` decoded pixels may hold
+        resident (0: not known yet, the fixed part)."""
         budget = self.budgets.get(pipeline)
-        return self.memory_limit if budget is None else min(self.memory_limit, budget * 2**20)
+        if budget is None:
+            return self.memory_limit
+        grown = budget * 2**20 + int(self.bytes_per_pixel.get(pipeline, 0.0) * pixels)
+        return min(self.memory_limit, grown)
 
     @property
     def pid(self) -> int | None:
@@ -355,6 +381,7 @@ class WorkerProcess:
         laps: list[tuple[str, float]],
     ) -> Outcome:
         limit = self.memory_limit_for(spec.pipeline)
+        pixels = 0
         conn = self._ensure()
         conn.send(spec)
         stage = "starting"
@@ -369,6 +396,10 @@ class WorkerProcess:
                         stage = value
                         laps.append((stage, time.monotonic()))
                         continue
+                    if kind == "pixels":
+                        pixels = int(value)
+                        limit = self.memory_limit_for(spec.pipeline, pixels)
+                        continue
                     return value  # type: ignore[no-any-return]
             except (EOFError, OSError):
                 pass  # the child died: its exit code says how, below
@@ -379,9 +410,10 @@ class WorkerProcess:
                 return self._end(f"{what} crashed ({_signal_name(code)})", stage)
             rss = _rss_bytes(self.proc.pid)
             if rss > limit:
+                run = f", a run of {pixels / 1e6:.3g} million pixels" if pixels else ""
                 return self._end(
                     f"memory limit {limit / 2**30:.3g} GiB exceeded "
-                    f"({rss / 2**30:.3g} GiB resident)",
+                    f"({rss / 2**30:.3g} GiB resident{run})",
                     stage,
                 )
             elapsed = time.monotonic() - start

@@ -55,21 +55,34 @@ class CompletionSettings(Strict):
     sweep_interval_s: float = Field(1.0, gt=0)
 
 
-# Resident memory one job of each pipeline may use, MiB: the peak of a whole job
-# (decode, compute, encode; a fresh process with torch loaded) that
-# ``python -m bench.budget`` measured at clinical sizes (BENCHMARKS.md, "Budget";
-# the larger of the classical path and the example packages), plus a quarter and
-# 512 MiB for a long-lived worker's packages and allocator slack, rounded up to
-# 256 MiB. Peaks (GB): minip 0.72, dsa_av 2.38 (ST U-Net r1 package), dsa_ia 2.20
-# (VSS-Net quick package), dsa_perfusion 1.24 (ICA U-Net quick package),
-# xa_coronary 1.10 (CE-Net quick package), rotational_dla 2.83 (classical, 512^3).
+# Resident memory one job of each pipeline may use: a fixed part (MiB) and a part per
+# decoded pixel of its run (bytes; rows x columns x frames x samples, summed over a
+# series' instances; a volume's voxels), at most ``memory_limit_mib``. The per-pixel
+# part is the growth of a whole job's peak (decode, compute, encode; a fresh process
+# with torch loaded) that ``python -m bench.budget`` measured between a clinical run
+# and one three to eight times as large, classical path (BENCHMARKS.md, "Budget"),
+# plus a quarter: GB per 10^9 pixels, dsa_av 22.9, dsa_ia 22.9, dsa_perfusion 12.6,
+# xa_coronary 28.4, rotational_dla 16.2, minip 7.6. The fixed part keeps each budget
+# at the clinical size what it was before the budgets grew with the run (the peak
+# there, the example packages' included, plus a quarter and 512 MiB for a long-lived
+# worker's packages and allocator slack: peaks in GB minip 0.72, dsa_av 2.38, dsa_ia
+# 2.20, dsa_perfusion 1.24, xa_coronary 1.10, rotational_dla 2.83), rounded up to
+# 256 MiB. Before, a fixed 2 GiB ended every 1024^2 x 90 coronary cine (3.05 GB).
 DEFAULT_PIPELINE_MEMORY_MIB: dict[str, int] = {
-    "minip": 1536,
-    "dsa_av": 3584,
-    "dsa_ia": 3328,
-    "dsa_perfusion": 2048,
-    "xa_coronary": 2048,
-    "rotational_dla": 4096,
+    "minip": 1280,  # 1536 at 1024^2 x 30
+    "dsa_av": 2816,  # 3584 at 1024^2 x 30
+    "dsa_ia": 2560,  # 3328 at 1024^2 x 30
+    "dsa_perfusion": 1792,  # 2048 at 1024^2 x 30
+    "xa_coronary": 1280,  # 2048 at 512^2 x 90
+    "rotational_dla": 1536,  # 4096 at 512^3
+}
+DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL: dict[str, float] = {
+    "minip": 10.0,
+    "dsa_av": 29.0,
+    "dsa_ia": 29.0,
+    "dsa_perfusion": 16.0,
+    "xa_coronary": 36.0,
+    "rotational_dla": 21.0,
 }
 
 
@@ -78,6 +91,13 @@ def _budgets(value: dict[str, int]) -> dict[str, int]:
         if mib < 256:
             raise ValueError(f"pipeline_memory_mib.{name}: at least 256 MiB, got {mib}")
     return {**DEFAULT_PIPELINE_MEMORY_MIB, **value}
+
+
+def _per_pixel(value: dict[str, float]) -> dict[str, float]:
+    for name, size in value.items():
+        if not 0 <= size <= 4096:
+            raise ValueError(f"pipeline_memory_bytes_per_pixel.{name}: 0 to 4096 bytes, got {size}")
+    return {**DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL, **value}
 
 
 class WorkerSettings(Strict):
@@ -115,8 +135,17 @@ class WorkerSettings(Strict):
     job_timeout_s: float = Field(1800.0, gt=0, description="wall time of one job attempt")
     pipeline_memory_mib: Annotated[dict[str, int], AfterValidator(_budgets)] = Field(
         default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_MIB),
-        description="resident memory one job of a pipeline may use, at most memory_limit_mib; "
-        "pipelines not named keep their measured defaults",
+        description="the fixed part of the resident memory one job of a pipeline may use; "
+        "with pipeline_memory_bytes_per_pixel times its run's decoded pixels, at most "
+        "memory_limit_mib; pipelines not named keep their measured defaults",
+    )
+    pipeline_memory_bytes_per_pixel: Annotated[dict[str, float], AfterValidator(_per_pixel)] = (
+        Field(
+            default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL),
+            description="what each decoded pixel of the run (rows x columns x frames x "
+            "samples; a volume's voxels) adds to a job's budget, in bytes; pipelines not "
+            "named keep their measured defaults",
+        )
     )
     pipeline_options: dict[str, dict[str, Any]] = Field(
         {},
@@ -594,6 +623,10 @@ def _check_pipelines(settings: Settings) -> None:
     for key, names in (
         ("engine.queues", settings.engine.queues),
         ("workers.pipeline_memory_mib", settings.workers.pipeline_memory_mib),
+        (
+            "workers.pipeline_memory_bytes_per_pixel",
+            settings.workers.pipeline_memory_bytes_per_pixel,
+        ),
         ("workers.pipeline_options", settings.workers.pipeline_options),
         ("models", settings.models),
     ):

@@ -15,9 +15,14 @@ from pynetdicom import AE
 
 from dicom_node.errors import ConfigError
 from dicom_node.sandbox import JobSpec, WorkerProcess
-from dicom_node.settings import DEFAULT_PIPELINE_MEMORY_MIB, load_settings
+from dicom_node.settings import (
+    DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
+    DEFAULT_PIPELINE_MEMORY_MIB,
+    load_settings,
+)
 from pipelines import names
 from tests.conftest import wait_for
+from tests.dicomgen import xa_run
 
 GiB = 2**30
 
@@ -35,6 +40,18 @@ def _spec(path: Path, out: Path, pipeline: str, job_id: int) -> JobSpec:
 
 def test_every_pipeline_has_a_default_budget_and_settings_merge_over_it() -> None:
     assert set(DEFAULT_PIPELINE_MEMORY_MIB) == set(names())
+    assert set(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL) == set(names())
+    grown = load_settings(
+        None, environ={}, workers={"pipeline_memory_bytes_per_pixel": {"xa_coronary": 50}}
+    ).workers.pipeline_memory_bytes_per_pixel
+    assert (
+        grown["xa_coronary"] == 50
+        and grown["minip"] == DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL["minip"]
+    )
+    with pytest.raises(ConfigError, match="pipeline_memory_bytes_per_pixel.nope: unknown pipeline"):
+        load_settings(None, environ={}, workers={"pipeline_memory_bytes_per_pixel": {"nope": 1}})
+    with pytest.raises(ConfigError, match="0 to 4096 bytes"):
+        load_settings(None, environ={}, workers={"pipeline_memory_bytes_per_pixel": {"minip": -1}})
     settings = load_settings(None, environ={}, workers={"pipeline_memory_mib": {"minip": 700}})
     budgets = settings.workers.pipeline_memory_mib
     assert budgets["minip"] == 700
@@ -56,11 +73,62 @@ def test_the_budget_is_capped_by_the_worker_limit() -> None:
     )
 
 
+def test_the_budget_grows_with_the_run_and_keeps_the_clinical_sizes_where_they_were() -> None:
+    """A 1024^2 x 90 coronary cine peaked at 3.05 GB (bench.budget's way, classical path):
+    over the 2 GiB that every xa_coronary job had, within what its pixels now add. At
+    the clinical sizes the budgets are at least what they were as fixed budgets."""
+    default = WorkerProcess("t", 64 * GiB, cpu_only=True)
+    cine = 1024 * 1024 * 90
+    assert default.memory_limit_for("xa_coronary", cine) > 3.05e9 * 1.25
+    before = {  # the fixed budgets (MiB) and the runs bench.budget measured them on
+        "minip": (1536, 1024 * 1024 * 30),
+        "dsa_av": (3584, 1024 * 1024 * 30),
+        "dsa_ia": (3328, 1024 * 1024 * 30),
+        "dsa_perfusion": (2048, 1024 * 1024 * 30),
+        "xa_coronary": (2048, 512 * 512 * 90),
+        "rotational_dla": (4096, 512**3),
+    }
+    for pipeline, (mib, pixels) in before.items():
+        assert mib * 2**20 <= default.memory_limit_for(pipeline, pixels) < (mib + 256) * 2**20
+    capped = WorkerProcess("t", 2 * GiB, cpu_only=True)
+    assert capped.memory_limit_for("xa_coronary", cine) == 2 * GiB
+
+
+def test_a_large_run_gets_the_memory_its_pixels_need(tmp_path: Path) -> None:
+    """The same 1024^2 x 60 run and pipeline: ended by the fixed part of the budget
+    alone, which the error reports with the run's size; done when each pixel adds
+    what the settings say (the worker learns the size before it decodes)."""
+    ds = xa_run(frames=60, rows=1024, cols=1024, seed=3)
+    path = tmp_path / "large.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    fixed = WorkerProcess(
+        "t", 8 * GiB, cpu_only=True, budgets_mib={"minip": 384}, bytes_per_pixel={"minip": 0}
+    )
+    grown = WorkerProcess(
+        "t", 8 * GiB, cpu_only=True, budgets_mib={"minip": 384}, bytes_per_pixel={"minip": 20}
+    )
+    try:
+        over = fixed.run(
+            _spec(path, tmp_path, "minip", 1), 300, lambda: None, 60, threading.Event()
+        )
+        assert over.transient and "memory limit 0.375 GiB exceeded" in over.error, over.error
+        assert "a run of 62.9 million pixels" in over.error, over.error
+        done = grown.run(
+            _spec(path, tmp_path, "minip", 2), 300, lambda: None, 60, threading.Event()
+        )
+        assert done.ok, done.error
+    finally:
+        fixed.close()
+        grown.close()
+
+
 def test_a_job_over_its_pipeline_budget_ends_and_other_pipelines_run(tmp_path: Path) -> None:
     """The same worker process: minip within its budget, then dsa_perfusion with a
     budget below what a worker with torch loaded holds, ended by the watchdog."""
     path = _phantom(tmp_path)
-    worker = WorkerProcess("t", 4 * GiB, cpu_only=True, budgets_mib={"dsa_perfusion": 64})
+    worker = WorkerProcess(
+        "t", 4 * GiB, cpu_only=True, budgets_mib={"dsa_perfusion": 64}, bytes_per_pixel={}
+    )
     try:
         first = worker.run(
             _spec(path, tmp_path, "minip", 1), 120, lambda: None, 60, threading.Event()
@@ -83,7 +151,11 @@ def test_the_node_applies_the_budget_of_the_jobs_pipeline(make_node: Any, tmp_pa
         rules=[
             {"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "dsa_perfusion"]}
         ],
-        workers={"max_attempts": 1, "pipeline_memory_mib": {"dsa_perfusion": 256}},
+        workers={
+            "max_attempts": 1,
+            "pipeline_memory_mib": {"dsa_perfusion": 256},
+            "pipeline_memory_bytes_per_pixel": {"dsa_perfusion": 0},
+        },
     )
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(XRayAngiographicImageStorage)
