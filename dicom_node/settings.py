@@ -100,6 +100,11 @@ def _per_pixel(value: dict[str, float]) -> dict[str, float]:
     return {**DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL, **value}
 
 
+# The budget settings, shared by the node's [workers] and a scale-out worker's file.
+PipelineBudgets = Annotated[dict[str, int], AfterValidator(_budgets)]
+PipelineBytesPerPixel = Annotated[dict[str, float], AfterValidator(_per_pixel)]
+
+
 class WorkerSettings(Strict):
     concurrency: int = Field(1, ge=1, le=64)
     cpu_threads: int | None = Field(
@@ -133,19 +138,17 @@ class WorkerSettings(Strict):
         "(the ceiling of every pipeline's budget, and the limit of pipelines without one)",
     )
     job_timeout_s: float = Field(1800.0, gt=0, description="wall time of one job attempt")
-    pipeline_memory_mib: Annotated[dict[str, int], AfterValidator(_budgets)] = Field(
+    pipeline_memory_mib: PipelineBudgets = Field(
         default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_MIB),
         description="the fixed part of the resident memory one job of a pipeline may use; "
         "with pipeline_memory_bytes_per_pixel times its run's decoded pixels, at most "
         "memory_limit_mib; pipelines not named keep their measured defaults",
     )
-    pipeline_memory_bytes_per_pixel: Annotated[dict[str, float], AfterValidator(_per_pixel)] = (
-        Field(
-            default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL),
-            description="what each decoded pixel of the run (rows x columns x frames x "
-            "samples; a volume's voxels) adds to a job's budget, in bytes; pipelines not "
-            "named keep their measured defaults",
-        )
+    pipeline_memory_bytes_per_pixel: PipelineBytesPerPixel = Field(
+        default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL),
+        description="what each decoded pixel of the run (rows x columns x frames x "
+        "samples; a volume's voxels) adds to a job's budget, in bytes; pipelines not "
+        "named keep their measured defaults",
     )
     pipeline_options: dict[str, dict[str, Any]] = Field(
         {},

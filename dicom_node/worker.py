@@ -50,7 +50,17 @@ from dicom_node import stow
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import JobSpec, WorkerProcess, cpu_only, threads_per_job
-from dicom_node.settings import EngineSettings, Strict, Url, _describe, _merge
+from dicom_node.settings import (
+    DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
+    DEFAULT_PIPELINE_MEMORY_MIB,
+    EngineSettings,
+    PipelineBudgets,
+    PipelineBytesPerPixel,
+    Strict,
+    Url,
+    _describe,
+    _merge,
+)
 from dicom_node.temporal_client import connect
 from dicom_node.temporal_workflow import (
     PERMANENT,
@@ -109,6 +119,15 @@ class WorkerConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     concurrency: int = Field(1, ge=1, le=64, description="jobs at once, one worker process each")
     memory_limit_mib: int = Field(8192, ge=256)
+    pipeline_memory_mib: PipelineBudgets = Field(
+        default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_MIB),
+        description="as the node's [workers] pipeline_memory_mib: each pipeline's budget, "
+        "its fixed part",
+    )
+    pipeline_memory_bytes_per_pixel: PipelineBytesPerPixel = Field(
+        default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL),
+        description="as the node's: what each pixel of the run adds to the budget (bytes)",
+    )
     models: dict[str, Path] = Field({}, description="model package folder per pipeline, here")
     scratch_dir: Path = Path(tempfile.gettempdir()) / "angio-worker"
     drain_timeout_s: float = Field(1800.0, ge=0, description="SIGTERM: finish the job this long")
@@ -142,9 +161,20 @@ def load_worker_config(
             node[keys[-1]] = raw
     _merge(data, overrides)
     try:
-        return WorkerConfig.model_validate(data)
+        config = WorkerConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    import pipelines
+
+    known = set(pipelines.names())
+    for key in ("pipeline_memory_mib", "pipeline_memory_bytes_per_pixel"):
+        for name in getattr(config, key):
+            if name not in known:
+                raise ConfigError(
+                    f"invalid settings:\n  {key}.{name}: unknown pipeline "
+                    f"(allowed: {', '.join(sorted(known))})"
+                )
+    return config
 
 
 class Beat:
@@ -326,7 +356,9 @@ class JobRunner:
                 f"job-worker-{i}",
                 config.memory_limit_mib * 2**20,
                 cpu_only(config.device),
+                config.pipeline_memory_mib,
                 threads=threads_per_job(config.concurrency, config.cpu_threads),
+                bytes_per_pixel=config.pipeline_memory_bytes_per_pixel,
             )
             for i in range(config.concurrency)
         ]

@@ -94,6 +94,26 @@ def test_the_budget_grows_with_the_run_and_keeps_the_clinical_sizes_where_they_w
     assert capped.memory_limit_for("xa_coronary", cine) == 2 * GiB
 
 
+def test_a_scale_out_worker_takes_the_budgets_from_its_own_file(tmp_path: Path) -> None:
+    from dicom_node.worker import load_worker_config
+
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text(
+        "pipeline_memory_mib = { xa_coronary = 1024 }\n"
+        "pipeline_memory_bytes_per_pixel = { xa_coronary = 40 }\n"
+        '[node]\nurl = "http://n:8780"\ntoken = "t"\n'
+    )
+    config = load_worker_config(cfg, environ={})
+    assert config.pipeline_memory_mib["xa_coronary"] == 1024
+    assert config.pipeline_memory_mib["dsa_av"] == DEFAULT_PIPELINE_MEMORY_MIB["dsa_av"]
+    assert config.pipeline_memory_bytes_per_pixel["xa_coronary"] == 40
+    cfg.write_text(
+        'pipeline_memory_mib = { x = 512 }\n[node]\nurl = "http://n:8780"\ntoken = "t"\n'
+    )
+    with pytest.raises(ConfigError, match="pipeline_memory_mib.x: unknown pipeline"):
+        load_worker_config(cfg, environ={})
+
+
 def test_a_large_run_gets_the_memory_its_pixels_need(tmp_path: Path) -> None:
     """The same 1024^2 x 60 run and pipeline: ended by the fixed part of the budget
     alone, which the error reports with the run's size; done when each pixel adds
