@@ -61,20 +61,20 @@ class CompletionSettings(Strict):
 # part is the growth of a whole job's peak (decode, compute, encode; a fresh process
 # with torch loaded) that ``python -m bench.budget`` measured between a clinical run
 # and one three to eight times as large, classical path (BENCHMARKS.md, "Budget"),
-# plus a quarter: GB per 10^9 pixels, dsa_av 22.9, dsa_ia 22.9, dsa_perfusion 12.6,
-# xa_coronary 28.4, rotational_dla 16.2, minip 7.6. The fixed part keeps each budget
+# plus a quarter (growth in bytes per pixel: dsa_av 22.9, dsa_ia 22.9, dsa_perfusion 12.6,
+# xa_coronary 28.4, rotational_dla 16.2, minip 7.6). The fixed part keeps each budget
 # at the clinical size what it was before the budgets grew with the run (the peak
 # there, the example packages' included, plus a quarter and 512 MiB for a long-lived
 # worker's packages and allocator slack: peaks in GB minip 0.72, dsa_av 2.38, dsa_ia
 # 2.20, dsa_perfusion 1.24, xa_coronary 1.10, rotational_dla 2.83), rounded up to
 # 256 MiB. Before, a fixed 2 GiB ended every 1024^2 x 90 coronary cine (3.05 GB).
 DEFAULT_PIPELINE_MEMORY_MIB: dict[str, int] = {
-    "minip": 1280,  # 1536 at 1024^2 x 30
-    "dsa_av": 2816,  # 3584 at 1024^2 x 30
-    "dsa_ia": 2560,  # 3328 at 1024^2 x 30
-    "dsa_perfusion": 1792,  # 2048 at 1024^2 x 30
-    "xa_coronary": 1280,  # 2048 at 512^2 x 90
-    "rotational_dla": 1536,  # 4096 at 512^3
+    "minip": 1280,  # 1580 at 1024^2 x 30 (a fixed 1536 before)
+    "dsa_av": 2816,  # 3686 at 1024^2 x 30 (a fixed 3584 before)
+    "dsa_ia": 2560,  # 3430 at 1024^2 x 30 (a fixed 3328 before)
+    "dsa_perfusion": 1792,  # 2272 at 1024^2 x 30 (a fixed 2048 before)
+    "xa_coronary": 1280,  # 2090 at 512^2 x 90 (a fixed 2048 before)
+    "rotational_dla": 1536,  # 4224 at 512^3 (a fixed 4096 before)
 }
 DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL: dict[str, float] = {
     "minip": 10.0,
