@@ -74,8 +74,8 @@ def test_the_budget_is_capped_by_the_worker_limit() -> None:
 
 
 def test_the_budget_grows_with_the_run_and_keeps_the_clinical_sizes_where_they_were() -> None:
-    """A 1024^2 x 90 coronary cine peaked at 3.05 GB (bench.budget's way, classical path):
-    over the 2 GiB that every xa_coronary job had, within what its pixels now add. At
+    """A 1024^2 x 90 coronary cine peaks at 3.1 GB (bench.budget, classical path): over
+    the 2 GiB that every xa_coronary job had, within what its pixels now add. At
     the clinical sizes the budgets are at least what they were as fixed budgets."""
     default = WorkerProcess("t", 64 * GiB, cpu_only=True)
     cine = 1024 * 1024 * 90
