@@ -142,13 +142,16 @@ class Workers:
                 log.warning("job %d finished after its lease was taken; result dropped", job.id)
                 return
             log.info(
-                "job %d (%s on run %s) done: %d object(s) in %.1f s on %d CPU thread(s)",
+                "job %d (%s on run %s) done: %d object(s) in %.1f s on %d CPU thread(s), "
+                "peak %.2f GiB resident of a %.2f GiB budget",
                 job.id,
                 job.pipeline,
                 job.run_id,
                 len(outcome.results),
                 sum(seconds for _, seconds in outcome.timings),
                 outcome.threads,
+                outcome.peak_rss / 2**30,
+                outcome.budget / 2**30,
             )
             return
         reason = scrub(outcome.error or "unknown error")  # stored, shown and logged: no values

@@ -138,6 +138,15 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        self.job_memory_share = Histogram(
+            "angio_node_job_memory_budget_share",
+            "Peak resident memory of one job attempt as a share of its budget for the run "
+            "(above 1 the job was ended); to size [workers] pipeline_memory_mib and "
+            "pipeline_memory_bytes_per_pixel",
+            ["pipeline"],
+            buckets=(0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
         self.deliveries = Counter(
             "angio_node_deliveries_sent", "Objects delivered", ["destination"], registry=r
         )
@@ -177,6 +186,8 @@ class Metrics:
             if stage in STAGES:
                 self.stage_duration.labels(job.pipeline, STAGES[stage]).observe(seconds)
         self.job_duration.labels(job.pipeline, result).observe(total)
+        if outcome.budget and outcome.peak_rss:  # watched in this node's worker processes
+            self.job_memory_share.labels(job.pipeline).observe(outcome.peak_rss / outcome.budget)
 
     def delivery(
         self, destination: str, _item: Delivery, sent: bool, _reason: str, permanent: bool

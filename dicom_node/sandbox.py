@@ -79,6 +79,11 @@ class Outcome:
     pid: int = 0
     timings: tuple[tuple[str, float], ...] = ()  # seconds per stage, measured by the parent
     threads: int = 0  # the CPU threads the job's process had (torch's); 0: not known
+    # The job's peak resident set (the kernel's count in the worker process, or else the
+    # largest the parent's watchdog saw), and its budget for the run (bytes; 0: not
+    # watched here, e.g. a job a scale-out worker reported).
+    peak_rss: int = 0
+    budget: int = 0
 
     @property
     def ok(self) -> bool:
@@ -202,12 +207,13 @@ def _serve(
             return
         if spec is None:
             return
+        _reset_peak_rss()
         outcome = execute(
             spec,
             lambda stage: conn.send(("stage", stage)),
             lambda pixels: conn.send(("pixels", pixels)),
         )
-        conn.send(("done", outcome))
+        conn.send(("done", replace(outcome, peak_rss=_peak_rss())))
 
 
 def _die_with_parent() -> None:
@@ -218,6 +224,28 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed node")
+
+
+def _reset_peak_rss() -> None:
+    """Linux: start this process's peak resident set (VmHWM) again from what it holds
+    now, so that the peak read after a job is that job's (proc(5), clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        log.debug("cannot reset the peak resident set: the watchdog's samples only")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set since :func:`_reset_peak_rss` (0: unknown)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _rss_bytes(pid: int) -> int:
@@ -364,12 +392,16 @@ class WorkerProcess:
     ) -> Outcome:
         """The job's outcome, with the seconds spent in each stage (crashed ones too)."""
         laps: list[tuple[str, float]] = []  # (stage, when it began)
-        outcome = self._run(spec, timeout_s, heartbeat, heartbeat_every_s, stopping, laps)
+        memory = [0, 0]  # the peak resident set seen, the budget for the run
+        outcome = self._run(spec, timeout_s, heartbeat, heartbeat_every_s, stopping, laps, memory)
         laps.append(("", time.monotonic()))
         timings: dict[str, float] = {}
         for (stage, began), (_, ended) in zip(laps, laps[1:], strict=False):
             timings[stage] = timings.get(stage, 0.0) + ended - began
-        return replace(outcome, timings=tuple(timings.items()))
+        # The child's own peak (the kernel's, since the job began) where it reported one;
+        # the watchdog's samples otherwise, e.g. when it was killed.
+        peak = max(outcome.peak_rss, memory[0])
+        return replace(outcome, timings=tuple(timings.items()), peak_rss=peak, budget=memory[1])
 
     def _run(
         self,
@@ -379,8 +411,9 @@ class WorkerProcess:
         heartbeat_every_s: float,
         stopping: threading.Event,
         laps: list[tuple[str, float]],
+        memory: list[int],
     ) -> Outcome:
-        limit = self.memory_limit_for(spec.pipeline)
+        limit = memory[1] = self.memory_limit_for(spec.pipeline)
         pixels = 0
         conn = self._ensure()
         conn.send(spec)
@@ -398,7 +431,7 @@ class WorkerProcess:
                         continue
                     if kind == "pixels":
                         pixels = int(value)
-                        limit = self.memory_limit_for(spec.pipeline, pixels)
+                        limit = memory[1] = self.memory_limit_for(spec.pipeline, pixels)
                         continue
                     return value  # type: ignore[no-any-return]
             except (EOFError, OSError):
@@ -409,6 +442,7 @@ class WorkerProcess:
                 what = "decoder" if stage == "decoding" else "worker process"
                 return self._end(f"{what} crashed ({_signal_name(code)})", stage)
             rss = _rss_bytes(self.proc.pid)
+            memory[0] = max(memory[0], rss)
             if rss > limit:
                 run = f", a run of {pixels / 1e6:.3g} million pixels" if pixels else ""
                 return self._end(

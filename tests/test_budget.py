@@ -133,10 +133,13 @@ def test_a_large_run_gets_the_memory_its_pixels_need(tmp_path: Path) -> None:
         )
         assert over.transient and "memory limit 0.375 GiB exceeded" in over.error, over.error
         assert "a run of 62.9 million pixels" in over.error, over.error
+        assert over.budget == 384 * 2**20 < over.peak_rss
         done = grown.run(
             _spec(path, tmp_path, "minip", 2), 300, lambda: None, 60, threading.Event()
         )
         assert done.ok, done.error
+        assert done.budget == 384 * 2**20 + 20 * 1024 * 1024 * 60  # reported with the outcome
+        assert 384 * 2**20 < done.peak_rss < done.budget
     finally:
         fixed.close()
         grown.close()

@@ -102,6 +102,11 @@ def test_metrics_are_prometheus_text_with_what_happened(
         )
         assert count == 1, stage
     assert _value(s, "angio_node_job_duration_seconds_count", pipeline="minip", outcome="done") == 1
+    # the job's peak memory against its budget for the run: watched, and within it
+    share = "angio_node_job_memory_budget_share"
+    assert _value(s, f"{share}_count", pipeline="minip") == 1
+    assert _value(s, f"{share}_bucket", pipeline="minip", le="1.0") == 1
+    assert 0 < _value(s, f"{share}_sum", pipeline="minip") <= 1
     failed = _value(
         s, "angio_node_job_duration_seconds_count", pipeline="dsa_perfusion", outcome="failed"
     )
