@@ -298,15 +298,14 @@ def table(
 
 
 def default_budget(pipeline: str, pixels: int) -> int:
-    """The budget (bytes) the node's defaults give a job of ``pipeline`` on such a run."""
-    from dicom_node.settings import (
-        DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
-        DEFAULT_PIPELINE_MEMORY_MIB,
-    )
+    """The budget (bytes) the node's defaults give a job of ``pipeline`` on such a run:
+    the sandbox's own reckoning, under the default ``memory_limit_mib`` (no process is
+    started)."""
+    from dicom_node.sandbox import WorkerProcess
+    from dicom_node.settings import WorkerSettings
 
-    return DEFAULT_PIPELINE_MEMORY_MIB[pipeline] * 2**20 + int(
-        DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL[pipeline] * pixels
-    )
+    limit = WorkerSettings().memory_limit_mib * 2**20
+    return WorkerProcess("bench", limit, cpu_only=True).memory_limit_for(pipeline, pixels)
 
 
 def growth(cases: tuple[Case, ...], measured: dict[tuple[str, str], tuple[int, int]]) -> str:

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -611,6 +611,24 @@ def load_settings(
     return settings
 
 
+def check_pipeline_keys(
+    keyed: Iterable[tuple[str, Iterable[str]]], known: set[str] | None = None
+) -> None:
+    """Settings keyed by pipeline name (the setting's name, its keys): every key must
+    name a pipeline (``known``: the installed ones when not given)."""
+    if known is None:
+        import pipelines
+
+        known = set(pipelines.names())
+    for key, names in keyed:
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"invalid settings:\n  {key}.{name}: unknown pipeline "
+                    f"(allowed: {', '.join(sorted(known))})"
+                )
+
+
 def _check_pipelines(settings: Settings) -> None:
     import pipelines
 
@@ -622,23 +640,19 @@ def _check_pipelines(settings: Settings) -> None:
                     f"invalid settings:\n  rules.{i}.pipelines: unknown pipeline {name!r} "
                     f"(allowed: {', '.join(sorted(known))})"
                 )
-    # Settings keyed by pipeline name: every key must name a pipeline.
-    for key, names in (
-        ("engine.queues", settings.engine.queues),
-        ("workers.pipeline_memory_mib", settings.workers.pipeline_memory_mib),
+    check_pipeline_keys(
         (
-            "workers.pipeline_memory_bytes_per_pixel",
-            settings.workers.pipeline_memory_bytes_per_pixel,
+            ("engine.queues", settings.engine.queues),
+            ("workers.pipeline_memory_mib", settings.workers.pipeline_memory_mib),
+            (
+                "workers.pipeline_memory_bytes_per_pixel",
+                settings.workers.pipeline_memory_bytes_per_pixel,
+            ),
+            ("workers.pipeline_options", settings.workers.pipeline_options),
+            ("models", settings.models),
         ),
-        ("workers.pipeline_options", settings.workers.pipeline_options),
-        ("models", settings.models),
-    ):
-        for name in names:
-            if name not in known:
-                raise ConfigError(
-                    f"invalid settings:\n  {key}.{name}: unknown pipeline "
-                    f"(allowed: {', '.join(sorted(known))})"
-                )
+        known,
+    )
     for name, pkg in settings.models.items():
         if not Path(pkg).is_dir():
             raise ConfigError(

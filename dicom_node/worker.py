@@ -60,6 +60,7 @@ from dicom_node.settings import (
     Url,
     _describe,
     _merge,
+    check_pipeline_keys,
 )
 from dicom_node.temporal_client import connect
 from dicom_node.temporal_workflow import (
@@ -164,16 +165,12 @@ def load_worker_config(
         config = WorkerConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    import pipelines
-
-    known = set(pipelines.names())
-    for key in ("pipeline_memory_mib", "pipeline_memory_bytes_per_pixel"):
-        for name in getattr(config, key):
-            if name not in known:
-                raise ConfigError(
-                    f"invalid settings:\n  {key}.{name}: unknown pipeline "
-                    f"(allowed: {', '.join(sorted(known))})"
-                )
+    check_pipeline_keys(
+        (
+            ("pipeline_memory_mib", config.pipeline_memory_mib),
+            ("pipeline_memory_bytes_per_pixel", config.pipeline_memory_bytes_per_pixel),
+        )
+    )
     return config
 
 
