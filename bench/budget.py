@@ -219,11 +219,12 @@ def table(
     workdir: Path,
     device: str,
     cases: tuple[Case, ...],
-    measured: dict[tuple[str, str], tuple[int, int]] | None = None,
+    measured: dict[tuple[str, str], tuple[int, int, float]] | None = None,
 ) -> tuple[str, list[str], list[str], dict[str, float]]:
-    """The budget table; also the target checks, the peaks over their run's budget and
-    the peak per pipeline (GB).
-    ``measured`` gets (pixels, peak bytes) of the classical path per (case, pipeline)."""
+    """The budget table; also the target checks, the peaks (and times) over their run's
+    budget (and time limit) and the peak per pipeline (GB).
+    ``measured`` gets (pixels, peak bytes, CPU s) of the classical path per (case,
+    pipeline)."""
     by_pipeline = packages()
     rows = []
     checks: list[str] = []
@@ -239,11 +240,12 @@ def table(
         if not volume:
             peaks["minip"] = max(peaks.get("minip", 0.0), ref.rss_bytes / 1e9)
             if measured is not None and ref.ok:
-                measured[(case.key, "minip")] = (pixels, ref.rss_bytes)
+                measured[(case.key, "minip")] = (pixels, ref.rss_bytes, ref.cpu_s)
         ref_budget = "–" if volume else gb(default_budget("minip", pixels))
+        ref_limit = "–" if volume else f"{default_time_limit('minip', pixels):.0f}"
         rows.append(
             f"| {case.title} | {ref_name} | – | {ref.wall_s:.1f} | {ref.cpu_s:.1f} | "
-            f"{gb(ref.rss_bytes)} | {ref_budget} | 1.0× | 1.0× |"
+            f"{gb(ref.rss_bytes)} | {ref_budget} | {ref_limit} | 1.0× | 1.0× |"
         )
         for pipeline in case.pipelines:
             variants: list[Path | None] = [None, *by_pipeline.get(pipeline, [])]
@@ -254,7 +256,7 @@ def table(
                     # Another engineer's shipping gate may remove packages meanwhile.
                     rows.append(
                         f"| {case.title} | {pipeline} | {label}: removed from models/ "
-                        "during the run | – | – | – | – | – |"
+                        "during the run | – | – | – | – | – | – |"
                     )
                     continue
                 m = process(files, pipeline, workdir, device, package)
@@ -262,18 +264,24 @@ def table(
                 cpu = m.cpu_s / ref.cpu_s
                 status = "" if m.ok else f" (failed: {m.error[:120]})"
                 budget = default_budget(pipeline, pixels)
+                limit = default_time_limit(pipeline, pixels)
                 rows.append(
                     f"| {case.title} | {pipeline}{status} | {label} | {m.wall_s:.1f} | "
-                    f"{m.cpu_s:.1f} | {gb(m.rss_bytes)} | {gb(budget)} | {wall:.1f}× | "
-                    f"{cpu:.1f}× |"
+                    f"{m.cpu_s:.1f} | {gb(m.rss_bytes)} | {gb(budget)} | {limit:.0f} | "
+                    f"{wall:.1f}× | {cpu:.1f}× |"
                 )
                 peaks[pipeline] = max(peaks.get(pipeline, 0.0), m.rss_bytes / 1e9)
                 if package is None and measured is not None and m.ok:
-                    measured[(case.key, pipeline)] = (pixels, m.rss_bytes)
+                    measured[(case.key, pipeline)] = (pixels, m.rss_bytes, m.cpu_s)
                 if m.rss_bytes > budget:
                     over.append(
                         f"{pipeline} ({label}) on {case.key}: peak {gb(m.rss_bytes)} GB over "
                         f"the node's default budget for that run, {gb(budget)} GB"
+                    )
+                if max(m.wall_s, m.cpu_s) > limit:
+                    over.append(
+                        f"{pipeline} ({label}) on {case.key}: {max(m.wall_s, m.cpu_s):.0f} s "
+                        f"over the node's default time limit for that run, {limit:.0f} s"
                     )
                 if m.rss_bytes / 1e9 > MAX_RSS_GB and not case.growth_of:
                     checks.append(
@@ -291,8 +299,8 @@ def table(
                         f"{m.wall_s / (ref.wall_s + torch_s):.1f}×"
                     )
     head = (
-        "| input | pipeline | variant | wall s | CPU s | peak RSS GB | budget GB | wall / ref | "
-        "CPU / ref |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| input | pipeline | variant | wall s | CPU s | peak RSS GB | budget GB | time limit s "
+        "| wall / ref | CPU / ref |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     return head + "\n".join(rows), checks, over, peaks
 
@@ -308,10 +316,26 @@ def default_budget(pipeline: str, pixels: int) -> int:
     return WorkerProcess("bench", limit, cpu_only=True).memory_limit_for(pipeline, pixels)
 
 
-def growth(cases: tuple[Case, ...], measured: dict[tuple[str, str], tuple[int, int]]) -> str:
-    """How each pipeline's peak grew with the run's pixels between a clinical run and a
-    larger one (classical path), next to the per-pixel part of the default budget."""
-    from dicom_node.settings import DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL
+def default_time_limit(pipeline: str, pixels: int) -> float:
+    """The time limit (s) the node's defaults give a job of ``pipeline`` on such a run."""
+    from dicom_node.sandbox import TimeLimit
+    from dicom_node.settings import WorkerSettings
+
+    workers = WorkerSettings()
+    per_megapixel = workers.pipeline_seconds_per_megapixel.get(pipeline, 0.0)
+    return TimeLimit(workers.job_timeout_s, per_megapixel, workers.job_timeout_max_s).seconds(
+        pixels
+    )
+
+
+def growth(cases: tuple[Case, ...], measured: dict[tuple[str, str], tuple[int, int, float]]) -> str:
+    """How each pipeline's peak and CPU time grew with the run's pixels between a
+    clinical run and a larger one (classical path), next to the per-pixel parts of the
+    default budget and time limit."""
+    from dicom_node.settings import (
+        DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
+        DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL,
+    )
 
     lines = []
     for case in cases:
@@ -323,14 +347,18 @@ def growth(cases: tuple[Case, ...], measured: dict[tuple[str, str], tuple[int, i
             if small is None or large is None or large[0] <= small[0]:
                 continue
             slope = (large[1] - small[1]) / (large[0] - small[0])
+            seconds = (large[2] - small[2]) / (large[0] - small[0]) * 1e6
             lines.append(
                 f"| {pipeline} | {case.growth_of} -> {case.key} | {small[0] / 1e6:.1f} -> "
                 f"{large[0] / 1e6:.1f} | {gb(small[1])} -> {gb(large[1])} | {slope:.1f} | "
-                f"{DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL[pipeline]:g} |"
+                f"{DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL[pipeline]:g} | {small[2]:.1f} -> "
+                f"{large[2]:.1f} | {seconds:.3g} | "
+                f"{DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL[pipeline]:g} |"
             )
     head = (
         "| pipeline | runs | million pixels | peak RSS GB | growth, bytes per pixel | "
-        "default per pixel |\n|---|---|---:|---:|---:|---:|\n"
+        "default per pixel | CPU s | growth, CPU s per million pixels | default s per "
+        "million pixels |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     return head + "\n".join(lines)
 
@@ -387,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = tuple(c for c in CASES if not (args.skip_512 and c.key == "rot512"))
     inputs = make_inputs(args.workdir, {c.key for c in cases})
     load = os.getloadavg()[0]
-    measured: dict[tuple[str, str], tuple[int, int]] = {}
+    measured: dict[tuple[str, str], tuple[int, int, float]] = {}
     cpu_table, checks, over, peaks = table(inputs, args.workdir, "cpu", cases, measured)
     load_after = os.getloadavg()[0]
     body = (
@@ -396,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         "on the CPU with torch's default threads; wall and CPU seconds (user + system) "
         "and peak resident set from `os.wait4` of that process; the budget is what the "
         "node's defaults give a job of that pipeline on that run (a long-lived worker is "
-        "ended above it). The reference for each "
+        "ended above it), and so is the time limit (its attempt is ended after it). The "
+        "reference for each "
         "input is `minip` on the same run in the same bench run (for volumes, which "
         "`minip` refuses after reading them, that refusal: start-up and decoding). "
         "Packages: every folder in `models/` at the time of the run, through a "
@@ -406,16 +435,21 @@ def main(argv: list[str] | None = None) -> None:
         + cpu_table
         + "\n\nTargets (issue 19, at the clinical sizes; the larger runs measure growth): "
         + "; ".join(checks or ["every pipeline within them"])
-        + ".\n\nPeaks over the node's default budget for their run: "
+        + ".\n\nPeaks over the node's default budget for their run, and wall or CPU times "
+        "over its default time limit: "
         + ("; ".join(over) if over else "none")
         + ".\n\nPeak RSS per pipeline over these inputs (GB): "
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(peaks.items()))
-        + ".\n\nHow the peak grows with the run (classical path; the reference's growth "
-        "for minip). A job's budget is `[workers] pipeline_memory_mib` plus "
-        "`pipeline_memory_bytes_per_pixel` times its run's pixels (README, \"Memory per "
-        'job"); the default per-pixel part '
+        + ".\n\nHow the peak and the CPU time grow with the run (classical path; the "
+        "reference's growth for minip). A job's budget is `[workers] pipeline_memory_mib` "
+        "plus `pipeline_memory_bytes_per_pixel` times its run's pixels (README, \"Memory "
+        'per job"); the default per-pixel part '
         "(`dicom_node.settings.DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL`) is this growth, "
-        "as first measured, plus a quarter:\n\n"
+        "as first measured, plus a quarter. Its time limit is `job_timeout_s` plus "
+        "`pipeline_seconds_per_megapixel` times its millions of pixels, at most "
+        '`job_timeout_max_s` (README, "Time per job"); the default per-megapixel part '
+        "(`DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL`) is the CPU time's growth, as first "
+        "measured, times three, rounded up:\n\n"
         + growth(cases, measured)
         + "\n\n### Deconvolution\n\n"
         + deconvolution()

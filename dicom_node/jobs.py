@@ -27,7 +27,14 @@ from pathlib import Path
 
 from dicom_node.db import Database, Job
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, Outcome, WorkerProcess, cpu_only, threads_per_job
+from dicom_node.sandbox import (
+    JobSpec,
+    Outcome,
+    TimeLimit,
+    WorkerProcess,
+    cpu_only,
+    threads_per_job,
+)
 from dicom_node.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -124,7 +131,11 @@ class Workers:
         )
         return process.run(
             spec,
-            self.settings.job_timeout_s,
+            TimeLimit(
+                self.settings.job_timeout_s,
+                self.settings.pipeline_seconds_per_megapixel.get(job.pipeline, 0.0),
+                self.settings.job_timeout_max_s,
+            ),
             heartbeat=lambda: self.db.renew_lease(job, self.settings.lease_s),
             heartbeat_every_s=max(self.settings.lease_s / 3, 1.0),
             stopping=self.stopping,
@@ -142,13 +153,14 @@ class Workers:
                 log.warning("job %d finished after its lease was taken; result dropped", job.id)
                 return
             log.info(
-                "job %d (%s on run %s) done: %d object(s) in %.1f s on %d CPU thread(s), "
-                "peak %.2f GiB resident of a %.2f GiB budget",
+                "job %d (%s on run %s) done: %d object(s) in %.1f s of a %.0f s limit on %d "
+                "CPU thread(s), peak %.2f GiB resident of a %.2f GiB budget",
                 job.id,
                 job.pipeline,
                 job.run_id,
                 len(outcome.results),
                 sum(seconds for _, seconds in outcome.timings),
+                outcome.time_limit,
                 outcome.threads,
                 outcome.peak_rss / 2**30,
                 outcome.budget / 2**30,

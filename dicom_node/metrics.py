@@ -147,6 +147,15 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
+        self.job_time_share = Histogram(
+            "angio_node_job_time_limit_share",
+            "Wall time of one job attempt as a share of its time limit for the run (above 1 "
+            "the job was ended); to size [workers] job_timeout_s and "
+            "pipeline_seconds_per_megapixel",
+            ["pipeline"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
         self.deliveries = Counter(
             "angio_node_deliveries_sent", "Objects delivered", ["destination"], registry=r
         )
@@ -188,6 +197,8 @@ class Metrics:
         self.job_duration.labels(job.pipeline, result).observe(total)
         if outcome.budget and outcome.peak_rss:  # watched in this node's worker processes
             self.job_memory_share.labels(job.pipeline).observe(outcome.peak_rss / outcome.budget)
+        if outcome.time_limit and not outcome.interrupted:
+            self.job_time_share.labels(job.pipeline).observe(total / outcome.time_limit)
 
     def delivery(
         self, destination: str, _item: Delivery, sent: bool, _reason: str, permanent: bool

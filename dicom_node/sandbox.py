@@ -12,9 +12,10 @@ segfault, the kernel's OOM killer), grows past the memory limit (resident set,
 polled; the job's pipeline budget when that is lower: ``[workers]
 pipeline_memory_mib`` and ``pipeline_memory_bytes_per_pixel`` times the pixels of
 its run, which the child reports once it has read the run's headers and before it
-decodes) or runs past the time limit is killed and replaced, and the job gets an
-:class:`Outcome` whose reason names what happened and in which stage. The
-service process itself never decodes pixel data from the network.
+decodes) or runs past its time limit (:class:`TimeLimit`: a fixed part and one per
+pixel of the run, which grows once the child has reported them) is killed and
+replaced, and the job gets an :class:`Outcome` whose reason names what happened and
+in which stage. The service process itself never decodes pixel data from the network.
 """
 
 from __future__ import annotations
@@ -70,6 +71,35 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class TimeLimit:
+    """The wall time one attempt may take: ``fixed_s`` (``[workers] job_timeout_s``)
+    plus ``per_megapixel_s`` for each million decoded pixels of its run, at most
+    ``max_s`` (never below ``fixed_s``; None: no ceiling)."""
+
+    fixed_s: float
+    per_megapixel_s: float = 0.0
+    max_s: float | None = None
+
+    def seconds(self, pixels: int = 0) -> float:
+        """The limit for a run of ``pixels`` (0: not known yet, the fixed part)."""
+        grown = self.fixed_s + self.per_megapixel_s * pixels / 1e6
+        if self.max_s is None:
+            return grown
+        return min(grown, max(self.max_s, self.fixed_s))
+
+
+@dataclass
+class _Watch:
+    """What the watchdog learns of one attempt: the run's size once the child reported
+    it, the limits for that size, and the largest resident set it saw."""
+
+    pixels: int = 0
+    memory_limit: int = 0
+    time_limit: float = 0.0
+    peak_rss: int = 0
+
+
+@dataclass(frozen=True)
 class Outcome:
     results: tuple[ResultFile, ...] = ()
     notes: tuple[str, ...] = ()
@@ -84,6 +114,7 @@ class Outcome:
     # watched here, e.g. a job a scale-out worker reported).
     peak_rss: int = 0
     budget: int = 0
+    time_limit: float = 0.0  # the attempt's time limit for its run (s; 0: not watched here)
 
     @property
     def ok(self) -> bool:
@@ -385,36 +416,43 @@ class WorkerProcess:
     def run(
         self,
         spec: JobSpec,
-        timeout_s: float,
+        timeout: TimeLimit | float,
         heartbeat: Callable[[], object],
         heartbeat_every_s: float,
         stopping: threading.Event,
     ) -> Outcome:
-        """The job's outcome, with the seconds spent in each stage (crashed ones too)."""
+        """The job's outcome, with the seconds spent in each stage (crashed ones too).
+        ``timeout``: its time limit (a number: a fixed one, whatever the run's size)."""
+        limit = timeout if isinstance(timeout, TimeLimit) else TimeLimit(timeout)
         laps: list[tuple[str, float]] = []  # (stage, when it began)
-        memory = [0, 0]  # the peak resident set seen, the budget for the run
-        outcome = self._run(spec, timeout_s, heartbeat, heartbeat_every_s, stopping, laps, memory)
+        watch = _Watch(
+            memory_limit=self.memory_limit_for(spec.pipeline), time_limit=limit.seconds()
+        )
+        outcome = self._run(spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch)
         laps.append(("", time.monotonic()))
         timings: dict[str, float] = {}
         for (stage, began), (_, ended) in zip(laps, laps[1:], strict=False):
             timings[stage] = timings.get(stage, 0.0) + ended - began
         # The child's own peak (the kernel's, since the job began) where it reported one;
         # the watchdog's samples otherwise, e.g. when it was killed.
-        peak = max(outcome.peak_rss, memory[0])
-        return replace(outcome, timings=tuple(timings.items()), peak_rss=peak, budget=memory[1])
+        return replace(
+            outcome,
+            timings=tuple(timings.items()),
+            peak_rss=max(outcome.peak_rss, watch.peak_rss),
+            budget=watch.memory_limit,
+            time_limit=watch.time_limit,
+        )
 
     def _run(
         self,
         spec: JobSpec,
-        timeout_s: float,
+        limit: TimeLimit,
         heartbeat: Callable[[], object],
         heartbeat_every_s: float,
         stopping: threading.Event,
         laps: list[tuple[str, float]],
-        memory: list[int],
+        watch: _Watch,
     ) -> Outcome:
-        limit = memory[1] = self.memory_limit_for(spec.pipeline)
-        pixels = 0
         conn = self._ensure()
         conn.send(spec)
         stage = "starting"
@@ -430,8 +468,9 @@ class WorkerProcess:
                         laps.append((stage, time.monotonic()))
                         continue
                     if kind == "pixels":
-                        pixels = int(value)
-                        limit = memory[1] = self.memory_limit_for(spec.pipeline, pixels)
+                        watch.pixels = int(value)
+                        watch.memory_limit = self.memory_limit_for(spec.pipeline, watch.pixels)
+                        watch.time_limit = limit.seconds(watch.pixels)
                         continue
                     return value  # type: ignore[no-any-return]
             except (EOFError, OSError):
@@ -441,18 +480,20 @@ class WorkerProcess:
                 code = self.proc.exitcode
                 what = "decoder" if stage == "decoding" else "worker process"
                 return self._end(f"{what} crashed ({_signal_name(code)})", stage)
+            run = f", a run of {watch.pixels / 1e6:.3g} million pixels" if watch.pixels else ""
             rss = _rss_bytes(self.proc.pid)
-            memory[0] = max(memory[0], rss)
-            if rss > limit:
-                run = f", a run of {pixels / 1e6:.3g} million pixels" if pixels else ""
+            watch.peak_rss = max(watch.peak_rss, rss)
+            if rss > watch.memory_limit:
                 return self._end(
-                    f"memory limit {limit / 2**30:.3g} GiB exceeded "
+                    f"memory limit {watch.memory_limit / 2**30:.3g} GiB exceeded "
                     f"({rss / 2**30:.3g} GiB resident{run})",
                     stage,
                 )
-            elapsed = time.monotonic() - start
-            if elapsed > timeout_s:
-                return self._end(f"timed out after {timeout_s:g} s", stage)
+            if time.monotonic() - start > watch.time_limit:
+                seconds = (
+                    f"{watch.time_limit:.0f}" if watch.time_limit >= 10 else f"{watch.time_limit:g}"
+                )
+                return self._end(f"timed out after {seconds} s{run}", stage)
             if stopping.is_set():
                 self._discard()
                 return Outcome(error="the node is stopping", interrupted=True)

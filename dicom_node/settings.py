@@ -86,6 +86,26 @@ DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL: dict[str, float] = {
 }
 
 
+# Wall time one job may take: ``job_timeout_s`` plus a part per million decoded pixels
+# of its run, at most ``job_timeout_max_s``. The per-megapixel part is the growth of a
+# whole job's CPU time that ``python -m bench.budget`` measured between a clinical run
+# and one three to eight times as large, classical path (BENCHMARKS.md, "Budget";
+# CPU seconds per million pixels: minip 0.006, dsa_av 0.22, dsa_ia 0.23, dsa_perfusion
+# 0.08, xa_coronary 2.6, rotational_dla 2.7), times three, rounded up: CPU seconds are
+# the wall time on one thread (concurrency as large as the cores), and a site's machine
+# may be slower than the one measured. Before, a fixed 1800 s held for every run, though
+# a 1024^2 x 300 coronary cine needs some 850 s of CPU and a 768^3 volume some 1200 s
+# (a 512^3 volume took 1077 s at rotational_dla 1.3.0, docs/coronary_rotational.md).
+DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL: dict[str, float] = {
+    "minip": 0.1,
+    "dsa_av": 1.0,
+    "dsa_ia": 1.0,
+    "dsa_perfusion": 0.5,
+    "xa_coronary": 8.0,
+    "rotational_dla": 8.0,
+}
+
+
 def _budgets(value: dict[str, int]) -> dict[str, int]:
     for name, mib in value.items():
         if mib < 256:
@@ -100,9 +120,17 @@ def _per_pixel(value: dict[str, float]) -> dict[str, float]:
     return {**DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL, **value}
 
 
+def _per_megapixel(value: dict[str, float]) -> dict[str, float]:
+    for name, seconds in value.items():
+        if not 0 <= seconds <= 3600:
+            raise ValueError(f"pipeline_seconds_per_megapixel.{name}: 0 to 3600 s, got {seconds}")
+    return {**DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL, **value}
+
+
 # The budget settings, shared by the node's [workers] and a scale-out worker's file.
 PipelineBudgets = Annotated[dict[str, int], AfterValidator(_budgets)]
 PipelineBytesPerPixel = Annotated[dict[str, float], AfterValidator(_per_pixel)]
+PipelineSecondsPerMegapixel = Annotated[dict[str, float], AfterValidator(_per_megapixel)]
 
 
 class WorkerSettings(Strict):
@@ -137,7 +165,25 @@ class WorkerSettings(Strict):
         description="resident memory of one job's worker process; above it the job is ended "
         "(the ceiling of every pipeline's budget, and the limit of pipelines without one)",
     )
-    job_timeout_s: float = Field(1800.0, gt=0, description="wall time of one job attempt")
+    job_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="wall time of one job attempt: the fixed part; with "
+        "pipeline_seconds_per_megapixel times its run's decoded pixels, at most "
+        "job_timeout_max_s",
+    )
+    job_timeout_max_s: float = Field(
+        7200.0,
+        gt=0,
+        description="the longest one job attempt may take, however large its run (never "
+        "less than job_timeout_s)",
+    )
+    pipeline_seconds_per_megapixel: PipelineSecondsPerMegapixel = Field(
+        default_factory=lambda: dict(DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL),
+        description="what each million decoded pixels of the run (rows x columns x frames "
+        "x samples; a volume's voxels) add to a job's time limit, in seconds; pipelines "
+        "not named keep their measured defaults",
+    )
     pipeline_memory_mib: PipelineBudgets = Field(
         default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_MIB),
         description="the fixed part of the resident memory one job of a pipeline may use; "
@@ -647,6 +693,10 @@ def _check_pipelines(settings: Settings) -> None:
             (
                 "workers.pipeline_memory_bytes_per_pixel",
                 settings.workers.pipeline_memory_bytes_per_pixel,
+            ),
+            (
+                "workers.pipeline_seconds_per_megapixel",
+                settings.workers.pipeline_seconds_per_megapixel,
             ),
             ("workers.pipeline_options", settings.workers.pipeline_options),
             ("models", settings.models),

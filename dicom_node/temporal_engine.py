@@ -231,6 +231,8 @@ class TemporalEngine:
             backoff_max_s=workers.backoff_max_s,
             heartbeat_timeout_s=self.engine.heartbeat_timeout_s,
             job_timeout_s=workers.job_timeout_s,
+            job_timeout_max_s=workers.job_timeout_max_s,
+            seconds_per_megapixel=workers.pipeline_seconds_per_megapixel.get(job.pipeline, 0.0),
             prior=list(dict.fromkeys(Path(p).stem for p in prior)),
             index_id=self.index_id,
             options=dict(workers.pipeline_options.get(job.pipeline, {})),

@@ -74,6 +74,18 @@ class JobInput:
     # The pipeline's options from the node's settings ([workers] pipeline_options):
     # site rules are the node's configuration, whichever worker runs the job.
     options: dict[str, Any] = field(default_factory=dict)
+    # The time limit grows with the run ([workers] pipeline_seconds_per_megapixel of the
+    # job's pipeline, at most job_timeout_max_s); 0 and 0: a fixed job_timeout_s, as a
+    # workflow started before these fields existed had it.
+    seconds_per_megapixel: float = 0.0
+    job_timeout_max_s: float = 0.0
+
+    def longest_s(self) -> float:
+        """The time limit of an attempt on the largest run (a worker's limit grows with
+        the run up to it)."""
+        if self.seconds_per_megapixel <= 0:
+            return self.job_timeout_s
+        return max(self.job_timeout_s, self.job_timeout_max_s)
 
 
 @dataclass(frozen=True)
@@ -102,9 +114,10 @@ class JobFailure:
 
 
 def activity_start_to_close(job: JobInput) -> timedelta:
-    """The compute limit plus time to fetch the run and return the results (a worker
-    waits for a node that is down up to its own limit, heartbeating meanwhile)."""
-    return timedelta(seconds=2 * job.job_timeout_s + 600)
+    """The compute limit for the largest run plus time to fetch the run and return the
+    results (a worker waits for a node that is down up to its own limit, heartbeating
+    meanwhile; a worker that is lost is found by its heartbeat, not by this)."""
+    return timedelta(seconds=2 * job.longest_s() + 600)
 
 
 def describe(exc: ActivityError, job: JobInput) -> JobFailure:

@@ -49,7 +49,7 @@ from temporalio.worker import Worker
 from dicom_node import stow
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, WorkerProcess, cpu_only, threads_per_job
+from dicom_node.sandbox import JobSpec, TimeLimit, WorkerProcess, cpu_only, threads_per_job
 from dicom_node.settings import (
     DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
     DEFAULT_PIPELINE_MEMORY_MIB,
@@ -424,7 +424,7 @@ class JobRunner:
         try:
             outcome = process.run(
                 spec,
-                job.job_timeout_s,
+                TimeLimit(job.job_timeout_s, job.seconds_per_megapixel, job.longest_s()),
                 heartbeat=beat,
                 heartbeat_every_s=max(0.5, min(job.heartbeat_timeout_s / 4, 5.0)),
                 stopping=beat.stopping,

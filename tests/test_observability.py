@@ -107,6 +107,10 @@ def test_metrics_are_prometheus_text_with_what_happened(
     assert _value(s, f"{share}_count", pipeline="minip") == 1
     assert _value(s, f"{share}_bucket", pipeline="minip", le="1.0") == 1
     assert 0 < _value(s, f"{share}_sum", pipeline="minip") <= 1
+    # and its time against its limit for the run
+    share = "angio_node_job_time_limit_share"
+    assert _value(s, f"{share}_count", pipeline="minip") == 1
+    assert 0 < _value(s, f"{share}_sum", pipeline="minip") < 0.1
     failed = _value(
         s, "angio_node_job_duration_seconds_count", pipeline="dsa_perfusion", outcome="failed"
     )
