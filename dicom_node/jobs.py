@@ -29,10 +29,12 @@ from dicom_node.db import Database, Job
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
     JobSpec,
+    MemoryPool,
     Outcome,
     TimeLimit,
     WorkerProcess,
     cpu_only,
+    jobs_memory,
     threads_per_job,
 )
 from dicom_node.settings import WorkerSettings
@@ -61,6 +63,7 @@ class Workers:
         self.prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self.memory = MemoryPool(jobs_memory(settings.jobs_memory_mib))
         self.processes = [
             WorkerProcess(
                 f"job-worker-{i}",
@@ -69,6 +72,7 @@ class Workers:
                 settings.pipeline_memory_mib,
                 threads_per_job(settings.concurrency, settings.cpu_threads),
                 settings.pipeline_memory_bytes_per_pixel,
+                self.memory,
             )
             for i in range(settings.concurrency)
         ]

@@ -16,6 +16,11 @@ decodes) or runs past its time limit (:class:`TimeLimit`: a fixed part and one p
 pixel of the run, which grows once the child has reported them) is killed and
 replaced, and the job gets an :class:`Outcome` whose reason names what happened and
 in which stage. The service process itself never decodes pixel data from the network.
+
+Jobs running at once share a :class:`MemoryPool`: a job's worker waits, after it has
+read the headers and before it decodes, until the job's budget for its run fits beside
+the budgets of the jobs already running, so that several large runs at once do not
+exhaust the machine.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
@@ -51,6 +57,7 @@ from pipelines.base import BUILTIN, PipelineError
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+WAITING = "waiting for memory"  # the stage of a job whose worker waits for the pool
 _PR_SET_PDEATHSIG = 1
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -97,6 +104,7 @@ class _Watch:
     memory_limit: int = 0
     time_limit: float = 0.0
     peak_rss: int = 0
+    reserved: int = 0  # bytes it holds in the memory pool
 
 
 @dataclass(frozen=True)
@@ -239,11 +247,15 @@ def _serve(
         if spec is None:
             return
         _reset_peak_rss()
-        outcome = execute(
-            spec,
-            lambda stage: conn.send(("stage", stage)),
-            lambda pixels: conn.send(("pixels", pixels)),
-        )
+
+        def admitted(pixels: int) -> None:
+            """Report the run's size and wait until the parent lets the job decode it
+            (its memory reserved); anything but "go" means the parent is ending us."""
+            conn.send(("pixels", pixels))
+            if conn.recv() != "go":
+                raise SystemExit(0)
+
+        outcome = execute(spec, lambda stage: conn.send(("stage", stage)), admitted)
         conn.send(("done", replace(outcome, peak_rss=_peak_rss())))
 
 
@@ -321,6 +333,85 @@ def cpu_only(device: str) -> bool | None:
     return {"cpu": True, "auto": None}.get(device, False)
 
 
+class MemoryPool:
+    """The memory that the jobs running at once on this machine may reserve together.
+
+    A job reserves its budget for its run (:meth:`WorkerProcess.memory_limit_for`) once
+    its worker has read the run's headers, before it decodes; it waits while the budgets
+    of the jobs already running leave too little beside them. Jobs are let in in the
+    order they asked, and a job whose budget alone is more than the pool runs when
+    nothing else does (its own budget, capped by ``memory_limit_mib``, still ends it).
+    A budget only bounds one job; the pool is what keeps several large runs at once
+    from exhausting the machine, where the kernel's OOM killer would end a worker (a
+    crash, retried into the same collision) or the node."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = capacity_bytes
+        self.held = 0
+        self.jobs = 0
+        self._waiting: deque[object] = deque()
+        self._cond = threading.Condition()
+
+    def _fits(self, ticket: object, nbytes: int) -> bool:
+        first = bool(self._waiting) and self._waiting[0] is ticket
+        return first and (self.jobs == 0 or self.held + nbytes <= self.capacity)
+
+    def acquire(self, ticket: object, nbytes: int, timeout: float) -> bool:
+        """Reserve ``nbytes`` for ``ticket`` (its place in line is kept between calls);
+        False when it did not fit within ``timeout`` seconds."""
+        with self._cond:
+            if ticket not in self._waiting:
+                self._waiting.append(ticket)
+            if not self._cond.wait_for(lambda: self._fits(ticket, nbytes), timeout):
+                return False
+            self._waiting.popleft()
+            self.held += nbytes
+            self.jobs += 1
+            self._cond.notify_all()  # the next in line may fit too
+            return True
+
+    def cancel(self, ticket: object) -> None:
+        """``ticket`` no longer waits (its job ended or the node stops)."""
+        with self._cond:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.held -= nbytes
+            self.jobs -= 1
+            self._cond.notify_all()
+
+    def describe(self) -> str:
+        with self._cond:
+            return (
+                f"{self.held / 2**30:.3g} of {self.capacity / 2**30:.3g} GiB reserved by "
+                f"{self.jobs} running job(s), {len(self._waiting)} waiting"
+            )
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process's machine gives it: the physical memory, or its
+    cgroup's limit where that is lower (v2 ``memory.max``, v1 ``memory.limit_in_bytes``;
+    a container's own)."""
+    limit = os.sysconf("SC_PHYS_PAGES") * _PAGE
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
+def jobs_memory(setting_mib: int | None) -> int:
+    """The pool's size (bytes): the setting (``jobs_memory_mib``), or three quarters of
+    :func:`machine_memory`, the rest for the node, the idle workers and the system."""
+    return setting_mib * 2**20 if setting_mib else machine_memory() * 3 // 4
+
+
 class WorkerProcess:
     """One child process, replaced after it crashes or is killed."""
 
@@ -332,13 +423,16 @@ class WorkerProcess:
         budgets_mib: Mapping[str, int] | None = None,
         threads: int | None = None,
         bytes_per_pixel: Mapping[str, float] | None = None,
+        memory_pool: MemoryPool | None = None,
     ) -> None:
         """``cpu_only``: True for a worker that runs on the CPU, False for one that
         may use a GPU, None to let the worker decide (CPU-only unless torch sees a
         GPU: the ``auto`` device). ``threads``: the CPU threads its jobs may use
         (:func:`threads_per_job`); None: torch's default. ``budgets_mib`` and
         ``bytes_per_pixel``: each pipeline's budget, a fixed part and a part per pixel
-        of the run (None: the measured defaults)."""
+        of the run (None: the measured defaults). ``memory_pool``: shared by the workers
+        whose jobs run at once (None: each job only within its own budget)."""
+        self.memory_pool = memory_pool
         self.name = name
         self.threads = threads
         self.memory_limit = memory_limit_bytes
@@ -453,15 +547,50 @@ class WorkerProcess:
         laps: list[tuple[str, float]],
         watch: _Watch,
     ) -> Outcome:
+        ticket = object()  # this attempt's place in the pool's line
+        try:
+            return self._watch(
+                spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch, ticket
+            )
+        finally:
+            if self.memory_pool is not None:
+                self.memory_pool.cancel(ticket)
+                if watch.reserved:
+                    self.memory_pool.release(watch.reserved)
+                    watch.reserved = 0
+
+    def _admit(self, watch: _Watch, ticket: object, conn: Connection) -> bool:
+        """Let the child decode once the pool holds the job's budget; False while it waits."""
+        pool = self.memory_pool
+        if pool is not None:
+            if not pool.acquire(ticket, watch.memory_limit, _POLL_S):
+                return False
+            watch.reserved = watch.memory_limit
+        conn.send("go")
+        return True
+
+    def _watch(
+        self,
+        spec: JobSpec,
+        limit: TimeLimit,
+        heartbeat: Callable[[], object],
+        heartbeat_every_s: float,
+        stopping: threading.Event,
+        laps: list[tuple[str, float]],
+        watch: _Watch,
+        ticket: object,
+    ) -> Outcome:
         conn = self._ensure()
         conn.send(spec)
         stage = "starting"
         start = time.monotonic()
         laps.append((stage, start))
         next_beat = start + heartbeat_every_s
+        waiting_since: float | None = None  # the child waits for its memory
+        waited = 0.0  # seconds it waited, not counted against the time limit
         while True:
             try:
-                if conn.poll(_POLL_S):
+                if conn.poll(0 if waiting_since is not None else _POLL_S):
                     kind, value = conn.recv()
                     if kind == "stage":
                         stage = value
@@ -471,10 +600,26 @@ class WorkerProcess:
                         watch.pixels = int(value)
                         watch.memory_limit = self.memory_limit_for(spec.pipeline, watch.pixels)
                         watch.time_limit = limit.seconds(watch.pixels)
+                        if not self._admit(watch, ticket, conn):
+                            waiting_since = time.monotonic()
+                            laps.append((WAITING, waiting_since))
+                            log.info(
+                                "job %d waits for memory: a budget of %.3g GiB for a run of "
+                                "%.3g million pixels; %s",
+                                spec.job_id,
+                                watch.memory_limit / 2**30,
+                                watch.pixels / 1e6,
+                                self.memory_pool.describe() if self.memory_pool else "",
+                            )
                         continue
                     return value  # type: ignore[no-any-return]
             except (EOFError, OSError):
                 pass  # the child died: its exit code says how, below
+            if waiting_since is not None and self._admit(watch, ticket, conn):
+                now = time.monotonic()
+                waited += now - waiting_since
+                waiting_since = None
+                laps.append((stage, now))
             if not self.proc.is_alive():
                 self.proc.join(5)
                 code = self.proc.exitcode
@@ -489,7 +634,7 @@ class WorkerProcess:
                     f"({rss / 2**30:.3g} GiB resident{run})",
                     stage,
                 )
-            if time.monotonic() - start > watch.time_limit:
+            if waiting_since is None and time.monotonic() - start - waited > watch.time_limit:
                 seconds = (
                     f"{watch.time_limit:.0f}" if watch.time_limit >= 10 else f"{watch.time_limit:g}"
                 )

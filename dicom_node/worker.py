@@ -49,7 +49,15 @@ from temporalio.worker import Worker
 from dicom_node import stow
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
-from dicom_node.sandbox import JobSpec, TimeLimit, WorkerProcess, cpu_only, threads_per_job
+from dicom_node.sandbox import (
+    JobSpec,
+    MemoryPool,
+    TimeLimit,
+    WorkerProcess,
+    cpu_only,
+    jobs_memory,
+    threads_per_job,
+)
 from dicom_node.settings import (
     DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
     DEFAULT_PIPELINE_MEMORY_MIB,
@@ -128,6 +136,14 @@ class WorkerConfig(Strict):
     pipeline_memory_bytes_per_pixel: PipelineBytesPerPixel = Field(
         default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL),
         description="as the node's: what each pixel of the run adds to the budget (bytes)",
+    )
+    jobs_memory_mib: int | None = Field(
+        None,
+        ge=256,
+        description="resident memory the jobs running at once may hold together: each "
+        "reserves its budget for its run once its headers are read and waits, before it "
+        "decodes, until that fits beside the others' (a job larger than this runs alone); "
+        "none: three quarters of this machine's memory (or its cgroup's limit)",
     )
     models: dict[str, Path] = Field({}, description="model package folder per pipeline, here")
     scratch_dir: Path = Path(tempfile.gettempdir()) / "angio-worker"
@@ -348,6 +364,7 @@ class JobRunner:
             f"{socket.gethostname()}-{os.getpid()}" + (f"-gpu{gpu}" if gpu else "")
         )
         self.pool: queue.Queue[WorkerProcess] = queue.Queue()
+        memory = MemoryPool(jobs_memory(config.jobs_memory_mib))
         self.processes = [
             WorkerProcess(
                 f"job-worker-{i}",
@@ -356,6 +373,7 @@ class JobRunner:
                 config.pipeline_memory_mib,
                 threads=threads_per_job(config.concurrency, config.cpu_threads),
                 bytes_per_pixel=config.pipeline_memory_bytes_per_pixel,
+                memory_pool=memory,
             )
             for i in range(config.concurrency)
         ]
