@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from dicom_node.db import Database, Delivery, Job
 from dicom_node.ingest import Receipt
-from dicom_node.sandbox import Outcome
+from dicom_node.sandbox import MemoryPool, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,25 @@ class Metrics:
             name, version = package_identity(folder)
             self.packages.labels(pipeline, name, version).set(1)
         r.register(_IndexCollector(db, storage_dir))
+
+    def watch_memory(self, pool: MemoryPool) -> None:
+        """Gauges of the embedded engine's memory pool, read at scrape time."""
+        Gauge(
+            "angio_node_jobs_memory_bytes",
+            "The pool the jobs running at once reserve their budgets in ([workers] "
+            "jobs_memory_mib)",
+            registry=self.registry,
+        ).set(pool.capacity)
+        Gauge(
+            "angio_node_jobs_memory_reserved_bytes",
+            "Memory the running jobs have reserved (their budgets for their runs)",
+            registry=self.registry,
+        ).set_function(lambda: pool.held)
+        Gauge(
+            "angio_node_jobs_waiting_for_memory",
+            "Jobs whose worker read the run's headers and waits for room in the pool",
+            registry=self.registry,
+        ).set_function(lambda: pool.waiting)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

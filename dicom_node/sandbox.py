@@ -383,6 +383,12 @@ class MemoryPool:
             self.jobs -= 1
             self._cond.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        """Jobs in line."""
+        with self._cond:
+            return len(self._waiting)
+
     def describe(self) -> str:
         with self._cond:
             return (

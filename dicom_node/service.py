@@ -21,7 +21,7 @@ from dicom_node.api import start_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
 from dicom_node.db import Database, Delivery
-from dicom_node.engine import make_engine
+from dicom_node.engine import EmbeddedEngine, make_engine
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
@@ -62,6 +62,8 @@ class Node:
         self.metrics = Metrics(self.db, settings.models, settings.storage_dir)
         # the job engine: embedded worker processes, or Temporal workers (``[engine]``)
         self.workers = make_engine(settings, self.db, self.results_dir, self.metrics.job)
+        if isinstance(self.workers, EmbeddedEngine):  # Temporal's workers have their own
+            self.metrics.watch_memory(self.workers.memory)
         self.router = Router(self.db, settings, on_routed=self.workers.wake.set)
         self.ingest = Ingest(
             self.spool, self.db, self.completion, self.router.wake.set, observe=self._received

@@ -162,3 +162,6 @@ def test_the_node_runs_jobs_that_do_not_fit_together_one_after_the_other(
     assert len(waits) == 1, waits
     assert "of 4 GiB reserved by 1 running job(s)" in waits[0], waits
     assert node.workers.memory.held == 0
+    metrics = node.metrics.render().decode()
+    assert "angio_node_jobs_memory_bytes 4.294967296e+09" in metrics
+    assert "angio_node_jobs_memory_reserved_bytes 0.0" in metrics

@@ -107,6 +107,10 @@ def test_metrics_are_prometheus_text_with_what_happened(
     assert _value(s, f"{share}_count", pipeline="minip") == 1
     assert _value(s, f"{share}_bucket", pipeline="minip", le="1.0") == 1
     assert 0 < _value(s, f"{share}_sum", pipeline="minip") <= 1
+    # the memory pool of the jobs running at once: none now
+    assert _value(s, "angio_node_jobs_memory_bytes") > 2**30
+    assert _value(s, "angio_node_jobs_memory_reserved_bytes") == 0
+    assert _value(s, "angio_node_jobs_waiting_for_memory") == 0
     # and its time against its limit for the run
     share = "angio_node_job_time_limit_share"
     assert _value(s, f"{share}_count", pipeline="minip") == 1
