@@ -28,6 +28,7 @@ from pathlib import Path
 from dicom_node.db import Database, Job
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
+    WAITING,
     JobSpec,
     MemoryPool,
     Outcome,
@@ -156,15 +157,18 @@ class Workers:
             if not self.db.finish_job(job, outcome.results, outcome.notes):
                 log.warning("job %d finished after its lease was taken; result dropped", job.id)
                 return
+            timings = dict(outcome.timings)
+            waited = timings.pop(WAITING, 0.0)
             log.info(
-                "job %d (%s on run %s) done: %d object(s) in %.1f s of a %.0f s limit on %d "
+                "job %d (%s on run %s) done: %d object(s) in %.1f s of a %.0f s limit%s on %d "
                 "CPU thread(s), peak %.2f GiB resident of a %.2f GiB budget",
                 job.id,
                 job.pipeline,
                 job.run_id,
                 len(outcome.results),
-                sum(seconds for _, seconds in outcome.timings),
+                sum(timings.values()),
                 outcome.time_limit,
+                f" (after {waited:.1f} s waiting for memory)" if waited else "",
                 outcome.threads,
                 outcome.peak_rss / 2**30,
                 outcome.budget / 2**30,

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from dicom_node.db import Database, Delivery, Job
 from dicom_node.ingest import Receipt
-from dicom_node.sandbox import MemoryPool, Outcome
+from dicom_node.sandbox import WAITING, MemoryPool, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,9 @@ class Metrics:
         self.job_duration.labels(job.pipeline, result).observe(total)
         if outcome.budget and outcome.peak_rss:  # watched in this node's worker processes
             self.job_memory_share.labels(job.pipeline).observe(outcome.peak_rss / outcome.budget)
-        if outcome.time_limit and not outcome.interrupted:
-            self.job_time_share.labels(job.pipeline).observe(total / outcome.time_limit)
+        if outcome.time_limit and not outcome.interrupted:  # a wait for memory is not timed
+            timed = total - dict(outcome.timings).get(WAITING, 0.0)
+            self.job_time_share.labels(job.pipeline).observe(timed / outcome.time_limit)
 
     def delivery(
         self, destination: str, _item: Delivery, sent: bool, _reason: str, permanent: bool

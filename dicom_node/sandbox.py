@@ -393,7 +393,7 @@ class MemoryPool:
         with self._cond:
             return (
                 f"{self.held / 2**30:.3g} of {self.capacity / 2**30:.3g} GiB reserved by "
-                f"{self.jobs} running job(s), {len(self._waiting)} waiting"
+                f"{self.jobs} running job(s), {len(self._waiting)} job(s) in line"
             )
 
 
@@ -611,7 +611,7 @@ class WorkerProcess:
                             laps.append((WAITING, waiting_since))
                             log.info(
                                 "job %d waits for memory: a budget of %.3g GiB for a run of "
-                                "%.3g million pixels; %s",
+                                "%.3g million pixels; %s (this one included)",
                                 spec.job_id,
                                 watch.memory_limit / 2**30,
                                 watch.pixels / 1e6,

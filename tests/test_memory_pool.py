@@ -38,7 +38,7 @@ def test_jobs_are_let_in_in_order_while_their_budgets_fit() -> None:
     assert pool.acquire(a, 6 * GiB, 0)
     assert not pool.acquire(b, 6 * GiB, 0.05)  # 12 GiB would not fit
     assert not pool.acquire(c, 2 * GiB, 0.05)  # it would fit, but b asked first
-    assert "6 of 10 GiB reserved by 1 running job(s), 2 waiting" in pool.describe()
+    assert "6 of 10 GiB reserved by 1 running job(s), 2 job(s) in line" in pool.describe()
     pool.release(6 * GiB)
     assert pool.acquire(b, 6 * GiB, 0)
     assert pool.acquire(c, 2 * GiB, 0)  # now beside b
@@ -143,7 +143,7 @@ def test_the_node_runs_jobs_that_do_not_fit_together_one_after_the_other(
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(XRayAngiographicImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    with caplog.at_level(logging.INFO, logger="dicom_node.sandbox"):
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
         assert int(assoc.send_c_store(dcmread(_run(tmp_path))).Status) == 0
         assoc.release()
         jobs = wait_for(
@@ -161,6 +161,8 @@ def test_the_node_runs_jobs_that_do_not_fit_together_one_after_the_other(
     waits = [r.getMessage() for r in caplog.records if "waits for memory" in r.getMessage()]
     assert len(waits) == 1, waits
     assert "of 4 GiB reserved by 1 running job(s)" in waits[0], waits
+    done = [r.getMessage() for r in caplog.records if " done: " in r.getMessage()]
+    assert sum("s waiting for memory)" in line for line in done) == 1, done
     assert node.workers.memory.held == 0
     metrics = node.metrics.render().decode()
     assert "angio_node_jobs_memory_bytes 4.294967296e+09" in metrics
