@@ -340,3 +340,32 @@ def test_sigterm_drains_a_worker_it_finishes_its_job_and_takes_no_more(tmp_path:
         assert all(j["state"] == "done" for j in site.rows("SELECT * FROM jobs"))
     finally:
         site.stop()
+
+
+def test_a_scale_out_job_gets_the_time_its_run_needs(tmp_path: Path) -> None:
+    """The node's time-limit settings reach the worker through the workflow: with a
+    fixed part of 0.4 s, dsa_av (20 s per million pixels) is done on a 512^2 x 20 run
+    and dsa_ia (none per pixel) is ended, its reason naming the run's size, in the
+    index and in Temporal."""
+    site = Site(
+        tmp_path / "site",
+        workers=1,
+        pipelines=("dsa_av", "dsa_ia"),
+        max_attempts=1,
+        workers_extra="job_timeout_s = 0.4\n"
+        "pipeline_seconds_per_megapixel = { dsa_av = 20, dsa_ia = 0 }",
+    ).start()
+    try:
+        ds = xa_run(frames=20, rows=512, cols=512, seed=3)
+        assert site.send([ds])
+        _settle(site, timeout=300)
+        jobs = {j["pipeline"]: j for j in site.rows("SELECT * FROM jobs")}
+        assert jobs["dsa_av"]["state"] == "done", dict(jobs["dsa_av"])
+        ended = jobs["dsa_ia"]
+        assert ended["state"] == "failed", dict(ended)
+        assert "timed out after 0.4 s, a run of 5.24 million pixels" in ended["error"]
+        assert site.temporal is not None
+        wid = workflow_id(site.db().index_id(), ended["id"], 0)
+        assert "timed out after 0.4 s" in site.temporal.failure(wid)
+    finally:
+        site.stop()
