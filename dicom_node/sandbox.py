@@ -89,10 +89,13 @@ class TimeLimit:
 
     def seconds(self, pixels: int = 0) -> float:
         """The limit for a run of ``pixels`` (0: not known yet, the fixed part)."""
-        grown = self.fixed_s + self.per_megapixel_s * pixels / 1e6
         if self.max_s is None:
-            return grown
-        return min(grown, max(self.max_s, self.fixed_s))
+            return self.grown(pixels)
+        return min(self.grown(pixels), max(self.max_s, self.fixed_s))
+
+    def grown(self, pixels: int) -> float:
+        """The limit for such a run before the ceiling caps it."""
+        return self.fixed_s + self.per_megapixel_s * pixels / 1e6
 
 
 @dataclass
@@ -299,6 +302,10 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:g}"
+
+
 def _signal_name(code: int | None) -> str:
     if code is None:
         return "no exit code"
@@ -461,11 +468,15 @@ class WorkerProcess:
     def memory_limit_for(self, pipeline: str, pixels: int = 0) -> int:
         """Bytes a job of ``pipeline`` on a run of ``pixels`` decoded pixels may hold
         resident (0: not known yet, the fixed part)."""
+        return min(self.memory_limit, self.budget_for(pipeline, pixels))
+
+    def budget_for(self, pipeline: str, pixels: int = 0) -> int:
+        """The pipeline's budget for such a run before ``memory_limit_mib`` caps it (the
+        limit itself for a pipeline without a budget)."""
         budget = self.budgets.get(pipeline)
         if budget is None:
             return self.memory_limit
-        grown = budget * 2**20 + int(self.bytes_per_pixel.get(pipeline, 0.0) * pixels)
-        return min(self.memory_limit, grown)
+        return budget * 2**20 + int(self.bytes_per_pixel.get(pipeline, 0.0) * pixels)
 
     @property
     def pid(self) -> int | None:
@@ -508,10 +519,10 @@ class WorkerProcess:
         self.proc = None
         self.conn = None
 
-    def _end(self, reason: str, stage: str, transient: bool = True) -> Outcome:
+    def _end(self, reason: str, stage: str, transient: bool = True, then: str = "") -> Outcome:
         pid = self.pid or 0
         self._discard()
-        return Outcome(error=f"{reason} while {stage}", transient=transient, pid=pid)
+        return Outcome(error=f"{reason} while {stage}{then}", transient=transient, pid=pid)
 
     def run(
         self,
@@ -635,16 +646,34 @@ class WorkerProcess:
             rss = _rss_bytes(self.proc.pid)
             watch.peak_rss = max(watch.peak_rss, rss)
             if rss > watch.memory_limit:
+                # Where memory_limit_mib capped the run's budget, another attempt meets
+                # the same cap: the job fails now, and the reason says what to raise.
+                wanted = self.budget_for(spec.pipeline, watch.pixels)
+                capped = watch.pixels > 0 and wanted > watch.memory_limit
                 return self._end(
                     f"memory limit {watch.memory_limit / 2**30:.3g} GiB exceeded "
                     f"({rss / 2**30:.3g} GiB resident{run})",
                     stage,
+                    transient=not capped,
+                    then=f"; its budget for the run would be {wanted / 2**30:.3g} GiB, "
+                    "above memory_limit_mib: not retried (raise memory_limit_mib to process "
+                    "it)"
+                    if capped
+                    else "",
                 )
             if waiting_since is None and time.monotonic() - start - waited > watch.time_limit:
-                seconds = (
-                    f"{watch.time_limit:.0f}" if watch.time_limit >= 10 else f"{watch.time_limit:g}"
+                # Likewise where job_timeout_max_s capped the run's time limit.
+                wanted_s = limit.grown(watch.pixels)
+                capped = watch.pixels > 0 and wanted_s > watch.time_limit
+                return self._end(
+                    f"timed out after {_seconds(watch.time_limit)} s{run}",
+                    stage,
+                    transient=not capped,
+                    then=f"; its limit for the run would be {_seconds(wanted_s)} s, above "
+                    "job_timeout_max_s: not retried (raise job_timeout_max_s to process it)"
+                    if capped
+                    else "",
                 )
-                return self._end(f"timed out after {seconds} s{run}", stage)
             if stopping.is_set():
                 self._discard()
                 return Outcome(error="the node is stopping", interrupted=True)

@@ -127,6 +127,9 @@ def test_a_large_run_gets_the_memory_its_pixels_need(tmp_path: Path) -> None:
     grown = WorkerProcess(
         "t", 8 * GiB, cpu_only=True, budgets_mib={"minip": 384}, bytes_per_pixel={"minip": 20}
     )
+    capped = WorkerProcess(
+        "t", 2**29, cpu_only=True, budgets_mib={"minip": 384}, bytes_per_pixel={"minip": 20}
+    )
     try:
         over = fixed.run(
             _spec(path, tmp_path, "minip", 1), 300, lambda: None, 60, threading.Event()
@@ -140,9 +143,20 @@ def test_a_large_run_gets_the_memory_its_pixels_need(tmp_path: Path) -> None:
         assert done.ok, done.error
         assert done.budget == 384 * 2**20 + 20 * 1024 * 1024 * 60  # reported with the outcome
         assert 384 * 2**20 < done.peak_rss < done.budget
+        # memory_limit_mib (0.5 GiB here) caps the run's budget (1.55 GiB): another
+        # attempt would meet the same cap, so the job fails now, saying what to raise
+        ended = capped.run(
+            _spec(path, tmp_path, "minip", 3), 300, lambda: None, 60, threading.Event()
+        )
+        assert not ended.transient, ended.error
+        assert "memory limit 0.5 GiB exceeded" in ended.error, ended.error
+        assert "its budget for the run would be 1.55 GiB, above memory_limit_mib: not " in (
+            ended.error
+        )
     finally:
         fixed.close()
         grown.close()
+        capped.close()
 
 
 def test_a_job_over_its_pipeline_budget_ends_and_other_pipelines_run(tmp_path: Path) -> None:
@@ -199,3 +213,24 @@ def test_the_node_applies_the_budget_of_the_jobs_pipeline(make_node: Any, tmp_pa
     failed = by_pipeline["dsa_perfusion"]
     assert failed["state"] == "failed"
     assert "memory limit 0.25 GiB exceeded" in failed["error"], failed["error"]
+
+
+def test_a_run_over_the_ceiling_fails_at_once_saying_what_to_raise(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """memory_limit_mib caps dsa_perfusion's budget: the overrun is not retried (another
+    attempt meets the same cap) although max_attempts allows three."""
+    node = make_node(
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_perfusion"]}],
+        workers={"max_attempts": 3, "memory_limit_mib": 256, "backoff_base_s": 0.1},
+    )
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(dcmread(_phantom(tmp_path))).Status) == 0
+    assoc.release()
+    job = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 180)[0]
+    assert job["attempts"] == 1, dict(job)
+    assert "memory limit 0.25 GiB exceeded" in job["error"], job["error"]
+    assert "above memory_limit_mib: not retried (raise memory_limit_mib" in job["error"]
+    assert "(attempt" not in job["error"]

@@ -96,7 +96,9 @@ def test_memory_and_time_limits_end_the_job(tmp_path: Path) -> None:
     small = WorkerProcess("t", 64 * 2**20, cpu_only=False)
     try:
         outcome = _run(small, _spec(path, tmp_path, "dsa_perfusion"))
-        assert outcome.transient and "memory limit 0.0625 GiB exceeded" in outcome.error
+        assert "memory limit 0.0625 GiB exceeded" in outcome.error
+        # the limit caps the pipeline's budget: not retried, the reason says what to raise
+        assert not outcome.transient and "raise memory_limit_mib" in outcome.error
     finally:
         small.close()
     worker = WorkerProcess("t", 4 * GiB, cpu_only=True)

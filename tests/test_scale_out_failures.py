@@ -239,8 +239,11 @@ def test_a_run_that_always_fails_fails_after_max_attempts_with_its_reason(
         max_attempts=3,
         # A 1024² x 128 run holds its float32 frames, 0.5 GiB, from decoding to the end
         # of the job (1024² x 56 has fitted since decoding stopped copying: the test
-        # then saw the job done); the small run needs < 0.3 GiB.
-        worker_extra="memory_limit_mib = 400",
+        # then saw the job done); the small run needs < 0.3 GiB. minip's budget is a
+        # fixed 400 MiB under a higher ceiling: a budget that memory_limit_mib caps
+        # would fail at once (another attempt meets the same cap).
+        worker_extra="memory_limit_mib = 4096\npipeline_memory_mib = { minip = 400 }\n"
+        "pipeline_memory_bytes_per_pixel = { minip = 0 }",
     ).start()
     try:
         big = [_run(400 + rep, size=1024, frames=128) for rep in range(REPS)]

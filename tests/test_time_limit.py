@@ -91,8 +91,8 @@ def test_a_scale_out_attempt_gets_the_limit_of_the_largest_run() -> None:
 
 def test_a_large_run_gets_the_time_its_pixels_need(tmp_path: Path) -> None:
     """The same run and pipeline in one worker process: ended by the fixed part alone,
-    with the run's size in the reason; done when each pixel adds time; ended again at
-    the ceiling."""
+    with the run's size in the reason (retried: transient); done when each pixel adds
+    time; ended again at the ceiling, for good."""
     path = _run(tmp_path)
     worker = WorkerProcess("t", 8 * 2**30, cpu_only=True)
     worker.start()
@@ -109,8 +109,13 @@ def test_a_large_run_gets_the_time_its_pixels_need(tmp_path: Path) -> None:
         done = attempt(2, TimeLimit(0.4, 20.0))
         assert done.ok, done.error
         assert done.time_limit == pytest.approx(0.4 + 20.0 * PIXELS / 1e6)  # with the outcome
+        # the ceiling binds: another attempt would meet it too, so the job fails now
         capped = attempt(3, TimeLimit(0.4, 20.0, 0.8))
-        assert capped.transient and "timed out after 0.8 s" in capped.error, capped.error
+        assert not capped.transient, capped.error
+        assert "timed out after 0.8 s, a run of 5.24 million pixels while" in capped.error
+        assert "its limit for the run would be 105 s, above job_timeout_max_s: not retried" in (
+            capped.error
+        )
         assert capped.time_limit == 0.8
     finally:
         worker.close()
