@@ -98,7 +98,7 @@ class TimeLimit:
         return self.fixed_s + self.per_megapixel_s * pixels / 1e6
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it is also the attempt's place in the pool's line
 class _Watch:
     """What the watchdog learns of one attempt: the run's size once the child reported
     it, the limits for that size, and the largest resident set it saw."""
@@ -364,10 +364,11 @@ class MemoryPool:
         return first and (self.jobs == 0 or self.held + nbytes <= self.capacity)
 
     def acquire(self, ticket: object, nbytes: int, timeout: float) -> bool:
-        """Reserve ``nbytes`` for ``ticket`` (its place in line is kept between calls);
-        False when it did not fit within ``timeout`` seconds."""
+        """Reserve ``nbytes`` for ``ticket`` (its place in line is kept between calls;
+        tickets are compared by identity); False when it did not fit within ``timeout``
+        seconds."""
         with self._cond:
-            if ticket not in self._waiting:
+            if not any(t is ticket for t in self._waiting):
                 self._waiting.append(ticket)
             if not self._cond.wait_for(lambda: self._fits(ticket, nbytes), timeout):
                 return False
@@ -380,9 +381,11 @@ class MemoryPool:
     def cancel(self, ticket: object) -> None:
         """``ticket`` no longer waits (its job ended or the node stops)."""
         with self._cond:
-            if ticket in self._waiting:
-                self._waiting.remove(ticket)
-                self._cond.notify_all()
+            for i, t in enumerate(self._waiting):
+                if t is ticket:
+                    del self._waiting[i]
+                    self._cond.notify_all()
+                    return
 
     def release(self, nbytes: int) -> None:
         with self._cond:
@@ -539,7 +542,14 @@ class WorkerProcess:
         watch = _Watch(
             memory_limit=self.memory_limit_for(spec.pipeline), time_limit=limit.seconds()
         )
-        outcome = self._run(spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch)
+        try:
+            outcome = self._watch(spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch)
+        finally:
+            if self.memory_pool is not None:
+                self.memory_pool.cancel(watch)  # its place in line, where it waited
+                if watch.reserved:
+                    self.memory_pool.release(watch.reserved)
+                    watch.reserved = 0
         laps.append(("", time.monotonic()))
         timings: dict[str, float] = {}
         for (stage, began), (_, ended) in zip(laps, laps[1:], strict=False):
@@ -554,33 +564,12 @@ class WorkerProcess:
             time_limit=watch.time_limit,
         )
 
-    def _run(
-        self,
-        spec: JobSpec,
-        limit: TimeLimit,
-        heartbeat: Callable[[], object],
-        heartbeat_every_s: float,
-        stopping: threading.Event,
-        laps: list[tuple[str, float]],
-        watch: _Watch,
-    ) -> Outcome:
-        ticket = object()  # this attempt's place in the pool's line
-        try:
-            return self._watch(
-                spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch, ticket
-            )
-        finally:
-            if self.memory_pool is not None:
-                self.memory_pool.cancel(ticket)
-                if watch.reserved:
-                    self.memory_pool.release(watch.reserved)
-                    watch.reserved = 0
-
-    def _admit(self, watch: _Watch, ticket: object, conn: Connection) -> bool:
-        """Let the child decode once the pool holds the job's budget; False while it waits."""
+    def _admit(self, watch: _Watch, conn: Connection) -> bool:
+        """Let the child decode once the pool holds the job's budget (the attempt's
+        watch is its ticket in the pool's line); False while it waits."""
         pool = self.memory_pool
         if pool is not None:
-            if not pool.acquire(ticket, watch.memory_limit, _POLL_S):
+            if not pool.acquire(watch, watch.memory_limit, _POLL_S):
                 return False
             watch.reserved = watch.memory_limit
         conn.send("go")
@@ -595,7 +584,6 @@ class WorkerProcess:
         stopping: threading.Event,
         laps: list[tuple[str, float]],
         watch: _Watch,
-        ticket: object,
     ) -> Outcome:
         conn = self._ensure()
         conn.send(spec)
@@ -617,7 +605,7 @@ class WorkerProcess:
                         watch.pixels = int(value)
                         watch.memory_limit = self.memory_limit_for(spec.pipeline, watch.pixels)
                         watch.time_limit = limit.seconds(watch.pixels)
-                        if not self._admit(watch, ticket, conn):
+                        if not self._admit(watch, conn):
                             waiting_since = time.monotonic()
                             laps.append((WAITING, waiting_since))
                             log.info(
@@ -632,7 +620,7 @@ class WorkerProcess:
                     return value  # type: ignore[no-any-return]
             except (EOFError, OSError):
                 pass  # the child died: its exit code says how, below
-            if waiting_since is not None and self._admit(watch, ticket, conn):
+            if waiting_since is not None and self._admit(watch, conn):
                 now = time.monotonic()
                 waited += now - waiting_since
                 waiting_since = None

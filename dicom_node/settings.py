@@ -131,6 +131,18 @@ def _per_megapixel(value: dict[str, float]) -> dict[str, float]:
 PipelineBudgets = Annotated[dict[str, int], AfterValidator(_budgets)]
 PipelineBytesPerPixel = Annotated[dict[str, float], AfterValidator(_per_pixel)]
 PipelineSecondsPerMegapixel = Annotated[dict[str, float], AfterValidator(_per_megapixel)]
+# The memory pool of the jobs running at once (sandbox.MemoryPool), the node's and a
+# scale-out worker's alike.
+JobsMemoryMib = Annotated[
+    int | None,
+    Field(
+        ge=256,
+        description="resident memory the jobs running at once may hold together: each "
+        "reserves its budget for its run once its headers are read and waits, before it "
+        "decodes, until that fits beside the others' (a job larger than this runs alone); "
+        "none: three quarters of this machine's memory (or its cgroup's limit)",
+    ),
+]
 
 
 class WorkerSettings(Strict):
@@ -165,14 +177,7 @@ class WorkerSettings(Strict):
         description="resident memory of one job's worker process; above it the job is ended "
         "(the ceiling of every pipeline's budget, and the limit of pipelines without one)",
     )
-    jobs_memory_mib: int | None = Field(
-        None,
-        ge=256,
-        description="resident memory the jobs running at once may hold together: each "
-        "reserves its budget for its run once its headers are read and waits, before it "
-        "decodes, until that fits beside the others' (a job larger than this runs alone); "
-        "none: three quarters of this machine's memory (or its cgroup's limit)",
-    )
+    jobs_memory_mib: JobsMemoryMib = None
     job_timeout_s: float = Field(
         1800.0,
         gt=0,

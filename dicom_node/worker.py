@@ -62,6 +62,7 @@ from dicom_node.settings import (
     DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
     DEFAULT_PIPELINE_MEMORY_MIB,
     EngineSettings,
+    JobsMemoryMib,
     PipelineBudgets,
     PipelineBytesPerPixel,
     Strict,
@@ -137,14 +138,7 @@ class WorkerConfig(Strict):
         default_factory=lambda: dict(DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL),
         description="as the node's: what each pixel of the run adds to the budget (bytes)",
     )
-    jobs_memory_mib: int | None = Field(
-        None,
-        ge=256,
-        description="resident memory the jobs running at once may hold together: each "
-        "reserves its budget for its run once its headers are read and waits, before it "
-        "decodes, until that fits beside the others' (a job larger than this runs alone); "
-        "none: three quarters of this machine's memory (or its cgroup's limit)",
-    )
+    jobs_memory_mib: JobsMemoryMib = None
     models: dict[str, Path] = Field({}, description="model package folder per pipeline, here")
     scratch_dir: Path = Path(tempfile.gettempdir()) / "angio-worker"
     drain_timeout_s: float = Field(1800.0, ge=0, description="SIGTERM: finish the job this long")

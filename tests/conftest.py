@@ -40,6 +40,27 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def store_and_settle(node: Any, ds: Any, jobs: int, timeout: float = 180) -> list[Any]:
+    """C-STORE ``ds`` to ``node`` as a modality (AE MODALITY) and wait until ``jobs``
+    of the node's jobs are done or failed; their index rows."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    query = "SELECT * FROM jobs WHERE state IN ('done', 'failed')"
+    return list(
+        wait_for(
+            lambda: rows if len(rows := node.db.query(query)) >= jobs else None,
+            timeout,
+            what=f"{jobs} job(s) to settle",
+        )
+    )
+
+
 def need(tool: str) -> str:
     """A dcmtk tool (not pynetdicom's Python script of the same name), or skip."""
     from dicom_node.dcmtk import find

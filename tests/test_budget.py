@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import XRayAngiographicImageStorage
-from pynetdicom import AE
 
 from dicom_node.errors import ConfigError
 from dicom_node.sandbox import JobSpec, WorkerProcess
@@ -21,7 +19,7 @@ from dicom_node.settings import (
     load_settings,
 )
 from pipelines import names
-from tests.conftest import wait_for
+from tests.conftest import store_and_settle
 from tests.dicomgen import xa_run
 
 GiB = 2**30
@@ -194,20 +192,7 @@ def test_the_node_applies_the_budget_of_the_jobs_pipeline(make_node: Any, tmp_pa
             "pipeline_memory_bytes_per_pixel": {"dsa_perfusion": 0},
         },
     )
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    assert int(assoc.send_c_store(dcmread(_phantom(tmp_path))).Status) == 0
-    assoc.release()
-    jobs = wait_for(
-        lambda: (
-            rows
-            if len(rows := node.db.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')"))
-            == 2
-            else None
-        ),
-        180,
-    )
+    jobs = store_and_settle(node, dcmread(_phantom(tmp_path)), 2)
     by_pipeline = {row["pipeline"]: row for row in jobs}
     assert by_pipeline["minip"]["state"] == "done"
     failed = by_pipeline["dsa_perfusion"]
@@ -224,12 +209,8 @@ def test_a_run_over_the_ceiling_fails_at_once_saying_what_to_raise(
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_perfusion"]}],
         workers={"max_attempts": 3, "memory_limit_mib": 256, "backoff_base_s": 0.1},
     )
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    assert int(assoc.send_c_store(dcmread(_phantom(tmp_path))).Status) == 0
-    assoc.release()
-    job = wait_for(lambda: node.db.query("SELECT * FROM jobs WHERE state='failed'"), 180)[0]
+    job = store_and_settle(node, dcmread(_phantom(tmp_path)), 1)[0]
+    assert job["state"] == "failed", dict(job)
     assert job["attempts"] == 1, dict(job)
     assert "memory limit 0.25 GiB exceeded" in job["error"], job["error"]
     assert "above memory_limit_mib: not retried (raise memory_limit_mib" in job["error"]

@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import XRayAngiographicImageStorage
-from pynetdicom import AE
 
 from dicom_node.sandbox import (
     WAITING,
@@ -26,7 +24,7 @@ from dicom_node.sandbox import (
     machine_memory,
 )
 from dicom_node.settings import load_settings
-from tests.conftest import wait_for
+from tests.conftest import store_and_settle, wait_for
 from tests.dicomgen import xa_run
 
 GiB = 2**30
@@ -140,23 +138,8 @@ def test_the_node_runs_jobs_that_do_not_fit_together_one_after_the_other(
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av", "dsa_ia"]}],
         workers={"concurrency": 2, "jobs_memory_mib": 4096, "max_attempts": 1},
     )
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
     with caplog.at_level(logging.INFO, logger="dicom_node"):
-        assert int(assoc.send_c_store(dcmread(_run(tmp_path))).Status) == 0
-        assoc.release()
-        jobs = wait_for(
-            lambda: (
-                rows
-                if len(
-                    rows := node.db.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')")
-                )
-                == 2
-                else None
-            ),
-            180,
-        )
+        jobs = store_and_settle(node, dcmread(_run(tmp_path)), 2)
     assert [row["state"] for row in jobs] == ["done", "done"], [row["error"] for row in jobs]
     waits = [r.getMessage() for r in caplog.records if "waits for memory" in r.getMessage()]
     assert len(waits) == 1, waits

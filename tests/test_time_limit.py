@@ -12,15 +12,13 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import XRayAngiographicImageStorage
-from pynetdicom import AE
 
 from dicom_node.errors import ConfigError
 from dicom_node.sandbox import JobSpec, TimeLimit, WorkerProcess
 from dicom_node.settings import DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL, load_settings
 from dicom_node.temporal_workflow import InstanceRef, JobInput, activity_start_to_close
 from pipelines import names
-from tests.conftest import wait_for
+from tests.conftest import store_and_settle
 from tests.dicomgen import xa_run
 
 PIXELS = 512 * 512 * 20  # the run below: 5.24 million pixels
@@ -134,23 +132,8 @@ def test_the_node_applies_the_time_of_the_jobs_pipeline(
             "pipeline_seconds_per_megapixel": {"dsa_av": 20, "dsa_ia": 0},
         },
     )
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
     with caplog.at_level(logging.INFO, logger="dicom_node.jobs"):
-        assert int(assoc.send_c_store(dcmread(_run(tmp_path))).Status) == 0
-        assoc.release()
-        jobs = wait_for(
-            lambda: (
-                rows
-                if len(
-                    rows := node.db.query("SELECT * FROM jobs WHERE state IN ('done', 'failed')")
-                )
-                == 2
-                else None
-            ),
-            180,
-        )
+        jobs = store_and_settle(node, dcmread(_run(tmp_path)), 2)
     by_pipeline = {row["pipeline"]: row for row in jobs}
     assert by_pipeline["dsa_av"]["state"] == "done"
     failed = by_pipeline["dsa_ia"]
