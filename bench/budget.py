@@ -321,11 +321,7 @@ def default_time_limit(pipeline: str, pixels: int) -> float:
     from dicom_node.sandbox import TimeLimit
     from dicom_node.settings import WorkerSettings
 
-    workers = WorkerSettings()
-    per_megapixel = workers.pipeline_seconds_per_megapixel.get(pipeline, 0.0)
-    return TimeLimit(workers.job_timeout_s, per_megapixel, workers.job_timeout_max_s).seconds(
-        pixels
-    )
+    return TimeLimit.of(WorkerSettings(), pipeline).seconds(pixels)
 
 
 def growth(cases: tuple[Case, ...], measured: dict[tuple[str, str], tuple[int, int, float]]) -> str:

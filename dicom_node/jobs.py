@@ -28,7 +28,6 @@ from pathlib import Path
 from dicom_node.db import Database, Job
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
-    WAITING,
     JobSpec,
     MemoryPool,
     Outcome,
@@ -136,11 +135,7 @@ class Workers:
         )
         return process.run(
             spec,
-            TimeLimit(
-                self.settings.job_timeout_s,
-                self.settings.pipeline_seconds_per_megapixel.get(job.pipeline, 0.0),
-                self.settings.job_timeout_max_s,
-            ),
+            TimeLimit.of(self.settings, job.pipeline),
             heartbeat=lambda: self.db.renew_lease(job, self.settings.lease_s),
             heartbeat_every_s=max(self.settings.lease_s / 3, 1.0),
             stopping=self.stopping,
@@ -157,8 +152,7 @@ class Workers:
             if not self.db.finish_job(job, outcome.results, outcome.notes):
                 log.warning("job %d finished after its lease was taken; result dropped", job.id)
                 return
-            timings = dict(outcome.timings)
-            waited = timings.pop(WAITING, 0.0)
+            waited = outcome.waited_s
             log.info(
                 "job %d (%s on run %s) done: %d object(s) in %.1f s of a %.0f s limit%s on %d "
                 "CPU thread(s), peak %.2f GiB resident of a %.2f GiB budget",
@@ -166,7 +160,7 @@ class Workers:
                 job.pipeline,
                 job.run_id,
                 len(outcome.results),
-                sum(timings.values()),
+                sum(seconds for _, seconds in outcome.timings) - waited,
                 outcome.time_limit,
                 f" (after {waited:.1f} s waiting for memory)" if waited else "",
                 outcome.threads,

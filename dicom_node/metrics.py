@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from dicom_node.db import Database, Delivery, Job
 from dicom_node.ingest import Receipt
-from dicom_node.sandbox import WAITING, MemoryPool, Outcome
+from dicom_node.sandbox import MemoryPool, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class Metrics:
         if outcome.budget and outcome.peak_rss:  # watched in this node's worker processes
             self.job_memory_share.labels(job.pipeline).observe(outcome.peak_rss / outcome.budget)
         if outcome.time_limit and not outcome.interrupted:  # a wait for memory is not timed
-            timed = total - dict(outcome.timings).get(WAITING, 0.0)
+            timed = total - outcome.waited_s
             self.job_time_share.labels(job.pipeline).observe(timed / outcome.time_limit)
 
     def delivery(

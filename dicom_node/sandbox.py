@@ -51,6 +51,7 @@ from dicom_node.runs import load_run
 from dicom_node.settings import (
     DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
     DEFAULT_PIPELINE_MEMORY_MIB,
+    WorkerSettings,
 )
 from pipelines.base import BUILTIN, PipelineError
 
@@ -97,6 +98,12 @@ class TimeLimit:
         """The limit for such a run before the ceiling caps it."""
         return self.fixed_s + self.per_megapixel_s * pixels / 1e6
 
+    @classmethod
+    def of(cls, workers: WorkerSettings, pipeline: str) -> TimeLimit:
+        """The limit ``[workers]`` gives a job of ``pipeline``."""
+        per_megapixel = workers.pipeline_seconds_per_megapixel.get(pipeline, 0.0)
+        return cls(workers.job_timeout_s, per_megapixel, workers.job_timeout_max_s)
+
 
 @dataclass(eq=False)  # compared by identity: it is also the attempt's place in the pool's line
 class _Watch:
@@ -108,6 +115,10 @@ class _Watch:
     time_limit: float = 0.0
     peak_rss: int = 0
     reserved: int = 0  # bytes it holds in the memory pool
+
+    def size(self) -> str:
+        """The run's size for a reason ("" before the child reported it)."""
+        return f", a run of {self.pixels / 1e6:.3g} million pixels" if self.pixels else ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,11 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None and not self.interrupted
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds its worker waited for memory (not timed against the limit)."""
+        return dict(self.timings).get(WAITING, 0.0)
 
 
 def _where(exc: BaseException) -> str:
@@ -630,7 +646,6 @@ class WorkerProcess:
                 code = self.proc.exitcode
                 what = "decoder" if stage == "decoding" else "worker process"
                 return self._end(f"{what} crashed ({_signal_name(code)})", stage)
-            run = f", a run of {watch.pixels / 1e6:.3g} million pixels" if watch.pixels else ""
             rss = _rss_bytes(self.proc.pid)
             watch.peak_rss = max(watch.peak_rss, rss)
             if rss > watch.memory_limit:
@@ -640,7 +655,7 @@ class WorkerProcess:
                 capped = watch.pixels > 0 and wanted > watch.memory_limit
                 return self._end(
                     f"memory limit {watch.memory_limit / 2**30:.3g} GiB exceeded "
-                    f"({rss / 2**30:.3g} GiB resident{run})",
+                    f"({rss / 2**30:.3g} GiB resident{watch.size()})",
                     stage,
                     transient=not capped,
                     then=f"; its budget for the run would be {wanted / 2**30:.3g} GiB, "
@@ -654,7 +669,7 @@ class WorkerProcess:
                 wanted_s = limit.grown(watch.pixels)
                 capped = watch.pixels > 0 and wanted_s > watch.time_limit
                 return self._end(
-                    f"timed out after {_seconds(watch.time_limit)} s{run}",
+                    f"timed out after {_seconds(watch.time_limit)} s{watch.size()}",
                     stage,
                     transient=not capped,
                     then=f"; its limit for the run would be {_seconds(wanted_s)} s, above "
