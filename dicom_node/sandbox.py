@@ -456,6 +456,7 @@ class WorkerProcess:
         threads: int | None = None,
         bytes_per_pixel: Mapping[str, float] | None = None,
         memory_pool: MemoryPool | None = None,
+        decode_limit: TimeLimit | None = None,
     ) -> None:
         """``cpu_only``: True for a worker that runs on the CPU, False for one that
         may use a GPU, None to let the worker decide (CPU-only unless torch sees a
@@ -463,8 +464,11 @@ class WorkerProcess:
         (:func:`threads_per_job`); None: torch's default. ``budgets_mib`` and
         ``bytes_per_pixel``: each pipeline's budget, a fixed part and a part per pixel
         of the run (None: the measured defaults). ``memory_pool``: shared by the workers
-        whose jobs run at once (None: each job only within its own budget)."""
+        whose jobs run at once (None: each job only within its own budget).
+        ``decode_limit``: the time decoding a run may take, within the job's own limit
+        (None: only the job's limit)."""
         self.memory_pool = memory_pool
+        self.decode_limit = decode_limit
         self.name = name
         self.threads = threads
         self.memory_limit = memory_limit_bytes
@@ -604,7 +608,7 @@ class WorkerProcess:
         conn = self._ensure()
         conn.send(spec)
         stage = "starting"
-        start = time.monotonic()
+        start = stage_began = time.monotonic()
         laps.append((stage, start))
         next_beat = start + heartbeat_every_s
         waiting_since: float | None = None  # the child waits for its memory
@@ -615,7 +619,8 @@ class WorkerProcess:
                     kind, value = conn.recv()
                     if kind == "stage":
                         stage = value
-                        laps.append((stage, time.monotonic()))
+                        stage_began = time.monotonic()
+                        laps.append((stage, stage_began))
                         continue
                     if kind == "pixels":
                         watch.pixels = int(value)
@@ -663,6 +668,23 @@ class WorkerProcess:
                     "it)"
                     if capped
                     else "",
+                )
+            if (
+                stage == "decoding"
+                and waiting_since is None
+                and self.decode_limit is not None
+                # The wait for memory falls within decoding, and is not timed either.
+                and time.monotonic() - stage_began - waited
+                > self.decode_limit.seconds(watch.pixels)
+            ):
+                # Before the job's own limit: a decoder stuck on a codestream would hold
+                # the worker for that limit, and again on every attempt.
+                return self._end(
+                    f"decoder timed out after {_seconds(self.decode_limit.seconds(watch.pixels))}"
+                    f" s{watch.size()}",
+                    stage,
+                    then="; the pixel data may be malformed (decode_timeout_s and "
+                    "decode_seconds_per_megapixel set this limit)",
                 )
             if waiting_since is None and time.monotonic() - start - waited > watch.time_limit:
                 # Likewise where job_timeout_max_s capped the run's time limit.

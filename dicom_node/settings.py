@@ -131,6 +131,31 @@ def _per_megapixel(value: dict[str, float]) -> dict[str, float]:
 PipelineBudgets = Annotated[dict[str, int], AfterValidator(_budgets)]
 PipelineBytesPerPixel = Annotated[dict[str, float], AfterValidator(_per_pixel)]
 PipelineSecondsPerMegapixel = Annotated[dict[str, float], AfterValidator(_per_megapixel)]
+# Decoding's own time limit, the node's [workers] and a scale-out worker's alike: a
+# decoder stuck on a codestream would otherwise hold its worker for the whole job's
+# limit (1800 s at least), three times over. Decoding is the one step whose time
+# depends on what the sender wrote rather than on the run's size: the pipelines compute
+# on arrays the headers bound. Lossless JPEG 2000, the slowest codec here, decoded at
+# 0.14 s per million pixels on this project's 2-core test machine (JPEG-LS 0.08, RLE
+# 0.004), so 1 s is 7 times that, and the fixed part covers reading the files.
+DecodeTimeoutS = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="wall time decoding a job's run may take (reading its files and "
+        "decompressing its pixel data): the fixed part; with decode_seconds_per_megapixel "
+        "times its decoded pixels, and never more than the job's own time limit",
+    ),
+]
+DecodeSecondsPerMegapixel = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=3600,
+        description="what each million decoded pixels of the run add to decoding's time "
+        "limit, in seconds",
+    ),
+]
 # The memory pool of the jobs running at once (sandbox.MemoryPool), the node's and a
 # scale-out worker's alike.
 JobsMemoryMib = Annotated[
@@ -191,6 +216,8 @@ class WorkerSettings(Strict):
         description="the longest one job attempt may take, however large its run (never "
         "less than job_timeout_s)",
     )
+    decode_timeout_s: DecodeTimeoutS = 120.0
+    decode_seconds_per_megapixel: DecodeSecondsPerMegapixel = 1.0
     pipeline_seconds_per_megapixel: PipelineSecondsPerMegapixel = Field(
         default_factory=lambda: dict(DEFAULT_PIPELINE_SECONDS_PER_MEGAPIXEL),
         description="what each million decoded pixels of the run (rows x columns x frames "

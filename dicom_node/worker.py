@@ -61,6 +61,8 @@ from dicom_node.sandbox import (
 from dicom_node.settings import (
     DEFAULT_PIPELINE_MEMORY_BYTES_PER_PIXEL,
     DEFAULT_PIPELINE_MEMORY_MIB,
+    DecodeSecondsPerMegapixel,
+    DecodeTimeoutS,
     EngineSettings,
     JobsMemoryMib,
     PipelineBudgets,
@@ -139,6 +141,8 @@ class WorkerConfig(Strict):
         description="as the node's: what each pixel of the run adds to the budget (bytes)",
     )
     jobs_memory_mib: JobsMemoryMib = None
+    decode_timeout_s: DecodeTimeoutS = 120.0
+    decode_seconds_per_megapixel: DecodeSecondsPerMegapixel = 1.0
     models: dict[str, Path] = Field({}, description="model package folder per pipeline, here")
     scratch_dir: Path = Path(tempfile.gettempdir()) / "angio-worker"
     drain_timeout_s: float = Field(1800.0, ge=0, description="SIGTERM: finish the job this long")
@@ -368,6 +372,9 @@ class JobRunner:
                 threads=threads_per_job(config.concurrency, config.cpu_threads),
                 bytes_per_pixel=config.pipeline_memory_bytes_per_pixel,
                 memory_pool=memory,
+                decode_limit=TimeLimit(
+                    config.decode_timeout_s, config.decode_seconds_per_megapixel
+                ),
             )
             for i in range(config.concurrency)
         ]

@@ -43,10 +43,12 @@ def wait_for(
 def store_and_settle(node: Any, ds: Any, jobs: int, timeout: float = 180) -> list[Any]:
     """C-STORE ``ds`` to ``node`` as a modality (AE MODALITY) and wait until ``jobs``
     of the node's jobs are done or failed; their index rows."""
-    from pynetdicom import AE
+    from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 
     ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(ds.SOPClassUID)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = syntax is not None and syntax.is_compressed
+    ae.add_requested_context(ds.SOPClassUID, [syntax] if compressed else DEFAULT_TRANSFER_SYNTAXES)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
     assert assoc.is_established
     assert int(assoc.send_c_store(ds).Status) == 0
