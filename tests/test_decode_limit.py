@@ -88,6 +88,7 @@ def test_the_node_applies_the_decoding_limit(make_node: Any) -> None:
     )
     (job,) = store_and_settle(node, _run(True), 1)
     assert job["state"] == "failed"
-    assert "decoder timed out after 0.05 s, a run of 5.24 million pixels while decoding" in (
-        job["error"]
+    assert (
+        "decoder timed out after 0.05 s, a run of 5.24 million pixels while decoding"
+        in (job["error"])
     ), job["error"]
