@@ -26,7 +26,8 @@ a machine it was not recorded on.
 Some outputs sit near a threshold on the phantom, and the last bits move them across
 it: ``dsa_perfusion`` 1.5.0's brain without a value is 10.3 % on Intel and 11.4 % on
 AMD (a perturbation of the pixels by 1e-5 moves it as much). So a version may hold one
-signature per kind of machine (the CPU vendor), each recorded there; a run matches when
+signature per kind of machine (the CPU vendor, and whether OpenBLAS runs AVX-512
+kernels: :func:`machine`), each recorded there; a run matches when
 it is within the tolerance of any of them. Recording adds a kind that has none yet and
 never replaces the signature of a kind already recorded (:func:`record`).
 """
@@ -170,16 +171,31 @@ CASES = {
 }
 
 
+# OpenBLAS's kernels for these cores use AVX-512 (``OPENBLAS_CORETYPE`` names one).
+_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
 def machine() -> str:
-    """The kind of CPU a signature was recorded on (its vendor: the BLAS and SIMD paths
-    that make the last bits differ follow it)."""
+    """The kind of CPU a signature was recorded on: its vendor, and " AVX-512" where
+    OpenBLAS (numpy's and scipy's BLAS) runs its AVX-512 kernels. The BLAS and SIMD
+    paths that make the last bits differ follow both: an AMD EPYC with AVX-512 gets
+    OpenBLAS's SkylakeX kernels, and its dsa_av timing overlap on the phantom below
+    was 2.09 against 2.41 with the Zen or Haswell kernels, whatever the numpy, scipy
+    and scikit-image versions (2026-12-05)."""
+    vendor = platform.machine() or "unknown"
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("vendor_id"):
-                return line.partition(":")[2].strip()
+                vendor = line.partition(":")[2].strip()
+            elif line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                break
     except OSError:
         pass
-    return platform.machine() or "unknown"
+    core = os.environ.get("OPENBLAS_CORETYPE", "").lower()
+    avx512 = core in _AVX512_CORES if core else "avx512f" in flags
+    return vendor + (" AVX-512" if avx512 else "")
 
 
 def record(table: dict, pipeline: str, versions: list[str], found: Signature) -> None:
