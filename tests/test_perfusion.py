@@ -359,6 +359,46 @@ def test_aif_leaves_out_pixels_that_stay_opaque_after_the_first_pass():
     assert everything.pixels == 60 and everything.curve[-1] > 0.05 * dro.aif.max()
 
 
+def test_tmax_is_measured_from_where_the_bolus_enters_the_aif_region():
+    """Along a stretch of artery the bolus arrives later and later: the AIF (the mean
+    over the stretch) rises after its upstream end, by about half the travel time, and
+    that lag is what Tmax adds back. The same curve at every pixel lags by nothing."""
+    from bench.perfusion import gamma_variate
+    from pipelines.perfusion.aif import measure_aif
+
+    grid = np.arange(0.0, 20.0, 0.25)
+    travel = np.linspace(0.0, 0.4, 60)  # s, from the region's upstream end
+    curves = np.stack([gamma_variate(grid, t0=1.5 + d) for d in travel], axis=1)
+    mask = np.ones(60, bool)
+    settings = replace(AifSettings(), first_pass_quantile=1.0)
+    along = measure_aif(curves[:, None, :], mask[None, :], grid, 4, 1e-3, settings)
+    # The mean curve rises with the middle of the stretch (0.2 s), the earliest tenth
+    # of its pixels within 0.04 s of the upstream end.
+    assert 0.14 < along.upstream_s < 0.2, along.upstream_s
+    same = np.repeat(gamma_variate(grid, t0=1.5)[:, None], 60, axis=1)
+    still = measure_aif(same[:, None, :], mask[None, :], grid, 4, 1e-3, settings)
+    assert still.upstream_s < 0.005, still.upstream_s  # float rounding of the mean
+
+
+def test_tmax_on_a_phantom_is_not_early_by_the_bolus_travel_along_the_aif():
+    """Family A tuning seed 101 (256 px, 20 s at 4 frames/s, SNR 30): the phantom's
+    Tmax is the arterial input's delay behind the ICA where it enters. Measured from
+    the AIF region's mean curve every Tmax was early (median error -0.16 s at
+    dsa_perfusion 1.8.0); from the region's upstream end it is not."""
+    from training.phantoms import dsa
+
+    phantom = dsa.generate(
+        101, size=256, frames=80, fps=4.0, snr=30.0, snr_reference="tissue"
+    )  # fmt: skip
+    result = get("dsa_perfusion")(phantom.to_run(), PipelineContext())
+    tmax = next(o for o in result.outputs if isinstance(o, ParametricMapOutput) and o.key == "tmax")
+    truth = phantom.truth
+    inside = truth["dro_interior"].astype(bool) & np.isfinite(truth["tmax"]) & tmax.valid
+    error = tmax.values[inside] - truth["tmax"][inside]
+    assert abs(float(np.median(error))) < 0.08, float(np.median(error))
+    assert any("upstream end of the AIF region" in note for note in result.notes), result.notes
+
+
 def test_osvd_respects_the_oscillation_bound_and_matches_the_per_pixel_reference():
     dro = make_dro(4, fps=4.0, snr=30.0, tile=6, margin=0)
     curves = dro.tissue.reshape(len(dro.times_s), -1)[:, ::7]

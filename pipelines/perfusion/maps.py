@@ -5,7 +5,8 @@
 - CBV: area under the tissue curve over the area under the AIF (a ratio of
   projected iodine; relative for the same reason).
 - MTT = CBV / CBF (seconds), Tmax = the time the residue reaches its peak
-  (seconds after the AIF; see ``deconvolution._tmax_onset``), TTP = time of the
+  (seconds after the bolus enters the AIF's region, ``aif.upstream_lag``; see
+  ``deconvolution._tmax_onset``), TTP = time of the
   tissue curve's peak (seconds after the first frame).
 
 Masking, as clinical tools do it: large vessels are pixels whose peak
@@ -402,7 +403,11 @@ def _maps_from(
     raw_tmax = residues.tmax_s
     early_share = float(np.mean(raw_tmax < -step)) if raw_tmax.size else 0.0
     lead = aif_lead(raw_tmax, early_share, valid, step, LEAD_SMOOTHING * sigma_px, max_lead_s)
-    shifted = raw_tmax + lead
+    # Tmax is measured from the bolus's arrival where it enters the AIF's region
+    # (aif.upstream_lag), or from the earliest brain where that comes first.
+    if lead <= aif.upstream_s:
+        lead = 0.0
+    shifted = raw_tmax + (lead or aif.upstream_s)
     # Within one grid step before the reference: as early as it, Tmax 0.
     tmax = np.where((shifted < 0) & (shifted >= -step), 0.0, shifted).astype(np.float32)
     positive = residues.cbf > 0
