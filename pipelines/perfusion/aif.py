@@ -309,9 +309,11 @@ def first_pass_pixels(curves: np.ndarray, grid_s: np.ndarray, settings: AifSetti
 # Tmax is measured from the bolus's arrival where it enters the AIF region (its
 # upstream end), not from the region's mean curve (``upstream_lag``): the earliest
 # tenth of the region's pixels, each at half its own peak. Chosen on development runs
-# (family A seeds 100-102 and randomised 920000-920015, 256 px, 4 frames/s): the
-# earliest 5, 10 and 25 % gave Tmax errors of 0.088 / 0.093 / 0.121 s and 0.337 /
-# 0.343 / 0.354 s; a lower quantile is also a noisier one.
+# (family A seeds 100-102 and randomised 920000-920015, 256 px, 4 frames/s), in a first
+# form that did not yet keep the earliest brain as the reference where it comes first:
+# the earliest 5, 10 and 25 % gave Tmax errors of 0.088 / 0.093 / 0.121 s and 0.337 /
+# 0.343 / 0.354 s (0.093 and 0.339 s in the form kept); a lower quantile is also a
+# noisier one.
 UPSTREAM_QUANTILE = 0.1
 UPSTREAM_LEVEL = 0.5
 UPSTREAM_MIN_PIXELS = 10
