@@ -2,7 +2,8 @@
 
     GET  /health                          {"status": "ok", ...}            no token
     GET  /                                the status page (HTML)           read
-    GET  /status                          runs, jobs, failures, backlog    read
+    GET  /status                          runs, jobs, failures, backlog,   read
+                                          the jobs' memory pool
     GET  /jobs?study=UID|series=UID|instance=UID                           read
     GET  /metrics                         Prometheus text format           read
     POST /trigger    {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
@@ -65,6 +66,10 @@ class Node(Protocol):
     def reprocess(self, **selector: str) -> list[int]: ...
 
     def retry_job(self, job_id: int) -> bool: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    def jobs_memory(self) -> dict[str, int] | None: ...
 
 
 log = logging.getLogger(__name__)
@@ -255,6 +260,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     hours,
                     params.get("message", [""])[0][:200],
                     node.port,
+                    node.jobs_memory(),
                 )
                 self._send(200, page, "text/html; charset=utf-8")
                 return
@@ -298,7 +304,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     "dicom_port": node.port,
                 }
             if method == "GET" and path == "/status":
-                return node.db.status_summary()
+                return node.status()
             if method == "GET" and path == "/jobs":
                 sel = {QUERY_KEYS[k]: v[0] for k, v in query.items() if k in QUERY_KEYS}
                 if len(sel) != 1:

@@ -415,6 +415,16 @@ class MemoryPool:
         with self._cond:
             return len(self._waiting)
 
+    def snapshot(self) -> dict[str, int]:
+        """Its size, what the running jobs reserve, and how many jobs run and wait."""
+        with self._cond:
+            return {
+                "bytes": self.capacity,
+                "reserved_bytes": self.held,
+                "running_jobs": self.jobs,
+                "waiting_jobs": len(self._waiting),
+            }
+
     def describe(self) -> str:
         with self._cond:
             return (

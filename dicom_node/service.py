@@ -224,5 +224,17 @@ class Node:
         self.audit.delivery(destination, item.sop_instance_uid, sent, reason, permanent)
 
     # -- status ------------------------------------------------------------
+    def jobs_memory(self) -> dict[str, int] | None:
+        """The embedded engine's memory pool (``MemoryPool.snapshot``); None under
+        Temporal, where each worker has its own (its /metrics and log show it)."""
+        if isinstance(self.workers, EmbeddedEngine):
+            return self.workers.memory.snapshot()
+        return None
+
     def status(self) -> dict[str, object]:
-        return self.db.status_summary()
+        """The index's summary, with the memory pool where the node runs the jobs."""
+        summary = self.db.status_summary()
+        memory = self.jobs_memory()
+        if memory is not None:
+            summary["jobs_memory"] = memory
+        return summary

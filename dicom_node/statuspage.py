@@ -81,8 +81,10 @@ def render(
     hours: float = 24.0,
     message: str = "",
     dicom_port: int | None = None,
+    jobs_memory: dict[str, int] | None = None,
 ) -> bytes:
-    """The page; ``csrf`` None hides the retry buttons (no operate scope)."""
+    """The page; ``csrf`` None hides the retry buttons (no operate scope);
+    ``jobs_memory``: the embedded engine's memory pool (``MemoryPool.snapshot``)."""
     now = time.time()
     summary = db.status_summary()
     snap = db.metrics_snapshot()
@@ -110,6 +112,14 @@ def render(
         f"{summary['older_queued_jobs']}</span>"
     )
     out.append(f'<span class=chip id="purged">purged {summary["purged_runs"]}</span>')
+    if jobs_memory is not None:
+        out.append(
+            f'<span class=chip id="memory" title="[workers] jobs_memory_mib: the budgets the '
+            f'running jobs reserve; a job that does not fit waits before it decodes">jobs '
+            f"memory {jobs_memory['reserved_bytes'] / 2**30:.3g} of "
+            f"{jobs_memory['bytes'] / 2**30:.3g} GiB reserved, "
+            f"{jobs_memory['waiting_jobs']} waiting</span>"
+        )
     for verdict, n in summary["verdicts"].items():
         out.append(f'<span class="chip">results {_verdict(verdict)} {n}</span>')
     out.append("</p>")

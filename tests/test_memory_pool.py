@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pydicom import dcmread
 
 from dicom_node.sandbox import (
@@ -37,6 +38,12 @@ def test_jobs_are_let_in_in_order_while_their_budgets_fit() -> None:
     assert not pool.acquire(b, 6 * GiB, 0.05)  # 12 GiB would not fit
     assert not pool.acquire(c, 2 * GiB, 0.05)  # it would fit, but b asked first
     assert "6 of 10 GiB reserved by 1 running job(s), 2 job(s) in line" in pool.describe()
+    assert pool.snapshot() == {
+        "bytes": 10 * GiB,
+        "reserved_bytes": 6 * GiB,
+        "running_jobs": 1,
+        "waiting_jobs": 2,
+    }
     pool.release(6 * GiB)
     assert pool.acquire(b, 6 * GiB, 0)
     assert pool.acquire(c, 2 * GiB, 0)  # now beside b
@@ -150,3 +157,14 @@ def test_the_node_runs_jobs_that_do_not_fit_together_one_after_the_other(
     metrics = node.metrics.render().decode()
     assert "angio_node_jobs_memory_bytes 4.294967296e+09" in metrics
     assert "angio_node_jobs_memory_reserved_bytes 0.0" in metrics
+    # the REST API's /status and the status page show the pool too
+    base = f"http://127.0.0.1:{node.api_port}"
+    status = requests.get(f"{base}/status", timeout=10).json()
+    assert status["jobs_memory"] == {
+        "bytes": 4 * 2**30,
+        "reserved_bytes": 0,
+        "running_jobs": 0,
+        "waiting_jobs": 0,
+    }
+    page = requests.get(base, timeout=10).text
+    assert "jobs memory 0 of 4 GiB reserved, 0 waiting" in page
