@@ -313,6 +313,10 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
             results[engine] = sent
             assert all(r["state"] == RunState.ROUTED for r in site.rows("SELECT * FROM runs"))
             rest, cli = _status(site)
+            # The live memory pool is the embedded engine's (a scale-out worker has its
+            # own, on its machine); the rest is the index, which the CLI reads too.
+            memory = rest.pop("jobs_memory", None)
+            assert (memory is not None) == (engine == "embedded"), memory
             assert _shape(rest) == _shape(cli)
             shapes[engine] = _shape(rest)
             if engine == "temporal":
