@@ -73,7 +73,7 @@ class Workers:
                 threads_per_job(settings.concurrency, settings.cpu_threads),
                 settings.pipeline_memory_bytes_per_pixel,
                 self.memory,
-                TimeLimit(settings.decode_timeout_s, settings.decode_seconds_per_megapixel),
+                TimeLimit.decoding(settings),
             )
             for i in range(settings.concurrency)
         ]

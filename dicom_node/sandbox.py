@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_node import logsafe
 from dicom_node.db import ResultFile
@@ -104,6 +105,22 @@ class TimeLimit:
         per_megapixel = workers.pipeline_seconds_per_megapixel.get(pipeline, 0.0)
         return cls(workers.job_timeout_s, per_megapixel, workers.job_timeout_max_s)
 
+    @classmethod
+    def decoding(cls, settings: DecodingSettings) -> TimeLimit:
+        """Decoding's limit from the node's ``[workers]`` or a scale-out worker's file."""
+        return cls(settings.decode_timeout_s, settings.decode_seconds_per_megapixel)
+
+
+class DecodingSettings(Protocol):
+    """Where decoding's limit is set: ``WorkerSettings``, and ``worker.WorkerConfig``
+    (which this module may not import: the worker imports it)."""
+
+    @property
+    def decode_timeout_s(self) -> float: ...
+
+    @property
+    def decode_seconds_per_megapixel(self) -> float: ...
+
 
 @dataclass(eq=False)  # compared by identity: it is also the attempt's place in the pool's line
 class _Watch:
@@ -113,6 +130,7 @@ class _Watch:
     pixels: int = 0
     memory_limit: int = 0
     time_limit: float = 0.0
+    decode_limit: float = math.inf  # decoding's own limit (inf: only the job's)
     peak_rss: int = 0
     reserved: int = 0  # bytes it holds in the memory pool
 
@@ -570,7 +588,9 @@ class WorkerProcess:
         limit = timeout if isinstance(timeout, TimeLimit) else TimeLimit(timeout)
         laps: list[tuple[str, float]] = []  # (stage, when it began)
         watch = _Watch(
-            memory_limit=self.memory_limit_for(spec.pipeline), time_limit=limit.seconds()
+            memory_limit=self.memory_limit_for(spec.pipeline),
+            time_limit=limit.seconds(),
+            decode_limit=self.decode_limit.seconds() if self.decode_limit else math.inf,
         )
         try:
             outcome = self._watch(spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch)
@@ -636,6 +656,8 @@ class WorkerProcess:
                         watch.pixels = int(value)
                         watch.memory_limit = self.memory_limit_for(spec.pipeline, watch.pixels)
                         watch.time_limit = limit.seconds(watch.pixels)
+                        if self.decode_limit is not None:
+                            watch.decode_limit = self.decode_limit.seconds(watch.pixels)
                         if not self._admit(watch, conn):
                             waiting_since = time.monotonic()
                             laps.append((WAITING, waiting_since))
@@ -682,16 +704,13 @@ class WorkerProcess:
             if (
                 stage == "decoding"
                 and waiting_since is None
-                and self.decode_limit is not None
                 # The wait for memory falls within decoding, and is not timed either.
-                and time.monotonic() - stage_began - waited
-                > self.decode_limit.seconds(watch.pixels)
+                and time.monotonic() - stage_began - waited > watch.decode_limit
             ):
                 # Before the job's own limit: a decoder stuck on a codestream would hold
                 # the worker for that limit, and again on every attempt.
                 return self._end(
-                    f"decoder timed out after {_seconds(self.decode_limit.seconds(watch.pixels))}"
-                    f" s{watch.size()}",
+                    f"decoder timed out after {_seconds(watch.decode_limit)} s{watch.size()}",
                     stage,
                     then="; the pixel data may be malformed (decode_timeout_s and "
                     "decode_seconds_per_megapixel set this limit)",

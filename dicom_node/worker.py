@@ -372,9 +372,7 @@ class JobRunner:
                 threads=threads_per_job(config.concurrency, config.cpu_threads),
                 bytes_per_pixel=config.pipeline_memory_bytes_per_pixel,
                 memory_pool=memory,
-                decode_limit=TimeLimit(
-                    config.decode_timeout_s, config.decode_seconds_per_megapixel
-                ),
+                decode_limit=TimeLimit.decoding(config),
             )
             for i in range(config.concurrency)
         ]
