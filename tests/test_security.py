@@ -364,21 +364,26 @@ def test_concurrent_requests_and_connections_are_bounded(
     node = make_node(api={"max_concurrent_requests": 2, "read_timeout_s": 60})
     port = node.api_port
     ctype, _ = multipart([b""])
-    holders = []
-    for _ in range(2):  # two STOW requests that hold their slot, waiting for a body
+
+    def hold() -> socket.socket:
+        # A STOW request that holds its slot, waiting for a body.
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(
             f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
             "Content-Length: 100000\r\n\r\n--b0und4ry\r\n".encode()
         )
-        holders.append(s)
-    deadline = time.monotonic() + 10
-    while True:
-        answer, took = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        if _status(answer) == 503 or time.monotonic() > deadline:
-            break
-        # Under load the two holders may not both have reached their handler yet.
-        time.sleep(0.2)
+        return s
+
+    # The slots are watched on the server (a semaphore's count). A holder sent while
+    # the fixture's last /health still holds its slot gets a 503 and its handler then
+    # drains the body, holding no slot, so every probe gets a 200: the likely cause of
+    # the fresh-clone CI at 1550577 waiting 10 s for a 503 (shown with two requests
+    # holding both slots while the holders arrive).
+    slots = node.api.slots
+    wait_for(lambda: slots._value == 2, 10, what="the fixture's requests to end")
+    holders = [hold(), hold()]
+    wait_for(lambda: slots._value == 0, 30, what="both holders to hold their slot")
+    answer, took = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert _status(answer) == 503 and b"Retry-After" in answer and took < 3
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # 4 = 2 x 2 open
     deadline = time.monotonic() + 10
