@@ -19,7 +19,7 @@ from pydicom.uid import XRayAngiographicImageStorage
 from pynetdicom import AE, _config
 
 from dicom_node.sopclasses import TRANSFER_SYNTAXES
-from tests.conftest import wait_for
+from tests.conftest import corpus_seed, wait_for
 from tests.faults import CATEGORIES, corpus
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,8 @@ def test_malformed_corpus_never_stops_the_node(
 ) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     warnings.simplefilter("ignore")  # pydicom warns about every invalid value it reads
-    cases = corpus(seed=16)
+    seed = corpus_seed(16)
+    cases = corpus(seed=seed)
     assert len(cases) >= 300 and {c.category for c in cases} == set(CATEGORIES)
     good = _good_runs(tmp_path / "good", 1 + len(cases) // 30)
     node = make_node(
@@ -137,7 +138,8 @@ def test_malformed_corpus_never_stops_the_node(
     assert all(r["reason"] for r in runs)
     assert all(t.is_alive() for t in node.workers.threads) and node.router._thread.is_alive()
     crashed = [j for j in failed if "crashed" in j["error"]]
-    assert crashed, "the RLE case's decoder panic should have ended its job, not the node"
+    if seed == 16:  # this corpus holds an RLE case whose decoder panics
+        assert crashed, "the RLE case's decoder panic should have ended its job, not the node"
 
     # and the node restarts on this storage, and still processes
     node.stop()

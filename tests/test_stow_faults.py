@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.conftest import corpus_seed
 from tests.http_faults import corpus
 from tests.test_security import _instance, multipart
 
@@ -67,7 +68,7 @@ def test_a_corpus_of_broken_stow_requests_never_stops_the_node(
         api={"read_timeout_s": 2, "max_body_bytes": 8 << 20, "max_part_bytes": 1 << 20},
         rules=[],  # stored, not processed: this test is about receiving
     )
-    cases = corpus(seed=23, count=400, instance=lambda k: _instance(50_000 + k))
+    cases = corpus(seed=corpus_seed(23), count=400, instance=lambda k: _instance(50_000 + k))
     acknowledged: list[str] = []
     problems: list[str] = []
     seen: dict[int, int] = {}
