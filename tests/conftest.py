@@ -40,24 +40,28 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _corpus_seed_setting() -> str:
+    return os.environ.get("ANGIO_CORPUS_SEED", "").strip()
+
+
 def corpus_seed(default: int) -> int:
     """The seed of a generated fault corpus: ``default``, the one CI runs, or
     ``ANGIO_CORPUS_SEED`` to draw another corpus of the same kind (every corpus
     test takes it), e.g. ``ANGIO_CORPUS_SEED=240 pytest tests/test_faults.py``.
     pytest's header names it (:func:`pytest_report_header`), so a failure's output
     says which corpus found it."""
-    value = os.environ.get("ANGIO_CORPUS_SEED", "").strip()
+    value = _corpus_seed_setting()
     return int(value) if value else default
 
 
 def pytest_configure(config: Any) -> None:
-    value = os.environ.get("ANGIO_CORPUS_SEED", "").strip()
-    if value and not value.lstrip("-").isdigit():
-        raise pytest.UsageError(f"ANGIO_CORPUS_SEED must be an integer, not {value!r}")
+    value = _corpus_seed_setting()
+    if value and not value.isdigit():
+        raise pytest.UsageError(f"ANGIO_CORPUS_SEED must be a whole number, not {value!r}")
 
 
 def pytest_report_header(config: Any) -> str | None:
-    value = os.environ.get("ANGIO_CORPUS_SEED", "").strip()
+    value = _corpus_seed_setting()
     if not value:
         return None
     return f"fault corpora drawn at seed {value} (ANGIO_CORPUS_SEED), not at CI's seeds"
