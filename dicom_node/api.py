@@ -205,7 +205,8 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 if not slots.acquire(blocking=False):
                     raise HttpError(503, "too many concurrent requests; try again")
                 try:
-                    self._serve(method, path, url.query)
+                    with node.metrics.api_in_progress.track_inprogress():
+                        self._serve(method, path, url.query)
                 finally:
                     slots.release()
             except AuthError as exc:

@@ -124,6 +124,12 @@ class Metrics:
             ["method", "code"],
             registry=r,
         )
+        self.api_in_progress = Gauge(
+            "angio_node_api_requests_in_progress",
+            "REST and DICOMweb requests being served now; at [api] max_concurrent_requests "
+            "the next gets a 503",
+            registry=r,
+        )
         self.job_duration = Histogram(
             "angio_node_job_duration_seconds",
             "Wall time of one job attempt in its worker process",

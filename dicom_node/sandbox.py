@@ -590,7 +590,9 @@ class WorkerProcess:
         watch = _Watch(
             memory_limit=self.memory_limit_for(spec.pipeline),
             time_limit=limit.seconds(),
-            decode_limit=self.decode_limit.seconds() if self.decode_limit else math.inf,
+            decode_limit=(
+                self.decode_limit.seconds() if self.decode_limit is not None else math.inf
+            ),
         )
         try:
             outcome = self._watch(spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch)

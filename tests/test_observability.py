@@ -134,6 +134,7 @@ def test_metrics_are_prometheus_text_with_what_happened(
     )
     assert _value(s, "angio_node_associations_total", result="accepted") >= 1
     assert _value(s, "angio_node_api_requests_total", method="GET", code="401") >= 1
+    assert _value(s, "angio_node_api_requests_in_progress") == 1  # this scrape
     # names follow the conventions: counters end in _total, durations in _seconds
     families = {f.name: f.type for f in text_string_to_metric_families(resp.text)}
     assert all(n.startswith("angio_node_") for n in families if not n.startswith("python_"))

@@ -374,15 +374,17 @@ def test_concurrent_requests_and_connections_are_bounded(
         )
         return s
 
-    # The slots are watched on the server (a semaphore's count). A holder sent while
-    # the fixture's last /health still holds its slot gets a 503 and its handler then
-    # drains the body, holding no slot, so every probe gets a 200: the likely cause of
-    # the fresh-clone CI at 1550577 waiting 10 s for a 503 (shown with two requests
-    # holding both slots while the holders arrive).
-    slots = node.api.slots
-    wait_for(lambda: slots._value == 2, 10, what="the fixture's requests to end")
+    # The requests in flight are watched on the server (the metric operators see). A
+    # holder sent while the fixture's last /health still holds its slot gets a 503 and
+    # its handler then drains the body, holding no slot, so every probe gets a 200: the
+    # likely cause of the fresh-clone CI at 1550577 waiting 10 s for a 503 (shown with
+    # two requests holding both slots while the holders arrive).
+    def in_flight() -> float | None:
+        return node.metrics.registry.get_sample_value("angio_node_api_requests_in_progress")
+
+    wait_for(lambda: in_flight() == 0, 10, what="the fixture's requests to end")
     holders = [hold(), hold()]
-    wait_for(lambda: slots._value == 0, 30, what="both holders to hold their slot")
+    wait_for(lambda: in_flight() == 2, 30, what="both holders to hold their slot")
     answer, took = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert _status(answer) == 503 and b"Retry-After" in answer and took < 3
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # 4 = 2 x 2 open
