@@ -19,7 +19,6 @@ settings allow on loopback only. ``/health`` never needs a token.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import secrets
@@ -122,7 +121,8 @@ class Authenticator:
         elif scheme.lower() == "basic":
             try:
                 decoded = base64.b64decode(credentials.strip(), validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # binascii.Error, UnicodeDecodeError; and non-ASCII
+                # text (a header is read as Latin-1), which dropped the request unanswered
                 raise AuthError(401, "malformed Basic credentials") from None
             token = decoded.partition(":")[2]
         else:

@@ -24,6 +24,7 @@ C-STORE; a sender that retries sends duplicates, which are idempotent.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -73,9 +74,28 @@ def declared_length(headers: Any) -> int | None:
         raise StowError(411, "a request body needs Content-Length (or chunked transfer coding)")
     values = {v.strip() for v in lengths}
     value = values.pop()
-    if values or not value.isdigit() or len(value) > 18:
+    # ASCII digits only: str.isdigit() also takes '\xb2' (a header is read as Latin-1),
+    # which int() then refuses, and the request was dropped without an answer.
+    if values or not re.fullmatch(r"[0-9]{1,18}", value):
         raise StowError(400, f"bad Content-Length {','.join(lengths)[:40]}")
     return int(value)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request's JSON body, which must be an object (an empty body is ``{}``); 400
+    otherwise: nesting too deep for the parser (it raised RecursionError) and text
+    that is not Unicode (``"\\ud800"``, a lone surrogate, which SQLite cannot store)
+    included. Both had the request dropped without an answer."""
+    try:
+        data = json.loads(raw or b"{}")
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise StowError(400, "body has text that is not Unicode (a lone surrogate)") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise StowError(400, f"body is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise StowError(400, "body must be a JSON object")
+    return data
 
 
 class BodyReader:

@@ -194,23 +194,21 @@ def _json_body(handler: BaseHTTPRequestHandler) -> dict[str, Any]:
     if length is None or length > _MAX_JSON:
         raise WorkerApiError(413, f"a JSON body of at most {_MAX_JSON} bytes, not chunked")
     handler.body_read = True  # type: ignore[attr-defined]
-    try:
-        data = json.loads(handler.rfile.read(length) or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkerApiError(400, f"body is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise WorkerApiError(400, "body must be a JSON object")
-    return data
+    return stow.json_object(handler.rfile.read(length))
 
 
 def _int(data: dict[str, Any] | dict[str, list[str]], key: str) -> int:
+    """A whole number from 0 to 2^63 - 1 (what SQLite stores): a JSON integer, or
+    digits in a query. Floats, booleans and larger numbers are refused (an infinite
+    float and a number past SQLite's range dropped the request without an answer)."""
     value = data.get(key)
     if isinstance(value, list):
         value = value[0] if value else None
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise WorkerApiError(400, f"{key}: an integer") from None
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,19}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise WorkerApiError(400, f"{key}: a whole number from 0 to 2^63 - 1")
+    return value
 
 
 def _started(handler: BaseHTTPRequestHandler, node: Node, job_id: int) -> None:
