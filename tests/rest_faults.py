@@ -40,6 +40,7 @@ class Call:
     token: str = ""  # Authorization: Bearer <token>; "" leaves the header out
     authorization: bytes | None = None  # a mutated Authorization value
     length_delta: int | None = 0  # Content-Length minus the body's; None: no header
+    length_text: bytes | None = None  # a Content-Length that is not a number
     done: list[str] = field(default_factory=list)
 
     def body(self) -> bytes:
@@ -62,7 +63,9 @@ class Call:
         if body or self.method == "POST":
             if self.content_type is not None:
                 lines.append(f"Content-Type: {self.content_type}".encode("latin-1"))
-            if self.length_delta is not None:
+            if self.length_text is not None:
+                lines.append(b"Content-Length: " + self.length_text)
+            elif self.length_delta is not None:
                 lines.append(f"Content-Length: {len(body) + self.length_delta}".encode())
         return CRLF.join(lines) + CRLF + CRLF + body
 
@@ -238,11 +241,14 @@ def _mutations(rng: random.Random) -> list[Callable[[Call], None]]:
 
     def length(c: Call) -> None:
         body = c.body()
-        if body and rng.random() < 0.5:
+        choice = rng.random()
+        if body and choice < 0.4:
             c.raw = body[: rng.randrange(len(body))]  # the client sent less than it said
             c.length_delta = len(body) - len(c.raw)
-        else:
+        elif choice < 0.7:
             c.length_delta = rng.choice([None, -1, 1 << 21])
+        else:  # '\xb2' and '\xb9' are digits to str.isdigit, not to int()
+            c.length_text = rng.choice([b"\xb2", b"1\xb9", b"+5", b"0x10", b"1 2", b""])
 
     def authorization(c: Call) -> None:
         c.authorization = rng.choice(
