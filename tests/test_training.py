@@ -483,6 +483,41 @@ def test_sscr_step_on_scribbles(dataset: tuple[Path, Path], tmp_path: Path) -> N
     assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
 
 
+def test_strong_augmentation_of_labelled_batches(
+    dataset: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--strong-augment``: supervised steps see the photometric augmentation too (gain,
+    offset, noise, blur), drawn from the step's seed; off by default."""
+    from training.__main__ import build_parser, train_config
+
+    base = ["train", "--dataset", "d", "--task", "dsa_ia", "--workdir", "w"]
+    assert train_config(build_parser().parse_args(base)).strong_augment is False
+    assert train_config(build_parser().parse_args([*base, "--strong-augment"])).strong_augment
+
+    train, _, _ = _split(dataset)
+    cfg = TrainConfig(
+        task="dsa_ia",
+        model_config=TINY_VSS,
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=2,
+        patch=32,
+        progress=False,
+        no_validation=True,
+    )
+    t = Trainer(cfg, train, [], tmp_path)
+    seen: list[torch.Tensor] = []
+    real = t._forward
+    monkeypatch.setattr(t, "_forward", lambda model, x: (seen.append(x.clone()), real(model, x))[1])
+    for strong in (False, False, True, True):
+        t.cfg.strong_augment = strong
+        t._step(0, 0)
+        t.state["step"] = 0  # the same batch and draws each time
+    plain, again, strong1, strong2 = seen
+    assert torch.equal(plain, again) and torch.equal(strong1, strong2)  # seeded
+    assert not torch.allclose(plain, strong1)
+
+
 def test_rpst_teacher_student_steps(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     train, val, unlabelled = _split(dataset)
     cfg = TrainConfig(

@@ -134,6 +134,7 @@ FLAGS = {
     "use_cps": ("no_cps", False),
     "use_cr": ("no_cr", False),
     "no_validation": ("no_validation", True),
+    "strong_augment": ("strong_augment", True),
 }
 
 
@@ -470,6 +471,12 @@ def add_training_options(p: argparse.ArgumentParser, quick: bool = False) -> Non
     p.add_argument("--no-cr", action="store_true", help="sscr: no consistency regularisation")
     p.add_argument("--rounds", type=int, help=f"rpst relabelling rounds (default {default(1)})")
     p.add_argument("--teacher-epochs", type=int)
+    p.add_argument(
+        "--strong-augment",
+        action="store_true",
+        help="the photometric 'strong' augmentation (gain, offset, noise, blur) on labelled "
+        "batches too (rpst and sscr use it on pseudo-labels in any case)",
+    )
     p.add_argument(
         "--max-val-cases", type=int, help=f"validation runs per epoch (default {default(8)})"
     )

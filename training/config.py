@@ -72,6 +72,7 @@ class TrainTable(_Strict):
     use_cr: bool | None = None
     rpst_rounds: PosInt | None = None
     teacher_epochs: PosInt | None = None
+    strong_augment: bool | None = None
     no_validation: bool | None = None
 
 

@@ -93,6 +93,10 @@ class TrainConfig:
     use_cr: bool = True
     rpst_rounds: int = 1
     teacher_epochs: int | None = None
+    # The photometric 'strong' augmentation (gain, offset, noise, blur) on labelled
+    # batches too, not only on pseudo-labelled ones: against a model that learns the
+    # generator's noise and contrast rather than the vessels.
+    strong_augment: bool = False
     # Train without a fully annotated validation run: monitor the training loss instead.
     no_validation: bool = False
     progress: bool = True
@@ -400,11 +404,13 @@ class Trainer:
             # pseudo-labelled runs (weak + strong); two forwards, since sequence
             # lengths differ between runs.
             half = max(1, self.cfg.batch_size // 2)
-            loss = self._loss_full(rng, self.prepared, half) + self._loss_full(
-                rng, self.pseudo, half, strong=True
-            )
+            loss = self._loss_full(
+                rng, self.prepared, half, strong=self.cfg.strong_augment
+            ) + self._loss_full(rng, self.pseudo, half, strong=True)
         else:
-            loss = self._loss_full(rng, self.prepared, self.cfg.batch_size)
+            loss = self._loss_full(
+                rng, self.prepared, self.cfg.batch_size, strong=self.cfg.strong_augment
+            )
         self.scaler.scale(loss).backward()
         for opt in self.optimizers:
             self.scaler.step(opt)
