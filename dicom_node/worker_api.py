@@ -194,7 +194,10 @@ def _json_body(handler: BaseHTTPRequestHandler) -> dict[str, Any]:
     if length is None or length > _MAX_JSON:
         raise WorkerApiError(413, f"a JSON body of at most {_MAX_JSON} bytes, not chunked")
     handler.body_read = True  # type: ignore[attr-defined]
-    return stow.json_object(handler.rfile.read(length))
+    raw = handler.rfile.read(length)
+    if len(raw) != length:
+        raise WorkerApiError(400, "body shorter than its Content-Length")
+    return stow.json_object(raw)
 
 
 def _int(data: dict[str, Any] | dict[str, list[str]], key: str) -> int:

@@ -81,6 +81,16 @@ def test_a_corpus_of_broken_rest_calls_never_stops_the_node(
     ]
     assert not defects, defects
 
+    # a body cut short is named as such, on the API's routes and on the workers'
+    for path in ("/trigger", f"/worker/jobs/{ctx['job']}/started"):
+        cut = (
+            f"POST {path} HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+            '{"generation": 1}'
+        ).encode()
+        ((status, body),) = _answers(_exchange(node.api_port, cut))
+        assert status == 400 and b"shorter than its Content-Length" in body, (path, body)
+
     # the node goes on: the jobs the corpus queued settle, a valid call is answered,
     # and a new run is stored and processed
     wait_for(lambda: node.db.unsettled_jobs() == 0, 120, what="the queued jobs to settle")
