@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 CRLF = b"\r\n"
 
@@ -219,6 +220,15 @@ def _mutations(rng: random.Random) -> list[Callable[[Request], None]]:
     ]
 
 
+def mutate(rng: random.Random, mutations: list[Callable[[Any], None]], k: int, target: Any) -> None:
+    """Case ``k``'s mutations, each named in ``target.done``: every mutation at least once
+    in the first rounds, then up to two more drawn."""
+    chosen = [mutations[k % len(mutations)]] + rng.sample(mutations, rng.randrange(0, 3))
+    for m in chosen:
+        m(target)
+        target.done.append(m.__name__)
+
+
 def corpus(
     seed: int, count: int, instance: Callable[[int], bytes]
 ) -> list[tuple[bytes, list[str]]]:
@@ -229,10 +239,6 @@ def corpus(
     out = []
     for k in range(count):
         request = Request(parts=[instance(1000 * k + i) for i in range(rng.randrange(1, 4))])
-        # every mutation at least once in the first rounds, then drawn
-        chosen = [mutations[k % len(mutations)]] + rng.sample(mutations, rng.randrange(0, 3))
-        for mutate in chosen:
-            mutate(request)
-            request.done.append(mutate.__name__)
+        mutate(rng, mutations, k, request)
         out.append((request.encode(), request.done))
     return out

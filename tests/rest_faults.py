@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from tests.http_faults import mutate
+
 CRLF = b"\r\n"
 
 
@@ -289,10 +291,6 @@ def corpus(seed: int, count: int, ctx: dict[str, Any]) -> list[tuple[bytes, list
         call = make(rng)
         call.token = ctx["token"]
         call.done.append(f"{call.method} {call.path}")
-        # every mutation at least once in the first rounds, then drawn
-        chosen = [mutations[k % len(mutations)]] + rng.sample(mutations, rng.randrange(0, 3))
-        for mutate in chosen:
-            mutate(call)
-            call.done.append(mutate.__name__)
+        mutate(rng, mutations, k, call)
         out.append((call.encode(), call.done))
     return out

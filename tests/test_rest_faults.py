@@ -17,7 +17,7 @@ from dicom_node.auth import hash_token
 from tests.conftest import corpus_seed, send_storescu, wait_for
 from tests.dicomgen import save, xa_run
 from tests.rest_faults import corpus
-from tests.test_stow_faults import _answers, _exchange
+from tests.test_stow_faults import _answers, _exchange, send_corpus
 
 TOKEN = "rest-faults-every-scope-0123456789"
 TOKENS = [
@@ -59,17 +59,7 @@ def test_a_corpus_of_broken_rest_calls_never_stops_the_node(
         "csrf": node.auth.csrf(principal),
     }
     caplog.set_level(logging.ERROR, logger="dicom_node")
-    problems: list[str] = []
-    seen: dict[int, int] = {}
-    for number, (request, done) in enumerate(corpus(corpus_seed(31), 330, ctx)):
-        raw = _exchange(node.api_port, request)
-        answers = _answers(raw)
-        if not answers:
-            problems.append(f"case {number} ({', '.join(done)}): no answer ({raw[:80]!r})")
-        for status, _ in answers:
-            seen[status] = seen.get(status, 0) + 1
-            if status not in DOCUMENTED:
-                problems.append(f"case {number} ({', '.join(done)}): status {status}")
+    problems, seen, _ = send_corpus(node.api_port, corpus(corpus_seed(31), 330, ctx), DOCUMENTED)
     assert not problems, "\n".join(problems)
     # the corpus reaches the routes, not only the parsers in front of them
     assert seen.get(200, 0) > 20 and seen.get(400, 0) > 20 and len(seen) >= 7, seen

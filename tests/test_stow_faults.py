@@ -56,6 +56,27 @@ def _answers(raw: bytes) -> list[tuple[int, bytes]]:
     ]
 
 
+def send_corpus(
+    port: int, cases: list[tuple[bytes, list[str]]], documented: set[int]
+) -> tuple[list[str], dict[int, int], list[tuple[int, bytes]]]:
+    """Each case sent on its own connection: the problems (no answer, a status not
+    documented), the count of each status, and every (status, body) answered."""
+    problems: list[str] = []
+    seen: dict[int, int] = {}
+    answered: list[tuple[int, bytes]] = []
+    for number, (request, done) in enumerate(cases):
+        raw = _exchange(port, request)
+        answers = _answers(raw)
+        if not answers:
+            problems.append(f"case {number} ({', '.join(done)}): no answer ({raw[:80]!r})")
+        for status, _ in answers:
+            seen[status] = seen.get(status, 0) + 1
+            if status not in documented:
+                problems.append(f"case {number} ({', '.join(done)}): status {status}")
+        answered += answers
+    return problems, seen, answered
+
+
 def _stored_uids(body: bytes) -> list[str]:
     items = json.loads(body).get("00081199", {}).get("Value", [])
     return [item["00081155"]["Value"][0] for item in items]
@@ -69,20 +90,8 @@ def test_a_corpus_of_broken_stow_requests_never_stops_the_node(
         rules=[],  # stored, not processed: this test is about receiving
     )
     cases = corpus(seed=corpus_seed(23), count=400, instance=lambda k: _instance(50_000 + k))
-    acknowledged: list[str] = []
-    problems: list[str] = []
-    seen: dict[int, int] = {}
-    for number, (request, done) in enumerate(cases):
-        raw = _exchange(node.api_port, request)
-        answers = _answers(raw)
-        if not answers:
-            problems.append(f"case {number} ({', '.join(done)}): no answer ({raw[:80]!r})")
-        for status, body in answers:
-            seen[status] = seen.get(status, 0) + 1
-            if status not in DOCUMENTED:
-                problems.append(f"case {number} ({', '.join(done)}): status {status}")
-            if status in (200, 202):
-                acknowledged += _stored_uids(body)
+    problems, seen, answered = send_corpus(node.api_port, cases, DOCUMENTED)
+    acknowledged = [uid for s, body in answered if s in (200, 202) for uid in _stored_uids(body)]
     assert not problems, "\n".join(problems)
     assert seen.get(400, 0) > 20 and len(seen) >= 6, seen  # the corpus reaches the parsers
     assert acknowledged, "no request of the corpus stored anything"

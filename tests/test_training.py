@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -452,6 +453,12 @@ def _split(dataset: tuple[Path, Path]) -> tuple[list, list, list]:
     return labelled[:3], labelled[3:4], [c for c in cases if c.kind == "unlabelled"][:1]
 
 
+def _one_step(**options: Any) -> TrainConfig:
+    """A tiny VSS-Net trained for one step of two 32-pixel patches."""
+    base = {"task": "dsa_ia", "model_config": TINY_VSS, "epochs": 1, "steps_per_epoch": 1}
+    return TrainConfig(**{**base, "batch_size": 2, "patch": 32, "progress": False, **options})
+
+
 def _weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -459,17 +466,7 @@ def _weights(model: torch.nn.Module) -> torch.Tensor:
 def test_sscr_step_on_scribbles(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     _, cases = load_dataset(dataset[0])
     scribbles = [c for c in cases if c.kind == "scribble"]
-    cfg = TrainConfig(
-        task="dsa_ia",
-        mode="sscr",
-        model_config=TINY_VSS,
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=2,
-        patch=32,
-        progress=False,
-        no_validation=True,
-    )
+    cfg = _one_step(mode="sscr", no_validation=True)
     t = Trainer(cfg, scribbles, [], tmp_path)
     before = [_weights(m) for m in t.models]
     assert not torch.equal(before[0], before[1])  # two differently initialised networks
@@ -495,16 +492,7 @@ def test_strong_augmentation_of_labelled_batches(
     assert train_config(build_parser().parse_args([*base, "--strong-augment"])).strong_augment
 
     train, _, _ = _split(dataset)
-    cfg = TrainConfig(
-        task="dsa_ia",
-        model_config=TINY_VSS,
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=2,
-        patch=32,
-        progress=False,
-        no_validation=True,
-    )
+    cfg = _one_step(no_validation=True)
     t = Trainer(cfg, train, [], tmp_path)
     seen: list[torch.Tensor] = []
     real = t._forward
@@ -520,17 +508,7 @@ def test_strong_augmentation_of_labelled_batches(
 
 def test_rpst_teacher_student_steps(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     train, val, unlabelled = _split(dataset)
-    cfg = TrainConfig(
-        task="dsa_ia",
-        mode="rpst",
-        model_config=TINY_VSS,
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=2,
-        patch=32,
-        progress=False,
-        rpst_rounds=1,
-    )
+    cfg = _one_step(mode="rpst", rpst_rounds=1)
     t = Trainer(cfg, train[:1], val, tmp_path, unlabelled=unlabelled)
     path = t.fit()
     assert len(t.pseudo) == 1 and t.pseudo[0].y is not None
