@@ -102,3 +102,24 @@ def test_a_corpus_of_broken_rest_calls_never_stops_the_node(
         120,
         what="the next run's minip job",
     )
+
+
+def test_a_defect_of_the_node_is_answered_500_and_logged(
+    make_node: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last resort: an exception no handler expected (here a defect put into
+    /status) gets a 500 with a JSON error, not a connection dropped unanswered, and
+    its trace in the log; the next request is served."""
+    node = make_node()
+    url = f"http://127.0.0.1:{node.api_port}"
+
+    def broken() -> None:
+        raise KeyError("a defect")
+
+    monkeypatch.setattr(node, "status", broken)
+    caplog.set_level(logging.ERROR, logger="dicom_node.api")
+    answer = requests.get(f"{url}/status", timeout=30)
+    assert answer.status_code == 500 and "internal error" in answer.json()["error"]
+    (record,) = [r for r in caplog.records if r.name == "dicom_node.api"]
+    assert "GET /status: internal error" in record.getMessage() and record.exc_info
+    assert requests.get(f"{url}/health", timeout=30).status_code == 200
