@@ -222,7 +222,8 @@ def rest_forwards(method: str, groups: Any, query: dict[str, str]) -> Any:
 def rest_forward(method: str, groups: Any, query: dict[str, str]) -> Any:
     fw = _forwarder()
     fid = int(groups[0])
-    row = fw.ledger.forward(fid)
+    # past SQLite's integers the lookup raised OverflowError, which Orthanc answered 500
+    row = fw.ledger.forward(fid) if fid < 2**63 else None
     if row is None:
         raise HttpError(404, f"no forward {fid}")
     if len(groups) > 1 and groups[1] == "retry":

@@ -431,6 +431,7 @@ def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
 
             # REST errors are precise
             assert pacs.get("/angio-node/forwards/999").status_code == 404
+            assert pacs.get("/angio-node/forwards/" + "9" * 30).status_code == 404
             assert pacs.post(f"/angio-node/forwards/{fw['id']}/retry").status_code == 409
             assert pacs.get(f"/angio-node/studies/{study_id}/reprocess").status_code == 405
             assert pacs.post("/angio-node/studies/1.2.3.999/reprocess").status_code == 404
