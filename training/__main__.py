@@ -474,8 +474,9 @@ def add_training_options(p: argparse.ArgumentParser, quick: bool = False) -> Non
     p.add_argument(
         "--strong-augment",
         action="store_true",
-        help="the photometric 'strong' augmentation (gain, offset, noise, blur) on labelled "
-        "batches too (rpst and sscr use it on pseudo-labels in any case)",
+        help="full and rpst: the photometric 'strong' augmentation (gain, offset, noise, "
+        "blur) on labelled batches too (rpst's pseudo-labelled half has it in any case; "
+        "sscr has its own second view)",
     )
     p.add_argument(
         "--max-val-cases", type=int, help=f"validation runs per epoch (default {default(8)})"
