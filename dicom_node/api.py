@@ -442,17 +442,22 @@ class ApiServer(ThreadingHTTPServer):
             self.node.metrics.api_requests.labels("CONNECT", "503").inc()
             self.shutdown_request(request)
             return
+        self.node.metrics.api_connections.inc()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.connections.release()
+            self._closed()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections.release()
+            self._closed()
+
+    def _closed(self) -> None:
+        self.node.metrics.api_connections.dec()
+        self.connections.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.context is None:

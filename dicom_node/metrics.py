@@ -130,6 +130,12 @@ class Metrics:
             "the next gets a 503",
             registry=r,
         )
+        self.api_connections = Gauge(
+            "angio_node_api_connections_open",
+            "Connections the API holds open; at twice [api] max_concurrent_requests the "
+            "next is closed at accept",
+            registry=r,
+        )
         self.job_duration = Histogram(
             "angio_node_job_duration_seconds",
             "Wall time of one job attempt in its worker process",
