@@ -295,14 +295,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
             self._send(200, self._route(method, path, parse_qs(query), principal))
 
         def _raw_body(self) -> bytes:
-            length = stow.declared_length(self.headers)
-            if length is None or length > MAX_JSON:
-                raise HttpError(413, f"a JSON body of at most {MAX_JSON} bytes, not chunked")
-            self.body_read = True
-            raw = self.rfile.read(length)
-            if len(raw) != length:
-                raise HttpError(400, "body shorter than its Content-Length")
-            return bytes(raw)
+            return stow.read_small_body(self, MAX_JSON)
 
         def _body(self) -> dict[str, Any]:
             return stow.json_object(self._raw_body())
@@ -433,16 +426,22 @@ class ApiServer(ThreadingHTTPServer):
         self.context = context
         self.read_timeout_s = api.read_timeout_s
         self.slots = threading.BoundedSemaphore(api.max_concurrent_requests)
-        self.connections = threading.BoundedSemaphore(2 * api.max_concurrent_requests)
+        self.max_connections = 2 * api.max_concurrent_requests
+        self.open_connections = 0  # the one count: the limit reads it, and so does the gauge
+        self.open_lock = threading.Lock()
+        node.metrics.api_connections.set_function(lambda: self.open_connections)
         super().__init__((api.host, api.port), make_handler(node))
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.acquire(blocking=False):
+        with self.open_lock:
+            full = self.open_connections >= self.max_connections
+            if not full:
+                self.open_connections += 1
+        if full:
             log.warning("api: too many open connections; %s closed", client_address[0])
             self.node.metrics.api_requests.labels("CONNECT", "503").inc()
             self.shutdown_request(request)
             return
-        self.node.metrics.api_connections.inc()
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -456,8 +455,8 @@ class ApiServer(ThreadingHTTPServer):
             self._closed()
 
     def _closed(self) -> None:
-        self.node.metrics.api_connections.dec()
-        self.connections.release()
+        with self.open_lock:
+            self.open_connections -= 1
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.context is None:

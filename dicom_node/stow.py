@@ -81,6 +81,21 @@ def declared_length(headers: Any) -> int | None:
     return int(value)
 
 
+def read_small_body(handler: Any, limit: int) -> bytes:
+    """A small request body read whole (a JSON object, the status page's form): it
+    must have a Content-Length of at most ``limit`` (413 otherwise, chunked too) and
+    arrive whole (400: a body shorter than its Content-Length was parsed as it was).
+    Marks the body read, so the handler does not drain it again before answering."""
+    length = declared_length(handler.headers)
+    if length is None or length > limit:
+        raise StowError(413, f"a body of at most {limit} bytes, not chunked")
+    handler.body_read = True
+    raw = handler.rfile.read(length)
+    if len(raw) != length:
+        raise StowError(400, "body shorter than its Content-Length")
+    return bytes(raw)
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request's JSON body, which must be an object (an empty body is ``{}``); 400
     otherwise: nesting too deep for the parser (it raised RecursionError) and text

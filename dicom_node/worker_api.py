@@ -190,14 +190,7 @@ def _prior(handler: BaseHTTPRequestHandler, node: Node, who: str, peer: str, sop
 
 # -- the worker reporting ------------------------------------------------------------
 def _json_body(handler: BaseHTTPRequestHandler) -> dict[str, Any]:
-    length = stow.declared_length(handler.headers)
-    if length is None or length > _MAX_JSON:
-        raise WorkerApiError(413, f"a JSON body of at most {_MAX_JSON} bytes, not chunked")
-    handler.body_read = True  # type: ignore[attr-defined]
-    raw = handler.rfile.read(length)
-    if len(raw) != length:
-        raise WorkerApiError(400, "body shorter than its Content-Length")
-    return stow.json_object(raw)
+    return stow.json_object(stow.read_small_body(handler, _MAX_JSON))
 
 
 def _int(data: dict[str, Any] | dict[str, list[str]], key: str) -> int:
