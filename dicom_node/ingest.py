@@ -66,18 +66,22 @@ class Ingest:
         source: str,
         transport: str = "dimse",
         peer: str = "",
+        requested_sop_instance: str = "",
     ) -> Receipt:
         """Store one instance, given as bytes or as the file the SCP wrote it to (which
         is moved into the spool); ``source`` is the calling AE title (or the STOW-RS
-        sender)."""
+        sender); ``requested_*`` are a C-STORE request's UIDs, which the data set's
+        must be."""
         size = len(data) if isinstance(data, bytes) else _size(data)
-        receipt = self._receive(data, requested_sop_class, source)
+        receipt = self._receive(data, requested_sop_class, source, requested_sop_instance)
         self.observe(receipt, source, transport, size, peer)
         return receipt
 
-    def _receive(self, data: bytes | Path, requested_sop_class: str, source: str) -> Receipt:
+    def _receive(
+        self, data: bytes | Path, requested_sop_class: str, source: str, requested_sop_instance: str
+    ) -> Receipt:
         try:
-            stored = self.spool.store(data, requested_sop_class, source)
+            stored = self.spool.store(data, requested_sop_class, source, requested_sop_instance)
         except RejectedInstance as exc:
             log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
             return Receipt(exc.status, exc.reason)

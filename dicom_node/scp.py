@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import shutil
 import socket
 import ssl
@@ -43,10 +44,14 @@ from typing import Any, NoReturn
 
 from pydicom.filereader import read_dataset
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_recv_handler
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
-from pynetdicom.fsm import InvalidEventError
+from pynetdicom.fsm import InvalidEventError, StateMachine
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -70,6 +75,10 @@ SPACE_CHECK_BYTES = 64 * 2**20
 MAX_COMMAND_BYTES = 64 * 1024
 C_STORE_RQ = 0x0001  # Command Field: only its data set goes to a file as it arrives
 A_ASSOCIATE_RQ, P_DATA_TF = b"\x01", b"\x04"  # PDU types (PS3.8 9.3.1)
+# The shortest Maximum Length Received a peer may ask for: a P-DATA PDU's
+# presentation data value needs six bytes of header and one of data (PS3.8 9.3.5).
+# pynetdicom divided by zero, or cut its answers short, under seven.
+MIN_PEER_PDU_BYTES = 7
 # The slowest a PDU or a message may arrive (bytes/s) once network_timeout_s has passed:
 # a 4 MiB PDU over a 128 kbit/s link.
 MIN_RATE = 16 * 1024
@@ -318,6 +327,9 @@ def message_done(assoc: Association) -> None:
 # Sta12 (release under way, collisions included) and Sta13 (the association no
 # longer exists, the connection not yet closed).
 _RELEASING = frozenset(f"Sta{n}" for n in range(7, 14))
+# Events of the node's own requests to its upper layer: A-ASSOCIATE, P-DATA, A-RELEASE
+# (request and response) and A-ABORT (PS3.8 9.2.2).
+_LOCAL_REQUESTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
 def _holds_place(assoc: Association) -> bool:
@@ -362,12 +374,134 @@ class _NodeDUL(DULServiceProvider):
             self.assoc.is_established = False
 
 
+class _NodeDIMSE(DIMSEServiceProvider):
+    """An acceptor's DIMSE provider whose peer's undecodable message aborts the
+    association with a logged reason.
+
+    pynetdicom answers a message it decoded but cannot use with an A-ABORT (event
+    19 of the upper layer's state machine). A command set it cannot decode at all (no
+    Command Field or one no message has, no Command Data Set Type, a value of the
+    wrong length) raised in the upper layer's thread instead and ended it with a
+    traceback, and the peer saw its connection closed without an answer
+    (tests/test_dimse_faults.py). Such a message now gets the same A-ABORT."""
+
+    def receive_primitive(self, primitive: Any) -> None:
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:  # noqa: BLE001 - pynetdicom decoding a peer's bytes
+            message, self.message = self.message, None
+            partial = getattr(message, "_data_set_file", None)
+            if partial is not None:  # a C-STORE data set begun: nothing was acknowledged
+                with contextlib.suppress(OSError):
+                    partial.close()
+                    Path(partial.name).unlink()
+            what = (
+                f"its data set could not be written: {exc.strerror}"
+                if isinstance(exc, OSError)
+                else f"a DIMSE message that cannot be decoded ({type(exc).__name__})"
+            )
+            peer = self.assoc.requestor
+            log.warning(
+                "association from %s at %s:%s aborted: %s",
+                str(peer.ae_title).strip(),
+                peer.address,
+                peer.port,
+                what,
+            )
+            self.dul.event_queue.put("Evt19")  # A-ABORT to the peer (PS3.8 9.2, AA-8)
+
+
+class _NodeACSE(ACSE):
+    """An acceptor's association negotiation that first refuses a request no answer
+    could be sent under: a Maximum Length Received from 1 to 6 bytes, or none at
+    all (the sub-item is mandatory, PS3.8 D.1). pynetdicom accepted both, then
+    divided by zero (or by None) when it answered the first message."""
+
+    def negotiate_association(self) -> None:
+        if self.assoc.is_acceptor:
+            length = self.requestor.maximum_length
+            refusal = None
+            if length is None:
+                refusal = "its request has no Maximum Length sub-item"
+            elif 0 < length < MIN_PEER_PDU_BYTES:
+                refusal = f"its Maximum Length Received of {length} bytes cannot carry a message"
+            if refusal:
+                primitive = self.requestor.primitive
+                self.requestor.ae_title = primitive.calling_ae_title  # type: ignore[union-attr]
+                self.assoc.refusal = refusal  # type: ignore[attr-defined]
+                self.send_reject(0x01, 0x01, 0x01)  # permanent, service-user, no reason given
+                evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+                self.assoc.kill()
+                return
+        super().negotiate_association()
+
+
+class _NodeAssociation(Association):
+    """An acceptor that serves C-ECHO on the verification context and C-STORE for its
+    context's SOP Class, and aborts the association on any other message with the
+    reason logged, as dcmtk's storescp does. pynetdicom passed a request to the
+    service class that its SOP Class UID names (a C-ECHO on a storage context, or an
+    N-CREATE naming a storage SOP Class, raised there and was logged as an error with
+    its traceback, or reached the C-STORE handler without a data set), and ignored a
+    response or a request that lacks an element, so the peer waited for an answer
+    until its own timeout."""
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        context = self._accepted_cx.get(context_id)
+        if context is not None and not self._sent_release:
+            wanted = C_ECHO if context.abstract_syntax == Verification else C_STORE
+            sop_class = getattr(msg, "AffectedSOPClassUID", None)
+            what = None
+            if not msg.is_valid_request:
+                what = f"a {msg.msg_type} message that is not a valid request"
+            elif not isinstance(msg, wanted) or sop_class != context.abstract_syntax:
+                what = (
+                    f"a {msg.msg_type} request for SOP Class {str(sop_class or 'none')[:64]} "
+                    f"on a presentation context for {context.abstract_syntax}, which this "
+                    "node does not serve"
+                )
+            if what:
+                log.warning(
+                    "association from %s at %s:%s aborted: %s",
+                    str(self.requestor.ae_title).strip(),
+                    self.requestor.address,
+                    self.requestor.port,
+                    what,
+                )
+                self.abort()
+                return
+        super()._serve_request(msg, context_id)
+
+
+class _NodeStateMachine(StateMachine):
+    """The upper layer's state machine, which drops what the node asks of it once the
+    association no longer exists (Sta13, PS3.8 9.2): a response still being sent, or a
+    second A-ABORT, when the DIMSE provider had aborted on a later message meanwhile.
+    No transition exists for them there; pynetdicom logged an error and raised."""
+
+    def do_action(self, event: str) -> None:
+        if self.current_state == "Sta13" and event in _LOCAL_REQUESTS:
+            with contextlib.suppress(queue.Empty):
+                self.dul.to_provider_queue.get(block=False)
+            return
+        super().do_action(event)
+
+
 class _RequestHandler(RequestHandler):
     limits: ReceiveLimits | None = None
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.dul.__class__ = _NodeDUL  # same object, before its thread starts
+        assoc.__class__ = _NodeAssociation  # same objects, before their threads start
+        assoc.dul.__class__ = _NodeDUL
+        assoc.dul.state_machine.__class__ = _NodeStateMachine
+        assoc.dimse.__class__ = _NodeDIMSE
+        assoc.acse.__class__ = _NodeACSE
+        # pynetdicom's own handlers of what arrives only write its debug dumps, and
+        # raise on a peer's malformed message or item: each was logged as an error
+        # with a traceback (C-CANCEL or N-GET requests that lack an element).
+        assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+        assoc.unbind(evt.EVT_PDU_RECV, standard_pdu_recv_handler)
         sock = assoc.dul.socket
         if sock is not None and self.limits is not None:
             sock.__class__ = _GuardedSocket  # same object and state, checked reads
@@ -420,13 +554,21 @@ def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
         calling = _calling_aet(event)
         try:
             path = event.dataset_path  # written as it arrived, with its file meta
+            if not isinstance(path, Path):  # Command Data Set Type said there is none
+                log.warning(
+                    "C-STORE from %s refused (0xC000): the request has no data set", calling
+                )
+                return RejectedInstance.CANNOT_UNDERSTAND
             requested = str(event.request.AffectedSOPClassUID)
+            instance = str(event.request.AffectedSOPInstanceUID or "")  # type: ignore[union-attr]
         except (ValueError, AttributeError, TypeError) as exc:
             log.warning(
                 "C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc
             )
             return RejectedInstance.CANNOT_UNDERSTAND
-        return ingest.receive(path, requested, calling, "dimse", _peer(event)).status
+        return ingest.receive(
+            path, requested, calling, "dimse", _peer(event), requested_sop_instance=instance
+        ).status
 
     return handle_store
 
@@ -462,7 +604,9 @@ class _Associations:
     def rejected(self, event: Event) -> None:
         calling = _calling_aet(event)
         allowed = self.settings.allowed_calling_aets
-        if allowed and calling not in allowed:
+        if refusal := getattr(event.assoc, "refusal", None):
+            reason = refusal
+        elif allowed and calling not in allowed:
             reason = "calling AE title not in allowed_calling_aets"
         else:
             reason = f"more than max_associations ({self.settings.max_associations}) at once"

@@ -381,15 +381,21 @@ def inspect(
     requested_sop_class: str,
     limits: LimitsSettings,
     max_uid_length: int = 64,
+    requested_sop_instance: str = "",
 ) -> Header:
     """Check a received data set (its bytes, or the file it was written to) without
-    decoding its pixels; raises RejectedInstance with the precise status."""
+    decoding its pixels; raises RejectedInstance with the precise status. A C-STORE
+    request's SOP Class and Instance UIDs (``requested_*``) must be the data set's."""
     with _PARSES, _opened(source) as fp:
-        return _inspect(fp, requested_sop_class, limits, max_uid_length)
+        return _inspect(fp, requested_sop_class, limits, max_uid_length, requested_sop_instance)
 
 
 def _inspect(
-    fp: BinaryIO, requested_sop_class: str, limits: LimitsSettings, max_uid_length: int
+    fp: BinaryIO,
+    requested_sop_class: str,
+    limits: LimitsSettings,
+    max_uid_length: int,
+    requested_sop_instance: str = "",
 ) -> Header:
     ds, body = read_header(fp, limits)
     try:
@@ -415,6 +421,12 @@ def _inspect(
     if requested_sop_class and sop_class != requested_sop_class:
         raise _mismatch(
             f"dataset SOP Class {sop_class} differs from the request's {requested_sop_class}"
+        )
+    # The sender counts the instance in its request as stored once answered Success.
+    if requested_sop_instance and sop_uid != requested_sop_instance:
+        raise _mismatch(
+            f"dataset SOP Instance UID {sop_uid} differs from the request's "
+            f"{requested_sop_instance[:max_uid_length]}"
         )
     frames = 1
     if sop_class not in NON_IMAGE:
@@ -527,11 +539,17 @@ class Spool:
             raise
 
     def store(
-        self, source: bytes | Path, requested_sop_class: str = "", calling_aet: str = ""
+        self,
+        source: bytes | Path,
+        requested_sop_class: str = "",
+        calling_aet: str = "",
+        requested_sop_instance: str = "",
     ) -> Stored:
         """Persist one received instance and index it: ``source`` is a DICOM file with
         meta, as bytes or as the file the storage SCP wrote (moved into the spool)."""
-        head = inspect(source, requested_sop_class, self.limits, self.max_uid_length)
+        head = inspect(
+            source, requested_sop_class, self.limits, self.max_uid_length, requested_sop_instance
+        )
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         self._check_space(size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"

@@ -1,0 +1,460 @@
+"""A generated corpus of broken DICOM conversations, for tests/test_dimse_faults.py.
+
+The PDU corpus (tests/test_receive_limits.py) breaks the bytes of PDUs; these
+streams are well-formed PDUs that carry what a broken or hostile *DICOM* peer
+says: association requests with odd negotiation items (maximum lengths a PDV
+cannot fit in, hundreds of presentation contexts, unknown syntaxes, user
+identity, role selection, extended negotiation, asynchronous operations), then
+DIMSE messages of every kind, requests the node does not serve and responses it
+never asked for, with command sets that miss, repeat or mistype elements, lie
+about their data set, or name contexts that were not accepted; data sets in
+another transfer syntax than their context, cut short, or whose SOP Instance UID
+is not the command's. Each stream is deterministic for its seed and is sent as
+raw bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from dataclasses import dataclass, field
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    XRayAngiographicImageStorage,
+    generate_uid,
+)
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+    SOPClassCommonExtendedNegotiation,
+    SOPClassExtendedNegotiation,
+    UserIdentityNegotiation,
+)
+from pynetdicom.presentation import PresentationContext
+
+from tests.faults import fresh
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
+MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step (N-CREATE/N-SET)
+ABSTRACT = [
+    XRayAngiographicImageStorage,
+    VERIFICATION,
+    CT,
+    FIND,
+    MOVE,
+    MPPS,
+    "1.2.3.4.5",
+    "1." + "2" * 62,
+]
+SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    "1.2.840.10008.1.2.99",
+    "1.2.3",
+]
+# Command Field values (PS3.7 E.1): requests, responses, and values no message has.
+COMMANDS = {
+    "C-STORE-RQ": 0x0001,
+    "C-STORE-RSP": 0x8001,
+    "C-GET-RQ": 0x0010,
+    "C-FIND-RQ": 0x0020,
+    "C-MOVE-RQ": 0x0021,
+    "C-ECHO-RQ": 0x0030,
+    "C-ECHO-RSP": 0x8030,
+    "N-EVENT-REPORT-RQ": 0x0100,
+    "N-GET-RQ": 0x0110,
+    "N-SET-RQ": 0x0120,
+    "N-ACTION-RQ": 0x0130,
+    "N-CREATE-RQ": 0x0140,
+    "N-DELETE-RQ": 0x0150,
+    "C-CANCEL-RQ": 0x0FFF,
+    "unknown": 0x7777,
+}
+
+
+@dataclass
+class Stream:
+    """One connection: the association request and what follows once it is accepted.
+    ``whole`` names the instances whose data set was sent whole: a node may store
+    these and no others."""
+
+    name: str
+    request: bytes
+    data: bytes
+    whole: list[str] = field(default_factory=list)
+
+
+def _item_pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def p_data(context_id: int, header: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU with one PDV (header bit 0: command, bit 1: last)."""
+    pdv = struct.pack(">LBB", len(fragment) + 2, context_id, header) + fragment
+    return _item_pdu(4, pdv)
+
+
+def release_request() -> bytes:
+    return _item_pdu(5, bytes(4))
+
+
+def encode_dataset(ds: Dataset, implicit: bool, little: bool = True) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, little
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def _value_bytes(vr: str, value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value  # as it is: odd lengths included
+    if vr == "US":
+        return struct.pack("<H", int(value) & 0xFFFF)  # type: ignore[call-overload]
+    if vr == "UL":
+        return struct.pack("<L", int(value) & 0xFFFFFFFF)  # type: ignore[call-overload]
+    if vr == "AT":
+        return b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in value)  # type: ignore[attr-defined]
+    text = str(value).encode("latin-1")
+    return text + b"\0" * (len(text) % 2)
+
+
+def command_set(elements: list[tuple[int, str, object]]) -> bytes:
+    """A command set in implicit VR little endian (PS3.7 6.3.1), group length first,
+    each element written as it is given: repeated, out of order or of any length."""
+    body = b""
+    for tag, vr, value in elements:
+        data = _value_bytes(vr, value)
+        body += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(data)) + data
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def association_request(
+    rng: random.Random,
+    contexts: list[tuple[int, str, list[str]]],
+    max_length: int | None = 16384,
+    extras: bool = False,
+    calling: str = "FUZZ",
+) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, "ANGIO_NODE"
+    items = []
+    for context_id, abstract, syntaxes in contexts:
+        cx = PresentationContext()
+        cx.context_id = context_id
+        cx.abstract_syntax = abstract
+        cx.transfer_syntax = syntaxes
+        items.append(cx)
+    primitive.presentation_context_definition_list = items
+    uid = ImplementationClassUIDNotification()
+    uid.implementation_class_uid = "1.2.3.4"
+    info: list[object] = [uid]
+    if max_length is not None:  # the sub-item is mandatory (PS3.8 D.1)
+        length = MaximumLengthNotification()
+        length.maximum_length_received = max_length
+        info.insert(0, length)
+    if extras:
+        info += _negotiation_items(rng)
+    primitive.user_information = info
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def _negotiation_items(rng: random.Random) -> list[object]:
+    """Extended negotiation a peer may offer: each kind at random."""
+    items: list[object] = []
+    if rng.random() < 0.5:
+        name = ImplementationVersionNameNotification()
+        name.implementation_version_name = rng.choice(["FUZZ_1", "X" * 16, "A"])
+        items.append(name)
+    if rng.random() < 0.5:
+        window = AsynchronousOperationsWindowNegotiation()
+        window.maximum_number_operations_invoked = rng.choice([0, 2, 65535])
+        window.maximum_number_operations_performed = rng.choice([0, 2, 65535])
+        items.append(window)
+    for _ in range(rng.choice([0, 0, 1, 3])):
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = rng.choice(ABSTRACT[:6])
+        role.scu_role, role.scp_role = rng.choice([(True, True), (False, True), (True, False)])
+        items.append(role)
+    if rng.random() < 0.4:
+        ext = SOPClassExtendedNegotiation()
+        ext.sop_class_uid = rng.choice(ABSTRACT[:6])
+        ext.service_class_application_information = rng.randbytes(rng.choice([1, 16, 4000]))
+        items.append(ext)
+    if rng.random() < 0.3:
+        common = SOPClassCommonExtendedNegotiation()
+        common.sop_class_uid = rng.choice(ABSTRACT[:6])
+        common.service_class_uid = "1.2.840.10008.4.2"
+        common.related_general_sop_class_identification = [rng.choice(ABSTRACT[:3])]
+        items.append(common)
+    if rng.random() < 0.4:
+        identity = UserIdentityNegotiation()
+        identity.user_identity_type = rng.choice([1, 2, 3, 4, 5])
+        identity.positive_response_requested = rng.random() < 0.5
+        identity.primary_field = rng.randbytes(rng.choice([1, 64, 8000]))
+        if identity.user_identity_type == 2:
+            identity.secondary_field = rng.randbytes(rng.choice([1, 64]))
+        items.append(identity)
+    return items
+
+
+def _instance(rng: random.Random) -> Dataset:
+    ds = fresh(frames=2, size=16, seed=rng.randrange(1000))
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def _store_command(
+    rng: random.Random, sop_class: str, sop_uid: str, message_id: int, has_data: bool
+) -> list[tuple[int, str, object]]:
+    return [
+        (0x00000002, "UI", sop_class),
+        (0x00000100, "US", COMMANDS["C-STORE-RQ"]),
+        (0x00000110, "US", message_id),
+        (0x00000700, "US", rng.choice([0, 1, 2])),
+        (0x00000800, "US", 0x0000 if has_data else 0x0101),
+        (0x00001000, "UI", sop_uid),
+    ]
+
+
+def _mutate_command(rng: random.Random, elements: list[tuple[int, str, object]]) -> str:
+    """Break a command set's elements in place; the kind of break."""
+    kind = rng.choice(["drop", "retype", "value", "duplicate", "data set type", "message id"])
+    k = rng.randrange(len(elements))
+    tag, vr, value = elements[k]
+    if kind == "drop":
+        del elements[k]
+    elif kind == "retype":
+        elements[k] = (tag, rng.choice(["UI", "US", "UL", "OB", "LO"]), _value_for(rng, "OB"))
+    elif kind == "value":
+        elements[k] = (tag, vr, _value_for(rng, vr))
+    elif kind == "duplicate":
+        elements.append((tag, vr, value))  # written once by pydicom: the element is kept
+        elements.append((0x00000901, "AT", [0x00100010]))  # an Offending Element in a request
+    elif kind == "data set type":
+        for j, (t, v, _) in enumerate(elements):
+            if t == 0x00000800:
+                elements[j] = (t, v, rng.choice([0x0000, 0x0101, 0x0102, 0xFFFF]))
+    else:
+        for j, (t, v, _) in enumerate(elements):
+            if t == 0x00000110:
+                elements[j] = (t, v, rng.choice([0, 65535]))
+    return kind
+
+
+def _value_for(rng: random.Random, vr: str) -> object:
+    if vr == "US":
+        return rng.choice([0, 1, 0x8001, 0xFFFF])
+    if vr == "UL":
+        return rng.choice([0, 2**32 - 1])
+    if vr == "UI":
+        return rng.choice(["", "1.2", "0.0.0", "1." + "9" * 70, "not a uid", "1.2.3\\4.5"])
+    return rng.randbytes(rng.choice([0, 1, 7, 300]))
+
+
+def _split(data: bytes, rng: random.Random) -> list[bytes]:
+    """A message's bytes in one to four fragments."""
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(4))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def message(
+    context_id: int, command: bytes, data: bytes | None, rng: random.Random | None = None
+) -> bytes:
+    """A DIMSE message as P-DATA-TF PDUs: its command set, then its data set (if any),
+    each in one fragment, or in one to four when ``rng`` is given."""
+    out = b""
+    parts = _split(command, rng) if rng else [command]
+    for i, part in enumerate(parts):
+        out += p_data(context_id, 0x01 | (0x02 if i == len(parts) - 1 else 0), part)
+    if data is not None:
+        parts = _split(data, rng) if data and rng else [data]
+        for i, part in enumerate(parts):
+            out += p_data(context_id, 0x02 if i == len(parts) - 1 else 0x00, part)
+    return out
+
+
+def store_request(
+    context_id: int, ds: Dataset, implicit: bool = False, sop_uid: str | None = None
+) -> bytes:
+    """A whole C-STORE request for ``ds`` (its command naming ``sop_uid`` if given)."""
+    elements = _store_command(
+        random.Random(0), ds.SOPClassUID, sop_uid or ds.SOPInstanceUID, 1, True
+    )
+    return message(context_id, command_set(elements), encode_dataset(ds, implicit=implicit))
+
+
+def instance(seed: int = 0) -> Dataset:
+    return _instance(random.Random(seed))
+
+
+def _messages(
+    rng: random.Random, accepted: dict[int, tuple[str, str]]
+) -> tuple[bytes, list[str], str]:
+    """One to four DIMSE messages on the negotiated contexts; the SOP Instance UIDs of
+    the data sets sent whole, and a name for each message and what was broken."""
+    out, whole, names = b"", [], []
+    for message_id in range(1, rng.randrange(2, 6)):
+        context_id = rng.choice(sorted(accepted))
+        abstract, syntax = accepted[context_id]
+        implicit = syntax == ImplicitVRLittleEndian
+        kind = "C-STORE-RQ" if rng.random() < 0.5 else rng.choice(list(COMMANDS))
+        if kind == "C-STORE-RQ":
+            ds = _instance(rng)
+            ds.SOPClassUID = abstract if abstract != VERIFICATION else XRayAngiographicImageStorage
+            elements = _store_command(rng, ds.SOPClassUID, ds.SOPInstanceUID, message_id, True)
+            data = encode_dataset(ds, implicit=implicit)
+            broken = ""
+            roll = rng.random()
+            if roll < 0.2:
+                broken = _mutate_command(rng, elements)
+            elif roll < 0.26:
+                broken = "other instance UID"
+                elements[-1] = (0x00001000, "UI", generate_uid())
+            elif roll < 0.32:
+                broken = "other transfer syntax"
+                data = encode_dataset(ds, implicit=not implicit)
+            elif roll < 0.38:
+                broken = "data set cut"
+                data = data[: rng.randrange(len(data))]
+            elif roll < 0.42:
+                broken = "no data set"
+                data = b""
+            elif roll < 0.46:
+                broken = "unaccepted context"
+                context_id = rng.choice([0, 2, 255, max(accepted) + 2])
+            if broken not in ("data set cut", "no data set"):
+                whole.append(ds.SOPInstanceUID)
+            out += message(context_id, command_set(elements), data, rng)
+            names.append(f"C-STORE-RQ{' ' + broken if broken else ''}")
+            continue
+        elements: list[tuple[int, str, object]] = [
+            (0x00000002, "UI", abstract),
+            (0x00000100, "US", COMMANDS[kind]),
+            (0x00000110 if not kind.endswith("RSP") else 0x00000120, "US", message_id),
+            (0x00000800, "US", rng.choice([0x0101, 0x0000])),
+        ]
+        if kind.endswith("RSP"):
+            elements.append((0x00000900, "US", rng.choice([0, 0xA700, 0xC000])))
+        if kind.startswith("N-"):
+            elements.append(
+                (0x00001000 if kind == "N-EVENT-REPORT-RQ" else 0x00001001, "UI", generate_uid())
+            )
+        if rng.random() < 0.3:
+            _mutate_command(rng, elements)
+        has_data = any(t == 0x00000800 and v == 0x0000 for t, _, v in elements)
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel, identifier.PatientID = "STUDY", "X" * rng.choice([1, 64])
+        data = encode_dataset(identifier, implicit=implicit) if has_data else None
+        if data is not None and rng.random() < 0.3:
+            data = rng.randbytes(rng.randrange(1, 200))
+        out += message(context_id, command_set(elements), data, rng)
+        names.append(kind)
+    return out, whole, ", ".join(names)
+
+
+def stream(seed: int) -> Stream:
+    rng = random.Random(seed)
+    roll = rng.random()
+    extras = roll < 0.5
+    max_length = 16384
+    if roll < 0.15:
+        max_length = rng.choice([None, 0, 1, 6, 7, 8, 100, 2**32 - 1])
+    count = rng.choice([1, 2, 3, 8, 127])
+    contexts = []
+    for k in range(count):
+        contexts.append(
+            (
+                2 * k + 1,
+                rng.choice(ABSTRACT) if k else XRayAngiographicImageStorage,
+                rng.sample(SYNTAXES, rng.randrange(1, 4)) if k else [ExplicitVRLittleEndian],
+            )
+        )
+    request = association_request(rng, contexts, max_length, extras)
+    # What the node accepts: the storage and verification contexts in a syntax it
+    # knows, the first one proposed (pynetdicom's order). Messages on the others are
+    # the peer's mistake, so some are sent there on purpose.
+    accepted: dict[int, tuple[str, str]] = {}
+    for context_id, abstract, syntaxes in contexts:
+        known = [s for s in syntaxes if s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+        if abstract in (XRayAngiographicImageStorage, VERIFICATION, CT) and known:
+            accepted[context_id] = (abstract, known[0])
+    if rng.random() < 0.15:  # a context the node refuses, used as if accepted
+        context_id, abstract, syntaxes = rng.choice(contexts)
+        accepted.setdefault(context_id, (abstract, syntaxes[0]))
+    body, whole, names = _messages(rng, accepted)
+    ending = rng.choice([release_request(), b"", _item_pdu(7, bytes(4))])  # release, close, abort
+    detail = f"{count} contexts, max length {max_length}{', negotiation items' if extras else ''}"
+    return Stream(f"seed {seed}: {detail}: {names}", request, body + ending, whole)
+
+
+def corpus(seed: int, count: int) -> list[Stream]:
+    return [stream(seed * 1000 + k) for k in range(count)]
+
+
+@dataclass
+class Reply:
+    """What the node answered on one connection: its PDU types in order, and each DIMSE
+    response as (Command Field, Status, Affected SOP Instance UID)."""
+
+    pdus: list[int] = field(default_factory=list)
+    responses: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+def _read_pdus(data: bytes, reply: Reply) -> None:
+    command, at = b"", 0
+    while at + 6 <= len(data):
+        kind, _, length = struct.unpack(">BBL", data[at : at + 6])
+        body, at = data[at + 6 : at + 6 + length], at + 6 + length
+        reply.pdus.append(kind)
+        pos = 0
+        while kind == 4 and pos + 6 <= len(body):
+            size, _, header = struct.unpack(">LBB", body[pos : pos + 6])
+            fragment, pos = body[pos + 6 : pos + 4 + size], pos + 4 + size
+            if header & 1:
+                command += fragment
+                if header & 2:
+                    cs = read_dataset(BytesIO(command), True, True)
+                    uid = str(cs.get("AffectedSOPInstanceUID", "") or "")
+                    reply.responses.append((cs.CommandField, cs.get("Status", -1), uid))
+                    command = b""
+
+
+def converse(port: int, stream: Stream, timeout: float = 20) -> Reply:
+    """Send the request; once accepted, the rest; read until the node closes."""
+    received = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as peer:
+            peer.sendall(stream.request)
+            received = peer.recv(1 << 16)
+            if received[:1] == b"\x02":  # A-ASSOCIATE-AC
+                peer.sendall(stream.data)
+            while chunk := peer.recv(1 << 16):
+                received += chunk
+    except OSError:
+        pass  # reset: what the node answered before it is the test
+    reply = Reply()
+    _read_pdus(received, reply)
+    return reply
