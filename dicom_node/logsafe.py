@@ -20,12 +20,22 @@ import sys
 import traceback
 
 # A quoted literal as repr() and f-strings write them: '...', "...", b'...', with escapes.
+# A quote followed by a letter or digit does not close it: f"'{name}'" with the name
+# O'Brien^John is one literal, not 'O' and then the rest of the name in the clear.
 _QUOTED = re.compile(
-    r"""(?:(?<![A-Za-z0-9_])[bBrRuU]{1,2})?(?P<q>['"])(?:(?!(?P=q))[^\\\n]|\\.)*(?P=q)"""
+    r"""(?:(?<![A-Za-z0-9_])[bBrRuU]{1,2})?(?P<q>['"])"""
+    r"""(?:(?!(?P=q)(?![A-Za-z0-9]))[^\\\n]|\\.)*(?P=q)(?![A-Za-z0-9])"""
 )
 _HARMLESS = re.compile(r"^[0-9.+\-eE ]{0,64}$")  # UIDs and numbers
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MAX = 2000  # a longer message is cut: nothing the node logs needs more
+# An apostrophe inside a word ("the run's frames", "doesn't") is not a quote. Taken for
+# one, it cut the rest of the node's own reasons ("Mask Frame Numbers ... are outside
+# the run<value dropped>"), in the log and in stored job errors. It is written as
+# U+2019, which the rules below do not take for a quote: that can only join quotes,
+# so a value quoted around it is still replaced whole, and a quote left unbalanced
+# still cuts what follows it.
+_APOSTROPHE = re.compile(r"(?<=[A-Za-z])'(?=(?:s|t|re|ve|ll|d)\b)")
 
 
 def _redact(match: re.Match[str]) -> str:
@@ -38,6 +48,7 @@ def _redact(match: re.Match[str]) -> str:
 
 def scrub(text: str) -> str:
     """``text`` without quoted values, control characters, or anything after a stray quote."""
+    text = _APOSTROPHE.sub("\u2019", text)
     text = _QUOTED.sub(_redact, text)
     text = _CONTROL.sub("", text)
     for quote in ("'", '"'):

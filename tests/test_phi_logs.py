@@ -162,3 +162,31 @@ def test_fault_corpus_leaves_no_phi_in_the_log(
         f"{len(statuses)} instances sent, {statuses.count(0)} stored; log "
         f"{len(log.splitlines())} lines, {log.count('pydicom')} pydicom lines, no PHI"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        # apostrophes inside words are not quotes: the node's reasons stay whole
+        (
+            "Mask Frame Numbers [9] are outside the run's 4 frames",
+            "Mask Frame Numbers [9] are outside the run\u2019s 4 frames",
+        ),
+        ("it doesn't fit", "it doesn\u2019t fit"),
+        # values are still replaced whole, with an apostrophe inside or around them
+        ("value 'Mary's Clinic' rest", "value <13 chars> rest"),
+        ("the name's 'SENTINEL^PHI' tail", "the name\u2019s <12 chars> tail"),
+        ("x 'O'Brien^John' y", "x <12 chars> y"),
+        ('repr "O\'Brien" x', "repr <7 chars> x"),
+        # a quote left open still cuts the rest
+        ("'JONES's record", "<value dropped>"),
+        ("uid '1.2.3' and b'SMITH'", "uid 1.2.3 and <5 chars>"),
+    ],
+)
+def test_scrub_keeps_words_and_drops_values(text: str, scrubbed: str) -> None:
+    """An apostrophe inside a word cut the rest of the node's own reasons, in the log
+    and in stored job errors; a quote followed by a letter ended a quoted name too
+    soon ('O' and then Brien^John in the clear)."""
+    from dicom_node.logsafe import scrub
+
+    assert scrub(text) == scrubbed
