@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -173,6 +174,42 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0 if runs else 2
 
 
+def _api_call(settings: Any, args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
+    """A call to the running node's REST API: its address from the settings, the token
+    from ``--token-file`` or $DICOM_NODE_API_TOKEN, the CA from ``--cacert``."""
+    import requests
+
+    scheme = "https" if settings.tls.api else "http"
+    headers = {}
+    token = os.environ.get("DICOM_NODE_API_TOKEN")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = f"{scheme}://{settings.api.host}:{settings.api.port}{path}"
+    verify: str | bool = args.cacert or True
+    return requests.request(method, url, headers=headers, verify=verify, **kw)
+
+
+def _jobs_memory(settings: Any, args: argparse.Namespace) -> tuple[dict[str, int] | None, str]:
+    """The jobs' memory pool, which lives in the running node (not in the index): from
+    its ``GET /status``; or None and why not."""
+    import requests
+
+    if not settings.api.enabled:
+        return None, "the node's API is disabled ([api] enabled = false)"
+    try:
+        resp = _api_call(settings, args, "GET", "/status", timeout=10)
+    except requests.RequestException as exc:
+        return None, f"the node's API did not answer ({type(exc).__name__})"
+    if not resp.ok:
+        return None, f"the node's API answered {resp.status_code}"
+    memory = resp.json().get("jobs_memory")
+    if memory is None:
+        return None, "the node runs its jobs on Temporal workers (their /metrics show it)"
+    return memory, ""
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.db import Database
     from dicom_node.settings import load_settings
@@ -182,7 +219,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no node database at {settings.db_path}", file=sys.stderr)
         return 2
     summary = Database(settings.db_path).status_summary()
+    memory, why_not = _jobs_memory(settings, args)
     if args.json:
+        summary["jobs_memory"] = memory
+        if memory is None:
+            summary["jobs_memory_unavailable"] = why_not
         print(json.dumps(summary, indent=1, default=str))
         return 0
     print(f"instances: {summary['instances']}")
@@ -190,6 +231,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("runs", "jobs", "outbox"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
     print(f"queued jobs of older runs (behind live runs): {summary['older_queued_jobs']}")
+    if memory is None:
+        print(f"jobs' memory pool: not shown: {why_not}")
+    else:
+        print(
+            f"jobs' memory pool: {memory['reserved_bytes'] / 2**30:.3g} of "
+            f"{memory['bytes'] / 2**30:.3g} GiB reserved by {memory['running_jobs']} running "
+            f"job(s), {memory['waiting_jobs']} job(s) waiting for room"
+        )
     for f in summary["failed_jobs"]:  # type: ignore[attr-defined]
         print(f"failed job {f['id']} {f['pipeline']} run {f['run_id']}: {f['error']}")
     verdicts = summary["verdicts"]
@@ -205,22 +254,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    import requests
-
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
     body = {"series_uid": args.series} if args.series else {"study_uid": args.study}
-    scheme = "https" if settings.tls.api else "http"
-    url = f"{scheme}://{settings.api.host}:{settings.api.port}/{'reprocess' if args.reprocess else 'trigger'}"
-    headers = {}
-    token = os.environ.get("DICOM_NODE_API_TOKEN")
-    if args.token_file:
-        token = Path(args.token_file).read_text().strip()
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    verify: str | bool = args.cacert or True
-    resp = requests.post(url, json=body, headers=headers, timeout=30, verify=verify)
+    path = "/reprocess" if args.reprocess else "/trigger"
+    resp = _api_call(settings, args, "POST", path, json=body, timeout=30)
     print(resp.text)
     return 0 if resp.ok else 1
 
@@ -277,9 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func=cmd_route)
 
-    p = sub.add_parser("status", help="runs, jobs, failures and outbox backlog")
+    p = sub.add_parser(
+        "status",
+        help="runs, jobs, failures and outbox backlog (from the index); the jobs' memory "
+        "pool (from the running node's API)",
+    )
     p.add_argument("--config")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--token-file", help="API token of the read scope (default: $DICOM_NODE_API_TOKEN)"
+    )
+    p.add_argument("--cacert", help="CA certificate of an HTTPS API")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

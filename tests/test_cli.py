@@ -65,13 +65,30 @@ def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None
     assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
     assoc.release()
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE attempts >= 1"), 30)
+    from tests.conftest import free_port
+
     cfg = tmp_path / "cli.toml"
-    cfg.write_text(f'storage_dir = "{node.settings.storage_dir}"\n')
+    storage = f'storage_dir = "{node.settings.storage_dir}"\n'
+    cfg.write_text(storage + f"[api]\nport = {node.api_port}\n")
     out = _cli("status", "--config", str(cfg))
     assert out.returncode == 0, out.stderr
     assert "jobs: done 1" in out.stdout and "backlog to down: 1 object(s)" in out.stdout
+    # the memory pool lives in the running node: asked of its API
+    gib = node.jobs_memory()["bytes"] / 2**30
+    pool = f"jobs' memory pool: 0 of {gib:.3g} GiB reserved by 0 running job(s), 0 job(s) waiting"
+    assert pool in out.stdout
     summary = json.loads(_cli("status", "--config", str(cfg), "--json").stdout)
     assert summary["outbox"] == {"pending": 1}
+    assert summary["jobs_memory"]["running_jobs"] == 0
+    closed = tmp_path / "closed.toml"  # no node listens there: the index still answers
+    closed.write_text(storage + f"[api]\nport = {free_port()}\n")
+    out = _cli("status", "--config", str(closed))
+    assert "jobs: done 1" in out.stdout
+    assert "jobs' memory pool: not shown: the node's API did not answer (ConnectionError)" in (
+        out.stdout
+    )
+    summary = json.loads(_cli("status", "--config", str(closed), "--json").stdout)
+    assert summary["jobs_memory"] is None and "did not answer" in summary["jobs_memory_unavailable"]
     assert "purged runs (files deleted by retention): 0" in out.stdout
 
     from dicom_node.retention import Retention
