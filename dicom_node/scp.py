@@ -52,6 +52,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.fsm import InvalidEventError, StateMachine
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -355,23 +356,45 @@ class _NodeDUL(DULServiceProvider):
     had moved it to Sta13): its thread ended in an unhandled InvalidEventError, a
     traceback on stderr per connection (ten in a run of the broken-PDU corpus).
     It now logs the reason and ends; the association sees its upper layer gone
-    and closes the connection, as before."""
+    and closes the connection, as before. A PDU that pynetdicom cannot turn into a
+    request (a presentation context ID that is even or 0, a User Identity type
+    past 5: tests/test_dimse_faults.py) raised other errors there and ended the
+    thread the same way: it now gets an A-ABORT (PS3.8 9.2, AA-1) and the
+    connection is closed."""
 
     def run(self) -> None:
         try:
             super().run()
         except InvalidEventError:
-            peer = self.assoc.requestor
-            log.warning(
-                "association from %s at %s:%s closed: its PDUs broke the DICOM upper "
-                "layer protocol (a step its state %s does not allow)",
-                str(peer.ae_title).strip() or "(no request yet)",
-                peer.address,
-                peer.port,
-                self.state_machine.current_state,
+            self._ended(
+                "its PDUs broke the DICOM upper layer protocol (a step its state "
+                f"{self.state_machine.current_state} does not allow)"
             )
-            self.assoc.is_aborted = True
-            self.assoc.is_established = False
+        except Exception as exc:  # noqa: BLE001 - pynetdicom decoding a peer's PDU
+            self._ended(f"a PDU that cannot be decoded ({type(exc).__name__})")
+            abort = A_ABORT_RQ()
+            abort.source, abort.reason_diagnostic = 0x02, 0x00  # service provider
+            with contextlib.suppress(OSError, AttributeError):
+                self.socket.send(abort.encode())  # type: ignore[union-attr]
+                self.socket.close()  # type: ignore[union-attr]
+        finally:
+            # An association still waiting for its request (the connection closed, or
+            # its PDU answered with an A-ABORT) takes this for the ACSE timeout and
+            # ends now: it held its place among max_associations that long (up to
+            # 30 s), so undecodable requests could keep every sender out.
+            self.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    def _ended(self, reason: str) -> None:
+        peer = self.assoc.requestor
+        log.warning(
+            "association from %s at %s:%s closed: %s",
+            str(peer.ae_title).strip() or "(no request yet)",
+            peer.address,
+            peer.port,
+            reason,
+        )
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
 
 
 class _NodeDIMSE(DIMSEServiceProvider):
@@ -415,7 +438,11 @@ class _NodeACSE(ACSE):
     """An acceptor's association negotiation that first refuses a request no answer
     could be sent under: a Maximum Length Received from 1 to 6 bytes, or none at
     all (the sub-item is mandatory, PS3.8 D.1). pynetdicom accepted both, then
-    divided by zero (or by None) when it answered the first message."""
+    divided by zero (or by None) when it answered the first message. A request its
+    negotiation raises on (a presentation context without an abstract syntax or
+    without a transfer syntax) is refused too: the association's thread ended
+    there, and the connection stayed open, unanswered, for as long as the peer
+    kept it (a file descriptor each, outside every limit on associations)."""
 
     def negotiate_association(self) -> None:
         if self.assoc.is_acceptor:
@@ -426,14 +453,22 @@ class _NodeACSE(ACSE):
             elif 0 < length < MIN_PEER_PDU_BYTES:
                 refusal = f"its Maximum Length Received of {length} bytes cannot carry a message"
             if refusal:
-                primitive = self.requestor.primitive
-                self.requestor.ae_title = primitive.calling_ae_title  # type: ignore[union-attr]
-                self.assoc.refusal = refusal  # type: ignore[attr-defined]
-                self.send_reject(0x01, 0x01, 0x01)  # permanent, service-user, no reason given
-                evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-                self.assoc.kill()
+                self._refuse(refusal)
                 return
+            try:
+                super().negotiate_association()
+            except Exception as exc:  # noqa: BLE001 - pynetdicom negotiating a peer's request
+                self._refuse(f"its request cannot be negotiated ({type(exc).__name__})")
+            return
         super().negotiate_association()
+
+    def _refuse(self, refusal: str) -> None:
+        primitive = self.requestor.primitive
+        self.requestor.ae_title = primitive.calling_ae_title  # type: ignore[union-attr]
+        self.assoc.refusal = refusal  # type: ignore[attr-defined]
+        self.send_reject(0x01, 0x01, 0x01)  # permanent, service-user, no reason given
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
 
 
 class _NodeAssociation(Association):
@@ -536,8 +571,8 @@ def make_ae(settings: Settings) -> AE:
     ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.network_timeout = settings.network_timeout_s
     ae.dimse_timeout = 120
-    # An acceptor whose connection closed before its association request waits this
-    # long before it frees its place among max_associations.
+    # How long an open connection may take to send its association request (one
+    # closed before it frees its place at once: _NodeDUL).
     ae.acse_timeout = min(30.0, settings.network_timeout_s)
     ae.add_supported_context(Verification)
     for sop_class in ACCEPTED_SOP_CLASSES:

@@ -181,6 +181,156 @@ def association_request(
     return bytes(pdu.encode())
 
 
+def _item(kind: int, body: bytes) -> bytes:
+    """An item or sub-item of an association request (PS3.8 9.3.2): type, length, body."""
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def _context(context_id: int, subitems: list[bytes]) -> bytes:
+    return _item(0x20, bytes([context_id, 0, 0, 0]) + b"".join(subitems))
+
+
+_XA, _EXPLICIT = XRayAngiographicImageStorage.encode(), ExplicitVRLittleEndian.encode()
+_LENGTH = _item(0x51, struct.pack(">L", 16384))
+_CLASS = _item(0x52, b"1.2.3.4")
+# Item-level breaks pynetdicom's primitives cannot express: (name, items, called AE,
+# calling AE, protocol version). Each keeps context 1 for XA in Explicit VR LE where
+# the break allows, so the messages that follow may still be served.
+_GOOD = _context(1, [_item(0x30, _XA), _item(0x40, _EXPLICIT)])
+_APP = _item(0x10, b"1.2.840.10008.3.1.1.1")
+
+
+def _raw_requests() -> list[tuple[str, list[bytes], bytes, bytes, int]]:
+    info = _item(0x50, _LENGTH + _CLASS)
+
+    def user(*subitems: bytes) -> bytes:
+        return _item(0x50, _LENGTH + _CLASS + b"".join(subitems))
+
+    def ctx(*subitems: bytes, context_id: int = 1) -> bytes:
+        return _context(context_id, list(subitems))
+
+    many = [ctx(_item(0x30, _XA), _item(0x40, _EXPLICIT), context_id=2 * k + 1) for k in range(128)]
+    cases = [
+        ("a context ID twice", [_APP, _GOOD, _GOOD, info]),
+        (
+            "an even context ID",
+            [_APP, _GOOD, ctx(_item(0x30, _XA), _item(0x40, _EXPLICIT), context_id=2), info],
+        ),
+        (
+            "context ID 0",
+            [_APP, _GOOD, ctx(_item(0x30, _XA), _item(0x40, _EXPLICIT), context_id=0), info],
+        ),
+        ("no presentation context", [_APP, info]),
+        (
+            "a context without abstract syntax",
+            [_APP, _GOOD, ctx(_item(0x40, _EXPLICIT), context_id=3), info],
+        ),
+        (
+            "a context without transfer syntax",
+            [_APP, _GOOD, ctx(_item(0x30, _XA), context_id=3), info],
+        ),
+        (
+            "an empty transfer syntax",
+            [_APP, _GOOD, ctx(_item(0x30, _XA), _item(0x40, b""), context_id=3), info],
+        ),
+        (
+            "an empty abstract syntax",
+            [_APP, _GOOD, ctx(_item(0x30, b""), _item(0x40, _EXPLICIT), context_id=3), info],
+        ),
+        (
+            "two abstract syntaxes",
+            [_APP, ctx(_item(0x30, _XA), _item(0x30, _XA), _item(0x40, _EXPLICIT)), info],
+        ),
+        (
+            "an unknown sub-item",
+            [_APP, ctx(_item(0x30, _XA), _item(0x77, b"zz"), _item(0x40, _EXPLICIT)), info],
+        ),
+        ("an unknown item", [_APP, _item(0x99, b"abc"), _GOOD, info]),
+        ("a sub-item cut short", [_APP, ctx(_item(0x30, _XA)[:-3], _item(0x40, _EXPLICIT)), info]),
+        ("another application context", [_item(0x10, b"1.2.3"), _GOOD, info]),
+        ("no application context", [_GOOD, info]),
+        ("no user information", [_APP, _GOOD]),
+        ("two user information items", [_APP, _GOOD, info, info]),
+        (
+            "a maximum length of two bytes",
+            [_APP, _GOOD, _item(0x50, _item(0x51, b"\x40\x00") + _CLASS)],
+        ),
+        ("no implementation class UID", [_APP, _GOOD, _item(0x50, _LENGTH)]),
+        ("a UID of 120 characters", [_APP, _GOOD, _item(0x50, _LENGTH + _item(0x52, b"1." * 60))]),
+        (
+            "a UID that is not ASCII",
+            [_APP, ctx(_item(0x30, b"1.2.\xff"), _item(0x40, _EXPLICIT)), info],
+        ),
+        (
+            "a UID padded with NULs",
+            [_APP, ctx(_item(0x30, _XA + b"\0\0"), _item(0x40, _EXPLICIT)), info],
+        ),
+        ("a role selection cut short", [_APP, _GOOD, user(_item(0x54, b"\x00"))]),
+        (
+            "a role selection whose UID length lies",
+            [_APP, _GOOD, user(_item(0x54, b"\x00\x50" + _XA + b"\x01\x01"))],
+        ),
+        ("an operations window cut short", [_APP, _GOOD, user(_item(0x53, b"\x00"))]),
+        (
+            "an extended negotiation whose UID length lies",
+            [_APP, _GOOD, user(_item(0x56, b"\x00\x40" + b"1.2"))],
+        ),
+        ("a user identity cut short", [_APP, _GOOD, user(_item(0x58, b"\x01"))]),
+        (
+            "a user identity whose length lies",
+            [_APP, _GOOD, user(_item(0x58, b"\x02\x01\xff\xffabc"))],
+        ),
+        (
+            "a user identity of type 9",
+            [_APP, _GOOD, user(_item(0x58, b"\x09\x00\x00\x03abc\x00\x00"))],
+        ),
+        (
+            "an implementation version of 200 characters",
+            [_APP, _GOOD, user(_item(0x55, b"V" * 200))],
+        ),
+        ("an unknown user sub-item", [_APP, _GOOD, user(_item(0x5F, b"xyz"))]),
+        ("128 presentation contexts", [_APP, *many, info]),
+        (
+            "300 transfer syntaxes",
+            [_APP, ctx(_item(0x30, _XA), *[_item(0x40, _EXPLICIT)] * 300), info],
+        ),
+    ]
+    out = [(name, items, b"ANGIO_NODE", b"FUZZ", 1) for name, items in cases]
+    out += [
+        ("protocol version 0", [_APP, _GOOD, info], b"ANGIO_NODE", b"FUZZ", 0),
+        ("protocol version 2", [_APP, _GOOD, info], b"ANGIO_NODE", b"FUZZ", 2),
+        ("a called AE title of spaces", [_APP, _GOOD, info], b" " * 16, b"FUZZ", 1),
+        (
+            "control characters in the calling AE title",
+            [_APP, _GOOD, info],
+            b"ANGIO_NODE",
+            b"\x00\x1b[31m",
+            1,
+        ),
+        (
+            "a calling AE title that is not ASCII",
+            [_APP, _GOOD, info],
+            b"ANGIO_NODE",
+            b"\xc4\xd6",
+            1,
+        ),
+    ]
+    return out
+
+
+RAW_REQUESTS = _raw_requests()
+
+
+def raw_request(k: int | str) -> tuple[str, bytes]:
+    """An item-level break of an association request (the k-th, or by its name), as
+    its PDU."""
+    if isinstance(k, str):
+        k = [r[0] for r in RAW_REQUESTS].index(k)
+    name, items, called, calling, version = RAW_REQUESTS[k % len(RAW_REQUESTS)]
+    body = struct.pack(">HH", version, 0) + called.ljust(16) + calling.ljust(16) + bytes(32)
+    return name, _item_pdu(1, body + b"".join(items))
+
+
 def _negotiation_items(rng: random.Random) -> list[object]:
     """Extended negotiation a peer may offer: each kind at random."""
     items: list[object] = []
@@ -393,6 +543,10 @@ def stream(seed: int) -> Stream:
             )
         )
     request = association_request(rng, contexts, max_length, extras)
+    raw = ""
+    if rng.random() < 0.3:  # an item-level break instead, with context 1 for XA
+        raw, request = raw_request(rng.randrange(len(RAW_REQUESTS)))
+        contexts = [(1, XRayAngiographicImageStorage, [ExplicitVRLittleEndian])]
     # What the node accepts: the storage and verification contexts in a syntax it
     # knows, the first one proposed (pynetdicom's order). Messages on the others are
     # the peer's mistake, so some are sent there on purpose.
@@ -407,6 +561,8 @@ def stream(seed: int) -> Stream:
     body, whole, names = _messages(rng, accepted)
     ending = rng.choice([release_request(), b"", _item_pdu(7, bytes(4))])  # release, close, abort
     detail = f"{count} contexts, max length {max_length}{', negotiation items' if extras else ''}"
+    if raw:
+        detail = f"association request with {raw}"
     return Stream(f"seed {seed}: {detail}: {names}", request, body + ending, whole)
 
 
@@ -443,7 +599,7 @@ def _read_pdus(data: bytes, reply: Reply) -> None:
 
 
 def converse(port: int, stream: Stream, timeout: float = 20) -> Reply:
-    """Send the request; once accepted, the rest; read until the node closes."""
+    """Send the request; once accepted, the rest, and read until the node closes."""
     received = b""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as peer:
@@ -451,8 +607,9 @@ def converse(port: int, stream: Stream, timeout: float = 20) -> Reply:
             received = peer.recv(1 << 16)
             if received[:1] == b"\x02":  # A-ASSOCIATE-AC
                 peer.sendall(stream.data)
-            while chunk := peer.recv(1 << 16):
-                received += chunk
+                while chunk := peer.recv(1 << 16):
+                    received += chunk
+            # after an A-ASSOCIATE-RJ or an A-ABORT the peer closes, as it should
     except OSError:
         pass  # reset: what the node answered before it is the test
     reply = Reply()
