@@ -185,6 +185,20 @@ class ReceiveLimits:
         return None
 
 
+def _log_end(assoc: Association, verb: str, reason: str) -> None:
+    """Log why an association ended (``verb``: closed, aborted), with its calling AE
+    title and its peer's address: no value of what it sent."""
+    peer = assoc.requestor
+    log.warning(
+        "association from %s at %s:%s %s: %s",
+        str(peer.ae_title).strip() or "(no request yet)",
+        peer.address,
+        peer.port,
+        verb,
+        reason,
+    )
+
+
 class _GuardedSocket(AssociationSocket):
     """The socket of every accepted association (``_RequestHandler`` gives it this
     class): each read is checked by ``ReceiveLimits`` before it is made. pynetdicom
@@ -203,14 +217,7 @@ class _GuardedSocket(AssociationSocket):
     held_bytes = 0
 
     def _refuse(self, reason: str) -> NoReturn:
-        peer = self.assoc.requestor
-        log.warning(
-            "association from %s at %s:%s closed: %s",
-            str(peer.ae_title).strip() or "(no request yet)",
-            peer.address,
-            peer.port,
-            reason,
-        )
+        _log_end(self.assoc, "closed", reason)
         raise OSError(reason)  # the DUL closes the connection: the association ends
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -385,14 +392,7 @@ class _NodeDUL(DULServiceProvider):
             self.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def _ended(self, reason: str) -> None:
-        peer = self.assoc.requestor
-        log.warning(
-            "association from %s at %s:%s closed: %s",
-            str(peer.ae_title).strip() or "(no request yet)",
-            peer.address,
-            peer.port,
-            reason,
-        )
+        _log_end(self.assoc, "closed", reason)
         self.assoc.is_aborted = True
         self.assoc.is_established = False
 
@@ -423,14 +423,7 @@ class _NodeDIMSE(DIMSEServiceProvider):
                 if isinstance(exc, OSError)
                 else f"a DIMSE message that cannot be decoded ({type(exc).__name__})"
             )
-            peer = self.assoc.requestor
-            log.warning(
-                "association from %s at %s:%s aborted: %s",
-                str(peer.ae_title).strip(),
-                peer.address,
-                peer.port,
-                what,
-            )
+            _log_end(self.assoc, "aborted", what)
             self.dul.event_queue.put("Evt19")  # A-ABORT to the peer (PS3.8 9.2, AA-8)
 
 
@@ -496,13 +489,7 @@ class _NodeAssociation(Association):
                     "node does not serve"
                 )
             if what:
-                log.warning(
-                    "association from %s at %s:%s aborted: %s",
-                    str(self.requestor.ae_title).strip(),
-                    self.requestor.address,
-                    self.requestor.port,
-                    what,
-                )
+                _log_end(self, "aborted", what)
                 self.abort()
                 return
         super()._serve_request(msg, context_id)
