@@ -220,10 +220,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     summary = Database(settings.db_path).status_summary()
     memory, why_not = _jobs_memory(settings, args)
-    if args.json:
-        summary["jobs_memory"] = memory
+    if args.json:  # the shape of GET /status: jobs_memory only where there is one
         if memory is None:
-            summary["jobs_memory_unavailable"] = why_not
+            print(f"jobs' memory pool not shown: {why_not}", file=sys.stderr)
+        else:
+            summary["jobs_memory"] = memory
         print(json.dumps(summary, indent=1, default=str))
         return 0
     print(f"instances: {summary['instances']}")

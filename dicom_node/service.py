@@ -151,6 +151,7 @@ class Node:
             self.server = None
         if self.api is not None:
             self.api.shutdown()
+            self.api.server_close()  # its port, at once: not when the server is collected
             self.api = None
         if not self.scheduler.running:
             return
