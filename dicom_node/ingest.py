@@ -17,7 +17,7 @@ from pathlib import Path
 from dicom_node.completion import CompletionRule
 from dicom_node.db import Database
 from dicom_node.errors import RejectedInstance
-from dicom_node.spool import Spool, Stored
+from dicom_node.spool import Requested, Spool, Stored
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +62,23 @@ class Ingest:
     def receive(
         self,
         data: bytes | Path,
-        requested_sop_class: str,
+        requested: Requested,
         source: str,
         transport: str = "dimse",
         peer: str = "",
-        requested_sop_instance: str = "",
     ) -> Receipt:
         """Store one instance, given as bytes or as the file the SCP wrote it to (which
         is moved into the spool); ``source`` is the calling AE title (or the STOW-RS
-        sender); ``requested_*`` are a C-STORE request's UIDs, which the data set's
+        sender); ``requested`` is what a C-STORE request named, which the data set
         must be."""
         size = len(data) if isinstance(data, bytes) else _size(data)
-        receipt = self._receive(data, requested_sop_class, source, requested_sop_instance)
+        receipt = self._receive(data, requested, source)
         self.observe(receipt, source, transport, size, peer)
         return receipt
 
-    def _receive(
-        self, data: bytes | Path, requested_sop_class: str, source: str, requested_sop_instance: str
-    ) -> Receipt:
+    def _receive(self, data: bytes | Path, requested: Requested, source: str) -> Receipt:
         try:
-            stored = self.spool.store(data, requested_sop_class, source, requested_sop_instance)
+            stored = self.spool.store(data, requested, source)
         except RejectedInstance as exc:
             log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
             return Receipt(exc.status, exc.reason)

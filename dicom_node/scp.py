@@ -62,6 +62,7 @@ from dicom_node.ingest import Ingest
 from dicom_node.metrics import Metrics
 from dicom_node.settings import Settings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, TRANSFER_SYNTAXES
+from dicom_node.spool import Requested
 from dicom_node.tls import peer_subject, server_context
 
 log = logging.getLogger(__name__)
@@ -581,16 +582,16 @@ def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
                     "C-STORE from %s refused (0xC000): the request has no data set", calling
                 )
                 return RejectedInstance.CANNOT_UNDERSTAND
-            requested = str(event.request.AffectedSOPClassUID)
-            instance = str(event.request.AffectedSOPInstanceUID or "")  # type: ignore[union-attr]
+            requested = Requested(
+                str(event.request.AffectedSOPClassUID),
+                str(event.request.AffectedSOPInstanceUID or ""),  # type: ignore[union-attr]
+            )
         except (ValueError, AttributeError, TypeError) as exc:
             log.warning(
                 "C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc
             )
             return RejectedInstance.CANNOT_UNDERSTAND
-        return ingest.receive(
-            path, requested, calling, "dimse", _peer(event), requested_sop_instance=instance
-        ).status
+        return ingest.receive(path, requested, calling, "dimse", _peer(event)).status
 
     return handle_store
 

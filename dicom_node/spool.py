@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -234,6 +234,7 @@ def read_header(
             )
             ds.file_meta = meta
             return ds, body
+        _check_vr_encoding(reader, meta.get("TransferSyntaxUID"))
         fp.seek(0)
         return dcmread(reader, force=True, defer_size=_HEADER_DEFER_BYTES), fp  # type: ignore[arg-type]
     except _HeaderTooLarge:
@@ -245,6 +246,31 @@ def read_header(
             RejectedInstance.CANNOT_UNDERSTAND,
             f"dataset cannot be parsed: {type(exc).__name__}: {exc}",
         ) from None
+
+
+def _check_vr_encoding(fp: _Reader, transfer_syntax: object) -> None:
+    """The data set at ``fp`` must use the VR encoding its transfer syntax names.
+
+    pydicom reads a body in the other one (it warns and guesses, as its
+    ``_is_implicit_VR`` does: the VR of the first element is two letters, or a
+    length), but the stored file would then name an encoding its body does not use,
+    and other readers (dcmtk's, a PACS) refuse it. In a C-STORE, the transfer
+    syntax is the presentation context's."""
+    syntax = UID(str(transfer_syntax or ""))
+    if not syntax.is_transfer_syntax:
+        return  # none, or unknown: the checks of the pixel module answer for it
+    start = fp.tell()
+    first = fp.read(6)
+    fp.seek(start)
+    if len(first) < 6:
+        return
+    implicit = not all(0x40 < byte < 0x5B for byte in first[4:6])
+    if implicit != syntax.is_implicit_VR:
+        found, named = ("implicit", "explicit") if implicit else ("explicit", "implicit")
+        raise RejectedInstance(
+            RejectedInstance.CANNOT_UNDERSTAND,
+            f"data set is encoded in {found} VR, but its transfer syntax {syntax} is {named} VR",
+        )
 
 
 def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
@@ -376,26 +402,31 @@ def _opened(source: bytes | Path) -> Iterator[BinaryIO]:
         yield fh
 
 
+class Requested(NamedTuple):
+    """What a C-STORE request named: the data set must be of this SOP Class and carry
+    this SOP Instance UID. Empty where nothing was named (STOW-RS, recovery)."""
+
+    sop_class: str = ""
+    sop_instance: str = ""
+
+
+NOTHING_REQUESTED = Requested()
+
+
 def inspect(
     source: bytes | Path,
-    requested_sop_class: str,
     limits: LimitsSettings,
+    requested: Requested = NOTHING_REQUESTED,
     max_uid_length: int = 64,
-    requested_sop_instance: str = "",
 ) -> Header:
     """Check a received data set (its bytes, or the file it was written to) without
-    decoding its pixels; raises RejectedInstance with the precise status. A C-STORE
-    request's SOP Class and Instance UIDs (``requested_*``) must be the data set's."""
+    decoding its pixels; raises RejectedInstance with the precise status."""
     with _PARSES, _opened(source) as fp:
-        return _inspect(fp, requested_sop_class, limits, max_uid_length, requested_sop_instance)
+        return _inspect(fp, limits, requested, max_uid_length)
 
 
 def _inspect(
-    fp: BinaryIO,
-    requested_sop_class: str,
-    limits: LimitsSettings,
-    max_uid_length: int,
-    requested_sop_instance: str = "",
+    fp: BinaryIO, limits: LimitsSettings, requested: Requested, max_uid_length: int
 ) -> Header:
     ds, body = read_header(fp, limits)
     try:
@@ -418,15 +449,15 @@ def _inspect(
             RejectedInstance.SOP_CLASS_NOT_SUPPORTED,
             f"SOP Class {sop_class} is not accepted by this node",
         )
-    if requested_sop_class and sop_class != requested_sop_class:
+    if requested.sop_class and sop_class != requested.sop_class:
         raise _mismatch(
-            f"dataset SOP Class {sop_class} differs from the request's {requested_sop_class}"
+            f"dataset SOP Class {sop_class} differs from the request's {requested.sop_class}"
         )
     # The sender counts the instance in its request as stored once answered Success.
-    if requested_sop_instance and sop_uid != requested_sop_instance:
+    if requested.sop_instance and sop_uid != requested.sop_instance:
         raise _mismatch(
             f"dataset SOP Instance UID {sop_uid} differs from the request's "
-            f"{requested_sop_instance[:max_uid_length]}"
+            f"{requested.sop_instance[:max_uid_length]}"
         )
     frames = 1
     if sop_class not in NON_IMAGE:
@@ -541,15 +572,12 @@ class Spool:
     def store(
         self,
         source: bytes | Path,
-        requested_sop_class: str = "",
+        requested: Requested = NOTHING_REQUESTED,
         calling_aet: str = "",
-        requested_sop_instance: str = "",
     ) -> Stored:
         """Persist one received instance and index it: ``source`` is a DICOM file with
         meta, as bytes or as the file the storage SCP wrote (moved into the spool)."""
-        head = inspect(
-            source, requested_sop_class, self.limits, self.max_uid_length, requested_sop_instance
-        )
+        head = inspect(source, self.limits, requested, self.max_uid_length)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         self._check_space(size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
@@ -613,7 +641,7 @@ class Spool:
             if str(path) in known:
                 continue
             try:
-                head = inspect(path, "", self.limits, self.max_uid_length)
+                head = inspect(path, self.limits, NOTHING_REQUESTED, self.max_uid_length)
                 expected = self.spool / head.study_uid / head.series_uid
                 if path.parent != expected or path.stem != head.sop_instance_uid:
                     raise RejectedInstance(

@@ -40,7 +40,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from dicom_node.errors import RejectedInstance
 from dicom_node.ingest import Ingest
 from dicom_node.settings import LimitsSettings
-from dicom_node.spool import PARSE_ERRORS, check_uid, read_header
+from dicom_node.spool import NOTHING_REQUESTED, PARSE_ERRORS, check_uid, read_header
 
 log = logging.getLogger(__name__)
 STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?$")
@@ -418,7 +418,7 @@ def _stow_part(
             "STOW-RS part %d refused: study %s is not the target %s", i, study, target_study
         )
         return _item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND)
-    receipt = ingest.receive(data, "", source, "stow", peer)
+    receipt = ingest.receive(data, NOTHING_REQUESTED, source, "stow", peer)
     return _item(sop_class, sop_uid) if receipt.ok else _item(sop_class, sop_uid, receipt.status)
 
 

@@ -376,17 +376,31 @@ def _instance(rng: random.Random) -> Dataset:
     return ds
 
 
-def _store_command(
-    rng: random.Random, sop_class: str, sop_uid: str, message_id: int, has_data: bool
+def command_elements(
+    kind: str, sop_class: str, message_id: int = 1, data_set_type: int = 0x0101, status: int = 0
 ) -> list[tuple[int, str, object]]:
-    return [
+    """A command set's elements for a message of this kind (``COMMANDS``) and SOP
+    Class: a request's Message ID, or a response's Message ID Being Responded To and
+    Status. 0x0101 in Command Data Set Type: no data set follows."""
+    response = kind.endswith("RSP")
+    elements: list[tuple[int, str, object]] = [
         (0x00000002, "UI", sop_class),
-        (0x00000100, "US", COMMANDS["C-STORE-RQ"]),
-        (0x00000110, "US", message_id),
-        (0x00000700, "US", rng.choice([0, 1, 2])),
-        (0x00000800, "US", 0x0000 if has_data else 0x0101),
-        (0x00001000, "UI", sop_uid),
+        (0x00000100, "US", COMMANDS[kind]),
+        (0x00000120 if response else 0x00000110, "US", message_id),
+        (0x00000800, "US", data_set_type),
     ]
+    if response:
+        elements.append((0x00000900, "US", status))
+    return elements
+
+
+def store_command(
+    sop_class: str, sop_uid: str, message_id: int = 1, has_data: bool = True, priority: int = 0
+) -> list[tuple[int, str, object]]:
+    """A C-STORE request's elements, naming this instance."""
+    elements = command_elements("C-STORE-RQ", sop_class, message_id, 0x0000 if has_data else 0x0101)
+    elements.insert(3, (0x00000700, "US", priority))  # the order the corpus draws from
+    return [*elements, (0x00001000, "UI", sop_uid)]
 
 
 def _mutate_command(rng: random.Random, elements: list[tuple[int, str, object]]) -> str:
@@ -450,9 +464,7 @@ def store_request(
     context_id: int, ds: Dataset, implicit: bool = False, sop_uid: str | None = None
 ) -> bytes:
     """A whole C-STORE request for ``ds`` (its command naming ``sop_uid`` if given)."""
-    elements = _store_command(
-        random.Random(0), ds.SOPClassUID, sop_uid or ds.SOPInstanceUID, 1, True
-    )
+    elements = store_command(ds.SOPClassUID, sop_uid or ds.SOPInstanceUID)
     return message(context_id, command_set(elements), encode_dataset(ds, implicit=implicit))
 
 
@@ -474,7 +486,9 @@ def _messages(
         if kind == "C-STORE-RQ":
             ds = _instance(rng)
             ds.SOPClassUID = abstract if abstract != VERIFICATION else XRayAngiographicImageStorage
-            elements = _store_command(rng, ds.SOPClassUID, ds.SOPInstanceUID, message_id, True)
+            elements = store_command(
+                ds.SOPClassUID, ds.SOPInstanceUID, message_id, priority=rng.choice([0, 1, 2])
+            )
             data = encode_dataset(ds, implicit=implicit)
             broken = ""
             roll = rng.random()
@@ -500,14 +514,13 @@ def _messages(
             out += message(context_id, command_set(elements), data, rng)
             names.append(f"C-STORE-RQ{' ' + broken if broken else ''}")
             continue
-        elements: list[tuple[int, str, object]] = [
-            (0x00000002, "UI", abstract),
-            (0x00000100, "US", COMMANDS[kind]),
-            (0x00000110 if not kind.endswith("RSP") else 0x00000120, "US", message_id),
-            (0x00000800, "US", rng.choice([0x0101, 0x0000])),
-        ]
-        if kind.endswith("RSP"):
-            elements.append((0x00000900, "US", rng.choice([0, 0xA700, 0xC000])))
+        elements = command_elements(
+            kind,
+            abstract,
+            message_id,
+            data_set_type=rng.choice([0x0101, 0x0000]),
+            status=rng.choice([0, 0xA700, 0xC000]) if kind.endswith("RSP") else 0,
+        )
         if kind.startswith("N-"):
             elements.append(
                 (0x00001000 if kind == "N-EVENT-REPORT-RQ" else 0x00001001, "UI", generate_uid())

@@ -30,6 +30,13 @@ def _request(max_length: int | None = 16384) -> bytes:
     return dimse_faults.association_request(random.Random(0), XA_CONTEXT, max_length=max_length)
 
 
+def _command(kind: str, sop_class: str) -> bytes:
+    """A message of this kind on context 1, without a data set."""
+    return dimse_faults.message(
+        1, dimse_faults.command_set(dimse_faults.command_elements(kind, sop_class)), None
+    )
+
+
 def _node(make_node):  # type: ignore[no-untyped-def]
     """A node whose one rule matches no XA run: what is stored is not processed."""
     return make_node(
@@ -160,37 +167,14 @@ def test_a_corpus_of_broken_dicom_conversations_never_stops_the_node(
         (
             "C-ECHO on a storage context",
             16384,
-            dimse_faults.message(
-                1,
-                dimse_faults.command_set(
-                    [
-                        (0x00000002, "UI", "1.2.840.10008.1.1"),
-                        (0x00000100, "US", 0x0030),
-                        (0x00000110, "US", 1),
-                        (0x00000800, "US", 0x0101),
-                    ]
-                ),
-                None,
-            ),
+            _command("C-ECHO-RQ", "1.2.840.10008.1.1"),
             [A_ASSOCIATE_AC, A_ABORT],
             "a C-ECHO request for SOP Class 1.2.840.10008.1.1 on a presentation context",
         ),
         (
             "an unsolicited C-STORE response",
             16384,
-            dimse_faults.message(
-                1,
-                dimse_faults.command_set(
-                    [
-                        (0x00000002, "UI", XRayAngiographicImageStorage),
-                        (0x00000100, "US", 0x8001),
-                        (0x00000120, "US", 1),
-                        (0x00000800, "US", 0x0101),
-                        (0x00000900, "US", 0),
-                    ]
-                ),
-                None,
-            ),
+            _command("C-STORE-RSP", XRayAngiographicImageStorage),
             [A_ASSOCIATE_AC, A_ABORT],
             "a C-STORE message that is not a valid request",
         ),
@@ -273,14 +257,9 @@ def test_a_c_store_must_carry_the_instance_it_names(make_node, tmp_path: Path, c
     other, good = dimse_faults.instance(1), dimse_faults.instance(2)
     named = "1.2.826.0.1.3680043.8.498.1"
     no_data = dimse_faults.command_set(
-        [
-            (0x00000002, "UI", XRayAngiographicImageStorage),
-            (0x00000100, "US", 0x0001),
-            (0x00000110, "US", 2),
-            (0x00000700, "US", 0),
-            (0x00000800, "US", 0x0101),
-            (0x00001000, "UI", "1.2.826.0.1.3680043.8.498.2"),
-        ]
+        dimse_faults.store_command(
+            XRayAngiographicImageStorage, "1.2.826.0.1.3680043.8.498.2", 2, has_data=False
+        )
     )
     body = (
         dimse_faults.store_request(1, other, sop_uid=named)
@@ -298,3 +277,22 @@ def test_a_c_store_must_carry_the_instance_it_names(make_node, tmp_path: Path, c
     assert "the request has no data set" in caplog.text
     uids = {r["sop_instance_uid"] for r in node.db.query("SELECT * FROM instances")}
     assert uids == {good.SOPInstanceUID}
+
+
+def test_a_c_store_data_set_must_be_in_its_context_s_encoding(
+    make_node, tmp_path: Path, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """A data set in Implicit VR on an Explicit VR context is refused 0xC000 (the
+    node would store a file whose meta names an encoding its body does not use);
+    the same instance in the context's encoding is stored."""
+    node = _node(make_node)
+    caplog.set_level(logging.WARNING)
+    ds = dimse_faults.instance(3)
+    body = dimse_faults.store_request(1, ds, implicit=True) + dimse_faults.store_request(1, ds)
+    reply = dimse_faults.converse(node.port, dimse_faults.Stream("encoding", _request(), body))
+    assert [status for _, status, _ in reply.responses] == [0xC000, 0x0000]
+    assert "data set is encoded in implicit VR, but its transfer syntax" in caplog.text
+    (row,) = node.db.query("SELECT * FROM instances")
+    stored = dcmread(row["path"])
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID

@@ -6,7 +6,6 @@ Small sizes keep the file fast; the physics and anatomy do not depend on size.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import subprocess
@@ -28,12 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _inspect(data: bytes, sop_class: str) -> object:
     """The node's spool checks on received bytes (as the C-STORE handler runs them)."""
     from dicom_node import spool
+    from dicom_node.settings import LimitsSettings
 
-    if "limits" in inspect.signature(spool.inspect).parameters:
-        from dicom_node.settings import LimitsSettings
-
-        return spool.inspect(data, sop_class, LimitsSettings())
-    return spool.inspect(data, sop_class)
+    return spool.inspect(data, LimitsSettings(), spool.Requested(sop_class))
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:

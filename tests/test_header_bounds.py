@@ -47,17 +47,17 @@ def _peak(call: Callable[[], Any]) -> tuple[Any, int]:
 def test_a_header_of_many_small_elements_is_refused_within_its_budget() -> None:
     limits = LimitsSettings(max_header_bytes=MiB)
     bomb = many_elements(300_000)  # 3.6 MB of elements
-    out, peak = _peak(lambda: inspect(bomb, "", limits))
+    out, peak = _peak(lambda: inspect(bomb, limits))
     assert isinstance(out, RejectedInstance) and out.status == RejectedInstance.OVER_LIMITS
     assert "limits.max_header_bytes" in out.reason
     # the parse stopped at the budget: about 40 bytes held per byte read, not the
     # whole header's (which held 160 MB before)
     assert peak < 64 * MiB, peak
     # a header within the budget passes, and so does this one under the default
-    assert inspect(many_elements(40_000), "", limits).frames == 2
-    assert inspect(bomb, "", LimitsSettings()).frames == 2
+    assert inspect(many_elements(40_000), limits).frames == 2
+    assert inspect(bomb, LimitsSettings()).frames == 2
     nested = nested_sequences(5000)
-    out, _ = _peak(lambda: inspect(nested, "", limits))
+    out, _ = _peak(lambda: inspect(nested, limits))
     assert isinstance(out, RejectedInstance) and out.status == RejectedInstance.CANNOT_UNDERSTAND
 
 
@@ -76,7 +76,7 @@ def test_encapsulated_pixel_data_is_walked_in_the_file(tmp_path: Path) -> None:
     # (this took 1.1 GB and 83 s at 256 frames: each fragment was read, then scanned)
     frames = [b"\xff\xd8" + bytes(2 * MiB - 2)] * 48
     path = _jpeg_ls_file(tmp_path / "cine.dcm", frames)
-    out, peak = _peak(lambda: inspect(path, "", LimitsSettings()))
+    out, peak = _peak(lambda: inspect(path, LimitsSettings()))
     assert out.frames == 48 and peak < 2 * MiB, (out, peak)
 
     # a codestream larger than the header says is still found in a fragment read from the
@@ -86,7 +86,7 @@ def test_encapsulated_pixel_data_is_walked_in_the_file(tmp_path: Path) -> None:
     j2k.PixelData = encapsulate([codestream + bytes(200_000)])
     big = tmp_path / "j2k.dcm"
     big.write_bytes(encode(j2k))
-    out, _ = _peak(lambda: inspect(big, "", LimitsSettings()))
+    out, _ = _peak(lambda: inspect(big, LimitsSettings()))
     assert out.status == RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     assert "60000x60000" in out.reason
 
@@ -100,7 +100,7 @@ def test_encapsulated_pixel_data_is_walked_in_the_file(tmp_path: Path) -> None:
     trailing = struct.pack("<HH2sH", 0xFFFC, 0xFFFC, b"OB", 0) + struct.pack("<I", 4) + bytes(4)
     defined = data[:header] + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, len(value))
     (tmp_path / "defined.dcm").write_bytes(defined + value + trailing)
-    assert inspect(tmp_path / "defined.dcm", "", LimitsSettings()).frames == 48
+    assert inspect(tmp_path / "defined.dcm", LimitsSettings()).frames == 48
 
 
 def _fragments(encapsulated: bytes) -> list[bytes]:
@@ -112,12 +112,12 @@ def _fragments(encapsulated: bytes) -> list[bytes]:
 def test_a_deflated_data_set_is_inflated_a_chunk_at_a_time() -> None:
     bomb = _deflate_bomb(96 * MiB)
     assert len(bomb) < MiB
-    out, peak = _peak(lambda: inspect(bomb, "", LimitsSettings(max_inflated_bytes=32 * MiB)))
+    out, peak = _peak(lambda: inspect(bomb, LimitsSettings(max_inflated_bytes=32 * MiB)))
     assert out.status == RejectedInstance.OVER_LIMITS and "max_inflated_bytes" in out.reason
     assert peak < 40 * MiB, peak
     # within the bound it is inflated once (pydicom's own read held it twice, and the
     # check before it once more)
-    out, peak = _peak(lambda: inspect(bomb, "", LimitsSettings(max_inflated_bytes=128 * MiB)))
+    out, peak = _peak(lambda: inspect(bomb, LimitsSettings(max_inflated_bytes=128 * MiB)))
     assert out.frames == 1 and peak < 120 * MiB, (out, peak)
 
 

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
 
 from dicom_node.db import Database, InstanceRecord, RunState, StateError
 from dicom_node.errors import RejectedInstance
@@ -27,7 +32,7 @@ MINIP = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "d
 
 def _status(data: bytes, limits: LimitsSettings | None = None) -> int:
     try:
-        inspect(data, "", limits or LimitsSettings())
+        inspect(data, limits or LimitsSettings())
     except RejectedInstance as exc:
         return exc.status
     return 0
@@ -49,6 +54,23 @@ def test_declared_sizes_are_checked_before_anything_is_decoded() -> None:
     raw_bytes[pos + 8 : pos + 16] = struct.pack(">2I", 50000, 50000)
     j2k.PixelData = bytes(raw_bytes)
     assert _status(encode(j2k)) == RejectedInstance.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+
+
+def test_a_data_set_must_use_the_vr_encoding_its_transfer_syntax_names() -> None:
+    """pydicom would read either (it guesses), but the file would name an encoding
+    its body does not use: refused 0xC000, with the reason."""
+    explicit = encode(xa_run(frames=1, rows=8, cols=8))
+    assert _status(explicit) == 0
+    with pytest.raises(RejectedInstance, match="encoded in explicit VR, but its transfer syntax"):
+        inspect(relabel(explicit, ImplicitVRLittleEndian), LimitsSettings())
+    ds = xa_run(frames=1, rows=8, cols=8)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit = encode(ds)
+    assert _status(implicit) == 0
+    with pytest.raises(RejectedInstance, match="encoded in implicit VR, but its transfer syntax"):
+        inspect(relabel(implicit, ExplicitVRLittleEndian), LimitsSettings())
+    for lying in (relabel(explicit, ImplicitVRLittleEndian), relabel(implicit, JPEG2000Lossless)):
+        assert _status(lying) == RejectedInstance.CANNOT_UNDERSTAND
 
 
 def test_a_deflate_bomb_is_refused_with_a_bounded_inflate() -> None:
