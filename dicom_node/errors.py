@@ -29,6 +29,9 @@ class RejectedInstance(NodeError):
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     CANNOT_UNDERSTAND = 0xC000
     OVER_LIMITS = 0xC001  # Cannot understand: declared size beyond the node's limits
+    UID_HELD = (
+        0xC002  # Cannot understand: its SOP Instance UID names a stored instance of another series
+    )
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     OUT_OF_RESOURCES = 0xA700
     PROCESSING_FAILURE = 0x0110

@@ -44,7 +44,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_node.db import Database, InstanceRecord, Recorded
+from dicom_node.db import Database, InstanceConflict, InstanceRecord, Recorded
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
@@ -134,6 +134,17 @@ class Stored:
     frames: int
     single_instance_run: bool
     duplicate: bool
+
+
+def _uid_held(head: Header, held: InstanceConflict) -> RejectedInstance:
+    """A data set whose SOP Instance UID the index holds for another series, study
+    or run: one UID names one instance, so the stored one keeps it."""
+    return RejectedInstance(
+        RejectedInstance.UID_HELD,
+        f"SOP Instance UID {head.sop_instance_uid} is stored already, {held}; "
+        f"this data set names series {head.series_uid} of study {head.study_uid} "
+        f"(run {head.run_id})",
+    )
 
 
 def _mismatch(reason: str) -> RejectedInstance:
@@ -582,11 +593,17 @@ class Spool:
         self._check_space(size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for
+            existed = final.exists()
             if isinstance(source, bytes):
                 self._write_durably(source, final)
             else:
                 self._move_durably(source, final)
-            recorded = self._index(head, final, size, calling_aet)
+            try:
+                recorded = self._index(head, final, size, calling_aet)
+            except InstanceConflict as held:
+                if not existed:
+                    final.unlink(missing_ok=True)
+                raise _uid_held(head, held) from None
         if recorded.duplicate:
             log.info("duplicate %s stored again (idempotent)", head.sop_instance_uid)
         return Stored(
@@ -629,6 +646,12 @@ class Spool:
                     removed += 1
         return removed
 
+    def _quarantine(self, path: Path, reason: Exception) -> None:
+        target = self.quarantine / path.relative_to(self.spool)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        log.error("quarantined unindexed spool file %s: %s", target, reason)
+
     def recover(self) -> tuple[int, int, int]:
         """After a crash: remove partial writes, index what was written but not indexed
         (the sender never heard Success for it), quarantine what fails the checks.
@@ -647,14 +670,15 @@ class Spool:
                     raise RejectedInstance(
                         RejectedInstance.CANNOT_UNDERSTAND, "file name does not match its UIDs"
                     )
-            except (RejectedInstance, OSError) as exc:
-                target = self.quarantine / path.relative_to(self.spool)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-                log.error("quarantined unindexed spool file %s: %s", target, exc)
+                self._index(head, path, path.stat().st_size, "RECOVERED")
+            except InstanceConflict as held:
+                self._quarantine(path, _uid_held(head, held))
                 quarantined += 1
                 continue
-            self._index(head, path, path.stat().st_size, "RECOVERED")
+            except (RejectedInstance, OSError) as exc:
+                self._quarantine(path, exc)
+                quarantined += 1
+                continue
             log.warning("indexed spool file %s left unindexed by a crash", path.name)
             indexed += 1
         return removed, indexed, quarantined

@@ -20,7 +20,7 @@ from tests.conftest import corpus_seed, send_storescu, wait_for
 
 # C-STORE statuses a corpus may draw (README, "Behaviour on bad input"): 0x0110, a
 # defect of the node, and 0xA700, a full disk, may not.
-STORE_STATUSES = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001}
+STORE_STATUSES = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001, 0xC002}
 C_STORE_RSP, C_ECHO_RSP = 0x8001, 0x8030
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 2, 3, 7
 XA_CONTEXT = [(1, XRayAngiographicImageStorage, ["1.2.840.10008.1.2.1"])]

@@ -100,6 +100,43 @@ def test_duplicate_is_idempotent(make_node) -> None:  # type: ignore[no-untyped-
     assert per_pipeline and all(r["n"] == 1 for r in per_pipeline)
 
 
+def test_a_sop_instance_uid_held_by_another_series_is_refused(make_node) -> None:  # type: ignore[no-untyped-def]
+    """One SOP Instance UID names one instance. The same UID in another series or
+    study is refused 0xC002, and what was stored under it stays where it was, in
+    its run, also across a restart (the index used to follow the last copy, leave
+    the first run without it, and follow the other file again at each restart)."""
+    node = make_node(rules=MINIP_ONLY, completion={"quiet_period_s": 3600})
+    first = xa_run(frames=1)
+    assert _send(node, first) == 0
+    other_series = xa_run(frames=1)
+    other_series.SOPInstanceUID = first.SOPInstanceUID
+    other_study = xa_run(frames=1)
+    other_study.SOPInstanceUID = first.SOPInstanceUID
+    other_study.SeriesInstanceUID = first.SeriesInstanceUID
+    other_run = xa_run(frames=3)  # a multi-frame run of its own, in the first one's series
+    other_run.SOPInstanceUID, other_run.SeriesInstanceUID, other_run.StudyInstanceUID = (
+        first.SOPInstanceUID,
+        first.SeriesInstanceUID,
+        first.StudyInstanceUID,
+    )
+    for ds in (other_series, other_study, other_run):
+        assert _send(node, ds) == 0xC002
+    assert _send(node, first) == 0  # the same instance again: idempotent
+    rows = node.db.query("SELECT * FROM instances")
+    assert [(r["series_uid"], r["run_id"]) for r in rows] == [
+        (first.SeriesInstanceUID, first.SeriesInstanceUID)
+    ]
+    storage = Path(node.settings.storage_dir)
+    assert sorted((storage / "spool").rglob("*.dcm")) == [Path(rows[0]["path"])]
+    # a crash between the file's rename and its index left the other series' copy
+    node.stop()
+    left = storage / "spool" / other_series.StudyInstanceUID / other_series.SeriesInstanceUID
+    save(other_series, left)
+    node = make_node(rules=MINIP_ONLY, completion={"quiet_period_s": 3600})
+    assert [r["path"] for r in node.db.query("SELECT * FROM instances")] == [rows[0]["path"]]
+    assert list((storage / "quarantine").rglob("*.dcm"))
+
+
 ENCODINGS = {
     # name: (converter command, storescu proposal flag or None to send with pynetdicom)
     "explicit": (None, "-xe"),

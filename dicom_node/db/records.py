@@ -37,6 +37,16 @@ class StateError(Exception):
     """A transition from a state it does not leave (a bug, never input)."""
 
 
+class InstanceConflict(Exception):
+    """The SOP Instance UID is indexed already, in another series, study or run."""
+
+    def __init__(self, series_uid: str, study_uid: str, run_id: str) -> None:
+        super().__init__(f"held by series {series_uid} of study {study_uid} (run {run_id})")
+        self.series_uid = series_uid
+        self.study_uid = study_uid
+        self.run_id = run_id
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     sop_instance_uid: str

@@ -9,6 +9,7 @@ from pathlib import Path
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
     SETTLED_RUN_STATES,
+    InstanceConflict,
     InstanceRecord,
     JobState,
     Recorded,
@@ -23,15 +24,18 @@ class Runs(Core):
     """Instances and runs: the run state machine."""
 
     def record_instance(self, inst: InstanceRecord) -> Recorded:
-        """Index a stored instance; a new instance (re-)opens its run for receiving."""
+        """Index a stored instance; a new instance (re-)opens its run for receiving.
+        Raises InstanceConflict when its UID is indexed in another series, study or
+        run: one UID names one instance, and its run keeps it."""
         t = now()
         with self._tx() as con:
-            dup = (
-                con.execute(
-                    "SELECT 1 FROM instances WHERE sop_instance_uid=?", (inst.sop_instance_uid,)
-                ).fetchone()
-                is not None
-            )
+            held = con.execute(
+                "SELECT series_uid, study_uid, run_id FROM instances WHERE sop_instance_uid=?",
+                (inst.sop_instance_uid,),
+            ).fetchone()
+            dup = held is not None
+            if held is not None and tuple(held) != (inst.series_uid, inst.study_uid, inst.run_id):
+                raise InstanceConflict(*held)
             con.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
