@@ -389,6 +389,7 @@ def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = No
             datasets.append(dcmread(p))
         except (OSError, ValueError, InvalidDicomError) as exc:
             raise RunError(f"cannot read {p}: {exc}") from None
+    _check_one_patient(datasets)
     if on_pixels is not None:
         on_pixels(sum(declared_pixels(ds) for ds in datasets))
     first = datasets[0]
@@ -398,6 +399,27 @@ def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = No
     if sop not in CINE_2D and int(first.get("NumberOfFrames", 1) or 1) == 1 and len(datasets) == 1:
         raise RunError(f"a single {first.get('Modality', '?')} frame is not a run")
     return _load_cine(datasets, [Path(p) for p in paths])
+
+
+# A run is one study's and one patient's: its results go to that study.
+_ONE_PER_RUN = (("StudyInstanceUID", "studies"), ("PatientID", "patients (Patient ID)"))
+
+
+def _check_one_patient(datasets: Sequence[Dataset]) -> None:
+    """The instances of a series must name one study and one patient; the index
+    keeps a series in one study, but a sender can give one series instances of two
+    patients. Compared as stored (trailing padding aside), nothing decoded; the
+    reason carries no value."""
+    for keyword, what in _ONE_PER_RUN:
+        values = set()
+        for ds in datasets:
+            item = ds.get_item(keyword, keep_deferred=True)
+            value = None if item is None else item.value
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            values.add(str(value or "").rstrip(" \0"))
+        if len(values) > 1:
+            raise RunError(f"the instances of the series name {len(values)} {what}: not one run")
 
 
 def declared_pixels(ds: Dataset) -> int:

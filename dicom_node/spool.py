@@ -136,14 +136,12 @@ class Stored:
     duplicate: bool
 
 
-def _uid_held(head: Header, held: InstanceConflict) -> RejectedInstance:
-    """A data set whose SOP Instance UID the index holds for another series, study
-    or run: one UID names one instance, so the stored one keeps it."""
+def _held(head: Header, conflict: InstanceConflict) -> RejectedInstance:
+    """A data set the index holds another instance or series under its UIDs for: the
+    stored one keeps them."""
     return RejectedInstance(
         RejectedInstance.UID_HELD,
-        f"SOP Instance UID {head.sop_instance_uid} is stored already, {held}; "
-        f"this data set names series {head.series_uid} of study {head.study_uid} "
-        f"(run {head.run_id})",
+        f"{conflict}; this data set names series {head.series_uid} of study {head.study_uid}",
     )
 
 
@@ -600,10 +598,10 @@ class Spool:
                 self._move_durably(source, final)
             try:
                 recorded = self._index(head, final, size, calling_aet)
-            except InstanceConflict as held:
+            except InstanceConflict as conflict:
                 if not existed:
                     final.unlink(missing_ok=True)
-                raise _uid_held(head, held) from None
+                raise _held(head, conflict) from None
         if recorded.duplicate:
             log.info("duplicate %s stored again (idempotent)", head.sop_instance_uid)
         return Stored(
@@ -671,8 +669,8 @@ class Spool:
                         RejectedInstance.CANNOT_UNDERSTAND, "file name does not match its UIDs"
                     )
                 self._index(head, path, path.stat().st_size, "RECOVERED")
-            except InstanceConflict as held:
-                self._quarantine(path, _uid_held(head, held))
+            except InstanceConflict as conflict:
+                self._quarantine(path, _held(head, conflict))
                 quarantined += 1
                 continue
             except (RejectedInstance, OSError) as exc:

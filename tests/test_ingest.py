@@ -100,11 +100,13 @@ def test_duplicate_is_idempotent(make_node) -> None:  # type: ignore[no-untyped-
     assert per_pipeline and all(r["n"] == 1 for r in per_pipeline)
 
 
-def test_a_sop_instance_uid_held_by_another_series_is_refused(make_node) -> None:  # type: ignore[no-untyped-def]
-    """One SOP Instance UID names one instance. The same UID in another series or
-    study is refused 0xC002, and what was stored under it stays where it was, in
+def test_a_uid_held_by_another_series_or_study_is_refused(make_node) -> None:  # type: ignore[no-untyped-def]
+    """One SOP Instance UID names one instance, and one series is in one study. The
+    same SOP Instance UID in another series, study or run, or the series in another
+    study, is refused 0xC002, and what was stored under it stays where it was, in
     its run, also across a restart (the index used to follow the last copy, leave
-    the first run without it, and follow the other file again at each restart)."""
+    the first run without it, and follow the other file again at each restart; a
+    series took instances of any study into one run)."""
     node = make_node(rules=MINIP_ONLY, completion={"quiet_period_s": 3600})
     first = xa_run(frames=1)
     assert _send(node, first) == 0
@@ -119,7 +121,9 @@ def test_a_sop_instance_uid_held_by_another_series_is_refused(make_node) -> None
         first.SeriesInstanceUID,
         first.StudyInstanceUID,
     )
-    for ds in (other_series, other_study, other_run):
+    series_elsewhere = xa_run(frames=1)  # a new instance of the series, in another study
+    series_elsewhere.SeriesInstanceUID = first.SeriesInstanceUID
+    for ds in (other_series, other_study, other_run, series_elsewhere):
         assert _send(node, ds) == 0xC002
     assert _send(node, first) == 0  # the same instance again: idempotent
     rows = node.db.query("SELECT * FROM instances")
@@ -135,6 +139,22 @@ def test_a_sop_instance_uid_held_by_another_series_is_refused(make_node) -> None
     node = make_node(rules=MINIP_ONLY, completion={"quiet_period_s": 3600})
     assert [r["path"] for r in node.db.query("SELECT * FROM instances")] == [rows[0]["path"]]
     assert list((storage / "quarantine").rglob("*.dcm"))
+
+
+def test_a_series_of_two_patients_fails_its_jobs_with_the_reason(make_node) -> None:  # type: ignore[no-untyped-def]
+    """Each instance is stored (each is valid), but no result mixes two patients:
+    the run's jobs fail with a reason that names no value."""
+    node = make_node(rules=MINIP_ONLY)
+    first = xa_run(frames=1)
+    second = xa_run(frames=1, seed=1, series_uid=first.SeriesInstanceUID)
+    second.StudyInstanceUID = first.StudyInstanceUID
+    second.PatientID = "OTHER-PATIENT"
+    assert _send(node, first) == 0 and _send(node, second) == 0
+    (job,) = wait_for(lambda: _jobs(node, "failed"), 60, what="the run's job failed")
+    assert job["error"].endswith(
+        "the instances of the series name 2 patients (Patient ID): not one run"
+    )
+    assert "OTHER-PATIENT" not in job["error"]
 
 
 ENCODINGS = {

@@ -38,13 +38,9 @@ class StateError(Exception):
 
 
 class InstanceConflict(Exception):
-    """The SOP Instance UID is indexed already, in another series, study or run."""
-
-    def __init__(self, series_uid: str, study_uid: str, run_id: str) -> None:
-        super().__init__(f"held by series {series_uid} of study {study_uid} (run {run_id})")
-        self.series_uid = series_uid
-        self.study_uid = study_uid
-        self.run_id = run_id
+    """An instance the index cannot take without taking it from another series or
+    study: its SOP Instance UID is held by another series, study or run, or its
+    series by another study."""
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,37 @@ class Runs(Core):
 
     def record_instance(self, inst: InstanceRecord) -> Recorded:
         """Index a stored instance; a new instance (re-)opens its run for receiving.
-        Raises InstanceConflict when its UID is indexed in another series, study or
-        run: one UID names one instance, and its run keeps it."""
+
+        Raises InstanceConflict when its SOP Instance UID is indexed in another
+        series, study or run (one UID names one instance, and its run keeps it), or
+        its series in another study (a run is never made of two studies). Rows of a
+        purged run (a purge a crash cut short leaves them) hold nothing."""
         t = now()
         with self._tx() as con:
             held = con.execute(
-                "SELECT series_uid, study_uid, run_id FROM instances WHERE sop_instance_uid=?",
+                "SELECT i.series_uid, i.study_uid, i.run_id, r.purged_at FROM instances i"
+                " LEFT JOIN runs r ON r.run_id = i.run_id WHERE i.sop_instance_uid=?",
                 (inst.sop_instance_uid,),
             ).fetchone()
+            if held is not None and held["purged_at"] is not None:
+                held = None
+            if held is not None and tuple(held)[:3] != (
+                inst.series_uid,
+                inst.study_uid,
+                inst.run_id,
+            ):
+                raise InstanceConflict(
+                    f"SOP Instance UID {inst.sop_instance_uid} is stored already in series "
+                    f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
+                )
+            row = con.execute(
+                "SELECT state, purged_at, study_uid FROM runs WHERE run_id=?", (inst.run_id,)
+            ).fetchone()
+            if row is not None and row["purged_at"] is None and row["study_uid"] != inst.study_uid:
+                raise InstanceConflict(
+                    f"series {inst.series_uid} is stored already in study {row['study_uid']}"
+                )
             dup = held is not None
-            if held is not None and tuple(held) != (inst.series_uid, inst.study_uid, inst.run_id):
-                raise InstanceConflict(*held)
             con.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -52,9 +72,6 @@ class Runs(Core):
                     t,
                 ),
             )
-            row = con.execute(
-                "SELECT state, purged_at FROM runs WHERE run_id=?", (inst.run_id,)
-            ).fetchone()
             if row is None:
                 con.execute(
                     "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at,"
@@ -73,16 +90,17 @@ class Runs(Core):
                 con.execute("UPDATE runs SET last_at=? WHERE run_id=?", (t, inst.run_id))
             else:
                 # a new instance re-opens a run that was already complete, or purged (the
-                # rows a purge cut short by a crash left behind name deleted files)
+                # rows a purge cut short by a crash left behind name deleted files; a
+                # purged run may come back in another series or study)
                 if row["purged_at"] is not None:
                     con.execute(
                         "DELETE FROM instances WHERE run_id=? AND sop_instance_uid!=?",
                         (inst.run_id, inst.sop_instance_uid),
                     )
                 con.execute(
-                    "UPDATE runs SET last_at=?, state=?, reason=NULL, purged_at=NULL "
-                    "WHERE run_id=?",
-                    (t, RunState.RECEIVING, inst.run_id),
+                    "UPDATE runs SET last_at=?, state=?, reason=NULL, purged_at=NULL, "
+                    "series_uid=?, study_uid=? WHERE run_id=?",
+                    (t, RunState.RECEIVING, inst.series_uid, inst.study_uid, inst.run_id),
                 )
         return Recorded(inst.run_id, dup)
 
