@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,11 @@ def xa_run(
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.PatientName = "TEST^XA"
-    ds.PatientID = f"TEST{seed:04d}"
+    # One patient per study: the instances of a series built from several seeds
+    # share the study they are given, and so the patient (a run is one patient's).
+    ds.PatientID = (
+        f"TEST{seed if study_uid is None else zlib.crc32(study_uid.encode()) % 10_000:04d}"
+    )
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.StudyDate = "20260101"

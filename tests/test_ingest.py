@@ -350,9 +350,9 @@ def test_explicit_trigger_completes_now(make_node) -> None:  # type: ignore[no-u
     import requests
 
     node = make_node(completion={"quiet_period_s": 3600}, rules=MINIP_ONLY)
-    series = generate_uid()
+    series, study = generate_uid(), generate_uid()
     for i in range(3):
-        ds = xa_run(frames=1, series_uid=series, seed=i)
+        ds = xa_run(frames=1, series_uid=series, study_uid=study, seed=i)
         ds.InstanceNumber = i + 1
         assert _send(node, ds) == 0
     resp = requests.post(
