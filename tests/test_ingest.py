@@ -123,7 +123,10 @@ def test_a_uid_held_by_another_series_or_study_is_refused(make_node) -> None:  #
     )
     series_elsewhere = xa_run(frames=1)  # a new instance of the series, in another study
     series_elsewhere.SeriesInstanceUID = first.SeriesInstanceUID
-    for ds in (other_series, other_study, other_run, series_elsewhere):
+    # a multi-frame run whose SOP Instance UID is the series' UID: its run's ID
+    named_as_series = xa_run(frames=3, study_uid=first.StudyInstanceUID)
+    named_as_series.SOPInstanceUID = first.SeriesInstanceUID
+    for ds in (other_series, other_study, other_run, series_elsewhere, named_as_series):
         assert _send(node, ds) == 0xC002
     assert _send(node, first) == 0  # the same instance again: idempotent
     rows = node.db.query("SELECT * FROM instances")

@@ -28,8 +28,9 @@ class Runs(Core):
 
         Raises InstanceConflict when its SOP Instance UID is indexed in another
         series, study or run (one UID names one instance, and its run keeps it), or
-        its series in another study (a run is never made of two studies). Rows of a
-        purged run (a purge a crash cut short leaves them) hold nothing."""
+        its run's ID in another series or study (a run is never made of two studies,
+        nor of a series and a multi-frame instance whose UID is the series'). Rows
+        of a purged run (a purge a crash cut short leaves them) hold nothing."""
         t = now()
         with self._tx() as con:
             held = con.execute(
@@ -49,11 +50,23 @@ class Runs(Core):
                     f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
                 )
             row = con.execute(
-                "SELECT state, purged_at, study_uid FROM runs WHERE run_id=?", (inst.run_id,)
+                "SELECT state, purged_at, series_uid, study_uid FROM runs WHERE run_id=?",
+                (inst.run_id,),
             ).fetchone()
-            if row is not None and row["purged_at"] is None and row["study_uid"] != inst.study_uid:
+            # A series run's ID is its Series UID, a multi-frame instance's its SOP
+            # Instance UID: the run is another one's when its series or study differ.
+            if (
+                row is not None
+                and row["purged_at"] is None
+                and tuple(row)[2:]
+                != (
+                    inst.series_uid,
+                    inst.study_uid,
+                )
+            ):
                 raise InstanceConflict(
-                    f"series {inst.series_uid} is stored already in study {row['study_uid']}"
+                    f"run {inst.run_id} is stored already, of series {row['series_uid']} "
+                    f"of study {row['study_uid']}"
                 )
             dup = held is not None
             con.execute(
