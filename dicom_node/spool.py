@@ -44,7 +44,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_node.db import Database, InstanceConflict, InstanceRecord, Recorded
+from dicom_node.db import Database, InstanceConflict, InstanceRecord
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
@@ -136,8 +136,8 @@ class Stored:
     duplicate: bool
 
 
-def _held(head: Header, conflict: InstanceConflict) -> RejectedInstance:
-    """A data set the index holds another instance or series under its UIDs for: the
+def _held(head: Header, conflict: str) -> RejectedInstance:
+    """A data set the index holds another instance or run under its UIDs for: the
     stored one keeps them."""
     return RejectedInstance(
         RejectedInstance.UID_HELD,
@@ -590,18 +590,25 @@ class Spool:
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         self._check_space(size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
+        record = self._record(head, final, size, calling_aet)
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for
+            # Asked before writing: a file there is the stored instance's, which a
+            # refused one must not replace. (Under the series lock, nothing else
+            # writes there; another series may take the UID meanwhile, which the
+            # index's own check finds.)
+            if conflict := self.db.instance_conflict(record):
+                raise _held(head, conflict)
             existed = final.exists()
             if isinstance(source, bytes):
                 self._write_durably(source, final)
             else:
                 self._move_durably(source, final)
             try:
-                recorded = self._index(head, final, size, calling_aet)
-            except InstanceConflict as conflict:
+                recorded = self.db.record_instance(record)
+            except InstanceConflict as exc:
                 if not existed:
                     final.unlink(missing_ok=True)
-                raise _held(head, conflict) from None
+                raise _held(head, str(exc)) from None
         if recorded.duplicate:
             log.info("duplicate %s stored again (idempotent)", head.sop_instance_uid)
         return Stored(
@@ -615,20 +622,19 @@ class Spool:
             recorded.duplicate,
         )
 
-    def _index(self, head: Header, path: Path, size: int, calling_aet: str) -> Recorded:
-        return self.db.record_instance(
-            InstanceRecord(
-                head.sop_instance_uid,
-                head.sop_class_uid,
-                head.series_uid,
-                head.study_uid,
-                head.run_id,
-                path,
-                size,
-                head.transfer_syntax,
-                head.frames,
-                calling_aet,
-            )
+    @staticmethod
+    def _record(head: Header, path: Path, size: int, calling_aet: str) -> InstanceRecord:
+        return InstanceRecord(
+            head.sop_instance_uid,
+            head.sop_class_uid,
+            head.series_uid,
+            head.study_uid,
+            head.run_id,
+            path,
+            size,
+            head.transfer_syntax,
+            head.frames,
+            calling_aet,
         )
 
     def sweep_tmp(self, older_than_s: float) -> int:
@@ -668,9 +674,9 @@ class Spool:
                     raise RejectedInstance(
                         RejectedInstance.CANNOT_UNDERSTAND, "file name does not match its UIDs"
                     )
-                self._index(head, path, path.stat().st_size, "RECOVERED")
+                self.db.record_instance(self._record(head, path, path.stat().st_size, "RECOVERED"))
             except InstanceConflict as conflict:
-                self._quarantine(path, _held(head, conflict))
+                self._quarantine(path, _held(head, str(conflict)))
                 quarantined += 1
                 continue
             except (RejectedInstance, OSError) as exc:

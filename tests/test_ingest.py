@@ -128,6 +128,8 @@ def test_a_uid_held_by_another_series_or_study_is_refused(make_node) -> None:  #
     named_as_series.SOPInstanceUID = first.SeriesInstanceUID
     for ds in (other_series, other_study, other_run, series_elsewhere, named_as_series):
         assert _send(node, ds) == 0xC002
+    (path,) = [r["path"] for r in node.db.query("SELECT path FROM instances")]
+    assert int(dcmread(path).NumberOfFrames) == 1  # other_run's 3 frames were not written there
     assert _send(node, first) == 0  # the same instance again: idempotent
     rows = node.db.query("SELECT * FROM instances")
     assert [(r["series_uid"], r["run_id"]) for r in rows] == [

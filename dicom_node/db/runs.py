@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,41 +34,9 @@ class Runs(Core):
         of a purged run (a purge a crash cut short leaves them) hold nothing."""
         t = now()
         with self._tx() as con:
-            held = con.execute(
-                "SELECT i.series_uid, i.study_uid, i.run_id, r.purged_at FROM instances i"
-                " LEFT JOIN runs r ON r.run_id = i.run_id WHERE i.sop_instance_uid=?",
-                (inst.sop_instance_uid,),
-            ).fetchone()
-            if held is not None and held["purged_at"] is not None:
-                held = None
-            if held is not None and tuple(held)[:3] != (
-                inst.series_uid,
-                inst.study_uid,
-                inst.run_id,
-            ):
-                raise InstanceConflict(
-                    f"SOP Instance UID {inst.sop_instance_uid} is stored already in series "
-                    f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
-                )
-            row = con.execute(
-                "SELECT state, purged_at, series_uid, study_uid FROM runs WHERE run_id=?",
-                (inst.run_id,),
-            ).fetchone()
-            # A series run's ID is its Series UID, a multi-frame instance's its SOP
-            # Instance UID: the run is another one's when its series or study differ.
-            if (
-                row is not None
-                and row["purged_at"] is None
-                and tuple(row)[2:]
-                != (
-                    inst.series_uid,
-                    inst.study_uid,
-                )
-            ):
-                raise InstanceConflict(
-                    f"run {inst.run_id} is stored already, of series {row['series_uid']} "
-                    f"of study {row['study_uid']}"
-                )
+            held, row, conflict = _holders(con, inst)
+            if conflict:
+                raise InstanceConflict(conflict)
             dup = held is not None
             con.execute(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -116,6 +85,11 @@ class Runs(Core):
                     (t, RunState.RECEIVING, inst.series_uid, inst.study_uid, inst.run_id),
                 )
         return Recorded(inst.run_id, dup)
+
+    def instance_conflict(self, inst: InstanceRecord) -> str | None:
+        """Why :meth:`record_instance` would refuse ``inst`` now (None: it would not);
+        the spool asks before it writes over a stored file."""
+        return _holders(self.connect(), inst)[2]
 
     def indexed_paths(self) -> set[str]:
         return {r["path"] for r in self.query("SELECT path FROM instances")}
@@ -255,3 +229,51 @@ class Runs(Core):
         else:
             return []
         return [r["run_id"] for r in rows]
+
+
+def _holders(
+    con: sqlite3.Connection, inst: InstanceRecord
+) -> tuple[sqlite3.Row | None, sqlite3.Row | None, str | None]:
+    """The row that holds the instance's SOP Instance UID (None: none, or one of a
+    purged run: a purge a crash cut short leaves them), its run's row, and why the
+    instance cannot be indexed beside them (None: it can)."""
+    held = con.execute(
+        "SELECT i.series_uid, i.study_uid, i.run_id, r.purged_at FROM instances i"
+        " LEFT JOIN runs r ON r.run_id = i.run_id WHERE i.sop_instance_uid=?",
+        (inst.sop_instance_uid,),
+    ).fetchone()
+    if held is not None and held["purged_at"] is not None:
+        held = None
+    row = con.execute(
+        "SELECT state, purged_at, series_uid, study_uid FROM runs WHERE run_id=?",
+        (inst.run_id,),
+    ).fetchone()
+    if held is not None and tuple(held)[:3] != (inst.series_uid, inst.study_uid, inst.run_id):
+        return (
+            held,
+            row,
+            (
+                f"SOP Instance UID {inst.sop_instance_uid} is stored already in series "
+                f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
+            ),
+        )
+    # A series run's ID is its Series UID, a multi-frame instance's its SOP Instance
+    # UID: the run is another one's when its series or study differ.
+    if (
+        row is not None
+        and row["purged_at"] is None
+        and tuple(row)[2:]
+        != (
+            inst.series_uid,
+            inst.study_uid,
+        )
+    ):
+        return (
+            held,
+            row,
+            (
+                f"run {inst.run_id} is stored already, of series {row['series_uid']} "
+                f"of study {row['study_uid']}"
+            ),
+        )
+    return held, row, None
