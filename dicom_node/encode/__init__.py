@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pydicom.dataset import Dataset
 
 from dicom_node.encode.canvas import make_canvas
-from dicom_node.encode.common import EncodeContext, mark_quality
+from dicom_node.encode.common import EncodeContext, copy_character_set, mark_quality
 from dicom_node.encode.rendering import encode_rendering
 from pipelines.base import (
     AlgorithmInfo,
@@ -116,6 +116,8 @@ def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[
             for ds in made:  # the SR has it in its content, renderings mark it themselves
                 mark_quality(ds, result.quality)
         datasets.extend(made)
+    for ds in datasets:
+        copy_character_set(ds, ctx.first)
     return datasets
 
 

@@ -44,8 +44,9 @@ RESULT_DISCLAIMER = "AI output - research use, not for diagnosis unless validate
 # when the software version string did not change. 2: canvas Pixel Spacing, SEG and
 # Parametric Map reference only the canvas series, SR as TID 1410 on the canvas.
 # 3: the result's quality (verdict, reasons, measures) in Image Comments, under every
-# rendering, and in the SR's "Run quality" group.
-ENCODING_REVISION = "3"
+# rendering, and in the SR's "Run quality" group. 4: every result in the source's
+# Specific Character Set.
+ENCODING_REVISION = "4"
 
 # Module-level attributes copied from the source so results join the study.
 PATIENT_KEYWORDS = (
@@ -349,6 +350,18 @@ def set_dimension_organization(ds: Dataset, uid: str) -> None:
         for item in ds.get(keyword, []):
             if "DimensionOrganizationUID" in item:
                 item.DimensionOrganizationUID = uid
+
+
+def copy_character_set(target: Dataset, source: Dataset) -> None:
+    """The source's Specific Character Set, as it is. The identity copied from the
+    source is text pydicom decoded from it, and is written back in that repertoire
+    (without it, a Latin-1 or UTF-8 name was written as bytes of no declared set, and
+    characters outside Latin-1 became '?'); the node's own text is ASCII, which every
+    set holds."""
+    if "SpecificCharacterSet" in source:
+        target.SpecificCharacterSet = source["SpecificCharacterSet"].value
+    elif "SpecificCharacterSet" in target:
+        del target.SpecificCharacterSet
 
 
 def copy_identity(target: Dataset, source: Dataset) -> None:

@@ -190,8 +190,6 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
         ds.SOPInstanceUID = ctx.result_uid(out.key, "slice", str(index))
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if "SpecificCharacterSet" in src:
-            ds.SpecificCharacterSet = src.SpecificCharacterSet
         copy_identity(ds, src)
         set_equipment(ds, out.description, series_uid, series_number, "CT", ctx.now, superseded)
         mark_supersession(ds, superseded)
