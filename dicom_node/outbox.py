@@ -55,6 +55,16 @@ class Outbox:
                 self.wake.wait(self.settings.outbox.poll_interval_s)
                 self.wake.clear()
 
+    def _defer(self, name: str, batch: list[Delivery], reported: set[int], reason: str) -> None:
+        """What the batch did not report goes back, due after its backoff."""
+        rest = [d for d in batch if d.id not in reported]
+        for d in rest:
+            # Observed before the state moves, as a refusal is (report): whoever
+            # sees the retry in the index finds it in the audit trail too.
+            self.on_delivery(name, d, False, reason, False)
+            self.db.delivery_retry(d, reason, self._delay(d))
+        log.warning("delivery to %s deferred (%d object(s)): %s", name, len(rest), reason)
+
     def _delay(self, delivery: Delivery) -> float:
         cfg = self.settings.outbox
         return float(min(cfg.backoff_base_s * 2 ** min(delivery.attempts, 20), cfg.backoff_max_s))
@@ -94,13 +104,10 @@ class Outbox:
         try:
             send(dest, batch, self.settings.ae_title, self.settings.outbox.timeout_s, report)
         except (DeliveryError, OSError) as exc:
-            rest = [d for d in batch if d.id not in reported]
-            for d in rest:
-                # Observed before the state moves, as a refusal is (report): whoever
-                # sees the retry in the index finds it in the audit trail too.
-                self.on_delivery(name, d, False, str(exc), False)
-                self.db.delivery_retry(d, str(exc), self._delay(d))
-            log.warning("delivery to %s deferred (%d object(s)): %s", name, len(rest), exc)
+            self._defer(name, batch, reported, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a defect must not end the outbox's thread
+            log.exception("delivery to %s failed unexpectedly", name)
+            self._defer(name, batch, reported, f"internal error: {type(exc).__name__}: {exc}")
         # refusals count as progress too: the batch moved on
         log.info("delivered %d of %d object(s) to %s", len(reported), len(batch), name)
         return len(reported)

@@ -78,7 +78,11 @@ def cstore(
             why += f"{dest.tls_server_name or dest.host}?)"
         raise DeliveryError(f"{dest.name}: {why} at {dest.host}:{dest.port} ({dest.ae_title})")
     try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for item in items:
+            if item.sop_class_uid not in accepted:  # pynetdicom would raise ValueError
+                report(item, (True, f"{dest.name} did not accept SOP Class {item.sop_class_uid}"))
+                continue
             ds = dcmread(item.path)
             status = assoc.send_c_store(ds)
             if not status or "Status" not in status:

@@ -249,3 +249,106 @@ def test_a_job_that_keeps_killing_its_node_fails_after_max_attempts(tmp_path: Pa
     assert db.claim_job("process-3", lease_s=0.05, max_attempts=3) is None
     row = db.query("SELECT state, error FROM jobs")[0]
     assert row["state"] == "failed" and "worker lost 3 time(s)" in row["error"]
+
+
+def test_a_destination_that_refuses_a_sop_class_fails_those_results_only(
+    make_node, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A destination that accepts the association but not every result's SOP Class
+    (a PACS without Segmentation or SR storage): those results fail with the reason,
+    the others are delivered, and the outbox goes on delivering. (pynetdicom raised
+    ValueError for a class with no accepted context, which ended the outbox's
+    thread: nothing was delivered anywhere from then on.)"""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        SecondaryCaptureImageStorage,
+    )
+
+    received: list[str] = []
+
+    def on_store(event):  # type: ignore[no-untyped-def]
+        received.append(str(event.request.AffectedSOPClassUID))
+        return 0x0000
+
+    dest = AE(ae_title="SCONLY")
+    for sop_class in (
+        SecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    ):
+        dest.add_supported_context(sop_class)
+    port = free_port()
+    server = dest.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        node = make_node(
+            destinations=[
+                {
+                    "kind": "dimse",
+                    "name": "sc-only",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "ae_title": "SCONLY",
+                }
+            ],
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
+        )
+        modality = AE(ae_title="MODALITY")
+        modality.add_requested_context(XRayAngiographicImageStorage)
+        for seed in (1, 2):  # the second run's results go out after the first's refusals
+            assoc = modality.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+            assert int(assoc.send_c_store(xa_run(frames=8, seed=seed)).Status) == 0
+            assoc.release()
+
+        def settled() -> list:  # type: ignore[type-arg]
+            rows = node.db.query("SELECT * FROM outbox")
+            return rows if rows and all(r["state"] in ("sent", "failed") for r in rows) else []
+
+        rows = wait_for(settled, 120, what="every result sent or failed")
+        failed = [r for r in rows if r["state"] == "failed"]
+        sent = [r for r in rows if r["state"] == "sent"]
+        assert failed and sent
+        assert {r["sop_class_uid"] for r in sent} <= {
+            SecondaryCaptureImageStorage,
+            MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+        }
+        assert all("did not accept" in r["error"] for r in failed), [r["error"] for r in failed]
+        assert sorted(received) == sorted(r["sop_class_uid"] for r in sent)
+        assert node.outbox.thread.is_alive()
+    finally:
+        server.shutdown()
+
+
+def test_a_defect_while_delivering_defers_the_batch_and_keeps_the_outbox(
+    make_node, storescp, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Fault injection: the DIMSE sender raises an unexpected error once. The batch
+    is retried after its backoff with the reason, and delivered; the outbox's
+    thread lives on (any exception but DeliveryError and OSError used to end it)."""
+    from dicom_node import senders
+
+    real = senders._SENDERS["dimse"]
+    calls = []
+
+    def flaky(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected defect")
+        return real(*args)
+
+    monkeypatch.setitem(senders._SENDERS, "dimse", flaky)
+    storescp.start()
+    node = make_node(
+        destinations=[storescp.destination()],
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
+    assoc.release()
+    wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 30, what="delivered")
+    assert len(calls) >= 2 and node.outbox.thread.is_alive()
+    (row,) = node.db.query("SELECT * FROM outbox")
+    assert row["attempts"] >= 1
