@@ -108,16 +108,25 @@ class Workers:
         worker = f"{self.prefix}-{index}"
         process = self.processes[index]
         while not self.stopping.is_set():
-            job = self.db.claim_job(worker, self.settings.lease_s, self.settings.max_attempts)
-            if job is None:
-                self.wake.wait(self.settings.poll_interval_s)
-                self.wake.clear()
-                continue
-            log.info(
-                "job %d: %s on run %s (attempt %d)", job.id, job.pipeline, job.run_id, job.attempts
-            )
-            outcome = self._run(job, process)
-            self._record(job, outcome)
+            try:
+                job = self.db.claim_job(worker, self.settings.lease_s, self.settings.max_attempts)
+                if job is None:
+                    self.wake.wait(self.settings.poll_interval_s)
+                    self.wake.clear()
+                    continue
+                log.info(
+                    "job %d: %s on run %s (attempt %d)",
+                    job.id,
+                    job.pipeline,
+                    job.run_id,
+                    job.attempts,
+                )
+                outcome = self._run(job, process)
+                self._record(job, outcome)
+            except Exception:  # noqa: BLE001 - a defect must not end the worker's thread
+                # A job it had claimed keeps its lease, and is taken again when it ends.
+                log.exception("%s: unexpected error; going on", worker)
+                self.stopping.wait(self.settings.poll_interval_s)
 
     def _run(self, job: Job, process: WorkerProcess) -> Outcome:
         paths = tuple(str(i.path) for i in self.db.run_instances(job.run_id))

@@ -54,7 +54,10 @@ class Router:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.route_pending()
+            try:
+                self.route_pending()
+            except Exception:  # noqa: BLE001 - a defect must not end the router's thread
+                log.exception("router: unexpected error; going on")
             self.wake.wait(1.0)
             self.wake.clear()
 

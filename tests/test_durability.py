@@ -352,3 +352,41 @@ def test_a_defect_while_delivering_defers_the_batch_and_keeps_the_outbox(
     assert len(calls) >= 2 and node.outbox.thread.is_alive()
     (row,) = node.db.query("SELECT * FROM outbox")
     assert row["attempts"] >= 1
+
+
+def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
+    make_node, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Fault injection: the index raises once while the router looks for runs and
+    once while each worker claims a job (as SQLite does when the database is locked
+    past its timeout). Both go on, and the run is routed and processed."""
+    import sqlite3
+
+    node = make_node(rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    failures: list[str] = []
+
+    def once(name: str):  # type: ignore[no-untyped-def]
+        real = getattr(node.db, name)
+        count = len(node.workers.threads) if name == "claim_job" else 1
+
+        def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if failures.count(name) < count:
+                failures.append(name)
+                raise sqlite3.OperationalError("database is locked")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(node.db, name, flaky)
+
+    once("runs_to_route")
+    once("claim_job")
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
+    assoc.release()
+    wait_for(
+        lambda: node.db.query("SELECT * FROM jobs WHERE state='done'"), 60, what="the job done"
+    )
+    assert "runs_to_route" in failures and "claim_job" in failures
+    assert node.router._thread.is_alive()
+    assert all(t.is_alive() for t in node.workers.threads)
