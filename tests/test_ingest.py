@@ -433,3 +433,38 @@ def test_real_vendor_files_by_dcmtk_are_stored_byte_for_byte(make_node) -> None:
         assert row["transfer_syntax"] == ts, path.name
         assert stored.PixelData == source.PixelData, path.name
     assert not any((node.settings.storage_dir / "tmp").iterdir())
+
+
+def test_two_senders_racing_one_uid_into_two_series_store_one(make_node) -> None:  # type: ignore[no-untyped-def]
+    """Two associations send one SOP Instance UID in two series at the same moment,
+    twenty times: each time exactly one is stored (Success) and the other refused
+    0xC002, and the spool holds exactly the files the index names."""
+    import threading
+
+    node = make_node(completion={"quiet_period_s": 3600})
+    study = generate_uid()
+    for _ in range(20):
+        pair = [xa_run(frames=1, study_uid=study) for _ in range(2)]
+        pair[1].SOPInstanceUID = pair[0].SOPInstanceUID
+        pair[1].file_meta.MediaStorageSOPInstanceUID = pair[0].SOPInstanceUID
+        statuses: list[int] = []
+        start = threading.Barrier(2)
+
+        def send(ds, start=start, statuses=statuses) -> None:  # type: ignore[no-untyped-def]
+            assoc = _assoc(node)
+            try:
+                start.wait()
+                statuses.append(int(assoc.send_c_store(ds).Status))
+            finally:
+                assoc.release()
+
+        threads = [threading.Thread(target=send, args=(ds,)) for ds in pair]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(statuses) == [0x0000, 0xC002]
+    rows = node.db.query("SELECT path FROM instances")
+    assert len(rows) == 20
+    spool = Path(node.settings.storage_dir, "spool")
+    assert sorted(map(str, spool.rglob("*.dcm"))) == sorted(r["path"] for r in rows)
