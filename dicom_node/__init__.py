@@ -6,3 +6,5 @@ Stages, one module each (see docs/architecture.md): ``scp`` (receive) ->
 """
 
 __version__ = "0.1.0"
+# Manufacturer (0008,0070) of every result the node writes: routing knows them by it.
+MANUFACTURER = "angio-dicom-node"

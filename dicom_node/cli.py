@@ -113,9 +113,8 @@ def cmd_process(args: argparse.Namespace) -> int:
             decision = route(effective_rules(settings), RunFeatures.from_first(first, len(files)))
             names = decision.pipelines
             if not names:
-                print(
-                    f"run {run_id}: not routed (use `dicom-node route --explain`)", file=sys.stderr
-                )
+                why = decision.excluded or "use `dicom-node route --explain`"
+                print(f"run {run_id}: not routed ({why})", file=sys.stderr)
                 continue
         try:
             loaded = load_run(files)
@@ -169,7 +168,10 @@ def cmd_route(args: argparse.Namespace) -> int:
             print(decision.explain())
         else:
             print(
-                f"  -> {decision.rule.name if decision.rule else 'unrouted'}: {decision.pipelines}"
+                f"  -> not routed: {decision.excluded}"
+                if decision.excluded
+                else f"  -> {decision.rule.name if decision.rule else 'unrouted'}: "
+                f"{decision.pipelines}"
             )
     return 0 if runs else 2
 

@@ -103,7 +103,9 @@ class Router:
                 return []
             rule = decision.rule
             if rule is None or not rule.pipelines:
-                why = "no rule matched" if rule is None else f"rule {rule.name} has no pipeline"
+                why = decision.excluded or (
+                    "no rule matched" if rule is None else f"rule {rule.name} has no pipeline"
+                )
                 if self.db.settle_unrouted(
                     run_id, RunState.UNROUTED, rule.name if rule else None, why
                 ):

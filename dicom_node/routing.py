@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, DT, TM
 
+from dicom_node import MANUFACTURER
 from dicom_node.settings import Match, Rule, Settings, TagPattern
 from dicom_node.sopclasses import CINE_2D, VOLUME, resolve_sop_class
 
@@ -167,12 +168,16 @@ class Check:
 class Decision:
     rule: Rule | None
     checks: list[tuple[str, list[Check]]] = field(default_factory=list)
+    # Why no rule was asked (the run is a result of this node's kind).
+    excluded: str | None = None
 
     @property
     def pipelines(self) -> list[str]:
         return list(self.rule.pipelines) if self.rule else []
 
     def explain(self) -> str:
+        if self.excluded:
+            return f"  -> not routed: {self.excluded}"
         lines = []
         for name, checks in self.checks:
             verdict = "MATCH" if all(c.ok for c in checks) else "no match"
@@ -273,7 +278,18 @@ def evaluate(match: Match, f: RunFeatures) -> list[Check]:
     return checks
 
 
+# A node's own results, sent back to it (a PACS that routes every CT to the node
+# returns the rotational pipeline's CT volumes), would be processed again, their
+# results again, without end.
+OWN_RESULT = (
+    f"a result of an angio DICOM node (Manufacturer {MANUFACTURER}): results are not "
+    "processed again"
+)
+
+
 def route(rules: Sequence[Rule], features: RunFeatures) -> Decision:
+    if str(features.header.get("Manufacturer", "") or "").strip() == MANUFACTURER:
+        return Decision(rule=None, excluded=OWN_RESULT)
     decision = Decision(rule=None)
     for rule in rules:
         checks = evaluate(rule.match, features)

@@ -180,3 +180,69 @@ def test_native_run_with_mask_subtraction_is_log_subtracted(tmp_path: Path) -> N
     expected = 2048 + 1024 * (np.log1p(live) - np.log1p(mask))
     assert np.allclose(loaded.run.pixels, expected, atol=1e-2)
     assert RunFeatures.from_headers([ds]).subtracted
+
+
+def test_the_node_s_own_results_are_not_routed_again() -> None:
+    from dicom_node import MANUFACTURER
+    from dicom_node.routing import OWN_RESULT
+
+    headers = ct_series()
+    assert route(
+        effective_rules(load_settings(None, environ={})), RunFeatures.from_headers(headers)
+    ).pipelines == ["rotational_dla"]
+    for ds in headers:
+        ds.Manufacturer = MANUFACTURER
+    decision = route(
+        effective_rules(load_settings(None, environ={})), RunFeatures.from_headers(headers)
+    )
+    assert decision.pipelines == [] and decision.excluded == OWN_RESULT
+    assert OWN_RESULT in decision.explain()
+
+
+def test_results_sent_back_to_the_node_are_not_processed_again(make_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A node whose results come back to it (here it is its own destination, as when a
+    PACS routes every CT to the node): the rotational pipeline's CT volumes would
+    route to the rotational pipeline again, and its results again, without end.
+    They are stored and reported unrouted, with the reason; one job in all."""
+    from pynetdicom import AE
+
+    from dicom_node.routing import OWN_RESULT
+    from tests.conftest import free_port, wait_for
+    from training.phantoms import rotational
+
+    port = free_port()
+    node = make_node(
+        port=port,
+        destinations=[
+            {
+                "kind": "dimse",
+                "name": "self",
+                "host": "127.0.0.1",
+                "port": port,
+                "ae_title": "ANGIO_NODE",
+            }
+        ],
+    )
+    folder = rotational.generate(22, size=32).write(tmp_path / "suite")[0].parent
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+    assoc = ae.associate("127.0.0.1", port, ae_title=node.settings.ae_title)
+    for path in sorted((folder / "rotational_ct").glob("*.dcm")):
+        assert int(assoc.send_c_store(dcmread(path)).Status) == 0
+    assoc.release()
+
+    def back() -> list:  # type: ignore[type-arg]
+        """The unrouted runs, once every result is sent (or refused: the node does not
+        store SR) and every run it got back is settled."""
+        outbox = node.db.query("SELECT state FROM outbox")
+        runs = node.db.query("SELECT state, reason FROM runs")
+        settled = outbox and all(r["state"] in ("sent", "failed") for r in outbox)
+        if not settled or any(r["state"] in ("receiving", "complete") for r in runs):
+            return []
+        return [r for r in runs if r["state"] == "unrouted"]
+
+    rows = wait_for(back, 180, what="the results back at the node")
+    assert len(rows) == 3  # the SEG, the DLA angiogram's CT series, its MIP
+    assert all(r["reason"] == OWN_RESULT for r in rows), [r["reason"] for r in rows]
+    jobs = node.db.query("SELECT pipeline FROM jobs")
+    assert [j["pipeline"] for j in jobs] == ["rotational_dla"]

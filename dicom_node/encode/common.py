@@ -29,11 +29,10 @@ from typing import Any
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from dicom_node import __version__
+from dicom_node import MANUFACTURER, __version__
 from pipelines.base import AlgorithmInfo, Code
 from pipelines.quality import Quality
 
-MANUFACTURER = "angio-dicom-node"
 MODEL_NAME = "angio-dicom-node"
 # Series descriptions of everything the node emits start with this, so that
 # PACS rules (and our Orthanc plugin) recognise results and never loop them.
