@@ -248,32 +248,18 @@ def _holders(
         "SELECT state, purged_at, series_uid, study_uid FROM runs WHERE run_id=?",
         (inst.run_id,),
     ).fetchone()
+    why = None
     if held is not None and tuple(held)[:3] != (inst.series_uid, inst.study_uid, inst.run_id):
-        return (
-            held,
-            row,
-            (
-                f"SOP Instance UID {inst.sop_instance_uid} is stored already in series "
-                f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
-            ),
+        why = (
+            f"SOP Instance UID {inst.sop_instance_uid} is stored already in series "
+            f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
         )
     # A series run's ID is its Series UID, a multi-frame instance's its SOP Instance
     # UID: the run is another one's when its series or study differ.
-    if (
-        row is not None
-        and row["purged_at"] is None
-        and tuple(row)[2:]
-        != (
-            inst.series_uid,
-            inst.study_uid,
-        )
-    ):
-        return (
-            held,
-            row,
-            (
+    elif row is not None and row["purged_at"] is None:
+        if (row["series_uid"], row["study_uid"]) != (inst.series_uid, inst.study_uid):
+            why = (
                 f"run {inst.run_id} is stored already, of series {row['series_uid']} "
                 f"of study {row['study_uid']}"
-            ),
-        )
-    return held, row, None
+            )
+    return held, row, why
