@@ -41,6 +41,18 @@ def _wait_listening(config: Path, starts: int) -> None:
     wait_for(lambda: log.read_text().count("storage SCP") >= starts, 60, what="node to listen")
 
 
+def _store(node, *datasets) -> None:  # type: ignore[no-untyped-def]
+    """Send XA instances to the node over one association, each answered Success."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    try:
+        for ds in datasets:
+            assert int(assoc.send_c_store(ds).Status) == 0
+    finally:
+        assoc.release()
+
+
 def _send_series_and_kill(proc: subprocess.Popen[bytes], port: int, series: str) -> list[str]:
     """Send a 12-instance series, SIGKILL the node after 6; the UIDs that got Success."""
     study = generate_uid()
@@ -121,12 +133,7 @@ def test_destination_down_then_up_delivers_once(make_node, storescp) -> None:  #
         destinations=[storescp.destination()],
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
     )
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    for i in range(2):
-        assert int(assoc.send_c_store(xa_run(frames=3, seed=i)).Status) == 0
-    assoc.release()
+    _store(node, *(xa_run(frames=3, seed=i) for i in range(2)))
     # destination is down: the outbox keeps the results and retries
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE attempts >= 2"), 30, what="retries")
     pending = node.db.query("SELECT * FROM outbox WHERE state='pending'")
@@ -155,11 +162,7 @@ def test_reprocess_yields_same_uids(make_node, storescp) -> None:  # type: ignor
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
     )
     ds = xa_run(frames=3)
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    assert int(assoc.send_c_store(ds).Status) == 0
-    assoc.release()
+    _store(node, ds)
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 30)
     first = node.db.query("SELECT sop_instance_uid FROM outbox")[0]["sop_instance_uid"]
     resp = requests.post(
@@ -294,12 +297,8 @@ def test_a_destination_that_refuses_a_sop_class_fails_those_results_only(
             ],
             rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
         )
-        modality = AE(ae_title="MODALITY")
-        modality.add_requested_context(XRayAngiographicImageStorage)
         for seed in (1, 2):  # the second run's results go out after the first's refusals
-            assoc = modality.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-            assert int(assoc.send_c_store(xa_run(frames=8, seed=seed)).Status) == 0
-            assoc.release()
+            _store(node, xa_run(frames=8, seed=seed))
 
         def settled() -> list:  # type: ignore[type-arg]
             rows = node.db.query("SELECT * FROM outbox")
@@ -343,11 +342,7 @@ def test_a_defect_while_delivering_defers_the_batch_and_keeps_the_outbox(
         destinations=[storescp.destination()],
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
     )
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
-    assoc.release()
+    _store(node, xa_run(frames=3))
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 30, what="delivered")
     assert len(calls) >= 2 and node.outbox.thread.is_alive()
     (row,) = node.db.query("SELECT * FROM outbox")
@@ -379,11 +374,7 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
 
     once("runs_to_route")
     once("claim_job")
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(XRayAngiographicImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
-    assoc.release()
+    _store(node, xa_run(frames=3))
     wait_for(
         lambda: node.db.query("SELECT * FROM jobs WHERE state='done'"), 60, what="the job done"
     )
