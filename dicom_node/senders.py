@@ -48,6 +48,14 @@ def send(
     _SENDERS[dest.kind](dest, items, calling_aet, timeout, report)
 
 
+def _gone(item: Delivery) -> Refusal:
+    """A result file that is no longer there (removed by hand, or by a disk cleanup)
+    is refused for good: retrying cannot bring it back, a reprocess can."""
+    if item.path.is_file():
+        return None
+    return (True, f"result file {item.path.name} is gone: reprocess the run to write it again")
+
+
 @sender("dimse")
 def cstore(
     dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
@@ -83,6 +91,9 @@ def cstore(
             if item.sop_class_uid not in accepted:  # pynetdicom would raise ValueError
                 report(item, (True, f"{dest.name} did not accept SOP Class {item.sop_class_uid}"))
                 continue
+            if gone := _gone(item):
+                report(item, gone)
+                continue
             ds = dcmread(item.path)
             status = assoc.send_c_store(ds)
             if not status or "Status" not in status:
@@ -112,7 +123,7 @@ def stow(
         elif dest.username:
             session.auth = (dest.username, dest.password or "")
         for item in items:
-            report(item, _stow_one(session, dest, item, timeout))
+            report(item, _gone(item) or _stow_one(session, dest, item, timeout))
 
 
 def _stow_one(

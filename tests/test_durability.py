@@ -381,3 +381,36 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
     assert "runs_to_route" in failures and "claim_job" in failures
     assert node.router._thread.is_alive()
     assert all(t.is_alive() for t in node.workers.threads)
+
+
+def test_a_result_file_gone_before_delivery_fails_with_the_reason(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
+    """A result removed from the disk while its destination was down (by hand, by a
+    cleanup) fails for good once the destination is back, with what to do; the other
+    results are delivered. (It was retried as an OSError, without end.)"""
+    node = make_node(
+        destinations=[storescp.destination()],
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
+    _store(node, *(xa_run(frames=3, seed=i) for i in range(2)))
+    pending = wait_for(
+        lambda: (
+            [r for r in node.db.query("SELECT * FROM outbox") if r["attempts"] >= 1]
+            if len(node.db.query("SELECT * FROM outbox")) == 2
+            else []
+        ),
+        30,
+        what="both results waiting for the destination",
+    )
+    Path(pending[0]["path"]).unlink()
+    storescp.start()
+
+    def settled() -> list:  # type: ignore[type-arg]
+        rows = node.db.query("SELECT * FROM outbox ORDER BY id")
+        return rows if all(r["state"] in ("sent", "failed") for r in rows) else []
+
+    rows = wait_for(settled, 60, what="both deliveries settled")
+    states = {r["id"]: (r["state"], r["error"]) for r in rows}
+    state, error = states[pending[0]["id"]]
+    assert state == "failed" and "is gone: reprocess the run" in error
+    assert sorted(s for s, _ in states.values()) == ["failed", "sent"]
+    assert node.outbox.thread.is_alive()
