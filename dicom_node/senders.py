@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import requests
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
@@ -56,6 +57,22 @@ def _gone(item: Delivery) -> Refusal:
     return (True, f"result file {item.path.name} is gone: reprocess the run to write it again")
 
 
+def _read(item: Delivery, report: Report) -> Dataset | None:
+    """The result's data set, or None once its refusal is reported: for good when the
+    file is gone or does not parse, for this item only and later on an I/O error. A
+    file that cannot be sent never holds back the others of its batch."""
+    if gone := _gone(item):
+        report(item, gone)
+        return None
+    try:
+        return dcmread(item.path)
+    except OSError as exc:
+        report(item, (False, f"result file cannot be read: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - a file that does not parse
+        report(item, (True, f"result file cannot be read: {type(exc).__name__}: {exc}"))
+    return None
+
+
 @sender("dimse")
 def cstore(
     dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
@@ -91,10 +108,9 @@ def cstore(
             if item.sop_class_uid not in accepted:  # pynetdicom would raise ValueError
                 report(item, (True, f"{dest.name} did not accept SOP Class {item.sop_class_uid}"))
                 continue
-            if gone := _gone(item):
-                report(item, gone)
+            ds = _read(item, report)
+            if ds is None:
                 continue
-            ds = dcmread(item.path)
             status = assoc.send_c_store(ds)
             if not status or "Status" not in status:
                 raise DeliveryError(f"{dest.name}: no C-STORE response (connection lost)")
@@ -123,17 +139,26 @@ def stow(
         elif dest.username:
             session.auth = (dest.username, dest.password or "")
         for item in items:
-            report(item, _gone(item) or _stow_one(session, dest, item, timeout))
+            try:
+                body = item.path.read_bytes()
+            except OSError as exc:
+                report(item, _gone(item) or (False, f"result file cannot be read: {exc}"))
+                continue
+            report(item, _stow_one(session, dest, item, body, timeout))
 
 
 def _stow_one(
-    session: requests.Session, dest: DicomwebDestination, item: Delivery, timeout: float
+    session: requests.Session,
+    dest: DicomwebDestination,
+    item: Delivery,
+    data: bytes,
+    timeout: float,
 ) -> Refusal:
     boundary = f"angio-node-{uuid.uuid4().hex}"
     body = b"".join(
         (
             f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
-            item.path.read_bytes(),
+            data,
             f"\r\n--{boundary}--\r\n".encode(),
         )
     )

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import XRayAngiographicImageStorage, generate_uid
 from pynetdicom import AE
@@ -383,10 +384,17 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
     assert all(t.is_alive() for t in node.workers.threads)
 
 
-def test_a_result_file_gone_before_delivery_fails_with_the_reason(make_node, storescp) -> None:  # type: ignore[no-untyped-def]
-    """A result removed from the disk while its destination was down (by hand, by a
-    cleanup) fails for good once the destination is back, with what to do; the other
-    results are delivered. (It was retried as an OSError, without end.)"""
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [("gone", "is gone: reprocess the run"), ("garbled", "result file cannot be read")],
+)
+def test_a_result_file_damaged_before_delivery_fails_with_the_reason(
+    make_node, storescp, damage, reason
+) -> None:  # type: ignore[no-untyped-def]
+    """A result removed from the disk, or overwritten, while its destination was down
+    (by hand, by a cleanup) fails for good once the destination is back, with the
+    reason; the other results are delivered. (Either deferred the whole batch, so
+    the results behind it were never delivered either.)"""
     node = make_node(
         destinations=[storescp.destination()],
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
@@ -401,7 +409,11 @@ def test_a_result_file_gone_before_delivery_fails_with_the_reason(make_node, sto
         30,
         what="both results waiting for the destination",
     )
-    Path(pending[0]["path"]).unlink()
+    damaged = Path(pending[0]["path"])
+    if damage == "gone":
+        damaged.unlink()
+    else:
+        damaged.write_bytes(b"not DICOM")
     storescp.start()
 
     def settled() -> list:  # type: ignore[type-arg]
@@ -411,6 +423,6 @@ def test_a_result_file_gone_before_delivery_fails_with_the_reason(make_node, sto
     rows = wait_for(settled, 60, what="both deliveries settled")
     states = {r["id"]: (r["state"], r["error"]) for r in rows}
     state, error = states[pending[0]["id"]]
-    assert state == "failed" and "is gone: reprocess the run" in error
+    assert state == "failed" and reason in error
     assert sorted(s for s, _ in states.values()) == ["failed", "sent"]
     assert node.outbox.thread.is_alive()
