@@ -164,14 +164,11 @@ def cmd_route(args: argparse.Namespace) -> int:
             f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
             f"{feats.number_of_frames} frame(s), {first.get('SeriesDescription', '')!s})"
         )
-        if args.explain:
+        if args.explain or decision.excluded:
             print(decision.explain())
         else:
             print(
-                f"  -> not routed: {decision.excluded}"
-                if decision.excluded
-                else f"  -> {decision.rule.name if decision.rule else 'unrouted'}: "
-                f"{decision.pipelines}"
+                f"  -> {decision.rule.name if decision.rule else 'unrouted'}: {decision.pipelines}"
             )
     return 0 if runs else 2
 

@@ -592,13 +592,13 @@ class Spool:
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
         record = self._record(head, final, size, calling_aet)
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for
-            # Asked before writing: a file there is the stored instance's, which a
-            # refused one must not replace. (Under the series lock, nothing else
-            # writes there; another series may take the UID meanwhile, which the
-            # index's own check finds.)
-            if conflict := self.db.instance_conflict(record):
-                raise _held(head, conflict)
+            # A file there is the stored instance's, which a refused one must not
+            # replace: the index is asked before writing over it (under the series
+            # lock, nothing else writes there). A new file is written first, and the
+            # index's own check removes it if it is refused.
             existed = final.exists()
+            if existed and (conflict := self.db.instance_conflict(record)):
+                raise _held(head, conflict)
             if isinstance(source, bytes):
                 self._write_durably(source, final)
             else:

@@ -88,7 +88,7 @@ class Runs(Core):
 
     def instance_conflict(self, inst: InstanceRecord) -> str | None:
         """Why :meth:`record_instance` would refuse ``inst`` now (None: it would not);
-        the spool asks before it writes over a stored file."""
+        the spool asks before it writes over a file that is there."""
         return _holders(self.connect(), inst)[2]
 
     def indexed_paths(self) -> set[str]:
