@@ -6,7 +6,7 @@ SHA-256 (``[[api.tokens]]``, or ``api.tokens_file`` with one
 trail give a token away. Scopes:
 
     read      GET /, /status, /jobs, /metrics
-    operate   POST /trigger, /reprocess, /jobs/{id}/retry
+    operate   POST /trigger, /reprocess, /purge, /jobs/{id}/retry
     store     STOW-RS (POST /dicom-web/studies)
     worker    the scale-out workers' routes
 

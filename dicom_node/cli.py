@@ -1,5 +1,5 @@
-"""``dicom-node``: serve, process offline, explain routing, status, trigger; plus the
-commands other packages register (``synth``, ``demo``)."""
+"""``dicom-node``: serve, process offline, explain routing, status, trigger, purge;
+plus the commands other packages register (``synth``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -264,6 +264,21 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     return 0 if resp.ok else 1
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """An operator's purge on a running node (its spool locks are the node's)."""
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    key, value = next(
+        (k, v)
+        for k, v in (("run_id", args.run), ("series_uid", args.series), ("study_uid", args.study))
+        if v
+    )
+    resp = _api_call(settings, args, "POST", "/purge", json={key: value}, timeout=120)
+    print(resp.text)
+    return 0 if resp.ok else 1
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     """A new API token: printed once; the settings keep only its SHA-256."""
     from dicom_node.auth import SCOPES, hash_token, new_token
@@ -340,6 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
     p.add_argument("--cacert", help="CA certificate of an HTTPS API")
     p.set_defaults(func=cmd_trigger)
+
+    p = sub.add_parser(
+        "purge",
+        help="processed runs on a running node lose their received files and results now",
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run")
+    g.add_argument("--series")
+    g.add_argument("--study")
+    p.add_argument("--config")
+    p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
+    p.add_argument("--cacert", help="CA certificate of an HTTPS API")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("token", help="make an API token and print its settings entry")
     p.add_argument("--name", required=True, help="who holds it (shown in the audit trail)")

@@ -2,7 +2,8 @@
 never fills with what the node has finished with (a full disk answers every sender
 0xA700: the node would stop taking runs).
 
-Two rules, applied by a scheduler job every ``[retention] interval_s``:
+Two rules, applied by a scheduler job every ``[retention] interval_s``, and an
+operator's request (``POST /purge``, ``dicom-node purge``) for chosen runs:
 
 - age: a processed run whose last activity is older than ``keep_days`` (and a file
   that recovery moved to ``quarantine/`` that long ago);
@@ -29,7 +30,7 @@ import logging
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dicom_node.audit import AuditTrail
@@ -95,6 +96,22 @@ class Retention:
                         )
                     break
         return purged
+
+    def purge_now(self, run_ids: Iterable[str], reason: str) -> tuple[list[str], dict[str, str]]:
+        """An operator's purge: each run that is processed loses its files now, as the
+        rules above would take them (results still waiting for delivery are kept until
+        delivered); returns the runs purged and, for the others, why not."""
+        purged: list[str] = []
+        kept: dict[str, str] = {}
+        for run_id in run_ids:
+            candidate = self.db.purge_candidate(run_id)
+            if isinstance(candidate, str):
+                kept[run_id] = candidate
+            elif self._purge(candidate, reason):
+                purged.append(run_id)
+            else:
+                kept[run_id] = "it changed while it was being purged: try again"
+        return purged, kept
 
     def _sweep_quarantine(self, before: float) -> None:
         """Files recovery set aside (unindexed at start and failing the checks) go after

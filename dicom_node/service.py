@@ -194,6 +194,13 @@ class Node:
                 jobs.extend(self.router.route(run_id))
         return jobs
 
+    def purge(self, operator: str, **selector: str) -> tuple[list[str], dict[str, str]]:
+        """An operator's purge of the selected runs (REST/CLI): the processed ones lose
+        their files now; returns them and, for the others, why not."""
+        return self.retention.purge_now(
+            self.db.runs_for(**selector), f"deleted at the request of {operator}"
+        )
+
     def retry_job(self, job_id: int) -> bool:
         """An operator's retry of a failed job (status page, ``POST /jobs/{id}/retry``)."""
         if not self.db.retry_failed_job(job_id):

@@ -5,6 +5,7 @@ re-opens it."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -262,3 +263,65 @@ def test_purges_racing_stores_of_the_same_series_lose_nothing(make_node: Any) ->
     assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
     assert not _files(node)
     assert node.spool.recover() == (0, 0, 0)
+
+
+def test_an_operator_purges_chosen_runs_now_and_frees_their_uids(
+    make_node: Any, tmp_path: Path, caplog: Any
+) -> None:
+    """``POST /purge`` and ``dicom-node purge``: a processed run loses its files at once
+    (a patient sent by mistake; a series resent under other UIDs), a run still to be
+    processed is kept with the reason, and a UID the purged run held is free again."""
+    import subprocess
+    import sys
+
+    node = make_node(rules=RULES, retention=OFF, completion={"quiet_period_s": 3600})
+    api = f"http://127.0.0.1:{node.api_port}"
+    run_id, ds = _run(node)
+    results = sorted(node.results_dir.rglob("*.dcm"))
+    assert results and _files(node)
+    # the same instance in another series is refused: its UID is held by the run
+    moved = xa_run(frames=6, seed=1)
+    moved.SOPInstanceUID = ds.SOPInstanceUID
+    with caplog.at_level("WARNING", logger="dicom_node.ingest"):
+        assert _send(node, moved) == 0xC002
+    assert f"`dicom-node purge --run {run_id}` frees it" in caplog.text
+
+    series = xa_run(frames=1)  # a series still receiving (its quiet period is an hour)
+    assert _send(node, series) == 0x0000
+    receiving = str(series.SeriesInstanceUID)
+    resp = requests.post(f"{api}/purge", json={"series_uid": receiving}, timeout=30)
+    assert resp.status_code == 409 and "not processed yet" in resp.text
+    resp = requests.post(f"{api}/purge", json={"study_uid": "1.2.3.999"}, timeout=30)
+    assert resp.status_code == 404
+    resp = requests.post(f"{api}/purge", json={"run_id": "../x"}, timeout=30)
+    assert resp.status_code == 400
+
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'storage_dir = "{node.settings.storage_dir}"\n[api]\nport = {node.api_port}\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "purge", "--config", str(cfg), "--run", run_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout) == {"purged_runs": [run_id], "kept_runs": {}}
+    assert not any(p.exists() for p in results)
+    assert [p.parent.name for p in _files(node)] == [receiving]  # the receiving series stays
+    assert node.db.is_purged(run_id) and node.db.run_state(run_id) == "routed"
+    resp = requests.post(f"{api}/purge", json={"run_id": run_id}, timeout=30)
+    assert resp.status_code == 409 and "purged already" in resp.text
+    audit = [
+        json.loads(line)
+        for line in (node.settings.storage_dir / "audit" / "audit.jsonl").read_text().splitlines()
+    ]
+    purges = [a for a in audit if a.get("event") == "run-purged"]
+    assert [(a["run_id"], a["reason"]) for a in purges] == [
+        (run_id, "deleted at the request of anonymous")
+    ]
+
+    # the UID is free: the copy in the other series is stored and processed as its run
+    assert _send(node, moved) == 0x0000
+    wait_for(lambda: _processed(node, run_id) and not node.db.is_purged(run_id), 120)
+    row = node.db.query("SELECT series_uid FROM runs WHERE run_id=?", (run_id,))[0]
+    assert row["series_uid"] == str(moved.SeriesInstanceUID)

@@ -73,6 +73,7 @@ ROUTES = [
     ("GET", "/no/such/route", None),
     ("POST", "/trigger", {"series_uid": "1.2.3"}),
     ("POST", "/reprocess", {"series_uid": "1.2.3"}),
+    ("POST", "/purge", {"series_uid": "1.2.3"}),
     ("POST", "/jobs/1/retry", {}),
     ("POST", "/dicom-web/studies", None),
     ("POST", "/worker/claim", {}),

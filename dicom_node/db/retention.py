@@ -63,6 +63,25 @@ class Retention(Core):
         )
         return [Purge(r["run_id"], r["study_uid"], r["series_uid"], r["activity"]) for r in rows]
 
+    def purge_candidate(self, run_id: str) -> Purge | str:
+        """The run as a candidate for an operator's purge now, or why it is not one."""
+        rows = self.query(
+            f"SELECT r.run_id, r.study_uid, r.series_uid, r.state, r.purged_at, "
+            f"{_ACTIVITY} AS activity, ({_PROCESSED}) AS processed FROM runs r WHERE r.run_id=?",
+            (run_id,),
+        )
+        if not rows:
+            return "no such run"
+        r = rows[0]
+        if r["purged_at"] is not None:
+            return "purged already"
+        if not r["processed"]:
+            return (
+                f"not processed yet (the run is {r['state']}, or a job of it is queued or "
+                "running): purge it once its jobs have ended"
+            )
+        return Purge(r["run_id"], r["study_uid"], r["series_uid"], r["activity"])
+
     def unfinished_purges(self) -> list[Purge]:
         """Purged runs with files left to delete: a crash came between the claim and the
         rows, or their results waited for delivery and none does any more."""

@@ -252,7 +252,8 @@ def _holders(
     if held is not None and tuple(held)[:3] != (inst.series_uid, inst.study_uid, inst.run_id):
         why = (
             f"SOP Instance UID {inst.sop_instance_uid} is stored already in series "
-            f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']})"
+            f"{held['series_uid']} of study {held['study_uid']} (run {held['run_id']}; "
+            f"`dicom-node purge --run {held['run_id']}` frees it once that run is processed)"
         )
     # A series run's ID is its Series UID, a multi-frame instance's its SOP Instance
     # UID: the run is another one's when its series or study differ.
@@ -260,6 +261,7 @@ def _holders(
         if (row["series_uid"], row["study_uid"]) != (inst.series_uid, inst.study_uid):
             why = (
                 f"run {inst.run_id} is stored already, of series {row['series_uid']} "
-                f"of study {row['study_uid']}"
+                f"of study {row['study_uid']} (`dicom-node purge --run {inst.run_id}` frees it "
+                "once that run is processed)"
             )
     return held, row, why
