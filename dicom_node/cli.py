@@ -397,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("serve", "worker"):
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        # apscheduler logs every run of a scheduled job at INFO: the completion sweep
+        # alone would write two lines a second, 170,000 a day (-vv shows them)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     from dicom_node import logsafe
 
     logsafe.install()
