@@ -6,6 +6,8 @@ with the reason (the job fails without retry).
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
-from pydicom.valuerep import DT, TM, validate_value
+from pydicom.valuerep import DA, DT, TM, validate_value
 
 from dicom_node.errors import RunError
 from dicom_node.geometry import (
@@ -490,20 +492,36 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
 
 
 def _instance_times(datasets: list[Dataset]) -> tuple[np.ndarray | None, str]:
-    """Times of a multi-instance series from Acquisition (or Content) Time."""
-    stamps = []
+    """Times of a multi-instance series from Acquisition (or Content) Time, with its
+    date where both instances have one. A time without a date that falls more than
+    12 h back from the one before is the next day's: a run across midnight."""
+    stamps: list[tuple[float, datetime.date | None]] = []
     for ds in datasets:
-        t = ds.get("AcquisitionTime") or ds.get("ContentTime")
+        keys = ("AcquisitionDate", "AcquisitionTime")
+        if not ds.get("AcquisitionTime"):
+            keys = ("ContentDate", "ContentTime")
         try:
-            stamps.append(TM(str(t)))
+            t = TM(str(ds.get(keys[1])))
         except (TypeError, ValueError):
             return (
                 None,
                 f"instance {ds.get('InstanceNumber', '?')} has no readable Acquisition Time",
             )
-    seconds = [s.hour * 3600 + s.minute * 60 + s.second + s.microsecond / 1e6 for s in stamps]
-    times = np.asarray(seconds) - seconds[0]
-    if np.all(np.diff(times) >= 0):
+        try:
+            day: datetime.date | None = DA(str(ds.get(keys[0]))) if ds.get(keys[0]) else None
+        except (TypeError, ValueError):
+            day = None
+        stamps.append((t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6, day))
+    steps = []
+    for (before, day_before), (after, day) in itertools.pairwise(stamps):
+        step = after - before
+        if day is not None and day_before is not None:
+            step += (day - day_before).days * 86400.0
+        elif step < -43200.0:
+            step += 86400.0
+        steps.append(step)
+    times = np.concatenate([[0.0], np.cumsum(steps)])
+    if np.all(np.asarray(steps) >= 0):
         return times, ""
     return None, "Acquisition Times of the instances are not in instance order"
 

@@ -330,3 +330,40 @@ def test_a_run_s_headers_read_together_are_its_headers_read_one_by_one(  # type:
     # the corpus's hostile values are dropped in some of these headers (a check that
     # compared only clean headers would pass the loop above)
     assert dropped_somewhere > 0
+
+
+def test_a_series_timed_by_its_instances_may_cross_midnight(tmp_path: Path) -> None:
+    """Single-frame instances timed by Acquisition Time (no date in a TM): a run that
+    starts before midnight and ends after it keeps its times; a clock that goes back
+    is still refused, with the reason."""
+    from pydicom.uid import generate_uid
+
+    from dicom_node.runs import load_run
+    from tests.dicomgen import save, xa_run
+
+    def series(times: list[str], dates: list[str] | None = None) -> list[Path]:
+        series_uid, study_uid = generate_uid(), generate_uid()
+        folder = tmp_path / series_uid
+        paths = []
+        for i, t in enumerate(times):
+            ds = xa_run(frames=1, series_uid=series_uid, study_uid=study_uid, seed=i)
+            ds.InstanceNumber = i + 1
+            ds.AcquisitionTime = t
+            if dates is not None:
+                ds.AcquisitionDate = dates[i]
+            paths.append(save(ds, folder))
+        return paths
+
+    over = ["235958.5", "235959.0", "235959.5", "000000.0", "000000.5", "000001"]
+    for dates in (None, ["20261205"] * 3 + ["20261206"] * 3):
+        meta = load_run(series(over, dates)).run.meta
+        assert meta.extra["timing_problem"] == "", (dates, meta.extra["timing_problem"])
+        assert np.allclose(meta.frame_times_s, [0, 0.5, 1, 1.5, 2, 2.5]), meta.frame_times_s
+    for times, dates in (
+        (["120000", "120001", "115959", "120003"], None),
+        (over, ["20261205"] * 4 + ["20261206"] * 2),  # the date says the clock went back
+    ):
+        back = load_run(series(times, dates)).run.meta
+        assert (
+            back.frame_times_s is None and "not in instance order" in back.extra["timing_problem"]
+        )
