@@ -49,6 +49,22 @@ def send(
     _SENDERS[dest.kind](dest, items, calling_aet, timeout, report)
 
 
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C) that say the destination could not store
+# the object now, not that the object is bad: out of resources (A7xx), a general
+# processing failure (0110: an I/O error, say; the node answers it for its own) and a
+# resource limitation (0213). Retried with the backoff; any other failure is for good.
+_STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+_NOT_NOW = frozenset({0x0110, 0x0213})
+
+
+def refusal(code: int, how: str) -> Refusal:
+    """What a C-STORE status, or a STOW-RS Failure Reason, means for a delivery."""
+    if code in _STORED:
+        return None
+    transient = (code & 0xFF00) == 0xA700 or code in _NOT_NOW
+    return (not transient, f"{how} 0x{code:04X}" + (" (not now: retried)" if transient else ""))
+
+
 def _gone(item: Delivery) -> Refusal:
     """A result file that is no longer there (removed by hand, or by a disk cleanup)
     is refused for good: retrying cannot bring it back, a reprocess can."""
@@ -114,13 +130,7 @@ def cstore(
             status = assoc.send_c_store(ds)
             if not status or "Status" not in status:
                 raise DeliveryError(f"{dest.name}: no C-STORE response (connection lost)")
-            code = int(status.Status)
-            if code in (0x0000, 0xB000, 0xB007, 0xB006):
-                report(item, None)
-            else:
-                # 0xA7xx out of resources is transient; other refusals are about the object
-                transient = (code & 0xFF00) == 0xA700
-                report(item, (not transient, f"C-STORE status 0x{code:04X}"))
+            report(item, refusal(int(status.Status), "C-STORE status"))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -176,23 +186,39 @@ def _stow_one(
         raise DeliveryError(f"{dest.name}: HTTP {resp.status_code} (check credentials)")
     failed = _stow_failures(resp)
     if item.sop_instance_uid in failed:
-        return (True, f"STOW-RS refused: {failed[item.sop_instance_uid]}")
+        code = failed[item.sop_instance_uid]
+        if code is None:
+            return (True, "STOW-RS refused it (no Failure Reason)")
+        return refusal(code, "STOW-RS Failure Reason") or (True, f"STOW-RS refused it: {code}")
     if resp.status_code in (200, 202):
         return None
     return (True, f"STOW-RS HTTP {resp.status_code}")
 
 
-def _stow_failures(resp: requests.Response) -> dict[str, str]:
-    """SOP Instance UIDs in the response's Failed SOP Sequence (0008,1198)."""
+def _stow_failures(resp: requests.Response) -> dict[str, int | None]:
+    """SOP Instance UIDs in the response's Failed SOP Sequence (0008,1198), each with
+    its Failure Reason (0008,1197), None where there is none that reads as a number."""
     try:
         body = resp.json()
     except ValueError:
         return {}
-    failed = {}
-    for entry in (
-        (body.get("00081198", {}) or {}).get("Value", []) if isinstance(body, dict) else []
-    ):
-        uid = entry.get("00081155", {}).get("Value", [""])[0]
-        reason = entry.get("00081197", {}).get("Value", ["?"])[0]
-        failed[uid] = f"failure reason {reason}"
+    failed: dict[str, int | None] = {}
+    sequence = body.get("00081198") if isinstance(body, dict) else None
+    entries = sequence.get("Value") if isinstance(sequence, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        uid = _first(entry, "00081155")
+        reason = _first(entry, "00081197")
+        if isinstance(uid, str):
+            failed[uid] = (
+                reason if isinstance(reason, int) and not isinstance(reason, bool) else None
+            )
     return failed
+
+
+def _first(entry: dict[str, object], tag: str) -> object:
+    """The first value of a DICOM JSON attribute, or None."""
+    attr = entry.get(tag)
+    values = attr.get("Value") if isinstance(attr, dict) else None
+    return values[0] if isinstance(values, list) and values else None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -426,3 +427,151 @@ def test_a_result_file_damaged_before_delivery_fails_with_the_reason(
     assert state == "failed" and reason in error
     assert sorted(s for s, _ in states.values()) == ["failed", "sent"]
     assert node.outbox.thread.is_alive()
+
+
+class _Answers:
+    """A destination's answers per object, in order of first arrival: the first object
+    is answered 'not now' (out of resources, processing failure, resource limitation)
+    and then stored; every other one is refused for good."""
+
+    NOT_NOW = (0xA700, 0x0110, 0x0213)
+
+    def __init__(self, refusal: int) -> None:
+        self.refusal = refusal
+        self.tries: dict[str, int] = {}
+        self.stored: list[str] = []
+
+    def answer(self, uid: str) -> int:
+        first = not self.tries or next(iter(self.tries)) == uid
+        n = self.tries[uid] = self.tries.get(uid, 0) + 1
+        if not first:
+            return self.refusal
+        if n <= len(self.NOT_NOW):
+            return self.NOT_NOW[n - 1]
+        self.stored.append(uid)
+        return 0x0000
+
+
+def _stow_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
+    """A STOW-RS endpoint answering each instance's Failure Reason in a Failed SOP
+    Sequence (HTTP 409), or 200 with it referenced."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from io import BytesIO
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+            uid = str(dcmread(BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
+            code = answers.answer(uid)
+            item = {"00081155": {"vr": "UI", "Value": [uid]}}
+            if code:
+                item["00081197"] = {"vr": "US", "Value": [code]}
+                reply, status = {"00081198": {"vr": "SQ", "Value": [item]}}, 409
+            else:
+                reply, status = {"00081199": {"vr": "SQ", "Value": [item]}}, 200
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server, {"kind": "dicomweb", "name": "answers", "url": url}
+
+
+def _dimse_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title="ANSWERS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[
+            (evt.EVT_C_STORE, lambda e: answers.answer(str(e.request.AffectedSOPInstanceUID)))
+        ],
+    )
+    port = server.server_address[1]
+    return server, {
+        "kind": "dimse",
+        "name": "answers",
+        "host": "127.0.0.1",
+        "port": port,
+        "ae_title": "ANSWERS",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "refusal"), [("dimse", 0xA900), ("dimse", 0xC000), ("dicomweb", 0xC000)]
+)
+def test_a_destination_that_cannot_store_now_gets_the_object_again(
+    make_node: Any, kind: str, refusal: int
+) -> None:
+    """Out of resources (0xA7xx), a processing failure (0x0110) and a resource
+    limitation (0x0213) say 'not now': the object is sent again after the backoff
+    until it is stored, over C-STORE and STOW-RS alike. A refusal of the object
+    (0xA900, 0xC000) fails that delivery for good with the status. (0x0110 and
+    0x0213 failed the delivery for good, and over STOW-RS 0xA700 did too: results a
+    destination could not store for a moment were never delivered.)"""
+    answers = _Answers(refusal)
+    server, dest = (_stow_destination if kind == "dicomweb" else _dimse_destination)(answers)
+    try:
+        node = make_node(
+            destinations=[dest],
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        )
+        _store(node, *(xa_run(frames=3, seed=i) for i in range(2)))
+
+        def settled() -> list:  # type: ignore[type-arg]
+            rows = node.db.query("SELECT * FROM outbox ORDER BY id")
+            ok = len(rows) == 2 and all(r["state"] in ("sent", "failed") for r in rows)
+            return rows if ok else []
+
+        rows = wait_for(settled, 60, what="both deliveries settled")
+        by_uid = {r["sop_instance_uid"]: r for r in rows}
+        first, other = list(answers.tries)
+        assert answers.stored == [first] and answers.tries[first] == 4
+        assert by_uid[first]["state"] == "sent" and by_uid[first]["attempts"] >= 3
+        assert by_uid[other]["state"] == "failed" and answers.tries[other] == 1
+        assert f"0x{refusal:04X}" in by_uid[other]["error"]
+    finally:
+        server.shutdown()
+
+
+def test_a_stow_answer_of_any_shape_is_read_without_error() -> None:
+    """A destination's STOW-RS answer is read for its Failed SOP Sequence whatever
+    shape its JSON has; what is not a UID with a numeric reason names no reason."""
+    import requests
+
+    from dicom_node.senders import _stow_failures
+
+    def answer(body: bytes) -> requests.Response:
+        resp = requests.Response()
+        resp._content = body
+        return resp
+
+    shapes = {
+        b"[1, 2]": {},
+        b'{"00081198": 1}': {},
+        b'{"00081198": {"Value": [1, "x", null, []]}}': {},
+        b'{"00081198": {"Value": [{"00081155": {"Value": [7]}}]}}': {},
+        b'{"00081198": {"Value": [{"00081155": {"Value": ["1.2.3"]}}]}}': {"1.2.3": None},
+        b'{"00081198": {"Value": [{"00081155": {"Value": ["1.2.3"]}, "00081197": '
+        b'{"Value": ["A700"]}}]}}': {"1.2.3": None},
+        b'{"00081198": {"Value": [{"00081155": {"Value": ["1.2.3"]}, "00081197": '
+        b'{"Value": [true]}}]}}': {"1.2.3": None},
+        b"not json": {},
+        b'{"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3"]}, '
+        b'"00081197": {"vr": "US", "Value": [43264]}}]}}': {"1.2.3": 0xA900},
+    }
+    for body, expected in shapes.items():
+        assert _stow_failures(answer(body)) == expected, body
