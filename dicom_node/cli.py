@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
@@ -67,6 +68,19 @@ def group_runs(paths: Sequence[str]) -> tuple[dict[str, list[Path]], list[str]]:
     return dict(runs), skipped
 
 
+def _head(files: Sequence[Path]) -> Dataset:
+    """The header the router reads for a run: its first instance of the run's SOP Class
+    (``dicom_node.router``)."""
+    from dicom_node.sopclasses import run_sop_class
+
+    classes = [
+        str(dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+        for f in files
+    ]
+    sop = run_sop_class(classes)
+    return dcmread(files[classes.index(sop)], stop_before_pixels=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
@@ -109,7 +123,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         if args.pipeline:
             names = [args.pipeline]
         else:
-            first = dcmread(files[0], stop_before_pixels=True)
+            first = _head(files)
             decision = route(effective_rules(settings), RunFeatures.from_first(first, len(files)))
             names = decision.pipelines
             if not names:
@@ -157,7 +171,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"skipped {s}")
     for run_id, files in runs.items():
-        first = dcmread(files[0], stop_before_pixels=True)
+        first = _head(files)
         feats = RunFeatures.from_first(first, len(files))
         decision = route(effective_rules(settings), feats)
         print(

@@ -197,9 +197,6 @@ def _label(ds: Dataset, index: int) -> str:
 def series_geometry(datasets: Sequence[Dataset]) -> VolumeGeometry:
     """The geometry of a volume sent as one single-frame instance per slice."""
     first = datasets[0]
-    classes = sorted({str(ds.SOPClassUID) for ds in datasets})
-    if len(classes) > 1:
-        raise RunError(f"the series mixes SOP classes: {', '.join(classes)}")
     names = [f"slice {_label(ds, k)}" for k, ds in enumerate(datasets)]
     frame_of_reference = _frame_of_reference(first, names[0])
     for ds, name in zip(datasets, names, strict=True):

@@ -83,6 +83,9 @@ def run_pipeline(
     shift = loaded.run.meta.extra.get("mask_shift")
     if shift is not None:  # how the node subtracted a native run (dicom_node.runs)
         notes.insert(0, shift.note())
+    left_out = loaded.run.meta.extra.get("left_out")
+    if left_out:  # instances of the series that are not of its run (dicom_node.runs)
+        notes.insert(0, left_out)
     if result.quality is not None:
         notes += [n for n in result.quality.notes() if n not in notes]
         log.info(

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from dicom_node.db import Database, RunState
 from dicom_node.routing import RunFeatures, acquired_at, effective_rules, route
 from dicom_node.settings import Settings
+from dicom_node.sopclasses import run_sop_class
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ class Router:
             try:
                 # one header: each instance's was checked at ingest, and holding a run's
                 # thousands of headers cost the node memory in proportion
-                first = dcmread(instances[0].path, stop_before_pixels=True)
-                features = RunFeatures.from_first(first, len(instances), instances[0].calling_aet)
+                # of the run's SOP Class: the instances decoding keeps (dicom_node.runs)
+                sop = run_sop_class([i.sop_class_uid for i in instances])
+                head = next(i for i in instances if i.sop_class_uid == sop)
+                first = dcmread(head.path, stop_before_pixels=True)
+                features = RunFeatures.from_first(first, len(instances), head.calling_aet)
                 decision = route(self.rules, features)
             except Exception as exc:  # noqa: BLE001 - a header defect becomes the run's state
                 reason = f"header cannot be read for routing: {type(exc).__name__}: {exc}"

@@ -6,6 +6,7 @@ with the reason (the job fails without retry).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import logging
@@ -38,7 +39,7 @@ from dicom_node.routing import (
     header_floats,
     mask_operation,
 )
-from dicom_node.sopclasses import CINE_2D, VOLUME
+from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, VOLUME, run_sop_class
 from pipelines import pixel_shift
 from pipelines.base import Run, RunMeta, Shutter
 from pipelines.pixel_shift import Shift
@@ -392,15 +393,62 @@ def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = No
         except (OSError, ValueError, InvalidDicomError) as exc:
             raise RunError(f"cannot read {p}: {exc}") from None
     _check_one_patient(datasets)
+    datasets, files, left_out = _members(datasets, [Path(p) for p in paths])
     if on_pixels is not None:
         on_pixels(sum(declared_pixels(ds) for ds in datasets))
     first = datasets[0]
     sop = str(first.SOPClassUID)
-    if sop in VOLUME:
-        return _load_volume(datasets, [Path(p) for p in paths])
-    if sop not in CINE_2D and int(first.get("NumberOfFrames", 1) or 1) == 1 and len(datasets) == 1:
-        raise RunError(f"a single {first.get('Modality', '?')} frame is not a run")
-    return _load_cine(datasets, [Path(p) for p in paths])
+    try:
+        if sop in VOLUME:
+            loaded = _load_volume(datasets, files)
+        elif (
+            sop not in CINE_2D and int(first.get("NumberOfFrames", 1) or 1) == 1 and len(files) == 1
+        ):
+            raise RunError(f"a single {first.get('Modality', '?')} frame is not a run")
+        else:
+            loaded = _load_cine(datasets, files)
+    except RunError as exc:
+        if left_out:  # a slice of another class is a slice missing: say where it went
+            raise RunError(f"{exc} ({left_out})") from None
+        raise
+    if left_out:
+        run = loaded.run
+        meta = dataclasses.replace(run.meta, extra={**run.meta.extra, "left_out": left_out})
+        loaded = LoadedRun(dataclasses.replace(run, meta=meta), loaded.headers)
+    return loaded
+
+
+def _members(datasets: list[Dataset], paths: list[Path]) -> tuple[list[Dataset], list[Path], str]:
+    """The instances of a series that make its run, and what was left out (''): those
+    of the run's SOP Class (``run_sop_class``; the router reads the same instance's
+    header), and of a volume its slices without the localizers a scanner may store in
+    the series (Image Type LOCALIZER: a plane across the slices)."""
+    if len(datasets) == 1:
+        return datasets, paths, ""
+    sop = run_sop_class([str(ds.get("SOPClassUID", "")) for ds in datasets])
+    keep = [i for i, ds in enumerate(datasets) if str(ds.get("SOPClassUID", "")) == sop]
+    others = len(datasets) - len(keep)
+    localizers = {i for i in keep if "LOCALIZER" in _image_type(datasets[i])}
+    if sop not in VOLUME or len(localizers) == len(keep):
+        localizers = set()
+    keep = [i for i in keep if i not in localizers]
+    parts = []
+    if others:
+        name = ACCEPTED_SOP_CLASSES.get(sop, sop)
+        parts.append(f"{others} instance(s) of another SOP Class than the run's ({name})")
+    if localizers:
+        parts.append(f"{len(localizers)} localizer(s)")
+    note = "left out of the run: " + " and ".join(parts) if parts else ""
+    if note:
+        log.info("%s: %s", paths[0].parent.name, note)
+    return [datasets[i] for i in keep], [paths[i] for i in keep], note
+
+
+def _image_type(ds: Dataset) -> tuple[str, ...]:
+    try:
+        return tuple(str(v).strip().upper() for v in (ds.get("ImageType") or []))
+    except Exception:  # noqa: BLE001 - an unreadable Image Type: none
+        return ()
 
 
 # A run is one study's and one patient's: its results go to that study.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+
 from pydicom import uid
 
 # Storage SOP classes accepted from modalities and PACS.
@@ -54,6 +57,16 @@ TRANSFER_SYNTAXES: list[str] = [
     uid.JPEG2000,
     uid.RLELossless,
 ]
+
+
+def run_sop_class(classes: Sequence[str]) -> str:
+    """The SOP Class of a run whose instances are of ``classes``, in the order they
+    arrived: the most common, the earliest of those tied. A series that mixes classes
+    (a screen capture stored into an XA series, say) is a run of that class, and the
+    other instances are left out of it."""
+    counts = Counter(classes)
+    top = max(counts.values())
+    return next(c for c in classes if counts[c] == top)
 
 
 def resolve_sop_class(name_or_uid: str) -> str:

@@ -3,8 +3,8 @@
 Each instance of these runs is valid on its own, so ingest stores it; what is
 broken is the geometry the volume's result is placed by (``dicom_node.geometry``):
 Image Position and Orientation, Pixel Spacing, Frame of Reference, the
-Enhanced instance's functional groups, and a series that mixes SOP classes or
-sizes. Every case starts from a small valid rotational phantom (the CT series
+Enhanced instance's functional groups, and a series that mixes SOP classes (a
+slice of another class is left out of the run: a slice missing) or sizes. Every case starts from a small valid rotational phantom (the CT series
 or the Enhanced 3D XA instance) and breaks one attribute in a subset of its
 slices or frames with one of ``HOSTILE``'s values, or several at once in the
 random combinations. Unparseable values are written as raw bytes, as a sender
@@ -156,7 +156,7 @@ def _set_level(series: list[Dataset], rng: np.random.Generator) -> list[Case]:
     clone.file_meta.MediaStorageSOPInstanceUID = clone.SOPInstanceUID
     cases.append(Case("a slice sent twice under two UIDs", [*twice, clone]))
     mixed = [copy.deepcopy(d) for d in series]
-    k = int(rng.integers(len(mixed)))
+    k = int(rng.integers(1, len(mixed) - 1))  # inside: left out, it leaves a gap
     mixed[k].SOPClassUID = XRayAngiographicImageStorage
     mixed[k].file_meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
     cases.append(Case("a slice of another SOP class", mixed))

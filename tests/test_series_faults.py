@@ -21,7 +21,7 @@ from tests.series_faults import Case, corpus, run_header_corpus
 EXPECTED = {
     "a slice missing in the middle": "not evenly spaced",
     "a slice sent twice under two UIDs": "same position",
-    "a slice of another SOP class": "mixes SOP classes",
+    "a slice of another SOP class": "1 instance(s) of another SOP Class than the run's (CT)",
     "slices a kilometre apart": "apart, more than",
     "one slice of another orientation": "another Image Orientation",
     "enhanced per-frame groups cut short": "Per-Frame Functional Groups",
@@ -367,3 +367,66 @@ def test_a_series_timed_by_its_instances_may_cross_midnight(tmp_path: Path) -> N
         assert (
             back.frame_times_s is None and "not in instance order" in back.extra["timing_problem"]
         )
+
+
+def test_instances_that_are_not_of_a_series_run_are_left_out_with_a_note(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """A screen capture stored into an XA series (first, even) and a CT localizer
+    stored with its slices: the run is made of the series' instances of its SOP Class
+    (the most common), without a volume's localizers; the router reads that class's
+    header, and the job's notes say what was left out. (The capture became a frame
+    of the run, and routed the run when it came first: unrouted, 'no rule matched';
+    the localizer failed the volume for its orientation.)"""
+    import copy
+
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    from dicom_node.runs import load_run
+    from tests.dicomgen import ct_series, save, xa_run
+    from tests.test_ingest import _send
+
+    series_uid, study_uid = generate_uid(), generate_uid()
+    instances = []
+    for i in range(6):
+        ds = xa_run(frames=1, series_uid=series_uid, study_uid=study_uid, seed=i)
+        ds.InstanceNumber = i + 1
+        ds.AcquisitionTime = f"1200{i:02d}"
+        if i == 0:  # a capture of the screen, stored into the series first
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+            ds.Modality = "OT"
+        instances.append(ds)
+    loaded = load_run([save(ds, tmp_path / "xa") for ds in instances])
+    assert loaded.run.pixels.shape[0] == 5 and len(loaded.headers) == 5
+    note = "left out of the run: 1 instance(s) of another SOP Class than the run's (XA)"
+    assert loaded.run.meta.extra["left_out"] == note
+
+    slices = ct_series(slices=8)
+    scout = copy.deepcopy(slices[0])
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    scout.InstanceNumber = 9
+    volume = load_run([save(ds, tmp_path / "ct") for ds in [scout, *slices]])
+    assert volume.run.pixels.shape[0] == 8
+    assert volume.run.meta.extra["left_out"] == "left out of the run: 1 localizer(s)"
+    scouts = ct_series(slices=2)
+    for ds in scouts:  # localizers alone: nothing to leave them out for
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    alone = load_run([save(ds, tmp_path / "scouts") for ds in scouts])
+    assert alone.run.pixels.shape[0] == 2 and "left_out" not in alone.run.meta.extra
+
+    node = make_node(
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        completion={"quiet_period_s": 0.5},
+    )
+    for ds in instances:
+        assert _send(node, ds) == 0x0000
+    job = wait_for(
+        lambda: node.db.query("SELECT * FROM jobs WHERE run_id=? AND state='done'", (series_uid,)),
+        60,
+        what="the series' minip job",
+    )[0]
+    assert note in job["notes"]
+    run = node.db.query("SELECT rule FROM runs WHERE run_id=?", (series_uid,))[0]
+    assert run["rule"] == "xa"
