@@ -180,7 +180,7 @@ def _stow_one(
         resp = session.post(f"{dest.url}/studies", data=body, headers=headers, timeout=timeout)
     except requests.RequestException as exc:
         raise DeliveryError(f"{dest.name}: {exc}") from None
-    if resp.status_code == 429 or resp.status_code >= 500:
+    if resp.status_code in (408, 429) or resp.status_code >= 500:
         raise DeliveryError(f"{dest.name}: HTTP {resp.status_code}")
     if resp.status_code in (401, 403):
         raise DeliveryError(f"{dest.name}: HTTP {resp.status_code} (check credentials)")

@@ -454,15 +454,24 @@ class _Answers:
 
 def _stow_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
     """A STOW-RS endpoint answering each instance's Failure Reason in a Failed SOP
-    Sequence (HTTP 409), or 200 with it referenced."""
+    Sequence (HTTP 409), or 200 with it referenced; its first answer of all is a
+    408 Request Timeout."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from io import BytesIO
 
+    timed_out: list[bool] = []
+
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            if not timed_out:
+                timed_out.append(True)
+                self.send_response(408)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
             uid = str(dcmread(BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
             code = answers.answer(uid)
@@ -516,8 +525,8 @@ def _dimse_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
 def test_a_destination_that_cannot_store_now_gets_the_object_again(
     make_node: Any, kind: str, refusal: int
 ) -> None:
-    """Out of resources (0xA7xx), a processing failure (0x0110) and a resource
-    limitation (0x0213) say 'not now': the object is sent again after the backoff
+    """Out of resources (0xA7xx), a processing failure (0x0110), a resource
+    limitation (0x0213) and an HTTP 408 say 'not now': the object is sent again after the backoff
     until it is stored, over C-STORE and STOW-RS alike. A refusal of the object
     (0xA900, 0xC000) fails that delivery for good with the status. (0x0110 and
     0x0213 failed the delivery for good, and over STOW-RS 0xA700 did too: results a
