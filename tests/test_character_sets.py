@@ -67,3 +67,19 @@ def test_results_keep_the_source_s_character_set(  # type: ignore[no-untyped-def
         assert back.SpecificCharacterSet == charset, ds.SOPClassUID
         assert (str(back.PatientName), back.StudyDescription) == (name, description)
         assert dciodvfy_errors(path) == [], (ds.SOPClassUID, path)
+
+
+def test_a_patient_name_of_one_component_is_copied_without_a_warning(  # type: ignore[no-untyped-def]
+    perfusion, recwarn
+) -> None:
+    """'ANONYMOUS' (one component, as most de-identified runs have) is copied as it
+    is, without highdicom's warning for each result object in the job's log."""
+    run, result = perfusion
+    frames, rows, cols = run.pixels.shape
+    header = xa_run(frames=frames, rows=rows, cols=cols, frame_time_ms=500.0)
+    del header.PixelData
+    header.PatientName = "ANONYMOUS"
+    ctx = EncodeContext(sources=[header], pipeline="dsa_perfusion", now=datetime(2026, 1, 2))
+    datasets = encode_result(result, run, ctx)
+    assert {str(ds.PatientName) for ds in datasets} == {"ANONYMOUS"}
+    assert not [w for w in recwarn if "person name" in str(w.message)]

@@ -12,6 +12,7 @@ Comments of the image objects.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
@@ -92,6 +93,20 @@ def _outputs(result: PipelineResult) -> list[Output]:
 def encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[Dataset]:
     """All DICOM objects for one pipeline result, canvas first. The result's
     algorithms join the provenance its UIDs derive from."""
+    with warnings.catch_warnings():
+        # The source's Patient's Name is copied as it is (common.copy_identity):
+        # highdicom's doubt about a name of one component ('ANONYMOUS', as most
+        # de-identified runs have) would put a warning of two lines in the node's log
+        # for each such name a worker process meets, about nothing an operator can
+        # change.
+        warnings.filterwarnings("ignore", _PERSON_NAME_DOUBT, UserWarning, "highdicom")
+        return _encode_result(result, run, ctx)
+
+
+_PERSON_NAME_DOUBT = r"The string .* is unlikely to represent the intended person name"
+
+
+def _encode_result(result: PipelineResult, run: Run, ctx: EncodeContext) -> list[Dataset]:
     ctx.algorithms = _algorithms(result)
     ctx.quality = result.quality
     datasets: list[Dataset] = []
