@@ -440,7 +440,7 @@ def _members(datasets: list[Dataset], paths: list[Path]) -> tuple[list[Dataset],
         parts.append(f"{len(localizers)} localizer(s)")
     note = "left out of the run: " + " and ".join(parts) if parts else ""
     if note:
-        log.info("%s: %s", paths[0].parent.name, note)
+        log.info("series %s: %s", datasets[0].get("SeriesInstanceUID", "?"), note)
     return [datasets[i] for i in keep], [paths[i] for i in keep], note
 
 
