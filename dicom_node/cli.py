@@ -271,11 +271,23 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
-    body = {"series_uid": args.series} if args.series else {"study_uid": args.study}
     path = "/reprocess" if args.reprocess else "/trigger"
-    resp = _api_call(settings, args, "POST", path, json=body, timeout=30)
+    resp = _api_call(settings, args, "POST", path, json=_selector(args), timeout=30)
     print(resp.text)
     return 0 if resp.ok else 1
+
+
+def _selector(args: argparse.Namespace) -> dict[str, str]:
+    """The API's selector of ``--run``, ``--series`` or ``--study`` (``_add_selector``)."""
+    given = (("run_id", args.run), ("series_uid", args.series), ("study_uid", args.study))
+    return {k: v for k, v in given if v}
+
+
+def _add_selector(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="a run ID (a multi-frame instance's SOP Instance UID)")
+    g.add_argument("--series")
+    g.add_argument("--study")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -283,12 +295,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
-    key, value = next(
-        (k, v)
-        for k, v in (("run_id", args.run), ("series_uid", args.series), ("study_uid", args.study))
-        if v
-    )
-    resp = _api_call(settings, args, "POST", "/purge", json={key: value}, timeout=120)
+    resp = _api_call(settings, args, "POST", "/purge", json=_selector(args), timeout=120)
     print(resp.text)
     return 0 if resp.ok else 1
 
@@ -359,11 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
-        "trigger", help="complete (or --reprocess) a series or study on a running node"
+        "trigger", help="complete (or --reprocess) a run, series or study on a running node"
     )
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--series")
-    g.add_argument("--study")
+    _add_selector(p)
     p.add_argument("--reprocess", action="store_true")
     p.add_argument("--config")
     p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
@@ -374,10 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "purge",
         help="processed runs on a running node lose their received files and results now",
     )
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--run")
-    g.add_argument("--series")
-    g.add_argument("--study")
+    _add_selector(p)
     p.add_argument("--config")
     p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
     p.add_argument("--cacert", help="CA certificate of an HTTPS API")

@@ -505,6 +505,14 @@ def test_cli_token_and_trigger_with_a_token(make_node: Any, tmp_path: Path) -> N
     assert denied.returncode == 1 and "needs a token" in denied.stdout
     done = trigger("--token-file", str(tmp_path / "tok"))
     assert done.returncode == 0 and "completed_runs" in done.stdout, done.stdout + done.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "trigger", "--run", "1.2.3.4", "--reprocess"]
+        + ["--config", str(cfg), "--token-file", str(tmp_path / "tok")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "no routable run for {'run_id': '1.2.3.4'}" in run.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "dicom_node.cli", "token", "--name", "x", "--scopes", "admin"],
         capture_output=True,
