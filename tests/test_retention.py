@@ -322,6 +322,14 @@ def test_an_operator_purges_chosen_runs_now_and_frees_their_uids(
 
     # the UID is free: the copy in the other series is stored and processed as its run
     assert _send(node, moved) == 0x0000
-    wait_for(lambda: _processed(node, run_id) and not node.db.is_purged(run_id), 120)
+    wait_for(
+        lambda: (
+            len(node.db.query("SELECT 1 FROM jobs WHERE run_id=?", (run_id,))) == 2
+            and _processed(node, run_id)
+        ),
+        120,
+        what="the copy's job",
+    )
+    assert not node.db.is_purged(run_id) and len(_files(node)) == 2
     row = node.db.query("SELECT series_uid FROM runs WHERE run_id=?", (run_id,))[0]
     assert row["series_uid"] == str(moved.SeriesInstanceUID)
