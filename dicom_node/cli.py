@@ -68,9 +68,9 @@ def group_runs(paths: Sequence[str]) -> tuple[dict[str, list[Path]], list[str]]:
     return dict(runs), skipped
 
 
-def _head(files: Sequence[Path]) -> Dataset:
-    """The header the router reads for a run: its first instance of the run's SOP Class
-    (``dicom_node.router``)."""
+def _head(files: Sequence[Path]) -> tuple[Dataset, int]:
+    """The header the router reads for a run, its first instance of the run's SOP Class,
+    and how many instances of that class it has (``dicom_node.router``)."""
     from dicom_node.sopclasses import run_sop_class
 
     classes = [
@@ -78,7 +78,7 @@ def _head(files: Sequence[Path]) -> Dataset:
         for f in files
     ]
     sop = run_sop_class(classes)
-    return dcmread(files[classes.index(sop)], stop_before_pixels=True)
+    return dcmread(files[classes.index(sop)], stop_before_pixels=True), classes.count(sop)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -123,8 +123,8 @@ def cmd_process(args: argparse.Namespace) -> int:
         if args.pipeline:
             names = [args.pipeline]
         else:
-            first = _head(files)
-            decision = route(effective_rules(settings), RunFeatures.from_first(first, len(files)))
+            first, count = _head(files)
+            decision = route(effective_rules(settings), RunFeatures.from_first(first, count))
             names = decision.pipelines
             if not names:
                 why = decision.excluded or "use `dicom-node route --explain`"
@@ -171,11 +171,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"skipped {s}")
     for run_id, files in runs.items():
-        first = _head(files)
-        feats = RunFeatures.from_first(first, len(files))
+        first, count = _head(files)
+        feats = RunFeatures.from_first(first, count)
         decision = route(effective_rules(settings), feats)
         print(
-            f"run {run_id} ({len(files)} instance(s), {feats.modality}, "
+            f"run {run_id} ({count} instance(s), {feats.modality}, "
             f"{feats.number_of_frames} frame(s), {first.get('SeriesDescription', '')!s})"
         )
         if args.explain or decision.excluded:

@@ -96,9 +96,9 @@ class Router:
                 # thousands of headers cost the node memory in proportion
                 # of the run's SOP Class: the instances decoding keeps (dicom_node.runs)
                 sop = run_sop_class([i.sop_class_uid for i in instances])
-                head = next(i for i in instances if i.sop_class_uid == sop)
-                first = dcmread(head.path, stop_before_pixels=True)
-                features = RunFeatures.from_first(first, len(instances), head.calling_aet)
+                members = [i for i in instances if i.sop_class_uid == sop]
+                first = dcmread(members[0].path, stop_before_pixels=True)
+                features = RunFeatures.from_first(first, len(members), members[0].calling_aet)
                 decision = route(self.rules, features)
             except Exception as exc:  # noqa: BLE001 - a header defect becomes the run's state
                 reason = f"header cannot be read for routing: {type(exc).__name__}: {exc}"

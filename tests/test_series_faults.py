@@ -379,6 +379,8 @@ def test_instances_that_are_not_of_a_series_run_are_left_out_with_a_note(
     of the run, and routed the run when it came first: unrouted, 'no rule matched';
     the localizer failed the volume for its orientation.)"""
     import copy
+    import subprocess
+    import sys
 
     from pydicom.uid import SecondaryCaptureImageStorage
 
@@ -400,6 +402,14 @@ def test_instances_that_are_not_of_a_series_run_are_left_out_with_a_note(
     assert loaded.run.pixels.shape[0] == 5 and len(loaded.headers) == 5
     note = "left out of the run: 1 instance(s) of another SOP Class than the run's (XA)"
     assert loaded.run.meta.extra["left_out"] == note
+    route = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "route", str(tmp_path / "xa")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert f"run {series_uid} (5 instance(s), XA, 5 frame(s)" in route.stdout, route.stdout
+    assert "-> cerebral-dsa" in route.stdout, route.stdout
 
     slices = ct_series(slices=8)
     scout = copy.deepcopy(slices[0])
