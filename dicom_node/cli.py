@@ -268,36 +268,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_trigger(args: argparse.Namespace) -> int:
-    from dicom_node.settings import load_settings
-
-    settings = load_settings(args.config)
-    path = "/reprocess" if args.reprocess else "/trigger"
-    resp = _api_call(settings, args, "POST", path, json=_selector(args), timeout=30)
-    print(resp.text)
-    return 0 if resp.ok else 1
-
-
-def _selector(args: argparse.Namespace) -> dict[str, str]:
-    """The API's selector of ``--run``, ``--series`` or ``--study`` (``_add_selector``)."""
-    given = (("run_id", args.run), ("series_uid", args.series), ("study_uid", args.study))
-    return {k: v for k, v in given if v}
-
-
-def _add_selector(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--run", help="a run ID (a multi-frame instance's SOP Instance UID)")
-    g.add_argument("--series")
-    g.add_argument("--study")
+    return _operate(args, "/reprocess" if args.reprocess else "/trigger", timeout=30)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """An operator's purge on a running node (its spool locks are the node's)."""
+    return _operate(args, "/purge", timeout=120)
+
+
+def _operate(args: argparse.Namespace, path: str, timeout: float) -> int:
+    """POST the runs ``--run``, ``--series`` or ``--study`` select to the running node's
+    ``path``; prints its answer (``_add_operate_arguments``)."""
     from dicom_node.settings import load_settings
 
-    settings = load_settings(args.config)
-    resp = _api_call(settings, args, "POST", "/purge", json=_selector(args), timeout=120)
+    given = (("run_id", args.run), ("series_uid", args.series), ("study_uid", args.study))
+    selector = {k: v for k, v in given if v}
+    resp = _api_call(load_settings(args.config), args, "POST", path, json=selector, timeout=timeout)
     print(resp.text)
     return 0 if resp.ok else 1
+
+
+def _add_operate_arguments(p: argparse.ArgumentParser) -> None:
+    """The runs an operator's command selects, and how it reaches the node's API."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="a run ID (a multi-frame instance's SOP Instance UID)")
+    g.add_argument("--series")
+    g.add_argument("--study")
+    p.add_argument("--config")
+    p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
+    p.add_argument("--cacert", help="CA certificate of an HTTPS API")
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -368,21 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "trigger", help="complete (or --reprocess) a run, series or study on a running node"
     )
-    _add_selector(p)
+    _add_operate_arguments(p)
     p.add_argument("--reprocess", action="store_true")
-    p.add_argument("--config")
-    p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
-    p.add_argument("--cacert", help="CA certificate of an HTTPS API")
     p.set_defaults(func=cmd_trigger)
 
     p = sub.add_parser(
         "purge",
         help="processed runs on a running node lose their received files and results now",
     )
-    _add_selector(p)
-    p.add_argument("--config")
-    p.add_argument("--token-file", help="API token (default: $DICOM_NODE_API_TOKEN)")
-    p.add_argument("--cacert", help="CA certificate of an HTTPS API")
+    _add_operate_arguments(p)
     p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("token", help="make an API token and print its settings entry")

@@ -18,6 +18,7 @@ from dicom_node.settings import RetentionSettings
 from tests.conftest import wait_for
 from tests.dicomgen import xa_run
 from tests.test_ingest import _send
+from tests.test_security import _audit
 
 RULES = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
 # dsa_ia refuses a run of 2 frames (a failed job, for an operator's retry)
@@ -25,9 +26,12 @@ FAILING = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", 
 OFF = {"keep_days": None, "free_target_bytes": None}
 
 
-def _processed(node: Any, run_id: str) -> bool:
-    jobs = node.db.query("SELECT state FROM jobs WHERE run_id=?", (run_id,))
-    return bool(jobs) and all(j["state"] in ("done", "failed") for j in jobs)
+def _processed(node: Any, run_id: str, jobs: int | None = None) -> bool:
+    """Whether the run's jobs (``jobs`` of them, when given) have all ended."""
+    rows = node.db.query("SELECT state FROM jobs WHERE run_id=?", (run_id,))
+    if jobs is not None and len(rows) != jobs:
+        return False
+    return bool(rows) and all(j["state"] in ("done", "failed") for j in rows)
 
 
 def _files(node: Any) -> list[Path]:
@@ -89,14 +93,7 @@ def test_a_processed_run_is_purged_by_age_and_keeps_its_history(make_node: Any) 
 
     # the same instance sent again re-opens the run, which is processed again
     assert _send(node, ds) == 0x0000
-    wait_for(
-        lambda: (
-            len(node.db.query("SELECT 1 FROM jobs WHERE run_id=?", (run_id,))) == 4
-            and _processed(node, run_id)
-        ),
-        120,
-        what="the re-opened run's jobs",
-    )
+    wait_for(lambda: _processed(node, run_id, jobs=4), 120, what="the re-opened run's jobs")
     run = node.db.query("SELECT purged_at FROM runs WHERE run_id=?", (run_id,))[0]
     assert run["purged_at"] is None and len(_files(node)) == 1
 
@@ -311,25 +308,14 @@ def test_an_operator_purges_chosen_runs_now_and_frees_their_uids(
     assert node.db.is_purged(run_id) and node.db.run_state(run_id) == "routed"
     resp = requests.post(f"{api}/purge", json={"run_id": run_id}, timeout=30)
     assert resp.status_code == 409 and "purged already" in resp.text
-    audit = [
-        json.loads(line)
-        for line in (node.settings.storage_dir / "audit" / "audit.jsonl").read_text().splitlines()
-    ]
-    purges = [a for a in audit if a.get("event") == "run-purged"]
+    purges = [a for a in _audit(node) if a.get("event") == "run-purged"]
     assert [(a["run_id"], a["reason"]) for a in purges] == [
         (run_id, "deleted at the request of anonymous")
     ]
 
     # the UID is free: the copy in the other series is stored and processed as its run
     assert _send(node, moved) == 0x0000
-    wait_for(
-        lambda: (
-            len(node.db.query("SELECT 1 FROM jobs WHERE run_id=?", (run_id,))) == 2
-            and _processed(node, run_id)
-        ),
-        120,
-        what="the copy's job",
-    )
+    wait_for(lambda: _processed(node, run_id, jobs=2), 120, what="the copy's job")
     assert not node.db.is_purged(run_id) and len(_files(node)) == 2
     row = node.db.query("SELECT series_uid FROM runs WHERE run_id=?", (run_id,))[0]
     assert row["series_uid"] == str(moved.SeriesInstanceUID)
