@@ -55,6 +55,15 @@ def _store(node, *datasets) -> None:  # type: ignore[no-untyped-def]
         assoc.release()
 
 
+def _settled(node: Any, count: int | None = None) -> list[Any]:
+    """The outbox's rows once every delivery is sent or failed (and there are ``count``
+    of them, when given), else []."""
+    rows = node.db.query("SELECT * FROM outbox ORDER BY id")
+    if not rows or (count is not None and len(rows) != count):
+        return []
+    return rows if all(r["state"] in ("sent", "failed") for r in rows) else []
+
+
 def _send_series_and_kill(proc: subprocess.Popen[bytes], port: int, series: str) -> list[str]:
     """Send a 12-instance series, SIGKILL the node after 6; the UIDs that got Success."""
     study = generate_uid()
@@ -302,11 +311,7 @@ def test_a_destination_that_refuses_a_sop_class_fails_those_results_only(
         for seed in (1, 2):  # the second run's results go out after the first's refusals
             _store(node, xa_run(frames=8, seed=seed))
 
-        def settled() -> list:  # type: ignore[type-arg]
-            rows = node.db.query("SELECT * FROM outbox")
-            return rows if rows and all(r["state"] in ("sent", "failed") for r in rows) else []
-
-        rows = wait_for(settled, 120, what="every result sent or failed")
+        rows = wait_for(lambda: _settled(node), 120, what="every result sent or failed")
         failed = [r for r in rows if r["state"] == "failed"]
         sent = [r for r in rows if r["state"] == "sent"]
         assert failed and sent
@@ -417,11 +422,7 @@ def test_a_result_file_damaged_before_delivery_fails_with_the_reason(
         damaged.write_bytes(b"not DICOM")
     storescp.start()
 
-    def settled() -> list:  # type: ignore[type-arg]
-        rows = node.db.query("SELECT * FROM outbox ORDER BY id")
-        return rows if all(r["state"] in ("sent", "failed") for r in rows) else []
-
-    rows = wait_for(settled, 60, what="both deliveries settled")
+    rows = wait_for(lambda: _settled(node, 2), 60, what="both deliveries settled")
     states = {r["id"]: (r["state"], r["error"]) for r in rows}
     state, error = states[pending[0]["id"]]
     assert state == "failed" and reason in error
@@ -540,12 +541,7 @@ def test_a_destination_that_cannot_store_now_gets_the_object_again(
         )
         _store(node, *(xa_run(frames=3, seed=i) for i in range(2)))
 
-        def settled() -> list:  # type: ignore[type-arg]
-            rows = node.db.query("SELECT * FROM outbox ORDER BY id")
-            ok = len(rows) == 2 and all(r["state"] in ("sent", "failed") for r in rows)
-            return rows if ok else []
-
-        rows = wait_for(settled, 60, what="both deliveries settled")
+        rows = wait_for(lambda: _settled(node, 2), 60, what="both deliveries settled")
         by_uid = {r["sop_instance_uid"]: r for r in rows}
         first, other = list(answers.tries)
         assert answers.stored == [first] and answers.tries[first] == 4
