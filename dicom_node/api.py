@@ -10,6 +10,8 @@
     POST /reprocess  {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
     POST /purge      {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
                                           processed runs lose their files now
+    POST /cancel     {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
+                                          what is still to be done for them is not done
     POST /jobs/{id}/retry                 a failed job queued again        operate
     POST /dicom-web/studies[/{study}]     STOW-RS into the spool           store
     GET  /dicom-web/studies/..., /worker/...  the scale-out workers        worker
@@ -69,6 +71,8 @@ class Node(Protocol):
     def reprocess(self, **selector: str) -> list[int]: ...
 
     def purge(self, operator: str, **selector: str) -> tuple[list[str], dict[str, str]]: ...
+
+    def cancel(self, operator: str, **selector: str) -> tuple[list[str], dict[str, str]]: ...
 
     def retry_job(self, job_id: int) -> bool: ...
 
@@ -346,18 +350,18 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                         )
                     raise HttpError(404, f"no routable run for {sel}")
                 return {"jobs": jobs}
-            if method == "POST" and path == "/purge":
+            if method == "POST" and path in ("/purge", "/cancel"):
                 sel = _selector(self._body())
-                purged, kept = node.purge(who.name, **sel)
-                status = 200 if purged else 409 if kept else 404
-                node.audit.api_call(
-                    who.name, self.peer, method, path, status, {**sel, "purged": purged}
-                )
+                act = node.purge if path == "/purge" else node.cancel
+                done, kept = act(who.name, **sel)
+                status = 200 if done else 409 if kept else 404
+                key = "purged" if path == "/purge" else "cancelled"
+                node.audit.api_call(who.name, self.peer, method, path, status, {**sel, key: done})
                 if status == 404:
                     raise HttpError(404, f"no run for {sel}")
                 if status == 409:
                     raise HttpError(409, "; ".join(f"run {r}: {why}" for r, why in kept.items()))
-                return {"purged_runs": purged, "kept_runs": kept}
+                return {f"{key}_runs": done, "kept_runs": kept}
             raise HttpError(404 if method == "GET" else 405, f"no route {method} {path}")
 
         def _retry(self, job_id: int, who: Principal) -> None:

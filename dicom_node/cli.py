@@ -1,5 +1,5 @@
-"""``dicom-node``: serve, process offline, explain routing, status, trigger, purge;
-plus the commands other packages register (``synth``, ``demo``)."""
+"""``dicom-node``: serve, process offline, explain routing, status, trigger, purge,
+cancel; plus the commands other packages register (``synth``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -276,6 +276,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return _operate(args, "/purge", timeout=120)
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """An operator's cancel on a running node (its workers are the node's)."""
+    return _operate(args, "/cancel", timeout=60)
+
+
 def _operate(args: argparse.Namespace, path: str, timeout: float) -> int:
     """POST the runs ``--run``, ``--series`` or ``--study`` select to the running node's
     ``path``; prints its answer (``_add_operate_arguments``)."""
@@ -377,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_operate_arguments(p)
     p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser(
+        "cancel",
+        help="runs on a running node are not processed further: their queued and running "
+        "jobs fail, their results not yet delivered are not sent",
+    )
+    _add_operate_arguments(p)
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("token", help="make an API token and print its settings entry")
     p.add_argument("--name", required=True, help="who holds it (shown in the audit trail)")

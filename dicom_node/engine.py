@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from dicom_node.db import Database, Job
+from dicom_node.db import Cancelled, Database, Job
 from dicom_node.jobs import Workers
 from dicom_node.sandbox import Outcome
 from dicom_node.settings import Settings
@@ -34,6 +34,10 @@ class Engine(Protocol):
         """At start, before ``start``: repair what a previous process left."""
 
     def start(self) -> None: ...
+
+    def withdraw(self, cancelled: Cancelled) -> None:
+        """Stop the attempts of the jobs an operator cancelled (the index no longer
+        takes their outcomes)."""
 
     def stop(self, timeout: float = 30) -> None: ...
 

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from dicom_node.db import Database, Job
+from dicom_node.db import Cancelled, Database, Job
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
     JobSpec,
@@ -63,6 +63,8 @@ class Workers:
         self.prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self._attempts: dict[int, threading.Event] = {}  # running job -> its withdrawal
+        self._attempts_lock = threading.Lock()
         self.memory = MemoryPool(jobs_memory(settings.jobs_memory_mib))
         self.processes = [
             WorkerProcess(
@@ -104,6 +106,14 @@ class Workers:
         for p in self.processes:
             p.close()
 
+    def withdraw(self, cancelled: Cancelled) -> None:
+        """Stop the attempts of jobs an operator cancelled now (their worker processes
+        are ended), instead of at their next heartbeat."""
+        with self._attempts_lock:
+            for job_id in cancelled.jobs:
+                if job_id in self._attempts:
+                    self._attempts[job_id].set()
+
     def _loop(self, index: int) -> None:
         worker = f"{self.prefix}-{index}"
         process = self.processes[index]
@@ -143,24 +153,47 @@ class Workers:
             tuple(self.db.prior_result_paths(job.run_id, job.pipeline, job.id)),
             options=self.settings.pipeline_options.get(job.pipeline, {}),
         )
-        return process.run(
-            spec,
-            TimeLimit.of(self.settings, job.pipeline),
-            heartbeat=lambda: self.db.renew_lease(job, self.settings.lease_s),
-            heartbeat_every_s=max(self.settings.lease_s / 3, 1.0),
-            stopping=self.stopping,
-        )
+        withdrawn = threading.Event()
+        with self._attempts_lock:
+            self._attempts[job.id] = withdrawn
+        if not self.db.renew_lease(job, self.settings.lease_s):
+            withdrawn.set()  # cancelled between its claim and here
+        try:
+            return process.run(
+                spec,
+                TimeLimit.of(self.settings, job.pipeline),
+                heartbeat=lambda: self.db.renew_lease(job, self.settings.lease_s),
+                heartbeat_every_s=max(self.settings.lease_s / 3, 1.0),
+                stopping=self.stopping,
+                withdrawn=withdrawn,
+            )
+        finally:
+            with self._attempts_lock:
+                del self._attempts[job.id]
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         if outcome.interrupted:
             self.db.release_job(job)
+            return
+        if outcome.withdrawn:
+            log.info(
+                "job %d (%s on run %s): attempt %d stopped, the job is no longer this "
+                "worker's (cancelled by an operator, or its lease was taken)",
+                job.id,
+                job.pipeline,
+                job.run_id,
+                job.attempts,
+            )
             return
         if outcome.timings:
             self.db.record_timings(job.id, dict(outcome.timings))
         self.on_outcome(job, outcome)
         if outcome.ok:
             if not self.db.finish_job(job, outcome.results, outcome.notes):
-                log.warning("job %d finished after its lease was taken; result dropped", job.id)
+                log.warning(
+                    "job %d finished after it was cancelled or its lease was taken; result dropped",
+                    job.id,
+                )
                 return
             waited = outcome.waited_s
             log.info(

@@ -146,6 +146,7 @@ class Outcome:
     error: str | None = None  # None: done
     transient: bool = False  # worth another attempt (crash, memory, I/O), else permanent
     interrupted: bool = False  # the node is stopping: the attempt does not count
+    withdrawn: bool = False  # the job is no longer this attempt's (cancelled, lease taken)
     pid: int = 0
     timings: tuple[tuple[str, float], ...] = ()  # seconds per stage, measured by the parent
     threads: int = 0  # the CPU threads the job's process had (torch's); 0: not known
@@ -158,7 +159,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and not self.interrupted
+        return self.error is None and not self.interrupted and not self.withdrawn
 
     @property
     def waited_s(self) -> float:
@@ -582,9 +583,12 @@ class WorkerProcess:
         heartbeat: Callable[[], object],
         heartbeat_every_s: float,
         stopping: threading.Event,
+        withdrawn: threading.Event | None = None,
     ) -> Outcome:
         """The job's outcome, with the seconds spent in each stage (crashed ones too).
-        ``timeout``: its time limit (a number: a fixed one, whatever the run's size)."""
+        ``timeout``: its time limit (a number: a fixed one, whatever the run's size).
+        The child is stopped, and the outcome says ``withdrawn``, once ``withdrawn`` is
+        set or ``heartbeat`` returns False: the job is no longer this attempt's."""
         limit = timeout if isinstance(timeout, TimeLimit) else TimeLimit(timeout)
         laps: list[tuple[str, float]] = []  # (stage, when it began)
         watch = _Watch(
@@ -595,7 +599,9 @@ class WorkerProcess:
             ),
         )
         try:
-            outcome = self._watch(spec, limit, heartbeat, heartbeat_every_s, stopping, laps, watch)
+            outcome = self._watch(
+                spec, limit, heartbeat, heartbeat_every_s, stopping, withdrawn, laps, watch
+            )
         finally:
             if self.memory_pool is not None:
                 self.memory_pool.cancel(watch)  # its place in line, where it waited
@@ -634,6 +640,7 @@ class WorkerProcess:
         heartbeat: Callable[[], object],
         heartbeat_every_s: float,
         stopping: threading.Event,
+        withdrawn: threading.Event | None,
         laps: list[tuple[str, float]],
         watch: _Watch,
     ) -> Outcome:
@@ -733,9 +740,13 @@ class WorkerProcess:
             if stopping.is_set():
                 self._discard()
                 return Outcome(error="the node is stopping", interrupted=True)
+            lost = False  # the job is no longer this attempt's (its lease was not renewed)
             if time.monotonic() >= next_beat:
-                heartbeat()
+                lost = heartbeat() is False
                 next_beat += heartbeat_every_s
+            if lost or (withdrawn is not None and withdrawn.is_set()):
+                self._discard()
+                return Outcome(error=f"the job was withdrawn while {stage}", withdrawn=True)
 
     def close(self) -> None:
         if self.conn is not None and self.proc is not None and self.proc.is_alive():

@@ -201,6 +201,30 @@ class Node:
             self.db.runs_for(**selector), f"deleted at the request of {operator}"
         )
 
+    def cancel(self, operator: str, **selector: str) -> tuple[list[str], dict[str, str]]:
+        """An operator's cancel of the selected runs (REST/CLI): what is still to be done
+        for them is not done (``Database.cancel_run``); a running job's worker process is
+        stopped. Returns the runs cancelled and, for the others, why not."""
+        reason = f"cancelled at the request of {operator}"
+        cancelled: list[str] = []
+        kept: dict[str, str] = {}
+        for run_id in self.db.runs_for(**selector):
+            done = self.db.cancel_run(run_id, reason)
+            if isinstance(done, str):
+                kept[run_id] = done
+                continue
+            self.workers.withdraw(done)
+            cancelled.append(run_id)
+            log.warning(
+                "run %s %s: %s%d job(s) stopped, %d delivery(ies) withheld",
+                run_id,
+                reason,
+                "not routed, " if done.settled else "",
+                len(done.jobs),
+                done.deliveries,
+            )
+        return cancelled, kept
+
     def retry_job(self, job_id: int) -> bool:
         """An operator's retry of a failed job (status page, ``POST /jobs/{id}/retry``)."""
         if not self.db.retry_failed_job(job_id):

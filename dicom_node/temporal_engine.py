@@ -34,7 +34,7 @@ from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReus
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.worker import Worker
 
-from dicom_node.db import Database, DispatchJob, Job, ResultFile
+from dicom_node.db import Cancelled, Database, DispatchJob, Job, ResultFile
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import Outcome
 from dicom_node.settings import Settings
@@ -113,6 +113,25 @@ class TemporalEngine:
     async def _shutdown(self) -> None:
         if self._worker is not None:
             await self._worker.shutdown()
+
+    def withdraw(self, cancelled: Cancelled) -> None:
+        """Cancel the workflows of jobs an operator cancelled: their activities are
+        cancelled at the next heartbeat, which ends the worker process's job. Whatever
+        happens to them, they can no longer record (the jobs' generations moved on)."""
+        for job_id, generation in cancelled.workflows:
+            wid = workflow_id(self.index_id, job_id, generation)
+            if self._client is None or not self._loop.is_running():
+                log.warning("job %d: workflow %s not cancelled (no Temporal client)", job_id, wid)
+                continue
+            asyncio.run_coroutine_threadsafe(self._cancel(job_id, wid), self._loop)
+
+    async def _cancel(self, job_id: int, wid: str) -> None:
+        assert self._client is not None
+        try:
+            await self._client.get_workflow_handle(wid).cancel()
+            log.info("job %d: workflow %s cancelled", job_id, wid)
+        except Exception as exc:  # noqa: BLE001 - ended already, or the server is away
+            log.warning("job %d: workflow %s not cancelled (%s)", job_id, wid, exc)
 
     # -- the loop: client and the node's Temporal worker -----------------------------
     def _run_loop(self) -> None:

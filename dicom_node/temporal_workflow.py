@@ -28,6 +28,7 @@ from temporalio.exceptions import (
     RetryState,
     TimeoutError,
     TimeoutType,
+    is_cancelled_exception,
 )
 
 WORKFLOW = "AngioJob"
@@ -166,6 +167,8 @@ class JobWorkflow:
                 ),
             )
         except ActivityError as exc:
+            if is_cancelled_exception(exc):
+                raise  # an operator cancelled the job: the index says so already
             failure = describe(exc, job)
             await workflow.execute_local_activity(
                 RECORD_FAILED,

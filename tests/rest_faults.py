@@ -1,8 +1,8 @@
 """A generated corpus of broken calls of the REST API's routes other than STOW-RS
 (tests/test_rest_faults.py; STOW-RS has its own, tests/http_faults.py).
 
-Each call starts as a valid call of one route (trigger, reprocess, purge, the jobs of a
-study, a retry by JSON or by the status page's form, the status page, /status,
+Each call starts as a valid call of one route (trigger, reprocess, purge, cancel, the
+jobs of a study, a retry by JSON or by the status page's form, the status page, /status,
 /metrics, /health, and the scale-out workers' routes: started, results, a prior
 result, WADO-RS) on the run the test stored, with a token of every scope, and gets
 one to three mutations drawn from what a broken or hostile client sends: JSON
@@ -89,6 +89,7 @@ def valid_calls(ctx: dict[str, Any]) -> list[Callable[[random.Random], Call]]:
         lambda rng: Call("POST", "/trigger", json=selector(rng)),
         lambda rng: Call("POST", "/reprocess", json={"series_uid": series}),
         lambda rng: Call("POST", "/purge", json=selector(rng)),
+        lambda rng: Call("POST", "/cancel", json=selector(rng)),
         lambda rng: Call(
             "GET", "/jobs", [rng.choice([("study", study), ("series", series), ("instance", sop)])]
         ),

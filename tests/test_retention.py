@@ -1,7 +1,8 @@
 """Retention on a running node: processed runs lose their files and results by age
 or when space runs short, oldest first; nothing still to be processed or delivered
 is touched; a purged run keeps its history, refuses a reprocess, and a new instance
-re-opens it."""
+re-opens it. An operator purges chosen runs now, and cancels what is still to be done
+for a run."""
 
 from __future__ import annotations
 
@@ -319,3 +320,128 @@ def test_an_operator_purges_chosen_runs_now_and_frees_their_uids(
     assert not node.db.is_purged(run_id) and len(_files(node)) == 2
     row = node.db.query("SELECT series_uid FROM runs WHERE run_id=?", (run_id,))[0]
     assert row["series_uid"] == str(moved.SeriesInstanceUID)
+
+
+def test_an_operator_cancels_what_is_still_to_be_done_for_a_run(
+    make_node: Any, tmp_path: Path, caplog: Any
+) -> None:
+    """``POST /cancel`` and ``dicom-node cancel``: a run sent by mistake (the wrong
+    patient) is stopped wherever it is, results waiting for a destination are not sent,
+    a running job's worker process is ended, a run still receiving is not routed; the
+    node goes on, and the cancelled runs can then be purged."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs")  # down until started below
+    node = make_node(
+        rules=RULES,
+        retention=OFF,
+        destinations=[pacs.destination()],
+        completion={"quiet_period_s": 3600},
+        outbox={"backoff_max_s": 0.5},
+        workers={"concurrency": 1},
+    )
+    api = f"http://127.0.0.1:{node.api_port}"
+
+    def jobs(run_id: str) -> list[tuple[str, str | None]]:
+        rows = node.db.query("SELECT state, error FROM jobs WHERE run_id=?", (run_id,))
+        return [(r["state"], r["error"]) for r in rows]
+
+    def pending() -> int:
+        return int(node.db.query("SELECT COUNT(*) n FROM outbox WHERE state='pending'")[0]["n"])
+
+    # a: processed, its results waiting for the destination (down)
+    a, _ = _run(node)
+    wait_for(lambda: pending() > 0, 60, what="a's deliveries")
+    withheld = pending()
+    # b: its job running in a worker process that is held (stopped) until the cancel
+    pid = node.workers.processes[0].pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    b_ds = xa_run(frames=6)
+    assert _send(node, b_ds) == 0x0000
+    b = str(b_ds.SOPInstanceUID)
+    wait_for(lambda: jobs(b) == [("running", None)], 60, what="b's job to run")
+    # c: a series still receiving (its quiet period is an hour)
+    c_ds = xa_run(frames=1)
+    assert _send(node, c_ds) == 0x0000
+    c = str(c_ds.SeriesInstanceUID)
+
+    resp = requests.post(f"{api}/cancel", json={"run_id": a}, timeout=30)
+    assert resp.json() == {"cancelled_runs": [a], "kept_runs": {}}, resp.text
+    reason = "cancelled at the request of anonymous"
+    failed = node.db.query("SELECT error FROM outbox WHERE state='failed'")
+    assert pending() == 0 and [r["error"] for r in failed] == [reason] * withheld
+
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'storage_dir = "{node.settings.storage_dir}"\n[api]\nport = {node.api_port}\n')
+    with caplog.at_level("INFO", logger="dicom_node"):
+        out = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "cancel", "--config", str(cfg)]
+            + ["--series", str(b_ds.SeriesInstanceUID)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout) == {"cancelled_runs": [b], "kept_runs": {}}
+        assert jobs(b) == [("failed", reason)]
+        # its worker process is ended at once, not when the job's time limit runs out
+        wait_for(lambda: not _alive(pid), 30, what="the held worker process to end")
+        wait_for(lambda: "attempt 1 stopped" in caplog.text, 30, what="the worker's log line")
+    assert f"run {b} {reason}: 1 job(s) stopped, 0 delivery(ies) withheld" in caplog.text
+
+    resp = requests.post(f"{api}/cancel", json={"series_uid": c}, timeout=30)
+    assert resp.status_code == 200 and resp.json()["cancelled_runs"] == [c], resp.text
+    row = node.db.query("SELECT state, reason FROM runs WHERE run_id=?", (c,))[0]
+    assert (row["state"], row["reason"]) == ("unrouted", reason)
+    assert not jobs(c)
+
+    # nothing is left to cancel for them; an unknown study, a selector that is no UID
+    resp = requests.post(f"{api}/cancel", json={"run_id": a}, timeout=30)
+    assert resp.status_code == 409 and "nothing to cancel" in resp.text, resp.text
+    resp = requests.post(f"{api}/cancel", json={"study_uid": "1.2.3.999"}, timeout=30)
+    assert resp.status_code == 404
+    resp = requests.post(f"{api}/cancel", json={"run_id": "../x"}, timeout=30)
+    assert resp.status_code == 400
+    calls = [x for x in _audit(node) if x.get("path") == "/cancel"]
+    assert [x["http_status"] for x in calls] == [200, 200, 200, 409, 404]
+    assert calls[0]["what"] == {"run_id": a, "cancelled": [a]}
+
+    # the node goes on: the destination is back, a new run is processed and delivered,
+    # and nothing of the cancelled runs is sent
+    pacs.start()
+    try:
+        d, _ = _run(node)
+        wait_for(lambda: pending() == 0 and pacs.files(), 60, what="d's deliveries")
+        sent = node.db.query(
+            "SELECT j.run_id FROM outbox o JOIN jobs j ON o.job_id = j.id WHERE o.state='sent'"
+        )
+        assert {r["run_id"] for r in sent} == {d} and len(pacs.files()) == len(sent)
+        # an operator's retry undoes a cancel: b's job runs again, its results go
+        (job,) = node.db.query("SELECT id FROM jobs WHERE run_id=?", (b,))
+        resp = requests.post(f"{api}/jobs/{job['id']}/retry", json={}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        wait_for(lambda: jobs(b) == [("done", None)] and pending() == 0, 120, what="b again")
+        assert len(pacs.files()) == 2 * len(sent)
+    finally:
+        pacs.stop()
+    # cancelled, they are processed runs: the operator purges them
+    for run_id in (a, b, c):
+        resp = requests.post(f"{api}/purge", json={"run_id": run_id}, timeout=60)
+        assert resp.json() == {"purged_runs": [run_id], "kept_runs": {}}, resp.text
+    d_series = node.db.query("SELECT series_uid FROM runs WHERE run_id=?", (d,))[0][0]
+    assert [p.parent.name for p in _files(node)] == [d_series]
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

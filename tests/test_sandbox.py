@@ -90,6 +90,38 @@ def test_a_crashing_worker_ends_one_job_and_is_replaced(tmp_path: Path) -> None:
         worker.close()
 
 
+def test_a_job_no_longer_the_attempts_ends_its_worker_process(tmp_path: Path) -> None:
+    """A heartbeat that could not renew the job's lease (an operator cancelled it, or
+    another worker took it) ends the child at once, and so does a withdrawal (the
+    operator's cancel, told by the node's own worker thread)."""
+    worker = WorkerProcess("t", 4 * GiB, cpu_only=True)
+    path = _phantom(tmp_path)
+
+    def held(job_id: int, beat: Any, withdrawn: threading.Event) -> None:
+        worker.start()
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # a job that would not end by itself
+        started = time.monotonic()
+        spec = _spec(path, tmp_path, "minip", job_id)
+        outcome = worker.run(spec, 120, beat, 0.2, threading.Event(), withdrawn)
+        assert outcome.withdrawn and not outcome.ok and not outcome.transient
+        assert "withdrawn while starting" in outcome.error, outcome.error
+        assert time.monotonic() - started < 10 and worker.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # ended, and reaped
+
+    try:
+        assert _run(worker, _spec(path, tmp_path, "minip", 1)).ok  # the process is up
+        held(2, lambda: False, threading.Event())  # the lease was not renewed
+        withdrawn = threading.Event()
+        threading.Timer(0.5, withdrawn.set).start()
+        held(3, lambda: True, withdrawn)
+        assert _run(worker, _spec(path, tmp_path, "minip", 4)).ok  # a new process
+    finally:
+        worker.close()
+
+
 def test_memory_and_time_limits_end_the_job(tmp_path: Path) -> None:
     path = _phantom(tmp_path)
     # the limit is below what a worker with torch loaded holds: the watchdog ends it

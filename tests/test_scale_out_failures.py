@@ -12,7 +12,8 @@ network and mount namespaces where this runs as root, see
 - the Temporal server restarted mid-run (SIGTERM or SIGKILL, alternately): jobs
   resume;
 - a run that always fails: failed after ``max_attempts``, its reason in
-  ``dicom-node status`` and in Temporal; a data error fails at once.
+  ``dicom-node status`` and in Temporal; a data error fails at once;
+- an operator's cancel: the workflow is cancelled, the worker's job process ends.
 
 Each suite runs ``ANGIO_SCALE_OUT_REPS`` repetitions (default 2 in CI; the issue's
 figure, 10, is ``ANGIO_SCALE_OUT_REPS=10``; see docs/deployment.md for the results).
@@ -341,6 +342,74 @@ def test_sigterm_drains_a_worker_it_finishes_its_job_and_takes_no_more(tmp_path:
         worker.start()  # back: the waiting job runs
         _settle(site)
         assert all(j["state"] == "done" for j in site.rows("SELECT * FROM jobs"))
+    finally:
+        site.stop()
+
+
+def _job_processes(root: int) -> set[int]:
+    """The processes that run jobs under ``root``: children of a forkserver."""
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    def parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except OSError:
+            return 0
+
+    return {
+        p
+        for p in _descendants(root)
+        if b"forkserver" in cmdline(p) and b"forkserver" in cmdline(parent(p))
+    }
+
+
+def test_an_operator_cancel_ends_the_workflow_and_the_workers_job(tmp_path: Path) -> None:
+    """``POST /cancel`` under Temporal: the job fails with the reason, its workflow is
+    cancelled, the worker ends the job's process (held here, so that the job cannot end
+    by itself), and the worker takes the next job."""
+    site = Site(tmp_path / "site", workers=1, pipelines=("dsa_av",)).start()
+    try:
+        held = wait_for(lambda: _job_processes(site.workers[0].pid), 60, what="the job process")
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        first = _run(600)
+        assert site.send([first])
+        job = wait_for(
+            lambda: site.rows("SELECT * FROM jobs WHERE state='running'"), 120, interval=0.1
+        )[0]
+        resp = requests.post(
+            f"{site.api_url}/cancel",
+            json={"run_id": str(first.SOPInstanceUID)},
+            headers={"Authorization": f"Bearer {site.ops_token}"},
+            timeout=30,
+        )
+        assert resp.json() == {"cancelled_runs": [job["run_id"]], "kept_runs": {}}, resp.text
+        wait_for(lambda: not any(map(_alive, held)), 60, what="the held job process to end")
+        assert site.temporal is not None
+        wid = workflow_id(site.db().index_id(), job["id"], 0)
+        wait_for(lambda: site.temporal.describe(wid).status.name == "CANCELED", 60)
+        row = site.rows("SELECT * FROM jobs WHERE id=?", (job["id"],))[0]
+        assert (row["state"], row["error"], row["generation"]) == (
+            "failed",
+            "cancelled at the request of ops",
+            1,
+        )
+        second = _run(601)
+        assert site.send([second])
+        _settle(site)
+        done = site.rows("SELECT * FROM jobs WHERE run_id=?", (str(second.SOPInstanceUID),))
+        assert [j["state"] for j in done] == ["done"]
+        sent = site.rows(
+            "SELECT DISTINCT j.run_id FROM outbox o JOIN jobs j ON o.job_id = j.id "
+            "WHERE o.state='sent'"
+        )
+        assert [r["run_id"] for r in sent] == [str(second.SOPInstanceUID)]
+        assert site.rows("SELECT * FROM jobs WHERE id=?", (job["id"],))[0]["state"] == "failed"
     finally:
         site.stop()
 

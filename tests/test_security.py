@@ -74,6 +74,7 @@ ROUTES = [
     ("POST", "/trigger", {"series_uid": "1.2.3"}),
     ("POST", "/reprocess", {"series_uid": "1.2.3"}),
     ("POST", "/purge", {"series_uid": "1.2.3"}),
+    ("POST", "/cancel", {"series_uid": "1.2.3"}),
     ("POST", "/jobs/1/retry", {}),
     ("POST", "/dicom-web/studies", None),
     ("POST", "/worker/claim", {}),

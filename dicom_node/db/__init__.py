@@ -5,14 +5,17 @@ transition is a method that checks the state it leaves, and a state change
 commits together with its consequences (a run routed and its jobs created; a
 job done and its deliveries queued)::
 
-    run       receiving -> complete -> routed | unrouted | unroutable
+    run       receiving -> complete -> routed | unrouted | unroutable; receiving |
+              complete -> unrouted (an operator's cancel)
               (a new instance re-opens a run; reprocess: any settled state -> complete)
     job       queued -> running -> done | failed, running -> queued (retry, lost lease),
-              failed -> queued (an operator's retry)
+              failed -> queued (an operator's retry), queued | running -> failed
+              (an operator's cancel)
               with Temporal: queued (dispatched_at set: its workflow started) -> running
               (a worker took an attempt) -> done | failed; the workflow's generation must
               match, so a superseded workflow cannot record (``*_dispatched_job``)
-    delivery  pending -> sent | failed, failed -> pending (resend)
+    delivery  pending -> sent | failed (also an operator's cancel), failed -> pending
+              (resend)
     retention a processed run is purged (``purged_at``): its files, instance and
               delivery rows go, its run and job rows stay; a new instance re-opens it
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from dicom_node.db.core import Core
 from dicom_node.db.deliveries import Deliveries
-from dicom_node.db.jobs import Jobs
+from dicom_node.db.jobs import Cancelled, Jobs
 from dicom_node.db.records import (
     SETTLED_RUN_STATES,
     Delivery,
@@ -48,6 +51,7 @@ from dicom_node.db.schema import SCHEMA_VERSION
 __all__ = [
     "SCHEMA_VERSION",
     "SETTLED_RUN_STATES",
+    "Cancelled",
     "Core",
     "Database",
     "Delivery",

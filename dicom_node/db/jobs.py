@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
@@ -13,9 +14,21 @@ from dicom_node.db.records import (
     Job,
     JobState,
     ResultFile,
+    RunState,
     lost_reason,
     now,
 )
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What an operator's cancel of a run stopped."""
+
+    run_id: str
+    settled: bool  # it was receiving or to be routed: now unrouted, with the reason
+    jobs: tuple[int, ...]  # queued or running: now failed, with the reason
+    workflows: tuple[tuple[int, int], ...]  # (job, generation) of those Temporal ran
+    deliveries: int  # results not yet delivered: now failed, with the reason
 
 
 class Jobs(Core):
@@ -313,6 +326,52 @@ class Jobs(Core):
                 (JobState.QUEUED, t, t, JobState.QUEUED, JobState.RUNNING),
             )
             return cur.rowcount
+
+    def cancel_run(self, run_id: str, reason: str) -> Cancelled | str:
+        """An operator's cancel, in one transaction: a run still receiving or to be routed
+        is settled unrouted, its queued and running jobs fail, and its results not yet
+        delivered are not delivered, each with ``reason``; or why there is nothing to
+        cancel. A running job's generation moves on, so that neither its worker nor its
+        Temporal workflow can record an outcome; an operator's retry queues it again."""
+        t = now()
+        with self._tx() as con:
+            row = con.execute("SELECT state FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                return "no such run"
+            settled = row["state"] in (RunState.RECEIVING, RunState.COMPLETE)
+            if settled:
+                con.execute(
+                    "UPDATE runs SET state=?, reason=?, resend=0, "
+                    "completed_at=COALESCE(completed_at, ?) WHERE run_id=?",
+                    (RunState.UNROUTED, reason, t, run_id),
+                )
+            jobs = con.execute(
+                "SELECT id, generation, dispatched_at FROM jobs WHERE run_id=? AND state IN (?,?)",
+                (run_id, JobState.QUEUED, JobState.RUNNING),
+            ).fetchall()
+            for j in jobs:
+                con.execute(
+                    "UPDATE jobs SET state=?, error=?, lease_until=NULL, dispatched_at=NULL, "
+                    "generation=generation+1, updated_at=? WHERE id=?",
+                    (JobState.FAILED, reason, t, j["id"]),
+                )
+            deliveries = con.execute(
+                "UPDATE outbox SET state=?, error=? WHERE state=? "
+                "AND job_id IN (SELECT id FROM jobs WHERE run_id=?)",
+                (DeliveryState.FAILED, reason, DeliveryState.PENDING, run_id),
+            ).rowcount
+        if not (settled or jobs or deliveries):
+            return (
+                f"nothing to cancel: the run is {row['state']}, none of its jobs is queued or "
+                "running and none of its results waits for delivery"
+            )
+        return Cancelled(
+            run_id,
+            settled,
+            tuple(int(j["id"]) for j in jobs),
+            tuple((int(j["id"]), int(j["generation"])) for j in jobs if j["dispatched_at"]),
+            deliveries,
+        )
 
     def record_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Seconds per stage of a job's last attempt (decode, compute, encode, write)."""
