@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 import requests
 from pydicom import dcmread
@@ -176,38 +177,78 @@ def _stow_one(
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json",
     }
+    url = f"{dest.url}/studies"
     try:
-        resp = session.post(f"{dest.url}/studies", data=body, headers=headers, timeout=timeout)
+        # A redirect is not followed: requests would follow a 302 with a GET, and a sign-in
+        # page's 200 would read as the instance stored.
+        resp = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
         raise DeliveryError(f"{dest.name}: {exc}") from None
-    if resp.status_code in (408, 429) or resp.status_code >= 500:
-        raise DeliveryError(f"{dest.name}: HTTP {resp.status_code}")
-    if resp.status_code in (401, 403):
-        raise DeliveryError(f"{dest.name}: HTTP {resp.status_code} (check credentials)")
-    failed = _stow_failures(resp)
+    code = resp.status_code
+    if code in (408, 429) or code >= 500:
+        raise DeliveryError(f"{dest.name}: HTTP {code}")
+    if code in (401, 403):
+        raise DeliveryError(f"{dest.name}: HTTP {code} (check credentials)")
+    # What says that the url is not a STOW-RS service (no result is stored there, nor
+    # would any be): the results wait, as for a destination down, until it is put right.
+    if 300 <= code < 400:
+        where = urlsplit(resp.headers.get("Location", ""))
+        raise DeliveryError(
+            f"{dest.name}: HTTP {code}, a redirect to {where.scheme}://{where.netloc}"
+            f"{where.path} (not followed: set url to the DICOMweb service itself)"
+        )
+    if code in (404, 405):
+        raise DeliveryError(f"{dest.name}: HTTP {code} (no STOW-RS service at {url}: check url)")
+    answer = _json_object(resp)
+    failed = _stow_failures(answer)
     if item.sop_instance_uid in failed:
-        code = failed[item.sop_instance_uid]
-        if code is None:
+        reason = failed[item.sop_instance_uid]
+        if reason is None:
             return (True, "STOW-RS refused it (no Failure Reason)")
-        return refusal(code, "STOW-RS Failure Reason") or (True, f"STOW-RS refused it: {code}")
-    if resp.status_code in (200, 202):
-        return None
-    return (True, f"STOW-RS HTTP {resp.status_code}")
+        return refusal(reason, "STOW-RS Failure Reason") or (True, f"STOW-RS refused it: {reason}")
+    if code not in (200, 202):
+        return (True, f"STOW-RS HTTP {code}")
+    if answer is None:
+        kind = resp.headers.get("Content-Type", "no Content-Type").split(";")[0]
+        raise DeliveryError(
+            f"{dest.name}: HTTP {code} with a body that is not a STOW-RS response ({kind}; "
+            f"is {dest.url} the DICOMweb service?)"
+        )
+    if item.sop_instance_uid not in _stow_stored(answer):
+        raise DeliveryError(
+            f"{dest.name}: HTTP {code} whose Referenced SOP Sequence does not name this "
+            "instance as stored (PS3.18 10.5.3: a stored instance is referenced there)"
+        )
+    return None
 
 
-def _stow_failures(resp: requests.Response) -> dict[str, int | None]:
-    """SOP Instance UIDs in the response's Failed SOP Sequence (0008,1198), each with
-    its Failure Reason (0008,1197), None where there is none that reads as a number."""
+def _json_object(resp: requests.Response) -> dict[str, object] | None:
+    """The response's body as a JSON object, or None (not JSON, or another value)."""
     try:
         body = resp.json()
     except ValueError:
-        return {}
-    failed: dict[str, int | None] = {}
-    sequence = body.get("00081198") if isinstance(body, dict) else None
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _entries(answer: dict[str, object] | None, tag: str) -> list[dict[str, object]]:
+    """The items of a sequence of a DICOM JSON object, whatever the shape of the rest."""
+    sequence = answer.get(tag) if answer is not None else None
     entries = sequence.get("Value") if isinstance(sequence, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict):
-            continue
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _stow_stored(answer: dict[str, object] | None) -> set[str]:
+    """SOP Instance UIDs in the response's Referenced SOP Sequence (0008,1199)."""
+    uids = (_first(e, "00081155") for e in _entries(answer, "00081199"))
+    return {u for u in uids if isinstance(u, str)}
+
+
+def _stow_failures(answer: dict[str, object] | None) -> dict[str, int | None]:
+    """SOP Instance UIDs in the response's Failed SOP Sequence (0008,1198), each with
+    its Failure Reason (0008,1197), None where there is none that reads as a number."""
+    failed: dict[str, int | None] = {}
+    for entry in _entries(answer, "00081198"):
         uid = _first(entry, "00081155")
         reason = _first(entry, "00081197")
         if isinstance(uid, str):

@@ -557,12 +557,12 @@ def test_a_stow_answer_of_any_shape_is_read_without_error() -> None:
     shape its JSON has; what is not a UID with a numeric reason names no reason."""
     import requests
 
-    from dicom_node.senders import _stow_failures
+    from dicom_node.senders import _json_object, _stow_failures, _stow_stored
 
-    def answer(body: bytes) -> requests.Response:
+    def answer(body: bytes) -> dict[str, object] | None:
         resp = requests.Response()
         resp._content = body
-        return resp
+        return _json_object(resp)
 
     shapes = {
         b"[1, 2]": {},
@@ -580,3 +580,96 @@ def test_a_stow_answer_of_any_shape_is_read_without_error() -> None:
     }
     for body, expected in shapes.items():
         assert _stow_failures(answer(body)) == expected, body
+        assert _stow_stored(answer(body)) == set(), body
+    stored = b'{"00081199": {"Value": [{"00081155": {"Value": ["1.2.3"]}}, 1, {"00081155": 2}]}}'
+    assert _stow_stored(answer(stored)) == {"1.2.3"}
+
+
+def test_a_stow_destination_that_is_not_a_stow_service_delivers_nothing_and_keeps_all(
+    make_node: Any,
+) -> None:
+    """A DICOMweb destination whose URL is wrong, or that sits behind a login page: a
+    redirect (to a sign-in page that a GET answers 200), a 200 page of HTML (a web
+    application's catch-all route), a 200 JSON that names other instances, a 404 or
+    405. None of them stored anything, so none may count as a delivery: the results
+    wait, with the reason, until the destination is put right, and then all go. (The
+    redirect and the 200 answers counted as delivered, and the 404 failed each result
+    for good: results were lost without a word, or for good.)"""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from io import BytesIO
+
+    mode = ["redirect"]
+    stored: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: bytes, kind: str, **headers: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._send(200, b"<html><form>Sign in</form></html>", "text/html")
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            m = mode[0]
+            if m == "redirect":
+                self._send(302, b"", "text/plain", Location="/login?next=/dicom-web")
+            elif m == "html":
+                self._send(200, b"<!doctype html><html><body>app</body></html>", "text/html")
+            elif m == "other":
+                item = {"00081155": {"vr": "UI", "Value": ["1.2.3.4"]}}
+                data = json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode()
+                self._send(200, data, "application/dicom+json")
+            elif m in ("404", "405"):
+                self._send(int(m), b"no such route", "text/plain")
+            else:
+                part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+                uid = str(dcmread(BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
+                stored.append(uid)
+                item = {"00081155": {"vr": "UI", "Value": [uid]}}
+                data = json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode()
+                self._send(200, data, "application/dicom+json")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    try:
+        node = make_node(
+            destinations=[{"kind": "dicomweb", "name": "web", "url": url}],
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+            outbox={"backoff_base_s": 0.1, "backoff_max_s": 0.3},
+        )
+        _store(node, xa_run(frames=3, seed=5))
+        expected = {
+            "redirect": "HTTP 302",
+            "html": "not a STOW-RS response",
+            "other": "does not name this instance",
+            "404": "HTTP 404",
+            "405": "HTTP 405",
+        }
+        for m, reason in expected.items():
+            mode[0] = m
+            wait_for(
+                lambda r=reason: (
+                    (rows := node.db.query("SELECT state, error FROM outbox"))
+                    and all(x["state"] == "pending" and r in (x["error"] or "") for x in rows)
+                ),
+                60,
+                what=f"every delivery pending with {reason!r}",
+            )
+        mode[0] = "ok"
+        rows = wait_for(lambda: _settled(node), 60, what="the deliveries")
+        assert {r["state"] for r in rows} == {"sent"}
+        assert sorted(stored) == sorted(r["sop_instance_uid"] for r in rows)
+    finally:
+        server.shutdown()
