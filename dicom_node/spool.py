@@ -227,8 +227,22 @@ def read_header(
     parsed)."""
     reader = _Reader(fp, limits.max_header_bytes)
     try:
+        if reader.read(4) == b"DICM":
+            raise RejectedInstance(
+                RejectedInstance.CANNOT_UNDERSTAND,
+                "a DICOM file with no 128-byte preamble ('DICM' first): send the whole file",
+            )
+        reader.seek(0)
         read_preamble(reader, True)  # type: ignore[arg-type]
         meta = _read_file_meta_info(reader)  # type: ignore[arg-type]
+        if "TransferSyntaxUID" not in meta:
+            # The storage SCP writes one for what a C-STORE brings; a STOW-RS part or a
+            # file without it names no Transfer Syntax, which would be guessed.
+            raise RejectedInstance(
+                RejectedInstance.CANNOT_UNDERSTAND,
+                "not a DICOM file: no File Meta Information with a Transfer Syntax UID "
+                "(PS3.10; a STOW-RS part is a DICOM file, not a bare data set)",
+            )
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
             if not inflate:
                 ds = Dataset()

@@ -125,3 +125,50 @@ def test_a_corpus_of_broken_stow_requests_never_stops_the_node(
     assert answer.status_code == 200, answer.text
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err[-3000:]
+
+
+def test_a_stow_part_that_is_not_a_dicom_file_is_refused_with_the_reason(
+    make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A STOW-RS part is a DICOM file (PS3.18 10.5: PS3.10, with its File Meta
+    Information). A bare data set, without it, names no Transfer Syntax: the node
+    would guess how to read it, so it is refused (0xC000) with the reason, as is a file
+    without its 128-byte preamble. (A bare data set was stored and acknowledged, and
+    its run then failed routing: "header cannot be read".)"""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from tests.dicomgen import xa_run
+
+    node = make_node(rules=[])
+    whole = _instance(1)
+    bare = DicomBytesIO()
+    bare.is_little_endian, bare.is_implicit_VR = True, False
+    write_dataset(bare, xa_run(frames=2, rows=32, cols=32, seed=2))
+    cut = _instance(3)[128:]  # "DICM" first
+    reasons = {
+        "bare": "no File Meta Information",
+        "cut": "no 128-byte preamble",
+    }
+    with caplog.at_level("WARNING", logger="dicom_node.ingest"):
+        for name, part in (("bare", bare.getvalue()), ("cut", cut)):
+            content_type, body = multipart([part])
+            resp = requests.post(
+                f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+                data=body,
+                headers={"Content-Type": content_type},
+                timeout=30,
+            )
+            assert resp.status_code == 409, (name, resp.text)
+            (item,) = resp.json()["00081198"]["Value"]
+            assert item["00081197"]["Value"] == [0xC000], name
+            assert reasons[name] in caplog.text, (name, caplog.text)
+    assert not node.db.query("SELECT 1 FROM instances")
+    content_type, body = multipart([whole])
+    resp = requests.post(
+        f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+    assert resp.status_code == 200 and len(node.db.query("SELECT 1 FROM instances")) == 1
