@@ -1,7 +1,10 @@
-"""The durable outbox: every result file and destination is a delivery; a thread
-sends what is due, and a destination that is down is retried with backoff, with
-nothing dropped. Deliveries are unique per (destination, SOP Instance UID), so a
-re-run that produces the same UIDs does not send twice.
+"""The durable outbox: every result file and destination is a delivery; a thread per
+destination sends what is due to it, so that a destination that is down or silent
+(each attempt waits up to ``[outbox] timeout_s``) holds back no other, and a
+destination that is down is retried with backoff, with nothing dropped. Deliveries
+are unique per (destination, SOP Instance UID), so a re-run that produces the same
+UIDs does not send twice. What is due to a destination no longer configured fails,
+with the reason.
 
 Each delivery is marked sent the moment its C-STORE or STOW-RS part succeeds
 (the sender reports it before sending the next), so a crash or a destination
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 
 from dicom_node.db import Database, Delivery
@@ -39,19 +41,32 @@ class Outbox:
         self.on_delivery = on_delivery
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
+        names = [d.name for d in settings.destinations]
+        # One thread per destination; one more for deliveries to a destination that is
+        # no longer configured (they fail, with the reason).
+        self.threads = [
+            threading.Thread(target=self._loop, args=(n,), name=f"outbox-{n}", daemon=True)
+            for n in names
+        ] + [threading.Thread(target=self._loop, args=(None,), name="outbox", daemon=True)]
 
     def start(self) -> None:
-        self.thread.start()
+        for t in self.threads:
+            t.start()
 
     def stop(self, timeout: float = 30) -> None:
         self.stop_event.set()
         self.wake.set()
-        self.thread.join(timeout)
+        for t in self.threads:
+            t.join(timeout)
 
-    def _loop(self) -> None:
+    def _loop(self, destination: str | None) -> None:
         while not self.stop_event.is_set():
-            if not self.deliver_due():
+            try:
+                busy = self.deliver_due(destination)
+            except Exception:  # noqa: BLE001 - a defect must not end the thread
+                log.exception("outbox (%s): unexpected error; going on", destination or "other")
+                busy = False
+            if not busy:
                 self.wake.wait(self.settings.outbox.poll_interval_s)
                 self.wake.clear()
 
@@ -69,22 +84,20 @@ class Outbox:
         cfg = self.settings.outbox
         return float(min(cfg.backoff_base_s * 2 ** min(delivery.attempts, 20), cfg.backoff_max_s))
 
-    def deliver_due(self) -> bool:
-        """Send one batch per destination of what is due; True when anything was sent."""
-        by_dest: dict[str, list[Delivery]] = defaultdict(list)
-        for d in self.db.due_deliveries(BATCH * 4):
-            by_dest[d.destination].append(d)
-        sent = 0
-        for name, due in by_dest.items():
-            sent += self._deliver(name, due[:BATCH])
-        return sent > 0
+    def deliver_due(self, destination: str | None = None) -> bool:
+        """Send one batch of what is due to ``destination`` (None: fail what is due to
+        destinations no longer configured); True when anything was sent or refused."""
+        if destination is not None:
+            due = self.db.due_deliveries(BATCH, destination=destination)
+            return bool(due) and self._deliver(destination, due) > 0
+        configured = [d.name for d in self.settings.destinations]
+        stale = self.db.due_deliveries(BATCH, not_to=configured)
+        for d in stale:
+            self.db.delivery_failed(d, f"destination {d.destination!r} is no longer configured")
+        return bool(stale)
 
     def _deliver(self, name: str, batch: list[Delivery]) -> int:
-        dest = next((d for d in self.settings.destinations if d.name == name), None)
-        if dest is None:
-            for d in batch:
-                self.db.delivery_failed(d, f"destination {name!r} is no longer configured")
-            return 0
+        dest = next(d for d in self.settings.destinations if d.name == name)
         reported: set[int] = set()
 
         def report(item: Delivery, refusal: Refusal) -> None:

@@ -97,7 +97,9 @@ def cstore(
     """One association proposing only the SOP classes in the batch (Explicit and Implicit LE)."""
     assert isinstance(dest, DimseDestination)
     ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    # connection_timeout too: without it, a host that drops the SYN holds the attempt
+    # for the system's connect timeout (134 s here), whatever timeout_s says.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     classes = sorted({i.sop_class_uid for i in items})
     if len(classes) > 128:
         raise DeliveryError("more than 128 SOP classes in one batch")

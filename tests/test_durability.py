@@ -321,7 +321,7 @@ def test_a_destination_that_refuses_a_sop_class_fails_those_results_only(
         }
         assert all("did not accept" in r["error"] for r in failed), [r["error"] for r in failed]
         assert sorted(received) == sorted(r["sop_class_uid"] for r in sent)
-        assert node.outbox.thread.is_alive()
+        assert all(t.is_alive() for t in node.outbox.threads)
     finally:
         server.shutdown()
 
@@ -351,25 +351,31 @@ def test_a_defect_while_delivering_defers_the_batch_and_keeps_the_outbox(
     )
     _store(node, xa_run(frames=3))
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 30, what="delivered")
-    assert len(calls) >= 2 and node.outbox.thread.is_alive()
+    assert len(calls) >= 2 and all(t.is_alive() for t in node.outbox.threads)
     (row,) = node.db.query("SELECT * FROM outbox")
     assert row["attempts"] >= 1
 
 
 def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
-    make_node, monkeypatch
+    make_node, storescp, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    """Fault injection: the index raises once while the router looks for runs and
-    once while each worker claims a job (as SQLite does when the database is locked
-    past its timeout). Both go on, and the run is routed and processed."""
+    """Fault injection: the index raises once while the router looks for runs, once
+    while each worker claims a job and once while each outbox thread looks for what is
+    due (as SQLite does when the database is locked past its timeout). All go on, and
+    the run is routed, processed and delivered."""
     import sqlite3
 
-    node = make_node(rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    storescp.start()
+    node = make_node(
+        destinations=[storescp.destination()],
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
     failures: list[str] = []
+    threads = {"claim_job": node.workers.threads, "due_deliveries": node.outbox.threads}
 
     def once(name: str):  # type: ignore[no-untyped-def]
         real = getattr(node.db, name)
-        count = len(node.workers.threads) if name == "claim_job" else 1
+        count = len(threads.get(name, [None]))
 
         def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
             if failures.count(name) < count:
@@ -381,13 +387,12 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
 
     once("runs_to_route")
     once("claim_job")
+    once("due_deliveries")
     _store(node, xa_run(frames=3))
-    wait_for(
-        lambda: node.db.query("SELECT * FROM jobs WHERE state='done'"), 60, what="the job done"
-    )
-    assert "runs_to_route" in failures and "claim_job" in failures
+    wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 60, what="delivered")
+    assert {"runs_to_route", "claim_job", "due_deliveries"} <= set(failures)
     assert node.router._thread.is_alive()
-    assert all(t.is_alive() for t in node.workers.threads)
+    assert all(t.is_alive() for t in node.workers.threads + node.outbox.threads)
 
 
 @pytest.mark.parametrize(
@@ -427,7 +432,7 @@ def test_a_result_file_damaged_before_delivery_fails_with_the_reason(
     state, error = states[pending[0]["id"]]
     assert state == "failed" and reason in error
     assert sorted(s for s, _ in states.values()) == ["failed", "sent"]
-    assert node.outbox.thread.is_alive()
+    assert all(t.is_alive() for t in node.outbox.threads)
 
 
 class _Answers:
@@ -673,3 +678,102 @@ def test_a_stow_destination_that_is_not_a_stow_service_delivers_nothing_and_keep
         assert sorted(stored) == sorted(r["sop_instance_uid"] for r in rows)
     finally:
         server.shutdown()
+
+
+def test_a_destination_that_never_answers_holds_back_no_other(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """A destination whose host drops the connection requests (a firewall that drops,
+    a host switched off behind one) is tried within ``[outbox] timeout_s``, not the
+    system's two minutes of SYN retries, and while it is tried, the other destinations
+    get their results. (One outbox thread tried the destinations in turn: each pass
+    waited 134 s on the silent one, and every destination waited with it.)"""
+    import socket
+
+    from tests.conftest import StoreSCP
+
+    # A listening socket whose backlog is full and never accepted: the kernel drops
+    # further SYNs, as a firewall would.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(silent.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        node = make_node(
+            destinations=[
+                {
+                    "kind": "dimse",
+                    "name": "silent",
+                    "host": "127.0.0.1",
+                    "port": silent.getsockname()[1],
+                    "ae_title": "SILENT",
+                },
+                pacs.destination(),
+            ],
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+            outbox={"timeout_s": 10.0},
+        )
+        started = time.monotonic()
+
+        def delivered(runs: int) -> bool:
+            rows = node.db.query("SELECT state FROM outbox WHERE destination='dest'")
+            return len(rows) == runs and all(r["state"] == "sent" for r in rows)
+
+        for runs, seed in enumerate((11, 12), 1):  # the second while the first is tried
+            _store(node, xa_run(frames=3, seed=seed))
+            wait_for(
+                lambda r=runs: node.db.query("SELECT 1 FROM jobs WHERE state='done'")[r - 1 :], 60
+            )
+            # well within the 10 s each attempt at the silent destination takes
+            wait_for(lambda r=runs: delivered(r), 5, what="the destination that answers")
+        assert len(pacs.files()) == len(
+            node.db.query("SELECT 1 FROM outbox WHERE destination='dest'")
+        )
+        wait_for(
+            lambda: all(
+                r["state"] == "pending" and "silent" in (r["error"] or "")
+                for r in node.db.query("SELECT * FROM outbox WHERE destination='silent'")
+            ),
+            60,
+            what="the silent destination's deliveries deferred",
+        )
+        assert time.monotonic() - started < 60
+    finally:
+        pacs.stop()
+        for c in fillers:
+            c.close()
+        silent.close()
+
+
+def test_deliveries_to_a_destination_no_longer_configured_fail_with_the_reason(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """A destination taken out of the settings while results wait for it: after the
+    restart, those deliveries fail with the reason (an operator's resend goes to the
+    destinations configured then)."""
+    from tests.conftest import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs")  # down
+    rules = [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
+    node = make_node(destinations=[pacs.destination("old")], rules=rules)
+    _store(node, xa_run(frames=3, seed=21))
+    wait_for(
+        lambda: node.db.query("SELECT 1 FROM outbox WHERE state='pending' AND attempts > 0"),
+        60,
+        what="a delivery tried",
+    )
+    node.stop()
+    node = make_node(destinations=[], rules=rules)
+    rows = wait_for(lambda: _settled(node), 30, what="the deliveries to settle")
+    assert [(r["state"], r["error"]) for r in rows] == [
+        ("failed", "destination 'old' is no longer configured")
+    ] * len(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node.db.core import Core
@@ -15,10 +16,19 @@ from dicom_node.db.records import (
 class Deliveries(Core):
     """Deliveries: the outbox state machine."""
 
-    def due_deliveries(self, limit: int) -> list[Delivery]:
+    def due_deliveries(
+        self, limit: int, destination: str | None = None, not_to: Sequence[str] = ()
+    ) -> list[Delivery]:
+        """Pending deliveries due now, oldest first: to ``destination`` when given, else
+        to any destination but those in ``not_to``."""
+        if destination is not None:
+            which, params = "destination = ?", [destination]
+        else:
+            which, params = f"destination NOT IN ({','.join('?' * len(not_to))})", list(not_to)
         rows = self.query(
-            "SELECT * FROM outbox WHERE state=? AND not_before <= ? ORDER BY id LIMIT ?",
-            (DeliveryState.PENDING, now(), limit),
+            f"SELECT * FROM outbox WHERE state=? AND not_before <= ? AND {which} "
+            "ORDER BY id LIMIT ?",
+            (DeliveryState.PENDING, now(), *params, limit),
         )
         return [
             Delivery(
