@@ -1,7 +1,8 @@
 """The audit trail: who sent what, who asked for what, what went where.
 
 One JSON object a line in ``storage_dir/audit/audit.jsonl``, rotated by size
-(``[audit] max_bytes``, ``backup_count``), optionally copied to syslog. Each
+(``[audit] max_bytes``, ``backup_count``), optionally copied to syslog (from a
+queue and a thread of its own: a collector down or stalled never holds the node). Each
 record carries the event in the spirit of IHE ATNA (RFC 3881, DICOM PS3.15
 Annex A.5): the event ID and type as DCM codes, the action (C create, R read,
 U update, E execute), the outcome (0 success, 4 minor failure, 8 serious
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import queue
 import socket
 import threading
 import time
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.settings import AuditSettings
+
+_log = logging.getLogger(__name__)
 
 # DICOM PS3.16 CID 400/401 (DCM codes used by PS3.15 A.5.3).
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
@@ -212,14 +216,116 @@ class AuditTrail:
         )
 
 
+class _Syslog(logging.handlers.SysLogHandler):
+    """logging's SysLogHandler, made so that the collector cannot hold the node: it
+    connects when it first sends (a collector down at start does not stop the start),
+    within ``TIMEOUT_S``, and again after a failure (not sooner than ``RETRY_S``);
+    a record it could not send is dropped and counted. It runs behind a queue
+    (``_Copy``), so a collector that is slow, or reads nothing, waits on this thread
+    only."""
+
+    RETRY_S = 5.0
+    TIMEOUT_S = 5.0
+
+    def __init__(self, address: str | tuple[str, int], socktype: socket.SocketKind | None) -> None:
+        self._started = False  # not at construction: the first record connects
+        self._next_try = 0.0
+        self.dropped = 0
+        self._counting = threading.Lock()  # not the handler's: a send may hold that one
+        self.closing = False  # the node stops: what is still queued is dropped
+        super().__init__(address=address, socktype=socktype)  # type: ignore[arg-type]
+        self._started = True
+        self.ident = "angio-dicom-node: "
+        self.facility = logging.handlers.SysLogHandler.LOG_AUTH
+
+    def createSocket(self) -> None:  # noqa: N802 - logging's name
+        self.socket = None  # type: ignore[assignment]
+        now = time.monotonic()
+        if not self._started or now < self._next_try:
+            return
+        self._next_try = now + self.RETRY_S
+        try:
+            if isinstance(self.address, str):
+                self.unixsocket = True
+                self._connect_unixsocket(self.address)  # type: ignore[attr-defined]
+                self.socket.settimeout(self.TIMEOUT_S)  # type: ignore[attr-defined]
+            elif self.socktype == socket.SOCK_STREAM:
+                self.unixsocket = False
+                self.socket = socket.create_connection(self.address, self.TIMEOUT_S)
+            else:
+                self.unixsocket = False
+                host, port = self.address
+                family = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0][0]
+                self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            self.socket = None  # type: ignore[assignment]
+            _log.warning("audit trail: syslog %s not reachable (%s)", self.address, exc)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.closing:
+            self.drop()
+            return
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """The record is dropped (the file trail has it); the socket is made again."""
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = None  # type: ignore[assignment]
+        self.drop()
+
+    def drop(self) -> None:
+        """Count a record not copied (logged at the 1st, 10th and every 1000th)."""
+        with self._counting:
+            self.dropped += 1
+            dropped = self.dropped
+        if dropped in (1, 10) or dropped % 1000 == 0:
+            _log.warning(
+                "audit trail: %d record(s) not copied to syslog %s (the file trail has them)",
+                dropped,
+                self.address,
+            )
+
+
+class _Copy(logging.handlers.QueueHandler):
+    """The syslog copy's front: records are queued for ``_Syslog``'s own thread, and
+    dropped (counted) when it is ``MAX_QUEUED`` behind, instead of waiting."""
+
+    MAX_QUEUED = 10000
+
+    def __init__(self, syslog: _Syslog) -> None:
+        super().__init__(queue.Queue(self.MAX_QUEUED))
+        self.syslog = syslog
+        self.listener = _Listener(self.queue, syslog)
+        self.listener.start()
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.syslog.drop()
+
+    def close(self) -> None:
+        """What is queued is sent first, for as long as one attempt may take; what is
+        left then is dropped (counted)."""
+        deadline = time.monotonic() + self.syslog.TIMEOUT_S
+        while not self.queue.empty() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        self.syslog.closing = True
+        self.listener.stop()
+        self.syslog.close()
+        super().close()
+
+
+class _Listener(logging.handlers.QueueListener):
+    def enqueue_sentinel(self) -> None:
+        self.queue.put(self._sentinel)  # type: ignore[attr-defined] # waits for room
+
+
 def _syslog_handler(target: str) -> logging.Handler:
     if target.startswith("/"):
-        handler = logging.handlers.SysLogHandler(address=target)
-    else:
-        scheme, _, rest = target.partition("://")
-        host, _, port = rest.rpartition(":")
-        kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
-        handler = logging.handlers.SysLogHandler(address=(host, int(port)), socktype=kind)
-    handler.ident = "angio-dicom-node: "
-    handler.facility = logging.handlers.SysLogHandler.LOG_AUTH
-    return handler
+        return _Copy(_Syslog(target, None))  # datagram, else stream (logging's choice)
+    scheme, _, rest = target.partition("://")
+    host, _, port = rest.rpartition(":")
+    kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
+    return _Copy(_Syslog((host, int(port)), kind))

@@ -297,3 +297,78 @@ def test_status_page_in_chromium_with_retry(make_node: Any, storescp: Any, tmp_p
     )
     assert resp.status_code == 403
     time.sleep(0)
+
+
+def test_a_syslog_collector_down_or_stalled_stops_neither_the_node_nor_its_trail(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The audit trail's copy to syslog over TCP never holds the node: a collector that
+    is down when the node starts (the node did not start: connection refused), one that
+    accepts and then reads nothing (every thread that audits, the C-STORE handlers
+    first, blocked once the socket's buffers were full), and one that comes back later
+    (it got nothing more). The file trail keeps every record throughout."""
+    from dicom_node import audit
+    from dicom_node.audit import AuditTrail
+    from dicom_node.settings import AuditSettings
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(audit._Syslog, "RETRY_S", 0.2)
+    port = free_port()
+    settings = AuditSettings(max_bytes=2**30, syslog=f"tcp://127.0.0.1:{port}")
+    trail = AuditTrail(tmp_path / "down", settings, "NODE")  # nothing listens
+    try:
+        for i in range(10):
+            trail.delivery("pacs", f"1.2.3.{i}", True)
+        with socket.create_server(("127.0.0.1", port)) as collector:
+            collector.settimeout(10)
+            time.sleep(0.5)  # past the retry interval
+            received = b""
+            deadline = time.monotonic() + 20
+            while b"1.2.4.9" not in received and time.monotonic() < deadline:
+                for i in range(10):
+                    trail.delivery("pacs", f"1.2.4.{i}", True)
+                conn, _ = collector.accept()  # the trail connects again when it is back
+                conn.settimeout(2)
+                try:
+                    while b"1.2.4.9" not in received:
+                        received += conn.recv(65536)
+                except TimeoutError:
+                    pass
+                conn.close()
+            assert b'"sop_instance_uid": "1.2.4.9"' in received
+    finally:
+        trail.close()
+    assert len((tmp_path / "down" / "audit" / "audit.jsonl").read_text().splitlines()) >= 20
+
+    # a collector that accepts and never reads: recording goes on at the file's pace
+    with socket.create_server(("127.0.0.1", 0)) as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        settings = AuditSettings(
+            max_bytes=2**30, syslog=f"tcp://127.0.0.1:{stalled.getsockname()[1]}"
+        )
+        trail = AuditTrail(tmp_path / "stalled", settings, "NODE")
+        started = time.monotonic()
+        try:
+            for i in range(20000):
+                trail.delivery("pacs", f"1.2.5.{i}", True)
+        finally:
+            trail.close()
+        assert time.monotonic() - started < 30
+    lines = (tmp_path / "stalled" / "audit" / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == 20000
+
+    # the local syslog socket (/dev/log): missing (a container without one), then there
+    path = tmp_path / "log.sock"
+    trail = AuditTrail(tmp_path / "local", AuditSettings(syslog=str(path)), "NODE")
+    try:
+        trail.delivery("pacs", "1.2.6.1", True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as local:
+            local.bind(str(path))
+            local.settimeout(10)
+            time.sleep(0.5)  # past the retry interval
+            trail.delivery("pacs", "1.2.6.2", True)
+            got = b""
+            while b'"sop_instance_uid": "1.2.6.2"' not in got:  # 1.2.6.1 may come first
+                got += local.recv(65536)
+    finally:
+        trail.close()
