@@ -12,6 +12,7 @@ itself is bad.
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
@@ -121,6 +122,12 @@ def cstore(
             why += " (TLS: is the port TLS, and its certificate signed by tls_ca_file for "
             why += f"{dest.tls_server_name or dest.host}?)"
         raise DeliveryError(f"{dest.name}: {why} at {dest.host}:{dest.port} ({dest.ae_title})")
+    # pynetdicom sends with no timeout once connected: a destination that stops reading
+    # (a hung PACS) would hold this thread as long as it hangs. With one, a send that
+    # makes no progress for ``timeout`` s ends the association (no response: deferred).
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if isinstance(sock, socket.socket):
+        sock.settimeout(timeout)
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for item in items:

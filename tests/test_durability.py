@@ -777,3 +777,57 @@ def test_deliveries_to_a_destination_no_longer_configured_fail_with_the_reason(
     assert [(r["state"], r["error"]) for r in rows] == [
         ("failed", "destination 'old' is no longer configured")
     ] * len(rows)
+
+
+def test_a_destination_that_stops_reading_is_given_up_after_timeout_s(tmp_path: Path) -> None:
+    """A destination that accepts the association and then reads nothing more (a PACS
+    whose process hangs): sending stops after ``timeout_s`` without progress, and the
+    batch is deferred as for a destination down. (pynetdicom sends with no timeout: the
+    delivery thread waited as long as the destination did, forever.)"""
+    import threading
+
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+    from pynetdicom import evt
+
+    from dicom_node.db import Delivery
+    from dicom_node.errors import DeliveryError
+    from dicom_node.senders import cstore
+    from dicom_node.settings import DimseDestination
+
+    received = [0]
+    release = threading.Event()
+
+    def stall(event: Any) -> None:  # in the SCP's reading thread: it stops reading
+        received[0] += len(event.data)
+        if received[0] > 100_000:
+            release.wait(120)
+
+    scp = AE(ae_title="HUNG")
+    scp.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    server = scp.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_DATA_RECV, stall), (evt.EVT_C_STORE, lambda e: 0x0000)],
+    )
+    ds = xa_run(frames=1)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.Rows = ds.Columns = 4096  # 32 MiB: more than the socket buffers hold
+    ds.NumberOfFrames = 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = np.zeros((4096, 4096), np.uint16).tobytes()
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    item = Delivery(1, "hung", path, SecondaryCaptureImageStorage, str(ds.SOPInstanceUID), 0)
+    dest = DimseDestination(
+        name="hung", host="127.0.0.1", port=server.server_address[1], ae_title="HUNG"
+    )
+    reports: list[Any] = []
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeliveryError, match="no C-STORE response"):
+            cstore(dest, [item], "NODE", 3.0, lambda d, r: reports.append(r))
+        assert time.monotonic() - started < 30 and not reports
+    finally:
+        release.set()
+        server.shutdown()

@@ -466,3 +466,62 @@ def test_a_data_set_kept_in_memory_is_bounded_like_a_command_set(make_node, capl
                 pass
     assert "other than a C-STORE request" in caplog.text
     assert _store(node.port, _instance(2 * 512 * 512 * 2)) == 0
+
+
+def test_a_peer_that_reads_no_answer_is_dropped_and_stops_nothing(make_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A peer that sends requests and reads none of the answers: once the socket's
+    buffers are full the node's answers cannot be sent, and nothing more is read; the
+    association ends after ``network_timeout_s`` without a read (pynetdicom's idle
+    timer, which closes the socket under the blocked send), and the node stops
+    promptly. (The node's own sends, to destinations, needed a timeout of their own:
+    tests/test_durability.py.)"""
+    import random
+    import threading
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from tests.dimse_faults import association_request, command_set, p_data
+
+    node = make_node(api={"enabled": False}, network_timeout_s=2.0)
+    verification = "1.2.840.10008.1.1"
+    request = association_request(
+        random.Random(0), [(1, verification, [ImplicitVRLittleEndian])], calling="DEAF"
+    )
+    echoes = b"".join(
+        p_data(
+            1,
+            0x03,
+            command_set(
+                [
+                    (0x00000002, "UI", verification),
+                    (0x00000100, "US", 0x0030),
+                    (0x00000110, "US", i % 65536),
+                    (0x00000800, "US", 0x0101),
+                ]
+            ),
+        )
+        for i in range(40000)
+    )
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.connect(("127.0.0.1", node.port))
+    try:
+        peer.sendall(request)
+        assert peer.recv(1) == b"\x02"  # A-ASSOCIATE-AC; nothing more is read
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                peer.sendall(echoes)
+
+        threading.Thread(target=flood, daemon=True).start()
+        assert node.server is not None
+        wait_for(lambda: node.server.active_associations, 10, what="the association")
+        wait_for(
+            lambda: not node.server.active_associations, 60, what="the deaf peer to be dropped"
+        )
+        started = time.monotonic()
+        node.stop()
+        assert time.monotonic() - started < 20
+        assert "Network timeout reached" in caplog.text
+    finally:
+        peer.close()
