@@ -103,19 +103,27 @@ def _no_space() -> dict[str, Any]:
     return {"free_target_bytes": None}
 
 
-def test_nothing_still_to_be_processed_is_purged_nor_results_still_to_be_delivered(
-    make_node: Any, tmp_path: Path
-) -> None:
+def _behind_a_pacs_down(make_node: Any, tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
+    """A node whose results go to a PACS that is down until the test starts it, and
+    whose series wait an hour for their quiet period."""
     from tests.conftest import StoreSCP
 
-    pacs = StoreSCP(tmp_path / "pacs")  # down until started below
+    pacs = StoreSCP(tmp_path / "pacs")
     node = make_node(
         rules=RULES,
         retention=OFF,
         destinations=[pacs.destination()],
         completion={"quiet_period_s": 3600},
         outbox={"backoff_max_s": 0.5},
+        **settings,
     )
+    return node, pacs
+
+
+def test_nothing_still_to_be_processed_is_purged_nor_results_still_to_be_delivered(
+    make_node: Any, tmp_path: Path
+) -> None:
+    node, pacs = _behind_a_pacs_down(make_node, tmp_path)
     run_id, _ = _run(node)
     wait_for(
         lambda: node.db.query("SELECT COUNT(*) n FROM outbox WHERE state='pending'")[0]["n"] > 0,
@@ -334,17 +342,7 @@ def test_an_operator_cancels_what_is_still_to_be_done_for_a_run(
     import subprocess
     import sys
 
-    from tests.conftest import StoreSCP
-
-    pacs = StoreSCP(tmp_path / "pacs")  # down until started below
-    node = make_node(
-        rules=RULES,
-        retention=OFF,
-        destinations=[pacs.destination()],
-        completion={"quiet_period_s": 3600},
-        outbox={"backoff_max_s": 0.5},
-        workers={"concurrency": 1},
-    )
+    node, pacs = _behind_a_pacs_down(make_node, tmp_path, workers={"concurrency": 1})
     api = f"http://127.0.0.1:{node.api_port}"
 
     def jobs(run_id: str) -> list[tuple[str, str | None]]:

@@ -150,25 +150,23 @@ def test_a_stow_part_that_is_not_a_dicom_file_is_refused_with_the_reason(
         "bare": "no File Meta Information",
         "cut": "no 128-byte preamble",
     }
+
+    def post(part: bytes) -> requests.Response:
+        content_type, body = multipart([part])
+        return requests.post(
+            f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+            data=body,
+            headers={"Content-Type": content_type},
+            timeout=30,
+        )
+
     with caplog.at_level("WARNING", logger="dicom_node.ingest"):
         for name, part in (("bare", bare.getvalue()), ("cut", cut)):
-            content_type, body = multipart([part])
-            resp = requests.post(
-                f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
-                data=body,
-                headers={"Content-Type": content_type},
-                timeout=30,
-            )
+            resp = post(part)
             assert resp.status_code == 409, (name, resp.text)
             (item,) = resp.json()["00081198"]["Value"]
             assert item["00081197"]["Value"] == [0xC000], name
             assert reasons[name] in caplog.text, (name, caplog.text)
     assert not node.db.query("SELECT 1 FROM instances")
-    content_type, body = multipart([whole])
-    resp = requests.post(
-        f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
-        data=body,
-        headers={"Content-Type": content_type},
-        timeout=30,
-    )
+    resp = post(whole)
     assert resp.status_code == 200 and len(node.db.query("SELECT 1 FROM instances")) == 1
