@@ -15,12 +15,14 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 
 from dicom_node.db import Delivery
@@ -111,13 +113,23 @@ def cstore(
             tls_args = (client_context(dest), dest.tls_server_name or dest.host)
         except ConfigError as exc:  # a certificate file changed since the node started
             raise DeliveryError(str(exc)) from None
+    answers: list[Any] = []  # the A-ASSOCIATE response, whose rejection says why
     assoc = ae.associate(
-        dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title, tls_args=tls_args
+        dest.host,
+        dest.port,
+        contexts=contexts,
+        ae_title=dest.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
     )
     if not assoc.is_established:
-        why = (
-            "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
-        )
+        why = "aborted" if assoc.is_aborted else "no association"
+        if assoc.is_rejected:
+            why = "rejected" + "".join(
+                f" ({a.result_str}, {a.source_str}: {a.reason_str})"
+                for a in answers[-1:]
+                if isinstance(a, A_ASSOCIATE) and a.result in (0x01, 0x02)
+            )
         if dest.tls and not assoc.is_rejected:
             why += " (TLS: is the port TLS, and its certificate signed by tls_ca_file for "
             why += f"{dest.tls_server_name or dest.host}?)"

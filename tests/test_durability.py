@@ -831,3 +831,40 @@ def test_a_destination_that_stops_reading_is_given_up_after_timeout_s(tmp_path: 
     finally:
         release.set()
         server.shutdown()
+
+
+def test_a_destination_that_rejects_the_association_says_why_in_the_status(
+    make_node: Any,
+) -> None:
+    """A destination that rejects the association (its called AE title mistyped in the
+    node's settings, the node's AE not configured there): the deliveries wait, as for
+    a destination down, and their reason says what the destination answered, so the
+    administrator knows which side to correct. (It said only "rejected".)"""
+    from pynetdicom import AllStoragePresentationContexts
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp.require_called_aet = True  # rejects any other called AE title
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        node = make_node(
+            destinations=[
+                {
+                    "kind": "dimse",
+                    "name": "pacs",
+                    "host": "127.0.0.1",
+                    "port": server.server_address[1],
+                    "ae_title": "PACSS",  # mistyped
+                }
+            ],
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        )
+        _store(node, xa_run(frames=3, seed=31))
+        rows = wait_for(
+            lambda: node.db.query("SELECT * FROM outbox WHERE attempts > 0"), 60, what="a try"
+        )
+        assert rows[0]["state"] == "pending"
+        assert "Called AE title not recognised" in rows[0]["error"], rows[0]["error"]
+        assert "Rejected Permanent" in rows[0]["error"] and "PACSS" in rows[0]["error"]
+    finally:
+        server.shutdown()
