@@ -213,13 +213,15 @@ def _stow_one(
     # What says that the url is not a STOW-RS service (no result is stored there, nor
     # would any be): the results wait, as for a destination down, until it is put right.
     if 300 <= code < 400:
-        where = urlsplit(resp.headers.get("Location", ""))
+        where = _shown(resp.headers.get("Location", ""))
         raise DeliveryError(
-            f"{dest.name}: HTTP {code}, a redirect to {where.scheme}://{where.netloc}"
-            f"{where.path} (not followed: set url to the DICOMweb service itself)"
+            f"{dest.name}: HTTP {code}, a redirect to {where} (not followed: set url to the "
+            "DICOMweb service itself)"
         )
     if code in (404, 405):
-        raise DeliveryError(f"{dest.name}: HTTP {code} (no STOW-RS service at {url}: check url)")
+        raise DeliveryError(
+            f"{dest.name}: HTTP {code} (no STOW-RS service at {_shown(url)}: check url)"
+        )
     answer = _json_object(resp)
     failed = _stow_failures(answer)
     if item.sop_instance_uid in failed:
@@ -233,7 +235,7 @@ def _stow_one(
         kind = resp.headers.get("Content-Type", "no Content-Type").split(";")[0]
         raise DeliveryError(
             f"{dest.name}: HTTP {code} with a body that is not a STOW-RS response ({kind}; "
-            f"is {dest.url} the DICOMweb service?)"
+            f"is {_shown(dest.url)} the DICOMweb service?)"
         )
     if item.sop_instance_uid not in _stow_stored(answer):
         raise DeliveryError(
@@ -241,6 +243,17 @@ def _stow_one(
             "instance as stored (PS3.18 10.5.3: a stored instance is referenced there)"
         )
     return None
+
+
+def _shown(url: str) -> str:
+    """A URL as the status and the log may show it: no user or password, no query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
 
 
 def _json_object(resp: requests.Response) -> dict[str, object] | None:
