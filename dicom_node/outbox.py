@@ -71,13 +71,16 @@ class Outbox:
                 self.wake.clear()
 
     def _defer(self, name: str, batch: list[Delivery], reported: set[int], reason: str) -> None:
-        """What the batch did not report goes back, due after its backoff."""
+        """What the batch did not report goes back, due after its backoff; at once when
+        the batch had reached the destination (each of its objects was answered, or
+        one was in flight when the association ended: that one waits its backoff, and
+        the others go before it, so that no object holds back those behind it)."""
         rest = [d for d in batch if d.id not in reported]
         for d in rest:
             # Observed before the state moves, as a refusal is (report): whoever
             # sees the retry in the index finds it in the audit trail too.
             self.on_delivery(name, d, False, reason, False)
-            self.db.delivery_retry(d, reason, self._delay(d))
+            self.db.delivery_retry(d, reason, self._delay(d) if not reported else 0.0)
         log.warning("delivery to %s deferred (%d object(s)): %s", name, len(rest), reason)
 
     def _delay(self, delivery: Delivery) -> float:

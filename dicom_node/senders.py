@@ -151,6 +151,16 @@ def cstore(
                 continue
             status = assoc.send_c_store(ds)
             if not status or "Status" not in status:
+                # The object in flight may be why (a PACS that aborts on what it cannot
+                # take, instead of refusing it): it goes again after the others.
+                report(
+                    item,
+                    (
+                        False,
+                        f"{dest.name} ended the association during its C-STORE (it may not "
+                        "take this object): sent again after the others",
+                    ),
+                )
                 raise DeliveryError(f"{dest.name}: no C-STORE response (connection lost)")
             report(item, refusal(int(status.Status), "C-STORE status"))
     finally:
@@ -206,6 +216,15 @@ def _stow_one(
     except requests.RequestException as exc:
         raise DeliveryError(f"{dest.name}: {exc}") from None
     code = resp.status_code
+    if code == 500:
+        # A server error on this request: the object may be why (a server that fails on
+        # what it cannot parse). It goes again after the others, as a C-STORE that
+        # ended the association does; the destination's own "not now" (408, 429, 502,
+        # 503, 504 ...) defers the batch.
+        return (
+            False,
+            "STOW-RS HTTP 500 (the destination failed on it): sent again after the others",
+        )
     if code in (408, 429) or code >= 500:
         raise DeliveryError(f"{dest.name}: HTTP {code}")
     if code in (401, 403):
