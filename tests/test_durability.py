@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from http.server import BaseHTTPRequestHandler
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -458,28 +460,54 @@ class _Answers:
         return 0x0000
 
 
+class _StowHandler(BaseHTTPRequestHandler):
+    """A test STOW-RS endpoint's plumbing: the posted part's header, an answer."""
+
+    def _posted(self) -> Any:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+        return dcmread(BytesIO(part), stop_before_pixels=True)
+
+    def _send(
+        self, status: int, body: bytes, kind: str = "application/dicom+json", **headers: str
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _http_server(handler: type) -> tuple[Any, int]:
+    """An HTTP server on a free loopback port, serving in a thread of its own."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, int(server.server_address[1])
+
+
 def _stow_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
     """A STOW-RS endpoint answering each instance's Failure Reason in a Failed SOP
     Sequence (HTTP 409), or 200 with it referenced; its first answer of all is a
     408 Request Timeout."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from io import BytesIO
 
     timed_out: list[bool] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_StowHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+            uid = str(self._posted().SOPInstanceUID)
             if not timed_out:
                 timed_out.append(True)
-                self.send_response(408)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self._send(408, b"")
                 return
-            part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
-            uid = str(dcmread(BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
             code = answers.answer(uid)
             item = {"00081155": {"vr": "UI", "Value": [uid]}}
             if code:
@@ -487,42 +515,35 @@ def _stow_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
                 reply, status = {"00081198": {"vr": "SQ", "Value": [item]}}, 409
             else:
                 reply, status = {"00081199": {"vr": "SQ", "Value": [item]}}, 200
-            data = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._send(status, json.dumps(reply).encode())
 
-        def log_message(self, *args: Any) -> None:
-            pass
+    server, port = _http_server(Handler)
+    return server, {"kind": "dicomweb", "name": "answers", "url": f"http://127.0.0.1:{port}"}
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    return server, {"kind": "dicomweb", "name": "answers", "url": url}
+
+def _storage_scp(
+    ae_title: str, on_store: Any = None, called: str | None = None, require_called: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """A pynetdicom storage SCP on a free loopback port (its C-STORE handler
+    ``on_store``), and the node's destination entry for it (called AE ``called``)."""
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    ae = AE(ae_title=ae_title)
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.require_called_aet = require_called
+    handlers = [(evt.EVT_C_STORE, on_store)] if on_store is not None else []
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+    return server, {
+        "kind": "dimse",
+        "name": ae_title.lower(),
+        "host": "127.0.0.1",
+        "port": server.server_address[1],
+        "ae_title": called or ae_title,
+    }
 
 
 def _dimse_destination(answers: _Answers) -> tuple[Any, dict[str, Any]]:
-    from pynetdicom import AllStoragePresentationContexts, evt
-
-    ae = AE(ae_title="ANSWERS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    server = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=[
-            (evt.EVT_C_STORE, lambda e: answers.answer(str(e.request.AffectedSOPInstanceUID)))
-        ],
-    )
-    port = server.server_address[1]
-    return server, {
-        "kind": "dimse",
-        "name": "answers",
-        "host": "127.0.0.1",
-        "port": port,
-        "ae_title": "ANSWERS",
-    }
+    return _storage_scp("ANSWERS", lambda e: answers.answer(str(e.request.AffectedSOPInstanceUID)))
 
 
 @pytest.mark.parametrize(
@@ -601,53 +622,35 @@ def test_a_stow_destination_that_is_not_a_stow_service_delivers_nothing_and_keep
     redirect and the 200 answers counted as delivered, and the 404 failed each result
     for good: results were lost without a word, or for good.)"""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from io import BytesIO
 
     mode = ["redirect"]
     stored: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, status: int, body: bytes, kind: str, **headers: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+    def stored_answer(uid: str) -> bytes:
+        item = {"00081155": {"vr": "UI", "Value": [uid]}}
+        return json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode()
 
+    class Handler(_StowHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             self._send(200, b"<html><form>Sign in</form></html>", "text/html")
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+            uid = str(self._posted().SOPInstanceUID)
             m = mode[0]
             if m == "redirect":
                 self._send(302, b"", "text/plain", Location="/login?next=/dicom-web")
             elif m == "html":
                 self._send(200, b"<!doctype html><html><body>app</body></html>", "text/html")
             elif m == "other":
-                item = {"00081155": {"vr": "UI", "Value": ["1.2.3.4"]}}
-                data = json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode()
-                self._send(200, data, "application/dicom+json")
+                self._send(200, stored_answer("1.2.3.4"))
             elif m in ("404", "405"):
                 self._send(int(m), b"no such route", "text/plain")
             else:
-                part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
-                uid = str(dcmread(BytesIO(part), stop_before_pixels=True).SOPInstanceUID)
                 stored.append(uid)
-                item = {"00081155": {"vr": "UI", "Value": [uid]}}
-                data = json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode()
-                self._send(200, data, "application/dicom+json")
+                self._send(200, stored_answer(uid))
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://node:secret@127.0.0.1:{server.server_address[1]}/dicom-web"
+    server, port = _http_server(Handler)
+    url = f"http://node:secret@127.0.0.1:{port}/dicom-web"
     try:
         node = make_node(
             destinations=[{"kind": "dicomweb", "name": "web", "url": url}],
@@ -844,23 +847,11 @@ def test_a_destination_that_rejects_the_association_says_why_in_the_status(
     node's settings, the node's AE not configured there): the deliveries wait, as for
     a destination down, and their reason says what the destination answered, so the
     administrator knows which side to correct. (It said only "rejected".)"""
-    from pynetdicom import AllStoragePresentationContexts
 
-    scp = AE(ae_title="PACS")
-    scp.supported_contexts = AllStoragePresentationContexts
-    scp.require_called_aet = True  # rejects any other called AE title
-    server = scp.start_server(("127.0.0.1", 0), block=False)
+    server, dest = _storage_scp("PACS", called="PACSS", require_called=True)  # mistyped
     try:
         node = make_node(
-            destinations=[
-                {
-                    "kind": "dimse",
-                    "name": "pacs",
-                    "host": "127.0.0.1",
-                    "port": server.server_address[1],
-                    "ae_title": "PACSS",  # mistyped
-                }
-            ],
+            destinations=[dest],
             rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
         )
         _store(node, xa_run(frames=3, seed=31))
@@ -882,7 +873,6 @@ def test_an_object_that_makes_the_destination_abort_holds_back_no_other(
     later, after the others, which are delivered; so are the next runs' results. (The
     batch was deferred as a whole and came back in the same order: the object was
     first again, every time, and nothing behind it ever reached the destination.)"""
-    from pynetdicom import AllStoragePresentationContexts, evt
 
     seg = "1.2.840.10008.5.1.4.1.1.66.4"
     aborts: list[str] = []
@@ -893,22 +883,10 @@ def test_an_object_that_makes_the_destination_abort_holds_back_no_other(
             event.assoc.abort()
         return 0x0000
 
-    scp = AE(ae_title="OLDPACS")
-    scp.supported_contexts = AllStoragePresentationContexts
-    server = scp.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
+    server, dest = _storage_scp("OLDPACS", on_store)
     try:
         node = make_node(
-            destinations=[
-                {
-                    "kind": "dimse",
-                    "name": "old",
-                    "host": "127.0.0.1",
-                    "port": server.server_address[1],
-                    "ae_title": "OLDPACS",
-                }
-            ],
+            destinations=[dest],
             rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
             outbox={"backoff_base_s": 0.2, "backoff_max_s": 1.0},
         )
@@ -939,42 +917,26 @@ def test_an_object_a_stow_server_fails_on_holds_back_no_other(make_node: Any) ->
     that object is sent again later, after the others, which are stored. (A 500
     deferred the batch as a whole, in the same order: nothing behind it went.)"""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from io import BytesIO
 
     seg = "1.2.840.10008.5.1.4.1.1.66.4"
 
-    class Choking(BaseHTTPRequestHandler):
+    class Choking(_StowHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
-            ds = dcmread(BytesIO(part), stop_before_pixels=True)
+            ds = self._posted()
             if str(ds.SOPClassUID) == seg:
-                reply, status = b"internal error", 500
-            else:
-                item = {"00081155": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]}}
-                reply, status = (
-                    json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode(),
-                    200,
-                )
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+                self._send(500, b"internal error", "text/plain")
+                return
+            item = {"00081155": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]}}
+            self._send(200, json.dumps({"00081199": {"vr": "SQ", "Value": [item]}}).encode())
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Choking)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, port = _http_server(Choking)
     try:
         node = make_node(
             destinations=[
                 {
                     "kind": "dicomweb",
                     "name": "web",
-                    "url": f"http://127.0.0.1:{server.server_address[1]}/dicom-web",
+                    "url": f"http://127.0.0.1:{port}/dicom-web",
                 }
             ],
             rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
