@@ -72,9 +72,9 @@ class Outbox:
 
     def _defer(self, name: str, batch: list[Delivery], reported: set[int], reason: str) -> None:
         """What the batch did not report goes back, due after its backoff; at once when
-        the batch had reached the destination (each of its objects was answered, or
-        one was in flight when the association ended: that one waits its backoff, and
-        the others go before it, so that no object holds back those behind it)."""
+        the batch had reached the destination (an object of it was answered, or was in
+        flight when the association ended: that one waits its backoff, and the others
+        go before it, so that no object holds back those behind it)."""
         rest = [d for d in batch if d.id not in reported]
         for d in rest:
             # Observed before the state moves, as a refusal is (report): whoever

@@ -349,12 +349,11 @@ class Jobs(Core):
                 "SELECT id, generation, dispatched_at FROM jobs WHERE run_id=? AND state IN (?,?)",
                 (run_id, JobState.QUEUED, JobState.RUNNING),
             ).fetchall()
-            for j in jobs:
-                con.execute(
-                    "UPDATE jobs SET state=?, error=?, lease_until=NULL, dispatched_at=NULL, "
-                    "generation=generation+1, updated_at=? WHERE id=?",
-                    (JobState.FAILED, reason, t, j["id"]),
-                )
+            con.execute(
+                "UPDATE jobs SET state=?, error=?, lease_until=NULL, dispatched_at=NULL, "
+                "generation=generation+1, updated_at=? WHERE run_id=? AND state IN (?,?)",
+                (JobState.FAILED, reason, t, run_id, JobState.QUEUED, JobState.RUNNING),
+            )
             deliveries = con.execute(
                 "UPDATE outbox SET state=?, error=? WHERE state=? "
                 "AND job_id IN (SELECT id FROM jobs WHERE run_id=?)",
