@@ -359,6 +359,30 @@ def _strip(ds: Dataset, readable: set[tuple[Any, ...]] | None = None) -> Dataset
     return header
 
 
+# Values a well-formed element may still not hold: a date or time that is not one
+# (February 30th: the form is checked, not the calendar), a code outside an
+# enumeration (Patient's Sex "U"), a list where one value is meant. The encoders copy
+# these attributes into results, and highdicom refuses them there.
+_TEMPORAL: dict[str, Callable[[str], object]] = {"DA": DA, "DT": DT, "TM": TM}
+_ENUMERATED = {
+    tag_for_keyword("PatientSex"): {"M", "F", "O"},  # PS3.3 C.7.1.1
+    tag_for_keyword("Laterality"): {"R", "L"},  # PS3.3 C.7.3.1
+}
+_SINGLE = {tag_for_keyword(k) for k in ("PatientName", "ReferringPhysicianName", "PatientSex")}
+# What files a result with its source in a PACS (its patient, its order): kept as the
+# source has it when only its length is past its VR's (a RIS's 20-character accession
+# number), so that the result joins the source's patient and study, not an empty one.
+_KEPT_LONG = {
+    tag_for_keyword(k): n
+    for k, n in (
+        ("PatientID", 64),
+        ("IssuerOfPatientID", 64),
+        ("AccessionNumber", 16),
+        ("StudyID", 16),
+    )
+}
+
+
 def _unreadable(elem: DataElement) -> bool:
     if elem.tag.is_private or elem.tag.group == 0x0002:
         return False
@@ -373,9 +397,15 @@ def _unreadable(elem: DataElement) -> bool:
         if elem.VR == "SQ":
             return False
         values = value if isinstance(value, MultiValue) else [value]
+        if elem.tag in _SINGLE and len(values) > 1:
+            return True
+        if elem.tag in _ENUMERATED and not set(values) <= _ENUMERATED[elem.tag] | {""}:
+            return True
         for v in values:
             if isinstance(v, (str, bytes)) and v:  # numbers already parsed as their VR
-                validate_value(elem.VR, v, config.RAISE)
+                validate_value(elem.VR, v[: _KEPT_LONG.get(elem.tag)], config.RAISE)
+                if elem.VR in _TEMPORAL and isinstance(v, str):
+                    _TEMPORAL[elem.VR](v)
     except Exception:  # noqa: BLE001 - any failure to read the value makes it unreadable
         return True
     return False

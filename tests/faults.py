@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -51,6 +52,7 @@ CATEGORIES = (
     "pixel module",
     "transfer syntax",
     "timing",
+    "identity value",
     "combination",
 )
 
@@ -511,6 +513,41 @@ def _mask(frame: int, op: str = "AVG_SUB") -> Callable[[Dataset], None]:
     return edit
 
 
+# Values a sender writes that are well formed, or nearly, but not what their attribute
+# may hold: February 30th, a sex the standard has no code for (Patient's Sex "U" made
+# every SEG, Parametric Map and SR fail: highdicom validates the identity it copies).
+IDENTITY_VALUES: dict[str, tuple[str, ...]] = {
+    "PatientSex": ("U", "X", "f", "M\\F", "MALE", "0"),
+    "PatientBirthDate": ("19800231", "20260229", "00000000", "19800100", "1980", "1980-01-01"),
+    "StudyDate": ("20260231", "20261301", "00000000", "99991231", "2026.01.01", "26"),
+    "StudyTime": ("246000", "235960", "9", "12:30:00", "120000.1234567", "-1"),
+    "SeriesDate": ("20260230", "yesterday"),
+    "AcquisitionDateTime": ("20260231120000", "2026013125", "20260101+9999"),
+    "PatientAge": ("abc", "999Y", "045y", "45"),
+    "PatientName": ("A" * 200, "=", "^^^^^", "a\\b"),
+    "PatientID": ("X" * 100, " "),
+    "StudyID": ("S" * 40,),
+    "AccessionNumber": ("N" * 40,),
+    "ReferringPhysicianName": ("R^" * 100,),
+    "Laterality": ("X", "LR"),
+    "PatientWeight": ("-5", "abc", "1e400"),
+    "PatientSize": ("0", "nan"),
+}
+
+
+def identity_values(rng: np.random.Generator) -> Iterator[Case]:
+    names = list(IDENTITY_VALUES)
+    for i in range(30):
+        ds = fresh(seed=900 + i)
+        written = []
+        for name in rng.choice(names, size=int(rng.integers(1, 4)), replace=False):
+            options = IDENTITY_VALUES[str(name)]
+            value = options[int(rng.integers(0, len(options)))]
+            raw(ds, str(name), dictionary_VR(str(name)), value)
+            written.append(f"{name} {value!r}")
+        yield Case(", ".join(written), "identity value", encode(ds))
+
+
 def combinations(rng: np.random.Generator, pool: list[Case]) -> Iterator[Case]:
     """Random pairs of header-level mutations applied together (flip + length + VR)."""
     for i in range(40):
@@ -542,6 +579,7 @@ def corpus(seed: int = 0) -> list[Case]:
         pixel_modules,
         transfer_syntaxes,
         timings,
+        identity_values,
     ):
         cases.extend(make(rng))
     cases.extend(combinations(rng, cases))

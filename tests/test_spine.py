@@ -291,6 +291,52 @@ def test_sources_without_type_2_attributes_are_processed(make_node: Any, tmp_pat
         assert dciodvfy_errors(path) == [], path
 
 
+def test_identity_values_a_result_cannot_hold_are_dropped_and_its_keys_kept(
+    make_node: Any, tmp_path: Path
+) -> None:
+    """Identity values that are well formed but impossible (Patient's Sex "U", a birth
+    date of February 31st, two Patient's Names) made every SEG, Parametric Map and SR
+    fail (highdicom validates the identity it copies): they are left out of the
+    results (type 2: empty), and the worker logs which. What files the result with its
+    source in the PACS (Patient ID, Accession Number) is kept as sent, over-long as it
+    is, so that the results join the source's patient and order, not an empty one."""
+    from pydicom import dcmread
+
+    from tests.conftest import dciodvfy_errors
+    from tests.test_ingest import _send
+    from training.phantoms import dsa
+
+    written = dsa.generate(5, size=128, frames=16).write(tmp_path / "ph")
+    ds = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    impossible = {
+        "PatientSex": ("CS", "U"),
+        "PatientBirthDate": ("DA", "19800231"),
+        "StudyDate": ("DA", "20260229"),
+        "PatientName": ("PN", "DOE^JOHN\\DOE^J"),
+    }
+    kept = {"PatientID": ("LO", "P" * 70), "AccessionNumber": ("SH", "A" * 20)}
+    for keyword, (vr, value) in {**impossible, **kept}.items():
+        raw(ds, keyword, vr, value)
+    node = make_node(storage_dir=str(tmp_path / "node"))
+    assert _send(node, ds) == 0
+    wait_for(lambda: node.db.unsettled_jobs() == 0 and node.db.query("SELECT 1 FROM jobs"), 180)
+    jobs = node.db.query("SELECT pipeline, state, error FROM jobs")
+    assert {j["pipeline"] for j in jobs} == {"minip", "dsa_av", "dsa_perfusion"}
+    assert all(j["state"] == "done" for j in jobs), [dict(j) for j in jobs]
+    results = sorted((tmp_path / "node" / "results").rglob("*.dcm"))
+    kinds: dict[str, Path] = {}
+    for path in results:
+        out = dcmread(path, stop_before_pixels=True)
+        assert out.PatientID == "P" * 70 and out.AccessionNumber == "A" * 20, path
+        assert all(out.get(k) in ("", None) for k in impossible), path
+        kinds.setdefault(str(out.SOPClassUID), path)
+    assert len(kinds) >= 4  # canvas, SEG, Parametric Map, SR, renderings
+    for path in kinds.values():
+        errors = dciodvfy_errors(path)
+        assert all("Patient ID" in e or "Accession Number" in e or "Value Representations" in e
+                   for e in errors), (path, errors)  # fmt: skip
+
+
 def test_older_runs_wait_behind_live_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A bulk resend of older runs (acquired before workers.live_window_h) is routed
     first; the live runs routed after it are claimed first, the older ones then in

@@ -44,8 +44,10 @@ RESULT_DISCLAIMER = "AI output - research use, not for diagnosis unless validate
 # Parametric Map reference only the canvas series, SR as TID 1410 on the canvas.
 # 3: the result's quality (verdict, reasons, measures) in Image Comments, under every
 # rendering, and in the SR's "Run quality" group. 4: every result in the source's
-# Specific Character Set.
-ENCODING_REVISION = "4"
+# Specific Character Set. 5: an over-long Patient ID, Issuer, Accession Number or
+# Study ID kept as the source has it (it was left out), impossible identity values
+# (Patient's Sex "U", February 30th) left out (the result failed).
+ENCODING_REVISION = "5"
 
 # Module-level attributes copied from the source so results join the study.
 PATIENT_KEYWORDS = (
