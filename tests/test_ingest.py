@@ -468,3 +468,53 @@ def test_two_senders_racing_one_uid_into_two_series_store_one(make_node) -> None
     assert len(rows) == 20
     spool = Path(node.settings.storage_dir, "spool")
     assert sorted(map(str, spool.rglob("*.dcm"))) == sorted(r["path"] for r in rows)
+
+
+def test_the_same_instances_from_several_senders_at_once_are_stored_once(make_node) -> None:  # type: ignore[no-untyped-def]
+    """Two suites, or a suite and a PACS's routing rule, sending the same series at the
+    same moment: every copy is acknowledged, each instance is stored once and whole,
+    and each run (a series of single frames, or a multi-frame instance) is routed once."""
+    import threading
+
+    node = make_node(rules=MINIP_ONLY, completion={"quiet_period_s": 1})
+    orders = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [0, 1, 2, 3], [3, 1, 2, 0]]
+
+    def send(instances: list, order: list[int], start: threading.Barrier, statuses: list) -> None:  # type: ignore[type-arg]
+        assoc = _assoc(node)
+        try:
+            start.wait()
+            for i in order:
+                statuses.append(int(assoc.send_c_store(instances[i]).Status))
+        finally:
+            assoc.release()
+
+    for round_ in range(4):
+        study, series = generate_uid(), generate_uid()
+        frames = 1 if round_ % 2 else 2  # one run of four instances; four runs
+        instances = [
+            xa_run(frames, seed=round_ * 10 + i, study_uid=study, series_uid=series)
+            for i in range(4)
+        ]
+        statuses: list[int] = []
+        start = threading.Barrier(len(orders))
+        threads = [
+            threading.Thread(target=send, args=(instances, o, start, statuses)) for o in orders
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert statuses == [0] * 24, [hex(s) for s in statuses]
+        rows = node.db.query(
+            "SELECT sop_instance_uid, path FROM instances WHERE series_uid=?", (series,)
+        )
+        assert sorted(r["sop_instance_uid"] for r in rows) == sorted(
+            str(ds.SOPInstanceUID) for ds in instances
+        )
+        for r in rows:
+            stored = dcmread(r["path"])
+            sent = next(ds for ds in instances if ds.SOPInstanceUID == stored.SOPInstanceUID)
+            assert stored.PixelData == sent.PixelData
+    runs = 2 * 1 + 2 * 4
+    wait_for(lambda: node.db.unsettled_jobs() == 0 and len(_jobs(node)) == runs, 60)
+    assert node.db.query("SELECT COUNT(*) n FROM runs")[0]["n"] == runs
