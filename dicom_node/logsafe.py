@@ -26,7 +26,13 @@ _QUOTED = re.compile(
     r"""(?:(?<![A-Za-z0-9_])[bBrRuU]{1,2})?(?P<q>['"])"""
     r"""(?:(?!(?P=q)(?![A-Za-z0-9]))[^\\\n]|\\.)*(?P=q)(?![A-Za-z0-9])"""
 )
-_HARMLESS = re.compile(r"^[0-9.+\-eE ]{0,64}$")  # UIDs and numbers
+# What a quoted literal may show: a UID (components without leading zeros, so not a
+# date written 1980.01.01) or a short number. Digits with dashes (1980-01-01) or a
+# longer number (a birth date 19800231, a numeric Patient ID) are values.
+_HARMLESS = re.compile(
+    r"^(?:(?=.{3,64}$)(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))+|(?=.{0,4}$)[+-]?[0-9.]*(?:e[+-]?[0-9]+)?)$",
+    re.IGNORECASE,
+)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MAX = 2000  # a longer message is cut: nothing the node logs needs more
 # An apostrophe inside a word ("the run's frames", "doesn't") is not a quote. Taken for

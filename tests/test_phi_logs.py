@@ -151,6 +151,12 @@ def test_fault_corpus_leaves_no_phi_in_the_log(
     log = node.log.read_text(errors="replace")
     assert "pydicom" in log and "refused (0x" in log and "job " in log
     patterns = [r"TEST\^XA", r"TEST\d{4}", "SENTINEL", re.escape(PATIENT_ID)]
+    # and the corpus's identity values (tests.faults.identity_values): dates in any
+    # form, over-long IDs and names
+    patterns += [
+        r"1980-01-01", r"2026\.01\.01", r"\b19800231\b", r"\b20260231120000\b",
+        r"A{30}", r"X{30}", r"S{30}", r"N{30}", r"(R\^){10}",
+    ]  # fmt: skip
     leaks = _leaks(log, patterns)
     lines = [line for line in log.splitlines() if _leaks(line, patterns)][:5]
     assert leaks == [], lines
@@ -181,6 +187,10 @@ def test_fault_corpus_leaves_no_phi_in_the_log(
         # a quote left open still cuts the rest
         ("'JONES's record", "<value dropped>"),
         ("uid '1.2.3' and b'SMITH'", "uid 1.2.3 and <5 chars>"),
+        # UIDs and short numbers stay; dates and long numbers (a numeric Patient ID) do not
+        ("'1.2.840.10008.1.2' '12' '-1' '0.5'", "1.2.840.10008.1.2 12 -1 0.5"),
+        ("DA '1980-01-01', '1980.01.01' or '19800231'", "DA <10 chars>, <10 chars> or <8 chars>"),
+        ("IS '123456'", "IS <6 chars>"),
     ],
 )
 def test_scrub_keeps_words_and_drops_values(text: str, scrubbed: str) -> None:
