@@ -83,3 +83,32 @@ def test_a_patient_name_of_one_component_is_copied_without_a_warning(  # type: i
     datasets = encode_result(result, run, ctx)
     assert {str(ds.PatientName) for ds in datasets} == {"ANONYMOUS"}
     assert not [w for w in recwarn if "person name" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "charset", ["", "ISO_IR 999", "\\ISO 2022 IR 87"], ids=["empty", "unknown", "iso-2022"]
+)
+def test_a_volume_s_results_keep_the_character_set_its_slices_declare(
+    tmp_path: Path, charset: str
+) -> None:
+    """A volume's SEG and SR take the identity from its slices (there is no canvas),
+    and highdicom refused an empty or unknown Specific Character Set there, which
+    senders write: the rotational job failed. Every result is made, and carries the
+    slices' Specific Character Set as they declare it."""
+    from dicom_node.processing import run_pipeline
+    from dicom_node.runs import load_run
+    from tests.faults import raw
+    from training.phantoms import rotational
+
+    written = rotational.generate(3, size=48).write(tmp_path / "ph")
+    slices = sorted(p for p in written if p.parent.name == "rotational_ct")
+    for path in slices:
+        ds = dcmread(path)
+        raw(ds, "SpecificCharacterSet", "CS", charset)
+        ds.save_as(path)
+    declared = dcmread(slices[0]).get("SpecificCharacterSet")
+    datasets, _ = run_pipeline(load_run(slices), "rotational_dla", {}, "cpu")
+    made = {str(ds.SOPClassUID) for ds in datasets}
+    assert {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"} <= made
+    for ds in datasets:
+        assert ds.get("SpecificCharacterSet") == declared, ds.SOPClassUID

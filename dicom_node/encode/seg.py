@@ -154,6 +154,10 @@ def encode_segmentation(out: SegmentationOutput, ctx: EncodeContext, run: Run) -
         manufacturer_model_name=MODEL_NAME,
         software_versions=__version__,
         device_serial_number="0",
+        # The source's Specific Character Set is written as it is, after (as on every
+        # result: encode.copy_character_set); highdicom would refuse an empty or
+        # unknown one of a volume's slices, which senders write.
+        specific_character_set=None,
     )
     set_dimension_organization(seg, ctx.result_uid(out.key, "dimension-organization"))
     mark_supersession(seg, superseded)

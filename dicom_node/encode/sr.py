@@ -250,6 +250,7 @@ def encode_measurements(out: MeasurementsOutput, ctx: EncodeContext) -> list[Dat
         series_description=series_description(out.title, superseded),
         content_date=ctx.now.date(),
         content_time=ctx.now.time(),
+        specific_character_set=None,  # the source's, as it is, after (see encode.seg)
     )
     sr.ManufacturerModelName = MODEL_NAME
     sr.SeriesDate, sr.SeriesTime = DA(ctx.now.date()), TM(ctx.now.time())
