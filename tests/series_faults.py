@@ -304,3 +304,49 @@ def enhanced_xa(source: Dataset, stamps: list[str | None]) -> Dataset:
         items.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(items)
     return ds
+
+
+# Values of each VR that are well formed or nearly, as senders write them: empty, too
+# long, a list where one is meant, an impossible date, a code of no enumeration.
+VR_HOSTILE: dict[str, tuple[str, ...]] = {
+    "AE": ("", "X" * 20, "A\\B"),
+    "AS": ("", "999Y", "045y"),
+    "CS": ("", "ZZZ", "A\\B\\C", "X" * 20),
+    "DA": ("", "20260231", "1980-01-01"),
+    "DS": ("", "0", "-1", "1e30", "1\\2\\3\\4\\5\\6\\7"),
+    "DT": ("", "20260231120000"),
+    "IS": ("", "0", "-5", "99999999", "1\\2\\3"),
+    "LO": ("", "L" * 80, "a\\b"),
+    "LT": ("", "T" * 2000),
+    "PN": ("", "=^=", "a\\b", "P" * 100),
+    "SH": ("", "S" * 30, "a\\b"),
+    "ST": ("", "T" * 2000),
+    "TM": ("", "246000", "12"),
+    "UI": ("", "1.2.3"),
+    "UT": ("", "U" * 100),
+}
+# What the spool checks before it acknowledges (a run cannot hold other values of these)
+STORED_AS_CHECKED = {
+    "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PixelData",
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "SamplesPerPixel",
+    "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation",
+}  # fmt: skip
+
+
+def header_value_corpus(datasets: list[Dataset], seed: int, label: str) -> list[Case]:
+    """``datasets`` (one run) with each top-level text element of its first data set
+    set to one hostile value of its VR (``VR_HOSTILE``, drawn by ``seed``), in every
+    data set of the run: one case per element."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for elem in datasets[0]:
+        keyword = elem.keyword
+        if not keyword or keyword in STORED_AS_CHECKED or elem.VR not in VR_HOSTILE:
+            continue
+        options = VR_HOSTILE[elem.VR]
+        value = options[int(rng.integers(len(options)))]
+        run = [copy.deepcopy(ds) for ds in datasets]
+        for ds in run:
+            raw(ds, keyword, dictionary_VR(keyword), value)
+        cases.append(Case(f"{label} {keyword} {value[:20]!r}", run))
+    return cases

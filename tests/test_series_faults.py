@@ -440,3 +440,30 @@ def test_instances_that_are_not_of_a_series_run_are_left_out_with_a_note(
     assert note in job["notes"]
     run = node.db.query("SELECT rule FROM runs WHERE run_id=?", (series_uid,))[0]
     assert run["rule"] == "xa"
+
+
+def test_a_hostile_value_in_any_header_element_never_becomes_an_internal_error(  # type: ignore[no-untyped-def]
+    phantom, tmp_path: Path
+) -> None:
+    """Each text element of a run's header set to a value senders write (empty, too
+    long, a list, an impossible date, a code of no enumeration: ``VR_HOSTILE``), in
+    ``sandbox.execute``: a 2D run through each 2D pipeline in turn, the CT series and
+    the Enhanced 3D XA through ``rotational_dla``. Done, or failed with a reason; never
+    an internal error (an empty or unknown Specific Character Set failed a volume's
+    SEG, Patient's Sex "U" every 2D SEG, Parametric Map and SR)."""
+    from tests.series_faults import header_value_corpus
+    from training.phantoms import dsa
+
+    warnings.simplefilter("ignore")
+    written = dsa.generate(9105, size=64, frames=12).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    series, volume = phantom
+    seed = corpus_seed(11)
+    cases = header_value_corpus([source], seed, "2D")
+    jobs = [(c, PIPELINES_2D[k % len(PIPELINES_2D)]) for k, c in enumerate(cases)]
+    jobs += [(c, "rotational_dla") for c in header_value_corpus(series, seed + 1, "series")]
+    jobs += [(c, "rotational_dla") for c in header_value_corpus([volume], seed + 2, "3D XA")]
+    assert len(jobs) >= 120
+    done = sum(_execute(case, i, tmp_path, p).error is None for i, (case, p) in enumerate(jobs))
+    print(f"{len(jobs)} jobs, {done} done, {len(jobs) - done} refused with a reason")
+    assert done > 0.6 * len(jobs)
