@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
 from dicom_node.errors import OutOfResources, RejectedInstance
@@ -495,6 +495,55 @@ def _inspect(
     return Header(sop_class, sop_uid, series, study, str(ts), frames)
 
 
+# VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2)
+_LONG_LENGTH_VRS = {
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
+}  # fmt: skip
+_MAX_EMBEDDED = 1000
+
+
+def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
+    """File Meta elements (group 0002) a sender left in the data set of its C-STORE,
+    after the file meta the storage SCP wrote: ``(start, end, count)`` of their bytes,
+    or None. PS3.5 7.1 keeps them out of a data set; read as they lie, right after the
+    SCP's own, they were taken for its file meta (a Transfer Syntax the association did
+    not use) and the instance was refused. DCMTK-based archives drop them too. Only
+    what can be stepped over is found: little endian, not deflated, defined lengths."""
+    fp.seek(128)
+    head = fp.read(16)
+    if len(head) < 16 or head[:4] != b"DICM" or head[4:10] != b"\x02\x00\x00\x00UL":
+        return None
+    start = 144 + struct.unpack("<I", head[12:16])[0]
+    fp.seek(132)
+    try:
+        meta = read_dataset(BytesIO(fp.read(start - 132)), False, True)
+        syntax = meta.get("TransferSyntaxUID")
+    except Exception:  # noqa: BLE001 - not the SCP's own file meta: nothing to do here
+        return None
+    if syntax == DeflatedExplicitVRLittleEndian or syntax == "1.2.840.10008.1.2.2":
+        return None
+    implicit = syntax == ImplicitVRLittleEndian
+    pos, count = start, 0
+    while count < _MAX_EMBEDDED:
+        fp.seek(pos)
+        element = fp.read(12)
+        if len(element) < 8 or struct.unpack_from("<H", element)[0] != 0x0002:
+            break
+        if implicit:
+            size, length = 8, struct.unpack_from("<I", element, 4)[0]
+        elif element[4:6] in _LONG_LENGTH_VRS:
+            if len(element) < 12:
+                break
+            size, length = 12, struct.unpack_from("<I", element, 8)[0]
+        else:
+            size, length = 8, struct.unpack_from("<H", element, 6)[0]
+        if length == 0xFFFFFFFF:
+            return None
+        pos, count = pos + size + length, count + 1
+    end_of_file = fp.seek(0, os.SEEK_END)
+    return (start, pos, count) if count and pos <= end_of_file else None
+
+
 def _make_parent(path: Path) -> None:
     """Its folder, made again should a purge remove an empty study folder between the
     study's and the series' mkdir (another series' purge holds another lock)."""
@@ -600,6 +649,8 @@ class Spool:
     ) -> Stored:
         """Persist one received instance and index it: ``source`` is a DICOM file with
         meta, as bytes or as the file the storage SCP wrote (moved into the spool)."""
+        if requested.sop_class:  # a C-STORE's: its data set may repeat file meta
+            source = self._without_embedded_meta(source, requested)
         head = inspect(source, self.limits, requested, self.max_uid_length)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         self._check_space(size)
@@ -635,6 +686,34 @@ class Spool:
             head.single_instance_run,
             recorded.duplicate,
         )
+
+    def _without_embedded_meta(self, source: bytes | Path, requested: Requested) -> bytes | Path:
+        """``source`` without the File Meta elements its data set carried
+        (:func:`embedded_meta`); a file is copied without them, in its own folder."""
+        with _opened(source) as fp:
+            span = embedded_meta(fp)
+        if span is None:
+            return source
+        start, end, count = span
+        log.warning(
+            "the data set of %s carried %d File Meta element(s) (group 0002): left out (PS3.5 7.1)",
+            requested.sop_instance,
+            count,
+        )
+        if isinstance(source, bytes):
+            return source[:start] + source[end:]
+        self._check_space(source.stat().st_size)
+        copy = source.with_name(f"{source.name}.{uuid.uuid4().hex}.part")
+        try:
+            with open(source, "rb") as src, open(copy, "wb") as dst:
+                dst.write(src.read(start))
+                src.seek(end)
+                shutil.copyfileobj(src, dst, 2**20)
+            os.replace(copy, source)
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
+        return source
 
     @staticmethod
     def _record(head: Header, path: Path, size: int, calling_aet: str) -> InstanceRecord:

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     MRImageStorage,
     XRayAngiographicImageStorage,
     generate_uid,
@@ -518,3 +521,39 @@ def test_the_same_instances_from_several_senders_at_once_are_stored_once(make_no
     runs = 2 * 1 + 2 * 4
     wait_for(lambda: node.db.unsettled_jobs() == 0 and len(_jobs(node)) == runs, 60)
     assert node.db.query("SELECT COUNT(*) n FROM runs")[0]["n"] == runs
+
+
+@pytest.mark.parametrize(
+    ("context", "embedded"),
+    [
+        (ExplicitVRLittleEndian, JPEGBaseline8Bit),
+        (ImplicitVRLittleEndian, ExplicitVRLittleEndian),
+        (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian),
+    ],
+    ids=["explicit, meta naming JPEG", "implicit, meta naming explicit", "explicit, deflate"],
+)
+def test_file_meta_left_in_a_c_store_data_set_is_left_out(  # type: ignore[no-untyped-def]
+    make_node, context: str, embedded: str
+) -> None:
+    """An SCU that sends a file's data set with its File Meta elements (group 0002)
+    still in it, naming the file's transfer syntax rather than the association's: PS3.5
+    7.1 keeps them out of a data set, and DCMTK-based archives drop them. Read where
+    they lay, right after the file meta the SCP wrote, they were taken for it and the
+    instance was refused (0xA900 "Pixel Data is not encapsulated, but the transfer
+    syntax is JPEG", 0xC000 for the others). They are left out and the instance stored
+    as the association carried it."""
+    node = make_node(rules=MINIP_ONLY)
+    ds = xa_run(frames=3)
+    ds.add_new(0x00020002, "UI", ds.SOPClassUID)
+    ds.add_new(0x00020010, "UI", embedded)
+    assoc = _assoc(node, transfer_syntax=context)
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+    finally:
+        assoc.release()
+    path = node.db.query("SELECT path FROM instances")[0]["path"]
+    stored = dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == context
+    assert not [e for e in stored if e.tag.group == 0x0002]
+    assert stored.PixelData == xa_run(frames=3).PixelData  # the generator's, seed 0
+    wait_for(lambda: len(_jobs(node)) == 1, 60)
