@@ -261,30 +261,42 @@ def test_the_index_is_migrated_from_schema_1(tmp_path: Path) -> None:
     assert json.loads(row["destinations"]) == ["pacs"] and row["resend"] == 1
 
 
-def test_sources_without_type_2_attributes_are_processed(make_node: Any, tmp_path: Path) -> None:
-    """De-identified data often lacks Type 2 attributes (Patient's Name, Birth Date,
-    Sex, Study Date...): every cerebral pipeline still produces valid objects."""
+def _cerebral_phantom(tmp_path: Path) -> Any:
     from pydicom import dcmread
 
-    from tests.conftest import dciodvfy_errors
-    from tests.test_ingest import _send
     from training.phantoms import dsa
 
     written = dsa.generate(5, size=128, frames=16).write(tmp_path / "ph")
-    ds = dcmread(next(p for p in written if p.name == "dsa.dcm"))
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # fmt: skip
-        if kw in ds:
-            del ds[kw]
+    return dcmread(next(p for p in written if p.name == "dsa.dcm"))
+
+
+def _results_of_every_cerebral_pipeline(make_node: Any, tmp_path: Path, ds: Any) -> list[Path]:
+    """``ds`` sent to a node: each cerebral pipeline's job done; the result files."""
+    from tests.test_ingest import _send
+
     node = make_node(storage_dir=str(tmp_path / "node"))
     assert _send(node, ds) == 0
     wait_for(lambda: node.db.unsettled_jobs() == 0 and node.db.query("SELECT 1 FROM jobs"), 180)
     jobs = node.db.query("SELECT pipeline, state, error FROM jobs")
     assert {j["pipeline"] for j in jobs} == {"minip", "dsa_av", "dsa_perfusion"}
     assert all(j["state"] == "done" for j in jobs), [dict(j) for j in jobs]
-    results = sorted((tmp_path / "node" / "results").rglob("*.dcm"))
+    return sorted((tmp_path / "node" / "results").rglob("*.dcm"))
+
+
+def test_sources_without_type_2_attributes_are_processed(make_node: Any, tmp_path: Path) -> None:
+    """De-identified data often lacks Type 2 attributes (Patient's Name, Birth Date,
+    Sex, Study Date...): every cerebral pipeline still produces valid objects."""
+    from pydicom import dcmread
+
+    from tests.conftest import dciodvfy_errors
+
+    ds = _cerebral_phantom(tmp_path)
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):  # fmt: skip
+        if kw in ds:
+            del ds[kw]
     kinds = {}
-    for path in results:
+    for path in _results_of_every_cerebral_pipeline(make_node, tmp_path, ds):
         kinds.setdefault(str(dcmread(path, stop_before_pixels=True).SOPClassUID), path)
     assert len(kinds) >= 4  # canvas, SEG, Parametric Map, SR, renderings
     for path in kinds.values():
@@ -303,11 +315,8 @@ def test_identity_values_a_result_cannot_hold_are_dropped_and_its_keys_kept(
     from pydicom import dcmread
 
     from tests.conftest import dciodvfy_errors
-    from tests.test_ingest import _send
-    from training.phantoms import dsa
 
-    written = dsa.generate(5, size=128, frames=16).write(tmp_path / "ph")
-    ds = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    ds = _cerebral_phantom(tmp_path)
     impossible = {
         "PatientSex": ("CS", "U"),
         "PatientBirthDate": ("DA", "19800231"),
@@ -317,15 +326,8 @@ def test_identity_values_a_result_cannot_hold_are_dropped_and_its_keys_kept(
     kept = {"PatientID": ("LO", "P" * 70), "AccessionNumber": ("SH", "A" * 20)}
     for keyword, (vr, value) in {**impossible, **kept}.items():
         raw(ds, keyword, vr, value)
-    node = make_node(storage_dir=str(tmp_path / "node"))
-    assert _send(node, ds) == 0
-    wait_for(lambda: node.db.unsettled_jobs() == 0 and node.db.query("SELECT 1 FROM jobs"), 180)
-    jobs = node.db.query("SELECT pipeline, state, error FROM jobs")
-    assert {j["pipeline"] for j in jobs} == {"minip", "dsa_av", "dsa_perfusion"}
-    assert all(j["state"] == "done" for j in jobs), [dict(j) for j in jobs]
-    results = sorted((tmp_path / "node" / "results").rglob("*.dcm"))
     kinds: dict[str, Path] = {}
-    for path in results:
+    for path in _results_of_every_cerebral_pipeline(make_node, tmp_path, ds):
         out = dcmread(path, stop_before_pixels=True)
         assert out.PatientID == "P" * 70 and out.AccessionNumber == "A" * 20, path
         assert all(out.get(k) in ("", None) for k in impossible), path
