@@ -42,7 +42,12 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
 from dicom_node.errors import OutOfResources, RejectedInstance
@@ -520,7 +525,7 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
         syntax = meta.get("TransferSyntaxUID")
     except Exception:  # noqa: BLE001 - not the SCP's own file meta: nothing to do here
         return None
-    if syntax == DeflatedExplicitVRLittleEndian or syntax == "1.2.840.10008.1.2.2":
+    if syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
         return None
     implicit = syntax == ImplicitVRLittleEndian
     pos, count = start, 0
