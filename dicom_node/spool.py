@@ -48,6 +48,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
 from dicom_node.errors import OutOfResources, RejectedInstance
@@ -500,10 +501,6 @@ def _inspect(
     return Header(sop_class, sop_uid, series, study, str(ts), frames)
 
 
-# VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2)
-_LONG_LENGTH_VRS = {
-    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
-}  # fmt: skip
 _MAX_EMBEDDED = 1000
 
 
@@ -519,6 +516,9 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
     if len(head) < 16 or head[:4] != b"DICM" or head[4:10] != b"\x02\x00\x00\x00UL":
         return None
     start = 144 + struct.unpack("<I", head[12:16])[0]
+    fp.seek(start)
+    if fp.read(2) != b"\x02\x00":  # every C-STORE but a faulty sender's: nothing more to read
+        return None
     fp.seek(132)
     try:
         meta = read_dataset(BytesIO(fp.read(start - 132)), False, True)
@@ -536,7 +536,7 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
             break
         if implicit:
             size, length = 8, struct.unpack_from("<I", element, 4)[0]
-        elif element[4:6] in _LONG_LENGTH_VRS:
+        elif element[4:6].decode("latin-1") in EXPLICIT_VR_LENGTH_32:
             if len(element) < 12:
                 break
             size, length = 12, struct.unpack_from("<I", element, 8)[0]
