@@ -393,6 +393,14 @@ class EngineSettings(Strict):
     heartbeat_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a worker silent this long has lost its job (retried)"
     )
+    max_input_bytes: int = Field(
+        256 * 2**10,
+        ge=2**10,
+        le=2 * 2**20,
+        description="the largest workflow input the node starts (Temporal refuses payloads "
+        "over 2 MB and warns over 512 KB); a run whose list of instances makes it larger "
+        "goes without the list, which its worker asks the node for",
+    )
     tls: bool = Field(False, description="TLS to the Temporal frontend")
     tls_ca_file: Path | None = Field(None, description="its CA (default: the system's roots)")
     tls_cert_file: Path | None = Field(None, description="a client certificate (mutual TLS)")

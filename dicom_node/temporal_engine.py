@@ -26,12 +26,14 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from dicom_node.db import Cancelled, Database, DispatchJob, Job, ResultFile
@@ -50,6 +52,7 @@ from dicom_node.temporal_workflow import (
     JobWorkflow,
     workflow_id,
 )
+from dicom_node.worker_api import relative
 
 log = logging.getLogger(__name__)
 _BATCH = 64
@@ -219,10 +222,26 @@ class TemporalEngine:
             future: Future[None] = asyncio.run_coroutine_threadsafe(
                 self._start(job_input, job.priority), self._loop
             )
-            future.result(timeout=60)
+            try:
+                future.result(timeout=60)
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.INVALID_ARGUMENT:
+                    raise  # the server is down, restarting or busy: the loop retries
+                # This request will never be taken: the job fails, the others go on
+                # (they waited behind it for ever, the same request being retried).
+                reason = f"Temporal refused the job's workflow: {scrub(exc.message)}"
+                log.error("job %d: %s", job.id, reason)
+                self.db.fail_dispatched_job(job.id, job.generation, 0, reason)
+                continue
             self.db.mark_dispatched(job.id, job.generation)
             count += 1
         return count
+
+    def _input_bytes(self, job: JobInput) -> int:
+        """The size of ``job`` as the workflow's input payload."""
+        assert self._client is not None
+        payloads = self._client.data_converter.payload_converter.to_payloads([job])
+        return sum(p.ByteSize() for p in payloads)
 
     def _input(self, job: DispatchJob) -> JobInput | None:
         instances = self.db.run_instances(job.run_id)
@@ -234,7 +253,7 @@ class TemporalEngine:
         storage = self.settings.storage_dir
         prior = self.db.prior_result_paths(job.run_id, job.pipeline, job.id)
         workers = self.settings.workers
-        return JobInput(
+        job_input = JobInput(
             job_id=job.id,
             generation=job.generation,
             run_id=job.run_id,
@@ -242,7 +261,7 @@ class TemporalEngine:
             study_uid=instances[0].study_uid,
             series_uid=instances[0].series_uid,
             instances=[
-                InstanceRef(i.sop_instance_uid, _relative(Path(i.path), storage)) for i in instances
+                InstanceRef(i.sop_instance_uid, relative(Path(i.path), storage)) for i in instances
             ],
             task_queue=self.engine.queue_for(job.pipeline),
             max_attempts=workers.max_attempts,
@@ -256,6 +275,29 @@ class TemporalEngine:
             index_id=self.index_id,
             options=dict(workers.pipeline_options.get(job.pipeline, {})),
         )
+        limit = self.engine.max_input_bytes
+        if self._input_bytes(job_input) <= limit:
+            return job_input
+        # A run of many instances: its worker asks the node for the list instead.
+        job_input = replace(job_input, instances=[], instances_at_node=True)
+        size = self._input_bytes(job_input)
+        if size > limit:
+            self.db.fail_dispatched_job(
+                job.id,
+                job.generation,
+                0,
+                f"the job's workflow input is {size} bytes without the run's instances, past "
+                f"engine.max_input_bytes ({limit}): its pipeline options are too large",
+            )
+            return None
+        log.info(
+            "job %d: run %s's %d instances go by reference (the workflow input would pass "
+            "engine.max_input_bytes); its worker asks the node for them",
+            job.id,
+            job.run_id,
+            len(instances),
+        )
+        return job_input
 
     async def _start(self, job: JobInput, priority: int) -> None:
         """Start the job's workflow; an older run's (``priority`` 1) with a lower
@@ -369,10 +411,3 @@ class TemporalEngine:
     @staticmethod
     def _job(job: JobInput, attempts: int, worker: str) -> Job:
         return Job(job.job_id, job.run_id, job.pipeline, [], False, attempts, worker)
-
-
-def _relative(path: Path, storage: Path) -> str:
-    try:
-        return str(path.relative_to(storage))
-    except ValueError:
-        return path.name

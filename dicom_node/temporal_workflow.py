@@ -80,6 +80,9 @@ class JobInput:
     # workflow started before these fields existed had it.
     seconds_per_megapixel: float = 0.0
     job_timeout_max_s: float = 0.0
+    # True: ``instances`` is empty, the run's list being too long for a workflow input
+    # (engine.max_input_bytes); the worker asks the node for it (GET /worker/jobs/ID/instances)
+    instances_at_node: bool = False
 
     def longest_s(self) -> float:
         """The time limit of an attempt on the largest run (a worker's limit grows with

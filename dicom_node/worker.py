@@ -78,6 +78,7 @@ from dicom_node.temporal_workflow import (
     PERMANENT,
     PROCESS,
     TRANSIENT,
+    InstanceRef,
     JobInput,
     JobReport,
     ResultRef,
@@ -265,6 +266,30 @@ class NodeClient:
             )
         _check(resp, "reporting the attempt", self.attempt)
 
+    def instances(self, job: JobInput) -> list[InstanceRef]:
+        """The run's instances, which its workflow input left out (too many to carry)."""
+        what = "asking for the run's instances"
+        resp = self._request(
+            what, "GET", f"/worker/jobs/{job.job_id}/instances?generation={job.generation}"
+        )
+        if resp.status_code == 409:
+            raise _error(
+                "the node no longer expects this job (settled or superseded)",
+                self.attempt,
+                permanent=True,
+            )
+        _check(resp, what, self.attempt)
+        try:
+            listed = resp.json()["instances"]
+            refs = [InstanceRef(str(i["sop_instance_uid"]), str(i["relpath"])) for i in listed]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _error(
+                f"{what}: the answer is not a list of instances ({exc})", self.attempt
+            ) from None
+        if not refs:
+            raise _error(f"{what}: the node lists none", self.attempt, permanent=True)
+        return refs
+
     def fetch(self, path: str, target: Path, what: str) -> list[Path]:
         """Every part of a WADO-RS answer into ``target``, one file each, numbered in order;
         a transfer that breaks off (the node went down) is fetched again."""
@@ -408,13 +433,14 @@ class JobRunner:
     ) -> JobReport:
         shared = self.config.node.storage_dir
         t0 = time.monotonic()
+        instances = node.instances(job) if job.instances_at_node else job.instances
         if shared is not None:
-            paths = [shared / i.relpath for i in job.instances]
+            paths = [shared / i.relpath for i in instances]
             out_dir = shared / "results" / str(job.job_id)
         else:
             base = f"/dicom-web/studies/{job.study_uid}/series/{job.series_uid}/instances/"
             paths = []
-            for i in job.instances:
+            for i in instances:
                 paths += node.fetch(base + i.sop_instance_uid, work / "run", "fetching the run")
             out_dir = work / "out"
         prior: list[Path] = []

@@ -2,6 +2,8 @@
 
     GET  /dicom-web/studies/{study}/series/{series}[/instances/{sop}]   WADO-RS retrieve
     GET  /worker/results/{sop}             a result an earlier job queued (supersession)
+    GET  /worker/jobs/{id}/instances?generation=N   the run's instances, when too many
+                                           to go in the workflow's input
     POST /worker/jobs/{id}/started         {"generation", "attempt", "worker"}
     POST /worker/jobs/{id}/results?generation=N   STOW-RS of the job's result objects
 
@@ -46,6 +48,7 @@ _UID = r"([0-9.]{1,64})"
 WADO_PATH = re.compile(rf"^/dicom-web/studies/{_UID}/series/{_UID}(?:/instances/{_UID})?$")
 STARTED_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/started$")
 RESULTS_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/results$")
+INSTANCES_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/instances$")
 PRIOR_PATH = re.compile(rf"^/worker/results/{_UID}$")
 EXPLICIT_LE = "1.2.840.10008.1.2.1"  # PS3.18: the transfer syntax when none is asked for
 _CHUNK = 1 << 20
@@ -75,6 +78,8 @@ def serve(handler: BaseHTTPRequestHandler, node: Node, method: str, path: str, w
         _retrieve(handler, node, who, peer, m.group(1), m.group(2), m.group(3))
     elif method == "GET" and (m := PRIOR_PATH.match(path)):
         _prior(handler, node, who, peer, m.group(1))
+    elif method == "GET" and (m := INSTANCES_PATH.match(path)):
+        _run_instances(handler, node, int(m.group(1)))
     elif method == "POST" and (m := STARTED_PATH.match(path)):
         _started(handler, node, int(m.group(1)))
     elif method == "POST" and (m := RESULTS_PATH.match(path)):
@@ -215,6 +220,29 @@ def _started(handler: BaseHTTPRequestHandler, node: Node, job_id: int) -> None:
         raise WorkerApiError(409, f"job {job_id} (generation {generation}) is not expected")
     log.info("job %d: attempt %d on worker %s", job_id, attempt, worker)
     _answer(handler, 200, {"job": job_id, "state": "running"})
+
+
+def _run_instances(handler: BaseHTTPRequestHandler, node: Node, job_id: int) -> None:
+    """What the workflow input of a run of many instances leaves out (``InstanceRef``s,
+    in the order the input would carry them); only for the job's current workflow."""
+    generation = _int(parse_qs(handler.path.partition("?")[2]), "generation")
+    run_id = node.db.dispatched_job_run(job_id, generation)
+    if run_id is None:
+        raise WorkerApiError(409, f"job {job_id} (generation {generation}) is not expected")
+    storage = node.settings.storage_dir
+    instances = [
+        {"sop_instance_uid": i.sop_instance_uid, "relpath": relative(Path(i.path), storage)}
+        for i in node.db.run_instances(run_id)
+    ]
+    _answer(handler, 200, {"job": job_id, "instances": instances})
+
+
+def relative(path: Path, storage: Path) -> str:
+    """A spool path as a worker that shares the storage finds it (below storage_dir)."""
+    try:
+        return str(path.relative_to(storage))
+    except ValueError:
+        return path.name
 
 
 def _results(handler: BaseHTTPRequestHandler, node: Node, who: str, peer: str, job_id: int) -> None:

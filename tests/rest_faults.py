@@ -115,6 +115,7 @@ def valid_calls(ctx: dict[str, Any]) -> list[Callable[[random.Random], Call]]:
             content_type='multipart/related; type="application/dicom"; boundary=b',
         ),
         lambda rng: Call("GET", f"/worker/results/{sop}"),
+        lambda rng: Call("GET", f"/worker/jobs/{ctx['job']}/instances", [("generation", "0")]),
         lambda rng: Call("GET", rng.choice([wado, f"{wado}/instances/{sop}"])),
     ]
 

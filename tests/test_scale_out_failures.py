@@ -441,3 +441,85 @@ def test_a_scale_out_job_gets_the_time_its_run_needs(tmp_path: Path) -> None:
         assert "timed out after 0.4 s" in site.temporal.failure(wid)
     finally:
         site.stop()
+
+
+def test_a_run_of_many_instances_goes_by_reference_and_a_refused_workflow_blocks_no_other(
+    tmp_path: Path,
+) -> None:
+    """A job's workflow input listed every instance of its run (some 300 bytes each), and
+    Temporal refuses a payload over 2 MB: the workflow of a series of some 7,000
+    single-frame instances could not be started, and the dispatcher asked again for
+    ever, every later job of every run waiting behind it. Here the server's limit is
+    lowered to 24 kB, so that a series of 150 instances (45 kB of references) shows it.
+
+    - The series' list is past ``engine.max_input_bytes`` (32 kB): its workflow goes
+      without it and the worker asks the node (``/worker/jobs/ID/instances``).
+    - dsa_av carries pipeline options that put its input between the server's limit
+      and the node's: Temporal refuses its workflows; those jobs fail with the
+      server's reason and the jobs after them go on.
+    - dsa_ia's options alone are past ``max_input_bytes``: failed before Temporal is
+      asked, with that reason."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    options = (
+        f'[workers.pipeline_options.dsa_av]\nsite = "{"a" * 28_000}"\n'
+        f'[workers.pipeline_options.dsa_ia]\nsite = "{"b" * 40_000}"\n'
+    )
+    site = Site(
+        tmp_path / "site",
+        workers=1,
+        pipelines=("minip", "dsa_av", "dsa_ia"),
+        engine_extra="max_input_bytes = 32768",
+        temporal_config={"limit.blobSize.error": 24_576, "limit.blobSize.warn": 8_192},
+        workers_extra=options,
+    )
+    first = xa_run(frames=8, rows=32, cols=32, seed=4)
+    frame = xa_run(frames=1, rows=32, cols=32, seed=5)
+    series = []
+    for number in range(1, 151):
+        ds = copy.deepcopy(frame)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        series.append(ds)
+    try:
+        site.start()
+        assert len(site.send([first])) == 1
+        wait_for(lambda: len(site.rows("SELECT 1 FROM jobs")) == 3, 60, what="the first run")
+        assert len(site.send(series)) == 150
+        wait_for(
+            lambda: len(site.rows("SELECT 1 FROM jobs")) == 6 and site.settled(),
+            240,
+            interval=0.5,
+            what="both runs to settle",
+        )
+        jobs = site.rows("SELECT * FROM jobs ORDER BY id")
+        by = {(j["run_id"], j["pipeline"]): j for j in jobs}
+        runs = [str(first.SOPInstanceUID), str(frame.SeriesInstanceUID)]
+        for run in runs:
+            assert by[(run, "minip")]["state"] == "done", dict(by[(run, "minip")])
+            refused = by[(run, "dsa_av")]
+            assert refused["state"] == "failed"
+            assert "Temporal refused the job's workflow: Blob data size" in refused["error"]
+            too_large = by[(run, "dsa_ia")]
+            assert too_large["state"] == "failed"
+            assert "past engine.max_input_bytes (32768)" in too_large["error"]
+        index = site.db().index_id()
+        assert site.temporal is not None
+        inline = site.temporal.started_with(workflow_id(index, by[(runs[0], "minip")]["id"], 0))
+        assert len(inline["instances"]) == 1 and not inline["instances_at_node"]
+        listed = site.temporal.started_with(workflow_id(index, by[(runs[1], "minip")]["id"], 0))
+        assert listed["instances"] == [] and listed["instances_at_node"]
+        # the series' MinIP was made of all 150 frames the worker asked the node for
+        sent = {r["sop_instance_uid"] for r in site.rows("SELECT * FROM outbox")}
+        assert sent and site.received() == dict.fromkeys(sent, 1)
+        audit = (site.storage / "audit" / "audit.jsonl").read_text().splitlines()
+        fetched = [
+            json.loads(line)
+            for line in audit
+            if '"instances-retrieved"' in line and str(frame.SeriesInstanceUID) in line
+        ]
+        assert sum(len(e.get("sop_instance_uids", [])) for e in fetched) == 150
+    finally:
+        site.stop()

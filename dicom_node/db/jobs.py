@@ -261,6 +261,14 @@ class Jobs(Core):
             )
         )
 
+    def dispatched_job_run(self, job_id: int, generation: int) -> str | None:
+        """The run of this workflow's job while its results are expected, else None."""
+        rows = self.query(
+            "SELECT run_id FROM jobs WHERE id=? AND generation=? AND state IN (?,?)",
+            (job_id, generation, JobState.QUEUED, JobState.RUNNING),
+        )
+        return str(rows[0]["run_id"]) if rows else None
+
     def finish_dispatched_job(
         self,
         job_id: int,
