@@ -211,7 +211,7 @@ def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
             out = _luminance(apply_color_lut(raw, ds) if _palette(ds) else raw)
             log.info("colour image %s read as its luminance", ds.get("SOPInstanceUID", "?"))
         elif ds.get("ModalityLUTSequence"):
-            out = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+            out = _apply_modality_lut(raw, ds, path)
         else:
             out = raw.astype(np.float32)
             del raw
@@ -224,6 +224,8 @@ def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
                         if (m, b) != (1.0, 0.0):
                             frame *= np.float32(m)
                             frame += np.float32(b)
+    except RunError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a decoder meeting hostile data raises anything
         raise RunError(
             f"cannot decode pixel data of {path.name} "
@@ -239,6 +241,24 @@ def decode_pixels(ds: Dataset, path: Path) -> np.ndarray:
                 "numbers after the Rescale Slope and Intercept or Modality LUT"
             )
     return out
+
+
+def _apply_modality_lut(raw: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
+    """The Modality LUT Sequence's first item applied (pydicom), or a RunError naming
+    what in the item is missing or does not fit: the stored values mean nothing without
+    it."""
+    item = ds.ModalityLUTSequence[0]
+    missing = [k for k in ("LUTDescriptor", "LUTData") if k not in item]
+    problem = f"it has no {' and no '.join(missing)}" if missing else ""
+    if not problem:
+        try:
+            return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - pydicom on an inconsistent LUT
+            problem = f"{type(exc).__name__}: {exc}"
+    raise RunError(
+        f"the Modality LUT Sequence of {path.name} cannot be applied ({problem}): its "
+        "stored pixel values have no meaning without it"
+    )
 
 
 def _palette(ds: Dataset) -> bool:

@@ -295,6 +295,48 @@ def test_a_colour_run_is_read_as_its_luminance(tmp_path: Path) -> None:
         np.testing.assert_allclose(run.pixels, expected, atol=1e-3)
 
 
+def test_a_modality_lut_is_applied_and_one_that_cannot_be_is_named(tmp_path: Path) -> None:
+    """A Modality LUT Sequence maps stored values to the run's (here an inverting 12-bit
+    LUT); one without its LUT Data or Descriptor, or whose data does not fit its
+    descriptor, fails the run naming the sequence (it said "KeyError: (0028,3006)")."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from dicom_node.errors import RunError
+    from dicom_node.runs import load_run
+    from training.phantoms import dsa
+
+    written = dsa.generate(9106, size=64, frames=6).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    stored = source.pixel_array.astype(np.float32)
+    assert stored.max() < 4096
+
+    def with_lut(descriptor: list[int] | None, data: list[int] | None) -> Path:
+        ds = source.copy()
+        item = Dataset()
+        if descriptor is not None:
+            item.LUTDescriptor = descriptor
+        if data is not None:
+            item.add_new("LUTData", "OW", np.asarray(data, "<u2").tobytes())
+        item.ModalityLUTType = "OD"
+        ds.ModalityLUTSequence = Sequence([item])
+        for key in ("RescaleSlope", "RescaleIntercept"):
+            ds.pop(key, None)
+        folder = tmp_path / f"lut{len(list(tmp_path.iterdir()))}"
+        return _write([ds], folder)[0]
+
+    run = load_run([with_lut([4096, 0, 16], list(range(4095, -1, -1)))]).run
+    np.testing.assert_array_equal(run.pixels, 4095 - stored)
+    for descriptor, data, named in (
+        ([4096, 0, 16], None, "it has no LUTData"),
+        (None, [1, 2], "it has no LUTDescriptor"),
+        ([4096, 0, 16], list(range(10)), "cannot be applied (error: unpack requires"),
+    ):
+        with pytest.raises(RunError, match="Modality LUT Sequence of .* cannot be applied") as e:
+            load_run([with_lut(descriptor, data)])
+        assert named in str(e.value), str(e.value)
+
+
 def test_a_run_s_headers_read_together_are_its_headers_read_one_by_one(  # type: ignore[no-untyped-def]
     geometry_corpus,
 ) -> None:
