@@ -291,11 +291,11 @@ class TemporalEngine:
             )
             return None
         log.info(
-            "job %d: run %s's %d instances go by reference (the workflow input would pass "
-            "engine.max_input_bytes); its worker asks the node for them",
+            "job %d: the %d instances of run %s go by reference (the workflow input would "
+            "pass engine.max_input_bytes); its worker asks the node for them",
             job.id,
-            job.run_id,
             len(instances),
+            job.run_id,
         )
         return job_input
 

@@ -109,7 +109,8 @@ def accepts(accept: str | None, transfer_syntax: str) -> bool:
 
 def _instances(db: Database, study: str, series: str, sop: str | None) -> list[InstanceRecord]:
     if sop is not None:
-        found = [i for i in db.series_instances(study, series) if i.sop_instance_uid == sop]
+        one = db.series_instance(study, series, sop)
+        found = [one] if one is not None else []
     else:
         found = db.series_instances(study, series)
     if not found:

@@ -106,6 +106,15 @@ class Runs(Core):
         )
         return [instance_record(r) for r in rows]
 
+    def series_instance(self, study_uid: str, series_uid: str, sop: str) -> InstanceRecord | None:
+        """One stored instance of a series (WADO-RS of one instance: a worker fetching
+        a run of thousands asks for each, so not a scan of the series)."""
+        rows = self.query(
+            "SELECT * FROM instances WHERE sop_instance_uid=? AND study_uid=? AND series_uid=?",
+            (sop, study_uid, series_uid),
+        )
+        return instance_record(rows[0]) if rows else None
+
     def result_path(self, sop_instance_uid: str) -> Path | None:
         """The file of a result queued for delivery (the newest job's copy)."""
         rows = self.query(
