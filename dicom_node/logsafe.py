@@ -41,7 +41,8 @@ _MAX = 2000  # a longer message is cut: nothing the node logs needs more
 # U+2019, which the rules below do not take for a quote: that can only join quotes,
 # so a value quoted around it is still replaced whole, and a quote left unbalanced
 # still cuts what follows it.
-_APOSTROPHE = re.compile(r"(?<=[A-Za-z])'(?=(?:s|t|re|ve|ll|d)\b)")
+# After a digit too: "job 17's run", "run 1.2.3's instances" were cut the same way.
+_APOSTROPHE = re.compile(r"(?<=[A-Za-z0-9])'(?=(?:s|t|re|ve|ll|d)\b)")
 
 
 def _redact(match: re.Match[str]) -> str:

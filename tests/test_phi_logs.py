@@ -179,6 +179,9 @@ def test_fault_corpus_leaves_no_phi_in_the_log(
             "Mask Frame Numbers [9] are outside the run\u2019s 4 frames",
         ),
         ("it doesn't fit", "it doesn\u2019t fit"),
+        ("job 17's run was purged", "job 17\u2019s run was purged"),
+        ("the 7 of run 1.2.3's", "the 7 of run 1.2.3\u2019s"),
+        ("'19800231's record", "<value dropped>"),
         # values are still replaced whole, with an apostrophe inside or around them
         ("value 'Mary's Clinic' rest", "value <13 chars> rest"),
         ("the name's 'SENTINEL^PHI' tail", "the name\u2019s <12 chars> tail"),
