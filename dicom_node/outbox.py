@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from dicom_node.db import Database, Delivery
 from dicom_node.errors import DeliveryError
-from dicom_node.senders import Refusal, send
+from dicom_node.senders import InFlight, Refusal, send
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,14 @@ class Outbox:
             if refusal is None:
                 self.db.delivery_sent(item)
                 self.on_delivery(name, item, True, "", False)
+                return
+            if isinstance(refusal, InFlight):
+                failed = self.db.delivery_aborted(
+                    item, refusal.reason, self._delay(item), self.settings.outbox.max_aborts
+                )
+                self.on_delivery(name, item, False, failed or refusal.reason, bool(failed))
+                if failed:
+                    log.error("%s: %s given up: %s", name, item.sop_instance_uid, failed)
                 return
             permanent, reason = refusal
             self.on_delivery(name, item, False, reason, permanent)

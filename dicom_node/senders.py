@@ -15,6 +15,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,8 +33,19 @@ from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 
-# Per file: None when stored, else (permanent?, reason).
-Refusal = tuple[bool, str] | None
+
+@dataclass(frozen=True)
+class InFlight:
+    """The object was in flight when the destination ended the association, or it
+    answered HTTP 500 for it: the object may be why (a PACS that aborts on what it
+    cannot take, instead of refusing it). Sent again after the others; given up after
+    ``[outbox] max_aborts`` such ends with other objects stored in between."""
+
+    reason: str
+
+
+# Per file: None when stored, else (permanent?, reason), or InFlight.
+Refusal = tuple[bool, str] | InFlight | None
 Report = Callable[[Delivery, Refusal], None]
 Sender = Callable[[Destination, Sequence[Delivery], str, float, Report], None]
 _SENDERS: dict[str, Sender] = {}
@@ -155,10 +167,9 @@ def cstore(
                 # take, instead of refusing it): it goes again after the others.
                 report(
                     item,
-                    (
-                        False,
+                    InFlight(
                         f"{dest.name} ended the association during its C-STORE (it may not "
-                        "take this object): sent again after the others",
+                        "take this object): sent again after the others"
                     ),
                 )
                 raise DeliveryError(f"{dest.name}: no C-STORE response (connection lost)")
@@ -221,9 +232,8 @@ def _stow_one(
         # what it cannot parse). It goes again after the others, as a C-STORE that
         # ended the association does; the destination's own "not now" (408, 429, 502,
         # 503, 504 ...) defers the batch.
-        return (
-            False,
-            "STOW-RS HTTP 500 (the destination failed on it): sent again after the others",
+        return InFlight(
+            "STOW-RS HTTP 500 (the destination failed on it): sent again after the others"
         )
     if code in (408, 429) or code >= 500:
         raise DeliveryError(f"{dest.name}: HTTP {code}")

@@ -276,6 +276,14 @@ class OutboxSettings(Strict):
     backoff_max_s: float = Field(300.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
     timeout_s: float = Field(30.0, gt=0)
+    max_aborts: int = Field(
+        8,
+        ge=1,
+        description="an object in flight each time a destination ended the association "
+        "(or answered HTTP 500) fails, with the reason, after this many times with other "
+        "objects stored there in between: the destination does not take it (a destination "
+        "that takes nothing keeps everything pending)",
+    )
 
 
 class RetentionSettings(Strict):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from io import BytesIO
@@ -872,13 +873,18 @@ def test_an_object_that_makes_the_destination_abort_holds_back_no_other(
     a Segmentation) instead of refusing it with a status: that object is sent again
     later, after the others, which are delivered; so are the next runs' results. (The
     batch was deferred as a whole and came back in the same order: the object was
-    first again, every time, and nothing behind it ever reached the destination.)"""
+    first again, every time, and nothing behind it ever reached the destination.)
+    After ``max_aborts`` such ends, the PACS storing the others in between, the object
+    fails with the reason (it was tried for ever, one association each, every
+    ``backoff_max_s``: a load that grew with every run). A PACS that aborts on
+    everything is down, not choking on one object: nothing of it fails."""
 
     seg = "1.2.840.10008.5.1.4.1.1.66.4"
     aborts: list[str] = []
+    takes_nothing = threading.Event()
 
     def on_store(event: Any) -> int:
-        if str(event.request.AffectedSOPClassUID) == seg:
+        if str(event.request.AffectedSOPClassUID) == seg or takes_nothing.is_set():
             aborts.append(str(event.request.AffectedSOPInstanceUID))
             event.assoc.abort()
         return 0x0000
@@ -888,7 +894,7 @@ def test_an_object_that_makes_the_destination_abort_holds_back_no_other(
         node = make_node(
             destinations=[dest],
             rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
-            outbox={"backoff_base_s": 0.2, "backoff_max_s": 1.0},
+            outbox={"backoff_base_s": 0.2, "backoff_max_s": 1.0, "max_aborts": 3},
         )
 
         def delivered_but_segs() -> list[Any]:
@@ -896,7 +902,7 @@ def test_an_object_that_makes_the_destination_abort_holds_back_no_other(
             others = [r for r in rows if r["sop_class_uid"] != seg]
             return rows if others and all(r["state"] == "sent" for r in others) else []
 
-        for seed in (1, 2):
+        for seed in (1, 2, 3, 4):
             _store(node, xa_run(frames=8, seed=seed))
             wait_for(
                 lambda s=seed: node.db.query("SELECT 1 FROM jobs WHERE state='done'")[s - 1 :],
@@ -905,9 +911,33 @@ def test_an_object_that_makes_the_destination_abort_holds_back_no_other(
             )
             rows = wait_for(delivered_but_segs, 30, what="every result but the SEG delivered")
         segs = [r for r in rows if r["sop_class_uid"] == seg]
-        assert len(segs) == 2 and len(set(aborts)) == 2
-        assert all(r["state"] == "pending" for r in segs)
+        assert len(segs) == 4 and len(set(aborts)) == 4
         assert all("ended the association during its C-STORE" in r["error"] for r in segs)
+        # Each abort counts once the PACS stored other objects after the one before (the
+        # next runs' results): the first two runs' SEGs are given up.
+        ids = [r["id"] for r in segs[:2]]
+
+        def given_up() -> list[Any]:
+            rows = node.db.query("SELECT * FROM outbox WHERE id IN (?,?)", ids)
+            return rows if all(r["state"] == "failed" for r in rows) else []
+
+        for row in wait_for(given_up, 30, what="the first two SEGs given up"):
+            assert row["state"] == "failed" and row["aborts"] == 3, dict(row)
+            assert (
+                "ended the association during its C-STORE (it may not take this object) on 3 "
+                "attempts, the destination storing other objects in between" in row["error"]
+            )
+        # a PACS that takes nothing: everything waits, however often it aborts
+        takes_nothing.set()
+        before = len(aborts)
+        _store(node, xa_run(frames=8, seed=5))
+        wait_for(lambda: len(aborts) > before + 12, 60, what="aborts on every object")
+        pending = node.db.query("SELECT * FROM outbox WHERE state='pending'")
+        assert len(pending) > 3 and all(r["aborts"] <= 2 for r in pending)
+        fifth = [r for r in pending if r["created_at"] > max(x["created_at"] for x in segs)]
+        assert fifth and all(r["aborts"] == 1 for r in fifth), [dict(r) for r in fifth]
+        takes_nothing.clear()  # back: the fifth run's results but its SEG are delivered
+        wait_for(delivered_but_segs, 60, what="the fifth run delivered")
     finally:
         server.shutdown()
 
@@ -940,7 +970,7 @@ def test_an_object_a_stow_server_fails_on_holds_back_no_other(make_node: Any) ->
                 }
             ],
             rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["dsa_av"]}],
-            outbox={"backoff_base_s": 0.2, "backoff_max_s": 1.0},
+            outbox={"backoff_base_s": 0.2, "backoff_max_s": 1.0, "max_aborts": 2},
         )
         _store(node, xa_run(frames=8, seed=3))
 
@@ -951,6 +981,16 @@ def test_an_object_a_stow_server_fails_on_holds_back_no_other(make_node: Any) ->
 
         rows = wait_for(settled_but_seg, 120, what="every result but the SEG stored")
         (choked,) = [r for r in rows if r["sop_class_uid"] == seg]
-        assert choked["state"] == "pending" and "HTTP 500" in choked["error"]
+        assert "HTTP 500" in choked["error"]
+        # its second run's results stored in between, it is given up after two 500s
+        _store(node, xa_run(frames=8, seed=4))
+        wait_for(
+            lambda: not node.db.query("SELECT 1 FROM outbox WHERE state='pending'"),
+            120,
+            what="both runs settled",
+        )
+        for row in node.db.query("SELECT * FROM outbox WHERE sop_class_uid=?", (seg,)):
+            assert row["state"] == "failed", dict(row)
+            assert "STOW-RS HTTP 500 (the destination failed on it) on 2 attempts" in row["error"]
     finally:
         server.shutdown()

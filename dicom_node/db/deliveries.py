@@ -57,6 +57,48 @@ class Deliveries(Core):
                 (reason, now() + delay_s, delivery.id, DeliveryState.PENDING),
             )
 
+    def delivery_aborted(
+        self, delivery: Delivery, reason: str, delay_s: float, max_aborts: int
+    ) -> str | None:
+        """The destination ended the association with this object in flight (or failed
+        on it). Counted when it stored another object since the last such end (the
+        first counts): a destination that takes nothing is down, not choking on this
+        object. At ``max_aborts`` the delivery fails: returns the reason, else None
+        (retried after ``delay_s``)."""
+        with self._tx() as con:
+            row = con.execute(
+                "SELECT aborts, aborted_at FROM outbox WHERE id=? AND state=?",
+                (delivery.id, DeliveryState.PENDING),
+            ).fetchone()
+            if row is None:
+                return None
+            others = (
+                row["aborted_at"] is None
+                or con.execute(
+                    "SELECT 1 FROM outbox WHERE destination=? AND state=? AND sent_at > ? LIMIT 1",
+                    (delivery.destination, DeliveryState.SENT, row["aborted_at"]),
+                ).fetchone()
+            )
+            aborts = row["aborts"] + (1 if others else 0)
+            if aborts < max_aborts:
+                con.execute(
+                    "UPDATE outbox SET attempts=attempts+1, error=?, not_before=?, aborts=?, "
+                    "aborted_at=? WHERE id=?",
+                    (reason, now() + delay_s, aborts, now(), delivery.id),
+                )
+                return None
+            failed = (
+                f"{reason.partition(':')[0]} on {aborts} attempts, the destination storing "
+                "other objects in between: it does not take this object (reprocess the run "
+                "to send it again once it does)"
+            )
+            con.execute(
+                "UPDATE outbox SET state=?, attempts=attempts+1, error=?, aborts=?, "
+                "aborted_at=? WHERE id=?",
+                (DeliveryState.FAILED, failed, aborts, now(), delivery.id),
+            )
+            return failed
+
     def delivery_failed(self, delivery: Delivery, reason: str) -> None:
         with self._tx() as con:
             con.execute(

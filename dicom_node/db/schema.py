@@ -99,4 +99,10 @@ _MIGRATIONS = {
         # taken only when no live job is due
         ("priority", "INTEGER NOT NULL DEFAULT 0"),
     ],
+    "outbox": [
+        # times the destination ended the association (or answered HTTP 500) with this
+        # object in flight and stored another object before the next such end; the last
+        ("aborts", "INTEGER NOT NULL DEFAULT 0"),
+        ("aborted_at", "REAL"),
+    ],
 }
