@@ -142,12 +142,29 @@ class Retention:
     def _delete(self, purge: Purge, reason: str) -> None:
         """Files first, then their rows: a crash in between leaves rows whose files
         are gone, which the next pass finishes; never a file without a row, which the
-        spool's recovery would index again as a new run."""
-        freed = 0
+        spool's recovery would index again as a new run. A file that cannot be deleted
+        (its permissions, a read-only or failing disk) keeps the run's rows, and the
+        next pass tries again; the other files and runs go on (one such file stopped
+        every later purge, and the disk filled)."""
+        freed, kept = 0, []
         for path in purge.instances + purge.results:
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
+            try:
+                size = path.stat().st_size
                 path.unlink()
+                freed += size
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                kept.append(f"{path.name}: {exc.strerror or type(exc).__name__}")
+        if kept:
+            log.error(
+                "run %s: %d file(s) could not be deleted (%s); its purge is tried again at "
+                "the next pass",
+                purge.run_id,
+                len(kept),
+                "; ".join(kept[:3]),
+            )
+            return
         for job_id in purge.job_ids:
             shutil.rmtree(self.results_dir / str(job_id), ignore_errors=True)
         series = self.spool.spool / purge.study_uid / purge.series_uid

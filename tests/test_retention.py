@@ -221,6 +221,38 @@ def test_a_purge_cut_short_is_finished_and_a_store_waits_for_its_series(make_nod
     assert status == [0x0000] and len(_files(node)) == 1
 
 
+def test_a_file_that_cannot_be_deleted_holds_back_no_other_purge(make_node: Any) -> None:
+    """A spool file that cannot be deleted (its permissions, a read-only or failing
+    disk; here a folder in its place) raised out of the pass: that run's purge was
+    tried first at every later pass and raised again, so no run was purged any more and
+    the disk filled. Now the run keeps its rows (its files are not indexed again at a
+    restart) and is tried again each pass; the others are purged."""
+    import shutil
+
+    node = make_node(rules=RULES, retention=OFF)
+    stuck, _ = _run(node)
+    (path,) = [Path(r.path) for r in node.db.run_instances(stuck)]
+    others = [_run(node)[0] for _ in range(2)]
+    path.unlink()
+    (path / "held").mkdir(parents=True)  # unlink() now fails (EISDIR), as for EACCES
+    now = Retention(
+        node.db, node.spool, node.results_dir, RetentionSettings(keep_days=0, **_no_space())
+    )
+    assert now.run() == 3
+    assert [r["path"] for r in node.db.query("SELECT path FROM instances")] == [str(path)]
+    for run_id in others:
+        assert node.db.query("SELECT purged_at FROM runs WHERE run_id=?", (run_id,))[0][0]
+    third = xa_run(frames=4)  # processed after the failed purge: purged at the next pass
+    assert _send(node, third) == 0x0000
+    wait_for(lambda: _processed(node, str(third.SOPInstanceUID)), 120, what="the third run")
+    assert now.run() == 1
+    assert len(node.db.query("SELECT 1 FROM instances")) == 1
+    shutil.rmtree(path)  # put right: the next pass finishes it
+    assert now.run() == 0
+    assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
+    assert not _files(node)
+
+
 def test_purges_racing_stores_of_the_same_series_lose_nothing(make_node: Any) -> None:
     """Instances of one series arrive while retention runs every 50 ms with keep_days
     0: the series completes, is processed, purged, re-opened by the next instance, and
