@@ -748,11 +748,25 @@ class Spool:
                     removed += 1
         return removed
 
-    def _quarantine(self, path: Path, reason: Exception) -> None:
+    def _quarantine(self, path: Path, reason: Exception) -> int:
+        """Set ``path`` aside; 1 when it was moved. One that cannot be moved (its
+        permissions, a read-only disk, the place taken) stays where it is, unindexed,
+        and is looked at again at the next start: it stopped the node from starting."""
         target = self.quarantine / path.relative_to(self.spool)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        except OSError as exc:
+            log.error(
+                "unindexed spool file %s fails the checks (%s) and cannot be quarantined "
+                "(%s): left where it is",
+                path.name,
+                reason,
+                exc.strerror or type(exc).__name__,
+            )
+            return 0
         log.error("quarantined unindexed spool file %s: %s", target, reason)
+        return 1
 
     def recover(self) -> tuple[int, int, int]:
         """After a crash: remove partial writes, index what was written but not indexed
@@ -774,12 +788,10 @@ class Spool:
                     )
                 self.db.record_instance(self._record(head, path, path.stat().st_size, "RECOVERED"))
             except InstanceConflict as conflict:
-                self._quarantine(path, _held(head, str(conflict)))
-                quarantined += 1
+                quarantined += self._quarantine(path, _held(head, str(conflict)))
                 continue
             except (RejectedInstance, OSError) as exc:
-                self._quarantine(path, exc)
-                quarantined += 1
+                quarantined += self._quarantine(path, exc)
                 continue
             log.warning("indexed spool file %s left unindexed by a crash", path.name)
             indexed += 1

@@ -169,11 +169,16 @@ def test_start_repairs_what_a_crash_left(make_node: Any, tmp_path: Path) -> None
     folder.mkdir(parents=True)
     (folder / f"{good.SOPInstanceUID}.dcm").write_bytes(encode(good))
     (folder / "1.2.3.dcm").write_bytes(b"garbage")
+    # one that cannot be set aside (here its place in quarantine is taken; as for a
+    # read-only disk or a file the node may not move): it stopped the node from starting
+    (folder / "1.2.4.dcm").write_bytes(b"garbage too")
+    aside = storage / "quarantine" / good.StudyInstanceUID / good.SeriesInstanceUID
+    (aside / "1.2.4.dcm" / "taken").mkdir(parents=True)
+    (storage / "tmp" / "a-folder").mkdir()
     again = make_node(rules=MINIP)
     assert not list((storage / "tmp").glob("*.part"))
-    assert (
-        storage / "quarantine" / good.StudyInstanceUID / good.SeriesInstanceUID / "1.2.3.dcm"
-    ).exists()
+    assert (aside / "1.2.3.dcm").exists()
+    assert (folder / "1.2.4.dcm").read_bytes() == b"garbage too"  # left where it was
     row = again.db.query(
         "SELECT calling_aet FROM instances WHERE sop_instance_uid=?", (good.SOPInstanceUID,)
     )
