@@ -506,11 +506,14 @@ _MAX_EMBEDDED = 1000
 
 def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
     """File Meta elements (group 0002) a sender left in the data set of its C-STORE,
-    after the file meta the storage SCP wrote: ``(start, end, count)`` of their bytes,
-    or None. PS3.5 7.1 keeps them out of a data set; read as they lie, right after the
-    SCP's own, they were taken for its file meta (a Transfer Syntax the association did
-    not use) and the instance was refused. DCMTK-based archives drop them too. Only
-    what can be stepped over is found: little endian, not deflated, defined lengths."""
+    after the file meta the storage SCP wrote, or in the data set of a STOW-RS part,
+    after the file meta its File Meta Information Group Length bounds: ``(start, end,
+    count)`` of their bytes, or None. PS3.5 7.1 keeps them out of a data set; read as
+    they lie, right after the file meta, they were taken for it (a Transfer Syntax the
+    association, or the file, did not use) and the instance was refused. DCMTK-based
+    archives drop them too. Only what can be stepped over is found: little endian, not
+    deflated, defined lengths, and a file meta that holds its Transfer Syntax within its
+    group length (one whose length is short leaves its own elements after it)."""
     fp.seek(128)
     head = fp.read(16)
     if len(head) < 16 or head[:4] != b"DICM" or head[4:10] != b"\x02\x00\x00\x00UL":
@@ -525,7 +528,7 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
         syntax = meta.get("TransferSyntaxUID")
     except Exception:  # noqa: BLE001 - not the SCP's own file meta: nothing to do here
         return None
-    if syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
+    if syntax is None or syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
         return None
     implicit = syntax == ImplicitVRLittleEndian
     pos, count = start, 0
@@ -654,8 +657,8 @@ class Spool:
     ) -> Stored:
         """Persist one received instance and index it: ``source`` is a DICOM file with
         meta, as bytes or as the file the storage SCP wrote (moved into the spool)."""
-        if requested.sop_class:  # a C-STORE's: its data set may repeat file meta
-            source = self._without_embedded_meta(source, requested)
+        # A C-STORE's data set, or a STOW-RS part's, may repeat File Meta elements
+        source = self._without_embedded_meta(source, requested)
         head = inspect(source, self.limits, requested, self.max_uid_length)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
         self._check_space(size)
@@ -702,7 +705,7 @@ class Spool:
         start, end, count = span
         log.warning(
             "the data set of %s carried %d File Meta element(s) (group 0002): left out (PS3.5 7.1)",
-            requested.sop_instance,
+            requested.sop_instance or "a STOW-RS part",
             count,
         )
         if isinstance(source, bytes):

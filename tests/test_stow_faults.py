@@ -170,3 +170,64 @@ def test_a_stow_part_that_is_not_a_dicom_file_is_refused_with_the_reason(
     assert not node.db.query("SELECT 1 FROM instances")
     resp = post(whole)
     assert resp.status_code == 200 and len(node.db.query("SELECT 1 FROM instances")) == 1
+
+
+def test_file_meta_left_in_a_stow_part_s_data_set_is_left_out(make_node: Any) -> None:
+    """A STOW-RS part whose data set still carries File Meta elements (group 0002,
+    naming another Transfer Syntax) after the file meta its Group Length bounds: read as
+    they lie, they were taken for the file meta, and the part was refused (0xA900,
+    "Pixel Data is not encapsulated, but the transfer syntax is JPEG"). They are left
+    out, as for a C-STORE's data set. A file meta whose Group Length is short of its
+    own Transfer Syntax is not cut: it is read whole, as before."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    from tests.dicomgen import xa_run
+
+    node = make_node(rules=[])
+
+    def part(ds: Any, embedded: bool, short_by: int = 0) -> bytes:
+        data = Dataset()
+        for elem in ds:
+            data.add(elem)
+        if embedded:
+            data.add_new(0x00020002, "UI", ds.SOPClassUID)
+            data.add_new(0x00020010, "UI", "1.2.840.10008.1.2.4.50")  # JPEG Baseline
+        out = DicomBytesIO()
+        out.is_little_endian, out.is_implicit_VR = True, False
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+        write_dataset(out, data)
+        raw = bytearray(out.getvalue())
+        length = int.from_bytes(raw[140:144], "little")
+        raw[140:144] = (length - short_by).to_bytes(4, "little")
+        return bytes(raw)
+
+    def post(body_part: bytes) -> requests.Response:
+        content_type, body = multipart([body_part])
+        return requests.post(
+            f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+            data=body,
+            headers={"Content-Type": content_type},
+            timeout=30,
+        )
+
+    embedded = xa_run(frames=3, seed=11)
+    resp = post(part(embedded, True))
+    assert resp.status_code == 200, resp.text
+    (path,) = [r["path"] for r in node.db.query("SELECT path FROM instances")]
+    stored = dcmread(path)
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert not [e for e in stored if e.tag.group == 0x0002]
+    assert stored.PixelData == embedded.PixelData
+    # Group Length short of everything from the Transfer Syntax on: the meta is kept whole
+    short = xa_run(frames=3, seed=12)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, short.file_meta, enforce_standard=True)
+    from_ts = len(meta.getvalue()) - meta.getvalue().index(b"\x02\x00\x10\x00UI")
+    resp = post(part(short, False, short_by=from_ts))
+    assert resp.status_code == 200, resp.text
+    assert len(node.db.query("SELECT 1 FROM instances")) == 2
