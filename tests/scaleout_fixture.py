@@ -590,6 +590,15 @@ wait_s = 300
         except Exception:  # noqa: BLE001 - the node may be mid-write or dead: poll again
             return []
 
+    def wait_settled(self, jobs: int, timeout: float, what: str) -> None:
+        """Until the index holds ``jobs`` jobs and nothing is left to do."""
+        wait_for(
+            lambda: len(self.rows("SELECT 1 FROM jobs")) == jobs and self.settled(),
+            timeout,
+            interval=0.5,
+            what=what,
+        )
+
     def settled(self) -> bool:
         busy = self.rows(
             "SELECT (SELECT COUNT(*) FROM runs WHERE state IN ('receiving','complete'))"

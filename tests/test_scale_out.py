@@ -329,12 +329,7 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
                 assert mounts_tmpfs_at(worker, site.storage), "the worker sees the node's storage"
                 assert site.isolation.kind != "netns" or not same_netns(worker)
             assert len(site.send(runs)) == 2
-            wait_for(
-                lambda s=site: len(s.rows("SELECT 1 FROM jobs")) == 4 and s.settled(),
-                180,
-                interval=0.5,
-                what=f"the {engine} node to finish",
-            )
+            site.wait_settled(4, 180, f"the {engine} node to finish")
             jobs = site.rows("SELECT * FROM jobs")
             assert all(j["state"] == JobState.DONE for j in jobs), [dict(j) for j in jobs]
             sent = {r["sop_instance_uid"] for r in site.rows("SELECT * FROM outbox")}
@@ -483,12 +478,7 @@ def test_a_worker_that_shares_the_storage_reads_and_writes_it_directly(tmp_path:
     try:
         site.start()
         assert site.send([xa_run(frames=10, rows=96, cols=96, seed=9)])
-        wait_for(
-            lambda: len(site.rows("SELECT 1 FROM jobs")) == 2 and site.settled(),
-            180,
-            interval=0.5,
-            what="the run to finish",
-        )
+        site.wait_settled(2, 180, "the run to finish")
         jobs = site.rows("SELECT * FROM jobs")
         assert all(j["state"] == "done" and j["worker"] == "worker-0" for j in jobs)
         sent = {r["sop_instance_uid"] for r in site.rows("SELECT * FROM outbox")}

@@ -488,12 +488,7 @@ def test_a_run_of_many_instances_goes_by_reference_and_a_refused_workflow_blocks
         assert len(site.send([first])) == 1
         wait_for(lambda: len(site.rows("SELECT 1 FROM jobs")) == 3, 60, what="the first run")
         assert len(site.send(series)) == 150
-        wait_for(
-            lambda: len(site.rows("SELECT 1 FROM jobs")) == 6 and site.settled(),
-            240,
-            interval=0.5,
-            what="both runs to settle",
-        )
+        site.wait_settled(6, 240, "both runs to settle")
         jobs = site.rows("SELECT * FROM jobs ORDER BY id")
         by = {(j["run_id"], j["pipeline"]): j for j in jobs}
         runs = [str(first.SOPInstanceUID), str(frame.SeriesInstanceUID)]

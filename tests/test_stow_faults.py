@@ -82,6 +82,17 @@ def _stored_uids(body: bytes) -> list[str]:
     return [item["00081155"]["Value"][0] for item in items]
 
 
+def _post_part(node: Any, part: bytes) -> requests.Response:
+    """One STOW-RS request of one part."""
+    content_type, body = multipart([part])
+    return requests.post(
+        f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+
 def test_a_corpus_of_broken_stow_requests_never_stops_the_node(
     make_node: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -152,13 +163,7 @@ def test_a_stow_part_that_is_not_a_dicom_file_is_refused_with_the_reason(
     }
 
     def post(part: bytes) -> requests.Response:
-        content_type, body = multipart([part])
-        return requests.post(
-            f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
-            data=body,
-            headers={"Content-Type": content_type},
-            timeout=30,
-        )
+        return _post_part(node, part)
 
     with caplog.at_level("WARNING", logger="dicom_node.ingest"):
         for name, part in (("bare", bare.getvalue()), ("cut", cut)):
@@ -206,13 +211,7 @@ def test_file_meta_left_in_a_stow_part_s_data_set_is_left_out(make_node: Any) ->
         return bytes(raw)
 
     def post(body_part: bytes) -> requests.Response:
-        content_type, body = multipart([body_part])
-        return requests.post(
-            f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
-            data=body,
-            headers={"Content-Type": content_type},
-            timeout=30,
-        )
+        return _post_part(node, body_part)
 
     embedded = xa_run(frames=3, seed=11)
     resp = post(part(embedded, True))
