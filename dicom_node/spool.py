@@ -47,6 +47,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
+    RLELossless,
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -386,15 +387,26 @@ def _check_pixel_module(ds: Dataset, data_ts: UID, limits: LimitsSettings, body:
     fp.seek(start)
     if fp.read(4) != _ITEM_TAG:
         raise _mismatch(f"Pixel Data is not encapsulated, but the transfer syntax is {data_ts}")
-    _check_fragments(fp, start, end, (rows, cols), limits)
+    # RLE: one fragment a frame (PS3.5 A.4.2); without an offset table, frames cannot
+    # be told apart otherwise (a RLE segment has no end marker)
+    rle = data_ts == RLELossless and frames > 1 and "ExtendedOffsetTable" not in ds
+    one_per_frame = frames if rle else None
+    _check_fragments(fp, start, end, (rows, cols), limits, one_per_frame)
     return frames
 
 
 def _check_fragments(
-    fp: BinaryIO, start: int, end: int | None, size: tuple[int, int], limits: LimitsSettings
+    fp: BinaryIO,
+    start: int,
+    end: int | None,
+    size: tuple[int, int],
+    limits: LimitsSettings,
+    one_per_frame: int | None = None,
 ) -> None:
-    """Encapsulated Pixel Data: items all the way through, and every codestream's own
-    size the header's. Read from the file: a fragment's first bytes, never all of it."""
+    """Encapsulated Pixel Data: items all the way through, every codestream's own size
+    the header's, and with ``one_per_frame`` (RLE) one fragment a frame unless a Basic
+    Offset Table says where each begins. Read from the file: a fragment's first bytes,
+    never all of it."""
     fp.seek(start)
     try:
         _, offsets = parse_fragments(_Reader(fp, limits.max_header_bytes, end))  # type: ignore[arg-type]
@@ -404,6 +416,15 @@ def _check_fragments(
         raise RejectedInstance(
             RejectedInstance.CANNOT_UNDERSTAND, f"encapsulated Pixel Data is malformed: {exc}"
         ) from None
+    if one_per_frame is not None and len(offsets) - 1 != one_per_frame:
+        fp.seek(offsets[0] + 4)
+        if struct.unpack("<I", fp.read(4))[0] == 0:  # an empty Basic Offset Table
+            raise RejectedInstance(
+                RejectedInstance.CANNOT_UNDERSTAND,
+                f"RLE Lossless Pixel Data in {len(offsets) - 1} fragments for "
+                f"{one_per_frame} frame(s), without a Basic Offset Table: which fragment "
+                "belongs to which frame cannot be known (PS3.5 A.4.2: one fragment a frame)",
+            )
     for offset in offsets[1:]:  # the first item is the Basic Offset Table
         fp.seek(offset + 4)
         (fragment_length,) = struct.unpack("<I", fp.read(4))

@@ -557,3 +557,45 @@ def test_file_meta_left_in_a_c_store_data_set_is_left_out(  # type: ignore[no-un
     assert not [e for e in stored if e.tag.group == 0x0002]
     assert stored.PixelData == xa_run(frames=3).PixelData  # the generator's, seed 0
     wait_for(lambda: len(_jobs(node)) == 1, 60)
+
+
+def test_rle_frames_in_several_fragments_without_an_offset_table_are_refused(  # type: ignore[no-untyped-def]
+    make_node, caplog
+) -> None:
+    """RLE Lossless puts each frame in one fragment (PS3.5 A.4.2), and a RLE segment has
+    no end marker: a multi-frame run split into more fragments, without a Basic Offset
+    Table, cannot be told apart into frames. It was acknowledged and its job failed
+    with "StopIteration"; it is refused, with the reason. With an offset table it is
+    stored and processed, as is JPEG 2000 in several fragments a frame without one
+    (its codestreams end with a marker)."""
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate, generate_fragmented_frames
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from tests.faults import fresh
+
+    node = make_node(rules=MINIP_ONLY)
+
+    def split(ts: str, bot: bool) -> Dataset:
+        ds = fresh(frames=6, size=64, seed=1)
+        ds.compress(ts)
+        frames = [b"".join(f) for f in generate_fragmented_frames(ds.PixelData, number_of_frames=6)]
+        ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=bot)
+        return ds
+
+    refused = split(RLELossless, bot=False)
+    assoc = _assoc(node, transfer_syntax=RLELossless)
+    try:
+        with caplog.at_level("WARNING", logger="dicom_node.ingest"):
+            assert int(assoc.send_c_store(refused).Status) == 0xC000
+        assert "12 fragments for 6 frame(s), without a Basic Offset Table" in caplog.text
+        assert int(assoc.send_c_store(split(RLELossless, bot=True)).Status) == 0x0000
+    finally:
+        assoc.release()
+    assoc = _assoc(node, transfer_syntax=JPEG2000Lossless)
+    try:
+        assert int(assoc.send_c_store(split(JPEG2000Lossless, bot=False)).Status) == 0x0000
+    finally:
+        assoc.release()
+    wait_for(lambda: len(_jobs(node)) == 2, 120, what="both stored runs processed")
+    assert not _jobs(node, "failed")
