@@ -291,10 +291,19 @@ def _rescale(ds: Dataset, frames: int) -> tuple[list[float], list[float]] | None
         return [float(ds.RescaleSlope)] * frames, [float(ds.RescaleIntercept)] * frames
 
     def transformation(groups: Any) -> tuple[float, float] | None:
+        """The group's slope and intercept; None when it has none, or when they cannot
+        be read as one number each (empty, text, several values): left out, as the
+        top-level elements are (``_strip``). A number that is not finite is kept, and
+        the run refused for it below, as at the top level."""
         item = groups.get("PixelValueTransformationSequence") if groups is not None else None
         if not item or "RescaleSlope" not in item[0] or "RescaleIntercept" not in item[0]:
             return None
-        return float(item[0].RescaleSlope), float(item[0].RescaleIntercept)
+        try:
+            slope, intercept = item[0].RescaleSlope, item[0].RescaleIntercept
+            return float(slope), float(intercept)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises its parser's errors too
+            log.warning("Pixel Value Transformation ignored: %s", type(exc).__name__)
+            return None
 
     shared_seq = ds.get("SharedFunctionalGroupsSequence")
     shared = transformation(shared_seq[0]) if shared_seq else None

@@ -337,6 +337,52 @@ def test_a_modality_lut_is_applied_and_one_that_cannot_be_is_named(tmp_path: Pat
         assert named in str(e.value), str(e.value)
 
 
+def test_an_enhanced_run_s_pixel_value_transformation_is_applied_or_left_out(
+    tmp_path: Path,
+) -> None:
+    """An Enhanced XA's rescale is its Pixel Value Transformation functional group, shared
+    or per frame (each frame's over the shared one). One that cannot be read as a number
+    (empty, text, several values) is left out, as a top-level Rescale Slope is: the run
+    failed with "TypeError: float() argument must be ... not 'NoneType'"."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from dicom_node.runs import load_run
+    from tests.faults import raw
+    from tests.series_faults import enhanced_xa
+    from training.phantoms import dsa
+
+    written = dsa.generate(9107, size=64, frames=6).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    stored = source.pixel_array.astype(np.float32)
+    stamps = [f"20260101120000.{k * 5:02d}" for k in range(6)]
+
+    def group(slope: str, intercept: str) -> Sequence:
+        item = Dataset()
+        raw(item, "RescaleSlope", "DS", slope)
+        raw(item, "RescaleIntercept", "DS", intercept)
+        return Sequence([item])
+
+    def pixels(shared: tuple[str, str] | None, frame_3: tuple[str, str] | None) -> Any:
+        ds = enhanced_xa(source, stamps)
+        if shared is not None:
+            ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = group(*shared)
+        if frame_3 is not None:
+            ds.PerFrameFunctionalGroupsSequence[3].PixelValueTransformationSequence = group(
+                *frame_3
+            )
+        folder = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
+        return load_run(_write([ds], folder)).run.pixels
+
+    expected = 2 * stored + 10
+    expected[3] = stored[3]
+    np.testing.assert_allclose(pixels(("2", "10"), ("1", "0")), expected)
+    for hostile in ("", "abc", "1\\2\\3"):
+        np.testing.assert_allclose(pixels((hostile, "0"), None), stored)
+        # frame 3's own group left out: the shared one applies to it too
+        np.testing.assert_allclose(pixels(("2", "10"), ("1", hostile)), 2 * stored + 10)
+
+
 def test_a_run_s_headers_read_together_are_its_headers_read_one_by_one(  # type: ignore[no-untyped-def]
     geometry_corpus,
 ) -> None:
