@@ -10,11 +10,17 @@ so a trigger racing the sweep completes a run once.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from dicom_node.db import Database, now
 from dicom_node.spool import Stored
+
+log = logging.getLogger(__name__)
 
 
 class CompletionRule(Protocol):
@@ -37,3 +43,34 @@ class QuietPeriodRule:
         """Complete every run that has been quiet long enough; returns how many."""
         reason = f"quiet for {self.quiet_period_s:g} s"
         return sum(db.complete_run(run_id, reason) for run_id in self.due(db))
+
+
+class Sweeper:
+    """Calls ``tick`` every ``interval_s`` of the monotonic clock, in a thread of its own.
+
+    Not an apscheduler interval job: apscheduler 3 compares wall-clock times, so a step
+    back of the clock (NTP, a virtual machine restored from a snapshot) paused its jobs
+    by the size of the step, and with the sweep the completion of every series."""
+
+    def __init__(self, tick: Callable[[], None], interval_s: float) -> None:
+        self.tick = tick
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at = time.monotonic() + self.interval_s
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - a defect must not end the sweep's thread
+                log.exception("completion sweep: unexpected error; going on")

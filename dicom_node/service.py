@@ -20,7 +20,7 @@ from dicom_node import completion, logsafe
 from dicom_node.api import start_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
-from dicom_node.db import Database, Delivery
+from dicom_node.db import Database, Delivery, now
 from dicom_node.engine import EmbeddedEngine, make_engine
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
@@ -72,6 +72,7 @@ class Node:
         self.retention = Retention(
             self.db, self.spool, self.results_dir, settings.retention, self.audit
         )
+        self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s)
         self.scheduler = BackgroundScheduler()
         self.server: ThreadedAssociationServer | None = None
         self.api: ThreadingHTTPServer | None = None
@@ -93,14 +94,7 @@ class Node:
         self.router.start()
         self.outbox.start()
         self.workers.start()
-        self.scheduler.add_job(
-            self.sweep,
-            "interval",
-            seconds=self.settings.completion.sweep_interval_s,
-            max_instances=1,
-            coalesce=True,
-            id="completion-sweep",
-        )
+        self.sweeper.start()
         self.scheduler.add_job(
             self.spool.sweep_tmp,
             "interval",
@@ -156,6 +150,7 @@ class Node:
         if not self.scheduler.running:
             return
         self.scheduler.shutdown(wait=False)
+        self.sweeper.stop()
         self.router.stop()
         self.workers.stop()
         self.outbox.stop()
@@ -174,6 +169,15 @@ class Node:
 
     # -- complete ----------------------------------------------------------
     def sweep(self) -> None:
+        moved = self.db.after_a_clock_step(
+            now(), self.settings.workers.backoff_max_s, self.settings.outbox.backoff_max_s
+        )
+        if moved:
+            log.warning(
+                "%d time(s) in the index were ahead of the clock (it was stepped back): "
+                "due from now",
+                moved,
+            )
         if self.completion.sweep(self.db):
             self.router.wake.set()
 

@@ -995,3 +995,70 @@ def test_an_object_a_stow_server_fails_on_holds_back_no_other(make_node: Any) ->
             assert "STOW-RS HTTP 500 (the destination failed on it) on 2 attempts" in row["error"]
     finally:
         server.shutdown()
+
+
+def test_a_step_back_of_the_wall_clock_holds_back_no_run(make_node: Any, monkeypatch: Any) -> None:
+    """The wall clock stepped back an hour (NTP, a virtual machine restored from a
+    snapshot) while a series was arriving: its last instance's time in the index is an
+    hour ahead of the clock, and apscheduler, which compares wall-clock times, had put
+    its next completion sweep an hour ahead too. The series was completed an hour late.
+    Now the sweep runs on the monotonic clock, and a time ahead of the clock is taken
+    as now: the series completes one quiet period later and is processed."""
+    import datetime as dt
+
+    import apscheduler.schedulers.base as scheduler_base
+
+    class HourBack(dt.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:  # type: ignore[override]
+            return dt.datetime.now(tz) - dt.timedelta(hours=1)
+
+    node = make_node(rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}])
+    import sqlite3
+
+    frame = xa_run(frames=1, seed=21)
+    series = []
+    for number in range(1, 4):
+        ds = frame.copy()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        series.append(ds)
+    monkeypatch.setattr(scheduler_base, "datetime", HourBack)  # the step, for apscheduler
+    time.sleep(0.5)  # its loop has looked at the clock
+    with monkeypatch.context() as held:
+        held.setattr(node.db, "complete_run", lambda *_: False)  # not before the step
+        _store(node, *series)
+        run = str(frame.SeriesInstanceUID)
+        with sqlite3.connect(node.db.path) as con:  # its time as recorded before the step
+            con.execute("UPDATE runs SET last_at=last_at+3600 WHERE run_id=?", (run,))
+    assert node.db.query("SELECT state FROM runs WHERE run_id=?", (run,))[0][0] == "receiving"
+    wait_for(
+        lambda: node.db.query("SELECT 1 FROM jobs WHERE run_id=? AND state='done'", (run,)),
+        30,
+        what="the series completed and processed",
+    )
+
+
+def test_retries_timed_before_a_clock_step_are_due_after_it(tmp_path: Path) -> None:
+    """A job's or delivery's next try is at most its longest backoff ahead: one further
+    ahead was timed before the wall clock was stepped back, and is due now (it waited
+    for the clock to catch up: the size of the step)."""
+    from dicom_node.db import ResultFile
+    from tests.test_scale_out import _routed_job
+
+    db = Database(tmp_path / "node.sqlite")
+    _routed_job(db, tmp_path)
+    job = db.claim_job("w", 60, 3)
+    assert job is not None and db.retry_job(job, "crashed", 7200)  # timed before the step
+    retry = db.claim_job("w", 60, 3)
+    assert retry is None  # waits two hours
+    result = ResultFile(tmp_path / "r.dcm", "1.2.3", "1.2.3.4", "1.2.3.5", "MinIP")
+    _routed_job(db, tmp_path / "b")  # a done job with a delivery to retry later
+    assert db.finish_job(db.claim_job("w", 60, 3), [result], [])  # type: ignore[arg-type]
+    (delivery,) = db.due_deliveries(10)
+    db.delivery_retry(delivery, "destination down", 7200)
+    assert db.due_deliveries(10) == []
+    assert db.after_a_clock_step(time.time(), 300, 300) == 2
+    assert db.claim_job("w", 60, 3) is not None
+    assert [d.id for d in db.due_deliveries(10)] == [delivery.id]
+    assert db.after_a_clock_step(time.time(), 300, 300) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
     SETTLED_RUN_STATES,
+    DeliveryState,
     InstanceConflict,
     InstanceRecord,
     JobState,
@@ -131,6 +132,27 @@ class Runs(Core):
                 (RunState.COMPLETE, now(), reason, run_id, RunState.RECEIVING),
             )
             return cur.rowcount == 1
+
+    def after_a_clock_step(self, t: float, job_backoff_s: float, delivery_backoff_s: float) -> int:
+        """Times the index holds ahead of the wall clock, which was stepped back (NTP, a
+        virtual machine restored from a snapshot): a receiving run's last instance
+        becomes ``t`` (it completes one quiet period from now, not once the clock has
+        caught up), and a queued job's or pending delivery's next try further ahead than
+        its longest backoff is due now. Returns how many rows moved."""
+        with self._tx() as con:
+            moved = con.execute(
+                "UPDATE runs SET last_at=? WHERE state=? AND last_at > ?",
+                (t, RunState.RECEIVING, t + 1.0),
+            ).rowcount
+            moved += con.execute(
+                "UPDATE jobs SET not_before=? WHERE state=? AND not_before > ?",
+                (t, JobState.QUEUED, t + job_backoff_s + 1.0),
+            ).rowcount
+            moved += con.execute(
+                "UPDATE outbox SET not_before=? WHERE state=? AND not_before > ?",
+                (t, DeliveryState.PENDING, t + delivery_backoff_s + 1.0),
+            ).rowcount
+        return int(moved)
 
     def quiet_runs(self, quiet_since: float) -> list[str]:
         """Receiving runs with no new instance since ``quiet_since``."""
