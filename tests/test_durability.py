@@ -363,9 +363,9 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
     make_node, storescp, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """Fault injection: the index raises once while the router looks for runs, once
-    while each worker claims a job and once while each outbox thread looks for what is
-    due (as SQLite does when the database is locked past its timeout). All go on, and
-    the run is routed, processed and delivered."""
+    while each worker claims a job, once while each outbox thread looks for what is
+    due, and once in the completion sweep (as SQLite does when the database is locked
+    past its timeout). All go on, and the run is routed, processed and delivered."""
     import sqlite3
 
     storescp.start()
@@ -391,10 +391,11 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
     once("runs_to_route")
     once("claim_job")
     once("due_deliveries")
+    once("after_a_clock_step")
     _store(node, xa_run(frames=3))
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 60, what="delivered")
-    assert {"runs_to_route", "claim_job", "due_deliveries"} <= set(failures)
-    assert node.router._thread.is_alive()
+    assert {"runs_to_route", "claim_job", "due_deliveries", "after_a_clock_step"} <= set(failures)
+    assert node.router._thread.is_alive() and node.sweeper._thread.is_alive()
     assert all(t.is_alive() for t in node.workers.threads + node.outbox.threads)
 
 
