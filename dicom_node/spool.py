@@ -547,7 +547,7 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
     try:
         meta = read_dataset(BytesIO(fp.read(start - 132)), False, True)
         syntax = meta.get("TransferSyntaxUID")
-    except Exception:  # noqa: BLE001 - not the SCP's own file meta: nothing to do here
+    except Exception:  # noqa: BLE001 - a file meta that does not parse: inspect() says why
         return None
     if syntax is None or syntax in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
         return None

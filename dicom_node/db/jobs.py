@@ -254,12 +254,7 @@ class Jobs(Core):
 
     def dispatched_job_open(self, job_id: int, generation: int) -> bool:
         """Whether results for this workflow of the job are still expected."""
-        return bool(
-            self.query(
-                "SELECT 1 FROM jobs WHERE id=? AND generation=? AND state IN (?,?)",
-                (job_id, generation, JobState.QUEUED, JobState.RUNNING),
-            )
-        )
+        return self.dispatched_job_run(job_id, generation) is not None
 
     def dispatched_job_run(self, job_id: int, generation: int) -> str | None:
         """The run of this workflow's job while its results are expected, else None."""
