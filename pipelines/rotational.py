@@ -70,7 +70,9 @@ NAME = "rotational_dla"
 # little of it are low confidence (the labels are 1.3.0's)
 # 1.4.0: a seeded vessel piece that is not tubular on average is bone, as an unseeded
 # one already was (a thin skull-base bone seeded by a few tubular voxels)
-VERSION = "1.4.0"
+# 1.5.0: the run's lumen contrast is the seed-weighted median of each vessel piece's
+# own (not the pooled seeds' 95th percentile), and a piece far brighter is bone
+VERSION = "1.5.0"
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
 BODY_HU = -400.0
@@ -260,6 +262,11 @@ CLASSICAL_DEFAULTS: dict[str, Any] = {
     # ... and of the run's lumen contrast (the 95th percentile of the vessel
     # seeds): less than that is a sub-voxel vessel or blur.
     "lumen_fraction": 0.2,
+    # A vessel piece whose own lumen (95th percentile of its seeds) is more than this
+    # many times the run's lumen contrast above soft tissue is bone or metal: one
+    # injection fills the arteries alike, dilution only lowers it distally, partial
+    # volume only lowers it in thin vessels.
+    "lumen_ratio_max": 2.0,
     "min_vessel_mm3": 5.0,
     # Gradient smoothing for the watershed between vessel and bone.
     "grad_mm": 0.5,
@@ -678,9 +685,12 @@ def classical_tissues(
        intensity changes (or halfway, where it does not), whichever is brighter.
        Each connected vessel piece, seeded or reached by no seed, stays vessel
        only when tubular on average (``v_unassigned``); otherwise it is bone.
-    4. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
-       ``lumen_fraction`` of the lumen contrast measured on the seeds; specks
-       under ``min_vessel_mm3`` go.
+    4. Lumen contrast: each vessel piece's own (the 95th percentile of its
+       seeds); the run's is their median weighted by seeds, and a piece more
+       than ``lumen_ratio_max`` times brighter is bone (or metal).
+    5. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
+       ``lumen_fraction`` of the run's lumen contrast; specks under
+       ``min_vessel_mm3`` go.
 
     Structures cut by the reconstruction circle or the volume's faces are
     continued beyond them for the shape analysis.
@@ -748,6 +758,7 @@ def _classical_labels(
     # which then fills the whole bone.
     pieces = vessel | rest
     del rest, dense
+    lumen = float("nan")
     if pieces.any():
         parts, count = ndi.label(pieces, structure=FULL)
         sums = np.zeros(count + 1)
@@ -761,6 +772,17 @@ def _classical_labels(
             sizes += np.bincount(of_part, minlength=count + 1)
         tubular = sums > p["v_unassigned"] * np.maximum(sizes, 1)
         tubular[0] = False
+        # The lumen contrast of the run: each tubular piece's own (the 95th percentile
+        # of its seeds), their median weighted by seeds. Seeds pooled over all pieces
+        # would not do: a few percent of them in bone specks found tubular put the
+        # pooled 95th percentile at bone's density, and the partial-volume floor then
+        # above a faint lumen (all of a 300 HU run's vessels lost). A piece far
+        # brighter than that holds no iodine of this injection: bone, or metal.
+        own = _piece_lumens(hx, parts, count, vessel_seed)
+        own[~tubular] = np.nan
+        lumen = _weighted_median(own, _piece_counts(parts, count, vessel_seed))
+        if np.isfinite(lumen):
+            tubular &= ~(own > level + p["lumen_ratio_max"] * (lumen - level))
         for z0 in range(0, hx.shape[0], SLAB):
             z = slice(z0, z0 + SLAB)
             is_tubular = tubular[parts[z]]
@@ -769,8 +791,9 @@ def _classical_labels(
         del parts, tube
     del pieces
     radius = max(1, int(round(p["local_mm"] / step)))
-    lumen = float(np.percentile(hx[vessel_seed], 95)) if vessel_seed.any() else float(hx.max())
     del vessel_seed
+    if not np.isfinite(lumen):
+        lumen = float(hx.max())
     kept = np.zeros(hx.shape, bool)
     for z0, z1, lo, hi in _slabs(hx.shape[0], SLAB, radius):
         local_peak = ndi.maximum_filter(
@@ -792,6 +815,50 @@ def _classical_labels(
     labels[bone & inside] = CLASS_BONE
     labels[vessel & inside] = CLASS_VESSEL
     return labels
+
+
+def _piece_counts(parts: np.ndarray, count: int, mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` per label 0..count of ``parts``."""
+    out = np.zeros(count + 1, np.int64)
+    for z0 in range(0, parts.shape[0], SLAB):
+        z = slice(z0, z0 + SLAB)
+        out += np.bincount(parts[z][mask[z]], minlength=count + 1)
+    return out
+
+
+def _piece_lumens(hx: np.ndarray, parts: np.ndarray, count: int, seeds: np.ndarray) -> np.ndarray:
+    """The 95th percentile of ``hx`` over each label's voxels of ``seeds`` (NaN for a
+    label without any), labels 0..count."""
+    labels = np.concatenate(
+        [parts[z0 : z0 + SLAB][seeds[z0 : z0 + SLAB]] for z0 in range(0, parts.shape[0], SLAB)]
+    )
+    values = np.concatenate(
+        [hx[z0 : z0 + SLAB][seeds[z0 : z0 + SLAB]] for z0 in range(0, hx.shape[0], SLAB)]
+    )
+    out = np.full(count + 1, np.nan)
+    if labels.size == 0:
+        return out
+    order = np.lexsort((values, labels))
+    labels, values = labels[order], values[order]
+    present, start, n = np.unique(labels, return_index=True, return_counts=True)
+    # np.percentile's linear rule, between the two order statistics around it.
+    at = 0.95 * (n - 1)
+    below = np.floor(at).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    frac = at - below
+    out[present] = values[start + below] * (1 - frac) + values[start + above] * frac
+    return out
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """Median of the finite ``values``, each counted ``weights`` times; NaN if none."""
+    ok = np.isfinite(values) & (weights > 0)
+    if not ok.any():
+        return float("nan")
+    v, w = values[ok], weights[ok].astype(np.float64)
+    order = np.argsort(v)
+    v, w = v[order], np.cumsum(w[order])
+    return float(v[np.searchsorted(w, w[-1] / 2)])
 
 
 def _dense_chunks(mask: np.ndarray, values: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
