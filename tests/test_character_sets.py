@@ -45,8 +45,9 @@ def perfusion():  # type: ignore[no-untyped-def]
         ("ISO_IR 192", "Müller^Hans=山田^太郎", "Angiografía cerebral"),
         (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", "Angio"),
         ("ISO_IR 144", "Иванов^Иван", "Ангиография"),
+        ("", "Doe^John", "Angio"),  # present, no value: left out (the default repertoire)
     ],
-    ids=["latin-1", "utf-8", "iso-2022-jis", "cyrillic"],
+    ids=["latin-1", "utf-8", "iso-2022-jis", "cyrillic", "empty"],
 )
 def test_results_keep_the_source_s_character_set(  # type: ignore[no-untyped-def]
     perfusion, tmp_path: Path, charset, name, description
@@ -64,7 +65,7 @@ def test_results_keep_the_source_s_character_set(  # type: ignore[no-untyped-def
         path = tmp_path / f"{i:02d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         back = dcmread(path)
-        assert back.SpecificCharacterSet == charset, ds.SOPClassUID
+        assert back.get("SpecificCharacterSet", "") == charset, ds.SOPClassUID
         assert (str(back.PatientName), back.StudyDescription) == (name, description)
         assert dciodvfy_errors(path) == [], (ds.SOPClassUID, path)
 
@@ -94,7 +95,9 @@ def test_a_volume_s_results_keep_the_character_set_its_slices_declare(
     """A volume's SEG and SR take the identity from its slices (there is no canvas),
     and highdicom refused an empty or unknown Specific Character Set there, which
     senders write: the rotational job failed. Every result is made, and carries the
-    slices' Specific Character Set as they declare it."""
+    slices' Specific Character Set as they declare it; an empty one is left out (the
+    default repertoire, as an empty one means: written back empty, dciodvfy found
+    each result in error). Every result passes dciodvfy."""
     from dicom_node.processing import run_pipeline
     from dicom_node.runs import load_run
     from tests.faults import raw
@@ -110,5 +113,11 @@ def test_a_volume_s_results_keep_the_character_set_its_slices_declare(
     datasets, _ = run_pipeline(load_run(slices), "rotational_dla", {}, "cpu")
     made = {str(ds.SOPClassUID) for ds in datasets}
     assert {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"} <= made
-    for ds in datasets:
-        assert ds.get("SpecificCharacterSet") == declared, ds.SOPClassUID
+    for i, ds in enumerate(datasets):
+        if charset:
+            assert ds.get("SpecificCharacterSet") == declared, ds.SOPClassUID
+        else:
+            assert "SpecificCharacterSet" not in ds, ds.SOPClassUID
+        path = tmp_path / f"result{i:02d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], (ds.SOPClassUID, path)

@@ -358,9 +358,14 @@ def copy_character_set(target: Dataset, source: Dataset) -> None:
     source is text pydicom decoded from it, and is written back in that repertoire
     (without it, a Latin-1 or UTF-8 name was written as bytes of no declared set, and
     characters outside Latin-1 became '?'); the node's own text is ASCII, which every
-    set holds."""
-    if "SpecificCharacterSet" in source:
-        target.SpecificCharacterSet = source["SpecificCharacterSet"].value
+    set holds. A Specific Character Set present with no value (senders write that)
+    means the default repertoire, as its absence does; written back empty it is an
+    error in every result (a Type 1C element present must have a value), so it is
+    left out."""
+    value = source.get("SpecificCharacterSet")
+    values = [] if value is None else [value] if isinstance(value, str) else list(value)
+    if any(v for v in values):
+        target.SpecificCharacterSet = value
     elif "SpecificCharacterSet" in target:
         del target.SpecificCharacterSet
 
