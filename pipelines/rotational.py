@@ -71,7 +71,7 @@ NAME = "rotational_dla"
 # 1.4.0: a seeded vessel piece that is not tubular on average is bone, as an unseeded
 # one already was (a thin skull-base bone seeded by a few tubular voxels)
 # 1.5.0: the run's lumen contrast is the seed-weighted median of each vessel piece's
-# own (not the pooled seeds' 95th percentile), and a piece far brighter is bone
+# own, not the pooled seeds' 95th percentile
 VERSION = "1.5.0"
 AIR_HU = -1000.0
 # Below this a voxel is air, not soft tissue (the SEG's soft-tissue segment is the body).
@@ -262,11 +262,6 @@ CLASSICAL_DEFAULTS: dict[str, Any] = {
     # ... and of the run's lumen contrast (the 95th percentile of the vessel
     # seeds): less than that is a sub-voxel vessel or blur.
     "lumen_fraction": 0.2,
-    # A vessel piece whose own lumen (95th percentile of its seeds) is more than this
-    # many times the run's lumen contrast above soft tissue is bone or metal: one
-    # injection fills the arteries alike, dilution only lowers it distally, partial
-    # volume only lowers it in thin vessels.
-    "lumen_ratio_max": 2.0,
     "min_vessel_mm3": 5.0,
     # Gradient smoothing for the watershed between vessel and bone.
     "grad_mm": 0.5,
@@ -686,8 +681,7 @@ def classical_tissues(
        Each connected vessel piece, seeded or reached by no seed, stays vessel
        only when tubular on average (``v_unassigned``); otherwise it is bone.
     4. Lumen contrast: each vessel piece's own (the 95th percentile of its
-       seeds); the run's is their median weighted by seeds, and a piece more
-       than ``lumen_ratio_max`` times brighter is bone (or metal).
+       seeds); the run's is their median weighted by seeds.
     5. Partial volume: vessel voxels keep ``fwhm`` of the local peak and
        ``lumen_fraction`` of the run's lumen contrast; specks under
        ``min_vessel_mm3`` go.
@@ -776,13 +770,12 @@ def _classical_labels(
         # of its seeds), their median weighted by seeds. Seeds pooled over all pieces
         # would not do: a few percent of them in bone specks found tubular put the
         # pooled 95th percentile at bone's density, and the partial-volume floor then
-        # above a faint lumen (all of a 300 HU run's vessels lost). A piece far
-        # brighter than that holds no iodine of this injection: bone, or metal.
+        # above a faint lumen (all of a 300 HU run's vessels lost). Pieces far brighter
+        # than the median are not taken for bone: where iodine outshines bone and bone
+        # holds most seeds, they are the vessels (docs/coronary_rotational.md).
         own = _piece_lumens(hx, parts, count, vessel_seed)
         own[~tubular] = np.nan
         lumen = _weighted_median(own, _piece_counts(parts, count, vessel_seed))
-        if np.isfinite(lumen):
-            tubular &= ~(own > level + p["lumen_ratio_max"] * (lumen - level))
         for z0 in range(0, hx.shape[0], SLAB):
             z = slice(z0, z0 + SLAB)
             is_tubular = tubular[parts[z]]
