@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 from pydicom import config, dcmread
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
-from pydicom.valuerep import DA, DT, TM, validate_value
+from pydicom.valuerep import DA, DT, TM, PersonName, validate_value
 
 from dicom_node.errors import RunError
 from dicom_node.geometry import (
@@ -396,8 +396,41 @@ _TEMPORAL: dict[str, Callable[[str], object]] = {"DA": DA, "DT": DT, "TM": TM}
 _ENUMERATED = {
     tag_for_keyword("PatientSex"): {"M", "F", "O"},  # PS3.3 C.7.1.1
     tag_for_keyword("Laterality"): {"R", "L"},  # PS3.3 C.7.3.1
+    tag_for_keyword("LossyImageCompression"): {"00", "01"},  # PS3.3 C.7.6.1.1.5
 }
+# ... and may not be empty there: type 1 in the results that copy it (SEG, SC), where
+# its absence is "00".
+_EMPTY = {tag_for_keyword("LossyImageCompression"): set[str]()}
 _SINGLE = {tag_for_keyword(k) for k in ("PatientName", "ReferringPhysicianName", "PatientSex")}
+# Values in a number the dictionary does not allow (a Study Description "a\\b", a
+# Patient Orientation or an Acquisition Number of three values): copied into a result,
+# dciodvfy finds it in error. Decimals (DS: spacings, positions, orientations, rescale)
+# are left to their readers, which name a wrong count, except those the encoders copy
+# into results and nothing reads (encode.volume).
+_COUNTED_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "PN", "SH", "TM", "UI", "UC"})
+_COPIED_DS = frozenset(
+    tag_for_keyword(k)
+    for k in ("KVP", "ContrastBolusVolume", "ContrastBolusIngredientConcentration")
+)
+# Patient Orientation (PS3.3 C.7.6.1.1.1): each value letters of L R A P H F.
+_ORIENTATION = tag_for_keyword("PatientOrientation")
+
+
+def _multiplicity_allowed(tag: int, count: int) -> bool:
+    """``count`` values fit the dictionary's Value Multiplicity of ``tag`` ("1",
+    "2-2n", "1-n", "1-3", ...); an empty element fits any."""
+    if count == 0:
+        return True
+    vm = dictionary_VM(tag).replace(" ", "")
+    low, _, high = vm.partition("-")
+    if not high:
+        return count == int(low)
+    if high.endswith("n"):
+        step = int(high[:-1] or 1)
+        return count >= int(low) and count % step == 0
+    return int(low) <= count <= int(high)
+
+
 # What files a result with its source in a PACS (its patient, its order): kept as the
 # source has it when only its length is past its VR's (a RIS's 20-character accession
 # number), so that the result joins the source's patient and study, not an empty one.
@@ -428,9 +461,23 @@ def _unreadable(elem: DataElement) -> bool:
         values = value if isinstance(value, MultiValue) else [value]
         if elem.tag in _SINGLE and len(values) > 1:
             return True
-        if elem.tag in _ENUMERATED and not set(values) <= _ENUMERATED[elem.tag] | {""}:
+        count = len(values) if any(v not in ("", None) for v in values) else 0
+        if (
+            (elem.VR in _COUNTED_VRS or elem.tag in _COPIED_DS)
+            and elem.tag not in _KEPT_LONG
+            and not _multiplicity_allowed(elem.tag, count)
+        ):
+            return True
+        if elem.tag == _ORIENTATION and not all(
+            isinstance(v, str) and v.strip("LRAPHF") == "" for v in values
+        ):
+            return True
+        allowed = _ENUMERATED.get(elem.tag)
+        if allowed is not None and not set(values) <= allowed | _EMPTY.get(elem.tag, {""}):
             return True
         for v in values:
+            if isinstance(v, PersonName):  # not a str: its length went unchecked
+                v = str(v)
             if isinstance(v, (str, bytes)) and v:  # numbers already parsed as their VR
                 validate_value(elem.VR, v[: _KEPT_LONG.get(elem.tag)], config.RAISE)
                 if elem.VR in _TEMPORAL and isinstance(v, str):

@@ -69,9 +69,25 @@ def _write(datasets: list[Any], folder: Path, new_uids: bool = False) -> list[Pa
     return paths
 
 
-def _execute(case: Case, index: int, folder: Path, pipeline: str) -> Any:
+# Identity a result keeps as the source has it, valid or not, so that it joins the
+# source's patient and order in the PACS (README, "Behaviour on bad input").
+KEPT_AS_SENT = (
+    "Patient ID",
+    "<PatientID>",
+    "Issuer of Patient ID",
+    "<IssuerOfPatientID>",
+    "Accession Number",
+    "<AccessionNumber>",
+    "Study ID",
+    "<StudyID>",
+)
+
+
+def _execute(case: Case, index: int, folder: Path, pipeline: str, valid: bool = False) -> Any:
     """The case through ``sandbox.execute`` (the worker process's own code path): its
-    Outcome, checked to be done or failed with a reason, never a defect of the node."""
+    Outcome, checked to be done or failed with a reason, never a defect of the node.
+    ``valid``: one result of each SOP Class passes dciodvfy too (but for what the
+    source's identity carries into it: ``KEPT_AS_SENT``)."""
     from dicom_node.sandbox import JobSpec, execute
 
     paths = _write(case.datasets, folder / f"{index:03d}")
@@ -82,6 +98,14 @@ def _execute(case: Case, index: int, folder: Path, pipeline: str) -> Any:
     assert not outcome.transient, (case.name, outcome.error)
     if outcome.error is None:
         assert outcome.results, case.name
+        if valid:
+            for result in {r.sop_class_uid: r for r in outcome.results}.values():
+                errors = [
+                    e
+                    for e in dciodvfy_errors(Path(result.path))
+                    if not any(k in e for k in KEPT_AS_SENT) and "invalid data values" not in e
+                ]
+                assert errors == [], (case.name, result.description, errors)
     else:
         for defect in ("internal error", "crashed", "I/O error"):
             assert defect not in outcome.error, (case.name, outcome.error)
@@ -538,7 +562,9 @@ def test_a_hostile_value_in_any_header_element_never_becomes_an_internal_error( 
     ``sandbox.execute``: a 2D run through each 2D pipeline in turn, the CT series and
     the Enhanced 3D XA through ``rotational_dla``. Done, or failed with a reason; never
     an internal error (an empty or unknown Specific Character Set failed a volume's
-    SEG, Patient's Sex "U" every 2D SEG, Parametric Map and SR)."""
+    SEG, Patient's Sex "U" every 2D SEG, Parametric Map and SR). What is done passes
+    dciodvfy (an empty Specific Character Set, a Study Description "a\\b" and a
+    Patient Orientation "A\\B\\C" were copied into every result, in error)."""
     from tests.series_faults import header_value_corpus
     from training.phantoms import dsa
 
@@ -552,6 +578,8 @@ def test_a_hostile_value_in_any_header_element_never_becomes_an_internal_error( 
     jobs += [(c, "rotational_dla") for c in header_value_corpus(series, seed + 1, "series")]
     jobs += [(c, "rotational_dla") for c in header_value_corpus([volume], seed + 2, "3D XA")]
     assert len(jobs) >= 120
-    done = sum(_execute(case, i, tmp_path, p).error is None for i, (case, p) in enumerate(jobs))
+    done = sum(
+        _execute(case, i, tmp_path, p, valid=True).error is None for i, (case, p) in enumerate(jobs)
+    )
     print(f"{len(jobs)} jobs, {done} done, {len(jobs) - done} refused with a reason")
     assert done > 0.6 * len(jobs)

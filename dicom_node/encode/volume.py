@@ -32,6 +32,7 @@ from dicom_node.encode.common import (
     copy_identity,
     mark_supersession,
     set_equipment,
+    set_laterality,
     source_image_reference,
 )
 from pipelines.base import ImageOutput, Output, Run
@@ -194,11 +195,7 @@ def encode_volume(out: ImageOutput, ctx: EncodeContext) -> list[Dataset]:
         set_equipment(ds, out.description, series_uid, series_number, "CT", ctx.now, superseded)
         mark_supersession(ds, superseded)
         ds.PatientPosition = src.get("PatientPosition", "")
-        for kw in ("Laterality", "BodyPartExamined"):
-            if src.get(kw):
-                ds[kw] = src[kw]
-        if "BodyPartExamined" not in ds and "Laterality" not in ds:
-            ds.Laterality = ""  # type 2C: a validator cannot tell an unpaired part without it
+        set_laterality(ds, src)
         # Frame of Reference and Image Plane: the source's own geometry.
         ds.FrameOfReferenceUID = src.FrameOfReferenceUID
         ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
