@@ -406,11 +406,17 @@ _SINGLE = {tag_for_keyword(k) for k in ("PatientName", "ReferringPhysicianName",
 # Patient Orientation or an Acquisition Number of three values): copied into a result,
 # dciodvfy finds it in error. Decimals (DS: spacings, positions, orientations, rescale)
 # are left to their readers, which name a wrong count, except those the encoders copy
-# into results and nothing reads (encode.volume).
+# into results and nothing reads (encode.volume, encode.common.PATIENT_KEYWORDS).
 _COUNTED_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "LO", "PN", "SH", "TM", "UI", "UC"})
 _COPIED_DS = frozenset(
     tag_for_keyword(k)
-    for k in ("KVP", "ContrastBolusVolume", "ContrastBolusIngredientConcentration")
+    for k in (
+        "KVP",
+        "ContrastBolusVolume",
+        "ContrastBolusIngredientConcentration",
+        "PatientWeight",
+        "PatientSize",
+    )
 )
 # Patient Orientation (PS3.3 C.7.6.1.1.1): each value letters of L R A P H F.
 _ORIENTATION = tag_for_keyword("PatientOrientation")
@@ -437,6 +443,7 @@ def _multiplicity_allowed(tag: int, count: int) -> bool:
 _KEPT_LONG = {
     tag_for_keyword(k): n
     for k, n in (
+        ("PatientName", 64),  # each component: the viewer shows the result's patient
         ("PatientID", 64),
         ("IssuerOfPatientID", 64),
         ("AccessionNumber", 16),
@@ -477,7 +484,7 @@ def _unreadable(elem: DataElement) -> bool:
             return True
         for v in values:
             if isinstance(v, PersonName):  # not a str: its length went unchecked
-                v = str(v)
+                v = str(v)  # (a Referring Physician's Name of 200 characters)
             if isinstance(v, (str, bytes)) and v:  # numbers already parsed as their VR
                 validate_value(elem.VR, v[: _KEPT_LONG.get(elem.tag)], config.RAISE)
                 if elem.VR in _TEMPORAL and isinstance(v, str):

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import SegmentationStorage, generate_uid
 
 from tests.conftest import corpus_seed, dciodvfy_errors, send_storescu, wait_for
+from tests.faults import raw
 from tests.series_faults import Case, corpus, run_header_corpus
 
 # A refusal of these set-level breaks names what is wrong.
@@ -72,6 +74,8 @@ def _write(datasets: list[Any], folder: Path, new_uids: bool = False) -> list[Pa
 # Identity a result keeps as the source has it, valid or not, so that it joins the
 # source's patient and order in the PACS (README, "Behaviour on bad input").
 KEPT_AS_SENT = (
+    "Patient's Name",
+    "<PatientName>",
     "Patient ID",
     "<PatientID>",
     "Issuer of Patient ID",
@@ -552,6 +556,41 @@ def test_instances_that_are_not_of_a_series_run_are_left_out_with_a_note(
     assert note in job["notes"]
     run = node.db.query("SELECT rule FROM runs WHERE run_id=?", (series_uid,))[0]
     assert run["rule"] == "xa"
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("ClinicalTrialSponsorName", ""),
+        ("PatientSpeciesDescription", ""),
+        ("PatientIdentityRemoved", "ZZZ"),
+        ("DeidentificationMethod", ""),
+        ("PatientWeight", "1\\2\\3"),
+    ],
+)
+def test_a_volume_s_results_carry_its_identity_and_no_other_patient_attribute(  # type: ignore[no-untyped-def]
+    phantom, tmp_path: Path, keyword: str, value: str
+) -> None:
+    """highdicom copies every attribute of the Patient, Patient Study and Clinical
+    Trial modules a volume's slices hold into the SEG and SR it makes from them; an
+    empty type 1 one (a Sponsor Name, a Species Description) or an unknown code made
+    each of them fail dciodvfy. A volume's results carry the identity a 2D run's do
+    (``encode.common.PATIENT_KEYWORDS``), valid or left out, and pass dciodvfy."""
+    from dicom_node.encode.common import PATIENT_KEYWORDS
+
+    warnings.simplefilter("ignore")
+    series, _ = phantom
+    run = [copy.deepcopy(ds) for ds in series]
+    for ds in run:
+        raw(ds, keyword, dictionary_VR(keyword), value)
+    outcome = _execute(
+        Case(f"series {keyword} {value!r}", run), 0, tmp_path, "rotational_dla", valid=True
+    )
+    assert outcome.error is None, outcome.error
+    for result in outcome.results:
+        ds = dcmread(result.path, stop_before_pixels=True)
+        if keyword not in PATIENT_KEYWORDS:
+            assert keyword not in ds, result.description
 
 
 def test_a_hostile_value_in_any_header_element_never_becomes_an_internal_error(  # type: ignore[no-untyped-def]

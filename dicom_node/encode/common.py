@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import highdicom as hd
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from dicom_node import MANUFACTURER, __version__
@@ -205,13 +206,20 @@ class EncodeContext:
     def __post_init__(self) -> None:
         # Tolerant when reading: highdicom reads these from its source images, and
         # de-identified data often lacks them. Copies, so the caller's are untouched.
+        # Of the Patient and Clinical Trial groups only the identity is kept: highdicom
+        # copies every attribute of those modules a volume's slices hold into its SEG
+        # and SR, where an empty type 1 one a sender wrote (a Sponsor Name, a Species
+        # Description) made them invalid; a 2D run's results never carried them.
         completed = []
         for src in self.sources:
             missing = [kw for kw in TYPE2_IDENTITY if kw not in src]
-            if missing:
+            extra = [t for t in src.keys() if _not_identity(t)]
+            if missing or extra:
                 src = copy.deepcopy(src)
                 for kw in missing:
                     setattr(src, kw, "")
+                for tag in extra:
+                    del src[tag]
             completed.append(src)
         self.sources = completed
 
@@ -293,6 +301,16 @@ class EncodeContext:
             "software_versions": __version__,
             "device_serial_number": "0",
         }
+
+
+_IDENTITY_TAGS = frozenset(tag_for_keyword(k) for k in PATIENT_KEYWORDS)
+# Patient (0010) and Clinical Trial (0012) groups: only PATIENT_KEYWORDS reach a result.
+_PATIENT_GROUPS = (0x0010, 0x0012)
+
+
+def _not_identity(tag: int) -> bool:
+    group = tag >> 16
+    return group in _PATIENT_GROUPS and tag not in _IDENTITY_TAGS and tag & 0xFFFF != 0
 
 
 def _when(date: str, time: str) -> str:
