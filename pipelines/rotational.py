@@ -773,9 +773,9 @@ def _classical_labels(
         # above a faint lumen (all of a 300 HU run's vessels lost). Pieces far brighter
         # than the median are not taken for bone: where iodine outshines bone and bone
         # holds most seeds, they are the vessels (docs/coronary_rotational.md).
-        own = _piece_lumens(hx, parts, count, vessel_seed)
+        own, seeds = _piece_lumens(hx, parts, count, vessel_seed)
         own[~tubular] = np.nan
-        lumen = _weighted_median(own, _piece_counts(parts, count, vessel_seed))
+        lumen = _weighted_median(own, seeds)
         for z0 in range(0, hx.shape[0], SLAB):
             z = slice(z0, z0 + SLAB)
             is_tubular = tubular[parts[z]]
@@ -810,18 +810,11 @@ def _classical_labels(
     return labels
 
 
-def _piece_counts(parts: np.ndarray, count: int, mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` per label 0..count of ``parts``."""
-    out = np.zeros(count + 1, np.int64)
-    for z0 in range(0, parts.shape[0], SLAB):
-        z = slice(z0, z0 + SLAB)
-        out += np.bincount(parts[z][mask[z]], minlength=count + 1)
-    return out
-
-
-def _piece_lumens(hx: np.ndarray, parts: np.ndarray, count: int, seeds: np.ndarray) -> np.ndarray:
-    """The 95th percentile of ``hx`` over each label's voxels of ``seeds`` (NaN for a
-    label without any), labels 0..count."""
+def _piece_lumens(
+    hx: np.ndarray, parts: np.ndarray, count: int, seeds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the 95th percentile of ``hx`` over each label's voxels of ``seeds``, NaN for a
+    label without any; how many such voxels each label has), labels 0..count."""
     labels = np.concatenate(
         [parts[z0 : z0 + SLAB][seeds[z0 : z0 + SLAB]] for z0 in range(0, parts.shape[0], SLAB)]
     )
@@ -829,8 +822,9 @@ def _piece_lumens(hx: np.ndarray, parts: np.ndarray, count: int, seeds: np.ndarr
         [hx[z0 : z0 + SLAB][seeds[z0 : z0 + SLAB]] for z0 in range(0, hx.shape[0], SLAB)]
     )
     out = np.full(count + 1, np.nan)
+    seeds_of = np.zeros(count + 1, np.int64)
     if labels.size == 0:
-        return out
+        return out, seeds_of
     order = np.lexsort((values, labels))
     labels, values = labels[order], values[order]
     present, start, n = np.unique(labels, return_index=True, return_counts=True)
@@ -840,7 +834,8 @@ def _piece_lumens(hx: np.ndarray, parts: np.ndarray, count: int, seeds: np.ndarr
     above = np.minimum(below + 1, n - 1)
     frac = at - below
     out[present] = values[start + below] * (1 - frac) + values[start + above] * frac
-    return out
+    seeds_of[present] = n
+    return out, seeds_of
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

@@ -382,7 +382,7 @@ def copy_character_set(target: Dataset, source: Dataset) -> None:
     left out."""
     value = source.get("SpecificCharacterSet")
     values = [] if value is None else [value] if isinstance(value, str) else list(value)
-    if any(v for v in values):
+    if any(values):
         target.SpecificCharacterSet = value
     elif "SpecificCharacterSet" in target:
         del target.SpecificCharacterSet
