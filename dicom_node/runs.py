@@ -468,7 +468,13 @@ def _unreadable(elem: DataElement) -> bool:
         values = value if isinstance(value, MultiValue) else [value]
         if elem.tag in _SINGLE and len(values) > 1:
             return True
-        count = len(values) if any(v not in ("", None) for v in values) else 0
+        # "\\" is two empty values, not none (a Study Date of them failed a SEG's
+        # encoding); identity kept as sent is kept so too (_KEPT_LONG)
+        empty = [v in ("", None) for v in values]
+        several_empty = all(empty) and elem.tag not in _KEPT_LONG
+        if len(values) > 1 and (several_empty or (elem.VR in _TEMPORAL and any(empty))):
+            return True
+        count = len(values) if not all(empty) else 0
         if (
             (elem.VR in _COUNTED_VRS or elem.tag in _COPIED_DS)
             and elem.tag not in _KEPT_LONG

@@ -622,3 +622,39 @@ def test_a_hostile_value_in_any_header_element_never_becomes_an_internal_error( 
     )
     print(f"{len(jobs)} jobs, {done} done, {len(jobs) - done} refused with a reason")
     assert done > 0.6 * len(jobs)
+
+
+def test_empty_values_in_a_list_are_values_not_none(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A text element written "\\\\" holds two empty values, not no value: a Study
+    Date or Time or a Patient's Birth Date of them failed every SEG's encoding
+    (internal error), and a Study Description or Body Part Examined of them was
+    copied into the results, where dciodvfy finds it in error. Each text element of
+    a 2D run's header set to "\\\\" or "a\\\\" (and some of a volume's), in
+    ``sandbox.execute``: done, and what is done passes dciodvfy."""
+    from tests.series_faults import STORED_AS_CHECKED
+    from training.phantoms import dsa
+
+    warnings.simplefilter("ignore")
+    written = dsa.generate(9105, size=64, frames=12).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    series, volume = phantom
+    jobs = []
+    for elem in source:
+        if elem.keyword and elem.keyword not in STORED_AS_CHECKED and elem.VR in VR_TEXT:
+            for value in ("\\", "a\\"):
+                ds = copy.deepcopy(source)
+                raw(ds, elem.keyword, dictionary_VR(elem.keyword), value)
+                jobs.append((Case(f"{elem.keyword} {value!r}", [ds]), "dsa_av"))
+    for keyword in ("StudyDate", "StudyTime", "BodyPartExamined", "StudyDescription"):
+        for label, run in (("series", series), ("3D XA", [volume])):
+            copies = [copy.deepcopy(ds) for ds in run]
+            for ds in copies:
+                raw(ds, keyword, dictionary_VR(keyword), "\\")
+            jobs.append((Case(f"{label} {keyword} '\\\\'", copies), "rotational_dla"))
+    assert len(jobs) > 80
+    for i, (case, pipeline) in enumerate(jobs):
+        outcome = _execute(case, i, tmp_path, pipeline, valid=True)
+        assert outcome.error is None, (case.name, outcome.error)
+
+
+VR_TEXT = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM"})
