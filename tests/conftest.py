@@ -198,7 +198,9 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """Lines dciodvfy reports as errors (an empty list means valid)."""
-    out = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [need("dciodvfy"), str(path)], capture_output=True, text=True, errors="replace"
+    )
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
