@@ -182,7 +182,10 @@ def _slice_spacing(along: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray,
 def _frame_of_reference(ds: Dataset, name: str = "the volume") -> str:
     uid = str(value_of(ds, "FrameOfReferenceUID", "Frame of Reference UID") or "").strip("\0 ")
     if not uid:
-        raise RunError(f"{name} has no Frame of Reference UID: its slices cannot be placed")
+        raise RunError(
+            f"{name} has no Frame of Reference UID (absent, empty or not a UID): "
+            "its slices cannot be placed"
+        )
     return uid
 
 

@@ -709,9 +709,9 @@ def _load_volume(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         vol = _decode_and_release(first, paths[0])
         if vol.ndim == 2:
             raise RunError("a single 2D slice is not a volume")
-        geometry = enhanced_geometry(first, vol.shape[0])
+        headers = [_strip(first)]  # geometry from what the results copy, as a series'
+        geometry = enhanced_geometry(headers[0], vol.shape[0])
         spacing, slice_spacing = geometry.pixel_spacing_mm, geometry.slice_spacing_mm
-        headers = [_strip(first)]
         if fill_pixel_measures(headers[0], slice_spacing):
             log.info("Pixel Measures without a usable slice thickness or spacing: the step given")
         if not np.array_equal(geometry.order, np.arange(len(geometry.order))):
