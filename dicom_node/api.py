@@ -44,6 +44,7 @@ from dicom_node import __version__, statuspage, stow, worker_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import ANONYMOUS, Authenticator, AuthError, Principal
 from dicom_node.db import Database
+from dicom_node.diskfull import is_disk_full
 from dicom_node.errors import NodeError, RejectedInstance
 from dicom_node.ingest import Ingest
 from dicom_node.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -87,6 +88,7 @@ QUERY_KEYS = {"study": "study_uid", "series": "series_uid", "instance": "sop_ins
 RETRY_PATH = re.compile(r"^/jobs/(\d{1,18})/retry$")
 MAX_JSON = 1 << 20
 REALM = 'realm="angio-dicom-node"'
+FULL_DISK = "the disk holding the node's storage is full: try again later"
 
 
 class HttpError(Exception):
@@ -243,14 +245,19 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 log.info("api %s %s from %s: connection dropped: %s", method, path, self.peer, exc)
                 self.close_connection = True
                 self.status = 408
-            except Exception:
+            except Exception as exc:
                 # A defect of the node: answered 500 (http.server would drop the
                 # connection without an answer), logged with its trace. No request
-                # should get here: tests/test_rest_faults.py sends a corpus.
-                log.exception("api %s %s: internal error", method, path)
-                if self.answering:
+                # should get here: tests/test_rest_faults.py sends a corpus. A full
+                # disk is not a defect: 503, to be tried again (dicom_node.diskfull).
+                if is_disk_full(exc) and not self.answering:
+                    log.warning("api %s %s -> 503: the disk is full", method, path)
+                    self._error(503, FULL_DISK, {"Retry-After": "60"})
+                elif self.answering:
+                    log.exception("api %s %s: internal error", method, path)
                     self.close_connection = True
                 else:
+                    log.exception("api %s %s: internal error", method, path)
                     self._error(500, "internal error of the node (logged)")
             node.metrics.api_requests.labels(method, str(self.status or 500)).inc()
 

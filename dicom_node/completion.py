@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dicom_node.db import Database, now
+from dicom_node.diskfull import Waiting
 from dicom_node.spool import Stored
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,13 @@ class Sweeper:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        full = Waiting("completion sweep")
         next_at = time.monotonic()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at = time.monotonic() + self.interval_s
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - a defect must not end the sweep's thread
-                log.exception("completion sweep: unexpected error; going on")
+                full.passed()
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the sweep's thread
+                if not full.met(exc):
+                    log.exception("completion sweep: unexpected error; going on")

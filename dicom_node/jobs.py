@@ -18,6 +18,7 @@ had ``max_attempts``: an input that kills the node cannot loop forever.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dicom_node.db import Cancelled, Database, Job
+from dicom_node.diskfull import Waiting
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
     JobSpec,
@@ -117,13 +119,15 @@ class Workers:
     def _loop(self, index: int) -> None:
         worker = f"{self.prefix}-{index}"
         process = self.processes[index]
+        full = Waiting(worker)
         while not self.stopping.is_set():
             try:
                 job = self.db.claim_job(worker, self.settings.lease_s, self.settings.max_attempts)
-                if job is None:
+                if job is None:  # (no write: it says nothing of the disk)
                     self.wake.wait(self.settings.poll_interval_s)
                     self.wake.clear()
                     continue
+                full.passed()  # the claim was written
                 log.info(
                     "job %d: %s on run %s (attempt %d)",
                     job.id,
@@ -132,11 +136,36 @@ class Workers:
                     job.attempts,
                 )
                 outcome = self._run(job, process)
-                self._record(job, outcome)
-            except Exception:  # noqa: BLE001 - a defect must not end the worker's thread
+                self._record_when_it_can(job, outcome, full)
+                if outcome.disk_full:  # released: taken again once there is room
+                    full.met(OSError(errno.ENOSPC, outcome.error))
+                    self.stopping.wait(full.delay_s)
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the worker's thread
                 # A job it had claimed keeps its lease, and is taken again when it ends.
+                if full.met(exc):
+                    self.stopping.wait(full.delay_s)
+                    continue
                 log.exception("%s: unexpected error; going on", worker)
                 self.stopping.wait(self.settings.poll_interval_s)
+
+    def _record_when_it_can(self, job: Job, outcome: Outcome, full: Waiting) -> None:
+        """The outcome recorded; on a full disk, again once there is room (retention
+        frees it), while the job's lease lasts, instead of losing the work done."""
+        observed: list[Job] = []
+
+        def observe(job: Job, outcome: Outcome) -> None:  # once, whatever the tries
+            if not observed:
+                observed.append(job)
+                self.on_outcome(job, outcome)
+
+        while True:
+            try:
+                self._record(job, outcome, observe)
+                return
+            except Exception as exc:
+                if not full.met(exc) or self.stopping.is_set():
+                    raise
+            self.stopping.wait(full.delay_s)
 
     def _run(self, job: Job, process: WorkerProcess) -> Outcome:
         paths = tuple(str(i.path) for i in self.db.run_instances(job.run_id))
@@ -171,8 +200,8 @@ class Workers:
             with self._attempts_lock:
                 del self._attempts[job.id]
 
-    def _record(self, job: Job, outcome: Outcome) -> None:
-        if outcome.interrupted:
+    def _record(self, job: Job, outcome: Outcome, observe: Callable[[Job, Outcome], None]) -> None:
+        if outcome.interrupted or outcome.disk_full:
             self.db.release_job(job)
             return
         if outcome.withdrawn:
@@ -187,7 +216,7 @@ class Workers:
             return
         if outcome.timings:
             self.db.record_timings(job.id, dict(outcome.timings))
-        self.on_outcome(job, outcome)
+        observe(job, outcome)
         if outcome.ok:
             if not self.db.finish_job(job, outcome.results, outcome.notes):
                 log.warning(

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 
 from dicom_node.db import Database, Delivery
+from dicom_node.diskfull import Waiting
 from dicom_node.errors import DeliveryError
 from dicom_node.senders import InFlight, Refusal, send
 from dicom_node.settings import Settings
@@ -60,11 +61,14 @@ class Outbox:
             t.join(timeout)
 
     def _loop(self, destination: str | None) -> None:
+        full = Waiting(f"outbox ({destination or 'other'})")
         while not self.stop_event.is_set():
             try:
                 busy = self.deliver_due(destination)
-            except Exception:  # noqa: BLE001 - a defect must not end the thread
-                log.exception("outbox (%s): unexpected error; going on", destination or "other")
+                full.passed()
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the thread
+                if not full.met(exc):
+                    log.exception("outbox (%s): unexpected error; going on", destination or "other")
                 busy = False
             if not busy:
                 self.wake.wait(self.settings.outbox.poll_interval_s)

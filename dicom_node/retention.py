@@ -21,6 +21,12 @@ their rows. The run and job rows stay (states, reasons, notes), marked purged; a
 reprocess or an operator's retry of a purged run is refused, and a new instance
 re-opens it like any settled run. Each purge is logged and audited (DICOM
 Instances Accessed, action D) with UIDs and counts only.
+
+A full disk (filled by results, or by another program) would hold retention back: its
+first step, the claim, is a write to the index, which cannot commit then. The pass
+deletes the storage reserve (``dicom_node.diskfull.Reserve``) and goes on; the reserve
+is written again once there is room for it above ``min_free_bytes`` and the
+retention target.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 
 from dicom_node.audit import AuditTrail
 from dicom_node.db import Database, Purge
+from dicom_node.diskfull import Reserve, Waiting, is_disk_full
 from dicom_node.settings import RetentionSettings
 from dicom_node.spool import Spool
 
@@ -52,6 +59,7 @@ class Retention:
         settings: RetentionSettings,
         audit: AuditTrail | None = None,
         free_bytes: Callable[[], int] | None = None,
+        reserve: Reserve | None = None,
     ) -> None:
         self.db = db
         self.spool = spool
@@ -59,10 +67,32 @@ class Retention:
         self.settings = settings
         self.audit = audit
         self.free_bytes = free_bytes or (lambda: shutil.disk_usage(spool.root).free)
+        self.reserve = reserve
+        self.waiting = Waiting("retention")
 
     def run(self) -> int:
         """One pass of both rules (and of purges a crash cut short); returns how many
-        runs were purged."""
+        runs were purged. On a full disk the reserve goes first, then the pass again."""
+        try:
+            purged = self._pass()
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            if self.reserve is None or not self.reserve.release():
+                self.waiting.met(exc)
+                return 0
+            try:
+                purged = self._pass()
+            except Exception as again:
+                if not self.waiting.met(again):
+                    raise
+                return 0
+        self.waiting.passed()
+        if self.reserve is not None:
+            self.reserve.keep()
+        return purged
+
+    def _pass(self) -> int:
         for unfinished in self.db.unfinished_purges():
             with self.spool.series_lock(unfinished.series_uid):
                 self._delete(unfinished, "the rest of an earlier purge")

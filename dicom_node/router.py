@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.db import Database, RunState
+from dicom_node.diskfull import Waiting
 from dicom_node.routing import RunFeatures, acquired_at, effective_rules, route
 from dicom_node.settings import Settings
 from dicom_node.sopclasses import run_sop_class
@@ -54,11 +55,14 @@ class Router:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        full = Waiting("router")
         while not self._stop.is_set():
             try:
                 self.route_pending()
-            except Exception:  # noqa: BLE001 - a defect must not end the router's thread
-                log.exception("router: unexpected error; going on")
+                full.passed()
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the router's thread
+                if not full.met(exc):
+                    log.exception("router: unexpected error; going on")
             self.wake.wait(1.0)
             self.wake.clear()
 

@@ -21,6 +21,7 @@ from dicom_node.api import start_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
 from dicom_node.db import Database, Delivery, now
+from dicom_node.diskfull import Reserve, is_disk_full
 from dicom_node.engine import EmbeddedEngine, make_engine
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
@@ -69,8 +70,17 @@ class Node:
             self.spool, self.db, self.completion, self.router.wake.set, observe=self._received
         )
         self.outbox = Outbox(self.db, settings, on_delivery=self._delivered)
+        # written again only where it leaves the space retention and the spool want
+        floor = max(settings.min_free_bytes, settings.retention.free_target_bytes or 0)
+        self.reserve = Reserve(settings.storage_dir, settings.retention.reserve_bytes, floor)
         self.retention = Retention(
-            self.db, self.spool, self.results_dir, settings.retention, self.audit
+            self.db,
+            self.spool,
+            self.results_dir,
+            settings.retention,
+            self.audit,
+            None,
+            self.reserve,
         )
         self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s)
         self.scheduler = BackgroundScheduler()
@@ -90,7 +100,13 @@ class Node:
 
     def start(self) -> Node:
         logsafe.install()  # PHI-free logs: library warnings lose their values
-        self._repair()
+        try:
+            self._repair()
+        except Exception as exc:  # a full disk: what a crash left is indexed in the reserve
+            if not is_disk_full(exc) or not self.reserve.release():
+                raise
+            self._repair()
+        self.reserve.keep()
         self.router.start()
         self.outbox.start()
         self.workers.start()

@@ -305,6 +305,12 @@ class RetentionSettings(Strict):
         "their age, until it is free again (None: never)",
     )
     interval_s: float = Field(300.0, gt=0, description="how often to look")
+    reserve_bytes: int = Field(
+        16 * 2**20,
+        ge=0,
+        description="a file of this size kept next to the index and deleted when the "
+        "disk is full, so that the index can commit the purges that free it (0: none)",
+    )
 
 
 Scope = Literal["read", "operate", "store", "worker"]

@@ -44,7 +44,8 @@ class Core:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('index_id', ?)",
                 (uuid.uuid4().hex[:12],),
             )
-            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # (a write: not at start)
 
     # -- connection ---------------------------------------------------------
     def connect(self) -> sqlite3.Connection:

@@ -1,0 +1,219 @@
+"""A full disk: the node's storage on a small tmpfs of its own, filled by another
+program (a ballast file) while the node works. Nothing acknowledged is lost, no loop
+logs a traceback at every poll, and the node goes on by itself once there is room:
+retention frees it from processed runs, whose purge a full index could not commit
+before."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pydicom.uid import generate_uid
+
+from tests.conftest import wait_for
+from tests.dicomgen import xa_run
+from tests.test_ingest import _send
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (the test runs as root, as CI does; else it is skipped)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Another program fills the disk to its last byte."""
+    ballast = disk / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    for size in (4096, 512, 1):  # what the last full block left
+        try:
+            with open(ballast, "ab") as f:
+                while True:
+                    f.write(b"\0" * size)
+                    f.flush()
+        except OSError:
+            continue
+    assert shutil.disk_usage(disk).free < 4096
+    return ballast
+
+
+def _run(seed: int) -> Any:
+    ds = xa_run(frames=10, rows=192, cols=192, seed=seed)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_full_disk_is_freed_by_retention_from_processed_runs(
+    small_disk: Path, make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk filled by another program with processed runs on it: retention's purge
+    could not commit its claim, so the disk stayed full and every sender was refused
+    0xA700 until an operator freed space. Now retention deletes the storage reserve,
+    purges processed runs until its target is free, and the node takes runs again."""
+    caplog.set_level(logging.INFO)
+    node = make_node(
+        storage_dir=str(small_disk / "node"),
+        min_free_bytes=2**20,
+        retention={
+            "free_target_bytes": 3 * 2**20,
+            "interval_s": 0.5,
+            "keep_days": None,
+            "reserve_bytes": 2 * 2**20,
+        },
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
+    assert (small_disk / "node" / "reserve").stat().st_size == 2 * 2**20
+    for seed in range(3):
+        assert _send(node, _run(seed)) == 0x0000
+    wait_for(
+        lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 3,
+        120,
+        what="three runs processed",
+    )
+    _fill(small_disk)
+    wait_for(
+        lambda: shutil.disk_usage(small_disk).free >= 3 * 2**20,
+        30,
+        what="processed runs purged on the full disk until the target is free",
+    )
+    assert node.db.query("SELECT run_id FROM runs WHERE purged_at IS NOT NULL")
+    assert any("storage reserve (2 MiB) was deleted" in r.getMessage() for r in caplog.records)
+    last = _run(9)
+    assert _send(node, last) == 0x0000
+    done = wait_for(
+        lambda: node.db.query(
+            "SELECT id FROM jobs WHERE run_id=? AND state='done'", (last.SOPInstanceUID,)
+        ),
+        60,
+        what="the run sent after the purge processed",
+    )
+    assert done
+    assert _tracebacks(caplog) == []
+
+
+def test_jobs_wait_out_a_full_disk_and_lose_nothing(
+    small_disk: Path, make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs acknowledged, then the disk filled before their jobs wrote their results:
+    each attempt failed with an I/O error that counted (three, and the job failed), an
+    outcome that could not be recorded left its job running until its lease (15
+    minutes) ran out, every loop logged a traceback at each poll, and an operator's
+    request that writes was answered 500. Now a job waits for room without losing an
+    attempt, the loops log the full disk once, such a request is answered 503 with
+    Retry-After, and once the other program's file is gone every run is done on its
+    first attempt."""
+    caplog.set_level(logging.INFO)
+    node = make_node(
+        storage_dir=str(small_disk / "node"),
+        min_free_bytes=2**20,
+        retention={"free_target_bytes": None, "keep_days": None, "reserve_bytes": 0},
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "dsa_av"]}],
+    )
+    sent = [_run(seed) for seed in range(3)]
+    for ds in sent:
+        assert _send(node, ds) == 0x0000
+    first = sent[0].SOPInstanceUID
+    wait_for(
+        lambda: node.db.query("SELECT id FROM jobs WHERE state='running'"),
+        60,
+        what="a job running",
+    )
+    ballast = _fill(small_disk)  # while it runs, the others queued
+    time.sleep(10)  # the loops meet the full disk again and again
+    answer = requests.post(  # an operator's request that writes: 503, not a defect's 500
+        f"http://127.0.0.1:{node.api_port}/reprocess", json={"run_id": first}, timeout=30
+    )
+    assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+    ballast.unlink()
+    wait_for(
+        lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 6,
+        180,
+        what="every job done once the disk has room",
+    )
+    jobs = node.db.query("SELECT attempts, error FROM jobs")
+    assert all(j["attempts"] == 1 for j in jobs), [dict(j) for j in jobs]
+    assert _tracebacks(caplog) == []
+    full = [r.getMessage() for r in caplog.records if "storage is full" in r.getMessage()]
+    assert 0 < len(full) <= 8, full  # once a loop, not once a poll
+
+
+def test_the_node_starts_on_a_full_disk_and_indexes_what_a_crash_left(
+    small_disk: Path, make_node: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Stopped with processed runs, a crash leaving one stored file unindexed, and the
+    disk then filled: the node did not start (the index's schema version was written
+    again at every start, a write a full disk refuses). It starts, indexes the file in
+    the space of its reserve, and retention frees the disk for new runs."""
+    caplog.set_level(logging.INFO)
+    settings: dict[str, Any] = {
+        "storage_dir": str(small_disk / "node"),
+        "min_free_bytes": 2**20,
+        "retention": {
+            "free_target_bytes": 3 * 2**20,
+            "interval_s": 0.5,
+            "keep_days": None,
+            "reserve_bytes": 2 * 2**20,
+        },
+        "rules": [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    }
+    node = make_node(**settings)
+    for seed in range(3):
+        assert _send(node, _run(seed)) == 0x0000
+    wait_for(
+        lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 3,
+        120,
+        what="three runs processed",
+    )
+    node.stop()
+    left = _run(5)  # stored, renamed into place, then the node died before indexing it
+    place = small_disk / "node" / "spool" / left.StudyInstanceUID / left.SeriesInstanceUID
+    place.mkdir(parents=True)
+    left.save_as(place / f"{left.SOPInstanceUID}.dcm", enforce_file_format=True)
+    _fill(small_disk)
+    node = make_node(**settings)
+    assert node.db.query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (left.SOPInstanceUID,))
+    wait_for(
+        lambda: node.db.query(
+            "SELECT id FROM jobs WHERE run_id=? AND state='done'", (left.SOPInstanceUID,)
+        ),
+        60,
+        what="the run a crash left processed",
+    )
+    wait_for(
+        lambda: shutil.disk_usage(small_disk).free >= 3 * 2**20,
+        30,
+        what="processed runs purged until the target is free",
+    )
+    assert _send(node, _run(9)) == 0x0000
+    assert _tracebacks(caplog) == []
