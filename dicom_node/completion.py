@@ -1,7 +1,10 @@
 """When is a run complete? A small pluggable rule.
 
 - A single-instance multi-frame 2D run (the usual XA) is complete on arrival.
-- A multi-instance series is complete after a quiet period with no new instance.
+- A multi-instance series is complete after a quiet period with no new instance, or
+  once it has been receiving for ``max_receiving_s`` (a sender that never stops, or
+  resends an instance in a loop, would hold it open, and its run unprocessed, for
+  ever); an instance after that opens it again.
 - An explicit trigger (REST, CLI, Orthanc's stable-series event) completes it now.
 
 Completing is a compare-and-set on the run's state (``Database.complete_run``),
@@ -33,17 +36,33 @@ class CompletionRule(Protocol):
 @dataclass(frozen=True)
 class QuietPeriodRule:
     quiet_period_s: float
+    max_receiving_s: float = 3600.0
 
     def complete_on_arrival(self, stored: Stored) -> bool:
         return stored.single_instance_run
 
     def due(self, db: Database) -> list[str]:
-        return db.quiet_runs(now() - self.quiet_period_s)
+        return db.quiet_runs(now() - self.quiet_period_s) + self._held_open(db)
+
+    def _held_open(self, db: Database) -> list[str]:
+        return db.runs_open_since(now() - self.max_receiving_s)
 
     def sweep(self, db: Database) -> int:
-        """Complete every run that has been quiet long enough; returns how many."""
-        reason = f"quiet for {self.quiet_period_s:g} s"
-        return sum(db.complete_run(run_id, reason) for run_id in self.due(db))
+        """Complete every run that has been quiet long enough, or receiving too long;
+        returns how many."""
+        quiet = f"quiet for {self.quiet_period_s:g} s"
+        done = sum(db.complete_run(r, quiet) for r in db.quiet_runs(now() - self.quiet_period_s))
+        held = f"receiving for {self.max_receiving_s:g} s with instances still arriving"
+        for run_id in self._held_open(db):
+            if db.complete_run(run_id, held):
+                done += 1
+                log.warning(
+                    "run %s complete after %s (a sender that does not stop, or sends "
+                    "again in a loop); an instance after this opens it again",
+                    run_id,
+                    held,
+                )
+        return done
 
 
 class Sweeper:

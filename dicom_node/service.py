@@ -51,7 +51,9 @@ class Node:
             settings.min_free_bytes,
             settings.max_uid_length,
         )
-        self.completion = completion.QuietPeriodRule(settings.completion.quiet_period_s)
+        self.completion = completion.QuietPeriodRule(
+            settings.completion.quiet_period_s, settings.completion.max_receiving_s
+        )
         self.results_dir = settings.storage_dir / "results"
         if settings.tls.dicom or settings.tls.api:
             server_context(settings.tls)  # a bad certificate or key stops the node here

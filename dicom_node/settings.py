@@ -52,6 +52,13 @@ class CompletionSettings(Strict):
     quiet_period_s: float = Field(
         10.0, gt=0, description="idle time after which a multi-instance series is complete"
     )
+    max_receiving_s: float = Field(
+        3600.0,
+        gt=0,
+        description="a series still receiving this long after it began is complete all the "
+        "same (a sender that never stops, or resends an instance in a loop, held it open "
+        "for ever); an instance after that opens it again",
+    )
     sweep_interval_s: float = Field(1.0, gt=0)
 
 

@@ -3,6 +3,7 @@ one state machine, repair at start, one delivery marked at a time."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import struct
@@ -16,6 +17,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    generate_uid,
 )
 
 from dicom_node.db import Database, InstanceRecord, RunState, StateError
@@ -414,3 +416,61 @@ def test_older_runs_wait_behind_live_runs(tmp_path: Path, caplog: pytest.LogCapt
     for window in (0, 24 * 365 * 10):  # 0: every run in order of arrival
         wide = load_settings(None, environ={}, rules=MINIP, workers={"live_window_h": window})
         assert not Router(db, wide).older(xa_run())
+
+
+def test_a_series_whose_sender_never_stops_is_complete_after_max_receiving_s(
+    make_node: Any,
+) -> None:
+    """A sender that resends an instance in a loop (an answer it does not like) kept
+    its series receiving for ever: each instance, a copy too, restarted the quiet
+    period, so the run was never processed. After ``max_receiving_s`` it is complete
+    all the same, with the reason; the copies that go on arriving change nothing, and
+    a new instance later opens it again for one quiet period, not for no time."""
+    import time
+
+    from tests.test_ingest import _send
+
+    node = make_node(
+        completion={"quiet_period_s": 1.0, "max_receiving_s": 4.0, "sweep_interval_s": 0.2},
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
+    first = xa_run(frames=1, rows=64, cols=64)
+    series = first.SeriesInstanceUID = generate_uid()
+    instances = []
+    for k in range(3):
+        ds = copy.deepcopy(first)
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        instances.append(ds)
+    start = time.monotonic()
+    assert _send(node, instances[0]) == 0x0000
+    assert _send(node, instances[1]) == 0x0000
+    completed_after = None
+    while time.monotonic() - start < 9.0:  # a copy every 0.3 s: never a quiet second
+        assert _send(node, instances[1]) == 0x0000
+        if completed_after is None and node.db.run_state(series) != RunState.RECEIVING:
+            completed_after = time.monotonic() - start
+        time.sleep(0.3)
+    assert completed_after is not None and 4.0 <= completed_after < 7.0, completed_after
+    (run,) = node.db.query("SELECT state, reason FROM runs WHERE run_id=?", (series,))
+    assert "receiving for 4 s" in run["reason"], dict(run)
+    wait_for(
+        lambda: node.db.query("SELECT id FROM jobs WHERE run_id=? AND state='done'", (series,)),
+        60,
+        what="the held-open run processed",
+    )
+    assert _send(node, instances[2]) == 0x0000  # a new instance: open again
+    assert node.db.run_state(series) == RunState.RECEIVING
+    wait_for(
+        lambda: node.db.run_state(series) != RunState.RECEIVING,
+        10,
+        what="the re-opened run complete again",
+    )
+    (run,) = node.db.query("SELECT reason FROM runs WHERE run_id=?", (series,))
+    assert run["reason"] == "quiet for 1 s", dict(run)
+    jobs = wait_for(
+        lambda: node.db.query("SELECT id FROM jobs WHERE run_id=? AND state='done'", (series,))[1:],
+        60,
+        what="the run processed again with its new instance",
+    )
+    assert jobs

@@ -58,13 +58,14 @@ class Runs(Core):
             if row is None:
                 con.execute(
                     "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at,"
-                    " last_at) VALUES (?,?,?,?,?,?,?)",
+                    " last_at, opened_at) VALUES (?,?,?,?,?,?,?,?)",
                     (
                         inst.run_id,
                         inst.series_uid,
                         inst.study_uid,
                         inst.calling_aet,
                         RunState.RECEIVING,
+                        t,
                         t,
                         t,
                     ),
@@ -82,8 +83,17 @@ class Runs(Core):
                     )
                 con.execute(
                     "UPDATE runs SET last_at=?, state=?, reason=NULL, purged_at=NULL, "
-                    "series_uid=?, study_uid=? WHERE run_id=?",
-                    (t, RunState.RECEIVING, inst.series_uid, inst.study_uid, inst.run_id),
+                    "series_uid=?, study_uid=?, opened_at=CASE WHEN state=? THEN "
+                    "COALESCE(opened_at, first_at) ELSE ? END WHERE run_id=?",
+                    (
+                        t,
+                        RunState.RECEIVING,
+                        inst.series_uid,
+                        inst.study_uid,
+                        RunState.RECEIVING,
+                        t,
+                        inst.run_id,
+                    ),
                 )
         return Recorded(inst.run_id, dup)
 
@@ -144,6 +154,10 @@ class Runs(Core):
                 "UPDATE runs SET last_at=? WHERE state=? AND last_at > ?",
                 (t, RunState.RECEIVING, t + 1.0),
             ).rowcount
+            con.execute(  # (counted with last_at: a run opened ahead was received ahead)
+                "UPDATE runs SET opened_at=? WHERE state=? AND opened_at > ?",
+                (t, RunState.RECEIVING, t + 1.0),
+            )
             moved += con.execute(
                 "UPDATE jobs SET not_before=? WHERE state=? AND not_before > ?",
                 (t, JobState.QUEUED, t + job_backoff_s + 1.0),
@@ -159,6 +173,15 @@ class Runs(Core):
         rows = self.query(
             "SELECT run_id FROM runs WHERE state=? AND last_at <= ?",
             (RunState.RECEIVING, quiet_since),
+        )
+        return [r["run_id"] for r in rows]
+
+    def runs_open_since(self, opened_before: float) -> list[str]:
+        """Receiving runs that began receiving before ``opened_before`` (however
+        recently an instance came)."""
+        rows = self.query(
+            "SELECT run_id FROM runs WHERE state=? AND COALESCE(opened_at, first_at) <= ?",
+            (RunState.RECEIVING, opened_before),
         )
         return [r["run_id"] for r in rows]
 

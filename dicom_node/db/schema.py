@@ -88,6 +88,9 @@ _MIGRATIONS = {
         ("resend", "INTEGER NOT NULL DEFAULT 0"),
         # its received files and results were deleted (retention); rows are kept
         ("purged_at", "REAL"),
+        # when it last began receiving (created, or re-opened by a new instance); None:
+        # indexed before the column, read as first_at
+        ("opened_at", "REAL"),
     ],
     "jobs": [
         ("resend", "INTEGER NOT NULL DEFAULT 0"),
