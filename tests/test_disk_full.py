@@ -70,6 +70,31 @@ def _run(seed: int) -> Any:
     return ds
 
 
+def _with_reserve(disk: Path) -> dict[str, Any]:
+    """A node on ``disk`` whose retention keeps 3 MiB free and a 2 MiB reserve."""
+    return {
+        "storage_dir": str(disk / "node"),
+        "min_free_bytes": 2**20,
+        "retention": {
+            "free_target_bytes": 3 * 2**20,
+            "interval_s": 0.5,
+            "keep_days": None,
+            "reserve_bytes": 2 * 2**20,
+        },
+        "rules": [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    }
+
+
+def _process_three(node: Any) -> None:
+    for seed in range(3):
+        assert _send(node, _run(seed)) == 0x0000
+    wait_for(
+        lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 3,
+        120,
+        what="three runs processed",
+    )
+
+
 def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -82,25 +107,9 @@ def test_a_full_disk_is_freed_by_retention_from_processed_runs(
     0xA700 until an operator freed space. Now retention deletes the storage reserve,
     purges processed runs until its target is free, and the node takes runs again."""
     caplog.set_level(logging.INFO)
-    node = make_node(
-        storage_dir=str(small_disk / "node"),
-        min_free_bytes=2**20,
-        retention={
-            "free_target_bytes": 3 * 2**20,
-            "interval_s": 0.5,
-            "keep_days": None,
-            "reserve_bytes": 2 * 2**20,
-        },
-        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
-    )
+    node = make_node(**_with_reserve(small_disk))
     assert (small_disk / "node" / "reserve").stat().st_size == 2 * 2**20
-    for seed in range(3):
-        assert _send(node, _run(seed)) == 0x0000
-    wait_for(
-        lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 3,
-        120,
-        what="three runs processed",
-    )
+    _process_three(node)
     _fill(small_disk)
     wait_for(
         lambda: shutil.disk_usage(small_disk).free >= 3 * 2**20,
@@ -169,32 +178,16 @@ def test_jobs_wait_out_a_full_disk_and_lose_nothing(
 
 
 def test_the_node_starts_on_a_full_disk_and_indexes_what_a_crash_left(
-    small_disk: Path, make_node: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    small_disk: Path, make_node: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Stopped with processed runs, a crash leaving one stored file unindexed, and the
     disk then filled: the node did not start (the index's schema version was written
     again at every start, a write a full disk refuses). It starts, indexes the file in
     the space of its reserve, and retention frees the disk for new runs."""
     caplog.set_level(logging.INFO)
-    settings: dict[str, Any] = {
-        "storage_dir": str(small_disk / "node"),
-        "min_free_bytes": 2**20,
-        "retention": {
-            "free_target_bytes": 3 * 2**20,
-            "interval_s": 0.5,
-            "keep_days": None,
-            "reserve_bytes": 2 * 2**20,
-        },
-        "rules": [{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
-    }
+    settings = _with_reserve(small_disk)
     node = make_node(**settings)
-    for seed in range(3):
-        assert _send(node, _run(seed)) == 0x0000
-    wait_for(
-        lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 3,
-        120,
-        what="three runs processed",
-    )
+    _process_three(node)
     node.stop()
     left = _run(5)  # stored, renamed into place, then the node died before indexing it
     place = small_disk / "node" / "spool" / left.StudyInstanceUID / left.SeriesInstanceUID
