@@ -81,8 +81,7 @@ class Node:
             self.results_dir,
             settings.retention,
             self.audit,
-            None,
-            self.reserve,
+            reserve=self.reserve,
         )
         self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s)
         self.scheduler = BackgroundScheduler()

@@ -44,8 +44,9 @@ class Core:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('index_id', ?)",
                 (uuid.uuid4().hex[:12],),
             )
+            # a write, so only on a new schema (a full disk refuses it: the node would not start)
             if con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # (a write: not at start)
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # -- connection ---------------------------------------------------------
     def connect(self) -> sqlite3.Connection:
