@@ -397,6 +397,7 @@ _ENUMERATED = {
     tag_for_keyword("PatientSex"): {"M", "F", "O"},  # PS3.3 C.7.1.1
     tag_for_keyword("Laterality"): {"R", "L"},  # PS3.3 C.7.3.1
     tag_for_keyword("LossyImageCompression"): {"00", "01"},  # PS3.3 C.7.6.1.1.5
+    tag_for_keyword("PatientIdentityRemoved"): {"YES", "NO"},  # PS3.3 C.7.1.1
 }
 # ... and may not be empty there: type 1 in the results that copy it (SEG, SC), where
 # its absence is "00".

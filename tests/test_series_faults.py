@@ -673,3 +673,62 @@ def test_values_their_vr_does_not_allow_are_left_out(phantom, tmp_path: Path) ->
 
 
 VR_TEXT = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM"})
+
+
+def _code(value: str, scheme: str, meaning: str) -> Any:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+@pytest.mark.parametrize(
+    ("removed", "method", "codes", "expected"),
+    [
+        ("YES", "Basic Profile", [], ("YES", "Basic Profile", 0)),
+        ("YES", None, [], ("YES", "not stated by the source", 0)),
+        (
+            "YES",
+            None,
+            [("113100", "DCM", "Basic Application Confidentiality Profile")],
+            ("YES", None, 1),
+        ),
+        ("YES", None, [("113100", "DCM", "")], ("YES", "not stated by the source", 0)),
+        ("NO", "Basic Profile", [], ("NO", None, 0)),
+    ],
+)
+def test_a_de_identified_source_s_results_say_so(  # type: ignore[no-untyped-def]
+    phantom, tmp_path: Path, removed: str, method: str | None, codes: list[Any], expected: Any
+) -> None:
+    """A source flagged de-identified (Patient Identity Removed YES, PS3.15 E.1) gave
+    results without the flag, which a research PACS or an export filter reads. Its
+    results carry the flag and the method (the text, or the codes that are whole; one of
+    them is required with YES, so a source that gives neither is said not to), and pass
+    dciodvfy: 2D results and a volume's."""
+    from pydicom.sequence import Sequence
+
+    from training.phantoms import dsa
+
+    warnings.simplefilter("ignore")
+    written = dsa.generate(9105, size=64, frames=12).write(tmp_path / "s")
+    source = dcmread(next(p for p in written if p.name == "dsa.dcm"))
+    series, _ = phantom
+    for k, (run, pipeline) in enumerate((([source], "dsa_av"), (series, "rotational_dla"))):
+        run = [copy.deepcopy(ds) for ds in run]
+        for ds in run:
+            ds.PatientIdentityRemoved = removed
+            if method is not None:
+                ds.DeidentificationMethod = method
+            if codes:
+                ds.DeidentificationMethodCodeSequence = Sequence([_code(*c) for c in codes])
+        outcome = _execute(Case(f"{pipeline} {removed}", run), k, tmp_path, pipeline, valid=True)
+        assert outcome.error is None, outcome.error
+        for result in outcome.results:
+            ds = dcmread(result.path, stop_before_pixels=True)
+            said = (
+                ds.get("PatientIdentityRemoved"),
+                ds.get("DeidentificationMethod"),
+                len(ds.get("DeidentificationMethodCodeSequence", [])),
+            )
+            assert said == expected, (result.description, said)

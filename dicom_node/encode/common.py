@@ -47,8 +47,10 @@ RESULT_DISCLAIMER = "AI output - research use, not for diagnosis unless validate
 # rendering, and in the SR's "Run quality" group. 4: every result in the source's
 # Specific Character Set. 5: an over-long Patient ID, Issuer, Accession Number or
 # Study ID kept as the source has it (it was left out), impossible identity values
-# (Patient's Sex "U", February 30th) left out (the result failed).
-ENCODING_REVISION = "5"
+# (Patient's Sex "U", February 30th) left out (the result failed). 6: values a result
+# cannot hold left out (several values or empty ones, control characters), and a
+# de-identified source's Patient Identity Removed and De-identification Method carried.
+ENCODING_REVISION = "6"
 
 # Module-level attributes copied from the source so results join the study.
 PATIENT_KEYWORDS = (
@@ -60,7 +62,13 @@ PATIENT_KEYWORDS = (
     "PatientAge",
     "PatientWeight",
     "PatientSize",
+    # a de-identified source's results say so (PS3.15 E.1), as it does
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
 )
+# What a result says of a source flagged de-identified that does not say how (type 1C).
+METHOD_NOT_STATED = "not stated by the source"
 # Type 2 in the Patient and General Study modules: present in every result, empty
 # when unknown; often absent from de-identified sources.
 TYPE2_IDENTITY = (
@@ -214,12 +222,15 @@ class EncodeContext:
         for src in self.sources:
             missing = [kw for kw in TYPE2_IDENTITY if kw not in src]
             extra = [t for t in src.keys() if _not_identity(t)]
-            if missing or extra:
+            method = _deidentification(src)
+            if missing or extra or method is not None:
                 src = copy.deepcopy(src)
                 for kw in missing:
                     setattr(src, kw, "")
                 for tag in extra:
                     del src[tag]
+                if method is not None:
+                    _set_deidentification(src, *method)
             completed.append(src)
         self.sources = completed
 
@@ -306,6 +317,52 @@ class EncodeContext:
 _IDENTITY_TAGS = frozenset(tag_for_keyword(k) for k in PATIENT_KEYWORDS)
 # Patient (0010) and Clinical Trial (0012) groups: only PATIENT_KEYWORDS reach a result.
 _PATIENT_GROUPS = (0x0010, 0x0012)
+
+
+def _deidentification(src: Dataset) -> tuple[str, list[Dataset]] | None:
+    """How a source's De-identification Method and its code sequence must change for
+    its results (None: as they are). Both go with Patient Identity Removed YES, and one
+    of them is then required (PS3.3 C.7.1.1, type 1C): a source flagged YES without
+    either says so in the text; one that is not flagged YES carries neither. Codes
+    without a value, scheme or meaning are left out."""
+    method = str(src.get("DeidentificationMethod", "") or "")
+    given = src.get("DeidentificationMethodCodeSequence") or []
+    codes = [
+        item
+        for item in given
+        if all(
+            isinstance(item.get(k), str) and item.get(k)
+            for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+        )
+    ]
+    if str(src.get("PatientIdentityRemoved", "")) != "YES":
+        method, codes = "", []
+    elif not method and not codes:
+        method = METHOD_NOT_STATED
+    as_is = (
+        method == str(src.get("DeidentificationMethod", "") or "")
+        and ("DeidentificationMethod" in src) == bool(method)
+        and len(codes) == len(given)
+        and ("DeidentificationMethodCodeSequence" in src) == bool(codes)
+    )
+    return None if as_is else (method, codes)
+
+
+def _set_deidentification(src: Dataset, method: str, codes: list[Dataset]) -> None:
+    for keyword in ("DeidentificationMethod", "DeidentificationMethodCodeSequence"):
+        if keyword in src:
+            delattr(src, keyword)
+    if method:
+        src.DeidentificationMethod = method
+    if codes:
+        items = []
+        for code in codes:
+            item = Dataset()
+            for k in ("CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning"):
+                if code.get(k):
+                    setattr(item, k, code.get(k))
+            items.append(item)
+        src.DeidentificationMethodCodeSequence = items
 
 
 def _not_identity(tag: int) -> bool:
