@@ -695,6 +695,7 @@ def _code(value: str, scheme: str, meaning: str) -> Any:
             ("YES", None, 1),
         ),
         ("YES", None, [("113100", "DCM", "")], ("YES", "not stated by the source", 0)),
+        ("YES", "Basic", [("X" * 30, "DCM", "Too long a value")], ("YES", "Basic", 0)),
         ("NO", "Basic Profile", [], ("NO", None, 0)),
     ],
 )

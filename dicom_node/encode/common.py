@@ -27,8 +27,10 @@ from datetime import datetime
 from typing import Any
 
 import highdicom as hd
+from pydicom import config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
 
 from dicom_node import MANUFACTURER, __version__
 from pipelines.base import AlgorithmInfo, Code
@@ -327,14 +329,7 @@ def _deidentification(src: Dataset) -> tuple[str, list[Dataset]] | None:
     without a value, scheme or meaning are left out."""
     method = str(src.get("DeidentificationMethod", "") or "")
     given = src.get("DeidentificationMethodCodeSequence") or []
-    codes = [
-        item
-        for item in given
-        if all(
-            isinstance(item.get(k), str) and item.get(k)
-            for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
-        )
-    ]
+    codes = [item for item in given if _whole_code(item)]
     if str(src.get("PatientIdentityRemoved", "")) != "YES":
         method, codes = "", []
     elif not method and not codes:
@@ -346,6 +341,29 @@ def _deidentification(src: Dataset) -> tuple[str, list[Dataset]] | None:
         and ("DeidentificationMethodCodeSequence" in src) == bool(codes)
     )
     return None if as_is else (method, codes)
+
+
+def _whole_code(item: Dataset) -> bool:
+    """A code item with a value, scheme and meaning its VRs allow (and a valid version)."""
+    for keyword, vr in _CODE_VRS.items():
+        value = item.get(keyword)
+        if value is None and keyword == "CodingSchemeVersion":
+            continue
+        if not isinstance(value, str) or not value:
+            return False
+        try:
+            validate_value(vr, value, config.RAISE)
+        except ValueError:
+            return False
+    return True
+
+
+_CODE_VRS = {
+    "CodeValue": "SH",
+    "CodingSchemeDesignator": "SH",
+    "CodingSchemeVersion": "SH",
+    "CodeMeaning": "LO",
+}
 
 
 def _set_deidentification(src: Dataset, method: str, codes: list[Dataset]) -> None:
