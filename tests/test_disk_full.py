@@ -6,6 +6,7 @@ before."""
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import subprocess
@@ -16,11 +17,13 @@ from typing import Any
 
 import pytest
 import requests
+from pydicom import dcmwrite
 from pydicom.uid import generate_uid
 
 from tests.conftest import wait_for
 from tests.dicomgen import xa_run
 from tests.test_ingest import _send
+from tests.test_stow_faults import _post_part
 
 
 @pytest.fixture
@@ -138,10 +141,10 @@ def test_jobs_wait_out_a_full_disk_and_lose_nothing(
     each attempt failed with an I/O error that counted (three, and the job failed), an
     outcome that could not be recorded left its job running until its lease (15
     minutes) ran out, every loop logged a traceback at each poll, and an operator's
-    request that writes was answered 500. Now a job waits for room without losing an
-    attempt, the loops log the full disk once, such a request is answered 503 with
-    Retry-After, and once the other program's file is gone every run is done on its
-    first attempt."""
+    request that writes, or a STOW-RS request (its part cannot be written), was answered
+    500. Now a job waits for room without losing an attempt, the loops log the full
+    disk once, those requests are answered 503 with Retry-After, and once the other
+    program's file is gone every run is done on its first attempt."""
     caplog.set_level(logging.INFO)
     node = make_node(
         storage_dir=str(small_disk / "node"),
@@ -163,6 +166,10 @@ def test_jobs_wait_out_a_full_disk_and_lose_nothing(
     answer = requests.post(  # an operator's request that writes: 503, not a defect's 500
         f"http://127.0.0.1:{node.api_port}/reprocess", json={"run_id": first}, timeout=30
     )
+    assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+    part = io.BytesIO()
+    dcmwrite(part, _run(8), enforce_file_format=True)
+    answer = _post_part(node, part.getvalue())  # a STOW-RS part cannot be written
     assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
     ballast.unlink()
     wait_for(
