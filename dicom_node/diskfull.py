@@ -120,6 +120,9 @@ class Reserve:
             self.path.unlink()
         except FileNotFoundError:
             return False
+        except OSError as exc:  # not a file of the node's (a folder in its place)
+            log.warning("storage reserve cannot be deleted: %s", exc)
+            return False
         log.warning(
             "the disk is full: the storage reserve (%d MiB) was deleted so that retention "
             "can purge processed runs",

@@ -217,3 +217,17 @@ def test_the_node_starts_on_a_full_disk_and_indexes_what_a_crash_left(
     )
     assert _send(node, _run(9)) == 0x0000
     assert _tracebacks(caplog) == []
+
+
+def test_a_folder_where_the_reserve_goes_is_logged_not_raised(tmp_path: Path) -> None:
+    """The reserve is written in full (fallocated, not sparse), deleted once, and a
+    folder someone made in its place neither stops a start nor a retention pass."""
+    from dicom_node.diskfull import Reserve
+
+    reserve = Reserve(tmp_path, 2**20, 0)
+    reserve.keep()
+    assert (tmp_path / "reserve").stat().st_blocks * 512 >= 2**20
+    assert reserve.release() and not reserve.release()
+    (tmp_path / "reserve").mkdir()
+    reserve.keep()
+    assert not reserve.release()
