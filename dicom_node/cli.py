@@ -14,15 +14,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
-from dicom_node.errors import NodeError
+from dicom_node.errors import NodeError, RejectedInstance
 from pipelines.base import PipelineError
+
+if TYPE_CHECKING:
+    from dicom_node.settings import Settings
 
 # More subcommands come from other packages of this distribution (the phantoms'
 # `synth`, the end-to-end `demo` in `training`), through entry points, so that
@@ -42,29 +44,25 @@ def _files(paths: Sequence[str]) -> list[Path]:
     return out
 
 
-def group_runs(paths: Sequence[str]) -> tuple[dict[str, list[Path]], list[str]]:
-    """Group DICOM files into runs exactly as the spool does; returns runs and skipped files."""
-    from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D
+def group_runs(paths: Sequence[str], settings: Settings) -> tuple[dict[str, list[Path]], list[str]]:
+    """Group DICOM files into runs exactly as the spool does, after the checks it makes
+    before it acknowledges an instance (``spool.inspect``: a file it would refuse is
+    skipped with its reason and status; one without a Series Instance UID ended the
+    command with a traceback); returns runs and skipped files."""
+    from dicom_node.spool import inspect
 
     runs: dict[str, list[Path]] = defaultdict(list)
     skipped: list[str] = []
     for f in _files(paths):
         try:
-            ds = dcmread(f, stop_before_pixels=True)
-            sop_class = str(ds.SOPClassUID)
-        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            skipped.append(f"{f}: not a readable DICOM instance ({exc.__class__.__name__})")
+            head = inspect(f, settings.limits, max_uid_length=settings.max_uid_length)
+        except RejectedInstance as exc:
+            skipped.append(f"{f}: {exc.reason} (the node answers 0x{exc.status:04X})")
             continue
-        if sop_class not in ACCEPTED_SOP_CLASSES:
-            skipped.append(f"{f}: SOP Class {sop_class} not accepted")
+        except OSError as exc:
+            skipped.append(f"{f}: cannot be read ({exc.strerror or exc.__class__.__name__})")
             continue
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        key = (
-            str(ds.SOPInstanceUID)
-            if sop_class in CINE_2D and frames > 1
-            else str(ds.SeriesInstanceUID)
-        )
-        runs[key].append(f)
+        runs[head.run_id].append(f)
     return dict(runs), skipped
 
 
@@ -113,7 +111,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
-    runs, skipped = group_runs(args.paths)
+    runs, skipped = group_runs(args.paths, settings)
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
     out = Path(args.output)
@@ -167,7 +165,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
-    runs, skipped = group_runs(args.paths)
+    runs, skipped = group_runs(args.paths, settings)
     for s in skipped:
         print(f"skipped {s}")
     for run_id, files in runs.items():

@@ -47,6 +47,34 @@ def test_process_unknown_pipeline_and_nothing_processable(tmp_path: Path) -> Non
     assert out.returncode == 2 and "nothing could be processed" in out.stderr
 
 
+def test_process_and_route_skip_what_the_node_would_refuse_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """``process`` and ``route`` read files as the spool does, after its checks: an
+    instance without a Series Instance UID ended both with a traceback, a file cut
+    short in its header was grouped as a run. Each is skipped with the reason and the
+    status the node would answer; the good run is processed."""
+    src = tmp_path / "in"
+    good = xa_run(frames=4)
+    save(good, src)
+    no_series = xa_run(frames=4, seed=1)
+    del no_series.SeriesInstanceUID
+    save(no_series, src / "no-series")
+    cut = src / "cut.dcm"
+    whole = next((src / "no-series").glob("*.dcm")).read_bytes()
+    cut.write_bytes(whole[:700])
+    out = _cli("process", str(src), "--output", str(tmp_path / "out"), "--pipeline", "minip")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    skipped = [line for line in out.stderr.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 2 and all("the node answers 0x" in line for line in skipped), skipped
+    assert "Series Instance UID" in out.stderr, out.stderr
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 1
+    route = _cli("route", str(src))
+    assert route.returncode == 0 and "Traceback" not in route.stderr, route.stderr
+    assert route.stdout.count("\nrun ") + route.stdout.startswith("run ") == 1, route.stdout
+
+
 def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from pydicom.uid import XRayAngiographicImageStorage
     from pynetdicom import AE
