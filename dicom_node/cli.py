@@ -133,6 +133,11 @@ def cmd_process(args: argparse.Namespace) -> int:
         except NodeError as exc:
             print(f"run {run_id}: {exc}", file=sys.stderr)
             continue
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a decoder's Rust panic (pyo3 PanicException)
+            print(f"run {run_id}: cannot be read: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
         for name in names:
             try:
                 datasets, notes = run_pipeline(

@@ -64,10 +64,19 @@ def scrub(text: str) -> str:
     return text if len(text) <= _MAX else text[:_MAX] + "<cut>"
 
 
+# pydicom logs each decoder plugin's failure on a frame as an ERROR with its traceback
+# (several a frame); the job's or command's reason names each plugin's message, and the
+# input is the sender's fault, not the node's: a warning, without the traceback.
+_DECODERS = "pydicom.pixels.decoders"
+
+
 class PhiFilter(logging.Filter):
     """Rewrites each record's message and traceback through :func:`scrub`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(_DECODERS) and record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
         try:
             message = record.getMessage()
         except (TypeError, ValueError):

@@ -11,6 +11,7 @@ from pydicom import dcmread
 
 from tests.conftest import dciodvfy_errors
 from tests.dicomgen import save, xa_run
+from tests.faults import _rle_panic, encode
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +54,9 @@ def test_process_and_route_skip_what_the_node_would_refuse_with_its_reason(
     """``process`` and ``route`` read files as the spool does, after its checks: an
     instance without a Series Instance UID ended both with a traceback, a file cut
     short in its header was grouped as a run. Each is skipped with the reason and the
-    status the node would answer; the good run is processed."""
+    status the node would answer; a run whose decoder panics (the node's worker
+    process survives it) is named with the panic, not a traceback that ended the
+    command; the good run is processed."""
     src = tmp_path / "in"
     good = xa_run(frames=4)
     save(good, src)
@@ -63,16 +66,18 @@ def test_process_and_route_skip_what_the_node_would_refuse_with_its_reason(
     cut = src / "cut.dcm"
     whole = next((src / "no-series").glob("*.dcm")).read_bytes()
     cut.write_bytes(whole[:700])
+    (src / "panic.dcm").write_bytes(encode(_rle_panic()))  # the decoder's Rust panic
     out = _cli("process", str(src), "--output", str(tmp_path / "out"), "--pipeline", "minip")
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     skipped = [line for line in out.stderr.splitlines() if line.startswith("skipped ")]
     assert len(skipped) == 2 and all("the node answers 0x" in line for line in skipped), skipped
     assert "Series Instance UID" in out.stderr, out.stderr
+    assert "cannot be read: PanicException" in out.stderr, out.stderr
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 1
     route = _cli("route", str(src))
     assert route.returncode == 0 and "Traceback" not in route.stderr, route.stderr
-    assert route.stdout.count("\nrun ") + route.stdout.startswith("run ") == 1, route.stdout
+    assert route.stdout.count("\nrun ") + route.stdout.startswith("run ") == 2, route.stdout
 
 
 def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -203,3 +203,30 @@ def test_scrub_keeps_words_and_drops_values(text: str, scrubbed: str) -> None:
     from dicom_node.logsafe import scrub
 
     assert scrub(text) == scrubbed
+
+
+def test_a_decoder_s_failure_is_a_warning_without_its_traceback() -> None:
+    """pydicom logs each decoder plugin's failure on a frame as an ERROR with its
+    traceback, several a frame; the job's reason names each plugin's message. Through
+    the log's filter it is a warning, without the traceback; other errors keep theirs."""
+    import logging
+
+    from dicom_node.logsafe import FILTER
+
+    try:
+        raise ValueError("Invalid segment offset found in the RLE header")
+    except ValueError:
+        exc_info = sys.exc_info()
+    decoder = logging.LogRecord(
+        "pydicom.pixels.decoders.base", logging.ERROR, __file__, 1, "RLE", (), exc_info
+    )
+    assert FILTER.filter(decoder)
+    assert (decoder.levelno, decoder.levelname, decoder.exc_info, decoder.exc_text) == (
+        logging.WARNING,
+        "WARNING",
+        None,
+        None,
+    )
+    other = logging.LogRecord("dicom_node.jobs", logging.ERROR, __file__, 1, "x", (), exc_info)
+    assert FILTER.filter(other)
+    assert other.levelno == logging.ERROR and "ValueError" in (other.exc_text or "")
