@@ -682,7 +682,11 @@ class Spool:
         source = self._without_embedded_meta(source, requested)
         head = inspect(source, self.limits, requested, self.max_uid_length)
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
-        self._check_space(size)
+        # A file the SCP or STOW-RS wrote as the data arrived takes no more room once
+        # renamed into place: counted again, an instance needed twice its size free
+        # (and, on a disk that had room for it, was refused 0xA700).
+        moved = isinstance(source, Path) and source.stat().st_dev == self.root.stat().st_dev
+        self._check_space(0 if moved else size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
         record = self._record(head, final, size, calling_aet)
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for

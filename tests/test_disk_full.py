@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -231,3 +232,34 @@ def test_a_folder_where_the_reserve_goes_is_logged_not_raised(tmp_path: Path) ->
     (tmp_path / "reserve").mkdir()
     reserve.keep()
     assert not reserve.release()
+
+
+def test_an_instance_is_stored_where_there_is_room_for_it(small_disk: Path, make_node: Any) -> None:
+    """An instance received into the spool's tmp/ was counted again before it was
+    renamed into place, so that it needed twice its size free above
+    ``min_free_bytes``: on a disk with room for it (a 2 GB acquisition and 2.5 GB
+    free), it was refused 0xA700. It is stored; one that would go under the floor is
+    still refused (the association ends while it arrives)."""
+    node = make_node(
+        storage_dir=str(small_disk / "node"),
+        min_free_bytes=4 * 2**20,
+        retention={"free_target_bytes": None, "keep_days": None, "reserve_bytes": 0},
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
+    instance = _run(1)
+    part = io.BytesIO()
+    dcmwrite(part, instance, enforce_file_format=True)
+    size = len(part.getvalue())
+    ballast = _fill(small_disk)
+    os.truncate(ballast, ballast.stat().st_size - (4 * 2**20 + size * 3 // 2))
+    assert _send(node, instance) == 0x0000
+    assert shutil.disk_usage(small_disk).free < 4 * 2**20 + size  # what it left
+    second = _run(2)  # would go under the floor
+    try:
+        status = _send(node, second)
+    except AttributeError:  # no response: the association ended while it arrived
+        status = None
+    assert status != 0x0000
+    assert not node.db.query(
+        "SELECT 1 FROM instances WHERE sop_instance_uid=?", (second.SOPInstanceUID,)
+    )
