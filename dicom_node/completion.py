@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class CompletionRule(Protocol):
     def complete_on_arrival(self, stored: Stored) -> bool: ...
 
-    def due(self, db: Database) -> list[str]: ...
+    def sweep(self, db: Database) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,13 @@ class QuietPeriodRule:
     def complete_on_arrival(self, stored: Stored) -> bool:
         return stored.single_instance_run
 
-    def due(self, db: Database) -> list[str]:
-        return db.quiet_runs(now() - self.quiet_period_s) + self._held_open(db)
-
-    def _held_open(self, db: Database) -> list[str]:
-        return db.runs_open_since(now() - self.max_receiving_s)
-
     def sweep(self, db: Database) -> int:
         """Complete every run that has been quiet long enough, or receiving too long;
         returns how many."""
         quiet = f"quiet for {self.quiet_period_s:g} s"
         done = sum(db.complete_run(r, quiet) for r in db.quiet_runs(now() - self.quiet_period_s))
         held = f"receiving for {self.max_receiving_s:g} s with instances still arriving"
-        for run_id in self._held_open(db):
+        for run_id in db.runs_open_since(now() - self.max_receiving_s):
             if db.complete_run(run_id, held):
                 done += 1
                 log.warning(

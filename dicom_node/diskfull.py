@@ -27,7 +27,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 WAIT_S = 2.0  # how long a loop waits before it tries again on a full disk, at first
 WAIT_MAX_S = 60.0  # ... doubled at each try, up to this
 
@@ -36,7 +35,7 @@ def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` says the disk (or the user's quota) is full."""
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Waiting:
@@ -57,6 +56,11 @@ class Waiting:
         """True, and noted, when ``exc`` is a full disk; False for anything else."""
         if not is_disk_full(exc):
             return False
+        self.noted(type(exc).__name__)
+        return True
+
+    def noted(self, what: str) -> None:
+        """The loop met a full disk (``what`` says how)."""
         self.tries += 1
         if self.since is None:
             self.since = time.monotonic()
@@ -64,9 +68,8 @@ class Waiting:
                 "%s: the disk holding the node's storage is full (%s): waiting for space "
                 "(retention frees it from processed runs; see [retention])",
                 self.loop,
-                type(exc).__name__,
+                what,
             )
-        return True
 
     def passed(self) -> None:
         """The loop wrote again: the disk has room."""

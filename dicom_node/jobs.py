@@ -18,7 +18,6 @@ had ``max_attempts``: an input that kills the node cannot loop forever.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -138,7 +137,7 @@ class Workers:
                 outcome = self._run(job, process)
                 self._record_when_it_can(job, outcome, full)
                 if outcome.disk_full:  # released: taken again once there is room
-                    full.met(OSError(errno.ENOSPC, outcome.error))
+                    full.noted("the job's results could not be written")
                     self.stopping.wait(full.delay_s)
             except Exception as exc:  # noqa: BLE001 - a defect must not end the worker's thread
                 # A job it had claimed keeps its lease, and is taken again when it ends.

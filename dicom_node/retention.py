@@ -73,20 +73,16 @@ class Retention:
     def run(self) -> int:
         """One pass of both rules (and of purges a crash cut short); returns how many
         runs were purged. On a full disk the reserve goes first, then the pass again."""
-        try:
-            purged = self._pass()
-        except Exception as exc:
-            if not is_disk_full(exc):
-                raise
-            if self.reserve is None or not self.reserve.release():
-                self.waiting.met(exc)
-                return 0
+        for first in (True, False):
             try:
                 purged = self._pass()
-            except Exception as again:
-                if not self.waiting.met(again):
+                break
+            except Exception as exc:
+                if not is_disk_full(exc):
                     raise
-                return 0
+                if not (first and self.reserve is not None and self.reserve.release()):
+                    self.waiting.met(exc)
+                    return 0
         self.waiting.passed()
         if self.reserve is not None:
             self.reserve.keep()

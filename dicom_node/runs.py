@@ -422,7 +422,7 @@ _COPIED_DS = frozenset(
 # Control characters (PS3.5 6.2): none in a short text VR but ESC, which starts an
 # ISO 2022 escape; the long texts may also hold TAB, LF, FF and CR.
 _CONTROL = "".join(map(chr, range(0x20))) + "\x7f"
-_CONTROL_ALLOWED = {"LT": "\t\n\f\r\x1b", "ST": "\t\n\f\r\x1b", "UT": "\t\n\f\r\x1b"}
+_LONG_TEXTS = frozenset({"LT", "ST", "UT"})
 # Patient Orientation (PS3.3 C.7.6.1.1.1): each value letters of L R A P H F.
 _ORIENTATION = tag_for_keyword("PatientOrientation")
 
@@ -499,7 +499,7 @@ def _unreadable(elem: DataElement) -> bool:
                 if any(group.count("^") > 4 for group in v.split("=")) or v.count("=") > 2:
                     return True  # five components in three groups at most (PS3.5 6.2)
             if isinstance(v, str) and elem.tag not in _KEPT_LONG:
-                controls = _CONTROL_ALLOWED.get(elem.VR, "\x1b")
+                controls = "\t\n\f\r\x1b" if elem.VR in _LONG_TEXTS else "\x1b"
                 if any(c in _CONTROL and c not in controls for c in v):
                     return True
             if isinstance(v, (str, bytes)) and v:  # numbers already parsed as their VR

@@ -52,6 +52,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
+from dicom_node.diskfull import is_disk_full
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
@@ -639,7 +640,7 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_disk_full(exc):
                 raise OutOfResources(f"disk full while writing {final.name}: {exc}") from None
             raise
 
@@ -666,7 +667,7 @@ class Spool:
                     tmp.unlink(missing_ok=True)
             _fsync_dir(final.parent)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_disk_full(exc):
                 raise OutOfResources(f"disk full while writing {final.name}: {exc}") from None
             raise
 
@@ -681,12 +682,16 @@ class Spool:
         # A C-STORE's data set, or a STOW-RS part's, may repeat File Meta elements
         source = self._without_embedded_meta(source, requested)
         head = inspect(source, self.limits, requested, self.max_uid_length)
-        size = len(source) if isinstance(source, bytes) else source.stat().st_size
         # A file the SCP or STOW-RS wrote as the data arrived takes no more room once
         # renamed into place: counted again, an instance needed twice its size free
         # (and, on a disk that had room for it, was refused 0xA700).
-        moved = isinstance(source, Path) and source.stat().st_dev == self.root.stat().st_dev
-        self._check_space(0 if moved else size)
+        if isinstance(source, bytes):
+            size = len(source)
+            self._check_space(size)
+        else:
+            info = source.stat()
+            size = info.st_size
+            self._check_space(0 if info.st_dev == self.root.stat().st_dev else size)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
         record = self._record(head, final, size, calling_aet)
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for
