@@ -1,6 +1,8 @@
 """The node's REST API and DICOMweb endpoint (standard library server, HTTP or HTTPS).
 
     GET  /health                          {"status": "ok", ...}            no token
+                                          503 "unavailable" with the reason
+                                          when the node cannot store (disk)
     GET  /                                the status page (HTML)           read
     GET  /status                          runs, jobs, failures, backlog,   read
                                           the jobs' memory pool
@@ -44,7 +46,7 @@ from dicom_node import __version__, statuspage, stow, worker_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import ANONYMOUS, Authenticator, AuthError, Principal
 from dicom_node.db import Database
-from dicom_node.diskfull import is_disk_full
+from dicom_node.diskfull import describe, storage_fault
 from dicom_node.errors import NodeError, RejectedInstance
 from dicom_node.ingest import Ingest
 from dicom_node.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -79,6 +81,8 @@ class Node(Protocol):
 
     def status(self) -> dict[str, object]: ...
 
+    def health(self) -> dict[str, object]: ...
+
     def jobs_memory(self) -> dict[str, int] | None: ...
 
 
@@ -88,7 +92,6 @@ QUERY_KEYS = {"study": "study_uid", "series": "series_uid", "instance": "sop_ins
 RETRY_PATH = re.compile(r"^/jobs/(\d{1,18})/retry$")
 MAX_JSON = 1 << 20
 REALM = 'realm="angio-dicom-node"'
-FULL_DISK = "the disk holding the node's storage is full: try again later"
 
 
 class HttpError(Exception):
@@ -248,11 +251,12 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
             except Exception as exc:
                 # A defect of the node: answered 500 (http.server would drop the
                 # connection without an answer), logged with its trace. No request
-                # should get here: tests/test_rest_faults.py sends a corpus. A full
-                # disk is not a defect: 503, to be tried again (dicom_node.diskfull).
-                if is_disk_full(exc) and not self.answering:
-                    log.warning("api %s %s -> 503: the disk is full", method, path)
-                    self._error(503, FULL_DISK, {"Retry-After": "60"})
+                # should get here: tests/test_rest_faults.py sends a corpus. A full or
+                # failing disk is not a defect: 503, to be tried again (dicom_node.diskfull).
+                fault = storage_fault(exc)
+                if fault is not None and not self.answering:
+                    log.warning("api %s %s -> 503: %s: %s", method, path, describe(fault), exc)
+                    self._error(503, f"{describe(fault)}: try again later", {"Retry-After": "60"})
                 elif self.answering:
                     log.exception("api %s %s: internal error", method, path)
                     self.close_connection = True
@@ -303,6 +307,10 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
             if method == "GET" and path == "/metrics":
                 self._send(200, node.metrics.render(), METRICS_TYPE)
                 return
+            if method == "GET" and path == "/health":
+                health = node.health()
+                self._send(200 if health["status"] == "ok" else 503, health)
+                return
             match = RETRY_PATH.match(path)
             if method == "POST" and match:
                 self._retry(int(match.group(1)), principal)
@@ -318,13 +326,6 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
         def _route(
             self, method: str, path: str, query: dict[str, list[str]], who: Principal
         ) -> Any:
-            if method == "GET" and path == "/health":
-                return {
-                    "status": "ok",
-                    "version": __version__,
-                    "ae_title": node.settings.ae_title,
-                    "dicom_port": node.port,
-                }
             if method == "GET" and path == "/status":
                 return node.status()
             if method == "GET" and path == "/jobs":

@@ -18,6 +18,7 @@ import logging
 import logging.handlers
 import queue
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,54 @@ USE_OF_RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
 
 
+class _TrailFile(logging.handlers.RotatingFileHandler):
+    """The trail's file. A record it cannot write (its disk full, read-only or failing)
+    goes to the node's log instead, where journald or the console keep it, and the
+    failure is logged once and once more when the file takes records again: logging's
+    own answer was a traceback on stderr for every record, and ``close`` raised, so the
+    node could not be stopped cleanly on such a disk."""
+
+    failing = False
+    _failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if self.failing and not self._failed_now:
+            self.failing = False
+            _log.warning("audit trail %s takes records again", self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self._failed_now = True
+        if not self.failing:
+            self.failing = True
+            _log.error(
+                "audit trail %s cannot be written (%s): its records go to this log until it can",
+                self.baseFilename,
+                sys.exc_info()[1],
+            )
+        _log.warning("audit record: %s", _plain(record.getMessage()))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:  # what was buffered is lost with the disk; stopping goes on
+            _log.warning("audit trail %s not closed cleanly: %s", self.baseFilename, exc)
+
+
+def _plain(line: str) -> str:
+    """A record as ``key=value`` pairs (codes by their code): the log's filter would take
+    the JSON's quoted strings for values of a data set and write their lengths."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line
+    return " ".join(
+        f"{key}={value['code'] if isinstance(value, dict) and 'code' in value else value}"
+        for key, value in entry.items()
+    )
+
+
 def _code(pair: tuple[str, str]) -> dict[str, str]:
     return {"code": pair[0], "scheme": "DCM", "meaning": pair[1]}
 
@@ -63,7 +112,7 @@ class AuditTrail:
         if not settings.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = _TrailFile(
             self.path, maxBytes=settings.max_bytes, backupCount=settings.backup_count
         )
         self._handlers.append(file_handler)

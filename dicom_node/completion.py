@@ -89,5 +89,7 @@ class Sweeper:
                 self.tick()
                 full.passed()
             except Exception as exc:  # noqa: BLE001 - a defect must not end the sweep's thread
-                if not full.met(exc):
+                if full.met(exc):
+                    next_at = time.monotonic() + max(self.interval_s, full.delay_s)
+                else:
                     log.exception("completion sweep: unexpected error; going on")

@@ -1,4 +1,5 @@
-"""A full disk, told apart from a defect, and the reserve that lets the node out of one.
+"""A full or failing disk, told apart from a defect, and the reserve that lets the node
+out of a full one.
 
 The index (SQLite) cannot commit on a full disk, and every loop of the node writes to
 it: a worker recording a job's outcome, the router, the outbox, the completion sweep,
@@ -7,8 +8,13 @@ defect, a full disk logged a traceback at every poll of every loop, lost the out
 of the job that was running, and held retention back, so that a disk filled by
 results or by another program stayed full until an operator freed space by hand.
 
-- :func:`is_disk_full` tells the condition from a defect (SQLITE_FULL, ENOSPC, EDQUOT).
+- :func:`storage_fault` tells the condition from a defect: full (SQLITE_FULL, ENOSPC,
+  EDQUOT), read-only (SQLITE_READONLY, EROFS: ext4 remounts itself read-only after an
+  I/O error, ``errors=remount-ro``, Debian's default) or failing (SQLITE_IOERR, EIO).
+  The node cannot repair a read-only or failing disk; it must not drown the reason in
+  a traceback at every poll either (each loop's, and the audit trail's, one a line).
 - :class:`Waiting` logs it once when a loop meets it and once when it clears.
+- :class:`StorageProbe` answers ``/health``: whether the node can store now.
 - :class:`Reserve` is a file of ``[retention] reserve_bytes`` the node keeps next to
   its index; retention deletes it when the index cannot commit a purge, so that the
   purge can go on, and writes it again once there is room.
@@ -22,6 +28,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -31,20 +38,46 @@ WAIT_S = 2.0  # how long a loop waits before it tries again on a full disk, at f
 WAIT_MAX_S = 60.0  # ... doubled at each try, up to this
 
 
+FULL, READ_ONLY, FAILING = "full", "read-only", "failing"
+_SQLITE = {
+    sqlite3.SQLITE_FULL: FULL,
+    sqlite3.SQLITE_READONLY: READ_ONLY,
+    sqlite3.SQLITE_IOERR: FAILING,
+}
+_ERRNO = {errno.ENOSPC: FULL, errno.EDQUOT: FULL, errno.EROFS: READ_ONLY, errno.EIO: FAILING}
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """What ``exc`` says of the disk: ``FULL`` (or the user's quota), ``READ_ONLY``,
+    ``FAILING`` (an I/O error); None when it says nothing of the disk."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        # extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED) keep the primary in the low byte
+        return None if code is None else _SQLITE.get(code & 0xFF)
+    return _ERRNO.get(exc.errno or 0) if isinstance(exc, OSError) else None
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` says the disk (or the user's quota) is full."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return storage_fault(exc) == FULL
+
+
+def describe(fault: str) -> str:
+    """A storage fault in words, for logs and answers."""
+    if fault == FULL:
+        return "the disk holding the node's storage is full"
+    return f"the node's storage cannot be written (the disk is {fault})"
 
 
 class Waiting:
-    """One loop's view of a full disk: logged once when met and once when it clears
-    (not a traceback at every poll)."""
+    """One loop's view of a full or failing disk: logged once when met, again when it
+    turns from one to the other, and once when it clears (not a traceback at every
+    poll)."""
 
     def __init__(self, loop: str) -> None:
         self.loop = loop
         self.since: float | None = None
+        self.fault: str | None = None
         self.tries = 0
 
     @property
@@ -53,33 +86,48 @@ class Waiting:
         return min(WAIT_S * 2 ** max(self.tries - 1, 0), WAIT_MAX_S)
 
     def met(self, exc: BaseException) -> bool:
-        """True, and noted, when ``exc`` is a full disk; False for anything else."""
-        if not is_disk_full(exc):
+        """True, and noted, when ``exc`` is a full or failing disk; False for anything else."""
+        fault = storage_fault(exc)
+        if fault is None:
             return False
-        self.noted(type(exc).__name__)
+        self.noted(f"{type(exc).__name__}: {exc}", fault)
         return True
 
-    def noted(self, what: str) -> None:
-        """The loop met a full disk (``what`` says how)."""
+    def noted(self, what: str, fault: str = FULL) -> None:
+        """The loop met a full or failing disk (``what`` says how)."""
         self.tries += 1
         if self.since is None:
             self.since = time.monotonic()
+        if fault == self.fault:
+            return
+        self.fault = fault
+        if fault == FULL:
             log.warning(
-                "%s: the disk holding the node's storage is full (%s): waiting for space "
+                "%s: %s (%s): waiting for space "
                 "(retention frees it from processed runs; see [retention])",
                 self.loop,
+                describe(fault),
+                what,
+            )
+        else:
+            log.error(
+                "%s: %s (%s): waiting; the disk needs an operator (docs/deployment.md)",
+                self.loop,
+                describe(fault),
                 what,
             )
 
     def passed(self) -> None:
-        """The loop wrote again: the disk has room."""
+        """The loop wrote again: the disk has room and takes writes."""
         if self.since is not None:
             log.warning(
-                "%s: space again after %.0f s; going on",
+                "%s: %s after %.0f s; going on",
                 self.loop,
+                "space again" if self.fault == FULL else "the storage takes writes again",
                 time.monotonic() - self.since,
             )
             self.since = None
+            self.fault = None
         self.tries = 0
 
 
@@ -132,3 +180,58 @@ class Reserve:
             self.size // 2**20,
         )
         return True
+
+
+def write_fails(folder: Path) -> OSError | None:
+    """The error a small file written and synced in ``folder`` meets, or None."""
+    path = folder / ".storage-probe"
+    try:
+        with open(path, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def explain(exc: OSError, folder: Path) -> str:
+    """Why ``folder`` cannot be written, in words (``exc`` from :func:`write_fails`)."""
+    fault = storage_fault(exc)
+    what = describe(fault) if fault is not None else "the node's storage cannot be written"
+    return f"{what}: {folder}: {exc.strerror or exc}"
+
+
+class StorageProbe:
+    """Whether the node can store what it receives now: room over ``min_free_bytes``
+    and a small file written and synced in ``folder`` (the spool's ``tmp/``). Asked by
+    ``/health``, which needs no token, so it writes at most once every ``every_s``."""
+
+    def __init__(self, folder: Path, min_free_bytes: int, every_s: float = 5.0) -> None:
+        self.folder = folder
+        self.min_free_bytes = min_free_bytes
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._problem: str | None = None
+
+    def problem(self) -> str | None:
+        """Why the node cannot store now, or None."""
+        with self._lock:
+            if self._at is None or time.monotonic() - self._at >= self.every_s:
+                self._problem = self._probe()
+                self._at = time.monotonic()
+            return self._problem
+
+    def _probe(self) -> str | None:
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError as exc:
+            return f"the node's storage cannot be read: {self.folder}: {exc.strerror or exc}"
+        failed = write_fails(self.folder)
+        if failed is not None:
+            return explain(failed, self.folder)
+        if free < self.min_free_bytes:
+            return f"only {free // 2**20} MiB free, under min_free_bytes"
+        return None

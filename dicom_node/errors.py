@@ -4,6 +4,7 @@ state or a delivery retry in exactly one place each (``ingest``, ``api``,
 
     NodeError
     ├── ConfigError          bad settings; names the key and what is allowed
+    ├── StorageError         storage_dir cannot be written at start: the node does not start
     ├── RejectedInstance     a received instance we refuse (carries a DIMSE status)
     │   └── OutOfResources   no disk space: 0xA700
     ├── RunError             a run that cannot be decoded or processed (job fails, no retry)
@@ -18,6 +19,10 @@ class NodeError(Exception):
 
 
 class ConfigError(NodeError):
+    pass
+
+
+class StorageError(NodeError):
     pass
 
 

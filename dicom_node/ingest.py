@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dicom_node.completion import CompletionRule
 from dicom_node.db import Database
+from dicom_node.diskfull import describe, storage_fault
 from dicom_node.errors import RejectedInstance
 from dicom_node.spool import Requested, Spool, Stored
 
@@ -82,11 +83,16 @@ class Ingest:
         except RejectedInstance as exc:
             log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
             return Receipt(exc.status, exc.reason)
-        except OSError as exc:
-            reason = f"cannot store: {exc}"
-            log.error("instance from %s failed (0x0110): %s", source, reason)
-            return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
         except Exception as exc:  # noqa: BLE001 - any defect of ours must still answer, not hang
+            fault = storage_fault(exc)  # the index or a folder on a full or failing disk
+            if fault is not None:
+                reason = f"cannot store: {describe(fault)}: {exc}"
+                log.warning("instance from %s refused (0xA700): %s", source, reason)
+                return Receipt(RejectedInstance.OUT_OF_RESOURCES, reason)
+            if isinstance(exc, OSError):
+                reason = f"cannot store: {exc}"
+                log.error("instance from %s failed (0x0110): %s", source, reason)
+                return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
             reason = f"internal error while storing: {type(exc).__name__}: {exc}"
             log.exception("instance from %s failed (0x0110): %s", source, reason)
             return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)

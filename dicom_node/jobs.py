@@ -136,8 +136,8 @@ class Workers:
                 )
                 outcome = self._run(job, process)
                 self._record_when_it_can(job, outcome, full)
-                if outcome.disk_full:  # released: taken again once there is room
-                    full.noted("the job's results could not be written")
+                if outcome.unwritable:  # released: taken again once it can be written
+                    full.noted("the job's results could not be written", outcome.unwritable)
                     self.stopping.wait(full.delay_s)
             except Exception as exc:  # noqa: BLE001 - a defect must not end the worker's thread
                 # A job it had claimed keeps its lease, and is taken again when it ends.
@@ -148,8 +148,8 @@ class Workers:
                 self.stopping.wait(self.settings.poll_interval_s)
 
     def _record_when_it_can(self, job: Job, outcome: Outcome, full: Waiting) -> None:
-        """The outcome recorded; on a full disk, again once there is room (retention
-        frees it), while the job's lease lasts, instead of losing the work done."""
+        """The outcome recorded; on a full or failing disk, again once it can be (retention
+        frees room), while the job's lease lasts, instead of losing the work done."""
         observed: list[Job] = []
 
         def observe(job: Job, outcome: Outcome) -> None:  # once, whatever the tries
@@ -200,7 +200,7 @@ class Workers:
                 del self._attempts[job.id]
 
     def _record(self, job: Job, outcome: Outcome, observe: Callable[[Job, Outcome], None]) -> None:
-        if outcome.interrupted or outcome.disk_full:
+        if outcome.interrupted or outcome.unwritable:
             self.db.release_job(job)
             return
         if outcome.withdrawn:

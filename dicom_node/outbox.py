@@ -67,8 +67,12 @@ class Outbox:
                 busy = self.deliver_due(destination)
                 full.passed()
             except Exception as exc:  # noqa: BLE001 - a defect must not end the thread
-                if not full.met(exc):
-                    log.exception("outbox (%s): unexpected error; going on", destination or "other")
+                if full.met(exc):
+                    # a delivery made but not recorded is made again at the next try:
+                    # not at every poll (the destination would get it a few times a second)
+                    self.stop_event.wait(full.delay_s)
+                    continue
+                log.exception("outbox (%s): unexpected error; going on", destination or "other")
                 busy = False
             if not busy:
                 self.wake.wait(self.settings.outbox.poll_interval_s)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from dicom_node.audit import AuditTrail
 from dicom_node.db import Database, Purge
-from dicom_node.diskfull import Reserve, Waiting, is_disk_full
+from dicom_node.diskfull import FULL, Reserve, Waiting, storage_fault
 from dicom_node.settings import RetentionSettings
 from dicom_node.spool import Spool
 
@@ -72,15 +72,19 @@ class Retention:
 
     def run(self) -> int:
         """One pass of both rules (and of purges a crash cut short); returns how many
-        runs were purged. On a full disk the reserve goes first, then the pass again."""
+        runs were purged. On a full disk the reserve goes first, then the pass again; a
+        read-only or failing disk is logged once (``Waiting``), not at every pass."""
         for first in (True, False):
             try:
                 purged = self._pass()
                 break
             except Exception as exc:
-                if not is_disk_full(exc):
+                fault = storage_fault(exc)
+                if fault is None:
                     raise
-                if not (first and self.reserve is not None and self.reserve.release()):
+                if not (
+                    fault == FULL and first and self.reserve is not None and self.reserve.release()
+                ):
                     self.waiting.met(exc)
                     return 0
         self.waiting.passed()

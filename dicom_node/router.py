@@ -61,7 +61,9 @@ class Router:
                 self.route_pending()
                 full.passed()
             except Exception as exc:  # noqa: BLE001 - a defect must not end the router's thread
-                if not full.met(exc):
+                if full.met(exc):
+                    self._stop.wait(full.delay_s)  # the run's header is read again at each try
+                else:
                     log.exception("router: unexpected error; going on")
             self.wake.wait(1.0)
             self.wake.clear()

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from dicom_node import logsafe
 from dicom_node.db import ResultFile
-from dicom_node.diskfull import is_disk_full
+from dicom_node.diskfull import FAILING, storage_fault
 from dicom_node.errors import RunError
 from dicom_node.processing import resolve_device, run_pipeline, write_dataset
 from dicom_node.runs import load_run
@@ -147,7 +147,9 @@ class Outcome:
     error: str | None = None  # None: done
     transient: bool = False  # worth another attempt (crash, memory, I/O), else permanent
     interrupted: bool = False  # the node is stopping: the attempt does not count
-    disk_full: bool = False  # no room to write: the attempt does not count, the job waits
+    # no room to write, or a read-only disk (diskfull.FULL, READ_ONLY): the attempt does not
+    # count, the job waits; a failing disk's I/O error may be one bad file's and counts
+    unwritable: str | None = None
     withdrawn: bool = False  # the job is no longer this attempt's (cancelled, lease taken)
     pid: int = 0
     timings: tuple[tuple[str, float], ...] = ()  # seconds per stage, measured by the parent
@@ -227,11 +229,12 @@ def execute(
     except MemoryError:
         return Outcome(error=f"out of memory while {stage}", transient=True, pid=os.getpid())
     except OSError as exc:
+        fault = storage_fault(exc)
         return Outcome(
             error=f"I/O error while {stage}: {exc}",
             transient=True,
             pid=os.getpid(),
-            disk_full=is_disk_full(exc),
+            unwritable=fault if fault != FAILING else None,
         )
     except Exception as exc:  # noqa: BLE001 - a defect met on this input: it would recur
         return Outcome(

@@ -16,13 +16,22 @@ from http.server import ThreadingHTTPServer
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import completion, logsafe
+from dicom_node import __version__, completion, logsafe
 from dicom_node.api import start_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
 from dicom_node.db import Database, Delivery, now
-from dicom_node.diskfull import Reserve, is_disk_full
+from dicom_node.diskfull import (
+    FULL,
+    Reserve,
+    StorageProbe,
+    explain,
+    is_disk_full,
+    storage_fault,
+    write_fails,
+)
 from dicom_node.engine import EmbeddedEngine, make_engine
+from dicom_node.errors import StorageError
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
@@ -42,7 +51,17 @@ TMP_MIN_AGE_S = 600.0
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.storage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"storage_dir {settings.storage_dir}: {exc.strerror or exc}"
+            ) from None
+        # a read-only or failing disk: the reason, not SQLite's "unable to open database
+        # file" in a traceback (a full one is not a reason not to start: retention frees it)
+        failed = write_fails(settings.storage_dir)
+        if failed is not None and storage_fault(failed) != FULL:
+            raise StorageError(explain(failed, settings.storage_dir))
         self.db = Database(settings.db_path)
         self.spool = Spool(
             settings.storage_dir,
@@ -83,6 +102,7 @@ class Node:
             self.audit,
             reserve=self.reserve,
         )
+        self.storage = StorageProbe(self.spool.tmp, settings.min_free_bytes)
         self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s)
         self.scheduler = BackgroundScheduler()
         self.server: ThreadedAssociationServer | None = None
@@ -283,6 +303,16 @@ class Node:
         if isinstance(self.workers, EmbeddedEngine):
             return self.workers.memory.snapshot()
         return None
+
+    def health(self) -> dict[str, object]:
+        """``/health``: status ``ok``, or ``unavailable`` with the reason when the node
+        cannot store what it receives (its disk full, read-only or failing)."""
+        problem = self.storage.problem()
+        answer: dict[str, object] = {"status": "ok" if problem is None else "unavailable"}
+        if problem is not None:
+            answer["error"] = f"{problem}: instances are refused (0xA700)"
+        answer.update(version=__version__, ae_title=self.settings.ae_title, dicom_port=self.port)
+        return answer
 
     def status(self) -> dict[str, object]:
         """The index's summary, with the memory pool where the node runs the jobs."""

@@ -52,7 +52,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
-from dicom_node.diskfull import is_disk_full
+from dicom_node.diskfull import storage_fault
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
@@ -574,6 +574,14 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
     return (start, pos, count) if count and pos <= end_of_file else None
 
 
+def _refuse_on_storage_fault(exc: OSError, final: Path) -> None:
+    """A full, read-only or failing disk refuses the instance 0xA700 (out of resources:
+    the sender tries again later), naming the fault; anything else is for the caller."""
+    fault = storage_fault(exc)
+    if fault is not None:
+        raise OutOfResources(f"disk {fault} while writing {final.name}: {exc}") from None
+
+
 def _make_parent(path: Path) -> None:
     """Its folder, made again should a purge remove an empty study folder between the
     study's and the series' mkdir (another series' purge holds another lock)."""
@@ -640,8 +648,7 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if is_disk_full(exc):
-                raise OutOfResources(f"disk full while writing {final.name}: {exc}") from None
+            _refuse_on_storage_fault(exc, final)
             raise
 
     def _move_durably(self, source: Path, final: Path) -> None:
@@ -667,8 +674,7 @@ class Spool:
                     tmp.unlink(missing_ok=True)
             _fsync_dir(final.parent)
         except OSError as exc:
-            if is_disk_full(exc):
-                raise OutOfResources(f"disk full while writing {final.name}: {exc}") from None
+            _refuse_on_storage_fault(exc, final)
             raise
 
     def store(

@@ -157,8 +157,8 @@ def rest_status(method: str, groups: Any, query: dict[str, str]) -> Any:
     fw = _forwarder()
     try:
         node: Any = fw.node.health()
-    except NodeApiError as exc:
-        node = {"status": "unreachable", "error": str(exc)}
+    except NodeApiError as exc:  # no answer, or 503 "unavailable": its storage (the reason)
+        node = {"status": "unreachable" if exc.status is None else "unavailable", "error": str(exc)}
     return {
         "plugin": "angio_forward",
         "version": VERSION,

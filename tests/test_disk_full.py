@@ -2,7 +2,12 @@
 program (a ballast file) while the node works. Nothing acknowledged is lost, no loop
 logs a traceback at every poll, and the node goes on by itself once there is room:
 retention frees it from processed runs, whose purge a full index could not commit
-before."""
+before.
+
+A failing disk: the node's storage on an ext4 file system of its own (a loop device)
+mounted ``errors=remount-ro``, made to fail by ext4's own ``trigger_fs_error`` (what a
+disk's I/O error does: ext4 aborts its journal and turns read-only under the node's
+open files). The node cannot repair that; it says so, in ``/health`` and once a loop."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from pydicom import dcmwrite
 from pydicom.uid import generate_uid
 
 from tests.conftest import wait_for
-from tests.dicomgen import xa_run
+from tests.dicomgen import ct_series, xa_run
 from tests.test_ingest import _send
 from tests.test_stow_faults import _post_part
 
@@ -263,3 +268,119 @@ def test_an_instance_is_stored_where_there_is_room_for_it(small_disk: Path, make
     assert not node.db.query(
         "SELECT 1 FROM instances WHERE sop_instance_uid=?", (second.SOPInstanceUID,)
     )
+
+
+@pytest.fixture
+def failing_disk(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A 96 MiB ext4 on a loop device, and the file that makes it fail (as root, as CI
+    runs; else skipped)."""
+    image, folder = tmp_path / "ext4.img", tmp_path / "disk"
+    folder.mkdir()
+    made = subprocess.run(
+        f"truncate -s 96M {image} && mkfs.ext4 -q -F {image} && "
+        f"mount -o loop,errors=remount-ro {image} {folder}",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount an ext4 loop device here: {made.stderr.strip()}")
+    try:
+        device = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(folder)], capture_output=True, text=True
+        ).stdout.strip()
+        trigger = Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error"
+        if not trigger.exists():
+            pytest.skip(f"this kernel has no {trigger}")
+        yield folder, trigger
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _status_or_abort(node: Any, ds: Any) -> int | None:
+    try:
+        return _send(node, ds)
+    except AttributeError:  # no response: the association ended while it arrived
+        return None
+
+
+def test_a_failing_disk_is_reported_and_logged_once_not_at_every_poll(
+    failing_disk: tuple[Path, Path], make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk turned read-only under the node: every loop that writes logged a
+    traceback at every poll (149 in 20 s), the audit trail a traceback on stderr for
+    every record, ``/health`` said ok, a STOW-RS request got 500, the node could not
+    be stopped (closing the audit trail raised), and a start on it ended in SQLite's
+    "unable to open database file" in a traceback. Now ``/health`` answers 503 naming
+    the read-only disk, requests that write get 503 with Retry-After, each loop logs
+    the fault once, the audit records go to the log, the node stops, and a start is
+    refused with the reason."""
+    from dicom_node.errors import StorageError
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    disk, trigger = failing_disk
+    caplog.set_level(logging.INFO)
+    settings: dict[str, Any] = {
+        "storage_dir": str(disk / "node"),
+        "completion": {"quiet_period_s": 2.0},
+        "retention": {"interval_s": 0.5, "reserve_bytes": 0},
+        "rules": [
+            {
+                "name": "xa",
+                "match": {"modality": ["XA"]},
+                "pipelines": ["minip"],
+                "destinations": ["down"],
+            }
+        ],
+        "destinations": [
+            {"kind": "dimse", "name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": 9}
+        ],
+    }
+    node = make_node(**settings)
+    _process_three(node)  # their results wait for a destination that is down
+    series = ct_series(4)
+    for ds in series[:2]:  # a series still receiving: completed by the sweep, later
+        assert _send(node, ds) == 0x0000
+    trigger.write_text("a test of the node\n")  # ext4 aborts its journal: read-only
+
+    later = _run(7)  # nothing is acknowledged that was not stored
+    assert _status_or_abort(node, later) not in (0x0000, 0x0001, 0xB000, 0xB007, 0xB006)
+    assert not node.db.query(
+        "SELECT 1 FROM instances WHERE sop_instance_uid=?", (later.SOPInstanceUID,)
+    )
+    api = f"http://127.0.0.1:{node.api_port}"
+    health = requests.get(f"{api}/health", timeout=30)
+    assert health.status_code == 503, health.text
+    assert health.json()["status"] == "unavailable"
+    assert "read-only" in health.json()["error"] and "0xA700" in health.json()["error"]
+    part = io.BytesIO()
+    dcmwrite(part, _run(8), enforce_file_format=True)
+    answer = _post_part(node, part.getvalue())
+    assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+    answer = requests.post(  # it writes: completes the series now
+        f"{api}/trigger", json={"series_uid": series[0].SeriesInstanceUID}, timeout=30
+    )
+    assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+    time.sleep(6)  # the outbox, the sweep and retention meet the fault again and again
+
+    node.stop()  # raised: the audit trail's file could not be closed
+    faults = [  # each loop's once, and nothing else at ERROR
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith("dicom_node")
+    ]
+    assert all("cannot be written" in m for m in faults), faults
+    loops = [m.split(":")[0] for m in faults]
+    assert len(loops) == len(set(loops)), faults  # once a loop (and the audit trail once)
+    assert {"outbox (down)", "completion sweep"} <= set(loops), faults
+    assert any(m.startswith("audit trail") for m in faults), faults
+    assert any(
+        "audit record:" in r.getMessage() and "event=node-stopped" in r.getMessage()
+        for r in caplog.records
+    )
+    deliveries = [r for r in caplog.records if "event=delivery-failed" in r.getMessage()]
+    assert len(deliveries) <= 8, len(deliveries)  # tried again after 2, 4 s: not each poll
+    assert all(r.exc_info is None for r in caplog.records if r.levelno >= logging.ERROR)
+    with pytest.raises(StorageError, match="read-only"):
+        Node(load_settings(None, environ={}, port=0, api={"port": 0}, **settings))
