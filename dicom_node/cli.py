@@ -98,6 +98,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebuild_index(args: argparse.Namespace) -> int:
+    from dicom_node.service import rebuild_index
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    aside, indexed, quarantined = rebuild_index(settings)
+    print(f"the old index and results/ set aside in {aside}")
+    print(
+        f"a new index of the spool: {indexed} file(s) indexed, {quarantined} quarantined; "
+        "the node processes their runs again once started (results keep their UIDs)"
+    )
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.worker import load_worker_config, run_worker
 
@@ -227,14 +241,15 @@ def _jobs_memory(settings: Any, args: argparse.Namespace) -> tuple[dict[str, int
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicom_node.db import Database
+    from dicom_node.service import damage_explained, open_index
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
     if not settings.db_path.exists():
         print(f"no node database at {settings.db_path}", file=sys.stderr)
         return 2
-    summary = Database(settings.db_path).status_summary()
+    with damage_explained(settings.db_path):
+        summary = open_index(settings.db_path).status_summary()
     memory, why_not = _jobs_memory(settings, args)
     if args.json:  # the shape of GET /status: jobs_memory only where there is one
         if memory is None:
@@ -341,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the node (storage SCP, workers, outbox, REST API)")
     p.add_argument("--config", help="TOML settings file")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "rebuild-index",
+        help="a new index from the spool, for a damaged one (the node stopped): the old "
+        "index and results/ are set aside, the spool's runs are processed again",
+    )
+    p.add_argument("--config", help="TOML settings file")
+    p.set_defaults(func=cmd_rebuild_index)
 
     p = sub.add_parser("worker", help="a scale-out worker: jobs from a Temporal task queue")
     p.add_argument("--config", required=True, help="TOML worker settings file")

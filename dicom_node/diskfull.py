@@ -13,6 +13,8 @@ results or by another program stayed full until an operator freed space by hand.
   I/O error, ``errors=remount-ro``, Debian's default) or failing (SQLITE_IOERR, EIO).
   The node cannot repair a read-only or failing disk; it must not drown the reason in
   a traceback at every poll either (each loop's, and the audit trail's, one a line).
+  A damaged index (SQLITE_CORRUPT, SQLITE_NOTADB) is met the same way; ``dicom-node
+  rebuild-index`` makes a new one from the spool (``dicom_node.service``).
 - :class:`Waiting` logs it once when a loop meets it and once when it clears.
 - :class:`StorageProbe` answers ``/health``: whether the node can store now.
 - :class:`Reserve` is a file of ``[retention] reserve_bytes`` the node keeps next to
@@ -38,18 +40,22 @@ WAIT_S = 2.0  # how long a loop waits before it tries again on a full disk, at f
 WAIT_MAX_S = 60.0  # ... doubled at each try, up to this
 
 
-FULL, READ_ONLY, FAILING = "full", "read-only", "failing"
+FULL, READ_ONLY, FAILING, DAMAGED = "full", "read-only", "failing", "damaged"
 _SQLITE = {
     sqlite3.SQLITE_FULL: FULL,
     sqlite3.SQLITE_READONLY: READ_ONLY,
     sqlite3.SQLITE_IOERR: FAILING,
+    sqlite3.SQLITE_CORRUPT: DAMAGED,  # the index: a disk that lied about a sync, a bad block
+    sqlite3.SQLITE_NOTADB: DAMAGED,
 }
+REBUILD = "stop the node and run `dicom-node rebuild-index` (docs/deployment.md)"
 _ERRNO = {errno.ENOSPC: FULL, errno.EDQUOT: FULL, errno.EROFS: READ_ONLY, errno.EIO: FAILING}
 
 
 def storage_fault(exc: BaseException) -> str | None:
     """What ``exc`` says of the disk: ``FULL`` (or the user's quota), ``READ_ONLY``,
-    ``FAILING`` (an I/O error); None when it says nothing of the disk."""
+    ``FAILING`` (an I/O error), ``DAMAGED`` (the index); None when it says nothing of
+    the disk."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         # extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED) keep the primary in the low byte
@@ -66,6 +72,8 @@ def describe(fault: str) -> str:
     """A storage fault in words, for logs and answers."""
     if fault == FULL:
         return "the disk holding the node's storage is full"
+    if fault == DAMAGED:
+        return f"the node's index is damaged: {REBUILD}"
     return f"the node's storage cannot be written (the disk is {fault})"
 
 
@@ -111,7 +119,7 @@ class Waiting:
             )
         else:
             log.error(
-                "%s: %s (%s): waiting; the disk needs an operator (docs/deployment.md)",
+                "%s: %s (%s): waiting; it needs an operator (docs/deployment.md)",
                 self.loop,
                 describe(fault),
                 what,

@@ -6,12 +6,22 @@ router routes complete runs, workers run jobs in worker processes, the outbox
 delivers. At start, what a crash left behind is repaired first: partial files
 removed, unindexed spool files indexed or quarantined, jobs of the dead process
 re-queued (or failed after their last attempt), complete runs routed.
+
+A damaged index (a disk that lied about a sync) stops the start with what to do:
+``rebuild_index`` (``dicom-node rebuild-index``) makes a new one from the spool.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import ThreadedAssociationServer
@@ -22,7 +32,9 @@ from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
 from dicom_node.db import Database, Delivery, now
 from dicom_node.diskfull import (
+    DAMAGED,
     FULL,
+    REBUILD,
     Reserve,
     StorageProbe,
     explain,
@@ -48,6 +60,92 @@ log = logging.getLogger(__name__)
 TMP_MIN_AGE_S = 600.0
 
 
+def _damaged(path: Path, exc: BaseException) -> StorageError | None:
+    """A damaged index as a StorageError that says what to do; None for anything else."""
+    if storage_fault(exc) != DAMAGED:
+        return None
+    return StorageError(f"the index {path} is damaged ({exc}): {REBUILD}")
+
+
+@contextmanager
+def damage_explained(path: Path) -> Iterator[None]:
+    """A damaged index met within: a StorageError that says what to do (not SQLite's
+    "database disk image is malformed" in a traceback)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if (damaged := _damaged(path, exc)) is not None:
+            raise damaged from None
+        raise
+
+
+def open_index(path: Path) -> Database:
+    """The index; a damaged one refused with what to do."""
+    with damage_explained(path):
+        return Database(path)
+
+
+class StorageLock:
+    """``storage_dir/node.lock``, held (flock) while a node uses its storage: a second
+    node on the same folder, or ``dicom-node rebuild-index`` under a running node, is
+    refused. The kernel lets go of it when the process ends, a crash included."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "node.lock"
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StorageError(
+                f"{self.path.parent} is in use by a running node (it holds {self.path.name})"
+            ) from None
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def rebuild_index(settings: Settings) -> tuple[Path, int, int]:
+    """A new index from the spool, for one that is damaged: the index and ``results/``
+    (results of jobs the new index will not know) are set aside in
+    ``storage_dir/damaged-<UTC time>/``, and every file in the spool is indexed again
+    (``Spool.recover``: a file that fails the checks is quarantined). The node then
+    completes those runs after their quiet period and processes them again; their
+    results carry the same UIDs (they follow the content), so a destination that has
+    them already keeps one copy. Returns (the folder set aside, files indexed, files
+    quarantined)."""
+    lock = StorageLock(settings.storage_dir)
+    lock.acquire()
+    try:
+        aside = settings.storage_dir / time.strftime("damaged-%Y%m%dT%H%M%SZ", time.gmtime())
+        aside.mkdir()
+        db_path = settings.db_path
+        for part in (db_path, *(db_path.with_name(db_path.name + s) for s in ("-wal", "-shm"))):
+            if part.exists():
+                part.rename(aside / part.name)
+        results = settings.storage_dir / "results"
+        if results.exists():
+            results.rename(aside / "results")
+        db = Database(db_path)
+        spool = Spool(
+            settings.storage_dir,
+            db,
+            settings.limits,
+            settings.min_free_bytes,
+            settings.max_uid_length,
+        )
+        _, indexed, quarantined = spool.recover()
+        return aside, indexed, quarantined
+    finally:
+        lock.release()
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -62,7 +160,7 @@ class Node:
         failed = write_fails(settings.storage_dir)
         if failed is not None and storage_fault(failed) != FULL:
             raise StorageError(explain(failed, settings.storage_dir))
-        self.db = Database(settings.db_path)
+        self.db = open_index(settings.db_path)
         self.spool = Spool(
             settings.storage_dir,
             self.db,
@@ -103,6 +201,7 @@ class Node:
             reserve=self.reserve,
         )
         self.storage = StorageProbe(self.spool.tmp, settings.min_free_bytes)
+        self.lock = StorageLock(settings.storage_dir)
         self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s)
         self.scheduler = BackgroundScheduler()
         self.server: ThreadedAssociationServer | None = None
@@ -121,12 +220,18 @@ class Node:
 
     def start(self) -> Node:
         logsafe.install()  # PHI-free logs: library warnings lose their values
+        self.lock.acquire()
         try:
-            self._repair()
-        except Exception as exc:  # a full disk: what a crash left is indexed in the reserve
-            if not is_disk_full(exc) or not self.reserve.release():
-                raise
-            self._repair()
+            with damage_explained(self.settings.db_path):
+                try:
+                    self._repair()
+                except Exception as exc:  # a full disk: what a crash left, in the reserve
+                    if not is_disk_full(exc) or not self.reserve.release():
+                        raise
+                    self._repair()
+        except BaseException:
+            self.lock.release()
+            raise
         self.reserve.keep()
         self.router.start()
         self.outbox.start()
@@ -193,6 +298,7 @@ class Node:
         self.outbox.stop()
         self.audit.node_stopped()
         self.audit.close()
+        self.lock.release()
 
     @property
     def port(self) -> int:

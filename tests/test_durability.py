@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1063,3 +1064,68 @@ def test_retries_timed_before_a_clock_step_are_due_after_it(tmp_path: Path) -> N
     assert db.claim_job("w", 60, 3) is not None
     assert [d.id for d in db.due_deliveries(10)] == [delivery.id]
     assert db.after_a_clock_step(time.time(), 300, 300) == 0
+
+
+def test_a_damaged_index_stops_the_start_with_what_to_do_and_is_rebuilt_from_the_spool(
+    make_node: Any, tmp_path: Path, capsys: Any
+) -> None:
+    """The index damaged while the node was down (a disk that lied about a sync, a bad
+    block): the start ended in SQLite's "database disk image is malformed" in a
+    traceback, and nothing said what to do. The start is refused naming the damage and
+    ``dicom-node rebuild-index``; that command sets the index and results/ aside,
+    indexes the spool again, and the next start processes the runs again, their
+    results with the same UIDs. It is refused while a node uses the storage."""
+    from dicom_node.cli import main
+    from dicom_node.errors import StorageError
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    def _result_uids(folder: Path) -> set[str]:
+        return {str(dcmread(f).SOPInstanceUID) for f in folder.glob("*/*.dcm")}
+
+    storage = tmp_path / "node"
+    settings: dict[str, Any] = {
+        "storage_dir": str(storage),
+        "completion": {"quiet_period_s": 1.0, "sweep_interval_s": 0.2},
+        "rules": [{"name": "all", "match": {}, "pipelines": ["minip"]}],
+    }
+    node = make_node(**settings)
+    _store(node, xa_run(frames=3, seed=1), xa_run(frames=4, seed=2))
+    wait_for(lambda: len(node.db.query("SELECT * FROM jobs WHERE state='done'")) == 2, 60)
+    before = _result_uids(storage / "results")
+    config = tmp_path / "node.toml"
+    config.write_text(f'storage_dir = "{storage}"\n')
+    assert main(["rebuild-index", "--config", str(config)]) == 2  # the node runs: refused
+    assert "in use by a running node" in capsys.readouterr().err
+    node.stop()
+
+    index = storage / "node.sqlite"
+    with sqlite3.connect(index) as con:  # what the WAL holds, into the file
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(index.read_bytes())
+    data[4096:] = b"\xab" * (len(data) - 4096)  # every page after the first
+    index.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="damaged.*rebuild-index"):
+        started = Node(load_settings(None, environ={}, port=0, api={"port": 0}, **settings))
+        try:
+            started.start()
+        finally:
+            started.stop()
+    assert main(["status", "--config", str(config)]) == 2
+    assert "rebuild-index" in capsys.readouterr().err
+
+    assert main(["rebuild-index", "--config", str(config)]) == 0
+    said = capsys.readouterr().out
+    assert "2 file(s) indexed, 0 quarantined" in said, said
+    (aside,) = storage.glob("damaged-*")
+    assert (aside / "node.sqlite").exists() and (aside / "results").is_dir()
+
+    node = make_node(**settings)
+    wait_for(
+        lambda: len(node.db.query("SELECT * FROM jobs WHERE state='done'")) == 2,
+        60,
+        what="both runs processed again after the rebuild",
+    )
+    assert _result_uids(aside / "results") == before
+    after = _result_uids(storage / "results")
+    assert after == before and len(after) == 2
