@@ -313,7 +313,22 @@ CREATE TABLE IF NOT EXISTS results (
     series_id TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT, description TEXT,
     sop_class_uid TEXT, reason TEXT, instances INTEGER NOT NULL DEFAULT 0, first_at REAL);
 """
-STATES = ("queued", "sending", "retrying", "sent", "failed")
+STATES = ("queued", "sending", "retrying", "sent", "failed", "split")
+# A C-STORE status the node answers for good (README: 0xA900, 0xC000-0xC002, 0x0122): sent
+# again, the instance is refused again. Out of resources (0xA7xx) and a processing
+# failure (0x0110, 0x0213) may pass: those are retried (as the node's own outbox does).
+_DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
+
+
+def refusal(error: str) -> int | None:
+    """The status of a C-STORE the node refused for good, from an Orthanc job's error."""
+    found = _DIMSE_STATUS.search(error)
+    if found is None:
+        return None
+    status = int(found.group(1), 16)
+    if status in (0x0000, 0x0110, 0x0213) or status & 0xFF00 in (0xA700, 0xB000):
+        return None
+    return status
 
 
 class Ledger:
@@ -540,6 +555,14 @@ class Ledger:
             (state, attempts, error[:2000], t + config.backoff(attempts), t, fid),
         )
         return state
+
+    def given_up(self, fid: int, state: str, error: str) -> None:
+        """A forward not tried again: 'failed' (the node refused its one instance) or
+        'split' (one of its instances refused: the others sent by forwards of their own)."""
+        self.execute(
+            "UPDATE forwards SET state=?, attempts=attempts+1, error=?, updated_at=? WHERE id=?",
+            (state, error[:2000], time.time(), fid),
+        )
 
     def retry_now(self, fid: int) -> bool:
         """A forward (failed or waiting for its backoff) is due again now, with a fresh count."""

@@ -24,6 +24,7 @@ from angio_core import (
     OrthancError,
     frames_of,
     log,
+    refusal,
 )
 
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
@@ -259,11 +260,67 @@ class Forwarder:
             elif state == "Failure":
                 content = job.get("Content") or {}
                 details = job.get("ErrorDetails") or content.get("FunctionErrorDescription") or ""
-                self._failed(
-                    row,
-                    f"job {row['job_id']}: {job.get('ErrorDescription', '?')}"
-                    + (f": {details}" if details else ""),
+                more = content.get("FunctionErrorDetails")  # the STOW-RS client's: "4 out of 5"
+                if more and more not in details:
+                    details = f"{details}: {more}" if details else str(more)
+                error = f"job {row['job_id']}: {job.get('ErrorDescription', '?')}" + (
+                    f": {details}" if details else ""
                 )
+                if refusal(error) is not None:
+                    self._refused(row, error)
+                else:
+                    self._failed(row, error)
+
+    def _refused(self, row: dict[str, Any], error: str) -> None:
+        """The node refused an instance for good (its status says so): sending it again
+        would be refused again. Orthanc's job stops at the refusal, so that the rest of
+        a series never arrived, and the forward was tried ``MaxAttempts`` times, the
+        node left with a part of the run. One instance: failed at once, with the reason.
+        Several: each is sent by a forward of its own (the one refused fails alone; the
+        node stores again those that arrived once), and the node completes the run
+        after its quiet period."""
+        resources = json.loads(row["resources"])
+        if len(resources) == 1:
+            self.ledger.given_up(
+                row["id"], "failed", f"refused by the node, not sent again: {error}"
+            )
+            log.error(
+                "angio-forward: forward %d refused by the node, not sent again: %s",
+                row["id"],
+                error,
+            )
+            self._mark_source(row, f"failed: refused by the node: {error}"[:500])
+            return
+        children = [
+            self.ledger.add_forward(
+                "series",
+                row["rule"],
+                row["study_uid"],
+                row["series_uid"],
+                None,
+                row["series_id"],
+                [iid],
+                False,
+                row["transport"],
+            )
+            for iid in resources
+        ]
+        self.ledger.given_up(
+            row["id"],
+            "split",
+            f"the node refused one of its {len(resources)} instances ({error}): each sent by "
+            f"a forward of its own, {children[0]}-{children[-1]}",
+        )
+        log.warning(
+            "angio-forward: forward %d: the node refused one of its %d instances (%s); each is "
+            "sent by a forward of its own, %d-%d",
+            row["id"],
+            len(resources),
+            error,
+            children[0],
+            children[-1],
+        )
+        self.wake.set()
 
     def _failed(self, row: dict[str, Any], error: str) -> None:
         state = self.ledger.attempt_failed(row["id"], error, self.config)

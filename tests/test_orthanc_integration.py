@@ -651,3 +651,113 @@ def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
 
 
 # What the radiologist sees (OHIF, Orthanc Explorer, Orthanc's Web Viewer): tests/test_viewers.py
+
+
+@needs_orthanc
+@needs_storescu
+def test_an_instance_the_node_refuses_holds_back_none_of_the_others(tmp_path: Path) -> None:
+    """A series of five instances through Orthanc, one of which the node refuses for
+    good (0xA900: Bits Stored over Bits Allocated). Orthanc's store job stopped at it,
+    so the three after it never reached the node; the forward was sent eight times,
+    refused eight times, and failed, and the node held one instance of five. Now each
+    instance goes by a forward of its own: four are stored, the refused one fails
+    once with the node's status, and the node processes the four. A multi-frame run
+    the node refuses fails at once, not after eight attempts."""
+    node_port, api_port = free_port(), free_port()
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=FAST,
+        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
+    )
+    try:
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=3
+        ) as node:
+            series = single_frame_series(5)
+            series[1].BitsStored = 17  # Orthanc stores it; the node refuses it 0xA900
+            storescu(pacs, *[save(ds, tmp_path / "in") for ds in series])
+            run = xa_run(frames=4, seed=6)
+            run.BitsStored = 17
+            storescu(pacs, save(run, tmp_path / "in"))
+            series_uid = str(series[0].SeriesInstanceUID)
+            wait_for(
+                "the four instances the node takes processed",
+                lambda: node.db.query(
+                    "SELECT id FROM jobs WHERE run_id=? AND state='done'", (series_uid,)
+                ),
+                timeout=60,
+            )
+            stored = node.db.query(
+                "SELECT sop_instance_uid FROM instances WHERE series_uid=?", (series_uid,)
+            )
+            assert {r["sop_instance_uid"] for r in stored} == {
+                str(ds.SOPInstanceUID) for i, ds in enumerate(series) if i != 1
+            }
+            listed = wait_for(
+                "every forward settled",
+                lambda: (
+                    (fws := forwards(pacs))
+                    and all(f["state"] in ("sent", "failed", "split") for f in fws)
+                    and fws
+                ),
+            )
+            by_state: dict[str, list[dict[str, Any]]] = {}
+            for f in listed:
+                by_state.setdefault(f["state"], []).append(f)
+            (split,) = by_state["split"]
+            assert split["attempts"] == 1 and "0xA900" in split["error"]
+            assert len(by_state["sent"]) == 4
+            failed = sorted(by_state["failed"], key=lambda f: f["id"])
+            assert len(failed) == 2 and all(
+                f["attempts"] == 1 and "0xA900" in f["error"] for f in failed
+            ), failed
+            assert {f["kind"] for f in failed} == {"instance", "series"}
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
+def test_over_stow_rs_the_others_arrive_and_the_forward_says_how_many(tmp_path: Path) -> None:
+    """The same series over STOW-RS: one request carries all five, so the four the node
+    takes arrive; the forward is retried (the node's per-instance reasons do not reach
+    the plugin, and a refusal for want of room passes) and its error says "4 instances
+    out of 5", which it did not (only "Error in the network protocol")."""
+    node_port, api_port = free_port(), free_port()
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Transport"] = "dicomweb"
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={
+            "aet": NODE_AET,
+            "port": node_port,
+            "api_url": f"http://127.0.0.1:{api_port}",
+            "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/",
+        },
+    )
+    try:
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=3
+        ) as node:
+            series = single_frame_series(5)
+            series[1].BitsStored = 17
+            storescu(pacs, *[save(ds, tmp_path / "in") for ds in series])
+            (fw,) = wait_for(
+                "a failed attempt of the forward",
+                lambda: [f for f in forwards(pacs) if f["attempts"] >= 1],
+            )
+            assert "only able to receive 4 instances out of 5" in fw["error"], fw["error"]
+            series_uid = str(series[0].SeriesInstanceUID)
+            wait_for(
+                "the four instances the node takes processed",
+                lambda: node.db.query(
+                    "SELECT id FROM jobs WHERE run_id=? AND state='done'", (series_uid,)
+                ),
+                timeout=60,
+            )
+            assert len(node.db.query("SELECT 1 FROM instances")) == 4
+    finally:
+        pacs.stop()
