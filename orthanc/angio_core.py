@@ -309,6 +309,10 @@ CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY, series_id TEXT, study_uid TEXT, series_uid TEXT,
     sop_instance_uid TEXT, rule TEXT, forward_id INTEGER, seen_at REAL);
 CREATE INDEX IF NOT EXISTS instances_waiting ON instances(series_id, forward_id);
+CREATE TABLE IF NOT EXISTS unread (
+    instance_id TEXT PRIMARY KEY, change_seq INTEGER, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL, next_try REAL NOT NULL, error TEXT, first_at REAL,
+    updated_at REAL);
 CREATE TABLE IF NOT EXISTS results (
     series_id TEXT PRIMARY KEY, study_uid TEXT, series_uid TEXT, description TEXT,
     sop_class_uid TEXT, reason TEXT, instances INTEGER NOT NULL DEFAULT 0, first_at REAL);
@@ -364,6 +368,42 @@ class Ledger:
 
     def set_meta(self, key: str, value: str) -> None:
         self.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
+    # -- new instances that could not be read -----------------------------------------
+    def unread_failed(self, instance_id: str, seq: int, error: str, config: Config) -> str:
+        """A new instance Orthanc could not give (its file lost or damaged in Orthanc's
+        storage): tried again with the forwards' backoff, 'failed' after MaxAttempts.
+        Returns the state."""
+        t = time.time()
+        with self.lock:
+            rows = self.query("SELECT attempts FROM unread WHERE instance_id=?", (instance_id,))
+            attempts = (rows[0]["attempts"] if rows else 0) + 1
+            state = "failed" if attempts >= config.max_attempts else "retrying"
+            self.execute(
+                "INSERT INTO unread VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(instance_id) DO UPDATE "
+                "SET state=excluded.state, attempts=excluded.attempts, "
+                "next_try=excluded.next_try, error=excluded.error, updated_at=excluded.updated_at",
+                (
+                    instance_id,
+                    seq,
+                    state,
+                    attempts,
+                    t + config.backoff(attempts),
+                    error[:2000],
+                    t,
+                    t,
+                ),
+            )
+        return state
+
+    def unread_due(self, now: float) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT * FROM unread WHERE state='retrying' AND next_try<=? ORDER BY change_seq",
+            (now,),
+        )
+
+    def unread_read(self, instance_id: str) -> None:
+        self.execute("DELETE FROM unread WHERE instance_id=?", (instance_id,))
 
     def known_instance(self, instance_id: str) -> bool:
         return bool(self.query("SELECT 1 FROM instances WHERE instance_id=?", (instance_id,)))

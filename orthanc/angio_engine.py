@@ -92,7 +92,13 @@ class Forwarder:
 
     def step(self) -> None:
         """One pass; a failing part is logged and retried at the next pass."""
-        for part in (self.catch_up, self.dispatch, self.poll_jobs, self.trigger_pending):
+        for part in (
+            self.catch_up,
+            self.read_again,
+            self.dispatch,
+            self.poll_jobs,
+            self.trigger_pending,
+        ):
             if self.stop_event.is_set():
                 return
             try:
@@ -118,13 +124,68 @@ class Forwarder:
         while not self.stop_event.is_set():
             page = self.api.get(f"/changes?since={since}&limit={PAGE}")
             for change in page["Changes"]:
-                self._handle_change(change)
+                self._handle_or_defer(change)
                 since = int(change["Seq"])
                 self.ledger.set_meta("last_change", str(since))
                 handled += 1
             if page["Done"] or not page["Changes"]:
                 break
         return handled
+
+    def _handle_or_defer(self, change: dict[str, Any]) -> None:
+        """Handle a change; a new instance Orthanc cannot give is set aside and read again
+        later (``read_again``), so that the changes after it are handled: one instance
+        whose file Orthanc lost or cannot parse stopped the change log there for good,
+        and nothing sent after it was forwarded."""
+        try:
+            self._handle_change(change)
+        except (OrthancError, OSError, ValueError, KeyError) as exc:
+            if change["ChangeType"] != "NewInstance":
+                raise
+            self._unread(str(change["ID"]), int(change["Seq"]), exc)
+
+    def _unread(self, instance_id: str, seq: int, exc: Exception) -> None:
+        error = f"cannot be read: {exc}"
+        state = self.ledger.unread_failed(instance_id, seq, error, self.config)
+        if state == "failed":
+            self.last_error = f"instance {instance_id} not forwarded: {error}"
+            log.error(
+                "angio-forward: instance %s (change %d) not forwarded after %d attempts: %s",
+                instance_id,
+                seq,
+                self.config.max_attempts,
+                error,
+            )
+        else:
+            log.warning(
+                "angio-forward: instance %s (change %d) %s; read again later",
+                instance_id,
+                seq,
+                error,
+            )
+
+    def read_again(self) -> None:
+        """New instances set aside by ``_handle_or_defer`` whose next try is due. A
+        single-frame one whose series Orthanc found stable meanwhile is forwarded now
+        (its StableSeries change has passed)."""
+        for row in self.ledger.unread_due(time.time()):
+            rid = row["instance_id"]
+            try:
+                self.handle_instance(rid)
+                series = self.api.get(f"/instances/{rid}/series")
+            except OrthancError as exc:
+                if exc.code == UNKNOWN_RESOURCE:
+                    self.ledger.unread_read(rid)  # deleted meanwhile
+                    continue
+                self._unread(rid, row["change_seq"], exc)
+                continue
+            except (OSError, ValueError, KeyError) as exc:
+                self._unread(rid, row["change_seq"], exc)
+                continue
+            self.ledger.unread_read(rid)
+            log.info("angio-forward: instance %s read at attempt %d", rid, row["attempts"] + 1)
+            if series.get("IsStable"):
+                self.handle_stable_series(str(series["ID"]))
 
     def _handle_change(self, change: dict[str, Any]) -> None:
         kind, rid = change["ChangeType"], change["ID"]

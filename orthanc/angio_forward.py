@@ -174,6 +174,10 @@ def rest_status(method: str, groups: Any, query: dict[str, str]) -> Any:
         "worker_alive": fw.alive,
         "last_error": fw.last_error,
         "results": fw.ledger.query("SELECT COUNT(*) n FROM results")[0]["n"],
+        "unread": fw.ledger.query(
+            "SELECT instance_id, state, attempts, error FROM unread ORDER BY change_seq DESC "
+            "LIMIT 20"
+        ),
     }
 
 

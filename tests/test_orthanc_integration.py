@@ -761,3 +761,70 @@ def test_over_stow_rs_the_others_arrive_and_the_forward_says_how_many(tmp_path: 
             assert len(node.db.query("SELECT 1 FROM instances")) == 4
     finally:
         pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
+def test_an_instance_orthanc_cannot_give_holds_back_none_after_it(tmp_path: Path) -> None:
+    """Instances stored while forwarding was off, one run's file then lost from Orthanc's
+    storage and one file of a single-frame series moved away for a moment. The plugin
+    stopped its change log at the first instance it could not read: nothing sent after
+    it was ever forwarded. Now such an instance is set aside and read again with the
+    forwards' backoff: the runs after it are forwarded, the series once its file is back
+    (its StableSeries has passed by then), and the lost one fails after MaxAttempts,
+    listed in the status with Orthanc's error."""
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Enabled"] = False
+    overrides["AngioNode"]["Retry"]["MaxAttempts"] = 5
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={"aet": NODE_AET, "port": free_port(), "api_url": f"http://127.0.0.1:{free_port()}"},
+    )
+    try:
+        runs = [xa_run(frames=3, seed=s) for s in (1, 2, 3)]
+        singles = single_frame_series(3)
+        storescu(pacs, *[save(ds, tmp_path / "in") for ds in runs[:2] + singles + runs[2:]])
+
+        def stored_file(ds: Any) -> Path:
+            iid = pacs.post("/tools/lookup", data=str(ds.SOPInstanceUID)).json()[0]["ID"]
+            uuid = pacs.get(f"/instances/{iid}/attachments/dicom/info").json()["Uuid"]
+            storage = Path(pacs.config["StorageDirectory"])
+            return next((pacs.config_path.parent / storage).rglob(uuid))
+
+        stored_file(runs[1]).unlink()  # lost for good
+        moved = stored_file(singles[1])
+        away = moved.rename(tmp_path / "away")
+        pacs.stop()
+        config = pacs.config
+        config["AngioNode"].update(Enabled=True, ForwardExistingOnFirstStart=True)
+        pacs.config_path.write_text(json.dumps(config))
+        pacs.start()
+        wait_for("the series' file set aside", lambda: "cannot be read" in pacs.log_text())
+        away.rename(moved)  # back
+
+        def series_sent(fws: list[dict[str, Any]]) -> set[str]:
+            return {r for f in fws if f["kind"] == "series" for r in f["resources"]}
+
+        listed = wait_for(  # the series in two: what Orthanc gave at once, then the third
+            "the runs after the lost one, and the whole series, forwarded",
+            lambda: (fws := forwards(pacs)) and len(series_sent(fws)) == 3 and fws,
+        )
+        assert {f["sop_instance_uid"] for f in listed if f["kind"] == "instance"} == {
+            str(runs[0].SOPInstanceUID),
+            str(runs[2].SOPInstanceUID),
+        }
+        assert {f["series_uid"] for f in listed if f["kind"] == "series"} == {
+            str(singles[0].SeriesInstanceUID)
+        }
+        (lost,) = wait_for(
+            "the lost run failed",
+            lambda: [
+                u for u in pacs.get("/angio-node/status").json()["unread"] if u["state"] == "failed"
+            ],
+        )
+        assert lost["attempts"] == 5 and "cannot be read" in lost["error"]
+        assert pacs.get("/angio-node/status").json()["worker_alive"]
+    finally:
+        pacs.stop()
