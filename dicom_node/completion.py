@@ -66,9 +66,10 @@ class Sweeper:
     back of the clock (NTP, a virtual machine restored from a snapshot) paused its jobs
     by the size of the step, and with the sweep the completion of every series."""
 
-    def __init__(self, tick: Callable[[], None], interval_s: float) -> None:
+    def __init__(self, tick: Callable[[], None], interval_s: float, scope: object = None) -> None:
         self.tick = tick
         self.interval_s = interval_s
+        self.scope = scope  # the node's index: its loops' faults, for /health
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
 
@@ -81,7 +82,7 @@ class Sweeper:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        full = Waiting("completion sweep")
+        full = Waiting("completion sweep", self.scope)
         next_at = time.monotonic()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at = time.monotonic() + self.interval_s

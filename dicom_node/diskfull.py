@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,31 @@ def describe(fault: str) -> str:
     return f"the node's storage cannot be written (the disk is {fault})"
 
 
+_WAITING: weakref.WeakSet[Waiting] = weakref.WeakSet()
+
+
+def faults_met(scope: object) -> list[str]:
+    """What the loops of ``scope`` (a node's index) wait on now, but a full disk (the
+    probe sees that itself): a damaged index is met only by the loops that read it."""
+    return [
+        f"{w.loop}: {describe(w.fault)}"
+        for w in list(_WAITING)
+        if w.scope is scope and w.fault not in (None, FULL)
+    ]
+
+
 class Waiting:
     """One loop's view of a full or failing disk: logged once when met, again when it
     turns from one to the other, and once when it clears (not a traceback at every
-    poll)."""
+    poll). ``scope`` (the node's index) groups a node's loops for ``faults_met``."""
 
-    def __init__(self, loop: str) -> None:
+    def __init__(self, loop: str, scope: object = None) -> None:
         self.loop = loop
+        self.scope = scope
         self.since: float | None = None
         self.fault: str | None = None
         self.tries = 0
+        _WAITING.add(self)
 
     @property
     def delay_s(self) -> float:
@@ -216,20 +232,27 @@ class StorageProbe:
     and a small file written and synced in ``folder`` (the spool's ``tmp/``). Asked by
     ``/health``, which needs no token, so it writes at most once every ``every_s``."""
 
-    def __init__(self, folder: Path, min_free_bytes: int, every_s: float = 5.0) -> None:
+    def __init__(
+        self, folder: Path, min_free_bytes: int, scope: object = None, every_s: float = 5.0
+    ) -> None:
         self.folder = folder
         self.min_free_bytes = min_free_bytes
+        self.scope = scope
         self.every_s = every_s
         self._lock = threading.Lock()
         self._at: float | None = None
         self._problem: str | None = None
 
     def problem(self) -> str | None:
-        """Why the node cannot store now, or None."""
+        """Why the node cannot store now, or None: the probe's answer, or a fault one of
+        the node's loops waits on (a damaged index)."""
         with self._lock:
             if self._at is None or time.monotonic() - self._at >= self.every_s:
                 self._problem = self._probe()
                 self._at = time.monotonic()
+            if self._problem is None and self.scope is not None:
+                met = faults_met(self.scope)
+                return met[0] if met else None
             return self._problem
 
     def _probe(self) -> str | None:

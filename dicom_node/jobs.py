@@ -118,7 +118,7 @@ class Workers:
     def _loop(self, index: int) -> None:
         worker = f"{self.prefix}-{index}"
         process = self.processes[index]
-        full = Waiting(worker)
+        full = Waiting(worker, self.db)
         while not self.stopping.is_set():
             try:
                 job = self.db.claim_job(worker, self.settings.lease_s, self.settings.max_attempts)

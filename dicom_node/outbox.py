@@ -61,7 +61,7 @@ class Outbox:
             t.join(timeout)
 
     def _loop(self, destination: str | None) -> None:
-        full = Waiting(f"outbox ({destination or 'other'})")
+        full = Waiting(f"outbox ({destination or 'other'})", self.db)
         while not self.stop_event.is_set():
             try:
                 busy = self.deliver_due(destination)

@@ -68,7 +68,7 @@ class Retention:
         self.audit = audit
         self.free_bytes = free_bytes or (lambda: shutil.disk_usage(spool.root).free)
         self.reserve = reserve
-        self.waiting = Waiting("retention")
+        self.waiting = Waiting("retention", db)
 
     def run(self) -> int:
         """One pass of both rules (and of purges a crash cut short); returns how many

@@ -55,7 +55,7 @@ class Router:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        full = Waiting("router")
+        full = Waiting("router", self.db)
         while not self._stop.is_set():
             try:
                 self.route_pending()

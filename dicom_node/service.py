@@ -200,9 +200,9 @@ class Node:
             self.audit,
             reserve=self.reserve,
         )
-        self.storage = StorageProbe(self.spool.tmp, settings.min_free_bytes)
+        self.storage = StorageProbe(self.spool.tmp, settings.min_free_bytes, self.db)
         self.lock = StorageLock(settings.storage_dir)
-        self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s)
+        self.sweeper = completion.Sweeper(self.sweep, settings.completion.sweep_interval_s, self.db)
         self.scheduler = BackgroundScheduler()
         self.server: ThreadedAssociationServer | None = None
         self.api: ThreadingHTTPServer | None = None

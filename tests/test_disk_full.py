@@ -384,3 +384,35 @@ def test_a_failing_disk_is_reported_and_logged_once_not_at_every_poll(
     assert all(r.exc_info is None for r in caplog.records if r.levelno >= logging.ERROR)
     with pytest.raises(StorageError, match="read-only"):
         Node(load_settings(None, environ={}, port=0, api={"port": 0}, **settings))
+
+
+def test_a_damaged_index_a_loop_meets_is_what_health_says(tmp_path: Path) -> None:
+    """A loop that meets a damaged index (SQLite's own error, from a file damaged on
+    disk) logs it once; ``/health``'s probe writes a file, which a damaged index does
+    not stop, so it said ok. It now names what the node's loops wait on (not another
+    node's), until they pass."""
+    import sqlite3
+
+    from dicom_node.diskfull import StorageProbe, Waiting
+
+    path = tmp_path / "index.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE t (x TEXT)")
+        con.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 200)
+    data = bytearray(path.read_bytes())
+    data[4096:] = b"\xab" * (len(data) - 4096)
+    path.write_bytes(bytes(data))
+    with pytest.raises(sqlite3.DatabaseError) as damaged:
+        sqlite3.connect(path).execute("SELECT count(*) FROM t").fetchall()
+
+    index, other = object(), object()
+    probe = StorageProbe(tmp_path, 0, index)
+    assert probe.problem() is None
+    router = Waiting("router", index)
+    assert router.met(damaged.value)
+    said = probe.problem()
+    assert said is not None and said.startswith("router: the node's index is damaged")
+    assert "rebuild-index" in said
+    assert StorageProbe(tmp_path, 0, other).problem() is None  # another node's loops
+    router.passed()
+    assert probe.problem() is None
