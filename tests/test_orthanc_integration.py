@@ -100,6 +100,36 @@ def single_frame_series(frames: int = 5) -> list:
     return out
 
 
+def pacs_for_node(
+    tmp_path: Path, overrides: dict[str, Any] = FAST, dicomweb: bool = False
+) -> tuple[OrthancProcess, int, int]:
+    """Orthanc with the plugin, pointed at a node still to start on the two ports
+    returned (DICOM, API); ``dicomweb``: forwards by STOW-RS."""
+    node_port, api_port = free_port(), free_port()
+    node: dict[str, Any] = {
+        "aet": NODE_AET,
+        "port": node_port,
+        "api_url": f"http://127.0.0.1:{api_port}",
+    }
+    if dicomweb:
+        overrides = copy.deepcopy(overrides)
+        overrides["AngioNode"]["Transport"] = "dicomweb"
+        node["dicomweb_url"] = f"http://127.0.0.1:{api_port}/dicom-web/"
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node=node)
+    return pacs, node_port, api_port
+
+
+def _processed(node: Any, series: list[Any]) -> str:
+    """Wait for the node to process the series; its UID."""
+    series_uid = str(series[0].SeriesInstanceUID)
+    wait_for(
+        "the instances the node takes processed",
+        lambda: node.db.query("SELECT id FROM jobs WHERE run_id=? AND state='done'", (series_uid,)),
+        timeout=60,
+    )
+    return series_uid
+
+
 MINIP_ONLY = [{"name": "dsa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}]
 
 
@@ -332,13 +362,7 @@ def test_bad_plugin_config_is_reported_not_ignored(tmp_path: Path) -> None:
 @needs_orthanc
 @needs_storescu
 def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
-    node_port, api_port = free_port(), free_port()
-    pacs = start_orthanc(
-        tmp_path,
-        with_plugin=True,
-        overrides=FAST,
-        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
-    )
+    pacs, node_port, api_port = pacs_for_node(tmp_path)
     try:
         with running_node(
             tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=60
@@ -619,20 +643,7 @@ def test_stow_rs_stores_like_c_store_and_refuses_precisely(tmp_path: Path) -> No
 @needs_storescu
 def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
     """Orthanc's DICOMweb STOW client job carries the run to the node's STOW-RS endpoint."""
-    node_port, api_port = free_port(), free_port()
-    overrides = copy.deepcopy(FAST)
-    overrides["AngioNode"]["Transport"] = "dicomweb"
-    pacs = start_orthanc(
-        tmp_path,
-        with_plugin=True,
-        overrides=overrides,
-        node={
-            "aet": NODE_AET,
-            "port": node_port,
-            "api_url": f"http://127.0.0.1:{api_port}",
-            "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/",
-        },
-    )
+    pacs, node_port, api_port = pacs_for_node(tmp_path, dicomweb=True)
     try:
         with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
             run = xa_run(frames=5, seed=8)
@@ -663,13 +674,7 @@ def test_an_instance_the_node_refuses_holds_back_none_of_the_others(tmp_path: Pa
     instance goes by a forward of its own: four are stored, the refused one fails
     once with the node's status, and the node processes the four. A multi-frame run
     the node refuses fails at once, not after eight attempts."""
-    node_port, api_port = free_port(), free_port()
-    pacs = start_orthanc(
-        tmp_path,
-        with_plugin=True,
-        overrides=FAST,
-        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
-    )
+    pacs, node_port, api_port = pacs_for_node(tmp_path)
     try:
         with running_node(
             tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=3
@@ -680,14 +685,7 @@ def test_an_instance_the_node_refuses_holds_back_none_of_the_others(tmp_path: Pa
             run = xa_run(frames=4, seed=6)
             run.BitsStored = 17
             storescu(pacs, save(run, tmp_path / "in"))
-            series_uid = str(series[0].SeriesInstanceUID)
-            wait_for(
-                "the four instances the node takes processed",
-                lambda: node.db.query(
-                    "SELECT id FROM jobs WHERE run_id=? AND state='done'", (series_uid,)
-                ),
-                timeout=60,
-            )
+            series_uid = _processed(node, series)
             stored = node.db.query(
                 "SELECT sop_instance_uid FROM instances WHERE series_uid=?", (series_uid,)
             )
@@ -724,20 +722,7 @@ def test_over_stow_rs_the_others_arrive_and_the_forward_says_how_many(tmp_path: 
     takes arrive; the forward is retried (the node's per-instance reasons do not reach
     the plugin, and a refusal for want of room passes) and its error says "4 instances
     out of 5", which it did not (only "Error in the network protocol")."""
-    node_port, api_port = free_port(), free_port()
-    overrides = copy.deepcopy(FAST)
-    overrides["AngioNode"]["Transport"] = "dicomweb"
-    pacs = start_orthanc(
-        tmp_path,
-        with_plugin=True,
-        overrides=overrides,
-        node={
-            "aet": NODE_AET,
-            "port": node_port,
-            "api_url": f"http://127.0.0.1:{api_port}",
-            "dicomweb_url": f"http://127.0.0.1:{api_port}/dicom-web/",
-        },
-    )
+    pacs, node_port, api_port = pacs_for_node(tmp_path, dicomweb=True)
     try:
         with running_node(
             tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=3
@@ -750,14 +735,7 @@ def test_over_stow_rs_the_others_arrive_and_the_forward_says_how_many(tmp_path: 
                 lambda: [f for f in forwards(pacs) if f["attempts"] >= 1],
             )
             assert "only able to receive 4 instances out of 5" in fw["error"], fw["error"]
-            series_uid = str(series[0].SeriesInstanceUID)
-            wait_for(
-                "the four instances the node takes processed",
-                lambda: node.db.query(
-                    "SELECT id FROM jobs WHERE run_id=? AND state='done'", (series_uid,)
-                ),
-                timeout=60,
-            )
+            _processed(node, series)
             assert len(node.db.query("SELECT 1 FROM instances")) == 4
     finally:
         pacs.stop()
