@@ -47,6 +47,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from dicom_node import stow
+from dicom_node.diskfull import FULL, READ_ONLY, WAIT_MAX_S, WAIT_S, storage_fault
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
@@ -189,6 +190,14 @@ def load_worker_config(
     return config
 
 
+class _Unwritable(Exception):
+    """The job's results could not be written: its disk is full or read-only."""
+
+    def __init__(self, fault: str, reason: str) -> None:
+        super().__init__(reason)
+        self.fault, self.reason = fault, reason
+
+
 class Beat:
     """The heartbeat of one attempt; a cancelled attempt (the heartbeat timed out, the
     drain time is over) sets ``stopping``, which ends the worker process's job."""
@@ -243,7 +252,7 @@ class NodeClient:
             if time.monotonic() + delay > deadline:
                 raise _error(f"the node did not answer while {what} ({problem})", self.attempt)
             log.warning("node unreachable while %s (%s); retry in %.1f s", what, problem, delay)
-            self._pause(what, delay)
+            self.pause(what, delay)
             delay = min(delay * 2, 10.0)
         if resp.status_code in (401, 403):
             raise _error(
@@ -306,7 +315,7 @@ class NodeClient:
                 if time.monotonic() > deadline:
                     raise _error(f"{what}: transfer broke off ({exc})", self.attempt) from None
                 log.warning("%s: transfer broke off (%s); again", what, type(exc).__name__)
-                self._pause(what, 1.0)
+                self.pause(what, 1.0)
 
     def _fetch_once(self, path: str, target: Path, what: str, written: list[Path]) -> None:
         resp = self._request(what, "GET", path, headers={"Accept": ACCEPT_AS_STORED}, stream=True)
@@ -330,13 +339,13 @@ class NodeClient:
         finally:
             resp.close()
 
-    def _pause(self, what: str, seconds: float) -> None:
+    def pause(self, what: str, seconds: float) -> None:
         """Wait, heartbeating; a cancelled attempt stops waiting."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             self.beat(what)
             if self.beat.stopping.is_set():
-                raise _error("cancelled while waiting for the node", self.attempt)
+                raise _error(f"cancelled while {what}", self.attempt)
             time.sleep(min(0.5, seconds))
 
     def upload(self, job: JobInput, paths: list[Path]) -> None:
@@ -423,7 +432,29 @@ class JobRunner:
             log.info(
                 "job %d: %s on run %s, attempt %d", job.job_id, job.pipeline, job.run_id, attempt
             )
-            return self._process(job, attempt, node, beat, work)
+            delay = WAIT_S
+            while True:  # a full or read-only disk is waited out within the attempt
+                try:
+                    return self._process(job, attempt, node, beat, work)
+                except _Unwritable as exc:
+                    fault, what = exc.fault, exc.reason
+                except OSError as exc:
+                    met = storage_fault(exc)
+                    if met not in (FULL, READ_ONLY):
+                        raise
+                    fault, what = str(met), f"{type(exc).__name__}: {exc}"
+                shutil.rmtree(work, ignore_errors=True)
+                log.warning(
+                    "job %d: the disk it writes to is %s (%s): tried again in %.0f s, within "
+                    "attempt %d",
+                    job.job_id,
+                    fault,
+                    what,
+                    delay,
+                    attempt,
+                )
+                node.pause(f"waiting for a disk that is {fault}", delay)
+                delay = min(2 * delay, WAIT_MAX_S)
         finally:
             node.close()
             shutil.rmtree(work, ignore_errors=True)
@@ -476,6 +507,8 @@ class JobRunner:
             self.pool.put(process)
         if outcome.interrupted:
             raise _error("the attempt was cancelled (heartbeat lost or drain time over)", attempt)
+        if outcome.unwritable:
+            raise _Unwritable(outcome.unwritable, outcome.error or "")
         if not outcome.ok:
             raise _error(outcome.error or "unknown error", attempt, permanent=not outcome.transient)
         t1 = time.monotonic()
