@@ -37,7 +37,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-WAIT_S = 2.0  # how long a loop waits before it tries again on a full disk, at first
+WAIT_S = 2.0  # how long a loop waits before it tries again on a full or failing disk
 WAIT_MAX_S = 60.0  # ... doubled at each try, up to this
 
 

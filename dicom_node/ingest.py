@@ -84,7 +84,7 @@ class Ingest:
             log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
             return Receipt(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001 - any defect of ours must still answer, not hang
-            fault = storage_fault(exc)  # the index or a folder on a full or failing disk
+            fault = storage_fault(exc)  # the spool's files or the index, full or failing
             if fault is not None:
                 reason = f"cannot store: {describe(fault)}: {exc}"
                 log.warning("instance from %s refused (0xA700): %s", source, reason)

@@ -52,7 +52,6 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
-from dicom_node.diskfull import storage_fault
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
@@ -574,14 +573,6 @@ def embedded_meta(fp: BinaryIO) -> tuple[int, int, int] | None:
     return (start, pos, count) if count and pos <= end_of_file else None
 
 
-def _refuse_on_storage_fault(exc: OSError, final: Path) -> None:
-    """A full, read-only or failing disk refuses the instance 0xA700 (out of resources:
-    the sender tries again later), naming the fault; anything else is for the caller."""
-    fault = storage_fault(exc)
-    if fault is not None:
-        raise OutOfResources(f"disk {fault} while writing {final.name}: {exc}") from None
-
-
 def _make_parent(path: Path) -> None:
     """Its folder, made again should a purge remove an empty study folder between the
     study's and the series' mkdir (another series' purge holds another lock)."""
@@ -646,9 +637,8 @@ class Spool:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
+        except OSError:  # a full or failing disk: 0xA700 in ingest, like the index's
             tmp.unlink(missing_ok=True)
-            _refuse_on_storage_fault(exc, final)
             raise
 
     def _move_durably(self, source: Path, final: Path) -> None:
@@ -656,26 +646,22 @@ class Spool:
         (a copy through ``tmp/`` when it lies on another file system), fsync the
         directory."""
         _make_parent(final)
+        with open(source, "rb") as fh:
+            os.fsync(fh.fileno())
         try:
-            with open(source, "rb") as fh:
-                os.fsync(fh.fileno())
-            try:
-                os.replace(source, final)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-                try:
-                    shutil.copyfile(source, tmp)
-                    with open(tmp, "rb") as fh:
-                        os.fsync(fh.fileno())
-                    os.replace(tmp, final)
-                finally:
-                    tmp.unlink(missing_ok=True)
-            _fsync_dir(final.parent)
+            os.replace(source, final)
         except OSError as exc:
-            _refuse_on_storage_fault(exc, final)
-            raise
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+            try:
+                shutil.copyfile(source, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
 
     def store(
         self,

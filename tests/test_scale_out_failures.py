@@ -525,33 +525,24 @@ def test_a_worker_whose_disk_is_full_waits_for_room_within_its_attempt(tmp_path:
     failed with ENOSPC, and each attempt was spent so (three, and the job failed), where
     the node's own workers wait out a full disk without counting one. It now waits,
     heartbeating, within its attempt, logs why, and does the job once there is room."""
-    from tests.test_disk_full import _fill
+    from tests.test_disk_full import _fill, tmpfs
 
     site = Site(tmp_path / "site", workers=1, isolate=False, pipelines=("minip",))
-    scratch = site.root / "scratch-0"
-    scratch.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(scratch)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(site.root / "scratch-0", "4m") as scratch:
         ballast = _fill(scratch)
-        site.start()
-        assert site.send([_run(7, size=96, frames=10)])
-        log = site.root / "worker-0.log"
-        wait_for(
-            lambda: "the disk it writes to is full" in log.read_text(errors="replace"),
-            120,
-            what="the worker waiting for room",
-        )
-        time.sleep(3)  # more than the heartbeat timeout: the attempt is alive
-        ballast.unlink()
-        site.wait_settled(1, 180, "the job done once there is room")
-        (job,) = site.rows("SELECT * FROM jobs")
-        assert job["state"] == "done" and job["attempts"] == 1, dict(job)
-    finally:
-        site.stop()
-        subprocess.run(["umount", "-l", str(scratch)], check=False)
+        try:
+            site.start()
+            assert site.send([_run(7, size=96, frames=10)])
+            log = site.root / "worker-0.log"
+            wait_for(
+                lambda: "the disk it writes to is full" in log.read_text(errors="replace"),
+                120,
+                what="the worker waiting for room",
+            )
+            time.sleep(3)  # more than the heartbeat timeout: the attempt is alive
+            ballast.unlink()
+            site.wait_settled(1, 180, "the job done once there is room")
+            (job,) = site.rows("SELECT * FROM jobs")
+            assert job["state"] == "done" and job["attempts"] == 1, dict(job)
+        finally:
+            site.stop()
