@@ -173,14 +173,11 @@ class Forwarder:
             try:
                 self.handle_instance(rid)
                 series = self.api.get(f"/instances/{rid}/series")
-            except OrthancError as exc:
-                if exc.code == UNKNOWN_RESOURCE:
+            except (OrthancError, OSError, ValueError, KeyError) as exc:
+                if isinstance(exc, OrthancError) and exc.code == UNKNOWN_RESOURCE:
                     self.ledger.unread_read(rid)  # deleted meanwhile
-                    continue
-                self._unread(rid, row["change_seq"], exc)
-                continue
-            except (OSError, ValueError, KeyError) as exc:
-                self._unread(rid, row["change_seq"], exc)
+                else:
+                    self._unread(rid, row["change_seq"], exc)
                 continue
             self.ledger.unread_read(rid)
             log.info("angio-forward: instance %s read at attempt %d", rid, row["attempts"] + 1)
