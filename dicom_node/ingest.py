@@ -77,25 +77,46 @@ class Ingest:
         self.observe(receipt, source, transport, size, peer)
         return receipt
 
+    def refuse(
+        self,
+        fault: BaseException,
+        requested: Requested,
+        source: str,
+        transport: str = "dimse",
+        peer: str = "",
+        size: int = 0,
+    ) -> Receipt:
+        """The answer to an instance whose data could not be written as it arrived
+        (``fault``: the disk's error, or ``OutOfResources``); ``size``: what was
+        written of it."""
+        receipt = self._refusal(fault, source)
+        log.info("instance %s from %s not written as it arrived", requested.sop_instance, source)
+        self.observe(receipt, source, transport, size, peer)
+        return receipt
+
+    def _refusal(self, exc: BaseException, source: str) -> Receipt:
+        """The status an error met while storing becomes, logged."""
+        if isinstance(exc, RejectedInstance):
+            log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
+            return Receipt(exc.status, exc.reason)
+        fault = storage_fault(exc)  # the spool's files or the index, full or failing
+        if fault is not None:
+            reason = f"cannot store: {describe(fault)}: {exc}"
+            log.warning("instance from %s refused (0xA700): %s", source, reason)
+            return Receipt(RejectedInstance.OUT_OF_RESOURCES, reason)
+        if isinstance(exc, OSError):
+            reason = f"cannot store: {exc}"
+            log.error("instance from %s failed (0x0110): %s", source, reason)
+            return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
+        reason = f"internal error while storing: {type(exc).__name__}: {exc}"
+        log.error("instance from %s failed (0x0110): %s", source, reason, exc_info=exc)
+        return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
+
     def _receive(self, data: bytes | Path, requested: Requested, source: str) -> Receipt:
         try:
             stored = self.spool.store(data, requested, source)
-        except RejectedInstance as exc:
-            log.warning("instance from %s refused (0x%04X): %s", source, exc.status, exc.reason)
-            return Receipt(exc.status, exc.reason)
         except Exception as exc:  # noqa: BLE001 - any defect of ours must still answer, not hang
-            fault = storage_fault(exc)  # the spool's files or the index, full or failing
-            if fault is not None:
-                reason = f"cannot store: {describe(fault)}: {exc}"
-                log.warning("instance from %s refused (0xA700): %s", source, reason)
-                return Receipt(RejectedInstance.OUT_OF_RESOURCES, reason)
-            if isinstance(exc, OSError):
-                reason = f"cannot store: {exc}"
-                log.error("instance from %s failed (0x0110): %s", source, reason)
-                return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
-            reason = f"internal error while storing: {type(exc).__name__}: {exc}"
-            log.exception("instance from %s failed (0x0110): %s", source, reason)
-            return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
+            return self._refusal(exc, source)
         log.info(
             "stored %s from %s (run %s%s)",
             stored.sop_instance_uid,

@@ -12,11 +12,12 @@ its AE titles and peer address (and the client certificate's subject).
 Memory does not grow with what a sender sends. A C-STORE's data set is written
 to a file as its PDUs arrive (pynetdicom's chunked receipt), in the spool's
 ``tmp/`` (``_receive_file``), so it is renamed into the spool, never copied, and
-the spool reads only its header.
+the spool reads only its header. A disk that cannot take it as it arrives (full,
+read-only, failing, or free space under ``min_free_bytes``) is answered 0xA700 once
+the rest has been read and dropped (``_Arrival``); the association goes on.
 Every accepted association's socket is a ``_GuardedSocket``: a PDU longer than
 ``MAX_PDU_BYTES`` (pynetdicom reads whatever length a PDU declares), a data set
-past ``limits.max_received_bytes``, free space under ``min_free_bytes`` while
-the data arrives, or a peer too slow (a PDU not whole within
+past ``limits.max_received_bytes``, or a peer too slow (a PDU not whole within
 ``network_timeout_s`` plus its length at ``MIN_RATE``, or a message arriving
 below ``MIN_RATE`` after ``network_timeout_s``: pynetdicom's own timeout is
 checked only between PDUs, so a PDU cut short held its association, and with
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import shutil
 import socket
@@ -37,6 +39,7 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -57,7 +60,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.audit import AuditTrail
-from dicom_node.errors import RejectedInstance
+from dicom_node.diskfull import storage_fault
+from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.ingest import Ingest
 from dicom_node.metrics import Metrics
 from dicom_node.settings import Settings
@@ -178,11 +182,6 @@ class ReceiveLimits:
                 f"a data set of more than {self.max_received_bytes} bytes "
                 "(limits.max_received_bytes)"
             )
-        crossed = (received + next_read) // SPACE_CHECK_BYTES > received // SPACE_CHECK_BYTES
-        if crossed and self.min_free_bytes:
-            free = shutil.disk_usage(self.spool_root).free
-            if free < self.min_free_bytes:
-                return f"only {free // 2**20} MiB free for the spool, under min_free_bytes"
         return None
 
 
@@ -313,16 +312,84 @@ def _command_field(command: bytes) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def _receive_file(**kwargs: Any) -> Any:
-    """pynetdicom's temporary file for a C-STORE data set as it arrives, made in the
-    receiving node's spool ``tmp/``: on the spool's file system (a rename, not a copy,
-    and counted by its free-space checks) and swept by ``Spool.sweep_tmp`` when a
-    transfer is cut off. pynetdicom opens it in the association's DUL thread and has
-    no setting for its folder; elsewhere (none found) it is the system's."""
+class _Arrival:
+    """pynetdicom's file for a C-STORE data set as it arrives (it writes, flushes
+    ``.file``, closes, and unlinks ``.name``), made in the receiving node's spool
+    ``tmp/``: on the spool's file system (a rename, not a copy, and counted by its
+    free-space checks) and swept by ``Spool.sweep_tmp`` when a transfer is cut off.
+    pynetdicom opens it in the association's DUL thread and has no setting for its
+    folder; elsewhere (none found) it is the system's.
+
+    A disk that cannot take the data set (full, read-only, failing: ENOSPC, EROFS,
+    EIO, when the file is made or written) or free space under ``min_free_bytes``
+    (checked every ``SPACE_CHECK_BYTES`` written) stops the writing: the file is
+    removed at once, freeing its space, the rest of the data set is read and dropped,
+    and the C-STORE handler answers 0xA700 with ``fault``. The association goes on.
+    Before (2026-12-07) the write's error ended the association in the thread that
+    reads, with no answer: to a sender, a network fault."""
+
+    def __init__(self, limits: ReceiveLimits | None, **kwargs: Any) -> None:
+        self.limits = limits
+        folder = getattr(limits, "receive_dir", None)
+        self.fault: BaseException | None = None
+        self.written = 0
+        self._file: Any = None
+        try:
+            self._file = tempfile.NamedTemporaryFile(dir=folder, **kwargs)  # noqa: SIM115 - closed by close()
+            self.name = self._file.name
+        except OSError as exc:
+            if storage_fault(exc) is None:
+                raise
+            self.fault = exc
+            self.name = str(Path(folder or tempfile.gettempdir()) / f"unwritten-{uuid.uuid4()}.dcm")
+        self.file = self  # pynetdicom flushes ``.file`` after each write: done in write()
+
+    def write(self, data: bytes) -> int:
+        if self.fault is None:
+            try:
+                self._file.write(data)
+                self._file.flush()  # a full disk says so here, not at close
+            except OSError as exc:
+                if storage_fault(exc) is None:
+                    raise
+                self._stop(exc)
+                return len(data)
+            before, self.written = self.written, self.written + len(data)
+            if self.written // SPACE_CHECK_BYTES > before // SPACE_CHECK_BYTES:
+                self._check_floor()
+        return len(data)
+
+    def _check_floor(self) -> None:
+        floor = getattr(self.limits, "min_free_bytes", 0)
+        if not floor:
+            return
+        free = shutil.disk_usage(self.limits.spool_root).free  # type: ignore[union-attr]
+        if free < floor:
+            self._stop(
+                OutOfResources(f"only {free // 2**20} MiB free for the spool, under min_free_bytes")
+            )
+
+    def _stop(self, fault: BaseException) -> None:
+        self.fault = fault
+        with contextlib.suppress(OSError):
+            self._file.close()  # what it still buffers cannot be written either
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # after a fault: nothing left to write
+                self._file.close()
+
+
+def _receive_file(**kwargs: Any) -> _Arrival:
+    """``NamedTemporaryFile`` for pynetdicom's chunked receipt: an ``_Arrival`` with
+    the limits of the association whose DUL thread calls it."""
     dul = threading.current_thread()
-    limits = getattr(getattr(dul, "socket", None), "limits", None)
-    folder = getattr(limits, "receive_dir", None)
-    return tempfile.NamedTemporaryFile(dir=folder, **kwargs)  # noqa: SIM115 - pynetdicom closes it
+    return _Arrival(getattr(getattr(dul, "socket", None), "limits", None), **kwargs)
 
 
 def message_done(assoc: Association) -> None:
@@ -586,11 +653,16 @@ def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
                 str(event.request.AffectedSOPClassUID),
                 str(event.request.AffectedSOPInstanceUID or ""),  # type: ignore[union-attr]
             )
+            arrival = getattr(event.request, "_dataset_file", None)
         except (ValueError, AttributeError, TypeError) as exc:
             log.warning(
                 "C-STORE from %s refused (0xC000): cannot encode file meta: %s", calling, exc
             )
             return RejectedInstance.CANNOT_UNDERSTAND
+        if isinstance(arrival, _Arrival) and arrival.fault is not None:  # not written: dropped
+            return ingest.refuse(
+                arrival.fault, requested, calling, "dimse", _peer(event), arrival.written
+            ).status
         return ingest.receive(path, requested, calling, "dimse", _peer(event)).status
 
     return handle_store
