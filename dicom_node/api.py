@@ -427,7 +427,8 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                     "refused": len(payload.get("00081198", {}).get("Value", [])),
                 },
             )
-            self._send(status, payload, "application/dicom+json")
+            busy = {"Retry-After": "60"} if status == 503 else None  # for want of room
+            self._send(status, payload, "application/dicom+json", busy)
 
         def do_GET(self) -> None:  # noqa: N802
             self._dispatch("GET")

@@ -9,7 +9,9 @@ limits, durable write, index, completion), so the HTTP path cannot bypass what
 the SCP enforces and answers the same statuses. The answer is the PS3.18 store response in DICOM JSON:
 Referenced SOP Sequence (0008,1199) for what was stored, Failed SOP Sequence
 (0008,1198) with the DIMSE status as Failure Reason (0008,1197) for what was
-refused; HTTP 200 when all were stored, 202 when some, 409 when none.
+refused; HTTP 200 when all were stored, 202 when some, 409 when none, and 503 with
+Retry-After when none was stored for want of room only (every Failure Reason 0xA7xx):
+the same request may pass later, which a STOW-RS client does not retry after 409.
 
 The body is parsed as a stream: each part is written to a file in the spool's
 ``tmp/`` as it arrives (``iter_part_files``; memory holds one read of the socket,
@@ -396,7 +398,12 @@ def stow_parts(
         response["00081199"] = {"vr": "SQ", "Value": stored}
     if failed:
         response["00081198"] = {"vr": "SQ", "Value": failed}
-    return (200 if not failed else 202 if stored else 409), response
+    if not failed:
+        return 200, response
+    if stored:
+        return 202, response
+    busy = all(item["00081197"]["Value"][0] & 0xFF00 == 0xA700 for item in failed)
+    return (503 if busy else 409), response
 
 
 def _stow_part(

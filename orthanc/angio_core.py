@@ -335,6 +335,19 @@ def refusal(error: str) -> int | None:
     return status
 
 
+# Orthanc's STOW-RS client, when the answer names fewer instances stored than it sent.
+_PARTLY = re.compile(r"only able to receive (\d+) instances out of (\d+)")
+
+
+def partly_received(error: str, sent: int) -> bool:
+    """Whether an Orthanc job's ``error`` says the node stored some, not all, of the
+    ``sent`` instances of a STOW-RS forward: those it did not take are refused (for good,
+    or for want of room), and sending the whole series again sends every other one again
+    with them."""
+    found = _PARTLY.search(error)
+    return found is not None and 0 < int(found.group(1)) < int(found.group(2)) == sent
+
+
 class Ledger:
     """What was forwarded, in a SQLite file next to Orthanc's storage.
 

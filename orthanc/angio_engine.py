@@ -24,6 +24,7 @@ from angio_core import (
     OrthancError,
     frames_of,
     log,
+    partly_received,
     refusal,
 )
 
@@ -326,6 +327,8 @@ class Forwarder:
                 )
                 if refusal(error) is not None:
                     self._refused(row, error)
+                elif partly_received(error, len(json.loads(row["resources"]))):
+                    self._split(row, error, "the node took only some of its instances")
                 else:
                     self._failed(row, error)
 
@@ -349,6 +352,13 @@ class Forwarder:
             )
             self._mark_source(row, f"failed: refused by the node: {error}"[:500])
             return
+        self._split(row, error, f"the node refused one of its {len(resources)} instances")
+
+    def _split(self, row: dict[str, Any], error: str, why: str) -> None:
+        """Each instance of ``row`` sent by a forward of its own: the one the node
+        refuses is tried (and fails) alone, and the others are not sent again with it
+        (the node stores again those that arrived once, as duplicates)."""
+        resources = json.loads(row["resources"])
         children = [
             self.ledger.add_forward(
                 "series",
@@ -366,14 +376,12 @@ class Forwarder:
         self.ledger.given_up(
             row["id"],
             "split",
-            f"the node refused one of its {len(resources)} instances ({error}): each sent by "
-            f"a forward of its own, {children[0]}-{children[-1]}",
+            f"{why} ({error}): each sent by a forward of its own, {children[0]}-{children[-1]}",
         )
         log.warning(
-            "angio-forward: forward %d: the node refused one of its %d instances (%s); each is "
-            "sent by a forward of its own, %d-%d",
+            "angio-forward: forward %d: %s (%s); each is sent by a forward of its own, %d-%d",
             row["id"],
-            len(resources),
+            why,
             error,
             children[0],
             children[-1],

@@ -252,7 +252,7 @@ def test_an_instance_is_stored_where_there_is_room_for_it(small_disk: Path, make
     renamed into place, so that it needed twice its size free above
     ``min_free_bytes``: on a disk with room for it (a 2 GB acquisition and 2.5 GB
     free), it was refused 0xA700. It is stored; one that would go under the floor is
-    still refused (0xA700)."""
+    still refused (0xA700; over STOW-RS 503 with Retry-After, as it may pass later)."""
     node = make_node(
         storage_dir=str(small_disk / "node"),
         min_free_bytes=4 * 2**20,
@@ -269,6 +269,12 @@ def test_an_instance_is_stored_where_there_is_room_for_it(small_disk: Path, make
     assert shutil.disk_usage(small_disk).free < 4 * 2**20 + size  # what it left
     second = _run(2)  # would go under the floor
     assert _send(node, second) == 0xA700
+    part = io.BytesIO()
+    dcmwrite(part, second, enforce_file_format=True)
+    answer = _post_part(node, part.getvalue())  # 409 before: a STOW-RS client gives up
+    assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+    (item,) = answer.json()["00081198"]["Value"]
+    assert item["00081197"]["Value"] == [0xA700]
     assert not node.db.query(
         "SELECT 1 FROM instances WHERE sop_instance_uid=?", (second.SOPInstanceUID,)
     )

@@ -717,11 +717,15 @@ def test_an_instance_the_node_refuses_holds_back_none_of_the_others(tmp_path: Pa
 
 @needs_orthanc
 @needs_storescu
-def test_over_stow_rs_the_others_arrive_and_the_forward_says_how_many(tmp_path: Path) -> None:
+def test_over_stow_rs_a_refused_instance_is_sent_again_alone(tmp_path: Path) -> None:
     """The same series over STOW-RS: one request carries all five, so the four the node
-    takes arrive; the forward is retried (the node's per-instance reasons do not reach
-    the plugin, and a refusal for want of room passes) and its error says "4 instances
-    out of 5", which it did not (only "Error in the network protocol")."""
+    takes arrive, and Orthanc's job says "only able to receive 4 instances out of 5".
+    The forward was sent again whole, every instance of the series each time (a 1 GB
+    series eight times over), until it failed. Now it is split: each instance goes by a
+    forward of its own, four are sent, and only the refused one is tried again, alone,
+    until it fails: Orthanc's job says only "Error in the network protocol" of the
+    node's answer, 409 (refused for good) or 503 (for want of room), so the plugin cannot
+    tell a refusal from a network fault."""
     pacs, node_port, api_port = pacs_for_node(tmp_path, dicomweb=True)
     try:
         with running_node(
@@ -730,13 +734,29 @@ def test_over_stow_rs_the_others_arrive_and_the_forward_says_how_many(tmp_path: 
             series = single_frame_series(5)
             series[1].BitsStored = 17
             storescu(pacs, *[save(ds, tmp_path / "in") for ds in series])
-            (fw,) = wait_for(
-                "a failed attempt of the forward",
-                lambda: [f for f in forwards(pacs) if f["attempts"] >= 1],
-            )
-            assert "only able to receive 4 instances out of 5" in fw["error"], fw["error"]
             _processed(node, series)
             assert len(node.db.query("SELECT 1 FROM instances")) == 4
+            listed = wait_for(
+                "every forward settled",
+                lambda: (
+                    (fws := forwards(pacs))
+                    and all(f["state"] in ("sent", "failed", "split") for f in fws)
+                    and fws
+                ),
+                timeout=60,
+            )
+            by_state: dict[str, list[dict[str, Any]]] = {}
+            for f in listed:
+                by_state.setdefault(f["state"], []).append(f)
+            (split,) = by_state["split"]
+            assert split["attempts"] == 1, split
+            assert "only able to receive 4 instances out of 5" in split["error"], split
+            assert len(by_state["sent"]) == 4, listed
+            (failed,) = by_state["failed"]  # tried alone: only it was sent again
+            assert failed["resources"] == [
+                pacs.post("/tools/lookup", data=str(series[1].SOPInstanceUID)).json()[0]["ID"]
+            ]
+            assert failed["attempts"] == 8, failed["error"]  # MaxAttempts
     finally:
         pacs.stop()
 
