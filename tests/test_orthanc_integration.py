@@ -142,8 +142,10 @@ def start_node(
     transport: str = "dimse",
     quiet_period_s: float = 1.0,
     rules: list[dict[str, Any]] | None = MINIP_ONLY,
+    **more: Any,
 ):  # type: ignore[no-untyped-def]
-    """The node on loopback; ``rules=None`` means its built-in rules (every DSA pipeline)."""
+    """The node on loopback; ``rules=None`` means its built-in rules (every DSA pipeline);
+    ``more``: other settings."""
     from dicom_node.service import Node
     from dicom_node.settings import load_settings
 
@@ -168,6 +170,7 @@ def start_node(
         completion={"quiet_period_s": quiet_period_s, "sweep_interval_s": 0.3},
         outbox={"backoff_base_s": 0.5, "poll_interval_s": 0.2},
         rules=rules,
+        **more,
     )
     return Node(settings).start()
 
@@ -757,6 +760,67 @@ def test_over_stow_rs_a_refused_instance_is_sent_again_alone(tmp_path: Path) -> 
                 pacs.post("/tools/lookup", data=str(series[1].SOPInstanceUID)).json()[0]["ID"]
             ]
             assert failed["attempts"] == 8, failed["error"]  # MaxAttempts
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
+def test_a_node_whose_disk_is_full_is_unavailable_and_a_run_waits_for_room(
+    tmp_path: Path,
+) -> None:
+    """The node's disk filled by another program while Orthanc forwards to it. The
+    plugin's status says the node is ``unavailable`` with the node's reason (not
+    ``unreachable``: it answers); the run Orthanc forwards meanwhile is answered 0xA700
+    (the association was ended with no answer while the data set arrived: a network
+    fault to Orthanc), the forward is retried, not failed, and once there is room it is
+    delivered and processed."""
+    from tests.test_disk_full import _fill, tmpfs
+
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Retry"]["MaxAttempts"] = 30
+    pacs, node_port, api_port = pacs_for_node(tmp_path, overrides)
+    try:
+        with (
+            tmpfs(tmp_path / "disk", "48m") as disk,
+            running_node(
+                disk / "node",
+                pacs,
+                port=node_port,
+                api_port=api_port,
+                min_free_bytes=2**20,
+                retention={"reserve_bytes": 0, "free_target_bytes": None, "keep_days": None},
+            ) as node,
+        ):
+            ballast = _fill(disk)
+            status = wait_for(  # the node's probe writes at most every 5 s
+                "the node unavailable",
+                lambda: (
+                    (st := pacs.get("/angio-node/status").json())["node"]["status"] == "unavailable"
+                    and st
+                ),
+                timeout=20,
+            )
+            assert "MiB free" in status["node"]["error"] or "full" in status["node"]["error"]
+            run = xa_run(frames=6, rows=256, cols=256, seed=8)
+            storescu(pacs, save(run, tmp_path / "in"))
+            (waiting,) = wait_for(
+                "a forward refused for want of room",
+                lambda: [f for f in forwards(pacs) if f["attempts"] >= 1],
+            )
+            assert waiting["state"] == "retrying" and "0xA700" in waiting["error"], waiting
+            ballast.unlink()  # room again
+            wait_for(
+                "the run processed",
+                lambda: node.db.query("SELECT id FROM jobs WHERE state='done'"),
+                timeout=60,
+            )
+            assert forwards(pacs)[0]["state"] == "sent"
+            wait_for(  # the probe's answer is 5 s old at most
+                "the node ok again",
+                lambda: pacs.get("/angio-node/status").json()["node"]["status"] == "ok",
+                timeout=20,
+            )
     finally:
         pacs.stop()
 
