@@ -43,7 +43,7 @@ from dicom_node.diskfull import (
     write_fails,
 )
 from dicom_node.engine import EmbeddedEngine, make_engine
-from dicom_node.errors import StorageError
+from dicom_node.errors import ConfigError, StorageError
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
@@ -146,6 +146,13 @@ def rebuild_index(settings: Settings) -> tuple[Path, int, int]:
         lock.release()
 
 
+def _cannot_listen(what: str, host: str, port: int, settings: str, exc: OSError) -> str:
+    return (
+        f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc} (another program "
+        f"listens there, or the address is not this machine's; settings: {settings})"
+    )
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -229,7 +236,9 @@ class Node:
                     if not is_disk_full(exc) or not self.reserve.release():
                         raise
                     self._repair()
+            self._listen()  # before anything runs: a port it cannot have stops the start
         except BaseException:
+            self._close_listeners()
             self.lock.release()
             raise
         self.reserve.keep()
@@ -255,9 +264,6 @@ class Node:
             id="retention",
         )
         self.scheduler.start()
-        self.server = start_scp(self.settings, self.ingest, self.audit, self.metrics)
-        if self.settings.api.enabled:
-            self.api = start_api(self)
         tls = self.settings.tls
         self.audit.node_started(
             f"{self.settings.host}:{self.port}{' TLS' if tls.dicom else ''}",
@@ -266,6 +272,32 @@ class Node:
             else "off",
         )
         return self
+
+    def _listen(self) -> None:
+        """The storage SCP's port and the REST API's, or a ``ConfigError`` naming the
+        setting: another program listens there, or the host is not this machine's (it
+        was a traceback, after the router, workers and outbox had started)."""
+        s, api = self.settings, self.settings.api
+        try:
+            self.server = start_scp(s, self.ingest, self.audit, self.metrics)
+        except OSError as exc:
+            raise ConfigError(_cannot_listen("DICOM", s.host, s.port, "host, port", exc)) from exc
+        if api.enabled:
+            try:
+                self.api = start_api(self)
+            except OSError as exc:
+                raise ConfigError(
+                    _cannot_listen("the REST API", api.host, api.port, "[api] host, port", exc)
+                ) from exc
+
+    def _close_listeners(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.api is not None:
+            self.api.shutdown()
+            self.api.server_close()  # its port, at once: not when the server is collected
+            self.api = None
 
     def _repair(self) -> None:
         removed, indexed, quarantined = self.spool.recover()
@@ -282,13 +314,7 @@ class Node:
 
     def stop(self) -> None:
         """Stop every stage; a second call does nothing."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-        if self.api is not None:
-            self.api.shutdown()
-            self.api.server_close()  # its port, at once: not when the server is collected
-            self.api = None
+        self._close_listeners()
         if not self.scheduler.running:
             return
         self.scheduler.shutdown(wait=False)

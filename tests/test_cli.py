@@ -133,3 +133,47 @@ def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None
     out = _cli("status", "--config", str(cfg))
     assert "purged runs (files deleted by retention): 1" in out.stdout
     assert "backlog to down: 1 object(s)" in out.stdout  # its result still waits
+
+
+def test_serve_on_a_port_another_program_holds_says_so_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """``dicom-node serve`` on a DICOM or REST port another program listens on ended in
+    a traceback (``OSError: [Errno 98] Address already in use``) after its router,
+    workers and outbox had started, and in-process the storage lock stayed held. Now
+    the ports are taken before anything else starts, and the start is refused with the
+    setting to change (exit 2); a node started afterwards on the same storage runs."""
+    import socket
+
+    from dicom_node.errors import ConfigError
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    storage = tmp_path / "node"
+    try:
+        for dicom, api, setting in ((port, 0, ": host, port"), (0, port, ": [api] host, port")):
+            config = tmp_path / "node.toml"
+            config.write_text(
+                f'storage_dir = "{storage}"\nhost = "127.0.0.1"\nport = {dicom}\n'
+                f'min_free_bytes = 0\n[api]\nhost = "127.0.0.1"\nport = {api}\n'
+            )
+            out = _cli("serve", "--config", str(config))
+            assert out.returncode == 2, out.stderr
+            assert "Traceback" not in out.stderr, out.stderr
+            assert f"127.0.0.1:{port}" in out.stderr and setting in out.stderr, out.stderr
+            assert "in use" in out.stderr, out.stderr
+
+        settings = {"storage_dir": str(storage), "min_free_bytes": 0, "api": {"port": 0}}
+        try:
+            Node(load_settings(None, environ={}, port=port, **settings)).start()
+            raise AssertionError("started on a port another program holds")
+        except ConfigError as exc:
+            assert f"127.0.0.1:{port}" in str(exc) or f":{port}" in str(exc), exc
+        node = Node(load_settings(None, environ={}, port=0, **settings)).start()  # lock free
+        node.stop()
+    finally:
+        held.close()
