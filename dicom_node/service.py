@@ -146,6 +146,28 @@ def rebuild_index(settings: Settings) -> tuple[Path, int, int]:
         lock.release()
 
 
+# What the node keeps in storage_dir, and which are folders.
+_FOLDERS = ("spool", "tmp", "quarantine", "results", "audit")
+_FILES = ("node.sqlite", "node.lock", "reserve")
+
+
+def _check_layout(storage_dir: Path) -> None:
+    """A file where the node keeps a folder, or a folder where it keeps a file (moved
+    there by hand, a restore gone wrong) stops the start with the path and what to do:
+    it was a traceback (``FileExistsError``, ``IsADirectoryError``), and a file in place
+    of ``results/`` let the node start and fail every job."""
+    wrong = [
+        f"{path} is not a folder"
+        for path in (storage_dir / n for n in _FOLDERS)
+        if path.exists() and not path.is_dir()
+    ] + [f"{storage_dir / n} is a folder" for n in _FILES if (storage_dir / n).is_dir()]
+    if wrong:
+        raise StorageError(
+            "; ".join(wrong) + ": the node keeps its own there (docs/architecture.md, "
+            "storage layout): move it away"
+        )
+
+
 def _cannot_listen(what: str, host: str, port: int, settings: str, exc: OSError) -> str:
     return (
         f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc} (another program "
@@ -162,6 +184,7 @@ class Node:
             raise StorageError(
                 f"storage_dir {settings.storage_dir}: {exc.strerror or exc}"
             ) from None
+        _check_layout(settings.storage_dir)
         # a read-only or failing disk: the reason, not SQLite's "unable to open database
         # file" in a traceback (a full one is not a reason not to start: retention frees it)
         failed = write_fails(settings.storage_dir)

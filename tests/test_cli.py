@@ -177,3 +177,31 @@ def test_serve_on_a_port_another_program_holds_says_so_and_leaves_nothing_runnin
         node.stop()
     finally:
         held.close()
+
+
+def test_a_file_where_the_node_keeps_a_folder_stops_the_start_with_the_path(
+    tmp_path: Path,
+) -> None:
+    """A file in place of ``spool/``, ``tmp/`` or ``audit/``, or a folder in place of
+    ``node.lock``, ended the start in a traceback; a file in place of ``results/`` let
+    the node start and fail every job. Each now stops the start with the path."""
+    import pytest
+
+    from dicom_node.errors import StorageError
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    for name, folder in [(n, False) for n in ("spool", "tmp", "audit", "results")] + [
+        ("node.lock", True)
+    ]:
+        storage = tmp_path / name.replace(".", "_")
+        storage.mkdir()
+        if folder:
+            (storage / name).mkdir()
+        else:
+            (storage / name).write_text("moved here by hand\n")
+        settings = load_settings(
+            None, environ={}, storage_dir=str(storage), port=0, min_free_bytes=0, api={"port": 0}
+        )
+        with pytest.raises(StorageError, match=f"{storage / name} is (not )?a folder"):
+            Node(settings).start()
