@@ -213,25 +213,38 @@ def _api_call(settings: Any, args: argparse.Namespace, method: str, path: str, *
     headers = {}
     token = os.environ.get("DICOM_NODE_API_TOKEN")
     if args.token_file:
-        token = Path(args.token_file).read_text().strip()
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise NodeError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
     if token:
         headers["Authorization"] = f"Bearer {token}"
     url = f"{scheme}://{settings.api.host}:{settings.api.port}{path}"
     verify: str | bool = args.cacert or True
-    return requests.request(method, url, headers=headers, verify=verify, **kw)
+    try:
+        return requests.request(method, url, headers=headers, verify=verify, **kw)
+    except requests.RequestException as exc:  # it was a traceback
+        raise NodeError(
+            f"the node's API at {url} did not answer ({type(exc).__name__}): is the node "
+            "running, on the [api] host and port of these settings?"
+            + (
+                " (--cacert: the CA of its certificate)"
+                if isinstance(exc, requests.exceptions.SSLError)
+                else ""
+            )
+        ) from None
 
 
 def _jobs_memory(settings: Any, args: argparse.Namespace) -> tuple[dict[str, int] | None, str]:
     """The jobs' memory pool, which lives in the running node (not in the index): from
     its ``GET /status``; or None and why not."""
-    import requests
 
     if not settings.api.enabled:
         return None, "the node's API is disabled ([api] enabled = false)"
     try:
         resp = _api_call(settings, args, "GET", "/status", timeout=10)
-    except requests.RequestException as exc:
-        return None, f"the node's API did not answer ({type(exc).__name__})"
+    except NodeError as exc:
+        return None, str(exc)
     if not resp.ok:
         return None, f"the node's API answered {resp.status_code}"
     memory = resp.json().get("jobs_memory")

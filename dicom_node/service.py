@@ -95,7 +95,12 @@ class StorageLock:
         self._file: Any = None
 
     def acquire(self) -> None:
-        handle = open(self.path, "a")  # noqa: SIM115 - held until release
+        if not self.path.parent.is_dir():
+            raise StorageError(f"no node storage at {self.path.parent} (storage_dir)")
+        try:
+            handle = open(self.path, "a")  # noqa: SIM115 - held until release
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

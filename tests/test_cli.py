@@ -117,12 +117,25 @@ def test_status_reports_runs_jobs_and_backlog(make_node, tmp_path: Path) -> None
     closed.write_text(storage + f"[api]\nport = {free_port()}\n")
     out = _cli("status", "--config", str(closed))
     assert "jobs: done 1" in out.stdout
-    assert "jobs' memory pool: not shown: the node's API did not answer (ConnectionError)" in (
-        out.stdout
-    )
+    assert "jobs' memory pool: not shown: the node's API at http" in out.stdout
+    assert "did not answer (ConnectionError)" in out.stdout
     closed_json = _cli("status", "--config", str(closed), "--json")
     assert "jobs_memory" not in json.loads(closed_json.stdout)
     assert "did not answer" in closed_json.stderr
+    for command in ("trigger", "purge", "cancel"):  # a traceback (ConnectionError) before
+        answer = _cli(command, "--config", str(closed), "--series", "1.2.3")
+        assert answer.returncode == 2 and "Traceback" not in answer.stderr, answer.stderr
+        assert "error: the node's API at http" in answer.stderr and "is the node running" in (
+            answer.stderr
+        )
+    answer = _cli("trigger", "--config", str(closed), "--series", "1.2", "--token-file", "/nope")
+    assert answer.returncode == 2 and "--token-file /nope: No such file" in answer.stderr, (
+        answer.stderr
+    )
+    nowhere = tmp_path / "nowhere.toml"  # a FileNotFoundError for node.lock before
+    nowhere.write_text(f'storage_dir = "{tmp_path / "no" / "such"}"\n')
+    answer = _cli("rebuild-index", "--config", str(nowhere))
+    assert answer.returncode == 2 and "error: no node storage at" in answer.stderr, answer.stderr
     assert "purged runs (files deleted by retention): 0" in out.stdout
 
     from dicom_node.retention import Retention
