@@ -292,7 +292,11 @@ class Forwarder:
                         {"Resources": resources, "Asynchronous": True, "Permissive": False},
                     )
             except OrthancError as exc:
-                self._failed(row, f"cannot submit the job: {exc}")
+                gone = self._deleted(resources) if exc.code == UNKNOWN_RESOURCE else []
+                if gone:
+                    self._without_deleted(row, resources, gone)
+                else:
+                    self._failed(row, f"cannot submit the job: {exc}")
                 continue
             self.ledger.submitted(row["id"], job["ID"])
             self._mark_source(row, f"sending (forward {row['id']}, job {job['ID']})")
@@ -387,6 +391,42 @@ class Forwarder:
             children[-1],
         )
         self.wake.set()
+
+    def _deleted(self, resources: list[str]) -> list[str]:
+        """The instances of ``resources`` Orthanc no longer has."""
+        gone = []
+        for iid in resources:
+            try:
+                self.api.get(f"/instances/{iid}")
+            except OrthancError as exc:
+                if exc.code != UNKNOWN_RESOURCE:
+                    raise
+                gone.append(iid)
+        return gone
+
+    def _without_deleted(self, row: dict[str, Any], resources: list[str], gone: list[str]) -> None:
+        """Instances deleted from Orthanc (by a user, or by Orthanc recycling a full
+        storage) while their forward waited: its job could not be submitted, and the
+        forward was tried ``MaxAttempts`` times, hours at the default backoff. It fails
+        now, saying so; the instances left go by a forward of their own."""
+        left = [iid for iid in resources if iid not in gone]
+        error = f"{len(gone)} of its {len(resources)} instance(s) deleted from Orthanc"
+        if left:
+            again = self.ledger.add_forward(
+                row["kind"],
+                row["rule"],
+                row["study_uid"],
+                row["series_uid"],
+                row["sop_instance_uid"],
+                row["series_id"],
+                left,
+                bool(row["trigger"]),
+                row["transport"],
+            )
+            error += f": the {len(left)} left sent by forward {again}"
+            self.wake.set()
+        self.ledger.given_up(row["id"], "failed", error)
+        log.warning("angio-forward: forward %d failed: %s", row["id"], error)
 
     def _failed(self, row: dict[str, Any], error: str) -> None:
         state = self.ledger.attempt_failed(row["id"], error, self.config)

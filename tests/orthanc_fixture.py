@@ -220,6 +220,9 @@ class OrthancProcess:
         session = self.idempotent_session if path in IDEMPOTENT_POSTS else self.session
         return session.post(self.http_url + path, timeout=kw.pop("timeout", 30), **kw)
 
+    def delete(self, path: str, **kw: Any) -> requests.Response:
+        return self.session.delete(self.http_url + path, timeout=kw.pop("timeout", 30), **kw)
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

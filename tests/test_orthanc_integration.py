@@ -827,6 +827,59 @@ def test_a_node_whose_disk_is_full_is_unavailable_and_a_run_waits_for_room(
 
 @needs_orthanc
 @needs_storescu
+def test_a_forward_of_what_was_deleted_from_orthanc_fails_at_once(tmp_path: Path) -> None:
+    """A run, and one instance of a series, deleted from Orthanc (by a user, or by
+    Orthanc's recycling of a full storage) while their forwards wait for a node that is
+    down: every attempt failed to submit its job (Orthanc's unknown resource) and the
+    forwards stayed ``retrying`` until ``MaxAttempts``, hours at the default backoff, the
+    series' other instances with them. Now such a forward fails at its next attempt,
+    saying what was deleted, and what is left goes by a forward of its own."""
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["Retry"]["MaxAttempts"] = 100
+    pacs, node_port, api_port = pacs_for_node(tmp_path, overrides)
+    try:
+        gone, kept = xa_run(frames=4, seed=11), xa_run(frames=4, seed=12)
+        series = single_frame_series(3)
+        storescu(pacs, *[save(ds, tmp_path / "in") for ds in [gone, kept, *series]])
+        wait_for(
+            "the three forwards tried",
+            lambda: len([f for f in forwards(pacs) if f["attempts"] >= 1]) == 3,
+        )
+
+        def instance_id(ds: Any) -> str:
+            return str(pacs.post("/tools/lookup", data=str(ds.SOPInstanceUID)).json()[0]["ID"])
+
+        deleted = [instance_id(gone), instance_id(series[1])]
+        for iid in deleted:
+            assert pacs.delete(f"/instances/{iid}").ok
+        failed = wait_for(
+            "the two forwards failed",
+            lambda: (
+                sorted((f for f in forwards(pacs) if f["state"] == "failed"), key=lambda f: f["id"])
+                if len([f for f in forwards(pacs) if f["state"] == "failed"]) == 2
+                else None
+            ),
+            timeout=20,
+        )
+        assert "1 of its 1 instance(s) deleted from Orthanc" in failed[0]["error"], failed
+        assert (
+            "1 of its 3 instance(s) deleted from Orthanc: the 2 left sent by forward"
+            in (failed[1]["error"])
+        ), failed
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
+            wait_for(
+                "the run and the series' two instances processed",
+                lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 2,
+                timeout=60,
+            )
+            stored = {r["sop_instance_uid"] for r in node.db.query("SELECT * FROM instances")}
+            assert stored == {str(ds.SOPInstanceUID) for ds in (kept, series[0], series[2])}
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
 def test_an_instance_orthanc_cannot_give_holds_back_none_after_it(tmp_path: Path) -> None:
     """Instances stored while forwarding was off, one run's file then lost from Orthanc's
     storage and one file of a single-frame series moved away for a moment. The plugin
