@@ -68,13 +68,38 @@ def scrub(text: str) -> str:
 # (several a frame); the job's or command's reason names each plugin's message, and the
 # input is the sender's fault, not the node's: a warning, without the traceback.
 _DECODERS = "pydicom.pixels.decoders"
+# pynetdicom reports a peer's mistakes that it answers itself (a PDU or a message it
+# cannot decode, answered with an A-ABORT or a rejection; a peer gone silent) as errors
+# of its upper layer, state machine and decoders, most with a traceback: 30 tracebacks
+# for the 96 conversations of tests/dimse_faults.py, each an ERROR an operator's alert
+# would take for the node's. The node logs each such association's end once, with its
+# reason and the calling AE title (dicom_node.scp). They are warnings, without the
+# traceback. Errors of pynetdicom's association and service classes (a handler that
+# raised) stay errors.
+_PEER = (
+    "pynetdicom.dul",
+    "pynetdicom.fsm",
+    "pynetdicom.dimse",
+    "pynetdicom.pdu",
+    "pynetdicom.acse",
+    "pynetdicom.utils",
+)
+_PEER_SILENT = ("pynetdicom.association", "Network timeout reached")
+
+
+def _peer_mistake(record: logging.LogRecord) -> bool:
+    if record.name.startswith(_DECODERS):
+        return True
+    if record.name.startswith(_PEER):  # pynetdicom.pdu: pdu_primitives, pdu_items too
+        return True
+    return record.name == _PEER_SILENT[0] and str(record.msg).startswith(_PEER_SILENT[1])
 
 
 class PhiFilter(logging.Filter):
     """Rewrites each record's message and traceback through :func:`scrub`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith(_DECODERS) and record.levelno > logging.WARNING:
+        if record.levelno > logging.WARNING and _peer_mistake(record):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         try:

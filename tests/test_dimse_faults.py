@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import XRayAngiographicImageStorage
 
+from dicom_node import logsafe
 from tests import dimse_faults
 from tests.conftest import corpus_seed, send_storescu, wait_for
 
@@ -69,6 +70,18 @@ def _receiving_error(record: logging.LogRecord) -> bool:
     )
 
 
+class _Kept(logging.Handler):
+    """A handler of the root logger as the node's are: through its PHI filter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.addFilter(logsafe.FILTER)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def _after(node, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
     """Afterwards dcmtk's storescu is served, and its instance stored (within the few
     seconds the corpus's last associations may still hold their places)."""
@@ -110,12 +123,17 @@ def test_a_corpus_of_broken_dicom_conversations_never_stops_the_node(
         replies[k] = dimse_faults.converse(node.port, corpus[k])
 
     caplog.set_level(logging.WARNING)
-    for start in range(0, len(corpus), 8):
-        threads = [threading.Thread(target=talk, args=(k,)) for k in range(start, start + 8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    kept = _Kept()  # what the node's own log handlers write (through its filter)
+    logging.getLogger().addHandler(kept)
+    try:
+        for start in range(0, len(corpus), 8):
+            threads = [threading.Thread(target=talk, args=(k,)) for k in range(start, start + 8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        logging.getLogger().removeHandler(kept)
 
     whole = {uid for stream in corpus for uid in stream.whole}
     stored = {r["sop_instance_uid"]: r for r in node.db.query("SELECT * FROM instances")}
@@ -141,6 +159,16 @@ def test_a_corpus_of_broken_dicom_conversations_never_stops_the_node(
     }
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if _receiving_error(r)]
     assert not errors, errors
+    # pynetdicom's reports of the peer's mistakes are warnings, one line each: they were
+    # errors, 30 of them with a traceback
+    loud = [
+        f"{r.name}: {r.getMessage()}"
+        for r in kept.records
+        if r.levelno >= logging.ERROR and r.name != "dicom_node.jobs"
+    ]
+    assert not loud, loud
+    assert not [r.name for r in kept.records if r.name.startswith("pynetdicom") and r.exc_text]
+    assert any(r.name.startswith("pynetdicom.dul") for r in kept.records)
     _after(node, tmp_path, "after")
 
 
