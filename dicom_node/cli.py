@@ -125,10 +125,14 @@ def cmd_process(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
+    out = Path(args.output)
+    try:  # before any run is processed (a traceback after them, before)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NodeError(f"--output {out}: {exc.strerror or exc}") from None
     runs, skipped = group_runs(args.paths, settings)
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
-    out = Path(args.output)
     produced = 0
     written: set[str] = set()  # the MinIP canvas is shared by the pipelines of a run
     for run_id, files in runs.items():
@@ -168,7 +172,10 @@ def cmd_process(args: argparse.Namespace) -> int:
                 if ds.SOPInstanceUID in written:
                     continue
                 written.add(ds.SOPInstanceUID)
-                path = write_dataset(ds, out)
+                try:
+                    path = write_dataset(ds, out)
+                except OSError as exc:  # a full disk under --output
+                    raise NodeError(f"--output {out}: {exc.strerror or exc}") from None
                 produced += 1
                 print(f"{name}\t{ds.SOPClassUID.name}\t{ds.get('SeriesDescription', '')}\t{path}")
             for note in notes:

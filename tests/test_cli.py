@@ -48,6 +48,17 @@ def test_process_unknown_pipeline_and_nothing_processable(tmp_path: Path) -> Non
     assert out.returncode == 2 and "nothing could be processed" in out.stderr
 
 
+def test_process_into_an_output_it_cannot_write_says_so(tmp_path: Path) -> None:
+    """``--output`` a file, or under one: a traceback (FileExistsError, NotADirectoryError)
+    once the runs were processed. Now refused first, exit 2."""
+    run = save(xa_run(frames=3), tmp_path / "in")
+    (tmp_path / "a_file").write_text("x")
+    for output in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        out = _cli("process", str(run), "--output", str(output), "--pipeline", "minip")
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"error: --output {output}: " in out.stderr, out.stderr
+
+
 def test_process_and_route_skip_what_the_node_would_refuse_with_its_reason(
     tmp_path: Path,
 ) -> None:
