@@ -74,9 +74,11 @@ _DECODERS = "pydicom.pixels.decoders"
 # for the 96 conversations of tests/dimse_faults.py, each an ERROR an operator's alert
 # would take for the node's. The node logs each such association's end once, with its
 # reason and the calling AE title (dicom_node.scp). They are warnings, without the
-# traceback. Errors of pynetdicom's association and service classes (a handler that
-# raised) stay errors.
+# traceback. So are its reports of a destination that cannot be reached (transport: the
+# outbox logs each deferred delivery with its reason). Errors of pynetdicom's
+# association and service classes (a handler that raised) stay errors.
 _PEER = (
+    "pynetdicom.transport",
     "pynetdicom.dul",
     "pynetdicom.fsm",
     "pynetdicom.dimse",

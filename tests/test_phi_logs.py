@@ -230,3 +230,48 @@ def test_a_decoder_s_failure_is_a_warning_without_its_traceback() -> None:
     other = logging.LogRecord("dicom_node.jobs", logging.ERROR, __file__, 1, "x", (), exc_info)
     assert FILTER.filter(other)
     assert other.levelno == logging.ERROR and "ValueError" in (other.exc_text or "")
+
+
+def test_a_destination_that_cannot_be_reached_is_a_warning_not_pynetdicom_s_error(
+    make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A destination that is down: each delivery attempt logged pynetdicom's "TCP
+    Initialisation Error" as an ERROR next to the outbox's own warning (deferred, with
+    the reason). Through the node's log filter it is a warning; a handler's error in
+    pynetdicom's service class stays an error."""
+    import logging
+
+    from dicom_node.logsafe import FILTER
+    from tests.conftest import wait_for
+    from tests.dicomgen import xa_run
+    from tests.test_ingest import _send
+
+    kept: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = kept.append  # type: ignore[method-assign]
+    handler.addFilter(FILTER)
+    logging.getLogger().addHandler(handler)
+    try:
+        node = make_node(
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+            destinations=[
+                {
+                    "kind": "dimse",
+                    "name": "down",
+                    "ae_title": "DOWN",
+                    "host": "127.0.0.1",
+                    "port": 9,
+                }
+            ],
+        )
+        assert _send(node, xa_run(frames=3)) == 0x0000
+        wait_for(lambda: any("deferred" in r.getMessage() for r in kept), 60, what="a deferral")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    transport = [r for r in kept if r.name == "pynetdicom.transport"]
+    assert transport and all(r.levelno == logging.WARNING for r in transport), transport
+    assert not [r.getMessage() for r in kept if r.levelno >= logging.ERROR]
+    handler_error = logging.LogRecord(
+        "pynetdicom.service_class", logging.ERROR, __file__, 1, "Exception in handler", (), None
+    )
+    assert FILTER.filter(handler_error) and handler_error.levelno == logging.ERROR

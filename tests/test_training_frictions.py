@@ -86,3 +86,19 @@ def test_synth_output_uploads(tmp_path: Path) -> None:
         assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
     finally:
         pacs.stop()
+
+
+def test_synth_into_an_output_it_cannot_write_or_with_no_frames_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--output`` a file: a traceback (NotADirectoryError) at the first run's write;
+    ``--frames 0`` was taken for the default. Both are refused with the reason, exit 2."""
+    from training.phantoms.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    out = str(tmp_path / "a_file")
+    assert main(["dsa", "--output", out, "--size", "64", "--frames", "3"]) == 2
+    assert f"synth: --output {out}: " in capsys.readouterr().err
+    assert main(["dsa", "--output", str(tmp_path / "out"), "--size", "64", "--frames", "0"]) == 2
+    assert "synth: --frames must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -96,6 +96,12 @@ def _run(args: argparse.Namespace) -> int:
         raise PhantomError("--frames does not apply to rotational volumes")
     if args.kind == "rotational" and isinstance(args.size, tuple):
         raise PhantomError("--size for rotational volumes is one number (voxels per side)")
+    if args.frames is not None and args.frames < 1:  # 0 was taken for the default
+        raise PhantomError(f"--frames must be at least 1, got {args.frames}")
+    try:  # a traceback at the first run's write, before
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PhantomError(f"--output {args.output}: {exc.strerror or exc}") from None
     randomise = bool(getattr(args, "randomise", False))
     size = args.size
     if size is None and not (randomise and args.kind != "rotational"):
