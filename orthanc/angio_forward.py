@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 from typing import Any
 
@@ -300,11 +301,20 @@ def _start() -> None:
     api = PluginApi()
     system = api.get("/system")
     version = str(system.get("Version", "0"))
-    os.makedirs(os.path.dirname(os.path.abspath(config.state_file)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(config.state_file)), exist_ok=True)
+        ledger = Ledger(config.state_file)
+    except (OSError, sqlite3.Error) as exc:  # a damaged file: a traceback, "starting" for ever
+        raise ConfigError(
+            f"AngioNode.StateFile: the ledger {config.state_file} cannot be used ({exc}): stop "
+            "Orthanc, move it aside and start Orthanc again; a new ledger follows Orthanc's "
+            "changes from then on (ForwardExistingOnFirstStart forwards what Orthanc holds, "
+            "POST /angio-node/studies/{id}/reprocess one study)"
+        ) from exc
     fw = Forwarder(
         config,
         api,
-        Ledger(config.state_file),
+        ledger,
         NodeClient(
             config.node_api_url,
             config.node_api_timeout_s,

@@ -363,6 +363,33 @@ def test_bad_plugin_config_is_reported_not_ignored(tmp_path: Path) -> None:
 
 
 @needs_orthanc
+def test_a_damaged_ledger_is_reported_with_what_to_do(tmp_path: Path) -> None:
+    """The plugin's ledger damaged (a disk that lied about a write, a file restored
+    wrong): its start raised in Orthanc's change callback, a traceback in Orthanc's log,
+    and its status said "starting" for ever while nothing was forwarded. Now it is
+    reported as the configuration errors are, with what to do; moved aside, a new
+    ledger is started and runs are forwarded."""
+    ledger = tmp_path / "ledger.sqlite"
+    ledger.write_bytes(b"not a database, a few blocks of something else " * 200)
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["StateFile"] = str(ledger)
+    node = {"aet": NODE_AET, "port": free_port(), "api_url": f"http://127.0.0.1:{free_port()}"}
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides=overrides, node=node)
+    try:
+        resp = pacs.get("/angio-node/status")
+        assert resp.status_code == 503, resp.text
+        error = resp.json()["error"]
+        assert "AngioNode.StateFile" in error and str(ledger) in error and "move it aside" in error
+        assert "NOT forwarding" in pacs.log_text() and "Traceback" not in pacs.log_text()
+        pacs.stop()
+        ledger.rename(tmp_path / "ledger.damaged")
+        pacs.start()
+        assert pacs.get("/angio-node/status").status_code == 200
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
 @needs_storescu
 def test_end_to_end_forward_process_and_results_back(tmp_path: Path) -> None:
     pacs, node_port, api_port = pacs_for_node(tmp_path)
