@@ -465,7 +465,8 @@ class Ledger:
                 )
                 self.con.execute("COMMIT")
             except BaseException:
-                self.con.execute("ROLLBACK")
+                if self.con.in_transaction:  # SQLite rolled back itself (a full disk)
+                    self.con.execute("ROLLBACK")
                 raise
         return fid
 
@@ -502,7 +503,8 @@ class Ledger:
                 )
                 self.con.execute("COMMIT")
             except BaseException:
-                self.con.execute("ROLLBACK")
+                if self.con.in_transaction:  # SQLite rolled back itself (a full disk)
+                    self.con.execute("ROLLBACK")
                 raise
         return fid
 

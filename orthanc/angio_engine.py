@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 import time
 from typing import Any, Protocol
@@ -67,6 +68,7 @@ class Forwarder:
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self._failing: dict[str, str] = {}  # each part of the loop: its failure, once logged
 
     # -- the loop -----------------------------------------------------------------
     def start(self) -> None:
@@ -92,7 +94,10 @@ class Forwarder:
             self.wake.clear()
 
     def step(self) -> None:
-        """One pass; a failing part is logged and retried at the next pass."""
+        """One pass; a failing part is logged and retried at the next pass. The same
+        failure again is not logged again (the ledger's disk full: a line every poll),
+        and its end is. SQLite's errors (the ledger's disk full or failing) ended the
+        loop's thread, and nothing was forwarded until Orthanc restarted."""
         for part in (
             self.catch_up,
             self.read_again,
@@ -102,11 +107,17 @@ class Forwarder:
         ):
             if self.stop_event.is_set():
                 return
+            name = part.__name__
             try:
                 part()
-            except (AngioError, OSError, ValueError, KeyError) as exc:
-                self.last_error = f"{part.__name__}: {exc}"
-                log.error("angio-forward: %s failed: %s", part.__name__, exc)
+            except (AngioError, OSError, ValueError, KeyError, sqlite3.Error) as exc:
+                self.last_error = f"{name}: {exc}"
+                if self._failing.get(name) != str(exc):
+                    log.error("angio-forward: %s failed: %s", name, exc)
+                self._failing[name] = str(exc)
+                continue
+            if self._failing.pop(name, None) is not None:
+                log.warning("angio-forward: %s works again", name)
 
     # -- the change log -------------------------------------------------------------
     def catch_up(self) -> int:

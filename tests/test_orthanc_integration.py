@@ -907,6 +907,42 @@ def test_a_forward_of_what_was_deleted_from_orthanc_fails_at_once(tmp_path: Path
 
 @needs_orthanc
 @needs_storescu
+def test_a_full_disk_under_the_ledger_pauses_forwarding_and_ends_nothing(
+    tmp_path: Path,
+) -> None:
+    """The disk that holds the plugin's ledger (next to Orthanc's storage, by default)
+    full: SQLite's "database or disk is full" is not an error the plugin's loop caught,
+    so its thread ended and nothing was forwarded again until Orthanc restarted. Now the
+    loop logs it once and goes on, and once there is room the run is forwarded."""
+    from tests.test_disk_full import _fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        overrides = copy.deepcopy(FAST)
+        overrides["AngioNode"]["StateFile"] = str(disk / "ledger.sqlite")
+        pacs, node_port, api_port = pacs_for_node(tmp_path, overrides)
+        try:
+            with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
+                ballast = _fill(disk)
+                run = xa_run(frames=4, seed=13)
+                storescu(pacs, save(run, tmp_path / "in"))
+                time.sleep(3)  # a few passes of the plugin's loop meet the full disk
+                status = pacs.get("/angio-node/status").json()
+                assert status["worker_alive"], status
+                assert "full" in (status["last_error"] or ""), status
+                ballast.unlink()
+                wait_for(
+                    "the run processed once there is room",
+                    lambda: node.db.query("SELECT id FROM jobs WHERE state='done'"),
+                    timeout=60,
+                )
+            full = [line for line in pacs.log_text().splitlines() if "disk is full" in line]
+            assert 1 <= len(full) <= 2, full  # once (per part of the loop), not every pass
+        finally:
+            pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
 def test_an_instance_orthanc_cannot_give_holds_back_none_after_it(tmp_path: Path) -> None:
     """Instances stored while forwarding was off, one run's file then lost from Orthanc's
     storage and one file of a single-frame series moved away for a moment. The plugin
