@@ -96,8 +96,8 @@ class Forwarder:
     def step(self) -> None:
         """One pass; a failing part is logged and retried at the next pass. The same
         failure again is not logged again (the ledger's disk full: a line every poll),
-        and its end is. SQLite's errors (the ledger's disk full or failing) ended the
-        loop's thread, and nothing was forwarded until Orthanc restarted."""
+        and its end is. SQLite's errors (the ledger's disk full or failing), or a defect,
+        ended the loop's thread, and nothing was forwarded until Orthanc restarted."""
         for part in (
             self.catch_up,
             self.read_again,
@@ -110,10 +110,13 @@ class Forwarder:
             name = part.__name__
             try:
                 part()
-            except (AngioError, OSError, ValueError, KeyError, sqlite3.Error) as exc:
+            except Exception as exc:  # noqa: BLE001 - nothing may end the loop's thread
                 self.last_error = f"{name}: {exc}"
                 if self._failing.get(name) != str(exc):
-                    log.error("angio-forward: %s failed: %s", name, exc)
+                    expected = (AngioError, OSError, ValueError, KeyError, sqlite3.Error)
+                    # a defect of the plugin's: with its trace, once
+                    trace = None if isinstance(exc, expected) else exc
+                    log.error("angio-forward: %s failed: %s", name, exc, exc_info=trace)
                 self._failing[name] = str(exc)
                 continue
             if self._failing.pop(name, None) is not None:
