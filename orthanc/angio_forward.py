@@ -144,6 +144,8 @@ def route(handler: Any) -> Any:
             _error(output, 502, str(exc))
         except ValueError as exc:
             _error(output, 400, str(exc))
+        except sqlite3.Error as exc:  # the ledger's disk full or failing: a 500 and a trace
+            _error(output, 503, f"the plugin's ledger cannot be used now: {exc}")
 
     return callback
 

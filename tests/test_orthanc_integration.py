@@ -912,31 +912,40 @@ def test_a_full_disk_under_the_ledger_pauses_forwarding_and_ends_nothing(
 ) -> None:
     """The disk that holds the plugin's ledger (next to Orthanc's storage, by default)
     full: SQLite's "database or disk is full" is not an error the plugin's loop caught,
-    so its thread ended and nothing was forwarded again until Orthanc restarted. Now the
-    loop logs it once and goes on, and once there is room the run is forwarded."""
+    so its thread ended and nothing was forwarded again until Orthanc restarted, and an
+    operator's retry got a 500 with a traceback. Now the loop logs it once and goes on,
+    the retry is answered 503, and once there is room both runs are forwarded."""
     from tests.test_disk_full import _fill, tmpfs
 
     with tmpfs(tmp_path / "disk", "4m") as disk:
         overrides = copy.deepcopy(FAST)
         overrides["AngioNode"]["StateFile"] = str(disk / "ledger.sqlite")
+        overrides["AngioNode"]["Retry"]["MaxAttempts"] = 100
         pacs, node_port, api_port = pacs_for_node(tmp_path, overrides)
         try:
+            first, second = xa_run(frames=4, seed=13), xa_run(frames=4, seed=14)
+            storescu(pacs, save(first, tmp_path / "in"))  # the node is not up yet
+            (fw,) = wait_for(
+                "a failed attempt", lambda: [f for f in forwards(pacs) if f["attempts"] >= 1]
+            )
+            ballast = _fill(disk)
+            retry = pacs.post(f"/angio-node/forwards/{fw['id']}/retry")
+            assert retry.status_code == 503 and "full" in retry.json()["error"], retry.text
+            storescu(pacs, save(second, tmp_path / "in"))
+            time.sleep(3)  # a few passes of the plugin's loop meet the full disk
+            status = pacs.get("/angio-node/status").json()
+            assert status["worker_alive"], status
+            assert "full" in (status["last_error"] or ""), status
+            ballast.unlink()
             with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
-                ballast = _fill(disk)
-                run = xa_run(frames=4, seed=13)
-                storescu(pacs, save(run, tmp_path / "in"))
-                time.sleep(3)  # a few passes of the plugin's loop meet the full disk
-                status = pacs.get("/angio-node/status").json()
-                assert status["worker_alive"], status
-                assert "full" in (status["last_error"] or ""), status
-                ballast.unlink()
                 wait_for(
-                    "the run processed once there is room",
-                    lambda: node.db.query("SELECT id FROM jobs WHERE state='done'"),
+                    "both runs processed once there is room",
+                    lambda: len(node.db.query("SELECT id FROM jobs WHERE state='done'")) == 2,
                     timeout=60,
                 )
             full = [line for line in pacs.log_text().splitlines() if "disk is full" in line]
-            assert 1 <= len(full) <= 2, full  # once (per part of the loop), not every pass
+            assert 1 <= len(full) <= 4, full  # once a part of the loop, not every pass
+            assert "Traceback" not in pacs.log_text()
         finally:
             pacs.stop()
 
