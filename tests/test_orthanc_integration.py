@@ -190,6 +190,23 @@ def forwards(pacs: OrthancProcess, **params: str) -> list[dict[str, Any]]:
     return resp.json()["forwards"]
 
 
+def settled_forwards(pacs: OrthancProcess, timeout: float = 30.0) -> dict[str, list[Any]]:
+    """Once every forward is sent, failed or split: the forwards by state."""
+    listed = wait_for(
+        "every forward settled",
+        lambda: (
+            (fws := forwards(pacs))
+            and all(f["state"] in ("sent", "failed", "split") for f in fws)
+            and fws
+        ),
+        timeout=timeout,
+    )
+    by_state: dict[str, list[Any]] = {}
+    for f in listed:
+        by_state.setdefault(f["state"], []).append(f)
+    return by_state
+
+
 def result_series(pacs: OrthancProcess, study_uid: str) -> list[dict[str, Any]]:
     """QIDO-RS: series of the study whose description marks them as the node's output."""
     resp = pacs.get(
@@ -722,17 +739,7 @@ def test_an_instance_the_node_refuses_holds_back_none_of_the_others(tmp_path: Pa
             assert {r["sop_instance_uid"] for r in stored} == {
                 str(ds.SOPInstanceUID) for i, ds in enumerate(series) if i != 1
             }
-            listed = wait_for(
-                "every forward settled",
-                lambda: (
-                    (fws := forwards(pacs))
-                    and all(f["state"] in ("sent", "failed", "split") for f in fws)
-                    and fws
-                ),
-            )
-            by_state: dict[str, list[dict[str, Any]]] = {}
-            for f in listed:
-                by_state.setdefault(f["state"], []).append(f)
+            by_state = settled_forwards(pacs)
             (split,) = by_state["split"]
             assert split["attempts"] == 1 and "0xA900" in split["error"]
             assert len(by_state["sent"]) == 4
@@ -766,22 +773,11 @@ def test_over_stow_rs_a_refused_instance_is_sent_again_alone(tmp_path: Path) -> 
             storescu(pacs, *[save(ds, tmp_path / "in") for ds in series])
             _processed(node, series)
             assert len(node.db.query("SELECT 1 FROM instances")) == 4
-            listed = wait_for(
-                "every forward settled",
-                lambda: (
-                    (fws := forwards(pacs))
-                    and all(f["state"] in ("sent", "failed", "split") for f in fws)
-                    and fws
-                ),
-                timeout=60,
-            )
-            by_state: dict[str, list[dict[str, Any]]] = {}
-            for f in listed:
-                by_state.setdefault(f["state"], []).append(f)
+            by_state = settled_forwards(pacs, timeout=60)
             (split,) = by_state["split"]
             assert split["attempts"] == 1, split
             assert "only able to receive 4 instances out of 5" in split["error"], split
-            assert len(by_state["sent"]) == 4, listed
+            assert len(by_state["sent"]) == 4, by_state
             (failed,) = by_state["failed"]  # tried alone: only it was sent again
             assert failed["resources"] == [
                 pacs.post("/tools/lookup", data=str(series[1].SOPInstanceUID)).json()[0]["ID"]
