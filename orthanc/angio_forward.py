@@ -160,8 +160,17 @@ def rest_status(method: str, groups: Any, query: dict[str, str]) -> Any:
     fw = _forwarder()
     try:
         node: Any = fw.node.health()
+        fw.node.status()  # /health takes no token: this call checks the plugin's
     except NodeApiError as exc:  # no answer, or 503 "unavailable": its storage (the reason)
-        node = {"status": "unreachable" if exc.status is None else "unavailable", "error": str(exc)}
+        if exc.status in (401, 403):  # every trigger, node_jobs and reprocess is refused
+            node = {
+                "status": "refused",
+                "error": f"the node refuses the plugin's token ({exc}): check "
+                "AngioNode.NodeApiToken / NodeApiTokenFile and its scopes (read, operate)",
+            }
+        else:
+            state = "unreachable" if exc.status is None else "unavailable"
+            node = {"status": state, "error": str(exc)}
     return {
         "plugin": "angio_forward",
         "version": VERSION,

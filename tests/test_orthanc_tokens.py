@@ -112,3 +112,34 @@ def test_plugin_forwards_and_triggers_with_a_token(tmp_path: Path, transport: st
     finally:
         node.stop()
         pacs.stop()
+
+
+@needs_orthanc
+def test_a_token_the_node_refuses_is_what_the_plugin_status_says(tmp_path: Path) -> None:
+    """A plugin token the node does not take (mistyped, or revoked): ``/health`` needs
+    none, so the plugin's status said the node was ok, while every trigger, every
+    ``node_jobs`` and every reprocess was refused. It now says ``refused`` and what to
+    check."""
+    node_port, api_port = free_port(), free_port()
+    token_file = tmp_path / "node-token"
+    token_file.write_text("not-the-token-the-node-knows\n")
+    overrides = copy.deepcopy(FAST)
+    overrides["AngioNode"]["NodeApiTokenFile"] = str(token_file)
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides=overrides,
+        node={"aet": NODE_AET, "port": node_port, "api_url": f"http://127.0.0.1:{api_port}"},
+    )
+    node = _node_with_tokens(tmp_path / "node", pacs, node_port, api_port, "dimse")
+    try:
+        node_status = pacs.get("/angio-node/status").json()["node"]
+        assert node_status["status"] == "refused", node_status
+        assert "401" in node_status["error"] and "NodeApiToken" in node_status["error"]
+        token_file.write_text(TOKEN + "\n")  # read when Orthanc starts
+        pacs.stop()
+        pacs.start()
+        assert pacs.get("/angio-node/status").json()["node"]["status"] == "ok"
+    finally:
+        node.stop()
+        pacs.stop()
