@@ -351,12 +351,25 @@ def cmd_token(args: argparse.Namespace) -> int:
     if unknown or not scopes:
         print(f"error: scopes are {', '.join(SCOPES)} (got {args.scopes})", file=sys.stderr)
         return 2
+    from pydantic import ValidationError
+
+    from dicom_node.settings import ApiToken
+
     token = new_token()
     digest = hash_token(token)
+    try:  # the entry the settings would refuse at the node's start (an empty name, a space)
+        ApiToken(name=args.name, sha256=digest, scopes=scopes)
+    except ValidationError:
+        pattern = ApiToken.model_fields["name"].metadata[0].pattern
+        print(f"error: --name must match {pattern} (got {args.name!r})", file=sys.stderr)
+        return 2
     if args.output:
         out = Path(args.output)
-        out.touch(mode=0o600, exist_ok=False)
-        out.write_text(token + "\n")
+        try:
+            out.touch(mode=0o600, exist_ok=False)
+            out.write_text(token + "\n")
+        except OSError as exc:  # a traceback, before (an existing file is not overwritten)
+            raise NodeError(f"--output {out}: {exc.strerror or exc}") from None
         print(f"token written to {out} (mode 600)", file=sys.stderr)
     else:
         print(f"token (shown once; give it to the client): {token}", file=sys.stderr)

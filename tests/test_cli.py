@@ -229,3 +229,22 @@ def test_a_file_where_the_node_keeps_a_folder_stops_the_start_with_the_path(
         )
         with pytest.raises(StorageError, match=f"{storage / name} is (not )?a folder"):
             Node(settings).start()
+
+
+def test_token_refuses_a_name_the_settings_refuse_and_an_output_it_cannot_write(
+    tmp_path: Path,
+) -> None:
+    """``dicom-node token --name ''`` (or a name with a space) printed an entry the
+    node's settings then refused at its start; ``--output`` an existing file or one in
+    no folder was a traceback. Both are refused with the reason, exit 2, before any
+    token is shown."""
+    (tmp_path / "exists").write_text("an older token\n")
+    for name in ("", "a b", 'q"uote'):
+        out = _cli("token", "--name", name, "--scopes", "read")
+        assert out.returncode == 2 and "error: --name must match" in out.stderr, out.stderr
+        assert "token (shown once" not in out.stderr and not out.stdout
+    for output in (tmp_path / "exists", tmp_path / "no" / "such"):
+        out = _cli("token", "--name", "cli", "--scopes", "read", "--output", str(output))
+        assert out.returncode == 2 and f"error: --output {output}: " in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and not out.stdout
+    assert (tmp_path / "exists").read_text() == "an older token\n"
