@@ -118,6 +118,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(load_worker_config(args.config))
 
 
+def _unusable(option: str, path: object, exc: OSError) -> NodeError:
+    """A file or folder an option names that cannot be read or written: an error line
+    naming the option, not a traceback."""
+    return NodeError(f"{option} {path}: {exc.strerror or exc}")
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     from dicom_node.processing import run_pipeline, write_dataset
     from dicom_node.routing import RunFeatures, effective_rules, route
@@ -129,7 +135,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     try:  # before any run is processed (a traceback after them, before)
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise NodeError(f"--output {out}: {exc.strerror or exc}") from None
+        raise _unusable("--output", out, exc) from None
     runs, skipped = group_runs(args.paths, settings)
     for s in skipped:
         print(f"skipped {s}", file=sys.stderr)
@@ -175,7 +181,7 @@ def cmd_process(args: argparse.Namespace) -> int:
                 try:
                     path = write_dataset(ds, out)
                 except OSError as exc:  # a full disk under --output
-                    raise NodeError(f"--output {out}: {exc.strerror or exc}") from None
+                    raise _unusable("--output", out, exc) from None
                 produced += 1
                 print(f"{name}\t{ds.SOPClassUID.name}\t{ds.get('SeriesDescription', '')}\t{path}")
             for note in notes:
@@ -223,7 +229,7 @@ def _api_call(settings: Any, args: argparse.Namespace, method: str, path: str, *
         try:
             token = Path(args.token_file).read_text().strip()
         except OSError as exc:
-            raise NodeError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+            raise _unusable("--token-file", args.token_file, exc) from None
     if token:
         headers["Authorization"] = f"Bearer {token}"
     url = f"{scheme}://{settings.api.host}:{settings.api.port}{path}"
@@ -369,7 +375,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             out.touch(mode=0o600, exist_ok=False)
             out.write_text(token + "\n")
         except OSError as exc:  # a traceback, before (an existing file is not overwritten)
-            raise NodeError(f"--output {out}: {exc.strerror or exc}") from None
+            raise _unusable("--output", out, exc) from None
         print(f"token written to {out} (mode 600)", file=sys.stderr)
     else:
         print(f"token (shown once; give it to the client): {token}", file=sys.stderr)

@@ -86,15 +86,14 @@ _PEER = (
     "pynetdicom.acse",
     "pynetdicom.utils",
 )
-_PEER_SILENT = ("pynetdicom.association", "Network timeout reached")
 
 
 def _peer_mistake(record: logging.LogRecord) -> bool:
-    if record.name.startswith(_DECODERS):
+    if record.name.startswith((_DECODERS, *_PEER)):  # pynetdicom.pdu: pdu_items too
         return True
-    if record.name.startswith(_PEER):  # pynetdicom.pdu: pdu_primitives, pdu_items too
-        return True
-    return record.name == _PEER_SILENT[0] and str(record.msg).startswith(_PEER_SILENT[1])
+    return record.name == "pynetdicom.association" and str(record.msg).startswith(
+        "Network timeout reached"  # a peer gone silent
+    )
 
 
 class PhiFilter(logging.Filter):

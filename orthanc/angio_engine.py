@@ -377,20 +377,7 @@ class Forwarder:
         refuses is tried (and fails) alone, and the others are not sent again with it
         (the node stores again those that arrived once, as duplicates)."""
         resources = json.loads(row["resources"])
-        children = [
-            self.ledger.add_forward(
-                "series",
-                row["rule"],
-                row["study_uid"],
-                row["series_uid"],
-                None,
-                row["series_id"],
-                [iid],
-                False,
-                row["transport"],
-            )
-            for iid in resources
-        ]
+        children = [self._again(row, [iid], alone=True) for iid in resources]
         self.ledger.given_up(
             row["id"],
             "split",
@@ -405,6 +392,22 @@ class Forwarder:
             children[-1],
         )
         self.wake.set()
+
+    def _again(self, row: dict[str, Any], resources: list[str], alone: bool = False) -> int:
+        """A new forward of ``resources``, of ``row``'s run; ``alone``: one instance of
+        a split series, which does not trigger the node (the series' run completes after
+        its quiet period)."""
+        return self.ledger.add_forward(
+            "series" if alone else row["kind"],
+            row["rule"],
+            row["study_uid"],
+            row["series_uid"],
+            None if alone else row["sop_instance_uid"],
+            row["series_id"],
+            resources,
+            False if alone else bool(row["trigger"]),
+            row["transport"],
+        )
 
     def _deleted(self, resources: list[str]) -> list[str]:
         """The instances of ``resources`` Orthanc no longer has."""
@@ -426,18 +429,7 @@ class Forwarder:
         left = [iid for iid in resources if iid not in gone]
         error = f"{len(gone)} of its {len(resources)} instance(s) deleted from Orthanc"
         if left:
-            again = self.ledger.add_forward(
-                row["kind"],
-                row["rule"],
-                row["study_uid"],
-                row["series_uid"],
-                row["sop_instance_uid"],
-                row["series_id"],
-                left,
-                bool(row["trigger"]),
-                row["transport"],
-            )
-            error += f": the {len(left)} left sent by forward {again}"
+            error += f": the {len(left)} left sent by forward {self._again(row, left)}"
             self.wake.set()
         self.ledger.given_up(row["id"], "failed", error)
         log.warning("angio-forward: forward %d failed: %s", row["id"], error)
