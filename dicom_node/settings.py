@@ -518,10 +518,60 @@ class TagPattern(Strict):
         return self
 
 
+def _sop_classes(values: list[str]) -> list[str]:
+    """Each a SOP Class UID or pydicom's keyword of one: a keyword the dictionary does
+    not hold made every run ``unroutable`` ("header cannot be read for routing"),
+    blaming the sender's header for the rule's typo."""
+    from dicom_node.sopclasses import resolve_sop_class
+
+    for value in values:
+        try:
+            resolved = resolve_sop_class(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{_close(value, _sop_class_keywords())}") from None
+        if len(resolved) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", resolved):
+            # the spool's rule (spool.check_uid): no instance it stores has another
+            raise ValueError(f"{value!r} is not a UID (digits and dots, at most 64 characters)")
+    return values
+
+
+def _sop_class_keywords() -> list[str]:
+    from pydicom.uid import UID_dictionary
+
+    return [entry[4] for entry in UID_dictionary.values() if entry[1] == "SOP Class"]
+
+
+def _close(word: str, choices: Iterable[str]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(word, list(choices), n=3)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+# Values that cannot be matched as text: a sequence's items, binary data (and the
+# Pixel Data, which routing never reads).
+_UNMATCHABLE_VRS = {"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"}
+
+
+def _tag_keywords(tags: dict[str, Any]) -> dict[str, Any]:
+    """Each key a DICOM keyword whose value is text or numbers: pydicom answers an
+    unknown one as absent, so a rule with a mistyped keyword never matched, without a
+    word (and the router logged pydicom's warning at every run)."""
+    from pydicom.datadict import dictionary_VR, keyword_dict
+
+    for keyword in tags:
+        if keyword not in keyword_dict:
+            raise ValueError(f"{keyword!r} is not a DICOM keyword{_close(keyword, keyword_dict)}")
+        vr = dictionary_VR(keyword_dict[keyword])
+        if vr in _UNMATCHABLE_VRS:
+            raise ValueError(f"{keyword} ({vr}) cannot be matched as text")
+    return tags
+
+
 class Match(Strict):
     """Every condition given must hold. Lists mean 'any of'; ``image_type`` means 'all of'."""
 
-    sop_class_uid: list[str] = []
+    sop_class_uid: Annotated[list[str], AfterValidator(_sop_classes)] = []
     modality: list[str] = []
     image_type: list[str] = []
     not_image_type: list[str] = []
@@ -531,7 +581,7 @@ class Match(Strict):
     frame_rate_min: float | None = None
     frame_rate_max: float | None = None
     min_frames: int | None = None
-    tags: dict[str, str | list[str] | TagPattern] = {}
+    tags: Annotated[dict[str, str | list[str] | TagPattern], AfterValidator(_tag_keywords)] = {}
 
 
 class Rule(Strict):
@@ -772,6 +822,7 @@ def _check_pipelines(settings: Settings) -> None:
         ),
         known,
     )
+    _check_pipeline_options(settings)
     for name, pkg in settings.models.items():
         if not Path(pkg).is_dir():
             raise ConfigError(
@@ -787,4 +838,28 @@ def _check_pipelines(settings: Settings) -> None:
             raise ConfigError(
                 f"invalid settings:\n  models.{name}: {pkg} is a package for the "
                 f"{declared!r} pipeline, not {name!r}"
+            )
+
+
+def _check_pipeline_options(settings: Settings) -> None:
+    """Each pipeline's options as the pipeline itself checks them (``pipelines.options``),
+    now rather than on every job: a mistyped name or an unusable value failed every
+    job of that pipeline (or was ignored without a word) while the node ran. Where the
+    jobs go to Temporal, options that alone fill a workflow's input
+    (``engine.max_input_bytes``) are refused too: no job of that pipeline could start."""
+    from pipelines.base import PipelineError
+    from pipelines.options import checked
+
+    for name, options in settings.workers.pipeline_options.items():
+        key = f"workers.pipeline_options.{name}"
+        try:
+            checked(name, options)
+        except PipelineError as exc:
+            raise ConfigError(f"invalid settings:\n  {key}: {exc}") from None
+        size = len(json.dumps(options).encode())
+        if settings.engine.kind == "temporal" and size >= settings.engine.max_input_bytes:
+            raise ConfigError(
+                f"invalid settings:\n  {key}: {size} bytes as a workflow input, past "
+                f"engine.max_input_bytes ({settings.engine.max_input_bytes}): no job of "
+                f"{name} could start"
             )

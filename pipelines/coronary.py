@@ -31,9 +31,6 @@ cine overlay (Multi-frame True Color SC) that any viewer plays.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -56,6 +53,7 @@ from pipelines.base import (
 )
 from pipelines.models.cenet import ARCHITECTURE, STRIDE, frame_windows
 from pipelines.models.package import ModelPackage, load_package
+from pipelines.options import checked
 from pipelines.preprocess import inference_device, inference_mode, resize, work_shape
 from pipelines.render import AI_LABEL, burn_text, overlay
 from pipelines.shutter import disk, exposed_field, restrict
@@ -607,9 +605,9 @@ class CoronarySegmentation:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        opts = checked(NAME, ctx.options)
         require_2d_run(run, NAME, 1)
         frames = run.pixels
-        opts: Mapping[str, Any] = ctx.options
         notes: list[str] = []
         field = exposed_field(frames, run.meta)
         if field.collimated:
@@ -617,7 +615,7 @@ class CoronarySegmentation:
         if ctx.model_package:
             pkg = load_package(ctx.model_package, pipeline=NAME)
             device = inference_device(ctx.device)
-            threshold = float(opts.get("threshold", pkg.config.get("threshold", 0.5)))
+            threshold = opts.get("threshold", float(pkg.config.get("threshold", 0.5)))
             masks, _ = model_vessels(pkg, frames, run.meta.pixel_spacing_mm, device, threshold)
             algorithm = pkg.algorithm("3D-2D CE-Net", VERSION)
             notes.append(
@@ -630,7 +628,7 @@ class CoronarySegmentation:
             notes.append("no model package configured: classical Frangi path")
         if run.meta.subtracted:
             notes.append("run is subtracted; the pipeline expects unsubtracted coronary cine")
-        min_px = int(opts.get("min_component_px", min_component_px(frames.shape[1:])))
+        min_px = opts.get("min_component_px", min_component_px(frames.shape[1:]))
         masks = remove_small_components(restrict(masks, field), min_px)
         fraction = float(masks.mean())
         notes.append(f"vessel fraction {fraction:.3%} over {frames.shape[0]} frames")

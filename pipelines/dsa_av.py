@@ -36,6 +36,7 @@ from pipelines.base import (
     require_2d_run,
 )
 from pipelines.models.package import load_package
+from pipelines.options import checked
 from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import AI_LABEL, burn_text, overlay, to_grey_rgb
 from pipelines.shutter import exposed_field, restrict
@@ -97,6 +98,7 @@ class DsaArteryVein:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        checked(NAME, ctx.options)  # it takes none: one given is refused
         require_2d_run(run, NAME, 4 if ctx.model_package else 3)
         meta = run.meta
         notes: list[str] = []

@@ -29,6 +29,7 @@ from pipelines.base import (
 )
 from pipelines.dsa_av import label_lines
 from pipelines.models.package import load_package
+from pipelines.options import checked
 from pipelines.preprocess import inference_device, predict_sequence
 from pipelines.render import burn_text, overlay, to_grey_rgb
 from pipelines.shutter import exposed_field, restrict
@@ -78,6 +79,7 @@ class DsaIntracranialArteries:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        checked(NAME, ctx.options)  # it takes none: one given is refused
         require_2d_run(run, NAME, 3)
         meta = run.meta
         notes: list[str] = []

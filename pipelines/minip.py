@@ -15,12 +15,14 @@ from pipelines.base import (
     minip,
     register,
 )
+from pipelines.options import checked
 
 
 class MinIP:
     name = "minip"
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        checked(self.name, ctx.options)  # it takes none: one given is refused
         if run.meta.is_volume:
             raise PipelineError("minip needs a 2D+t run, got a volume")
         image = minip(run.pixels)

@@ -59,6 +59,7 @@ from pipelines.models.dla import (
     SLICES,
 )
 from pipelines.models.package import load_package
+from pipelines.options import ROTATIONAL_CLASSICAL, checked
 from pipelines.preprocess import inference_device, inference_mode, resize
 from pipelines.render import AI_LABEL, burn_text
 from pipelines.vessel_quality import grown_box, volume_quality
@@ -222,50 +223,9 @@ PARALLEL_BYTES = 1 << 30
 EDT_BYTES = 40
 EDT_BLOCK = 64
 
-# Every constant is in units the volume supplies: soft-tissue noise SDs, mm, or
-# fractions of the measured lumen contrast. Chosen on training phantom seeds
-# 2000-2001 at 300, 800 and 3000 HU (never on held-out seeds or family B).
-CLASSICAL_DEFAULTS: dict[str, Any] = {
-    # Dense voxels: above soft tissue by k_low noise SDs, in components that
-    # reach k_high somewhere (hysteresis).
-    "k_low": 3.5,
-    "k_high": 7.0,
-    # The shape analysis sees intensities clipped at k_sat noise SDs above soft
-    # tissue, so a tube looks the same at 300 HU as at 3000 HU.
-    "k_sat": 8.0,
-    # Bone seeds: dense structures thicker than this radius (larger than the
-    # largest artery, the ICA, with its blur).
-    "thick_mm": 3.0,
-    # Porous bone (the cancellous or pneumatised skull base: septa thinner than a
-    # vessel around marrow or air cells) is thick once cells up to 2 * pore_mm
-    # across are closed; where more than pore_fraction of the pore_window_mm
-    # neighbourhood is such a cell, its dense voxels are bone seeds too. Chosen
-    # on family A development seeds 962000-962003 with a porous skull base.
-    "pore_mm": 2.5,
-    "pore_fraction": 0.15,
-    "pore_window_mm": 4.0,
-    # ... except where the dense voxels are solid wider than 2 * solid_mm (a
-    # vessel, a thick septum): those stay for the seeds and the watershed.
-    "solid_mm": 1.5,
-    # Vessel seeds: tubeness above v_seed, at least seed_gap_mm from thick bone.
-    "v_seed": 0.5,
-    "seed_gap_mm": 1.5,
-    # A vessel piece (seeded, or dense and reached by no seed) is vessel when
-    # tubular on average; else bone.
-    "v_unassigned": 0.2,
-    # Tube scales (Gaussian sigma, mm): the smallest visible branch to the ICA.
-    "scales_mm": (0.45, 0.8, 1.4),
-    # Partial volume: a vessel voxel is at least this fraction of the vessel's
-    # local peak above soft tissue (the local peak within local_mm) ...
-    "fwhm": 0.4,
-    "local_mm": 1.5,
-    # ... and of the run's lumen contrast (the 95th percentile of the vessel
-    # seeds): less than that is a sub-voxel vessel or blur.
-    "lumen_fraction": 0.2,
-    "min_vessel_mm3": 5.0,
-    # Gradient smoothing for the watershed between vessel and bone.
-    "grad_mm": 0.5,
-}
+# The classical path's constants, which the ``classical`` option overrides one by one
+# (declared with the options; their reasons are given there).
+CLASSICAL_DEFAULTS = ROTATIONAL_CLASSICAL
 
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
@@ -959,6 +919,7 @@ class RotationalDLA:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
+        opts = checked(NAME, ctx.options)
         hu = run.pixels
         if not run.meta.is_volume or hu.ndim != 3:
             raise PipelineError(
@@ -967,7 +928,6 @@ class RotationalDLA:
             )
         if hu.shape[0] < SLICES:
             raise PipelineError(f"{NAME}: {hu.shape[0]} slices, at least {SLICES} needed")
-        opts: Mapping[str, Any] = ctx.options
         spacing = _spacing(run)
         notes: list[str] = []
         if run.meta.pixel_spacing_mm is None:
@@ -982,7 +942,7 @@ class RotationalDLA:
             device = inference_device(ctx.device)
             model = pkg.load_model(device)
             bias = class_bias(pkg.config)
-            labels = classify_dense(model, hu, device, slab=int(opts.get("slab", 4)), bias=bias)
+            labels = classify_dense(model, hu, device, slab=opts.get("slab", 4), bias=bias)
             algorithm = pkg.algorithm("DLA voxel classifier", VERSION)
             notes.append(
                 f"model {pkg.name} {pkg.version}, dense inference on {device.type}"

@@ -32,7 +32,8 @@ from pipelines.base import (
     SegmentationOutput,
     get,
 )
-from pipelines.perfusion.localise import locate, parse_site_rules, rule_in
+from pipelines.options import checked
+from pipelines.perfusion.localise import locate, rule_in
 from pipelines.quality import Verdict
 from tests.conftest import dciodvfy_errors
 from tests.dicomgen import xa_run
@@ -508,7 +509,7 @@ def test_site_rule_from_the_settings_places_the_aif():
 
 
 def test_site_rules_are_checked():
-    assert parse_site_rules(None) == ()
+    assert checked("dsa_perfusion", {"ica_site_rules": None}) == {"ica_site_rules": ()}
     for bad, match in [
         ({"protocol": "x", "roi": [0, 0, 1, 1]}, "list of tables"),
         ([{"protocol": "x"}], "exactly one of roi or seed"),
@@ -517,7 +518,7 @@ def test_site_rules_are_checked():
         ([{"protocol": "x", "seed": [0.5, 0.5], "radius": 1}], "unknown key"),
     ]:
         with pytest.raises(PipelineError, match=match):
-            parse_site_rules(bad)
+            checked("dsa_perfusion", {"ica_site_rules": bad})
 
 
 def test_every_rule_failing_gives_each_reason():

@@ -316,11 +316,16 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
     shapes, results = {}, {}
     # The node's pipeline options reach its Temporal workers: they enter the result
     # UIDs, so both engines deliver the same UIDs only when both ran with them.
-    options = '[workers.pipeline_options.dsa_av]\nsite = "angio-2"'
+    options = "[workers.pipeline_options.xa_coronary]\nmin_component_px = 3"
     for engine in ("embedded", "temporal"):
         # with Temporal only over mutual TLS (a TLS-terminating relay in front of the dev server)
         site = Site(
-            tmp_path / engine, workers=1, engine=engine, temporal_tls=True, workers_extra=options
+            tmp_path / engine,
+            workers=1,
+            engine=engine,
+            pipelines=("minip", "xa_coronary"),
+            temporal_tls=True,
+            workers_extra=options,
         )
         try:
             site.start()

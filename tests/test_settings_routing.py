@@ -57,6 +57,78 @@ def test_defaults_and_env_overrides() -> None:
             "invalid regex",
         ),
         ("[workers]\nconcurrency = 0", "workers.concurrency", "greater than or equal to 1"),
+        # A rule's typo: a tag keyword never matched without a word (pydicom answers an
+        # unknown keyword as absent), a SOP class keyword made every run unroutable.
+        (
+            '[[rules]]\nname = "r"\n[rules.match.tags]\nBodyPartExamind = "HEAD"',
+            "rules.0.match.tags",
+            "'BodyPartExamind' is not a DICOM keyword (did you mean BodyPartExamined",
+        ),
+        (
+            '[[rules]]\nname = "r"\n[rules.match.tags]\nReferencedImageSequence = "x"',
+            "rules.0.match.tags",
+            "ReferencedImageSequence (SQ) cannot be matched as text",
+        ),
+        (
+            '[[rules]]\nname = "r"\n[rules.match]\nsop_class_uid = ["XRayAngiograhicImageStorage"]',
+            "rules.0.match.sop_class_uid",
+            "(did you mean XRayAngiographicImageStorage",
+        ),
+        (
+            '[[rules]]\nname = "r"\n[rules.match]\nsop_class_uid = ["1.2.840..1"]',
+            "rules.0.match.sop_class_uid",
+            "'1.2.840..1' is not a UID",
+        ),
+        # Pipeline options are checked as the pipeline checks them (pipelines.options):
+        # each of these failed every job of its pipeline, or was ignored without a word.
+        (
+            '[workers.pipeline_options.xa_coronary]\nmin_component_px = "many"',
+            "workers.pipeline_options.xa_coronary",
+            "min_component_px must be a whole number, not 'many'",
+        ),
+        (
+            "[workers.pipeline_options.xa_coronary]\ntreshold = 0.3",
+            "workers.pipeline_options.xa_coronary",
+            "unknown xa_coronary option(s) treshold; allowed: min_component_px, threshold",
+        ),
+        (
+            "[workers.pipeline_options.xa_coronary]\nthreshold = 1.5",
+            "xa_coronary",
+            "threshold must be above 0 and below 1",
+        ),
+        ("[workers.pipeline_options.dsa_av]\nsite = 1", "dsa_av", "option(s) site; it takes none"),
+        ("[workers.pipeline_options.minip]\nx = 1", "minip", "it takes none"),
+        (
+            "[workers.pipeline_options.dsa_perfusion]\ndrift_corection = true",
+            "dsa_perfusion",
+            "allowed: drift_correction,",
+        ),
+        ("[workers.pipeline_options.dsa_perfusion]\nsigma_mm = true", "sigma_mm", "a number"),
+        (
+            '[workers.pipeline_options.dsa_perfusion]\nmethod = "fft"',
+            "dsa_perfusion",
+            "method='fft': allowed auto, ssvd, csvd, osvd, tikhonov",
+        ),
+        (
+            '[workers.pipeline_options.dsa_perfusion]\nica_site_rules = [{ protocol = "(" }]',
+            "dsa_perfusion",
+            "not a regex",
+        ),
+        (
+            "[workers.pipeline_options.rotational_dla.classical]\nk_lo = 3",
+            "rotational_dla",
+            "classical: unknown constant(s) k_lo; allowed: fwhm,",
+        ),
+        (
+            "[workers.pipeline_options.rotational_dla.classical]\nscales_mm = [0.5, -1]",
+            "rotational_dla",
+            "classical.scales_mm[1] must be above 0",
+        ),
+        (
+            "[workers.pipeline_options.rotational_dla]\nslab = 0",
+            "rotational_dla",
+            "slab must be at least 1",
+        ),
     ],
 )
 def test_bad_config_names_key_and_allowed_values(
@@ -79,6 +151,50 @@ def test_cli_fails_at_start_on_bad_config(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "port" in out.stderr
+
+
+def test_pipeline_options_are_checked_where_they_are_read(tmp_path: Path) -> None:
+    """The node and the pipelines read one declaration (``pipelines.options``): every
+    built-in pipeline has one, the values a pipeline gets are those the node let
+    through, and a pipeline called without the node (``dicom-node process``, the
+    benchmarks) refuses what the node's start refuses."""
+    from pipelines.base import BUILTIN, PipelineContext, PipelineError, get
+    from pipelines.options import DECLARED, ROTATIONAL_CLASSICAL, checked
+    from pipelines.rotational import CLASSICAL_DEFAULTS
+
+    assert set(DECLARED) == set(BUILTIN)
+    assert CLASSICAL_DEFAULTS is ROTATIONAL_CLASSICAL
+    good = {
+        "dsa_perfusion": {"svd_threshold": 0.15, "ica_site_rules": [{"seed": [0.5, 0.5]}]},
+        "xa_coronary": {"threshold": 0.4, "min_component_px": 20.0},
+        "rotational_dla": {"classical": {"k_low": 3, "scales_mm": [0.5, 1]}, "slab": 8},
+    }
+    settings = load_settings(None, environ={}, workers={"pipeline_options": good})
+    assert settings.workers.pipeline_options == good  # the jobs get them as written
+    assert checked("xa_coronary", good["xa_coronary"])["min_component_px"] == 20
+    assert checked("rotational_dla", good["rotational_dla"])["classical"] == {
+        "k_low": 3.0,
+        "scales_mm": (0.5, 1.0),
+    }
+    run = load_run([save(xa_run(frames=4, rows=32, cols=32), tmp_path)]).run
+    for name in ("minip", "dsa_av", "dsa_ia", "xa_coronary", "dsa_perfusion", "rotational_dla"):
+        with pytest.raises(PipelineError, match=f"unknown {name} option"):
+            get(name)(run, PipelineContext(options={"colour": "red"}))
+
+
+def test_options_that_alone_fill_a_workflow_input_stop_the_start() -> None:
+    """With the jobs going to Temporal, options past ``engine.max_input_bytes`` would
+    fail every job of their pipeline before Temporal is asked: the start is refused."""
+    rules = [{"protocol": "a" * 40_000, "seed": [0.5, 0.5]}]
+    options = {"pipeline_options": {"dsa_perfusion": {"ica_site_rules": rules}}}
+    assert load_settings(None, environ={}, workers=options)  # the embedded engine: no limit
+    with pytest.raises(ConfigError, match=r"dsa_perfusion: 400\d\d bytes as a workflow input"):
+        load_settings(
+            None,
+            environ={},
+            workers=options,
+            engine={"kind": "temporal", "max_input_bytes": 32768},
+        )
 
 
 def _features(ds) -> RunFeatures:  # type: ignore[no-untyped-def]

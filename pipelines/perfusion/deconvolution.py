@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pipelines.base import PipelineError
+from pipelines.options import DECONVOLUTION_METHODS as METHODS
+from pipelines.options import TMAX_ESTIMATORS
 
-METHODS = ("auto", "ssvd", "csvd", "osvd", "tikhonov")
 CIRCULANT = {"ssvd": False, "csvd": True, "osvd": True, "tikhonov": True}
-TMAX_ESTIMATORS = ("onset", "argmax")
 
 
 @dataclass(frozen=True)

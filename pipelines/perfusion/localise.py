@@ -33,13 +33,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from pipelines.base import PipelineError
+from pipelines.options import SiteRuleSpec
 from pipelines.perfusion.ica import IcaResult, IcaSettings, largest_component, widest_radius_px
 
 # What each rule is called in the result.
@@ -64,14 +65,14 @@ def rule_in(notes: Iterable[str]) -> str | None:
 
 
 @dataclass(frozen=True)
-class SiteRule:
-    """A site's ICA location for one protocol: ``roi`` (top, left, bottom, right) or
-    ``seed`` (row, column), in fractions of the image height and width."""
+class SiteRule(SiteRuleSpec):
+    """A site's ICA location for one protocol (``pipelines.options.site_rules`` checks
+    the option): ``roi`` (top, left, bottom, right) or ``seed`` (row, column), in
+    fractions of the image height and width."""
 
-    protocol: str  # regular expression searched in the Series Description
-    roi: tuple[float, float, float, float] | None = None
-    seed: tuple[float, float] | None = None
-    seed_radius: float = 0.06  # fraction of the shorter image side
+    @classmethod
+    def of(cls, spec: SiteRuleSpec) -> SiteRule:
+        return cls(spec.protocol, spec.roi, spec.seed, spec.seed_radius)
 
     def matches(self, series_description: str) -> bool:
         return re.search(self.protocol, series_description, re.IGNORECASE) is not None
@@ -89,55 +90,6 @@ class SiteRule:
             radius = self.seed_radius * min(rows, cols)
             out = np.hypot(rr - self.seed[0] * rows, cc - self.seed[1] * cols) <= radius
         return out
-
-
-def _fractions(value: Any, count: int, key: str) -> tuple[float, ...]:
-    try:
-        numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise PipelineError(f"{key} must be {count} numbers, got {value!r}") from None
-    if len(numbers) != count or not all(0.0 <= v <= 1.0 for v in numbers):
-        raise PipelineError(f"{key} must be {count} fractions of the image (0 to 1), got {value!r}")
-    return numbers
-
-
-def parse_site_rules(value: Any) -> tuple[SiteRule, ...]:
-    """The ``ica_site_rules`` option: a list of tables ``{protocol = "regex", roi =
-    [top, left, bottom, right]}`` or ``{protocol = "regex", seed = [row, col]}``."""
-    if value is None:
-        return ()
-    if isinstance(value, Mapping) or not isinstance(value, Sequence) or isinstance(value, str):
-        raise PipelineError("option ica_site_rules must be a list of tables")
-    rules = []
-    for i, item in enumerate(value):
-        key = f"ica_site_rules[{i}]"
-        if not isinstance(item, Mapping):
-            raise PipelineError(f"{key} must be a table with protocol and roi or seed")
-        unknown = sorted(set(item) - {"protocol", "roi", "seed", "seed_radius"})
-        if unknown:
-            raise PipelineError(
-                f"{key}: unknown key(s) {', '.join(unknown)}; allowed: protocol, roi, seed, "
-                "seed_radius"
-            )
-        protocol = str(item.get("protocol", ".*"))
-        try:
-            re.compile(protocol)
-        except re.error as exc:
-            raise PipelineError(f"{key}.protocol {protocol!r} is not a regex: {exc}") from None
-        if ("roi" in item) == ("seed" in item):
-            raise PipelineError(f"{key} needs exactly one of roi or seed")
-        roi = seed = None
-        if "roi" in item:
-            top, left, bottom, right = _fractions(item["roi"], 4, f"{key}.roi")
-            if bottom <= top or right <= left:
-                raise PipelineError(f"{key}.roi must be [top, left, bottom, right], top < bottom")
-            roi = (top, left, bottom, right)
-        else:
-            row, col = _fractions(item["seed"], 2, f"{key}.seed")
-            seed = (row, col)
-        radius = _fractions([item.get("seed_radius", 0.06)], 1, f"{key}.seed_radius")[0]
-        rules.append(SiteRule(protocol, roi, seed, radius))
-    return tuple(rules)
 
 
 @dataclass(frozen=True)

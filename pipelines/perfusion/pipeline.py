@@ -8,7 +8,7 @@ collimated field (``pipelines.shutter``). Outputs: the MinIP
 (the canvas), one Parametric Map per quantity, a colour rendering per map, the
 AIF plot with the ICA outline, and the AIF measurements for an SR.
 
-Options (``PipelineContext.options``): see ``OPTIONS``.
+Options (``PipelineContext.options``): ``pipelines.options.PERFUSION``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pipelines.base import (
     register,
     require_2d_run,
 )
+from pipelines.options import checked
 from pipelines.perfusion.aif import (
     Aif,
     AifSettings,
@@ -51,7 +52,7 @@ from pipelines.perfusion.aif import (
     noise_sigma,
     subtracted_mask_frames,
 )
-from pipelines.perfusion.deconvolution import METHODS, Settings
+from pipelines.perfusion.deconvolution import Settings
 from pipelines.perfusion.drift import Drift, remove_drift
 from pipelines.perfusion.figures import aif_figure, color_map
 from pipelines.perfusion.ica import (
@@ -69,7 +70,6 @@ from pipelines.perfusion.localise import (
     SiteRule,
     earliest_artery,
     locate,
-    parse_site_rules,
     rule_order,
     site_ica,
     wide_enough,
@@ -146,69 +146,29 @@ MIN_LIVE_SWING = 0.5
 AIF_SEGMENT = Segment("AIF region (internal carotid artery)", ICA, color_rgb=(255, 160, 0))
 BOLUS_ARRIVAL = Code("126371", "DCM", "Bolus Arrival Time")
 
-OPTIONS: dict[str, str] = {
-    "method": f"deconvolution: one of {', '.join(METHODS)} (default auto: osvd at steps up "
-    "to 0.5 s, csvd on coarser grids)",
-    "svd_threshold": "fixed SVD threshold for ssvd / csvd, fraction of the largest singular "
-    "value (default 0.2 / 0.1)",
-    "oscillation_budget": "oSVD bound on the residue's oscillation index times its length "
-    "(default 4; larger regularises less)",
-    "tmax": "Tmax estimator: onset (time the residue first reaches its peak, default) or argmax",
-    "ica": "which ICA rule comes first: auto (the package when one is configured, else the "
-    "border rule), classical (border rule, never the package), model or site; the other rules "
-    "follow as fallbacks (see pipelines.perfusion.localise)",
-    "ica_site_rules": "site rules per protocol: a list of tables {protocol = regex on the Series "
-    "Description, roi = [top, left, bottom, right] or seed = [row, column], fractions of the "
-    "image}",
-    "keep_largest_ica": "keep only the largest connected part of the ICA mask (default true)",
-    "sigma_mm": "spatial smoothing before deconvolution, Gaussian sigma in mm (default 1.0)",
-    "vessel_fraction": "large-vessel exclusion, fraction of the densest vessels' opacity (default 0.6)",
-    "vessel_contrast": "large-vessel exclusion by contrast to the surrounding blush, fraction "
-    "of the AIF peak (default 0.05; 0 = off)",
-    "vessel_width_mm": "widest vessel, mm (default 10): the level and contrast rules remove "
-    "no wider region; a wider ICA trunk is blush (the border rule passes over it, the "
-    "earliest rule tries it last)",
-    "min_aif_snr": "refuse an AIF whose peak is below this many noise SDs (default 10)",
-    "drift_correction": "take the artefact of head drift after the mask out of a subtracted "
-    "run (default false; see pipelines.perfusion.drift for what it costs on the unseen family)",
-}
-
 
 def _settings(
     options: Mapping[str, Any],
 ) -> tuple[MapSettings, IcaSettings, AifSettings, str, tuple[SiteRule, ...], bool]:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise PipelineError(
-            f"unknown {NAME} option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(OPTIONS))}"
-        )
-    ica_mode = str(options.get("ica", "auto"))
-    if ica_mode not in ("auto", "classical", "model", "site"):
-        raise PipelineError(f"option ica={ica_mode!r}: allowed auto, classical, model, site")
-    site_rules = parse_site_rules(options.get("ica_site_rules"))
-    try:
-        maps = MapSettings(
-            deconvolution=Settings(
-                method=str(options.get("method", "auto")),
-                ssvd_threshold=float(options.get("svd_threshold", 0.2)),
-                csvd_threshold=float(options.get("svd_threshold", 0.1)),
-                tmax=str(options.get("tmax", "onset")),
-                oscillation_budget=float(options.get("oscillation_budget", 4.0)),
-            ),
-            sigma_mm=float(options.get("sigma_mm", 1.0)),
-            vessel_fraction=float(options.get("vessel_fraction", 0.6)),
-            vessel_contrast=float(options.get("vessel_contrast", 0.05)),
-            vessel_width_mm=float(options.get("vessel_width_mm", 10.0)),
-        )
-        aif = AifSettings(min_peak_snr=float(options.get("min_aif_snr", 10.0)))
-    except (TypeError, ValueError) as exc:
-        raise PipelineError(f"invalid {NAME} option value: {exc}") from exc
-    keep = options.get("keep_largest_ica", True)
-    drift = options.get("drift_correction", False)
-    for key, value in (("keep_largest_ica", keep), ("drift_correction", drift)):
-        if not isinstance(value, bool):
-            raise PipelineError(f"option {key}={value!r}: allowed true or false")
+    given = checked(NAME, options)
+    site_rules = tuple(SiteRule.of(spec) for spec in given.get("ica_site_rules", ()))
+    maps = MapSettings(
+        deconvolution=Settings(
+            method=given.get("method", "auto"),
+            ssvd_threshold=given.get("svd_threshold", 0.2),
+            csvd_threshold=given.get("svd_threshold", 0.1),
+            tmax=given.get("tmax", "onset"),
+            oscillation_budget=given.get("oscillation_budget", 4.0),
+        ),
+        sigma_mm=given.get("sigma_mm", 1.0),
+        vessel_fraction=given.get("vessel_fraction", 0.6),
+        vessel_contrast=given.get("vessel_contrast", 0.05),
+        vessel_width_mm=given.get("vessel_width_mm", 10.0),
+    )
+    aif = AifSettings(min_peak_snr=given.get("min_aif_snr", 10.0))
+    keep, drift = given.get("keep_largest_ica", True), given.get("drift_correction", False)
     ica = IcaSettings(keep_largest=keep, widest_mm=maps.vessel_width_mm)
+    ica_mode = given.get("ica", "auto")
     return maps, ica, aif, ica_mode, site_rules, drift
 
 
@@ -590,12 +550,12 @@ class DsaPerfusion:
     name = NAME
 
     def __call__(self, run: Run, ctx: PipelineContext) -> PipelineResult:
-        # Curves are per pixel; the ICA, field and brain rules need a few pixels
-        # around each (the frame count is acquisition_times' to check).
-        require_2d_run(run, NAME, 1, min_side=MIN_SIDE)
         map_settings, ica_settings, aif_settings, ica_mode, site_rules, drift_correction = (
             _settings(ctx.options)
         )
+        # Curves are per pixel; the ICA, field and brain rules need a few pixels
+        # around each (the frame count is acquisition_times' to check).
+        require_2d_run(run, NAME, 1, min_side=MIN_SIDE)
         notes: list[str] = []
         device = _device(ctx, notes)
         all_frames = run.pixels
