@@ -129,6 +129,9 @@ def _rule(i: int, raw: Any) -> Rule:
     if not isinstance(tags, dict):
         raise ConfigError(f"{where}.Tags: must be an object of keyword -> value")
     for key, want in tags.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(key)):
+            # Orthanc's simplified tags, which the rules read, are keyed by keyword
+            raise ConfigError(f"{where}.Tags.{key}: a DICOM keyword, such as BodyPartExamined")
         if isinstance(want, dict):
             if set(want) != {"Regex"}:
                 raise ConfigError(f'{where}.Tags.{key}: an object must be {{"Regex": "..."}}')

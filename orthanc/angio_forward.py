@@ -305,6 +305,7 @@ $('#series').live('pageshow', function() {
 def _start() -> None:
     full = json.loads(orthanc.GetConfiguration())
     config = Config.from_orthanc(full)
+    _check_keywords(config)
     if not config.enabled:
         STATE["disabled"] = "forwarding is disabled (AngioNode.Enabled is false)"
         log.warning("angio-forward: disabled by AngioNode.Enabled")
@@ -345,6 +346,21 @@ def _start() -> None:
         config.state_file,
         "labels and metadata" if fw.labels_supported else "metadata (Orthanc < 1.12 has no labels)",
     )
+
+
+def _check_keywords(config: Config) -> None:
+    """Each rule's tag a keyword of Orthanc's dictionary: an unknown one is absent from
+    every instance, so the rule never matched, without a word (a typo such as
+    BodyPartExamind, or a keyword of another toolkit's dictionary)."""
+    for i, rule in enumerate(config.rules):
+        for keyword in rule.tags:
+            try:
+                orthanc.LookupDictionary(keyword)
+            except (orthanc.OrthancException, TypeError):  # TypeError: Orthanc 1.10's plugin
+                raise ConfigError(
+                    f"AngioNode.Rules[{i}].Tags.{keyword}: not a DICOM keyword in Orthanc's "
+                    "dictionary: the rule would never match"
+                ) from None
 
 
 def on_change(change_type: int, level: int, resource_id: str) -> None:

@@ -300,6 +300,8 @@ def test_rules_match_angiography_and_not_results() -> None:
         ({"Retry": {"MaxAttempts": 0}}, "AngioNode.Retry.MaxAttempts"),
         ({"Rules": [{"Tags": {"ImageType": {"Regex": "("}}}]}, "AngioNode.Rules[0].Tags.ImageType"),
         ({"Rules": [{"Modality": ["XA"]}]}, "AngioNode.Rules[0]"),
+        # the rules read Orthanc's simplified tags, keyed by keyword: a tag never matched
+        ({"Rules": [{"Tags": {"0018,0015": "HEAD"}}]}, "Rules[0].Tags.0018,0015: a DICOM keyword"),
         ({"NodeApiUrl": "node:8780"}, "AngioNode.NodeApiUrl"),
         ({"Bogus": 1}, "AngioNode: unknown key"),
     ],
@@ -368,12 +370,29 @@ def test_orthanc_fixture_is_a_working_pacs(orthanc: OrthancProcess) -> None:  # 
 
 
 @needs_orthanc
-def test_bad_plugin_config_is_reported_not_ignored(tmp_path: Path) -> None:
-    pacs = start_orthanc(tmp_path, with_plugin=True, overrides={"AngioNode": {"Transport": "ftp"}})
+@pytest.mark.parametrize(
+    ("section", "named"),
+    [
+        ({"Transport": "ftp"}, "AngioNode.Transport"),
+        # A rule's tag Orthanc does not know never matched, without a word.
+        (
+            {"Rules": [{"Name": "heads", "Tags": {"BodyPartExamind": "HEAD"}}]},
+            "AngioNode.Rules[0].Tags.BodyPartExamind: not a DICOM keyword in Orthanc's",
+        ),
+        ({"Rules": [{"Name": "heads", "Tags": {"BodyPartExamined": "HEAD"}}]}, None),
+    ],
+)
+def test_bad_plugin_config_is_reported_not_ignored(
+    tmp_path: Path, section: dict[str, Any], named: str | None
+) -> None:
+    pacs = start_orthanc(tmp_path, with_plugin=True, overrides={"AngioNode": section})
     try:
         resp = pacs.get("/angio-node/status")
+        if named is None:  # the keyword spelt right: the plugin runs
+            assert resp.status_code == 200, resp.text
+            return
         assert resp.status_code == 503
-        assert "AngioNode.Transport" in resp.json()["error"]
+        assert named in resp.json()["error"], resp.json()["error"]
         assert "NOT forwarding, configuration error" in pacs.log_text()
     finally:
         pacs.stop()
