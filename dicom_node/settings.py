@@ -568,20 +568,41 @@ def _tag_keywords(tags: dict[str, Any]) -> dict[str, Any]:
     return tags
 
 
+def _modalities(values: list[str]) -> list[str]:
+    """Modality (0008,0060) is a code string, compared as it is: ``xa`` never matched
+    a run's ``XA``."""
+    for value in values:
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
+            raise ValueError(
+                f"{value!r} is not a Modality code (upper case letters, digits, _, at most "
+                f"16: {value.strip().upper()[:16]!r}?)"
+            )
+    return values
+
+
 class Match(Strict):
     """Every condition given must hold. Lists mean 'any of'; ``image_type`` means 'all of'."""
 
     sop_class_uid: Annotated[list[str], AfterValidator(_sop_classes)] = []
-    modality: list[str] = []
+    modality: Annotated[list[str], AfterValidator(_modalities)] = []
     image_type: list[str] = []
     not_image_type: list[str] = []
-    calling_aet: list[str] = []
+    calling_aet: list[AETitle] = []
     subtracted: bool | None = None
     is_volume: bool | None = None
-    frame_rate_min: float | None = None
-    frame_rate_max: float | None = None
-    min_frames: int | None = None
+    frame_rate_min: float | None = Field(None, ge=0)
+    frame_rate_max: float | None = Field(None, gt=0)
+    min_frames: int | None = Field(None, ge=1)
     tags: Annotated[dict[str, str | list[str] | TagPattern], AfterValidator(_tag_keywords)] = {}
+
+    @model_validator(mode="after")
+    def _frame_rates(self) -> Match:
+        low, high = self.frame_rate_min, self.frame_rate_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"frame_rate_min {low:g} is above frame_rate_max {high:g}: no run matches"
+            )
+        return self
 
 
 class Rule(Strict):

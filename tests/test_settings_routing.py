@@ -79,6 +79,16 @@ def test_defaults_and_env_overrides() -> None:
             "rules.0.match.sop_class_uid",
             "'1.2.840..1' is not a UID",
         ),
+        (
+            '[[rules]]\nname = "r"\n[rules.match]\nmodality = ["xa"]',
+            "rules.0.match.modality",
+            "'xa' is not a Modality code",
+        ),
+        (
+            '[[rules]]\nname = "r"\n[rules.match]\nframe_rate_min = 10\nframe_rate_max = 5',
+            "rules.0.match",
+            "frame_rate_min 10 is above frame_rate_max 5",
+        ),
         # Pipeline options are checked as the pipeline checks them (pipelines.options):
         # each of these failed every job of its pipeline, or was ignored without a word.
         (
@@ -223,12 +233,13 @@ def test_custom_rule_by_calling_aet_and_regex(tmp_path: Path) -> None:
     cfg = tmp_path / "r.toml"
     cfg.write_text(
         '[[rules]]\nname = "suite2"\npipelines = ["minip"]\n[rules.match]\n'
-        'calling_aet = ["SUITE2"]\nimage_type = ["SUBTRACTION"]\n'
+        'calling_aet = ["SUITE2 "]\nimage_type = ["SUBTRACTION"]\n'
         '[rules.match.tags]\nSeriesDescription = { regex = "(?i)carotid" }\n'
     )
     rules = effective_rules(load_settings(cfg, environ={}))
     ds = xa_run(frames=3)
     ds.SeriesDescription = "L Carotid DSA"
+    # an AE title's trailing space is padding (PS3.5 6.2): "SUITE2 " never matched
     assert route(rules, RunFeatures.from_headers([ds], "SUITE2")).pipelines == ["minip"]
     d = route(rules, RunFeatures.from_headers([ds], "SUITE1"))
     assert d.rule is None and "calling AE" in d.explain()
