@@ -145,13 +145,33 @@ def _rule(i: int, raw: Any) -> Rule:
             raise ConfigError(
                 f'{where}.Tags.{key}: a string, a list of strings or {{"Regex": ...}}'
             )
+    # What a rule compares is compared as it is: a value of another form never matched.
+    classes = _strings(raw.get("SopClassUids", []) or [], f"{where}.SopClassUids")
+    for value in classes:
+        if len(value) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value):
+            raise ConfigError(f"{where}.SopClassUids: {value!r} is not a UID (digits and dots)")
+    modalities = _strings(raw.get("Modalities", []) or [], f"{where}.Modalities")
+    for value in modalities:
+        if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
+            raise ConfigError(f"{where}.Modalities: {value!r} is not a Modality code, e.g. XA")
+    min_frames = raw.get("MinFrames")
+    if min_frames is not None and (
+        not isinstance(min_frames, int) or isinstance(min_frames, bool) or min_frames < 1
+    ):
+        raise ConfigError(f"{where}.MinFrames: a whole number of at least 1, not {min_frames!r}")
     return Rule(
         name=str(raw.get("Name") or f"rule-{i}"),
-        sop_class_uids=tuple(raw.get("SopClassUids", []) or []),
-        modalities=tuple(raw.get("Modalities", []) or []),
+        sop_class_uids=classes,
+        modalities=modalities,
         tags=dict(tags),
-        min_frames=raw.get("MinFrames"),
+        min_frames=min_frames,
     )
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: a list of strings")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,14 @@ def test_rules_match_angiography_and_not_results() -> None:
         ({"Rules": [{"Modality": ["XA"]}]}, "AngioNode.Rules[0]"),
         # the rules read Orthanc's simplified tags, keyed by keyword: a tag never matched
         ({"Rules": [{"Tags": {"0018,0015": "HEAD"}}]}, "Rules[0].Tags.0018,0015: a DICOM keyword"),
+        # compared as they are: a value of another form never matched (MinFrames "2" raised)
+        ({"Rules": [{"Modalities": ["xa"]}]}, "Rules[0].Modalities: 'xa' is not a Modality"),
+        ({"Rules": [{"Modalities": "XA"}]}, "Rules[0].Modalities: a list of strings"),
+        (
+            {"Rules": [{"SopClassUids": ["XRayAngiographicImageStorage"]}]},
+            "Rules[0].SopClassUids: 'XRayAngiographicImageStorage' is not a UID",
+        ),
+        ({"Rules": [{"MinFrames": "2"}]}, "Rules[0].MinFrames: a whole number of at least 1"),
         ({"NodeApiUrl": "node:8780"}, "AngioNode.NodeApiUrl"),
         ({"Bogus": 1}, "AngioNode: unknown key"),
     ],
