@@ -844,22 +844,28 @@ def _check_pipelines(settings: Settings) -> None:
         known,
     )
     _check_pipeline_options(settings)
+    _check_models(settings)
+
+
+def _check_models(settings: Settings) -> None:
+    """Each ``[models]`` package as a worker reads it (``pipelines.models.manifest``): its
+    files, its package.json (format, pipeline) and its weights' SHA-256, so that a
+    package that cannot be used stops the start instead of failing every job of its
+    pipeline (only the declared pipeline was checked: a missing metrics.json, a format
+    the node does not read or a corrupt weights.pt failed each job)."""
+    from pipelines.base import PipelineError
+    from pipelines.models.manifest import read_manifest, verified_weights
+
     for name, pkg in settings.models.items():
         if not Path(pkg).is_dir():
             raise ConfigError(
                 f"invalid settings:\n  models.{name}: {pkg} is not a model package folder"
             )
-        try:  # a package for another pipeline is refused now, not when a run is processed
-            declared = json.loads((Path(pkg) / "package.json").read_text()).get("pipeline")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ConfigError(
-                f"invalid settings:\n  models.{name}: {pkg} has no readable package.json ({exc})"
-            ) from None
-        if declared != name:
-            raise ConfigError(
-                f"invalid settings:\n  models.{name}: {pkg} is a package for the "
-                f"{declared!r} pipeline, not {name!r}"
-            )
+        try:
+            meta, _, _ = read_manifest(pkg, name)
+            verified_weights(pkg, str(meta.get("weights_sha256", "")))
+        except PipelineError as exc:
+            raise ConfigError(f"invalid settings:\n  models.{name}: {exc}") from None
 
 
 def _check_pipeline_options(settings: Settings) -> None:

@@ -4,10 +4,12 @@ to the settings file, and a package for another pipeline refused when settings l
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,14 +41,43 @@ def test_models_paths_are_relative_to_the_settings_file(
     assert load_settings(conf / "abs.toml", environ={}).models["dsa_ia"] == dsa_ia_package
 
 
-def test_a_package_for_another_pipeline_is_refused_when_settings_load(
+def test_a_package_that_cannot_be_used_is_refused_when_settings_load(
     tmp_path: Path, dsa_ia_package: Path
 ) -> None:
-    with pytest.raises(ConfigError, match=r"models.dsa_av: .* package for the 'dsa_ia' pipeline"):
+    """A package is checked at the start as a worker reads it: before, only its declared
+    pipeline was, and a corrupt weights.pt, a missing file or another format failed
+    every job of its pipeline while the node ran."""
+    with pytest.raises(ConfigError, match=r"models.dsa_av: .* is for pipeline 'dsa_ia'"):
         load_settings(None, environ={}, models={"dsa_av": str(dsa_ia_package)})
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="models.dsa_ia: .* no readable package.json"):
+    with pytest.raises(ConfigError, match="models.dsa_ia: .* incomplete: missing package.json"):
         load_settings(None, environ={}, models={"dsa_ia": str(tmp_path / "empty")})
+
+    def broken(name: str, change: Any) -> str:
+        folder = tmp_path / name
+        shutil.copytree(dsa_ia_package, folder)
+        change(folder)
+        return str(folder)
+
+    def flip_a_byte(folder: Path) -> None:
+        with (folder / "weights.pt").open("r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    def format_2(folder: Path) -> None:
+        meta = json.loads((folder / "package.json").read_text())
+        (folder / "package.json").write_text(json.dumps({**meta, "format": 2}))
+
+    for change, reason in [
+        (flip_a_byte, "weights.pt has SHA-256 .* \\(corrupt or replaced weights\\)"),
+        (lambda f: (f / "metrics.json").unlink(), "incomplete: missing metrics.json"),
+        (lambda f: (f / "data.json").write_text("{"), "data.json|cannot be read"),
+        (format_2, "format 2 not supported"),
+    ]:
+        with pytest.raises(ConfigError, match=f"models.dsa_ia: .*{reason}"):
+            load_settings(None, environ={}, models={"dsa_ia": broken(reason[:8], change)})
     assert load_settings(None, environ={}, models={"dsa_ia": str(dsa_ia_package)}).models
 
 

@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 from pipelines.base import AlgorithmInfo, PipelineError
+from pipelines.models.manifest import FORMAT_VERSION, read_manifest, verified_weights
 from pipelines.models.runtime import prepare_model
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-REQUIRED_FILES = ("package.json", "weights.pt", "metrics.json", "data.json", "MODEL_CARD.md")
 
 _ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {}
 
@@ -131,15 +130,7 @@ def _cached_model(
     """Build the architecture and load the weights safely (``weights_only=True``), after
     checking them against the ``weights_sha256`` the package declares."""
     root = Path(path)
-    data = (root / "weights.pt").read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if not sha256:
-        raise PipelineError(f"model package {root}: package.json lacks weights_sha256")
-    if digest != sha256:
-        raise PipelineError(
-            f"model package {root}: weights.pt has SHA-256 {digest[:16]}..., "
-            f"package.json declares {sha256[:16]}... (corrupt or replaced weights)"
-        )
+    data = verified_weights(root, sha256)
     model = build(architecture_name, json.loads(config_json))
     state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -149,7 +140,7 @@ def _cached_model(
             f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
         )
     log.info(
-        "model package %s loaded on %s (weights SHA-256 %s verified)", root, device, digest[:16]
+        "model package %s loaded on %s (weights SHA-256 %s verified)", root, device, sha256[:16]
     )
     return prepare_model(model, torch.device(device))
 
@@ -158,26 +149,7 @@ def load_package(path: str | Path, pipeline: str | None = None) -> ModelPackage:
     """Read and check a package folder; ``pipeline`` guards against a package
     configured for the wrong pipeline."""
     root = Path(path)
-    missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
-    if missing:
-        raise PipelineError(f"model package {root} is incomplete: missing {', '.join(missing)}")
-    try:
-        meta = json.loads((root / "package.json").read_text())
-        metrics = json.loads((root / "metrics.json").read_text())
-        data = json.loads((root / "data.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"model package {root}: invalid JSON ({exc})") from exc
-    for key in ("name", "version", "architecture", "config", "pipeline", "format"):
-        if key not in meta:
-            raise PipelineError(f"model package {root}: package.json lacks {key!r}")
-    if meta["format"] != FORMAT_VERSION:
-        raise PipelineError(
-            f"model package {root}: format {meta['format']} not supported (expected {FORMAT_VERSION})"
-        )
-    if pipeline is not None and meta["pipeline"] != pipeline:
-        raise PipelineError(
-            f"model package {root} is for pipeline {meta['pipeline']!r}, not {pipeline!r}"
-        )
+    meta, metrics, data = read_manifest(root, pipeline)
     _announce(
         str(root.resolve()),
         str(meta.get("weights_sha256", "")),
