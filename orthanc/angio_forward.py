@@ -311,6 +311,7 @@ def _start() -> None:
         log.warning("angio-forward: disabled by AngioNode.Enabled")
         return
     api = PluginApi()
+    _check_destination(config, api)
     system = api.get("/system")
     version = str(system.get("Version", "0"))
     try:
@@ -346,6 +347,38 @@ def _start() -> None:
         config.state_file,
         "labels and metadata" if fw.labels_supported else "metadata (Orthanc < 1.12 has no labels)",
     )
+
+
+def _check_destination(config: Config, api: PluginApi) -> None:
+    """The node as Orthanc knows it: a NodeModality (or NodeDicomWebServer) Orthanc does
+    not hold made every forward fail to submit its job ("unknown resource"), retried
+    until MaxAttempts, while the status said the node was ok."""
+    if config.transport == "dimse":
+        key, what, uri, name = (
+            "NodeModality",
+            "DicomModalities",
+            "/modalities",
+            config.node_modality,
+        )
+    else:
+        key, what, uri, name = (
+            "NodeDicomWebServer",
+            "DicomWeb.Servers",
+            "/dicom-web/servers",
+            config.node_dicomweb_server,
+        )
+    try:
+        known = [str(k) for k in api.get(uri)]
+    except OrthancError as exc:
+        raise ConfigError(
+            f"AngioNode.{key}: Orthanc cannot list its {what} ({exc}); the STOW-RS "
+            "transport needs the DICOMweb plugin"
+        ) from None
+    if name not in known:
+        raise ConfigError(
+            f"AngioNode.{key}: {name!r} is not one of Orthanc's {what} "
+            f"({', '.join(known) or 'none'}): every forward would fail"
+        )
 
 
 def _check_keywords(config: Config) -> None:

@@ -388,6 +388,15 @@ def test_orthanc_fixture_is_a_working_pacs(orthanc: OrthancProcess) -> None:  # 
             "AngioNode.Rules[0].Tags.BodyPartExamind: not a DICOM keyword in Orthanc's",
         ),
         ({"Rules": [{"Name": "heads", "Tags": {"BodyPartExamined": "HEAD"}}]}, None),
+        # the node as Orthanc knows it: every forward failed to submit its job
+        (
+            {"NodeModality": "angio-nod"},
+            "AngioNode.NodeModality: 'angio-nod' is not one of Orthanc's DicomModalities",
+        ),
+        (
+            {"Transport": "dicomweb", "NodeDicomWebServer": "angio"},
+            "AngioNode.NodeDicomWebServer: 'angio' is not one of Orthanc's DicomWeb.Servers",
+        ),
     ],
 )
 def test_bad_plugin_config_is_reported_not_ignored(
