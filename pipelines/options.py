@@ -41,6 +41,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def number(
     low: float | None = None,
     high: float | None = None,
@@ -122,9 +126,7 @@ class SiteRuleSpec:
 
 
 def _fractions(value: Any, count: int, key: str) -> tuple[float, ...]:
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-        raise PipelineError(f"{key} must be {count} numbers, got {value!r}")
-    if not all(_is_number(v) for v in value):
+    if not _is_list(value) or not all(_is_number(v) for v in value):
         raise PipelineError(f"{key} must be {count} numbers, got {value!r}")
     numbers = tuple(float(v) for v in value)
     if len(numbers) != count or not all(0.0 <= v <= 1.0 for v in numbers):
@@ -137,7 +139,7 @@ def site_rules(name: str, value: Any) -> tuple[SiteRuleSpec, ...]:
     [top, left, bottom, right]}`` or ``{protocol = "regex", seed = [row, col]}``."""
     if value is None:
         return ()
-    if isinstance(value, Mapping) or not isinstance(value, Sequence) or isinstance(value, str):
+    if not _is_list(value):
         raise PipelineError(f"option {name} must be a list of tables")
     rules = []
     for i, item in enumerate(value):
@@ -290,7 +292,7 @@ _non_negative = number(0)
 
 
 def _scales(name: str, value: Any) -> tuple[float, ...]:
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+    if not _is_list(value):
         raise PipelineError(f"{name} must be a list of numbers, not {value!r}")
     if not 1 <= len(value) <= MAX_SCALES:
         raise PipelineError(f"{name} must have 1 to {MAX_SCALES} scales, not {len(value)}")
