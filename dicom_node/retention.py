@@ -41,7 +41,7 @@ from pathlib import Path
 
 from dicom_node.audit import AuditTrail
 from dicom_node.db import Database, Purge
-from dicom_node.diskfull import FULL, Reserve, Waiting, storage_fault
+from dicom_node.diskfull import FAILING, FULL, READ_ONLY, Reserve, Waiting, storage_fault
 from dicom_node.settings import RetentionSettings
 from dicom_node.spool import Spool
 
@@ -173,9 +173,9 @@ class Retention:
         """Files first, then their rows: a crash in between leaves rows whose files
         are gone, which the next pass finishes; never a file without a row, which the
         spool's recovery would index again as a new run. A file that cannot be deleted
-        (its permissions, a read-only or failing disk) keeps the run's rows, and the
-        next pass tries again; the other files and runs go on (one such file stopped
-        every later purge, and the disk filled)."""
+        (its permissions) keeps the run's rows, and the next pass tries again; the other
+        files and runs go on (one such file stopped every later purge, and the disk
+        filled). A read-only or failing disk ends the pass: ``run`` waits on it."""
         freed, kept = 0, []
         for path in purge.instances + purge.results:
             try:
@@ -185,6 +185,10 @@ class Retention:
             except FileNotFoundError:
                 pass
             except OSError as exc:
+                if storage_fault(exc) in (READ_ONLY, FAILING):
+                    # the disk, not this file: ``run`` waits on it and logs it once (this
+                    # run's ERROR came again at every pass, 0.5-60 s apart)
+                    raise
                 kept.append(f"{path.name}: {exc.strerror or type(exc).__name__}")
         if kept:
             log.error(

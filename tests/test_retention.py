@@ -7,11 +7,13 @@ for a run."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from dicom_node.retention import Retention
@@ -251,6 +253,43 @@ def test_a_file_that_cannot_be_deleted_holds_back_no_other_purge(make_node: Any)
     assert now.run() == 0
     assert node.db.query("SELECT COUNT(*) n FROM instances")[0]["n"] == 0
     assert not _files(node)
+
+
+def test_a_read_only_disk_under_a_purge_is_logged_once_not_at_every_pass(
+    make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A purge begun before the disk turned read-only (its files then cannot be
+    deleted): each pass logged that run's files at ERROR, every ``interval_s``, beside
+    the fault the other loops log once (seen in CI's failing-disk test, when a purge was
+    in flight at the fault). The disk is what fails, not a file: the pass ends, the
+    fault is logged once, and the purge is finished once the disk takes writes."""
+    import subprocess
+
+    node = make_node(rules=RULES, retention=OFF)
+    run_id, _ = _run(node)
+    candidate = node.db.purge_candidates(None)[0]
+    assert node.db.claim_purge(candidate) is not None  # begun, its files still there
+    spool = str(node.spool.spool)
+    made = subprocess.run(  # a read-only view of the spool: unlink() answers EROFS
+        f"mount --bind {spool} {spool} && mount -o remount,bind,ro {spool}",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a read-only bind mount here: {made.stderr.strip()}")
+    retention = Retention(node.db, node.spool, node.results_dir, RetentionSettings(**OFF))
+    caplog.set_level(logging.INFO)
+    try:
+        assert [retention.run() for _ in range(3)] == [0, 0, 0]
+    finally:
+        subprocess.run(["umount", spool], check=True)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("retention:"), errors
+    assert "read-only" in errors[0]
+    assert _files(node)  # kept, with their rows
+    assert retention.run() == 0  # writable again: the purge is finished
+    assert not _files(node) and node.db.is_purged(run_id)
 
 
 def test_purges_racing_stores_of_the_same_series_lose_nothing(make_node: Any) -> None:
