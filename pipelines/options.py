@@ -37,8 +37,14 @@ class Option:
 
 
 def _is_number(value: Any) -> bool:
-    # TOML's true is a bool, which Python counts as the integer 1: not a number here.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float. TOML's true is a bool, which Python counts as the integer
+    1: not a number here; nor is an integer past a float's range (TOML reads any)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_list(value: Any) -> bool:
@@ -58,7 +64,7 @@ def number(
 
     def parse(name: str, value: Any) -> float | int:
         whole = _is_number(value) and (isinstance(value, int) or float(value).is_integer())
-        if not _is_number(value) or not math.isfinite(value) or (integer and not whole):
+        if not _is_number(value) or (integer and not whole):
             raise PipelineError(
                 f"{name} must be a {'whole ' if integer else ''}number, not {value!r}"
             )

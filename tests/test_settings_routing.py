@@ -96,6 +96,11 @@ def test_defaults_and_env_overrides() -> None:
             "workers.pipeline_options.xa_coronary",
             "min_component_px must be a whole number, not 'many'",
         ),
+        (  # TOML reads an integer of any size; past a float's range it raised
+            f"[workers.pipeline_options.xa_coronary]\nmin_component_px = 1{'0' * 400}",
+            "workers.pipeline_options.xa_coronary",
+            "min_component_px must be a whole number",
+        ),
         (
             "[workers.pipeline_options.xa_coronary]\ntreshold = 0.3",
             "workers.pipeline_options.xa_coronary",
