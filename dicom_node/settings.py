@@ -45,7 +45,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No setting means infinity or NaN: a quiet_period_s = inf never completed a series
+    # by its quiet period (TOML writes inf and nan, and 1e400 reads as inf).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CompletionSettings(Strict):
@@ -405,7 +407,7 @@ class EngineSettings(Strict):
     task_queue: str = Field(
         "angio-jobs", min_length=1, description="where job activities go; a worker polls one"
     )
-    queues: dict[str, str] = Field(
+    queues: dict[str, Annotated[str, Field(min_length=1)]] = Field(
         {}, description="pipeline name -> task queue (e.g. the deep models on 'gpu')"
     )
     node_task_queue: str | None = Field(
@@ -605,12 +607,25 @@ class Match(Strict):
         return self
 
 
+def _twice(values: list[str]) -> list[str]:
+    return [v for v in values if values.count(v) > 1]
+
+
+def _distinct(values: list[str]) -> list[str]:
+    """A name given twice: a rule's pipeline listed twice made two jobs of it for every
+    run, computing the same results twice."""
+    twice = sorted(set(_twice(values)))
+    if twice:
+        raise ValueError(f"named more than once: {', '.join(twice)}")
+    return values
+
+
 class Rule(Strict):
-    name: str
+    name: str = Field(min_length=1)
     match: Match = Match()
-    pipelines: list[str] = []
+    pipelines: Annotated[list[str], AfterValidator(_distinct)] = []
     # Destination names, or ["*"] for every configured destination.
-    destinations: list[str] = ["*"]
+    destinations: Annotated[list[str], AfterValidator(_distinct)] = ["*"]
 
 
 class Settings(Strict):
@@ -671,9 +686,14 @@ class Settings(Strict):
                 "and return results through it"
             )
         names = [d.name for d in self.destinations]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes:
-            raise ValueError(f"destination names must be unique: {sorted(dupes)}")
+        if _twice(names):
+            raise ValueError(f"destination names must be unique: {sorted(set(_twice(names)))}")
+        if "*" in names:
+            raise ValueError("a destination cannot be named '*': a rule's '*' means all of them")
+        rules = [rule.name for rule in self.rules or []]
+        if len(set(rules)) < len(rules):
+            # the status, the job notes and route --explain name a run's rule
+            raise ValueError(f"rule names must be unique: {sorted(set(_twice(rules)))}")
         for i, rule in enumerate(self.rules or []):
             for dest in rule.destinations:
                 if dest != "*" and dest not in names:

@@ -89,6 +89,15 @@ def test_defaults_and_env_overrides() -> None:
             "rules.0.match",
             "frame_rate_min 10 is above frame_rate_max 5",
         ),
+        ('[[rules]]\nname = "r"\npipelines = ["minip", "minip"]', "rules.0.pipelines", "more than"),
+        ('[[rules]]\nname = "r"\n[[rules]]\nname = "r"', "rule names must be unique", "['r']"),
+        (
+            '[[destinations]]\nkind = "dimse"\nname = "*"\nhost = "h"\nport = 1\nae_title = "A"',
+            "cannot be named '*'",
+            "means all of them",
+        ),
+        ("[completion]\nquiet_period_s = inf", "completion.quiet_period_s", "finite number"),
+        ('[engine.queues]\nminip = ""', "engine.queues.minip", "at least 1 character"),
         # Pipeline options are checked as the pipeline checks them (pipelines.options):
         # each of these failed every job of its pipeline, or was ignored without a word.
         (
