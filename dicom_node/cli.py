@@ -197,6 +197,20 @@ def cmd_route(args: argparse.Namespace) -> int:
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
+    if not args.paths:  # the settings alone: checked (load_settings), and the rules listed
+        written = settings.rules is not None
+        print(
+            f"settings {args.config or '(defaults)'}: valid; "
+            + ("its rules" if written else "no rules written: the built-in ones")
+            + ", the first that matches a run wins:"
+        )
+        for n, rule in enumerate(effective_rules(settings), 1):
+            conditions = rule.match.model_dump(exclude_defaults=True, mode="json")
+            print(
+                f"  {n}. {rule.name}: pipelines {rule.pipelines or 'none'}, destinations "
+                f"{rule.destinations}; when {conditions or 'always'}"
+            )
+        return 0
     runs, skipped = group_runs(args.paths, settings)
     for s in skipped:
         print(f"skipped {s}")
@@ -415,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.set_defaults(func=cmd_process)
 
-    p = sub.add_parser("route", help="show which rule matches each run")
-    p.add_argument("paths", nargs="+")
+    p = sub.add_parser(
+        "route",
+        help="show which rule matches each run; with no run, check the settings and list the rules",
+    )
+    p.add_argument("paths", nargs="*")
     p.add_argument("--explain", action="store_true", help="show every condition of every rule")
     p.add_argument("--config")
     p.set_defaults(func=cmd_route)

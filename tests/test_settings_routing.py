@@ -271,6 +271,31 @@ def test_route_explain_cli(tmp_path: Path) -> None:
     assert "rule 'cerebral-dsa': MATCH" in out.stdout and "[x] subtracted is True" in out.stdout
 
 
+def test_route_without_runs_checks_the_settings_and_lists_the_rules(tmp_path: Path) -> None:
+    """What an operator runs on a changed settings file before the restart: the start's
+    own checks, and the rules in the order they are tried."""
+
+    def route_cli(config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "route", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    rules = '[[rules]]\nname = "{}"\npipelines = ["minip"]\n[rules.match.tags]\n{} = "HEAD"\n'
+    good.write_text(rules.format("a", "BodyPartExamined") + rules.format("b", "StudyDescription"))
+    out = route_cli(good)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "valid" in lines[0] and lines[1].startswith("  1. a: pipelines ['minip']")
+    assert lines[2].startswith("  2. b:") and "StudyDescription" in lines[2]
+    bad.write_text(rules.format("a", "BodyPartExamind"))
+    out = route_cli(bad)
+    assert out.returncode == 2 and "did you mean BodyPartExamined" in out.stderr, out.stderr
+
+
 REAL_FILES = sorted(REAL_DATA.rglob("*.dcm")) if REAL_DATA.exists() else []
 
 
