@@ -370,9 +370,9 @@ def _check_destination(config: Config, api: PluginApi) -> None:
     try:
         known = [str(k) for k in api.get(uri)]
     except OrthancError as exc:
+        hint = "; the STOW-RS transport needs the DICOMweb plugin" if key != "NodeModality" else ""
         raise ConfigError(
-            f"AngioNode.{key}: Orthanc cannot list its {what} ({exc}); the STOW-RS "
-            "transport needs the DICOMweb plugin"
+            f"AngioNode.{key}: Orthanc cannot list its {what} ({exc}){hint}"
         ) from None
     if name not in known:
         raise ConfigError(
