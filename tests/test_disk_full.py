@@ -340,21 +340,25 @@ def test_a_disk_that_fills_while_an_instance_arrives_is_answered_0xa700(
     assert not _tracebacks(caplog)
 
 
+def mount_or_skip(command: str, what: str) -> None:
+    """Run a shell ``command`` that mounts ``what`` (as root, as CI runs); the test is
+    skipped where it cannot."""
+    made = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount {what} here: {made.stderr.strip()}")
+
+
 @pytest.fixture
 def failing_disk(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A 96 MiB ext4 on a loop device, and the file that makes it fail (as root, as CI
     runs; else skipped)."""
     image, folder = tmp_path / "ext4.img", tmp_path / "disk"
     folder.mkdir()
-    made = subprocess.run(
+    mount_or_skip(
         f"truncate -s 96M {image} && mkfs.ext4 -q -F {image} && "
         f"mount -o loop,errors=remount-ro {image} {folder}",
-        shell=True,
-        capture_output=True,
-        text=True,
+        "an ext4 loop device",
     )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount an ext4 loop device here: {made.stderr.strip()}")
     try:
         device = subprocess.run(
             ["findmnt", "-n", "-o", "SOURCE", str(folder)], capture_output=True, text=True

@@ -265,19 +265,17 @@ def test_a_read_only_disk_under_a_purge_is_logged_once_not_at_every_pass(
     fault is logged once, and the purge is finished once the disk takes writes."""
     import subprocess
 
+    from tests.test_disk_full import mount_or_skip
+
     node = make_node(rules=RULES, retention=OFF)
     run_id, _ = _run(node)
     candidate = node.db.purge_candidates(None)[0]
     assert node.db.claim_purge(candidate) is not None  # begun, its files still there
     spool = str(node.spool.spool)
-    made = subprocess.run(  # a read-only view of the spool: unlink() answers EROFS
+    mount_or_skip(  # a read-only view of the spool: unlink() answers EROFS
         f"mount --bind {spool} {spool} && mount -o remount,bind,ro {spool}",
-        shell=True,
-        capture_output=True,
-        text=True,
+        "a read-only bind mount",
     )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a read-only bind mount here: {made.stderr.strip()}")
     retention = Retention(node.db, node.spool, node.results_dir, RetentionSettings(**OFF))
     caplog.set_level(logging.INFO)
     try:
