@@ -21,7 +21,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -30,6 +33,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.settings import ApiSettings, ApiToken, Scope
 
 SCOPES: tuple[str, ...] = get_args(Scope)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,15 +108,64 @@ def load_tokens(api: ApiSettings) -> list[ApiToken]:
 
 
 class Authenticator:
-    def __init__(self, tokens: list[ApiToken]) -> None:
+    """The tokens the API accepts. With ``api.tokens_file`` (``api`` given), the file is
+    read again when it changes (looked at most once every ``RELOAD_S``), so that a
+    token added or revoked takes effect without a restart (before, a revoked token
+    was accepted until the node restarted). A changed file that cannot be used (not
+    readable, a bad line, no token) admits none of its tokens until it is put right,
+    logged once: keeping the old ones would keep a revoked token. The API never turns
+    open by a change of the file."""
+
+    RELOAD_S = 1.0
+
+    def __init__(self, tokens: list[ApiToken], api: ApiSettings | None = None) -> None:
         self.tokens = {t.sha256: t for t in tokens}
         self.enabled = bool(tokens)
         self._csrf_key = secrets.token_bytes(32)
+        self._api = api if api is not None and api.tokens_file is not None else None
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        if self._api is None:
+            return None
+        try:
+            st = Path(str(self._api.tokens_file)).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _refresh(self) -> None:
+        if self._api is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < self.RELOAD_S:
+                return
+            self._checked = now
+            seen = self._signature()
+            if seen == self._seen:
+                return
+            self._seen = seen
+            try:
+                tokens = load_tokens(self._api)
+            except ConfigError as exc:
+                tokens = list(self._api.tokens)
+                log.error("%s: none of its tokens is accepted until it is put right", str(exc))
+            else:
+                log.warning(
+                    "api.tokens_file read again: %d token(s) accepted (%s)",
+                    len(tokens),
+                    ", ".join(t.name for t in tokens),
+                )
+            self.tokens = {t.sha256: t for t in tokens}
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller named by an Authorization header; AuthError(401) if none."""
         if not self.enabled:
             return ANONYMOUS
+        self._refresh()
         if not authorization:
             raise AuthError(401, "this route needs a token (Authorization: Bearer ...)")
         scheme, _, credentials = authorization.strip().partition(" ")

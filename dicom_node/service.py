@@ -212,7 +212,7 @@ class Node:
         for dest in settings.destinations:
             if isinstance(dest, DimseDestination) and dest.tls:
                 client_context(dest)  # and so does a destination's
-        self.auth = Authenticator(load_tokens(settings.api))
+        self.auth = Authenticator(load_tokens(settings.api), settings.api)
         self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
         self.metrics = Metrics(self.db, settings.models, settings.storage_dir)
         # the job engine: embedded worker processes, or Temporal workers (``[engine]``)

@@ -177,6 +177,47 @@ def test_api_beyond_loopback_needs_tokens(tmp_path: Path, make_node: Any) -> Non
             make_node(api={"host": "0.0.0.0", "tokens_file": str(tokens)})
 
 
+def test_a_token_revoked_in_the_tokens_file_is_refused_without_a_restart(
+    tmp_path: Path, make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tokens file was read at the start only: a token taken out of it (leaked, or
+    its machine retired) was accepted until the node restarted. It is read again when
+    it changes; a changed file that cannot be used admits none of its tokens (logged
+    once), and never opens the API."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    tokens = tmp_path / "tokens"
+
+    def write(*names: str, extra: str = "") -> None:
+        lines = [f"{n} {hash_token(_token(n))} read" for n in names]
+        tokens.write_text("\n".join(lines) + "\n" + extra)
+
+    def status(name: str | None) -> int:
+        headers = _auth(name) if name else {}
+        url = f"http://127.0.0.1:{node.api_port}/status"
+        return requests.get(url, headers=headers, timeout=10).status_code
+
+    write("reader", "orthanc")
+    node = make_node(api={"host": "0.0.0.0", "tokens_file": str(tokens)})
+    assert status("reader") == 200 and status("orthanc") == 200
+    write("orthanc")  # reader revoked
+    wait_for(lambda: status("reader") == 401, 10, what="the revoked token refused")
+    assert status("orthanc") == 200
+    write("orthanc", extra="broken line\n")  # an edit gone wrong: fail closed
+    wait_for(lambda: status("orthanc") == 401, 10, what="a broken file to admit no token")
+    assert status("orthanc") == 401 and status(None) == 401  # and the API is not open
+    tokens.write_text("")  # no token at all: still closed, not open
+    time.sleep(1.5)
+    assert status("orthanc") == 401 and status(None) == 401
+    write("orthanc", "reader")  # put right
+    wait_for(lambda: status("reader") == 200, 10, what="the file put right")
+    assert status("orthanc") == 200
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("tokens_file" in m for m in errors), errors
+    assert not any(_token("reader") in r.getMessage() for r in caplog.records)
+
+
 def test_secrets_come_from_files_or_the_environment_and_are_never_printed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
