@@ -416,6 +416,28 @@ def test_bad_plugin_config_is_reported_not_ignored(
 
 
 @needs_orthanc
+def test_the_stow_rs_transport_without_orthanc_s_dicomweb_plugin_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    """Every forward would fail to submit its job: Orthanc has no STOW-RS client."""
+    from tests.orthanc_fixture import PYTHON_PLUGIN
+
+    pacs = start_orthanc(
+        tmp_path,
+        with_plugin=True,
+        overrides={"Plugins": [str(PYTHON_PLUGIN)], "AngioNode": {"Transport": "dicomweb"}},
+    )
+    try:
+        resp = pacs.get("/angio-node/status")
+        assert resp.status_code == 503
+        error = resp.json()["error"]
+        assert "AngioNode.NodeDicomWebServer: Orthanc cannot list its DicomWeb.Servers" in error
+        assert "needs the DICOMweb plugin" in error
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
 def test_a_damaged_ledger_is_reported_with_what_to_do(tmp_path: Path) -> None:
     """The plugin's ledger damaged (a disk that lied about a write, a file restored
     wrong): its start raised in Orthanc's change callback, a traceback in Orthanc's log,
