@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -183,6 +184,7 @@ class Config:
     node_api_url: str = "http://127.0.0.1:8780"
     node_api_timeout_s: float = 10.0
     node_api_token: str = field(default="", repr=False)  # scopes read, operate (and store)
+    node_api_token_file: str = ""  # read again when it changes (NodeClient)
     node_api_ca_file: str = ""  # CA of an https NodeApiUrl (default: the system store)
     node_aet: str = "ANGIO_NODE"
     result_manufacturer: str = "angio-dicom-node"
@@ -239,6 +241,7 @@ class Config:
                 raise ConfigError(
                     f"AngioNode.NodeApiTokenFile: cannot read {token_file}: {exc.strerror}"
                 ) from None
+            kw["node_api_token_file"] = str(token_file)
         for key in ("node_api_token", "node_api_ca_file"):
             if not isinstance(kw.get(key, ""), str):
                 raise ConfigError(f"AngioNode: {key} must be a string")
@@ -701,16 +704,55 @@ def forward_view(row: dict[str, Any]) -> dict[str, Any]:
 class NodeClient:
     """The node's small REST API (``dicom_node/api.py``)."""
 
-    def __init__(self, base_url: str, timeout: float, token: str = "", ca_file: str = "") -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float,
+        token: str = "",
+        ca_file: str = "",
+        token_file: str = "",
+    ) -> None:
         self.base = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
-        if token:  # the node's API wants a token unless it listens on loopback without any
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        self._use(token)
         if ca_file:
             self.session.verify = ca_file
+        # NodeApiTokenFile is read again when it changes, so that a token rotated on
+        # both sides (the node reads its tokens file again too) needs no restart of
+        # Orthanc; one that cannot be read keeps the token in use.
+        self.token_file = token_file
+        self._seen = self._signature()
+
+    def _use(self, token: str) -> None:
+        if token:  # the node's API wants a token unless it listens on loopback without any
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.token_file) if self.token_file else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _reread_token(self) -> None:
+        seen = self._signature()
+        if seen is None or seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            with open(self.token_file) as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            log.warning("angio-forward: NodeApiTokenFile %s: %s", self.token_file, exc.strerror)
+            return
+        if token:
+            self._use(token)
+            log.warning("angio-forward: NodeApiTokenFile %s read again", self.token_file)
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
+        if self.token_file:
+            self._reread_token()
         try:
             resp = self.session.request(method, self.base + path, timeout=self.timeout, **kw)
         except requests.RequestException as exc:

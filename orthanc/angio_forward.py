@@ -333,6 +333,7 @@ def _start() -> None:
             config.node_api_timeout_s,
             config.node_api_token,
             config.node_api_ca_file,
+            config.node_api_token_file,
         ),
         version,
         has_labels=bool(system.get("HasLabels", False)),

@@ -119,7 +119,7 @@ def test_a_token_the_node_refuses_is_what_the_plugin_status_says(tmp_path: Path)
     """A plugin token the node does not take (mistyped, or revoked): ``/health`` needs
     none, so the plugin's status said the node was ok, while every trigger, every
     ``node_jobs`` and every reprocess was refused. It now says ``refused`` and what to
-    check."""
+    check; the token file put right is read again without a restart of Orthanc."""
     node_port, api_port = free_port(), free_port()
     token_file = tmp_path / "node-token"
     token_file.write_text("not-the-token-the-node-knows\n")
@@ -136,10 +136,14 @@ def test_a_token_the_node_refuses_is_what_the_plugin_status_says(tmp_path: Path)
         node_status = pacs.get("/angio-node/status").json()["node"]
         assert node_status["status"] == "refused", node_status
         assert "401" in node_status["error"] and "NodeApiToken" in node_status["error"]
-        token_file.write_text(TOKEN + "\n")  # read when Orthanc starts
-        pacs.stop()
-        pacs.start()
-        assert pacs.get("/angio-node/status").json()["node"]["status"] == "ok"
+        # Put right (or a token rotated): read again when it changes, with no restart of
+        # Orthanc (it was read when Orthanc started only)
+        token_file.write_text(TOKEN + "\n")
+        wait_for(
+            "the plugin to use the token put right",
+            lambda: pacs.get("/angio-node/status").json()["node"]["status"] == "ok",
+            30,
+        )
     finally:
         node.stop()
         pacs.stop()
