@@ -524,14 +524,14 @@ def _sop_classes(values: list[str]) -> list[str]:
     """Each a SOP Class UID or pydicom's keyword of one: a keyword the dictionary does
     not hold made every run ``unroutable`` ("header cannot be read for routing"),
     blaming the sender's header for the rule's typo."""
-    from dicom_node.sopclasses import resolve_sop_class
+    from dicom_node.sopclasses import UID_RE, resolve_sop_class
 
     for value in values:
         try:
             resolved = resolve_sop_class(value)
         except ValueError as exc:
             raise ValueError(f"{exc}{_close(value, _sop_class_keywords())}") from None
-        if len(resolved) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", resolved):
+        if len(resolved) > 64 or not UID_RE.fullmatch(resolved):
             # the spool's rule (spool.check_uid): no instance it stores has another
             raise ValueError(f"{value!r} is not a UID (digits and dots, at most 64 characters)")
     return values
@@ -691,7 +691,7 @@ class Settings(Strict):
         if "*" in names:
             raise ValueError("a destination cannot be named '*': a rule's '*' means all of them")
         rules = [rule.name for rule in self.rules or []]
-        if len(set(rules)) < len(rules):
+        if _twice(rules):
             # the status, the job notes and route --explain name a run's rule
             raise ValueError(f"rule names must be unique: {sorted(set(_twice(rules)))}")
         for i, rule in enumerate(self.rules or []):

@@ -23,7 +23,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import shutil
 import struct
 import threading
@@ -54,11 +53,10 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
-from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE
+from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE, UID_RE
 
 log = logging.getLogger(__name__)
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 # Elements longer than this are left on disk when a header is read (pixel data).
@@ -103,7 +101,7 @@ def check_uid(name: str, value: object, max_length: int = 64) -> str:
             RejectedInstance.CANNOT_UNDERSTAND,
             f"{name} is {len(text)} characters long (max {max_length})",
         )
-    if not _UID_RE.match(text):
+    if not UID_RE.match(text):
         raise RejectedInstance(
             RejectedInstance.CANNOT_UNDERSTAND,
             f"{name} {text[:80]!r} is not a valid UID (digits and dots only)",
