@@ -89,7 +89,7 @@ class Node(Protocol):
 log = logging.getLogger(__name__)
 SELECTORS = ("study_uid", "series_uid", "sop_instance_uid", "run_id")
 QUERY_KEYS = {"study": "study_uid", "series": "series_uid", "instance": "sop_instance_uid"}
-RETRY_PATH = re.compile(r"^/jobs/(\d{1,18})/retry$")
+RETRY_PATH = re.compile(r"^/jobs/(\d{1,18})/retry\Z")
 MAX_JSON = 1 << 20
 REALM = 'realm="angio-dicom-node"'
 

@@ -30,7 +30,7 @@ _QUOTED = re.compile(
 # date written 1980.01.01) or a short number. Digits with dashes (1980-01-01) or a
 # longer number (a birth date 19800231, a numeric Patient ID) are values.
 _HARMLESS = re.compile(
-    r"^(?:(?=.{3,64}$)(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))+|(?=.{0,4}$)[+-]?[0-9.]*(?:e[+-]?[0-9]+)?)$",
+    r"^(?:(?=.{3,64}\Z)(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))+|(?=.{0,4}\Z)[+-]?[0-9.]*(?:e[+-]?[0-9]+)?)\Z",
     re.IGNORECASE,
 )
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pydicom import uid
 
 # A UID as the node takes it: digits and dots (the spool's check_uid, a rule's SOP class).
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
 
 # Storage SOP classes accepted from modalities and PACS.
 ACCEPTED_SOP_CLASSES: dict[str, str] = {

@@ -45,7 +45,7 @@ from dicom_node.settings import LimitsSettings
 from dicom_node.spool import NOTHING_REQUESTED, PARSE_ERRORS, check_uid, read_header
 
 log = logging.getLogger(__name__)
-STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?$")
+STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?\Z")
 # The calling "AE" recorded for instances that came by STOW-RS without a token
 # (routing can match it); with tokens, the token's name.
 STOW_SOURCE = "STOW-RS"

@@ -45,11 +45,11 @@ from dicom_node.spool import PARSE_ERRORS, check_uid
 log = logging.getLogger(__name__)
 
 _UID = r"([0-9.]{1,64})"
-WADO_PATH = re.compile(rf"^/dicom-web/studies/{_UID}/series/{_UID}(?:/instances/{_UID})?$")
-STARTED_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/started$")
-RESULTS_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/results$")
-INSTANCES_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/instances$")
-PRIOR_PATH = re.compile(rf"^/worker/results/{_UID}$")
+WADO_PATH = re.compile(rf"^/dicom-web/studies/{_UID}/series/{_UID}(?:/instances/{_UID})?\Z")
+STARTED_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/started\Z")
+RESULTS_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/results\Z")
+INSTANCES_PATH = re.compile(r"^/worker/jobs/(\d{1,18})/instances\Z")
+PRIOR_PATH = re.compile(rf"^/worker/results/{_UID}\Z")
 EXPLICIT_LE = "1.2.840.10008.1.2.1"  # PS3.18: the transfer syntax when none is asked for
 _CHUNK = 1 << 20
 _MAX_JSON = 4096

@@ -270,7 +270,7 @@ class Config:
             raise ConfigError(
                 f"AngioNode.NodeApiUrl: a http(s) URL (got {kw.get('node_api_url')!r})"
             )
-        if not re.match(r"^[A-Za-z0-9_-]+$", str(kw.get("result_label", cls.result_label))):
+        if not re.match(r"^[A-Za-z0-9_-]+\Z", str(kw.get("result_label", cls.result_label))):
             raise ConfigError("AngioNode.ResultLabel: letters, digits, '-' and '_' only")
         rules = section.get("Rules")
         if rules is None:

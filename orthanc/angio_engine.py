@@ -29,8 +29,8 @@ from angio_core import (
     refusal,
 )
 
-_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}\Z")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
 PAGE = 100
 
 

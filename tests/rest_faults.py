@@ -130,7 +130,7 @@ def _hostile_values(rng: random.Random) -> list[Callable[[], Any]]:
         lambda: Raw(rng.choice(["1e999", "-1e999", "NaN", "Infinity", "-0.0", "1.5"])),
         lambda: rng.choice([True, False, None, "", " ", "0"]),
         lambda: "1." * rng.choice([40, 50_000]),
-        lambda: rng.choice(["1.2\x00", "1.2/../..", "1.2\n3", "١.٢", "𝟏.𝟐"]),
+        lambda: rng.choice(["1.2\x00", "1.2/../..", "1.2\n3", "1.2.3\n", "١.٢", "𝟏.𝟐"]),
         lambda: Raw('"\\ud800"'),
         lambda: rng.choice([["1.2"], [], {"a": 1}, [[["1.2"]]]]),
     ]

@@ -139,6 +139,36 @@ def test_every_route_but_health_needs_a_token_with_its_scope(make_node: Any) -> 
     assert not any(_token(n) in text or hash_token(_token(n)) in text for n in TOKENS)
 
 
+def test_a_uid_ending_in_a_line_feed_is_refused_like_any_other_bad_uid(make_node: Any) -> None:
+    """A selector or query UID of "1.2.3" and a line feed was taken: the anchored pattern's
+    ``$`` matches before a final line feed, so ``/trigger`` answered 200 for no run and the
+    audit trail wrote the line feed. Every UID the API takes is refused 400 like "1.2\\n3"."""
+    from dicom_node.spool import RejectedInstance, check_uid
+
+    with pytest.raises(RejectedInstance, match="not a valid UID"):
+        check_uid("UID", "1.2.3\n")
+    node = make_node(api={"tokens": _tokens()}, rules=[])
+    base = f"http://127.0.0.1:{node.api_port}"
+    operator = _auth("operator")
+    for key in ("study_uid", "series_uid", "sop_instance_uid"):
+        for route in ("/trigger", "/purge", "/cancel"):
+            resp = requests.post(base + route, json={key: "1.2.3\n"}, headers=operator, timeout=10)
+            assert resp.status_code == 400 and "not a valid UID" in resp.text, (route, resp.text)
+    for key in ("study", "series", "instance"):
+        resp = requests.get(f"{base}/jobs?{key}=1.2.3%0A", headers=operator, timeout=10)
+        assert resp.status_code == 400 and "not a valid UID" in resp.text, (key, resp.text)
+    ctype, body = multipart([_instance(1)])
+    resp = requests.post(
+        f"{base}/dicom-web/studies/1.2.3%0A",
+        data=body,
+        headers={**_auth("ORTHANC"), "Content-Type": ctype},
+        timeout=30,
+    )
+    assert resp.status_code == 404, resp.text
+    audit = (node.settings.storage_dir / "audit" / "audit.jsonl").read_text()
+    assert "1.2.3\\n" not in audit
+
+
 def test_api_beyond_loopback_needs_tokens(tmp_path: Path, make_node: Any) -> None:
     from dicom_node.errors import ConfigError
     from dicom_node.settings import load_settings

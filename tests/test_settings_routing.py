@@ -37,6 +37,7 @@ def test_defaults_and_env_overrides() -> None:
     [
         ("port = 70000", "port", "less than or equal to 65535"),
         ('ae_title = "WAY_TOO_LONG_AE_TITLE"', "ae_title", "1-16 printable"),
+        ('ae_title = "NODE\\n"', "ae_title", "1-16 printable"),  # `$` took a final line feed
         ('colour = "red"', "colour", "unknown key"),
         (
             '[[destinations]]\nkind = "dimse"\nname = "p"\nhost = "h"\nport = 1\nae_title = "A\\\\B"',
