@@ -722,33 +722,48 @@ class NodeClient:
         # both sides (the node reads its tokens file again too) needs no restart of
         # Orthanc; one that cannot be read keeps the token in use.
         self.token_file = token_file
-        self._seen = self._signature()
+        self._seen = self._signature() if token_file else ()
 
     def _use(self, token: str) -> None:
         if token:  # the node's API wants a token unless it listens on loopback without any
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def _signature(self) -> tuple[int, int, int] | None:
+    def _signature(self) -> tuple[int, ...] | str:
+        """What tells a change of the file: (modification time, size, inode), or the
+        reason it cannot be seen (deleted, no permission on its folder)."""
         try:
-            st = os.stat(self.token_file) if self.token_file else None
-        except OSError:
-            return None
-        return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
+            st = os.stat(self.token_file)
+        except OSError as exc:
+            return exc.strerror or type(exc).__name__
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _reread_token(self) -> None:
+        """The token file read again if it changed. One that cannot be read, or holds
+        no token, keeps the token in use (a rotation half done must not stop the
+        forwards), logged once per change."""
         seen = self._signature()
-        if seen is None or seen == self._seen:
+        if seen == self._seen:
             return
         self._seen = seen
-        try:
-            with open(self.token_file) as fh:
-                token = fh.read().strip()
-        except OSError as exc:
-            log.warning("angio-forward: NodeApiTokenFile %s: %s", self.token_file, exc.strerror)
-            return
+        token = ""
+        if isinstance(seen, str):
+            why = seen
+        else:
+            try:
+                with open(self.token_file) as fh:
+                    token = fh.read().strip()
+                why = "holds no token"
+            except OSError as exc:
+                why = exc.strerror or type(exc).__name__
         if token:
             self._use(token)
             log.warning("angio-forward: NodeApiTokenFile %s read again", self.token_file)
+        else:
+            log.warning(
+                "angio-forward: NodeApiTokenFile %s: %s; the token in use is kept",
+                self.token_file,
+                why,
+            )
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         if self.token_file:

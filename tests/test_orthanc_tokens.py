@@ -56,6 +56,38 @@ def test_plugin_config_reads_its_token_from_a_file(tmp_path: Path) -> None:
         angio_core.Config.from_orthanc({"AngioNode": {"NodeApiTokenFile": str(tmp_path / "x")}})
 
 
+def test_a_token_file_deleted_or_emptied_keeps_the_token_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugin reads ``NodeApiTokenFile`` again when it changes. A file deleted, or
+    left empty (a rotation half done), kept the token in use without a word, so that
+    the first sign was the node refusing it once the node's side changed. Each such
+    change is now logged once; the token in use is kept; the file put back is read."""
+    token_file = tmp_path / "node-token"
+    token_file.write_text(TOKEN + "\n")
+    client = angio_core.NodeClient("http://127.0.0.1:9", 1.0, TOKEN, token_file=str(token_file))
+
+    def sent() -> str:
+        client._reread_token()
+        return str(client.session.headers["Authorization"])
+
+    caplog.set_level("WARNING", logger=angio_core.log.name)
+    token_file.unlink()
+    assert sent() == sent() == f"Bearer {TOKEN}"
+    (missing,) = [r.getMessage() for r in caplog.records]
+    assert "NodeApiTokenFile" in missing and "No such file" in missing, missing
+    assert "kept" in missing, missing
+    caplog.clear()
+    token_file.write_text("\n")
+    assert sent() == sent() == f"Bearer {TOKEN}"
+    (empty,) = [r.getMessage() for r in caplog.records]
+    assert "holds no token" in empty and "kept" in empty, empty
+    caplog.clear()
+    token_file.write_text("the-next-token\n")
+    assert sent() == "Bearer the-next-token"
+    assert "read again" in caplog.records[-1].getMessage()
+
+
 @needs_orthanc
 @needs_storescu
 @pytest.mark.parametrize("transport", ["dimse", "dicomweb"])
