@@ -32,6 +32,7 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
@@ -237,10 +238,11 @@ class TemporalEngine:
             count += 1
         return count
 
-    def _input_bytes(self, job: JobInput) -> int:
-        """The size of ``job`` as the workflow's input payload."""
-        assert self._client is not None
-        payloads = self._client.data_converter.payload_converter.to_payloads([job])
+    @staticmethod
+    def _input_bytes(job: JobInput) -> int:
+        """The size of ``job`` as the workflow's input payload: the client is connected
+        with Temporal's default data converter (``temporal_client.connect``)."""
+        payloads = DataConverter.default.payload_converter.to_payloads([job])
         return sum(p.ByteSize() for p in payloads)
 
     def _input(self, job: DispatchJob) -> JobInput | None:

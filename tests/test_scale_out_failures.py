@@ -518,6 +518,55 @@ def test_a_run_of_many_instances_goes_by_reference_and_a_refused_workflow_blocks
         site.stop()
 
 
+def test_a_job_past_the_input_limit_without_its_instances_fails_with_its_reason(
+    make_node: Any,
+) -> None:
+    """Options just under ``engine.max_input_bytes`` pass the start's check (options
+    alone), but with the rest of a job's input (its run, queues, timeouts) the workflow
+    input is still past the limit once its instances go by reference. Its dispatch fails
+    the job with that reason instead of asking Temporal, and the next job goes on. No
+    Temporal server is needed: nothing reaches it (its address is closed)."""
+    from pynetdicom import AE
+
+    from tests.conftest import free_port
+
+    limit = 32_768
+    protocol = "a" * (limit - 200)  # the options' JSON: just under the limit
+    node = make_node(
+        engine={
+            "kind": "temporal",
+            "address": f"127.0.0.1:{free_port()}",
+            "max_input_bytes": limit,
+        },
+        workers={
+            "pipeline_options": {
+                "dsa_perfusion": {"ica_site_rules": [{"protocol": protocol, "seed": [0.5, 0.5]}]}
+            }
+        },
+        rules=[
+            {"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip", "dsa_perfusion"]}
+        ],
+    )
+    ae = AE(ae_title="SUITE")
+    ae.add_requested_context(xa_run(frames=3).SOPClassUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(xa_run(frames=3)).Status) == 0
+    assoc.release()
+    wait_for(lambda: len(node.db.query("SELECT 1 FROM jobs")) == 2, 30, what="two jobs")
+    due = {j.pipeline: j for j in node.db.jobs_to_dispatch(10)}
+    inline = node.workers._input(due["minip"])
+    assert inline is not None and len(inline.instances) == 1 and not inline.instances_at_node
+    assert node.workers._input(due["dsa_perfusion"]) is None
+    failed = node.db.query("SELECT * FROM jobs WHERE id=?", (due["dsa_perfusion"].id,))[0]
+    assert failed["state"] == "failed", dict(failed)
+    assert (
+        "past engine.max_input_bytes (32768): its pipeline options are too large"
+        in (failed["error"])
+    )
+    queued = node.db.query("SELECT * FROM jobs WHERE id=?", (due["minip"].id,))[0]
+    assert queued["state"] == "queued", dict(queued)
+
+
 def test_a_worker_whose_disk_is_full_waits_for_room_within_its_attempt(tmp_path: Path) -> None:
     """A worker whose scratch disk is full (another program's file): fetching the run
     failed with ENOSPC, and each attempt was spent so (three, and the job failed), where
