@@ -218,6 +218,26 @@ def _error(reason: str, attempt: int, permanent: bool = False) -> ApplicationErr
     )
 
 
+def _filled_alone(work: Path) -> str | None:
+    """Why waiting for room is no use: the job's own files (the run fetched so far, its
+    results) alone fill the disk ``work`` is on, so that the run is larger than it.
+    None where other files hold more than a twentieth of it (they may go)."""
+    try:
+        st = os.statvfs(work.parent)
+        ours = sum(p.lstat().st_blocks * 512 for p in work.rglob("*"))
+    except OSError:
+        return None
+    size = st.f_blocks * st.f_frsize
+    others = (st.f_blocks - st.f_bfree) * st.f_frsize - ours
+    if others > size // 20:
+        return None
+    return (
+        f"the run is larger than the scratch disk of this worker: the files of the job alone "
+        f"filled {work.parent} ({ours / 2**20:.1f} of {size / 2**20:.1f} MiB); give the worker "
+        f"a larger scratch_dir"
+    )
+
+
 class NodeClient:
     """The node's worker routes, waiting out a node that is down (heartbeating)."""
 
@@ -443,7 +463,10 @@ class JobRunner:
                     if met not in (FULL, READ_ONLY):
                         raise
                     fault, what = str(met), f"{type(exc).__name__}: {exc}"
+                alone = _filled_alone(work) if fault == FULL else None
                 shutil.rmtree(work, ignore_errors=True)
+                if alone is not None:  # no room will come: another worker may have it
+                    raise _error(alone, attempt) from None
                 log.warning(
                     "job %d: the disk it writes to is %s (%s): tried again in %.0f s, within "
                     "attempt %d",

@@ -518,6 +518,30 @@ def test_a_run_of_many_instances_goes_by_reference_and_a_refused_workflow_blocks
         site.stop()
 
 
+def test_a_run_larger_than_a_worker_s_scratch_disk_fails_its_attempts_with_that_reason(
+    tmp_path: Path,
+) -> None:
+    """A worker whose scratch disk (4 MiB) is smaller than the run (8.8 MB): fetching
+    filled the disk with the run's own files, and the worker waited for room that could
+    never come, heartbeating, until the attempt's time limit (a job_timeout_max_s of an
+    hour by default), three times over, and the job failed as "timed out". Now an attempt
+    whose own files alone fill the disk ends at once, saying so; the job fails after its
+    attempts (another worker, with a larger disk, could take one) with that reason."""
+    from tests.test_disk_full import tmpfs
+
+    site = Site(tmp_path / "site", workers=1, isolate=False, pipelines=("minip",))
+    with tmpfs(site.root / "scratch-0", "4m"):
+        try:
+            site.start()
+            assert site.send([_run(7, size=384, frames=30)])
+            site.wait_settled(1, 240, "the job settled")
+            (job,) = site.rows("SELECT * FROM jobs")
+            assert job["state"] == "failed" and job["attempts"] == 3, dict(job)
+            assert "larger than the scratch disk of this worker" in job["error"], job["error"]
+        finally:
+            site.stop()
+
+
 def test_a_job_past_the_input_limit_without_its_instances_fails_with_its_reason(
     make_node: Any,
 ) -> None:
