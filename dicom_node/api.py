@@ -414,6 +414,7 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 api.max_part_bytes,
                 node.ingest.spool.tmp,
                 api.max_parts,
+                node.ingest.in_flight,
             )
             status, payload = stow.stow_parts(node.ingest, path, parts, source, self.peer)
             node.audit.api_call(

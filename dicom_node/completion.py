@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dicom_node.db import Database, now
@@ -27,25 +27,53 @@ from dicom_node.spool import Stored
 log = logging.getLogger(__name__)
 
 
+def _nothing_arriving() -> frozenset[str]:
+    return frozenset()
+
+
 class CompletionRule(Protocol):
     def complete_on_arrival(self, stored: Stored) -> bool: ...
 
-    def sweep(self, db: Database) -> int: ...
+    def sweep(
+        self, db: Database, arriving: Callable[[], frozenset[str]] = _nothing_arriving
+    ) -> int: ...
 
 
 @dataclass(frozen=True)
 class QuietPeriodRule:
     quiet_period_s: float
     max_receiving_s: float = 3600.0
+    # runs left open because an instance of their series is still arriving (logged once)
+    _held: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def complete_on_arrival(self, stored: Stored) -> bool:
         return stored.single_instance_run
 
-    def sweep(self, db: Database) -> int:
+    def sweep(
+        self, db: Database, arriving: Callable[[], frozenset[str]] = _nothing_arriving
+    ) -> int:
         """Complete every run that has been quiet long enough, or receiving too long;
-        returns how many."""
+        returns how many. ``arriving``: the series with a data set still arriving
+        (``arrivals.InFlight``), which are not quiet, however long since their last
+        instance was stored."""
         quiet = f"quiet for {self.quiet_period_s:g} s"
-        done = sum(db.complete_run(r, quiet) for r in db.quiet_runs(now() - self.quiet_period_s))
+        runs = db.quiet_runs(now() - self.quiet_period_s)
+        busy = arriving() if runs else frozenset()
+        self._held.intersection_update(run_id for run_id, _ in runs)  # others completed
+        done = 0
+        for run_id, series in runs:
+            if series in busy:
+                if run_id not in self._held:
+                    self._held.add(run_id)
+                    log.info(
+                        "run %s: %s, but an instance of its series is still arriving: "
+                        "left open until it is stored",
+                        run_id,
+                        quiet,
+                    )
+                continue
+            self._held.discard(run_id)
+            done += db.complete_run(run_id, quiet)
         held = f"receiving for {self.max_receiving_s:g} s with instances still arriving"
         for run_id in db.runs_open_since(now() - self.max_receiving_s):
             if db.complete_run(run_id, held):

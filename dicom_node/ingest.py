@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node.arrivals import InFlight
 from dicom_node.completion import CompletionRule
 from dicom_node.db import Database
 from dicom_node.diskfull import describe, storage_fault
@@ -59,6 +60,10 @@ class Ingest:
         self.rule = rule
         self.on_complete = on_complete
         self.observe = observe
+        # data sets still arriving, by C-STORE (``scp._Arrival``) or STOW-RS
+        # (``stow.iter_part_files``), until stored or refused: the completion sweep
+        # leaves their series open
+        self.in_flight = InFlight()
 
     def receive(
         self,

@@ -59,6 +59,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_node.arrivals import InFlight
 from dicom_node.audit import AuditTrail
 from dicom_node.diskfull import storage_fault
 from dicom_node.errors import OutOfResources, RejectedInstance
@@ -166,6 +167,9 @@ class ReceiveLimits:
         self.min_free_bytes = min_free_bytes
         self.receive_dir = receive_dir
         self.timeout_s = timeout_s
+        # the node's data sets still arriving (``start_scp``: its Ingest's), read by the
+        # completion sweep: a series with one still arriving is not quiet
+        self.in_flight: InFlight | None = None
 
     def too_slow(self, received: int, elapsed_s: float) -> str | None:
         """Why a message of which ``received`` bytes came in ``elapsed_s`` is too slow."""
@@ -328,12 +332,15 @@ class _Arrival:
     Before (2026-12-07) the write's error ended the association in the thread that
     reads, with no answer: to a sender, a network fault."""
 
-    def __init__(self, limits: ReceiveLimits | None, **kwargs: Any) -> None:
+    def __init__(
+        self, limits: ReceiveLimits | None, assoc: Association | None = None, **kwargs: Any
+    ) -> None:
         self.limits = limits
         folder = getattr(limits, "receive_dir", None)
         self.fault: BaseException | None = None
         self.written = 0
         self._file: Any = None
+        self.in_flight = getattr(limits, "in_flight", None)
         try:
             self._file = tempfile.NamedTemporaryFile(dir=folder, **kwargs)  # noqa: SIM115 - closed by close()
             self.name = self._file.name
@@ -342,7 +349,19 @@ class _Arrival:
                 raise
             self.fault = exc
             self.name = str(Path(folder or tempfile.gettempdir()) / f"unwritten-{uuid.uuid4()}.dcm")
+        else:
+            if self.in_flight is not None:  # until the handler is done with it, or the
+                # association ends without one (aborted mid-transfer)
+                self.in_flight.add(
+                    self.name, (lambda: _holds_place(assoc)) if assoc is not None else _always
+                )
         self.file = self  # pynetdicom flushes ``.file`` after each write: done in write()
+
+    def settled(self) -> None:
+        """The C-STORE handler is done with the data set: stored (its series' last
+        instance time says so from now on) or refused."""
+        if self.in_flight is not None:
+            self.in_flight.discard(self.name)
 
     def write(self, data: bytes) -> int:
         if self.fault is None:
@@ -371,6 +390,7 @@ class _Arrival:
 
     def _stop(self, fault: BaseException) -> None:
         self.fault = fault
+        self.settled()  # removed below: it holds no series open
         with contextlib.suppress(OSError):
             self._file.close()  # what it still buffers cannot be written either
         with contextlib.suppress(OSError):
@@ -388,8 +408,12 @@ class _Arrival:
 def _receive_file(**kwargs: Any) -> _Arrival:
     """``NamedTemporaryFile`` for pynetdicom's chunked receipt: an ``_Arrival`` with
     the limits of the association whose DUL thread calls it."""
-    dul = threading.current_thread()
-    return _Arrival(getattr(getattr(dul, "socket", None), "limits", None), **kwargs)
+    sock = getattr(threading.current_thread(), "socket", None)
+    return _Arrival(getattr(sock, "limits", None), getattr(sock, "assoc", None), **kwargs)
+
+
+def _always() -> bool:
+    return True
 
 
 def message_done(assoc: Association) -> None:
@@ -641,6 +665,14 @@ def make_ae(settings: Settings) -> AE:
 
 def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
     def handle_store(event: Event) -> int:
+        arrival = getattr(event.request, "_dataset_file", None)
+        try:
+            return _store(event)
+        finally:
+            if isinstance(arrival, _Arrival):
+                arrival.settled()
+
+    def _store(event: Event) -> int:
         calling = _calling_aet(event)
         try:
             path = event.dataset_path  # written as it arrived, with its file meta
@@ -739,6 +771,7 @@ def start_scp(
     metrics: Metrics | None = None,
 ) -> ThreadedAssociationServer:
     ae = make_ae(settings)
+    ae.receive_limits.in_flight = ingest.in_flight  # type: ignore[attr-defined]
     events = _Associations(settings, audit, metrics)
     handlers: list = [  # type: ignore[type-arg]
         (evt.EVT_C_STORE, make_store_handler(ingest)),

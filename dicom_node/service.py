@@ -375,7 +375,7 @@ class Node:
                 "due from now",
                 moved,
             )
-        if self.completion.sweep(self.db):
+        if self.completion.sweep(self.db, self.ingest.in_flight.series):
             self.router.wake.set()
 
     def trigger(self, **selector: str) -> list[str]:

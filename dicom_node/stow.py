@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from dicom_node.arrivals import InFlight
 from dicom_node.errors import RejectedInstance
 from dicom_node.ingest import Ingest
 from dicom_node.settings import LimitsSettings
@@ -210,10 +211,13 @@ class _FileSink:
     """A part written to ``folder`` as it arrives (``.part``: the spool's recovery and
     sweep remove what a cut-off request leaves)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, in_flight: InFlight | None = None) -> None:
         fd, name = tempfile.mkstemp(suffix=".part", dir=folder)
         self.fh = os.fdopen(fd, "wb")
         self.path = Path(name)
+        self.in_flight = in_flight
+        if in_flight is not None:  # until ``stow_parts`` is done with it, or discarded
+            in_flight.add(name)
 
     def write(self, data: bytes | bytearray) -> None:
         self.fh.write(data)
@@ -225,6 +229,8 @@ class _FileSink:
     def discard(self) -> None:
         self.fh.close()
         self.path.unlink(missing_ok=True)
+        if self.in_flight is not None:
+            self.in_flight.discard(str(self.path))
 
 
 def iter_parts(
@@ -242,10 +248,12 @@ def iter_part_files(
     max_part: int,
     folder: Path,
     max_parts: int | None = None,
+    in_flight: InFlight | None = None,
 ) -> Iterator[tuple[str, Path]]:
     """As :func:`iter_parts`, each part written to a file in ``folder`` as it arrives;
-    the file is the caller's once yielded (to move or delete)."""
-    return _parts(content_type, read, max_part, lambda: _FileSink(folder), max_parts)
+    the file is the caller's once yielded (to move or delete). Each file is in
+    ``in_flight`` from its first byte until :func:`stow_parts` is done with it."""
+    return _parts(content_type, read, max_part, lambda: _FileSink(folder, in_flight), max_parts)
 
 
 def _parts(
@@ -390,6 +398,7 @@ def stow_parts(
         finally:
             if isinstance(data, Path):
                 data.unlink(missing_ok=True)  # gone already when stored (moved)
+                ingest.in_flight.discard(str(data))
         (failed if "00081197" in item else stored).append(item)
     if not stored and not failed:
         raise StowError(400, "multipart body with no part")

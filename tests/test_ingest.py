@@ -599,3 +599,147 @@ def test_rle_frames_in_several_fragments_without_an_offset_table_are_refused(  #
         assoc.release()
     wait_for(lambda: len(_jobs(node)) == 2, 120, what="both stored runs processed")
     assert not _jobs(node, "failed")
+
+
+def test_a_series_whose_next_instance_is_still_arriving_is_not_quiet(make_node) -> None:  # type: ignore[no-untyped-def]
+    """The quiet period counted from the last stored instance: an instance that took
+    longer than the quiet period to arrive (a slow link) let its series complete
+    without it, and the series was processed twice, the first time in part. A series
+    with a data set still arriving, by C-STORE or by STOW-RS, is now left open until
+    it is stored (``max_receiving_s`` still bounds it): one job, of the whole series."""
+    import io
+    import time
+
+    import requests
+
+    from tests.test_security import multipart
+
+    node = make_node(rules=MINIP_ONLY, completion={"quiet_period_s": 1})
+
+    def series(seed: int) -> list:  # type: ignore[type-arg]
+        study, uid = generate_uid(), generate_uid()
+        return [
+            xa_run(1, rows=512, cols=512, seed=seed + i, study_uid=study, series_uid=uid)
+            for i in range(2)
+        ]
+
+    def jobs_of(instances: list) -> list:  # type: ignore[type-arg]
+        return node.db.query(
+            "SELECT * FROM jobs WHERE run_id=?", (str(instances[0].SeriesInstanceUID),)
+        )
+
+    def small_pdus(assoc) -> None:  # type: ignore[no-untyped-def]
+        """PDUs of 16 KiB from now on, smaller than the node takes (4 MiB)."""
+        from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+        for item in assoc.acceptor.user_information:
+            if isinstance(item, MaximumLengthNotification):
+                item.maximum_length_received = 16_384
+        assert assoc.dimse.maximum_pdu_size == 16_384
+
+    # C-STORE: the second instance's 512 KiB in PDUs of 16 KiB, 0.1 s apart (3.2 s)
+    dimse = series(1)
+    ae = AE(ae_title="SLOWSCU")
+    ae.add_requested_context(XRayAngiographicImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    assert int(assoc.send_c_store(dimse[0]).Status) == 0
+    small_pdus(assoc)
+    fast = assoc.dul.socket.send
+
+    def slow(data: bytes) -> None:
+        time.sleep(0.1)
+        fast(data)
+
+    assoc.dul.socket.send = slow  # type: ignore[method-assign]
+    assert int(assoc.send_c_store(dimse[1]).Status) == 0
+    assoc.release()
+
+    # a transfer cut off half way (the sender's connection closed): the series is quiet
+    cut_off = series(21)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert int(assoc.send_c_store(cut_off[0]).Status) == 0
+    small_pdus(assoc)
+    sent = 0
+    raw = assoc.dul.socket.socket
+    fast = assoc.dul.socket.send
+
+    def cut(data: bytes) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 8:
+            time.sleep(0.5)
+            raw.shutdown(2)  # type: ignore[union-attr]
+        fast(data)
+
+    assoc.dul.socket.send = cut  # type: ignore[method-assign]
+    status = assoc.send_c_store(cut_off[1])
+    assert "Status" not in status, status  # no answer: the connection is gone
+    assoc.abort()
+    wait_for(lambda: jobs_of(cut_off), 30, what="the series left with its first instance")
+    assert (
+        len(
+            node.db.query(
+                "SELECT 1 FROM instances WHERE run_id=?", (jobs_of(cut_off)[0]["run_id"],)
+            )
+        )
+        == 1
+    )
+
+    # STOW-RS: one request, the second part sent 32 KiB every 0.2 s (3.2 s)
+    stow = series(11)
+    parts = []
+    for ds in stow:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        parts.append(buf.getvalue())
+    ctype, body = multipart(parts)
+    cut = body.index(parts[1][:256])
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield body[:cut]
+        for at in range(cut, len(body), 32_768):
+            time.sleep(0.2)
+            yield body[at : at + 32_768]
+
+    resp = requests.post(
+        f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+        data=chunks(),
+        headers={"Content-Type": ctype},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    for instances in (dimse, stow):
+        wait_for(lambda i=instances: jobs_of(i), 30, what="the series routed")
+        time.sleep(2.5)  # a second completion would have come by now
+        (job,) = jobs_of(instances)  # the old code: two, the first of one instance
+        (run,) = node.db.query("SELECT * FROM runs WHERE run_id=?", (job["run_id"],))
+        assert run["state"] == "routed" and run["reason"] == "quiet for 1 s", dict(run)
+        assert run["completed_at"] > max(
+            r["received_at"]
+            for r in node.db.query("SELECT * FROM instances WHERE run_id=?", (job["run_id"],))
+        )
+    assert node.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 5
+
+
+def test_the_series_of_a_data_set_still_arriving_is_read_only_once_whole() -> None:
+    """Every prefix of a file gives no series (not yet: a later look reads it) or its
+    exact Series Instance UID, never a part of it; a deflated data set, or bytes that
+    are not DICOM, give none."""
+    import io
+
+    from dicom_node.arrivals import series_of
+
+    ds = xa_run(frames=2)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    seen = [series_of(data[:n]) for n in range(0, 2048)]
+    assert set(seen) == {None, str(ds.SeriesInstanceUID)}
+    assert series_of(data) == str(ds.SeriesInstanceUID)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    assert series_of(buf.getvalue()[:4096]) is None
+    assert series_of(b"\0" * 128 + b"DICM" + b"\xff" * 4000) is None
+    assert series_of(b"") is None

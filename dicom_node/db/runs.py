@@ -168,13 +168,14 @@ class Runs(Core):
             ).rowcount
         return int(moved)
 
-    def quiet_runs(self, quiet_since: float) -> list[str]:
-        """Receiving runs with no new instance since ``quiet_since``."""
+    def quiet_runs(self, quiet_since: float) -> list[tuple[str, str]]:
+        """(run ID, series) of the receiving runs with no new instance since
+        ``quiet_since``."""
         rows = self.query(
-            "SELECT run_id FROM runs WHERE state=? AND last_at <= ?",
+            "SELECT run_id, series_uid FROM runs WHERE state=? AND last_at <= ?",
             (RunState.RECEIVING, quiet_since),
         )
-        return [r["run_id"] for r in rows]
+        return [(r["run_id"], r["series_uid"]) for r in rows]
 
     def runs_open_since(self, opened_before: float) -> list[str]:
         """Receiving runs that began receiving before ``opened_before`` (however
