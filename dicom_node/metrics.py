@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from dicom_node.db import Database, Delivery, Job
 from dicom_node.ingest import Receipt
 from dicom_node.sandbox import MemoryPool, Outcome
+from dicom_node.tls import CertificateExpiry
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,24 @@ class _IndexCollector(Collector):
                 "Free space where the node stores runs and results",
                 value=shutil.disk_usage(self.storage_dir).free,
             )
+
+
+class _CertificateCollector(Collector):
+    def __init__(self, expiry: CertificateExpiry) -> None:
+        self.expiry = expiry
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "angio_node_tls_certificate_expiry_timestamp_seconds",
+            "When each TLS certificate file of the settings ends (the earliest of a "
+            "chain or bundle), in seconds since the epoch; for tls.*, the one loaded at "
+            "start",
+            labels=["setting"],
+        )
+        for f, end in self.expiry.current():
+            if not isinstance(end, str):  # unreadable: logged at start and every day
+                gauge.add_metric([f.setting], end.timestamp())
+        yield gauge
 
 
 class Metrics:
@@ -206,6 +225,11 @@ class Metrics:
             "Jobs whose worker read the run's headers and waits for room in the pool",
             registry=self.registry,
         ).set_function(lambda: pool.waiting)
+
+    def watch_certificates(self, expiry: CertificateExpiry) -> None:
+        """The end of validity of each certificate the node uses, read at scrape time
+        (for an alert before it ends: ``... - time() < 14 * 86400``)."""
+        self.registry.register(_CertificateCollector(expiry))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

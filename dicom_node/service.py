@@ -52,7 +52,7 @@ from dicom_node.router import Router
 from dicom_node.scp import MAX_PDU_BYTES, read_seconds, start_scp
 from dicom_node.settings import DimseDestination, Settings
 from dicom_node.spool import Spool
-from dicom_node.tls import client_context, server_context
+from dicom_node.tls import CertificateExpiry, client_context, server_context
 
 log = logging.getLogger(__name__)
 # A file in the spool's tmp/ not written for this long (at least) is left from a
@@ -212,9 +212,11 @@ class Node:
         for dest in settings.destinations:
             if isinstance(dest, DimseDestination) and dest.tls:
                 client_context(dest)  # and so does a destination's
+        self.certificates = CertificateExpiry(settings)
         self.auth = Authenticator(load_tokens(settings.api), settings.api)
         self.audit = AuditTrail(settings.storage_dir, settings.audit, settings.ae_title)
         self.metrics = Metrics(self.db, settings.models, settings.storage_dir)
+        self.metrics.watch_certificates(self.certificates)
         # the job engine: embedded worker processes, or Temporal workers (``[engine]``)
         self.workers = make_engine(settings, self.db, self.results_dir, self.metrics.job)
         if isinstance(self.workers, EmbeddedEngine):  # Temporal's workers have their own
@@ -282,6 +284,15 @@ class Node:
             max_instances=1,
             coalesce=True,
             id="tmp-sweep",
+        )
+        self.certificates.report()
+        self.scheduler.add_job(
+            self.certificates.report,
+            "interval",
+            hours=24,
+            max_instances=1,
+            coalesce=True,
+            id="certificate-expiry",
         )
         self.scheduler.add_job(
             self.retention.run,

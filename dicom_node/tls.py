@@ -9,11 +9,22 @@ always verifies the destination's certificate and its name.
 
 from __future__ import annotations
 
+import logging
 import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from dicom_node.errors import ConfigError
-from dicom_node.settings import DimseDestination, TlsSettings
+from dicom_node.settings import DimseDestination, Settings, TlsSettings
+
+log = logging.getLogger(__name__)
+
+# A certificate that ends sooner than this is reported at start and every day.
+EXPIRY_WARNING = timedelta(days=30)
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -73,3 +84,99 @@ def client_context(dest: DimseDestination) -> ssl.SSLContext:
                 f"with tls_key_file {dest.tls_key_file}: {exc}"
             ) from None
     return ctx
+
+
+@dataclass(frozen=True)
+class CertificateFile:
+    """A certificate file of the settings: ``setting`` its key. ``served``: the node's
+    own listening certificate and CA, loaded once at start (a renewed file needs a
+    restart); the others are read again each time they are used."""
+
+    setting: str
+    path: Path
+    served: bool
+
+
+def certificate_files(settings: Settings) -> list[CertificateFile]:
+    """Every certificate file the node uses with these settings."""
+    files = []
+    tls = settings.tls
+    if tls.dicom or tls.api:
+        for key in ("cert_file", "ca_file"):
+            path = getattr(tls, key)
+            if path is not None:
+                files.append(CertificateFile(f"tls.{key}", Path(path), True))
+    for dest in settings.destinations:
+        if isinstance(dest, DimseDestination) and dest.tls:
+            for key in ("tls_cert_file", "tls_ca_file"):
+                path = getattr(dest, key)
+                if path is not None:
+                    files.append(CertificateFile(f"destinations.{dest.name}.{key}", path, False))
+    engine = settings.engine
+    if engine.kind == "temporal" and engine.tls:
+        for key in ("tls_cert_file", "tls_ca_file"):
+            path = getattr(engine, key)
+            if path is not None:
+                files.append(CertificateFile(f"engine.{key}", Path(path), False))
+    return files
+
+
+def not_after(path: Path) -> datetime:
+    """When the first of the certificates in a PEM file ends (a chain or a CA bundle:
+    the earliest of them)."""
+    certs = x509.load_pem_x509_certificates(path.read_bytes())
+    return min(c.not_valid_after_utc for c in certs)
+
+
+class CertificateExpiry:
+    """When each certificate the node uses ends, reported at start, every day, and in
+    ``/metrics``, so that a certificate is renewed before TLS peers refuse the node:
+    an expired one is found otherwise only by each handshake refused."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.files = certificate_files(settings)
+        # what the node serves until it restarts, whatever the file holds later
+        self._served = {f.setting: self._read(f) for f in self.files if f.served}
+
+    @staticmethod
+    def _read(f: CertificateFile) -> datetime | str:
+        try:
+            return not_after(f.path)
+        except (OSError, ValueError) as exc:
+            return f"its end of validity cannot be read: {exc}"
+
+    def current(self) -> list[tuple[CertificateFile, datetime | str]]:
+        """Each file with its end of validity, or why that cannot be read."""
+        return [(f, self._served[f.setting] if f.served else self._read(f)) for f in self.files]
+
+    def report(self, now: datetime | None = None) -> int:
+        """Log each certificate that has ended or ends within ``EXPIRY_WARNING``;
+        returns how many."""
+        now = now or datetime.now(UTC)
+        problems = 0
+        for f, end in self.current():
+            where = f"{f.setting} ({f.path})"
+            if isinstance(end, str):
+                log.warning("%s: %s", where, end)
+                continue
+            renew = "renew it" + (
+                " and restart the node (it serves the certificate it loaded at start)"
+                if f.served
+                else ""
+            )
+            when = end.strftime("%Y-%m-%d %H:%M UTC")
+            if end <= now:
+                problems += 1
+                log.error(
+                    "%s: the certificate expired on %s: TLS peers refuse it; %s", where, when, renew
+                )
+            elif end - now < EXPIRY_WARNING:
+                problems += 1
+                log.warning(
+                    "%s: the certificate expires on %s (in %d day(s)); %s",
+                    where,
+                    when,
+                    (end - now).days,
+                    renew,
+                )
+        return problems

@@ -250,3 +250,107 @@ def test_destination_tls_settings_are_checked(tmp_path: Path, pki: dict[str, Any
     )
     with pytest.raises(ConfigError, match="destination d: cannot load tls_cert_file"):
         Node(settings)
+
+
+def _self_signed(folder: Path, name: str, start: Any, end: Any) -> Issued:
+    """A certificate for localhost valid from ``start`` to ``end`` (datetimes), and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    issued = Issued(folder / f"{name}.pem", folder / f"{name}.key")
+    issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    issued.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return issued
+
+
+def test_certificates_near_or_past_their_end_are_reported_and_measured(
+    make_node: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate that had expired was found only by each handshake a TLS peer
+    refused. The node now says, at start and every day, which certificate of its
+    settings has ended or ends within 30 days, and ``/metrics`` gives each one's end
+    (what a monitoring system alerts on). The node's own listening certificate is the
+    one it loaded at start (a renewed file needs a restart); a destination's is read
+    when it is used, and so when it is measured."""
+    from datetime import UTC, datetime, timedelta
+
+    import requests
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    soon = _self_signed(
+        tmp_path / "pki", "soon", now - timedelta(days=300), now + timedelta(days=5)
+    )
+    gone = _self_signed(tmp_path / "pki", "gone", now - timedelta(days=40), now - timedelta(days=2))
+    caplog.set_level("WARNING", logger="dicom_node.tls")
+    node = make_node(
+        tls={"cert_file": str(soon.cert), "key_file": str(soon.key), "dicom": True},
+        destinations=[
+            {
+                "kind": "dimse",
+                "name": "pacs",
+                "host": "127.0.0.1",
+                "port": 104,
+                "ae_title": "PACS",
+                "tls": True,
+                "tls_ca_file": str(soon.cert),
+                "tls_cert_file": str(gone.cert),
+                "tls_key_file": str(gone.key),
+            }
+        ],
+    )
+    said = {r.getMessage().split(" (")[0]: r for r in caplog.records}
+    warned = said["tls.cert_file"]
+    assert warned.levelname == "WARNING" and "expires on" in warned.getMessage()
+    assert "restart the node" in warned.getMessage()
+    expired = said["destinations.pacs.tls_cert_file"]
+    assert expired.levelname == "ERROR" and "expired on" in expired.getMessage()
+    assert said["destinations.pacs.tls_ca_file"].levelname == "WARNING"
+
+    def measured() -> dict[str, float]:
+        text = requests.get(f"http://127.0.0.1:{node.api_port}/metrics", timeout=10).text
+        return {
+            line.split('"')[1]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("angio_node_tls_certificate_expiry_timestamp_seconds{")
+        }
+
+    assert measured() == {
+        "tls.cert_file": (now + timedelta(days=5)).timestamp(),
+        "destinations.pacs.tls_ca_file": (now + timedelta(days=5)).timestamp(),
+        "destinations.pacs.tls_cert_file": (now - timedelta(days=2)).timestamp(),
+    }
+    # both renewed on disk: the destination's is read again; the served one needs a restart
+    later = now + timedelta(days=400)
+    for issued in (soon, gone):
+        fresh = _self_signed(tmp_path / "new", issued.cert.stem, now, later)
+        issued.cert.write_bytes(fresh.cert.read_bytes())
+        issued.key.write_bytes(fresh.key.read_bytes())
+    assert measured()["destinations.pacs.tls_cert_file"] == later.timestamp()
+    assert measured()["tls.cert_file"] == (now + timedelta(days=5)).timestamp()
+    caplog.clear()
+    assert node.certificates.report() == 1  # the daily check: the one served
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["tls.cert_file"]
+    assert node.certificates.report(now + timedelta(days=6)) == 1  # expired by then
+    assert "expired on" in caplog.records[-1].getMessage()
