@@ -39,7 +39,13 @@ from dicom_node.routing import (
     header_floats,
     mask_operation,
 )
-from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, VOLUME, run_sop_class
+from dicom_node.sopclasses import (
+    ACCEPTED_SOP_CLASSES,
+    CINE_2D,
+    UID_RE,
+    VOLUME,
+    run_sop_class,
+)
 from pipelines import pixel_shift
 from pipelines.base import Run, RunMeta, Shutter
 from pipelines.pixel_shift import Shift
@@ -523,6 +529,7 @@ def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = No
         except (OSError, ValueError, InvalidDicomError) as exc:
             raise RunError(f"cannot read {p}: {exc}") from None
     _check_one_patient(datasets)
+    _check_not_concatenated(datasets)
     datasets, files, left_out = _members(datasets, [Path(p) for p in paths])
     if on_pixels is not None:
         on_pixels(sum(declared_pixels(ds) for ds in datasets))
@@ -600,6 +607,30 @@ def _check_one_patient(datasets: Sequence[Dataset]) -> None:
             values.add(str(value or "").rstrip(" \0"))
         if len(values) > 1:
             raise RunError(f"the instances of the series name {len(values)} {what}: not one run")
+
+
+def _check_not_concatenated(datasets: Sequence[Dataset]) -> None:
+    """A concatenation (PS3.3 C.7.6.16.2.2.4) splits one multi-frame image into several
+    instances, each of a part of its frames; each part was a run complete on arrival,
+    processed as if it were the whole (a DSA of the run's first half, perfusion maps of
+    a part of the bolus). The node does not join the parts: it says so instead."""
+    for ds in datasets:
+        try:
+            total = int(ds.get("InConcatenationTotalNumber") or 0)
+            number = int(ds.get("InConcatenationNumber") or 0)
+        except (TypeError, ValueError):
+            total, number = 0, 0
+        if "ConcatenationUID" in ds or total > 1:
+            of = f" of {total} instances" if total > 1 else ""
+            part = f"part {number}" if number > 0 else "a part"
+            uid = str(ds.get("ConcatenationUID") or "")  # a sender's value: named if a UID
+            named = f" (Concatenation UID {uid})" if len(uid) <= 64 and UID_RE.match(uid) else ""
+            raise RunError(
+                f"instance {ds.get('SOPInstanceUID', '?')} is {part} of a concatenation{of}"
+                f"{named}: its frames are a "
+                "part of the run, and the node does not join the instances of a "
+                "concatenation; have the modality send the run as one instance"
+            )
 
 
 def declared_pixels(ds: Dataset) -> int:

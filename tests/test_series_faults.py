@@ -733,3 +733,54 @@ def test_a_de_identified_source_s_results_say_so(  # type: ignore[no-untyped-def
                 len(ds.get("DeidentificationMethodCodeSequence", [])),
             )
             assert said == expected, (result.description, said)
+
+
+def test_the_instances_of_a_concatenation_are_not_processed_as_whole_runs(make_node) -> None:  # type: ignore[no-untyped-def]
+    """A run a modality split into a concatenation (Concatenation UID, In-concatenation
+    Number 1 and 2 of 2): each part, a multi-frame XA instance, was a run complete on
+    arrival, and was processed as if it were the whole run (a DSA of its first half,
+    perfusion maps of a part of the bolus), the results sent like any other. The node
+    does not join a concatenation's parts: each part's job now fails at once with the
+    reason, and another run goes on."""
+    from pydicom.uid import XRayAngiographicImageStorage
+    from pynetdicom import AE
+
+    from tests.dicomgen import xa_run
+
+    node = make_node(
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        workers={"concurrency": 1, "max_attempts": 3},
+    )
+    concatenation, study, series = generate_uid(), generate_uid(), generate_uid()
+    parts = []
+    for number in (1, 2):
+        ds = xa_run(frames=4, seed=number, study_uid=study, series_uid=series)
+        ds.ConcatenationUID = concatenation
+        ds.InConcatenationNumber = number
+        ds.InConcatenationTotalNumber = 2
+        ds.ConcatenationFrameOffsetNumber = 4 * (number - 1)
+        parts.append(ds)
+    whole = xa_run(frames=8, seed=3)
+    ae = AE(ae_title="SUITE")
+    ae.add_requested_context(XRayAngiographicImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert [int(assoc.send_c_store(ds).Status) for ds in [*parts, whole]] == [0, 0, 0]
+    assoc.release()
+    jobs = wait_for(
+        lambda: (
+            (rows := node.db.query("SELECT * FROM jobs ORDER BY id"))
+            and len(rows) == 3
+            and all(r["state"] in ("done", "failed") for r in rows)
+            and rows
+        ),
+        60,
+        what="the three jobs settled",
+    )
+    by_run = {j["run_id"]: j for j in jobs}
+    for number, ds in enumerate(parts, start=1):
+        job = by_run[str(ds.SOPInstanceUID)]
+        assert job["state"] == "failed" and job["attempts"] == 1, dict(job)
+        assert f"part {number} of a concatenation of 2 instances" in job["error"], job["error"]
+    assert by_run[str(whole.SOPInstanceUID)]["state"] == "done"
+    assert not node.db.query("SELECT 1 FROM outbox WHERE job_id IN (?, ?)", tuple(
+        by_run[str(ds.SOPInstanceUID)]["id"] for ds in parts))  # fmt: skip
