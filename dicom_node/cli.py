@@ -66,17 +66,24 @@ def group_runs(paths: Sequence[str], settings: Settings) -> tuple[dict[str, list
     return dict(runs), skipped
 
 
-def _head(files: Sequence[Path]) -> tuple[Dataset, int]:
+def _head(files: Sequence[Path]) -> tuple[Dataset, int, int]:
     """The header the router reads for a run, its first instance of the run's SOP Class,
-    and how many instances of that class it has (``dicom_node.router``)."""
+    how many instances of that class it has, and their frames (``dicom_node.router``)."""
     from dicom_node.sopclasses import run_sop_class
 
-    classes = [
-        str(dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+    heads = [
+        dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID", "NumberOfFrames"])
         for f in files
     ]
+    classes = [str(h.SOPClassUID) for h in heads]
     sop = run_sop_class(classes)
-    return dcmread(files[classes.index(sop)], stop_before_pixels=True), classes.count(sop)
+    frames = sum(
+        int(h.get("NumberOfFrames", 1) or 1)
+        for h, c in zip(heads, classes, strict=True)
+        if c == sop
+    )
+    first = dcmread(files[classes.index(sop)], stop_before_pixels=True)
+    return first, classes.count(sop), frames
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -145,8 +152,9 @@ def cmd_process(args: argparse.Namespace) -> int:
         if args.pipeline:
             names = [args.pipeline]
         else:
-            first, count = _head(files)
-            decision = route(effective_rules(settings), RunFeatures.from_first(first, count))
+            first, count, frames = _head(files)
+            features = RunFeatures.from_first(first, count, frames=frames)
+            decision = route(effective_rules(settings), features)
             names = decision.pipelines
             if not names:
                 why = decision.excluded or "use `dicom-node route --explain`"
@@ -215,8 +223,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"skipped {s}")
     for run_id, files in runs.items():
-        first, count = _head(files)
-        feats = RunFeatures.from_first(first, count)
+        first, count, frames = _head(files)
+        feats = RunFeatures.from_first(first, count, frames=frames)
         decision = route(effective_rules(settings), feats)
         print(
             f"run {run_id} ({count} instance(s), {feats.modality}, "

@@ -1,6 +1,7 @@
 """When is a run complete? A small pluggable rule.
 
-- A single-instance multi-frame 2D run (the usual XA) is complete on arrival.
+- A single-instance multi-frame 2D run (the usual XA) is complete on arrival; a run
+  split into a concatenation of instances, on the arrival of its last one.
 - A multi-instance series is complete after a quiet period with no new instance, or
   once it has been receiving for ``max_receiving_s`` (a sender that never stops, or
   resends an instance in a loop, would hold it open, and its run unprocessed, for
@@ -47,7 +48,7 @@ class QuietPeriodRule:
     _held: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def complete_on_arrival(self, stored: Stored) -> bool:
-        return stored.single_instance_run
+        return stored.single_instance_run or stored.whole_concatenation
 
     def sweep(
         self, db: Database, arriving: Callable[[], frozenset[str]] = _nothing_arriving

@@ -132,7 +132,12 @@ class Ingest:
         if (
             self.rule.complete_on_arrival(stored)
             and not stored.duplicate
-            and self.db.complete_run(stored.run_id, "single-instance multi-frame run")
+            and self.db.complete_run(
+                stored.run_id,
+                "concatenation whole"
+                if stored.whole_concatenation
+                else "single-instance multi-frame run",
+            )
         ):
             self.on_complete()
         return Receipt(SUCCESS, "stored", stored)

@@ -104,7 +104,12 @@ class Router:
                 sop = run_sop_class([i.sop_class_uid for i in instances])
                 members = [i for i in instances if i.sop_class_uid == sop]
                 first = dcmread(members[0].path, stop_before_pixels=True)
-                features = RunFeatures.from_first(first, len(members), members[0].calling_aet)
+                features = RunFeatures.from_first(
+                    first,
+                    len(members),
+                    members[0].calling_aet,
+                    frames=sum(i.frames for i in members),
+                )
                 decision = route(self.rules, features)
             except Exception as exc:  # noqa: BLE001 - a header defect becomes the run's state
                 reason = f"header cannot be read for routing: {type(exc).__name__}: {exc}"

@@ -44,18 +44,29 @@ class RunFeatures:
         return cls.from_first(headers[0], len(headers), calling_aet)
 
     @classmethod
-    def from_first(cls, first: Dataset, instance_count: int, calling_aet: str = "") -> RunFeatures:
-        """The features of a run from its first instance's header and its size: rules
-        read nothing else, so a run of thousands of instances costs one header."""
+    def from_first(
+        cls,
+        first: Dataset,
+        instance_count: int,
+        calling_aet: str = "",
+        frames: int | None = None,
+    ) -> RunFeatures:
+        """The features of a run from its first instance's header and its size
+        (``frames``: its instances' frames, as the index holds them): rules read
+        nothing else, so a run of thousands of instances costs one header."""
         sop = str(first.get("SOPClassUID", ""))
         image_type = tuple(str(v).upper() for v in (first.get("ImageType") or []))
-        frames = int(first.get("NumberOfFrames", 1) or 1)
+        own = int(first.get("NumberOfFrames", 1) or 1)
+        if instance_count == 1:
+            frames = own
+        elif frames is None or "ConcatenationUID" not in first or sop not in CINE_2D:
+            frames = instance_count  # a series: a frame (or a slice) an instance
         subtracted = (
             "SUBTRACTION" in image_type
             or mask_operation(first) in SUBTRACTING_MASK_OPERATIONS
             or str(first.get("RecommendedViewingMode", "")).upper() == "SUB"
         )
-        is_volume = sop in VOLUME and (frames > 1 or instance_count > 1)
+        is_volume = sop in VOLUME and (own > 1 or instance_count > 1)
         return cls(
             header=first,
             calling_aet=calling_aet,
@@ -65,7 +76,7 @@ class RunFeatures:
             image_type=image_type,
             subtracted=subtracted,
             is_volume=is_volume,
-            number_of_frames=frames if instance_count == 1 else instance_count,
+            number_of_frames=frames,
             frame_rate=frame_rate(first) if sop in CINE_2D else None,
         )
 

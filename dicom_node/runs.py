@@ -529,8 +529,12 @@ def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = No
         except (OSError, ValueError, InvalidDicomError) as exc:
             raise RunError(f"cannot read {p}: {exc}") from None
     _check_one_patient(datasets)
-    _check_not_concatenated(datasets)
-    datasets, files, left_out = _members(datasets, [Path(p) for p in paths])
+    parts = _concatenation(datasets, [Path(p) for p in paths])
+    if parts is not None:
+        datasets, files = parts
+        left_out = ""
+    else:
+        datasets, files, left_out = _members(datasets, [Path(p) for p in paths])
     if on_pixels is not None:
         on_pixels(sum(declared_pixels(ds) for ds in datasets))
     first = datasets[0]
@@ -543,7 +547,7 @@ def load_run(paths: Sequence[Path], on_pixels: Callable[[int], None] | None = No
         ):
             raise RunError(f"a single {first.get('Modality', '?')} frame is not a run")
         else:
-            loaded = _load_cine(datasets, files)
+            loaded = _load_cine(datasets, files, concatenated=parts is not None)
     except RunError as exc:
         if left_out:  # a slice of another class is a slice missing: say where it went
             raise RunError(f"{exc} ({left_out})") from None
@@ -609,28 +613,67 @@ def _check_one_patient(datasets: Sequence[Dataset]) -> None:
             raise RunError(f"the instances of the series name {len(values)} {what}: not one run")
 
 
-def _check_not_concatenated(datasets: Sequence[Dataset]) -> None:
-    """A concatenation (PS3.3 C.7.6.16.2.2.4) splits one multi-frame image into several
-    instances, each of a part of its frames; each part was a run complete on arrival,
-    processed as if it were the whole (a DSA of the run's first half, perfusion maps of
-    a part of the bolus). The node does not join the parts: it says so instead."""
-    for ds in datasets:
-        try:
-            total = int(ds.get("InConcatenationTotalNumber") or 0)
-            number = int(ds.get("InConcatenationNumber") or 0)
-        except (TypeError, ValueError):
-            total, number = 0, 0
-        if "ConcatenationUID" in ds or total > 1:
-            of = f" of {total} instances" if total > 1 else ""
-            part = f"part {number}" if number > 0 else "a part"
-            uid = str(ds.get("ConcatenationUID") or "")  # a sender's value: named if a UID
-            named = f" (Concatenation UID {uid})" if len(uid) <= 64 and UID_RE.match(uid) else ""
+def _whole_number(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _concatenation(
+    datasets: list[Dataset], paths: list[Path]
+) -> tuple[list[Dataset], list[Path]] | None:
+    """The parts of a run a modality split into a concatenation (PS3.3 C.7.6.16.2.2.4:
+    several instances, each a part of one multi-frame image's frames), in their order;
+    None when the run is not one. Each part was a run of its own, complete on arrival
+    and processed as if it were the whole (a DSA of the run's first frames, perfusion
+    maps of a part of the bolus); the spool now makes its parts one run
+    (``spool.Header.run_id``). A concatenation the node cannot join whole (parts
+    missing, of another kind of image) fails with the reason."""
+    marked = [
+        ds
+        for ds in datasets
+        if "ConcatenationUID" in ds or _whole_number(ds, "InConcatenationTotalNumber") > 1
+    ]
+    if not marked:
+        return None
+    first = marked[0]
+    uid = str(first.get("ConcatenationUID") or "")  # a sender's value: named if a UID
+    name = uid if len(uid) <= 64 and UID_RE.match(uid) else "?"
+    number = _whole_number(first, "InConcatenationNumber")
+    what = f"instance {first.get('SOPInstanceUID', '?')} is part {number or '?'} of concatenation {name}"
+    if str(first.get("SOPClassUID", "")) not in CINE_2D:
+        raise RunError(
+            f"{what}: the node joins the instances of a concatenation of 2D frames only; "
+            "have the modality send the run as one instance"
+        )
+    uids = {str(ds.get("ConcatenationUID") or "") for ds in datasets}
+    if len(marked) != len(datasets) or len(uids) != 1 or name == "?":
+        raise RunError(f"{what}: the instances of the run are not the parts of one concatenation")
+    numbers = [_whole_number(ds, "InConcatenationNumber") for ds in datasets]
+    totals = {_whole_number(ds, "InConcatenationTotalNumber") for ds in datasets}
+    total = totals.pop() if len(totals) == 1 else -1
+    expected = list(range(1, (total if total > 0 else len(datasets)) + 1))
+    if total < 0 or sorted(numbers) != expected:
+        missing = sorted(set(expected) - set(numbers))
+        raise RunError(
+            f"concatenation {name} is not whole: it has part(s) {sorted(numbers)}"
+            + (f" of {total}" if total > 0 else "")
+            + (f", part(s) {missing} missing" if missing else "")
+        )
+    order = np.argsort(numbers, kind="stable")
+    datasets = [datasets[i] for i in order]
+    paths = [paths[i] for i in order]
+    offset = 0
+    for k, ds in enumerate(datasets, start=1):
+        given = ds.get("ConcatenationFrameOffsetNumber")
+        if given is not None and _whole_number(ds, "ConcatenationFrameOffsetNumber") != offset:
             raise RunError(
-                f"instance {ds.get('SOPInstanceUID', '?')} is {part} of a concatenation{of}"
-                f"{named}: its frames are a "
-                "part of the run, and the node does not join the instances of a "
-                "concatenation; have the modality send the run as one instance"
+                f"part {k} of concatenation {name} starts at frame offset {given}, after "
+                f"{offset} frame(s) of the parts before it: its parts do not fit"
             )
+        offset += int(ds.get("NumberOfFrames", 1) or 1)
+    return datasets, paths
 
 
 def declared_pixels(ds: Dataset) -> int:
@@ -645,8 +688,19 @@ def declared_pixels(ds: Dataset) -> int:
         return 0
 
 
-def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
-    if len(datasets) > 1:
+def _load_cine(datasets: list[Dataset], paths: list[Path], concatenated: bool = False) -> LoadedRun:
+    if concatenated:  # the parts in order (``_concatenation``): their frames joined
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+        if len(sizes) > 1:
+            raise RunError(f"the parts of the concatenation differ in size: {sorted(sizes)}")
+        frames = np.concatenate(
+            [
+                _decode_and_release(ds, p).reshape(-1, int(ds.Rows), int(ds.Columns))
+                for ds, p in zip(datasets, paths, strict=True)
+            ]
+        )
+        times, timing_problem = _concatenation_times(datasets)
+    elif len(datasets) > 1:
         numbers = [header_floats(ds, "InstanceNumber") or [i] for i, ds in enumerate(datasets)]
         order = np.argsort([n[0] for n in numbers], kind="stable")
         datasets = [datasets[i] for i in order]
@@ -698,6 +752,57 @@ def _load_cine(datasets: list[Dataset], paths: list[Path]) -> LoadedRun:
         Run(pixels=frames.astype(np.float32, copy=False), meta=meta),
         _strip_all(datasets),
     )
+
+
+def _concatenation_times(parts: list[Dataset]) -> tuple[np.ndarray | None, str]:
+    """The frame times of a concatenation's parts, joined: each part's own
+    (``frame_times_s``), after the one before it by the time to its first frame (its
+    Frame Time Vector's first increment, its Frame Time, or the per-frame acquisition
+    date-times across the two parts). Never guessed: a gap not given is a problem."""
+    joined: list[np.ndarray] = []
+    for k, ds in enumerate(parts, start=1):
+        times, problem = frame_times_s(ds, int(ds.get("NumberOfFrames", 1) or 1))
+        if times is None:
+            return None, f"part {k} of the concatenation: {problem}"
+        if joined:
+            gap = _gap_s(parts[k - 2], ds)
+            if gap is None:
+                return (
+                    None,
+                    f"the time from part {k - 1} to part {k} of the concatenation is not given",
+                )
+            times = times + joined[-1][-1] + gap
+        joined.append(times)
+    return np.concatenate(joined), ""
+
+
+def _gap_s(before: Dataset, part: Dataset) -> float | None:
+    """Seconds from the last frame of ``before`` to the first of ``part``."""
+    ftv = header_floats(part, "FrameTimeVector")
+    if ftv and ftv[0] > 0:
+        return ftv[0] / 1000.0
+    ft = header_floats(part, "FrameTime")
+    if ft and len(ft) == 1 and ft[0] > 0:
+        return ft[0] / 1000.0
+    try:
+        last = DT(
+            str(
+                before.PerFrameFunctionalGroupsSequence[-1]
+                .FrameContentSequence[0]
+                .FrameAcquisitionDateTime
+            )
+        )
+        first = DT(
+            str(
+                part.PerFrameFunctionalGroupsSequence[0]
+                .FrameContentSequence[0]
+                .FrameAcquisitionDateTime
+            )
+        )
+        gap = (first - last).total_seconds()
+    except Exception:  # noqa: BLE001 - absent or unreadable: the gap is not given
+        return None
+    return gap if gap > 0 else None
 
 
 def _instance_times(datasets: list[Dataset]) -> tuple[np.ndarray | None, str]:

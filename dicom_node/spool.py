@@ -119,13 +119,19 @@ class Header:
     study_uid: str
     transfer_syntax: str
     frames: int
+    # A part of a 2D run a modality split into a concatenation (PS3.3 C.7.6.16.2.2.4):
+    # its Concatenation UID, the run's ID, and how many instances make it (0: unknown)
+    concatenation: str = ""
+    concatenation_total: int = 0
 
     @property
     def single_instance_run(self) -> bool:
-        return self.sop_class_uid in CINE_2D and self.frames > 1
+        return self.sop_class_uid in CINE_2D and self.frames > 1 and not self.concatenation
 
     @property
     def run_id(self) -> str:
+        if self.concatenation:
+            return self.concatenation
         return self.sop_instance_uid if self.single_instance_run else self.series_uid
 
 
@@ -139,6 +145,8 @@ class Stored:
     frames: int
     single_instance_run: bool
     duplicate: bool
+    # the last instance of a concatenation came: its run is whole
+    whole_concatenation: bool = False
 
 
 def _held(head: Header, conflict: str) -> RejectedInstance:
@@ -517,7 +525,23 @@ def _inspect(
             raise RejectedInstance(
                 RejectedInstance.CANNOT_UNDERSTAND, f"pixel module cannot be read: {exc}"
             ) from None
-    return Header(sop_class, sop_uid, series, study, str(ts), frames)
+    return Header(
+        sop_class, sop_uid, series, study, str(ts), frames, *_concatenation(ds, sop_class)
+    )
+
+
+def _concatenation(ds: Dataset, sop_class: str) -> tuple[str, int]:
+    """(Concatenation UID, In-concatenation Total Number) of a part of a concatenated 2D
+    run, or ("", 0). Values that cannot be read leave the instance a run of its own,
+    whose decoding says it is a part (``runs.load_run``)."""
+    if sop_class not in CINE_2D or "ConcatenationUID" not in ds:
+        return "", 0
+    try:
+        uid = check_uid("Concatenation UID", ds.get("ConcatenationUID"))
+        total = int(ds.get("InConcatenationTotalNumber") or 0)
+    except (RejectedInstance, TypeError, ValueError):
+        return "", 0
+    return uid, max(total, 0)
 
 
 _MAX_EMBEDDED = 1000
@@ -713,6 +737,8 @@ class Spool:
             head.frames,
             head.single_instance_run,
             recorded.duplicate,
+            head.concatenation_total > 0
+            and self.db.run_instance_count(head.run_id) >= head.concatenation_total,
         )
 
     def _without_embedded_meta(self, source: bytes | Path, requested: Requested) -> bytes | Path:

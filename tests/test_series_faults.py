@@ -5,6 +5,7 @@ attribute, never as an internal error, a crash or a retried "I/O error"
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -735,52 +736,116 @@ def test_a_de_identified_source_s_results_say_so(  # type: ignore[no-untyped-def
             assert said == expected, (result.description, said)
 
 
-def test_the_instances_of_a_concatenation_are_not_processed_as_whole_runs(make_node) -> None:  # type: ignore[no-untyped-def]
+def test_the_instances_of_a_concatenation_are_one_run(make_node) -> None:  # type: ignore[no-untyped-def]
     """A run a modality split into a concatenation (Concatenation UID, In-concatenation
-    Number 1 and 2 of 2): each part, a multi-frame XA instance, was a run complete on
-    arrival, and was processed as if it were the whole run (a DSA of its first half,
-    perfusion maps of a part of the bolus), the results sent like any other. The node
-    does not join a concatenation's parts: each part's job now fails at once with the
-    reason, and another run goes on."""
+    Number 1 and 2 of 2, sent last part first): each part, a multi-frame XA instance,
+    was a run complete on arrival, and was processed as if it were the whole run (a DSA
+    of its first half, perfusion maps of a part of the bolus), the results sent like
+    any other. The parts are now one run, complete when the last arrives, its frames
+    and times joined in order. A concatenation that never comes whole (one part of
+    three) completes after its quiet period and fails at once with what is missing."""
     from pydicom.uid import XRayAngiographicImageStorage
     from pynetdicom import AE
 
+    from dicom_node.runs import load_run
     from tests.dicomgen import xa_run
 
     node = make_node(
-        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        rules=[
+            {"name": "xa", "match": {"modality": ["XA"], "min_frames": 6}, "pipelines": ["minip"]}
+        ],
         workers={"concurrency": 1, "max_attempts": 3},
+        completion={"quiet_period_s": 1},
     )
-    concatenation, study, series = generate_uid(), generate_uid(), generate_uid()
-    parts = []
-    for number in (1, 2):
-        ds = xa_run(frames=4, seed=number, study_uid=study, series_uid=series)
-        ds.ConcatenationUID = concatenation
-        ds.InConcatenationNumber = number
-        ds.InConcatenationTotalNumber = 2
-        ds.ConcatenationFrameOffsetNumber = 4 * (number - 1)
-        parts.append(ds)
-    whole = xa_run(frames=8, seed=3)
+
+    def concatenation(total: int, numbers: list[int], frames: int = 4) -> tuple[str, list]:  # type: ignore[type-arg]
+        uid, study, series = generate_uid(), generate_uid(), generate_uid()
+        parts = []
+        for number in numbers:
+            ds = xa_run(frames=frames, seed=number, study_uid=study, series_uid=series)
+            ds.ConcatenationUID = uid
+            ds.InConcatenationNumber = number
+            ds.InConcatenationTotalNumber = total
+            ds.ConcatenationFrameOffsetNumber = frames * (number - 1)
+            parts.append(ds)
+        return uid, parts
+
+    whole, parts = concatenation(2, [2, 1])
+    partial, alone = concatenation(3, [1], frames=6)
     ae = AE(ae_title="SUITE")
     ae.add_requested_context(XRayAngiographicImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
-    assert [int(assoc.send_c_store(ds).Status) for ds in [*parts, whole]] == [0, 0, 0]
+    assert [int(assoc.send_c_store(ds).Status) for ds in [*parts, *alone]] == [0, 0, 0]
     assoc.release()
     jobs = wait_for(
         lambda: (
             (rows := node.db.query("SELECT * FROM jobs ORDER BY id"))
-            and len(rows) == 3
+            and len(rows) == 2
             and all(r["state"] in ("done", "failed") for r in rows)
             and rows
         ),
         60,
-        what="the three jobs settled",
+        what="the two jobs settled",
     )
-    by_run = {j["run_id"]: j for j in jobs}
-    for number, ds in enumerate(parts, start=1):
-        job = by_run[str(ds.SOPInstanceUID)]
-        assert job["state"] == "failed" and job["attempts"] == 1, dict(job)
-        assert f"part {number} of a concatenation of 2 instances" in job["error"], job["error"]
-    assert by_run[str(whole.SOPInstanceUID)]["state"] == "done"
-    assert not node.db.query("SELECT 1 FROM outbox WHERE job_id IN (?, ?)", tuple(
-        by_run[str(ds.SOPInstanceUID)]["id"] for ds in parts))  # fmt: skip
+    by_run = {j["run_id"]: j for j in jobs}  # one run each: no run of a part alone
+    assert set(by_run) == {whole, partial}, [dict(j) for j in jobs]
+    (run,) = node.db.query("SELECT * FROM runs WHERE run_id=?", (whole,))
+    assert run["reason"] == "concatenation whole", dict(run)  # not after a quiet period
+    assert by_run[whole]["state"] == "done", dict(by_run[whole])
+    files = [
+        Path(r["path"])
+        for r in node.db.query("SELECT path FROM instances WHERE run_id=?", (whole,))
+    ]
+    loaded = load_run(files).run
+    assert loaded.meta.number_of_frames == 8
+    ordered = sorted(parts, key=lambda ds: ds.InConcatenationNumber)
+    expected = np.concatenate([ds.pixel_array for ds in ordered]).astype(np.float32)
+    assert np.array_equal(loaded.pixels, expected)
+    assert np.allclose(loaded.meta.frame_times_s, np.arange(8) * 0.25)
+    failed = by_run[partial]
+    assert failed["state"] == "failed" and failed["attempts"] == 1, dict(failed)
+    assert "is not whole: it has part(s) [1] of 3, part(s) [2, 3] missing" in failed["error"]
+
+
+def test_a_concatenation_that_does_not_fit_together_fails_with_the_reason(tmp_path: Path) -> None:
+    """Parts whose frame offsets leave a gap, a part sent twice in place of another,
+    parts of other sizes: each fails with what is wrong; a gap between two parts that
+    no header gives leaves the run without timing (never guessed), its frames joined."""
+    from dicom_node.errors import RunError
+    from dicom_node.runs import load_run
+    from tests.dicomgen import save, xa_run
+
+    def parts(**change: Any) -> list[Path]:
+        uid, study, series = generate_uid(), generate_uid(), generate_uid()
+        files = []
+        for number in (1, 2):
+            ds = xa_run(frames=3, seed=number, study_uid=study, series_uid=series)
+            ds.ConcatenationUID = uid
+            ds.InConcatenationNumber = number
+            ds.InConcatenationTotalNumber = 2
+            ds.ConcatenationFrameOffsetNumber = 3 * (number - 1)
+            for keyword, values in change.items():
+                if values[number - 1] is None:
+                    delattr(ds, keyword)
+                else:
+                    setattr(ds, keyword, values[number - 1])
+            files.append(save(ds, tmp_path / uid))
+        return files
+
+    for change, reason in (
+        ({"ConcatenationFrameOffsetNumber": [0, 4]}, "starts at frame offset 4, after 3 frame(s)"),
+        ({"InConcatenationNumber": [1, 1]}, "has part(s) [1, 1] of 2, part(s) [2] missing"),
+        ({"InConcatenationTotalNumber": [2, 3]}, "is not whole"),
+        ({"ConcatenationUID": [None, "1.2.3"]}, "not the parts of one concatenation"),
+    ):
+        with pytest.raises(RunError, match=re.escape(reason)):
+            load_run(parts(**change))
+    untimed = load_run(
+        parts(FrameTime=[None, None], FrameTimeVector=[[0, 100, 100], [0, 100, 100]])
+    ).run
+    assert untimed.pixels.shape[0] == 6 and untimed.meta.frame_times_s is None
+    assert "from part 1 to part 2" in untimed.meta.extra["timing_problem"]
+    timed = load_run(
+        parts(FrameTime=[None, None], FrameTimeVector=[[0, 100, 100], [150, 100, 100]])
+    ).run
+    assert np.allclose(timed.meta.frame_times_s, [0, 0.1, 0.2, 0.35, 0.45, 0.55])

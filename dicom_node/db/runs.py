@@ -105,6 +105,11 @@ class Runs(Core):
     def indexed_paths(self) -> set[str]:
         return {r["path"] for r in self.query("SELECT path FROM instances")}
 
+    def run_instance_count(self, run_id: str) -> int:
+        return int(
+            self.query("SELECT COUNT(*) AS n FROM instances WHERE run_id=?", (run_id,))[0]["n"]
+        )
+
     def run_instances(self, run_id: str) -> list[InstanceRecord]:
         rows = self.query("SELECT * FROM instances WHERE run_id=? ORDER BY received_at", (run_id,))
         return [instance_record(r) for r in rows]
@@ -311,7 +316,8 @@ def _holders(
             f"`dicom-node purge --run {held['run_id']}` frees it once that run is processed)"
         )
     # A series run's ID is its Series UID, a multi-frame instance's its SOP Instance
-    # UID: the run is another one's when its series or study differ.
+    # UID, a concatenation's its Concatenation UID: the run is another one's when its
+    # series or study differ.
     elif row is not None and row["purged_at"] is None:
         if (row["series_uid"], row["study_uid"]) != (inst.series_uid, inst.study_uid):
             why = (
