@@ -8,6 +8,8 @@
                                           the jobs' memory pool
     GET  /jobs?study=UID|series=UID|instance=UID                           read
     GET  /metrics                         Prometheus text format           read
+    GET  /refusals?instance=UID           why the node last refused it     read
+                                          (status, reason; 404: none kept)
     POST /trigger    {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
     POST /reprocess  {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
     POST /purge      {"study_uid"|"series_uid"|"sop_instance_uid"|"run_id": UID}   operate
@@ -338,6 +340,21 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 except RejectedInstance as exc:
                     raise HttpError(400, exc.reason) from None
                 return {"jobs": node.db.jobs_for(**sel)}
+            if method == "GET" and path == "/refusals":
+                uid = (query.get("instance") or [""])[0]
+                try:
+                    check_uid("instance", uid)
+                except RejectedInstance as exc:
+                    raise HttpError(400, exc.reason) from None
+                found = node.ingest.refusals.get(uid)
+                if found is None:
+                    raise HttpError(
+                        404,
+                        f"no refusal of {uid} remembered (the node keeps its last "
+                        f"{node.ingest.refusals.size} since it started; one stored since "
+                        "is forgotten)",
+                    )
+                return found
             if method == "POST" and path == "/trigger":
                 sel = _selector(self._body())
                 runs = node.trigger(**sel)

@@ -10,9 +10,13 @@ Every answer is also told to ``observe`` (the metrics and the audit trail).
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicom_node.arrivals import InFlight
 from dicom_node.completion import CompletionRule
@@ -37,6 +41,44 @@ class Receipt:
     @property
     def ok(self) -> bool:
         return self.status == SUCCESS
+
+
+class Refusals:
+    """The last refusals of instances whose SOP Instance UID was known, in memory (since
+    the node started, the newest ``size``): ``GET /refusals?instance=UID`` answers why
+    an instance was refused. The Orthanc plugin asks it of a STOW-RS forward that
+    failed: Orthanc's STOW-RS client tells a refusal for good (409) from a network fault
+    in no word of its error, and the instance was sent again ``MaxAttempts`` times."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._by_uid: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def note(self, sop_instance_uid: str, status: int, reason: str, source: str) -> None:
+        if not sop_instance_uid:
+            return
+        with self._lock:
+            self._by_uid.pop(sop_instance_uid, None)
+            self._by_uid[sop_instance_uid] = {
+                "sop_instance_uid": sop_instance_uid,
+                "status": f"0x{status:04X}",
+                "reason": reason,
+                "source": source,
+                "at": time.time(),
+            }
+            while len(self._by_uid) > self.size:
+                self._by_uid.popitem(last=False)
+
+    def stored(self, sop_instance_uid: str) -> None:
+        """Stored since: no longer refused."""
+        with self._lock:
+            self._by_uid.pop(sop_instance_uid, None)
+
+    def get(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._by_uid.get(sop_instance_uid)
+            return dict(found) if found else None
 
 
 def _size(path: Path) -> int:
@@ -64,6 +106,7 @@ class Ingest:
         # (``stow.iter_part_files``), until stored or refused: the completion sweep
         # leaves their series open
         self.in_flight = InFlight()
+        self.refusals = Refusals()
 
     def receive(
         self,
@@ -79,6 +122,10 @@ class Ingest:
         must be."""
         size = len(data) if isinstance(data, bytes) else _size(data)
         receipt = self._receive(data, requested, source)
+        if receipt.stored is not None:
+            self.refusals.stored(receipt.stored.sop_instance_uid)
+        else:
+            self.refusals.note(requested.sop_instance, receipt.status, receipt.reason, source)
         self.observe(receipt, source, transport, size, peer)
         return receipt
 
@@ -95,6 +142,7 @@ class Ingest:
         (``fault``: the disk's error, or ``OutOfResources``); ``size``: what was
         written of it."""
         receipt = self._refusal(fault, source)
+        self.refusals.note(requested.sop_instance, receipt.status, receipt.reason, source)
         log.info("instance %s from %s not written as it arrived", requested.sop_instance, source)
         self.observe(receipt, source, transport, size, peer)
         return receipt

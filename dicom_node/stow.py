@@ -428,14 +428,22 @@ def _stow_part(
     sop_class, sop_uid, study = _uids(data, ingest.spool.limits)
     if ctype != "application/dicom":
         log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])
-        return _item(sop_class, sop_uid, RejectedInstance.SOP_CLASS_NOT_SUPPORTED)
-    if target_study and study != target_study:
+        status, reason = RejectedInstance.SOP_CLASS_NOT_SUPPORTED, f"{ctype[:60]} part"
+    elif target_study and study != target_study:
         log.warning(
             "STOW-RS part %d refused: study %s is not the target %s", i, study, target_study
         )
-        return _item(sop_class, sop_uid, RejectedInstance.CANNOT_UNDERSTAND)
-    receipt = ingest.receive(data, NOTHING_REQUESTED, source, "stow", peer)
-    return _item(sop_class, sop_uid) if receipt.ok else _item(sop_class, sop_uid, receipt.status)
+        status, reason = (
+            RejectedInstance.CANNOT_UNDERSTAND,
+            f"not of the target study {target_study}",
+        )
+    else:
+        receipt = ingest.receive(data, NOTHING_REQUESTED, source, "stow", peer)
+        if receipt.ok:
+            return _item(sop_class, sop_uid)
+        status, reason = receipt.status, receipt.reason
+    ingest.refusals.note(sop_uid, status, reason, source)
+    return _item(sop_class, sop_uid, status)
 
 
 def stow(ingest: Ingest, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -803,6 +803,16 @@ class NodeClient:
     def reprocess(self, study_uid: str) -> list[int]:
         return list(self._call("POST", "/reprocess", json={"study_uid": study_uid}).get("jobs", []))
 
+    def refusal(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        """Why the node last refused an instance (``GET /refusals``), None if it keeps no
+        refusal of it."""
+        try:
+            return dict(self._call("GET", "/refusals", params={"instance": sop_instance_uid}))
+        except NodeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
 
 def node_jobs_for(forward: dict[str, Any], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The node's jobs for the run a forward carried (run id: SOP UID or Series UID)."""

@@ -347,8 +347,32 @@ class Forwarder:
                     self._refused(row, error)
                 elif partly_received(error, len(json.loads(row["resources"]))):
                     self._split(row, error, "the node took only some of its instances")
+                elif (why := self._refused_over_stow(row)) is not None:
+                    self._refused(row, f"{error}: {why}")
                 else:
                     self._failed(row, error)
+
+    def _refused_over_stow(self, row: dict[str, Any]) -> str | None:
+        """Why the node refused the one instance of a STOW-RS forward for good, as its
+        ``/refusals`` says, or None (not refused for good, not since this forward began,
+        or it cannot be asked). Orthanc's STOW-RS client says only "Error in the network
+        protocol" of the node's 409 (refused for good) and 503 (no room) alike, so the
+        instance was sent again ``MaxAttempts`` times, hours at the default backoff."""
+        resources = json.loads(row["resources"])
+        if row["transport"] != "dicomweb" or len(resources) != 1:
+            return None
+        try:
+            sop = row["sop_instance_uid"] or self.api.get(f"/instances/{resources[0]}")[
+                "MainDicomTags"
+            ].get("SOPInstanceUID", "")
+            found = self.node.refusal(sop) if sop else None
+        except (OrthancError, NodeApiError, KeyError, TypeError) as exc:
+            log.info("angio-forward: forward %d: the node not asked why: %s", row["id"], exc)
+            return None
+        if not found or float(found.get("at") or 0) < float(row["created_at"] or 0):
+            return None
+        why = f"the node refused it: DIMSE status {found.get('status')}: {found.get('reason')}"
+        return why if refusal(why) is not None else None
 
     def _refused(self, row: dict[str, Any], error: str) -> None:
         """The node refused an instance for good (its status says so): sending it again

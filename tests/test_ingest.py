@@ -743,3 +743,38 @@ def test_the_series_of_a_data_set_still_arriving_is_read_only_once_whole() -> No
     assert series_of(buf.getvalue()[:4096]) is None
     assert series_of(b"\0" * 128 + b"DICM" + b"\xff" * 4000) is None
     assert series_of(b"") is None
+
+
+def test_why_an_instance_was_refused_is_answered_by_its_uid(make_node) -> None:  # type: ignore[no-untyped-def]
+    """``GET /refusals?instance=UID``: the status and reason of the last refusal of an
+    instance, by C-STORE or STOW-RS (what the Orthanc plugin asks of a STOW-RS forward
+    that failed, whose error does not say); forgotten once the instance is stored."""
+    import io
+
+    import requests
+
+    from tests.test_security import multipart
+
+    node = make_node(rules=MINIP_ONLY)
+    base = f"http://127.0.0.1:{node.api_port}"
+    dimse, stow = xa_run(frames=2, seed=1), xa_run(frames=2, seed=2)
+    for ds in (dimse, stow):
+        ds.BitsStored = 17  # refused 0xA900
+    assoc = _assoc(node)
+    assert int(assoc.send_c_store(dimse).Status) == 0xA900
+    buf = io.BytesIO()
+    stow.save_as(buf, enforce_file_format=True)
+    ctype, body = multipart([buf.getvalue()])
+    resp = requests.post(f"{base}/dicom-web/studies", data=body, headers={"Content-Type": ctype})
+    assert resp.status_code == 409
+    for ds, source in ((dimse, "TESTSCU"), (stow, "STOW-RS")):
+        said = requests.get(f"{base}/refusals?instance={ds.SOPInstanceUID}", timeout=10).json()
+        assert said["status"] == "0xA900" and "Bits Stored" in said["reason"], said
+        assert said["source"] == source and said["sop_instance_uid"] == ds.SOPInstanceUID
+    assert requests.get(f"{base}/refusals?instance=1.2.3", timeout=10).status_code == 404
+    assert requests.get(f"{base}/refusals?instance=1.2.3%0A", timeout=10).status_code == 400
+    dimse.BitsStored = 12  # put right and sent again: stored, the refusal forgotten
+    assert int(assoc.send_c_store(dimse).Status) == 0
+    assoc.release()
+    resp = requests.get(f"{base}/refusals?instance={dimse.SOPInstanceUID}", timeout=10)
+    assert resp.status_code == 404 and "no refusal" in resp.json()["error"]

@@ -817,10 +817,11 @@ def test_over_stow_rs_a_refused_instance_is_sent_again_alone(tmp_path: Path) -> 
     takes arrive, and Orthanc's job says "only able to receive 4 instances out of 5".
     The forward was sent again whole, every instance of the series each time (a 1 GB
     series eight times over), until it failed. Now it is split: each instance goes by a
-    forward of its own, four are sent, and only the refused one is tried again, alone,
-    until it fails: Orthanc's job says only "Error in the network protocol" of the
-    node's answer, 409 (refused for good) or 503 (for want of room), so the plugin cannot
-    tell a refusal from a network fault."""
+    forward of its own, four are sent, and the refused one is tried once alone. Orthanc's
+    job says only "Error in the network protocol" of the node's answer, 409 (refused for
+    good) or 503 (for want of room), and the refused instance was tried MaxAttempts
+    (8) times; the plugin now asks the node why (``GET /refusals``) and fails it at
+    once with the node's status and reason."""
     pacs, node_port, api_port = pacs_for_node(tmp_path, dicomweb=True)
     try:
         with running_node(
@@ -840,7 +841,8 @@ def test_over_stow_rs_a_refused_instance_is_sent_again_alone(tmp_path: Path) -> 
             assert failed["resources"] == [
                 pacs.post("/tools/lookup", data=str(series[1].SOPInstanceUID)).json()[0]["ID"]
             ]
-            assert failed["attempts"] == 8, failed["error"]  # MaxAttempts
+            assert failed["attempts"] <= 1, failed  # not MaxAttempts (8)
+            assert "the node refused it: DIMSE status 0xA900" in failed["error"], failed
     finally:
         pacs.stop()
 

@@ -70,6 +70,7 @@ ROUTES = [
     ("GET", "/status", None),
     ("GET", "/jobs?study=1.2.3", None),
     ("GET", "/metrics", None),
+    ("GET", "/refusals?instance=1.2.3", None),
     ("GET", "/no/such/route", None),
     ("POST", "/trigger", {"series_uid": "1.2.3"}),
     ("POST", "/reprocess", {"series_uid": "1.2.3"}),
