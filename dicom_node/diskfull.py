@@ -91,6 +91,12 @@ def faults_met(scope: object) -> list[str]:
     ]
 
 
+def backoff_s(tries: int) -> float:
+    """The wait after ``tries`` tries met a full or failing disk: ``WAIT_S``, doubled at
+    each try, at most ``WAIT_MAX_S`` (the node's loops, a scale-out worker's attempt)."""
+    return float(min(WAIT_S * 2 ** max(tries - 1, 0), WAIT_MAX_S))
+
+
 class Waiting:
     """One loop's view of a full or failing disk: logged once when met, again when it
     turns from one to the other, and once when it clears (not a traceback at every
@@ -107,7 +113,7 @@ class Waiting:
     @property
     def delay_s(self) -> float:
         """How long to wait before the next try: doubled at each try on a full disk."""
-        return min(WAIT_S * 2 ** max(self.tries - 1, 0), WAIT_MAX_S)
+        return backoff_s(self.tries)
 
     def met(self, exc: BaseException) -> bool:
         """True, and noted, when ``exc`` is a full or failing disk; False for anything else."""

@@ -47,7 +47,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from dicom_node import stow
-from dicom_node.diskfull import FULL, READ_ONLY, WAIT_MAX_S, WAIT_S, storage_fault
+from dicom_node.diskfull import FULL, READ_ONLY, backoff_s, storage_fault
 from dicom_node.errors import ConfigError
 from dicom_node.logsafe import scrub
 from dicom_node.sandbox import (
@@ -452,7 +452,7 @@ class JobRunner:
             log.info(
                 "job %d: %s on run %s, attempt %d", job.job_id, job.pipeline, job.run_id, attempt
             )
-            delay = WAIT_S
+            tries = 0
             while True:  # a full or read-only disk is waited out within the attempt
                 try:
                     return self._process(job, attempt, node, beat, work)
@@ -467,6 +467,8 @@ class JobRunner:
                 shutil.rmtree(work, ignore_errors=True)
                 if alone is not None:  # no room will come: another worker may have it
                     raise _error(alone, attempt) from None
+                tries += 1
+                delay = backoff_s(tries)
                 log.warning(
                     "job %d: the disk it writes to is %s (%s): tried again in %.0f s, within "
                     "attempt %d",
@@ -477,7 +479,6 @@ class JobRunner:
                     attempt,
                 )
                 node.pause(f"waiting for a disk that is {fault}", delay)
-                delay = min(2 * delay, WAIT_MAX_S)
         finally:
             node.close()
             shutil.rmtree(work, ignore_errors=True)
