@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataelem import RawDataElement
 
-from dicom_node.sopclasses import UID_RE
+from dicom_node.errors import RejectedInstance
+from dicom_node.spool import check_uid
 
 HEAD_BYTES = 1 << 20  # a Series Instance UID not within this is not looked for further
 
@@ -101,5 +102,7 @@ def series_of(head: bytes) -> str | None:
             text = ds.SeriesInstanceUID
     except Exception:  # noqa: BLE001 - bytes still arriving, or hostile: no series
         return None
-    text = str(text or "").rstrip("\0 ")
-    return text if len(text) <= 64 and UID_RE.match(text) else None
+    try:
+        return check_uid("Series Instance UID", text)  # as the spool will take it
+    except RejectedInstance:
+        return None

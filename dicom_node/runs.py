@@ -25,7 +25,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.valuerep import DA, DT, TM, PersonName, validate_value
 
-from dicom_node.errors import RunError
+from dicom_node.errors import RejectedInstance, RunError
 from dicom_node.geometry import (
     enhanced_geometry,
     fill_pixel_measures,
@@ -39,13 +39,8 @@ from dicom_node.routing import (
     header_floats,
     mask_operation,
 )
-from dicom_node.sopclasses import (
-    ACCEPTED_SOP_CLASSES,
-    CINE_2D,
-    UID_RE,
-    VOLUME,
-    run_sop_class,
-)
+from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, VOLUME, run_sop_class
+from dicom_node.spool import check_uid
 from pipelines import pixel_shift
 from pipelines.base import Run, RunMeta, Shutter
 from pipelines.pixel_shift import Shift
@@ -111,9 +106,7 @@ def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
         stamps = []
         for number, item in enumerate(pf, start=1):
             try:
-                content = item.get("FrameContentSequence")
-                stamp = content[0].get("FrameAcquisitionDateTime") if content else None
-                stamps.append(DT(str(stamp)).timestamp())
+                stamps.append(_acquired_at(item).timestamp())
             except Exception:  # noqa: BLE001 - absent or unreadable: no timing from these
                 problems.append(
                     f"Frame Acquisition DateTime of frame {number} is missing or unreadable"
@@ -129,6 +122,14 @@ def frame_times_s(ds: Dataset, frames: int) -> tuple[np.ndarray | None, str]:
     if problems:
         log.warning("no usable frame timing: %s", problem)
     return None, problem
+
+
+def _acquired_at(item: Dataset) -> datetime.datetime:
+    """A per-frame functional groups item's Frame Acquisition DateTime; raises where it
+    is absent or unreadable."""
+    content = item.get("FrameContentSequence")
+    stamp = content[0].get("FrameAcquisitionDateTime") if content else None
+    return DT(str(stamp))
 
 
 def _mask_subtract(
@@ -638,8 +639,10 @@ def _concatenation(
     if not marked:
         return None
     first = marked[0]
-    uid = str(first.get("ConcatenationUID") or "")  # a sender's value: named if a UID
-    name = uid if len(uid) <= 64 and UID_RE.match(uid) else "?"
+    try:  # a sender's value: named if a UID
+        name = check_uid("Concatenation UID", first.get("ConcatenationUID"))
+    except RejectedInstance:
+        name = "?"
     number = _whole_number(first, "InConcatenationNumber")
     what = f"instance {first.get('SOPInstanceUID', '?')} is part {number or '?'} of concatenation {name}"
     if str(first.get("SOPClassUID", "")) not in CINE_2D:
@@ -785,21 +788,8 @@ def _gap_s(before: Dataset, part: Dataset) -> float | None:
     if ft and len(ft) == 1 and ft[0] > 0:
         return ft[0] / 1000.0
     try:
-        last = DT(
-            str(
-                before.PerFrameFunctionalGroupsSequence[-1]
-                .FrameContentSequence[0]
-                .FrameAcquisitionDateTime
-            )
-        )
-        first = DT(
-            str(
-                part.PerFrameFunctionalGroupsSequence[0]
-                .FrameContentSequence[0]
-                .FrameAcquisitionDateTime
-            )
-        )
-        gap = (first - last).total_seconds()
+        first = _acquired_at(part.PerFrameFunctionalGroupsSequence[0])
+        gap = (first - _acquired_at(before.PerFrameFunctionalGroupsSequence[-1])).total_seconds()
     except Exception:  # noqa: BLE001 - absent or unreadable: the gap is not given
         return None
     return gap if gap > 0 else None

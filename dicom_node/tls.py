@@ -99,26 +99,23 @@ class CertificateFile:
 
 def certificate_files(settings: Settings) -> list[CertificateFile]:
     """Every certificate file the node uses with these settings."""
-    files = []
-    tls = settings.tls
+    tls, engine = settings.tls, settings.engine
+    used: list[tuple[str, Any, tuple[str, ...], bool]] = []  # (key prefix, section, keys, served)
     if tls.dicom or tls.api:
-        for key in ("cert_file", "ca_file"):
-            path = getattr(tls, key)
-            if path is not None:
-                files.append(CertificateFile(f"tls.{key}", Path(path), True))
+        used.append(("tls", tls, ("cert_file", "ca_file"), True))
     for dest in settings.destinations:
         if isinstance(dest, DimseDestination) and dest.tls:
-            for key in ("tls_cert_file", "tls_ca_file"):
-                path = getattr(dest, key)
-                if path is not None:
-                    files.append(CertificateFile(f"destinations.{dest.name}.{key}", path, False))
-    engine = settings.engine
+            used.append(
+                (f"destinations.{dest.name}", dest, ("tls_cert_file", "tls_ca_file"), False)
+            )
     if engine.kind == "temporal" and engine.tls:
-        for key in ("tls_cert_file", "tls_ca_file"):
-            path = getattr(engine, key)
-            if path is not None:
-                files.append(CertificateFile(f"engine.{key}", Path(path), False))
-    return files
+        used.append(("engine", engine, ("tls_cert_file", "tls_ca_file"), False))
+    return [
+        CertificateFile(f"{prefix}.{key}", Path(getattr(section, key)), served)
+        for prefix, section, keys, served in used
+        for key in keys
+        if getattr(section, key) is not None
+    ]
 
 
 def not_after(path: Path) -> datetime:
