@@ -311,6 +311,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("runs", "jobs", "outbox"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
     print(f"queued jobs of older runs (behind live runs): {summary['older_queued_jobs']}")
+    senders = summary["queued_jobs_by_sender"]
+    print(
+        "queued jobs by sender (taking turns): "
+        + (", ".join(f"{k} {v}" for k, v in senders.items()) or "none")  # type: ignore[attr-defined]
+    )
     if memory is None:
         print(f"jobs' memory pool: not shown: {why_not}")
     else:

@@ -111,6 +111,11 @@ def render(
         f'workers.live_window_h: they wait behind live runs">older runs queued '
         f"{summary['older_queued_jobs']}</span>"
     )
+    for sender, n in summary["queued_jobs_by_sender"].items():
+        out.append(
+            f'<span class=chip title="queued jobs of this sender (calling AE): the senders '
+            f'take turns">queued from {escape(sender)} {n}</span>'
+        )
     out.append(f'<span class=chip id="purged">purged {summary["purged_runs"]}</span>')
     if jobs_memory is not None:
         out.append(

@@ -221,7 +221,7 @@ class TemporalEngine:
             if job_input is None:
                 continue
             future: Future[None] = asyncio.run_coroutine_threadsafe(
-                self._start(job_input, job.priority), self._loop
+                self._start(job_input, job.priority, job.sender), self._loop
             )
             try:
                 future.result(timeout=60)
@@ -301,10 +301,13 @@ class TemporalEngine:
         )
         return job_input
 
-    async def _start(self, job: JobInput, priority: int) -> None:
+    async def _start(self, job: JobInput, priority: int, sender: str) -> None:
         """Start the job's workflow; an older run's (``priority`` 1) with a lower
         Temporal priority than a live run's, which its activities inherit, so that
-        on a busy task queue a live run's job is taken first there too."""
+        on a busy task queue a live run's job is taken first there too. Its run's
+        sender is the fairness key: a server with task queue fairness (Temporal
+        1.29 or later, ``matching.enableFairness``) then takes the senders' jobs in
+        turn, as the embedded engine does; one without it ignores the key."""
         assert self._client is not None
         wid = workflow_id(self.index_id, job.job_id, job.generation)
         try:
@@ -316,7 +319,10 @@ class TemporalEngine:
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 request_eager_start=True,  # its first task straight to this node's worker
-                priority=Priority(priority_key=OLDER_PRIORITY if priority else LIVE_PRIORITY),
+                priority=Priority(
+                    priority_key=OLDER_PRIORITY if priority else LIVE_PRIORITY,
+                    fairness_key=sender or None,
+                ),
             )
             log.info(
                 "job %d: %s on run %s -> workflow %s (queue %s)",

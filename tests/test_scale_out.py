@@ -359,6 +359,8 @@ def test_a_run_through_temporal_workers_and_the_same_status_as_embedded(tmp_path
                 # the generator's runs are dated 2026-01-01: older runs, after live ones
                 info = described.raw_description.workflow_execution_info
                 assert info.priority.priority_key == OLDER_PRIORITY
+                # its sender, the fairness key of a server that takes senders in turn
+                assert info.priority.fairness_key == "MODALITY"
                 timings = json.loads(jobs[0]["timings"])
                 assert {"fetching", "computing", "returning"} <= set(timings)
                 for f in site.dest.files():

@@ -418,6 +418,108 @@ def test_older_runs_wait_behind_live_runs(tmp_path: Path, caplog: pytest.LogCapt
         assert not Router(db, wide).older(xa_run())
 
 
+def test_the_senders_take_their_turns(tmp_path: Path) -> None:
+    """One suite's burst of runs does not hold up another's: the due jobs of the
+    sender served longest ago are taken first (one never served before any), each
+    sender's oldest first, a live run's still before an older run's. Temporal's
+    dispatch takes them in the same order, and marks the sender served too."""
+    import datetime as dt
+
+    db = Database(tmp_path / "n.sqlite")
+    router = Router(db, load_settings(None, environ={}, rules=MINIP))  # two jobs a run
+    live = {"AcquisitionDateTime": f"{dt.datetime.now():%Y%m%d%H%M%S}"}
+
+    def arrive(run_id: str, sender: str, values: dict[str, str] = live) -> None:
+        ds = xa_run(frames=2, rows=8, cols=8)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        path = tmp_path / f"{run_id}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        db.record_instance(
+            InstanceRecord(
+                ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                run_id, path, 2, "", path.stat().st_size, sender,
+            )
+        )  # fmt: skip
+        assert db.complete_run(run_id, "test")
+        assert len(router.route(run_id)) == 2
+
+    def taken() -> list[str]:
+        claimed = []
+        while (job := db.claim_job("w", 60, 3)) is not None:
+            claimed.append(job.run_id)
+        return claimed
+
+    for k in range(4):  # suite A sends four runs at once
+        arrive(f"a{k}", "SUITE_A")
+    first = db.claim_job("w", 60, 3)
+    assert first is not None and first.run_id == "a0"  # busy with A's first job
+    arrive("b-old", "SUITE_B", {})  # the generator's 2026-01-01: an older run
+    arrive("b0", "SUITE_B")
+    arrive("c0", "SUITE_C")
+    arrive("a4", "SUITE_A")
+    # what `dicom-node status` and GET /status show of who waits
+    assert db.status_summary()["queued_jobs_by_sender"] == {
+        "SUITE_A": 9, "SUITE_B": 4, "SUITE_C": 2,
+    }  # fmt: skip
+    assert taken() == [
+        "b0", "c0", "a0",  # B and C were never served; A was, just now
+        "b0", "c0", "a1",
+        "a1", "a2", "a2", "a3", "a3", "a4", "a4",  # A alone: its runs in order
+        "b-old", "b-old",  # an older run after every live one, as before
+    ]  # fmt: skip
+    # a sender whose turn came long ago is not owed the turns it missed
+    arrive("a5", "SUITE_A")
+    arrive("c1", "SUITE_C")
+    assert taken() == ["c1", "a5", "c1", "a5"]  # C's last turn was before A's
+
+    # Temporal: the same order, the sender with each job; dispatching serves it
+    db2 = Database(tmp_path / "t.sqlite")
+    db, tmp_path = db2, tmp_path / "t"
+    tmp_path.mkdir()
+    router = Router(db, load_settings(None, environ={}, rules=MINIP))
+    for k in range(3):
+        arrive(f"a{k}", "SUITE_A")
+    arrive("b0", "SUITE_B")
+    order = [(j.run_id, j.sender) for j in db.jobs_to_dispatch(100)]
+    assert order == [
+        ("a0", "SUITE_A"), ("b0", "SUITE_B"), ("a0", "SUITE_A"), ("b0", "SUITE_B"),
+        ("a1", "SUITE_A"), ("a1", "SUITE_A"), ("a2", "SUITE_A"), ("a2", "SUITE_A"),
+    ]  # fmt: skip
+    a0 = db.jobs_to_dispatch(1)[0]
+    assert db.mark_dispatched(a0.id, a0.generation)
+    assert [j.run_id for j in db.jobs_to_dispatch(2)] == ["b0", "a0"]  # A was served
+
+
+def test_a_suite_s_run_is_not_held_up_by_another_s_burst(make_node: Any) -> None:
+    """Through the node: suite A sends six runs, suite B one just after; with one
+    worker, B's run is processed next, not after all of A's (which it was before
+    the senders took turns)."""
+    import datetime as dt
+
+    from tests.test_ingest import _send
+
+    node = make_node(
+        workers={"concurrency": 1},
+        completion={"quiet_period_s": 600.0},  # complete when triggered, all at once
+        rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+    )
+    runs: dict[str, str] = {}
+    study = generate_uid()
+    for sender, count in (("SUITE_A", 6), ("SUITE_B", 1)):
+        for _ in range(count):
+            ds = xa_run(frames=1, rows=64, cols=64)  # one instance a series
+            ds.StudyInstanceUID = study
+            ds.AcquisitionDateTime = f"{dt.datetime.now():%Y%m%d%H%M%S}"  # a live run
+            assert _send(node, ds, calling=sender) == 0x0000
+            runs[ds.SeriesInstanceUID] = sender
+    assert len(node.trigger(study_uid=study)) == 7  # routed in order of arrival, B's last
+    done = "SELECT run_id FROM jobs WHERE state='done' ORDER BY updated_at, id"
+    wait_for(lambda: len(node.db.query(done)) == 7, 120, what="the seven runs processed")
+    order = [runs[r["run_id"]] for r in node.db.query(done)]
+    assert order.index("SUITE_B") <= 2, order  # after A's first one or two, not the sixth
+
+
 def test_a_series_whose_sender_never_stops_is_complete_after_max_receiving_s(
     make_node: Any,
 ) -> None:

@@ -19,6 +19,23 @@ from dicom_node.db.records import (
     now,
 )
 
+# The order due jobs are taken in: a live run's before an older run's; then the
+# sender (the run's calling AE, or STOW-RS source) served longest ago, one never
+# served first; then the oldest. One suite's burst of runs, or an Orthanc forwarding
+# a day's studies, takes one job in turn with each other sender, instead of holding
+# up their runs until it is done.
+_TURN_ORDER = "j.priority, COALESCE(s.turn, 0), j.id"
+
+
+def _served(con: sqlite3.Connection, sender: str) -> None:
+    """``sender``'s job was taken: its turn comes after every other sender's."""
+    con.execute(
+        "INSERT INTO sender_turns (calling_aet, turn) "
+        "SELECT ?, COALESCE(MAX(turn), 0) + 1 FROM sender_turns WHERE true "
+        "ON CONFLICT (calling_aet) DO UPDATE SET turn = excluded.turn",
+        (sender,),
+    )
+
 
 @dataclass(frozen=True)
 class Cancelled:
@@ -35,8 +52,9 @@ class Jobs(Core):
     """Jobs: the job state machine, for the embedded and the Temporal engine."""
 
     def claim_job(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
-        """Take the oldest due job (or one whose lease expired) and count an attempt;
-        a live run's before an older run's (``priority``).
+        """Take a due job (or one whose lease expired) and count an attempt: a live
+        run's before an older run's (``priority``); then the oldest job of the
+        sender whose turn it is (``_TURN_ORDER``).
 
         A job whose lease expired after its last allowed attempt fails here
         instead of being run again: whatever killed its worker would again.
@@ -45,8 +63,11 @@ class Jobs(Core):
         with self._tx() as con:
             while True:
                 row = con.execute(
-                    "SELECT * FROM jobs WHERE (state=? AND not_before <= ?) "
-                    "OR (state=? AND lease_until < ?) ORDER BY priority, id LIMIT 1",
+                    "SELECT j.*, COALESCE(r.calling_aet, '') AS sender FROM jobs j "
+                    "LEFT JOIN runs r ON r.run_id = j.run_id "
+                    "LEFT JOIN sender_turns s ON s.calling_aet = r.calling_aet "
+                    "WHERE (j.state=? AND j.not_before <= ?) OR (j.state=? AND j.lease_until < ?) "
+                    f"ORDER BY {_TURN_ORDER} LIMIT 1",
                     (JobState.QUEUED, t, JobState.RUNNING, t),
                 ).fetchone()
                 if row is None:
@@ -59,6 +80,7 @@ class Jobs(Core):
                     "updated_at=? WHERE id=?",
                     (JobState.RUNNING, t + lease_s, worker, t, row["id"]),
                 )
+                _served(con, row["sender"])
                 return Job(
                     row["id"],
                     row["run_id"],
@@ -215,27 +237,44 @@ class Jobs(Core):
 
     # -- jobs run by an external engine (Temporal) ------------------------------
     def jobs_to_dispatch(self, limit: int) -> list[DispatchJob]:
-        """Queued jobs whose workflow has not been started, oldest first, a live
-        run's before an older run's."""
+        """Queued jobs whose workflow has not been started, in the order the embedded
+        engine would take them: a live run's before an older run's, and the senders
+        in turn (each one's oldest first)."""
         rows = self.query(
-            "SELECT id, run_id, pipeline, generation, priority FROM jobs WHERE state=? AND "
-            "dispatched_at IS NULL AND not_before <= ? ORDER BY priority, id LIMIT ?",
+            "SELECT id, run_id, pipeline, generation, priority, sender FROM ("
+            "SELECT j.*, COALESCE(r.calling_aet, '') AS sender, s.turn, ROW_NUMBER() OVER ("
+            "PARTITION BY j.priority, r.calling_aet ORDER BY j.id) AS nth FROM jobs j "
+            "LEFT JOIN runs r ON r.run_id = j.run_id "
+            "LEFT JOIN sender_turns s ON s.calling_aet = r.calling_aet "
+            "WHERE j.state=? AND j.dispatched_at IS NULL AND j.not_before <= ?) "
+            "ORDER BY priority, nth, COALESCE(turn, 0), id LIMIT ?",
             (JobState.QUEUED, now(), limit),
         )
         return [
-            DispatchJob(r["id"], r["run_id"], r["pipeline"], r["generation"], r["priority"])
+            DispatchJob(
+                r["id"], r["run_id"], r["pipeline"], r["generation"], r["priority"], r["sender"]
+            )
             for r in rows
         ]
 
     def mark_dispatched(self, job_id: int, generation: int) -> bool:
-        """Its workflow exists (started now, or by a process that died before this)."""
+        """Its workflow exists (started now, or by a process that died before this);
+        its sender was served."""
         with self._tx() as con:
             cur = con.execute(
                 "UPDATE jobs SET dispatched_at=?, updated_at=? WHERE id=? AND generation=? "
                 "AND dispatched_at IS NULL AND state IN (?,?)",
                 (now(), now(), job_id, generation, JobState.QUEUED, JobState.RUNNING),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            (sender,) = con.execute(
+                "SELECT COALESCE(r.calling_aet, '') FROM jobs j "
+                "LEFT JOIN runs r ON r.run_id = j.run_id WHERE j.id=?",
+                (job_id,),
+            ).fetchone()
+            _served(con, sender)
+            return True
 
     def dispatched_job_started(
         self, job_id: int, generation: int, attempt: int, worker: str

@@ -85,6 +85,7 @@ class DispatchJob:
     pipeline: str
     generation: int
     priority: int = 0  # 0: a live run's job; 1: an older run's (``jobs.priority``)
+    sender: str = ""  # its run's calling AE (or STOW-RS source): Temporal's fairness key
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ class Reports(Core):
             "purged_runs": self.purged_runs(),
             "jobs": counts("jobs"),
             "older_queued_jobs": self.older_queued_jobs(),
+            "queued_jobs_by_sender": self.queued_jobs_by_sender(),
             "outbox": counts("outbox"),
             "failed_jobs": failures,
             "outbox_backlog": backlog,
@@ -106,6 +107,17 @@ class Reports(Core):
                 "SELECT COUNT(*) n FROM jobs WHERE state=? AND priority > 0", (JobState.QUEUED,)
             )[0]["n"]
         )
+
+    def queued_jobs_by_sender(self, limit: int = 20) -> dict[str, int]:
+        """Queued jobs by their run's sender (calling AE or STOW-RS source), most
+        first: the senders take turns (``jobs._TURN_ORDER``)."""
+        rows = self.query(
+            "SELECT r.calling_aet AS sender, COUNT(*) n FROM jobs j "
+            "JOIN runs r ON r.run_id = j.run_id WHERE j.state=? "
+            "GROUP BY r.calling_aet ORDER BY n DESC, sender LIMIT ?",
+            (JobState.QUEUED, limit),
+        )
+        return {r["sender"]: int(r["n"]) for r in rows}
 
     def purged_runs(self) -> int:
         """Runs whose files and results retention deleted (their rows are kept)."""

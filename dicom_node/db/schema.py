@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, not_before);
 
+-- whose turn it is: the jobs of the sender (calling AE) served longest ago are
+-- taken first, so that one sender's burst does not hold up the others' runs
+CREATE TABLE IF NOT EXISTS sender_turns (
+    calling_aet TEXT PRIMARY KEY,
+    turn        INTEGER NOT NULL  -- the n-th job taken on the node, counted over all
+);
+
 -- index_id: this index's identity, part of every Temporal workflow ID it starts
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
