@@ -37,6 +37,9 @@ class RejectedInstance(NodeError):
     UID_HELD = (
         0xC002  # Cannot understand: its SOP Instance UID names a stored instance of another series
     )
+    # PS3.18 Table I.2-2, "Referenced Transfer Syntax not supported": a STOW-RS part
+    # in a transfer syntax the node does not decode (a C-STORE's is negotiated)
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     OUT_OF_RESOURCES = 0xA700
     PROCESSING_FAILURE = 0x0110

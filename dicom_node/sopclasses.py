@@ -59,6 +59,10 @@ TRANSFER_SYNTAXES: list[str] = [
     uid.JPEGLSNearLossless,
     uid.JPEG2000Lossless,
     uid.JPEG2000,
+    # High-Throughput JPEG 2000 (PS3.5 A.4.11, 2023): decoded by openjpeg, as JPEG 2000
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
     uid.RLELossless,
 ]
 

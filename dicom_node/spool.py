@@ -53,7 +53,13 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 from dicom_node.db import Database, InstanceConflict, InstanceRecord
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.settings import LimitsSettings
-from dicom_node.sopclasses import ACCEPTED_SOP_CLASSES, CINE_2D, NON_IMAGE, UID_RE
+from dicom_node.sopclasses import (
+    ACCEPTED_SOP_CLASSES,
+    CINE_2D,
+    NON_IMAGE,
+    TRANSFER_SYNTAXES,
+    UID_RE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +506,17 @@ def _inspect(
     sop_uid = check_uid("SOP Instance UID", uids[1], max_uid_length)
     series = check_uid("Series Instance UID", uids[2], max_uid_length)
     study = check_uid("Study Instance UID", uids[3], max_uid_length)
+    if ts not in TRANSFER_SYNTAXES:  # a C-STORE's is its negotiated context's
+        named = (
+            f"{ts} ({ts.name if ts.is_transfer_syntax else 'not a DICOM transfer syntax'})"
+            if UID_RE.match(ts) and len(ts) <= 64
+            else "that is not a UID"
+        )
+        raise RejectedInstance(
+            RejectedInstance.TRANSFER_SYNTAX_NOT_SUPPORTED,
+            f"transfer syntax {named} is not one this node decodes; send it in one of "
+            "those its C-STORE accepts (an uncompressed one always is)",
+        )
     if sop_class not in ACCEPTED_SOP_CLASSES:
         raise RejectedInstance(
             RejectedInstance.SOP_CLASS_NOT_SUPPORTED,

@@ -126,3 +126,22 @@ def save(ds: Dataset, directory: Path, name: str | None = None) -> Path:
     path = directory / (name or f"{ds.SOPInstanceUID}.dcm")
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def htj2k(ds: Dataset, transfer_syntax: str, quality: float | None = None) -> Dataset:
+    """``ds`` with its frames encoded in High-Throughput JPEG 2000 (PS3.5 A.4.11), one
+    codestream a frame, by OpenJPH through imagecodecs (a test dependency: pydicom
+    encodes no HTJ2K); reversible unless ``quality`` (a quantisation step) is given."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    frames = np.asarray(ds.pixel_array).reshape(-1, int(ds.Rows), int(ds.Columns))
+    options = {"level": 0} if quality is None else {"level": quality}
+    ds.PixelData = encapsulate(
+        [imagecodecs.htj2k_encode(np.ascontiguousarray(f), **options) for f in frames]
+    )
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    if quality is not None:
+        ds.LossyImageCompression = "01"
+    return ds

@@ -25,7 +25,7 @@ from tests.faults import CATEGORIES, corpus
 pytestmark = pytest.mark.slow
 
 # README "Behaviour on bad input": what a C-STORE may answer.
-DOCUMENTED = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001, 0xC002}
+DOCUMENTED = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001, 0xC002, 0xC122}
 
 
 def _scu() -> AE:

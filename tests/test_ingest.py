@@ -228,6 +228,42 @@ def test_client_transfer_syntaxes(make_node, tmp_path, encoding) -> None:  # typ
     assert np.allclose(np.diff(loaded.run.meta.frame_times_s), 0.25)
 
 
+def test_high_throughput_jpeg_2000_is_received_and_processed(make_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """HTJ2K (PS3.5 A.4.11: lossless, lossless RPCL, lossy), proposed alone as a
+    sender that offers nothing else would: the context was rejected, and the run never
+    left the sender. Accepted, stored as received, decoded to the sent pixels (within
+    the quantisation of the lossy one) and processed; a codestream whose SIZ marker
+    declares another size than the header is refused, as for JPEG 2000."""
+    from pydicom.uid import HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL
+
+    from tests.dicomgen import htj2k
+    from tests.faults import _patch_j2k_size
+
+    node = make_node(rules=MINIP_ONLY)
+    sent = {}
+    for ts, quality in ((HTJ2KLossless, None), (HTJ2KLosslessRPCL, None), (HTJ2K, 1e-4)):
+        ds = xa_run(frames=4, rows=48, cols=40, seed=len(sent))
+        pixels = ds.pixel_array.astype(np.float32)
+        assoc = _assoc(node, transfer_syntax=ts)
+        try:
+            assert int(assoc.send_c_store(htj2k(ds, ts, quality)).Status) == 0x0000, ts
+            lying = _patch_j2k_size(htj2k(xa_run(frames=2, rows=48, cols=40), ts, quality), 99, 99)
+            assert int(assoc.send_c_store(lying).Status) == 0xA900, ts
+        finally:
+            assoc.release()
+        sent[ds.SOPInstanceUID] = (ts, pixels, quality)
+    for sop, (ts, pixels, quality) in sent.items():
+        (row,) = node.db.query("SELECT * FROM instances WHERE sop_instance_uid=?", (sop,))
+        assert row["transfer_syntax"] == ts  # stored as received, not transcoded
+        loaded = load_run([Path(row["path"])]).run.pixels
+        if quality is None:
+            assert np.array_equal(loaded, pixels), ts
+        else:
+            assert 0 < np.abs(loaded - pixels).max() < 32, ts  # of 4096: 12 bits
+    wait_for(lambda: len(_jobs(node)) == 3, 120, what="the three runs processed")
+    assert not _jobs(node, "failed")
+
+
 def test_calling_ae_not_allowed_is_rejected(make_node) -> None:  # type: ignore[no-untyped-def]
     node = make_node(allowed_calling_aets=["MODALITY1"])
     ae = AE(ae_title="INTRUDER")

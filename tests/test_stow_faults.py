@@ -177,6 +177,55 @@ def test_a_stow_part_that_is_not_a_dicom_file_is_refused_with_the_reason(
     assert resp.status_code == 200 and len(node.db.query("SELECT 1 FROM instances")) == 1
 
 
+def test_a_stow_part_in_a_transfer_syntax_the_node_does_not_decode_is_refused(
+    make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A C-STORE's transfer syntax is negotiated; a STOW-RS part's was taken as it came.
+    A part in one the node does not decode (JPIP's pixel data by reference, MPEG-2
+    video, a private one) was acknowledged and its job failed; it is refused with
+    PS3.18's "Referenced Transfer Syntax not supported" (0xC122) and the reason. One
+    in HTJ2K, which the node decodes, is stored."""
+    from pydicom.encaps import encapsulate
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import HTJ2KLossless
+
+    from tests.dicomgen import htj2k, xa_run
+
+    node = make_node(rules=[])
+
+    def part(ds: Any, ts: str) -> bytes:
+        ds.file_meta.TransferSyntaxUID = ts
+        out = DicomBytesIO()
+        ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        return out.getvalue()
+
+    jpip = xa_run(frames=2, rows=32, cols=32, seed=1)
+    del jpip.PixelData
+    jpip.PixelDataProviderURL = "http://jpip.example/pixels"
+    video = xa_run(frames=2, rows=32, cols=32, seed=2)
+    video.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])  # a sequence header
+    video["PixelData"].VR = "OB"
+    cases = {
+        "1.2.840.10008.1.2.4.94": part(jpip, "1.2.840.10008.1.2.4.94"),  # JPIP Referenced
+        "1.2.840.10008.1.2.4.100": part(video, "1.2.840.10008.1.2.4.100"),  # MPEG2 MP@ML
+        "1.2.3.4": part(xa_run(frames=2, rows=32, cols=32, seed=3), "1.2.3.4"),  # a private one
+    }
+    with caplog.at_level("WARNING", logger="dicom_node.ingest"):
+        for ts, body in cases.items():
+            resp = _post_part(node, body)
+            assert resp.status_code == 409, (ts, resp.text)
+            (item,) = resp.json()["00081198"]["Value"]
+            assert item["00081197"]["Value"] == [0xC122], ts
+            assert f"transfer syntax {ts} (" in caplog.text, ts
+    assert "is not one this node decodes" in caplog.text
+    assert not node.db.query("SELECT 1 FROM instances")
+    ht = htj2k(xa_run(frames=2, rows=32, cols=32, seed=4), HTJ2KLossless)
+    resp = _post_part(node, part(ht, HTJ2KLossless))
+    assert resp.status_code == 200, resp.text
+    (row,) = node.db.query("SELECT transfer_syntax FROM instances")
+    assert row["transfer_syntax"] == HTJ2KLossless
+
+
 def test_file_meta_left_in_a_stow_part_s_data_set_is_left_out(make_node: Any) -> None:
     """A STOW-RS part whose data set still carries File Meta elements (group 0002,
     naming another Transfer Syntax) after the file meta its Group Length bounds: read as
