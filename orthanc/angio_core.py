@@ -814,9 +814,14 @@ class NodeClient:
             raise
 
 
-def node_jobs_for(forward: dict[str, Any], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The node's jobs for the run a forward carried (run id: SOP UID or Series UID)."""
-    run_id = forward["sop_instance_uid"] if forward["kind"] == "instance" else forward["series_uid"]
+def node_jobs_for(
+    forward: dict[str, Any], jobs: list[dict[str, Any]], concatenation: str | None = None
+) -> list[dict[str, Any]]:
+    """The node's jobs for the run a forward carried (run id: SOP UID or Series UID; for
+    a part of a concatenation, its ``concatenation`` UID, PS3.3 C.7.6.16.2.2.4)."""
+    run_id = concatenation or (
+        forward["sop_instance_uid"] if forward["kind"] == "instance" else forward["series_uid"]
+    )
     keep = (
         "id",
         "pipeline",

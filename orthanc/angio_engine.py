@@ -69,6 +69,8 @@ class Forwarder:
         self.thread: threading.Thread | None = None
         self.last_error: str | None = None
         self._failing: dict[str, str] = {}  # each part of the loop: its failure, once logged
+        # Orthanc instance -> its Concatenation UID ("" for none), for the views
+        self._concatenations: dict[str, str] = {}
 
     # -- the loop -----------------------------------------------------------------
     def start(self) -> None:
@@ -432,6 +434,27 @@ class Forwarder:
             False if alone else bool(row["trigger"]),
             row["transport"],
         )
+
+    def concatenation_of(self, row: dict[str, Any]) -> str | None:
+        """The Concatenation UID of the one instance ``row`` forwarded, None if it has
+        none or Orthanc cannot give it (read once an instance; the last 10,000 kept)."""
+        resources = json.loads(row["resources"])
+        if len(resources) != 1:
+            return None
+        iid = resources[0]
+        known = self._concatenations.get(iid)
+        if known is None:
+            try:
+                tags = self.api.get(f"/instances/{iid}/tags?simplify")
+            except OrthancError as exc:
+                log.info("angio-forward: forward %d: its instance not read: %s", row["id"], exc)
+                return None
+            known = str(tags.get("ConcatenationUID") or "")
+            with self.ledger.lock:  # the views run in Orthanc's REST threads
+                if len(self._concatenations) >= 10_000:
+                    self._concatenations.pop(next(iter(self._concatenations)))
+                self._concatenations[iid] = known
+        return known or None
 
     def _deleted(self, resources: list[str]) -> list[str]:
         """The instances of ``resources`` Orthanc no longer has."""

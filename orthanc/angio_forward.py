@@ -194,7 +194,10 @@ def rest_status(method: str, groups: Any, query: dict[str, str]) -> Any:
 
 
 def _with_node_jobs(fw: Forwarder, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each forward with the node's jobs for its run (one node call per study)."""
+    """Each forward with the node's jobs for its run (one node call per study). The
+    node's run of a part of a concatenation is its Concatenation UID: read from the
+    instance, only for a forward of one instance whose study has jobs of a run that no
+    SOP or Series Instance UID of its forwards names."""
     by_study: dict[str, Any] = {}
     for uid in {r["study_uid"] for r in rows}:
         try:
@@ -209,6 +212,13 @@ def _with_node_jobs(fw: Forwarder, rows: list[dict[str, Any]]) -> list[dict[str,
             view["node_jobs"], view["node_error"] = None, str(jobs)
         else:
             view["node_jobs"] = node_jobs_for(r, jobs)
+            unnamed = {j.get("run_id") for j in jobs} - {
+                uid for f in rows for uid in (f["sop_instance_uid"], f["series_uid"])
+            }
+            if not view["node_jobs"] and r["kind"] == "instance" and unnamed:
+                concatenation = fw.concatenation_of(r)
+                if concatenation in unnamed:
+                    view["node_jobs"] = node_jobs_for(r, jobs, concatenation)
         out.append(view)
     return out
 

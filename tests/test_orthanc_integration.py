@@ -766,6 +766,48 @@ def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
         pacs.stop()
 
 
+@needs_orthanc
+@needs_storescu
+def test_the_forwards_of_a_concatenation_s_parts_show_the_node_s_jobs(tmp_path: Path) -> None:
+    """Each part of a concatenation, a multi-frame instance, is forwarded on arrival;
+    the node processes the parts as one run, whose ID is their Concatenation UID. The
+    plugin's view of each forward matched the node's jobs by the part's SOP Instance
+    UID, and listed none; both now show the run's job."""
+    pacs, node_port, api_port = pacs_for_node(tmp_path)
+    try:
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=60
+        ) as node:
+            uid, study, series = generate_uid(), generate_uid(), generate_uid()
+            files = []
+            for number in (1, 2):
+                ds = xa_run(frames=4, seed=number, study_uid=study, series_uid=series)
+                ds.ConcatenationUID = uid
+                ds.InConcatenationNumber = number
+                ds.InConcatenationTotalNumber = 2
+                ds.ConcatenationFrameOffsetNumber = 4 * (number - 1)
+                files.append(save(ds, tmp_path / "in", f"part{number}.dcm"))
+            storescu(pacs, *files)
+            both = wait_for(
+                "both parts' forwards sent, with the run's job done",
+                lambda: (
+                    len(fws := forwards(pacs, study=study)) == 2
+                    and all(f["node_jobs"] and f["node_jobs"][0]["state"] == "done" for f in fws)
+                    and fws
+                ),
+                timeout=60,
+            )
+            assert {f["kind"] for f in both} == {"instance"}
+            (job,) = node.db.query("SELECT id, run_id FROM jobs")
+            assert job["run_id"] == uid
+            assert [[j["id"] for j in f["node_jobs"]] for f in both] == [[job["id"]]] * 2
+            # one forward alone (GET /angio-node/forwards/{id}) shows it too
+            alone = pacs.get(f"/angio-node/forwards/{both[0]['id']}").json()
+            assert [j["id"] for j in alone["node_jobs"]] == [job["id"]]
+    finally:
+        pacs.stop()
+
+
 # What the radiologist sees (OHIF, Orthanc Explorer, Orthanc's Web Viewer): tests/test_viewers.py
 
 
