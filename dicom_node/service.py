@@ -144,6 +144,7 @@ def rebuild_index(settings: Settings) -> tuple[Path, int, int]:
             settings.limits,
             settings.min_free_bytes,
             settings.max_uid_length,
+            settings.sender_reserve_share,
         )
         _, indexed, quarantined = spool.recover()
         return aside, indexed, quarantined
@@ -202,6 +203,7 @@ class Node:
             settings.limits,
             settings.min_free_bytes,
             settings.max_uid_length,
+            settings.sender_reserve_share,
         )
         self.completion = completion.QuietPeriodRule(
             settings.completion.quiet_period_s, settings.completion.max_receiving_s

@@ -637,6 +637,14 @@ class Settings(Strict):
     min_free_bytes: int = Field(
         256 * 2**20, ge=0, description="refuse instances below this free space"
     )
+    sender_reserve_share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="the last share of the storage disk (above min_free_bytes) is kept "
+        "for the senders whose runs not yet processed hold less than it: one that holds "
+        "more is refused (0xA700) there until the node catches up; 0: none kept",
+    )
     max_uid_length: int = 64
     completion: CompletionSettings = CompletionSettings()
     limits: LimitsSettings = LimitsSettings()

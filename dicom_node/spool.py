@@ -640,12 +640,15 @@ class Spool:
         limits: LimitsSettings | None = None,
         min_free_bytes: int = 0,
         max_uid_length: int = 64,
+        sender_reserve_share: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.db = db
         self.limits = limits or LimitsSettings()
         self.min_free_bytes = min_free_bytes
         self.max_uid_length = max_uid_length
+        self.sender_reserve_share = sender_reserve_share
+        self._pending: dict[str, tuple[float, int]] = {}  # sender: (when read, bytes)
         self.tmp = self.root / "tmp"
         self.spool = self.root / "spool"
         self.quarantine = self.root / "quarantine"
@@ -653,13 +656,38 @@ class Spool:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.spool.mkdir(parents=True, exist_ok=True)
 
-    def _check_space(self, size: int) -> None:
-        free = shutil.disk_usage(self.root).free
+    def _check_space(self, size: int, sender: str = "") -> None:
+        usage = shutil.disk_usage(self.root)
+        free = usage.free
         if free - size < self.min_free_bytes:
             raise OutOfResources(
                 f"only {free // 2**20} MiB free in {self.root}, need {self.min_free_bytes // 2**20} MiB "
                 f"in reserve plus {size // 2**10} KiB"
             )
+        reserve = int(self.sender_reserve_share * usage.total)
+        if free - size >= self.min_free_bytes + reserve or not sender:
+            return
+        # In the last of the room: kept for the senders that are not filling the disk.
+        held = self._pending_bytes(sender)
+        if held > reserve:
+            raise OutOfResources(
+                f"only {free // 2**20} MiB free in {self.root}, and its last "
+                f"{reserve // 2**20} MiB (sender_reserve_share) are kept for the other "
+                f"senders: {sender}'s runs not yet processed hold {held // 2**20} MiB; "
+                "send again once the node has caught up"
+            )
+
+    def _pending_bytes(self, sender: str) -> int:
+        """What ``sender``'s instances of runs not yet processed hold, read at most
+        once a second a sender (it is asked only when the disk is nearly full)."""
+        t = time.monotonic()
+        read = self._pending.get(sender)
+        if read is None or t - read[0] > 1.0:
+            read = (t, self.db.pending_bytes(sender))
+            if len(self._pending) >= 1024:
+                self._pending.clear()
+            self._pending[sender] = read
+        return read[1]
 
     def series_lock(self, series_uid: str) -> threading.Lock:
         """Held while an instance of the series is written and indexed, and while a
@@ -718,11 +746,11 @@ class Spool:
         # (and, on a disk that had room for it, was refused 0xA700).
         if isinstance(source, bytes):
             size = len(source)
-            self._check_space(size)
+            self._check_space(size, calling_aet)
         else:
             info = source.stat()
             size = info.st_size
-            self._check_space(0 if info.st_dev == self.root.stat().st_dev else size)
+            self._check_space(0 if info.st_dev == self.root.stat().st_dev else size, calling_aet)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
         record = self._record(head, final, size, calling_aet)
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for

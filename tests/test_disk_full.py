@@ -59,23 +59,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _fill(disk: Path) -> Path:
-    """Another program fills the disk to its last byte."""
+    """Another program fills the disk to its last byte. Unbuffered: a buffered file
+    kept what the full disk refused and raised again when closed, depending on how
+    the free space fell against the buffer's size."""
     ballast = disk / "ballast"
-    with open(ballast, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    for size in (4096, 512, 1):  # what the last full block left
-        try:
-            with open(ballast, "ab") as f:
+    for size in (65536, 4096, 512, 1):  # then what the last full block left
+        with open(ballast, "ab", buffering=0) as f:
+            try:
                 while True:
                     f.write(b"\0" * size)
-                    f.flush()
-        except OSError:
-            continue
+            except OSError:
+                continue
     assert shutil.disk_usage(disk).free < 4096
     return ballast
 
@@ -278,6 +272,64 @@ def test_an_instance_is_stored_where_there_is_room_for_it(small_disk: Path, make
     assert not node.db.query(
         "SELECT 1 FROM instances WHERE sop_instance_uid=?", (second.SOPInstanceUID,)
     )
+
+
+def test_the_last_of_the_disk_is_kept_for_the_senders_not_filling_it(
+    tmp_path: Path, make_node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One suite sends more than the node can process: its runs filled the disk to
+    ``min_free_bytes``, and every other suite's run was refused (0xA700) until the node
+    caught up. The last ``sender_reserve_share`` of the disk is now kept for the
+    senders whose runs not yet processed hold less than it: the flooding suite is
+    refused there, the other stores on, and the first sends again once its run is
+    processed."""
+    from pydicom.uid import XRayAngiographicImageStorage
+    from pynetdicom import AE
+
+    with tmpfs(tmp_path / "disk", "32m") as disk:
+        node = make_node(
+            storage_dir=str(disk / "node"),
+            min_free_bytes=2**20,
+            sender_reserve_share=0.25,  # 8 MiB of 32
+            completion={"quiet_period_s": 600},  # the series stay open: not processed
+            retention={"free_target_bytes": None, "keep_days": None, "reserve_bytes": 0},
+            rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
+        )
+
+        study = generate_uid()
+
+        def instance(series: str) -> Any:
+            ds = xa_run(frames=1, rows=512, cols=512, study_uid=study, series_uid=series)
+            ds.SOPInstanceUID = generate_uid()  # 0.5 MiB each
+            return ds
+
+        flood = generate_uid()
+        ae = AE(ae_title="SUITE_A")
+        ae.add_requested_context(XRayAngiographicImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+        statuses = []
+        with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
+            while len(statuses) < 80 and 0xA700 not in statuses:
+                statuses.append(int(assoc.send_c_store(instance(flood)).Status))
+        assoc.release()
+        assert statuses[-1] == 0xA700 and set(statuses[:-1]) == {0x0000}, statuses
+        free = shutil.disk_usage(disk).free
+        assert free > 6 * 2**20, free  # refused in the reserve, far above min_free_bytes
+        assert "kept for the other senders: SUITE_A" in caplog.text
+        assert "runs not yet processed hold" in caplog.text
+        # another suite stores on, in the reserve
+        other = generate_uid()
+        for _ in range(4):
+            assert _send(node, instance(other), calling="SUITE_B") == 0x0000
+        # once the node has processed the flood, its sender stores again
+        node.trigger(series_uid=flood)
+        wait_for(
+            lambda: node.db.query("SELECT 1 FROM jobs WHERE run_id=? AND state='done'", (flood,)),
+            120,
+            what="the flood's run processed",
+        )
+        time.sleep(1.1)  # what a sender holds is read at most once a second
+        assert _send(node, instance(generate_uid()), calling="SUITE_A") == 0x0000
 
 
 @pytest.mark.parametrize("fault", ["disk full", "under the floor"])

@@ -110,6 +110,20 @@ class Runs(Core):
             self.query("SELECT COUNT(*) AS n FROM instances WHERE run_id=?", (run_id,))[0]["n"]
         )
 
+    def pending_bytes(self, sender: str) -> int:
+        """The bytes of ``sender``'s instances in runs not yet processed: receiving,
+        complete, or with a job queued or running (read from those runs, not from
+        every instance the index holds)."""
+        row = self.query(
+            "WITH pending(run_id) AS ("
+            "SELECT run_id FROM runs WHERE state IN (?,?) "
+            "UNION SELECT run_id FROM jobs WHERE state IN (?,?)) "
+            "SELECT COALESCE(SUM(i.size), 0) AS n FROM pending p "
+            "JOIN instances i ON i.run_id = p.run_id WHERE i.calling_aet = ?",
+            (RunState.RECEIVING, RunState.COMPLETE, JobState.QUEUED, JobState.RUNNING, sender),
+        )
+        return int(row[0]["n"])
+
     def run_instances(self, run_id: str) -> list[InstanceRecord]:
         rows = self.query("SELECT * FROM instances WHERE run_id=? ORDER BY received_at", (run_id,))
         return [instance_record(r) for r in rows]
