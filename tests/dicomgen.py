@@ -145,3 +145,21 @@ def htj2k(ds: Dataset, transfer_syntax: str, quality: float | None = None) -> Da
     if quality is not None:
         ds.LossyImageCompression = "01"
     return ds
+
+
+def concatenation(total: int, numbers: list[int], frames: int = 4) -> tuple[str, list[Dataset]]:
+    """Parts ``numbers`` (1-based, in that order) of a concatenation of ``total`` parts
+    of ``frames`` frames each (PS3.3 C.7.6.16.2.2.4), in one new study and series: its
+    Concatenation UID and the parts."""
+    from pydicom.uid import generate_uid
+
+    uid, study, series = generate_uid(), generate_uid(), generate_uid()
+    parts = []
+    for number in numbers:
+        ds = xa_run(frames=frames, seed=number, study_uid=study, series_uid=series)
+        ds.ConcatenationUID = uid
+        ds.InConcatenationNumber = number
+        ds.InConcatenationTotalNumber = total
+        ds.ConcatenationFrameOffsetNumber = frames * (number - 1)
+        parts.append(ds)
+    return uid, parts

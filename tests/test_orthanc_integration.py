@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node import dcmtk
 from tests.conftest import send_storescu
-from tests.dicomgen import save, xa_run
+from tests.dicomgen import concatenation, save, xa_run
 from tests.orthanc_fixture import (  # noqa: F401  (orthanc: the fixture)
     OrthancProcess,
     free_port,
@@ -778,15 +778,9 @@ def test_the_forwards_of_a_concatenation_s_parts_show_the_node_s_jobs(tmp_path: 
         with running_node(
             tmp_path / "node", pacs, port=node_port, api_port=api_port, quiet_period_s=60
         ) as node:
-            uid, study, series = generate_uid(), generate_uid(), generate_uid()
-            files = []
-            for number in (1, 2):
-                ds = xa_run(frames=4, seed=number, study_uid=study, series_uid=series)
-                ds.ConcatenationUID = uid
-                ds.InConcatenationNumber = number
-                ds.InConcatenationTotalNumber = 2
-                ds.ConcatenationFrameOffsetNumber = 4 * (number - 1)
-                files.append(save(ds, tmp_path / "in", f"part{number}.dcm"))
+            uid, parts = concatenation(2, [1, 2])
+            study = str(parts[0].StudyInstanceUID)
+            files = [save(ds, tmp_path / "in", f"part{k}.dcm") for k, ds in enumerate(parts)]
             storescu(pacs, *files)
             both = wait_for(
                 "both parts' forwards sent, with the run's job done",

@@ -748,7 +748,7 @@ def test_the_instances_of_a_concatenation_are_one_run(make_node) -> None:  # typ
     from pynetdicom import AE
 
     from dicom_node.runs import load_run
-    from tests.dicomgen import xa_run
+    from tests.dicomgen import concatenation
 
     node = make_node(
         rules=[
@@ -757,18 +757,6 @@ def test_the_instances_of_a_concatenation_are_one_run(make_node) -> None:  # typ
         workers={"concurrency": 1, "max_attempts": 3},
         completion={"quiet_period_s": 1},
     )
-
-    def concatenation(total: int, numbers: list[int], frames: int = 4) -> tuple[str, list]:  # type: ignore[type-arg]
-        uid, study, series = generate_uid(), generate_uid(), generate_uid()
-        parts = []
-        for number in numbers:
-            ds = xa_run(frames=frames, seed=number, study_uid=study, series_uid=series)
-            ds.ConcatenationUID = uid
-            ds.InConcatenationNumber = number
-            ds.InConcatenationTotalNumber = total
-            ds.ConcatenationFrameOffsetNumber = frames * (number - 1)
-            parts.append(ds)
-        return uid, parts
 
     whole, parts = concatenation(2, [2, 1])
     partial, alone = concatenation(3, [1], frames=6)
@@ -813,17 +801,12 @@ def test_a_concatenation_that_does_not_fit_together_fails_with_the_reason(tmp_pa
     no header gives leaves the run without timing (never guessed), its frames joined."""
     from dicom_node.errors import RunError
     from dicom_node.runs import load_run
-    from tests.dicomgen import save, xa_run
+    from tests.dicomgen import concatenation, save
 
     def parts(**change: Any) -> list[Path]:
-        uid, study, series = generate_uid(), generate_uid(), generate_uid()
+        uid, made = concatenation(2, [1, 2], frames=3)
         files = []
-        for number in (1, 2):
-            ds = xa_run(frames=3, seed=number, study_uid=study, series_uid=series)
-            ds.ConcatenationUID = uid
-            ds.InConcatenationNumber = number
-            ds.InConcatenationTotalNumber = 2
-            ds.ConcatenationFrameOffsetNumber = 3 * (number - 1)
+        for number, ds in zip((1, 2), made, strict=True):
             for keyword, values in change.items():
                 if values[number - 1] is None:
                     delattr(ds, keyword)

@@ -346,6 +346,26 @@ def test_identity_values_a_result_cannot_hold_are_dropped_and_its_keys_kept(
                    for e in errors), (path, errors)  # fmt: skip
 
 
+def _routed(
+    db: Database, router: Router, folder: Path, run_id: str, sender: str, values: dict[str, str]
+) -> None:
+    """A two-frame run from ``sender`` with the header ``values``, indexed, complete and
+    routed (two jobs: MINIP's rule) without a node."""
+    ds = xa_run(frames=2, rows=8, cols=8)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    path = folder / f"{run_id}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    db.record_instance(
+        InstanceRecord(
+            ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+            run_id, path, 2, "", path.stat().st_size, sender,
+        )
+    )  # fmt: skip
+    assert db.complete_run(run_id, "test")
+    assert len(router.route(run_id)) == 2
+
+
 def test_older_runs_wait_behind_live_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A bulk resend of older runs (acquired before workers.live_window_h) is routed
     first; the live runs routed after it are claimed first, the older ones then in
@@ -371,19 +391,7 @@ def test_older_runs_wait_behind_live_runs(tmp_path: Path, caplog: pytest.LogCapt
     settings = load_settings(None, environ={}, rules=MINIP)
     router = Router(db, settings)
     for run_id, values in headers.items():
-        ds = xa_run(frames=2, rows=8, cols=8)
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        path = tmp_path / f"{run_id}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        db.record_instance(
-            InstanceRecord(
-                ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                run_id, path, 2, "", path.stat().st_size, "AE",
-            )
-        )  # fmt: skip
-        assert db.complete_run(run_id, "test")
-        assert len(router.route(run_id)) == 2
+        _routed(db, router, tmp_path, run_id, "AE", values)
     assert db.status_summary()["older_queued_jobs"] == 8
     assert db.metrics_snapshot()["older_queued_jobs"] == 8  # angio_node_job_queue_older
     claimed = []
@@ -430,19 +438,7 @@ def test_the_senders_take_their_turns(tmp_path: Path) -> None:
     live = {"AcquisitionDateTime": f"{dt.datetime.now():%Y%m%d%H%M%S}"}
 
     def arrive(run_id: str, sender: str, values: dict[str, str] = live) -> None:
-        ds = xa_run(frames=2, rows=8, cols=8)
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        path = tmp_path / f"{run_id}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        db.record_instance(
-            InstanceRecord(
-                ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                run_id, path, 2, "", path.stat().st_size, sender,
-            )
-        )  # fmt: skip
-        assert db.complete_run(run_id, "test")
-        assert len(router.route(run_id)) == 2
+        _routed(db, router, tmp_path, run_id, sender, values)
 
     def taken() -> list[str]:
         claimed = []
