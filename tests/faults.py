@@ -31,6 +31,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -40,7 +41,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.dicomgen import xa_run
+from tests.dicomgen import htj2k, xa_run
 
 CATEGORIES = (
     "truncation",
@@ -234,6 +235,8 @@ def hostile_uids(rng: np.random.Generator) -> Iterator[Case]:
 
 def _compressed(ts: str, frames: int = 2, size: int = 64, seed: int = 0) -> Dataset:
     ds = fresh(frames=frames, size=size, seed=seed)
+    if ts == HTJ2KLossless:  # pydicom encodes no HTJ2K
+        return htj2k(ds, ts)
     ds.compress(ts)
     return ds
 
@@ -333,6 +336,8 @@ def bombs(rng: np.random.Generator) -> Iterator[Case]:
     for seed in range(3):
         ds = _patch_j2k_size(_compressed(JPEG2000Lossless, seed=seed), 60000, 60000)
         yield Case("JPEG 2000 codestream 60000x60000, header 64x64", "bomb", encode(ds))
+    ds = _patch_j2k_size(_compressed(HTJ2KLossless), 60000, 60000)
+    yield Case("HTJ2K codestream 60000x60000, header 64x64", "bomb", encode(ds))
     for seed in range(3):
         ds = _compressed(JPEG2000Lossless, frames=1, seed=seed)
         ds.Rows = ds.Columns = 60000
@@ -417,6 +422,7 @@ def transfer_syntaxes(rng: np.random.Generator) -> Iterator[Case]:
         (
             JPEGBaseline8Bit,
             JPEG2000Lossless,
+            HTJ2KLossless,
             RLELossless,
             JPEGLSLossless,
             DeflatedExplicitVRLittleEndian,
@@ -426,7 +432,18 @@ def transfer_syntaxes(rng: np.random.Generator) -> Iterator[Case]:
     ):
         data = relabel(encode(fresh(seed=600 + i)), ts)
         yield Case(f"Explicit VR Little Endian data labelled {ts.name}", "transfer syntax", data)
-    for i, ts in enumerate((JPEG2000Lossless, RLELossless, JPEGLSLossless)):
+    # HTJ2K codestreams damaged past their headers: what openjpeg's decoder, newer than
+    # its JPEG 2000 one, meets (in the worker's sandbox, never the node's process)
+    for i in range(4):
+        ds = _compressed(HTJ2KLossless, seed=640 + i)
+        stream = bytearray(ds.PixelData)
+        body = bytes(stream).index(b"\xff\x90")  # the first tile-part (SOT)
+        n = int(rng.integers(1, 33))
+        for pos in rng.integers(body + 12, len(stream), n):
+            stream[int(pos)] ^= int(rng.integers(1, 256))
+        ds.PixelData = bytes(stream)
+        yield Case(f"HTJ2K codestream with {n} byte(s) flipped", "transfer syntax", encode(ds))
+    for i, ts in enumerate((JPEG2000Lossless, HTJ2KLossless, RLELossless, JPEGLSLossless)):
         compressed = encode(_compressed(ts, seed=620 + i))
         yield Case(
             f"{ts.name} data labelled Explicit VR Little Endian",
