@@ -24,7 +24,8 @@
 Every route but ``/health`` needs a token with its scope when tokens are
 configured (``dicom_node.auth``), an unknown route too (401 before 404).
 Limits: ``api.max_concurrent_requests`` requests served at once (503 beyond,
-twice as many connections open, closed at once beyond), ``api.read_timeout_s``
+twice as many connections open, closed at once beyond; one IP address holds at most
+``api.max_connections_per_host`` of them, half the requests by default), ``api.read_timeout_s``
 for a silent client, a body needs a valid Content-Length or chunked coding.
 Requests that change state, and refused ones, go to the audit trail.
 
@@ -40,6 +41,7 @@ import re
 import socket
 import ssl
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, urlparse
@@ -474,36 +476,51 @@ class ApiServer(ThreadingHTTPServer):
         self.read_timeout_s = api.read_timeout_s
         self.slots = threading.BoundedSemaphore(api.max_concurrent_requests)
         self.max_connections = 2 * api.max_concurrent_requests
+        self.host_share = api.host_share
         self.open_connections = 0  # the one count: the limit reads it, and so does the gauge
+        self.by_host: Counter[str] = Counter()  # open connections of each IP address
         self.open_lock = threading.Lock()
         node.metrics.api_connections.set_function(lambda: self.open_connections)
         super().__init__((api.host, api.port), make_handler(node))
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0])
         with self.open_lock:
             full = self.open_connections >= self.max_connections
-            if not full:
+            host_full = self.host_share is not None and self.by_host[host] >= self.host_share
+            if not (full or host_full):
                 self.open_connections += 1
-        if full:
-            log.warning("api: too many open connections; %s closed", client_address[0])
+                self.by_host[host] += 1
+        if full or host_full:
+            if full:
+                log.warning("api: too many open connections; %s closed", host)
+            else:
+                log.warning(
+                    "api: %s holds api.max_connections_per_host (%d) open already; closed",
+                    host,
+                    self.host_share,
+                )
             self.node.metrics.api_requests.labels("CONNECT", "503").inc()
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._closed()
+            self._closed(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._closed()
+            self._closed(str(client_address[0]))
 
-    def _closed(self) -> None:
+    def _closed(self, host: str) -> None:
         with self.open_lock:
             self.open_connections -= 1
+            self.by_host[host] -= 1
+            if self.by_host[host] <= 0:
+                del self.by_host[host]
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self.context is None:

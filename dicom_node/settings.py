@@ -348,6 +348,28 @@ class ApiSettings(Strict):
     )
     read_timeout_s: float = Field(60.0, gt=0, description="a client silent this long is dropped")
     max_concurrent_requests: int = Field(16, ge=1, le=1024)
+    max_connections_per_host: int | None = Field(
+        None,
+        ge=1,
+        le=2048,
+        description="open connections from one IP address (each serves one request at a "
+        "time); None: half of max_concurrent_requests (none under four), so that one "
+        "host cannot take every place",
+    )
+
+    @property
+    def host_share(self) -> int | None:
+        """The connections one IP address may hold open; None when no share applies
+        (the node's limits alone answer). As ``Settings.host_share`` for associations:
+        under four places by default none, as a client that closes a connection and
+        opens the next at once may find the first still counted for a moment."""
+        if self.max_connections_per_host is not None:
+            share = self.max_connections_per_host
+        elif self.max_concurrent_requests >= 4:
+            share = self.max_concurrent_requests // 2
+        else:
+            return None
+        return share if share < 2 * self.max_concurrent_requests else None
 
 
 def _readable_files(settings: BaseModel, keys: tuple[str, ...], where: str) -> None:

@@ -322,10 +322,14 @@ def test_stow_rs_obeys_the_source_policy_of_c_store(make_node: Any, tmp_path: Pa
     assert [r["calling_aet"] for r in rows] == ["ORTHANC"]  # the token's name, like an AE
 
 
-def _raw(port: int, request: bytes, wait: float = 10.0) -> tuple[bytes, float]:
-    """Send raw bytes; the answer until the server closes, and how long that took."""
+def _raw(
+    port: int, request: bytes, wait: float = 10.0, source: str | None = None
+) -> tuple[bytes, float]:
+    """Send raw bytes (from the loopback address ``source``, say 127.0.0.2, another
+    host to the node); the answer until the server closes, and how long that took."""
     t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+    address = None if source is None else (source, 0)
+    with socket.create_connection(("127.0.0.1", port), timeout=wait, source_address=address) as s:
         s.sendall(request)
         chunks = []
         try:
@@ -495,6 +499,42 @@ def test_concurrent_requests_and_connections_are_bounded(
     # The holders hung up mid-body: their 400 finds a broken pipe, which is logged in
     # one line, not printed as an unhandled exception by the HTTP server's thread.
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_one_host_holds_at_most_its_share_of_the_api_s_connections(make_node: Any) -> None:
+    """One host (a STOW-RS client with many parallel requests, or one that opens
+    connections and sends nothing) could hold every connection and request slot of the
+    API: the other hosts' requests, a scale-out worker's fetch, Orthanc's status call,
+    were closed at accept or answered 503. One IP address now holds at most
+    ``api.max_connections_per_host`` connections (half the requests by default);
+    another host is served. The loopback addresses 127.0.0.1 and 127.0.0.2 are two
+    hosts to the node."""
+    node = make_node(api={"max_concurrent_requests": 4, "read_timeout_s": 60})  # share 2
+    port = node.api_port
+    ctype, _ = multipart([b""])
+
+    def hold() -> socket.socket:  # a STOW request waiting for its body
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(
+            f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            "Content-Length: 100000\r\n\r\n--b0und4ry\r\n".encode()
+        )
+        return s
+
+    def open_connections() -> float | None:
+        return node.metrics.registry.get_sample_value("angio_node_api_connections_open")
+
+    wait_for(lambda: open_connections() == 0, 10, what="the fixture's connections to close")
+    holders = [hold(), hold()]
+    wait_for(lambda: open_connections() == 2, 30, what="both holders to be accepted")
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer, took = _raw(port, health)
+    assert answer == b"" and took < 3  # its third connection: closed at once
+    answer, _ = _raw(port, health, source="127.0.0.2")
+    assert _status(answer) == 200, answer  # another host is served
+    for s in holders:
+        s.close()
+    wait_for(lambda: _status(_raw(port, health)[0]) == 200, 15, what="the first host served again")
 
 
 def test_max_associations_rejects_beyond_the_limit(make_node: Any) -> None:
