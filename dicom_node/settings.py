@@ -333,6 +333,21 @@ class ApiToken(Strict):
     scopes: list[Scope] = Field(min_length=1)
 
 
+def host_share(given: int | None, places: int, whole: int) -> int | None:
+    """What one IP address may hold of ``whole`` connections (DICOM associations, or
+    the API's): ``given``, or half of ``places``; None when that is all of them (the
+    node's own limit then answers), and by default under four places: a client that
+    ends a connection and opens the next at once may find the first still counted for
+    a moment, so a share of one would refuse it now and then."""
+    if given is not None:
+        share = given
+    elif places >= 4:
+        share = places // 2
+    else:
+        return None
+    return share if share < whole else None
+
+
 class ApiSettings(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -359,17 +374,12 @@ class ApiSettings(Strict):
 
     @property
     def host_share(self) -> int | None:
-        """The connections one IP address may hold open; None when no share applies
-        (the node's limits alone answer). As ``Settings.host_share`` for associations:
-        under four places by default none, as a client that closes a connection and
-        opens the next at once may find the first still counted for a moment."""
-        if self.max_connections_per_host is not None:
-            share = self.max_connections_per_host
-        elif self.max_concurrent_requests >= 4:
-            share = self.max_concurrent_requests // 2
-        else:
-            return None
-        return share if share < 2 * self.max_concurrent_requests else None
+        """The connections one IP address may hold open (``host_share``)."""
+        return host_share(
+            self.max_connections_per_host,
+            self.max_concurrent_requests,
+            2 * self.max_concurrent_requests,
+        )
 
 
 def _readable_files(settings: BaseModel, keys: tuple[str, ...], where: str) -> None:
@@ -739,18 +749,10 @@ class Settings(Strict):
 
     @property
     def host_share(self) -> int | None:
-        """The associations one IP address may hold at once; None when that is all of
-        them (``max_associations`` alone then answers, with a rejection), and by
-        default under four places: a sender that releases an association and opens the
-        next at once may find the first still counted for a moment, so a share of one
-        would refuse it now and then."""
-        if self.max_associations_per_host is not None:
-            share = self.max_associations_per_host
-        elif self.max_associations >= 4:
-            share = self.max_associations // 2
-        else:
-            return None
-        return share if share < self.max_associations else None
+        """The associations one IP address may hold at once (``host_share``)."""
+        return host_share(
+            self.max_associations_per_host, self.max_associations, self.max_associations
+        )
 
     @property
     def db_path(self) -> Path:

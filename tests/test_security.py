@@ -433,6 +433,18 @@ def test_stow_rs_streams_a_large_body_part_by_part(make_node: Any, tmp_path: Pat
     assert grew < path.stat().st_size / 3
 
 
+def _held_stow(port: int) -> socket.socket:
+    """A STOW-RS request from 127.0.0.1 whose body never comes: it holds its connection
+    and its request slot until closed."""
+    ctype, _ = multipart([b""])
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        "Content-Length: 100000\r\n\r\n--b0und4ry\r\n".encode()
+    )
+    return s
+
+
 def test_concurrent_requests_and_connections_are_bounded(
     make_node: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -441,16 +453,9 @@ def test_concurrent_requests_and_connections_are_bounded(
     # their turn under load (the fresh-clone CI at 3a61772 got a 200 where the 503 was).
     node = make_node(api={"max_concurrent_requests": 2, "read_timeout_s": 60})
     port = node.api_port
-    ctype, _ = multipart([b""])
 
-    def hold() -> socket.socket:
-        # A STOW request that holds its slot, waiting for a body.
-        s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(
-            f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-            "Content-Length: 100000\r\n\r\n--b0und4ry\r\n".encode()
-        )
-        return s
+    def hold() -> socket.socket:  # a STOW request that holds its slot
+        return _held_stow(port)
 
     # The requests in flight are watched on the server (the metric operators see). A
     # holder sent while the fixture's last /health still holds its slot gets a 503 and
@@ -511,15 +516,9 @@ def test_one_host_holds_at_most_its_share_of_the_api_s_connections(make_node: An
     hosts to the node."""
     node = make_node(api={"max_concurrent_requests": 4, "read_timeout_s": 60})  # share 2
     port = node.api_port
-    ctype, _ = multipart([b""])
 
-    def hold() -> socket.socket:  # a STOW request waiting for its body
-        s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(
-            f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-            "Content-Length: 100000\r\n\r\n--b0und4ry\r\n".encode()
-        )
-        return s
+    def hold() -> socket.socket:
+        return _held_stow(port)
 
     def open_connections() -> float | None:
         return node.metrics.registry.get_sample_value("angio_node_api_connections_open")
