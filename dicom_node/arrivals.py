@@ -11,7 +11,8 @@ a series is held so, whatever a sender does.
 
 A data set's series is read from the first bytes written to its file, once its
 Series Instance UID has arrived whole (a file meta and a header of a few KiB, at
-most ``HEAD_BYTES``); a data set whose header cannot be read so (deflated, broken)
+most ``HEAD_BYTES``); a deflated data set's header is inflated from what arrived,
+at most ``HEAD_BYTES`` of it. A data set whose header cannot be read so (broken)
 holds no series open: as before.
 """
 
@@ -21,16 +22,28 @@ import io
 import os
 import threading
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pydicom
 from pydicom.dataelem import RawDataElement
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicom_node.errors import RejectedInstance
 from dicom_node.spool import check_uid
 
 HEAD_BYTES = 1 << 20  # a Series Instance UID not within this is not looked for further
+_SERIES = 0x0020000E
+
+
+def _past_series(tag: object, vr: object, length: object) -> bool:
+    return int(tag) > _SERIES  # type: ignore[call-overload]
 
 
 @dataclass
@@ -93,11 +106,20 @@ def series_of(head: bytes) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(
-                io.BytesIO(head), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-            )
+            fp = io.BytesIO(head)
+            read_preamble(fp, False)
+            meta = _read_file_meta_info(fp)
+            body = head[fp.tell() :]
+            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                # what arrived of the deflated stream, inflated as far as it goes
+                body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, HEAD_BYTES)
+            syntax = meta.get("TransferSyntaxUID")
+            ds = read_dataset(
+                io.BytesIO(body), syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian,
+                stop_when=_past_series, specific_tags=[Tag(_SERIES)],
+            )  # fmt: skip
             raw = ds.get_item("SeriesInstanceUID")
-            if not isinstance(raw, RawDataElement) or raw.value_tell + raw.length > len(head):
+            if not isinstance(raw, RawDataElement) or raw.value_tell + raw.length > len(body):
                 return None  # not yet, or cut inside its value
             text = ds.SeriesInstanceUID
     except Exception:  # noqa: BLE001 - bytes still arriving, or hostile: no series
