@@ -1089,6 +1089,7 @@ def test_an_instance_orthanc_cannot_give_holds_back_none_after_it(tmp_path: Path
         listed = wait_for(  # the series in two: what Orthanc gave at once, then the third
             "the runs after the lost one, and the whole series, forwarded",
             lambda: (fws := forwards(pacs)) and len(series_sent(fws)) == 3 and fws,
+            timeout=90,  # 15-22 s here, loaded or not; 30 s ran out once in a CI run
         )
         assert {f["sop_instance_uid"] for f in listed if f["kind"] == "instance"} == {
             str(runs[0].SOPInstanceUID),
