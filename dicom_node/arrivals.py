@@ -110,10 +110,10 @@ def series_of(head: bytes) -> str | None:
             read_preamble(fp, False)
             meta = _read_file_meta_info(fp)
             body = head[fp.tell() :]
-            if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            syntax = meta.get("TransferSyntaxUID")
+            if syntax == DeflatedExplicitVRLittleEndian:
                 # what arrived of the deflated stream, inflated as far as it goes
                 body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, HEAD_BYTES)
-            syntax = meta.get("TransferSyntaxUID")
             ds = read_dataset(
                 io.BytesIO(body), syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian,
                 stop_when=_past_series, specific_tags=[Tag(_SERIES)],

@@ -507,11 +507,11 @@ def _inspect(
     series = check_uid("Series Instance UID", uids[2], max_uid_length)
     study = check_uid("Study Instance UID", uids[3], max_uid_length)
     if ts not in TRANSFER_SYNTAXES:  # a C-STORE's is its negotiated context's
-        named = (
-            f"{ts} ({ts.name if ts.is_transfer_syntax else 'not a DICOM transfer syntax'})"
-            if UID_RE.match(ts) and len(ts) <= 64
-            else "that is not a UID"
-        )
+        try:
+            named = check_uid("Transfer Syntax UID", ts)
+            named += f" ({ts.name if ts.is_transfer_syntax else 'not a DICOM transfer syntax'})"
+        except RejectedInstance:
+            named = "that is not a UID"
         raise RejectedInstance(
             RejectedInstance.TRANSFER_SYNTAX_NOT_SUPPORTED,
             f"transfer syntax {named} is not one this node decodes; send it in one of "

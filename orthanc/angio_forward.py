@@ -204,6 +204,12 @@ def _with_node_jobs(fw: Forwarder, rows: list[dict[str, Any]]) -> list[dict[str,
             by_study[uid] = fw.node.jobs(uid)
         except NodeApiError as exc:
             by_study[uid] = exc
+    named = {uid for f in rows for uid in (f["sop_instance_uid"], f["series_uid"])}
+    unnamed = {
+        study: {j.get("run_id") for j in jobs} - named
+        for study, jobs in by_study.items()
+        if not isinstance(jobs, NodeApiError)
+    }
     out = []
     for r in rows:
         view = forward_view(r)
@@ -212,12 +218,9 @@ def _with_node_jobs(fw: Forwarder, rows: list[dict[str, Any]]) -> list[dict[str,
             view["node_jobs"], view["node_error"] = None, str(jobs)
         else:
             view["node_jobs"] = node_jobs_for(r, jobs)
-            unnamed = {j.get("run_id") for j in jobs} - {
-                uid for f in rows for uid in (f["sop_instance_uid"], f["series_uid"])
-            }
-            if not view["node_jobs"] and r["kind"] == "instance" and unnamed:
+            if not view["node_jobs"] and r["kind"] == "instance" and unnamed[r["study_uid"]]:
                 concatenation = fw.concatenation_of(r)
-                if concatenation in unnamed:
+                if concatenation in unnamed[r["study_uid"]]:
                     view["node_jobs"] = node_jobs_for(r, jobs, concatenation)
         out.append(view)
     return out
