@@ -435,7 +435,14 @@ def make_handler(node: Node) -> type[BaseHTTPRequestHandler]:
                 api.max_parts,
                 node.ingest.in_flight,
             )
-            status, payload = stow.stow_parts(node.ingest, path, parts, source, self.peer)
+            status, payload = stow.stow_parts(
+                node.ingest,
+                path,
+                parts,
+                source,
+                self.peer,
+                self.headers.get(stow.SENDER_HEADER, ""),
+            )
             node.audit.api_call(
                 who.name,
                 self.peer,

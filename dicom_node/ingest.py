@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from dicom_node.completion import CompletionRule
 from dicom_node.db import Database
 from dicom_node.diskfull import describe, storage_fault
 from dicom_node.errors import RejectedInstance
+from dicom_node.settings import is_ae_title
 from dicom_node.spool import Requested, Spool, Stored
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,21 @@ class Refusals:
             return dict(found) if found else None
 
 
+def sender_of(source: str, named: str, forwarders: Collection[str]) -> str:
+    """Whom an instance is from, for the senders' turns and the disk's reserve: the
+    sender a forwarder in ``forwarders`` names (``named``: a C-STORE's Move Originator
+    AE Title, a STOW-RS request's ``X-Angio-Sender``), else ``source`` itself (the
+    calling AE title, or the STOW-RS sender). What another sender names is ignored: it
+    could otherwise name a new sender for each run, and take every turn."""
+    named = named.strip()
+    if not named or source not in forwarders:
+        return source
+    if not is_ae_title(named):
+        log.warning("%s named a sender that is not an AE title: taken as its own", source)
+        return source
+    return named
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -96,8 +112,10 @@ class Ingest:
         rule: CompletionRule,
         on_complete: Callable[[], None] = lambda: None,
         observe: Observer = lambda *_: None,
+        forwarders: Collection[str] = (),
     ) -> None:
         self.spool = spool
+        self.forwarders = frozenset(forwarders)
         self.db = db
         self.rule = rule
         self.on_complete = on_complete
@@ -115,13 +133,15 @@ class Ingest:
         source: str,
         transport: str = "dimse",
         peer: str = "",
+        named_sender: str = "",
     ) -> Receipt:
         """Store one instance, given as bytes or as the file the SCP wrote it to (which
         is moved into the spool); ``source`` is the calling AE title (or the STOW-RS
         sender); ``requested`` is what a C-STORE request named, which the data set
-        must be."""
+        must be; ``named_sender``: the sender a forwarder names (:func:`sender_of`)."""
         size = len(data) if isinstance(data, bytes) else _size(data)
-        receipt = self._receive(data, requested, source)
+        sender = sender_of(source, named_sender, self.forwarders)
+        receipt = self._receive(data, requested, source, sender)
         if receipt.stored is not None:
             self.refusals.stored(receipt.stored.sop_instance_uid)
         else:
@@ -165,15 +185,18 @@ class Ingest:
         log.error("instance from %s failed (0x0110): %s", source, reason, exc_info=exc)
         return Receipt(RejectedInstance.PROCESSING_FAILURE, reason)
 
-    def _receive(self, data: bytes | Path, requested: Requested, source: str) -> Receipt:
+    def _receive(
+        self, data: bytes | Path, requested: Requested, source: str, sender: str
+    ) -> Receipt:
         try:
-            stored = self.spool.store(data, requested, source)
+            stored = self.spool.store(data, requested, source, sender)
         except Exception as exc:  # noqa: BLE001 - any defect of ours must still answer, not hang
             return self._refusal(exc, source)
         log.info(
-            "stored %s from %s (run %s%s)",
+            "stored %s from %s%s (run %s%s)",
             stored.sop_instance_uid,
             source,
+            "" if sender == source else f" for {sender}",
             stored.run_id,
             ", duplicate" if stored.duplicate else "",
         )

@@ -96,6 +96,15 @@ def _calling_aet(event: Event) -> str:
     return aet.decode(errors="replace").strip() if isinstance(aet, bytes) else str(aet).strip()
 
 
+def _move_originator(event: Event) -> str:
+    """The C-STORE's Move Originator AE Title: the AE that asked for it to be sent (a
+    C-MOVE's, or the sender an Orthanc forwarding for it names); "" when none."""
+    aet = getattr(event.request, "MoveOriginatorApplicationEntityTitle", None)
+    if isinstance(aet, bytes):
+        aet = aet.decode("ascii", errors="replace")
+    return aet.strip() if isinstance(aet, str) else ""
+
+
 def _peer(event: Event) -> str:
     return f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
 
@@ -695,7 +704,10 @@ def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
             return ingest.refuse(
                 arrival.fault, requested, calling, "dimse", _peer(event), arrival.written
             ).status
-        return ingest.receive(path, requested, calling, "dimse", _peer(event)).status
+        receipt = ingest.receive(
+            path, requested, calling, "dimse", _peer(event), _move_originator(event)
+        )
+        return receipt.status
 
     return handle_store
 

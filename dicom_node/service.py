@@ -225,7 +225,12 @@ class Node:
             self.metrics.watch_memory(self.workers.memory)
         self.router = Router(self.db, settings, on_routed=self.workers.wake.set)
         self.ingest = Ingest(
-            self.spool, self.db, self.completion, self.router.wake.set, observe=self._received
+            self.spool,
+            self.db,
+            self.completion,
+            self.router.wake.set,
+            observe=self._received,
+            forwarders=settings.forwarders,
         )
         self.outbox = Outbox(self.db, settings, on_delivery=self._delivered)
         # written again only where it leaves the space retention and the spool want

@@ -25,8 +25,12 @@ ENV_PREFIX = "DICOM_NODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")  # PS3.5 AE: no backslash, no control
 
 
+def is_ae_title(value: str) -> bool:
+    return bool(_AE_RE.match(value)) and bool(value.strip())
+
+
 def _ae_title(value: str) -> str:
-    if not _AE_RE.match(value) or not value.strip():
+    if not is_ae_title(value):
         raise ValueError(
             "an AE title is 1-16 printable ASCII characters, not only spaces, no backslash"
         )
@@ -40,6 +44,17 @@ def _url(value: str) -> str:
 
 
 AETitle = Annotated[str, AfterValidator(_ae_title)]
+_TOKEN_NAME = r"^[A-Za-z0-9_.@-]{1,64}$"
+
+
+def _sender_name(value: str) -> str:
+    """A calling AE title, or an API token's name (a STOW-RS sender's)."""
+    if re.match(_TOKEN_NAME, value):
+        return value
+    return _ae_title(value)
+
+
+SenderName = Annotated[str, AfterValidator(_sender_name)]
 Url = Annotated[str, AfterValidator(_url)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -328,7 +343,7 @@ Scope = Literal["read", "operate", "store", "worker"]
 class ApiToken(Strict):
     """A bearer token, stored as its SHA-256 (``dicom-node token`` makes one)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$", description="who, in the audit trail")
+    name: str = Field(pattern=_TOKEN_NAME, description="who, in the audit trail")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the token")
     scopes: list[Scope] = Field(min_length=1)
 
@@ -676,6 +691,14 @@ class Settings(Strict):
         description="the last share of the storage disk (above min_free_bytes) is kept "
         "for the senders whose runs not yet processed hold less than it: one that holds "
         "more is refused (0xA700) there until the node catches up; 0: none kept",
+    )
+    forwarders: list[SenderName] = Field(
+        [],
+        description="senders that forward other senders' instances and name them (an "
+        "Orthanc with the angio plugin, a router): the calling AE titles whose C-STOREs' "
+        "Move Originator AE Title, and the STOW-RS senders (API token names) whose "
+        "requests' X-Angio-Sender header, names the sender the node takes turns and "
+        "keeps the disk's reserve by; from anyone else both are ignored",
     )
     max_uid_length: int = 64
     completion: CompletionSettings = CompletionSettings()

@@ -735,9 +735,13 @@ class Spool:
         source: bytes | Path,
         requested: Requested = NOTHING_REQUESTED,
         calling_aet: str = "",
+        sender: str = "",
     ) -> Stored:
         """Persist one received instance and index it: ``source`` is a DICOM file with
-        meta, as bytes or as the file the storage SCP wrote (moved into the spool)."""
+        meta, as bytes or as the file the storage SCP wrote (moved into the spool);
+        ``sender``: whom it is from, for the disk's reserve and the turns (by default
+        ``calling_aet``; another when a forwarder names it, ``ingest.sender_of``)."""
+        sender = sender or calling_aet
         # A C-STORE's data set, or a STOW-RS part's, may repeat File Meta elements
         source = self._without_embedded_meta(source, requested)
         head = inspect(source, self.limits, requested, self.max_uid_length)
@@ -746,13 +750,13 @@ class Spool:
         # (and, on a disk that had room for it, was refused 0xA700).
         if isinstance(source, bytes):
             size = len(source)
-            self._check_space(size, calling_aet)
+            self._check_space(size, sender)
         else:
             info = source.stat()
             size = info.st_size
-            self._check_space(0 if info.st_dev == self.root.stat().st_dev else size, calling_aet)
+            self._check_space(0 if info.st_dev == self.root.stat().st_dev else size, sender)
         final = self.spool / head.study_uid / head.series_uid / f"{head.sop_instance_uid}.dcm"
-        record = self._record(head, final, size, calling_aet)
+        record = self._record(head, final, size, calling_aet, sender)
         with self.series_lock(head.series_uid):  # a purge of the series waits, or is waited for
             # A file there is the stored instance's, which a refused one must not
             # replace: the index is asked before writing over it (under the series
@@ -815,7 +819,9 @@ class Spool:
         return source
 
     @staticmethod
-    def _record(head: Header, path: Path, size: int, calling_aet: str) -> InstanceRecord:
+    def _record(
+        head: Header, path: Path, size: int, calling_aet: str, sender: str
+    ) -> InstanceRecord:
         return InstanceRecord(
             head.sop_instance_uid,
             head.sop_class_uid,
@@ -827,6 +833,7 @@ class Spool:
             head.transfer_syntax,
             head.frames,
             calling_aet,
+            sender,
         )
 
     def sweep_tmp(self, older_than_s: float) -> int:
@@ -880,7 +887,9 @@ class Spool:
                     raise RejectedInstance(
                         RejectedInstance.CANNOT_UNDERSTAND, "file name does not match its UIDs"
                     )
-                self.db.record_instance(self._record(head, path, path.stat().st_size, "RECOVERED"))
+                self.db.record_instance(
+                    self._record(head, path, path.stat().st_size, "RECOVERED", "")
+                )
             except InstanceConflict as conflict:
                 quarantined += self._quarantine(path, _held(head, str(conflict)))
                 continue

@@ -175,8 +175,11 @@ def render(
                 for j in r["jobs"]
             )
             reason = f"<br><small>{escape(r['reason'])}</small>" if r["reason"] else ""
+            # the suite a forwarder (an Orthanc) sent it for
+            named = f" for {escape(r['sender'])}" if r["sender"] != r["calling_aet"] else ""
             out.append(
-                f"<tr><td class=uid>{escape(r['run_id'])}</td><td>{escape(r['calling_aet'])}</td>"
+                f"<tr><td class=uid>{escape(r['run_id'])}</td>"
+                f"<td>{escape(r['calling_aet'])}{named}</td>"
                 f"<td>{r['instances']}</td><td>{_state(r['state'])}{reason}</td>"
                 f"<td>{escape(r['rule'] or '')}</td><td>{_t(r['last_at'])}</td><td>{jobs}</td></tr>"
             )

@@ -50,6 +50,8 @@ STOW_PATH = re.compile(r"^/dicom-web/studies(?:/([0-9.]{1,64}))?/?\Z")
 # The calling "AE" recorded for instances that came by STOW-RS without a token
 # (routing can match it); with tokens, the token's name.
 STOW_SOURCE = "STOW-RS"
+# A forwarder's (settings.forwarders) name for the sender it forwards for
+SENDER_HEADER = "X-Angio-Sender"
 _READ = 1 << 20  # bytes read from the socket at a time
 _MAX_HEADERS = 16 << 10  # a part's header block
 _MAX_PREAMBLE = 64 << 10
@@ -383,9 +385,11 @@ def stow_parts(
     parts: Iterator[tuple[str, bytes | Path]],
     source: str = STOW_SOURCE,
     peer: str = "",
+    named_sender: str = "",
 ) -> tuple[int, dict[str, Any]]:
     """Store every application/dicom part as it arrives; (HTTP status, DICOM JSON).
-    A part given as a file is moved into the spool when stored, else deleted."""
+    A part given as a file is moved into the spool when stored, else deleted.
+    ``named_sender``: the request's ``X-Angio-Sender`` (``ingest.sender_of``)."""
     match = STOW_PATH.match(path)
     if match is None:
         raise StowError(404, f"no STOW-RS route {path}")
@@ -394,7 +398,7 @@ def stow_parts(
     failed: list[dict[str, Any]] = []
     for i, (ctype, data) in enumerate(parts, start=1):
         try:
-            item = _stow_part(ingest, i, ctype, data, target_study, source, peer)
+            item = _stow_part(ingest, i, ctype, data, target_study, (source, named_sender), peer)
         finally:
             if isinstance(data, Path):
                 data.unlink(missing_ok=True)  # gone already when stored (moved)
@@ -421,10 +425,12 @@ def _stow_part(
     ctype: str,
     data: bytes | Path,
     target_study: str | None,
-    source: str,
+    sent_by: tuple[str, str],
     peer: str,
 ) -> dict[str, Any]:
-    """One part's item of the response: Referenced SOP, or Failed SOP with its reason."""
+    """One part's item of the response: Referenced SOP, or Failed SOP with its reason.
+    ``sent_by``: the STOW-RS sender, and the sender it names."""
+    source, named_sender = sent_by
     sop_class, sop_uid, study = _uids(data, ingest.spool.limits)
     if ctype != "application/dicom":
         log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])
@@ -438,7 +444,7 @@ def _stow_part(
             f"not of the target study {target_study}",
         )
     else:
-        receipt = ingest.receive(data, NOTHING_REQUESTED, source, "stow", peer)
+        receipt = ingest.receive(data, NOTHING_REQUESTED, source, "stow", peer, named_sender)
         if receipt.ok:
             return _item(sop_class, sop_uid)
         status, reason = receipt.status, receipt.reason

@@ -49,6 +49,8 @@ import requests
 log = logging.getLogger("angio_forward")
 VERSION = "0.1.0"
 UNKNOWN_RESOURCE = 17  # Orthanc's ErrorCode for 404
+# The node's header for the sender a STOW-RS forward is for (dicom_node.stow.SENDER_HEADER)
+SENDER_HEADER = "X-Angio-Sender"
 ORTHANC_JOB_DONE = {"Success": "sent", "Failure": "failed"}
 
 

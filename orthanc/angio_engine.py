@@ -16,6 +16,7 @@ import time
 from typing import Any, Protocol
 
 from angio_core import (
+    SENDER_HEADER,
     UNKNOWN_RESOURCE,
     AngioError,
     Config,
@@ -296,17 +297,23 @@ class Forwarder:
             if self.stop_event.is_set():
                 break
             resources = json.loads(row["resources"])
+            sender = self.sender_of(resources)
             try:
                 if row["transport"] == "dicomweb":
+                    body: dict[str, Any] = {"Resources": resources, "Synchronous": False}
+                    if sender:
+                        body["HttpHeaders"] = {SENDER_HEADER: sender}
                     job = self.api.post(
-                        f"/dicom-web/servers/{self.config.node_dicomweb_server}/stow",
-                        {"Resources": resources, "Synchronous": False},
+                        f"/dicom-web/servers/{self.config.node_dicomweb_server}/stow", body
                     )
                 else:
-                    job = self.api.post(
-                        f"/modalities/{self.config.node_modality}/store",
-                        {"Resources": resources, "Asynchronous": True, "Permissive": False},
-                    )
+                    body = {"Resources": resources, "Asynchronous": True, "Permissive": False}
+                    if sender:  # an ID of 0 would be "not a C-MOVE": Orthanc would leave it out
+                        body |= {
+                            "MoveOriginatorAet": sender,
+                            "MoveOriginatorID": row["id"] % 65535 + 1,
+                        }
+                    job = self.api.post(f"/modalities/{self.config.node_modality}/store", body)
             except OrthancError as exc:
                 gone = self._deleted(resources) if exc.code == UNKNOWN_RESOURCE else []
                 if gone:
@@ -318,6 +325,18 @@ class Forwarder:
             self._mark_source(row, f"sending (forward {row['id']}, job {job['ID']})")
             n += 1
         return n
+
+    def sender_of(self, resources: list[str]) -> str:
+        """The AE that sent a forward's instances to Orthanc (its first instance's
+        ``RemoteAET``), named to the node so that the suites behind this Orthanc keep
+        their own turns and share of its disk (the node believes it from the senders in
+        its ``forwarders``); "" when none sent it over DICOM (a REST upload)."""
+        try:
+            meta = self.api.get(f"/instances/{resources[0]}/metadata?expand")
+        except OrthancError as exc:  # deleted (the job's submission finds it), or not one
+            log.info("angio-forward: no sender of %s to name: %s", resources[0], exc)
+            return ""
+        return str(meta.get("RemoteAET", "")).strip() if isinstance(meta, dict) else ""
 
     def poll_jobs(self) -> None:
         for row in self.ledger.in_state("sending"):

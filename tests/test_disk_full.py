@@ -274,21 +274,29 @@ def test_an_instance_is_stored_where_there_is_room_for_it(small_disk: Path, make
     )
 
 
+@pytest.mark.parametrize("through", ["direct", "a forwarder"])
 def test_the_last_of_the_disk_is_kept_for_the_senders_not_filling_it(
-    tmp_path: Path, make_node: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_node: Any, caplog: pytest.LogCaptureFixture, through: str
 ) -> None:
     """One suite sends more than the node can process: its runs filled the disk to
     ``min_free_bytes``, and every other suite's run was refused (0xA700) until the node
     caught up. The last ``sender_reserve_share`` of the disk is now kept for the
     senders whose runs not yet processed hold less than it: the flooding suite is
     refused there, the other stores on, and the first sends again once its run is
-    processed."""
+    processed. Through a forwarder (an Orthanc in ``forwarders`` that names the suite
+    as the Move Originator AE Title) too: the suites behind it are told apart."""
     from pydicom.uid import XRayAngiographicImageStorage
     from pynetdicom import AE
+
+    forwarder = "ORTHANC" if through == "a forwarder" else None
+
+    def calling(suite: str) -> dict[str, Any]:  # _send's sender arguments
+        return {"calling": forwarder, "originator": suite} if forwarder else {"calling": suite}
 
     with tmpfs(tmp_path / "disk", "32m") as disk:
         node = make_node(
             storage_dir=str(disk / "node"),
+            forwarders=[forwarder] if forwarder else [],
             min_free_bytes=2**20,
             sender_reserve_share=0.25,  # 8 MiB of 32
             completion={"quiet_period_s": 600},  # the series stay open: not processed
@@ -304,13 +312,14 @@ def test_the_last_of_the_disk_is_kept_for_the_senders_not_filling_it(
             return ds
 
         flood = generate_uid()
-        ae = AE(ae_title="SUITE_A")
+        ae = AE(ae_title=forwarder or "SUITE_A")
         ae.add_requested_context(XRayAngiographicImageStorage)
         assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+        named = {"originator_aet": "SUITE_A", "originator_id": 7} if forwarder else {}
         statuses = []
         with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
             while len(statuses) < 80 and 0xA700 not in statuses:
-                statuses.append(int(assoc.send_c_store(instance(flood)).Status))
+                statuses.append(int(assoc.send_c_store(instance(flood), **named).Status))
         assoc.release()
         assert statuses[-1] == 0xA700 and set(statuses[:-1]) == {0x0000}, statuses
         free = shutil.disk_usage(disk).free
@@ -320,7 +329,7 @@ def test_the_last_of_the_disk_is_kept_for_the_senders_not_filling_it(
         # another suite stores on, in the reserve
         other = generate_uid()
         for _ in range(4):
-            assert _send(node, instance(other), calling="SUITE_B") == 0x0000
+            assert _send(node, instance(other), **calling("SUITE_B")) == 0x0000
         # once the node has processed the flood, its sender stores again
         node.trigger(series_uid=flood)
         wait_for(
@@ -329,7 +338,7 @@ def test_the_last_of_the_disk_is_kept_for_the_senders_not_filling_it(
             what="the flood's run processed",
         )
         time.sleep(1.1)  # what a sender holds is read at most once a second
-        assert _send(node, instance(generate_uid()), calling="SUITE_A") == 0x0000
+        assert _send(node, instance(generate_uid()), **calling("SUITE_A")) == 0x0000
 
 
 @pytest.mark.parametrize("fault", ["disk full", "under the floor"])

@@ -44,10 +44,14 @@ def _assoc(
     return assoc
 
 
-def _send(node, ds, calling: str = "TESTSCU") -> int:  # type: ignore[no-untyped-def]
+def _send(node, ds, calling: str = "TESTSCU", originator: str | None = None) -> int:  # type: ignore[no-untyped-def]
+    """C-STORE ``ds`` as ``calling``; ``originator``: the Move Originator AE Title it
+    names (a forwarder's sender, as an Orthanc forwarding for a suite names it)."""
     assoc = _assoc(node, calling, str(ds.SOPClassUID))
     try:
-        status = assoc.send_c_store(ds)
+        status = assoc.send_c_store(
+            ds, originator_aet=originator, originator_id=1 if originator else None
+        )
         return int(status.Status)
     finally:
         assoc.release()

@@ -768,6 +768,43 @@ def test_dicomweb_transport_forwards_by_stow_rs(tmp_path: Path) -> None:
 
 @needs_orthanc
 @needs_storescu
+@pytest.mark.parametrize("transport", ["dimse", "dicomweb"])
+def test_the_suites_behind_orthanc_are_told_apart_by_the_node(
+    tmp_path: Path, transport: str
+) -> None:
+    """Every run Orthanc forwarded was Orthanc's: the suites behind it shared one turn
+    and one share of the node's disk. The plugin now names the suite that sent each run
+    to Orthanc (C-STORE: the Move Originator AE Title; STOW-RS: X-Angio-Sender), and the
+    node, with Orthanc in ``forwarders``, counts the run for that suite. A run uploaded
+    to Orthanc over its REST API has no suite: it stays Orthanc's."""
+    pacs, node_port, api_port = pacs_for_node(tmp_path, dicomweb=transport == "dicomweb")
+    forwarder = pacs.aet if transport == "dimse" else "STOW-RS"  # no token: the STOW source
+    try:
+        with running_node(
+            tmp_path / "node", pacs, port=node_port, api_port=api_port, forwarders=[forwarder]
+        ) as node:
+            expected = {}
+            for k, suite in enumerate(("SUITE_A", "SUITE_B")):
+                run = xa_run(frames=3, rows=32, cols=32, seed=40 + k)
+                storescu(pacs, save(run, tmp_path / suite), aet=suite)
+                expected[str(run.SOPInstanceUID)] = suite
+            uploaded = xa_run(frames=3, rows=32, cols=32, seed=42)
+            resp = pacs.post("/instances", data=save(uploaded, tmp_path / "rest").read_bytes())
+            assert resp.ok, resp.text
+            expected[str(uploaded.SOPInstanceUID)] = forwarder
+            query = "SELECT run_id, calling_aet, COALESCE(sender, calling_aet) AS sender FROM runs"
+            wait_for(
+                "the three runs at the node", lambda: len(node.db.query(query)) == 3, timeout=60
+            )
+            rows = node.db.query(query)
+            assert {r["run_id"]: r["sender"] for r in rows} == expected
+            assert {r["calling_aet"] for r in rows} == {forwarder}  # for routing, as before
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
 def test_the_forwards_of_a_concatenation_s_parts_show_the_node_s_jobs(tmp_path: Path) -> None:
     """Each part of a concatenation, a multi-frame instance, is forwarded on arrival;
     the node processes the parts as one run, whose ID is their Concatenation UID. The

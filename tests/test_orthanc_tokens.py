@@ -44,6 +44,7 @@ def _node_with_tokens(tmp: Path, pacs: Any, port: int, api_port: int, transport:
     data["api"]["tokens"] = [
         {"name": "ORTHANC", "sha256": hash_token(TOKEN), "scopes": ["read", "operate", "store"]}
     ]
+    data["forwarders"] = ["ORTHANC"]  # its AE title, and its token's name
     return Node(load_settings(None, environ={}, **data)).start()
 
 
@@ -133,8 +134,10 @@ def test_plugin_forwards_and_triggers_with_a_token(tmp_path: Path, transport: st
             lambda: [f for f in forwards(pacs) if f.get("node_jobs")],
         )[0]
         assert "node_error" not in fw, fw
-        rows = node.db.query("SELECT DISTINCT calling_aet FROM instances")
+        rows = node.db.query("SELECT DISTINCT calling_aet, sender FROM instances")
         assert [r["calling_aet"] for r in rows] == ["ORTHANC"]  # C-STORE AE or token name
+        # the suite that sent the run to Orthanc, named with the token's header (STOW-RS)
+        assert [r["sender"] for r in rows] == ["ANGIO_SUITE"]
         audit = (node.settings.storage_dir / "audit" / "audit.jsonl").read_text()
         assert '"api-denied"' not in audit
         if transport == "dimse":

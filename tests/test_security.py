@@ -322,6 +322,66 @@ def test_stow_rs_obeys_the_source_policy_of_c_store(make_node: Any, tmp_path: Pa
     assert [r["calling_aet"] for r in rows] == ["ORTHANC"]  # the token's name, like an AE
 
 
+def test_only_a_forwarder_names_the_sender_of_what_it_sends(make_node: Any) -> None:
+    """The senders' turns and the disk's reserve go by sender. An Orthanc forwarding
+    for several suites was one sender: it now names each (a C-STORE's Move Originator
+    AE Title, a STOW-RS request's X-Angio-Sender) and, in ``forwarders``, is believed.
+    What another sender names is ignored (it could name a new sender for each run and
+    take every turn), and so is a name that is not an AE title."""
+    from tests.test_ingest import _send
+
+    modality = {"name": "modality", "sha256": hash_token(_token("modality")), "scopes": ["store"]}
+    node = make_node(
+        forwarders=["ORTHANC"],
+        api={"tokens": _tokens() + [modality]},
+        completion={"quiet_period_s": 600.0},  # single-frame series: runs still receiving
+        rules=[],
+    )
+    sent: dict[str, str] = {}  # instance -> the sender its run must be counted for
+
+    def over_dimse(calling: str, named: str | None, expected: str) -> None:
+        ds = xa_run(frames=1, rows=32, cols=32)
+        assert _send(node, ds, calling=calling, originator=named) == 0x0000
+        sent[ds.SOPInstanceUID] = expected
+
+    def over_stow(token: str, named: str | None, expected: str) -> None:
+        data = _instance(len(sent) + 100, frames=1)
+        ctype, body = multipart([data])
+        headers = {"Content-Type": ctype, **_auth(token)}
+        if named is not None:
+            headers["X-Angio-Sender"] = named
+        resp = requests.post(
+            f"http://127.0.0.1:{node.api_port}/dicom-web/studies",
+            data=body,
+            headers=headers,
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        uid = resp.json()["00081199"]["Value"][0]["00081155"]["Value"][0]
+        sent[uid] = expected
+
+    over_dimse("ORTHANC", "SUITE_A", "SUITE_A")  # a forwarder names the suite
+    over_dimse("ORTHANC", None, "ORTHANC")  # an instance sent to Orthanc over its REST API
+    over_dimse("ROGUE", "SUITE_A", "ROGUE")  # not a forwarder: its own sender
+    over_stow("ORTHANC", "SUITE_B", "SUITE_B")
+    over_stow("ORTHANC", "NOT\\AN AE", "ORTHANC")  # a backslash: not an AE title
+    over_stow("ORTHANC", "SEVENTEEN_LETTERS", "ORTHANC")  # 17 characters
+    over_stow("modality", "SUITE_B", "modality")
+    rows = node.db.query(
+        "SELECT i.sop_instance_uid, r.calling_aet, COALESCE(r.sender, r.calling_aet) AS sender, "
+        "i.sender AS instance_sender FROM runs r JOIN instances i ON i.run_id = r.run_id"
+    )
+    assert {r["sop_instance_uid"]: r["sender"] for r in rows} == sent
+    assert all(r["instance_sender"] == r["sender"] for r in rows)
+    # the calling AE stays what it was, for the routing rules and the logs
+    assert {r["calling_aet"] for r in rows} == {"ORTHANC", "ROGUE", "modality"}
+    assert node.db.pending_bytes("SUITE_A") > 0  # the reserve counts the suite's runs
+    assert node.db.pending_bytes("SUITE_B") > 0
+    page = requests.get(f"http://127.0.0.1:{node.api_port}/", headers=_auth("reader"), timeout=30)
+    assert page.status_code == 200 and "ORTHANC for SUITE_A" in page.text
+    assert "ROGUE for" not in page.text
+
+
 def _raw(
     port: int, request: bytes, wait: float = 10.0, source: str | None = None
 ) -> tuple[bytes, float]:

@@ -258,6 +258,13 @@ def test_the_index_is_migrated_from_schema_1(tmp_path: Path) -> None:
         "created_at REAL NOT NULL, updated_at REAL NOT NULL);"
         "INSERT INTO jobs (run_id, pipeline, destinations, state, not_before, created_at, updated_at)"
         " VALUES ('r', 'minip', '[\"pacs!resend\"]', 'queued', 0, 0, 0);"
+        "CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, sop_class_uid TEXT NOT NULL, "
+        "series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, run_id TEXT NOT NULL, path TEXT NOT "
+        "NULL, size INTEGER NOT NULL, transfer_syntax TEXT NOT NULL, frames INTEGER NOT NULL, "
+        "calling_aet TEXT NOT NULL, received_at REAL NOT NULL);"
+        "INSERT INTO instances VALUES ('1.2.3', '1.2.840.10008.5.1.4.1.1.12.1', '1.2', '1', 'r', "
+        "'x', 1000, '1.2.840.10008.1.2.1', 1, 'SUITE_A', 0);"
+        "INSERT INTO runs VALUES ('r', '1.2', '1', 'SUITE_A', 'receiving', 0, 0, NULL, NULL, NULL);"
     )
     con.commit()
     con.close()
@@ -266,6 +273,17 @@ def test_the_index_is_migrated_from_schema_1(tmp_path: Path) -> None:
     # a resend that rode in the destination name becomes the column
     row = db.query("SELECT destinations, resend FROM jobs")[0]
     assert json.loads(row["destinations"]) == ["pacs"] and row["resend"] == 1
+    # rows indexed before the sender column count for their calling AE
+    assert db.pending_bytes("SUITE_A") == 1000
+    assert db.queued_jobs_by_sender() == {"SUITE_A": 1}
+    assert [i.sender for i in db.run_instances("r")] == ["SUITE_A"]
+    db.record_instance(
+        InstanceRecord(
+            "1.2.4", "1.2.840.10008.5.1.4.1.1.12.1", "1.2", "1", "r", Path("y"), 500,
+            "1.2.840.10008.1.2.1", 1, "ORTHANC", "SUITE_A",
+        )
+    )  # fmt: skip
+    assert db.pending_bytes("SUITE_A") == 1500 and db.pending_bytes("ORTHANC") == 0
 
 
 def _cerebral_phantom(tmp_path: Path) -> Any:
@@ -487,15 +505,20 @@ def test_the_senders_take_their_turns(tmp_path: Path) -> None:
     assert [j.run_id for j in db.jobs_to_dispatch(2)] == ["b0", "a0"]  # A was served
 
 
-def test_a_suite_s_run_is_not_held_up_by_another_s_burst(make_node: Any) -> None:
+@pytest.mark.parametrize("through", ["direct", "a forwarder"])
+def test_a_suite_s_run_is_not_held_up_by_another_s_burst(make_node: Any, through: str) -> None:
     """Through the node: suite A sends six runs, suite B one just after; with one
     worker, B's run is processed next, not after all of A's (which it was before
-    the senders took turns)."""
+    the senders took turns). Through a forwarder (an Orthanc in ``forwarders`` that
+    names each suite as the Move Originator AE Title) too: before, every run was
+    the forwarder's, and B's was processed last."""
     import datetime as dt
 
     from tests.test_ingest import _send
 
+    forwarder = "ORTHANC" if through == "a forwarder" else None
     node = make_node(
+        forwarders=[forwarder] if forwarder else [],
         workers={"concurrency": 1},
         completion={"quiet_period_s": 600.0},  # complete when triggered, all at once
         rules=[{"name": "xa", "match": {"modality": ["XA"]}, "pipelines": ["minip"]}],
@@ -507,7 +530,8 @@ def test_a_suite_s_run_is_not_held_up_by_another_s_burst(make_node: Any) -> None
             ds = xa_run(frames=1, rows=64, cols=64)  # one instance a series
             ds.StudyInstanceUID = study
             ds.AcquisitionDateTime = f"{dt.datetime.now():%Y%m%d%H%M%S}"  # a live run
-            assert _send(node, ds, calling=sender) == 0x0000
+            named = {"calling": forwarder, "originator": sender} if forwarder else {}
+            assert _send(node, ds, **(named or {"calling": sender})) == 0x0000
             runs[ds.SeriesInstanceUID] = sender
     assert len(node.trigger(study_uid=study)) == 7  # routed in order of arrival, B's last
     done = "SELECT run_id FROM jobs WHERE state='done' ORDER BY updated_at, id"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
+    SENDER,
     DeliveryState,
     DispatchJob,
     Job,
@@ -20,11 +21,13 @@ from dicom_node.db.records import (
 )
 
 # The order due jobs are taken in: a live run's before an older run's; then the
-# sender (the run's calling AE, or STOW-RS source) served longest ago, one never
+# sender (the run's calling AE or STOW-RS source, or whom a forwarder named,
+# ``records.SENDER``) served longest ago, one never
 # served first; then the oldest. One suite's burst of runs, or an Orthanc forwarding
 # a day's studies, takes one job in turn with each other sender, instead of holding
 # up their runs until it is done.
 _TURN_ORDER = "j.priority, COALESCE(s.turn, 0), j.id"
+_RUN_SENDER = SENDER.format("r")
 
 
 def _served(con: sqlite3.Connection, sender: str) -> None:
@@ -63,9 +66,9 @@ class Jobs(Core):
         with self._tx() as con:
             while True:
                 row = con.execute(
-                    "SELECT j.*, COALESCE(r.calling_aet, '') AS sender FROM jobs j "
+                    f"SELECT j.*, COALESCE({_RUN_SENDER}, '') AS sender FROM jobs j "
                     "LEFT JOIN runs r ON r.run_id = j.run_id "
-                    "LEFT JOIN sender_turns s ON s.calling_aet = r.calling_aet "
+                    f"LEFT JOIN sender_turns s ON s.calling_aet = {_RUN_SENDER} "
                     "WHERE (j.state=? AND j.not_before <= ?) OR (j.state=? AND j.lease_until < ?) "
                     f"ORDER BY {_TURN_ORDER} LIMIT 1",
                     (JobState.QUEUED, t, JobState.RUNNING, t),
@@ -242,10 +245,10 @@ class Jobs(Core):
         in turn (each one's oldest first)."""
         rows = self.query(
             "SELECT id, run_id, pipeline, generation, priority, sender FROM ("
-            "SELECT j.*, COALESCE(r.calling_aet, '') AS sender, s.turn, ROW_NUMBER() OVER ("
-            "PARTITION BY j.priority, r.calling_aet ORDER BY j.id) AS nth FROM jobs j "
+            f"SELECT j.*, COALESCE({_RUN_SENDER}, '') AS sender, s.turn, ROW_NUMBER() OVER ("
+            f"PARTITION BY j.priority, {_RUN_SENDER} ORDER BY j.id) AS nth FROM jobs j "
             "LEFT JOIN runs r ON r.run_id = j.run_id "
-            "LEFT JOIN sender_turns s ON s.calling_aet = r.calling_aet "
+            f"LEFT JOIN sender_turns s ON s.calling_aet = {_RUN_SENDER} "
             "WHERE j.state=? AND j.dispatched_at IS NULL AND j.not_before <= ?) "
             "ORDER BY priority, nth, COALESCE(turn, 0), id LIMIT ?",
             (JobState.QUEUED, now(), limit),
@@ -269,7 +272,7 @@ class Jobs(Core):
             if cur.rowcount != 1:
                 return False
             (sender,) = con.execute(
-                "SELECT COALESCE(r.calling_aet, '') FROM jobs j "
+                f"SELECT COALESCE({_RUN_SENDER}, '') FROM jobs j "
                 "LEFT JOIN runs r ON r.run_id = j.run_id WHERE j.id=?",
                 (job_id,),
             ).fetchone()

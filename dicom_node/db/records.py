@@ -55,6 +55,13 @@ class InstanceRecord:
     transfer_syntax: str
     frames: int
     calling_aet: str
+    sender: str = ""  # whom a forwarder named (settings.forwarders); "": the calling AE
+
+
+# The sender of an instance or run row (``{0}``: the table's alias), for the turns and
+# the disk's reserve: whom a forwarder named, else the calling AE (rows indexed before
+# the column have none)
+SENDER = "COALESCE({0}.sender, {0}.calling_aet)"
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ def instance_record(r: sqlite3.Row) -> InstanceRecord:
         r["transfer_syntax"],
         r["frames"],
         r["calling_aet"],
+        r["sender"] or r["calling_aet"],
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
+    SENDER,
     DeliveryState,
     JobState,
     RunState,
@@ -109,12 +110,13 @@ class Reports(Core):
         )
 
     def queued_jobs_by_sender(self, limit: int = 20) -> dict[str, int]:
-        """Queued jobs by their run's sender (calling AE or STOW-RS source), most
+        """Queued jobs by their run's sender (calling AE or STOW-RS source, or whom a
+        forwarder named), most
         first: the senders take turns (``jobs._TURN_ORDER``)."""
         rows = self.query(
-            "SELECT r.calling_aet AS sender, COUNT(*) n FROM jobs j "
+            f"SELECT {SENDER.format('r')} AS sender, COUNT(*) n FROM jobs j "
             "JOIN runs r ON r.run_id = j.run_id WHERE j.state=? "
-            "GROUP BY r.calling_aet ORDER BY n DESC, sender LIMIT ?",
+            "GROUP BY sender ORDER BY n DESC, sender LIMIT ?",
             (JobState.QUEUED, limit),
         )
         return {r["sender"]: int(r["n"]) for r in rows}
@@ -158,6 +160,7 @@ class Reports(Core):
             dict(r)
             for r in self.query(
                 "SELECT run_id, series_uid, study_uid, calling_aet, state, first_at, last_at,"
+                f" {SENDER.format('r')} AS sender,"
                 " rule, reason, (SELECT COUNT(*) FROM instances i WHERE i.run_id=r.run_id)"
                 " AS instances FROM runs r WHERE last_at >= ? OR run_id IN"
                 " (SELECT run_id FROM jobs WHERE updated_at >= ?) ORDER BY last_at DESC LIMIT ?",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
+    SENDER,
     SETTLED_RUN_STATES,
     DeliveryState,
     InstanceConflict,
@@ -40,7 +41,9 @@ class Runs(Core):
                 raise InstanceConflict(conflict)
             dup = held is not None
             con.execute(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
+                " study_uid, run_id, path, size, transfer_syntax, frames, calling_aet,"
+                " received_at, sender) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     inst.sop_instance_uid,
                     inst.sop_class_uid,
@@ -53,12 +56,13 @@ class Runs(Core):
                     inst.frames,
                     inst.calling_aet,
                     t,
+                    inst.sender or inst.calling_aet,
                 ),
             )
             if row is None:
                 con.execute(
                     "INSERT INTO runs (run_id, series_uid, study_uid, calling_aet, state, first_at,"
-                    " last_at, opened_at) VALUES (?,?,?,?,?,?,?,?)",
+                    " last_at, opened_at, sender) VALUES (?,?,?,?,?,?,?,?,?)",
                     (
                         inst.run_id,
                         inst.series_uid,
@@ -68,6 +72,7 @@ class Runs(Core):
                         t,
                         t,
                         t,
+                        inst.sender or inst.calling_aet,
                     ),
                 )
             elif dup:
@@ -119,7 +124,7 @@ class Runs(Core):
             "SELECT run_id FROM runs WHERE state IN (?,?) "
             "UNION SELECT run_id FROM jobs WHERE state IN (?,?)) "
             "SELECT COALESCE(SUM(i.size), 0) AS n FROM pending p "
-            "JOIN instances i ON i.run_id = p.run_id WHERE i.calling_aet = ?",
+            f"JOIN instances i ON i.run_id = p.run_id WHERE {SENDER.format('i')} = ?",
             (RunState.RECEIVING, RunState.COMPLETE, JobState.QUEUED, JobState.RUNNING, sender),
         )
         return int(row[0]["n"])

@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, not_before);
 
--- whose turn it is: the jobs of the sender (calling AE) served longest ago are
+-- whose turn it is: the jobs of the sender (calling AE, or whom a forwarder names) served longest ago are
 -- taken first, so that one sender's burst does not hold up the others' runs
 CREATE TABLE IF NOT EXISTS sender_turns (
     calling_aet TEXT PRIMARY KEY,
@@ -91,7 +91,13 @@ CREATE TABLE IF NOT EXISTS meta (
 
 # Columns added after the first release (schema 1 had none of them).
 _MIGRATIONS = {
+    "instances": [
+        # whom it is from when a forwarder (settings.forwarders) named another sender
+        # than itself; None: the calling AE
+        ("sender", "TEXT"),
+    ],
     "runs": [
+        ("sender", "TEXT"),  # its first instance's sender (None: the calling AE)
         ("resend", "INTEGER NOT NULL DEFAULT 0"),
         # its received files and results were deleted (retention); rows are kept
         ("purged_at", "REAL"),
