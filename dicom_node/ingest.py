@@ -205,9 +205,7 @@ class Ingest:
             and not stored.duplicate
             and self.db.complete_run(
                 stored.run_id,
-                "concatenation whole"
-                if stored.whole_concatenation
-                else "single-instance multi-frame run",
+                "concatenation whole" if stored.whole_concatenation else "single-instance run",
             )
         ):
             self.on_complete()

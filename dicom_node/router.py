@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.db import Database, RunState
 from dicom_node.diskfull import Waiting
+from dicom_node.rejection import KOS, Rejections
 from dicom_node.routing import RunFeatures, acquired_at, effective_rules, route
 from dicom_node.settings import Settings
 from dicom_node.sopclasses import run_sop_class
@@ -35,10 +36,16 @@ log = logging.getLogger(__name__)
 
 class Router:
     def __init__(
-        self, db: Database, settings: Settings, on_routed: Callable[[], None] = lambda: None
+        self,
+        db: Database,
+        settings: Settings,
+        on_routed: Callable[[], None] = lambda: None,
+        rejections: Rejections | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
+        # rejection notes (IHE IOCM) go here, not to the rules
+        self.rejections = rejections or Rejections(db, settings.storage_dir / "results")
         self.rules = effective_rules(settings)
         self.on_routed = on_routed
         self.wake = threading.Event()
@@ -103,6 +110,9 @@ class Router:
                 # of the run's SOP Class: the instances decoding keeps (dicom_node.runs)
                 sop = run_sop_class([i.sop_class_uid for i in instances])
                 members = [i for i in instances if i.sop_class_uid == sop]
+                if sop == KOS:  # a document: a run of its own (DOCUMENTS), read whole there
+                    self.rejections.apply(run_id, members[0].path, members[0].calling_aet)
+                    return []
                 first = dcmread(members[0].path, stop_before_pixels=True)
                 features = RunFeatures.from_first(
                     first,

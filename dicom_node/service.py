@@ -47,6 +47,7 @@ from dicom_node.errors import ConfigError, StorageError
 from dicom_node.ingest import Ingest, Receipt
 from dicom_node.metrics import Metrics
 from dicom_node.outbox import Outbox
+from dicom_node.rejection import Rejections
 from dicom_node.retention import Retention
 from dicom_node.router import Router
 from dicom_node.scp import MAX_PDU_BYTES, read_seconds, start_scp
@@ -223,7 +224,12 @@ class Node:
         self.workers = make_engine(settings, self.db, self.results_dir, self.metrics.job)
         if isinstance(self.workers, EmbeddedEngine):  # Temporal's workers have their own
             self.metrics.watch_memory(self.workers.memory)
-        self.router = Router(self.db, settings, on_routed=self.workers.wake.set)
+        self.router = Router(
+            self.db,
+            settings,
+            on_routed=self.workers.wake.set,
+            rejections=Rejections(self.db, self.results_dir, self.workers.withdraw),
+        )
         self.ingest = Ingest(
             self.spool,
             self.db,

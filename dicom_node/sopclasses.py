@@ -27,6 +27,8 @@ ACCEPTED_SOP_CLASSES: dict[str, str] = {
     uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "MF Grayscale Word SC",
     uid.MultiFrameTrueColorSecondaryCaptureImageStorage: "MF True Color SC",
     uid.SegmentationStorage: "Segmentation",
+    # a rejection note (IHE IOCM): instances withdrawn, and the results made of them
+    uid.KeyObjectSelectionDocumentStorage: "Key Object Selection",
 }
 
 # Classes that are runs of 2D frames over time.
@@ -44,7 +46,9 @@ VOLUME = {
     uid.EnhancedCTImageStorage,
 }
 # Classes that carry no pixel data of their own to check.
-NON_IMAGE = {uid.SegmentationStorage}
+NON_IMAGE = {uid.SegmentationStorage, uid.KeyObjectSelectionDocumentStorage}
+# Classes whose every instance is a run of its own, complete on arrival.
+DOCUMENTS = {uid.KeyObjectSelectionDocumentStorage}
 
 TRANSFER_SYNTAXES: list[str] = [
     uid.ImplicitVRLittleEndian,

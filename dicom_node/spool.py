@@ -56,6 +56,7 @@ from dicom_node.settings import LimitsSettings
 from dicom_node.sopclasses import (
     ACCEPTED_SOP_CLASSES,
     CINE_2D,
+    DOCUMENTS,
     NON_IMAGE,
     TRANSFER_SYNTAXES,
     UID_RE,
@@ -132,6 +133,8 @@ class Header:
 
     @property
     def single_instance_run(self) -> bool:
+        if self.sop_class_uid in DOCUMENTS:
+            return True
         return self.sop_class_uid in CINE_2D and self.frames > 1 and not self.concatenation
 
     @property

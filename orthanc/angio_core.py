@@ -51,6 +51,38 @@ VERSION = "0.1.0"
 UNKNOWN_RESOURCE = 17  # Orthanc's ErrorCode for 404
 # The node's header for the sender a STOW-RS forward is for (dicom_node.stow.SENDER_HEADER)
 SENDER_HEADER = "X-Angio-Sender"
+# Rejection notes (IHE IOCM): Key Object Selection Documents titled with a reason of
+# PS3.16 CID 7011 (dicom_node.rejection); forwarded when they list a forwarded instance
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+REJECTION_CODES = frozenset({"113001", "113037", "113038", "113039"})
+REJECTION_RULE = "rejection note"
+
+
+def rejection_listed(tags: dict[str, Any]) -> list[str]:
+    """The SOP Instance UIDs a rejection note lists (Orthanc's simplified tags); none
+    when the instance is not one."""
+    titles = tags.get("ConceptNameCodeSequence") or []
+    if not (
+        isinstance(titles, list)
+        and len(titles) == 1
+        and isinstance(titles[0], dict)
+        and titles[0].get("CodingSchemeDesignator") == "DCM"
+        and titles[0].get("CodeValue") in REJECTION_CODES
+    ):
+        return []
+
+    def items(value: Any) -> list[dict[str, Any]]:
+        return [i for i in value if isinstance(i, dict)] if isinstance(value, list) else []
+
+    return [
+        str(sop["ReferencedSOPInstanceUID"])
+        for study in items(tags.get("CurrentRequestedProcedureEvidenceSequence"))
+        for series in items(study.get("ReferencedSeriesSequence"))
+        for sop in items(series.get("ReferencedSOPSequence"))
+        if sop.get("ReferencedSOPInstanceUID")
+    ]
+
+
 ORTHANC_JOB_DONE = {"Success": "sent", "Failure": "failed"}
 
 
@@ -445,6 +477,16 @@ class Ledger:
 
     def unread_read(self, instance_id: str) -> None:
         self.execute("DELETE FROM unread WHERE instance_id=?", (instance_id,))
+
+    def holds_any(self, sop_instance_uids: list[str]) -> bool:
+        """Whether any of these instances was recorded (matched a rule)."""
+        for k in range(0, len(sop_instance_uids), 500):
+            chunk = sop_instance_uids[k : k + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT 1 FROM instances WHERE sop_instance_uid IN ({marks}) LIMIT 1"
+            if self.query(sql, tuple(chunk)):
+                return True
+        return False
 
     def known_instance(self, instance_id: str) -> bool:
         return bool(self.query("SELECT 1 FROM instances WHERE instance_id=?", (instance_id,)))

@@ -16,6 +16,8 @@ import time
 from typing import Any, Protocol
 
 from angio_core import (
+    KOS_SOP_CLASS,
+    REJECTION_RULE,
     SENDER_HEADER,
     UNKNOWN_RESOURCE,
     AngioError,
@@ -28,6 +30,7 @@ from angio_core import (
     log,
     partly_received,
     refusal,
+    rejection_listed,
 )
 
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}\Z")
@@ -226,6 +229,9 @@ class Forwarder:
         reason = self.config.result_reason(
             series.get("MainDicomTags", {}), str(meta.get("RemoteAET", ""))
         )
+        if reason is None and sop_class == KOS_SOP_CLASS:
+            self.handle_note(instance_id, series_id)
+            return
         if reason is None and sop_class and not self.config.may_match(sop_class):
             return
         tags = self.api.get(f"/instances/{instance_id}/tags?simplify")
@@ -253,6 +259,36 @@ class Forwarder:
                 "angio-forward: run %s (rule %s) queued as forward %d",
                 tags.get("SOPInstanceUID"),
                 rule.name,
+                fid,
+            )
+            self.wake.set()
+
+    def handle_note(self, instance_id: str, series_id: str) -> None:
+        """A Key Object Selection Document: a rejection note (IHE IOCM) that lists an
+        instance forwarded to the node goes to it at once, which withdraws what it made
+        of them (dicom_node.rejection); the node's own notes are results."""
+        tags = self.api.get(f"/instances/{instance_id}/tags?simplify")
+        reason = self.config.result_reason(tags, "")
+        if reason is not None:
+            self.label_result(series_id, tags, reason)
+            return
+        listed = rejection_listed(tags)
+        if not listed or not self.ledger.holds_any(listed):
+            return  # another key object selection, or a rejection of nothing forwarded
+        fid = self.ledger.add_instance(
+            instance_id,
+            series_id,
+            tags,
+            REJECTION_RULE,
+            forward_now=True,
+            trigger=False,
+            transport=self.config.transport,
+        )
+        if fid is not None:
+            log.info(
+                "angio-forward: rejection note %s (%d instance(s)) queued as forward %d",
+                tags.get("SOPInstanceUID"),
+                len(listed),
                 fid,
             )
             self.wake.set()

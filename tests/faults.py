@@ -54,6 +54,7 @@ CATEGORIES = (
     "transfer syntax",
     "timing",
     "identity value",
+    "rejection note",
     "combination",
 )
 
@@ -565,6 +566,78 @@ def identity_values(rng: np.random.Generator) -> Iterator[Case]:
         yield Case(", ".join(written), "identity value", encode(ds))
 
 
+def _note(listed: list[str], title: tuple[str, str, str] | None = None) -> Dataset:
+    """A rejection note (IHE IOCM) listing ``listed`` (SOP Instance UIDs of XA instances
+    the node never held: the good runs of the fault suite must not be rejected)."""
+    import highdicom as hd
+
+    evidence = []
+    study = generate_uid()
+    series = generate_uid()
+    for uid in listed:
+        ds = Dataset()
+        ds.SOPClassUID = XRayAngiographicImageStorage
+        ds.SOPInstanceUID = uid
+        ds.SeriesInstanceUID = series
+        ds.StudyInstanceUID = study
+        ds.PatientID = "FAULT"
+        ds.PatientName = "Fault^Case"
+        ds.PatientBirthDate = ""
+        ds.PatientSex = ""
+        ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.StudyID = ""
+        ds.ReferringPhysicianName = ""
+        evidence.append(ds)
+    title = title or ("113037", "DCM", "Rejected for Patient Safety Reasons")
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=evidence,
+        content=hd.ko.KeyObjectSelection(
+            document_title=hd.sr.CodedConcept(*title), referenced_objects=evidence
+        ),
+        series_instance_uid=generate_uid(),
+        series_number=1,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="FAULT",
+    )
+
+
+def rejection_notes(rng: np.random.Generator) -> Iterator[Case]:
+    """Key Object Selection Documents, which the node stores and reads whole
+    (``dicom_node.rejection``): damaged, huge, untitled, or listing what it never held."""
+    one = [str(generate_uid())]
+    yield Case("a rejection of an instance never held", "rejection note", encode(_note(one)))
+    untitled = _note(one)
+    del untitled.ConceptNameCodeSequence
+    yield Case("a rejection note without a title", "rejection note", encode(untitled))
+    twice = _note(one)
+    twice.ConceptNameCodeSequence.append(twice.ConceptNameCodeSequence[0])
+    yield Case("a rejection note with two titles", "rejection note", encode(twice))
+    yield Case(
+        "a key object selection titled with a private code",
+        "rejection note",
+        encode(_note(one, ("X1", "99PRIVATE", "Private"))),
+    )
+    many = [f"2.25.{int(rng.integers(1, 2**62))}{k}" for k in range(5_000)]
+    yield Case("a rejection of 5,000 instances", "rejection note", encode(_note(many)))
+    huge = _note(one)
+    huge.add_new(0x00991010, "OB", b"\0" * (5 * 2**20))
+    huge.add_new(0x00990010, "LO", "FAULT")
+    yield Case("a rejection note of 5 MiB", "rejection note", encode(huge))
+    hostile = _note(one)
+    ref = hostile.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    raw(ref.ReferencedSOPSequence[0], "ReferencedSOPInstanceUID", "UI", "1.2.\x00\\3")
+    yield Case("a rejection listing a hostile UID", "rejection note", encode(hostile))
+    data = encode(_note(one))
+    for i in range(6):
+        flipped = bytearray(data)
+        start = dataset_offset(data)
+        for pos in rng.integers(start, len(data), int(rng.integers(1, 16))):
+            flipped[int(pos)] ^= 0xFF
+        yield Case(f"a rejection note with bytes flipped ({i})", "rejection note", bytes(flipped))
+        cut = int(rng.integers(start, len(data)))
+        yield Case(f"a rejection note cut at {cut}", "rejection note", data[:cut])
+
+
 def combinations(rng: np.random.Generator, pool: list[Case]) -> Iterator[Case]:
     """Random pairs of header-level mutations applied together (flip + length + VR)."""
     for i in range(40):
@@ -597,6 +670,7 @@ def corpus(seed: int = 0) -> list[Case]:
         transfer_syntaxes,
         timings,
         identity_values,
+        rejection_notes,
     ):
         cases.extend(make(rng))
     cases.extend(combinations(rng, cases))

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import XRayAngiographicImageStorage
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
+    XRayAngiographicImageStorage,
+)
 from pynetdicom import AE, _config
 
 from dicom_node.sopclasses import TRANSFER_SYNTAXES
@@ -32,6 +37,8 @@ def _scu() -> AE:
     ae = AE(ae_title="FUZZER")
     for ts in TRANSFER_SYNTAXES:  # one context per transfer syntax: raw bytes are sent as they are
         ae.add_requested_context(XRayAngiographicImageStorage, [ts])
+    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # the rejection notes
+        ae.add_requested_context(KeyObjectSelectionDocumentStorage, [ts])
     return ae
 
 

@@ -805,6 +805,60 @@ def test_the_suites_behind_orthanc_are_told_apart_by_the_node(
 
 @needs_orthanc
 @needs_storescu
+def test_a_rejection_note_sent_to_orthanc_withdraws_the_node_s_results(tmp_path: Path) -> None:
+    """A suite rejects a run (IHE IOCM) by sending its rejection note to Orthanc. The
+    plugin forwards a note that lists a forwarded instance (it dismissed every Key
+    Object Selection before); the node withdraws its results with its own note, which
+    Orthanc receives and the plugin labels as the node's, not forwarding it back."""
+    from pydicom.uid import KeyObjectSelectionDocumentStorage
+
+    from tests.test_rejection import PATIENT_SAFETY, note
+
+    pacs, node_port, api_port = pacs_for_node(tmp_path)
+    try:
+        with running_node(tmp_path / "node", pacs, port=node_port, api_port=api_port) as node:
+            run = xa_run(frames=5, seed=9)
+            study = str(run.StudyInstanceUID)
+            storescu(pacs, save(run, tmp_path / "in"))
+            sent = "SELECT sop_instance_uid FROM outbox WHERE state='sent'"
+            wait_for(
+                "results delivered to Orthanc",
+                lambda: node.db.query(sent) and node.db.pending_deliveries() == 0,
+            )
+            delivered = {r["sop_instance_uid"] for r in node.db.query(sent)}
+            rejection = note(PATIENT_SAFETY, run)
+            storescu(pacs, save(rejection, tmp_path / "note"), aet="SUITE")
+            kos = f"SELECT * FROM outbox WHERE sop_class_uid='{KeyObjectSelectionDocumentStorage}'"
+            (row,) = wait_for(
+                "the node's rejection note delivered to Orthanc",
+                lambda: [r for r in node.db.query(kos) if r["state"] == "sent"],
+                timeout=60,
+            )
+            (found,) = pacs.post("/tools/lookup", data=row["sop_instance_uid"]).json()
+            series_id = pacs.get(f"/instances/{found['ID']}").json()["ParentSeries"]
+            tags = pacs.get(f"/instances/{found['ID']}/tags?simplify").json()
+            assert tags["ConceptNameCodeSequence"][0]["CodeValue"] == "113037"
+            listed = {
+                sop["ReferencedSOPInstanceUID"]
+                for st in tags["CurrentRequestedProcedureEvidenceSequence"]
+                for se in st["ReferencedSeriesSequence"]
+                for sop in se["ReferencedSOPSequence"]
+            }
+            assert listed == delivered and tags["StudyInstanceUID"] == study
+            # forwarded: the run and the suite's note; the node's note is labelled a result
+            by_rule = wait_for(
+                "the node's note labelled a result",
+                lambda: (
+                    pacs.get(f"/series/{series_id}/metadata/AngioNodeResult").ok and forwards(pacs)
+                ),
+            )
+            assert sorted(f["rule"] for f in by_rule) == ["rejection note", "xray-angiography"]
+    finally:
+        pacs.stop()
+
+
+@needs_orthanc
+@needs_storescu
 def test_the_forwards_of_a_concatenation_s_parts_show_the_node_s_jobs(tmp_path: Path) -> None:
     """Each part of a concatenation, a multi-frame instance, is forwarded on arrival;
     the node processes the parts as one run, whose ID is their Concatenation UID. The

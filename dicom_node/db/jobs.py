@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
     SENDER,
+    Delivered,
     DeliveryState,
     DispatchJob,
     Job,
@@ -416,6 +419,62 @@ class Jobs(Core):
             tuple((int(j["id"]), int(j["generation"])) for j in jobs if j["dispatched_at"]),
             deliveries,
         )
+
+    def runs_holding(self, instances: Collection[str]) -> set[str]:
+        """The runs that hold any of ``instances`` (SOP Instance UIDs)."""
+        uids, runs = sorted(instances), set()
+        for k in range(0, len(uids), 500):
+            chunk = uids[k : k + 500]
+            rows = self.query(
+                "SELECT DISTINCT run_id FROM instances WHERE sop_instance_uid IN "
+                f"({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
+            runs |= {r["run_id"] for r in rows}
+        return runs
+
+    def delivered_results(self, run_id: str) -> dict[str, list[Delivered]]:
+        """The run's results delivered, by destination, leaving out the node's own
+        rejection notes (``dicom_node.rejection``)."""
+        rows = self.query(
+            "SELECT o.job_id, o.destination, o.sop_class_uid, o.sop_instance_uid, o.series_uid "
+            "FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE j.run_id=? AND o.state=? "
+            "AND o.sop_class_uid != ? ORDER BY o.id",
+            (run_id, DeliveryState.SENT, KeyObjectSelectionDocumentStorage),
+        )
+        out: dict[str, list[Delivered]] = {}
+        for r in rows:
+            out.setdefault(r["destination"], []).append(
+                Delivered(r["job_id"], r["sop_class_uid"], r["sop_instance_uid"], r["series_uid"])
+            )
+        return out
+
+    def queue_note(self, job_id: int, destination: str, note: ResultFile) -> None:
+        """Deliver the node's rejection note of job ``job_id``'s results, once a
+        destination and UID."""
+        t = now()
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO outbox (job_id, destination, sop_instance_uid, "
+                "sop_class_uid, series_uid, path, state, not_before, created_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (destination, sop_instance_uid) "
+                # the note applied again (a crash before its run was settled): the
+                # cancel of the run's deliveries failed it; sent, it stays sent
+                "DO UPDATE SET state=excluded.state, attempts=0, error=NULL, "
+                "not_before=excluded.not_before WHERE outbox.state=?",
+                (
+                    job_id,
+                    destination,
+                    note.sop_instance_uid,
+                    note.sop_class_uid,
+                    note.series_uid,
+                    str(note.path),
+                    DeliveryState.PENDING,
+                    t,
+                    t,
+                    DeliveryState.FAILED,
+                ),
+            )
 
     def record_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Seconds per stage of a job's last attempt (decode, compute, encode, write)."""

@@ -96,6 +96,16 @@ class DispatchJob:
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """A result delivered to a destination (``Database.delivered_results``)."""
+
+    job_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
 class ResultFile:
     """One object a job wrote, to be delivered."""
 

@@ -1,0 +1,144 @@
+"""Rejection notes (IHE IOCM): a sender withdraws instances, and the node withdraws what it
+made of them (``dicom_node.rejection``). Real associations: the sender is pynetdicom,
+the destination dcmtk's storescp; every note the node makes passes dciodvfy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import highdicom as hd
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
+
+from dicom_node.db import RunState
+from tests.conftest import dciodvfy_errors, wait_for
+from tests.dicomgen import xa_run
+from tests.test_ingest import MINIP_ONLY, _send
+
+PATIENT_SAFETY = ("113037", "DCM", "Rejected for Patient Safety Reasons")
+OF_INTEREST = ("113000", "DCM", "Of Interest")
+
+
+def note(title: tuple[str, str, str], *instances: Dataset) -> Dataset:
+    """A Key Object Selection Document titled ``title`` listing ``instances``, as a
+    suite or PACS sends it (highdicom)."""
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=list(instances),
+        content=hd.ko.KeyObjectSelection(
+            document_title=hd.sr.CodedConcept(*title), referenced_objects=list(instances)
+        ),
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="SUITE VENDOR",
+    )
+
+
+def _listed(kos: Dataset) -> set[str]:
+    return {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in kos.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+
+
+def _run_reason(node: Any, run_id: str) -> dict[str, Any]:
+    wait_for(
+        lambda: node.db.run_state(run_id) not in (RunState.RECEIVING, RunState.COMPLETE),
+        30,
+        what=f"run {run_id} settled",
+    )
+    return dict(node.db.query("SELECT state, reason FROM runs WHERE run_id=?", (run_id,))[0])
+
+
+def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
+    make_node: Any, storescp: Any
+) -> None:
+    """A run processed and its results delivered; then the suite rejects the run's
+    instance (the wrong patient). Before, the note was refused (0x0122: SOP class not
+    supported) and the results stayed in the PACS under that patient. Now the node
+    sends its own rejection note, with the same title, listing exactly those results,
+    in their patient's study; applied again, it queues nothing twice."""
+    storescp.start()
+    node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
+    source = xa_run(frames=5)
+    assert _send(node, source) == 0x0000
+    sent = "SELECT sop_instance_uid, sop_class_uid FROM outbox WHERE state='sent'"
+    wait_for(
+        lambda: node.db.query(sent) and node.db.pending_deliveries() == 0,
+        120,
+        what="the run's results delivered",
+    )
+    results = {r["sop_instance_uid"] for r in node.db.query(sent)}
+    received = {p.name for p in storescp.files()}
+
+    rejection = note(PATIENT_SAFETY, source)
+    assert _send(node, rejection, calling="SUITE") == 0x0000
+    reason = _run_reason(node, str(rejection.SOPInstanceUID))
+    assert reason["state"] == RunState.UNROUTED
+    assert (
+        "1 run(s)" in reason["reason"] and f"{len(results)} delivered result(s)" in reason["reason"]
+    )
+    assert "113037" in reason["reason"] and "from SUITE" in reason["reason"]
+
+    kos_rows = f"SELECT * FROM outbox WHERE sop_class_uid='{KeyObjectSelectionDocumentStorage}'"
+    wait_for(
+        lambda: [r for r in node.db.query(kos_rows) if r["state"] == "sent"],
+        60,
+        what="the node's rejection note delivered",
+    )
+    (new,) = [p for p in storescp.files() if p.name not in received]
+    kos = dcmread(new)
+    assert kos.SOPClassUID == KeyObjectSelectionDocumentStorage
+    title = kos.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == PATIENT_SAFETY[:2]
+    assert _listed(kos) == results  # exactly the results, not the source
+    assert kos.PatientID == source.PatientID and kos.StudyInstanceUID == source.StudyInstanceUID
+    assert kos.SeriesDescription.startswith("AI ")  # a result of the node: never routed back
+    assert dciodvfy_errors(new) == []
+
+    # applied again (a crash before the note's run was settled): nothing new to send
+    run = node.db.run_instances(str(rejection.SOPInstanceUID))[0]
+    node.router.rejections.apply(run.run_id, run.path, "SUITE")
+    assert len(node.db.query(kos_rows)) == 1
+    assert node.db.query(kos_rows)[0]["state"] == "sent"
+
+
+def test_a_run_rejected_before_it_is_processed_is_never_processed(make_node: Any) -> None:
+    """Rejected while still receiving: the run is settled with the note as its reason,
+    and completing it later makes no job."""
+    node = make_node(completion={"quiet_period_s": 600.0}, rules=MINIP_ONLY)
+    source = xa_run(frames=1, rows=64, cols=64)  # a series: receiving until its quiet period
+    assert _send(node, source) == 0x0000
+    series = str(source.SeriesInstanceUID)
+    assert node.db.run_state(series) == RunState.RECEIVING
+    rejection = note(PATIENT_SAFETY, source)
+    assert _send(node, rejection, calling="SUITE") == 0x0000
+    assert "0 delivered result(s)" in _run_reason(node, str(rejection.SOPInstanceUID))["reason"]
+    rejected = _run_reason(node, series)
+    assert rejected["state"] == RunState.UNROUTED
+    assert rejected["reason"].startswith("rejected by rejection note")
+    node.trigger(series_uid=series)
+    assert node.db.query("SELECT * FROM jobs") == []
+
+
+def test_a_note_that_rejects_nothing_here_is_settled_with_why(make_node: Any) -> None:
+    """A key object selection that is not a rejection ("Of Interest"), and a rejection
+    of instances the node never held: stored, and settled with the reason; nothing
+    else changes."""
+    node = make_node(rules=MINIP_ONLY)
+    source = xa_run(frames=3)
+    assert _send(node, source) == 0x0000
+    wait_for(lambda: node.db.query("SELECT 1 FROM jobs WHERE state='done'"), 60, what="processed")
+    interest = note(OF_INTEREST, source)
+    assert _send(node, interest) == 0x0000
+    assert "not a rejection note" in _run_reason(node, str(interest.SOPInstanceUID))["reason"]
+    elsewhere = note(PATIENT_SAFETY, xa_run(frames=2))
+    assert _send(node, elsewhere) == 0x0000
+    why = _run_reason(node, str(elsewhere.SOPInstanceUID))["reason"]
+    assert "none of its 1 instance(s) is held here" in why
+    assert node.db.run_state(str(source.SOPInstanceUID)) == RunState.ROUTED
+    assert node.db.query("SELECT state FROM outbox WHERE state!='sent'") == []
