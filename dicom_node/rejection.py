@@ -9,6 +9,8 @@ rules (``Router.route``). Here:
 - the runs holding a listed instance are cancelled (``Database.cancel_run``): a run
   still receiving or to be routed is settled, its queued and running jobs fail and
   its results not yet delivered are not delivered, each with the note as the reason;
+  and marked rejected (``Database.mark_rejected``): opened again by a later instance,
+  or by an operator's reprocess, the router settles it with that reason, unprocessed;
 - results already delivered are withdrawn in turn: for each destination (and study)
   the node sends its own rejection note, with the same title, listing them, so that a
   PACS that honours IOCM hides them, and one that does not shows the note beside them.
@@ -136,6 +138,7 @@ class Rejections:
         cancelled_jobs = withdrawn = 0
         failures = []
         for run_id in sorted(runs):
+            self.db.mark_rejected(run_id, why)
             outcome = self.db.cancel_run(run_id, why)
             if not isinstance(outcome, str):
                 self.withdraw(outcome)

@@ -98,6 +98,10 @@ class Router:
     def route(self, run_id: str) -> list[int]:
         """Route one complete run; returns the jobs created (none if it is not complete)."""
         with self._lock:
+            if rejected := self.db.rejected(run_id):  # a rejection note listed it
+                if self.db.settle_unrouted(run_id, RunState.UNROUTED, None, rejected):
+                    log.warning("run %s not routed: %s", run_id, rejected)
+                return []
             instances = self.db.run_instances(run_id)
             if not instances:
                 self.db.settle_unrouted(

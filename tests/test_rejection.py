@@ -123,6 +123,15 @@ def test_a_run_rejected_before_it_is_processed_is_never_processed(make_node: Any
     assert rejected["reason"].startswith("rejected by rejection note")
     node.trigger(series_uid=series)
     assert node.db.query("SELECT * FROM jobs") == []
+    # a later instance of the series opens the run again: it is settled, not processed
+    later = xa_run(frames=1, rows=64, cols=64, study_uid=str(source.StudyInstanceUID))
+    later.SeriesInstanceUID = series
+    assert _send(node, later) == 0x0000
+    assert node.db.run_state(series) == RunState.RECEIVING
+    node.trigger(series_uid=series)
+    again = _run_reason(node, series)
+    assert again["state"] == RunState.UNROUTED and again["reason"] == rejected["reason"]
+    assert node.db.query("SELECT * FROM jobs") == []
 
 
 def test_a_note_that_rejects_nothing_here_is_settled_with_why(make_node: Any) -> None:

@@ -216,6 +216,19 @@ class Runs(Core):
         )
         return [r["run_id"] for r in rows]
 
+    def mark_rejected(self, run_id: str, reason: str) -> None:
+        """A rejection note listed one of the run's instances: it is never processed
+        again (the router settles it with ``reason`` whenever it completes)."""
+        with self._tx() as con:
+            con.execute(
+                "UPDATE runs SET rejected=? WHERE run_id=? AND rejected IS NULL", (reason, run_id)
+            )
+
+    def rejected(self, run_id: str) -> str | None:
+        """Why the run was rejected (``mark_rejected``), or None."""
+        rows = self.query("SELECT rejected FROM runs WHERE run_id=?", (run_id,))
+        return rows[0]["rejected"] if rows else None
+
     def run_state(self, run_id: str) -> RunState | None:
         rows = self.query("SELECT state FROM runs WHERE run_id=?", (run_id,))
         return RunState(rows[0]["state"]) if rows else None

@@ -98,6 +98,9 @@ _MIGRATIONS = {
     ],
     "runs": [
         ("sender", "TEXT"),  # its first instance's sender (None: the calling AE)
+        # a rejection note (IHE IOCM) listed one of its instances: why it is never
+        # processed again (dicom_node.rejection)
+        ("rejected", "TEXT"),
         ("resend", "INTEGER NOT NULL DEFAULT 0"),
         # its received files and results were deleted (retention); rows are kept
         ("purged_at", "REAL"),
