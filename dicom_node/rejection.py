@@ -15,6 +15,9 @@ rules (``Router.route``). Here:
   the node sends its own rejection note, with the same title, listing them, so that a
   PACS that honours IOCM hides them, and one that does not shows the note beside them.
 
+Only who sent a run may reject it (its calling AE, or the sender a forwarder named):
+another sender's note leaves it as it is.
+
 Every step can be done again: the node's notes have UIDs derived from the received
 note, the run and the destination, and a delivery is queued once per destination
 and UID. The received note's run is settled (unrouted, with what was done) last, so
@@ -108,9 +111,10 @@ class Rejections:
         # stops the running jobs of a cancelled run (the engine's ``withdraw``)
         self.withdraw = withdraw
 
-    def apply(self, run_id: str, path: Path, sender: str) -> str:
-        """Act on the note stored at ``path`` (the only instance of run ``run_id``) and
-        settle its run; returns what was done, which is the run's reason."""
+    def apply(self, run_id: str, path: Path, sent_by: frozenset[str]) -> str:
+        """Act on the note stored at ``path`` (the only instance of run ``run_id``), sent
+        by ``sent_by`` (its calling AE, and the sender a forwarder named), and settle its
+        run; returns what was done, which is the run's reason."""
         try:
             note = read_note(path)
         except Exception as exc:  # noqa: BLE001 - a sender's defect becomes the run's state
@@ -124,20 +128,26 @@ class Rejections:
                 "(PS3.16 CID 7011), nothing to do"
             )
         else:
-            reason = self._reject(note, sender)
+            reason = self._reject(note, sent_by)
         if self.db.settle_unrouted(run_id, RunState.UNROUTED, None, reason):
             log.warning("run %s: %s", run_id, reason)
         return reason
 
-    def _reject(self, note: Note, sender: str) -> str:
-        runs = self.db.runs_holding(note.instances)
-        head = f"rejection note {note.sop_instance_uid} {note.describe()} from {sender}"
-        if not runs:
+    def _reject(self, note: Note, sent_by: frozenset[str]) -> str:
+        held = self.db.runs_holding(note.instances)
+        head = f"rejection note {note.sop_instance_uid} {note.describe()} from {min(sent_by)}"
+        if not held:
             return f"{head}: none of its {len(note.instances)} instance(s) is held here"
+        # Only who sent a run may reject it: another sender could otherwise withdraw a
+        # suite's results by listing its instances (an operator cancels with the CLI).
+        runs = sorted(r for r, senders in held.items() if senders & sent_by)
+        others = sorted(set(held) - set(runs))
+        if not runs:
+            return f"{head}: its {len(others)} run(s) held here were sent by others: not rejected"
         why = f"rejected by {head}"
         cancelled_jobs = withdrawn = 0
         failures = []
-        for run_id in sorted(runs):
+        for run_id in runs:
             self.db.mark_rejected(run_id, why)
             outcome = self.db.cancel_run(run_id, why)
             if not isinstance(outcome, str):
@@ -153,6 +163,8 @@ class Rejections:
             f"{cancelled_jobs} job(s) stopped, {withdrawn} delivered result(s) withdrawn "
             "by the node's own rejection notes"
         )
+        if others:
+            done += f"; {len(others)} run(s) sent by others not rejected ({', '.join(others)})"
         if failures:
             done += "; results of run(s) that could not be withdrawn (withdraw them at the "
             done += "destination by hand): " + "; ".join(failures)

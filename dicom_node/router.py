@@ -115,7 +115,10 @@ class Router:
                 sop = run_sop_class([i.sop_class_uid for i in instances])
                 members = [i for i in instances if i.sop_class_uid == sop]
                 if sop == KOS:  # a document: a run of its own (DOCUMENTS), read whole there
-                    self.rejections.apply(run_id, members[0].path, members[0].calling_aet)
+                    note = members[0]
+                    self.rejections.apply(
+                        run_id, note.path, frozenset((note.calling_aet, note.sender))
+                    )
                     return []
                 first = dcmread(members[0].path, stop_before_pixels=True)
                 features = RunFeatures.from_first(

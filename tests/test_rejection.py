@@ -65,7 +65,7 @@ def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
     storescp.start()
     node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
     source = xa_run(frames=5)
-    assert _send(node, source) == 0x0000
+    assert _send(node, source, calling="SUITE") == 0x0000
     sent = "SELECT sop_instance_uid, sop_class_uid FROM outbox WHERE state='sent'"
     wait_for(
         lambda: node.db.query(sent) and node.db.pending_deliveries() == 0,
@@ -102,7 +102,7 @@ def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
 
     # applied again (a crash before the note's run was settled): nothing new to send
     run = node.db.run_instances(str(rejection.SOPInstanceUID))[0]
-    node.router.rejections.apply(run.run_id, run.path, "SUITE")
+    node.router.rejections.apply(run.run_id, run.path, frozenset({"SUITE"}))
     assert len(node.db.query(kos_rows)) == 1
     assert node.db.query(kos_rows)[0]["state"] == "sent"
 
@@ -112,7 +112,7 @@ def test_a_run_rejected_before_it_is_processed_is_never_processed(make_node: Any
     and completing it later makes no job."""
     node = make_node(completion={"quiet_period_s": 600.0}, rules=MINIP_ONLY)
     source = xa_run(frames=1, rows=64, cols=64)  # a series: receiving until its quiet period
-    assert _send(node, source) == 0x0000
+    assert _send(node, source, calling="SUITE") == 0x0000
     series = str(source.SeriesInstanceUID)
     assert node.db.run_state(series) == RunState.RECEIVING
     rejection = note(PATIENT_SAFETY, source)
@@ -151,3 +151,29 @@ def test_a_note_that_rejects_nothing_here_is_settled_with_why(make_node: Any) ->
     assert "none of its 1 instance(s) is held here" in why
     assert node.db.run_state(str(source.SOPInstanceUID)) == RunState.ROUTED
     assert node.db.query("SELECT state FROM outbox WHERE state!='sent'") == []
+
+
+def test_only_who_sent_a_run_may_reject_it(make_node: Any) -> None:
+    """A note from another sender than the run's leaves the run as it is: any sender
+    could otherwise withdraw another suite's results by listing its instances. The
+    suite behind a forwarder (``forwarders``) rejects what it sent through it."""
+    node = make_node(forwarders=["ORTHANC"], rules=MINIP_ONLY)
+    direct = xa_run(frames=3, seed=1)
+    forwarded = xa_run(frames=3, seed=2, study_uid=str(direct.StudyInstanceUID))
+    assert _send(node, direct, calling="SUITE_A") == 0x0000
+    assert _send(node, forwarded, calling="ORTHANC", originator="SUITE_B") == 0x0000
+    done = "SELECT 1 FROM jobs WHERE state='done'"
+    wait_for(lambda: len(node.db.query(done)) == 2, 60, what="both runs processed")
+
+    foreign = note(PATIENT_SAFETY, direct, forwarded)
+    assert _send(node, foreign, calling="SUITE_C") == 0x0000
+    why = _run_reason(node, str(foreign.SOPInstanceUID))["reason"]
+    assert "its 2 run(s) held here were sent by others: not rejected" in why
+    assert node.db.rejected(str(direct.SOPInstanceUID)) is None
+
+    by_b = note(PATIENT_SAFETY, direct, forwarded)  # B, through Orthanc, names both runs
+    assert _send(node, by_b, calling="ORTHANC", originator="SUITE_B") == 0x0000
+    why = _run_reason(node, str(by_b.SOPInstanceUID))["reason"]
+    assert "1 run(s)" in why and "1 run(s) sent by others not rejected" in why
+    assert node.db.rejected(str(forwarded.SOPInstanceUID))
+    assert node.db.rejected(str(direct.SOPInstanceUID)) is None

@@ -420,17 +420,20 @@ class Jobs(Core):
             deliveries,
         )
 
-    def runs_holding(self, instances: Collection[str]) -> set[str]:
-        """The runs that hold any of ``instances`` (SOP Instance UIDs)."""
-        uids, runs = sorted(instances), set()
+    def runs_holding(self, instances: Collection[str]) -> dict[str, frozenset[str]]:
+        """The runs that hold any of ``instances`` (SOP Instance UIDs), each with who
+        sent it: its calling AE and its sender (``records.SENDER``)."""
+        uids = sorted(instances)
+        runs: dict[str, frozenset[str]] = {}
         for k in range(0, len(uids), 500):
             chunk = uids[k : k + 500]
             rows = self.query(
-                "SELECT DISTINCT run_id FROM instances WHERE sop_instance_uid IN "
-                f"({','.join('?' * len(chunk))})",
+                f"SELECT DISTINCT r.run_id, r.calling_aet, {_RUN_SENDER} AS sender "
+                "FROM instances i JOIN runs r ON r.run_id = i.run_id "
+                f"WHERE i.sop_instance_uid IN ({','.join('?' * len(chunk))})",
                 tuple(chunk),
             )
-            runs |= {r["run_id"] for r in rows}
+            runs |= {r["run_id"]: frozenset((r["calling_aet"], r["sender"])) for r in rows}
         return runs
 
     def delivered_results(self, run_id: str) -> dict[str, list[Delivered]]:
