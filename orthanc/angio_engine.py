@@ -244,23 +244,36 @@ class Forwarder:
         if rule is None:
             return
         # One multi-frame instance is a whole run: no reason to wait for StableAge.
-        now = frames_of(tags) > 1
-        fid = self.ledger.add_instance(
+        self._record(
             instance_id,
             series_id,
             tags,
             rule.name,
-            forward_now=now,
+            frames_of(tags) > 1,
+            f"run {tags.get('SOPInstanceUID')} (rule {rule.name})",
+        )
+
+    def _record(
+        self,
+        instance_id: str,
+        series_id: str,
+        tags: dict[str, Any],
+        rule: str,
+        forward_now: bool,
+        what: str,
+    ) -> None:
+        """A matching instance in the ledger; forwarded alone at once when ``forward_now``."""
+        fid = self.ledger.add_instance(
+            instance_id,
+            series_id,
+            tags,
+            rule,
+            forward_now=forward_now,
             trigger=False,
             transport=self.config.transport,
         )
         if fid is not None:
-            log.info(
-                "angio-forward: run %s (rule %s) queued as forward %d",
-                tags.get("SOPInstanceUID"),
-                rule.name,
-                fid,
-            )
+            log.info("angio-forward: %s queued as forward %d", what, fid)
             self.wake.set()
 
     def handle_note(self, instance_id: str, series_id: str) -> None:
@@ -275,23 +288,8 @@ class Forwarder:
         listed = rejection_listed(tags)
         if not listed or not self.ledger.holds_any(listed):
             return  # another key object selection, or a rejection of nothing forwarded
-        fid = self.ledger.add_instance(
-            instance_id,
-            series_id,
-            tags,
-            REJECTION_RULE,
-            forward_now=True,
-            trigger=False,
-            transport=self.config.transport,
-        )
-        if fid is not None:
-            log.info(
-                "angio-forward: rejection note %s (%d instance(s)) queued as forward %d",
-                tags.get("SOPInstanceUID"),
-                len(listed),
-                fid,
-            )
-            self.wake.set()
+        what = f"rejection note {tags.get('SOPInstanceUID')} ({len(listed)} instance(s))"
+        self._record(instance_id, series_id, tags, REJECTION_RULE, True, what)
 
     def handle_stable_series(self, series_id: str) -> None:
         fid = self.ledger.forward_waiting(

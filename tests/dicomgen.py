@@ -163,3 +163,22 @@ def concatenation(total: int, numbers: list[int], frames: int = 4) -> tuple[str,
         ds.ConcatenationFrameOffsetNumber = frames * (number - 1)
         parts.append(ds)
     return uid, parts
+
+
+def rejection_note(title: tuple[str, str, str], instances: list[Dataset]) -> Dataset:
+    """A Key Object Selection Document titled ``title`` listing ``instances`` (each with
+    its patient, study, series and SOP UIDs), as a suite or PACS sends a rejection note
+    (IHE IOCM; highdicom)."""
+    import highdicom as hd
+
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=instances,
+        content=hd.ko.KeyObjectSelection(
+            document_title=hd.sr.CodedConcept(*title), referenced_objects=instances
+        ),
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="SUITE VENDOR",
+    )

@@ -41,7 +41,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.dicomgen import htj2k, xa_run
+from tests.dicomgen import htj2k, rejection_note, xa_run
 
 CATEGORIES = (
     "truncation",
@@ -569,8 +569,6 @@ def identity_values(rng: np.random.Generator) -> Iterator[Case]:
 def _note(listed: list[str], title: tuple[str, str, str] | None = None) -> Dataset:
     """A rejection note (IHE IOCM) listing ``listed`` (SOP Instance UIDs of XA instances
     the node never held: the good runs of the fault suite must not be rejected)."""
-    import highdicom as hd
-
     evidence = []
     study = generate_uid()
     series = generate_uid()
@@ -587,17 +585,8 @@ def _note(listed: list[str], title: tuple[str, str, str] | None = None) -> Datas
         ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.StudyID = ""
         ds.ReferringPhysicianName = ""
         evidence.append(ds)
-    title = title or ("113037", "DCM", "Rejected for Patient Safety Reasons")
-    return hd.ko.KeyObjectSelectionDocument(
-        evidence=evidence,
-        content=hd.ko.KeyObjectSelection(
-            document_title=hd.sr.CodedConcept(*title), referenced_objects=evidence
-        ),
-        series_instance_uid=generate_uid(),
-        series_number=1,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="FAULT",
+    return rejection_note(
+        title or ("113037", "DCM", "Rejected for Patient Safety Reasons"), evidence
     )
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import highdicom as hd
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import KeyObjectSelectionDocumentStorage, generate_uid
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.db import RunState
 from tests.conftest import dciodvfy_errors, wait_for
-from tests.dicomgen import xa_run
+from tests.dicomgen import rejection_note, xa_run
 from tests.test_ingest import MINIP_ONLY, _send
 
 PATIENT_SAFETY = ("113037", "DCM", "Rejected for Patient Safety Reasons")
@@ -21,19 +20,7 @@ OF_INTEREST = ("113000", "DCM", "Of Interest")
 
 
 def note(title: tuple[str, str, str], *instances: Dataset) -> Dataset:
-    """A Key Object Selection Document titled ``title`` listing ``instances``, as a
-    suite or PACS sends it (highdicom)."""
-    return hd.ko.KeyObjectSelectionDocument(
-        evidence=list(instances),
-        content=hd.ko.KeyObjectSelection(
-            document_title=hd.sr.CodedConcept(*title), referenced_objects=list(instances)
-        ),
-        series_instance_uid=generate_uid(),
-        series_number=99,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer="SUITE VENDOR",
-    )
+    return rejection_note(title, list(instances))
 
 
 def _listed(kos: Dataset) -> set[str]:
