@@ -76,7 +76,10 @@ def read_note(path: Path) -> Note:
     raises ValueError (with what is wrong) for one that cannot be read."""
     size = path.stat().st_size
     if size > MAX_NOTE_BYTES:
-        raise ValueError(f"a key object selection of {size // 2**20} MiB is more than it reads")
+        raise ValueError(
+            f"a key object selection of {size / 2**20:.1f} MiB is more than the node reads "
+            f"({MAX_NOTE_BYTES // 2**20} MiB)"
+        )
     ds = dcmread(path)
     titles = ds.get("ConceptNameCodeSequence") or []
     if len(titles) != 1:
@@ -111,10 +114,10 @@ class Rejections:
         # stops the running jobs of a cancelled run (the engine's ``withdraw``)
         self.withdraw = withdraw
 
-    def apply(self, run_id: str, path: Path, sent_by: frozenset[str]) -> str:
+    def apply(self, run_id: str, path: Path, calling: str, sender: str = "") -> str:
         """Act on the note stored at ``path`` (the only instance of run ``run_id``), sent
-        by ``sent_by`` (its calling AE, and the sender a forwarder named), and settle its
-        run; returns what was done, which is the run's reason."""
+        by ``calling`` (for ``sender``, when a forwarder named one), and settle its run;
+        returns what was done, which is the run's reason."""
         try:
             note = read_note(path)
         except Exception as exc:  # noqa: BLE001 - a sender's defect becomes the run's state
@@ -128,14 +131,16 @@ class Rejections:
                 "(PS3.16 CID 7011), nothing to do"
             )
         else:
-            reason = self._reject(note, sent_by)
+            reason = self._reject(note, calling, sender or calling)
         if self.db.settle_unrouted(run_id, RunState.UNROUTED, None, reason):
             log.warning("run %s: %s", run_id, reason)
         return reason
 
-    def _reject(self, note: Note, sent_by: frozenset[str]) -> str:
+    def _reject(self, note: Note, calling: str, sender: str) -> str:
         held = self.db.runs_holding(note.instances)
-        head = f"rejection note {note.sop_instance_uid} {note.describe()} from {min(sent_by)}"
+        who = calling if sender == calling else f"{calling} for {sender}"
+        head = f"rejection note {note.sop_instance_uid} {note.describe()} from {who}"
+        sent_by = {calling, sender}
         if not held:
             return f"{head}: none of its {len(note.instances)} instance(s) is held here"
         # Only who sent a run may reject it: another sender could otherwise withdraw a
@@ -159,12 +164,12 @@ class Rejections:
                 log.error("run %s: its delivered results cannot be withdrawn: %s", run_id, exc)
                 failures.append(f"{run_id}: {type(exc).__name__}: {exc}")
         done = (
-            f"{head}: {len(runs)} run(s) ({', '.join(sorted(runs))}) cancelled, "
+            f"{head}: {len(runs)} run(s) ({_some(runs)}) cancelled, "
             f"{cancelled_jobs} job(s) stopped, {withdrawn} delivered result(s) withdrawn "
             "by the node's own rejection notes"
         )
         if others:
-            done += f"; {len(others)} run(s) sent by others not rejected ({', '.join(others)})"
+            done += f"; {len(others)} run(s) sent by others not rejected ({_some(others)})"
         if failures:
             done += "; results of run(s) that could not be withdrawn (withdraw them at the "
             done += "destination by hand): " + "; ".join(failures)
@@ -211,6 +216,12 @@ class Rejections:
             except (OSError, ValueError):
                 continue
         raise FileNotFoundError(f"no instance of run {run_id} can be read")
+
+
+def _some(run_ids: list[str], shown: int = 10) -> str:
+    """The first run IDs, and how many more (a run's reason stays readable)."""
+    more = len(run_ids) - shown
+    return ", ".join(run_ids[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _write(ds: Dataset, path: Path) -> None:

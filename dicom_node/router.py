@@ -116,9 +116,7 @@ class Router:
                 members = [i for i in instances if i.sop_class_uid == sop]
                 if sop == KOS:  # a document: a run of its own (DOCUMENTS), read whole there
                     note = members[0]
-                    self.rejections.apply(
-                        run_id, note.path, frozenset((note.calling_aet, note.sender))
-                    )
+                    self.rejections.apply(run_id, note.path, note.calling_aet, note.sender)
                     return []
                 first = dcmread(members[0].path, stop_before_pixels=True)
                 features = RunFeatures.from_first(

@@ -89,7 +89,7 @@ def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
 
     # applied again (a crash before the note's run was settled): nothing new to send
     run = node.db.run_instances(str(rejection.SOPInstanceUID))[0]
-    node.router.rejections.apply(run.run_id, run.path, frozenset({"SUITE"}))
+    node.router.rejections.apply(run.run_id, run.path, "SUITE")
     assert len(node.db.query(kos_rows)) == 1
     assert node.db.query(kos_rows)[0]["state"] == "sent"
 
@@ -161,6 +161,9 @@ def test_only_who_sent_a_run_may_reject_it(make_node: Any) -> None:
     by_b = note(PATIENT_SAFETY, direct, forwarded)  # B, through Orthanc, names both runs
     assert _send(node, by_b, calling="ORTHANC", originator="SUITE_B") == 0x0000
     why = _run_reason(node, str(by_b.SOPInstanceUID))["reason"]
-    assert "1 run(s)" in why and "1 run(s) sent by others not rejected" in why
+    assert (
+        "from ORTHANC for SUITE_B: 1 run(s)" in why
+        and "1 run(s) sent by others not rejected" in why
+    )
     assert node.db.rejected(str(forwarded.SOPInstanceUID))
     assert node.db.rejected(str(direct.SOPInstanceUID)) is None
