@@ -11,6 +11,7 @@ rules (``Router.route``). Here:
   its results not yet delivered are not delivered, each with the note as the reason;
   and marked rejected (``Database.mark_rejected``): opened again by a later instance,
   or by an operator's reprocess, the router settles it with that reason, unprocessed;
+  once the note's run is settled, their files are deleted (``Retention.purge_now``);
 - results already delivered are withdrawn in turn: for each destination (and study)
   the node sends its own rejection note, with the same title, listing them, so that a
   PACS that honours IOCM hides them, and one that does not shows the note beside them.
@@ -42,6 +43,9 @@ from dicom_node.db.records import ResultFile
 from dicom_node.encode.rejection import rejection_note
 
 log = logging.getLogger(__name__)
+
+# runs and a reason -> (purged, {run: why kept}): ``Retention.purge_now``
+Purger = Callable[[list[str], str], tuple[list[str], dict[str, str]]]
 
 KOS = KeyObjectSelectionDocumentStorage
 # PS3.16 CID 7011, Rejected Object Document Titles (scheme DCM)
@@ -108,11 +112,16 @@ class Rejections:
         db: Database,
         results_dir: Path,
         withdraw: Callable[[Cancelled], None] = lambda _: None,
+        purge: Purger = lambda runs, why: ([], {}),
     ) -> None:
         self.db = db
         self.results_dir = results_dir
         # stops the running jobs of a cancelled run (the engine's ``withdraw``)
         self.withdraw = withdraw
+        # deletes the rejected runs' files (``Retention.purge_now``; a node's results
+        # still waiting for delivery, its own rejection notes among them, are kept
+        # until delivered)
+        self.purge = purge
 
     def apply(self, run_id: str, path: Path, calling: str, sender: str = "") -> str:
         """Act on the note stored at ``path`` (the only instance of run ``run_id``), sent
@@ -125,30 +134,41 @@ class Rejections:
             self.db.settle_unrouted(run_id, RunState.UNROUTABLE, None, reason)
             log.warning("run %s unroutable: %s", run_id, reason)
             return reason
+        rejected: list[str] = []
         if not note.rejection:
             reason = (
                 f"a key object selection titled {note.describe()}: not a rejection note "
                 "(PS3.16 CID 7011), nothing to do"
             )
         else:
-            reason = self._reject(note, calling, sender or calling)
+            reason, rejected = self._reject(note, calling, sender or calling)
         if self.db.settle_unrouted(run_id, RunState.UNROUTED, None, reason):
             log.warning("run %s: %s", run_id, reason)
+        # Last: the notes of their results are queued, and a crash before this leaves
+        # the files to retention, which deletes them in time.
+        if rejected:
+            _, kept = self.purge(rejected, f"rejected by rejection note {note.sop_instance_uid}")
+            for run, why in kept.items():
+                log.warning("rejected run %s: its files are kept for now: %s", run, why)
         return reason
 
-    def _reject(self, note: Note, calling: str, sender: str) -> str:
+    def _reject(self, note: Note, calling: str, sender: str) -> tuple[str, list[str]]:
+        """What was done, and the runs rejected."""
         held = self.db.runs_holding(note.instances)
         who = calling if sender == calling else f"{calling} for {sender}"
         head = f"rejection note {note.sop_instance_uid} {note.describe()} from {who}"
         sent_by = {calling, sender}
         if not held:
-            return f"{head}: none of its {len(note.instances)} instance(s) is held here"
+            return f"{head}: none of its {len(note.instances)} instance(s) is held here", []
         # Only who sent a run may reject it: another sender could otherwise withdraw a
         # suite's results by listing its instances (an operator cancels with the CLI).
         runs = sorted(r for r, senders in held.items() if senders & sent_by)
         others = sorted(set(held) - set(runs))
         if not runs:
-            return f"{head}: its {len(others)} run(s) held here were sent by others: not rejected"
+            return (
+                f"{head}: its {len(others)} run(s) held here were sent by others: not rejected",
+                [],
+            )
         why = f"rejected by {head}"
         cancelled_jobs = withdrawn = 0
         failures = []
@@ -166,14 +186,14 @@ class Rejections:
         done = (
             f"{head}: {len(runs)} run(s) ({_some(runs)}) cancelled, "
             f"{cancelled_jobs} job(s) stopped, {withdrawn} delivered result(s) withdrawn "
-            "by the node's own rejection notes"
+            "by the node's own rejection notes, their files deleted"
         )
         if others:
             done += f"; {len(others)} run(s) sent by others not rejected ({_some(others)})"
         if failures:
             done += "; results of run(s) that could not be withdrawn (withdraw them at the "
             done += "destination by hand): " + "; ".join(failures)
-        return done
+        return done, runs
 
     def _withdraw(self, note: Note, run_id: str) -> int:
         """Queue, for each destination, a rejection note of the run's delivered results."""
@@ -215,7 +235,10 @@ class Rejections:
                 return dcmread(inst.path, stop_before_pixels=True)
             except (OSError, ValueError):
                 continue
-        raise FileNotFoundError(f"no instance of run {run_id} can be read")
+        raise FileNotFoundError(
+            f"no instance of run {run_id} can be read (deleted by retention?): the node no "
+            "longer has the patient and study its note must carry"
+        )
 
 
 def _some(run_ids: list[str], shown: int = 10) -> str:

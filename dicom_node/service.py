@@ -228,7 +228,12 @@ class Node:
             self.db,
             settings,
             on_routed=self.workers.wake.set,
-            rejections=Rejections(self.db, self.results_dir, self.workers.withdraw),
+            rejections=Rejections(
+                self.db,
+                self.results_dir,
+                self.workers.withdraw,
+                lambda runs, why: self.retention.purge_now(runs, why),
+            ),
         )
         self.ingest = Ingest(
             self.spool,

@@ -61,6 +61,7 @@ def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
     )
     results = {r["sop_instance_uid"] for r in node.db.query(sent)}
     received = {p.name for p in storescp.files()}
+    (held,) = node.db.run_instances(str(source.SOPInstanceUID))
 
     rejection = note(PATIENT_SAFETY, source)
     assert _send(node, rejection, calling="SUITE") == 0x0000
@@ -70,6 +71,9 @@ def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
         "1 run(s)" in reason["reason"] and f"{len(results)} delivered result(s)" in reason["reason"]
     )
     assert "113037" in reason["reason"] and "from SUITE" in reason["reason"]
+    # the rejected run's files are deleted, once the note's run is settled
+    wait_for(lambda: not held.path.exists(), 10, what="the rejected run's file deleted")
+    assert node.db.is_purged(held.run_id)
 
     kos_rows = f"SELECT * FROM outbox WHERE sop_class_uid='{KeyObjectSelectionDocumentStorage}'"
     wait_for(
