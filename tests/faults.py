@@ -36,11 +36,14 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLSLossless,
+    KeyObjectSelectionDocumentStorage,
     RLELossless,
     XRayAngiographicImageStorage,
     generate_uid,
 )
+from pynetdicom import AE
 
+from dicom_node.sopclasses import TRANSFER_SYNTAXES
 from tests.dicomgen import htj2k, rejection_note, xa_run
 
 CATEGORIES = (
@@ -566,6 +569,17 @@ def identity_values(rng: np.random.Generator) -> Iterator[Case]:
         yield Case(", ".join(written), "identity value", encode(ds))
 
 
+def fuzzer_ae() -> AE:
+    """The SCU that sends the corpus: one context per transfer syntax for XA (raw bytes
+    go as they are), and the two little-endian ones for the rejection notes."""
+    ae = AE(ae_title="FUZZER")
+    for ts in TRANSFER_SYNTAXES:
+        ae.add_requested_context(XRayAngiographicImageStorage, [ts])
+    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ae.add_requested_context(KeyObjectSelectionDocumentStorage, [ts])
+    return ae
+
+
 def _note(listed: list[str], title: tuple[str, str, str] | None = None) -> Dataset:
     """A rejection note (IHE IOCM) listing ``listed`` (SOP Instance UIDs of XA instances
     the node never held: the good runs of the fault suite must not be rejected)."""
@@ -578,8 +592,8 @@ def _note(listed: list[str], title: tuple[str, str, str] | None = None) -> Datas
         ds.SOPInstanceUID = uid
         ds.SeriesInstanceUID = series
         ds.StudyInstanceUID = study
-        ds.PatientID = "FAULT"
-        ds.PatientName = "Fault^Case"
+        ds.PatientID = "TEST0999"  # the corpus's patient (tests/test_phi_logs.py)
+        ds.PatientName = "TEST^XA"
         ds.PatientBirthDate = ""
         ds.PatientSex = ""
         ds.StudyDate = ds.StudyTime = ds.AccessionNumber = ds.StudyID = ""

@@ -15,31 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    KeyObjectSelectionDocumentStorage,
-    XRayAngiographicImageStorage,
-)
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
-from dicom_node.sopclasses import TRANSFER_SYNTAXES
 from tests.conftest import corpus_seed, wait_for
-from tests.faults import CATEGORIES, corpus
+from tests.faults import CATEGORIES, corpus, fuzzer_ae
 
 pytestmark = pytest.mark.slow
 
 # README "Behaviour on bad input": what a C-STORE may answer.
 DOCUMENTED = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001, 0xC002, 0xC122}
-
-
-def _scu() -> AE:
-    ae = AE(ae_title="FUZZER")
-    for ts in TRANSFER_SYNTAXES:  # one context per transfer syntax: raw bytes are sent as they are
-        ae.add_requested_context(XRayAngiographicImageStorage, [ts])
-    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # the rejection notes
-        ae.add_requested_context(KeyObjectSelectionDocumentStorage, [ts])
-    return ae
 
 
 class Sender:
@@ -48,7 +32,7 @@ class Sender:
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.ae = _scu()
+        self.ae = fuzzer_ae()
         self.ae.dimse_timeout = self.ae.network_timeout = 180
         self.retries = 0
 

@@ -17,12 +17,18 @@ from typing import Any
 
 import pytest
 import requests
-from pydicom.uid import XRayAngiographicImageStorage
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
-from dicom_node.sopclasses import TRANSFER_SYNTAXES
 from tests.conftest import free_port, wait_for
-from tests.faults import TAGS, _element_offset, corpus, dataset_offset, encode, fresh
+from tests.faults import (
+    TAGS,
+    _element_offset,
+    corpus,
+    dataset_offset,
+    encode,
+    fresh,
+    fuzzer_ae,
+)
 
 NAME, PATIENT_ID, INSTITUTION = "SENTINEL^PHI^NAME", "PHIID73519", "SENTINEL PHI HOSPITAL"
 
@@ -83,9 +89,7 @@ class _Node:
 
 
 def _send(port: int, paths: list[Path]) -> list[int | None]:
-    ae = AE(ae_title="FUZZER")
-    for ts in TRANSFER_SYNTAXES:  # raw bytes go as they are, in their own transfer syntax
-        ae.add_requested_context(XRayAngiographicImageStorage, [ts])
+    ae = fuzzer_ae()
     ae.dimse_timeout = ae.network_timeout = 180
     out = []
     for path in paths:
