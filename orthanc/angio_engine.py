@@ -35,6 +35,7 @@ from angio_core import (
 
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}\Z")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}\Z")  # PS3.5 AE: no backslash
 PAGE = 100
 
 
@@ -365,12 +366,15 @@ class Forwarder:
         ``RemoteAET``), named to the node so that the suites behind this Orthanc keep
         their own turns and share of its disk (the node believes it from the senders in
         its ``forwarders``); "" when none sent it over DICOM (a REST upload)."""
+        if not resources:
+            return ""
         try:
             meta = self.api.get(f"/instances/{resources[0]}/metadata?expand")
         except OrthancError as exc:  # deleted (the job's submission finds it), or not one
             log.info("angio-forward: no sender of %s to name: %s", resources[0], exc)
             return ""
-        return str(meta.get("RemoteAET", "")).strip() if isinstance(meta, dict) else ""
+        aet = str(meta.get("RemoteAET", "")).strip() if isinstance(meta, dict) else ""
+        return aet if _AE_TITLE.match(aet) else ""  # never a value Orthanc's job refuses
 
     def poll_jobs(self) -> None:
         for row in self.ledger.in_state("sending"):
