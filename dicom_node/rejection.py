@@ -28,26 +28,24 @@ a crash in between repeats the whole at the next start.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.db import Database, RunState
 from dicom_node.db.jobs import Cancelled
 from dicom_node.db.records import ResultFile
 from dicom_node.encode.rejection import rejection_note
+from dicom_node.processing import write_dataset
 
 log = logging.getLogger(__name__)
 
 # runs and a reason -> (purged, {run: why kept}): ``Retention.purge_now``
 Purger = Callable[[list[str], str], tuple[list[str], dict[str, str]]]
 
-KOS = KeyObjectSelectionDocumentStorage
 # PS3.16 CID 7011, Rejected Object Document Titles (scheme DCM)
 REJECTION_TITLES = {
     "113001": "Rejected for Quality Reasons",
@@ -205,8 +203,7 @@ class Rejections:
         for destination, results in delivered.items():
             kos = rejection_note(note.title, source, results, note.sop_instance_uid, destination)
             job_id = results[0].job_id
-            path = self.results_dir / str(job_id) / f"rejection-{kos.SOPInstanceUID}.dcm"
-            _write(kos, path)
+            path = write_dataset(kos, self.results_dir / str(job_id))
             self.db.queue_note(
                 job_id,
                 destination,
@@ -245,12 +242,3 @@ def _some(run_ids: list[str], shown: int = 10) -> str:
     """The first run IDs, and how many more (a run's reason stays readable)."""
     more = len(run_ids) - shown
     return ", ".join(run_ids[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
-def _write(ds: Dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -26,10 +26,10 @@ from pydicom.dataset import Dataset
 
 from dicom_node.db import Database, RunState
 from dicom_node.diskfull import Waiting
-from dicom_node.rejection import KOS, Rejections
+from dicom_node.rejection import Rejections
 from dicom_node.routing import RunFeatures, acquired_at, effective_rules, route
 from dicom_node.settings import Settings
-from dicom_node.sopclasses import run_sop_class
+from dicom_node.sopclasses import KEY_OBJECT_SELECTION, run_sop_class
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Router:
                 # of the run's SOP Class: the instances decoding keeps (dicom_node.runs)
                 sop = run_sop_class([i.sop_class_uid for i in instances])
                 members = [i for i in instances if i.sop_class_uid == sop]
-                if sop == KOS:  # a document: a run of its own (DOCUMENTS), read whole there
+                if sop == KEY_OBJECT_SELECTION:  # a run of its own (DOCUMENTS), read whole there
                     note = members[0]
                     self.rejections.apply(run_id, note.path, note.calling_aet, note.sender)
                     return []

@@ -91,18 +91,21 @@ MIN_PEER_PDU_BYTES = 7
 MIN_RATE = 16 * 1024
 
 
-def _calling_aet(event: Event) -> str:
-    aet = event.assoc.requestor.ae_title
+def _ae_text(aet: object) -> str:
+    """An AE title as pynetdicom gives it (text or bytes), stripped; "" for none."""
+    if aet is None:
+        return ""
     return aet.decode(errors="replace").strip() if isinstance(aet, bytes) else str(aet).strip()
+
+
+def _calling_aet(event: Event) -> str:
+    return _ae_text(event.assoc.requestor.ae_title)
 
 
 def _move_originator(event: Event) -> str:
     """The C-STORE's Move Originator AE Title: the AE that asked for it to be sent (a
     C-MOVE's, or the sender an Orthanc forwarding for it names); "" when none."""
-    aet = getattr(event.request, "MoveOriginatorApplicationEntityTitle", None)
-    if isinstance(aet, bytes):
-        aet = aet.decode("ascii", errors="replace")
-    return aet.strip() if isinstance(aet, str) else ""
+    return _ae_text(getattr(event.request, "MoveOriginatorApplicationEntityTitle", None))
 
 
 def _peer(event: Event) -> str:

@@ -11,6 +11,10 @@ from pydicom import uid
 # A UID as the node takes it: digits and dots (the spool's check_uid, a rule's SOP class).
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*\Z")
 
+# A rejection note (IHE IOCM) is one: instances withdrawn, and the results made of them
+# (dicom_node.rejection).
+KEY_OBJECT_SELECTION = uid.KeyObjectSelectionDocumentStorage
+
 # Storage SOP classes accepted from modalities and PACS.
 ACCEPTED_SOP_CLASSES: dict[str, str] = {
     uid.XRayAngiographicImageStorage: "XA",
@@ -27,8 +31,7 @@ ACCEPTED_SOP_CLASSES: dict[str, str] = {
     uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage: "MF Grayscale Word SC",
     uid.MultiFrameTrueColorSecondaryCaptureImageStorage: "MF True Color SC",
     uid.SegmentationStorage: "Segmentation",
-    # a rejection note (IHE IOCM): instances withdrawn, and the results made of them
-    uid.KeyObjectSelectionDocumentStorage: "Key Object Selection",
+    KEY_OBJECT_SELECTION: "Key Object Selection",
 }
 
 # Classes that are runs of 2D frames over time.
@@ -46,9 +49,9 @@ VOLUME = {
     uid.EnhancedCTImageStorage,
 }
 # Classes that carry no pixel data of their own to check.
-NON_IMAGE = {uid.SegmentationStorage, uid.KeyObjectSelectionDocumentStorage}
+NON_IMAGE = {uid.SegmentationStorage, KEY_OBJECT_SELECTION}
 # Classes whose every instance is a run of its own, complete on arrival.
-DOCUMENTS = {uid.KeyObjectSelectionDocumentStorage}
+DOCUMENTS = {KEY_OBJECT_SELECTION}
 
 TRANSFER_SYNTAXES: list[str] = [
     uid.ImplicitVRLittleEndian,

@@ -398,7 +398,7 @@ def stow_parts(
     failed: list[dict[str, Any]] = []
     for i, (ctype, data) in enumerate(parts, start=1):
         try:
-            item = _stow_part(ingest, i, ctype, data, target_study, (source, named_sender), peer)
+            item = _stow_part(ingest, i, ctype, data, target_study, source, peer, named_sender)
         finally:
             if isinstance(data, Path):
                 data.unlink(missing_ok=True)  # gone already when stored (moved)
@@ -425,12 +425,11 @@ def _stow_part(
     ctype: str,
     data: bytes | Path,
     target_study: str | None,
-    sent_by: tuple[str, str],
+    source: str,
     peer: str,
+    named_sender: str,
 ) -> dict[str, Any]:
-    """One part's item of the response: Referenced SOP, or Failed SOP with its reason.
-    ``sent_by``: the STOW-RS sender, and the sender it names."""
-    source, named_sender = sent_by
+    """One part's item of the response: Referenced SOP, or Failed SOP with its reason."""
     sop_class, sop_uid, study = _uids(data, ingest.spool.limits)
     if ctype != "application/dicom":
         log.warning("STOW-RS part %d refused: %s parts are not accepted", i, ctype[:60])

@@ -7,8 +7,6 @@ import sqlite3
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from pydicom.uid import KeyObjectSelectionDocumentStorage
-
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
     SENDER,
@@ -22,6 +20,7 @@ from dicom_node.db.records import (
     lost_reason,
     now,
 )
+from dicom_node.sopclasses import KEY_OBJECT_SELECTION
 
 # The order due jobs are taken in: a live run's before an older run's; then the
 # sender (the run's calling AE or STOW-RS source, or whom a forwarder named,
@@ -152,11 +151,17 @@ class Jobs(Core):
                 return False
             for res in results:
                 for dest in job.destinations:
-                    self._queue_delivery(con, job, dest, res, t)
+                    self._queue_delivery(con, job.id, job.resend, dest, res, t)
             return True
 
     def _queue_delivery(
-        self, con: sqlite3.Connection, job: Job, dest: str, res: ResultFile, t: float
+        self,
+        con: sqlite3.Connection,
+        job_id: int,
+        resend: bool,
+        dest: str,
+        res: ResultFile,
+        t: float,
     ) -> None:
         row = con.execute(
             "SELECT id, state FROM outbox WHERE destination=? AND sop_instance_uid=?",
@@ -167,7 +172,7 @@ class Jobs(Core):
                 "INSERT INTO outbox (job_id, destination, sop_instance_uid, sop_class_uid,"
                 " series_uid, path, state, not_before, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
-                    job.id,
+                    job_id,
                     dest,
                     res.sop_instance_uid,
                     res.sop_class_uid,
@@ -178,16 +183,16 @@ class Jobs(Core):
                     t,
                 ),
             )
-        elif job.resend or row["state"] == DeliveryState.FAILED:
+        elif resend or row["state"] == DeliveryState.FAILED:
             con.execute(
                 "UPDATE outbox SET job_id=?, path=?, state=?, attempts=0, not_before=?, "
                 "error=NULL WHERE id=?",
-                (job.id, str(res.path), DeliveryState.PENDING, t, row["id"]),
+                (job_id, str(res.path), DeliveryState.PENDING, t, row["id"]),
             )
         elif row["state"] == DeliveryState.PENDING:
             # same UID, same content: deliver the newest copy of the file
             con.execute(
-                "UPDATE outbox SET job_id=?, path=? WHERE id=?", (job.id, str(res.path), row["id"])
+                "UPDATE outbox SET job_id=?, path=? WHERE id=?", (job_id, str(res.path), row["id"])
             )
 
     def retry_job(self, job: Job, reason: str, delay_s: float) -> bool:
@@ -344,7 +349,7 @@ class Jobs(Core):
             )
             for res in results:
                 for dest in job.destinations:
-                    self._queue_delivery(con, job, dest, res, t)
+                    self._queue_delivery(con, job.id, job.resend, dest, res, t)
             return True
 
     def fail_dispatched_job(self, job_id: int, generation: int, attempts: int, reason: str) -> bool:
@@ -443,7 +448,7 @@ class Jobs(Core):
             "SELECT o.job_id, o.destination, o.sop_class_uid, o.sop_instance_uid, o.series_uid "
             "FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE j.run_id=? AND o.state=? "
             "AND o.sop_class_uid != ? ORDER BY o.id",
-            (run_id, DeliveryState.SENT, KeyObjectSelectionDocumentStorage),
+            (run_id, DeliveryState.SENT, KEY_OBJECT_SELECTION),
         )
         out: dict[str, list[Delivered]] = {}
         for r in rows:
@@ -454,30 +459,11 @@ class Jobs(Core):
 
     def queue_note(self, job_id: int, destination: str, note: ResultFile) -> None:
         """Deliver the node's rejection note of job ``job_id``'s results, once a
-        destination and UID."""
-        t = now()
+        destination and UID: queued again (the note applied again after a crash, the
+        cancel of the run's deliveries having failed it), a failed one is queued anew,
+        a sent one stays sent."""
         with self._tx() as con:
-            con.execute(
-                "INSERT INTO outbox (job_id, destination, sop_instance_uid, "
-                "sop_class_uid, series_uid, path, state, not_before, created_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (destination, sop_instance_uid) "
-                # the note applied again (a crash before its run was settled): the
-                # cancel of the run's deliveries failed it; sent, it stays sent
-                "DO UPDATE SET state=excluded.state, attempts=0, error=NULL, "
-                "not_before=excluded.not_before WHERE outbox.state=?",
-                (
-                    job_id,
-                    destination,
-                    note.sop_instance_uid,
-                    note.sop_class_uid,
-                    note.series_uid,
-                    str(note.path),
-                    DeliveryState.PENDING,
-                    t,
-                    t,
-                    DeliveryState.FAILED,
-                ),
-            )
+            self._queue_delivery(con, job_id, False, destination, note, now())
 
     def record_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Seconds per stage of a job's last attempt (decode, compute, encode, write)."""
