@@ -308,8 +308,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"instances: {summary['instances']}")
     print(f"purged runs (files deleted by retention): {summary['purged_runs']}")
-    for key in ("runs", "jobs", "outbox"):
+    for key in ("runs", "jobs", "outbox", "storage_commitments"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
+    for c in summary["untaken_commitments"]:  # type: ignore[attr-defined]
+        print(
+            f"storage commitment {c['transaction_uid']} from {c['calling_aet']} {c['state']} "
+            f"after {c['attempts']} attempt(s): {c['error']}"
+        )
     print(f"queued jobs of older runs (behind live runs): {summary['older_queued_jobs']}")
     senders = summary["queued_jobs_by_sender"]
     print(

@@ -51,7 +51,7 @@ from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_recv_
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.fsm import InvalidEventError, StateMachine
@@ -61,6 +61,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.arrivals import InFlight
 from dicom_node.audit import AuditTrail
+from dicom_node.commitment import PUSH_MODEL, StorageCommitment
 from dicom_node.diskfull import storage_fault
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.ingest import Ingest
@@ -568,9 +569,13 @@ class _NodeACSE(ACSE):
         self.assoc.kill()
 
 
+# the one message each context serves that is not a C-STORE
+_SERVED: dict[str, type] = {str(Verification): C_ECHO, PUSH_MODEL: N_ACTION}
+
+
 class _NodeAssociation(Association):
-    """An acceptor that serves C-ECHO on the verification context and C-STORE for its
-    context's SOP Class, and aborts the association on any other message with the
+    """An acceptor that serves C-ECHO on the verification context, N-ACTION on the
+    storage commitment context and C-STORE for its context's SOP Class, and aborts the association on any other message with the
     reason logged, as dcmtk's storescp does. pynetdicom passed a request to the
     service class that its SOP Class UID names (a C-ECHO on a storage context, or an
     N-CREATE naming a storage SOP Class, raised there and was logged as an error with
@@ -581,8 +586,10 @@ class _NodeAssociation(Association):
     def _serve_request(self, msg: Any, context_id: int) -> None:
         context = self._accepted_cx.get(context_id)
         if context is not None and not self._sent_release:
-            wanted = C_ECHO if context.abstract_syntax == Verification else C_STORE
+            wanted = _SERVED.get(str(context.abstract_syntax), C_STORE)
             sop_class = getattr(msg, "AffectedSOPClassUID", None)
+            if isinstance(msg, N_ACTION):
+                sop_class = msg.RequestedSOPClassUID
             what = None
             if not msg.is_valid_request:
                 what = f"a {msg.msg_type} message that is not a valid request"
@@ -666,6 +673,7 @@ def make_ae(settings: Settings) -> AE:
     # closed before it frees its place at once: _NodeDUL).
     ae.acse_timeout = min(30.0, settings.network_timeout_s)
     ae.add_supported_context(Verification)
+    ae.add_supported_context(PUSH_MODEL)  # as SCP: N-ACTION in, N-EVENT-REPORT out
     for sop_class in ACCEPTED_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     if settings.allowed_calling_aets:
@@ -713,6 +721,20 @@ def make_store_handler(ingest: Ingest) -> Callable[[Event], int]:
         return receipt.status
 
     return handle_store
+
+
+def make_commitment_handler(commitment: StorageCommitment) -> Callable[[Event], Any]:
+    def handle_n_action(event: Event) -> tuple[Any, None]:
+        request = event.request
+        status = commitment.request(
+            _calling_aet(event),
+            getattr(request, "ActionTypeID", None),
+            getattr(request, "RequestedSOPInstanceUID", None),
+            lambda: event.action_information,
+        )
+        return status, None
+
+    return handle_n_action
 
 
 def _handle_echo(event: Event) -> int:
@@ -784,6 +806,7 @@ def start_scp(
     ingest: Ingest,
     audit: AuditTrail | None = None,
     metrics: Metrics | None = None,
+    commitment: StorageCommitment | None = None,
 ) -> ThreadedAssociationServer:
     ae = make_ae(settings)
     ae.receive_limits.in_flight = ingest.in_flight  # type: ignore[attr-defined]
@@ -795,6 +818,8 @@ def start_scp(
         (evt.EVT_ACCEPTED, events.accepted),
         (evt.EVT_REJECTED, events.rejected),
     ]
+    if commitment is not None:
+        handlers.append((evt.EVT_N_ACTION, make_commitment_handler(commitment)))
     context = server_context(settings.tls) if settings.tls.dicom else None
     server = ae.start_server(
         (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=context

@@ -23,6 +23,7 @@ import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import build_context
 
@@ -105,20 +106,19 @@ def _read(item: Delivery, report: Report) -> Dataset | None:
     return None
 
 
-@sender("dimse")
-def cstore(
-    dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
-) -> None:
-    """One association proposing only the SOP classes in the batch (Explicit and Implicit LE)."""
-    assert isinstance(dest, DimseDestination)
+def associate(
+    dest: DimseDestination,
+    contexts: list[Any],
+    calling_aet: str,
+    timeout: float,
+    ext_neg: list[Any] | None = None,
+) -> Association:
+    """An association with ``dest`` (over TLS where it says so), each wait bounded by
+    ``timeout``, or a ``DeliveryError`` that says why there is none."""
     ae = AE(ae_title=calling_aet)
     # connection_timeout too: without it, a host that drops the SYN holds the attempt
     # for the system's connect timeout (134 s here), whatever timeout_s says.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    classes = sorted({i.sop_class_uid for i in items})
-    if len(classes) > 128:
-        raise DeliveryError("more than 128 SOP classes in one batch")
-    contexts = [build_context(c) for c in classes]
     tls_args = None
     if dest.tls:
         try:
@@ -132,6 +132,7 @@ def cstore(
         contexts=contexts,
         ae_title=dest.ae_title,
         tls_args=tls_args,
+        ext_neg=ext_neg,
         evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
     )
     if not assoc.is_established:
@@ -146,12 +147,25 @@ def cstore(
             why += " (TLS: is the port TLS, and its certificate signed by tls_ca_file for "
             why += f"{dest.tls_server_name or dest.host}?)"
         raise DeliveryError(f"{dest.name}: {why} at {dest.host}:{dest.port} ({dest.ae_title})")
-    # pynetdicom sends with no timeout once connected: a destination that stops reading
+    # pynetdicom sends with no timeout once connected: a peer that stops reading
     # (a hung PACS) would hold this thread as long as it hangs. With one, a send that
     # makes no progress for ``timeout`` s ends the association (no response: deferred).
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if isinstance(sock, socket.socket):
         sock.settimeout(timeout)
+    return assoc
+
+
+@sender("dimse")
+def cstore(
+    dest: Destination, items: Sequence[Delivery], calling_aet: str, timeout: float, report: Report
+) -> None:
+    """One association proposing only the SOP classes in the batch (Explicit and Implicit LE)."""
+    assert isinstance(dest, DimseDestination)
+    classes = sorted({i.sop_class_uid for i in items})
+    if len(classes) > 128:
+        raise DeliveryError("more than 128 SOP classes in one batch")
+    assoc = associate(dest, [build_context(c) for c in classes], calling_aet, timeout)
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         for item in items:

@@ -555,6 +555,40 @@ class DicomwebDestination(Strict):
 Destination = Annotated[DimseDestination | DicomwebDestination, Field(discriminator="kind")]
 
 
+class CommitmentSettings(Strict):
+    """Storage commitment (PS3.4 J, Push Model) as SCP: a sender that asks whether the
+    node holds what it sent is answered on a new association to its address here."""
+
+    report_to: list[DimseDestination] = Field(
+        [],
+        description="where each sender that requests storage commitment takes its "
+        "results (N-EVENT-REPORT): its AE title, host and port (and TLS); a request "
+        "from an AE title not listed is refused (0x0124)",
+    )
+    max_instances: int = Field(
+        50_000, ge=1, description="instances one request may list (more: 0x0213)"
+    )
+    give_up_h: float = Field(
+        24.0,
+        gt=0,
+        description="a result its sender has not taken (its address down, or refusing) "
+        "in this long is given up, with the reason in the index and the log",
+    )
+
+    @model_validator(mode="after")
+    def _one_address_each(self) -> CommitmentSettings:
+        titles = [p.ae_title for p in self.report_to]
+        if _twice(titles):
+            raise ValueError(
+                "storage_commitment.report_to: one address per AE title: "
+                f"{sorted(set(_twice(titles)))} listed twice"
+            )
+        return self
+
+    def address_of(self, ae_title: str) -> DimseDestination | None:
+        return next((p for p in self.report_to if p.ae_title == ae_title), None)
+
+
 class TagPattern(Strict):
     regex: str
 
@@ -710,6 +744,7 @@ class Settings(Strict):
     audit: AuditSettings = AuditSettings()
     engine: EngineSettings = EngineSettings()
     retention: RetentionSettings = RetentionSettings()
+    storage_commitment: CommitmentSettings = CommitmentSettings()
     max_associations: int = Field(32, ge=1, le=1024, description="concurrent DICOM associations")
     max_associations_per_host: int | None = Field(
         None,

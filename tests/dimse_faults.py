@@ -54,10 +54,13 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step (N-CREATE/N-SET)
+COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model (N-ACTION)
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 ABSTRACT = [
     XRayAngiographicImageStorage,
     VERIFICATION,
     CT,
+    COMMITMENT,
     FIND,
     MOVE,
     MPPS,
@@ -468,6 +471,74 @@ def store_request(
     return message(context_id, command_set(elements), encode_dataset(ds, implicit=implicit))
 
 
+def commitment_request(
+    context_id: int,
+    message_id: int,
+    info: Dataset | bytes,
+    implicit: bool,
+    action_type: int = 1,
+    rng: random.Random | None = None,
+) -> bytes:
+    """A storage commitment request (N-ACTION) with ``info`` as its Action Information
+    (a data set, or bytes sent as they are); its command broken when ``rng`` is given."""
+    elements: list[tuple[int, str, object]] = [
+        (0x00000003, "UI", COMMITMENT),
+        (0x00000100, "US", COMMANDS["N-ACTION-RQ"]),
+        (0x00000110, "US", message_id),
+        (0x00000800, "US", 0x0000),
+        (0x00001001, "UI", COMMITMENT_INSTANCE),
+        (0x00001008, "US", action_type),
+    ]
+    if rng is not None:
+        _mutate_command(rng, elements)
+    data = info if isinstance(info, bytes) else encode_dataset(info, implicit=implicit)
+    return message(context_id, command_set(elements), data)
+
+
+def commitment_info(references: list[tuple[str, str]], transaction: str | None) -> Dataset:
+    info = Dataset()
+    if transaction is not None:
+        info.TransactionUID = transaction
+    info.ReferencedSOPSequence = []
+    for sop_class, sop in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop
+        info.ReferencedSOPSequence.append(item)
+    return info
+
+
+def _commitment(
+    rng: random.Random, context_id: int, message_id: int, implicit: bool, whole: list[str]
+) -> tuple[bytes, str]:
+    """A storage commitment request for instances this stream sent and one it did not,
+    broken in one way or none; and what was broken."""
+    references = [(XRayAngiographicImageStorage, uid) for uid in whole[-3:]]
+    references.append((rng.choice([XRayAngiographicImageStorage, CT]), generate_uid()))
+    transaction: str | None = generate_uid()
+    action_type, broken, roll = 1, "", rng.random()
+    if roll < 0.1:
+        transaction, broken = None, "no transaction UID"
+    elif roll < 0.2:
+        transaction, broken = str(_value_for(rng, "UI")), "transaction UID"
+    elif roll < 0.3:
+        references[-1] = (str(_value_for(rng, "UI")), str(_value_for(rng, "UI")))
+        broken = "reference UIDs"
+    elif roll < 0.35:
+        action_type, broken = rng.choice([0, 2, 0xFFFF]), "action type"
+    info: Dataset | bytes = commitment_info(references, transaction)
+    if broken == "" and roll < 0.55:
+        data = encode_dataset(info, implicit=implicit)  # type: ignore[arg-type]
+        info = (
+            data[: rng.randrange(len(data))]
+            if roll < 0.45
+            else rng.randbytes(rng.randrange(1, 300))
+        )
+        broken = "action information cut" if roll < 0.45 else "action information garbage"
+    mutate = rng if broken == "" and roll < 0.65 else None
+    body = commitment_request(context_id, message_id, info, implicit, action_type, mutate)
+    return body, broken or ("command" if mutate else "")
+
+
 def instance(seed: int = 0) -> Dataset:
     return _instance(random.Random(seed))
 
@@ -483,6 +554,11 @@ def _messages(
         abstract, syntax = accepted[context_id]
         implicit = syntax == ImplicitVRLittleEndian
         kind = "C-STORE-RQ" if rng.random() < 0.5 else rng.choice(list(COMMANDS))
+        if abstract == COMMITMENT and rng.random() < 0.7:
+            body, broken = _commitment(rng, context_id, message_id, implicit, whole)
+            out += body
+            names.append(f"storage commitment{' ' + broken if broken else ''}")
+            continue
         if kind == "C-STORE-RQ":
             ds = _instance(rng)
             ds.SOPClassUID = abstract if abstract != VERIFICATION else XRayAngiographicImageStorage
@@ -566,7 +642,7 @@ def stream(seed: int) -> Stream:
     accepted: dict[int, tuple[str, str]] = {}
     for context_id, abstract, syntaxes in contexts:
         known = [s for s in syntaxes if s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
-        if abstract in (XRayAngiographicImageStorage, VERIFICATION, CT) and known:
+        if abstract in (XRayAngiographicImageStorage, VERIFICATION, CT, COMMITMENT) and known:
             accepted[context_id] = (abstract, known[0])
     if rng.random() < 0.15:  # a context the node refuses, used as if accepted
         context_id, abstract, syntaxes = rng.choice(contexts)

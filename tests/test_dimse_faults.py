@@ -22,7 +22,10 @@ from tests.conftest import corpus_seed, send_storescu, wait_for
 # C-STORE statuses a corpus may draw (README, "Behaviour on bad input"): 0x0110, a
 # defect of the node, and 0xA700, a full disk, may not.
 STORE_STATUSES = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001, 0xC002}
-C_STORE_RSP, C_ECHO_RSP = 0x8001, 0x8030
+# storage commitment: README, "Behaviour on bad input"
+COMMITMENT_STATUSES = {0x0000, 0x0115, 0x0117, 0x0123, 0x0124, 0x0210, 0x0213}
+C_STORE_RSP, C_ECHO_RSP, N_ACTION_RSP = 0x8001, 0x8030, 0x8130
+STATUSES = {C_STORE_RSP: STORE_STATUSES, C_ECHO_RSP: {0x0000}, N_ACTION_RSP: COMMITMENT_STATUSES}
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 2, 3, 7
 XA_CONTEXT = [(1, XRayAngiographicImageStorage, ["1.2.840.10008.1.2.1"])]
 
@@ -46,6 +49,10 @@ def _node(make_node):  # type: ignore[no-untyped-def]
         network_timeout_s=2,
         api={"enabled": False},
         rules=[{"name": "none", "pipelines": ["minip"], "match": {"modality": ["OT"]}}],
+        # its results go to a closed port: retried, as a suite that is off
+        storage_commitment={
+            "report_to": [{"name": "fuzz", "ae_title": "FUZZ", "host": "127.0.0.1", "port": 9}]
+        },
     )
 
 
@@ -138,15 +145,15 @@ def test_a_corpus_of_broken_dicom_conversations_never_stops_the_node(
     whole = {uid for stream in corpus for uid in stream.whole}
     stored = {r["sop_instance_uid"]: r for r in node.db.query("SELECT * FROM instances")}
     assert set(stored) <= whole
-    answered = 0
+    answered = committed = 0
     for stream, reply in zip(corpus, replies, strict=True):
         assert reply.pdus, f"no answer at all: {stream.name}"
         assert reply.pdus[0] in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT), stream.name
         for field, status, uid in reply.responses:
-            assert field in (C_STORE_RSP, C_ECHO_RSP), (stream.name, hex(field))
-            allowed = STORE_STATUSES if field == C_STORE_RSP else {0x0000}
-            assert status in allowed, (stream.name, hex(status))
+            assert field in STATUSES, (stream.name, hex(field))
+            assert status in STATUSES[field], (stream.name, hex(status))
             answered += field == C_STORE_RSP
+            committed += field == N_ACTION_RSP and status == 0x0000
             if field == C_STORE_RSP and status == 0x0000:
                 assert uid in stored, f"acknowledged, not indexed: {stream.name}"
                 path = Path(stored[uid]["path"])
@@ -154,6 +161,9 @@ def test_a_corpus_of_broken_dicom_conversations_never_stops_the_node(
     # The corpus reaches the store, not only the association. (How many are answered
     # varies: a peer that releases with requests queued is released at once.)
     assert answered >= 5
+    # every storage commitment request answered Success is recorded, to be reported
+    assert committed >= 1
+    assert node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"] >= committed
     assert {A_ASSOCIATE_RJ, A_ABORT} <= {r.pdus[0] for r in replies} | {
         p for r in replies for p in r.pdus
     }

@@ -1199,3 +1199,75 @@ def test_an_instance_orthanc_cannot_give_holds_back_none_after_it(tmp_path: Path
         assert pacs.get("/angio-node/status").json()["worker_alive"]
     finally:
         pacs.stop()
+
+
+@needs_orthanc
+def test_orthanc_asks_the_node_for_storage_commitment_and_takes_the_result(
+    tmp_path: Path,
+) -> None:
+    """Orthanc, a foreign storage commitment SCU, sends two instances to the node and
+    asks whether it holds them and a third it never sent. Orthanc takes the result on
+    its own DICOM port (the asynchronous mode it expects) and shows it under the
+    transaction: two committed, one failed 0x0112. Before, the node did not accept the
+    Storage Commitment context: Orthanc's request failed at once."""
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    node_port = free_port()
+    pacs = start_orthanc(tmp_path, with_plugin=False, node={"aet": NODE_AET, "port": node_port})
+    node = Node(
+        load_settings(
+            None,
+            environ={},
+            storage_dir=tmp_path / "node",
+            port=node_port,
+            api={"enabled": False},
+            rules=[],
+            storage_commitment={
+                "report_to": [
+                    {
+                        "name": "orthanc",
+                        "ae_title": pacs.aet,
+                        "host": "127.0.0.1",
+                        "port": pacs.dicom_port,
+                    }
+                ]
+            },
+        )
+    ).start()
+    try:
+        sent = [xa_run(frames=2, seed=s) for s in (31, 32)]
+        ids = []
+        for ds in sent:
+            answer = pacs.post("/instances", data=save(ds, tmp_path / "up").read_bytes())
+            answer.raise_for_status()
+            ids.append(answer.json()["ID"])
+        pacs.post(
+            "/modalities/angio-node/store", json={"Resources": ids, "Synchronous": True}
+        ).raise_for_status()
+        never = generate_uid()
+        asked = [
+            {"SOPClassUID": str(ds.SOPClassUID), "SOPInstanceUID": str(ds.SOPInstanceUID)}
+            for ds in sent
+        ] + [{"SOPClassUID": str(sent[0].SOPClassUID), "SOPInstanceUID": never}]
+        request = pacs.post(
+            "/modalities/angio-node/storage-commitment", json={"DicomInstances": asked}
+        )
+        request.raise_for_status()
+        path = request.json()["Path"]
+        result = wait_for(
+            "Orthanc to take the node's result",
+            lambda: (r := pacs.get(path).json()).get("Status") != "Pending" and r,
+            timeout=30,
+        )
+        assert result["Status"] == "Failure", result  # one instance is not held
+        assert sorted(i["SOPInstanceUID"] for i in result["Success"]) == sorted(
+            str(ds.SOPInstanceUID) for ds in sent
+        )
+        assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in result["Failures"]] == [
+            (never, 0x0112)
+        ]
+        assert node.db.status_summary()["storage_commitments"] == {"reported": 1}
+    finally:
+        node.stop()
+        pacs.stop()

@@ -16,6 +16,7 @@ job done and its deliveries queued)::
               match, so a superseded workflow cannot record (``*_dispatched_job``)
     delivery  pending -> sent | failed (also an operator's cancel), failed -> pending
               (resend)
+    commitment pending -> reported | given_up; a request its sender repeats -> pending
     retention a processed run is purged (``purged_at``): its files, instance and
               delivery rows go, its run and job rows stay; a new instance re-opens it
 
@@ -25,11 +26,14 @@ take the same job or delivery.
 
 from __future__ import annotations
 
+from dicom_node.db.commitments import Commitments, DuplicateTransaction
 from dicom_node.db.core import Core
 from dicom_node.db.deliveries import Deliveries
 from dicom_node.db.jobs import Cancelled, Jobs
 from dicom_node.db.records import (
     SETTLED_RUN_STATES,
+    Commitment,
+    CommitmentState,
     Delivery,
     DeliveryState,
     DispatchJob,
@@ -52,11 +56,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "SETTLED_RUN_STATES",
     "Cancelled",
+    "Commitment",
+    "CommitmentState",
     "Core",
     "Database",
     "Delivery",
     "DeliveryState",
     "DispatchJob",
+    "DuplicateTransaction",
     "InstanceConflict",
     "InstanceRecord",
     "Job",
@@ -70,5 +77,5 @@ __all__ = [
 ]
 
 
-class Database(Runs, Jobs, Deliveries, Reports, Retention):
+class Database(Runs, Jobs, Deliveries, Commitments, Reports, Retention):
     """The index: every part over one connection per thread."""

@@ -30,6 +30,24 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
 
 
+class CommitmentState(StrEnum):
+    PENDING = "pending"  # its result not yet taken by the requester
+    REPORTED = "reported"
+    GIVEN_UP = "given_up"  # not taken within storage_commitment.give_up_h
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A storage commitment request and what the node found held when it came."""
+
+    transaction_uid: str
+    calling_aet: str
+    requested_at: float
+    committed: list[tuple[str, str]]  # (SOP Class UID, SOP Instance UID)
+    failed: list[tuple[str, str, int]]  # and the Failure Reason (PS3.4 J.3.3.1.1.2)
+    attempts: int
+
+
 SETTLED_RUN_STATES = (RunState.ROUTED, RunState.UNROUTED, RunState.UNROUTABLE)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
     SENDER,
+    CommitmentState,
     DeliveryState,
     JobState,
     RunState,
@@ -84,6 +85,15 @@ class Reports(Core):
                 (JobState.DONE, *like[1:]),
             )
         ]
+        # storage commitment results not taken (yet, or given up), with why
+        untaken = [
+            dict(r)
+            for r in self.query(
+                "SELECT transaction_uid, calling_aet, state, attempts, error FROM commitments "
+                "WHERE state!=? AND error IS NOT NULL ORDER BY requested_at DESC LIMIT 20",
+                (CommitmentState.REPORTED,),
+            )
+        ]
         return {
             "instances": self.query("SELECT COUNT(*) n FROM instances")[0]["n"],
             "runs": counts("runs"),
@@ -93,6 +103,8 @@ class Reports(Core):
             "older_queued_jobs": self.older_queued_jobs(),
             "queued_jobs_by_sender": self.queued_jobs_by_sender(),
             "outbox": counts("outbox"),
+            "storage_commitments": counts("commitments"),
+            "untaken_commitments": untaken,
             "failed_jobs": failures,
             "outbox_backlog": backlog,
             "unrouted_runs": unrouted,

@@ -82,6 +82,22 @@ CREATE TABLE IF NOT EXISTS sender_turns (
     turn        INTEGER NOT NULL  -- the n-th job taken on the node, counted over all
 );
 
+-- storage commitment requests (PS3.4 J): what was found held when each came, and
+-- whether its result (an N-EVENT-REPORT to the requester's address) was taken
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_aet     TEXT NOT NULL,
+    requested_at    REAL NOT NULL,
+    committed       TEXT NOT NULL,  -- JSON [[SOP Class UID, SOP Instance UID], ...]
+    failed          TEXT NOT NULL,  -- JSON [[SOP Class UID, SOP Instance UID, reason], ...]
+    state           TEXT NOT NULL,  -- pending | reported | given_up
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    not_before      REAL NOT NULL,
+    error           TEXT,
+    reported_at     REAL
+);
+CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state, not_before);
+
 -- index_id: this index's identity, part of every Temporal workflow ID it starts
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,

@@ -1,0 +1,306 @@
+"""Storage commitment as SCP (PS3.4 Annex J, Push Model): a sender asks whether the
+node has taken responsibility for instances it sent (N-ACTION); the node answers
+at once whether it recorded the request, and reports the result (N-EVENT-REPORT) on
+a new association to the sender's address in ``[storage_commitment] report_to``:
+the asynchronous mode that modalities and Orthanc expect (the requester may release
+its association as soon as the N-ACTION is answered).
+
+An instance is committed when the index holds it with the SOP Class the request
+names: the node indexes an instance only once its file was written, synced and
+renamed into the spool, before it answered the C-STORE (or STOW-RS) with Success.
+What the index holds is read when the request comes, in the transaction that
+records it; the result is kept with the request, so that a node stopped before it
+reported reports the same result after its restart. Committed instances are kept as
+every received instance is (until their run is processed and ``[retention]`` takes
+it): docs/deployment.md says so, as PS3.2 asks of a conformance statement.
+
+A request the node cannot take is answered with a failure status and a comment
+(README, "Behaviour on bad input"); the association goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import build_role
+from pynetdicom.presentation import build_context
+
+from dicom_node.db import Commitment, Database, DuplicateTransaction, now
+from dicom_node.diskfull import Waiting, describe, storage_fault
+from dicom_node.errors import DeliveryError
+from dicom_node.senders import associate
+from dicom_node.settings import Settings
+from dicom_node.sopclasses import UID_RE
+
+log = logging.getLogger(__name__)
+
+PUSH_MODEL = "1.2.840.10008.1.20.1"
+PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
+REQUEST_COMMITMENT = 1  # Action Type ID
+ALL_COMMITTED, FAILURES_EXIST = 1, 2  # Event Type IDs
+# N-ACTION statuses (PS3.7 C)
+SUCCESS = 0x0000
+PROCESSING_FAILURE = 0x0110
+INVALID_ARGUMENT = 0x0115
+INVALID_INSTANCE = 0x0117
+NO_SUCH_ACTION = 0x0123
+NOT_AUTHORISED = 0x0124
+DUPLICATE_INVOCATION = 0x0210
+RESOURCE_LIMITATION = 0x0213
+
+BATCH = 16
+KEEP_SETTLED_S = 7 * 86400  # rows of requests reported (or given up) are kept this long
+
+
+class Refused(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+
+
+def _uid(value: Any, what: str) -> str:
+    text = str(value or "").strip()
+    if not text or len(text) > 64 or not UID_RE.match(text):
+        raise Refused(INVALID_ARGUMENT, f"{what} is missing or not a UID")
+    return text
+
+
+def parse_request(
+    action_type: Any, instance_uid: Any, information: Callable[[], Dataset | None], limit: int
+) -> tuple[str, list[tuple[str, str]]]:
+    """The Transaction UID and the (SOP Class, SOP Instance) UIDs a Storage Commitment
+    request lists, or ``Refused`` with the status and why."""
+    if action_type != REQUEST_COMMITMENT:
+        raise Refused(NO_SUCH_ACTION, f"Action Type ID {action_type}: only 1 (request commitment)")
+    if str(instance_uid or "") != PUSH_MODEL_INSTANCE:
+        raise Refused(
+            INVALID_INSTANCE, f"the Requested SOP Instance UID must be {PUSH_MODEL_INSTANCE}"
+        )
+    try:
+        ds = information()
+        if ds is None:
+            raise Refused(INVALID_ARGUMENT, "the request has no Action Information")
+        transaction = _uid(ds.get("TransactionUID"), "Transaction UID (0008,1195)")
+        items = ds.get("ReferencedSOPSequence")
+        if not items:
+            raise Refused(INVALID_ARGUMENT, "Referenced SOP Sequence (0008,1199) is empty")
+        if len(items) > limit:
+            raise Refused(
+                RESOURCE_LIMITATION,
+                f"{len(items)} instances listed, more than storage_commitment.max_instances "
+                f"({limit}): ask for them in parts",
+            )
+        references = [
+            (
+                _uid(item.get("ReferencedSOPClassUID"), f"item {i + 1}'s Referenced SOP Class UID"),
+                _uid(
+                    item.get("ReferencedSOPInstanceUID"),
+                    f"item {i + 1}'s Referenced SOP Instance UID",
+                ),
+            )
+            for i, item in enumerate(items)
+        ]
+    except Refused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
+        raise Refused(
+            INVALID_ARGUMENT, f"the Action Information cannot be decoded ({type(exc).__name__})"
+        ) from None
+    return transaction, references
+
+
+def event_information(c: Commitment) -> tuple[int, Dataset]:
+    """The N-EVENT-REPORT's Event Type ID and Event Information (PS3.4 J.3.3.1)."""
+    ds = Dataset()
+    ds.TransactionUID = c.transaction_uid
+    if c.committed:
+        ds.ReferencedSOPSequence = [_item(cls, sop) for cls, sop in c.committed]
+    if c.failed:
+        ds.FailedSOPSequence = [_item(cls, sop, why) for cls, sop, why in c.failed]
+    return (FAILURES_EXIST if c.failed else ALL_COMMITTED), ds
+
+
+def _item(sop_class: str, sop: str, failure: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop
+    if failure is not None:
+        item.FailureReason = failure
+    return item
+
+
+class StorageCommitment:
+    """Records requests (``request``, from the storage SCP's N-ACTION handler) and
+    reports their results from one thread, retried with the outbox's backoff until
+    taken or ``give_up_h`` has passed."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="commitment", daemon=True)
+        self._forgotten_at = 0.0
+
+    # -- N-ACTION ------------------------------------------------------------
+    def request(
+        self,
+        calling_aet: str,
+        action_type: Any,
+        instance_uid: Any,
+        information: Callable[[], Dataset | None],
+    ) -> Dataset:
+        """The N-ACTION response's status (and Error Comment) for a request from
+        ``calling_aet``; Success once it is recorded in the index."""
+        cfg = self.settings.storage_commitment
+        status = Dataset()
+        try:
+            if cfg.address_of(calling_aet) is None:
+                raise Refused(
+                    NOT_AUTHORISED,
+                    f"no address to report the result to {calling_aet}: list it in "
+                    "[[storage_commitment.report_to]]",
+                )
+            transaction, references = parse_request(
+                action_type, instance_uid, information, cfg.max_instances
+            )
+            try:
+                c = self.db.request_commitment(transaction, calling_aet, references)
+            except DuplicateTransaction:
+                raise Refused(
+                    DUPLICATE_INVOCATION, "the Transaction UID is another sender's request"
+                ) from None
+            except Exception as exc:
+                fault = storage_fault(exc)
+                if fault is None:
+                    raise
+                raise Refused(
+                    RESOURCE_LIMITATION, f"cannot record it now: {describe(fault)}"
+                ) from None
+        except Refused as refused:
+            log.warning(
+                "storage commitment request from %s refused (0x%04X): %s",
+                calling_aet,
+                refused.status,
+                refused,
+            )
+            status.Status = refused.status
+            status.ErrorComment = str(refused)[:64]  # LO
+            return status
+        log.info(
+            "storage commitment %s from %s: %d of %d instance(s) held",
+            c.transaction_uid,
+            calling_aet,
+            len(c.committed),
+            len(references),
+        )
+        self.wake.set()
+        status.Status = SUCCESS
+        return status
+
+    # -- N-EVENT-REPORT ------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        full = Waiting("storage commitment", self.db)
+        while not self.stop_event.is_set():
+            try:
+                busy = self.report_due()
+                if now() - self._forgotten_at > 3600:
+                    self.db.forget_commitments(now() - KEEP_SETTLED_S)
+                    self._forgotten_at = now()
+                full.passed()
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the thread
+                if full.met(exc):
+                    self.stop_event.wait(full.delay_s)
+                    continue
+                log.exception("storage commitment: unexpected error; going on")
+                busy = False
+            if not busy:
+                self.wake.wait(self.settings.outbox.poll_interval_s)
+                self.wake.clear()
+
+    def report_due(self) -> bool:
+        """Report one batch of due results; True when any was settled or deferred."""
+        due = self.db.due_commitments(BATCH)
+        for c in due:
+            self._report(c)
+        return bool(due)
+
+    def _report(self, c: Commitment) -> None:
+        cfg = self.settings.storage_commitment
+        peer = cfg.address_of(c.calling_aet)
+        if peer is None:
+            why = f"no address for {c.calling_aet} in [[storage_commitment.report_to]] any more"
+        elif now() - c.requested_at > cfg.give_up_h * 3600:
+            why = f"not taken in {cfg.give_up_h:g} h (storage_commitment.give_up_h)"
+        else:
+            try:
+                self._send(peer, c)
+            except (DeliveryError, OSError) as exc:
+                outbox = self.settings.outbox
+                delay = min(outbox.backoff_base_s * 2 ** min(c.attempts, 20), outbox.backoff_max_s)
+                self.db.commitment_retry(c, str(exc), delay)
+                log.warning(
+                    "storage commitment %s: result not taken by %s, again in %.3g s: %s",
+                    c.transaction_uid,
+                    c.calling_aet,
+                    delay,
+                    exc,
+                )
+                return
+            self.db.commitment_reported(c)
+            log.info(
+                "storage commitment %s: result reported to %s (%d committed, %d failed)",
+                c.transaction_uid,
+                c.calling_aet,
+                len(c.committed),
+                len(c.failed),
+            )
+            return
+        self.db.commitment_given_up(c, why)
+        log.error(
+            "storage commitment %s from %s given up: %s", c.transaction_uid, c.calling_aet, why
+        )
+
+    def _send(self, peer: Any, c: Commitment) -> None:
+        timeout = self.settings.outbox.timeout_s
+        assoc = associate(
+            peer,
+            [build_context(PUSH_MODEL)],
+            self.settings.ae_title,
+            timeout,
+            # the node is the SCP of Storage Commitment on an association it requests
+            ext_neg=[build_role(PUSH_MODEL, scp_role=True)],
+        )
+        try:
+            event_type, info = event_information(c)
+            try:
+                status, _ = assoc.send_n_event_report(
+                    info, event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE
+                )
+            except ValueError as exc:  # no context on which the node is SCP
+                raise DeliveryError(
+                    f"{peer.name} did not accept the node as SCP of Storage Commitment "
+                    f"(SCP/SCU role selection): {exc}"
+                ) from None
+            if not status or "Status" not in status:
+                raise DeliveryError(f"{peer.name}: no N-EVENT-REPORT response (connection lost)")
+            if int(status.Status) != SUCCESS:
+                raise DeliveryError(
+                    f"{peer.name} answered the N-EVENT-REPORT 0x{int(status.Status):04X}"
+                )
+        finally:
+            if assoc.is_established:
+                assoc.release()

@@ -1,0 +1,288 @@
+"""Storage commitment (PS3.4 Annex J, Push Model) as SCP: a suite asks whether the node
+holds what it sent, and takes the result on an association of the node's (the
+asynchronous mode). Real associations both ways: the suite is pynetdicom, an
+N-ACTION SCU and an N-EVENT-REPORT acceptor; with a real Orthanc as the requester in
+tests/test_orthanc_integration.py."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage, XRayAngiographicImageStorage, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
+from tests.conftest import free_port, wait_for
+from tests.dicomgen import xa_run
+from tests.test_cli import _cli
+from tests.test_ingest import _send
+
+
+class Suite:
+    """An angio suite's storage commitment side: it asks (N-ACTION) and listens for
+    the results (N-EVENT-REPORT, the node being SCP on the node's association)."""
+
+    def __init__(self, ae_title: str = "SUITE") -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.reports: queue.Queue[tuple[str, int, Dataset]] = queue.Queue()
+        self.server: Any = None
+
+    def address(self) -> dict[str, Any]:
+        return {
+            "name": self.ae_title.lower(),
+            "ae_title": self.ae_title,
+            "host": "127.0.0.1",
+            "port": self.port,
+        }
+
+    def listen(self) -> None:
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
+
+        def on_report(event: Any) -> tuple[int, None]:
+            self.reports.put(
+                (
+                    str(event.assoc.requestor.ae_title).strip(),
+                    int(event.request.EventTypeID),
+                    event.event_information,
+                )
+            )
+            return 0x0000, None
+
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        )
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def ask(
+        self,
+        node: Any,
+        references: list[tuple[str, str]] | None,
+        transaction: str | None = None,
+        action_type: int = 1,
+        instance: str = PUSH_MODEL_INSTANCE,
+        calling: str | None = None,
+    ) -> Dataset:
+        """One N-ACTION; its response's status data set. The association must go on."""
+        ae = AE(ae_title=calling or self.ae_title)
+        ae.add_requested_context(PUSH_MODEL)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+        assert assoc.is_established
+        try:
+            info = Dataset()
+            if transaction is not None:
+                info.TransactionUID = transaction
+            if references is not None:
+                info.ReferencedSOPSequence = []
+                for sop_class, sop in references:
+                    item = Dataset()
+                    item.ReferencedSOPClassUID = sop_class
+                    item.ReferencedSOPInstanceUID = sop
+                    info.ReferencedSOPSequence.append(item)
+            status, _ = assoc.send_n_action(info, action_type, PUSH_MODEL, instance)
+            assert "Status" in status
+            assert int(assoc.send_c_echo().Status) == 0x0000  # the association goes on
+            return status
+        finally:
+            assoc.release()
+
+
+@pytest.fixture
+def suite() -> Any:
+    s = Suite()
+    yield s
+    s.close()
+
+
+def _report(suite: Suite, timeout: float = 30) -> tuple[str, int, Dataset]:
+    return suite.reports.get(timeout=timeout)
+
+
+def test_a_suite_is_told_which_instances_the_node_holds(make_node: Any, suite: Suite) -> None:
+    """Before, the node refused the storage commitment context: a suite set to ask for
+    commitment saw every run as not stored. Now the result comes on the node's own
+    association: the instances held with their class are committed, one never
+    received fails 0x0112, one held under another class 0x0119; asked again (the same
+    Transaction UID), it is reported again."""
+    suite.listen()
+    node = make_node(rules=[], storage_commitment={"report_to": [suite.address()]})
+    runs = [xa_run(frames=2, seed=i) for i in range(3)]
+    for ds in runs:
+        assert _send(node, ds, calling="SUITE") == 0x0000
+    held = [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID)) for ds in runs]
+    never = (XRayAngiographicImageStorage, generate_uid())
+    other_class = (SecondaryCaptureImageStorage, str(runs[0].SOPInstanceUID))
+    transaction = generate_uid()
+
+    status = suite.ask(node, [*held, never, other_class], transaction)
+    assert int(status.Status) == 0x0000
+
+    calling, event_type, info = _report(suite)
+    assert calling == node.settings.ae_title
+    assert event_type == 2  # failures exist
+    assert info.TransactionUID == transaction
+    committed = {
+        (i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence
+    }
+    assert committed == set(held)
+    failed = {
+        (i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID): int(i.FailureReason)
+        for i in info.FailedSOPSequence
+    }
+    assert failed == {never: 0x0112, other_class: 0x0119}
+    wait_for(
+        lambda: node.db.status_summary()["storage_commitments"] == {"reported": 1},
+        10,
+        what="the result recorded as taken",
+    )
+
+    # all held: event type 1, no failed sequence; the same transaction asked again
+    assert int(suite.ask(node, held, transaction).Status) == 0x0000
+    _, event_type, info = _report(suite)
+    assert event_type == 1 and "FailedSOPSequence" not in info
+    assert len(info.ReferencedSOPSequence) == 3
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "words"),
+    [
+        ("unknown sender", 0x0124, "no address"),
+        ("action type 2", 0x0123, "Action Type ID"),
+        ("another SOP instance", 0x0117, PUSH_MODEL_INSTANCE),
+        ("no transaction UID", 0x0115, "Transaction UID"),
+        ("transaction UID not a UID", 0x0115, "Transaction UID"),
+        ("no references", 0x0115, "Referenced SOP Sequence"),
+        ("an empty sequence", 0x0115, "Referenced SOP Sequence"),
+        ("a reference without its class", 0x0115, "item 2"),
+        ("a reference not a UID", 0x0115, "item 1"),
+        ("more than max_instances", 0x0213, "max_instances"),
+        ("another sender's transaction", 0x0210, "another sender"),
+    ],
+)
+def test_a_request_the_node_cannot_take_is_refused_with_why(
+    make_node: Any, suite: Suite, case: str, status: int, words: str
+) -> None:
+    """Each answered with its status and an Error Comment that says why; the
+    association goes on (``Suite.ask`` echoes after), nothing is recorded, and the
+    node serves the next request."""
+    other = Suite("SUITE_B")
+    node = make_node(
+        rules=[],
+        storage_commitment={"report_to": [suite.address(), other.address()], "max_instances": 3},
+    )
+    ds = xa_run(frames=2)
+    assert _send(node, ds, calling="SUITE") == 0x0000
+    ref = (XRayAngiographicImageStorage, str(ds.SOPInstanceUID))
+    kwargs: dict[str, Any] = {"references": [ref], "transaction": generate_uid()}
+    if case == "unknown sender":
+        kwargs["calling"] = "NOT_LISTED"
+    elif case == "action type 2":
+        kwargs["action_type"] = 2
+    elif case == "another SOP instance":
+        kwargs["instance"] = generate_uid()
+    elif case == "no transaction UID":
+        kwargs["transaction"] = None
+    elif case == "transaction UID not a UID":
+        kwargs["transaction"] = "1.2.three"
+    elif case == "no references":
+        kwargs["references"] = None
+    elif case == "an empty sequence":
+        kwargs["references"] = []
+    elif case == "a reference without its class":
+        kwargs["references"] = [ref, ("", generate_uid())]
+    elif case == "a reference not a UID":
+        kwargs["references"] = [(XRayAngiographicImageStorage, "x" * 65)]
+    elif case == "more than max_instances":
+        kwargs["references"] = [ref] * 4
+    elif case == "another sender's transaction":
+        assert int(other.ask(node, [ref], kwargs["transaction"]).Status) == 0x0000
+    before = node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"]
+
+    answer = suite.ask(node, **kwargs)
+    assert int(answer.Status) == status
+    assert words in str(answer.ErrorComment)
+    assert node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"] == before
+    # and the next request is served
+    assert int(suite.ask(node, [ref], generate_uid()).Status) == 0x0000
+
+
+def test_an_acknowledged_request_is_reported_after_a_restart(make_node: Any, suite: Suite) -> None:
+    """The suite's listener is down when it asks; the node is stopped before it could
+    report, and started again: the result, as found when the request came, reaches the
+    suite once it listens. Given up only after ``give_up_h``, with the reason."""
+    node = make_node(rules=[], storage_commitment={"report_to": [suite.address()]})
+    ds = xa_run(frames=2)
+    assert _send(node, ds, calling="SUITE") == 0x0000
+    transaction = generate_uid()
+    assert (
+        int(
+            suite.ask(
+                node, [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))], transaction
+            ).Status
+        )
+        == 0
+    )
+    wait_for(
+        lambda: node.db.query("SELECT attempts FROM commitments")[0]["attempts"] >= 1,
+        10,
+        what="a first attempt to report",
+    )
+    error = node.db.query("SELECT state, error FROM commitments")[0]
+    assert error["state"] == "pending" and "127.0.0.1" in error["error"]
+    node.stop()
+
+    suite.listen()
+    again = make_node(rules=[], storage_commitment={"report_to": [suite.address()]})
+    _, event_type, info = _report(suite)
+    assert event_type == 1 and info.TransactionUID == transaction
+    assert info.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    wait_for(
+        lambda: again.db.status_summary()["storage_commitments"] == {"reported": 1},
+        10,
+        what="recorded",
+    )
+
+
+def test_a_result_nobody_takes_is_given_up_with_the_reason(
+    make_node: Any, suite: Suite, tmp_path: Path
+) -> None:
+    node = make_node(
+        rules=[], storage_commitment={"report_to": [suite.address()], "give_up_h": 1 / 3600}
+    )
+    ds = xa_run(frames=2)
+    assert _send(node, ds, calling="SUITE") == 0x0000
+    assert (
+        int(
+            suite.ask(
+                node, [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))], generate_uid()
+            ).Status
+        )
+        == 0
+    )
+    wait_for(
+        lambda: node.db.status_summary()["storage_commitments"] == {"given_up": 1},
+        20,
+        what="given up",
+    )
+    row = node.db.query("SELECT error FROM commitments")[0]
+    assert "give_up_h" in row["error"]
+    # an operator sees it, with why, in dicom-node status
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(f'storage_dir = "{node.settings.storage_dir}"\n[api]\nport = {node.api_port}\n')
+    out = _cli("status", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "storage_commitments: given_up 1" in out.stdout
+    assert "from SUITE given_up after" in out.stdout and "give_up_h" in out.stdout
