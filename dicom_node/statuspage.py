@@ -207,6 +207,21 @@ def render(
             )
         out.append("</table>")
 
+    commitments = db.commitments_by_sender()
+    if commitments or settings.storage_commitment.report_to:
+        out.append("<h2>Storage commitment</h2>")
+        out.append('<table id="commitments"><tr><th>requester</th><th>pending</th>')
+        out.append(
+            "<th>reported</th><th>given up</th><th>last reported</th><th>last error</th></tr>"
+        )
+        for c in commitments:
+            out.append(
+                f"<tr><td>{escape(c['calling_aet'])}</td><td>{c['pending']}</td>"
+                f"<td>{c['reported']}</td><td>{c['given_up']}</td><td>{_t(c['last_reported'])}</td>"
+                f"<td>{escape(c['last_error'] or '')}</td></tr>"
+            )
+        out.append("</table>")
+
     out.append("<h2>Model packages</h2>")
     if not settings.models:
         out.append("<p class=muted>none configured: every pipeline runs its classical path</p>")

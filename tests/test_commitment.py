@@ -7,16 +7,21 @@ tests/test_orthanc_integration.py."""
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage, XRayAngiographicImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
+from dicom_node.db import Database
+from dicom_node.errors import ConfigError
+from dicom_node.settings import load_settings
 from tests.conftest import free_port, wait_for
 from tests.dicomgen import xa_run
 from tests.test_cli import _cli
@@ -286,3 +291,26 @@ def test_a_result_nobody_takes_is_given_up_with_the_reason(
     assert out.returncode == 0, out.stderr
     assert "storage_commitments: given_up 1" in out.stdout
     assert "from SUITE given_up after" in out.stdout and "give_up_h" in out.stdout
+    page = requests.get(f"http://127.0.0.1:{node.api_port}/", timeout=10).text
+    row = page[page.index('<table id="commitments">') :].split("</table>")[0]
+    assert "<td>SUITE</td><td>0</td><td>0</td><td>1</td>" in row and "give_up_h" in row
+
+
+def test_settled_requests_are_forgotten_pending_ones_kept(tmp_path: Path) -> None:
+    """The index keeps a request's row a week after it settled (``KEEP_SETTLED_S``):
+    a pending one, whatever its age, stays until reported or given up."""
+    db = Database(tmp_path / "index.sqlite")
+    uids = [generate_uid() for _ in range(3)]
+    rows = [db.request_commitment(u, "SUITE", [(XRayAngiographicImageStorage, u)]) for u in uids]
+    assert all(r.failed and not r.committed for r in rows)  # none of them is held
+    db.commitment_reported(rows[0])
+    db.commitment_given_up(rows[1], "not taken")
+    assert db.forget_commitments(before=rows[0].requested_at) == 0
+    assert db.forget_commitments(before=time.time() + 1) == 2
+    assert [r["transaction_uid"] for r in db.query("SELECT * FROM commitments")] == [uids[2]]
+
+
+def test_one_report_address_per_ae_title() -> None:
+    suite = Suite().address()
+    with pytest.raises(ConfigError, match="one address per AE title"):
+        load_settings(None, environ={}, storage_commitment={"report_to": [suite, suite]})

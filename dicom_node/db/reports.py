@@ -207,6 +207,18 @@ class Reports(Core):
         )
         return [dict(r) for r in rows]
 
+    def commitments_by_sender(self) -> list[dict[str, Any]]:
+        """Per requester: storage commitment results by state, the last reported, the
+        last error."""
+        rows = self.query(
+            "SELECT calling_aet, SUM(state='pending') pending, SUM(state='reported') reported,"
+            " SUM(state='given_up') given_up, MAX(reported_at) last_reported,"
+            " (SELECT error FROM commitments c2 WHERE c2.calling_aet=c.calling_aet AND"
+            " c2.error IS NOT NULL ORDER BY c2.requested_at DESC LIMIT 1) last_error"
+            " FROM commitments c GROUP BY calling_aet ORDER BY calling_aet"
+        )
+        return [dict(r) for r in rows]
+
     def jobs_for(
         self,
         *,
