@@ -607,9 +607,9 @@ wait_s = 300
         )
         return bool(busy) and busy[0]["n"] == 0
 
-    def send(self, datasets: list[Any]) -> list[str]:
-        """C-STORE to the node; the SOP Instance UIDs acknowledged."""
-        ae = AE(ae_title="MODALITY")
+    def send(self, datasets: list[Any], calling: str = "MODALITY") -> list[str]:
+        """C-STORE to the node as ``calling``; the SOP Instance UIDs acknowledged."""
+        ae = AE(ae_title=calling)
         ae.add_requested_context(XRayAngiographicImageStorage)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         assoc = ae.associate("127.0.0.1", self.port, ae_title="ANGIO_NODE")
