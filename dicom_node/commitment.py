@@ -29,8 +29,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_role
 from pynetdicom.presentation import build_context
 
-from dicom_node.db import Commitment, Database, DuplicateTransaction, now
-from dicom_node.diskfull import Waiting, describe, storage_fault
+from dicom_node.db import Commitment, Database, DuplicateTransaction, TooManyListed, now
+from dicom_node.diskfull import Waiting, storage_fault
 from dicom_node.errors import DeliveryError
 from dicom_node.senders import associate
 from dicom_node.settings import Settings
@@ -65,7 +65,7 @@ class Refused(Exception):
 def _uid(value: Any, what: str) -> str:
     text = str(value or "").strip()
     if not text or len(text) > 64 or not UID_RE.match(text):
-        raise Refused(INVALID_ARGUMENT, f"{what} is missing or not a UID")
+        raise Refused(INVALID_ARGUMENT, f"{what}: missing or not a UID")
     return text
 
 
@@ -77,13 +77,11 @@ def parse_request(
     if action_type != REQUEST_COMMITMENT:
         raise Refused(NO_SUCH_ACTION, f"Action Type ID {action_type}: only 1 (request commitment)")
     if str(instance_uid or "") != PUSH_MODEL_INSTANCE:
-        raise Refused(
-            INVALID_INSTANCE, f"the Requested SOP Instance UID must be {PUSH_MODEL_INSTANCE}"
-        )
+        raise Refused(INVALID_INSTANCE, f"Requested SOP Instance UID must be {PUSH_MODEL_INSTANCE}")
     try:
         ds = information()
         if ds is None:
-            raise Refused(INVALID_ARGUMENT, "the request has no Action Information")
+            raise Refused(INVALID_ARGUMENT, "no Action Information")
         transaction = _uid(ds.get("TransactionUID"), "Transaction UID (0008,1195)")
         items = ds.get("ReferencedSOPSequence")
         if not items:
@@ -91,16 +89,12 @@ def parse_request(
         if len(items) > limit:
             raise Refused(
                 RESOURCE_LIMITATION,
-                f"{len(items)} instances listed, more than storage_commitment.max_instances "
-                f"({limit}): ask for them in parts",
+                f"{len(items)} instances listed, over storage_commitment.max_instances",
             )
         references = [
             (
-                _uid(item.get("ReferencedSOPClassUID"), f"item {i + 1}'s Referenced SOP Class UID"),
-                _uid(
-                    item.get("ReferencedSOPInstanceUID"),
-                    f"item {i + 1}'s Referenced SOP Instance UID",
-                ),
+                _uid(item.get("ReferencedSOPClassUID"), f"item {i + 1}'s SOP Class UID"),
+                _uid(item.get("ReferencedSOPInstanceUID"), f"item {i + 1}'s SOP Instance UID"),
             )
             for i, item in enumerate(items)
         ]
@@ -108,7 +102,7 @@ def parse_request(
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
         raise Refused(
-            INVALID_ARGUMENT, f"the Action Information cannot be decoded ({type(exc).__name__})"
+            INVALID_ARGUMENT, f"Action Information cannot be decoded ({type(exc).__name__})"
         ) from None
     return transaction, references
 
@@ -160,26 +154,29 @@ class StorageCommitment:
         status = Dataset()
         try:
             if cfg.address_of(calling_aet) is None:
-                raise Refused(
-                    NOT_AUTHORISED,
-                    f"no address to report the result to {calling_aet}: list it in "
-                    "[[storage_commitment.report_to]]",
-                )
+                raise Refused(NOT_AUTHORISED, f"{calling_aet} not in storage_commitment.report_to")
             transaction, references = parse_request(
                 action_type, instance_uid, information, cfg.max_instances
             )
             try:
-                c = self.db.request_commitment(transaction, calling_aet, references)
+                c = self.db.request_commitment(
+                    transaction, calling_aet, references, cfg.max_listed_per_sender
+                )
             except DuplicateTransaction:
                 raise Refused(
-                    DUPLICATE_INVOCATION, "the Transaction UID is another sender's request"
+                    DUPLICATE_INVOCATION, "Transaction UID is another sender's request"
+                ) from None
+            except TooManyListed as many:
+                raise Refused(
+                    RESOURCE_LIMITATION,
+                    f"{many} listed in requests not reported: max_listed_per_sender",
                 ) from None
             except Exception as exc:
                 fault = storage_fault(exc)
                 if fault is None:
                     raise
                 raise Refused(
-                    RESOURCE_LIMITATION, f"cannot record it now: {describe(fault)}"
+                    RESOURCE_LIMITATION, f"cannot record it now: storage {fault}"
                 ) from None
         except Refused as refused:
             log.warning(
@@ -189,7 +186,7 @@ class StorageCommitment:
                 refused,
             )
             status.Status = refused.status
-            status.ErrorComment = str(refused)[:64]  # LO
+            status.ErrorComment = str(refused)[:64]  # LO: each reason is written to fit
             return status
         log.info(
             "storage commitment %s from %s: %d of %d instance(s) held",

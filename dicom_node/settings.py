@@ -568,6 +568,13 @@ class CommitmentSettings(Strict):
     max_instances: int = Field(
         50_000, ge=1, description="instances one request may list (more: 0x0213)"
     )
+    max_listed_per_sender: int = Field(
+        500_000,
+        ge=1,
+        description="instances the index keeps listed in one sender's requests: past it, "
+        "its oldest reported requests are forgotten; a request while those not yet "
+        "reported list more is refused (0x0213)",
+    )
     give_up_h: float = Field(
         24.0,
         gt=0,

@@ -14,12 +14,19 @@ from typing import Any
 import pytest
 import requests
 from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage, XRayAngiographicImageStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage as CT,
+)
+from pydicom.uid import (
+    SecondaryCaptureImageStorage,
+    XRayAngiographicImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
-from dicom_node.db import Database
+from dicom_node.db import Database, TooManyListed
 from dicom_node.errors import ConfigError
 from dicom_node.settings import load_settings
 from tests.conftest import free_port, wait_for
@@ -164,17 +171,18 @@ def test_a_suite_is_told_which_instances_the_node_holds(make_node: Any, suite: S
 @pytest.mark.parametrize(
     ("case", "status", "words"),
     [
-        ("unknown sender", 0x0124, "no address"),
+        ("unknown sender", 0x0124, "NOT_LISTED not in storage_commitment.report_to"),
         ("action type 2", 0x0123, "Action Type ID"),
         ("another SOP instance", 0x0117, PUSH_MODEL_INSTANCE),
         ("no transaction UID", 0x0115, "Transaction UID"),
         ("transaction UID not a UID", 0x0115, "Transaction UID"),
         ("no references", 0x0115, "Referenced SOP Sequence"),
         ("an empty sequence", 0x0115, "Referenced SOP Sequence"),
-        ("a reference without its class", 0x0115, "item 2"),
-        ("a reference not a UID", 0x0115, "item 1"),
+        ("a reference without its class", 0x0115, "item 2's SOP Class UID"),
+        ("a reference not a UID", 0x0115, "item 1's SOP Instance UID"),
         ("more than max_instances", 0x0213, "max_instances"),
         ("another sender's transaction", 0x0210, "another sender"),
+        ("more listed than max_listed_per_sender", 0x0213, "max_listed_per_sender"),
     ],
 )
 def test_a_request_the_node_cannot_take_is_refused_with_why(
@@ -186,7 +194,11 @@ def test_a_request_the_node_cannot_take_is_refused_with_why(
     other = Suite("SUITE_B")
     node = make_node(
         rules=[],
-        storage_commitment={"report_to": [suite.address(), other.address()], "max_instances": 3},
+        storage_commitment={
+            "report_to": [suite.address(), other.address()],
+            "max_instances": 3,
+            "max_listed_per_sender": 3,  # the suite does not listen: its requests wait
+        },
     )
     ds = xa_run(frames=2)
     assert _send(node, ds, calling="SUITE") == 0x0000
@@ -212,6 +224,9 @@ def test_a_request_the_node_cannot_take_is_refused_with_why(
         kwargs["references"] = [(XRayAngiographicImageStorage, "x" * 65)]
     elif case == "more than max_instances":
         kwargs["references"] = [ref] * 4
+    elif case == "more listed than max_listed_per_sender":
+        assert int(suite.ask(node, [ref], generate_uid()).Status) == 0x0000
+        kwargs["references"] = [ref] * 3
     elif case == "another sender's transaction":
         assert int(other.ask(node, [ref], kwargs["transaction"]).Status) == 0x0000
     before = node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"]
@@ -219,6 +234,7 @@ def test_a_request_the_node_cannot_take_is_refused_with_why(
     answer = suite.ask(node, **kwargs)
     assert int(answer.Status) == status
     assert words in str(answer.ErrorComment)
+    assert len(str(answer.ErrorComment)) < 64  # an LO value: each reason fits, whole
     assert node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"] == before
     # and the next request is served
     assert int(suite.ask(node, [ref], generate_uid()).Status) == 0x0000
@@ -297,15 +313,31 @@ def test_a_result_nobody_takes_is_given_up_with_the_reason(
 
 
 def test_settled_requests_are_forgotten_pending_ones_kept(tmp_path: Path) -> None:
-    """The index keeps a request's row a week after it settled (``KEEP_SETTLED_S``):
-    a pending one, whatever its age, stays until reported or given up."""
+    """The index keeps a request's row a week after it settled (``KEEP_SETTLED_S``),
+    or until its sender's requests list more than ``max_listed`` (a sender could grow
+    the index without end with new Transaction UIDs): a pending one, whatever its age,
+    stays until reported or given up."""
     db = Database(tmp_path / "index.sqlite")
     uids = [generate_uid() for _ in range(3)]
     rows = [db.request_commitment(u, "SUITE", [(XRayAngiographicImageStorage, u)]) for u in uids]
     assert all(r.failed and not r.committed for r in rows)  # none of them is held
     db.commitment_reported(rows[0])
     db.commitment_given_up(rows[1], "not taken")
-    assert db.forget_commitments(before=rows[0].requested_at) == 0
+    # past max_listed, the sender's oldest settled request is forgotten first; its
+    # requests not reported are never forgotten: a request past it is refused
+    with pytest.raises(TooManyListed):
+        db.request_commitment(
+            generate_uid(), "SUITE", [(XRayAngiographicImageStorage, "1.2")] * 3, 3
+        )
+    assert len(db.query("SELECT * FROM commitments")) == 3  # rolled back
+    fourth = db.request_commitment(generate_uid(), "SUITE", [(CT, "1.2")], max_listed=3)
+    assert {r["transaction_uid"] for r in db.query("SELECT * FROM commitments")} == {
+        uids[1],
+        uids[2],
+        fourth.transaction_uid,
+    }
+    db.commitment_reported(fourth)
+    assert db.forget_commitments(before=rows[1].requested_at) == 0
     assert db.forget_commitments(before=time.time() + 1) == 2
     assert [r["transaction_uid"] for r in db.query("SELECT * FROM commitments")] == [uids[2]]
 

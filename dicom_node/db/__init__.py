@@ -26,7 +26,7 @@ take the same job or delivery.
 
 from __future__ import annotations
 
-from dicom_node.db.commitments import Commitments, DuplicateTransaction
+from dicom_node.db.commitments import Commitments, DuplicateTransaction, TooManyListed
 from dicom_node.db.core import Core
 from dicom_node.db.deliveries import Deliveries
 from dicom_node.db.jobs import Cancelled, Jobs
@@ -73,6 +73,7 @@ __all__ = [
     "ResultFile",
     "RunState",
     "StateError",
+    "TooManyListed",
     "now",
 ]
 

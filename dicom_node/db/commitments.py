@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import Commitment, CommitmentState, now
@@ -18,18 +19,31 @@ class DuplicateTransaction(Exception):
     """The Transaction UID is another sender's request."""
 
 
+class TooManyListed(Exception):
+    """The sender's requests not yet reported list too many instances already."""
+
+
 class Commitments(Core):
     """Storage commitment: pending -> reported | given_up; a request repeated by its
     sender (the same Transaction UID) is answered again, from what is held then."""
 
     def request_commitment(
-        self, transaction_uid: str, calling_aet: str, references: Sequence[tuple[str, str]]
+        self,
+        transaction_uid: str,
+        calling_aet: str,
+        references: Sequence[tuple[str, str]],
+        max_listed: int | None = None,
     ) -> Commitment:
         """Record a request and what the index holds of ``references`` (SOP Class and
         Instance UIDs) in one transaction: an instance indexed with that class is
         committed (its file was written, synced and renamed before it was indexed), one
         indexed with another class fails 0x0119, one not held 0x0112. Raises
-        ``DuplicateTransaction`` when the UID is another sender's request."""
+        ``DuplicateTransaction`` when the UID is another sender's request.
+
+        ``max_listed`` bounds what one sender's rows hold (a sender could otherwise
+        grow the index without end with requests of new Transaction UIDs): past it,
+        its oldest settled requests are forgotten, and a request is refused
+        (``TooManyListed``) when its requests still to be reported alone pass it."""
         with self._tx() as con:
             row = con.execute(
                 "SELECT calling_aet FROM commitments WHERE transaction_uid=?", (transaction_uid,)
@@ -59,19 +73,42 @@ class Commitments(Core):
             at = now()
             con.execute(
                 "INSERT OR REPLACE INTO commitments (transaction_uid, calling_aet, "
-                "requested_at, committed, failed, state, attempts, not_before) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                "requested_at, committed, failed, listed, state, attempts, not_before) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
                 (
                     transaction_uid,
                     calling_aet,
                     at,
                     json.dumps(committed),
                     json.dumps(failed),
+                    len(references),
                     CommitmentState.PENDING,
                     at,
                 ),
             )
+            if max_listed is not None:
+                self._keep_within(con, calling_aet, max_listed)
         return Commitment(transaction_uid, calling_aet, at, committed, failed, 0)
+
+    @staticmethod
+    def _keep_within(con: Any, calling_aet: str, max_listed: int) -> None:
+        rows = con.execute(
+            "SELECT transaction_uid, state, listed FROM commitments WHERE calling_aet=? "
+            "ORDER BY requested_at",
+            (calling_aet,),
+        ).fetchall()
+        total = sum(r["listed"] for r in rows)
+        pending = sum(r["listed"] for r in rows if r["state"] == CommitmentState.PENDING)
+        if pending > max_listed:
+            raise TooManyListed(pending)
+        for r in rows:
+            if total <= max_listed:
+                break
+            if r["state"] != CommitmentState.PENDING:
+                con.execute(
+                    "DELETE FROM commitments WHERE transaction_uid=?", (r["transaction_uid"],)
+                )
+                total -= r["listed"]
 
     def due_commitments(self, limit: int) -> list[Commitment]:
         """Results due to be reported now, oldest first."""

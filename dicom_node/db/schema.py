@@ -90,6 +90,7 @@ CREATE TABLE IF NOT EXISTS commitments (
     requested_at    REAL NOT NULL,
     committed       TEXT NOT NULL,  -- JSON [[SOP Class UID, SOP Instance UID], ...]
     failed          TEXT NOT NULL,  -- JSON [[SOP Class UID, SOP Instance UID, reason], ...]
+    listed          INTEGER NOT NULL,  -- how many instances it lists
     state           TEXT NOT NULL,  -- pending | reported | given_up
     attempts        INTEGER NOT NULL DEFAULT 0,
     not_before      REAL NOT NULL,
@@ -97,6 +98,7 @@ CREATE TABLE IF NOT EXISTS commitments (
     reported_at     REAL
 );
 CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state, not_before);
+CREATE INDEX IF NOT EXISTS commitments_sender ON commitments(calling_aet, requested_at);
 
 -- index_id: this index's identity, part of every Temporal workflow ID it starts
 CREATE TABLE IF NOT EXISTS meta (
