@@ -1042,7 +1042,8 @@ def test_a_step_back_of_the_wall_clock_holds_back_no_run(make_node: Any, monkeyp
 
 
 def test_retries_timed_before_a_clock_step_are_due_after_it(tmp_path: Path) -> None:
-    """A job's or delivery's next try is at most its longest backoff ahead: one further
+    """A job's, delivery's or storage commitment result's next try is at most its
+    longest backoff ahead: one further
     ahead was timed before the wall clock was stepped back, and is due now (it waited
     for the clock to catch up: the size of the step)."""
     from dicom_node.db import ResultFile
@@ -1060,9 +1061,14 @@ def test_retries_timed_before_a_clock_step_are_due_after_it(tmp_path: Path) -> N
     (delivery,) = db.due_deliveries(10)
     db.delivery_retry(delivery, "destination down", 7200)
     assert db.due_deliveries(10) == []
-    assert db.after_a_clock_step(time.time(), 300, 300) == 2
+    # a storage commitment result retried with the outbox's backoff
+    commitment = db.request_commitment("1.2.9", "SUITE", [("1.2.3", "1.2.3.4")])
+    db.commitment_retry(commitment, "suite down", 7200)
+    assert db.due_commitments(10) == []
+    assert db.after_a_clock_step(time.time(), 300, 300) == 3
     assert db.claim_job("w", 60, 3) is not None
     assert [d.id for d in db.due_deliveries(10)] == [delivery.id]
+    assert [c.transaction_uid for c in db.due_commitments(10)] == ["1.2.9"]
     assert db.after_a_clock_step(time.time(), 300, 300) == 0
 
 

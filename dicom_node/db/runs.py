@@ -11,6 +11,7 @@ from dicom_node.db.core import Core
 from dicom_node.db.records import (
     SENDER,
     SETTLED_RUN_STATES,
+    CommitmentState,
     DeliveryState,
     InstanceConflict,
     InstanceRecord,
@@ -171,8 +172,9 @@ class Runs(Core):
         """Times the index holds ahead of the wall clock, which was stepped back (NTP, a
         virtual machine restored from a snapshot): a receiving run's last instance
         becomes ``t`` (it completes one quiet period from now, not once the clock has
-        caught up), and a queued job's or pending delivery's next try further ahead than
-        its longest backoff is due now. Returns how many rows moved."""
+        caught up), and a queued job's, pending delivery's or storage commitment
+        result's next try further ahead than its longest backoff is due now. Returns how
+        many rows moved."""
         with self._tx() as con:
             moved = con.execute(
                 "UPDATE runs SET last_at=? WHERE state=? AND last_at > ?",
@@ -189,6 +191,10 @@ class Runs(Core):
             moved += con.execute(
                 "UPDATE outbox SET not_before=? WHERE state=? AND not_before > ?",
                 (t, DeliveryState.PENDING, t + delivery_backoff_s + 1.0),
+            ).rowcount
+            moved += con.execute(  # a storage commitment result: the outbox's backoff
+                "UPDATE commitments SET not_before=? WHERE state=? AND not_before > ?",
+                (t, CommitmentState.PENDING, t + delivery_backoff_s + 1.0),
             ).rowcount
         return int(moved)
 
