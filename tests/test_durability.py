@@ -1043,9 +1043,9 @@ def test_a_step_back_of_the_wall_clock_holds_back_no_run(make_node: Any, monkeyp
 
 def test_retries_timed_before_a_clock_step_are_due_after_it(tmp_path: Path) -> None:
     """A job's, delivery's or storage commitment result's next try is at most its
-    longest backoff ahead: one further
-    ahead was timed before the wall clock was stepped back, and is due now (it waited
-    for the clock to catch up: the size of the step)."""
+    longest backoff ahead: one further ahead was timed before the wall clock was
+    stepped back, and is due now (it waited for the clock to catch up: the size of
+    the step)."""
     from dicom_node.db import ResultFile
     from tests.test_scale_out import _routed_job
 
