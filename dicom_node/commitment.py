@@ -137,7 +137,14 @@ class StorageCommitment:
         self.settings = settings
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="commitment", daemon=True)
+        # One thread per requester, so that one whose address hangs (each attempt
+        # waits up to [outbox] timeout_s) holds back no other's results; one more
+        # gives up those of requesters no longer listed.
+        titles = [p.ae_title for p in settings.storage_commitment.report_to]
+        self.threads = [
+            threading.Thread(target=self._loop, args=(t,), name=f"commitment-{t}", daemon=True)
+            for t in titles
+        ] + [threading.Thread(target=self._loop, args=(None,), name="commitment", daemon=True)]
         self._forgotten_at = 0.0
 
     # -- N-ACTION ------------------------------------------------------------
@@ -201,20 +208,22 @@ class StorageCommitment:
 
     # -- N-EVENT-REPORT ------------------------------------------------------
     def start(self) -> None:
-        self.thread.start()
+        for t in self.threads:
+            t.start()
 
     def stop(self, timeout: float = 30) -> None:
         self.stop_event.set()
         self.wake.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout)
+        for t in self.threads:
+            if t.is_alive():
+                t.join(timeout)
 
-    def _loop(self) -> None:
-        full = Waiting("storage commitment", self.db)
+    def _loop(self, requester: str | None) -> None:
+        full = Waiting(f"storage commitment ({requester or 'other'})", self.db)
         while not self.stop_event.is_set():
             try:
-                busy = self.report_due()
-                if now() - self._forgotten_at > 3600:
+                busy = self.report_due(requester)
+                if requester is None and now() - self._forgotten_at > 3600:
                     self.db.forget_commitments(now() - KEEP_SETTLED_S)
                     self._forgotten_at = now()
                 full.passed()
@@ -228,10 +237,14 @@ class StorageCommitment:
                 self.wake.wait(self.settings.outbox.poll_interval_s)
                 self.wake.clear()
 
-    def report_due(self) -> bool:
-        """Report one batch of due results; True when any was settled or deferred."""
-        due = self.db.due_commitments(BATCH)
+    def report_due(self, requester: str | None = None) -> bool:
+        """Report one batch of the results due to ``requester`` (None: give up those
+        of requesters no longer listed); True when any was settled or deferred."""
+        listed = [p.ae_title for p in self.settings.storage_commitment.report_to]
+        due = self.db.due_commitments(BATCH, requester, not_of=listed)
         for c in due:
+            if self.stop_event.is_set():
+                break
             self._report(c)
         return bool(due)
 

@@ -7,6 +7,7 @@ tests/test_orthanc_integration.py."""
 from __future__ import annotations
 
 import queue
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,32 @@ def test_one_report_address_per_ae_title() -> None:
     suite = Suite().address()
     with pytest.raises(ConfigError, match="one address per AE title"):
         load_settings(None, environ={}, storage_commitment={"report_to": [suite, suite]})
+
+
+def test_a_requester_whose_address_hangs_holds_back_no_other(make_node: Any, suite: Suite) -> None:
+    """A suite whose listener takes the connection and never answers holds its own
+    report's attempt for ``[outbox] timeout_s``; another suite's result comes at once
+    all the same (one reporting thread per requester)."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # accepts (the kernel's backlog), never answers
+    silent = {"name": "silent", "ae_title": "SILENT", "host": "127.0.0.1"}
+    silent["port"] = hung.getsockname()[1]
+    suite.listen()
+    node = make_node(
+        rules=[],
+        outbox={"timeout_s": 30},
+        storage_commitment={"report_to": [silent, suite.address()]},
+    )
+    try:
+        ds = xa_run(frames=2)
+        assert _send(node, ds, calling="SUITE") == 0x0000
+        ref = [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))]
+        assert int(Suite("SILENT").ask(node, ref, generate_uid()).Status) == 0x0000
+        time.sleep(1)  # its attempt under way
+        asked = time.monotonic()
+        assert int(suite.ask(node, ref, generate_uid()).Status) == 0x0000
+        _, event_type, _ = _report(suite, timeout=20)
+        assert event_type == 1 and time.monotonic() - asked < 10
+    finally:
+        hung.close()

@@ -110,12 +110,19 @@ class Commitments(Core):
                 )
                 total -= r["listed"]
 
-    def due_commitments(self, limit: int) -> list[Commitment]:
-        """Results due to be reported now, oldest first."""
+    def due_commitments(
+        self, limit: int, requester: str | None = None, not_of: Sequence[str] = ()
+    ) -> list[Commitment]:
+        """Results due to be reported now, oldest first: to ``requester`` when given,
+        else to any requester but those in ``not_of``."""
+        if requester is not None:
+            which, params = "calling_aet = ?", [requester]
+        else:
+            which, params = f"calling_aet NOT IN ({','.join('?' * len(not_of))})", list(not_of)
         rows = self.query(
-            "SELECT * FROM commitments WHERE state=? AND not_before <= ? "
+            f"SELECT * FROM commitments WHERE state=? AND not_before <= ? AND {which} "
             "ORDER BY requested_at LIMIT ?",
-            (CommitmentState.PENDING, now(), limit),
+            (CommitmentState.PENDING, now(), *params, limit),
         )
         return [
             Commitment(
