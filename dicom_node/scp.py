@@ -82,6 +82,12 @@ SPACE_CHECK_BYTES = 64 * 2**20
 # a message's command fragments in memory, so their sum is bounded here.
 MAX_COMMAND_BYTES = 64 * 1024
 C_STORE_RQ = 0x0001  # Command Field: only its data set goes to a file as it arrives
+N_ACTION_RQ = 0x0130
+# A storage commitment request's Action Information, held in memory too: bounded by
+# the most instances a request may list (storage_commitment.max_instances) at the
+# most bytes one can take (an item, two UIDs of 64 bytes and their headers), and
+# MAX_COMMAND_BYTES for the rest.
+COMMITMENT_ITEM_BYTES = 160
 A_ASSOCIATE_RQ, P_DATA_TF = b"\x01", b"\x04"  # PDU types (PS3.8 9.3.1)
 # The shortest Maximum Length Received a peer may ask for: a P-DATA PDU's
 # presentation data value needs six bytes of header and one of data (PS3.8 9.3.5).
@@ -174,8 +180,11 @@ class ReceiveLimits:
         min_free_bytes: int,
         receive_dir: Path | None = None,
         timeout_s: float = 60.0,
+        max_commitment_instances: int = 0,
     ) -> None:
         self.max_received_bytes = max_received_bytes
+        # a storage commitment request's data set (kept in memory, as pynetdicom does)
+        self.max_action_bytes = MAX_COMMAND_BYTES + COMMITMENT_ITEM_BYTES * max_commitment_instances
         self.spool_root = spool_root
         self.min_free_bytes = min_free_bytes
         self.receive_dir = receive_dir
@@ -232,6 +241,7 @@ class _GuardedSocket(AssociationSocket):
     command = b""  # the current message's command set, as it arrives
     held = False  # its data set is kept in memory (not a C-STORE request)
     held_bytes = 0
+    held_limit = MAX_COMMAND_BYTES  # larger for a storage commitment request
 
     def _refuse(self, reason: str) -> NoReturn:
         _log_end(self.assoc, "closed", reason)
@@ -283,11 +293,13 @@ class _GuardedSocket(AssociationSocket):
         self.command = b""
         self.held = False
         self.held_bytes = 0
+        self.held_limit = MAX_COMMAND_BYTES
 
     def _count_command(self, data: bytearray) -> str | None:
         """pynetdicom reads a PDU as its header, then its body, and keeps in memory a
         message's command set and, for any message but a C-STORE request, its data
-        set. In a P-DATA-TF body, each is bounded by ``MAX_COMMAND_BYTES``."""
+        set. In a P-DATA-TF body, each is bounded by ``MAX_COMMAND_BYTES``; the data
+        set of a storage commitment request by ``ReceiveLimits.max_action_bytes``."""
         header, self.header = self.header, None
         if header is None:
             self.header = bytes(data[:1])  # the next read is this PDU's body
@@ -309,24 +321,31 @@ class _GuardedSocket(AssociationSocket):
                 if len(self.command) > MAX_COMMAND_BYTES:
                     return f"a command set of more than {MAX_COMMAND_BYTES} bytes"
                 if control & 0x02:
-                    self.held = _command_field(self.command) != C_STORE_RQ
+                    field, requested = _command_field(self.command)
+                    self.held = field != C_STORE_RQ
+                    if field == N_ACTION_RQ and requested == PUSH_MODEL:
+                        self.held_limit = max(MAX_COMMAND_BYTES, self.limits.max_action_bytes)  # type: ignore[union-attr]
             elif self.held:
                 self.held_bytes += len(value)
-                if self.held_bytes > MAX_COMMAND_BYTES:
-                    return (
-                        f"a data set of more than {MAX_COMMAND_BYTES} bytes with a message "
-                        "other than a C-STORE request"
+                if self.held_bytes > self.held_limit:
+                    what = (
+                        "a storage commitment request (storage_commitment.max_instances)"
+                        if self.held_limit > MAX_COMMAND_BYTES
+                        else "a message other than a C-STORE request"
                     )
+                    return f"a data set of more than {self.held_limit} bytes with {what}"
         return None
 
 
-def _command_field(command: bytes) -> int | None:
-    """The Command Field (0000,0100) of a command set (implicit VR little endian)."""
+def _command_field(command: bytes) -> tuple[int | None, str]:
+    """The Command Field (0000,0100) of a command set (implicit VR little endian), and
+    its Requested SOP Class UID (0000,0003), "" when none."""
     try:
-        value = read_dataset(BytesIO(command), True, True).get("CommandField")
+        cs = read_dataset(BytesIO(command), True, True)
+        value, requested = cs.get("CommandField"), str(cs.get("RequestedSOPClassUID") or "")
     except Exception:  # noqa: BLE001 - a broken command set is pynetdicom's to answer
-        return None
-    return int(value) if isinstance(value, int) else None
+        return None, ""
+    return (int(value) if isinstance(value, int) else None), requested
 
 
 class _Arrival:
@@ -665,6 +684,7 @@ def make_ae(settings: Settings) -> AE:
         settings.min_free_bytes,
         Path(settings.storage_dir) / "tmp",
         settings.network_timeout_s,
+        settings.storage_commitment.max_instances,
     )
     ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.network_timeout = settings.network_timeout_s

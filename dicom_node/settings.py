@@ -566,7 +566,11 @@ class CommitmentSettings(Strict):
         "from an AE title not listed is refused (0x0124)",
     )
     max_instances: int = Field(
-        50_000, ge=1, description="instances one request may list (more: 0x0213)"
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="instances one request may list (more: 0x0213; its data set, held in "
+        "memory, past 160 bytes an instance: the connection is closed)",
     )
     max_listed_per_sender: int = Field(
         500_000,

@@ -6,6 +6,7 @@ tests/test_orthanc_integration.py."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import time
@@ -32,6 +33,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.settings import load_settings
 from tests.conftest import free_port, wait_for
 from tests.dicomgen import xa_run
+from tests.dimse_faults import commitment_info
 from tests.test_cli import _cli
 from tests.test_ingest import _send
 
@@ -376,3 +378,44 @@ def test_a_requester_whose_address_hangs_holds_back_no_other(make_node: Any, sui
         assert event_type == 1 and time.monotonic() - asked < 10
     finally:
         hung.close()
+
+
+def test_a_request_of_thousands_of_instances_is_taken_and_one_past_its_bound_cut_off(
+    make_node: Any, suite: Suite, caplog: Any
+) -> None:
+    """A data set that is not a C-STORE's is held in memory, and bounded: a storage
+    commitment request's by ``max_instances`` (160 bytes each), other messages' by
+    64 KiB. Before, the 64 KiB bound closed the connection of any request listing
+    more than about 400 instances (a rotational series of single-frame slices). Past
+    its own bound the connection is closed, with the reason in the log."""
+    suite.listen()
+    node = make_node(
+        rules=[], storage_commitment={"report_to": [suite.address()], "max_instances": 6000}
+    )
+    ds = xa_run(frames=2)
+    assert _send(node, ds, calling="SUITE") == 0x0000
+    held = (XRayAngiographicImageStorage, str(ds.SOPInstanceUID))
+    never = [(XRayAngiographicImageStorage, generate_uid()) for _ in range(4999)]
+    assert int(suite.ask(node, [held, *never], generate_uid()).Status) == 0x0000
+    _, event_type, info = _report(suite)
+    assert event_type == 2 and len(info.ReferencedSOPSequence) == 1
+    assert len(info.FailedSOPSequence) == 4999
+
+    caplog.set_level(logging.WARNING)
+    ae = AE(ae_title="SUITE")
+    ae.add_requested_context(PUSH_MODEL)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    too_many = commitment_info([held] * 20_000, generate_uid())  # 1.6 MB, past 6000 x 160
+    status, _ = assoc.send_n_action(too_many, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    assert "Status" not in status  # cut off, not answered
+    wait_for(lambda: not assoc.is_established, 10, what="the connection closed")
+    wait_for(
+        lambda: any(
+            "storage commitment request (storage_commitment.max_instances)" in r.getMessage()
+            and "SUITE" in r.getMessage()
+            for r in caplog.records
+        ),
+        10,
+        what="the reason logged",
+    )
+    assert int(suite.ask(node, [held], generate_uid()).Status) == 0x0000  # served after
