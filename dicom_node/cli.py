@@ -308,7 +308,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"instances: {summary['instances']}")
     print(f"purged runs (files deleted by retention): {summary['purged_runs']}")
-    for key in ("runs", "jobs", "outbox", "storage_commitments"):
+    for key in ("runs", "jobs", "outbox", "result_commitments", "storage_commitments"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
     for c in summary["untaken_commitments"]:  # type: ignore[attr-defined]
         print(

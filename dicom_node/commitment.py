@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import build_role
 from pynetdicom.presentation import build_context
 
@@ -33,7 +34,7 @@ from dicom_node.db import Commitment, Database, DuplicateTransaction, TooManyLis
 from dicom_node.diskfull import Waiting, storage_fault
 from dicom_node.errors import DeliveryError
 from dicom_node.senders import associate
-from dicom_node.settings import Settings
+from dicom_node.settings import DimseDestination, Settings
 from dicom_node.sopclasses import UID_RE
 
 log = logging.getLogger(__name__)
@@ -314,3 +315,180 @@ class StorageCommitment:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+# -- the node as SCU: destinations that commit to the results it sent -------------
+ASK_BATCH = 1000  # results asked for in one request
+# N-EVENT-REPORT response statuses (PS3.7 10.1.1.1.8)
+NO_SUCH_EVENT_TYPE = 0x0113
+
+
+def _uids(items: Any) -> list[str]:
+    return [str(i.get("ReferencedSOPInstanceUID", "")) for i in items or []]
+
+
+class ResultCommitment:
+    """Asks each destination whose ``storage_commitment`` is set to commit to the
+    results the node sent it (one thread each), and applies the results it reports
+    (``report``, from the storage SCP's N-EVENT-REPORT handler): committed, or sent
+    again (failed at ``storage_commitment.max_failures``). A result not committed to
+    keeps its files (retention waits for it) until ``give_up_h``."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.destinations = [
+            d
+            for d in settings.destinations
+            if isinstance(d, DimseDestination) and d.storage_commitment
+        ]
+        self.threads = [
+            threading.Thread(target=self._loop, args=(d,), name=f"commit-ask-{d.name}", daemon=True)
+            for d in self.destinations
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            if t.is_alive():
+                t.join(timeout)
+
+    def _loop(self, dest: Any) -> None:
+        full = Waiting(f"storage commitment of {dest.name}", self.db)
+        tries = 0
+        while not self.stop_event.is_set():
+            try:
+                busy, tries = self.ask_due(dest, tries)
+                full.passed()
+            except Exception as exc:  # noqa: BLE001 - a defect must not end the thread
+                if full.met(exc):
+                    self.stop_event.wait(full.delay_s)
+                    continue
+                log.exception("storage commitment of %s: unexpected error; going on", dest.name)
+                busy = False
+            if not busy:
+                self.stop_event.wait(self.settings.outbox.poll_interval_s)
+
+    def ask_due(self, dest: Any, tries: int = 0) -> tuple[bool, int]:
+        """Give up what waited too long, then ask for one batch of what is due;
+        (anything asked, the tries that failed in a row)."""
+        cfg = self.settings.storage_commitment
+        gone = self.db.results_not_committed(
+            dest.name,
+            now() - cfg.give_up_h * 3600,
+            f"{dest.name} did not commit to it in {cfg.give_up_h:g} h "
+            "(storage_commitment.give_up_h): its files may go",
+        )
+        if gone:
+            log.error("%s: %d result(s) never committed to: given up", dest.name, gone)
+        due = self.db.awaiting_commitment(dest.name, min(ASK_BATCH, cfg.max_instances))
+        if not due:
+            return False, tries
+        transaction = generate_uid()
+        ids = [d.id for d in due]
+        self.db.commitment_asked(ids, transaction, cfg.wait_s)
+        info = Dataset()
+        info.TransactionUID = transaction
+        info.ReferencedSOPSequence = [_item(d.sop_class_uid, d.sop_instance_uid) for d in due]
+        try:
+            self._ask(dest, info)
+        except (DeliveryError, OSError) as exc:
+            outbox = self.settings.outbox
+            delay = min(outbox.backoff_base_s * 2 ** min(tries, 20), outbox.backoff_max_s)
+            self.db.commitment_not_asked(ids, delay)
+            log.warning(
+                "storage commitment of %d result(s) not asked of %s, again in %.3g s: %s",
+                len(ids),
+                dest.name,
+                delay,
+                exc,
+            )
+            return True, tries + 1
+        log.info(
+            "storage commitment %s: %d result(s) asked of %s", transaction, len(ids), dest.name
+        )
+        return True, 0
+
+    def _ask(self, dest: Any, info: Dataset) -> None:
+        assoc = associate(
+            dest,
+            [build_context(PUSH_MODEL)],
+            self.settings.ae_title,
+            self.settings.outbox.timeout_s,
+        )
+        try:
+            try:
+                status, _ = assoc.send_n_action(
+                    info, REQUEST_COMMITMENT, PUSH_MODEL, PUSH_MODEL_INSTANCE
+                )
+            except ValueError:  # the context was not accepted
+                raise DeliveryError(
+                    f"{dest.name} does not accept Storage Commitment Push Model"
+                ) from None
+            if not status or "Status" not in status:
+                raise DeliveryError(f"{dest.name}: no N-ACTION response (connection lost)")
+            if int(status.Status) != SUCCESS:
+                comment = str(status.get("ErrorComment", "") or "")
+                raise DeliveryError(
+                    f"{dest.name} answered the request 0x{int(status.Status):04X} {comment}".strip()
+                )
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def report(
+        self, calling_aet: str, event_type: Any, information: Callable[[], Dataset | None]
+    ) -> Dataset:
+        """The N-EVENT-REPORT response's status for a destination's result: applied to
+        the results asked of the destinations whose AE title ``calling_aet`` is."""
+        status = Dataset()
+        names = [d.name for d in self.destinations if d.ae_title == calling_aet]
+        try:
+            if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
+                raise Refused(NO_SUCH_EVENT_TYPE, f"Event Type ID {event_type}: only 1 or 2")
+            try:
+                ds = information()
+                transaction = _uid(ds.get("TransactionUID") if ds else None, "Transaction UID")
+                committed = _uids(ds.get("ReferencedSOPSequence"))  # type: ignore[union-attr]
+                failed = {
+                    str(
+                        i.get("ReferencedSOPInstanceUID", "")
+                    ): f"0x{int(i.get('FailureReason', 0)):04X}"
+                    for i in ds.get("FailedSOPSequence") or []  # type: ignore[union-attr]
+                }
+            except Refused:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
+                raise Refused(
+                    INVALID_ARGUMENT, f"Event Information cannot be decoded ({type(exc).__name__})"
+                ) from None
+            done, again, given = self.db.commitment_result(
+                transaction, names, committed, failed, self.settings.storage_commitment.max_failures
+            )
+            if not (done or again or given):
+                raise Refused(INVALID_ARGUMENT, "no result of the node was asked under this UID")
+        except Refused as refused:
+            log.warning(
+                "storage commitment result from %s refused (0x%04X): %s",
+                calling_aet,
+                refused.status,
+                refused,
+            )
+            status.Status = refused.status
+            status.ErrorComment = str(refused)[:64]
+            return status
+        log.info(
+            "storage commitment %s from %s: %d result(s) committed to, %d sent again, %d failed",
+            transaction,
+            calling_aet,
+            done,
+            again,
+            given,
+        )
+        status.Status = SUCCESS
+        return status

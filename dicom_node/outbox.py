@@ -114,7 +114,7 @@ class Outbox:
         def report(item: Delivery, refusal: Refusal) -> None:
             reported.add(item.id)
             if refusal is None:
-                self.db.delivery_sent(item)
+                self.db.delivery_sent(item, getattr(dest, "storage_commitment", False))
                 self.on_delivery(name, item, True, "", False)
                 return
             if isinstance(refusal, InFlight):

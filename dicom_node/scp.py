@@ -51,7 +51,7 @@ from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_recv_
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.fsm import InvalidEventError, StateMachine
@@ -61,7 +61,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from dicom_node.arrivals import InFlight
 from dicom_node.audit import AuditTrail
-from dicom_node.commitment import PUSH_MODEL, StorageCommitment
+from dicom_node.commitment import PUSH_MODEL, ResultCommitment, StorageCommitment
 from dicom_node.diskfull import storage_fault
 from dicom_node.errors import OutOfResources, RejectedInstance
 from dicom_node.ingest import Ingest
@@ -82,11 +82,11 @@ SPACE_CHECK_BYTES = 64 * 2**20
 # a message's command fragments in memory, so their sum is bounded here.
 MAX_COMMAND_BYTES = 64 * 1024
 C_STORE_RQ = 0x0001  # Command Field: only its data set goes to a file as it arrives
-N_ACTION_RQ = 0x0130
-# A storage commitment request's Action Information, held in memory too: bounded by
-# the most instances a request may list (storage_commitment.max_instances) at the
-# most bytes one can take (an item, two UIDs of 64 bytes and their headers), and
-# MAX_COMMAND_BYTES for the rest.
+N_ACTION_RQ, N_EVENT_REPORT_RQ = 0x0130, 0x0100
+# A storage commitment request's Action Information (or a result's Event Information),
+# held in memory too: bounded by the most instances a request may list
+# (storage_commitment.max_instances) at the most bytes one can take (an item, two UIDs
+# of 64 bytes and their headers), and MAX_COMMAND_BYTES for the rest.
 COMMITMENT_ITEM_BYTES = 160
 A_ASSOCIATE_RQ, P_DATA_TF = b"\x01", b"\x04"  # PDU types (PS3.8 9.3.1)
 # The shortest Maximum Length Received a peer may ask for: a P-DATA PDU's
@@ -321,15 +321,15 @@ class _GuardedSocket(AssociationSocket):
                 if len(self.command) > MAX_COMMAND_BYTES:
                     return f"a command set of more than {MAX_COMMAND_BYTES} bytes"
                 if control & 0x02:
-                    field, requested = _command_field(self.command)
+                    field, sop_class = _command_field(self.command)
                     self.held = field != C_STORE_RQ
-                    if field == N_ACTION_RQ and requested == PUSH_MODEL:
+                    if field in (N_ACTION_RQ, N_EVENT_REPORT_RQ) and sop_class == PUSH_MODEL:
                         self.held_limit = max(MAX_COMMAND_BYTES, self.limits.max_action_bytes)  # type: ignore[union-attr]
             elif self.held:
                 self.held_bytes += len(value)
                 if self.held_bytes > self.held_limit:
                     what = (
-                        "a storage commitment request (storage_commitment.max_instances)"
+                        "a storage commitment request or result (storage_commitment.max_instances)"
                         if self.held_limit > MAX_COMMAND_BYTES
                         else "a message other than a C-STORE request"
                     )
@@ -339,13 +339,14 @@ class _GuardedSocket(AssociationSocket):
 
 def _command_field(command: bytes) -> tuple[int | None, str]:
     """The Command Field (0000,0100) of a command set (implicit VR little endian), and
-    its Requested SOP Class UID (0000,0003), "" when none."""
+    its Requested (0000,0003) or else Affected (0000,0002) SOP Class UID, "" when none."""
     try:
         cs = read_dataset(BytesIO(command), True, True)
-        value, requested = cs.get("CommandField"), str(cs.get("RequestedSOPClassUID") or "")
+        value = cs.get("CommandField")
+        sop_class = str(cs.get("RequestedSOPClassUID") or cs.get("AffectedSOPClassUID") or "")
     except Exception:  # noqa: BLE001 - a broken command set is pynetdicom's to answer
         return None, ""
-    return (int(value) if isinstance(value, int) else None), requested
+    return (int(value) if isinstance(value, int) else None), sop_class
 
 
 class _Arrival:
@@ -588,8 +589,12 @@ class _NodeACSE(ACSE):
         self.assoc.kill()
 
 
-# the one message each context serves that is not a C-STORE
-_SERVED: dict[str, type] = {str(Verification): C_ECHO, PUSH_MODEL: N_ACTION}
+# the messages each context serves that is not a C-STORE's: a storage commitment
+# request, and the result of one the node made (from a destination that commits)
+_SERVED: dict[str, tuple[type, ...]] = {
+    str(Verification): (C_ECHO,),
+    PUSH_MODEL: (N_ACTION, N_EVENT_REPORT),
+}
 
 
 class _NodeAssociation(Association):
@@ -605,7 +610,7 @@ class _NodeAssociation(Association):
     def _serve_request(self, msg: Any, context_id: int) -> None:
         context = self._accepted_cx.get(context_id)
         if context is not None and not self._sent_release:
-            wanted = _SERVED.get(str(context.abstract_syntax), C_STORE)
+            wanted = _SERVED.get(str(context.abstract_syntax), (C_STORE,))
             sop_class = getattr(msg, "AffectedSOPClassUID", None)
             if isinstance(msg, N_ACTION):
                 sop_class = msg.RequestedSOPClassUID
@@ -693,7 +698,9 @@ def make_ae(settings: Settings) -> AE:
     # closed before it frees its place at once: _NodeDUL).
     ae.acse_timeout = min(30.0, settings.network_timeout_s)
     ae.add_supported_context(Verification)
-    ae.add_supported_context(PUSH_MODEL)  # as SCP: N-ACTION in, N-EVENT-REPORT out
+    # as SCP (N-ACTION in, N-EVENT-REPORT out), and as SCU on the association of a
+    # destination reporting its result (it proposes the SCP role)
+    ae.add_supported_context(PUSH_MODEL, scu_role=True, scp_role=True)
     for sop_class in ACCEPTED_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     if settings.allowed_calling_aets:
@@ -755,6 +762,18 @@ def make_commitment_handler(commitment: StorageCommitment) -> Callable[[Event], 
         return status, None
 
     return handle_n_action
+
+
+def make_report_handler(results: ResultCommitment) -> Callable[[Event], Any]:
+    def handle_n_event_report(event: Event) -> tuple[Any, None]:
+        status = results.report(
+            _calling_aet(event),
+            getattr(event.request, "EventTypeID", None),
+            lambda: event.event_information,
+        )
+        return status, None
+
+    return handle_n_event_report
 
 
 def _handle_echo(event: Event) -> int:
@@ -827,6 +846,7 @@ def start_scp(
     audit: AuditTrail | None = None,
     metrics: Metrics | None = None,
     commitment: StorageCommitment | None = None,
+    results: ResultCommitment | None = None,
 ) -> ThreadedAssociationServer:
     ae = make_ae(settings)
     ae.receive_limits.in_flight = ingest.in_flight  # type: ignore[attr-defined]
@@ -840,6 +860,8 @@ def start_scp(
     ]
     if commitment is not None:
         handlers.append((evt.EVT_N_ACTION, make_commitment_handler(commitment)))
+    if results is not None:
+        handlers.append((evt.EVT_N_EVENT_REPORT, make_report_handler(results)))
     context = server_context(settings.tls) if settings.tls.dicom else None
     server = ae.start_server(
         (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=context

@@ -30,7 +30,7 @@ from dicom_node import __version__, completion, logsafe
 from dicom_node.api import start_api
 from dicom_node.audit import AuditTrail
 from dicom_node.auth import Authenticator, load_tokens
-from dicom_node.commitment import StorageCommitment
+from dicom_node.commitment import ResultCommitment, StorageCommitment
 from dicom_node.db import Database, Delivery, now
 from dicom_node.diskfull import (
     DAMAGED,
@@ -246,6 +246,7 @@ class Node:
         )
         self.outbox = Outbox(self.db, settings, on_delivery=self._delivered)
         self.commitment = StorageCommitment(self.db, settings)
+        self.result_commitment = ResultCommitment(self.db, settings)
         # written again only where it leaves the space retention and the spool want
         floor = max(settings.min_free_bytes, settings.retention.free_target_bytes or 0)
         self.reserve = Reserve(settings.storage_dir, settings.retention.reserve_bytes, floor)
@@ -295,6 +296,7 @@ class Node:
         self.router.start()
         self.outbox.start()
         self.commitment.start()
+        self.result_commitment.start()
         self.workers.start()
         self.sweeper.start()
         self.scheduler.add_job(
@@ -339,7 +341,9 @@ class Node:
         was a traceback, after the router, workers and outbox had started)."""
         s, api = self.settings, self.settings.api
         try:
-            self.server = start_scp(s, self.ingest, self.audit, self.metrics, self.commitment)
+            self.server = start_scp(
+                s, self.ingest, self.audit, self.metrics, self.commitment, self.result_commitment
+            )
         except OSError as exc:
             raise ConfigError(_cannot_listen("DICOM", s.host, s.port, "host, port", exc)) from exc
         if api.enabled:
@@ -383,6 +387,7 @@ class Node:
         self.workers.stop()
         self.outbox.stop()
         self.commitment.stop()
+        self.result_commitment.stop()
         self.audit.node_stopped()
         self.audit.close()
         self.lock.release()

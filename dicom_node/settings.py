@@ -503,6 +503,12 @@ class DimseDestination(Strict):
     tls_server_name: str | None = Field(
         None, description="the name its certificate carries (default: host)"
     )
+    storage_commitment: bool = Field(
+        False,
+        description="ask it to commit to each result it stored (Storage Commitment Push "
+        "Model; it reports to the node's AE): a result's files are kept until it did, one "
+        "it did not commit to is sent again",
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> DimseDestination:
@@ -583,7 +589,21 @@ class CommitmentSettings(Strict):
         24.0,
         gt=0,
         description="a result its sender has not taken (its address down, or refusing) "
-        "in this long is given up, with the reason in the index and the log",
+        "in this long is given up, with the reason in the index and the log; so is a "
+        "result the node sent to a destination that commits and that has not committed "
+        "to it in this long (its files may then go)",
+    )
+    wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="a destination that commits and has not reported in this long after "
+        "it was asked is asked again",
+    )
+    max_failures: int = Field(
+        3,
+        ge=1,
+        description="a result a destination did not commit to is sent again, and fails "
+        "at this many such answers",
     )
 
     @model_validator(mode="after")

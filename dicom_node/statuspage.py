@@ -195,13 +195,23 @@ def render(
         by_name = {o["destination"]: o for o in outbox}
         out.append('<table id="outbox"><tr><th>destination</th><th>pending</th><th>sent</th>')
         out.append(
-            "<th>failed</th><th>oldest pending</th><th>last sent</th><th>last error</th></tr>"
+            "<th>failed</th><th>storage commitment</th><th>oldest pending</th>"
+            "<th>last sent</th><th>last error</th></tr>"
         )
+        committing = {
+            d.name for d in settings.destinations if getattr(d, "storage_commitment", False)
+        }
         for name in names:
             o = by_name.get(name, {})
+            commitment = (
+                f"{o.get('committed') or 0} committed, {o.get('awaiting_commitment') or 0} awaited"
+                if name in committing
+                else "not asked"
+            )
             out.append(
                 f"<tr><td>{escape(name)}</td><td>{o.get('pending') or 0}</td>"
                 f"<td>{o.get('sent') or 0}</td><td>{o.get('failed') or 0}</td>"
+                f"<td>{commitment}</td>"
                 f"<td>{_age(o.get('oldest_pending'), now)}</td><td>{_t(o.get('last_sent'))}</td>"
                 f"<td>{escape(o.get('last_error') or '')}</td></tr>"
             )

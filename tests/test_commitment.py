@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from pydicom.uid import (
     XRayAngiographicImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
@@ -35,7 +36,7 @@ from tests.conftest import free_port, wait_for
 from tests.dicomgen import xa_run
 from tests.dimse_faults import commitment_info
 from tests.test_cli import _cli
-from tests.test_ingest import _send
+from tests.test_ingest import MINIP_ONLY, _send
 
 
 class Suite:
@@ -411,7 +412,8 @@ def test_a_request_of_thousands_of_instances_is_taken_and_one_past_its_bound_cut
     wait_for(lambda: not assoc.is_established, 10, what="the connection closed")
     wait_for(
         lambda: any(
-            "storage commitment request (storage_commitment.max_instances)" in r.getMessage()
+            "storage commitment request or result (storage_commitment.max_instances)"
+            in r.getMessage()
             and "SUITE" in r.getMessage()
             for r in caplog.records
         ),
@@ -419,3 +421,181 @@ def test_a_request_of_thousands_of_instances_is_taken_and_one_past_its_bound_cut
         what="the reason logged",
     )
     assert int(suite.ask(node, [held], generate_uid()).Status) == 0x0000  # served after
+
+
+class CommittingPacs:
+    """A PACS that stores results and commits to them (Storage Commitment SCP): it
+    reports on an association of its own to the node, once ``release`` is set; the
+    first time it is asked about an instance of ``refuse_once`` it fails it (0x0110)."""
+
+    def __init__(self, node_port: int) -> None:
+        self.node_port = node_port
+        self.port = free_port()
+        self.stored: list[str] = []
+        self.asked: list[int] = []  # instances per request
+        self.release = threading.Event()
+        self.refuse_once: set[str] = set()
+        self.answers: list[int] = []  # the node's statuses to its reports
+        ae = AE(ae_title="PACS")
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(PUSH_MODEL)
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)],
+        )
+
+    def destination(self) -> dict[str, Any]:
+        return {
+            "kind": "dimse",
+            "name": "pacs",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "ae_title": "PACS",
+            "storage_commitment": True,
+        }
+
+    def _store(self, event: Any) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _action(self, event: Any) -> tuple[int, None]:
+        info = event.action_information
+        refs = [
+            (i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID)
+            for i in info.ReferencedSOPSequence
+        ]
+        self.asked.append(len(refs))
+        threading.Thread(target=self._report, args=(info.TransactionUID, refs), daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, transaction: str, refs: list[tuple[str, str]]) -> None:
+        self.release.wait(60)
+        refused = [r for r in refs if r[1] in self.refuse_once]
+        self.refuse_once -= {r[1] for r in refused}
+        info = Dataset()
+        info.TransactionUID = transaction
+        info.ReferencedSOPSequence = [
+            commitment_info([r], None).ReferencedSOPSequence[0] for r in refs if r not in refused
+        ]
+        if refused:
+            info.FailedSOPSequence = commitment_info(refused, None).ReferencedSOPSequence
+            for item in info.FailedSOPSequence:
+                item.FailureReason = 0x0110
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(PUSH_MODEL)
+        role = build_role(PUSH_MODEL, scp_role=True)
+        assoc = ae.associate("127.0.0.1", self.node_port, ae_title="ANGIO_NODE", ext_neg=[role])
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(
+            info, 2 if refused else 1, PUSH_MODEL, PUSH_MODEL_INSTANCE
+        )
+        self.answers.append(int(status.Status))
+        assoc.release()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_results_are_kept_until_the_destination_commits_to_them(make_node: Any) -> None:
+    """A destination set to commit (``storage_commitment = true``) is asked, after the
+    results are stored there, to commit to them, and reports on its own association.
+    Until it has, retention keeps the results' files (a purged run's instances go, its
+    results stay); one it did not commit to is sent again and asked about again;
+    once all are committed to, the files go at the next pass."""
+    port = free_port()
+    pacs = CommittingPacs(port)
+    try:
+        node = make_node(
+            port=port,
+            rules=MINIP_ONLY,
+            destinations=[pacs.destination()],
+            storage_commitment={"wait_s": 60},
+        )
+        run = xa_run(frames=4)
+        assert _send(node, run, calling="SUITE") == 0x0000
+        wait_for(lambda: pacs.asked, 60, what="the PACS asked to commit")
+        rows = node.db.query("SELECT * FROM outbox")
+        assert {r["commitment"] for r in rows} == {"awaiting"} and len(pacs.stored) == len(rows)
+        pacs.refuse_once = {rows[0]["sop_instance_uid"]}
+
+        # purged while the PACS has not committed: the instance goes, the results stay
+        (held,) = node.db.run_instances(str(run.SOPInstanceUID))
+        node.retention.purge_now([held.run_id], "test")
+        assert not held.path.exists()
+        results = [Path(r["path"]) for r in rows]
+        assert all(p.exists() for p in results)
+
+        pacs.release.set()
+        wait_for(
+            lambda: (
+                {r["commitment"] for r in node.db.query("SELECT * FROM outbox")} == {"committed"}
+            ),
+            60,
+            what="every result committed to, the refused one after it was sent again",
+        )
+        assert pacs.answers and set(pacs.answers) == {0x0000}
+        assert len(pacs.asked) >= 2 and pacs.stored.count(rows[0]["sop_instance_uid"]) == 2
+        assert (
+            node.db.query("SELECT commit_failures FROM outbox WHERE id=?", (rows[0]["id"],))[0][0]
+            == 1
+        )
+        assert node.db.status_summary()["result_commitments"] == {"committed": len(rows)}
+        page = requests.get(f"http://127.0.0.1:{node.api_port}/", timeout=10).text
+        assert f"{len(rows)} committed, 0 awaited" in page
+        node.retention.run()
+        assert not any(p.exists() for p in results)
+    finally:
+        pacs.close()
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "words"),
+    [
+        ("a transaction never asked", 0x0115, "no result of the node"),
+        ("from an AE that is no destination", 0x0115, "no result of the node"),
+        ("event type 3", 0x0113, "Event Type ID 3"),
+        ("no transaction UID", 0x0115, "Transaction UID"),
+    ],
+)
+def test_a_result_the_node_did_not_ask_for_is_refused(
+    make_node: Any, case: str, status: int, words: str
+) -> None:
+    """A storage commitment result (N-EVENT-REPORT) applies only to what the node asked
+    of the destination whose AE title reports it; anything else is answered with a
+    failure and changes nothing."""
+    port = free_port()
+    pacs = CommittingPacs(port)
+    try:
+        node = make_node(port=port, rules=MINIP_ONLY, destinations=[pacs.destination()])
+        assert _send(node, xa_run(frames=3), calling="SUITE") == 0x0000
+        wait_for(lambda: pacs.asked, 60, what="the PACS asked to commit")
+        asked = node.db.query("SELECT commit_uid FROM outbox")[0]["commit_uid"]
+        info = Dataset()
+        info.TransactionUID = asked if case != "a transaction never asked" else generate_uid()
+        if case == "no transaction UID":
+            del info.TransactionUID
+        info.ReferencedSOPSequence = commitment_info(
+            [
+                (r["sop_class_uid"], r["sop_instance_uid"])
+                for r in node.db.query("SELECT * FROM outbox")
+            ],
+            None,
+        ).ReferencedSOPSequence
+        ae = AE(ae_title="OTHER" if case == "from an AE that is no destination" else "PACS")
+        ae.add_requested_context(PUSH_MODEL)
+        assoc = ae.associate(
+            "127.0.0.1",
+            port,
+            ae_title="ANGIO_NODE",
+            ext_neg=[build_role(PUSH_MODEL, scp_role=True)],
+        )
+        answer, _ = assoc.send_n_event_report(
+            info, 3 if case == "event type 3" else 1, PUSH_MODEL, PUSH_MODEL_INSTANCE
+        )
+        assoc.release()
+        assert int(answer.Status) == status and words in str(answer.ErrorComment)
+        assert {r["commitment"] for r in node.db.query("SELECT * FROM outbox")} == {"awaiting"}
+    finally:
+        pacs.close()

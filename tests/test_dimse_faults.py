@@ -24,8 +24,15 @@ from tests.conftest import corpus_seed, send_storescu, wait_for
 STORE_STATUSES = {0x0000, 0x0122, 0xA900, 0xC000, 0xC001, 0xC002}
 # storage commitment: README, "Behaviour on bad input"
 COMMITMENT_STATUSES = {0x0000, 0x0115, 0x0117, 0x0123, 0x0124, 0x0210, 0x0213}
-C_STORE_RSP, C_ECHO_RSP, N_ACTION_RSP = 0x8001, 0x8030, 0x8130
-STATUSES = {C_STORE_RSP: STORE_STATUSES, C_ECHO_RSP: {0x0000}, N_ACTION_RSP: COMMITMENT_STATUSES}
+# a storage commitment result (from a destination the node asked): none was asked here
+REPORT_STATUSES = {0x0113, 0x0115}
+C_STORE_RSP, C_ECHO_RSP, N_ACTION_RSP, N_EVENT_REPORT_RSP = 0x8001, 0x8030, 0x8130, 0x8100
+STATUSES = {
+    C_STORE_RSP: STORE_STATUSES,
+    C_ECHO_RSP: {0x0000},
+    N_ACTION_RSP: COMMITMENT_STATUSES,
+    N_EVENT_REPORT_RSP: REPORT_STATUSES,
+}
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 2, 3, 7
 XA_CONTEXT = [(1, XRayAngiographicImageStorage, ["1.2.840.10008.1.2.1"])]
 

@@ -1271,3 +1271,55 @@ def test_orthanc_asks_the_node_for_storage_commitment_and_takes_the_result(
     finally:
         node.stop()
         pacs.stop()
+
+
+@needs_orthanc
+def test_orthanc_commits_to_the_results_the_node_sent_it(tmp_path: Path) -> None:
+    """Orthanc as a destination that commits (``storage_commitment = true``): the node
+    asks it, after the results are stored there, whether it holds them, and Orthanc
+    reports on its own association to the node (the node as SCU of the class, Orthanc
+    proposing the SCP role): every result is committed to."""
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    node_port = free_port()
+    pacs = start_orthanc(tmp_path, with_plugin=False, node={"aet": NODE_AET, "port": node_port})
+    node = Node(
+        load_settings(
+            None,
+            environ={},
+            storage_dir=tmp_path / "node",
+            port=node_port,
+            api={"enabled": False},
+            rules=MINIP_ONLY,
+            outbox={"poll_interval_s": 0.1},
+            destinations=[
+                {
+                    "kind": "dimse",
+                    "name": "orthanc",
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "ae_title": pacs.aet,
+                    "storage_commitment": True,
+                }
+            ],
+        )
+    ).start()
+    try:
+        send_storescu(NODE_AET, node_port, [save(xa_run(frames=3, seed=41), tmp_path / "in")])
+        rows = wait_for(
+            "the node's results committed to by Orthanc",
+            lambda: (
+                (r := node.db.query("SELECT * FROM outbox"))
+                and all(x["commitment"] == "committed" for x in r)
+                and r
+            ),
+            timeout=90,
+        )
+        stored = {
+            i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.get("/instances?expand").json()
+        }
+        assert {r["sop_instance_uid"] for r in rows} <= stored
+    finally:
+        node.stop()
+        pacs.stop()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dicom_node.db.records import StateError
-from dicom_node.db.schema import _MIGRATIONS, SCHEMA, SCHEMA_VERSION
+from dicom_node.db.schema import _MIGRATIONS, POST_MIGRATION, SCHEMA, SCHEMA_VERSION
 
 
 class Core:
@@ -30,6 +30,8 @@ class Core:
                 for name, decl in columns:
                     if name not in have:
                         con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            for statement in filter(str.strip, POST_MIGRATION.split(";")):
+                con.execute(statement)
             if con.execute("PRAGMA user_version").fetchone()[0] < 2:
                 # schema 1 marked a resend as a destination name suffix, "name!resend"
                 for row in con.execute("SELECT id, destinations FROM jobs").fetchall():

@@ -104,6 +104,14 @@ class Reports(Core):
             "queued_jobs_by_sender": self.queued_jobs_by_sender(),
             "outbox": counts("outbox"),
             "storage_commitments": counts("commitments"),
+            # the results sent to destinations that commit, by their commitment
+            "result_commitments": {
+                r["commitment"]: r["n"]
+                for r in self.query(
+                    "SELECT commitment, COUNT(*) n FROM outbox WHERE commitment IS NOT NULL "
+                    "GROUP BY commitment"
+                )
+            },
             "untaken_commitments": untaken,
             "failed_jobs": failures,
             "outbox_backlog": backlog,
@@ -196,10 +204,13 @@ class Reports(Core):
         return runs
 
     def outbox_by_destination(self) -> list[dict[str, Any]]:
-        """Per destination: deliveries by state, the oldest pending and the last error."""
+        """Per destination: deliveries by state (and by storage commitment), the oldest
+        pending and the last error."""
         rows = self.query(
             "SELECT destination, SUM(state='pending') pending, SUM(state='sent') sent,"
-            " SUM(state='failed') failed, MIN(CASE WHEN state='pending' THEN created_at END)"
+            " SUM(state='failed') failed, SUM(commitment='awaiting') awaiting_commitment,"
+            " SUM(commitment='committed') committed,"
+            " MIN(CASE WHEN state='pending' THEN created_at END)"
             " oldest_pending, MAX(sent_at) last_sent,"
             " (SELECT error FROM outbox o2 WHERE o2.destination=o.destination AND"
             " o2.error IS NOT NULL ORDER BY o2.id DESC LIMIT 1) last_error"

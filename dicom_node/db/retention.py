@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.db.core import Core
+from dicom_node.db.deliveries import AWAITING
 from dicom_node.db.records import SETTLED_RUN_STATES, DeliveryState, JobState, now
 
 _SETTLED = ",".join(f"'{s.value}'" for s in SETTLED_RUN_STATES)
@@ -34,7 +35,8 @@ AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.run_id
 """
 _UNDELIVERED = f"""
 EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id
-        WHERE j.run_id = r.run_id AND o.state = '{DeliveryState.PENDING.value}')
+        WHERE j.run_id = r.run_id AND (o.state = '{DeliveryState.PENDING.value}'
+                                       OR o.commitment = '{AWAITING}'))
 """
 
 

@@ -107,6 +107,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+# Indexes on columns added since: made once the columns are there.
+POST_MIGRATION = """
+CREATE INDEX IF NOT EXISTS outbox_commitment ON outbox(commitment, destination);
+CREATE INDEX IF NOT EXISTS outbox_commit_uid ON outbox(commit_uid);
+"""
+
 # Columns added after the first release (schema 1 had none of them).
 _MIGRATIONS = {
     "instances": [
@@ -141,5 +147,12 @@ _MIGRATIONS = {
         # object in flight and stored another object before the next such end; the last
         ("aborts", "INTEGER NOT NULL DEFAULT 0"),
         ("aborted_at", "REAL"),
+        # storage commitment of a result sent to a destination that commits (its
+        # storage_commitment setting): None (none asked of it) -> awaiting -> committed
+        # | given_up; a result it did not commit to is sent again (pending)
+        ("commitment", "TEXT"),
+        ("commit_uid", "TEXT"),  # the Transaction UID it was last asked under
+        ("commit_not_before", "REAL"),  # when to ask (again)
+        ("commit_failures", "INTEGER NOT NULL DEFAULT 0"),
     ],
 }
