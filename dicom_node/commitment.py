@@ -349,6 +349,13 @@ class ResultCommitment:
         ]
 
     def start(self) -> None:
+        gone = self.db.commitment_no_longer_awaited([d.name for d in self.destinations])
+        if gone:
+            log.warning(
+                "%d result(s) awaited the storage commitment of a destination no longer "
+                "asked to commit: their files may go",
+                gone,
+            )
         for t in self.threads:
             t.start()
 

@@ -405,7 +405,10 @@ class Node:
     # -- complete ----------------------------------------------------------
     def sweep(self) -> None:
         moved = self.db.after_a_clock_step(
-            now(), self.settings.workers.backoff_max_s, self.settings.outbox.backoff_max_s
+            now(),
+            self.settings.workers.backoff_max_s,
+            self.settings.outbox.backoff_max_s,
+            self.settings.storage_commitment.wait_s,
         )
         if moved:
             log.warning(

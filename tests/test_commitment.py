@@ -599,3 +599,23 @@ def test_a_result_the_node_did_not_ask_for_is_refused(
         assert {r["commitment"] for r in node.db.query("SELECT * FROM outbox")} == {"awaiting"}
     finally:
         pacs.close()
+
+
+def test_results_no_longer_awaited_when_the_destination_stops_committing(make_node: Any) -> None:
+    """A destination no longer asked to commit (its setting off, or gone): at the next
+    start its results stop waiting for a commitment that will not be asked for, so
+    that retention can take their files."""
+    port = free_port()
+    pacs = CommittingPacs(port)  # never reports (release is not set)
+    try:
+        node = make_node(port=port, rules=MINIP_ONLY, destinations=[pacs.destination()])
+        assert _send(node, xa_run(frames=3), calling="SUITE") == 0x0000
+        wait_for(lambda: pacs.asked, 60, what="the PACS asked to commit")
+        node.stop()
+        plain = {**pacs.destination(), "storage_commitment": False}
+        again = make_node(port=port, rules=MINIP_ONLY, destinations=[plain])
+        rows = again.db.query("SELECT commitment, error FROM outbox")
+        assert {r["commitment"] for r in rows} == {"given_up"}
+        assert all("no longer asked to commit" in r["error"] for r in rows)
+    finally:
+        pacs.close()

@@ -1065,9 +1065,18 @@ def test_retries_timed_before_a_clock_step_are_due_after_it(tmp_path: Path) -> N
     commitment = db.request_commitment("1.2.9", "SUITE", [("1.2.3", "1.2.3.4")])
     db.commitment_retry(commitment, "suite down", 7200)
     assert db.due_commitments(10) == []
-    assert db.after_a_clock_step(time.time(), 300, 300) == 3
+    # a result's commitment, asked of a destination that commits: asked again after the wait
+    _routed_job(db, tmp_path / "c")
+    other = ResultFile(tmp_path / "s.dcm", "1.2.3", "1.2.3.6", "1.2.3.7", "MinIP")
+    assert db.finish_job(db.claim_job("w", 60, 3), [other], [])  # type: ignore[arg-type]
+    (sent,) = [d for d in db.due_deliveries(10) if d.id != delivery.id]
+    db.delivery_sent(sent, commitment=True)
+    db.commitment_asked([sent.id], "1.2.10", 7200)
+    assert db.awaiting_commitment(sent.destination, 10) == []
+    assert db.after_a_clock_step(time.time(), 300, 300, 600) == 4
     assert db.claim_job("w", 60, 3) is not None
     assert [d.id for d in db.due_deliveries(10)] == [delivery.id]
+    assert [d.id for d in db.awaiting_commitment(sent.destination, 10)] == [sent.id]
     assert [c.transaction_uid for c in db.due_commitments(10)] == ["1.2.9"]
     assert db.after_a_clock_step(time.time(), 300, 300) == 0
 

@@ -153,6 +153,23 @@ class Deliveries(Core):
                 # one the result does not name stays awaited: asked again after the wait
         return done, again, given
 
+    def commitment_no_longer_awaited(self, committing: Sequence[str]) -> int:
+        """Results awaiting the commitment of a destination not among ``committing``
+        (no longer configured, or no longer asked to commit): given up, so that their
+        files do not wait for ever."""
+        marks = ",".join("?" * len(committing))
+        with self._tx() as con:
+            return con.execute(
+                "UPDATE outbox SET commitment=?, error=? WHERE commitment=? "
+                f"AND destination NOT IN ({marks})",
+                (
+                    GIVEN_UP,
+                    "its destination is no longer asked to commit (storage_commitment)",
+                    AWAITING,
+                    *committing,
+                ),
+            ).rowcount
+
     def results_not_committed(self, destination: str, sent_before: float, reason: str) -> int:
         """Results sent to ``destination`` before ``sent_before`` and still not committed
         to: given up (their files may go), with the reason."""

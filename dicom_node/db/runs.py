@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node.db.core import Core
+from dicom_node.db.deliveries import AWAITING
 from dicom_node.db.records import (
     SENDER,
     SETTLED_RUN_STATES,
@@ -168,13 +169,15 @@ class Runs(Core):
             )
             return cur.rowcount == 1
 
-    def after_a_clock_step(self, t: float, job_backoff_s: float, delivery_backoff_s: float) -> int:
+    def after_a_clock_step(
+        self, t: float, job_backoff_s: float, delivery_backoff_s: float, commit_wait_s: float = 0
+    ) -> int:
         """Times the index holds ahead of the wall clock, which was stepped back (NTP, a
         virtual machine restored from a snapshot): a receiving run's last instance
         becomes ``t`` (it completes one quiet period from now, not once the clock has
-        caught up), and a queued job's, pending delivery's or storage commitment
-        result's next try further ahead than its longest backoff is due now. Returns how
-        many rows moved."""
+        caught up), and a queued job's, pending delivery's, storage commitment result's
+        or commitment request's next try further ahead than its longest wait is due now.
+        Returns how many rows moved."""
         with self._tx() as con:
             moved = con.execute(
                 "UPDATE runs SET last_at=? WHERE state=? AND last_at > ?",
@@ -195,6 +198,11 @@ class Runs(Core):
             moved += con.execute(  # a storage commitment result: the outbox's backoff
                 "UPDATE commitments SET not_before=? WHERE state=? AND not_before > ?",
                 (t, CommitmentState.PENDING, t + delivery_backoff_s + 1.0),
+            ).rowcount
+            moved += con.execute(  # a result's commitment, asked of its destination
+                "UPDATE outbox SET commit_not_before=? WHERE commitment=? "
+                "AND commit_not_before > ?",
+                (t, AWAITING, t + max(delivery_backoff_s, commit_wait_s) + 1.0),
             ).rowcount
         return int(moved)
 
