@@ -1,21 +1,27 @@
-"""Storage commitment as SCP (PS3.4 Annex J, Push Model): a sender asks whether the
-node has taken responsibility for instances it sent (N-ACTION); the node answers
-at once whether it recorded the request, and reports the result (N-EVENT-REPORT) on
-a new association to the sender's address in ``[storage_commitment] report_to``:
-the asynchronous mode that modalities and Orthanc expect (the requester may release
-its association as soon as the N-ACTION is answered).
+"""Storage commitment (PS3.4 Annex J, Push Model), both ways.
 
-An instance is committed when the index holds it with the SOP Class the request
-names: the node indexes an instance only once its file was written, synced and
-renamed into the spool, before it answered the C-STORE (or STOW-RS) with Success.
-What the index holds is read when the request comes, in the transaction that
-records it; the result is kept with the request, so that a node stopped before it
-reported reports the same result after its restart. Committed instances are kept as
-every received instance is (until their run is processed and ``[retention]`` takes
-it): docs/deployment.md says so, as PS3.2 asks of a conformance statement.
+**As SCP** (``StorageCommitment``): a sender asks whether the node has taken
+responsibility for instances it sent (N-ACTION); the node answers at once whether it
+recorded the request, and reports the result (N-EVENT-REPORT) on a new association
+to the sender's address in ``[storage_commitment] report_to``: the asynchronous mode
+that modalities and Orthanc expect (the requester may release its association as
+soon as the N-ACTION is answered). An instance is committed when the index holds it
+with the SOP Class the request names: the node indexes an instance only once its
+file was written, synced and renamed into the spool, before it answered the C-STORE
+(or STOW-RS) with Success. What the index holds is read when the request comes, in
+the transaction that records it; the result is kept with the request, so that a node
+stopped before it reported reports the same result after its restart. Committed
+instances are kept as every received instance is (until their run is processed and
+``[retention]`` takes it): docs/deployment.md says so, as PS3.2 asks of a
+conformance statement.
 
-A request the node cannot take is answered with a failure status and a comment
-(README, "Behaviour on bad input"); the association goes on.
+**As SCU** (``ResultCommitment``): a destination with ``storage_commitment = true``
+is asked to commit to the results it stored, and reports on its own association;
+retention keeps a result's file until it has, and one it did not commit to is sent
+again.
+
+A request or report the node cannot take is answered with a failure status and an
+Error Comment (README, "Behaviour on bad input"); the association goes on.
 """
 
 from __future__ import annotations
@@ -58,9 +64,27 @@ KEEP_SETTLED_S = 7 * 86400  # rows of requests reported (or given up) are kept t
 
 
 class Refused(Exception):
+    """A request or report the node does not take: its status, and why (an Error
+    Comment, an LO value: each reason is written to fit its 64 characters)."""
+
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
         self.status = status
+
+    def answer(self, what: str, calling_aet: str) -> Dataset:
+        """The response's status data set, logged with who sent ``what``."""
+        log.warning("%s from %s refused (0x%04X): %s", what, calling_aet, self.status, self)
+        status = Dataset()
+        status.Status = self.status
+        status.ErrorComment = str(self)[:64]
+        return status
+
+
+def _storage_refusal(exc: Exception, status: int) -> Exception:
+    """``exc`` as a refusal with ``status`` when it is the disk's (full, read-only,
+    failing: the index cannot record now); else ``exc`` itself (a defect)."""
+    fault = storage_fault(exc)
+    return exc if fault is None else Refused(status, f"cannot record it now: storage {fault}")
 
 
 def _uid(value: Any, what: str) -> str:
@@ -130,8 +154,8 @@ def _item(sop_class: str, sop: str, failure: int | None = None) -> Dataset:
 
 class StorageCommitment:
     """Records requests (``request``, from the storage SCP's N-ACTION handler) and
-    reports their results from one thread, retried with the outbox's backoff until
-    taken or ``give_up_h`` has passed."""
+    reports their results from a thread per requester, retried with the outbox's
+    backoff until taken or ``give_up_h`` has passed."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
@@ -180,22 +204,9 @@ class StorageCommitment:
                     f"{many} listed in requests not reported: max_listed_per_sender",
                 ) from None
             except Exception as exc:
-                fault = storage_fault(exc)
-                if fault is None:
-                    raise
-                raise Refused(
-                    RESOURCE_LIMITATION, f"cannot record it now: storage {fault}"
-                ) from None
+                raise _storage_refusal(exc, RESOURCE_LIMITATION) from None
         except Refused as refused:
-            log.warning(
-                "storage commitment request from %s refused (0x%04X): %s",
-                calling_aet,
-                refused.status,
-                refused,
-            )
-            status.Status = refused.status
-            status.ErrorComment = str(refused)[:64]  # LO: each reason is written to fit
-            return status
+            return refused.answer("storage commitment request", calling_aet)
         log.info(
             "storage commitment %s from %s: %d of %d instance(s) held",
             c.transaction_uid,
@@ -459,36 +470,33 @@ class ResultCommitment:
             if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
                 raise Refused(NO_SUCH_EVENT_TYPE, f"Event Type ID {event_type}: only 1 or 2")
             try:
-                ds = information()
-                transaction = _uid(ds.get("TransactionUID") if ds else None, "Transaction UID")
-                committed = _uids(ds.get("ReferencedSOPSequence"))  # type: ignore[union-attr]
-                failed = {
-                    str(
-                        i.get("ReferencedSOPInstanceUID", "")
-                    ): f"0x{int(i.get('FailureReason', 0)):04X}"
-                    for i in ds.get("FailedSOPSequence") or []  # type: ignore[union-attr]
-                }
+                ds = information() or Dataset()
+                transaction = _uid(ds.get("TransactionUID"), "Transaction UID")
+                committed = _uids(ds.get("ReferencedSOPSequence"))
+                failed: dict[str, str] = {}
+                for item in ds.get("FailedSOPSequence") or []:
+                    why = f"0x{int(item.get('FailureReason', 0)):04X}"
+                    failed[str(item.get("ReferencedSOPInstanceUID", ""))] = why
             except Refused:
                 raise
             except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
                 raise Refused(
                     INVALID_ARGUMENT, f"Event Information cannot be decoded ({type(exc).__name__})"
                 ) from None
-            done, again, given = self.db.commitment_result(
-                transaction, names, committed, failed, self.settings.storage_commitment.max_failures
-            )
+            try:
+                done, again, given = self.db.commitment_result(
+                    transaction,
+                    names,
+                    committed,
+                    failed,
+                    self.settings.storage_commitment.max_failures,
+                )
+            except Exception as exc:  # it is asked about again after wait_s
+                raise _storage_refusal(exc, PROCESSING_FAILURE) from None
             if not (done or again or given):
                 raise Refused(INVALID_ARGUMENT, "no result of the node was asked under this UID")
         except Refused as refused:
-            log.warning(
-                "storage commitment result from %s refused (0x%04X): %s",
-                calling_aet,
-                refused.status,
-                refused,
-            )
-            status.Status = refused.status
-            status.ErrorComment = str(refused)[:64]
-            return status
+            return refused.answer("storage commitment result", calling_aet)
         log.info(
             "storage commitment %s from %s: %d result(s) committed to, %d sent again, %d failed",
             transaction,
