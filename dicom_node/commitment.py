@@ -39,6 +39,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.db import Commitment, Database, DuplicateTransaction, TooManyListed, now
 from dicom_node.diskfull import Waiting, storage_fault
 from dicom_node.errors import DeliveryError
+from dicom_node.outbox import Loops
 from dicom_node.senders import associate
 from dicom_node.settings import DimseDestination, Settings
 from dicom_node.sopclasses import UID_RE
@@ -152,16 +153,15 @@ def _item(sop_class: str, sop: str, failure: int | None = None) -> Dataset:
     return item
 
 
-class StorageCommitment:
+class StorageCommitment(Loops):
     """Records requests (``request``, from the storage SCP's N-ACTION handler) and
     reports their results from a thread per requester, retried with the outbox's
     backoff until taken or ``give_up_h`` has passed."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
+        super().__init__()
         self.db = db
         self.settings = settings
-        self.stop_event = threading.Event()
-        self.wake = threading.Event()
         # One thread per requester, so that one whose address hangs (each attempt
         # waits up to [outbox] timeout_s) holds back no other's results; one more
         # gives up those of requesters no longer listed.
@@ -219,17 +219,6 @@ class StorageCommitment:
         return status
 
     # -- N-EVENT-REPORT ------------------------------------------------------
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def stop(self, timeout: float = 30) -> None:
-        self.stop_event.set()
-        self.wake.set()
-        for t in self.threads:
-            if t.is_alive():
-                t.join(timeout)
-
     def _loop(self, requester: str | None) -> None:
         full = Waiting(f"storage commitment ({requester or 'other'})", self.db)
         while not self.stop_event.is_set():
@@ -338,7 +327,7 @@ def _uids(items: Any) -> list[str]:
     return [str(i.get("ReferencedSOPInstanceUID", "")) for i in items or []]
 
 
-class ResultCommitment:
+class ResultCommitment(Loops):
     """Asks each destination whose ``storage_commitment`` is set to commit to the
     results the node sent it (one thread each), and applies the results it reports
     (``report``, from the storage SCP's N-EVENT-REPORT handler): committed, or sent
@@ -346,9 +335,9 @@ class ResultCommitment:
     keeps its files (retention waits for it) until ``give_up_h``."""
 
     def __init__(self, db: Database, settings: Settings) -> None:
+        super().__init__()
         self.db = db
         self.settings = settings
-        self.stop_event = threading.Event()
         self.destinations = [
             d
             for d in settings.destinations
@@ -367,14 +356,7 @@ class ResultCommitment:
                 "asked to commit: their files may go",
                 gone,
             )
-        for t in self.threads:
-            t.start()
-
-    def stop(self, timeout: float = 30) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            if t.is_alive():
-                t.join(timeout)
+        super().start()
 
     def _loop(self, dest: Any) -> None:
         full = Waiting(f"storage commitment of {dest.name}", self.db)

@@ -30,25 +30,13 @@ BATCH = 64
 DeliveryObserver = Callable[[str, Delivery, bool, str, bool], None]
 
 
-class Outbox:
-    def __init__(
-        self,
-        db: Database,
-        settings: Settings,
-        on_delivery: DeliveryObserver = lambda *_: None,
-    ) -> None:
-        self.db = db
-        self.settings = settings
-        self.on_delivery = on_delivery
+class Loops:
+    """Threads that each loop until stopped, started and stopped together."""
+
+    def __init__(self) -> None:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        names = [d.name for d in settings.destinations]
-        # One thread per destination; one more for deliveries to a destination that is
-        # no longer configured (they fail, with the reason).
-        self.threads = [
-            threading.Thread(target=self._loop, args=(n,), name=f"outbox-{n}", daemon=True)
-            for n in names
-        ] + [threading.Thread(target=self._loop, args=(None,), name="outbox", daemon=True)]
+        self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
         for t in self.threads:
@@ -58,7 +46,28 @@ class Outbox:
         self.stop_event.set()
         self.wake.set()
         for t in self.threads:
-            t.join(timeout)
+            if t.is_alive():
+                t.join(timeout)
+
+
+class Outbox(Loops):
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        on_delivery: DeliveryObserver = lambda *_: None,
+    ) -> None:
+        super().__init__()
+        self.db = db
+        self.settings = settings
+        self.on_delivery = on_delivery
+        names = [d.name for d in settings.destinations]
+        # One thread per destination; one more for deliveries to a destination that is
+        # no longer configured (they fail, with the reason).
+        self.threads = [
+            threading.Thread(target=self._loop, args=(n,), name=f"outbox-{n}", daemon=True)
+            for n in names
+        ] + [threading.Thread(target=self._loop, args=(None,), name="outbox", daemon=True)]
 
     def _loop(self, destination: str | None) -> None:
         full = Waiting(f"outbox ({destination or 'other'})", self.db)

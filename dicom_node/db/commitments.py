@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dicom_node.db.core import Core
-from dicom_node.db.records import Commitment, CommitmentState, now
+from dicom_node.db.records import Commitment, CommitmentState, now, one_or_none_of
 
 # PS3.4 J.3.3.1.1.2: Failure Reason (0008,1197)
 NO_SUCH_INSTANCE = 0x0112
@@ -115,10 +115,7 @@ class Commitments(Core):
     ) -> list[Commitment]:
         """Results due to be reported now, oldest first: to ``requester`` when given,
         else to any requester but those in ``not_of``."""
-        if requester is not None:
-            which, params = "calling_aet = ?", [requester]
-        else:
-            which, params = f"calling_aet NOT IN ({','.join('?' * len(not_of))})", list(not_of)
+        which, params = one_or_none_of("calling_aet", requester, not_of)
         rows = self.query(
             f"SELECT * FROM commitments WHERE state=? AND not_before <= ? AND {which} "
             "ORDER BY requested_at LIMIT ?",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,20 @@ from dicom_node.db.records import (
     Delivery,
     DeliveryState,
     now,
+    one_or_none_of,
 )
+
+
+def _delivery(r: sqlite3.Row) -> Delivery:
+    return Delivery(
+        r["id"],
+        r["destination"],
+        Path(r["path"]),
+        r["sop_class_uid"],
+        r["sop_instance_uid"],
+        r["attempts"],
+    )
+
 
 # a result's storage commitment by its destination (outbox.commitment)
 AWAITING, COMMITTED, GIVEN_UP = "awaiting", "committed", "given_up"
@@ -24,26 +38,13 @@ class Deliveries(Core):
     ) -> list[Delivery]:
         """Pending deliveries due now, oldest first: to ``destination`` when given, else
         to any destination but those in ``not_to``."""
-        if destination is not None:
-            which, params = "destination = ?", [destination]
-        else:
-            which, params = f"destination NOT IN ({','.join('?' * len(not_to))})", list(not_to)
+        which, params = one_or_none_of("destination", destination, not_to)
         rows = self.query(
             f"SELECT * FROM outbox WHERE state=? AND not_before <= ? AND {which} "
             "ORDER BY id LIMIT ?",
             (DeliveryState.PENDING, now(), *params, limit),
         )
-        return [
-            Delivery(
-                r["id"],
-                r["destination"],
-                Path(r["path"]),
-                r["sop_class_uid"],
-                r["sop_instance_uid"],
-                r["attempts"],
-            )
-            for r in rows
-        ]
+        return [_delivery(r) for r in rows]
 
     def delivery_sent(self, delivery: Delivery, commitment: bool = False) -> None:
         """Sent; ``commitment``: to a destination that is to commit to it (its
@@ -70,17 +71,7 @@ class Deliveries(Core):
             "AND COALESCE(commit_not_before, 0) <= ? ORDER BY id LIMIT ?",
             (AWAITING, destination, DeliveryState.SENT, now(), limit),
         )
-        return [
-            Delivery(
-                r["id"],
-                r["destination"],
-                Path(r["path"]),
-                r["sop_class_uid"],
-                r["sop_instance_uid"],
-                r["attempts"],
-            )
-            for r in rows
-        ]
+        return [_delivery(r) for r in rows]
 
     def commitment_asked(self, ids: Sequence[int], transaction_uid: str, wait_s: float) -> None:
         """Asked under ``transaction_uid``; asked again after ``wait_s`` without an answer."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -167,3 +168,11 @@ def instance_record(r: sqlite3.Row) -> InstanceRecord:
 def lost_reason(attempts: int, last_error: str | None) -> str:
     why = f"worker lost {attempts} time(s) while running this job (node killed or restarted)"
     return f"{why}; last error: {last_error}" if last_error else why
+
+
+def one_or_none_of(column: str, value: str | None, others: Sequence[str]) -> tuple[str, list[str]]:
+    """A WHERE condition and its parameters: ``column`` is ``value`` when given, else
+    none of ``others``."""
+    if value is not None:
+        return f"{column} = ?", [value]
+    return f"{column} NOT IN ({','.join('?' * len(others))})", list(others)
