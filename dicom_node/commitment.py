@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -81,6 +82,19 @@ class Refused(Exception):
         return status
 
 
+@contextmanager
+def _decoding(what: str) -> Iterator[None]:
+    """Reading a peer's data set: what pydicom raises on its bytes is a refusal (0x0115)."""
+    try:
+        yield
+    except Refused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
+        raise Refused(
+            INVALID_ARGUMENT, f"{what} cannot be decoded ({type(exc).__name__})"
+        ) from None
+
+
 def _storage_refusal(exc: Exception, status: int) -> Exception:
     """``exc`` as a refusal with ``status`` when it is the disk's (full, read-only,
     failing: the index cannot record now); else ``exc`` itself (a defect)."""
@@ -104,7 +118,7 @@ def parse_request(
         raise Refused(NO_SUCH_ACTION, f"Action Type ID {action_type}: only 1 (request commitment)")
     if str(instance_uid or "") != PUSH_MODEL_INSTANCE:
         raise Refused(INVALID_INSTANCE, f"Requested SOP Instance UID must be {PUSH_MODEL_INSTANCE}")
-    try:
+    with _decoding("Action Information"):
         ds = information()
         if ds is None:
             raise Refused(INVALID_ARGUMENT, "no Action Information")
@@ -124,12 +138,6 @@ def parse_request(
             )
             for i, item in enumerate(items)
         ]
-    except Refused:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
-        raise Refused(
-            INVALID_ARGUMENT, f"Action Information cannot be decoded ({type(exc).__name__})"
-        ) from None
     return transaction, references
 
 
@@ -451,7 +459,7 @@ class ResultCommitment(Loops):
         try:
             if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
                 raise Refused(NO_SUCH_EVENT_TYPE, f"Event Type ID {event_type}: only 1 or 2")
-            try:
+            with _decoding("Event Information"):
                 ds = information() or Dataset()
                 transaction = _uid(ds.get("TransactionUID"), "Transaction UID")
                 committed = _uids(ds.get("ReferencedSOPSequence"))
@@ -459,12 +467,6 @@ class ResultCommitment(Loops):
                 for item in ds.get("FailedSOPSequence") or []:
                     why = f"0x{int(item.get('FailureReason', 0)):04X}"
                     failed[str(item.get("ReferencedSOPInstanceUID", ""))] = why
-            except Refused:
-                raise
-            except Exception as exc:  # noqa: BLE001 - pydicom decoding a peer's bytes
-                raise Refused(
-                    INVALID_ARGUMENT, f"Event Information cannot be decoded ({type(exc).__name__})"
-                ) from None
             try:
                 done, again, given = self.db.commitment_result(
                     transaction,

@@ -1201,6 +1201,36 @@ def test_an_instance_orthanc_cannot_give_holds_back_none_after_it(tmp_path: Path
         pacs.stop()
 
 
+@contextmanager
+def _orthanc_and_node(
+    tmp_path: Path, settings: Callable[[OrthancProcess], dict[str, Any]]
+) -> Iterator[tuple[OrthancProcess, Any]]:
+    """An Orthanc without the plugin that knows the node (its ``angio-node`` modality),
+    and the node, its ``settings`` made for that Orthanc."""
+    from dicom_node.service import Node
+    from dicom_node.settings import load_settings
+
+    node_port = free_port()
+    pacs = start_orthanc(tmp_path, with_plugin=False, node={"aet": NODE_AET, "port": node_port})
+    try:
+        node = Node(
+            load_settings(
+                None,
+                environ={},
+                storage_dir=tmp_path / "node",
+                port=node_port,
+                api={"enabled": False},
+                **settings(pacs),
+            )
+        ).start()
+        try:
+            yield pacs, node
+        finally:
+            node.stop()
+    finally:
+        pacs.stop()
+
+
 @needs_orthanc
 def test_orthanc_asks_the_node_for_storage_commitment_and_takes_the_result(
     tmp_path: Path,
@@ -1210,32 +1240,15 @@ def test_orthanc_asks_the_node_for_storage_commitment_and_takes_the_result(
     its own DICOM port (the asynchronous mode it expects) and shows it under the
     transaction: two committed, one failed 0x0112. Before, the node did not accept the
     Storage Commitment context: Orthanc's request failed at once."""
-    from dicom_node.service import Node
-    from dicom_node.settings import load_settings
 
-    node_port = free_port()
-    pacs = start_orthanc(tmp_path, with_plugin=False, node={"aet": NODE_AET, "port": node_port})
-    node = Node(
-        load_settings(
-            None,
-            environ={},
-            storage_dir=tmp_path / "node",
-            port=node_port,
-            api={"enabled": False},
-            rules=[],
-            storage_commitment={
-                "report_to": [
-                    {
-                        "name": "orthanc",
-                        "ae_title": pacs.aet,
-                        "host": "127.0.0.1",
-                        "port": pacs.dicom_port,
-                    }
-                ]
-            },
-        )
-    ).start()
-    try:
+    def settings(pacs: OrthancProcess) -> dict[str, Any]:
+        address = {"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1"}
+        return {
+            "rules": [],
+            "storage_commitment": {"report_to": [{**address, "port": pacs.dicom_port}]},
+        }
+
+    with _orthanc_and_node(tmp_path, settings) as (pacs, node):
         sent = [xa_run(frames=2, seed=s) for s in (31, 32)]
         ids = []
         for ds in sent:
@@ -1268,9 +1281,6 @@ def test_orthanc_asks_the_node_for_storage_commitment_and_takes_the_result(
             (never, 0x0112)
         ]
         assert node.db.status_summary()["storage_commitments"] == {"reported": 1}
-    finally:
-        node.stop()
-        pacs.stop()
 
 
 @needs_orthanc
@@ -1279,34 +1289,14 @@ def test_orthanc_commits_to_the_results_the_node_sent_it(tmp_path: Path) -> None
     asks it, after the results are stored there, whether it holds them, and Orthanc
     reports on its own association to the node (the node as SCU of the class, Orthanc
     proposing the SCP role): every result is committed to."""
-    from dicom_node.service import Node
-    from dicom_node.settings import load_settings
 
-    node_port = free_port()
-    pacs = start_orthanc(tmp_path, with_plugin=False, node={"aet": NODE_AET, "port": node_port})
-    node = Node(
-        load_settings(
-            None,
-            environ={},
-            storage_dir=tmp_path / "node",
-            port=node_port,
-            api={"enabled": False},
-            rules=MINIP_ONLY,
-            outbox={"poll_interval_s": 0.1},
-            destinations=[
-                {
-                    "kind": "dimse",
-                    "name": "orthanc",
-                    "host": "127.0.0.1",
-                    "port": pacs.dicom_port,
-                    "ae_title": pacs.aet,
-                    "storage_commitment": True,
-                }
-            ],
-        )
-    ).start()
-    try:
-        send_storescu(NODE_AET, node_port, [save(xa_run(frames=3, seed=41), tmp_path / "in")])
+    def settings(pacs: OrthancProcess) -> dict[str, Any]:
+        dest = {"kind": "dimse", "name": "orthanc", "host": "127.0.0.1", "ae_title": pacs.aet}
+        dest.update(port=pacs.dicom_port, storage_commitment=True)
+        return {"rules": MINIP_ONLY, "outbox": {"poll_interval_s": 0.1}, "destinations": [dest]}
+
+    with _orthanc_and_node(tmp_path, settings) as (pacs, node):
+        send_storescu(NODE_AET, node.port, [save(xa_run(frames=3, seed=41), tmp_path / "in")])
         rows = wait_for(
             "the node's results committed to by Orthanc",
             lambda: (
@@ -1320,6 +1310,3 @@ def test_orthanc_commits_to_the_results_the_node_sent_it(tmp_path: Path) -> None
             i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.get("/instances?expand").json()
         }
         assert {r["sop_instance_uid"] for r in rows} <= stored
-    finally:
-        node.stop()
-        pacs.stop()
