@@ -526,6 +526,23 @@ def _commitment(
     elif roll < 0.35:
         action_type, broken = rng.choice([0, 2, 0xFFFF]), "action type"
     info: Dataset | bytes = commitment_info(references, transaction)
+    if rng.random() < 0.25:  # a storage commitment result instead, as a PACS reports one
+        event = rng.choice([1, 2, 3, 0xFFFF])
+        if event == 2:
+            info.FailedSOPSequence = info.ReferencedSOPSequence[-1:]
+            info.FailedSOPSequence[0].FailureReason = rng.choice([0x0110, 0x0112, 0xFFFF])
+        elements: list[tuple[int, str, object]] = [
+            (0x00000002, "UI", COMMITMENT),
+            (0x00000100, "US", COMMANDS["N-EVENT-REPORT-RQ"]),
+            (0x00000110, "US", message_id),
+            (0x00000800, "US", 0x0000),
+            (0x00001000, "UI", COMMITMENT_INSTANCE),
+            (0x00001002, "US", event),
+        ]
+        data = encode_dataset(info, implicit=implicit)
+        if roll < 0.2:
+            data = data[: rng.randrange(len(data))]
+        return message(context_id, command_set(elements), data), f"result, event {event}"
     if broken == "" and roll < 0.55:
         data = encode_dataset(info, implicit=implicit)  # type: ignore[arg-type]
         info = (
