@@ -77,6 +77,24 @@ class _IndexCollector(Collector):
                 backlog.add_metric([dest], n)
         yield backlog
         yield deliveries
+        committed = GaugeMetricFamily(
+            "angio_node_result_commitments",
+            "Results sent to destinations that commit, by destination and commitment "
+            "(awaiting: their files kept until it comes)",
+            labels=["destination", "commitment"],
+        )
+        for dest, commitment, n in snap["result_commitments"]:
+            committed.add_metric([dest, commitment], n)
+        yield committed
+        requests = GaugeMetricFamily(
+            "angio_node_storage_commitments",
+            "Storage commitment requests of senders by requester and state (pending: the "
+            "result not yet taken)",
+            labels=["requester", "state"],
+        )
+        for requester, state, n in snap["storage_commitments"]:
+            requests.add_metric([requester, state], n)
+        yield requests
         yield GaugeMetricFamily(
             "angio_node_runs_purged",
             "Runs whose received files and results retention deleted",

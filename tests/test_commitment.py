@@ -164,6 +164,8 @@ def test_a_suite_is_told_which_instances_the_node_holds(make_node: Any, suite: S
         10,
         what="the result recorded as taken",
     )
+    metrics = requests.get(f"http://127.0.0.1:{node.api_port}/metrics", timeout=10).text
+    assert 'angio_node_storage_commitments{requester="SUITE",state="reported"} 1.0' in metrics
 
     # all held: event type 1, no failed sequence; the same transaction asked again
     assert int(suite.ask(node, held, transaction).Status) == 0x0000
@@ -544,6 +546,9 @@ def test_results_are_kept_until_the_destination_commits_to_them(make_node: Any) 
         assert node.db.status_summary()["result_commitments"] == {"committed": len(rows)}
         page = requests.get(f"http://127.0.0.1:{node.api_port}/", timeout=10).text
         assert f"{len(rows)} committed, 0 awaited" in page
+        metrics = requests.get(f"http://127.0.0.1:{node.api_port}/metrics", timeout=10).text
+        gauge = 'angio_node_result_commitments{commitment="committed",destination="pacs"}'
+        assert f"{gauge} {len(rows)}.0" in metrics
         node.retention.run()
         assert not any(p.exists() for p in results)
     finally:

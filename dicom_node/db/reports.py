@@ -147,7 +147,7 @@ class Reports(Core):
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counts for the Prometheus gauges: runs by state, jobs by pipeline and state,
-        jobs due now, deliveries by destination and state."""
+        jobs due now, deliveries by destination and state, storage commitments both ways."""
         t = now()
         return {
             "runs": {
@@ -170,6 +170,22 @@ class Reports(Core):
                 (r["destination"], r["state"], r["n"])
                 for r in self.query(
                     "SELECT destination, state, COUNT(*) n FROM outbox GROUP BY destination, state"
+                )
+            ],
+            # results sent to destinations that commit, by their commitment
+            "result_commitments": [
+                (r["destination"], r["commitment"], r["n"])
+                for r in self.query(
+                    "SELECT destination, commitment, COUNT(*) n FROM outbox "
+                    "WHERE commitment IS NOT NULL GROUP BY destination, commitment"
+                )
+            ],
+            # storage commitment requests of senders, by requester and state
+            "storage_commitments": [
+                (r["calling_aet"], r["state"], r["n"])
+                for r in self.query(
+                    "SELECT calling_aet, state, COUNT(*) n FROM commitments "
+                    "GROUP BY calling_aet, state"
                 )
             ],
         }
