@@ -32,7 +32,7 @@ from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
 from dicom_node.db import Database, TooManyListed
 from dicom_node.errors import ConfigError
 from dicom_node.settings import load_settings
-from tests.conftest import free_port, wait_for
+from tests.conftest import NodeProcess, free_port, wait_for
 from tests.dicomgen import xa_run
 from tests.dimse_faults import commitment_info
 from tests.test_cli import _cli
@@ -84,7 +84,7 @@ class Suite:
 
     def ask(
         self,
-        node: Any,
+        port: int,
         references: list[tuple[str, str]] | None,
         transaction: str | None = None,
         action_type: int = 1,
@@ -95,7 +95,7 @@ class Suite:
         ae = AE(ae_title=calling or self.ae_title)
         ae.add_requested_context(PUSH_MODEL)
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+        assoc = ae.associate("127.0.0.1", port, ae_title="ANGIO_NODE")
         assert assoc.is_established
         try:
             info = Dataset()
@@ -143,7 +143,7 @@ def test_a_suite_is_told_which_instances_the_node_holds(make_node: Any, suite: S
     other_class = (SecondaryCaptureImageStorage, str(runs[0].SOPInstanceUID))
     transaction = generate_uid()
 
-    status = suite.ask(node, [*held, never, other_class], transaction)
+    status = suite.ask(node.port, [*held, never, other_class], transaction)
     assert int(status.Status) == 0x0000
 
     calling, event_type, info = _report(suite)
@@ -168,7 +168,7 @@ def test_a_suite_is_told_which_instances_the_node_holds(make_node: Any, suite: S
     assert 'angio_node_storage_commitments{requester="SUITE",state="reported"} 1.0' in metrics
 
     # all held: event type 1, no failed sequence; the same transaction asked again
-    assert int(suite.ask(node, held, transaction).Status) == 0x0000
+    assert int(suite.ask(node.port, held, transaction).Status) == 0x0000
     _, event_type, info = _report(suite)
     assert event_type == 1 and "FailedSOPSequence" not in info
     assert len(info.ReferencedSOPSequence) == 3
@@ -231,19 +231,19 @@ def test_a_request_the_node_cannot_take_is_refused_with_why(
     elif case == "more than max_instances":
         kwargs["references"] = [ref] * 4
     elif case == "more listed than max_listed_per_sender":
-        assert int(suite.ask(node, [ref], generate_uid()).Status) == 0x0000
+        assert int(suite.ask(node.port, [ref], generate_uid()).Status) == 0x0000
         kwargs["references"] = [ref] * 3
     elif case == "another sender's transaction":
-        assert int(other.ask(node, [ref], kwargs["transaction"]).Status) == 0x0000
+        assert int(other.ask(node.port, [ref], kwargs["transaction"]).Status) == 0x0000
     before = node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"]
 
-    answer = suite.ask(node, **kwargs)
+    answer = suite.ask(node.port, **kwargs)
     assert int(answer.Status) == status
     assert words in str(answer.ErrorComment)
     assert len(str(answer.ErrorComment)) < 64  # an LO value: each reason fits, whole
     assert node.db.query("SELECT COUNT(*) n FROM commitments")[0]["n"] == before
     # and the next request is served
-    assert int(suite.ask(node, [ref], generate_uid()).Status) == 0x0000
+    assert int(suite.ask(node.port, [ref], generate_uid()).Status) == 0x0000
 
 
 def test_an_acknowledged_request_is_reported_after_a_restart(make_node: Any, suite: Suite) -> None:
@@ -257,7 +257,7 @@ def test_an_acknowledged_request_is_reported_after_a_restart(make_node: Any, sui
     assert (
         int(
             suite.ask(
-                node, [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))], transaction
+                node.port, [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))], transaction
             ).Status
         )
         == 0
@@ -294,7 +294,7 @@ def test_a_result_nobody_takes_is_given_up_with_the_reason(
     assert (
         int(
             suite.ask(
-                node, [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))], generate_uid()
+                node.port, [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))], generate_uid()
             ).Status
         )
         == 0
@@ -373,10 +373,10 @@ def test_a_requester_whose_address_hangs_holds_back_no_other(make_node: Any, sui
         ds = xa_run(frames=2)
         assert _send(node, ds, calling="SUITE") == 0x0000
         ref = [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))]
-        assert int(Suite("SILENT").ask(node, ref, generate_uid()).Status) == 0x0000
+        assert int(Suite("SILENT").ask(node.port, ref, generate_uid()).Status) == 0x0000
         time.sleep(1)  # its attempt under way
         asked = time.monotonic()
-        assert int(suite.ask(node, ref, generate_uid()).Status) == 0x0000
+        assert int(suite.ask(node.port, ref, generate_uid()).Status) == 0x0000
         _, event_type, _ = _report(suite, timeout=20)
         assert event_type == 1 and time.monotonic() - asked < 10
     finally:
@@ -399,7 +399,7 @@ def test_a_request_of_thousands_of_instances_is_taken_and_one_past_its_bound_cut
     assert _send(node, ds, calling="SUITE") == 0x0000
     held = (XRayAngiographicImageStorage, str(ds.SOPInstanceUID))
     never = [(XRayAngiographicImageStorage, generate_uid()) for _ in range(4999)]
-    assert int(suite.ask(node, [held, *never], generate_uid()).Status) == 0x0000
+    assert int(suite.ask(node.port, [held, *never], generate_uid()).Status) == 0x0000
     _, event_type, info = _report(suite)
     assert event_type == 2 and len(info.ReferencedSOPSequence) == 1
     assert len(info.FailedSOPSequence) == 4999
@@ -422,7 +422,7 @@ def test_a_request_of_thousands_of_instances_is_taken_and_one_past_its_bound_cut
         10,
         what="the reason logged",
     )
-    assert int(suite.ask(node, [held], generate_uid()).Status) == 0x0000  # served after
+    assert int(suite.ask(node.port, [held], generate_uid()).Status) == 0x0000  # served after
 
 
 class CommittingPacs:
@@ -624,3 +624,39 @@ def test_results_no_longer_awaited_when_the_destination_stops_committing(make_no
         assert all("no longer asked to commit" in r["error"] for r in rows)
     finally:
         pacs.close()
+
+
+@pytest.mark.slow
+def test_an_acknowledged_request_survives_a_kill_9(tmp_path: Path, suite: Suite) -> None:
+    """The node, a process of its own, answers a request Success while the suite's
+    listener is down, and is killed (-9) before it could report: restarted, it reports
+    the result once the suite listens."""
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'ae_title = "ANGIO_NODE"\nport = {port}\nstorage_dir = "{tmp_path / "node"}"\n'
+        "min_free_bytes = 0\nrules = []\n[api]\nenabled = false\n"
+        "[outbox]\nbackoff_base_s = 0.2\nbackoff_max_s = 1.0\npoll_interval_s = 0.1\n"
+        "[[storage_commitment.report_to]]\n"
+        f'name = "suite"\nae_title = "SUITE"\nhost = "127.0.0.1"\nport = {suite.port}\n'
+    )
+    node = NodeProcess(config)
+    node.start()
+    try:
+        ds = xa_run(frames=2)
+        ae = AE(ae_title="SUITE")
+        ae.add_requested_context(XRayAngiographicImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="ANGIO_NODE")
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        assoc.release()
+        transaction = generate_uid()
+        ref = [(XRayAngiographicImageStorage, str(ds.SOPInstanceUID))]
+        assert int(suite.ask(port, ref, transaction).Status) == 0x0000
+        node.kill()
+
+        suite.listen()
+        node.start()
+        _, event_type, info = _report(suite, timeout=60)
+        assert event_type == 1 and info.TransactionUID == transaction
+    finally:
+        node.terminate()
