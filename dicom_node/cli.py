@@ -310,6 +310,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"purged runs (files deleted by retention): {summary['purged_runs']}")
     for key in ("runs", "jobs", "outbox", "result_commitments", "storage_commitments"):
         print(f"{key}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))  # type: ignore[attr-defined]
+    for r in summary["rejected_results"]:  # type: ignore[attr-defined]
+        print(
+            f"results rejected at a destination ({r['code']} {r['meaning']}): {r['pipeline']} "
+            f"{r['n']} of {r['jobs']} job(s)"
+        )
     for c in summary["untaken_commitments"]:  # type: ignore[attr-defined]
         print(
             f"storage commitment {c['transaction_uid']} from {c['calling_aet']} {c['state']} "

@@ -86,6 +86,15 @@ class _IndexCollector(Collector):
         for dest, commitment, n in snap["result_commitments"]:
             committed.add_metric([dest, commitment], n)
         yield committed
+        rejected = GaugeMetricFamily(
+            "angio_node_results_rejected",
+            "The node's results a destination rejected (IHE IOCM rejection notes), by "
+            "pipeline and the note's title code: kept as feedback",
+            labels=["pipeline", "code"],
+        )
+        for r in snap["rejected_results"]:
+            rejected.add_metric([r["pipeline"], r["code"]], r["n"])
+        yield rejected
         requests = GaugeMetricFamily(
             "angio_node_storage_commitments",
             "Storage commitment requests of senders by requester and state (pending: the "

@@ -28,7 +28,7 @@ a crash in between repeats the whole at the next start.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,9 +111,13 @@ class Rejections:
         results_dir: Path,
         withdraw: Callable[[Cancelled], None] = lambda _: None,
         purge: Purger = lambda runs, why: ([], {}),
+        destinations: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.db = db
         self.results_dir = results_dir
+        # the DIMSE destinations' (AE title, name): a note from one that lists results
+        # the node delivered to it is a verdict on them, kept as feedback
+        self.destinations = list(destinations)
         # stops the running jobs of a cancelled run (the engine's ``withdraw``)
         self.withdraw = withdraw
         # deletes the rejected runs' files (``Retention.purge_now``; a node's results
@@ -157,6 +161,9 @@ class Rejections:
         head = f"rejection note {note.sop_instance_uid} {note.describe()} from {who}"
         sent_by = {calling, sender}
         if not held:
+            feedback = self._feedback(note, calling)
+            if feedback:
+                return f"{head}: {feedback}", []
             return f"{head}: none of its {len(note.instances)} instance(s) is held here", []
         # Only who sent a run may reject it: another sender could otherwise withdraw a
         # suite's results by listing its instances (an operator cancels with the CLI).
@@ -192,6 +199,29 @@ class Rejections:
             done += "; results of run(s) that could not be withdrawn (withdraw them at the "
             done += "destination by hand): " + "; ".join(failures)
         return done, runs
+
+    def _feedback(self, note: Note, calling: str) -> str:
+        """A note from a destination that lists results the node delivered to it (a
+        radiologist rejecting an AI result in the PACS): kept as feedback for their
+        jobs' pipeline and model (``result_rejections``); what was kept, or ""."""
+        names = [name for aet, name in self.destinations if aet == calling]
+        rows = self.db.results_listed(note.instances, names) if names else []
+        if not rows:
+            return ""
+        code, _, meaning = note.title
+        self.db.record_result_rejections(note.sop_instance_uid, code, meaning, rows)
+        jobs = sorted({f"{r['pipeline']} job {r['job_id']}" for r in rows})
+        log.warning(
+            "%d result(s) of the node rejected by %s %s: %s",
+            len(rows),
+            calling,
+            note.describe(),
+            ", ".join(jobs),
+        )
+        return (
+            f"{len(rows)} of the node's result(s) rejected at the destination, kept as "
+            f"feedback ({', '.join(jobs[:10])}{', ...' if len(jobs) > 10 else ''})"
+        )
 
     def _withdraw(self, note: Note, run_id: str) -> int:
         """Queue, for each destination, a rejection note of the run's delivered results."""

@@ -234,6 +234,11 @@ class Node:
                 self.results_dir,
                 self.workers.withdraw,
                 lambda runs, why: self.retention.purge_now(runs, why),
+                [
+                    (d.ae_title, d.name)
+                    for d in settings.destinations
+                    if isinstance(d, DimseDestination)
+                ],
             ),
         )
         self.ingest = Ingest(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
@@ -171,3 +172,54 @@ def test_only_who_sent_a_run_may_reject_it(make_node: Any) -> None:
     )
     assert node.db.rejected(str(forwarded.SOPInstanceUID))
     assert node.db.rejected(str(direct.SOPInstanceUID)) is None
+
+
+def test_a_destination_s_rejection_of_the_node_s_results_is_kept_as_feedback(
+    make_node: Any, storescp: Any
+) -> None:
+    """A PACS that received the node's results rejects some of them (a radiologist
+    marking an AI result unusable: 113001, quality) and sends its rejection note to
+    the node. Before, the note was settled with "none of its instances is held here"
+    and the verdict was lost. It is kept for the results' jobs, their pipeline and
+    model (``dicom-node status``, /status, /metrics); a note listing them from another
+    AE than the destination's keeps nothing."""
+    storescp.start()
+    node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
+    source = xa_run(frames=5)
+    assert _send(node, source, calling="SUITE") == 0x0000
+    sent = "SELECT sop_instance_uid FROM outbox WHERE state='sent'"
+    wait_for(
+        lambda: node.db.query(sent) and node.db.pending_deliveries() == 0,
+        120,
+        what="the run's results delivered",
+    )
+    job = node.db.query("SELECT id FROM jobs")[0]["id"]
+    results = [dcmread(p) for p in storescp.files()]
+    quality = ("113001", "DCM", "Rejected for Quality Reasons")
+
+    other = note(quality, *results)
+    assert _send(node, other, calling="SUITE") == 0x0000  # not the destination
+    assert "is held here" in _run_reason(node, str(other.SOPInstanceUID))["reason"]
+    assert node.db.status_summary()["rejected_results"] == []
+
+    verdict = note(quality, *results)
+    assert _send(node, verdict, calling=storescp.aet) == 0x0000
+    reason = _run_reason(node, str(verdict.SOPInstanceUID))
+    assert f"{len(results)} of the node's result(s) rejected" in reason["reason"]
+    assert f"minip job {job}" in reason["reason"]
+    assert node.db.status_summary()["rejected_results"] == [
+        {
+            "pipeline": "minip",
+            "code": "113001",
+            "meaning": "Rejected for Quality Reasons",
+            "n": len(results),
+            "jobs": 1,
+        }
+    ]
+    metrics = requests.get(f"http://127.0.0.1:{node.api_port}/metrics", timeout=10).text
+    assert f'angio_node_results_rejected{{code="113001",pipeline="minip"}} {len(results)}.0' in (
+        metrics
+    )
+    # applied again (a resend): kept once
+    assert _send(node, verdict, calling=storescp.aet) == 0x0000
+    assert node.db.status_summary()["rejected_results"][0]["n"] == len(results)

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dicom_node.db.core import Core
 from dicom_node.db.records import (
@@ -456,6 +457,49 @@ class Jobs(Core):
                 Delivered(r["job_id"], r["sop_class_uid"], r["sop_instance_uid"], r["series_uid"])
             )
         return out
+
+    def results_listed(
+        self, instances: Collection[str], destinations: Collection[str]
+    ) -> list[Any]:
+        """The node's results among ``instances`` delivered to any of ``destinations``:
+        rows of (sop_instance_uid, job_id, pipeline, destination)."""
+        uids, names = sorted(instances), sorted(destinations)
+        rows: list[Any] = []
+        for k in range(0, len(uids), 500):
+            chunk = uids[k : k + 500]
+            rows += self.query(
+                "SELECT o.sop_instance_uid, o.job_id, j.pipeline, o.destination FROM outbox o "
+                "JOIN jobs j ON j.id = o.job_id WHERE o.state=? "
+                f"AND o.destination IN ({','.join('?' * len(names))}) "
+                f"AND o.sop_instance_uid IN ({','.join('?' * len(chunk))}) ORDER BY o.id",
+                (DeliveryState.SENT, *names, *chunk),
+            )
+        return rows
+
+    def record_result_rejections(
+        self, note_uid: str, code: str, meaning: str, rows: Sequence[Any]
+    ) -> int:
+        """Keep the rejection of the node's results ``rows`` (``results_listed``) by the
+        note ``note_uid``; once each (a note applied again records nothing new)."""
+        with self._tx() as con:
+            return sum(
+                con.execute(
+                    "INSERT OR IGNORE INTO result_rejections (sop_instance_uid, note_uid, "
+                    "job_id, pipeline, destination, code, meaning, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        r["sop_instance_uid"],
+                        note_uid,
+                        r["job_id"],
+                        r["pipeline"],
+                        r["destination"],
+                        code,
+                        meaning,
+                        now(),
+                    ),
+                ).rowcount
+                for r in rows
+            )
 
     def queue_note(self, job_id: int, destination: str, note: ResultFile) -> None:
         """Deliver the node's rejection note of job ``job_id``'s results, once a

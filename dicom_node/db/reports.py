@@ -104,6 +104,8 @@ class Reports(Core):
             "queued_jobs_by_sender": self.queued_jobs_by_sender(),
             "outbox": counts("outbox"),
             "storage_commitments": counts("commitments"),
+            # the node's results destinations rejected (IOCM), by pipeline and reason
+            "rejected_results": self.rejected_results(),
             # the results sent to destinations that commit, by their commitment
             "result_commitments": {
                 r["commitment"]: r["n"]
@@ -119,6 +121,17 @@ class Reports(Core):
             "verdicts": {v: int(row[v] or 0) for v in VERDICTS},
             "doubtful_results": doubtful,
         }
+
+    def rejected_results(self) -> list[dict[str, Any]]:
+        """The node's results its destinations rejected (``result_rejections``), by
+        pipeline and the rejection note's title."""
+        return [
+            dict(r)
+            for r in self.query(
+                "SELECT pipeline, code, meaning, COUNT(*) n, COUNT(DISTINCT job_id) jobs "
+                "FROM result_rejections GROUP BY pipeline, code, meaning ORDER BY pipeline, code"
+            )
+        ]
 
     def older_queued_jobs(self) -> int:
         """Queued jobs of older runs (acquired before workers.live_window_h): they wait
@@ -180,6 +193,7 @@ class Reports(Core):
                     "WHERE commitment IS NOT NULL GROUP BY destination, commitment"
                 )
             ],
+            "rejected_results": self.rejected_results(),
             # storage commitment requests of senders, by requester and state
             "storage_commitments": [
                 (r["calling_aet"], r["state"], r["n"])

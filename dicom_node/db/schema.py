@@ -100,6 +100,20 @@ CREATE TABLE IF NOT EXISTS commitments (
 CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state, not_before);
 CREATE INDEX IF NOT EXISTS commitments_sender ON commitments(calling_aet, requested_at);
 
+-- the node's results a destination rejected (IHE IOCM rejection notes listing them: a
+-- radiologist's verdict on an AI result), kept as feedback for the pipeline and model
+CREATE TABLE IF NOT EXISTS result_rejections (
+    sop_instance_uid TEXT NOT NULL,
+    note_uid         TEXT NOT NULL,   -- the rejection note's SOP Instance UID
+    job_id           INTEGER NOT NULL,
+    pipeline         TEXT NOT NULL,
+    destination      TEXT NOT NULL,
+    code             TEXT NOT NULL,   -- the note's title (PS3.16 CID 7011)
+    meaning          TEXT NOT NULL,
+    at               REAL NOT NULL,
+    UNIQUE (sop_instance_uid, note_uid)
+);
+
 -- index_id: this index's identity, part of every Temporal workflow ID it starts
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
