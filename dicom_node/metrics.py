@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,16 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # the worker's stage names -> the label values
 STAGES = {"decoding": "decode", "computing": "compute", "encoding": "encode", "writing": "write"}
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def _labelled(
+    name: str, documentation: str, labels: list[str], rows: Iterable[tuple[Any, ...]]
+) -> GaugeMetricFamily:
+    """A gauge with one value per row: the labels' values, then the count."""
+    gauge = GaugeMetricFamily(name, documentation, labels=labels)
+    for *values, n in rows:
+        gauge.add_metric([str(v) for v in values], n)
+    return gauge
 
 
 class _IndexCollector(Collector):
@@ -77,33 +87,27 @@ class _IndexCollector(Collector):
                 backlog.add_metric([dest], n)
         yield backlog
         yield deliveries
-        committed = GaugeMetricFamily(
+        yield _labelled(
             "angio_node_result_commitments",
             "Results sent to destinations that commit, by destination and commitment "
             "(awaiting: their files kept until it comes)",
-            labels=["destination", "commitment"],
+            ["destination", "commitment"],
+            snap["result_commitments"],
         )
-        for dest, commitment, n in snap["result_commitments"]:
-            committed.add_metric([dest, commitment], n)
-        yield committed
-        rejected = GaugeMetricFamily(
+        yield _labelled(
             "angio_node_results_rejected",
             "The node's results a destination rejected (IHE IOCM rejection notes), by "
             "pipeline and the note's title code: kept as feedback",
-            labels=["pipeline", "code"],
+            ["pipeline", "code"],
+            [(r["pipeline"], r["code"], r["n"]) for r in snap["rejected_results"]],
         )
-        for r in snap["rejected_results"]:
-            rejected.add_metric([r["pipeline"], r["code"]], r["n"])
-        yield rejected
-        requests = GaugeMetricFamily(
+        yield _labelled(
             "angio_node_storage_commitments",
             "Storage commitment requests of senders by requester and state (pending: the "
             "result not yet taken)",
-            labels=["requester", "state"],
+            ["requester", "state"],
+            snap["storage_commitments"],
         )
-        for requester, state, n in snap["storage_commitments"]:
-            requests.add_metric([requester, state], n)
-        yield requests
         yield GaugeMetricFamily(
             "angio_node_runs_purged",
             "Runs whose received files and results retention deleted",

@@ -42,6 +42,24 @@ def _run_reason(node: Any, run_id: str) -> dict[str, Any]:
     return dict(node.db.query("SELECT state, reason FROM runs WHERE run_id=?", (run_id,))[0])
 
 
+def _processed_and_delivered(make_node: Any, storescp: Any) -> tuple[Any, Dataset]:
+    """A node whose run from SUITE was processed and its results delivered to dcmtk's
+    storescp; the node and the run."""
+    storescp.start()
+    node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
+    source = xa_run(frames=5)
+    assert _send(node, source, calling="SUITE") == 0x0000
+    wait_for(
+        lambda: (
+            node.db.query("SELECT 1 FROM outbox WHERE state='sent'")
+            and node.db.pending_deliveries() == 0
+        ),
+        120,
+        what="the run's results delivered",
+    )
+    return node, source
+
+
 def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
     make_node: Any, storescp: Any
 ) -> None:
@@ -50,16 +68,8 @@ def test_results_of_rejected_instances_are_withdrawn_at_their_destination(
     supported) and the results stayed in the PACS under that patient. Now the node
     sends its own rejection note, with the same title, listing exactly those results,
     in their patient's study; applied again, it queues nothing twice."""
-    storescp.start()
-    node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
-    source = xa_run(frames=5)
-    assert _send(node, source, calling="SUITE") == 0x0000
+    node, source = _processed_and_delivered(make_node, storescp)
     sent = "SELECT sop_instance_uid, sop_class_uid FROM outbox WHERE state='sent'"
-    wait_for(
-        lambda: node.db.query(sent) and node.db.pending_deliveries() == 0,
-        120,
-        what="the run's results delivered",
-    )
     results = {r["sop_instance_uid"] for r in node.db.query(sent)}
     received = {p.name for p in storescp.files()}
     (held,) = node.db.run_instances(str(source.SOPInstanceUID))
@@ -183,16 +193,7 @@ def test_a_destination_s_rejection_of_the_node_s_results_is_kept_as_feedback(
     and the verdict was lost. It is kept for the results' jobs, their pipeline and
     model (``dicom-node status``, /status, /metrics); a note listing them from another
     AE than the destination's keeps nothing."""
-    storescp.start()
-    node = make_node(destinations=[storescp.destination()], rules=MINIP_ONLY)
-    source = xa_run(frames=5)
-    assert _send(node, source, calling="SUITE") == 0x0000
-    sent = "SELECT sop_instance_uid FROM outbox WHERE state='sent'"
-    wait_for(
-        lambda: node.db.query(sent) and node.db.pending_deliveries() == 0,
-        120,
-        what="the run's results delivered",
-    )
+    node, _ = _processed_and_delivered(make_node, storescp)
     job = node.db.query("SELECT id FROM jobs")[0]["id"]
     results = [dcmread(p) for p in storescp.files()]
     quality = ("113001", "DCM", "Rejected for Quality Reasons")
