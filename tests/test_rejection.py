@@ -4,6 +4,8 @@ the destination dcmtk's storescp; every note the node makes passes dciodvfy."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import requests
@@ -193,7 +195,7 @@ def test_a_destination_s_rejection_of_the_node_s_results_is_kept_as_feedback(
     and the verdict was lost. It is kept for the results' jobs, their pipeline and
     model (``dicom-node status``, /status, /metrics); a note listing them from another
     AE than the destination's keeps nothing."""
-    node, _ = _processed_and_delivered(make_node, storescp)
+    node, source = _processed_and_delivered(make_node, storescp)
     job = node.db.query("SELECT id FROM jobs")[0]["id"]
     results = [dcmread(p) for p in storescp.files()]
     quality = ("113001", "DCM", "Rejected for Quality Reasons")
@@ -224,3 +226,13 @@ def test_a_destination_s_rejection_of_the_node_s_results_is_kept_as_feedback(
     # applied again (a resend): kept once
     assert _send(node, verdict, calling=storescp.aet) == 0x0000
     assert node.db.status_summary()["rejected_results"][0]["n"] == len(results)
+    # and the training package lists the run, the case to annotate first
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "rejected", "--storage", str(node.settings.storage_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"minip job {job}: run {source.SOPInstanceUID}" in out.stdout
+    assert f"{len(results)} result(s) rejected, 113001 Rejected for Quality Reasons" in out.stdout

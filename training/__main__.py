@@ -41,7 +41,7 @@ from training.dataset import BuildOptions, DatasetError, build_dataset, load_dat
 from training.gate import REQUIRED_MARGIN, GateError, refuse_evaluation_only
 from training.record import command as record_command
 from training.scribbles import ScribbleError
-from training.sources import SourceError, open_source
+from training.sources import SourceError, SpoolSource, open_source
 from training.tasks import TASKS, TaskError
 from training.tracking import TrackingError
 
@@ -426,6 +426,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rejected(args: argparse.Namespace) -> int:
+    rows = SpoolSource(args.storage).rejected_runs(args.pipeline)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        where = "purged: fetch it from the PACS" if r["purged"] else "in the spool"
+        print(
+            f"{r['pipeline']} job {r['job_id']}: run {r['run_id']} (study {r['study_uid']}, "
+            f"series {r['series_uid']}; {where}): {r['results']} result(s) rejected, "
+            f"{r['reasons']}"
+        )
+    print(f"{len(rows)} run(s) with rejected results", file=sys.stderr)
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from training.classical import tune
 
@@ -675,6 +691,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--out", help="write it here (default: print it)")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "rejected",
+        help="runs whose results a destination rejected (IOCM notes kept by the node): "
+        "the cases to annotate first",
+    )
+    p.add_argument("--storage", required=True, help="the node's storage_dir")
+    p.add_argument("--pipeline", help="only this pipeline's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rejected)
 
     p = sub.add_parser(
         "tune-classical",

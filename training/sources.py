@@ -148,6 +148,33 @@ class SpoolSource:
     def fetch(self, instance: Instance) -> Path:
         return Path(instance.locator)
 
+    def rejected_runs(self, pipeline: str | None = None) -> list[dict[str, object]]:
+        """The runs whose results a destination rejected (IHE IOCM rejection notes the
+        node kept as feedback: ``dicom-node status``), newest first: the cases a model
+        got wrong by a reader's verdict, to annotate first. Each with its study and
+        series (to fetch from the PACS once the node has purged it), pipeline, job,
+        the notes' titles and how many results were rejected."""
+        sql = (
+            "SELECT r.run_id, r.study_uid, r.series_uid, j.pipeline, j.id AS job_id, "
+            "GROUP_CONCAT(DISTINCT x.code || ' ' || x.meaning) AS reasons, "
+            "COUNT(DISTINCT x.sop_instance_uid) AS results, MAX(x.at) AS at, "
+            "r.purged_at IS NOT NULL AS purged "
+            "FROM result_rejections x JOIN jobs j ON j.id = x.job_id "
+            "JOIN runs r ON r.run_id = j.run_id "
+            + ("WHERE j.pipeline = ? " if pipeline else "")
+            + "GROUP BY j.id ORDER BY at DESC"
+        )
+        try:
+            con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+            con.row_factory = sqlite3.Row
+            try:
+                rows = con.execute(sql, (pipeline,) if pipeline else ()).fetchall()
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            raise SourceError(f"cannot read {self.db_path}: {exc}") from None
+        return [dict(r) for r in rows]
+
 
 def _skip_bulk(*_args: object) -> bytes:
     return b""
