@@ -357,7 +357,13 @@ class ResultCommitment(Loops):
         ]
 
     def start(self) -> None:
-        gone = self.db.commitment_no_longer_awaited([d.name for d in self.destinations])
+        try:
+            gone = self.db.commitment_no_longer_awaited([d.name for d in self.destinations])
+        except Exception as exc:  # a full or failing disk must not stop the start
+            if storage_fault(exc) is None:
+                raise
+            log.warning("results awaiting a storage commitment not checked now: %s", exc)
+            gone = 0
         if gone:
             log.warning(
                 "%d result(s) awaited the storage commitment of a destination no longer "
