@@ -819,6 +819,21 @@ class Settings(Strict):
             raise ValueError(f"destination names must be unique: {sorted(set(_twice(names)))}")
         if "*" in names:
             raise ValueError("a destination cannot be named '*': a rule's '*' means all of them")
+        refused = sorted(
+            {
+                d.ae_title
+                for d in self.destinations
+                if isinstance(d, DimseDestination) and d.storage_commitment
+            }
+            - set(self.allowed_calling_aets or ())
+        )
+        if self.allowed_calling_aets and refused:
+            # its reports would be rejected at association, and the results kept for
+            # give_up_h before they are given up
+            raise ValueError(
+                f"destinations with storage_commitment report to the node as {refused}, "
+                "which allowed_calling_aets refuses: add them to it"
+            )
         rules = [rule.name for rule in self.rules or []]
         if _twice(rules):
             # the status, the job notes and route --explain name a run's rule

@@ -348,6 +348,16 @@ def test_settled_requests_are_forgotten_pending_ones_kept(tmp_path: Path) -> Non
     assert [r["transaction_uid"] for r in db.query("SELECT * FROM commitments")] == [uids[2]]
 
 
+def test_a_committing_destination_must_be_allowed_to_call() -> None:
+    """A destination that commits reports on its own association: one whose AE title
+    ``allowed_calling_aets`` leaves out would be rejected at every report, and its
+    results kept a day for nothing. The start is refused, naming it."""
+    pacs = CommittingPacs.destination_of(104)
+    with pytest.raises(ConfigError, match=r"\['PACS'\], which allowed_calling_aets refuses"):
+        load_settings(None, environ={}, destinations=[pacs], allowed_calling_aets=["SUITE"])
+    load_settings(None, environ={}, destinations=[pacs], allowed_calling_aets=["SUITE", "PACS"])
+
+
 def test_one_report_address_per_ae_title() -> None:
     suite = Suite().address()
     with pytest.raises(ConfigError, match="one address per AE title"):
@@ -449,11 +459,15 @@ class CommittingPacs:
         )
 
     def destination(self) -> dict[str, Any]:
+        return self.destination_of(self.port)
+
+    @staticmethod
+    def destination_of(port: int) -> dict[str, Any]:
         return {
             "kind": "dimse",
             "name": "pacs",
             "host": "127.0.0.1",
-            "port": self.port,
+            "port": port,
             "ae_title": "PACS",
             "storage_commitment": True,
         }
