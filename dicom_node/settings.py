@@ -819,21 +819,24 @@ class Settings(Strict):
             raise ValueError(f"destination names must be unique: {sorted(set(_twice(names)))}")
         if "*" in names:
             raise ValueError("a destination cannot be named '*': a rule's '*' means all of them")
-        refused = sorted(
-            {
-                d.ae_title
-                for d in self.destinations
-                if isinstance(d, DimseDestination) and d.storage_commitment
-            }
-            - set(self.allowed_calling_aets or ())
-        )
-        if self.allowed_calling_aets and refused:
-            # its reports would be rejected at association, and the results kept for
-            # give_up_h before they are given up
-            raise ValueError(
-                f"destinations with storage_commitment report to the node as {refused}, "
-                "which allowed_calling_aets refuses: add them to it"
-            )
+        committing = {
+            d.ae_title
+            for d in self.destinations
+            if isinstance(d, DimseDestination) and d.storage_commitment
+        }
+        for callers, who in (
+            (committing, "destinations with storage_commitment report to the node"),
+            (
+                {p.ae_title for p in self.storage_commitment.report_to},
+                "storage_commitment.report_to lists senders that call the node",
+            ),
+        ):
+            refused = sorted(callers - set(self.allowed_calling_aets))
+            if self.allowed_calling_aets and refused:
+                # rejected at association: their reports (or requests) would never come
+                raise ValueError(
+                    f"{who} as {refused}, which allowed_calling_aets refuses: add them to it"
+                )
         rules = [rule.name for rule in self.rules or []]
         if _twice(rules):
             # the status, the job notes and route --explain name a run's rule

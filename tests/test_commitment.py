@@ -348,14 +348,19 @@ def test_settled_requests_are_forgotten_pending_ones_kept(tmp_path: Path) -> Non
     assert [r["transaction_uid"] for r in db.query("SELECT * FROM commitments")] == [uids[2]]
 
 
-def test_a_committing_destination_must_be_allowed_to_call() -> None:
-    """A destination that commits reports on its own association: one whose AE title
-    ``allowed_calling_aets`` leaves out would be rejected at every report, and its
-    results kept a day for nothing. The start is refused, naming it."""
+def test_who_calls_the_node_for_storage_commitment_must_be_allowed_to() -> None:
+    """A destination that commits reports on its own association, and a sender in
+    ``report_to`` asks on its own: one whose AE title ``allowed_calling_aets`` leaves
+    out would be rejected at every association (and a destination's results kept a
+    day for nothing). The start is refused, naming it."""
     pacs = CommittingPacs.destination_of(104)
     with pytest.raises(ConfigError, match=r"\['PACS'\], which allowed_calling_aets refuses"):
         load_settings(None, environ={}, destinations=[pacs], allowed_calling_aets=["SUITE"])
     load_settings(None, environ={}, destinations=[pacs], allowed_calling_aets=["SUITE", "PACS"])
+    # and a sender that asks for commitment
+    asks = {"report_to": [Suite("SUITE_B").address()]}
+    with pytest.raises(ConfigError, match=r"\['SUITE_B'\], which allowed_calling_aets refuses"):
+        load_settings(None, environ={}, storage_commitment=asks, allowed_calling_aets=["SUITE"])
 
 
 def test_one_report_address_per_ae_title() -> None:
