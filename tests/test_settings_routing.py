@@ -12,7 +12,7 @@ from pydicom import dcmread
 from dicom_node.errors import ConfigError, RunError
 from dicom_node.routing import RunFeatures, effective_rules, route
 from dicom_node.runs import decode_pixels, load_run
-from dicom_node.settings import load_settings
+from dicom_node.settings import Settings, load_settings
 from tests.conftest import REAL_DATA
 from tests.dicomgen import ct_series, save, xa_run
 
@@ -413,3 +413,16 @@ def test_results_sent_back_to_the_node_are_not_processed_again(make_node, tmp_pa
     assert all(r["reason"] == OWN_RESULT for r in rows), [r["reason"] for r in rows]
     jobs = node.db.query("SELECT pipeline FROM jobs")
     assert [j["pipeline"] for j in jobs] == ["rotational_dla"]
+
+
+def test_the_readme_s_settings_example_loads() -> None:
+    """The settings file a reader copies from the README is one the node starts with
+    (a check the settings gained, storage commitment peers allowed to call, once
+    refused it)."""
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = tomllib.loads(re.findall(r"```toml\n(.*?)```", readme, re.S)[0])
+    settings = Settings.model_validate(example)
+    assert settings.storage_commitment.report_to and settings.destinations
