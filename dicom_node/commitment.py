@@ -40,7 +40,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.db import Commitment, Database, DuplicateTransaction, TooManyListed, now
 from dicom_node.diskfull import Waiting, storage_fault
 from dicom_node.errors import DeliveryError
-from dicom_node.outbox import Loops
+from dicom_node.loops import Loops
 from dicom_node.senders import associate
 from dicom_node.settings import DimseDestination, Settings
 from dicom_node.sopclasses import UID_RE

@@ -28,6 +28,7 @@ from pathlib import Path
 from dicom_node.db import Cancelled, Database, Job
 from dicom_node.diskfull import Waiting
 from dicom_node.logsafe import scrub
+from dicom_node.loops import Loops
 from dicom_node.sandbox import (
     JobSpec,
     MemoryPool,
@@ -43,7 +44,7 @@ from dicom_node.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-class Workers:
+class Workers(Loops):
     """``concurrency`` threads, each with its own worker process."""
 
     def __init__(
@@ -55,6 +56,7 @@ class Workers:
         models: Mapping[str, Path],
         on_outcome: Callable[[Job, Outcome], None] = lambda _job, _outcome: None,
     ) -> None:
+        super().__init__()
         self.db = db
         self.on_outcome = on_outcome  # metrics: durations per pipeline and stage
         self.settings = settings
@@ -62,8 +64,6 @@ class Workers:
         self.device = device
         self.models = {k: str(v) for k, v in models.items()}
         self.prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
         self._attempts: dict[int, threading.Event] = {}  # running job -> its withdrawal
         self._attempts_lock = threading.Lock()
         self.memory = MemoryPool(jobs_memory(settings.jobs_memory_mib))
@@ -95,15 +95,8 @@ class Workers:
                 failed,
             )
 
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
     def stop(self, timeout: float = 30) -> None:
-        self.stopping.set()
-        self.wake.set()
-        for t in self.threads:
-            t.join(timeout)
+        super().stop(timeout)
         for p in self.processes:
             p.close()
 
@@ -119,7 +112,7 @@ class Workers:
         worker = f"{self.prefix}-{index}"
         process = self.processes[index]
         full = Waiting(worker, self.db)
-        while not self.stopping.is_set():
+        while not self.stop_event.is_set():
             try:
                 job = self.db.claim_job(worker, self.settings.lease_s, self.settings.max_attempts)
                 if job is None:  # (no write: it says nothing of the disk)
@@ -138,14 +131,14 @@ class Workers:
                 self._record_when_it_can(job, outcome, full)
                 if outcome.unwritable:  # released: taken again once it can be written
                     full.noted("the job's results could not be written", outcome.unwritable)
-                    self.stopping.wait(full.delay_s)
+                    self.stop_event.wait(full.delay_s)
             except Exception as exc:  # noqa: BLE001 - a defect must not end the worker's thread
                 # A job it had claimed keeps its lease, and is taken again when it ends.
                 if full.met(exc):
-                    self.stopping.wait(full.delay_s)
+                    self.stop_event.wait(full.delay_s)
                     continue
                 log.exception("%s: unexpected error; going on", worker)
-                self.stopping.wait(self.settings.poll_interval_s)
+                self.stop_event.wait(self.settings.poll_interval_s)
 
     def _record_when_it_can(self, job: Job, outcome: Outcome, full: Waiting) -> None:
         """The outcome recorded; on a full or failing disk, again once it can be (retention
@@ -162,9 +155,9 @@ class Workers:
                 self._record(job, outcome, observe)
                 return
             except Exception as exc:
-                if not full.met(exc) or self.stopping.is_set():
+                if not full.met(exc) or self.stop_event.is_set():
                     raise
-            self.stopping.wait(full.delay_s)
+            self.stop_event.wait(full.delay_s)
 
     def _run(self, job: Job, process: WorkerProcess) -> Outcome:
         paths = tuple(str(i.path) for i in self.db.run_instances(job.run_id))
@@ -192,7 +185,7 @@ class Workers:
                 TimeLimit.of(self.settings, job.pipeline),
                 heartbeat=lambda: self.db.renew_lease(job, self.settings.lease_s),
                 heartbeat_every_s=max(self.settings.lease_s / 3, 1.0),
-                stopping=self.stopping,
+                stopping=self.stop_event,
                 withdrawn=withdrawn,
             )
         finally:

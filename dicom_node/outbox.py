@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dicom_node.db import Database, Delivery
 from dicom_node.diskfull import Waiting
 from dicom_node.errors import DeliveryError
+from dicom_node.loops import Loops
 from dicom_node.senders import InFlight, Refusal, send
 from dicom_node.settings import Settings
 
@@ -28,26 +29,6 @@ log = logging.getLogger(__name__)
 BATCH = 64
 # (destination, delivery, sent, reason, permanent): the audit trail and the metrics
 DeliveryObserver = Callable[[str, Delivery, bool, str, bool], None]
-
-
-class Loops:
-    """Threads that each loop until stopped, started and stopped together."""
-
-    def __init__(self) -> None:
-        self.stop_event = threading.Event()
-        self.wake = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def stop(self, timeout: float = 30) -> None:
-        self.stop_event.set()
-        self.wake.set()
-        for t in self.threads:
-            if t.is_alive():
-                t.join(timeout)
 
 
 class Outbox(Loops):

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.db import Database, RunState
 from dicom_node.diskfull import Waiting
+from dicom_node.loops import Loops
 from dicom_node.rejection import Rejections
 from dicom_node.routing import RunFeatures, acquired_at, effective_rules, route
 from dicom_node.settings import Settings
@@ -34,7 +35,7 @@ from dicom_node.sopclasses import KEY_OBJECT_SELECTION, run_sop_class
 log = logging.getLogger(__name__)
 
 
-class Router:
+class Router(Loops):
     def __init__(
         self,
         db: Database,
@@ -42,34 +43,25 @@ class Router:
         on_routed: Callable[[], None] = lambda: None,
         rejections: Rejections | None = None,
     ) -> None:
+        super().__init__()
         self.db = db
         self.settings = settings
         # rejection notes (IHE IOCM) go here, not to the rules
         self.rejections = rejections or Rejections(db, settings.storage_dir / "results")
         self.rules = effective_rules(settings)
         self.on_routed = on_routed
-        self.wake = threading.Event()
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="router", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 30) -> None:
-        self._stop.set()
-        self.wake.set()
-        self._thread.join(timeout)
+        self.threads = [threading.Thread(target=self._loop, name="router", daemon=True)]
 
     def _loop(self) -> None:
         full = Waiting("router", self.db)
-        while not self._stop.is_set():
+        while not self.stop_event.is_set():
             try:
                 self.route_pending()
                 full.passed()
             except Exception as exc:  # noqa: BLE001 - a defect must not end the router's thread
                 if full.met(exc):
-                    self._stop.wait(full.delay_s)  # the run's header is read again at each try
+                    self.stop_event.wait(full.delay_s)  # the run's header is read again at each try
                 else:
                     log.exception("router: unexpected error; going on")
             self.wake.wait(1.0)
@@ -77,7 +69,7 @@ class Router:
 
     def route_pending(self) -> None:
         for run_id in self.db.runs_to_route():
-            if self._stop.is_set():
+            if self.stop_event.is_set():
                 return
             self.route(run_id)
 

@@ -396,7 +396,7 @@ def test_a_defect_in_the_router_or_a_worker_does_not_end_their_threads(
     _store(node, xa_run(frames=3))
     wait_for(lambda: node.db.query("SELECT * FROM outbox WHERE state='sent'"), 60, what="delivered")
     assert {"runs_to_route", "claim_job", "due_deliveries", "after_a_clock_step"} <= set(failures)
-    assert node.router._thread.is_alive() and node.sweeper._thread.is_alive()
+    assert node.router.threads[0].is_alive() and node.sweeper._thread.is_alive()
     assert all(t.is_alive() for t in node.workers.threads + node.outbox.threads)
 
 

@@ -127,7 +127,7 @@ def test_malformed_corpus_never_stops_the_node(
     assert not internal, f"defects met on malformed input: {internal}"
     runs = node.db.query("SELECT state, reason FROM runs WHERE state IN ('unroutable', 'unrouted')")
     assert all(r["reason"] for r in runs)
-    assert all(t.is_alive() for t in node.workers.threads) and node.router._thread.is_alive()
+    assert all(t.is_alive() for t in node.workers.threads) and node.router.threads[0].is_alive()
     crashed = [j for j in failed if "crashed" in j["error"]]
     if seed == 16:  # this corpus holds an RLE case whose decoder panics
         assert crashed, "the RLE case's decoder panic should have ended its job, not the node"
